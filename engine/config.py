@@ -1,0 +1,252 @@
+"""Model and engine configuration: frozen, validated at construction.
+
+`ModelConfig` is read from a Hugging Face `config.json` (both the transformers 4 field names
+real checkpoints use, `rope_theta`/`rope_scaling`/`num_experts`, and the transformers 5 ones,
+`rope_parameters`/`num_local_experts`). `EngineConfig` holds the runtime knobs, named after
+SGLang's flags where the meaning is the same.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DENSE_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
+SUPPORTED_ARCHITECTURES = DENSE_ARCHITECTURES + MOE_ARCHITECTURES
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding: `rope_type` plus the scaling parameters that type reads."""
+
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"unsupported rope type {self.rope_type!r}; supported: {ROPE_TYPES}")
+        if self.theta <= 0:
+            raise ValueError(f"rope theta must be positive, got {self.theta}")
+        if self.factor <= 0:
+            raise ValueError(f"rope scaling factor must be positive, got {self.factor}")
+        if self.rope_type in ("llama3", "yarn") and self.original_max_position_embeddings is None:
+            raise ValueError(f"rope type {self.rope_type!r} needs original_max_position_embeddings")
+
+    @staticmethod
+    def from_hf(raw: dict[str, Any]) -> RopeConfig:
+        params = dict(raw.get("rope_parameters") or {})
+        legacy = raw.get("rope_scaling") or {}
+        params = {**legacy, **params}
+        if "rope_theta" not in params and "rope_theta" in raw:
+            params["rope_theta"] = raw["rope_theta"]
+        rope_type = str(params.get("rope_type") or params.get("type") or "default")
+        factor = params.get("factor")
+        original = params.get("original_max_position_embeddings")
+        if rope_type == "yarn" and factor is None and original:
+            factor = raw["max_position_embeddings"] / original
+        return RopeConfig(
+            theta=float(params.get("rope_theta", 10000.0)),
+            rope_type=rope_type,
+            factor=float(factor) if factor is not None else 1.0,
+            original_max_position_embeddings=original,
+            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+            beta_fast=float(params.get("beta_fast") or 32.0),
+            beta_slow=float(params.get("beta_slow") or 1.0),
+            mscale=params.get("mscale"),
+            mscale_all_dim=params.get("mscale_all_dim"),
+            attention_factor=params.get("attention_factor"),
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a decoder-only model, as the engine needs it."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    # MoE (num_experts == 0 for dense models)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    eos_token_ids: tuple[int, ...] = ()
+    name: str = "model"
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {self.architecture!r}; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.is_moe and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) must be in "
+                f"[1, num_experts={self.num_experts}]"
+            )
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        return (
+            self.is_moe
+            and layer_id not in self.mlp_only_layers
+            and (layer_id + 1) % self.decoder_sparse_step == 0
+        )
+
+    @staticmethod
+    def from_pretrained(model_dir: str | Path) -> ModelConfig:
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no config.json in {model_dir}")
+        return ModelConfig.from_hf(json.loads(path.read_text()), name=Path(model_dir).name)
+
+    @staticmethod
+    def from_hf(raw: dict[str, Any], name: str = "model") -> ModelConfig:
+        archs = raw.get("architectures") or []
+        if len(archs) != 1:
+            raise ValueError(f"config.json must name exactly one architecture, got {archs}")
+        arch = archs[0]
+        act = raw.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"unsupported hidden_act {act!r}; only 'silu' is implemented")
+        num_heads = raw["num_attention_heads"]
+        head_dim = raw.get("head_dim") or raw["hidden_size"] // num_heads
+        eos = raw.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        is_qwen2 = arch == "Qwen2ForCausalLM"
+        is_qwen3 = arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+        attention_bias = bool(raw.get("attention_bias", False))
+        moe = arch in MOE_ARCHITECTURES
+        return ModelConfig(
+            architecture=arch,
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            num_layers=raw["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=raw.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            intermediate_size=raw["intermediate_size"],
+            max_position_embeddings=raw.get("max_position_embeddings", 4096),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope=RopeConfig.from_hf(raw),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            qkv_bias=True if is_qwen2 else attention_bias,
+            o_bias=False if is_qwen2 else attention_bias,
+            mlp_bias=bool(raw.get("mlp_bias", False)),
+            qk_norm=is_qwen3,
+            num_experts=(raw.get("num_experts") or raw.get("num_local_experts") or 0) if moe else 0,
+            num_experts_per_tok=raw.get("num_experts_per_tok", 0) if moe else 0,
+            moe_intermediate_size=raw.get("moe_intermediate_size", 0) if moe else 0,
+            norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
+            decoder_sparse_step=raw.get("decoder_sparse_step") or 1,
+            mlp_only_layers=tuple(raw.get("mlp_only_layers") or ()),
+            eos_token_ids=eos_ids,
+            name=name,
+        )
+
+
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Runtime settings of one engine instance.
+
+    The KV pool is sized, in order of precedence, by `num_pages`, `max_total_tokens`,
+    `kv_cache_memory_bytes`, or (on accelerators) `mem_fraction_static` of device memory.
+    """
+
+    model_path: str
+    load_format: str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    page_size: int = 16
+    num_pages: int | None = None
+    max_total_tokens: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    mem_fraction_static: float = 0.85
+    context_length: int | None = None
+    chunked_prefill_size: int = 8192
+    max_prefill_tokens: int = 16384
+    max_running_requests: int = 256
+    disable_radix_cache: bool = False
+
+    def __post_init__(self) -> None:
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {self.page_size}")
+        for name in ("num_pages", "max_total_tokens", "kv_cache_memory_bytes", "context_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 when set, got {value}")
+        if not 0 < self.mem_fraction_static <= 1:
+            raise ValueError(
+                f"mem_fraction_static must be in (0, 1], got {self.mem_fraction_static}"
+            )
+        if self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:
+            raise ValueError(
+                "chunked_prefill_size must be >= 1, or -1 to disable, "
+                f"got {self.chunked_prefill_size}"
+            )
+        if self.max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
+        if self.max_running_requests < 1:
+            raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
+
+    @property
+    def chunked_prefill_enabled(self) -> bool:
+        return self.chunked_prefill_size > 0
+
+    @property
+    def prefill_token_budget(self) -> int:
+        """Most prompt tokens one prefill step computes."""
+        if self.chunked_prefill_enabled:
+            return min(self.chunked_prefill_size, self.max_prefill_tokens)
+        return self.max_prefill_tokens

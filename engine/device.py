@@ -1,0 +1,84 @@
+"""The one place that picks the device, its dtype and its collective backend.
+
+`npu` imports `torch_npu` only when chosen: on hosts without Ascend's CANN, installing
+torch_npu breaks `import torch` itself, so it is an optional extra (`pdserve[npu]`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+
+DEVICE_KINDS = ("auto", "cpu", "cuda", "npu")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Device:
+    """A resolved device: where tensors live, which dtype by default, which collectives."""
+
+    kind: str
+    index: int = 0
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device("cpu") if self.kind == "cpu" else torch.device(self.kind, self.index)
+
+    @property
+    def dist_backend(self) -> str:
+        return {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}[self.kind]
+
+    @property
+    def default_dtype(self) -> torch.dtype:
+        # float32 on CPU keeps results comparable to the reference; accelerators serve bf16.
+        return torch.float32 if self.kind == "cpu" else torch.bfloat16
+
+    def resolve_dtype(self, name: str) -> torch.dtype:
+        if name == "auto":
+            return self.default_dtype
+        if name not in _DTYPES:
+            raise ValueError(f"unknown dtype {name!r}; expected auto or one of {tuple(_DTYPES)}")
+        return _DTYPES[name]
+
+    def synchronize(self) -> None:
+        if self.kind == "cuda":
+            torch.cuda.synchronize(self.index)
+        elif self.kind == "npu":
+            torch.npu.synchronize(self.index)  # type: ignore[attr-defined]
+
+    def memory_info(self) -> tuple[int, int]:
+        """(free, total) bytes of device memory; raises on CPU, whose budget is explicit."""
+        if self.kind == "cuda":
+            return torch.cuda.mem_get_info(self.index)
+        if self.kind == "npu":
+            return torch.npu.mem_get_info(self.index)  # type: ignore[attr-defined]
+        raise ValueError("the CPU has no device memory budget; set the KV pool size explicitly")
+
+
+def _import_torch_npu() -> None:
+    try:
+        importlib.import_module("torch_npu")
+    except ImportError as exc:
+        raise RuntimeError(
+            "device 'npu' needs torch_npu and Ascend CANN: install pdserve[npu] on an Ascend host"
+        ) from exc
+
+
+def resolve_device(name: str = "auto", index: int = 0) -> Device:
+    """Resolve `auto|cpu|cuda|npu[:index]` to a `Device`, checking that it is usable."""
+    if ":" in name:
+        name, _, idx = name.partition(":")
+        index = int(idx)
+    if name not in DEVICE_KINDS:
+        raise ValueError(f"unknown device {name!r}; expected one of {DEVICE_KINDS}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
+    if name == "npu":
+        _import_torch_npu()
+        if not torch.npu.is_available():  # type: ignore[attr-defined]
+            raise RuntimeError("device 'npu' was asked for but torch_npu sees no NPU")
+    return Device(name, index)

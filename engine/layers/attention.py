@@ -1,0 +1,88 @@
+"""Paged attention. The pure-torch backend is the reference every faster backend matches."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.forward_batch import ForwardBatch
+
+
+class AttentionBackend(ABC):
+    """Attention over a paged KV cache.
+
+    Contract: `prepare(batch)` runs once per step before the forward pass and may attach
+    metadata to `batch.attn_metadata`. `forward` first writes the step's new K/V into layer
+    `layer_id` of `batch.kv_cache` at `batch.out_slots`, then attends every new query to its own
+    sequence's context (cached prefix plus new tokens, causal) and returns `[T, Hq, D]`.
+    """
+
+    @abstractmethod
+    def prepare(self, batch: ForwardBatch) -> None: ...
+
+    @abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer_id: int,
+        batch: ForwardBatch,
+        scale: float,
+    ) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class _PaddedLayout:
+    q_index: torch.Tensor  # [B, N] index into [T] (padding points at 0)
+    q_valid: torch.Tensor  # [B, N] bool
+    kv_slots: torch.Tensor  # [B, L] flat slot of every context position (padding: slot 0)
+    mask: torch.Tensor  # [B, 1, N, L] bool, True where the query may attend
+
+
+class TorchAttentionBackend(AttentionBackend):
+    """Pads the batch to `[B, max_extend, max_context]` and runs one masked SDPA per layer."""
+
+    def prepare(self, batch: ForwardBatch) -> None:
+        device = batch.input_ids.device
+        page_size = batch.kv_cache.page_size
+        n, length = batch.max_extend_len, batch.max_seq_len
+        i = torch.arange(n, device=device)[None, :]  # [1, N]
+        j = torch.arange(length, device=device)[None, :]  # [1, L]
+        starts = torch.cumsum(batch.extend_lens, 0) - batch.extend_lens  # [B]
+        q_valid = i < batch.extend_lens[:, None]
+        q_index = torch.where(q_valid, starts[:, None] + i, torch.zeros_like(i))
+        kv_slots = batch.page_table.gather(1, (j // page_size).expand(batch.batch_size, -1))
+        kv_slots = kv_slots * page_size + j % page_size
+        # Query i of sequence b sits at position prefix_b + i and sees keys 0..prefix_b + i.
+        mask = j[:, None, :] <= (batch.prefix_lens[:, None] + i)[:, :, None]  # [B, N, L]
+        # A padded query row attends to slot 0 only, so its (discarded) softmax is finite.
+        mask = torch.where(q_valid[:, :, None], mask, j[:, None, :] == 0)
+        batch.attn_metadata = _PaddedLayout(q_index, q_valid, kv_slots, mask[:, None])
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer_id: int,
+        batch: ForwardBatch,
+        scale: float,
+    ) -> torch.Tensor:
+        layout: _PaddedLayout = batch.attn_metadata
+        k_slots, v_slots = batch.kv_cache.slots(layer_id)
+        k_slots[batch.out_slots] = k
+        v_slots[batch.out_slots] = v
+        # q: [B, Hq, N, D]; k, v: [B, Hkv, L, D]
+        qp = q[layout.q_index].transpose(1, 2)
+        kp = k_slots[layout.kv_slots].transpose(1, 2)
+        vp = v_slots[layout.kv_slots].transpose(1, 2)
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1:
+            kp = kp.repeat_interleave(groups, dim=1)
+            vp = vp.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=layout.mask, scale=scale)
+        return out.transpose(1, 2)[layout.q_valid]  # [T, Hq, D]

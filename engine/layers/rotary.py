@@ -1,0 +1,103 @@
+"""Rotary position embeddings with the scaling variants Llama/Qwen configs use.
+
+The inverse frequencies follow the published formulas (linear, Llama 3, YaRN); cos/sin
+are precomputed for every position up to the context length and gathered per token.
+`dynamic` NTK scaling is applied statically at the full context length, as serving engines
+do, instead of varying with the batch's longest sequence.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from engine.config import RopeConfig
+
+
+def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_inv_freq(rope: RopeConfig, dim: int, max_position: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies `[dim // 2]` (float32) and the cos/sin scale for `rope`."""
+    inv_freq = _base_inv_freq(rope.theta, dim)
+    if rope.rope_type == "default":
+        return inv_freq, 1.0
+    if rope.rope_type == "linear":
+        return inv_freq / rope.factor, 1.0
+    if rope.rope_type == "dynamic":
+        base = rope.theta * (
+            (rope.factor * max_position / (rope.original_max_position_embeddings or max_position))
+            - (rope.factor - 1)
+        ) ** (dim / (dim - 2))
+        return _base_inv_freq(base, dim), 1.0
+    original = rope.original_max_position_embeddings or max_position
+    if rope.rope_type == "llama3":
+        low_wavelen = original / rope.low_freq_factor
+        high_wavelen = original / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (original / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled), 1.0
+    # yarn
+    factor = rope.factor
+    if rope.attention_factor is not None:
+        attention_factor = float(rope.attention_factor)
+    elif rope.mscale and rope.mscale_all_dim:
+        attention_factor = _yarn_mscale(factor, rope.mscale) / _yarn_mscale(
+            factor, rope.mscale_all_dim
+        )
+    else:
+        attention_factor = _yarn_mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(rope.theta))
+
+    low = float(max(math.floor(correction_dim(rope.beta_fast)), 0))
+    high = float(min(math.ceil(correction_dim(rope.beta_slow)), dim - 1))
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = rope.theta ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1.0 / pos_freqs
+    interpolation = 1.0 / (factor * pos_freqs)
+    keep = 1 - ramp
+    return interpolation * (1 - keep) + extrapolation * keep, attention_factor
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies RoPE to q `[T, Hq, D]` and k `[T, Hkv, D]` at integer `positions` `[T]`."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def __init__(self, rope: RopeConfig, head_dim: int, max_position: int) -> None:
+        super().__init__()
+        inv_freq, scale = rope_inv_freq(rope, head_dim, max_position)
+        freqs = torch.arange(max_position, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        # cos/sin: [max_position, D], kept in float32 and cast at use.
+        self.register_buffer("cos", emb.cos() * scale, persistent=False)
+        self.register_buffer("sin", emb.sin() * scale, persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos = self.cos[positions].to(q.dtype)[:, None, :]
+        sin = self.sin[positions].to(q.dtype)[:, None, :]
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin

@@ -1,0 +1,139 @@
+"""Owns the device: the model, its weights, the KV pool tensors, and one forward pass."""
+
+from __future__ import annotations
+
+import logging
+from typing import cast
+
+import torch
+
+from engine.config import EngineConfig, ModelConfig
+from engine.device import Device
+from engine.forward_batch import ForwardBatch
+from engine.kv_cache import KVCache, page_bytes
+from engine.layers.attention import AttentionBackend, TorchAttentionBackend
+from engine.loader import LoadableModel, iter_checkpoint, load_dummy_weights, load_weights
+from engine.models import build_model
+from engine.models.llama import LlamaForCausalLM
+from engine.scheduler import ScheduledBatch
+
+log = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_BYTES = 256 << 20
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, config: EngineConfig, device: Device) -> None:
+        self.model_config = model_config
+        self.config = config
+        self.device = device
+        self.dtype = device.resolve_dtype(config.dtype)
+        self.attention: AttentionBackend = TorchAttentionBackend()
+        with torch.device(device.torch_device):
+            torch_default = torch.get_default_dtype()
+            torch.set_default_dtype(self.dtype)
+            try:
+                model = build_model(model_config, self.attention)
+            finally:
+                torch.set_default_dtype(torch_default)
+        self.model = cast(LlamaForCausalLM, model.eval())
+        # RoPE tables stay float32 whatever the weights' dtype, like the reference.
+        self.model.rotary.float()
+        self._load_weights()
+        self.kv_cache = KVCache(
+            model_config.num_layers,
+            self._num_pages(),
+            config.page_size,
+            model_config.num_kv_heads,
+            model_config.head_dim,
+            self.dtype,
+            device.torch_device,
+        )
+        log.info(
+            "KV pool: %d pages of %d tokens (%.1f MiB)",
+            self.kv_cache.num_pages,
+            config.page_size,
+            self.kv_cache.total_bytes / 2**20,
+        )
+
+    def _load_weights(self) -> None:
+        fmt = self.config.load_format
+        if fmt == "dummy":
+            load_dummy_weights(self.model, self.config.seed)
+        else:
+            with torch.no_grad():
+                load_weights(
+                    cast(LoadableModel, self.model), iter_checkpoint(self.config.model_path)
+                )
+
+    def _num_pages(self) -> int:
+        c, m = self.config, self.model_config
+        if c.num_pages is not None:
+            return c.num_pages
+        if c.max_total_tokens is not None:
+            return -(-c.max_total_tokens // c.page_size)
+        per_page = (
+            2 * m.num_layers * page_bytes(c.page_size, m.num_kv_heads, m.head_dim, self.dtype)
+        )
+        if c.kv_cache_memory_bytes is not None:
+            budget = c.kv_cache_memory_bytes
+        elif self.device.kind == "cpu":
+            budget = CPU_DEFAULT_KV_BYTES
+        else:
+            free, total = self.device.memory_info()
+            budget = int(total * c.mem_fraction_static) - (total - free)
+        pages = budget // per_page
+        if pages < 1:
+            raise ValueError(
+                f"the KV budget of {budget} bytes holds no page of {per_page} bytes; "
+                "raise --mem-fraction-static or --kv-cache-memory"
+            )
+        return pages
+
+    def prepare(self, batch: ScheduledBatch) -> ForwardBatch:
+        """Turn a scheduled batch into device tensors (one host-to-device copy per field)."""
+        ids: list[int] = []
+        positions: list[int] = []
+        seq_index: list[int] = []
+        prefix_lens = []
+        for b, (seq, n) in enumerate(zip(batch.seqs, batch.extend_lens, strict=True)):
+            start = seq.num_computed_tokens
+            ids.extend(seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            seq_index.extend([b] * n)
+            prefix_lens.append(start)
+        width = max(len(seq.page_table) for seq in batch.seqs)
+        table = [seq.page_table + [0] * (width - len(seq.page_table)) for seq in batch.seqs]
+        dev = self.device.torch_device
+
+        def tensor(values: list[int] | list[list[int]]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64).to(dev, non_blocking=True)
+
+        page_table = tensor(table)
+        pos = tensor(positions)
+        ps = self.config.page_size
+        out_slots = page_table[tensor(seq_index), pos // ps] * ps + pos % ps
+        extend = tensor(batch.extend_lens)
+        seq_lens = [p + n for p, n in zip(prefix_lens, batch.extend_lens, strict=True)]
+        fb = ForwardBatch(
+            input_ids=tensor(ids),
+            positions=pos,
+            out_slots=out_slots,
+            page_table=page_table,
+            prefix_lens=tensor(prefix_lens),
+            extend_lens=extend,
+            logits_indices=torch.cumsum(extend, 0) - 1,
+            max_extend_len=max(batch.extend_lens),
+            max_seq_len=max(seq_lens),
+            kv_cache=self.kv_cache,
+            is_decode=batch.is_decode,
+        )
+        self.attention.prepare(fb)
+        return fb
+
+    @torch.inference_mode()
+    def forward(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Logits `[B, vocab]` (float32) at each sequence's last new token."""
+        fb = self.prepare(batch)
+        hidden = self.model(fb)
+        return self.model.compute_logits(hidden[fb.logits_indices])

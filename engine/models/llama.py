@@ -1,0 +1,192 @@
+"""Llama-family decoder: Llama, Qwen2, Qwen3 dense and Qwen3-MoE.
+
+Shapes: the batch is flattened, so activations are `[T, hidden]` for T new tokens.
+Q/K/V and gate/up are fused into one matmul each; `weight_map` tells the loader which
+slice of which fused parameter every Hugging Face tensor fills.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import ModelConfig
+from engine.forward_batch import ForwardBatch
+from engine.layers.attention import AttentionBackend
+from engine.layers.moe import FusedExperts, select_experts
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding
+from engine.loader import WeightTarget
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_id: int,
+        rotary: RotaryEmbedding,
+        backend: AttentionBackend,
+    ) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = config.num_heads * config.head_dim
+        self.kv_size = config.num_kv_heads * config.head_dim
+        self.scale = config.head_dim**-0.5
+        self.qkv_proj = nn.Linear(
+            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias
+        )
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_bias)
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.rotary = rotary
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(batch.positions, q, k)
+        out = self.backend.forward(q, k, v, self.layer_id, batch, self.scale)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool) -> None:
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class SparseMoeBlock(nn.Module):
+    """Qwen3-MoE block: softmax router, top-k experts, optional renormalised weights."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.renormalize = config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = FusedExperts(
+            config.num_experts, config.hidden_size, config.moe_intermediate_size
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = select_experts(self.gate(x), self.top_k, self.renormalize)
+        return self.experts(x, weights, ids)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_id: int,
+        rotary: RotaryEmbedding,
+        backend: AttentionBackend,
+    ) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_id, rotary, backend)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp: nn.Module
+        if config.is_moe_layer(layer_id):
+            self.mlp = SparseMoeBlock(config)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), batch)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
+        # One rotary table shared by every layer (registered once, on the model).
+        self.rotary = rotary
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, rotary, backend) for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Final hidden states `[T, hidden]` of the step's new tokens."""
+        x = self.embed_tokens(batch.input_ids)
+        for layer in self.layers:
+            x = layer(x, batch)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits `[B, vocab]` in float32 for the given hidden rows."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    def weight_map(self) -> dict[str, WeightTarget]:
+        """Every Hugging Face tensor name this model expects, and where it goes."""
+        c = self.config
+        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        targets: dict[str, WeightTarget] = {
+            "model.embed_tokens.weight": WeightTarget("embed_tokens.weight"),
+            "model.norm.weight": WeightTarget("norm.weight"),
+        }
+        if self.lm_head is not None:
+            targets["lm_head.weight"] = WeightTarget("lm_head.weight")
+        for i in range(c.num_layers):
+            hf, ours = f"model.layers.{i}.", f"layers.{i}."
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                targets[f"{hf}{norm}.weight"] = WeightTarget(f"{ours}{norm}.weight")
+            attn, our_attn = f"{hf}self_attn.", f"{ours}self_attn."
+            suffixes = ("weight", "bias") if c.qkv_bias else ("weight",)
+            for suffix in suffixes:
+                for name, offset, size in (("q", 0, q), ("k", q, kv), ("v", q + kv, kv)):
+                    targets[f"{attn}{name}_proj.{suffix}"] = WeightTarget(
+                        f"{our_attn}qkv_proj.{suffix}", offset=offset, size=size
+                    )
+            for suffix in ("weight", "bias") if c.o_bias else ("weight",):
+                targets[f"{attn}o_proj.{suffix}"] = WeightTarget(f"{our_attn}o_proj.{suffix}")
+            if c.qk_norm:
+                for norm in ("q_norm", "k_norm"):
+                    targets[f"{attn}{norm}.weight"] = WeightTarget(f"{our_attn}{norm}.weight")
+            mlp, our_mlp = f"{hf}mlp.", f"{ours}mlp."
+            if c.is_moe_layer(i):
+                targets[f"{mlp}gate.weight"] = WeightTarget(f"{our_mlp}gate.weight")
+                inter = c.moe_intermediate_size
+                for e in range(c.num_experts):
+                    expert = f"{mlp}experts.{e}."
+                    w13, w2 = f"{our_mlp}experts.w13", f"{our_mlp}experts.w2"
+                    targets[f"{expert}gate_proj.weight"] = WeightTarget(w13, e, 0, inter)
+                    targets[f"{expert}up_proj.weight"] = WeightTarget(w13, e, inter, inter)
+                    targets[f"{expert}down_proj.weight"] = WeightTarget(w2, e)
+            else:
+                inter = c.intermediate_size
+                for suffix in ("weight", "bias") if c.mlp_bias else ("weight",):
+                    gate_up = f"{our_mlp}gate_up_proj.{suffix}"
+                    targets[f"{mlp}gate_proj.{suffix}"] = WeightTarget(gate_up, None, 0, inter)
+                    targets[f"{mlp}up_proj.{suffix}"] = WeightTarget(gate_up, None, inter, inter)
+                    targets[f"{mlp}down_proj.{suffix}"] = WeightTarget(
+                        f"{our_mlp}down_proj.{suffix}"
+                    )
+        return targets
+
+    @staticmethod
+    def ignored_weight(name: str) -> bool:
+        """Checkpoint tensors that carry nothing this model needs."""
+        return name.endswith("rotary_emb.inv_freq") or name == "lm_head.weight"

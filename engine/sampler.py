@@ -1,0 +1,84 @@
+"""Turns a step's logits into next tokens: greedy, temperature, top-k, top-p, min-p, seeds."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from engine.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probability of the chosen token and the `top_logprobs` best alternatives."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+def _filter(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Probabilities `[B, V]` after temperature, top-k, top-p and min-p (rows renormalised)."""
+    device = logits.device
+    temps = torch.tensor([p.temperature for p in params], device=device)
+    probs = torch.softmax(logits / temps[:, None], dim=-1)
+    vocab = logits.shape[-1]
+    top_ks = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
+    top_ps = torch.tensor([p.top_p for p in params], device=device)
+    min_ps = torch.tensor([p.min_p for p in params], device=device)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    rank = torch.arange(vocab, device=device)[None, :]
+    # Keep a token while the mass strictly before it is below top_p (the first always stays).
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    keep = (rank < top_ks[:, None]) & (before < top_ps[:, None])
+    keep &= sorted_probs >= min_ps[:, None] * sorted_probs[:, :1]
+    sorted_probs = sorted_probs * keep
+    probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    default_generator: torch.Generator | None = None,
+) -> SampleResult:
+    """Pick one token per row of `logits` `[B, V]` (float32).
+
+    A row with its own generator (a seeded request) draws from it alone, so its tokens do not
+    depend on what else is in the batch.
+    """
+    tokens = logits.argmax(dim=-1)
+    sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled_rows:
+        rows = torch.tensor(sampled_rows, device=logits.device)
+        probs = _filter(logits[rows], [params[i] for i in sampled_rows])
+        shared = [j for j, i in enumerate(sampled_rows) if generators[i] is None]
+        if shared:
+            picks = torch.multinomial(probs[shared], 1, generator=default_generator)
+            tokens[rows[shared]] = picks[:, 0]
+        for j, i in enumerate(sampled_rows):
+            gen = generators[i]
+            if gen is not None:
+                tokens[i] = torch.multinomial(probs[j], 1, generator=gen)[0]
+    token_list = tokens.tolist()
+    logprobs: list[TokenLogprobs | None] = [None] * len(params)
+    wanted = [i for i, p in enumerate(params) if p.wants_logprobs]
+    if wanted:
+        logp = torch.log_softmax(logits[wanted], dim=-1)
+        chosen = logp.gather(1, tokens[wanted][:, None])[:, 0].tolist()
+        max_n = max(params[i].top_logprobs for i in wanted)
+        top_vals, top_ids = logp.topk(max_n, dim=-1) if max_n else (logp[:, :0], logp[:, :0])
+        top_vals_l, top_ids_l = top_vals.tolist(), top_ids.tolist()
+        for j, i in enumerate(wanted):
+            n = params[i].top_logprobs
+            top = tuple(zip(map(int, top_ids_l[j][:n]), top_vals_l[j][:n], strict=True))
+            logprobs[i] = TokenLogprobs(chosen[j], top)
+    return SampleResult(token_list, logprobs)

@@ -1,0 +1,82 @@
+"""One request's state as it moves through the engine."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from engine.sampler import TokenLogprobs
+from engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+
+    from engine.radix_cache import RadixNode
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # an EOS or stop token
+    LENGTH = "length"  # max_new_tokens or the context length
+    ABORT = "abort"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request: its tokens, its pages and how far its KV has been computed.
+
+    `page_table[i]` backs tokens `[i * page_size, (i + 1) * page_size)`. The first
+    `num_cached_pages` pages belong to the radix cache (held by the lock on `cache_node`); the
+    rest belong to this sequence. `num_computed_tokens` tokens have their KV in those pages.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    sampling: SamplingParams
+    eos_token_ids: frozenset[int] = frozenset()
+    generator: torch.Generator | None = None
+    status: SeqStatus = SeqStatus.WAITING
+    page_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_pages: int = 0
+    cache_node: RadixNode | None = None
+    num_prefix_hit_tokens: int = 0
+    num_preemptions: int = 0
+    finish_reason: FinishReason | None = None
+    output_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+    def check_stop(self, context_length: int) -> FinishReason | None:
+        """Why the sequence should stop after its newest token, if it should."""
+        last = self.token_ids[-1]
+        if last in self.sampling.stop_token_ids:
+            return FinishReason.STOP
+        if not self.sampling.ignore_eos and last in self.eos_token_ids:
+            return FinishReason.STOP
+        if self.num_output_tokens >= self.sampling.max_new_tokens:
+            return FinishReason.LENGTH
+        if self.num_tokens >= context_length:
+            return FinishReason.LENGTH
+        return None

@@ -1,0 +1,1 @@
+"""Helpers for tests and demos: small real checkpoints that need no download."""

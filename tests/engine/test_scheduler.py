@@ -1,0 +1,173 @@
+"""The scheduler and page manager alone: no model, tokens supplied by the test."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.config import EngineConfig
+from engine.page_manager import PageManager
+from engine.page_pool import PagePool
+from engine.radix_cache import RadixCache
+from engine.sampler import SampleResult
+from engine.sampling import SamplingParams
+from engine.scheduler import ScheduledBatch, Scheduler
+from engine.sequence import FinishReason, SeqStatus, Sequence
+
+
+def make_scheduler(
+    num_pages: int = 32, page_size: int = 4, cache: bool = True, **kwargs: object
+) -> Scheduler:
+    pool = PagePool(num_pages)
+    radix = RadixCache(page_size, pool.free) if cache else None
+    config = EngineConfig(model_path="unused", page_size=page_size, **kwargs)  # type: ignore[arg-type]
+    return Scheduler(config, PageManager(pool, radix, page_size), context_length=256)
+
+
+def seq(rid: str, tokens: list[int], max_new: int = 4, **kwargs: object) -> Sequence:
+    params = SamplingParams(temperature=0, max_new_tokens=max_new, **kwargs)  # type: ignore[arg-type]
+    return Sequence(rid, list(tokens), len(tokens), params, eos_token_ids=frozenset({0}))
+
+
+def run_step(s: Scheduler, token: int = 9) -> ScheduledBatch | None:
+    batch = s.schedule()
+    if batch is not None:
+        n = len(batch.seqs)
+        s.postprocess(batch, SampleResult([token] * n, [None] * n))
+    return batch
+
+
+def reclaimable(s: Scheduler) -> int:
+    return s.pages.num_available
+
+
+def test_prefill_then_decode_until_length() -> None:
+    s = make_scheduler()
+    a = seq("a", [1, 2, 3, 4, 5], max_new=3)
+    s.add(a)
+    batch = run_step(s)
+    assert batch is not None and not batch.is_decode and batch.extend_lens == [5]
+    assert a.status is SeqStatus.RUNNING and a.output_ids == [9]
+    while s.has_unfinished():
+        batch = run_step(s)
+        assert batch is not None and batch.is_decode
+    assert a.finish_reason is FinishReason.LENGTH and a.output_ids == [9, 9, 9]
+    assert reclaimable(s) == 32
+
+
+def test_eos_and_stop_tokens_finish() -> None:
+    s = make_scheduler()
+    a, b = (
+        seq("a", [1, 2], max_new=10),
+        seq("b", [3, 4], max_new=10, stop_token_ids=(7,), ignore_eos=True),
+    )
+    s.add(a)
+    s.add(b)
+    run_step(s, token=5)
+    run_step(s, token=0)  # EOS finishes a; b ignores it until it sees its stop token
+    assert a.finish_reason is FinishReason.STOP and b.status is SeqStatus.RUNNING
+    run_step(s, token=7)
+    assert b.finish_reason is FinishReason.STOP
+    assert reclaimable(s) == 32
+
+
+def test_chunked_prefill_splits_long_prompts() -> None:
+    s = make_scheduler(chunked_prefill_size=4)
+    a = seq("a", list(range(1, 11)))
+    s.add(a)
+    lens = []
+    while a.num_output_tokens == 0:
+        batch = run_step(s)
+        assert batch is not None
+        lens.append(batch.extend_lens[0])
+    assert lens == [4, 4, 2]
+    # The sample of a partial chunk is not a token.
+    assert a.output_ids == [9]
+
+
+def test_unchunked_long_prompt_runs_alone() -> None:
+    s = make_scheduler(chunked_prefill_size=-1, max_prefill_tokens=8)
+    s.add(seq("a", list(range(1, 13))))
+    s.add(seq("b", [1, 2]))
+    first = s.schedule()
+    assert first is not None and first.extend_lens == [12]
+
+
+def test_prefix_reuse_and_page_balance() -> None:
+    s = make_scheduler(page_size=4)
+    shared = list(range(1, 13))
+    s.add(seq("a", [*shared, 50]))
+    while s.has_unfinished():
+        run_step(s)
+    b = seq("b", [*shared, 60, 61])
+    s.add(b)
+    run_step(s)
+    assert b.num_prefix_hit_tokens == 12
+    while s.has_unfinished():
+        run_step(s)
+    assert reclaimable(s) == 32
+    s.pages.cache.reset()  # type: ignore[union-attr]
+    assert s.pages.pool.num_free == 32
+
+
+def test_max_running_requests_caps_admission() -> None:
+    s = make_scheduler(max_running_requests=2)
+    for i in range(4):
+        s.add(seq(f"r{i}", [1, 2, 3]))
+    run_step(s)
+    assert s.num_running == 2 and s.num_waiting == 2
+
+
+def test_preemption_when_pages_run_out() -> None:
+    s = make_scheduler(num_pages=6, page_size=2, cache=False)
+    seqs = [seq(f"r{i}", [1, 2, 3], max_new=6) for i in range(3)]
+    for x in seqs:
+        s.add(x)
+    for _ in range(200):
+        if not s.has_unfinished():
+            break
+        run_step(s)
+    assert s.num_preemptions > 0
+    assert all(x.output_ids == [9] * 6 for x in seqs)
+    assert s.pages.pool.num_free == 6
+
+
+@pytest.mark.parametrize("stage", ["waiting", "mid_prefill", "running"])
+def test_abort_frees_pages_at_every_stage(stage: str) -> None:
+    s = make_scheduler(chunked_prefill_size=4)
+    a = seq("a", list(range(1, 11)), max_new=20)
+    s.add(a)
+    if stage in ("mid_prefill", "running"):
+        run_step(s)
+    if stage == "running":
+        run_step(s)
+        run_step(s)
+        assert a.status is SeqStatus.RUNNING
+    assert s.abort("a") is a
+    assert a.finish_reason is FinishReason.ABORT
+    assert s.abort("a") is None
+    assert not s.has_unfinished() and s.schedule() is None
+    assert reclaimable(s) == 32
+
+
+def test_abort_while_step_in_flight_drops_its_result() -> None:
+    s = make_scheduler()
+    a = seq("a", [1, 2, 3])
+    s.add(a)
+    batch = s.schedule()
+    assert batch is not None
+    s.abort("a")
+    assert s.postprocess(batch, SampleResult([9], [None])) == []
+    assert a.output_ids == [] and reclaimable(s) == 32
+
+
+def test_bad_requests_are_refused_with_the_limit() -> None:
+    s = make_scheduler(num_pages=4, page_size=4)
+    with pytest.raises(ValueError, match="empty"):
+        s.add(seq("e", []))
+    with pytest.raises(ValueError, match="context length is 256"):
+        s.add(seq("long", [1] * 256))
+    with pytest.raises(ValueError, match="only 4 pages"):
+        s.add(seq("big", [1] * 10, max_new=100))
+    s.add(seq("ok", [1, 2]))
+    with pytest.raises(ValueError, match="already in use"):
+        s.add(seq("ok", [1, 2]))
