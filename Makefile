@@ -33,10 +33,10 @@ format: install
 tiny-models: install
 	$(PY) -m engine.testing.tiny_models --out $(MODELS)
 
-# Until the serving cluster lands, `make run` generates the embedded tiny MoE
-# checkpoint and runs the offline engine on it.
-run: tiny-models
-	$(PY) -m engine.cli --model-path $(MODELS)/qwen3-moe --prompt "The page pool" --max-tokens 24
+# Until the serving cluster lands, `make run` runs the offline engine on the
+# embedded default model (a tiny Qwen3-MoE checkpoint generated on first use).
+run: install
+	$(PY) -m engine.cli --chat --prompt "What is a KV cache?" --prompt "Explain batching" --max-tokens 24
 
 bench-engine: tiny-models
 	$(PY) -m bench.engine --model-path $(MODELS)/qwen3-moe

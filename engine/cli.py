@@ -1,0 +1,119 @@
+"""Engine flags (named as SGLang names them) and a command-line demo of the offline engine.
+
+    python -m engine.cli --model-path DIR --prompt "Hello" --max-tokens 32
+    python -m engine.cli --chat --prompt "What is a KV cache?"   # embedded tiny MoE model
+
+With no `--model-path` the embedded default is used: a small Qwen3-MoE checkpoint generated
+locally (random weights, so the text is gibberish; the machinery is real).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from engine.config import DTYPES, LOAD_FORMATS, EngineConfig
+from engine.device import DEVICE_KINDS
+from engine.sampling import SamplingParams
+
+DEFAULT_MODEL_FAMILY = "qwen3-moe"
+
+
+def default_model_dir() -> Path:
+    """The embedded default checkpoint, generated on first use."""
+    from engine.testing.tiny_models import write_tiny_models
+
+    cache = Path(os.environ.get("PDSERVE_CACHE", Path.home() / ".cache" / "pdserve"))
+    return write_tiny_models(cache / "models", [DEFAULT_MODEL_FAMILY])[DEFAULT_MODEL_FAMILY]
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model-path", help="Hugging Face model directory (default: embedded tiny MoE)")
+    g.add_argument("--load-format", default="auto", choices=LOAD_FORMATS)
+    g.add_argument("--device", default="auto", help=f"one of {DEVICE_KINDS}, optionally :index")
+    g.add_argument("--dtype", default="auto", choices=DTYPES)
+    g.add_argument("--random-seed", type=int, default=0)
+    g.add_argument("--page-size", type=int, default=16)
+    g.add_argument("--max-total-tokens", type=int, help="KV pool size in tokens")
+    g.add_argument("--kv-cache-memory", type=float, help="KV pool size in GiB")
+    g.add_argument("--mem-fraction-static", type=float, default=0.85)
+    g.add_argument("--context-length", type=int)
+    g.add_argument("--chunked-prefill-size", type=int, default=8192, help="-1 disables chunking")
+    g.add_argument("--max-prefill-tokens", type=int, default=16384)
+    g.add_argument("--max-running-requests", type=int, default=256)
+    g.add_argument("--disable-radix-cache", action="store_true")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    kv_bytes = int(args.kv_cache_memory * 2**30) if args.kv_cache_memory else None
+    return EngineConfig(
+        model_path=str(args.model_path or default_model_dir()),
+        load_format=args.load_format,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.random_seed,
+        page_size=args.page_size,
+        max_total_tokens=args.max_total_tokens,
+        kv_cache_memory_bytes=kv_bytes,
+        mem_fraction_static=args.mem_fraction_static,
+        context_length=args.context_length,
+        chunked_prefill_size=args.chunked_prefill_size,
+        max_prefill_tokens=args.max_prefill_tokens,
+        max_running_requests=args.max_running_requests,
+        disable_radix_cache=args.disable_radix_cache,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_engine_args(parser)
+    parser.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    parser.add_argument("--chat", action="store_true", help="wrap each prompt as a user message")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int)
+    args = parser.parse_args(argv)
+
+    from engine.engine import Engine
+
+    try:
+        config = engine_config_from_args(args)
+        sampling = SamplingParams(
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            max_new_tokens=args.max_tokens,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    engine = Engine(config)
+    tokenizer = engine.tokenizer
+    prompts = args.prompt or ["The page pool"]
+    if args.chat:
+        if tokenizer is None:
+            parser.error("--chat needs a tokenizer.json in the model directory")
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    start = time.perf_counter()
+    try:
+        results = engine.generate(prompts, sampling)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    elapsed = time.perf_counter() - start
+    print(f"model: {config.model_path} on {engine.device.kind}")
+    for prompt, result in zip(prompts, results, strict=True):
+        print(f"\n--- prompt ({len(result.prompt_ids)} tokens): {prompt!r}")
+        reason = result.finish_reason.value if result.finish_reason else None
+        print(f"--- output ({len(result.output_ids)} tokens, {reason}): {result.text!r}")
+    tokens = sum(len(r.output_ids) for r in results)
+    print(f"\n{tokens} tokens in {elapsed:.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
