@@ -34,6 +34,7 @@ class RopeConfig:
     mscale: float | None = None
     mscale_all_dim: float | None = None
     attention_factor: float | None = None
+    truncate: bool = True  # yarn: round the correction range to whole dimensions
 
     def __post_init__(self) -> None:
         if self.rope_type not in ROPE_TYPES:
@@ -69,6 +70,7 @@ class RopeConfig:
             mscale=params.get("mscale"),
             mscale_all_dim=params.get("mscale_all_dim"),
             attention_factor=params.get("attention_factor"),
+            truncate=bool(params.get("truncate", True)),
         )
 
 

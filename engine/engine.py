@@ -8,8 +8,9 @@ A step is: schedule, run the model, sample, apply the tokens, report what progre
 
 from __future__ import annotations
 
-import itertools
+import json
 import logging
+import uuid
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
+_NO_TOKEN = SamplingParams(temperature=0)
+
 
 @dataclass(frozen=True)
 class StepOutput:
@@ -42,6 +45,7 @@ class StepOutput:
     finished: bool
     finish_reason: FinishReason | None
     num_prompt_tokens: int
+    num_output_tokens: int
     num_cached_tokens: int
 
 
@@ -76,13 +80,12 @@ class Engine:
         self.scheduler = Scheduler(config, self.pages, self.context_length)
         has_tokenizer = (Path(config.model_path) / "tokenizer.json").is_file()
         self.tokenizer = Tokenizer.from_pretrained(config.model_path) if has_tokenizer else None
-        eos = set(model_config.eos_token_ids)
+        eos = set(model_config.eos_token_ids) | _generation_eos(Path(config.model_path))
         if self.tokenizer is not None:
             eos |= self.tokenizer.eos_token_ids
         self.eos_token_ids = frozenset(eos)
         self._generator = torch.Generator(device=self.device.torch_device)
         self._generator.manual_seed(config.seed)
-        self._ids = itertools.count()
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -91,12 +94,51 @@ class Engine:
         prompt: str | Seq[int],
         sampling: SamplingParams | None = None,
         request_id: str | None = None,
+        hold_pages: bool = False,
     ) -> str:
         """Queue a request (text needs the model's tokenizer); returns its id.
 
         Raises ValueError for an empty prompt, a token id outside the vocabulary, a prompt that
-        does not fit the context, or a request the KV pool could never hold.
+        does not fit the context, or a request the KV pool could never hold. With
+        `hold_pages`, the request keeps its pages after it finishes, until `release_held`
+        (a prefill worker sends them first).
         """
+        seq = self._new_sequence(prompt, sampling, request_id)
+        seq.hold_pages = hold_pages
+        self.scheduler.add(seq)
+        return seq.request_id
+
+    def reserve_transfer(
+        self, prompt_ids: Seq[int], sampling: SamplingParams, request_id: str
+    ) -> list[int]:
+        """Decode side: reserve pages for a prompt whose KV another worker will write.
+
+        Returns the page ids, one per `page_size` prompt tokens. Raises ValueError for bad
+        input and OutOfPagesError when the pool cannot take the request now.
+        """
+        seq = self._new_sequence(list(prompt_ids), sampling, request_id)
+        return self.scheduler.add_transferring(seq)
+
+    def complete_transfer(
+        self, request_id: str, token_id: int, logprobs: TokenLogprobs | None
+    ) -> StepOutput:
+        """Decode side: the prompt's KV has arrived; the first token joins the running batch."""
+        self.validate_token_ids([token_id], "first token")
+        return self._output(self.scheduler.complete_transfer(request_id, token_id, logprobs))
+
+    def held_pages(self, request_id: str) -> list[int]:
+        """Prefill side: the pages of a finished request that holds them for sending."""
+        seq = self.scheduler.held.get(request_id)
+        if seq is None:
+            raise KeyError(f"request {request_id!r} holds no pages")
+        return seq.page_table[: self.pages.pages_for(seq.num_prompt_tokens)]
+
+    def release_held(self, request_id: str) -> bool:
+        return self.scheduler.release_held(request_id)
+
+    def _new_sequence(
+        self, prompt: str | Seq[int], sampling: SamplingParams | None, request_id: str | None
+    ) -> Sequence:
         sampling = sampling or SamplingParams()
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -110,8 +152,8 @@ class Engine:
         if sampling.seed is not None:
             generator = torch.Generator(device=self.device.torch_device)
             generator.manual_seed(sampling.seed)
-        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        seq = Sequence(
+        rid = request_id if request_id is not None else f"req-{uuid.uuid4().hex}"
+        return Sequence(
             request_id=rid,
             token_ids=ids,
             num_prompt_tokens=len(ids),
@@ -119,8 +161,6 @@ class Engine:
             eos_token_ids=self.eos_token_ids,
             generator=generator,
         )
-        self.scheduler.add(seq)
-        return rid
 
     def validate_token_ids(self, ids: list[int], what: str) -> None:
         vocab = self.model_config.vocab_size
@@ -135,6 +175,10 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def has_work(self) -> bool:
+        """Whether `step` would run anything (requests arriving by transfer do not count)."""
+        return bool(self.scheduler.num_waiting or self.scheduler.num_running)
+
     # -- the step loop ----------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
@@ -148,24 +192,28 @@ class Engine:
                 )
             return []
         logits = self.runner.forward(batch)
-        result = sample(
-            logits,
-            [s.sampling for s in batch.seqs],
-            [s.generator for s in batch.seqs],
-            self._generator,
+        # A prefill chunk that does not reach the prompt's end yields no token: pick greedily
+        # there, so that a seeded request draws from its generator once per token exactly.
+        params, generators = [], []
+        for seq, n in zip(batch.seqs, batch.extend_lens, strict=True):
+            yields_token = seq.num_computed_tokens + n >= seq.num_tokens
+            params.append(seq.sampling if yields_token else _NO_TOKEN)
+            generators.append(seq.generator if yields_token else None)
+        result = sample(logits, params, generators, self._generator)
+        return [self._output(seq) for seq in self.scheduler.postprocess(batch, result)]
+
+    @staticmethod
+    def _output(seq: Sequence) -> StepOutput:
+        return StepOutput(
+            request_id=seq.request_id,
+            token_id=seq.token_ids[-1],
+            logprobs=seq.output_logprobs[-1],
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens,
+            num_cached_tokens=seq.num_prefix_hit_tokens,
         )
-        return [
-            StepOutput(
-                request_id=seq.request_id,
-                token_id=seq.token_ids[-1],
-                logprobs=seq.output_logprobs[-1],
-                finished=seq.is_finished,
-                finish_reason=seq.finish_reason,
-                num_prompt_tokens=seq.num_prompt_tokens,
-                num_cached_tokens=seq.num_prefix_hit_tokens,
-            )
-            for seq in self.scheduler.postprocess(batch, result)
-        ]
 
     def generate(
         self,
@@ -180,9 +228,14 @@ class Engine:
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         seqs: list[Sequence] = []
-        for prompt, p in zip(prompts, params, strict=True):
-            rid = self.add_request(cast("str | Seq[int]", prompt), p)
-            seqs.append(self.scheduler.requests[rid])
+        try:
+            for prompt, p in zip(prompts, params, strict=True):
+                rid = self.add_request(cast("str | Seq[int]", prompt), p)
+                seqs.append(self.scheduler.requests[rid])
+        except ValueError:
+            for seq in seqs:  # all or nothing: a refused prompt leaves nothing queued
+                self.scheduler.abort(seq.request_id)
+            raise
         while any(not s.is_finished for s in seqs):
             self.step()
         return [self._result(s) for s in seqs]
@@ -213,3 +266,14 @@ class Engine:
             raise ValueError("cannot flush the prefix cache while requests are live")
         if self.cache is not None:
             self.cache.reset()
+
+
+def _generation_eos(model_dir: Path) -> set[int]:
+    """EOS ids from generation_config.json, which may add to config.json's."""
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return set()
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, list) else {int(eos)}

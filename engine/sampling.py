@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 
 MAX_TOP_LOGPROBS = 20
+# Below this, temperature scaling overflows float32; such requests are sampled greedily.
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class SamplingParams:
             raise ValueError(
                 f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}"
             )
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}")
         bad = [t for t in self.stop_token_ids if not isinstance(t, int) or t < 0]
         if bad:
             raise ValueError(f"stop_token_ids must be non-negative integers, got {bad}")
@@ -50,7 +54,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
 
     @property
     def wants_logprobs(self) -> bool:

@@ -14,8 +14,12 @@ from dataclasses import dataclass
 
 from engine.config import EngineConfig
 from engine.page_manager import PageManager
-from engine.sampler import SampleResult
+from engine.sampler import SampleResult, TokenLogprobs
 from engine.sequence import FinishReason, SeqStatus, Sequence
+
+
+class OutOfPagesError(RuntimeError):
+    """The pool cannot take this request now (it could later): retry elsewhere or later."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,10 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.requests: dict[str, Sequence] = {}
+        # Disaggregation: decode-side requests whose KV is arriving, prefill-side requests
+        # whose pages are kept until sent.
+        self.transferring: dict[str, Sequence] = {}
+        self.held: dict[str, Sequence] = {}
         self.num_preemptions = 0
 
     @property
@@ -54,7 +62,60 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         """Queue a request, refusing one that could never be served."""
-        if seq.request_id in self.requests:
+        self._validate(seq)
+        self.requests[seq.request_id] = seq
+        self.waiting.append(seq)
+
+    def add_transferring(self, seq: Sequence) -> list[int]:
+        """Reserve pages for a prompt whose KV another worker computes; returns the page ids.
+
+        Admits only if the pool can hold the prompt plus a page of new tokens, with a page of
+        headroom per running request; raises OutOfPagesError otherwise.
+        """
+        self._validate(seq)
+        need = self.pages.pages_for(seq.num_tokens + 1)
+        headroom = len(self.running) + len(self.transferring)
+        if self.pages.num_available < need + headroom or not self.pages.reserve(
+            seq, seq.num_tokens
+        ):
+            raise OutOfPagesError(
+                f"no room for request {seq.request_id}: needs {need} pages, "
+                f"{self.pages.num_available} available with {headroom} held back for "
+                f"{len(self.running)} running and {len(self.transferring)} arriving requests"
+            )
+        seq.status = SeqStatus.TRANSFERRING
+        self.requests[seq.request_id] = seq
+        self.transferring[seq.request_id] = seq
+        return list(seq.page_table)
+
+    def complete_transfer(
+        self, request_id: str, token_id: int, logprob: TokenLogprobs | None
+    ) -> Sequence:
+        """The prompt's KV has arrived with its first token: join the running batch."""
+        seq = self.transferring.pop(request_id, None)
+        if seq is None:
+            raise KeyError(f"request {request_id!r} is not waiting for a KV transfer")
+        seq.num_computed_tokens = seq.num_tokens
+        seq.token_ids.append(token_id)
+        seq.output_logprobs.append(logprob)
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+        reason = seq.check_stop(self.context_length)
+        if reason is not None:
+            self._finish(seq, reason)
+        return seq
+
+    def release_held(self, request_id: str) -> bool:
+        """Free the pages a finished prefill-side request kept for sending."""
+        seq = self.held.pop(request_id, None)
+        if seq is None:
+            return False
+        self.pages.release(seq)
+        seq.status = SeqStatus.FINISHED
+        return True
+
+    def _validate(self, seq: Sequence) -> None:
+        if seq.request_id in self.requests or seq.request_id in self.held:
             raise ValueError(f"request id {seq.request_id!r} is already in use")
         if seq.num_tokens == 0:
             raise ValueError("the prompt is empty; at least one token is needed")
@@ -71,8 +132,6 @@ class Scheduler:
                 f"{self.pages.page_size}), but the KV pool has only "
                 f"{self.pages.pool.num_pages} pages; lower max_new_tokens or enlarge the pool"
             )
-        self.requests[seq.request_id] = seq
-        self.waiting.append(seq)
 
     def schedule(self) -> ScheduledBatch | None:
         """The next step's batch, or None when there is nothing to run."""
@@ -172,16 +231,26 @@ class Scheduler:
         """Stop a request at any stage and free its pages; None if it is unknown or done."""
         seq = self.requests.get(request_id)
         if seq is None:
-            return None
+            held = self.held.get(request_id)
+            if held is not None:
+                self.release_held(request_id)
+            return held
         self._finish(seq, FinishReason.ABORT)
         return seq
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
+        elif seq.status is SeqStatus.TRANSFERRING:
+            del self.transferring[seq.request_id]
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.pages.release(seq)
-        seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         del self.requests[seq.request_id]
+        if seq.hold_pages and reason is not FinishReason.ABORT:
+            self.pages.cache_unfinished(seq)  # keeps the prompt's pages locked in the cache
+            seq.status = SeqStatus.HELD
+            self.held[seq.request_id] = seq
+            return
+        self.pages.release(seq)
+        seq.status = SeqStatus.FINISHED

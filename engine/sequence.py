@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    # Decode side of a disaggregated request: pages reserved, KV arriving from a prefill worker.
+    TRANSFERRING = "transferring"
+    # Prefill side: finished, pages kept (locked) until the KV has been sent.
+    HELD = "held"
     FINISHED = "finished"
 
 
@@ -42,6 +46,7 @@ class Sequence:
     sampling: SamplingParams
     eos_token_ids: frozenset[int] = frozenset()
     generator: torch.Generator | None = None
+    hold_pages: bool = False
     status: SeqStatus = SeqStatus.WAITING
     page_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -66,7 +71,7 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
-        return self.status is SeqStatus.FINISHED
+        return self.status in (SeqStatus.FINISHED, SeqStatus.HELD)
 
     def check_stop(self, context_length: int) -> FinishReason | None:
         """Why the sequence should stop after its newest token, if it should."""

@@ -63,8 +63,10 @@ def rope_inv_freq(rope: RopeConfig, dim: int, max_position: int) -> tuple[torch.
     def correction_dim(rotations: float) -> float:
         return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(rope.theta))
 
-    low = float(max(math.floor(correction_dim(rope.beta_fast)), 0))
-    high = float(min(math.ceil(correction_dim(rope.beta_slow)), dim - 1))
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
     ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)

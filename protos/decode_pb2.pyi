@@ -1,0 +1,39 @@
+from protos import common_pb2 as _common_pb2
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DecodeRequest(_message.Message):
+    __slots__ = ("request", "transfer_id", "prefill_endpoint")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    request: _common_pb2.GenerateRequest
+    transfer_id: int
+    prefill_endpoint: str
+    def __init__(self, request: _Optional[_Union[_common_pb2.GenerateRequest, _Mapping]] = ..., transfer_id: _Optional[int] = ..., prefill_endpoint: _Optional[str] = ...) -> None: ...
+
+class TransferDoneRequest(_message.Message):
+    __slots__ = ("request_id", "transfer_id", "first_token_id", "first_logprobs", "cached_tokens", "error")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    FIRST_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    transfer_id: int
+    first_token_id: int
+    first_logprobs: _common_pb2.TokenLogprobs
+    cached_tokens: int
+    error: str
+    def __init__(self, request_id: _Optional[str] = ..., transfer_id: _Optional[int] = ..., first_token_id: _Optional[int] = ..., first_logprobs: _Optional[_Union[_common_pb2.TokenLogprobs, _Mapping]] = ..., cached_tokens: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class TransferDoneResponse(_message.Message):
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
