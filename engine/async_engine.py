@@ -26,6 +26,14 @@ class EngineDeadError(RuntimeError):
     """The engine thread has stopped; no request can be served."""
 
 
+class RequestAborted(Exception):
+    """Ends the stream of a request that `AsyncEngine.abort` stopped."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"request {request_id} was aborted")
+        self.request_id = request_id
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -66,6 +74,14 @@ class AsyncEngine:
 
         self._commands.put(command)
         return await future
+
+    async def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it is, free its pages, and end its stream."""
+        found = await self.call(lambda e: e.abort(request_id))
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put_nowait(RequestAborted(request_id))
+        return found
 
     def open_stream(self, request_id: str) -> asyncio.Queue[StepOutput | BaseException]:
         """Register a request's output queue; must happen before its first token can come."""

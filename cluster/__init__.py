@@ -1,0 +1,1 @@
+"""Starting pdserve's processes: the no-Ray local launcher now, Ray placement later."""

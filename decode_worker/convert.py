@@ -1,0 +1,125 @@
+"""Between protobuf messages and engine types. Shared by both kinds of worker."""
+
+from __future__ import annotations
+
+import grpc
+
+from engine.async_engine import EngineDeadError
+from engine.engine import Engine
+from engine.sampler import TokenLogprobs
+from engine.sampling import SamplingParams
+from engine.scheduler import OutOfPagesError
+from engine.sequence import FinishReason
+from kv_transfer import KVLayout, LayoutMismatchError, TransferError
+from protos import common_pb2
+
+_FINISH = {
+    FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: common_pb2.FINISH_REASON_ABORT,
+}
+
+
+def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
+    """Raises ValueError naming the bad field."""
+    return SamplingParams(
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        min_p=p.min_p,
+        seed=p.seed if p.HasField("seed") else None,
+        max_new_tokens=p.max_new_tokens,
+        stop_token_ids=tuple(p.stop_token_ids),
+        ignore_eos=p.ignore_eos,
+        logprobs=p.logprobs,
+        top_logprobs=p.top_logprobs,
+    )
+
+
+def sampling_to_proto(s: SamplingParams) -> common_pb2.SamplingParams:
+    msg = common_pb2.SamplingParams(
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        min_p=s.min_p,
+        max_new_tokens=s.max_new_tokens,
+        stop_token_ids=list(s.stop_token_ids),
+        ignore_eos=s.ignore_eos,
+        logprobs=s.logprobs,
+        top_logprobs=s.top_logprobs,
+    )
+    if s.seed is not None:
+        msg.seed = s.seed
+    return msg
+
+
+def logprobs_to_proto(lp: TokenLogprobs | None) -> common_pb2.TokenLogprobs | None:
+    if lp is None:
+        return None
+    return common_pb2.TokenLogprobs(
+        logprob=lp.logprob,
+        top=[common_pb2.TokenLogprob(token_id=t, logprob=v) for t, v in lp.top],
+    )
+
+
+def logprobs_from_proto(msg: common_pb2.TokenLogprobs, present: bool) -> TokenLogprobs | None:
+    if not present:
+        return None
+    return TokenLogprobs(msg.logprob, tuple((t.token_id, t.logprob) for t in msg.top))
+
+
+def finish_to_proto(reason: FinishReason | None) -> common_pb2.FinishReason:
+    if reason is None:
+        return common_pb2.FINISH_REASON_UNSPECIFIED
+    return _FINISH[reason]
+
+
+def engine_layout(engine: Engine, model_name: str) -> KVLayout:
+    cache = engine.runner.kv_cache
+    return KVLayout(
+        model=model_name,
+        dtype=str(cache.dtype).removeprefix("torch."),
+        page_size=cache.page_size,
+        num_layers=cache.num_layers,
+        num_kv_heads=cache.num_kv_heads,
+        head_dim=cache.head_dim,
+    )
+
+
+def layout_to_proto(layout: KVLayout) -> common_pb2.KVLayout:
+    return common_pb2.KVLayout(
+        model=layout.model,
+        dtype=layout.dtype,
+        page_size=layout.page_size,
+        num_layers=layout.num_layers,
+        num_kv_heads=layout.num_kv_heads,
+        head_dim=layout.head_dim,
+        fingerprint=layout.fingerprint,
+    )
+
+
+def layout_from_proto(msg: common_pb2.KVLayout) -> KVLayout:
+    return KVLayout(
+        model=msg.model,
+        dtype=msg.dtype,
+        page_size=msg.page_size,
+        num_layers=msg.num_layers,
+        num_kv_heads=msg.num_kv_heads,
+        head_dim=msg.head_dim,
+    )
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC status a worker answers an exception with."""
+    if isinstance(exc, LayoutMismatchError):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(exc, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, OutOfPagesError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, KeyError):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, (TransferError, EngineDeadError)):
+        # The peer or the engine is gone: the router retries on another pair.
+        return grpc.StatusCode.UNAVAILABLE
+    return grpc.StatusCode.INTERNAL

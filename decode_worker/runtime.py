@@ -1,0 +1,94 @@
+"""What every worker has: the engine, its KV layout and transfer engine, its peers' channels,
+and the RPCs common to both roles (abort, load, info)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import grpc
+
+from decode_worker.convert import layout_to_proto
+from engine.async_engine import AsyncEngine
+from engine.engine import Engine
+from kv_transfer import KVLayout, KVPoolDescriptor, TransferEngine
+from protos import common_pb2
+
+log = logging.getLogger(__name__)
+
+ROLES = ("prefill", "decode", "null")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    role: str
+    model_name: str
+    endpoint: str  # this worker's gRPC address as peers reach it
+    transfer_timeout_s: float = 30.0  # every waiting state of a KV transfer
+    rpc_timeout_s: float = 10.0  # worker-to-worker unary calls
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.transfer_timeout_s <= 0 or self.rpc_timeout_s <= 0:
+            raise ValueError("timeouts must be positive")
+
+
+class WorkerRuntime:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        engine: AsyncEngine,
+        layout: KVLayout,
+        transfer: TransferEngine | None,
+        pool: KVPoolDescriptor | None,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.layout = layout
+        self.transfer = transfer
+        self.pool = pool
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def channel(self, endpoint: str) -> grpc.aio.Channel:
+        """A long-lived channel to a peer worker (one per endpoint)."""
+        ch = self._channels.get(endpoint)
+        if ch is None:
+            ch = grpc.aio.insecure_channel(endpoint)
+            self._channels[endpoint] = ch
+        return ch
+
+    async def close(self) -> None:
+        await asyncio.gather(*(ch.close() for ch in self._channels.values()))
+        self._channels.clear()
+
+    async def abort(self, request: common_pb2.AbortRequest) -> common_pb2.AbortResponse:
+        found = await self.engine.abort(request.request_id)
+        return common_pb2.AbortResponse(request_id=request.request_id, found=found)
+
+    async def load(self, request: common_pb2.LoadRequest) -> common_pb2.LoadReport:
+        def report(e: Engine) -> common_pb2.LoadReport:
+            s = e.scheduler
+            return common_pb2.LoadReport(
+                request_id=request.request_id,
+                num_running=s.num_running,
+                num_waiting=s.num_waiting,
+                num_transferring=len(s.transferring),
+                num_free_pages=e.num_free_pages,
+                num_total_pages=e.pool.num_pages,
+            )
+
+        return await self.engine.call(report)
+
+    def info(self, request: common_pb2.WorkerInfoRequest) -> common_pb2.WorkerInfo:
+        e = self.engine.engine
+        return common_pb2.WorkerInfo(
+            request_id=request.request_id,
+            role=self.settings.role,
+            model=self.settings.model_name,
+            context_length=e.context_length,
+            vocab_size=e.model_config.vocab_size,
+            layout=layout_to_proto(self.layout),
+            dp_size=1,
+        )

@@ -1,0 +1,146 @@
+"""Starts a worker process: engine, KV pool registered with the transfer engine, gRPC server
+with the standard health service. Both `python -m decode_worker` and `python -m prefill_worker`
+come here; `--disaggregation-mode` picks the role.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from decode_worker.convert import engine_layout
+from decode_worker.runtime import ROLES, WorkerRuntime, WorkerSettings
+from decode_worker.servicer import DecodeServicer
+from engine.async_engine import AsyncEngine
+from engine.cli import add_engine_args, engine_config_from_args
+from engine.engine import Engine
+from kv_transfer import (
+    KVPoolDescriptor,
+    TransferEngine,
+    create_transfer_engine,
+    descriptor_from_tensors,
+)
+from prefill_worker.servicer import PrefillServicer
+from protos import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = {
+    "prefill": prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name,
+    "decode": decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name,
+}
+
+
+def build_parser(default_role: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=f"pdserve worker (default role {default_role})")
+    add_engine_args(parser)
+    g = parser.add_argument_group("worker")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind and advertise")
+    g.add_argument("--port", type=int, default=0, help="gRPC port (0: pick a free one)")
+    g.add_argument("--disaggregation-mode", default=default_role, choices=ROLES)
+    g.add_argument("--served-model-name", help="model name clients use (default: dir name)")
+    g.add_argument("--transfer-backend", default="mooncake")
+    g.add_argument("--transfer-timeout", type=float, default=30.0, help="seconds")
+    return parser
+
+
+def register_pool(engine: Engine, transfer: TransferEngine, model_name: str) -> KVPoolDescriptor:
+    """Register every layer's K and V tensor with the transfer engine."""
+    kv = engine.runner.kv_cache
+    for tensor in (*kv.k, *kv.v):
+        rc = transfer.register_memory(tensor.data_ptr(), tensor.numel() * tensor.element_size())
+        if rc != 0:
+            raise RuntimeError(f"registering {tensor.numel()} KV elements failed: rc={rc}")
+    return descriptor_from_tensors(engine_layout(engine, model_name), kv.k, kv.v)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    role = args.disaggregation_mode
+    config = engine_config_from_args(args)
+    model_name = args.served_model_name or Path(config.model_path).name
+    engine = Engine(config)
+    transfer: TransferEngine | None = None
+    pool: KVPoolDescriptor | None = None
+    if role != "null":
+        transfer = create_transfer_engine(args.transfer_backend, hostname=args.host)
+        pool = register_pool(engine, transfer, model_name)
+
+    server = grpc.aio.server()
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    settings = WorkerSettings(
+        role=role,
+        model_name=model_name,
+        endpoint=f"{args.host}:{port}",
+        transfer_timeout_s=args.transfer_timeout,
+    )
+    async_engine = AsyncEngine(engine)
+    runtime = WorkerRuntime(
+        settings, async_engine, engine_layout(engine, model_name), transfer, pool
+    )
+    served = []
+    if role in ("decode", "null"):
+        decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(runtime), server)
+        served.append(SERVICE_NAMES["decode"])
+    if role == "prefill":
+        prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(runtime), server)
+        served.append(SERVICE_NAMES["prefill"])
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+
+    async_engine.start()
+    await server.start()
+    for name in ("", *served):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    print(
+        json.dumps(
+            {
+                "event": "ready",
+                "role": role,
+                "endpoint": settings.endpoint,
+                "model": model_name,
+                "kv_pages": engine.pool.num_pages,
+            }
+        ),
+        flush=True,
+    )
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def watch_engine() -> None:
+        while async_engine.alive:
+            await asyncio.sleep(0.5)
+        log.error("engine thread died; reporting NOT_SERVING")
+        for name in ("", *served):
+            await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    watcher = asyncio.create_task(watch_engine())
+    await stop.wait()
+    log.info("draining: NOT_SERVING, finishing in-flight calls")
+    await health.enter_graceful_shutdown()
+    await server.stop(grace=5.0)
+    watcher.cancel()
+    async_engine.stop()
+    await runtime.close()
+
+
+def main(default_role: str, argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    args = build_parser(default_role).parse_args(argv)
+    asyncio.run(serve(args))
+    return 0

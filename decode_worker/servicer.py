@@ -1,0 +1,183 @@
+"""The Decode gRPC service: reserve pages, have the prefill worker write them, stream tokens.
+
+A request without a transfer id (colocated mode) is computed here from its prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from decode_worker.convert import (
+    finish_to_proto,
+    layout_to_proto,
+    logprobs_from_proto,
+    logprobs_to_proto,
+    sampling_from_proto,
+    status_for,
+)
+from decode_worker.runtime import WorkerRuntime
+from engine.async_engine import RequestAborted
+from engine.engine import Engine, StepOutput
+from engine.sampling import SamplingParams
+from kv_transfer import (
+    KVReceiver,
+    LayoutMismatchError,
+    TransferError,
+    TransferState,
+    TransferTable,
+)
+from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+def chunk(out: StepOutput) -> common_pb2.GenerateResponse:
+    lp = logprobs_to_proto(out.logprobs)
+    return common_pb2.GenerateResponse(
+        request_id=out.request_id,
+        chunk=common_pb2.StreamChunk(token_ids=[out.token_id], logprobs=[lp] if lp else []),
+    )
+
+
+def complete(out: StepOutput) -> common_pb2.GenerateResponse:
+    return common_pb2.GenerateResponse(
+        request_id=out.request_id,
+        complete=common_pb2.Complete(
+            finish_reason=finish_to_proto(out.finish_reason),
+            prompt_tokens=out.num_prompt_tokens,
+            completion_tokens=out.num_output_tokens,
+            cached_tokens=out.num_cached_tokens,
+        ),
+    )
+
+
+class DecodeServicer(decode_pb2_grpc.DecodeServicer):
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self.rt = runtime
+        self.receivers: TransferTable[KVReceiver] = TransferTable()
+        self.transfer_of: dict[str, int] = {}  # request id -> transfer id, while it waits
+
+    async def Generate(
+        self, request: decode_pb2.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.GenerateResponse]:
+        req = request.request
+        try:
+            sampling = sampling_from_proto(req.sampling)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if request.transfer_id == 0:
+            outputs = self.rt.engine.generate(req.request_id, list(req.token_ids), sampling)
+        else:
+            outputs = self._disaggregated(request, sampling)
+        try:
+            async for out in outputs:
+                yield chunk(out)
+                if out.finished:
+                    yield complete(out)
+        except RequestAborted:
+            yield common_pb2.GenerateResponse(
+                request_id=req.request_id,
+                complete=common_pb2.Complete(finish_reason=common_pb2.FINISH_REASON_ABORT),
+            )
+        except Exception as exc:
+            code = status_for(exc)
+            if code is grpc.StatusCode.INTERNAL:
+                log.exception("request %s failed", req.request_id)
+            await context.abort(code, str(exc))
+
+    async def _disaggregated(
+        self, request: decode_pb2.DecodeRequest, sampling: SamplingParams
+    ) -> AsyncIterator[StepOutput]:
+        req, rt = request.request, self.rt
+        rid, tid = req.request_id, request.transfer_id
+        if rt.transfer is None or rt.pool is None:
+            raise ValueError(f"this worker (role {rt.settings.role}) takes no KV transfers")
+        receiver = self.receivers.get_or_create(tid, lambda: KVReceiver(tid))
+        self.transfer_of[rid] = tid
+        stream = rt.engine.open_stream(rid)
+        finished = False
+        prompt = list(req.token_ids)
+        try:
+            pages = await rt.engine.call(lambda e: e.reserve_transfer(prompt, sampling, rid))
+            attach = prefill_pb2.AttachDestinationRequest(
+                request_id=rid,
+                transfer_id=tid,
+                decode_endpoint=rt.settings.endpoint,
+                session_id=rt.transfer.session_id,
+                page_ids=pages,
+                k_base_addrs=list(rt.pool.k_base_addrs),
+                v_base_addrs=list(rt.pool.v_base_addrs),
+                layout=layout_to_proto(rt.layout),
+                dp_rank=0,
+                num_pages=rt.pool.num_pages,
+            )
+            stub = prefill_pb2_grpc.PrefillStub(rt.channel(request.prefill_endpoint))
+            try:
+                await stub.AttachDestination(attach, timeout=rt.settings.rpc_timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:
+                    raise LayoutMismatchError(exc.details()) from exc
+                raise TransferError(
+                    f"prefill worker {request.prefill_endpoint} refused the destination of "
+                    f"transfer {tid}: {exc.code().name} {exc.details()}"
+                ) from exc
+            receiver.bootstrapped()
+            done = await receiver.wait(rt.settings.transfer_timeout_s)
+            if not isinstance(done, decode_pb2.TransferDoneRequest):
+                raise TypeError(f"transfer {tid} completed with {type(done).__name__}")
+            first = logprobs_from_proto(done.first_logprobs, done.HasField("first_logprobs"))
+
+            def join(e: Engine) -> StepOutput:
+                return e.complete_transfer(rid, done.first_token_id, first)
+
+            out = await rt.engine.call(join)
+            finished = out.finished
+            yield out
+            if not finished:
+                async for out in rt.engine.iterate(stream):
+                    finished = out.finished
+                    yield out
+        finally:
+            self.receivers.pop(tid)
+            self.transfer_of.pop(rid, None)
+            rt.engine.close_stream(rid)
+            if not finished and rt.engine.alive:
+                await asyncio.shield(rt.engine.call(lambda e: e.abort(rid)))
+
+    async def TransferDone(
+        self, request: decode_pb2.TransferDoneRequest, context: grpc.aio.ServicerContext
+    ) -> decode_pb2.TransferDoneResponse:
+        receiver = self.receivers.get(request.transfer_id)
+        if receiver is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"no request waits for transfer {request.transfer_id}"
+            )
+            raise AssertionError("unreachable: abort raises")
+        if request.error:
+            receiver.fail(request.error)
+        else:
+            receiver.complete(request)
+        return decode_pb2.TransferDoneResponse(request_id=request.request_id)
+
+    async def Abort(
+        self, request: common_pb2.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.AbortResponse:
+        tid = self.transfer_of.get(request.request_id)
+        receiver = self.receivers.get(tid) if tid is not None else None
+        if receiver is not None and receiver.state is TransferState.WAITING_FOR_INPUT:
+            receiver.fail("aborted")
+        return await self.rt.abort(request)
+
+    async def GetLoad(
+        self, request: common_pb2.LoadRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.LoadReport:
+        return await self.rt.load(request)
+
+    async def GetInfo(
+        self, request: common_pb2.WorkerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.WorkerInfo:
+        return self.rt.info(request)

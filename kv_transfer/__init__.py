@@ -1,0 +1,53 @@
+"""The Mooncake-compatible KV transfer layer: engines, page layouts, write batches, and the
+per-transfer state machines. Knows nothing of the services around it."""
+
+from kv_transfer.layout import (
+    DTYPE_ITEMSIZE,
+    KVLayout,
+    KVPoolDescriptor,
+    LayoutMismatchError,
+    check_compatible,
+    descriptor_from_tensors,
+)
+from kv_transfer.pages import PageRun, WriteBatch, build_write_batch, coalesce_runs
+from kv_transfer.state import (
+    Destination,
+    KVReceiver,
+    KVSender,
+    TransferFailed,
+    TransferState,
+    TransferTable,
+    TransferTimeout,
+)
+from kv_transfer.transfer_engine import (
+    MooncakeTransferEngine,
+    TransferEngine,
+    TransferError,
+    check,
+    create_transfer_engine,
+)
+
+__all__ = [
+    "DTYPE_ITEMSIZE",
+    "Destination",
+    "KVLayout",
+    "KVPoolDescriptor",
+    "KVReceiver",
+    "KVSender",
+    "LayoutMismatchError",
+    "MooncakeTransferEngine",
+    "PageRun",
+    "TransferEngine",
+    "TransferError",
+    "TransferFailed",
+    "TransferState",
+    "TransferTable",
+    "TransferTimeout",
+    "WriteBatch",
+    "build_write_batch",
+    "check",
+    "check_compatible",
+    "coalesce_runs",
+    "create_transfer_engine",
+    "descriptor_from_tensors",
+]

@@ -1,0 +1,3 @@
+from decode_worker.server import main
+
+raise SystemExit(main(default_role="prefill"))

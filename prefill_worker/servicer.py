@@ -1,0 +1,183 @@
+"""The Prefill gRPC service: compute the prompt, sample its first token, write the KV pages
+into the decode worker that attached under the same transfer id, then tell it so.
+
+The prefill request and the decode worker's AttachDestination may arrive in either order;
+a `KVSender` per transfer id meets them, with a timeout on each waiting state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import replace
+
+import grpc
+
+from decode_worker.convert import (
+    layout_from_proto,
+    logprobs_to_proto,
+    sampling_from_proto,
+    status_for,
+)
+from decode_worker.runtime import WorkerRuntime
+from engine.engine import StepOutput
+from kv_transfer import (
+    Destination,
+    KVPoolDescriptor,
+    KVSender,
+    LayoutMismatchError,
+    TransferError,
+    TransferTable,
+    build_write_batch,
+    check,
+    check_compatible,
+)
+from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# An attached destination whose prefill request never comes is dropped after this long.
+_SENDER_MAX_AGE_FACTOR = 2.0
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        if runtime.transfer is None or runtime.pool is None:
+            raise ValueError("a prefill worker needs a transfer engine and a registered KV pool")
+        self.rt = runtime
+        self.transfer = runtime.transfer
+        self.pool = runtime.pool
+        self.senders: TransferTable[KVSender] = TransferTable()
+
+    def _sender(self, transfer_id: int) -> KVSender:
+        max_age = self.rt.settings.transfer_timeout_s * _SENDER_MAX_AGE_FACTOR
+        for stale in self.senders.expire(self.senders.clock(), max_age):
+            stale.fail("expired before its prefill request arrived")
+        return self.senders.get_or_create(transfer_id, lambda: KVSender(transfer_id))
+
+    async def AttachDestination(
+        self, request: prefill_pb2.AttachDestinationRequest, context: grpc.aio.ServicerContext
+    ) -> prefill_pb2.AttachDestinationResponse:
+        remote = layout_from_proto(request.layout)
+        try:
+            check_compatible(self.rt.layout, remote, local_label="prefill", remote_label="decode")
+            pool = KVPoolDescriptor(
+                layout=remote,
+                k_base_addrs=tuple(request.k_base_addrs),
+                v_base_addrs=tuple(request.v_base_addrs),
+                num_pages=request.num_pages,
+            )
+            dest = Destination(
+                request_id=request.request_id,
+                transfer_id=request.transfer_id,
+                decode_endpoint=request.decode_endpoint,
+                session_id=request.session_id,
+                page_ids=tuple(request.page_ids),
+                pool=pool,
+                dp_rank=request.dp_rank,
+            )
+            self._sender(request.transfer_id).attach(dest)
+        except LayoutMismatchError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return prefill_pb2.AttachDestinationResponse(request_id=request.request_id)
+
+    async def Prefill(
+        self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> prefill_pb2.PrefillResponse:
+        req, tid = request.request, request.transfer_id
+        rid = req.request_id
+        sender = self._sender(tid)
+        dest: Destination | None = None
+        try:
+            # The prefill worker samples only the first token; the decode worker the rest.
+            sampling = replace(sampling_from_proto(req.sampling), max_new_tokens=1)
+            first: StepOutput | None = None
+            async for out in self.rt.engine.generate(
+                rid, list(req.token_ids), sampling, hold_pages=True
+            ):
+                first = out
+            if first is None:
+                raise RuntimeError(f"request {rid} finished without a token")
+            dest = await sender.wait_for_destination(self.rt.settings.transfer_timeout_s)
+            sender.begin()
+            nbytes = await self._write_pages(rid, dest)
+            sender.succeed()
+            await self._notify(dest, first=first)
+            return prefill_pb2.PrefillResponse(
+                request_id=rid,
+                first_token_id=first.token_id,
+                cached_tokens=first.num_cached_tokens,
+                transferred_bytes=nbytes,
+            )
+        except Exception as exc:
+            sender.fail(str(exc))
+            if dest is not None:
+                await self._notify(dest, error=f"prefill worker failed: {exc}")
+            code = status_for(exc)
+            if code is grpc.StatusCode.INTERNAL:
+                log.exception("prefill of %s failed", rid)
+            await context.abort(code, str(exc))
+            raise  # context.abort raises; this is for type checkers
+        finally:
+            self.senders.pop(tid)
+            if self.rt.engine.alive:
+                await asyncio.shield(self.rt.engine.call(lambda e: e.release_held(rid)))
+
+    async def _write_pages(self, request_id: str, dest: Destination) -> int:
+        src_pages = await self.rt.engine.call(lambda e: e.held_pages(request_id))
+        if len(src_pages) != len(dest.page_ids):
+            raise ValueError(
+                f"request {request_id}: {len(src_pages)} prompt pages here but the decode "
+                f"worker reserved {len(dest.page_ids)}"
+            )
+        batch = build_write_batch(self.pool, dest.pool, src_pages, dest.page_ids)
+        rc = await asyncio.to_thread(
+            self.transfer.batch_transfer_sync_write,
+            dest.session_id,
+            batch.srcs,
+            batch.dsts,
+            batch.lengths,
+        )
+        check(rc, f"writing {batch.total_bytes} bytes of KV to {dest.session_id}")
+        return batch.total_bytes
+
+    async def _notify(
+        self, dest: Destination, first: StepOutput | None = None, error: str = ""
+    ) -> None:
+        """Tell the decode worker the pages are written (or that they never will be)."""
+        msg = decode_pb2.TransferDoneRequest(
+            request_id=dest.request_id, transfer_id=dest.transfer_id, error=error
+        )
+        if first is not None:
+            msg.first_token_id = first.token_id
+            msg.cached_tokens = first.num_cached_tokens
+            lp = logprobs_to_proto(first.logprobs)
+            if lp is not None:
+                msg.first_logprobs.CopyFrom(lp)
+        stub = decode_pb2_grpc.DecodeStub(self.rt.channel(dest.decode_endpoint))
+        try:
+            await stub.TransferDone(msg, timeout=self.rt.settings.rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if first is not None:
+                raise TransferError(
+                    f"decode worker {dest.decode_endpoint} did not take transfer "
+                    f"{dest.transfer_id}: {exc.code().name} {exc.details()}"
+                ) from exc
+            log.warning("could not tell %s that transfer %s failed", dest.decode_endpoint, dest)
+
+    async def Abort(
+        self, request: common_pb2.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.AbortResponse:
+        return await self.rt.abort(request)
+
+    async def GetLoad(
+        self, request: common_pb2.LoadRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.LoadReport:
+        return await self.rt.load(request)
+
+    async def GetInfo(
+        self, request: common_pb2.WorkerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.WorkerInfo:
+        return self.rt.info(request)

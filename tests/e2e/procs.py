@@ -1,0 +1,35 @@
+"""Worker processes for end-to-end tests, started by the same code the launcher uses."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from cluster.local import Child, _start, _wait_ready
+
+WORKER_FLAGS = ("--max-total-tokens", "4096", "--transfer-timeout", "3")
+
+
+@contextmanager
+def worker(
+    role: str, model_dir: Path, *extra: str, log_dir: Path | None = None
+) -> Iterator[tuple[Child, str]]:
+    """A running worker of `role` ("prefill", "decode" or "null"), yielding (child, endpoint)."""
+    module = "prefill_worker" if role == "prefill" else "decode_worker"
+    args = ["-m", module, "--disaggregation-mode", role, "--model-path", str(model_dir),
+            "--host", "127.0.0.1", "--port", "0", *WORKER_FLAGS, *extra]  # fmt: skip
+    child = _start(f"{role}-worker", args, {**os.environ, "PYTHONUNBUFFERED": "1"}, log_dir)
+    try:
+        ready = _wait_ready(child, timeout_s=120)
+        yield child, str(ready["endpoint"])
+    finally:
+        if child.proc.poll() is None:
+            child.proc.send_signal(signal.SIGTERM)
+            try:
+                child.proc.wait(timeout=10)
+            except Exception:
+                child.proc.kill()
+                child.proc.wait(timeout=5)

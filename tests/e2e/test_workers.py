@@ -1,0 +1,248 @@
+"""Prefill and decode workers as real processes over gRPC and Mooncake, without the router."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cluster.local import Child
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.sampling import SamplingParams
+from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from tests.e2e.procs import worker
+from tests.engine.reference import make_prompts
+
+MODEL = "qwen3-moe"
+MAX_NEW = 10
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_models: dict[str, Path]) -> Path:
+    return tiny_models[MODEL]
+
+
+@pytest.fixture(scope="module")
+def pair(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    logs = tmp_path_factory.mktemp("logs")
+    with (
+        worker("prefill", model_dir, log_dir=logs) as (_, prefill),
+        worker("decode", model_dir, log_dir=logs) as (_, decode),
+    ):
+        yield prefill, decode
+
+
+@pytest.fixture(scope="module")
+def colocated(model_dir: Path) -> Iterator[str]:
+    with worker("null", model_dir) as (_, endpoint):
+        yield endpoint
+
+
+def sampling(max_new: int = MAX_NEW) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(
+        temperature=0, top_p=1, top_k=-1, max_new_tokens=max_new, ignore_eos=True
+    )
+
+
+def request(rid: str, tokens: list[int], max_new: int = MAX_NEW) -> common_pb2.GenerateRequest:
+    return common_pb2.GenerateRequest(request_id=rid, token_ids=tokens, sampling=sampling(max_new))
+
+
+async def run_colocated(endpoint: str, req: common_pb2.GenerateRequest) -> list[int]:
+    async with grpc.aio.insecure_channel(endpoint) as ch:
+        stream = decode_pb2_grpc.DecodeStub(ch).Generate(decode_pb2.DecodeRequest(request=req))
+        return [t async for r in stream if r.HasField("chunk") for t in r.chunk.token_ids]
+
+
+async def run_disaggregated(
+    prefill: str, decode: str, req: common_pb2.GenerateRequest
+) -> list[int]:
+    tid = secrets.randbits(63) or 1
+    async with (
+        grpc.aio.insecure_channel(prefill) as pch,
+        grpc.aio.insecure_channel(decode) as dch,
+    ):
+        stream = decode_pb2_grpc.DecodeStub(dch).Generate(
+            decode_pb2.DecodeRequest(request=req, transfer_id=tid, prefill_endpoint=prefill)
+        )
+        prefill_call = prefill_pb2_grpc.PrefillStub(pch).Prefill(
+            prefill_pb2.PrefillRequest(request=req, transfer_id=tid)
+        )
+        tokens = [t async for r in stream if r.HasField("chunk") for t in r.chunk.token_ids]
+        await prefill_call
+        return tokens
+
+
+async def load(endpoint: str, prefill: bool = False) -> common_pb2.LoadReport:
+    async with grpc.aio.insecure_channel(endpoint) as ch:
+        stub = prefill_pb2_grpc.PrefillStub(ch) if prefill else decode_pb2_grpc.DecodeStub(ch)
+        return await stub.GetLoad(common_pb2.LoadRequest())
+
+
+async def wait_pages_free(endpoint: str, prefill: bool = False, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        report = await load(endpoint, prefill)
+        idle = report.num_running == report.num_waiting == report.num_transferring == 0
+        if idle and report.num_free_pages == report.num_total_pages:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"pages did not balance on {endpoint}: {report}")
+        await asyncio.sleep(0.1)
+
+
+def test_disaggregated_equals_colocated_and_offline(
+    model_dir: Path, pair: tuple[str, str], colocated: str
+) -> None:
+    prompts = make_prompts(vocab_size=512)
+    engine = Engine(EngineConfig(model_path=str(model_dir), num_pages=256))
+    expected = [
+        r.output_ids
+        for r in engine.generate(
+            prompts, SamplingParams(temperature=0, max_new_tokens=MAX_NEW, ignore_eos=True)
+        )
+    ]
+
+    async def main() -> tuple[list[list[int]], list[list[int]]]:
+        reqs = [request(f"r{i}", p) for i, p in enumerate(prompts)]
+        col = await asyncio.gather(*(run_colocated(colocated, r) for r in reqs))
+        dis = await asyncio.gather(*(run_disaggregated(*pair, r) for r in reqs))
+        await wait_pages_free(pair[0], prefill=True)
+        await wait_pages_free(pair[1])
+        await wait_pages_free(colocated)
+        return list(col), list(dis)
+
+    col, dis = asyncio.run(main())
+    assert col == expected
+    assert dis == expected
+
+
+def test_client_cancel_and_abort_free_pages(pair: tuple[str, str], colocated: str) -> None:
+    prefill, decode = pair
+
+    async def main() -> None:
+        # A client that goes away mid-stream: cancelling the stream aborts the request.
+        tid = secrets.randbits(63) or 1
+        req = request("cancel-me", list(range(3, 40)), max_new=400)
+        async with (
+            grpc.aio.insecure_channel(prefill) as pch,
+            grpc.aio.insecure_channel(decode) as dch,
+        ):
+            stream = decode_pb2_grpc.DecodeStub(dch).Generate(
+                decode_pb2.DecodeRequest(request=req, transfer_id=tid, prefill_endpoint=prefill)
+            )
+            call = prefill_pb2_grpc.PrefillStub(pch).Prefill(
+                prefill_pb2.PrefillRequest(request=req, transfer_id=tid)
+            )
+            seen = 0
+            async for r in stream:
+                seen += len(r.chunk.token_ids)
+                if seen >= 3:
+                    break
+            stream.cancel()
+            await call
+        await wait_pages_free(decode)
+        await wait_pages_free(prefill, prefill=True)
+
+        # An explicit Abort ends the stream with finish reason ABORT.
+        async with grpc.aio.insecure_channel(colocated) as ch:
+            stub = decode_pb2_grpc.DecodeStub(ch)
+            stream = stub.Generate(
+                decode_pb2.DecodeRequest(request=request("abort-me", [5, 6, 7], max_new=1000))
+            )
+            last = None
+            async for r in stream:
+                if r.HasField("chunk") and last is None:
+                    last = await stub.Abort(common_pb2.AbortRequest(request_id="abort-me"))
+                    assert last.found
+                if r.HasField("complete"):
+                    assert r.complete.finish_reason == common_pb2.FINISH_REASON_ABORT
+                    break
+            else:
+                raise AssertionError("stream ended without a complete message")
+        await wait_pages_free(colocated)
+
+    asyncio.run(main())
+
+
+def test_bad_input_is_invalid_argument_and_worker_survives(colocated: str) -> None:
+    async def main() -> None:
+        cases = {
+            "empty": request("e", []),
+            "vocab": request("v", [1, 2, 512]),
+            "context": request("c", [1] * 2048),
+        }
+        bad_sampling = request("s", [1, 2])
+        bad_sampling.sampling.top_p = 0
+        cases["top_p"] = bad_sampling
+        for name, req in cases.items():
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await run_colocated(colocated, req)
+            assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, name
+            assert info.value.details(), name
+        assert await run_colocated(colocated, request("ok", [1, 2, 3]))
+        await wait_pages_free(colocated)
+
+    asyncio.run(main())
+
+
+def test_layout_mismatch_refuses_to_pair(model_dir: Path, pair: tuple[str, str]) -> None:
+    prefill, _ = pair
+    with worker("decode", model_dir, "--page-size", "4") as (_, decode):
+
+        async def main() -> None:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await run_disaggregated(prefill, decode, request("m", [1, 2, 3]))
+            assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+            message = info.value.details() or ""
+            assert "page_size" in message and "16" in message and "4" in message, message
+            await wait_pages_free(decode)
+
+        asyncio.run(main())
+
+
+def test_prefill_killed_mid_request(model_dir: Path) -> None:
+    """The decode worker ends the request with a clear error, frees its pages, and serves on."""
+    with worker("decode", model_dir) as (_, decode):
+        with worker("prefill", model_dir) as (prefill_child, prefill):
+            child: Child = prefill_child
+
+            async def doomed() -> grpc.StatusCode:
+                tid = secrets.randbits(63) or 1
+                req = request("doomed", list(range(3, 30)))
+                async with grpc.aio.insecure_channel(decode) as dch:
+                    stream = decode_pb2_grpc.DecodeStub(dch).Generate(
+                        decode_pb2.DecodeRequest(
+                            request=req, transfer_id=tid, prefill_endpoint=prefill
+                        )
+                    )
+                    # The prefill request is never sent: kill the worker while the decode
+                    # side waits for its pages.
+                    await asyncio.sleep(0.5)
+                    child.proc.kill()
+                    try:
+                        async for _ in stream:
+                            pass
+                    except grpc.aio.AioRpcError as exc:
+                        assert "transfer" in (exc.details() or "")
+                        return exc.code()
+                    raise AssertionError("the stream ended without an error")
+
+            start = time.monotonic()
+            code = asyncio.run(doomed())
+            assert code is grpc.StatusCode.UNAVAILABLE
+            assert time.monotonic() - start < 10  # bounded by --transfer-timeout 3
+
+        async def after() -> None:
+            await wait_pages_free(decode)
+            with worker("prefill", model_dir) as (_, new_prefill):
+                assert await run_disaggregated(new_prefill, decode, request("after", [4, 5]))
+            await wait_pages_free(decode)
+
+        asyncio.run(after())
