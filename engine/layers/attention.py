@@ -38,7 +38,7 @@ class AttentionBackend(ABC):
 @dataclass(frozen=True)
 class _PaddedLayout:
     q_index: torch.Tensor  # [B, N] index into [T] (padding points at 0)
-    q_valid: torch.Tensor  # [B, N] bool
+    out_index: torch.Tensor  # [T] index into the flattened [B * N] of each real query
     kv_slots: torch.Tensor  # [B, L] flat slot of every context position (padding: slot 0)
     mask: torch.Tensor  # [B, 1, N, L] bool, True where the query may attend
 
@@ -61,7 +61,14 @@ class TorchAttentionBackend(AttentionBackend):
         mask = j[:, None, :] <= (batch.prefix_lens[:, None] + i)[:, :, None]  # [B, N, L]
         # A padded query row attends to slot 0 only, so its (discarded) softmax is finite.
         mask = torch.where(q_valid[:, :, None], mask, j[:, None, :] == 0)
-        batch.attn_metadata = _PaddedLayout(q_index, q_valid, kv_slots, mask[:, None])
+        # Token t of sequence b sits at row b * N + (t - start_b); integer indices avoid a
+        # device-to-host sync per layer that boolean masking would cost.
+        tokens = torch.arange(batch.input_ids.shape[0], device=device)
+        seq_of = torch.repeat_interleave(
+            torch.arange(batch.batch_size, device=device), batch.extend_lens
+        )
+        out_index = seq_of * n + (tokens - starts[seq_of])
+        batch.attn_metadata = _PaddedLayout(q_index, out_index, kv_slots, mask[:, None])
 
     def forward(
         self,
@@ -80,9 +87,7 @@ class TorchAttentionBackend(AttentionBackend):
         qp = q[layout.q_index].transpose(1, 2)
         kp = k_slots[layout.kv_slots].transpose(1, 2)
         vp = v_slots[layout.kv_slots].transpose(1, 2)
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:
-            kp = kp.repeat_interleave(groups, dim=1)
-            vp = vp.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=layout.mask, scale=scale)
-        return out.transpose(1, 2)[layout.q_valid]  # [T, Hq, D]
+        out = F.scaled_dot_product_attention(
+            qp, kp, vp, attn_mask=layout.mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        )
+        return out.transpose(1, 2).flatten(0, 1)[layout.out_index]  # [T, Hq, D]
