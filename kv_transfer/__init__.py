@@ -26,9 +26,11 @@ from kv_transfer.transfer_engine import (
     check,
     create_transfer_engine,
 )
+from kv_transfer.writer import MAX_WRITES_PER_CALL, PageWriter, write_batch
 
 __all__ = [
     "DTYPE_ITEMSIZE",
+    "MAX_WRITES_PER_CALL",
     "Destination",
     "KVLayout",
     "KVPoolDescriptor",
@@ -37,6 +39,7 @@ __all__ = [
     "LayoutMismatchError",
     "MooncakeTransferEngine",
     "PageRun",
+    "PageWriter",
     "TransferEngine",
     "TransferError",
     "TransferFailed",
@@ -50,4 +53,5 @@ __all__ = [
     "coalesce_runs",
     "create_transfer_engine",
     "descriptor_from_tensors",
+    "write_batch",
 ]

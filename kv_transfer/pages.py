@@ -38,6 +38,19 @@ class WriteBatch:
     def __len__(self) -> int:
         return len(self.srcs)
 
+    def chunks(self, max_writes: int) -> list[WriteBatch]:
+        """This batch cut, in order, into batches of at most `max_writes` entries."""
+        if max_writes < 1:
+            raise ValueError(f"max_writes must be >= 1, got {max_writes}")
+        return [
+            WriteBatch(
+                self.srcs[i : i + max_writes],
+                self.dsts[i : i + max_writes],
+                self.lengths[i : i + max_writes],
+            )
+            for i in range(0, len(self.srcs), max_writes)
+        ]
+
 
 def coalesce_runs(src_pages: Sequence[int], dst_pages: Sequence[int]) -> list[PageRun]:
     """Position `i` maps `src_pages[i]` to `dst_pages[i]`; merge the positions where both ids
@@ -98,3 +111,4 @@ def build_write_batch(
                 dsts.append(dst_base + run.dst_start * page_bytes)
                 lengths.append(run.count * page_bytes)
     return WriteBatch(srcs, dsts, lengths)
+

@@ -68,7 +68,8 @@ class MooncakeTransferEngine(TransferEngine):
     """Mooncake's `mooncake.engine.TransferEngine`, unchanged behind the `TransferEngine` API.
 
     Mooncake logs through glog to stderr; `MC_LOG_LEVEL=ERROR` in the environment (set before
-    the first engine is created) keeps only errors.
+    the first engine is created) keeps only errors. Over TCP, one batch may hold only about 2,000
+    writes to a peer (see `kv_transfer.writer`); `PageWriter` keeps within it.
     """
 
     def __init__(self) -> None:
