@@ -111,4 +111,3 @@ def build_write_batch(
                 dsts.append(dst_base + run.dst_start * page_bytes)
                 lengths.append(run.count * page_bytes)
     return WriteBatch(srcs, dsts, lengths)
-

@@ -1,0 +1,71 @@
+"""Issuing write batches through a `TransferEngine` within what Mooncake's TCP transport takes.
+
+Mooncake's TCP transport queues at most 1,024 writes per peer, with 1,024 more waiting up to 1 s
+for admission (`MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER`, `MC_TCP_MAX_PENDING_ADMISSIONS_PER_PEER`,
+`MC_TCP_ADMISSION_TIMEOUT_MS`). Past that, calls fail with -1, and afterwards that engine may be
+unable to write to that peer at all (seen for 45 s and counting; a fresh engine can). This holds
+for one oversized batch and for several concurrent batches to one peer (8 threads x 512 writes
+failed, after 30 s). Hence: at most `MAX_WRITES_PER_CALL` writes per call, one call in flight
+per peer.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from kv_transfer.pages import WriteBatch
+from kv_transfer.transfer_engine import TransferEngine, check
+
+MAX_WRITES_PER_CALL = 512
+
+
+def write_batch(
+    engine: TransferEngine,
+    session_id: str,
+    batch: WriteBatch,
+    *,
+    max_writes_per_call: int = MAX_WRITES_PER_CALL,
+) -> None:
+    """Issue `batch` to `session_id` as `batch_transfer_sync_write` calls of at most
+    `max_writes_per_call` entries, one after another; blocks (without holding the GIL, for
+    Mooncake) until all have landed. Raises `TransferError` at the first failed call: some pages
+    may then hold new bytes and others old ones, so the receiver must drop them all.
+
+    Not safe to run concurrently with other writes to the same peer through the same engine;
+    `PageWriter` serializes them."""
+    for part in batch.chunks(max_writes_per_call):
+        rc = engine.batch_transfer_sync_write(session_id, part.srcs, part.dsts, part.lengths)
+        check(
+            rc,
+            f"batch_transfer_sync_write of {len(part)} writes ({part.total_bytes} bytes) "
+            f"to {session_id}",
+        )
+
+
+class PageWriter:
+    """`write_batch` through one engine, with at most one call in flight per peer.
+
+    Thread-safe: call `write` from any number of threads (e.g. `asyncio.to_thread`); writes to
+    different peers run in parallel, writes to one peer one batch after another.
+    """
+
+    def __init__(
+        self, engine: TransferEngine, *, max_writes_per_call: int = MAX_WRITES_PER_CALL
+    ) -> None:
+        if max_writes_per_call < 1:
+            raise ValueError(f"max_writes_per_call must be >= 1, got {max_writes_per_call}")
+        self.engine = engine
+        self.max_writes_per_call = max_writes_per_call
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
+
+    def _peer_lock(self, session_id: str) -> threading.Lock:
+        with self._locks_lock:
+            return self._locks.setdefault(session_id, threading.Lock())
+
+    def write(self, session_id: str, batch: WriteBatch) -> None:
+        """Write every entry of `batch` to `session_id`; raises `TransferError` on failure."""
+        with self._peer_lock(session_id):
+            write_batch(
+                self.engine, session_id, batch, max_writes_per_call=self.max_writes_per_call
+            )
