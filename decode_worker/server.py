@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -63,6 +64,14 @@ def register_pool(engine: Engine, transfer: TransferEngine, model_name: str) -> 
     return descriptor_from_tensors(engine_layout(engine, model_name), kv.k, kv.v)
 
 
+def configure_mooncake(transfer_timeout_s: float) -> None:
+    """Mooncake reads these once, when the first engine starts."""
+    os.environ.setdefault("MC_LOG_LEVEL", "WARNING")
+    # A write to a peer that stopped answering must fail before the decode side gives up on
+    # the transfer and reuses its pages.
+    os.environ.setdefault("MC_TCP_PROGRESS_TIMEOUT_SEC", str(max(1, int(transfer_timeout_s / 2))))
+
+
 async def serve(args: argparse.Namespace) -> None:
     role = args.disaggregation_mode
     config = engine_config_from_args(args)
@@ -71,6 +80,7 @@ async def serve(args: argparse.Namespace) -> None:
     transfer: TransferEngine | None = None
     pool: KVPoolDescriptor | None = None
     if role != "null":
+        configure_mooncake(args.transfer_timeout)
         transfer = create_transfer_engine(args.transfer_backend, hostname=args.host)
         pool = register_pool(engine, transfer, model_name)
 

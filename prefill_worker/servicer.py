@@ -26,10 +26,10 @@ from kv_transfer import (
     KVPoolDescriptor,
     KVSender,
     LayoutMismatchError,
+    PageWriter,
     TransferError,
     TransferTable,
     build_write_batch,
-    check,
     check_compatible,
 )
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
@@ -45,7 +45,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         if runtime.transfer is None or runtime.pool is None:
             raise ValueError("a prefill worker needs a transfer engine and a registered KV pool")
         self.rt = runtime
-        self.transfer = runtime.transfer
+        self.writer = PageWriter(runtime.transfer)
         self.pool = runtime.pool
         self.senders: TransferTable[KVSender] = TransferTable()
 
@@ -133,14 +133,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 f"worker reserved {len(dest.page_ids)}"
             )
         batch = build_write_batch(self.pool, dest.pool, src_pages, dest.page_ids)
-        rc = await asyncio.to_thread(
-            self.transfer.batch_transfer_sync_write,
-            dest.session_id,
-            batch.srcs,
-            batch.dsts,
-            batch.lengths,
-        )
-        check(rc, f"writing {batch.total_bytes} bytes of KV to {dest.session_id}")
+        # No outer timeout here: the pages must stay held until the write has really ended.
+        # Mooncake's own progress timeout (set by the server below the transfer timeout)
+        # bounds a write to a peer that stopped answering.
+        await asyncio.to_thread(self.writer.write, dest.session_id, batch)
         return batch.total_bytes
 
     async def _notify(
