@@ -8,8 +8,10 @@ TORCH_SPEC ?= torch==2.13.0
 MOONCAKE_SPEC ?= mooncake-transfer-engine-non-cuda
 STAMP := $(VENV)/.installed
 MODELS ?= models
+PACKAGES := engine kv_transfer protos/__init__.py prefill_worker decode_worker router cluster
+PORT ?= 8000
 
-.PHONY: install test lint format proto tiny-models run bench-engine clean
+.PHONY: install test lint format proto tiny-models run run-offline bench-engine clean
 
 install: $(STAMP)
 
@@ -18,6 +20,10 @@ $(STAMP): pyproject.toml
 	@ldconfig -p | grep -q libibverbs.so.1 || { \
 	  echo "installing libibverbs1 (needed by Mooncake)"; \
 	  (apt-get install -y -q libibverbs1 || (apt-get update -q && apt-get install -y -q libibverbs1)) >/dev/null; }
+	# The registry tests start their own Redis server on loopback.
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server"; \
+	  (apt-get install -y -q redis-server || (apt-get update -q && apt-get install -y -q redis-server)) >/dev/null; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned: an unpinned requirement pulls the CUDA build.
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
@@ -33,7 +39,7 @@ test: install
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m mypy engine bench tests
+	$(PY) -m mypy $(PACKAGES) bench tests
 
 format: install
 	$(PY) -m ruff check --fix .
@@ -42,9 +48,13 @@ format: install
 tiny-models: install
 	$(PY) -m engine.testing.tiny_models --out $(MODELS)
 
-# Until the serving cluster lands, `make run` runs the offline engine on the
-# embedded default model (a tiny Qwen3-MoE checkpoint generated on first use).
+# Router + one prefill + one decode worker on the embedded default model (a tiny
+# Qwen3-MoE checkpoint generated on first use), on the CPU, until Ctrl-C.
 run: install
+	$(VENV)/bin/pdserve local --port $(PORT)
+
+# The offline engine alone, no services.
+run-offline: install
 	$(PY) -m engine.cli --chat --prompt "What is a KV cache?" --prompt "Explain batching" --max-tokens 24
 
 bench-engine: tiny-models

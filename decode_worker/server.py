@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from decode_worker.convert import engine_layout
+from decode_worker.registry import DEFAULT_PREFIX, RedisRegistration, WorkerRecord
 from decode_worker.runtime import ROLES, WorkerRuntime, WorkerSettings
 from decode_worker.servicer import DecodeServicer
 from engine.async_engine import AsyncEngine
@@ -51,6 +52,9 @@ def build_parser(default_role: str) -> argparse.ArgumentParser:
     g.add_argument("--served-model-name", help="model name clients use (default: dir name)")
     g.add_argument("--transfer-backend", default="mooncake")
     g.add_argument("--transfer-timeout", type=float, default=30.0, help="seconds")
+    g.add_argument("--registry", help="register in this Redis (redis://host:port/db)")
+    g.add_argument("--registry-prefix", default=DEFAULT_PREFIX)
+    g.add_argument("--registry-ttl", type=float, default=10.0, help="seconds")
     return parser
 
 
@@ -110,6 +114,20 @@ async def serve(args: argparse.Namespace) -> None:
     await server.start()
     for name in ("", *served):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    registration = None
+    if args.registry:
+        record = WorkerRecord(
+            endpoint=settings.endpoint,
+            role=role,
+            model=model_name,
+            fingerprint=runtime.layout.fingerprint,
+            context_length=engine.context_length,
+            total_pages=engine.pool.num_pages,
+        )
+        registration = RedisRegistration(
+            args.registry, record, args.registry_ttl, args.registry_prefix
+        )
+        await registration.start()
     print(
         json.dumps(
             {
@@ -135,13 +153,18 @@ async def serve(args: argparse.Namespace) -> None:
         for name in ("", *served):
             await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
+
     watcher = asyncio.create_task(watch_engine())
     await stop.wait()
     log.info("draining: NOT_SERVING, finishing in-flight calls")
+    if registration is not None:
+        await registration.set_draining()
     await health.enter_graceful_shutdown()
     await server.stop(grace=5.0)
     watcher.cancel()
     async_engine.stop()
+    if registration is not None:
+        await registration.stop()
     await runtime.close()
 
 

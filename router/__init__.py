@@ -1,0 +1,1 @@
+"""The HTTP front of pdserve: OpenAI-compatible API, tokenization, routing to workers."""

@@ -1,0 +1,59 @@
+"""``python -m router --model-path DIR (--worker URL ... | --prefill URL ... --decode URL ...)``.
+
+Prints one JSON line ``{"event": "ready", "url": ...}`` on stdout once serving; SIGTERM or
+SIGINT stop it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
+from router.config import build_parser, config_from_args
+from router.server import serve
+
+log = logging.getLogger("router")
+
+
+async def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+        runner, url = await serve(config)
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        log.error("router cannot start: %s", exc)
+        return 2
+    print(json.dumps({"event": "ready", "url": url}), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+    return 0
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return _run(_main(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,69 @@
+"""The one error type the router answers with, in OpenAI's error-body shape.
+
+Every failure a client can see, from a malformed body to a worker that went away, becomes a
+``RequestError``: an HTTP status plus ``{"error": {"message", "type", "param", "code"}}``.
+Type errors in the body are 400, like OpenAI's own API (never 422).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# OpenAI's error "type" per status; anything else 4xx is an invalid request.
+_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+}
+
+
+class RequestError(Exception):
+    """A request that ends in an HTTP error; ``body()`` is what the client receives."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        if not 400 <= status < 600:
+            raise ValueError(f"RequestError status must be 4xx or 5xx, got {status}")
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    @property
+    def type(self) -> str:
+        return _TYPES.get(
+            self.status, "server_error" if self.status >= 500 else "invalid_request_error"
+        )
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def __repr__(self) -> str:
+        return f"RequestError({self.status}, {self.message!r}, param={self.param!r})"
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> RequestError:
+    """A 400: the request is malformed or asks for something out of range."""
+    return RequestError(400, message, param, code)
+
+
+def unsupported(param: str, value: Any, allowed: str) -> RequestError:
+    """A 400 for an OpenAI parameter pdserve accepts only at its default."""
+    return RequestError(
+        400, f"{param}={value!r} is not supported; only {allowed} is", param, "unsupported_value"
+    )

@@ -1,0 +1,118 @@
+"""From a parsed request to token ids the workers accept: tokenize, template, check limits.
+
+The checks that need the model live here: token ids inside the vocabulary, a prompt that fits
+the context with room for ``max_tokens`` (400 ``context_length_exceeded`` naming both
+numbers), and chat-template failures (400 naming the template's complaint).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from engine.tokenizer import Tokenizer
+from router.errors import invalid
+from router.protocol import (
+    GENERATE_DEFAULT_MAX_TOKENS,
+    ChatRequest,
+    CompletionRequest,
+    GenerateRequest,
+    Prompt,
+    Sampling,
+)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the router knows of the served model, from the workers' GetInfo."""
+
+    name: str
+    context_length: int
+    vocab_size: int  # the model's (possibly padded) vocabulary, as workers validate ids
+
+    def __post_init__(self) -> None:
+        if self.context_length < 2:
+            raise ValueError(f"context_length must be >= 2, got {self.context_length}")
+        if self.vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {self.vocab_size}")
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """One prompt ready for the workers, with its sampling resolved against the context."""
+
+    token_ids: tuple[int, ...]
+    sampling: Sampling  # max_tokens is set
+
+
+class PromptBuilder:
+    """Tokenizes and checks prompts for one model. Safe to call from worker threads."""
+
+    def __init__(self, tokenizer: Tokenizer, model: ModelInfo) -> None:
+        self.tokenizer = tokenizer
+        self.model = model
+
+    def completion(self, request: CompletionRequest) -> list[PreparedPrompt]:
+        params = "prompt" if len(request.prompts) == 1 else "prompt[{}]"
+        return [
+            self._prepare(self._ids(p), request.sampling, params.format(i))
+            for i, p in enumerate(request.prompts)
+        ]
+
+    def chat(self, request: ChatRequest) -> PreparedPrompt:
+        try:
+            ids = self.tokenizer.encode_chat(
+                [dict(m) for m in request.messages],
+                add_generation_prompt=True,
+                tools=None if request.tools is None else [dict(t) for t in request.tools],
+                **dict(request.template_kwargs),
+            )
+        except (ValueError, TypeError) as exc:
+            raise invalid(str(exc), "messages") from exc
+        return self._prepare(ids, request.sampling, "messages")
+
+    def generate(self, request: GenerateRequest) -> PreparedPrompt:
+        param = "text" if isinstance(request.prompt, str) else "input_ids"
+        return self._prepare(
+            self._ids(request.prompt), request.sampling, param, GENERATE_DEFAULT_MAX_TOKENS
+        )
+
+    def _ids(self, prompt: Prompt) -> list[int]:
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def _prepare(
+        self, ids: list[int], sampling: Sampling, param: str, default_max: int | None = None
+    ) -> PreparedPrompt:
+        """Check ``ids``; an unset ``max_tokens`` becomes what the context has room for, capped
+        at ``default_max`` when given."""
+        ctx = self.model.context_length
+        if not ids:
+            raise invalid(f"{param} is empty after tokenization", param)
+        self._check_vocab(ids, param)
+        self._check_vocab(list(sampling.stop_token_ids), "stop_token_ids")
+        if len(ids) >= ctx:
+            raise invalid(
+                f"This model's maximum context length is {ctx} tokens, but the prompt has "
+                f"{len(ids)} tokens ({param}); at least one token must be left for the completion",
+                param,
+                "context_length_exceeded",
+            )
+        max_tokens = sampling.max_tokens
+        if max_tokens is None:
+            max_tokens = min(ctx - len(ids), default_max or ctx)
+        elif len(ids) + max_tokens > ctx:
+            raise invalid(
+                f"This model's maximum context length is {ctx} tokens, but {len(ids) + max_tokens} "
+                f"were requested ({len(ids)} in the prompt, {max_tokens} for the completion); "
+                f"reduce the prompt or max_tokens",
+                "max_tokens",
+                "context_length_exceeded",
+            )
+        return PreparedPrompt(tuple(ids), replace(sampling, max_tokens=max_tokens))
+
+    def _check_vocab(self, ids: list[int], param: str) -> None:
+        vocab = self.model.vocab_size
+        bad = [t for t in ids if t >= vocab]
+        if bad:
+            raise invalid(
+                f"{param} has token ids outside the vocabulary [0, {vocab}): {bad[:8]}", param
+            )

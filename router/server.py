@@ -1,0 +1,336 @@
+"""The router's aiohttp app: OpenAI endpoints, SGLang's /generate, health and metrics.
+
+Follow one request: ``_Handlers.completions`` parses the body (``router.protocol``),
+tokenizes and checks it (``router.prompts``), runs one worker stream per choice
+(``WorkerPool.generate`` through ``router.choice``), and writes SSE events or one JSON reply
+(``router.responses``). Errors are ``RequestError``s, turned into OpenAI error bodies by
+``_error_middleware``. A client that goes away cancels the handler (``handler_cancellation``),
+which closes every choice's worker calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import orjson
+from aiohttp import web
+
+from engine.tokenizer import Tokenizer
+from router import responses as R
+from router.choice import ChoiceDelta, ChoiceSpec, merge, run_choice
+from router.config import RouterConfig
+from router.detokenizer import TokenTexts
+from router.errors import RequestError, invalid
+from router.events import WorkerRequest
+from router.metrics import CONTENT_TYPE, RouterMetrics, TokenTimer
+from router.policy import make_policy
+from router.prompts import ModelInfo, PreparedPrompt, PromptBuilder
+from router.protocol import parse_chat, parse_completion, parse_generate
+from router.workers import WorkerPool
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# Bodies above this are tokenized off the event loop.
+_THREAD_TOKENIZE_BYTES = 16 << 10
+
+
+class _EventStream(web.StreamResponse):
+    """An SSE response; ``outcome`` is the status to count when an error or a disconnect
+    happened after the 200 went out."""
+
+    outcome: int | None = None
+
+
+@dataclass
+class Router:
+    """What every handler needs: the model, its tokenizer, the workers, the metrics."""
+
+    config: RouterConfig
+    tokenizer: Tokenizer
+    model: ModelInfo
+    pool: WorkerPool
+    metrics: RouterMetrics
+    created: int
+
+    @classmethod
+    async def start(cls, config: RouterConfig) -> Router:
+        """Load the tokenizer and discover the workers (RuntimeError if they cannot serve)."""
+        tokenizer = Tokenizer.from_pretrained(config.model_path)
+        pool = WorkerPool(
+            config.workers,
+            config.prefill,
+            config.decode,
+            prefill_policy=make_policy(config.policy),
+            decode_policy=make_policy(config.policy),
+        )
+        try:
+            model = await pool.discover(config.startup_timeout_s, config.served_model_name)
+        except BaseException:
+            await pool.close()
+            raise
+        return cls(config, tokenizer, model, pool, RouterMetrics(), int(time.time()))
+
+    @functools.cached_property
+    def builder(self) -> PromptBuilder:
+        return PromptBuilder(self.tokenizer, self.model)
+
+
+ROUTER = web.AppKey("router", Router)
+
+
+def build_app(router: Router) -> web.Application:
+    app = web.Application(
+        client_max_size=router.config.max_body_bytes, middlewares=[_error_middleware]
+    )
+    app[ROUTER] = router
+    handlers = _Handlers(router)
+    app.router.add_post("/v1/completions", handlers.completions)
+    app.router.add_post("/v1/chat/completions", handlers.chat)
+    app.router.add_post("/generate", handlers.generate)
+    app.router.add_get("/v1/models", handlers.models)
+    app.router.add_get("/health", handlers.health)
+    app.router.add_get("/metrics", handlers.metrics)
+
+    async def close_pool(app: web.Application) -> None:
+        await router.pool.close()
+
+    app.on_cleanup.append(close_pool)
+    return app
+
+
+async def serve(config: RouterConfig) -> tuple[web.AppRunner, str]:
+    """Start the router on ``config.host:config.port``; returns the runner and its URL."""
+    router = await Router.start(config)
+    runner = web.AppRunner(build_app(router), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, f"http://{config.host}:{port}"
+
+
+# ---- errors and accounting -------------------------------------------------------------------
+
+
+@web.middleware
+async def _error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    router = request.app[ROUTER]
+    resource = request.match_info.route.resource
+    endpoint = resource.canonical if resource is not None else "other"
+    router.metrics.running.inc()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        if isinstance(response, _EventStream) and response.outcome is not None:
+            status = response.outcome
+        return response
+    except RequestError as exc:
+        status = exc.status
+        return _error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        status = exc.status
+        if exc.status == 413:
+            message = f"request body exceeds the limit of {router.config.max_body_bytes} bytes"
+        else:
+            message = f"{exc.reason}: {request.method} {request.path}"
+        return _error_response(RequestError(exc.status, message))
+    except asyncio.CancelledError:
+        status = 499  # the client went away
+        raise
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return _error_response(RequestError(500, "internal router error; see the router log"))
+    finally:
+        router.metrics.running.dec()
+        router.metrics.requests.labels(endpoint, str(status)).inc()
+
+
+def _error_response(exc: RequestError) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(exc.body()), status=exc.status, content_type="application/json"
+    )
+
+
+def _json(payload: Any) -> web.Response:
+    return web.Response(body=orjson.dumps(payload), content_type="application/json")
+
+
+# ---- handlers ------------------------------------------------------------------------------
+
+
+class _Handlers:
+    def __init__(self, router: Router) -> None:
+        self.r = router
+        self.texts = TokenTexts(router.tokenizer)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        timer = TokenTimer(self.r.metrics)
+        raw = await request.read()  # past client_max_size: HTTPRequestEntityTooLarge, a 413
+        req = parse_completion(_decode_json(raw))
+        self._check_model(req.model)
+        prompts = await self._prepare(raw, lambda b: b.completion(req))
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        specs = [
+            _spec(rid, i * req.n + j, p, j) for i, p in enumerate(prompts) for j in range(req.n)
+        ]
+        renderer = R.CompletionRenderer(
+            rid, self.r.model.name, len(specs), req.n, self.texts, req.logprobs is not None,
+            req.include_usage,
+        )  # fmt: skip
+        return await self._respond(request, specs, renderer, req.stream, timer)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        timer = TokenTimer(self.r.metrics)
+        raw = await request.read()
+        req = parse_chat(_decode_json(raw))
+        self._check_model(req.model)
+        prompt = await self._prepare(raw, lambda b: b.chat(req))
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        specs = [_spec(rid, j, prompt, j) for j in range(req.n)]
+        renderer = R.ChatRenderer(
+            rid, self.r.model.name, req.n, self.texts, req.sampling.logprobs, req.include_usage
+        )
+        return await self._respond(request, specs, renderer, req.stream, timer)
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        timer = TokenTimer(self.r.metrics)
+        raw = await request.read()
+        req = parse_generate(_decode_json(raw))
+        prompt = await self._prepare(raw, lambda b: b.generate(req))
+        rid = uuid.uuid4().hex
+        specs = [_spec(rid, j, prompt, j) for j in range(req.n)]
+        renderer = R.GenerateRenderer(
+            rid, self.r.model.name, req.n, len(prompt.token_ids), req.return_logprob
+        )
+        return await self._respond(request, specs, renderer, req.stream, timer)
+
+    async def models(self, request: web.Request) -> web.Response:
+        m = self.r.model
+        card = {
+            "id": m.name,
+            "object": "model",
+            "created": self.r.created,
+            "owned_by": "pdserve",
+            "root": self.r.config.model_path,
+            "max_model_len": m.context_length,
+        }
+        return _json({"object": "list", "data": [card]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        states = await self.r.pool.health()
+        ok = self.r.pool.usable(states)
+        body = {"status": "ok" if ok else "unavailable", "workers": states}
+        return web.Response(
+            body=orjson.dumps(body), status=200 if ok else 503, content_type="application/json"
+        )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.r.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _check_model(self, name: str) -> None:
+        if name != self.r.model.name:
+            raise RequestError(
+                404,
+                f"The model {name!r} does not exist; this server serves {self.r.model.name!r}",
+                "model",
+                "model_not_found",
+            )
+
+    async def _prepare(self, raw: bytes, fn: Callable[[PromptBuilder], T]) -> T:
+        if len(raw) > _THREAD_TOKENIZE_BYTES:
+            return await asyncio.to_thread(fn, self.r.builder)
+        return fn(self.r.builder)
+
+    async def _respond(
+        self,
+        request: web.Request,
+        specs: list[ChoiceSpec],
+        renderer: R.Renderer,
+        stream: bool,
+        timer: TokenTimer,
+    ) -> web.StreamResponse:
+        """Run every choice on the workers; answer with SSE or one JSON reply."""
+        eos = self.r.tokenizer.eos_token_ids
+        deltas = merge(
+            [run_choice(s, self.r.pool.generate, self.r.tokenizer, eos, timer) for s in specs]
+        )
+        if stream:
+            return await _stream(request, deltas, renderer, self._finished(renderer, timer))
+        async with contextlib.aclosing(deltas):
+            async for delta in deltas:
+                renderer.add(delta)
+        self._finished(renderer, timer)()
+        return _json(renderer.reply())
+
+    def _finished(self, renderer: R.Renderer, timer: TokenTimer) -> Callable[[], None]:
+        def done() -> None:
+            usage = renderer.usage()
+            self.r.metrics.prompt_tokens.inc(usage["prompt_tokens"])
+            self.r.metrics.generation_tokens.inc(usage["completion_tokens"])
+            timer.done()
+
+        return done
+
+
+def _spec(rid: str, index: int, prompt: PreparedPrompt, sample: int) -> ChoiceSpec:
+    return ChoiceSpec(
+        index,
+        WorkerRequest(f"{rid}-{index}", prompt.token_ids, prompt.sampling.for_choice(sample)),
+    )
+
+
+def _decode_json(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise invalid(f"request body is not valid JSON: {exc}") from None
+
+
+async def _stream(
+    request: web.Request,
+    deltas: AsyncGenerator[ChoiceDelta, None],
+    renderer: R.Renderer,
+    on_success: Callable[[], None],
+) -> web.StreamResponse:
+    """SSE: the headers go out with the first delta, so an error before any output is still
+    an HTTP error status; a later error is an ``{"error": ...}`` event before ``[DONE]``."""
+    async with contextlib.aclosing(deltas):
+        first = await anext(deltas, None)
+        response = _EventStream(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        try:
+            delta = first
+            while delta is not None:
+                renderer.add(delta)
+                events = renderer.delta(delta)
+                if events:
+                    await response.write(b"".join(events))
+                delta = await anext(deltas, None)
+            await response.write(b"".join(renderer.tail()) + R.DONE)
+            on_success()
+        except RequestError as exc:
+            response.outcome = exc.status
+            await response.write(R.sse(exc.body()) + R.DONE)
+        except ConnectionResetError:
+            response.outcome = 499
+            return response
+        await response.write_eof()
+        return response

@@ -1,0 +1,63 @@
+"""Workers register themselves in a real Redis server and keep their entry alive."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from decode_worker.registry import WorkerRecord
+from tests.e2e.procs import worker
+from tests.redis_server import RedisServer
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_worker_registers_refreshes_and_leaves(
+    tiny_models: dict[str, Path], redis_server: RedisServer
+) -> None:
+    flags = ("--registry", redis_server.url, "--registry-ttl", "2")
+    client = redis_server.client()
+    with worker("decode", tiny_models["qwen3-moe"], *flags) as (child, endpoint):
+        key = f"pdserve:worker:{endpoint}"
+        record = WorkerRecord.from_json(client.get(key) or b"{}")
+        assert record.role == "decode" and record.endpoint == endpoint
+        assert record.model == "qwen3-moe" and len(record.fingerprint) == 16
+        assert record.total_pages > 0 and not record.draining
+        # The entry outlives its TTL because the worker refreshes it...
+        time.sleep(2.5)
+        assert client.exists(key)
+        # ...and comes back after Redis restarts with an empty database.
+        redis_server.restart()
+        client = redis_server.client()
+        wait_for(lambda: bool(client.exists(key)), 5, "re-registration after Redis restart")
+        child.proc.send_signal(signal.SIGTERM)
+        child.proc.wait(timeout=15)
+        assert not client.exists(key)
+
+
+def test_dead_worker_entry_expires(tiny_models: dict[str, Path], redis_server: RedisServer) -> None:
+    flags = ("--registry", redis_server.url, "--registry-ttl", "1")
+    client = redis_server.client()
+    with worker("prefill", tiny_models["qwen3-moe"], *flags) as (child, endpoint):
+        key = f"pdserve:worker:{endpoint}"
+        assert json.loads(client.get(key) or b"{}")["role"] == "prefill"
+        child.proc.kill()  # no chance to deregister
+        wait_for(lambda: not client.exists(key), 5, "the entry to expire")

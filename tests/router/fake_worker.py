@@ -1,0 +1,203 @@
+"""An in-process fake of the worker gRPC contract, for router tests without an engine.
+
+A ``FakeWorker`` serves Decode (roles "null" and "decode") or Prefill ("prefill") plus the
+standard health service on 127.0.0.1, answers each request with a scripted token sequence,
+and records what the router did: the requests it sent, Aborts, and cancelled streams.
+Disaggregated fakes in one process meet through ``TRANSFERS``: decode waits for the prefill
+call of the same transfer id, as the real decode waits for the KV pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+
+EOS = 2  # the tiny tokenizer's <|im_end|>
+TRANSFERS: dict[int, asyncio.Event] = {}
+
+
+@dataclass
+class Failure:
+    """Fail a call with ``code`` after ``after_tokens`` tokens (decode; -1: before waiting for
+    the transfer) or at once (prefill)."""
+
+    code: grpc.StatusCode
+    message: str = "injected failure"
+    after_tokens: int = 0
+
+
+@dataclass
+class FakeWorker:
+    role: str = "null"
+    reply: Callable[[list[int]], list[int]] = lambda prompt: [65, 66, 67]
+    token_delay_s: float = 0.0
+    fail: Failure | None = None
+    model: str = "tiny"
+    context_length: int = 64
+    vocab_size: int = 512
+    fingerprint: str = "fp-1"
+    requests: list[common_pb2.GenerateRequest] = field(default_factory=list)
+    transfer_ids: list[int] = field(default_factory=list)
+    prefill_endpoints: list[str] = field(default_factory=list)
+    aborts: list[str] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+    completed: list[str] = field(default_factory=list)
+    endpoint: str = ""
+    _server: grpc.aio.Server | None = None
+    _health: HealthServicer | None = None
+
+    async def start(self) -> FakeWorker:
+        server = grpc.aio.server()
+        if self.role == "prefill":
+            prefill_pb2_grpc.add_PrefillServicer_to_server(_Prefill(self), server)
+        else:
+            decode_pb2_grpc.add_DecodeServicer_to_server(_Decode(self), server)
+        self._health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._server = server
+        self.endpoint = f"127.0.0.1:{port}"
+        return self
+
+    async def set_serving(self, serving: bool) -> None:
+        assert self._health is not None
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else (health_pb2.HealthCheckResponse.NOT_SERVING)
+        )
+        await self._health.set("", status)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop(grace=None)
+
+    def info(self) -> common_pb2.WorkerInfo:
+        return common_pb2.WorkerInfo(
+            role=self.role,
+            model=self.model,
+            context_length=self.context_length,
+            vocab_size=self.vocab_size,
+            layout=common_pb2.KVLayout(model=self.model, fingerprint=self.fingerprint),
+        )
+
+    def script(self, req: common_pb2.GenerateRequest) -> tuple[list[int], common_pb2.FinishReason]:
+        """The tokens to send and the finish reason, as the engine would stop."""
+        s = req.sampling
+        out: list[int] = []
+        for token in [*self.reply(list(req.token_ids)), EOS]:
+            out.append(token)
+            if token in s.stop_token_ids or (token == EOS and not s.ignore_eos):
+                return out, common_pb2.FINISH_REASON_STOP
+            if len(out) >= s.max_new_tokens:
+                return out, common_pb2.FINISH_REASON_LENGTH
+        return out, common_pb2.FINISH_REASON_LENGTH
+
+
+def _logprobs(token: int, s: common_pb2.SamplingParams) -> list[common_pb2.TokenLogprobs]:
+    if not s.logprobs:
+        return []
+    top = [common_pb2.TokenLogprob(token_id=token + i, logprob=-0.5 - i) for i in range(20)]
+    return [common_pb2.TokenLogprobs(logprob=-0.5, top=top[: s.top_logprobs])]
+
+
+class _Decode(decode_pb2_grpc.DecodeServicer):
+    def __init__(self, w: FakeWorker) -> None:
+        self.w = w
+
+    async def Generate(
+        self, request: decode_pb2.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.GenerateResponse]:
+        w, req = self.w, request.request
+        w.requests.append(req)
+        w.transfer_ids.append(request.transfer_id)
+        w.prefill_endpoints.append(request.prefill_endpoint)
+        rid = req.request_id
+        try:
+            if w.fail is not None and w.fail.after_tokens < 0:
+                await context.abort(w.fail.code, w.fail.message)
+            if request.transfer_id:
+                event = TRANSFERS.setdefault(request.transfer_id, asyncio.Event())
+                try:
+                    await asyncio.wait_for(event.wait(), 5.0)
+                except TimeoutError:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "transfer timed out")
+            tokens, reason = w.script(req)
+            for i, token in enumerate(tokens):
+                if w.fail is not None and i == w.fail.after_tokens:
+                    await context.abort(w.fail.code, w.fail.message)
+                if w.token_delay_s:
+                    await asyncio.sleep(w.token_delay_s)
+                yield common_pb2.GenerateResponse(
+                    request_id=rid,
+                    chunk=common_pb2.StreamChunk(
+                        token_ids=[token], logprobs=_logprobs(token, req.sampling)
+                    ),
+                )
+            w.completed.append(rid)
+            yield common_pb2.GenerateResponse(
+                request_id=rid,
+                complete=common_pb2.Complete(
+                    finish_reason=reason,
+                    prompt_tokens=len(req.token_ids),
+                    completion_tokens=len(tokens),
+                    cached_tokens=1,
+                ),
+            )
+        except asyncio.CancelledError:
+            w.cancelled.append(rid)
+            raise
+
+    async def Abort(
+        self, request: common_pb2.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.AbortResponse:
+        self.w.aborts.append(request.request_id)
+        return common_pb2.AbortResponse(request_id=request.request_id, found=False)
+
+    async def GetInfo(
+        self, request: common_pb2.WorkerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.WorkerInfo:
+        return self.w.info()
+
+
+class _Prefill(prefill_pb2_grpc.PrefillServicer):
+    def __init__(self, w: FakeWorker) -> None:
+        self.w = w
+
+    async def Prefill(
+        self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> prefill_pb2.PrefillResponse:
+        w, req = self.w, request.request
+        w.requests.append(req)
+        w.transfer_ids.append(request.transfer_id)
+        try:
+            if w.token_delay_s:
+                await asyncio.sleep(w.token_delay_s)
+            if w.fail is not None:
+                await context.abort(w.fail.code, w.fail.message)
+            TRANSFERS.setdefault(request.transfer_id, asyncio.Event()).set()
+            w.completed.append(req.request_id)
+            return prefill_pb2.PrefillResponse(request_id=req.request_id, cached_tokens=4)
+        except asyncio.CancelledError:
+            w.cancelled.append(req.request_id)
+            raise
+
+    async def Abort(
+        self, request: common_pb2.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.AbortResponse:
+        self.w.aborts.append(request.request_id)
+        return common_pb2.AbortResponse(request_id=request.request_id, found=False)
+
+    async def GetInfo(
+        self, request: common_pb2.WorkerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.WorkerInfo:
+        return self.w.info()

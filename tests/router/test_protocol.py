@@ -1,0 +1,371 @@
+"""Request parsing and validation: every bad input is a RequestError naming field and value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.tokenizer import Tokenizer
+from router.errors import RequestError
+from router.prompts import ModelInfo, PromptBuilder
+from router.protocol import (
+    UINT64,
+    Sampling,
+    parse_chat,
+    parse_completion,
+    parse_generate,
+)
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def completion(**fields: Any) -> dict[str, Any]:
+    return {"model": "m", "prompt": "hello", **fields}
+
+
+def chat(**fields: Any) -> dict[str, Any]:
+    return {"model": "m", "messages": MSG, **fields}
+
+
+def expect_error(fn: Any, body: Any, param: str | None, *fragments: str) -> RequestError:
+    with pytest.raises(RequestError) as info:
+        fn(body)
+    err = info.value
+    assert err.status == 400
+    assert err.param == param
+    for fragment in fragments:
+        assert fragment in err.message, (fragment, err.message)
+    body_ = err.body()
+    assert set(body_) == {"error"}
+    assert set(body_["error"]) == {"message", "type", "param", "code"}
+    assert body_["error"]["type"] == "invalid_request_error"
+    return err
+
+
+# ---- completions ----------------------------------------------------------------------------
+
+
+def test_completion_defaults() -> None:
+    req = parse_completion(completion())
+    assert req.prompts == ("hello",)
+    assert req.n == 1 and not req.stream and not req.include_usage and req.logprobs is None
+    assert req.sampling == Sampling(max_tokens=16)
+
+
+def test_completion_all_fields() -> None:
+    req = parse_completion(
+        completion(
+            prompt=[[1, 2], [3]],
+            max_tokens=7,
+            temperature=0,
+            top_p=0.5,
+            n=3,
+            stream=True,
+            stream_options={"include_usage": True},
+            stop=["a", "bc", "a"],
+            logprobs=2,
+            echo=False,
+            seed=-1,
+            presence_penalty=0,
+            frequency_penalty=0.0,
+            user="someone",
+            top_k=0,
+            min_p=0.1,
+            ignore_eos=True,
+            stop_token_ids=[5],
+            unknown_field={"ignored": True},
+        )
+    )
+    assert req.prompts == ((1, 2), (3,))
+    assert req.n == 3 and req.stream and req.include_usage and req.logprobs == 2
+    s = req.sampling
+    assert s.max_tokens == 7 and s.temperature == 0 and s.top_p == 0.5
+    assert s.stop == ("a", "bc")  # duplicates dropped
+    assert s.seed == UINT64 - 1  # -1 as an unsigned 64-bit seed
+    assert s.top_k == -1 and s.min_p == 0.1 and s.ignore_eos and s.stop_token_ids == (5,)
+    assert s.logprobs and s.top_logprobs == 2
+    assert s.for_choice(1).seed == 0  # seed + index wraps around
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ("x", ("x",)),
+        (["a", "b"], ("a", "b")),
+        ([1, 2, 3], ((1, 2, 3),)),
+        ([[1], [2, 3]], ((1,), (2, 3))),
+    ],
+)
+def test_completion_prompt_forms(prompt: Any, expected: tuple[Any, ...]) -> None:
+    assert parse_completion(completion(prompt=prompt)).prompts == expected
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "fragments"),
+    [
+        ({"max_tokens": 0}, "max_tokens", [">= 1", "got 0"]),
+        ({"max_tokens": 1.5}, "max_tokens", ["integer", "1.5"]),
+        ({"max_tokens": True}, "max_tokens", ["integer", "boolean"]),
+        ({"max_tokens": "16"}, "max_tokens", ["integer", "string"]),
+        ({"temperature": 2.5}, "temperature", ["[0, 2]", "2.5"]),
+        ({"temperature": -0.1}, "temperature", ["[0, 2]"]),
+        ({"temperature": "hot"}, "temperature", ["number"]),
+        ({"top_p": 0}, "top_p", ["(0, 1]", "got 0"]),
+        ({"top_p": 1.01}, "top_p", ["(0, 1]"]),
+        ({"n": 0}, "n", ["[1, 16]", "got 0"]),
+        ({"n": 17}, "n", ["[1, 16]", "got 17"]),
+        ({"stream": "yes"}, "stream", ["boolean"]),
+        ({"stream_options": {"include_usage": True}}, "stream_options", ["stream is true"]),
+        ({"stream": True, "stream_options": []}, "stream_options", ["object"]),
+        (
+            {"stream": True, "stream_options": {"include_usage": 1}},
+            "stream_options.include_usage",
+            ["boolean"],
+        ),
+        ({"stop": ""}, "stop", ["empty"]),
+        ({"stop": ["a", ""]}, "stop", ["empty"]),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop", ["at most 4", "got 5"]),
+        ({"stop": 5}, "stop", ["string"]),
+        ({"logprobs": 6}, "logprobs", ["[0, 5]", "got 6"]),
+        ({"logprobs": True}, "logprobs", ["integer"]),
+        ({"seed": "1"}, "seed", ["integer"]),
+        ({"seed": 1 << 64}, "seed", ["seed"]),
+        ({"top_k": -2}, "top_k", [">= -1"]),
+        ({"min_p": 1.5}, "min_p", ["[0, 1]"]),
+        ({"ignore_eos": 1}, "ignore_eos", ["boolean"]),
+        ({"stop_token_ids": [1, -1]}, "stop_token_ids", ["negative", "-1"]),
+        ({"stop_token_ids": "1"}, "stop_token_ids", ["array of integers"]),
+        ({"prompt": []}, "prompt", ["prompt must be"]),
+        ({"prompt": None}, "prompt", ["required"]),
+        ({"prompt": [[]]}, "prompt[0]", ["empty"]),
+        ({"prompt": [1, -5]}, "prompt", ["negative", "-5"]),
+        ({"prompt": ["a", 1]}, "prompt", ["only strings"]),
+        ({"prompt": {"text": "a"}}, "prompt", ["prompt must be"]),
+        ({"prompt": ["a"] * 257}, "prompt", ["257", "at most 256"]),
+        ({"model": None}, "model", ["model is required"]),
+        ({"model": 3}, "model", ["string"]),
+    ],
+)
+def test_completion_rejects(fields: dict[str, Any], param: str, fragments: list[str]) -> None:
+    expect_error(parse_completion, completion(**fields), param, *fragments)
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"echo": True}, "echo"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"frequency_penalty": -1}, "frequency_penalty"),
+        ({"logit_bias": {"5": 1}}, "logit_bias"),
+        ({"best_of": 3}, "best_of"),
+        ({"suffix": "end"}, "suffix"),
+        ({"repetition_penalty": 1.2}, "repetition_penalty"),
+    ],
+)
+def test_completion_unsupported(fields: dict[str, Any], param: str) -> None:
+    err = expect_error(parse_completion, completion(**fields), param, "not supported")
+    assert err.code == "unsupported_value"
+
+
+@pytest.mark.parametrize("body", [[], "text", 3, None])
+def test_body_must_be_object(body: Any) -> None:
+    expect_error(parse_completion, body, None, "JSON object")
+
+
+# ---- chat -----------------------------------------------------------------------------------
+
+
+def test_chat_fields() -> None:
+    req = parse_chat(
+        chat(
+            messages=[
+                {"role": "developer", "content": "be brief"},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+                },
+                {"role": "assistant", "content": None, "tool_calls": []},
+                {"role": "tool", "content": "42", "tool_call_id": "c1"},
+            ],
+            max_completion_tokens=9,
+            logprobs=True,
+            top_logprobs=3,
+            response_format={"type": "text"},
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            tool_choice="auto",
+            chat_template_kwargs={"enable_thinking": False},
+        )
+    )
+    assert [m["role"] for m in req.messages] == ["system", "user", "assistant", "tool"]
+    assert req.messages[1]["content"] == "a\nb"
+    assert req.messages[3]["tool_call_id"] == "c1"
+    assert req.sampling.max_tokens == 9 and req.sampling.logprobs
+    assert req.sampling.top_logprobs == 3
+    assert req.tools is not None and req.tools[0]["function"]["name"] == "f"
+    assert dict(req.template_kwargs) == {"enable_thinking": False}
+
+
+def test_chat_max_tokens_default_is_context() -> None:
+    assert parse_chat(chat()).sampling.max_tokens is None
+    assert parse_chat(chat(max_tokens=5)).sampling.max_tokens == 5
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "fragments"),
+    [
+        ({"messages": []}, "messages", ["non-empty"]),
+        ({"messages": None}, "messages", ["required"]),
+        ({"messages": "hi"}, "messages", ["non-empty array"]),
+        ({"messages": ["hi"]}, "messages[0]", ["messages[0] must be a JSON object"]),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", ["robot"]),
+        ({"messages": [{"content": "x"}]}, "messages[0].role", ["required"]),
+        ({"messages": [{"role": "user"}]}, "messages[0].content", ["required"]),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", ["integer"]),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+            "messages[0].content[0].text",
+            ["required"],
+        ),
+        ({"top_logprobs": 2}, "top_logprobs", ["logprobs set to true"]),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", ["[0, 20]"]),
+        ({"logprobs": 1}, "logprobs", ["boolean"]),
+        ({"max_tokens": 3, "max_completion_tokens": 4}, "max_completion_tokens", ["disagree"]),
+        ({"max_completion_tokens": 0}, "max_completion_tokens", [">= 1"]),
+        ({"tools": {"type": "function"}}, "tools", ["array"]),
+        ({"tools": [{"type": "function", "function": {}}]}, "tools[0].function.name", ["required"]),
+        ({"chat_template_kwargs": [1]}, "chat_template_kwargs", ["object"]),
+    ],
+)
+def test_chat_rejects(fields: dict[str, Any], param: str, fragments: list[str]) -> None:
+    expect_error(parse_chat, chat(**fields), param, *fragments)
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            "messages[0].content[0].type",
+        ),
+        ({"tools": [{"type": "retrieval"}]}, "tools[0].type"),
+    ],
+)
+def test_chat_unsupported(fields: dict[str, Any], param: str) -> None:
+    expect_error(parse_chat, chat(**fields), param, "not supported")
+
+
+# ---- /generate ------------------------------------------------------------------------------
+
+
+def test_generate_fields() -> None:
+    req = parse_generate(
+        {
+            "input_ids": [1, 2],
+            "sampling_params": {"temperature": 0, "max_new_tokens": 4, "stop": "x", "n": 2},
+            "stream": True,
+            "return_logprob": True,
+        }
+    )
+    assert req.prompt == (1, 2) and req.n == 2 and req.stream and req.return_logprob
+    assert req.sampling.max_tokens == 4 and req.sampling.stop == ("x",)
+    assert req.sampling.logprobs
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "fragment"),
+    [
+        ({}, "text", "exactly one"),
+        ({"text": "a", "input_ids": [1]}, "text", "exactly one"),
+        ({"text": 1}, "text", "string"),
+        ({"input_ids": []}, "input_ids", "empty"),
+        (
+            {"text": "a", "sampling_params": {"max_new_tokens": 0}},
+            "sampling_params.max_new_tokens",
+            ">= 1",
+        ),
+        ({"text": "a", "sampling_params": []}, "sampling_params", "object"),
+    ],
+)
+def test_generate_rejects(body: dict[str, Any], param: str, fragment: str) -> None:
+    expect_error(parse_generate, body, param, fragment)
+
+
+# ---- model checks (PromptBuilder) -----------------------------------------------------------
+
+
+@pytest.fixture
+def builder(tokenizer: Tokenizer) -> PromptBuilder:
+    return PromptBuilder(tokenizer, ModelInfo("m", context_length=32, vocab_size=512))
+
+
+def test_context_length_checks(builder: PromptBuilder) -> None:
+    prepared = builder.completion(parse_completion(completion(prompt=[1] * 10, max_tokens=22)))
+    assert prepared[0].sampling.max_tokens == 22
+    err = expect_error(
+        lambda b: builder.completion(parse_completion(b)),
+        completion(prompt=[1] * 10, max_tokens=23),
+        "max_tokens",
+        "32",
+        "33",
+        "10 in the prompt",
+        "23 for the completion",
+    )
+    assert err.code == "context_length_exceeded"
+    err = expect_error(
+        lambda b: builder.completion(parse_completion(b)),
+        completion(prompt=[1] * 32),
+        "prompt",
+        "32 tokens",
+    )
+    assert err.code == "context_length_exceeded"
+    # Chat without a limit gets the rest of the context.
+    chat_prompt = builder.chat(parse_chat(chat()))
+    assert chat_prompt.sampling.max_tokens == 32 - len(chat_prompt.token_ids)
+    # /generate without max_new_tokens: 128, clamped to the context.
+    gen = builder.generate(parse_generate({"input_ids": [1, 2]}))
+    assert gen.sampling.max_tokens == 30
+
+
+def test_vocab_and_empty_checks(builder: PromptBuilder) -> None:
+    expect_error(
+        lambda b: builder.completion(parse_completion(b)),
+        completion(prompt=[[1], [2, 512, 999]]),
+        "prompt[1]",
+        "[0, 512)",
+        "512",
+        "999",
+    )
+    expect_error(
+        lambda b: builder.completion(parse_completion(b)),
+        completion(stop_token_ids=[600]),
+        "stop_token_ids",
+        "600",
+    )
+    expect_error(
+        lambda b: builder.completion(parse_completion(b)), completion(prompt=""), "prompt", "empty"
+    )
+
+
+def test_chat_template_errors_are_400(builder: PromptBuilder, tmp_path: Path) -> None:
+    # The tiny template refuses unknown roles through raise_exception; roles pass our check,
+    # so make the template see one it rejects: a developer message maps to system (accepted).
+    assert builder.chat(parse_chat(chat(messages=[{"role": "developer", "content": "x"}])))
+    bad = Tokenizer.from_pretrained(_without_template(builder, tmp_path))
+    no_template = PromptBuilder(bad, builder.model)
+    expect_error(lambda b: no_template.chat(parse_chat(b)), chat(), "messages", "chat template")
+
+
+def _without_template(builder: PromptBuilder, tmp_path: Path) -> Path:
+    import json
+
+    from engine.testing.tiny_models import write_tokenizer
+
+    out = write_tokenizer(tmp_path / "tok")
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return out
