@@ -153,7 +153,6 @@ async def serve(args: argparse.Namespace) -> None:
         for name in ("", *served):
             await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
-
     watcher = asyncio.create_task(watch_engine())
     await stop.wait()
     log.info("draining: NOT_SERVING, finishing in-flight calls")
