@@ -30,7 +30,7 @@ import transformers
 from engine.config import EngineConfig
 from engine.device import Device
 from engine.engine import Engine, StepOutput
-from engine.models.llama import LlamaForCausalLM
+from engine.models import CausalLM
 from engine.sampling import SamplingParams
 
 LLAMA3_8B: dict[str, Any] = {
@@ -149,7 +149,7 @@ def pdserve_decode(engine: Engine, prompts: torch.Tensor, steps: int) -> float:
     return 1000 * statistics.mean(times)
 
 
-def pdserve_state_as_hf(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
+def pdserve_state_as_hf(model: CausalLM) -> dict[str, torch.Tensor]:
     """pdserve's (fused) parameters as views under the Hugging Face checkpoint names."""
     params = dict(model.named_parameters())
     state = {}

@@ -82,7 +82,8 @@ def engine_layout(engine: Engine, model_name: str) -> KVLayout:
         page_size=cache.page_size,
         num_layers=cache.num_layers,
         num_kv_heads=cache.num_kv_heads,
-        head_dim=cache.head_dim,
+        head_dim=cache.k_dim,
+        v_head_dim=None if cache.v_dim == cache.k_dim else cache.v_dim,
     )
 
 
@@ -95,6 +96,7 @@ def layout_to_proto(layout: KVLayout) -> common_pb2.KVLayout:
         num_kv_heads=layout.num_kv_heads,
         head_dim=layout.head_dim,
         fingerprint=layout.fingerprint,
+        v_head_dim=layout.v_head_dim or 0,
     )
 
 
@@ -106,6 +108,7 @@ def layout_from_proto(msg: common_pb2.KVLayout) -> KVLayout:
         num_layers=msg.num_layers,
         num_kv_heads=msg.num_kv_heads,
         head_dim=msg.head_dim,
+        v_head_dim=msg.v_head_dim or None,
     )
 
 

@@ -2,8 +2,9 @@
 
 `ModelConfig` is read from a Hugging Face `config.json` (both the transformers 4 field names
 real checkpoints use, `rope_theta`/`rope_scaling`/`num_experts`, and the transformers 5 ones,
-`rope_parameters`/`num_local_experts`). `EngineConfig` holds the runtime knobs, named after
-SGLang's flags where the meaning is the same.
+`rope_parameters`/`num_local_experts`). DeepSeek-V3-class models (also Kimi-K2) add an
+`MLAConfig` and the grouped sigmoid routing fields. `EngineConfig` holds the runtime knobs, named
+after SGLang's flags where the meaning is the same.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 DENSE_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
+MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM")
+# Multi-head latent attention: the KV cache holds a compressed latent, not per-head K/V.
+MLA_ARCHITECTURES = ("DeepseekV3ForCausalLM",)
 SUPPORTED_ARCHITECTURES = DENSE_ARCHITECTURES + MOE_ARCHITECTURES
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
+SCORING_FUNCS = ("softmax", "sigmoid")
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,41 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3, Kimi-K2).
+
+    Each token's keys and values are compressed into one `kv_lora_rank` latent (shared by all
+    heads) plus one `qk_rope_head_dim` rotary key; per head, the query/key width is
+    `qk_nope_head_dim + qk_rope_head_dim` and the value width `v_head_dim`. Queries are
+    compressed through a `q_lora_rank` bottleneck when it is set (V3), or projected directly
+    when it is None (V2-Lite). `rope_interleave`: the rotary dimensions come in adjacent pairs
+    `(x0, x1), (x2, x3), ...` (DeepSeek's layout) instead of two halves.
+    """
+
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None
+    rope_interleave: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.q_lora_rank is not None and self.q_lora_rank < 1:
+            raise ValueError(f"q_lora_rank must be >= 1 or None, got {self.q_lora_rank}")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(
+                f"qk_rope_head_dim must be even for rotary embeddings, got {self.qk_rope_head_dim}"
+            )
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The shape of a decoder-only model, as the engine needs it."""
 
@@ -94,6 +133,9 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
+    # Multi-head latent attention (None: standard GQA with num_kv_heads x head_dim K and V).
+    # With MLA, head_dim is the per-head query/key width (qk_nope + qk_rope).
+    mla: MLAConfig | None = None
     # MoE (num_experts == 0 for dense models)
     num_experts: int = 0
     num_experts_per_tok: int = 0
@@ -101,6 +143,14 @@ class ModelConfig:
     norm_topk_prob: bool = False
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
+    # Routing: "softmax" top-k (Qwen), or "sigmoid" with a score-correction bias and top-k
+    # restricted to the best `topk_groups` of `num_expert_groups` groups (DeepSeek-V3 noaux_tc).
+    scoring_func: str = "softmax"
+    num_expert_groups: int = 1
+    topk_groups: int = 1
+    routed_scaling_factor: float = 1.0
+    # Always-on experts beside the routed ones, each of moe_intermediate_size (DeepSeek).
+    num_shared_experts: int = 0
     eos_token_ids: tuple[int, ...] = ()
     name: str = "model"
 
@@ -118,17 +168,59 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_kv_heads})"
             )
-        if self.head_dim % 2:
+        if (self.mla is not None) != (self.architecture in MLA_ARCHITECTURES):
+            raise ValueError(
+                f"{self.architecture} {'needs' if self.mla is None else 'takes no'} MLA settings"
+            )
+        if self.mla is None and self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if self.is_moe and not 1 <= self.num_experts_per_tok <= self.num_experts:
+        if self.is_moe:
+            self._validate_routing()
+
+    def _validate_routing(self) -> None:
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
             raise ValueError(
                 f"num_experts_per_tok ({self.num_experts_per_tok}) must be in "
                 f"[1, num_experts={self.num_experts}]"
             )
+        if self.scoring_func not in SCORING_FUNCS:
+            raise ValueError(f"unsupported scoring_func {self.scoring_func!r}; {SCORING_FUNCS}")
+        if self.routed_scaling_factor <= 0:
+            raise ValueError(
+                f"routed_scaling_factor must be positive, got {self.routed_scaling_factor}"
+            )
+        if self.num_shared_experts < 0:
+            raise ValueError(f"n_shared_experts must be >= 0, got {self.num_shared_experts}")
+        groups = self.num_expert_groups
+        if groups < 1 or self.num_experts % groups:
+            raise ValueError(
+                f"n_group ({groups}) must be >= 1 and divide n_routed_experts ({self.num_experts})"
+            )
+        if not 1 <= self.topk_groups <= groups:
+            raise ValueError(f"topk_group ({self.topk_groups}) must be in [1, n_group={groups}]")
+        if self.scoring_func == "sigmoid":
+            per_group = self.num_experts // groups
+            # A group's score is the sum of its two best experts.
+            if per_group < 2:
+                raise ValueError(
+                    f"grouped routing needs >= 2 experts per group, got {per_group} "
+                    f"({self.num_experts} experts in {groups} groups)"
+                )
+            if self.num_experts_per_tok > self.topk_groups * per_group:
+                raise ValueError(
+                    f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds the "
+                    f"{self.topk_groups * per_group} experts of the topk_group={self.topk_groups} "
+                    "selected groups"
+                )
 
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+    @property
+    def rotary_dim(self) -> int:
+        """Width of the rotary part of each query/key head."""
+        return self.head_dim if self.mla is None else self.mla.qk_rope_head_dim
 
     def is_moe_layer(self, layer_id: int) -> bool:
         return (
@@ -153,10 +245,10 @@ class ModelConfig:
         act = raw.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"unsupported hidden_act {act!r}; only 'silu' is implemented")
+        if arch == "DeepseekV3ForCausalLM":
+            return _deepseek_v3_from_hf(raw, name)
         num_heads = raw["num_attention_heads"]
         head_dim = raw.get("head_dim") or raw["hidden_size"] // num_heads
-        eos = raw.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         is_qwen2 = arch == "Qwen2ForCausalLM"
         is_qwen3 = arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
         attention_bias = bool(raw.get("attention_bias", False))
@@ -184,9 +276,76 @@ class ModelConfig:
             norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
             decoder_sparse_step=raw.get("decoder_sparse_step") or 1,
             mlp_only_layers=tuple(raw.get("mlp_only_layers") or ()),
-            eos_token_ids=eos_ids,
+            eos_token_ids=_eos_ids(raw),
             name=name,
         )
+
+
+def _eos_ids(raw: dict[str, Any]) -> tuple[int, ...]:
+    eos = raw.get("eos_token_id")
+    return tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+
+
+def _deepseek_v3_from_hf(raw: dict[str, Any], name: str) -> ModelConfig:
+    """DeepSeek-V3 / Kimi-K2. Absent fields take transformers' `DeepseekV3Config` defaults."""
+    if raw.get("attention_bias", False):
+        raise ValueError("DeepseekV3ForCausalLM with attention_bias=true is not implemented")
+    quant = (raw.get("quantization_config") or {}).get("quant_method")
+    if quant is not None:
+        # The published DeepSeek-V3/R1 and Kimi-K2 weights are block-wise FP8.
+        raise ValueError(
+            f"quantized checkpoints (quant_method={quant!r}) are not supported; "
+            "use a bfloat16 conversion of the weights"
+        )
+    topk_method = raw.get("topk_method", "noaux_tc")
+    scoring = raw.get("scoring_func", "sigmoid")
+    if (topk_method, scoring) != ("noaux_tc", "sigmoid"):
+        raise ValueError(
+            f"unsupported DeepSeek routing topk_method={topk_method!r} "
+            f"scoring_func={scoring!r}; only 'noaux_tc' with 'sigmoid' is implemented"
+        )
+    mla = MLAConfig(
+        kv_lora_rank=raw.get("kv_lora_rank", 512),
+        qk_nope_head_dim=raw.get("qk_nope_head_dim", 128),
+        qk_rope_head_dim=raw.get("qk_rope_head_dim", 64),
+        v_head_dim=raw.get("v_head_dim") or 128,
+        q_lora_rank=raw.get("q_lora_rank", 1536),
+        rope_interleave=bool(raw.get("rope_interleave", True)),
+    )
+    num_layers = raw["num_hidden_layers"]
+    first_dense = raw.get("first_k_dense_replace")
+    first_dense = 3 if first_dense is None else first_dense
+    freq = raw.get("moe_layer_freq") or 1
+    num_heads = raw["num_attention_heads"]
+    return ModelConfig(
+        architecture="DeepseekV3ForCausalLM",
+        vocab_size=raw["vocab_size"],
+        hidden_size=raw["hidden_size"],
+        num_layers=num_layers,
+        num_heads=num_heads,
+        # MLA has no per-head K/V in the cache; kv_cache_spec() of the model says what it holds.
+        num_kv_heads=num_heads,
+        head_dim=mla.qk_head_dim,
+        intermediate_size=raw["intermediate_size"],
+        max_position_embeddings=raw.get("max_position_embeddings", 4096),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rope=RopeConfig.from_hf(raw),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        mla=mla,
+        num_experts=raw.get("n_routed_experts") or raw.get("num_local_experts") or 0,
+        num_experts_per_tok=raw.get("num_experts_per_tok") or 8,
+        moe_intermediate_size=raw.get("moe_intermediate_size", 2048),
+        norm_topk_prob=bool(raw.get("norm_topk_prob", True)),
+        # Dense: the first `first_k_dense_replace` layers, and those off the moe_layer_freq beat.
+        mlp_only_layers=tuple(i for i in range(num_layers) if i < first_dense or i % freq),
+        scoring_func="sigmoid",
+        num_expert_groups=raw.get("n_group") or 1,
+        topk_groups=raw.get("topk_group") or 1,
+        routed_scaling_factor=float(raw.get("routed_scaling_factor", 2.5)),
+        num_shared_experts=raw.get("n_shared_experts") or 0,
+        eos_token_ids=_eos_ids(raw),
+        name=name,
+    )
 
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")

@@ -35,13 +35,18 @@ class WeightTarget:
     size: int | None = None
 
 
-class LoadableModel(Protocol):
-    def weight_map(self) -> dict[str, WeightTarget]: ...
-
-    @staticmethod
-    def ignored_weight(name: str) -> bool: ...
-
+class HasParameters(Protocol):
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]: ...
+
+
+class LoadableModel(HasParameters, Protocol):
+    def weight_map(self) -> dict[str, WeightTarget]:
+        """Every checkpoint tensor name the model expects, and where it goes."""
+        ...
+
+    def ignored_weight(self, name: str) -> bool:
+        """Whether a checkpoint tensor outside `weight_map` may be skipped silently."""
+        ...
 
 
 def checkpoint_files(model_dir: str | Path) -> list[Path]:
@@ -112,7 +117,7 @@ def load_weights(model: LoadableModel, weights: Iterator[tuple[str, torch.Tensor
         )
 
 
-def load_dummy_weights(model: nn.Module, seed: int) -> None:
+def load_dummy_weights(model: HasParameters, seed: int) -> None:
     """Seeded random weights, identical in every process that uses the same seed and device.
 
     Norm weights are ones and biases zeros, so activations keep a sane scale; matrices are

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import logging
-from typing import cast
 
 import torch
 
 from engine.config import EngineConfig, ModelConfig
 from engine.device import Device
 from engine.forward_batch import ForwardBatch
-from engine.kv_cache import KVCache, page_bytes
+from engine.kv_cache import KVCache, KVCacheSpec
 from engine.layers.attention import AttentionBackend, TorchAttentionBackend
-from engine.loader import LoadableModel, iter_checkpoint, load_dummy_weights, load_weights
-from engine.models import build_model
-from engine.models.llama import LlamaForCausalLM
+from engine.loader import iter_checkpoint, load_dummy_weights, load_weights
+from engine.models import CausalLM, build_model
 from engine.scheduler import ScheduledBatch
 
 log = logging.getLogger(__name__)
@@ -33,19 +31,19 @@ class ModelRunner:
             torch_default = torch.get_default_dtype()
             torch.set_default_dtype(self.dtype)
             try:
-                model = build_model(model_config, self.attention)
+                self.model: CausalLM = build_model(model_config, self.attention)
             finally:
                 torch.set_default_dtype(torch_default)
-        self.model = cast(LlamaForCausalLM, model.eval())
         # RoPE tables stay float32 whatever the weights' dtype, like the reference.
         self.model.rotary.float()
         self._load_weights()
+        # The model says what a token's cache entry is (per-head K/V, or MLA's latent + rope key).
+        self.kv_spec: KVCacheSpec = self.model.kv_cache_spec()
         self.kv_cache = KVCache(
             model_config.num_layers,
             self._num_pages(),
             config.page_size,
-            model_config.num_kv_heads,
-            model_config.head_dim,
+            self.kv_spec,
             self.dtype,
             device.torch_device,
         )
@@ -62,9 +60,7 @@ class ModelRunner:
             load_dummy_weights(self.model, self.config.seed)
         else:
             with torch.no_grad():
-                load_weights(
-                    cast(LoadableModel, self.model), iter_checkpoint(self.config.model_path)
-                )
+                load_weights(self.model, iter_checkpoint(self.config.model_path))
 
     def _num_pages(self) -> int:
         c, m = self.config, self.model_config
@@ -72,9 +68,7 @@ class ModelRunner:
             return c.num_pages
         if c.max_total_tokens is not None:
             return -(-c.max_total_tokens // c.page_size)
-        per_page = (
-            2 * m.num_layers * page_bytes(c.page_size, m.num_kv_heads, m.head_dim, self.dtype)
-        )
+        per_page = m.num_layers * self.kv_spec.page_bytes(c.page_size, self.dtype)
         if c.kv_cache_memory_bytes is not None:
             budget = c.kv_cache_memory_bytes
         elif self.device.kind == "cpu":

@@ -29,7 +29,11 @@ class LayoutMismatchError(ValueError):
 
 @dataclass(frozen=True)
 class KVLayout:
-    """The shape of one page of K (or V) in one layer, plus the model it belongs to."""
+    """The shape of one page of K and of V in one layer, plus the model it belongs to.
+
+    V pages are as wide as K pages unless `v_head_dim` says otherwise: a multi-head latent
+    attention pool keeps the latent in "K" and the rotary key in "V".
+    """
 
     model: str
     dtype: str  # a key of DTYPE_ITEMSIZE, e.g. "bfloat16"
@@ -37,6 +41,7 @@ class KVLayout:
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    v_head_dim: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_ITEMSIZE:
@@ -46,15 +51,33 @@ class KVLayout:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"KVLayout.{name} must be a positive int, got {value!r}")
+        if self.v_head_dim is not None and self.v_head_dim < 1:
+            raise ValueError(f"KVLayout.v_head_dim must be >= 1 or None, got {self.v_head_dim}")
 
     @property
     def itemsize(self) -> int:
         return DTYPE_ITEMSIZE[self.dtype]
 
     @property
-    def page_bytes(self) -> int:
-        """Bytes of one page of K (or of V) in one layer."""
+    def k_page_bytes(self) -> int:
+        """Bytes of one page of K in one layer."""
         return self.page_size * self.num_kv_heads * self.head_dim * self.itemsize
+
+    @property
+    def v_page_bytes(self) -> int:
+        """Bytes of one page of V in one layer."""
+        v_dim = self.head_dim if self.v_head_dim is None else self.v_head_dim
+        return self.page_size * self.num_kv_heads * v_dim * self.itemsize
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one page of K (or of V) in one layer, when the two are the same size."""
+        if self.k_page_bytes != self.v_page_bytes:
+            raise ValueError(
+                f"K and V pages differ ({self.k_page_bytes} vs {self.v_page_bytes} bytes); "
+                "use k_page_bytes / v_page_bytes"
+            )
+        return self.k_page_bytes
 
     @property
     def fingerprint(self) -> str:
@@ -66,6 +89,7 @@ class KVLayout:
         return (
             f"model={self.model} dtype={self.dtype} page_size={self.page_size} "
             f"layers={self.num_layers} kv_heads={self.num_kv_heads} head_dim={self.head_dim}"
+            + ("" if self.v_head_dim is None else f" v_head_dim={self.v_head_dim}")
         )
 
 
@@ -120,21 +144,23 @@ class KVPoolDescriptor:
 
     @property
     def layer_bytes(self) -> int:
-        """Bytes of one layer's K (or V) tensor: the length of each region to register."""
+        """Bytes of one layer's K (or V) tensor, when the two are the same size."""
         return self.num_pages * self.layout.page_bytes
 
     def k_page_addr(self, layer: int, page: int) -> int:
-        return self.k_base_addrs[layer] + page * self.layout.page_bytes
+        return self.k_base_addrs[layer] + page * self.layout.k_page_bytes
 
     def v_page_addr(self, layer: int, page: int) -> int:
-        return self.v_base_addrs[layer] + page * self.layout.page_bytes
+        return self.v_base_addrs[layer] + page * self.layout.v_page_bytes
 
     def regions(self) -> list[tuple[int, int]]:
         """`(addr, length)` of every K and V tensor, layer by layer: what to `register_memory`."""
+        k_len = self.num_pages * self.layout.k_page_bytes
+        v_len = self.num_pages * self.layout.v_page_bytes
         return [
-            (base, self.layer_bytes)
+            region
             for k, v in zip(self.k_base_addrs, self.v_base_addrs, strict=True)
-            for base in (k, v)
+            for region in ((k, k_len), (v, v_len))
         ]
 
 
@@ -163,8 +189,9 @@ def descriptor_from_tensors(
             f"got {len(k_tensors)} K and {len(v_tensors)} V"
         )
     num_pages = int(k_tensors[0].shape[0])
-    expected = (num_pages, layout.page_size, layout.num_kv_heads, layout.head_dim)
-    for name, tensors in (("K", k_tensors), ("V", v_tensors)):
+    v_dim = layout.head_dim if layout.v_head_dim is None else layout.v_head_dim
+    for name, tensors, dim in (("K", k_tensors, layout.head_dim), ("V", v_tensors, v_dim)):
+        expected = (num_pages, layout.page_size, layout.num_kv_heads, dim)
         for layer, t in enumerate(tensors):
             shape = tuple(int(d) for d in t.shape)
             if shape != expected:

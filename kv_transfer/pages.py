@@ -97,14 +97,14 @@ def build_write_batch(
     if len(set(dst_pages)) != len(dst_pages):
         raise ValueError(f"a destination page is named twice in {list(dst_pages)}")
     runs = coalesce_runs(src_pages, dst_pages)
-    page_bytes = src.layout.page_bytes
+    k_bytes, v_bytes = src.layout.k_page_bytes, src.layout.v_page_bytes
     srcs: list[int] = []
     dsts: list[int] = []
     lengths: list[int] = []
     for layer in range(src.layout.num_layers):
-        for src_base, dst_base in (
-            (src.k_base_addrs[layer], dst.k_base_addrs[layer]),
-            (src.v_base_addrs[layer], dst.v_base_addrs[layer]),
+        for src_base, dst_base, page_bytes in (
+            (src.k_base_addrs[layer], dst.k_base_addrs[layer], k_bytes),
+            (src.v_base_addrs[layer], dst.v_base_addrs[layer], v_bytes),
         ):
             for run in runs:
                 srcs.append(src_base + run.src_start * page_bytes)

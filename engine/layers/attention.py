@@ -15,9 +15,11 @@ class AttentionBackend(ABC):
     """Attention over a paged KV cache.
 
     Contract: `prepare(batch)` runs once per step before the forward pass and may attach
-    metadata to `batch.attn_metadata`. `forward` first writes the step's new K/V into layer
-    `layer_id` of `batch.kv_cache` at `batch.out_slots`, then attends every new query to its own
-    sequence's context (cached prefix plus new tokens, causal) and returns `[T, Hq, D]`.
+    metadata to `batch.attn_metadata`. `forward` (grouped-query attention) first writes the
+    step's new K/V into layer `layer_id` of `batch.kv_cache` at `batch.out_slots`, then attends
+    every new query to its own sequence's context (cached prefix plus new tokens, causal) and
+    returns `[T, Hq, D]`. `forward_mla` is the same for multi-head latent attention, in its
+    weight-absorbed form (see its docstring); a model uses one of the two.
     """
 
     @abstractmethod
@@ -33,6 +35,29 @@ class AttentionBackend(ABC):
         batch: ForwardBatch,
         scale: float,
     ) -> torch.Tensor: ...
+
+    @abstractmethod
+    def forward_mla(
+        self,
+        q_latent: torch.Tensor,
+        q_pe: torch.Tensor,
+        c_kv: torch.Tensor,
+        k_pe: torch.Tensor,
+        layer_id: int,
+        batch: ForwardBatch,
+        scale: float,
+    ) -> torch.Tensor:
+        """Multi-head latent attention over the compressed cache, weights already absorbed.
+
+        Inputs: `q_latent` `[T, H, R]` (each head's no-rope query projected into the latent
+        space, `R = kv_lora_rank`), `q_pe` `[T, H, P]` (its rotary query, `P =
+        qk_rope_head_dim`), and the new tokens' normalised latent `c_kv` `[T, 1, R]` and
+        rotary key `k_pe` `[T, 1, P]`. Writes `c_kv` into layer `layer_id`'s K tensor and
+        `k_pe` into its V tensor at `batch.out_slots`, then computes, per head, causal
+        attention over the sequence's context with scores `scale * (q_latent . c_kv + q_pe .
+        k_pe)` and values `c_kv`; returns `[T, H, R]`. This is multi-query attention with key
+        `[c_kv; k_pe]` and value `c_kv`; the caller up-projects the result per head.
+        """
 
 
 @dataclass(frozen=True)
@@ -83,11 +108,38 @@ class TorchAttentionBackend(AttentionBackend):
         k_slots, v_slots = batch.kv_cache.slots(layer_id)
         k_slots[batch.out_slots] = k
         v_slots[batch.out_slots] = v
-        # q: [B, Hq, N, D]; k, v: [B, Hkv, L, D]
-        qp = q[layout.q_index].transpose(1, 2)
+        # k, v: [B, Hkv, L, D]
         kp = k_slots[layout.kv_slots].transpose(1, 2)
         vp = v_slots[layout.kv_slots].transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            qp, kp, vp, attn_mask=layout.mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-        )
-        return out.transpose(1, 2).flatten(0, 1)[layout.out_index]  # [T, Hq, D]
+        return _attend(q, kp, vp, layout, scale)
+
+    def forward_mla(
+        self,
+        q_latent: torch.Tensor,
+        q_pe: torch.Tensor,
+        c_kv: torch.Tensor,
+        k_pe: torch.Tensor,
+        layer_id: int,
+        batch: ForwardBatch,
+        scale: float,
+    ) -> torch.Tensor:
+        layout: _PaddedLayout = batch.attn_metadata
+        latent_slots, pe_slots = batch.kv_cache.slots(layer_id)
+        latent_slots[batch.out_slots] = c_kv
+        pe_slots[batch.out_slots] = k_pe
+        # One shared KV head: key [c_kv; k_pe] [B, 1, L, R + P], value c_kv [B, 1, L, R].
+        latent = latent_slots[layout.kv_slots].transpose(1, 2)
+        kp = torch.cat((latent, pe_slots[layout.kv_slots].transpose(1, 2)), dim=-1)
+        return _attend(torch.cat((q_latent, q_pe), dim=-1), kp, latent, layout, scale)
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: _PaddedLayout, scale: float
+) -> torch.Tensor:
+    """Masked SDPA of the step's queries `[T, Hq, Dk]` over padded context `k` `[B, Hkv, L,
+    Dk]`, `v` `[B, Hkv, L, Dv]`; returns `[T, Hq, Dv]`."""
+    qp = q[layout.q_index].transpose(1, 2)  # [B, Hq, N, Dk]
+    out = F.scaled_dot_product_attention(
+        qp, k, v, attn_mask=layout.mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+    return out.transpose(1, 2).flatten(0, 1)[layout.out_index]

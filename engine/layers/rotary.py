@@ -3,7 +3,9 @@
 The inverse frequencies follow the published formulas (linear, Llama 3, YaRN); cos/sin
 are precomputed for every position up to the context length and gathered per token.
 `dynamic` NTK scaling is applied statically at the full context length, as serving engines
-do, instead of varying with the batch's longest sequence.
+do, instead of varying with the batch's longest sequence. DeepSeek's interleaved layout (rotary
+pairs `(x0, x1), (x2, x3), ...`) is handled by de-interleaving before the rotation, which gives
+exactly the output layout of transformers' `apply_rotary_pos_emb_interleave`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,14 @@ def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def softmax_mscale(rope: RopeConfig) -> float:
+    """Factor on the attention softmax scale: DeepSeek multiplies it by `mscale_all_dim`'s yarn
+    mscale squared whenever the rope is scaled (transformers' `yarn_apply_mscale`)."""
+    if rope.rope_type == "default" or not rope.mscale_all_dim:
+        return 1.0
+    return _yarn_mscale(rope.factor, rope.mscale_all_dim) ** 2
 
 
 def rope_inv_freq(rope: RopeConfig, dim: int, max_position: int) -> tuple[torch.Tensor, float]:
@@ -82,14 +92,27 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def deinterleave(x: torch.Tensor) -> torch.Tensor:
+    """`(x0, x1, x2, x3, ...)` -> `(x0, x2, ..., x1, x3, ...)` on the last dimension."""
+    return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
+
+
 class RotaryEmbedding(nn.Module):
-    """Applies RoPE to q `[T, Hq, D]` and k `[T, Hkv, D]` at integer `positions` `[T]`."""
+    """Applies RoPE to q `[T, Hq, D]` and k `[T, Hkv, D]` at integer `positions` `[T]`.
+
+    With `interleaved`, the inputs' rotary pairs are adjacent dimensions; the outputs come back
+    de-interleaved (pairs split into halves), as in the reference. Queries and keys get the same
+    permutation, so their dot products are those of the interleaved rotation.
+    """
 
     cos: torch.Tensor
     sin: torch.Tensor
 
-    def __init__(self, rope: RopeConfig, head_dim: int, max_position: int) -> None:
+    def __init__(
+        self, rope: RopeConfig, head_dim: int, max_position: int, interleaved: bool = False
+    ) -> None:
         super().__init__()
+        self.interleaved = interleaved
         inv_freq, scale = rope_inv_freq(rope, head_dim, max_position)
         freqs = torch.arange(max_position, dtype=torch.float32)[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -100,6 +123,8 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.interleaved:
+            q, k = deinterleave(q), deinterleave(k)
         cos = self.cos[positions].to(q.dtype)[:, None, :]
         sin = self.sin[positions].to(q.dtype)[:, None, :]
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin

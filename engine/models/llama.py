@@ -13,6 +13,7 @@ from torch import nn
 
 from engine.config import ModelConfig
 from engine.forward_batch import ForwardBatch
+from engine.kv_cache import KVCacheSpec
 from engine.layers.attention import AttentionBackend
 from engine.layers.moe import FusedExperts, select_experts
 from engine.layers.norm import RMSNorm
@@ -138,6 +139,10 @@ class LlamaForCausalLM(nn.Module):
         """Logits `[B, vocab]` in float32 for the given hidden rows."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight).float()
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        """Per-head K and V of `head_dim` for each of the `num_kv_heads` heads."""
+        return KVCacheSpec(self.config.num_kv_heads, self.config.head_dim, self.config.head_dim)
 
     def weight_map(self) -> dict[str, WeightTarget]:
         """Every Hugging Face tensor name this model expects, and where it goes."""

@@ -23,9 +23,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-GENERATOR_VERSION = "pdserve-tiny-models-1"
+GENERATOR_VERSION = "pdserve-tiny-models-2"
 MARKER_FILE = ".pdserve-tiny-model"
-FAMILIES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "qwen3-moe")
+FAMILIES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "qwen3-moe", "deepseek-v3")
 
 VOCAB_SIZE = 512
 MAX_POSITION_EMBEDDINGS = 2048
@@ -272,13 +272,74 @@ def _qwen3_moe(common: dict[str, Any]) -> Any:
     return Qwen3MoeForCausalLM(config)
 
 
+def _deepseek_v3(common: dict[str, Any]) -> Any:
+    import torch
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    config = DeepseekV3Config(
+        **common,
+        hidden_size=64,
+        num_hidden_layers=3,
+        first_k_dense_replace=1,  # layer 0 dense, layers 1-2 MoE
+        num_attention_heads=4,
+        num_key_value_heads=4,  # MLA: one latent for all heads; transformers wants H here
+        q_lora_rank=32,
+        kv_lora_rank=16,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        n_shared_experts=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        rope_interleave=True,
+        num_mtp_layers=0,  # no multi-token-prediction layers in this checkpoint
+        tie_word_embeddings=False,
+        # mscale != mscale_all_dim: the cos/sin factor and the softmax scale both differ from 1.
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 512,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 0.8,
+        },
+    )
+    model = DeepseekV3ForCausalLM(config)
+    # transformers initialises the score-correction bias to zeros; a random one exercises it
+    # (it changes which experts are chosen, not their weights).
+    with torch.no_grad():
+        for layer in model.model.layers[config.first_k_dense_replace :]:
+            layer.mlp.gate.e_score_correction_bias.normal_(0.0, 0.1)
+    return model
+
+
 _BUILDERS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "llama": _llama,
     "qwen2": _qwen2,
     "qwen3": _qwen3,
     "qwen3-moe": _qwen3_moe,
+    "deepseek-v3": _deepseek_v3,
 }
-_SEEDS: dict[str, int] = {"llama": 1101, "qwen2": 2202, "qwen3": 3303, "qwen3-moe": 4404}
+_SEEDS: dict[str, int] = {
+    "llama": 1101,
+    "qwen2": 2202,
+    "qwen3": 3303,
+    "qwen3-moe": 4404,
+    "deepseek-v3": 5505,
+}
+# Config keys that transformers 5 saves under its internal names, renamed to the names that
+# published checkpoints use (transformers reads both).
+_PUBLISHED_CONFIG_NAMES: dict[str, dict[str, str]] = {
+    "qwen3-moe": {"num_local_experts": "num_experts"},
+}
 
 
 def _is_current(model_dir: Path) -> bool:
@@ -286,18 +347,17 @@ def _is_current(model_dir: Path) -> bool:
     return marker.is_file() and marker.read_text(encoding="utf-8").strip() == GENERATOR_VERSION
 
 
-def _use_published_config_names(config_path: Path, attribute_map: dict[str, str]) -> None:
+def _use_published_config_names(config_path: Path, renames: dict[str, str]) -> None:
     """Rename config keys that transformers 5 saves under its internal names.
 
     Published checkpoints spell e.g. Qwen3-MoE's expert count ``num_experts``, which transformers
     5 maps to ``num_local_experts`` and saves as such; loaders must read what real checkpoints
-    contain, so the tiny checkpoints use the published names. transformers reads both.
+    contain, so the tiny checkpoints use the published names. ``renames`` maps internal to
+    published names. (DeepSeek-V3's ``attribute_map`` runs the other way: it already saves
+    ``n_routed_experts``, the published name, so it needs no renaming.)
     """
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    renamed = {
-        next((pub for pub, internal in attribute_map.items() if internal == key), key): value
-        for key, value in config.items()
-    }
+    renamed = {renames.get(key, key): value for key, value in config.items()}
     config_path.write_text(json.dumps(renamed, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -327,7 +387,9 @@ def _write_family(family: str, model_dir: Path, tokenizer_dir: Path) -> None:
     try:
         os.chmod(staging, 0o755)  # mkdtemp makes it private; a model directory is not
         model.save_pretrained(staging, safe_serialization=True)
-        _use_published_config_names(staging / "config.json", model.config.attribute_map)
+        _use_published_config_names(
+            staging / "config.json", _PUBLISHED_CONFIG_NAMES.get(family, {})
+        )
         for name in TOKENIZER_FILES:
             shutil.copyfile(tokenizer_dir / name, staging / name)
         (staging / MARKER_FILE).write_text(GENERATOR_VERSION + "\n", encoding="utf-8")

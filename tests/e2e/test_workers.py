@@ -246,3 +246,26 @@ def test_prefill_killed_mid_request(model_dir: Path) -> None:
             await wait_pages_free(decode)
 
         asyncio.run(after())
+
+
+def test_mla_compressed_pages_transfer(tiny_models: dict[str, Path]) -> None:
+    """DeepSeek-V3's pool holds the latent and the rotary key (K and V pages of different
+    sizes); disaggregated greedy output still equals the offline engine's."""
+    model_dir = tiny_models["deepseek-v3"]
+    prompts = make_prompts(vocab_size=512)[2:5]
+    engine = Engine(EngineConfig(model_path=str(model_dir), num_pages=256))
+    params = SamplingParams(temperature=0, max_new_tokens=MAX_NEW, ignore_eos=True)
+    expected = [r.output_ids for r in engine.generate(prompts, params)]
+    with (
+        worker("prefill", model_dir) as (_, prefill),
+        worker("decode", model_dir) as (_, decode),
+    ):
+
+        async def main() -> list[list[int]]:
+            reqs = [request(f"mla{i}", p) for i, p in enumerate(prompts)]
+            out = await asyncio.gather(*(run_disaggregated(prefill, decode, r) for r in reqs))
+            await wait_pages_free(decode)
+            await wait_pages_free(prefill, prefill=True)
+            return list(out)
+
+        assert asyncio.run(main()) == expected

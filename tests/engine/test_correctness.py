@@ -13,7 +13,7 @@ from engine.engine import Engine
 from engine.sampling import SamplingParams
 from tests.engine.reference import MAX_NEW_TOKENS, reference
 
-FAMILIES = ("llama", "qwen2", "qwen3", "qwen3-moe")
+FAMILIES = ("llama", "qwen2", "qwen3", "qwen3-moe", "deepseek-v3")
 GREEDY = SamplingParams(temperature=0, max_new_tokens=MAX_NEW_TOKENS, ignore_eos=True)
 
 
@@ -66,7 +66,7 @@ def test_prefix_cache_hits_one_after_another(
     assert_pages_balance(engine)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3-moe"])
+@pytest.mark.parametrize("family", ["llama", "qwen3-moe", "deepseek-v3"])
 @pytest.mark.parametrize("page_size", [1, 16])
 @pytest.mark.parametrize("radix_cache", [True, False])
 def test_preemption_recomputes_exactly(

@@ -299,6 +299,7 @@ ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "qwen3-moe": "Qwen3MoeForCausalLM",
+    "deepseek-v3": "DeepseekV3ForCausalLM",
 }
 
 
@@ -329,6 +330,9 @@ def test_tiny_model_configs(tiny_models: dict[str, Path]) -> None:
     assert cfg["qwen3"]["rope_parameters"]["rope_type"] == "yarn"
     moe = cfg["qwen3-moe"]
     assert (moe["num_experts"], moe["num_experts_per_tok"], moe["mlp_only_layers"]) == (8, 2, [0])
+    ds = cfg["deepseek-v3"]
+    assert (ds["n_routed_experts"], ds["n_group"], ds["first_k_dense_replace"]) == (8, 2, 1)
+    assert ds["rope_interleave"] is True and ds["rope_parameters"]["mscale_all_dim"] == 0.8
 
 
 def test_write_tiny_models_is_idempotent(tiny_models: dict[str, Path]) -> None:

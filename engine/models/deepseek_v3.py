@@ -1,0 +1,283 @@
+"""DeepSeek-V3-class decoder (DeepSeek-V3/R1, Kimi-K2): multi-head latent attention and a
+grouped-routing MoE with shared experts.
+
+MLA caches, per token and layer, only the normalised latent `c_kv` `[kv_lora_rank]` (in the
+pool's K tensor) and the rotary key `k_pe` `[qk_rope_head_dim]` (in its V tensor), shared by all
+heads. Attention runs in the weight-absorbed form: `kv_b_proj` holds per head an up-projection
+W_UK `[qk_nope, R]` to the no-rope key and W_UV `[v_head, R]` to the value, so
+
+    q_nope . (W_UK c) = (W_UK^T q_nope) . c    and    sum_j p_j W_UV c_j = W_UV sum_j p_j c_j
+
+and the backend attends latent queries to the latent cache (multi-query attention, one KV head)
+without ever materialising per-head keys or values.
+
+Shapes: the batch is flattened, so activations are `[T, hidden]` for T new tokens.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import ModelConfig
+from engine.forward_batch import ForwardBatch
+from engine.kv_cache import KVCacheSpec
+from engine.layers.attention import AttentionBackend
+from engine.layers.moe import FusedExperts, select_experts_grouped
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding, softmax_mscale
+from engine.loader import WeightTarget
+from engine.models.llama import MLP
+
+# DeepSeek builds its q_a/kv_a norms without passing config.rms_norm_eps (reference and
+# transformers alike), so they keep the RMSNorm default.
+LATENT_NORM_EPS = 1e-6
+_LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention. `fused_qkv_a_proj` computes, in one matmul, the query part
+    (its `q_lora_rank` compression, or the full query when there is none), the latent, and the
+    rotary key."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_id: int,
+        rotary: RotaryEmbedding,
+        backend: AttentionBackend,
+    ) -> None:
+        super().__init__()
+        mla = config.mla
+        if mla is None:
+            raise ValueError(f"{config.architecture} needs MLA settings")
+        self.layer_id = layer_id
+        self.num_heads = config.num_heads
+        self.kv_lora_rank = mla.kv_lora_rank
+        self.qk_nope_head_dim = mla.qk_nope_head_dim
+        self.qk_rope_head_dim = mla.qk_rope_head_dim
+        self.v_head_dim = mla.v_head_dim
+        self.scale = mla.qk_head_dim**-0.5 * softmax_mscale(config.rope)
+        q_full = config.num_heads * mla.qk_head_dim
+        self.q_a_size = q_full if mla.q_lora_rank is None else mla.q_lora_rank
+        self.fused_qkv_a_proj = nn.Linear(
+            config.hidden_size,
+            self.q_a_size + mla.kv_lora_rank + mla.qk_rope_head_dim,
+            bias=False,
+        )
+        self.q_a_layernorm: RMSNorm | None = None
+        self.q_b_proj: nn.Linear | None = None
+        if mla.q_lora_rank is not None:
+            self.q_a_layernorm = RMSNorm(mla.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(mla.q_lora_rank, q_full, bias=False)
+        self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(
+            mla.kv_lora_rank, config.num_heads * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False
+        )
+        self.o_proj = nn.Linear(config.num_heads * mla.v_head_dim, config.hidden_size, bias=False)
+        self.rotary = rotary
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        q, c_kv, k_pe = self.fused_qkv_a_proj(x).split(
+            [self.q_a_size, self.kv_lora_rank, self.qk_rope_head_dim], dim=-1
+        )
+        if self.q_a_layernorm is not None and self.q_b_proj is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
+        q_nope, q_pe = q.view(
+            -1, self.num_heads, self.qk_nope_head_dim + self.qk_rope_head_dim
+        ).split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)[:, None, :]  # [T, 1, R]
+        q_pe, k_pe = self.rotary(batch.positions, q_pe, k_pe[:, None, :])  # [T, H | 1, P]
+        # kv_b_proj.weight: [H * (nope + v), R] -> W_UK [H, nope, R], W_UV [H, v, R]
+        w_kv = self.kv_b_proj.weight.view(self.num_heads, -1, self.kv_lora_rank)
+        w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+        q_latent = torch.einsum("thn,hnr->thr", q_nope, w_uk)  # [T, H, R]
+        out = self.backend.forward_mla(
+            q_latent, q_pe, c_kv, k_pe, self.layer_id, batch, self.scale
+        )  # [T, H, R]
+        out = torch.einsum("thr,hvr->thv", out, w_uv)  # [T, H, v]
+        return self.o_proj(out.flatten(1))
+
+
+class GroupedTopkRouter(nn.Module):
+    """DeepSeek-V3's gate: float32 logits, then `select_experts_grouped`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        # Kept in float32 whatever the weights' dtype, as in the reference.
+        self.e_score_correction_bias = nn.Parameter(
+            torch.zeros(config.num_experts, dtype=torch.float32)
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        logits = F.linear(x.float(), self.weight.float())
+        return select_experts_grouped(
+            logits,
+            self.e_score_correction_bias,
+            c.num_experts_per_tok,
+            c.num_expert_groups,
+            c.topk_groups,
+            c.norm_topk_prob,
+            c.routed_scaling_factor,
+        )
+
+
+class DeepseekMoE(nn.Module):
+    """Routed experts (grouped top-k) plus always-on shared experts, summed."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate = GroupedTopkRouter(config)
+        self.experts = FusedExperts(
+            config.num_experts, config.hidden_size, config.moe_intermediate_size
+        )
+        shared = config.moe_intermediate_size * config.num_shared_experts
+        self.shared_experts = MLP(config.hidden_size, shared, bias=False) if shared else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(x)
+        out = self.experts(x, weights, ids)
+        return out if self.shared_experts is None else out + self.shared_experts(x)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_id: int,
+        rotary: RotaryEmbedding,
+        backend: AttentionBackend,
+    ) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MLAttention(config, layer_id, rotary, backend)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp: nn.Module
+        if config.is_moe_layer(layer_id):
+            self.mlp = DeepseekMoE(config)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size, bias=False)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), batch)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DeepseekV3ForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        if config.mla is None:
+            raise ValueError(f"{config.architecture} needs MLA settings")
+        self.config = config
+        self.mla = config.mla
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # One rotary table, over the rope part of each head only, shared by every layer.
+        self.rotary = RotaryEmbedding(
+            config.rope,
+            config.rotary_dim,
+            config.max_position_embeddings,
+            interleaved=config.mla.rope_interleave,
+        )
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, self.rotary, backend) for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Final hidden states `[T, hidden]` of the step's new tokens."""
+        x = self.embed_tokens(batch.input_ids)
+        for layer in self.layers:
+            x = layer(x, batch)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits `[B, vocab]` in float32 for the given hidden rows."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        """One "head" per token: K holds the latent `c_kv`, V the rotary key `k_pe`."""
+        return KVCacheSpec(1, self.mla.kv_lora_rank, self.mla.qk_rope_head_dim)
+
+    def weight_map(self) -> dict[str, WeightTarget]:
+        """Every Hugging Face tensor name this model expects, and where it goes.
+
+        Routed experts are read under the per-expert names that published checkpoints use (and
+        that transformers 5 `save_pretrained` writes back): `mlp.experts.E.{gate,up,down}_proj`.
+        """
+        c, mla = self.config, self.mla
+        targets: dict[str, WeightTarget] = {
+            "model.embed_tokens.weight": WeightTarget("embed_tokens.weight"),
+            "model.norm.weight": WeightTarget("norm.weight"),
+        }
+        if self.lm_head is not None:
+            targets["lm_head.weight"] = WeightTarget("lm_head.weight")
+        q_a_size = c.num_heads * mla.qk_head_dim if mla.q_lora_rank is None else mla.q_lora_rank
+        for i in range(c.num_layers):
+            hf, ours = f"model.layers.{i}.", f"layers.{i}."
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                targets[f"{hf}{norm}.weight"] = WeightTarget(f"{ours}{norm}.weight")
+            attn, our_attn = f"{hf}self_attn.", f"{ours}self_attn."
+            fused = f"{our_attn}fused_qkv_a_proj.weight"
+            q_name = "q_proj" if mla.q_lora_rank is None else "q_a_proj"
+            targets[f"{attn}{q_name}.weight"] = WeightTarget(fused, None, 0, q_a_size)
+            targets[f"{attn}kv_a_proj_with_mqa.weight"] = WeightTarget(fused, None, q_a_size)
+            names = ["kv_a_layernorm", "kv_b_proj", "o_proj"]
+            if mla.q_lora_rank is not None:
+                names += ["q_a_layernorm", "q_b_proj"]
+            for name in names:
+                targets[f"{attn}{name}.weight"] = WeightTarget(f"{our_attn}{name}.weight")
+            mlp, our_mlp = f"{hf}mlp.", f"{ours}mlp."
+            if c.is_moe_layer(i):
+                for name in ("weight", "e_score_correction_bias"):
+                    targets[f"{mlp}gate.{name}"] = WeightTarget(f"{our_mlp}gate.{name}")
+                inter = c.moe_intermediate_size
+                w13, w2 = f"{our_mlp}experts.w13", f"{our_mlp}experts.w2"
+                for e in range(c.num_experts):
+                    expert = f"{mlp}experts.{e}."
+                    targets[f"{expert}gate_proj.weight"] = WeightTarget(w13, e, 0, inter)
+                    targets[f"{expert}up_proj.weight"] = WeightTarget(w13, e, inter, inter)
+                    targets[f"{expert}down_proj.weight"] = WeightTarget(w2, e)
+                if c.num_shared_experts:
+                    _mlp_targets(
+                        targets,
+                        f"{mlp}shared_experts.",
+                        f"{our_mlp}shared_experts.",
+                        inter * c.num_shared_experts,
+                    )
+            else:
+                _mlp_targets(targets, mlp, our_mlp, c.intermediate_size)
+        return targets
+
+    def ignored_weight(self, name: str) -> bool:
+        """Checkpoint tensors that carry nothing this model needs.
+
+        Published DeepSeek-V3 checkpoints append their multi-token-prediction module(s) as
+        extra layers after the last decoder layer (`model.layers.61.*` for V3's 61 layers:
+        embed, norms, `eh_proj`, a decoder layer, a shared head). They only serve speculative
+        decoding, which this engine does not do, so they are skipped.
+        """
+        if name.endswith("rotary_emb.inv_freq") or name == "lm_head.weight":
+            return True
+        match = _LAYER_INDEX.match(name)
+        return match is not None and int(match.group(1)) >= self.config.num_layers
+
+
+def _mlp_targets(targets: dict[str, WeightTarget], hf: str, ours: str, inter: int) -> None:
+    """gate_proj/up_proj into the fused gate_up_proj, and down_proj, of one `MLP`."""
+    gate_up = f"{ours}gate_up_proj.weight"
+    targets[f"{hf}gate_proj.weight"] = WeightTarget(gate_up, None, 0, inter)
+    targets[f"{hf}up_proj.weight"] = WeightTarget(gate_up, None, inter, inter)
+    targets[f"{hf}down_proj.weight"] = WeightTarget(f"{ours}down_proj.weight")
