@@ -375,6 +375,9 @@ class EngineConfig:
     max_prefill_tokens: int = 16384
     max_running_requests: int = 256
     disable_radix_cache: bool = False
+    # Expert parallelism of one instance (one process per rank; see engine/parallel.py).
+    ep_size: int = 1
+    ep_num_redundant_experts: int = 0
 
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:
@@ -400,6 +403,11 @@ class EngineConfig:
             raise ValueError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
         if self.max_running_requests < 1:
             raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
+        if self.ep_size < 1 or self.ep_num_redundant_experts < 0:
+            raise ValueError(
+                f"ep_size must be >= 1 and ep_num_redundant_experts >= 0, got "
+                f"{self.ep_size} and {self.ep_num_redundant_experts}"
+            )
 
     @property
     def chunked_prefill_enabled(self) -> bool:

@@ -23,6 +23,7 @@ from engine.device import resolve_device
 from engine.model_runner import ModelRunner
 from engine.page_manager import PageManager
 from engine.page_pool import PagePool
+from engine.parallel import ParallelConfig
 from engine.radix_cache import RadixCache
 from engine.sampler import TokenLogprobs, sample
 from engine.sampling import SamplingParams
@@ -61,7 +62,7 @@ class GenerationResult:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, rank: int = 0) -> None:
         self.config = config
         model_config = ModelConfig.from_pretrained(config.model_path)
         self.model_config = model_config
@@ -72,7 +73,8 @@ class Engine:
                 f"max_position_embeddings {model_config.max_position_embeddings}"
             )
         self.device = resolve_device(config.device)
-        self.runner = ModelRunner(model_config, config, self.device)
+        self.parallel = ParallelConfig(config.ep_size, rank, config.ep_num_redundant_experts)
+        self.runner = ModelRunner(model_config, config, self.device, self.parallel)
         self.pool = PagePool(self.runner.kv_cache.num_pages)
         cache = None if config.disable_radix_cache else RadixCache(config.page_size, self.pool.free)
         self.cache = cache
@@ -181,8 +183,13 @@ class Engine:
 
     # -- the step loop ----------------------------------------------------------------------
 
-    def step(self) -> list[StepOutput]:
+    def step(self, idle_forward: bool = False) -> list[StepOutput]:
+        """Run one batch. With `idle_forward` (expert parallelism: another rank has work), a
+        rank with nothing to run still runs the model on no tokens, to join the collectives."""
         batch = self.scheduler.schedule()
+        if batch is None and idle_forward:
+            self.runner.forward_idle()
+            return []
         if batch is None:
             if self.scheduler.num_waiting:
                 # Nothing runs, so every page is reclaimable: admission must succeed.

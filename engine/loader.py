@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -88,9 +88,20 @@ def _destination(params: dict[str, nn.Parameter], name: str, target: WeightTarge
     return dest
 
 
-def load_weights(model: LoadableModel, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
-    """Copy checkpoint tensors into the model; error on missing, unexpected or misshapen ones."""
-    targets = model.weight_map()
+WeightTargets = Mapping[str, "WeightTarget | tuple[WeightTarget, ...]"]
+
+
+def load_weights(
+    model: LoadableModel,
+    weights: Iterator[tuple[str, torch.Tensor]],
+    targets: WeightTargets | None = None,
+) -> None:
+    """Copy checkpoint tensors into the model; error on missing, unexpected or misshapen ones.
+
+    `targets` (default: the model's `weight_map()`) may send one tensor to several places
+    (replicated experts) or to none on this rank (an empty tuple: expected, not needed here).
+    """
+    targets = model.weight_map() if targets is None else targets
     params = dict(model.named_parameters())
     seen: set[str] = set()
     unexpected: list[str] = []
@@ -100,13 +111,14 @@ def load_weights(model: LoadableModel, weights: Iterator[tuple[str, torch.Tensor
             if not model.ignored_weight(name):
                 unexpected.append(name)
             continue
-        dest = _destination(params, name, target)
-        if tuple(dest.shape) != tuple(tensor.shape):
-            raise ValueError(
-                f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
-                f"but the model expects {tuple(dest.shape)} (config.json and weights disagree)"
-            )
-        dest.copy_(tensor)
+        for one in target if isinstance(target, tuple) else (target,):
+            dest = _destination(params, name, one)
+            if tuple(dest.shape) != tuple(tensor.shape):
+                raise ValueError(
+                    f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, but the model "
+                    f"expects {tuple(dest.shape)} (config.json and weights disagree)"
+                )
+            dest.copy_(tensor)
         seen.add(name)
     missing = sorted(set(targets) - seen)
     if missing or unexpected:

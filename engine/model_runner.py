@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 
 from engine.config import EngineConfig, ModelConfig
 from engine.device import Device
+from engine.eplb import initial_placement
 from engine.forward_batch import ForwardBatch
 from engine.kv_cache import KVCache, KVCacheSpec
 from engine.layers.attention import AttentionBackend, TorchAttentionBackend
-from engine.loader import iter_checkpoint, load_dummy_weights, load_weights
+from engine.layers.ep_moe import ExpertParallelExperts, expert_parallel_layers, shard_experts
+from engine.loader import (
+    WeightTarget,
+    WeightTargets,
+    iter_checkpoint,
+    load_dummy_weights,
+    load_weights,
+)
 from engine.models import CausalLM, build_model
+from engine.parallel import ParallelConfig
 from engine.scheduler import ScheduledBatch
 
 log = logging.getLogger(__name__)
@@ -21,10 +31,17 @@ CPU_DEFAULT_KV_BYTES = 256 << 20
 
 
 class ModelRunner:
-    def __init__(self, model_config: ModelConfig, config: EngineConfig, device: Device) -> None:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        config: EngineConfig,
+        device: Device,
+        parallel: ParallelConfig | None = None,
+    ) -> None:
         self.model_config = model_config
         self.config = config
         self.device = device
+        self.parallel = parallel or ParallelConfig()
         self.dtype = device.resolve_dtype(config.dtype)
         self.attention: AttentionBackend = TorchAttentionBackend()
         with torch.device(device.torch_device):
@@ -32,6 +49,7 @@ class ModelRunner:
             torch.set_default_dtype(self.dtype)
             try:
                 self.model: CausalLM = build_model(model_config, self.attention)
+                self.ep_layers = self._shard_experts()
             finally:
                 torch.set_default_dtype(torch_default)
         # RoPE tables stay float32 whatever the weights' dtype, like the reference.
@@ -54,13 +72,43 @@ class ModelRunner:
             self.kv_cache.total_bytes / 2**20,
         )
 
+    def _shard_experts(self) -> dict[str, ExpertParallelExperts]:
+        """With expert parallelism, keep only this rank's share of every MoE layer's experts."""
+        if not (self.parallel.enabled and self.model_config.is_moe):
+            return {}
+        placement = initial_placement(
+            self.model_config.num_experts,
+            self.parallel.ep_size,
+            self.parallel.num_redundant_experts,
+        )
+        shard_experts(self.model, self.parallel, placement)  # type: ignore[arg-type]
+        return expert_parallel_layers(self.model)  # type: ignore[arg-type]
+
+    def _weight_targets(self) -> WeightTargets:
+        """The model's weight map, with expert tensors sent to this rank's slots only."""
+        targets: dict[str, WeightTarget | tuple[WeightTarget, ...]] = dict(self.model.weight_map())
+        for name, layer in self.ep_layers.items():
+            for key, target in list(targets.items()):
+                if not isinstance(target, WeightTarget) or target.expert is None:
+                    continue
+                param_prefix, _, suffix = target.param.rpartition(".")
+                if param_prefix != name:
+                    continue
+                targets[key] = tuple(
+                    replace(target, param=f"{name}.local.{suffix}", expert=slot)
+                    for slot in layer.local_slots_of(target.expert)
+                )
+        return targets
+
     def _load_weights(self) -> None:
         fmt = self.config.load_format
         if fmt == "dummy":
             load_dummy_weights(self.model, self.config.seed)
         else:
             with torch.no_grad():
-                load_weights(self.model, iter_checkpoint(self.config.model_path))
+                load_weights(
+                    self.model, iter_checkpoint(self.config.model_path), self._weight_targets()
+                )
 
     def _num_pages(self) -> int:
         c, m = self.config, self.model_config
@@ -124,6 +172,27 @@ class ModelRunner:
         )
         self.attention.prepare(fb)
         return fb
+
+    @torch.inference_mode()
+    def forward_idle(self) -> None:
+        """A step with no tokens: a rank with no requests still joins its MoE collectives."""
+        dev = self.device.torch_device
+        empty = torch.zeros(0, dtype=torch.int64, device=dev)
+        fb = ForwardBatch(
+            input_ids=empty,
+            positions=empty,
+            out_slots=empty,
+            page_table=torch.zeros(0, 1, dtype=torch.int64, device=dev),
+            prefix_lens=empty,
+            extend_lens=empty,
+            logits_indices=empty,
+            max_extend_len=0,
+            max_seq_len=0,
+            kv_cache=self.kv_cache,
+            is_decode=True,
+        )
+        self.attention.prepare(fb)
+        self.model(fb)
 
     @torch.inference_mode()
     def forward(self, batch: ScheduledBatch) -> torch.Tensor:
