@@ -11,7 +11,6 @@ import grpc
 
 from decode_worker.convert import layout_to_proto
 from engine.async_engine import AsyncEngine
-from engine.engine import Engine
 from kv_transfer import KVLayout, KVPoolDescriptor, TransferEngine
 from protos import common_pb2
 
@@ -42,13 +41,19 @@ class WorkerRuntime:
         engine: AsyncEngine,
         layout: KVLayout,
         transfer: TransferEngine | None,
-        pool: KVPoolDescriptor | None,
+        pools: list[KVPoolDescriptor],
+        sessions: list[str],
     ) -> None:
+        """`pools[r]` and `sessions[r]`: where rank r's KV pool lives and its transfer session
+        (one of each per data-parallel rank; none in colocated mode)."""
+        if len(pools) != len(sessions):
+            raise ValueError(f"{len(pools)} KV pools but {len(sessions)} transfer sessions")
         self.settings = settings
         self.engine = engine
         self.layout = layout
         self.transfer = transfer
-        self.pool = pool
+        self.pools = pools
+        self.sessions = sessions
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def channel(self, endpoint: str) -> grpc.aio.Channel:
@@ -68,18 +73,16 @@ class WorkerRuntime:
         return common_pb2.AbortResponse(request_id=request.request_id, found=found)
 
     async def load(self, request: common_pb2.LoadRequest) -> common_pb2.LoadReport:
-        def report(e: Engine) -> common_pb2.LoadReport:
-            s = e.scheduler
-            return common_pb2.LoadReport(
-                request_id=request.request_id,
-                num_running=s.num_running,
-                num_waiting=s.num_waiting,
-                num_transferring=len(s.transferring),
-                num_free_pages=e.num_free_pages,
-                num_total_pages=e.pool.num_pages,
-            )
-
-        return await self.engine.call(report)
+        """Summed over every rank, as of the engine loop's latest iteration."""
+        loads = self.engine.loads
+        return common_pb2.LoadReport(
+            request_id=request.request_id,
+            num_running=sum(x.num_running for x in loads),
+            num_waiting=sum(x.num_waiting for x in loads),
+            num_transferring=sum(x.num_transferring for x in loads),
+            num_free_pages=sum(x.num_free_pages for x in loads),
+            num_total_pages=sum(x.num_total_pages for x in loads),
+        )
 
     def info(self, request: common_pb2.WorkerInfoRequest) -> common_pb2.WorkerInfo:
         e = self.engine.engine
@@ -90,5 +93,5 @@ class WorkerRuntime:
             context_length=e.context_length,
             vocab_size=e.model_config.vocab_size,
             layout=layout_to_proto(self.layout),
-            dp_size=1,
+            dp_size=self.engine.world,
         )

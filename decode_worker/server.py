@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,17 +20,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from decode_worker.convert import engine_layout
+from decode_worker.ranks import free_port, join_instance, start_children
 from decode_worker.registry import DEFAULT_PREFIX, RedisRegistration, WorkerRecord
 from decode_worker.runtime import ROLES, WorkerRuntime, WorkerSettings
 from decode_worker.servicer import DecodeServicer
 from engine.async_engine import AsyncEngine
 from engine.cli import add_engine_args, engine_config_from_args
+from engine.device import resolve_device
 from engine.engine import Engine
+from engine.parallel import ParallelConfig, init_process_group
 from kv_transfer import (
-    KVPoolDescriptor,
     TransferEngine,
     create_transfer_engine,
-    descriptor_from_tensors,
 )
 from prefill_worker.servicer import PrefillServicer
 from protos import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
@@ -58,16 +60,6 @@ def build_parser(default_role: str) -> argparse.ArgumentParser:
     return parser
 
 
-def register_pool(engine: Engine, transfer: TransferEngine, model_name: str) -> KVPoolDescriptor:
-    """Register every layer's K and V tensor with the transfer engine."""
-    kv = engine.runner.kv_cache
-    for tensor in (*kv.k, *kv.v):
-        rc = transfer.register_memory(tensor.data_ptr(), tensor.numel() * tensor.element_size())
-        if rc != 0:
-            raise RuntimeError(f"registering {tensor.numel()} KV elements failed: rc={rc}")
-    return descriptor_from_tensors(engine_layout(engine, model_name), kv.k, kv.v)
-
-
 def configure_mooncake(transfer_timeout_s: float) -> None:
     """Mooncake reads these once, when the first engine starts."""
     os.environ.setdefault("MC_LOG_LEVEL", "WARNING")
@@ -76,17 +68,24 @@ def configure_mooncake(transfer_timeout_s: float) -> None:
     os.environ.setdefault("MC_TCP_PROGRESS_TIMEOUT_SEC", str(max(1, int(transfer_timeout_s / 2))))
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def serve(args: argparse.Namespace, argv: list[str]) -> None:
     role = args.disaggregation_mode
     config = engine_config_from_args(args)
     model_name = args.served_model_name or Path(config.model_path).name
+    children = []
+    if config.ep_size > 1:
+        if role == "prefill":
+            raise SystemExit("expert parallelism on the prefill side is not supported yet")
+        master = f"{args.host}:{free_port(args.host)}"
+        children = start_children(argv, config.ep_size, master)
+        parallel = ParallelConfig(config.ep_size, 0, config.ep_num_redundant_experts)
+        init_process_group(parallel, resolve_device(config.device), master)
     engine = Engine(config)
     transfer: TransferEngine | None = None
-    pool: KVPoolDescriptor | None = None
     if role != "null":
         configure_mooncake(args.transfer_timeout)
         transfer = create_transfer_engine(args.transfer_backend, hostname=args.host)
-        pool = register_pool(engine, transfer, model_name)
+    ranks = join_instance(engine, transfer, model_name) or []
 
     server = grpc.aio.server()
     port = server.add_insecure_port(f"{args.host}:{args.port}")
@@ -98,7 +97,12 @@ async def serve(args: argparse.Namespace) -> None:
     )
     async_engine = AsyncEngine(engine)
     runtime = WorkerRuntime(
-        settings, async_engine, engine_layout(engine, model_name), transfer, pool
+        settings,
+        async_engine,
+        engine_layout(engine, model_name),
+        transfer,
+        [r.pool for r in ranks],
+        [r.session_id for r in ranks],
     )
     served = []
     if role in ("decode", "null"):
@@ -162,6 +166,11 @@ async def serve(args: argparse.Namespace) -> None:
     await server.stop(grace=5.0)
     watcher.cancel()
     async_engine.stop()
+    for child in children:
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
     if registration is not None:
         await registration.stop()
     await runtime.close()
@@ -173,6 +182,7 @@ def main(default_role: str, argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser(default_role).parse_args(argv)
-    asyncio.run(serve(args))
+    asyncio.run(serve(args, argv))
     return 0

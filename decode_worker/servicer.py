@@ -21,7 +21,7 @@ from decode_worker.convert import (
 )
 from decode_worker.runtime import WorkerRuntime
 from engine.async_engine import RequestAborted
-from engine.engine import Engine, StepOutput
+from engine.engine import StepOutput
 from engine.sampling import SamplingParams
 from kv_transfer import (
     KVReceiver,
@@ -94,7 +94,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     ) -> AsyncIterator[StepOutput]:
         req, rt = request.request, self.rt
         rid, tid = req.request_id, request.transfer_id
-        if rt.transfer is None or rt.pool is None:
+        if not rt.pools:
             raise ValueError(f"this worker (role {rt.settings.role}) takes no KV transfers")
         receiver = self.receivers.get_or_create(tid, lambda: KVReceiver(tid))
         self.transfer_of[rid] = tid
@@ -102,18 +102,20 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         finished = False
         prompt = list(req.token_ids)
         try:
-            pages = await rt.engine.call(lambda e: e.reserve_transfer(prompt, sampling, rid))
+            # The pages live in one data-parallel rank's pool; the prefill worker writes there.
+            rank, pages = await rt.engine.reserve_transfer(prompt, sampling, rid)
+            pool = rt.pools[rank]
             attach = prefill_pb2.AttachDestinationRequest(
                 request_id=rid,
                 transfer_id=tid,
                 decode_endpoint=rt.settings.endpoint,
-                session_id=rt.transfer.session_id,
+                session_id=rt.sessions[rank],
                 page_ids=pages,
-                k_base_addrs=list(rt.pool.k_base_addrs),
-                v_base_addrs=list(rt.pool.v_base_addrs),
+                k_base_addrs=list(pool.k_base_addrs),
+                v_base_addrs=list(pool.v_base_addrs),
                 layout=layout_to_proto(rt.layout),
-                dp_rank=0,
-                num_pages=rt.pool.num_pages,
+                dp_rank=rank,
+                num_pages=pool.num_pages,
             )
             stub = prefill_pb2_grpc.PrefillStub(rt.channel(request.prefill_endpoint))
             try:
@@ -130,11 +132,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             if not isinstance(done, decode_pb2.TransferDoneRequest):
                 raise TypeError(f"transfer {tid} completed with {type(done).__name__}")
             first = logprobs_from_proto(done.first_logprobs, done.HasField("first_logprobs"))
-
-            def join(e: Engine) -> StepOutput:
-                return e.complete_transfer(rid, done.first_token_id, first)
-
-            out = await rt.engine.call(join)
+            out = await rt.engine.complete_transfer(rid, done.first_token_id, first)
             finished = out.finished
             yield out
             if not finished:
@@ -146,7 +144,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             self.transfer_of.pop(rid, None)
             rt.engine.close_stream(rid)
             if not finished and rt.engine.alive:
-                await asyncio.shield(rt.engine.call(lambda e: e.abort(rid)))
+                await asyncio.shield(rt.engine.abort(rid))
 
     async def TransferDone(
         self, request: decode_pb2.TransferDoneRequest, context: grpc.aio.ServicerContext

@@ -1,29 +1,33 @@
-"""Drives an `Engine` on its own thread and serves it to asyncio code (the gRPC workers).
+"""Serves an engine instance (one rank, or N expert-parallel ranks) to asyncio code.
 
-Every engine call runs on the engine thread, between steps, so the engine itself needs no
-locks. Outputs travel back to each request's asyncio queue through the event loop.
+The local `Engine` is rank 0. A thread runs the lockstep loop (`engine.dp`): every engine call
+becomes a `Command` for one rank, run between steps, so no engine needs locks; step outputs
+travel back to each request's asyncio queue through the event loop. With N ranks, requests go
+to the data-parallel rank with the fewest requests in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import TypeVar
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
+from engine.dp import ALL_RANKS, Command, Iteration, LockstepRank, RankLoad
 from engine.engine import Engine, StepOutput
+from engine.sampler import TokenLogprobs
 from engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-_IDLE_WAIT_S = 0.05
+_IDLE_WAIT_S = 0.5  # an idle instance still iterates this often, to notice a dead rank
 
 
 class EngineDeadError(RuntimeError):
-    """The engine thread has stopped; no request can be served."""
+    """The engine loop has stopped (a rank died or the engine failed); nothing is served."""
 
 
 class RequestAborted(Exception):
@@ -34,11 +38,22 @@ class RequestAborted(Exception):
         self.request_id = request_id
 
 
+Stream = asyncio.Queue[StepOutput | BaseException]
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine) -> None:
+        if engine.parallel.rank != 0:
+            raise ValueError("AsyncEngine drives rank 0 of an instance")
         self.engine = engine
-        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._streams: dict[str, asyncio.Queue[StepOutput | BaseException]] = {}
+        self.world = engine.parallel.ep_size
+        self._lockstep = LockstepRank(engine)
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._ids = itertools.count()
+        self._futures: dict[int, asyncio.Future[Any]] = {}
+        self._streams: dict[str, Stream] = {}
+        self._rank_of: dict[str, int] = {}
+        self._loads: list[RankLoad] = []
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self.error: BaseException | None = None
@@ -46,6 +61,11 @@ class AsyncEngine:
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def loads(self) -> list[RankLoad]:
+        """Every rank's load after the latest iteration."""
+        return list(self._loads)
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -57,37 +77,78 @@ class AsyncEngine:
         if self._thread is not None:
             self._thread.join(timeout=10)
 
-    async def call(self, fn: Callable[[Engine], T]) -> T:
-        """Run `fn(engine)` on the engine thread and return its result (or raise its error)."""
+    # -- commands ---------------------------------------------------------------------------
+
+    async def _command(self, rank: int, op: str, *args: Any) -> Any:
         if not self.alive:
-            raise EngineDeadError(f"the engine thread is not running: {self.error!r}")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-
-        def command() -> None:
-            try:
-                result = fn(self.engine)
-            except BaseException as exc:  # delivered to the caller, not raised here
-                loop.call_soon_threadsafe(_settle, future, None, exc)
-            else:
-                loop.call_soon_threadsafe(_settle, future, result, None)
-
-        self._commands.put(command)
+            raise EngineDeadError(f"the engine loop is not running: {self.error!r}")
+        cid = next(self._ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._futures[cid] = future
+        self._commands.put(Command(cid, rank, op, args))
         return await future
+
+    def _pick_rank(self, request_id: str) -> int:
+        """The data-parallel rank with the fewest requests in flight (lowest rank on ties)."""
+        counts = [0] * self.world
+        for rank in self._rank_of.values():
+            counts[rank] += 1
+        rank = counts.index(min(counts))
+        self._rank_of[request_id] = rank
+        return rank
+
+    async def reserve_transfer(
+        self, prompt_ids: Sequence[int], sampling: SamplingParams, request_id: str
+    ) -> tuple[int, list[int]]:
+        """Pages for a prompt whose KV arrives by transfer: (rank, page ids on that rank)."""
+        rank = self._pick_rank(request_id)
+        try:
+            pages = await self._command(
+                rank, "reserve_transfer", list(prompt_ids), sampling, request_id
+            )
+        except BaseException:
+            self._rank_of.pop(request_id, None)
+            raise
+        return rank, pages
+
+    async def complete_transfer(
+        self, request_id: str, token_id: int, logprobs: TokenLogprobs | None
+    ) -> StepOutput:
+        out: StepOutput = await self._command(
+            self._rank_of[request_id], "complete_transfer", request_id, token_id, logprobs
+        )
+        if out.finished:
+            self._rank_of.pop(request_id, None)
+        return out
+
+    async def held_pages(self, request_id: str) -> list[int]:
+        pages: list[int] = await self._command(0, "held_pages", request_id)
+        return pages
+
+    async def release_held(self, request_id: str) -> bool:
+        return bool(await self._command(0, "release_held", request_id))
+
+    async def rebalance_experts(self) -> dict[str, tuple[float, float]]:
+        """EPLB now, on every rank; per layer the max/mean rank load before and after."""
+        report: dict[str, tuple[float, float]] = await self._command(ALL_RANKS, "rebalance_experts")
+        return report
 
     async def abort(self, request_id: str) -> bool:
         """Stop a request wherever it is, free its pages, and end its stream."""
-        found = await self.call(lambda e: e.abort(request_id))
+        rank = self._rank_of.pop(request_id, 0)
+        found = bool(await self._command(rank, "abort", request_id))
         stream = self._streams.get(request_id)
         if stream is not None:
             stream.put_nowait(RequestAborted(request_id))
         return found
 
-    def open_stream(self, request_id: str) -> asyncio.Queue[StepOutput | BaseException]:
+    # -- streams ----------------------------------------------------------------------------
+
+    def open_stream(self, request_id: str) -> Stream:
         """Register a request's output queue; must happen before its first token can come."""
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        stream: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
+        stream: Stream = asyncio.Queue()
         self._streams[request_id] = stream
         return stream
 
@@ -105,19 +166,22 @@ class AsyncEngine:
         stream = self.open_stream(request_id)
         finished = False
         try:
-            await self.call(lambda e: e.add_request(prompt_ids, sampling, request_id, hold_pages))
+            rank = 0 if hold_pages else self._pick_rank(request_id)
+            self._rank_of[request_id] = rank
+            await self._command(
+                rank, "add_request", list(prompt_ids), sampling, request_id, hold_pages
+            )
             async for out in self.iterate(stream):
                 finished = out.finished
                 yield out
         finally:
             self.close_stream(request_id)
             if not finished and self.alive:
-                await asyncio.shield(self.call(lambda e: e.abort(request_id)))
+                await asyncio.shield(self.abort(request_id))
+            self._rank_of.pop(request_id, None)
 
     @staticmethod
-    async def iterate(
-        stream: asyncio.Queue[StepOutput | BaseException],
-    ) -> AsyncIterator[StepOutput]:
+    async def iterate(stream: Stream) -> AsyncIterator[StepOutput]:
         while True:
             item = await stream.get()
             if isinstance(item, BaseException):
@@ -126,48 +190,58 @@ class AsyncEngine:
             if item.finished:
                 return
 
-    def deliver(self, outputs: list[StepOutput]) -> None:
-        """Engine thread: hand outputs to their streams (called through the event loop)."""
-        for out in outputs:
+    def _deliver(self, it: Iteration) -> None:
+        """Event loop: settle command futures and hand outputs to their streams."""
+        for res in it.results:
+            # A command for every rank answers once per rank: the first (rank 0's) settles it.
+            future = self._futures.pop(res.cid, None)
+            if future is None or future.done():
+                continue
+            if res.error is not None:
+                future.set_exception(res.error)
+            else:
+                future.set_result(res.value)
+        for _, out in it.outputs:
             stream = self._streams.get(out.request_id)
             if stream is not None:
                 stream.put_nowait(out)
+            if out.finished:
+                self._rank_of.pop(out.request_id, None)
+        self._loads = it.loads
 
-    # -- the engine thread ------------------------------------------------------------------
+    # -- the loop thread --------------------------------------------------------------------
 
     def _run(self, loop: asyncio.AbstractEventLoop) -> None:
+        busy = False
         try:
             while not self._stopping.is_set():
-                self._drain_commands(block=not self.engine.has_work())
-                if self.engine.has_work():
-                    outputs = self.engine.step()
-                    if outputs:
-                        loop.call_soon_threadsafe(self.deliver, outputs)
+                commands = self._drain(block=not busy)
+                it = self._lockstep.iterate(commands)
+                busy = any(load.num_running or load.num_waiting for load in it.loads)
+                loop.call_soon_threadsafe(self._deliver, it)
+            if self.world > 1:
+                self._lockstep.iterate(stop=True)
         except BaseException as exc:
-            log.exception("engine thread failed; failing every live request")
+            log.exception("engine loop failed; failing every live request")
             self.error = exc
             loop.call_soon_threadsafe(self._fail_all, exc)
 
-    def _drain_commands(self, block: bool) -> None:
+    def _drain(self, block: bool) -> list[Command]:
+        commands = []
         try:
-            command = self._commands.get(timeout=_IDLE_WAIT_S) if block else None
-            if command is not None:
-                command()
+            if block:
+                commands.append(self._commands.get(timeout=_IDLE_WAIT_S))
             while True:
-                self._commands.get_nowait()()
+                commands.append(self._commands.get_nowait())
         except queue.Empty:
             pass
+        return commands
 
     def _fail_all(self, exc: BaseException) -> None:
         error = EngineDeadError(f"the engine failed: {exc!r}")
         for stream in self._streams.values():
             stream.put_nowait(error)
-
-
-def _settle(future: asyncio.Future[T], result: T | None, exc: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(result)  # type: ignore[arg-type]
+        for future in self._futures.values():
+            if not future.done():
+                future.set_exception(error)
+        self._futures.clear()

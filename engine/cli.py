@@ -46,9 +46,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-prefill-tokens", type=int, default=16384)
     g.add_argument("--max-running-requests", type=int, default=256)
     g.add_argument("--disable-radix-cache", action="store_true")
+    g.add_argument("--ep-size", type=int, default=1, help="expert-parallel ranks (processes)")
+    g.add_argument("--dp-size", type=int, help="data-parallel attention ranks (= --ep-size)")
+    g.add_argument("--ep-num-redundant-experts", type=int, default=0)
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    if args.dp_size is not None and args.dp_size != args.ep_size:
+        # Attention is data-parallel over exactly the expert-parallel ranks.
+        raise ValueError(f"--dp-size ({args.dp_size}) must equal --ep-size ({args.ep_size})")
     kv_bytes = int(args.kv_cache_memory * 2**30) if args.kv_cache_memory else None
     return EngineConfig(
         model_path=str(args.model_path or default_model_dir()),
@@ -65,6 +71,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_prefill_tokens=args.max_prefill_tokens,
         max_running_requests=args.max_running_requests,
         disable_radix_cache=args.disable_radix_cache,
+        ep_size=args.ep_size,
+        ep_num_redundant_experts=args.ep_num_redundant_experts,
     )
 
 

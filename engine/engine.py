@@ -72,7 +72,7 @@ class Engine:
                 f"context_length {self.context_length} exceeds the model's "
                 f"max_position_embeddings {model_config.max_position_embeddings}"
             )
-        self.device = resolve_device(config.device)
+        self.device = resolve_device(config.device, index=rank)
         self.parallel = ParallelConfig(config.ep_size, rank, config.ep_num_redundant_experts)
         self.runner = ModelRunner(model_config, config, self.device, self.parallel)
         self.pool = PagePool(self.runner.kv_cache.num_pages)

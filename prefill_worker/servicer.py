@@ -42,11 +42,14 @@ _SENDER_MAX_AGE_FACTOR = 2.0
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     def __init__(self, runtime: WorkerRuntime) -> None:
-        if runtime.transfer is None or runtime.pool is None:
-            raise ValueError("a prefill worker needs a transfer engine and a registered KV pool")
+        if runtime.transfer is None or len(runtime.pools) != 1:
+            raise ValueError(
+                "a prefill worker needs a transfer engine and one registered KV pool "
+                "(expert parallelism on the prefill side is not supported yet)"
+            )
         self.rt = runtime
         self.writer = PageWriter(runtime.transfer)
-        self.pool = runtime.pool
+        self.pool = runtime.pools[0]
         self.senders: TransferTable[KVSender] = TransferTable()
 
     def _sender(self, transfer_id: int) -> KVSender:
@@ -123,10 +126,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         finally:
             self.senders.pop(tid)
             if self.rt.engine.alive:
-                await asyncio.shield(self.rt.engine.call(lambda e: e.release_held(rid)))
+                await asyncio.shield(self.rt.engine.release_held(rid))
 
     async def _write_pages(self, request_id: str, dest: Destination) -> int:
-        src_pages = await self.rt.engine.call(lambda e: e.held_pages(request_id))
+        src_pages = await self.rt.engine.held_pages(request_id)
         if len(src_pages) != len(dest.page_ids):
             raise ValueError(
                 f"request {request_id}: {len(src_pages)} prompt pages here but the decode "
