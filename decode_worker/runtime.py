@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import grpc
 
 from decode_worker.convert import layout_to_proto
+from decode_worker.metrics import WorkerMetrics
 from engine.async_engine import AsyncEngine
 from kv_transfer import KVLayout, KVPoolDescriptor, TransferEngine
 from protos import common_pb2
@@ -43,6 +44,7 @@ class WorkerRuntime:
         transfer: TransferEngine | None,
         pools: list[KVPoolDescriptor],
         sessions: list[str],
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         """`pools[r]` and `sessions[r]`: where rank r's KV pool lives and its transfer session
         (one of each per data-parallel rank; none in colocated mode)."""
@@ -54,6 +56,7 @@ class WorkerRuntime:
         self.transfer = transfer
         self.pools = pools
         self.sessions = sessions
+        self.metrics = metrics
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def channel(self, endpoint: str) -> grpc.aio.Channel:

@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from decode_worker.convert import engine_layout
+from decode_worker.metrics import WorkerMetrics
 from decode_worker.ranks import free_port, join_instance, start_children
 from decode_worker.registry import DEFAULT_PREFIX, RedisRegistration, WorkerRecord
 from decode_worker.runtime import ROLES, WorkerRuntime, WorkerSettings
@@ -57,6 +58,15 @@ def build_parser(default_role: str) -> argparse.ArgumentParser:
     g.add_argument("--registry", help="register in this Redis (redis://host:port/db)")
     g.add_argument("--registry-prefix", default=DEFAULT_PREFIX)
     g.add_argument("--registry-ttl", type=float, default=10.0, help="seconds")
+    g.add_argument("--metrics-port", type=int, default=0, help="/metrics port (0: pick one)")
+    g.add_argument(
+        "--expert-metrics-interval", type=float, default=10.0,
+        help="seconds between expert-load readings (expert parallelism only; 0: never)",
+    )  # fmt: skip
+    g.add_argument(
+        "--enable-eplb", action="store_true",
+        help="rebalance experts at every expert-load reading",
+    )  # fmt: skip
     return parser
 
 
@@ -96,6 +106,8 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
         transfer_timeout_s=args.transfer_timeout,
     )
     async_engine = AsyncEngine(engine)
+    metrics = WorkerMetrics(role, settings.endpoint)
+    metrics_port = metrics.serve(args.host, args.metrics_port)
     runtime = WorkerRuntime(
         settings,
         async_engine,
@@ -103,6 +115,7 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
         transfer,
         [r.pool for r in ranks],
         [r.session_id for r in ranks],
+        metrics,
     )
     served = []
     if role in ("decode", "null"):
@@ -140,6 +153,8 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
                 "endpoint": settings.endpoint,
                 "model": model_name,
                 "kv_pages": engine.pool.num_pages,
+                "metrics": f"http://{args.host}:{metrics_port}/metrics",
+                "ep_size": config.ep_size,
             }
         ),
         flush=True,
@@ -158,6 +173,9 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
             await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     watcher = asyncio.create_task(watch_engine())
+    reporter = asyncio.create_task(
+        metrics.run(async_engine, args.expert_metrics_interval, args.enable_eplb)
+    )
     await stop.wait()
     log.info("draining: NOT_SERVING, finishing in-flight calls")
     if registration is not None:
@@ -165,6 +183,7 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
     await health.enter_graceful_shutdown()
     await server.stop(grace=5.0)
     watcher.cancel()
+    reporter.cancel()
     async_engine.stop()
     for child in children:
         try:

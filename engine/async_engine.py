@@ -133,6 +133,15 @@ class AsyncEngine:
         report: dict[str, tuple[float, float]] = await self._command(ALL_RANKS, "rebalance_experts")
         return report
 
+    async def expert_loads(self) -> dict[str, list[int]]:
+        """Routing counts per logical expert of every MoE layer, over all ranks."""
+        loads: dict[str, list[int]] = await self._command(ALL_RANKS, "expert_loads")
+        return loads
+
+    async def expert_imbalance(self) -> dict[str, tuple[float, float]]:
+        report: dict[str, tuple[float, float]] = await self._command(ALL_RANKS, "expert_imbalance")
+        return report
+
     async def abort(self, request_id: str) -> bool:
         """Stop a request wherever it is, free its pages, and end its stream."""
         rank = self._rank_of.pop(request_id, 0)

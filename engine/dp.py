@@ -59,6 +59,8 @@ class RankLoad:
     num_transferring: int
     num_free_pages: int
     num_total_pages: int
+    prefix_hit_tokens: int = 0
+    prefix_query_tokens: int = 0
 
 
 @dataclass
@@ -80,6 +82,8 @@ def _load(engine: Engine) -> RankLoad:
         num_transferring=len(s.transferring),
         num_free_pages=engine.num_free_pages,
         num_total_pages=engine.pool.num_pages,
+        prefix_hit_tokens=engine.cache.hit_tokens if engine.cache else 0,
+        prefix_query_tokens=engine.cache.query_tokens if engine.cache else 0,
     )
 
 
@@ -102,6 +106,16 @@ def rebalance_experts(engine: Engine) -> dict[str, tuple[float, float]]:
     return report
 
 
+def expert_imbalance(engine: Engine) -> dict[str, tuple[float, float]]:
+    """Per MoE layer, the expected max/mean rank load of the current placement (a collective;
+    the same number twice, in `rebalance_experts`' shape)."""
+    report = {}
+    for name, layer in engine.runner.ep_layers.items():
+        imbalance = layer.placement.imbalance(global_load(layer))
+        report[name] = (imbalance, imbalance)
+    return report
+
+
 def expert_loads(engine: Engine) -> dict[str, list[int]]:
     """Routing counts per logical expert of every MoE layer, over all ranks (a collective)."""
     return {name: global_load(layer) for name, layer in engine.runner.ep_layers.items()}
@@ -111,6 +125,7 @@ def expert_loads(engine: Engine) -> dict[str, list[int]]:
 _GLOBAL_OPS: dict[str, Callable[[Engine], Any]] = {
     "rebalance_experts": rebalance_experts,
     "expert_loads": expert_loads,
+    "expert_imbalance": expert_imbalance,
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import replace
 
 import grpc
@@ -116,6 +117,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             )
         except Exception as exc:
             sender.fail(str(exc))
+            if self.rt.metrics is not None and dest is not None:
+                self.rt.metrics.transfer_failures.inc()
             if dest is not None:
                 await self._notify(dest, error=f"prefill worker failed: {exc}")
             code = status_for(exc)
@@ -139,7 +142,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         # No outer timeout here: the pages must stay held until the write has really ended.
         # Mooncake's own progress timeout (set by the server below the transfer timeout)
         # bounds a write to a peer that stopped answering.
+        start = time.perf_counter()
         await asyncio.to_thread(self.writer.write, dest.session_id, batch)
+        if self.rt.metrics is not None:
+            self.rt.metrics.transfer_seconds.observe(time.perf_counter() - start)
+            self.rt.metrics.transfer_bytes.inc(batch.total_bytes)
         return batch.total_bytes
 
     async def _notify(

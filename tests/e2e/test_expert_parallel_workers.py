@@ -87,3 +87,41 @@ def test_dead_rank_fails_health_and_requests(tiny_models: dict[str, Path]) -> No
                 raise AssertionError("a request on a broken instance succeeded")
 
         asyncio.run(main())
+
+
+def scrape(child_ready: dict[str, object]) -> dict[str, float]:
+    """`{sample line name+labels: value}` from a worker's /metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(str(child_ready["metrics"]), timeout=10) as resp:
+        text = resp.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def test_eplb_at_run_time_keeps_outputs_and_exports_metrics(tiny_models: dict[str, Path]) -> None:
+    model_dir = tiny_models[MODEL]
+    prompts = make_prompts(vocab_size=512)
+    expected = offline(model_dir, prompts)
+    flags = ("--ep-size", "2", "--ep-num-redundant-experts", "2", "--enable-eplb",
+             "--expert-metrics-interval", "1")  # fmt: skip
+    with worker("null", model_dir, *flags) as (child, endpoint):
+
+        async def run_all() -> list[list[int]]:
+            reqs = [request(f"eplb{i}-{time.monotonic()}", p) for i, p in enumerate(prompts)]
+            return list(await asyncio.gather(*(run_colocated(endpoint, r) for r in reqs)))
+
+        assert asyncio.run(run_all()) == expected
+        time.sleep(3)  # at least one expert-load reading and rebalance
+        samples = scrape(child.ready)
+        imbalance = [v for k, v in samples.items() if k.startswith("pdserve:expert_load_imbalance")]
+        assert imbalance and all(v >= 1.0 for v in imbalance), samples
+        assert any(k.startswith("pdserve:expert_load{") for k in samples)
+        assert any(k.startswith("pdserve:eplb_rebalances_total") for k in samples)
+        # Whatever was moved, outputs stay the same.
+        assert asyncio.run(run_all()) == expected
+        assert samples[next(k for k in samples if k.startswith("pdserve:worker_engine_alive"))] == 1

@@ -269,3 +269,33 @@ def test_mla_compressed_pages_transfer(tiny_models: dict[str, Path]) -> None:
             return list(out)
 
         assert asyncio.run(main()) == expected
+
+
+def test_transfer_metrics(model_dir: Path) -> None:
+    """The prefill worker counts the KV bytes it writes, on its /metrics."""
+    from tests.e2e.test_expert_parallel_workers import scrape
+
+    with (
+        worker("prefill", model_dir) as (prefill_child, prefill),
+        worker("decode", model_dir) as (decode_child, decode),
+    ):
+        assert asyncio.run(run_disaggregated(prefill, decode, request("m1", [1, 2, 3, 4])))
+        samples = scrape(prefill_child.ready)
+        sent = next(
+            v for k, v in samples.items() if k.startswith("pdserve:kv_transfer_bytes_total")
+        )
+        assert sent > 0
+        done = next(
+            v for k, v in samples.items() if k.startswith("pdserve:kv_transfer_seconds_count")
+        )
+        assert done == 1
+        deadline = time.monotonic() + 5  # gauges refresh once a second
+        while True:
+            decode_samples = scrape(decode_child.ready)
+            total = next(
+                v for k, v in decode_samples.items() if k.startswith("pdserve:kv_pages_total")
+            )
+            if total > 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert total > 0
