@@ -30,6 +30,7 @@ from engine.layers.moe import FusedExperts, select_experts_grouped
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, softmax_mscale
 from engine.loader import WeightTarget
+from engine.models.base import DecoderOnlyLM
 from engine.models.llama import MLP
 
 # DeepSeek builds its q_a/kv_a norms without passing config.rms_norm_eps (reference and
@@ -170,14 +171,12 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class DeepseekV3ForCausalLM(nn.Module):
+class DeepseekV3ForCausalLM(DecoderOnlyLM):
     def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
-        super().__init__()
         if config.mla is None:
             raise ValueError(f"{config.architecture} needs MLA settings")
-        self.config = config
+        super().__init__(config)
         self.mla = config.mla
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         # One rotary table, over the rope part of each head only, shared by every layer.
         self.rotary = RotaryEmbedding(
             config.rope,
@@ -188,24 +187,6 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(config, i, self.rotary, backend) for i in range(config.num_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = (
-            None
-            if config.tie_word_embeddings
-            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        )
-
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Final hidden states `[T, hidden]` of the step's new tokens."""
-        x = self.embed_tokens(batch.input_ids)
-        for layer in self.layers:
-            x = layer(x, batch)
-        return self.norm(x)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits `[B, vocab]` in float32 for the given hidden rows."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
 
     def kv_cache_spec(self) -> KVCacheSpec:
         """One "head" per token: K holds the latent `c_kv`, V the rotary key `k_pe`."""

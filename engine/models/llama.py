@@ -19,6 +19,7 @@ from engine.layers.moe import FusedExperts, select_experts
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 from engine.loader import WeightTarget
+from engine.models.base import DecoderOnlyLM
 
 
 class Attention(nn.Module):
@@ -110,35 +111,15 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(DecoderOnlyLM):
     def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
-        super().__init__()
-        self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        super().__init__(config)
         rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
         # One rotary table shared by every layer (registered once, on the model).
         self.rotary = rotary
         self.layers = nn.ModuleList(
             DecoderLayer(config, i, rotary, backend) for i in range(config.num_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = (
-            None
-            if config.tie_word_embeddings
-            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        )
-
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Final hidden states `[T, hidden]` of the step's new tokens."""
-        x = self.embed_tokens(batch.input_ids)
-        for layer in self.layers:
-            x = layer(x, batch)
-        return self.norm(x)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits `[B, vocab]` in float32 for the given hidden rows."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
 
     def kv_cache_spec(self) -> KVCacheSpec:
         """Per-head K and V of `head_dim` for each of the `num_kv_heads` heads."""

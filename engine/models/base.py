@@ -1,0 +1,41 @@
+"""What every decoder-only model here shares: embeddings in, a stack of layers, a final norm,
+and an LM head that may be tied to the embeddings."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import ModelConfig
+from engine.forward_batch import ForwardBatch
+from engine.layers.norm import RMSNorm
+
+
+class DecoderOnlyLM(nn.Module):
+    """Subclasses build `self.layers` (each called as `layer(x, batch)`) and `self.rotary`."""
+
+    layers: nn.ModuleList
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Final hidden states `[T, hidden]` of the step's new tokens."""
+        x = self.embed_tokens(batch.input_ids)
+        for layer in self.layers:
+            x = layer(x, batch)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits `[B, vocab]` in float32 for the given hidden rows."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
