@@ -82,8 +82,10 @@ class ExpertParallelExperts(nn.Module):
         flat_ids = topk_ids.flatten()
         self.load += torch.bincount(flat_ids, minlength=self.num_experts)
         token_of = torch.arange(num_tokens, device=x.device).repeat_interleave(top_k)
-        # One replica per (token, expert) pair, spread by token index.
-        slot = self.replica_table[flat_ids, token_of % self.replica_count[flat_ids]]
+        # One replica per (token, expert) pair, spread by token index offset by rank: at small
+        # batches every rank's token 0 would otherwise pick the same copy.
+        spread = token_of + self.parallel.rank
+        slot = self.replica_table[flat_ids, spread % self.replica_count[flat_ids]]
         dest = slot // slots_per_rank
         order = torch.argsort(dest, stable=True)
         send_counts = torch.bincount(dest, minlength=world)
