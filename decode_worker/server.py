@@ -58,6 +58,10 @@ def build_parser(default_role: str) -> argparse.ArgumentParser:
     g.add_argument("--registry", help="register in this Redis (redis://host:port/db)")
     g.add_argument("--registry-prefix", default=DEFAULT_PREFIX)
     g.add_argument("--registry-ttl", type=float, default=10.0, help="seconds")
+    g.add_argument(
+        "--drain-timeout", type=float, default=60.0,
+        help="on SIGTERM, seconds to let in-flight requests finish",
+    )  # fmt: skip
     g.add_argument("--metrics-port", type=int, default=0, help="/metrics port (0: pick one)")
     g.add_argument(
         "--expert-metrics-interval", type=float, default=10.0,
@@ -68,6 +72,19 @@ def build_parser(default_role: str) -> argparse.ArgumentParser:
         help="rebalance experts at every expert-load reading",
     )  # fmt: skip
     return parser
+
+
+async def drain(engine: AsyncEngine, timeout_s: float) -> None:
+    """Wait until no request is in flight on any rank (or the timeout passes)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while engine.alive and loop.time() < deadline:
+        busy = engine.has_streams() or any(
+            x.num_running or x.num_waiting or x.num_transferring for x in engine.loads
+        )
+        if not busy:
+            return
+        await asyncio.sleep(0.1)
 
 
 def configure_mooncake(transfer_timeout_s: float) -> None:
@@ -177,10 +194,11 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
         metrics.run(async_engine, args.expert_metrics_interval, args.enable_eplb)
     )
     await stop.wait()
-    log.info("draining: NOT_SERVING, finishing in-flight calls")
+    log.info("draining: NOT_SERVING, finishing in-flight requests")
     if registration is not None:
         await registration.set_draining()
     await health.enter_graceful_shutdown()
+    await drain(async_engine, args.drain_timeout)
     await server.stop(grace=5.0)
     watcher.cancel()
     reporter.cancel()

@@ -161,6 +161,10 @@ class AsyncEngine:
         self._streams[request_id] = stream
         return stream
 
+    def has_streams(self) -> bool:
+        """Whether any request's output is still being streamed to a caller."""
+        return bool(self._streams)
+
     def close_stream(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -299,3 +300,24 @@ def test_transfer_metrics(model_dir: Path) -> None:
                 break
             time.sleep(0.2)
         assert total > 0
+
+
+def test_sigterm_drains_in_flight_requests(model_dir: Path) -> None:
+    """A worker told to stop finishes what it is serving before it exits."""
+    with worker("null", model_dir) as (child, endpoint):
+
+        async def main() -> list[int]:
+            async with grpc.aio.insecure_channel(endpoint) as ch:
+                stream = decode_pb2_grpc.DecodeStub(ch).Generate(
+                    decode_pb2.DecodeRequest(request=request("drain", [5, 6, 7], max_new=300))
+                )
+                tokens: list[int] = []
+                async for r in stream:
+                    tokens.extend(r.chunk.token_ids)
+                    if len(tokens) == 3:
+                        child.proc.send_signal(signal.SIGTERM)
+                return tokens
+
+        tokens = asyncio.run(main())
+        assert len(tokens) == 300
+        assert child.proc.wait(timeout=30) == 0
