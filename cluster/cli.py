@@ -10,9 +10,11 @@ Qwen3-MoE checkpoint generated locally, on the CPU.
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import time
+from typing import Any
 
 from cluster.local import ChildFailed, LocalCluster, LocalClusterSpec
 
@@ -70,6 +72,105 @@ def _local(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _connect(address: str) -> Any:
+    import ray
+
+    from cluster.controller import CONTROLLER, NAMESPACE
+
+    ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
+    try:
+        return ray.get_actor(CONTROLLER, namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    cols = ["name", "role", "node", "endpoint", "ranks", "health", "restarts", "last_recovery_s"]
+    cells = [[("" if r.get(c) is None else (f"{r[c]:.1f}" if isinstance(r[c], float) else
+               str(r[c]))) for c in cols] for r in rows]  # fmt: skip
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def _up(args: argparse.Namespace) -> int:
+    import ray
+
+    from cluster.controller import CONTROLLER, NAMESPACE, Controller
+    from cluster.spec import ClusterSpec, SpecError
+
+    try:
+        spec = ClusterSpec.load(args.spec) if args.spec else ClusterSpec()
+    except (OSError, SpecError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if _connect(args.address) is not None:
+        print("error: a pdserve cluster is already up here (pdserve down first)", file=sys.stderr)
+        return 1
+    model_path = spec.model.path
+    if model_path is None:
+        from engine.cli import default_model_dir
+
+        model_path = str(default_model_dir())
+    start = time.monotonic()
+    controller: Any = (
+        ray.remote(Controller)
+        .options(name=CONTROLLER, namespace=NAMESPACE, lifetime="detached", num_cpus=0)
+        .remote(_spec_dict(args.spec), model_path, args.log_dir)
+    )
+    urls: dict[str, str] = ray.get(controller.up.remote())
+    print(f"pdserve is up at {urls['url']} ({time.monotonic() - start:.1f} s; registry "
+          f"{urls['redis']})\n")  # fmt: skip
+    print(_table(ray.get(controller.status.remote())))
+    return 0
+
+
+def _spec_dict(path: str | None) -> dict[str, Any]:
+    import yaml
+
+    return (yaml.safe_load(open(path).read()) or {}) if path else {}
+
+
+def _status(args: argparse.Namespace) -> int:
+    import ray
+
+    controller = _connect(args.address)
+    if controller is None:
+        print("no pdserve cluster is up", file=sys.stderr)
+        return 1
+    print(_table(ray.get(controller.status.remote())))
+    return 0
+
+
+def _scale(args: argparse.Namespace) -> int:
+    import ray
+
+    controller = _connect(args.address)
+    if controller is None:
+        print("no pdserve cluster is up", file=sys.stderr)
+        return 1
+    try:
+        print(_table(ray.get(controller.scale.remote(args.prefill, args.decode))))
+    except ray.exceptions.RayTaskError as exc:
+        print(f"error: {exc.cause}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    import ray
+
+    controller = _connect(args.address)
+    if controller is None:
+        print("no pdserve cluster is up", file=sys.stderr)
+        return 1
+    ray.get(controller.down.remote())
+    ray.kill(controller)
+    print("pdserve is down")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pdserve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,9 +181,27 @@ def main(argv: list[str] | None = None) -> int:
     local.add_argument("--host", default="127.0.0.1")
     local.add_argument("--port", type=int, default=8000)
     local.add_argument("--log-dir", default="logs", help="where children's stderr goes")
+    up = sub.add_parser("up", help="place a cluster spec on a Ray cluster and supervise it")
+    up.add_argument("spec", nargs="?", help="cluster spec YAML (default: the embedded demo)")
+    up.add_argument("--log-dir", default="/tmp/pdserve-logs", help="on every node")
+    commands = (
+        ("status", "workers, roles, nodes, health, restarts"),
+        ("scale", "add or drain workers"),
+        ("down", "stop everything"),
+    )
+    for name, helptext in commands:
+        p = sub.add_parser(name, help=helptext)
+        if name == "scale":
+            p.add_argument("--prefill", type=int)
+            p.add_argument("--decode", type=int)
+    for p in (up, *(sub.choices[n] for n in ("status", "scale", "down"))):
+        p.add_argument("--address", default="auto", help="Ray cluster address")
     args, extra = parser.parse_known_args(argv)
     if args.command == "local":
         return _local(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return {"up": _up, "status": _status, "scale": _scale, "down": _down}[args.command](args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -62,6 +62,11 @@ def build_parser(default_role: str) -> argparse.ArgumentParser:
         "--drain-timeout", type=float, default=60.0,
         help="on SIGTERM, seconds to let in-flight requests finish",
     )  # fmt: skip
+    g.add_argument(
+        "--dist-init-addr",
+        help="host:port where the instance's ranks meet; given when a launcher starts ranks "
+        "1..N-1 itself (python -m decode_worker.ranks), otherwise rank 0 starts them",
+    )
     g.add_argument("--metrics-port", type=int, default=0, help="/metrics port (0: pick one)")
     g.add_argument(
         "--expert-metrics-interval", type=float, default=10.0,
@@ -103,8 +108,11 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
     if config.ep_size > 1:
         if role == "prefill":
             raise SystemExit("expert parallelism on the prefill side is not supported yet")
-        master = f"{args.host}:{free_port(args.host)}"
-        children = start_children(argv, config.ep_size, master)
+        if args.dist_init_addr:
+            master = args.dist_init_addr  # ranks 1..N-1 are started by the launcher (Ray)
+        else:
+            master = f"{args.host}:{free_port(args.host)}"
+            children = start_children(argv, config.ep_size, master)
         parallel = ParallelConfig(config.ep_size, 0, config.ep_num_redundant_experts)
         init_process_group(parallel, resolve_device(config.device), master)
     engine = Engine(config)
