@@ -29,6 +29,7 @@ from kv_transfer import (
     LayoutMismatchError,
     PageWriter,
     TransferError,
+    TransferState,
     TransferTable,
     build_write_batch,
     check_compatible,
@@ -116,7 +117,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 transferred_bytes=nbytes,
             )
         except Exception as exc:
-            sender.fail(str(exc))
+            if sender.state is not TransferState.SUCCESS:  # the pages may be written already
+                sender.fail(str(exc))
             if self.rt.metrics is not None and dest is not None:
                 self.rt.metrics.transfer_failures.inc()
             if dest is not None:
