@@ -72,7 +72,8 @@ def _local(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _connect(address: str) -> Any:
+def _connect(address: str | None) -> Any:
+    """Attach to a Ray cluster (None: start one inside this process) and find the controller."""
     import ray
 
     from cluster.controller import CONTROLLER, NAMESPACE
@@ -105,7 +106,7 @@ def _up(args: argparse.Namespace) -> int:
     except (OSError, SpecError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if _connect(args.address) is not None:
+    if _connect(None if args.foreground else args.address) is not None:
         print("error: a pdserve cluster is already up here (pdserve down first)", file=sys.stderr)
         return 1
     model_path = spec.model.path
@@ -123,6 +124,21 @@ def _up(args: argparse.Namespace) -> int:
     print(f"pdserve is up at {urls['url']} ({time.monotonic() - start:.1f} s; registry "
           f"{urls['redis']})\n")  # fmt: skip
     print(_table(ray.get(controller.status.remote())))
+    if not args.foreground:
+        return 0
+    print("\nserving until Ctrl-C", flush=True)
+    stop = False
+
+    def on_signal(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    while not stop:
+        time.sleep(0.5)
+    ray.get(controller.down.remote())
+    ray.shutdown()
     return 0
 
 
@@ -184,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="place a cluster spec on a Ray cluster and supervise it")
     up.add_argument("spec", nargs="?", help="cluster spec YAML (default: the embedded demo)")
     up.add_argument("--log-dir", default="/tmp/pdserve-logs", help="on every node")
+    up.add_argument(
+        "--foreground",
+        action="store_true",
+        help="start a one-machine Ray cluster in this process and serve until Ctrl-C",
+    )
     commands = (
         ("status", "workers, roles, nodes, health, restarts"),
         ("scale", "add or drain workers"),

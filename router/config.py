@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from router.policy import POLICIES
+from router.admission import AdmissionConfig
+from router.health import HealthConfig
+from router.policy import POLICIES, CacheAwareOptions, PolicySpec
+from router.registry import RegistryConfig
+from router.resilience import RetryConfig
 from router.workers import endpoint_of
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20
@@ -25,15 +29,37 @@ class RouterConfig:
     port: int = 8000
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     startup_timeout_s: float = 60.0  # how long discovery waits for the workers
-    policy: str = "round_robin"
+    # Policies: --policy sets both roles; unset, prefill is cache_aware and decode least_load
+    # (colocated workers use the decode policy, cache_aware by default: they own their cache).
+    policy: str | None = None
+    prefill_policy: str | None = None
+    decode_policy: str | None = None
+    cache_threshold: float = CacheAwareOptions.cache_threshold
+    balance_abs_threshold: int = CacheAwareOptions.balance_abs_threshold
+    balance_rel_threshold: float = CacheAwareOptions.balance_rel_threshold
+    max_tree_size: int = CacheAwareOptions.max_tree_size
+    # Resilience (each group validates its own flags).
+    health: HealthConfig = field(default_factory=HealthConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    admin_key: str | None = None  # None: no admin API
 
     def __post_init__(self) -> None:
         if not (Path(self.model_path) / "tokenizer.json").is_file():
             raise ValueError(f"--model-path {self.model_path!r} has no tokenizer.json")
-        if bool(self.workers) == bool(self.prefill or self.decode):
+        if self.workers and (self.prefill or self.decode):
             raise ValueError("give either --worker URLs, or --prefill and --decode URLs")
-        if (self.prefill or self.decode) and not (self.prefill and self.decode):
-            raise ValueError("disaggregated mode needs at least one --prefill and one --decode")
+        if self.registry.url is None:
+            # Without a registry the static workers are all there is.
+            if not (self.workers or self.prefill or self.decode):
+                raise ValueError(
+                    "give either --worker URLs, or --prefill and --decode URLs (or --registry)"
+                )
+            if (self.prefill or self.decode) and not (self.prefill and self.decode):
+                raise ValueError("disaggregated mode needs at least one --prefill and one --decode")
+        if self.admin_key is not None and not self.admin_key.strip():
+            raise ValueError("--admin-key must not be empty")
         for url in (*self.workers, *self.prefill, *self.decode):
             endpoint_of(url)  # raises ValueError naming the URL
         if not 0 <= self.port < 65536:
@@ -42,8 +68,35 @@ class RouterConfig:
             raise ValueError(f"--max-body-bytes must be >= 1024, got {self.max_body_bytes}")
         if self.startup_timeout_s <= 0:
             raise ValueError(f"--startup-timeout must be > 0, got {self.startup_timeout_s}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"--policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
+        for flag, name in (
+            ("--policy", self.policy),
+            ("--prefill-policy", self.prefill_policy),
+            ("--decode-policy", self.decode_policy),
+        ):
+            if name is not None and name not in POLICIES:
+                raise ValueError(f"{flag} must be one of {sorted(POLICIES)}, got {name!r}")
+        self._cache_aware_options()  # ValueError naming the bad threshold
+
+    def _cache_aware_options(self) -> CacheAwareOptions:
+        return CacheAwareOptions(
+            cache_threshold=self.cache_threshold,
+            balance_abs_threshold=self.balance_abs_threshold,
+            balance_rel_threshold=self.balance_rel_threshold,
+            max_tree_size=self.max_tree_size,
+        )
+
+    @property
+    def prefill_policy_spec(self) -> PolicySpec:
+        """The prefill workers' policy (``make_policy(spec, load_of)`` builds it)."""
+        name = self.prefill_policy or self.policy or "cache_aware"
+        return PolicySpec(name, self._cache_aware_options())
+
+    @property
+    def decode_policy_spec(self) -> PolicySpec:
+        """The decode workers' policy, which colocated workers use too."""
+        default = "cache_aware" if self.workers else "least_load"
+        name = self.decode_policy or self.policy or default
+        return PolicySpec(name, self._cache_aware_options())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +138,49 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="seconds to wait for every worker's GetInfo",
     )
-    p.add_argument("--policy", default="round_robin", choices=sorted(POLICIES))
+    policies = sorted(POLICIES)
+    p.add_argument(
+        "--policy",
+        choices=policies,
+        help="policy of both roles (default: cache_aware for prefill and colocated workers, "
+        "least_load for decode)",
+    )
+    p.add_argument("--prefill-policy", choices=policies, help="prefill workers' policy")
+    p.add_argument(
+        "--decode-policy", choices=policies, help="decode (and colocated) workers' policy"
+    )
+    p.add_argument(
+        "--cache-threshold",
+        type=float,
+        default=CacheAwareOptions.cache_threshold,
+        help="cache_aware: route by cache when matched/prompt tokens exceed this",
+    )
+    p.add_argument(
+        "--balance-abs-threshold",
+        type=int,
+        default=CacheAwareOptions.balance_abs_threshold,
+        help="cache_aware: load is imbalanced when max - min requests exceed this ...",
+    )
+    p.add_argument(
+        "--balance-rel-threshold",
+        type=float,
+        default=CacheAwareOptions.balance_rel_threshold,
+        help="... and max > min * this; then the least loaded worker gets the request",
+    )
+    p.add_argument(
+        "--max-tree-size",
+        type=int,
+        default=CacheAwareOptions.max_tree_size,
+        help="cache_aware: prompt tokens remembered per worker (LRU beyond)",
+    )
+    RegistryConfig.add_args(p)
+    HealthConfig.add_args(p)
+    RetryConfig.add_args(p)
+    AdmissionConfig.add_args(p)
+    p.add_argument(
+        "--admin-key",
+        help="enables /admin/* for clients sending Authorization: Bearer KEY",
+    )
     return p
 
 
@@ -101,4 +196,15 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         max_body_bytes=args.max_body_bytes,
         startup_timeout_s=args.startup_timeout,
         policy=args.policy,
+        prefill_policy=args.prefill_policy,
+        decode_policy=args.decode_policy,
+        cache_threshold=args.cache_threshold,
+        balance_abs_threshold=args.balance_abs_threshold,
+        balance_rel_threshold=args.balance_rel_threshold,
+        max_tree_size=args.max_tree_size,
+        health=HealthConfig.from_args(args),
+        retry=RetryConfig.from_args(args),
+        registry=RegistryConfig.from_args(args),
+        admission=AdmissionConfig.from_args(args),
+        admin_key=args.admin_key,
     )

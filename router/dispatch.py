@@ -83,9 +83,12 @@ async def disaggregated(
     decode_endpoint: str,
     request: WorkerRequest,
     abort: AbortFn,
+    on_prefill_done: Callable[[], None] | None = None,
 ) -> AsyncGenerator[WorkerEvent, None]:
     """The decode stream carries every token, the first included; the prefill call only
-    reports success (or the error that dooms the request)."""
+    reports success (or the error that dooms the request). Once a token arrived the pages are
+    on the decode worker, so a later prefill failure is ignored. ``on_prefill_done`` runs when
+    the prefill call ends, however it ends."""
     tid = new_transfer_id()
     msg = request_to_proto(request)
     decode_call = decode_stub.Generate(
@@ -93,17 +96,19 @@ async def disaggregated(
     )
     prefill_call = prefill_stub.Prefill(prefill_pb2.PrefillRequest(request=msg, transfer_id=tid))
     prefill_done: asyncio.Future[prefill_pb2.PrefillResponse] = asyncio.ensure_future(prefill_call)
+    if on_prefill_done is not None:
+        prefill_done.add_done_callback(lambda _: on_prefill_done())
     read: asyncio.Future[Any] | None = None
-    finished = False
+    finished = decoding = False
     try:
         while True:
             if read is None:
                 read = asyncio.ensure_future(decode_call.read())
             waiting: set[asyncio.Future[Any]] = {read}
-            if not prefill_done.done():
+            if not (prefill_done.done() or decoding):
                 waiting.add(prefill_done)
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            failure = _exception(prefill_done) if prefill_done.done() else None
+            failure = _exception(prefill_done) if prefill_done.done() and not decoding else None
             if failure is not None:
                 raise rpc_error(failure, prefill_endpoint) from None
             if not read.done():
@@ -112,7 +117,7 @@ async def disaggregated(
                 reply = read.result()
             except grpc.aio.AioRpcError as exc:
                 # A failed prefill usually fails the decode side too; its error says why.
-                cause = _exception(prefill_done) if prefill_done.done() else None
+                cause = _exception(prefill_done) if prefill_done.done() and not decoding else None
                 if cause is not None:
                     raise rpc_error(cause, prefill_endpoint) from None
                 raise rpc_error(exc, decode_endpoint) from None
@@ -124,6 +129,7 @@ async def disaggregated(
                     decode_endpoint,
                 )
             event = event_from_proto(reply, decode_endpoint)
+            decoding = True
             finished = isinstance(event, Finished)
             if isinstance(event, Finished) and prefill_done.done():
                 event = _with_prefill_cache(event, prefill_done)

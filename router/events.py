@@ -47,14 +47,18 @@ class Finished:
 
 WorkerEvent = TokenChunk | Finished
 
-# INVALID_ARGUMENT and OUT_OF_RANGE are the client's fault; the rest is ours, and retryable
-# once retries exist (RESOURCE_EXHAUSTED: no KV room now; UNAVAILABLE: peer or transfer lost).
+# INVALID_ARGUMENT and OUT_OF_RANGE are the client's fault; the rest is ours. These may go
+# away on another worker or a moment later (RESOURCE_EXHAUSTED: no KV room now; UNAVAILABLE:
+# worker, peer or transfer lost; INTERNAL/UNKNOWN: a worker bug or a broken stream), so
+# ``router.resilience`` retries them; the others (NOT_FOUND, UNIMPLEMENTED...) would fail again.
 _CLIENT_ERRORS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE})
 _RETRYABLE = frozenset(
     {
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
     }
 )
 _FINISH = {

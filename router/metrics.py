@@ -1,9 +1,16 @@
 """The router's Prometheus metrics, in a registry of its own (one per app, so tests can build
-several apps in one process)."""
+several apps in one process). Every name the router exports is written here.
+
+Per-worker gauges (health, circuit state, in-flight requests, last load report) are read
+from the pool at scrape time (``watch_workers``), so a worker that leaves the pool leaves no
+stale series behind.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import (
     CollectorRegistry,
@@ -13,7 +20,9 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
@@ -69,8 +78,110 @@ class RouterMetrics:
             registry=self.registry,
         )
 
+        self.worker_errors = Counter(
+            "pdserve:router_worker_errors",
+            "Worker attempts that failed, by worker, role and gRPC status.",
+            ["worker", "role", "code"],
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "pdserve:router_retries",
+            "Attempts retried on a fresh pair before the first token, by the failure's status.",
+            ["code"],
+            registry=self.registry,
+        )
+        self.migrations = Counter(
+            "pdserve:router_migrations",
+            "Requests moved to a fresh pair mid-stream, by the failure's gRPC status.",
+            ["code"],
+            registry=self.registry,
+        )
+        self.policy_decisions = Counter(
+            "pdserve:router_policy_decisions",
+            "Workers chosen by the load-balancing policies, by policy, role and worker.",
+            ["policy", "role", "worker"],
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "pdserve:router_queue_depth",
+            "Requests waiting for a slot under --max-concurrent-requests.",
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "pdserve:router_rejected_requests",
+            "Requests refused with 429, by reason (queue_full, queue_timeout).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.registry_up = Gauge(
+            "pdserve:router_registry_up",
+            "1 when the last poll of the Redis worker registry succeeded, else 0.",
+            registry=self.registry,
+        )
+        self.membership = Counter(
+            "pdserve:router_worker_membership_changes",
+            "Workers added to or removed from the pool, by source and change.",
+            ["source", "change"],
+            registry=self.registry,
+        )
+
+    def watch_workers(self, workers: Callable[[], Iterable[WorkerSample]]) -> None:
+        """Export per-worker gauges read from ``workers()`` at every scrape."""
+        self.registry.register(_WorkerCollector(workers))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+@dataclass(frozen=True)
+class WorkerSample:
+    """One worker's state at scrape time; ``None`` load fields: no GetLoad report yet."""
+
+    endpoint: str
+    role: str
+    healthy: bool
+    circuit_state: int  # 0 closed, 1 half-open, 2 open
+    draining: bool
+    in_flight: int
+    num_running: int | None = None
+    num_waiting: int | None = None
+    num_free_pages: int | None = None
+    num_total_pages: int | None = None
+
+
+_WORKER_GAUGES: tuple[tuple[str, str, Callable[[WorkerSample], float | None]], ...] = (
+    ("pdserve:router_worker_healthy", "1 when the worker's last health check said SERVING.",
+     lambda w: float(w.healthy)),
+    ("pdserve:router_worker_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.",
+     lambda w: float(w.circuit_state)),
+    ("pdserve:router_worker_draining", "1 when the worker takes no new requests.",
+     lambda w: float(w.draining)),
+    ("pdserve:router_worker_in_flight_requests", "Requests the router has on the worker now.",
+     lambda w: float(w.in_flight)),
+    ("pdserve:router_worker_running_requests", "Running requests, from the last GetLoad.",
+     lambda w: w.num_running),
+    ("pdserve:router_worker_waiting_requests", "Queued requests, from the last GetLoad.",
+     lambda w: w.num_waiting),
+    ("pdserve:router_worker_kv_free_pages", "Free KV pages, from the last GetLoad.",
+     lambda w: w.num_free_pages),
+    ("pdserve:router_worker_kv_total_pages", "KV pages in all, from the last GetLoad.",
+     lambda w: w.num_total_pages),
+)  # fmt: skip
+
+
+class _WorkerCollector(Collector):
+    def __init__(self, workers: Callable[[], Iterable[WorkerSample]]) -> None:
+        self._workers = workers
+
+    def collect(self) -> Iterator[Metric]:
+        samples = list(self._workers())
+        for name, doc, value_of in _WORKER_GAUGES:
+            family = GaugeMetricFamily(name, doc, labels=["worker", "role"])
+            for w in samples:
+                value = value_of(w)
+                if value is not None:
+                    family.add_metric([w.endpoint, w.role], value)
+            yield family
 
 
 class TokenTimer:

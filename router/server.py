@@ -25,6 +25,8 @@ from aiohttp import web
 
 from engine.tokenizer import Tokenizer
 from router import responses as R
+from router.admin import AdminApi
+from router.admission import Admission, Overloaded
 from router.choice import ChoiceDelta, ChoiceSpec, merge, run_choice
 from router.config import RouterConfig
 from router.detokenizer import TokenTexts
@@ -34,7 +36,8 @@ from router.metrics import CONTENT_TYPE, RouterMetrics, TokenTimer
 from router.policy import make_policy
 from router.prompts import ModelInfo, PreparedPrompt, PromptBuilder
 from router.protocol import parse_chat, parse_completion, parse_generate
-from router.workers import WorkerPool
+from router.registry import RegistryWatcher
+from router.workers import WorkerPool, load_of
 
 log = logging.getLogger(__name__)
 
@@ -60,24 +63,51 @@ class Router:
     pool: WorkerPool
     metrics: RouterMetrics
     created: int
+    admission: Admission
+    registry: RegistryWatcher | None = None
 
     @classmethod
     async def start(cls, config: RouterConfig) -> Router:
-        """Load the tokenizer and discover the workers (RuntimeError if they cannot serve)."""
+        """Load the tokenizer, discover the static workers, read the registry, and start the
+        health checks (RuntimeError if the workers cannot serve)."""
         tokenizer = Tokenizer.from_pretrained(config.model_path)
+        metrics = RouterMetrics()
         pool = WorkerPool(
             config.workers,
             config.prefill,
             config.decode,
-            prefill_policy=make_policy(config.policy),
-            decode_policy=make_policy(config.policy),
+            prefill_policy=make_policy(config.prefill_policy_spec, load_of),
+            decode_policy=make_policy(config.decode_policy_spec, load_of),
+            health=config.health,
+            retry=config.retry,
+            metrics=metrics,
+            eos_token_ids=tokenizer.eos_token_ids,
         )
+        registry = None
         try:
             model = await pool.discover(config.startup_timeout_s, config.served_model_name)
+            if config.registry.url is not None:
+                registry = RegistryWatcher(config.registry, pool)
+                if model is None:
+                    model = await _first_registered(registry, config)
+                else:
+                    await registry.poll(wait_admits=True)  # unreachable: logged, not fatal
+                registry.start()
+            if model is None:
+                raise RuntimeError("no workers: give --worker, --prefill/--decode or --registry")
         except BaseException:
+            if registry is not None:
+                await registry.close()
             await pool.close()
             raise
-        return cls(config, tokenizer, model, pool, RouterMetrics(), int(time.time()))
+        pool.start_health_checks()
+        admission = Admission(config.admission, metrics)
+        return cls(config, tokenizer, model, pool, metrics, int(time.time()), admission, registry)
+
+    async def close(self) -> None:
+        if self.registry is not None:
+            await self.registry.close()
+        await self.pool.close()
 
     @functools.cached_property
     def builder(self) -> PromptBuilder:
@@ -93,18 +123,53 @@ def build_app(router: Router) -> web.Application:
     )
     app[ROUTER] = router
     handlers = _Handlers(router)
-    app.router.add_post("/v1/completions", handlers.completions)
-    app.router.add_post("/v1/chat/completions", handlers.chat)
-    app.router.add_post("/generate", handlers.generate)
+    admitted = _admitted(router.admission)
+    app.router.add_post("/v1/completions", admitted(handlers.completions))
+    app.router.add_post("/v1/chat/completions", admitted(handlers.chat))
+    app.router.add_post("/generate", admitted(handlers.generate))
     app.router.add_get("/v1/models", handlers.models)
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/metrics", handlers.metrics)
+    AdminApi(router.pool, router.config.admin_key).add_routes(app)
 
-    async def close_pool(app: web.Application) -> None:
-        await router.pool.close()
+    async def close_router(app: web.Application) -> None:
+        await router.close()
 
-    app.on_cleanup.append(close_pool)
+    app.on_cleanup.append(close_router)
     return app
+
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _admitted(admission: Admission) -> Callable[[_Handler], _Handler]:
+    """Run a generation handler inside a slot of ``--max-concurrent-requests`` (429 when the
+    queue is full or the wait too long); the slot is held until the response is written."""
+
+    def wrap(handler: _Handler) -> _Handler:
+        async def admitted(request: web.Request) -> web.StreamResponse:
+            async with admission.slot():
+                return await handler(request)
+
+        return admitted
+
+    return wrap
+
+
+async def _first_registered(registry: RegistryWatcher, config: RouterConfig) -> ModelInfo:
+    """Poll the registry until a worker joins (RuntimeError after ``--startup-timeout``)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + config.startup_timeout_s
+    while True:
+        await registry.poll(wait_admits=True)
+        if registry.pool.all_workers:
+            return registry.pool.set_model(config.served_model_name)
+        if loop.time() >= deadline:
+            raise RuntimeError(
+                f"no usable worker registered in {config.registry.url} under prefix "
+                f"{config.registry.prefix!r} within {config.startup_timeout_s:g}s"
+            )
+        await asyncio.sleep(min(config.registry.poll_interval_s, 0.2))
 
 
 async def serve(config: RouterConfig) -> tuple[web.AppRunner, str]:
@@ -138,7 +203,10 @@ async def _error_middleware(
         return response
     except RequestError as exc:
         status = exc.status
-        return _error_response(exc)
+        response = _error_response(exc)
+        if isinstance(exc, Overloaded):
+            response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -1,16 +1,27 @@
-"""gRPC clients of the workers, the static pool built from flags, and startup discovery.
+"""The workers the router knows: their gRPC clients, their state, and the pool they form.
 
-One ``WorkerClient`` (one ``grpc.aio`` channel, reused by every request) per worker URL. The
-``WorkerPool`` knows the workers' roles: colocated workers (``--worker``) serve ``Generate``
-alone; disaggregated pairs (``--prefill`` + ``--decode``) are chosen per request by the
-policies. ``generate`` hides which of the two modes is running (see ``router.dispatch``).
+One ``WorkerClient`` (one ``grpc.aio`` channel, reused by every request) per worker. Besides
+its stubs it carries what routing needs: ``healthy`` (the last ``grpc.health.v1`` check), a
+``CircuitBreaker`` fed by health checks and request outcomes, ``draining``, the requests in
+flight, and the last ``GetLoad`` report (``load``, the policies' view; see ``router.load``).
+
+The ``WorkerPool`` holds the members, which come and go at run time: static ones from the
+command line (they stay), ones the Redis registry announces (``router.registry``), ones the
+admin API adds (``router.admin``). Every member passed ``GetInfo`` and the compatibility
+checks (one model and vocabulary; one KV layout fingerprint across prefill and decode
+workers; a context at least the router's). ``route`` picks the workers of one attempt with
+the policies, among usable members only; ``generate`` runs a whole request with retries and
+migration (``router.resilience``) over such routes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncGenerator, Coroutine, Sequence
+import re
+import time
+from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence, Set
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,16 +30,25 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
-from router import dispatch
+from router import dispatch, resilience
 from router.events import WorkerError, WorkerEvent, WorkerRequest
+from router.health import BREAKER_FAILURES, CircuitBreaker, CircuitState, HealthConfig
+from router.load import WorkerLoad
+from router.metrics import RouterMetrics, WorkerSample
 from router.policy import Policy, RoundRobin
 from router.prompts import ModelInfo
+from router.resilience import NoUsableWorker, RetryConfig
 
 log = logging.getLogger(__name__)
 
 ROLE_COLOCATED = "null"
 ROLE_PREFILL = "prefill"
 ROLE_DECODE = "decode"
+ROLES = (ROLE_COLOCATED, ROLE_PREFILL, ROLE_DECODE)
+
+SOURCE_STATIC = "static"  # --worker / --prefill / --decode
+SOURCE_REGISTRY = "registry"  # a record under --registry-prefix in Redis
+SOURCE_ADMIN = "admin"  # POST /admin/workers
 
 
 def endpoint_of(url: str) -> str:
@@ -44,6 +64,14 @@ def endpoint_of(url: str) -> str:
     return f"{host}:{port}"
 
 
+class WorkerUnreachable(RuntimeError):
+    """The worker did not answer ``GetInfo`` in time."""
+
+
+class WorkerRefused(RuntimeError):
+    """The worker answered but cannot join: wrong role, other model, other KV layout..."""
+
+
 @dataclass(frozen=True)
 class WorkerInfo:
     """A worker's GetInfo answer, as discovery uses it."""
@@ -57,17 +85,52 @@ class WorkerInfo:
 
 
 class WorkerClient:
-    """One worker: its channel and stubs. Cheap to share between requests."""
+    """One worker: its channel, stubs and routing state. Cheap to share between requests.
 
-    def __init__(self, url: str, role: str) -> None:
+    Compared by identity (policies key their per-worker state on it).
+    """
+
+    def __init__(
+        self, url: str, role: str, source: str = SOURCE_STATIC, health: HealthConfig | None = None
+    ) -> None:
+        if role not in ROLES:
+            raise ValueError(f"worker role must be one of {ROLES}, got {role!r}")
         self.endpoint = endpoint_of(url)
         self.role = role
+        self.source = source
         self.channel = grpc.aio.insecure_channel(self.endpoint)
         self.decode = decode_pb2_grpc.DecodeStub(self.channel)
         self.prefill = prefill_pb2_grpc.PrefillStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
+        self.breaker = CircuitBreaker(health)
+        self.healthy = True  # the last health check said SERVING (members passed GetInfo)
+        self.draining = False  # takes no new requests
+        self.leave_when_idle = False  # drained by the admin API: leaves at in_flight == 0
+        self.in_flight = 0
+        self.report: common_pb2.LoadReport | None = None  # the last GetLoad answer
+        self.reported_at: float | None = None
+        self.info: WorkerInfo | None = None
 
-    async def info(self, timeout_s: float) -> WorkerInfo:
+    @property
+    def usable(self) -> bool:
+        """Whether new requests may go here: healthy, circuit not open, not draining."""
+        return self.healthy and not self.draining and self.breaker.allows()
+
+    @property
+    def load(self) -> WorkerLoad:
+        """The policies' view: in-flight count now, plus the last GetLoad report if any."""
+        r = self.report
+        if r is None:
+            return WorkerLoad(in_flight=self.in_flight)
+        return WorkerLoad(
+            in_flight=self.in_flight,
+            num_running=r.num_running,
+            num_waiting=r.num_waiting,
+            num_free_pages=r.num_free_pages,
+            num_total_pages=r.num_total_pages,
+        )
+
+    async def get_info(self, timeout_s: float) -> WorkerInfo:
         """GetInfo, waiting up to ``timeout_s`` for the worker to come up."""
         stub = self.prefill if self.role == ROLE_PREFILL else self.decode
         msg = await stub.GetInfo(
@@ -84,15 +147,24 @@ class WorkerClient:
             fingerprint=msg.layout.fingerprint,
         )
 
-    async def healthy(self, timeout_s: float = 1.0) -> bool:
-        """Whether the worker's grpc.health.v1 service says SERVING."""
+    async def check_health(self, timeout_s: float = 1.0) -> bool | None:
+        """True: SERVING; False: answered, but not SERVING; None: no answer."""
         try:
             reply = await self._health.Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
             )
         except grpc.aio.AioRpcError:
-            return False
+            return None
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def poll_load(self, timeout_s: float = 1.0) -> None:
+        """Refresh ``report`` from GetLoad; a worker that cannot answer keeps the old one."""
+        stub = self.prefill if self.role == ROLE_PREFILL else self.decode
+        try:
+            self.report = await stub.GetLoad(common_pb2.LoadRequest(), timeout=timeout_s)
+            self.reported_at = time.monotonic()
+        except grpc.aio.AioRpcError as exc:
+            log.debug("GetLoad on %s: %s", self.endpoint, exc.code().name)
 
     async def abort(self, request_id: str, timeout_s: float = 2.0) -> None:
         """Best-effort Abort; errors are logged and ignored (the stream's cancel also aborts)."""
@@ -102,15 +174,80 @@ class WorkerClient:
         except grpc.aio.AioRpcError as exc:
             log.debug("Abort(%s) on %s: %s", request_id, self.endpoint, exc.code().name)
 
+    def sample(self) -> WorkerSample:
+        r = self.report
+        return WorkerSample(
+            endpoint=self.endpoint,
+            role=self.role,
+            healthy=self.healthy,
+            circuit_state=self.breaker.state.gauge,
+            draining=self.draining,
+            in_flight=self.in_flight,
+            num_running=r.num_running if r else None,
+            num_waiting=r.num_waiting if r else None,
+            num_free_pages=r.num_free_pages if r else None,
+            num_total_pages=r.num_total_pages if r else None,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The admin API's view of this worker (JSON-ready)."""
+        r = self.report
+        last_load = None
+        if r is not None and self.reported_at is not None:
+            last_load = {
+                "num_running": r.num_running,
+                "num_waiting": r.num_waiting,
+                "num_free_pages": r.num_free_pages,
+                "num_total_pages": r.num_total_pages,
+                "age_s": round(time.monotonic() - self.reported_at, 3),
+            }
+        return {
+            "endpoint": self.endpoint,
+            "role": self.role,
+            "source": self.source,
+            "model": self.info.model if self.info else None,
+            "health": "healthy" if self.healthy else "unhealthy",
+            "circuit": self.breaker.state.value,
+            "usable": self.usable,
+            "in_flight": self.in_flight,
+            "draining": self.draining,
+            "last_load": last_load,
+        }
+
     async def close(self) -> None:
         await self.channel.close()
 
     def __repr__(self) -> str:
-        return f"WorkerClient({self.endpoint!r}, role={self.role!r})"
+        return f"WorkerClient({self.endpoint!r}, role={self.role!r}, source={self.source!r})"
+
+
+def load_of(worker: WorkerClient) -> WorkerLoad:
+    """The ``LoadFn`` policies get: the worker's ``load`` (never blocks)."""
+    return worker.load
+
+
+@dataclass(frozen=True, eq=False)
+class PoolRoute:
+    """The workers of one attempt: ``(colocated,)`` or ``(prefill, decode)``."""
+
+    pool: WorkerPool
+    workers: tuple[WorkerClient, ...]
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        return tuple(w.endpoint for w in self.workers)
+
+    def stream(self, request: WorkerRequest) -> AsyncGenerator[WorkerEvent, None]:
+        return self.pool._stream(self.workers, request)
+
+
+def _policy_name(policy: Policy) -> str:
+    """``LeastLoad`` → ``least_load``: the name the policy has on the command line."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(policy).__name__).lower()
 
 
 class WorkerPool:
-    """The static workers from the command line, and how a request reaches them."""
+    """The live set of workers, and how a request reaches them."""
 
     def __init__(
         self,
@@ -119,94 +256,313 @@ class WorkerPool:
         decode: Sequence[str] = (),
         prefill_policy: Policy | None = None,
         decode_policy: Policy | None = None,
+        *,
+        health: HealthConfig | None = None,
+        retry: RetryConfig | None = None,
+        metrics: RouterMetrics | None = None,
+        eos_token_ids: frozenset[int] = frozenset(),
     ) -> None:
-        if bool(workers) == bool(prefill or decode):
-            raise ValueError("give either --worker URLs or --prefill and --decode URLs")
-        if not workers and not (prefill and decode):
-            raise ValueError("disaggregated mode needs at least one --prefill and one --decode")
-        self.colocated = [WorkerClient(u, ROLE_COLOCATED) for u in workers]
-        self.prefill = [WorkerClient(u, ROLE_PREFILL) for u in prefill]
-        self.decode = [WorkerClient(u, ROLE_DECODE) for u in decode]
+        """``workers``/``prefill``/``decode``: static URLs, checked by ``discover``."""
+        self.static = (
+            [(u, ROLE_COLOCATED) for u in workers]
+            + [(u, ROLE_PREFILL) for u in prefill]
+            + [(u, ROLE_DECODE) for u in decode]
+        )
         self.prefill_policy = prefill_policy or RoundRobin()
         self.decode_policy = decode_policy or RoundRobin()
+        self.health_config = health or HealthConfig()
+        self.retry = retry or RetryConfig()
+        self.metrics = metrics
+        self.eos_token_ids = eos_token_ids
+        self.model: ModelInfo | None = None  # set by discover / set_model; fixed after
+        self.evicted: set[str] = set()  # removed or drained by the admin: registry skips them
+        self._members: dict[str, WorkerClient] = {}
+        self._reference: WorkerInfo | None = None  # the first member: its model and vocab
+        self._layout: WorkerInfo | None = None  # the first prefill/decode member: its layout
         self._background: set[asyncio.Task[None]] = set()
+        self._checker: asyncio.Task[None] | None = None
+        self._admitting: set[str] = set()
+        if metrics is not None:
+            metrics.watch_workers(lambda: [w.sample() for w in self._members.values()])
 
-    @property
-    def disaggregated(self) -> bool:
-        return bool(self.prefill)
+    # -- membership ----------------------------------------------------------------------------
 
     @property
     def all_workers(self) -> list[WorkerClient]:
-        return [*self.colocated, *self.prefill, *self.decode]
+        return list(self._members.values())
 
-    async def discover(self, timeout_s: float, served_model_name: str | None = None) -> ModelInfo:
-        """Ask every worker for GetInfo and check they can serve together.
+    def members(self, role: str) -> list[WorkerClient]:
+        """The members of one role, in the order they joined."""
+        return [w for w in self._members.values() if w.role == role]
+
+    @property
+    def colocated(self) -> list[WorkerClient]:
+        return self.members(ROLE_COLOCATED)
+
+    @property
+    def prefill(self) -> list[WorkerClient]:
+        return self.members(ROLE_PREFILL)
+
+    @property
+    def decode(self) -> list[WorkerClient]:
+        return self.members(ROLE_DECODE)
+
+    def get(self, endpoint: str) -> WorkerClient | None:
+        return self._members.get(endpoint)
+
+    async def discover(
+        self, timeout_s: float, served_model_name: str | None = None
+    ) -> ModelInfo | None:
+        """Ask every static worker for GetInfo, check they can serve together, and add them.
 
         Raises RuntimeError naming the worker when one does not answer in ``timeout_s``, has
         the wrong role, serves a different model or vocabulary, or (disaggregated) has a KV
-        layout fingerprint that differs from another's (both values named).
+        layout fingerprint that differs from another's (both values named). With no static
+        workers it returns None: the model comes from the first worker ``admit`` adds
+        (``set_model``).
         """
-        infos = await asyncio.gather(*(self._info(w, timeout_s) for w in self.all_workers))
-        first = infos[0]
-        for info in infos[1:]:
-            if info.model != first.model or info.vocab_size != first.vocab_size:
-                raise RuntimeError(
-                    f"workers serve different models: {first.endpoint} has {first.model!r} "
-                    f"(vocab {first.vocab_size}) but {info.endpoint} has {info.model!r} "
-                    f"(vocab {info.vocab_size})"
-                )
-        if self.disaggregated:
-            prefill_infos = [i for i in infos if i.role == ROLE_PREFILL]
-            for p in prefill_infos:
-                for d in (i for i in infos if i.role == ROLE_DECODE):
-                    if p.fingerprint != d.fingerprint:
-                        raise RuntimeError(
-                            f"prefill worker {p.endpoint} and decode worker {d.endpoint} cannot "
-                            f"pair: KV layout fingerprint {p.fingerprint!r} != {d.fingerprint!r}"
-                        )
-        return ModelInfo(
-            name=served_model_name or first.model,
-            context_length=min(i.context_length for i in infos),
-            vocab_size=first.vocab_size,
-        )
-
-    async def _info(self, worker: WorkerClient, timeout_s: float) -> WorkerInfo:
+        clients = [WorkerClient(u, r, SOURCE_STATIC, self.health_config) for u, r in self.static]
         try:
-            info = await worker.info(timeout_s)
+            infos = await asyncio.gather(*(self._get_info(c, timeout_s) for c in clients))
+            for info in infos:
+                self._check_compatible(info)
+        except BaseException:
+            await asyncio.gather(*(c.close() for c in clients))
+            raise
+        for client, info in zip(clients, infos, strict=True):
+            self._add(client, info)
+        return self.set_model(served_model_name) if infos else None
+
+    def set_model(self, served_model_name: str | None) -> ModelInfo:
+        """Fix the model the router serves from the members it has (at least one)."""
+        if self._reference is None:
+            raise RuntimeError("no worker is known yet")
+        self.model = ModelInfo(
+            name=served_model_name or self._reference.model,
+            context_length=min(w.info.context_length for w in self.all_workers if w.info),
+            vocab_size=self._reference.vocab_size,
+        )
+        return self.model
+
+    async def admit(self, url: str, role: str, source: str, timeout_s: float = 5.0) -> WorkerClient:
+        """GetInfo from a new worker, check it against the pool, and add it.
+
+        Raises ValueError (bad URL or role, or already a member), WorkerUnreachable, or
+        WorkerRefused naming the worker and both mismatching values.
+        """
+        endpoint = endpoint_of(url)
+        if endpoint in self._members or endpoint in self._admitting:
+            raise ValueError(f"worker {endpoint} is already in the pool")
+        client = WorkerClient(url, role, source, self.health_config)
+        self._admitting.add(endpoint)
+        try:
+            info = await self._get_info(client, timeout_s)
+            self._check_compatible(info)
+        except BaseException:
+            await client.close()
+            raise
+        finally:
+            self._admitting.discard(endpoint)
+        self._add(client, info)
+        return client
+
+    def _add(self, client: WorkerClient, info: WorkerInfo) -> None:
+        client.info = info
+        self._members[client.endpoint] = client
+        if self.metrics is not None:
+            self.metrics.membership.labels(client.source, "added").inc()
+        log.info("worker %s (%s, from %s) joined the pool", client.endpoint, client.role,
+                 client.source)  # fmt: skip
+
+    def remove(self, endpoint: str, reason: str) -> WorkerClient | None:
+        """Take a worker out of the pool now. Its requests in flight go on; its channel closes
+        when the last one ends."""
+        client = self._members.pop(endpoint, None)
+        if client is None:
+            return None
+        for policy in (self.prefill_policy, self.decode_policy):
+            policy.remove_worker(client)
+        if self.metrics is not None:
+            self.metrics.membership.labels(client.source, "removed").inc()
+        log.info("worker %s (%s) left the pool: %s", endpoint, client.role, reason)
+        if client.in_flight == 0:
+            self.spawn(client.close())
+        return client
+
+    def drain(self, endpoint: str) -> WorkerClient | None:
+        """No new requests; the worker leaves the pool when its last request ends."""
+        client = self._members.get(endpoint)
+        if client is None:
+            return None
+        client.draining = client.leave_when_idle = True
+        log.info("worker %s draining (%d in flight)", endpoint, client.in_flight)
+        if client.in_flight == 0:
+            self.remove(endpoint, "drained")
+        return client
+
+    async def _get_info(self, worker: WorkerClient, timeout_s: float) -> WorkerInfo:
+        try:
+            info = await worker.get_info(timeout_s)
         except grpc.aio.AioRpcError as exc:
-            raise RuntimeError(
+            raise WorkerUnreachable(
                 f"worker {worker.endpoint} did not answer GetInfo within {timeout_s:g}s: "
                 f"{exc.code().name} {exc.details()}"
             ) from exc
         if info.role != worker.role:
-            raise RuntimeError(
-                f"worker {worker.endpoint} has role {info.role!r} but was given as "
-                f"{'--worker' if worker.role == ROLE_COLOCATED else '--' + worker.role} "
+            flag = "--worker" if worker.role == ROLE_COLOCATED else f"--{worker.role}"
+            raise WorkerRefused(
+                f"worker {worker.endpoint} has role {info.role!r} but was given as {flag} "
                 f"(role {worker.role!r})"
             )
         return info
 
+    def _check_compatible(self, info: WorkerInfo) -> None:
+        """WorkerRefused naming both values when ``info`` cannot serve beside the members."""
+        ref = self._reference
+        if ref is not None and (info.model != ref.model or info.vocab_size != ref.vocab_size):
+            raise WorkerRefused(
+                f"workers serve different models: {ref.endpoint} has {ref.model!r} "
+                f"(vocab {ref.vocab_size}) but {info.endpoint} has {info.model!r} "
+                f"(vocab {info.vocab_size})"
+            )
+        layout = self._layout
+        if (
+            layout is not None
+            and info.role in (ROLE_PREFILL, ROLE_DECODE)
+            and info.fingerprint != layout.fingerprint
+        ):
+            raise WorkerRefused(
+                f"{info.role} worker {info.endpoint} and {layout.role} worker "
+                f"{layout.endpoint} cannot pair: KV layout fingerprint "
+                f"{info.fingerprint!r} != {layout.fingerprint!r}"
+            )
+        if self.model is not None and info.context_length < self.model.context_length:
+            raise WorkerRefused(
+                f"worker {info.endpoint} has context length {info.context_length} but the "
+                f"router serves {self.model.context_length}"
+            )
+        # The first worker checked sets the model; the first prefill or decode the layout.
+        if self._reference is None:
+            self._reference = info
+        if self._layout is None and info.role in (ROLE_PREFILL, ROLE_DECODE):
+            self._layout = info
+
+    # -- routing -------------------------------------------------------------------------------
+
     def generate(self, request: WorkerRequest) -> AsyncGenerator[WorkerEvent, None]:
-        """Stream one request's tokens, then its ``Finished``; raises ``WorkerError``.
+        """Stream one request's tokens, then its ``Finished``; raises ``WorkerError`` (or
+        ``NoUsableWorker``) when retries and migrations cannot save it.
 
         Closing the iterator early (``aclose``, or cancelling the task iterating it) cancels
         the gRPC calls and sends ``Abort`` to every worker involved.
         """
-        if not self.disaggregated:
-            worker = self.decode_policy.pick(self.colocated, request.token_ids)
-            return dispatch.colocated(
-                worker.decode, worker.endpoint, request, self._aborter([worker])
+        return resilience.generate(self, request, self.retry, self.eos_token_ids, self.metrics)
+
+    def route(self, token_ids: tuple[int, ...], avoid: Set[str] = frozenset()) -> PoolRoute:
+        """A prefill and a decode worker when both roles have a usable member, else a usable
+        colocated worker; members in ``avoid`` only when no other is usable."""
+        prefill = self._candidates(ROLE_PREFILL, avoid)
+        decode = self._candidates(ROLE_DECODE, avoid)
+        if prefill and decode:
+            p = self._pick(self.prefill_policy, prefill, token_ids)
+            d = self._pick(self.decode_policy, decode, token_ids)
+            return PoolRoute(self, (p, d))
+        colocated = self._candidates(ROLE_COLOCATED, avoid)
+        if colocated:
+            return PoolRoute(self, (self._pick(self.decode_policy, colocated, token_ids),))
+        raise NoUsableWorker(self._why_none())
+
+    def _candidates(self, role: str, avoid: Set[str]) -> list[WorkerClient]:
+        usable = [w for w in self._members.values() if w.role == role and w.usable]
+        return [w for w in usable if w.endpoint not in avoid] or usable
+
+    def _pick(
+        self, policy: Policy, candidates: list[WorkerClient], token_ids: Sequence[int]
+    ) -> WorkerClient:
+        worker = policy.pick(candidates, token_ids)
+        if self.metrics is not None:
+            self.metrics.policy_decisions.labels(
+                _policy_name(policy), worker.role, worker.endpoint
+            ).inc()
+        return worker
+
+    def _why_none(self) -> str:
+        if not self._members:
+            return "the pool is empty"
+        states = []
+        for w in self._members.values():
+            why = [
+                s
+                for s, bad in (
+                    ("unhealthy", not w.healthy),
+                    ("draining", w.draining),
+                    (f"circuit {w.breaker.state.value}", not w.breaker.allows()),
+                )
+                if bad
+            ]
+            states.append(f"{w.role} {w.endpoint}: {', '.join(why) or 'usable'}")
+        return "; ".join(states)
+
+    def report(self, route: resilience.Route, error: WorkerError | None) -> None:
+        """Feed an attempt's outcome to the breakers of its workers."""
+        if not isinstance(route, PoolRoute):
+            return
+        for worker in route.workers:
+            if error is None:
+                worker.breaker.record_success()
+            elif worker.endpoint == error.endpoint:
+                if self.metrics is not None:
+                    self.metrics.worker_errors.labels(
+                        worker.endpoint, worker.role, error.grpc_code.name
+                    ).inc()
+                if error.grpc_code in BREAKER_FAILURES:
+                    self._failed(worker, f"{error.grpc_code.name}: {error.message}")
+
+    def _failed(self, worker: WorkerClient, why: str) -> None:
+        before = worker.breaker.state
+        worker.breaker.record_failure()
+        if before is not CircuitState.OPEN and worker.breaker.state is CircuitState.OPEN:
+            log.warning("circuit of worker %s opened (%s)", worker.endpoint, why)
+
+    async def _stream(
+        self, workers: tuple[WorkerClient, ...], request: WorkerRequest
+    ) -> AsyncGenerator[WorkerEvent, None]:
+        releases = [self._track(w) for w in workers]
+        abort = self._aborter(list(workers))
+        if len(workers) == 1:
+            (w,) = workers
+            inner = dispatch.colocated(w.decode, w.endpoint, request, abort)
+        else:
+            p, d = workers
+            inner = dispatch.disaggregated(
+                p.prefill, p.endpoint, d.decode, d.endpoint, request, abort, releases[0]
             )
-        prefill = self.prefill_policy.pick(self.prefill, request.token_ids)
-        decode = self.decode_policy.pick(self.decode, request.token_ids)
-        return dispatch.disaggregated(
-            prefill.prefill,
-            prefill.endpoint,
-            decode.decode,
-            decode.endpoint,
-            request,
-            self._aborter([prefill, decode]),
-        )
+        try:
+            async with contextlib.aclosing(inner) as events:
+                async for event in events:
+                    yield event
+        finally:
+            for release in releases:
+                release()
+
+    def _track(self, worker: WorkerClient) -> Callable[[], None]:
+        """Count a request on ``worker``; the returned function (idempotent) uncounts it."""
+        worker.in_flight += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            worker.in_flight -= 1
+            if worker.in_flight == 0:
+                if self._members.get(worker.endpoint) is not worker:
+                    self.spawn(worker.close())  # it left the pool while busy
+                elif worker.leave_when_idle:
+                    self.remove(worker.endpoint, "drained")
+
+        return release
 
     def _aborter(self, workers: list[WorkerClient]) -> dispatch.AbortFn:
         def abort(request_id: str) -> None:
@@ -221,24 +577,70 @@ class WorkerPool:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    # -- health ----------------------------------------------------------------------------------
+
+    def start_health_checks(self) -> None:
+        """Check every member's health and load every ``check_interval_s`` until ``close``."""
+        if self._checker is None:
+            self._checker = asyncio.create_task(self._check_forever())
+
+    async def _check_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_config.check_interval_s)
+            try:
+                await self.check_all()
+            except Exception:
+                log.exception("health check round failed")
+
+    async def check_all(self) -> None:
+        """One round: ``grpc.health.v1`` then ``GetLoad`` on every member, concurrently."""
+        await asyncio.gather(*(self._check(w) for w in self.all_workers))
+
+    async def _check(self, worker: WorkerClient) -> None:
+        timeout = self.health_config.check_timeout_s
+        serving = await worker.check_health(timeout)
+        was = worker.healthy
+        worker.healthy = bool(serving)
+        if serving is None:
+            self._failed(worker, "health check got no answer")
+        elif serving:
+            worker.breaker.record_success(probe=True)
+        if was != worker.healthy:
+            state = {None: "no answer", False: "NOT_SERVING", True: "SERVING"}[serving]
+            log.warning("worker %s is now %s (%s)",
+                        worker.endpoint, "healthy" if serving else "unhealthy", state)  # fmt: skip
+        if serving is not None:
+            await worker.poll_load(timeout)
+
     async def health(self) -> dict[str, bool]:
-        """``{endpoint: serving}`` for every worker, checked concurrently."""
+        """``{endpoint: serving}`` for every member, checked now, concurrently."""
         workers = self.all_workers
-        states = await asyncio.gather(*(w.healthy() for w in workers))
-        return {w.endpoint: s for w, s in zip(workers, states, strict=True)}
+        states = await asyncio.gather(*(w.check_health() for w in workers))
+        return {w.endpoint: bool(s) for w, s in zip(workers, states, strict=True)}
 
     def usable(self, health: dict[str, bool]) -> bool:
-        """Whether at least one worker (colocated) or one prefill and one decode are healthy."""
-        if not self.disaggregated:
-            return any(health[w.endpoint] for w in self.colocated)
-        return any(health[w.endpoint] for w in self.prefill) and any(
-            health[w.endpoint] for w in self.decode
-        )
+        """Whether a route exists among the members ``health`` says are serving."""
+
+        def any_of(role: str) -> bool:
+            return any(health.get(w.endpoint) for w in self.members(role) if not w.draining)
+
+        return (any_of(ROLE_PREFILL) and any_of(ROLE_DECODE)) or any_of(ROLE_COLOCATED)
 
     async def close(self) -> None:
+        if self._checker is not None:
+            self._checker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checker
         if self._background:
             await asyncio.wait(set(self._background), timeout=2.0)
         await asyncio.gather(*(w.close() for w in self.all_workers))
 
 
-__all__ = ["WorkerClient", "WorkerError", "WorkerEvent", "WorkerPool", "WorkerRequest"]
+__all__ = [
+    "NoUsableWorker",
+    "WorkerClient",
+    "WorkerError",
+    "WorkerEvent",
+    "WorkerPool",
+    "WorkerRequest",
+]

@@ -21,6 +21,7 @@ from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill
 
 EOS = 2  # the tiny tokenizer's <|im_end|>
 TRANSFERS: dict[int, asyncio.Event] = {}
+PAGES = 64  # what GetLoad reports: one page per running request
 
 
 @dataclass
@@ -49,6 +50,7 @@ class FakeWorker:
     aborts: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
     completed: list[str] = field(default_factory=list)
+    running: int = 0  # requests being served now (GetLoad's num_running)
     endpoint: str = ""
     _server: grpc.aio.Server | None = None
     _health: HealthServicer | None = None
@@ -90,6 +92,13 @@ class FakeWorker:
             layout=common_pb2.KVLayout(model=self.model, fingerprint=self.fingerprint),
         )
 
+    def load(self) -> common_pb2.LoadReport:
+        return common_pb2.LoadReport(
+            num_running=self.running,
+            num_free_pages=PAGES - self.running,
+            num_total_pages=PAGES,
+        )
+
     def script(self, req: common_pb2.GenerateRequest) -> tuple[list[int], common_pb2.FinishReason]:
         """The tokens to send and the finish reason, as the engine would stop."""
         s = req.sampling
@@ -122,6 +131,7 @@ class _Decode(decode_pb2_grpc.DecodeServicer):
         w.transfer_ids.append(request.transfer_id)
         w.prefill_endpoints.append(request.prefill_endpoint)
         rid = req.request_id
+        w.running += 1
         try:
             if w.fail is not None and w.fail.after_tokens < 0:
                 await context.abort(w.fail.code, w.fail.message)
@@ -156,12 +166,19 @@ class _Decode(decode_pb2_grpc.DecodeServicer):
         except asyncio.CancelledError:
             w.cancelled.append(rid)
             raise
+        finally:
+            w.running -= 1
 
     async def Abort(
         self, request: common_pb2.AbortRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.AbortResponse:
         self.w.aborts.append(request.request_id)
         return common_pb2.AbortResponse(request_id=request.request_id, found=False)
+
+    async def GetLoad(
+        self, request: common_pb2.LoadRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.LoadReport:
+        return self.w.load()
 
     async def GetInfo(
         self, request: common_pb2.WorkerInfoRequest, context: grpc.aio.ServicerContext
@@ -196,6 +213,11 @@ class _Prefill(prefill_pb2_grpc.PrefillServicer):
     ) -> common_pb2.AbortResponse:
         self.w.aborts.append(request.request_id)
         return common_pb2.AbortResponse(request_id=request.request_id, found=False)
+
+    async def GetLoad(
+        self, request: common_pb2.LoadRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.LoadReport:
+        return self.w.load()
 
     async def GetInfo(
         self, request: common_pb2.WorkerInfoRequest, context: grpc.aio.ServicerContext

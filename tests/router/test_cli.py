@@ -78,3 +78,36 @@ def test_cli_refuses_bad_flags(model_dir: Path) -> None:
         RouterConfig("/nonexistent", workers=("a:1",))
     args = parser.parse_args(["--model-path", str(model_dir), "--worker", "grpc://h:5", "h2:6"])
     assert config_from_args(args).workers == ("grpc://h:5", "h2:6")
+
+
+def test_cli_resilience_flags(model_dir: Path) -> None:
+    parser = build_parser()
+    base = ["--model-path", str(model_dir)]
+    config = config_from_args(parser.parse_args([*base, "--registry", "redis://127.0.0.1:1/0"]))
+    assert config.registry.url == "redis://127.0.0.1:1/0" and not config.workers
+    assert (config.registry.prefix, config.registry.poll_interval_s) == ("pdserve", 1.0)
+    assert (config.health.check_interval_s, config.health.failure_threshold) == (2.0, 3)
+    assert (config.health.open_timeout_s, config.health.success_threshold) == (10.0, 2)
+    assert (config.retry.max_attempts, config.retry.backoff_ms) == (3, 50.0)
+    assert config.retry.migration_limit == 3 and config.admin_key is None
+    assert (config.admission.max_concurrent, config.admission.queue_size) == (256, 256)
+    config = config_from_args(
+        parser.parse_args(
+            [*base, "--worker", "a:1", "--retry-max", "1", "--migration-limit", "0",
+             "--max-concurrent-requests", "4", "--queue-size", "0", "--admin-key", "k",
+             "--cb-open-timeout", "0.5", "--registry-poll-interval", "0.1"]
+        )
+    )  # fmt: skip
+    assert (config.retry.max_attempts, config.retry.migration_limit) == (1, 0)
+    assert (config.admission.max_concurrent, config.admission.queue_size) == (4, 0)
+    assert config.admin_key == "k" and config.health.open_timeout_s == 0.5
+    for argv, fragment in [
+        ([], "(or --registry)"),
+        (["--worker", "a:1", "--retry-max", "0"], "--retry-max"),
+        (["--worker", "a:1", "--queue-timeout", "0"], "--queue-timeout"),
+        (["--worker", "a:1", "--cb-success-threshold", "0"], "--cb-success-threshold"),
+        (["--worker", "a:1", "--registry", "localhost:6379"], "redis:// URL"),
+        (["--worker", "a:1", "--admin-key", " "], "--admin-key"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(fragment)):
+            config_from_args(parser.parse_args([*base, *argv]))

@@ -36,7 +36,8 @@ def test_worker_error_details() -> None:
     assert full.status == 503 and full.code == "resource_exhausted" and full.retryable
     lost = WorkerError(grpc.StatusCode.UNAVAILABLE, "transfer failed", "w:1")
     assert "w:1" in lost.message and "transfer failed" in lost.message and lost.retryable
-    assert not WorkerError(grpc.StatusCode.INTERNAL, "bug", "w:1").retryable
+    assert WorkerError(grpc.StatusCode.INTERNAL, "bug", "w:1").retryable
+    assert not WorkerError(grpc.StatusCode.NOT_FOUND, "no such transfer", "w:1").retryable
 
 
 def test_status_code_from_int() -> None:

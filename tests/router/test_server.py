@@ -13,6 +13,7 @@ import pytest
 from engine.tokenizer import Tokenizer
 from router.config import RouterConfig
 from router.policy import RoundRobin, make_policy
+from router.resilience import RetryConfig
 from router.server import serve
 from tests.router.conftest import router_for, run
 from tests.router.fake_worker import EOS, Failure, FakeWorker
@@ -336,10 +337,12 @@ def test_worker_error_before_first_token(
 
 
 def test_worker_error_mid_stream(model_dir: Path, tokenizer: Tokenizer) -> None:
+    """With migration off, a failure after the first token is an error event in the stream
+    (tests/router/test_resilience.py covers migration)."""
     w = fake(tokenizer, fail=Failure(grpc.StatusCode.UNAVAILABLE, "peer lost", after_tokens=3))
 
     async def body() -> None:
-        async with router_for(model_dir, workers=(w,)) as r:
+        async with router_for(model_dir, workers=(w,), retry=RetryConfig(migration_limit=0)) as r:
             status, events = await r.sse(
                 "/v1/completions", {"model": "tiny", "prompt": "x", "stream": True}
             )
@@ -416,9 +419,11 @@ def test_disaggregated_decode_failure_cancels_prefill(
         async with router_for(model_dir, prefill=(p,), decode=(d,)) as r:
             status, reply = await r.post("/v1/completions", {"model": "tiny", "prompt": "x"})
             assert status == 503 and reply["error"]["code"] == "resource_exhausted"
-            await wait_for(lambda: len(p.requests) == 1)
-            rid = p.requests[0].request_id
-            await wait_for(lambda: rid in p.cancelled and rid in p.aborts and rid in d.aborts)
+            # Retried (--retry-max 3 attempts in all), each attempt cancelled and aborted.
+            await wait_for(lambda: len(p.requests) == 3)
+            rids = {q.request_id for q in p.requests}
+            await wait_for(lambda: rids <= {*p.cancelled} & {*p.aborts} & {*d.aborts})
+            assert len(set(p.transfer_ids)) == 3  # a fresh transfer id per attempt
 
     run(body())
 
@@ -637,14 +642,14 @@ def test_round_robin_spreads_and_one_failing_choice_ends_all(
     healthy = fake(tokenizer)
 
     async def body() -> None:
-        async with router_for(model_dir, workers=(slow, failing)) as r:
+        async with router_for(model_dir, workers=(slow, failing), policy="round_robin") as r:
             status, reply = await r.post(
                 "/v1/completions", {"model": "tiny", "prompt": "x", "n": 2, "max_tokens": 60}
             )
             assert status == 400 and reply["error"]["message"] == "bad choice"
             (rid,) = [q.request_id for q in slow.requests]
             await wait_for(lambda: rid in slow.cancelled and rid in slow.aborts)
-        async with router_for(model_dir, workers=(healthy, slow)) as r:
+        async with router_for(model_dir, workers=(healthy, slow), policy="round_robin") as r:
             slow.token_delay_s = 0
             for _ in range(2):
                 status, _ = await r.post(
@@ -660,4 +665,4 @@ def test_round_robin_policy() -> None:
     policy = RoundRobin()
     assert [policy.pick(["a", "b", "c"], [1]) for _ in range(5)] == ["a", "b", "c", "a", "b"]
     with pytest.raises(ValueError, match="unknown policy"):
-        make_policy("cache_aware")
+        make_policy("no_such_policy")

@@ -1,0 +1,118 @@
+"""Real worker processes killed under the router (SIGKILL, no goodbye): a decode or colocated
+worker mid-stream is migrated, with the greedy output identical to an undisturbed run; a dead
+prefill worker's requests are retried on the other one. Pages balance on the survivors."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cluster.local import Child
+from tests.e2e.procs import worker
+from tests.router.procs import call, load, metric, router_process, sse_events, wait_idle
+
+MODEL = "qwen3-moe"
+MAX_NEW = 400  # long enough (about a second here) to kill its worker after a few tokens
+PROMPT = "The decode worker reserves pages for the prompt and"
+# Health checks far apart: the router must notice the dead worker from the request itself.
+ROUTER_FLAGS = ("--policy", "round_robin", "--health-check-interval", "30")
+
+
+def greedy(stream: bool) -> dict[str, Any]:
+    return {
+        "text": PROMPT,
+        "sampling_params": {"temperature": 0, "max_new_tokens": MAX_NEW, "ignore_eos": True},
+        "stream": stream,
+    }
+
+
+@pytest.fixture
+def model_dir(tiny_models: dict[str, Path]) -> Path:
+    return tiny_models[MODEL]
+
+
+def workers(stack: ExitStack, model_dir: Path, *roles: str) -> list[tuple[Child, str]]:
+    return [stack.enter_context(worker(role, model_dir)) for role in roles]
+
+
+def kill_mid_stream(url: str, candidates: list[tuple[Child, str]], role: str) -> tuple[Any, str]:
+    """Stream a long greedy request, SIGKILL the candidate serving it after a few tokens, and
+    return the stream's last event and the killed worker's endpoint."""
+    events = sse_events(url + "/generate", greedy(stream=True))
+    killed = ""
+    last: Any = None
+    for event in events:
+        if event == "[DONE]":
+            break
+        last = event
+        if not killed and len(event["output_ids"]) >= 3:
+            for child, endpoint in candidates:
+                if load(endpoint, role).num_running:
+                    child.proc.kill()
+                    child.proc.wait(timeout=10)
+                    killed = endpoint
+            assert killed, "no worker was running the request"
+            assert len(event["output_ids"]) < MAX_NEW, "the request ended before the kill"
+    return last, killed
+
+
+def check_complete(last: Any, reference: list[int], prompt_tokens: int) -> None:
+    assert last["output_ids"] == reference  # no token twice, none missing, same tokens
+    meta = last["meta_info"]
+    assert meta["completion_tokens"] == MAX_NEW and meta["prompt_tokens"] == prompt_tokens
+    assert meta["finish_reason"] == {"type": "length", "length": MAX_NEW}
+
+
+def test_decode_worker_killed_mid_stream(model_dir: Path) -> None:
+    with ExitStack() as stack:
+        (_, prefill), d1, d2 = workers(stack, model_dir, "prefill", "decode", "decode")
+        _, url = stack.enter_context(
+            router_process(model_dir, "--prefill", prefill, "--decode", d1[1], d2[1],
+                           *ROUTER_FLAGS)
+        )  # fmt: skip
+        status, undisturbed = call(url + "/generate", "POST", greedy(stream=False))
+        assert status == 200 and len(undisturbed["output_ids"]) == MAX_NEW
+        last, killed = kill_mid_stream(url, [d1, d2], "decode")
+        check_complete(last, undisturbed["output_ids"], undisturbed["meta_info"]["prompt_tokens"])
+        assert metric(url, 'pdserve:router_migrations_total{code="UNAVAILABLE"}') == 1
+        survivor = d2[1] if killed == d1[1] else d1[1]
+        wait_idle(prefill, "prefill")
+        wait_idle(survivor, "decode")
+
+
+def test_colocated_worker_killed_mid_stream(model_dir: Path) -> None:
+    with ExitStack() as stack:
+        w1, w2 = workers(stack, model_dir, "null", "null")
+        _, url = stack.enter_context(
+            router_process(model_dir, "--worker", w1[1], w2[1], *ROUTER_FLAGS)
+        )
+        status, undisturbed = call(url + "/generate", "POST", greedy(stream=False))
+        assert status == 200
+        last, killed = kill_mid_stream(url, [w1, w2], "null")
+        check_complete(last, undisturbed["output_ids"], undisturbed["meta_info"]["prompt_tokens"])
+        assert metric(url, "pdserve:router_migrations_total") == 1
+        wait_idle(w2[1] if killed == w1[1] else w1[1], "null")
+
+
+def test_prefill_worker_killed(model_dir: Path) -> None:
+    with ExitStack() as stack:
+        p1, p2, (_, decode) = workers(stack, model_dir, "prefill", "prefill", "decode")
+        _, url = stack.enter_context(
+            router_process(model_dir, "--prefill", p1[1], p2[1], "--decode", decode,
+                           *ROUTER_FLAGS)
+        )  # fmt: skip
+        body = {"text": PROMPT, "sampling_params": {"temperature": 0, "max_new_tokens": 16}}
+        status, before = call(url + "/generate", "POST", body)
+        assert status == 200
+        p1[0].proc.kill()
+        p1[0].proc.wait(timeout=10)
+        for _ in range(6):  # round robin sends every other one to the dead worker first
+            status, reply = call(url + "/generate", "POST", body)
+            assert status == 200, reply
+            assert reply["output_ids"] == before["output_ids"]
+        assert metric(url, 'pdserve:router_retries_total{code="UNAVAILABLE"}') >= 1
+        wait_idle(p2[1], "prefill")
+        wait_idle(decode, "decode")
