@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import grpc
 
@@ -133,12 +134,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 raise TypeError(f"transfer {tid} completed with {type(done).__name__}")
             first = logprobs_from_proto(done.first_logprobs, done.HasField("first_logprobs"))
             out = await rt.engine.complete_transfer(rid, done.first_token_id, first)
+            # The prompt's cache hits happened on the prefill worker: report those.
+            cached = done.cached_tokens
             finished = out.finished
-            yield out
+            yield replace(out, num_cached_tokens=cached)
             if not finished:
                 async for out in rt.engine.iterate(stream):
                     finished = out.finished
-                    yield out
+                    yield replace(out, num_cached_tokens=cached)
         finally:
             self.receivers.pop(tid)
             self.transfer_of.pop(rid, None)

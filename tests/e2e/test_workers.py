@@ -321,3 +321,30 @@ def test_sigterm_drains_in_flight_requests(model_dir: Path) -> None:
         tokens = asyncio.run(main())
         assert len(tokens) == 300
         assert child.proc.wait(timeout=30) == 0
+
+
+def test_decode_stream_reports_prefill_cache_hits(pair: tuple[str, str]) -> None:
+    """The prompt's prefix-cache hits happen on the prefill worker; the decode worker's
+    Complete message carries them to the router."""
+    prefill, decode = pair
+    prompt = list(range(100, 140))
+
+    async def cached_of(rid: str) -> int:
+        tid = secrets.randbits(63) or 1
+        req = request(rid, prompt, max_new=2)
+        async with (
+            grpc.aio.insecure_channel(prefill) as pch,
+            grpc.aio.insecure_channel(decode) as dch,
+        ):
+            stream = decode_pb2_grpc.DecodeStub(dch).Generate(
+                decode_pb2.DecodeRequest(request=req, transfer_id=tid, prefill_endpoint=prefill)
+            )
+            call = prefill_pb2_grpc.PrefillStub(pch).Prefill(
+                prefill_pb2.PrefillRequest(request=req, transfer_id=tid)
+            )
+            done = [r.complete for r in [r async for r in stream] if r.HasField("complete")]
+            await call
+            return done[0].cached_tokens
+
+    assert asyncio.run(cached_of("cold")) == 0
+    assert asyncio.run(cached_of("warm")) >= 32  # two full 16-token pages of the 40
