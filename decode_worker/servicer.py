@@ -36,11 +36,15 @@ from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill
 log = logging.getLogger(__name__)
 
 
-def chunk(out: StepOutput) -> common_pb2.GenerateResponse:
-    lp = logprobs_to_proto(out.logprobs)
+def chunk(outs: list[StepOutput]) -> common_pb2.GenerateResponse:
+    """One message for the tokens at hand (logprobs parallel to them, when asked for)."""
+    lps = [logprobs_to_proto(o.logprobs) for o in outs]
     return common_pb2.GenerateResponse(
-        request_id=out.request_id,
-        chunk=common_pb2.StreamChunk(token_ids=[out.token_id], logprobs=[lp] if lp else []),
+        request_id=outs[0].request_id,
+        chunk=common_pb2.StreamChunk(
+            token_ids=[o.token_id for o in outs],
+            logprobs=[lp for lp in lps if lp is not None],
+        ),
     )
 
 
@@ -75,10 +79,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         else:
             outputs = self._disaggregated(request, sampling)
         try:
-            async for out in outputs:
-                yield chunk(out)
-                if out.finished:
-                    yield complete(out)
+            async for outs in outputs:
+                yield chunk(outs)
+                if outs[-1].finished:
+                    yield complete(outs[-1])
         except RequestAborted:
             yield common_pb2.GenerateResponse(
                 request_id=req.request_id,
@@ -92,7 +96,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     async def _disaggregated(
         self, request: decode_pb2.DecodeRequest, sampling: SamplingParams
-    ) -> AsyncIterator[StepOutput]:
+    ) -> AsyncIterator[list[StepOutput]]:
         req, rt = request.request, self.rt
         rid, tid = req.request_id, request.transfer_id
         if not rt.pools:
@@ -137,11 +141,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             # The prompt's cache hits happened on the prefill worker: report those.
             cached = done.cached_tokens
             finished = out.finished
-            yield replace(out, num_cached_tokens=cached)
+            yield [replace(out, num_cached_tokens=cached)]
             if not finished:
-                async for out in rt.engine.iterate(stream):
-                    finished = out.finished
-                    yield replace(out, num_cached_tokens=cached)
+                async for outs in rt.engine.iterate(stream):
+                    finished = outs[-1].finished
+                    yield [replace(o, num_cached_tokens=cached) for o in outs]
         finally:
             self.receivers.pop(tid)
             self.transfer_of.pop(rid, None)

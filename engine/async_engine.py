@@ -174,8 +174,9 @@ class AsyncEngine:
         prompt_ids: Sequence[int],
         sampling: SamplingParams,
         hold_pages: bool = False,
-    ) -> AsyncIterator[StepOutput]:
-        """Yield the request's outputs until it finishes; aborts it if the caller stops early."""
+    ) -> AsyncIterator[list[StepOutput]]:
+        """Yield the request's outputs, in batches, until it finishes; aborts it if the caller
+        stops early."""
         stream = self.open_stream(request_id)
         finished = False
         try:
@@ -184,9 +185,9 @@ class AsyncEngine:
             await self._command(
                 rank, "add_request", list(prompt_ids), sampling, request_id, hold_pages
             )
-            async for out in self.iterate(stream):
-                finished = out.finished
-                yield out
+            async for outs in self.iterate(stream):
+                finished = outs[-1].finished
+                yield outs
         finally:
             self.close_stream(request_id)
             if not finished and self.alive:
@@ -194,13 +195,20 @@ class AsyncEngine:
             self._rank_of.pop(request_id, None)
 
     @staticmethod
-    async def iterate(stream: Stream) -> AsyncIterator[StepOutput]:
+    async def iterate(stream: Stream) -> AsyncIterator[list[StepOutput]]:
+        """The stream's outputs until the last, each time all that have arrived: a consumer
+        slower than the engine (a busy network) gets several tokens in one batch."""
         while True:
-            item = await stream.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if item.finished:
+            batch = [await stream.get()]
+            while not stream.empty() and not _ends(batch[-1]):
+                batch.append(stream.get_nowait())
+            error = next((x for x in batch if isinstance(x, BaseException)), None)
+            outs = [x for x in batch if not isinstance(x, BaseException)]
+            if outs:
+                yield outs
+            if error is not None:
+                raise error
+            if outs and outs[-1].finished:
                 return
 
     def _deliver(self, it: Iteration) -> None:
@@ -258,3 +266,7 @@ class AsyncEngine:
             if not future.done():
                 future.set_exception(error)
         self._futures.clear()
+
+
+def _ends(item: StepOutput | BaseException) -> bool:
+    return isinstance(item, BaseException) or item.finished

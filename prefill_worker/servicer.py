@@ -99,10 +99,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             # The prefill worker samples only the first token; the decode worker the rest.
             sampling = replace(sampling_from_proto(req.sampling), max_new_tokens=1)
             first: StepOutput | None = None
-            async for out in self.rt.engine.generate(
+            async for outs in self.rt.engine.generate(
                 rid, list(req.token_ids), sampling, hold_pages=True
             ):
-                first = out
+                first = outs[-1]
             if first is None:
                 raise RuntimeError(f"request {rid} finished without a token")
             dest = await sender.wait_for_destination(self.rt.settings.transfer_timeout_s)

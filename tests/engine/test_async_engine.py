@@ -1,0 +1,64 @@
+"""AsyncEngine: outputs reach callers in batches when they pile up; errors end the stream."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from engine.async_engine import AsyncEngine, RequestAborted
+from engine.config import EngineConfig
+from engine.engine import Engine, StepOutput
+from engine.sampling import SamplingParams
+
+
+def out(token: int, finished: bool = False) -> StepOutput:
+    return StepOutput("r", token, None, finished, None, 3, token, 0)
+
+
+def test_iterate_batches_what_has_arrived() -> None:
+    async def main() -> list[list[int]]:
+        stream: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
+        for t in (1, 2, 3):
+            stream.put_nowait(out(t))
+        got = []
+        async for outs in AsyncEngine.iterate(stream):
+            got.append([o.token_id for o in outs])
+            if len(got) == 1:
+                stream.put_nowait(out(4, finished=True))
+                stream.put_nowait(out(99))  # after the last: never read
+        return got
+
+    assert asyncio.run(main()) == [[1, 2, 3], [4]]
+
+
+def test_iterate_delivers_tokens_before_an_error() -> None:
+    async def main() -> list[int]:
+        stream: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
+        stream.put_nowait(out(1))
+        stream.put_nowait(RequestAborted("r"))
+        seen: list[int] = []
+        with pytest.raises(RequestAborted):
+            async for outs in AsyncEngine.iterate(stream):
+                seen += [o.token_id for o in outs]
+        return seen
+
+    assert asyncio.run(main()) == [1]
+
+
+def test_generate_streams_the_offline_tokens(tiny_models: dict[str, Path]) -> None:
+    config = EngineConfig(model_path=str(tiny_models["llama"]), num_pages=64)
+    params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
+    expected = Engine(config).generate([[5, 6, 7]], params)[0].output_ids
+
+    async def main() -> list[int]:
+        engine = AsyncEngine(Engine(config))
+        engine.start()
+        try:
+            return [o.token_id async for outs in engine.generate("g", [5, 6, 7], params)
+                    for o in outs]  # fmt: skip
+        finally:
+            engine.stop()
+
+    assert asyncio.run(main()) == expected
