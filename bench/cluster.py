@@ -57,8 +57,12 @@ def first_token(url: str, timeout_s: float = 120) -> float:
 
 def recover(pattern: str, group_role: str, url: str) -> tuple[float, float]:
     """Kill the first process matching `pattern`; (seconds to healthy, to a served request)."""
-    before = {r["name"]: int(r["restarts"]) for r in rows()}
-    pid = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()[0]
+    now = rows()
+    before = {r["name"]: int(r["restarts"]) for r in now}
+    redis = next(r["endpoint"] for r in now if r["role"] == "redis")
+    pid = subprocess.run(
+        ["pgrep", "-f", f"{pattern}.*--registry {redis}"], capture_output=True, text=True
+    ).stdout.split()[0]
     start = time.monotonic()
     subprocess.run(["kill", "-9", pid], check=True)
     while True:

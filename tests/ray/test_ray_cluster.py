@@ -115,6 +115,9 @@ def test_up_places_and_serves(cluster: str, expected: dict[tuple[int, ...], list
 
 
 def kill(pattern: str) -> int:
+    """SIGKILL one process of this cluster (its workers' command lines name its Redis)."""
+    redis = next(r["endpoint"] for r in status() if r["role"] == "redis")
+    pattern = f"{pattern}.*--registry {redis}"
     pids = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
     assert pids, f"no process matches {pattern!r}"
     subprocess.run(["kill", "-9", pids[0]], check=True)
