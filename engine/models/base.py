@@ -12,6 +12,21 @@ from engine.forward_batch import ForwardBatch
 from engine.layers.norm import RMSNorm
 
 
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: `x + attn(norm(x))`, then `+ mlp(norm(x))`."""
+
+    def __init__(self, config: ModelConfig, self_attn: nn.Module, mlp: nn.Module) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = self_attn
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), batch)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
 class DecoderOnlyLM(nn.Module):
     """Subclasses build `self.layers` (each called as `layer(x, batch)`) and `self.rotary`."""
 

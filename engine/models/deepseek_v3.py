@@ -30,7 +30,7 @@ from engine.layers.moe import FusedExperts, select_experts_grouped
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, softmax_mscale
 from engine.loader import WeightTarget
-from engine.models.base import DecoderOnlyLM
+from engine.models.base import DecoderLayer, DecoderOnlyLM
 from engine.models.llama import MLP
 
 # DeepSeek builds its q_a/kv_a norms without passing config.rms_norm_eps (reference and
@@ -148,27 +148,15 @@ class DeepseekMoE(nn.Module):
         return out if self.shared_experts is None else out + self.shared_experts(x)
 
 
-class DecoderLayer(nn.Module):
-    def __init__(
-        self,
-        config: ModelConfig,
-        layer_id: int,
-        rotary: RotaryEmbedding,
-        backend: AttentionBackend,
-    ) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MLAttention(config, layer_id, rotary, backend)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp: nn.Module
-        if config.is_moe_layer(layer_id):
-            self.mlp = DeepseekMoE(config)
-        else:
-            self.mlp = MLP(config.hidden_size, config.intermediate_size, bias=False)
-
-    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+def decoder_layer(
+    config: ModelConfig, layer_id: int, rotary: RotaryEmbedding, backend: AttentionBackend
+) -> DecoderLayer:
+    mlp: nn.Module = (
+        DeepseekMoE(config)
+        if config.is_moe_layer(layer_id)
+        else MLP(config.hidden_size, config.intermediate_size, bias=False)
+    )
+    return DecoderLayer(config, MLAttention(config, layer_id, rotary, backend), mlp)
 
 
 class DeepseekV3ForCausalLM(DecoderOnlyLM):
@@ -185,7 +173,7 @@ class DeepseekV3ForCausalLM(DecoderOnlyLM):
             interleaved=config.mla.rope_interleave,
         )
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, self.rotary, backend) for i in range(config.num_layers)
+            decoder_layer(config, i, self.rotary, backend) for i in range(config.num_layers)
         )
 
     def kv_cache_spec(self) -> KVCacheSpec:

@@ -19,7 +19,7 @@ from engine.layers.moe import FusedExperts, select_experts
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 from engine.loader import WeightTarget
-from engine.models.base import DecoderOnlyLM
+from engine.models.base import DecoderLayer, DecoderOnlyLM
 
 
 class Attention(nn.Module):
@@ -88,27 +88,15 @@ class SparseMoeBlock(nn.Module):
         return self.experts(x, weights, ids)
 
 
-class DecoderLayer(nn.Module):
-    def __init__(
-        self,
-        config: ModelConfig,
-        layer_id: int,
-        rotary: RotaryEmbedding,
-        backend: AttentionBackend,
-    ) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_id, rotary, backend)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp: nn.Module
-        if config.is_moe_layer(layer_id):
-            self.mlp = SparseMoeBlock(config)
-        else:
-            self.mlp = MLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
-
-    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+def decoder_layer(
+    config: ModelConfig, layer_id: int, rotary: RotaryEmbedding, backend: AttentionBackend
+) -> DecoderLayer:
+    mlp: nn.Module = (
+        SparseMoeBlock(config)
+        if config.is_moe_layer(layer_id)
+        else MLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
+    )
+    return DecoderLayer(config, Attention(config, layer_id, rotary, backend), mlp)
 
 
 class LlamaForCausalLM(DecoderOnlyLM):
@@ -118,7 +106,7 @@ class LlamaForCausalLM(DecoderOnlyLM):
         # One rotary table shared by every layer (registered once, on the model).
         self.rotary = rotary
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, rotary, backend) for i in range(config.num_layers)
+            decoder_layer(config, i, rotary, backend) for i in range(config.num_layers)
         )
 
     def kv_cache_spec(self) -> KVCacheSpec:
