@@ -114,13 +114,13 @@ def test_up_places_and_serves(cluster: str, expected: dict[tuple[int, ...], list
         assert generate(cluster, list(prompt)) == tokens
 
 
-def kill(pattern: str) -> int:
-    """SIGKILL one process of this cluster (its workers' command lines name its Redis)."""
+def kill(pattern: str, sig: str = "-9") -> int:
+    """Signal one process of this cluster (its workers' command lines name its Redis)."""
     redis = next(r["endpoint"] for r in status() if r["role"] == "redis")
     pattern = f"{pattern}.*--registry {redis}"
     pids = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
     assert pids, f"no process matches {pattern!r}"
-    subprocess.run(["kill", "-9", pids[0]], check=True)
+    subprocess.run(["kill", sig, pids[0]], check=True)
     return int(pids[0])
 
 
@@ -170,6 +170,24 @@ def test_kills_lose_no_request(cluster: str, expected: dict[tuple[int, ...], lis
     assert any(r["role"] == "prefill" for r in restarted.values()), rows
     assert any(r["role"] == "decode" for r in restarted.values()), rows
     # The restarted workers serve again.
+    for prompt, tokens in list(expected.items())[:4]:
+        assert generate(cluster, list(prompt)) == tokens
+
+
+def test_hung_worker_is_restarted(cluster: str, expected: dict[tuple[int, ...], list[int]]) -> None:
+    """A prefill worker that stops answering (SIGSTOP) fails its health checks; the supervisor
+    kills its actor, Ray restarts it, and requests keep their greedy output."""
+    before = {r["name"]: int(r["restarts"]) for r in status()}
+    kill("prefill_worker --disaggregation-mode prefill", sig="-STOP")
+    deadline = time.monotonic() + 90
+    while True:
+        rows = status()
+        if any(
+            r["role"] == "prefill" and int(r["restarts"]) > before[r["name"]] for r in rows
+        ) and all(r["health"] == "ok" for r in rows):
+            break
+        assert time.monotonic() < deadline, f"the hung worker was not restarted: {rows}"
+        time.sleep(1)
     for prompt, tokens in list(expected.items())[:4]:
         assert generate(cluster, list(prompt)) == tokens
 
