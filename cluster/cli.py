@@ -148,13 +148,17 @@ def _spec_dict(path: str | None) -> dict[str, Any]:
     return (yaml.safe_load(open(path).read()) or {}) if path else {}
 
 
+def _none_up() -> int:
+    print("no pdserve cluster is up", file=sys.stderr)
+    return 1
+
+
 def _status(args: argparse.Namespace) -> int:
     import ray
 
     controller = _connect(args.address)
     if controller is None:
-        print("no pdserve cluster is up", file=sys.stderr)
-        return 1
+        return _none_up()
     print(_table(ray.get(controller.status.remote())))
     return 0
 
@@ -164,8 +168,7 @@ def _scale(args: argparse.Namespace) -> int:
 
     controller = _connect(args.address)
     if controller is None:
-        print("no pdserve cluster is up", file=sys.stderr)
-        return 1
+        return _none_up()
     try:
         print(_table(ray.get(controller.scale.remote(args.prefill, args.decode))))
     except ray.exceptions.RayTaskError as exc:
@@ -179,8 +182,7 @@ def _down(args: argparse.Namespace) -> int:
 
     controller = _connect(args.address)
     if controller is None:
-        print("no pdserve cluster is up", file=sys.stderr)
-        return 1
+        return _none_up()
     ray.get(controller.down.remote())
     ray.kill(controller)
     print("pdserve is down")

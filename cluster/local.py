@@ -78,6 +78,17 @@ def _wait_ready(child: Child, timeout_s: float) -> dict[str, object]:
     return result
 
 
+def stop_child(child: Child, timeout_s: float = 10.0) -> None:
+    """SIGTERM the child (a worker drains first), then SIGKILL it if it outlives `timeout_s`."""
+    if child.proc.poll() is None:
+        child.proc.send_signal(signal.SIGTERM)
+    try:
+        child.proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        child.proc.kill()
+        child.proc.wait(timeout=5)
+
+
 @dataclass(frozen=True)
 class LocalClusterSpec:
     model_path: str
@@ -153,11 +164,7 @@ class LocalCluster:
                 c.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         for c in self.children:
-            try:
-                c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                c.proc.kill()
-                c.proc.wait(timeout=5)
+            stop_child(c, max(0.1, deadline - time.monotonic()))
         self.children.clear()
 
     def __enter__(self) -> LocalCluster:

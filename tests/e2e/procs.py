@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cluster.local import Child, _start, _wait_ready
+from cluster.local import Child, _start, _wait_ready, stop_child
 
 WORKER_FLAGS = ("--max-total-tokens", "4096", "--transfer-timeout", "3")
 
@@ -26,10 +25,4 @@ def worker(
         ready = _wait_ready(child, timeout_s=120)
         yield child, str(ready["endpoint"])
     finally:
-        if child.proc.poll() is None:
-            child.proc.send_signal(signal.SIGTERM)
-            try:
-                child.proc.wait(timeout=10)
-            except Exception:
-                child.proc.kill()
-                child.proc.wait(timeout=5)
+        stop_child(child)

@@ -61,9 +61,10 @@ async def run_colocated(endpoint: str, req: common_pb2.GenerateRequest) -> list[
         return [t async for r in stream if r.HasField("chunk") for t in r.chunk.token_ids]
 
 
-async def run_disaggregated(
+async def disaggregated_responses(
     prefill: str, decode: str, req: common_pb2.GenerateRequest
-) -> list[int]:
+) -> list[common_pb2.GenerateResponse]:
+    """Call Decode.Generate and Prefill.Prefill together, as the router does."""
     tid = secrets.randbits(63) or 1
     async with (
         grpc.aio.insecure_channel(prefill) as pch,
@@ -75,9 +76,16 @@ async def run_disaggregated(
         prefill_call = prefill_pb2_grpc.PrefillStub(pch).Prefill(
             prefill_pb2.PrefillRequest(request=req, transfer_id=tid)
         )
-        tokens = [t async for r in stream if r.HasField("chunk") for t in r.chunk.token_ids]
+        responses = [r async for r in stream]
         await prefill_call
-        return tokens
+        return responses
+
+
+async def run_disaggregated(
+    prefill: str, decode: str, req: common_pb2.GenerateRequest
+) -> list[int]:
+    responses = await disaggregated_responses(prefill, decode, req)
+    return [t for r in responses if r.HasField("chunk") for t in r.chunk.token_ids]
 
 
 async def load(endpoint: str, prefill: bool = False) -> common_pb2.LoadReport:
@@ -330,21 +338,9 @@ def test_decode_stream_reports_prefill_cache_hits(pair: tuple[str, str]) -> None
     prompt = list(range(100, 140))
 
     async def cached_of(rid: str) -> int:
-        tid = secrets.randbits(63) or 1
-        req = request(rid, prompt, max_new=2)
-        async with (
-            grpc.aio.insecure_channel(prefill) as pch,
-            grpc.aio.insecure_channel(decode) as dch,
-        ):
-            stream = decode_pb2_grpc.DecodeStub(dch).Generate(
-                decode_pb2.DecodeRequest(request=req, transfer_id=tid, prefill_endpoint=prefill)
-            )
-            call = prefill_pb2_grpc.PrefillStub(pch).Prefill(
-                prefill_pb2.PrefillRequest(request=req, transfer_id=tid)
-            )
-            done = [r.complete for r in [r async for r in stream] if r.HasField("complete")]
-            await call
-            return done[0].cached_tokens
+        responses = await disaggregated_responses(prefill, decode, request(rid, prompt, max_new=2))
+        (done,) = [r.complete for r in responses if r.HasField("complete")]
+        return done.cached_tokens
 
     assert asyncio.run(cached_of("cold")) == 0
     assert asyncio.run(cached_of("warm")) >= 32  # two full 16-token pages of the 40

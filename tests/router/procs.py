@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +15,7 @@ from urllib.parse import urlsplit
 
 import grpc
 
-from cluster.local import Child, _start, _wait_ready
+from cluster.local import Child, _start, _wait_ready, stop_child
 from protos import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 
 
@@ -28,13 +27,7 @@ def router_process(model_dir: Path, *flags: str) -> Iterator[tuple[Child, str]]:
     try:
         yield child, str(_wait_ready(child, timeout_s=60)["url"])
     finally:
-        if child.proc.poll() is None:
-            child.proc.send_signal(signal.SIGTERM)
-            try:
-                child.proc.wait(timeout=10)
-            except Exception:
-                child.proc.kill()
-                child.proc.wait(timeout=5)
+        stop_child(child)
 
 
 def call(
