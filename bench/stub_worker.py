@@ -2,9 +2,11 @@
 
 Two kinds, one per router under test:
 
-- ``grpc``: a colocated pdserve worker (``--disaggregation-mode null``). ``Decode.Generate``
-  streams ``--tokens`` tokens, ``--chunk-tokens`` per message (1: a real worker's one per
-  step), and a ``Complete``; ``GetInfo``, ``GetLoad``,
+- ``grpc``: a colocated pdserve worker (``--disaggregation-mode null``). ``Decode.Session``
+  (the router's path, the real worker's session code) and ``Decode.Generate`` send
+  ``--tokens`` tokens, ``--chunk-tokens`` per message (1: a real worker's one per step, a
+  step being one event-loop turn) and a ``Complete``; a request that asks ``deliver_at_end``
+  gets them all in one message, as the real worker sends them; ``GetInfo``, ``GetLoad``,
   ``Abort`` and ``grpc.health.v1`` answer as a real worker's do.
 - ``http``: an SGLang-style HTTP worker for sglang-router: ``POST /v1/completions`` (and
   ``/generate``) get one fixed non-streamed JSON reply; ``/health``, ``/get_server_info``,
@@ -33,6 +35,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
+from decode_worker import session
 from protos import common_pb2, decode_pb2, decode_pb2_grpc
 
 MODEL = "stub"
@@ -40,6 +43,10 @@ CONTEXT_LENGTH = 4096
 VOCAB_SIZE = 512  # the tiny tokenizer's, which the bench gives the pdserve router
 TOTAL_PAGES = 1024
 TOKEN_ID = 65  # one printable token of the tiny tokenizer
+
+
+def _failure(request_id: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    return grpc.StatusCode.INTERNAL, repr(exc)
 
 
 class StubDecode(decode_pb2_grpc.DecodeServicer):
@@ -54,13 +61,35 @@ class StubDecode(decode_pb2_grpc.DecodeServicer):
         if tokens % chunk_tokens:
             sizes.append(tokens % chunk_tokens)
         self.chunks = [common_pb2.StreamChunk(token_ids=[TOKEN_ID] * n) for n in sizes]
+        self.whole = common_pb2.StreamChunk(token_ids=[TOKEN_ID] * tokens)
 
     async def Generate(
         self, request: decode_pb2.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.GenerateResponse]:
+        async for msg in self._respond(request):
+            yield msg
+
+    async def Session(
+        self,
+        request_iterator: AsyncIterator[decode_pb2.SessionRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[decode_pb2.SessionResponse]:
+        """The real worker's session (``decode_worker.session``) over this stub's replies."""
+        async for frame in session.serve(request_iterator, self._respond, _failure):
+            yield frame
+
+    async def _respond(
+        self, request: decode_pb2.DecodeRequest
+    ) -> AsyncIterator[common_pb2.GenerateResponse]:
+        """As a worker sends: a chunk per step (another request's tokens may share the frame),
+        or every token with the ``Complete`` when the request asks ``deliver_at_end``."""
         rid = request.request.request_id
-        for chunk in self.chunks:
-            yield common_pb2.GenerateResponse(request_id=rid, chunk=chunk)
+        if request.deliver_at_end:
+            yield common_pb2.GenerateResponse(request_id=rid, chunk=self.whole)
+        else:
+            for chunk in self.chunks:
+                yield common_pb2.GenerateResponse(request_id=rid, chunk=chunk)
+                await asyncio.sleep(0)  # the next decode step
         yield common_pb2.GenerateResponse(
             request_id=rid,
             complete=common_pb2.Complete(

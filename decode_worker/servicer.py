@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import grpc
 
+from decode_worker import session
 from decode_worker.convert import (
     finish_to_proto,
     layout_to_proto,
@@ -34,6 +35,14 @@ from kv_transfer import (
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+
+def _failure(request_id: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status a request failed with (logged when it is our bug)."""
+    code = status_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("request %s failed", request_id, exc_info=exc)
+    return code, str(exc)
 
 
 def chunk(outs: list[StepOutput]) -> common_pb2.GenerateResponse:
@@ -69,30 +78,49 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     async def Generate(
         self, request: decode_pb2.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.GenerateResponse]:
-        req = request.request
         try:
-            sampling = sampling_from_proto(req.sampling)
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            async for msg in self._responses(request):
+                yield msg
+        except Exception as exc:
+            await context.abort(*_failure(request.request.request_id, exc))
+
+    async def Session(
+        self,
+        request_iterator: AsyncIterator[decode_pb2.SessionRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[decode_pb2.SessionResponse]:
+        # grpc.aio takes a streaming handler only as an async generator function.
+        async for frame in session.serve(request_iterator, self._responses, _failure):
+            yield frame
+
+    async def _responses(
+        self, request: decode_pb2.DecodeRequest
+    ) -> AsyncIterator[common_pb2.GenerateResponse]:
+        """One request's stream messages: chunks, then a Complete. Raises what failed it."""
+        req = request.request
+        sampling = sampling_from_proto(req.sampling)
         if request.transfer_id == 0:
             outputs = self.rt.engine.generate(req.request_id, list(req.token_ids), sampling)
         else:
             outputs = self._disaggregated(request, sampling)
+        held: list[StepOutput] = []  # deliver_at_end: every output, sent with the last
         try:
             async for outs in outputs:
+                if request.deliver_at_end:
+                    held += outs
+                    if not outs[-1].finished:
+                        continue
+                    outs = held
                 yield chunk(outs)
                 if outs[-1].finished:
                     yield complete(outs[-1])
         except RequestAborted:
+            if held:
+                yield chunk(held)
             yield common_pb2.GenerateResponse(
                 request_id=req.request_id,
                 complete=common_pb2.Complete(finish_reason=common_pb2.FINISH_REASON_ABORT),
             )
-        except Exception as exc:
-            code = status_for(exc)
-            if code is grpc.StatusCode.INTERNAL:
-                log.exception("request %s failed", req.request_id)
-            await context.abort(code, str(exc))
 
     async def _disaggregated(
         self, request: decode_pb2.DecodeRequest, sampling: SamplingParams

@@ -40,6 +40,11 @@ class DecodeStub:
                 request_serializer=protos_dot_decode__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=protos_dot_common__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/pdserve.Decode/Session',
+                request_serializer=protos_dot_decode__pb2.SessionRequest.SerializeToString,
+                response_deserializer=protos_dot_decode__pb2.SessionResponse.FromString,
+                _registered_method=True)
         self.TransferDone = channel.unary_unary(
                 '/pdserve.Decode/TransferDone',
                 request_serializer=protos_dot_decode__pb2.TransferDoneRequest.SerializeToString,
@@ -68,6 +73,16 @@ class DecodeServicer:
     def Generate(self, request, context):
         """Router -> decode: stream the request's tokens. With a transfer_id, the prompt's KV comes
         from prefill_endpoint; without one (colocated), the worker computes it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Session(self, request_iterator, context):
+        """Router -> decode: many requests over one long-lived stream. Each frame batches what is
+        ready: new requests and aborts one way, the tokens of every request of a step the other
+        (one message per step for the whole batch rather than one per request per token). The
+        stream breaking fails, and aborts, every request it carries.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -105,6 +120,11 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=protos_dot_decode__pb2.DecodeRequest.FromString,
                     response_serializer=protos_dot_common__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=protos_dot_decode__pb2.SessionRequest.FromString,
+                    response_serializer=protos_dot_decode__pb2.SessionResponse.SerializeToString,
             ),
             'TransferDone': grpc.unary_unary_rpc_method_handler(
                     servicer.TransferDone,
@@ -154,6 +174,33 @@ class Decode:
             '/pdserve.Decode/Generate',
             protos_dot_decode__pb2.DecodeRequest.SerializeToString,
             protos_dot_common__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/pdserve.Decode/Session',
+            protos_dot_decode__pb2.SessionRequest.SerializeToString,
+            protos_dot_decode__pb2.SessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

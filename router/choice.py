@@ -115,12 +115,6 @@ async def merge(
 
     Closing this iterator (or cancelling its consumer) cancels every choice still running.
     """
-    if len(streams) == 1:
-        # The usual n=1 request: no queue and no task between the choice and its consumer.
-        async with contextlib.aclosing(streams[0]) as stream:
-            async for delta in stream:
-                yield delta
-        return
     queue: asyncio.Queue[ChoiceDelta | BaseException | None] = asyncio.Queue()
 
     async def pump(stream: AsyncGenerator[ChoiceDelta, None]) -> None:

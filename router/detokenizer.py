@@ -32,8 +32,10 @@ class IncrementalDetokenizer:
         # character boundary, so decode(ids[prefix:]) starts with prefix_text.
         self._prefix = 0
         self._read = 0
-        self._prefix_text = ""
+        self._prefix_text: str | None = ""  # None: not decoded yet
         self._emitted: list[str] = []
+        # The decode of every id, when the last emit decoded them all: (how many, text).
+        self._whole: tuple[int, str] = (-1, "")
 
     @property
     def token_ids(self) -> list[int]:
@@ -48,21 +50,28 @@ class IncrementalDetokenizer:
         """Add tokens; return the text that is now complete (possibly empty)."""
         self._ids.extend(token_ids)
         new_text = self._decode(self._ids[self._prefix :])
+        prefix_text = self._prefix_text
+        if prefix_text is None:  # the window moved at the last emit; its text is due now
+            prefix_text = self._prefix_text = self._decode(self._ids[self._prefix : self._read])
         if (
-            len(new_text) > len(self._prefix_text)
+            len(new_text) > len(prefix_text)
             and not new_text.endswith(REPLACEMENT)
-            and new_text.startswith(self._prefix_text)
+            and new_text.startswith(prefix_text)
         ):
-            delta = new_text[len(self._prefix_text) :]
-            self._prefix_text = self._decode(self._ids[self._read :])
+            delta = new_text[len(prefix_text) :]
+            if self._prefix == 0:
+                self._whole = (len(self._ids), new_text)
+            # Slide the window; its prefix text is decoded only if another push comes.
             self._prefix, self._read = self._read, len(self._ids)
+            self._prefix_text = None
             self._emitted.append(delta)
             return delta
         return ""
 
     def flush(self) -> str:
         """The sequence is over: return the held-back rest (incomplete bytes become U+FFFD)."""
-        full = self._decode(self._ids)
+        whole = self._whole
+        full = whole[1] if whole[0] == len(self._ids) else self._decode(self._ids)
         emitted = self.text
         if full.startswith(emitted):
             delta = full[len(emitted) :]
@@ -71,8 +80,11 @@ class IncrementalDetokenizer:
             # character, so the full decode no longer starts with the run's complete
             # characters, already sent. Send the replacement of the dangling part only.
             window = self._decode(self._ids[self._prefix :])
-            if window.startswith(self._prefix_text):
-                delta = window[len(self._prefix_text) :]
+            prefix_text = self._prefix_text
+            if prefix_text is None:
+                prefix_text = self._decode(self._ids[self._prefix : self._read])
+            if window.startswith(prefix_text):
+                delta = window[len(prefix_text) :]
             else:
                 delta = self._decode(self._ids[self._read :])
         self._emitted.append(delta)

@@ -1,9 +1,11 @@
-"""One request's worker calls: colocated (one ``Generate`` stream) or disaggregated
-(``Decode.Generate`` stream and ``Prefill.Prefill`` call at once, sharing a transfer id).
+"""One request's worker calls: colocated (the request on the worker's decode session) or
+disaggregated (on the decode worker's session and a ``Prefill.Prefill`` call at once, sharing
+a transfer id).
 
 Both are async generators of ``WorkerEvent``s that end after ``Finished``. Whatever ends them
-early (an error, ``aclose``, cancellation of the consuming task) cancels every call still
-running and asks the workers to ``Abort`` the request, so its KV pages are freed.
+early (an error, ``aclose``, cancellation of the consuming task) aborts the request on the
+decode session, cancels the prefill call and asks the prefill worker to ``Abort`` it, so its
+KV pages are freed.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import secrets
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import replace
@@ -18,7 +21,8 @@ from typing import Any
 
 import grpc
 
-from protos import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from protos import prefill_pb2, prefill_pb2_grpc
+from protos.decode_pb2 import DecodeRequest
 from router.events import (
     Finished,
     WorkerError,
@@ -27,16 +31,21 @@ from router.events import (
     event_from_proto,
     request_to_proto,
 )
+from router.session import Session
 
 log = logging.getLogger(__name__)
 
 AbortFn = Callable[[str], None]  # fire-and-forget Abort of a request id on the workers
 
 
+# Transfer ids need to be unique, not secret: a generator seeded once from the OS.
+_TRANSFER_IDS = random.Random(secrets.randbits(128))
+
+
 def new_transfer_id() -> int:
     """A random non-zero 63-bit id (0 means "colocated")."""
     while True:
-        tid = secrets.randbits(63)
+        tid = _TRANSFER_IDS.getrandbits(63)
         if tid:
             return tid
 
@@ -49,85 +58,89 @@ def rpc_error(exc: BaseException, endpoint: str) -> WorkerError:
     return WorkerError(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}", endpoint)
 
 
+def decode_request(
+    request: WorkerRequest, transfer_id: int = 0, prefill: str = ""
+) -> DecodeRequest:
+    return DecodeRequest(
+        request=request_to_proto(request),
+        transfer_id=transfer_id,
+        prefill_endpoint=prefill,
+        deliver_at_end=not request.stream,
+    )
+
+
 async def colocated(
-    stub: decode_pb2_grpc.DecodeStub, endpoint: str, request: WorkerRequest, abort: AbortFn
+    session: Session, request: WorkerRequest, on_end: Callable[[], None]
 ) -> AsyncGenerator[WorkerEvent, None]:
-    call = stub.Generate(decode_pb2.DecodeRequest(request=request_to_proto(request)))
-    finished = False
+    """The request on a colocated worker's session; closing early aborts it there.
+    ``on_end`` runs once the request is over on the worker, however it ended."""
+    try:
+        stream = session.open(decode_request(request))
+    except BaseException:
+        on_end()
+        raise
+    endpoint = session.endpoint
     try:
         while True:
-            try:
-                msg = await call.read()
-            except grpc.aio.AioRpcError as exc:
-                raise rpc_error(exc, endpoint) from None
-            if msg is grpc.aio.EOF:
-                raise WorkerError(
-                    grpc.StatusCode.INTERNAL, "stream ended without a complete message", endpoint
-                )
-            event = event_from_proto(msg, endpoint)
-            finished = isinstance(event, Finished)
+            event = event_from_proto(await stream.next(), endpoint)
             yield event
-            if finished:
+            if isinstance(event, Finished):
                 return
     finally:
-        if not call.done():
-            call.cancel()
-        if not finished:
-            abort(request.request_id)
+        stream.close()
+        on_end()
 
 
 async def disaggregated(
     prefill_stub: prefill_pb2_grpc.PrefillStub,
     prefill_endpoint: str,
-    decode_stub: decode_pb2_grpc.DecodeStub,
-    decode_endpoint: str,
+    session: Session,
     request: WorkerRequest,
-    abort: AbortFn,
-    on_prefill_done: Callable[[], None] | None = None,
+    abort_prefill: AbortFn,
+    on_prefill_done: Callable[[], None],
+    on_decode_done: Callable[[], None],
 ) -> AsyncGenerator[WorkerEvent, None]:
-    """The decode stream carries every token, the first included; the prefill call only
+    """The decode session carries every token, the first included; the prefill call only
     reports success (or the error that dooms the request). Once a token arrived the pages are
     on the decode worker, so a later prefill failure is ignored. ``on_prefill_done`` runs when
-    the prefill call ends, however it ends."""
-    tid = new_transfer_id()
-    msg = request_to_proto(request)
-    decode_call = decode_stub.Generate(
-        decode_pb2.DecodeRequest(request=msg, transfer_id=tid, prefill_endpoint=prefill_endpoint)
-    )
-    prefill_call = prefill_stub.Prefill(prefill_pb2.PrefillRequest(request=msg, transfer_id=tid))
+    the prefill call ends and ``on_decode_done`` when the decode side does, however they end.
+    """
+    try:
+        tid = new_transfer_id()
+        decode_endpoint = session.endpoint
+        stream = session.open(decode_request(request, tid, prefill_endpoint))
+        prefill_call = prefill_stub.Prefill(
+            prefill_pb2.PrefillRequest(request=request_to_proto(request), transfer_id=tid)
+        )
+    except BaseException:
+        on_prefill_done()
+        on_decode_done()
+        raise
     prefill_done: asyncio.Future[prefill_pb2.PrefillResponse] = asyncio.ensure_future(prefill_call)
-    if on_prefill_done is not None:
-        prefill_done.add_done_callback(lambda _: on_prefill_done())
-    read: asyncio.Future[Any] | None = None
+    prefill_done.add_done_callback(lambda _: on_prefill_done())
+    read: asyncio.Future[Any] | None = None  # the next message, while racing the prefill call
     finished = decoding = False
     try:
         while True:
-            if read is None:
-                read = asyncio.ensure_future(decode_call.read())
-            waiting: set[asyncio.Future[Any]] = {read}
-            if not (prefill_done.done() or decoding):
-                waiting.add(prefill_done)
-            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if not (decoding or prefill_done.done()):
+                if read is None:
+                    read = asyncio.ensure_future(stream.next())
+                await asyncio.wait({read, prefill_done}, return_when=asyncio.FIRST_COMPLETED)
             failure = _exception(prefill_done) if prefill_done.done() and not decoding else None
             if failure is not None:
                 raise rpc_error(failure, prefill_endpoint) from None
-            if not read.done():
-                continue
             try:
-                reply = read.result()
-            except grpc.aio.AioRpcError as exc:
+                if read is None:
+                    reply = await stream.next()
+                else:
+                    pending, read = read, None
+                    reply = await pending
+            except WorkerError as exc:
                 # A failed prefill usually fails the decode side too; its error says why.
                 cause = _exception(prefill_done) if prefill_done.done() and not decoding else None
                 if cause is not None:
                     raise rpc_error(cause, prefill_endpoint) from None
-                raise rpc_error(exc, decode_endpoint) from None
-            read = None
-            if reply is grpc.aio.EOF:
-                raise WorkerError(
-                    grpc.StatusCode.INTERNAL,
-                    "stream ended without a complete message",
-                    decode_endpoint,
-                )
+                raise exc from None
             event = event_from_proto(reply, decode_endpoint)
             decoding = True
             finished = isinstance(event, Finished)
@@ -139,11 +152,11 @@ async def disaggregated(
     finally:
         if read is not None and not read.done():
             read.cancel()
-        if not decode_call.done():
-            decode_call.cancel()
+        stream.close()
+        on_decode_done()
         if not finished:
             prefill_call.cancel()
-            abort(request.request_id)
+            abort_prefill(request.request_id)
         # The prefill reply may trail the last token; let it land without a warning.
         prefill_done.add_done_callback(_drain)
 

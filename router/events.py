@@ -21,6 +21,7 @@ class WorkerRequest:
     request_id: str  # unique per choice
     token_ids: tuple[int, ...]
     sampling: Sampling  # max_tokens resolved (not None)
+    stream: bool = True  # tokens as produced; False: all with the last message
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class WorkerError(RequestError):
             code = "worker_unavailable"
         super().__init__(status, message, None, code)
         self.grpc_code = grpc_code
+        self.details = details
         self.endpoint = endpoint
 
     @property

@@ -88,7 +88,8 @@ class PromptBuilder:
         if not ids:
             raise invalid(f"{param} is empty after tokenization", param)
         self._check_vocab(ids, param)
-        self._check_vocab(list(sampling.stop_token_ids), "stop_token_ids")
+        if sampling.stop_token_ids:
+            self._check_vocab(list(sampling.stop_token_ids), "stop_token_ids")
         if len(ids) >= ctx:
             raise invalid(
                 f"This model's maximum context length is {ctx} tokens, but the prompt has "
@@ -111,6 +112,8 @@ class PromptBuilder:
 
     def _check_vocab(self, ids: list[int], param: str) -> None:
         vocab = self.model.vocab_size
+        if not ids or max(ids) < vocab:
+            return
         bad = [t for t in ids if t >= vocab]
         if bad:
             raise invalid(

@@ -156,6 +156,7 @@ async def generate(
             request.request_id if attempt == 0 else f"{request.request_id}.{attempt}",
             (*prompt, *delivered),
             replace(sampling, max_tokens=max_tokens - len(delivered)),
+            request.stream,
         )
         attempt += 1
         try:

@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
+import secrets
 import time
-import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -42,6 +43,16 @@ from router.workers import WorkerPool, load_of
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# Request ids: a random per-process prefix and a counter, unique across router processes and
+# restarts without a system call per request (uuid4 reads the OS entropy pool each time).
+_ID_PREFIX = secrets.token_hex(6)
+_ID_COUNTER = itertools.count(1)
+
+
+def _new_id(kind: str) -> str:
+    return f"{kind}{_ID_PREFIX}{next(_ID_COUNTER):010x}"
+
+
 # Bodies above this are tokenized off the event loop.
 _THREAD_TOKENIZE_BYTES = 16 << 10
 
@@ -177,7 +188,7 @@ async def serve(config: RouterConfig) -> tuple[web.AppRunner, str]:
     router = await Router.start(config)
     runner = web.AppRunner(build_app(router), handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port)
+    site = web.TCPSite(runner, config.host, config.port, reuse_port=True)
     await site.start()
     port = runner.addresses[0][1]
     return runner, f"http://{config.host}:{port}"
@@ -251,9 +262,11 @@ class _Handlers:
         req = parse_completion(_decode_json(raw))
         self._check_model(req.model)
         prompts = await self._prepare(raw, lambda b: b.completion(req))
-        rid = f"cmpl-{uuid.uuid4().hex}"
+        rid = _new_id("cmpl-")
         specs = [
-            _spec(rid, i * req.n + j, p, j) for i, p in enumerate(prompts) for j in range(req.n)
+            _spec(rid, i * req.n + j, p, j, req.stream)
+            for i, p in enumerate(prompts)
+            for j in range(req.n)
         ]
         renderer = R.CompletionRenderer(
             rid, self.r.model.name, len(specs), req.n, self.texts, req.logprobs is not None,
@@ -267,8 +280,8 @@ class _Handlers:
         req = parse_chat(_decode_json(raw))
         self._check_model(req.model)
         prompt = await self._prepare(raw, lambda b: b.chat(req))
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        specs = [_spec(rid, j, prompt, j) for j in range(req.n)]
+        rid = _new_id("chatcmpl-")
+        specs = [_spec(rid, j, prompt, j, req.stream) for j in range(req.n)]
         renderer = R.ChatRenderer(
             rid, self.r.model.name, req.n, self.texts, req.sampling.logprobs, req.include_usage
         )
@@ -279,8 +292,8 @@ class _Handlers:
         raw = await request.read()
         req = parse_generate(_decode_json(raw))
         prompt = await self._prepare(raw, lambda b: b.generate(req))
-        rid = uuid.uuid4().hex
-        specs = [_spec(rid, j, prompt, j) for j in range(req.n)]
+        rid = _new_id("")
+        specs = [_spec(rid, j, prompt, j, req.stream) for j in range(req.n)]
         renderer = R.GenerateRenderer(
             rid, self.r.model.name, req.n, len(prompt.token_ids), req.return_logprob
         )
@@ -335,9 +348,8 @@ class _Handlers:
     ) -> web.StreamResponse:
         """Run every choice on the workers; answer with SSE or one JSON reply."""
         eos = self.r.tokenizer.eos_token_ids
-        deltas = merge(
-            [run_choice(s, self.r.pool.generate, self.r.tokenizer, eos, timer) for s in specs]
-        )
+        choices = [run_choice(s, self.r.pool.generate, self.r.tokenizer, eos, timer) for s in specs]
+        deltas = choices[0] if len(choices) == 1 else merge(choices)
         if stream:
             return await _stream(request, deltas, renderer, self._finished(renderer, timer))
         async with contextlib.aclosing(deltas):
@@ -356,11 +368,14 @@ class _Handlers:
         return done
 
 
-def _spec(rid: str, index: int, prompt: PreparedPrompt, sample: int) -> ChoiceSpec:
-    return ChoiceSpec(
-        index,
-        WorkerRequest(f"{rid}-{index}", prompt.token_ids, prompt.sampling.for_choice(sample)),
+def _spec(rid: str, index: int, prompt: PreparedPrompt, sample: int, stream: bool) -> ChoiceSpec:
+    """Choice ``index``. Its tokens come as produced when the client streams or stop strings
+    must be watched (to stop the worker early); otherwise all at once with the last."""
+    sampling = prompt.sampling.for_choice(sample)
+    request = WorkerRequest(
+        f"{rid}-{index}", prompt.token_ids, sampling, stream or bool(sampling.stop)
     )
+    return ChoiceSpec(index, request)
 
 
 def _decode_json(raw: bytes) -> Any:

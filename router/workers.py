@@ -38,6 +38,7 @@ from router.metrics import RouterMetrics, WorkerSample
 from router.policy import Policy, RoundRobin
 from router.prompts import ModelInfo
 from router.resilience import NoUsableWorker, RetryConfig
+from router.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ class WorkerClient:
         self.report: common_pb2.LoadReport | None = None  # the last GetLoad answer
         self.reported_at: float | None = None
         self.info: WorkerInfo | None = None
+        self._session: Session | None = None
 
     @property
     def usable(self) -> bool:
@@ -214,7 +216,16 @@ class WorkerClient:
             "last_load": last_load,
         }
 
+    def session(self) -> Session:
+        """The decode session every request to this worker rides (a new one once broken)."""
+        session = self._session
+        if session is None or session.broken:
+            session = self._session = Session(self.decode, self.endpoint)
+        return session
+
     async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
         await self.channel.close()
 
     def __repr__(self) -> str:
@@ -524,26 +535,18 @@ class WorkerPool:
         if before is not CircuitState.OPEN and worker.breaker.state is CircuitState.OPEN:
             log.warning("circuit of worker %s opened (%s)", worker.endpoint, why)
 
-    async def _stream(
+    def _stream(
         self, workers: tuple[WorkerClient, ...], request: WorkerRequest
     ) -> AsyncGenerator[WorkerEvent, None]:
-        releases = [self._track(w) for w in workers]
-        abort = self._aborter(list(workers))
+        """The attempt's events; the workers count it in flight until its calls end (the
+        stream must be iterated, as ``resilience.generate`` does at once)."""
         if len(workers) == 1:
-            (w,) = workers
-            inner = dispatch.colocated(w.decode, w.endpoint, request, abort)
-        else:
-            p, d = workers
-            inner = dispatch.disaggregated(
-                p.prefill, p.endpoint, d.decode, d.endpoint, request, abort, releases[0]
-            )
-        try:
-            async with contextlib.aclosing(inner) as events:
-                async for event in events:
-                    yield event
-        finally:
-            for release in releases:
-                release()
+            return dispatch.colocated(workers[0].session(), request, self._track(workers[0]))
+        p, d = workers
+        return dispatch.disaggregated(
+            p.prefill, p.endpoint, d.session(), request, self._aborter(p),
+            self._track(p), self._track(d),
+        )  # fmt: skip
 
     def _track(self, worker: WorkerClient) -> Callable[[], None]:
         """Count a request on ``worker``; the returned function (idempotent) uncounts it."""
@@ -564,10 +567,9 @@ class WorkerPool:
 
         return release
 
-    def _aborter(self, workers: list[WorkerClient]) -> dispatch.AbortFn:
+    def _aborter(self, worker: WorkerClient) -> dispatch.AbortFn:
         def abort(request_id: str) -> None:
-            for worker in workers:
-                self.spawn(worker.abort(request_id))
+            self.spawn(worker.abort(request_id))
 
         return abort
 

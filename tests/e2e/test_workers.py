@@ -344,3 +344,127 @@ def test_decode_stream_reports_prefill_cache_hits(pair: tuple[str, str]) -> None
 
     assert asyncio.run(cached_of("cold")) == 0
     assert asyncio.run(cached_of("warm")) >= 32  # two full 16-token pages of the 40
+
+
+async def session_responses(
+    endpoint: str, frames: list[decode_pb2.SessionRequest], expect: int
+) -> tuple[dict[str, list[common_pb2.GenerateResponse]], list[int]]:
+    """Send ``frames`` on one Decode.Session; collect responses until ``expect`` requests
+    ended. Returns each request's messages and each response frame's size."""
+    by_request: dict[str, list[common_pb2.GenerateResponse]] = {}
+    sizes: list[int] = []
+    ended = 0
+    async with grpc.aio.insecure_channel(endpoint) as ch:
+        call = decode_pb2_grpc.DecodeStub(ch).Session()
+        for frame in frames:
+            await call.write(frame)
+        while ended < expect:
+            frame = await call.read()
+            assert frame is not grpc.aio.EOF
+            sizes.append(len(frame.responses))
+            for r in frame.responses:
+                by_request.setdefault(r.request_id, []).append(r)
+                ended += r.WhichOneof("response") != "chunk"
+        await call.done_writing()
+        assert await call.read() is grpc.aio.EOF  # nothing left running: the worker ends it
+    return by_request, sizes
+
+
+def test_session_carries_many_requests_token_exact(
+    model_dir: Path, pair: tuple[str, str], colocated: str
+) -> None:
+    """One Decode.Session: every request's tokens equal the offline engine's, whether sent
+    as produced or all at the end; frames batch several requests' messages; a duplicate id is
+    refused; disaggregated requests ride the decode worker's session too."""
+    prompts = make_prompts(vocab_size=512)
+    engine = Engine(EngineConfig(model_path=str(model_dir), num_pages=256))
+    expected = [
+        r.output_ids
+        for r in engine.generate(
+            prompts, SamplingParams(temperature=0, max_new_tokens=MAX_NEW, ignore_eos=True)
+        )
+    ]
+    submits = [
+        decode_pb2.DecodeRequest(request=request(f"s{i}", p), deliver_at_end=i % 2 == 1)
+        for i, p in enumerate(prompts)
+    ]
+    duplicate = decode_pb2.DecodeRequest(request=request("s0", prompts[0]))
+    frames = [
+        decode_pb2.SessionRequest(submit=submits),
+        decode_pb2.SessionRequest(submit=[duplicate]),
+    ]
+
+    async def main() -> None:
+        by_request, sizes = await session_responses(colocated, frames, len(prompts))
+        for i, want in enumerate(expected):
+            msgs = by_request[f"s{i}"]
+            kinds = [m.WhichOneof("response") for m in msgs]
+            if i == 0:  # the duplicate's refusal shares s0's id: it comes first
+                error = msgs.pop(next(j for j, k in enumerate(kinds) if k == "error"))
+                assert error.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+                assert "already running" in error.error.message
+                kinds = [m.WhichOneof("response") for m in msgs]
+            assert kinds[-1] == "complete" and msgs[-1].complete.completion_tokens == MAX_NEW
+            if i % 2 == 1:
+                assert kinds == ["chunk", "complete"]  # deliver_at_end: one message
+            got = [t for m in msgs if m.HasField("chunk") for t in m.chunk.token_ids]
+            assert got == want, f"request s{i}"
+        assert max(sizes) > 1, f"no frame batched two requests: {sizes}"
+
+        # Disaggregated: the decode worker's session, and the Prefill call beside it.
+        prefill, decode = pair
+        tid = secrets.randbits(63) or 1
+        submit = decode_pb2.DecodeRequest(
+            request=request("d0", prompts[0]), transfer_id=tid, prefill_endpoint=prefill
+        )
+        async with grpc.aio.insecure_channel(prefill) as pch:
+            call = prefill_pb2_grpc.PrefillStub(pch).Prefill(
+                prefill_pb2.PrefillRequest(request=request("d0", prompts[0]), transfer_id=tid)
+            )
+            by_request, _ = await session_responses(
+                decode, [decode_pb2.SessionRequest(submit=[submit])], 1
+            )
+            await call
+        got = [t for m in by_request["d0"] if m.HasField("chunk") for t in m.chunk.token_ids]
+        assert got == expected[0]
+        await wait_pages_free(colocated)
+        await wait_pages_free(decode)
+        await wait_pages_free(prefill, prefill=True)
+
+    asyncio.run(main())
+
+
+def test_session_abort_and_broken_session_free_pages(colocated: str) -> None:
+    """An abort in a frame ends that request alone; the session ending (the router gone)
+    aborts everything still on it. Either way every page comes back."""
+
+    async def main() -> None:
+        async with grpc.aio.insecure_channel(colocated) as ch:
+            call = decode_pb2_grpc.DecodeStub(ch).Session()
+            long_ = [request(f"long{i}", [5, 6, 7, i + 8], max_new=1000) for i in range(3)]
+            short = request("short", [9, 10, 11])
+            await call.write(
+                decode_pb2.SessionRequest(
+                    submit=[decode_pb2.DecodeRequest(request=r) for r in [*long_, short]]
+                )
+            )
+            seen: dict[str, int] = {}
+            short_done = False
+            at_abort: dict[str, int] | None = None  # token counts when the abort went out
+            while not short_done or at_abort is None or seen["long1"] < at_abort["long1"] + 30:
+                frame = await call.read()
+                for r in frame.responses:
+                    seen[r.request_id] = seen.get(r.request_id, 0) + len(r.chunk.token_ids)
+                    short_done |= r.request_id == "short" and r.HasField("complete")
+                if at_abort is None and seen.get("long0", 0) >= 2:
+                    await call.write(decode_pb2.SessionRequest(abort=["long0"]))
+                    at_abort = dict(seen)
+            assert seen["short"] == MAX_NEW
+            # long0 stopped (a step or two already in flight may still arrive); long1 went on.
+            assert at_abort is not None and seen["long0"] <= at_abort["long0"] + 3
+            load_now = await load(colocated)
+            assert load_now.num_running >= 1  # long1 and long2 still run
+            call.cancel()  # the router goes away with long1 and long2 in flight
+        await wait_pages_free(colocated)
+
+    asyncio.run(main())

@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
+from decode_worker import session
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 EOS = 2  # the tiny tokenizer's <|im_end|>
@@ -119,12 +120,48 @@ def _logprobs(token: int, s: common_pb2.SamplingParams) -> list[common_pb2.Token
     return [common_pb2.TokenLogprobs(logprob=-0.5, top=top[: s.top_logprobs])]
 
 
+class Injected(Exception):
+    """A scripted failure: the request ends with ``code``."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _failure(request_id: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, Injected):
+        return exc.code, str(exc)
+    return grpc.StatusCode.INTERNAL, repr(exc)
+
+
 class _Decode(decode_pb2_grpc.DecodeServicer):
     def __init__(self, w: FakeWorker) -> None:
         self.w = w
 
     async def Generate(
         self, request: decode_pb2.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.GenerateResponse]:
+        try:
+            async for msg in self._respond(request):
+                yield msg
+        except Injected as exc:
+            await context.abort(exc.code, str(exc))
+
+    async def Session(
+        self,
+        request_iterator: AsyncIterator[decode_pb2.SessionRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[decode_pb2.SessionResponse]:
+        async def frames() -> AsyncIterator[decode_pb2.SessionRequest]:
+            async for frame in request_iterator:
+                self.w.aborts.extend(frame.abort)
+                yield frame
+
+        async for out in session.serve(frames(), self._respond, _failure):
+            yield out
+
+    async def _respond(
+        self, request: decode_pb2.DecodeRequest
     ) -> AsyncIterator[common_pb2.GenerateResponse]:
         w, req = self.w, request.request
         w.requests.append(req)
@@ -134,17 +171,17 @@ class _Decode(decode_pb2_grpc.DecodeServicer):
         w.running += 1
         try:
             if w.fail is not None and w.fail.after_tokens < 0:
-                await context.abort(w.fail.code, w.fail.message)
+                raise Injected(w.fail.code, w.fail.message)
             if request.transfer_id:
                 event = TRANSFERS.setdefault(request.transfer_id, asyncio.Event())
                 try:
                     await asyncio.wait_for(event.wait(), 5.0)
                 except TimeoutError:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, "transfer timed out")
+                    raise Injected(grpc.StatusCode.UNAVAILABLE, "transfer timed out") from None
             tokens, reason = w.script(req)
             for i, token in enumerate(tokens):
                 if w.fail is not None and i == w.fail.after_tokens:
-                    await context.abort(w.fail.code, w.fail.message)
+                    raise Injected(w.fail.code, w.fail.message)
                 if w.token_delay_s:
                     await asyncio.sleep(w.token_delay_s)
                 yield common_pb2.GenerateResponse(

@@ -1,0 +1,108 @@
+"""The router's side of Decode.Session: many requests on one stream, and what a break does."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from protos import common_pb2, decode_pb2
+from router.events import Finished, WorkerError, event_from_proto
+from router.session import RequestStream
+from router.workers import ROLE_COLOCATED, WorkerClient
+from tests.router.conftest import run
+from tests.router.fake_worker import EOS, Failure, FakeWorker
+from tests.router.test_server import wait_for
+
+
+def submit(rid: str, prompt: tuple[int, ...] = (1, 2)) -> decode_pb2.DecodeRequest:
+    sampling = common_pb2.SamplingParams(max_new_tokens=100, ignore_eos=True)
+    return decode_pb2.DecodeRequest(
+        request=common_pb2.GenerateRequest(request_id=rid, token_ids=prompt, sampling=sampling)
+    )
+
+
+async def drain(stream: RequestStream) -> list[int]:
+    """The request's tokens; raises WorkerError as the router's dispatch would."""
+    tokens: list[int] = []
+    while True:
+        event = event_from_proto(await stream.next(), stream.endpoint)
+        if isinstance(event, Finished):
+            return tokens
+        tokens += event.token_ids
+
+
+def test_requests_share_one_session_and_a_break_fails_them_all() -> None:
+    async def body() -> None:
+        # Prompt (1, 2) gets 3 tokens; prompt (9,) gets 60, long enough to be cut off.
+        w = await FakeWorker(
+            reply=lambda p: [65, 66, 67] if p[0] == 1 else list(range(100, 160)),
+            token_delay_s=0.02,
+        ).start()
+        client = WorkerClient(w.endpoint, ROLE_COLOCATED)
+        try:
+            session = client.session()
+            streams = [session.open(submit(f"r{i}", (1, 2) if i < 2 else (9,))) for i in range(4)]
+            assert client.session() is session and len(session) == 4
+            for s in streams[:2]:
+                assert await drain(s) == [65, 66, 67, EOS]
+                s.close()
+            # A request the caller leaves early is aborted on the worker by the next frame.
+            first = await streams[2].next()
+            assert first.HasField("chunk")
+            streams[2].close()
+            await wait_for(lambda: "r2" in w.aborts and "r2" in w.cancelled)
+            # The worker goes away with r3 in flight: r3 fails with a retryable status, and
+            # the next request opens a new session.
+            await w.stop()
+            with pytest.raises(WorkerError) as info:
+                await drain(streams[3])
+            assert info.value.retryable and info.value.endpoint == w.endpoint
+            assert session.broken and len(session) == 0
+            assert client.session() is not session
+            with pytest.raises(WorkerError):
+                await client.session().open(submit("late")).next()
+            assert w.completed[:2] == ["r0", "r1"]
+        finally:
+            await client.close()
+            await w.stop()
+
+    run(body())
+
+
+def test_duplicate_request_id_on_one_session_is_refused() -> None:
+    async def body() -> None:
+        w = await FakeWorker(token_delay_s=0.05).start()
+        client = WorkerClient(w.endpoint, ROLE_COLOCATED)
+        try:
+            session = client.session()
+            first = session.open(submit("same"))
+            with pytest.raises(ValueError, match="already open"):
+                session.open(submit("same"))
+            assert await drain(first) == [65, 66, 67, EOS]
+        finally:
+            await client.close()
+            await w.stop()
+
+    run(body())
+
+
+def test_worker_error_message_ends_only_its_request() -> None:
+    async def body() -> None:
+        w = await FakeWorker(reply=lambda p: [70, 71]).start()
+        client = WorkerClient(w.endpoint, ROLE_COLOCATED)
+        try:
+            session = client.session()
+            good = session.open(submit("good"))
+            assert await drain(good) == [70, 71, EOS]
+            w.fail = Failure(grpc.StatusCode.INVALID_ARGUMENT, "bad sampling", after_tokens=-1)
+            with pytest.raises(WorkerError) as info:
+                await drain(session.open(submit("bad")))
+            assert info.value.status == 400 and "bad sampling" in info.value.message
+            assert not session.broken  # the session carries on
+            w.fail = None
+            assert await drain(session.open(submit("after"))) == [70, 71, EOS]
+        finally:
+            await client.close()
+            await w.stop()
+
+    run(body())
