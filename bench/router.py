@@ -14,6 +14,7 @@ percentile and connection count.
     python -m bench.router --policy cache_aware     # both routers cache-aware
     python -m bench.router --profile /tmp/router.svg   # py-spy on pdserve's router at 32 conns
     python -m bench.router --skip-sglang --chunk-tokens 8   # 8 tokens in one gRPC message
+    python -m bench.router --processes 1 2          # pdserve with 1, then 2 router processes
 
 Needs ``pip install sglang-router`` for the comparison (skipped with a message if missing)
 and ``pip install py-spy`` for ``--profile``. Every process shares this machine's cores:
@@ -21,8 +22,10 @@ router, stub and generator compete for CPU, as printed with the results.
 
 The two routers do different work per request: sglang-router (HTTP mode) forwards the JSON
 body to an HTTP worker and the reply back; pdserve's router parses and validates the body,
-tokenizes the prompt, calls the worker over gRPC, detokenizes the stream and renders the
-OpenAI reply.
+tokenizes the prompt, sends it on the worker's ``Decode.Session`` stream (batched with other
+requests), detokenizes the reply and renders the OpenAI response. A non-streamed request
+gets its tokens with the ``Complete`` (one message), as from a real worker. "router CPU" is
+the router's processes together (all children under ``--processes N``).
 """
 
 from __future__ import annotations
@@ -265,10 +268,22 @@ def free_port() -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` so far, all threads (Linux ``/proc``)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of process ``pid`` and its children so far, all threads (Linux
+    ``/proc``; the children of ``--processes N`` are counted while they live)."""
+    total = 0.0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except FileNotFoundError:
+            continue
+    return total
 
 
 async def measure(
@@ -342,6 +357,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=2.0, help="seconds before each, not counted")
     p.add_argument("--connections", type=int, nargs="+", default=[1, 32])
     p.add_argument("--policy", default="round_robin", help="both routers' policy")
+    p.add_argument(
+        "--processes",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="pdserve router --processes values to measure (one set of rows each)",
+    )
     p.add_argument("--tokens", type=int, default=8, help="tokens the gRPC stub streams")
     p.add_argument(
         "--chunk-tokens",
@@ -402,19 +424,22 @@ def main(argv: list[str] | None = None) -> int:
         ]  # fmt: skip
         with child("grpc-stub", stub_args, logs) as g:
             endpoint = g.ready["endpoint"]
-            router_args = [
-                py, "-m", "router", "--model-path", str(tokenizer_dir), "--worker", endpoint,
-                "--port", "0", "--policy", args.policy,
-            ]  # fmt: skip
-            with child("pdserve-router", router_args, logs) as r:
-                url = r.ready["url"]
-                pdserve = _run_async(
-                    measure("pdserve", url, args.connections, args.duration, args.warmup,
-                            r.proc.pid)
-                )  # fmt: skip
-                results += pdserve
-                if args.profile:
-                    profile(r.proc.pid, url, max(args.connections), args.duration, args.profile)
+            for n in args.processes:
+                router_args = [
+                    py, "-m", "router", "--model-path", str(tokenizer_dir), "--worker", endpoint,
+                    "--port", "0", "--policy", args.policy, "--processes", str(n),
+                ]  # fmt: skip
+                target = "pdserve" if n == 1 else f"pdserve ({n} processes)"
+                with child(f"pdserve-router-{n}", router_args, logs) as r:
+                    url = r.ready["url"]
+                    pdserve = _run_async(
+                        measure(target, url, args.connections, args.duration, args.warmup,
+                                r.proc.pid)
+                    )  # fmt: skip
+                    results += pdserve
+                    if args.profile and n == 1:
+                        profile(r.proc.pid, url, max(args.connections), args.duration,
+                                args.profile)  # fmt: skip
             results += [_run_async(grpc_load(endpoint, n, args.duration)) for n in args.connections]
 
     print(f"\nmachine: {machine()}")
@@ -435,12 +460,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(results, baseline))
     sglang_runs = {r.connections: r for r in results if r.target == "sglang-router"}
-    for run in (r for r in results if r.target == "pdserve"):
+    for run in (r for r in results if r.target.startswith("pdserve")):
         other = sglang_runs.get(run.connections)
         if other is not None:
             p50 = run.percentile_ms(0.5) / other.percentile_ms(0.5)
             print(
-                f"pdserve/sglang at {run.connections} connections: "
+                f"{run.target}/sglang at {run.connections} connections: "
                 f"req/s {run.rps / other.rps:.2f}x, p50 latency {p50:.2f}x"
             )
     return 0

@@ -16,6 +16,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from router.config import build_parser, config_from_args
+from router.processes import supervise
 from router.server import serve
 
 log = logging.getLogger("router")
@@ -25,6 +26,8 @@ async def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)
+        if config.processes > 1 and config.process_index is None:
+            return await supervise(config, sys.argv[1:] if argv is None else argv)
         runner, url = await serve(config)
     except (ValueError, RuntimeError, FileNotFoundError) as exc:
         log.error("router cannot start: %s", exc)
@@ -34,7 +37,10 @@ async def _main(argv: list[str] | None) -> int:
     # protobuf descriptors) each time. Freeze what startup built and collect less often.
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
-    print(json.dumps({"event": "ready", "url": url}), flush=True)
+    ready: dict[str, object] = {"event": "ready", "url": url}
+    if config.process_index is not None:
+        ready["process"] = config.process_index
+    print(json.dumps(ready), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -10,14 +10,21 @@ route answers 403 (``admin_disabled``). Errors use OpenAI's error-body shape.
 | ``POST /admin/workers`` ``{"url", "role"}`` | GetInfo, the pool's compatibility checks, then add: 201 with the worker |
 | ``DELETE /admin/workers/{endpoint}`` | remove now (requests in flight finish) |
 | ``POST /admin/workers/{endpoint}/drain`` | no new requests; leaves when its last request ends |
+
+Under ``--processes N`` a change reaches every router process before the reply; the list is
+the answering process's view (its own in-flight counts).
 """  # noqa: E501
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-from collections.abc import Awaitable, Callable
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 
@@ -34,12 +41,28 @@ from router.workers import (
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 ADD_TIMEOUT_S = 5.0  # how long POST /admin/workers waits for the worker's GetInfo
+FORWARDED = "X-Pdserve-Forwarded"  # a change another router process already made
+
+log = logging.getLogger(__name__)
 
 
 class AdminApi:
-    def __init__(self, pool: WorkerPool, key: str | None) -> None:
+    """``peers``: the control sockets of the other processes of ``--processes N``; a change
+    made here is made there too before the reply (a forwarded one is not forwarded again)."""
+
+    def __init__(
+        self,
+        pool: WorkerPool,
+        key: str | None,
+        peers: Sequence[str] = (),
+        journal: Path | None = None,
+    ) -> None:
         self.pool = pool
         self.key = key
+        self.peers = tuple(peers)
+        # --processes N: every change, in order, so that a process started again (after a
+        # crash) replays them and agrees with the others.
+        self.journal = journal
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/admin/workers", self._guard(self.list_workers))
@@ -63,9 +86,58 @@ class AdminApi:
                     401, "invalid admin key: send Authorization: Bearer <--admin-key>",
                     None, "invalid_api_key",
                 )  # fmt: skip
-            return await handler(request)
+            response = await handler(request)
+            if request.method != "GET" and response.status < 300:
+                await self._forward(request)
+            return response
 
         return guarded
+
+    async def _forward(self, request: web.Request) -> None:
+        if request.headers.get(FORWARDED):
+            return
+        body = await request.read()
+        if self.journal is not None:
+            entry = {"method": request.method, "path": request.path_qs, "body": body.decode()}
+            with self.journal.open("ab") as f:
+                f.write(orjson.dumps(entry) + b"\n")
+        await asyncio.gather(
+            *(self._send(p, request.method, request.path_qs, body) for p in self.peers)
+        )
+
+    async def replay(self, control_socket: str) -> None:
+        """Apply the journal's changes to this process, through its control socket."""
+        if self.journal is None or not self.journal.exists():
+            return
+        for line in self.journal.read_bytes().splitlines():
+            entry = orjson.loads(line)
+            await self._send(control_socket, entry["method"], entry["path"], entry["body"].encode())
+
+    async def _send(self, socket_path: str, method: str, path: str, body: bytes) -> None:
+        """One change to the router process at ``socket_path``; failures are logged."""
+        headers = {
+            "Authorization": f"Bearer {self.key}",
+            "Content-Type": "application/json",
+            FORWARDED: "1",
+        }
+        timeout = aiohttp.ClientTimeout(total=ADD_TIMEOUT_S + 5)
+        try:
+            connector = aiohttp.UnixConnector(path=socket_path)
+            async with (
+                aiohttp.ClientSession(connector=connector, timeout=timeout) as http,
+                http.request(method, f"http://router{path}", data=body, headers=headers) as resp,
+            ):
+                # 404/409: the change is there already (the registry, a race): fine.
+                if resp.status >= 300 and resp.status not in (404, 409):
+                    log.warning(
+                        "admin %s %s: router process at %s answered %d: %s",
+                        method, path, socket_path, resp.status, await resp.text(),
+                    )  # fmt: skip
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            log.warning(
+                "admin %s %s not applied in the router process at %s: %r",
+                method, path, socket_path, exc,
+            )  # fmt: skip
 
     async def list_workers(self, request: web.Request) -> web.Response:
         return _json({"workers": [w.describe() for w in self.pool.all_workers]})

@@ -63,7 +63,8 @@ async def run_choice(
         async for event in events:
             if isinstance(event, TokenChunk):
                 num_tokens += len(event.token_ids)
-                if timer is not None:
+                if timer is not None and spec.request.stream:
+                    # Tokens delivered at the end have no first-token time to measure.
                     timer.tokens(spec.index, len(event.token_ids))
                 # A stop token ends the sequence, and (as in vLLM) is not part of the text.
                 text_ids = [t for t in event.token_ids if t not in stopping_ids]

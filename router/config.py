@@ -44,6 +44,11 @@ class RouterConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     admin_key: str | None = None  # None: no admin API
+    # --processes N: N router processes share the port (see router.processes). A child knows
+    # its index and the supervisor's directory (control sockets, metrics files).
+    processes: int = 1
+    process_index: int | None = None
+    control_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not (Path(self.model_path) / "tokenizer.json").is_file():
@@ -76,6 +81,15 @@ class RouterConfig:
             if name is not None and name not in POLICIES:
                 raise ValueError(f"{flag} must be one of {sorted(POLICIES)}, got {name!r}")
         self._cache_aware_options()  # ValueError naming the bad threshold
+        if self.processes < 1:
+            raise ValueError(f"--processes must be >= 1, got {self.processes}")
+        if self.process_index is not None and not (
+            0 <= self.process_index < self.processes and self.control_dir
+        ):
+            raise ValueError(
+                f"--process-index {self.process_index} needs --control-dir and must be in "
+                f"[0, --processes {self.processes})"
+            )
 
     def _cache_aware_options(self) -> CacheAwareOptions:
         return CacheAwareOptions(
@@ -181,6 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--admin-key",
         help="enables /admin/* for clients sending Authorization: Bearer KEY",
     )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="router processes sharing the port (SO_REUSEPORT), one event loop each",
+    )
+    # Set by the supervisor of --processes N for each child; not for people.
+    p.add_argument("--process-index", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--control-dir", help=argparse.SUPPRESS)
     return p
 
 
@@ -207,4 +230,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         registry=RegistryConfig.from_args(args),
         admission=AdmissionConfig.from_args(args),
         admin_key=args.admin_key,
+        processes=args.processes,
+        process_index=args.process_index,
+        control_dir=args.control_dir,
     )

@@ -8,6 +8,7 @@ stale series behind.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (
@@ -40,6 +42,10 @@ class RouterMetrics:
     def __init__(self) -> None:
         disable_created_metrics()  # no *_created series: dashboards never read them
         self.registry = CollectorRegistry()
+        # A child of ``--processes N`` (router.processes) writes its values to files in this
+        # directory, which every child's /metrics sums.
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        self._watched: list[Collector] = []
         self.requests = Counter(
             "pdserve:router_requests",
             "HTTP requests answered, by endpoint and status code.",
@@ -50,16 +56,18 @@ class RouterMetrics:
             "pdserve:router_running_requests",
             "HTTP requests being served now.",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.ttft = Histogram(
             "pdserve:time_to_first_token_seconds",
-            "From request arrival to the first generated token.",
+            "From request arrival to the first generated token (requests whose tokens stream: "
+            "with stream or stop strings).",
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.itl = Histogram(
             "pdserve:inter_token_latency_seconds",
-            "Between consecutive generated tokens of one choice.",
+            "Between consecutive generated tokens of one choice (streamed requests).",
             buckets=_ITL_BUCKETS,
             registry=self.registry,
         )
@@ -106,6 +114,7 @@ class RouterMetrics:
             "pdserve:router_queue_depth",
             "Requests waiting for a slot under --max-concurrent-requests.",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.rejected = Counter(
             "pdserve:router_rejected_requests",
@@ -117,6 +126,7 @@ class RouterMetrics:
             "pdserve:router_registry_up",
             "1 when the last poll of the Redis worker registry succeeded, else 0.",
             registry=self.registry,
+            multiprocess_mode="livemin",
         )
         self.membership = Counter(
             "pdserve:router_worker_membership_changes",
@@ -127,10 +137,20 @@ class RouterMetrics:
 
     def watch_workers(self, workers: Callable[[], Iterable[WorkerSample]]) -> None:
         """Export per-worker gauges read from ``workers()`` at every scrape."""
-        self.registry.register(_WorkerCollector(workers))
+        collector = _WorkerCollector(workers)
+        self._watched.append(collector)
+        self.registry.register(collector)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        # Every process's values, summed (gauges by their multiprocess mode), plus this
+        # process's view of the workers.
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, self.multiprocess_dir)
+        for collector in self._watched:
+            registry.register(collector)
+        return generate_latest(registry)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ import orjson
 from aiohttp import web
 
 from engine.tokenizer import Tokenizer
+from router import processes
 from router import responses as R
 from router.admin import AdminApi
 from router.admission import Admission, Overloaded
@@ -112,13 +113,20 @@ class Router:
             await pool.close()
             raise
         pool.start_health_checks()
-        admission = Admission(config.admission, metrics)
+        admission = Admission(
+            processes.child_admission(config.admission, config.processes), metrics
+        )
         return cls(config, tokenizer, model, pool, metrics, int(time.time()), admission, registry)
 
     async def close(self) -> None:
         if self.registry is not None:
             await self.registry.close()
         await self.pool.close()
+
+    @functools.cached_property
+    def admin(self) -> AdminApi:
+        c = self.config
+        return AdminApi(self.pool, c.admin_key, processes.peers(c), processes.journal(c))
 
     @functools.cached_property
     def builder(self) -> PromptBuilder:
@@ -141,7 +149,7 @@ def build_app(router: Router) -> web.Application:
     app.router.add_get("/v1/models", handlers.models)
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/metrics", handlers.metrics)
-    AdminApi(router.pool, router.config.admin_key).add_routes(app)
+    router.admin.add_routes(app)
 
     async def close_router(app: web.Application) -> None:
         await router.close()
@@ -188,9 +196,17 @@ async def serve(config: RouterConfig) -> tuple[web.AppRunner, str]:
     router = await Router.start(config)
     runner = web.AppRunner(build_app(router), handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, reuse_port=True)
+    child = config.process_index is not None
+    # A child of --processes N shares the port with its siblings, and takes forwarded admin
+    # changes on its control socket.
+    site = web.TCPSite(runner, config.host, config.port, reuse_port=child or None)
     await site.start()
     port = runner.addresses[0][1]
+    if child:
+        assert config.control_dir is not None and config.process_index is not None
+        path = processes.control_socket(config.control_dir, config.process_index)
+        await web.UnixSite(runner, path).start()
+        await router.admin.replay(path)  # the admin changes made before this process started
     return runner, f"http://{config.host}:{port}"
 
 

@@ -419,14 +419,16 @@ def test_disaggregated_decode_failure_cancels_prefill(
         async with router_for(model_dir, prefill=(p,), decode=(d,)) as r:
             status, reply = await r.post("/v1/completions", {"model": "tiny", "prompt": "x"})
             assert status == 503 and reply["error"]["code"] == "resource_exhausted"
-            # Retried (--retry-max 3 attempts in all), each attempt's prefill cancelled and
-            # aborted; the decode worker's error ended the request there, so it has nothing
-            # running and needed no abort.
-            await wait_for(lambda: len(p.requests) == 3)
-            rids = {q.request_id for q in p.requests}
-            await wait_for(lambda: rids <= {*p.cancelled} & {*p.aborts} and d.running == 0)
+            # Retried (--retry-max 3 attempts in all). Each attempt's prefill call is
+            # cancelled and the request aborted on the prefill worker (a call cancelled before
+            # it got there never arrives: the Abort alone covers it). The decode worker's own
+            # error ended the request there, so nothing runs on it and it needed no abort.
+            await wait_for(lambda: len(d.requests) == 3 and len(set(p.aborts)) == 3)
+            arrived = {q.request_id for q in p.requests}
+            await wait_for(lambda: arrived <= {*p.cancelled} and d.running == 0)
+            assert {q.request_id for q in d.requests} == set(p.aborts)
             assert d.aborts == []
-            assert len(set(p.transfer_ids)) == 3  # a fresh transfer id per attempt
+            assert len(set(d.transfer_ids)) == 3  # a fresh transfer id per attempt
 
     run(body())
 
@@ -531,7 +533,8 @@ def test_models_health_metrics(model_dir: Path, tokenizer: Tokenizer) -> None:
             assert models["object"] == "list"
             assert [m["id"] for m in models["data"]] == ["served"]
             assert models["data"][0]["max_model_len"] == 64
-            await r.post("/v1/completions", {"model": "served", "prompt": "x"})
+            # Streamed, so that its first token has a time to measure.
+            await r.sse("/v1/completions", {"model": "served", "prompt": "x", "stream": True})
             await r.post("/v1/completions", {"model": "other", "prompt": "x"})
             async with r.http.get(r.url + "/health") as resp:
                 assert resp.status == 200
