@@ -15,6 +15,7 @@ percentile and connection count.
     python -m bench.router --profile /tmp/router.svg   # py-spy on pdserve's router at 32 conns
     python -m bench.router --skip-sglang --chunk-tokens 8   # 8 tokens in one gRPC message
     python -m bench.router --processes 1 2          # pdserve with 1, then 2 router processes
+    python -m bench.router --mode disaggregated     # pdserve in front of a prefill+decode stub
 
 Needs ``pip install sglang-router`` for the comparison (skipped with a message if missing)
 and ``pip install py-spy`` for ``--profile``. Every process shares this machine's cores:
@@ -377,6 +378,12 @@ def main(argv: list[str] | None = None) -> int:
         help="py-spy record pdserve's router at the most connections: a flame graph when PATH "
         "ends in .svg, else collapsed stacks",
     )
+    p.add_argument(
+        "--mode",
+        choices=("colocated", "disaggregated"),
+        default="colocated",
+        help="pdserve behind one colocated stub, or a prefill stub and a decode stub",
+    )
     p.add_argument("--skip-sglang", action="store_true")
     args = p.parse_args(argv)
 
@@ -422,14 +429,24 @@ def main(argv: list[str] | None = None) -> int:
             py, "-m", "bench.stub_worker", "--kind", "grpc", "--tokens", str(args.tokens),
             "--chunk-tokens", str(args.chunk_tokens),
         ]  # fmt: skip
-        with child("grpc-stub", stub_args, logs) as g:
+        disaggregated = args.mode == "disaggregated"
+        with (
+            child("grpc-stub", [*stub_args, "--role", "decode" if disaggregated else "null"],
+                  logs) as g,
+            child("grpc-prefill-stub", [*stub_args, "--role", "prefill"], logs)
+            if disaggregated else contextlib.nullcontext() as pre,
+        ):  # fmt: skip
             endpoint = g.ready["endpoint"]
+            workers = ["--worker", endpoint]
+            if pre is not None:
+                workers = ["--prefill", pre.ready["endpoint"], "--decode", endpoint]
             for n in args.processes:
                 router_args = [
-                    py, "-m", "router", "--model-path", str(tokenizer_dir), "--worker", endpoint,
+                    py, "-m", "router", "--model-path", str(tokenizer_dir), *workers,
                     "--port", "0", "--policy", args.policy, "--processes", str(n),
                 ]  # fmt: skip
-                target = "pdserve" if n == 1 else f"pdserve ({n} processes)"
+                target = "pdserve" + (" P/D" if disaggregated else "")
+                target += "" if n == 1 else f" ({n} processes)"
                 with child(f"pdserve-router-{n}", router_args, logs) as r:
                     url = r.ready["url"]
                     pdserve = _run_async(
@@ -440,7 +457,10 @@ def main(argv: list[str] | None = None) -> int:
                     if args.profile and n == 1:
                         profile(r.proc.pid, url, max(args.connections), args.duration,
                                 args.profile)  # fmt: skip
-            results += [_run_async(grpc_load(endpoint, n, args.duration)) for n in args.connections]
+            if not disaggregated:
+                results += [
+                    _run_async(grpc_load(endpoint, n, args.duration)) for n in args.connections
+                ]
 
     print(f"\nmachine: {machine()}")
     print(

@@ -6,7 +6,10 @@ Two kinds, one per router under test:
   (the router's path, the real worker's session code) and ``Decode.Generate`` send
   ``--tokens`` tokens, ``--chunk-tokens`` per message (1: a real worker's one per step, a
   step being one event-loop turn) and a ``Complete``; a request that asks ``deliver_at_end``
-  gets them all in one message, as the real worker sends them; ``GetInfo``, ``GetLoad``,
+  gets them all in one message, as the real worker sends them. ``--role prefill`` serves
+  ``Prefill.Prefill`` instead (an answer at once) and ``--role decode`` answers like a
+  colocated one: a pair measures the router's disaggregated path, without the KV transfer
+  that happens between workers. ``GetInfo``, ``GetLoad``,
   ``Abort`` and ``grpc.health.v1`` answer as a real worker's do.
 - ``http``: an SGLang-style HTTP worker for sglang-router: ``POST /v1/completions`` (and
   ``/generate``) get one fixed non-streamed JSON reply; ``/health``, ``/get_server_info``,
@@ -14,7 +17,8 @@ Two kinds, one per router under test:
   asyncio HTTP/1.1 server (keep-alive, ``Content-Length`` bodies), so that the stub is not
   the bottleneck.
 
-    python -m bench.stub_worker --kind grpc [--port 0] [--tokens 8] [--chunk-tokens 1]
+    python -m bench.stub_worker --kind grpc [--port 0] [--tokens 8] [--chunk-tokens 1] \
+        [--role null|prefill|decode]
     python -m bench.stub_worker --kind http [--port 0]
 
 Prints ``{"event": "ready", "endpoint": "127.0.0.1:PORT"}`` once serving. Not a test double
@@ -36,7 +40,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from decode_worker import session
-from protos import common_pb2, decode_pb2, decode_pb2_grpc
+from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 MODEL = "stub"
 CONTEXT_LENGTH = 4096
@@ -53,7 +57,8 @@ class StubDecode(decode_pb2_grpc.DecodeServicer):
     """A colocated worker that streams ``tokens`` tokens per request, whatever it asks,
     ``chunk_tokens`` per message."""
 
-    def __init__(self, tokens: int, chunk_tokens: int = 1) -> None:
+    def __init__(self, tokens: int, chunk_tokens: int = 1, role: str = "null") -> None:
+        self.role = role
         if tokens < 1 or chunk_tokens < 1:
             raise ValueError(f"tokens and chunk_tokens must be >= 1, got {tokens}, {chunk_tokens}")
         self.tokens = tokens
@@ -117,26 +122,63 @@ class StubDecode(decode_pb2_grpc.DecodeServicer):
     async def GetInfo(
         self, request: common_pb2.WorkerInfoRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.WorkerInfo:
-        layout = common_pb2.KVLayout(
-            model=MODEL, dtype="bfloat16", page_size=16, num_layers=1, num_kv_heads=1,
-            head_dim=64, fingerprint="stub",
-        )  # fmt: skip
-        return common_pb2.WorkerInfo(
-            request_id=request.request_id,
-            role="null",
-            model=MODEL,
-            context_length=CONTEXT_LENGTH,
-            vocab_size=VOCAB_SIZE,
-            layout=layout,
-            dp_size=1,
+        return _info(request, self.role)
+
+
+def _info(request: common_pb2.WorkerInfoRequest, role: str) -> common_pb2.WorkerInfo:
+    layout = common_pb2.KVLayout(
+        model=MODEL, dtype="bfloat16", page_size=16, num_layers=1, num_kv_heads=1,
+        head_dim=64, fingerprint="stub",
+    )  # fmt: skip
+    return common_pb2.WorkerInfo(
+        request_id=request.request_id,
+        role=role,
+        model=MODEL,
+        context_length=CONTEXT_LENGTH,
+        vocab_size=VOCAB_SIZE,
+        layout=layout,
+        dp_size=1,
+    )
+
+
+class StubPrefill(prefill_pb2_grpc.PrefillServicer):
+    """A prefill worker that answers at once, as if the pages were written (no transfer: the
+    decode stub's answer does not wait for one)."""
+
+    async def Prefill(
+        self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> prefill_pb2.PrefillResponse:
+        return prefill_pb2.PrefillResponse(
+            request_id=request.request.request_id, first_token_id=TOKEN_ID
         )
+
+    async def Abort(
+        self, request: common_pb2.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.AbortResponse:
+        return common_pb2.AbortResponse(request_id=request.request_id, found=False)
+
+    async def GetLoad(
+        self, request: common_pb2.LoadRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.LoadReport:
+        return common_pb2.LoadReport(
+            request_id=request.request_id, num_free_pages=TOTAL_PAGES, num_total_pages=TOTAL_PAGES
+        )
+
+    async def GetInfo(
+        self, request: common_pb2.WorkerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.WorkerInfo:
+        return _info(request, "prefill")
 
 
 async def serve_grpc(
-    host: str, port: int, tokens: int, chunk_tokens: int = 1
+    host: str, port: int, tokens: int, chunk_tokens: int = 1, role: str = "null"
 ) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server()
-    decode_pb2_grpc.add_DecodeServicer_to_server(StubDecode(tokens, chunk_tokens), server)
+    if role == "prefill":
+        prefill_pb2_grpc.add_PrefillServicer_to_server(StubPrefill(), server)
+    else:
+        decode = StubDecode(tokens, chunk_tokens, role)
+        decode_pb2_grpc.add_DecodeServicer_to_server(decode, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     bound = server.add_insecure_port(f"{host}:{port}")
@@ -223,7 +265,9 @@ async def serve_http(host: str, port: int) -> tuple[asyncio.Server, int]:
 
 async def _main(args: argparse.Namespace) -> None:
     if args.kind == "grpc":
-        grpc_server, port = await serve_grpc(args.host, args.port, args.tokens, args.chunk_tokens)
+        grpc_server, port = await serve_grpc(
+            args.host, args.port, args.tokens, args.chunk_tokens, args.role
+        )
     else:
         http_server, port = await serve_http(args.host, args.port)
     print(json.dumps({"event": "ready", "endpoint": f"{args.host}:{port}"}), flush=True)
@@ -245,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--tokens", type=int, default=8, help="grpc: tokens per request")
     p.add_argument("--chunk-tokens", type=int, default=1, help="grpc: tokens per message")
+    p.add_argument(
+        "--role", choices=("null", "prefill", "decode"), default="null",
+        help="grpc: a colocated worker, or one side of a disaggregated pair",
+    )  # fmt: skip
     args = p.parse_args(argv)
     try:
         import uvloop
