@@ -80,7 +80,7 @@ class StubDecode(decode_pb2_grpc.DecodeServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[decode_pb2.SessionResponse]:
         """The real worker's session (``decode_worker.session``) over this stub's replies."""
-        async for frame in session.serve(request_iterator, self._respond, _failure):
+        async for frame in session.serve(request_iterator, self._respond, _failure, session.DECODE):
             yield frame
 
     async def _respond(
@@ -151,6 +151,23 @@ class StubPrefill(prefill_pb2_grpc.PrefillServicer):
         return prefill_pb2.PrefillResponse(
             request_id=request.request.request_id, first_token_id=TOKEN_ID
         )
+
+    async def Session(
+        self,
+        request_iterator: AsyncIterator[prefill_pb2.PrefillSessionRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[prefill_pb2.PrefillSessionResponse]:
+        """The real worker's session (``decode_worker.session``) over this stub's answers."""
+        frames = session.serve(request_iterator, self._replies, _failure, session.PREFILL)
+        async for frame in frames:
+            yield frame
+
+    async def _replies(
+        self, request: prefill_pb2.PrefillRequest
+    ) -> AsyncIterator[prefill_pb2.PrefillReply]:
+        rid = request.request.request_id
+        done = prefill_pb2.PrefillResponse(request_id=rid, first_token_id=TOKEN_ID)
+        yield prefill_pb2.PrefillReply(request_id=rid, done=done)
 
     async def Abort(
         self, request: common_pb2.AbortRequest, context: grpc.aio.ServicerContext

@@ -90,7 +90,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[decode_pb2.SessionResponse]:
         # grpc.aio takes a streaming handler only as an async generator function.
-        async for frame in session.serve(request_iterator, self._responses, _failure):
+        async for frame in session.serve(
+            request_iterator, self._responses, _failure, session.DECODE
+        ):
             yield frame
 
     async def _responses(

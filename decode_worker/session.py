@@ -1,4 +1,5 @@
-"""The worker side of ``Decode.Session``: many requests over one stream, frames batched.
+"""The worker side of ``Decode.Session`` and ``Prefill.Session``: many requests over one
+stream, frames batched.
 
 Each submitted request runs as its own task (``respond`` yields its messages); whatever
 messages are ready when the stream can take the next frame go out in it, so a decode step's
@@ -12,53 +13,88 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import grpc
 
-from protos import common_pb2, decode_pb2
+from protos import common_pb2, decode_pb2, prefill_pb2
 
 log = logging.getLogger(__name__)
 
-Respond = Callable[[decode_pb2.DecodeRequest], AsyncIterator[common_pb2.GenerateResponse]]
+InFrame = TypeVar("InFrame")
+Request = TypeVar("Request")
+Item = TypeVar("Item")
+OutFrame = TypeVar("OutFrame")
+
 Failure = Callable[[str, BaseException], tuple[grpc.StatusCode, str]]
 
 
-class _Outbox:
-    """Responses waiting for the stream, taken all at once."""
+@dataclass(frozen=True)
+class Kind(Generic[InFrame, Request, Item, OutFrame]):
+    """The message types of one kind of session."""
+
+    submits: Callable[[InFrame], Iterable[Request]]
+    aborts: Callable[[InFrame], Iterable[str]]
+    request_id: Callable[[Request], str]
+    error: Callable[[str, common_pb2.Error], Item]  # a request's failure as a reply
+    frame: Callable[[list[Item]], OutFrame]
+
+
+DECODE: Kind[Any, Any, Any, Any] = Kind(
+    submits=lambda f: f.submit,
+    aborts=lambda f: f.abort,
+    request_id=lambda r: r.request.request_id,
+    error=lambda rid, e: common_pb2.GenerateResponse(request_id=rid, error=e),
+    frame=lambda items: decode_pb2.SessionResponse(responses=items),
+)
+PREFILL: Kind[Any, Any, Any, Any] = Kind(
+    submits=lambda f: f.submit,
+    aborts=lambda f: f.abort,
+    request_id=lambda r: r.request.request_id,
+    error=lambda rid, e: prefill_pb2.PrefillReply(request_id=rid, error=e),
+    frame=lambda items: prefill_pb2.PrefillSessionResponse(replies=items),
+)
+
+
+class _Outbox(Generic[Item]):
+    """Replies waiting for the stream, taken all at once."""
 
     def __init__(self) -> None:
-        self.items: list[common_pb2.GenerateResponse] = []
+        self.items: list[Item] = []
         self.ready = asyncio.Event()
 
-    def put(self, msg: common_pb2.GenerateResponse) -> None:
+    def put(self, msg: Item) -> None:
         self.items.append(msg)
         self.ready.set()
 
-    def error(self, request_id: str, code: grpc.StatusCode, message: str) -> None:
-        error = common_pb2.Error(code=code.value[0], message=message)
-        self.put(common_pb2.GenerateResponse(request_id=request_id, error=error))
-
-    def take(self) -> list[common_pb2.GenerateResponse]:
+    def take(self) -> list[Item]:
         items, self.items = self.items, []
         return items
 
 
 async def serve(
-    frames: AsyncIterator[decode_pb2.SessionRequest], respond: Respond, failure: Failure
-) -> AsyncIterator[decode_pb2.SessionResponse]:
-    """The response frames of one session. ``respond`` raises what fails a request;
-    ``failure`` turns that into the status and message its ``Error`` carries."""
-    outbox = _Outbox()
+    frames: AsyncIterator[InFrame],
+    respond: Callable[[Request], AsyncIterator[Item]],
+    failure: Failure,
+    kind: Kind[InFrame, Request, Item, OutFrame],
+) -> AsyncIterator[OutFrame]:
+    """The reply frames of one session. ``respond`` raises what fails a request;
+    ``failure`` turns that into the status and message its error reply carries."""
+    outbox: _Outbox[Item] = _Outbox()
     running: dict[str, asyncio.Task[None]] = {}
 
-    async def run(request: decode_pb2.DecodeRequest) -> None:
-        rid = request.request.request_id
+    def error(rid: str, code: grpc.StatusCode, message: str) -> None:
+        outbox.put(kind.error(rid, common_pb2.Error(code=code.value[0], message=message)))
+
+    async def run(request: Request) -> None:
+        rid = kind.request_id(request)
         try:
             async for msg in respond(request):
                 outbox.put(msg)
         except Exception as exc:
-            outbox.error(rid, *failure(rid, exc))
+            error(rid, *failure(rid, exc))
         finally:
             if running.get(rid) is asyncio.current_task():
                 del running[rid]
@@ -67,17 +103,17 @@ async def serve(
     async def read() -> None:
         try:
             async for frame in frames:
-                for request in frame.submit:
-                    rid = request.request.request_id
+                for request in kind.submits(frame):
+                    rid = kind.request_id(request)
                     if rid in running:
-                        outbox.error(
+                        error(
                             rid,
                             grpc.StatusCode.INVALID_ARGUMENT,
                             f"request id {rid!r} is already running in this session",
                         )
                         continue
                     running[rid] = asyncio.create_task(run(request))
-                for rid in frame.abort:
+                for rid in kind.aborts(frame):
                     task = running.pop(rid, None)
                     if task is not None:
                         task.cancel()
@@ -90,7 +126,7 @@ async def serve(
             await outbox.ready.wait()
             outbox.ready.clear()
             if outbox.items:
-                yield decode_pb2.SessionResponse(responses=outbox.take())
+                yield kind.frame(outbox.take())
             if reader.done() and not running:
                 # The router closed its side and every request it sent has ended.
                 if not reader.cancelled() and reader.exception() is not None:

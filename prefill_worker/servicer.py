@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import grpc
 
+from decode_worker import session
 from decode_worker.convert import (
     layout_from_proto,
     logprobs_to_proto,
@@ -40,6 +42,14 @@ log = logging.getLogger(__name__)
 
 # An attached destination whose prefill request never comes is dropped after this long.
 _SENDER_MAX_AGE_FACTOR = 2.0
+
+
+def _failure(request_id: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status a prefill failed with (logged when it is our bug)."""
+    code = status_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("prefill of %s failed", request_id, exc_info=exc)
+    return code, str(exc)
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
@@ -91,6 +101,31 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     async def Prefill(
         self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> prefill_pb2.PrefillResponse:
+        try:
+            return await self._prefill(request)
+        except Exception as exc:
+            await context.abort(*_failure(request.request.request_id, exc))
+            raise  # context.abort raises; this is for type checkers
+
+    async def Session(
+        self,
+        request_iterator: AsyncIterator[prefill_pb2.PrefillSessionRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[prefill_pb2.PrefillSessionResponse]:
+        # grpc.aio takes a streaming handler only as an async generator function.
+        async for frame in session.serve(
+            request_iterator, self._replies, _failure, session.PREFILL
+        ):
+            yield frame
+
+    async def _replies(
+        self, request: prefill_pb2.PrefillRequest
+    ) -> AsyncIterator[prefill_pb2.PrefillReply]:
+        done = await self._prefill(request)
+        yield prefill_pb2.PrefillReply(request_id=done.request_id, done=done)
+
+    async def _prefill(self, request: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillResponse:
+        """Prefill, sample the first token, write the pages; raises what failed it."""
         req, tid = request.request, request.transfer_id
         rid = req.request_id
         sender = self._sender(tid)
@@ -123,11 +158,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 self.rt.metrics.transfer_failures.inc()
             if dest is not None:
                 await self._notify(dest, error=f"prefill worker failed: {exc}")
-            code = status_for(exc)
-            if code is grpc.StatusCode.INTERNAL:
-                log.exception("prefill of %s failed", rid)
-            await context.abort(code, str(exc))
-            raise  # context.abort raises; this is for type checkers
+            raise
         finally:
             self.senders.pop(tid)
             if self.rt.engine.alive:

@@ -27,6 +27,30 @@ class PrefillResponse(_message.Message):
     transferred_bytes: int
     def __init__(self, request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., transferred_bytes: _Optional[int] = ...) -> None: ...
 
+class PrefillSessionRequest(_message.Message):
+    __slots__ = ("submit", "abort")
+    SUBMIT_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
+    submit: _containers.RepeatedCompositeFieldContainer[PrefillRequest]
+    abort: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, submit: _Optional[_Iterable[_Union[PrefillRequest, _Mapping]]] = ..., abort: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PrefillReply(_message.Message):
+    __slots__ = ("request_id", "done", "error")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    done: PrefillResponse
+    error: _common_pb2.Error
+    def __init__(self, request_id: _Optional[str] = ..., done: _Optional[_Union[PrefillResponse, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ...) -> None: ...
+
+class PrefillSessionResponse(_message.Message):
+    __slots__ = ("replies",)
+    REPLIES_FIELD_NUMBER: _ClassVar[int]
+    replies: _containers.RepeatedCompositeFieldContainer[PrefillReply]
+    def __init__(self, replies: _Optional[_Iterable[_Union[PrefillReply, _Mapping]]] = ...) -> None: ...
+
 class AttachDestinationRequest(_message.Message):
     __slots__ = ("request_id", "transfer_id", "decode_endpoint", "session_id", "page_ids", "k_base_addrs", "v_base_addrs", "layout", "dp_rank", "num_pages")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

@@ -40,6 +40,11 @@ class PrefillStub:
                 request_serializer=protos_dot_prefill__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=protos_dot_prefill__pb2.PrefillResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/pdserve.Prefill/Session',
+                request_serializer=protos_dot_prefill__pb2.PrefillSessionRequest.SerializeToString,
+                response_deserializer=protos_dot_prefill__pb2.PrefillSessionResponse.FromString,
+                _registered_method=True)
         self.AttachDestination = channel.unary_unary(
                 '/pdserve.Prefill/AttachDestination',
                 request_serializer=protos_dot_prefill__pb2.AttachDestinationRequest.SerializeToString,
@@ -68,6 +73,14 @@ class PrefillServicer:
     def Prefill(self, request, context):
         """Router -> prefill: compute the prompt, sample the first token, send the KV pages to the
         destination the decode worker attaches under the same transfer_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Session(self, request_iterator, context):
+        """Router -> prefill: many Prefill requests over one long-lived stream, batched both ways
+        (as Decode.Session). The stream ending aborts every request still on it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -105,6 +118,11 @@ def add_PrefillServicer_to_server(servicer, server):
                     servicer.Prefill,
                     request_deserializer=protos_dot_prefill__pb2.PrefillRequest.FromString,
                     response_serializer=protos_dot_prefill__pb2.PrefillResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=protos_dot_prefill__pb2.PrefillSessionRequest.FromString,
+                    response_serializer=protos_dot_prefill__pb2.PrefillSessionResponse.SerializeToString,
             ),
             'AttachDestination': grpc.unary_unary_rpc_method_handler(
                     servicer.AttachDestination,
@@ -154,6 +172,33 @@ class Prefill:
             '/pdserve.Prefill/Prefill',
             protos_dot_prefill__pb2.PrefillRequest.SerializeToString,
             protos_dot_prefill__pb2.PrefillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/pdserve.Prefill/Session',
+            protos_dot_prefill__pb2.PrefillSessionRequest.SerializeToString,
+            protos_dot_prefill__pb2.PrefillSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,11 +1,10 @@
 """One request's worker calls: colocated (the request on the worker's decode session) or
-disaggregated (on the decode worker's session and a ``Prefill.Prefill`` call at once, sharing
-a transfer id).
+disaggregated (on the decode worker's session and the prefill worker's session at once,
+sharing a transfer id).
 
 Both are async generators of ``WorkerEvent``s that end after ``Finished``. Whatever ends them
-early (an error, ``aclose``, cancellation of the consuming task) aborts the request on the
-decode session, cancels the prefill call and asks the prefill worker to ``Abort`` it, so its
-KV pages are freed.
+early (an error, ``aclose``, cancellation of the consuming task) aborts the request on every
+session it is still running on, so its KV pages are freed.
 """
 
 from __future__ import annotations
@@ -19,10 +18,9 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import replace
 from typing import Any
 
-import grpc
-
-from protos import prefill_pb2, prefill_pb2_grpc
+from protos.common_pb2 import GenerateRequest, GenerateResponse
 from protos.decode_pb2 import DecodeRequest
+from protos.prefill_pb2 import PrefillReply, PrefillRequest, PrefillResponse
 from router.events import (
     Finished,
     WorkerError,
@@ -30,12 +28,11 @@ from router.events import (
     WorkerRequest,
     event_from_proto,
     request_to_proto,
+    status_code_from_int,
 )
-from router.session import Session
+from router.session import RequestStream, Session
 
 log = logging.getLogger(__name__)
-
-AbortFn = Callable[[str], None]  # fire-and-forget Abort of a request id on the workers
 
 
 # Transfer ids need to be unique, not secret: a generator seeded once from the OS.
@@ -50,19 +47,14 @@ def new_transfer_id() -> int:
             return tid
 
 
-def rpc_error(exc: BaseException, endpoint: str) -> WorkerError:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return WorkerError(exc.code(), exc.details() or "", endpoint)
-    if isinstance(exc, WorkerError):
-        return exc
-    return WorkerError(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}", endpoint)
-
-
 def decode_request(
-    request: WorkerRequest, transfer_id: int = 0, prefill: str = ""
+    request: WorkerRequest,
+    transfer_id: int = 0,
+    prefill: str = "",
+    msg: GenerateRequest | None = None,
 ) -> DecodeRequest:
     return DecodeRequest(
-        request=request_to_proto(request),
+        request=request_to_proto(request) if msg is None else msg,
         transfer_id=transfer_id,
         prefill_endpoint=prefill,
         deliver_at_end=not request.stream,
@@ -70,7 +62,9 @@ def decode_request(
 
 
 async def colocated(
-    session: Session, request: WorkerRequest, on_end: Callable[[], None]
+    session: Session[DecodeRequest, GenerateResponse],
+    request: WorkerRequest,
+    on_end: Callable[[], None],
 ) -> AsyncGenerator[WorkerEvent, None]:
     """The request on a colocated worker's session; closing early aborts it there.
     ``on_end`` runs once the request is over on the worker, however it ended."""
@@ -92,33 +86,34 @@ async def colocated(
 
 
 async def disaggregated(
-    prefill_stub: prefill_pb2_grpc.PrefillStub,
-    prefill_endpoint: str,
-    session: Session,
+    prefill: Session[PrefillRequest, PrefillReply],
+    decode: Session[DecodeRequest, GenerateResponse],
     request: WorkerRequest,
-    abort_prefill: AbortFn,
     on_prefill_done: Callable[[], None],
     on_decode_done: Callable[[], None],
 ) -> AsyncGenerator[WorkerEvent, None]:
-    """The decode session carries every token, the first included; the prefill call only
+    """The decode session carries every token, the first included; the prefill reply only
     reports success (or the error that dooms the request). Once a token arrived the pages are
     on the decode worker, so a later prefill failure is ignored. ``on_prefill_done`` runs when
-    the prefill call ends and ``on_decode_done`` when the decode side does, however they end.
+    the prefill side ends and ``on_decode_done`` when the decode side does, however they end.
     """
     try:
         tid = new_transfer_id()
-        decode_endpoint = session.endpoint
-        stream = session.open(decode_request(request, tid, prefill_endpoint))
-        prefill_call = prefill_stub.Prefill(
-            prefill_pb2.PrefillRequest(request=request_to_proto(request), transfer_id=tid)
-        )
+        msg = request_to_proto(request)
+        stream = decode.open(decode_request(request, tid, prefill.endpoint, msg))
+        prefill_stream = prefill.open(PrefillRequest(request=msg, transfer_id=tid))
     except BaseException:
         on_prefill_done()
         on_decode_done()
         raise
-    prefill_done: asyncio.Future[prefill_pb2.PrefillResponse] = asyncio.ensure_future(prefill_call)
-    prefill_done.add_done_callback(lambda _: on_prefill_done())
-    read: asyncio.Future[Any] | None = None  # the next message, while racing the prefill call
+    prefill_done = asyncio.ensure_future(_prefill_reply(prefill_stream))
+
+    def prefill_ended(_: object) -> None:
+        prefill_stream.close()  # aborts the prefill unless its reply came
+        on_prefill_done()
+
+    prefill_done.add_done_callback(prefill_ended)
+    read: asyncio.Future[Any] | None = None  # the next message, while racing the prefill reply
     finished = decoding = False
     try:
         while True:
@@ -128,20 +123,20 @@ async def disaggregated(
                 await asyncio.wait({read, prefill_done}, return_when=asyncio.FIRST_COMPLETED)
             failure = _exception(prefill_done) if prefill_done.done() and not decoding else None
             if failure is not None:
-                raise rpc_error(failure, prefill_endpoint) from None
+                raise failure
             try:
                 if read is None:
                     reply = await stream.next()
                 else:
                     pending, read = read, None
                     reply = await pending
-            except WorkerError as exc:
+            except WorkerError:
                 # A failed prefill usually fails the decode side too; its error says why.
                 cause = _exception(prefill_done) if prefill_done.done() and not decoding else None
                 if cause is not None:
-                    raise rpc_error(cause, prefill_endpoint) from None
-                raise exc from None
-            event = event_from_proto(reply, decode_endpoint)
+                    raise cause from None
+                raise
+            event = event_from_proto(reply, decode.endpoint)
             decoding = True
             finished = isinstance(event, Finished)
             if isinstance(event, Finished) and prefill_done.done():
@@ -155,15 +150,21 @@ async def disaggregated(
         stream.close()
         on_decode_done()
         if not finished:
-            prefill_call.cancel()
-            abort_prefill(request.request_id)
+            prefill_done.cancel()  # its stream closes unanswered: the prefill is aborted
         # The prefill reply may trail the last token; let it land without a warning.
         prefill_done.add_done_callback(_drain)
 
 
-def _with_prefill_cache(
-    event: Finished, prefill: asyncio.Future[prefill_pb2.PrefillResponse]
-) -> Finished:
+async def _prefill_reply(stream: RequestStream[PrefillReply]) -> PrefillResponse:
+    """The prefill's answer; raises ``WorkerError`` with the status it failed with."""
+    reply = await stream.next()
+    if reply.HasField("error"):
+        code = status_code_from_int(reply.error.code)
+        raise WorkerError(code, reply.error.message, stream.endpoint)
+    return reply.done
+
+
+def _with_prefill_cache(event: Finished, prefill: asyncio.Future[PrefillResponse]) -> Finished:
     """The prefix-cache hit happened on the prefill worker: report it if decode did not."""
     if _exception(prefill) is not None or prefill.cancelled():
         return event
@@ -177,10 +178,8 @@ def _exception(future: asyncio.Future[Any]) -> BaseException | None:
     return future.exception()
 
 
-def _drain(future: asyncio.Future[prefill_pb2.PrefillResponse]) -> None:
+def _drain(future: asyncio.Future[PrefillResponse]) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         exc = future.exception()
-        if exc is not None and not (
-            isinstance(exc, grpc.aio.AioRpcError) and exc.code() is grpc.StatusCode.CANCELLED
-        ):
-            log.debug("prefill call ended with %r", exc)
+        if exc is not None:
+            log.debug("prefill ended with %r", exc)

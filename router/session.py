@@ -1,5 +1,5 @@
-"""One long-lived ``Decode.Session`` stream per worker, carrying every request the router sends
-it.
+"""One long-lived session stream per worker (``Decode.Session`` or ``Prefill.Session``),
+carrying every request the router sends it.
 
 A gRPC call per request costs the router more than everything else it does for the request
 (grpc.aio hands each message between its polling thread and the event loop). A session pays
@@ -16,17 +16,21 @@ import asyncio
 import collections
 import contextlib
 import logging
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Generic, TypeVar
 
 import grpc
 
-from protos import common_pb2, decode_pb2, decode_pb2_grpc
+from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from router.events import WorkerError
 
 log = logging.getLogger(__name__)
 
+Submit = TypeVar("Submit")  # what a frame submits: DecodeRequest, PrefillRequest
+Reply = TypeVar("Reply")  # what comes back per request: GenerateResponse, PrefillReply
 
-class RequestStream:
+
+class RequestStream(Generic[Reply]):
     """The messages of one request on a session, in order; ``next`` raises ``WorkerError``
     when the session breaks first. ``close`` before the request ended aborts it."""
 
@@ -36,20 +40,19 @@ class RequestStream:
 
     _error: tuple[grpc.StatusCode, str] | None
 
-    def __init__(self, session: Session, request_id: str) -> None:
-        self._items: collections.deque[common_pb2.GenerateResponse] = collections.deque()
+    def __init__(self, session: Session[Any, Reply], request_id: str) -> None:
+        self._items: collections.deque[Reply] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
         self._error = None  # the session broke: (status, details)
-        self._session: Session | None = session
+        self._session: Session[Any, Reply] | None = session
         self.endpoint = session.endpoint
         self._loop = session.loop
         self.request_id = request_id
         self.ended = False  # a Complete or Error came: nothing more will
 
-    def _push(self, msg: common_pb2.GenerateResponse) -> None:
+    def _push(self, msg: Reply, ends: bool) -> None:
         self._items.append(msg)
-        if msg.WhichOneof("response") != "chunk":
-            self.ended = True
+        self.ended = ends
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -60,7 +63,7 @@ class RequestStream:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def next(self) -> common_pb2.GenerateResponse:
+    async def next(self) -> Reply:
         while not self._items:
             if self._error is not None:
                 code, details = self._error
@@ -79,20 +82,45 @@ class RequestStream:
             session._forget(self)
 
 
-class Session:
-    """A ``Decode.Session`` call and the requests it carries. Broken sessions stay broken."""
+class Session(Generic[Submit, Reply]):
+    """A session call and the requests it carries. Broken sessions stay broken. Subclasses
+    name the call and the frame types."""
 
-    def __init__(self, stub: decode_pb2_grpc.DecodeStub, endpoint: str) -> None:
+    def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
         self.loop = asyncio.get_running_loop()  # asked once: each call costs a getpid()
-        self._call: Any = stub.Session()
-        self._streams: dict[str, RequestStream] = {}
-        self._submits: list[decode_pb2.DecodeRequest] = []
+        self._call: Any = self._open_call()
+        self._streams: dict[str, RequestStream[Reply]] = {}
+        self._submits: list[Submit] = []
         self._aborts: list[str] = []
         self._wake = asyncio.Event()
         self.error: WorkerError | None = None  # set once broken
         self._writer = asyncio.create_task(self._write_forever())
         self._reader = asyncio.create_task(self._read_forever())
+
+    # -- what a kind of session defines -------------------------------------------------------
+
+    def _open_call(self) -> Any:
+        raise NotImplementedError
+
+    @staticmethod
+    def _request_id(request: Submit) -> str:
+        raise NotImplementedError
+
+    @staticmethod
+    def _frame(submits: list[Submit], aborts: list[str]) -> Any:
+        raise NotImplementedError
+
+    @staticmethod
+    def _replies(frame: Any) -> Iterable[Reply]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _ends(reply: Reply) -> bool:
+        """Whether ``reply`` is its request's last."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------
 
     @property
     def broken(self) -> bool:
@@ -101,10 +129,10 @@ class Session:
     def __len__(self) -> int:
         return len(self._streams)
 
-    def open(self, request: decode_pb2.DecodeRequest) -> RequestStream:
+    def open(self, request: Submit) -> RequestStream[Reply]:
         """Send ``request`` with the next frame; its messages come through the stream."""
-        rid = request.request.request_id
-        stream = RequestStream(self, rid)
+        rid = self._request_id(request)
+        stream: RequestStream[Reply] = RequestStream(self, rid)
         if self.error is not None:
             stream._fail(self.error)
             return stream
@@ -115,12 +143,19 @@ class Session:
         self._wake.set()
         return stream
 
-    def _forget(self, stream: RequestStream) -> None:
-        if self._streams.get(stream.request_id) is stream:
-            del self._streams[stream.request_id]
-            if not stream.ended and self.error is None:
-                self._aborts.append(stream.request_id)
-                self._wake.set()
+    def _forget(self, stream: RequestStream[Reply]) -> None:
+        rid = stream.request_id
+        if self._streams.get(rid) is stream:
+            del self._streams[rid]
+            if stream.ended or self.error is not None:
+                return
+            # Not sent yet: drop it rather than send it and its abort.
+            for i, request in enumerate(self._submits):
+                if self._request_id(request) == rid:
+                    del self._submits[i]
+                    return
+            self._aborts.append(rid)
+            self._wake.set()
 
     async def _write_forever(self) -> None:
         call = self._call
@@ -130,7 +165,7 @@ class Session:
                 self._wake.clear()
                 if not (self._submits or self._aborts):
                     continue
-                frame = decode_pb2.SessionRequest(submit=self._submits, abort=self._aborts)
+                frame = self._frame(self._submits, self._aborts)
                 self._submits, self._aborts = [], []
                 await call.write(frame)
         except asyncio.CancelledError:
@@ -148,12 +183,13 @@ class Session:
                 frame = await call.read()
                 if frame is grpc.aio.EOF:
                     break
-                for msg in frame.responses:
-                    stream = streams.get(msg.request_id)
+                for msg in self._replies(frame):
+                    stream = streams.get(msg.request_id)  # type: ignore[attr-defined]
                     if stream is not None:
-                        stream._push(msg)
-                        if stream.ended:
-                            del streams[msg.request_id]
+                        ends = self._ends(msg)
+                        stream._push(msg, ends)
+                        if ends:
+                            del streams[stream.request_id]
             self._break(
                 WorkerError(
                     grpc.StatusCode.UNAVAILABLE, "the worker ended the session", self.endpoint
@@ -196,3 +232,57 @@ class Session:
         self._break(WorkerError(grpc.StatusCode.CANCELLED, "the router closed", self.endpoint))
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(self._writer, self._reader, return_exceptions=True)
+
+
+class DecodeSession(Session[decode_pb2.DecodeRequest, common_pb2.GenerateResponse]):
+    """``Decode.Session``: a request's chunks, then its ``Complete`` or ``Error``."""
+
+    def __init__(self, stub: decode_pb2_grpc.DecodeStub, endpoint: str) -> None:
+        self._stub = stub
+        super().__init__(endpoint)
+
+    def _open_call(self) -> Any:
+        return self._stub.Session()
+
+    @staticmethod
+    def _request_id(request: decode_pb2.DecodeRequest) -> str:
+        return request.request.request_id
+
+    @staticmethod
+    def _frame(submits: list[decode_pb2.DecodeRequest], aborts: list[str]) -> Any:
+        return decode_pb2.SessionRequest(submit=submits, abort=aborts)
+
+    @staticmethod
+    def _replies(frame: decode_pb2.SessionResponse) -> Iterable[common_pb2.GenerateResponse]:
+        return frame.responses
+
+    @staticmethod
+    def _ends(reply: common_pb2.GenerateResponse) -> bool:
+        return reply.WhichOneof("response") != "chunk"
+
+
+class PrefillSession(Session[prefill_pb2.PrefillRequest, prefill_pb2.PrefillReply]):
+    """``Prefill.Session``: one reply per request, its answer or its error."""
+
+    def __init__(self, stub: prefill_pb2_grpc.PrefillStub, endpoint: str) -> None:
+        self._stub = stub
+        super().__init__(endpoint)
+
+    def _open_call(self) -> Any:
+        return self._stub.Session()
+
+    @staticmethod
+    def _request_id(request: prefill_pb2.PrefillRequest) -> str:
+        return request.request.request_id
+
+    @staticmethod
+    def _frame(submits: list[prefill_pb2.PrefillRequest], aborts: list[str]) -> Any:
+        return prefill_pb2.PrefillSessionRequest(submit=submits, abort=aborts)
+
+    @staticmethod
+    def _replies(frame: prefill_pb2.PrefillSessionResponse) -> Iterable[prefill_pb2.PrefillReply]:
+        return frame.replies
+
+    @staticmethod
+    def _ends(reply: prefill_pb2.PrefillReply) -> bool:
+        return True

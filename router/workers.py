@@ -38,7 +38,7 @@ from router.metrics import RouterMetrics, WorkerSample
 from router.policy import Policy, RoundRobin
 from router.prompts import ModelInfo
 from router.resilience import NoUsableWorker, RetryConfig
-from router.session import Session
+from router.session import DecodeSession, PrefillSession, Session
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class WorkerClient:
         self.report: common_pb2.LoadReport | None = None  # the last GetLoad answer
         self.reported_at: float | None = None
         self.info: WorkerInfo | None = None
-        self._session: Session | None = None
+        self._session: Session[Any, Any] | None = None
 
     @property
     def usable(self) -> bool:
@@ -168,14 +168,6 @@ class WorkerClient:
         except grpc.aio.AioRpcError as exc:
             log.debug("GetLoad on %s: %s", self.endpoint, exc.code().name)
 
-    async def abort(self, request_id: str, timeout_s: float = 2.0) -> None:
-        """Best-effort Abort; errors are logged and ignored (the stream's cancel also aborts)."""
-        stub = self.prefill if self.role == ROLE_PREFILL else self.decode
-        try:
-            await stub.Abort(common_pb2.AbortRequest(request_id=request_id), timeout=timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            log.debug("Abort(%s) on %s: %s", request_id, self.endpoint, exc.code().name)
-
     def sample(self) -> WorkerSample:
         r = self.report
         return WorkerSample(
@@ -216,11 +208,16 @@ class WorkerClient:
             "last_load": last_load,
         }
 
-    def session(self) -> Session:
-        """The decode session every request to this worker rides (a new one once broken)."""
+    def session(self) -> Session[Any, Any]:
+        """The session every request to this worker rides (a new one once broken):
+        ``Prefill.Session`` for a prefill worker, else ``Decode.Session``."""
         session = self._session
         if session is None or session.broken:
-            session = self._session = Session(self.decode, self.endpoint)
+            if self.role == ROLE_PREFILL:
+                session = PrefillSession(self.prefill, self.endpoint)
+            else:
+                session = DecodeSession(self.decode, self.endpoint)
+            self._session = session
         return session
 
     async def close(self) -> None:
@@ -544,9 +541,8 @@ class WorkerPool:
             return dispatch.colocated(workers[0].session(), request, self._track(workers[0]))
         p, d = workers
         return dispatch.disaggregated(
-            p.prefill, p.endpoint, d.session(), request, self._aborter(p),
-            self._track(p), self._track(d),
-        )  # fmt: skip
+            p.session(), d.session(), request, self._track(p), self._track(d)
+        )
 
     def _track(self, worker: WorkerClient) -> Callable[[], None]:
         """Count a request on ``worker``; the returned function (idempotent) uncounts it."""
@@ -566,12 +562,6 @@ class WorkerPool:
                     self.remove(worker.endpoint, "drained")
 
         return release
-
-    def _aborter(self, worker: WorkerClient) -> dispatch.AbortFn:
-        def abort(request_id: str) -> None:
-            self.spawn(worker.abort(request_id))
-
-        return abort
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a fire-and-forget coroutine, keeping a reference until it ends."""

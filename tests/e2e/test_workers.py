@@ -411,20 +411,32 @@ def test_session_carries_many_requests_token_exact(
             assert got == want, f"request s{i}"
         assert max(sizes) > 1, f"no frame batched two requests: {sizes}"
 
-        # Disaggregated: the decode worker's session, and the Prefill call beside it.
+        # Disaggregated: the request on the decode worker's session and on the prefill
+        # worker's session, as the router sends it.
         prefill, decode = pair
         tid = secrets.randbits(63) or 1
         submit = decode_pb2.DecodeRequest(
             request=request("d0", prompts[0]), transfer_id=tid, prefill_endpoint=prefill
         )
         async with grpc.aio.insecure_channel(prefill) as pch:
-            call = prefill_pb2_grpc.PrefillStub(pch).Prefill(
-                prefill_pb2.PrefillRequest(request=request("d0", prompts[0]), transfer_id=tid)
+            call = prefill_pb2_grpc.PrefillStub(pch).Session()
+            await call.write(
+                prefill_pb2.PrefillSessionRequest(
+                    submit=[
+                        prefill_pb2.PrefillRequest(
+                            request=request("d0", prompts[0]), transfer_id=tid
+                        )
+                    ]
+                )
             )
             by_request, _ = await session_responses(
                 decode, [decode_pb2.SessionRequest(submit=[submit])], 1
             )
-            await call
+            (reply,) = (await call.read()).replies
+            assert reply.request_id == "d0" and reply.HasField("done")
+            assert reply.done.first_token_id == expected[0][0]
+            await call.done_writing()
+            assert await call.read() is grpc.aio.EOF
         got = [t for m in by_request["d0"] if m.HasField("chunk") for t in m.chunk.token_ids]
         assert got == expected[0]
         await wait_pages_free(colocated)

@@ -157,7 +157,7 @@ class _Decode(decode_pb2_grpc.DecodeServicer):
                 self.w.aborts.extend(frame.abort)
                 yield frame
 
-        async for out in session.serve(frames(), self._respond, _failure):
+        async for out in session.serve(frames(), self._respond, _failure, session.DECODE):
             yield out
 
     async def _respond(
@@ -230,6 +230,32 @@ class _Prefill(prefill_pb2_grpc.PrefillServicer):
     async def Prefill(
         self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> prefill_pb2.PrefillResponse:
+        try:
+            return await self._prefill(request)
+        except Injected as exc:
+            await context.abort(exc.code, str(exc))
+            raise
+
+    async def Session(
+        self,
+        request_iterator: AsyncIterator[prefill_pb2.PrefillSessionRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[prefill_pb2.PrefillSessionResponse]:
+        async def frames() -> AsyncIterator[prefill_pb2.PrefillSessionRequest]:
+            async for frame in request_iterator:
+                self.w.aborts.extend(frame.abort)
+                yield frame
+
+        async for out in session.serve(frames(), self._replies, _failure, session.PREFILL):
+            yield out
+
+    async def _replies(
+        self, request: prefill_pb2.PrefillRequest
+    ) -> AsyncIterator[prefill_pb2.PrefillReply]:
+        done = await self._prefill(request)
+        yield prefill_pb2.PrefillReply(request_id=done.request_id, done=done)
+
+    async def _prefill(self, request: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillResponse:
         w, req = self.w, request.request
         w.requests.append(req)
         w.transfer_ids.append(request.transfer_id)
@@ -237,7 +263,7 @@ class _Prefill(prefill_pb2_grpc.PrefillServicer):
             if w.token_delay_s:
                 await asyncio.sleep(w.token_delay_s)
             if w.fail is not None:
-                await context.abort(w.fail.code, w.fail.message)
+                raise Injected(w.fail.code, w.fail.message)
             TRANSFERS.setdefault(request.transfer_id, asyncio.Event()).set()
             w.completed.append(req.request_id)
             return prefill_pb2.PrefillResponse(request_id=req.request_id, cached_tokens=4)

@@ -399,8 +399,10 @@ def test_disaggregated_prefill_failure_cancels_decode(
         async with router_for(model_dir, prefill=(p,), decode=(d,)) as r:
             status, reply = await r.post("/v1/completions", {"model": "tiny", "prompt": "x"})
             assert status == 400 and "prompt too long: 99 > 64" in reply["error"]["message"]
+            # The prefill's own error ended it there; the decode side was aborted.
             rid = d.requests[0].request_id
-            await wait_for(lambda: rid in d.cancelled and rid in d.aborts and rid in p.aborts)
+            await wait_for(lambda: rid in d.cancelled and rid in d.aborts)
+            assert p.aborts == []
 
     run(body())
 
@@ -419,14 +421,13 @@ def test_disaggregated_decode_failure_cancels_prefill(
         async with router_for(model_dir, prefill=(p,), decode=(d,)) as r:
             status, reply = await r.post("/v1/completions", {"model": "tiny", "prompt": "x"})
             assert status == 503 and reply["error"]["code"] == "resource_exhausted"
-            # Retried (--retry-max 3 attempts in all). Each attempt's prefill call is
-            # cancelled and the request aborted on the prefill worker (a call cancelled before
-            # it got there never arrives: the Abort alone covers it). The decode worker's own
-            # error ended the request there, so nothing runs on it and it needed no abort.
-            await wait_for(lambda: len(d.requests) == 3 and len(set(p.aborts)) == 3)
+            # Retried (--retry-max 3 attempts in all). Each attempt's prefill is aborted on
+            # its session (one not sent yet is dropped unsent). The decode worker's own error
+            # ended the request there, so nothing runs on it and it needed no abort.
+            await wait_for(lambda: len(d.requests) == 3 and d.running == 0)
             arrived = {q.request_id for q in p.requests}
-            await wait_for(lambda: arrived <= {*p.cancelled} and d.running == 0)
-            assert {q.request_id for q in d.requests} == set(p.aborts)
+            await wait_for(lambda: arrived <= {*p.cancelled} & {*p.aborts})
+            assert set(p.aborts) <= {q.request_id for q in d.requests}
             assert d.aborts == []
             assert len(set(d.transfer_ids)) == 3  # a fresh transfer id per attempt
 
