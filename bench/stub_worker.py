@@ -190,7 +190,7 @@ class StubPrefill(prefill_pb2_grpc.PrefillServicer):
 async def serve_grpc(
     host: str, port: int, tokens: int, chunk_tokens: int = 1, role: str = "null"
 ) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=session.SERVER_OPTIONS)
     if role == "prefill":
         prefill_pb2_grpc.add_PrefillServicer_to_server(StubPrefill(), server)
     else:

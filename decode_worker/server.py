@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
+from decode_worker import session
 from decode_worker.convert import engine_layout
 from decode_worker.metrics import WorkerMetrics
 from decode_worker.ranks import free_port, join_instance, start_children
@@ -122,7 +123,7 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
         transfer = create_transfer_engine(args.transfer_backend, hostname=args.host)
     ranks = join_instance(engine, transfer, model_name) or []
 
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=session.SERVER_OPTIONS)
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     settings = WorkerSettings(
         role=role,

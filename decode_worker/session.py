@@ -30,6 +30,15 @@ OutFrame = TypeVar("OutFrame")
 
 Failure = Callable[[str, BaseException], tuple[grpc.StatusCode, str]]
 
+# Options of a worker's gRPC server: routers keep their sessions open for the worker's life and
+# ping them (--worker-keepalive) to notice a worker that hangs without closing its sockets;
+# let them ping as often as they like, with or without data flowing.
+SERVER_OPTIONS = (
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
+    ("grpc.http2.max_ping_strikes", 0),
+)
+
 
 @dataclass(frozen=True)
 class Kind(Generic[InFrame, Request, Item, OutFrame]):

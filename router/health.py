@@ -49,12 +49,16 @@ class HealthConfig:
     failure_threshold: int = 3  # --cb-failure-threshold: consecutive failures that open
     open_timeout_s: float = 10.0  # --cb-open-timeout: open this long, then half-open
     success_threshold: int = 2  # --cb-success-threshold: successes that close a half-open one
+    # --worker-keepalive: ping each worker's connection this often; one unanswered this long
+    # closes it, failing its requests over (a worker that hangs keeps its sockets open).
+    keepalive_s: float = 10.0
 
     def __post_init__(self) -> None:
         for flag, value in (
             ("--health-check-interval", self.check_interval_s),
             ("--health-check-timeout", self.check_timeout_s),
             ("--cb-open-timeout", self.open_timeout_s),
+            ("--worker-keepalive", self.keepalive_s),
         ):
             if not value > 0:
                 raise ValueError(f"{flag} must be > 0, got {value}")
@@ -85,6 +89,13 @@ class HealthConfig:
             default=2,
             help="successes that close a half-open circuit",
         )
+        g.add_argument(
+            "--worker-keepalive",
+            type=float,
+            default=10.0,
+            help="seconds between pings on each worker connection; a ping unanswered as long "
+            "drops the connection and fails its requests over to other workers",
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> HealthConfig:
@@ -94,7 +105,21 @@ class HealthConfig:
             failure_threshold=args.cb_failure_threshold,
             open_timeout_s=args.cb_open_timeout,
             success_threshold=args.cb_success_threshold,
+            keepalive_s=args.worker_keepalive,
         )
+
+    @property
+    def channel_options(self) -> list[tuple[str, int]]:
+        """gRPC client options of a worker's channel (keepalive)."""
+        ms = int(self.keepalive_s * 1000)
+        return [
+            ("grpc.keepalive_time_ms", ms),
+            ("grpc.keepalive_timeout_ms", ms),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            # Recent gRPC cores time a keepalive ping out by this one, 60 s unless set.
+            ("grpc.http2.ping_timeout_ms", ms),
+        ]
 
 
 class CircuitBreaker:

@@ -99,7 +99,8 @@ class WorkerClient:
         self.endpoint = endpoint_of(url)
         self.role = role
         self.source = source
-        self.channel = grpc.aio.insecure_channel(self.endpoint)
+        health = health or HealthConfig()
+        self.channel = grpc.aio.insecure_channel(self.endpoint, options=health.channel_options)
         self.decode = decode_pb2_grpc.DecodeStub(self.channel)
         self.prefill = prefill_pb2_grpc.PrefillStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)

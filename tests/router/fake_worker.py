@@ -57,7 +57,7 @@ class FakeWorker:
     _health: HealthServicer | None = None
 
     async def start(self) -> FakeWorker:
-        server = grpc.aio.server()
+        server = grpc.aio.server(options=session.SERVER_OPTIONS)
         if self.role == "prefill":
             prefill_pb2_grpc.add_PrefillServicer_to_server(_Prefill(self), server)
         else:

@@ -4,6 +4,8 @@ prefill worker's requests are retried on the other one. Pages balance on the sur
 
 from __future__ import annotations
 
+import signal
+import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -38,9 +40,11 @@ def workers(stack: ExitStack, model_dir: Path, *roles: str) -> list[tuple[Child,
     return [stack.enter_context(worker(role, model_dir)) for role in roles]
 
 
-def kill_mid_stream(url: str, candidates: list[tuple[Child, str]], role: str) -> tuple[Any, str]:
-    """Stream a long greedy request, SIGKILL the candidate serving it after a few tokens, and
-    return the stream's last event and the killed worker's endpoint."""
+def kill_mid_stream(
+    url: str, candidates: list[tuple[Child, str]], role: str, hang: bool = False
+) -> tuple[Any, str]:
+    """Stream a long greedy request, SIGKILL the candidate serving it after a few tokens (or
+    SIGSTOP it: ``hang``), and return the stream's last event and that worker's endpoint."""
     events = sse_events(url + "/generate", greedy(stream=True))
     killed = ""
     last: Any = None
@@ -51,8 +55,11 @@ def kill_mid_stream(url: str, candidates: list[tuple[Child, str]], role: str) ->
         if not killed and len(event["output_ids"]) >= 3:
             for child, endpoint in candidates:
                 if load(endpoint, role).num_running:
-                    child.proc.kill()
-                    child.proc.wait(timeout=10)
+                    if hang:
+                        child.proc.send_signal(signal.SIGSTOP)
+                    else:
+                        child.proc.kill()
+                        child.proc.wait(timeout=10)
                     killed = endpoint
             assert killed, "no worker was running the request"
             assert len(event["output_ids"]) < MAX_NEW, "the request ended before the kill"
@@ -95,6 +102,29 @@ def test_colocated_worker_killed_mid_stream(model_dir: Path) -> None:
         check_complete(last, undisturbed["output_ids"], undisturbed["meta_info"]["prompt_tokens"])
         assert metric(url, "pdserve:router_migrations_total") == 1
         wait_idle(w2[1] if killed == w1[1] else w1[1], "null")
+
+
+def test_hung_worker_mid_stream_fails_over_by_keepalive(model_dir: Path) -> None:
+    """A worker that stops answering but keeps its sockets open (SIGSTOP: a hang, a long
+    pause): the router's keepalive pings go unanswered, the session breaks, and the request
+    migrates. Resumed, the worker finds its session gone and frees the request's pages."""
+    with ExitStack() as stack:
+        w1, w2 = workers(stack, model_dir, "null", "null")
+        _, url = stack.enter_context(
+            router_process(model_dir, "--worker", w1[1], w2[1], *ROUTER_FLAGS,
+                           "--worker-keepalive", "1")
+        )  # fmt: skip
+        status, undisturbed = call(url + "/generate", "POST", greedy(stream=False))
+        assert status == 200
+        start = time.monotonic()
+        last, hung = kill_mid_stream(url, [w1, w2], "null", hang=True)
+        assert time.monotonic() - start < 20
+        check_complete(last, undisturbed["output_ids"], undisturbed["meta_info"]["prompt_tokens"])
+        assert metric(url, 'pdserve:router_migrations_total{code="UNAVAILABLE"}') == 1
+        stopped = w1 if hung == w1[1] else w2
+        stopped[0].proc.send_signal(signal.SIGCONT)
+        wait_idle(w1[1], "null")
+        wait_idle(w2[1], "null")
 
 
 def test_prefill_worker_killed(model_dir: Path) -> None:
