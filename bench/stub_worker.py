@@ -148,9 +148,7 @@ class StubPrefill(prefill_pb2_grpc.PrefillServicer):
     async def Prefill(
         self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> prefill_pb2.PrefillResponse:
-        return prefill_pb2.PrefillResponse(
-            request_id=request.request.request_id, first_token_id=TOKEN_ID
-        )
+        return await self._prefill(request)
 
     async def Session(
         self,
@@ -158,16 +156,15 @@ class StubPrefill(prefill_pb2_grpc.PrefillServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[prefill_pb2.PrefillSessionResponse]:
         """The real worker's session (``decode_worker.session``) over this stub's answers."""
-        frames = session.serve(request_iterator, self._replies, _failure, session.PREFILL)
-        async for frame in frames:
+        respond = session.one_reply(self._prefill)
+        async for frame in session.serve(request_iterator, respond, _failure, session.PREFILL):
             yield frame
 
-    async def _replies(
-        self, request: prefill_pb2.PrefillRequest
-    ) -> AsyncIterator[prefill_pb2.PrefillReply]:
-        rid = request.request.request_id
-        done = prefill_pb2.PrefillResponse(request_id=rid, first_token_id=TOKEN_ID)
-        yield prefill_pb2.PrefillReply(request_id=rid, done=done)
+    @staticmethod
+    async def _prefill(request: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillResponse:
+        return prefill_pb2.PrefillResponse(
+            request_id=request.request.request_id, first_token_id=TOKEN_ID
+        )
 
     async def Abort(
         self, request: common_pb2.AbortRequest, context: grpc.aio.ServicerContext

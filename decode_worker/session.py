@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -65,6 +65,21 @@ PREFILL: Kind[Any, Any, Any, Any] = Kind(
     error=lambda rid, e: prefill_pb2.PrefillReply(request_id=rid, error=e),
     frame=lambda items: prefill_pb2.PrefillSessionResponse(replies=items),
 )
+
+
+def one_reply(
+    prefill: Callable[[prefill_pb2.PrefillRequest], Awaitable[prefill_pb2.PrefillResponse]],
+) -> Callable[[prefill_pb2.PrefillRequest], AsyncIterator[prefill_pb2.PrefillReply]]:
+    """A prefill function as a ``Prefill.Session`` respond: its answer, the request's one
+    reply."""
+
+    async def respond(
+        request: prefill_pb2.PrefillRequest,
+    ) -> AsyncIterator[prefill_pb2.PrefillReply]:
+        done = await prefill(request)
+        yield prefill_pb2.PrefillReply(request_id=done.request_id, done=done)
+
+    return respond
 
 
 class _Outbox(Generic[Item]):

@@ -113,16 +113,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[prefill_pb2.PrefillSessionResponse]:
         # grpc.aio takes a streaming handler only as an async generator function.
-        async for frame in session.serve(
-            request_iterator, self._replies, _failure, session.PREFILL
-        ):
+        respond = session.one_reply(self._prefill)
+        async for frame in session.serve(request_iterator, respond, _failure, session.PREFILL):
             yield frame
-
-    async def _replies(
-        self, request: prefill_pb2.PrefillRequest
-    ) -> AsyncIterator[prefill_pb2.PrefillReply]:
-        done = await self._prefill(request)
-        yield prefill_pb2.PrefillReply(request_id=done.request_id, done=done)
 
     async def _prefill(self, request: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillResponse:
         """Prefill, sample the first token, write the pages; raises what failed it."""

@@ -16,12 +16,13 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import grpc
 
-from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from protos import common_pb2, decode_pb2, prefill_pb2
 from router.events import WorkerError
 
 log = logging.getLogger(__name__)
@@ -82,14 +83,42 @@ class RequestStream(Generic[Reply]):
             session._forget(self)
 
 
-class Session(Generic[Submit, Reply]):
-    """A session call and the requests it carries. Broken sessions stay broken. Subclasses
-    name the call and the frame types."""
+@dataclass(frozen=True)
+class SessionKind(Generic[Submit, Reply]):
+    """The frame types of one kind of session."""
 
-    def __init__(self, endpoint: str) -> None:
+    frame: Callable[[list[Submit], list[str]], Any]  # (submits, aborts) -> request frame
+    replies: Callable[[Any], Iterable[Reply]]  # reply frame -> its replies
+    ends: Callable[[Reply], bool]  # whether a reply is its request's last
+
+
+# Decode.Session: a request's chunks, then its Complete or Error.
+DECODE: SessionKind[decode_pb2.DecodeRequest, common_pb2.GenerateResponse] = SessionKind(
+    frame=lambda submits, aborts: decode_pb2.SessionRequest(submit=submits, abort=aborts),
+    replies=lambda frame: frame.responses,
+    ends=lambda reply: reply.WhichOneof("response") != "chunk",
+)
+# Prefill.Session: one reply per request, its answer or its error.
+PREFILL: SessionKind[prefill_pb2.PrefillRequest, prefill_pb2.PrefillReply] = SessionKind(
+    frame=lambda submits, aborts: prefill_pb2.PrefillSessionRequest(submit=submits, abort=aborts),
+    replies=lambda frame: frame.replies,
+    ends=lambda reply: True,
+)
+
+
+def _request_id(request: Any) -> str:
+    return str(request.request.request_id)  # DecodeRequest and PrefillRequest alike
+
+
+class Session(Generic[Submit, Reply]):
+    """A session call (``stub.Session()``) and the requests it carries. Broken sessions stay
+    broken."""
+
+    def __init__(self, call: Any, endpoint: str, kind: SessionKind[Submit, Reply]) -> None:
         self.endpoint = endpoint
+        self.kind = kind
         self.loop = asyncio.get_running_loop()  # asked once: each call costs a getpid()
-        self._call: Any = self._open_call()
+        self._call = call
         self._streams: dict[str, RequestStream[Reply]] = {}
         self._submits: list[Submit] = []
         self._aborts: list[str] = []
@@ -97,30 +126,6 @@ class Session(Generic[Submit, Reply]):
         self.error: WorkerError | None = None  # set once broken
         self._writer = asyncio.create_task(self._write_forever())
         self._reader = asyncio.create_task(self._read_forever())
-
-    # -- what a kind of session defines -------------------------------------------------------
-
-    def _open_call(self) -> Any:
-        raise NotImplementedError
-
-    @staticmethod
-    def _request_id(request: Submit) -> str:
-        raise NotImplementedError
-
-    @staticmethod
-    def _frame(submits: list[Submit], aborts: list[str]) -> Any:
-        raise NotImplementedError
-
-    @staticmethod
-    def _replies(frame: Any) -> Iterable[Reply]:
-        raise NotImplementedError
-
-    @staticmethod
-    def _ends(reply: Reply) -> bool:
-        """Whether ``reply`` is its request's last."""
-        raise NotImplementedError
-
-    # ------------------------------------------------------------------------------------------
 
     @property
     def broken(self) -> bool:
@@ -131,7 +136,7 @@ class Session(Generic[Submit, Reply]):
 
     def open(self, request: Submit) -> RequestStream[Reply]:
         """Send ``request`` with the next frame; its messages come through the stream."""
-        rid = self._request_id(request)
+        rid = _request_id(request)
         stream: RequestStream[Reply] = RequestStream(self, rid)
         if self.error is not None:
             stream._fail(self.error)
@@ -151,7 +156,7 @@ class Session(Generic[Submit, Reply]):
                 return
             # Not sent yet: drop it rather than send it and its abort.
             for i, request in enumerate(self._submits):
-                if self._request_id(request) == rid:
+                if _request_id(request) == rid:
                     del self._submits[i]
                     return
             self._aborts.append(rid)
@@ -165,7 +170,7 @@ class Session(Generic[Submit, Reply]):
                 self._wake.clear()
                 if not (self._submits or self._aborts):
                     continue
-                frame = self._frame(self._submits, self._aborts)
+                frame = self.kind.frame(self._submits, self._aborts)
                 self._submits, self._aborts = [], []
                 await call.write(frame)
         except asyncio.CancelledError:
@@ -183,10 +188,10 @@ class Session(Generic[Submit, Reply]):
                 frame = await call.read()
                 if frame is grpc.aio.EOF:
                     break
-                for msg in self._replies(frame):
+                for msg in self.kind.replies(frame):
                     stream = streams.get(msg.request_id)  # type: ignore[attr-defined]
                     if stream is not None:
-                        ends = self._ends(msg)
+                        ends = self.kind.ends(msg)
                         stream._push(msg, ends)
                         if ends:
                             del streams[stream.request_id]
@@ -232,57 +237,3 @@ class Session(Generic[Submit, Reply]):
         self._break(WorkerError(grpc.StatusCode.CANCELLED, "the router closed", self.endpoint))
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(self._writer, self._reader, return_exceptions=True)
-
-
-class DecodeSession(Session[decode_pb2.DecodeRequest, common_pb2.GenerateResponse]):
-    """``Decode.Session``: a request's chunks, then its ``Complete`` or ``Error``."""
-
-    def __init__(self, stub: decode_pb2_grpc.DecodeStub, endpoint: str) -> None:
-        self._stub = stub
-        super().__init__(endpoint)
-
-    def _open_call(self) -> Any:
-        return self._stub.Session()
-
-    @staticmethod
-    def _request_id(request: decode_pb2.DecodeRequest) -> str:
-        return request.request.request_id
-
-    @staticmethod
-    def _frame(submits: list[decode_pb2.DecodeRequest], aborts: list[str]) -> Any:
-        return decode_pb2.SessionRequest(submit=submits, abort=aborts)
-
-    @staticmethod
-    def _replies(frame: decode_pb2.SessionResponse) -> Iterable[common_pb2.GenerateResponse]:
-        return frame.responses
-
-    @staticmethod
-    def _ends(reply: common_pb2.GenerateResponse) -> bool:
-        return reply.WhichOneof("response") != "chunk"
-
-
-class PrefillSession(Session[prefill_pb2.PrefillRequest, prefill_pb2.PrefillReply]):
-    """``Prefill.Session``: one reply per request, its answer or its error."""
-
-    def __init__(self, stub: prefill_pb2_grpc.PrefillStub, endpoint: str) -> None:
-        self._stub = stub
-        super().__init__(endpoint)
-
-    def _open_call(self) -> Any:
-        return self._stub.Session()
-
-    @staticmethod
-    def _request_id(request: prefill_pb2.PrefillRequest) -> str:
-        return request.request.request_id
-
-    @staticmethod
-    def _frame(submits: list[prefill_pb2.PrefillRequest], aborts: list[str]) -> Any:
-        return prefill_pb2.PrefillSessionRequest(submit=submits, abort=aborts)
-
-    @staticmethod
-    def _replies(frame: prefill_pb2.PrefillSessionResponse) -> Iterable[prefill_pb2.PrefillReply]:
-        return frame.replies
-
-    @staticmethod
-    def _ends(reply: prefill_pb2.PrefillReply) -> bool:
-        return True

@@ -38,7 +38,7 @@ from router.metrics import RouterMetrics, WorkerSample
 from router.policy import Policy, RoundRobin
 from router.prompts import ModelInfo
 from router.resilience import NoUsableWorker, RetryConfig
-from router.session import DecodeSession, PrefillSession, Session
+from router.session import DECODE, PREFILL, Session
 
 log = logging.getLogger(__name__)
 
@@ -215,9 +215,9 @@ class WorkerClient:
         session = self._session
         if session is None or session.broken:
             if self.role == ROLE_PREFILL:
-                session = PrefillSession(self.prefill, self.endpoint)
+                session = Session(self.prefill.Session(), self.endpoint, PREFILL)
             else:
-                session = DecodeSession(self.decode, self.endpoint)
+                session = Session(self.decode.Session(), self.endpoint, DECODE)
             self._session = session
         return session
 

@@ -106,17 +106,18 @@ async def wait_pages_free(endpoint: str, prefill: bool = False, timeout_s: float
         await asyncio.sleep(0.1)
 
 
+def offline(model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
+    """The offline engine's greedy outputs: what every serving mode must reproduce."""
+    engine = Engine(EngineConfig(model_path=str(model_dir), num_pages=256))
+    params = SamplingParams(temperature=0, max_new_tokens=MAX_NEW, ignore_eos=True)
+    return [r.output_ids for r in engine.generate(prompts, params)]
+
+
 def test_disaggregated_equals_colocated_and_offline(
     model_dir: Path, pair: tuple[str, str], colocated: str
 ) -> None:
     prompts = make_prompts(vocab_size=512)
-    engine = Engine(EngineConfig(model_path=str(model_dir), num_pages=256))
-    expected = [
-        r.output_ids
-        for r in engine.generate(
-            prompts, SamplingParams(temperature=0, max_new_tokens=MAX_NEW, ignore_eos=True)
-        )
-    ]
+    expected = offline(model_dir, prompts)
 
     async def main() -> tuple[list[list[int]], list[list[int]]]:
         reqs = [request(f"r{i}", p) for i, p in enumerate(prompts)]
@@ -377,13 +378,7 @@ def test_session_carries_many_requests_token_exact(
     as produced or all at the end; frames batch several requests' messages; a duplicate id is
     refused; disaggregated requests ride the decode worker's session too."""
     prompts = make_prompts(vocab_size=512)
-    engine = Engine(EngineConfig(model_path=str(model_dir), num_pages=256))
-    expected = [
-        r.output_ids
-        for r in engine.generate(
-            prompts, SamplingParams(temperature=0, max_new_tokens=MAX_NEW, ignore_eos=True)
-        )
-    ]
+    expected = offline(model_dir, prompts)
     submits = [
         decode_pb2.DecodeRequest(request=request(f"s{i}", p), deliver_at_end=i % 2 == 1)
         for i, p in enumerate(prompts)

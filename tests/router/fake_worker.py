@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -134,6 +135,23 @@ def _failure(request_id: str, exc: BaseException) -> tuple[grpc.StatusCode, str]
     return grpc.StatusCode.INTERNAL, repr(exc)
 
 
+async def _recorded(
+    w: FakeWorker,
+    frames: AsyncIterator[Any],
+    respond: Callable[[Any], AsyncIterator[Any]],
+    kind: session.Kind[Any, Any, Any, Any],
+) -> AsyncIterator[Any]:
+    """The worker's real session over the fake's replies, recording the aborts it gets."""
+
+    async def recording() -> AsyncIterator[Any]:
+        async for frame in frames:
+            w.aborts.extend(frame.abort)
+            yield frame
+
+    async for out in session.serve(recording(), respond, _failure, kind):
+        yield out
+
+
 class _Decode(decode_pb2_grpc.DecodeServicer):
     def __init__(self, w: FakeWorker) -> None:
         self.w = w
@@ -152,12 +170,7 @@ class _Decode(decode_pb2_grpc.DecodeServicer):
         request_iterator: AsyncIterator[decode_pb2.SessionRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[decode_pb2.SessionResponse]:
-        async def frames() -> AsyncIterator[decode_pb2.SessionRequest]:
-            async for frame in request_iterator:
-                self.w.aborts.extend(frame.abort)
-                yield frame
-
-        async for out in session.serve(frames(), self._respond, _failure, session.DECODE):
+        async for out in _recorded(self.w, request_iterator, self._respond, session.DECODE):
             yield out
 
     async def _respond(
@@ -241,19 +254,9 @@ class _Prefill(prefill_pb2_grpc.PrefillServicer):
         request_iterator: AsyncIterator[prefill_pb2.PrefillSessionRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[prefill_pb2.PrefillSessionResponse]:
-        async def frames() -> AsyncIterator[prefill_pb2.PrefillSessionRequest]:
-            async for frame in request_iterator:
-                self.w.aborts.extend(frame.abort)
-                yield frame
-
-        async for out in session.serve(frames(), self._replies, _failure, session.PREFILL):
+        respond = session.one_reply(self._prefill)
+        async for out in _recorded(self.w, request_iterator, respond, session.PREFILL):
             yield out
-
-    async def _replies(
-        self, request: prefill_pb2.PrefillRequest
-    ) -> AsyncIterator[prefill_pb2.PrefillReply]:
-        done = await self._prefill(request)
-        yield prefill_pb2.PrefillReply(request_id=done.request_id, done=done)
 
     async def _prefill(self, request: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillResponse:
         w, req = self.w, request.request

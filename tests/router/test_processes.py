@@ -43,6 +43,15 @@ async def children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
+async def listed(url: str) -> set[str]:
+    """The workers one router process lists (a new connection: any of them may answer)."""
+    async with (
+        aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as http,
+        http.get(url + "/admin/workers") as resp,
+    ):
+        return {x["endpoint"] for x in (await resp.json())["workers"]}
+
+
 async def completion(url: str) -> tuple[int, dict[str, object]]:
     # A new connection each time, so that the kernel spreads them over the processes.
     async with (
@@ -82,12 +91,7 @@ def test_processes_share_port_metrics_and_admin(model_dir: Path, tokenizer: Toke
                 async with http.post(url + "/admin/workers", json=add, headers=auth) as resp:
                     assert resp.status == 201, await resp.text()
             for _ in range(6):
-                async with (
-                    aiohttp.ClientSession(headers=auth) as http,
-                    http.get(url + "/admin/workers") as resp,
-                ):
-                    listed = {x["endpoint"] for x in (await resp.json())["workers"]}
-                assert listed == {w.endpoint, extra.endpoint}
+                assert await listed(url) == {w.endpoint, extra.endpoint}
 
             # A process that dies is started again; requests keep being served meanwhile.
             kids = await children(proc.pid)
@@ -104,12 +108,7 @@ def test_processes_share_port_metrics_and_admin(model_dir: Path, tokenizer: Toke
             assert all(status == 200 for status, _ in replies)
             # The new process replayed the admin change: every process lists both workers.
             for _ in range(6):
-                async with (
-                    aiohttp.ClientSession(headers=auth) as http,
-                    http.get(url + "/admin/workers") as resp,
-                ):
-                    listed = {x["endpoint"] for x in (await resp.json())["workers"]}
-                assert listed == {w.endpoint, extra.endpoint}
+                assert await listed(url) == {w.endpoint, extra.endpoint}
         finally:
             proc.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(proc.wait(), 30) == 0
