@@ -16,6 +16,7 @@ percentile and connection count.
     python -m bench.router --skip-sglang --chunk-tokens 8   # 8 tokens in one gRPC message
     python -m bench.router --processes 1 2          # pdserve with 1, then 2 router processes
     python -m bench.router --mode disaggregated     # pdserve in front of a prefill+decode stub
+    python -m bench.router --stream --skip-sglang   # streamed (SSE) requests, pdserve only
 
 Needs ``pip install sglang-router`` for the comparison (skipped with a message if missing)
 and ``pip install py-spy`` for ``--profile``. Every process shares this machine's cores:
@@ -52,10 +53,10 @@ from typing import IO, Any, cast
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "stub"
-BODY = json.dumps(
-    {"model": MODEL, "prompt": "The KV cache stores keys and values", "max_tokens": 8,
-     "temperature": 0}
-).encode()  # fmt: skip
+REQUEST = {"model": MODEL, "prompt": "The KV cache stores keys and values", "max_tokens": 8,
+           "temperature": 0}  # fmt: skip
+BODY = json.dumps(REQUEST).encode()
+STREAM_BODY = json.dumps({**REQUEST, "stream": True}).encode()
 
 
 # ---- load generator --------------------------------------------------------------------------
@@ -294,13 +295,14 @@ async def measure(
     duration_s: float,
     warmup_s: float,
     pid: int | None = None,
+    body: bytes = BODY,
 ) -> list[Run]:
     """One run per connection count; ``pid``: the router, whose CPU time is measured."""
     runs = []
     for n in conns:
-        await http_load(target, url, "/v1/completions", BODY, n, warmup_s)
+        await http_load(target, url, "/v1/completions", body, n, warmup_s)
         cpu_before = cpu_seconds(pid) if pid else 0.0
-        run = await http_load(target, url, "/v1/completions", BODY, n, duration_s)
+        run = await http_load(target, url, "/v1/completions", body, n, duration_s)
         if pid:
             run.cpu_s = cpu_seconds(pid) - cpu_before
         if run.errors or not run.latencies_s:
@@ -384,6 +386,14 @@ def main(argv: list[str] | None = None) -> int:
         default="colocated",
         help="pdserve behind one colocated stub, or a prefill stub and a decode stub",
     )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="streamed requests (SSE, a chunk per token); the HTTP stub still answers whole",
+    )
+    p.add_argument(
+        "--stream-interval", type=int, default=1, help="pdserve router --stream-interval"
+    )
     p.add_argument("--skip-sglang", action="store_true")
     args = p.parse_args(argv)
 
@@ -444,14 +454,17 @@ def main(argv: list[str] | None = None) -> int:
                 router_args = [
                     py, "-m", "router", "--model-path", str(tokenizer_dir), *workers,
                     "--port", "0", "--policy", args.policy, "--processes", str(n),
+                    "--stream-interval", str(args.stream_interval),
                 ]  # fmt: skip
                 target = "pdserve" + (" P/D" if disaggregated else "")
+                target += " streamed" if args.stream else ""
+                target += f" interval {args.stream_interval}" if args.stream_interval > 1 else ""
                 target += "" if n == 1 else f" ({n} processes)"
                 with child(f"pdserve-router-{n}", router_args, logs) as r:
                     url = r.ready["url"]
                     pdserve = _run_async(
                         measure(target, url, args.connections, args.duration, args.warmup,
-                                r.proc.pid)
+                                r.proc.pid, STREAM_BODY if args.stream else BODY)
                     )  # fmt: skip
                     results += pdserve
                     if args.profile and n == 1:

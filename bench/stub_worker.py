@@ -86,14 +86,21 @@ class StubDecode(decode_pb2_grpc.DecodeServicer):
     async def _respond(
         self, request: decode_pb2.DecodeRequest
     ) -> AsyncIterator[common_pb2.GenerateResponse]:
-        """As a worker sends: a chunk per step (another request's tokens may share the frame),
-        or every token with the ``Complete`` when the request asks ``deliver_at_end``."""
+        """As a worker sends: a chunk per step, or per ``stream_interval`` steps (another
+        request's tokens may share the frame), or every token with the ``Complete`` when the
+        request asks ``deliver_at_end``."""
         rid = request.request.request_id
         if request.deliver_at_end:
             yield common_pb2.GenerateResponse(request_id=rid, chunk=self.whole)
         else:
-            for chunk in self.chunks:
-                yield common_pb2.GenerateResponse(request_id=rid, chunk=chunk)
+            every = max(1, request.stream_interval)
+            held: list[int] = []
+            for i, chunk in enumerate(self.chunks):
+                held += chunk.token_ids
+                if len(held) >= every or i == len(self.chunks) - 1:
+                    out = common_pb2.StreamChunk(token_ids=held)
+                    yield common_pb2.GenerateResponse(request_id=rid, chunk=out)
+                    held = []
                 await asyncio.sleep(0)  # the next decode step
         yield common_pb2.GenerateResponse(
             request_id=rid,

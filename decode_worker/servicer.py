@@ -105,14 +105,17 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             outputs = self.rt.engine.generate(req.request_id, list(req.token_ids), sampling)
         else:
             outputs = self._disaggregated(request, sampling)
-        held: list[StepOutput] = []  # deliver_at_end: every output, sent with the last
+        # Outputs held back: all of them until the last (deliver_at_end), or until there are
+        # stream_interval of them.
+        every = 0 if request.deliver_at_end else max(1, request.stream_interval)
+        held: list[StepOutput] = []
         try:
             async for outs in outputs:
-                if request.deliver_at_end:
+                if every != 1:
                     held += outs
-                    if not outs[-1].finished:
+                    if not outs[-1].finished and (every == 0 or len(held) < every):
                         continue
-                    outs = held
+                    outs, held = held, []
                 yield chunk(outs)
                 if outs[-1].finished:
                     yield complete(outs[-1])

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos import common_pb2 as protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/decode.proto\x12\x07pdserve\x1a\x13protos/common.proto\"\x81\x01\n\rDecodeRequest\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.pdserve.GenerateRequest\x12\x13\n\x0btransfer_id\x18\x02 \x01(\x04\x12\x18\n\x10prefill_endpoint\x18\x03 \x01(\t\x12\x16\n\x0e\x64\x65liver_at_end\x18\x04 \x01(\x08\"G\n\x0eSessionRequest\x12&\n\x06submit\x18\x01 \x03(\x0b\x32\x16.pdserve.DecodeRequest\x12\r\n\x05\x61\x62ort\x18\x02 \x03(\t\"?\n\x0fSessionResponse\x12,\n\tresponses\x18\x01 \x03(\x0b\x32\x19.pdserve.GenerateResponse\"\xac\x01\n\x13TransferDoneRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\x04\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\x05\x12.\n\x0e\x66irst_logprobs\x18\x04 \x01(\x0b\x32\x16.pdserve.TokenLogprobs\x12\x15\n\rcached_tokens\x18\x05 \x01(\x05\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"*\n\x14TransferDoneResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t2\x82\x03\n\x06\x44\x65\x63ode\x12?\n\x08Generate\x12\x16.pdserve.DecodeRequest\x1a\x19.pdserve.GenerateResponse0\x01\x12@\n\x07Session\x12\x17.pdserve.SessionRequest\x1a\x18.pdserve.SessionResponse(\x01\x30\x01\x12K\n\x0cTransferDone\x12\x1c.pdserve.TransferDoneRequest\x1a\x1d.pdserve.TransferDoneResponse\x12\x36\n\x05\x41\x62ort\x12\x15.pdserve.AbortRequest\x1a\x16.pdserve.AbortResponse\x12\x34\n\x07GetLoad\x12\x14.pdserve.LoadRequest\x1a\x13.pdserve.LoadReport\x12:\n\x07GetInfo\x12\x1a.pdserve.WorkerInfoRequest\x1a\x13.pdserve.WorkerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/decode.proto\x12\x07pdserve\x1a\x13protos/common.proto\"\x9a\x01\n\rDecodeRequest\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.pdserve.GenerateRequest\x12\x13\n\x0btransfer_id\x18\x02 \x01(\x04\x12\x18\n\x10prefill_endpoint\x18\x03 \x01(\t\x12\x16\n\x0e\x64\x65liver_at_end\x18\x04 \x01(\x08\x12\x17\n\x0fstream_interval\x18\x05 \x01(\r\"G\n\x0eSessionRequest\x12&\n\x06submit\x18\x01 \x03(\x0b\x32\x16.pdserve.DecodeRequest\x12\r\n\x05\x61\x62ort\x18\x02 \x03(\t\"?\n\x0fSessionResponse\x12,\n\tresponses\x18\x01 \x03(\x0b\x32\x19.pdserve.GenerateResponse\"\xac\x01\n\x13TransferDoneRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\x04\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\x05\x12.\n\x0e\x66irst_logprobs\x18\x04 \x01(\x0b\x32\x16.pdserve.TokenLogprobs\x12\x15\n\rcached_tokens\x18\x05 \x01(\x05\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"*\n\x14TransferDoneResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t2\x82\x03\n\x06\x44\x65\x63ode\x12?\n\x08Generate\x12\x16.pdserve.DecodeRequest\x1a\x19.pdserve.GenerateResponse0\x01\x12@\n\x07Session\x12\x17.pdserve.SessionRequest\x1a\x18.pdserve.SessionResponse(\x01\x30\x01\x12K\n\x0cTransferDone\x12\x1c.pdserve.TransferDoneRequest\x1a\x1d.pdserve.TransferDoneResponse\x12\x36\n\x05\x41\x62ort\x12\x15.pdserve.AbortRequest\x1a\x16.pdserve.AbortResponse\x12\x34\n\x07GetLoad\x12\x14.pdserve.LoadRequest\x1a\x13.pdserve.LoadReport\x12:\n\x07GetInfo\x12\x1a.pdserve.WorkerInfoRequest\x1a\x13.pdserve.WorkerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,15 +33,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.decode_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DECODEREQUEST']._serialized_start=54
-  _globals['_DECODEREQUEST']._serialized_end=183
-  _globals['_SESSIONREQUEST']._serialized_start=185
-  _globals['_SESSIONREQUEST']._serialized_end=256
-  _globals['_SESSIONRESPONSE']._serialized_start=258
-  _globals['_SESSIONRESPONSE']._serialized_end=321
-  _globals['_TRANSFERDONEREQUEST']._serialized_start=324
-  _globals['_TRANSFERDONEREQUEST']._serialized_end=496
-  _globals['_TRANSFERDONERESPONSE']._serialized_start=498
-  _globals['_TRANSFERDONERESPONSE']._serialized_end=540
-  _globals['_DECODE']._serialized_start=543
-  _globals['_DECODE']._serialized_end=929
+  _globals['_DECODEREQUEST']._serialized_end=208
+  _globals['_SESSIONREQUEST']._serialized_start=210
+  _globals['_SESSIONREQUEST']._serialized_end=281
+  _globals['_SESSIONRESPONSE']._serialized_start=283
+  _globals['_SESSIONRESPONSE']._serialized_end=346
+  _globals['_TRANSFERDONEREQUEST']._serialized_start=349
+  _globals['_TRANSFERDONEREQUEST']._serialized_end=521
+  _globals['_TRANSFERDONERESPONSE']._serialized_start=523
+  _globals['_TRANSFERDONERESPONSE']._serialized_end=565
+  _globals['_DECODE']._serialized_start=568
+  _globals['_DECODE']._serialized_end=954
 # @@protoc_insertion_point(module_scope)

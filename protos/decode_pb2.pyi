@@ -8,16 +8,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request", "transfer_id", "prefill_endpoint", "deliver_at_end")
+    __slots__ = ("request", "transfer_id", "prefill_endpoint", "deliver_at_end", "stream_interval")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     PREFILL_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     DELIVER_AT_END_FIELD_NUMBER: _ClassVar[int]
+    STREAM_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     request: _common_pb2.GenerateRequest
     transfer_id: int
     prefill_endpoint: str
     deliver_at_end: bool
-    def __init__(self, request: _Optional[_Union[_common_pb2.GenerateRequest, _Mapping]] = ..., transfer_id: _Optional[int] = ..., prefill_endpoint: _Optional[str] = ..., deliver_at_end: _Optional[bool] = ...) -> None: ...
+    stream_interval: int
+    def __init__(self, request: _Optional[_Union[_common_pb2.GenerateRequest, _Mapping]] = ..., transfer_id: _Optional[int] = ..., prefill_endpoint: _Optional[str] = ..., deliver_at_end: _Optional[bool] = ..., stream_interval: _Optional[int] = ...) -> None: ...
 
 class SessionRequest(_message.Message):
     __slots__ = ("submit", "abort")

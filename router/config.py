@@ -44,6 +44,7 @@ class RouterConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     admin_key: str | None = None  # None: no admin API
+    stream_interval: int = 1  # streamed requests: tokens per message from the worker
     # --processes N: N router processes share the port (see router.processes). A child knows
     # its index and the supervisor's directory (control sockets, metrics files).
     processes: int = 1
@@ -81,6 +82,8 @@ class RouterConfig:
             if name is not None and name not in POLICIES:
                 raise ValueError(f"{flag} must be one of {sorted(POLICIES)}, got {name!r}")
         self._cache_aware_options()  # ValueError naming the bad threshold
+        if self.stream_interval < 1:
+            raise ValueError(f"--stream-interval must be >= 1, got {self.stream_interval}")
         if self.processes < 1:
             raise ValueError(f"--processes must be >= 1, got {self.processes}")
         if self.process_index is not None and not (
@@ -196,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="enables /admin/* for clients sending Authorization: Bearer KEY",
     )
     p.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="streamed requests: the workers send tokens every this many steps (fewer "
+        "messages and SSE events, each with more tokens; SGLang's --stream-interval)",
+    )
+    p.add_argument(
         "--processes",
         type=int,
         default=1,
@@ -230,6 +240,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         registry=RegistryConfig.from_args(args),
         admission=AdmissionConfig.from_args(args),
         admin_key=args.admin_key,
+        stream_interval=args.stream_interval,
         processes=args.processes,
         process_index=args.process_index,
         control_dir=args.control_dir,

@@ -58,6 +58,7 @@ def decode_request(
         transfer_id=transfer_id,
         prefill_endpoint=prefill,
         deliver_at_end=not request.stream,
+        stream_interval=request.stream_interval,
     )
 
 

@@ -22,6 +22,7 @@ class WorkerRequest:
     token_ids: tuple[int, ...]
     sampling: Sampling  # max_tokens resolved (not None)
     stream: bool = True  # tokens as produced; False: all with the last message
+    stream_interval: int = 1  # streamed: the worker sends tokens every this many
 
 
 @dataclass(frozen=True)

@@ -157,6 +157,7 @@ async def generate(
             (*prompt, *delivered),
             replace(sampling, max_tokens=max_tokens - len(delivered)),
             request.stream,
+            request.stream_interval,
         )
         attempt += 1
         try:

@@ -271,6 +271,7 @@ class _Handlers:
     def __init__(self, router: Router) -> None:
         self.r = router
         self.texts = TokenTexts(router.tokenizer)
+        self.interval = router.config.stream_interval
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         timer = TokenTimer(self.r.metrics)
@@ -280,7 +281,7 @@ class _Handlers:
         prompts = await self._prepare(raw, lambda b: b.completion(req))
         rid = _new_id("cmpl-")
         specs = [
-            _spec(rid, i * req.n + j, p, j, req.stream)
+            _spec(rid, i * req.n + j, p, j, req.stream, self.interval)
             for i, p in enumerate(prompts)
             for j in range(req.n)
         ]
@@ -297,7 +298,7 @@ class _Handlers:
         self._check_model(req.model)
         prompt = await self._prepare(raw, lambda b: b.chat(req))
         rid = _new_id("chatcmpl-")
-        specs = [_spec(rid, j, prompt, j, req.stream) for j in range(req.n)]
+        specs = [_spec(rid, j, prompt, j, req.stream, self.interval) for j in range(req.n)]
         renderer = R.ChatRenderer(
             rid, self.r.model.name, req.n, self.texts, req.sampling.logprobs, req.include_usage
         )
@@ -309,7 +310,7 @@ class _Handlers:
         req = parse_generate(_decode_json(raw))
         prompt = await self._prepare(raw, lambda b: b.generate(req))
         rid = _new_id("")
-        specs = [_spec(rid, j, prompt, j, req.stream) for j in range(req.n)]
+        specs = [_spec(rid, j, prompt, j, req.stream, self.interval) for j in range(req.n)]
         renderer = R.GenerateRenderer(
             rid, self.r.model.name, req.n, len(prompt.token_ids), req.return_logprob
         )
@@ -384,12 +385,15 @@ class _Handlers:
         return done
 
 
-def _spec(rid: str, index: int, prompt: PreparedPrompt, sample: int, stream: bool) -> ChoiceSpec:
-    """Choice ``index``. Its tokens come as produced when the client streams or stop strings
-    must be watched (to stop the worker early); otherwise all at once with the last."""
+def _spec(
+    rid: str, index: int, prompt: PreparedPrompt, sample: int, stream: bool, interval: int
+) -> ChoiceSpec:
+    """Choice ``index``. Its tokens come as produced (``interval`` at a time) when the client
+    streams or stop strings must be watched (to stop the worker early); otherwise all at once
+    with the last."""
     sampling = prompt.sampling.for_choice(sample)
     request = WorkerRequest(
-        f"{rid}-{index}", prompt.token_ids, sampling, stream or bool(sampling.stop)
+        f"{rid}-{index}", prompt.token_ids, sampling, stream or bool(sampling.stop), interval
     )
     return ChoiceSpec(index, request)
 

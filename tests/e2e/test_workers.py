@@ -375,12 +375,17 @@ def test_session_carries_many_requests_token_exact(
     model_dir: Path, pair: tuple[str, str], colocated: str
 ) -> None:
     """One Decode.Session: every request's tokens equal the offline engine's, whether sent
-    as produced or all at the end; frames batch several requests' messages; a duplicate id is
-    refused; disaggregated requests ride the decode worker's session too."""
+    as produced, 4 at a time or all at the end; frames batch several requests' messages; a
+    duplicate id is refused; disaggregated requests ride the decode worker's session too."""
     prompts = make_prompts(vocab_size=512)
     expected = offline(model_dir, prompts)
+    # Odd requests ask for their tokens at the end; every fourth, 4 tokens per message.
     submits = [
-        decode_pb2.DecodeRequest(request=request(f"s{i}", p), deliver_at_end=i % 2 == 1)
+        decode_pb2.DecodeRequest(
+            request=request(f"s{i}", p),
+            deliver_at_end=i % 2 == 1,
+            stream_interval=4 if i % 4 == 2 else 0,
+        )
         for i, p in enumerate(prompts)
     ]
     duplicate = decode_pb2.DecodeRequest(request=request("s0", prompts[0]))
@@ -402,6 +407,9 @@ def test_session_carries_many_requests_token_exact(
             assert kinds[-1] == "complete" and msgs[-1].complete.completion_tokens == MAX_NEW
             if i % 2 == 1:
                 assert kinds == ["chunk", "complete"]  # deliver_at_end: one message
+            if i % 4 == 2:
+                sizes_i = [len(m.chunk.token_ids) for m in msgs if m.HasField("chunk")]
+                assert min(sizes_i[:-1]) >= 4 and len(sizes_i) <= 3, sizes_i  # 10 tokens
             got = [t for m in msgs if m.HasField("chunk") for t in m.chunk.token_ids]
             assert got == want, f"request s{i}"
         assert max(sizes) > 1, f"no frame batched two requests: {sizes}"

@@ -70,6 +70,9 @@ def test_cli_refuses_bad_flags(model_dir: Path) -> None:
         (["--prefill", "b:2"], "at least one --prefill and one --decode"),
         (["--worker", "not a url"], "host:port"),
         (["--worker", "a:1", "--max-body-bytes", "10"], "--max-body-bytes"),
+        (["--worker", "a:1", "--stream-interval", "0"], "--stream-interval must be >= 1"),
+        (["--worker", "a:1", "--processes", "0"], "--processes must be >= 1"),
+        (["--worker", "a:1", "--worker-keepalive", "0"], "--worker-keepalive must be > 0"),
     ]:
         args = parser.parse_args(["--model-path", str(model_dir), *argv])
         with pytest.raises(ValueError, match=re.escape(fragment)):
