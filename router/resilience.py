@@ -146,19 +146,21 @@ async def generate(
             yield Finished(reason, len(prompt), len(delivered), 0)
             return
         try:
-            route = routes.route((*prompt, *delivered), avoid)
+            route = routes.route((*prompt, *delivered) if delivered else prompt, avoid)
         except NoUsableWorker:
             if last_error is not None:
                 raise last_error from None
             raise
         resumed = bool(delivered)
-        attempt_request = WorkerRequest(
-            request.request_id if attempt == 0 else f"{request.request_id}.{attempt}",
-            (*prompt, *delivered),
-            replace(sampling, max_tokens=max_tokens - len(delivered)),
-            request.stream,
-            request.stream_interval,
-        )
+        attempt_request = request  # the first attempt: the request as it came
+        if attempt:
+            attempt_request = WorkerRequest(
+                f"{request.request_id}.{attempt}",
+                (*prompt, *delivered),
+                replace(sampling, max_tokens=max_tokens - len(delivered)),
+                request.stream,
+                request.stream_interval,
+            )
         attempt += 1
         try:
             async with contextlib.aclosing(route.stream(attempt_request)) as events:
