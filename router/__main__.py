@@ -28,7 +28,7 @@ async def _main(argv: list[str] | None) -> int:
         config = config_from_args(args)
         if config.processes > 1 and config.process_index is None:
             return await supervise(config, sys.argv[1:] if argv is None else argv)
-        runner, url = await serve(config)
+        server, url = await serve(config)
     except (ValueError, RuntimeError, FileNotFoundError) as exc:
         log.error("router cannot start: %s", exc)
         return 2
@@ -46,7 +46,7 @@ async def _main(argv: list[str] | None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await runner.cleanup()
+    await server.close()
     return 0
 
 

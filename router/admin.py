@@ -20,15 +20,16 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
-from aiohttp import web
 
 from router.errors import RequestError, invalid
+from router.http import Connection, Request, Response, Routes
 from router.workers import (
     ROLES,
     SOURCE_ADMIN,
@@ -38,7 +39,7 @@ from router.workers import (
     endpoint_of,
 )
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Handler = Callable[[Request, Connection], Awaitable[Response]]
 
 ADD_TIMEOUT_S = 5.0  # how long POST /admin/workers waits for the worker's GetInfo
 FORWARDED = "X-Pdserve-Forwarded"  # a change another router process already made
@@ -64,20 +65,20 @@ class AdminApi:
         # crash) replays them and agrees with the others.
         self.journal = journal
 
-    def add_routes(self, app: web.Application) -> None:
-        app.router.add_get("/admin/workers", self._guard(self.list_workers))
-        app.router.add_post("/admin/workers", self._guard(self.add_worker))
-        app.router.add_delete("/admin/workers/{endpoint}", self._guard(self.remove_worker))
-        app.router.add_post("/admin/workers/{endpoint}/drain", self._guard(self.drain_worker))
+    def add_routes(self, routes: Routes) -> None:
+        routes.add("GET", "/admin/workers", self._guard(self.list_workers))
+        routes.add("POST", "/admin/workers", self._guard(self.add_worker))
+        routes.add("DELETE", "/admin/workers/{endpoint}", self._guard(self.remove_worker))
+        routes.add("POST", "/admin/workers/{endpoint}/drain", self._guard(self.drain_worker))
 
     def _guard(self, handler: Handler) -> Handler:
-        async def guarded(request: web.Request) -> web.StreamResponse:
+        async def guarded(request: Request, conn: Connection) -> Response:
             if self.key is None:
                 raise RequestError(
                     403, "the admin API is disabled; start the router with --admin-key",
                     None, "admin_disabled",
                 )  # fmt: skip
-            given = request.headers.get("Authorization", "")
+            given = request.headers.get("authorization", "")
             scheme, _, token = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
                 token.strip().encode(), self.key.encode()
@@ -86,23 +87,23 @@ class AdminApi:
                     401, "invalid admin key: send Authorization: Bearer <--admin-key>",
                     None, "invalid_api_key",
                 )  # fmt: skip
-            response = await handler(request)
+            response = await handler(request, conn)
             if request.method != "GET" and response.status < 300:
                 await self._forward(request)
             return response
 
         return guarded
 
-    async def _forward(self, request: web.Request) -> None:
-        if request.headers.get(FORWARDED):
+    async def _forward(self, request: Request) -> None:
+        if request.headers.get(FORWARDED.lower()):
             return
-        body = await request.read()
+        body = request.body
         if self.journal is not None:
-            entry = {"method": request.method, "path": request.path_qs, "body": body.decode()}
+            entry = {"method": request.method, "path": request.target, "body": body.decode()}
             with self.journal.open("ab") as f:
                 f.write(orjson.dumps(entry) + b"\n")
         await asyncio.gather(
-            *(self._send(p, request.method, request.path_qs, body) for p in self.peers)
+            *(self._send(p, request.method, request.target, body) for p in self.peers)
         )
 
     async def replay(self, control_socket: str) -> None:
@@ -139,12 +140,12 @@ class AdminApi:
                 method, path, socket_path, exc,
             )  # fmt: skip
 
-    async def list_workers(self, request: web.Request) -> web.Response:
+    async def list_workers(self, request: Request, conn: Connection) -> Response:
         return _json({"workers": [w.describe() for w in self.pool.all_workers]})
 
-    async def add_worker(self, request: web.Request) -> web.Response:
+    async def add_worker(self, request: Request, conn: Connection) -> Response:
         try:
-            body = orjson.loads(await request.read())
+            body = orjson.loads(request.body)
         except orjson.JSONDecodeError as exc:
             raise invalid(f"request body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
@@ -171,7 +172,7 @@ class AdminApi:
             raise RequestError(409, str(exc), "url", "conflict") from None
         return _json(worker.describe(), status=201)
 
-    async def remove_worker(self, request: web.Request) -> web.Response:
+    async def remove_worker(self, request: Request, conn: Connection) -> Response:
         endpoint = self._endpoint(request)
         worker = self.pool.remove(endpoint, "removed by the admin API")
         if worker is None:
@@ -179,7 +180,7 @@ class AdminApi:
         self.pool.evicted.add(endpoint)
         return _json({"removed": worker.describe()})
 
-    async def drain_worker(self, request: web.Request) -> web.Response:
+    async def drain_worker(self, request: Request, conn: Connection) -> Response:
         endpoint = self._endpoint(request)
         worker = self.pool.drain(endpoint)
         if worker is None:
@@ -187,8 +188,8 @@ class AdminApi:
         self.pool.evicted.add(endpoint)
         return _json(worker.describe())
 
-    def _endpoint(self, request: web.Request) -> str:
-        raw = request.match_info["endpoint"]
+    def _endpoint(self, request: Request) -> str:
+        raw = urllib.parse.unquote(request.params["endpoint"])
         try:
             return endpoint_of(raw)
         except ValueError as exc:
@@ -199,5 +200,5 @@ def _not_found(endpoint: str) -> RequestError:
     return RequestError(404, f"no worker {endpoint} in the pool", "endpoint", "worker_not_found")
 
 
-def _json(payload: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(payload), status=status, content_type="application/json")
+def _json(payload: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(payload), status)

@@ -100,13 +100,15 @@ class Admission:
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         """Hold a slot for the ``async with`` body; raises ``Overloaded`` when refused."""
-        await self._acquire()
+        await self.acquire()
         try:
             yield
         finally:
-            self._release()
+            self.release()
 
-    async def _acquire(self) -> None:
+    async def acquire(self) -> None:
+        """Take a slot (after a wait in the queue); raises ``Overloaded`` when refused. Each
+        slot taken is given back with one ``release``."""
         if self.running < self.config.max_concurrent and not self._waiters:
             self.running += 1
             return
@@ -123,7 +125,7 @@ class Admission:
             await asyncio.wait({ticket}, timeout=self.config.queue_timeout_s)
         except asyncio.CancelledError:  # the client went away while queued
             if ticket.done():
-                self._release()  # it was handed a slot just now: pass it on
+                self.release()  # it was handed a slot just now: pass it on
             else:
                 self._leave(ticket)
             raise
@@ -134,14 +136,14 @@ class Admission:
                 f"no capacity within {self.config.queue_timeout_s:g}s "
                 f"({self.config.max_concurrent} requests running); retry after {RETRY_AFTER_S}s"
             )
-        # Done: ``_release`` handed this request its slot (``running`` did not change).
+        # Done: ``release`` handed this request its slot (``running`` did not change).
 
     def _leave(self, ticket: asyncio.Future[None]) -> None:
         ticket.cancel()
         self._waiters.remove(ticket)
         self._gauge()
 
-    def _release(self) -> None:
+    def release(self) -> None:
         # Hand the slot straight to the oldest waiter, so a newcomer cannot jump the queue.
         while self._waiters:
             ticket = self._waiters.popleft()

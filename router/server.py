@@ -1,11 +1,11 @@
-"""The router's aiohttp app: OpenAI endpoints, SGLang's /generate, health and metrics.
+"""The router's HTTP endpoints: OpenAI's, SGLang's /generate, health and metrics.
 
 Follow one request: ``_Handlers.completions`` parses the body (``router.protocol``),
 tokenizes and checks it (``router.prompts``), runs one worker stream per choice
 (``WorkerPool.generate`` through ``router.choice``), and writes SSE events or one JSON reply
 (``router.responses``). Errors are ``RequestError``s, turned into OpenAI error bodies by
-``_error_middleware``. A client that goes away cancels the handler (``handler_cancellation``),
-which closes every choice's worker calls.
+``RouterServer.dispatch``. A client that goes away cancels the handler (``router.http``), which
+closes every choice's worker calls.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import secrets
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, TypeVar
 
 import orjson
-from aiohttp import web
 
 from engine.tokenizer import Tokenizer
 from router import processes
@@ -34,6 +34,16 @@ from router.config import RouterConfig
 from router.detokenizer import TokenTexts
 from router.errors import RequestError, invalid
 from router.events import WorkerRequest
+from router.http import (
+    Connection,
+    EventStream,
+    HttpServer,
+    NoRoute,
+    Reply,
+    Request,
+    Response,
+    Routes,
+)
 from router.metrics import CONTENT_TYPE, RouterMetrics, TokenTimer
 from router.policy import make_policy
 from router.prompts import ModelInfo, PreparedPrompt, PromptBuilder
@@ -56,13 +66,6 @@ def _new_id(kind: str) -> str:
 
 # Bodies above this are tokenized off the event loop.
 _THREAD_TOKENIZE_BYTES = 16 << 10
-
-
-class _EventStream(web.StreamResponse):
-    """An SSE response; ``outcome`` is the status to count when an error or a disconnect
-    happened after the 200 went out."""
-
-    outcome: int | None = None
 
 
 @dataclass
@@ -133,46 +136,89 @@ class Router:
         return PromptBuilder(self.tokenizer, self.model)
 
 
-ROUTER = web.AppKey("router", Router)
+class RouterServer:
+    """The router's HTTP server and what it serves: ``close`` stops both."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.routes = Routes()
+        handlers = _Handlers(router)
+        for path, handler in (
+            ("/v1/completions", handlers.completions),
+            ("/v1/chat/completions", handlers.chat),
+            ("/generate", handlers.generate),
+        ):
+            self.routes.add("POST", path, _admitted(router.admission, handler))
+        self.routes.add("GET", "/v1/models", handlers.models)
+        self.routes.add("GET", "/health", handlers.health)
+        self.routes.add("GET", "/metrics", handlers.metrics)
+        router.admin.add_routes(self.routes)
+        self.http = HttpServer(self.dispatch, self.error_reply, router.config.max_body_bytes)
+        metrics = router.metrics
+        self._running = metrics.running
+        self._count = functools.cache(lambda route, status: metrics.requests.labels(route, status))
+
+    async def dispatch(self, request: Request, conn: Connection) -> Reply:
+        """Route one request; errors become OpenAI error bodies, and every answer is
+        counted by route and status."""
+        try:
+            route, handler = self.routes.resolve(request)
+        except NoRoute as exc:
+            message = f"{HTTPStatus(exc.status).phrase}: {request.method} {request.path}"
+            reply = _error_response(RequestError(exc.status, message))
+            if exc.allowed:
+                reply.headers = {"Allow": ", ".join(exc.allowed)}
+            self._count("other", str(exc.status)).inc()
+            return reply
+        self._running.inc()
+        status = 500
+        try:
+            reply = await handler(request, conn)
+            status = reply.status if reply.outcome is None else reply.outcome
+            return reply
+        except RequestError as exc:
+            status = exc.status
+            reply = _error_response(exc)
+            if isinstance(exc, Overloaded):
+                reply.headers = {"Retry-After": str(exc.retry_after_s)}
+            return reply
+        except asyncio.CancelledError:
+            status = 499  # the client went away
+            raise
+        except Exception:
+            log.exception("unhandled error in %s %s", request.method, request.path)
+            return _error_response(RequestError(500, "internal router error; see the router log"))
+        finally:
+            self._running.dec()
+            self._count(route, str(status)).inc()
+
+    def error_reply(self, status: int, message: str) -> Response:
+        """What the HTTP layer answers a request it cannot parse (400) or take (413)."""
+        if status == 413:
+            message = f"request body exceeds the limit of {self.router.config.max_body_bytes} bytes"
+        self._count("other", str(status)).inc()
+        return _error_response(RequestError(status, message))
+
+    async def close(self) -> None:
+        await self.http.close()
+        await self.router.close()
 
 
-def build_app(router: Router) -> web.Application:
-    app = web.Application(
-        client_max_size=router.config.max_body_bytes, middlewares=[_error_middleware]
-    )
-    app[ROUTER] = router
-    handlers = _Handlers(router)
-    admitted = _admitted(router.admission)
-    app.router.add_post("/v1/completions", admitted(handlers.completions))
-    app.router.add_post("/v1/chat/completions", admitted(handlers.chat))
-    app.router.add_post("/generate", admitted(handlers.generate))
-    app.router.add_get("/v1/models", handlers.models)
-    app.router.add_get("/health", handlers.health)
-    app.router.add_get("/metrics", handlers.metrics)
-    router.admin.add_routes(app)
-
-    async def close_router(app: web.Application) -> None:
-        await router.close()
-
-    app.on_cleanup.append(close_router)
-    return app
+_Handler = Callable[[Request, Connection], Awaitable[Reply]]
 
 
-_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _admitted(admission: Admission) -> Callable[[_Handler], _Handler]:
+def _admitted(admission: Admission, handler: _Handler) -> _Handler:
     """Run a generation handler inside a slot of ``--max-concurrent-requests`` (429 when the
     queue is full or the wait too long); the slot is held until the response is written."""
 
-    def wrap(handler: _Handler) -> _Handler:
-        async def admitted(request: web.Request) -> web.StreamResponse:
-            async with admission.slot():
-                return await handler(request)
+    async def admitted(request: Request, conn: Connection) -> Reply:
+        await admission.acquire()
+        try:
+            return await handler(request, conn)
+        finally:
+            admission.release()
 
-        return admitted
-
-    return wrap
+    return admitted
 
 
 async def _first_registered(registry: RegistryWatcher, config: RouterConfig) -> ModelInfo:
@@ -191,77 +237,35 @@ async def _first_registered(registry: RegistryWatcher, config: RouterConfig) -> 
         await asyncio.sleep(min(config.registry.poll_interval_s, 0.2))
 
 
-async def serve(config: RouterConfig) -> tuple[web.AppRunner, str]:
-    """Start the router on ``config.host:config.port``; returns the runner and its URL."""
+async def serve(config: RouterConfig) -> tuple[RouterServer, str]:
+    """Start the router on ``config.host:config.port``; returns the server and its URL."""
     router = await Router.start(config)
-    runner = web.AppRunner(build_app(router), handler_cancellation=True, access_log=None)
-    await runner.setup()
+    server = RouterServer(router)
     child = config.process_index is not None
-    # A child of --processes N shares the port with its siblings, and takes forwarded admin
-    # changes on its control socket.
-    site = web.TCPSite(runner, config.host, config.port, reuse_port=child or None)
-    await site.start()
-    port = runner.addresses[0][1]
-    if child:
-        assert config.control_dir is not None and config.process_index is not None
-        path = processes.control_socket(config.control_dir, config.process_index)
-        await web.UnixSite(runner, path).start()
-        await router.admin.replay(path)  # the admin changes made before this process started
-    return runner, f"http://{config.host}:{port}"
-
-
-# ---- errors and accounting -------------------------------------------------------------------
-
-
-@web.middleware
-async def _error_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    router = request.app[ROUTER]
-    resource = request.match_info.route.resource
-    endpoint = resource.canonical if resource is not None else "other"
-    router.metrics.running.inc()
-    status = 500
     try:
-        response = await handler(request)
-        status = response.status
-        if isinstance(response, _EventStream) and response.outcome is not None:
-            status = response.outcome
-        return response
-    except RequestError as exc:
-        status = exc.status
-        response = _error_response(exc)
-        if isinstance(exc, Overloaded):
-            response.headers["Retry-After"] = str(exc.retry_after_s)
-        return response
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        status = exc.status
-        if exc.status == 413:
-            message = f"request body exceeds the limit of {router.config.max_body_bytes} bytes"
-        else:
-            message = f"{exc.reason}: {request.method} {request.path}"
-        return _error_response(RequestError(exc.status, message))
-    except asyncio.CancelledError:
-        status = 499  # the client went away
+        # A child of --processes N shares the port with its siblings, and takes forwarded
+        # admin changes on its control socket.
+        port = await server.http.listen_tcp(config.host, config.port, reuse_port=child)
+        if child:
+            assert config.control_dir is not None and config.process_index is not None
+            path = processes.control_socket(config.control_dir, config.process_index)
+            await server.http.listen_unix(path)
+            await router.admin.replay(path)  # the admin changes made before this one started
+    except BaseException:
+        await server.close()
         raise
-    except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return _error_response(RequestError(500, "internal router error; see the router log"))
-    finally:
-        router.metrics.running.dec()
-        router.metrics.requests.labels(endpoint, str(status)).inc()
+    return server, f"http://{config.host}:{port}"
 
 
-def _error_response(exc: RequestError) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(exc.body()), status=exc.status, content_type="application/json"
-    )
+# ---- errors ----------------------------------------------------------------------------------
 
 
-def _json(payload: Any) -> web.Response:
-    return web.Response(body=orjson.dumps(payload), content_type="application/json")
+def _error_response(exc: RequestError) -> Response:
+    return Response(orjson.dumps(exc.body()), exc.status)
+
+
+def _json(payload: Any) -> Response:
+    return Response(orjson.dumps(payload))
 
 
 # ---- handlers ------------------------------------------------------------------------------
@@ -273,9 +277,9 @@ class _Handlers:
         self.texts = TokenTexts(router.tokenizer)
         self.interval = router.config.stream_interval
 
-    async def completions(self, request: web.Request) -> web.StreamResponse:
+    async def completions(self, request: Request, conn: Connection) -> Reply:
         timer = TokenTimer(self.r.metrics)
-        raw = await request.read()  # past client_max_size: HTTPRequestEntityTooLarge, a 413
+        raw = request.body
         req = parse_completion(_decode_json(raw))
         self._check_model(req.model)
         prompts = await self._prepare(raw, lambda b: b.completion(req))
@@ -289,11 +293,11 @@ class _Handlers:
             rid, self.r.model.name, len(specs), req.n, self.texts, req.logprobs is not None,
             req.include_usage,
         )  # fmt: skip
-        return await self._respond(request, specs, renderer, req.stream, timer)
+        return await self._respond(conn, specs, renderer, req.stream, timer)
 
-    async def chat(self, request: web.Request) -> web.StreamResponse:
+    async def chat(self, request: Request, conn: Connection) -> Reply:
         timer = TokenTimer(self.r.metrics)
-        raw = await request.read()
+        raw = request.body
         req = parse_chat(_decode_json(raw))
         self._check_model(req.model)
         prompt = await self._prepare(raw, lambda b: b.chat(req))
@@ -302,11 +306,11 @@ class _Handlers:
         renderer = R.ChatRenderer(
             rid, self.r.model.name, req.n, self.texts, req.sampling.logprobs, req.include_usage
         )
-        return await self._respond(request, specs, renderer, req.stream, timer)
+        return await self._respond(conn, specs, renderer, req.stream, timer)
 
-    async def generate(self, request: web.Request) -> web.StreamResponse:
+    async def generate(self, request: Request, conn: Connection) -> Reply:
         timer = TokenTimer(self.r.metrics)
-        raw = await request.read()
+        raw = request.body
         req = parse_generate(_decode_json(raw))
         prompt = await self._prepare(raw, lambda b: b.generate(req))
         rid = _new_id("")
@@ -314,9 +318,9 @@ class _Handlers:
         renderer = R.GenerateRenderer(
             rid, self.r.model.name, req.n, len(prompt.token_ids), req.return_logprob
         )
-        return await self._respond(request, specs, renderer, req.stream, timer)
+        return await self._respond(conn, specs, renderer, req.stream, timer)
 
-    async def models(self, request: web.Request) -> web.Response:
+    async def models(self, request: Request, conn: Connection) -> Response:
         m = self.r.model
         card = {
             "id": m.name,
@@ -328,16 +332,14 @@ class _Handlers:
         }
         return _json({"object": "list", "data": [card]})
 
-    async def health(self, request: web.Request) -> web.Response:
+    async def health(self, request: Request, conn: Connection) -> Response:
         states = await self.r.pool.health()
         ok = self.r.pool.usable(states)
         body = {"status": "ok" if ok else "unavailable", "workers": states}
-        return web.Response(
-            body=orjson.dumps(body), status=200 if ok else 503, content_type="application/json"
-        )
+        return Response(orjson.dumps(body), 200 if ok else 503)
 
-    async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.r.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+    async def metrics(self, request: Request, conn: Connection) -> Response:
+        return Response(self.r.metrics.render(), content_type=CONTENT_TYPE)
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -357,18 +359,18 @@ class _Handlers:
 
     async def _respond(
         self,
-        request: web.Request,
+        conn: Connection,
         specs: list[ChoiceSpec],
         renderer: R.Renderer,
         stream: bool,
         timer: TokenTimer,
-    ) -> web.StreamResponse:
+    ) -> Reply:
         """Run every choice on the workers; answer with SSE or one JSON reply."""
         eos = self.r.tokenizer.eos_token_ids
         choices = [run_choice(s, self.r.pool.generate, self.r.tokenizer, eos, timer) for s in specs]
         deltas = choices[0] if len(choices) == 1 else merge(choices)
         if stream:
-            return await _stream(request, deltas, renderer, self._finished(renderer, timer))
+            return await _stream(conn, deltas, renderer, self._finished(renderer, timer))
         async with contextlib.aclosing(deltas):
             async for delta in deltas:
                 renderer.add(delta)
@@ -406,19 +408,16 @@ def _decode_json(raw: bytes) -> Any:
 
 
 async def _stream(
-    request: web.Request,
+    conn: Connection,
     deltas: AsyncGenerator[ChoiceDelta, None],
     renderer: R.Renderer,
     on_success: Callable[[], None],
-) -> web.StreamResponse:
+) -> EventStream:
     """SSE: the headers go out with the first delta, so an error before any output is still
     an HTTP error status; a later error is an ``{"error": ...}`` event before ``[DONE]``."""
     async with contextlib.aclosing(deltas):
         first = await anext(deltas, None)
-        response = _EventStream(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
-        await response.prepare(request)
+        response = conn.stream("text/event-stream", {"Cache-Control": "no-cache"})
         try:
             delta = first
             while delta is not None:
@@ -435,5 +434,5 @@ async def _stream(
         except ConnectionResetError:
             response.outcome = 499
             return response
-        await response.write_eof()
+        await response.end()
         return response

@@ -12,12 +12,11 @@ from typing import Any, TypeVar
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from engine.testing.tiny_models import write_tokenizer
 from engine.tokenizer import Tokenizer
 from router.config import RouterConfig
-from router.server import serve
+from router.server import RouterServer, serve
 from tests.router.fake_worker import FakeWorker
 
 T = TypeVar("T")
@@ -47,7 +46,7 @@ def run(coro: Coroutine[Any, Any, T], timeout_s: float = 20.0) -> T:
 class RouterUnderTest:
     url: str
     http: aiohttp.ClientSession
-    runner: web.AppRunner
+    server: RouterServer
 
     async def post(self, path: str, body: Any) -> tuple[int, Any]:
         async with self.http.post(self.url + path, json=body) as resp:
@@ -82,7 +81,7 @@ async def router_for(
     for fake in fakes:
         await fake.start()
     try:
-        runner, url = await serve(
+        server, url = await serve(
             RouterConfig(
                 model_path=str(model_dir),
                 workers=tuple(w.endpoint for w in workers),
@@ -95,9 +94,9 @@ async def router_for(
         )
         try:
             async with aiohttp.ClientSession() as http:
-                yield RouterUnderTest(url, http, runner)
+                yield RouterUnderTest(url, http, server)
         finally:
-            await runner.cleanup()
+            await server.close()
     finally:
         for fake in fakes:
             await fake.stop()

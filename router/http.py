@@ -1,0 +1,438 @@
+"""The router's HTTP/1.1 server: keep-alive connections on asyncio, requests parsed by
+httptools (llhttp, the parser Node.js uses).
+
+A framework would cost the router more per request than its own work on a request does
+(aiohttp's request/response objects, middleware chain and header multidicts: about 30 µs of a
+2-core machine's time per request). This server does what the router needs and no more: one
+``App`` callable per request, a whole ``Response`` or a chunked ``EventStream`` back,
+pipelined requests answered in order, and the contract every handler relies on:
+
+- a client that goes away cancels its request's handler (the router then aborts the
+  request on its workers);
+- a body over ``max_body_bytes`` is a 413 before it is read (``Expect: 100-continue`` gets
+  the 413 instead of the ``100 Continue``); bytes that are not HTTP are a 400; both close the
+  connection;
+- an idle keep-alive connection closes after ``keepalive_s``;
+- ``close`` stops listening, lets the requests in flight finish for ``grace_s``, then closes
+  every connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import Any
+
+import httptools
+
+log = logging.getLogger(__name__)
+
+_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+
+
+class Request:
+    """One parsed request: ``headers`` by lower-case name (repeats joined by ``", "``),
+    ``params`` the path's ``{name}`` segments (filled in by ``Routes.resolve``)."""
+
+    __slots__ = ("body", "headers", "method", "params", "path", "query", "target")
+
+    def __init__(self, method: str, target: str, headers: dict[str, str], body: bytes) -> None:
+        self.method = method
+        self.target = target  # path and query, as sent
+        path, _, self.query = target.partition("?")
+        self.path = path
+        self.headers = headers
+        self.body = body
+        self.params: dict[str, str] = {}
+
+
+class Response:
+    """A whole reply: ``body`` goes out with a ``Content-Length``."""
+
+    __slots__ = ("body", "content_type", "headers", "status")
+    outcome: int | None = None  # as for an EventStream: the status is the outcome
+
+    def __init__(
+        self,
+        body: bytes,
+        status: int = 200,
+        content_type: str = "application/json",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.body = body
+        self.status = status
+        self.content_type = content_type
+        self.headers = headers
+
+
+class EventStream:
+    """A streamed reply (``Transfer-Encoding: chunked``): the head goes out with the first
+    ``write``; ``write`` waits while the client reads slower than we write, and raises
+    ``ConnectionResetError`` once the client is gone. ``outcome``: the status to account
+    when an error or a disconnect came after the 200 went out."""
+
+    __slots__ = ("_conn", "_head", "_started", "ended", "outcome", "status")
+
+    def __init__(self, conn: Connection, head: bytes) -> None:
+        self._conn = conn
+        self._head = head
+        self._started = False
+        self.ended = False
+        self.status = 200
+        self.outcome: int | None = None
+
+    async def write(self, data: bytes) -> None:
+        if not data:
+            return
+        frame = b"%x\r\n%b\r\n" % (len(data), data)
+        if not self._started:
+            self._started = True
+            frame = self._head + frame
+        await self._conn.send(frame)
+
+    async def end(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        tail = b"0\r\n\r\n"
+        if not self._started:
+            self._started = True
+            tail = self._head + tail
+        await self._conn.send(tail)
+
+
+Reply = Response | EventStream
+App = Callable[[Request, "Connection"], Awaitable[Reply]]
+ErrorReply = Callable[[int, str], Response]
+
+
+class Routes:
+    """Handlers by method and path; a path segment ``{name}`` matches one segment."""
+
+    def __init__(self) -> None:
+        self._exact: dict[str, dict[str, Any]] = {}  # path -> method -> handler
+        self._patterns: list[tuple[str, tuple[str, ...], dict[str, Any]]] = []
+
+    def add(self, method: str, path: str, handler: Any) -> None:
+        if "{" not in path:
+            self._exact.setdefault(path, {})[method] = handler
+            return
+        parts = tuple(path.strip("/").split("/"))
+        for _path, existing, methods in self._patterns:
+            if existing == parts:
+                methods[method] = handler
+                return
+        self._patterns.append((path, parts, {method: handler}))
+
+    def resolve(self, request: Request) -> tuple[str, Any]:
+        """``(route, handler)`` for the request (its ``params`` filled in); raises
+        ``NoRoute`` (404, or 405 with the methods allowed)."""
+        methods = self._exact.get(request.path)
+        route = request.path
+        if methods is None:
+            segments = request.path.strip("/").split("/")
+            for template, parts, candidates in self._patterns:
+                if len(parts) == len(segments) and all(
+                    p == s or (p[0] == "{" and s) for p, s in zip(parts, segments, strict=True)
+                ):
+                    request.params = {
+                        p[1:-1]: s for p, s in zip(parts, segments, strict=True) if p[0] == "{"
+                    }
+                    methods, route = candidates, template
+                    break
+            else:
+                raise NoRoute(404, ())
+        handler = methods.get(request.method)
+        if handler is None:
+            raise NoRoute(405, tuple(methods))
+        return route, handler
+
+
+class NoRoute(Exception):
+    def __init__(self, status: int, allowed: tuple[str, ...]) -> None:
+        super().__init__(status)
+        self.status = status
+        self.allowed = allowed
+
+
+class HttpServer:
+    """Serves ``app`` on TCP and Unix sockets."""
+
+    def __init__(
+        self,
+        app: App,
+        error_reply: ErrorReply,
+        max_body_bytes: int,
+        keepalive_s: float = 75.0,
+    ) -> None:
+        self.app = app
+        self.error_reply = error_reply
+        self.max_body_bytes = max_body_bytes
+        self.keepalive_s = keepalive_s
+        self.connections: set[Connection] = set()
+        self._servers: list[asyncio.Server] = []
+        self._date = b""
+        self._date_at = 0
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def date(self) -> bytes:
+        """The ``Date`` header line, formatted once a second."""
+        now = int(time.time())
+        if now != self._date_at:
+            self._date_at = now
+            self._date = b"Date: " + email.utils.formatdate(now, usegmt=True).encode() + b"\r\n"
+        return self._date
+
+    async def listen_tcp(self, host: str, port: int, reuse_port: bool = False) -> int:
+        """Listen on ``host:port`` (0: any free port); returns the port."""
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: Connection(self), host, port, reuse_port=reuse_port or None, backlog=1024
+        )
+        self._started(server)
+        return int(server.sockets[0].getsockname()[1])
+
+    async def listen_unix(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        loop = asyncio.get_running_loop()
+        self._started(await loop.create_unix_server(lambda: Connection(self), path))
+
+    def _started(self, server: asyncio.Server) -> None:
+        self._servers.append(server)
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._close_idle_forever())
+
+    async def _close_idle_forever(self) -> None:
+        while True:
+            await asyncio.sleep(min(self.keepalive_s, 10.0))
+            deadline = time.monotonic() - self.keepalive_s
+            for conn in list(self.connections):
+                if conn.idle_since is not None and conn.idle_since < deadline:
+                    conn.close()
+
+    async def close(self, grace_s: float = 10.0) -> None:
+        """Stop listening; requests in flight get ``grace_s`` to finish, then every
+        connection closes (cancelling what still runs)."""
+        for server in self._servers:
+            server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        deadline = time.monotonic() + grace_s
+        while any(c.busy for c in self.connections) and time.monotonic() < deadline:
+            for conn in [c for c in self.connections if not c.busy]:
+                conn.close()
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.close()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        self._servers.clear()
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: parses requests and answers them in order."""
+
+    def __init__(self, server: HttpServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.loop = asyncio.get_running_loop()
+        self.pending: deque[Request] = deque()  # pipelined requests waiting their turn
+        self.task: asyncio.Task[None] | None = None  # the request being answered
+        self.idle_since: float | None = time.monotonic()
+        self.closing = False  # answer what is in hand, then close
+        self._write_ready: asyncio.Future[None] | None = None  # set while the peer is slow
+        # the message being parsed
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._too_large = False
+        self._keep_alive = True
+
+    @property
+    def busy(self) -> bool:
+        return self.task is not None
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._reject(400, "protocol upgrades are not supported")
+        except httptools.HttpParserError as exc:
+            if not self._too_large:
+                self._reject(400, f"malformed HTTP request: {exc}")
+
+    # No eof_received: a client that shuts its side down has gone away (the transport
+    # closes, and connection_lost cancels what it asked), as most HTTP servers take it.
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        self.pending.clear()
+        if self.task is not None:
+            self.task.cancel()  # the client went away: the handler stops
+        self.transport = None
+        self.resume_writing()  # a writer waiting on a slow client finds it gone
+
+    def pause_writing(self) -> None:
+        if self._write_ready is None:
+            self._write_ready = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        waiter, self._write_ready = self._write_ready, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- httptools callbacks -------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = {}
+        self._body = []
+        self._body_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        old = self._headers.get(key)
+        self._headers[key] = text if old is None else f"{old}, {text}"
+
+    def on_headers_complete(self) -> None:
+        self._keep_alive = self.parser.should_keep_alive()
+        length = self._headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.server.max_body_bytes:
+            self._too_large = True
+            self._reject(413, "")
+            return
+        if self._headers.get("expect", "").lower() == "100-continue" and self.transport:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        self._body_size += len(body)
+        if self._body_size > self.server.max_body_bytes:
+            self._too_large = True
+            self._reject(413, "")
+            return
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._too_large:
+            return
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        request = Request(
+            self.parser.get_method().decode(), self._url.decode("latin-1"), self._headers, body
+        )
+        if not self._keep_alive:
+            self.closing = True
+        if self.task is None:
+            self._start(request)
+        else:
+            self.pending.append(request)
+            if len(self.pending) > 8 and self.transport is not None:
+                self.transport.pause_reading()  # a client pipelining ahead of its replies
+
+    # -- answering -----------------------------------------------------------------------------
+
+    def _start(self, request: Request) -> None:
+        self.idle_since = None
+        self.task = self.loop.create_task(self._answer(request))
+
+    async def _answer(self, request: Request) -> None:
+        try:
+            reply = await self.server.app(request, self)
+            if isinstance(reply, Response):
+                self._write_whole(reply)
+            elif not reply.ended:
+                await reply.end()
+        except (asyncio.CancelledError, ConnectionResetError):
+            return  # the client is gone
+        except Exception:
+            log.exception("unhandled error answering %s %s", request.method, request.target)
+            self.close()
+            return
+        finally:
+            self.task = None
+        if self.transport is None:
+            return
+        if self.pending:
+            if len(self.pending) <= 8:
+                self.transport.resume_reading()
+            self._start(self.pending.popleft())
+        elif self.closing:
+            self.close()
+        else:
+            self.idle_since = time.monotonic()
+
+    def head(self, status: int, content_type: str, headers: dict[str, str] | None) -> bytes:
+        """A reply's head, without its length header and the blank line."""
+        lines = [
+            b"HTTP/1.1 %d %b\r\n" % (status, _REASONS.get(status, b"Unknown")),
+            self.server.date(),
+            b"Content-Type: %b\r\n" % content_type.encode(),
+        ]
+        if headers:
+            lines += [f"{k}: {v}\r\n".encode("latin-1") for k, v in headers.items()]
+        if self.closing:
+            lines.append(b"Connection: close\r\n")
+        return b"".join(lines)
+
+    def _write_whole(self, reply: Response) -> None:
+        if self.transport is None:
+            raise ConnectionResetError("the client closed the connection")
+        head = self.head(reply.status, reply.content_type, reply.headers)
+        self.transport.write(
+            b"%bContent-Length: %d\r\n\r\n%b" % (head, len(reply.body), reply.body)
+        )
+
+    def stream(
+        self, content_type: str = "text/event-stream", headers: dict[str, str] | None = None
+    ) -> EventStream:
+        """A chunked 200 reply; its head goes out with the first write."""
+        head = self.head(200, content_type, headers) + b"Transfer-Encoding: chunked\r\n\r\n"
+        return EventStream(self, head)
+
+    async def send(self, data: bytes) -> None:
+        if self.transport is None:
+            raise ConnectionResetError("the client closed the connection")
+        self.transport.write(data)
+        waiter = self._write_ready
+        if waiter is not None:
+            await asyncio.shield(waiter)
+            if self.transport is None:
+                raise ConnectionResetError("the client closed the connection")
+
+    def _reject(self, status: int, message: str) -> None:
+        """Answer an unparsable or oversized request and close: its bytes cannot be skipped."""
+        if self.transport is None:
+            return
+        self.pending.clear()
+        self.closing = True
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+        reply = self.server.error_reply(status, message)
+        with contextlib.suppress(ConnectionResetError):
+            self._write_whole(reply)
+        self.close()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
