@@ -19,7 +19,7 @@ from router.metrics import TokenTimer
 from router.stop import StopMatcher
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: see router.events.TokenChunk
 class ChoiceDelta:
     """New output of choice ``index``: text, the tokens it came from, and maybe the end."""
 
@@ -51,37 +51,46 @@ async def run_choice(
     timer: TokenTimer | None = None,
 ) -> AsyncGenerator[ChoiceDelta, None]:
     """Deltas of one choice; raises ``WorkerError`` if its worker calls fail."""
-    sampling = spec.request.sampling
+    request = spec.request
+    sampling = request.sampling
     stopping_ids = set(sampling.stop_token_ids)
     if not sampling.ignore_eos:
         stopping_ids |= eos_token_ids
     detok = IncrementalDetokenizer(tokenizer)
-    stops = StopMatcher(sampling.stop)
+    stops = StopMatcher(sampling.stop) if sampling.stop else None
+    timer = timer if request.stream else None  # tokens delivered at the end: no TTFT to time
     num_tokens = 0
     stop_token: int | None = None
-    async with contextlib.aclosing(generate(spec.request)) as events:
+    async with contextlib.aclosing(generate(request)) as events:
         async for event in events:
             if isinstance(event, TokenChunk):
-                num_tokens += len(event.token_ids)
-                if timer is not None and spec.request.stream:
-                    # Tokens delivered at the end have no first-token time to measure.
-                    timer.tokens(spec.index, len(event.token_ids))
+                ids = event.token_ids
+                num_tokens += len(ids)
+                if timer is not None:
+                    timer.tokens(spec.index, len(ids))
                 # A stop token ends the sequence, and (as in vLLM) is not part of the text.
-                text_ids = [t for t in event.token_ids if t not in stopping_ids]
-                if len(text_ids) < len(event.token_ids):
-                    stop_token = next(t for t in event.token_ids if t in stopping_ids)
-                result = stops.feed(detok.push(text_ids))
+                text_ids: Sequence[int] = ids
+                if not stopping_ids.isdisjoint(ids):
+                    text_ids = [t for t in ids if t not in stopping_ids]
+                    stop_token = next(t for t in ids if t in stopping_ids)
+                text = detok.push(text_ids)
+                if stops is None:
+                    yield ChoiceDelta(spec.index, text, ids, event.logprobs)
+                    continue
+                result = stops.feed(text)
                 if result.matched is None:
-                    yield ChoiceDelta(spec.index, result.text, event.token_ids, event.logprobs)
+                    yield ChoiceDelta(spec.index, result.text, ids, event.logprobs)
                     continue
                 yield _last(spec, result.text, "stop", result.matched, num_tokens, event, 0)
                 return
-            tail = stops.feed(detok.flush())
+            text = detok.flush()
             cached = event.cached_tokens
-            if tail.matched is not None:
-                yield _last(spec, tail.text, "stop", tail.matched, num_tokens, None, cached)
-                return
-            text = tail.text + stops.flush()
+            if stops is not None:
+                tail = stops.feed(text)
+                if tail.matched is not None:
+                    yield _last(spec, tail.text, "stop", tail.matched, num_tokens, None, cached)
+                    return
+                text = tail.text + stops.flush()
             matched = stop_token if event.reason == "stop" else None
             yield _last(spec, text, event.reason, matched, num_tokens, None, cached)
             return

@@ -33,13 +33,15 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...]
 
 
-@dataclass(frozen=True)
+# The events and deltas made per token batch are slotted, not frozen: a frozen dataclass
+# costs about 1 µs more to build, several times per request. Nothing mutates them.
+@dataclass(slots=True)
 class TokenChunk:
     token_ids: tuple[int, ...]
     logprobs: tuple[TokenLogprob, ...]  # parallel to token_ids when asked for, else empty
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Finished:
     reason: str  # "stop", "length" or "abort"
     prompt_tokens: int

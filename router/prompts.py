@@ -108,7 +108,9 @@ class PromptBuilder:
                 "max_tokens",
                 "context_length_exceeded",
             )
-        return PreparedPrompt(tuple(ids), replace(sampling, max_tokens=max_tokens))
+        if max_tokens != sampling.max_tokens:
+            sampling = replace(sampling, max_tokens=max_tokens)
+        return PreparedPrompt(tuple(ids), sampling)
 
     def _check_vocab(self, ids: list[int], param: str) -> None:
         vocab = self.model.vocab_size

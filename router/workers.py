@@ -286,6 +286,7 @@ class WorkerPool:
         self.model: ModelInfo | None = None  # set by discover / set_model; fixed after
         self.evicted: set[str] = set()  # removed or drained by the admin: registry skips them
         self._members: dict[str, WorkerClient] = {}
+        self._decisions: dict[tuple[int, str, str], Any] = {}  # the policy_decisions counters
         self._reference: WorkerInfo | None = None  # the first member: its model and vocab
         self._layout: WorkerInfo | None = None  # the first prefill/decode member: its layout
         self._background: set[asyncio.Task[None]] = set()
@@ -470,29 +471,35 @@ class WorkerPool:
     def route(self, token_ids: tuple[int, ...], avoid: Set[str] = frozenset()) -> PoolRoute:
         """A prefill and a decode worker when both roles have a usable member, else a usable
         colocated worker; members in ``avoid`` only when no other is usable."""
-        prefill = self._candidates(ROLE_PREFILL, avoid)
-        decode = self._candidates(ROLE_DECODE, avoid)
+        usable: dict[str, list[WorkerClient]] = {role: [] for role in ROLES}
+        for w in self._members.values():
+            if w.usable:
+                usable[w.role].append(w)
+        if avoid:
+            for role, members in usable.items():
+                usable[role] = [w for w in members if w.endpoint not in avoid] or members
+        prefill, decode = usable[ROLE_PREFILL], usable[ROLE_DECODE]
         if prefill and decode:
             p = self._pick(self.prefill_policy, prefill, token_ids)
             d = self._pick(self.decode_policy, decode, token_ids)
             return PoolRoute(self, (p, d))
-        colocated = self._candidates(ROLE_COLOCATED, avoid)
+        colocated = usable[ROLE_COLOCATED]
         if colocated:
             return PoolRoute(self, (self._pick(self.decode_policy, colocated, token_ids),))
         raise NoUsableWorker(self._why_none())
-
-    def _candidates(self, role: str, avoid: Set[str]) -> list[WorkerClient]:
-        usable = [w for w in self._members.values() if w.role == role and w.usable]
-        return [w for w in usable if w.endpoint not in avoid] or usable
 
     def _pick(
         self, policy: Policy, candidates: list[WorkerClient], token_ids: Sequence[int]
     ) -> WorkerClient:
         worker = policy.pick(candidates, token_ids)
         if self.metrics is not None:
-            self.metrics.policy_decisions.labels(
-                _policy_name(policy), worker.role, worker.endpoint
-            ).inc()
+            key = (id(policy), worker.endpoint, worker.role)
+            counter = self._decisions.get(key)
+            if counter is None:
+                counter = self._decisions[key] = self.metrics.policy_decisions.labels(
+                    _policy_name(policy), worker.role, worker.endpoint
+                )
+            counter.inc()
         return worker
 
     def _why_none(self) -> str:
