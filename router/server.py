@@ -44,7 +44,7 @@ from router.http import (
     Response,
     Routes,
 )
-from router.metrics import CONTENT_TYPE, RouterMetrics, TokenTimer
+from router.metrics import CONTENT_TYPE, RequestTally, RouterMetrics, TokenTimer
 from router.policy import make_policy
 from router.prompts import ModelInfo, PreparedPrompt, PromptBuilder
 from router.protocol import parse_chat, parse_completion, parse_generate
@@ -122,9 +122,14 @@ class Router:
         return cls(config, tokenizer, model, pool, metrics, int(time.time()), admission, registry)
 
     async def close(self) -> None:
+        await self.tally.close()
         if self.registry is not None:
             await self.registry.close()
         await self.pool.close()
+
+    @functools.cached_property
+    def tally(self) -> RequestTally:
+        return RequestTally(self.metrics)
 
     @functools.cached_property
     def admin(self) -> AdminApi:
@@ -154,9 +159,8 @@ class RouterServer:
         self.routes.add("GET", "/metrics", handlers.metrics)
         router.admin.add_routes(self.routes)
         self.http = HttpServer(self.dispatch, self.error_reply, router.config.max_body_bytes)
-        metrics = router.metrics
-        self._running = metrics.running
-        self._count = functools.cache(lambda route, status: metrics.requests.labels(route, status))
+        self.tally = router.tally
+        self.tally.start()
 
     async def dispatch(self, request: Request, conn: Connection) -> Reply:
         """Route one request; errors become OpenAI error bodies, and every answer is
@@ -168,9 +172,9 @@ class RouterServer:
             reply = _error_response(RequestError(exc.status, message))
             if exc.allowed:
                 reply.headers = {"Allow": ", ".join(exc.allowed)}
-            self._count("other", str(exc.status)).inc()
+            self.tally.answered("other", exc.status)
             return reply
-        self._running.inc()
+        self.tally.begin()
         status = 500
         try:
             reply = await handler(request, conn)
@@ -189,14 +193,13 @@ class RouterServer:
             log.exception("unhandled error in %s %s", request.method, request.path)
             return _error_response(RequestError(500, "internal router error; see the router log"))
         finally:
-            self._running.dec()
-            self._count(route, str(status)).inc()
+            self.tally.end(route, status)
 
     def error_reply(self, status: int, message: str) -> Response:
         """What the HTTP layer answers a request it cannot parse (400) or take (413)."""
         if status == 413:
             message = f"request body exceeds the limit of {self.router.config.max_body_bytes} bytes"
-        self._count("other", str(status)).inc()
+        self.tally.answered("other", status)
         return _error_response(RequestError(status, message))
 
     async def close(self) -> None:
@@ -339,6 +342,7 @@ class _Handlers:
         return Response(orjson.dumps(body), 200 if ok else 503)
 
     async def metrics(self, request: Request, conn: Connection) -> Response:
+        self.r.tally.flush()
         return Response(self.r.metrics.render(), content_type=CONTENT_TYPE)
 
     # -- helpers -------------------------------------------------------------------------------
@@ -380,8 +384,7 @@ class _Handlers:
     def _finished(self, renderer: R.Renderer, timer: TokenTimer) -> Callable[[], None]:
         def done() -> None:
             usage = renderer.usage()
-            self.r.metrics.prompt_tokens.inc(usage["prompt_tokens"])
-            self.r.metrics.generation_tokens.inc(usage["completion_tokens"])
+            self.r.tally.tokens(usage["prompt_tokens"], usage["completion_tokens"])
             timer.done()
 
         return done
