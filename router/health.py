@@ -40,6 +40,9 @@ BREAKER_FAILURES = frozenset(
 )
 
 
+TRANSPORTS = ("native", "grpcio")
+
+
 @dataclass(frozen=True)
 class HealthConfig:
     """Health checks and circuit breaking; validated at construction."""
@@ -52,8 +55,16 @@ class HealthConfig:
     # --worker-keepalive: ping each worker's connection this often; one unanswered this long
     # closes it, failing its requests over (a worker that hangs keeps its sockets open).
     keepalive_s: float = 10.0
+    # --worker-transport: how request sessions reach workers. "native": the router's own
+    # gRPC client on the event loop (router.grpc_stream); "grpcio": grpc.aio.
+    session_transport: str = "native"
 
     def __post_init__(self) -> None:
+        if self.session_transport not in TRANSPORTS:
+            raise ValueError(
+                f"--worker-transport must be one of {list(TRANSPORTS)}, "
+                f"got {self.session_transport!r}"
+            )
         for flag, value in (
             ("--health-check-interval", self.check_interval_s),
             ("--health-check-timeout", self.check_timeout_s),
@@ -96,6 +107,13 @@ class HealthConfig:
             help="seconds between pings on each worker connection; a ping unanswered as long "
             "drops the connection and fails its requests over to other workers",
         )
+        g.add_argument(
+            "--worker-transport",
+            choices=TRANSPORTS,
+            default="native",
+            help="request sessions to workers: the router's own gRPC client on its event loop "
+            "(native), or grpc.aio (grpcio); health checks and the other calls use grpcio",
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> HealthConfig:
@@ -106,6 +124,7 @@ class HealthConfig:
             open_timeout_s=args.cb_open_timeout,
             success_threshold=args.cb_success_threshold,
             keepalive_s=args.worker_keepalive,
+            session_transport=args.worker_transport,
         )
 
     @property

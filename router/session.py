@@ -87,6 +87,8 @@ class RequestStream(Generic[Reply]):
 class SessionKind(Generic[Submit, Reply]):
     """The frame types of one kind of session."""
 
+    path: str  # the gRPC method
+    parse: Callable[[bytes], Any]  # a reply frame's bytes -> the frame
     frame: Callable[[list[Submit], list[str]], Any]  # (submits, aborts) -> request frame
     replies: Callable[[Any], Iterable[Reply]]  # reply frame -> its replies
     ends: Callable[[Reply], bool]  # whether a reply is its request's last
@@ -94,12 +96,16 @@ class SessionKind(Generic[Submit, Reply]):
 
 # Decode.Session: a request's chunks, then its Complete or Error.
 DECODE: SessionKind[decode_pb2.DecodeRequest, common_pb2.GenerateResponse] = SessionKind(
+    path="/pdserve.Decode/Session",
+    parse=decode_pb2.SessionResponse.FromString,
     frame=lambda submits, aborts: decode_pb2.SessionRequest(submit=submits, abort=aborts),
     replies=lambda frame: frame.responses,
     ends=lambda reply: reply.WhichOneof("response") != "chunk",
 )
 # Prefill.Session: one reply per request, its answer or its error.
 PREFILL: SessionKind[prefill_pb2.PrefillRequest, prefill_pb2.PrefillReply] = SessionKind(
+    path="/pdserve.Prefill/Session",
+    parse=prefill_pb2.PrefillSessionResponse.FromString,
     frame=lambda submits, aborts: prefill_pb2.PrefillSessionRequest(submit=submits, abort=aborts),
     replies=lambda frame: frame.replies,
     ends=lambda reply: True,
@@ -111,8 +117,8 @@ def _request_id(request: Any) -> str:
 
 
 class Session(Generic[Submit, Reply]):
-    """A session call (``stub.Session()``) and the requests it carries. Broken sessions stay
-    broken."""
+    """A session call (``stub.Session()``, or a ``router.grpc_stream.StreamCall``) and the
+    requests it carries. Broken sessions stay broken."""
 
     def __init__(self, call: Any, endpoint: str, kind: SessionKind[Submit, Reply]) -> None:
         self.endpoint = endpoint

@@ -32,6 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from router import dispatch, resilience
 from router.events import WorkerError, WorkerEvent, WorkerRequest
+from router.grpc_stream import StreamCall
 from router.health import BREAKER_FAILURES, CircuitBreaker, CircuitState, HealthConfig
 from router.load import WorkerLoad
 from router.metrics import RouterMetrics, WorkerSample
@@ -105,6 +106,8 @@ class WorkerClient:
         self.prefill = prefill_pb2_grpc.PrefillStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self.breaker = CircuitBreaker(health)
+        self._transport = health.session_transport
+        self._keepalive_s = health.keepalive_s
         self.healthy = True  # the last health check said SERVING (members passed GetInfo)
         self.draining = False  # takes no new requests
         self.leave_when_idle = False  # drained by the admin API: leaves at in_flight == 0
@@ -214,10 +217,15 @@ class WorkerClient:
         ``Prefill.Session`` for a prefill worker, else ``Decode.Session``."""
         session = self._session
         if session is None or session.broken:
-            if self.role == ROLE_PREFILL:
-                session = Session(self.prefill.Session(), self.endpoint, PREFILL)
+            kind = PREFILL if self.role == ROLE_PREFILL else DECODE
+            call: Any
+            if self._transport == "native":
+                call = StreamCall(self.endpoint, kind.path, kind.parse, self._keepalive_s)
+            elif kind is PREFILL:
+                call = self.prefill.Session()
             else:
-                session = Session(self.decode.Session(), self.endpoint, DECODE)
+                call = self.decode.Session()
+            session = Session(call, self.endpoint, kind)
             self._session = session
         return session
 

@@ -124,11 +124,16 @@ def kill(pattern: str, sig: str = "-9") -> int:
     return int(pids[0])
 
 
-def wait_all_healthy(timeout_s: float = 120) -> list[dict[str, str]]:
+def wait_all_healthy(
+    timeout_s: float = 120, restarted_roles: tuple[str, ...] = ()
+) -> list[dict[str, str]]:
+    """Every worker healthy, and (the requests may all be served before the supervisor has
+    seen a kill) a restart recorded for each of ``restarted_roles``."""
     deadline = time.monotonic() + timeout_s
     while True:
         rows = status()
-        if all(r["health"] == "ok" for r in rows):
+        restarted = {r["role"] for r in rows if int(r["restarts"]) > 0}
+        if all(r["health"] == "ok" for r in rows) and restarted.issuperset(restarted_roles):
             return rows
         assert time.monotonic() < deadline, f"not healthy again: {rows}"
         time.sleep(1)
@@ -164,7 +169,7 @@ def test_kills_lose_no_request(cluster: str, expected: dict[tuple[int, ...], lis
         kill("decode_worker.ranks --rank 1")
 
     under_load(cluster, expected, kill_prefill_then_rank)
-    rows = wait_all_healthy()
+    rows = wait_all_healthy(restarted_roles=("prefill", "decode"))
     restarted = {r["name"]: r for r in rows if int(r["restarts"]) > 0}
     print("\nrecovery:", {n: r.get("last_recovery_s") for n, r in restarted.items()})
     assert any(r["role"] == "prefill" for r in restarted.values()), rows

@@ -12,6 +12,7 @@ import pytest
 
 from engine.tokenizer import Tokenizer
 from router.config import RouterConfig
+from router.health import TRANSPORTS, HealthConfig
 from router.policy import RoundRobin, make_policy
 from router.resilience import RetryConfig
 from router.server import serve
@@ -45,11 +46,13 @@ def assert_error_body(body: Any, status_type: str = "invalid_request_error") -> 
 # ---- completions ----------------------------------------------------------------------------
 
 
-def test_completion_json(model_dir: Path, tokenizer: Tokenizer) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_completion_json(model_dir: Path, tokenizer: Tokenizer, transport: str) -> None:
     w = fake(tokenizer)
 
     async def body() -> None:
-        async with router_for(model_dir, workers=(w,)) as r:
+        health = HealthConfig(session_transport=transport)
+        async with router_for(model_dir, workers=(w,), health=health) as r:
             status, reply = await r.post(
                 "/v1/completions",
                 {
@@ -118,11 +121,13 @@ def test_completion_batch_and_n(model_dir: Path, tokenizer: Tokenizer) -> None:
     run(body())
 
 
-def test_completion_stream(model_dir: Path, tokenizer: Tokenizer) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_completion_stream(model_dir: Path, tokenizer: Tokenizer, transport: str) -> None:
     w = fake(tokenizer)
 
     async def body() -> None:
-        async with router_for(model_dir, workers=(w,)) as r:
+        health = HealthConfig(session_transport=transport)
+        async with router_for(model_dir, workers=(w,), health=health) as r:
             status, events = await r.sse(
                 "/v1/completions",
                 {
