@@ -138,6 +138,8 @@ class HealthConfig:
             ("grpc.http2.max_pings_without_data", 0),
             # Recent gRPC cores time a keepalive ping out by this one, 60 s unless set.
             ("grpc.http2.ping_timeout_ms", ms),
+            # A frame of a busy session (logprobs of many requests) may pass gRPC's 4 MiB.
+            ("grpc.max_receive_message_length", -1),
         ]
 
 

@@ -112,6 +112,27 @@ PREFILL: SessionKind[prefill_pb2.PrefillRequest, prefill_pb2.PrefillReply] = Ses
 )
 
 
+# A frame stays under this many bytes (unless one request is larger): gRPC servers refuse
+# messages over 4 MiB unless configured otherwise, and a refused frame breaks the session.
+FRAME_BYTES = 2 << 20
+
+
+def _parts(submits: list[Submit]) -> Iterable[list[Submit]]:
+    """``submits`` in runs of at most ``FRAME_BYTES``; one run in the usual case."""
+    if len(submits) <= 1:
+        return (submits,)
+    parts: list[list[Submit]] = [[]]
+    size = 0
+    for request in submits:
+        n = request.ByteSize()  # type: ignore[attr-defined]
+        if size + n > FRAME_BYTES and parts[-1]:
+            parts.append([])
+            size = 0
+        parts[-1].append(request)
+        size += n
+    return parts
+
+
 def _request_id(request: Any) -> str:
     return str(request.request.request_id)  # DecodeRequest and PrefillRequest alike
 
@@ -179,9 +200,11 @@ class Session(Generic[Submit, Reply]):
                 self._wake.clear()
                 if not (self._submits or self._aborts):
                     continue
-                frame = self.kind.frame(self._submits, self._aborts)
+                submits, aborts = self._submits, self._aborts
                 self._submits, self._aborts = [], []
-                await call.write(frame)
+                for part in _parts(submits):
+                    await call.write(self.kind.frame(part, aborts))
+                    aborts = []
         except asyncio.CancelledError:
             raise
         except grpc.aio.AioRpcError as exc:

@@ -106,3 +106,24 @@ def test_worker_error_message_ends_only_its_request() -> None:
             await w.stop()
 
     run(body())
+
+
+def test_frames_stay_under_the_workers_message_limit() -> None:
+    async def body() -> None:
+        # Six requests of ~1.5 MB each, opened at once: one frame would pass the worker's
+        # 4 MiB limit (and break the session); they go out in several frames instead.
+        w = await FakeWorker(reply=lambda p: [65, 66]).start()
+        client = WorkerClient(w.endpoint, ROLE_COLOCATED)
+        try:
+            session = client.session()
+            prompt = tuple(range(1000, 1000 + 500_000))
+            streams = [session.open(submit(f"big{i}", prompt)) for i in range(6)]
+            for s in streams:
+                assert await drain(s) == [65, 66, EOS]
+                s.close()
+            assert not session.broken
+        finally:
+            await client.close()
+            await w.stop()
+
+    run(body(), timeout_s=60)
