@@ -35,6 +35,7 @@ import httptools
 log = logging.getLogger(__name__)
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+_PIPELINED = 8  # requests a connection may have waiting before we stop reading it
 
 
 class Request:
@@ -319,8 +320,7 @@ class Connection(asyncio.Protocol):
         self._keep_alive = self.parser.should_keep_alive()
         length = self._headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.server.max_body_bytes:
-            self._too_large = True
-            self._reject(413, "")
+            self._refuse_body()
             return
         if self._headers.get("expect", "").lower() == "100-continue" and self.transport:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -328,8 +328,7 @@ class Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
         if self._body_size > self.server.max_body_bytes:
-            self._too_large = True
-            self._reject(413, "")
+            self._refuse_body()
             return
         self._body.append(body)
 
@@ -346,7 +345,7 @@ class Connection(asyncio.Protocol):
             self._start(request)
         else:
             self.pending.append(request)
-            if len(self.pending) > 8 and self.transport is not None:
+            if len(self.pending) > _PIPELINED and self.transport is not None:
                 self.transport.pause_reading()  # a client pipelining ahead of its replies
 
     # -- answering -----------------------------------------------------------------------------
@@ -373,7 +372,7 @@ class Connection(asyncio.Protocol):
         if self.transport is None:
             return
         if self.pending:
-            if len(self.pending) <= 8:
+            if len(self.pending) <= _PIPELINED:
                 self.transport.resume_reading()
             self._start(self.pending.popleft())
         elif self.closing:
@@ -418,6 +417,10 @@ class Connection(asyncio.Protocol):
             await asyncio.shield(waiter)
             if self.transport is None:
                 raise ConnectionResetError("the client closed the connection")
+
+    def _refuse_body(self) -> None:
+        self._too_large = True
+        self._reject(413, f"request body exceeds the limit of {self.server.max_body_bytes} bytes")
 
     def _reject(self, status: int, message: str) -> None:
         """Answer an unparsable or oversized request and close: its bytes cannot be skipped."""

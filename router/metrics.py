@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -252,7 +252,7 @@ class RequestTally:
         self.running = 0
         self._exported_running = 0
         self._requests: dict[tuple[str, int], int] = {}
-        self._children: dict[tuple[str, int], Any] = {}  # the labelled requests counters
+        self._counter = functools.cache(metrics.requests.labels)  # (route, status) -> child
         self._prompt_tokens = 0
         self._generation_tokens = 0
         self._flusher: asyncio.Task[None] | None = None
@@ -279,11 +279,8 @@ class RequestTally:
     def flush(self) -> None:
         m = self._metrics
         requests, self._requests = self._requests, {}
-        for key, n in requests.items():
-            counter = self._children.get(key)
-            if counter is None:
-                counter = self._children[key] = m.requests.labels(key[0], str(key[1]))
-            counter.inc(n)
+        for (route, status), n in requests.items():
+            self._counter(route, str(status)).inc(n)
         if self._prompt_tokens:
             m.prompt_tokens.inc(self._prompt_tokens)
             self._prompt_tokens = 0

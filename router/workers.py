@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import time
@@ -258,6 +259,7 @@ class PoolRoute:
         return self.pool._stream(self.workers, request)
 
 
+@functools.cache
 def _policy_name(policy: Policy) -> str:
     """``LeastLoad`` → ``least_load``: the name the policy has on the command line."""
     return re.sub(r"(?<!^)(?=[A-Z])", "_", type(policy).__name__).lower()
@@ -290,11 +292,14 @@ class WorkerPool:
         self.health_config = health or HealthConfig()
         self.retry = retry or RetryConfig()
         self.metrics = metrics
+        # The policy_decisions counter of (policy, role, worker), labelled once.
+        self._decisions = (
+            None if metrics is None else functools.cache(metrics.policy_decisions.labels)
+        )
         self.eos_token_ids = eos_token_ids
         self.model: ModelInfo | None = None  # set by discover / set_model; fixed after
         self.evicted: set[str] = set()  # removed or drained by the admin: registry skips them
         self._members: dict[str, WorkerClient] = {}
-        self._decisions: dict[tuple[int, str, str], Any] = {}  # the policy_decisions counters
         self._reference: WorkerInfo | None = None  # the first member: its model and vocab
         self._layout: WorkerInfo | None = None  # the first prefill/decode member: its layout
         self._background: set[asyncio.Task[None]] = set()
@@ -500,14 +505,8 @@ class WorkerPool:
         self, policy: Policy, candidates: list[WorkerClient], token_ids: Sequence[int]
     ) -> WorkerClient:
         worker = policy.pick(candidates, token_ids)
-        if self.metrics is not None:
-            key = (id(policy), worker.endpoint, worker.role)
-            counter = self._decisions.get(key)
-            if counter is None:
-                counter = self._decisions[key] = self.metrics.policy_decisions.labels(
-                    _policy_name(policy), worker.role, worker.endpoint
-                )
-            counter.inc()
+        if self._decisions is not None:
+            self._decisions(_policy_name(policy), worker.role, worker.endpoint).inc()
         return worker
 
     def _why_none(self) -> str:
