@@ -32,7 +32,7 @@ import asyncio
 import json
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import cast
 
 import grpc
@@ -40,6 +40,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from decode_worker import session
+from decode_worker.session_server import Method, SessionServer
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 MODEL = "stub"
@@ -57,8 +58,11 @@ class StubDecode(decode_pb2_grpc.DecodeServicer):
     """A colocated worker that streams ``tokens`` tokens per request, whatever it asks,
     ``chunk_tokens`` per message."""
 
-    def __init__(self, tokens: int, chunk_tokens: int = 1, role: str = "null") -> None:
+    def __init__(
+        self, tokens: int, chunk_tokens: int = 1, role: str = "null", session_port: int = 0
+    ) -> None:
         self.role = role
+        self.session_port = session_port
         if tokens < 1 or chunk_tokens < 1:
             raise ValueError(f"tokens and chunk_tokens must be >= 1, got {tokens}, {chunk_tokens}")
         self.tokens = tokens
@@ -79,9 +83,14 @@ class StubDecode(decode_pb2_grpc.DecodeServicer):
         request_iterator: AsyncIterator[decode_pb2.SessionRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[decode_pb2.SessionResponse]:
-        """The real worker's session (``decode_worker.session``) over this stub's replies."""
-        async for frame in session.serve(request_iterator, self._respond, _failure, session.DECODE):
+        async for frame in self.serve_session(request_iterator):
             yield frame
+
+    def serve_session(
+        self, frames: AsyncIterator[decode_pb2.SessionRequest]
+    ) -> AsyncGenerator[decode_pb2.SessionResponse, None]:
+        """The real worker's session (``decode_worker.session``) over this stub's replies."""
+        return session.serve(frames, self._respond, _failure, session.DECODE)
 
     async def _respond(
         self, request: decode_pb2.DecodeRequest
@@ -129,10 +138,12 @@ class StubDecode(decode_pb2_grpc.DecodeServicer):
     async def GetInfo(
         self, request: common_pb2.WorkerInfoRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.WorkerInfo:
-        return _info(request, self.role)
+        return _info(request, self.role, self.session_port)
 
 
-def _info(request: common_pb2.WorkerInfoRequest, role: str) -> common_pb2.WorkerInfo:
+def _info(
+    request: common_pb2.WorkerInfoRequest, role: str, session_port: int
+) -> common_pb2.WorkerInfo:
     layout = common_pb2.KVLayout(
         model=MODEL, dtype="bfloat16", page_size=16, num_layers=1, num_kv_heads=1,
         head_dim=64, fingerprint="stub",
@@ -145,12 +156,16 @@ def _info(request: common_pb2.WorkerInfoRequest, role: str) -> common_pb2.Worker
         vocab_size=VOCAB_SIZE,
         layout=layout,
         dp_size=1,
+        session_port=session_port,
     )
 
 
 class StubPrefill(prefill_pb2_grpc.PrefillServicer):
     """A prefill worker that answers at once, as if the pages were written (no transfer: the
     decode stub's answer does not wait for one)."""
+
+    def __init__(self, session_port: int = 0) -> None:
+        self.session_port = session_port
 
     async def Prefill(
         self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
@@ -162,10 +177,15 @@ class StubPrefill(prefill_pb2_grpc.PrefillServicer):
         request_iterator: AsyncIterator[prefill_pb2.PrefillSessionRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[prefill_pb2.PrefillSessionResponse]:
+        async for frame in self.serve_session(request_iterator):
+            yield frame
+
+    def serve_session(
+        self, frames: AsyncIterator[prefill_pb2.PrefillSessionRequest]
+    ) -> AsyncGenerator[prefill_pb2.PrefillSessionResponse, None]:
         """The real worker's session (``decode_worker.session``) over this stub's answers."""
         respond = session.one_reply(self._prefill)
-        async for frame in session.serve(request_iterator, respond, _failure, session.PREFILL):
-            yield frame
+        return session.serve(frames, respond, _failure, session.PREFILL)
 
     @staticmethod
     async def _prefill(request: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillResponse:
@@ -188,24 +208,34 @@ class StubPrefill(prefill_pb2_grpc.PrefillServicer):
     async def GetInfo(
         self, request: common_pb2.WorkerInfoRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.WorkerInfo:
-        return _info(request, "prefill")
+        return _info(request, "prefill", self.session_port)
 
 
 async def serve_grpc(
-    host: str, port: int, tokens: int, chunk_tokens: int = 1, role: str = "null"
-) -> tuple[grpc.aio.Server, int]:
+    host: str, port: int, tokens: int, chunk_tokens: int = 1, role: str = "null",
+    session_port: int = 0,
+) -> tuple[grpc.aio.Server, SessionServer, int]:  # fmt: skip
+    """The stub's grpcio server and session listener (``session_port`` -1: none), as a real
+    worker serves them."""
     server = grpc.aio.server(options=session.SERVER_OPTIONS)
+    sessions = SessionServer()
+    bound_sessions = 0 if session_port < 0 else await sessions.bind(host, session_port)
     if role == "prefill":
-        prefill_pb2_grpc.add_PrefillServicer_to_server(StubPrefill(), server)
+        prefill = StubPrefill(bound_sessions)
+        prefill_pb2_grpc.add_PrefillServicer_to_server(prefill, server)
+        sessions.add(session.PREFILL.path, Method(session.PREFILL.parse, prefill.serve_session))
     else:
-        decode = StubDecode(tokens, chunk_tokens, role)
+        decode = StubDecode(tokens, chunk_tokens, role, bound_sessions)
         decode_pb2_grpc.add_DecodeServicer_to_server(decode, server)
+        sessions.add(session.DECODE.path, Method(session.DECODE.parse, decode.serve_session))
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
+    if bound_sessions:
+        await sessions.start()
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
-    return server, bound
+    return server, sessions, bound
 
 
 # ---- HTTP ------------------------------------------------------------------------------------
@@ -286,8 +316,8 @@ async def serve_http(host: str, port: int) -> tuple[asyncio.Server, int]:
 
 async def _main(args: argparse.Namespace) -> None:
     if args.kind == "grpc":
-        grpc_server, port = await serve_grpc(
-            args.host, args.port, args.tokens, args.chunk_tokens, args.role
+        grpc_server, sessions, port = await serve_grpc(
+            args.host, args.port, args.tokens, args.chunk_tokens, args.role, args.session_port
         )
     else:
         http_server, port = await serve_http(args.host, args.port)
@@ -298,7 +328,7 @@ async def _main(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     if args.kind == "grpc":
-        await grpc_server.stop(0)
+        await asyncio.gather(grpc_server.stop(0), sessions.stop(0))
     else:
         http_server.close()
 
@@ -310,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--tokens", type=int, default=8, help="grpc: tokens per request")
     p.add_argument("--chunk-tokens", type=int, default=1, help="grpc: tokens per message")
+    p.add_argument(
+        "--session-port", type=int, default=0,
+        help="grpc: the session listener's port, as a worker's (0: any; -1: none)",
+    )  # fmt: skip
     p.add_argument(
         "--role", choices=("null", "prefill", "decode"), default="null",
         help="grpc: a colocated worker, or one side of a disaggregated pair",

@@ -25,6 +25,7 @@ class WorkerSettings:
     role: str
     model_name: str
     endpoint: str  # this worker's gRPC address as peers reach it
+    session_port: int = 0  # the session listener's (decode_worker.session_server); 0: none
     transfer_timeout_s: float = 30.0  # every waiting state of a KV transfer
     rpc_timeout_s: float = 10.0  # worker-to-worker unary calls
 
@@ -97,4 +98,5 @@ class WorkerRuntime:
             vocab_size=e.model_config.vocab_size,
             layout=layout_to_proto(self.layout),
             dp_size=self.engine.world,
+            session_port=self.settings.session_port,
         )

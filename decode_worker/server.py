@@ -26,6 +26,7 @@ from decode_worker.ranks import free_port, join_instance, start_children
 from decode_worker.registry import DEFAULT_PREFIX, RedisRegistration, WorkerRecord
 from decode_worker.runtime import ROLES, WorkerRuntime, WorkerSettings
 from decode_worker.servicer import DecodeServicer
+from decode_worker.session_server import Method, SessionServer
 from engine.async_engine import AsyncEngine
 from engine.cli import add_engine_args, engine_config_from_args
 from engine.device import resolve_device
@@ -52,6 +53,11 @@ def build_parser(default_role: str) -> argparse.ArgumentParser:
     g = parser.add_argument_group("worker")
     g.add_argument("--host", default="127.0.0.1", help="address to bind and advertise")
     g.add_argument("--port", type=int, default=0, help="gRPC port (0: pick a free one)")
+    g.add_argument(
+        "--session-port", type=int, default=0,
+        help="port of the session listener, which serves routers' session streams without "
+        "grpc.aio (0: pick a free one; -1: none, sessions on --port only)",
+    )  # fmt: skip
     g.add_argument("--disaggregation-mode", default=default_role, choices=ROLES)
     g.add_argument("--served-model-name", help="model name clients use (default: dir name)")
     g.add_argument("--transfer-backend", default="mooncake")
@@ -125,10 +131,13 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
 
     server = grpc.aio.server(options=session.SERVER_OPTIONS)
     port = server.add_insecure_port(f"{args.host}:{args.port}")
+    sessions = SessionServer()
+    session_port = 0 if args.session_port < 0 else await sessions.bind(args.host, args.session_port)
     settings = WorkerSettings(
         role=role,
         model_name=model_name,
         endpoint=f"{args.host}:{port}",
+        session_port=session_port,
         transfer_timeout_s=args.transfer_timeout,
     )
     async_engine = AsyncEngine(engine)
@@ -145,16 +154,22 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
     )
     served = []
     if role in ("decode", "null"):
-        decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(runtime), server)
+        decode = DecodeServicer(runtime)
+        decode_pb2_grpc.add_DecodeServicer_to_server(decode, server)
+        sessions.add(session.DECODE.path, Method(session.DECODE.parse, decode.serve_session))
         served.append(SERVICE_NAMES["decode"])
     if role == "prefill":
-        prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(runtime), server)
+        prefill = PrefillServicer(runtime)
+        prefill_pb2_grpc.add_PrefillServicer_to_server(prefill, server)
+        sessions.add(session.PREFILL.path, Method(session.PREFILL.parse, prefill.serve_session))
         served.append(SERVICE_NAMES["prefill"])
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
 
     async_engine.start()
     await server.start()
+    if session_port:
+        await sessions.start()
     for name in ("", *served):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     registration = None
@@ -177,6 +192,7 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
                 "event": "ready",
                 "role": role,
                 "endpoint": settings.endpoint,
+                "session_port": session_port,
                 "model": model_name,
                 "kv_pages": engine.pool.num_pages,
                 "metrics": f"http://{args.host}:{metrics_port}/metrics",
@@ -208,7 +224,7 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
         await registration.set_draining()
     await health.enter_graceful_shutdown()
     await drain(async_engine, args.drain_timeout)
-    await server.stop(grace=5.0)
+    await asyncio.gather(server.stop(grace=5.0), sessions.stop(grace_s=5.0))
     watcher.cancel()
     reporter.cancel()
     async_engine.stop()

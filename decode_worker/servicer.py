@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import replace
 
 import grpc
@@ -90,10 +90,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[decode_pb2.SessionResponse]:
         # grpc.aio takes a streaming handler only as an async generator function.
-        async for frame in session.serve(
-            request_iterator, self._responses, _failure, session.DECODE
-        ):
+        async for frame in self.serve_session(request_iterator):
             yield frame
+
+    def serve_session(
+        self, frames: AsyncIterator[decode_pb2.SessionRequest]
+    ) -> AsyncGenerator[decode_pb2.SessionResponse, None]:
+        """The reply frames of one ``Decode.Session``, on either server."""
+        return session.serve(frames, self._responses, _failure, session.DECODE)
 
     async def _responses(
         self, request: decode_pb2.DecodeRequest

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -44,6 +44,8 @@ SERVER_OPTIONS = (
 class Kind(Generic[InFrame, Request, Item, OutFrame]):
     """The message types of one kind of session."""
 
+    path: str  # the gRPC method
+    parse: Callable[[bytes], InFrame]  # a request frame's bytes -> the frame
     submits: Callable[[InFrame], Iterable[Request]]
     aborts: Callable[[InFrame], Iterable[str]]
     request_id: Callable[[Request], str]
@@ -52,6 +54,8 @@ class Kind(Generic[InFrame, Request, Item, OutFrame]):
 
 
 DECODE: Kind[Any, Any, Any, Any] = Kind(
+    path="/pdserve.Decode/Session",
+    parse=decode_pb2.SessionRequest.FromString,
     submits=lambda f: f.submit,
     aborts=lambda f: f.abort,
     request_id=lambda r: r.request.request_id,
@@ -59,6 +63,8 @@ DECODE: Kind[Any, Any, Any, Any] = Kind(
     frame=lambda items: decode_pb2.SessionResponse(responses=items),
 )
 PREFILL: Kind[Any, Any, Any, Any] = Kind(
+    path="/pdserve.Prefill/Session",
+    parse=prefill_pb2.PrefillSessionRequest.FromString,
     submits=lambda f: f.submit,
     aborts=lambda f: f.abort,
     request_id=lambda r: r.request.request_id,
@@ -103,7 +109,7 @@ async def serve(
     respond: Callable[[Request], AsyncIterator[Item]],
     failure: Failure,
     kind: Kind[InFrame, Request, Item, OutFrame],
-) -> AsyncIterator[OutFrame]:
+) -> AsyncGenerator[OutFrame, None]:
     """The reply frames of one session. ``respond`` raises what fails a request;
     ``failure`` turns that into the status and message its error reply carries."""
     outbox: _Outbox[Item] = _Outbox()

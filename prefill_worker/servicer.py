@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import replace
 
 import grpc
@@ -113,9 +113,15 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[prefill_pb2.PrefillSessionResponse]:
         # grpc.aio takes a streaming handler only as an async generator function.
-        respond = session.one_reply(self._prefill)
-        async for frame in session.serve(request_iterator, respond, _failure, session.PREFILL):
+        async for frame in self.serve_session(request_iterator):
             yield frame
+
+    def serve_session(
+        self, frames: AsyncIterator[prefill_pb2.PrefillSessionRequest]
+    ) -> AsyncGenerator[prefill_pb2.PrefillSessionResponse, None]:
+        """The reply frames of one ``Prefill.Session``, on either server."""
+        respond = session.one_reply(self._prefill)
+        return session.serve(frames, respond, _failure, session.PREFILL)
 
     async def _prefill(self, request: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillResponse:
         """Prefill, sample the first token, write the pages; raises what failed it."""

@@ -171,7 +171,7 @@ class WorkerInfoRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("request_id", "role", "model", "context_length", "vocab_size", "layout", "dp_size")
+    __slots__ = ("request_id", "role", "model", "context_length", "vocab_size", "layout", "dp_size", "session_port")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +179,7 @@ class WorkerInfo(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     DP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_PORT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     role: str
     model: str
@@ -186,4 +187,5 @@ class WorkerInfo(_message.Message):
     vocab_size: int
     layout: KVLayout
     dp_size: int
-    def __init__(self, request_id: _Optional[str] = ..., role: _Optional[str] = ..., model: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., dp_size: _Optional[int] = ...) -> None: ...
+    session_port: int
+    def __init__(self, request_id: _Optional[str] = ..., role: _Optional[str] = ..., model: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., dp_size: _Optional[int] = ..., session_port: _Optional[int] = ...) -> None: ...

@@ -23,7 +23,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -85,6 +85,7 @@ class WorkerInfo:
     context_length: int
     vocab_size: int
     fingerprint: str
+    session_port: int = 0  # its session listener's; 0: sessions on the main port
 
 
 class WorkerClient:
@@ -117,6 +118,9 @@ class WorkerClient:
         self.reported_at: float | None = None
         self.info: WorkerInfo | None = None
         self._session: Session[Any, Any] | None = None
+        self._call: Any = None  # the session's call
+        self._listener_unreachable = False  # open sessions on the main port until GetInfo
+        self._refresh: asyncio.Future[None] | None = None  # that GetInfo
 
     @property
     def usable(self) -> bool:
@@ -152,6 +156,7 @@ class WorkerClient:
             context_length=msg.context_length,
             vocab_size=msg.vocab_size,
             fingerprint=msg.layout.fingerprint,
+            session_port=msg.session_port,
         )
 
     async def check_health(self, timeout_s: float = 1.0) -> bool | None:
@@ -213,24 +218,55 @@ class WorkerClient:
             "last_load": last_load,
         }
 
+    @property
+    def session_endpoint(self) -> str:
+        """Where the native transport opens sessions: the worker's session listener, on the
+        host the router knows the worker by; or its main port, which serves sessions too,
+        when it has none or the listener could not be reached."""
+        port = self.info.session_port if self.info is not None else 0
+        if not port or self._listener_unreachable:
+            return self.endpoint
+        return f"{self.endpoint.rpartition(':')[0]}:{port}"
+
     def session(self) -> Session[Any, Any]:
         """The session every request to this worker rides (a new one once broken):
         ``Prefill.Session`` for a prefill worker, else ``Decode.Session``."""
         session = self._session
         if session is None or session.broken:
+            call = self._call
+            if isinstance(call, StreamCall) and not call.reached and self._refresh is None:
+                # The worker may have restarted with its listener on another port: carry on
+                # over the main port and ask GetInfo where the listener is now.
+                self._listener_unreachable = call.endpoint != self.endpoint
+                self._refresh = asyncio.ensure_future(self._find_listener())
             kind = PREFILL if self.role == ROLE_PREFILL else DECODE
-            call: Any
             if self._transport == "native":
-                call = StreamCall(self.endpoint, kind.path, kind.parse, self._keepalive_s)
+                call = StreamCall(self.session_endpoint, kind.path, kind.parse, self._keepalive_s)
             elif kind is PREFILL:
                 call = self.prefill.Session()
             else:
                 call = self.decode.Session()
             session = Session(call, self.endpoint, kind)
-            self._session = session
+            self._session, self._call = session, call
         return session
 
+    async def _find_listener(self) -> None:
+        try:
+            info = await self.get_info(timeout_s=5.0)
+        except grpc.aio.AioRpcError as exc:
+            log.debug("GetInfo on %s: %s", self.endpoint, exc.code().name)
+        else:
+            if self.info is not None and info.session_port != self.info.session_port:
+                log.info("worker %s: session listener now on port %d", self.endpoint,
+                         info.session_port)  # fmt: skip
+                self.info = replace(self.info, session_port=info.session_port)
+            self._listener_unreachable = False
+        finally:
+            self._refresh = None
+
     async def close(self) -> None:
+        if self._refresh is not None:
+            self._refresh.cancel()
         if self._session is not None:
             await self._session.close()
         await self.channel.close()

@@ -10,7 +10,7 @@ call of the same transfer id, as the real decode waits for the KV pages.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from decode_worker import session
+from decode_worker.session_server import Method, SessionServer
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 EOS = 2  # the tiny tokenizer's <|im_end|>
@@ -54,7 +55,10 @@ class FakeWorker:
     completed: list[str] = field(default_factory=list)
     running: int = 0  # requests being served now (GetLoad's num_running)
     endpoint: str = ""
+    session_listener: bool = True  # serve sessions on a listener of their own, as workers do
+    session_port: int = 0
     _server: grpc.aio.Server | None = None
+    _sessions: SessionServer | None = None
     _health: HealthServicer | None = None
 
     async def start(self) -> FakeWorker:
@@ -67,10 +71,32 @@ class FakeWorker:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
+        if self.session_listener:
+            await self.start_listener()
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         self._server = server
         self.endpoint = f"127.0.0.1:{port}"
         return self
+
+    async def start_listener(self) -> None:
+        """Serve sessions on a new port (``session_port``), as a worker does."""
+        if self.role == "prefill":
+            kind, respond = session.PREFILL, session.one_reply(_Prefill(self)._prefill)
+        else:
+            kind, respond = session.DECODE, _Decode(self)._respond
+
+        def serve(frames: AsyncIterator[Any]) -> AsyncGenerator[Any, None]:
+            return _recorded(self, frames, respond, kind)
+
+        self._sessions = SessionServer()
+        self.session_port = await self._sessions.bind("127.0.0.1", 0)
+        self._sessions.add(kind.path, Method(kind.parse, serve))
+        await self._sessions.start()
+
+    async def stop_listener(self) -> None:
+        if self._sessions is not None:
+            await self._sessions.stop()
+            self._sessions = None
 
     async def set_serving(self, serving: bool) -> None:
         assert self._health is not None
@@ -82,6 +108,7 @@ class FakeWorker:
         await self._health.set("", status)
 
     async def stop(self) -> None:
+        await self.stop_listener()
         if self._server is not None:
             await self._server.stop(grace=None)
 
@@ -92,6 +119,7 @@ class FakeWorker:
             context_length=self.context_length,
             vocab_size=self.vocab_size,
             layout=common_pb2.KVLayout(model=self.model, fingerprint=self.fingerprint),
+            session_port=self.session_port,
         )
 
     def load(self) -> common_pb2.LoadReport:
@@ -140,7 +168,7 @@ async def _recorded(
     frames: AsyncIterator[Any],
     respond: Callable[[Any], AsyncIterator[Any]],
     kind: session.Kind[Any, Any, Any, Any],
-) -> AsyncIterator[Any]:
+) -> AsyncGenerator[Any, None]:
     """The worker's real session over the fake's replies, recording the aborts it gets."""
 
     async def recording() -> AsyncIterator[Any]:

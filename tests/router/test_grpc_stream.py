@@ -1,14 +1,16 @@
-"""The router's own gRPC stream client (``router.grpc_stream``) against a grpcio server."""
+"""The router's own gRPC stream client (``router.grpc_stream``) against a grpcio server and
+against the workers' session listener (``decode_worker.session_server``)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
 import pytest
 
-from protos import common_pb2, decode_pb2
+from decode_worker.session_server import Method, SessionServer
+from protos import common_pb2, decode_pb2, h2
 from router.grpc_stream import StreamCall
 from tests.router.conftest import run
 
@@ -16,15 +18,15 @@ PATH = "/pdserve.Decode/Session"
 
 
 async def _echo(
-    frames: AsyncIterator[decode_pb2.SessionRequest], context: grpc.aio.ServicerContext
-) -> AsyncIterator[decode_pb2.SessionResponse]:
+    frames: AsyncIterator[decode_pb2.SessionRequest],
+) -> AsyncGenerator[decode_pb2.SessionResponse, None]:
     """Each submit comes back as a chunk of its token ids; a submit whose id is "fail" ends
     the call with INVALID_ARGUMENT, one whose id is "end" ends it OK."""
     async for frame in frames:
         for submit in frame.submit:
             rid = submit.request.request_id
             if rid == "fail":
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad request: 100% wrong")
+                raise h2.StreamError(grpc.StatusCode.INVALID_ARGUMENT, "bad request: 100% wrong")
             if rid == "end":
                 return
             chunk = common_pb2.StreamChunk(token_ids=submit.request.token_ids)
@@ -33,22 +35,55 @@ async def _echo(
             )
 
 
-async def _server() -> tuple[grpc.aio.Server, str]:
-    server = grpc.aio.server()
-    handler = grpc.method_handlers_generic_handler(
-        "pdserve.Decode",
-        {
-            "Session": grpc.stream_stream_rpc_method_handler(
-                _echo,
-                request_deserializer=decode_pb2.SessionRequest.FromString,
-                response_serializer=decode_pb2.SessionResponse.SerializeToString,
-            )
-        },
-    )
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return server, f"127.0.0.1:{port}"
+async def _grpcio_echo(
+    frames: AsyncIterator[decode_pb2.SessionRequest], context: grpc.aio.ServicerContext
+) -> AsyncIterator[decode_pb2.SessionResponse]:
+    try:
+        async for reply in _echo(frames):
+            yield reply
+    except h2.StreamError as exc:
+        await context.abort(exc.code, exc.details)
+
+
+class _Server:
+    """``_echo`` served by grpcio, or by the workers' session listener."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._grpcio: grpc.aio.Server | None = None
+        self._listener: SessionServer | None = None
+
+    async def start(self) -> str:
+        if self.kind == "listener":
+            self._listener = SessionServer()
+            port = await self._listener.bind("127.0.0.1", 0)
+            self._listener.add(PATH, Method(decode_pb2.SessionRequest.FromString, _echo))
+            await self._listener.start()
+            return f"127.0.0.1:{port}"
+        self._grpcio = grpc.aio.server()
+        handler = grpc.method_handlers_generic_handler(
+            "pdserve.Decode",
+            {
+                "Session": grpc.stream_stream_rpc_method_handler(
+                    _grpcio_echo,
+                    request_deserializer=decode_pb2.SessionRequest.FromString,
+                    response_serializer=decode_pb2.SessionResponse.SerializeToString,
+                )
+            },
+        )
+        self._grpcio.add_generic_rpc_handlers((handler,))
+        port = self._grpcio.add_insecure_port("127.0.0.1:0")
+        await self._grpcio.start()
+        return f"127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        if self._grpcio is not None:
+            await self._grpcio.stop(None)
+        if self._listener is not None:
+            await self._listener.stop(None)
+
+
+SERVERS = pytest.mark.parametrize("server_kind", ["grpcio", "listener"])
 
 
 def _submit(rid: str, token_ids: list[int]) -> decode_pb2.SessionRequest:
@@ -60,9 +95,11 @@ def _call(endpoint: str, path: str = PATH) -> StreamCall:
     return StreamCall(endpoint, path, decode_pb2.SessionResponse.FromString, keepalive_s=5)
 
 
-def test_messages_past_the_windows_and_frame_size_both_ways() -> None:
+@SERVERS
+def test_messages_past_the_windows_and_frame_size_both_ways(server_kind: str) -> None:
     async def body() -> None:
-        server, endpoint = await _server()
+        server = _Server(server_kind)
+        endpoint = await server.start()
         try:
             call = _call(endpoint)
             big = list(range(200_000))  # ~1 MB each way: many frames, many window updates
@@ -79,14 +116,16 @@ def test_messages_past_the_windows_and_frame_size_both_ways() -> None:
             assert await call.read() is grpc.aio.EOF
             assert call.done() and call.code() is grpc.StatusCode.OK
         finally:
-            await server.stop(None)
+            await server.stop()
 
     run(body())
 
 
-def test_failures_carry_their_grpc_status() -> None:
+@SERVERS
+def test_failures_carry_their_grpc_status(server_kind: str) -> None:
     async def body() -> None:
-        server, endpoint = await _server()
+        server = _Server(server_kind)
+        endpoint = await server.start()
         try:
             call = _call(endpoint)
             await call.write(_submit("fail", []))
@@ -96,8 +135,8 @@ def test_failures_carry_their_grpc_status() -> None:
             assert err.value.details() == "bad request: 100% wrong"
             # A method the server lacks: a trailers-only answer.
             call = _call(endpoint, "/pdserve.Decode/Nothing")
-            await call.write(_submit("x", []))
             with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call.write(_submit("x", []))  # the answer may beat the write
                 await call.read()
             assert err.value.code() is grpc.StatusCode.UNIMPLEMENTED
             # Cancelled by us: reads fail with CANCELLED, the server sees the reset.
@@ -109,7 +148,7 @@ def test_failures_carry_their_grpc_status() -> None:
                 await call.read()
             assert err.value.code() is grpc.StatusCode.CANCELLED
         finally:
-            await server.stop(None)
+            await server.stop()
         # Nobody listening: UNAVAILABLE, for writes and reads alike.
         call = _call(endpoint)
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -121,13 +160,15 @@ def test_failures_carry_their_grpc_status() -> None:
     run(body())
 
 
-def test_a_server_that_stops_fails_the_call() -> None:
+@SERVERS
+def test_a_server_that_stops_fails_the_call(server_kind: str) -> None:
     async def body() -> None:
-        server, endpoint = await _server()
+        server = _Server(server_kind)
+        endpoint = await server.start()
         call = _call(endpoint)
         await call.write(_submit("a", [1]))
         assert (await call.read()).responses[0].request_id == "a"
-        await server.stop(None)
+        await server.stop()
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await asyncio.wait_for(call.read(), 5)
         assert err.value.code() is grpc.StatusCode.UNAVAILABLE

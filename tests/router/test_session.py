@@ -127,3 +127,34 @@ def test_frames_stay_under_the_workers_message_limit() -> None:
             await w.stop()
 
     run(body(), timeout_s=60)
+
+
+def test_sessions_follow_the_workers_listener_when_it_moves() -> None:
+    async def body() -> None:
+        w = await FakeWorker(reply=lambda p: [65, 66]).start()
+        client = WorkerClient(w.endpoint, ROLE_COLOCATED)
+        try:
+            client.info = await client.get_info(5.0)
+            host = w.endpoint.rpartition(":")[0]
+            assert client.session_endpoint == f"{host}:{w.session_port}" != w.endpoint
+            assert await drain(client.session().open(submit("a"))) == [65, 66, EOS]
+            # The worker restarts its listener on another port (as a restarted worker would,
+            # its main port pinned): the session breaks, the next one cannot connect...
+            await w.stop_listener()
+            await w.start_listener()
+            with pytest.raises(WorkerError):
+                await drain(client.session().open(submit("b")))
+            # ...so the one after rides the main port while GetInfo finds the new listener.
+            session = client.session()
+            assert client.session_endpoint == w.endpoint
+            assert await drain(session.open(submit("c"))) == [65, 66, EOS]
+            await wait_for(lambda: client.session_endpoint == f"{host}:{w.session_port}")
+            session = client.session()
+            session._break(WorkerError(grpc.StatusCode.CANCELLED, "test", w.endpoint))
+            assert await drain(client.session().open(submit("d"))) == [65, 66, EOS]
+            assert w._sessions is not None and len(w._sessions.connections) == 1
+        finally:
+            await client.close()
+            await w.stop()
+
+    run(body())

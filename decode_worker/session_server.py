@@ -1,0 +1,291 @@
+"""The workers' session listener: ``Decode.Session`` and ``Prefill.Session`` served on the
+event loop, on a port of its own (``--session-port``), beside the grpcio server that serves
+every method.
+
+A router sends all of its requests to a worker over one session stream, so what each frame
+costs to receive and send is paid per decode step for every request in flight. Served by
+grpc.aio, each message crosses between gRPC core's polling threads and the event loop; here
+the frames are read and written by the loop itself (``protos.h2`` has the protocol), so the
+engine's step loop and the session share the interpreter with less in between. It is plain
+gRPC over HTTP/2: a grpcio client can call it, and the router finds the port in
+``GetInfo`` (``session_port``). The grpcio server keeps serving the same sessions, for
+clients that only know the worker's main port.
+
+A call's handler gets the request messages as an async iterator and yields the replies; its
+stream ends with ``grpc-status`` 0 when the handler returns, the status of a
+``protos.h2.StreamError`` it raises, INTERNAL when it raises anything else,
+INVALID_ARGUMENT when a message cannot be parsed, and UNAVAILABLE when the listener stops.
+A reset stream or a lost connection cancels the handler (the session's requests are then
+aborted in the engine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from protos import h2
+
+log = logging.getLogger(__name__)
+
+MAX_STREAMS = 100
+REFUSED_STREAM = 0x7
+_HEADERS = b"\x88" + h2.literal(b"content-type", b"application/grpc")  # :status 200
+
+
+@dataclass(frozen=True)
+class Method:
+    """A bidirectional-streaming method: how to parse its requests, and its handler."""
+
+    parse: Callable[[bytes], Any]
+    serve: Callable[[AsyncIterator[Any]], AsyncGenerator[Any, None]]
+
+
+class _Call:
+    """One stream being served."""
+
+    __slots__ = ("ended", "failure", "headers_sent", "inbox", "reset", "stream", "task", "waiter")
+
+    def __init__(self, stream: h2.Stream) -> None:
+        self.stream = stream
+        self.inbox: collections.deque[bytes] = collections.deque()
+        self.waiter: asyncio.Future[None] | None = None  # the handler waiting for a message
+        self.ended = False  # the client's half is closed
+        self.reset = False  # the client reset the stream: send nothing more
+        self.failure: h2.StreamError | None = None  # what ends the call, if not its handler
+        self.headers_sent = False
+        self.task: asyncio.Task[None] | None = None
+
+    def wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+
+class _ServerConnection(h2.Connection):
+    def __init__(self, server: SessionServer) -> None:
+        super().__init__()
+        self._server = server
+        self._loop = asyncio.get_running_loop()
+        self._calls: dict[int, _Call] = {}
+        self._preface = bytearray()  # the client preface, until whole
+        self._greeted = False
+        self._last_stream = 0
+        self._closing = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._server.connections.add(self)
+        self.send(self.settings((h2.SETTINGS_MAX_CONCURRENT_STREAMS, MAX_STREAMS)))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._server.connections.discard(self)
+        for call in self._calls.values():
+            call.reset = True
+            if call.task is not None:
+                call.task.cancel()
+            call.stream.wake_writer()
+
+    def data_received(self, data: bytes) -> None:
+        if not self._greeted:
+            self._preface += data
+            if len(self._preface) < len(h2.PREFACE):
+                if not h2.PREFACE.startswith(self._preface):
+                    self._close_bad("not an HTTP/2 client preface")
+                return
+            if not self._preface.startswith(h2.PREFACE):
+                self._close_bad("not an HTTP/2 client preface")
+                return
+            self._greeted = True
+            data = bytes(self._preface[len(h2.PREFACE) :])
+            self._preface = bytearray()
+        super().data_received(data)
+
+    def _close_bad(self, why: str) -> None:
+        log.warning("session listener: closing a connection: %s", why)
+        self.send(h2.frame(h2.GOAWAY, 0, 0, struct_goaway(self._last_stream, h2.PROTOCOL_ERROR)))
+        if self.transport is not None:
+            self.transport.close()
+
+    def goaway(self) -> None:
+        """Take no new streams; the open ones go on."""
+        self._closing = True
+        self.send(h2.frame(h2.GOAWAY, 0, 0, struct_goaway(self._last_stream, h2.NO_ERROR)))
+
+    # -- streams ---------------------------------------------------------------------------
+
+    def on_headers(self, stream_id: int, fields: dict[str, str], end_stream: bool) -> None:
+        call = self._calls.get(stream_id)
+        if call is not None:  # trailers from the client: its half is over
+            self.on_end_stream(call.stream)
+            return
+        if stream_id <= self._last_stream or not stream_id & 1:
+            raise ValueError(f"stream id {stream_id} does not open a new client stream")
+        self._last_stream = stream_id
+        if self._closing or len(self._calls) >= MAX_STREAMS:
+            self.send(h2.frame(h2.RST_STREAM, 0, stream_id, h2.U32.pack(REFUSED_STREAM)))
+            return
+        path = fields.get(":path", "")
+        method = self._server.methods.get(path)
+        if method is None or not fields.get("content-type", "").startswith("application/grpc"):
+            code = grpc.StatusCode.UNIMPLEMENTED
+            self._trailers_only(stream_id, code, f"method {path!r} is not served on this port")
+            return
+        stream = h2.Stream(stream_id, self.peer_window)
+        call = _Call(stream)
+        call.ended = end_stream
+        self.streams[stream_id] = stream
+        self._calls[stream_id] = call
+        call.task = self._loop.create_task(self._run(call, method))
+
+    def on_message(self, stream: h2.Stream, payload: bytes) -> None:
+        call = self._calls[stream.id]
+        call.inbox.append(payload)
+        call.wake()
+
+    def on_end_stream(self, stream: h2.Stream) -> None:
+        call = self._calls.get(stream.id)
+        if call is not None:
+            call.ended = True
+            call.wake()
+
+    def on_stream_error(self, stream: h2.Stream, error: h2.StreamError) -> None:
+        call = self._calls.get(stream.id)
+        if call is not None and call.failure is None:
+            call.failure = error
+            if call.task is not None:
+                call.task.cancel()
+
+    def on_reset(self, stream_id: int, code: int) -> None:
+        call = self._calls.get(stream_id)
+        if call is not None:
+            call.reset = True
+            if call.task is not None:
+                call.task.cancel()
+            call.stream.wake_writer()
+
+    def on_goaway(self, last_stream: int, code: int, debug: str) -> None:
+        pass  # the client closes the connection when it is done with it
+
+    def on_protocol_error(self, exc: Exception) -> None:
+        self._close_bad(repr(exc))
+
+    async def _messages(self, call: _Call, parse: Callable[[bytes], Any]) -> AsyncIterator[Any]:
+        """The call's request messages, until the client's half ends."""
+        while True:
+            if call.inbox:
+                payload = call.inbox.popleft()
+                try:
+                    msg = parse(payload)
+                except Exception as exc:
+                    call.failure = h2.StreamError(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"cannot parse a request: {exc!r}"
+                    )
+                    raise call.failure from exc
+                yield msg
+            elif call.ended:
+                return
+            else:
+                call.waiter = self._loop.create_future()
+                try:
+                    await call.waiter
+                finally:
+                    call.waiter = None
+
+    async def _run(self, call: _Call, method: Method) -> None:
+        stream = call.stream
+        status: tuple[grpc.StatusCode, str] = (grpc.StatusCode.OK, "")
+        try:
+            async with contextlib.aclosing(method.serve(self._messages(call, method.parse))) as out:
+                async for reply in out:
+                    if not call.headers_sent:
+                        self.send(h2.frame(h2.HEADERS, h2.END_HEADERS, stream.id, _HEADERS))
+                        call.headers_sent = True
+                    self.queue(stream, reply.SerializeToString())
+                    while stream.outbox and not call.reset:
+                        stream.writable = self._loop.create_future()
+                        await stream.writable
+                    if call.reset:
+                        return
+        except asyncio.CancelledError:
+            if call.reset:
+                return
+            status = (grpc.StatusCode.UNAVAILABLE, "the worker's session listener stopped")
+        except h2.StreamError as exc:  # the handler's own status, as context.abort gives it
+            status = (exc.code, exc.details)
+        except Exception as exc:
+            log.exception("session call on stream %d failed", stream.id)
+            status = (grpc.StatusCode.INTERNAL, repr(exc))
+        finally:
+            self._calls.pop(stream.id, None)
+            self.streams.pop(stream.id, None)
+        if call.failure is not None:
+            status = (call.failure.code, call.failure.details)
+        if call.reset or self.transport is None:
+            return
+        fields = h2.status_fields(*status)
+        if call.headers_sent:
+            self.send(h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, stream.id, fields))
+        else:
+            self._trailers_only(stream.id, *status)
+
+    def _trailers_only(self, stream_id: int, code: grpc.StatusCode, details: str) -> None:
+        block = _HEADERS + h2.status_fields(code, details)
+        self.send(h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, stream_id, block))
+
+    async def stop(self, grace_s: float | None) -> None:
+        """GOAWAY, let the calls end for up to ``grace_s``, then end them and close."""
+        self.goaway()
+        tasks = [c.task for c in self._calls.values() if c.task is not None]
+        if tasks and grace_s:
+            await asyncio.wait(tasks, timeout=grace_s)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.transport is not None:
+            self.transport.close()
+
+
+def struct_goaway(last_stream: int, code: int) -> bytes:
+    return h2.U32.pack(last_stream) + h2.U32.pack(code)
+
+
+class SessionServer:
+    """Serves session methods, by gRPC path (``/pdserve.Decode/Session``), on one port:
+    ``bind`` (the port is known), ``add`` the methods, ``start``."""
+
+    def __init__(self) -> None:
+        self.methods: dict[str, Method] = {}
+        self.connections: set[_ServerConnection] = set()
+        self._server: asyncio.Server | None = None
+
+    def add(self, path: str, method: Method) -> None:
+        self.methods[path] = method
+
+    async def bind(self, host: str, port: int) -> int:
+        """Listen on ``host:port`` (0: a free port), accepting nobody yet; returns the port."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _ServerConnection(self), host, port, backlog=1024, start_serving=False
+        )
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        if self._server is None:
+            raise RuntimeError("bind the session listener before starting it")
+        await self._server.start_serving()
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop listening; calls in progress get ``grace_s`` to end (they end UNAVAILABLE)."""
+        if self._server is not None:
+            self._server.close()
+        await asyncio.gather(*(c.stop(grace_s) for c in list(self.connections)))
+        if self._server is not None:
+            await self._server.wait_closed()

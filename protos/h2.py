@@ -1,0 +1,348 @@
+"""gRPC's wire protocol over HTTP/2 (RFC 9113), the part both ends of a session stream need.
+
+A session stream is one long-lived gRPC call carrying every request a router process sends
+one worker. grpc.aio runs calls through gRPC core's own threads, and each message crossing
+between a polling thread and the event loop costs more CPU than the work the message asks
+for (and about 150 µs of latency per round trip at low load). So the router's session client
+(``router.grpc_stream``) and the workers' session listener (``decode_worker.session_server``)
+speak the protocol themselves, on the event loop: plaintext HTTP/2 with length-prefixed
+protobuf messages and ``grpc-status`` trailers. Either end still talks to an ordinary gRPC
+peer: grpcio clients call the listener, and the client calls grpcio servers.
+
+``Connection`` is what both ends share: frame parsing, SETTINGS (the peer's frame size and
+initial window honoured), PING, flow control both ways, and header blocks decoded with HPACK
+(``hpack``; the ones it sends are literals). Subclasses handle streams opening, messages,
+resets and GOAWAY.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import urllib.parse
+from collections.abc import Iterator
+from typing import cast
+
+import grpc
+import hpack
+
+# Frame types and flags (RFC 9113 §6).
+DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = (
+    0x0, 0x1, 0x3, 0x4, 0x6, 0x7, 0x8, 0x9,
+)  # fmt: skip
+END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
+SETTINGS_MAX_CONCURRENT_STREAMS, SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE = (
+    0x3, 0x4, 0x5,
+)  # fmt: skip
+NO_ERROR, PROTOCOL_ERROR, CANCEL = 0x0, 0x1, 0x8
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+RECEIVE_WINDOW = 1 << 24  # what we let the peer send ahead of our reading, per stream and in all
+DEFAULT_WINDOW = 65_535
+DEFAULT_FRAME = 16_384
+MAX_MESSAGE = 64 << 20  # a message past this fails its stream with RESOURCE_EXHAUSTED
+
+U32 = struct.Struct(">I")
+CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return U32.pack(len(payload))[1:] + bytes((kind, flags)) + U32.pack(stream) + payload
+
+
+def _hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
+    """RFC 7541 §5.1 integer."""
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes((first | value,))
+    out = bytearray((first | limit,))
+    value -= limit
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def literal(name: bytes, value: bytes) -> bytes:
+    """A header field as a literal without indexing, new name, no Huffman (RFC 7541 §6.2.2)."""
+    return b"\x00" + _hpack_int(len(name), 7) + name + _hpack_int(len(value), 7) + value
+
+
+def status_fields(code: grpc.StatusCode, details: str) -> bytes:
+    """The ``grpc-status`` and ``grpc-message`` (percent-encoded, as gRPC asks) of a call."""
+    fields = literal(b"grpc-status", str(code.value[0]).encode())
+    if details:
+        message = urllib.parse.quote(details, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
+        fields += literal(b"grpc-message", message.encode())
+    return fields
+
+
+def status_of(fields: dict[str, str]) -> tuple[grpc.StatusCode, str]:
+    code = CODES.get(int(fields["grpc-status"]), grpc.StatusCode.UNKNOWN)
+    return code, urllib.parse.unquote(fields.get("grpc-message", ""))
+
+
+def message(payload: bytes) -> bytes:
+    """One length-prefixed, uncompressed gRPC message."""
+    return b"\x00" + U32.pack(len(payload)) + payload
+
+
+class StreamError(Exception):
+    """What ends one stream (not the connection) with a gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class Stream:
+    """One stream's flow-control state and message buffers."""
+
+    __slots__ = ("body", "id", "outbox", "unacked", "window", "writable")
+
+    def __init__(self, stream_id: int, window: int) -> None:
+        self.id = stream_id
+        self.window = window  # what we may send on it
+        self.outbox = bytearray()  # message bytes waiting for window
+        self.body = bytearray()  # DATA payloads not yet whole messages
+        self.unacked = 0  # bytes received since our last WINDOW_UPDATE for it
+        self.writable: asyncio.Future[None] | None = None  # a writer waiting for window
+
+    def messages(self, payload: bytes) -> Iterator[bytes]:
+        """The whole messages ``payload`` completes."""
+        body = self.body
+        body += payload
+        at = 0
+        try:
+            while len(body) - at >= 5:
+                size = U32.unpack_from(body, at + 1)[0]
+                if size > MAX_MESSAGE:
+                    raise StreamError(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"message of {size} bytes is over the limit of {MAX_MESSAGE}",
+                    )
+                if len(body) - at < 5 + size:
+                    break
+                if body[at]:
+                    raise StreamError(
+                        grpc.StatusCode.UNIMPLEMENTED, "compressed messages are not accepted"
+                    )
+                yield bytes(body[at + 5 : at + 5 + size])
+                at += 5 + size
+        finally:
+            del body[:at]
+
+    def wake_writer(self) -> None:
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)
+
+
+class Connection(asyncio.Protocol):
+    """One HTTP/2 connection's frames. Subclasses keep their streams in ``streams`` and
+    implement the ``on_*`` hooks; ``data_received`` of a subclass that reads a preface first
+    passes the rest here."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, Stream] = {}
+        self.peer_window = DEFAULT_WINDOW  # the peer's initial stream window
+        self._conn_window = DEFAULT_WINDOW  # what we may send on the connection
+        self._max_frame = DEFAULT_FRAME
+        self._unacked = 0  # bytes received since our last connection WINDOW_UPDATE
+        self._inbox = bytearray()
+        self._header_block = bytearray()  # a header block awaiting its CONTINUATION frames
+        self._header_stream = 0
+        self._header_end_stream = False
+        self._decoder = hpack.Decoder()
+
+    # -- hooks -----------------------------------------------------------------------------
+
+    def on_headers(self, stream_id: int, fields: dict[str, str], end_stream: bool) -> None:
+        raise NotImplementedError
+
+    def on_message(self, stream: Stream, payload: bytes) -> None:
+        raise NotImplementedError
+
+    def on_end_stream(self, stream: Stream) -> None:
+        """The peer sent END_STREAM on a DATA frame."""
+        raise NotImplementedError
+
+    def on_stream_error(self, stream: Stream, error: StreamError) -> None:
+        raise NotImplementedError
+
+    def on_reset(self, stream_id: int, code: int) -> None:
+        raise NotImplementedError
+
+    def on_goaway(self, last_stream: int, code: int, debug: str) -> None:
+        raise NotImplementedError
+
+    def on_ping_ack(self) -> None:
+        pass
+
+    def on_protocol_error(self, exc: Exception) -> None:
+        """A frame that cannot be read: the connection cannot go on."""
+        raise NotImplementedError
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def settings(self, *pairs: tuple[int, int]) -> bytes:
+        """Our SETTINGS (with a large initial window) and the connection's window raised to
+        match, as one write."""
+        body = b"".join(struct.pack(">HI", k, v) for k, v in pairs)
+        body += struct.pack(">HI", SETTINGS_INITIAL_WINDOW_SIZE, RECEIVE_WINDOW)
+        grant = U32.pack(RECEIVE_WINDOW - DEFAULT_WINDOW)
+        return frame(SETTINGS, 0, 0, body) + frame(WINDOW_UPDATE, 0, 0, grant)
+
+    def send(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def queue(self, stream: Stream, payload: bytes) -> None:
+        """Send one message on ``stream`` as far as the windows allow; the rest waits in its
+        outbox (``writable`` wakes once it is empty)."""
+        stream.outbox += message(payload)
+        self.pump(stream)
+
+    def pump(self, stream: Stream) -> None:
+        """Send what the windows allow of ``stream``'s outbox, in frames the peer accepts."""
+        transport = self.transport
+        outbox = stream.outbox
+        if transport is None or not outbox:
+            return
+        size = min(len(outbox), self._conn_window, stream.window)
+        if size <= 0:
+            return
+        chunk = bytes(outbox[:size])
+        del outbox[:size]
+        self._conn_window -= size
+        stream.window -= size
+        step = self._max_frame
+        if size <= step:
+            transport.write(frame(DATA, 0, stream.id, chunk))
+        else:
+            transport.write(
+                b"".join(
+                    frame(DATA, 0, stream.id, chunk[i : i + step]) for i in range(0, size, step)
+                )
+            )
+        if not outbox:
+            stream.wake_writer()
+
+    def _pump_all(self) -> None:
+        for stream in list(self.streams.values()):
+            self.pump(stream)
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        inbox = self._inbox
+        inbox += data
+        at = 0
+        end = len(inbox)
+        try:
+            while end - at >= 9 and self.transport is not None:
+                length = int.from_bytes(inbox[at : at + 3], "big")
+                if end - at < 9 + length:
+                    break
+                kind, flags = inbox[at + 3], inbox[at + 4]
+                stream = U32.unpack_from(inbox, at + 5)[0] & 0x7FFFFFFF
+                payload = bytes(inbox[at + 9 : at + 9 + length])
+                at += 9 + length
+                self._on_frame(kind, flags, stream, payload)
+        except Exception as exc:
+            self.on_protocol_error(exc)
+        del inbox[:at]
+
+    def _on_frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+        if kind == DATA:
+            self._on_data(flags, stream_id, payload)
+        elif kind in (HEADERS, CONTINUATION):
+            self._on_headers(kind, flags, stream_id, payload)
+        elif kind == SETTINGS:
+            if not flags & ACK:
+                self._on_settings(payload)
+        elif kind == PING:
+            if flags & ACK:
+                self.on_ping_ack()
+            else:
+                self.send(frame(PING, ACK, 0, payload))
+        elif kind == WINDOW_UPDATE:
+            increment = U32.unpack(payload)[0] & 0x7FFFFFFF
+            if stream_id == 0:
+                self._conn_window += increment
+                self._pump_all()
+            else:
+                stream = self.streams.get(stream_id)
+                if stream is not None:
+                    stream.window += increment
+                    self.pump(stream)
+        elif kind == RST_STREAM:
+            self.on_reset(stream_id, U32.unpack(payload)[0])
+        elif kind == GOAWAY:
+            last, code = struct.unpack(">II", payload[:8])
+            self.on_goaway(last & 0x7FFFFFFF, code, payload[8:].decode(errors="replace"))
+        # PRIORITY, PUSH_PROMISE and unknown frame types are ignored (RFC 9113 §4.1, §5.5).
+
+    def _on_settings(self, payload: bytes) -> None:
+        for i in range(0, len(payload) - 5, 6):
+            key, value = struct.unpack_from(">HI", payload, i)
+            if key == SETTINGS_INITIAL_WINDOW_SIZE:
+                for stream in self.streams.values():
+                    stream.window += value - self.peer_window
+                self.peer_window = value
+            elif key == SETTINGS_MAX_FRAME_SIZE:
+                self._max_frame = value
+        self.send(frame(SETTINGS, ACK, 0))
+        self._pump_all()
+
+    def _on_data(self, flags: int, stream_id: int, payload: bytes) -> None:
+        received = len(payload)
+        if flags & PADDED:
+            payload = payload[1 : len(payload) - payload[0]]
+        grants = b""
+        self._unacked += received
+        if self._unacked > RECEIVE_WINDOW // 2:
+            grants = frame(WINDOW_UPDATE, 0, 0, U32.pack(self._unacked))
+            self._unacked = 0
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream.unacked += received
+            if stream.unacked > RECEIVE_WINDOW // 2 and not flags & END_STREAM:
+                grants += frame(WINDOW_UPDATE, 0, stream_id, U32.pack(stream.unacked))
+                stream.unacked = 0
+        if grants:
+            self.send(grants)
+        if stream is None:
+            return  # a stream we reset or ended: its bytes still count for the connection
+        try:
+            for msg in stream.messages(payload):
+                self.on_message(stream, msg)
+        except StreamError as exc:
+            self.on_stream_error(stream, exc)
+            return
+        if flags & END_STREAM:
+            self.on_end_stream(stream)
+
+    def _on_headers(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+        if kind == HEADERS:
+            if flags & PADDED:
+                payload = payload[1 : len(payload) - payload[0]]
+            if flags & PRIORITY:
+                payload = payload[5:]
+            self._header_block = bytearray(payload)
+            self._header_stream = stream_id
+            self._header_end_stream = bool(flags & END_STREAM)
+        else:
+            self._header_block += payload
+        if not flags & END_HEADERS:
+            return
+        fields = {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in self._decoder.decode(bytes(self._header_block))
+        }
+        self._header_block = bytearray()
+        self.on_headers(self._header_stream, fields, self._header_end_stream)
