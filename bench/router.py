@@ -17,6 +17,7 @@ percentile and connection count.
     python -m bench.router --processes 1 2          # pdserve with 1, then 2 router processes
     python -m bench.router --mode disaggregated     # pdserve in front of a prefill+decode stub
     python -m bench.router --stream --skip-sglang   # streamed (SSE) requests, pdserve only
+    python -m bench.router --worker-sessions grpcio # sessions on the stub's grpcio server
 
 Needs ``pip install sglang-router`` for the comparison (skipped with a message if missing)
 and ``pip install py-spy`` for ``--profile``. Every process shares this machine's cores:
@@ -394,6 +395,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--stream-interval", type=int, default=1, help="pdserve router --stream-interval"
     )
+    p.add_argument(
+        "--worker-sessions",
+        choices=("listener", "grpcio"),
+        default="listener",
+        help="the stub serves the router's sessions on its session listener, as workers do, "
+        "or on its grpcio server only (--session-port -1)",
+    )
     p.add_argument("--skip-sglang", action="store_true")
     args = p.parse_args(argv)
 
@@ -438,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         stub_args = [
             py, "-m", "bench.stub_worker", "--kind", "grpc", "--tokens", str(args.tokens),
             "--chunk-tokens", str(args.chunk_tokens),
+            "--session-port", "0" if args.worker_sessions == "listener" else "-1",
         ]  # fmt: skip
         disaggregated = args.mode == "disaggregated"
         with (
@@ -459,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
                 target = "pdserve" + (" P/D" if disaggregated else "")
                 target += " streamed" if args.stream else ""
                 target += f" interval {args.stream_interval}" if args.stream_interval > 1 else ""
+                target += " grpcio sessions" if args.worker_sessions == "grpcio" else ""
                 target += "" if n == 1 else f" ({n} processes)"
                 with child(f"pdserve-router-{n}", router_args, logs) as r:
                     url = r.ready["url"]
