@@ -475,8 +475,13 @@ def test_session_abort_and_broken_session_free_pages(colocated: str) -> None:
                     await call.write(decode_pb2.SessionRequest(abort=["long0"]))
                     at_abort = dict(seen)
             assert seen["short"] == MAX_NEW
-            # long0 stopped (a step or two already in flight may still arrive); long1 went on.
-            assert at_abort is not None and seen["long0"] <= at_abort["long0"] + 3
+            # long0 stopped (steps already in flight may still arrive: a busy machine can
+            # take a few to read the abort); long1 goes on without it.
+            settled = dict(seen)
+            while seen["long1"] < settled["long1"] + 30:
+                for r in (await call.read()).responses:
+                    seen[r.request_id] = seen.get(r.request_id, 0) + len(r.chunk.token_ids)
+            assert seen["long0"] == settled["long0"] < 100
             load_now = await load(colocated)
             assert load_now.num_running >= 1  # long1 and long2 still run
             call.cancel()  # the router goes away with long1 and long2 in flight
