@@ -246,6 +246,8 @@ class Connection(asyncio.Protocol):
         try:
             while end - at >= 9 and self.transport is not None:
                 length = int.from_bytes(inbox[at : at + 3], "big")
+                if length > DEFAULT_FRAME:  # the largest we accept: we never raise it
+                    raise ValueError(f"a frame of {length} bytes (at most {DEFAULT_FRAME})")
                 if end - at < 9 + length:
                     break
                 kind, flags = inbox[at + 3], inbox[at + 4]

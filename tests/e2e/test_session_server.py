@@ -163,11 +163,7 @@ def test_bad_requests_get_their_status_and_the_listener_stays_up() -> None:
             writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             await writer.drain()
             sent = await asyncio.wait_for(reader.read(), 5)  # until the listener closes
-            kinds = []
-            while len(sent) >= 9:
-                kinds.append(sent[3])
-                sent = sent[9 + int.from_bytes(sent[:3], "big") :]
-            assert kinds == [h2.SETTINGS, h2.WINDOW_UPDATE, h2.GOAWAY]
+            assert _frame_kinds(sent) == [h2.SETTINGS, h2.WINDOW_UPDATE, h2.GOAWAY]
             writer.close()
             async with grpc.aio.insecure_channel(endpoint) as channel:
                 replies = [r async for r in _method(channel)(iter([_submit("after", [3])]))]
@@ -214,3 +210,31 @@ def test_stopping_the_listener_ends_open_calls_unavailable() -> None:
             assert echo.ended == 1
 
     run(body())
+
+
+def test_a_frame_past_the_size_it_accepts_closes_that_connection() -> None:
+    async def body() -> None:
+        server, endpoint = await _listener(Echo())
+        try:
+            host, _, port = endpoint.rpartition(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            # Preface, then a DATA frame header announcing 1 MiB (the default limit is 16 KiB):
+            # refused at once, without waiting for (or buffering) its payload.
+            writer.write(h2.PREFACE + h2.frame(h2.SETTINGS, 0, 0) + (1 << 20).to_bytes(3, "big")
+                         + bytes((h2.DATA, 0)) + h2.U32.pack(1))  # fmt: skip
+            await writer.drain()
+            sent = await asyncio.wait_for(reader.read(), 5)
+            assert sent and h2.GOAWAY in _frame_kinds(sent)
+            writer.close()
+        finally:
+            await server.stop()
+
+    run(body())
+
+
+def _frame_kinds(data: bytes) -> list[int]:
+    kinds = []
+    while len(data) >= 9:
+        kinds.append(data[3])
+        data = data[9 + int.from_bytes(data[:3], "big") :]
+    return kinds
