@@ -36,7 +36,6 @@ from protos import h2
 log = logging.getLogger(__name__)
 
 MAX_STREAMS = 100
-REFUSED_STREAM = 0x7
 _HEADERS = b"\x88" + h2.literal(b"content-type", b"application/grpc")  # :status 200
 
 
@@ -110,14 +109,14 @@ class _ServerConnection(h2.Connection):
 
     def _close_bad(self, why: str) -> None:
         log.warning("session listener: closing a connection: %s", why)
-        self.send(h2.frame(h2.GOAWAY, 0, 0, struct_goaway(self._last_stream, h2.PROTOCOL_ERROR)))
+        self.send(h2.goaway(self._last_stream, h2.PROTOCOL_ERROR))
         if self.transport is not None:
             self.transport.close()
 
     def goaway(self) -> None:
         """Take no new streams; the open ones go on."""
         self._closing = True
-        self.send(h2.frame(h2.GOAWAY, 0, 0, struct_goaway(self._last_stream, h2.NO_ERROR)))
+        self.send(h2.goaway(self._last_stream, h2.NO_ERROR))
 
     # -- streams ---------------------------------------------------------------------------
 
@@ -130,7 +129,7 @@ class _ServerConnection(h2.Connection):
             raise ValueError(f"stream id {stream_id} does not open a new client stream")
         self._last_stream = stream_id
         if self._closing or len(self._calls) >= MAX_STREAMS:
-            self.send(h2.frame(h2.RST_STREAM, 0, stream_id, h2.U32.pack(REFUSED_STREAM)))
+            self.send(h2.frame(h2.RST_STREAM, 0, stream_id, h2.U32.pack(h2.REFUSED_STREAM)))
             return
         path = fields.get(":path", "")
         method = self._server.methods.get(path)
@@ -251,10 +250,6 @@ class _ServerConnection(h2.Connection):
         await asyncio.gather(*tasks, return_exceptions=True)
         if self.transport is not None:
             self.transport.close()
-
-
-def struct_goaway(last_stream: int, code: int) -> bytes:
-    return h2.U32.pack(last_stream) + h2.U32.pack(code)
 
 
 class SessionServer:

@@ -34,7 +34,7 @@ END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
 SETTINGS_MAX_CONCURRENT_STREAMS, SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE = (
     0x3, 0x4, 0x5,
 )  # fmt: skip
-NO_ERROR, PROTOCOL_ERROR, CANCEL = 0x0, 0x1, 0x8
+NO_ERROR, PROTOCOL_ERROR, REFUSED_STREAM, CANCEL = 0x0, 0x1, 0x7, 0x8
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 RECEIVE_WINDOW = 1 << 24  # what we let the peer send ahead of our reading, per stream and in all
 DEFAULT_WINDOW = 65_535
@@ -47,6 +47,10 @@ CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
     return U32.pack(len(payload))[1:] + bytes((kind, flags)) + U32.pack(stream) + payload
+
+
+def goaway(last_stream: int, code: int) -> bytes:
+    return frame(GOAWAY, 0, 0, U32.pack(last_stream) + U32.pack(code))
 
 
 def _hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
