@@ -1,6 +1,6 @@
 """One choice's worker events turned into text deltas, and n choices merged into one stream.
 
-A choice detokenizes its tokens incrementally, applies the stop strings, and ends with a
+A choice (``ChoiceDecoder``) detokenizes its tokens, applies the stop strings, and ends with a
 delta whose ``finish_reason`` is set. A stop-string match ends it early: the worker calls
 are cancelled (and the request aborted) when the choice's event iterator is closed.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 
@@ -43,6 +44,111 @@ class ChoiceSpec:
 StreamFn = Callable[[WorkerRequest], AsyncGenerator[WorkerEvent, None]]
 
 
+@functools.cache
+def _stopping_ids(
+    stop_token_ids: tuple[int, ...], ignore_eos: bool, eos_token_ids: frozenset[int]
+) -> frozenset[int]:
+    """The ids that end a sequence: the request's stop tokens, and EOS unless ignored."""
+    return frozenset(stop_token_ids) | (frozenset() if ignore_eos else eos_token_ids)
+
+
+class ChoiceDecoder:
+    """One choice's worker events as text deltas: detokenized, stop tokens kept out of the
+    text (as in vLLM), stop strings applied. Pure logic; ``run_choice`` feeds it from the
+    workers, and so does a handler that reads the events itself.
+
+    A streamed request (or one whose stop strings are watched: ``WorkerRequest.stream``) is
+    detokenized incrementally, a delta per chunk. One whose tokens come with its end is
+    decoded once: its chunks make no delta, and the last delta carries every token."""
+
+    __slots__ = (
+        "_detok", "_held_ids", "_held_logprobs", "_held_text", "_index", "_num_tokens",
+        "_prompt_tokens", "_stop_token", "_stopping", "_stops", "_timer", "_tokenizer", "stopped",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        spec: ChoiceSpec,
+        tokenizer: Tokenizer,
+        eos_token_ids: frozenset[int],
+        timer: TokenTimer | None = None,
+    ) -> None:
+        request = spec.request
+        sampling = request.sampling
+        self._index = spec.index
+        self._prompt_tokens = len(request.token_ids)
+        self._stopping = _stopping_ids(sampling.stop_token_ids, sampling.ignore_eos, eos_token_ids)
+        self._tokenizer = tokenizer
+        self._detok = IncrementalDetokenizer(tokenizer) if request.stream else None
+        # Decoded at the end: every token and logprob so far, and the ids of the text.
+        self._held_ids: tuple[int, ...] = ()
+        self._held_logprobs: tuple[TokenLogprob, ...] = ()
+        self._held_text: list[int] = []
+        self._stops = StopMatcher(sampling.stop) if sampling.stop else None
+        self._timer = timer if request.stream else None  # tokens at the end: no TTFT to time
+        self._num_tokens = 0
+        self._stop_token: int | None = None
+        # A stop string ended the choice before its worker did: whoever reads the events
+        # closes them, which aborts the request on its workers.
+        self.stopped = False
+
+    def feed(self, event: WorkerEvent) -> ChoiceDelta | None:
+        """The delta ``event`` makes, if any. The one with ``finish_reason`` set is the
+        choice's last: the ``Finished``'s, or a chunk's whose text matched a stop string."""
+        if isinstance(event, TokenChunk):
+            return self._chunk(event)
+        ids, logprobs = self._held_ids, self._held_logprobs
+        if self._detok is not None:
+            text = self._detok.flush()
+        else:
+            text = self._tokenizer.decode(self._held_text) if self._held_text else ""
+        cached = event.cached_tokens
+        if self._stops is not None:
+            tail = self._stops.feed(text)
+            if tail.matched is not None:
+                return self._last(tail.text, "stop", tail.matched, ids, logprobs, cached)
+            text = tail.text + self._stops.flush()
+        matched = self._stop_token if event.reason == "stop" else None
+        return self._last(text, event.reason, matched, ids, logprobs, cached)
+
+    def _chunk(self, chunk: TokenChunk) -> ChoiceDelta | None:
+        ids = chunk.token_ids
+        self._num_tokens += len(ids)
+        if self._timer is not None:
+            self._timer.tokens(self._index, len(ids))
+        text_ids: Sequence[int] = ids
+        if not self._stopping.isdisjoint(ids):
+            text_ids = [t for t in ids if t not in self._stopping]
+            self._stop_token = next(t for t in ids if t in self._stopping)
+        if self._detok is None:
+            self._held_ids += ids
+            self._held_logprobs += chunk.logprobs
+            self._held_text += text_ids
+            return None
+        text = self._detok.push(text_ids)
+        if self._stops is None:
+            return ChoiceDelta(self._index, text, ids, chunk.logprobs)
+        result = self._stops.feed(text)
+        if result.matched is None:
+            return ChoiceDelta(self._index, result.text, ids, chunk.logprobs)
+        self.stopped = True
+        return self._last(result.text, "stop", result.matched, ids, chunk.logprobs, 0)
+
+    def _last(
+        self,
+        text: str,
+        reason: str,
+        matched: str | int | None,
+        token_ids: tuple[int, ...],
+        logprobs: tuple[TokenLogprob, ...],
+        cached_tokens: int,
+    ) -> ChoiceDelta:
+        return ChoiceDelta(
+            self._index, text, token_ids, logprobs, reason, matched, self._prompt_tokens,
+            self._num_tokens, cached_tokens,
+        )  # fmt: skip
+
+
 async def run_choice(
     spec: ChoiceSpec,
     generate: StreamFn,
@@ -51,71 +157,16 @@ async def run_choice(
     timer: TokenTimer | None = None,
 ) -> AsyncGenerator[ChoiceDelta, None]:
     """Deltas of one choice; raises ``WorkerError`` if its worker calls fail."""
-    request = spec.request
-    sampling = request.sampling
-    stopping_ids = set(sampling.stop_token_ids)
-    if not sampling.ignore_eos:
-        stopping_ids |= eos_token_ids
-    detok = IncrementalDetokenizer(tokenizer)
-    stops = StopMatcher(sampling.stop) if sampling.stop else None
-    timer = timer if request.stream else None  # tokens delivered at the end: no TTFT to time
-    num_tokens = 0
-    stop_token: int | None = None
-    async with contextlib.aclosing(generate(request)) as events:
+    decoder = ChoiceDecoder(spec, tokenizer, eos_token_ids, timer)
+    async with contextlib.aclosing(generate(spec.request)) as events:
+        # Read to their end: after the Finished the events end by themselves, which costs
+        # far less than closing them half-way (GeneratorExit through every layer).
         async for event in events:
-            if isinstance(event, TokenChunk):
-                ids = event.token_ids
-                num_tokens += len(ids)
-                if timer is not None:
-                    timer.tokens(spec.index, len(ids))
-                # A stop token ends the sequence, and (as in vLLM) is not part of the text.
-                text_ids: Sequence[int] = ids
-                if not stopping_ids.isdisjoint(ids):
-                    text_ids = [t for t in ids if t not in stopping_ids]
-                    stop_token = next(t for t in ids if t in stopping_ids)
-                text = detok.push(text_ids)
-                if stops is None:
-                    yield ChoiceDelta(spec.index, text, ids, event.logprobs)
-                    continue
-                result = stops.feed(text)
-                if result.matched is None:
-                    yield ChoiceDelta(spec.index, result.text, ids, event.logprobs)
-                    continue
-                yield _last(spec, result.text, "stop", result.matched, num_tokens, event, 0)
+            delta = decoder.feed(event)
+            if delta is not None:
+                yield delta
+            if decoder.stopped:
                 return
-            text = detok.flush()
-            cached = event.cached_tokens
-            if stops is not None:
-                tail = stops.feed(text)
-                if tail.matched is not None:
-                    yield _last(spec, tail.text, "stop", tail.matched, num_tokens, None, cached)
-                    return
-                text = tail.text + stops.flush()
-            matched = stop_token if event.reason == "stop" else None
-            yield _last(spec, text, event.reason, matched, num_tokens, None, cached)
-            return
-
-
-def _last(
-    spec: ChoiceSpec,
-    text: str,
-    reason: str,
-    matched: str | int | None,
-    num_tokens: int,
-    chunk: TokenChunk | None,
-    cached_tokens: int,
-) -> ChoiceDelta:
-    return ChoiceDelta(
-        index=spec.index,
-        text=text,
-        token_ids=chunk.token_ids if chunk else (),
-        logprobs=chunk.logprobs if chunk else (),
-        finish_reason=reason,
-        matched=matched,
-        prompt_tokens=len(spec.request.token_ids),
-        completion_tokens=num_tokens,
-        cached_tokens=cached_tokens,
-    )
 
 
 async def merge(

@@ -162,6 +162,7 @@ async def generate(
                 request.stream_interval,
             )
         attempt += 1
+        finished: Finished | None = None
         try:
             async with contextlib.aclosing(route.stream(attempt_request)) as events:
                 async for event in events:
@@ -174,8 +175,12 @@ async def generate(
                     cached = (
                         min(event.cached_tokens, len(prompt)) if resumed else event.cached_tokens
                     )
-                    yield Finished(event.reason, len(prompt), len(delivered), cached)
-                    return
+                    finished = Finished(event.reason, len(prompt), len(delivered), cached)
+                    # The attempt's stream ends by itself after its Finished: letting it (rather
+                    # than closing it half-way) costs far less than throwing GeneratorExit in.
+            if finished is not None:
+                yield finished
+                return
         except WorkerError as exc:
             routes.report(route, exc)
             if not exc.retryable:

@@ -29,7 +29,7 @@ from router import processes
 from router import responses as R
 from router.admin import AdminApi
 from router.admission import Admission, Overloaded
-from router.choice import ChoiceDelta, ChoiceSpec, merge, run_choice
+from router.choice import ChoiceDecoder, ChoiceDelta, ChoiceSpec, merge, run_choice
 from router.config import RouterConfig
 from router.detokenizer import TokenTexts
 from router.errors import RequestError, invalid
@@ -370,14 +370,26 @@ class _Handlers:
         timer: TokenTimer,
     ) -> Reply:
         """Run every choice on the workers; answer with SSE or one JSON reply."""
-        eos = self.r.tokenizer.eos_token_ids
-        choices = [run_choice(s, self.r.pool.generate, self.r.tokenizer, eos, timer) for s in specs]
-        deltas = choices[0] if len(choices) == 1 else merge(choices)
-        if stream:
-            return await _stream(conn, deltas, renderer, self._finished(renderer, timer))
-        async with contextlib.aclosing(deltas):
-            async for delta in deltas:
-                renderer.add(delta)
+        tokenizer, eos = self.r.tokenizer, self.r.tokenizer.eos_token_ids
+        if not stream and len(specs) == 1:
+            # The usual request: its decoder reads the worker events here, with one async
+            # layer fewer than ``run_choice`` on the way.
+            decoder = ChoiceDecoder(specs[0], tokenizer, eos, timer)
+            async with contextlib.aclosing(self.r.pool.generate(specs[0].request)) as events:
+                async for event in events:
+                    delta = decoder.feed(event)
+                    if delta is not None:
+                        renderer.add(delta)
+                    if decoder.stopped:
+                        break
+        else:
+            choices = [run_choice(s, self.r.pool.generate, tokenizer, eos, timer) for s in specs]
+            deltas = choices[0] if len(choices) == 1 else merge(choices)
+            if stream:
+                return await _stream(conn, deltas, renderer, self._finished(renderer, timer))
+            async with contextlib.aclosing(deltas):
+                async for delta in deltas:
+                    renderer.add(delta)
         self._finished(renderer, timer)()
         return _json(renderer.reply())
 
