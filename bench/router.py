@@ -18,6 +18,7 @@ percentile and connection count.
     python -m bench.router --mode disaggregated     # pdserve in front of a prefill+decode stub
     python -m bench.router --stream --skip-sglang   # streamed (SSE) requests, pdserve only
     python -m bench.router --worker-sessions grpcio # sessions on the stub's grpcio server
+    python -m bench.router --busy-poll-us 0 300     # pdserve sleeping, then busy-polling
 
 Needs ``pip install sglang-router`` for the comparison (skipped with a message if missing)
 and ``pip install py-spy`` for ``--profile``. Every process shares this machine's cores:
@@ -37,6 +38,7 @@ import argparse
 import asyncio
 import contextlib
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -368,6 +370,13 @@ def main(argv: list[str] | None = None) -> int:
         default=[1],
         help="pdserve router --processes values to measure (one set of rows each)",
     )
+    p.add_argument(
+        "--busy-poll-us",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="pdserve router --busy-poll-us values to measure (one set of rows each)",
+    )
     p.add_argument("--tokens", type=int, default=8, help="tokens the gRPC stub streams")
     p.add_argument(
         "--chunk-tokens",
@@ -459,16 +468,18 @@ def main(argv: list[str] | None = None) -> int:
             workers = ["--worker", endpoint]
             if pre is not None:
                 workers = ["--prefill", pre.ready["endpoint"], "--decode", endpoint]
-            for n in args.processes:
+            for n, busy_us in itertools.product(args.processes, args.busy_poll_us):
                 router_args = [
                     py, "-m", "router", "--model-path", str(tokenizer_dir), *workers,
                     "--port", "0", "--policy", args.policy, "--processes", str(n),
                     "--stream-interval", str(args.stream_interval),
+                    "--busy-poll-us", f"{busy_us:g}",
                 ]  # fmt: skip
                 target = "pdserve" + (" P/D" if disaggregated else "")
                 target += " streamed" if args.stream else ""
                 target += f" interval {args.stream_interval}" if args.stream_interval > 1 else ""
                 target += " grpcio sessions" if args.worker_sessions == "grpcio" else ""
+                target += f" busy-poll {busy_us:g} µs" if busy_us else ""
                 target += "" if n == 1 else f" ({n} processes)"
                 with child(f"pdserve-router-{n}", router_args, logs) as r:
                     url = r.ready["url"]
@@ -477,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
                                 r.proc.pid, STREAM_BODY if args.stream else BODY)
                     )  # fmt: skip
                     results += pdserve
-                    if args.profile and n == 1:
+                    if args.profile and n == 1 and not busy_us:
                         profile(r.proc.pid, url, max(args.connections), args.duration,
                                 args.profile)  # fmt: skip
             if not disaggregated:

@@ -172,11 +172,14 @@ class HttpServer:
         error_reply: ErrorReply,
         max_body_bytes: int,
         keepalive_s: float = 75.0,
+        on_traffic: Callable[[], None] | None = None,
     ) -> None:
         self.app = app
         self.error_reply = error_reply
         self.max_body_bytes = max_body_bytes
         self.keepalive_s = keepalive_s
+        # Called when a request's bytes arrive and when reply bytes go out (busy polling).
+        self.on_traffic = on_traffic
         self.connections: set[Connection] = set()
         self._servers: list[asyncio.Server] = []
         self._date = b""
@@ -271,6 +274,8 @@ class Connection(asyncio.Protocol):
         self.server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.server.on_traffic is not None:
+            self.server.on_traffic()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -400,6 +405,8 @@ class Connection(asyncio.Protocol):
         self.transport.write(
             b"%bContent-Length: %d\r\n\r\n%b" % (head, len(reply.body), reply.body)
         )
+        if self.server.on_traffic is not None:
+            self.server.on_traffic()
 
     def stream(
         self, content_type: str = "text/event-stream", headers: dict[str, str] | None = None
@@ -412,6 +419,8 @@ class Connection(asyncio.Protocol):
         if self.transport is None:
             raise ConnectionResetError("the client closed the connection")
         self.transport.write(data)
+        if self.server.on_traffic is not None:
+            self.server.on_traffic()
         waiter = self._write_ready
         if waiter is not None:
             await asyncio.shield(waiter)

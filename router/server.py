@@ -29,6 +29,7 @@ from router import processes
 from router import responses as R
 from router.admin import AdminApi
 from router.admission import Admission, Overloaded
+from router.busy_poll import BusyPoll
 from router.choice import ChoiceDecoder, ChoiceDelta, ChoiceSpec, merge, run_choice
 from router.config import RouterConfig
 from router.detokenizer import TokenTexts
@@ -158,7 +159,14 @@ class RouterServer:
         self.routes.add("GET", "/health", handlers.health)
         self.routes.add("GET", "/metrics", handlers.metrics)
         router.admin.add_routes(self.routes)
-        self.http = HttpServer(self.dispatch, self.error_reply, router.config.max_body_bytes)
+        us = router.config.busy_poll_us
+        self.busy_poll = BusyPoll(us) if us else None
+        self.http = HttpServer(
+            self.dispatch,
+            self.error_reply,
+            router.config.max_body_bytes,
+            on_traffic=None if self.busy_poll is None else self.busy_poll.kick,
+        )
         self.tally = router.tally
         self.tally.start()
 
@@ -202,6 +210,8 @@ class RouterServer:
 
     async def close(self) -> None:
         await self.http.close()
+        if self.busy_poll is not None:
+            self.busy_poll.close()
         await self.router.close()
 
 
