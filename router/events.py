@@ -113,12 +113,17 @@ def event_from_proto(msg: common_pb2.GenerateResponse, endpoint: str) -> WorkerE
     """One stream message as an event; an ``error`` message raises ``WorkerError``."""
     kind = msg.WhichOneof("response")
     if kind == "chunk":
+        chunk = msg.chunk
+        # Most requests ask for no logprobs: skip building an empty generator per chunk.
+        logprobs = chunk.logprobs
         return TokenChunk(
-            token_ids=tuple(msg.chunk.token_ids),
+            token_ids=tuple(chunk.token_ids),
             logprobs=tuple(
                 TokenLogprob(lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top))
-                for lp in msg.chunk.logprobs
-            ),
+                for lp in logprobs
+            )
+            if logprobs
+            else (),
         )
     if kind == "complete":
         c = msg.complete
