@@ -6,6 +6,7 @@ end-to-end test.)"""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
 import grpc
@@ -61,6 +62,16 @@ async def _listener(echo: Echo) -> tuple[SessionServer, str]:
     return server, f"127.0.0.1:{port}"
 
 
+@contextlib.asynccontextmanager
+async def _listening(echo: Echo) -> AsyncIterator[str]:
+    """A listener serving ``echo`` for the block: its endpoint."""
+    server, endpoint = await _listener(echo)
+    try:
+        yield endpoint
+    finally:
+        await server.stop()
+
+
 def _method(channel: grpc.aio.Channel, path: str = PATH) -> grpc.aio.StreamStreamMultiCallable:
     return channel.stream_stream(
         path,
@@ -76,8 +87,7 @@ def run(coro: object) -> None:
 def test_a_grpcio_client_streams_both_ways() -> None:
     async def body() -> None:
         echo = Echo()
-        server, endpoint = await _listener(echo)
-        try:
+        async with _listening(echo) as endpoint:
             async with grpc.aio.insecure_channel(endpoint) as channel:
                 session = _method(channel)
                 big = list(range(300_000))  # past every window and frame size, both ways
@@ -104,8 +114,6 @@ def test_a_grpcio_client_streams_both_ways() -> None:
                 assert await a.code() is grpc.StatusCode.OK
                 assert await b.code() is grpc.StatusCode.OK
             assert echo.ended == 3
-        finally:
-            await server.stop()
 
     run(body())
 
@@ -122,22 +130,21 @@ def test_a_failing_handler_ends_its_call_with_a_status(
 ) -> None:
     async def body() -> None:
         echo = Echo()
-        server, endpoint = await _listener(echo)
-        try:
-            async with grpc.aio.insecure_channel(endpoint) as channel:
-                call = _method(channel)()
-                await call.write(_submit("ok", [1]))
-                assert (await call.read()).responses[0].request_id == "ok"
-                await call.write(_submit(rid))
-                with pytest.raises(grpc.aio.AioRpcError) as err:
-                    await call.read()
-                assert err.value.code() is code
-                assert err.value.details() == details
-                # The connection serves the next call.
-                replies = [r async for r in _method(channel)(iter([_submit("next", [2])]))]
-                assert replies[0].responses[0].request_id == "next"
-        finally:
-            await server.stop()
+        async with (
+            _listening(echo) as endpoint,
+            grpc.aio.insecure_channel(endpoint) as channel,
+        ):
+            call = _method(channel)()
+            await call.write(_submit("ok", [1]))
+            assert (await call.read()).responses[0].request_id == "ok"
+            await call.write(_submit(rid))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call.read()
+            assert err.value.code() is code
+            assert err.value.details() == details
+            # The connection serves the next call.
+            replies = [r async for r in _method(channel)(iter([_submit("next", [2])]))]
+            assert replies[0].responses[0].request_id == "next"
 
     run(body())
 
@@ -145,8 +152,7 @@ def test_a_failing_handler_ends_its_call_with_a_status(
 def test_bad_requests_get_their_status_and_the_listener_stays_up() -> None:
     async def body() -> None:
         echo = Echo()
-        server, endpoint = await _listener(echo)
-        try:
+        async with _listening(echo) as endpoint:
             async with grpc.aio.insecure_channel(endpoint) as channel:
                 call = _method(channel)(iter([b"\xff\xff\xff"]))  # not a SessionRequest
                 with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -168,8 +174,6 @@ def test_bad_requests_get_their_status_and_the_listener_stays_up() -> None:
             async with grpc.aio.insecure_channel(endpoint) as channel:
                 replies = [r async for r in _method(channel)(iter([_submit("after", [3])]))]
                 assert replies[0].responses[0].request_id == "after"
-        finally:
-            await server.stop()
 
     run(body())
 
@@ -177,20 +181,19 @@ def test_bad_requests_get_their_status_and_the_listener_stays_up() -> None:
 def test_a_cancelled_call_cancels_its_handler() -> None:
     async def body() -> None:
         echo = Echo()
-        server, endpoint = await _listener(echo)
-        try:
-            async with grpc.aio.insecure_channel(endpoint) as channel:
-                call = _method(channel)()
-                await call.write(_submit("hang"))
-                await echo.started.wait()
-                call.cancel()
-                for _ in range(100):
-                    if echo.ended:
-                        break
-                    await asyncio.sleep(0.02)
-                assert echo.ended == 1
-        finally:
-            await server.stop()
+        async with (
+            _listening(echo) as endpoint,
+            grpc.aio.insecure_channel(endpoint) as channel,
+        ):
+            call = _method(channel)()
+            await call.write(_submit("hang"))
+            await echo.started.wait()
+            call.cancel()
+            for _ in range(100):
+                if echo.ended:
+                    break
+                await asyncio.sleep(0.02)
+            assert echo.ended == 1
 
     run(body())
 
@@ -214,8 +217,7 @@ def test_stopping_the_listener_ends_open_calls_unavailable() -> None:
 
 def test_a_frame_past_the_size_it_accepts_closes_that_connection() -> None:
     async def body() -> None:
-        server, endpoint = await _listener(Echo())
-        try:
+        async with _listening(Echo()) as endpoint:
             host, _, port = endpoint.rpartition(":")
             reader, writer = await asyncio.open_connection(host, int(port))
             # Preface, then a DATA frame header announcing 1 MiB (the default limit is 16 KiB):
@@ -226,8 +228,6 @@ def test_a_frame_past_the_size_it_accepts_closes_that_connection() -> None:
             sent = await asyncio.wait_for(reader.read(), 5)
             assert sent and h2.GOAWAY in _frame_kinds(sent)
             writer.close()
-        finally:
-            await server.stop()
 
     run(body())
 
