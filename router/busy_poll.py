@@ -36,8 +36,10 @@ class BusyPoll:
 
     def kick(self) -> None:
         """Client traffic: poll until the window after now has passed."""
+        if self._closed:
+            return
         self._until = self._clock() + self.window_s
-        if not self.spinning and not self._closed:
+        if not self.spinning:
             self.spinning = True
             self._loop.call_soon(self._turn)
 

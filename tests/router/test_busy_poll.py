@@ -59,6 +59,7 @@ def test_each_kick_extends_the_window_and_polling_ends_after_it() -> None:
         await turns()
         assert poll.spinning
         poll.close()
+        poll.kick()  # a kick between close and the next turn does not keep it going
         await turns()
         assert not poll.spinning
         poll.kick()  # closed: no more polling
