@@ -1,10 +1,10 @@
 """The router alone: pdserve's router and sglang-router in front of stub workers, one run.
 
-Each router gets one stub worker that answers at once (``bench.stub_worker``): pdserve's
-router a gRPC colocated stub that streams 8 one-token chunks and a ``Complete``;
-sglang-router an HTTP stub that returns a fixed non-streamed ``/v1/completions`` body. A
-keep-alive HTTP/1.1 load generator (raw asyncio protocol on uvloop, closed loop: each
-connection sends its next request when the last reply is in) sends non-streamed
+Each router gets stub workers that answer at once (``bench.stub_worker``; one, or ``--stubs
+N``): pdserve's router gRPC colocated stubs that stream 8 one-token chunks and a
+``Complete``; sglang-router HTTP stubs that return a fixed non-streamed ``/v1/completions``
+body. A keep-alive HTTP/1.1 load generator (raw asyncio protocol on uvloop, closed loop:
+each connection sends its next request when the last reply is in) sends non-streamed
 ``/v1/completions`` at 1 and at 32 connections for ``--duration`` seconds each, after a
 warm-up. The same generator against the HTTP stub directly gives the baseline and the
 generator's own ceiling; "added" latency is a router's minus that baseline at the same
@@ -19,6 +19,7 @@ percentile and connection count.
     python -m bench.router --stream --skip-sglang   # streamed (SSE) requests, pdserve only
     python -m bench.router --worker-sessions grpcio # sessions on the stub's grpcio server
     python -m bench.router --busy-poll-us 0 300     # pdserve sleeping, then busy-polling
+    python -m bench.router --stubs 4                # 4 stub workers behind each router
 
 Needs ``pip install sglang-router`` for the comparison (skipped with a message if missing)
 and ``pip install py-spy`` for ``--profile``. Every process shares this machine's cores:
@@ -114,6 +115,7 @@ class Run:
     latencies_s: list[float] = field(default_factory=list)
     errors: int = 0
     cpu_s: float | None = None  # CPU time the router process (all threads) spent meanwhile
+    stub_cpu_s: float | None = None  # and the stub workers behind it
 
     @property
     def rps(self) -> float:
@@ -124,6 +126,12 @@ class Run:
         if self.cpu_s is None or not self.latencies_s:
             return None
         return 1e6 * self.cpu_s / len(self.latencies_s)
+
+    @property
+    def stub_cpu_us_per_request(self) -> float | None:
+        if self.stub_cpu_s is None or not self.latencies_s:
+            return None
+        return 1e6 * self.stub_cpu_s / len(self.latencies_s)
 
     def percentile_ms(self, q: float) -> float:
         ordered = sorted(self.latencies_s)
@@ -299,15 +307,20 @@ async def measure(
     warmup_s: float,
     pid: int | None = None,
     body: bytes = BODY,
+    stubs: Sequence[int] = (),
 ) -> list[Run]:
-    """One run per connection count; ``pid``: the router, whose CPU time is measured."""
+    """One run per connection count; ``pid``: the router, ``stubs``: the stub workers behind
+    it, whose CPU time is measured."""
     runs = []
     for n in conns:
         await http_load(target, url, "/v1/completions", body, n, warmup_s)
         cpu_before = cpu_seconds(pid) if pid else 0.0
+        stub_before = sum(map(cpu_seconds, stubs))
         run = await http_load(target, url, "/v1/completions", body, n, duration_s)
         if pid:
             run.cpu_s = cpu_seconds(pid) - cpu_before
+        if stubs:
+            run.stub_cpu_s = sum(map(cpu_seconds, stubs)) - stub_before
         if run.errors or not run.latencies_s:
             raise RuntimeError(f"{target} at {n} connections: {run.errors} non-200 replies")
         runs.append(run)
@@ -336,8 +349,8 @@ def machine() -> str:
 def table(runs: Sequence[Run], baseline: dict[int, Run]) -> str:
     rows = [
         "| router | connections | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms "
-        "| router CPU µs/req |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| router CPU µs/req | stub CPU µs/req |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in runs:
         base = baseline.get(r.connections)
@@ -349,10 +362,11 @@ def table(runs: Sequence[Run], baseline: dict[int, Run]) -> str:
                 f"{r.percentile_ms(0.99) - base.percentile_ms(0.99):+.3f}",
             )
         cpu = r.cpu_us_per_request
+        stub = r.stub_cpu_us_per_request
         rows.append(
             f"| {r.target} | {r.connections} | {r.rps:,.0f} | {r.percentile_ms(0.5):.3f} | "
             f"{r.percentile_ms(0.99):.3f} | {added[0]} | {added[1]} | "
-            f"{'-' if cpu is None else f'{cpu:,.0f}'} |"
+            f"{'-' if cpu is None else f'{cpu:,.0f}'} | {'-' if stub is None else f'{stub:,.0f}'} |"
         )
     return "\n".join(rows)
 
@@ -363,6 +377,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=2.0, help="seconds before each, not counted")
     p.add_argument("--connections", type=int, nargs="+", default=[1, 32])
     p.add_argument("--policy", default="round_robin", help="both routers' policy")
+    p.add_argument(
+        "--stubs",
+        type=int,
+        default=1,
+        help="stub workers behind each router (HTTP for sglang-router, gRPC for pdserve; with "
+        "--mode disaggregated, that many prefill and that many decode stubs), so that on a "
+        "large host one Python stub is not what limits the router",
+    )
     p.add_argument(
         "--processes",
         type=int,
@@ -394,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         "--mode",
         choices=("colocated", "disaggregated"),
         default="colocated",
-        help="pdserve behind one colocated stub, or a prefill stub and a decode stub",
+        help="pdserve behind colocated stubs, or prefill stubs and decode stubs",
     )
     p.add_argument(
         "--stream",
@@ -413,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--skip-sglang", action="store_true")
     args = p.parse_args(argv)
+    if args.stubs < 1:
+        p.error(f"--stubs must be >= 1, got {args.stubs}")
 
     have_sglang = importlib.util.find_spec("sglang_router") is not None
     if not have_sglang and not args.skip_sglang:
@@ -430,10 +454,17 @@ def main(argv: list[str] | None = None) -> int:
         from engine.testing.tiny_models import write_tokenizer
 
         tokenizer_dir = write_tokenizer(logs / "tokenizer")
-        with child("http-stub", [py, "-m", "bench.stub_worker", "--kind", "http"], logs) as s:
-            stub_url = f"http://{s.ready['endpoint']}"
+        with contextlib.ExitStack() as http_stubs:
+            http = [
+                http_stubs.enter_context(
+                    child(f"http-stub-{i}", [py, "-m", "bench.stub_worker", "--kind", "http"],
+                          logs)
+                )
+                for i in range(args.stubs)
+            ]  # fmt: skip
+            stub_urls = [f"http://{s.ready['endpoint']}" for s in http]
             runs = _run_async(
-                measure("stub (HTTP direct)", stub_url, args.connections, args.duration,
+                measure("stub (HTTP direct)", stub_urls[0], args.connections, args.duration,
                         args.warmup)
             )  # fmt: skip
             results += runs
@@ -441,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             if have_sglang and not args.skip_sglang:
                 port = free_port()
                 sglang = [
-                    py, "-m", "sglang_router.launch_router", "--worker-urls", stub_url,
+                    py, "-m", "sglang_router.launch_router", "--worker-urls", *stub_urls,
                     "--host", "127.0.0.1", "--port", str(port), "--policy", args.policy,
                     "--log-level", "warn", "--disable-health-check",
                 ]  # fmt: skip
@@ -450,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
                     wait_http(url + "/health")
                     results += _run_async(
                         measure("sglang-router", url, args.connections, args.duration,
-                                args.warmup, sg.proc.pid)
+                                args.warmup, sg.proc.pid, stubs=[s.proc.pid for s in http])
                     )  # fmt: skip
         stub_args = [
             py, "-m", "bench.stub_worker", "--kind", "grpc", "--tokens", str(args.tokens),
@@ -458,16 +489,26 @@ def main(argv: list[str] | None = None) -> int:
             "--session-port", "0" if args.worker_sessions == "listener" else "-1",
         ]  # fmt: skip
         disaggregated = args.mode == "disaggregated"
-        with (
-            child("grpc-stub", [*stub_args, "--role", "decode" if disaggregated else "null"],
-                  logs) as g,
-            child("grpc-prefill-stub", [*stub_args, "--role", "prefill"], logs)
-            if disaggregated else contextlib.nullcontext() as pre,
-        ):  # fmt: skip
-            endpoint = g.ready["endpoint"]
-            workers = ["--worker", endpoint]
-            if pre is not None:
-                workers = ["--prefill", pre.ready["endpoint"], "--decode", endpoint]
+        with contextlib.ExitStack() as grpc_stubs:
+            decode = [
+                grpc_stubs.enter_context(
+                    child(f"grpc-stub-{i}",
+                          [*stub_args, "--role", "decode" if disaggregated else "null"], logs)
+                )
+                for i in range(args.stubs)
+            ]  # fmt: skip
+            prefill = [
+                grpc_stubs.enter_context(
+                    child(f"grpc-prefill-stub-{i}", [*stub_args, "--role", "prefill"], logs)
+                )
+                for i in range(args.stubs if disaggregated else 0)
+            ]
+            endpoints = [s.ready["endpoint"] for s in decode]
+            workers = ["--worker", *endpoints]
+            if disaggregated:
+                workers = ["--prefill", *(s.ready["endpoint"] for s in prefill),
+                           "--decode", *endpoints]  # fmt: skip
+            stub_pids = [s.proc.pid for s in decode + prefill]
             for n, busy_us in itertools.product(args.processes, args.busy_poll_us):
                 router_args = [
                     py, "-m", "router", "--model-path", str(tokenizer_dir), *workers,
@@ -485,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
                     url = r.ready["url"]
                     pdserve = _run_async(
                         measure(target, url, args.connections, args.duration, args.warmup,
-                                r.proc.pid, STREAM_BODY if args.stream else BODY)
+                                r.proc.pid, STREAM_BODY if args.stream else BODY, stub_pids)
                     )  # fmt: skip
                     results += pdserve
                     if args.profile and n == 1 and not busy_us:
@@ -493,17 +534,19 @@ def main(argv: list[str] | None = None) -> int:
                                 args.profile)  # fmt: skip
             if not disaggregated:
                 results += [
-                    _run_async(grpc_load(endpoint, n, args.duration)) for n in args.connections
+                    _run_async(grpc_load(endpoints[0], n, args.duration)) for n in args.connections
                 ]
 
+    per_role = " and role" if args.mode == "disaggregated" else ""
     print(f"\nmachine: {machine()}")
     print(
         f"1-minute load average: {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
         f"(other work on the machine skews every row)"
     )
     print(
-        f"policy: {args.policy}; non-streamed /v1/completions, max_tokens 8; the gRPC stub "
-        f"sends {args.tokens} tokens, {args.chunk_tokens} per message; "
+        f"policy: {args.policy}; non-streamed /v1/completions, max_tokens 8; "
+        f"{args.stubs} stub worker(s) per router{per_role}; "
+        f"the gRPC stub sends {args.tokens} tokens, {args.chunk_tokens} per message; "
         f"{args.duration:g} s per row after {args.warmup:g} s warm-up; router, stub and load "
         f"generator share the machine's cores"
     )
