@@ -10,8 +10,10 @@ pipelined requests answered in order, and the contract every handler relies on:
 - a client that goes away cancels its request's handler (the router then aborts the
   request on its workers);
 - a body over ``max_body_bytes`` is a 413 before it is read (``Expect: 100-continue`` gets
-  the 413 instead of the ``100 Continue``); bytes that are not HTTP are a 400; both close the
-  connection;
+  the 413 instead of the ``100 Continue``); bytes that are not HTTP are a 400, a version
+  other than 1.0 and 1.1 a 505; each closes the connection after the requests before it are
+  answered, and a ``100 Continue`` goes out only when its request is next to be answered;
+- an HTTP/1.0 client gets a streamed reply unchunked, ended by closing the connection;
 - an idle keep-alive connection closes after ``keepalive_s``;
 - ``close`` stops listening, lets the requests in flight finish for ``grace_s``, then closes
   every connection.
@@ -42,15 +44,28 @@ class Request:
     """One parsed request: ``headers`` by lower-case name (repeats joined by ``", "``),
     ``params`` the path's ``{name}`` segments (filled in by ``Routes.resolve``)."""
 
-    __slots__ = ("body", "headers", "method", "params", "path", "query", "target")
+    __slots__ = (
+        "body", "headers", "http_1_0", "keep_alive", "method", "params", "path", "query",
+        "target",
+    )  # fmt: skip
 
-    def __init__(self, method: str, target: str, headers: dict[str, str], body: bytes) -> None:
+    def __init__(
+        self,
+        method: str,
+        target: str,
+        headers: dict[str, str],
+        body: bytes,
+        keep_alive: bool = True,
+        http_1_0: bool = False,
+    ) -> None:
         self.method = method
-        self.target = target  # path and query, as sent
+        self.target = target  # path and query, as sent (origin form)
         path, _, self.query = target.partition("?")
         self.path = path
         self.headers = headers
         self.body = body
+        self.keep_alive = keep_alive  # the connection stays open after the reply
+        self.http_1_0 = http_1_0
         self.params: dict[str, str] = {}
 
 
@@ -79,11 +94,12 @@ class EventStream:
     ``ConnectionResetError`` once the client is gone. ``outcome``: the status to account
     when an error or a disconnect came after the 200 went out."""
 
-    __slots__ = ("_conn", "_head", "_started", "ended", "outcome", "status")
+    __slots__ = ("_chunked", "_conn", "_head", "_started", "ended", "outcome", "status")
 
-    def __init__(self, conn: Connection, head: bytes) -> None:
+    def __init__(self, conn: Connection, head: bytes, chunked: bool = True) -> None:
         self._conn = conn
         self._head = head
+        self._chunked = chunked  # else the body goes as it is and the connection closes
         self._started = False
         self.ended = False
         self.status = 200
@@ -92,7 +108,7 @@ class EventStream:
     async def write(self, data: bytes) -> None:
         if not data:
             return
-        frame = b"%x\r\n%b\r\n" % (len(data), data)
+        frame = b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data
         if not self._started:
             self._started = True
             frame = self._head + frame
@@ -102,11 +118,12 @@ class EventStream:
         if self.ended:
             return
         self.ended = True
-        tail = b"0\r\n\r\n"
+        tail = b"0\r\n\r\n" if self._chunked else b""
         if not self._started:
             self._started = True
             tail = self._head + tail
-        await self._conn.send(tail)
+        if tail:
+            await self._conn.send(tail)
 
 
 Reply = Response | EventStream
@@ -250,10 +267,14 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.loop = asyncio.get_running_loop()
-        self.pending: deque[Request] = deque()  # pipelined requests waiting their turn
+        # pipelined requests waiting their turn; a Response last: the error that ends them
+        self.pending: deque[Request | Response] = deque()
         self.task: asyncio.Task[None] | None = None  # the request being answered
         self.idle_since: float | None = time.monotonic()
-        self.closing = False  # answer what is in hand, then close
+        self.closing = False  # the reply being written is the connection's last
+        self._http_1_0 = False  # the request being answered is HTTP/1.0
+        self._last_read = False  # nothing after the requests in hand is read or answered
+        self._continue_due = False  # a ``100 Continue`` waits for its request's turn
         self._write_ready: asyncio.Future[None] | None = None  # set while the peer is slow
         # the message being parsed
         self._url = b""
@@ -262,6 +283,7 @@ class Connection(asyncio.Protocol):
         self._body_size = 0
         self._too_large = False
         self._keep_alive = True
+        self._version_1_0 = False
 
     @property
     def busy(self) -> bool:
@@ -323,12 +345,24 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._keep_alive = self.parser.should_keep_alive()
+        version = self.parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            self._reject(505, f"HTTP/{version} is not supported; this server speaks HTTP/1.1")
+            return
+        self._version_1_0 = version == "1.0"
+        if not self._version_1_0 and "host" not in self._headers:
+            self._reject(400, "an HTTP/1.1 request must have a Host header")
+            return
         length = self._headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.server.max_body_bytes:
             self._refuse_body()
             return
-        if self._headers.get("expect", "").lower() == "100-continue" and self.transport:
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        expect = self._headers.get("expect")
+        if expect is not None and "100-continue" in expect.lower():
+            if self.task is None and not self.pending:
+                self._continue()
+            else:
+                self._continue_due = True  # after the replies to the requests before it
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
@@ -338,14 +372,17 @@ class Connection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        if self._too_large:
+        if self._too_large or self._last_read:
             return
+        self._continue_due = False  # the body came without it
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        url = self._url if self._url[:1] != b"h" else _origin_form(self._url)
         request = Request(
-            self.parser.get_method().decode(), self._url.decode("latin-1"), self._headers, body
-        )
+            self.parser.get_method().decode(), url.decode("latin-1"), self._headers, body,
+            self._keep_alive, self._version_1_0,
+        )  # fmt: skip
         if not self._keep_alive:
-            self.closing = True
+            self._read_no_more()  # what comes after it is not answered
         if self.task is None:
             self._start(request)
         else:
@@ -357,6 +394,8 @@ class Connection(asyncio.Protocol):
 
     def _start(self, request: Request) -> None:
         self.idle_since = None
+        self.closing = not request.keep_alive
+        self._http_1_0 = request.http_1_0
         self.task = self.loop.create_task(self._answer(request))
 
     async def _answer(self, request: Request) -> None:
@@ -376,14 +415,20 @@ class Connection(asyncio.Protocol):
             self.task = None
         if self.transport is None:
             return
-        if self.pending:
-            if len(self.pending) <= _PIPELINED:
-                self.transport.resume_reading()
-            self._start(self.pending.popleft())
-        elif self.closing:
+        if self.closing:
             self.close()
+        elif self.pending:
+            nxt = self.pending.popleft()
+            if isinstance(nxt, Response):
+                self._write_last(nxt)
+                return
+            if len(self.pending) <= _PIPELINED and not self._last_read:
+                self.transport.resume_reading()
+            self._start(nxt)
         else:
             self.idle_since = time.monotonic()
+            if self._continue_due:
+                self._continue()
 
     def head(self, status: int, content_type: str, headers: dict[str, str] | None) -> bytes:
         """A reply's head, without its length header and the blank line."""
@@ -396,6 +441,8 @@ class Connection(asyncio.Protocol):
             lines += [f"{k}: {v}\r\n".encode("latin-1") for k, v in headers.items()]
         if self.closing:
             lines.append(b"Connection: close\r\n")
+        elif self._http_1_0:
+            lines.append(b"Connection: keep-alive\r\n")  # HTTP/1.0 closes unless told
         return b"".join(lines)
 
     def _write_whole(self, reply: Response) -> None:
@@ -411,7 +458,11 @@ class Connection(asyncio.Protocol):
     def stream(
         self, content_type: str = "text/event-stream", headers: dict[str, str] | None = None
     ) -> EventStream:
-        """A chunked 200 reply; its head goes out with the first write."""
+        """A chunked 200 reply; its head goes out with the first write. HTTP/1.0 has no
+        chunks: the body goes as it is, and closing the connection ends it."""
+        if self._http_1_0:
+            self.closing = True
+            return EventStream(self, self.head(200, content_type, headers) + b"\r\n", False)
         head = self.head(200, content_type, headers) + b"Transfer-Encoding: chunked\r\n\r\n"
         return EventStream(self, head)
 
@@ -432,19 +483,48 @@ class Connection(asyncio.Protocol):
         self._reject(413, f"request body exceeds the limit of {self.server.max_body_bytes} bytes")
 
     def _reject(self, status: int, message: str) -> None:
-        """Answer an unparsable or oversized request and close: its bytes cannot be skipped."""
-        if self.transport is None:
+        """Answer an unparsable or oversized request and close (its bytes cannot be skipped),
+        after the requests before it are answered."""
+        if self.transport is None or self._last_read:
             return
-        self.pending.clear()
-        self.closing = True
-        if self.task is not None:
-            self.task.cancel()
-            self.task = None
+        self._read_no_more()
         reply = self.server.error_reply(status, message)
+        if self.task is None and not self.pending:
+            self._write_last(reply)
+        else:
+            self.pending.append(reply)
+
+    def _read_no_more(self) -> None:
+        self._last_read = True
+        self._continue_due = False
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def _write_last(self, reply: Response) -> None:
+        self.closing = True
+        self._http_1_0 = False
         with contextlib.suppress(ConnectionResetError):
             self._write_whole(reply)
         self.close()
 
+    def _continue(self) -> None:
+        self._continue_due = False
+        if self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+
+def _origin_form(url: bytes) -> bytes:
+    """The path and query of an absolute-form target (``http://host/path?q``), which a
+    server must accept; other targets as they are."""
+    try:
+        parsed = httptools.parse_url(url)
+    except httptools.HttpParserInvalidURLError:
+        return url
+    if not parsed.schema:
+        return url
+    path = parsed.path or b"/"
+    return path + b"?" + parsed.query if parsed.query else path

@@ -62,6 +62,8 @@ async def _read_reply(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]
     headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
     if "content-length" in headers:
         body = await reader.readexactly(int(headers["content-length"]))
+    elif "transfer-encoding" not in headers:
+        body = await reader.read()  # HTTP/1.0 stream: to the end of the connection
     else:
         assert headers["transfer-encoding"] == "chunked"
         body = b""
@@ -196,6 +198,122 @@ def test_idle_keep_alive_connections_close() -> None:
         assert (await _read_reply(reader))[2] == b"x"
         assert await asyncio.wait_for(reader.read(), 2) == b""
         writer.close()
+        await server.close()
+
+    run(body())
+
+
+def test_an_unparsable_request_is_refused_after_the_requests_before_it() -> None:
+    async def body() -> None:
+        server, events = _server()
+        port = await server.listen_tcp("127.0.0.1", 0)
+        # Two good requests and garbage in one write: both are answered, then the 400.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            _post("/echo", b"one") + b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGARBAGE\r\n\r\n"
+        )
+        assert (await _read_reply(reader))[2] == b"one"
+        status, headers, reply = await _read_reply(reader)
+        assert (status, reply) == (200, b"slow") and "connection" not in headers
+        status, headers, _ = await _read_reply(reader)
+        assert status == 400 and headers["connection"] == "close"
+        assert await reader.read() == b"" and events == []
+        writer.close()
+        # Garbage while a stream is being written: the stream ends whole, then the 400.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /sse HTTP/1.1\r\nHost: x\r\n\r\nGARBAGE\r\n\r\n")
+        status, _, reply = await _read_reply(reader)
+        assert status == 200 and reply == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+        assert (await _read_reply(reader))[0] == 400
+        assert await reader.read() == b""
+        writer.close()
+        # An oversized body behind a request in flight: that request's answer, then the 413.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+        )
+        assert (await _read_reply(reader))[2] == b"slow"
+        assert (await _read_reply(reader))[0] == 413
+        assert await reader.read() == b""
+        writer.close()
+        # Bytes after a Connection: close request are not answered at all.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(_post("/echo", b"last", "Connection: close\r\n") + b"GARBAGE\r\n\r\n")
+        status, headers, reply = await _read_reply(reader)
+        assert (reply, headers["connection"]) == (b"last", "close")
+        assert await reader.read() == b""
+        writer.close()
+        await server.close()
+
+    run(body())
+
+
+def test_100_continue_waits_for_its_turn() -> None:
+    async def body() -> None:
+        server, _ = _server()
+        port = await server.listen_tcp("127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        # Behind a request in flight, the 100 comes after that request's answer.
+        writer.write(
+            b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+        )
+        assert (await _read_reply(reader))[2] == b"slow"
+        assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"ok")
+        assert (await _read_reply(reader))[2] == b"ok"
+        # The header sent twice still asks for it.
+        writer.write(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+            b"Expect: 100-continue\r\nExpect: 100-continue\r\n\r\n"
+        )
+        assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"no")
+        assert (await _read_reply(reader))[2] == b"no"
+        writer.close()
+        await server.close()
+
+    run(body())
+
+
+def test_http_versions_host_and_absolute_targets() -> None:
+    async def body() -> None:
+        server, _ = _server()
+        port = await server.listen_tcp("127.0.0.1", 0)
+
+        async def exchange(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(raw)
+            try:
+                return await _read_reply(reader)
+            finally:
+                writer.close()
+
+        # HTTP/1.0: a stream goes unchunked and ends with the connection.
+        status, headers, reply = await exchange(b"GET /sse HTTP/1.0\r\n\r\n")
+        assert status == 200 and "transfer-encoding" not in headers
+        assert headers["connection"] == "close"
+        assert reply == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+        # HTTP/1.0 with keep-alive: said so in the reply, and the connection serves on.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for text in (b"a", b"b"):
+            writer.write(
+                b"POST /echo HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\n" + text
+            )
+            status, headers, reply = await _read_reply(reader)
+            assert (reply, headers["connection"]) == (text, "keep-alive")
+        writer.close()
+        # HTTP/1.1 needs Host; other versions are refused.
+        status, _, reply = await exchange(b"GET /items/a HTTP/1.1\r\n\r\n")
+        assert status == 400 and "Host" in orjson.loads(reply)["error"]["message"]
+        status, _, reply = await exchange(b"GET /items/a HTTP/2.0\r\nHost: x\r\n\r\n")
+        assert status == 505 and "HTTP/2.0" in orjson.loads(reply)["error"]["message"]
+        # An absolute-form target is served by its path.
+        status, _, reply = await exchange(
+            b"GET http://x:8000/items/abc?q=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        assert status == 200 and orjson.loads(reply) == {"name": "abc"}
         await server.close()
 
     run(body())
