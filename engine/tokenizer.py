@@ -280,7 +280,9 @@ class Tokenizer:
         if tools is not None:
             for i, tool in enumerate(tools):
                 if not isinstance(tool, dict):
-                    raise ValueError(f"tools[{i}] must be a JSON-schema dict, got {tool!r}")
+                    raise ValueError(
+                        f"tools[{i}] must be a JSON-schema dict, got {type(tool).__name__}"
+                    )
         variables: dict[str, Any] = {**self._special_tokens, **kwargs}
         variables.setdefault("documents", None)
         try:
@@ -292,6 +294,8 @@ class Tokenizer:
             )
         except jinja2.TemplateError as exc:
             raise ValueError(f"chat template rejected the conversation: {exc}") from exc
+        except RecursionError as exc:  # JSON nested deeper than the template can render
+            raise ValueError("the conversation or its tools are nested too deeply") from exc
 
     def encode_chat(
         self,

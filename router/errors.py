@@ -7,6 +7,7 @@ Type errors in the body are 400, like OpenAI's own API (never 422).
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
 
 # OpenAI's error "type" per status; anything else 4xx is an invalid request.
@@ -65,5 +66,19 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
 def unsupported(param: str, value: Any, allowed: str) -> RequestError:
     """A 400 for an OpenAI parameter pdserve accepts only at its default."""
     return RequestError(
-        400, f"{param}={value!r} is not supported; only {allowed} is", param, "unsupported_value"
+        400,
+        f"{param}={short(value)} is not supported; only {allowed} is",
+        param,
+        "unsupported_value",
     )
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3  # a client's JSON may nest a thousand deep; repr() would recurse that far
+_REPR.maxstring = _REPR.maxother = 80
+
+
+def short(value: Any, limit: int = 60) -> str:
+    """``value`` as Python writes it, cut to ``limit`` characters, for an error message."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

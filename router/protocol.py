@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from router.errors import RequestError, invalid, unsupported
+from router.errors import RequestError, invalid, short, unsupported
 
 MAX_N = 16
 MAX_STOP = 4
@@ -23,6 +23,7 @@ MAX_TOP_LOGPROBS = 20
 MAX_BATCH_PROMPTS = 256
 GENERATE_DEFAULT_MAX_TOKENS = 128  # /generate without max_new_tokens, as SGLang
 UINT64 = 1 << 64
+INT32_MAX = (1 << 31) - 1  # the largest top_k the workers' protocol carries
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 
 Prompt = str | tuple[int, ...]  # text to tokenize, or token ids as given
@@ -182,7 +183,7 @@ class _Fields:
 
     def _type(self, field: str, value: Any, expected: str) -> RequestError:
         return invalid(
-            f"{self.name(field)} must be {expected}, got {_json_type(value)} {_short(value)}",
+            f"{self.name(field)} must be {expected}, got {_json_type(value)} {short(value)}",
             self.name(field),
             "invalid_type",
         )
@@ -210,11 +211,6 @@ def _json_type(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 # ---- shared parts --------------------------------------------------------------------------
 
 
@@ -224,7 +220,7 @@ def _stop(f: _Fields) -> tuple[str, ...]:
         return ()
     stops = [value] if isinstance(value, str) else value
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise invalid(f"stop must be a string or an array of strings, got {_short(value)}", "stop")
+        raise invalid(f"stop must be a string or an array of strings, got {short(value)}", "stop")
     if len(stops) > MAX_STOP:
         raise invalid(f"stop takes at most {MAX_STOP} strings, got {len(stops)}", "stop")
     if any(s == "" for s in stops):
@@ -234,7 +230,7 @@ def _stop(f: _Fields) -> tuple[str, ...]:
 
 def _token_ids(value: Any, param: str, allow_empty: bool) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(_is_int(t) for t in value):
-        raise invalid(f"{param} must be an array of integers, got {_short(value)}", param)
+        raise invalid(f"{param} must be an array of integers, got {short(value)}", param)
     if not value and not allow_empty:
         raise invalid(f"{param} must not be empty", param)
     negative = [t for t in value if t < 0]
@@ -254,7 +250,7 @@ def _sampling(f: _Fields, max_tokens: int | None, default_max: int | None) -> Sa
         f.only_default(penalty, (0,), "0")
     f.only_default("repetition_penalty", (1,), "1")
     f.only_default("logit_bias", ({},), "{}")
-    top_k = f.integer("top_k", -1, -1)
+    top_k = f.integer("top_k", -1, -1, INT32_MAX)
     stop_ids = f.raw("stop_token_ids")
     return Sampling(
         temperature=f.number("temperature", 1.0, 0.0, 2.0),
@@ -319,7 +315,7 @@ def _prompts(value: Any) -> tuple[Prompt, ...]:
     if not isinstance(value, list) or not value:
         raise invalid(
             "prompt must be a string, an array of strings, an array of token ids or an array of "
-            f"token-id arrays, got {_short(value)}",
+            f"token-id arrays, got {short(value)}",
             "prompt",
         )
     if all(_is_int(t) for t in value):
@@ -334,7 +330,7 @@ def _prompts(value: Any) -> tuple[Prompt, ...]:
         return tuple(_token_ids(p, f"prompt[{i}]", False) for i, p in enumerate(value))
     raise invalid(
         f"prompt array must hold only strings, only token ids or only token-id arrays, got "
-        f"{_short(value)}",
+        f"{short(value)}",
         "prompt",
     )
 
@@ -368,7 +364,7 @@ def parse_chat(body: Any) -> ChatRequest:
     kwargs = f.raw("chat_template_kwargs")
     if kwargs is not None and not isinstance(kwargs, dict):
         raise invalid(
-            f"chat_template_kwargs must be an object, got {_short(kwargs)}", "chat_template_kwargs"
+            f"chat_template_kwargs must be an object, got {short(kwargs)}", "chat_template_kwargs"
         )
     stream, include_usage = _stream(f)
     return ChatRequest(
@@ -394,7 +390,7 @@ def _messages(value: Any) -> tuple[dict[str, Any], ...]:
     if value is None:
         raise invalid("messages is required", "messages", "missing")
     if not isinstance(value, list) or not value:
-        raise invalid(f"messages must be a non-empty array, got {_short(value)}", "messages")
+        raise invalid(f"messages must be a non-empty array, got {short(value)}", "messages")
     return tuple(_message(i, m) for i, m in enumerate(value))
 
 
@@ -438,7 +434,7 @@ def _tools(value: Any) -> tuple[dict[str, Any], ...] | None:
     if value is None:
         return None
     if not isinstance(value, list):
-        raise invalid(f"tools must be an array, got {_short(value)}", "tools")
+        raise invalid(f"tools must be an array, got {short(value)}", "tools")
     for i, tool in enumerate(value):
         f = _Fields(tool, f"tools[{i}].", f"tools[{i}]")
         if f.raw("type") != "function":

@@ -220,6 +220,12 @@ def test_bad_messages(tok: Tokenizer, messages: list[Any], match: str) -> None:
 def test_bad_tools(tok: Tokenizer) -> None:
     with pytest.raises(ValueError, match=r"tools\[0\]"):
         tok.apply_chat_template(CONVERSATIONS["user"], tools=["get_weather"])  # type: ignore[list-item]
+    deep: list[Any] = []
+    for _ in range(1000):
+        deep = [deep]
+    tool = {"type": "function", "function": {"name": "f", "parameters": deep}}
+    with pytest.raises(ValueError, match="nested too deeply"):
+        tok.apply_chat_template(CONVERSATIONS["user"], tools=[tool])
 
 
 def test_no_chat_template(tmp_path: Path, model_dir: Path) -> None:

@@ -132,7 +132,8 @@ def test_completion_prompt_forms(prompt: Any, expected: tuple[Any, ...]) -> None
         ({"logprobs": True}, "logprobs", ["integer"]),
         ({"seed": "1"}, "seed", ["integer"]),
         ({"seed": 1 << 64}, "seed", ["seed"]),
-        ({"top_k": -2}, "top_k", [">= -1"]),
+        ({"top_k": -2}, "top_k", ["[-1, 2147483647]", "got -2"]),
+        ({"top_k": 1 << 31}, "top_k", ["[-1, 2147483647]", "2147483648"]),
         ({"min_p": 1.5}, "min_p", ["[0, 1]"]),
         ({"ignore_eos": 1}, "ignore_eos", ["boolean"]),
         ({"stop_token_ids": [1, -1]}, "stop_token_ids", ["negative", "-1"]),
@@ -167,6 +168,29 @@ def test_completion_rejects(fields: dict[str, Any], param: str, fragments: list[
 def test_completion_unsupported(fields: dict[str, Any], param: str) -> None:
     err = expect_error(parse_completion, completion(**fields), param, "not supported")
     assert err.code == "unsupported_value"
+
+
+def _nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"prompt": {"a": _nested(1000)}}, "prompt"),
+        ({"stop": _nested(1000)}, "stop"),
+        ({"echo": _nested(1000)}, "echo"),
+        ({"max_tokens": _nested(1000)}, "max_tokens"),
+    ],
+)
+def test_deeply_nested_values_get_a_short_error(fields: dict[str, Any], param: str) -> None:
+    """JSON nested as deep as the parser allows: the message shows its start, not a repr
+    that recursion cuts short."""
+    err = expect_error(parse_completion, completion(**fields), param, "[[[")
+    assert len(err.message) < 300
 
 
 @pytest.mark.parametrize("body", [[], "text", 3, None])
