@@ -99,7 +99,12 @@ class AdminApi:
             return
         body = request.body
         if self.journal is not None:
-            entry = {"method": request.method, "path": request.target, "body": body.decode()}
+            # latin-1 maps each byte to one character and back: any body round-trips.
+            entry = {
+                "method": request.method,
+                "path": request.target,
+                "body": body.decode("latin-1"),
+            }
             with self.journal.open("ab") as f:
                 f.write(orjson.dumps(entry) + b"\n")
         await asyncio.gather(
@@ -112,7 +117,8 @@ class AdminApi:
             return
         for line in self.journal.read_bytes().splitlines():
             entry = orjson.loads(line)
-            await self._send(control_socket, entry["method"], entry["path"], entry["body"].encode())
+            body = entry["body"].encode("latin-1")
+            await self._send(control_socket, entry["method"], entry["path"], body)
 
     async def _send(self, socket_path: str, method: str, path: str, body: bytes) -> None:
         """One change to the router process at ``socket_path``; failures are logged."""

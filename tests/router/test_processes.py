@@ -109,6 +109,17 @@ def test_processes_share_port_metrics_and_admin(model_dir: Path, tokenizer: Toke
             # The new process replayed the admin change: every process lists both workers.
             for _ in range(6):
                 assert await listed(url) == {w.endpoint, extra.endpoint}
+            # A drain with a body that is not UTF-8 (drains ignore their body) is journaled
+            # and reaches every process too; an idle worker leaves at once.
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(
+                    f"{url}/admin/workers/{extra.endpoint}/drain", data=b"\xff", headers=auth
+                ) as resp,
+            ):
+                assert resp.status == 200, await resp.text()
+            for _ in range(6):
+                assert await listed(url) == {w.endpoint}
         finally:
             proc.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(proc.wait(), 30) == 0
