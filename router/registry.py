@@ -26,18 +26,20 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from router.errors import short
 from router.workers import (
     ROLES,
     SOURCE_REGISTRY,
     WorkerPool,
     WorkerRefused,
     WorkerUnreachable,
+    endpoint_of,
 )
 
 log = logging.getLogger(__name__)
@@ -105,22 +107,43 @@ class RegistryRecord:
     draining: bool = False
 
     @staticmethod
-    def parse(raw: str | bytes) -> RegistryRecord:
-        """ValueError naming the problem when ``raw`` is not a worker record."""
+    def parse(raw: str | bytes, key_endpoint: str | None = None) -> RegistryRecord:
+        """ValueError naming the problem when ``raw`` is not a worker record, or not the
+        record of ``key_endpoint`` (what its key names). The endpoint comes back as
+        ``host:port``, however the worker wrote it."""
         try:
             data = json.loads(raw)
-        except ValueError as exc:
+        except ValueError as exc:  # the message names the position, not the document
             raise ValueError(f"not JSON: {exc}") from None
         if not isinstance(data, dict):
-            raise ValueError(f"not a JSON object: {raw!r}")
-        known = {f.name for f in fields(RegistryRecord)}
-        try:
-            record = RegistryRecord(**{k: v for k, v in data.items() if k in known})
-        except TypeError as exc:
-            raise ValueError(str(exc)) from None
-        if record.role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {record.role!r}")
-        return record
+            raise ValueError(f"not a JSON object: {short(data)}")
+        values = {f.name: data.get(f.name, f.default) for f in fields(RegistryRecord)}
+        for name, value in values.items():
+            if value is MISSING:
+                raise ValueError(f"{name} is missing")
+            kind, what = _FIELD_TYPES[name]
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ValueError(f"{name} must be {what}, got {short(value)}")
+        if values["role"] not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {short(values['role'])}")
+        endpoint = endpoint_of(values["endpoint"])  # ValueError when it is not host:port
+        if key_endpoint is not None and not _same_endpoint(key_endpoint, endpoint):
+            raise ValueError(f"its key names worker {short(key_endpoint)}, the record {endpoint}")
+        return RegistryRecord(**{**values, "endpoint": endpoint})
+
+
+_FIELD_TYPES: dict[str, tuple[type, str]] = {
+    "endpoint": (str, "a string"), "role": (str, "a string"), "model": (str, "a string"),
+    "fingerprint": (str, "a string"), "context_length": (int, "an integer"),
+    "total_pages": (int, "an integer"), "draining": (bool, "true or false"),
+}  # fmt: skip
+
+
+def _same_endpoint(key_endpoint: str, endpoint: str) -> bool:
+    try:
+        return endpoint_of(key_endpoint) == endpoint
+    except ValueError:
+        return False
 
 
 class RegistryWatcher:
@@ -145,7 +168,8 @@ class RegistryWatcher:
         self._reachable: bool | None = None  # None: not polled yet
         self._no_removal_until = 0.0
         self._admits: dict[str, asyncio.Task[None]] = {}
-        self._complaints: dict[str, str] = {}  # endpoint -> the record last complained about
+        # endpoint or key -> the record last complained about, while that key is there
+        self._complaints: dict[str, str] = {}
         self._task: asyncio.Task[None] | None = None
 
     async def poll(self, wait_admits: bool = False) -> bool:
@@ -164,41 +188,52 @@ class RegistryWatcher:
             self._hold_removals()
         self._reachable = True
         self._set_up(True)
-        self._apply(records)
+        self._apply(*records)
         if wait_admits and self._admits:
             await asyncio.gather(*self._admits.values(), return_exceptions=True)
         return True
 
-    async def _read(self) -> dict[str, RegistryRecord]:
+    async def _read(self) -> tuple[dict[str, RegistryRecord], set[str]]:
+        """The records by endpoint, and the names of every key under the prefix."""
         info = await self._redis.info("server")
         run_id = str(info.get("run_id", ""))
         if self._run_id is not None and run_id != self._run_id:
             log.info("worker registry restarted (run_id changed); re-syncing")
             self._hold_removals()
         self._run_id = run_id
-        keys = [key async for key in self._redis.scan_iter(match=self._pattern, count=200)]
+        keys = sorted({key async for key in self._redis.scan_iter(match=self._pattern, count=200)})
         values = await self._redis.mget(keys) if keys else []
         records: dict[str, RegistryRecord] = {}
+        names = set()
+        prefix = len(self._pattern) - 1  # the key minus "PREFIX:worker:" names the worker
         for key, raw in zip(keys, values, strict=True):
+            name = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+            names.add(name)
             if raw is None:
-                continue  # expired between SCAN and MGET
-            name = key.decode() if isinstance(key, bytes) else str(key)
+                continue  # expired between SCAN and MGET, or not a string key
             try:
-                record = RegistryRecord.parse(raw)
+                record = RegistryRecord.parse(raw, name[prefix:])
+                if record.endpoint in records:
+                    raise ValueError(f"worker {record.endpoint} has a record under another key")
             except ValueError as exc:
-                self._complain(name, str(raw), f"ignoring registry key {name}: {exc}")
+                self._complain(name, str(raw), f"ignoring registry key {short(name)}: {exc}")
                 continue
             records[record.endpoint] = record
-        return records
+        return records, names
 
     def _hold_removals(self) -> None:
         self._no_removal_until = self._clock() + self.config.resync_grace_s
 
-    def _apply(self, records: dict[str, RegistryRecord]) -> None:
+    def _apply(self, records: dict[str, RegistryRecord], keys: set[str]) -> None:
         pool = self.pool
         for endpoint, record in records.items():
             member = pool.get(endpoint)
             if member is not None:
+                if member.role != record.role:
+                    self._complain(
+                        endpoint, repr(record), f"worker {endpoint} is in the pool as "
+                        f"{member.role}; its registry record says {record.role} (ignored)",
+                    )  # fmt: skip
                 draining = record.draining or member.leave_when_idle
                 if member.source == SOURCE_REGISTRY and member.draining != draining:
                     member.draining = draining
@@ -210,8 +245,8 @@ class RegistryWatcher:
             self._admits[endpoint] = asyncio.create_task(self._admit(record))
         # Forget what concerned records that are gone.
         pool.evicted &= set(records)
-        for endpoint in set(self._complaints) - set(records):
-            del self._complaints[endpoint]
+        for gone in set(self._complaints) - set(records) - keys:
+            del self._complaints[gone]
         if self._clock() < self._no_removal_until:
             return
         for member in pool.all_workers:

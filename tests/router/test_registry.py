@@ -8,6 +8,7 @@ worker processes that register themselves (and are SIGKILLed)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -67,6 +68,26 @@ def test_record_parsing() -> None:
     ):
         with pytest.raises(ValueError, match=fragment):
             RegistryRecord.parse(bad)
+    good = json.loads(record(w).to_json())
+    for changes, fragment in (
+        ({"endpoint": ["h:1"]}, "endpoint must be a string"),
+        ({"endpoint": 12345}, "endpoint must be a string"),
+        ({"endpoint": "no port"}, "host:port"),
+        ({"draining": "false"}, "draining must be true or false"),
+        ({"context_length": True}, "context_length must be an integer"),
+        ({"model": None}, "model must be a string"),
+        ({"model": ["m" * 5000]}, "model must be a string, got \\['mmm"),
+    ):
+        with pytest.raises(ValueError, match=fragment) as info:
+            RegistryRecord.parse(json.dumps({**good, **changes}), "h:1")
+        assert len(str(info.value)) < 200
+    # The endpoint is normalised, and must be the one the key names.
+    assert (
+        RegistryRecord.parse(json.dumps({**good, "endpoint": "grpc://h:1"}), "h:1").endpoint
+        == "h:1"
+    )
+    with pytest.raises(ValueError, match="its key names worker 'h:2', the record h:1"):
+        RegistryRecord.parse(record(w).to_json(), "h:2")
     with pytest.raises(ValueError, match="--registry must be a redis:// URL"):
         RegistryConfig(url="http://x")
 
@@ -197,6 +218,69 @@ def test_registry_refuses_another_kv_layout(
 
     with caplog.at_level(logging.INFO, logger="router"):
         run(body())
+
+
+def test_bad_registry_keys_are_skipped_and_logged_once(
+    model_dir: Path, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Records a worker would never write: each is ignored, logged once however many polls
+    see it, and none stops the registry from following the good ones."""
+    a, b = FakeWorker(), FakeWorker()
+    db = redis_server.client()
+    request = {"input_ids": [1], "sampling_params": {"max_new_tokens": 2}}
+
+    async def body() -> None:
+        for w in (a, b):
+            await w.start()
+        good = json.loads(record(a).to_json())
+        db.set(record(a).key("pdserve"), record(a).to_json())
+        bad = {
+            b"pdserve:worker:json": b"{not json",
+            b"pdserve:worker:big": json.dumps(list(range(200_000))).encode(),
+            b"pdserve:worker:\xff\xfe": record(a).to_json().encode(),
+            b"pdserve:worker:list": json.dumps({**good, "endpoint": ["a"]}).encode(),
+            b"pdserve:worker:evil": json.dumps({**good, "draining": True}).encode(),
+            record(b).key("pdserve").encode(): json.dumps({**good, "endpoint": b.endpoint,
+                                                           "draining": "false"}).encode(),
+        }  # fmt: skip
+        for key, value in bad.items():
+            db.set(key, value)
+        db.hset("pdserve:worker:hash", "a", "b")
+        try:
+            async with router_for(
+                model_dir,
+                policy="round_robin",
+                admin_key=KEY,
+                registry=RegistryConfig(redis_server.url, poll_interval_s=0.05, resync_grace_s=0),
+            ) as r:
+                await asyncio.sleep(0.5)  # about ten polls
+                assert {e: w["draining"] for e, w in (await members(r)).items()} == {
+                    a.endpoint: False
+                }
+                assert (await r.post("/generate", request))[0] == 200
+                # The registry still follows: b's fixed record joins, a's deleted one leaves.
+                db.set(record(b).key("pdserve"), record(b).to_json())
+                await until(r, lambda m: b.endpoint in m, "b to join")
+                # A member's record that changes its role: logged once, the member stays as it is.
+                db.set(record(a).key("pdserve"), json.dumps({**good, "role": "decode"}))
+                await asyncio.sleep(0.3)
+                assert (await members(r))[a.endpoint]["role"] == "null"
+                db.delete(record(a).key("pdserve"))
+                await until(r, lambda m: list(m) == [b.endpoint], "a to leave")
+                async with r.http.get(r.url + "/metrics") as resp:
+                    assert resp.status == 200
+        finally:
+            for w in (a, b):
+                await w.stop()
+        ignored = [m for m in caplog.messages if m.startswith("ignoring registry key")]
+        assert len(ignored) == len(bad), ignored
+        assert all(len(m) < 300 for m in ignored)
+        assert not [m for m in caplog.messages if "registry poll failed" in m]
+        (conflict,) = [m for m in caplog.messages if "its registry record says decode" in m]
+        assert f"worker {a.endpoint} is in the pool as null" in conflict
+
+    with caplog.at_level(logging.INFO, logger="router"):
+        run(body(), timeout_s=30)
 
 
 # ---- real workers registering themselves -----------------------------------------------------
