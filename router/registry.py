@@ -117,13 +117,14 @@ class RegistryRecord:
             raise ValueError(f"not JSON: {exc}") from None
         if not isinstance(data, dict):
             raise ValueError(f"not a JSON object: {short(data)}")
-        values = {f.name: data.get(f.name, f.default) for f in fields(RegistryRecord)}
-        for name, value in values.items():
+        values: dict[str, Any] = {}
+        for f in fields(RegistryRecord):
+            value = values[f.name] = data.get(f.name, f.default)
             if value is MISSING:
-                raise ValueError(f"{name} is missing")
-            kind, what = _FIELD_TYPES[name]
+                raise ValueError(f"{f.name} is missing")
+            kind, what = _JSON_TYPES[str(f.type)]
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise ValueError(f"{name} must be {what}, got {short(value)}")
+                raise ValueError(f"{f.name} must be {what}, got {short(value)}")
         if values["role"] not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {short(values['role'])}")
         endpoint = endpoint_of(values["endpoint"])  # ValueError when it is not host:port
@@ -132,10 +133,10 @@ class RegistryRecord:
         return RegistryRecord(**{**values, "endpoint": endpoint})
 
 
-_FIELD_TYPES: dict[str, tuple[type, str]] = {
-    "endpoint": (str, "a string"), "role": (str, "a string"), "model": (str, "a string"),
-    "fingerprint": (str, "a string"), "context_length": (int, "an integer"),
-    "total_pages": (int, "an integer"), "draining": (bool, "true or false"),
+# A record field's annotation (a string under ``from __future__ import annotations``) -> the
+# Python type its JSON value must have, and how to say so.
+_JSON_TYPES: dict[str, tuple[type, str]] = {
+    "str": (str, "a string"), "int": (int, "an integer"), "bool": (bool, "true or false"),
 }  # fmt: skip
 
 
@@ -175,7 +176,7 @@ class RegistryWatcher:
     async def poll(self, wait_admits: bool = False) -> bool:
         """One poll; False if Redis could not be read (nothing changed then)."""
         try:
-            records = await self._read()
+            records, keys = await self._read()
         except (RedisError, OSError) as exc:
             if self._reachable is not False:
                 log.warning("worker registry %s unreachable (serving from what we know): %s",
@@ -188,7 +189,7 @@ class RegistryWatcher:
             self._hold_removals()
         self._reachable = True
         self._set_up(True)
-        self._apply(*records)
+        self._apply(records, keys)
         if wait_admits and self._admits:
             await asyncio.gather(*self._admits.values(), return_exceptions=True)
         return True
