@@ -141,7 +141,7 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
         transfer_timeout_s=args.transfer_timeout,
     )
     async_engine = AsyncEngine(engine)
-    metrics = WorkerMetrics(role, settings.endpoint)
+    metrics = WorkerMetrics(role, settings.endpoint, model_name)
     metrics_port = metrics.serve(args.host, args.metrics_port)
     runtime = WorkerRuntime(
         settings,

@@ -21,6 +21,7 @@ from decode_worker.convert import (
     sampling_from_proto,
     status_for,
 )
+from decode_worker.metrics import queued
 from decode_worker.runtime import WorkerRuntime
 from engine.async_engine import RequestAborted
 from engine.engine import StepOutput
@@ -35,6 +36,9 @@ from kv_transfer import (
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+# The reason a client abort fails a waiting transfer with (not a transfer failure).
+_ABORTED = "aborted"
 
 
 def _failure(request_id: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -115,6 +119,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         held: list[StepOutput] = []
         try:
             async for outs in outputs:
+                if self.rt.metrics is not None:
+                    self.rt.metrics.generated(len(outs))
                 if every != 1:
                     held += outs
                     if not outs[-1].finished and (every == 0 or len(held) < every):
@@ -142,35 +148,16 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self.transfer_of[rid] = tid
         stream = rt.engine.open_stream(rid)
         finished = False
-        prompt = list(req.token_ids)
         try:
-            # The pages live in one data-parallel rank's pool; the prefill worker writes there.
-            rank, pages = await rt.engine.reserve_transfer(prompt, sampling, rid)
-            pool = rt.pools[rank]
-            attach = prefill_pb2.AttachDestinationRequest(
-                request_id=rid,
-                transfer_id=tid,
-                decode_endpoint=rt.settings.endpoint,
-                session_id=rt.sessions[rank],
-                page_ids=pages,
-                k_base_addrs=list(pool.k_base_addrs),
-                v_base_addrs=list(pool.v_base_addrs),
-                layout=layout_to_proto(rt.layout),
-                dp_rank=rank,
-                num_pages=pool.num_pages,
-            )
-            stub = prefill_pb2_grpc.PrefillStub(rt.channel(request.prefill_endpoint))
-            try:
-                await stub.AttachDestination(attach, timeout=rt.settings.rpc_timeout_s)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:
-                    raise LayoutMismatchError(exc.details()) from exc
-                raise TransferError(
-                    f"prefill worker {request.prefill_endpoint} refused the destination of "
-                    f"transfer {tid}: {exc.code().name} {exc.details()}"
-                ) from exc
-            receiver.bootstrapped()
-            done = await receiver.wait(rt.settings.transfer_timeout_s)
+            with queued(rt.metrics, "prealloc"):
+                await self._bootstrap(request, sampling, receiver)
+            with queued(rt.metrics, "transfer"):
+                try:
+                    done = await receiver.wait(rt.settings.transfer_timeout_s)
+                except TransferError as exc:
+                    if rt.metrics is not None and getattr(exc, "reason", "") != _ABORTED:
+                        rt.metrics.transfer_failures.inc()
+                    raise
             if not isinstance(done, decode_pb2.TransferDoneRequest):
                 raise TypeError(f"transfer {tid} completed with {type(done).__name__}")
             first = logprobs_from_proto(done.first_logprobs, done.HasField("first_logprobs"))
@@ -189,6 +176,43 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             rt.engine.close_stream(rid)
             if not finished and rt.engine.alive:
                 await asyncio.shield(rt.engine.abort(rid))
+
+    async def _bootstrap(
+        self, request: decode_pb2.DecodeRequest, sampling: SamplingParams, receiver: KVReceiver
+    ) -> None:
+        """Reserve the prompt's pages (in one data-parallel rank's pool) and hand their
+        address to the prefill worker. Raises, counted as a failed bootstrap, when the prefill
+        worker refuses the destination."""
+        req, rt = request.request, self.rt
+        rid, tid = req.request_id, request.transfer_id
+        # The pages live in one data-parallel rank's pool; the prefill worker writes there.
+        rank, pages = await rt.engine.reserve_transfer(list(req.token_ids), sampling, rid)
+        pool = rt.pools[rank]
+        attach = prefill_pb2.AttachDestinationRequest(
+            request_id=rid,
+            transfer_id=tid,
+            decode_endpoint=rt.settings.endpoint,
+            session_id=rt.sessions[rank],
+            page_ids=pages,
+            k_base_addrs=list(pool.k_base_addrs),
+            v_base_addrs=list(pool.v_base_addrs),
+            layout=layout_to_proto(rt.layout),
+            dp_rank=rank,
+            num_pages=pool.num_pages,
+        )
+        stub = prefill_pb2_grpc.PrefillStub(rt.channel(request.prefill_endpoint))
+        try:
+            await stub.AttachDestination(attach, timeout=rt.settings.rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if rt.metrics is not None:
+                rt.metrics.bootstrap_failures.inc()
+            if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:
+                raise LayoutMismatchError(exc.details()) from exc
+            raise TransferError(
+                f"prefill worker {request.prefill_endpoint} refused the destination of "
+                f"transfer {tid}: {exc.code().name} {exc.details()}"
+            ) from exc
+        receiver.bootstrapped()
 
     async def TransferDone(
         self, request: decode_pb2.TransferDoneRequest, context: grpc.aio.ServicerContext
@@ -211,7 +235,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         tid = self.transfer_of.get(request.request_id)
         receiver = self.receivers.get(tid) if tid is not None else None
         if receiver is not None and receiver.state is TransferState.WAITING_FOR_INPUT:
-            receiver.fail("aborted")
+            receiver.fail(_ABORTED)
         return await self.rt.abort(request)
 
     async def GetLoad(

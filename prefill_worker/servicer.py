@@ -22,6 +22,7 @@ from decode_worker.convert import (
     sampling_from_proto,
     status_for,
 )
+from decode_worker.metrics import queued
 from decode_worker.runtime import WorkerRuntime
 from engine.engine import StepOutput
 from kv_transfer import (
@@ -139,9 +140,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 first = outs[-1]
             if first is None:
                 raise RuntimeError(f"request {rid} finished without a token")
-            dest = await sender.wait_for_destination(self.rt.settings.transfer_timeout_s)
+            with queued(self.rt.metrics, "bootstrap"):
+                dest = await sender.wait_for_destination(self.rt.settings.transfer_timeout_s)
             sender.begin()
-            nbytes = await self._write_pages(rid, dest)
+            with queued(self.rt.metrics, "inflight"):
+                nbytes = await self._write_pages(rid, dest)
             sender.succeed()
             await self._notify(dest, first=first)
             return prefill_pb2.PrefillResponse(
@@ -153,8 +156,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         except Exception as exc:
             if sender.state is not TransferState.SUCCESS:  # the pages may be written already
                 sender.fail(str(exc))
-            if self.rt.metrics is not None and dest is not None:
-                self.rt.metrics.transfer_failures.inc()
+            if self.rt.metrics is not None and first is not None:
+                # No destination yet: the hand-off failed while bootstrapping.
+                failures = self.rt.metrics.transfer_failures
+                if dest is None:
+                    failures = self.rt.metrics.bootstrap_failures
+                failures.inc()
             if dest is not None:
                 await self._notify(dest, error=f"prefill worker failed: {exc}")
             raise
@@ -177,8 +184,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         start = time.perf_counter()
         await asyncio.to_thread(self.writer.write, dest.session_id, batch)
         if self.rt.metrics is not None:
-            self.rt.metrics.transfer_seconds.observe(time.perf_counter() - start)
-            self.rt.metrics.transfer_bytes.inc(batch.total_bytes)
+            self.rt.metrics.transferred(batch.total_bytes, time.perf_counter() - start)
         return batch.total_bytes
 
     async def _notify(

@@ -116,6 +116,7 @@ class Router:
                 await registry.close()
             await pool.close()
             raise
+        metrics.set_model(model.name)
         pool.start_health_checks()
         admission = Admission(
             processes.child_admission(config.admission, config.processes), metrics

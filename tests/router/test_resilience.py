@@ -269,7 +269,9 @@ def test_colocated_migration_mid_stream(model_dir: Path) -> None:
             assert dying.aborts == []
             async with r.http.get(r.url + "/metrics") as resp:
                 text = await resp.text()
-            assert 'pdserve:router_migrations_total{code="UNAVAILABLE"} 1.0' in text
+            assert (
+                'pdserve:router_migrations_total{code="UNAVAILABLE",model_name="tiny"} 1.0' in text
+            )
 
     run(body())
 
@@ -355,8 +357,8 @@ def test_circuit_opens_excludes_and_recovers(model_dir: Path) -> None:
             async with r.http.get(r.url + "/metrics") as resp:
                 text = await resp.text()
             assert (
-                f'pdserve:router_worker_healthy{{role="null",worker="{flaky.endpoint}"}} 1.0'
-                in text
+                'pdserve:router_worker_healthy{model_name="tiny",role="null",'
+                f'worker="{flaky.endpoint}"}} 1.0' in text
             )
             assert "pdserve:router_retries_total" in text
 

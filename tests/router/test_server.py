@@ -550,12 +550,18 @@ def test_models_health_metrics(model_dir: Path, tokenizer: Tokenizer) -> None:
                 assert (await resp.json())["workers"] == {w.endpoint: False}
             async with r.http.get(r.url + "/metrics") as resp:
                 text = await resp.text()
-        assert 'pdserve:router_requests_total{endpoint="/v1/completions",status="200"} 1.0' in text
-        assert 'pdserve:router_requests_total{endpoint="/v1/completions",status="404"} 1.0' in text
+        assert (
+            'pdserve:router_requests_total{endpoint="/v1/completions",model_name="served",'
+            'status="200"} 1.0' in text
+        )
+        assert (
+            'pdserve:router_requests_total{endpoint="/v1/completions",model_name="served",'
+            'status="404"} 1.0' in text
+        )
         for name in (
-            "pdserve:time_to_first_token_seconds_count 1.0",
+            'pdserve:time_to_first_token_seconds_count{model_name="served"} 1.0',
             "pdserve:inter_token_latency_seconds_count",
-            "pdserve:e2e_request_latency_seconds_count 1.0",
+            'pdserve:e2e_request_latency_seconds_count{model_name="served"} 1.0',
             "pdserve:router_running_requests",
         ):
             assert name in text
