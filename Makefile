@@ -24,6 +24,11 @@ $(STAMP): pyproject.toml
 	@command -v redis-server >/dev/null || { \
 	  echo "installing redis-server"; \
 	  (apt-get install -y -q redis-server || (apt-get update -q && apt-get install -y -q redis-server)) >/dev/null; }
+	# promtool checks deploy/prometheus; the integration test runs a real Prometheus server.
+	@command -v promtool >/dev/null || { \
+	  echo "installing prometheus (promtool and the server, for the deploy tests)"; \
+	  (apt-get install -y -q --no-install-recommends prometheus || (apt-get update -q && \
+	   apt-get install -y -q --no-install-recommends prometheus)) >/dev/null; }
 	@command -v ip >/dev/null || (apt-get install -y -q iproute2 || (apt-get update -q && apt-get install -y -q iproute2)) >/dev/null
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned: an unpinned requirement pulls the CUDA build.

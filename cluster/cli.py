@@ -10,13 +10,27 @@ Qwen3-MoE checkpoint generated locally, on the CPU.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from cluster.local import ChildFailed, LocalCluster, LocalClusterSpec
+from cluster.metrics import GroupSample, targets
+
+
+def _write_targets(cluster: LocalCluster, path: str) -> None:
+    """Every child's /metrics as Prometheus file_sd targets (the controller's /targets shape)."""
+    groups = [
+        GroupSample(name, name.rsplit("-", 1)[0], 0, True, False, url)
+        for name, url in cluster.metrics.items()
+    ]
+    tmp = Path(path + ".tmp")
+    tmp.write_text(json.dumps(targets(groups), indent=1))
+    tmp.replace(path)  # Prometheus may read the file at any time: never half-written
 
 
 def _local(args: argparse.Namespace, extra: list[str]) -> int:
@@ -46,6 +60,10 @@ def _local(args: argparse.Namespace, extra: list[str]) -> int:
     print(f"\npdserve is serving {name} at {cluster.url}")
     for kind, endpoints in cluster.workers.items():
         print(f"  {kind}: {', '.join(endpoints)}")
+    print("metrics:\n" + "".join(f"  {n}: {url}\n" for n, url in cluster.metrics.items()), end="")
+    if args.metrics_targets:
+        _write_targets(cluster, args.metrics_targets)
+        print(f"Prometheus file_sd targets in {args.metrics_targets}")
     print(
         f"\ntry:\n  curl {cluster.url}/v1/completions -H 'Content-Type: application/json' "
         f"""-d '{{"model": "{name}", "prompt": "The KV cache", "max_tokens": 16}}'\n"""
@@ -199,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     local.add_argument("--host", default="127.0.0.1")
     local.add_argument("--port", type=int, default=8000)
     local.add_argument("--log-dir", default="logs", help="where children's stderr goes")
+    local.add_argument(
+        "--metrics-targets",
+        help="write every process's /metrics address to this file, in Prometheus' file_sd format",
+    )
     up = sub.add_parser("up", help="place a cluster spec on a Ray cluster and supervise it")
     up.add_argument("spec", nargs="?", help="cluster spec YAML (default: the embedded demo)")
     up.add_argument("--log-dir", default="/tmp/pdserve-logs", help="on every node")

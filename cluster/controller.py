@@ -26,10 +26,12 @@ from typing import Any
 
 import grpc
 import ray
+from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster import metrics
 from cluster.actors import ProcessHost, node_address, redis_argv
 from cluster.spec import EMBEDDED, ClusterSpec
 
@@ -79,6 +81,7 @@ class Controller:
         self.groups: dict[str, Group] = {}
         self._counter = {"prefill": 0, "decode": 0}
         self._supervisor: asyncio.Task[None] | None = None
+        self._metrics: web.AppRunner | None = None
         self.router_url = ""
 
     # -- bringing things up -----------------------------------------------------------------
@@ -113,6 +116,10 @@ class Controller:
         )
         await self._start_router()
         self._supervisor = asyncio.create_task(self._supervise())
+        if self.spec.metrics.port:
+            self._metrics = await metrics.serve(
+                self._samples, self.spec.metrics.host, self.spec.metrics.port
+            )
         return {"url": self.router_url, "redis": self.redis_url}
 
     async def _start_router(self) -> None:
@@ -252,6 +259,18 @@ class Controller:
 
     # -- operating --------------------------------------------------------------------------
 
+    def _samples(self) -> list[metrics.GroupSample]:
+        """Every group as the controller's /metrics and /targets report it."""
+        out = []
+        for g in self.groups.values():
+            url = str(g.info.get("metrics", ""))
+            if g.role == "router" and g.info.get("url"):
+                url = str(g.info["url"]) + "/metrics"
+            # A server bound to every address is scraped at its node's.
+            url = url.replace("//0.0.0.0:", f"//{g.info.get('node', '127.0.0.1')}:")
+            out.append(metrics.GroupSample(g.name, g.role, g.restarts, g.healthy, g.draining, url))
+        return out
+
     async def status(self) -> list[dict[str, Any]]:
         rows = []
         for g in self.groups.values():
@@ -290,6 +309,8 @@ class Controller:
     async def down(self) -> None:
         if self._supervisor is not None:
             self._supervisor.cancel()
+        if self._metrics is not None:
+            await self._metrics.cleanup()
         order = [g for g in self.groups.values() if g.role == "router"]
         order += [g for g in self.groups.values() if g.role not in ("router", "redis")]
         order += [g for g in self.groups.values() if g.role == "redis"]

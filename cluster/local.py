@@ -109,6 +109,7 @@ class LocalCluster:
         self.children: list[Child] = []
         self.url = ""
         self.workers: dict[str, list[str]] = {}
+        self.metrics: dict[str, str] = {}  # child name -> its /metrics URL
 
     def start(self, timeout_s: float = READY_TIMEOUT_S) -> LocalCluster:
         spec = self.spec
@@ -135,6 +136,7 @@ class LocalCluster:
             for kind, child in pending:
                 ready = _wait_ready(child, timeout_s)
                 self.workers.setdefault(kind, []).append(str(ready["endpoint"]))
+                self.metrics[child.name] = str(ready["metrics"])
             router_args = ["-m", "router", "--model-path", spec.model_path,
                            "--host", spec.host, "--port", str(spec.port)]  # fmt: skip
             for kind, endpoints in self.workers.items():
@@ -143,6 +145,7 @@ class LocalCluster:
             router = _start("router", [*router_args, *spec.router_args], env, log_dir)
             self.children.append(router)
             self.url = str(_wait_ready(router, timeout_s)["url"])
+            self.metrics[router.name] = self.url + "/metrics"
         except BaseException:
             self.stop()
             raise

@@ -8,6 +8,7 @@
     prefill: {replicas: 2, device: GPU}
     decode: {instances: 1, ep_size: 8, device: GPU, num_redundant_experts: 8}
     redis: {address: embedded}         # or redis://host:6379/0
+    metrics: {host: 0.0.0.0, port: 9400}   # the controller's /metrics and /targets; 0: off
 
 Unknown keys and wrong types are errors that name the key and the value.
 """
@@ -93,12 +94,22 @@ class DecodeSpec:
 
 
 @dataclass(frozen=True)
+class MetricsSpec:
+    """Where the controller serves `/metrics` (restarts, health) and `/targets` (Prometheus
+    HTTP service discovery of every worker); port 0 serves neither."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+
+
+@dataclass(frozen=True)
 class ClusterSpec:
     model: ModelSpec = field(default_factory=ModelSpec)
     router: RouterSpec = field(default_factory=RouterSpec)
     prefill: PrefillSpec = field(default_factory=PrefillSpec)
     decode: DecodeSpec = field(default_factory=DecodeSpec)
     redis: str = EMBEDDED
+    metrics: MetricsSpec = field(default_factory=MetricsSpec)
 
     def __post_init__(self) -> None:
         if self.prefill.replicas < 0:
@@ -117,6 +128,8 @@ class ClusterSpec:
                 raise SpecError(f"{role}.device must be one of {DEVICES}, got {device!r}")
         if not (1 <= self.router.port <= 65535):
             raise SpecError(f"router.port must be in [1, 65535], got {self.router.port}")
+        if not (0 <= self.metrics.port <= 65535):
+            raise SpecError(f"metrics.port must be in [0, 65535] (0: off), got {self.metrics.port}")
         if self.redis != EMBEDDED and not self.redis.startswith("redis://"):
             raise SpecError(f"redis.address must be 'embedded' or redis://..., got {self.redis!r}")
 
@@ -137,7 +150,8 @@ class ClusterSpec:
     @staticmethod
     def from_dict(raw: Any) -> ClusterSpec:
         top = _take(raw, "spec", {k: (dict, type(None)) for k in ("model", "router", "prefill",
-                                                                 "decode", "redis")})  # fmt: skip
+                                                                 "decode", "redis",
+                                                                 "metrics")})  # fmt: skip
         m = _take(top.get("model"), "model", {"path": str, "load_format": str, "engine_args": dict})
         if m.get("load_format", "auto") not in ("auto", "safetensors", "dummy"):
             raise SpecError(f"model.load_format must be auto, safetensors or dummy: {m}")
@@ -149,6 +163,7 @@ class ClusterSpec:
             {"instances": int, "ep_size": int, "device": str, "num_redundant_experts": int},
         )
         redis = _take(top.get("redis"), "redis", {"address": str})
+        metrics = _take(top.get("metrics"), "metrics", {"host": str, "port": int})
         return ClusterSpec(
             model=ModelSpec(
                 path=m.get("path"),
@@ -163,6 +178,7 @@ class ClusterSpec:
             prefill=PrefillSpec(**p),
             decode=DecodeSpec(**d),
             redis=redis.get("address", EMBEDDED),
+            metrics=MetricsSpec(**metrics),
         )
 
     def describe(self) -> dict[str, Any]:

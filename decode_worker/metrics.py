@@ -16,10 +16,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    make_wsgi_app,
+)
 
 from engine.async_engine import AsyncEngine
 
@@ -42,6 +53,7 @@ QUEUES = {
 
 class WorkerMetrics:
     def __init__(self, role: str, endpoint: str, model_name: str = "") -> None:
+        disable_created_metrics()  # no *_created series: dashboards never read them
         self.registry = r = CollectorRegistry()
         self._labels = {"model_name": model_name, "role": role, "worker": endpoint}
         names = list(self._labels)
@@ -118,8 +130,11 @@ class WorkerMetrics:
         self._last_refresh = time.monotonic()
 
     def serve(self, host: str, port: int) -> int:
-        """Start the /metrics HTTP server; returns its port (useful with port 0)."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        """Start the /metrics HTTP server (a thread); returns its port (useful with port 0)."""
+        server = make_server(
+            host, port, _text_only(make_wsgi_app(self.registry)), _Server, _QuietHandler
+        )
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         return int(server.server_port)
 
     def transferred(self, nbytes: int, seconds: float) -> None:
@@ -191,6 +206,26 @@ class WorkerMetrics:
             self.expert_imbalance.labels(**self._labels, layer=layer).set(after)
             if after < before:
                 self.rebalances.inc()
+
+
+def _text_only(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
+    """Answer every scrape in the classic text format. prometheus-client 0.26 writes sample
+    names in OpenMetrics (which Prometheus asks for first) with `:` turned into `_`, so
+    `pdserve:kv_pages_total` would be stored as `pdserve_kv_pages_total`."""
+
+    def app_text(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        return app({**environ, "HTTP_ACCEPT": "text/plain; version=0.0.4"}, start_response)
+
+    return app_text
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # no line per scrape
+        pass
 
 
 @contextlib.contextmanager
