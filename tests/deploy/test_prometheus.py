@@ -5,6 +5,7 @@ Prometheus server on loopback, loaded with the shipped config and rules, scrapes
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.deploy.test_grafana import METRIC, dashboards, exported, queries
 from tests.e2e.procs import WORKER_FLAGS
 from tests.redis_server import free_port
 
@@ -59,6 +61,16 @@ def test_alert_rules_unit_tests() -> None:
     }
     assert tested == alerts, f"alerts without a firing test: {sorted(alerts - tested)}"
     assert "SUCCESS" in promtool("test", "rules", "alerts_test.yml")
+
+
+def test_alerts_name_exported_metrics() -> None:
+    names = exported()
+    rules = yaml.safe_load((DEPLOY / "alerts.yml").read_text())
+    for rule in (r for g in rules["groups"] for r in g["rules"]):
+        found = METRIC.findall(rule["expr"])
+        assert found or "up{" in rule["expr"], rule["alert"]
+        for name, _ in found:
+            assert name in names, f"{rule['alert']}: {name} is not exported"
 
 
 def get_json(url: str, timeout: float = 10) -> Any:
@@ -167,6 +179,17 @@ def test_prometheus_scrapes_a_local_cluster(
 ) -> None:
     url, _ = local_cluster
     prom = prometheus
+    # Every target is up and scraped before the requests (so that rates see them arrive): the
+    # router, one prefill and one decode worker (the router's entry in the service discovery
+    # file is dropped by the workers' job).
+    def all_up() -> list[dict[str, Any]] | None:
+        up = query(prom, 'up{job=~"pdserve.*"} == 1')
+        return up if len(up) == 3 else None
+
+    up = wait_for("three targets up", all_up)
+    assert {r["metric"]["job"] for r in up} == {"pdserve-router", "pdserve-workers"}
+    assert sorted(r["metric"].get("pdserve_role", "") for r in up) == ["", "decode", "prefill"]
+
     for i in range(STREAMED + 1):
         body = {"model": MODEL, "prompt": f"The KV cache {i}", "max_tokens": 8, "stream": i > 0}
         req = urllib.request.Request(
@@ -177,16 +200,6 @@ def test_prometheus_scrapes_a_local_cluster(
         with urllib.request.urlopen(req, timeout=60) as resp:
             assert resp.status == 200
             resp.read()
-
-    # Every target is up: the router, one prefill and one decode worker (the router's entry
-    # in the service discovery file is dropped by the workers' job).
-    def all_up() -> list[dict[str, Any]] | None:
-        up = query(prom, 'up{job=~"pdserve.*"} == 1')
-        return up if len(up) == 3 else None
-
-    up = wait_for("three targets up", all_up)
-    assert {r["metric"]["job"] for r in up} == {"pdserve-router", "pdserve-workers"}
-    assert sorted(r["metric"].get("pdserve_role", "") for r in up) == ["", "decode", "prefill"]
 
     # The TTFT histogram counts the streamed requests.
     ttft = wait_for(
@@ -216,6 +229,20 @@ def test_prometheus_scrapes_a_local_cluster(
             " == sum(pdserve:generation_tokens_total) > 0",
         ),
     )
+
+    # Every dashboard query is valid PromQL for this server, and the overview's TTFT panel
+    # has data.
+    for board in dashboards().values():
+        for expr in queries(board):
+            if expr.startswith("label_values("):
+                continue
+            promql = re.sub(r"\$(model|worker|layer)", ".*", expr)
+            query(prom, promql)  # a syntax error fails here
+            if "time_to_first_token" in expr:
+                wait_for(
+                    f"data for {expr}",
+                    lambda q=promql: [r for r in query(prom, q) if r["value"][1] != "NaN"],
+                )
 
     # The shipped rules loaded and evaluate cleanly; nothing fires on a healthy cluster.
     def rules_ok() -> list[dict[str, Any]] | None:
