@@ -29,6 +29,11 @@ $(STAMP): pyproject.toml
 	  echo "installing prometheus (promtool and the server, for the deploy tests)"; \
 	  (apt-get install -y -q --no-install-recommends prometheus || (apt-get update -q && \
 	   apt-get install -y -q --no-install-recommends prometheus)) >/dev/null; }
+	# The deploy tests render deploy/k8s with `kubectl kustomize` (Debian's kubectl where none is).
+	@command -v kubectl >/dev/null || { \
+	  echo "installing kubernetes-client (kubectl kustomize, for the deploy tests)"; \
+	  (apt-get install -y -q --no-install-recommends kubernetes-client || (apt-get update -q && \
+	   apt-get install -y -q --no-install-recommends kubernetes-client)) >/dev/null; }
 	@command -v ip >/dev/null || (apt-get install -y -q iproute2 || (apt-get update -q && apt-get install -y -q iproute2)) >/dev/null
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned: an unpinned requirement pulls the CUDA build.

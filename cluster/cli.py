@@ -113,6 +113,9 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+HEAD_NODE = "node:__internal_head__"  # the custom resource Ray gives its head node only
+
+
 def _up(args: argparse.Namespace) -> int:
     import ray
 
@@ -135,11 +138,19 @@ def _up(args: argparse.Namespace) -> int:
     start = time.monotonic()
     controller: Any = (
         ray.remote(Controller)
-        .options(name=CONTROLLER, namespace=NAMESPACE, lifetime="detached", num_cpus=0)
+        # On the head node, where the spec's metrics port is published (deploy/k8s).
+        .options(
+            name=CONTROLLER,
+            namespace=NAMESPACE,
+            lifetime="detached",
+            num_cpus=0,
+            resources={HEAD_NODE: 0.001},
+        )
         .remote(_spec_dict(args.spec), model_path, args.log_dir)
     )
     urls: dict[str, str] = ray.get(controller.up.remote())
-    print(f"pdserve is up at {urls['url']} ({time.monotonic() - start:.1f} s; registry "
+    where = urls["url"] or "(router not started by Ray: router.enabled is false)"
+    print(f"pdserve is up at {where} ({time.monotonic() - start:.1f} s; registry "
           f"{urls['redis']})\n")  # fmt: skip
     print(_table(ray.get(controller.status.remote())))
     if not args.foreground:

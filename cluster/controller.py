@@ -46,8 +46,20 @@ _SUPERVISE_INTERVAL_S = 1.0
 Host: Any = ray.remote(ProcessHost)
 
 
-def _bundle(device: str) -> dict[str, float]:
-    return {"CPU": 1.0} if device == "CPU" else {"CPU": 1.0, device: 1.0}
+def _bundle(device: str, ray_resource: str = "") -> dict[str, float]:
+    bundle = {"CPU": 1.0} if device == "CPU" else {"CPU": 1.0, device: 1.0}
+    if ray_resource:
+        bundle[ray_resource] = 1.0
+    return bundle
+
+
+def _worker_options(device: str, ray_resource: str = "") -> dict[str, Any]:
+    """Ray options of one worker process (or rank) on `device`: Ray takes GPUs only as
+    `num_gpus`, other devices (NPU) and the spec's `ray_resource` as custom resources."""
+    resources = {device: 1.0} if device not in ("CPU", "GPU") else {}
+    if ray_resource:
+        resources[ray_resource] = 1.0
+    return {"num_cpus": 1, "num_gpus": 1 if device == "GPU" else 0, "resources": resources}
 
 
 @dataclass
@@ -114,7 +126,8 @@ class Controller:
             *(self._add("prefill") for _ in range(self.spec.prefill.replicas)),
             *(self._add("decode") for _ in range(self.spec.decode.instances)),
         )
-        await self._start_router()
+        if self.spec.router.enabled:
+            await self._start_router()
         self._supervisor = asyncio.create_task(self._supervise())
         if self.spec.metrics.port:
             self._metrics = await metrics.serve(
@@ -148,8 +161,7 @@ class Controller:
         device = self.spec.prefill.device
         argv = self._worker_argv("prefill_worker", "prefill", device)
         actor = Host.options(
-            num_cpus=1,
-            resources={device: 1} if device != "CPU" else {},
+            **_worker_options(device, self.spec.prefill.ray_resource),
             scheduling_strategy="SPREAD",
             max_restarts=-1,
         ).remote(group.name, argv, self.log_dir)
@@ -160,7 +172,8 @@ class Controller:
     async def _start_decode(self, group: Group) -> None:
         d = self.spec.decode
         if group.pg is None:
-            group.pg = placement_group([_bundle(d.device)] * d.ep_size, strategy="STRICT_PACK")
+            bundle = _bundle(d.device, d.ray_resource)
+            group.pg = placement_group([bundle] * d.ep_size, strategy="STRICT_PACK")
             await group.pg.ready()
         pg = group.pg
 
@@ -187,12 +200,10 @@ class Controller:
                 for r in range(1, d.ep_size)
             ]  # fmt: skip
             argvs = [rank0, *rest]
-        resources = {d.device: 1} if d.device != "CPU" else {}
+        options = _worker_options(d.device, d.ray_resource)
         # A rank's death is handled by restarting the whole instance, not one actor.
         group.actors = [
-            Host.options(
-                num_cpus=1, resources=resources, scheduling_strategy=in_bundle(i), max_restarts=0
-            ).remote(
+            Host.options(**options, scheduling_strategy=in_bundle(i), max_restarts=0).remote(
                 f"{group.name}-rank{i}", argv, self.log_dir, ready="line" if i == 0 else "none"
             )
             for i, argv in enumerate(argvs)

@@ -4,9 +4,12 @@
       path: /models/Qwen3-30B-A3B      # omitted: the embedded tiny default (CPU demo)
       load_format: auto
       engine_args: {page-size: 16}     # flags for every worker, SGLang names
-    router: {host: 0.0.0.0, port: 8000, args: {policy: cache_aware}}
+    router: {host: 0.0.0.0, port: 8000, args: {policy: cache_aware}}   # enabled: false when
+                                       # the router runs elsewhere (a Kubernetes Deployment)
     prefill: {replicas: 2, device: GPU}
     decode: {instances: 1, ep_size: 8, device: GPU, num_redundant_experts: 8}
+    # ray_resource (prefill and decode): a custom Ray resource each worker (each rank) takes
+    # one unit of, to keep the roles on the nodes that advertise it (deploy/k8s does).
     redis: {address: embedded}         # or redis://host:6379/0
     metrics: {host: 0.0.0.0, port: 9400}   # the controller's /metrics and /targets; 0: off
 
@@ -77,12 +80,14 @@ class RouterSpec:
     host: str = "127.0.0.1"
     port: int = 8000
     args: tuple[str, ...] = ()
+    enabled: bool = True  # False: not started by Ray (it finds the workers through Redis)
 
 
 @dataclass(frozen=True)
 class PrefillSpec:
     replicas: int = 1
     device: str = "CPU"
+    ray_resource: str = ""
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,7 @@ class DecodeSpec:
     ep_size: int = 1
     device: str = "CPU"
     num_redundant_experts: int = 0
+    ray_resource: str = ""
 
 
 @dataclass(frozen=True)
@@ -155,12 +161,22 @@ class ClusterSpec:
         m = _take(top.get("model"), "model", {"path": str, "load_format": str, "engine_args": dict})
         if m.get("load_format", "auto") not in ("auto", "safetensors", "dummy"):
             raise SpecError(f"model.load_format must be auto, safetensors or dummy: {m}")
-        r = _take(top.get("router"), "router", {"host": str, "port": int, "args": dict})
-        p = _take(top.get("prefill"), "prefill", {"replicas": int, "device": str})
+        r = _take(
+            top.get("router"), "router", {"host": str, "port": int, "args": dict, "enabled": bool}
+        )
+        p = _take(
+            top.get("prefill"), "prefill", {"replicas": int, "device": str, "ray_resource": str}
+        )
         d = _take(
             top.get("decode"),
             "decode",
-            {"instances": int, "ep_size": int, "device": str, "num_redundant_experts": int},
+            {
+                "instances": int,
+                "ep_size": int,
+                "device": str,
+                "num_redundant_experts": int,
+                "ray_resource": str,
+            },
         )
         redis = _take(top.get("redis"), "redis", {"address": str})
         metrics = _take(top.get("metrics"), "metrics", {"host": str, "port": int})
@@ -174,6 +190,7 @@ class ClusterSpec:
                 host=r.get("host", "127.0.0.1"),
                 port=r.get("port", 8000),
                 args=_flags(r.get("args", {}), "router.args"),
+                enabled=r.get("enabled", True),
             ),
             prefill=PrefillSpec(**p),
             decode=DecodeSpec(**d),

@@ -179,6 +179,7 @@ def test_prometheus_scrapes_a_local_cluster(
 ) -> None:
     url, _ = local_cluster
     prom = prometheus
+
     # Every target is up and scraped before the requests (so that rates see them arrive): the
     # router, one prefill and one decode worker (the router's entry in the service discovery
     # file is dropped by the workers' job).
