@@ -10,6 +10,8 @@ STAMP := $(VENV)/.installed
 MODELS ?= models
 PACKAGES := engine kv_transfer protos/__init__.py protos/h2.py prefill_worker decode_worker router cluster
 PORT ?= 8000
+# no: skip what only the tests use (Prometheus, kubectl), as deploy/Dockerfile's image does.
+TEST_TOOLS ?= yes
 
 .PHONY: install test test-ray lint format proto tiny-models run run-ray run-offline bench-engine clean
 
@@ -25,12 +27,12 @@ $(STAMP): pyproject.toml
 	  echo "installing redis-server"; \
 	  (apt-get install -y -q redis-server || (apt-get update -q && apt-get install -y -q redis-server)) >/dev/null; }
 	# promtool checks deploy/prometheus; the integration test runs a real Prometheus server.
-	@command -v promtool >/dev/null || { \
+	@[ "$(TEST_TOOLS)" != yes ] || command -v promtool >/dev/null || { \
 	  echo "installing prometheus (promtool and the server, for the deploy tests)"; \
 	  (apt-get install -y -q --no-install-recommends prometheus || (apt-get update -q && \
 	   apt-get install -y -q --no-install-recommends prometheus)) >/dev/null; }
 	# The deploy tests render deploy/k8s with `kubectl kustomize` (Debian's kubectl where none is).
-	@command -v kubectl >/dev/null || { \
+	@[ "$(TEST_TOOLS)" != yes ] || command -v kubectl >/dev/null || { \
 	  echo "installing kubernetes-client (kubectl kustomize, for the deploy tests)"; \
 	  (apt-get install -y -q --no-install-recommends kubernetes-client || (apt-get update -q && \
 	   apt-get install -y -q --no-install-recommends kubernetes-client)) >/dev/null; }
