@@ -130,10 +130,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         rid = req.request_id
         sender = self._sender(tid)
         dest: Destination | None = None
+        first: StepOutput | None = None
         try:
             # The prefill worker samples only the first token; the decode worker the rest.
             sampling = replace(sampling_from_proto(req.sampling), max_new_tokens=1)
-            first: StepOutput | None = None
             async for outs in self.rt.engine.generate(
                 rid, list(req.token_ids), sampling, hold_pages=True
             ):
