@@ -203,6 +203,25 @@ def test_bad_input_is_invalid_argument_and_worker_survives(colocated: str) -> No
     asyncio.run(main())
 
 
+def test_prefill_refuses_bad_sampling_with_invalid_argument(pair: tuple[str, str]) -> None:
+    """A prefill request whose sampling parameters are invalid is refused as such (not as an
+    internal error of the failure accounting), and the worker serves on."""
+    prefill, decode = pair
+
+    async def main() -> None:
+        req = request("bad-temp", [1, 2, 3])
+        req.sampling.temperature = -1.0
+        async with grpc.aio.insecure_channel(prefill) as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await prefill_pb2_grpc.PrefillStub(ch).Prefill(
+                    prefill_pb2.PrefillRequest(request=req, transfer_id=11)
+                )
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, info.value
+        assert await run_disaggregated(prefill, decode, request("ok", [1, 2, 3]))
+
+    asyncio.run(main())
+
+
 def test_layout_mismatch_refuses_to_pair(model_dir: Path, pair: tuple[str, str]) -> None:
     prefill, _ = pair
     with worker("decode", model_dir, "--page-size", "4") as (_, decode):
