@@ -165,6 +165,9 @@ def test_the_pieces_agree(overlay: str) -> None:
             assert worker["resources"]["limits"][device_resource] == count
         if device == "NPU":
             assert advertised["NPU"] == count
+    # A pod per prefill replica and per decode instance: the controller waits for all.
+    assert groups["prefill"]["replicas"] == spec.prefill.replicas
+    assert groups["decode"]["replicas"] == spec.decode.instances
     assert ray["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no worker on the head
     # The controller's metrics port is published by the head and its Service.
     head = ray["headGroupSpec"]["template"]["spec"]["containers"][0]
