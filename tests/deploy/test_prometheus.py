@@ -73,6 +73,24 @@ def test_alerts_name_exported_metrics() -> None:
             assert name in names, f"{rule['alert']}: {name} is not exported"
 
 
+def test_worker_metrics_keep_their_names_when_prometheus_asks_for_openmetrics() -> None:
+    """Prometheus asks for OpenMetrics first; a worker answers in the text format, whose
+    sample names keep their `:` (prometheus-client 0.26's OpenMetrics writes `_`)."""
+    from decode_worker.metrics import WorkerMetrics
+
+    port = WorkerMetrics("decode", "w:1", "m").serve("127.0.0.1", 0)
+    accept = (
+        "application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+        "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+    )  # Prometheus 2.42's
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"Accept": accept})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = resp.read().decode()
+    assert 'pdserve:kv_pages_total{model_name="m",role="decode",worker="w:1"} 0.0' in text
+    assert "pdserve_" not in text
+
+
 def get_json(url: str, timeout: float = 10) -> Any:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         return json.loads(resp.read())
