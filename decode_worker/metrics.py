@@ -211,7 +211,8 @@ class WorkerMetrics:
 def _text_only(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
     """Answer every scrape in the classic text format. prometheus-client 0.26 writes sample
     names in OpenMetrics (which Prometheus asks for first) with `:` turned into `_`, so
-    `pdserve:kv_pages_total` would be stored as `pdserve_kv_pages_total`."""
+    `pdserve:kv_pages_total` would be stored as `pdserve_kv_pages_total`
+    (prometheus/client_python#1177, open)."""
 
     def app_text(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         return app({**environ, "HTTP_ACCEPT": "text/plain; version=0.0.4"}, start_response)
