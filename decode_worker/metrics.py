@@ -5,8 +5,9 @@ dashboard query can sum or split by any of them. Names follow vLLM's and SGLang'
 a `pdserve:` prefix; counters get prometheus-client's `_total` suffix.
 
 Gauges of the engine (running, waiting, KV pages, prefix-cache hits, preemptions, generated
-tokens) are refreshed from the engine loop once a second; the hand-off queues are tracked where
-requests enter and leave them (`queued`), and transfer counters where transfers end. With
+tokens) are refreshed from the engine loop once a second, and so are the hand-off queues, from
+the stage the servicers record for each request (`handoff`); transfer counters are counted
+where transfers end (`handoff_failed`, `transferred`). With
 expert parallelism, routing counts per expert and the expected max/mean rank load come from a
 collective every `expert_interval_s`, which is also when EPLB may rebalance.
 """
@@ -14,11 +15,10 @@ collective every `expert_interval_s`, which is also when EPLB may rebalance.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 _TRANSFER_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
-# The hand-off queues, as SGLang's PD workers report them:
+# The hand-off queues, as SGLang's PD workers report them (a request is in one at a time):
 #   prefill  bootstrap: prefilled requests waiting for their decode worker's destination;
 #            inflight:  requests whose KV pages are being written to the decode worker;
 #   decode   prealloc:  requests reserving pages and handing the destination to prefill;
@@ -126,6 +126,7 @@ class WorkerMetrics:
         )
         # Engine counters seen at the last refresh (the Prometheus counters add the growth).
         self._seen = {"hits": 0, "queries": 0, "preemptions": 0}
+        self._stage: dict[str, str] = {}  # request id -> the hand-off queue it is in
         self._unexported_tokens = 0
         self._last_refresh = time.monotonic()
 
@@ -144,6 +145,24 @@ class WorkerMetrics:
         if seconds > 0:
             self.transfer_speed.set(nbytes / seconds / 1e9)
 
+    def handoff(self, request_id: str, queue: str | None) -> None:
+        """`request_id` is now in hand-off queue `queue` (a key of QUEUES), or in none."""
+        if queue is None:
+            self._stage.pop(request_id, None)
+        elif queue not in QUEUES:
+            raise ValueError(f"unknown hand-off queue {queue!r}; known: {sorted(QUEUES)}")
+        else:
+            self._stage[request_id] = queue
+
+    def handoff_failed(self, request_id: str) -> None:
+        """`request_id`'s hand-off failed: a failed bootstrap while it waited for (or
+        negotiated) the destination, a failed transfer once the pages were on their way."""
+        queue = self._stage.get(request_id)
+        if queue in ("bootstrap", "prealloc"):
+            self.bootstrap_failures.inc()
+        elif queue in ("inflight", "transfer"):
+            self.transfer_failures.inc()
+
     def generated(self, num_tokens: int) -> None:
         """Tokens streamed; a plain add here (the hot path), exported at the next refresh."""
         self._unexported_tokens += num_tokens
@@ -157,6 +176,9 @@ class WorkerMetrics:
         self.running.set(sum(x.num_running for x in loads))
         self.waiting.set(sum(x.num_waiting for x in loads))
         self.transferring.set(sum(x.num_transferring for x in loads))
+        stages = list(self._stage.values())
+        for queue, gauge in self.queues.items():
+            gauge.set(stages.count(queue))
         self.pages_free.set(free)
         self.pages_total.set(total)
         self.page_usage.set(1 - free / total if total else 0)
@@ -229,11 +251,13 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-@contextlib.contextmanager
-def queued(metrics: WorkerMetrics | None, queue: str) -> Iterator[None]:
-    """Count a request in hand-off queue `queue` (a key of QUEUES) while the block runs."""
-    if metrics is None:
-        yield
-        return
-    with metrics.queues[queue].track_inprogress():
-        yield
+def handoff(metrics: WorkerMetrics | None, request_id: str, queue: str | None) -> None:
+    """`WorkerMetrics.handoff` when the worker keeps metrics."""
+    if metrics is not None:
+        metrics.handoff(request_id, queue)
+
+
+def handoff_failed(metrics: WorkerMetrics | None, request_id: str) -> None:
+    """`WorkerMetrics.handoff_failed` when the worker keeps metrics."""
+    if metrics is not None:
+        metrics.handoff_failed(request_id)

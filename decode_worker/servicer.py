@@ -21,7 +21,7 @@ from decode_worker.convert import (
     sampling_from_proto,
     status_for,
 )
-from decode_worker.metrics import queued
+from decode_worker.metrics import handoff, handoff_failed
 from decode_worker.runtime import WorkerRuntime
 from engine.async_engine import RequestAborted
 from engine.engine import StepOutput
@@ -36,9 +36,6 @@ from kv_transfer import (
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-# The reason a client abort fails a waiting transfer with (not a transfer failure).
-_ABORTED = "aborted"
 
 
 def _failure(request_id: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -148,16 +145,38 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self.transfer_of[rid] = tid
         stream = rt.engine.open_stream(rid)
         finished = False
+        prompt = list(req.token_ids)
         try:
-            with queued(rt.metrics, "prealloc"):
-                await self._bootstrap(request, sampling, receiver)
-            with queued(rt.metrics, "transfer"):
-                try:
-                    done = await receiver.wait(rt.settings.transfer_timeout_s)
-                except TransferError as exc:
-                    if rt.metrics is not None and getattr(exc, "reason", "") != _ABORTED:
-                        rt.metrics.transfer_failures.inc()
-                    raise
+            handoff(rt.metrics, rid, "prealloc")
+            # The pages live in one data-parallel rank's pool; the prefill worker writes there.
+            rank, pages = await rt.engine.reserve_transfer(prompt, sampling, rid)
+            pool = rt.pools[rank]
+            attach = prefill_pb2.AttachDestinationRequest(
+                request_id=rid,
+                transfer_id=tid,
+                decode_endpoint=rt.settings.endpoint,
+                session_id=rt.sessions[rank],
+                page_ids=pages,
+                k_base_addrs=list(pool.k_base_addrs),
+                v_base_addrs=list(pool.v_base_addrs),
+                layout=layout_to_proto(rt.layout),
+                dp_rank=rank,
+                num_pages=pool.num_pages,
+            )
+            stub = prefill_pb2_grpc.PrefillStub(rt.channel(request.prefill_endpoint))
+            try:
+                await stub.AttachDestination(attach, timeout=rt.settings.rpc_timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:
+                    raise LayoutMismatchError(exc.details()) from exc
+                raise TransferError(
+                    f"prefill worker {request.prefill_endpoint} refused the destination of "
+                    f"transfer {tid}: {exc.code().name} {exc.details()}"
+                ) from exc
+            receiver.bootstrapped()
+            handoff(rt.metrics, rid, "transfer")
+            done = await receiver.wait(rt.settings.transfer_timeout_s)
+            handoff(rt.metrics, rid, None)
             if not isinstance(done, decode_pb2.TransferDoneRequest):
                 raise TypeError(f"transfer {tid} completed with {type(done).__name__}")
             first = logprobs_from_proto(done.first_logprobs, done.HasField("first_logprobs"))
@@ -170,49 +189,17 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 async for outs in rt.engine.iterate(stream):
                     finished = outs[-1].finished
                     yield [replace(o, num_cached_tokens=cached) for o in outs]
+        except (TransferError, LayoutMismatchError) as exc:
+            if getattr(exc, "reason", "") != "aborted":  # a client's abort is no failed hand-off
+                handoff_failed(rt.metrics, rid)
+            raise
         finally:
+            handoff(rt.metrics, rid, None)
             self.receivers.pop(tid)
             self.transfer_of.pop(rid, None)
             rt.engine.close_stream(rid)
             if not finished and rt.engine.alive:
                 await asyncio.shield(rt.engine.abort(rid))
-
-    async def _bootstrap(
-        self, request: decode_pb2.DecodeRequest, sampling: SamplingParams, receiver: KVReceiver
-    ) -> None:
-        """Reserve the prompt's pages (in one data-parallel rank's pool) and hand their
-        address to the prefill worker. Raises, counted as a failed bootstrap, when the prefill
-        worker refuses the destination."""
-        req, rt = request.request, self.rt
-        rid, tid = req.request_id, request.transfer_id
-        # The pages live in one data-parallel rank's pool; the prefill worker writes there.
-        rank, pages = await rt.engine.reserve_transfer(list(req.token_ids), sampling, rid)
-        pool = rt.pools[rank]
-        attach = prefill_pb2.AttachDestinationRequest(
-            request_id=rid,
-            transfer_id=tid,
-            decode_endpoint=rt.settings.endpoint,
-            session_id=rt.sessions[rank],
-            page_ids=pages,
-            k_base_addrs=list(pool.k_base_addrs),
-            v_base_addrs=list(pool.v_base_addrs),
-            layout=layout_to_proto(rt.layout),
-            dp_rank=rank,
-            num_pages=pool.num_pages,
-        )
-        stub = prefill_pb2_grpc.PrefillStub(rt.channel(request.prefill_endpoint))
-        try:
-            await stub.AttachDestination(attach, timeout=rt.settings.rpc_timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            if rt.metrics is not None:
-                rt.metrics.bootstrap_failures.inc()
-            if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:
-                raise LayoutMismatchError(exc.details()) from exc
-            raise TransferError(
-                f"prefill worker {request.prefill_endpoint} refused the destination of "
-                f"transfer {tid}: {exc.code().name} {exc.details()}"
-            ) from exc
-        receiver.bootstrapped()
 
     async def TransferDone(
         self, request: decode_pb2.TransferDoneRequest, context: grpc.aio.ServicerContext
@@ -235,7 +222,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         tid = self.transfer_of.get(request.request_id)
         receiver = self.receivers.get(tid) if tid is not None else None
         if receiver is not None and receiver.state is TransferState.WAITING_FOR_INPUT:
-            receiver.fail(_ABORTED)
+            receiver.fail("aborted")
         return await self.rt.abort(request)
 
     async def GetLoad(

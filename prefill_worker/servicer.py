@@ -22,7 +22,7 @@ from decode_worker.convert import (
     sampling_from_proto,
     status_for,
 )
-from decode_worker.metrics import queued
+from decode_worker.metrics import handoff, handoff_failed
 from decode_worker.runtime import WorkerRuntime
 from engine.engine import StepOutput
 from kv_transfer import (
@@ -130,21 +130,21 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         rid = req.request_id
         sender = self._sender(tid)
         dest: Destination | None = None
-        first: StepOutput | None = None
         try:
             # The prefill worker samples only the first token; the decode worker the rest.
             sampling = replace(sampling_from_proto(req.sampling), max_new_tokens=1)
+            first: StepOutput | None = None
             async for outs in self.rt.engine.generate(
                 rid, list(req.token_ids), sampling, hold_pages=True
             ):
                 first = outs[-1]
             if first is None:
                 raise RuntimeError(f"request {rid} finished without a token")
-            with queued(self.rt.metrics, "bootstrap"):
-                dest = await sender.wait_for_destination(self.rt.settings.transfer_timeout_s)
+            handoff(self.rt.metrics, rid, "bootstrap")
+            dest = await sender.wait_for_destination(self.rt.settings.transfer_timeout_s)
             sender.begin()
-            with queued(self.rt.metrics, "inflight"):
-                nbytes = await self._write_pages(rid, dest)
+            handoff(self.rt.metrics, rid, "inflight")
+            nbytes = await self._write_pages(rid, dest)
             sender.succeed()
             await self._notify(dest, first=first)
             return prefill_pb2.PrefillResponse(
@@ -156,16 +156,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         except Exception as exc:
             if sender.state is not TransferState.SUCCESS:  # the pages may be written already
                 sender.fail(str(exc))
-            if self.rt.metrics is not None and first is not None:
-                # No destination yet: the hand-off failed while bootstrapping.
-                failures = self.rt.metrics.transfer_failures
-                if dest is None:
-                    failures = self.rt.metrics.bootstrap_failures
-                failures.inc()
+            handoff_failed(self.rt.metrics, rid)
             if dest is not None:
                 await self._notify(dest, error=f"prefill worker failed: {exc}")
             raise
         finally:
+            handoff(self.rt.metrics, rid, None)
             self.senders.pop(tid)
             if self.rt.engine.alive:
                 await asyncio.shield(self.rt.engine.release_held(rid))
