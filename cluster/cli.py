@@ -10,27 +10,14 @@ Qwen3-MoE checkpoint generated locally, on the CPU.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from cluster.local import ChildFailed, LocalCluster, LocalClusterSpec
-from cluster.metrics import GroupSample, targets
-
-
-def _write_targets(cluster: LocalCluster, path: str) -> None:
-    """Every child's /metrics as Prometheus file_sd targets (the controller's /targets shape)."""
-    groups = [
-        GroupSample(name, name.rsplit("-", 1)[0], 0, True, False, url)
-        for name, url in cluster.metrics.items()
-    ]
-    tmp = Path(path + ".tmp")
-    tmp.write_text(json.dumps(targets(groups), indent=1))
-    tmp.replace(path)  # Prometheus may read the file at any time: never half-written
+from cluster.metrics import write_file_sd
 
 
 def _local(args: argparse.Namespace, extra: list[str]) -> int:
@@ -62,7 +49,7 @@ def _local(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"  {kind}: {', '.join(endpoints)}")
     print("metrics:\n" + "".join(f"  {n}: {url}\n" for n, url in cluster.metrics.items()), end="")
     if args.metrics_targets:
-        _write_targets(cluster, args.metrics_targets)
+        write_file_sd(cluster.metrics, args.metrics_targets)
         print(f"Prometheus file_sd targets in {args.metrics_targets}")
     print(
         f"\ntry:\n  curl {cluster.url}/v1/completions -H 'Content-Type: application/json' "

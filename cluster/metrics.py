@@ -8,8 +8,10 @@ controller is the one place that always knows them.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -72,6 +74,15 @@ def targets(groups: Iterable[GroupSample]) -> list[dict[str, object]]:
             labels["__metrics_path__"] = url.path
         out.append({"targets": [url.netloc], "labels": labels})
     return out
+
+
+def write_file_sd(metrics: dict[str, str], path: str) -> None:
+    """`pdserve local`'s processes ({name: /metrics URL}, names like "prefill-0") as a
+    Prometheus file_sd file, in the shape of the controller's /targets."""
+    groups = [GroupSample(n, n.rsplit("-", 1)[0], 0, True, False, u) for n, u in metrics.items()]
+    tmp = Path(path + ".tmp")
+    tmp.write_text(json.dumps(targets(groups), indent=1))
+    tmp.replace(path)  # Prometheus may read the file at any time: never half-written
 
 
 def app(groups: Callable[[], Iterable[GroupSample]]) -> web.Application:
