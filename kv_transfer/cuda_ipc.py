@@ -51,6 +51,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
+import numpy as np
+
 from kv_transfer.transfer_engine import TransferEngine
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,11 @@ class IpcDriver(Protocol):
         once all have landed."""
         ...
 
+    def copy_rows(self, device: int, rows: Sequence[RowCopy]) -> None:
+        """Do every row copy (`run_row_copies`) on `device`, and return once all have
+        landed."""
+        ...
+
 
 class _IpcMemHandle(ctypes.Structure):
     _fields_ = [("reserved", ctypes.c_char * 64)]
@@ -152,6 +159,7 @@ class CudaDriver:
         self._lock = threading.Lock()
         self._contexts: dict[int, ctypes.c_void_p] = {}
         self._streams: dict[int, ctypes.c_void_p] = {}
+        self._torch_streams: dict[int, Any] = {}
         self._call("cuInit", 0)
 
     def _call(self, name: str, *args: Any) -> None:
@@ -235,6 +243,40 @@ class CudaDriver:
             self._call("cuMemcpyDtoDAsync_v2", dst, src, length, stream)
         self._call("cuStreamSynchronize", stream)
 
+    def tensor(self, addr: int, nbytes: int, device: int) -> Any:
+        """A uint8 torch tensor over `[addr, addr + nbytes)` on `device`, not a copy."""
+        import torch
+
+        t = torch.as_tensor(_CudaArray(addr, nbytes), device=torch.device("cuda", device))
+        if t.data_ptr() != addr:
+            raise IpcError(f"memory at {addr:#x} is not on cuda:{device}; torch copied it")
+        return t
+
+    def copy_rows(self, device: int, rows: Sequence[RowCopy]) -> None:
+        import torch
+
+        self._bind(device)
+        with self._lock:
+            stream = self._torch_streams.get(device)
+            if stream is None:
+                stream = self._torch_streams[device] = torch.cuda.Stream(device=device)
+        with torch.cuda.device(device), torch.cuda.stream(stream):
+            run_row_copies(rows, lambda a, n: self.tensor(a, n, device), f"cuda:{device}")
+        stream.synchronize()
+
+
+class _CudaArray:
+    """Raw device memory as `__cuda_array_interface__` (version 2: no stream to wait on), for
+    `torch.as_tensor` to wrap without copying."""
+
+    def __init__(self, addr: int, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "data": (addr, False),
+            "version": 2,
+        }
+
 
 # ---- the region table and its arithmetic ---------------------------------------------------
 
@@ -295,6 +337,27 @@ class PeerTable:
             raise IpcError(f"malformed region table from the peer: {e}") from e
 
 
+class RegionIndex:
+    """Finds the region holding an address range, by bisection (a hand-off has thousands of
+    writes). Regions may overlap (one registered twice, or nested)."""
+
+    def __init__(self, regions: Sequence[tuple[int, int]]) -> None:
+        self.regions = sorted(regions)  # (addr, length)
+        self._starts = [addr for addr, _ in self.regions]
+
+    def find(self, addr: int, length: int) -> tuple[int, int] | None:
+        """The `(addr, length)` of a region that holds all of `[addr, addr + length)`."""
+        i = bisect.bisect_right(self._starts, addr) - 1
+        # Every region before i starts at or before addr too; for a KV pool's disjoint
+        # tensors the first one checked holds it or none does.
+        while i >= 0:
+            start, size = self.regions[i]
+            if addr + length <= start + size:
+                return start, size
+            i -= 1
+        return None
+
+
 class MappedPeer:
     """A receiver's regions mapped into this process: translates the receiver's addresses to
     ours. One mapping per allocation, however many regions it holds."""
@@ -312,22 +375,21 @@ class MappedPeer:
         except BaseException:
             self.close()
             raise
-        # By start address, for a bisection per write (thousands of writes per hand-off).
-        self._regions = sorted(table.regions, key=lambda r: r.addr)
-        self._starts = [r.addr for r in self._regions]
+        self._theirs = RegionIndex([(r.addr, r.length) for r in table.regions])
+        self._ours = {r.addr: self.mapped[r.alloc_base] + (r.addr - r.alloc_base)
+                      for r in table.regions}  # fmt: skip
+        self.local_regions = RegionIndex([(self._ours[r.addr], r.length) for r in table.regions])
+        # Row copies wrap both sides as tensors of one device: only if the mappings are on ours.
+        try:
+            self.same_device = all(driver.device_of(m) == device for m in self.mapped.values())
+        except IpcError:
+            self.same_device = False
 
     def translate(self, dst: int, length: int) -> int | None:
         """Our address of the receiver's `[dst, dst + length)`, or None unless the range lies
         inside one registered region."""
-        i = bisect.bisect_right(self._starts, dst) - 1
-        # Regions may overlap (one registered twice, or nested); check back to the first
-        # that could still hold dst, which for a KV pool's disjoint tensors is just one.
-        while i >= 0:
-            r = self._regions[i]
-            if dst + length <= r.addr + r.length:
-                return self.mapped[r.alloc_base] + (dst - r.alloc_base)
-            i -= 1
-        return None
+        found = self._theirs.find(dst, length)
+        return None if found is None else self._ours[found[0]] + (dst - found[0])
 
     def close(self) -> None:
         for mapped in self.mapped.values():
@@ -336,6 +398,92 @@ class MappedPeer:
             except IpcError as e:
                 log.warning("closing a CUDA IPC mapping failed: %s", e)
         self.mapped.clear()
+
+
+# ---- copies as rows --------------------------------------------------------------------------
+
+
+# Rows narrower than this are not worth an index entry each: such writes go one by one.
+MIN_ROW_BYTES = 256
+
+
+@dataclass(frozen=True)
+class RowCopy:
+    """Writes between one source region and one destination region (both in this process's
+    address space), as rows of `unit` bytes: row `src_rows[i]` of the source, seen as
+    `[src_len // unit, unit]`, goes to row `dst_rows[i]` of the destination. One gather and
+    one scatter do them all, however many writes (pages) they were."""
+
+    src_addr: int
+    src_len: int
+    dst_addr: int
+    dst_len: int
+    unit: int
+    src_rows: np.ndarray  # int64 [n]
+    dst_rows: np.ndarray  # int64 [n]
+
+
+def plan_row_copies(
+    copies: Sequence[tuple[int, int, int]],
+    src_regions: RegionIndex,
+    dst_regions: RegionIndex,
+    min_row_bytes: int = MIN_ROW_BYTES,
+) -> tuple[list[RowCopy], list[tuple[int, int, int]]]:
+    """Split `(dst, src, length)` writes into row copies per (source region, destination
+    region) pair, and the writes left to copy one by one: those whose source lies in no
+    region of `src_regions`, and those of a pair whose common row width (the gcd of every
+    offset and length) is under `min_row_bytes`."""
+    groups: dict[tuple[tuple[int, int], tuple[int, int]], list[tuple[int, int, int]]] = {}
+    single: list[tuple[int, int, int]] = []
+    for dst, src, length in copies:
+        if length == 0:
+            continue
+        s = src_regions.find(src, length)
+        d = dst_regions.find(dst, length)
+        if s is None or d is None:
+            single.append((dst, src, length))
+        else:
+            groups.setdefault((s, d), []).append((dst - d[0], src - s[0], length))
+    planned = []
+    for ((s_addr, s_len), (d_addr, d_len)), writes in groups.items():
+        w = np.asarray(writes, dtype=np.int64)  # [n, 3]: dst offset, src offset, length
+        unit = int(np.gcd.reduce(w.ravel()))
+        if unit < min_row_bytes:
+            single.extend((d_addr + do, s_addr + so, n) for do, so, n in writes)
+            continue
+        counts = w[:, 2] // unit
+        within = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(
+            np.cumsum(counts) - counts, counts
+        )
+        src_rows = np.repeat(w[:, 1] // unit, counts) + within
+        dst_rows = np.repeat(w[:, 0] // unit, counts) + within
+        planned.append(RowCopy(s_addr, s_len, d_addr, d_len, unit, src_rows, dst_rows))
+    return planned, single
+
+
+def run_row_copies(rows: Sequence[RowCopy], view: Any, device: str) -> None:
+    """Do `rows` with torch on `device`: `view(addr, nbytes)` is a uint8 tensor over memory.
+    A consecutive run of rows is one slice copy; other rows one gather plus one scatter.
+    Index tensors are uploaded once per distinct row list (every layer of a KV hand-off
+    has the same one)."""
+    import torch
+
+    uploaded: dict[bytes, torch.Tensor] = {}
+
+    def index(rows_: np.ndarray) -> torch.Tensor:
+        key = rows_.tobytes()
+        if key not in uploaded:
+            uploaded[key] = torch.from_numpy(rows_).to(device)
+        return uploaded[key]
+
+    for r in rows:
+        src = view(r.src_addr, r.src_len - r.src_len % r.unit).view(-1, r.unit)
+        dst = view(r.dst_addr, r.dst_len - r.dst_len % r.unit).view(-1, r.unit)
+        n, s0, d0 = len(r.src_rows), int(r.src_rows[0]), int(r.dst_rows[0])
+        if bool(np.all(np.diff(r.src_rows) == 1)) and bool(np.all(np.diff(r.dst_rows) == 1)):
+            dst[d0 : d0 + n].copy_(src[s0 : s0 + n])
+        else:
+            dst.index_copy_(0, index(r.dst_rows), src.index_select(0, index(r.src_rows)))
 
 
 def _boot_id() -> str:
@@ -436,10 +584,28 @@ def _split_session(session_id: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+# How writes are copied, by `PDSERVE_CUDA_IPC_COPY`: "memcpy", one cuMemcpyDtoDAsync per write;
+# "rows", a gather and a scatter (torch) per source/destination region pair, for the writes
+# whose source lies in memory registered on this engine (the rest one by one); "auto" (the
+# default), rows when they average at least _ROWS_MIN_WRITES_PER_PAIR writes per pair, i.e.
+# when pages are scattered, and memcpy for long runs.
+COPY_MODES = ("auto", "memcpy", "rows")
+_ROWS_MIN_WRITES_PER_PAIR = 4
+
+
 class CudaIpcTransferEngine(TransferEngine):
     """The `TransferEngine` API over CUDA IPC between processes of one host (module doc)."""
 
-    def __init__(self, driver: IpcDriver | None = None) -> None:
+    def __init__(self, driver: IpcDriver | None = None, copy_mode: str | None = None) -> None:
+        """`copy_mode`: one of `COPY_MODES`; None reads `PDSERVE_CUDA_IPC_COPY` (default
+        "auto")."""
+        mode = copy_mode or os.environ.get("PDSERVE_CUDA_IPC_COPY") or "auto"
+        if mode not in COPY_MODES:
+            raise ValueError(
+                f"cuda_ipc copy mode {mode!r} is not one of {COPY_MODES} "
+                "(set PDSERVE_CUDA_IPC_COPY to one of them, or unset it)"
+            )
+        self._copy_mode = mode
         self._driver: IpcDriver = driver if driver is not None else CudaDriver()
         self._instance = uuid.uuid4().hex
         self._boot_id = _boot_id()
@@ -603,6 +769,24 @@ class CudaIpcTransferEngine(TransferEngine):
             self._refresh(peer, device)
             fresh = True
 
+    def _copy(self, device: int, copies: list[tuple[int, int, int]], peer: _Peer) -> None:
+        """Run the writes: as row copies (a gather and a scatter per region pair) where that
+        saves calls, the rest one `cuMemcpyDtoDAsync` each (see `COPY_MODES`)."""
+        mapped = peer.mapped
+        if self._copy_mode == "memcpy" or mapped is None or not mapped.same_device:
+            self._driver.copy(device, copies)
+            return
+        with self._regions_lock:
+            local = RegionIndex([(r.addr, r.length) for r in self._regions.values()])
+        rows, single = plan_row_copies(copies, local, mapped.local_regions)
+        if self._copy_mode == "auto" and len(copies) < _ROWS_MIN_WRITES_PER_PAIR * len(rows):
+            self._driver.copy(device, copies)  # a few long writes per region: one call each
+            return
+        if single:
+            self._driver.copy(device, single)
+        if rows:
+            self._driver.copy_rows(device, rows)
+
     def batch_transfer_sync_write(
         self, session_id: str, srcs: list[int], dsts: list[int], lengths: list[int]
     ) -> int:
@@ -624,7 +808,7 @@ class CudaIpcTransferEngine(TransferEngine):
             try:
                 device = self._driver.device_of(srcs[0])
                 copies = self._plan(peer, device, srcs, dsts, lengths)
-                self._driver.copy(device, copies)
+                self._copy(device, copies, peer)
             except IpcError as e:
                 log.error("cuda_ipc: write of %d ranges to %s failed: %s", len(srcs), session_id, e)
                 if peer.connection_closed():

@@ -16,13 +16,19 @@ from typing import Any
 import pytest
 
 from kv_transfer import KVLayout, KVPoolDescriptor, PageWriter, build_write_batch
-from kv_transfer.cuda_ipc import CudaIpcTransferEngine, IpcError, PeerTable
+from kv_transfer.cuda_ipc import (
+    CudaIpcTransferEngine,
+    IpcError,
+    PeerTable,
+    RegionIndex,
+    plan_row_copies,
+)
 from kv_transfer.transfer_engine import TransferError, create_transfer_engine
 from tests.kv_transfer.shm_driver import SharedMemoryDriver, view
 
 LAYOUT = KVLayout(model="m", dtype="float32", page_size=4, num_layers=2, num_kv_heads=1,
-                  head_dim=4)  # fmt: skip
-PAGE = LAYOUT.k_page_bytes  # 64 bytes
+                  head_dim=16)  # fmt: skip
+PAGE = LAYOUT.k_page_bytes  # 256 bytes: MIN_ROW_BYTES, the narrowest rows
 NUM_PAGES = 8
 LAYER = NUM_PAGES * PAGE
 TIMEOUT_S = 30
@@ -64,19 +70,27 @@ class Receiver:
 
 
 class Sender:
-    """A writing engine and a source pool of distinct bytes in private memory."""
+    """A writing engine and a source pool of distinct bytes, registered with the engine as a
+    prefill worker's is (which lets it copy pages as rows)."""
 
-    def __init__(self) -> None:
+    def __init__(self, copy_mode: str = "auto") -> None:
         self.driver = SharedMemoryDriver()
-        self.engine = CudaIpcTransferEngine(self.driver)
+        self.engine = CudaIpcTransferEngine(self.driver, copy_mode)
         assert self.engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
         size = 2 * LAYOUT.num_layers * LAYER
-        self.memory = (ctypes.c_char * size).from_buffer(bytearray(os.urandom(size)))
-        self.pool = pool_at(ctypes.addressof(self.memory))
+        segment, base = self.driver.own(size)
+        view(segment)[:] = os.urandom(size)
+        self.pool = pool_at(base)
+        for addr, length in self.pool.regions():
+            assert self.engine.register_memory(addr, length) == 0
 
     def page(self, which: str, layer: int, page: int) -> bytes:
-        base = (2 * layer + (which == "v")) * LAYER + page * PAGE
-        return ctypes.string_at(ctypes.addressof(self.memory) + base, PAGE)
+        addr = (self.pool.v_page_addr if which == "v" else self.pool.k_page_addr)(layer, page)
+        return ctypes.string_at(addr, PAGE)
+
+    def close(self) -> None:
+        self.engine.close()
+        self.driver.release()
 
     def write(self, dest: Receiver | tuple[str, KVPoolDescriptor], src: list[int],
               dst: list[int]) -> None:  # fmt: skip
@@ -95,7 +109,7 @@ def receiver() -> Iterator[Receiver]:
 def sender() -> Iterator[Sender]:
     s = Sender()
     yield s
-    s.engine.close()
+    s.close()
 
 
 def check_pages(
@@ -109,16 +123,54 @@ def check_pages(
                 assert get_dst(which, layer, d) == bytes(PAGE), (which, layer, d)
 
 
+@pytest.mark.parametrize("mode", ["memcpy", "rows", "auto"])
 def test_pages_land_byte_for_byte_with_one_mapping_per_allocation(
-    receiver: Receiver, sender: Sender
+    receiver: Receiver, mode: str
 ) -> None:
-    src, dst = [0, 1, 2, 5, 6, 3], [3, 4, 5, 0, 1, 7]  # three runs
-    sender.write(receiver, src, dst)
-    check_pages(receiver.page, sender, src, dst, untouched=[2, 6])
-    # Four registered regions in one allocation: opened once, and kept for the next write.
-    sender.write(receiver, [7], [2])
-    assert sender.driver.opens == 1 and sender.driver.closes == 0
-    check_pages(receiver.page, sender, [7], [2], untouched=[6])
+    sender = Sender(mode)
+    try:
+        src, dst = [0, 1, 2, 5, 6, 3], [3, 4, 5, 0, 1, 7]  # three runs
+        sender.write(receiver, src, dst)
+        check_pages(receiver.page, sender, src, dst, untouched=[2, 6])
+        # Four registered regions in one allocation: opened once, kept for the next write.
+        sender.write(receiver, [7], [2])
+        assert sender.driver.opens == 1 and sender.driver.closes == 0
+        check_pages(receiver.page, sender, [7], [2], untouched=[6])
+        # Pages crossed over (a run's ends one apart, its middle not): rows, in the order given.
+        src, dst = [0, 2, 1, 3, 4, 6, 5, 7], [0, 1, 2, 3, 4, 5, 6, 7]
+        sender.write(receiver, src, dst)
+        check_pages(receiver.page, sender, src, dst, untouched=[])
+        # 3 and 1 writes per region pair stay memcpy under auto; 8 go as rows.
+        expected = {"memcpy": 0, "rows": 3 * 2 * LAYOUT.num_layers, "auto": 2 * LAYOUT.num_layers}
+        assert sender.driver.row_copies == expected[mode]
+    finally:
+        sender.close()
+
+
+def test_row_plan_arithmetic() -> None:
+    src = RegionIndex([(1000, 4096), (9000, 4096)])
+    dst = RegionIndex([(50_000, 8192)])
+    page = 512
+    copies = [
+        (50_000 + 3 * page, 1000 + 0 * page, 2 * page),  # a run of two pages
+        (50_000 + 0 * page, 1000 + 5 * page, page),
+        (50_000 + 9 * page, 9000 + 1 * page, page),  # another source region: its own pair
+        (50_000, 70_000, page),  # a source outside registered memory: copied on its own
+    ]
+    rows, single = plan_row_copies(copies, src, dst)
+    assert single == [(50_000, 70_000, page)]
+    assert [(r.src_addr, r.dst_addr, r.unit) for r in rows] == [(1000, 50_000, page),
+                                                                 (9000, 50_000, page)]  # fmt: skip
+    assert rows[0].src_rows.tolist() == [0, 1, 5] and rows[0].dst_rows.tolist() == [3, 4, 0]
+    assert rows[1].src_rows.tolist() == [1] and rows[1].dst_rows.tolist() == [9]
+    # Rows are as wide as every offset and length allow: two pages here.
+    rows, _ = plan_row_copies([(50_000 + 2 * page, 1000, 2 * page)], src, dst)
+    assert rows[0].unit == 2 * page and rows[0].dst_rows.tolist() == [1]
+    # Rows narrower than MIN_ROW_BYTES: one by one instead.
+    rows, single = plan_row_copies([(50_000 + 8, 1000 + 16, 8)], src, dst)
+    assert rows == [] and single == [(50_000 + 8, 1000 + 16, 8)]
+    assert plan_row_copies([(50_000, 1000, 0)], src, dst) == ([], [])
+    assert src.find(1000 + 4000, 96) == (1000, 4096) and src.find(1000 + 4000, 97) is None
 
 
 def receiver_main(inbox: Any, outbox: Any) -> None:
@@ -182,7 +234,7 @@ def test_unregistered_destination_fails_and_writes_nothing(
         fresh = Sender()
         with pytest.raises(TransferError):
             fresh.write(receiver, [0], [0])
-        fresh.engine.close()
+        fresh.close()
     finally:
         receiver.close()
 
