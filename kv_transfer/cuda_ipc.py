@@ -39,6 +39,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -126,7 +127,8 @@ _CU_STREAM_NON_BLOCKING = 1
 
 class CudaDriver:
     """`IpcDriver` on the CUDA driver API through ctypes. One non-blocking stream per device
-    for the copies; a copy call waits for its stream only."""
+    for the copies; a copy call waits for its stream only. One per process (`shared_driver`):
+    it holds the process's IPC mappings."""
 
     def __init__(self) -> None:
         try:
@@ -156,10 +158,11 @@ class CudaDriver:
         for name, argtypes in signatures.items():
             fn = getattr(self._cu, name)
             fn.argtypes, fn.restype = argtypes, c_int
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._contexts: dict[int, ctypes.c_void_p] = {}
         self._streams: dict[int, ctypes.c_void_p] = {}
         self._torch_streams: dict[int, Any] = {}
+        self._opened: dict[tuple[bytes, int], tuple[int, int]] = {}  # -> (mapped, open count)
         self._call("cuInit", 0)
 
     def _call(self, name: str, *args: Any) -> None:
@@ -219,17 +222,38 @@ class CudaDriver:
     def open(self, handle: bytes, device: int) -> int:
         if len(handle) != 64:
             raise IpcError(f"a CUDA IPC handle has 64 bytes, got {len(handle)}")
-        self._bind(device)
-        raw = _IpcMemHandle()
-        ctypes.memmove(raw.reserved, handle, 64)
-        mapped = ctypes.c_uint64()
-        self._call(
-            "cuIpcOpenMemHandle_v2", ctypes.byref(mapped), raw, _CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS
-        )
-        return mapped.value
+        # A handle may be opened once per process and device: engines of one process (and a
+        # peer's regions sharing an allocation) share the mapping, counted.
+        with self._lock:
+            known = self._opened.get((handle, device))
+            if known is not None:
+                self._opened[(handle, device)] = (known[0], known[1] + 1)
+                return known[0]
+            self._bind(device)
+            raw = _IpcMemHandle()
+            ctypes.memmove(raw.reserved, handle, 64)
+            mapped = ctypes.c_uint64()
+            self._call(
+                "cuIpcOpenMemHandle_v2",
+                ctypes.byref(mapped),
+                raw,
+                _CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS,
+            )
+            self._opened[(handle, device)] = (mapped.value, 1)
+            return mapped.value
 
     def close(self, mapped_base: int) -> None:
-        self._call("cuIpcCloseMemHandle", mapped_base)
+        with self._lock:
+            key = next((k for k, (m, _) in self._opened.items() if m == mapped_base), None)
+            if key is None:
+                raise IpcError(f"{mapped_base:#x} is not an open CUDA IPC mapping")
+            count = self._opened[key][1]
+            if count > 1:
+                self._opened[key] = (mapped_base, count - 1)
+                return
+            del self._opened[key]
+            self._bind(key[1])
+            self._call("cuIpcCloseMemHandle", mapped_base)
 
     def copy(self, device: int, copies: Sequence[tuple[int, int, int]]) -> None:
         self._bind(device)
@@ -263,6 +287,12 @@ class CudaDriver:
         with torch.cuda.device(device), torch.cuda.stream(stream):
             run_row_copies(rows, lambda a, n: self.tensor(a, n, device), f"cuda:{device}")
         stream.synchronize()
+
+
+@functools.lru_cache(maxsize=1)
+def shared_driver() -> CudaDriver:
+    """This process's `CudaDriver` (created on first use)."""
+    return CudaDriver()
 
 
 class _CudaArray:
@@ -596,6 +626,10 @@ _ROWS_MIN_WRITES_PER_PAIR = 4
 class CudaIpcTransferEngine(TransferEngine):
     """The `TransferEngine` API over CUDA IPC between processes of one host (module doc)."""
 
+    # No queue limit here (Mooncake's TCP one is why `PageWriter` cuts batches): a hand-off in
+    # one call lets its writes be planned as rows together.
+    max_writes_per_call = 1 << 30
+
     def __init__(self, driver: IpcDriver | None = None, copy_mode: str | None = None) -> None:
         """`copy_mode`: one of `COPY_MODES`; None reads `PDSERVE_CUDA_IPC_COPY` (default
         "auto")."""
@@ -606,7 +640,7 @@ class CudaIpcTransferEngine(TransferEngine):
                 "(set PDSERVE_CUDA_IPC_COPY to one of them, or unset it)"
             )
         self._copy_mode = mode
-        self._driver: IpcDriver = driver if driver is not None else CudaDriver()
+        self._driver: IpcDriver = driver if driver is not None else shared_driver()
         self._instance = uuid.uuid4().hex
         self._boot_id = _boot_id()
         self._regions: dict[int, ExportedRegion] = {}
