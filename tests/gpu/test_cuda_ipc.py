@@ -16,9 +16,11 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-from bench.cuda_ipc import (  # noqa: E402 (after the skip mark: the bench needs CUDA)
+from bench.kv_transfer_gpu import (  # noqa: E402 (after the skip mark: the bench needs CUDA)
     Receiver,
     allocate,
+    close,
+    new_engine,
     page_patterns,
     register,
     run_case,
@@ -27,6 +29,7 @@ from kv_transfer import (  # noqa: E402
     KVLayout,
     KVPoolDescriptor,
     PageWriter,
+    TransferEngine,
     TransferError,
     build_write_batch,
 )
@@ -38,16 +41,15 @@ PROMPT_TOKENS = 192
 
 def engines(
     pool: KVPoolDescriptor,
-) -> Iterator[dict[str, tuple[CudaIpcTransferEngine, PageWriter]]]:
-    made = {}
+) -> Iterator[dict[str, tuple[TransferEngine, PageWriter]]]:
+    made: dict[str, tuple[TransferEngine, PageWriter]] = {}
     for mode in COPY_MODES:
-        engine = CudaIpcTransferEngine(copy_mode=mode)
-        assert engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
+        engine = new_engine("cuda_ipc", mode)
         register(engine, pool)
         made[mode] = (engine, PageWriter(engine))
     yield made
     for engine, _ in made.values():
-        engine.close()
+        close(engine)
 
 
 @pytest.mark.parametrize("page_size", [1, 16, 64])

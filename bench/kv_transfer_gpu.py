@@ -1,20 +1,23 @@
-"""KV hand-off through the `cuda_ipc` backend, beside a plain device-to-device copy of the same
+"""KV hand-off between GPU pools of two processes through a transfer backend (`cuda_ipc` in
+each copy mode, or Mooncake's CUDA build), beside a plain device-to-device copy of the same
 pages, checked byte for byte. Needs a CUDA GPU.
 
 A receiver process (the decode side) holds a zeroed KV pool on `--receiver-device` and
-registers it with a `cuda_ipc` engine; this process (the prefill side) holds a pool of random
-bytes on `--device`, registered too, and writes one prompt's pages into the receiver with
-`PageWriter` (as the prefill worker does), for pages of each `--page-sizes` tokens, with
-contiguous destination pages (one run) and with every other page (no run longer than one
-page), in each copy mode. The baseline is the same pages copied inside this process, one
-`index_copy_` per layer and K/V, into a second local pool. After each case the receiver
-hashes the destination pages (SHA-256 of their bytes), which must equal the source pages'
-hash, and checks that every other page is still zero.
+registers it with its engine; this process (the prefill side) holds a pool of random bytes on
+`--device`, registered too, and writes one prompt's pages into the receiver with `PageWriter`
+(as the prefill worker does), for pages of each `--page-sizes` tokens, with contiguous
+destination pages (one run) and with every other page (no run longer than one page). The
+baseline is the same pages copied inside this process, one `index_copy_` per layer and K/V,
+into a second local pool. After each case the receiver hashes the destination pages (SHA-256
+of their bytes), which must equal the source pages' hash, and checks that every other page is
+still zero.
 
-    python -m bench.cuda_ipc                      # Llama-3-8B shape (32 layers, 8 KV heads,
-                                                  # head_dim 128, bf16), 2,048-token prompt
-    python -m bench.cuda_ipc --receiver-device 1  # decode pool on a second GPU
-    python -m bench.cuda_ipc --layers 4 --prompt-tokens 256 --reps 3   # a quick check
+    python -m bench.kv_transfer_gpu                  # cuda_ipc, Llama-3-8B shape (32 layers,
+                                                     # 8 KV heads, head_dim 128, bf16), 2,048
+                                                     # -token prompt, pages of 1, 16, 64 tokens
+    python -m bench.kv_transfer_gpu --receiver-device cuda:1   # decode pool on a second GPU
+    python -m bench.kv_transfer_gpu --backend mooncake         # Mooncake's CUDA build, TCP
+    python -m bench.kv_transfer_gpu --layers 4 --prompt-tokens 256 --reps 3   # a quick check
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import time
@@ -30,7 +34,14 @@ from typing import Any
 
 import torch
 
-from kv_transfer import KVLayout, KVPoolDescriptor, PageWriter, build_write_batch
+from kv_transfer import (
+    KVLayout,
+    KVPoolDescriptor,
+    PageWriter,
+    TransferEngine,
+    build_write_batch,
+    create_transfer_engine,
+)
 from kv_transfer import descriptor_from_tensors as describe
 from kv_transfer.cuda_ipc import COPY_MODES, CudaIpcTransferEngine
 
@@ -60,24 +71,48 @@ def pages_hash(tensors: Sequence[torch.Tensor], pages: Sequence[int]) -> str:
     return digest.hexdigest()
 
 
-def register(engine: CudaIpcTransferEngine, pool: KVPoolDescriptor) -> None:
+def sync(device: str) -> None:
+    """Wait for `device`'s work (a no-op on the CPU, where the harness itself can be tried
+    with Mooncake: --backend mooncake --device cpu --receiver-device cpu)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def register(engine: TransferEngine, pool: KVPoolDescriptor) -> None:
     for addr, length in pool.regions():
         if engine.register_memory(addr, length) != 0:
-            raise RuntimeError(f"cuda_ipc register_memory({addr:#x}, {length}) failed")
+            raise RuntimeError(f"register_memory({addr:#x}, {length}) failed")
 
 
-def receiver_main(layout: KVLayout, num_pages: int, device: str, inbox: Any, outbox: Any) -> None:
+def new_engine(backend: str, copy_mode: str | None = None) -> TransferEngine:
+    """An initialized engine on loopback; `copy_mode` for cuda_ipc."""
+    if backend == "cuda_ipc":
+        engine = CudaIpcTransferEngine(copy_mode=copy_mode)
+        if engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") != 0:
+            raise RuntimeError("cuda_ipc initialize failed")
+        return engine
+    os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
+    return create_transfer_engine(backend)
+
+
+def close(engine: TransferEngine) -> None:
+    if isinstance(engine, CudaIpcTransferEngine):
+        engine.close()
+
+
+def receiver_main(
+    layout: KVLayout, num_pages: int, device: str, backend: str, inbox: Any, outbox: Any
+) -> None:
     """Hold a zeroed pool, publish it, answer hash requests until told to stop."""
     try:
-        torch.cuda.set_device(device)
+        if torch.device(device).type == "cuda":
+            torch.cuda.set_device(device)
         tensors = allocate(layout, num_pages, device, random=False)
         n = layout.num_layers
         pool = describe(layout, tensors[:n], tensors[n:])
-        engine = CudaIpcTransferEngine()
-        if engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") != 0:
-            raise RuntimeError("cuda_ipc initialize failed")
+        engine = new_engine(backend)
         register(engine, pool)
-        torch.cuda.synchronize()
+        sync(device)
         outbox.put((engine.session_id, pool))
     except Exception as exc:
         outbox.put(exc)
@@ -85,7 +120,7 @@ def receiver_main(layout: KVLayout, num_pages: int, device: str, inbox: Any, out
     while (message := inbox.get(timeout=PEER_TIMEOUT_S)) != "stop":
         op, pages = message
         if op == "hash":
-            torch.cuda.synchronize()
+            sync(device)
             outbox.put(pages_hash(tensors, pages))
         elif op == "untouched_nonzero":
             index = torch.tensor(pages, dtype=torch.long, device=device)
@@ -93,20 +128,21 @@ def receiver_main(layout: KVLayout, num_pages: int, device: str, inbox: Any, out
         elif op == "zero":
             for t in tensors:
                 t.zero_()
-            torch.cuda.synchronize()
+            sync(device)
             outbox.put("ok")
-    engine.close()
+    close(engine)
 
 
 class Receiver:
     """The receiver process, started with `spawn` (CUDA does not survive fork)."""
 
-    def __init__(self, layout: KVLayout, num_pages: int, device: str) -> None:
+    def __init__(
+        self, layout: KVLayout, num_pages: int, device: str, backend: str = "cuda_ipc"
+    ) -> None:
         ctx = mp.get_context("spawn")
         self.inbox, self.outbox = ctx.Queue(), ctx.Queue()
-        self.proc = ctx.Process(
-            target=receiver_main, args=(layout, num_pages, device, self.inbox, self.outbox)
-        )
+        args = (layout, num_pages, device, backend, self.inbox, self.outbox)
+        self.proc = ctx.Process(target=receiver_main, args=args)
         self.proc.start()
         ready = self.outbox.get(timeout=PEER_TIMEOUT_S)
         if isinstance(ready, Exception):
@@ -145,7 +181,7 @@ def page_patterns(prompt_pages: int) -> dict[str, tuple[list[int], list[int]]]:
 
 def run_case(
     receiver: Receiver,
-    sender: dict[str, tuple[CudaIpcTransferEngine, PageWriter]],
+    sender: dict[str, tuple[TransferEngine, PageWriter]],
     src_tensors: list[torch.Tensor],
     src_pool: KVPoolDescriptor,
     base_tensors: list[torch.Tensor],
@@ -154,7 +190,8 @@ def run_case(
     warmup: int,
     reps: int,
 ) -> dict[str, Any]:
-    """Time every copy mode and the in-process baseline; check each mode's bytes."""
+    """Time every sender (backend or copy mode) and the in-process baseline; check each one's
+    bytes. Seconds per hand-off by sender name, and "baseline"."""
     batch = build_write_batch(src_pool, receiver.pool, src_pages, dst_pages)
     want = pages_hash(src_tensors, src_pages)
     untouched = sorted(set(range(receiver.pool.num_pages)) - set(dst_pages))
@@ -180,7 +217,7 @@ def run_case(
     def baseline() -> None:
         for s, d in zip(src_tensors, base_tensors, strict=True):
             d.index_copy_(0, dst_index, s.index_select(0, src_index))
-        torch.cuda.synchronize()
+        sync(str(src_tensors[0].device))
 
     result["baseline"] = timed(baseline, warmup, reps)
     if pages_hash(base_tensors, dst_pages) != want:
@@ -196,26 +233,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--backend", default="cuda_ipc", choices=["cuda_ipc", "mooncake"])
     parser.add_argument("--prompt-tokens", type=int, default=2048)
     parser.add_argument("--page-sizes", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("error: bench.cuda_ipc needs a CUDA GPU (torch sees none)", file=sys.stderr)
+    on_gpu = torch.device(args.device).type == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        print("error: bench.kv_transfer_gpu needs a CUDA GPU (torch sees none)", file=sys.stderr)
         return 1
-    torch.cuda.set_device(args.device)
+    if args.backend == "cuda_ipc" and not on_gpu:
+        print("error: the cuda_ipc backend moves GPU memory: pass --device cuda:N", file=sys.stderr)
+        return 1
+    if on_gpu:
+        torch.cuda.set_device(args.device)
+    name = torch.cuda.get_device_name(args.device) if on_gpu else "CPU"
     print(
-        f"device: {torch.cuda.get_device_name(args.device)}; prefill pool on {args.device}, "
+        f"device: {name}; prefill pool on {args.device}, "
         f"decode pool on {args.receiver_device}; {args.layers} layers, {args.kv_heads} KV "
         f"heads, head_dim {args.head_dim}, {args.dtype}, {args.prompt_tokens}-token prompt"
     )
-    print(
-        "\n| page tokens | pages | dst pattern | writes | MB | "
-        + " | ".join(f"{m} GB/s" for m in COPY_MODES)
-        + " | copy GB/s | best/copy |"
-    )
-    print("|" + "---|" * (7 + len(COPY_MODES)))
+    print("\n| page tokens | pages | dst pattern | sender | writes | MB | GB/s | copy GB/s | "
+          "of copy |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    modes = COPY_MODES if args.backend == "cuda_ipc" else (None,)
     for page_size in args.page_sizes:
         layout = KVLayout("bench", args.dtype, page_size, args.layers, args.kv_heads, args.head_dim)
         prompt_pages = -(-args.prompt_tokens // page_size)
@@ -225,32 +267,34 @@ def main(argv: list[str] | None = None) -> int:
         n = layout.num_layers
         src_pool = describe(layout, src_tensors[:n], src_tensors[n:])
         sender = {}
-        for mode in COPY_MODES:
-            engine = CudaIpcTransferEngine(copy_mode=mode)
-            if engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") != 0:
-                raise RuntimeError("cuda_ipc initialize failed")
+        for mode in modes:
+            engine = new_engine(args.backend, mode)
             register(engine, src_pool)
-            sender[mode] = (engine, PageWriter(engine))
-        receiver = Receiver(layout, pool_pages, args.receiver_device)
+            name = args.backend if mode is None else f"{args.backend} {mode}"
+            sender[name] = (engine, PageWriter(engine))
+        receiver = Receiver(layout, pool_pages, args.receiver_device, args.backend)
         try:
             for pattern, (src_pages, dst_pages) in page_patterns(prompt_pages).items():
                 r = run_case(receiver, sender, src_tensors, src_pool, base_tensors, src_pages,
                              dst_pages, args.warmup, args.reps)  # fmt: skip
-                rates = {m: r["bytes"] / r[m] / 1e9 for m in (*COPY_MODES, "baseline")}
-                best = max(rates[m] for m in COPY_MODES)
-                print(f"| {page_size} | {prompt_pages} | {pattern} | {r['writes']:,} | "
-                      f"{r['bytes'] / 1e6:.1f} | "
-                      + " | ".join(f"{rates[m]:.1f}" for m in COPY_MODES)
-                      + f" | {rates['baseline']:.1f} | {100 * best / rates['baseline']:.0f}% |",
-                      flush=True)  # fmt: skip
+                copy_rate = r["bytes"] / r["baseline"] / 1e9
+                for name in sender:
+                    rate = r["bytes"] / r[name] / 1e9
+                    cells = [page_size, prompt_pages, pattern, name, f"{r['writes']:,}",
+                             f"{r['bytes'] / 1e6:.1f}", f"{rate:.1f}", f"{copy_rate:.1f}",
+                             f"{100 * rate / copy_rate:.0f}%"]  # fmt: skip
+                    print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
         finally:
             receiver.stop()
             for engine, _ in sender.values():
-                engine.close()
+                close(engine)
         del src_tensors, base_tensors
-        torch.cuda.empty_cache()
-    print("\nevery case checked: destination pages equal the source byte for byte (SHA-256), "
-          "other pages untouched")  # fmt: skip
+        if on_gpu:
+            torch.cuda.empty_cache()
+    print(
+        "\nevery case checked: destination pages equal the source byte for byte (SHA-256), "
+        "other pages untouched"
+    )
     return 0
 
 
