@@ -2,10 +2,10 @@
 
 The receiving engine (the decode worker) exports every region it registers as a CUDA IPC
 handle of the device allocation holding it; the writing engine (the prefill worker) asks the
-receiver's session for that table once, opens the handles in its own process, and copies each
-write with `cuMemcpyDtoDAsync` on a stream of its own, then waits for the stream. So a write
-is one device copy, with no host bounce and no network, and a hand-off is as many copies as
-the write batch has entries (`2 * num_layers` per run of contiguous pages).
+receiver's session for that table once, opens the handles in its own process, and copies the
+writes device to device on a stream of its own, then waits for the stream: one
+`cuMemcpyDtoDAsync` per write, or, for scattered pages, one gather and one scatter per
+source/destination region pair (`COPY_MODES`). No host bounce and no network.
 
 It speaks the same `TransferEngine` API as Mooncake, so the state machines, timeouts, page
 accounting and layout checks above it are the same:
@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 _FAILED = -1
 _EXCHANGE_TIMEOUT_S = 10.0
 _MAX_LINE = 16 << 20  # a region table line; thousands of regions fit
+_MAX_REQUEST = 4096  # a request line to the exchange (they are a few bytes)
 
 
 class IpcError(RuntimeError):
@@ -544,7 +545,7 @@ class _ExchangeHandler(socketserver.StreamRequestHandler):
         super().finish()
 
     def handle(self) -> None:
-        for line in self.rfile:
+        while line := self.rfile.readline(_MAX_REQUEST):
             try:
                 op = json.loads(line).get("op")
             except (ValueError, AttributeError):
@@ -845,8 +846,9 @@ class CudaIpcTransferEngine(TransferEngine):
                 self._copy(device, copies, peer)
             except IpcError as e:
                 log.error("cuda_ipc: write of %d ranges to %s failed: %s", len(srcs), session_id, e)
-                if peer.connection_closed():
-                    peer.drop()
+                # Whatever failed (a half-read answer, a gone peer, a bad table), the next
+                # write starts from a fresh connection and table.
+                peer.drop()
                 return _FAILED
         return 0
 
