@@ -81,11 +81,14 @@ class TextSource:
     def __init__(self, tokenizer: Any, rng: np.random.Generator) -> None:
         self.tokenizer = tokenizer
         self.rng = rng
-        pool = []
-        for token_id in range(tokenizer.get_vocab_size()):
-            piece = tokenizer.decode([token_id])
-            if piece and piece.isprintable() and tokenizer.encode(piece).ids == [token_id]:
-                pool.append(token_id)
+        ids = list(range(tokenizer.get_vocab_size()))
+        pieces = tokenizer.decode_batch([[i] for i in ids])  # batched: 128k+ for real models
+        again = tokenizer.encode_batch(pieces, add_special_tokens=False)
+        pool = [
+            i
+            for i, piece, enc in zip(ids, pieces, again, strict=True)
+            if piece and piece.isprintable() and enc.ids == [i]
+        ]
         if len(pool) < 16:
             raise ValueError(
                 f"the tokenizer has only {len(pool)} plain printable tokens; pass --tokenizer "

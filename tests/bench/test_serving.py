@@ -131,6 +131,13 @@ def test_bad_flags_name_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
         assert needle in capsys.readouterr().err
 
 
+def test_no_server_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--base-url", f"http://127.0.0.1:{free_port()}", "--num-prompts", "2",
+            "--random-input-len", "8", "--random-output-len", "2", "--disable-tqdm"]  # fmt: skip
+    assert serving.main(argv) == 1
+    assert "is a server at http://127.0.0.1:" in capsys.readouterr().err
+
+
 def test_table_and_plot_from_summaries(tmp_path: Path) -> None:
     results = [result(0.1, 0.3, 5, [0.05] * 4), result(0.2, 0.4, 5, [0.05] * 4)]
     runs = []
