@@ -23,7 +23,8 @@ Datasets are generated from `--seed`, nothing is downloaded:
 
 Load is a Poisson process at `--request-rate` (requests/s; `inf` sends all at once), optionally
 capped at `--max-concurrency` requests in flight; `--request-rates 1 2 4 inf` runs several loads
-in one go. Warm-up requests go first and are not counted. At the end: a table, a JSON file
+in one go, each with prompts of its own (a repeat would hit the server's prefix cache).
+Warm-up requests go first and are not counted. At the end: a table, a JSON file
 (`--output-file`) and, with matplotlib installed (`pip install 'pdserve[bench]'`), a PNG of
 the latency CDFs and of goodput against rate.
 
@@ -403,24 +404,26 @@ async def served_model(session: aiohttp.ClientSession, base_url: str) -> str:
 
 
 async def benchmark(
-    args: argparse.Namespace, requests: list[BenchRequest], source: TextSource | None
+    args: argparse.Namespace,
+    warmup: list[BenchRequest],
+    datasets: list[list[BenchRequest]],
+    source: TextSource | None,
 ) -> list[dict[str, Any]]:
-    """Warm up, then one run per rate; the summaries, each with its per-request timings."""
+    """Send `warmup`, then run `datasets[i]` at `args.request_rates[i]`; the summaries, each
+    with its per-request timings."""
     slo = SLO(*(None if v is None else v / 1000.0 for v in
                 (args.slo_ttft_ms, args.slo_itl_ms, args.slo_e2e_ms)))  # fmt: skip
     timeout = aiohttp.ClientTimeout(total=args.request_timeout)
     connector = aiohttp.TCPConnector(limit=0)  # the concurrency cap is ours, not the pool's
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         model = args.model or await served_model(session, args.base_url)
-        if args.warmup_requests:
-            warm = [await send_request(session, args.base_url, model, r, source,
-                                       not args.disable_ignore_eos)
-                    for r in requests[: args.warmup_requests]]  # fmt: skip
-            failed = [w.error for w in warm if not w.ok]
-            if failed:
-                raise RuntimeError(f"warm-up request failed: {failed[0]}")
+        warm = [await send_request(session, args.base_url, model, r, source,
+                                   not args.disable_ignore_eos) for r in warmup]  # fmt: skip
+        failed = [w.error for w in warm if not w.ok]
+        if failed:
+            raise RuntimeError(f"warm-up request failed: {failed[0]}")
         runs = []
-        for rate in args.request_rates:
+        for rate, requests in zip(args.request_rates, datasets, strict=True):
             results, duration = await run_load(session, args, model, requests, source, rate)
             summary = summarize(results, duration, slo)
             summary.update(
@@ -635,9 +638,12 @@ def build_dataset(args: argparse.Namespace, source: TextSource) -> list[BenchReq
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     source = TextSource(load_tokenizer(args.tokenizer), np.random.default_rng(args.seed))
-    requests = build_dataset(args, source)
+    # Fresh prompts for the warm-up and for each rate (all from --seed): a run that repeated
+    # the last one's prompts would find them in the server's prefix cache.
+    warmup = build_dataset(args, source)[: args.warmup_requests] if args.warmup_requests else []
+    datasets = [build_dataset(args, source) for _ in args.request_rates]
     try:
-        runs = asyncio.run(benchmark(args, requests, source))
+        runs = asyncio.run(benchmark(args, warmup, datasets, source))
     except (RuntimeError, aiohttp.ClientError, OSError) as exc:
         print(f"error: {exc} (is a server at {args.base_url}?)", file=sys.stderr)
         return 1

@@ -96,6 +96,14 @@ def test_random_dataset_is_seeded_with_lengths_in_range(tokenizer: object) -> No
 
     first = make(7)
     assert first == make(7) and first != make(8)
+    # Each rate's run draws its own prompts from the one seeded source (none repeats the
+    # last run's, which the server's prefix cache would hold), the same ones every time.
+    args = serving.parse_args(["--num-prompts", "4", "--random-input-len", "16"])
+    runs = [serving.build_dataset(args, TextSource(tokenizer, np.random.default_rng(3)))
+            for _ in range(2)]  # fmt: skip
+    source = TextSource(tokenizer, np.random.default_rng(3))
+    one, two = serving.build_dataset(args, source), serving.build_dataset(args, source)
+    assert one == runs[0] == runs[1] and not {r.prompt for r in one} & {r.prompt for r in two}
     for req in first:
         assert not req.is_chat and req.prompt
         assert 20 <= req.prompt_len <= 40  # the drawn tokens re-encode to about as many
