@@ -235,11 +235,14 @@ def main(argv: list[str] | None = None) -> int:
         help="every worker's device (cpu, cuda:N, ...); 'cuda': a GPU per worker while there "
         "are enough, else they share (prefill first, each with its own memory fraction)",
     )
-    for role in ("prefill", "decode"):
+    for role, example in (
+        ("prefill", "--chunked-prefill-size 4096"),
+        ("decode", "--max-running-requests 128"),
+    ):
         local.add_argument(
             f"--{role}-args", default="",
-            help=f"flags for the {role} worker(s) only, one quoted string "
-            f"(e.g. --{role}-args '--chunked-prefill-size 4096')",
+            help=f"flags for the {role} worker(s) only (colocated: the decode ones), one "
+            f"string, written with '=' (--{role}-args='{example}')",
         )  # fmt: skip
         local.add_argument(
             f"--{role}-mem-fraction-static", type=float,

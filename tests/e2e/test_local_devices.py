@@ -115,6 +115,11 @@ def test_cli_builds_the_spec(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cli.local_spec(args, extra).engine_args == ()
     args, extra = parse_local(monkeypatch, ["--model-path", "/m"])
     assert cli.local_spec(args, extra).device is None
+    # One flag alone, written with '=': the decode worker's, not the launcher's.
+    args, extra = parse_local(monkeypatch, ["--model-path", "/m", "--decode-args=--ep-size 2"])
+    assert cli.local_spec(args, extra).decode_args == ("--ep-size", "2")
+    args, extra = parse_local(monkeypatch, ["--decode-args=--disable-radix-cache"])
+    assert cli.local_spec(args, extra).decode_args == ("--disable-radix-cache",)
 
 
 def test_cli_without_a_gpu_names_the_fix(capsys: pytest.CaptureFixture[str]) -> None:
