@@ -146,6 +146,7 @@ class CudaDriver:
             "cuDeviceGet": [ctypes.POINTER(c_int), c_int],
             "cuDevicePrimaryCtxRetain": [ctypes.POINTER(p), c_int],
             "cuCtxSetCurrent": [p],
+            "cuCtxGetCurrent": [ctypes.POINTER(p)],
             "cuMemGetAddressRange_v2": [ctypes.POINTER(u64), ctypes.POINTER(size_t), u64],
             "cuIpcGetMemHandle": [ctypes.POINTER(_IpcMemHandle), u64],
             "cuIpcOpenMemHandle_v2": [ctypes.POINTER(u64), _IpcMemHandle, c_uint],
@@ -186,6 +187,12 @@ class CudaDriver:
         self._call("cuCtxSetCurrent", ctx)
 
     def device_of(self, addr: int) -> int:
+        # Pointer queries want some context current on the thread (a writer's thread may have
+        # none yet); any will do, the address itself names its device.
+        current = ctypes.c_void_p()
+        self._call("cuCtxGetCurrent", ctypes.byref(current))
+        if not current.value:
+            self._bind(0)
         kind = ctypes.c_uint()
         rc = self._cu.cuPointerGetAttribute(
             ctypes.byref(kind), _CU_POINTER_ATTRIBUTE_MEMORY_TYPE, addr

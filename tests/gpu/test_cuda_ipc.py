@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -22,6 +23,7 @@ from bench.kv_transfer_gpu import (  # noqa: E402 (after the skip mark: the benc
     close,
     new_engine,
     page_patterns,
+    pages_hash,
     register,
     run_case,
 )
@@ -103,3 +105,32 @@ def test_bad_writes_fail_and_a_gone_receiver_is_noticed(caplog: pytest.LogCaptur
     with pytest.raises(TransferError):
         writer.write(receiver.session_id, build_write_batch(pool, receiver.pool, [0], [0]))
     engine.close()
+
+
+def test_a_write_from_a_fresh_thread() -> None:
+    """The prefill worker writes from a thread pool (asyncio.to_thread), whose threads have no
+    CUDA context current: the backend binds one itself."""
+    layout = KVLayout("gpu-test", "bfloat16", 16, 2, 2, 64)
+    src = allocate(layout, 8, "cuda:0", random=True)
+    pool = describe(layout, src[:2], src[2:])
+    receiver = Receiver(layout, 8, "cuda:0")
+    engine = new_engine("cuda_ipc")
+    register(engine, pool)
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            batch = build_write_batch(pool, receiver.pool, [0, 3, 4], [7, 1, 2])
+            PageWriter(engine).write(receiver.session_id, batch)
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        thread = threading.Thread(target=write)
+        thread.start()
+        thread.join(60)
+        assert not errors, errors
+        assert receiver.ask("hash", [7, 1, 2]) == pages_hash(src, [0, 3, 4])
+    finally:
+        receiver.stop()
+        close(engine)
