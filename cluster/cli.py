@@ -1,6 +1,7 @@
 """The `pdserve` command.
 
     pdserve local [--model-path DIR] [--load-format dummy] [--colocated] [--port 8000]
+                  [--device cuda] [--prefill-args '...'] [--decode-args '...']
 
 starts a router plus one prefill and one decode worker (or one colocated worker) on this
 machine and serves until Ctrl-C. With no --model-path it serves the embedded default: a small
@@ -11,30 +12,60 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import signal
 import sys
 import time
 from typing import Any
 
-from cluster.local import ChildFailed, LocalCluster, LocalClusterSpec
+from cluster.local import SHARED_GPU_MEM_FRACTION, ChildFailed, LocalCluster, LocalClusterSpec
 from cluster.metrics import write_file_sd
 
 
-def _local(args: argparse.Namespace, extra: list[str]) -> int:
+def local_spec(args: argparse.Namespace, extra: list[str]) -> LocalClusterSpec:
+    """The cluster `pdserve local` starts. Flags it does not know go to every worker; on
+    GPUs, disaggregated workers hand KV over with `cuda_ipc` unless --transfer-backend says
+    otherwise. Raises ValueError naming a bad value."""
     model_path = args.model_path
     if model_path is None:
         from engine.cli import default_model_dir
 
         model_path = str(default_model_dir())
-    spec = LocalClusterSpec(
+    engine_args = list(extra)
+    on_gpu = args.device is not None and args.device.startswith("cuda")
+    if (
+        on_gpu
+        and not args.colocated
+        and not any(a == "--transfer-backend" or a.startswith("--transfer-backend=") for a in extra)
+    ):
+        engine_args += ["--transfer-backend", "cuda_ipc"]
+    return LocalClusterSpec(
         model_path=model_path,
         colocated=args.colocated,
         host=args.host,
         port=args.port,
         load_format=args.load_format,
-        engine_args=tuple(extra),
+        engine_args=tuple(engine_args),
         log_dir=args.log_dir,
+        device=args.device,
+        prefill_args=tuple(shlex.split(args.prefill_args)),
+        decode_args=tuple(shlex.split(args.decode_args)),
+        prefill_mem_fraction_static=args.prefill_mem_fraction_static,
+        decode_mem_fraction_static=args.decode_mem_fraction_static,
     )
+
+
+def _local(args: argparse.Namespace, extra: list[str]) -> int:
+    try:
+        spec = local_spec(args, extra)
+        placements = spec.placements()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    model_path = spec.model_path
+    if spec.device is not None:
+        for place in placements:
+            print(f"  {place.role} worker on {place.device} {' '.join(place.args)}".rstrip())
     cluster = LocalCluster(spec)
     print(f"starting pdserve ({'colocated' if args.colocated else 'prefill + decode'}) "
           f"on {model_path} ...", flush=True)  # fmt: skip
@@ -219,6 +250,24 @@ def main(argv: list[str] | None = None) -> int:
         "--metrics-targets",
         help="write every process's /metrics address to this file, in Prometheus' file_sd format",
     )
+        "--device",
+        help="every worker's device (cpu, cuda:N, ...); 'cuda': a GPU per worker while there "
+        "are enough, else they share (prefill first, each with its own memory fraction)",
+    )
+    for role, example in (
+        ("prefill", "--chunked-prefill-size 4096"),
+        ("decode", "--max-running-requests 128"),
+    ):
+        local.add_argument(
+            f"--{role}-args", default="",
+            help=f"flags for the {role} worker(s) only (colocated: the decode ones), one "
+            f"string, written with '=' (--{role}-args='{example}')",
+        )  # fmt: skip
+        local.add_argument(
+            f"--{role}-mem-fraction-static", type=float,
+            help=f"the {role} worker's --mem-fraction-static (sharing one GPU: default "
+            f"{SHARED_GPU_MEM_FRACTION[role]}, counting what workers started before it hold)",
+        )  # fmt: skip
     up = sub.add_parser("up", help="place a cluster spec on a Ray cluster and supervise it")
     up.add_argument("spec", nargs="?", help="cluster spec YAML (default: the embedded demo)")
     up.add_argument("--log-dir", default="/tmp/pdserve-logs", help="on every node")

@@ -89,6 +89,22 @@ def stop_child(child: Child, timeout_s: float = 10.0) -> None:
         child.proc.wait(timeout=5)
 
 
+# When workers share one GPU: each role's --mem-fraction-static unless given. The engine sizes
+# its pool as total x fraction minus what is in use when it starts, so the decode worker
+# (started after the prefill worker is up) counts the prefill worker's share in its own.
+SHARED_GPU_MEM_FRACTION = {"prefill": 0.4, "decode": 0.85}
+
+
+@dataclass(frozen=True)
+class WorkerPlacement:
+    """Where one worker runs and what it gets beyond the common flags."""
+
+    role: str  # "prefill", "decode" or "null" (colocated)
+    device: str | None  # passed as --device; None: the worker's default
+    args: tuple[str, ...]  # this worker's own flags, after the common ones (so they win)
+    shares_device: bool = False  # another worker of this cluster is on the same device
+
+
 @dataclass(frozen=True)
 class LocalClusterSpec:
     model_path: str
@@ -101,6 +117,67 @@ class LocalClusterSpec:
     num_prefill: int = 1
     num_decode: int = 1
     log_dir: str | None = None
+    # None: each worker picks its own (--device in engine_args, else auto). "cuda": one GPU
+    # per worker while there are enough (visible GPUs, or gpu_count), else shared round-robin;
+    # "cuda:N" (or any other value): every worker on that device.
+    device: str | None = None
+    gpu_count: int | None = None  # GPUs to place "cuda" workers on; None: torch's count
+    prefill_args: tuple[str, ...] = ()  # flags for prefill workers only
+    decode_args: tuple[str, ...] = ()  # flags for decode workers only (colocated: the worker)
+    prefill_mem_fraction_static: float | None = None
+    decode_mem_fraction_static: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("prefill_mem_fraction_static", "decode_mem_fraction_static"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {value}")
+        if self.gpu_count is not None and self.gpu_count < 1:
+            raise ValueError(f"gpu_count must be >= 1, got {self.gpu_count}")
+        if self.num_prefill < 1 or self.num_decode < 1:
+            raise ValueError("num_prefill and num_decode must be >= 1")
+
+    def placements(self) -> list[WorkerPlacement]:
+        """Every worker's device and own flags, in start order (prefill workers first)."""
+        roles = (
+            ["null"]
+            if self.colocated
+            else ["prefill"] * self.num_prefill + ["decode"] * self.num_decode
+        )
+        devices: list[str | None]
+        if self.device == "cuda":
+            gpus = self.gpu_count if self.gpu_count is not None else _cuda_device_count()
+            if gpus < 1:
+                raise ValueError(
+                    "--device cuda was asked for but no GPU is visible (check nvidia-smi and "
+                    "CUDA_VISIBLE_DEVICES, or use --device cpu)"
+                )
+            devices = [f"cuda:{i % gpus}" for i in range(len(roles))]
+        else:
+            devices = [self.device] * len(roles)
+        placed = []
+        for i, (role, device) in enumerate(zip(roles, devices, strict=True)):
+            shares = device is not None and device != "cpu" and devices.count(device) > 1
+            args: list[str] = []
+            fraction = (
+                self.prefill_mem_fraction_static if role == "prefill"
+                else self.decode_mem_fraction_static
+            )  # fmt: skip
+            if fraction is None and shares:
+                # A shared device's later workers count the earlier ones' memory (see above).
+                later = devices[:i].count(device) > 0
+                fraction = SHARED_GPU_MEM_FRACTION["decode" if later else "prefill"]
+            if fraction is not None:
+                args += ["--mem-fraction-static", str(fraction)]
+            args += self.prefill_args if role == "prefill" else self.decode_args
+            placed.append(WorkerPlacement(role, device, tuple(args), shares))
+        return placed
+
+
+def _cuda_device_count() -> int:
+    import torch
+
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
 
 
 class LocalCluster:
@@ -121,20 +198,26 @@ class LocalCluster:
             "--model-path", spec.model_path, "--load-format", spec.load_format,
             "--host", spec.host, "--port", "0", *spec.engine_args,
         ]  # fmt: skip
-        roles = (
-            [("worker", "decode_worker", "null")]
-            if spec.colocated
-            else [("prefill", "prefill_worker", "prefill")] * spec.num_prefill
-            + [("decode", "decode_worker", "decode")] * spec.num_decode
-        )
+        placements = spec.placements()
+        # Workers sharing a device start one after another: each sizes its KV pool from the
+        # memory the ones before it left.
+        one_by_one = any(p.shares_device for p in placements)
+        kinds = {"prefill": ("prefill", "prefill_worker"), "null": ("worker", "decode_worker"),
+                 "decode": ("decode", "decode_worker")}  # fmt: skip
         try:
             pending = []
-            for i, (kind, module, mode) in enumerate(roles):
-                args = ["-m", module, "--disaggregation-mode", mode, *common]
-                pending.append((kind, _start(f"{kind}-{i}", args, env, log_dir)))
-                self.children.append(pending[-1][1])
+            for i, place in enumerate(placements):
+                kind, module = kinds[place.role]
+                device = [] if place.device is None else ["--device", place.device]
+                args = ["-m", module, "--disaggregation-mode", place.role, *common, *device,
+                        *place.args]  # fmt: skip
+                child = _start(f"{kind}-{i}", args, env, log_dir)
+                self.children.append(child)
+                pending.append((kind, child))
+                if one_by_one:
+                    _wait_ready(child, timeout_s)
             for kind, child in pending:
-                ready = _wait_ready(child, timeout_s)
+                ready = child.ready or _wait_ready(child, timeout_s)
                 self.workers.setdefault(kind, []).append(str(ready["endpoint"]))
                 self.metrics[child.name] = str(ready["metrics"])
             router_args = ["-m", "router", "--model-path", spec.model_path,

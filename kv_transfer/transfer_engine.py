@@ -119,10 +119,17 @@ class MooncakeTransferEngine(TransferEngine):
         return f"{self._hostname}:{self.get_rpc_port()}"
 
 
+def _cuda_ipc() -> TransferEngine:
+    from kv_transfer.cuda_ipc import CudaIpcTransferEngine
+
+    return CudaIpcTransferEngine()
+
+
 # Backend name -> constructor. Same-host device backends (CUDA IPC, Ascend's engine) go here as
 # constructors that import their module inside, so that choosing one never imports another.
 _BACKENDS: dict[str, Callable[[], TransferEngine]] = {
     "mooncake": MooncakeTransferEngine,
+    "cuda_ipc": _cuda_ipc,
 }
 
 

@@ -49,9 +49,11 @@ class PageWriter:
     different peers run in parallel, writes to one peer one batch after another.
     """
 
-    def __init__(
-        self, engine: TransferEngine, *, max_writes_per_call: int = MAX_WRITES_PER_CALL
-    ) -> None:
+    def __init__(self, engine: TransferEngine, *, max_writes_per_call: int | None = None) -> None:
+        """`max_writes_per_call`: None takes the engine's own `max_writes_per_call` if it has
+        one (a backend without Mooncake's TCP limit), else `MAX_WRITES_PER_CALL`."""
+        if max_writes_per_call is None:
+            max_writes_per_call = int(getattr(engine, "max_writes_per_call", MAX_WRITES_PER_CALL))
         if max_writes_per_call < 1:
             raise ValueError(f"max_writes_per_call must be >= 1, got {max_writes_per_call}")
         self.engine = engine

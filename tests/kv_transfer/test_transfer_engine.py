@@ -19,7 +19,7 @@ def test_check_names_the_operation_and_code() -> None:
 
 def test_unknown_backend_lists_known_ones() -> None:
     with pytest.raises(
-        ValueError, match="unknown transfer backend 'nixl'; known backends: mooncake"
+        ValueError, match="unknown transfer backend 'nixl'; known backends: cuda_ipc, mooncake"
     ):
         create_transfer_engine("nixl")
 
