@@ -73,6 +73,13 @@ class Scheduler:
         headroom per running request; raises OutOfPagesError otherwise.
         """
         self._validate(seq)
+        live = len(self.running) + len(self.transferring)
+        if live >= self.config.max_running_requests:
+            raise OutOfPagesError(
+                f"no room for request {seq.request_id}: {len(self.running)} running and "
+                f"{len(self.transferring)} arriving requests reach max_running_requests="
+                f"{self.config.max_running_requests}"
+            )
         need = self.pages.pages_for(seq.num_tokens + 1)
         headroom = len(self.running) + len(self.transferring)
         if self.pages.num_available < need + headroom or not self.pages.reserve(

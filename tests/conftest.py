@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton kernels run on CPU tensors under Triton's interpreter; it must be chosen before Triton
+# is first imported. On a CUDA host the kernels run compiled.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from engine.testing.tiny_models import write_tiny_models
 

@@ -61,6 +61,9 @@ def select_experts_grouped(
 class FusedExperts(nn.Module):
     """`num_experts` SwiGLU experts stored stacked: w13 `[E, 2I, H]` (gate; up), w2 `[E, H, I]`."""
 
+    # Reads the per-expert token counts on the host: not capturable in a CUDA graph.
+    graph_safe = False
+
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.num_experts = num_experts
