@@ -28,12 +28,19 @@ class WorkerSettings:
     session_port: int = 0  # the session listener's (decode_worker.session_server); 0: none
     transfer_timeout_s: float = 30.0  # every waiting state of a KV transfer
     rpc_timeout_s: float = 10.0  # worker-to-worker unary calls
+    # Pages a peer may still write stay out of use until it acknowledges a revocation, or at
+    # most this long when it cannot be reached (kv_transfer.fence).
+    kv_quarantine_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
-        if self.transfer_timeout_s <= 0 or self.rpc_timeout_s <= 0:
-            raise ValueError("timeouts must be positive")
+        if min(self.transfer_timeout_s, self.rpc_timeout_s, self.kv_quarantine_timeout_s) <= 0:
+            raise ValueError(
+                "--transfer-timeout, the RPC timeout and --kv-quarantine-timeout must be "
+                f"positive, got {self.transfer_timeout_s}, {self.rpc_timeout_s}, "
+                f"{self.kv_quarantine_timeout_s}"
+            )
 
 
 class WorkerRuntime:

@@ -62,6 +62,11 @@ def build_parser(default_role: str) -> argparse.ArgumentParser:
     g.add_argument("--served-model-name", help="model name clients use (default: dir name)")
     g.add_argument("--transfer-backend", default="mooncake")
     g.add_argument("--transfer-timeout", type=float, default=30.0, help="seconds")
+    g.add_argument(
+        "--kv-quarantine-timeout", type=float, default=300.0,
+        help="seconds the pages of a transfer given up on stay out of use while the prefill "
+        "worker cannot be reached to confirm that it writes them no more",
+    )  # fmt: skip
     g.add_argument("--registry", help="register in this Redis (redis://host:port/db)")
     g.add_argument("--registry-prefix", default=DEFAULT_PREFIX)
     g.add_argument("--registry-ttl", type=float, default=10.0, help="seconds")
@@ -139,6 +144,7 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
         endpoint=f"{args.host}:{port}",
         session_port=session_port,
         transfer_timeout_s=args.transfer_timeout,
+        kv_quarantine_timeout_s=args.kv_quarantine_timeout,
     )
     async_engine = AsyncEngine(engine)
     metrics = WorkerMetrics(role, settings.endpoint)

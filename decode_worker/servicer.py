@@ -6,6 +6,7 @@ A request without a transfer id (colocated mode) is computed here from its promp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import replace
@@ -22,7 +23,7 @@ from decode_worker.convert import (
     status_for,
 )
 from decode_worker.runtime import WorkerRuntime
-from engine.async_engine import RequestAborted
+from engine.async_engine import EngineDeadError, RequestAborted
 from engine.engine import StepOutput
 from engine.sampling import SamplingParams
 from kv_transfer import (
@@ -35,6 +36,17 @@ from kv_transfer import (
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+# AttachDestination answers that say the prefill worker kept no destination.
+_REFUSED = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
+_AWAITING_KV = frozenset({TransferState.BOOTSTRAPPING, TransferState.WAITING_FOR_INPUT})
 
 
 def _failure(request_id: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -69,11 +81,28 @@ def complete(out: StepOutput) -> common_pb2.GenerateResponse:
     )
 
 
+async def refuses_connections(endpoint: str, timeout_s: float = 1.0) -> bool:
+    """Whether nothing listens at `endpoint` ("host:port"): a TCP connect is refused. False
+    when the connect succeeds or does not answer (a stopped process's kernel still accepts)."""
+    host, _, port = endpoint.rpartition(":")
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(host.strip("[]"), int(port)), timeout_s
+        )
+    except ConnectionRefusedError:
+        return True
+    except (OSError, asyncio.TimeoutError, ValueError):
+        return False
+    writer.close()
+    return False
+
+
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     def __init__(self, runtime: WorkerRuntime) -> None:
         self.rt = runtime
         self.receivers: TransferTable[KVReceiver] = TransferTable()
         self.transfer_of: dict[str, int] = {}  # request id -> transfer id, while it waits
+        self._releases: set[asyncio.Task[None]] = set()  # quarantines waiting for a revoke
 
     async def Generate(
         self, request: decode_pb2.DecodeRequest, context: grpc.aio.ServicerContext
@@ -142,6 +171,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self.transfer_of[rid] = tid
         stream = rt.engine.open_stream(rid)
         finished = False
+        attach_sent = False  # from then on the prefill worker may write our pages
         prompt = list(req.token_ids)
         try:
             # The pages live in one data-parallel rank's pool; the prefill worker writes there.
@@ -161,8 +191,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             )
             stub = prefill_pb2_grpc.PrefillStub(rt.channel(request.prefill_endpoint))
             try:
+                attach_sent = True
                 await stub.AttachDestination(attach, timeout=rt.settings.rpc_timeout_s)
             except grpc.aio.AioRpcError as exc:
+                if exc.code() in _REFUSED:
+                    attach_sent = False  # the prefill worker took no destination
                 if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:
                     raise LayoutMismatchError(exc.details()) from exc
                 raise TransferError(
@@ -188,7 +221,61 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             self.transfer_of.pop(rid, None)
             rt.engine.close_stream(rid)
             if not finished and rt.engine.alive:
-                await asyncio.shield(rt.engine.abort(rid))
+                if attach_sent and not receiver.sender_done:
+                    await asyncio.shield(self._quarantine(rid, tid, request.prefill_endpoint))
+                else:
+                    await asyncio.shield(rt.engine.abort(rid))
+
+    async def _quarantine(self, rid: str, tid: int, prefill_endpoint: str) -> None:
+        """Give up on a request whose pages the prefill worker may still write: keep the pages
+        out of use and free them only once it is safe (`_release_when_safe`)."""
+        if not await self.rt.engine.quarantine_transfer(rid, tid):
+            await self.rt.engine.abort(rid)  # its KV had arrived: nothing can write it now
+            return
+        task = asyncio.create_task(self._release_when_safe(rid, tid, prefill_endpoint))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _release_when_safe(self, rid: str, tid: int, endpoint: str) -> None:
+        """Revoke the transfer at the prefill worker until it says no write of it runs or
+        will start, then free the quarantined pages. Without an answer the pages stay out of
+        use, except when the prefill worker is gone: its port refuses connections for a whole
+        transfer timeout (its writes are in its own process, and Mooncake's progress timeout,
+        half the transfer timeout, ends any still running), or `--kv-quarantine-timeout`
+        passes (a host that stays unreachable)."""
+        settings = self.rt.settings
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        refused_since: float | None = None
+        delay = 0.05
+        stub = prefill_pb2_grpc.PrefillStub(self.rt.channel(endpoint))
+        revoke = prefill_pb2.RevokeDestinationRequest(request_id=rid, transfer_id=tid)
+        reason = ""
+        while not reason:
+            try:
+                reply = await stub.RevokeDestination(revoke, timeout=settings.rpc_timeout_s)
+                if reply.idle:
+                    break
+                refused_since = None
+            except grpc.aio.AioRpcError:
+                if await refuses_connections(endpoint):
+                    refused_since = loop.time() if refused_since is None else refused_since
+                    if loop.time() - refused_since >= settings.transfer_timeout_s:
+                        reason = f"prefill worker {endpoint} is gone"
+                else:
+                    refused_since = None
+            if loop.time() - start >= settings.kv_quarantine_timeout_s:
+                reason = (
+                    f"no answer from prefill worker {endpoint} in "
+                    f"{settings.kv_quarantine_timeout_s:g} s (--kv-quarantine-timeout)"
+                )
+            if not reason:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        if reason:
+            log.warning("freeing the quarantined pages of transfer %s: %s", tid, reason)
+        with contextlib.suppress(EngineDeadError):  # the pool is gone with the engine
+            await self.rt.engine.release_quarantine(tid)
 
     async def TransferDone(
         self, request: decode_pb2.TransferDoneRequest, context: grpc.aio.ServicerContext
@@ -200,7 +287,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             )
             raise AssertionError("unreachable: abort raises")
         if request.error:
-            receiver.fail(request.error)
+            receiver.sender_failed(request.error)
         else:
             receiver.complete(request)
         return decode_pb2.TransferDoneResponse(request_id=request.request_id)
@@ -210,8 +297,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     ) -> common_pb2.AbortResponse:
         tid = self.transfer_of.get(request.request_id)
         receiver = self.receivers.get(tid) if tid is not None else None
-        if receiver is not None and receiver.state is TransferState.WAITING_FOR_INPUT:
+        if receiver is not None and receiver.state in _AWAITING_KV:
+            # The request's own stream ends it, and keeps its pages until they are safe.
             receiver.fail("aborted")
+            return common_pb2.AbortResponse(request_id=request.request_id, found=True)
         return await self.rt.abort(request)
 
     async def GetLoad(

@@ -1,0 +1,121 @@
+"""The KV hand-off under faults, with real workers over gRPC and Mooncake: a destination the
+decode worker gave up on is never written, and a completion that overtakes the destination's
+reply is still taken."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cluster.local import Child
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.sampling import SamplingParams
+from protos import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from tests.e2e.procs import worker
+from tests.e2e.test_expert_parallel_workers import scrape
+from tests.e2e.test_workers import load, request, wait_pages_free
+
+MODEL = "qwen3-moe"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_models: dict[str, Path]) -> Path:
+    return tiny_models[MODEL]
+
+
+@pytest.fixture(scope="module")
+def pair(
+    model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Child, str, str]]:
+    """(prefill child, prefill endpoint, decode endpoint)."""
+    logs = tmp_path_factory.mktemp("logs")
+    with (
+        worker("prefill", model_dir, log_dir=logs) as (prefill_child, prefill),
+        worker("decode", model_dir, log_dir=logs) as (_, decode),
+    ):
+        yield prefill_child, prefill, decode
+
+
+def sent_bytes(child: Child) -> float:
+    samples = scrape(child.ready)
+    return next(
+        (v for k, v in samples.items() if k.startswith("pdserve:kv_transfer_bytes_total")), 0
+    )
+
+
+async def wait_transferring(decode: str, count: int, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (await load(decode)).num_transferring != count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the decode worker never had {count} transfers waiting")
+        await asyncio.sleep(0.02)
+
+
+def test_prefill_after_decode_gave_up_writes_nothing(
+    model_dir: Path, pair: tuple[Child, str, str]
+) -> None:
+    """Bug 1 of issue 20: the decode worker gives up on request A (its client left) after its
+    destination reached the prefill worker; request B then reserves pages (the pool hands out
+    the most recently freed first); A's Prefill arrives late. A's KV must not land anywhere:
+    B's greedy tokens stay those of the offline engine, and the prefill worker writes no byte
+    for A."""
+    prefill_child, prefill, decode = pair
+    a_prompt = list(range(3, 35))
+    b_prompt = list(range(300, 332))  # as many pages as A's
+    max_new = 160
+    engine = Engine(EngineConfig(model_path=str(model_dir), num_pages=64))
+    params = SamplingParams(temperature=0, max_new_tokens=max_new, ignore_eos=True)
+    [expected] = [r.output_ids for r in engine.generate([b_prompt], params)]
+
+    async def main() -> list[int]:
+        req_a = request("given-up", a_prompt, max_new=8)
+        req_b = request("after", b_prompt, max_new=max_new)
+        tid_a, tid_b = secrets.randbits(63) or 1, secrets.randbits(63) or 2
+        async with (
+            grpc.aio.insecure_channel(prefill) as pch,
+            grpc.aio.insecure_channel(decode) as dch,
+        ):
+            dstub, pstub = decode_pb2_grpc.DecodeStub(dch), prefill_pb2_grpc.PrefillStub(pch)
+            stream_a = dstub.Generate(
+                decode_pb2.DecodeRequest(request=req_a, transfer_id=tid_a, prefill_endpoint=prefill)
+            )
+            await wait_transferring(decode, 1)
+            await asyncio.sleep(0.3)  # the destination reaches the prefill worker
+            stream_a.cancel()  # the client leaves: the decode worker gives up on A
+            await wait_transferring(decode, 0)
+            await asyncio.sleep(0.3)
+            before = sent_bytes(prefill_child)
+
+            stream_b = dstub.Generate(
+                decode_pb2.DecodeRequest(request=req_b, transfer_id=tid_b, prefill_endpoint=prefill)
+            )
+            call_b = pstub.Prefill(prefill_pb2.PrefillRequest(request=req_b, transfer_id=tid_b))
+            tokens: list[int] = []
+            late: asyncio.Future[prefill_pb2.PrefillResponse] | None = None
+            async for r in stream_b:
+                tokens.extend(r.chunk.token_ids)
+                if late is None and tokens:
+                    await call_b
+                    after_b = sent_bytes(prefill_child)
+                    # A's prefill request arrives now, while B decodes from its pages.
+                    late = asyncio.ensure_future(
+                        pstub.Prefill(prefill_pb2.PrefillRequest(request=req_a, transfer_id=tid_a))
+                    )
+            assert late is not None
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await late
+            assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert after_b > before
+            assert sent_bytes(prefill_child) == after_b, "KV written for a transfer given up on"
+        await wait_pages_free(decode)
+        await wait_pages_free(prefill, prefill=True)
+        return tokens
+
+    assert asyncio.run(main()) == expected
