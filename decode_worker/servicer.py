@@ -190,19 +190,22 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 num_pages=pool.num_pages,
             )
             stub = prefill_pb2_grpc.PrefillStub(rt.channel(request.prefill_endpoint))
+            # Ready for the completion before the destination leaves: the prefill worker may
+            # write and report done before its answer to AttachDestination reaches us.
+            receiver.bootstrapped()
             try:
                 attach_sent = True
                 await stub.AttachDestination(attach, timeout=rt.settings.rpc_timeout_s)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() in _REFUSED:
-                    attach_sent = False  # the prefill worker took no destination
-                if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:
-                    raise LayoutMismatchError(exc.details()) from exc
-                raise TransferError(
-                    f"prefill worker {request.prefill_endpoint} refused the destination of "
-                    f"transfer {tid}: {exc.code().name} {exc.details()}"
-                ) from exc
-            receiver.bootstrapped()
+                if receiver.state is not TransferState.SUCCESS:  # else only the answer is lost
+                    if exc.code() in _REFUSED:
+                        attach_sent = False  # the prefill worker took no destination
+                    if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:
+                        raise LayoutMismatchError(exc.details()) from exc
+                    raise TransferError(
+                        f"prefill worker {request.prefill_endpoint} refused the destination of "
+                        f"transfer {tid}: {exc.code().name} {exc.details()}"
+                    ) from exc
             done = await receiver.wait(rt.settings.transfer_timeout_s)
             if not isinstance(done, decode_pb2.TransferDoneRequest):
                 raise TypeError(f"transfer {tid} completed with {type(done).__name__}")

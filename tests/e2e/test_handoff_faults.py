@@ -119,3 +119,58 @@ def test_prefill_after_decode_gave_up_writes_nothing(
         return tokens
 
     assert asyncio.run(main()) == expected
+
+
+class OvertakingPrefill(prefill_pb2_grpc.PrefillServicer):
+    """A prefill worker whose completion reaches the decode worker before its answer to
+    AttachDestination does: the order a fast prefill and a slow reply give, forced here."""
+
+    def __init__(self, decode: str) -> None:
+        self.decode = decode
+        self.done_status: grpc.StatusCode | None = None
+
+    async def AttachDestination(
+        self, request: prefill_pb2.AttachDestinationRequest, context: grpc.aio.ServicerContext
+    ) -> prefill_pb2.AttachDestinationResponse:
+        done = decode_pb2.TransferDoneRequest(
+            request_id=request.request_id, transfer_id=request.transfer_id, first_token_id=7
+        )
+        async with grpc.aio.insecure_channel(self.decode) as ch:
+            try:
+                await decode_pb2_grpc.DecodeStub(ch).TransferDone(done, timeout=10)
+                self.done_status = grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as exc:
+                self.done_status = exc.code()
+        return prefill_pb2.AttachDestinationResponse(request_id=request.request_id)
+
+
+def test_transfer_done_before_the_attach_reply_is_taken(pair: tuple[Child, str, str]) -> None:
+    """Bug 3 of issue 20: TransferDone overtaking the AttachDestination reply used to hit
+    "illegal transition from bootstrapping to success" and fail the request."""
+    _, _, decode = pair
+
+    async def main() -> tuple[list[int], grpc.StatusCode | None]:
+        fake = OvertakingPrefill(decode)
+        server = grpc.aio.server()
+        prefill_pb2_grpc.add_PrefillServicer_to_server(fake, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            req = request("overtaken", list(range(3, 20)), max_new=4)
+            async with grpc.aio.insecure_channel(decode) as dch:
+                stream = decode_pb2_grpc.DecodeStub(dch).Generate(
+                    decode_pb2.DecodeRequest(
+                        request=req,
+                        transfer_id=secrets.randbits(63) or 1,
+                        prefill_endpoint=f"127.0.0.1:{port}",
+                    )
+                )
+                tokens = [t async for r in stream for t in r.chunk.token_ids]
+        finally:
+            await server.stop(None)
+        await wait_pages_free(decode)
+        return tokens, fake.done_status
+
+    tokens, status = asyncio.run(main())
+    assert status is grpc.StatusCode.OK
+    assert len(tokens) == 4 and tokens[0] == 7
