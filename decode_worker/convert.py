@@ -13,6 +13,17 @@ from engine.sequence import FinishReason
 from kv_transfer import KVLayout, LayoutMismatchError, TransferError
 from protos import common_pb2
 
+
+class PeerFailure(TransferError):
+    """A hand-off failed through the peer worker at `peer` (its gRPC address): the prefill
+    worker never delivered the KV, or refused the destination. Error replies name the peer so
+    that the router charges the failure to it, not to the worker that reports it."""
+
+    def __init__(self, message: str, peer: str) -> None:
+        super().__init__(message)
+        self.peer = peer
+
+
 _FINISH = {
     FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
     FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,

@@ -15,6 +15,7 @@ import grpc
 
 from decode_worker import session
 from decode_worker.convert import (
+    PeerFailure,
     finish_to_proto,
     layout_to_proto,
     logprobs_from_proto,
@@ -30,6 +31,7 @@ from kv_transfer import (
     KVReceiver,
     LayoutMismatchError,
     TransferError,
+    TransferFailed,
     TransferState,
     TransferTable,
 )
@@ -46,6 +48,7 @@ _REFUSED = frozenset(
         grpc.StatusCode.UNIMPLEMENTED,
     }
 )
+_ABORTED = "aborted"
 _AWAITING_KV = frozenset({TransferState.BOOTSTRAPPING, TransferState.WAITING_FOR_INPUT})
 
 
@@ -202,11 +205,19 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                         attach_sent = False  # the prefill worker took no destination
                     if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:
                         raise LayoutMismatchError(exc.details()) from exc
-                    raise TransferError(
+                    raise PeerFailure(
                         f"prefill worker {request.prefill_endpoint} refused the destination of "
-                        f"transfer {tid}: {exc.code().name} {exc.details()}"
+                        f"transfer {tid}: {exc.code().name} {exc.details()}",
+                        request.prefill_endpoint,
                     ) from exc
-            done = await receiver.wait(rt.settings.transfer_timeout_s)
+            try:
+                done = await receiver.wait(rt.settings.transfer_timeout_s)
+            except TransferError as exc:
+                if isinstance(exc, TransferFailed) and exc.reason == _ABORTED:
+                    raise
+                # The KV never came: the prefill worker's failure (stopped, dead, or it
+                # reported one), not ours.
+                raise PeerFailure(str(exc), request.prefill_endpoint) from exc
             if not isinstance(done, decode_pb2.TransferDoneRequest):
                 raise TypeError(f"transfer {tid} completed with {type(done).__name__}")
             first = logprobs_from_proto(done.first_logprobs, done.HasField("first_logprobs"))
@@ -302,7 +313,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         receiver = self.receivers.get(tid) if tid is not None else None
         if receiver is not None and receiver.state in _AWAITING_KV:
             # The request's own stream ends it, and keeps its pages until they are safe.
-            receiver.fail("aborted")
+            receiver.fail(_ABORTED)
             return common_pb2.AbortResponse(request_id=request.request_id, found=True)
         return await self.rt.abort(request)
 

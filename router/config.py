@@ -28,6 +28,9 @@ class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # n x prompts of one request: beyond this a 400, before any work (one request fanning out
+    # into thousands of sequences would take every decode page and time out the rest).
+    max_sequences_per_request: int = 256
     startup_timeout_s: float = 60.0  # how long discovery waits for the workers
     # Policies: --policy sets both roles; unset, prefill is cache_aware and decode least_load
     # (colocated workers use the decode policy, cache_aware by default: they own their cache).
@@ -73,6 +76,10 @@ class RouterConfig:
             raise ValueError(f"--port must be in [0, 65535], got {self.port}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"--max-body-bytes must be >= 1024, got {self.max_body_bytes}")
+        if self.max_sequences_per_request < 1:
+            raise ValueError(
+                f"--max-sequences-per-request must be >= 1, got {self.max_sequences_per_request}"
+            )
         if self.startup_timeout_s <= 0:
             raise ValueError(f"--startup-timeout must be > 0, got {self.startup_timeout_s}")
         for flag, name in (
@@ -152,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0: pick a free port")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    p.add_argument(
+        "--max-sequences-per-request",
+        type=int,
+        default=256,
+        help="most sequences (n x prompts) one request may ask for; more is a 400",
+    )
     p.add_argument(
         "--startup-timeout",
         type=float,
@@ -238,6 +251,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         host=args.host,
         port=args.port,
         max_body_bytes=args.max_body_bytes,
+        max_sequences_per_request=args.max_sequences_per_request,
         startup_timeout_s=args.startup_timeout,
         policy=args.policy,
         prefill_policy=args.prefill_policy,

@@ -295,6 +295,7 @@ class _Handlers:
         raw = request.body
         req = parse_completion(_decode_json(raw))
         self._check_model(req.model)
+        self._check_fanout(len(req.prompts), req.n)
         prompts = await self._prepare(raw, lambda b: b.completion(req))
         rid = _new_id("cmpl-")
         specs = [
@@ -313,6 +314,7 @@ class _Handlers:
         raw = request.body
         req = parse_chat(_decode_json(raw))
         self._check_model(req.model)
+        self._check_fanout(1, req.n)
         prompt = await self._prepare(raw, lambda b: b.chat(req))
         rid = _new_id("chatcmpl-")
         specs = [_spec(rid, j, prompt, j, req.stream, self.interval) for j in range(req.n)]
@@ -325,6 +327,7 @@ class _Handlers:
         timer = TokenTimer(self.r.metrics)
         raw = request.body
         req = parse_generate(_decode_json(raw))
+        self._check_fanout(1, req.n)
         prompt = await self._prepare(raw, lambda b: b.generate(req))
         rid = _new_id("")
         specs = [_spec(rid, j, prompt, j, req.stream, self.interval) for j in range(req.n)]
@@ -332,6 +335,17 @@ class _Handlers:
             rid, self.r.model.name, req.n, len(prompt.token_ids), req.return_logprob
         )
         return await self._respond(conn, specs, renderer, req.stream, timer)
+
+    def _check_fanout(self, prompts: int, n: int) -> None:
+        """A 400 naming the limit when the request asks for more sequences than allowed."""
+        limit = self.r.config.max_sequences_per_request
+        if prompts * n > limit:
+            raise invalid(
+                f"this request asks for {prompts * n} sequences ({prompts} prompts x n={n}); "
+                f"at most {limit} per request (--max-sequences-per-request)",
+                "n",
+                "too_many_sequences",
+            )
 
     async def models(self, request: Request, conn: Connection) -> Response:
         m = self.r.model

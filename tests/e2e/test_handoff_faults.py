@@ -174,3 +174,30 @@ def test_transfer_done_before_the_attach_reply_is_taken(pair: tuple[Child, str, 
     tokens, status = asyncio.run(main())
     assert status is grpc.StatusCode.OK
     assert len(tokens) == 4 and tokens[0] == 7
+
+
+def test_kv_that_never_comes_is_blamed_on_the_prefill_worker(
+    pair: tuple[Child, str, str],
+) -> None:
+    """Issue 20, bug 2: when the prefill worker never delivers (stopped, dead, or here never
+    sent the request), the decode worker's error names it, so the router charges it."""
+    _, prefill, decode = pair
+
+    async def main() -> None:
+        req = request("no-kv", list(range(3, 20)), max_new=4)
+        submit = decode_pb2.DecodeRequest(
+            request=req, transfer_id=secrets.randbits(63) or 1, prefill_endpoint=prefill
+        )
+        async with grpc.aio.insecure_channel(decode) as ch:
+            call = decode_pb2_grpc.DecodeStub(ch).Session()
+            await call.write(decode_pb2.SessionRequest(submit=[submit]))
+            frame = await call.read()
+            (reply,) = frame.responses
+            assert reply.HasField("error"), reply
+            assert reply.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+            assert reply.error.peer == prefill
+            assert "timed out" in reply.error.message
+            await call.done_writing()
+        await wait_pages_free(decode)
+
+    asyncio.run(main())

@@ -41,7 +41,8 @@ class Failure:
 class FakeWorker:
     role: str = "null"
     reply: Callable[[list[int]], list[int]] = lambda prompt: [65, 66, 67]
-    token_delay_s: float = 0.0
+    token_delay_s: float = 0.0  # decode: before each token; prefill: before answering
+    transfer_timeout_s: float = 5.0  # decode: how long to wait for the prefill's transfer
     fail: Failure | None = None
     model: str = "tiny"
     context_length: int = 64
@@ -152,9 +153,10 @@ def _logprobs(token: int, s: common_pb2.SamplingParams) -> list[common_pb2.Token
 class Injected(Exception):
     """A scripted failure: the request ends with ``code``."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, peer: str = "") -> None:
         super().__init__(message)
         self.code = code
+        self.peer = peer  # the worker to blame, as decode_worker.convert.PeerFailure
 
 
 def _failure(request_id: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -216,9 +218,13 @@ class _Decode(decode_pb2_grpc.DecodeServicer):
             if request.transfer_id:
                 event = TRANSFERS.setdefault(request.transfer_id, asyncio.Event())
                 try:
-                    await asyncio.wait_for(event.wait(), 5.0)
+                    await asyncio.wait_for(event.wait(), w.transfer_timeout_s)
                 except TimeoutError:
-                    raise Injected(grpc.StatusCode.UNAVAILABLE, "transfer timed out") from None
+                    # As the real decode worker: the prefill worker that never delivered is
+                    # to blame.
+                    raise Injected(
+                        grpc.StatusCode.UNAVAILABLE, "transfer timed out", request.prefill_endpoint
+                    ) from None
             tokens, reason = w.script(req)
             for i, token in enumerate(tokens):
                 if w.fail is not None and i == w.fail.after_tokens:

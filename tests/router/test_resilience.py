@@ -363,6 +363,34 @@ def test_circuit_opens_excludes_and_recovers(model_dir: Path) -> None:
     run(body())
 
 
+def test_a_hung_prefill_worker_is_blamed_not_its_decode_worker(model_dir: Path) -> None:
+    """Issue 20, bug 2: the decode worker reports that the KV never came, naming the prefill
+    worker; the router charges that worker. The one decode worker's circuit stays closed, so
+    no request gets a 503."""
+    hung = FakeWorker(role="prefill", token_delay_s=60)
+    good = FakeWorker(role="prefill")
+    decode = FakeWorker(role="decode", transfer_timeout_s=0.2)
+
+    async def body() -> None:
+        async with router_for(
+            model_dir,
+            prefill=(hung, good),
+            decode=(decode,),
+            policy="round_robin",
+            health=HealthConfig(check_interval_s=0.1, open_timeout_s=30),
+            admin_key="k",
+        ) as r:
+            for _ in range(8):
+                status, _ = await r.post("/generate", native(3))
+                assert status == 200  # retried on the good prefill worker
+            workers = await admin_workers(r)
+            assert workers[decode.endpoint]["circuit"] == "closed"
+            assert workers[hung.endpoint]["circuit"] == "open"
+            assert workers[good.endpoint]["circuit"] == "closed"
+
+    run(body())
+
+
 def test_unhealthy_workers_are_excluded_and_none_left_is_a_quick_503(model_dir: Path) -> None:
     a, b = FakeWorker(), FakeWorker()
 

@@ -121,6 +121,32 @@ def test_completion_batch_and_n(model_dir: Path, tokenizer: Tokenizer) -> None:
     run(body())
 
 
+def test_fan_out_beyond_the_limit_is_a_400_before_any_work(
+    model_dir: Path, tokenizer: Tokenizer
+) -> None:
+    """Issue 20, bug 2: n x prompts beyond --max-sequences-per-request is refused whole,
+    naming the limit and the value; nothing reaches a worker."""
+    w = fake(tokenizer)
+
+    async def body() -> None:
+        async with router_for(model_dir, workers=(w,), max_sequences_per_request=6) as r:
+            body = {"model": "tiny", "prompt": [[1, 2]] * 4, "n": 2, "max_tokens": 1}
+            status, reply = await r.post("/v1/completions", body)
+            assert status == 400
+            error = reply["error"]
+            assert error["code"] == "too_many_sequences" and error["param"] == "n"
+            assert "8 sequences" in error["message"] and "at most 6" in error["message"]
+            chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 7}
+            status, reply = await r.post("/v1/chat/completions", chat)
+            assert status == 400 and "at most 6" in reply["error"]["message"]
+            assert not w.requests
+            body["n"] = 1  # 4 sequences: within the limit
+            status, _ = await r.post("/v1/completions", body)
+            assert status == 200
+
+    run(body())
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_completion_stream(model_dir: Path, tokenizer: Tokenizer, transport: str) -> None:
     w = fake(tokenizer)
