@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,34 @@ def test_completion_batch_and_n(model_dir: Path, tokenizer: Tokenizer) -> None:
         usage = reply["usage"]
         assert usage["prompt_tokens"] == 2 + 3
         assert usage["completion_tokens"] == 4 * 3
+
+    run(body())
+
+
+def test_oversized_prompt_and_head_are_refused_before_work(
+    model_dir: Path, tokenizer: Tokenizer
+) -> None:
+    """Issue 20, bug 4: megabytes of prompt text that could never fit the context are a 400
+    at once (tokenizing them took seconds and gigabytes); a head over the limit is a 431."""
+    w = fake(tokenizer)
+
+    async def body() -> None:
+        async with router_for(model_dir, workers=(w,)) as r:
+            big = {"model": "tiny", "prompt": "lorem ipsum " * 400_000}  # 4.8 MB
+            start = time.monotonic()
+            status, reply = await r.post("/v1/completions", big)
+            assert status == 400, reply
+            assert "characters" in reply["error"]["message"]
+            assert time.monotonic() - start < 1.5
+            headers = {"X-Padding": "a" * (70 << 10)}
+            async with r.http.post(
+                r.url + "/v1/completions", json={"prompt": "x"}, headers=headers
+            ) as resp:
+                assert resp.status == 431
+                assert "headers exceed" in (await resp.json())["error"]["message"]
+            status, _ = await r.post("/v1/completions", {"model": "tiny", "prompt": "hi"})
+            assert status == 200
+            assert len(w.requests) == 1
 
     run(body())
 
