@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from dataclasses import dataclass
 
 import grpc
@@ -66,6 +67,8 @@ class WorkerRuntime:
         self.sessions = sessions
         self.metrics = metrics
         self._channels: dict[str, grpc.aio.Channel] = {}
+        # Tells a router that this is another process than the one it knew at this address.
+        self.instance_id = secrets.token_hex(8)
 
     def channel(self, endpoint: str) -> grpc.aio.Channel:
         """A long-lived channel to a peer worker (one per endpoint)."""
@@ -93,6 +96,7 @@ class WorkerRuntime:
             num_transferring=sum(x.num_transferring for x in loads),
             num_free_pages=sum(x.num_free_pages for x in loads),
             num_total_pages=sum(x.num_total_pages for x in loads),
+            instance_id=self.instance_id,
         )
 
     def info(self, request: common_pb2.WorkerInfoRequest) -> common_pb2.WorkerInfo:
@@ -106,4 +110,5 @@ class WorkerRuntime:
             layout=layout_to_proto(self.layout),
             dp_size=self.engine.world,
             session_port=self.settings.session_port,
+            instance_id=self.instance_id,
         )

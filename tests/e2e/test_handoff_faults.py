@@ -201,3 +201,24 @@ def test_kv_that_never_comes_is_blamed_on_the_prefill_worker(
         await wait_pages_free(decode)
 
     asyncio.run(main())
+
+
+def test_weights_identity(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """Same files, same identity; another checkpoint, a resized shard or dummy weights, not."""
+    import shutil
+
+    from decode_worker.convert import weights_identity
+
+    qwen = tiny_models[MODEL]
+    same = weights_identity(str(qwen), "auto", 0)
+    assert same == weights_identity(str(qwen), "auto", 0)
+    assert same != weights_identity(str(tiny_models["llama"]), "auto", 0)
+    assert weights_identity(str(qwen), "dummy", 0).startswith("dummy:")
+    assert weights_identity(str(qwen), "dummy", 0) != weights_identity(str(qwen), "dummy", 1)
+    copy = tmp_path / "copy"
+    shutil.copytree(qwen, copy)
+    assert weights_identity(str(copy), "auto", 0) == same
+    shard = next(copy.glob("*.safetensors"))
+    with shard.open("ab") as f:
+        f.write(b"\0")
+    assert weights_identity(str(copy), "auto", 0) != same

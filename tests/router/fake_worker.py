@@ -48,6 +48,9 @@ class FakeWorker:
     context_length: int = 64
     vocab_size: int = 512
     fingerprint: str = "fp-1"
+    weights: str = "w-1"
+    instance_id: str = "fake-1"
+    port: int = 0  # the gRPC port to bind (0: pick one); a restart at the same address
     requests: list[common_pb2.GenerateRequest] = field(default_factory=list)
     transfer_ids: list[int] = field(default_factory=list)
     prefill_endpoints: list[str] = field(default_factory=list)
@@ -70,7 +73,7 @@ class FakeWorker:
             decode_pb2_grpc.add_DecodeServicer_to_server(_Decode(self), server)
         self._health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        port = server.add_insecure_port("127.0.0.1:0")
+        port = server.add_insecure_port(f"127.0.0.1:{self.port}")
         await server.start()
         if self.session_listener:
             await self.start_listener()
@@ -119,8 +122,11 @@ class FakeWorker:
             model=self.model,
             context_length=self.context_length,
             vocab_size=self.vocab_size,
-            layout=common_pb2.KVLayout(model=self.model, fingerprint=self.fingerprint),
+            layout=common_pb2.KVLayout(
+                model=self.model, fingerprint=self.fingerprint, weights=self.weights
+            ),
             session_port=self.session_port,
+            instance_id=self.instance_id,
         )
 
     def load(self) -> common_pb2.LoadReport:
@@ -128,6 +134,7 @@ class FakeWorker:
             num_running=self.running,
             num_free_pages=PAGES - self.running,
             num_total_pages=PAGES,
+            instance_id=self.instance_id,
         )
 
     def script(self, req: common_pb2.GenerateRequest) -> tuple[list[int], common_pb2.FinishReason]:

@@ -391,6 +391,50 @@ def test_a_hung_prefill_worker_is_blamed_not_its_decode_worker(model_dir: Path) 
     run(body())
 
 
+def test_a_worker_restarted_as_something_else_is_kept_out(model_dir: Path) -> None:
+    """Issue 20, bug 5: a static worker restarted on its address is re-read before it gets
+    anything: with a smaller context or other weights it stays out (with the reason on
+    the admin API's view and in the log); back as it was, it serves again."""
+    steady = FakeWorker(reply=positional)
+    changing = FakeWorker(reply=positional)
+
+    async def restart(**identity: Any) -> FakeWorker:
+        port = int(changing.endpoint.rpartition(":")[2])
+        await changing.stop()
+        fresh = FakeWorker(reply=positional, port=port, **identity)
+        await fresh.start()
+        return fresh
+
+    async def body() -> None:
+        nonlocal changing
+        async with router_for(
+            model_dir,
+            workers=(steady, changing),
+            policy="round_robin",
+            health=HealthConfig(check_interval_s=0.1),
+            admin_key="k",
+        ) as r:
+            for _ in range(4):
+                assert (await r.post("/generate", native(3)))[0] == 200
+            assert changing.requests
+            for identity in ({"context_length": 32}, {"weights": "w-2"}):
+                changing = await restart(instance_id=f"fake-{identity}", **identity)
+                await asyncio.sleep(0.5)  # a few health rounds: it answers, it is re-read
+                for _ in range(6):
+                    assert (await r.post("/generate", native(3)))[0] == 200
+                assert not changing.requests  # kept out: nothing reached it
+                view = (await admin_workers(r))[changing.endpoint]
+                assert view["verified"] is False and not view["usable"]
+            changing = await restart(instance_id="fake-3")  # as it was
+            await until(r, changing.endpoint, "verified", True)
+            for _ in range(4):
+                assert (await r.post("/generate", native(3)))[0] == 200
+            assert changing.requests
+        await changing.stop()
+
+    run(body())
+
+
 def test_unhealthy_workers_are_excluded_and_none_left_is_a_quick_503(model_dir: Path) -> None:
     a, b = FakeWorker(), FakeWorker()
 
