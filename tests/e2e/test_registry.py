@@ -61,3 +61,20 @@ def test_dead_worker_entry_expires(tiny_models: dict[str, Path], redis_server: R
         assert json.loads(client.get(key) or b"{}")["role"] == "prefill"
         child.proc.kill()  # no chance to deregister
         wait_for(lambda: not client.exists(key), 5, "the entry to expire")
+
+
+def test_worker_starts_while_redis_is_down(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """Issue 20, bug 6: with --registry and no Redis, the worker serves anyway and registers
+    once Redis is back."""
+    server = RedisServer(tmp_path)  # its port, nothing listening yet
+    flags = ("--registry", server.url, "--registry-ttl", "1")
+    with worker("decode", tiny_models["qwen3-moe"], *flags) as (child, endpoint):
+        assert child.proc.poll() is None
+        server.start()
+        try:
+            client = server.client()
+            key = f"pdserve:worker:{endpoint}"
+            wait_for(lambda: bool(client.exists(key)), 5, "registration once Redis is up")
+            assert WorkerRecord.from_json(client.get(key) or b"{}").endpoint == endpoint
+        finally:
+            server.stop()
