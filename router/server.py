@@ -13,9 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import itertools
 import logging
-import secrets
+import os
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from router import processes
 from router import responses as R
 from router.admin import AdminApi
 from router.admission import Admission, Overloaded
+from router.auth import Authenticator, FailedAttempts, KeyCheck, KeyLimits
 from router.busy_poll import BusyPoll
 from router.choice import ChoiceDecoder, ChoiceDelta, ChoiceSpec, merge, run_choice
 from router.config import RouterConfig
@@ -55,14 +55,15 @@ from router.workers import WorkerPool, load_of
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-# Request ids: a random per-process prefix and a counter, unique across router processes and
-# restarts without a system call per request (uuid4 reads the OS entropy pool each time).
-_ID_PREFIX = secrets.token_hex(6)
-_ID_COUNTER = itertools.count(1)
+
+
+# Request ids: the router process's random prefix (which process served it), then 96 random
+# bits, so that nobody can guess another client's ids (workers accept Abort by id).
+_ID_PREFIX = os.urandom(6).hex()
 
 
 def _new_id(kind: str) -> str:
-    return f"{kind}{_ID_PREFIX}{next(_ID_COUNTER):010x}"
+    return f"{kind}{_ID_PREFIX}{os.urandom(12).hex()}"  # about 0.5 µs
 
 
 # Bodies above this are tokenized off the event loop.
@@ -133,9 +134,26 @@ class Router:
         return RequestTally(self.metrics)
 
     @functools.cached_property
+    def failed_auth(self) -> FailedAttempts:
+        return FailedAttempts(self.config.auth_failures_per_minute)
+
+    @functools.cached_property
+    def auth(self) -> Authenticator:
+        c = self.config
+        share = max(1, c.processes)  # --processes N: each enforces 1/N of the limits
+        limits = KeyLimits(c.rate_limit_rps / share, c.rate_limit_tpm / share)
+        return Authenticator(KeyCheck(c.api_keys), limits, self.failed_auth)
+
+    @functools.cached_property
     def admin(self) -> AdminApi:
         c = self.config
-        return AdminApi(self.pool, c.admin_key, processes.peers(c), processes.journal(c))
+        return AdminApi(
+            self.pool,
+            c.admin_key,
+            processes.peers(c),
+            processes.journal(c),
+            failures=self.failed_auth,
+        )
 
     @functools.cached_property
     def builder(self) -> PromptBuilder:
@@ -154,8 +172,9 @@ class RouterServer:
             ("/v1/chat/completions", handlers.chat),
             ("/generate", handlers.generate),
         ):
-            self.routes.add("POST", path, _admitted(router.admission, handler))
-        self.routes.add("GET", "/v1/models", handlers.models)
+            # Keys before a slot: an unauthenticated flood takes no concurrency slots.
+            self.routes.add("POST", path, router.auth.guard(_admitted(router.admission, handler)))
+        self.routes.add("GET", "/v1/models", router.auth.guard(handlers.models))
         self.routes.add("GET", "/health", handlers.health)
         self.routes.add("GET", "/metrics", handlers.metrics)
         router.admin.add_routes(self.routes)
@@ -421,6 +440,7 @@ class _Handlers:
         def done() -> None:
             usage = renderer.usage()
             self.r.tally.tokens(usage["prompt_tokens"], usage["completion_tokens"])
+            self.r.auth.charge(usage["prompt_tokens"] + usage["completion_tokens"])
             timer.done()
 
         return done
