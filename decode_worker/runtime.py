@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -14,7 +14,7 @@ from decode_worker.convert import layout_to_proto
 from decode_worker.metrics import WorkerMetrics
 from engine.async_engine import AsyncEngine
 from kv_transfer import KVLayout, KVPoolDescriptor, TransferEngine
-from protos import common_pb2
+from protos import cluster_token, common_pb2
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,8 @@ class WorkerSettings:
     # Pages a peer may still write stay out of use until it acknowledges a revocation, or at
     # most this long when it cannot be reached (kv_transfer.fence).
     kv_quarantine_timeout_s: float = 300.0
+    # Carried by every call to peers and required on every call here (protos.cluster_token).
+    cluster_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -74,7 +76,7 @@ class WorkerRuntime:
         """A long-lived channel to a peer worker (one per endpoint)."""
         ch = self._channels.get(endpoint)
         if ch is None:
-            ch = grpc.aio.insecure_channel(endpoint)
+            ch = cluster_token.channel(endpoint, self.settings.cluster_token)
             self._channels[endpoint] = ch
         return ch
 

@@ -37,7 +37,7 @@ from kv_transfer import (
     create_transfer_engine,
 )
 from prefill_worker.servicer import PrefillServicer
-from protos import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from protos import cluster_token, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,11 @@ def build_parser(default_role: str) -> argparse.ArgumentParser:
         help="seconds the pages of a transfer given up on stay out of use while the prefill "
         "worker cannot be reached to confirm that it writes them no more",
     )  # fmt: skip
+    g.add_argument(
+        "--cluster-token-file",
+        help=f"file whose first line is the token calls to and from this worker carry (or "
+        f"{cluster_token.ENV}); calls without it are refused, health checks excepted",
+    )
     g.add_argument("--registry", help="register in this Redis (redis://host:port/db)")
     g.add_argument("--registry-prefix", default=DEFAULT_PREFIX)
     g.add_argument("--registry-ttl", type=float, default=10.0, help="seconds")
@@ -134,9 +139,12 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
         transfer = create_transfer_engine(args.transfer_backend, hostname=args.host)
     ranks = join_instance(engine, transfer, model_name) or []
 
-    server = grpc.aio.server(options=session.SERVER_OPTIONS)
+    token = cluster_token.load(args.cluster_token_file)
+    server = grpc.aio.server(
+        options=session.SERVER_OPTIONS, interceptors=cluster_token.server_interceptors(token)
+    )
     port = server.add_insecure_port(f"{args.host}:{args.port}")
-    sessions = SessionServer()
+    sessions = SessionServer(token)
     session_port = 0 if args.session_port < 0 else await sessions.bind(args.host, args.session_port)
     settings = WorkerSettings(
         role=role,
@@ -145,6 +153,7 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
         session_port=session_port,
         transfer_timeout_s=args.transfer_timeout,
         kv_quarantine_timeout_s=args.kv_quarantine_timeout,
+        cluster_token=token,
     )
     async_engine = AsyncEngine(engine)
     metrics = WorkerMetrics(role, settings.endpoint)

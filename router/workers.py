@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
+from protos import cluster_token, common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from router import dispatch, resilience
 from router.events import WorkerError, WorkerEvent, WorkerRequest
 from router.grpc_stream import StreamCall
@@ -105,7 +105,8 @@ class WorkerClient:
         self.role = role
         self.source = source
         health = health or HealthConfig()
-        self.channel = grpc.aio.insecure_channel(self.endpoint, options=health.channel_options)
+        self._token = health.cluster_token
+        self.channel = cluster_token.channel(self.endpoint, self._token, health.channel_options)
         self.decode = decode_pb2_grpc.DecodeStub(self.channel)
         self.prefill = prefill_pb2_grpc.PrefillStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
@@ -267,7 +268,10 @@ class WorkerClient:
                 self._refresh = asyncio.ensure_future(self._find_listener())
             kind = PREFILL if self.role == ROLE_PREFILL else DECODE
             if self._transport == "native":
-                call = StreamCall(self.session_endpoint, kind.path, kind.parse, self._keepalive_s)
+                call = StreamCall(
+                    self.session_endpoint, kind.path, kind.parse, self._keepalive_s,
+                    token=self._token,
+                )  # fmt: skip
             elif kind is PREFILL:
                 call = self.prefill.Session()
             else:
