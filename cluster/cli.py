@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import signal
 import sys
 import time
 from typing import Any
 
 from cluster.local import ChildFailed, LocalCluster, LocalClusterSpec
+from router.config import DefaultsHelpFormatter
 
 
 def _local(args: argparse.Namespace, extra: list[str]) -> int:
@@ -32,6 +34,9 @@ def _local(args: argparse.Namespace, extra: list[str]) -> int:
         port=args.port,
         load_format=args.load_format,
         engine_args=tuple(extra),
+        prefill_args=tuple(shlex.split(args.prefill_args)),
+        decode_args=tuple(shlex.split(args.decode_args)),
+        router_args=tuple(shlex.split(args.router_args)),
         log_dir=args.log_dir,
     )
     cluster = LocalCluster(spec)
@@ -40,7 +45,7 @@ def _local(args: argparse.Namespace, extra: list[str]) -> int:
     try:
         cluster.start()
     except ChildFailed as exc:
-        print(f"error: {exc} (logs: {args.log_dir})", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     name = model_path.rstrip("/").split("/")[-1]
     print(f"\npdserve is serving {name} at {cluster.url}")
@@ -72,13 +77,25 @@ def _local(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+class NoRayCluster(RuntimeError):
+    """No Ray cluster answers at the address given."""
+
+
 def _connect(address: str | None) -> Any:
-    """Attach to a Ray cluster (None: start one inside this process) and find the controller."""
+    """Attach to a Ray cluster (None: start one inside this process) and find the controller;
+    None if it has none. Raises NoRayCluster when no Ray cluster is there at all."""
     import ray
 
     from cluster.controller import CONTROLLER, NAMESPACE
 
-    ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
+    try:
+        ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
+    except (ConnectionError, TimeoutError) as exc:
+        where = "on this machine" if address == "auto" else f"at {address}"
+        raise NoRayCluster(
+            f"no Ray cluster is running {where}, so no pdserve cluster is up "
+            f"(start one with `pdserve up`, or pass --address): {str(exc).splitlines()[0]}"
+        ) from None
     try:
         return ray.get_actor(CONTROLLER, namespace=NAMESPACE)
     except ValueError:
@@ -190,16 +207,44 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="pdserve",
+        description=__doc__.splitlines()[0],
+        formatter_class=DefaultsHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    local = sub.add_parser("local", help="router + workers as processes on this machine")
-    local.add_argument("--model-path", help="HF model dir (default: embedded tiny MoE)")
-    local.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
+    local = sub.add_parser(
+        "local",
+        help="router + workers as processes on this machine",
+        formatter_class=DefaultsHelpFormatter,
+    )
+    local.add_argument("--model-path", help="HF model dir; none: the embedded tiny MoE")
+    local.add_argument(
+        "--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
+        help="how workers load weights",
+    )  # fmt: skip
     local.add_argument("--colocated", action="store_true", help="one worker doing both phases")
-    local.add_argument("--host", default="127.0.0.1")
-    local.add_argument("--port", type=int, default=8000)
-    local.add_argument("--log-dir", default="logs", help="where children's stderr goes")
-    up = sub.add_parser("up", help="place a cluster spec on a Ray cluster and supervise it")
+    local.add_argument("--host", default="127.0.0.1", help="address every process binds")
+    local.add_argument("--port", type=int, default=8000, help="the router's HTTP port")
+    local.add_argument(
+        "--log-dir", default="logs",
+        help="where children's stderr goes (NAME.log; the runs before kept as NAME.log.1-5)",
+    )  # fmt: skip
+    for role, example in (
+        ("prefill", "--chunked-prefill-size 512"),
+        ("decode", "--ep-size 2"),
+        ("router", "--policy round_robin"),
+    ):
+        local.add_argument(
+            f"--{role}-args", default="",
+            help=f"flags for the {role} only, as one string (e.g. '{example}'); flags not "
+            "known here go to every worker",
+        )  # fmt: skip
+    up = sub.add_parser(
+        "up",
+        help="place a cluster spec on a Ray cluster and supervise it",
+        formatter_class=DefaultsHelpFormatter,
+    )
     up.add_argument("spec", nargs="?", help="cluster spec YAML (default: the embedded demo)")
     up.add_argument("--log-dir", default="/tmp/pdserve-logs", help="on every node")
     up.add_argument(
@@ -224,7 +269,11 @@ def main(argv: list[str] | None = None) -> int:
         return _local(args, extra)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return {"up": _up, "status": _status, "scale": _scale, "down": _down}[args.command](args)
+    try:
+        return {"up": _up, "status": _status, "scale": _scale, "down": _down}[args.command](args)
+    except NoRayCluster as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     parser.error(f"unknown command {args.command}")
     return 2
 

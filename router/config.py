@@ -18,6 +18,25 @@ from router.workers import endpoint_of
 DEFAULT_MAX_BODY_BYTES = 8 << 20
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every option's default, options written without help text too."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and action.option_strings and _shown(action.default):
+            action.help = "(default: %(default)s)"  # argparse lists only actions with help
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "%(default)" in text or not _shown(action.default):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _shown(default: object) -> bool:
+    return default not in (None, False, argparse.SUPPRESS, [], ())
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     """Validated at construction: ValueError names the bad flag and value."""
@@ -149,7 +168,9 @@ class RouterConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m router", description="pdserve router: the OpenAI-compatible HTTP front"
+        prog="python -m router",
+        description="pdserve router: the OpenAI-compatible HTTP front",
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--model-path", required=True, help="checkpoint dir (tokenizer, template)")
     p.add_argument("--served-model-name", help="model name clients send (default: workers')")

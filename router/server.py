@@ -16,6 +16,7 @@ import functools
 import logging
 import os
 import time
+import urllib.parse
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -175,6 +176,8 @@ class RouterServer:
             # Keys before a slot: an unauthenticated flood takes no concurrency slots.
             self.routes.add("POST", path, router.auth.guard(_admitted(router.admission, handler)))
         self.routes.add("GET", "/v1/models", router.auth.guard(handlers.models))
+        for path in ("/v1/models/{id}", "/v1/models/{org}/{id}"):
+            self.routes.add("GET", path, router.auth.guard(handlers.model))
         self.routes.add("GET", "/health", handlers.health)
         self.routes.add("GET", "/metrics", handlers.metrics)
         router.admin.add_routes(self.routes)
@@ -366,9 +369,9 @@ class _Handlers:
                 "too_many_sequences",
             )
 
-    async def models(self, request: Request, conn: Connection) -> Response:
+    def _card(self) -> dict[str, Any]:
         m = self.r.model
-        card = {
+        return {
             "id": m.name,
             "object": "model",
             "created": self.r.created,
@@ -376,7 +379,15 @@ class _Handlers:
             "root": self.r.config.model_path,
             "max_model_len": m.context_length,
         }
-        return _json({"object": "list", "data": [card]})
+
+    async def models(self, request: Request, conn: Connection) -> Response:
+        return _json({"object": "list", "data": [self._card()]})
+
+    async def model(self, request: Request, conn: Connection) -> Response:
+        """``GET /v1/models/{id}`` (an id may hold one ``/``, as ``org/name``): the card, or
+        404 ``model_not_found``."""
+        self._check_model(urllib.parse.unquote("/".join(request.params.values())))
+        return _json(self._card())
 
     async def health(self, request: Request, conn: Connection) -> Response:
         states = await self.r.pool.health()

@@ -584,6 +584,25 @@ def test_http_errors(model_dir: Path, tokenizer: Tokenizer) -> None:
     run(body())
 
 
+def test_one_model_by_id(model_dir: Path, tokenizer: Tokenizer) -> None:
+    """GET /v1/models/{id}, ids with an organisation too (issue 20, operator's first hour)."""
+    w = fake(tokenizer)
+
+    async def body() -> None:
+        for name in ("served", "org/served"):
+            async with router_for(model_dir, workers=(w,), served_model_name=name) as r:
+                async with r.http.get(r.url + f"/v1/models/{name}") as resp:
+                    assert resp.status == 200
+                    card = await resp.json()
+                assert card["id"] == name and card["object"] == "model"
+                assert card["max_model_len"] == 64
+                async with r.http.get(r.url + "/v1/models/other") as resp:
+                    assert resp.status == 404
+                    assert (await resp.json())["error"]["code"] == "model_not_found"
+
+    run(body())
+
+
 def test_models_health_metrics(model_dir: Path, tokenizer: Tokenizer) -> None:
     w = fake(tokenizer)
 
@@ -607,6 +626,7 @@ def test_models_health_metrics(model_dir: Path, tokenizer: Tokenizer) -> None:
                 text = await resp.text()
         assert 'pdserve:router_requests_total{endpoint="/v1/completions",status="200"} 1.0' in text
         assert 'pdserve:router_requests_total{endpoint="/v1/completions",status="404"} 1.0' in text
+        assert "router_registry_up" not in text  # no --registry: no such series (was a 0)
         for name in (
             "pdserve:time_to_first_token_seconds_count 1.0",
             "pdserve:inter_token_latency_seconds_count",
