@@ -36,6 +36,7 @@ from kv_transfer import (
     TransferEngine,
     create_transfer_engine,
 )
+from kv_transfer import faults as transfer_faults
 from prefill_worker.servicer import PrefillServicer
 from protos import cluster_token, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
@@ -159,6 +160,13 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
     if role != "null":
         configure_mooncake(args.transfer_timeout)
         transfer = create_transfer_engine(args.transfer_backend, hostname=args.host)
+        faults = os.environ.get(transfer_faults.ENV)
+        if faults:
+            log.warning("%s=%s: KV writes are delayed and dropped on purpose (chaos testing)",
+                        transfer_faults.ENV, faults)  # fmt: skip
+            transfer = transfer_faults.FaultyTransferEngine(
+                transfer, transfer_faults.TransferFaults.parse(faults)
+            )
     ranks = join_instance(engine, transfer, model_name) or []
 
     token = cluster_token.load(args.cluster_token_file)
