@@ -746,7 +746,13 @@ class WorkerPool:
         """Whether a route exists among the members ``health`` says are serving."""
 
         def any_of(role: str) -> bool:
-            return any(health.get(w.endpoint) for w in self.members(role) if not w.draining)
+            # Serving is not enough: a worker whose circuit is open, or that is being
+            # re-checked, takes no requests either, and /health must say so.
+            return any(
+                health.get(w.endpoint) and w.breaker.allows() and w.verified
+                for w in self.members(role)
+                if not w.draining
+            )
 
         return (any_of(ROLE_PREFILL) and any_of(ROLE_DECODE)) or any_of(ROLE_COLOCATED)
 

@@ -363,6 +363,23 @@ def test_circuit_opens_excludes_and_recovers(model_dir: Path) -> None:
     run(body())
 
 
+def test_health_is_unavailable_while_no_circuit_is_closed(model_dir: Path) -> None:
+    """/health said ok while the only worker's circuit was open and every request got 503."""
+    flaky = FakeWorker(fail=Failure(grpc.StatusCode.UNAVAILABLE, after_tokens=-1))
+
+    async def body() -> None:
+        async with router_for(
+            model_dir, workers=(flaky,), health=HealthConfig(check_interval_s=0.1)
+        ) as r:
+            for _ in range(3):
+                assert (await r.post("/generate", native(3)))[0] == 503
+            async with r.http.get(r.url + "/health") as resp:
+                assert resp.status == 503
+                assert (await resp.json())["status"] == "unavailable"
+
+    run(body())
+
+
 def test_a_hung_prefill_worker_is_blamed_not_its_decode_worker(model_dir: Path) -> None:
     """Issue 20, bug 2: the decode worker reports that the KV never came, naming the prefill
     worker; the router charges that worker. The one decode worker's circuit stays closed, so
