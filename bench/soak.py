@@ -70,6 +70,7 @@ class Outcome:
     end: float
     status: int  # HTTP status; 0: hung; -1: client disconnected on purpose
     mismatch: bool = False
+    detail: str = ""  # what was asked, and what came instead of the baseline (mismatches)
 
 
 @dataclass
@@ -90,6 +91,7 @@ class Report:
     lost_outside_windows: int = 0
     hung: int = 0
     mismatched: int = 0
+    mismatches: list[dict[str, Any]] = field(default_factory=list)  # the first few, in detail
     leaked_workers: list[str] = field(default_factory=list)
     router_rss_mb: tuple[float, float] = (0.0, 0.0)
     faults: list[dict[str, Any]] = field(default_factory=list)
@@ -255,7 +257,11 @@ async def _load(
                 )
                 want = baseline[(kind, prompt)]
                 mismatch = status == 200 and any(t != want for t in texts)
-                outcomes.append(Outcome(start, time.monotonic(), status, mismatch))
+                detail = ""
+                if mismatch:
+                    asked = f"{kind} stream={stream} n={n} prompt={prompt!r}"
+                    detail = f"{asked}: got {texts!r}, baseline {want!r}"
+                outcomes.append(Outcome(start, time.monotonic(), status, mismatch, detail))
 
     await asyncio.gather(*(client() for _ in range(concurrency)))
 
@@ -359,6 +365,12 @@ def run(
         if o.status == 200:
             report.ok += 1
             report.mismatched += o.mismatch
+            if o.mismatch and len(report.mismatches) < 10:
+                in_window = any(a <= o.end and o.start <= b for a, b in windows)
+                report.mismatches.append(
+                    {"start": round(o.start - start, 1), "end": round(o.end - start, 1),
+                     "in_fault_window": in_window, "detail": o.detail}
+                )  # fmt: skip
         elif o.status == -1:
             report.disconnected += 1
         elif o.status == 0:
