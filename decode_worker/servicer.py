@@ -100,6 +100,20 @@ async def refuses_connections(endpoint: str, timeout_s: float = 1.0) -> bool:
     return False
 
 
+# A write the sender saw end (done, failed on its progress timeout, or stopped by a revocation)
+# may still have bytes in this host's socket buffers, which this process's transfer engine
+# lands in the pages as soon as it runs: after this worker was itself stopped (SIGSTOP, a
+# long pause) those land only once it resumes. So pages are freed only after this much time
+# awake, counted in short sleeps so that a pause in between does not count.
+DRAIN_STEPS = 10
+DRAIN_STEP_S = 0.05
+
+
+async def _drain_inbound_writes() -> None:
+    for _ in range(DRAIN_STEPS):
+        await asyncio.sleep(DRAIN_STEP_S)
+
+
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     def __init__(self, runtime: WorkerRuntime) -> None:
         self.rt = runtime
@@ -235,22 +249,31 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             self.transfer_of.pop(rid, None)
             rt.engine.close_stream(rid)
             if not finished and rt.engine.alive:
-                if attach_sent and not receiver.sender_done:
-                    await asyncio.shield(self._quarantine(rid, tid, request.prefill_endpoint))
+                if attach_sent and receiver.state is not TransferState.SUCCESS:
+                    await asyncio.shield(
+                        self._quarantine(
+                            rid, tid, request.prefill_endpoint, revoke=not receiver.sender_done
+                        )
+                    )
                 else:
                     await asyncio.shield(rt.engine.abort(rid))
 
-    async def _quarantine(self, rid: str, tid: int, prefill_endpoint: str) -> None:
-        """Give up on a request whose pages the prefill worker may still write: keep the pages
-        out of use and free them only once it is safe (`_release_when_safe`)."""
+    async def _quarantine(
+        self, rid: str, tid: int, prefill_endpoint: str, revoke: bool = True
+    ) -> None:
+        """Give up on a request whose pages a write may still reach: keep the pages out of
+        use and free them only once it is safe (`_release_when_safe`; without `revoke` the
+        prefill worker already said its writes ended, and only the drain is waited for)."""
         if not await self.rt.engine.quarantine_transfer(rid, tid):
             await self.rt.engine.abort(rid)  # its KV had arrived: nothing can write it now
             return
-        task = asyncio.create_task(self._release_when_safe(rid, tid, prefill_endpoint))
+        task = asyncio.create_task(self._release_when_safe(rid, tid, prefill_endpoint, revoke))
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
 
-    async def _release_when_safe(self, rid: str, tid: int, endpoint: str) -> None:
+    async def _release_when_safe(
+        self, rid: str, tid: int, endpoint: str, revoke_first: bool = True
+    ) -> None:
         """Revoke the transfer at the prefill worker until it says no write of it runs or
         will start, then free the quarantined pages. Without an answer the pages stay out of
         use, except when the prefill worker is gone: its port refuses connections for a whole
@@ -265,7 +288,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         stub = prefill_pb2_grpc.PrefillStub(self.rt.channel(endpoint))
         revoke = prefill_pb2.RevokeDestinationRequest(request_id=rid, transfer_id=tid)
         reason = ""
-        while not reason:
+        while revoke_first and not reason:
             try:
                 reply = await stub.RevokeDestination(revoke, timeout=settings.rpc_timeout_s)
                 if reply.idle:
@@ -288,6 +311,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 delay = min(delay * 2, 2.0)
         if reason:
             log.warning("freeing the quarantined pages of transfer %s: %s", tid, reason)
+        await _drain_inbound_writes()
         with contextlib.suppress(EngineDeadError):  # the pool is gone with the engine
             await self.rt.engine.release_quarantine(tid)
 
