@@ -645,7 +645,9 @@ class WorkerPool:
                     self.metrics.worker_errors.labels(
                         worker.endpoint, worker.role, error.grpc_code.name
                     ).inc()
-                if error.grpc_code in BREAKER_FAILURES:
+                # A worker being re-checked takes nothing (its attempts fail on purpose): the
+                # check decides about it, not its breaker.
+                if error.grpc_code in BREAKER_FAILURES and worker.verified:
                     self._failed(worker, f"{error.grpc_code.name}: {error.message}")
 
     def _failed(self, worker: WorkerClient, why: str) -> None:
