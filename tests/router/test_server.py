@@ -13,7 +13,7 @@ import pytest
 
 from engine.tokenizer import Tokenizer
 from router.config import RouterConfig
-from router.health import TRANSPORTS, HealthConfig
+from router.health import BREAKER_FAILURES, TRANSPORTS, HealthConfig
 from router.policy import RoundRobin, make_policy
 from router.resilience import RetryConfig
 from router.server import serve
@@ -390,8 +390,10 @@ def test_worker_error_before_first_token(
             )
             assert got == status
             assert_error_body(events[0], error_type)
+            # A worker that failed every attempt (6) with a worker failure has its circuit
+            # open: /health says so, rather than ok while every request gets a 503.
             async with r.http.get(r.url + "/health") as resp:
-                assert resp.status == 200
+                assert resp.status == (503 if code in BREAKER_FAILURES else 200)
 
     run(body())
 
