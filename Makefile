@@ -8,12 +8,12 @@ TORCH_SPEC ?= torch==2.13.0
 MOONCAKE_SPEC ?= mooncake-transfer-engine-non-cuda
 STAMP := $(VENV)/.installed
 MODELS ?= models
-PACKAGES := engine kv_transfer protos/__init__.py protos/h2.py prefill_worker decode_worker router cluster
+PACKAGES := engine kv_transfer protos/__init__.py protos/h2.py protos/cluster_token.py prefill_worker decode_worker router cluster
 PORT ?= 8000
 # no: skip what only the tests use (Prometheus, kubectl), as deploy/Dockerfile's image does.
 TEST_TOOLS ?= yes
 
-.PHONY: install test test-ray lint format proto tiny-models run run-ray run-offline bench-engine clean
+.PHONY: install test test-ray lint format proto tiny-models run run-ray run-offline bench-engine soak clean
 
 install: $(STAMP)
 
@@ -84,6 +84,13 @@ run-ray: install
 # The offline engine alone, no services.
 run-offline: install
 	$(PY) -m engine.cli --chat --prompt "What is a KV cache?" --prompt "Explain batching" --max-tokens 24
+
+# The chaos soak (bench/soak.py): mixed load on the embedded default while workers and Redis
+# are killed and stopped and KV writes are delayed and dropped; SOAK_S seconds (CI runs a
+# 30 s form in tests/e2e/test_soak.py).
+SOAK_S ?= 300
+soak: install
+	$(PY) -m bench.soak --duration $(SOAK_S)
 
 bench-engine: tiny-models
 	$(PY) -m bench.engine --model-path $(MODELS)/qwen3-moe

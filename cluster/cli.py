@@ -20,6 +20,7 @@ from typing import Any
 
 from cluster.local import SHARED_GPU_MEM_FRACTION, ChildFailed, LocalCluster, LocalClusterSpec
 from cluster.metrics import write_file_sd
+from router.config import DefaultsHelpFormatter
 
 
 def local_spec(args: argparse.Namespace, extra: list[str]) -> LocalClusterSpec:
@@ -46,6 +47,7 @@ def local_spec(args: argparse.Namespace, extra: list[str]) -> LocalClusterSpec:
         port=args.port,
         load_format=args.load_format,
         engine_args=tuple(engine_args),
+        router_args=tuple(shlex.split(args.router_args)),
         log_dir=args.log_dir,
         device=args.device,
         prefill_args=tuple(shlex.split(args.prefill_args)),
@@ -72,7 +74,7 @@ def _local(args: argparse.Namespace, extra: list[str]) -> int:
     try:
         cluster.start()
     except ChildFailed as exc:
-        print(f"error: {exc} (logs: {args.log_dir})", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     name = model_path.rstrip("/").split("/")[-1]
     print(f"\npdserve is serving {name} at {cluster.url}")
@@ -108,13 +110,25 @@ def _local(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+class NoRayCluster(RuntimeError):
+    """No Ray cluster answers at the address given."""
+
+
 def _connect(address: str | None) -> Any:
-    """Attach to a Ray cluster (None: start one inside this process) and find the controller."""
+    """Attach to a Ray cluster (None: start one inside this process) and find the controller;
+    None if it has none. Raises NoRayCluster when no Ray cluster is there at all."""
     import ray
 
     from cluster.controller import CONTROLLER, NAMESPACE
 
-    ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
+    try:
+        ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
+    except (ConnectionError, TimeoutError) as exc:
+        where = "on this machine" if address == "auto" else f"at {address}"
+        raise NoRayCluster(
+            f"no Ray cluster is running {where}, so no pdserve cluster is up "
+            f"(start one with `pdserve up`, or pass --address): {str(exc).splitlines()[0]}"
+        ) from None
     try:
         return ray.get_actor(CONTROLLER, namespace=NAMESPACE)
     except ValueError:
@@ -237,19 +251,34 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="pdserve",
+        description=__doc__.splitlines()[0],
+        formatter_class=DefaultsHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    local = sub.add_parser("local", help="router + workers as processes on this machine")
-    local.add_argument("--model-path", help="HF model dir (default: embedded tiny MoE)")
-    local.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
+    local = sub.add_parser(
+        "local",
+        help="router + workers as processes on this machine",
+        formatter_class=DefaultsHelpFormatter,
+    )
+    local.add_argument("--model-path", help="HF model dir; none: the embedded tiny MoE")
+    local.add_argument(
+        "--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
+        help="how workers load weights",
+    )  # fmt: skip
     local.add_argument("--colocated", action="store_true", help="one worker doing both phases")
-    local.add_argument("--host", default="127.0.0.1")
-    local.add_argument("--port", type=int, default=8000)
-    local.add_argument("--log-dir", default="logs", help="where children's stderr goes")
+    local.add_argument("--host", default="127.0.0.1", help="address every process binds")
+    local.add_argument("--port", type=int, default=8000, help="the router's HTTP port")
+    local.add_argument(
+        "--log-dir", default="logs",
+        help="where children's stderr goes (NAME.log; the runs before kept as NAME.log.1-5)",
+    )  # fmt: skip
     local.add_argument(
         "--metrics-targets",
         help="write every process's /metrics address to this file, in Prometheus' file_sd format",
     )
+    local.add_argument(
         "--device",
         help="every worker's device (cpu, cuda:N, ...); 'cuda': a GPU per worker while there "
         "are enough, else they share (prefill first, each with its own memory fraction)",
@@ -257,18 +286,25 @@ def main(argv: list[str] | None = None) -> int:
     for role, example in (
         ("prefill", "--chunked-prefill-size 4096"),
         ("decode", "--max-running-requests 128"),
+        ("router", "--policy round_robin"),
     ):
         local.add_argument(
             f"--{role}-args", default="",
-            help=f"flags for the {role} worker(s) only (colocated: the decode ones), one "
-            f"string, written with '=' (--{role}-args='{example}')",
+            help=f"flags for the {role} only, as one string written with '=' "
+            f"(--{role}-args='{example}'; colocated: decode's go to the worker); flags not "
+            "known here go to every worker",
         )  # fmt: skip
+    for role in ("prefill", "decode"):
         local.add_argument(
             f"--{role}-mem-fraction-static", type=float,
             help=f"the {role} worker's --mem-fraction-static (sharing one GPU: default "
             f"{SHARED_GPU_MEM_FRACTION[role]}, counting what workers started before it hold)",
         )  # fmt: skip
-    up = sub.add_parser("up", help="place a cluster spec on a Ray cluster and supervise it")
+    up = sub.add_parser(
+        "up",
+        help="place a cluster spec on a Ray cluster and supervise it",
+        formatter_class=DefaultsHelpFormatter,
+    )
     up.add_argument("spec", nargs="?", help="cluster spec YAML (default: the embedded demo)")
     up.add_argument("--log-dir", default="/tmp/pdserve-logs", help="on every node")
     up.add_argument(
@@ -293,7 +329,11 @@ def main(argv: list[str] | None = None) -> int:
         return _local(args, extra)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return {"up": _up, "status": _status, "scale": _scale, "down": _down}[args.command](args)
+    try:
+        return {"up": _up, "status": _status, "scale": _scale, "down": _down}[args.command](args)
+    except NoRayCluster as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     parser.error(f"unknown command {args.command}")
     return 2
 

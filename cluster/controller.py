@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -112,7 +113,7 @@ class Controller:
             redis.actors = [
                 Host.options(num_cpus=0, max_restarts=-1).remote(
                     "redis",
-                    redis_argv(ip, port, "/tmp"),
+                    redis_argv(ip, port, "/tmp", secrets.token_hex(16)),
                     self.log_dir,
                     ready="redis",
                     python=False,

@@ -7,6 +7,7 @@ so a started cluster is a working one. If any child dies, the cluster is stopped
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,11 +21,40 @@ from pathlib import Path
 READY_TIMEOUT_S = 180.0
 
 
+LOGS_KEPT = 5  # a child's earlier logs kept beside the current one: NAME.log.1 ... .5
+ERROR_LINES = 12  # lines of a child's log shown when it fails to start
+
+
 @dataclass
 class Child:
     name: str
     proc: subprocess.Popen[str]
     ready: dict[str, object] = field(default_factory=dict)
+    log_path: Path | None = None  # where its stderr goes (None: this process's stderr)
+
+    def failure(self, what: str) -> ChildFailed:
+        """`what` happened to the child at start: the error names its log and ends with the
+        log's last lines, so the console shows why without opening files."""
+        if self.log_path is None:
+            return ChildFailed(f"{self.name} {what} (its errors are in the output above)")
+        try:
+            tail = self.log_path.read_text(errors="replace").splitlines()[-ERROR_LINES:]
+        except OSError:
+            tail = []
+        shown = "".join(f"\n  | {line}" for line in tail) or "\n  | (the log is empty)"
+        return ChildFailed(f"{self.name} {what}; its log is {self.log_path}, ending:{shown}")
+
+
+def rotate_log(path: Path, keep: int = LOGS_KEPT) -> None:
+    """Move `path` to `path.1` (and `.1` to `.2`, ... dropping the oldest) so that a restart
+    keeps the logs of the runs before it."""
+    if not path.exists():
+        return
+    for n in range(keep - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{n}")
+        if older.exists():
+            older.replace(path.with_name(f"{path.name}.{n + 1}"))
+    path.replace(path.with_name(f"{path.name}.1"))
 
 
 class ChildFailed(RuntimeError):
@@ -32,7 +62,10 @@ class ChildFailed(RuntimeError):
 
 
 def _start(name: str, args: list[str], env: dict[str, str], log_dir: Path | None) -> Child:
-    stderr = open(log_dir / f"{name}.log", "w") if log_dir else None  # noqa: SIM115
+    log_path = None if log_dir is None else log_dir / f"{name}.log"
+    if log_path is not None:
+        rotate_log(log_path)
+    stderr = open(log_path, "w") if log_path else None  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, *args],
         stdout=subprocess.PIPE,
@@ -41,7 +74,7 @@ def _start(name: str, args: list[str], env: dict[str, str], log_dir: Path | None
         env=env,
         start_new_session=True,  # a Ctrl-C reaches the launcher, which stops children in order
     )
-    return Child(name, proc)
+    return Child(name, proc, log_path=log_path)
 
 
 def _wait_ready(child: Child, timeout_s: float) -> dict[str, object]:
@@ -68,12 +101,15 @@ def _wait_ready(child: Child, timeout_s: float) -> dict[str, object]:
     deadline = time.monotonic() + timeout_s
     while reader.is_alive():
         if child.proc.poll() is not None:
-            raise ChildFailed(f"{child.name} exited with code {child.proc.returncode} at start")
+            raise child.failure(f"exited with code {child.proc.returncode} at start")
         if time.monotonic() > deadline:
-            raise ChildFailed(f"{child.name} was not ready after {timeout_s:.0f} s")
+            raise child.failure(f"was not ready after {timeout_s:.0f} s")
         reader.join(timeout=0.1)
     if not result:
-        raise ChildFailed(f"{child.name} closed its output without becoming ready")
+        # It closed its output because it is exiting: let its log be complete.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.proc.wait(timeout=2)
+        raise child.failure("closed its output without becoming ready")
     child.ready = result
     return result
 
@@ -113,7 +149,7 @@ class LocalClusterSpec:
     port: int = 8000
     load_format: str = "auto"
     engine_args: tuple[str, ...] = ()  # extra flags for every worker (e.g. --page-size 1)
-    router_args: tuple[str, ...] = ()
+    router_args: tuple[str, ...] = ()  # extra flags for the router
     num_prefill: int = 1
     num_decode: int = 1
     log_dir: str | None = None
@@ -180,6 +216,31 @@ def _cuda_device_count() -> int:
     return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
 
 
+_WORKER_KINDS = {  # role -> (kind, as children and the router name it; module)
+    "prefill": ("prefill", "prefill_worker"),
+    "null": ("worker", "decode_worker"),
+    "decode": ("decode", "decode_worker"),
+}
+
+
+def worker_argvs(
+    spec: LocalClusterSpec, placements: list[WorkerPlacement] | None = None
+) -> list[tuple[str, list[str]]]:
+    """(kind, python argv) of every worker in start order: the common flags, its device, then
+    its own (memory fraction and its role's flags, so they win)."""
+    common = [
+        "--model-path", spec.model_path, "--load-format", spec.load_format,
+        "--host", spec.host, "--port", "0", *spec.engine_args,
+    ]  # fmt: skip
+    argvs = []
+    for place in spec.placements() if placements is None else placements:
+        kind, module = _WORKER_KINDS[place.role]
+        device = [] if place.device is None else ["--device", place.device]
+        argvs.append((kind, ["-m", module, "--disaggregation-mode", place.role, *common,
+                             *device, *place.args]))  # fmt: skip
+    return argvs
+
+
 class LocalCluster:
     def __init__(self, spec: LocalClusterSpec) -> None:
         self.spec = spec
@@ -194,23 +255,13 @@ class LocalCluster:
         log_dir = Path(spec.log_dir) if spec.log_dir else None
         if log_dir:
             log_dir.mkdir(parents=True, exist_ok=True)
-        common = [
-            "--model-path", spec.model_path, "--load-format", spec.load_format,
-            "--host", spec.host, "--port", "0", *spec.engine_args,
-        ]  # fmt: skip
         placements = spec.placements()
         # Workers sharing a device start one after another: each sizes its KV pool from the
         # memory the ones before it left.
         one_by_one = any(p.shares_device for p in placements)
-        kinds = {"prefill": ("prefill", "prefill_worker"), "null": ("worker", "decode_worker"),
-                 "decode": ("decode", "decode_worker")}  # fmt: skip
         try:
             pending = []
-            for i, place in enumerate(placements):
-                kind, module = kinds[place.role]
-                device = [] if place.device is None else ["--device", place.device]
-                args = ["-m", module, "--disaggregation-mode", place.role, *common, *device,
-                        *place.args]  # fmt: skip
+            for i, (kind, args) in enumerate(worker_argvs(spec, placements)):
                 child = _start(f"{kind}-{i}", args, env, log_dir)
                 self.children.append(child)
                 pending.append((kind, child))

@@ -127,18 +127,27 @@ class RouterMetrics:
             ["reason"],
             registry=self.registry,
         )
-        self.registry_up = Gauge(
-            "pdserve:router_registry_up",
-            "1 when the last poll of the Redis worker registry succeeded, else 0.",
-            registry=self.registry,
-            multiprocess_mode="livemin",
-        )
+        # Created by the registry watcher only: without --registry there is no such series
+        # (a 0 would read as "registry down" and fire alerts).
+        self._registry_up: Gauge | None = None
         self.membership = Counter(
             "pdserve:router_worker_membership_changes",
             "Workers added to or removed from the pool, by source and change.",
             ["source", "change"],
             registry=self.registry,
         )
+
+    def registry_up(self) -> Gauge:
+        """``pdserve:router_registry_up``: 1 when the last poll of the Redis worker registry
+        succeeded, else 0; exported once a registry is configured."""
+        if self._registry_up is None:
+            self._registry_up = Gauge(
+                "pdserve:router_registry_up",
+                "1 when the last poll of the Redis worker registry succeeded, else 0.",
+                registry=self.registry,
+                multiprocess_mode="livemin",
+            )
+        return self._registry_up
 
     def watch_workers(self, workers: Callable[[], Iterable[WorkerSample]]) -> None:
         """Export per-worker gauges read from ``workers()`` at every scrape."""
