@@ -93,6 +93,7 @@ def exported() -> dict[str, set[str]]:
     """Every sample name the code exports, with its label names."""
     router = RouterMetrics()
     router.set_model("m")
+    router.registry_up()  # exported by a router that polls a Redis registry
     router.watch_workers(lambda: [WorkerSample("w:1", "decode", True, 0, False, 0, 1, 2, 3, 4)])
     worker = WorkerMetrics("decode", "w:1", "m")
     for metrics in (router, worker):  # a child of each labelled metric, so that it has samples

@@ -346,7 +346,8 @@ def test_transfer_metrics(model_dir: Path) -> None:
         while True:
             decode_samples = scrape(decode_child.ready)
             generated = value(decode_samples, "pdserve:worker_generated_tokens_total")
-            if generated == len(tokens) or time.monotonic() > deadline:
+            usage = value(decode_samples, "pdserve:kv_page_usage_ratio")
+            if (generated == len(tokens) and usage == 0) or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
         assert generated == len(tokens)
