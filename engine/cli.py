@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine.config import DTYPES, LOAD_FORMATS, EngineConfig
+from engine.config import DTYPES, LOAD_FORMATS, MOE_BACKENDS, EngineConfig
 from engine.device import DEVICE_KINDS
 from engine.sampling import SamplingParams
 
@@ -49,6 +49,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ep-size", type=int, default=1, help="expert-parallel ranks (processes)")
     g.add_argument("--dp-size", type=int, help="data-parallel attention ranks (= --ep-size)")
     g.add_argument("--ep-num-redundant-experts", type=int, default=0)
+    g.add_argument("--moe-backend", "--moe-runner-backend", default="auto", choices=MOE_BACKENDS)
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -73,6 +74,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         disable_radix_cache=args.disable_radix_cache,
         ep_size=args.ep_size,
         ep_num_redundant_experts=args.ep_num_redundant_experts,
+        moe_backend=args.moe_backend,
     )
 
 

@@ -350,6 +350,8 @@ def _deepseek_v3_from_hf(raw: dict[str, Any], name: str) -> ModelConfig:
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Routed-expert kernels (engine/layers/moe.py): auto = triton on CUDA, torch elsewhere.
+MOE_BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -378,8 +380,11 @@ class EngineConfig:
     # Expert parallelism of one instance (one process per rank; see engine/parallel.py).
     ep_size: int = 1
     ep_num_redundant_experts: int = 0
+    moe_backend: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.moe_backend not in MOE_BACKENDS:
+            raise ValueError(f"moe_backend must be one of {MOE_BACKENDS}, got {self.moe_backend!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.dtype not in DTYPES:

@@ -1,10 +1,17 @@
-"""Mixture-of-experts: routing and the expert computation (pure torch reference)."""
+"""Mixture-of-experts: routing, and the expert computation behind a `MoEBackend` (the pure-torch
+reference, or the fused Triton kernels)."""
 
 from __future__ import annotations
+
+import importlib.util
+import os
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from engine.config import MOE_BACKENDS
 
 
 def select_experts(
@@ -58,24 +65,47 @@ def select_experts_grouped(
     return weights * scaling_factor, ids
 
 
-class FusedExperts(nn.Module):
-    """`num_experts` SwiGLU experts stored stacked: w13 `[E, 2I, H]` (gate; up), w2 `[E, H, I]`."""
+class MoEBackend(ABC):
+    """Computes routed experts: the contract every MoE backend keeps.
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
-        super().__init__()
-        self.num_experts = num_experts
-        self.intermediate_size = intermediate_size
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+    `experts(x, w13, w2, topk_weights, topk_ids)`: x `[T, H]` (T may be 0), stacked SwiGLU
+    weights w13 `[E, 2I, H]` (gate rows, then up rows) and w2 `[E, H, I]`, each token's
+    `top_k` choices `topk_ids` `[T, k]` with weights `topk_weights` `[T, k]` (any float
+    dtype). Returns `[T, H]` in x's dtype: per token, `sum_j topk_weights[t, j] *
+    w2[e] @ (silu(w13[e, :I] @ x[t]) * (w13[e, I:] @ x[t]))` with `e = topk_ids[t, j]`.
+    """
 
-    def forward(
-        self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    name: str
+
+    @abstractmethod
+    def experts(
+        self,
+        x: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+    ) -> torch.Tensor: ...
+
+
+class TorchMoEBackend(MoEBackend):
+    """The reference: one pair of matmuls per expert that has tokens. It reads the per-expert
+    counts on the host (one sync per layer), so it cannot be captured in a graph."""
+
+    name = "torch"
+
+    def experts(
+        self,
+        x: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
     ) -> torch.Tensor:
-        """x `[T, H]`; each token's output is the weighted sum of its top-k experts' outputs."""
         out = torch.zeros_like(x)
         flat_ids = topk_ids.flatten()
         order = torch.argsort(flat_ids, stable=True)
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
         token_of = order // topk_ids.shape[1]
         weight_of = topk_weights.flatten()[order]
         start = 0
@@ -83,9 +113,82 @@ class FusedExperts(nn.Module):
             if count == 0:
                 continue
             tokens = token_of[start : start + count]
-            gate, up = F.linear(x[tokens], self.w13[expert]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.w2[expert])
+            gate, up = F.linear(x[tokens], w13[expert]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, w2[expert])
             # Router weights may be float32 (DeepSeek); weigh first, then cast, as the reference.
             out.index_add_(0, tokens, (y * weight_of[start : start + count, None]).to(x.dtype))
             start += count
         return out
+
+
+class TritonMoEBackend(MoEBackend):
+    """`engine.kernels.fused_moe`: expert-aligned sort, two grouped GEMMs and the combine on
+    the device, no host sync (graph capturable at a fixed T)."""
+
+    name = "triton"
+
+    def experts(
+        self,
+        x: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        from engine.kernels.fused_moe import fused_moe
+
+        return fused_moe(x, w13, w2, topk_weights, topk_ids)
+
+
+def moe_backend_for(name: str, device_kind: str) -> MoEBackend:
+    """The backend `--moe-backend NAME` selects on a device of kind `device_kind` ("cuda",
+    "npu", "cpu"). "auto" is triton on CUDA when Triton is installed, torch elsewhere; "triton"
+    elsewhere needs Triton's interpreter (`TRITON_INTERPRET=1`, slow: tests only)."""
+    if name not in MOE_BACKENDS:
+        raise ValueError(f"--moe-backend must be one of {MOE_BACKENDS}, got {name!r}")
+    has_triton = importlib.util.find_spec("triton") is not None
+    if name == "auto":
+        name = "triton" if device_kind == "cuda" and has_triton else "torch"
+    if name == "torch":
+        return TorchMoEBackend()
+    if not has_triton:
+        raise ValueError("--moe-backend triton needs Triton: pip install triton")
+    if device_kind != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"--moe-backend triton runs on CUDA devices, not {device_kind!r}; "
+            "use --moe-backend torch (or auto)"
+        )
+    return TritonMoEBackend()
+
+
+class FusedExperts(nn.Module):
+    """`num_experts` SwiGLU experts stored stacked: w13 `[E, 2I, H]` (gate; up), w2 `[E, H, I]`,
+    computed by `backend` (the torch reference unless `set_moe_backend` chose another)."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        backend: MoEBackend | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.intermediate_size = intermediate_size
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.backend: MoEBackend = backend or TorchMoEBackend()
+
+    def forward(
+        self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """x `[T, H]`; each token's output is the weighted sum of its top-k experts' outputs."""
+        return self.backend.experts(x, self.w13, self.w2, topk_weights, topk_ids)
+
+
+def set_moe_backend(model: nn.Module, backend: MoEBackend) -> int:
+    """Point every `FusedExperts` of `model` at `backend` (once, at load); returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, FusedExperts)]
+    for layer in layers:
+        layer.backend = backend
+    return len(layers)

@@ -1,0 +1,1 @@
+"""Triton kernels for the fast paths; each is checked against a pure-torch reference."""

@@ -1,0 +1,170 @@
+"""The fused MoE Triton kernels against the pure-torch experts, under Triton's interpreter.
+
+Tolerances: float32 runs the dots exactly (`input_precision="ieee"`), so the kernel matches the
+reference to rounding: `rtol = atol = 1e-5` on outputs of order 1. float16 keeps the
+intermediate activation and the per-expert outputs in float16 like the reference does, but
+rounds at different points (float32 accumulation of the SiLU product and of the combine):
+`rtol = atol = 2e-2` against the float32 reference on the same float16 weights. (bfloat16 is
+checked on the GPU by `bench/check_moe_gpu.py`: the interpreter's dot does not support it.)
+"""
+
+from __future__ import annotations
+
+import os
+
+# The kernels are defined at import: the interpreter must be chosen before triton is imported.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is a dev dependency (pip install -e .[dev])")
+
+from engine.kernels.fused_moe import align_block_size, fused_moe
+from engine.kernels.fused_moe_configs import (
+    MoEKernelConfig,
+    default_config,
+    kernel_config,
+)
+from engine.layers.moe import (
+    FusedExperts,
+    TorchMoEBackend,
+    TritonMoEBackend,
+    moe_backend_for,
+    select_experts,
+    select_experts_grouped,
+    set_moe_backend,
+)
+
+TINY = MoEKernelConfig(block_m=16, block_n=16, block_k=16)
+
+
+def make_experts(num_experts: int, hidden: int, inter: int, seed: int) -> FusedExperts:
+    g = torch.Generator().manual_seed(seed)
+    experts = FusedExperts(num_experts, hidden, inter)
+    with torch.no_grad():
+        # Scaled so that outputs are of order 1 and the tolerances above mean what they say.
+        experts.w13.copy_(torch.randn(experts.w13.shape, generator=g) / hidden**0.5)
+        experts.w2.copy_(torch.randn(experts.w2.shape, generator=g) / inter**0.5)
+    return experts
+
+
+def route(kind: str, tokens: int, num_experts: int, top_k: int, seed: int):
+    g = torch.Generator().manual_seed(seed + 1)
+    logits = torch.randn(tokens, num_experts, generator=g)
+    if kind == "qwen":
+        return select_experts(logits, top_k, renormalize=True)
+    # DeepSeek: 4 groups, the best 2 eligible, a correction bias; float32 weights, scaled.
+    bias = torch.randn(num_experts, generator=g) * 0.1
+    return select_experts_grouped(logits, bias, top_k, 4, 2, True, 2.5)
+
+
+def check(tokens, num_experts, top_k, routing, dtype, hidden=40, inter=24, cfg=TINY, seed=0):
+    experts = make_experts(num_experts, hidden, inter, seed)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed + 2))
+    weights, ids = route(routing, tokens, num_experts, top_k, seed)
+    w13, w2 = experts.w13.detach().to(dtype), experts.w2.detach().to(dtype)
+    got = fused_moe(x.to(dtype), w13, w2, weights, ids, cfg)
+    # The reference in float32 on the same (rounded) weights and inputs.
+    want = TorchMoEBackend().experts(x.to(dtype).float(), w13.float(), w2.float(), weights, ids)
+    assert got.dtype == dtype and got.shape == (tokens, hidden)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("routing", ["qwen", "deepseek"])
+@pytest.mark.parametrize("top_k", [1, 3, 8])
+@pytest.mark.parametrize("tokens", [0, 1, 3, 19])
+def test_fused_moe_matches_torch_float32(tokens, top_k, routing):
+    # 16 experts: with 1 or 3 tokens most of them get no pair.
+    check(tokens, 16, top_k, routing, torch.float32)
+
+
+@pytest.mark.parametrize("tokens,top_k", [(1, 8), (19, 2), (19, 8)])
+def test_fused_moe_matches_torch_float16(tokens, top_k):
+    check(tokens, 16, top_k, "qwen", torch.float16)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        MoEKernelConfig(16, 32, 32, group_m=4),  # tiles wider than I and H's tail
+        MoEKernelConfig(32, 16, 16, group_m=2),  # taller blocks: more padding rows
+    ],
+)
+def test_fused_moe_tile_shapes(cfg):
+    check(21, 8, 4, "qwen", torch.float32, hidden=72, inter=40, cfg=cfg)
+
+
+def test_fused_moe_skips_ids_outside_the_experts():
+    """Expert parallelism marks pairs another rank computes with an id outside [0, E)."""
+    experts = make_experts(8, 32, 16, 3)
+    x = torch.randn(5, 32)
+    weights, ids = select_experts(torch.randn(5, 8), 3, renormalize=False)
+    masked = ids.clone()
+    masked[::2, 0] = -1
+    masked[1, 2] = 8
+    keep = (masked >= 0) & (masked < 8)
+    got = fused_moe(x, experts.w13.detach(), experts.w2.detach(), weights, masked, TINY)
+    # The reference on the kept pairs only: a zero weight on the dropped ones.
+    want = TorchMoEBackend().experts(
+        x, experts.w13.detach(), experts.w2.detach(), weights * keep, ids
+    )
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_m", [16, 32])
+@pytest.mark.parametrize("pairs,num_experts", [(1, 8), (8, 128), (200, 8), (333, 32)])
+def test_align_sorts_pairs_into_expert_blocks(pairs, num_experts, block_m):
+    ids = torch.randint(0, num_experts, (pairs,), generator=torch.Generator().manual_seed(pairs))
+    sorted_pairs, block_expert, num_rows = align_block_size(ids, num_experts, block_m)
+    counts = torch.bincount(ids, minlength=num_experts)
+    padded = (counts + block_m - 1) // block_m * block_m
+    assert int(num_rows) == int(padded.sum())
+    # Sizes depend on the number of pairs only (graph capture).
+    assert sorted_pairs.numel() == block_expert.numel() * block_m
+    assert sorted_pairs.numel() >= int(num_rows)
+    used = sorted_pairs[: int(num_rows)].view(-1, block_m)
+    blocks = block_expert[: used.shape[0]]
+    assert (block_expert[used.shape[0] :] == -1).all()
+    # Each used block holds pairs of its own expert (or padding); experts run in order.
+    for block, expert in zip(used.tolist(), blocks.tolist(), strict=True):
+        real = [p for p in block if p < pairs]
+        assert real, "a block in use holds at least one pair"
+        assert all(int(ids[p]) == expert for p in real)
+    assert blocks.tolist() == sorted(blocks.tolist())
+    # Every pair appears exactly once.
+    placed = sorted_pairs[sorted_pairs < pairs].tolist()
+    assert sorted(placed) == list(range(pairs))
+
+
+def test_backend_selection_and_module_path():
+    assert isinstance(moe_backend_for("auto", "cpu"), TorchMoEBackend)
+    assert isinstance(moe_backend_for("torch", "cuda"), TorchMoEBackend)
+    # The interpreter is on in this module, so "triton" is allowed on the CPU here.
+    assert isinstance(moe_backend_for("triton", "cpu"), TritonMoEBackend)
+    with pytest.raises(ValueError, match="must be one of"):
+        moe_backend_for("cutlass", "cuda")
+    experts = make_experts(8, 32, 16, 5)
+    x = torch.randn(6, 32)
+    weights, ids = select_experts(torch.randn(6, 8), 2, renormalize=True)
+    with torch.no_grad():
+        want = experts(x, weights, ids)
+        assert set_moe_backend(torch.nn.Sequential(experts), TritonMoEBackend()) == 1
+        got = experts(x, weights, ids)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_backend_is_refused_on_cpu_without_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="--moe-backend torch"):
+        moe_backend_for("triton", "cpu")
+
+
+def test_kernel_config_table():
+    # Decode-sized steps take small row blocks; large ones larger.
+    assert default_config(1, 128, 8).block_m == 16
+    assert default_config(4096, 128, 8).block_m == 64
+    assert kernel_config(1, 128, 2048, 768, 8, torch.bfloat16).block_m == 16
+    with pytest.raises(ValueError, match="power of two"):
+        MoEKernelConfig(24, 64, 64)
