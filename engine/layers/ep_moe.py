@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.eplb import ExpertPlacement, moves
-from engine.layers.moe import FusedExperts
+from engine.layers.moe import FusedExperts, MoEBackend, TorchMoEBackend
 from engine.parallel import ParallelConfig
 
 
@@ -45,6 +45,8 @@ class ExpertParallelExperts(nn.Module):
         # The local slots, stored like FusedExperts' stacked weights: w13 [S, 2I, H], w2 [S, H, I].
         self.local = FusedExperts(placement.slots_per_rank, hidden_size, intermediate_size)
         self.placement = placement
+        # Routes the tokens (the model calls its select_experts) and computes the local slots.
+        self.backend: MoEBackend = TorchMoEBackend()
         self.register_buffer("load", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
         self.register_buffer("replica_table", torch.empty(0, dtype=torch.int64), persistent=False)
         self.register_buffer("replica_count", torch.empty(0, dtype=torch.int64), persistent=False)

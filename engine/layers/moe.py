@@ -73,9 +73,37 @@ class MoEBackend(ABC):
     `top_k` choices `topk_ids` `[T, k]` with weights `topk_weights` `[T, k]` (any float
     dtype). Returns `[T, H]` in x's dtype: per token, `sum_j topk_weights[t, j] *
     w2[e] @ (silu(w13[e, :I] @ x[t]) * (w13[e, I:] @ x[t]))` with `e = topk_ids[t, j]`.
+
+    `select_experts` and `select_experts_grouped` route as the functions of those names do
+    (the same contract; the chosen set may differ only where scores tie exactly).
     """
 
     name: str
+
+    def select_experts(
+        self, router_logits: torch.Tensor, top_k: int, renormalize: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return select_experts(router_logits, top_k, renormalize)
+
+    def select_experts_grouped(
+        self,
+        router_logits: torch.Tensor,
+        correction_bias: torch.Tensor,
+        top_k: int,
+        num_groups: int,
+        topk_groups: int,
+        renormalize: bool,
+        scaling_factor: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return select_experts_grouped(
+            router_logits,
+            correction_bias,
+            top_k,
+            num_groups,
+            topk_groups,
+            renormalize,
+            scaling_factor,
+        )
 
     @abstractmethod
     def experts(
@@ -123,9 +151,39 @@ class TorchMoEBackend(MoEBackend):
 
 class TritonMoEBackend(MoEBackend):
     """`engine.kernels.fused_moe`: expert-aligned sort, two grouped GEMMs and the combine on
-    the device, no host sync (graph capturable at a fixed T)."""
+    the device, no host sync (graph capturable at a fixed T); routing in one kernel each
+    (`engine.kernels.moe_routing`)."""
 
     name = "triton"
+
+    def select_experts(
+        self, router_logits: torch.Tensor, top_k: int, renormalize: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from engine.kernels.moe_routing import softmax_topk
+
+        return softmax_topk(router_logits, top_k, renormalize)
+
+    def select_experts_grouped(
+        self,
+        router_logits: torch.Tensor,
+        correction_bias: torch.Tensor,
+        top_k: int,
+        num_groups: int,
+        topk_groups: int,
+        renormalize: bool,
+        scaling_factor: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from engine.kernels.moe_routing import grouped_topk
+
+        return grouped_topk(
+            router_logits,
+            correction_bias,
+            top_k,
+            num_groups,
+            topk_groups,
+            renormalize,
+            scaling_factor,
+        )
 
     def experts(
         self,
@@ -187,8 +245,11 @@ class FusedExperts(nn.Module):
 
 
 def set_moe_backend(model: nn.Module, backend: MoEBackend) -> int:
-    """Point every `FusedExperts` of `model` at `backend` (once, at load); returns how many."""
-    layers = [m for m in model.modules() if isinstance(m, FusedExperts)]
+    """Point every MoE layer of `model` (each module whose `backend` is a `MoEBackend`:
+    `FusedExperts`, and the expert-parallel layers) at `backend`, once at load; returns how
+    many."""
+    layers = [m for m in model.modules() if isinstance(getattr(m, "backend", None), MoEBackend)]
     for layer in layers:
-        layer.backend = backend
+        # nn.Module's __setattr__ types attributes as tensors or modules; this is neither.
+        object.__setattr__(layer, "backend", backend)
     return len(layers)
