@@ -54,20 +54,15 @@ def default_config(num_tokens: int, num_experts: int, top_k: int) -> MoEKernelCo
 
 
 def candidates() -> list[MoEKernelConfig]:
-    """The configurations the tuner tries."""
-    out = []
-    for block_m in (16, 32, 64, 128):
-        for block_n in (32, 64, 128):
-            for block_k in (64, 128, 256):
-                for num_warps in (4, 8):
-                    for num_stages in (2, 3, 4):
-                        group_m = 1 if block_m == 16 else 8
-                        out.append(
-                            MoEKernelConfig(
-                                block_m, block_n, block_k, group_m, num_warps, num_stages
-                            )
-                        )
-    return out
+    """The configurations the tuner tries (48: a few minutes per shape on an H200)."""
+    return [
+        MoEKernelConfig(block_m, block_n, block_k, 1 if block_m == 16 else 8, warps, stages)
+        for block_m in (16, 32, 64)
+        for block_n in (64, 128)
+        for block_k in (64, 128)
+        for warps in (4, 8)
+        for stages in (3, 4)
+    ]
 
 
 def kernel_config(
