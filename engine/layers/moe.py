@@ -72,7 +72,8 @@ class MoEBackend(ABC):
     weights w13 `[E, 2I, H]` (gate rows, then up rows) and w2 `[E, H, I]`, each token's
     `top_k` choices `topk_ids` `[T, k]` with weights `topk_weights` `[T, k]` (any float
     dtype). Returns `[T, H]` in x's dtype: per token, `sum_j topk_weights[t, j] *
-    w2[e] @ (silu(w13[e, :I] @ x[t]) * (w13[e, I:] @ x[t]))` with `e = topk_ids[t, j]`.
+    w2[e] @ (silu(w13[e, :I] @ x[t]) * (w13[e, I:] @ x[t]))` with `e = topk_ids[t, j]`; a
+    choice with an id outside `[0, E)` adds nothing (expert parallelism pads with -1).
 
     `select_experts` and `select_experts_grouped` route as the functions of those names do
     (the same contract; the chosen set may differ only where scores tie exactly).
@@ -131,9 +132,12 @@ class TorchMoEBackend(MoEBackend):
         topk_ids: torch.Tensor,
     ) -> torch.Tensor:
         out = torch.zeros_like(x)
+        num_experts = w13.shape[0]
         flat_ids = topk_ids.flatten()
+        # Ids outside the experts sort last, into a bin that is never computed.
+        flat_ids = torch.where((flat_ids >= 0) & (flat_ids < num_experts), flat_ids, num_experts)
         order = torch.argsort(flat_ids, stable=True)
-        counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+        counts = torch.bincount(flat_ids, minlength=num_experts + 1)[:num_experts].tolist()
         token_of = order // topk_ids.shape[1]
         weight_of = topk_weights.flatten()[order]
         start = 0
