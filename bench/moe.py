@@ -459,6 +459,7 @@ class EplbJob:
 
         timed_steps(forward, inputs[:w], world)
         layer.load.zero_()
+        layer.steps.zero_()
         before, old = self._window(layer, forward, inputs[w : w + k]), layer.placement
         start = time.perf_counter()
         # The lockstep loop's EPLB, on an engine whose one MoE layer is this one.
@@ -552,7 +553,7 @@ TIMING_HEADER = (
     "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
 )
 EPLB_HEADER = (
-    "| EP | redundant | slots/rank | planned max/mean (window 1) | moved: remote + local "
+    "| EP | redundant | slots/rank | planned step cost max/mean (window 1) | moved: remote + local "
     "| rebalance ms "
     "| measured rows max/mean | per-step max/mean | expected max/mean (own window) "
     "| experts run/step: busiest / mean rank | median ms | EP = EP 1 |\n"
@@ -666,8 +667,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         for e in eplb:
             print(e.row())
         print(
-            "\nplanned: rebalance_experts' expected max/mean rank load on window-1 loads (after "
-            "= min(before, plan)). measured: (token, expert) rows each rank received by "
+            "\nplanned: rebalance_experts' report on window-1 loads: the expected step cost "
+            "(engine.eplb.step_cost: expert reads plus tokens) of the costliest rank over the "
+            "mean rank's before, then after. measured: (token, expert) rows each rank received by "
             "all-to-all, summed over the window, max/mean over ranks; per-step: the same per "
             "step, averaged. expected (own window): placement.imbalance of the placement in use "
             "on that window's loads. Window 2 draws new steps from the same distribution. "

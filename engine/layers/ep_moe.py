@@ -48,11 +48,14 @@ class ExpertParallelExperts(nn.Module):
         # Routes the tokens (the model calls its select_experts) and computes the local slots.
         self.backend: MoEBackend = TorchMoEBackend()
         self.register_buffer("load", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
+        # Forward calls since the counters were reset (the same on every rank: lockstep).
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64), persistent=False)
         self.register_buffer("replica_table", torch.empty(0, dtype=torch.int64), persistent=False)
         self.register_buffer("replica_count", torch.empty(0, dtype=torch.int64), persistent=False)
         self._set_tables(placement)
 
     load: torch.Tensor
+    steps: torch.Tensor
     replica_table: torch.Tensor
     replica_count: torch.Tensor
 
@@ -90,6 +93,7 @@ class ExpertParallelExperts(nn.Module):
         slots_per_rank = self.placement.slots_per_rank
         flat_ids = topk_ids.flatten()
         self.load += torch.bincount(flat_ids, minlength=self.num_experts)
+        self.steps += 1
         token_of = torch.arange(num_tokens, device=x.device).repeat_interleave(top_k)
         # One replica per (token, expert) pair, spread by token index offset by rank: at small
         # batches every rank's token 0 would otherwise pick the same copy.
