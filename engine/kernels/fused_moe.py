@@ -1,14 +1,16 @@
 """Fused mixture-of-experts in Triton: align, two grouped GEMMs, combine.
 
 A step's T tokens each chose `top_k` experts: `N = T * top_k` (token, expert) pairs, pair
-`i` being token `i // top_k`'s `i % top_k`-th choice. The layer runs four kernels, none of
+`i` being token `i // top_k`'s `i % top_k`-th choice. The layer runs these kernels, none of
 which waits on the host, and every buffer's size depends only on T (so a decode step can be
 captured in a CUDA graph at a fixed batch size):
 
-1. `align_kernel` (one program) sorts the pairs by expert into blocks of `BLOCK_M` rows, each
-   block holding pairs of a single expert, each expert's run padded to a whole block:
-   `sorted_pairs` `[max_rows]` (pair index, or N for padding), `block_expert` `[max_blocks]`
-   (the block's expert, -1 past the end) and `num_rows` `[1]` (rows in use).
+1. Align: sort the pairs by expert into blocks of `BLOCK_M` rows, each block holding pairs of
+   a single expert, each expert's run padded to a whole block: `sorted_pairs` `[max_rows]`
+   (pair index, or N for padding), `block_expert` `[max_blocks]` (the block's expert, -1 past
+   the end) and `num_rows` `[1]` (rows in use). One program (`align_kernel`) for a decode
+   step's few pairs; for many, three kernels over chunks of pairs (count per chunk, prefix
+   sums per expert, scatter).
 2. `grouped_gemm_kernel` with `GATE_UP`: for every block, `x[pair // top_k] @ w13[e].T`, the
    gate and up halves in two accumulators, stored as `silu(gate) * up` `[N, I]`.
 3. `grouped_gemm_kernel` without it: `act[pair] @ w2[e].T` `[N, H]`, in the pair's row.
@@ -91,6 +93,103 @@ def align_kernel(
         keep = valid & (e < num_experts)
         tl.store(sorted_pairs + base + rank, idx.to(tl.int32), mask=keep)
         seen += tl.sum(onehot, axis=0)
+
+
+@triton.jit
+def align_count_kernel(
+    topk_ids,  # [N] int
+    chunk_counts,  # [num_chunks, E_POW2] int32 out: pairs per expert in each chunk
+    rank_in_chunk,  # [N] int32 out: a pair's rank among its expert's pairs in its chunk
+    sorted_pairs,  # [max_rows] int32 out: filled with padding (N) here, scattered later
+    num_pairs,
+    num_experts,
+    max_rows,
+    FILL: tl.constexpr,  # rows of sorted_pairs each program pads
+    E_POW2: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    lanes = tl.arange(0, CHUNK)
+    idx = chunk * CHUNK + lanes
+    e = tl.load(topk_ids + idx, mask=idx < num_pairs, other=num_experts).to(tl.int32)
+    e = tl.where((e >= 0) & (e < num_experts), e, num_experts)
+    experts = tl.arange(0, E_POW2)
+    counts = tl.sum((e[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    tl.store(chunk_counts + chunk * E_POW2 + experts, counts)
+    same = (e[:, None] == e[None, :]) & (lanes[None, :] < lanes[:, None])
+    tl.store(rank_in_chunk + idx, tl.sum(same.to(tl.int32), axis=1), mask=idx < num_pairs)
+    rows = chunk * FILL + tl.arange(0, FILL)
+    tl.store(sorted_pairs + rows, tl.full([FILL], 0, tl.int32) + num_pairs, mask=rows < max_rows)
+
+
+@triton.jit
+def align_offsets_kernel(
+    chunk_counts,  # [num_chunks, E_POW2] int32; overwritten by each chunk's first row per expert
+    expert_start,  # [E_POW2] int32 out: first row of each expert's run
+    expert_end,  # [E_POW2] int32 out: one past its padded run
+    num_rows,  # [1] int32 out
+    num_chunks,
+    num_experts,
+    BLOCK_M: tl.constexpr,
+    E_POW2: tl.constexpr,
+    CHUNK_BLOCK: tl.constexpr,
+):
+    experts = tl.arange(0, E_POW2)
+    seen = tl.zeros([E_POW2], dtype=tl.int32)
+    # Exclusive prefix sums down the chunks, per expert, CHUNK_BLOCK chunks at a time.
+    for c0 in range(0, num_chunks, CHUNK_BLOCK):
+        rows = c0 + tl.arange(0, CHUNK_BLOCK)
+        ptr = chunk_counts + rows[:, None] * E_POW2 + experts[None, :]
+        tile = tl.load(ptr, mask=rows[:, None] < num_chunks, other=0)
+        tl.store(
+            ptr, tl.cumsum(tile, axis=0) - tile + seen[None, :], mask=rows[:, None] < num_chunks
+        )
+        seen += tl.sum(tile, axis=0)
+    counts = tl.where(experts < num_experts, seen, 0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    tl.store(expert_start + experts, ends - padded)
+    tl.store(expert_end + experts, ends)
+    tl.store(num_rows, tl.sum(padded, axis=0))
+
+
+@triton.jit
+def align_scatter_kernel(
+    topk_ids,  # [N] int
+    chunk_offsets,  # [num_chunks, E_POW2] int32: each chunk's first row within each expert
+    rank_in_chunk,  # [N] int32
+    expert_start,  # [E_POW2] int32
+    expert_end,  # [E_POW2] int32
+    num_rows,  # [1] int32
+    sorted_pairs,  # [max_rows] int32 out
+    block_expert,  # [max_blocks] int32 out
+    num_pairs,
+    num_experts,
+    max_blocks,
+    BLOCK_M: tl.constexpr,
+    E_POW2: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCKS_PER_CHUNK: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    idx = chunk * CHUNK + tl.arange(0, CHUNK)
+    valid = idx < num_pairs
+    e = tl.load(topk_ids + idx, mask=valid, other=num_experts).to(tl.int32)
+    keep = valid & (e >= 0) & (e < num_experts)
+    e = tl.where(keep, e, 0)
+    row = (
+        tl.load(expert_start + e)
+        + tl.load(chunk_offsets + chunk * E_POW2 + e)
+        + tl.load(rank_in_chunk + idx, mask=valid, other=0)
+    )
+    tl.store(sorted_pairs + row, idx.to(tl.int32), mask=keep)
+    # This program's share of the blocks: each block's expert, -1 past the rows in use.
+    b = chunk * BLOCKS_PER_CHUNK + tl.arange(0, BLOCKS_PER_CHUNK)
+    first = b * BLOCK_M
+    ends = tl.load(expert_end + tl.arange(0, E_POW2))
+    owner = tl.sum((ends[None, :] <= first[:, None]).to(tl.int32), axis=1)
+    owner = tl.where(first < tl.load(num_rows), owner, -1)
+    tl.store(block_expert + b, owner, mask=b < max_blocks)
 
 
 @triton.jit
@@ -193,32 +292,94 @@ def combine_kernel(
     tl.store(out + t.to(tl.int64) * H + cols, acc.to(out.dtype.element_ty), mask=ok)
 
 
+# Up to this many pairs one program aligns them all (one launch: decode); beyond, three
+# kernels over chunks of pairs (prefill: the one program would walk tens of thousands).
+SINGLE_PROGRAM_PAIRS = 512
+PARALLEL_CHUNK = 128
+
+
 def align_block_size(
-    topk_ids: torch.Tensor, num_experts: int, block_m: int
+    topk_ids: torch.Tensor, num_experts: int, block_m: int, parallel: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pairs sorted into expert-aligned blocks; see the module docstring. Sizes depend only on
-    `topk_ids.numel()`: rows `N + min(N, E) * (block_m - 1)`, rounded up to whole blocks."""
+    `topk_ids.numel()`: rows `N + min(N, E) * (block_m - 1)`, rounded up to whole blocks.
+    `parallel` picks the chunked kernels (default: above `SINGLE_PROGRAM_PAIRS` pairs)."""
     num_pairs = topk_ids.numel()
     max_rows = num_pairs + min(num_pairs, num_experts) * (block_m - 1)
     max_blocks = triton.cdiv(max_rows, block_m)
     max_rows = max_blocks * block_m
     device = topk_ids.device
+    ids = topk_ids.reshape(-1)
     sorted_pairs = torch.empty(max_rows, dtype=torch.int32, device=device)
     block_expert = torch.empty(max_blocks, dtype=torch.int32, device=device)
     num_rows = torch.empty(1, dtype=torch.int32, device=device)
-    align_kernel[(1,)](
-        topk_ids.reshape(-1),
+    e_pow2 = triton.next_power_of_2(num_experts + 1)  # bin num_experts holds the strays
+    if parallel is None:
+        parallel = num_pairs > SINGLE_PROGRAM_PAIRS
+    if not parallel:
+        align_kernel[(1,)](
+            ids,
+            sorted_pairs,
+            block_expert,
+            num_rows,
+            num_pairs,
+            num_experts,
+            max_rows,
+            max_blocks,
+            BLOCK_M=block_m,
+            E_POW2=e_pow2,
+            CHUNK=64 if num_experts > 128 else 128,
+            num_warps=8,
+        )
+        return sorted_pairs, block_expert, num_rows
+    chunk = PARALLEL_CHUNK
+    num_chunks = triton.cdiv(num_pairs, chunk)
+    chunk_counts = torch.empty(num_chunks, e_pow2, dtype=torch.int32, device=device)
+    rank_in_chunk = torch.empty(num_pairs, dtype=torch.int32, device=device)
+    expert_start = torch.empty(e_pow2, dtype=torch.int32, device=device)
+    expert_end = torch.empty(e_pow2, dtype=torch.int32, device=device)
+    align_count_kernel[(num_chunks,)](
+        ids,
+        chunk_counts,
+        rank_in_chunk,
         sorted_pairs,
-        block_expert,
-        num_rows,
         num_pairs,
         num_experts,
         max_rows,
+        FILL=triton.next_power_of_2(triton.cdiv(max_rows, num_chunks)),
+        E_POW2=e_pow2,
+        CHUNK=chunk,
+        num_warps=8,
+    )
+    align_offsets_kernel[(1,)](
+        chunk_counts,
+        expert_start,
+        expert_end,
+        num_rows,
+        num_chunks,
+        num_experts,
+        BLOCK_M=block_m,
+        E_POW2=e_pow2,
+        CHUNK_BLOCK=16,
+        num_warps=8,
+    )
+    align_scatter_kernel[(num_chunks,)](
+        ids,
+        chunk_counts,
+        rank_in_chunk,
+        expert_start,
+        expert_end,
+        num_rows,
+        sorted_pairs,
+        block_expert,
+        num_pairs,
+        num_experts,
         max_blocks,
         BLOCK_M=block_m,
-        E_POW2=triton.next_power_of_2(num_experts + 1),
-        CHUNK=64 if num_experts > 128 else 128,
-        num_warps=8,
+        E_POW2=e_pow2,
+        CHUNK=chunk,
+        BLOCKS_PER_CHUNK=triton.next_power_of_2(triton.cdiv(max_blocks, num_chunks)),
+        num_warps=4,
     )
     return sorted_pairs, block_expert, num_rows
 

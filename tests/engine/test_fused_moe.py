@@ -22,6 +22,7 @@ pytest.importorskip("triton", reason="triton is a dev dependency (pip install -e
 
 from engine.config import EngineConfig
 from engine.engine import Engine
+from engine.kernels import fused_moe as fused_moe_module
 from engine.kernels.fused_moe import align_block_size, fused_moe
 from engine.kernels.fused_moe_configs import (
     MoEKernelConfig,
@@ -85,6 +86,14 @@ def test_fused_moe_matches_torch_float32(tokens, top_k, routing):
     check(tokens, 16, top_k, routing, torch.float32)
 
 
+def test_fused_moe_chunked_align(monkeypatch):
+    """The chunked align kernels (prefill-sized steps) feed the GEMMs alike; ids with
+    experts that get no pair and strays outside [0, E) included."""
+    monkeypatch.setattr(fused_moe_module, "SINGLE_PROGRAM_PAIRS", 0)
+    check(45, 16, 6, "qwen", torch.float32)
+    test_fused_moe_skips_ids_outside_the_experts()
+
+
 @pytest.mark.parametrize("tokens,top_k", [(1, 8), (19, 2), (19, 8)])
 def test_fused_moe_matches_torch_float16(tokens, top_k):
     check(tokens, 16, top_k, "qwen", torch.float16)
@@ -118,11 +127,12 @@ def test_fused_moe_skips_ids_outside_the_experts():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("block_m", [16, 32])
 @pytest.mark.parametrize("pairs,num_experts", [(1, 8), (8, 128), (200, 8), (333, 32)])
-def test_align_sorts_pairs_into_expert_blocks(pairs, num_experts, block_m):
+def test_align_sorts_pairs_into_expert_blocks(pairs, num_experts, block_m, parallel):
     ids = torch.randint(0, num_experts, (pairs,), generator=torch.Generator().manual_seed(pairs))
-    sorted_pairs, block_expert, num_rows = align_block_size(ids, num_experts, block_m)
+    sorted_pairs, block_expert, num_rows = align_block_size(ids, num_experts, block_m, parallel)
     counts = torch.bincount(ids, minlength=num_experts)
     padded = (counts + block_m - 1) // block_m * block_m
     assert int(num_rows) == int(padded.sum())
