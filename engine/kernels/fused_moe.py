@@ -234,6 +234,8 @@ def grouped_gemm_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_pairs + rows)  # [BLOCK_M]
     row_ok = pair < num_pairs
+    # 64-bit offsets: pairs times a row's width can pass 2^31 in a long prefill.
+    pair = pair.to(tl.int64)
     a_row = tl.where(row_ok, pair // TOP_K, 0)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N_OUT

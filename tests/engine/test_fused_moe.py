@@ -22,6 +22,7 @@ pytest.importorskip("triton", reason="triton is a dev dependency (pip install -e
 
 from engine.config import EngineConfig
 from engine.engine import Engine
+from engine.eplb import initial_placement
 from engine.kernels import fused_moe as fused_moe_module
 from engine.kernels.fused_moe import align_block_size, fused_moe
 from engine.kernels.fused_moe_configs import (
@@ -29,6 +30,7 @@ from engine.kernels.fused_moe_configs import (
     default_config,
     kernel_config,
 )
+from engine.layers.ep_moe import ExpertParallelExperts
 from engine.layers.moe import (
     FusedExperts,
     TorchMoEBackend,
@@ -38,6 +40,7 @@ from engine.layers.moe import (
     select_experts_grouped,
     set_moe_backend,
 )
+from engine.parallel import ParallelConfig
 from engine.sampling import SamplingParams
 from tests.engine.reference import MAX_NEW_TOKENS, reference
 
@@ -231,3 +234,22 @@ def test_engine_with_triton_moe_matches_transformers(tiny_models, family):
     prompts = ref.prompts[:3]
     results = engine.generate(prompts, GREEDY)
     assert [r.output_ids for r in results] == ref.tokens[:3]
+
+
+def test_expert_parallel_local_compute_on_the_triton_backend():
+    """An expert-parallel rank computes its received rows (slots -1 where a choice lives on
+    another rank) through its backend: the Triton one matches the torch one."""
+    placement = initial_placement(8, 2, 2)
+    layer = ExpertParallelExperts(8, 32, 16, ParallelConfig(2, 1, 2), placement)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        layer.local.w13.copy_(torch.randn(layer.local.w13.shape, generator=g) / 32**0.5)
+        layer.local.w2.copy_(torch.randn(layer.local.w2.shape, generator=g) / 16**0.5)
+    rows = torch.randn(6, 32, generator=g)
+    slots = torch.randint(-1, placement.slots_per_rank, (6, 4), generator=g, dtype=torch.int32)
+    weights = torch.rand(6, 4, generator=g) * (slots >= 0)
+    with torch.no_grad():
+        want = layer._compute(rows, slots, weights)
+        assert set_moe_backend(layer, TritonMoEBackend()) == 2  # the layer and its .local
+        got = layer._compute(rows, slots, weights)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
