@@ -39,11 +39,20 @@ class Case:
     q_latent: torch.Tensor  # [B, H, R]
     q_pe: torch.Tensor  # [B, H, P]
     out: torch.Tensor  # [B, H, R]
+    block_h: int  # heads sharing one read of a latent tile
 
     def kernel(self) -> None:
         for latent, pe in self.caches:
             mla_decode(
-                self.q_latent, self.q_pe, latent, pe, self.table, self.seq_lens, SCALE, self.out
+                self.q_latent,
+                self.q_pe,
+                latent,
+                pe,
+                self.table,
+                self.seq_lens,
+                SCALE,
+                self.out,
+                block_h=self.block_h,
             )
 
     def baseline(self) -> torch.Tensor:
@@ -59,7 +68,9 @@ class Case:
         return result[:, :, 0]
 
 
-def make_case(heads: int, batch: int, context: int, page_size: int, layers: int) -> Case:
+def make_case(
+    heads: int, batch: int, context: int, page_size: int, layers: int, block_h: int
+) -> Case:
     pages_per_seq = context // page_size
     num_pages = batch * pages_per_seq
     g = torch.Generator(device="cuda").manual_seed(batch + context)
@@ -79,6 +90,7 @@ def make_case(heads: int, batch: int, context: int, page_size: int, layers: int)
         randn(batch, heads, RANK) * 0.05,
         randn(batch, heads, ROPE) * 0.05,
         torch.empty(batch, heads, RANK, dtype=torch.bfloat16, device="cuda"),
+        block_h,
     )
 
 
@@ -90,6 +102,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument(
+        "--block-h", type=int, default=16, choices=(16, 32, 64), help="heads per tile read"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("bench.mla_kernel needs a CUDA device")
@@ -108,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for heads in args.heads:
         for context in args.contexts:
             for batch in args.batch_sizes:
-                case = make_case(heads, batch, context, args.page_size, args.layers)
+                case = make_case(heads, batch, context, args.page_size, args.layers, args.block_h)
                 kernel_s = time_graph(case.kernel, args.reps) / args.layers
                 baseline_s = time_graph(case.baseline, args.reps) / args.layers
                 want = case.baseline().float()

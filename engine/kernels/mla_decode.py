@@ -7,9 +7,9 @@ sequence's cached latents `c` `[R]` and rotary keys `k_pe` `[P]` (one shared KV 
     out[b, h] = softmax_j(scale * (q_latent[b, h] . c_j + q_pe[b, h] . k_pe_j)) @ c
 
 Flash-decoding: each sequence's context is cut into `num_kv_splits` ranges; a program takes
-one range for a block of `BLOCK_H` heads, reading each latent tile once for all of them and
+one range for a block of `block_h` heads, reading each latent tile once for all of them and
 using it as both key and value, and writes its partial output with its log-sum-exp. A second
-kernel combines the ranges. With at most `BLOCK_H` heads (Moonlight's 16) every latent page is
+kernel combines the ranges. With at most `block_h` heads (Moonlight's 16) every latent page is
 read from memory once per step; with more (DeepSeek-V3's 128) the head blocks of one range are
 neighbouring programs, so the repeated reads of a tile mostly come from L2.
 
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_H = 16
+DEFAULT_BLOCK_H = 16
 
 
 @triton.jit
@@ -162,10 +162,12 @@ def mla_decode_combine_kernel(
     tl.store(out + b * stride_ob + h * stride_oh + r, result.to(out.dtype.element_ty), mask=r_ok)
 
 
-def default_num_kv_splits(batch: int, num_heads: int, num_sms: int = 132) -> int:
+def default_num_kv_splits(
+    batch: int, num_heads: int, num_sms: int = 132, block_h: int = DEFAULT_BLOCK_H
+) -> int:
     """Enough ranges that a small batch still fills the device (about two programs per SM),
     at most 16; fixed per (batch, heads), so a graph captured at a batch size keeps it."""
-    programs = batch * triton.cdiv(num_heads, BLOCK_H)
+    programs = batch * triton.cdiv(num_heads, block_h)
     return max(1, min(16, triton.cdiv(2 * num_sms, programs)))
 
 
@@ -180,6 +182,7 @@ def mla_decode(
     out: torch.Tensor,
     num_kv_splits: int | None = None,
     block_n: int = 32,
+    block_h: int = DEFAULT_BLOCK_H,
 ) -> torch.Tensor:
     """Absorbed MLA decode over the paged cache; writes and returns `out`.
 
@@ -188,6 +191,8 @@ def mla_decode(
     the pool, the new token already written); page_table `[B, max_pages]` page ids; seq_lens
     `[B]` context lengths including the new token (0: the row gets zeros); out `[B, H, R]`.
     Scores are `scale * (q_latent . c + q_pe . k_pe)`; values are the latents `c`.
+    `block_h` heads share each read of a latent tile (16, 32 or 64: more heads per read, more
+    registers per program); `block_n` context positions per tile.
     """
     batch, num_heads, rank = q_latent.shape
     rope = q_pe.shape[2]
@@ -201,7 +206,11 @@ def mla_decode(
     if latent_cache.stride(-1) != 1 or pe_cache.stride(-1) != 1:
         raise ValueError("the latent and rope-key caches must be contiguous in their last dim")
     page_size = latent_cache.shape[1]
-    splits = num_kv_splits or default_num_kv_splits(batch, num_heads)
+    if block_h < 16 or block_h & (block_h - 1) or block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(
+            f"block_h and block_n must be powers of two >= 16, got {block_h}, {block_n}"
+        )
+    splits = num_kv_splits or default_num_kv_splits(batch, num_heads, block_h=block_h)
     device = q_latent.device
     mid_out = torch.empty(batch, num_heads, splits, rank, dtype=torch.float32, device=device)
     mid_lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=device)
@@ -210,7 +219,7 @@ def mla_decode(
     # tl.dot needs dimensions of at least 16 on the GPU.
     block_r = max(16, triton.next_power_of_2(rank))
     block_p = max(16, triton.next_power_of_2(rope))
-    mla_decode_split_kernel[(triton.cdiv(num_heads, BLOCK_H), splits, batch)](
+    mla_decode_split_kernel[(triton.cdiv(num_heads, block_h), splits, batch)](
         q_latent,
         q_pe,
         latent_cache,
@@ -235,7 +244,7 @@ def mla_decode(
         page_table.stride(0),
         NUM_SPLITS=splits,
         EXACT_FP32=q_latent.dtype == torch.float32,
-        BLOCK_H=BLOCK_H,
+        BLOCK_H=block_h,
         BLOCK_R=block_r,
         BLOCK_P=block_p,
         BLOCK_N=block_n,

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 
-# The kernels are defined at import: the interpreter must be chosen before triton is imported.
+# Triton picks the interpreter when it is imported: tests/conftest.py sets this for the whole
+# session (transformers imports triton during collection); here for a reader's benefit.
 os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 
-# The kernels are defined at import: the interpreter must be chosen before triton is imported.
+# Triton picks the interpreter when it is imported: tests/conftest.py sets this for the whole
+# session (transformers imports triton during collection); here for a reader's benefit.
 os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
@@ -82,6 +83,18 @@ def test_mla_decode_matches_torch_backend(page_size, heads, splits):
     out = torch.empty_like(q_latent)
     mla_decode(q_latent, q_pe, cache.k[0], cache.v[0], table, seq_lens, scale, out, splits, 16)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_mla_decode_wider_head_blocks():
+    """32 heads sharing each tile read (DeepSeek-V3's 128 heads in 4 programs per range)."""
+    q_latent, q_pe, cache, table, seq_lens, scale, want = decode_case(
+        [3, 21], 40, 32, 8, 4, torch.float32, seed=7
+    )
+    out = torch.empty_like(q_latent)
+    mla_decode(q_latent, q_pe, cache.k[0], cache.v[0], table, seq_lens, scale, out, 2, 16, 32)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="powers of two"):
+        mla_decode(q_latent, q_pe, cache.k[0], cache.v[0], table, seq_lens, scale, out, 2, 16, 24)
 
 
 def test_mla_decode_float16_and_odd_widths():
