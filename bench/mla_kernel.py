@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument(
-        "--block-h", type=int, default=16, choices=(16, 32, 64), help="heads per tile read"
+        "--block-h", type=int, default=16, choices=(16, 32), help="heads per tile read"
     )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

@@ -300,6 +300,12 @@ SINGLE_PROGRAM_PAIRS = 512
 PARALLEL_CHUNK = 128
 
 
+def align_chunk(e_pow2: int) -> int:
+    """Pairs per step of the one-program align: its one-hot tile is [chunk, E_POW2] (kept
+    within the registers of 8 warps: bench/compile_kernels.py shows no spill)."""
+    return 64 if e_pow2 >= 256 else 128
+
+
 def align_block_size(
     topk_ids: torch.Tensor, num_experts: int, block_m: int, parallel: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -330,7 +336,7 @@ def align_block_size(
             max_blocks,
             BLOCK_M=block_m,
             E_POW2=e_pow2,
-            CHUNK=64 if num_experts > 128 else 128,
+            CHUNK=align_chunk(e_pow2),
             num_warps=8,
         )
         return sorted_pairs, block_expert, num_rows

@@ -41,19 +41,25 @@ ShapeKey = tuple[int, int, int, int, str]
 TUNED: dict[ShapeKey, tuple[tuple[int, MoEKernelConfig], ...]] = {}
 
 
-def default_config(num_tokens: int, num_experts: int, top_k: int) -> MoEKernelConfig:
+def default_config(
+    num_tokens: int, num_experts: int, top_k: int, dtype: torch.dtype = torch.bfloat16
+) -> MoEKernelConfig:
     """A rule that is never far off: small row blocks while the average expert gets few rows
-    (decode: the weights are the traffic, so wide K tiles stream them), larger square-ish tiles
-    once experts get many rows (prefill: the matmul is the work)."""
+    (decode: the weights are the traffic, so the tiles only need to keep enough programs
+    streaming them), larger tiles once experts get many rows (prefill: the matmul is the work).
+    Each compiles for sm_90 without register spills in the gate-up GEMM, which holds two
+    accumulators and two weight tiles (`python -m bench.compile_kernels` shows the usage)."""
     rows_per_expert = num_tokens * top_k / max(num_experts, 1)
     if rows_per_expert <= 1:
         # A block per touched expert and little else: narrow columns make enough programs.
-        return MoEKernelConfig(16, 32, 128, group_m=1, num_warps=4, num_stages=4)
+        return MoEKernelConfig(16, 32, 128, group_m=1, num_warps=8, num_stages=4)
     if rows_per_expert <= 16:
-        return MoEKernelConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=4)
+        return MoEKernelConfig(16, 64, 64, group_m=1, num_warps=8, num_stages=4)
     if rows_per_expert <= 64:
-        return MoEKernelConfig(32, 64, 128, group_m=4, num_warps=4, num_stages=3)
-    return MoEKernelConfig(64, 128, 64, group_m=8, num_warps=8, num_stages=3)
+        return MoEKernelConfig(32, 64, 128, group_m=4, num_warps=8, num_stages=3)
+    if dtype == torch.float32:  # twice the bytes per tile: narrower, or the registers spill
+        return MoEKernelConfig(64, 64, 32, group_m=8, num_warps=8, num_stages=3)
+    return MoEKernelConfig(64, 128, 32, group_m=8, num_warps=8, num_stages=3)
 
 
 def candidates() -> list[MoEKernelConfig]:
@@ -79,7 +85,7 @@ def kernel_config(
 ) -> MoEKernelConfig:
     rows = TUNED.get((num_experts, hidden, intermediate, top_k, str(dtype).removeprefix("torch.")))
     if not rows:
-        return default_config(num_tokens, num_experts, top_k)
+        return default_config(num_tokens, num_experts, top_k, dtype)
     for max_tokens, config in rows:
         if num_tokens <= max_tokens:
             return config

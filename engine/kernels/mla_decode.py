@@ -191,8 +191,8 @@ def mla_decode(
     the pool, the new token already written); page_table `[B, max_pages]` page ids; seq_lens
     `[B]` context lengths including the new token (0: the row gets zeros); out `[B, H, R]`.
     Scores are `scale * (q_latent . c + q_pe . k_pe)`; values are the latents `c`.
-    `block_h` heads share each read of a latent tile (16, 32 or 64: more heads per read, more
-    registers per program); `block_n` context positions per tile.
+    `block_h` heads share each read of a latent tile (16, or 32 in 16-bit types: more heads
+    per read, more registers per program); `block_n` context positions per tile.
     """
     batch, num_heads, rank = q_latent.shape
     rope = q_pe.shape[2]
@@ -210,6 +210,8 @@ def mla_decode(
         raise ValueError(
             f"block_h and block_n must be powers of two >= 16, got {block_h}, {block_n}"
         )
+    if q_latent.dtype == torch.float32 and block_h > 16:
+        raise ValueError(f"float32 MLA decode takes block_h=16 (got {block_h}: registers spill)")
     splits = num_kv_splits or default_num_kv_splits(batch, num_heads, block_h=block_h)
     device = q_latent.device
     mid_out = torch.empty(batch, num_heads, splits, rank, dtype=torch.float32, device=device)

@@ -86,15 +86,19 @@ def test_mla_decode_matches_torch_backend(page_size, heads, splits):
 
 
 def test_mla_decode_wider_head_blocks():
-    """32 heads sharing each tile read (DeepSeek-V3's 128 heads in 4 programs per range)."""
+    """32 heads sharing each tile read (DeepSeek-V3's 128 heads in 4 programs per range), in
+    16-bit types; float32 keeps 16 (32 spills registers on the GPU)."""
     q_latent, q_pe, cache, table, seq_lens, scale, want = decode_case(
-        [3, 21], 40, 32, 8, 4, torch.float32, seed=7
+        [3, 21], 40, 32, 8, 4, torch.float16, seed=7
     )
     out = torch.empty_like(q_latent)
     mla_decode(q_latent, q_pe, cache.k[0], cache.v[0], table, seq_lens, scale, out, 2, 16, 32)
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.float(), want.float(), rtol=5e-3, atol=5e-3)
     with pytest.raises(ValueError, match="powers of two"):
         mla_decode(q_latent, q_pe, cache.k[0], cache.v[0], table, seq_lens, scale, out, 2, 16, 24)
+    q32, pe32, out32 = q_latent.float(), q_pe.float(), out.float()
+    with pytest.raises(ValueError, match="block_h=16"):
+        mla_decode(q32, pe32, cache.k[0], cache.v[0], table, seq_lens, scale, out32, 2, 16, 32)
 
 
 def test_mla_decode_float16_and_odd_widths():
