@@ -8,10 +8,12 @@ TORCH_SPEC ?= torch==2.13.0
 MOONCAKE_SPEC ?= mooncake-transfer-engine-non-cuda
 STAMP := $(VENV)/.installed
 MODELS ?= models
-PACKAGES := engine kv_transfer protos/__init__.py protos/h2.py prefill_worker decode_worker router cluster
+PACKAGES := engine kv_transfer protos/__init__.py protos/h2.py protos/cluster_token.py prefill_worker decode_worker router cluster
 PORT ?= 8000
+# no: skip what only the tests use (Prometheus, kubectl), as deploy/Dockerfile's image does.
+TEST_TOOLS ?= yes
 
-.PHONY: install test test-ray lint format proto tiny-models run run-ray run-offline bench-engine clean
+.PHONY: install test test-ray lint format proto tiny-models run run-ray run-offline bench-engine soak clean
 
 install: $(STAMP)
 
@@ -24,6 +26,16 @@ $(STAMP): pyproject.toml
 	@command -v redis-server >/dev/null || { \
 	  echo "installing redis-server"; \
 	  (apt-get install -y -q redis-server || (apt-get update -q && apt-get install -y -q redis-server)) >/dev/null; }
+	# promtool checks deploy/prometheus; the integration test runs a real Prometheus server.
+	@[ "$(TEST_TOOLS)" != yes ] || command -v promtool >/dev/null || { \
+	  echo "installing prometheus (promtool and the server, for the deploy tests)"; \
+	  (apt-get install -y -q --no-install-recommends prometheus || (apt-get update -q && \
+	   apt-get install -y -q --no-install-recommends prometheus)) >/dev/null; }
+	# The deploy tests render deploy/k8s with `kubectl kustomize` (Debian's kubectl where none is).
+	@[ "$(TEST_TOOLS)" != yes ] || command -v kubectl >/dev/null || { \
+	  echo "installing kubernetes-client (kubectl kustomize, for the deploy tests)"; \
+	  (apt-get install -y -q --no-install-recommends kubernetes-client || (apt-get update -q && \
+	   apt-get install -y -q --no-install-recommends kubernetes-client)) >/dev/null; }
 	@command -v ip >/dev/null || (apt-get install -y -q iproute2 || (apt-get update -q && apt-get install -y -q iproute2)) >/dev/null
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned: an unpinned requirement pulls the CUDA build.
@@ -72,6 +84,13 @@ run-ray: install
 # The offline engine alone, no services.
 run-offline: install
 	$(PY) -m engine.cli --chat --prompt "What is a KV cache?" --prompt "Explain batching" --max-tokens 24
+
+# The chaos soak (bench/soak.py): mixed load on the embedded default while workers and Redis
+# are killed and stopped and KV writes are delayed and dropped; SOAK_S seconds (CI runs a
+# 30 s form in tests/e2e/test_soak.py).
+SOAK_S ?= 300
+soak: install
+	$(PY) -m bench.soak --duration $(SOAK_S)
 
 bench-engine: tiny-models
 	$(PY) -m bench.engine --model-path $(MODELS)/qwen3-moe

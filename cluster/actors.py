@@ -73,7 +73,8 @@ class ProcessHost:
         )
         self.ready: dict[str, Any] = {}
         if ready == "line":
-            self.ready = _wait_ready(Child(name, self.proc), ready_timeout_s)
+            child = Child(name, self.proc, log_path=Path(log_dir) / f"{name}.log")
+            self.ready = _wait_ready(child, ready_timeout_s)
         elif ready == "redis":
             self.ready = {"url": _wait_redis(argv, self.proc, ready_timeout_s)}
         self.started_at = time.time()
@@ -114,21 +115,28 @@ def _wait_redis(argv: list[str], proc: subprocess.Popen[str], timeout_s: float) 
 
     port = int(argv[argv.index("--port") + 1])
     host = argv[argv.index("--bind") + 1]
-    client = redis.Redis(host=host, port=port, socket_timeout=1)
+    password = argv[argv.index("--requirepass") + 1] if "--requirepass" in argv else None
+    client = redis.Redis(host=host, port=port, password=password, socket_timeout=1)
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             client.ping()
-            return f"redis://{host}:{port}/0"
+            auth = f":{password}@" if password else ""
+            return f"redis://{auth}{host}:{port}/0"
         except redis.ConnectionError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"redis-server did not start on {host}:{port}") from None
             time.sleep(0.05)
 
 
-def redis_argv(host: str, port: int, workdir: str) -> list[str]:
+def redis_argv(host: str, port: int, workdir: str, password: str | None = None) -> list[str]:
+    """An embedded redis-server bound to ``host``. Bound to a network address, Redis's
+    protected mode refuses every client that is not on loopback unless a password is set
+    (``DENIED Redis is running in protected mode``): the embedded one gets a random password,
+    which the registry URL carries."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
-    return [binary, "--port", str(port), "--bind", host, "--save", "", "--appendonly", "no",
+    argv = [binary, "--port", str(port), "--bind", host, "--save", "", "--appendonly", "no",
             "--dir", workdir]  # fmt: skip
+    return argv if password is None else [*argv, "--requirepass", password]

@@ -20,16 +20,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import ray
+from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster import metrics
 from cluster.actors import ProcessHost, node_address, redis_argv
 from cluster.spec import EMBEDDED, ClusterSpec
 
@@ -44,8 +47,20 @@ _SUPERVISE_INTERVAL_S = 1.0
 Host: Any = ray.remote(ProcessHost)
 
 
-def _bundle(device: str) -> dict[str, float]:
-    return {"CPU": 1.0} if device == "CPU" else {"CPU": 1.0, device: 1.0}
+def _bundle(device: str, ray_resource: str = "") -> dict[str, float]:
+    bundle = {"CPU": 1.0} if device == "CPU" else {"CPU": 1.0, device: 1.0}
+    if ray_resource:
+        bundle[ray_resource] = 1.0
+    return bundle
+
+
+def _worker_options(device: str, ray_resource: str = "") -> dict[str, Any]:
+    """Ray options of one worker process (or rank) on `device`: Ray takes GPUs only as
+    `num_gpus`, other devices (NPU) and the spec's `ray_resource` as custom resources."""
+    resources = {device: 1.0} if device not in ("CPU", "GPU") else {}
+    if ray_resource:
+        resources[ray_resource] = 1.0
+    return {"num_cpus": 1, "num_gpus": 1 if device == "GPU" else 0, "resources": resources}
 
 
 @dataclass
@@ -79,6 +94,7 @@ class Controller:
         self.groups: dict[str, Group] = {}
         self._counter = {"prefill": 0, "decode": 0}
         self._supervisor: asyncio.Task[None] | None = None
+        self._metrics: web.AppRunner | None = None
         self.router_url = ""
 
     # -- bringing things up -----------------------------------------------------------------
@@ -97,7 +113,7 @@ class Controller:
             redis.actors = [
                 Host.options(num_cpus=0, max_restarts=-1).remote(
                     "redis",
-                    redis_argv(ip, port, "/tmp"),
+                    redis_argv(ip, port, "/tmp", secrets.token_hex(16)),
                     self.log_dir,
                     ready="redis",
                     python=False,
@@ -111,8 +127,13 @@ class Controller:
             *(self._add("prefill") for _ in range(self.spec.prefill.replicas)),
             *(self._add("decode") for _ in range(self.spec.decode.instances)),
         )
-        await self._start_router()
+        if self.spec.router.enabled:
+            await self._start_router()
         self._supervisor = asyncio.create_task(self._supervise())
+        if self.spec.metrics.port:
+            self._metrics = await metrics.serve(
+                self._samples, self.spec.metrics.host, self.spec.metrics.port
+            )
         return {"url": self.router_url, "redis": self.redis_url}
 
     async def _start_router(self) -> None:
@@ -141,8 +162,7 @@ class Controller:
         device = self.spec.prefill.device
         argv = self._worker_argv("prefill_worker", "prefill", device)
         actor = Host.options(
-            num_cpus=1,
-            resources={device: 1} if device != "CPU" else {},
+            **_worker_options(device, self.spec.prefill.ray_resource),
             scheduling_strategy="SPREAD",
             max_restarts=-1,
         ).remote(group.name, argv, self.log_dir)
@@ -153,7 +173,8 @@ class Controller:
     async def _start_decode(self, group: Group) -> None:
         d = self.spec.decode
         if group.pg is None:
-            group.pg = placement_group([_bundle(d.device)] * d.ep_size, strategy="STRICT_PACK")
+            bundle = _bundle(d.device, d.ray_resource)
+            group.pg = placement_group([bundle] * d.ep_size, strategy="STRICT_PACK")
             await group.pg.ready()
         pg = group.pg
 
@@ -180,12 +201,10 @@ class Controller:
                 for r in range(1, d.ep_size)
             ]  # fmt: skip
             argvs = [rank0, *rest]
-        resources = {d.device: 1} if d.device != "CPU" else {}
+        options = _worker_options(d.device, d.ray_resource)
         # A rank's death is handled by restarting the whole instance, not one actor.
         group.actors = [
-            Host.options(
-                num_cpus=1, resources=resources, scheduling_strategy=in_bundle(i), max_restarts=0
-            ).remote(
+            Host.options(**options, scheduling_strategy=in_bundle(i), max_restarts=0).remote(
                 f"{group.name}-rank{i}", argv, self.log_dir, ready="line" if i == 0 else "none"
             )
             for i, argv in enumerate(argvs)
@@ -252,6 +271,18 @@ class Controller:
 
     # -- operating --------------------------------------------------------------------------
 
+    def _samples(self) -> list[metrics.GroupSample]:
+        """Every group as the controller's /metrics and /targets report it."""
+        out = []
+        for g in self.groups.values():
+            url = str(g.info.get("metrics", ""))
+            if g.role == "router" and g.info.get("url"):
+                url = str(g.info["url"]) + "/metrics"
+            # A server bound to every address is scraped at its node's.
+            url = url.replace("//0.0.0.0:", f"//{g.info.get('node', '127.0.0.1')}:")
+            out.append(metrics.GroupSample(g.name, g.role, g.restarts, g.healthy, g.draining, url))
+        return out
+
     async def status(self) -> list[dict[str, Any]]:
         rows = []
         for g in self.groups.values():
@@ -290,6 +321,8 @@ class Controller:
     async def down(self) -> None:
         if self._supervisor is not None:
             self._supervisor.cancel()
+        if self._metrics is not None:
+            await self._metrics.cleanup()
         order = [g for g in self.groups.values() if g.role == "router"]
         order += [g for g in self.groups.values() if g.role not in ("router", "redis")]
         order += [g for g in self.groups.values() if g.role == "redis"]

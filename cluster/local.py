@@ -7,6 +7,7 @@ so a started cluster is a working one. If any child dies, the cluster is stopped
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,11 +21,40 @@ from pathlib import Path
 READY_TIMEOUT_S = 180.0
 
 
+LOGS_KEPT = 5  # a child's earlier logs kept beside the current one: NAME.log.1 ... .5
+ERROR_LINES = 12  # lines of a child's log shown when it fails to start
+
+
 @dataclass
 class Child:
     name: str
     proc: subprocess.Popen[str]
     ready: dict[str, object] = field(default_factory=dict)
+    log_path: Path | None = None  # where its stderr goes (None: this process's stderr)
+
+    def failure(self, what: str) -> ChildFailed:
+        """`what` happened to the child at start: the error names its log and ends with the
+        log's last lines, so the console shows why without opening files."""
+        if self.log_path is None:
+            return ChildFailed(f"{self.name} {what} (its errors are in the output above)")
+        try:
+            tail = self.log_path.read_text(errors="replace").splitlines()[-ERROR_LINES:]
+        except OSError:
+            tail = []
+        shown = "".join(f"\n  | {line}" for line in tail) or "\n  | (the log is empty)"
+        return ChildFailed(f"{self.name} {what}; its log is {self.log_path}, ending:{shown}")
+
+
+def rotate_log(path: Path, keep: int = LOGS_KEPT) -> None:
+    """Move `path` to `path.1` (and `.1` to `.2`, ... dropping the oldest) so that a restart
+    keeps the logs of the runs before it."""
+    if not path.exists():
+        return
+    for n in range(keep - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{n}")
+        if older.exists():
+            older.replace(path.with_name(f"{path.name}.{n + 1}"))
+    path.replace(path.with_name(f"{path.name}.1"))
 
 
 class ChildFailed(RuntimeError):
@@ -32,7 +62,10 @@ class ChildFailed(RuntimeError):
 
 
 def _start(name: str, args: list[str], env: dict[str, str], log_dir: Path | None) -> Child:
-    stderr = open(log_dir / f"{name}.log", "w") if log_dir else None  # noqa: SIM115
+    log_path = None if log_dir is None else log_dir / f"{name}.log"
+    if log_path is not None:
+        rotate_log(log_path)
+    stderr = open(log_path, "w") if log_path else None  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, *args],
         stdout=subprocess.PIPE,
@@ -41,7 +74,7 @@ def _start(name: str, args: list[str], env: dict[str, str], log_dir: Path | None
         env=env,
         start_new_session=True,  # a Ctrl-C reaches the launcher, which stops children in order
     )
-    return Child(name, proc)
+    return Child(name, proc, log_path=log_path)
 
 
 def _wait_ready(child: Child, timeout_s: float) -> dict[str, object]:
@@ -68,12 +101,15 @@ def _wait_ready(child: Child, timeout_s: float) -> dict[str, object]:
     deadline = time.monotonic() + timeout_s
     while reader.is_alive():
         if child.proc.poll() is not None:
-            raise ChildFailed(f"{child.name} exited with code {child.proc.returncode} at start")
+            raise child.failure(f"exited with code {child.proc.returncode} at start")
         if time.monotonic() > deadline:
-            raise ChildFailed(f"{child.name} was not ready after {timeout_s:.0f} s")
+            raise child.failure(f"was not ready after {timeout_s:.0f} s")
         reader.join(timeout=0.1)
     if not result:
-        raise ChildFailed(f"{child.name} closed its output without becoming ready")
+        # It closed its output because it is exiting: let its log be complete.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.proc.wait(timeout=2)
+        raise child.failure("closed its output without becoming ready")
     child.ready = result
     return result
 
@@ -89,6 +125,22 @@ def stop_child(child: Child, timeout_s: float = 10.0) -> None:
         child.proc.wait(timeout=5)
 
 
+# When workers share one GPU: each role's --mem-fraction-static unless given. The engine sizes
+# its pool as total x fraction minus what is in use when it starts, so the decode worker
+# (started after the prefill worker is up) counts the prefill worker's share in its own.
+SHARED_GPU_MEM_FRACTION = {"prefill": 0.4, "decode": 0.85}
+
+
+@dataclass(frozen=True)
+class WorkerPlacement:
+    """Where one worker runs and what it gets beyond the common flags."""
+
+    role: str  # "prefill", "decode" or "null" (colocated)
+    device: str | None  # passed as --device; None: the worker's default
+    args: tuple[str, ...]  # this worker's own flags, after the common ones (so they win)
+    shares_device: bool = False  # another worker of this cluster is on the same device
+
+
 @dataclass(frozen=True)
 class LocalClusterSpec:
     model_path: str
@@ -97,10 +149,96 @@ class LocalClusterSpec:
     port: int = 8000
     load_format: str = "auto"
     engine_args: tuple[str, ...] = ()  # extra flags for every worker (e.g. --page-size 1)
-    router_args: tuple[str, ...] = ()
+    router_args: tuple[str, ...] = ()  # extra flags for the router
     num_prefill: int = 1
     num_decode: int = 1
     log_dir: str | None = None
+    # None: each worker picks its own (--device in engine_args, else auto). "cuda": one GPU
+    # per worker while there are enough (visible GPUs, or gpu_count), else shared round-robin;
+    # "cuda:N" (or any other value): every worker on that device.
+    device: str | None = None
+    gpu_count: int | None = None  # GPUs to place "cuda" workers on; None: torch's count
+    prefill_args: tuple[str, ...] = ()  # flags for prefill workers only
+    decode_args: tuple[str, ...] = ()  # flags for decode workers only (colocated: the worker)
+    prefill_mem_fraction_static: float | None = None
+    decode_mem_fraction_static: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("prefill_mem_fraction_static", "decode_mem_fraction_static"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {value}")
+        if self.gpu_count is not None and self.gpu_count < 1:
+            raise ValueError(f"gpu_count must be >= 1, got {self.gpu_count}")
+        if self.num_prefill < 1 or self.num_decode < 1:
+            raise ValueError("num_prefill and num_decode must be >= 1")
+
+    def placements(self) -> list[WorkerPlacement]:
+        """Every worker's device and own flags, in start order (prefill workers first)."""
+        roles = (
+            ["null"]
+            if self.colocated
+            else ["prefill"] * self.num_prefill + ["decode"] * self.num_decode
+        )
+        devices: list[str | None]
+        if self.device == "cuda":
+            gpus = self.gpu_count if self.gpu_count is not None else _cuda_device_count()
+            if gpus < 1:
+                raise ValueError(
+                    "--device cuda was asked for but no GPU is visible (check nvidia-smi and "
+                    "CUDA_VISIBLE_DEVICES, or use --device cpu)"
+                )
+            devices = [f"cuda:{i % gpus}" for i in range(len(roles))]
+        else:
+            devices = [self.device] * len(roles)
+        placed = []
+        for i, (role, device) in enumerate(zip(roles, devices, strict=True)):
+            shares = device is not None and device != "cpu" and devices.count(device) > 1
+            args: list[str] = []
+            fraction = (
+                self.prefill_mem_fraction_static if role == "prefill"
+                else self.decode_mem_fraction_static
+            )  # fmt: skip
+            if fraction is None and shares:
+                # A shared device's later workers count the earlier ones' memory (see above).
+                later = devices[:i].count(device) > 0
+                fraction = SHARED_GPU_MEM_FRACTION["decode" if later else "prefill"]
+            if fraction is not None:
+                args += ["--mem-fraction-static", str(fraction)]
+            args += self.prefill_args if role == "prefill" else self.decode_args
+            placed.append(WorkerPlacement(role, device, tuple(args), shares))
+        return placed
+
+
+def _cuda_device_count() -> int:
+    import torch
+
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+
+
+_WORKER_KINDS = {  # role -> (kind, as children and the router name it; module)
+    "prefill": ("prefill", "prefill_worker"),
+    "null": ("worker", "decode_worker"),
+    "decode": ("decode", "decode_worker"),
+}
+
+
+def worker_argvs(
+    spec: LocalClusterSpec, placements: list[WorkerPlacement] | None = None
+) -> list[tuple[str, list[str]]]:
+    """(kind, python argv) of every worker in start order: the common flags, its device, then
+    its own (memory fraction and its role's flags, so they win)."""
+    common = [
+        "--model-path", spec.model_path, "--load-format", spec.load_format,
+        "--host", spec.host, "--port", "0", *spec.engine_args,
+    ]  # fmt: skip
+    argvs = []
+    for place in spec.placements() if placements is None else placements:
+        kind, module = _WORKER_KINDS[place.role]
+        device = [] if place.device is None else ["--device", place.device]
+        argvs.append((kind, ["-m", module, "--disaggregation-mode", place.role, *common,
+                             *device, *place.args]))  # fmt: skip
+    return argvs
 
 
 class LocalCluster:
@@ -109,6 +247,7 @@ class LocalCluster:
         self.children: list[Child] = []
         self.url = ""
         self.workers: dict[str, list[str]] = {}
+        self.metrics: dict[str, str] = {}  # child name -> its /metrics URL
 
     def start(self, timeout_s: float = READY_TIMEOUT_S) -> LocalCluster:
         spec = self.spec
@@ -116,25 +255,22 @@ class LocalCluster:
         log_dir = Path(spec.log_dir) if spec.log_dir else None
         if log_dir:
             log_dir.mkdir(parents=True, exist_ok=True)
-        common = [
-            "--model-path", spec.model_path, "--load-format", spec.load_format,
-            "--host", spec.host, "--port", "0", *spec.engine_args,
-        ]  # fmt: skip
-        roles = (
-            [("worker", "decode_worker", "null")]
-            if spec.colocated
-            else [("prefill", "prefill_worker", "prefill")] * spec.num_prefill
-            + [("decode", "decode_worker", "decode")] * spec.num_decode
-        )
+        placements = spec.placements()
+        # Workers sharing a device start one after another: each sizes its KV pool from the
+        # memory the ones before it left.
+        one_by_one = any(p.shares_device for p in placements)
         try:
             pending = []
-            for i, (kind, module, mode) in enumerate(roles):
-                args = ["-m", module, "--disaggregation-mode", mode, *common]
-                pending.append((kind, _start(f"{kind}-{i}", args, env, log_dir)))
-                self.children.append(pending[-1][1])
+            for i, (kind, args) in enumerate(worker_argvs(spec, placements)):
+                child = _start(f"{kind}-{i}", args, env, log_dir)
+                self.children.append(child)
+                pending.append((kind, child))
+                if one_by_one:
+                    _wait_ready(child, timeout_s)
             for kind, child in pending:
-                ready = _wait_ready(child, timeout_s)
+                ready = child.ready or _wait_ready(child, timeout_s)
                 self.workers.setdefault(kind, []).append(str(ready["endpoint"]))
+                self.metrics[child.name] = str(ready["metrics"])
             router_args = ["-m", "router", "--model-path", spec.model_path,
                            "--host", spec.host, "--port", str(spec.port)]  # fmt: skip
             for kind, endpoints in self.workers.items():
@@ -143,6 +279,7 @@ class LocalCluster:
             router = _start("router", [*router_args, *spec.router_args], env, log_dir)
             self.children.append(router)
             self.url = str(_wait_ready(router, timeout_s)["url"])
+            self.metrics[router.name] = self.url + "/metrics"
         except BaseException:
             self.stop()
             raise

@@ -4,10 +4,14 @@
       path: /models/Qwen3-30B-A3B      # omitted: the embedded tiny default (CPU demo)
       load_format: auto
       engine_args: {page-size: 16}     # flags for every worker, SGLang names
-    router: {host: 0.0.0.0, port: 8000, args: {policy: cache_aware}}
+    router: {host: 0.0.0.0, port: 8000, args: {policy: cache_aware}}   # enabled: false when
+                                       # the router runs elsewhere (a Kubernetes Deployment)
     prefill: {replicas: 2, device: GPU}
     decode: {instances: 1, ep_size: 8, device: GPU, num_redundant_experts: 8}
+    # ray_resource (prefill and decode): a custom Ray resource each worker (each rank) takes
+    # one unit of, to keep the roles on the nodes that advertise it (deploy/k8s does).
     redis: {address: embedded}         # or redis://host:6379/0
+    metrics: {host: 0.0.0.0, port: 9400}   # the controller's /metrics and /targets; 0: off
 
 Unknown keys and wrong types are errors that name the key and the value.
 """
@@ -76,12 +80,14 @@ class RouterSpec:
     host: str = "127.0.0.1"
     port: int = 8000
     args: tuple[str, ...] = ()
+    enabled: bool = True  # False: not started by Ray (it finds the workers through Redis)
 
 
 @dataclass(frozen=True)
 class PrefillSpec:
     replicas: int = 1
     device: str = "CPU"
+    ray_resource: str = ""
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,16 @@ class DecodeSpec:
     ep_size: int = 1
     device: str = "CPU"
     num_redundant_experts: int = 0
+    ray_resource: str = ""
+
+
+@dataclass(frozen=True)
+class MetricsSpec:
+    """Where the controller serves `/metrics` (restarts, health) and `/targets` (Prometheus
+    HTTP service discovery of every worker); port 0 serves neither."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
 
 
 @dataclass(frozen=True)
@@ -99,6 +115,7 @@ class ClusterSpec:
     prefill: PrefillSpec = field(default_factory=PrefillSpec)
     decode: DecodeSpec = field(default_factory=DecodeSpec)
     redis: str = EMBEDDED
+    metrics: MetricsSpec = field(default_factory=MetricsSpec)
 
     def __post_init__(self) -> None:
         if self.prefill.replicas < 0:
@@ -117,6 +134,8 @@ class ClusterSpec:
                 raise SpecError(f"{role}.device must be one of {DEVICES}, got {device!r}")
         if not (1 <= self.router.port <= 65535):
             raise SpecError(f"router.port must be in [1, 65535], got {self.router.port}")
+        if not (0 <= self.metrics.port <= 65535):
+            raise SpecError(f"metrics.port must be in [0, 65535] (0: off), got {self.metrics.port}")
         if self.redis != EMBEDDED and not self.redis.startswith("redis://"):
             raise SpecError(f"redis.address must be 'embedded' or redis://..., got {self.redis!r}")
 
@@ -137,18 +156,30 @@ class ClusterSpec:
     @staticmethod
     def from_dict(raw: Any) -> ClusterSpec:
         top = _take(raw, "spec", {k: (dict, type(None)) for k in ("model", "router", "prefill",
-                                                                 "decode", "redis")})  # fmt: skip
+                                                                 "decode", "redis",
+                                                                 "metrics")})  # fmt: skip
         m = _take(top.get("model"), "model", {"path": str, "load_format": str, "engine_args": dict})
         if m.get("load_format", "auto") not in ("auto", "safetensors", "dummy"):
             raise SpecError(f"model.load_format must be auto, safetensors or dummy: {m}")
-        r = _take(top.get("router"), "router", {"host": str, "port": int, "args": dict})
-        p = _take(top.get("prefill"), "prefill", {"replicas": int, "device": str})
+        r = _take(
+            top.get("router"), "router", {"host": str, "port": int, "args": dict, "enabled": bool}
+        )
+        p = _take(
+            top.get("prefill"), "prefill", {"replicas": int, "device": str, "ray_resource": str}
+        )
         d = _take(
             top.get("decode"),
             "decode",
-            {"instances": int, "ep_size": int, "device": str, "num_redundant_experts": int},
+            {
+                "instances": int,
+                "ep_size": int,
+                "device": str,
+                "num_redundant_experts": int,
+                "ray_resource": str,
+            },
         )
         redis = _take(top.get("redis"), "redis", {"address": str})
+        metrics = _take(top.get("metrics"), "metrics", {"host": str, "port": int})
         return ClusterSpec(
             model=ModelSpec(
                 path=m.get("path"),
@@ -159,10 +190,12 @@ class ClusterSpec:
                 host=r.get("host", "127.0.0.1"),
                 port=r.get("port", 8000),
                 args=_flags(r.get("args", {}), "router.args"),
+                enabled=r.get("enabled", True),
             ),
             prefill=PrefillSpec(**p),
             decode=DecodeSpec(**d),
             redis=redis.get("address", EMBEDDED),
+            metrics=MetricsSpec(**metrics),
         )
 
     def describe(self) -> dict[str, Any]:

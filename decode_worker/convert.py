@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import grpc
 
 from engine.async_engine import EngineDeadError
@@ -12,6 +15,17 @@ from engine.scheduler import OutOfPagesError
 from engine.sequence import FinishReason
 from kv_transfer import KVLayout, LayoutMismatchError, TransferError
 from protos import common_pb2
+
+
+class PeerFailure(TransferError):
+    """A hand-off failed through the peer worker at `peer` (its gRPC address): the prefill
+    worker never delivered the KV, or refused the destination. Error replies name the peer so
+    that the router charges the failure to it, not to the worker that reports it."""
+
+    def __init__(self, message: str, peer: str) -> None:
+        super().__init__(message)
+        self.peer = peer
+
 
 _FINISH = {
     FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
@@ -74,8 +88,28 @@ def finish_to_proto(reason: FinishReason | None) -> common_pb2.FinishReason:
     return _FINISH[reason]
 
 
+def weights_identity(model_path: str, load_format: str, seed: int) -> str:
+    """16 hex digits naming the weights a worker serves, cheap to compute at start-up: a
+    SHA-256 over config.json, the safetensors index and every shard's name and size (not the
+    tensors: hashing gigabytes would slow every start). Seeded dummy weights are named by
+    their config and seed, as every process with both draws the same tensors."""
+    root = Path(model_path)
+    digest = hashlib.sha256()
+    config = root / "config.json"
+    digest.update(config.read_bytes() if config.is_file() else b"")
+    if load_format == "dummy":
+        digest.update(f"dummy seed {seed}".encode())
+        return "dummy:" + digest.hexdigest()[:16]
+    index = root / "model.safetensors.index.json"
+    digest.update(index.read_bytes() if index.is_file() else b"")
+    for shard in sorted(root.glob("*.safetensors")):
+        digest.update(f"{shard.name}:{shard.stat().st_size};".encode())
+    return digest.hexdigest()[:16]
+
+
 def engine_layout(engine: Engine, model_name: str) -> KVLayout:
     cache = engine.runner.kv_cache
+    config = engine.config
     return KVLayout(
         model=model_name,
         dtype=str(cache.dtype).removeprefix("torch."),
@@ -84,6 +118,7 @@ def engine_layout(engine: Engine, model_name: str) -> KVLayout:
         num_kv_heads=cache.num_kv_heads,
         head_dim=cache.k_dim,
         v_head_dim=None if cache.v_dim == cache.k_dim else cache.v_dim,
+        weights=weights_identity(config.model_path, config.load_format, config.seed),
     )
 
 
@@ -97,6 +132,7 @@ def layout_to_proto(layout: KVLayout) -> common_pb2.KVLayout:
         head_dim=layout.head_dim,
         fingerprint=layout.fingerprint,
         v_head_dim=layout.v_head_dim or 0,
+        weights=layout.weights,
     )
 
 
@@ -109,6 +145,7 @@ def layout_from_proto(msg: common_pb2.KVLayout) -> KVLayout:
         num_kv_heads=msg.num_kv_heads,
         head_dim=msg.head_dim,
         v_head_dim=msg.v_head_dim or None,
+        weights=msg.weights,
     )
 
 

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 from dataclasses import asdict, dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -53,8 +54,10 @@ class RedisRegistration:
         self.record = record
         self.ttl_s = ttl_s
         self.prefix = prefix
+        self.url = _without_password(url)  # for logs
         self._redis = aioredis.from_url(url, socket_timeout=ttl_s / 3)
         self._task: asyncio.Task[None] | None = None
+        self._failing = False  # the last write failed (logged once until one succeeds)
 
     async def publish(self) -> None:
         await self._redis.set(
@@ -62,8 +65,17 @@ class RedisRegistration:
         )
 
     async def start(self) -> None:
-        """Register now (failing loudly if Redis is unreachable), then keep refreshing."""
-        await self.publish()
+        """Register now, then keep refreshing. A Redis that cannot be reached now does not stop
+        the worker: it serves (static routers reach it) and registers once Redis answers."""
+        try:
+            await self.publish()
+        except (RedisError, OSError) as exc:
+            self._failing = True
+            log.warning(
+                "registry %s unreachable (%s); serving anyway, registering when it answers "
+                "(retried every %.1f s)",
+                self.url, exc, self.ttl_s / 3,
+            )  # fmt: skip
         self._task = asyncio.create_task(self._refresh())
 
     async def set_draining(self) -> None:
@@ -80,7 +92,13 @@ class RedisRegistration:
             try:
                 await self.publish()
             except (RedisError, OSError) as exc:
-                log.warning("registry refresh failed (will retry): %s", exc)
+                if not self._failing:
+                    log.warning("registry refresh failed (will retry): %s", exc)
+                self._failing = True
+            else:
+                if self._failing:
+                    log.info("registered in %s again", self.url)
+                self._failing = False
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -90,3 +108,13 @@ class RedisRegistration:
         except (RedisError, OSError) as exc:
             log.warning("could not remove %s from Redis: %s", self.record.endpoint, exc)
         await self._redis.aclose()
+
+
+def _without_password(url: str) -> str:
+    """`url` with any password replaced, fit for a log line."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))

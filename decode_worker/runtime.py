@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -13,7 +14,7 @@ from decode_worker.convert import layout_to_proto
 from decode_worker.metrics import WorkerMetrics
 from engine.async_engine import AsyncEngine
 from kv_transfer import KVLayout, KVPoolDescriptor, TransferEngine
-from protos import common_pb2
+from protos import cluster_token, common_pb2
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +29,21 @@ class WorkerSettings:
     session_port: int = 0  # the session listener's (decode_worker.session_server); 0: none
     transfer_timeout_s: float = 30.0  # every waiting state of a KV transfer
     rpc_timeout_s: float = 10.0  # worker-to-worker unary calls
+    # Pages a peer may still write stay out of use until it acknowledges a revocation, or at
+    # most this long when it cannot be reached (kv_transfer.fence).
+    kv_quarantine_timeout_s: float = 300.0
+    # Carried by every call to peers and required on every call here (protos.cluster_token).
+    cluster_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
-        if self.transfer_timeout_s <= 0 or self.rpc_timeout_s <= 0:
-            raise ValueError("timeouts must be positive")
+        if min(self.transfer_timeout_s, self.rpc_timeout_s, self.kv_quarantine_timeout_s) <= 0:
+            raise ValueError(
+                "--transfer-timeout, the RPC timeout and --kv-quarantine-timeout must be "
+                f"positive, got {self.transfer_timeout_s}, {self.rpc_timeout_s}, "
+                f"{self.kv_quarantine_timeout_s}"
+            )
 
 
 class WorkerRuntime:
@@ -59,12 +69,14 @@ class WorkerRuntime:
         self.sessions = sessions
         self.metrics = metrics
         self._channels: dict[str, grpc.aio.Channel] = {}
+        # Tells a router that this is another process than the one it knew at this address.
+        self.instance_id = secrets.token_hex(8)
 
     def channel(self, endpoint: str) -> grpc.aio.Channel:
         """A long-lived channel to a peer worker (one per endpoint)."""
         ch = self._channels.get(endpoint)
         if ch is None:
-            ch = grpc.aio.insecure_channel(endpoint)
+            ch = cluster_token.channel(endpoint, self.settings.cluster_token)
             self._channels[endpoint] = ch
         return ch
 
@@ -86,6 +98,7 @@ class WorkerRuntime:
             num_transferring=sum(x.num_transferring for x in loads),
             num_free_pages=sum(x.num_free_pages for x in loads),
             num_total_pages=sum(x.num_total_pages for x in loads),
+            instance_id=self.instance_id,
         )
 
     def info(self, request: common_pb2.WorkerInfoRequest) -> common_pb2.WorkerInfo:
@@ -99,4 +112,5 @@ class WorkerRuntime:
             layout=layout_to_proto(self.layout),
             dp_size=self.engine.world,
             session_port=self.settings.session_port,
+            instance_id=self.instance_id,
         )

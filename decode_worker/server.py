@@ -36,8 +36,9 @@ from kv_transfer import (
     TransferEngine,
     create_transfer_engine,
 )
+from kv_transfer import faults as transfer_faults
 from prefill_worker.servicer import PrefillServicer
-from protos import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from protos import cluster_token, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,30 @@ SERVICE_NAMES = {
 }
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every option's default, options written without help text too."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and action.option_strings and _shown(action.default):
+            action.help = "(default: %(default)s)"  # argparse lists only actions with help
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "%(default)" in text or not _shown(action.default):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _shown(default: object) -> bool:
+    return default not in (None, False, argparse.SUPPRESS, [], ())
+
+
 def build_parser(default_role: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=f"pdserve worker (default role {default_role})")
+    parser = argparse.ArgumentParser(
+        description=f"pdserve worker (default role {default_role})",
+        formatter_class=DefaultsHelpFormatter,
+    )
     add_engine_args(parser)
     g = parser.add_argument_group("worker")
     g.add_argument("--host", default="127.0.0.1", help="address to bind and advertise")
@@ -62,6 +85,16 @@ def build_parser(default_role: str) -> argparse.ArgumentParser:
     g.add_argument("--served-model-name", help="model name clients use (default: dir name)")
     g.add_argument("--transfer-backend", default="mooncake")
     g.add_argument("--transfer-timeout", type=float, default=30.0, help="seconds")
+    g.add_argument(
+        "--kv-quarantine-timeout", type=float, default=300.0,
+        help="seconds the pages of a transfer given up on stay out of use while the prefill "
+        "worker cannot be reached to confirm that it writes them no more",
+    )  # fmt: skip
+    g.add_argument(
+        "--cluster-token-file",
+        help=f"file whose first line is the token calls to and from this worker carry (or "
+        f"{cluster_token.ENV}); calls without it are refused, health checks excepted",
+    )
     g.add_argument("--registry", help="register in this Redis (redis://host:port/db)")
     g.add_argument("--registry-prefix", default=DEFAULT_PREFIX)
     g.add_argument("--registry-ttl", type=float, default=10.0, help="seconds")
@@ -127,11 +160,21 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
     if role != "null":
         configure_mooncake(args.transfer_timeout)
         transfer = create_transfer_engine(args.transfer_backend, hostname=args.host)
+        faults = os.environ.get(transfer_faults.ENV)
+        if faults:
+            log.warning("%s=%s: KV writes are delayed and dropped on purpose (chaos testing)",
+                        transfer_faults.ENV, faults)  # fmt: skip
+            transfer = transfer_faults.FaultyTransferEngine(
+                transfer, transfer_faults.TransferFaults.parse(faults)
+            )
     ranks = join_instance(engine, transfer, model_name) or []
 
-    server = grpc.aio.server(options=session.SERVER_OPTIONS)
+    token = cluster_token.load(args.cluster_token_file)
+    server = grpc.aio.server(
+        options=session.SERVER_OPTIONS, interceptors=cluster_token.server_interceptors(token)
+    )
     port = server.add_insecure_port(f"{args.host}:{args.port}")
-    sessions = SessionServer()
+    sessions = SessionServer(token)
     session_port = 0 if args.session_port < 0 else await sessions.bind(args.host, args.session_port)
     settings = WorkerSettings(
         role=role,
@@ -139,9 +182,11 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
         endpoint=f"{args.host}:{port}",
         session_port=session_port,
         transfer_timeout_s=args.transfer_timeout,
+        kv_quarantine_timeout_s=args.kv_quarantine_timeout,
+        cluster_token=token,
     )
     async_engine = AsyncEngine(engine)
-    metrics = WorkerMetrics(role, settings.endpoint)
+    metrics = WorkerMetrics(role, settings.endpoint, model_name)
     metrics_port = metrics.serve(args.host, args.metrics_port)
     runtime = WorkerRuntime(
         settings,

@@ -6,6 +6,7 @@ A request without a transfer id (colocated mode) is computed here from its promp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import replace
@@ -14,6 +15,7 @@ import grpc
 
 from decode_worker import session
 from decode_worker.convert import (
+    PeerFailure,
     finish_to_proto,
     layout_to_proto,
     logprobs_from_proto,
@@ -21,20 +23,34 @@ from decode_worker.convert import (
     sampling_from_proto,
     status_for,
 )
+from decode_worker.metrics import handoff, handoff_failed
 from decode_worker.runtime import WorkerRuntime
-from engine.async_engine import RequestAborted
+from engine.async_engine import EngineDeadError, RequestAborted
 from engine.engine import StepOutput
 from engine.sampling import SamplingParams
 from kv_transfer import (
     KVReceiver,
     LayoutMismatchError,
     TransferError,
+    TransferFailed,
     TransferState,
     TransferTable,
 )
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+# AttachDestination answers that say the prefill worker kept no destination.
+_REFUSED = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
+_ABORTED = "aborted"
+_AWAITING_KV = frozenset({TransferState.BOOTSTRAPPING, TransferState.WAITING_FOR_INPUT})
 
 
 def _failure(request_id: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -69,11 +85,42 @@ def complete(out: StepOutput) -> common_pb2.GenerateResponse:
     )
 
 
+async def refuses_connections(endpoint: str, timeout_s: float = 1.0) -> bool:
+    """Whether nothing listens at `endpoint` ("host:port"): a TCP connect is refused. False
+    when the connect succeeds or does not answer (a stopped process's kernel still accepts)."""
+    host, _, port = endpoint.rpartition(":")
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(host.strip("[]"), int(port)), timeout_s
+        )
+    except ConnectionRefusedError:
+        return True
+    except (OSError, asyncio.TimeoutError, ValueError):
+        return False
+    writer.close()
+    return False
+
+
+# A write the sender saw end (done, failed on its progress timeout, or stopped by a revocation)
+# may still have bytes in this host's socket buffers, which this process's transfer engine
+# lands in the pages as soon as it runs: after this worker was itself stopped (SIGSTOP, a
+# long pause) those land only once it resumes. So pages are freed only after this much time
+# awake, counted in short sleeps so that a pause in between does not count.
+DRAIN_STEPS = 10
+DRAIN_STEP_S = 0.05
+
+
+async def _drain_inbound_writes() -> None:
+    for _ in range(DRAIN_STEPS):
+        await asyncio.sleep(DRAIN_STEP_S)
+
+
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     def __init__(self, runtime: WorkerRuntime) -> None:
         self.rt = runtime
         self.receivers: TransferTable[KVReceiver] = TransferTable()
         self.transfer_of: dict[str, int] = {}  # request id -> transfer id, while it waits
+        self._releases: set[asyncio.Task[None]] = set()  # quarantines waiting for a revoke
 
     async def Generate(
         self, request: decode_pb2.DecodeRequest, context: grpc.aio.ServicerContext
@@ -115,6 +162,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         held: list[StepOutput] = []
         try:
             async for outs in outputs:
+                if self.rt.metrics is not None:
+                    self.rt.metrics.generated(len(outs))
                 if every != 1:
                     held += outs
                     if not outs[-1].finished and (every == 0 or len(held) < every):
@@ -142,8 +191,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self.transfer_of[rid] = tid
         stream = rt.engine.open_stream(rid)
         finished = False
+        attach_sent = False  # from then on the prefill worker may write our pages
         prompt = list(req.token_ids)
         try:
+            handoff(rt.metrics, rid, "prealloc")
             # The pages live in one data-parallel rank's pool; the prefill worker writes there.
             rank, pages = await rt.engine.reserve_transfer(prompt, sampling, rid)
             pool = rt.pools[rank]
@@ -160,17 +211,33 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 num_pages=pool.num_pages,
             )
             stub = prefill_pb2_grpc.PrefillStub(rt.channel(request.prefill_endpoint))
+            # Ready for the completion before the destination leaves: the prefill worker may
+            # write and report done before its answer to AttachDestination reaches us.
+            receiver.bootstrapped()
             try:
+                attach_sent = True
                 await stub.AttachDestination(attach, timeout=rt.settings.rpc_timeout_s)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:
-                    raise LayoutMismatchError(exc.details()) from exc
-                raise TransferError(
-                    f"prefill worker {request.prefill_endpoint} refused the destination of "
-                    f"transfer {tid}: {exc.code().name} {exc.details()}"
-                ) from exc
-            receiver.bootstrapped()
-            done = await receiver.wait(rt.settings.transfer_timeout_s)
+                if receiver.state is not TransferState.SUCCESS:  # else only the answer is lost
+                    if exc.code() in _REFUSED:
+                        attach_sent = False  # the prefill worker took no destination
+                    if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:
+                        raise LayoutMismatchError(exc.details()) from exc
+                    raise PeerFailure(
+                        f"prefill worker {request.prefill_endpoint} refused the destination of "
+                        f"transfer {tid}: {exc.code().name} {exc.details()}",
+                        request.prefill_endpoint,
+                    ) from exc
+            handoff(rt.metrics, rid, "transfer")
+            try:
+                done = await receiver.wait(rt.settings.transfer_timeout_s)
+            except TransferError as exc:
+                if isinstance(exc, TransferFailed) and exc.reason == _ABORTED:
+                    raise
+                # The KV never came: the prefill worker's failure (stopped, dead, or it
+                # reported one), not ours.
+                raise PeerFailure(str(exc), request.prefill_endpoint) from exc
+            handoff(rt.metrics, rid, None)
             if not isinstance(done, decode_pb2.TransferDoneRequest):
                 raise TypeError(f"transfer {tid} completed with {type(done).__name__}")
             first = logprobs_from_proto(done.first_logprobs, done.HasField("first_logprobs"))
@@ -183,12 +250,81 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 async for outs in rt.engine.iterate(stream):
                     finished = outs[-1].finished
                     yield [replace(o, num_cached_tokens=cached) for o in outs]
+        except (TransferError, LayoutMismatchError) as exc:
+            if getattr(exc, "reason", "") != "aborted":  # a client's abort is no failed hand-off
+                handoff_failed(rt.metrics, rid)
+            raise
         finally:
+            handoff(rt.metrics, rid, None)
             self.receivers.pop(tid)
             self.transfer_of.pop(rid, None)
             rt.engine.close_stream(rid)
             if not finished and rt.engine.alive:
-                await asyncio.shield(rt.engine.abort(rid))
+                if attach_sent and receiver.state is not TransferState.SUCCESS:
+                    await asyncio.shield(
+                        self._quarantine(
+                            rid, tid, request.prefill_endpoint, revoke=not receiver.sender_done
+                        )
+                    )
+                else:
+                    await asyncio.shield(rt.engine.abort(rid))
+
+    async def _quarantine(
+        self, rid: str, tid: int, prefill_endpoint: str, revoke: bool = True
+    ) -> None:
+        """Give up on a request whose pages a write may still reach: keep the pages out of
+        use and free them only once it is safe (`_release_when_safe`; without `revoke` the
+        prefill worker already said its writes ended, and only the drain is waited for)."""
+        if not await self.rt.engine.quarantine_transfer(rid, tid):
+            await self.rt.engine.abort(rid)  # its KV had arrived: nothing can write it now
+            return
+        task = asyncio.create_task(self._release_when_safe(rid, tid, prefill_endpoint, revoke))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _release_when_safe(
+        self, rid: str, tid: int, endpoint: str, revoke_first: bool = True
+    ) -> None:
+        """Revoke the transfer at the prefill worker until it says no write of it runs or
+        will start, then free the quarantined pages. Without an answer the pages stay out of
+        use, except when the prefill worker is gone: its port refuses connections for a whole
+        transfer timeout (its writes are in its own process, and Mooncake's progress timeout,
+        half the transfer timeout, ends any still running), or `--kv-quarantine-timeout`
+        passes (a host that stays unreachable)."""
+        settings = self.rt.settings
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        refused_since: float | None = None
+        delay = 0.05
+        stub = prefill_pb2_grpc.PrefillStub(self.rt.channel(endpoint))
+        revoke = prefill_pb2.RevokeDestinationRequest(request_id=rid, transfer_id=tid)
+        reason = ""
+        while revoke_first and not reason:
+            try:
+                reply = await stub.RevokeDestination(revoke, timeout=settings.rpc_timeout_s)
+                if reply.idle:
+                    break
+                refused_since = None
+            except grpc.aio.AioRpcError:
+                if await refuses_connections(endpoint):
+                    refused_since = loop.time() if refused_since is None else refused_since
+                    if loop.time() - refused_since >= settings.transfer_timeout_s:
+                        reason = f"prefill worker {endpoint} is gone"
+                else:
+                    refused_since = None
+            if loop.time() - start >= settings.kv_quarantine_timeout_s:
+                reason = (
+                    f"no answer from prefill worker {endpoint} in "
+                    f"{settings.kv_quarantine_timeout_s:g} s (--kv-quarantine-timeout)"
+                )
+            if not reason:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        if reason:
+            log.warning("freeing the quarantined pages of transfer %s: %s", tid, reason)
+        await _drain_inbound_writes()
+        with contextlib.suppress(EngineDeadError):  # the pool is gone with the engine
+            await self.rt.engine.release_quarantine(tid)
 
     async def TransferDone(
         self, request: decode_pb2.TransferDoneRequest, context: grpc.aio.ServicerContext
@@ -200,7 +336,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             )
             raise AssertionError("unreachable: abort raises")
         if request.error:
-            receiver.fail(request.error)
+            receiver.sender_failed(request.error)
         else:
             receiver.complete(request)
         return decode_pb2.TransferDoneResponse(request_id=request.request_id)
@@ -210,8 +346,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     ) -> common_pb2.AbortResponse:
         tid = self.transfer_of.get(request.request_id)
         receiver = self.receivers.get(tid) if tid is not None else None
-        if receiver is not None and receiver.state is TransferState.WAITING_FOR_INPUT:
-            receiver.fail("aborted")
+        if receiver is not None and receiver.state in _AWAITING_KV:
+            # The request's own stream ends it, and keeps its pages until they are safe.
+            receiver.fail(_ABORTED)
+            return common_pb2.AbortResponse(request_id=request.request_id, found=True)
         return await self.rt.abort(request)
 
     async def GetLoad(

@@ -115,8 +115,9 @@ async def serve(
     outbox: _Outbox[Item] = _Outbox()
     running: dict[str, asyncio.Task[None]] = {}
 
-    def error(rid: str, code: grpc.StatusCode, message: str) -> None:
-        outbox.put(kind.error(rid, common_pb2.Error(code=code.value[0], message=message)))
+    def error(rid: str, code: grpc.StatusCode, message: str, peer: str = "") -> None:
+        msg = common_pb2.Error(code=code.value[0], message=message, peer=peer)
+        outbox.put(kind.error(rid, msg))
 
     async def run(request: Request) -> None:
         rid = kind.request_id(request)
@@ -124,7 +125,9 @@ async def serve(
             async for msg in respond(request):
                 outbox.put(msg)
         except Exception as exc:
-            error(rid, *failure(rid, exc))
+            # A failure caused by another worker names it (decode_worker.convert.PeerFailure).
+            peer = getattr(exc, "peer", "")
+            error(rid, *failure(rid, exc), peer if isinstance(peer, str) else "")
         finally:
             if running.get(rid) is asyncio.current_task():
                 del running[rid]

@@ -31,7 +31,7 @@ from typing import Any
 
 import grpc
 
-from protos import h2
+from protos import cluster_token, h2
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,11 @@ class _ServerConnection(h2.Connection):
             self.send(h2.frame(h2.RST_STREAM, 0, stream_id, h2.U32.pack(h2.REFUSED_STREAM)))
             return
         path = fields.get(":path", "")
+        check = self._server.token_check
+        if check is not None and not check.ok(fields.get(cluster_token.METADATA_KEY)):
+            code = grpc.StatusCode.UNAUTHENTICATED
+            self._trailers_only(stream_id, code, cluster_token.REFUSED)
+            return
         method = self._server.methods.get(path)
         if method is None or not fields.get("content-type", "").startswith("application/grpc"):
             code = grpc.StatusCode.UNIMPLEMENTED
@@ -256,8 +261,10 @@ class SessionServer:
     """Serves session methods, by gRPC path (``/pdserve.Decode/Session``), on one port:
     ``bind`` (the port is known), ``add`` the methods, ``start``."""
 
-    def __init__(self) -> None:
+    def __init__(self, token: str | None = None) -> None:
+        """``token``: the cluster token every call must carry (``protos.cluster_token``)."""
         self.methods: dict[str, Method] = {}
+        self.token_check = None if token is None else cluster_token.TokenCheck(token)
         self.connections: set[_ServerConnection] = set()
         self._server: asyncio.Server | None = None
 

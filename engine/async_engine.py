@@ -53,6 +53,7 @@ class AsyncEngine:
         self._futures: dict[int, asyncio.Future[Any]] = {}
         self._streams: dict[str, Stream] = {}
         self._rank_of: dict[str, int] = {}
+        self._quarantine_rank: dict[int, int] = {}
         self._loads: list[RankLoad] = []
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -120,6 +121,24 @@ class AsyncEngine:
         if out.finished:
             self._rank_of.pop(request_id, None)
         return out
+
+    async def quarantine_transfer(self, request_id: str, key: int) -> bool:
+        """End a request whose KV is arriving but keep its pages (see `Engine`), and end its
+        stream; False if it was not waiting for its KV (then nothing is kept)."""
+        rank = self._rank_of.pop(request_id, 0)
+        kept = bool(await self._command(rank, "quarantine_transfer", request_id, key))
+        if kept:
+            self._quarantine_rank[key] = rank
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put_nowait(RequestAborted(request_id))
+        return kept
+
+    async def release_quarantine(self, key: int) -> bool:
+        rank = self._quarantine_rank.pop(key, None)
+        if rank is None:
+            return False
+        return bool(await self._command(rank, "release_quarantine", key))
 
     async def held_pages(self, request_id: str) -> list[int]:
         pages: list[int] = await self._command(0, "held_pages", request_id)

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine.config import DTYPES, LOAD_FORMATS, MOE_BACKENDS, EngineConfig
+from engine.config import ATTENTION_BACKENDS, DTYPES, LOAD_FORMATS, MOE_BACKENDS, EngineConfig
 from engine.device import DEVICE_KINDS
 from engine.sampling import SamplingParams
 
@@ -49,6 +49,16 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ep-size", type=int, default=1, help="expert-parallel ranks (processes)")
     g.add_argument("--dp-size", type=int, help="data-parallel attention ranks (= --ep-size)")
     g.add_argument("--ep-num-redundant-experts", type=int, default=0)
+    g.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=ATTENTION_BACKENDS,
+        help="auto: triton on CUDA, torch (the reference) elsewhere",
+    )
+    g.add_argument("--disable-cuda-graph", action="store_true", help="run decode eagerly")
+    g.add_argument(
+        "--cuda-graph-max-bs", type=int, default=256, help="largest decode batch run as a graph"
+    )
     g.add_argument("--moe-backend", "--moe-runner-backend", default="auto", choices=MOE_BACKENDS)
 
 
@@ -74,6 +84,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         disable_radix_cache=args.disable_radix_cache,
         ep_size=args.ep_size,
         ep_num_redundant_experts=args.ep_num_redundant_experts,
+        attention_backend=args.attention_backend,
+        disable_cuda_graph=args.disable_cuda_graph,
+        cuda_graph_max_bs=args.cuda_graph_max_bs,
         moe_backend=args.moe_backend,
     )
 

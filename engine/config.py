@@ -349,6 +349,7 @@ def _deepseek_v3_from_hf(raw: dict[str, Any], name: str) -> ModelConfig:
 
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Routed-expert kernels (engine/layers/moe.py): auto = triton on CUDA, torch elsewhere.
 MOE_BACKENDS = ("auto", "torch", "triton")
@@ -380,6 +381,10 @@ class EngineConfig:
     # Expert parallelism of one instance (one process per rank; see engine/parallel.py).
     ep_size: int = 1
     ep_num_redundant_experts: int = 0
+    # Fast paths (engine/layers/attention.py, engine/cuda_graph.py); "auto" picks per device.
+    attention_backend: str = "auto"
+    disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int = 256
     moe_backend: str = "auto"
 
     def __post_init__(self) -> None:
@@ -408,6 +413,13 @@ class EngineConfig:
             raise ValueError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
         if self.max_running_requests < 1:
             raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {ATTENTION_BACKENDS}, "
+                f"got {self.attention_backend!r}"
+            )
+        if self.cuda_graph_max_bs < 1:
+            raise ValueError(f"cuda_graph_max_bs must be >= 1, got {self.cuda_graph_max_bs}")
         if self.ep_size < 1 or self.ep_num_redundant_experts < 0:
             raise ValueError(
                 f"ep_size must be >= 1 and ep_num_redundant_experts >= 0, got "

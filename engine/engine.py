@@ -128,6 +128,14 @@ class Engine:
         self.validate_token_ids([token_id], "first token")
         return self._output(self.scheduler.complete_transfer(request_id, token_id, logprobs))
 
+    def quarantine_transfer(self, request_id: str, key: int) -> bool:
+        """Decode side: end a request whose KV has not arrived, keeping its pages reserved
+        under `key` (a write may still land in them) until `release_quarantine(key)`."""
+        return self.scheduler.quarantine(request_id, key)
+
+    def release_quarantine(self, key: int) -> bool:
+        return self.scheduler.release_quarantined(key)
+
     def held_pages(self, request_id: str) -> list[int]:
         """Prefill side: the pages of a finished request that holds them for sending."""
         seq = self.scheduler.held.get(request_id)

@@ -16,13 +16,19 @@ class ForwardBatch:
 
     Sequence `b` has `prefix_lens[b]` tokens already in the cache and computes
     `extend_lens[b]` new ones (1 in decode); its new tokens occupy a contiguous run of the
-    flattened `[T]` inputs, in batch order.
+    flattened `[T]` inputs, in batch order. Its pages are row `req_rows[b]` of `page_table`
+    (the device page table of every live sequence, see `DevicePageTable`).
+
+    A decode batch may be a CUDA graph's static buffers: then only the device tensors are
+    meaningful per replay, and the host-side fields describe the captured bounds
+    (`max_seq_len` is the longest context the graph serves).
     """
 
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     out_slots: torch.Tensor  # [T] flat KV slot (page * page_size + offset) of each new token
-    page_table: torch.Tensor  # [B, max_pages] page ids, padded with 0
+    page_table: torch.Tensor  # [R, W] int32 page ids of every live sequence, one per row
+    req_rows: torch.Tensor  # [B] row of `page_table` holding sequence b's pages
     prefix_lens: torch.Tensor  # [B] on the device
     extend_lens: torch.Tensor  # [B] on the device
     logits_indices: torch.Tensor  # [B] index into [T] of each sequence's last new token
@@ -30,8 +36,14 @@ class ForwardBatch:
     max_seq_len: int
     kv_cache: KVCache
     is_decode: bool
+    # The same extend lengths on the host (kernels that split work per sequence read them).
+    host_extend_lens: tuple[int, ...] = ()
     attn_metadata: Any = field(default=None)
 
     @property
     def batch_size(self) -> int:
-        return int(self.logits_indices.shape[0])
+        return int(self.req_rows.shape[0])
+
+    def sequence_pages(self) -> torch.Tensor:
+        """`[B, W]` page ids of the batch's sequences (a gather: reference paths only)."""
+        return self.page_table[self.req_rows].long()

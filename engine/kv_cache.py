@@ -8,7 +8,9 @@ the shared rotary key `k_pe` (`kv_heads=1, v_dim=qk_rope_head_dim`).
 
 Page `p` of layer `l` starts at `k[l].data_ptr() + p * k_page_bytes` (and `v[l].data_ptr() +
 p * v_page_bytes`); the transfer layer relies on that layout. Which pages are in use is the
-`PagePool`'s business, not this module's.
+`PagePool`'s business, not this module's. One page more than `num_pages` is allocated, at the
+end: the scratch page (`scratch_page`), never handed out, which padded entries of a captured
+decode step write into and read from so that they touch no request's pages.
 """
 
 from __future__ import annotations
@@ -61,8 +63,9 @@ class KVCache:
         self.k_dim = spec.k_dim
         self.v_dim = spec.v_dim
         self.dtype = dtype
-        k_shape = (num_pages, page_size, spec.num_kv_heads, spec.k_dim)
-        v_shape = (num_pages, page_size, spec.num_kv_heads, spec.v_dim)
+        self.scratch_page = num_pages
+        k_shape = (num_pages + 1, page_size, spec.num_kv_heads, spec.k_dim)
+        v_shape = (num_pages + 1, page_size, spec.num_kv_heads, spec.v_dim)
         self.k = [torch.zeros(k_shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(v_shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
@@ -98,11 +101,12 @@ class KVCache:
 
     @property
     def total_bytes(self) -> int:
-        return self.num_layers * self.num_pages * (self.k_page_bytes + self.v_page_bytes)
+        return self.num_layers * (self.num_pages + 1) * (self.k_page_bytes + self.v_page_bytes)
 
     def slots(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of one layer as `[num_pages * page_size, kv_heads, k_dim | v_dim]` views."""
-        n = self.num_pages * self.page_size
+        """K and V of one layer as `[(num_pages + 1) * page_size, kv_heads, k_dim | v_dim]`
+        views (the scratch page included)."""
+        n = (self.num_pages + 1) * self.page_size
         return (
             self.k[layer_id].view(n, self.num_kv_heads, self.k_dim),
             self.v[layer_id].view(n, self.num_kv_heads, self.v_dim),

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from typing import cast
 
 import torch
 
 from engine.config import EngineConfig, ModelConfig
+from engine.cuda_graph import DecodeGraphs
 from engine.device import Device
 from engine.eplb import initial_placement
 from engine.forward_batch import ForwardBatch
 from engine.kv_cache import KVCache, KVCacheSpec
-from engine.layers.attention import AttentionBackend, TorchAttentionBackend
+from engine.layers.attention import AttentionBackend, make_attention_backend
 from engine.layers.ep_moe import ExpertParallelExperts, expert_parallel_layers, shard_experts
+from engine.layers.moe import MoEBackend, moe_backend_for, set_moe_backend
 from engine.loader import (
     WeightTarget,
     WeightTargets,
@@ -22,6 +25,7 @@ from engine.loader import (
     load_weights,
 )
 from engine.models import CausalLM, build_model
+from engine.page_table import DevicePageTable
 from engine.parallel import ParallelConfig
 from engine.scheduler import ScheduledBatch
 
@@ -43,7 +47,9 @@ class ModelRunner:
         self.device = device
         self.parallel = parallel or ParallelConfig()
         self.dtype = device.resolve_dtype(config.dtype)
-        self.attention: AttentionBackend = TorchAttentionBackend()
+        self.attention: AttentionBackend = make_attention_backend(
+            config.attention_backend, device.kind, model_config.mla is not None
+        )
         with torch.device(device.torch_device):
             torch_default = torch.get_default_dtype()
             torch.set_default_dtype(self.dtype)
@@ -52,6 +58,10 @@ class ModelRunner:
                 self.ep_layers = self._shard_experts()
             finally:
                 torch.set_default_dtype(torch_default)
+        self.moe_backend: MoEBackend | None = None
+        if model_config.is_moe:
+            self.moe_backend = moe_backend_for(config.moe_backend, device.kind)
+            set_moe_backend(cast(torch.nn.Module, self.model), self.moe_backend)
         # RoPE tables stay float32 whatever the weights' dtype, like the reference.
         self.model.rotary.float()
         self._load_weights()
@@ -66,11 +76,50 @@ class ModelRunner:
             device.torch_device,
         )
         log.info(
-            "KV pool: %d pages of %d tokens (%.1f MiB)",
+            "KV pool: %d pages of %d tokens (%.1f MiB); attention backend %s%s",
             self.kv_cache.num_pages,
             config.page_size,
             self.kv_cache.total_bytes / 2**20,
+            type(self.attention).__name__,
+            "" if self.moe_backend is None else f", MoE backend {self.moe_backend.name}",
         )
+        context = config.context_length or model_config.max_position_embeddings
+        self.max_context = context
+        # Rows: every running request, plus one mid-prefill and one spare.
+        self.page_table = DevicePageTable(
+            config.max_running_requests + 2,
+            -(-context // config.page_size),
+            self.kv_cache.scratch_page,
+            device.torch_device,
+        )
+        self.graphs: DecodeGraphs | None = None
+        reason = self._graph_blocker()
+        if reason is None:
+            self.graphs = DecodeGraphs(
+                self, min(config.cuda_graph_max_bs, config.max_running_requests)
+            )
+            self.graphs.capture()
+        elif device.kind == "cuda":
+            log.info("decode runs eagerly: %s", reason)
+
+    def _graph_blocker(self) -> str | None:
+        """Why decode cannot run as CUDA graphs here, or None when it can."""
+        if self.config.disable_cuda_graph:
+            return "--disable-cuda-graph"
+        if self.device.kind != "cuda":
+            return f"CUDA graphs need a CUDA device, not {self.device.kind}"
+        if not self.attention.graph_safe:
+            return f"the {type(self.attention).__name__} cannot be captured"
+        if self.parallel.enabled:
+            return "expert-parallel collectives are not captured"
+        unsafe = {
+            type(m).__name__
+            for m in cast(torch.nn.Module, self.model).modules()
+            if getattr(m, "graph_safe", True) is False
+        }
+        if unsafe:
+            return f"{', '.join(sorted(unsafe))} cannot be captured"
+        return None
 
     def _shard_experts(self) -> dict[str, ExpertParallelExperts]:
         """With expert parallelism, keep only this rank's share of every MoE layer's experts."""
@@ -132,43 +181,81 @@ class ModelRunner:
             )
         return pages
 
+    # -- steps ------------------------------------------------------------------------------
+
+    def _slots(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Flat KV slot of each token, from its sequence's row of the device page table."""
+        ps = self.config.page_size
+        pages = self.page_table.table[rows, positions // ps]
+        return pages.long() * ps + positions % ps
+
+    def decode_batch(
+        self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, max_seq_len: int
+    ) -> ForwardBatch:
+        """A decode batch over device tensors `[B]` (a graph's static buffers, or one step's);
+        `max_seq_len` bounds every sequence's context."""
+        bsz = ids.shape[0]
+        return ForwardBatch(
+            input_ids=ids,
+            positions=positions,
+            out_slots=positions,  # replaced in run_decode, on the device
+            page_table=self.page_table.table,
+            req_rows=rows,
+            prefix_lens=positions,
+            extend_lens=torch.ones_like(positions),
+            logits_indices=torch.arange(bsz, device=ids.device),
+            max_extend_len=1,
+            max_seq_len=max_seq_len,
+            kv_cache=self.kv_cache,
+            is_decode=True,
+            host_extend_lens=(1,) * bsz,
+        )
+
+    def run_decode(self, fb: ForwardBatch) -> torch.Tensor:
+        """Logits `[B, vocab]` of a decode batch, with device work only (graph-capturable when
+        the attention backend is)."""
+        fb.out_slots = self._slots(fb.req_rows, fb.positions)
+        self.attention.prepare(fb)
+        return self.model.compute_logits(self.model(fb))
+
+    def _upload(self, *rows: list[int]) -> torch.Tensor:
+        """Equal-length int lists as one `[len(rows), n]` int64 device tensor (one copy)."""
+        host = torch.tensor(rows, dtype=torch.int64)
+        if self.device.kind != "cpu":
+            host = host.pin_memory()
+        return host.to(self.device.torch_device, non_blocking=True)
+
     def prepare(self, batch: ScheduledBatch) -> ForwardBatch:
-        """Turn a scheduled batch into device tensors (one host-to-device copy per field)."""
+        """Turn a scheduled prefill (extend) batch into device tensors."""
+        rows = self.page_table.rows_for(batch.seqs)
         ids: list[int] = []
         positions: list[int] = []
-        seq_index: list[int] = []
+        token_rows: list[int] = []
         prefix_lens = []
-        for b, (seq, n) in enumerate(zip(batch.seqs, batch.extend_lens, strict=True)):
+        for seq, n, row in zip(batch.seqs, batch.extend_lens, rows, strict=True):
             start = seq.num_computed_tokens
             ids.extend(seq.token_ids[start : start + n])
             positions.extend(range(start, start + n))
-            seq_index.extend([b] * n)
+            token_rows.extend([row] * n)
             prefix_lens.append(start)
-        width = max(len(seq.page_table) for seq in batch.seqs)
-        table = [seq.page_table + [0] * (width - len(seq.page_table)) for seq in batch.seqs]
-        dev = self.device.torch_device
-
-        def tensor(values: list[int] | list[list[int]]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64).to(dev, non_blocking=True)
-
-        page_table = tensor(table)
-        pos = tensor(positions)
-        ps = self.config.page_size
-        out_slots = page_table[tensor(seq_index), pos // ps] * ps + pos % ps
-        extend = tensor(batch.extend_lens)
+        per_token = self._upload(ids, positions, token_rows)
+        per_seq = self._upload(rows, prefix_lens, list(batch.extend_lens))
+        extend = per_seq[2]
         seq_lens = [p + n for p, n in zip(prefix_lens, batch.extend_lens, strict=True)]
         fb = ForwardBatch(
-            input_ids=tensor(ids),
-            positions=pos,
-            out_slots=out_slots,
-            page_table=page_table,
-            prefix_lens=tensor(prefix_lens),
+            input_ids=per_token[0],
+            positions=per_token[1],
+            out_slots=self._slots(per_token[2], per_token[1]),
+            page_table=self.page_table.table,
+            req_rows=per_seq[0],
+            prefix_lens=per_seq[1],
             extend_lens=extend,
             logits_indices=torch.cumsum(extend, 0) - 1,
             max_extend_len=max(batch.extend_lens),
             max_seq_len=max(seq_lens),
             kv_cache=self.kv_cache,
             is_decode=batch.is_decode,
+            host_extend_lens=tuple(batch.extend_lens),
         )
         self.attention.prepare(fb)
         return fb
@@ -182,7 +269,8 @@ class ModelRunner:
             input_ids=empty,
             positions=empty,
             out_slots=empty,
-            page_table=torch.zeros(0, 1, dtype=torch.int64, device=dev),
+            page_table=self.page_table.table,
+            req_rows=empty,
             prefix_lens=empty,
             extend_lens=empty,
             logits_indices=empty,
@@ -197,6 +285,19 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits `[B, vocab]` (float32) at each sequence's last new token."""
+        if batch.is_decode:
+            return self._forward_decode(batch)
         fb = self.prepare(batch)
         hidden = self.model(fb)
         return self.model.compute_logits(hidden[fb.logits_indices])
+
+    def _forward_decode(self, batch: ScheduledBatch) -> torch.Tensor:
+        seqs = batch.seqs
+        rows = self.page_table.rows_for(seqs)
+        ids = [seq.token_ids[-1] for seq in seqs]
+        positions = [seq.num_computed_tokens for seq in seqs]
+        if self.graphs is not None and self.graphs.fits(len(seqs)):
+            return self.graphs.replay(ids, positions, rows)
+        inputs = self._upload(ids, positions, rows)
+        fb = self.decode_batch(inputs[0], inputs[1], inputs[2], max(positions) + 1)
+        return self.run_decode(fb)

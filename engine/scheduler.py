@@ -47,6 +47,9 @@ class Scheduler:
         # whose pages are kept until sent.
         self.transferring: dict[str, Sequence] = {}
         self.held: dict[str, Sequence] = {}
+        # Decode-side requests given up on while a peer may still write their pages: the pages
+        # stay reserved, under the transfer's key, until the peer acknowledges.
+        self.quarantined: dict[int, Sequence] = {}
         self.num_preemptions = 0
 
     @property
@@ -73,6 +76,13 @@ class Scheduler:
         headroom per running request; raises OutOfPagesError otherwise.
         """
         self._validate(seq)
+        live = len(self.running) + len(self.transferring)
+        if live >= self.config.max_running_requests:
+            raise OutOfPagesError(
+                f"no room for request {seq.request_id}: {len(self.running)} running and "
+                f"{len(self.transferring)} arriving requests reach max_running_requests="
+                f"{self.config.max_running_requests}"
+            )
         need = self.pages.pages_for(seq.num_tokens + 1)
         headroom = len(self.running) + len(self.transferring)
         if self.pages.num_available < need + headroom or not self.pages.reserve(
@@ -104,6 +114,30 @@ class Scheduler:
         if reason is not None:
             self._finish(seq, reason)
         return seq
+
+    def quarantine(self, request_id: str, key: int) -> bool:
+        """End a request whose KV is arriving, but keep its pages reserved under `key` until
+        `release_quarantined(key)`: the sender may still write into them. The request id is
+        free again at once. False (nothing done) unless the request is waiting for its KV."""
+        seq = self.transferring.pop(request_id, None)
+        if seq is None:
+            return False
+        if key in self.quarantined:
+            self.transferring[request_id] = seq
+            raise ValueError(f"pages are already quarantined under {key}")
+        del self.requests[request_id]
+        seq.finish_reason = FinishReason.ABORT
+        self.quarantined[key] = seq
+        return True
+
+    def release_quarantined(self, key: int) -> bool:
+        """Free the pages quarantined under `key`; False if there are none."""
+        seq = self.quarantined.pop(key, None)
+        if seq is None:
+            return False
+        self.pages.release(seq)
+        seq.status = SeqStatus.FINISHED
+        return True
 
     def release_held(self, request_id: str) -> bool:
         """Free the pages a finished prefill-side request kept for sending."""

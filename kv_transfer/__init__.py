@@ -1,6 +1,7 @@
 """The Mooncake-compatible KV transfer layer: engines, page layouts, write batches, and the
 per-transfer state machines. Knows nothing of the services around it."""
 
+from kv_transfer.fence import TransferRevoked, WriteFence
 from kv_transfer.layout import (
     DTYPE_ITEMSIZE,
     KVLayout,
@@ -43,10 +44,12 @@ __all__ = [
     "TransferEngine",
     "TransferError",
     "TransferFailed",
+    "TransferRevoked",
     "TransferState",
     "TransferTable",
     "TransferTimeout",
     "WriteBatch",
+    "WriteFence",
     "build_write_batch",
     "check",
     "check_compatible",

@@ -42,6 +42,9 @@ class KVLayout:
     num_kv_heads: int
     head_dim: int
     v_head_dim: int | None = None
+    # The weights' identity (see decode_worker.convert.weights_identity): KV computed with
+    # other weights is other KV, so it belongs in the fingerprint. "": not stated.
+    weights: str = ""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_ITEMSIZE:

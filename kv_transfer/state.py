@@ -236,6 +236,15 @@ class KVReceiver(_TransferMachine):
     def __init__(self, transfer_id: int) -> None:
         super().__init__(transfer_id)
         self._payload: object = None
+        self._sender_done = False
+
+    @property
+    def sender_done(self) -> bool:
+        """Whether the sender said it writes nothing more for this transfer (it completed, or
+        reported its failure after its writes ended). False when this side gave up on its own
+        (timeout, abort): a write may then still come, and the pages must not be reused until
+        the sender acknowledges a revocation (`kv_transfer.fence`)."""
+        return self._sender_done
 
     def bootstrapped(self) -> None:
         """The destination is on its way to the prefill worker: BOOTSTRAPPING ->
@@ -247,6 +256,15 @@ class KVReceiver(_TransferMachine):
         WAITING_FOR_INPUT -> SUCCESS; `wait` returns `payload`."""
         self._move(TransferState.SUCCESS)
         self._payload = payload  # waiters run after this call returns
+        self._sender_done = True
+
+    def sender_failed(self, reason: str) -> None:
+        """The sender reports the transfer failed and that its writes have ended: -> FAILED
+        (no-op if already failed: then whether a write may still come is unchanged)."""
+        if self._state is TransferState.FAILED:
+            return
+        self.fail(reason)
+        self._sender_done = True
 
     async def wait(self, timeout_s: float) -> object:
         """The completion payload; raises the failure if FAILED, `TransferTimeout` (-> FAILED)

@@ -8,8 +8,12 @@ code into a `TransferError`. Backends are chosen by name and imported only when 
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -68,7 +72,8 @@ class MooncakeTransferEngine(TransferEngine):
     """Mooncake's `mooncake.engine.TransferEngine`, unchanged behind the `TransferEngine` API.
 
     Mooncake logs through glog to stderr; `MC_LOG_LEVEL=ERROR` in the environment (set before
-    the first engine is created) keeps only errors. Over TCP, one batch may hold only about 2,000
+    the first engine is created) keeps only errors, and the harmless lines it prints at every
+    start are held back (`_MOONCAKE_START_NOISE`). Over TCP, one batch may hold only about 2,000
     writes to a peer (see `kv_transfer.writer`); `PageWriter` keeps within it.
     """
 
@@ -88,7 +93,10 @@ class MooncakeTransferEngine(TransferEngine):
     def initialize(
         self, local_hostname: str, metadata_server: str, protocol: str, device_name: str
     ) -> int:
-        rc = int(self._engine.initialize(local_hostname, metadata_server, protocol, device_name))
+        with _filtered_stderr(_MOONCAKE_START_NOISE):
+            rc = int(
+                self._engine.initialize(local_hostname, metadata_server, protocol, device_name)
+            )
         if rc == 0:
             # "host:port" pins Mooncake's port; the session id uses the RPC port it reports.
             host, sep, port = local_hostname.rpartition(":")
@@ -119,10 +127,54 @@ class MooncakeTransferEngine(TransferEngine):
         return f"{self._hostname}:{self.get_rpc_port()}"
 
 
+def _cuda_ipc() -> TransferEngine:
+    from kv_transfer.cuda_ipc import CudaIpcTransferEngine
+
+    return CudaIpcTransferEngine()
+
+
+# What Mooncake prints at every start, harmless: glog's note that it logs before being set up,
+# the TCP protocol's allocator, no RDMA device on a TCP host, and a lookup of its own segment
+# before it registered one.
+_MOONCAKE_START_NOISE = (
+    "Logging before InitGoogleLogging",
+    "Using default malloc/free for protocol",
+    "No RDMA devices found",
+    "Local segment descriptor not found",
+)
+
+
+@contextlib.contextmanager
+def _filtered_stderr(benign: tuple[str, ...]) -> Iterator[None]:
+    """Hold back what native code writes to stderr (fd 2) while the block runs, then write
+    out every line but those containing one of `benign`. Python's own logging in that window
+    goes through the same fd and is kept too."""
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as held:
+        saved = os.dup(2)
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [
+                line
+                for line in held.read().decode(errors="replace").splitlines(keepends=True)
+                if not any(b in line for b in benign)
+            ]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
 # Backend name -> constructor. Same-host device backends (CUDA IPC, Ascend's engine) go here as
 # constructors that import their module inside, so that choosing one never imports another.
 _BACKENDS: dict[str, Callable[[], TransferEngine]] = {
     "mooncake": MooncakeTransferEngine,
+    "cuda_ipc": _cuda_ipc,
 }
 
 

@@ -22,6 +22,7 @@ from decode_worker.convert import (
     sampling_from_proto,
     status_for,
 )
+from decode_worker.metrics import handoff, handoff_failed
 from decode_worker.runtime import WorkerRuntime
 from engine.engine import StepOutput
 from kv_transfer import (
@@ -31,8 +32,11 @@ from kv_transfer import (
     LayoutMismatchError,
     PageWriter,
     TransferError,
+    TransferRevoked,
     TransferState,
     TransferTable,
+    WriteBatch,
+    WriteFence,
     build_write_batch,
     check_compatible,
 )
@@ -60,7 +64,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 "(expert parallelism on the prefill side is not supported yet)"
             )
         self.rt = runtime
-        self.writer = PageWriter(runtime.transfer)
+        # Transfers the decode side gave up on: never written (see kv_transfer.fence).
+        self.fence = WriteFence()
+        self.writer = PageWriter(runtime.transfer, fence=self.fence)
         self.pool = runtime.pools[0]
         self.senders: TransferTable[KVSender] = TransferTable()
 
@@ -74,6 +80,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self, request: prefill_pb2.AttachDestinationRequest, context: grpc.aio.ServicerContext
     ) -> prefill_pb2.AttachDestinationResponse:
         remote = layout_from_proto(request.layout)
+        if self.fence.is_revoked(request.transfer_id):
+            # A destination that reaches us after its revocation (the two calls raced).
+            await context.abort(
+                grpc.StatusCode.ABORTED,
+                f"transfer {request.transfer_id} was revoked by its decode worker",
+            )
         try:
             check_compatible(self.rt.layout, remote, local_label="prefill", remote_label="decode")
             pool = KVPoolDescriptor(
@@ -97,6 +109,21 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return prefill_pb2.AttachDestinationResponse(request_id=request.request_id)
+
+    async def RevokeDestination(
+        self, request: prefill_pb2.RevokeDestinationRequest, context: grpc.aio.ServicerContext
+    ) -> prefill_pb2.RevokeDestinationResponse:
+        """The decode worker gave up on the transfer: write nothing more for it, and say
+        whether a write is still running (the decode worker asks again until none is)."""
+        tid = request.transfer_id
+        writing = self.fence.revoke(tid)
+        sender = self.senders.get(tid)
+        if sender is not None and sender.state is not TransferState.SUCCESS:
+            sender.fail("revoked by the decode worker")
+        idle = not writing or await asyncio.to_thread(
+            self.fence.wait_idle, tid, self.rt.settings.rpc_timeout_s / 2
+        )
+        return prefill_pb2.RevokeDestinationResponse(request_id=request.request_id, idle=idle)
 
     async def Prefill(
         self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
@@ -127,8 +154,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         """Prefill, sample the first token, write the pages; raises what failed it."""
         req, tid = request.request, request.transfer_id
         rid = req.request_id
+        if self.fence.is_revoked(tid):
+            raise TransferRevoked(tid)  # its decode worker gave up on it: compute nothing
         sender = self._sender(tid)
         dest: Destination | None = None
+        write: asyncio.Future[None] | None = None
         try:
             # The prefill worker samples only the first token; the decode worker the rest.
             sampling = replace(sampling_from_proto(req.sampling), max_new_tokens=1)
@@ -139,9 +169,22 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 first = outs[-1]
             if first is None:
                 raise RuntimeError(f"request {rid} finished without a token")
+            handoff(self.rt.metrics, rid, "bootstrap")
             dest = await sender.wait_for_destination(self.rt.settings.transfer_timeout_s)
             sender.begin()
-            nbytes = await self._write_pages(rid, dest)
+            handoff(self.rt.metrics, rid, "inflight")
+            src_pages = await self.rt.engine.held_pages(rid)
+            batch = self._write_batch(rid, src_pages, dest)
+            start = time.perf_counter()
+            # The write runs in a thread that a cancelled coroutine cannot stop: it is awaited
+            # again below before the source pages are released.
+            write = asyncio.ensure_future(
+                asyncio.to_thread(self.writer.write, dest.session_id, batch, tid)
+            )
+            await asyncio.shield(write)
+            nbytes = batch.total_bytes
+            if self.rt.metrics is not None:
+                self.rt.metrics.transferred(nbytes, time.perf_counter() - start)
             sender.succeed()
             await self._notify(dest, first=first)
             return prefill_pb2.PrefillResponse(
@@ -153,33 +196,31 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         except Exception as exc:
             if sender.state is not TransferState.SUCCESS:  # the pages may be written already
                 sender.fail(str(exc))
-            if self.rt.metrics is not None and dest is not None:
-                self.rt.metrics.transfer_failures.inc()
+            handoff_failed(self.rt.metrics, rid)
             if dest is not None:
                 await self._notify(dest, error=f"prefill worker failed: {exc}")
             raise
         finally:
+            handoff(self.rt.metrics, rid, None)
             self.senders.pop(tid)
+            if write is not None and not write.done():
+                # Cancelled mid-write: stop after the call in flight, and keep the source
+                # pages until it has ended.
+                self.fence.revoke(tid)
+                await asyncio.wait([write])
             if self.rt.engine.alive:
                 await asyncio.shield(self.rt.engine.release_held(rid))
 
-    async def _write_pages(self, request_id: str, dest: Destination) -> int:
-        src_pages = await self.rt.engine.held_pages(request_id)
+    def _write_batch(self, request_id: str, src_pages: list[int], dest: Destination) -> WriteBatch:
+        """The writes of one hand-off. No timeout wraps them: the pages must stay held until
+        the write has really ended; Mooncake's own progress timeout (set by the server below
+        the transfer timeout) bounds a write to a peer that stopped answering."""
         if len(src_pages) != len(dest.page_ids):
             raise ValueError(
                 f"request {request_id}: {len(src_pages)} prompt pages here but the decode "
                 f"worker reserved {len(dest.page_ids)}"
             )
-        batch = build_write_batch(self.pool, dest.pool, src_pages, dest.page_ids)
-        # No outer timeout here: the pages must stay held until the write has really ended.
-        # Mooncake's own progress timeout (set by the server below the transfer timeout)
-        # bounds a write to a peer that stopped answering.
-        start = time.perf_counter()
-        await asyncio.to_thread(self.writer.write, dest.session_id, batch)
-        if self.rt.metrics is not None:
-            self.rt.metrics.transfer_seconds.observe(time.perf_counter() - start)
-            self.rt.metrics.transfer_bytes.inc(batch.total_bytes)
-        return batch.total_bytes
+        return build_write_batch(self.pool, dest.pool, src_pages, dest.page_ids)
 
     async def _notify(
         self, dest: Destination, first: StepOutput | None = None, error: str = ""

@@ -89,12 +89,14 @@ class Complete(_message.Message):
     def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class Error(_message.Message):
-    __slots__ = ("code", "message")
+    __slots__ = ("code", "message", "peer")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
     code: int
     message: str
-    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    peer: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., peer: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "chunk", "complete", "error")
@@ -109,7 +111,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., chunk: _Optional[_Union[StreamChunk, _Mapping]] = ..., complete: _Optional[_Union[Complete, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class KVLayout(_message.Message):
-    __slots__ = ("model", "dtype", "page_size", "num_layers", "num_kv_heads", "head_dim", "fingerprint", "v_head_dim")
+    __slots__ = ("model", "dtype", "page_size", "num_layers", "num_kv_heads", "head_dim", "fingerprint", "v_head_dim", "weights")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +120,7 @@ class KVLayout(_message.Message):
     HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     V_HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     dtype: str
     page_size: int
@@ -126,7 +129,8 @@ class KVLayout(_message.Message):
     head_dim: int
     fingerprint: str
     v_head_dim: int
-    def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., page_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., fingerprint: _Optional[str] = ..., v_head_dim: _Optional[int] = ...) -> None: ...
+    weights: str
+    def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., page_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., fingerprint: _Optional[str] = ..., v_head_dim: _Optional[int] = ..., weights: _Optional[str] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)
@@ -149,20 +153,22 @@ class LoadRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("request_id", "num_running", "num_waiting", "num_transferring", "num_free_pages", "num_total_pages")
+    __slots__ = ("request_id", "num_running", "num_waiting", "num_transferring", "num_free_pages", "num_total_pages", "instance_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_TRANSFERRING_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_PAGES_FIELD_NUMBER: _ClassVar[int]
     NUM_TOTAL_PAGES_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     num_running: int
     num_waiting: int
     num_transferring: int
     num_free_pages: int
     num_total_pages: int
-    def __init__(self, request_id: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_transferring: _Optional[int] = ..., num_free_pages: _Optional[int] = ..., num_total_pages: _Optional[int] = ...) -> None: ...
+    instance_id: str
+    def __init__(self, request_id: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_transferring: _Optional[int] = ..., num_free_pages: _Optional[int] = ..., num_total_pages: _Optional[int] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class WorkerInfoRequest(_message.Message):
     __slots__ = ("request_id",)
@@ -171,7 +177,7 @@ class WorkerInfoRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("request_id", "role", "model", "context_length", "vocab_size", "layout", "dp_size", "session_port")
+    __slots__ = ("request_id", "role", "model", "context_length", "vocab_size", "layout", "dp_size", "session_port", "instance_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +186,7 @@ class WorkerInfo(_message.Message):
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     DP_SIZE_FIELD_NUMBER: _ClassVar[int]
     SESSION_PORT_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     role: str
     model: str
@@ -188,4 +195,5 @@ class WorkerInfo(_message.Message):
     layout: KVLayout
     dp_size: int
     session_port: int
-    def __init__(self, request_id: _Optional[str] = ..., role: _Optional[str] = ..., model: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., dp_size: _Optional[int] = ..., session_port: _Optional[int] = ...) -> None: ...
+    instance_id: str
+    def __init__(self, request_id: _Optional[str] = ..., role: _Optional[str] = ..., model: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., dp_size: _Optional[int] = ..., session_port: _Optional[int] = ..., instance_id: _Optional[str] = ...) -> None: ...

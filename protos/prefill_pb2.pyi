@@ -80,3 +80,19 @@ class AttachDestinationResponse(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+
+class RevokeDestinationRequest(_message.Message):
+    __slots__ = ("request_id", "transfer_id")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    transfer_id: int
+    def __init__(self, request_id: _Optional[str] = ..., transfer_id: _Optional[int] = ...) -> None: ...
+
+class RevokeDestinationResponse(_message.Message):
+    __slots__ = ("request_id", "idle")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    IDLE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    idle: bool
+    def __init__(self, request_id: _Optional[str] = ..., idle: _Optional[bool] = ...) -> None: ...

@@ -50,6 +50,11 @@ class PrefillStub:
                 request_serializer=protos_dot_prefill__pb2.AttachDestinationRequest.SerializeToString,
                 response_deserializer=protos_dot_prefill__pb2.AttachDestinationResponse.FromString,
                 _registered_method=True)
+        self.RevokeDestination = channel.unary_unary(
+                '/pdserve.Prefill/RevokeDestination',
+                request_serializer=protos_dot_prefill__pb2.RevokeDestinationRequest.SerializeToString,
+                response_deserializer=protos_dot_prefill__pb2.RevokeDestinationResponse.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/pdserve.Prefill/Abort',
                 request_serializer=protos_dot_common__pb2.AbortRequest.SerializeToString,
@@ -93,6 +98,15 @@ class PrefillServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeDestination(self, request, context):
+        """Decode -> prefill: the decode worker gave up on transfer_id. From the reply on, no write
+        of it starts here and a destination attached for it later is refused; `idle` says no
+        write of it is still running, and only then may the decode worker reuse its pages.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Abort(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -128,6 +142,11 @@ def add_PrefillServicer_to_server(servicer, server):
                     servicer.AttachDestination,
                     request_deserializer=protos_dot_prefill__pb2.AttachDestinationRequest.FromString,
                     response_serializer=protos_dot_prefill__pb2.AttachDestinationResponse.SerializeToString,
+            ),
+            'RevokeDestination': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeDestination,
+                    request_deserializer=protos_dot_prefill__pb2.RevokeDestinationRequest.FromString,
+                    response_serializer=protos_dot_prefill__pb2.RevokeDestinationResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -226,6 +245,33 @@ class Prefill:
             '/pdserve.Prefill/AttachDestination',
             protos_dot_prefill__pb2.AttachDestinationRequest.SerializeToString,
             protos_dot_prefill__pb2.AttachDestinationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeDestination(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.Prefill/RevokeDestination',
+            protos_dot_prefill__pb2.RevokeDestinationRequest.SerializeToString,
+            protos_dot_prefill__pb2.RevokeDestinationResponse.FromString,
             options,
             channel_credentials,
             insecure,

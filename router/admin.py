@@ -1,7 +1,9 @@
 """The admin API: list, add, remove and drain workers at run time.
 
-Every route needs ``Authorization: Bearer <--admin-key>``; a wrong or missing key is a 401
-(``invalid_api_key``). A router started without ``--admin-key`` has no admin API: every
+Every route needs ``Authorization: Bearer <admin key>`` (``--admin-key-file``,
+``PDSERVE_ADMIN_KEY`` or ``--admin-key``); a wrong or missing key is a 401
+(``invalid_api_key``), compared in constant time, and an address that fails too often in a
+minute gets 429s (``router.auth``). A router started without ``--admin-key`` has no admin API: every
 route answers 403 (``admin_disabled``). Errors use OpenAI's error-body shape.
 
 | route | does |
@@ -18,7 +20,6 @@ the answering process's view (its own in-flight counts).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,6 +29,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from router.auth import FailedAttempts, KeyCheck, peer_address
 from router.errors import RequestError, invalid
 from router.http import Connection, Request, Response, Routes
 from router.workers import (
@@ -57,9 +59,12 @@ class AdminApi:
         key: str | None,
         peers: Sequence[str] = (),
         journal: Path | None = None,
+        failures: FailedAttempts | None = None,
     ) -> None:
         self.pool = pool
         self.key = key
+        self._key_check = KeyCheck([] if key is None else [key])
+        self.failures = failures or FailedAttempts(10)
         self.peers = tuple(peers)
         # --processes N: every change, in order, so that a process started again (after a
         # crash) replays them and agrees with the others.
@@ -78,11 +83,10 @@ class AdminApi:
                     403, "the admin API is disabled; start the router with --admin-key",
                     None, "admin_disabled",
                 )  # fmt: skip
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode(), self.key.encode()
-            ):
+            address = peer_address(conn)
+            self.failures.check(address)
+            if self._key_check.match(request.headers) is None:
+                self.failures.failed(address)
                 raise RequestError(
                     401, "invalid admin key: send Authorization: Bearer <--admin-key>",
                     None, "invalid_api_key",

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from router.admission import AdmissionConfig
+from router.auth import ENV_ADMIN_KEY, ENV_API_KEY, read_keys
 from router.health import HealthConfig
 from router.policy import POLICIES, CacheAwareOptions, PolicySpec
 from router.registry import RegistryConfig
@@ -14,6 +16,25 @@ from router.resilience import RetryConfig
 from router.workers import endpoint_of
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every option's default, options written without help text too."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and action.option_strings and _shown(action.default):
+            action.help = "(default: %(default)s)"  # argparse lists only actions with help
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "%(default)" in text or not _shown(action.default):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _shown(default: object) -> bool:
+    return default not in (None, False, argparse.SUPPRESS, [], ())
 
 
 @dataclass(frozen=True)
@@ -28,6 +49,9 @@ class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # n x prompts of one request: beyond this a 400, before any work (one request fanning out
+    # into thousands of sequences would take every decode page and time out the rest).
+    max_sequences_per_request: int = 256
     startup_timeout_s: float = 60.0  # how long discovery waits for the workers
     # Policies: --policy sets both roles; unset, prefill is cache_aware and decode least_load
     # (colocated workers use the decode policy, cache_aware by default: they own their cache).
@@ -43,7 +67,12 @@ class RouterConfig:
     retry: RetryConfig = field(default_factory=RetryConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
-    admin_key: str | None = None  # None: no admin API
+    admin_key: str | None = field(default=None, repr=False)  # None: no admin API
+    # The inference API's keys (router.auth); none: open. Never printed.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    rate_limit_rps: float = 0.0  # per key; 0: no limit
+    rate_limit_tpm: float = 0.0  # per key; 0: no limit
+    auth_failures_per_minute: int = 10  # per client address, inference and admin keys
     stream_interval: int = 1  # streamed requests: tokens per message from the worker
     busy_poll_us: float = 0.0  # poll (never sleep) this long after client traffic; 0: off
     # --processes N: N router processes share the port (see router.processes). A child knows
@@ -67,12 +96,30 @@ class RouterConfig:
                 raise ValueError("disaggregated mode needs at least one --prefill and one --decode")
         if self.admin_key is not None and not self.admin_key.strip():
             raise ValueError("--admin-key must not be empty")
+        if self.rate_limit_rps < 0 or self.rate_limit_tpm < 0:
+            raise ValueError(
+                f"--rate-limit-rps and --rate-limit-tpm must be >= 0 (0: no limit), got "
+                f"{self.rate_limit_rps}, {self.rate_limit_tpm}"
+            )
+        if (self.rate_limit_rps or self.rate_limit_tpm) and not self.api_keys:
+            raise ValueError(
+                f"--rate-limit-rps and --rate-limit-tpm are per API key: set {ENV_API_KEY} or "
+                "--api-key-file too"
+            )
+        if self.auth_failures_per_minute < 1:
+            raise ValueError(
+                f"--auth-failures-per-minute must be >= 1, got {self.auth_failures_per_minute}"
+            )
         for url in (*self.workers, *self.prefill, *self.decode):
             endpoint_of(url)  # raises ValueError naming the URL
         if not 0 <= self.port < 65536:
             raise ValueError(f"--port must be in [0, 65535], got {self.port}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"--max-body-bytes must be >= 1024, got {self.max_body_bytes}")
+        if self.max_sequences_per_request < 1:
+            raise ValueError(
+                f"--max-sequences-per-request must be >= 1, got {self.max_sequences_per_request}"
+            )
         if self.startup_timeout_s <= 0:
             raise ValueError(f"--startup-timeout must be > 0, got {self.startup_timeout_s}")
         for flag, name in (
@@ -121,7 +168,9 @@ class RouterConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m router", description="pdserve router: the OpenAI-compatible HTTP front"
+        prog="python -m router",
+        description="pdserve router: the OpenAI-compatible HTTP front",
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--model-path", required=True, help="checkpoint dir (tokenizer, template)")
     p.add_argument("--served-model-name", help="model name clients send (default: workers')")
@@ -152,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0: pick a free port")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    p.add_argument(
+        "--max-sequences-per-request",
+        type=int,
+        default=256,
+        help="most sequences (n x prompts) one request may ask for; more is a 400",
+    )
     p.add_argument(
         "--startup-timeout",
         type=float,
@@ -197,10 +252,32 @@ def build_parser() -> argparse.ArgumentParser:
     HealthConfig.add_args(p)
     RetryConfig.add_args(p)
     AdmissionConfig.add_args(p)
-    p.add_argument(
-        "--admin-key",
-        help="enables /admin/* for clients sending Authorization: Bearer KEY",
+    g = p.add_argument_group("keys and rate limits")
+    g.add_argument(
+        "--api-key-file",
+        help=f"file of inference API keys, one per line (also {ENV_API_KEY}, comma-separated); "
+        "with any, /v1/* and /generate need Authorization: Bearer KEY",
     )
+    g.add_argument(
+        "--admin-key-file",
+        help=f"file holding the admin API's key (or {ENV_ADMIN_KEY}); enables /admin/*",
+    )
+    g.add_argument(
+        "--admin-key",
+        help=f"the admin key itself (visible in ps: prefer {ENV_ADMIN_KEY} or --admin-key-file)",
+    )
+    g.add_argument(
+        "--rate-limit-rps", type=float, default=0.0,
+        help="requests per second per API key (0: no limit)",
+    )  # fmt: skip
+    g.add_argument(
+        "--rate-limit-tpm", type=float, default=0.0,
+        help="prompt + completion tokens per minute per API key (0: no limit)",
+    )  # fmt: skip
+    g.add_argument(
+        "--auth-failures-per-minute", type=int, default=10,
+        help="failed authentications one client address may make per minute before 429s",
+    )  # fmt: skip
     p.add_argument(
         "--stream-interval",
         type=int,
@@ -238,6 +315,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         host=args.host,
         port=args.port,
         max_body_bytes=args.max_body_bytes,
+        max_sequences_per_request=args.max_sequences_per_request,
         startup_timeout_s=args.startup_timeout,
         policy=args.policy,
         prefill_policy=args.prefill_policy,
@@ -250,10 +328,26 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         retry=RetryConfig.from_args(args),
         registry=RegistryConfig.from_args(args),
         admission=AdmissionConfig.from_args(args),
-        admin_key=args.admin_key,
+        admin_key=_admin_key(args),
+        api_keys=read_keys(os.environ.get(ENV_API_KEY), args.api_key_file),
+        rate_limit_rps=args.rate_limit_rps,
+        rate_limit_tpm=args.rate_limit_tpm,
+        auth_failures_per_minute=args.auth_failures_per_minute,
         stream_interval=args.stream_interval,
         busy_poll_us=args.busy_poll_us,
         processes=args.processes,
         process_index=args.process_index,
         control_dir=args.control_dir,
     )
+
+
+def _admin_key(args: argparse.Namespace) -> str | None:
+    """--admin-key, else the first key of --admin-key-file, else PDSERVE_ADMIN_KEY."""
+    if args.admin_key is not None:
+        return str(args.admin_key)
+    keys = read_keys(None, args.admin_key_file) if args.admin_key_file else ()
+    if keys:
+        return keys[0]
+    if args.admin_key_file:
+        raise ValueError(f"--admin-key-file {args.admin_key_file!r} holds no key")
+    return os.environ.get(ENV_ADMIN_KEY) or None

@@ -134,7 +134,10 @@ def event_from_proto(msg: common_pb2.GenerateResponse, endpoint: str) -> WorkerE
             cached_tokens=c.cached_tokens,
         )
     if kind == "error":
-        raise WorkerError(status_code_from_int(msg.error.code), msg.error.message, endpoint)
+        # A decode worker whose prefill worker never delivered names it: the failure is
+        # charged to that worker (its circuit, the retry's `avoid`), not to the messenger.
+        err = msg.error
+        raise WorkerError(status_code_from_int(err.code), err.message, err.peer or endpoint)
     raise WorkerError(grpc.StatusCode.INTERNAL, "empty GenerateResponse", endpoint)
 
 

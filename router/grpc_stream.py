@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from protos import h2
+from protos import cluster_token, h2
 
 STREAM = 1  # the call's stream id: the connection carries this one stream
 
@@ -45,9 +45,12 @@ class StreamCall(h2.Connection):
         parse: Callable[[bytes], Any],
         keepalive_s: float = 10.0,
         connect_timeout_s: float = 10.0,
+        token: str | None = None,
     ) -> None:
+        """``token``: the cluster token to send (``protos.cluster_token``)."""
         super().__init__()
         self.endpoint = endpoint
+        self._token = token
         self._path = path
         self._parse = parse
         self._keepalive_s = keepalive_s
@@ -143,6 +146,8 @@ class StreamCall(h2.Connection):
                 h2.literal(b"user-agent", b"pdserve-router"),
             )
         )
+        if self._token is not None:
+            headers += h2.literal(cluster_token.METADATA_KEY.encode(), self._token.encode())
         self.send(
             h2.PREFACE + self.settings() + h2.frame(h2.HEADERS, h2.END_HEADERS, STREAM, headers)
         )

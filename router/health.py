@@ -11,9 +11,11 @@ import argparse
 import enum
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
+
+from protos import cluster_token
 
 
 class CircuitState(enum.Enum):
@@ -58,6 +60,8 @@ class HealthConfig:
     # --worker-transport: how request sessions reach workers. "native": the router's own
     # gRPC client on the event loop (router.grpc_stream); "grpcio": grpc.aio.
     session_transport: str = "native"
+    # Sent on every call to the workers (protos.cluster_token); None: none. Never printed.
+    cluster_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.session_transport not in TRANSPORTS:
@@ -114,6 +118,11 @@ class HealthConfig:
             help="request sessions to workers: the router's own gRPC client on its event loop "
             "(native), or grpc.aio (grpcio); health checks and the other calls use grpcio",
         )
+        g.add_argument(
+            "--cluster-token-file",
+            help=f"file whose first line is the token every call to the workers carries (or "
+            f"{cluster_token.ENV}); workers given the same refuse calls without it",
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> HealthConfig:
@@ -125,6 +134,7 @@ class HealthConfig:
             success_threshold=args.cb_success_threshold,
             keepalive_s=args.worker_keepalive,
             session_transport=args.worker_transport,
+            cluster_token=cluster_token.load(args.cluster_token_file),
         )
 
     @property

@@ -3,7 +3,8 @@ several apps in one process). Every name the router exports is written here.
 
 Per-worker gauges (health, circuit state, in-flight requests, last load report) are read
 from the pool at scrape time (``watch_workers``), so a worker that leaves the pool leaves no
-stale series behind.
+stale series behind. Once the served model is known (``set_model``), every series is exported
+with a ``model_name`` label, as the workers' are.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class RouterMetrics:
         # directory, which every child's /metrics sums.
         self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         self._watched: list[Collector] = []
+        self.model_name: str | None = None
         self.requests = Counter(
             "pdserve:router_requests",
             "HTTP requests answered, by endpoint and status code.",
@@ -125,12 +127,9 @@ class RouterMetrics:
             ["reason"],
             registry=self.registry,
         )
-        self.registry_up = Gauge(
-            "pdserve:router_registry_up",
-            "1 when the last poll of the Redis worker registry succeeded, else 0.",
-            registry=self.registry,
-            multiprocess_mode="livemin",
-        )
+        # Created by the registry watcher only: without --registry there is no such series
+        # (a 0 would read as "registry down" and fire alerts).
+        self._registry_up: Gauge | None = None
         self.membership = Counter(
             "pdserve:router_worker_membership_changes",
             "Workers added to or removed from the pool, by source and change.",
@@ -138,22 +137,54 @@ class RouterMetrics:
             registry=self.registry,
         )
 
+    def registry_up(self) -> Gauge:
+        """``pdserve:router_registry_up``: 1 when the last poll of the Redis worker registry
+        succeeded, else 0; exported once a registry is configured."""
+        if self._registry_up is None:
+            self._registry_up = Gauge(
+                "pdserve:router_registry_up",
+                "1 when the last poll of the Redis worker registry succeeded, else 0.",
+                registry=self.registry,
+                multiprocess_mode="livemin",
+            )
+        return self._registry_up
+
     def watch_workers(self, workers: Callable[[], Iterable[WorkerSample]]) -> None:
         """Export per-worker gauges read from ``workers()`` at every scrape."""
         collector = _WorkerCollector(workers)
         self._watched.append(collector)
         self.registry.register(collector)
 
+    def set_model(self, name: str) -> None:
+        """Label every exported series with ``model_name=name`` from now on."""
+        self.model_name = name
+
     def render(self) -> bytes:
-        if self.multiprocess_dir is None:
-            return generate_latest(self.registry)
-        # Every process's values, summed (gauges by their multiprocess mode), plus this
-        # process's view of the workers.
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry, self.multiprocess_dir)
-        for collector in self._watched:
-            registry.register(collector)
-        return generate_latest(registry)
+        registry = self.registry
+        if self.multiprocess_dir is not None:
+            # Every process's values, summed (gauges by their multiprocess mode), plus this
+            # process's view of the workers.
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, self.multiprocess_dir)
+            for collector in self._watched:
+                registry.register(collector)
+        if self.model_name is None:
+            return generate_latest(registry)
+        return generate_latest(_Labelled(registry, {"model_name": self.model_name}))
+
+
+class _Labelled(Collector):
+    """Another collector's metrics with constant labels added to every sample."""
+
+    def __init__(self, inner: CollectorRegistry, labels: dict[str, str]) -> None:
+        self._inner = inner
+        self._labels = labels
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._inner.collect():
+            out = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+            out.samples = [s._replace(labels={**self._labels, **s.labels}) for s in metric.samples]
+            yield out
 
 
 @dataclass(frozen=True)

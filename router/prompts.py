@@ -7,7 +7,9 @@ numbers), and chat-template failures (400 naming the template's complaint).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 from engine.tokenizer import Tokenizer
 from router.errors import invalid
@@ -50,15 +52,40 @@ class PromptBuilder:
     def __init__(self, tokenizer: Tokenizer, model: ModelInfo) -> None:
         self.tokenizer = tokenizer
         self.model = model
+        # No token covers more characters than the longest vocabulary entry (a byte-level
+        # entry has a character per byte, and a decoded character is at least one byte), so a
+        # prompt longer than this cannot fit the context whatever it holds: refused before
+        # tokenizing, which for megabytes of text takes seconds and gigabytes.
+        longest = max(
+            (len(tokenizer.id_to_token(i) or "") for i in range(tokenizer.vocab_size)), default=1
+        )
+        self.max_prompt_chars = model.context_length * max(1, longest)
+
+    def check_sizes(self, texts: Iterable[tuple[str, int]]) -> None:
+        """A 400 for a prompt whose characters (``(param, characters)`` pairs) could never
+        fit the context: cheap, so the handler calls it before tokenizing anything."""
+        for param, chars in texts:
+            if chars > self.max_prompt_chars:
+                raise invalid(
+                    f"{param} has {chars} characters; it cannot fit this model's context of "
+                    f"{self.model.context_length} tokens (at most {self.max_prompt_chars} "
+                    "characters)",
+                    param,
+                    "context_length_exceeded",
+                )
 
     def completion(self, request: CompletionRequest) -> list[PreparedPrompt]:
         params = "prompt" if len(request.prompts) == 1 else "prompt[{}]"
+        self.check_sizes(
+            (params.format(i), len(p)) for i, p in enumerate(request.prompts) if isinstance(p, str)
+        )
         return [
             self._prepare(self._ids(p), request.sampling, params.format(i))
             for i, p in enumerate(request.prompts)
         ]
 
     def chat(self, request: ChatRequest) -> PreparedPrompt:
+        self.check_sizes([("messages", _text_size(request.messages))])
         try:
             ids = self.tokenizer.encode_chat(
                 [dict(m) for m in request.messages],
@@ -72,6 +99,8 @@ class PromptBuilder:
 
     def generate(self, request: GenerateRequest) -> PreparedPrompt:
         param = "text" if isinstance(request.prompt, str) else "input_ids"
+        if isinstance(request.prompt, str):
+            self.check_sizes([(param, len(request.prompt))])
         return self._prepare(
             self._ids(request.prompt), request.sampling, param, GENERATE_DEFAULT_MAX_TOKENS
         )
@@ -121,3 +150,18 @@ class PromptBuilder:
             raise invalid(
                 f"{param} has token ids outside the vocabulary [0, {vocab}): {bad[:8]}", param
             )
+
+
+def _text_size(value: Any) -> int:
+    """Characters of every string in a JSON value (the messages of a chat request); iterative,
+    as the value may nest deeply."""
+    size, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            size += len(item)
+        elif isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return size

@@ -276,7 +276,7 @@ class RegistryWatcher:
 
     def _set_up(self, up: bool) -> None:
         if self.pool.metrics is not None:
-            self.pool.metrics.registry_up.set(1 if up else 0)
+            self.pool.metrics.registry_up().set(1 if up else 0)
 
     def start(self) -> None:
         if self._task is None:

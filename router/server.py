@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import itertools
 import logging
-import secrets
+import os
 import time
+import urllib.parse
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -29,6 +29,7 @@ from router import processes
 from router import responses as R
 from router.admin import AdminApi
 from router.admission import Admission, Overloaded
+from router.auth import Authenticator, FailedAttempts, KeyCheck, KeyLimits
 from router.busy_poll import BusyPoll
 from router.choice import ChoiceDecoder, ChoiceDelta, ChoiceSpec, merge, run_choice
 from router.config import RouterConfig
@@ -55,14 +56,15 @@ from router.workers import WorkerPool, load_of
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-# Request ids: a random per-process prefix and a counter, unique across router processes and
-# restarts without a system call per request (uuid4 reads the OS entropy pool each time).
-_ID_PREFIX = secrets.token_hex(6)
-_ID_COUNTER = itertools.count(1)
+
+
+# Request ids: the router process's random prefix (which process served it), then 96 random
+# bits, so that nobody can guess another client's ids (workers accept Abort by id).
+_ID_PREFIX = os.urandom(6).hex()
 
 
 def _new_id(kind: str) -> str:
-    return f"{kind}{_ID_PREFIX}{next(_ID_COUNTER):010x}"
+    return f"{kind}{_ID_PREFIX}{os.urandom(12).hex()}"  # about 0.5 µs
 
 
 # Bodies above this are tokenized off the event loop.
@@ -116,6 +118,7 @@ class Router:
                 await registry.close()
             await pool.close()
             raise
+        metrics.set_model(model.name)
         pool.start_health_checks()
         admission = Admission(
             processes.child_admission(config.admission, config.processes), metrics
@@ -133,9 +136,26 @@ class Router:
         return RequestTally(self.metrics)
 
     @functools.cached_property
+    def failed_auth(self) -> FailedAttempts:
+        return FailedAttempts(self.config.auth_failures_per_minute)
+
+    @functools.cached_property
+    def auth(self) -> Authenticator:
+        c = self.config
+        share = max(1, c.processes)  # --processes N: each enforces 1/N of the limits
+        limits = KeyLimits(c.rate_limit_rps / share, c.rate_limit_tpm / share)
+        return Authenticator(KeyCheck(c.api_keys), limits, self.failed_auth)
+
+    @functools.cached_property
     def admin(self) -> AdminApi:
         c = self.config
-        return AdminApi(self.pool, c.admin_key, processes.peers(c), processes.journal(c))
+        return AdminApi(
+            self.pool,
+            c.admin_key,
+            processes.peers(c),
+            processes.journal(c),
+            failures=self.failed_auth,
+        )
 
     @functools.cached_property
     def builder(self) -> PromptBuilder:
@@ -154,8 +174,11 @@ class RouterServer:
             ("/v1/chat/completions", handlers.chat),
             ("/generate", handlers.generate),
         ):
-            self.routes.add("POST", path, _admitted(router.admission, handler))
-        self.routes.add("GET", "/v1/models", handlers.models)
+            # Keys before a slot: an unauthenticated flood takes no concurrency slots.
+            self.routes.add("POST", path, router.auth.guard(_admitted(router.admission, handler)))
+        self.routes.add("GET", "/v1/models", router.auth.guard(handlers.models))
+        for path in ("/v1/models/{id}", "/v1/models/{org}/{id}"):
+            self.routes.add("GET", path, router.auth.guard(handlers.model))
         self.routes.add("GET", "/health", handlers.health)
         self.routes.add("GET", "/metrics", handlers.metrics)
         router.admin.add_routes(self.routes)
@@ -295,6 +318,7 @@ class _Handlers:
         raw = request.body
         req = parse_completion(_decode_json(raw))
         self._check_model(req.model)
+        self._check_fanout(len(req.prompts), req.n)
         prompts = await self._prepare(raw, lambda b: b.completion(req))
         rid = _new_id("cmpl-")
         specs = [
@@ -313,6 +337,7 @@ class _Handlers:
         raw = request.body
         req = parse_chat(_decode_json(raw))
         self._check_model(req.model)
+        self._check_fanout(1, req.n)
         prompt = await self._prepare(raw, lambda b: b.chat(req))
         rid = _new_id("chatcmpl-")
         specs = [_spec(rid, j, prompt, j, req.stream, self.interval) for j in range(req.n)]
@@ -325,6 +350,7 @@ class _Handlers:
         timer = TokenTimer(self.r.metrics)
         raw = request.body
         req = parse_generate(_decode_json(raw))
+        self._check_fanout(1, req.n)
         prompt = await self._prepare(raw, lambda b: b.generate(req))
         rid = _new_id("")
         specs = [_spec(rid, j, prompt, j, req.stream, self.interval) for j in range(req.n)]
@@ -333,9 +359,20 @@ class _Handlers:
         )
         return await self._respond(conn, specs, renderer, req.stream, timer)
 
-    async def models(self, request: Request, conn: Connection) -> Response:
+    def _check_fanout(self, prompts: int, n: int) -> None:
+        """A 400 naming the limit when the request asks for more sequences than allowed."""
+        limit = self.r.config.max_sequences_per_request
+        if prompts * n > limit:
+            raise invalid(
+                f"this request asks for {prompts * n} sequences ({prompts} prompts x n={n}); "
+                f"at most {limit} per request (--max-sequences-per-request)",
+                "n",
+                "too_many_sequences",
+            )
+
+    def _card(self) -> dict[str, Any]:
         m = self.r.model
-        card = {
+        return {
             "id": m.name,
             "object": "model",
             "created": self.r.created,
@@ -343,7 +380,15 @@ class _Handlers:
             "root": self.r.config.model_path,
             "max_model_len": m.context_length,
         }
-        return _json({"object": "list", "data": [card]})
+
+    async def models(self, request: Request, conn: Connection) -> Response:
+        return _json({"object": "list", "data": [self._card()]})
+
+    async def model(self, request: Request, conn: Connection) -> Response:
+        """``GET /v1/models/{id}`` (an id may hold one ``/``, as ``org/name``): the card, or
+        404 ``model_not_found``."""
+        self._check_model(urllib.parse.unquote("/".join(request.params.values())))
+        return _json(self._card())
 
     async def health(self, request: Request, conn: Connection) -> Response:
         states = await self.r.pool.health()
@@ -407,6 +452,7 @@ class _Handlers:
         def done() -> None:
             usage = renderer.usage()
             self.r.tally.tokens(usage["prompt_tokens"], usage["completion_tokens"])
+            self.r.auth.charge(usage["prompt_tokens"] + usage["completion_tokens"])
             timer.done()
 
         return done

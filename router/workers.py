@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
+from protos import cluster_token, common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from router import dispatch, resilience
 from router.events import WorkerError, WorkerEvent, WorkerRequest
 from router.grpc_stream import StreamCall
@@ -86,6 +86,8 @@ class WorkerInfo:
     vocab_size: int
     fingerprint: str
     session_port: int = 0  # its session listener's; 0: sessions on the main port
+    weights: str = ""  # the weights' identity (part of the fingerprint too); "": not stated
+    instance_id: str = ""  # random per worker process; "": not stated
 
 
 class WorkerClient:
@@ -103,7 +105,8 @@ class WorkerClient:
         self.role = role
         self.source = source
         health = health or HealthConfig()
-        self.channel = grpc.aio.insecure_channel(self.endpoint, options=health.channel_options)
+        self._token = health.cluster_token
+        self.channel = cluster_token.channel(self.endpoint, self._token, health.channel_options)
         self.decode = decode_pb2_grpc.DecodeStub(self.channel)
         self.prefill = prefill_pb2_grpc.PrefillStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
@@ -111,6 +114,13 @@ class WorkerClient:
         self._transport = health.session_transport
         self._keepalive_s = health.keepalive_s
         self.healthy = True  # the last health check said SERVING (members passed GetInfo)
+        self.answered = True  # the last health check got an answer
+        # False from a sign that the process at this address may have changed (its session
+        # broke, it came back from no answer, another instance id) until GetInfo and the
+        # pool's checks pass again: a restarted worker is not trusted blindly.
+        self.verified = True
+        self.on_reconnect: Callable[[WorkerClient], None] | None = None  # set by the pool
+        self._broken_seen: Session[Any, Any] | None = None  # the broken session reported
         self.draining = False  # takes no new requests
         self.leave_when_idle = False  # drained by the admin API: leaves at in_flight == 0
         self.in_flight = 0
@@ -124,8 +134,9 @@ class WorkerClient:
 
     @property
     def usable(self) -> bool:
-        """Whether new requests may go here: healthy, circuit not open, not draining."""
-        return self.healthy and not self.draining and self.breaker.allows()
+        """Whether new requests may go here: healthy, verified, circuit not open, not
+        draining."""
+        return self.healthy and self.verified and not self.draining and self.breaker.allows()
 
     @property
     def load(self) -> WorkerLoad:
@@ -157,6 +168,8 @@ class WorkerClient:
             vocab_size=msg.vocab_size,
             fingerprint=msg.layout.fingerprint,
             session_port=msg.session_port,
+            weights=msg.layout.weights,
+            instance_id=msg.instance_id,
         )
 
     async def check_health(self, timeout_s: float = 1.0) -> bool | None:
@@ -211,6 +224,7 @@ class WorkerClient:
             "source": self.source,
             "model": self.info.model if self.info else None,
             "health": "healthy" if self.healthy else "unhealthy",
+            "verified": self.verified,
             "circuit": self.breaker.state.value,
             "usable": self.usable,
             "in_flight": self.in_flight,
@@ -232,6 +246,19 @@ class WorkerClient:
         """The session every request to this worker rides (a new one once broken):
         ``Prefill.Session`` for a prefill worker, else ``Decode.Session``."""
         session = self._session
+        if session is not None and session.broken and self.on_reconnect is not None:
+            if self._broken_seen is not session:
+                # The worker may come back as another process: nothing goes to it before
+                # the pool has read and checked its identity again.
+                self._broken_seen = session
+                self.verified = False
+                self.on_reconnect(self)
+            if not self.verified:
+                raise WorkerError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"worker {self.endpoint} is reconnecting; its identity is being re-checked",
+                    self.endpoint,
+                )
         if session is None or session.broken:
             call = self._call
             if isinstance(call, StreamCall) and not call.reached and self._refresh is None:
@@ -241,7 +268,10 @@ class WorkerClient:
                 self._refresh = asyncio.ensure_future(self._find_listener())
             kind = PREFILL if self.role == ROLE_PREFILL else DECODE
             if self._transport == "native":
-                call = StreamCall(self.session_endpoint, kind.path, kind.parse, self._keepalive_s)
+                call = StreamCall(
+                    self.session_endpoint, kind.path, kind.parse, self._keepalive_s,
+                    token=self._token,
+                )  # fmt: skip
             elif kind is PREFILL:
                 call = self.prefill.Session()
             else:
@@ -341,6 +371,8 @@ class WorkerPool:
         self._background: set[asyncio.Task[None]] = set()
         self._checker: asyncio.Task[None] | None = None
         self._admitting: set[str] = set()
+        self._verifying: set[str] = set()  # members whose identity is being re-read
+        self._refusals: dict[str, str] = {}  # why a reconnected member stays out (logged once)
         if metrics is not None:
             metrics.watch_workers(lambda: [w.sample() for w in self._members.values()])
 
@@ -427,6 +459,7 @@ class WorkerPool:
 
     def _add(self, client: WorkerClient, info: WorkerInfo) -> None:
         client.info = info
+        client.on_reconnect = self._unverified
         self._members[client.endpoint] = client
         if self.metrics is not None:
             self.metrics.membership.labels(client.source, "added").inc()
@@ -475,6 +508,39 @@ class WorkerPool:
             )
         return info
 
+    def _unverified(self, worker: WorkerClient) -> None:
+        worker.verified = False
+        self.spawn(self._reverify(worker))
+
+    async def _reverify(self, worker: WorkerClient) -> None:
+        """Read a member's identity again and check it as at admission: model, weights,
+        context length, layout fingerprint. It takes requests again only if all still hold;
+        otherwise it stays out (logged once per reason) and the next health round tries
+        again."""
+        if worker.endpoint in self._verifying:
+            return
+        self._verifying.add(worker.endpoint)
+        try:
+            info = await self._get_info(worker, self.health_config.check_timeout_s * 5)
+            self._check_compatible(info)
+        except WorkerUnreachable:
+            return  # not back yet
+        except WorkerRefused as exc:
+            reason = str(exc)
+            if self._refusals.get(worker.endpoint) != reason:
+                self._refusals[worker.endpoint] = reason
+                log.warning("worker %s stays out of the pool after reconnecting: %s",
+                            worker.endpoint, reason)  # fmt: skip
+            return
+        finally:
+            self._verifying.discard(worker.endpoint)
+        if worker.info is not None and info.instance_id != worker.info.instance_id:
+            log.info("worker %s restarted (instance %s); identity re-checked", worker.endpoint,
+                     info.instance_id or "?")  # fmt: skip
+        self._refusals.pop(worker.endpoint, None)
+        worker.info = info
+        worker.verified = True
+
     def _check_compatible(self, info: WorkerInfo) -> None:
         """WorkerRefused naming both values when ``info`` cannot serve beside the members."""
         ref = self._reference
@@ -483,6 +549,11 @@ class WorkerPool:
                 f"workers serve different models: {ref.endpoint} has {ref.model!r} "
                 f"(vocab {ref.vocab_size}) but {info.endpoint} has {info.model!r} "
                 f"(vocab {info.vocab_size})"
+            )
+        if ref is not None and ref.weights and info.weights and info.weights != ref.weights:
+            raise WorkerRefused(
+                f"workers serve different weights: {ref.endpoint} has {ref.weights!r} but "
+                f"{info.endpoint} has {info.weights!r}"
             )
         layout = self._layout
         if (
@@ -574,7 +645,9 @@ class WorkerPool:
                     self.metrics.worker_errors.labels(
                         worker.endpoint, worker.role, error.grpc_code.name
                     ).inc()
-                if error.grpc_code in BREAKER_FAILURES:
+                # A worker being re-checked takes nothing (its attempts fail on purpose): the
+                # check decides about it, not its breaker.
+                if error.grpc_code in BREAKER_FAILURES and worker.verified:
                     self._failed(worker, f"{error.grpc_code.name}: {error.message}")
 
     def _failed(self, worker: WorkerClient, why: str) -> None:
@@ -643,7 +716,11 @@ class WorkerPool:
         timeout = self.health_config.check_timeout_s
         serving = await worker.check_health(timeout)
         was = worker.healthy
+        answered_before = worker.answered
+        worker.answered = serving is not None
         worker.healthy = bool(serving)
+        if serving is not None and not answered_before:
+            self._unverified(worker)  # back from silence: perhaps another process
         if serving is None:
             self._failed(worker, "health check got no answer")
         elif serving:
@@ -654,6 +731,12 @@ class WorkerPool:
                         worker.endpoint, "healthy" if serving else "unhealthy", state)  # fmt: skip
         if serving is not None:
             await worker.poll_load(timeout)
+            known = worker.info.instance_id if worker.info is not None else ""
+            seen = worker.report.instance_id if worker.report is not None else ""
+            if known and seen and seen != known and worker.verified:
+                self._unverified(worker)
+        if not worker.verified and serving:
+            self.spawn(self._reverify(worker))
 
     async def health(self) -> dict[str, bool]:
         """``{endpoint: serving}`` for every member, checked now, concurrently."""
@@ -665,7 +748,13 @@ class WorkerPool:
         """Whether a route exists among the members ``health`` says are serving."""
 
         def any_of(role: str) -> bool:
-            return any(health.get(w.endpoint) for w in self.members(role) if not w.draining)
+            # Serving is not enough: a worker whose circuit is open, or that is being
+            # re-checked, takes no requests either, and /health must say so.
+            return any(
+                health.get(w.endpoint) and w.breaker.allows() and w.verified
+                for w in self.members(role)
+                if not w.draining
+            )
 
         return (any_of(ROLE_PREFILL) and any_of(ROLE_DECODE)) or any_of(ROLE_COLOCATED)
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import os
-
-# The Triton kernel tests run on the CPU under Triton's interpreter, which triton picks when it
-# is imported; transformers' model code imports triton while the test modules are collected,
-# so a test module setting this itself would be too late. (TRITON_INTERPRET=0 overrides.)
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton kernels run on CPU tensors under Triton's interpreter; it must be chosen before Triton
+# is first imported. On a CUDA host the kernels run compiled.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from engine.testing.tiny_models import write_tiny_models
 

@@ -20,7 +20,14 @@ class AttentionBackend(ABC):
     every new query to its own sequence's context (cached prefix plus new tokens, causal) and
     returns `[T, Hq, D]`. `forward_mla` is the same for multi-head latent attention, in its
     weight-absorbed form (see its docstring); a model uses one of the two.
+
+    `graph_safe`: a decode step through this backend may be captured in a CUDA graph. Such a
+    backend's `prepare` of a decode batch runs device operations only, whose shapes depend on
+    nothing but the batch size and `batch.max_seq_len` (the capture's bound), so the runner
+    captures `prepare` and the forward pass together and replays them with new inputs.
     """
+
+    graph_safe: bool = False
 
     @abstractmethod
     def prepare(self, batch: ForwardBatch) -> None: ...
@@ -80,7 +87,7 @@ class TorchAttentionBackend(AttentionBackend):
         starts = torch.cumsum(batch.extend_lens, 0) - batch.extend_lens  # [B]
         q_valid = i < batch.extend_lens[:, None]
         q_index = torch.where(q_valid, starts[:, None] + i, torch.zeros_like(i))
-        kv_slots = batch.page_table.gather(1, (j // page_size).expand(batch.batch_size, -1))
+        kv_slots = batch.sequence_pages().gather(1, (j // page_size).expand(batch.batch_size, -1))
         kv_slots = kv_slots * page_size + j % page_size
         # Query i of sequence b sits at position prefix_b + i and sees keys 0..prefix_b + i.
         mask = j[:, None, :] <= (batch.prefix_lens[:, None] + i)[:, :, None]  # [B, N, L]
@@ -143,3 +150,17 @@ def _attend(
         qp, k, v, attn_mask=layout.mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )
     return out.transpose(1, 2).flatten(0, 1)[layout.out_index]
+
+
+def make_attention_backend(name: str, device_kind: str, is_mla: bool) -> AttentionBackend:
+    """The backend `name` (`auto`: Triton on CUDA, else torch).
+
+    Triton is imported only here and only when chosen, so hosts without it run the torch path.
+    """
+    if name == "auto":
+        name = "triton" if device_kind == "cuda" else "torch"
+    if name == "torch":
+        return TorchAttentionBackend()
+    from engine.layers.triton_attention import TritonAttentionBackend
+
+    return TritonAttentionBackend(mla=is_mla)

@@ -80,6 +80,7 @@ class MoEBackend(ABC):
     """
 
     name: str
+    graph_safe = True  # no host sync: a CUDA graph can capture it
 
     def select_experts(
         self, router_logits: torch.Tensor, top_k: int, renormalize: bool
@@ -120,6 +121,8 @@ class MoEBackend(ABC):
 class TorchMoEBackend(MoEBackend):
     """The reference: one pair of matmuls per expert that has tokens. It reads the per-expert
     counts on the host (one sync per layer), so it cannot be captured in a graph."""
+
+    graph_safe = False
 
     name = "torch"
 
@@ -240,6 +243,11 @@ class FusedExperts(nn.Module):
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.backend: MoEBackend = backend or TorchMoEBackend()
+
+    @property
+    def graph_safe(self) -> bool:
+        """Whether a CUDA graph can capture this layer (ModelRunner asks every module)."""
+        return self.backend.graph_safe
 
     def forward(
         self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor

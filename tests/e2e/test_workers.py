@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -202,6 +203,25 @@ def test_bad_input_is_invalid_argument_and_worker_survives(colocated: str) -> No
     asyncio.run(main())
 
 
+def test_prefill_refuses_bad_sampling_with_invalid_argument(pair: tuple[str, str]) -> None:
+    """A prefill request whose sampling parameters are invalid is refused as such (not as an
+    internal error of the failure accounting), and the worker serves on."""
+    prefill, decode = pair
+
+    async def main() -> None:
+        req = request("bad-temp", [1, 2, 3])
+        req.sampling.temperature = -1.0
+        async with grpc.aio.insecure_channel(prefill) as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await prefill_pb2_grpc.PrefillStub(ch).Prefill(
+                    prefill_pb2.PrefillRequest(request=req, transfer_id=11)
+                )
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, info.value
+        assert await run_disaggregated(prefill, decode, request("ok", [1, 2, 3]))
+
+    asyncio.run(main())
+
+
 def test_layout_mismatch_refuses_to_pair(model_dir: Path, pair: tuple[str, str]) -> None:
     prefill, _ = pair
     with worker("decode", model_dir, "--page-size", "4") as (_, decode):
@@ -282,33 +302,60 @@ def test_mla_compressed_pages_transfer(tiny_models: dict[str, Path]) -> None:
 
 
 def test_transfer_metrics(model_dir: Path) -> None:
-    """The prefill worker counts the KV bytes it writes, on its /metrics."""
+    """Both workers export the hand-off's metrics on /metrics, labelled by model, role and
+    worker: bytes, latency and speed of the KV write, the generated tokens, hand-off queues
+    back at zero, and a destination the prefill worker never takes counted as a failed
+    bootstrap."""
     from tests.e2e.test_expert_parallel_workers import scrape
+
+    def value(samples: dict[str, float], name: str) -> float:
+        return next(v for k, v in samples.items() if k.startswith(name + "{"))
 
     with (
         worker("prefill", model_dir) as (prefill_child, prefill),
         worker("decode", model_dir) as (decode_child, decode),
     ):
-        assert asyncio.run(run_disaggregated(prefill, decode, request("m1", [1, 2, 3, 4])))
+        tokens = asyncio.run(run_disaggregated(prefill, decode, request("m1", [1, 2, 3, 4])))
+        assert tokens
         samples = scrape(prefill_child.ready)
-        sent = next(
-            v for k, v in samples.items() if k.startswith("pdserve:kv_transfer_bytes_total")
-        )
-        assert sent > 0
-        done = next(
-            v for k, v in samples.items() if k.startswith("pdserve:kv_transfer_seconds_count")
-        )
-        assert done == 1
-        deadline = time.monotonic() + 5  # gauges refresh once a second
+        labels = f'model_name="{model_dir.name}",role="prefill",worker="{prefill}"'
+        assert f"pdserve:kv_transfer_bytes_total{{{labels}}}" in samples
+        assert value(samples, "pdserve:kv_transfer_bytes_total") > 0
+        assert value(samples, "pdserve:kv_transfer_latency_seconds_count") == 1
+        assert value(samples, "pdserve:kv_transfer_speed_gb_s") > 0
+        for name in ("prefill_bootstrap_queue_requests", "prefill_inflight_queue_requests",
+                     "kv_transfer_failures_total", "kv_bootstrap_failures_total"):  # fmt: skip
+            assert value(samples, "pdserve:" + name) == 0, name
+
+        # A destination handed to a prefill worker that is not there: a failed bootstrap.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            nobody = f"127.0.0.1:{s.getsockname()[1]}"
+
+        async def orphan() -> None:
+            async with grpc.aio.insecure_channel(decode) as ch:
+                req = decode_pb2.DecodeRequest(
+                    request=request("m2", [5, 6, 7]), transfer_id=7, prefill_endpoint=nobody
+                )
+                with pytest.raises(grpc.aio.AioRpcError):
+                    _ = [r async for r in decode_pb2_grpc.DecodeStub(ch).Generate(req)]
+            await wait_pages_free(decode)
+
+        asyncio.run(orphan())
+        deadline = time.monotonic() + 5  # engine gauges refresh once a second
         while True:
             decode_samples = scrape(decode_child.ready)
-            total = next(
-                v for k, v in decode_samples.items() if k.startswith("pdserve:kv_pages_total")
-            )
-            if total > 0 or time.monotonic() > deadline:
+            generated = value(decode_samples, "pdserve:worker_generated_tokens_total")
+            if generated == len(tokens) or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
-        assert total > 0
+        assert generated == len(tokens)
+        assert value(decode_samples, "pdserve:kv_pages_total") > 0
+        assert value(decode_samples, "pdserve:kv_page_usage_ratio") == 0
+        assert value(decode_samples, "pdserve:kv_bootstrap_failures_total") == 1
+        assert value(decode_samples, "pdserve:decode_prealloc_queue_requests") == 0
+        assert value(decode_samples, "pdserve:decode_transfer_queue_requests") == 0
+        assert value(decode_samples, "pdserve:num_preemptions_total") == 0
 
 
 def test_sigterm_drains_in_flight_requests(model_dir: Path) -> None:

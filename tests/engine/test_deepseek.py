@@ -302,10 +302,12 @@ def test_mla_cache_holds_latent_and_rope_key(tiny_models: dict[str, Path]) -> No
     cache = engine.runner.kv_cache
     # K: the latent c_kv (kv_lora_rank 16); V: the rope key k_pe (qk_rope_head_dim 8); one head.
     assert (cache.num_kv_heads, cache.k_dim, cache.v_dim) == (1, 16, 8)
-    assert all(k.shape == (8, 16, 1, 16) for k in cache.k) and len(cache.k) == 3
-    assert all(v.shape == (8, 16, 1, 8) for v in cache.v) and len(cache.v) == 3
+    # 8 pages for requests plus the scratch page at the end.
+    assert cache.num_pages == 8 and cache.scratch_page == 8
+    assert all(k.shape == (9, 16, 1, 16) for k in cache.k) and len(cache.k) == 3
+    assert all(v.shape == (9, 16, 1, 8) for v in cache.v) and len(cache.v) == 3
     assert (cache.k_page_bytes, cache.v_page_bytes) == (16 * 16 * 4, 16 * 8 * 4)
-    assert cache.total_bytes == 3 * 8 * (1024 + 512)
+    assert cache.total_bytes == 3 * 9 * (1024 + 512)
     with pytest.raises(ValueError, match="k_dim=16, v_dim=8"):
         _ = cache.head_dim
     with pytest.raises(ValueError, match="use k_page_bytes and v_page_bytes"):

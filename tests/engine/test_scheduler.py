@@ -171,3 +171,19 @@ def test_bad_requests_are_refused_with_the_limit() -> None:
     s.add(seq("ok", [1, 2]))
     with pytest.raises(ValueError, match="already in use"):
         s.add(seq("ok", [1, 2]))
+
+
+def test_quarantined_transfer_keeps_its_pages_until_released() -> None:
+    """A request given up on while a peer may still write its pages: the request id is free
+    at once, the pages only on release (exactly once)."""
+    s = make_scheduler(cache=False)
+    pages = s.add_transferring(seq("q", list(range(1, 11))))
+    assert s.quarantine("q", key=77)
+    assert not s.has_unfinished() and "q" not in s.transferring
+    assert s.pages.pool.num_free == 32 - len(pages)
+    s.add_transferring(seq("q", list(range(1, 11))))  # the id may be used again
+    assert s.pages.pool.num_free == 32 - 2 * len(pages)
+    assert s.abort("q") is not None
+    assert s.release_quarantined(77) and not s.release_quarantined(77)
+    assert s.pages.pool.num_free == 32
+    assert not s.quarantine("unknown", key=1)

@@ -115,3 +115,14 @@ def test_descriptor_validates_lengths() -> None:
         KVPoolDescriptor(LAYOUT, (4096,), (8192, 12288), num_pages=4)
     with pytest.raises(ValueError, match="num_pages"):
         KVPoolDescriptor(LAYOUT, (4096, 8192), (12288, 16384), num_pages=0)
+
+
+def test_weights_identity_is_part_of_the_fingerprint() -> None:
+    """Issue 20, bug 5: KV computed with other weights is other KV."""
+    a = KVLayout(
+        "m", "float32", page_size=4, num_layers=2, num_kv_heads=2, head_dim=8, weights="w1"
+    )
+    b = dataclasses.replace(a, weights="w2")
+    assert a.fingerprint != b.fingerprint
+    with pytest.raises(LayoutMismatchError, match="weights 'w1' \\(prefill\\) vs 'w2'"):
+        check_compatible(a, b, local_label="prefill", remote_label="decode")

@@ -19,7 +19,7 @@ def test_check_names_the_operation_and_code() -> None:
 
 def test_unknown_backend_lists_known_ones() -> None:
     with pytest.raises(
-        ValueError, match="unknown transfer backend 'nixl'; known backends: mooncake"
+        ValueError, match="unknown transfer backend 'nixl'; known backends: cuda_ipc, mooncake"
     ):
         create_transfer_engine("nixl")
 
@@ -31,3 +31,23 @@ def test_missing_mooncake_names_the_packages(monkeypatch: pytest.MonkeyPatch) ->
     message = str(info.value)
     for name in ("mooncake-transfer-engine", "mooncake-transfer-engine-non-cuda", "libibverbs1"):
         assert name in message
+
+
+def test_mooncake_starts_quietly() -> None:
+    """Issue 20: Mooncake's harmless start-up lines (glog's setup note, no RDMA device, ...)
+    are held back; what else it writes would still show."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("mooncake.engine")
+    code = (
+        "import sys; from kv_transfer import create_transfer_engine; "
+        "create_transfer_engine(); print('after', file=sys.stderr)"
+    )
+    env = {**os.environ, "MC_LOG_LEVEL": "WARNING"}  # as workers set it (configure_mooncake)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip() == "after", proc.stderr

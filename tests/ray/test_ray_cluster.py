@@ -26,6 +26,7 @@ MODEL = "qwen3-moe"
 MAX_NEW = 16
 PDSERVE = [sys.executable, "-m", "cluster.cli"]
 RAY = str(Path(sys.executable).parent / "ray")
+CONTROLLER: dict[str, str] = {}  # "metrics": the controller's /metrics and /targets base URL
 
 
 def run(*args: str, timeout: float = 300) -> str:
@@ -63,7 +64,8 @@ def cluster(
     tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("ray")
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
+    CONTROLLER["metrics"] = f"http://127.0.0.1:{metrics_port}"
     spec = tmp / "spec.yaml"
     spec.write_text(
         f"""
@@ -77,6 +79,7 @@ router:
 prefill: {{replicas: 2, device: CPU}}
 decode: {{instances: 2, ep_size: 2, device: CPU}}
 redis: {{address: embedded}}
+metrics: {{port: {metrics_port}}}
 """
     )
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
@@ -174,6 +177,20 @@ def test_kills_lose_no_request(cluster: str, expected: dict[tuple[int, ...], lis
     print("\nrecovery:", {n: r.get("last_recovery_s") for n, r in restarted.items()})
     assert any(r["role"] == "prefill" for r in restarted.values()), rows
     assert any(r["role"] == "decode" for r in restarted.values()), rows
+    # The controller exports the restarts, and where every worker's /metrics now is.
+    with urllib.request.urlopen(CONTROLLER["metrics"] + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    for name, row in restarted.items():
+        line = f'pdserve:worker_restarts_total{{group="{name}",role="{row["role"]}"}}'
+        assert f"{line} {float(row['restarts'])}" in text, text
+    with urllib.request.urlopen(CONTROLLER["metrics"] + "/targets", timeout=10) as resp:
+        targets = json.loads(resp.read())
+    roles = sorted(t["labels"]["pdserve_role"] for t in targets)
+    assert roles == ["decode", "decode", "prefill", "prefill", "router"], targets
+    for target in targets:  # each one answers with its metrics
+        [address] = target["targets"]
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as resp:
+            assert b"pdserve:" in resp.read()
     # The restarted workers serve again.
     for prompt, tokens in list(expected.items())[:4]:
         assert generate(cluster, list(prompt)) == tokens

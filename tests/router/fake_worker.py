@@ -41,12 +41,16 @@ class Failure:
 class FakeWorker:
     role: str = "null"
     reply: Callable[[list[int]], list[int]] = lambda prompt: [65, 66, 67]
-    token_delay_s: float = 0.0
+    token_delay_s: float = 0.0  # decode: before each token; prefill: before answering
+    transfer_timeout_s: float = 5.0  # decode: how long to wait for the prefill's transfer
     fail: Failure | None = None
     model: str = "tiny"
     context_length: int = 64
     vocab_size: int = 512
     fingerprint: str = "fp-1"
+    weights: str = "w-1"
+    instance_id: str = "fake-1"
+    port: int = 0  # the gRPC port to bind (0: pick one); a restart at the same address
     requests: list[common_pb2.GenerateRequest] = field(default_factory=list)
     transfer_ids: list[int] = field(default_factory=list)
     prefill_endpoints: list[str] = field(default_factory=list)
@@ -69,7 +73,7 @@ class FakeWorker:
             decode_pb2_grpc.add_DecodeServicer_to_server(_Decode(self), server)
         self._health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        port = server.add_insecure_port("127.0.0.1:0")
+        port = server.add_insecure_port(f"127.0.0.1:{self.port}")
         await server.start()
         if self.session_listener:
             await self.start_listener()
@@ -118,8 +122,11 @@ class FakeWorker:
             model=self.model,
             context_length=self.context_length,
             vocab_size=self.vocab_size,
-            layout=common_pb2.KVLayout(model=self.model, fingerprint=self.fingerprint),
+            layout=common_pb2.KVLayout(
+                model=self.model, fingerprint=self.fingerprint, weights=self.weights
+            ),
             session_port=self.session_port,
+            instance_id=self.instance_id,
         )
 
     def load(self) -> common_pb2.LoadReport:
@@ -127,6 +134,7 @@ class FakeWorker:
             num_running=self.running,
             num_free_pages=PAGES - self.running,
             num_total_pages=PAGES,
+            instance_id=self.instance_id,
         )
 
     def script(self, req: common_pb2.GenerateRequest) -> tuple[list[int], common_pb2.FinishReason]:
@@ -152,9 +160,10 @@ def _logprobs(token: int, s: common_pb2.SamplingParams) -> list[common_pb2.Token
 class Injected(Exception):
     """A scripted failure: the request ends with ``code``."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, peer: str = "") -> None:
         super().__init__(message)
         self.code = code
+        self.peer = peer  # the worker to blame, as decode_worker.convert.PeerFailure
 
 
 def _failure(request_id: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -216,9 +225,13 @@ class _Decode(decode_pb2_grpc.DecodeServicer):
             if request.transfer_id:
                 event = TRANSFERS.setdefault(request.transfer_id, asyncio.Event())
                 try:
-                    await asyncio.wait_for(event.wait(), 5.0)
+                    await asyncio.wait_for(event.wait(), w.transfer_timeout_s)
                 except TimeoutError:
-                    raise Injected(grpc.StatusCode.UNAVAILABLE, "transfer timed out") from None
+                    # As the real decode worker: the prefill worker that never delivered is
+                    # to blame.
+                    raise Injected(
+                        grpc.StatusCode.UNAVAILABLE, "transfer timed out", request.prefill_endpoint
+                    ) from None
             tokens, reason = w.script(req)
             for i, token in enumerate(tokens):
                 if w.fail is not None and i == w.fail.after_tokens:

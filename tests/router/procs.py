@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -110,7 +111,8 @@ def wait_until(condition: Any, timeout_s: float, what: str) -> float:
 
 
 def metric(url: str, line_prefix: str) -> float:
-    """The value of the first /metrics line starting with ``line_prefix`` (0 if none)."""
+    """The value of the first /metrics line starting with ``line_prefix`` (0 if none), read
+    without the ``model_name`` label every router series carries."""
     split = urlsplit(url)
     conn = http.client.HTTPConnection(split.hostname or "", split.port, timeout=10)
     try:
@@ -119,6 +121,8 @@ def metric(url: str, line_prefix: str) -> float:
     finally:
         conn.close()
     for line in text.splitlines():
+        line = re.sub(r'(?<=[{,])model_name="[^"]*",?', "", line)
+        line = line.replace(",}", "}").replace("{} ", " ")
         if line.startswith(line_prefix):
             return float(line.rsplit(" ", 1)[1])
     return 0.0

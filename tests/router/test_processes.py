@@ -83,7 +83,8 @@ def test_processes_share_port_metrics_and_admin(model_dir: Path, tokenizer: Toke
                     async with http.get(url + "/metrics") as resp:
                         text = await resp.text()
                     assert (
-                        'pdserve:router_requests_total{endpoint="/v1/completions",status="200"} '
+                        'pdserve:router_requests_total{endpoint="/v1/completions",'
+                        'model_name="tiny",status="200"} '
                         "24.0" in text
                     )
                 # An admin change made through one process is in every process.

@@ -354,6 +354,40 @@ def test_context_length_checks(builder: PromptBuilder) -> None:
     assert gen.sampling.max_tokens == 30
 
 
+def test_prompt_too_long_to_fit_is_refused_before_tokenizing(
+    builder: PromptBuilder, tokenizer: Tokenizer
+) -> None:
+    """Issue 20, bug 4: more characters than the context could hold even at the longest
+    vocabulary entry per token is a 400 naming both numbers, without tokenizing."""
+    limit = builder.max_prompt_chars
+    longest = max(len(tokenizer.id_to_token(i) or "") for i in range(tokenizer.vocab_size))
+    assert limit == 32 * longest
+    long_ = "x" * (limit + 1)
+    parts = [{"role": "user", "content": [{"type": "text", "text": "x" * limit}]}]
+    cases: list[tuple[Any, dict[str, Any], str]] = [
+        (lambda b: builder.completion(parse_completion(b)), completion(prompt=long_), "prompt"),
+        (
+            lambda b: builder.completion(parse_completion(b)),
+            completion(prompt=["a", long_]),
+            "prompt[1]",
+        ),
+        (lambda b: builder.generate(parse_generate(b)), {"text": long_}, "text"),
+        (lambda b: builder.chat(parse_chat(b)), chat(messages=parts), "messages"),
+    ]
+    for call, body, param in cases:
+        chars = "characters" if param == "messages" else f"{limit + 1} characters"
+        err = expect_error(call, body, param, chars, f"at most {limit}")
+        assert err.code == "context_length_exceeded"
+    # Within the character bound the token check decides, as before.
+    err = expect_error(
+        lambda b: builder.completion(parse_completion(b)),
+        completion(prompt="ab " * 40),
+        "prompt",
+        "tokens",
+    )
+    assert "characters" not in err.message
+
+
 def test_vocab_and_empty_checks(builder: PromptBuilder) -> None:
     expect_error(
         lambda b: builder.completion(parse_completion(b)),

@@ -172,7 +172,7 @@ def test_registry_membership_with_fakes(
         for _ in range(2):
             assert (await r.post("/generate", request))[0] == 200
         async with r.http.get(r.url + "/metrics") as resp:
-            assert "pdserve:router_registry_up 0.0" in await resp.text()
+            assert 'pdserve:router_registry_up{model_name="tiny"} 0.0' in await resp.text()
         # Redis back, empty: only b re-registers. a stays through the grace, then leaves.
         redis_server.start()
         start = time.monotonic()

@@ -269,7 +269,9 @@ def test_colocated_migration_mid_stream(model_dir: Path) -> None:
             assert dying.aborts == []
             async with r.http.get(r.url + "/metrics") as resp:
                 text = await resp.text()
-            assert 'pdserve:router_migrations_total{code="UNAVAILABLE"} 1.0' in text
+            assert (
+                'pdserve:router_migrations_total{code="UNAVAILABLE",model_name="tiny"} 1.0' in text
+            )
 
     run(body())
 
@@ -355,10 +357,100 @@ def test_circuit_opens_excludes_and_recovers(model_dir: Path) -> None:
             async with r.http.get(r.url + "/metrics") as resp:
                 text = await resp.text()
             assert (
-                f'pdserve:router_worker_healthy{{role="null",worker="{flaky.endpoint}"}} 1.0'
-                in text
+                'pdserve:router_worker_healthy{model_name="tiny",role="null",'
+                f'worker="{flaky.endpoint}"}} 1.0' in text
             )
             assert "pdserve:router_retries_total" in text
+
+    run(body())
+
+
+def test_health_is_unavailable_while_no_circuit_is_closed(model_dir: Path) -> None:
+    """/health said ok while the only worker's circuit was open and every request got 503."""
+    flaky = FakeWorker(fail=Failure(grpc.StatusCode.UNAVAILABLE, after_tokens=-1))
+
+    async def body() -> None:
+        async with router_for(
+            model_dir, workers=(flaky,), health=HealthConfig(check_interval_s=0.1)
+        ) as r:
+            for _ in range(3):
+                assert (await r.post("/generate", native(3)))[0] == 503
+            async with r.http.get(r.url + "/health") as resp:
+                assert resp.status == 503
+                assert (await resp.json())["status"] == "unavailable"
+
+    run(body())
+
+
+def test_a_hung_prefill_worker_is_blamed_not_its_decode_worker(model_dir: Path) -> None:
+    """Issue 20, bug 2: the decode worker reports that the KV never came, naming the prefill
+    worker; the router charges that worker. The one decode worker's circuit stays closed, so
+    no request gets a 503."""
+    hung = FakeWorker(role="prefill", token_delay_s=60)
+    good = FakeWorker(role="prefill")
+    decode = FakeWorker(role="decode", transfer_timeout_s=0.2)
+
+    async def body() -> None:
+        async with router_for(
+            model_dir,
+            prefill=(hung, good),
+            decode=(decode,),
+            policy="round_robin",
+            health=HealthConfig(check_interval_s=0.1, open_timeout_s=30),
+            admin_key="k",
+        ) as r:
+            for _ in range(8):
+                status, _ = await r.post("/generate", native(3))
+                assert status == 200  # retried on the good prefill worker
+            workers = await admin_workers(r)
+            assert workers[decode.endpoint]["circuit"] == "closed"
+            assert workers[hung.endpoint]["circuit"] == "open"
+            assert workers[good.endpoint]["circuit"] == "closed"
+
+    run(body())
+
+
+def test_a_worker_restarted_as_something_else_is_kept_out(model_dir: Path) -> None:
+    """Issue 20, bug 5: a static worker restarted on its address is re-read before it gets
+    anything: with a smaller context or other weights it stays out (with the reason on
+    the admin API's view and in the log); back as it was, it serves again."""
+    steady = FakeWorker(reply=positional)
+    changing = FakeWorker(reply=positional)
+
+    async def restart(**identity: Any) -> FakeWorker:
+        port = int(changing.endpoint.rpartition(":")[2])
+        await changing.stop()
+        fresh = FakeWorker(reply=positional, port=port, **identity)
+        await fresh.start()
+        return fresh
+
+    async def body() -> None:
+        nonlocal changing
+        async with router_for(
+            model_dir,
+            workers=(steady, changing),
+            policy="round_robin",
+            health=HealthConfig(check_interval_s=0.1),
+            admin_key="k",
+        ) as r:
+            for _ in range(4):
+                assert (await r.post("/generate", native(3)))[0] == 200
+            assert len(changing.requests) > 0
+            for identity in ({"context_length": 32}, {"weights": "w-2"}):
+                changing = await restart(instance_id=f"fake-{identity}", **identity)
+                await asyncio.sleep(0.5)  # a few health rounds: it answers, it is re-read
+                for _ in range(6):
+                    assert (await r.post("/generate", native(3)))[0] == 200
+                reached = [r.request_id for r in changing.requests]
+                assert not reached, f"{identity}: requests reached the restarted worker"
+                view = (await admin_workers(r))[changing.endpoint]
+                assert view["verified"] is False and not view["usable"]
+            changing = await restart(instance_id="fake-3")  # as it was
+            await until(r, changing.endpoint, "verified", True)
+            for _ in range(4):
+                assert (await r.post("/generate", native(3)))[0] == 200
+            assert len(changing.requests) > 0, "the worker back as it was got nothing"
+        await changing.stop()
 
     run(body())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 
 from engine.tokenizer import Tokenizer
 from router.config import RouterConfig
-from router.health import TRANSPORTS, HealthConfig
+from router.health import BREAKER_FAILURES, TRANSPORTS, HealthConfig
 from router.policy import RoundRobin, make_policy
 from router.resilience import RetryConfig
 from router.server import serve
@@ -117,6 +118,60 @@ def test_completion_batch_and_n(model_dir: Path, tokenizer: Tokenizer) -> None:
         usage = reply["usage"]
         assert usage["prompt_tokens"] == 2 + 3
         assert usage["completion_tokens"] == 4 * 3
+
+    run(body())
+
+
+def test_oversized_prompt_and_head_are_refused_before_work(
+    model_dir: Path, tokenizer: Tokenizer
+) -> None:
+    """Issue 20, bug 4: megabytes of prompt text that could never fit the context are a 400
+    at once (tokenizing them took seconds and gigabytes); a head over the limit is a 431."""
+    w = fake(tokenizer)
+
+    async def body() -> None:
+        async with router_for(model_dir, workers=(w,)) as r:
+            big = {"model": "tiny", "prompt": "lorem ipsum " * 400_000}  # 4.8 MB
+            start = time.monotonic()
+            status, reply = await r.post("/v1/completions", big)
+            assert status == 400, reply
+            assert "characters" in reply["error"]["message"]
+            assert time.monotonic() - start < 1.5
+            headers = {"X-Padding": "a" * (70 << 10)}
+            async with r.http.post(
+                r.url + "/v1/completions", json={"prompt": "x"}, headers=headers
+            ) as resp:
+                assert resp.status == 431
+                assert "headers exceed" in (await resp.json())["error"]["message"]
+            status, _ = await r.post("/v1/completions", {"model": "tiny", "prompt": "hi"})
+            assert status == 200
+            assert len(w.requests) == 1
+
+    run(body())
+
+
+def test_fan_out_beyond_the_limit_is_a_400_before_any_work(
+    model_dir: Path, tokenizer: Tokenizer
+) -> None:
+    """Issue 20, bug 2: n x prompts beyond --max-sequences-per-request is refused whole,
+    naming the limit and the value; nothing reaches a worker."""
+    w = fake(tokenizer)
+
+    async def body() -> None:
+        async with router_for(model_dir, workers=(w,), max_sequences_per_request=6) as r:
+            body = {"model": "tiny", "prompt": [[1, 2]] * 4, "n": 2, "max_tokens": 1}
+            status, reply = await r.post("/v1/completions", body)
+            assert status == 400
+            error = reply["error"]
+            assert error["code"] == "too_many_sequences" and error["param"] == "n"
+            assert "8 sequences" in error["message"] and "at most 6" in error["message"]
+            chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 7}
+            status, reply = await r.post("/v1/chat/completions", chat)
+            assert status == 400 and "at most 6" in reply["error"]["message"]
+            assert not w.requests
+            body["n"] = 1  # 4 sequences: within the limit
+            status, _ = await r.post("/v1/completions", body)
+            assert status == 200
 
     run(body())
 
@@ -335,8 +390,10 @@ def test_worker_error_before_first_token(
             )
             assert got == status
             assert_error_body(events[0], error_type)
+            # A worker that failed every attempt (6) with a worker failure has its circuit
+            # open: /health says so, rather than ok while every request gets a 503.
             async with r.http.get(r.url + "/health") as resp:
-                assert resp.status == 200
+                assert resp.status == (503 if code in BREAKER_FAILURES else 200)
 
     run(body())
 
@@ -529,6 +586,25 @@ def test_http_errors(model_dir: Path, tokenizer: Tokenizer) -> None:
     run(body())
 
 
+def test_one_model_by_id(model_dir: Path, tokenizer: Tokenizer) -> None:
+    """GET /v1/models/{id}, ids with an organisation too (issue 20, operator's first hour)."""
+    w = fake(tokenizer)
+
+    async def body() -> None:
+        for name in ("served", "org/served"):
+            async with router_for(model_dir, workers=(w,), served_model_name=name) as r:
+                async with r.http.get(r.url + f"/v1/models/{name}") as resp:
+                    assert resp.status == 200
+                    card = await resp.json()
+                assert card["id"] == name and card["object"] == "model"
+                assert card["max_model_len"] == 64
+                async with r.http.get(r.url + "/v1/models/other") as resp:
+                    assert resp.status == 404
+                    assert (await resp.json())["error"]["code"] == "model_not_found"
+
+    run(body())
+
+
 def test_models_health_metrics(model_dir: Path, tokenizer: Tokenizer) -> None:
     w = fake(tokenizer)
 
@@ -550,12 +626,19 @@ def test_models_health_metrics(model_dir: Path, tokenizer: Tokenizer) -> None:
                 assert (await resp.json())["workers"] == {w.endpoint: False}
             async with r.http.get(r.url + "/metrics") as resp:
                 text = await resp.text()
-        assert 'pdserve:router_requests_total{endpoint="/v1/completions",status="200"} 1.0' in text
-        assert 'pdserve:router_requests_total{endpoint="/v1/completions",status="404"} 1.0' in text
+        assert (
+            'pdserve:router_requests_total{endpoint="/v1/completions",model_name="served",'
+            'status="200"} 1.0' in text
+        )
+        assert (
+            'pdserve:router_requests_total{endpoint="/v1/completions",model_name="served",'
+            'status="404"} 1.0' in text
+        )
+        assert "router_registry_up" not in text  # no --registry: no such series (was a 0)
         for name in (
-            "pdserve:time_to_first_token_seconds_count 1.0",
+            'pdserve:time_to_first_token_seconds_count{model_name="served"} 1.0',
             "pdserve:inter_token_latency_seconds_count",
-            "pdserve:e2e_request_latency_seconds_count 1.0",
+            'pdserve:e2e_request_latency_seconds_count{model_name="served"} 1.0',
             "pdserve:router_running_requests",
         ):
             assert name in text

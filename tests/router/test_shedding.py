@@ -92,9 +92,12 @@ def test_overload_is_a_429_with_retry_after(model_dir: Path) -> None:
             assert status == 200
             async with r.http.get(r.url + "/metrics") as resp:
                 text = await resp.text()
-        assert 'pdserve:router_rejected_requests_total{reason="queue_full"} 2.0' in text
-        assert 'endpoint="/v1/completions",status="429"} 2.0' in text
-        assert "pdserve:router_queue_depth 0.0" in text
+        assert (
+            'pdserve:router_rejected_requests_total{model_name="tiny",reason="queue_full"} 2.0'
+            in text
+        )
+        assert 'endpoint="/v1/completions",model_name="tiny",status="429"} 2.0' in text
+        assert 'pdserve:router_queue_depth{model_name="tiny"} 0.0' in text
 
     run(body())
 

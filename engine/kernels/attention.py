@@ -1,0 +1,500 @@
+"""Paged attention in Triton: the KV write, flash-decoding and extend (prefill) attention.
+
+The cache is the engine's paged pool seen as slots: `k_cache` `[num_slots, Hkv, Dk]`,
+`v_cache` `[num_slots, Hkv, Dv]`, slot = page * page_size + offset. A sequence's pages are
+row `rows[b]` of the `page_table` `[R, W]` (int32), so a step passes row indices, not tables.
+
+- `store_kv`: one program per new token writes its K and V rows (slot < 0: skipped, which is
+  how padded graph entries write nothing).
+- `decode_attention`: one query per sequence. Grid `(B, Hkv, splits)`: each program reads its
+  share of the context once for all the query heads of its KV group (GQA), keeps an online
+  softmax, and writes a partial output and log-sum-exp; a second kernel combines the splits.
+  Split lengths come from each sequence's length on the device, so one launch shape serves
+  every step (CUDA-graph safe).
+- `extend_attention`: queries of new tokens over their sequence's whole context (cached
+  prefix plus the new tokens, already written by `store_kv`), causal, variable lengths without
+  padding: the host lists the `(sequence, first query)` of every query block.
+
+Softmax runs in float32 in the log2 domain (scores scaled by `scale * log2(e)`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def _precision(q: torch.Tensor) -> str:
+    """tl.dot's input precision: exact in float32 (the reference runs that the engine is
+    token-exact against), the tensor cores' own for 16-bit inputs."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _store_kv_kernel(
+    k_ptr,
+    v_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slots_ptr,
+    stride_k,
+    stride_v,
+    stride_kc,
+    stride_vc,
+    K_WIDTH: tl.constexpr,
+    V_WIDTH: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    if slot >= 0:
+        ok = tl.arange(0, BLOCK_K)
+        kv = tl.load(k_ptr + t.to(tl.int64) * stride_k + ok, mask=ok < K_WIDTH)
+        tl.store(k_cache_ptr + slot * stride_kc + ok, kv, mask=ok < K_WIDTH)
+        ov = tl.arange(0, BLOCK_V)
+        vv = tl.load(v_ptr + t.to(tl.int64) * stride_v + ov, mask=ov < V_WIDTH)
+        tl.store(v_cache_ptr + slot * stride_vc + ov, vv, mask=ov < V_WIDTH)
+
+
+def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """`x` `[T, H, D]` with each token's `H * D` values contiguous (a row stride is allowed)."""
+    if x.stride(2) == 1 and x.stride(1) == x.shape[2]:
+        return x
+    return x.contiguous()
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+) -> None:
+    """Write `k` `[T, Hkv, Dk]` and `v` `[T, Hkv, Dv]` into the cache slots `slots` `[T]`."""
+    t = k.shape[0]
+    if t == 0:
+        return
+    k, v = _rows_contiguous(k), _rows_contiguous(v)
+    kw, vw = k.shape[1] * k.shape[2], v.shape[1] * v.shape[2]
+    _store_kv_kernel[(t,)](
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slots,
+        k.stride(0),
+        v.stride(0),
+        k_cache.stride(0),
+        v_cache.stride(0),
+        K_WIDTH=kw,
+        V_WIDTH=vw,
+        BLOCK_K=triton.next_power_of_2(kw),
+        BLOCK_V=triton.next_power_of_2(vw),
+    )
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    table_ptr,
+    rows_ptr,
+    seq_lens_ptr,
+    part_o_ptr,
+    part_lse_ptr,
+    scale,
+    stride_qb,
+    stride_qh,
+    stride_ks,
+    stride_kh,
+    stride_vs,
+    stride_vh,
+    stride_table,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_lb,
+    stride_lh,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    num_splits,
+    PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    row = tl.load(rows_ptr + b).to(tl.int64)
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+    if start < end:
+        heads = kvh * GROUP + tl.arange(0, GROUP_PAD)  # [G]
+        head_ok = tl.arange(0, GROUP_PAD) < GROUP
+        dk = tl.arange(0, BLOCK_DK)
+        dv = tl.arange(0, BLOCK_DV)
+        q = tl.load(
+            q_ptr + b * stride_qb + heads[:, None] * stride_qh + dk[None, :],
+            mask=head_ok[:, None] & (dk[None, :] < DK),
+            other=0.0,
+        )  # [G, DK]
+        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l_sum = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, BLOCK_DV], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            offs = n0 + tl.arange(0, BLOCK_N)
+            ok = offs < end
+            page = tl.load(table_ptr + row * stride_table + offs // PAGE_SIZE, mask=ok, other=0)
+            slot = page.to(tl.int64) * PAGE_SIZE + offs % PAGE_SIZE  # [N]
+            k = tl.load(
+                k_ptr + slot[:, None] * stride_ks + kvh * stride_kh + dk[None, :],
+                mask=ok[:, None] & (dk[None, :] < DK),
+                other=0.0,
+            )  # [N, DK]
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [G, N]
+            s = tl.where(ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_sum = l_sum * alpha + tl.sum(p, 1)
+            v = tl.load(
+                v_ptr + slot[:, None] * stride_vs + kvh * stride_vh + dv[None, :],
+                mask=ok[:, None] & (dv[None, :] < DV),
+                other=0.0,
+            )  # [N, DV]
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m = m_new
+        out = acc / l_sum[:, None]
+        tl.store(
+            part_o_ptr
+            + b * stride_ob
+            + heads[:, None] * stride_oh
+            + split * stride_os
+            + dv[None, :],
+            out,
+            mask=head_ok[:, None] & (dv[None, :] < DV),
+        )
+        tl.store(
+            part_lse_ptr + b * stride_lb + heads * stride_lh + split,
+            m + tl.log2(l_sum),
+            mask=head_ok,
+        )
+
+
+@triton.jit
+def _decode_combine_kernel(
+    part_o_ptr,
+    part_lse_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_lb,
+    stride_lh,
+    stride_outb,
+    stride_outh,
+    DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    num_splits,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + b)
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    dv = tl.arange(0, BLOCK_DV)
+    m = float("-inf")
+    total = 0.0
+    acc = tl.zeros([BLOCK_DV], tl.float32)
+    for split in range(num_splits):
+        if split * split_len < seq_len:
+            lse = tl.load(part_lse_ptr + b * stride_lb + h * stride_lh + split)
+            o = tl.load(
+                part_o_ptr + b * stride_ob + h * stride_oh + split * stride_os + dv,
+                mask=dv < DV,
+                other=0.0,
+            )
+            m_new = tl.maximum(m, lse)
+            alpha = tl.exp2(m - m_new)
+            w = tl.exp2(lse - m_new)
+            acc = acc * alpha + o * w
+            total = total * alpha + w
+            m = m_new
+    tl.store(
+        out_ptr + b * stride_outb + h * stride_outh + dv,
+        (acc / total).to(out_ptr.dtype.element_ty),
+        mask=dv < DV,
+    )
+
+
+def decode_splits(batch_size: int, num_kv_heads: int, max_seq_len: int, block_n: int) -> int:
+    """Context splits per (sequence, KV head): enough programs to fill the device, no split
+    shorter than a block. A pure function of its inputs, so a graph captured with it stays
+    valid for any lengths up to `max_seq_len`."""
+    programs = batch_size * num_kv_heads
+    want = max(1, -(-264 // programs))  # about two waves on a 132-SM H100/H200
+    return max(1, min(want, 64, -(-max_seq_len // block_n)))
+
+
+DECODE_BLOCK_N = 64
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    rows: torch.Tensor,
+    seq_lens: torch.Tensor,
+    page_size: int,
+    scale: float,
+    num_splits: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One new query per sequence: `q` `[B, Hq, Dk]` over the first `seq_lens[b]` tokens of
+    page-table row `rows[b]`; returns `[B, Hq, Dv]` in `q`'s dtype."""
+    bsz, num_heads, dk = q.shape
+    num_kv_heads, dv = v_cache.shape[1], v_cache.shape[2]
+    group = num_heads // num_kv_heads
+    if out is None:
+        out = q.new_empty(bsz, num_heads, dv)
+    if bsz == 0:
+        return out
+    part_o = torch.empty(bsz, num_heads, num_splits, dv, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(bsz, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    block_dk, block_dv = triton.next_power_of_2(dk), triton.next_power_of_2(dv)
+    _decode_split_kernel[(bsz, num_kv_heads, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        page_table,
+        rows,
+        seq_lens,
+        part_o,
+        part_lse,
+        scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        page_table.stride(0),
+        part_o.stride(0),
+        part_o.stride(1),
+        part_o.stride(2),
+        part_lse.stride(0),
+        part_lse.stride(1),
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        DK=dk,
+        DV=dv,
+        BLOCK_DK=block_dk,
+        BLOCK_DV=block_dv,
+        PAGE_SIZE=page_size,
+        BLOCK_N=DECODE_BLOCK_N,
+        num_splits=num_splits,
+        PRECISION=_precision(q),
+        num_warps=4,
+        num_stages=2,
+    )
+    _decode_combine_kernel[(bsz, num_heads)](
+        part_o,
+        part_lse,
+        seq_lens,
+        out,
+        part_o.stride(0),
+        part_o.stride(1),
+        part_o.stride(2),
+        part_lse.stride(0),
+        part_lse.stride(1),
+        out.stride(0),
+        out.stride(1),
+        DV=dv,
+        BLOCK_DV=block_dv,
+        BLOCK_N=DECODE_BLOCK_N,
+        num_splits=num_splits,
+        num_warps=4 if block_dv >= 256 else 2,
+    )
+    return out
+
+
+@triton.jit
+def _extend_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    table_ptr,
+    rows_ptr,
+    prefix_lens_ptr,
+    extend_lens_ptr,
+    q_starts_ptr,
+    block_seq_ptr,
+    block_first_ptr,
+    scale,
+    stride_qt,
+    stride_qh,
+    stride_ks,
+    stride_kh,
+    stride_vs,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    stride_table,
+    GROUP: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    blk = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // GROUP
+    b = tl.load(block_seq_ptr + blk)
+    first = tl.load(block_first_ptr + blk)  # index of the block's first query within sequence b
+    prefix = tl.load(prefix_lens_ptr + b)
+    ext = tl.load(extend_lens_ptr + b)
+    q_start = tl.load(q_starts_ptr + b).to(tl.int64)
+    row = tl.load(rows_ptr + b).to(tl.int64)
+    offs_m = first + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < ext
+    q_pos = prefix + offs_m  # [M] absolute positions
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    tok = q_start + offs_m
+    q = tl.load(
+        q_ptr + tok[:, None] * stride_qt + h * stride_qh + dk[None, :],
+        mask=m_ok[:, None] & (dk[None, :] < DK),
+        other=0.0,
+    )  # [M, DK]
+    kv_end = tl.minimum(prefix + first + BLOCK_M, prefix + ext)  # keys the block can see
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for n0 in range(0, kv_end, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs < kv_end
+        page = tl.load(table_ptr + row * stride_table + offs // PAGE_SIZE, mask=n_ok, other=0)
+        slot = page.to(tl.int64) * PAGE_SIZE + offs % PAGE_SIZE
+        k = tl.load(
+            k_ptr + slot[:, None] * stride_ks + kvh * stride_kh + dk[None, :],
+            mask=n_ok[:, None] & (dk[None, :] < DK),
+            other=0.0,
+        )  # [N, DK]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [M, N]
+        # Causal: query at q_pos sees keys 0..q_pos. Key 0 is always visible, so no row is
+        # ever fully masked (padded query rows included).
+        s = tl.where((offs[None, :] <= q_pos[:, None]) & n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_sum = l_sum * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_ptr + slot[:, None] * stride_vs + kvh * stride_vh + dv[None, :],
+            mask=n_ok[:, None] & (dv[None, :] < DV),
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+    out = acc / l_sum[:, None]
+    tl.store(
+        out_ptr + tok[:, None] * stride_ot + h * stride_oh + dv[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=m_ok[:, None] & (dv[None, :] < DV),
+    )
+
+
+def extend_block_m(dk: int) -> int:
+    return 64 if dk <= 128 else 32
+
+
+def extend_blocks(extend_lens: list[int], block_m: int) -> tuple[list[int], list[int]]:
+    """`(sequence, first query)` of every `block_m`-query block of a step's new tokens."""
+    seqs: list[int] = []
+    firsts: list[int] = []
+    for b, n in enumerate(extend_lens):
+        for first in range(0, n, block_m):
+            seqs.append(b)
+            firsts.append(first)
+    return seqs, firsts
+
+
+def extend_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    rows: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    extend_lens: torch.Tensor,
+    q_starts: torch.Tensor,
+    block_seq: torch.Tensor,
+    block_first: torch.Tensor,
+    page_size: int,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """New-token queries `q` `[T, Hq, Dk]` (sequence b's at rows `q_starts[b]` onwards) over
+    their sequences' cached context, causal; the new tokens' K/V must already be in the cache.
+    `block_seq`/`block_first` come from `extend_blocks`. Returns `[T, Hq, Dv]`."""
+    t, num_heads, dk = q.shape
+    num_kv_heads, dv = v_cache.shape[1], v_cache.shape[2]
+    if out is None:
+        out = q.new_empty(t, num_heads, dv)
+    nblocks = block_seq.shape[0]
+    if t == 0 or nblocks == 0:
+        return out
+    block_dk, block_dv = triton.next_power_of_2(dk), triton.next_power_of_2(dv)
+    block_m = extend_block_m(dk)
+    _extend_kernel[(nblocks, num_heads)](
+        q,
+        k_cache,
+        v_cache,
+        out,
+        page_table,
+        rows,
+        prefix_lens,
+        extend_lens,
+        q_starts,
+        block_seq,
+        block_first,
+        scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        out.stride(0),
+        out.stride(1),
+        page_table.stride(0),
+        GROUP=num_heads // num_kv_heads,
+        DK=dk,
+        DV=dv,
+        BLOCK_DK=block_dk,
+        BLOCK_DV=block_dv,
+        PAGE_SIZE=page_size,
+        BLOCK_M=block_m,
+        BLOCK_N=64 if max(block_dk, block_dv) <= 128 else 32,
+        PRECISION=_precision(q),
+        num_warps=4 if block_dk <= 64 else 8,
+        num_stages=2,
+    )
+    return out

@@ -1,0 +1,863 @@
+"""The `cuda_ipc` transfer backend: same-host KV hand-off from device memory to device memory.
+
+The receiving engine (the decode worker) exports every region it registers as a CUDA IPC
+handle of the device allocation holding it; the writing engine (the prefill worker) asks the
+receiver's session for that table once, opens the handles in its own process, and copies the
+writes device to device on a stream of its own, then waits for the stream: one
+`cuMemcpyDtoDAsync` per write, or, for scattered pages, one gather and one scatter per
+source/destination region pair (`COPY_MODES`). No host bounce and no network.
+
+It speaks the same `TransferEngine` API as Mooncake, so the state machines, timeouts, page
+accounting and layout checks above it are the same:
+
+- `initialize(local_hostname, ...)` starts the handle-exchange listener on `local_hostname`
+  (`host` or `host:port`; port 0 or none: a free one); the session id is `host:port`.
+  `metadata_server`, `protocol` and `device_name` are accepted and unused (the listener is
+  its own metadata service; the device is the one the memory lives on).
+- `register_memory(addr, length)`: `[addr, addr + length)` must lie in one device allocation
+  (`cudaMalloc`, which is what torch's caching allocator hands out; not its
+  `expandable_segments` or `cudaMallocAsync` modes, whose memory has no legacy IPC handle).
+- `batch_transfer_sync_write(session, srcs, dsts, lengths)`: every destination range must lie
+  in one region the receiver registered (checked here: an unregistered destination fails the
+  call, with nothing written); sources are this process's device pointers whose bytes are
+  final (as with Mooncake, no stream ordering with the code that produced them is implied).
+  Returns when every byte has landed, 0; a negative code, with the reason logged, on failure.
+
+Peers: the exchange connection to a receiver stays open; a receiver that exits closes it, and
+the next write to that session drops the old table and its mappings and asks again (a new
+process on the same port has a new instance id, and its table is used from then on). Both
+engines must be on one host (checked by kernel boot id): IPC handles mean nothing elsewhere.
+
+The CUDA driver is reached through ctypes (`libcuda.so.1`, present wherever the NVIDIA driver
+is), so the backend adds no dependency to a GPU host; the driver calls sit behind
+`IpcDriver`, so the exchange, the address arithmetic and the errors run, and are tested,
+without a GPU.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import ctypes
+import functools
+import json
+import logging
+import os
+import select
+import socket
+import socketserver
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from kv_transfer.transfer_engine import TransferEngine
+
+log = logging.getLogger(__name__)
+
+# Mooncake's codes: 0 is success; we fail with -1 and log why (check() names the call).
+_FAILED = -1
+_EXCHANGE_TIMEOUT_S = 10.0
+_MAX_LINE = 16 << 20  # a region table line; thousands of regions fit
+_MAX_REQUEST = 4096  # a request line to the exchange (they are a few bytes)
+
+
+class IpcError(RuntimeError):
+    """A CUDA IPC step failed (driver call, handle exchange, or an address outside the
+    registered memory)."""
+
+
+# ---- the driver ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """The device allocation holding an address: what one IPC handle exports."""
+
+    base: int
+    size: int
+    handle: bytes  # opaque, 64 bytes for CUDA
+    device: int  # ordinal on the exporting process
+
+
+class IpcDriver(Protocol):
+    """The device calls of the backend. Every method raises `IpcError` on failure and may be
+    called from any thread (it binds the device's context itself)."""
+
+    def export(self, addr: int) -> Allocation:
+        """The allocation holding `addr`, with an IPC handle another process can open."""
+        ...
+
+    def device_of(self, addr: int) -> int:
+        """The ordinal of the device that `addr` (device memory of this process) lives on."""
+        ...
+
+    def open(self, handle: bytes, device: int) -> int:
+        """Map another process's allocation into this one, usable from `device`; returns the
+        mapped base address."""
+        ...
+
+    def close(self, mapped_base: int) -> None:
+        """Unmap what `open` returned."""
+        ...
+
+    def copy(self, device: int, copies: Sequence[tuple[int, int, int]]) -> None:
+        """Copy each `(dst, src, length)` device to device, on `device`'s context, and return
+        once all have landed."""
+        ...
+
+    def copy_rows(self, device: int, rows: Sequence[RowCopy]) -> None:
+        """Do every row copy (`run_row_copies`) on `device`, and return once all have
+        landed."""
+        ...
+
+
+class _IpcMemHandle(ctypes.Structure):
+    _fields_ = [("reserved", ctypes.c_char * 64)]
+
+
+_CU_POINTER_ATTRIBUTE_MEMORY_TYPE = 2
+_CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL = 9
+_CU_MEMORYTYPE_DEVICE = 2
+_CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 1
+_CU_STREAM_NON_BLOCKING = 1
+
+
+class CudaDriver:
+    """`IpcDriver` on the CUDA driver API through ctypes. One non-blocking stream per device
+    for the copies; a copy call waits for its stream only. One per process (`shared_driver`):
+    it holds the process's IPC mappings."""
+
+    def __init__(self) -> None:
+        try:
+            self._cu: Any = ctypes.CDLL("libcuda.so.1")
+        except OSError as e:
+            raise IpcError(
+                "the 'cuda_ipc' transfer backend needs the NVIDIA driver (libcuda.so.1, not "
+                f"found: {e}); on a host without NVIDIA GPUs use --transfer-backend mooncake"
+            ) from e
+        u64, c_int, c_uint = ctypes.c_uint64, ctypes.c_int, ctypes.c_uint
+        p, size_t = ctypes.c_void_p, ctypes.c_size_t
+        signatures: dict[str, list[Any]] = {
+            "cuInit": [c_uint],
+            "cuDeviceGet": [ctypes.POINTER(c_int), c_int],
+            "cuDevicePrimaryCtxRetain": [ctypes.POINTER(p), c_int],
+            "cuCtxSetCurrent": [p],
+            "cuCtxGetCurrent": [ctypes.POINTER(p)],
+            "cuMemGetAddressRange_v2": [ctypes.POINTER(u64), ctypes.POINTER(size_t), u64],
+            "cuIpcGetMemHandle": [ctypes.POINTER(_IpcMemHandle), u64],
+            "cuIpcOpenMemHandle_v2": [ctypes.POINTER(u64), _IpcMemHandle, c_uint],
+            "cuIpcCloseMemHandle": [u64],
+            "cuMemcpyDtoDAsync_v2": [u64, u64, size_t, p],
+            "cuStreamCreate": [ctypes.POINTER(p), c_uint],
+            "cuStreamSynchronize": [p],
+            "cuPointerGetAttribute": [p, c_int, u64],
+            "cuGetErrorName": [c_int, ctypes.POINTER(ctypes.c_char_p)],
+        }
+        for name, argtypes in signatures.items():
+            fn = getattr(self._cu, name)
+            fn.argtypes, fn.restype = argtypes, c_int
+        self._lock = threading.RLock()
+        self._contexts: dict[int, ctypes.c_void_p] = {}
+        self._streams: dict[int, ctypes.c_void_p] = {}
+        self._torch_streams: dict[int, Any] = {}
+        self._opened: dict[tuple[bytes, int], tuple[int, int]] = {}  # -> (mapped, open count)
+        self._call("cuInit", 0)
+
+    def _call(self, name: str, *args: Any) -> None:
+        rc = getattr(self._cu, name)(*args)
+        if rc != 0:
+            err = ctypes.c_char_p()
+            self._cu.cuGetErrorName(rc, ctypes.byref(err))
+            raise IpcError(f"{name} failed: {(err.value or b'?').decode()} ({rc})")
+
+    def _bind(self, device: int) -> None:
+        """Make `device`'s primary context (torch's) current on this thread."""
+        with self._lock:
+            ctx = self._contexts.get(device)
+            if ctx is None:
+                dev = ctypes.c_int()
+                self._call("cuDeviceGet", ctypes.byref(dev), device)
+                ctx = ctypes.c_void_p()
+                self._call("cuDevicePrimaryCtxRetain", ctypes.byref(ctx), dev.value)
+                self._contexts[device] = ctx
+        self._call("cuCtxSetCurrent", ctx)
+
+    def device_of(self, addr: int) -> int:
+        # Pointer queries want some context current on the thread (a writer's thread may have
+        # none yet); any will do, the address itself names its device.
+        current = ctypes.c_void_p()
+        self._call("cuCtxGetCurrent", ctypes.byref(current))
+        if not current.value:
+            self._bind(0)
+        kind = ctypes.c_uint()
+        rc = self._cu.cuPointerGetAttribute(
+            ctypes.byref(kind), _CU_POINTER_ATTRIBUTE_MEMORY_TYPE, addr
+        )
+        if rc != 0 or kind.value != _CU_MEMORYTYPE_DEVICE:
+            raise IpcError(
+                f"address {addr:#x} is not CUDA device memory; the 'cuda_ipc' backend moves KV "
+                "pools held on the GPU (start the workers with --device cuda)"
+            )
+        ordinal = ctypes.c_int()
+        self._call(
+            "cuPointerGetAttribute",
+            ctypes.byref(ordinal),
+            _CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+            addr,
+        )
+        return ordinal.value
+
+    def export(self, addr: int) -> Allocation:
+        device = self.device_of(addr)
+        self._bind(device)
+        base, size = ctypes.c_uint64(), ctypes.c_size_t()
+        self._call("cuMemGetAddressRange_v2", ctypes.byref(base), ctypes.byref(size), addr)
+        handle = _IpcMemHandle()
+        try:
+            self._call("cuIpcGetMemHandle", ctypes.byref(handle), base.value)
+        except IpcError as e:
+            raise IpcError(
+                f"{e}: the allocation at {base.value:#x} cannot be shared by CUDA IPC (torch's "
+                "allocator must use plain cudaMalloc: unset PYTORCH_CUDA_ALLOC_CONF's "
+                "expandable_segments and backend:cudaMallocAsync)"
+            ) from e
+        return Allocation(base.value, size.value, bytes(handle.reserved), device)
+
+    def open(self, handle: bytes, device: int) -> int:
+        if len(handle) != 64:
+            raise IpcError(f"a CUDA IPC handle has 64 bytes, got {len(handle)}")
+        # A handle may be opened once per process and device: engines of one process (and a
+        # peer's regions sharing an allocation) share the mapping, counted.
+        with self._lock:
+            known = self._opened.get((handle, device))
+            if known is not None:
+                self._opened[(handle, device)] = (known[0], known[1] + 1)
+                return known[0]
+            self._bind(device)
+            raw = _IpcMemHandle()
+            ctypes.memmove(raw.reserved, handle, 64)
+            mapped = ctypes.c_uint64()
+            self._call(
+                "cuIpcOpenMemHandle_v2",
+                ctypes.byref(mapped),
+                raw,
+                _CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS,
+            )
+            self._opened[(handle, device)] = (mapped.value, 1)
+            return mapped.value
+
+    def close(self, mapped_base: int) -> None:
+        with self._lock:
+            key = next((k for k, (m, _) in self._opened.items() if m == mapped_base), None)
+            if key is None:
+                raise IpcError(f"{mapped_base:#x} is not an open CUDA IPC mapping")
+            count = self._opened[key][1]
+            if count > 1:
+                self._opened[key] = (mapped_base, count - 1)
+                return
+            del self._opened[key]
+            self._bind(key[1])
+            self._call("cuIpcCloseMemHandle", mapped_base)
+
+    def copy(self, device: int, copies: Sequence[tuple[int, int, int]]) -> None:
+        self._bind(device)
+        with self._lock:
+            stream = self._streams.get(device)
+            if stream is None:
+                stream = ctypes.c_void_p()
+                self._call("cuStreamCreate", ctypes.byref(stream), _CU_STREAM_NON_BLOCKING)
+                self._streams[device] = stream
+        for dst, src, length in copies:
+            self._call("cuMemcpyDtoDAsync_v2", dst, src, length, stream)
+        self._call("cuStreamSynchronize", stream)
+
+    def tensor(self, addr: int, nbytes: int, device: int) -> Any:
+        """A uint8 torch tensor over `[addr, addr + nbytes)` on `device`, not a copy."""
+        import torch
+
+        t = torch.as_tensor(_CudaArray(addr, nbytes), device=torch.device("cuda", device))
+        if t.data_ptr() != addr:
+            raise IpcError(f"memory at {addr:#x} is not on cuda:{device}; torch copied it")
+        return t
+
+    def copy_rows(self, device: int, rows: Sequence[RowCopy]) -> None:
+        import torch
+
+        self._bind(device)
+        with self._lock:
+            stream = self._torch_streams.get(device)
+            if stream is None:
+                stream = self._torch_streams[device] = torch.cuda.Stream(device=device)
+        with torch.cuda.device(device), torch.cuda.stream(stream):
+            run_row_copies(rows, lambda a, n: self.tensor(a, n, device), f"cuda:{device}")
+        stream.synchronize()
+
+
+@functools.lru_cache(maxsize=1)
+def shared_driver() -> CudaDriver:
+    """This process's `CudaDriver` (created on first use)."""
+    return CudaDriver()
+
+
+class _CudaArray:
+    """Raw device memory as `__cuda_array_interface__` (version 2: no stream to wait on), for
+    `torch.as_tensor` to wrap without copying."""
+
+    def __init__(self, addr: int, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "data": (addr, False),
+            "version": 2,
+        }
+
+
+# ---- the region table and its arithmetic ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExportedRegion:
+    """One registered region as the receiver exports it: where it is in the receiver's
+    address space, and the allocation (IPC handle) that holds it."""
+
+    addr: int
+    length: int
+    alloc_base: int
+    alloc_size: int
+    handle: str  # hex of the IPC handle
+    device: int
+
+    def __post_init__(self) -> None:
+        for name in ("addr", "length", "alloc_base", "alloc_size", "device"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"region field {name} must be an int >= 0, got {value!r}")
+        if not (
+            self.alloc_base <= self.addr
+            and self.addr + self.length <= self.alloc_base + self.alloc_size
+        ):
+            raise ValueError(
+                f"region [{self.addr:#x}, +{self.length}) is not inside its allocation "
+                f"[{self.alloc_base:#x}, +{self.alloc_size})"
+            )
+        bytes.fromhex(self.handle)  # ValueError if not hex
+
+
+@dataclass(frozen=True)
+class PeerTable:
+    """What a receiver answers to the exchange: who it is and what it registered."""
+
+    instance: str  # new per engine: a restarted receiver on the same port is a new peer
+    boot_id: str  # the kernel's boot id: equal only on the same host
+    pid: int
+    regions: tuple[ExportedRegion, ...]
+
+    def to_json(self) -> bytes:
+        body = {**asdict(self), "regions": [asdict(r) for r in self.regions]}
+        return json.dumps(body).encode() + b"\n"
+
+    @staticmethod
+    def from_json(line: bytes) -> PeerTable:
+        """Raises `IpcError` naming what is wrong with a malformed table."""
+        try:
+            body = json.loads(line)
+            return PeerTable(
+                instance=str(body["instance"]),
+                boot_id=str(body["boot_id"]),
+                pid=int(body["pid"]),
+                regions=tuple(ExportedRegion(**r) for r in body["regions"]),
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise IpcError(f"malformed region table from the peer: {e}") from e
+
+
+class RegionIndex:
+    """Finds the region holding an address range, by bisection (a hand-off has thousands of
+    writes). Regions may overlap (one registered twice, or nested)."""
+
+    def __init__(self, regions: Sequence[tuple[int, int]]) -> None:
+        self.regions = sorted(regions)  # (addr, length)
+        self._starts = [addr for addr, _ in self.regions]
+
+    def find(self, addr: int, length: int) -> tuple[int, int] | None:
+        """The `(addr, length)` of a region that holds all of `[addr, addr + length)`."""
+        i = bisect.bisect_right(self._starts, addr) - 1
+        # Every region before i starts at or before addr too; for a KV pool's disjoint
+        # tensors the first one checked holds it or none does.
+        while i >= 0:
+            start, size = self.regions[i]
+            if addr + length <= start + size:
+                return start, size
+            i -= 1
+        return None
+
+
+class MappedPeer:
+    """A receiver's regions mapped into this process: translates the receiver's addresses to
+    ours. One mapping per allocation, however many regions it holds."""
+
+    def __init__(self, table: PeerTable, driver: IpcDriver, device: int) -> None:
+        self.table = table
+        self.device = device
+        self._driver = driver
+        self.mapped: dict[int, int] = {}  # receiver's allocation base -> our mapped base
+        try:
+            for region in table.regions:
+                if region.alloc_base not in self.mapped:
+                    handle = bytes.fromhex(region.handle)
+                    self.mapped[region.alloc_base] = driver.open(handle, device)
+        except BaseException:
+            self.close()
+            raise
+        self._theirs = RegionIndex([(r.addr, r.length) for r in table.regions])
+        self._ours = {r.addr: self.mapped[r.alloc_base] + (r.addr - r.alloc_base)
+                      for r in table.regions}  # fmt: skip
+        self.local_regions = RegionIndex([(self._ours[r.addr], r.length) for r in table.regions])
+        # Row copies wrap both sides as tensors of one device: only if the mappings are on ours.
+        try:
+            self.same_device = all(driver.device_of(m) == device for m in self.mapped.values())
+        except IpcError:
+            self.same_device = False
+
+    def translate(self, dst: int, length: int) -> int | None:
+        """Our address of the receiver's `[dst, dst + length)`, or None unless the range lies
+        inside one registered region."""
+        found = self._theirs.find(dst, length)
+        return None if found is None else self._ours[found[0]] + (dst - found[0])
+
+    def close(self) -> None:
+        for mapped in self.mapped.values():
+            try:
+                self._driver.close(mapped)
+            except IpcError as e:
+                log.warning("closing a CUDA IPC mapping failed: %s", e)
+        self.mapped.clear()
+
+
+# ---- copies as rows --------------------------------------------------------------------------
+
+
+# Rows narrower than this are not worth an index entry each: such writes go one by one.
+MIN_ROW_BYTES = 256
+
+
+@dataclass(frozen=True)
+class RowCopy:
+    """Writes between one source region and one destination region (both in this process's
+    address space), as rows of `unit` bytes: row `src_rows[i]` of the source, seen as
+    `[src_len // unit, unit]`, goes to row `dst_rows[i]` of the destination. One gather and
+    one scatter do them all, however many writes (pages) they were."""
+
+    src_addr: int
+    src_len: int
+    dst_addr: int
+    dst_len: int
+    unit: int
+    src_rows: np.ndarray  # int64 [n]
+    dst_rows: np.ndarray  # int64 [n]
+
+
+def plan_row_copies(
+    copies: Sequence[tuple[int, int, int]],
+    src_regions: RegionIndex,
+    dst_regions: RegionIndex,
+    min_row_bytes: int = MIN_ROW_BYTES,
+) -> tuple[list[RowCopy], list[tuple[int, int, int]]]:
+    """Split `(dst, src, length)` writes into row copies per (source region, destination
+    region) pair, and the writes left to copy one by one: those whose source lies in no
+    region of `src_regions`, and those of a pair whose common row width (the gcd of every
+    offset and length) is under `min_row_bytes`."""
+    groups: dict[tuple[tuple[int, int], tuple[int, int]], list[tuple[int, int, int]]] = {}
+    single: list[tuple[int, int, int]] = []
+    for dst, src, length in copies:
+        if length == 0:
+            continue
+        s = src_regions.find(src, length)
+        d = dst_regions.find(dst, length)
+        if s is None or d is None:
+            single.append((dst, src, length))
+        else:
+            groups.setdefault((s, d), []).append((dst - d[0], src - s[0], length))
+    planned = []
+    for ((s_addr, s_len), (d_addr, d_len)), writes in groups.items():
+        w = np.asarray(writes, dtype=np.int64)  # [n, 3]: dst offset, src offset, length
+        unit = int(np.gcd.reduce(w.ravel()))
+        if unit < min_row_bytes:
+            single.extend((d_addr + do, s_addr + so, n) for do, so, n in writes)
+            continue
+        counts = w[:, 2] // unit
+        within = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(
+            np.cumsum(counts) - counts, counts
+        )
+        src_rows = np.repeat(w[:, 1] // unit, counts) + within
+        dst_rows = np.repeat(w[:, 0] // unit, counts) + within
+        planned.append(RowCopy(s_addr, s_len, d_addr, d_len, unit, src_rows, dst_rows))
+    return planned, single
+
+
+def run_row_copies(rows: Sequence[RowCopy], view: Any, device: str) -> None:
+    """Do `rows` with torch on `device`: `view(addr, nbytes)` is a uint8 tensor over memory.
+    A consecutive run of rows is one slice copy; other rows one gather plus one scatter.
+    Index tensors are uploaded once per distinct row list (every layer of a KV hand-off
+    has the same one)."""
+    import torch
+
+    uploaded: dict[bytes, torch.Tensor] = {}
+
+    def index(rows_: np.ndarray) -> torch.Tensor:
+        key = rows_.tobytes()
+        if key not in uploaded:
+            uploaded[key] = torch.from_numpy(rows_).to(device)
+        return uploaded[key]
+
+    for r in rows:
+        src = view(r.src_addr, r.src_len - r.src_len % r.unit).view(-1, r.unit)
+        dst = view(r.dst_addr, r.dst_len - r.dst_len % r.unit).view(-1, r.unit)
+        n, s0, d0 = len(r.src_rows), int(r.src_rows[0]), int(r.dst_rows[0])
+        if bool(np.all(np.diff(r.src_rows) == 1)) and bool(np.all(np.diff(r.dst_rows) == 1)):
+            dst[d0 : d0 + n].copy_(src[s0 : s0 + n])
+        else:
+            dst.index_copy_(0, index(r.dst_rows), src.index_select(0, index(r.src_rows)))
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return socket.gethostname()  # no procfs: the host name is the best same-host check
+
+
+# ---- the exchange listener (receiver side) -------------------------------------------------
+
+
+class _ExchangeHandler(socketserver.StreamRequestHandler):
+    """One connected writer: answers each `{"op": "regions"}` line with the region table,
+    until the writer disconnects."""
+
+    server: _ExchangeServer
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.connections_lock:
+            self.server.connections.add(self.request)
+
+    def finish(self) -> None:
+        with self.server.connections_lock:
+            self.server.connections.discard(self.request)
+        super().finish()
+
+    def handle(self) -> None:
+        while line := self.rfile.readline(_MAX_REQUEST):
+            try:
+                op = json.loads(line).get("op")
+            except (ValueError, AttributeError):
+                op = None
+            if op == "regions":
+                self.wfile.write(self.server.engine.table().to_json())
+            else:
+                self.wfile.write(json.dumps({"error": f"unknown request {line[:80]!r}"}).encode())
+                self.wfile.write(b"\n")
+            self.wfile.flush()
+
+
+class _ExchangeServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], engine: CudaIpcTransferEngine) -> None:
+        self.engine = engine
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+        super().__init__(address, _ExchangeHandler)
+
+    def close_connections(self) -> None:
+        """End every writer's connection, as the process exiting would: writers drop their
+        mappings of this engine's memory at their next write."""
+        with self.connections_lock:
+            for conn in self.connections:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+
+
+# ---- the engine ----------------------------------------------------------------------------
+
+
+class _Peer:
+    """A writer's hold on one receiver: the exchange connection and the mapped table."""
+
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        self.lock = threading.Lock()  # one write (and one refresh) at a time per peer
+        self.sock: socket.socket | None = None
+        self.reader: Any = None
+        self.mapped: MappedPeer | None = None
+
+    def connection_closed(self) -> bool:
+        """True if the receiver closed the connection (readable with nothing pending is EOF:
+        the receiver only ever writes in answer to a request)."""
+        if self.sock is None:
+            return True
+        readable, _, _ = select.select([self.sock], [], [], 0)
+        return bool(readable)
+
+    def drop(self) -> None:
+        if self.mapped is not None:
+            self.mapped.close()
+            self.mapped = None
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            self.sock, self.reader = None, None
+
+
+def _split_session(session_id: str) -> tuple[str, int]:
+    host, sep, port = session_id.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise IpcError(f"session id must be 'host:port', got {session_id!r}")
+    return host.strip("[]"), int(port)
+
+
+# How writes are copied, by `PDSERVE_CUDA_IPC_COPY`: "memcpy", one cuMemcpyDtoDAsync per write;
+# "rows", a gather and a scatter (torch) per source/destination region pair, for the writes
+# whose source lies in memory registered on this engine (the rest one by one); "auto" (the
+# default), rows when they average at least _ROWS_MIN_WRITES_PER_PAIR writes per pair, i.e.
+# when pages are scattered, and memcpy for long runs.
+COPY_MODES = ("auto", "memcpy", "rows")
+_ROWS_MIN_WRITES_PER_PAIR = 4
+
+
+class CudaIpcTransferEngine(TransferEngine):
+    """The `TransferEngine` API over CUDA IPC between processes of one host (module doc)."""
+
+    # No queue limit here (Mooncake's TCP one is why `PageWriter` cuts batches): a hand-off in
+    # one call lets its writes be planned as rows together.
+    max_writes_per_call = 1 << 30
+
+    def __init__(self, driver: IpcDriver | None = None, copy_mode: str | None = None) -> None:
+        """`copy_mode`: one of `COPY_MODES`; None reads `PDSERVE_CUDA_IPC_COPY` (default
+        "auto")."""
+        mode = copy_mode or os.environ.get("PDSERVE_CUDA_IPC_COPY") or "auto"
+        if mode not in COPY_MODES:
+            raise ValueError(
+                f"cuda_ipc copy mode {mode!r} is not one of {COPY_MODES} "
+                "(set PDSERVE_CUDA_IPC_COPY to one of them, or unset it)"
+            )
+        self._copy_mode = mode
+        self._driver: IpcDriver = driver if driver is not None else shared_driver()
+        self._instance = uuid.uuid4().hex
+        self._boot_id = _boot_id()
+        self._regions: dict[int, ExportedRegion] = {}
+        self._regions_lock = threading.Lock()
+        self._server: _ExchangeServer | None = None
+        self._host = ""
+        self._peers: dict[str, _Peer] = {}
+        self._peers_lock = threading.Lock()
+
+    # -- lifecycle
+
+    def initialize(
+        self, local_hostname: str, metadata_server: str, protocol: str, device_name: str
+    ) -> int:
+        if self._server is not None:
+            log.error("cuda_ipc: initialize called twice")
+            return _FAILED
+        host, sep, port = local_hostname.rpartition(":")
+        if not (sep and port.isdigit() and ":" not in host):
+            host, port = local_hostname, "0"
+        try:
+            self._server = _ExchangeServer((host, int(port)), self)
+        except OSError as e:
+            log.error("cuda_ipc: cannot listen on %s:%s: %s", host, port, e)
+            return _FAILED
+        self._host = host
+        server = self._server
+        threading.Thread(
+            target=lambda: server.serve_forever(poll_interval=0.1),
+            name="cuda-ipc-exchange",
+            daemon=True,
+        ).start()
+        return 0
+
+    def close(self) -> None:
+        """Stop the listener and unmap every peer (not in Mooncake's API; for tests and
+        orderly shutdown)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server.close_connections()
+            self._server = None
+        with self._peers_lock:
+            peers, self._peers = list(self._peers.values()), {}
+        for peer in peers:
+            with peer.lock:
+                peer.drop()
+
+    def get_rpc_port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the cuda_ipc engine has no port before initialize() succeeds")
+        return int(self._server.server_address[1])
+
+    @property
+    def session_id(self) -> str:
+        return f"{self._host}:{self.get_rpc_port()}"
+
+    # -- receiver side
+
+    def register_memory(self, addr: int, length: int) -> int:
+        if length <= 0:
+            log.error("cuda_ipc: register_memory(%#x, %d): length must be > 0", addr, length)
+            return _FAILED
+        try:
+            alloc = self._driver.export(addr)
+            region = ExportedRegion(
+                addr, length, alloc.base, alloc.size, alloc.handle.hex(), alloc.device
+            )
+        except (IpcError, ValueError) as e:
+            log.error("cuda_ipc: register_memory(%#x, %d) failed: %s", addr, length, e)
+            return _FAILED
+        with self._regions_lock:
+            self._regions[addr] = region
+        return 0
+
+    def unregister_memory(self, addr: int) -> int:
+        with self._regions_lock:
+            if self._regions.pop(addr, None) is None:
+                log.error("cuda_ipc: unregister_memory(%#x): not registered", addr)
+                return _FAILED
+        return 0
+
+    def table(self) -> PeerTable:
+        with self._regions_lock:
+            regions = tuple(self._regions.values())
+        return PeerTable(self._instance, self._boot_id, os.getpid(), regions)
+
+    # -- writer side
+
+    def _fetch(self, peer: _Peer) -> PeerTable:
+        """Ask the receiver for its table, connecting first if needed."""
+        if peer.sock is None:
+            host, port = _split_session(peer.session_id)
+            try:
+                peer.sock = socket.create_connection((host, port), timeout=_EXCHANGE_TIMEOUT_S)
+            except OSError as e:
+                raise IpcError(f"cannot reach the cuda_ipc session {peer.session_id}: {e}") from e
+            peer.reader = peer.sock.makefile("rb")
+        sock, reader = peer.sock, peer.reader
+        try:
+            sock.sendall(b'{"op": "regions"}\n')
+            line = reader.readline(_MAX_LINE)
+        except OSError as e:
+            raise IpcError(f"the cuda_ipc session {peer.session_id} failed: {e}") from e
+        if not line:
+            raise IpcError(f"the cuda_ipc session {peer.session_id} closed the connection")
+        table = PeerTable.from_json(line)
+        if table.boot_id != self._boot_id:
+            raise IpcError(
+                f"the cuda_ipc session {peer.session_id} runs on another host (CUDA IPC works "
+                "between processes of one host only; use --transfer-backend mooncake)"
+            )
+        return table
+
+    def _refresh(self, peer: _Peer, device: int) -> MappedPeer:
+        """A fresh table from the receiver, mapped; the old mapping is dropped first."""
+        if peer.mapped is not None:
+            peer.mapped.close()
+            peer.mapped = None
+        table = self._fetch(peer)
+        peer.mapped = MappedPeer(table, self._driver, device)
+        return peer.mapped
+
+    def _peer(self, session_id: str) -> _Peer:
+        with self._peers_lock:
+            peer = self._peers.get(session_id)
+            if peer is None:
+                peer = self._peers[session_id] = _Peer(session_id)
+            return peer
+
+    def _plan(
+        self, peer: _Peer, device: int, srcs: list[int], dsts: list[int], lengths: list[int]
+    ) -> list[tuple[int, int, int]]:
+        """`(our dst, src, length)` per write. A destination missing from the table we hold
+        makes us ask the receiver again once (it may have registered more since); missing
+        from a fresh table too, it raises `IpcError`."""
+        if peer.connection_closed():
+            peer.drop()  # the receiver went away: its mappings are void
+        fresh = False
+        if peer.mapped is None or peer.mapped.device != device:
+            self._refresh(peer, device)
+            fresh = True
+        while True:
+            mapped = peer.mapped
+            if mapped is None:  # unreachable: _refresh sets it or raises
+                raise IpcError(f"no mapping of the cuda_ipc session {peer.session_id}")
+            copies = []
+            for src, dst, length in zip(srcs, dsts, lengths, strict=True):
+                local = mapped.translate(dst, length)
+                if local is None:
+                    break
+                copies.append((local, src, length))
+            else:
+                return copies
+            if fresh:
+                raise IpcError(
+                    f"destination [{dst:#x}, +{length}) is not inside memory registered by "
+                    f"the cuda_ipc session {peer.session_id}"
+                )
+            self._refresh(peer, device)
+            fresh = True
+
+    def _copy(self, device: int, copies: list[tuple[int, int, int]], peer: _Peer) -> None:
+        """Run the writes: as row copies (a gather and a scatter per region pair) where that
+        saves calls, the rest one `cuMemcpyDtoDAsync` each (see `COPY_MODES`)."""
+        mapped = peer.mapped
+        if self._copy_mode == "memcpy" or mapped is None or not mapped.same_device:
+            self._driver.copy(device, copies)
+            return
+        with self._regions_lock:
+            local = RegionIndex([(r.addr, r.length) for r in self._regions.values()])
+        rows, single = plan_row_copies(copies, local, mapped.local_regions)
+        if self._copy_mode == "auto" and len(copies) < _ROWS_MIN_WRITES_PER_PAIR * len(rows):
+            self._driver.copy(device, copies)  # a few long writes per region: one call each
+            return
+        if single:
+            self._driver.copy(device, single)
+        if rows:
+            self._driver.copy_rows(device, rows)
+
+    def batch_transfer_sync_write(
+        self, session_id: str, srcs: list[int], dsts: list[int], lengths: list[int]
+    ) -> int:
+        if not len(srcs) == len(dsts) == len(lengths):
+            log.error(
+                "cuda_ipc: %d sources, %d destinations, %d lengths; they must match",
+                len(srcs),
+                len(dsts),
+                len(lengths),
+            )
+            return _FAILED
+        if any(n < 0 for n in lengths):
+            log.error("cuda_ipc: a write length is negative: %s", lengths)
+            return _FAILED
+        if not srcs:
+            return 0
+        peer = self._peer(session_id)
+        with peer.lock:
+            try:
+                device = self._driver.device_of(srcs[0])
+                copies = self._plan(peer, device, srcs, dsts, lengths)
+                self._copy(device, copies, peer)
+            except IpcError as e:
+                log.error("cuda_ipc: write of %d ranges to %s failed: %s", len(srcs), session_id, e)
+                # Whatever failed (a half-read answer, a gone peer, a bad table), the next
+                # write starts from a fresh connection and table.
+                peer.drop()
+                return _FAILED
+        return 0
+
+    def transfer_sync_write(self, session_id: str, src: int, dst: int, length: int) -> int:
+        return self.batch_transfer_sync_write(session_id, [src], [dst], [length])
