@@ -1,12 +1,18 @@
-"""Offline throughput of pdserve's engine beside transformers, on the same weights.
+"""Offline speed of pdserve's engine beside transformers, on the same weights, against the floor.
 
-    python -m bench.engine --model-path models/qwen3-moe --batch-sizes 1,16,64
-    python -m bench.engine --preset llama3-8b --device cuda    # dummy weights, nothing on disk
+    python -m bench.engine --preset llama3-8b --device cuda          # dummy weights, no disk
+    python -m bench.engine --preset qwen3-30b-a3b --decode 1x128,64x128 --prefill 64x128
+    python -m bench.engine --model-path models/qwen3-moe --decode 1x16,4x16 --prefill 4x16
 
-Prefill: B distinct prompts of `--prompt-len` tokens, one output token each, timed from the
-first step until all finish. Decode: B prompts are prefilled, then `--decode-steps` steps of
-one token per request are timed one by one (device synchronised before each clock read).
-Prints a Markdown table; `--json PATH` also writes the numbers.
+Decode `BxL`: B prompts of L tokens are prefilled, then `--decode-steps` steps of one token per
+request are timed one by one (device synchronised before each clock read). Prefill `BxL`: B
+distinct prompts of L tokens, one output token each, timed from the first step until all
+finish.
+
+The floor of a decode step is the bytes it must read (the weights it touches, plus the KV of
+every running token) over the device-to-device copy bandwidth measured in the same run; the
+floor of a prefill is its model FLOPs over the measured bf16 (or the run's dtype) matrix-product
+rate. Prints Markdown tables; `--json PATH` also writes the numbers.
 """
 
 from __future__ import annotations
@@ -19,14 +25,17 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import transformers
+from torch import nn
 
+from bench.moe_shapes import PRESETS as MOE_PRESETS
 from engine.config import EngineConfig
 from engine.device import Device
 from engine.engine import Engine, StepOutput
@@ -56,29 +65,96 @@ LLAMA3_8B: dict[str, Any] = {
         "original_max_position_embeddings": 8192,
     },
 }
-PRESETS = {"llama3-8b": LLAMA3_8B}
+PRESETS = {"llama3-8b": LLAMA3_8B, **MOE_PRESETS}
+DEFAULT_DECODE = "1x128,16x128,64x128,256x128,64x2048,256x512"
+DEFAULT_PREFILL = "64x128,8x2048,1x8192"
 FOOTNOTE = """
-pdserve: the Engine.step() loop (schedule, forward, greedy sample, postprocess); a prefill of
-B prompts is one step. HF: prefill is one forward over [B, prompt_len] (logits_to_keep=1); a
-decode step is a manual greedy loop over its DynamicCache (forward [B, 1], argmax, host read of
-the tokens), i.e. generate()'s step without its logits processors and stopping checks.
-Decode step ms is the mean over the timed steps; decode tok/s = batch / step time. Each figure
-is the median of --repeats runs on fresh prompts, after a warm-up at the largest batch. With
-dummy weights transformers runs the engine's own seeded weights, handed over by name."""
+pdserve: the Engine.step() loop (schedule, forward, sample, postprocess). HF: prefill is one
+forward over [B, L] (logits_to_keep=1); a decode step is a manual greedy loop over its
+DynamicCache (forward [B, 1], argmax, host read of the tokens), i.e. generate()'s step without
+its logits processors and stopping checks. Each figure is the median of --repeats runs on
+fresh prompts, after a warm-up. floor: bytes read (decode) or FLOPs (prefill) over the ceiling
+measured in this run; x floor = pdserve / floor. host ms: a pdserve step's wall time minus the
+device time of its forward (CUDA events from the forward's start to its end), i.e. what the
+device waits for Python per step. MoE floors assume uniform routing: a step of B tokens reads
+E(1 - (1 - k/E)^B) experts per layer (dummy weights route about uniformly)."""
 
 
 @dataclass(frozen=True)
-class Figures:
-    """One system's numbers at one batch size."""
-
+class Shape:
     batch: int
-    prefill_tok_s: float
-    decode_step_ms: float
+    length: int
 
-    @property
-    def decode_tok_s(self) -> float:
-        """Output tokens per second in decode: the batch's B tokens per step."""
-        return 1000.0 * self.batch / self.decode_step_ms
+    @staticmethod
+    def parse(text: str) -> Shape:
+        b, _, n = text.lower().partition("x")
+        shape = Shape(int(b), int(n))
+        if shape.batch < 1 or shape.length < 1:
+            raise ValueError(f"batch and length must be >= 1, got {text!r}")
+        return shape
+
+    def __str__(self) -> str:
+        return f"{self.batch}x{self.length}"
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    """What the device does at best, measured in this run."""
+
+    copy_bytes_per_s: float  # device-to-device copy: bytes read + bytes written per second
+    matmul_flop_per_s: float  # a large square matrix product in the run's dtype
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """What a model's steps must read and compute, from its parameters."""
+
+    dense_bytes: float  # weights every decode step reads (all but the embedding and experts)
+    expert_bytes: float  # one routed expert's weights
+    moe_layers: int
+    num_experts: int
+    top_k: int
+    kv_token_bytes: float  # one token's KV over all layers
+    dense_params: float  # matmul parameters per token (no embedding, LM head, routed experts)
+    lm_head_params: float
+    attn_flop_per_pair: float  # FLOPs of one (query, key) pair over all layers and heads
+
+    def decode_bytes(self, shape: Shape, steps: int) -> float:
+        """Bytes one decode step at batch B reads, mid-way through the timed steps."""
+        e, k = self.num_experts, self.top_k
+        touched = e * (1 - (1 - k / e) ** shape.batch) if e else 0.0
+        context = shape.length + steps / 2
+        return (
+            self.dense_bytes
+            + self.moe_layers * touched * self.expert_bytes
+            + shape.batch * context * self.kv_token_bytes
+        )
+
+    def prefill_flops(self, shape: Shape, dtype_bytes: int) -> float:
+        per_token = 2 * (self.dense_params + self.moe_layers * self.top_k * self.expert_bytes
+                         / dtype_bytes)  # fmt: skip
+        pairs = shape.length * (shape.length + 1) / 2  # causal
+        return shape.batch * (
+            shape.length * per_token + pairs * self.attn_flop_per_pair + 2 * self.lm_head_params
+        )
+
+
+@dataclass(frozen=True)
+class Decode:
+    step_ms: float
+    host_ms: float | None = None  # pdserve only, on CUDA
+
+
+def random_prompts(shape: Shape, vocab: int, seed: int) -> torch.Tensor:
+    """`[B, L]` random token ids: rows differ, so the prefix cache has no hits (the pdserve
+    runs check that it had none)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (shape.batch, shape.length), generator=gen)
+
+
+def clock(device: Device) -> float:
+    device.synchronize()
+    return time.perf_counter()
 
 
 def write_preset(name: str, out_dir: Path, num_layers: int | None = None) -> Path:
@@ -86,20 +162,75 @@ def write_preset(name: str, out_dir: Path, num_layers: int | None = None) -> Pat
     config = dict(PRESETS[name])
     if num_layers is not None:
         config["num_hidden_layers"] = num_layers
+        if "first_k_dense_replace" in config:
+            config["first_k_dense_replace"] = min(config["first_k_dense_replace"], num_layers)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     return out_dir
 
 
-def random_prompts(batch: int, prompt_len: int, vocab: int, seed: int) -> torch.Tensor:
-    """`[batch, prompt_len]` random token ids: rows differ, so the prefix cache has no hits (the
-    pdserve runs check that it had none)."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (batch, prompt_len), generator=gen)
+# -- the device's ceiling and the model's cost -------------------------------------------------
 
 
-def clock(device: Device) -> float:
-    device.synchronize()
-    return time.perf_counter()
+def measure_ceiling(device: Device, dtype: torch.dtype) -> Ceiling:
+    """Copy bandwidth over a buffer far larger than the caches, and the matmul rate of an N^3
+    product (N = 8192 on accelerators, 1024 on the CPU); best of several runs each."""
+    big = device.kind != "cpu"
+    nbytes = (2 << 30) if big else (256 << 20)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device.torch_device)
+    dst = torch.empty_like(src)
+    copy = []
+    for _ in range(10 if big else 3):
+        start = clock(device)
+        dst.copy_(src)
+        copy.append(clock(device) - start)
+    del src, dst
+    n = 8192 if big else 1024
+    a = torch.randn(n, n, dtype=dtype, device=device.torch_device)
+    b = torch.randn(n, n, dtype=dtype, device=device.torch_device)
+    a @ b  # warm-up (library heuristics, clocks)
+    mm = []
+    for _ in range(10 if big else 3):
+        start = clock(device)
+        a @ b
+        mm.append(clock(device) - start)
+    return Ceiling(2 * nbytes / min(copy), 2 * n**3 / min(mm))
+
+
+def model_cost(engine: Engine) -> ModelCost:
+    model = cast(nn.Module, engine.runner.model)
+    cfg = engine.model_config
+    elsize = engine.runner.dtype.itemsize
+    params = {id(p): p for p in model.parameters()}
+    embeds = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    experts = [m for m in model.modules() if hasattr(m, "w13") and hasattr(m, "w2")]
+    expert_ids = {id(p) for m in experts for p in (m.w13, m.w2)}
+    head = getattr(model, "lm_head", None)
+    head_ids = {id(head.weight)} if isinstance(head, nn.Module) else set()
+    total = sum(p.numel() for p in params.values())
+    embed = sum(params[i].numel() for i in embeds if i in params)
+    expert = sum(params[i].numel() for i in expert_ids)
+    lm_head = sum(params[i].numel() for i in head_ids) or (embed if cfg.tie_word_embeddings else 0)
+    num_experts = cfg.num_experts
+    # A tied LM head is the embedding: it is read once per step, as the head.
+    dense = total - embed - expert + (embed if cfg.tie_word_embeddings else 0)
+    cache = engine.runner.kv_cache
+    kv_token = cache.total_bytes / ((cache.num_pages + 1) * cache.page_size)
+    if cfg.mla is not None:
+        dk = cfg.mla.qk_nope_head_dim + cfg.mla.qk_rope_head_dim
+        dv = cfg.mla.v_head_dim
+    else:
+        dk = dv = cfg.head_dim
+    return ModelCost(
+        dense_bytes=dense * elsize,
+        expert_bytes=(expert / max(1, len(experts)) / max(1, num_experts)) * elsize,
+        moe_layers=len(experts),
+        num_experts=num_experts,
+        top_k=cfg.num_experts_per_tok,
+        kv_token_bytes=kv_token,
+        dense_params=dense - lm_head,
+        lm_head_params=lm_head,
+        attn_flop_per_pair=2 * cfg.num_layers * cfg.num_heads * (dk + dv),
+    )
 
 
 # -- pdserve ----------------------------------------------------------------------------------
@@ -118,35 +249,67 @@ def _check_no_hits(outputs: list[StepOutput]) -> None:
 
 
 def pdserve_prefill(engine: Engine, prompts: torch.Tensor) -> float:
-    """Prompt tokens per second for one batch of prompts, each generating one token."""
+    """Seconds to prefill one batch of prompts, each generating one token."""
     _submit(engine, prompts, max_new_tokens=1)
     start = clock(engine.device)
     while engine.has_unfinished():
         _check_no_hits(engine.step())
-    return prompts.numel() / (clock(engine.device) - start)
+    return clock(engine.device) - start
 
 
-def pdserve_decode(engine: Engine, prompts: torch.Tensor, steps: int) -> float:
-    """Mean milliseconds of a decode step over the whole batch, after its prefill."""
+@contextmanager
+def forward_device_time(engine: Engine) -> Iterator[list[float]]:
+    """While active, the device milliseconds of each `runner.forward` (CUDA only: else the
+    list stays empty). The forward is wrapped on the instance, and restored after."""
+    runner = engine.runner
+    times: list[float] = []
+    if engine.device.kind != "cuda":
+        yield times
+        return
+    inner = runner.forward
+
+    def timed(batch: Any) -> Any:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = inner(batch)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+        return out
+
+    runner.forward = timed  # type: ignore[method-assign]
+    try:
+        yield times
+    finally:
+        del runner.forward
+
+
+def pdserve_decode(engine: Engine, prompts: torch.Tensor, steps: int) -> Decode:
+    """Mean milliseconds of a decode step over the whole batch, after its prefill, and of the
+    host's share of it."""
     ids = _submit(engine, prompts, max_new_tokens=steps + 1)
     started: set[str] = set()
     while started != ids:
         outputs = engine.step()
         _check_no_hits(outputs)
         started.update(o.request_id for o in outputs)
-    times = []
-    for _ in range(steps):
-        start = clock(engine.device)
-        outputs = engine.step()
-        times.append(clock(engine.device) - start)
-        if len(outputs) != len(ids):
-            raise RuntimeError(
-                f"a decode step advanced {len(outputs)} of {len(ids)} requests "
-                "(preempted? enlarge --kv-cache-memory-gib)"
-            )
+    walls = []
+    with forward_device_time(engine) as device_ms:
+        for _ in range(steps):
+            start = clock(engine.device)
+            outputs = engine.step()
+            walls.append(1000 * (clock(engine.device) - start))
+            if len(outputs) != len(ids):
+                raise RuntimeError(
+                    f"a decode step advanced {len(outputs)} of {len(ids)} requests "
+                    "(preempted? enlarge --kv-cache-memory-gib)"
+                )
     if engine.has_unfinished():
         raise RuntimeError("requests are still live after the timed decode steps")
-    return 1000 * statistics.mean(times)
+    host = (
+        statistics.mean(w - d for w, d in zip(walls, device_ms, strict=True)) if device_ms else None
+    )
+    return Decode(statistics.mean(walls), host)
 
 
 def pdserve_state_as_hf(model: CausalLM) -> dict[str, torch.Tensor]:
@@ -191,11 +354,11 @@ def hf_prefill(model: Any, prompts: torch.Tensor, device: Device) -> float:
     ids = prompts.to(device.torch_device)
     start = clock(device)
     model(ids, use_cache=True, logits_to_keep=1)
-    return prompts.numel() / (clock(device) - start)
+    return clock(device) - start
 
 
 @torch.inference_mode()
-def hf_decode(model: Any, prompts: torch.Tensor, steps: int, device: Device) -> float:
+def hf_decode(model: Any, prompts: torch.Tensor, steps: int, device: Device) -> Decode:
     """Mean ms of a greedy step: forward one token per row over the DynamicCache, argmax, read."""
     out = model(prompts.to(device.torch_device), use_cache=True, logits_to_keep=1)
     times = []
@@ -205,44 +368,60 @@ def hf_decode(model: Any, prompts: torch.Tensor, steps: int, device: Device) -> 
         out = model(next_ids, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
         out.logits[:, -1].argmax(dim=-1).tolist()  # the host reads the tokens, as the engine does
         times.append(clock(device) - start)
-    return 1000 * statistics.mean(times)
+    return Decode(1000 * statistics.mean(times))
 
 
 # -- driver -----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Results:
+    prefill_s: dict[Shape, float]
+    decode: dict[Shape, Decode]
+
+
 def measure(
     prefill: Callable[[torch.Tensor], float],
-    decode: Callable[[torch.Tensor, int], float],
+    decode: Callable[[torch.Tensor, int], Decode],
     args: argparse.Namespace,
     vocab: int,
-) -> dict[int, Figures]:
-    """Warm up once at the largest batch, then measure every batch size (median of repeats,
-    each repeat on fresh prompts)."""
-    decode(random_prompts(max(args.batch_sizes), args.prompt_len, vocab, seed=1), 2)
-    figures = {}
-    for b in args.batch_sizes:
-        seeds = range(1000 * b, 1000 * b + 2 * args.repeats, 2)
-        prompts = [random_prompts(b, args.prompt_len, vocab, seed) for seed in seeds]
-        others = [random_prompts(b, args.prompt_len, vocab, seed + 1) for seed in seeds]
-        figures[b] = Figures(
-            batch=b,
-            prefill_tok_s=statistics.median(prefill(p) for p in prompts),
-            decode_step_ms=statistics.median(decode(p, args.decode_steps) for p in others),
-        )
-    return figures
+) -> Results:
+    """Warm up once per shape, then measure every shape (median of repeats, each on fresh
+    prompts)."""
+    pre: dict[Shape, float] = {}
+    for s in args.prefill:
+        prefill(random_prompts(s, vocab, seed=7))
+        secs = [prefill(random_prompts(s, vocab, seed)) for seed in range(args.repeats)]
+        pre[s] = statistics.median(secs)
+    dec: dict[Shape, Decode] = {}
+    for s in args.decode:
+        decode(random_prompts(s, vocab, seed=7), 2)
+        runs = [decode(random_prompts(s, vocab, 100 + seed), args.decode_steps)
+                for seed in range(args.repeats)]  # fmt: skip
+        step = statistics.median(r.step_ms for r in runs)
+        hosts = [r.host_ms for r in runs if r.host_ms is not None]
+        dec[s] = Decode(step, statistics.median(hosts) if hosts else None)
+    return Results(pre, dec)
 
 
 def engine_config(args: argparse.Namespace, model_path: str, load_format: str) -> EngineConfig:
-    biggest = max(args.batch_sizes)
-    prefill_tokens = max(8192, biggest * args.prompt_len)  # one prefill step per batch
+    biggest = max(s.batch for s in [*args.decode, *args.prefill])
+    prefill_tokens = max(8192, *(s.batch * s.length for s in args.prefill))
     sizing: dict[str, Any] = {}
     if args.kv_cache_memory_gib is not None:
         sizing["kv_cache_memory_bytes"] = int(args.kv_cache_memory_gib * 2**30)
     else:
         # Every request's prompt + output, plus the page of headroom admission keeps per request.
-        per_request = -(-(args.prompt_len + args.decode_steps + 1) // args.page_size) + 1
-        sizing["num_pages"] = biggest * per_request
+        sizing["num_pages"] = max(
+            s.batch * (-(-(s.length + args.decode_steps + 1) // args.page_size) + 1)
+            for s in [*args.decode, *args.prefill]
+        )
+    context = max(s.length for s in [*args.decode, *args.prefill]) + args.decode_steps + 8
+    extra: dict[str, Any] = {}
+    if args.attention_backend:
+        extra["attention_backend"] = args.attention_backend
+    if args.moe_backend:
+        extra["moe_backend"] = args.moe_backend
     return EngineConfig(
         model_path=model_path,
         load_format=load_format,
@@ -252,7 +431,10 @@ def engine_config(args: argparse.Namespace, model_path: str, load_format: str) -
         chunked_prefill_size=prefill_tokens,
         max_prefill_tokens=prefill_tokens,
         max_running_requests=max(256, biggest),
+        context_length=context,
+        disable_cuda_graph=args.disable_cuda_graph,
         **sizing,
+        **extra,
     )
 
 
@@ -262,20 +444,47 @@ def device_name(device: Device) -> str:
     return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
-def render(rows: dict[int, tuple[Figures, Figures | None]]) -> str:
-    def cells(f: Figures | None) -> tuple[str, str, str]:
-        if f is None:
-            return "-", "-", "-"
-        return f"{f.prefill_tok_s:,.0f}", f"{f.decode_step_ms:,.2f}", f"{f.decode_tok_s:,.0f}"
+def _num(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
 
+
+def render_decode(
+    ours: Results, hf: Results | None, cost: ModelCost, ceiling: Ceiling, steps: int
+) -> str:
     lines = [
-        "| batch | pdserve prefill tok/s | HF prefill tok/s | pdserve decode step ms "
-        "| HF decode step ms | pdserve decode tok/s | HF decode tok/s |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| decode BxL | pdserve step ms | floor ms | x floor | HF step ms | pdserve tok/s "
+        "| HF tok/s | host ms/step |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for b, (ours, hf) in rows.items():
-        (p1, d1, t1), (p2, d2, t2) = cells(ours), cells(hf)
-        lines.append(f"| {b} | {p1} | {p2} | {d1} | {d2} | {t1} | {t2} |")
+    for s, d in ours.decode.items():
+        floor = 1000 * cost.decode_bytes(s, steps) / ceiling.copy_bytes_per_s
+        h = hf.decode.get(s) if hf else None
+        lines.append(
+            f"| {s} | {d.step_ms:.2f} | {floor:.2f} | {d.step_ms / floor:.2f} "
+            f"| {_num(h.step_ms if h else None, '.2f')} | {1000 * s.batch / d.step_ms:,.0f} "
+            f"| {_num(1000 * s.batch / h.step_ms if h else None, ',.0f')} "
+            f"| {_num(d.host_ms, '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+def render_prefill(
+    ours: Results, hf: Results | None, cost: ModelCost, ceiling: Ceiling, dtype_bytes: int
+) -> str:
+    lines = [
+        "| prefill BxL | pdserve tok/s | HF tok/s | pdserve / HF | pdserve TFLOP/s "
+        "| of matmul rate |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for s, secs in ours.prefill_s.items():
+        tokens = s.batch * s.length
+        h = hf.prefill_s.get(s) if hf else None
+        flops = cost.prefill_flops(s, dtype_bytes) / secs
+        lines.append(
+            f"| {s} | {tokens / secs:,.0f} | {_num(tokens / h if h else None, ',.0f')} "
+            f"| {_num(h / secs if h else None, '.2f')} | {flops / 1e12:.1f} "
+            f"| {100 * flops / ceiling.matmul_flop_per_s:.0f}% |"
+        )
     return "\n".join(lines)
 
 
@@ -288,33 +497,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--load-format", choices=("auto", "dummy"), default="auto")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
-    p.add_argument("--batch-sizes", default="1,16,64", help="comma-separated")
-    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--decode", default=DEFAULT_DECODE, help="decode shapes, BxL, comma-separated")
+    p.add_argument("--prefill", default=DEFAULT_PREFILL, help="prefill shapes, BxL ('' none)")
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="report the median of this many runs")
     p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--attention-backend", help="the engine's --attention-backend (default auto)")
+    p.add_argument("--moe-backend", help="the engine's --moe-backend (default auto)")
+    p.add_argument("--disable-cuda-graph", action="store_true")
     p.add_argument("--kv-cache-memory-gib", type=float, help="default: just what the runs need")
     p.add_argument("--skip-hf", action="store_true", help="measure pdserve only")
     p.add_argument("--json", type=Path, help="also write the numbers here")
     args = p.parse_args(argv)
-    args.batch_sizes = sorted({int(b) for b in args.batch_sizes.split(",")})
-    if args.batch_sizes[0] < 1 or args.prompt_len < 1 or min(args.decode_steps, args.repeats) < 1:
-        p.error("batch sizes, --prompt-len, --decode-steps and --repeats must be >= 1")
+    try:
+        args.decode = [Shape.parse(t) for t in args.decode.split(",") if t.strip()]
+        args.prefill = [Shape.parse(t) for t in args.prefill.split(",") if t.strip()]
+    except ValueError as exc:
+        p.error(f"--decode/--prefill take BxL shapes like 64x128: {exc}")
+    if not args.decode and not args.prefill:
+        p.error("nothing to measure: give --decode or --prefill shapes")
+    if min(args.decode_steps, args.repeats) < 1:
+        p.error("--decode-steps and --repeats must be >= 1")
     return args
 
 
 def bench_pdserve(
     args: argparse.Namespace, path: str, load_format: str, hand_over_weights: bool
-) -> tuple[dict[int, Figures], Device, torch.dtype, int, dict[str, torch.Tensor] | None]:
-    """pdserve's figures, where it ran, and (if asked) its weights under checkpoint names; the
-    engine and its KV pool are freed on return."""
+) -> tuple[Results, Engine, dict[str, torch.Tensor] | None, float]:
+    """pdserve's figures, its engine, (if asked) its weights under checkpoint names, and its
+    start-up seconds."""
+    start = time.perf_counter()
     engine = Engine(engine_config(args, path, load_format))
+    startup = time.perf_counter() - start
     vocab = engine.model_config.vocab_size
-    figures = measure(
+    results = measure(
         lambda p: pdserve_prefill(engine, p), lambda p, n: pdserve_decode(engine, p, n), args, vocab
     )
     state = pdserve_state_as_hf(engine.runner.model) if hand_over_weights else None
-    return figures, engine.device, engine.runner.dtype, vocab, state
+    return results, engine, state, startup
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -329,12 +549,21 @@ def main(argv: list[str] | None = None) -> None:
             path, load_format, model_name = args.model_path, args.load_format, args.model_path
         # Dummy weights exist only in the engine, so they are handed over to transformers.
         hand_over = load_format == "dummy" and not args.skip_hf
-        ours, device, dtype, vocab, state = bench_pdserve(args, path, load_format, hand_over)
-        hf: dict[int, Figures] = {}
+        ours, engine, state, startup = bench_pdserve(args, path, load_format, hand_over)
+        device, dtype, vocab = engine.device, engine.runner.dtype, engine.model_config.vocab_size
+        cost = model_cost(engine)
+        graphs = engine.runner.graphs
+        backends = type(engine.runner.attention).__name__
+        moe = getattr(engine.runner, "moe_backend", None)
+        if moe is not None:
+            backends += f", MoE {moe.name}"
+        del engine
+        gc.collect()
+        if device.kind == "cuda":
+            torch.cuda.empty_cache()  # the engine's KV pool, before the HF model arrives
+        ceiling = measure_ceiling(device, dtype)
+        hf: Results | None = None
         if not args.skip_hf:
-            gc.collect()
-            if device.kind == "cuda":
-                torch.cuda.empty_cache()  # the engine's KV pool, before the HF model arrives
             model = load_hf(path, dtype, device, state)
             del state
             hf = measure(
@@ -348,21 +577,42 @@ def main(argv: list[str] | None = None) -> None:
         "device": device_name(device),
         "dtype": str(dtype).removeprefix("torch."),
         "model": model_name,
+        "backends": backends,
+        "cuda graphs": "off"
+        if graphs is None
+        else f"{len(graphs.graphs)} (bs <= {graphs.max_bs},"
+        f" {graphs.capture_seconds:.1f} s, {graphs.memory_bytes / 2**20:.0f} MiB)",
+        "engine start s": round(startup, 1),
+        "copy GB/s": round(ceiling.copy_bytes_per_s / 1e9),
+        "matmul TFLOP/s": round(ceiling.matmul_flop_per_s / 1e12, 1),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "prompt_len": args.prompt_len,
         "decode_steps": args.decode_steps,
         "repeats": args.repeats,
     }
     print(" | ".join(f"{k}: {v}" for k, v in header.items()) + "\n")
-    print(render({b: (ours[b], hf.get(b)) for b in args.batch_sizes}))
+    if ours.decode:
+        print(render_decode(ours, hf, cost, ceiling, args.decode_steps) + "\n")
+    if ours.prefill_s:
+        print(render_prefill(ours, hf, cost, ceiling, dtype.itemsize))
     print(FOOTNOTE)
     if args.json:
         numbers = {
-            name: {b: asdict(f) | {"decode_tok_s": f.decode_tok_s} for b, f in figures.items()}
-            for name, figures in (("pdserve", ours), ("hf", hf))
+            name: {
+                "prefill_s": {str(s): v for s, v in r.prefill_s.items()},
+                "decode": {str(s): asdict(d) for s, d in r.decode.items()},
+            }
+            for name, r in (("pdserve", ours), ("hf", hf))
+            if r is not None
         }
-        args.json.write_text(json.dumps(header | numbers, indent=2))
+        floors = {
+            "decode_floor_ms": {
+                str(s): 1000 * cost.decode_bytes(s, args.decode_steps) / ceiling.copy_bytes_per_s
+                for s in args.decode
+            },
+            "prefill_flops": {str(s): cost.prefill_flops(s, dtype.itemsize) for s in args.prefill},
+        }
+        args.json.write_text(json.dumps(header | numbers | floors, indent=2))
 
 
 if __name__ == "__main__":

@@ -142,14 +142,14 @@ class Traffic:
     small_bytes: int = 0  # counts, slot ids, routing weights to and from other ranks
     a2a_s: float = 0.0  # wall time inside all_to_all_single, waiting for peers included
     compute_s: float = 0.0  # time in the layer's local expert computation
-    rows_per_step: list[int] = field(default_factory=list)  # (token, expert) rows received
+    rows_per_step: list[int] = field(default_factory=list)  # (token, expert) pairs received
     slot_ids: list[torch.Tensor] = field(default_factory=list)  # per step, the local slot ids
 
     @property
     def slots_per_step(self) -> list[int]:
         """Local slots that ran at least one row, per step: in decode each is a full read of
         that expert's weights."""
-        return [int(s.unique().numel()) for s in self.slot_ids]
+        return [int(s[s >= 0].unique().numel()) for s in self.slot_ids]
 
 
 @contextmanager
@@ -157,6 +157,7 @@ def instrumented(layer: ExpertParallelExperts, traffic: Traffic) -> Iterator[Non
     """Count and time `dist.all_to_all_single` and the layer's `_compute` (this process only)."""
     original_a2a, original_compute = dist.all_to_all_single, layer._compute
     rank, world = dist.get_rank(), dist.get_world_size()
+    hidden_size = layer.local.w13.shape[2]
 
     def a2a(
         output: torch.Tensor,
@@ -176,12 +177,10 @@ def instrumented(layer: ExpertParallelExperts, traffic: Traffic) -> Iterator[Non
         row_bytes = input.element_size() * math.prod(input.shape[1:])
         remote = (sum(sent) - sent[rank] + sum(received) - received[rank]) * row_bytes
         traffic.calls += 1
-        if input.is_floating_point() and input.dim() == 2:
+        if input.is_floating_point() and input.dim() == 2 and input.shape[1] == hidden_size:
             traffic.hidden_bytes += remote
         else:
             traffic.small_bytes += remote
-        if output_split_sizes is None:  # the counts exchange opens every forward
-            traffic.rows_per_step.append(int(output.sum()))
         return result
 
     def compute(rows: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -189,6 +188,8 @@ def instrumented(layer: ExpertParallelExperts, traffic: Traffic) -> Iterator[Non
         out = original_compute(rows, slots, weights)
         traffic.compute_s += time.perf_counter() - start
         traffic.slot_ids.append(slots)
+        # A received row carries its token's choices on this rank (-1 elsewhere).
+        traffic.rows_per_step.append(int((slots >= 0).sum()))
         return out
 
     with (
@@ -199,12 +200,13 @@ def instrumented(layer: ExpertParallelExperts, traffic: Traffic) -> Iterator[Non
 
 
 def dedup_rows(layer: ExpertParallelExperts, ids: torch.Tensor) -> int:
-    """Hidden rows this rank would send if each token went once to each other rank that holds
-    one of its experts (routing as the layer does: replica by token index)."""
+    """Hidden rows this rank sends if each token goes once to each other rank that holds one of
+    its experts (routing as the layer does: replica by token index offset by rank)."""
     num_tokens, top_k = ids.shape
     flat = ids.flatten()
     token_of = torch.arange(num_tokens).repeat_interleave(top_k)
-    slot = layer.replica_table[flat, token_of % layer.replica_count[flat]]
+    spread = token_of + layer.parallel.rank
+    slot = layer.replica_table[flat, spread % layer.replica_count[flat]]
     dest = slot // layer.placement.slots_per_rank
     pairs = torch.unique(token_of * layer.parallel.ep_size + dest)
     return int((pairs % layer.parallel.ep_size != layer.parallel.rank).sum())
@@ -256,7 +258,7 @@ class TimingRow:
     slots: float  # expert slots run per rank per step, mean
     calls: float  # all-to-all calls per step
     hidden_bytes: float  # per step per rank, mean over ranks
-    dedup_bytes: float  # hidden bytes if rows were sent once per (token, rank), combined likewise
+    dedup_bytes: float  # hidden bytes when rows go once per (token, rank), combined likewise
     small_bytes: float
     max_err: float | None
 
@@ -457,6 +459,7 @@ class EplbJob:
 
         timed_steps(forward, inputs[:w], world)
         layer.load.zero_()
+        layer.steps.zero_()
         before, old = self._window(layer, forward, inputs[w : w + k]), layer.placement
         start = time.perf_counter()
         # The lockstep loop's EPLB, on an engine whose one MoE layer is this one.
@@ -550,7 +553,7 @@ TIMING_HEADER = (
     "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
 )
 EPLB_HEADER = (
-    "| EP | redundant | slots/rank | planned max/mean (window 1) | moved: remote + local "
+    "| EP | redundant | slots/rank | planned step cost max/mean (window 1) | moved: remote + local "
     "| rebalance ms "
     "| measured rows max/mean | per-step max/mean | expected max/mean (own window) "
     "| experts run/step: busiest / mean rank | median ms | EP = EP 1 |\n"
@@ -650,8 +653,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         ".tolist(), gathers, index_add). experts run: expert slots with at least one row per "
         "rank and step, each a full read of its weights. KiB are the bytes a rank sends "
         "to plus receives from other ranks per step, mean over ranks; 'if dedup' is the hidden "
-        "traffic if each token went once to each other rank holding one of its experts and came "
-        "back summed. Check: EP N output on one step gathered to rank 0 vs FusedExperts on the "
+        "traffic when each token goes once to each other rank holding one of its experts and "
+        "comes back summed, which is what the layer does (the two columns match). "
+        "Check: EP N output on one step gathered to rank 0 vs FusedExperts on the "
         f"same tokens, max abs difference <= {CHECK_ATOL:g}."
     )
     if eplb:
@@ -663,8 +667,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         for e in eplb:
             print(e.row())
         print(
-            "\nplanned: rebalance_experts' expected max/mean rank load on window-1 loads (after "
-            "= min(before, plan)). measured: (token, expert) rows each rank received by "
+            "\nplanned: rebalance_experts' report on window-1 loads: the expected step cost "
+            "(engine.eplb.step_cost: expert reads plus tokens) of the costliest rank over the "
+            "mean rank's before, then after. measured: (token, expert) rows each rank received by "
             "all-to-all, summed over the window, max/mean over ranks; per-step: the same per "
             "step, averaged. expected (own window): placement.imbalance of the placement in use "
             "on that window's loads. Window 2 draws new steps from the same distribution. "

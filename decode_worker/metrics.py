@@ -120,7 +120,8 @@ class WorkerMetrics:
         )
         self.expert_imbalance = Gauge(
             "pdserve:expert_load_imbalance",
-            "Expected max/mean load over expert-parallel ranks, per MoE layer",
+            "Expected decode step cost of the costliest expert-parallel rank over the mean "
+            "rank's (expert weight reads plus tokens), per MoE layer",
             [*names, "layer"],
             registry=r,
         )

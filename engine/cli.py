@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine.config import ATTENTION_BACKENDS, DTYPES, LOAD_FORMATS, EngineConfig
+from engine.config import ATTENTION_BACKENDS, DTYPES, LOAD_FORMATS, MOE_BACKENDS, EngineConfig
 from engine.device import DEVICE_KINDS
 from engine.sampling import SamplingParams
 
@@ -59,6 +59,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--cuda-graph-max-bs", type=int, default=256, help="largest decode batch run as a graph"
     )
+    g.add_argument("--moe-backend", "--moe-runner-backend", default="auto", choices=MOE_BACKENDS)
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -86,6 +87,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         attention_backend=args.attention_backend,
         disable_cuda_graph=args.disable_cuda_graph,
         cuda_graph_max_bs=args.cuda_graph_max_bs,
+        moe_backend=args.moe_backend,
     )
 
 

@@ -351,6 +351,8 @@ def _deepseek_v3_from_hf(raw: dict[str, Any], name: str) -> ModelConfig:
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Routed-expert kernels (engine/layers/moe.py): auto = triton on CUDA, torch elsewhere.
+MOE_BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -383,8 +385,11 @@ class EngineConfig:
     attention_backend: str = "auto"
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int = 256
+    moe_backend: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.moe_backend not in MOE_BACKENDS:
+            raise ValueError(f"moe_backend must be one of {MOE_BACKENDS}, got {self.moe_backend!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.dtype not in DTYPES:

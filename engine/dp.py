@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from engine.engine import Engine, StepOutput
-from engine.eplb import rebalance
+from engine.eplb import plan_incremental, step_cost
 from engine.layers.ep_moe import global_load
 
 log = logging.getLogger(__name__)
@@ -88,30 +88,36 @@ def _load(engine: Engine) -> RankLoad:
 
 
 def rebalance_experts(engine: Engine) -> dict[str, tuple[float, float]]:
-    """EPLB on every MoE layer (a collective): new placements from the routing counts since
-    the last rebalance, weights moved between ranks, counters reset. A layer keeps its
-    placement when the greedy plan would not lower its imbalance (the plan can be worse than a
-    placement that is already nearly balanced). Returns, per layer, the expected max/mean rank
-    load before and after."""
+    """EPLB on every MoE layer (a collective): from the routing counts since the last
+    rebalance, `plan_incremental` moves a few experts so that the expected decode step cost
+    (`step_cost`: each active expert slot is a full read of its weights, plus a little per
+    token) evens out over the ranks; weights move between ranks; counters reset. Returns, per
+    layer, the costliest rank's expected cost before and after, each over the mean rank cost
+    before (so 1.0 is a perfectly even step, and after < before is a faster one)."""
     report = {}
     for name, layer in engine.runner.ep_layers.items():
         loads = global_load(layer)
-        before = layer.placement.imbalance(loads)
-        new = rebalance(loads, layer.placement.num_ranks, engine.parallel.num_redundant_experts)
-        after = new.imbalance(loads)
-        if after < before:
+        steps = int(layer.steps)
+        before = step_cost(layer.placement, loads, steps)
+        new = plan_incremental(layer.placement, loads, steps)
+        after = step_cost(new, loads, steps)
+        if new != layer.placement:
             layer.apply_placement(new)  # every rank decides alike: same loads, same plan
         layer.load.zero_()
-        report[name] = (before, min(before, after))
+        layer.steps.zero_()
+        mean = before.mean or 1.0
+        report[name] = (before.max / mean, after.max / mean)
     return report
 
 
 def expert_imbalance(engine: Engine) -> dict[str, tuple[float, float]]:
-    """Per MoE layer, the expected max/mean rank load of the current placement (a collective;
-    the same number twice, in `rebalance_experts`' shape)."""
+    """Per MoE layer, the current placement's costliest rank over the mean rank (expected decode
+    step cost, `step_cost`, since the last rebalance; a collective; the same number twice, in
+    `rebalance_experts`' shape)."""
     report = {}
     for name, layer in engine.runner.ep_layers.items():
-        imbalance = layer.placement.imbalance(global_load(layer))
+        cost = step_cost(layer.placement, global_load(layer), int(layer.steps))
+        imbalance = cost.max / cost.mean if cost.mean else 1.0
         report[name] = (imbalance, imbalance)
     return report
 

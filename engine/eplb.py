@@ -11,6 +11,7 @@ deterministic, so every rank computes the same placement from the same loads.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -181,6 +182,193 @@ def rebalance(
         slots_per_rank=slots_per_rank,
         physical_to_logical=tuple(e for experts in rank_experts for e in experts),
     )
+
+
+# A (token, expert) pair costs this fraction of one read of an expert's weights: the pair's
+# matmul FLOPs over the device's FLOP rate, against the weights' bytes over its memory
+# bandwidth (6 H I of each: the ridge point, about 200 on an H200), plus its all-to-all bytes.
+PAIR_COST = 1 / 100
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """The planner's model of one decode step, per rank, in units of one expert weight read.
+
+    A slot costs `P(active) + PAIR_COST * pairs` per step, where its replica receives `pairs =
+    load / steps / replicas` pairs on average (tokens spread evenly over an expert's replicas)
+    and `P(active) = 1 - exp(-pairs)` (Poisson arrivals) is the chance it gets any, i.e. that
+    the step reads its weights. A rank's cost is the sum over its slots; the step waits for the
+    costliest rank. With no step count (`steps == 0`) every slot counts as active.
+    """
+
+    rank_costs: tuple[float, ...]
+
+    @property
+    def max(self) -> float:
+        return max(self.rank_costs)
+
+    @property
+    def mean(self) -> float:
+        return sum(self.rank_costs) / len(self.rank_costs)
+
+
+def _slot_cost(load: float, replicas: int, steps: int) -> float:
+    if steps <= 0:
+        return 1.0 + PAIR_COST * load / replicas
+    pairs = load / steps / replicas
+    return -math.expm1(-pairs) + PAIR_COST * pairs
+
+
+def step_cost(placement: ExpertPlacement, logical_loads: Sequence[float], steps: int) -> StepCost:
+    """`StepCost` of `placement` for `logical_loads` counted over `steps` steps."""
+    _check_loads(logical_loads)
+    if len(logical_loads) != placement.num_logical:
+        raise ValueError(
+            f"got {len(logical_loads)} loads for a placement of {placement.num_logical} experts"
+        )
+    costs = [0.0] * placement.num_ranks
+    for p, e in enumerate(placement.physical_to_logical):
+        replicas = len(placement.logical_to_physical[e])
+        costs[placement.rank_of(p)] += _slot_cost(logical_loads[e], replicas, steps)
+    return StepCost(tuple(costs))
+
+
+def plan_incremental(
+    current: ExpertPlacement,
+    logical_loads: Sequence[float],
+    steps: int,
+    max_copies: int | None = None,
+) -> ExpertPlacement:
+    """A placement near `current` with a lower expected step cost (`step_cost`), reached by at
+    most `max_copies` slot weight copies (default: a quarter of the slots).
+
+    Local search from `current`, one move at a time, each the best of:
+    - swap the experts of a slot on the costliest rank and a slot on one of the two cheapest
+      ranks (2 copies);
+    - re-point a redundant replica (of an expert with two or more) at another expert that is
+      not on that rank yet (1 copy): a hot expert gains a replica, a cool one gives it up.
+    A move is taken only if it lowers the costliest rank's cost, or keeps it and lowers the
+    sum of squared rank costs; no move puts two copies of an expert on one rank. Returns
+    `current` itself when nothing helps. Deterministic: every rank plans alike.
+    """
+    _check_loads(logical_loads)
+    if len(logical_loads) != current.num_logical:
+        raise ValueError(
+            f"got {len(logical_loads)} loads for a placement of {current.num_logical} experts"
+        )
+    budget = current.num_slots // 4 if max_copies is None else max_copies
+    if budget < 0:
+        raise ValueError(f"max_copies must be >= 0, got {max_copies}")
+    spr, num_ranks = current.slots_per_rank, current.num_ranks
+    experts = list(current.physical_to_logical)  # slot -> logical expert, edited in place
+    slots_of: list[list[int]] = [list(r) for r in current.logical_to_physical]
+    # Copies of each expert per rank (a placement may start with two on one rank).
+    on_rank = [Counter(experts[r * spr : (r + 1) * spr]) for r in range(num_ranks)]
+
+    def cost_of(e: int, n: int) -> float:
+        return _slot_cost(logical_loads[e], n, steps)
+
+    def rank_costs() -> list[float]:
+        costs = [0.0] * num_ranks
+        for p, e in enumerate(experts):
+            costs[p // spr] += cost_of(e, len(slots_of[e]))
+        return costs
+
+    def score(costs: list[float]) -> tuple[float, float]:
+        return (max(costs), sum(c * c for c in costs))
+
+    def swap_trial(costs: list[float], a: int, b: int) -> list[float] | None:
+        ea, eb, ra, rb = experts[a], experts[b], a // spr, b // spr
+        if ra == rb or ea == eb or on_rank[ra][eb] or on_rank[rb][ea]:
+            return None
+        ca, cb = cost_of(ea, len(slots_of[ea])), cost_of(eb, len(slots_of[eb]))
+        trial = list(costs)
+        trial[ra] += cb - ca
+        trial[rb] += ca - cb
+        return trial
+
+    def repoint_trial(costs: list[float], slot: int, new: int) -> list[float]:
+        old, rank = experts[slot], slot // spr
+        n_old, n_new = len(slots_of[old]), len(slots_of[new])
+        trial = list(costs)
+        before, after = cost_of(old, n_old), cost_of(old, n_old - 1)
+        for p in slots_of[old]:
+            trial[p // spr] += -before if p == slot else after - before
+        before, after = cost_of(new, n_new), cost_of(new, n_new + 1)
+        for p in slots_of[new]:
+            trial[p // spr] += after - before
+        trial[rank] += after
+        return trial
+
+    copies = 0
+    costs = rank_costs()
+    while copies < budget:
+        best: tuple[tuple[float, float], str, int, int] | None = None
+        hot = max(range(num_ranks), key=lambda r: (costs[r], -r))
+        # Swap partners on the two cheapest ranks only: it keeps a plan for hundreds of slots
+        # under a second and loses little (the hot rank's cost must go somewhere cheap).
+        cool = sorted(range(num_ranks), key=lambda r: (costs[r], r))[:2]
+        partners = [b for r in cool if r != hot for b in range(r * spr, (r + 1) * spr)]
+        if copies + 2 <= budget:
+            for a in range(hot * spr, (hot + 1) * spr):
+                for b in partners:
+                    trial = swap_trial(costs, a, b)
+                    if trial is not None and (best is None or score(trial) < best[0]):
+                        best = (score(trial), "swap", a, b)
+        # The experts most worth another replica: the highest load per replica.
+        targets = sorted(
+            range(current.num_logical), key=lambda e: (-logical_loads[e] / len(slots_of[e]), e)
+        )[:8]
+        for slot in range(current.num_slots):
+            if len(slots_of[experts[slot]]) < 2:
+                continue
+            for new in targets:
+                if new == experts[slot] or on_rank[slot // spr][new]:
+                    continue
+                trial = repoint_trial(costs, slot, new)
+                if best is None or score(trial) < best[0]:
+                    best = (score(trial), "repoint", slot, new)
+        if best is None or not _better(best[0], score(costs)):
+            break
+        _, kind, x, y = best
+        if kind == "swap":
+            ex, ey = experts[x], experts[y]
+            _move(experts, slots_of, on_rank, spr, x, ey)
+            _move(experts, slots_of, on_rank, spr, y, ex)
+            copies += 2
+        else:
+            _move(experts, slots_of, on_rank, spr, x, y)
+            copies += 1
+        costs = rank_costs()
+    if tuple(experts) == current.physical_to_logical:
+        return current
+    return ExpertPlacement(current.num_logical, num_ranks, spr, tuple(experts))
+
+
+def _move(
+    experts: list[int],
+    slots_of: list[list[int]],
+    on_rank: list[Counter[int]],
+    spr: int,
+    slot: int,
+    new: int,
+) -> None:
+    """Put logical expert `new` in `slot`, keeping the indexes in step."""
+    old, rank = experts[slot], slot // spr
+    slots_of[old].remove(slot)
+    on_rank[rank][old] -= 1
+    experts[slot] = new
+    slots_of[new].append(slot)
+    slots_of[new].sort()
+    on_rank[rank][new] += 1
+
+
+def _better(new: tuple[float, float], old: tuple[float, float]) -> bool:
+    """Lower max, or the same max (to rounding) and a lower sum of squares."""
+    tol = 1e-9 * max(1.0, old[0])
+    if new[0] < old[0] - tol:
+        return True
+    return new[0] <= old[0] + tol and new[1] < old[1] - tol * max(1.0, old[1])
 
 
 def moves(old: ExpertPlacement, new: ExpertPlacement) -> list[ExpertMove]:

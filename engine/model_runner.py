@@ -16,6 +16,7 @@ from engine.forward_batch import ForwardBatch
 from engine.kv_cache import KVCache, KVCacheSpec
 from engine.layers.attention import AttentionBackend, make_attention_backend
 from engine.layers.ep_moe import ExpertParallelExperts, expert_parallel_layers, shard_experts
+from engine.layers.moe import MoEBackend, moe_backend_for, set_moe_backend
 from engine.loader import (
     WeightTarget,
     WeightTargets,
@@ -57,6 +58,10 @@ class ModelRunner:
                 self.ep_layers = self._shard_experts()
             finally:
                 torch.set_default_dtype(torch_default)
+        self.moe_backend: MoEBackend | None = None
+        if model_config.is_moe:
+            self.moe_backend = moe_backend_for(config.moe_backend, device.kind)
+            set_moe_backend(cast(torch.nn.Module, self.model), self.moe_backend)
         # RoPE tables stay float32 whatever the weights' dtype, like the reference.
         self.model.rotary.float()
         self._load_weights()
@@ -71,11 +76,12 @@ class ModelRunner:
             device.torch_device,
         )
         log.info(
-            "KV pool: %d pages of %d tokens (%.1f MiB); attention backend %s",
+            "KV pool: %d pages of %d tokens (%.1f MiB); attention backend %s%s",
             self.kv_cache.num_pages,
             config.page_size,
             self.kv_cache.total_bytes / 2**20,
             type(self.attention).__name__,
+            "" if self.moe_backend is None else f", MoE backend {self.moe_backend.name}",
         )
         context = config.context_length or model_config.max_position_embeddings
         self.max_context = context

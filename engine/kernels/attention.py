@@ -27,6 +27,12 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 
 
+def _precision(q: torch.Tensor) -> str:
+    """tl.dot's input precision: exact in float32 (the reference runs that the engine is
+    token-exact against), the tensor cores' own for 16-bit inputs."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
 @triton.jit
 def _store_kv_kernel(
     k_ptr,
@@ -122,14 +128,15 @@ def _decode_split_kernel(
     BLOCK_DV: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    num_splits,
+    PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
     row = tl.load(rows_ptr + b).to(tl.int64)
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
     if start < end:
@@ -155,7 +162,7 @@ def _decode_split_kernel(
                 mask=ok[:, None] & (dk[None, :] < DK),
                 other=0.0,
             )  # [N, DK]
-            s = tl.dot(q, tl.trans(k)) * scale  # [G, N]
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [G, N]
             s = tl.where(ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
             alpha = tl.exp2(m - m_new)
@@ -166,7 +173,7 @@ def _decode_split_kernel(
                 mask=ok[:, None] & (dv[None, :] < DV),
                 other=0.0,
             )  # [N, DV]
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m = m_new
         out = acc / l_sum[:, None]
         tl.store(
@@ -201,17 +208,17 @@ def _decode_combine_kernel(
     DV: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    num_splits,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     dv = tl.arange(0, BLOCK_DV)
     m = float("-inf")
     total = 0.0
     acc = tl.zeros([BLOCK_DV], tl.float32)
-    for split in range(NUM_SPLITS):
+    for split in range(num_splits):
         if split * split_len < seq_len:
             lse = tl.load(part_lse_ptr + b * stride_lb + h * stride_lh + split)
             o = tl.load(
@@ -298,7 +305,8 @@ def decode_attention(
         BLOCK_DV=block_dv,
         PAGE_SIZE=page_size,
         BLOCK_N=DECODE_BLOCK_N,
-        NUM_SPLITS=num_splits,
+        num_splits=num_splits,
+        PRECISION=_precision(q),
         num_warps=4,
         num_stages=2,
     )
@@ -317,7 +325,7 @@ def decode_attention(
         DV=dv,
         BLOCK_DV=block_dv,
         BLOCK_N=DECODE_BLOCK_N,
-        NUM_SPLITS=num_splits,
+        num_splits=num_splits,
         num_warps=4 if block_dv >= 256 else 2,
     )
     return out
@@ -354,6 +362,7 @@ def _extend_kernel(
     PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     blk = tl.program_id(0)
     h = tl.program_id(1)
@@ -389,7 +398,7 @@ def _extend_kernel(
             mask=n_ok[:, None] & (dk[None, :] < DK),
             other=0.0,
         )  # [N, DK]
-        s = tl.dot(q, tl.trans(k)) * scale  # [M, N]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [M, N]
         # Causal: query at q_pos sees keys 0..q_pos. Key 0 is always visible, so no row is
         # ever fully masked (padded query rows included).
         s = tl.where((offs[None, :] <= q_pos[:, None]) & n_ok[None, :], s, float("-inf"))
@@ -402,7 +411,7 @@ def _extend_kernel(
             mask=n_ok[:, None] & (dv[None, :] < DV),
             other=0.0,
         )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     out = acc / l_sum[:, None]
     tl.store(
@@ -484,6 +493,7 @@ def extend_attention(
         PAGE_SIZE=page_size,
         BLOCK_M=block_m,
         BLOCK_N=64 if max(block_dk, block_dv) <= 128 else 32,
+        PRECISION=_precision(q),
         num_warps=4 if block_dk <= 64 else 8,
         num_stages=2,
     )

@@ -153,19 +153,14 @@ def _attend(
 
 
 def make_attention_backend(name: str, device_kind: str, is_mla: bool) -> AttentionBackend:
-    """The backend `name` (`auto`: Triton on CUDA for per-head attention, else torch).
+    """The backend `name` (`auto`: Triton on CUDA, else torch).
 
     Triton is imported only here and only when chosen, so hosts without it run the torch path.
     """
     if name == "auto":
-        name = "triton" if device_kind == "cuda" and not is_mla else "torch"
+        name = "triton" if device_kind == "cuda" else "torch"
     if name == "torch":
         return TorchAttentionBackend()
-    if is_mla:
-        raise ValueError(
-            "--attention-backend triton has no MLA (DeepSeek/Kimi) kernels yet; "
-            "use --attention-backend torch for this model"
-        )
     from engine.layers.triton_attention import TritonAttentionBackend
 
-    return TritonAttentionBackend()
+    return TritonAttentionBackend(mla=is_mla)

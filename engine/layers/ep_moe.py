@@ -2,9 +2,10 @@
 
 Each rank holds `slots_per_rank` physical expert slots; an `ExpertPlacement` says which logical
 expert each slot holds (redundant copies of hot experts included). A token's (token, expert)
-pair goes to one replica of its expert, chosen by token index; tokens travel to the slot's rank
-and back with two all-to-alls (dispatch, combine). Every rank must call `forward` the same
-number of times, even with no tokens: the collectives pair up.
+pair goes to one replica of its expert, chosen by token index; a token's hidden state travels
+once to each rank that holds one of its chosen replicas and its partial sum comes back, with
+two all-to-alls (dispatch, combine). Every rank must call `forward` the same number of times,
+even with no tokens: the collectives pair up.
 
 Routing load is counted per logical expert on every forward; `apply_placement` moves expert
 weights between ranks (broadcast from a rank that holds them) to a new placement at run time.
@@ -14,11 +15,10 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from engine.eplb import ExpertPlacement, moves
-from engine.layers.moe import FusedExperts
+from engine.layers.moe import FusedExperts, MoEBackend, TorchMoEBackend
 from engine.parallel import ParallelConfig
 
 
@@ -45,12 +45,17 @@ class ExpertParallelExperts(nn.Module):
         # The local slots, stored like FusedExperts' stacked weights: w13 [S, 2I, H], w2 [S, H, I].
         self.local = FusedExperts(placement.slots_per_rank, hidden_size, intermediate_size)
         self.placement = placement
+        # Routes the tokens (the model calls its select_experts) and computes the local slots.
+        self.backend: MoEBackend = TorchMoEBackend()
         self.register_buffer("load", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
+        # Forward calls since the counters were reset (the same on every rank: lockstep).
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64), persistent=False)
         self.register_buffer("replica_table", torch.empty(0, dtype=torch.int64), persistent=False)
         self.register_buffer("replica_count", torch.empty(0, dtype=torch.int64), persistent=False)
         self._set_tables(placement)
 
     load: torch.Tensor
+    steps: torch.Tensor
     replica_table: torch.Tensor
     replica_count: torch.Tensor
 
@@ -75,20 +80,35 @@ class ExpertParallelExperts(nn.Module):
     def forward(
         self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
     ) -> torch.Tensor:
-        """x `[T, H]` (T may be 0); each token's output is the weighted sum of its experts'."""
+        """x `[T, H]` (T may be 0); each token's output is the weighted sum of its experts'.
+
+        Each token's hidden state goes once to each rank that holds one of its chosen replicas
+        (not once per chosen expert), with that rank's share of its choices: the local slots
+        `[k]` (-1 where the choice lives elsewhere) and their routing weights. The rank returns
+        one row per token received, the weighted sum of its local experts' outputs, and the
+        sender adds up the rows that come back.
+        """
         num_tokens, top_k = topk_ids.shape
         world = self.parallel.ep_size
         slots_per_rank = self.placement.slots_per_rank
         flat_ids = topk_ids.flatten()
         self.load += torch.bincount(flat_ids, minlength=self.num_experts)
+        self.steps += 1
         token_of = torch.arange(num_tokens, device=x.device).repeat_interleave(top_k)
         # One replica per (token, expert) pair, spread by token index offset by rank: at small
         # batches every rank's token 0 would otherwise pick the same copy.
         spread = token_of + self.parallel.rank
         slot = self.replica_table[flat_ids, spread % self.replica_count[flat_ids]]
-        dest = slot // slots_per_rank
-        order = torch.argsort(dest, stable=True)
-        send_counts = torch.bincount(dest, minlength=world)
+        dest = (slot // slots_per_rank).view(num_tokens, top_k)  # [T, k] rank of each choice
+        local = (slot % slots_per_rank).view(num_tokens, top_k)  # [T, k] slot on that rank
+        goes = torch.zeros(num_tokens, world, dtype=torch.bool, device=x.device)
+        goes.scatter_(1, dest, True)  # [T, world]: token t has a choice on rank r
+        # Rows to send, ordered by destination rank, then token.
+        row_rank, row_token = goes.t().nonzero(as_tuple=True)  # [R], [R]
+        mine = dest[row_token] == row_rank[:, None]  # [R, k]: the row's choices on its rank
+        row_slots = torch.where(mine, local[row_token], -1).to(torch.int32)
+        row_weights = torch.where(mine, topk_weights[row_token], 0)
+        send_counts = goes.sum(dim=0)
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts)
         send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
@@ -101,37 +121,23 @@ class ExpertParallelExperts(nn.Module):
             dist.all_to_all_single(out, t.contiguous(), out_splits, in_splits)
             return out
 
-        # Dispatch: hidden states, the local slot each row goes to, and its routing weight.
-        rows = exchange(x[token_of[order]], num_recv, recv_splits, send_splits)
-        rows_slot = exchange(slot[order] % slots_per_rank, num_recv, recv_splits, send_splits)
-        rows_weight = exchange(topk_weights.flatten()[order], num_recv, recv_splits, send_splits)
-        y = self._compute(rows, rows_slot, rows_weight)
-        # Combine: results go back in the order they came.
-        back = exchange(y, int(send_counts.sum()), send_splits, recv_splits)
+        # Dispatch: each row's hidden state once, its local slots and routing weights.
+        rows = exchange(x[row_token], num_recv, recv_splits, send_splits)
+        rows_slots = exchange(row_slots, num_recv, recv_splits, send_splits)
+        rows_weights = exchange(row_weights, num_recv, recv_splits, send_splits)
+        y = self._compute(rows, rows_slots, rows_weights)
+        # Combine: the per-rank partial sums go back in the order they came.
+        back = exchange(y, len(row_token), send_splits, recv_splits)
         out = torch.zeros_like(x)
-        out.index_add_(0, token_of[order], back)
+        out.index_add_(0, row_token, back)
         return out
 
     def _compute(
         self, rows: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
-        """Weighted expert outputs for received rows, in the rows' order."""
-        out = torch.empty_like(rows)
-        if rows.shape[0] == 0:
-            return out
-        order = torch.argsort(slots, stable=True)
-        counts = torch.bincount(slots, minlength=self.placement.slots_per_rank).tolist()
-        start = 0
-        w13, w2 = self.local.w13, self.local.w2
-        for s, count in enumerate(counts):
-            if count == 0:
-                continue
-            idx = order[start : start + count]
-            gate, up = F.linear(rows[idx], w13[s]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, w2[s])
-            out[idx] = (y * weights[idx, None]).to(rows.dtype)
-            start += count
-        return out
+        """Received rows `[R, H]`, their local slots `[R, k]` (-1: not here) and weights `[R,
+        k]`: each row's weighted sum of its local experts' outputs, `[R, H]`, by the backend."""
+        return self.backend.experts(rows, self.local.w13, self.local.w2, weights, slots)
 
     @torch.no_grad()
     def apply_placement(self, new: ExpertPlacement) -> None:

@@ -1,10 +1,17 @@
-"""Mixture-of-experts: routing and the expert computation (pure torch reference)."""
+"""Mixture-of-experts: routing, and the expert computation behind a `MoEBackend` (the pure-torch
+reference, or the fused Triton kernels)."""
 
 from __future__ import annotations
+
+import importlib.util
+import os
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from engine.config import MOE_BACKENDS
 
 
 def select_experts(
@@ -58,27 +65,82 @@ def select_experts_grouped(
     return weights * scaling_factor, ids
 
 
-class FusedExperts(nn.Module):
-    """`num_experts` SwiGLU experts stored stacked: w13 `[E, 2I, H]` (gate; up), w2 `[E, H, I]`."""
+class MoEBackend(ABC):
+    """Computes routed experts: the contract every MoE backend keeps.
 
-    # Reads the per-expert token counts on the host: not capturable in a CUDA graph.
+    `experts(x, w13, w2, topk_weights, topk_ids)`: x `[T, H]` (T may be 0), stacked SwiGLU
+    weights w13 `[E, 2I, H]` (gate rows, then up rows) and w2 `[E, H, I]`, each token's
+    `top_k` choices `topk_ids` `[T, k]` with weights `topk_weights` `[T, k]` (any float
+    dtype). Returns `[T, H]` in x's dtype: per token, `sum_j topk_weights[t, j] *
+    w2[e] @ (silu(w13[e, :I] @ x[t]) * (w13[e, I:] @ x[t]))` with `e = topk_ids[t, j]`; a
+    choice with an id outside `[0, E)` adds nothing (expert parallelism pads with -1).
+
+    `select_experts` and `select_experts_grouped` route as the functions of those names do
+    (the same contract; the chosen set may differ only where scores tie exactly).
+    """
+
+    name: str
+    graph_safe = True  # no host sync: a CUDA graph can capture it
+
+    def select_experts(
+        self, router_logits: torch.Tensor, top_k: int, renormalize: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return select_experts(router_logits, top_k, renormalize)
+
+    def select_experts_grouped(
+        self,
+        router_logits: torch.Tensor,
+        correction_bias: torch.Tensor,
+        top_k: int,
+        num_groups: int,
+        topk_groups: int,
+        renormalize: bool,
+        scaling_factor: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return select_experts_grouped(
+            router_logits,
+            correction_bias,
+            top_k,
+            num_groups,
+            topk_groups,
+            renormalize,
+            scaling_factor,
+        )
+
+    @abstractmethod
+    def experts(
+        self,
+        x: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+    ) -> torch.Tensor: ...
+
+
+class TorchMoEBackend(MoEBackend):
+    """The reference: one pair of matmuls per expert that has tokens. It reads the per-expert
+    counts on the host (one sync per layer), so it cannot be captured in a graph."""
+
     graph_safe = False
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
-        super().__init__()
-        self.num_experts = num_experts
-        self.intermediate_size = intermediate_size
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+    name = "torch"
 
-    def forward(
-        self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    def experts(
+        self,
+        x: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
     ) -> torch.Tensor:
-        """x `[T, H]`; each token's output is the weighted sum of its top-k experts' outputs."""
         out = torch.zeros_like(x)
+        num_experts = w13.shape[0]
         flat_ids = topk_ids.flatten()
+        # Ids outside the experts sort last, into a bin that is never computed.
+        flat_ids = torch.where((flat_ids >= 0) & (flat_ids < num_experts), flat_ids, num_experts)
         order = torch.argsort(flat_ids, stable=True)
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        counts = torch.bincount(flat_ids, minlength=num_experts + 1)[:num_experts].tolist()
         token_of = order // topk_ids.shape[1]
         weight_of = topk_weights.flatten()[order]
         start = 0
@@ -86,9 +148,120 @@ class FusedExperts(nn.Module):
             if count == 0:
                 continue
             tokens = token_of[start : start + count]
-            gate, up = F.linear(x[tokens], self.w13[expert]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.w2[expert])
+            gate, up = F.linear(x[tokens], w13[expert]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, w2[expert])
             # Router weights may be float32 (DeepSeek); weigh first, then cast, as the reference.
             out.index_add_(0, tokens, (y * weight_of[start : start + count, None]).to(x.dtype))
             start += count
         return out
+
+
+class TritonMoEBackend(MoEBackend):
+    """`engine.kernels.fused_moe`: expert-aligned sort, two grouped GEMMs and the combine on
+    the device, no host sync (graph capturable at a fixed T); routing in one kernel each
+    (`engine.kernels.moe_routing`)."""
+
+    name = "triton"
+
+    def select_experts(
+        self, router_logits: torch.Tensor, top_k: int, renormalize: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from engine.kernels.moe_routing import softmax_topk
+
+        return softmax_topk(router_logits, top_k, renormalize)
+
+    def select_experts_grouped(
+        self,
+        router_logits: torch.Tensor,
+        correction_bias: torch.Tensor,
+        top_k: int,
+        num_groups: int,
+        topk_groups: int,
+        renormalize: bool,
+        scaling_factor: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from engine.kernels.moe_routing import grouped_topk
+
+        return grouped_topk(
+            router_logits,
+            correction_bias,
+            top_k,
+            num_groups,
+            topk_groups,
+            renormalize,
+            scaling_factor,
+        )
+
+    def experts(
+        self,
+        x: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        from engine.kernels.fused_moe import fused_moe
+
+        return fused_moe(x, w13, w2, topk_weights, topk_ids)
+
+
+def moe_backend_for(name: str, device_kind: str) -> MoEBackend:
+    """The backend `--moe-backend NAME` selects on a device of kind `device_kind` ("cuda",
+    "npu", "cpu"). "auto" is triton on CUDA when Triton is installed, torch elsewhere; "triton"
+    elsewhere needs Triton's interpreter (`TRITON_INTERPRET=1`, slow: tests only)."""
+    if name not in MOE_BACKENDS:
+        raise ValueError(f"--moe-backend must be one of {MOE_BACKENDS}, got {name!r}")
+    has_triton = importlib.util.find_spec("triton") is not None
+    if name == "auto":
+        name = "triton" if device_kind == "cuda" and has_triton else "torch"
+    if name == "torch":
+        return TorchMoEBackend()
+    if not has_triton:
+        raise ValueError("--moe-backend triton needs Triton: pip install triton")
+    if device_kind != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"--moe-backend triton runs on CUDA devices, not {device_kind!r}; "
+            "use --moe-backend torch (or auto)"
+        )
+    return TritonMoEBackend()
+
+
+class FusedExperts(nn.Module):
+    """`num_experts` SwiGLU experts stored stacked: w13 `[E, 2I, H]` (gate; up), w2 `[E, H, I]`,
+    computed by `backend` (the torch reference unless `set_moe_backend` chose another)."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        backend: MoEBackend | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.intermediate_size = intermediate_size
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.backend: MoEBackend = backend or TorchMoEBackend()
+
+    @property
+    def graph_safe(self) -> bool:
+        """Whether a CUDA graph can capture this layer (ModelRunner asks every module)."""
+        return self.backend.graph_safe
+
+    def forward(
+        self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """x `[T, H]`; each token's output is the weighted sum of its top-k experts' outputs."""
+        return self.backend.experts(x, self.w13, self.w2, topk_weights, topk_ids)
+
+
+def set_moe_backend(model: nn.Module, backend: MoEBackend) -> int:
+    """Point every MoE layer of `model` (each module whose `backend` is a `MoEBackend`:
+    `FusedExperts`, and the expert-parallel layers) at `backend`, once at load; returns how
+    many."""
+    layers = [m for m in model.modules() if isinstance(getattr(m, "backend", None), MoEBackend)]
+    for layer in layers:
+        # nn.Module's __setattr__ types attributes as tensors or modules; this is neither.
+        object.__setattr__(layer, "backend", backend)
+    return len(layers)

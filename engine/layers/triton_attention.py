@@ -3,6 +3,10 @@
 Decode metadata is computed on the device from the batch's static tensors, with shapes that
 depend only on the batch size and the longest context served, so a decode step can be
 captured in a CUDA graph and replayed with new lengths.
+
+MLA models (DeepSeek-V3, Kimi-K2, Moonlight) decode with `engine.kernels.mla_decode`; their
+prefill still runs the torch backend's padded attention (a paged MLA extend kernel is not
+written yet).
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import torch
 
 from engine.forward_batch import ForwardBatch
 from engine.kernels import attention as kernels
-from engine.layers.attention import AttentionBackend
+from engine.kernels.mla_decode import mla_decode
+from engine.layers.attention import AttentionBackend, TorchAttentionBackend
 
 
 @dataclass(frozen=True)
@@ -32,8 +37,16 @@ class _ExtendMetadata:
 class TritonAttentionBackend(AttentionBackend):
     graph_safe = True
 
+    def __init__(self, mla: bool = False) -> None:
+        self.mla = mla
+        # MLA prefill: the reference's padded attention until a paged MLA extend kernel exists.
+        self._mla_extend = TorchAttentionBackend() if mla else None
+
     def prepare(self, batch: ForwardBatch) -> None:
         cache = batch.kv_cache
+        if self._mla_extend is not None and not batch.is_decode:
+            self._mla_extend.prepare(batch)
+            return
         if batch.is_decode:
             # Decode: one query per sequence, at position prefix_len; it sees prefix_len + 1 keys.
             seq_lens = (batch.positions + 1).to(torch.int32)
@@ -84,6 +97,16 @@ class TritonAttentionBackend(AttentionBackend):
         batch: ForwardBatch,
         scale: float,
     ) -> torch.Tensor:
-        raise NotImplementedError(
-            "the Triton backend has no MLA kernels yet; use --attention-backend torch"
-        )
+        if self._mla_extend is None:
+            raise RuntimeError("this TritonAttentionBackend was built for per-head attention")
+        meta = batch.attn_metadata
+        if not isinstance(meta, _DecodeMetadata):
+            return self._mla_extend.forward_mla(q_latent, q_pe, c_kv, k_pe, layer_id, batch, scale)
+        cache = batch.kv_cache
+        latent_slots, pe_slots = cache.slots(layer_id)
+        kernels.store_kv(c_kv, k_pe, latent_slots, pe_slots, batch.out_slots)
+        out = q_latent.new_empty(q_latent.shape)
+        return mla_decode(
+            q_latent, q_pe, cache.k[layer_id], cache.v[layer_id],
+            batch.page_table.index_select(0, batch.req_rows), meta.seq_lens, scale, out,
+        )  # fmt: skip

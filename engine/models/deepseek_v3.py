@@ -26,7 +26,7 @@ from engine.config import ModelConfig
 from engine.forward_batch import ForwardBatch
 from engine.kv_cache import KVCacheSpec
 from engine.layers.attention import AttentionBackend
-from engine.layers.moe import FusedExperts, select_experts_grouped
+from engine.layers.moe import FusedExperts, MoEBackend
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, softmax_mscale
 from engine.loader import WeightTarget
@@ -105,7 +105,7 @@ class MLAttention(nn.Module):
 
 
 class GroupedTopkRouter(nn.Module):
-    """DeepSeek-V3's gate: float32 logits, then `select_experts_grouped`."""
+    """DeepSeek-V3's gate: float32 logits, then the backend's `select_experts_grouped`."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -116,10 +116,10 @@ class GroupedTopkRouter(nn.Module):
             torch.zeros(config.num_experts, dtype=torch.float32)
         )
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, backend: MoEBackend) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
         logits = F.linear(x.float(), self.weight.float())
-        return select_experts_grouped(
+        return backend.select_experts_grouped(
             logits,
             self.e_score_correction_bias,
             c.num_experts_per_tok,
@@ -143,7 +143,7 @@ class DeepseekMoE(nn.Module):
         self.shared_experts = MLP(config.hidden_size, shared, bias=False) if shared else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = self.gate(x)
+        weights, ids = self.gate(x, self.experts.backend)
         out = self.experts(x, weights, ids)
         return out if self.shared_experts is None else out + self.shared_experts(x)
 

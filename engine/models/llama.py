@@ -15,7 +15,7 @@ from engine.config import ModelConfig
 from engine.forward_batch import ForwardBatch
 from engine.kv_cache import KVCacheSpec
 from engine.layers.attention import AttentionBackend
-from engine.layers.moe import FusedExperts, select_experts
+from engine.layers.moe import FusedExperts
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 from engine.loader import WeightTarget
@@ -84,7 +84,9 @@ class SparseMoeBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = select_experts(self.gate(x), self.top_k, self.renormalize)
+        # Routed by the experts' backend: the fused kernel on the fast path.
+        route = self.experts.backend.select_experts
+        weights, ids = route(self.gate(x), self.top_k, self.renormalize)
         return self.experts(x, weights, ids)
 
 

@@ -1,15 +1,19 @@
+import math
 import random
 from collections import Counter
 
 import pytest
 
 from engine.eplb import (
+    PAIR_COST,
     ExpertMove,
     ExpertPlacement,
     assign_replica,
     initial_placement,
     moves,
+    plan_incremental,
     rebalance,
+    step_cost,
 )
 
 ZIPF_16 = [1.0 / (e + 1) for e in range(16)]
@@ -319,3 +323,65 @@ def test_assign_replica_round_robin() -> None:
         assign_replica(0, [])
     with pytest.raises(ValueError, match="-1"):
         assign_replica(-1, replicas)
+
+
+# -- the step-cost planner --------------------------------------------------------------------
+
+
+def zipf_loads(num_experts: int, steps: int, pairs_per_step: int, seed: int) -> list[float]:
+    rng = random.Random(seed)
+    rank = list(range(num_experts))
+    rng.shuffle(rank)
+    weights = [1 / (rank[e] + 1) ** 1.2 for e in range(num_experts)]
+    total = sum(weights)
+    return [steps * pairs_per_step * w / total for w in weights]
+
+
+def test_step_cost_counts_expert_reads_not_only_tokens() -> None:
+    """Two ranks with equal tokens: four lukewarm experts (one pair per step each) cost more
+    reads than one hot expert (four pairs per step) and three idle ones."""
+    placement = initial_placement(8, 2)
+    loads = [10.0, 10.0, 10.0, 10.0, 40.0, 0.0, 0.0, 0.0]  # over 10 steps
+    assert placement.imbalance(loads) == 1.0  # token-balanced
+    cost = step_cost(placement, loads, steps=10)
+    assert cost.rank_costs[0] == pytest.approx(4 * (1 - math.exp(-1)) + 4 * PAIR_COST)
+    assert cost.rank_costs[1] == pytest.approx(1 - math.exp(-4) + 4 * PAIR_COST)
+    # The token packer sees nothing to fix; the step-cost planner moves experts.
+    new = plan_incremental(placement, loads, steps=10)
+    assert step_cost(new, loads, 10).max < cost.max
+    assert len(moves(placement, new)) <= placement.num_slots // 4
+
+
+@pytest.mark.parametrize(
+    "num_experts,num_ranks,redundant", [(8, 2, 2), (64, 4, 4), (128, 8, 8), (256, 8, 32)]
+)
+def test_plan_incremental_lowers_step_cost_with_few_copies(
+    num_experts: int, num_ranks: int, redundant: int
+) -> None:
+    loads = zipf_loads(num_experts, 100, 64, seed=num_experts)
+    current = initial_placement(num_experts, num_ranks, redundant)
+    new = plan_incremental(current, loads, 100)
+    before, after = step_cost(current, loads, 100), step_cost(new, loads, 100)
+    assert after.max < before.max
+    assert len(moves(current, new)) <= current.num_slots // 4
+    # No rank holds two copies of one expert; every expert keeps a replica (the constructor).
+    for r in range(num_ranks):
+        held = [new.physical_to_logical[p] for p in new.local_slots(r)]
+        assert len(held) == len(set(held))
+    assert plan_incremental(current, loads, 100) == new  # deterministic
+    # Planning again from the result: nothing left that helps, or only a smaller gain.
+    again = plan_incremental(new, loads, 100)
+    assert step_cost(again, loads, 100).max <= after.max
+
+
+def test_plan_incremental_keeps_a_balanced_placement_and_respects_the_budget() -> None:
+    current = initial_placement(16, 4)
+    assert plan_incremental(current, [5.0] * 16, 10) is current
+    loads = zipf_loads(16, 10, 32, seed=1)
+    assert plan_incremental(current, loads, 10, max_copies=0) is current
+    one_swap = plan_incremental(current, loads, 10, max_copies=2)
+    assert len(moves(current, one_swap)) <= 2
+    with pytest.raises(ValueError, match="max_copies"):
+        plan_incremental(current, loads, 10, max_copies=-1)
+    with pytest.raises(ValueError, match="loads"):
+        plan_incremental(current, loads[:3], 10)

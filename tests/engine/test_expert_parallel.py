@@ -59,6 +59,6 @@ def test_eplb_rebalance_keeps_tokens_and_lowers_imbalance(
     imbalance = report["rebalance"]
     assert imbalance, "the rebalance did not run"
     for layer, (before, after) in imbalance.items():
-        print(f"{family} {layer}: max/mean rank load {before:.3f} -> {after:.3f}")
+        print(f"{family} {layer}: costliest rank / mean (step cost) {before:.3f} -> {after:.3f}")
         assert after <= before + 1e-9, (layer, before, after)
     assert any(after < before for before, after in imbalance.values())

@@ -1,0 +1,259 @@
+"""Compile every Triton kernel of the engine for a CUDA target, on any host (no GPU needed).
+
+    python -m bench.compile_kernels                 # sm_90 (H100/H200); exits 1 on a failure
+    python -m bench.compile_kernels --arch 80 --all-configs
+
+Triton's interpreter (what `make test` runs) executes the kernels' logic but not the compiler,
+so a kernel can pass every interpreter test and still fail to compile, or compile with
+register spills, on the device. This compiles each kernel at the shapes and block sizes the
+engine uses (Triton ships `ptxas`) and prints the registers, spill stack and shared memory of
+each; `--fail-on-spill` also fails on spills. It must run without `TRITON_INTERPRET=1`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("bench.compile_kernels compiles for the GPU: run it without TRITON_INTERPRET=1")
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from engine.kernels import fused_moe, mla_decode, moe_routing
+from engine.kernels.fused_moe_configs import MoEKernelConfig, candidates, default_config
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+@dataclass(frozen=True)
+class Usage:
+    name: str
+    registers: int
+    stack: int
+    shared: int
+
+    def line(self) -> str:
+        return (
+            f"{self.name}: {self.registers} registers, {self.stack} B stack, {self.shared} B smem"
+        )
+
+
+def compile_one(
+    arch: int,
+    name: str,
+    kernel: Any,
+    pointers: dict[str, str],
+    constants: dict[str, Any],
+    floats: Sequence[str] = (),
+    **options: int,
+) -> Usage:
+    """Compile `kernel` with pointer arguments typed by `pointers`, `floats` as fp32 scalars,
+    the other runtime arguments as i32, and `constants` as its constexprs."""
+    signature = {}
+    for arg in kernel.arg_names:
+        if arg in constants:
+            signature[arg] = "constexpr"
+        elif arg in pointers:
+            signature[arg] = pointers[arg]
+        else:
+            signature[arg] = "fp32" if arg in floats else "i32"
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    registers = stack = 0
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        dump = subprocess.run(
+            [CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
+    for token in dump.split():
+        if token.startswith("REG:"):
+            registers = int(token[4:])
+        elif token.startswith("STACK:"):
+            stack = int(token[6:])
+    return Usage(name, registers, stack, int(compiled.metadata.shared))
+
+
+def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
+    """(name, compile at an arch) for every kernel at the engine's shapes."""
+    out: list[tuple[str, Callable[[int], Usage]]] = []
+
+    def add(name: str, *args: Any, **kwargs: Any) -> None:
+        out.append((name, lambda arch: compile_one(arch, name, *args, **kwargs)))
+
+    ids = {"topk_ids": "*i64"}
+    i32 = "*i32"
+    for experts in (64, 128, 256):
+        e_pow2 = triton.next_power_of_2(experts + 1)
+        add(
+            f"align_kernel E={experts}",
+            fused_moe.align_kernel,
+            {**ids, "sorted_pairs": i32, "block_expert": i32, "num_rows": i32},
+            {"BLOCK_M": 16, "E_POW2": e_pow2, "CHUNK": fused_moe.align_chunk(e_pow2)},
+            num_warps=8,
+        )
+    add(
+        "align_count_kernel",
+        fused_moe.align_count_kernel,
+        {**ids, "chunk_counts": i32, "rank_in_chunk": i32, "sorted_pairs": i32},
+        {"FILL": 256, "E_POW2": 256, "CHUNK": fused_moe.PARALLEL_CHUNK},
+        num_warps=8,
+    )
+    add(
+        "align_offsets_kernel",
+        fused_moe.align_offsets_kernel,
+        {"chunk_counts": i32, "expert_start": i32, "expert_end": i32, "num_rows": i32},
+        {"BLOCK_M": 64, "E_POW2": 256, "CHUNK_BLOCK": 16},
+        num_warps=8,
+    )
+    add(
+        "align_scatter_kernel",
+        fused_moe.align_scatter_kernel,
+        {
+            **ids,
+            "chunk_offsets": i32,
+            "rank_in_chunk": i32,
+            "expert_start": i32,
+            "expert_end": i32,
+            "num_rows": i32,
+            "sorted_pairs": i32,
+            "block_expert": i32,
+        },
+        {"BLOCK_M": 64, "E_POW2": 256, "CHUNK": fused_moe.PARALLEL_CHUNK, "BLOCKS_PER_CHUNK": 4},
+        num_warps=4,
+    )
+    for dtype in ("bf16", "fp32"):
+        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        configs: list[MoEKernelConfig] = sorted(
+            {default_config(t, 128, 8, torch_dtype) for t in (1, 64, 256, 4096)}, key=repr
+        )
+        if all_configs and dtype == "bf16":
+            configs = candidates()
+        for cfg in configs:
+            for gate_up in (True, False):
+                add(
+                    f"grouped_gemm {dtype} {'gate-up' if gate_up else 'down'} {cfg}",
+                    fused_moe.grouped_gemm_kernel,
+                    {
+                        "a": f"*{dtype}",
+                        "w": f"*{dtype}",
+                        "c": f"*{dtype}",
+                        "sorted_pairs": i32,
+                        "block_expert": i32,
+                        "num_rows": i32,
+                    },
+                    {
+                        "TOP_K": 8 if gate_up else 1,
+                        "GATE_UP": gate_up,
+                        "EXACT_FP32": dtype == "fp32",
+                        "BLOCK_M": cfg.block_m,
+                        "BLOCK_N": cfg.block_n,
+                        "BLOCK_K": cfg.block_k,
+                        "GROUP_M": cfg.group_m,
+                    },
+                    num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages,
+                )
+    for weights in ("fp32", "bf16"):
+        add(
+            f"combine_kernel ({weights} weights)",
+            fused_moe.combine_kernel,
+            {"y": "*bf16", "topk_weights": f"*{weights}", "topk_ids": "*i64", "out": "*bf16"},
+            {"TOP_K": 8, "BLOCK_H": 1024},
+        )
+    add(
+        "softmax_topk_kernel E=128 k=8",
+        moe_routing.softmax_topk_kernel,
+        {"logits": "*bf16", "weights": "*bf16", "ids": "*i64"},
+        {"TOP_K": 8, "K_POW2": 8, "E_POW2": 128, "RENORMALIZE": True},
+    )
+    for groups, per_group, topk_groups, top_k in ((1, 64, 1, 6), (8, 32, 4, 8), (1, 384, 1, 8)):
+        add(
+            f"grouped_topk_kernel {groups}x{per_group} k={top_k}",
+            moe_routing.grouped_topk_kernel,
+            {"logits": "*fp32", "bias": "*fp32", "weights": "*fp32", "ids": "*i64"},
+            {
+                "NUM_GROUPS": groups,
+                "PER_GROUP": per_group,
+                "TOPK_GROUPS": topk_groups,
+                "TOP_K": top_k,
+                "G_POW2": triton.next_power_of_2(groups),
+                "P_POW2": triton.next_power_of_2(per_group),
+                "K_POW2": triton.next_power_of_2(top_k),
+                "RENORMALIZE": True,
+            },
+            floats=("scaling",),
+        )
+    for dtype, block_hs in (("bf16", (16, 32)), ("fp32", (16,))):
+        for block_h in block_hs:
+            add(
+                f"mla_decode_split_kernel {dtype} block_h={block_h}",
+                mla_decode.mla_decode_split_kernel,
+                {
+                    "q_latent": f"*{dtype}",
+                    "q_pe": f"*{dtype}",
+                    "latent_cache": f"*{dtype}",
+                    "pe_cache": f"*{dtype}",
+                    "page_table": "*i64",
+                    "seq_lens": i32,
+                    "mid_out": "*fp32",
+                    "mid_lse": "*fp32",
+                },
+                {
+                    "NUM_SPLITS": 8,
+                    "EXACT_FP32": dtype == "fp32",
+                    "BLOCK_H": block_h,
+                    "BLOCK_R": 512,
+                    "BLOCK_P": 64,
+                    "BLOCK_N": 32,
+                },
+                floats=("scale",),
+                num_warps=8,
+                num_stages=2,
+            )
+    add(
+        "mla_decode_combine_kernel",
+        mla_decode.mla_decode_combine_kernel,
+        {"mid_out": "*fp32", "mid_lse": "*fp32", "out": "*bf16"},
+        {"NUM_SPLITS": 8, "BLOCK_R": 512},
+    )
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 90")
+    parser.add_argument("--all-configs", action="store_true", help="every tuner candidate too")
+    parser.add_argument("--fail-on-spill", action="store_true")
+    parser.add_argument("--only", help="compile only kernels whose name contains this")
+    args = parser.parse_args(argv)
+    failures = []
+    for name, job in jobs(args.all_configs):
+        if args.only and args.only not in name:
+            continue
+        try:
+            usage = job(args.arch)
+        except Exception as exc:  # report every kernel, then fail
+            failures.append(f"{name}: {type(exc).__name__}: {exc}")
+            print(f"FAIL {name}: {type(exc).__name__}: {exc}", flush=True)
+            continue
+        spill = usage.stack > 0
+        print(("SPILL " if spill else "ok    ") + usage.line(), flush=True)
+        if spill and args.fail_on_spill:
+            failures.append(f"{name}: {usage.stack} B of spill stack")
+    print(f"\n{len(failures)} failure(s)" + "".join(f"\n  {f}" for f in failures))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""One MoE layer on the GPU: the fused Triton kernels against the pure-torch experts.
+
+    python -m bench.moe_kernel                                    # both shapes, T = 1..4096
+    python -m bench.moe_kernel --shape qwen3-30b-a3b --tokens 1,64,256
+    python -m bench.moe_kernel --tune --shape qwen3-30b-a3b       # block sizes for the table
+
+Each shape's published sizes (bfloat16, random weights scaled to unit-size outputs). Routing
+is the model's own (softmax top-k for Qwen3-MoE, grouped sigmoid with a random correction bias
+for Moonlight/DeepSeek) on random logits, computed outside the timed call.
+
+Times are per layer call. `--layers L` copies of the layer's weights are cycled so that
+consecutive calls read different memory (one layer's experts exceed the 50 MB L2 at batch 1
+only a little, and repeated reads of the same experts would otherwise be served from it).
+The fused path is timed as a CUDA graph of L calls (as the engine replays decode) and eagerly;
+the reference eagerly (it waits on the host for the per-expert counts: no graph).
+
+Floor: the bytes one call must move, over the device-to-device copy bandwidth measured in the
+same run (bytes read + written per second): the weights of the distinct experts the routing
+touched (gate, up and down: `3 * H * I` elements each) plus the activations (x read, output
+written). Routing is timed alone in its own column (fused kernel, as a graph).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from engine.kernels.fused_moe import fused_moe
+from engine.kernels.fused_moe_configs import MoEKernelConfig, candidates
+from engine.layers.moe import MoEBackend, TorchMoEBackend, TritonMoEBackend
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    name: str
+    experts: int
+    hidden: int
+    intermediate: int
+    top_k: int
+    grouped: bool  # DeepSeek routing (sigmoid, groups, bias) instead of softmax top-k
+    groups: int = 1
+    topk_groups: int = 1
+    scaling: float = 1.0
+
+    def expert_bytes(self, dtype: torch.dtype) -> int:
+        return 3 * self.hidden * self.intermediate * dtype.itemsize
+
+
+SHAPES = {
+    s.name: s
+    for s in (
+        LayerShape("qwen3-30b-a3b", 128, 2048, 768, 8, grouped=False),
+        LayerShape("moonlight-16b-a3b", 64, 2048, 1408, 6, True, 1, 1, 2.446),
+        LayerShape("deepseek-v3", 256, 7168, 2048, 8, True, 8, 4, 2.5),
+        # For a smoke run on the CPU under TRITON_INTERPRET=1 (--device cpu --dtype float32).
+        LayerShape("tiny", 8, 64, 32, 2, True, 4, 2, 2.5),
+    )
+}
+DEFAULT_SHAPES = ("qwen3-30b-a3b", "moonlight-16b-a3b")
+DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@dataclass
+class Layer:
+    w13: torch.Tensor  # [E, 2I, H]
+    w2: torch.Tensor  # [E, H, I]
+
+
+def make_layers(
+    shape: LayerShape, count: int, device: torch.device, dtype: torch.dtype
+) -> list[Layer]:
+    g = torch.Generator(device=device).manual_seed(0)
+    e, h, i = shape.experts, shape.hidden, shape.intermediate
+    layers = []
+    for _ in range(count):
+        w13 = torch.randn(e, 2 * i, h, device=device, generator=g, dtype=dtype)
+        w2 = torch.randn(e, h, i, device=device, generator=g, dtype=dtype)
+        layers.append(Layer(w13.mul_(h**-0.5), w2.mul_(i**-0.5)))
+    return layers
+
+
+def route(
+    shape: LayerShape, logits: torch.Tensor, bias: torch.Tensor, backend: MoEBackend
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if shape.grouped:
+        return backend.select_experts_grouped(
+            logits.float(), bias, shape.top_k, shape.groups, shape.topk_groups, True, shape.scaling
+        )
+    return backend.select_experts(logits, shape.top_k, True)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (best of 10 of 2 GiB)."""
+    src = torch.empty(2**30, dtype=torch.uint16, device="cuda")
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return 2 * src.numel() * src.element_size() / best
+
+
+def time_eager(fn: Callable[[], object], reps: int) -> float:
+    """Median seconds of `fn` over `reps` runs (each between two events)."""
+    fn()
+    if not torch.cuda.is_available():  # the CPU smoke run
+        times = []
+        for _ in range(reps):
+            start_s = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start_s)
+        return statistics.median(times)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def time_graph(fn: Callable[[], object], reps: int) -> float:
+    """Median seconds of one replay of a CUDA graph of `fn` (warmed up on a side stream)."""
+    if not torch.cuda.is_available():
+        return time_eager(fn, reps)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_eager(graph.replay, reps)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One token count's inputs for each of the L layers, routed by the reference."""
+
+    layers: list[Layer]
+    xs: list[torch.Tensor]  # [T, H] per layer
+    logits: list[torch.Tensor]  # [T, E] per layer
+    routed: list[tuple[torch.Tensor, torch.Tensor]]  # (weights, ids) [T, k] per layer
+
+    def fused(self, outs: list[torch.Tensor], config: MoEKernelConfig | None = None) -> None:
+        outs.clear()
+        for layer, x, (w, ids) in zip(self.layers, self.xs, self.routed, strict=True):
+            outs.append(fused_moe(x, layer.w13, layer.w2, w, ids, config))
+
+    def reference(self) -> None:
+        backend = TorchMoEBackend()
+        for layer, x, (w, ids) in zip(self.layers, self.xs, self.routed, strict=True):
+            backend.experts(x, layer.w13, layer.w2, w, ids)
+
+
+def make_step(
+    shape: LayerShape, tokens: int, layers: list[Layer], bias: torch.Tensor, seed: int
+) -> Step:
+    w = layers[0].w13
+    g = torch.Generator(device=w.device).manual_seed(seed)
+    xs, logits = [], []
+    for _ in layers:
+        xs.append(torch.randn(tokens, shape.hidden, device=w.device, generator=g).to(w.dtype))
+        lg = torch.randn(tokens, shape.experts, device=w.device, generator=g).to(w.dtype)
+        logits.append(lg)
+    routed = [route(shape, lg, bias, TorchMoEBackend()) for lg in logits]
+    return Step(layers, xs, logits, routed)
+
+
+@dataclass(frozen=True)
+class Row:
+    tokens: int
+    distinct: float  # experts touched per call, mean over the L layers' routings
+    floor_us: float
+    graph_us: float
+    eager_us: float
+    reference_us: float
+    routing_us: float
+    max_err: float
+
+    def line(self) -> str:
+        return (
+            f"| {self.tokens} | {self.distinct:.1f} | {self.floor_us:.1f} | {self.graph_us:.1f} "
+            f"| {self.graph_us / self.floor_us:.2f} | {self.eager_us:.1f} "
+            f"| {self.reference_us:.1f} | {self.reference_us / self.graph_us:.1f} "
+            f"| {self.routing_us:.1f} | {self.max_err:.2e} |"
+        )
+
+
+HEADER = (
+    "| tokens | experts touched | floor µs | fused µs (graph) | fused / floor | fused µs (eager) "
+    "| reference µs | reference / fused | routing µs (fused, graph) | max rel err |\n"
+    "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+)
+
+
+def bench_shape(
+    shape: LayerShape, tokens: Sequence[int], layers: list[Layer], bandwidth: float, reps: int
+) -> list[Row]:
+    bias = torch.randn(shape.experts, device=layers[0].w13.device) * 0.1
+    triton_backend = TritonMoEBackend()
+    dtype = layers[0].w13.dtype
+    rows = []
+    for t in tokens:
+        step = make_step(shape, t, layers, bias, seed=t)
+        distinct = statistics.mean(ids.unique().numel() for _, ids in step.routed)
+        floor_bytes = (distinct * shape.expert_bytes(dtype)) + 2 * t * shape.hidden * dtype.itemsize
+        outs: list[torch.Tensor] = []
+        n = len(layers)
+        graph_s = time_graph(partial(step.fused, outs), reps) / n
+        eager_s = time_eager(partial(step.fused, outs), reps) / n
+        reference_s = time_eager(step.reference, max(3, reps // 4)) / n
+
+        def routing(step: Step = step) -> None:
+            for lg in step.logits:
+                route(shape, lg, bias, triton_backend)
+
+        routing_s = time_graph(routing, reps) / n
+        step.fused(outs)
+        err = 0.0
+        for layer, x, (w, ids), got in zip(layers, step.xs, step.routed, outs, strict=True):
+            want = TorchMoEBackend().experts(x.float(), layer.w13.float(), layer.w2.float(), w, ids)
+            scale = want.abs().max().clamp_min(1e-6)
+            err = max(err, float((got.float() - want).abs().max() / scale))
+        rows.append(
+            Row(
+                t,
+                distinct,
+                floor_bytes / bandwidth * 1e6,
+                graph_s * 1e6,
+                eager_s * 1e6,
+                reference_s * 1e6,
+                routing_s * 1e6,
+                err,
+            )
+        )
+    return rows
+
+
+def tune_shape(shape: LayerShape, tokens: Sequence[int], layers: list[Layer], reps: int) -> None:
+    """Time every candidate config per token count (as a graph); print the table rows."""
+    bias = torch.randn(shape.experts, device=layers[0].w13.device) * 0.1
+    best_rows: list[tuple[int, MoEKernelConfig, float]] = []
+    for t in tokens:
+        step = make_step(shape, t, layers, bias, seed=t)
+        outs: list[torch.Tensor] = []
+        best: tuple[float, MoEKernelConfig] | None = None
+        for cfg in candidates():
+            if cfg.block_m > 16 and t * shape.top_k < cfg.block_m:
+                continue  # every block mostly padding
+            try:
+                seconds = time_graph(partial(step.fused, outs, cfg), reps) / len(layers)
+            except Exception as exc:  # a config the compiler or the device refuses
+                print(f"  skip {cfg}: {type(exc).__name__}", file=sys.stderr)
+                continue
+            if best is None or seconds < best[0]:
+                best = (seconds, cfg)
+        if best is not None:
+            print(f"  T={t}: {best[0] * 1e6:.1f} µs with {best[1]}", file=sys.stderr)
+            best_rows.append((t, best[1], best[0]))
+    dtype = str(layers[0].w13.dtype).removeprefix("torch.")
+    key = (shape.experts, shape.hidden, shape.intermediate, shape.top_k, dtype)
+    name = device_name()
+    print(f"    # {shape.name}, tuned on {name} by `python -m bench.moe_kernel --tune`")
+    print(f"    {key}: (")
+    for t, cfg, seconds in best_rows:
+        print(f"        ({t}, {cfg!r}),  # {seconds * 1e6:.1f} µs")
+    print("    ),")
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    values = tuple(int(v) for v in text.split(",") if v.strip())
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,64,256, got {text!r}")
+    return values
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (interpreter)"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--shape", action="append", choices=sorted(SHAPES), help="repeatable; default: both"
+    )
+    parser.add_argument("--tokens", type=int_list, default=DEFAULT_TOKENS)
+    parser.add_argument("--layers", type=int, default=4, help="weight copies cycled per call")
+    parser.add_argument("--reps", type=int, default=20, help="timed runs per measurement")
+    parser.add_argument("--tune", action="store_true", help="print block-size table rows")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument(
+        "--device",
+        default="cuda",
+        choices=("cuda", "cpu"),
+        help="cpu: a smoke run of this script under TRITON_INTERPRET=1 (no meaningful times)",
+    )
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device here; the kernels are Triton on CUDA (--device cpu smokes)")
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("--device cpu needs TRITON_INTERPRET=1 in the environment")
+    if args.layers < 1 or args.reps < 1:
+        parser.error("--layers and --reps must be >= 1")
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    bandwidth = copy_bandwidth() if args.device == "cuda" else 1e12
+    print(
+        f"{device_name()}, torch {torch.__version__}; device-to-device copy "
+        f"{bandwidth / 1e12:.2f} TB/s (read + write); {args.dtype}; {args.layers} weight "
+        f"copies cycled; median of {args.reps}."
+    )
+    for name in args.shape or DEFAULT_SHAPES:
+        shape = SHAPES[name]
+        layers = make_layers(shape, args.layers, device, dtype)
+        print(
+            f"\n## {name}: {shape.experts} experts, top-{shape.top_k}, hidden {shape.hidden}, "
+            f"expert intermediate {shape.intermediate} "
+            f"({shape.expert_bytes(dtype) / 2**20:.1f} MiB per expert)\n"
+        )
+        if args.tune:
+            tune_shape(shape, args.tokens, layers, args.reps)
+        else:
+            print(HEADER)
+            for row in bench_shape(shape, args.tokens, layers, bandwidth, args.reps):
+                print(row.line(), flush=True)
+        del layers
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    print(
+        "\nfloor: (distinct experts touched x 3 H I + 2 T H) elements' bytes over the copy "
+        "bandwidth above. max rel err: the fused output against the torch experts in float32 "
+        "on the same weights, over the largest reference value."
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,469 @@
+"""Fused mixture-of-experts in Triton: align, two grouped GEMMs, combine.
+
+A step's T tokens each chose `top_k` experts: `N = T * top_k` (token, expert) pairs, pair
+`i` being token `i // top_k`'s `i % top_k`-th choice. The layer runs these kernels, none of
+which waits on the host, and every buffer's size depends only on T (so a decode step can be
+captured in a CUDA graph at a fixed batch size):
+
+1. Align: sort the pairs by expert into blocks of `BLOCK_M` rows, each block holding pairs of
+   a single expert, each expert's run padded to a whole block: `sorted_pairs` `[max_rows]`
+   (pair index, or N for padding), `block_expert` `[max_blocks]` (the block's expert, -1 past
+   the end) and `num_rows` `[1]` (rows in use). One program (`align_kernel`) for a decode
+   step's few pairs; for many, three kernels over chunks of pairs (count per chunk, prefix
+   sums per expert, scatter).
+2. `grouped_gemm_kernel` with `GATE_UP`: for every block, `x[pair // top_k] @ w13[e].T`, the
+   gate and up halves in two accumulators, stored as `silu(gate) * up` `[N, I]`.
+3. `grouped_gemm_kernel` without it: `act[pair] @ w2[e].T` `[N, H]`, in the pair's row.
+4. `combine_kernel`: `out[t] = sum_j weight[t, j] * y[t * top_k + j]` in float32.
+
+The weights are `w13` `[E, 2I, H]` (gate rows, then up rows) and `w2` `[E, H, I]`, the layout
+of `engine.layers.moe.FusedExperts`. Expert ids outside `[0, E)` are not computed and add
+nothing (expert parallelism marks the pairs another rank computes that way).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.kernels.fused_moe_configs import MoEKernelConfig, kernel_config
+
+
+@triton.jit
+def align_kernel(
+    topk_ids,  # [N] int (any integer dtype), the flattened [T, top_k] choices
+    sorted_pairs,  # [max_rows] int32 out
+    block_expert,  # [max_blocks] int32 out
+    num_rows,  # [1] int32 out
+    num_pairs,
+    num_experts,
+    max_rows,
+    max_blocks,
+    BLOCK_M: tl.constexpr,
+    E_POW2: tl.constexpr,  # a power of two > num_experts: bin num_experts holds the strays
+    CHUNK: tl.constexpr,
+):
+    experts = tl.arange(0, E_POW2)
+    lanes = tl.arange(0, CHUNK)
+    # Pass 1: pairs per expert. A one-hot sum rather than atomics: deterministic, and it runs
+    # the same under the interpreter.
+    counts = tl.zeros([E_POW2], dtype=tl.int32)
+    for start in range(0, num_pairs, CHUNK):
+        idx = start + lanes
+        e = tl.load(topk_ids + idx, mask=idx < num_pairs, other=num_experts).to(tl.int32)
+        e = tl.where((e >= 0) & (e < num_experts), e, num_experts)
+        counts += tl.sum((e[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    counts = tl.where(experts < num_experts, counts, 0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    starts = ends - padded  # [E_POW2] first row of each expert's run
+    total = tl.sum(padded, axis=0)
+    tl.store(num_rows, total)
+
+    # Each block's expert: the number of runs that end at or before the block's first row.
+    for start in range(0, max_blocks, CHUNK):
+        b = start + lanes
+        first = b * BLOCK_M
+        owner = tl.sum((ends[None, :] <= first[:, None]).to(tl.int32), axis=1)
+        owner = tl.where(first < total, owner, -1)
+        tl.store(block_expert + b, owner, mask=b < max_blocks)
+
+    for start in range(0, max_rows, CHUNK):
+        r = start + lanes
+        tl.store(sorted_pairs + r, tl.full([CHUNK], 0, tl.int32) + num_pairs, mask=r < max_rows)
+    # The padding stores above and the scatter below may touch the same rows from different
+    # threads of this program.
+    tl.debug_barrier()
+
+    # Pass 2: scatter each pair to its expert's next free row. A pair's rank within its expert
+    # is the count of that expert's pairs in earlier chunks (`seen`) plus those before it in
+    # its own chunk.
+    seen = tl.zeros([E_POW2], dtype=tl.int32)
+    earlier = lanes[None, :] < lanes[:, None]  # [CHUNK, CHUNK]: column j comes before row i
+    for start in range(0, num_pairs, CHUNK):
+        idx = start + lanes
+        valid = idx < num_pairs
+        e = tl.load(topk_ids + idx, mask=valid, other=num_experts).to(tl.int32)
+        e = tl.where((e >= 0) & (e < num_experts), e, num_experts)
+        onehot = (e[:, None] == experts[None, :]).to(tl.int32)  # [CHUNK, E_POW2]
+        base = tl.sum(onehot * (starts + seen)[None, :], axis=1)
+        same = (e[:, None] == e[None, :]) & earlier
+        rank = tl.sum(same.to(tl.int32), axis=1)
+        keep = valid & (e < num_experts)
+        tl.store(sorted_pairs + base + rank, idx.to(tl.int32), mask=keep)
+        seen += tl.sum(onehot, axis=0)
+
+
+@triton.jit
+def align_count_kernel(
+    topk_ids,  # [N] int
+    chunk_counts,  # [num_chunks, E_POW2] int32 out: pairs per expert in each chunk
+    rank_in_chunk,  # [N] int32 out: a pair's rank among its expert's pairs in its chunk
+    sorted_pairs,  # [max_rows] int32 out: filled with padding (N) here, scattered later
+    num_pairs,
+    num_experts,
+    max_rows,
+    FILL: tl.constexpr,  # rows of sorted_pairs each program pads
+    E_POW2: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    lanes = tl.arange(0, CHUNK)
+    idx = chunk * CHUNK + lanes
+    e = tl.load(topk_ids + idx, mask=idx < num_pairs, other=num_experts).to(tl.int32)
+    e = tl.where((e >= 0) & (e < num_experts), e, num_experts)
+    experts = tl.arange(0, E_POW2)
+    counts = tl.sum((e[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    tl.store(chunk_counts + chunk * E_POW2 + experts, counts)
+    same = (e[:, None] == e[None, :]) & (lanes[None, :] < lanes[:, None])
+    tl.store(rank_in_chunk + idx, tl.sum(same.to(tl.int32), axis=1), mask=idx < num_pairs)
+    rows = chunk * FILL + tl.arange(0, FILL)
+    tl.store(sorted_pairs + rows, tl.full([FILL], 0, tl.int32) + num_pairs, mask=rows < max_rows)
+
+
+@triton.jit
+def align_offsets_kernel(
+    chunk_counts,  # [num_chunks, E_POW2] int32; overwritten by each chunk's first row per expert
+    expert_start,  # [E_POW2] int32 out: first row of each expert's run
+    expert_end,  # [E_POW2] int32 out: one past its padded run
+    num_rows,  # [1] int32 out
+    num_chunks,
+    num_experts,
+    BLOCK_M: tl.constexpr,
+    E_POW2: tl.constexpr,
+    CHUNK_BLOCK: tl.constexpr,
+):
+    experts = tl.arange(0, E_POW2)
+    seen = tl.zeros([E_POW2], dtype=tl.int32)
+    # Exclusive prefix sums down the chunks, per expert, CHUNK_BLOCK chunks at a time.
+    for c0 in range(0, num_chunks, CHUNK_BLOCK):
+        rows = c0 + tl.arange(0, CHUNK_BLOCK)
+        ptr = chunk_counts + rows[:, None] * E_POW2 + experts[None, :]
+        tile = tl.load(ptr, mask=rows[:, None] < num_chunks, other=0)
+        tl.store(
+            ptr, tl.cumsum(tile, axis=0) - tile + seen[None, :], mask=rows[:, None] < num_chunks
+        )
+        seen += tl.sum(tile, axis=0)
+    counts = tl.where(experts < num_experts, seen, 0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    tl.store(expert_start + experts, ends - padded)
+    tl.store(expert_end + experts, ends)
+    tl.store(num_rows, tl.sum(padded, axis=0))
+
+
+@triton.jit
+def align_scatter_kernel(
+    topk_ids,  # [N] int
+    chunk_offsets,  # [num_chunks, E_POW2] int32: each chunk's first row within each expert
+    rank_in_chunk,  # [N] int32
+    expert_start,  # [E_POW2] int32
+    expert_end,  # [E_POW2] int32
+    num_rows,  # [1] int32
+    sorted_pairs,  # [max_rows] int32 out
+    block_expert,  # [max_blocks] int32 out
+    num_pairs,
+    num_experts,
+    max_blocks,
+    BLOCK_M: tl.constexpr,
+    E_POW2: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCKS_PER_CHUNK: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    idx = chunk * CHUNK + tl.arange(0, CHUNK)
+    valid = idx < num_pairs
+    e = tl.load(topk_ids + idx, mask=valid, other=num_experts).to(tl.int32)
+    keep = valid & (e >= 0) & (e < num_experts)
+    e = tl.where(keep, e, 0)
+    row = (
+        tl.load(expert_start + e)
+        + tl.load(chunk_offsets + chunk * E_POW2 + e)
+        + tl.load(rank_in_chunk + idx, mask=valid, other=0)
+    )
+    tl.store(sorted_pairs + row, idx.to(tl.int32), mask=keep)
+    # This program's share of the blocks: each block's expert, -1 past the rows in use.
+    b = chunk * BLOCKS_PER_CHUNK + tl.arange(0, BLOCKS_PER_CHUNK)
+    first = b * BLOCK_M
+    ends = tl.load(expert_end + tl.arange(0, E_POW2))
+    owner = tl.sum((ends[None, :] <= first[:, None]).to(tl.int32), axis=1)
+    owner = tl.where(first < tl.load(num_rows), owner, -1)
+    tl.store(block_expert + b, owner, mask=b < max_blocks)
+
+
+@triton.jit
+def grouped_gemm_kernel(
+    a,  # GATE_UP: x [T, K]; else act [N, K]
+    w,  # GATE_UP: w13 [E, 2 * N_OUT, K]; else w2 [E, N_OUT, K]
+    c,  # [N, N_OUT] out, in a's dtype
+    sorted_pairs,  # [max_rows] int32
+    block_expert,  # [max_blocks] int32
+    num_rows,  # [1] int32
+    num_pairs,
+    N_OUT,
+    K,
+    stride_am,
+    stride_we,
+    stride_wn,
+    stride_cm,
+    TOP_K: tl.constexpr,  # rows of `a` are pair // TOP_K (GATE_UP) or the pair itself
+    GATE_UP: tl.constexpr,
+    EXACT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Programs walk GROUP_M row blocks down one column of tiles before moving right, so the
+    # weight tiles of neighbouring blocks (often the same expert) are reused from L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(tl.load(num_rows), BLOCK_M)
+    num_n = tl.cdiv(N_OUT, BLOCK_N)
+    per_group = GROUP_M * num_n
+    group_first = pid // per_group * GROUP_M
+    group_size = tl.minimum(num_m - group_first, GROUP_M)
+    if group_size <= 0:
+        return  # a block past the rows in use (the grid is sized for the worst case)
+    pid_m = group_first + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+    expert = tl.load(block_expert + pid_m)
+    if expert < 0:
+        return
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_pairs + rows)  # [BLOCK_M]
+    row_ok = pair < num_pairs
+    # 64-bit offsets: pairs times a row's width can pass 2^31 in a long prefill.
+    pair = pair.to(tl.int64)
+    a_row = tl.where(row_ok, pair // TOP_K, 0)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N_OUT
+    ks = tl.arange(0, BLOCK_K)
+    a_ptr = a + a_row[:, None] * stride_am + ks[None, :]  # [BLOCK_M, BLOCK_K]
+    # The weight tile read transposed: [BLOCK_K, BLOCK_N] of w[expert, cols, ks].
+    w_ptr = w + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = ks < K - k0
+        a_tile = tl.load(a_ptr, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_tile = tl.load(w_ptr, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if EXACT_FP32:
+            acc = tl.dot(a_tile, w_tile, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a_tile, w_tile, acc)
+        if GATE_UP:
+            # The up rows sit N_OUT rows below the gate rows.
+            u_tile = tl.load(
+                w_ptr + N_OUT * stride_wn, mask=k_ok[:, None] & col_ok[None, :], other=0.0
+            )
+            if EXACT_FP32:
+                acc_up = tl.dot(a_tile, u_tile, acc_up, input_precision="ieee")
+            else:
+                acc_up = tl.dot(a_tile, u_tile, acc_up)
+        a_ptr += BLOCK_K
+        w_ptr += BLOCK_K
+    if GATE_UP:
+        acc = acc * tl.sigmoid(acc) * acc_up  # SiLU(gate) * up
+    c_ptr = c + pair[:, None] * stride_cm + cols[None, :]
+    tl.store(c_ptr, acc.to(c.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def combine_kernel(
+    y,  # [T * TOP_K, H]
+    topk_weights,  # [T, TOP_K]
+    topk_ids,  # [T, TOP_K]
+    out,  # [T, H]
+    H,
+    num_experts,
+    TOP_K: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    t = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ok = cols < H
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for j in range(TOP_K):
+        e = tl.load(topk_ids + t * TOP_K + j)
+        if (e >= 0) & (e < num_experts):
+            weight = tl.load(topk_weights + t * TOP_K + j).to(tl.float32)
+            row = tl.load(y + (t * TOP_K + j).to(tl.int64) * H + cols, mask=ok, other=0.0)
+            acc += weight * row.to(tl.float32)
+    tl.store(out + t.to(tl.int64) * H + cols, acc.to(out.dtype.element_ty), mask=ok)
+
+
+# Up to this many pairs one program aligns them all (one launch: decode); beyond, three
+# kernels over chunks of pairs (prefill: the one program would walk tens of thousands).
+SINGLE_PROGRAM_PAIRS = 512
+PARALLEL_CHUNK = 128
+
+
+def align_chunk(e_pow2: int) -> int:
+    """Pairs per step of the one-program align: its one-hot tile is [chunk, E_POW2] (kept
+    within the registers of 8 warps: bench/compile_kernels.py shows no spill)."""
+    return 64 if e_pow2 >= 256 else 128
+
+
+def align_block_size(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int, parallel: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pairs sorted into expert-aligned blocks; see the module docstring. Sizes depend only on
+    `topk_ids.numel()`: rows `N + min(N, E) * (block_m - 1)`, rounded up to whole blocks.
+    `parallel` picks the chunked kernels (default: above `SINGLE_PROGRAM_PAIRS` pairs)."""
+    num_pairs = topk_ids.numel()
+    max_rows = num_pairs + min(num_pairs, num_experts) * (block_m - 1)
+    max_blocks = triton.cdiv(max_rows, block_m)
+    max_rows = max_blocks * block_m
+    device = topk_ids.device
+    ids = topk_ids.reshape(-1)
+    sorted_pairs = torch.empty(max_rows, dtype=torch.int32, device=device)
+    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=device)
+    num_rows = torch.empty(1, dtype=torch.int32, device=device)
+    e_pow2 = triton.next_power_of_2(num_experts + 1)  # bin num_experts holds the strays
+    if parallel is None:
+        parallel = num_pairs > SINGLE_PROGRAM_PAIRS
+    if not parallel:
+        align_kernel[(1,)](
+            ids,
+            sorted_pairs,
+            block_expert,
+            num_rows,
+            num_pairs,
+            num_experts,
+            max_rows,
+            max_blocks,
+            BLOCK_M=block_m,
+            E_POW2=e_pow2,
+            CHUNK=align_chunk(e_pow2),
+            num_warps=8,
+        )
+        return sorted_pairs, block_expert, num_rows
+    chunk = PARALLEL_CHUNK
+    num_chunks = triton.cdiv(num_pairs, chunk)
+    chunk_counts = torch.empty(num_chunks, e_pow2, dtype=torch.int32, device=device)
+    rank_in_chunk = torch.empty(num_pairs, dtype=torch.int32, device=device)
+    expert_start = torch.empty(e_pow2, dtype=torch.int32, device=device)
+    expert_end = torch.empty(e_pow2, dtype=torch.int32, device=device)
+    align_count_kernel[(num_chunks,)](
+        ids,
+        chunk_counts,
+        rank_in_chunk,
+        sorted_pairs,
+        num_pairs,
+        num_experts,
+        max_rows,
+        FILL=triton.next_power_of_2(triton.cdiv(max_rows, num_chunks)),
+        E_POW2=e_pow2,
+        CHUNK=chunk,
+        num_warps=8,
+    )
+    align_offsets_kernel[(1,)](
+        chunk_counts,
+        expert_start,
+        expert_end,
+        num_rows,
+        num_chunks,
+        num_experts,
+        BLOCK_M=block_m,
+        E_POW2=e_pow2,
+        CHUNK_BLOCK=16,
+        num_warps=8,
+    )
+    align_scatter_kernel[(num_chunks,)](
+        ids,
+        chunk_counts,
+        rank_in_chunk,
+        expert_start,
+        expert_end,
+        num_rows,
+        sorted_pairs,
+        block_expert,
+        num_pairs,
+        num_experts,
+        max_blocks,
+        BLOCK_M=block_m,
+        E_POW2=e_pow2,
+        CHUNK=chunk,
+        BLOCKS_PER_CHUNK=triton.next_power_of_2(triton.cdiv(max_blocks, num_chunks)),
+        num_warps=4,
+    )
+    return sorted_pairs, block_expert, num_rows
+
+
+def _grouped_gemm(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    out: torch.Tensor,
+    aligned: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    top_k: int,
+    gate_up: bool,
+    cfg: MoEKernelConfig,
+) -> None:
+    sorted_pairs, block_expert, num_rows = aligned
+    n_out = out.shape[1]
+    grid = (block_expert.numel() * triton.cdiv(n_out, cfg.block_n),)
+    grouped_gemm_kernel[grid](
+        a,
+        w,
+        out,
+        sorted_pairs,
+        block_expert,
+        num_rows,
+        out.shape[0],
+        n_out,
+        a.shape[1],
+        a.stride(0),
+        w.stride(0),
+        w.stride(1),
+        out.stride(0),
+        TOP_K=top_k if gate_up else 1,
+        GATE_UP=gate_up,
+        EXACT_FP32=a.dtype == torch.float32,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    config: MoEKernelConfig | None = None,
+) -> torch.Tensor:
+    """The weighted sum of each token's top-k experts: x `[T, H]`, w13 `[E, 2I, H]`, w2 `[E, H,
+    I]`, topk_weights `[T, k]` (any float dtype), topk_ids `[T, k]`; returns `[T, H]` in x's
+    dtype. Ids outside `[0, E)` contribute nothing. No host sync; T may be 0."""
+    num_tokens, hidden = x.shape
+    num_experts, two_inter, _ = w13.shape
+    inter = two_inter // 2
+    top_k = topk_ids.shape[1]
+    out = torch.empty_like(x)
+    if num_tokens == 0:
+        return out
+    if w13.shape[2] != hidden or w2.shape != (num_experts, hidden, inter):
+        raise ValueError(
+            f"expert weights w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)} do not fit x "
+            f"{tuple(x.shape)}: expected [E, 2I, {hidden}] and [E, {hidden}, I]"
+        )
+    x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
+    topk_ids, topk_weights = topk_ids.contiguous(), topk_weights.contiguous()
+    cfg = config or kernel_config(num_tokens, num_experts, hidden, inter, top_k, x.dtype)
+    aligned = align_block_size(topk_ids, num_experts, cfg.block_m)
+    num_pairs = num_tokens * top_k
+    act = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)  # [N, I]
+    _grouped_gemm(x, w13, act, aligned, top_k, True, cfg)
+    y = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)  # [N, H]
+    _grouped_gemm(act, w2, y, aligned, top_k, False, cfg)
+    block_h = min(1024, triton.next_power_of_2(hidden))
+    combine_kernel[(num_tokens, triton.cdiv(hidden, block_h))](
+        y, topk_weights, topk_ids, out, hidden, num_experts, TOP_K=top_k, BLOCK_H=block_h
+    )
+    return out

@@ -1,0 +1,92 @@
+"""Block sizes of the fused MoE kernels, per layer shape, chosen by the number of tokens.
+
+`TUNED` maps a layer shape to rows `(max_tokens, config)` in ascending order: a step of T tokens
+takes the first row with `T <= max_tokens` (the last row beyond). Shapes not in the table take
+`default_config`. `python -m bench.moe_kernel --tune` times the candidates of `candidates()` on
+the GPU and prints rows to paste here; entries say which device they were tuned on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class MoEKernelConfig:
+    """Tile sizes of `grouped_gemm_kernel`. BLOCK_M rows of one expert per program (the
+    alignment of the sorted pairs), BLOCK_N output columns (gate and up each, in the gate-up
+    GEMM), BLOCK_K of the reduction per step; GROUP_M row blocks share a column sweep."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_k"):
+            value = getattr(self, name)
+            # tl.dot needs power-of-two tiles of at least 16 on the GPU.
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+        if self.group_m < 1 or self.num_warps < 1 or self.num_stages < 1:
+            raise ValueError(f"group_m, num_warps and num_stages must be >= 1 in {self}")
+
+
+# (num_experts, hidden, moe_intermediate, top_k, dtype) -> ((max_tokens, config), ...)
+ShapeKey = tuple[int, int, int, int, str]
+TUNED: dict[ShapeKey, tuple[tuple[int, MoEKernelConfig], ...]] = {}
+
+
+def default_config(
+    num_tokens: int, num_experts: int, top_k: int, dtype: torch.dtype = torch.bfloat16
+) -> MoEKernelConfig:
+    """A rule that is never far off: small row blocks while the average expert gets few rows
+    (decode: the weights are the traffic, so the tiles only need to keep enough programs
+    streaming them), larger tiles once experts get many rows (prefill: the matmul is the work).
+    Each compiles for sm_90 without register spills in the gate-up GEMM, which holds two
+    accumulators and two weight tiles (`python -m bench.compile_kernels` shows the usage)."""
+    rows_per_expert = num_tokens * top_k / max(num_experts, 1)
+    if rows_per_expert <= 1:
+        # A block per touched expert and little else: narrow columns make enough programs.
+        return MoEKernelConfig(16, 32, 128, group_m=1, num_warps=8, num_stages=4)
+    if rows_per_expert <= 16:
+        return MoEKernelConfig(16, 64, 64, group_m=1, num_warps=8, num_stages=4)
+    if rows_per_expert <= 64:
+        return MoEKernelConfig(32, 64, 128, group_m=4, num_warps=8, num_stages=3)
+    if dtype == torch.float32:  # twice the bytes per tile: narrower, or the registers spill
+        return MoEKernelConfig(64, 64, 32, group_m=8, num_warps=8, num_stages=3)
+    return MoEKernelConfig(64, 128, 32, group_m=8, num_warps=8, num_stages=3)
+
+
+def candidates() -> list[MoEKernelConfig]:
+    """The configurations the tuner tries (72: a few minutes per shape on an H200). Narrow
+    column tiles give a decode step's few blocks enough programs to fill the device."""
+    return [
+        MoEKernelConfig(block_m, block_n, block_k, 1 if block_m == 16 else 8, warps, stages)
+        for block_m in (16, 32, 64)
+        for block_n in (32, 64, 128)
+        for block_k in (64, 128)
+        for warps in (4, 8)
+        for stages in (3, 4)
+    ]
+
+
+def kernel_config(
+    num_tokens: int,
+    num_experts: int,
+    hidden: int,
+    intermediate: int,
+    top_k: int,
+    dtype: torch.dtype,
+) -> MoEKernelConfig:
+    rows = TUNED.get((num_experts, hidden, intermediate, top_k, str(dtype).removeprefix("torch.")))
+    if not rows:
+        return default_config(num_tokens, num_experts, top_k, dtype)
+    for max_tokens, config in rows:
+        if num_tokens <= max_tokens:
+            return config
+    return rows[-1][1]

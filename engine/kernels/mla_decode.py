@@ -1,0 +1,267 @@
+"""Multi-head latent attention decode in Triton (DeepSeek-V3, Kimi-K2, Moonlight).
+
+The weight-absorbed form of `AttentionBackend.forward_mla`: one query token per sequence with
+H heads, each a latent query `q_latent` `[R]` and a rotary query `q_pe` `[P]`, attends over its
+sequence's cached latents `c` `[R]` and rotary keys `k_pe` `[P]` (one shared KV "head"):
+
+    out[b, h] = softmax_j(scale * (q_latent[b, h] . c_j + q_pe[b, h] . k_pe_j)) @ c
+
+Flash-decoding: each sequence's context is cut into `num_kv_splits` ranges; a program takes
+one range for a block of `block_h` heads, reading each latent tile once for all of them and
+using it as both key and value, and writes its partial output with its log-sum-exp. A second
+kernel combines the ranges. With at most `block_h` heads (Moonlight's 16) every latent page is
+read from memory once per step; with more (DeepSeek-V3's 128) the head blocks of one range are
+neighbouring programs, so the repeated reads of a tile mostly come from L2.
+
+Every size depends only on the batch size and `num_kv_splits` (graph capturable); no host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+DEFAULT_BLOCK_H = 16
+
+
+@triton.jit
+def mla_decode_split_kernel(
+    q_latent,  # [B, H, R]
+    q_pe,  # [B, H, P]
+    latent_cache,  # [num_pages, page_size, 1, R] (any strides but the last)
+    pe_cache,  # [num_pages, page_size, 1, P]
+    page_table,  # [B, max_pages] int
+    seq_lens,  # [B] int
+    mid_out,  # [B, H, S, R] float32 out: each range's normalised output
+    mid_lse,  # [B, H, S] float32 out: each range's log-sum-exp (-inf when empty)
+    scale,
+    num_heads,
+    R,
+    P,
+    page_size,
+    stride_qb,
+    stride_qh,
+    stride_pb,
+    stride_ph,
+    stride_latent_page,
+    stride_latent_slot,
+    stride_pe_page,
+    stride_pe_slot,
+    stride_table,
+    NUM_SPLITS: tl.constexpr,
+    EXACT_FP32: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Head blocks vary fastest in launch order: the programs sharing a range run together.
+    head_block, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    heads = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = heads < num_heads
+    r = tl.arange(0, BLOCK_R)
+    r_ok = r < R
+    p = tl.arange(0, BLOCK_P)
+    p_ok = p < P
+    ql = tl.load(
+        q_latent + b * stride_qb + heads[:, None] * stride_qh + r[None, :],
+        mask=h_ok[:, None] & r_ok[None, :],
+        other=0.0,
+    )  # [BLOCK_H, BLOCK_R]
+    qp = tl.load(
+        q_pe + b * stride_pb + heads[:, None] * stride_ph + p[None, :],
+        mask=h_ok[:, None] & p_ok[None, :],
+        other=0.0,
+    )  # [BLOCK_H, BLOCK_P]
+
+    length = tl.load(seq_lens + b)
+    per_split = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, length)
+    m = tl.full([BLOCK_H], -float("inf"), dtype=tl.float32)
+    denom = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        ok = pos < end
+        page = tl.load(page_table + b * stride_table + pos // page_size, mask=ok, other=0)
+        page = page.to(tl.int64)
+        within = pos % page_size
+        latent_row = page * stride_latent_page + within * stride_latent_slot  # [BLOCK_N]
+        pe_row = page * stride_pe_page + within * stride_pe_slot
+        c = tl.load(
+            latent_cache + latent_row[:, None] + r[None, :],
+            mask=ok[:, None] & r_ok[None, :],
+            other=0.0,
+        )  # [BLOCK_N, BLOCK_R]: the key's latent part and the value
+        kp = tl.load(
+            pe_cache + pe_row[:, None] + p[None, :],
+            mask=ok[:, None] & p_ok[None, :],
+            other=0.0,
+        )  # [BLOCK_N, BLOCK_P]
+        if EXACT_FP32:
+            s = tl.dot(ql, tl.trans(c), input_precision="ieee")
+            s = tl.dot(qp, tl.trans(kp), s, input_precision="ieee")
+        else:
+            s = tl.dot(ql, tl.trans(c))
+            s = tl.dot(qp, tl.trans(kp), s)
+        s = tl.where(ok[None, :], s * scale, -float("inf"))  # [BLOCK_H, BLOCK_N]
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp(m - m_new)
+        prob = tl.exp(s - m_new[:, None])
+        denom = denom * alpha + tl.sum(prob, axis=1)
+        if EXACT_FP32:
+            acc = tl.dot(prob.to(c.dtype), c, acc * alpha[:, None], input_precision="ieee")
+        else:
+            acc = tl.dot(prob.to(c.dtype), c, acc * alpha[:, None])
+        m = m_new
+    row = (b * num_heads + heads) * NUM_SPLITS + split  # [BLOCK_H] into [B, H, S]
+    if end > start:
+        tl.store(
+            mid_out + row[:, None] * R + r[None, :],
+            acc / denom[:, None],
+            mask=h_ok[:, None] & r_ok[None, :],
+        )
+        tl.store(mid_lse + row, m + tl.log(denom), mask=h_ok)
+    else:
+        tl.store(mid_lse + row, tl.full([BLOCK_H], -float("inf"), tl.float32), mask=h_ok)
+
+
+@triton.jit
+def mla_decode_combine_kernel(
+    mid_out,  # [B, H, S, R] float32
+    mid_lse,  # [B, H, S] float32
+    out,  # [B, H, R]
+    num_heads,
+    R,
+    stride_ob,
+    stride_oh,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    h, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    r = tl.arange(0, BLOCK_R)
+    r_ok = r < R
+    row0 = (b * num_heads + h) * NUM_SPLITS
+    m = -float("inf")
+    denom = 0.0
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for split in range(NUM_SPLITS):
+        lse = tl.load(mid_lse + row0 + split)
+        if lse > -float("inf"):
+            part = tl.load(mid_out + (row0 + split) * R + r, mask=r_ok, other=0.0)
+            m_new = tl.maximum(m, lse)
+            alpha = tl.exp(m - m_new)
+            weight = tl.exp(lse - m_new)
+            acc = acc * alpha + weight * part
+            denom = denom * alpha + weight
+            m = m_new
+    # A sequence of length 0 (a padding row of a graph-sized batch) gets zeros.
+    result = tl.where(denom > 0, acc / tl.maximum(denom, 1e-30), 0.0)
+    tl.store(out + b * stride_ob + h * stride_oh + r, result.to(out.dtype.element_ty), mask=r_ok)
+
+
+def default_num_kv_splits(
+    batch: int, num_heads: int, num_sms: int = 132, block_h: int = DEFAULT_BLOCK_H
+) -> int:
+    """Enough ranges that a small batch still fills the device (about two programs per SM),
+    at most 16; fixed per (batch, heads), so a graph captured at a batch size keeps it."""
+    programs = batch * triton.cdiv(num_heads, block_h)
+    return max(1, min(16, triton.cdiv(2 * num_sms, programs)))
+
+
+def mla_decode(
+    q_latent: torch.Tensor,
+    q_pe: torch.Tensor,
+    latent_cache: torch.Tensor,
+    pe_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    num_kv_splits: int | None = None,
+    block_n: int = 32,
+    block_h: int = DEFAULT_BLOCK_H,
+) -> torch.Tensor:
+    """Absorbed MLA decode over the paged cache; writes and returns `out`.
+
+    q_latent `[B, H, R]`, q_pe `[B, H, P]` (one new token per sequence); latent_cache `[pages,
+    page_size, 1, R]` and pe_cache `[pages, page_size, 1, P]` (one layer's K and V tensors of
+    the pool, the new token already written); page_table `[B, max_pages]` page ids; seq_lens
+    `[B]` context lengths including the new token (0: the row gets zeros); out `[B, H, R]`.
+    Scores are `scale * (q_latent . c + q_pe . k_pe)`; values are the latents `c`.
+    `block_h` heads share each read of a latent tile (16, or 32 in 16-bit types: more heads
+    per read, more registers per program); `block_n` context positions per tile.
+    """
+    batch, num_heads, rank = q_latent.shape
+    rope = q_pe.shape[2]
+    if latent_cache.shape[-1] != rank or pe_cache.shape[-1] != rope:
+        raise ValueError(
+            f"cache widths {latent_cache.shape[-1]}, {pe_cache.shape[-1]} do not match the "
+            f"queries' {rank}, {rope}"
+        )
+    if batch == 0:
+        return out
+    if latent_cache.stride(-1) != 1 or pe_cache.stride(-1) != 1:
+        raise ValueError("the latent and rope-key caches must be contiguous in their last dim")
+    page_size = latent_cache.shape[1]
+    if block_h < 16 or block_h & (block_h - 1) or block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(
+            f"block_h and block_n must be powers of two >= 16, got {block_h}, {block_n}"
+        )
+    if q_latent.dtype == torch.float32 and block_h > 16:
+        raise ValueError(f"float32 MLA decode takes block_h=16 (got {block_h}: registers spill)")
+    splits = num_kv_splits or default_num_kv_splits(batch, num_heads, block_h=block_h)
+    device = q_latent.device
+    mid_out = torch.empty(batch, num_heads, splits, rank, dtype=torch.float32, device=device)
+    mid_lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=device)
+    q_latent = q_latent if q_latent.stride(2) == 1 else q_latent.contiguous()
+    q_pe = q_pe if q_pe.stride(2) == 1 else q_pe.contiguous()
+    # tl.dot needs dimensions of at least 16 on the GPU.
+    block_r = max(16, triton.next_power_of_2(rank))
+    block_p = max(16, triton.next_power_of_2(rope))
+    mla_decode_split_kernel[(triton.cdiv(num_heads, block_h), splits, batch)](
+        q_latent,
+        q_pe,
+        latent_cache,
+        pe_cache,
+        page_table,
+        seq_lens,
+        mid_out,
+        mid_lse,
+        float(scale),
+        num_heads,
+        rank,
+        rope,
+        page_size,
+        q_latent.stride(0),
+        q_latent.stride(1),
+        q_pe.stride(0),
+        q_pe.stride(1),
+        latent_cache.stride(0),
+        latent_cache.stride(1),
+        pe_cache.stride(0),
+        pe_cache.stride(1),
+        page_table.stride(0),
+        NUM_SPLITS=splits,
+        EXACT_FP32=q_latent.dtype == torch.float32,
+        BLOCK_H=block_h,
+        BLOCK_R=block_r,
+        BLOCK_P=block_p,
+        BLOCK_N=block_n,
+        num_warps=8 if block_r >= 512 else 4,
+        num_stages=2,
+    )
+    mla_decode_combine_kernel[(num_heads, batch)](
+        mid_out,
+        mid_lse,
+        out,
+        num_heads,
+        rank,
+        out.stride(0),
+        out.stride(1),
+        NUM_SPLITS=splits,
+        BLOCK_R=block_r,
+    )
+    return out

@@ -1,0 +1,167 @@
+"""MoE routing in one Triton kernel per layer: one program per token, no host sync.
+
+The same results as `engine.layers.moe.select_experts` (softmax top-k) and
+`select_experts_grouped` (DeepSeek-V3's grouped sigmoid with the correction bias), which take
+5 and about 15 small kernels each. Ties between equal scores go to the lower expert id (torch's
+`topk` leaves them unspecified); the chosen experts come out best first.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def softmax_topk_kernel(
+    logits,  # [T, E]
+    weights,  # [T, TOP_K] out, logits' dtype
+    ids,  # [T, TOP_K] int64 out
+    num_experts,
+    stride_t,
+    TOP_K: tl.constexpr,
+    K_POW2: tl.constexpr,
+    E_POW2: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, E_POW2)
+    ok = cols < num_experts
+    x = tl.load(logits + t * stride_t + cols, mask=ok, other=-float("inf")).to(tl.float32)
+    p = tl.exp(x - tl.max(x, axis=0))
+    p = tl.where(ok, p, 0.0)
+    p = p / tl.sum(p, axis=0)
+    # Probabilities are >= 0: -1 marks an expert already taken (or past E).
+    left = tl.where(ok, p, -1.0)
+    slots = tl.arange(0, K_POW2)
+    chosen_w = tl.zeros([K_POW2], dtype=tl.float32)
+    chosen_id = tl.zeros([K_POW2], dtype=tl.int64)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(left, axis=0)
+        idx = tl.min(tl.where(left == best, cols, E_POW2), axis=0)
+        left = tl.where(cols == idx, -1.0, left)
+        chosen_w = tl.where(slots == j, best, chosen_w)
+        chosen_id = tl.where(slots == j, idx.to(tl.int64), chosen_id)
+    if RENORMALIZE:
+        chosen_w = chosen_w / tl.sum(chosen_w, axis=0)
+    out = t * TOP_K + slots
+    tl.store(weights + out, chosen_w.to(weights.dtype.element_ty), mask=slots < TOP_K)
+    tl.store(ids + out, chosen_id, mask=slots < TOP_K)
+
+
+@triton.jit
+def grouped_topk_kernel(
+    logits,  # [T, E]
+    bias,  # [E] the correction bias
+    weights,  # [T, TOP_K] float32 out
+    ids,  # [T, TOP_K] int64 out
+    stride_t,
+    scaling,
+    NUM_GROUPS: tl.constexpr,
+    PER_GROUP: tl.constexpr,
+    TOPK_GROUPS: tl.constexpr,
+    TOP_K: tl.constexpr,
+    G_POW2: tl.constexpr,
+    P_POW2: tl.constexpr,
+    K_POW2: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    g = tl.arange(0, G_POW2)
+    c = tl.arange(0, P_POW2)
+    ok = (g[:, None] < NUM_GROUPS) & (c[None, :] < PER_GROUP)
+    expert = g[:, None] * PER_GROUP + c[None, :]  # [G_POW2, P_POW2]
+    x = tl.load(logits + t * stride_t + expert, mask=ok, other=0.0).to(tl.float32)
+    scores = tl.sigmoid(x)
+    b = tl.load(bias + expert, mask=ok, other=0.0).to(tl.float32)
+    choice = tl.where(ok, scores + b, -float("inf"))
+    # A group's score: its two best `choice` values.
+    first = tl.max(choice, axis=1)
+    first_at = tl.min(tl.where(choice == first[:, None], c[None, :], P_POW2), axis=1)
+    second = tl.max(tl.where(c[None, :] == first_at[:, None], -float("inf"), choice), axis=1)
+    group_score = tl.where(g < NUM_GROUPS, first + second, -float("inf"))
+    eligible = g < 0  # all False
+    for _ in tl.static_range(TOPK_GROUPS):
+        best = tl.max(group_score, axis=0)
+        pick = tl.min(tl.where(group_score == best, g, G_POW2), axis=0)
+        eligible = eligible | (g == pick)
+        group_score = tl.where(g == pick, -float("inf"), group_score)
+    choice = tl.where(eligible[:, None], choice, -float("inf"))
+    slots = tl.arange(0, K_POW2)
+    chosen_w = tl.zeros([K_POW2], dtype=tl.float32)
+    chosen_id = tl.zeros([K_POW2], dtype=tl.int64)
+    big = NUM_GROUPS * PER_GROUP
+    for j in tl.static_range(TOP_K):
+        best = tl.max(tl.max(choice, axis=1), axis=0)
+        idx = tl.min(tl.min(tl.where(choice == best, expert, big), axis=1), axis=0)
+        here = expert == idx
+        w = tl.sum(tl.sum(tl.where(here, scores, 0.0), axis=1), axis=0)
+        choice = tl.where(here, -float("inf"), choice)
+        chosen_w = tl.where(slots == j, w, chosen_w)
+        chosen_id = tl.where(slots == j, idx.to(tl.int64), chosen_id)
+    if RENORMALIZE:
+        chosen_w = chosen_w / (tl.sum(chosen_w, axis=0) + 1e-20)
+    chosen_w = chosen_w * scaling
+    out = t * TOP_K + slots
+    tl.store(weights + out, chosen_w, mask=slots < TOP_K)
+    tl.store(ids + out, chosen_id, mask=slots < TOP_K)
+
+
+def softmax_topk(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`select_experts` in one kernel: (weights `[T, k]` in the logits' dtype, ids `[T, k]`)."""
+    num_tokens, num_experts = router_logits.shape
+    weights = router_logits.new_empty(num_tokens, top_k)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=router_logits.device)
+    if num_tokens:
+        logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
+        softmax_topk_kernel[(num_tokens,)](
+            logits,
+            weights,
+            ids,
+            num_experts,
+            logits.stride(0),
+            TOP_K=top_k,
+            K_POW2=triton.next_power_of_2(top_k),
+            E_POW2=triton.next_power_of_2(num_experts),
+            RENORMALIZE=renormalize,
+        )
+    return weights, ids
+
+
+def grouped_topk(
+    router_logits: torch.Tensor,
+    correction_bias: torch.Tensor,
+    top_k: int,
+    num_groups: int,
+    topk_groups: int,
+    renormalize: bool,
+    scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`select_experts_grouped` in one kernel: (weights `[T, k]` float32, ids `[T, k]`)."""
+    num_tokens, num_experts = router_logits.shape
+    per_group = num_experts // num_groups
+    device = router_logits.device
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=device)
+    if num_tokens:
+        logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
+        grouped_topk_kernel[(num_tokens,)](
+            logits,
+            correction_bias.contiguous(),
+            weights,
+            ids,
+            logits.stride(0),
+            float(scaling_factor),
+            NUM_GROUPS=num_groups,
+            PER_GROUP=per_group,
+            TOPK_GROUPS=topk_groups,
+            TOP_K=top_k,
+            G_POW2=triton.next_power_of_2(num_groups),
+            P_POW2=triton.next_power_of_2(per_group),
+            K_POW2=triton.next_power_of_2(top_k),
+            RENORMALIZE=renormalize,
+        )
+    return weights, ids

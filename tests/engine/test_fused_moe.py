@@ -1,0 +1,256 @@
+"""The fused MoE Triton kernels against the pure-torch experts, under Triton's interpreter.
+
+Tolerances: float32 runs the dots exactly (`input_precision="ieee"`), so the kernel matches the
+reference to rounding: `rtol = atol = 1e-5` on outputs of order 1. float16 keeps the
+intermediate activation and the per-expert outputs in float16 like the reference does, but
+rounds at different points (float32 accumulation of the SiLU product and of the combine):
+`rtol = atol = 2e-2` against the float32 reference on the same float16 weights. (bfloat16 is
+checked on the GPU by `bench/check_moe_gpu.py`: the interpreter's dot does not support it.)
+"""
+
+from __future__ import annotations
+
+import os
+
+# Triton picks the interpreter when it is imported: tests/conftest.py sets this for the whole
+# session (transformers imports triton during collection); here for a reader's benefit.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is a dev dependency (pip install -e .[dev])")
+
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.eplb import initial_placement
+from engine.kernels import fused_moe as fused_moe_module
+from engine.kernels.fused_moe import align_block_size, fused_moe
+from engine.kernels.fused_moe_configs import (
+    MoEKernelConfig,
+    default_config,
+    kernel_config,
+)
+from engine.layers.ep_moe import ExpertParallelExperts
+from engine.layers.moe import (
+    FusedExperts,
+    TorchMoEBackend,
+    TritonMoEBackend,
+    moe_backend_for,
+    select_experts,
+    select_experts_grouped,
+    set_moe_backend,
+)
+from engine.parallel import ParallelConfig
+from engine.sampling import SamplingParams
+from tests.engine.reference import MAX_NEW_TOKENS, reference
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=MAX_NEW_TOKENS, ignore_eos=True)
+TINY = MoEKernelConfig(block_m=16, block_n=16, block_k=16)
+
+
+def make_experts(num_experts: int, hidden: int, inter: int, seed: int) -> FusedExperts:
+    g = torch.Generator().manual_seed(seed)
+    experts = FusedExperts(num_experts, hidden, inter)
+    with torch.no_grad():
+        # Scaled so that outputs are of order 1 and the tolerances above mean what they say.
+        experts.w13.copy_(torch.randn(experts.w13.shape, generator=g) / hidden**0.5)
+        experts.w2.copy_(torch.randn(experts.w2.shape, generator=g) / inter**0.5)
+    return experts
+
+
+def route(kind: str, tokens: int, num_experts: int, top_k: int, seed: int):
+    g = torch.Generator().manual_seed(seed + 1)
+    logits = torch.randn(tokens, num_experts, generator=g)
+    if kind == "qwen":
+        return select_experts(logits, top_k, renormalize=True)
+    # DeepSeek: 4 groups, the best 2 eligible, a correction bias; float32 weights, scaled.
+    bias = torch.randn(num_experts, generator=g) * 0.1
+    return select_experts_grouped(logits, bias, top_k, 4, 2, True, 2.5)
+
+
+def check(tokens, num_experts, top_k, routing, dtype, hidden=40, inter=24, cfg=TINY, seed=0):
+    experts = make_experts(num_experts, hidden, inter, seed)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed + 2))
+    weights, ids = route(routing, tokens, num_experts, top_k, seed)
+    w13, w2 = experts.w13.detach().to(dtype), experts.w2.detach().to(dtype)
+    got = fused_moe(x.to(dtype), w13, w2, weights, ids, cfg)
+    # The reference in float32 on the same (rounded) weights and inputs.
+    want = TorchMoEBackend().experts(x.to(dtype).float(), w13.float(), w2.float(), weights, ids)
+    assert got.dtype == dtype and got.shape == (tokens, hidden)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("routing", ["qwen", "deepseek"])
+@pytest.mark.parametrize("top_k", [1, 3, 8])
+@pytest.mark.parametrize("tokens", [0, 1, 3, 19])
+def test_fused_moe_matches_torch_float32(tokens, top_k, routing):
+    # 16 experts: with 1 or 3 tokens most of them get no pair.
+    check(tokens, 16, top_k, routing, torch.float32)
+
+
+def test_fused_moe_chunked_align(monkeypatch):
+    """The chunked align kernels (prefill-sized steps) feed the GEMMs alike; ids with
+    experts that get no pair and strays outside [0, E) included."""
+    monkeypatch.setattr(fused_moe_module, "SINGLE_PROGRAM_PAIRS", 0)
+    check(45, 16, 6, "qwen", torch.float32)
+    test_fused_moe_skips_ids_outside_the_experts()
+
+
+@pytest.mark.parametrize("tokens,top_k", [(1, 8), (19, 2), (19, 8)])
+def test_fused_moe_matches_torch_float16(tokens, top_k):
+    check(tokens, 16, top_k, "qwen", torch.float16)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        MoEKernelConfig(16, 32, 32, group_m=4),  # tiles wider than I and H's tail
+        MoEKernelConfig(32, 16, 16, group_m=2),  # taller blocks: more padding rows
+    ],
+)
+def test_fused_moe_tile_shapes(cfg):
+    check(21, 8, 4, "qwen", torch.float32, hidden=72, inter=40, cfg=cfg)
+
+
+def test_fused_moe_skips_ids_outside_the_experts():
+    """Expert parallelism marks pairs another rank computes with an id outside [0, E)."""
+    experts = make_experts(8, 32, 16, 3)
+    x = torch.randn(5, 32)
+    weights, ids = select_experts(torch.randn(5, 8), 3, renormalize=False)
+    masked = ids.clone()
+    masked[::2, 0] = -1
+    masked[1, 2] = 8
+    keep = (masked >= 0) & (masked < 8)
+    got = fused_moe(x, experts.w13.detach(), experts.w2.detach(), weights, masked, TINY)
+    # The reference on the kept pairs only: a zero weight on the dropped ones.
+    want = TorchMoEBackend().experts(
+        x, experts.w13.detach(), experts.w2.detach(), weights * keep, ids
+    )
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("block_m", [16, 32])
+@pytest.mark.parametrize("pairs,num_experts", [(1, 8), (8, 128), (200, 8), (333, 32)])
+def test_align_sorts_pairs_into_expert_blocks(pairs, num_experts, block_m, parallel):
+    ids = torch.randint(0, num_experts, (pairs,), generator=torch.Generator().manual_seed(pairs))
+    sorted_pairs, block_expert, num_rows = align_block_size(ids, num_experts, block_m, parallel)
+    counts = torch.bincount(ids, minlength=num_experts)
+    padded = (counts + block_m - 1) // block_m * block_m
+    assert int(num_rows) == int(padded.sum())
+    # Sizes depend on the number of pairs only (graph capture).
+    assert sorted_pairs.numel() == block_expert.numel() * block_m
+    assert sorted_pairs.numel() >= int(num_rows)
+    used = sorted_pairs[: int(num_rows)].view(-1, block_m)
+    blocks = block_expert[: used.shape[0]]
+    assert (block_expert[used.shape[0] :] == -1).all()
+    # Each used block holds pairs of its own expert (or padding); experts run in order.
+    for block, expert in zip(used.tolist(), blocks.tolist(), strict=True):
+        real = [p for p in block if p < pairs]
+        assert real, "a block in use holds at least one pair"
+        assert all(int(ids[p]) == expert for p in real)
+    assert blocks.tolist() == sorted(blocks.tolist())
+    # Every pair appears exactly once.
+    placed = sorted_pairs[sorted_pairs < pairs].tolist()
+    assert sorted(placed) == list(range(pairs))
+
+
+def test_backend_selection_and_module_path():
+    assert isinstance(moe_backend_for("auto", "cpu"), TorchMoEBackend)
+    assert isinstance(moe_backend_for("torch", "cuda"), TorchMoEBackend)
+    # The interpreter is on in this module, so "triton" is allowed on the CPU here.
+    assert isinstance(moe_backend_for("triton", "cpu"), TritonMoEBackend)
+    with pytest.raises(ValueError, match="must be one of"):
+        moe_backend_for("cutlass", "cuda")
+    experts = make_experts(8, 32, 16, 5)
+    x = torch.randn(6, 32)
+    weights, ids = select_experts(torch.randn(6, 8), 2, renormalize=True)
+    with torch.no_grad():
+        want = experts(x, weights, ids)
+        assert set_moe_backend(torch.nn.Sequential(experts), TritonMoEBackend()) == 1
+        got = experts(x, weights, ids)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_backend_is_refused_on_cpu_without_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="--moe-backend torch"):
+        moe_backend_for("triton", "cpu")
+
+
+def test_kernel_config_table():
+    # Decode-sized steps take small row blocks; large ones larger.
+    assert default_config(1, 128, 8).block_m == 16
+    assert default_config(4096, 128, 8).block_m == 64
+    assert kernel_config(1, 128, 2048, 768, 8, torch.bfloat16).block_m == 16
+    with pytest.raises(ValueError, match="power of two"):
+        MoEKernelConfig(24, 64, 64)
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("tokens,num_experts,top_k", [(0, 8, 2), (1, 8, 1), (9, 60, 8)])
+def test_softmax_routing_kernel(tokens, num_experts, top_k, renormalize):
+    logits = torch.randn(tokens, num_experts, generator=torch.Generator().manual_seed(tokens))
+    backend = TritonMoEBackend()
+    for dtype in (torch.float32, torch.float16):
+        got_w, got_ids = backend.select_experts(logits.to(dtype), top_k, renormalize)
+        want_w, want_ids = select_experts(logits.to(dtype), top_k, renormalize)
+        assert got_w.dtype == want_w.dtype and got_ids.dtype == want_ids.dtype
+        # Both come out best first (random logits have no ties).
+        assert torch.equal(got_ids, want_ids)
+        torch.testing.assert_close(got_w, want_w, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "tokens,num_experts,groups,topk_groups,top_k",
+    [(0, 16, 4, 2, 2), (1, 16, 4, 2, 8), (7, 64, 8, 3, 6), (5, 24, 3, 1, 4), (4, 12, 1, 1, 3)],
+)
+def test_grouped_routing_kernel(tokens, num_experts, groups, topk_groups, top_k):
+    g = torch.Generator().manual_seed(tokens + num_experts)
+    logits = torch.randn(tokens, num_experts, generator=g)
+    bias = torch.randn(num_experts, generator=g) * 0.5
+    args = (bias, top_k, groups, topk_groups, True, 2.5)
+    got_w, got_ids = TritonMoEBackend().select_experts_grouped(logits, *args)
+    want_w, want_ids = select_experts_grouped(logits, *args)
+    assert got_w.dtype == torch.float32 and got_ids.shape == (tokens, top_k)
+    # The reference returns its choices in no particular order: compare per row, sorted.
+    got_ids, order = got_ids.sort(dim=-1)
+    want_ids, want_order = want_ids.sort(dim=-1)
+    assert torch.equal(got_ids, want_ids)
+    torch.testing.assert_close(
+        got_w.gather(1, order), want_w.gather(1, want_order), rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("family", ["qwen3-moe", "deepseek-v3"])
+def test_engine_with_triton_moe_matches_transformers(tiny_models, family):
+    """The tiny float32 checkpoints, every MoE layer (routing included) on the Triton backend:
+    greedy tokens equal transformers'. (The runner selects the backend from
+    `EngineConfig.moe_backend`; here it is switched after load so that the CPU runs it.)"""
+    ref = reference(tiny_models[family])
+    engine = Engine(EngineConfig(model_path=str(tiny_models[family]), num_pages=64))
+    assert set_moe_backend(engine.runner.model, TritonMoEBackend()) > 0  # type: ignore[arg-type]
+    prompts = ref.prompts[:3]
+    results = engine.generate(prompts, GREEDY)
+    assert [r.output_ids for r in results] == ref.tokens[:3]
+
+
+def test_expert_parallel_local_compute_on_the_triton_backend():
+    """An expert-parallel rank computes its received rows (slots -1 where a choice lives on
+    another rank) through its backend: the Triton one matches the torch one."""
+    placement = initial_placement(8, 2, 2)
+    layer = ExpertParallelExperts(8, 32, 16, ParallelConfig(2, 1, 2), placement)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        layer.local.w13.copy_(torch.randn(layer.local.w13.shape, generator=g) / 32**0.5)
+        layer.local.w2.copy_(torch.randn(layer.local.w2.shape, generator=g) / 16**0.5)
+    rows = torch.randn(6, 32, generator=g)
+    slots = torch.randint(-1, placement.slots_per_rank, (6, 4), generator=g, dtype=torch.int32)
+    weights = torch.rand(6, 4, generator=g) * (slots >= 0)
+    with torch.no_grad():
+        want = layer._compute(rows, slots, weights)
+        assert set_moe_backend(layer, TritonMoEBackend()) == 2  # the layer and its .local
+        got = layer._compute(rows, slots, weights)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,135 @@
+"""The Triton MLA decode kernel against the torch attention backend's `forward_mla`, under
+Triton's interpreter on the CPU.
+
+Tolerances: float32 runs its dots exactly (`input_precision="ieee"`) and matches to
+`rtol = atol = 1e-5`; float16 rounds the probabilities to float16 before the value product
+(as any flash kernel does), `rtol = atol = 5e-3` on outputs of order 1. bfloat16 is checked on
+the GPU by `bench/check_moe_gpu.py` (the interpreter's dot does not support it).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Triton picks the interpreter when it is imported: tests/conftest.py sets this for the whole
+# session (transformers imports triton during collection); here for a reader's benefit.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is a dev dependency (pip install -e .[dev])")
+
+from engine.forward_batch import ForwardBatch
+from engine.kernels.mla_decode import default_num_kv_splits, mla_decode
+from engine.kv_cache import KVCache, KVCacheSpec
+from engine.layers.attention import TorchAttentionBackend
+
+
+def decode_case(lens, heads, rank, rope, page_size, dtype, seed=0):
+    """A decode step over sequences whose contexts (before the new token) are `lens`, their
+    pages scattered over the pool; returns the kernel's inputs and the reference output."""
+    g = torch.Generator().manual_seed(seed)
+    batch = len(lens)
+    pages_per_seq = [(n + 1 + page_size - 1) // page_size for n in lens]
+    num_pages = sum(pages_per_seq) + 2
+    cache = KVCache(1, num_pages, page_size, KVCacheSpec(1, rank, rope), dtype, torch.device("cpu"))
+    cache.k[0].copy_(torch.randn(cache.k[0].shape, generator=g))
+    cache.v[0].copy_(torch.randn(cache.v[0].shape, generator=g))
+    perm = torch.randperm(num_pages, generator=g).tolist()
+    table = torch.zeros(batch, max(pages_per_seq), dtype=torch.int32)
+    for b, n in enumerate(pages_per_seq):
+        table[b, :n] = torch.tensor(perm[:n])
+        perm = perm[n:]
+    prefix = torch.tensor(lens)
+    out_slots = torch.stack(
+        [table[b, n // page_size] * page_size + n % page_size for b, n in enumerate(lens)]
+    ).long()
+    batch_ = ForwardBatch(
+        input_ids=torch.zeros(batch, dtype=torch.long),
+        positions=prefix.clone(),
+        out_slots=out_slots,
+        page_table=table,
+        req_rows=torch.arange(batch),
+        prefix_lens=prefix,
+        extend_lens=torch.ones(batch, dtype=torch.long),
+        logits_indices=torch.arange(batch),
+        max_extend_len=1,
+        max_seq_len=max(lens) + 1,
+        kv_cache=cache,
+        is_decode=True,
+    )
+    q_latent = (torch.randn(batch, heads, rank, generator=g) * 0.3).to(dtype)
+    q_pe = (torch.randn(batch, heads, rope, generator=g) * 0.3).to(dtype)
+    c_kv = torch.randn(batch, 1, rank, generator=g).to(dtype)
+    k_pe = torch.randn(batch, 1, rope, generator=g).to(dtype)
+    scale = (rank + rope) ** -0.5
+    backend = TorchAttentionBackend()
+    backend.prepare(batch_)
+    # Writes the new token's latent and rope key into the pool, then attends (the reference).
+    want = backend.forward_mla(q_latent, q_pe, c_kv, k_pe, 0, batch_, scale)
+    seq_lens = (prefix + 1).to(torch.int32)
+    return q_latent, q_pe, cache, table, seq_lens, scale, want
+
+
+@pytest.mark.parametrize("page_size", [1, 4, 16])
+@pytest.mark.parametrize("heads", [1, 16, 20])
+@pytest.mark.parametrize("splits", [1, 3, None])
+def test_mla_decode_matches_torch_backend(page_size, heads, splits):
+    # Lengths: only the new token, page boundaries, and a long one.
+    lens = [0, page_size - 1, page_size, 45]
+    q_latent, q_pe, cache, table, seq_lens, scale, want = decode_case(
+        lens, heads, 32, 8, page_size, torch.float32
+    )
+    out = torch.empty_like(q_latent)
+    mla_decode(q_latent, q_pe, cache.k[0], cache.v[0], table, seq_lens, scale, out, splits, 16)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_mla_decode_wider_head_blocks():
+    """32 heads sharing each tile read (DeepSeek-V3's 128 heads in 4 programs per range), in
+    16-bit types; float32 keeps 16 (32 spills registers on the GPU)."""
+    q_latent, q_pe, cache, table, seq_lens, scale, want = decode_case(
+        [3, 21], 40, 32, 8, 4, torch.float16, seed=7
+    )
+    out = torch.empty_like(q_latent)
+    mla_decode(q_latent, q_pe, cache.k[0], cache.v[0], table, seq_lens, scale, out, 2, 16, 32)
+    torch.testing.assert_close(out.float(), want.float(), rtol=5e-3, atol=5e-3)
+    with pytest.raises(ValueError, match="powers of two"):
+        mla_decode(q_latent, q_pe, cache.k[0], cache.v[0], table, seq_lens, scale, out, 2, 16, 24)
+    q32, pe32, out32 = q_latent.float(), q_pe.float(), out.float()
+    with pytest.raises(ValueError, match="block_h=16"):
+        mla_decode(q32, pe32, cache.k[0], cache.v[0], table, seq_lens, scale, out32, 2, 16, 32)
+
+
+def test_mla_decode_float16_and_odd_widths():
+    # A latent width that is not a power of two, and more ranges than some contexts fill.
+    q_latent, q_pe, cache, table, seq_lens, scale, want = decode_case(
+        [2, 30, 9], 4, 24, 8, 4, torch.float16, seed=3
+    )
+    out = torch.empty_like(q_latent)
+    mla_decode(q_latent, q_pe, cache.k[0], cache.v[0], table, seq_lens, scale, out, 8, 16)
+    torch.testing.assert_close(out.float(), want.float(), rtol=5e-3, atol=5e-3)
+
+
+def test_mla_decode_padding_rows_and_empty_batch():
+    """A graph-sized batch pads with rows of length 0: they get zeros; real rows are exact."""
+    q_latent, q_pe, cache, table, seq_lens, scale, want = decode_case(
+        [5, 12], 4, 32, 8, 4, torch.float32, seed=5
+    )
+    seq_lens[1] = 0
+    out = torch.full_like(q_latent, float("nan"))
+    mla_decode(q_latent, q_pe, cache.k[0], cache.v[0], table, seq_lens, scale, out, 2, 16)
+    torch.testing.assert_close(out[0], want[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    empty = q_latent[:0]
+    result = mla_decode(
+        empty, q_pe[:0], cache.k[0], cache.v[0], table[:0], seq_lens[:0], scale, empty
+    )
+    assert result.shape == (0, 4, 32)
+
+
+def test_default_splits_fill_the_device_and_are_fixed_per_batch():
+    assert default_num_kv_splits(1, 16) == 16
+    assert default_num_kv_splits(256, 128) == 1
+    assert default_num_kv_splits(8, 16) == default_num_kv_splits(8, 16)
