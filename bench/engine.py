@@ -52,7 +52,7 @@ LLAMA3_8B: dict[str, Any] = {
     "head_dim": 128,
     "intermediate_size": 14336,
     "vocab_size": 128256,
-    "max_position_embeddings": 8192,
+    "max_position_embeddings": 131072,  # Llama-3.1-8B (Llama-3-8B's shape, longer RoPE)
     "rms_norm_eps": 1e-5,
     "hidden_act": "silu",
     "tie_word_embeddings": False,

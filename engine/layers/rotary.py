@@ -123,6 +123,13 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if q.is_cuda:  # one Triton kernel per tensor instead of a dozen element-wise ones
+            from engine.kernels import fused
+
+            return (
+                fused.rope(q, positions, self.cos, self.sin, self.interleaved),
+                fused.rope(k, positions, self.cos, self.sin, self.interleaved),
+            )
         if self.interleaved:
             q, k = deinterleave(q), deinterleave(k)
         cos = self.cos[positions].to(q.dtype)[:, None, :]

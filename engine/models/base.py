@@ -22,13 +22,25 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = mlp
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(mlp output, residual stream)`: the stream is the sum of everything before the MLP
+        output; the next norm adds that output in (fused on CUDA). `residual` None: `x` is the
+        embedding, the stream's start."""
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.forward_residual(x, residual)
+        h = self.self_attn(h, batch)
+        h, residual = self.post_attention_layernorm.forward_residual(h, residual)
+        return self.mlp(h), residual
 
 
 class DecoderOnlyLM(nn.Module):
-    """Subclasses build `self.layers` (each called as `layer(x, batch)`) and `self.rotary`."""
+    """Subclasses build `self.layers` (each called as `layer(x, residual, batch)`) and
+    `self.rotary`."""
 
     layers: nn.ModuleList
 
@@ -46,9 +58,12 @@ class DecoderOnlyLM(nn.Module):
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Final hidden states `[T, hidden]` of the step's new tokens."""
         x = self.embed_tokens(batch.input_ids)
+        residual: torch.Tensor | None = None
         for layer in self.layers:
-            x = layer(x, batch)
-        return self.norm(x)
+            x, residual = layer(x, residual, batch)
+        if residual is None:
+            return self.norm(x)
+        return self.norm.forward_residual(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits `[B, vocab]` in float32 for the given hidden rows."""

@@ -6,6 +6,7 @@ import random
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,11 +32,16 @@ class Reference:
 
 
 @cache
-def reference(model_dir: Path, max_new_tokens: int = MAX_NEW_TOKENS) -> Reference:
-    """Greedy `generate()` of transformers for `make_prompts`, with EOS disabled."""
+def reference(
+    model_dir: Path, max_new_tokens: int = MAX_NEW_TOKENS, device: str = "cpu"
+) -> Reference:
+    """Greedy `generate()` of transformers for `make_prompts`, with EOS disabled, in float32
+    on `device` (compare an engine on a GPU with transformers on the same GPU: tiny random
+    models have near-ties that another device's rounding can flip)."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = model.to(device).eval()
     prompts = make_prompts(model.config.vocab_size)
     gen = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -48,7 +54,7 @@ def reference(model_dir: Path, max_new_tokens: int = MAX_NEW_TOKENS) -> Referenc
     tokens, logits = [], []
     with torch.no_grad():
         for prompt in prompts:
-            out = model.generate(torch.tensor([prompt]), generation_config=gen)
+            out = model.generate(torch.tensor([prompt], device=device), generation_config=gen)
             tokens.append(out.sequences[0, len(prompt) :].tolist())
-            logits.append(torch.cat(out.logits).float())
+            logits.append(torch.cat(out.logits).float().cpu())
     return Reference(prompts, tokens, logits)

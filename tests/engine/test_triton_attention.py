@@ -20,9 +20,14 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.kernels import attention as kernels
 from engine.sampling import SamplingParams
+from tests.engine.greedy import assert_greedy_matches
 from tests.engine.reference import MAX_NEW_TOKENS, reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Greedy tokens equal transformers' exactly on the CPU. On a GPU, where cuBLAS reduces in other
+# orders for the engine's shapes than for transformers', a flip is allowed only between two
+# tokens whose float32 reference logits are this close.
+NEAR_TIE = 1e-4 if DEVICE == "cuda" else 0.0
 TOL = 1e-4
 
 
@@ -182,7 +187,7 @@ GREEDY = SamplingParams(temperature=0, max_new_tokens=MAX_NEW_TOKENS, ignore_eos
 def test_triton_backend_matches_transformers(
     tiny_models: dict[str, Path], family: str, page_size: int
 ) -> None:
-    ref = reference(tiny_models[family])
+    ref = reference(tiny_models[family], device=DEVICE)
     engine = Engine(
         EngineConfig(
             model_path=str(tiny_models[family]),
@@ -194,10 +199,10 @@ def test_triton_backend_matches_transformers(
     )
     assert type(engine.runner.attention).__name__ == "TritonAttentionBackend"
     results = engine.generate(ref.prompts, GREEDY)
-    assert [r.output_ids for r in results] == ref.tokens
+    assert_greedy_matches([r.output_ids for r in results], ref, NEAR_TIE)
     # Again, one by one: the shared prompt prefixes now come from the cache.
     again = [engine.generate([p], GREEDY)[0] for p in ref.prompts]
-    assert [r.output_ids for r in again] == ref.tokens
+    assert_greedy_matches([r.output_ids for r in again], ref, NEAR_TIE)
     assert sum(r.num_cached_tokens for r in again) > 0
     assert engine.num_free_pages == engine.pool.num_pages
 
@@ -205,7 +210,7 @@ def test_triton_backend_matches_transformers(
 def test_triton_backend_runs_mla_like_transformers(tiny_models: dict[str, Path]) -> None:
     """DeepSeek-V3's MLA: decode through the Triton MLA kernel, prefill through the padded
     reference; with the Triton MoE experts, greedy tokens equal transformers'."""
-    ref = reference(tiny_models["deepseek-v3"])
+    ref = reference(tiny_models["deepseek-v3"], device=DEVICE)
     engine = Engine(
         EngineConfig(
             model_path=str(tiny_models["deepseek-v3"]),
@@ -217,5 +222,28 @@ def test_triton_backend_runs_mla_like_transformers(tiny_models: dict[str, Path])
     )
     assert engine.runner.attention.mla  # type: ignore[attr-defined]
     results = engine.generate(ref.prompts, GREEDY)
-    assert [r.output_ids for r in results] == ref.tokens
+    assert_greedy_matches([r.output_ids for r in results], ref, NEAR_TIE)
     assert engine.num_free_pages == engine.pool.num_pages
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("family", ["llama", "qwen3-moe", "deepseek-v3"])
+def test_graph_replay_equals_eager(tiny_models: dict[str, Path], family: str) -> None:
+    """Decode replayed from CUDA graphs gives the tokens of eager decode, and of transformers."""
+    ref = reference(tiny_models[family], device=DEVICE)
+    outputs = {}
+    for disable in (False, True):
+        engine = Engine(
+            EngineConfig(
+                model_path=str(tiny_models[family]),
+                num_pages=256,
+                page_size=16,
+                disable_cuda_graph=disable,
+                cuda_graph_max_bs=16,
+            )
+        )
+        assert (engine.runner.graphs is None) == disable
+        outputs[disable] = [r.output_ids for r in engine.generate(ref.prompts, GREEDY)]
+        assert engine.num_free_pages == engine.pool.num_pages
+    assert outputs[False] == outputs[True]
+    assert_greedy_matches(outputs[False], ref, NEAR_TIE)

@@ -1,0 +1,174 @@
+"""Fused small operations of a decoder layer, in Triton: RMSNorm (with the residual add),
+SiLU-and-multiply, and rotary embedding.
+
+Each replaces a chain of PyTorch element-wise kernels with one launch (in decode at batch 1 a
+Llama layer ran about thirty kernels, most of them a few microseconds of launch and tail for
+a few kilobytes of data). Every kernel rounds where the pure-torch path rounds (to the
+activation dtype after each operation PyTorch runs in it), so in float32 it agrees with that
+path to float32 rounding and in bfloat16 to one bf16 ulp where a reduction's order differs
+(the RMS sum). The torch path stays the reference and the CPU/NPU path
+(`engine/layers/norm.py`, `rotary.py`, `models/llama.py` choose through `use_fused`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def use_fused(x: torch.Tensor) -> bool:
+    """Whether the layers take these kernels for `x`: on CUDA devices."""
+    return x.is_cuda
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    out_ptr,
+    stride_x,
+    stride_r,
+    stride_o,
+    n,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # rounded like torch's add
+        tl.store(res_ptr + row * stride_r + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    inv = tl.rsqrt(tl.sum(xf * xf, 0) / n + eps)
+    normed = (xf * inv).to(x.dtype)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    y = normed.to(tl.float32) * w.to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`weight * rmsnorm(x)` over the last dimension of `x` `[..., n]`. With `residual` (same
+    shape, contiguous), first `residual += x` in place and normalise that sum instead."""
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    rows = x2.shape[0]
+    out = torch.empty(x.shape, dtype=torch.result_type(weight, x), device=x.device)
+    if rows == 0:
+        return out
+    res = x2 if residual is None else residual.view(-1, n)
+    block = triton.next_power_of_2(n)
+    _rms_norm_kernel[(rows,)](
+        x2, res, weight, out.view(-1, n),
+        x2.stride(0), res.stride(0), n,
+        n, eps,
+        HAS_RESIDUAL=residual is not None,
+        BLOCK=block,
+        num_warps=min(16, max(1, block // 256)),
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * stride_x + n + cols, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)  # F.silu, rounded to the input's dtype
+    y = act.to(tl.float32) * up.to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) * up` for `x` `[T, 2n]` holding gate then up; returns `[T, n]`."""
+    n = x.shape[-1] // 2
+    x2 = x if x.stride(-1) == 1 else x.contiguous()
+    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    if x.shape[0] == 0:
+        return out
+    block = min(1024, triton.next_power_of_2(n))
+    _silu_mul_kernel[(x.shape[0], triton.cdiv(n, block))](
+        x2, out, x2.stride(0), out.stride(0), n, BLOCK=block, num_warps=4
+    )
+    return out
+
+
+@triton.jit
+def _rope_kernel(
+    x_ptr,
+    out_ptr,
+    pos_ptr,
+    cos_ptr,
+    sin_ptr,
+    stride_xt,
+    stride_xh,
+    stride_ot,
+    stride_oh,
+    stride_table,
+    HALF: tl.constexpr,
+    BLOCK: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    i = tl.arange(0, BLOCK)
+    mask = i < HALF
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    base = x_ptr + t * stride_xt + h * stride_xh
+    if INTERLEAVED:  # pairs (x0, x1), (x2, x3), ...: de-interleaved into halves on the way
+        x1 = tl.load(base + 2 * i, mask=mask, other=0.0)
+        x2 = tl.load(base + 2 * i + 1, mask=mask, other=0.0)
+    else:
+        x1 = tl.load(base + i, mask=mask, other=0.0)
+        x2 = tl.load(base + HALF + i, mask=mask, other=0.0)
+    dt = x1.dtype
+    # The table is [cos(f), cos(f)] per position (float32), cast to the activations' dtype.
+    c = tl.load(cos_ptr + pos * stride_table + i, mask=mask, other=0.0).to(dt).to(tl.float32)
+    s = tl.load(sin_ptr + pos * stride_table + i, mask=mask, other=0.0).to(dt).to(tl.float32)
+    a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
+    # x * cos + rotate_half(x) * sin, each product and the sum rounded as torch rounds them.
+    o1 = ((a1 * c).to(dt).to(tl.float32) + (-a2 * s).to(dt).to(tl.float32)).to(dt)
+    o2 = ((a2 * c).to(dt).to(tl.float32) + (a1 * s).to(dt).to(tl.float32)).to(dt)
+    obase = out_ptr + t * stride_ot + h * stride_oh
+    tl.store(obase + i, o1, mask=mask)
+    tl.store(obase + HALF + i, o2, mask=mask)
+
+
+def rope(
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    interleaved: bool = False,
+) -> torch.Tensor:
+    """Rotary embedding of `x` `[T, H, D]` (any strides but the last) at `positions` `[T]`,
+    from float32 tables `cos`, `sin` `[max_position, D]`; returns a new contiguous `[T, H,
+    D]`, de-interleaved when `interleaved`."""
+    tokens, heads, dim = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty(tokens, heads, dim, dtype=x.dtype, device=x.device)
+    if tokens == 0 or heads == 0:
+        return out
+    half = dim // 2
+    _rope_kernel[(tokens, heads)](
+        x, out, positions, cos, sin,
+        x.stride(0), x.stride(1), out.stride(0), out.stride(1), cos.stride(0),
+        HALF=half,
+        BLOCK=triton.next_power_of_2(half),
+        INTERLEAVED=interleaved,
+        num_warps=1,
+    )  # fmt: skip
+    return out

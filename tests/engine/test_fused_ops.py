@@ -1,0 +1,99 @@
+"""The fused Triton element-wise kernels against the layers' pure-torch paths.
+
+On this CPU host they run under Triton's interpreter (tests/conftest.py); on a GPU compiled.
+float32 agrees to 1e-5. bfloat16 agrees on the GPU to one bf16 ulp (2**-7 relative): the
+kernels round where torch rounds, and only the RMS sum's order differs. Triton's interpreter
+truncates float32 -> bfloat16 casts instead of rounding to nearest, so on the CPU bfloat16 is
+held to a few ulps (2**-5).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from engine.config import RopeConfig
+from engine.kernels import fused
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if got.dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        ulps = 2**-7 if DEVICE == "cuda" else 2**-5
+        scale = max(1.0, float(want.float().abs().max())) if want.numel() else 1.0
+        torch.testing.assert_close(got.float(), want.float(), rtol=ulps, atol=ulps * scale)
+
+
+def torch_norm(dim: int, dtype: torch.dtype, gen: torch.Generator) -> RMSNorm:
+    norm = RMSNorm(dim, 1e-6).to(dtype)
+    norm.weight.data = (1 + 0.1 * torch.randn(dim, generator=gen)).to(dtype)
+    return norm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "dim"), [(0, 64), (1, 64), (5, 96), (3, 320)])
+def test_rms_norm_and_residual_match_torch(dtype: torch.dtype, rows: int, dim: int) -> None:
+    gen = torch.Generator().manual_seed(rows * dim)
+    norm = torch_norm(dim, dtype, gen)
+    x = (3 * torch.randn(rows, dim, generator=gen)).to(dtype)
+    res = torch.randn(rows, dim, generator=gen).to(dtype)
+    close(fused.rms_norm(x.to(DEVICE), norm.weight.to(DEVICE), norm.eps).cpu(), norm(x))
+    want, want_res = norm.forward_residual(x, res)
+    res_dev = res.to(DEVICE)
+    got = fused.rms_norm(x.to(DEVICE), norm.weight.to(DEVICE), norm.eps, residual=res_dev)
+    close(got.cpu(), want)
+    close(res_dev.cpu(), want_res)  # the stream is updated in place
+
+
+def test_rms_norm_of_a_strided_slice() -> None:
+    """MLA normalises the latent part of a wider projection: a view with a row stride."""
+    gen = torch.Generator().manual_seed(1)
+    norm = torch_norm(48, torch.float32, gen)
+    wide = torch.randn(4, 64, generator=gen)
+    got = fused.rms_norm(wide.to(DEVICE)[:, :48], norm.weight.to(DEVICE), norm.eps)
+    close(got.cpu(), norm(wide[:, :48]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "n"), [(0, 16), (1, 16), (3, 200), (2, 1500)])
+def test_silu_and_mul_matches_torch(dtype: torch.dtype, rows: int, n: int) -> None:
+    gen = torch.Generator().manual_seed(n)
+    x = (2 * torch.randn(rows, 2 * n, generator=gen)).to(dtype)
+    gate, up = x.chunk(2, dim=-1)
+    close(fused.silu_and_mul(x.to(DEVICE)).cpu(), F.silu(gate) * up)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize(("heads", "dim"), [(1, 16), (4, 64), (3, 128)])
+def test_rope_matches_torch(dtype: torch.dtype, interleaved: bool, heads: int, dim: int) -> None:
+    gen = torch.Generator().manual_seed(heads * dim)
+    rope = RotaryEmbedding(
+        RopeConfig(rope_type="llama3", theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                   high_freq_factor=4.0, original_max_position_embeddings=64),
+        dim, 256, interleaved=interleaved,
+    )  # fmt: skip
+    positions = torch.tensor([0, 1, 63, 64, 255])
+    # q and k as the attention layer makes them: views into one wider projection.
+    qkv = torch.randn(5, (heads + 2) * dim + 8, generator=gen).to(dtype)
+    q = qkv[:, : heads * dim].view(5, heads, dim)
+    k = qkv[:, heads * dim : (heads + 1) * dim].view(5, 1, dim)
+    want_q, want_k = rope(positions, q, k)
+    dev = qkv.to(DEVICE)
+    got_q = fused.rope(dev[:, : heads * dim].view(5, heads, dim), positions.to(DEVICE),
+                       rope.cos.to(DEVICE), rope.sin.to(DEVICE), interleaved)  # fmt: skip
+    got_k = fused.rope(dev[:, heads * dim : (heads + 1) * dim].view(5, 1, dim),
+                       positions.to(DEVICE), rope.cos.to(DEVICE), rope.sin.to(DEVICE),
+                       interleaved)  # fmt: skip
+    close(got_q.cpu(), want_q)
+    close(got_k.cpu(), want_k)
+    assert fused.rope(q[:0], positions[:0], rope.cos, rope.sin).shape == (0, heads, dim)
