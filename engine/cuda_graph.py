@@ -12,6 +12,7 @@ from the largest bucket down.
 from __future__ import annotations
 
 import bisect
+import gc
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -58,6 +59,16 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         runner = self.runner
+        # A collection during capture could destroy another engine's graphs (a CUDA call that
+        # invalidates the capture): collect now, and not at all until the capture ends.
+        gc.collect()
+        gc.disable()
+        try:
+            self._capture_all(runner)
+        finally:
+            gc.enable()
+
+    def _capture_all(self, runner: ModelRunner) -> None:
         torch.cuda.synchronize()
         free_before = torch.cuda.mem_get_info()[0]
         start = time.perf_counter()

@@ -1,6 +1,11 @@
-"""Greedy tokens of the engine on a GPU against transformers, per family and attention backend,
-in float32 on the tiny checkpoints: prints each prompt's first divergence with the reference
-logit gap there (a near-tie when tiny), for transformers on the CPU and on the same GPU.
+"""Greedy tokens of the engine on a GPU, on the tiny checkpoints, per family:
+
+- float32: the Triton backend, with CUDA graphs and without, against transformers on the same
+  GPU (and on the CPU); each prompt's first divergence is printed with the reference logit gap
+  there (none is expected);
+- bfloat16: the Triton backend with graphs against the torch backend run eagerly in bfloat16;
+  a first divergence is printed with the torch run's log-probability gap between its token and
+  ours at that step (a near-tie when tiny).
 
     python3 -m bench.gpu.greedy_gpu          # on the GPU machine, from the repo root
 """
@@ -17,31 +22,56 @@ from tests.engine.greedy import divergences
 from tests.engine.reference import MAX_NEW_TOKENS, reference
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=MAX_NEW_TOKENS, ignore_eos=True)
+WITH_LOGPROBS = SamplingParams(
+    temperature=0, max_new_tokens=MAX_NEW_TOKENS, ignore_eos=True, logprobs=True, top_logprobs=5
+)
+
+
+def engine(path: Path, dtype: str, backend: str, graphs: bool) -> Engine:
+    return Engine(
+        EngineConfig(
+            model_path=str(path),
+            num_pages=256,
+            page_size=16,
+            device="cuda",
+            dtype=dtype,
+            attention_backend=backend,
+            disable_cuda_graph=not graphs,
+            cuda_graph_max_bs=8,
+        )
+    )
 
 
 def main() -> None:
     models = write_tiny_models(Path("/tmp/pdserve-tiny"))
     for family, path in models.items():
         refs = {dev: reference(path, device=dev) for dev in ("cpu", "cuda")}
+        prompts = refs["cpu"].prompts
         flips = divergences(refs["cuda"].tokens, refs["cpu"])
         print(f"{family}: transformers cuda vs cpu: {[(d.prompt, d.step, d.gap) for d in flips]}")
-        for backend in ("torch", "triton"):
-            for graphs in (True, False):
-                engine = Engine(
-                    EngineConfig(
-                        model_path=str(path),
-                        num_pages=256,
-                        page_size=16,
-                        device="cuda",
-                        attention_backend=backend,
-                        disable_cuda_graph=not graphs,
-                    )
-                )
-                outs = [r.output_ids for r in engine.generate(refs["cpu"].prompts, GREEDY)]
-                for dev, ref in refs.items():
-                    found = [(d.prompt, d.step, f"{d.gap:.2e}") for d in divergences(outs, ref)]
-                    print(f"  {backend:6} graphs={graphs!s:5} vs transformers on {dev}: {found}")
-                del engine
+        for graphs in (True, False):
+            eng = engine(path, "float32", "triton", graphs)
+            outs = [r.output_ids for r in eng.generate(prompts, GREEDY)]
+            del eng
+            for dev, ref in refs.items():
+                found = [(d.prompt, d.step, f"{d.gap:.2e}") for d in divergences(outs, ref)]
+                print(f"  float32 triton graphs={graphs!s:5} vs transformers {dev}: {found}")
+        eng = engine(path, "bfloat16", "torch", graphs=False)
+        base = eng.generate(prompts, WITH_LOGPROBS)
+        del eng
+        eng = engine(path, "bfloat16", "triton", graphs=True)
+        ours = [r.output_ids for r in eng.generate(prompts, GREEDY)]
+        del eng
+        report = []
+        for p, (b, o) in enumerate(zip(base, ours, strict=True)):
+            for step, (x, y) in enumerate(zip(b.output_ids, o, strict=True)):
+                if x != y:
+                    lp = b.logprobs[step]
+                    alts = dict(lp.top) if lp is not None else {}
+                    gap = (lp.logprob - alts[y]) if lp is not None and y in alts else float("nan")
+                    report.append((p, step, f"{gap:.2e}"))
+                    break
+        print(f"  bfloat16 triton+graphs vs torch eager: {report}")
 
 
 if __name__ == "__main__":

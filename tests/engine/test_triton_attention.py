@@ -195,6 +195,7 @@ def test_triton_backend_matches_transformers(
             page_size=page_size,
             chunked_prefill_size=8,
             attention_backend="triton",
+            dtype="float32",
         )
     )
     assert type(engine.runner.attention).__name__ == "TritonAttentionBackend"
@@ -217,6 +218,7 @@ def test_triton_backend_runs_mla_like_transformers(tiny_models: dict[str, Path])
             num_pages=256,
             page_size=16,
             attention_backend="triton",
+            dtype="float32",
             moe_backend="triton",
         )
     )
@@ -240,6 +242,7 @@ def test_graph_replay_equals_eager(tiny_models: dict[str, Path], family: str) ->
                 page_size=16,
                 disable_cuda_graph=disable,
                 cuda_graph_max_bs=16,
+                dtype="float32",
             )
         )
         assert (engine.runner.graphs is None) == disable
