@@ -93,7 +93,7 @@ soak: install
 	$(PY) -m bench.soak --duration $(SOAK_S)
 
 bench-engine: tiny-models
-	$(PY) -m bench.engine --model-path $(MODELS)/qwen3-moe
+	$(PY) -m bench.engine --model-path $(MODELS)/qwen3-moe --decode 1x128,16x128,64x128 --prefill 64x128,8x512
 
 clean:
 	rm -rf $(VENV) $(MODELS) .pytest_cache .mypy_cache .ruff_cache
