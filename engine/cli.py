@@ -57,6 +57,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--disable-cuda-graph", action="store_true", help="run decode eagerly")
     g.add_argument(
+        "--disable-overlap-schedule",
+        action="store_true",
+        help="apply each step's tokens before launching the next (no CPU/device overlap)",
+    )
+    g.add_argument(
         "--cuda-graph-max-bs", type=int, default=256, help="largest decode batch run as a graph"
     )
     g.add_argument("--moe-backend", "--moe-runner-backend", default="auto", choices=MOE_BACKENDS)
@@ -86,6 +91,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         ep_num_redundant_experts=args.ep_num_redundant_experts,
         attention_backend=args.attention_backend,
         disable_cuda_graph=args.disable_cuda_graph,
+        disable_overlap_schedule=args.disable_overlap_schedule,
         cuda_graph_max_bs=args.cuda_graph_max_bs,
         moe_backend=args.moe_backend,
     )

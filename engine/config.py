@@ -384,6 +384,7 @@ class EngineConfig:
     # Fast paths (engine/layers/attention.py, engine/cuda_graph.py); "auto" picks per device.
     attention_backend: str = "auto"
     disable_cuda_graph: bool = False
+    disable_overlap_schedule: bool = False
     cuda_graph_max_bs: int = 256
     moe_backend: str = "auto"
 

@@ -40,8 +40,14 @@ class DecodeGraphs:
         dev = runner.device.torch_device
         # ids, positions, rows: the graphs' inputs, filled before each replay in one copy.
         self.inputs = torch.zeros(3, self.max_bs, dtype=torch.int64, device=dev)
-        self.staging = torch.zeros(3, self.max_bs, dtype=torch.int64).pin_memory()
-        self._staging_np = self.staging.numpy()
+        # Two pinned staging buffers, used in turn: with overlapped scheduling the next
+        # step's inputs are written while the last step's copy may still be queued.
+        self._stagings = [torch.zeros(3, self.max_bs, dtype=torch.int64).pin_memory()
+                          for _ in range(2)]  # fmt: skip
+        self._stagings_np = [t.numpy() for t in self._stagings]
+        self._turn = 0
+        self.staging = self._stagings[0]
+        self._staging_np = self._stagings_np[0]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.memory_bytes = 0
@@ -103,15 +109,26 @@ class DecodeGraphs:
             self.memory_bytes / 2**20,
         )
 
-    def replay(self, ids: list[int], positions: list[int], rows: list[int]) -> torch.Tensor:
+    def replay(
+        self,
+        ids: list[int],
+        positions: list[int],
+        rows: list[int],
+        device_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits `[B, vocab]` of one decode step (a view into the graph's output buffer,
-        valid until the next replay)."""
+        valid until the next replay). `device_ids` `[B]`, when given, replaces `ids`."""
         n = len(ids)
         bs = self.buckets[bisect.bisect_left(self.buckets, n)]
+        self._turn ^= 1
+        self.staging = self._stagings[self._turn]
+        self._staging_np = self._stagings_np[self._turn]
         self._staging_np[0, :n] = ids
         self._staging_np[1, :n] = positions
         self._staging_np[2, :n] = rows
         self._pad(n, bs)
         self.inputs[:, :bs].copy_(self.staging[:, :bs], non_blocking=True)
+        if device_ids is not None:
+            self.inputs[0, :n].copy_(device_ids)
         self.graphs[bs].replay()
         return self.logits[bs][:n]

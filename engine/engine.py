@@ -25,9 +25,9 @@ from engine.page_manager import PageManager
 from engine.page_pool import PagePool
 from engine.parallel import ParallelConfig
 from engine.radix_cache import RadixCache
-from engine.sampler import TokenLogprobs, sample
+from engine.sampler import DeviceSample, TokenLogprobs, sample_on_device
 from engine.sampling import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import FinishReason, Sequence
 from engine.tokenizer import Tokenizer
 
@@ -48,6 +48,14 @@ class StepOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int
+
+
+@dataclass(frozen=True)
+class _Launched:
+    """A step on the device whose sampled tokens are not applied yet."""
+
+    batch: ScheduledBatch
+    sample: DeviceSample
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,11 @@ class Engine:
         self.eos_token_ids = frozenset(eos)
         self._generator = torch.Generator(device=self.device.torch_device)
         self._generator.manual_seed(config.seed)
+        # Overlapped scheduling: while the device runs a decode step, the host prepares and
+        # launches the next one (its input ids are the first step's samples, on the device)
+        # before applying the first step's tokens. Not with expert parallelism (lockstep).
+        self.overlap = not config.disable_overlap_schedule and not self.parallel.enabled
+        self._launched: _Launched | None = None
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -193,7 +206,22 @@ class Engine:
 
     def step(self, idle_forward: bool = False) -> list[StepOutput]:
         """Run one batch. With `idle_forward` (expert parallelism: another rank has work), a
-        rank with nothing to run still runs the model on no tokens, to join the collectives."""
+        rank with nothing to run still runs the model on no tokens, to join the collectives.
+
+        With overlapped scheduling a decode step's outputs come from the next call: that call
+        launches the following decode step first, then applies the earlier step's tokens."""
+        prev = self._launched
+        if prev is not None:
+            self._launched = None
+            ahead = self.scheduler.schedule_lookahead(prev.batch)
+            if ahead is not None:
+                self._launched = self._launch(ahead, device_ids=prev.sample.tokens)
+            outputs = self._apply(prev)
+            if self._launched is not None and all(
+                seq.is_finished for seq in self._launched.batch.seqs
+            ):
+                self._launched = None  # every request of the step ahead has ended
+            return outputs
         batch = self.scheduler.schedule()
         if batch is None and idle_forward:
             self.runner.forward_idle()
@@ -206,16 +234,33 @@ class Engine:
                     f"and {self.num_free_pages} reclaimable pages"
                 )
             return []
-        logits = self.runner.forward(batch)
+        launched = self._launch(batch)
+        if self.overlap and batch.is_decode:
+            self._launched = launched
+            return []
+        return self._apply(launched)
+
+    def _launch(self, batch: ScheduledBatch, device_ids: torch.Tensor | None = None) -> _Launched:
+        """Run `batch` and sample, without waiting for the device. `device_ids`: a decode
+        step's input tokens, still on the device (the step before it is not applied yet, so
+        every sequence is one position further than the host has recorded)."""
+        if device_ids is None:
+            logits = self.runner.forward(batch)
+        else:
+            positions = [seq.num_computed_tokens + 1 for seq in batch.seqs]
+            logits = self.runner.forward_decode(batch.seqs, positions, device_ids=device_ids)
         # A prefill chunk that does not reach the prompt's end yields no token: pick greedily
         # there, so that a seeded request draws from its generator once per token exactly.
         params, generators = [], []
         for seq, n in zip(batch.seqs, batch.extend_lens, strict=True):
-            yields_token = seq.num_computed_tokens + n >= seq.num_tokens
+            yields_token = device_ids is not None or seq.num_computed_tokens + n >= seq.num_tokens
             params.append(seq.sampling if yields_token else _NO_TOKEN)
             generators.append(seq.generator if yields_token else None)
-        result = sample(logits, params, generators, self._generator)
-        return [self._output(seq) for seq in self.scheduler.postprocess(batch, result)]
+        return _Launched(batch, sample_on_device(logits, params, generators, self._generator))
+
+    def _apply(self, launched: _Launched) -> list[StepOutput]:
+        result = launched.sample.result()
+        return [self._output(s) for s in self.scheduler.postprocess(launched.batch, result)]
 
     @staticmethod
     def _output(seq: Sequence) -> StepOutput:

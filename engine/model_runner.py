@@ -28,6 +28,7 @@ from engine.models import CausalLM, build_model
 from engine.page_table import DevicePageTable
 from engine.parallel import ParallelConfig
 from engine.scheduler import ScheduledBatch
+from engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -286,18 +287,28 @@ class ModelRunner:
     def forward(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits `[B, vocab]` (float32) at each sequence's last new token."""
         if batch.is_decode:
-            return self._forward_decode(batch)
+            seqs = batch.seqs
+            ids = [seq.token_ids[-1] for seq in seqs]
+            return self.forward_decode(seqs, [seq.num_computed_tokens for seq in seqs], ids)
         fb = self.prepare(batch)
         hidden = self.model(fb)
         return self.model.compute_logits(hidden[fb.logits_indices])
 
-    def _forward_decode(self, batch: ScheduledBatch) -> torch.Tensor:
-        seqs = batch.seqs
+    def forward_decode(
+        self,
+        seqs: list[Sequence],
+        positions: list[int],
+        ids: list[int] | None = None,
+        device_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One decode step of `seqs` at `positions`, their input tokens given on the host
+        (`ids`) or on the device (`device_ids` `[B]`: the previous step's samples, not yet
+        read back, for overlapped scheduling). Logits `[B, vocab]`, float32."""
         rows = self.page_table.rows_for(seqs)
-        ids = [seq.token_ids[-1] for seq in seqs]
-        positions = [seq.num_computed_tokens for seq in seqs]
+        host_ids = ids if ids is not None else [0] * len(seqs)
         if self.graphs is not None and self.graphs.fits(len(seqs)):
-            return self.graphs.replay(ids, positions, rows)
-        inputs = self._upload(ids, positions, rows)
-        fb = self.decode_batch(inputs[0], inputs[1], inputs[2], max(positions) + 1)
+            return self.graphs.replay(host_ids, positions, rows, device_ids)
+        inputs = self._upload(host_ids, positions, rows)
+        input_ids = inputs[0] if device_ids is None else device_ids
+        fb = self.decode_batch(input_ids, inputs[1], inputs[2], max(positions) + 1)
         return self.run_decode(fb)

@@ -44,13 +44,40 @@ def _filter(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Ten
     return probs / probs.sum(dim=-1, keepdim=True)
 
 
-def sample(
+@dataclass
+class DeviceSample:
+    """A step's sampled tokens (and log-probabilities), computed on the device, with their copy
+    to the host under way. `tokens` `[B]` stays on the device (the next decode step may read
+    it as its input ids); `result()` waits for the copy and builds the host lists."""
+
+    tokens: torch.Tensor
+    params: Sequence[SamplingParams]
+    _host: list[torch.Tensor]
+    _wanted: list[int]
+    _event: torch.cuda.Event | None
+
+    def result(self) -> SampleResult:
+        if self._event is not None:
+            self._event.synchronize()
+        token_list = self._host[0].tolist()
+        logprobs: list[TokenLogprobs | None] = [None] * len(self.params)
+        if self._wanted:
+            chosen, top_vals, top_ids = (t.tolist() for t in self._host[1:])
+            for j, i in enumerate(self._wanted):
+                n = self.params[i].top_logprobs
+                top = tuple(zip(map(int, top_ids[j][:n]), top_vals[j][:n], strict=True))
+                logprobs[i] = TokenLogprobs(chosen[j], top)
+        return SampleResult(token_list, logprobs)
+
+
+def sample_on_device(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
     default_generator: torch.Generator | None = None,
-) -> SampleResult:
-    """Pick one token per row of `logits` `[B, V]` (float32).
+) -> DeviceSample:
+    """Pick one token per row of `logits` `[B, V]` (float32) without waiting for the device:
+    the tokens and log-probabilities are copied to the host asynchronously (one copy each).
 
     A row with its own generator (a seeded request) draws from it alone, so its tokens do not
     depend on what else is in the batch.
@@ -68,17 +95,28 @@ def sample(
             gen = generators[i]
             if gen is not None:
                 tokens[i] = torch.multinomial(probs[j], 1, generator=gen)[0]
-    token_list = tokens.tolist()
-    logprobs: list[TokenLogprobs | None] = [None] * len(params)
+    device_parts = [tokens]
     wanted = [i for i, p in enumerate(params) if p.wants_logprobs]
     if wanted:
         logp = torch.log_softmax(logits[wanted], dim=-1)
-        chosen = logp.gather(1, tokens[wanted][:, None])[:, 0].tolist()
+        chosen = logp.gather(1, tokens[wanted][:, None])[:, 0]
         max_n = max(params[i].top_logprobs for i in wanted)
         top_vals, top_ids = logp.topk(max_n, dim=-1) if max_n else (logp[:, :0], logp[:, :0])
-        top_vals_l, top_ids_l = top_vals.tolist(), top_ids.tolist()
-        for j, i in enumerate(wanted):
-            n = params[i].top_logprobs
-            top = tuple(zip(map(int, top_ids_l[j][:n]), top_vals_l[j][:n], strict=True))
-            logprobs[i] = TokenLogprobs(chosen[j], top)
-    return SampleResult(token_list, logprobs)
+        device_parts += [chosen, top_vals, top_ids]
+    if logits.is_cuda:
+        # Into pinned memory, without waiting; the event marks the copies' end.
+        host = [t.to("cpu", non_blocking=True) for t in device_parts]
+        event = torch.cuda.Event()
+        event.record()
+        return DeviceSample(tokens, params, host, wanted, event)
+    return DeviceSample(tokens, params, [t.cpu() for t in device_parts], wanted, None)
+
+
+def sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    default_generator: torch.Generator | None = None,
+) -> SampleResult:
+    """`sample_on_device`, waited for."""
+    return sample_on_device(logits, params, generators, default_generator).result()

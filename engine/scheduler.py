@@ -228,6 +228,27 @@ class Scheduler:
             return None
         return ScheduledBatch(list(self.running), [1] * len(self.running), is_decode=True)
 
+    def schedule_lookahead(self, prev: ScheduledBatch) -> ScheduledBatch | None:
+        """Overlapped scheduling: the decode step after `prev`, a decode step whose tokens are
+        not applied yet, with pages reserved for the position after it; None when that step
+        cannot be known without them (requests are waiting, the running set changed, a
+        request is at the end of its context, or pages ran short: the plain path then admits,
+        preempts or finishes)."""
+        running = self.running
+        if (
+            self.waiting
+            or not prev.is_decode
+            or len(running) != len(prev.seqs)
+            or any(a is not b for a, b in zip(running, prev.seqs, strict=True))
+        ):
+            return None
+        for seq in running:
+            if seq.num_tokens + 1 > self.context_length or not self.pages.reserve(
+                seq, seq.num_tokens + 1
+            ):
+                return None
+        return ScheduledBatch(list(running), [1] * len(running), is_decode=True)
+
     def _preempt(self, seq: Sequence) -> None:
         self.pages.release(seq)
         seq.num_computed_tokens = 0
