@@ -29,7 +29,7 @@ def close(got: torch.Tensor, want: torch.Tensor) -> None:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     else:
         ulps = 2**-7 if DEVICE == "cuda" else 2**-5
-        scale = max(1.0, float(want.float().abs().max())) if want.numel() else 1.0
+        scale = max(1.0, float(want.detach().float().abs().max())) if want.numel() else 1.0
         torch.testing.assert_close(got.float(), want.float(), rtol=ulps, atol=ulps * scale)
 
 
