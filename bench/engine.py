@@ -74,10 +74,11 @@ forward over [B, L] (logits_to_keep=1); a decode step is a manual greedy loop ov
 DynamicCache (forward [B, 1], argmax, host read of the tokens), i.e. generate()'s step without
 its logits processors and stopping checks. Each figure is the median of --repeats runs on
 fresh prompts, after a warm-up. floor: bytes read (decode) or FLOPs (prefill) over the ceiling
-measured in this run; x floor = pdserve / floor. host ms: a pdserve step's wall time minus the
-device time of its forward (CUDA events from the forward's start to its end), i.e. what the
-device waits for Python per step. MoE floors assume uniform routing: a step of B tokens reads
-E(1 - (1 - k/E)^B) experts per layer (dummy weights route about uniformly)."""
+measured in this run; x floor = pdserve / floor. host ms: a pdserve step's mean wall time
+minus the mean device time of its decode forward (CUDA events), i.e. what the device waits for
+Python per step (overlapped scheduling hides the rest). MoE floors assume uniform routing: a
+step of B tokens reads E(1 - (1 - k/E)^B) experts per layer (dummy weights route about
+uniformly)."""
 
 
 @dataclass(frozen=True)
@@ -258,35 +259,37 @@ def pdserve_prefill(engine: Engine, prompts: torch.Tensor) -> float:
 
 
 @contextmanager
-def forward_device_time(engine: Engine) -> Iterator[list[float]]:
-    """While active, the device milliseconds of each `runner.forward` (CUDA only: else the
-    list stays empty). The forward is wrapped on the instance, and restored after."""
+def decode_device_time(engine: Engine) -> Iterator[list[tuple[Any, Any]]]:
+    """While active, a (start, end) CUDA event pair around each decode forward (CUDA only:
+    else the list stays empty), read after the steps so that nothing here waits for the device
+    (overlapped scheduling launches a step before the previous one ends). The runner's
+    `forward_decode` is wrapped on the instance, and restored after."""
     runner = engine.runner
-    times: list[float] = []
+    events: list[tuple[Any, Any]] = []
     if engine.device.kind != "cuda":
-        yield times
+        yield events
         return
-    inner = runner.forward
+    inner = runner.forward_decode
 
-    def timed(batch: Any) -> Any:
+    def timed(*args: Any, **kwargs: Any) -> Any:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        out = inner(batch)
+        out = inner(*args, **kwargs)
         end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+        events.append((start, end))
         return out
 
-    runner.forward = timed  # type: ignore[method-assign]
+    runner.forward_decode = timed  # type: ignore[method-assign]
     try:
-        yield times
+        yield events
     finally:
-        del runner.forward
+        del runner.forward_decode
 
 
 def pdserve_decode(engine: Engine, prompts: torch.Tensor, steps: int) -> Decode:
-    """Mean milliseconds of a decode step over the whole batch, after its prefill, and of the
-    host's share of it."""
+    """Mean milliseconds of a decode step over the whole batch, after its prefill, and of what
+    the device waits for the host in it. Overlapped, a step's outputs come one call later: the
+    first call launches the first step, and each later call is one step's period."""
     ids = _submit(engine, prompts, max_new_tokens=steps + 1)
     started: set[str] = set()
     while started != ids:
@@ -294,11 +297,16 @@ def pdserve_decode(engine: Engine, prompts: torch.Tensor, steps: int) -> Decode:
         _check_no_hits(outputs)
         started.update(o.request_id for o in outputs)
     walls = []
-    with forward_device_time(engine) as device_ms:
-        for _ in range(steps):
+    with decode_device_time(engine) as events:
+        for call in range(steps + (1 if engine.overlap else 0)):
             start = clock(engine.device)
             outputs = engine.step()
-            walls.append(1000 * (clock(engine.device) - start))
+            wall = 1000 * (clock(engine.device) - start)
+            if engine.overlap and call == 0:
+                if outputs:
+                    raise RuntimeError("an overlapped decode step reported at once")
+                continue
+            walls.append(wall)
             if len(outputs) != len(ids):
                 raise RuntimeError(
                     f"a decode step advanced {len(outputs)} of {len(ids)} requests "
@@ -306,9 +314,12 @@ def pdserve_decode(engine: Engine, prompts: torch.Tensor, steps: int) -> Decode:
                 )
     if engine.has_unfinished():
         raise RuntimeError("requests are still live after the timed decode steps")
-    host = (
-        statistics.mean(w - d for w, d in zip(walls, device_ms, strict=True)) if device_ms else None
-    )
+    device_ms = [s.elapsed_time(e) for s, e in events]
+    host = None
+    if device_ms:
+        # Per step: wall time beyond the device's own (the host's share it could not hide).
+        busy = statistics.mean(device_ms)
+        host = max(0.0, statistics.mean(walls) - busy)
     return Decode(statistics.mean(walls), host)
 
 
@@ -406,7 +417,7 @@ def measure(
 
 def engine_config(args: argparse.Namespace, model_path: str, load_format: str) -> EngineConfig:
     biggest = max(s.batch for s in [*args.decode, *args.prefill])
-    prefill_tokens = max(8192, *(s.batch * s.length for s in args.prefill))
+    prefill_tokens = max([8192, *(s.batch * s.length for s in args.prefill)])
     sizing: dict[str, Any] = {}
     if args.kv_cache_memory_gib is not None:
         sizing["kv_cache_memory_bytes"] = int(args.kv_cache_memory_gib * 2**30)
@@ -433,6 +444,7 @@ def engine_config(args: argparse.Namespace, model_path: str, load_format: str) -
         max_running_requests=max(256, biggest),
         context_length=context,
         disable_cuda_graph=args.disable_cuda_graph,
+        disable_overlap_schedule=args.disable_overlap_schedule,
         **sizing,
         **extra,
     )
@@ -505,6 +517,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention-backend", help="the engine's --attention-backend (default auto)")
     p.add_argument("--moe-backend", help="the engine's --moe-backend (default auto)")
     p.add_argument("--disable-cuda-graph", action="store_true")
+    p.add_argument("--disable-overlap-schedule", action="store_true", default=None)
     p.add_argument("--kv-cache-memory-gib", type=float, help="default: just what the runs need")
     p.add_argument("--skip-hf", action="store_true", help="measure pdserve only")
     p.add_argument("--json", type=Path, help="also write the numbers here")
