@@ -517,7 +517,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention-backend", help="the engine's --attention-backend (default auto)")
     p.add_argument("--moe-backend", help="the engine's --moe-backend (default auto)")
     p.add_argument("--disable-cuda-graph", action="store_true")
-    p.add_argument("--disable-overlap-schedule", action="store_true", default=None)
+    p.add_argument("--disable-overlap-schedule", action="store_true")
     p.add_argument("--kv-cache-memory-gib", type=float, help="default: just what the runs need")
     p.add_argument("--skip-hf", action="store_true", help="measure pdserve only")
     p.add_argument("--json", type=Path, help="also write the numbers here")

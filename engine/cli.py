@@ -59,8 +59,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--disable-overlap-schedule",
         action="store_true",
-        default=None,
-        help="apply each step's tokens before launching the next (the default on the CPU)",
+        help="apply each step's tokens before launching the next (no CPU/device overlap)",
     )
     g.add_argument(
         "--cuda-graph-max-bs", type=int, default=256, help="largest decode batch run as a graph"

@@ -384,9 +384,7 @@ class EngineConfig:
     # Fast paths (engine/layers/attention.py, engine/cuda_graph.py); "auto" picks per device.
     attention_backend: str = "auto"
     disable_cuda_graph: bool = False
-    # None: overlap on accelerators, not on the CPU (where the host is the device: nothing to
-    # overlap, and the lookahead's bookkeeping costs ~0.4 ms a step).
-    disable_overlap_schedule: bool | None = None
+    disable_overlap_schedule: bool = False
     cuda_graph_max_bs: int = 256
     moe_backend: str = "auto"
 

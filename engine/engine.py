@@ -99,10 +99,7 @@ class Engine:
         # Overlapped scheduling: while the device runs a decode step, the host prepares and
         # launches the next one (its input ids are the first step's samples, on the device)
         # before applying the first step's tokens. Not with expert parallelism (lockstep).
-        disable = config.disable_overlap_schedule
-        if disable is None:
-            disable = self.device.kind == "cpu"
-        self.overlap = not disable and not self.parallel.enabled
+        self.overlap = not config.disable_overlap_schedule and not self.parallel.enabled
         self._launched: _Launched | None = None
 
     # -- requests ---------------------------------------------------------------------------

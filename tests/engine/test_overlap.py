@@ -1,7 +1,6 @@
 """Overlapped scheduling gives exactly the plain loop's tokens, log-probabilities and page
-accounting, through arrivals, aborts, stops and pool pressure. (It is off by default on the
-CPU, where there is nothing to overlap; these tests turn it on. `make test` passed whole with
-it on everywhere before that default; on the H200 the GPU greedy checks run with it on.)"""
+accounting, through arrivals, aborts, stops and pool pressure. (It is on by default, so the
+rest of the suite runs through it too; on the H200 the GPU greedy checks run with it on.)"""
 
 from __future__ import annotations
 
