@@ -1,0 +1,59 @@
+"""bench/engine.py end to end on a tiny checkpoint: the tables, the floors and the JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import engine as bench
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_engine_bench_prints_floors_and_writes_json(
+    tiny_models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], overlap: bool
+) -> None:
+    out = tmp_path / "bench.json"
+    argv = [
+        "--model-path",
+        str(tiny_models["qwen3-moe"]),
+        "--decode",
+        "1x8,3x8",
+        "--prefill",
+        "2x8",
+        "--decode-steps",
+        "3",
+        "--repeats",
+        "1",
+        "--json",
+        str(out),
+    ]
+    if not overlap:
+        argv.append("--disable-overlap-schedule")
+    bench.main(argv)  # fmt: skip
+    text = capsys.readouterr().out
+    assert "| decode BxL | pdserve step ms | floor ms | x floor |" in text
+    assert "| 3x8 |" in text and "| 2x8 |" in text
+    numbers = json.loads(out.read_text())
+    for shape in ("1x8", "3x8"):
+        assert numbers["pdserve"]["decode"][shape]["step_ms"] > 0
+        assert numbers["hf"]["decode"][shape]["step_ms"] > 0
+        assert numbers["decode_floor_ms"][shape] > 0
+    assert numbers["prefill_flops"]["2x8"] > 0
+
+
+def test_shapes_and_costs() -> None:
+    assert bench.Shape.parse("64x2048") == bench.Shape(64, 2048)
+    with pytest.raises(ValueError):
+        bench.Shape.parse("0x5")
+    cost = bench.ModelCost(
+        dense_bytes=100.0, expert_bytes=10.0, moe_layers=2, num_experts=4, top_k=2,
+        kv_token_bytes=1.0, dense_params=50.0, lm_head_params=5.0, attn_flop_per_pair=3.0,
+    )  # fmt: skip
+    # Batch 1 touches its top-k experts per layer: 2 layers x 2 experts x 10 bytes, plus the
+    # dense weights and the KV of 4 + 2 / 2 tokens.
+    assert cost.decode_bytes(bench.Shape(1, 4), steps=2) == 100 + 2 * 2 * 10 + 5
+    # Many tokens touch every expert.
+    many = cost.decode_bytes(bench.Shape(1000, 4), steps=2)
+    assert many == pytest.approx(100 + 2 * 4 * 10 + 5000)
