@@ -50,23 +50,6 @@ def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
     )
 
 
-def sampling_to_proto(s: SamplingParams) -> common_pb2.SamplingParams:
-    msg = common_pb2.SamplingParams(
-        temperature=s.temperature,
-        top_p=s.top_p,
-        top_k=s.top_k,
-        min_p=s.min_p,
-        max_new_tokens=s.max_new_tokens,
-        stop_token_ids=list(s.stop_token_ids),
-        ignore_eos=s.ignore_eos,
-        logprobs=s.logprobs,
-        top_logprobs=s.top_logprobs,
-    )
-    if s.seed is not None:
-        msg.seed = s.seed
-    return msg
-
-
 def logprobs_to_proto(lp: TokenLogprobs | None) -> common_pb2.TokenLogprobs | None:
     if lp is None:
         return None
