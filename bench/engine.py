@@ -35,6 +35,7 @@ import torch
 import transformers
 from torch import nn
 
+from bench.ceiling import copy_bandwidth, matmul_rate
 from bench.moe_shapes import PRESETS as MOE_PRESETS
 from engine.config import EngineConfig
 from engine.device import Device
@@ -106,6 +107,11 @@ class Ceiling:
     matmul_flop_per_s: float  # a large square matrix product in the run's dtype
 
 
+def decode_floor_ms(cost: ModelCost, ceiling: Ceiling, shape: Shape, steps: int) -> float:
+    """A decode step's floor: the bytes it reads over the measured copy bandwidth."""
+    return 1000 * cost.decode_bytes(shape, steps) / ceiling.copy_bytes_per_s
+
+
 @dataclass(frozen=True)
 class ModelCost:
     """What a model's steps must read and compute, from its parameters."""
@@ -173,28 +179,8 @@ def write_preset(name: str, out_dir: Path, num_layers: int | None = None) -> Pat
 
 
 def measure_ceiling(device: Device, dtype: torch.dtype) -> Ceiling:
-    """Copy bandwidth over a buffer far larger than the caches, and the matmul rate of an N^3
-    product (N = 8192 on accelerators, 1024 on the CPU); best of several runs each."""
-    big = device.kind != "cpu"
-    nbytes = (2 << 30) if big else (256 << 20)
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device.torch_device)
-    dst = torch.empty_like(src)
-    copy = []
-    for _ in range(10 if big else 3):
-        start = clock(device)
-        dst.copy_(src)
-        copy.append(clock(device) - start)
-    del src, dst
-    n = 8192 if big else 1024
-    a = torch.randn(n, n, dtype=dtype, device=device.torch_device)
-    b = torch.randn(n, n, dtype=dtype, device=device.torch_device)
-    a @ b  # warm-up (library heuristics, clocks)
-    mm = []
-    for _ in range(10 if big else 3):
-        start = clock(device)
-        a @ b
-        mm.append(clock(device) - start)
-    return Ceiling(2 * nbytes / min(copy), 2 * n**3 / min(mm))
+    """The copy bandwidth and matmul rate of `device` (`bench.ceiling`)."""
+    return Ceiling(copy_bandwidth(device.torch_device), matmul_rate(device.torch_device, dtype))
 
 
 def model_cost(engine: Engine) -> ModelCost:
@@ -469,7 +455,7 @@ def render_decode(
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s, d in ours.decode.items():
-        floor = 1000 * cost.decode_bytes(s, steps) / ceiling.copy_bytes_per_s
+        floor = decode_floor_ms(cost, ceiling, s, steps)
         h = hf.decode.get(s) if hf else None
         lines.append(
             f"| {s} | {d.step_ms:.2f} | {floor:.2f} | {d.step_ms / floor:.2f} "
@@ -620,8 +606,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         floors = {
             "decode_floor_ms": {
-                str(s): 1000 * cost.decode_bytes(s, args.decode_steps) / ceiling.copy_bytes_per_s
-                for s in args.decode
+                str(s): decode_floor_ms(cost, ceiling, s, args.decode_steps) for s in args.decode
             },
             "prefill_flops": {str(s): cost.prefill_flops(s, dtype.itemsize) for s in args.prefill},
         }

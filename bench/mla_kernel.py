@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bench.moe_kernel import copy_bandwidth, int_list, time_graph
+from bench.ceiling import copy_bandwidth
+from bench.moe_kernel import int_list, time_graph
 from engine.kernels.mla_decode import mla_decode
 
 RANK, ROPE = 512, 64

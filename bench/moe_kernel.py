@@ -33,6 +33,7 @@ from functools import partial
 
 import torch
 
+from bench.ceiling import copy_bandwidth
 from engine.kernels.fused_moe import fused_moe
 from engine.kernels.fused_moe_configs import MoEKernelConfig, candidates
 from engine.layers.moe import MoEBackend, TorchMoEBackend, TritonMoEBackend
@@ -95,21 +96,6 @@ def route(
             logits.float(), bias, shape.top_k, shape.groups, shape.topk_groups, True, shape.scaling
         )
     return backend.select_experts(logits, shape.top_k, True)
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy, bytes read + written per second (best of 10 of 2 GiB)."""
-    src = torch.empty(2**30, dtype=torch.uint16, device="cuda")
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3)
-    return 2 * src.numel() * src.element_size() / best
 
 
 def time_eager(fn: Callable[[], object], reps: int) -> float:

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from engine.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -46,8 +48,6 @@ class DecodeGraphs:
                           for _ in range(2)]  # fmt: skip
         self._stagings_np = [t.numpy() for t in self._stagings]
         self._turn = 0
-        self.staging = self._stagings[0]
-        self._staging_np = self._stagings_np[0]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.memory_bytes = 0
@@ -56,11 +56,11 @@ class DecodeGraphs:
     def fits(self, batch_size: int) -> bool:
         return batch_size <= self.max_bs
 
-    def _pad(self, start: int, stop: int) -> None:
+    def _pad(self, staging: np.ndarray, start: int, stop: int) -> None:
         """Entries `[start, stop)` read token 0 at position 0 through the scratch row."""
-        self._staging_np[0, start:stop] = 0
-        self._staging_np[1, start:stop] = 0
-        self._staging_np[2, start:stop] = self.runner.page_table.scratch_row
+        staging[0, start:stop] = 0
+        staging[1, start:stop] = 0
+        staging[2, start:stop] = self.runner.page_table.scratch_row
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -78,8 +78,8 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         free_before = torch.cuda.mem_get_info()[0]
         start = time.perf_counter()
-        self._pad(0, self.max_bs)
-        self.inputs.copy_(self.staging)
+        self._pad(self._stagings_np[0], 0, self.max_bs)
+        self.inputs.copy_(self._stagings[0])
         pool = None
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -121,13 +121,12 @@ class DecodeGraphs:
         n = len(ids)
         bs = self.buckets[bisect.bisect_left(self.buckets, n)]
         self._turn ^= 1
-        self.staging = self._stagings[self._turn]
-        self._staging_np = self._stagings_np[self._turn]
-        self._staging_np[0, :n] = ids
-        self._staging_np[1, :n] = positions
-        self._staging_np[2, :n] = rows
-        self._pad(n, bs)
-        self.inputs[:, :bs].copy_(self.staging[:, :bs], non_blocking=True)
+        staging = self._stagings_np[self._turn]
+        staging[0, :n] = ids
+        staging[1, :n] = positions
+        staging[2, :n] = rows
+        self._pad(staging, n, bs)
+        self.inputs[:, :bs].copy_(self._stagings[self._turn][:, :bs], non_blocking=True)
         if device_ids is not None:
             self.inputs[0, :n].copy_(device_ids)
         self.graphs[bs].replay()

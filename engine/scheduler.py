@@ -84,7 +84,7 @@ class Scheduler:
                 f"{self.config.max_running_requests}"
             )
         need = self.pages.pages_for(seq.num_tokens + 1)
-        headroom = len(self.running) + len(self.transferring)
+        headroom = live  # a page held back per live request
         if self.pages.num_available < need + headroom or not self.pages.reserve(
             seq, seq.num_tokens
         ):

@@ -38,9 +38,13 @@ class TritonAttentionBackend(AttentionBackend):
     graph_safe = True
 
     def __init__(self, mla: bool = False) -> None:
-        self.mla = mla
         # MLA prefill: the reference's padded attention until a paged MLA extend kernel exists.
         self._mla_extend = TorchAttentionBackend() if mla else None
+
+    @property
+    def mla(self) -> bool:
+        """Built for multi-head latent attention (DeepSeek/Kimi) rather than per-head K/V."""
+        return self._mla_extend is not None
 
     def prepare(self, batch: ForwardBatch) -> None:
         cache = batch.kv_cache
