@@ -40,7 +40,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned: an unpinned requirement pulls the CUDA build.
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]" "$(MOONCAKE_SPEC)"
+	$(PY) -m pip install -q -e ".[dev,bench]" "$(MOONCAKE_SPEC)"
 	touch $@
 
 proto: install
