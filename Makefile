@@ -8,12 +8,12 @@ TORCH_SPEC ?= torch==2.13.0
 MOONCAKE_SPEC ?= mooncake-transfer-engine-non-cuda
 STAMP := $(VENV)/.installed
 MODELS ?= models
-PACKAGES := engine kv_transfer protos/__init__.py protos/h2.py protos/cluster_token.py prefill_worker decode_worker router cluster
+PACKAGES := engine kv_transfer protos/__init__.py protos/h2.py protos/cluster_token.py protos/cluster_tls.py prefill_worker decode_worker router cluster
 PORT ?= 8000
 # no: skip what only the tests use (Prometheus, kubectl), as deploy/Dockerfile's image does.
 TEST_TOOLS ?= yes
 
-.PHONY: install test test-ray lint format proto tiny-models run run-ray run-offline bench-engine soak clean
+.PHONY: install test test-ray lint format proto tiny-models run run-ray run-offline bench-engine soak certs clean
 
 install: $(STAMP)
 
@@ -36,6 +36,7 @@ $(STAMP): pyproject.toml
 	  echo "installing kubernetes-client (kubectl kustomize, for the deploy tests)"; \
 	  (apt-get install -y -q --no-install-recommends kubernetes-client || (apt-get update -q && \
 	   apt-get install -y -q --no-install-recommends kubernetes-client)) >/dev/null; }
+	@command -v openssl >/dev/null || (apt-get install -y -q openssl || (apt-get update -q && apt-get install -y -q openssl)) >/dev/null
 	@command -v ip >/dev/null || (apt-get install -y -q iproute2 || (apt-get update -q && apt-get install -y -q iproute2)) >/dev/null
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned: an unpinned requirement pulls the CUDA build.
@@ -91,6 +92,11 @@ run-offline: install
 SOAK_S ?= 300
 soak: install
 	$(PY) -m bench.soak --duration $(SOAK_S)
+
+# A local CA and the cluster's certificate for --tls-dir (README: Security).
+CERTS_DIR ?= certs
+certs:
+	sh deploy/certs.sh $(CERTS_DIR)
 
 bench-engine: tiny-models
 	$(PY) -m bench.engine --model-path $(MODELS)/qwen3-moe --decode 1x128,16x128,64x128 --prefill 64x128,8x512

@@ -35,6 +35,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster import metrics
 from cluster.actors import ProcessHost, node_address, redis_argv
 from cluster.spec import EMBEDDED, ClusterSpec
+from protos import cluster_token
+from protos.cluster_tls import ClusterTls
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,8 @@ class Controller:
         self._supervisor: asyncio.Task[None] | None = None
         self._metrics: web.AppRunner | None = None
         self.router_url = ""
+        # Health checks speak mutual TLS when the cluster does (PDSERVE_TLS_DIR on every node).
+        self._tls = ClusterTls.load()
 
     # -- bringing things up -----------------------------------------------------------------
 
@@ -237,7 +241,7 @@ class Controller:
             self._recovered(group, infos[0])
             return
         alive = infos is not None and all(i["alive"] for i in infos)
-        healthy = alive and await _serving(group.endpoint)
+        healthy = alive and await _serving(group.endpoint, self._tls)
         if healthy:
             if group.down_since is not None:
                 self._recovered(group, infos[0] if infos else group.info)
@@ -330,11 +334,11 @@ class Controller:
             await self._drain(group)
 
 
-async def _serving(endpoint: str) -> bool:
+async def _serving(endpoint: str, tls: ClusterTls | None) -> bool:
     if not endpoint:
         return False
     try:
-        async with grpc.aio.insecure_channel(endpoint) as channel:
+        async with cluster_token.channel(endpoint, None, tls=tls) as channel:
             reply = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=2
             )

@@ -15,6 +15,7 @@ from decode_worker.metrics import WorkerMetrics
 from engine.async_engine import AsyncEngine
 from kv_transfer import KVLayout, KVPoolDescriptor, TransferEngine
 from protos import cluster_token, common_pb2
+from protos.cluster_tls import ClusterTls
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ class WorkerSettings:
     kv_quarantine_timeout_s: float = 300.0
     # Carried by every call to peers and required on every call here (protos.cluster_token).
     cluster_token: str | None = field(default=None, repr=False)
+    # Mutual TLS to peers and on this worker's ports (protos.cluster_tls); None: plain TCP.
+    cluster_tls: ClusterTls | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -76,7 +79,9 @@ class WorkerRuntime:
         """A long-lived channel to a peer worker (one per endpoint)."""
         ch = self._channels.get(endpoint)
         if ch is None:
-            ch = cluster_token.channel(endpoint, self.settings.cluster_token)
+            ch = cluster_token.channel(
+                endpoint, self.settings.cluster_token, tls=self.settings.cluster_tls
+            )
             self._channels[endpoint] = ch
         return ch
 

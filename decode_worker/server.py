@@ -38,7 +38,14 @@ from kv_transfer import (
 )
 from kv_transfer import faults as transfer_faults
 from prefill_worker.servicer import PrefillServicer
-from protos import cluster_token, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from protos import (
+    cluster_tls,
+    cluster_token,
+    decode_pb2,
+    decode_pb2_grpc,
+    prefill_pb2,
+    prefill_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +101,11 @@ def build_parser(default_role: str) -> argparse.ArgumentParser:
         "--cluster-token-file",
         help=f"file whose first line is the token calls to and from this worker carry (or "
         f"{cluster_token.ENV}); calls without it are refused, health checks excepted",
+    )
+    g.add_argument(
+        "--tls-dir",
+        help=f"directory with ca.crt, tls.crt and tls.key (or {cluster_tls.ENV}): serve and call "
+        "peers over mutual TLS; callers need a certificate of the same CA (`make certs`)",
     )
     g.add_argument("--registry", help="register in this Redis (redis://host:port/db)")
     g.add_argument("--registry-prefix", default=DEFAULT_PREFIX)
@@ -169,12 +181,16 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
             )
     ranks = join_instance(engine, transfer, model_name) or []
 
-    token = cluster_token.load(args.cluster_token_file)
+    token, tls = args.cluster_token, args.cluster_tls  # read by main()
     server = grpc.aio.server(
         options=session.SERVER_OPTIONS, interceptors=cluster_token.server_interceptors(token)
     )
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
-    sessions = SessionServer(token)
+    address = f"{args.host}:{args.port}"
+    if tls is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, tls.server_credentials())
+    sessions = SessionServer(token, tls)
     session_port = 0 if args.session_port < 0 else await sessions.bind(args.host, args.session_port)
     settings = WorkerSettings(
         role=role,
@@ -184,6 +200,7 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
         transfer_timeout_s=args.transfer_timeout,
         kv_quarantine_timeout_s=args.kv_quarantine_timeout,
         cluster_token=token,
+        cluster_tls=tls,
     )
     async_engine = AsyncEngine(engine)
     metrics = WorkerMetrics(role, settings.endpoint, model_name)
@@ -291,5 +308,10 @@ def main(default_role: str, argv: list[str] | None = None) -> int:
     )
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(default_role).parse_args(argv)
+    try:  # a misconfiguration is one line with its fix, not a traceback
+        args.cluster_token = cluster_token.load(args.cluster_token_file)
+        args.cluster_tls = cluster_tls.ClusterTls.load(args.tls_dir)
+    except ValueError as exc:
+        raise SystemExit(f"worker cannot start: {exc}") from None
     asyncio.run(serve(args, argv))
     return 0

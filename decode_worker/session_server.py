@@ -32,6 +32,7 @@ from typing import Any
 import grpc
 
 from protos import cluster_token, h2
+from protos.cluster_tls import ClusterTls
 
 log = logging.getLogger(__name__)
 
@@ -261,10 +262,12 @@ class SessionServer:
     """Serves session methods, by gRPC path (``/pdserve.Decode/Session``), on one port:
     ``bind`` (the port is known), ``add`` the methods, ``start``."""
 
-    def __init__(self, token: str | None = None) -> None:
-        """``token``: the cluster token every call must carry (``protos.cluster_token``)."""
+    def __init__(self, token: str | None = None, tls: ClusterTls | None = None) -> None:
+        """``token``: the cluster token every call must carry (``protos.cluster_token``);
+        ``tls``: serve over mutual TLS (``protos.cluster_tls``)."""
         self.methods: dict[str, Method] = {}
         self.token_check = None if token is None else cluster_token.TokenCheck(token)
+        self._ssl = None if tls is None else tls.server_context
         self.connections: set[_ServerConnection] = set()
         self._server: asyncio.Server | None = None
 
@@ -275,7 +278,12 @@ class SessionServer:
         """Listen on ``host:port`` (0: a free port), accepting nobody yet; returns the port."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _ServerConnection(self), host, port, backlog=1024, start_serving=False
+            lambda: _ServerConnection(self),
+            host,
+            port,
+            backlog=1024,
+            start_serving=False,
+            ssl=self._ssl,
         )
         return int(self._server.sockets[0].getsockname()[1])
 

@@ -7,7 +7,8 @@ the ``x-pdserve-token`` metadata and the workers refuse calls without it (UNAUTH
 on the grpcio server (``TokenServerInterceptor``) and on the session listener
 (``decode_worker.session_server``). ``grpc.health.v1`` stays open for probes. The token is
 compared in constant time. It authenticates; it does not encrypt: on a network others can
-read, put the cluster behind mutual TLS or a private network as well (README: threat model).
+read, add mutual TLS (``protos.cluster_tls``, ``--tls-dir``) or keep the cluster on a private
+network (README: threat model).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
+from protos.cluster_tls import ClusterTls
 
 ENV = "PDSERVE_CLUSTER_TOKEN"
 METADATA_KEY = "x-pdserve-token"
@@ -148,11 +151,21 @@ def client_interceptors(token: str | None) -> list[grpc.aio.ClientInterceptor]:
 
 
 def channel(
-    target: str, token: str | None, options: list[tuple[str, Any]] | None = None
+    target: str,
+    token: str | None,
+    options: list[tuple[str, Any]] | None = None,
+    tls: ClusterTls | None = None,
 ) -> grpc.aio.Channel:
-    """An insecure channel whose calls carry ``token`` (none: plain)."""
-    return grpc.aio.insecure_channel(
-        target, options=options, interceptors=client_interceptors(token) or None
+    """A channel whose calls carry ``token`` (none: no token), over mutual TLS with ``tls``
+    (``protos.cluster_tls``; none: plain TCP)."""
+    interceptors = client_interceptors(token) or None
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    return grpc.aio.secure_channel(
+        target,
+        tls.channel_credentials(),
+        options=[*(options or ()), *tls.channel_options()],
+        interceptors=interceptors,
     )
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 
 from protos import cluster_token, h2
+from protos.cluster_tls import SERVER_NAME, ClusterTls
 
 STREAM = 1  # the call's stream id: the connection carries this one stream
 
@@ -46,11 +47,14 @@ class StreamCall(h2.Connection):
         keepalive_s: float = 10.0,
         connect_timeout_s: float = 10.0,
         token: str | None = None,
+        tls: ClusterTls | None = None,
     ) -> None:
-        """``token``: the cluster token to send (``protos.cluster_token``)."""
+        """``token``: the cluster token to send (``protos.cluster_token``); ``tls``: connect
+        over mutual TLS (``protos.cluster_tls``)."""
         super().__init__()
         self.endpoint = endpoint
         self._token = token
+        self._tls = tls
         self._path = path
         self._parse = parse
         self._keepalive_s = keepalive_s
@@ -122,10 +126,14 @@ class StreamCall(h2.Connection):
     async def _connect(self, timeout_s: float) -> None:
         host, _, port = self.endpoint.rpartition(":")
         try:
+            tls: dict[str, Any] = {}
+            if self._tls is not None:
+                tls = {"ssl": self._tls.client_context, "server_hostname": SERVER_NAME}
             await asyncio.wait_for(
-                self._loop.create_connection(lambda: self, host.strip("[]"), int(port)), timeout_s
+                self._loop.create_connection(lambda: self, host.strip("[]"), int(port), **tls),
+                timeout_s,
             )
-        except (OSError, TimeoutError, ValueError) as exc:
+        except (OSError, TimeoutError, ValueError) as exc:  # ssl.SSLError is an OSError
             self._end(grpc.StatusCode.UNAVAILABLE, f"cannot connect to {self.endpoint}: {exc!r}")
             return
         self._keepalive = self._loop.create_task(self._keep_alive())

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from protos import cluster_token
+from protos import cluster_tls, cluster_token
 
 
 class CircuitState(enum.Enum):
@@ -62,6 +62,8 @@ class HealthConfig:
     session_transport: str = "native"
     # Sent on every call to the workers (protos.cluster_token); None: none. Never printed.
     cluster_token: str | None = field(default=None, repr=False)
+    # Mutual TLS to the workers (protos.cluster_tls, --tls-dir); None: plain TCP.
+    cluster_tls: cluster_tls.ClusterTls | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.session_transport not in TRANSPORTS:
@@ -123,6 +125,12 @@ class HealthConfig:
             help=f"file whose first line is the token every call to the workers carries (or "
             f"{cluster_token.ENV}); workers given the same refuse calls without it",
         )
+        g.add_argument(
+            "--tls-dir",
+            help=f"directory with ca.crt, tls.crt and tls.key (or {cluster_tls.ENV}): talk to "
+            "the workers over mutual TLS (`make certs` writes a local CA's; workers need the "
+            "same CA)",
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> HealthConfig:
@@ -135,6 +143,7 @@ class HealthConfig:
             keepalive_s=args.worker_keepalive,
             session_transport=args.worker_transport,
             cluster_token=cluster_token.load(args.cluster_token_file),
+            cluster_tls=cluster_tls.ClusterTls.load(args.tls_dir),
         )
 
     @property

@@ -106,7 +106,10 @@ class WorkerClient:
         self.source = source
         health = health or HealthConfig()
         self._token = health.cluster_token
-        self.channel = cluster_token.channel(self.endpoint, self._token, health.channel_options)
+        self._tls = health.cluster_tls
+        self.channel = cluster_token.channel(
+            self.endpoint, self._token, health.channel_options, self._tls
+        )
         self.decode = decode_pb2_grpc.DecodeStub(self.channel)
         self.prefill = prefill_pb2_grpc.PrefillStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
@@ -270,7 +273,7 @@ class WorkerClient:
             if self._transport == "native":
                 call = StreamCall(
                     self.session_endpoint, kind.path, kind.parse, self._keepalive_s,
-                    token=self._token,
+                    token=self._token, tls=self._tls,
                 )  # fmt: skip
             elif kind is PREFILL:
                 call = self.prefill.Session()
