@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from decode_worker.convert import engine_layout
 from engine.cli import engine_config_from_args
 from engine.device import resolve_device
 from engine.dp import LockstepRank
@@ -25,6 +24,7 @@ from kv_transfer import (
     create_transfer_engine,
     descriptor_from_tensors,
 )
+from worker.convert import engine_layout
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def join_instance(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from decode_worker.server import build_parser, configure_mooncake
+    from worker.server import build_parser, configure_mooncake
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s rank %(message)s")
     parser = build_parser("decode")

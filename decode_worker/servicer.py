@@ -13,18 +13,6 @@ from dataclasses import replace
 
 import grpc
 
-from decode_worker import session
-from decode_worker.convert import (
-    PeerFailure,
-    finish_to_proto,
-    layout_to_proto,
-    logprobs_from_proto,
-    logprobs_to_proto,
-    sampling_from_proto,
-    status_for,
-)
-from decode_worker.metrics import handoff, handoff_failed
-from decode_worker.runtime import WorkerRuntime
 from engine.async_engine import EngineDeadError, RequestAborted
 from engine.engine import StepOutput
 from engine.sampling import SamplingParams
@@ -37,6 +25,18 @@ from kv_transfer import (
     TransferTable,
 )
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from worker import session
+from worker.convert import (
+    PeerFailure,
+    finish_to_proto,
+    layout_to_proto,
+    logprobs_from_proto,
+    logprobs_to_proto,
+    sampling_from_proto,
+    status_for,
+)
+from worker.metrics import handoff, handoff_failed
+from worker.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
 

@@ -1,3 +1,3 @@
-from decode_worker.server import main
+from worker.server import main
 
 raise SystemExit(main(default_role="prefill"))

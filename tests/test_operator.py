@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from cluster.local import ChildFailed, LocalClusterSpec, _start, _wait_ready, worker_argvs
-from decode_worker.server import build_parser as worker_parser
 from router.config import build_parser as router_parser
+from worker.server import build_parser as worker_parser
 
 
 def test_help_shows_defaults() -> None:

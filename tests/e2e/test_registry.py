@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from decode_worker.registry import WorkerRecord
 from tests.e2e.procs import worker
 from tests.redis_server import RedisServer
+from worker.registry import WorkerRecord
 
 
 @pytest.fixture

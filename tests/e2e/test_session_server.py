@@ -12,8 +12,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 import grpc
 import pytest
 
-from decode_worker.session_server import Method, SessionServer
 from protos import common_pb2, decode_pb2, h2
+from worker.session_server import Method, SessionServer
 
 PATH = "/pdserve.Decode/Session"
 

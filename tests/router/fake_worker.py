@@ -18,9 +18,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from decode_worker import session
-from decode_worker.session_server import Method, SessionServer
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from worker import session
+from worker.session_server import Method, SessionServer
 
 EOS = 2  # the tiny tokenizer's <|im_end|>
 TRANSFERS: dict[int, asyncio.Event] = {}

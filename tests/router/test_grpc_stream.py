@@ -9,10 +9,10 @@ from collections.abc import AsyncGenerator, AsyncIterator
 import grpc
 import pytest
 
-from decode_worker.session_server import Method, SessionServer
 from protos import common_pb2, decode_pb2, h2
 from router.grpc_stream import StreamCall
 from tests.router.conftest import run
+from worker.session_server import Method, SessionServer
 
 PATH = "/pdserve.Decode/Session"
 

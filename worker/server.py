@@ -19,14 +19,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from decode_worker import session
-from decode_worker.convert import engine_layout
-from decode_worker.metrics import WorkerMetrics
 from decode_worker.ranks import free_port, join_instance, start_children
-from decode_worker.registry import DEFAULT_PREFIX, RedisRegistration, WorkerRecord
-from decode_worker.runtime import ROLES, WorkerRuntime, WorkerSettings
 from decode_worker.servicer import DecodeServicer
-from decode_worker.session_server import Method, SessionServer
 from engine.async_engine import AsyncEngine
 from engine.cli import add_engine_args, engine_config_from_args
 from engine.device import resolve_device
@@ -39,6 +33,12 @@ from kv_transfer import (
 from kv_transfer import faults as transfer_faults
 from prefill_worker.servicer import PrefillServicer
 from protos import cluster_token, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from worker import session
+from worker.convert import engine_layout
+from worker.metrics import WorkerMetrics
+from worker.registry import DEFAULT_PREFIX, RedisRegistration, WorkerRecord
+from worker.runtime import ROLES, WorkerRuntime, WorkerSettings
+from worker.session_server import Method, SessionServer
 
 log = logging.getLogger(__name__)
 

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from decode_worker.convert import layout_to_proto
-from decode_worker.metrics import WorkerMetrics
 from engine.async_engine import AsyncEngine
 from kv_transfer import KVLayout, KVPoolDescriptor, TransferEngine
 from protos import cluster_token, common_pb2
+from worker.convert import layout_to_proto
+from worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
