@@ -32,9 +32,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from protos.contract import ROLES
 from router.errors import short
 from router.workers import (
-    ROLES,
     SOURCE_REGISTRY,
     WorkerPool,
     WorkerRefused,

@@ -13,12 +13,11 @@ import grpc
 from engine.async_engine import AsyncEngine
 from kv_transfer import KVLayout, KVPoolDescriptor, TransferEngine
 from protos import cluster_token, common_pb2
+from protos.contract import ROLES
 from worker.convert import layout_to_proto
 from worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
-
-ROLES = ("prefill", "decode", "null")
 
 
 @dataclass(frozen=True)

@@ -32,20 +32,17 @@ from kv_transfer import (
 )
 from kv_transfer import faults as transfer_faults
 from prefill_worker.servicer import PrefillServicer
-from protos import cluster_token, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from protos import cluster_token
+from protos.contract import ROLES
 from worker import session
 from worker.convert import engine_layout
 from worker.metrics import WorkerMetrics
 from worker.registry import DEFAULT_PREFIX, RedisRegistration, WorkerRecord
-from worker.runtime import ROLES, WorkerRuntime, WorkerSettings
-from worker.session_server import Method, SessionServer
+from worker.runtime import WorkerRuntime, WorkerSettings
+from worker.service import add_service
+from worker.session_server import SessionServer
 
 log = logging.getLogger(__name__)
-
-SERVICE_NAMES = {
-    "prefill": prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name,
-    "decode": decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name,
-}
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -197,17 +194,8 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
         [r.session_id for r in ranks],
         metrics,
     )
-    served = []
-    if role in ("decode", "null"):
-        decode = DecodeServicer(runtime)
-        decode_pb2_grpc.add_DecodeServicer_to_server(decode, server)
-        sessions.add(session.DECODE.path, Method(session.DECODE.parse, decode.serve_session))
-        served.append(SERVICE_NAMES["decode"])
-    if role == "prefill":
-        prefill = PrefillServicer(runtime)
-        prefill_pb2_grpc.add_PrefillServicer_to_server(prefill, server)
-        sessions.add(session.PREFILL.path, Method(session.PREFILL.parse, prefill.serve_session))
-        served.append(SERVICE_NAMES["prefill"])
+    servicer = PrefillServicer(runtime) if role == "prefill" else DecodeServicer(runtime)
+    served = [add_service(servicer, server, sessions)]
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
 
