@@ -10,15 +10,16 @@ from pathlib import Path
 import pytest
 
 from cluster.local import ChildFailed, LocalClusterSpec, _start, _wait_ready, worker_argvs
+from decode_worker import MODES as DECODE_MODES
 from router.config import build_parser as router_parser
-from worker.server import build_parser as worker_parser
+from worker.args import build_parser as worker_parser
 
 
 def test_help_shows_defaults() -> None:
     router = " ".join(router_parser().format_help().split())
     assert "--max-body-bytes MAX_BODY_BYTES (default: 8388608)" in router
     assert "--max-sequences-per-request" in router and "(default: 256)" in router
-    worker = " ".join(worker_parser("decode").format_help().split())
+    worker = " ".join(worker_parser(DECODE_MODES).format_help().split())
     assert "--transfer-timeout TRANSFER_TIMEOUT seconds (default: 30.0)" in worker
     assert "--page-size PAGE_SIZE (default: 16)" in worker
 
