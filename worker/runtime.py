@@ -25,7 +25,7 @@ class WorkerSettings:
     role: str
     model_name: str
     endpoint: str  # this worker's gRPC address as peers reach it
-    session_port: int = 0  # the session listener's (decode_worker.session_server); 0: none
+    session_port: int = 0  # the session listener's (worker.session_server); 0: none
     transfer_timeout_s: float = 30.0  # every waiting state of a KV transfer
     rpc_timeout_s: float = 10.0  # worker-to-worker unary calls
     # Pages a peer may still write stay out of use until it acknowledges a revocation, or at

@@ -90,7 +90,7 @@ async def serve(
             async for msg in respond(request):
                 outbox.put(msg)
         except Exception as exc:
-            # A failure caused by another worker names it (decode_worker.convert.PeerFailure).
+            # A failure caused by another worker names it (worker.convert.PeerFailure).
             peer = getattr(exc, "peer", "")
             error(rid, *failure(rid, exc), peer if isinstance(peer, str) else "")
         finally:

@@ -164,7 +164,7 @@ class Injected(Exception):
     def __init__(self, code: grpc.StatusCode, message: str, peer: str = "") -> None:
         super().__init__(message)
         self.code = code
-        self.peer = peer  # the worker to blame, as decode_worker.convert.PeerFailure
+        self.peer = peer  # the worker to blame, as worker.convert.PeerFailure
 
 
 def _failure(request_id: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:

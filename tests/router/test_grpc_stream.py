@@ -1,5 +1,5 @@
 """The router's own gRPC stream client (``router.grpc_stream``) against a grpcio server and
-against the workers' session listener (``decode_worker.session_server``)."""
+against the workers' session listener (``worker.session_server``)."""
 
 from __future__ import annotations
 
