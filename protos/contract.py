@@ -57,11 +57,11 @@ class SessionMethod(Generic[Submit, Reply]):
 
     @staticmethod
     def submits(frame: Any) -> Iterable[Submit]:
-        return frame.submit  # type: ignore[no-any-return]
+        return frame.submit
 
     @staticmethod
     def aborts(frame: Any) -> Iterable[str]:
-        return frame.abort  # type: ignore[no-any-return]
+        return frame.abort
 
 
 # Decode.Session: a request's chunks, then its Complete or Error.
@@ -100,7 +100,7 @@ _FINISH_TO_PROTO = {
 _FINISH_FROM_PROTO = {v: k for k, v in _FINISH_TO_PROTO.items()}
 
 
-def finish_to_proto(reason: str | None) -> common_pb2.FinishReason.ValueType:
+def finish_to_proto(reason: str | None) -> common_pb2.FinishReason:
     """``"stop"``, ``"length"`` or ``"abort"`` (or a ``str`` enum of them); None: unspecified."""
     if reason is None:
         return common_pb2.FINISH_REASON_UNSPECIFIED
