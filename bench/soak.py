@@ -42,8 +42,8 @@ from typing import Any
 import aiohttp
 import grpc
 
-from cluster.actors import _wait_redis, redis_argv
-from cluster.local import Child, _start, _wait_ready, stop_child
+from cluster.actors import redis_argv, wait_redis
+from cluster.local import Child, start_child, stop_child, wait_ready
 from protos import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 
 PROMPTS = [
@@ -125,7 +125,7 @@ class Cluster:
         self.redis = subprocess.Popen(
             self.redis_argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True
         )
-        self.redis_url = _wait_redis(self.redis_argv, self.redis, 10)
+        self.redis_url = wait_redis(self.redis_argv, self.redis, 10)
 
     def start_worker(self, name: str) -> None:
         role = name.split("-")[0]
@@ -137,8 +137,8 @@ class Cluster:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if role == "prefill" and self.transfer_faults:
             env["PDSERVE_TRANSFER_FAULTS"] = self.transfer_faults
-        child = _start(name, args, env, self.workdir)
-        _wait_ready(child, 120)
+        child = start_child(name, args, env, self.workdir)
+        wait_ready(child, 120)
         self.workers[name] = child
 
     def start_router(self) -> None:
@@ -147,8 +147,10 @@ class Cluster:
                 "--health-check-interval", "0.5", "--cb-open-timeout", "2",
                 "--worker-keepalive", "2", "--retry-max", "6",
                 "--startup-timeout", "60"]  # fmt: skip
-        self.router = _start("router", args, {**os.environ, "PYTHONUNBUFFERED": "1"}, self.workdir)
-        self.url = str(_wait_ready(self.router, 120)["url"])
+        self.router = start_child(
+            "router", args, {**os.environ, "PYTHONUNBUFFERED": "1"}, self.workdir
+        )
+        self.url = str(wait_ready(self.router, 120)["url"])
 
     def endpoint(self, name: str) -> str:
         return str(self.workers[name].ready["endpoint"])

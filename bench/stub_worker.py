@@ -32,16 +32,18 @@ import asyncio
 import json
 import signal
 import sys
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from typing import cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from decode_worker import session
-from decode_worker.session_server import Method, SessionServer
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from protos.contract import DECODE, PREFILL
+from worker import session
+from worker.service import WorkerService, add_service
+from worker.session_server import SessionServer
 
 MODEL = "stub"
 CONTEXT_LENGTH = 4096
@@ -54,15 +56,48 @@ def _failure(request_id: str, exc: BaseException) -> tuple[grpc.StatusCode, str]
     return grpc.StatusCode.INTERNAL, repr(exc)
 
 
-class StubDecode(decode_pb2_grpc.DecodeServicer):
+class StubCommon:
+    """``Abort``, ``GetLoad`` and ``GetInfo`` as a real worker's runtime answers them, for a
+    worker with no model (``worker.service.Common``)."""
+
+    def __init__(self, role: str, session_port: int) -> None:
+        self.role = role
+        self.session_port = session_port
+
+    async def abort(self, request: common_pb2.AbortRequest) -> common_pb2.AbortResponse:
+        return common_pb2.AbortResponse(request_id=request.request_id, found=False)
+
+    async def load(self, request: common_pb2.LoadRequest) -> common_pb2.LoadReport:
+        return common_pb2.LoadReport(
+            request_id=request.request_id, num_free_pages=TOTAL_PAGES, num_total_pages=TOTAL_PAGES
+        )
+
+    def info(self, request: common_pb2.WorkerInfoRequest) -> common_pb2.WorkerInfo:
+        layout = common_pb2.KVLayout(
+            model=MODEL, dtype="bfloat16", page_size=16, num_layers=1, num_kv_heads=1,
+            head_dim=64, fingerprint="stub",
+        )  # fmt: skip
+        return common_pb2.WorkerInfo(
+            request_id=request.request_id,
+            role=self.role,
+            model=MODEL,
+            context_length=CONTEXT_LENGTH,
+            vocab_size=VOCAB_SIZE,
+            layout=layout,
+            dp_size=1,
+            session_port=self.session_port,
+        )
+
+
+class StubDecode(WorkerService, decode_pb2_grpc.DecodeServicer):
     """A colocated worker that streams ``tokens`` tokens per request, whatever it asks,
-    ``chunk_tokens`` per message."""
+    ``chunk_tokens`` per message; its sessions are the real worker's
+    (``worker.service``)."""
 
     def __init__(
         self, tokens: int, chunk_tokens: int = 1, role: str = "null", session_port: int = 0
     ) -> None:
-        self.role = role
-        self.session_port = session_port
+        super().__init__(StubCommon(role, session_port), DECODE, self._respond, _failure)
         if tokens < 1 or chunk_tokens < 1:
             raise ValueError(f"tokens and chunk_tokens must be >= 1, got {tokens}, {chunk_tokens}")
         self.tokens = tokens
@@ -77,20 +112,6 @@ class StubDecode(decode_pb2_grpc.DecodeServicer):
     ) -> AsyncIterator[common_pb2.GenerateResponse]:
         async for msg in self._respond(request):
             yield msg
-
-    async def Session(
-        self,
-        request_iterator: AsyncIterator[decode_pb2.SessionRequest],
-        context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[decode_pb2.SessionResponse]:
-        async for frame in self.serve_session(request_iterator):
-            yield frame
-
-    def serve_session(
-        self, frames: AsyncIterator[decode_pb2.SessionRequest]
-    ) -> AsyncGenerator[decode_pb2.SessionResponse, None]:
-        """The real worker's session (``decode_worker.session``) over this stub's replies."""
-        return session.serve(frames, self._respond, _failure, session.DECODE)
 
     async def _respond(
         self, request: decode_pb2.DecodeRequest
@@ -121,94 +142,25 @@ class StubDecode(decode_pb2_grpc.DecodeServicer):
             ),
         )
 
-    async def Abort(
-        self, request: common_pb2.AbortRequest, context: grpc.aio.ServicerContext
-    ) -> common_pb2.AbortResponse:
-        return common_pb2.AbortResponse(request_id=request.request_id, found=False)
 
-    async def GetLoad(
-        self, request: common_pb2.LoadRequest, context: grpc.aio.ServicerContext
-    ) -> common_pb2.LoadReport:
-        return common_pb2.LoadReport(
-            request_id=request.request_id,
-            num_free_pages=TOTAL_PAGES,
-            num_total_pages=TOTAL_PAGES,
-        )
-
-    async def GetInfo(
-        self, request: common_pb2.WorkerInfoRequest, context: grpc.aio.ServicerContext
-    ) -> common_pb2.WorkerInfo:
-        return _info(request, self.role, self.session_port)
-
-
-def _info(
-    request: common_pb2.WorkerInfoRequest, role: str, session_port: int
-) -> common_pb2.WorkerInfo:
-    layout = common_pb2.KVLayout(
-        model=MODEL, dtype="bfloat16", page_size=16, num_layers=1, num_kv_heads=1,
-        head_dim=64, fingerprint="stub",
-    )  # fmt: skip
-    return common_pb2.WorkerInfo(
-        request_id=request.request_id,
-        role=role,
-        model=MODEL,
-        context_length=CONTEXT_LENGTH,
-        vocab_size=VOCAB_SIZE,
-        layout=layout,
-        dp_size=1,
-        session_port=session_port,
-    )
-
-
-class StubPrefill(prefill_pb2_grpc.PrefillServicer):
+class StubPrefill(WorkerService, prefill_pb2_grpc.PrefillServicer):
     """A prefill worker that answers at once, as if the pages were written (no transfer: the
     decode stub's answer does not wait for one)."""
 
     def __init__(self, session_port: int = 0) -> None:
-        self.session_port = session_port
+        respond = session.one_reply(self._prefill)
+        super().__init__(StubCommon("prefill", session_port), PREFILL, respond, _failure)
 
     async def Prefill(
         self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> prefill_pb2.PrefillResponse:
         return await self._prefill(request)
 
-    async def Session(
-        self,
-        request_iterator: AsyncIterator[prefill_pb2.PrefillSessionRequest],
-        context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[prefill_pb2.PrefillSessionResponse]:
-        async for frame in self.serve_session(request_iterator):
-            yield frame
-
-    def serve_session(
-        self, frames: AsyncIterator[prefill_pb2.PrefillSessionRequest]
-    ) -> AsyncGenerator[prefill_pb2.PrefillSessionResponse, None]:
-        """The real worker's session (``decode_worker.session``) over this stub's answers."""
-        respond = session.one_reply(self._prefill)
-        return session.serve(frames, respond, _failure, session.PREFILL)
-
     @staticmethod
     async def _prefill(request: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillResponse:
         return prefill_pb2.PrefillResponse(
             request_id=request.request.request_id, first_token_id=TOKEN_ID
         )
-
-    async def Abort(
-        self, request: common_pb2.AbortRequest, context: grpc.aio.ServicerContext
-    ) -> common_pb2.AbortResponse:
-        return common_pb2.AbortResponse(request_id=request.request_id, found=False)
-
-    async def GetLoad(
-        self, request: common_pb2.LoadRequest, context: grpc.aio.ServicerContext
-    ) -> common_pb2.LoadReport:
-        return common_pb2.LoadReport(
-            request_id=request.request_id, num_free_pages=TOTAL_PAGES, num_total_pages=TOTAL_PAGES
-        )
-
-    async def GetInfo(
-        self, request: common_pb2.WorkerInfoRequest, context: grpc.aio.ServicerContext
-    ) -> common_pb2.WorkerInfo:
-        return _info(request, "prefill", self.session_port)
 
 
 async def serve_grpc(
@@ -221,13 +173,10 @@ async def serve_grpc(
     sessions = SessionServer()
     bound_sessions = 0 if session_port < 0 else await sessions.bind(host, session_port)
     if role == "prefill":
-        prefill = StubPrefill(bound_sessions)
-        prefill_pb2_grpc.add_PrefillServicer_to_server(prefill, server)
-        sessions.add(session.PREFILL.path, Method(session.PREFILL.parse, prefill.serve_session))
+        service: WorkerService = StubPrefill(bound_sessions)
     else:
-        decode = StubDecode(tokens, chunk_tokens, role, bound_sessions)
-        decode_pb2_grpc.add_DecodeServicer_to_server(decode, server)
-        sessions.add(session.DECODE.path, Method(session.DECODE.parse, decode.serve_session))
+        service = StubDecode(tokens, chunk_tokens, role, bound_sessions)
+    add_service(service, server, sessions)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     bound = server.add_insecure_port(f"{host}:{port}")

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cluster.local import Child, _wait_ready
+from cluster.local import Child, wait_ready
 
 _PR_SET_PDEATHSIG = 1
 
@@ -74,9 +74,9 @@ class ProcessHost:
         self.ready: dict[str, Any] = {}
         if ready == "line":
             child = Child(name, self.proc, log_path=Path(log_dir) / f"{name}.log")
-            self.ready = _wait_ready(child, ready_timeout_s)
+            self.ready = wait_ready(child, ready_timeout_s)
         elif ready == "redis":
-            self.ready = {"url": _wait_redis(argv, self.proc, ready_timeout_s)}
+            self.ready = {"url": wait_redis(argv, self.proc, ready_timeout_s)}
         self.started_at = time.time()
         threading.Thread(target=self._exit_with_process, daemon=True).start()
 
@@ -110,7 +110,7 @@ class ProcessHost:
         return self.proc.returncode
 
 
-def _wait_redis(argv: list[str], proc: subprocess.Popen[str], timeout_s: float) -> str:
+def wait_redis(argv: list[str], proc: subprocess.Popen[str], timeout_s: float) -> str:
     import redis
 
     port = int(argv[argv.index("--port") + 1])

@@ -61,7 +61,7 @@ class ChildFailed(RuntimeError):
     """A child process exited or never became ready."""
 
 
-def _start(name: str, args: list[str], env: dict[str, str], log_dir: Path | None) -> Child:
+def start_child(name: str, args: list[str], env: dict[str, str], log_dir: Path | None) -> Child:
     log_path = None if log_dir is None else log_dir / f"{name}.log"
     if log_path is not None:
         rotate_log(log_path)
@@ -77,7 +77,7 @@ def _start(name: str, args: list[str], env: dict[str, str], log_dir: Path | None
     return Child(name, proc, log_path=log_path)
 
 
-def _wait_ready(child: Child, timeout_s: float) -> dict[str, object]:
+def wait_ready(child: Child, timeout_s: float) -> dict[str, object]:
     """Read the child's stdout until its ready line; raise if it dies or takes too long."""
     result: dict[str, object] = {}
     assert child.proc.stdout is not None
@@ -262,13 +262,13 @@ class LocalCluster:
         try:
             pending = []
             for i, (kind, args) in enumerate(worker_argvs(spec, placements)):
-                child = _start(f"{kind}-{i}", args, env, log_dir)
+                child = start_child(f"{kind}-{i}", args, env, log_dir)
                 self.children.append(child)
                 pending.append((kind, child))
                 if one_by_one:
-                    _wait_ready(child, timeout_s)
+                    wait_ready(child, timeout_s)
             for kind, child in pending:
-                ready = child.ready or _wait_ready(child, timeout_s)
+                ready = child.ready or wait_ready(child, timeout_s)
                 self.workers.setdefault(kind, []).append(str(ready["endpoint"]))
                 self.metrics[child.name] = str(ready["metrics"])
             router_args = ["-m", "router", "--model-path", spec.model_path,
@@ -276,9 +276,9 @@ class LocalCluster:
             for kind, endpoints in self.workers.items():
                 for endpoint in endpoints:
                     router_args += [f"--{kind}", endpoint]
-            router = _start("router", [*router_args, *spec.router_args], env, log_dir)
+            router = start_child("router", [*router_args, *spec.router_args], env, log_dir)
             self.children.append(router)
-            self.url = str(_wait_ready(router, timeout_s)["url"])
+            self.url = str(wait_ready(router, timeout_s)["url"])
             self.metrics[router.name] = self.url + "/metrics"
         except BaseException:
             self.stop()

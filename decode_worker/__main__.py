@@ -1,3 +1,8 @@
-from decode_worker.server import main
+from decode_worker import MODES
+from decode_worker.servicer import DecodeServicer
+from worker.server import WorkerRole, main
 
-raise SystemExit(main(default_role="decode"))
+ROLE = WorkerRole(modes=MODES, servicer=DecodeServicer, ranks_module="decode_worker.ranks")
+
+if __name__ == "__main__":
+    raise SystemExit(main(ROLE))

@@ -8,23 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import grpc
 
-from decode_worker import session
-from decode_worker.convert import (
-    PeerFailure,
-    finish_to_proto,
-    layout_to_proto,
-    logprobs_from_proto,
-    logprobs_to_proto,
-    sampling_from_proto,
-    status_for,
-)
-from decode_worker.metrics import handoff, handoff_failed
-from decode_worker.runtime import WorkerRuntime
 from engine.async_engine import EngineDeadError, RequestAborted
 from engine.engine import StepOutput
 from engine.sampling import SamplingParams
@@ -37,6 +25,18 @@ from kv_transfer import (
     TransferTable,
 )
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from protos.contract import DECODE, finish_to_proto
+from worker.convert import (
+    PeerFailure,
+    layout_to_proto,
+    logprobs_from_proto,
+    logprobs_to_proto,
+    sampling_from_proto,
+    status_for,
+)
+from worker.metrics import handoff, handoff_failed
+from worker.runtime import WorkerRuntime
+from worker.service import WorkerService
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,9 @@ async def _drain_inbound_writes() -> None:
         await asyncio.sleep(DRAIN_STEP_S)
 
 
-class DecodeServicer(decode_pb2_grpc.DecodeServicer):
+class DecodeServicer(WorkerService, decode_pb2_grpc.DecodeServicer):
     def __init__(self, runtime: WorkerRuntime) -> None:
+        super().__init__(runtime, DECODE, self._responses, _failure)
         self.rt = runtime
         self.receivers: TransferTable[KVReceiver] = TransferTable()
         self.transfer_of: dict[str, int] = {}  # request id -> transfer id, while it waits
@@ -130,21 +131,6 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 yield msg
         except Exception as exc:
             await context.abort(*_failure(request.request.request_id, exc))
-
-    async def Session(
-        self,
-        request_iterator: AsyncIterator[decode_pb2.SessionRequest],
-        context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[decode_pb2.SessionResponse]:
-        # grpc.aio takes a streaming handler only as an async generator function.
-        async for frame in self.serve_session(request_iterator):
-            yield frame
-
-    def serve_session(
-        self, frames: AsyncIterator[decode_pb2.SessionRequest]
-    ) -> AsyncGenerator[decode_pb2.SessionResponse, None]:
-        """The reply frames of one ``Decode.Session``, on either server."""
-        return session.serve(frames, self._responses, _failure, session.DECODE)
 
     async def _responses(
         self, request: decode_pb2.DecodeRequest
@@ -351,13 +337,3 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             receiver.fail(_ABORTED)
             return common_pb2.AbortResponse(request_id=request.request_id, found=True)
         return await self.rt.abort(request)
-
-    async def GetLoad(
-        self, request: common_pb2.LoadRequest, context: grpc.aio.ServicerContext
-    ) -> common_pb2.LoadReport:
-        return await self.rt.load(request)
-
-    async def GetInfo(
-        self, request: common_pb2.WorkerInfoRequest, context: grpc.aio.ServicerContext
-    ) -> common_pb2.WorkerInfo:
-        return self.rt.info(request)

@@ -42,7 +42,7 @@ class KVLayout:
     num_kv_heads: int
     head_dim: int
     v_head_dim: int | None = None
-    # The weights' identity (see decode_worker.convert.weights_identity): KV computed with
+    # The weights' identity (see worker.convert.weights_identity): KV computed with
     # other weights is other KV, so it belongs in the fingerprint. "": not stated.
     weights: str = ""
 

@@ -10,20 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import replace
 
 import grpc
 
-from decode_worker import session
-from decode_worker.convert import (
-    layout_from_proto,
-    logprobs_to_proto,
-    sampling_from_proto,
-    status_for,
-)
-from decode_worker.metrics import handoff, handoff_failed
-from decode_worker.runtime import WorkerRuntime
 from engine.engine import StepOutput
 from kv_transfer import (
     Destination,
@@ -40,7 +30,18 @@ from kv_transfer import (
     build_write_batch,
     check_compatible,
 )
-from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from protos import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from protos.contract import PREFILL
+from worker import session
+from worker.convert import (
+    layout_from_proto,
+    logprobs_to_proto,
+    sampling_from_proto,
+    status_for,
+)
+from worker.metrics import handoff, handoff_failed
+from worker.runtime import WorkerRuntime
+from worker.service import WorkerService
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,9 @@ def _failure(request_id: str, exc: BaseException) -> tuple[grpc.StatusCode, str]
     return code, str(exc)
 
 
-class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
+class PrefillServicer(WorkerService, prefill_pb2_grpc.PrefillServicer):
     def __init__(self, runtime: WorkerRuntime) -> None:
+        super().__init__(runtime, PREFILL, session.one_reply(self._prefill), _failure)
         if runtime.transfer is None or len(runtime.pools) != 1:
             raise ValueError(
                 "a prefill worker needs a transfer engine and one registered KV pool "
@@ -133,22 +135,6 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         except Exception as exc:
             await context.abort(*_failure(request.request.request_id, exc))
             raise  # context.abort raises; this is for type checkers
-
-    async def Session(
-        self,
-        request_iterator: AsyncIterator[prefill_pb2.PrefillSessionRequest],
-        context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[prefill_pb2.PrefillSessionResponse]:
-        # grpc.aio takes a streaming handler only as an async generator function.
-        async for frame in self.serve_session(request_iterator):
-            yield frame
-
-    def serve_session(
-        self, frames: AsyncIterator[prefill_pb2.PrefillSessionRequest]
-    ) -> AsyncGenerator[prefill_pb2.PrefillSessionResponse, None]:
-        """The reply frames of one ``Prefill.Session``, on either server."""
-        respond = session.one_reply(self._prefill)
-        return session.serve(frames, respond, _failure, session.PREFILL)
 
     async def _prefill(self, request: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillResponse:
         """Prefill, sample the first token, write the pages; raises what failed it."""
@@ -245,18 +231,3 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                     f"{dest.transfer_id}: {exc.code().name} {exc.details()}"
                 ) from exc
             log.warning("could not tell %s that transfer %s failed", dest.decode_endpoint, dest)
-
-    async def Abort(
-        self, request: common_pb2.AbortRequest, context: grpc.aio.ServicerContext
-    ) -> common_pb2.AbortResponse:
-        return await self.rt.abort(request)
-
-    async def GetLoad(
-        self, request: common_pb2.LoadRequest, context: grpc.aio.ServicerContext
-    ) -> common_pb2.LoadReport:
-        return await self.rt.load(request)
-
-    async def GetInfo(
-        self, request: common_pb2.WorkerInfoRequest, context: grpc.aio.ServicerContext
-    ) -> common_pb2.WorkerInfo:
-        return self.rt.info(request)

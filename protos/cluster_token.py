@@ -5,7 +5,7 @@ destinations, or abort other clients' requests. With ``PDSERVE_CLUSTER_TOKEN`` (
 ``--cluster-token-file``) set on the router and every worker, each call carries the token in
 the ``x-pdserve-token`` metadata and the workers refuse calls without it (UNAUTHENTICATED),
 on the grpcio server (``TokenServerInterceptor``) and on the session listener
-(``decode_worker.session_server``). ``grpc.health.v1`` stays open for probes. The token is
+(``worker.session_server``). ``grpc.health.v1`` stays open for probes. The token is
 compared in constant time. It authenticates; it does not encrypt: on a network others can
 read, add mutual TLS (``protos.cluster_tls``, ``--tls-dir``) or keep the cluster on a private
 network (README: threat model).

@@ -29,11 +29,11 @@ from typing import Any
 import aiohttp
 import orjson
 
+from protos.contract import ROLES
 from router.auth import FailedAttempts, KeyCheck, peer_address
 from router.errors import RequestError, invalid
 from router.http import Connection, Request, Response, Routes
 from router.workers import (
-    ROLES,
     SOURCE_ADMIN,
     WorkerPool,
     WorkerRefused,

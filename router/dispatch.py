@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import secrets
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import replace
@@ -35,14 +34,11 @@ from router.session import RequestStream, Session
 log = logging.getLogger(__name__)
 
 
-# Transfer ids need to be unique, not secret: a generator seeded once from the OS.
-_TRANSFER_IDS = random.Random(secrets.randbits(128))
-
-
 def new_transfer_id() -> int:
-    """A random non-zero 63-bit id (0 means "colocated")."""
+    """A random non-zero 63-bit id (0 means "colocated"), drawn from the OS each time: no
+    generator state shared by everything in the process."""
     while True:
-        tid = _TRANSFER_IDS.getrandbits(63)
+        tid = secrets.randbits(63)
         if tid:
             return tid
 

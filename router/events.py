@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import grpc
 
 from protos import common_pb2
+from protos.contract import finish_from_proto
 from router.errors import RequestError
 from router.protocol import Sampling
 
@@ -65,11 +66,6 @@ _RETRYABLE = frozenset(
         grpc.StatusCode.UNKNOWN,
     }
 )
-_FINISH = {
-    common_pb2.FINISH_REASON_STOP: "stop",
-    common_pb2.FINISH_REASON_LENGTH: "length",
-    common_pb2.FINISH_REASON_ABORT: "abort",
-}
 
 
 class WorkerError(RequestError):
@@ -128,7 +124,7 @@ def event_from_proto(msg: common_pb2.GenerateResponse, endpoint: str) -> WorkerE
     if kind == "complete":
         c = msg.complete
         return Finished(
-            reason=_FINISH.get(c.finish_reason, "stop"),
+            reason=finish_from_proto(c.finish_reason),
             prompt_tokens=c.prompt_tokens,
             completion_tokens=c.completion_tokens,
             cached_tokens=c.cached_tokens,

@@ -3,7 +3,7 @@ whose record vanishes (expired: the worker stopped refreshing it; or deleted) le
 
 Workers write ``PREFIX:worker:<endpoint>`` = a JSON record (endpoint, role, model, KV layout
 fingerprint, context length, pages, draining) with a TTL and rewrite it every TTL/3
-(``decode_worker.registry``). The watcher polls: every ``poll_interval_s`` it SCANs the prefix
+(``worker.registry``). The watcher polls: every ``poll_interval_s`` it SCANs the prefix
 and GETs the records. Polling is simple and survives anything (Redis restarts, lost
 connections, keys written while nobody listened) where keyspace notifications would not.
 
@@ -32,9 +32,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from protos.contract import ROLES
 from router.errors import short
 from router.workers import (
-    ROLES,
     SOURCE_REGISTRY,
     WorkerPool,
     WorkerRefused,
@@ -95,7 +95,7 @@ class RegistryConfig:
 
 @dataclass(frozen=True)
 class RegistryRecord:
-    """The JSON a worker writes (``decode_worker.registry.WorkerRecord``); unknown fields are
+    """The JSON a worker writes (``worker.registry.WorkerRecord``); unknown fields are
     ignored so that workers may add some."""
 
     endpoint: str

@@ -16,13 +16,12 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any, Generic, TypeVar
 
 import grpc
 
-from protos import common_pb2, decode_pb2, prefill_pb2
+from protos.contract import SessionMethod
 from router.events import WorkerError
 
 log = logging.getLogger(__name__)
@@ -83,35 +82,6 @@ class RequestStream(Generic[Reply]):
             session._forget(self)
 
 
-@dataclass(frozen=True)
-class SessionKind(Generic[Submit, Reply]):
-    """The frame types of one kind of session."""
-
-    path: str  # the gRPC method
-    parse: Callable[[bytes], Any]  # a reply frame's bytes -> the frame
-    frame: Callable[[list[Submit], list[str]], Any]  # (submits, aborts) -> request frame
-    replies: Callable[[Any], Iterable[Reply]]  # reply frame -> its replies
-    ends: Callable[[Reply], bool]  # whether a reply is its request's last
-
-
-# Decode.Session: a request's chunks, then its Complete or Error.
-DECODE: SessionKind[decode_pb2.DecodeRequest, common_pb2.GenerateResponse] = SessionKind(
-    path="/pdserve.Decode/Session",
-    parse=decode_pb2.SessionResponse.FromString,
-    frame=lambda submits, aborts: decode_pb2.SessionRequest(submit=submits, abort=aborts),
-    replies=lambda frame: frame.responses,
-    ends=lambda reply: reply.WhichOneof("response") != "chunk",
-)
-# Prefill.Session: one reply per request, its answer or its error.
-PREFILL: SessionKind[prefill_pb2.PrefillRequest, prefill_pb2.PrefillReply] = SessionKind(
-    path="/pdserve.Prefill/Session",
-    parse=prefill_pb2.PrefillSessionResponse.FromString,
-    frame=lambda submits, aborts: prefill_pb2.PrefillSessionRequest(submit=submits, abort=aborts),
-    replies=lambda frame: frame.replies,
-    ends=lambda reply: True,
-)
-
-
 # A frame stays under this many bytes (unless one request is larger): gRPC servers refuse
 # messages over 4 MiB unless configured otherwise, and a refused frame breaks the session.
 FRAME_BYTES = 2 << 20
@@ -133,15 +103,11 @@ def _parts(submits: list[Submit]) -> Iterable[list[Submit]]:
     return parts
 
 
-def _request_id(request: Any) -> str:
-    return str(request.request.request_id)  # DecodeRequest and PrefillRequest alike
-
-
 class Session(Generic[Submit, Reply]):
     """A session call (``stub.Session()``, or a ``router.grpc_stream.StreamCall``) and the
     requests it carries. Broken sessions stay broken."""
 
-    def __init__(self, call: Any, endpoint: str, kind: SessionKind[Submit, Reply]) -> None:
+    def __init__(self, call: Any, endpoint: str, kind: SessionMethod[Submit, Reply]) -> None:
         self.endpoint = endpoint
         self.kind = kind
         self.loop = asyncio.get_running_loop()  # asked once: each call costs a getpid()
@@ -163,7 +129,7 @@ class Session(Generic[Submit, Reply]):
 
     def open(self, request: Submit) -> RequestStream[Reply]:
         """Send ``request`` with the next frame; its messages come through the stream."""
-        rid = _request_id(request)
+        rid = self.kind.request_id(request)
         stream: RequestStream[Reply] = RequestStream(self, rid)
         if self.error is not None:
             stream._fail(self.error)
@@ -183,7 +149,7 @@ class Session(Generic[Submit, Reply]):
                 return
             # Not sent yet: drop it rather than send it and its abort.
             for i, request in enumerate(self._submits):
-                if _request_id(request) == rid:
+                if self.kind.request_id(request) == rid:
                     del self._submits[i]
                     return
             self._aborts.append(rid)

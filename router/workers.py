@@ -31,6 +31,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import cluster_token, common_pb2, decode_pb2_grpc, prefill_pb2_grpc
+from protos.contract import DECODE, PREFILL, ROLE_COLOCATED, ROLE_DECODE, ROLE_PREFILL, ROLES
 from router import dispatch, resilience
 from router.events import WorkerError, WorkerEvent, WorkerRequest
 from router.grpc_stream import StreamCall
@@ -40,14 +41,9 @@ from router.metrics import RouterMetrics, WorkerSample
 from router.policy import Policy, RoundRobin
 from router.prompts import ModelInfo
 from router.resilience import NoUsableWorker, RetryConfig
-from router.session import DECODE, PREFILL, Session
+from router.session import Session
 
 log = logging.getLogger(__name__)
-
-ROLE_COLOCATED = "null"
-ROLE_PREFILL = "prefill"
-ROLE_DECODE = "decode"
-ROLES = (ROLE_COLOCATED, ROLE_PREFILL, ROLE_DECODE)
 
 SOURCE_STATIC = "static"  # --worker / --prefill / --decode
 SOURCE_REGISTRY = "registry"  # a record under --registry-prefix in Redis
@@ -272,7 +268,7 @@ class WorkerClient:
             kind = PREFILL if self.role == ROLE_PREFILL else DECODE
             if self._transport == "native":
                 call = StreamCall(
-                    self.session_endpoint, kind.path, kind.parse, self._keepalive_s,
+                    self.session_endpoint, kind.path, kind.parse_reply, self._keepalive_s,
                     token=self._token, tls=self._tls,
                 )  # fmt: skip
             elif kind is PREFILL:

@@ -9,16 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from cluster.local import ChildFailed, LocalClusterSpec, _start, _wait_ready, worker_argvs
-from decode_worker.server import build_parser as worker_parser
+from cluster.local import ChildFailed, LocalClusterSpec, start_child, wait_ready, worker_argvs
+from decode_worker import MODES as DECODE_MODES
 from router.config import build_parser as router_parser
+from worker.args import build_parser as worker_parser
 
 
 def test_help_shows_defaults() -> None:
     router = " ".join(router_parser().format_help().split())
     assert "--max-body-bytes MAX_BODY_BYTES (default: 8388608)" in router
     assert "--max-sequences-per-request" in router and "(default: 256)" in router
-    worker = " ".join(worker_parser("decode").format_help().split())
+    worker = " ".join(worker_parser(DECODE_MODES).format_help().split())
     assert "--transfer-timeout TRANSFER_TIMEOUT seconds (default: 30.0)" in worker
     assert "--page-size PAGE_SIZE (default: 16)" in worker
 
@@ -46,9 +47,9 @@ def test_failed_child_shows_its_error_and_log_and_old_logs_are_kept(tmp_path: Pa
     script = "import sys; print('ValueError: --model-path /nowhere has no config.json', "
     script += "file=sys.stderr); sys.exit(2)"
     for run in range(3):
-        child = _start("prefill-0", ["-c", script], env, tmp_path)
+        child = start_child("prefill-0", ["-c", script], env, tmp_path)
         with pytest.raises(ChildFailed) as info:
-            _wait_ready(child, timeout_s=30)
+            wait_ready(child, timeout_s=30)
         message = str(info.value)
         assert "prefill-0" in message and str(tmp_path / "prefill-0.log") in message, message
         assert "--model-path /nowhere has no config.json" in message

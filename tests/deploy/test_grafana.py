@@ -17,8 +17,8 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from cluster.metrics import GroupSample
 from cluster.metrics import app as controller_app
-from decode_worker.metrics import WorkerMetrics
 from router.metrics import RouterMetrics, WorkerSample
+from worker.metrics import WorkerMetrics
 
 GRAFANA = Path(__file__).resolve().parents[2] / "deploy" / "grafana"
 METRIC = re.compile(r"(pdserve:[A-Za-z0-9_:]+)(\{[^}]*\})?")

@@ -76,7 +76,7 @@ def test_alerts_name_exported_metrics() -> None:
 def test_worker_metrics_keep_their_names_when_prometheus_asks_for_openmetrics() -> None:
     """Prometheus asks for OpenMetrics first; a worker answers in the text format, whose
     sample names keep their `:` (prometheus-client 0.26's OpenMetrics writes `_`)."""
-    from decode_worker.metrics import WorkerMetrics
+    from worker.metrics import WorkerMetrics
 
     port = WorkerMetrics("decode", "w:1", "m").serve("127.0.0.1", 0)
     accept = (

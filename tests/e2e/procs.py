@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cluster.local import Child, _start, _wait_ready, stop_child
+from cluster.local import Child, start_child, stop_child, wait_ready
 
 WORKER_FLAGS = ("--max-total-tokens", "4096", "--transfer-timeout", "3")
 
@@ -20,9 +20,9 @@ def worker(
     module = "prefill_worker" if role == "prefill" else "decode_worker"
     args = ["-m", module, "--disaggregation-mode", role, "--model-path", str(model_dir),
             "--host", "127.0.0.1", "--port", "0", *WORKER_FLAGS, *extra]  # fmt: skip
-    child = _start(f"{role}-worker", args, {**os.environ, "PYTHONUNBUFFERED": "1"}, log_dir)
+    child = start_child(f"{role}-worker", args, {**os.environ, "PYTHONUNBUFFERED": "1"}, log_dir)
     try:
-        ready = _wait_ready(child, timeout_s=120)
+        ready = wait_ready(child, timeout_s=120)
         yield child, str(ready["endpoint"])
     finally:
         stop_child(child)

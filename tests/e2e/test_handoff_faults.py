@@ -207,7 +207,7 @@ def test_weights_identity(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     """Same files, same identity; another checkpoint, a resized shard or dummy weights, not."""
     import shutil
 
-    from decode_worker.convert import weights_identity
+    from worker.convert import weights_identity
 
     qwen = tiny_models[MODEL]
     same = weights_identity(str(qwen), "auto", 0)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from decode_worker.registry import WorkerRecord
 from tests.e2e.procs import worker
 from tests.redis_server import RedisServer
+from worker.registry import WorkerRecord
 
 
 @pytest.fixture
@@ -101,7 +101,7 @@ def test_embedded_redis_serves_on_a_network_address(tmp_path: Path) -> None:
 
     import redis
 
-    from cluster.actors import _wait_redis, redis_argv
+    from cluster.actors import redis_argv, wait_redis
     from tests.redis_server import free_port
 
     address = _network_address()
@@ -110,7 +110,7 @@ def test_embedded_redis_serves_on_a_network_address(tmp_path: Path) -> None:
     argv = redis_argv(address, free_port(), str(tmp_path), secrets.token_hex(16))
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
     try:
-        url = _wait_redis(argv, proc, timeout_s=10)
+        url = wait_redis(argv, proc, timeout_s=10)
         client = redis.Redis.from_url(url, socket_timeout=2)
         client.set("k", "v")
         assert client.get("k") == b"v"

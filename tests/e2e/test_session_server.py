@@ -1,4 +1,4 @@
-"""The workers' session listener (``decode_worker.session_server``) called by a grpcio client:
+"""The workers' session listener (``worker.session_server``) called by a grpcio client:
 it is plain gRPC, whoever calls it. (The router's own client against it is in
 ``tests/router/test_grpc_stream.py``; real workers behind a router use it in every router
 end-to-end test.)"""
@@ -12,8 +12,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 import grpc
 import pytest
 
-from decode_worker.session_server import Method, SessionServer
 from protos import common_pb2, decode_pb2, h2
+from worker.session_server import Method, SessionServer
 
 PATH = "/pdserve.Decode/Session"
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from cluster.local import Child, _wait_ready, stop_child
+from cluster.local import Child, stop_child, wait_ready
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.sampling import SamplingParams
@@ -95,7 +95,7 @@ def k8s_shaped(
             stderr=(tmp / "router.log").open("w"),
         )  # fmt: skip
         router = Child("router", proc)
-        url = str(_wait_ready(router, 120)["url"])
+        url = str(wait_ready(router, 120)["url"])
         yield {
             "url": url,
             "address": cluster.address,

@@ -18,9 +18,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from decode_worker import session
-from decode_worker.session_server import Method, SessionServer
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from protos.contract import DECODE, PREFILL, SessionMethod
+from worker import session
+from worker.session_server import Method, SessionServer
 
 EOS = 2  # the tiny tokenizer's <|im_end|>
 TRANSFERS: dict[int, asyncio.Event] = {}
@@ -85,16 +86,16 @@ class FakeWorker:
     async def start_listener(self) -> None:
         """Serve sessions on a new port (``session_port``), as a worker does."""
         if self.role == "prefill":
-            kind, respond = session.PREFILL, session.one_reply(_Prefill(self)._prefill)
+            kind, respond = PREFILL, session.one_reply(_Prefill(self)._prefill)
         else:
-            kind, respond = session.DECODE, _Decode(self)._respond
+            kind, respond = DECODE, _Decode(self)._respond
 
         def serve(frames: AsyncIterator[Any]) -> AsyncGenerator[Any, None]:
             return _recorded(self, frames, respond, kind)
 
         self._sessions = SessionServer()
         self.session_port = await self._sessions.bind("127.0.0.1", 0)
-        self._sessions.add(kind.path, Method(kind.parse, serve))
+        self._sessions.add(kind.path, Method(kind.parse_request, serve))
         await self._sessions.start()
 
     async def stop_listener(self) -> None:
@@ -163,7 +164,7 @@ class Injected(Exception):
     def __init__(self, code: grpc.StatusCode, message: str, peer: str = "") -> None:
         super().__init__(message)
         self.code = code
-        self.peer = peer  # the worker to blame, as decode_worker.convert.PeerFailure
+        self.peer = peer  # the worker to blame, as worker.convert.PeerFailure
 
 
 def _failure(request_id: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -176,7 +177,7 @@ async def _recorded(
     w: FakeWorker,
     frames: AsyncIterator[Any],
     respond: Callable[[Any], AsyncIterator[Any]],
-    kind: session.Kind[Any, Any, Any, Any],
+    kind: SessionMethod[Any, Any],
 ) -> AsyncGenerator[Any, None]:
     """The worker's real session over the fake's replies, recording the aborts it gets."""
 
@@ -207,7 +208,7 @@ class _Decode(decode_pb2_grpc.DecodeServicer):
         request_iterator: AsyncIterator[decode_pb2.SessionRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[decode_pb2.SessionResponse]:
-        async for out in _recorded(self.w, request_iterator, self._respond, session.DECODE):
+        async for out in _recorded(self.w, request_iterator, self._respond, DECODE):
             yield out
 
     async def _respond(
@@ -296,7 +297,7 @@ class _Prefill(prefill_pb2_grpc.PrefillServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[prefill_pb2.PrefillSessionResponse]:
         respond = session.one_reply(self._prefill)
-        async for out in _recorded(self.w, request_iterator, respond, session.PREFILL):
+        async for out in _recorded(self.w, request_iterator, respond, PREFILL):
             yield out
 
     async def _prefill(self, request: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillResponse:

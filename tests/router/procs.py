@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import grpc
 
-from cluster.local import Child, _start, _wait_ready, stop_child
+from cluster.local import Child, start_child, stop_child, wait_ready
 from protos import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 
 
@@ -24,9 +24,9 @@ from protos import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 def router_process(model_dir: Path, *flags: str) -> Iterator[tuple[Child, str]]:
     """``python -m router --model-path DIR --port 0 FLAGS``, yielding (child, url)."""
     args = ["-m", "router", "--model-path", str(model_dir), "--port", "0", *flags]
-    child = _start("router", args, {**os.environ, "PYTHONUNBUFFERED": "1"}, None)
+    child = start_child("router", args, {**os.environ, "PYTHONUNBUFFERED": "1"}, None)
     try:
-        yield child, str(_wait_ready(child, timeout_s=60)["url"])
+        yield child, str(wait_ready(child, timeout_s=60)["url"])
     finally:
         stop_child(child)
 

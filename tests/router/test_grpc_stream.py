@@ -1,5 +1,5 @@
 """The router's own gRPC stream client (``router.grpc_stream``) against a grpcio server and
-against the workers' session listener (``decode_worker.session_server``)."""
+against the workers' session listener (``worker.session_server``)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from collections.abc import AsyncGenerator, AsyncIterator
 import grpc
 import pytest
 
-from decode_worker.session_server import Method, SessionServer
 from protos import common_pb2, decode_pb2, h2
 from router.grpc_stream import StreamCall
 from tests.router.conftest import run
+from worker.session_server import Method, SessionServer
 
 PATH = "/pdserve.Decode/Session"
 

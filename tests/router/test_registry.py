@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 
-from decode_worker.registry import WorkerRecord
 from router.config import RouterConfig
 from router.health import HealthConfig
 from router.registry import RegistryConfig, RegistryRecord
@@ -29,6 +28,7 @@ from tests.redis_server import RedisServer
 from tests.router.conftest import RouterUnderTest, router_for, run
 from tests.router.fake_worker import FakeWorker
 from tests.router.procs import call, metric, router_process, wait_until
+from worker.registry import WorkerRecord
 
 KEY = "k"
 AUTH = {"Authorization": f"Bearer {KEY}"}

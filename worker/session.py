@@ -13,20 +13,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 import grpc
 
-from protos import common_pb2, decode_pb2, prefill_pb2
+from protos import common_pb2, prefill_pb2
+from protos.contract import SessionMethod
 
 log = logging.getLogger(__name__)
 
-InFrame = TypeVar("InFrame")
 Request = TypeVar("Request")
 Item = TypeVar("Item")
-OutFrame = TypeVar("OutFrame")
 
 Failure = Callable[[str, BaseException], tuple[grpc.StatusCode, str]]
 
@@ -37,39 +35,6 @@ SERVER_OPTIONS = (
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
     ("grpc.http2.max_ping_strikes", 0),
-)
-
-
-@dataclass(frozen=True)
-class Kind(Generic[InFrame, Request, Item, OutFrame]):
-    """The message types of one kind of session."""
-
-    path: str  # the gRPC method
-    parse: Callable[[bytes], InFrame]  # a request frame's bytes -> the frame
-    submits: Callable[[InFrame], Iterable[Request]]
-    aborts: Callable[[InFrame], Iterable[str]]
-    request_id: Callable[[Request], str]
-    error: Callable[[str, common_pb2.Error], Item]  # a request's failure as a reply
-    frame: Callable[[list[Item]], OutFrame]
-
-
-DECODE: Kind[Any, Any, Any, Any] = Kind(
-    path="/pdserve.Decode/Session",
-    parse=decode_pb2.SessionRequest.FromString,
-    submits=lambda f: f.submit,
-    aborts=lambda f: f.abort,
-    request_id=lambda r: r.request.request_id,
-    error=lambda rid, e: common_pb2.GenerateResponse(request_id=rid, error=e),
-    frame=lambda items: decode_pb2.SessionResponse(responses=items),
-)
-PREFILL: Kind[Any, Any, Any, Any] = Kind(
-    path="/pdserve.Prefill/Session",
-    parse=prefill_pb2.PrefillSessionRequest.FromString,
-    submits=lambda f: f.submit,
-    aborts=lambda f: f.abort,
-    request_id=lambda r: r.request.request_id,
-    error=lambda rid, e: prefill_pb2.PrefillReply(request_id=rid, error=e),
-    frame=lambda items: prefill_pb2.PrefillSessionResponse(replies=items),
 )
 
 
@@ -105,11 +70,11 @@ class _Outbox(Generic[Item]):
 
 
 async def serve(
-    frames: AsyncIterator[InFrame],
+    frames: AsyncIterator[Any],
     respond: Callable[[Request], AsyncIterator[Item]],
     failure: Failure,
-    kind: Kind[InFrame, Request, Item, OutFrame],
-) -> AsyncGenerator[OutFrame, None]:
+    kind: SessionMethod[Request, Item],
+) -> AsyncGenerator[Any, None]:
     """The reply frames of one session. ``respond`` raises what fails a request;
     ``failure`` turns that into the status and message its error reply carries."""
     outbox: _Outbox[Item] = _Outbox()
@@ -125,7 +90,7 @@ async def serve(
             async for msg in respond(request):
                 outbox.put(msg)
         except Exception as exc:
-            # A failure caused by another worker names it (decode_worker.convert.PeerFailure).
+            # A failure caused by another worker names it (worker.convert.PeerFailure).
             peer = getattr(exc, "peer", "")
             error(rid, *failure(rid, exc), peer if isinstance(peer, str) else "")
         finally:
@@ -159,7 +124,7 @@ async def serve(
             await outbox.ready.wait()
             outbox.ready.clear()
             if outbox.items:
-                yield kind.frame(outbox.take())
+                yield kind.reply_frame(outbox.take())
             if reader.done() and not running:
                 # The router closed its side and every request it sent has ended.
                 if not reader.cancelled() and reader.exception() is not None:

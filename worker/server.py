@@ -1,6 +1,7 @@
 """Starts a worker process: engine, KV pool registered with the transfer engine, gRPC server
 with the standard health service. Both `python -m decode_worker` and `python -m prefill_worker`
-come here; `--disaggregation-mode` picks the role.
+come here, each with its ``WorkerRole`` (its servicer); `--disaggregation-mode` picks among
+the modes that role serves.
 """
 
 from __future__ import annotations
@@ -13,22 +14,15 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from decode_worker import session
-from decode_worker.convert import engine_layout
-from decode_worker.metrics import WorkerMetrics
-from decode_worker.ranks import free_port, join_instance, start_children
-from decode_worker.registry import DEFAULT_PREFIX, RedisRegistration, WorkerRecord
-from decode_worker.runtime import ROLES, WorkerRuntime, WorkerSettings
-from decode_worker.servicer import DecodeServicer
-from decode_worker.session_server import Method, SessionServer
 from engine.async_engine import AsyncEngine
-from engine.cli import add_engine_args, engine_config_from_args
+from engine.cli import engine_config_from_args
 from engine.device import resolve_device
 from engine.engine import Engine
 from engine.parallel import ParallelConfig, init_process_group
@@ -37,98 +31,30 @@ from kv_transfer import (
     create_transfer_engine,
 )
 from kv_transfer import faults as transfer_faults
-from prefill_worker.servicer import PrefillServicer
-from protos import (
-    cluster_tls,
-    cluster_token,
-    decode_pb2,
-    decode_pb2_grpc,
-    prefill_pb2,
-    prefill_pb2_grpc,
-)
+from protos import cluster_tls, cluster_token
+from protos.contract import ROLE_COLOCATED
+from worker import session
+from worker.args import build_parser, configure_mooncake, model_name
+from worker.convert import engine_layout
+from worker.metrics import WorkerMetrics
+from worker.ranks import free_port, join_instance, start_children
+from worker.registry import RedisRegistration, WorkerRecord
+from worker.runtime import WorkerRuntime, WorkerSettings
+from worker.service import WorkerService, add_service
+from worker.session_server import SessionServer
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = {
-    "prefill": prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name,
-    "decode": decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name,
-}
 
+@dataclass(frozen=True)
+class WorkerRole:
+    """What a role package gives the shared start-up."""
 
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` shows every option's default, options written without help text too."""
-
-    def _format_action(self, action: argparse.Action) -> str:
-        if action.help is None and action.option_strings and _shown(action.default):
-            action.help = "(default: %(default)s)"  # argparse lists only actions with help
-        return super()._format_action(action)
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
-        if "%(default)" in text or not _shown(action.default):
-            return text
-        return f"{text} (default: %(default)s)"
-
-
-def _shown(default: object) -> bool:
-    return default not in (None, False, argparse.SUPPRESS, [], ())
-
-
-def build_parser(default_role: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=f"pdserve worker (default role {default_role})",
-        formatter_class=DefaultsHelpFormatter,
-    )
-    add_engine_args(parser)
-    g = parser.add_argument_group("worker")
-    g.add_argument("--host", default="127.0.0.1", help="address to bind and advertise")
-    g.add_argument("--port", type=int, default=0, help="gRPC port (0: pick a free one)")
-    g.add_argument(
-        "--session-port", type=int, default=0,
-        help="port of the session listener, which serves routers' session streams without "
-        "grpc.aio (0: pick a free one; -1: none, sessions on --port only)",
-    )  # fmt: skip
-    g.add_argument("--disaggregation-mode", default=default_role, choices=ROLES)
-    g.add_argument("--served-model-name", help="model name clients use (default: dir name)")
-    g.add_argument("--transfer-backend", default="mooncake")
-    g.add_argument("--transfer-timeout", type=float, default=30.0, help="seconds")
-    g.add_argument(
-        "--kv-quarantine-timeout", type=float, default=300.0,
-        help="seconds the pages of a transfer given up on stay out of use while the prefill "
-        "worker cannot be reached to confirm that it writes them no more",
-    )  # fmt: skip
-    g.add_argument(
-        "--cluster-token-file",
-        help=f"file whose first line is the token calls to and from this worker carry (or "
-        f"{cluster_token.ENV}); calls without it are refused, health checks excepted",
-    )
-    g.add_argument(
-        "--tls-dir",
-        help=f"directory with ca.crt, tls.crt and tls.key (or {cluster_tls.ENV}): serve and call "
-        "peers over mutual TLS; callers need a certificate of the same CA (`make certs`)",
-    )
-    g.add_argument("--registry", help="register in this Redis (redis://host:port/db)")
-    g.add_argument("--registry-prefix", default=DEFAULT_PREFIX)
-    g.add_argument("--registry-ttl", type=float, default=10.0, help="seconds")
-    g.add_argument(
-        "--drain-timeout", type=float, default=60.0,
-        help="on SIGTERM, seconds to let in-flight requests finish",
-    )  # fmt: skip
-    g.add_argument(
-        "--dist-init-addr",
-        help="host:port where the instance's ranks meet; given when a launcher starts ranks "
-        "1..N-1 itself (python -m decode_worker.ranks), otherwise rank 0 starts them",
-    )
-    g.add_argument("--metrics-port", type=int, default=0, help="/metrics port (0: pick one)")
-    g.add_argument(
-        "--expert-metrics-interval", type=float, default=10.0,
-        help="seconds between expert-load readings (expert parallelism only; 0: never)",
-    )  # fmt: skip
-    g.add_argument(
-        "--enable-eplb", action="store_true",
-        help="rebalance experts at every expert-load reading",
-    )  # fmt: skip
-    return parser
+    modes: tuple[str, ...]  # the --disaggregation-mode values it serves, its default first
+    servicer: Callable[[WorkerRuntime], WorkerService]  # its gRPC service, on the runtime
+    # `python -m` this runs ranks 1..N-1 of an expert-parallel instance (worker.ranks.main);
+    # None: the role runs one rank only.
+    ranks_module: str | None = None
 
 
 async def drain(engine: AsyncEngine, timeout_s: float) -> None:
@@ -144,32 +70,24 @@ async def drain(engine: AsyncEngine, timeout_s: float) -> None:
         await asyncio.sleep(0.1)
 
 
-def configure_mooncake(transfer_timeout_s: float) -> None:
-    """Mooncake reads these once, when the first engine starts."""
-    os.environ.setdefault("MC_LOG_LEVEL", "WARNING")
-    # A write to a peer that stopped answering must fail before the decode side gives up on
-    # the transfer and reuses its pages.
-    os.environ.setdefault("MC_TCP_PROGRESS_TIMEOUT_SEC", str(max(1, int(transfer_timeout_s / 2))))
-
-
-async def serve(args: argparse.Namespace, argv: list[str]) -> None:
+async def serve(worker_role: WorkerRole, args: argparse.Namespace, argv: list[str]) -> None:
     role = args.disaggregation_mode
     config = engine_config_from_args(args)
-    model_name = args.served_model_name or Path(config.model_path).name
+    model = model_name(args, config)
     children = []
     if config.ep_size > 1:
-        if role == "prefill":
-            raise SystemExit("expert parallelism on the prefill side is not supported yet")
+        if worker_role.ranks_module is None:
+            raise SystemExit(f"expert parallelism on the {role} side is not supported yet")
         if args.dist_init_addr:
             master = args.dist_init_addr  # ranks 1..N-1 are started by the launcher (Ray)
         else:
             master = f"{args.host}:{free_port(args.host)}"
-            children = start_children(argv, config.ep_size, master)
+            children = start_children(worker_role.ranks_module, argv, config.ep_size, master)
         parallel = ParallelConfig(config.ep_size, 0, config.ep_num_redundant_experts)
         init_process_group(parallel, resolve_device(config.device), master)
     engine = Engine(config)
     transfer: TransferEngine | None = None
-    if role != "null":
+    if role != ROLE_COLOCATED:
         configure_mooncake(args.transfer_timeout)
         transfer = create_transfer_engine(args.transfer_backend, hostname=args.host)
         faults = os.environ.get(transfer_faults.ENV)
@@ -179,7 +97,7 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
             transfer = transfer_faults.FaultyTransferEngine(
                 transfer, transfer_faults.TransferFaults.parse(faults)
             )
-    ranks = join_instance(engine, transfer, model_name) or []
+    ranks = join_instance(engine, transfer, model) or []
 
     token, tls = args.cluster_token, args.cluster_tls  # read by main()
     server = grpc.aio.server(
@@ -194,7 +112,7 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
     session_port = 0 if args.session_port < 0 else await sessions.bind(args.host, args.session_port)
     settings = WorkerSettings(
         role=role,
-        model_name=model_name,
+        model_name=model,
         endpoint=f"{args.host}:{port}",
         session_port=session_port,
         transfer_timeout_s=args.transfer_timeout,
@@ -203,28 +121,18 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
         cluster_tls=tls,
     )
     async_engine = AsyncEngine(engine)
-    metrics = WorkerMetrics(role, settings.endpoint, model_name)
+    metrics = WorkerMetrics(role, settings.endpoint, model)
     metrics_port = metrics.serve(args.host, args.metrics_port)
     runtime = WorkerRuntime(
         settings,
         async_engine,
-        engine_layout(engine, model_name),
+        engine_layout(engine, model),
         transfer,
         [r.pool for r in ranks],
         [r.session_id for r in ranks],
         metrics,
     )
-    served = []
-    if role in ("decode", "null"):
-        decode = DecodeServicer(runtime)
-        decode_pb2_grpc.add_DecodeServicer_to_server(decode, server)
-        sessions.add(session.DECODE.path, Method(session.DECODE.parse, decode.serve_session))
-        served.append(SERVICE_NAMES["decode"])
-    if role == "prefill":
-        prefill = PrefillServicer(runtime)
-        prefill_pb2_grpc.add_PrefillServicer_to_server(prefill, server)
-        sessions.add(session.PREFILL.path, Method(session.PREFILL.parse, prefill.serve_session))
-        served.append(SERVICE_NAMES["prefill"])
+    served = [add_service(worker_role.servicer(runtime), server, sessions)]
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
 
@@ -239,7 +147,7 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
         record = WorkerRecord(
             endpoint=settings.endpoint,
             role=role,
-            model=model_name,
+            model=model,
             fingerprint=runtime.layout.fingerprint,
             context_length=engine.context_length,
             total_pages=engine.pool.num_pages,
@@ -255,7 +163,7 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
                 "role": role,
                 "endpoint": settings.endpoint,
                 "session_port": session_port,
-                "model": model_name,
+                "model": model,
                 "kv_pages": engine.pool.num_pages,
                 "metrics": f"http://{args.host}:{metrics_port}/metrics",
                 "ep_size": config.ep_size,
@@ -300,18 +208,18 @@ async def serve(args: argparse.Namespace, argv: list[str]) -> None:
     await runtime.close()
 
 
-def main(default_role: str, argv: list[str] | None = None) -> int:
+def main(worker_role: WorkerRole, argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(default_role).parse_args(argv)
+    args = build_parser(worker_role.modes).parse_args(argv)
     try:  # a misconfiguration is one line with its fix, not a traceback
         args.cluster_token = cluster_token.load(args.cluster_token_file)
         args.cluster_tls = cluster_tls.ClusterTls.load(args.tls_dir)
     except ValueError as exc:
         raise SystemExit(f"worker cannot start: {exc}") from None
-    asyncio.run(serve(args, argv))
+    asyncio.run(serve(worker_role, args, argv))
     return 0

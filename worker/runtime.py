@@ -10,16 +10,15 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from decode_worker.convert import layout_to_proto
-from decode_worker.metrics import WorkerMetrics
 from engine.async_engine import AsyncEngine
 from kv_transfer import KVLayout, KVPoolDescriptor, TransferEngine
 from protos import cluster_token, common_pb2
 from protos.cluster_tls import ClusterTls
+from protos.contract import ROLES
+from worker.convert import layout_to_proto
+from worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
-
-ROLES = ("prefill", "decode", "null")
 
 
 @dataclass(frozen=True)
@@ -27,7 +26,7 @@ class WorkerSettings:
     role: str
     model_name: str
     endpoint: str  # this worker's gRPC address as peers reach it
-    session_port: int = 0  # the session listener's (decode_worker.session_server); 0: none
+    session_port: int = 0  # the session listener's (worker.session_server); 0: none
     transfer_timeout_s: float = 30.0  # every waiting state of a KV transfer
     rpc_timeout_s: float = 10.0  # worker-to-worker unary calls
     # Pages a peer may still write stay out of use until it acknowledges a revocation, or at

@@ -12,7 +12,6 @@ from engine.engine import Engine
 from engine.sampler import TokenLogprobs
 from engine.sampling import SamplingParams
 from engine.scheduler import OutOfPagesError
-from engine.sequence import FinishReason
 from kv_transfer import KVLayout, LayoutMismatchError, TransferError
 from protos import common_pb2
 
@@ -25,13 +24,6 @@ class PeerFailure(TransferError):
     def __init__(self, message: str, peer: str) -> None:
         super().__init__(message)
         self.peer = peer
-
-
-_FINISH = {
-    FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
-    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
-    FinishReason.ABORT: common_pb2.FINISH_REASON_ABORT,
-}
 
 
 def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
@@ -63,12 +55,6 @@ def logprobs_from_proto(msg: common_pb2.TokenLogprobs, present: bool) -> TokenLo
     if not present:
         return None
     return TokenLogprobs(msg.logprob, tuple((t.token_id, t.logprob) for t in msg.top))
-
-
-def finish_to_proto(reason: FinishReason | None) -> common_pb2.FinishReason:
-    if reason is None:
-        return common_pb2.FINISH_REASON_UNSPECIFIED
-    return _FINISH[reason]
 
 
 def weights_identity(model_path: str, load_format: str, seed: int) -> str:

@@ -1,0 +1,106 @@
+"""The worker's command line, and what it sets up from it before the engine starts. Both
+roles' entry points and the ranks of an expert-parallel instance parse it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from engine.cli import add_engine_args
+from engine.config import EngineConfig
+from protos import cluster_tls, cluster_token
+from protos.contract import ROLES
+from worker.registry import DEFAULT_PREFIX
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every option's default, options written without help text too."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and action.option_strings and _shown(action.default):
+            action.help = "(default: %(default)s)"  # argparse lists only actions with help
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "%(default)" in text or not _shown(action.default):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _shown(default: object) -> bool:
+    return default not in (None, False, argparse.SUPPRESS, [], ())
+
+
+def build_parser(modes: Sequence[str] = ROLES) -> argparse.ArgumentParser:
+    """The worker's flags: the engine's and the worker's. ``modes``: the
+    ``--disaggregation-mode`` values the entry point serves, its default first."""
+    parser = argparse.ArgumentParser(
+        description=f"pdserve worker (default role {modes[0]})",
+        formatter_class=DefaultsHelpFormatter,
+    )
+    add_engine_args(parser)
+    g = parser.add_argument_group("worker")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind and advertise")
+    g.add_argument("--port", type=int, default=0, help="gRPC port (0: pick a free one)")
+    g.add_argument(
+        "--session-port", type=int, default=0,
+        help="port of the session listener, which serves routers' session streams without "
+        "grpc.aio (0: pick a free one; -1: none, sessions on --port only)",
+    )  # fmt: skip
+    g.add_argument("--disaggregation-mode", default=modes[0], choices=tuple(modes))
+    g.add_argument("--served-model-name", help="model name clients use (default: dir name)")
+    g.add_argument("--transfer-backend", default="mooncake")
+    g.add_argument("--transfer-timeout", type=float, default=30.0, help="seconds")
+    g.add_argument(
+        "--kv-quarantine-timeout", type=float, default=300.0,
+        help="seconds the pages of a transfer given up on stay out of use while the prefill "
+        "worker cannot be reached to confirm that it writes them no more",
+    )  # fmt: skip
+    g.add_argument(
+        "--cluster-token-file",
+        help=f"file whose first line is the token calls to and from this worker carry (or "
+        f"{cluster_token.ENV}); calls without it are refused, health checks excepted",
+    )
+    g.add_argument(
+        "--tls-dir",
+        help=f"directory with ca.crt, tls.crt and tls.key (or {cluster_tls.ENV}): serve and call "
+        "peers over mutual TLS; callers need a certificate of the same CA (`make certs`)",
+    )
+    g.add_argument("--registry", help="register in this Redis (redis://host:port/db)")
+    g.add_argument("--registry-prefix", default=DEFAULT_PREFIX)
+    g.add_argument("--registry-ttl", type=float, default=10.0, help="seconds")
+    g.add_argument(
+        "--drain-timeout", type=float, default=60.0,
+        help="on SIGTERM, seconds to let in-flight requests finish",
+    )  # fmt: skip
+    g.add_argument(
+        "--dist-init-addr",
+        help="host:port where the instance's ranks meet; given when a launcher starts ranks "
+        "1..N-1 itself (python -m decode_worker.ranks), otherwise rank 0 starts them",
+    )
+    g.add_argument("--metrics-port", type=int, default=0, help="/metrics port (0: pick one)")
+    g.add_argument(
+        "--expert-metrics-interval", type=float, default=10.0,
+        help="seconds between expert-load readings (expert parallelism only; 0: never)",
+    )  # fmt: skip
+    g.add_argument(
+        "--enable-eplb", action="store_true",
+        help="rebalance experts at every expert-load reading",
+    )  # fmt: skip
+    return parser
+
+
+def model_name(args: argparse.Namespace, config: EngineConfig) -> str:
+    """The model name clients use: ``--served-model-name``, else the model directory's name."""
+    return str(args.served_model_name or Path(config.model_path).name)
+
+
+def configure_mooncake(transfer_timeout_s: float) -> None:
+    """Mooncake reads these once, when the first engine starts."""
+    os.environ.setdefault("MC_LOG_LEVEL", "WARNING")
+    # A write to a peer that stopped answering must fail before the decode side gives up on
+    # the transfer and reuses its pages.
+    os.environ.setdefault("MC_TCP_PROGRESS_TIMEOUT_SEC", str(max(1, int(transfer_timeout_s / 2))))
