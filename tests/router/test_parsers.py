@@ -61,7 +61,8 @@ CALLS = [(WEATHER,), (NESTED, EMPTY), (EMPTY, WEATHER, NESTED)]
 def stream(parser: type[ToolCallParser], parts: list[str]) -> tuple[str, list[ToolCall], bool]:
     """Feed ``parts`` and rebuild what a client would: content, calls from their deltas."""
     p = parser()
-    content, calls, ids = "", {}, set()
+    content, ids = "", set()
+    calls: dict[int, list[str]] = {}
     for delta in [*(p.feed(part) for part in parts), p.finish()]:
         content += delta.content
         for d in delta.calls:
