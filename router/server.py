@@ -328,6 +328,7 @@ class _Handlers:
         self.r = router
         self.texts = TokenTexts(router.tokenizer)
         self.interval = router.config.stream_interval
+        self._special: dict[tuple[Any, Any], bool] = {}  # see _special_markers
 
     async def completions(self, request: Request, conn: Connection) -> Reply:
         timer = TokenTimer(self.r.metrics)
@@ -357,8 +358,9 @@ class _Handlers:
         tool_parser = self._tool_parser(req)
         prompt = await self._prepare(raw, lambda b: b.chat(req))
         output = self._chat_output(req, tool_parser, prompt)
+        skip = output is None or not self._special_markers(output)
         rid = _new_id("chatcmpl-")
-        specs = [_spec(rid, j, prompt, j, req.stream, self.interval) for j in range(req.n)]
+        specs = [_spec(rid, j, prompt, j, req.stream, self.interval, skip) for j in range(req.n)]
         renderer = R.ChatRenderer(
             rid, self.r.model.name, req.n, self.texts, req.sampling.logprobs, req.include_usage,
             output,
@@ -397,6 +399,21 @@ class _Handlers:
             raw, lambda b: b.tokenizer.decode(req.tokens, skip_special_tokens=False)
         )
         return _json({"prompt": text})
+
+    def _special_markers(self, output: ChatOutputFormat) -> bool:
+        """Whether a marker the parsers read is a special token of this tokenizer (as tool
+        tags are in some checkpoints): the text must then keep special tokens."""
+        key = (output.tools, output.reasoning)
+        found = self._special.get(key)
+        if found is None:
+            tokenizer = self.r.tokenizer
+            found = False
+            for marker in output.markers():
+                ids = tokenizer.encode(marker, add_special_tokens=False)
+                if len(ids) == 1 and tokenizer.decode(ids) == "":
+                    found = True
+            self._special[key] = found
+        return found
 
     def _tool_parser(self, req: ChatRequest) -> type[ToolCallParser] | None:
         """The tool-call parser for ``req``: none without tools or with tool_choice "none";
@@ -555,7 +572,13 @@ class _Handlers:
 
 
 def _spec(
-    rid: str, index: int, prompt: PreparedPrompt, sample: int, stream: bool, interval: int
+    rid: str,
+    index: int,
+    prompt: PreparedPrompt,
+    sample: int,
+    stream: bool,
+    interval: int,
+    skip_special_tokens: bool = True,
 ) -> ChoiceSpec:
     """Choice ``index``. Its tokens come as produced (``interval`` at a time) when the client
     streams or stop strings must be watched (to stop the worker early); otherwise all at once
@@ -564,7 +587,7 @@ def _spec(
     request = WorkerRequest(
         f"{rid}-{index}", prompt.token_ids, sampling, stream or bool(sampling.stop), interval
     )
-    return ChoiceSpec(index, request)
+    return ChoiceSpec(index, request, skip_special_tokens)
 
 
 def _decode_json(raw: bytes) -> Any:

@@ -66,6 +66,18 @@ class ChatOutputFormat:
     def stream(self) -> ChatOutputStream:
         return ChatOutputStream(self)
 
+    def markers(self) -> list[str]:
+        """Every marker the parsers look for."""
+        found: list[str] = []
+        if self.reasoning is not None:
+            found += [m for pair in self.reasoning.markers for m in pair]
+        if self.tools is not None:
+            t = self.tools
+            found += [t.section_begin, t.call_begin, t.call_end, *t.markers]
+            if t.section_end is not None:
+                found.append(t.section_end)
+        return found
+
     def parse(self, text: str) -> ChatOutput:
         reasoning = None
         if self.reasoning is not None:

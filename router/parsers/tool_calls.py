@@ -107,6 +107,7 @@ class ToolCallParser(abc.ABC):
     # are held back from the streamed arguments, and the whole of it is cut from the final.
     args_closer: ClassVar[str] = ""
     max_header: ClassVar[int] = 512  # a header longer than this is malformed
+    markers: ClassVar[tuple[str, ...]] = ()  # others inside a call (header separators)
 
     def __init__(self) -> None:
         self._state = _State.TEXT
@@ -345,6 +346,7 @@ class DeepSeekV3Parser(ToolCallParser):
     call_end = "<｜tool▁call▁end｜>"
     header_end = re.compile(r"\n```json\n")
     args_closer = "```"
+    markers = ("<｜tool▁sep｜>",)
     _HEADER = re.compile(r"\s*(\w+)<｜tool▁sep｜>(\S+)\s*", re.DOTALL)
 
     def call_name(self, header: str) -> str | None:
@@ -398,6 +400,7 @@ class KimiK2Parser(ToolCallParser):
     call_begin = "<|tool_call_begin|>"
     call_end = "<|tool_call_end|>"
     header_end = re.compile(re.escape("<|tool_call_argument_begin|>"))
+    markers = ("<|tool_call_argument_begin|>",)
     _HEADER = re.compile(r"\s*(?:functions\.)?(\S+):\d+\s*", re.DOTALL)
 
     def call_name(self, header: str) -> str | None:

@@ -219,3 +219,45 @@ def test_tokenize_detokenize(model_dir: Path, tokenizer: Tokenizer) -> None:
             assert status == 404 and err["error"]["code"] == "model_not_found"
 
     run(body())
+
+
+def test_markers_that_are_special_tokens_are_kept(model_dir: Path, tmp_path: Path) -> None:
+    """Some checkpoints mark their tool-call tags special; the text the parser reads must keep
+    them (decoding skips special tokens otherwise)."""
+    import shutil
+
+    import tokenizers
+
+    backend = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    backend.add_special_tokens(["<tool_call>", "</tool_call>"])
+    backend.save(str(tmp_path / "tokenizer.json"))
+    shutil.copy(model_dir / "tokenizer_config.json", tmp_path)
+    special = Tokenizer.from_pretrained(tmp_path)
+    text = '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>'
+    ids = special.encode(text)
+    assert special.decode(ids) == '\n{"name": "now", "arguments": {}}\n'  # tags dropped
+
+    async def body() -> None:
+        worker = FakeWorker(reply=lambda prompt: list(ids), context_length=2048, vocab_size=520)
+        async with router_for(tmp_path, workers=(worker,), tool_call_parser="hermes") as r:
+            c = client(r.url)
+            for stream in (False, True):
+                calls: list[tuple[str, str]] = []
+                if stream:
+                    async for chunk in await c.chat.completions.create(
+                        model="tiny", messages=MESSAGES, tools=TOOLS, stream=True
+                    ):
+                        for t in chunk.choices[0].delta.tool_calls or []:
+                            assert t.function is not None
+                            calls.append((t.function.name or "", t.function.arguments or ""))
+                else:
+                    reply = await c.chat.completions.create(
+                        model="tiny", messages=MESSAGES, tools=TOOLS
+                    )
+                    for call in reply.choices[0].message.tool_calls or []:
+                        fn: Any = call.function  # type: ignore[union-attr]
+                        calls.append((fn.name, fn.arguments))
+                assert "".join(n for n, _ in calls) == "now"
+                assert "".join(a for _, a in calls) == "{}"
+
+    run(body())
