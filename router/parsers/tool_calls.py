@@ -97,7 +97,9 @@ class ToolCallParser(abc.ABC):
     of their format and read a call's header; the base class does the rest."""
 
     names: ClassVar[tuple[str, ...]]  # --tool-call-parser values
-    xgrammar_format: ClassVar[str]  # xgrammar.get_model_structural_tag's name of the format
+    # xgrammar.get_model_structural_tag's name of the format (the tests check the grammar of
+    # router.parsers.tool_grammar against that one)
+    xgrammar_format: ClassVar[str]
     section_begin: ClassVar[str]  # starts the calls (the first call_begin for Hermes)
     section_end: ClassVar[str | None]  # None: no section, calls run to the end of the text
     call_begin: ClassVar[str]

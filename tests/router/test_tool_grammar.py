@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import pydantic
 import pytest
 import torch
 import xgrammar
@@ -163,6 +164,35 @@ def test_calls_after_reasoning_the_prompt_opened(
     reasoning, content = qwen3.split(thought + tokenizer.decode(ids[:-1]), tail)
     assert reasoning == "Sunny?"
     check_calls(HermesParser, content, set(SCHEMAS))
+
+
+def call_tags(node: Any, parser: type[ToolCallParser]) -> list[Any]:
+    """Every tag of one call inside a structural tag (its pydantic form)."""
+    if isinstance(node, list):
+        return [t for item in node for t in call_tags(item, parser)]
+    if not isinstance(node, pydantic.BaseModel):
+        return []
+    begin = getattr(node, "begin", None)
+    if node.type == "tag" and isinstance(begin, str) and parser.call_begin in begin:
+        return [node]
+    return [t for name in type(node).model_fields for t in call_tags(getattr(node, name), parser)]
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+@pytest.mark.parametrize("reasoning", ["disabled", "enabled", "auto"])
+def test_call_tags_are_xgrammars_own(parser: type[ToolCallParser], reasoning: Any) -> None:
+    """The router writes the tags itself (xgrammar would bring torch into it): each call's
+    tag equals the one xgrammar ships for the format."""
+    constraint = tool_call_constraint(parser, TOOLS, "required", reasoning)
+    assert constraint is not None
+    ours = xgrammar.StructuralTag.model_validate_json(constraint[1])
+    theirs = xgrammar.get_model_structural_tag(
+        parser.xgrammar_format, tools=TOOLS, tool_choice="required", reasoning=reasoning
+    )
+    assert call_tags(ours, parser) == call_tags(theirs, parser)
+    assert len(call_tags(ours, parser)) == len(TOOLS)
+    if parser is DeepSeekV3Parser:
+        assert ours == theirs
 
 
 def test_free_choices_have_no_grammar() -> None:
