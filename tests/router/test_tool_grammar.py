@@ -173,7 +173,11 @@ def call_tags(node: Any, parser: type[ToolCallParser]) -> list[Any]:
     if not isinstance(node, pydantic.BaseModel):
         return []
     begin = getattr(node, "begin", None)
-    if node.type == "tag" and isinstance(begin, str) and parser.call_begin in begin:
+    if (
+        getattr(node, "type", None) == "tag"
+        and isinstance(begin, str)
+        and parser.call_begin in begin
+    ):
         return [node]
     return [t for name in type(node).model_fields for t in call_tags(getattr(node, name), parser)]
 
@@ -187,7 +191,7 @@ def test_call_tags_are_xgrammars_own(parser: type[ToolCallParser], reasoning: An
     assert constraint is not None
     ours = xgrammar.StructuralTag.model_validate_json(constraint[1])
     theirs = xgrammar.get_model_structural_tag(
-        parser.xgrammar_format, tools=TOOLS, tool_choice="required", reasoning=reasoning
+        parser.xgrammar_format, tools=list(TOOLS), tool_choice="required", reasoning=reasoning
     )
     assert call_tags(ours, parser) == call_tags(theirs, parser)
     assert len(call_tags(ours, parser)) == len(TOOLS)
