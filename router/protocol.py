@@ -487,6 +487,9 @@ def _parameters(schema: Any, param: str) -> None:
         return
     if not isinstance(schema, dict):
         raise invalid(f"{param} must be a JSON Schema object, got {short(schema)}", param)
+    dialect = schema.get("$schema")
+    if dialect is not None and not isinstance(dialect, str):
+        raise invalid(f"{param}.$schema must be a string, got {short(dialect)}", param)
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:

@@ -272,6 +272,11 @@ TOOL_ERRORS = [
         ["['properties']['a']['type']", "not a valid JSON Schema"],
     ),
     ({"tools": [WEATHER] * 129}, "tools", ["at most 128"]),
+    (
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"$schema": 1}}}]},
+        "tools[0].function.parameters",
+        ["$schema must be a string"],
+    ),
 ]
 
 
