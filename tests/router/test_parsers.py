@@ -235,3 +235,62 @@ def test_reasoning_then_tool_calls(cuts: list[int], parser: type[ToolCallParser]
     calls = [c for d in deltas for c in d.tool_calls]
     assert calls[0].name == WEATHER.name and out.called
     assert "".join(c.arguments for c in calls) == WEATHER.arguments
+
+
+def pieces(parser: type[ToolCallParser]) -> st.SearchStrategy[str]:
+    """Texts made of the format's markers, fragments of them, JSON and noise."""
+    markers = [parser.section_begin, parser.call_begin, parser.call_end, *parser.markers]
+    if parser.section_end:
+        markers.append(parser.section_end)
+    parts = st.sampled_from(
+        [
+            *markers,
+            *(m[: len(m) // 2] for m in markers),
+            "function",
+            "functions.f:0",
+            '{"name": "f", "arguments": ',
+            '{"a": 1}',
+            "}",
+            "```",
+            "\n```json\n",
+            " ",
+            "\n",
+            "x",
+            '"',
+        ]
+    )
+    return st.lists(parts, max_size=14).map("".join)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), parser=st.sampled_from(list(WRITERS)))
+def test_any_text_any_split_same_output_never_raises(
+    data: st.DataObject, parser: type[ToolCallParser]
+) -> None:
+    text = data.draw(pieces(parser))
+    cuts = data.draw(st.lists(st.integers(0, 1000), max_size=10))
+    whole = stream(parser, [text])
+    assert stream(parser, split(text, cuts)) == whole
+    content, calls = parser.parse(text)
+    if not whole[2]:  # well-formed: the whole parse agrees with the stream
+        assert (content, calls) == whole[:2] or not calls
+    else:
+        assert (content, calls) == (text, [])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    name=st.sampled_from(sorted(REASONING_FORMATS)),
+    tail=st.sampled_from(["", "<think>\n", "</think>", "◁think▷"]),
+    text=st.lists(
+        st.sampled_from(
+            ["<think>", "</think>", "◁think▷", "◁/think▷", "<thi", "◁/", " ", "a", "\n"]
+        ),
+        max_size=10,
+    ).map("".join),
+    cuts=st.lists(st.integers(0, 1000), max_size=8),
+)
+def test_reasoning_any_text_any_split(name: str, tail: str, text: str, cuts: list[int]) -> None:
+    assert split_reasoning(name, split(text, cuts), tail) == REASONING_FORMATS[name].split(
+        text, tail
+    )
