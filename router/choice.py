@@ -39,6 +39,8 @@ class ChoiceDelta:
 class ChoiceSpec:
     index: int
     request: WorkerRequest
+    # False where the output parsers read markers that the tokenizer marks special.
+    skip_special_tokens: bool = True
 
 
 StreamFn = Callable[[WorkerRequest], AsyncGenerator[WorkerEvent, None]]
@@ -63,7 +65,8 @@ class ChoiceDecoder:
 
     __slots__ = (
         "_detok", "_held_ids", "_held_logprobs", "_held_text", "_index", "_num_tokens",
-        "_prompt_tokens", "_stop_token", "_stopping", "_stops", "_timer", "_tokenizer", "stopped",
+        "_prompt_tokens", "_skip_special", "_stop_token", "_stopping", "_stops", "_timer",
+        "_tokenizer", "stopped",
     )  # fmt: skip
 
     def __init__(
@@ -79,7 +82,10 @@ class ChoiceDecoder:
         self._prompt_tokens = len(request.token_ids)
         self._stopping = _stopping_ids(sampling.stop_token_ids, sampling.ignore_eos, eos_token_ids)
         self._tokenizer = tokenizer
-        self._detok = IncrementalDetokenizer(tokenizer) if request.stream else None
+        self._skip_special = spec.skip_special_tokens
+        self._detok = (
+            IncrementalDetokenizer(tokenizer, self._skip_special) if request.stream else None
+        )
         # Decoded at the end: every token and logprob so far, and the ids of the text.
         self._held_ids: tuple[int, ...] = ()
         self._held_logprobs: tuple[TokenLogprob, ...] = ()
@@ -101,7 +107,8 @@ class ChoiceDecoder:
         if self._detok is not None:
             text = self._detok.flush()
         else:
-            text = self._tokenizer.decode(self._held_text) if self._held_text else ""
+            held = self._held_text
+            text = self._tokenizer.decode(held, self._skip_special) if held else ""
         cached = event.cached_tokens
         if self._stops is not None:
             tail = self._stops.feed(text)

@@ -10,6 +10,8 @@ from pathlib import Path
 from router.admission import AdmissionConfig
 from router.auth import ENV_ADMIN_KEY, ENV_API_KEY, read_keys
 from router.health import HealthConfig
+from router.parsers.reasoning import REASONING_FORMATS
+from router.parsers.tool_calls import TOOL_CALL_PARSERS
 from router.policy import POLICIES, CacheAwareOptions, PolicySpec
 from router.registry import RegistryConfig
 from router.resilience import RetryConfig
@@ -75,6 +77,9 @@ class RouterConfig:
     auth_failures_per_minute: int = 10  # per client address, inference and admin keys
     stream_interval: int = 1  # streamed requests: tokens per message from the worker
     busy_poll_us: float = 0.0  # poll (never sleep) this long after client traffic; 0: off
+    # The model's output formats (router.parsers): None leaves the output as plain content.
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
     # --processes N: N router processes share the port (see router.processes). A child knows
     # its index and the supervisor's directory (control sockets, metrics files).
     processes: int = 1
@@ -136,6 +141,12 @@ class RouterConfig:
             raise ValueError(f"--busy-poll-us must be in [0, 1000000], got {self.busy_poll_us}")
         if self.processes < 1:
             raise ValueError(f"--processes must be >= 1, got {self.processes}")
+        for flag, value, known in (
+            ("--tool-call-parser", self.tool_call_parser, TOOL_CALL_PARSERS),
+            ("--reasoning-parser", self.reasoning_parser, REASONING_FORMATS),
+        ):
+            if value is not None and value not in known:
+                raise ValueError(f"{flag} must be one of {sorted(known)}, got {value!r}")
         if self.process_index is not None and not (
             0 <= self.process_index < self.processes and self.control_dir
         ):
@@ -294,6 +305,19 @@ def build_parser() -> argparse.ArgumentParser:
         "while traffic flows (0: off)",
     )
     p.add_argument(
+        "--tool-call-parser",
+        choices=sorted(TOOL_CALL_PARSERS),
+        help="read tool calls in the model's format from chat output (deepseekv3: DeepSeek-V3 "
+        "and R1; qwen25, qwen3, qwen, hermes: Qwen2.5/Qwen3's Hermes style; kimi_k2: "
+        "Kimi-K2); without it, tools reach the chat template but replies are plain content",
+    )
+    p.add_argument(
+        "--reasoning-parser",
+        choices=sorted(REASONING_FORMATS),
+        help="put the model's thinking into reasoning_content (deepseek-r1, qwen3: "
+        "<think>...</think>; kimi: also ◁think▷...◁/think▷)",
+    )
+    p.add_argument(
         "--processes",
         type=int,
         default=1,
@@ -335,6 +359,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         auth_failures_per_minute=args.auth_failures_per_minute,
         stream_interval=args.stream_interval,
         busy_poll_us=args.busy_poll_us,
+        tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
         processes=args.processes,
         process_index=args.process_index,
         control_dir=args.control_dir,

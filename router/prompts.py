@@ -20,6 +20,7 @@ from router.protocol import (
     GenerateRequest,
     Prompt,
     Sampling,
+    TokenizeRequest,
 )
 
 
@@ -86,16 +87,38 @@ class PromptBuilder:
 
     def chat(self, request: ChatRequest) -> PreparedPrompt:
         self.check_sizes([("messages", _text_size(request.messages))])
+        ids = self._chat_ids(request.messages, request.tools, True, request.template_kwargs)
+        return self._prepare(ids, request.sampling, "messages")
+
+    def tokens(self, request: TokenizeRequest) -> list[int]:
+        """POST /tokenize: the prompt's ids, or the messages' through the chat template.
+        Sizes are checked (a prompt that cannot fit is refused before tokenizing), but not
+        against the context: the count is what the client wants to know."""
+        if request.prompt is not None:
+            self.check_sizes([("prompt", len(request.prompt))])
+            return self.tokenizer.encode(request.prompt, request.add_special_tokens)
+        messages = request.messages or ()
+        self.check_sizes([("messages", _text_size(messages))])
+        return self._chat_ids(
+            messages, request.tools, request.add_generation_prompt, request.template_kwargs
+        )
+
+    def _chat_ids(
+        self,
+        messages: tuple[dict[str, Any], ...],
+        tools: tuple[dict[str, Any], ...] | None,
+        add_generation_prompt: bool,
+        template_kwargs: tuple[tuple[str, Any], ...],
+    ) -> list[int]:
         try:
-            ids = self.tokenizer.encode_chat(
-                [dict(m) for m in request.messages],
-                add_generation_prompt=True,
-                tools=None if request.tools is None else [dict(t) for t in request.tools],
-                **dict(request.template_kwargs),
+            return self.tokenizer.encode_chat(
+                [dict(m) for m in messages],
+                add_generation_prompt=add_generation_prompt,
+                tools=None if tools is None else [dict(t) for t in tools],
+                **dict(template_kwargs),
             )
         except (ValueError, TypeError) as exc:
             raise invalid(str(exc), "messages") from exc
-        return self._prepare(ids, request.sampling, "messages")
 
     def generate(self, request: GenerateRequest) -> PreparedPrompt:
         param = "text" if isinstance(request.prompt, str) else "input_ids"

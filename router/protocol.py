@@ -11,8 +11,11 @@ their default value (``echo``, penalties, ``logit_bias``...) are refused when se
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 from typing import Any
+
+import jsonschema
 
 from router.errors import RequestError, invalid, short, unsupported
 
@@ -25,6 +28,8 @@ GENERATE_DEFAULT_MAX_TOKENS = 128  # /generate without max_new_tokens, as SGLang
 UINT64 = 1 << 64
 INT32_MAX = (1 << 31) - 1  # the largest top_k the workers' protocol carries
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
+MAX_TOOLS = 128  # as OpenAI's API
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 
 Prompt = str | tuple[int, ...]  # text to tokenize, or token ids as given
 
@@ -71,6 +76,19 @@ class CompletionRequest:
 
 
 @dataclass(frozen=True)
+class ToolChoice:
+    """``tool_choice``: "none", "auto", "required", or ``function`` (the one named)."""
+
+    mode: str = "none"
+    function: str | None = None
+
+    def openai(self) -> str | dict[str, Any]:
+        if self.function is None:
+            return self.mode
+        return {"type": "function", "function": {"name": self.function}}
+
+
+@dataclass(frozen=True)
 class ChatRequest:
     """POST /v1/chat/completions; ``messages`` are normalized for the chat template."""
 
@@ -78,6 +96,8 @@ class ChatRequest:
     messages: tuple[dict[str, Any], ...]
     sampling: Sampling
     tools: tuple[dict[str, Any], ...] | None = None
+    tool_choice: ToolChoice = ToolChoice()
+    parallel_tool_calls: bool = True
     template_kwargs: tuple[tuple[str, Any], ...] = ()
     n: int = 1
     stream: bool = False
@@ -358,9 +378,7 @@ def parse_chat(body: Any) -> ChatRequest:
         raise invalid("top_logprobs needs logprobs set to true", "top_logprobs")
     sampling = replace(sampling, logprobs=logprobs, top_logprobs=top_logprobs)
     _response_format(f.raw("response_format"))
-    tool_choice = f.raw("tool_choice")
-    if tool_choice not in (None, "auto", "none"):
-        raise unsupported("tool_choice", tool_choice, '"auto" or "none"')
+    tools = _tools(f.raw("tools"))
     kwargs = f.raw("chat_template_kwargs")
     if kwargs is not None and not isinstance(kwargs, dict):
         raise invalid(
@@ -371,7 +389,9 @@ def parse_chat(body: Any) -> ChatRequest:
         model=model,
         messages=_messages(f.raw("messages")),
         sampling=sampling,
-        tools=_tools(f.raw("tools")),
+        tools=tools,
+        tool_choice=_tool_choice(f.raw("tool_choice"), tools),
+        parallel_tool_calls=f.flag("parallel_tool_calls", True),
         template_kwargs=tuple((kwargs or {}).items()),
         n=n,
         stream=stream,
@@ -431,17 +451,90 @@ def _text_parts(parts: list[Any], where: str) -> str:
 
 
 def _tools(value: Any) -> tuple[dict[str, Any], ...] | None:
+    """``tools``: function tools with distinct names and parameters that are JSON Schemas;
+    an empty array is no tools."""
     if value is None:
         return None
     if not isinstance(value, list):
         raise invalid(f"tools must be an array, got {short(value)}", "tools")
+    if len(value) > MAX_TOOLS:
+        raise invalid(f"tools holds {len(value)} tools; at most {MAX_TOOLS}", "tools")
+    names: set[str] = set()
     for i, tool in enumerate(value):
         f = _Fields(tool, f"tools[{i}].", f"tools[{i}]")
         if f.raw("type") != "function":
             raise unsupported(f.name("type"), f.raw("type"), '"function"')
         fn = _Fields(f.raw("function"), f"tools[{i}].function.", f"tools[{i}].function")
-        fn.text("name")
-    return tuple(value)
+        name = fn.text("name")
+        if not TOOL_NAME.fullmatch(name):
+            raise invalid(
+                f"{fn.name('name')} must be 1 to 64 letters, digits, underscores or dashes, "
+                f"got {short(name)}",
+                fn.name("name"),
+            )
+        if name in names:
+            raise invalid(f"tools has two functions named {name!r}", fn.name("name"))
+        names.add(name)
+        fn.optional_text("description")
+        fn.flag("strict", False)
+        _parameters(fn.raw("parameters"), fn.name("parameters"))
+    return tuple(value) or None
+
+
+def _parameters(schema: Any, param: str) -> None:
+    """A function's ``parameters``: absent, or a JSON Schema object."""
+    if schema is None:
+        return
+    if not isinstance(schema, dict):
+        raise invalid(f"{param} must be a JSON Schema object, got {short(schema)}", param)
+    dialect = schema.get("$schema")
+    if dialect is not None and not isinstance(dialect, str):
+        raise invalid(f"{param}.$schema must be a string, got {short(dialect)}", param)
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = "".join(f"[{p!r}]" for p in exc.path)
+        raise invalid(f"{param}{where} is not a valid JSON Schema: {exc.message}", param) from None
+    except RecursionError:
+        raise invalid(f"{param} nests too deeply", param) from None
+
+
+def _tool_choice(value: Any, tools: tuple[dict[str, Any], ...] | None) -> ToolChoice:
+    """``tool_choice``, checked against ``tools``; absent: "auto" with tools, else "none"."""
+    if value is None:
+        return ToolChoice("auto" if tools else "none")
+    if isinstance(value, str):
+        if value not in ("none", "auto", "required"):
+            raise invalid(
+                f'tool_choice must be "none", "auto", "required" or a named function, got '
+                f"{short(value)}",
+                "tool_choice",
+            )
+        choice = ToolChoice(value)
+    else:
+        f = _Fields(value, "tool_choice.", "tool_choice")
+        if f.raw("type") != "function":
+            raise invalid(
+                f'tool_choice.type must be "function", got {short(f.raw("type"))}',
+                "tool_choice.type",
+            )
+        fn = _Fields(f.raw("function"), "tool_choice.function.", "tool_choice.function")
+        choice = ToolChoice("function", fn.text("name"))
+    if choice.mode == "none":
+        return choice
+    if not tools:
+        raise invalid(
+            f"tool_choice={short(choice.openai())} is only allowed when tools are given",
+            "tool_choice",
+        )
+    names = [t["function"]["name"] for t in tools]
+    if choice.function is not None and choice.function not in names:
+        raise invalid(
+            f"tool_choice names function {choice.function!r}, which is not in tools "
+            f"({', '.join(names)})",
+            "tool_choice.function.name",
+        )
+    return choice
 
 
 # ---- POST /generate ------------------------------------------------------------------------
@@ -472,3 +565,55 @@ def parse_generate(body: Any) -> GenerateRequest:
         stream=f.flag("stream", False),
         return_logprob=return_logprob,
     )
+
+
+# ---- POST /tokenize, /detokenize -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenizeRequest:
+    """POST /tokenize (vLLM's and SGLang's): a ``prompt``, or ``messages`` through the chat
+    template."""
+
+    model: str | None
+    prompt: str | None = None
+    messages: tuple[dict[str, Any], ...] | None = None
+    tools: tuple[dict[str, Any], ...] | None = None
+    template_kwargs: tuple[tuple[str, Any], ...] = ()
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+@dataclass(frozen=True)
+class DetokenizeRequest:
+    model: str | None
+    tokens: tuple[int, ...]
+
+
+def parse_tokenize(body: Any) -> TokenizeRequest:
+    f = _Fields(body)
+    prompt, messages = f.raw("prompt"), f.raw("messages")
+    if (prompt is None) == (messages is None):
+        raise invalid("send exactly one of prompt and messages", "prompt")
+    kwargs = f.raw("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise invalid(
+            f"chat_template_kwargs must be an object, got {short(kwargs)}", "chat_template_kwargs"
+        )
+    return TokenizeRequest(
+        model=f.optional_text("model"),
+        prompt=f.optional_text("prompt"),
+        messages=None if messages is None else _messages(messages),
+        tools=_tools(f.raw("tools")),
+        template_kwargs=tuple((kwargs or {}).items()),
+        add_special_tokens=f.flag("add_special_tokens", True),
+        add_generation_prompt=f.flag("add_generation_prompt", True),
+    )
+
+
+def parse_detokenize(body: Any) -> DetokenizeRequest:
+    f = _Fields(body)
+    tokens = f.raw("tokens")
+    if tokens is None:
+        raise invalid("tokens is required", "tokens", "missing")
+    return DetokenizeRequest(f.optional_text("model"), _token_ids(tokens, "tokens", True))

@@ -19,6 +19,7 @@ import orjson
 from router.choice import ChoiceDelta
 from router.detokenizer import TokenTexts
 from router.events import TokenLogprob
+from router.parsers.chat_output import ChatOutputFormat, ChatOutputStream, openai_tool_calls
 
 DONE = b"data: [DONE]\n\n"
 
@@ -188,6 +189,10 @@ class CompletionRenderer(Renderer):
 
 
 class ChatRenderer(Renderer):
+    """Chat replies; with an ``output`` format, each choice's text is split into
+    ``reasoning_content``, ``content`` and ``tool_calls`` (``router.parsers``), and a choice
+    that called a tool and stopped finishes with "tool_calls"."""
+
     def __init__(
         self,
         request_id: str,
@@ -196,12 +201,15 @@ class ChatRenderer(Renderer):
         texts: TokenTexts,
         logprobs: bool,
         include_usage: bool,
+        output: ChatOutputFormat | None = None,
     ) -> None:
         super().__init__(request_id, model, num_choices, num_choices)
         self.texts = texts
         self.logprobs = logprobs
         self.include_usage = include_usage
+        self.output = output
         self._started: set[int] = set()
+        self._streams: dict[int, ChatOutputStream] = {}
 
     def delta(self, delta: ChoiceDelta) -> list[bytes]:
         out = []
@@ -209,11 +217,27 @@ class ChatRenderer(Renderer):
         if i not in self._started:  # OpenAI opens each choice with the role
             self._started.add(i)
             out.append(self._chunk(i, {"role": "assistant", "content": ""}, None, None))
-        if delta.text or (self.logprobs and delta.logprobs):
+        lp = None
+        if self.logprobs and delta.logprobs:
             lp = self._logprobs(delta.token_ids, delta.logprobs)
-            out.append(self._chunk(i, {"content": delta.text}, None, lp))
-        if delta.finish_reason is not None:
-            out.append(self._chunk(i, {}, delta.finish_reason, None))
+        finish = delta.finish_reason
+        if self.output is None:
+            if delta.text or lp is not None:
+                out.append(self._chunk(i, {"content": delta.text}, None, lp))
+        else:
+            stream = self._streams.get(i)
+            if stream is None:
+                stream = self._streams[i] = self.output.stream()
+            parts = stream.feed(delta.text)
+            if finish is not None:
+                parts.extend(stream.finish())
+                if finish == "stop" and stream.called:
+                    finish = "tool_calls"
+            fields = parts.openai()
+            if fields or lp is not None:
+                out.append(self._chunk(i, fields, None, lp))
+        if finish is not None:
+            out.append(self._chunk(i, {}, finish, None))
         return out
 
     def tail(self) -> list[bytes]:
@@ -222,16 +246,33 @@ class ChatRenderer(Renderer):
         return [sse({**self._envelope("chat.completion.chunk", []), "usage": self.usage()})]
 
     def reply(self) -> Any:
-        choices = [
-            {
-                "index": index,
-                "message": {"role": "assistant", "content": "".join(acc.text), "refusal": None},
-                "logprobs": self._logprobs(acc.token_ids, acc.logprobs),
-                "finish_reason": acc.finish_reason,
-            }
-            for index, acc in sorted(self.choices.items())
-        ]
+        choices = []
+        for index, acc in sorted(self.choices.items()):
+            message, finish = self._message("".join(acc.text), acc.finish_reason)
+            choices.append(
+                {
+                    "index": index,
+                    "message": message,
+                    "logprobs": self._logprobs(acc.token_ids, acc.logprobs),
+                    "finish_reason": finish,
+                }
+            )
         return {**self._envelope("chat.completion", choices), "usage": self.usage()}
+
+    def _message(self, text: str, finish: str | None) -> tuple[dict[str, Any], str | None]:
+        if self.output is None:
+            return {"role": "assistant", "content": text, "refusal": None}, finish
+        parsed = self.output.parse(text)
+        message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
+        if self.output.reasoning is not None:
+            message["reasoning_content"] = parsed.reasoning
+        if parsed.tool_calls:
+            message["tool_calls"] = openai_tool_calls(parsed.tool_calls)
+            message["content"] = parsed.content or None
+            if finish == "stop":
+                finish = "tool_calls"
+        message["refusal"] = None
+        return message, finish
 
     def _chunk(
         self, index: int, delta: dict[str, Any], finish: str | None, lp: dict[str, Any] | None

@@ -47,9 +47,20 @@ from router.http import (
     Routes,
 )
 from router.metrics import CONTENT_TYPE, RequestTally, RouterMetrics, TokenTimer
+from router.parsers.chat_output import ChatOutputFormat
+from router.parsers.reasoning import REASONING_FORMATS
+from router.parsers.tool_calls import TOOL_CALL_PARSERS, ToolCallParser
+from router.parsers.tool_grammar import reasoning_mode, tool_call_constraint
 from router.policy import make_policy
 from router.prompts import ModelInfo, PreparedPrompt, PromptBuilder
-from router.protocol import parse_chat, parse_completion, parse_generate
+from router.protocol import (
+    ChatRequest,
+    parse_chat,
+    parse_completion,
+    parse_detokenize,
+    parse_generate,
+    parse_tokenize,
+)
 from router.registry import RegistryWatcher
 from router.workers import WorkerPool, load_of
 
@@ -176,6 +187,11 @@ class RouterServer:
         ):
             # Keys before a slot: an unauthenticated flood takes no concurrency slots.
             self.routes.add("POST", path, router.auth.guard(_admitted(router.admission, handler)))
+        for path, handler in (
+            ("/tokenize", handlers.tokenize),
+            ("/detokenize", handlers.detokenize),
+        ):
+            self.routes.add("POST", path, router.auth.guard(handler))
         self.routes.add("GET", "/v1/models", router.auth.guard(handlers.models))
         for path in ("/v1/models/{id}", "/v1/models/{org}/{id}"):
             self.routes.add("GET", path, router.auth.guard(handlers.model))
@@ -312,6 +328,7 @@ class _Handlers:
         self.r = router
         self.texts = TokenTexts(router.tokenizer)
         self.interval = router.config.stream_interval
+        self._special: dict[tuple[Any, Any], bool] = {}  # see _special_markers
 
     async def completions(self, request: Request, conn: Connection) -> Reply:
         timer = TokenTimer(self.r.metrics)
@@ -338,13 +355,109 @@ class _Handlers:
         req = parse_chat(_decode_json(raw))
         self._check_model(req.model)
         self._check_fanout(1, req.n)
+        tool_parser = self._tool_parser(req)
         prompt = await self._prepare(raw, lambda b: b.chat(req))
+        output = self._chat_output(req, tool_parser, prompt)
+        skip = output is None or not self._special_markers(output)
         rid = _new_id("chatcmpl-")
-        specs = [_spec(rid, j, prompt, j, req.stream, self.interval) for j in range(req.n)]
+        specs = [_spec(rid, j, prompt, j, req.stream, self.interval, skip) for j in range(req.n)]
         renderer = R.ChatRenderer(
-            rid, self.r.model.name, req.n, self.texts, req.sampling.logprobs, req.include_usage
-        )
+            rid, self.r.model.name, req.n, self.texts, req.sampling.logprobs, req.include_usage,
+            output,
+        )  # fmt: skip
         return await self._respond(conn, specs, renderer, req.stream, timer)
+
+    async def tokenize(self, request: Request, conn: Connection) -> Response:
+        """vLLM's and SGLang's ``/tokenize``: ids of a prompt or of chat messages."""
+        raw = request.body
+        req = parse_tokenize(_decode_json(raw))
+        if req.model is not None:
+            self._check_model(req.model)
+        ids = await self._prepare(raw, lambda b: b.tokens(req))
+        ctx = self.r.model.context_length
+        return _json({"tokens": ids, "count": len(ids), "max_model_len": ctx})
+
+    async def detokenize(self, request: Request, conn: Connection) -> Response:
+        """``/detokenize``: the text of token ids (special tokens kept)."""
+        raw = request.body
+        req = parse_detokenize(_decode_json(raw))
+        if req.model is not None:
+            self._check_model(req.model)
+        ctx, vocab = self.r.model.context_length, self.r.model.vocab_size
+        if len(req.tokens) > ctx:
+            raise invalid(
+                f"tokens holds {len(req.tokens)} ids; at most the context length, {ctx}",
+                "tokens",
+                "context_length_exceeded",
+            )
+        bad = [t for t in req.tokens if t >= vocab]
+        if bad:
+            raise invalid(
+                f"tokens has ids outside the vocabulary [0, {vocab}): {bad[:8]}", "tokens"
+            )
+        text = await self._prepare(
+            raw, lambda b: b.tokenizer.decode(req.tokens, skip_special_tokens=False)
+        )
+        return _json({"prompt": text})
+
+    def _special_markers(self, output: ChatOutputFormat) -> bool:
+        """Whether a marker the parsers read is a special token of this tokenizer (as tool
+        tags are in some checkpoints): the text must then keep special tokens."""
+        key = (output.tools, output.reasoning)
+        found = self._special.get(key)
+        if found is None:
+            tokenizer = self.r.tokenizer
+            found = False
+            for marker in output.markers():
+                ids = tokenizer.encode(marker, add_special_tokens=False)
+                if len(ids) == 1 and tokenizer.decode(ids) == "":
+                    found = True
+            self._special[key] = found
+        return found
+
+    def _tool_parser(self, req: ChatRequest) -> type[ToolCallParser] | None:
+        """The tool-call parser for ``req``: none without tools or with tool_choice "none";
+        a 400 for a forced call without ``--tool-call-parser`` (its format is unknown)."""
+        if not req.tools or req.tool_choice.mode == "none":
+            return None
+        name = self.r.config.tool_call_parser
+        if name is None:
+            if req.tool_choice.mode != "auto":
+                raise invalid(
+                    f"tool_choice={req.tool_choice.openai()!r} needs the router started with "
+                    "--tool-call-parser (the model's tool-call format)",
+                    "tool_choice",
+                )
+            return None
+        return TOOL_CALL_PARSERS[name]
+
+    def _chat_output(
+        self, req: ChatRequest, tool_parser: type[ToolCallParser] | None, prompt: PreparedPrompt
+    ) -> ChatOutputFormat | None:
+        """How the reply's text splits into reasoning, content and tool calls (None: it is
+        all content); checks that a forced tool call can be compiled into a grammar."""
+        reasoning = REASONING_FORMATS.get(self.r.config.reasoning_parser or "")
+        if tool_parser is None and reasoning is None:
+            return None
+        # The chat template may have opened (or closed) the reasoning at the prompt's end.
+        tail = ""
+        if reasoning is not None:
+            tail = self.r.tokenizer.decode(prompt.token_ids[-8:], skip_special_tokens=False)
+        if tool_parser is not None and req.tools:
+            try:
+                constraint = tool_call_constraint(
+                    tool_parser, req.tools, req.tool_choice.openai(),
+                    reasoning_mode(reasoning, tail), req.parallel_tool_calls,
+                )  # fmt: skip
+            except ValueError as exc:
+                raise invalid(f"tools cannot be made into a grammar: {exc}", "tools") from None
+            # MERGE(issue-21-grammar): the one place where the tool-call grammar joins the
+            # sampling, once Sampling has its constraint field (return the prompt too):
+            #   if constraint is not None:
+            #       prompt = replace(prompt, sampling=replace(
+            #           prompt.sampling, constraint=Constraint(*constraint)))
+            del constraint
+        return ChatOutputFormat(tool_parser, reasoning, tail)
 
     async def generate(self, request: Request, conn: Connection) -> Reply:
         timer = TokenTimer(self.r.metrics)
@@ -459,7 +572,13 @@ class _Handlers:
 
 
 def _spec(
-    rid: str, index: int, prompt: PreparedPrompt, sample: int, stream: bool, interval: int
+    rid: str,
+    index: int,
+    prompt: PreparedPrompt,
+    sample: int,
+    stream: bool,
+    interval: int,
+    skip_special_tokens: bool = True,
 ) -> ChoiceSpec:
     """Choice ``index``. Its tokens come as produced (``interval`` at a time) when the client
     streams or stop strings must be watched (to stop the worker early); otherwise all at once
@@ -468,7 +587,7 @@ def _spec(
     request = WorkerRequest(
         f"{rid}-{index}", prompt.token_ids, sampling, stream or bool(sampling.stop), interval
     )
-    return ChoiceSpec(index, request)
+    return ChoiceSpec(index, request, skip_special_tokens)
 
 
 def _decode_json(raw: bytes) -> Any:

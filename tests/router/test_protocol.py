@@ -13,6 +13,7 @@ from router.prompts import ModelInfo, PromptBuilder
 from router.protocol import (
     UINT64,
     Sampling,
+    ToolChoice,
     parse_chat,
     parse_completion,
     parse_generate,
@@ -236,6 +237,60 @@ def test_chat_max_tokens_default_is_context() -> None:
     assert parse_chat(chat(max_tokens=5)).sampling.max_tokens == 5
 
 
+WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+TOOL_ERRORS = [
+    ({"tool_choice": "required"}, "tool_choice", ["only allowed when tools are given"]),
+    ({"tool_choice": "sometimes", "tools": [WEATHER]}, "tool_choice", ["'sometimes'"]),
+    (
+        {"tool_choice": {"type": "function", "function": {"name": "nope"}}, "tools": [WEATHER]},
+        "tool_choice.function.name",
+        ["'nope'", "not in tools", "weather"],
+    ),
+    ({"tool_choice": {"type": "function"}, "tools": [WEATHER]}, "tool_choice.function", []),
+    ({"tool_choice": {"type": "x"}, "tools": [WEATHER]}, "tool_choice.type", ["function"]),
+    ({"tools": [WEATHER, WEATHER]}, "tools[1].function.name", ["two functions"]),
+    (
+        {"tools": [{"type": "function", "function": {"name": "a b"}}]},
+        "tools[0].function.name",
+        ["letters, digits"],
+    ),
+    (
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": [1]}}]},
+        "tools[0].function.parameters",
+        ["JSON Schema object"],
+    ),
+    (
+        {
+            "tools": [
+                {
+                    "type": "function",
+                    "function": {"name": "f", "parameters": {"properties": {"a": {"type": 5}}}},
+                }
+            ]
+        },
+        "tools[0].function.parameters",
+        ["['properties']['a']['type']", "not a valid JSON Schema"],
+    ),
+    ({"tools": [WEATHER] * 129}, "tools", ["at most 128"]),
+    (
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"$schema": 1}}}]},
+        "tools[0].function.parameters",
+        ["$schema must be a string"],
+    ),
+]
+
+
+def test_tool_choice() -> None:
+    assert parse_chat(chat()).tool_choice == ToolChoice("none")
+    assert parse_chat(chat(tools=[WEATHER])).tool_choice == ToolChoice("auto")
+    assert parse_chat(chat(tools=[], tool_choice="none")).tools is None
+    assert parse_chat(chat(tools=[WEATHER], tool_choice="required")).tool_choice.mode == "required"
+    named = {"type": "function", "function": {"name": "weather"}}
+    req = parse_chat(chat(tools=[WEATHER], tool_choice=named, parallel_tool_calls=False))
+    assert req.tool_choice == ToolChoice("function", "weather")
+    assert req.tool_choice.openai() == named and not req.parallel_tool_calls
+
+
 @pytest.mark.parametrize(
     ("fields", "param", "fragments"),
     [
@@ -260,6 +315,7 @@ def test_chat_max_tokens_default_is_context() -> None:
         ({"tools": {"type": "function"}}, "tools", ["array"]),
         ({"tools": [{"type": "function", "function": {}}]}, "tools[0].function.name", ["required"]),
         ({"chat_template_kwargs": [1]}, "chat_template_kwargs", ["object"]),
+        *TOOL_ERRORS,
     ],
 )
 def test_chat_rejects(fields: dict[str, Any], param: str, fragments: list[str]) -> None:
@@ -270,7 +326,6 @@ def test_chat_rejects(fields: dict[str, Any], param: str, fragments: list[str]) 
     ("fields", "param"),
     [
         ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"tool_choice": "required"}, "tool_choice"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
             "messages[0].content[0].type",
