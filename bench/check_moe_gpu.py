@@ -136,7 +136,7 @@ def check_mla() -> list[str]:
 
 def check_mla_extend() -> list[str]:
     from engine.kernels.attention import extend_blocks
-    from engine.kernels.mla_extend import BLOCK_M, mla_extend_attention
+    from engine.kernels.mla_extend import default_tiles, mla_extend_attention
 
     failures = []
     g = torch.Generator(device="cuda").manual_seed(2)
@@ -152,7 +152,7 @@ def check_mla_extend() -> list[str]:
         kv = randn(ctx, heads, 256)
         k_nope, v = kv.split([128, 128], dim=-1)
         k_pe = randn(ctx, 64)
-        seqs, firsts = extend_blocks(ext, BLOCK_M)
+        seqs, firsts = extend_blocks(ext, default_tiles(torch.bfloat16).block_m)
 
         def dev(x: list[int]) -> torch.Tensor:
             return torch.tensor(x, device="cuda")

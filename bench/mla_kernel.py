@@ -42,8 +42,9 @@ import torch.nn.functional as F
 from bench.ceiling import copy_bandwidth, matmul_rate
 from bench.moe_kernel import int_list, time_graph
 from engine.forward_batch import ForwardBatch
+from engine.kernels.attention import extend_blocks
 from engine.kernels.mla_decode import mla_decode
-from engine.kernels.mla_extend import BLOCK_M, BLOCK_N, mla_extend_attention
+from engine.kernels.mla_extend import Tiles, default_tiles, mla_extend_attention
 from engine.kv_cache import KVCache, KVCacheSpec
 from engine.layers.attention import TorchAttentionBackend
 from engine.layers.triton_attention import TritonAttentionBackend
@@ -188,7 +189,7 @@ def make_extend_case(
     page_size: int,
     device: torch.device,
     dtype: torch.dtype,
-    tuning: dict[str, int],
+    tiles: Tiles,
 ) -> ExtendCase:
     g = torch.Generator(device=device).manual_seed(heads + shape.new)
 
@@ -238,11 +239,13 @@ def make_extend_case(
     with torch.no_grad():
         kv = kv_b_proj(latent[ctx].flatten(1)).view(-1, heads, NOPE + V_DIM)
     k_nope, v = kv.split([NOPE, V_DIM], dim=-1)
+    seqs, firsts = extend_blocks([new] * batch, tiles.block_m)
+    blocks = torch.tensor([seqs, firsts], dtype=torch.int32, device=device)
     kernel_args = dict(
         q_nope=q_nope, q_pe=q_pe, k_nope=k_nope, k_pe=pe[ctx], v=v,
         prefix_lens=fb.prefix_lens, extend_lens=fb.extend_lens, q_starts=meta.q_starts,
-        kv_starts=meta.kv_starts, block_seq=meta.block_seq, block_first=meta.block_first,
-        scale=SCALE, **tuning,
+        kv_starts=meta.kv_starts, block_seq=blocks[0], block_first=blocks[1], scale=SCALE,
+        tiles=tiles,
     )  # fmt: skip
     return ExtendCase(
         triton_batch,
@@ -259,14 +262,17 @@ def make_extend_case(
 def bench_extend(args: argparse.Namespace, device: torch.device) -> None:
     dtype = getattr(torch, args.dtype)
     rate = matmul_rate(device, dtype)
-    tuning = {"block_m": args.block_m, "block_n": args.block_n, "num_stages": args.num_stages}
-    if args.num_warps:
-        tuning["num_warps"] = args.num_warps
+    default = default_tiles(dtype)
+    tiles = Tiles(
+        args.block_m or default.block_m,
+        args.block_n or default.block_n,
+        args.num_warps or default.num_warps,
+        args.num_stages or default.num_stages,
+    )
     print(
         f"\n## MLA extend (non-absorbed): {device_label(device)}, torch {torch.__version__}; "
-        f"{args.dtype} matmul {rate / 1e12:.0f} TFLOP/s; page size {args.page_size}; tiles "
-        f"{args.block_m} x {args.block_n}, {args.num_stages} stages, warps "
-        f"{args.num_warps or 'auto'}; median of {args.reps}.\n"
+        f"{args.dtype} matmul {rate / 1e12:.0f} TFLOP/s; page size {args.page_size}; kernel "
+        f"tiles {tiles} (the layer's: {default}); median of {args.reps}.\n"
     )
     print(
         "| heads | case | attn GFLOP | kernel µs | kernel TFLOP/s | of matmul | layer µs "
@@ -275,7 +281,7 @@ def bench_extend(args: argparse.Namespace, device: torch.device) -> None:
     )
     for heads in args.heads:
         for shape in args.extend_cases:
-            case = make_extend_case(heads, shape, args.page_size, device, dtype, tuning)
+            case = make_extend_case(heads, shape, args.page_size, device, dtype, tiles)
             attn, up = shape.attention_flops(heads), shape.up_projection_flops(heads)
             with torch.no_grad():
                 kernel_s = time_graph(case.kernel, args.reps)
@@ -361,10 +367,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=[ExtendShape.parse(c) for c in DEFAULT_EXTEND_CASES],
         help="BxE+P: B sequences of E new tokens over P cached ones",
     )
-    parser.add_argument("--block-m", type=int, default=BLOCK_M, help="extend: queries per tile")
-    parser.add_argument("--block-n", type=int, default=BLOCK_N, help="extend: keys per tile")
-    parser.add_argument("--num-warps", type=int, default=0, help="extend: 0 picks by dtype")
-    parser.add_argument("--num-stages", type=int, default=2, help="extend: software pipeline")
+    # Extend tiles for the kernel-alone column (0: the engine's default for the dtype; the
+    # layer column always runs the defaults).
+    parser.add_argument("--block-m", type=int, default=0, help="extend: queries per tile")
+    parser.add_argument("--block-n", type=int, default=0, help="extend: keys per tile")
+    parser.add_argument("--num-warps", type=int, default=0, help="extend: warps per program")
+    parser.add_argument("--num-stages", type=int, default=0, help="extend: software pipeline")
     parser.add_argument(
         "--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"), help="extend"
     )

@@ -27,18 +27,17 @@ attention kernels (`attention.online_softmax_step`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from engine.kernels.attention import LOG2E, dot_precision, online_softmax_step
 
-BLOCK_M = 64
-BLOCK_N = 64
-
 
 @triton.jit
-def _mla_extend_kernel(
+def mla_extend_kernel(
     q_nope_ptr,  # [T, H, Dn]
     q_pe_ptr,  # [T, H, P]
     k_nope_ptr,  # [L, H, Dn]
@@ -76,63 +75,85 @@ def _mla_extend_kernel(
     # Query blocks vary fastest: the blocks of one sequence and head, which read the same keys
     # and values, run side by side and share them through L2.
     blk = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)
     b = tl.load(block_seq_ptr + blk)
     first = tl.load(block_first_ptr + blk)  # index of the block's first query within sequence b
     prefix = tl.load(prefix_lens_ptr + b)
     ext = tl.load(extend_lens_ptr + b)
-    tok = tl.load(q_starts_ptr + b).to(tl.int64) + first + tl.arange(0, BLOCK_M)
+    q_row = tl.load(q_starts_ptr + b).to(tl.int64) + first  # the block's first query in [T]
     kv_start = tl.load(kv_starts_ptr + b).to(tl.int64)
-    offs_m = first + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < ext
-    q_pos = prefix + offs_m  # [M] absolute positions
+    mi = tl.arange(0, BLOCK_M)
+    ni = tl.arange(0, BLOCK_N)
     dn = tl.arange(0, BLOCK_NOPE)
     dp = tl.arange(0, BLOCK_ROPE)
     dv = tl.arange(0, BLOCK_DV)
+    m_ok = first + mi < ext
+    q_pos = prefix + first + mi  # [M] absolute positions
     q_nope = tl.load(
-        q_nope_ptr + tok[:, None] * stride_qnt + h * stride_qnh + dn[None, :],
+        q_nope_ptr + q_row * stride_qnt + h * stride_qnh + (mi[:, None] * stride_qnt + dn[None, :]),
         mask=m_ok[:, None] & (dn[None, :] < D_NOPE),
         other=0.0,
     )  # [M, Dn]
     q_pe = tl.load(
-        q_pe_ptr + tok[:, None] * stride_qpt + h * stride_qph + dp[None, :],
+        q_pe_ptr + q_row * stride_qpt + h * stride_qph + (mi[:, None] * stride_qpt + dp[None, :]),
         mask=m_ok[:, None] & (dp[None, :] < D_ROPE),
         other=0.0,
     )  # [M, P]
+    # Scalar 64-bit bases advanced by a tile per step, and loop-invariant 32-bit tile offsets:
+    # per-element 64-bit addresses kept across the loop spill registers on sm_90.
+    k_nope_base = k_nope_ptr + kv_start * stride_knt + h * stride_knh
+    k_pe_base = k_pe_ptr + kv_start * stride_kpt
+    v_base = v_ptr + kv_start * stride_vt + h * stride_vh
+    k_nope_offs = ni[:, None] * stride_knt + dn[None, :]  # [N, Dn]
+    k_pe_offs = ni[:, None] * stride_kpt + dp[None, :]  # [N, P]
+    v_offs = ni[:, None] * stride_vt + dv[None, :]  # [N, Dv]
     kv_end = tl.minimum(prefix + first + BLOCK_M, prefix + ext)  # keys the block can see
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     for n0 in range(0, kv_end, BLOCK_N):
-        offs = n0 + tl.arange(0, BLOCK_N)
+        offs = n0 + ni
         n_ok = offs < kv_end
-        row = kv_start + offs  # [N] into [L]
         k_nope = tl.load(
-            k_nope_ptr + row[:, None] * stride_knt + h * stride_knh + dn[None, :],
-            mask=n_ok[:, None] & (dn[None, :] < D_NOPE),
-            other=0.0,
+            k_nope_base + k_nope_offs, mask=n_ok[:, None] & (dn[None, :] < D_NOPE), other=0.0
         )  # [N, Dn]
         k_pe = tl.load(
-            k_pe_ptr + row[:, None] * stride_kpt + dp[None, :],
-            mask=n_ok[:, None] & (dp[None, :] < D_ROPE),
-            other=0.0,
+            k_pe_base + k_pe_offs, mask=n_ok[:, None] & (dp[None, :] < D_ROPE), other=0.0
         )  # [N, P]
         s = tl.dot(q_nope, tl.trans(k_nope), input_precision=PRECISION)
         s = tl.dot(q_pe, tl.trans(k_pe), s, input_precision=PRECISION) * scale  # [M, N]
         # Causal: query at q_pos sees keys 0..q_pos. Key 0 is always visible, so no row is
         # ever fully masked (padded query rows included).
         s = tl.where((offs[None, :] <= q_pos[:, None]) & n_ok[None, :], s, float("-inf"))
-        v = tl.load(
-            v_ptr + row[:, None] * stride_vt + h * stride_vh + dv[None, :],
-            mask=n_ok[:, None] & (dv[None, :] < D_V),
-            other=0.0,
-        )  # [N, Dv]
+        v = tl.load(v_base + v_offs, mask=n_ok[:, None] & (dv[None, :] < D_V), other=0.0)
         m, l_sum, acc = online_softmax_step(s, v, m, l_sum, acc, PRECISION)
+        k_nope_base += BLOCK_N * stride_knt
+        k_pe_base += BLOCK_N * stride_kpt
+        v_base += BLOCK_N * stride_vt
     tl.store(
-        out_ptr + tok[:, None] * stride_ot + h * stride_oh + dv[None, :],
+        out_ptr + q_row * stride_ot + h * stride_oh + (mi[:, None] * stride_ot + dv[None, :]),
         (acc / l_sum[:, None]).to(out_ptr.dtype.element_ty),
         mask=m_ok[:, None] & (dv[None, :] < D_V),
     )
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Launch shape: `block_m` queries and `block_n` keys per tile (the query blocks a step
+    lists with `attention.extend_blocks` must use this `block_m`)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int = 2
+
+
+def default_tiles(dtype: torch.dtype) -> Tiles:
+    """The largest tiles that compile for sm_90 without register spills at DeepSeek-V3's head
+    dims (`python -m bench.compile_kernels`); float32 (exact checks only) needs small ones."""
+    if dtype == torch.float32:
+        return Tiles(16, 32, 4, 1)
+    return Tiles(64, 32, 8, 2)
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -153,10 +174,7 @@ def mla_extend_attention(
     block_first: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
-    block_m: int = BLOCK_M,
-    block_n: int = BLOCK_N,
-    num_warps: int | None = None,
-    num_stages: int = 2,
+    tiles: Tiles | None = None,
 ) -> torch.Tensor:
     """Causal non-absorbed MLA of the new tokens over their sequences' up-projected context.
 
@@ -166,7 +184,8 @@ def mla_extend_attention(
     queries sit at rows `q_starts[b]` onwards of `q_*` (`extend_lens[b]` of them, at positions
     `prefix_lens[b]` onwards), its context at rows `kv_starts[b]` onwards of `k_*`/`v`
     (`prefix_lens[b] + extend_lens[b]` of them). `block_seq`/`block_first` come from
-    `attention.extend_blocks(extend_lens, block_m)`. Returns `[T, H, Dv]` in `q_nope`'s dtype.
+    `attention.extend_blocks(extend_lens, tiles.block_m)`, `tiles` defaulting to
+    `default_tiles(q_nope.dtype)`. Returns `[T, H, Dv]` in `q_nope`'s dtype.
     """
     t, num_heads, d_nope = q_nope.shape
     d_rope, d_v = q_pe.shape[-1], v.shape[-1]
@@ -191,9 +210,8 @@ def mla_extend_attention(
     block_nope = max(16, triton.next_power_of_2(d_nope))
     block_rope = max(16, triton.next_power_of_2(d_rope))
     block_dv = max(16, triton.next_power_of_2(d_v))
-    if num_warps is None:
-        num_warps = 4 if q_nope.dtype == torch.float32 or block_nope < 128 else 8
-    _mla_extend_kernel[(nblocks, num_heads)](
+    tiles = tiles or default_tiles(q_nope.dtype)
+    mla_extend_kernel[(nblocks, num_heads)](
         q_nope,
         q_pe,
         k_nope,
@@ -224,10 +242,10 @@ def mla_extend_attention(
         BLOCK_NOPE=block_nope,
         BLOCK_ROPE=block_rope,
         BLOCK_DV=block_dv,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
+        BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n,
         PRECISION=dot_precision(q_nope),
-        num_warps=num_warps,
-        num_stages=num_stages,
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
     )
     return out

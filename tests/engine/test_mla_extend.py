@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 
 from engine.forward_batch import ForwardBatch
 from engine.kernels.attention import extend_blocks
-from engine.kernels.mla_extend import mla_extend_attention
+from engine.kernels.mla_extend import Tiles, mla_extend_attention
 from engine.kv_cache import KVCache, KVCacheSpec
 from engine.layers.attention import TorchAttentionBackend
 from engine.layers.triton_attention import TritonAttentionBackend
@@ -76,12 +76,13 @@ def test_kernel_matches_reference(heads, d_nope, d_rope, d_v, block, dtype) -> N
     def dev(x: list[int]) -> torch.Tensor:
         return torch.tensor(x, device=DEVICE)
 
+    tiles = Tiles(block, block, 4)
     seqs, firsts = extend_blocks(EXT, block)
     q_starts = dev([sum(EXT[:b]) for b in range(len(EXT))])
     kv_starts = dev([sum(PREFIX[:b]) + sum(EXT[:b]) for b in range(len(EXT))])
     out = mla_extend_attention(
         q_nope, q_pe, k_nope, k_pe, v, dev(PREFIX), dev(EXT), q_starts, kv_starts,
-        dev(seqs), dev(firsts), scale, block_m=block, block_n=block,
+        dev(seqs), dev(firsts), scale, tiles=tiles,
     )  # fmt: skip
     assert out.shape == (t, heads, d_v) and out.dtype == dtype
     want = reference(q_nope, q_pe, k_nope, k_pe[:, 0], v, PREFIX, EXT, scale)
