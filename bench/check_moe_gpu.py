@@ -4,13 +4,15 @@
 
 `make test` checks the kernels at small shapes under Triton's interpreter; this runs them
 compiled, in bfloat16, at the published sizes of Qwen3-30B-A3B, Moonlight-16B-A3B and
-DeepSeek-V3 (one layer each), over token counts 0, 1, 7, 64, 257 and 4096.
+DeepSeek-V3 (one layer each), over token counts 0, 1, 7, 64, 257 and 4096; MLA decode and
+extend at 16 and 128 heads.
 
 Tolerances (bfloat16): the fused experts against the torch experts run in float32 on the same
 bfloat16 weights, max abs error <= 2e-2 of the largest reference value (bfloat16 keeps 8 bits:
 the output and the intermediate activation each round by up to 2^-9 relative). Routing from
 float32 logits: the same experts per token (ties aside), weights within 1e-5. MLA decode
-against the torch backend's formula in float32: max abs error <= 2e-2 of the largest value.
+against the torch backend's formula in float32, and MLA extend (non-absorbed, head dims 128 +
+64 and 128) against causal attention in float32: max abs error <= 2e-2 of the largest value.
 """
 
 from __future__ import annotations
@@ -132,6 +134,57 @@ def check_mla() -> list[str]:
     return failures
 
 
+def check_mla_extend() -> list[str]:
+    from engine.kernels.attention import extend_blocks
+    from engine.kernels.mla_extend import default_tiles, mla_extend_attention
+
+    failures = []
+    g = torch.Generator(device="cuda").manual_seed(2)
+    # (prefix, new tokens): fresh prompts, decode-like, prefix hits and chunks.
+    prefix, ext = [0, 0, 512, 2048, 100, 7], [1, 300, 64, 1, 2048, 129]
+    t, ctx = sum(ext), sum(prefix) + sum(ext)
+    for heads in (16, 128):
+
+        def randn(*shape: int, std: float = 1.0) -> torch.Tensor:
+            return (torch.randn(*shape, device="cuda", generator=g) * std).bfloat16()
+
+        q_nope, q_pe = randn(t, heads, 128, std=0.3), randn(t, heads, 64, std=0.3)
+        kv = randn(ctx, heads, 256)
+        k_nope, v = kv.split([128, 128], dim=-1)
+        k_pe = randn(ctx, 64)
+        seqs, firsts = extend_blocks(ext, default_tiles(torch.bfloat16).block_m)
+
+        def dev(x: list[int]) -> torch.Tensor:
+            return torch.tensor(x, device="cuda")
+
+        q_starts = dev([sum(ext[:b]) for b in range(len(ext))])
+        kv_starts = dev([sum(prefix[:b]) + sum(ext[:b]) for b in range(len(ext))])
+        scale = 192**-0.5
+        out = mla_extend_attention(
+            q_nope, q_pe, k_nope, k_pe, v, dev(prefix), dev(ext), q_starts, kv_starts,
+            dev(seqs), dev(firsts), scale,
+        )  # fmt: skip
+        wants = []
+        for b, (p, n) in enumerate(zip(prefix, ext, strict=True)):
+            q = slice(sum(ext[:b]), sum(ext[:b]) + n)
+            k = slice(kv_starts[b].item(), kv_starts[b].item() + p + n)
+            s = torch.einsum("mhd,nhd->hmn", q_nope[q].float(), k_nope[k].float())
+            s += torch.einsum("mhd,nd->hmn", q_pe[q].float(), k_pe[k].float())
+            causal = (
+                torch.arange(p + n, device="cuda")[None, :]
+                > torch.arange(p, p + n, device="cuda")[:, None]
+            )
+            s = (s * scale).masked_fill(causal, float("-inf")).softmax(-1)
+            wants.append(torch.einsum("hmn,nhd->mhd", s, v[k].float()))
+        want = torch.cat(wants)
+        err = (out.float() - want).abs().max().item()
+        largest = want.abs().max().item()
+        print(f"MLA extend heads={heads}: max err {err:.2e} of {largest:.2f}")
+        if err > MLA_TOL * largest:
+            failures.append(f"MLA extend heads={heads}: {err:.2e}")
+    return failures
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", action="append", choices=sorted(SHAPES))
@@ -145,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         failures += check_moe(SHAPES[name], TOKENS)
         torch.cuda.empty_cache()
     if not args.skip_mla:
-        failures += check_mla()
+        failures += check_mla() + check_mla_extend()
     print("\nall checks passed" if not failures else "\nFAILED:\n  " + "\n  ".join(failures))
     return 1 if failures else 0
 

@@ -29,7 +29,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from engine.kernels import fused_moe, mla_decode, moe_routing
+from engine.kernels import fused_moe, mla_decode, mla_extend, moe_routing
 from engine.kernels.fused_moe_configs import MoEKernelConfig, candidates, default_config
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -227,6 +227,35 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
         {"mid_out": "*fp32", "mid_lse": "*fp32", "out": "*bf16"},
         {"NUM_SPLITS": 8, "BLOCK_R": 512},
     )
+    starts = ("prefix_lens_ptr", "extend_lens_ptr", "q_starts_ptr", "block_seq_ptr")
+    meta = {name: "*i64" for name in starts} | {"block_first_ptr": i32}
+    for dtype in ("bf16", "fp32"):
+        # DeepSeek-V3/Kimi-K2/Moonlight: no-rope key 128, rope key 64, value 128.
+        tiles = mla_extend.default_tiles(torch.bfloat16 if dtype == "bf16" else torch.float32)
+        add(
+            f"mla_extend_kernel {dtype}",
+            mla_extend.mla_extend_kernel,
+            {
+                **{f"{x}_ptr": f"*{dtype}" for x in ("q_nope", "q_pe", "k_nope", "k_pe", "v")},
+                "out_ptr": f"*{dtype}",
+                "kv_starts_ptr": "*i64",
+                **meta,
+            },
+            {
+                "D_NOPE": 128,
+                "D_ROPE": 64,
+                "D_V": 128,
+                "BLOCK_NOPE": 128,
+                "BLOCK_ROPE": 64,
+                "BLOCK_DV": 128,
+                "BLOCK_M": tiles.block_m,
+                "BLOCK_N": tiles.block_n,
+                "PRECISION": "ieee" if dtype == "fp32" else "tf32",
+            },
+            floats=("scale",),
+            num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages,
+        )
     return out
 
 

@@ -36,8 +36,10 @@ class ForwardBatch:
     max_seq_len: int
     kv_cache: KVCache
     is_decode: bool
-    # The same extend lengths on the host (kernels that split work per sequence read them).
+    # The same extend and prefix lengths on the host, for kernels that split work per
+    # sequence (empty where the builder does not know them: a decode batch's prefixes).
     host_extend_lens: tuple[int, ...] = ()
+    host_prefix_lens: tuple[int, ...] = ()
     attn_metadata: Any = field(default=None)
 
     @property

@@ -257,6 +257,7 @@ class ModelRunner:
             kv_cache=self.kv_cache,
             is_decode=batch.is_decode,
             host_extend_lens=tuple(batch.extend_lens),
+            host_prefix_lens=tuple(prefix_lens),
         )
         self.attention.prepare(fb)
         return fb

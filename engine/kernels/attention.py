@@ -27,10 +27,28 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 
 
-def _precision(q: torch.Tensor) -> str:
+def dot_precision(q: torch.Tensor) -> str:
     """tl.dot's input precision: exact in float32 (the reference runs that the engine is
     token-exact against), the tensor cores' own for 16-bit inputs."""
     return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def online_softmax_step(s, v, m, l_sum, acc, PRECISION: tl.constexpr):
+    """One key tile of a flash-attention loop, shared by every attention kernel here.
+
+    `s` `[M, N]` are the tile's scores in the log2 domain (masked keys -inf; every row must
+    have seen a finite score by its first tile), `v` `[N, DV]` its values; `m` `[M]` is the
+    running maximum, `l_sum` `[M]` the running sum of exponentials and `acc` `[M, DV]` the
+    float32 unnormalised output. Returns the updated `(m, l_sum, acc)`; the output is
+    `acc / l_sum` and the log-sum-exp (log2) `m + log2(l_sum)`.
+    """
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_sum = l_sum * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_sum, acc
 
 
 @triton.jit
@@ -164,17 +182,12 @@ def _decode_split_kernel(
             )  # [N, DK]
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [G, N]
             s = tl.where(ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_sum = l_sum * alpha + tl.sum(p, 1)
             v = tl.load(
                 v_ptr + slot[:, None] * stride_vs + kvh * stride_vh + dv[None, :],
                 mask=ok[:, None] & (dv[None, :] < DV),
                 other=0.0,
             )  # [N, DV]
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m = m_new
+            m, l_sum, acc = online_softmax_step(s, v, m, l_sum, acc, PRECISION)
         out = acc / l_sum[:, None]
         tl.store(
             part_o_ptr
@@ -306,7 +319,7 @@ def decode_attention(
         PAGE_SIZE=page_size,
         BLOCK_N=DECODE_BLOCK_N,
         num_splits=num_splits,
-        PRECISION=_precision(q),
+        PRECISION=dot_precision(q),
         num_warps=4,
         num_stages=2,
     )
@@ -402,17 +415,12 @@ def _extend_kernel(
         # Causal: query at q_pos sees keys 0..q_pos. Key 0 is always visible, so no row is
         # ever fully masked (padded query rows included).
         s = tl.where((offs[None, :] <= q_pos[:, None]) & n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_sum = l_sum * alpha + tl.sum(p, 1)
         v = tl.load(
             v_ptr + slot[:, None] * stride_vs + kvh * stride_vh + dv[None, :],
             mask=n_ok[:, None] & (dv[None, :] < DV),
             other=0.0,
         )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        m, l_sum, acc = online_softmax_step(s, v, m, l_sum, acc, PRECISION)
     out = acc / l_sum[:, None]
     tl.store(
         out_ptr + tok[:, None] * stride_ot + h * stride_oh + dv[None, :],
@@ -493,7 +501,7 @@ def extend_attention(
         PAGE_SIZE=page_size,
         BLOCK_M=block_m,
         BLOCK_N=64 if max(block_dk, block_dv) <= 128 else 32,
-        PRECISION=_precision(q),
+        PRECISION=dot_precision(q),
         num_warps=4 if block_dk <= 64 else 8,
         num_stages=2,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,9 @@ class AttentionBackend(ABC):
     step's new K/V into layer `layer_id` of `batch.kv_cache` at `batch.out_slots`, then attends
     every new query to its own sequence's context (cached prefix plus new tokens, causal) and
     returns `[T, Hq, D]`. `forward_mla` is the same for multi-head latent attention, in its
-    weight-absorbed form (see its docstring); a model uses one of the two.
+    weight-absorbed form (see its docstring); a model uses one of the two. An MLA model asks
+    `mla_expands(batch)` each step: when True it calls `forward_mla_expanded` (the
+    non-absorbed form) instead of `forward_mla`.
 
     `graph_safe`: a decode step through this backend may be captured in a CUDA graph. Such a
     backend's `prepare` of a decode batch runs device operations only, whose shapes depend on
@@ -65,6 +68,35 @@ class AttentionBackend(ABC):
         k_pe)` and values `c_kv`; returns `[T, H, R]`. This is multi-query attention with key
         `[c_kv; k_pe]` and value `c_kv`; the caller up-projects the result per head.
         """
+
+    def mla_expands(self, batch: ForwardBatch) -> bool:
+        """Whether this step's MLA runs in the non-absorbed form (`forward_mla_expanded`)
+        rather than the absorbed one (`forward_mla`). The base backend always absorbs."""
+        return False
+
+    def forward_mla_expanded(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        c_kv: torch.Tensor,
+        k_pe: torch.Tensor,
+        kv_up_proj: Callable[[torch.Tensor], torch.Tensor],
+        layer_id: int,
+        batch: ForwardBatch,
+        scale: float,
+    ) -> torch.Tensor:
+        """Multi-head latent attention in the non-absorbed form (per-head keys and values).
+
+        Inputs: `q_nope` `[T, H, Dn]` and `q_pe` `[T, H, P]` (the heads' no-rope and rotary
+        queries), `c_kv` `[T, 1, R]` and `k_pe` `[T, 1, P]` as in `forward_mla`, and
+        `kv_up_proj` (`kv_b_proj`): latents `[L, R]` to `[L, H * (Dn + Dv)]`, per head its
+        no-rope key then its value. Writes `c_kv` and `k_pe` into the cache as `forward_mla`
+        does, then computes, per head, causal attention over the sequence's context with
+        scores `scale * (q_nope . k_nope + q_pe . k_pe)` and values `v`, where `[k_nope; v]`
+        is the up-projected latent of every context token; returns `[T, H, Dv]`. Called only
+        when `mla_expands(batch)`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} runs MLA in the absorbed form only")
 
 
 @dataclass(frozen=True)

@@ -4,21 +4,24 @@ Decode metadata is computed on the device from the batch's static tensors, with 
 depend only on the batch size and the longest context served, so a decode step can be
 captured in a CUDA graph and replayed with new lengths.
 
-MLA models (DeepSeek-V3, Kimi-K2, Moonlight) decode with `engine.kernels.mla_decode`; their
-prefill still runs the torch backend's padded attention (a paged MLA extend kernel is not
-written yet).
+MLA models (DeepSeek-V3, Kimi-K2, Moonlight) decode in the absorbed form with
+`engine.kernels.mla_decode`, and prefill/extend in the non-absorbed form: each sequence's
+context latents (the cached prefix's gathered from the pool, then the new tokens') are
+up-projected to per-head keys and values and `engine.kernels.mla_extend` attends over them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from engine.forward_batch import ForwardBatch
 from engine.kernels import attention as kernels
+from engine.kernels import mla_extend
 from engine.kernels.mla_decode import mla_decode
-from engine.layers.attention import AttentionBackend, TorchAttentionBackend
+from engine.layers.attention import AttentionBackend
 
 
 @dataclass(frozen=True)
@@ -34,22 +37,57 @@ class _ExtendMetadata:
     block_first: torch.Tensor  # [blocks] first query (within its sequence) of each block
 
 
+@dataclass(frozen=True)
+class _MLAExtendMetadata:
+    q_starts: torch.Tensor  # [B] index into [T] of each sequence's first new token
+    kv_starts: torch.Tensor  # [B] index into the context [L] of each sequence's first token
+    block_seq: torch.Tensor  # [blocks] sequence of each query block
+    block_first: torch.Tensor  # [blocks] first query (within its sequence) of each block
+    # [L] flat cache slot of every context token, sequence after sequence; None when no
+    # sequence has a cached prefix, so that the context is the step's new tokens themselves.
+    context_slots: torch.Tensor | None
+
+
+def _mla_extend_metadata(batch: ForwardBatch) -> _MLAExtendMetadata:
+    ext = batch.host_extend_lens
+    # Built by the model runner with the host's prefix lengths; a hand-built batch pays a sync.
+    prefix = batch.host_prefix_lens or tuple(batch.prefix_lens.tolist())
+    device = batch.input_ids.device
+    block_m = mla_extend.default_tiles(batch.kv_cache.dtype).block_m
+    seqs, firsts = kernels.extend_blocks(list(ext), block_m)
+    blocks = torch.tensor([seqs, firsts], dtype=torch.int32).to(device, non_blocking=True)
+    q_starts = torch.cumsum(batch.extend_lens, 0) - batch.extend_lens
+    if not any(prefix):
+        return _MLAExtendMetadata(q_starts, q_starts, blocks[0], blocks[1], None)
+    ctx_lens = batch.prefix_lens + batch.extend_lens
+    kv_starts = torch.cumsum(ctx_lens, 0) - ctx_lens
+    total = sum(prefix) + sum(ext)
+    seq_of = torch.repeat_interleave(
+        torch.arange(batch.batch_size, device=device), ctx_lens, output_size=total
+    )
+    pos = torch.arange(total, device=device) - kv_starts[seq_of]  # [L] position in its sequence
+    ps = batch.kv_cache.page_size
+    pages = batch.page_table[batch.req_rows[seq_of], pos // ps]
+    return _MLAExtendMetadata(
+        q_starts, kv_starts, blocks[0], blocks[1], pages.long() * ps + pos % ps
+    )
+
+
 class TritonAttentionBackend(AttentionBackend):
     graph_safe = True
 
     def __init__(self, mla: bool = False) -> None:
-        # MLA prefill: the reference's padded attention until a paged MLA extend kernel exists.
-        self._mla_extend = TorchAttentionBackend() if mla else None
+        self._mla = mla
 
     @property
     def mla(self) -> bool:
         """Built for multi-head latent attention (DeepSeek/Kimi) rather than per-head K/V."""
-        return self._mla_extend is not None
+        return self._mla
 
     def prepare(self, batch: ForwardBatch) -> None:
         cache = batch.kv_cache
-        if self._mla_extend is not None and not batch.is_decode:
-            self._mla_extend.prepare(batch)
+        if self._mla and not batch.is_decode:
+            batch.attn_metadata = _mla_extend_metadata(batch)
             return
         if batch.is_decode:
             # Decode: one query per sequence, at position prefix_len; it sees prefix_len + 1 keys.
@@ -101,11 +139,11 @@ class TritonAttentionBackend(AttentionBackend):
         batch: ForwardBatch,
         scale: float,
     ) -> torch.Tensor:
-        if self._mla_extend is None:
+        if not self._mla:
             raise RuntimeError("this TritonAttentionBackend was built for per-head attention")
         meta = batch.attn_metadata
         if not isinstance(meta, _DecodeMetadata):
-            return self._mla_extend.forward_mla(q_latent, q_pe, c_kv, k_pe, layer_id, batch, scale)
+            raise RuntimeError("MLA extend runs in the non-absorbed form: forward_mla_expanded")
         cache = batch.kv_cache
         latent_slots, pe_slots = cache.slots(layer_id)
         kernels.store_kv(c_kv, k_pe, latent_slots, pe_slots, batch.out_slots)
@@ -113,4 +151,39 @@ class TritonAttentionBackend(AttentionBackend):
         return mla_decode(
             q_latent, q_pe, cache.k[layer_id], cache.v[layer_id],
             batch.page_table.index_select(0, batch.req_rows), meta.seq_lens, scale, out,
+        )  # fmt: skip
+
+    def mla_expands(self, batch: ForwardBatch) -> bool:
+        """Prefill/extend in the non-absorbed form (fewer FLOPs over many new tokens); decode
+        absorbed (one latent read per context token)."""
+        return self._mla and not batch.is_decode
+
+    def forward_mla_expanded(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        c_kv: torch.Tensor,
+        k_pe: torch.Tensor,
+        kv_up_proj: Callable[[torch.Tensor], torch.Tensor],
+        layer_id: int,
+        batch: ForwardBatch,
+        scale: float,
+    ) -> torch.Tensor:
+        meta = batch.attn_metadata
+        if not isinstance(meta, _MLAExtendMetadata):
+            raise RuntimeError("forward_mla_expanded runs extend batches of an MLA backend only")
+        latent_slots, pe_slots = batch.kv_cache.slots(layer_id)  # [slots, 1, R], [slots, 1, P]
+        kernels.store_kv(c_kv, k_pe, latent_slots, pe_slots, batch.out_slots)
+        if meta.context_slots is None:
+            latent, rope_key = c_kv, k_pe
+        else:
+            latent = latent_slots.index_select(0, meta.context_slots)
+            rope_key = pe_slots.index_select(0, meta.context_slots)
+        num_heads, d_nope = q_nope.shape[1], q_nope.shape[2]
+        # kv: [L, H, Dn + Dv], per head its no-rope key then its value
+        kv = kv_up_proj(latent.flatten(1)).view(latent.shape[0], num_heads, -1)
+        k_nope, v = kv.split([d_nope, kv.shape[2] - d_nope], dim=-1)
+        return mla_extend.mla_extend_attention(
+            q_nope, q_pe, k_nope, rope_key, v, batch.prefix_lens, batch.extend_lens,
+            meta.q_starts, meta.kv_starts, meta.block_seq, meta.block_first, scale,
         )  # fmt: skip

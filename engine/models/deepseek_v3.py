@@ -9,7 +9,9 @@ W_UK `[qk_nope, R]` to the no-rope key and W_UV `[v_head, R]` to the value, so
     q_nope . (W_UK c) = (W_UK^T q_nope) . c    and    sum_j p_j W_UV c_j = W_UV sum_j p_j c_j
 
 and the backend attends latent queries to the latent cache (multi-query attention, one KV head)
-without ever materialising per-head keys or values.
+without ever materialising per-head keys or values. A backend may instead ask for the
+non-absorbed form (`AttentionBackend.mla_expands`), where it up-projects the context's latents
+with `kv_b_proj` itself: fewer FLOPs when many new tokens share a context (prefill).
 
 Shapes: the batch is flattened, so activations are `[T, hidden]` for T new tokens.
 """
@@ -93,6 +95,12 @@ class MLAttention(nn.Module):
         ).split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)[:, None, :]  # [T, 1, R]
         q_pe, k_pe = self.rotary(batch.positions, q_pe, k_pe[:, None, :])  # [T, H | 1, P]
+        if self.backend.mla_expands(batch):
+            # Prefill/extend: per-head keys and values up-projected from the context latents.
+            out = self.backend.forward_mla_expanded(
+                q_nope, q_pe, c_kv, k_pe, self.kv_b_proj, self.layer_id, batch, self.scale
+            )  # [T, H, v]
+            return self.o_proj(out.flatten(1))
         # kv_b_proj.weight: [H * (nope + v), R] -> W_UK [H, nope, R], W_UV [H, v, R]
         w_kv = self.kv_b_proj.weight.view(self.num_heads, -1, self.kv_lora_rank)
         w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)

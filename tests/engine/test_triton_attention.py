@@ -21,7 +21,7 @@ from engine.engine import Engine
 from engine.kernels import attention as kernels
 from engine.sampling import SamplingParams
 from tests.engine.greedy import assert_greedy_matches
-from tests.engine.reference import MAX_NEW_TOKENS, reference
+from tests.engine.reference import MAX_NEW_TOKENS, Reference, reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Greedy tokens equal transformers' exactly on the CPU. On a GPU, where cuBLAS reduces in other
@@ -209,22 +209,34 @@ def test_triton_backend_matches_transformers(
 
 
 def test_triton_backend_runs_mla_like_transformers(tiny_models: dict[str, Path]) -> None:
-    """DeepSeek-V3's MLA: decode through the Triton MLA kernel, prefill through the padded
-    reference; with the Triton MoE experts, greedy tokens equal transformers'."""
+    """DeepSeek-V3's MLA: decode through the Triton MLA kernel (absorbed), prefill and extend
+    through the non-absorbed extend kernel, in chunks of 8 tokens (chunked prefill), then
+    again over the prefix cache; greedy tokens equal transformers'. (The MoE experts stay on
+    the torch backend here: test_fused_moe runs this model with the Triton experts.)"""
     ref = reference(tiny_models["deepseek-v3"], device=DEVICE)
     engine = Engine(
         EngineConfig(
             model_path=str(tiny_models["deepseek-v3"]),
             num_pages=256,
             page_size=16,
+            chunked_prefill_size=8,
             attention_backend="triton",
             dtype="float32",
-            moe_backend="triton",
         )
     )
     assert engine.runner.attention.mla  # type: ignore[attr-defined]
     results = engine.generate(ref.prompts, GREEDY)
     assert_greedy_matches([r.output_ids for r in results], ref, NEAR_TIE)
+    # The prompts sharing a prefix again, one by one, their prefixes from the cache (a few
+    # tokens each: the interpreter is slow, and the extend over a cached prefix is the point).
+    n = 3
+    shared = Reference(
+        ref.prompts[-3:], [t[:n] for t in ref.tokens[-3:]], [x[:n] for x in ref.logits[-3:]]
+    )
+    few = SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
+    again = [engine.generate([p], few)[0] for p in shared.prompts]
+    assert_greedy_matches([r.output_ids for r in again], shared, NEAR_TIE)
+    assert all(r.num_cached_tokens >= 16 for r in again)
     assert engine.num_free_pages == engine.pool.num_pages
 
 
