@@ -7,15 +7,15 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from router.admission import AdmissionConfig
-from router.auth import ENV_ADMIN_KEY, ENV_API_KEY, read_keys
-from router.health import HealthConfig
-from router.parsers.reasoning import REASONING_FORMATS
-from router.parsers.tool_calls import TOOL_CALL_PARSERS
-from router.policy import POLICIES, CacheAwareOptions, PolicySpec
-from router.registry import RegistryConfig
-from router.resilience import RetryConfig
-from router.workers import endpoint_of
+from router.app.admission import AdmissionConfig
+from router.app.auth import ENV_ADMIN_KEY, ENV_API_KEY, read_keys
+from router.app.parsers.reasoning import REASONING_FORMATS
+from router.app.parsers.tool_calls import TOOL_CALL_PARSERS
+from router.client.resilience import RetryConfig
+from router.fleet.health import HealthConfig
+from router.fleet.policy import POLICIES, CacheAwareOptions, PolicySpec
+from router.fleet.registry import RegistryConfig
+from router.fleet.workers import endpoint_of
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20
 

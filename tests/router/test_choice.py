@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 
 from engine.tokenizer import Tokenizer
-from router.choice import ChoiceDecoder, ChoiceDelta, ChoiceSpec
-from router.events import Finished, TokenChunk, TokenLogprob, WorkerEvent, WorkerRequest
-from router.protocol import Sampling
+from router.app.choice import ChoiceDecoder, ChoiceDelta, ChoiceSpec
+from router.app.protocol import Sampling
+from router.client.events import Finished, TokenChunk, TokenLogprob, WorkerEvent, WorkerRequest
 
 TEXT = "emoji 🚀🤖 and CJK 批处理, héllo wörld: the KV cache stores keys and values."
 

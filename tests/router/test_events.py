@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from protos import common_pb2
-from router.events import (
+from router.client.events import (
     Finished,
     TokenChunk,
     TokenLogprob,
@@ -15,7 +15,7 @@ from router.events import (
     http_status_for,
     status_code_from_int,
 )
-from router.workers import endpoint_of
+from router.fleet.workers import endpoint_of
 
 
 def test_every_status_maps_to_400_or_503() -> None:

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from protos import common_pb2, decode_pb2, h2
-from router.grpc_stream import StreamCall
+from router.client.grpc_stream import StreamCall
 from tests.router.conftest import run
 from worker.session_server import Method, SessionServer
 

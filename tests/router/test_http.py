@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from router.http import Connection, EventStream, HttpServer, NoRoute, Request, Response, Routes
+from router.app.http import Connection, EventStream, HttpServer, NoRoute, Request, Response, Routes
 from tests.router.conftest import run
 
 

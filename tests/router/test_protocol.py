@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from engine.tokenizer import Tokenizer
-from router.errors import RequestError
-from router.prompts import ModelInfo, PromptBuilder
-from router.protocol import (
+from router.app.errors import RequestError
+from router.app.prompts import ModelInfo, PromptBuilder
+from router.app.protocol import (
     UINT64,
     Sampling,
     ToolChoice,

@@ -15,16 +15,16 @@ from typing import Any
 import grpc
 import pytest
 
-from router.events import Finished, TokenChunk, WorkerError, WorkerEvent, WorkerRequest
-from router.health import CircuitBreaker, CircuitState, HealthConfig
-from router.protocol import Sampling
-from router.resilience import (
+from router.app.protocol import Sampling
+from router.client.events import Finished, TokenChunk, WorkerError, WorkerEvent, WorkerRequest
+from router.client.resilience import (
     MAX_BACKOFF_S,
     NoUsableWorker,
     RetryConfig,
     backoff_delay,
     generate,
 )
+from router.fleet.health import CircuitBreaker, CircuitState, HealthConfig
 from tests.router.conftest import router_for, run
 from tests.router.fake_worker import EOS, Failure, FakeWorker
 

@@ -7,9 +7,9 @@ import pytest
 
 from protos import common_pb2, decode_pb2
 from protos.contract import ROLE_COLOCATED
-from router.events import Finished, WorkerError, event_from_proto
-from router.session import RequestStream
-from router.workers import WorkerClient
+from router.client.events import Finished, WorkerError, event_from_proto
+from router.client.session import RequestStream
+from router.fleet.workers import WorkerClient
 from tests.router.conftest import run
 from tests.router.fake_worker import EOS, Failure, FakeWorker
 from tests.router.test_server import wait_for

@@ -17,7 +17,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from router.errors import RequestError
+from router.app.errors import RequestError
 from router.metrics import RouterMetrics
 
 DEFAULT_MAX_CONCURRENT = 256

@@ -13,8 +13,8 @@ import grpc
 
 from protos import common_pb2
 from protos.contract import finish_from_proto
-from router.errors import RequestError
-from router.protocol import Sampling
+from router.app.errors import RequestError
+from router.app.protocol import Sampling
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,10 @@ import aiohttp
 import orjson
 
 from protos.contract import ROLES
-from router.auth import FailedAttempts, KeyCheck, peer_address
-from router.errors import RequestError, invalid
-from router.http import Connection, Request, Response, Routes
-from router.workers import (
+from router.app.auth import FailedAttempts, KeyCheck, peer_address
+from router.app.errors import RequestError, invalid
+from router.app.http import Connection, Request, Response, Routes
+from router.fleet.workers import (
     SOURCE_ADMIN,
     WorkerPool,
     WorkerRefused,

@@ -16,10 +16,10 @@ from typing import Any
 
 import orjson
 
-from router.choice import ChoiceDelta
-from router.detokenizer import TokenTexts
-from router.events import TokenLogprob
-from router.parsers.chat_output import ChatOutputFormat, ChatOutputStream, openai_tool_calls
+from router.app.choice import ChoiceDelta
+from router.app.detokenizer import TokenTexts
+from router.app.parsers.chat_output import ChatOutputFormat, ChatOutputStream, openai_tool_calls
+from router.client.events import TokenLogprob
 
 DONE = b"data: [DONE]\n\n"
 

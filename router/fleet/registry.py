@@ -33,8 +33,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from protos.contract import ROLES
-from router.errors import short
-from router.workers import (
+from router.app.errors import short
+from router.fleet.workers import (
     SOURCE_REGISTRY,
     WorkerPool,
     WorkerRefused,

@@ -12,8 +12,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from engine.tokenizer import Tokenizer
-from router.errors import invalid
-from router.protocol import (
+from router.app.errors import invalid
+from router.app.protocol import (
     GENERATE_DEFAULT_MAX_TOKENS,
     ChatRequest,
     CompletionRequest,

@@ -14,10 +14,10 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 
 from engine.tokenizer import Tokenizer
-from router.detokenizer import IncrementalDetokenizer
-from router.events import TokenChunk, TokenLogprob, WorkerEvent, WorkerRequest
+from router.app.detokenizer import IncrementalDetokenizer
+from router.app.stop import StopMatcher
+from router.client.events import TokenChunk, TokenLogprob, WorkerEvent, WorkerRequest
 from router.metrics import TokenTimer
-from router.stop import StopMatcher
 
 
 @dataclass(slots=True)  # not frozen: see router.events.TokenChunk

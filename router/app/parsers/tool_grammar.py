@@ -15,8 +15,8 @@ import json
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from router.parsers.reasoning import ReasoningFormat
-from router.parsers.tool_calls import (
+from router.app.parsers.reasoning import ReasoningFormat
+from router.app.parsers.tool_calls import (
     DeepSeekV3Parser,
     HermesParser,
     KimiK2Parser,

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from router.parsers.reasoning import ReasoningFormat
-from router.parsers.tool_calls import (
+from router.app.parsers.reasoning import ReasoningFormat
+from router.app.parsers.tool_calls import (
     ToolCall,
     ToolCallDelta,
     ToolCallParser,

@@ -20,7 +20,7 @@ from typing import Any
 from protos.common_pb2 import GenerateRequest, GenerateResponse
 from protos.decode_pb2 import DecodeRequest
 from protos.prefill_pb2 import PrefillReply, PrefillRequest, PrefillResponse
-from router.events import (
+from router.client.events import (
     Finished,
     WorkerError,
     WorkerEvent,
@@ -29,7 +29,7 @@ from router.events import (
     request_to_proto,
     status_code_from_int,
 )
-from router.session import RequestStream, Session
+from router.client.session import RequestStream, Session
 
 log = logging.getLogger(__name__)
 

@@ -26,17 +26,15 @@ import orjson
 
 from engine.tokenizer import Tokenizer
 from router import processes
-from router import responses as R
-from router.admin import AdminApi
-from router.admission import Admission, Overloaded
-from router.auth import Authenticator, FailedAttempts, KeyCheck, KeyLimits
-from router.busy_poll import BusyPoll
-from router.choice import ChoiceDecoder, ChoiceDelta, ChoiceSpec, merge, run_choice
-from router.config import RouterConfig
-from router.detokenizer import TokenTexts
-from router.errors import RequestError, invalid
-from router.events import WorkerRequest
-from router.http import (
+from router.app import responses as R
+from router.app.admin import AdminApi
+from router.app.admission import Admission, Overloaded
+from router.app.auth import Authenticator, FailedAttempts, KeyCheck, KeyLimits
+from router.app.busy_poll import BusyPoll
+from router.app.choice import ChoiceDecoder, ChoiceDelta, ChoiceSpec, merge, run_choice
+from router.app.detokenizer import TokenTexts
+from router.app.errors import RequestError, invalid
+from router.app.http import (
     Connection,
     EventStream,
     HttpServer,
@@ -46,14 +44,12 @@ from router.http import (
     Response,
     Routes,
 )
-from router.metrics import CONTENT_TYPE, RequestTally, RouterMetrics, TokenTimer
-from router.parsers.chat_output import ChatOutputFormat
-from router.parsers.reasoning import REASONING_FORMATS
-from router.parsers.tool_calls import TOOL_CALL_PARSERS, ToolCallParser
-from router.parsers.tool_grammar import reasoning_mode, tool_call_constraint
-from router.policy import make_policy
-from router.prompts import ModelInfo, PreparedPrompt, PromptBuilder
-from router.protocol import (
+from router.app.parsers.chat_output import ChatOutputFormat
+from router.app.parsers.reasoning import REASONING_FORMATS
+from router.app.parsers.tool_calls import TOOL_CALL_PARSERS, ToolCallParser
+from router.app.parsers.tool_grammar import reasoning_mode, tool_call_constraint
+from router.app.prompts import ModelInfo, PreparedPrompt, PromptBuilder
+from router.app.protocol import (
     ChatRequest,
     parse_chat,
     parse_completion,
@@ -61,8 +57,12 @@ from router.protocol import (
     parse_generate,
     parse_tokenize,
 )
-from router.registry import RegistryWatcher
-from router.workers import WorkerPool, load_of
+from router.client.events import WorkerRequest
+from router.config import RouterConfig
+from router.fleet.policy import make_policy
+from router.fleet.registry import RegistryWatcher
+from router.fleet.workers import WorkerPool, load_of
+from router.metrics import CONTENT_TYPE, RequestTally, RouterMetrics, TokenTimer
 
 log = logging.getLogger(__name__)
 

@@ -32,16 +32,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import cluster_token, common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from protos.contract import DECODE, PREFILL, ROLE_COLOCATED, ROLE_DECODE, ROLE_PREFILL, ROLES
-from router import dispatch, resilience
-from router.events import WorkerError, WorkerEvent, WorkerRequest
-from router.grpc_stream import StreamCall
-from router.health import BREAKER_FAILURES, CircuitBreaker, CircuitState, HealthConfig
-from router.load import WorkerLoad
+from router.app.prompts import ModelInfo
+from router.client import dispatch, resilience
+from router.client.events import WorkerError, WorkerEvent, WorkerRequest
+from router.client.grpc_stream import StreamCall
+from router.client.resilience import NoUsableWorker, RetryConfig
+from router.client.session import Session
+from router.fleet.health import BREAKER_FAILURES, CircuitBreaker, CircuitState, HealthConfig
+from router.fleet.load import WorkerLoad
+from router.fleet.policy import Policy, RoundRobin
 from router.metrics import RouterMetrics, WorkerSample
-from router.policy import Policy, RoundRobin
-from router.prompts import ModelInfo
-from router.resilience import NoUsableWorker, RetryConfig
-from router.session import Session
 
 log = logging.getLogger(__name__)
 

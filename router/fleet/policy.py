@@ -24,8 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-from router.load import LoadFn, no_load
-from router.radix_tree import RadixTree
+from router.fleet.load import LoadFn, no_load
+from router.fleet.radix_tree import RadixTree
 
 W = TypeVar("W")
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from router.parsers.tool_calls import partial_suffix
+from router.app.parsers.tool_calls import partial_suffix
 
 
 @dataclass(frozen=True)

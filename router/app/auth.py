@@ -29,9 +29,9 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from pathlib import Path
 
-from router.admission import Overloaded
-from router.errors import RequestError
-from router.http import Connection, Reply, Request
+from router.app.admission import Overloaded
+from router.app.errors import RequestError
+from router.app.http import Connection, Reply, Request
 
 Handler = Callable[[Request, Connection], Awaitable[Reply]]
 

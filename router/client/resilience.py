@@ -27,8 +27,8 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Set
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from router.errors import RequestError
-from router.events import Finished, TokenChunk, WorkerError, WorkerEvent, WorkerRequest
+from router.app.errors import RequestError
+from router.client.events import Finished, TokenChunk, WorkerError, WorkerEvent, WorkerRequest
 from router.metrics import RouterMetrics
 
 log = logging.getLogger(__name__)

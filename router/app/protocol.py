@@ -17,7 +17,7 @@ from typing import Any
 
 import jsonschema
 
-from router.errors import RequestError, invalid, short, unsupported
+from router.app.errors import RequestError, invalid, short, unsupported
 
 MAX_N = 16
 MAX_STOP = 4
