@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from engine.tokenizer import Tokenizer
 from router.app.detokenizer import IncrementalDetokenizer
+from router.app.protocol import Sampling
 from router.app.stop import StopMatcher
 from router.client.events import TokenChunk, TokenLogprob, WorkerEvent, WorkerRequest
 from router.metrics import TokenTimer
@@ -39,6 +40,7 @@ class ChoiceDelta:
 class ChoiceSpec:
     index: int
     request: WorkerRequest
+    sampling: Sampling  # the request's own: the stop strings and tokens the router watches
     # False where the output parsers read markers that the tokenizer marks special.
     skip_special_tokens: bool = True
 
@@ -77,7 +79,7 @@ class ChoiceDecoder:
         timer: TokenTimer | None = None,
     ) -> None:
         request = spec.request
-        sampling = request.sampling
+        sampling = spec.sampling
         self._index = spec.index
         self._prompt_tokens = len(request.token_ids)
         self._stopping = _stopping_ids(sampling.stop_token_ids, sampling.ignore_eos, eos_token_ids)

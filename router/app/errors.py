@@ -1,14 +1,19 @@
 """The one error type the router answers with, in OpenAI's error-body shape.
 
 Every failure a client can see, from a malformed body to a worker that went away, becomes a
-``RequestError``: an HTTP status plus ``{"error": {"message", "type", "param", "code"}}``.
-Type errors in the body are 400, like OpenAI's own API (never 422).
+``RequestError``: an HTTP status plus ``{"error": {"message", "type", "param", "code"}}``
+(the worker client's own errors through ``from_worker``). Type errors in the body are 400,
+like OpenAI's own API (never 422).
 """
 
 from __future__ import annotations
 
 import reprlib
 from typing import Any
+
+import grpc
+
+from router.client.errors import BAD_INPUT, NoUsableWorker, WorkerError
 
 # OpenAI's error "type" per status; anything else 4xx is an invalid request.
 _TYPES = {
@@ -56,6 +61,26 @@ class RequestError(Exception):
 
     def __repr__(self) -> str:
         return f"RequestError({self.status}, {self.message!r}, param={self.param!r})"
+
+
+def http_status_for(code: grpc.StatusCode) -> int:
+    """400 for bad input, 503 for everything else: a worker never turns into a 500."""
+    return 400 if code in BAD_INPUT else 503
+
+
+def from_worker(exc: WorkerError | NoUsableWorker) -> RequestError:
+    """The HTTP reply for a worker client's failure: a worker's refusal of bad input is a 400
+    with its message; no KV room a 503 that says so; anything else a 503 naming the worker
+    (``no_worker_available`` when no route existed at all)."""
+    if isinstance(exc, NoUsableWorker):
+        return RequestError(503, str(exc), None, "no_worker_available")
+    status = http_status_for(exc.grpc_code)
+    if status == 400:
+        return RequestError(400, exc.details, None, "invalid_request")
+    if exc.grpc_code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        message = f"the server is out of KV cache capacity right now; retry later ({exc.details})"
+        return RequestError(503, message, None, "resource_exhausted")
+    return RequestError(503, str(exc), None, "worker_unavailable")
 
 
 def invalid(message: str, param: str | None = None, code: str | None = None) -> RequestError:

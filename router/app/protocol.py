@@ -17,6 +17,7 @@ from typing import Any
 
 import jsonschema
 
+from protos import common_pb2
 from router.app.errors import RequestError, invalid, short, unsupported
 
 MAX_N = 16
@@ -60,6 +61,26 @@ class Sampling:
         if self.seed is None or index == 0:
             return self
         return replace(self, seed=(self.seed + index) % UINT64)
+
+
+def sampling_to_proto(s: Sampling) -> common_pb2.SamplingParams:
+    """What the workers get of ``s`` (stop strings stay with the router, which matches them)."""
+    if s.max_tokens is None:
+        raise ValueError("max_tokens must be resolved before a request goes to a worker")
+    msg = common_pb2.SamplingParams(
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        min_p=s.min_p,
+        max_new_tokens=s.max_tokens,
+        stop_token_ids=list(s.stop_token_ids),
+        ignore_eos=s.ignore_eos,
+        logprobs=s.logprobs,
+        top_logprobs=s.top_logprobs,
+    )
+    if s.seed is not None:
+        msg.seed = s.seed
+    return msg
 
 
 @dataclass(frozen=True)

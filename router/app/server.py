@@ -33,7 +33,7 @@ from router.app.auth import Authenticator, FailedAttempts, KeyCheck, KeyLimits
 from router.app.busy_poll import BusyPoll
 from router.app.choice import ChoiceDecoder, ChoiceDelta, ChoiceSpec, merge, run_choice
 from router.app.detokenizer import TokenTexts
-from router.app.errors import RequestError, invalid
+from router.app.errors import RequestError, from_worker, invalid
 from router.app.http import (
     Connection,
     EventStream,
@@ -56,7 +56,9 @@ from router.app.protocol import (
     parse_detokenize,
     parse_generate,
     parse_tokenize,
+    sampling_to_proto,
 )
+from router.client.errors import NoUsableWorker, WorkerError
 from router.client.events import WorkerRequest
 from router.config import RouterConfig
 from router.fleet.policy import make_policy
@@ -227,11 +229,12 @@ class RouterServer:
             reply = await handler(request, conn)
             status = reply.status if reply.outcome is None else reply.outcome
             return reply
-        except RequestError as exc:
-            status = exc.status
-            reply = _error_response(exc)
-            if isinstance(exc, Overloaded):
-                reply.headers = {"Retry-After": str(exc.retry_after_s)}
+        except (RequestError, WorkerError, NoUsableWorker) as caught:
+            error = caught if isinstance(caught, RequestError) else from_worker(caught)
+            status = error.status
+            reply = _error_response(error)
+            if isinstance(error, Overloaded):
+                reply.headers = {"Retry-After": str(error.retry_after_s)}
             return reply
         except asyncio.CancelledError:
             status = 499  # the client went away
@@ -585,9 +588,13 @@ def _spec(
     with the last."""
     sampling = prompt.sampling.for_choice(sample)
     request = WorkerRequest(
-        f"{rid}-{index}", prompt.token_ids, sampling, stream or bool(sampling.stop), interval
+        f"{rid}-{index}",
+        prompt.token_ids,
+        sampling_to_proto(sampling),
+        stream or bool(sampling.stop),
+        interval,
     )
-    return ChoiceSpec(index, request, skip_special_tokens)
+    return ChoiceSpec(index, request, sampling, skip_special_tokens)
 
 
 def _decode_json(raw: bytes) -> Any:
@@ -618,9 +625,10 @@ async def _stream(
                 delta = await anext(deltas, None)
             await response.write(b"".join(renderer.tail()) + R.DONE)
             on_success()
-        except RequestError as exc:
-            response.outcome = exc.status
-            await response.write(R.sse(exc.body()) + R.DONE)
+        except (RequestError, WorkerError, NoUsableWorker) as caught:
+            error = caught if isinstance(caught, RequestError) else from_worker(caught)
+            response.outcome = error.status
+            await response.write(R.sse(error.body()) + R.DONE)
         except ConnectionResetError:
             response.outcome = 499
             return response

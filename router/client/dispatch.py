@@ -20,14 +20,13 @@ from typing import Any
 from protos.common_pb2 import GenerateRequest, GenerateResponse
 from protos.decode_pb2 import DecodeRequest
 from protos.prefill_pb2 import PrefillReply, PrefillRequest, PrefillResponse
+from router.client.errors import WorkerError, status_code_from_int
 from router.client.events import (
     Finished,
-    WorkerError,
     WorkerEvent,
     WorkerRequest,
     event_from_proto,
     request_to_proto,
-    status_code_from_int,
 )
 from router.client.session import RequestStream, Session
 

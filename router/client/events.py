@@ -1,8 +1,9 @@
-"""What the router sends a worker and what comes back, free of protobuf types.
+"""What the router sends a worker and what comes back.
 
-A worker stream yields ``TokenChunk``s and ends with one ``Finished``, or raises
-``WorkerError``: a ``RequestError`` whose HTTP status comes from the gRPC status
-(``http_status_for``). Workers never turn into a 500: everything but bad input is a 503.
+A ``WorkerRequest`` carries the sampling parameters as the wire's ``SamplingParams`` (the
+application layer builds them from its own request types). A worker stream yields
+``TokenChunk``s and ends with one ``Finished``, or raises ``WorkerError``
+(``router.client.errors``).
 """
 
 from __future__ import annotations
@@ -13,15 +14,14 @@ import grpc
 
 from protos import common_pb2
 from protos.contract import finish_from_proto
-from router.app.errors import RequestError
-from router.app.protocol import Sampling
+from router.client.errors import WorkerError, status_code_from_int
 
 
 @dataclass(frozen=True)
 class WorkerRequest:
     request_id: str  # unique per choice
     token_ids: tuple[int, ...]
-    sampling: Sampling  # max_tokens resolved (not None)
+    sampling: common_pb2.SamplingParams  # built once, never changed after (copy to vary it)
     stream: bool = True  # tokens as produced; False: all with the last message
     stream_interval: int = 1  # streamed: the worker sends tokens every this many
 
@@ -51,58 +51,6 @@ class Finished:
 
 
 WorkerEvent = TokenChunk | Finished
-
-# INVALID_ARGUMENT and OUT_OF_RANGE are the client's fault; the rest is ours. These may go
-# away on another worker or a moment later (RESOURCE_EXHAUSTED: no KV room now; UNAVAILABLE:
-# worker, peer or transfer lost; INTERNAL/UNKNOWN: a worker bug or a broken stream), so
-# ``router.resilience`` retries them; the others (NOT_FOUND, UNIMPLEMENTED...) would fail again.
-_CLIENT_ERRORS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE})
-_RETRYABLE = frozenset(
-    {
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
-    }
-)
-
-
-class WorkerError(RequestError):
-    """A worker call that failed, with the gRPC status it failed with."""
-
-    def __init__(self, grpc_code: grpc.StatusCode, details: str, endpoint: str) -> None:
-        status = http_status_for(grpc_code)
-        if status == 400:
-            message = details
-            code = "invalid_request"
-        elif grpc_code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-            message = f"the server is out of KV cache capacity right now; retry later ({details})"
-            code = "resource_exhausted"
-        else:
-            message = f"worker {endpoint} failed: {grpc_code.name}: {details}"
-            code = "worker_unavailable"
-        super().__init__(status, message, None, code)
-        self.grpc_code = grpc_code
-        self.details = details
-        self.endpoint = endpoint
-
-    @property
-    def retryable(self) -> bool:
-        return self.grpc_code in _RETRYABLE
-
-
-def http_status_for(code: grpc.StatusCode) -> int:
-    """400 for bad input, 503 for everything else (never 500)."""
-    return 400 if code in _CLIENT_ERRORS else 503
-
-
-def status_code_from_int(value: int) -> grpc.StatusCode:
-    """The ``grpc.StatusCode`` of an ``Error.code`` field; UNKNOWN for values it does not know."""
-    for code in grpc.StatusCode:
-        if code.value[0] == value:
-            return code
-    return grpc.StatusCode.UNKNOWN
 
 
 def event_from_proto(msg: common_pb2.GenerateResponse, endpoint: str) -> WorkerEvent:
@@ -137,26 +85,7 @@ def event_from_proto(msg: common_pb2.GenerateResponse, endpoint: str) -> WorkerE
     raise WorkerError(grpc.StatusCode.INTERNAL, "empty GenerateResponse", endpoint)
 
 
-def sampling_to_proto(s: Sampling) -> common_pb2.SamplingParams:
-    if s.max_tokens is None:
-        raise ValueError("max_tokens must be resolved before a request goes to a worker")
-    msg = common_pb2.SamplingParams(
-        temperature=s.temperature,
-        top_p=s.top_p,
-        top_k=s.top_k,
-        min_p=s.min_p,
-        max_new_tokens=s.max_tokens,
-        stop_token_ids=list(s.stop_token_ids),
-        ignore_eos=s.ignore_eos,
-        logprobs=s.logprobs,
-        top_logprobs=s.top_logprobs,
-    )
-    if s.seed is not None:
-        msg.seed = s.seed
-    return msg
-
-
 def request_to_proto(r: WorkerRequest) -> common_pb2.GenerateRequest:
     return common_pb2.GenerateRequest(
-        request_id=r.request_id, token_ids=list(r.token_ids), sampling=sampling_to_proto(r.sampling)
+        request_id=r.request_id, token_ids=list(r.token_ids), sampling=r.sampling
     )

@@ -24,11 +24,12 @@ import contextlib
 import logging
 import random
 from collections.abc import AsyncGenerator, Awaitable, Callable, Set
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
-from router.app.errors import RequestError
-from router.client.events import Finished, TokenChunk, WorkerError, WorkerEvent, WorkerRequest
+from protos import common_pb2
+from router.client.errors import NoUsableWorker, WorkerError
+from router.client.events import Finished, TokenChunk, WorkerEvent, WorkerRequest
 from router.metrics import RouterMetrics
 
 log = logging.getLogger(__name__)
@@ -92,13 +93,6 @@ def backoff_delay(retry: int, backoff_ms: float, rng: random.Random | None = Non
     return nominal * (rng or random).uniform(0.5, 1.0)
 
 
-class NoUsableWorker(RequestError):
-    """No worker of a needed role is healthy, closed-circuit and not draining: a quick 503."""
-
-    def __init__(self, what: str) -> None:
-        super().__init__(503, f"no usable worker: {what}", None, "no_worker_available")
-
-
 class Route(Protocol):
     """The workers of one attempt; ``stream`` runs it (see ``router.dispatch``)."""
 
@@ -131,9 +125,7 @@ async def generate(
     every token delivered; raises the last ``WorkerError`` when the budget is spent."""
     prompt = request.token_ids
     sampling = request.sampling
-    max_tokens = sampling.max_tokens
-    if max_tokens is None:
-        raise ValueError("max_tokens must be resolved before a request goes to a worker")
+    max_tokens = sampling.max_new_tokens
     stopping = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else eos_token_ids)
     delivered: list[int] = []
     avoid: set[str] = set()
@@ -154,10 +146,13 @@ async def generate(
         resumed = bool(delivered)
         attempt_request = request  # the first attempt: the request as it came
         if attempt:
+            attempt_sampling = common_pb2.SamplingParams()
+            attempt_sampling.CopyFrom(sampling)
+            attempt_sampling.max_new_tokens = max_tokens - len(delivered)
             attempt_request = WorkerRequest(
                 f"{request.request_id}.{attempt}",
                 (*prompt, *delivered),
-                replace(sampling, max_tokens=max_tokens - len(delivered)),
+                attempt_sampling,
                 request.stream,
                 request.stream_interval,
             )
@@ -197,7 +192,7 @@ async def generate(
                 log.warning(
                     "request %s: attempt %d on %s failed (%s: %s); retrying in %.0f ms",
                     request.request_id, attempt, "+".join(route.endpoints),
-                    exc.grpc_code.name, exc.message, delay * 1000,
+                    exc.grpc_code.name, exc.details, delay * 1000,
                 )  # fmt: skip
             else:
                 migrations += 1
@@ -209,6 +204,6 @@ async def generate(
                 log.warning(
                     "request %s: %s failed after %d tokens (%s: %s); migrating in %.0f ms",
                     request.request_id, exc.endpoint, len(delivered),
-                    exc.grpc_code.name, exc.message, delay * 1000,
+                    exc.grpc_code.name, exc.details, delay * 1000,
                 )  # fmt: skip
             await sleep(delay)

@@ -22,7 +22,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from protos.contract import SessionMethod
-from router.client.events import WorkerError
+from router.client.errors import WorkerError
 
 log = logging.getLogger(__name__)
 

@@ -34,9 +34,10 @@ from protos import cluster_token, common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from protos.contract import DECODE, PREFILL, ROLE_COLOCATED, ROLE_DECODE, ROLE_PREFILL, ROLES
 from router.app.prompts import ModelInfo
 from router.client import dispatch, resilience
-from router.client.events import WorkerError, WorkerEvent, WorkerRequest
+from router.client.errors import NoUsableWorker, WorkerError
+from router.client.events import WorkerEvent, WorkerRequest
 from router.client.grpc_stream import StreamCall
-from router.client.resilience import NoUsableWorker, RetryConfig
+from router.client.resilience import RetryConfig
 from router.client.session import Session
 from router.fleet.health import BREAKER_FAILURES, CircuitBreaker, CircuitState, HealthConfig
 from router.fleet.load import WorkerLoad
@@ -647,7 +648,7 @@ class WorkerPool:
                 # A worker being re-checked takes nothing (its attempts fail on purpose): the
                 # check decides about it, not its breaker.
                 if error.grpc_code in BREAKER_FAILURES and worker.verified:
-                    self._failed(worker, f"{error.grpc_code.name}: {error.message}")
+                    self._failed(worker, f"{error.grpc_code.name}: {error.details}")
 
     def _failed(self, worker: WorkerClient, why: str) -> None:
         before = worker.breaker.state

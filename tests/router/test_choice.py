@@ -6,7 +6,7 @@ import random
 
 from engine.tokenizer import Tokenizer
 from router.app.choice import ChoiceDecoder, ChoiceDelta, ChoiceSpec
-from router.app.protocol import Sampling
+from router.app.protocol import Sampling, sampling_to_proto
 from router.client.events import Finished, TokenChunk, TokenLogprob, WorkerEvent, WorkerRequest
 
 TEXT = "emoji 🚀🤖 and CJK 批处理, héllo wörld: the KV cache stores keys and values."
@@ -14,7 +14,7 @@ TEXT = "emoji 🚀🤖 and CJK 批处理, héllo wörld: the KV cache stores key
 
 def _spec(stream: bool, **sampling: object) -> ChoiceSpec:
     s = Sampling(max_tokens=1000, **sampling)  # type: ignore[arg-type]
-    return ChoiceSpec(0, WorkerRequest("r-0", (1, 2, 3), s, stream))
+    return ChoiceSpec(0, WorkerRequest("r-0", (1, 2, 3), sampling_to_proto(s), stream), s)
 
 
 def _feed(decoder: ChoiceDecoder, events: list[WorkerEvent]) -> list[ChoiceDelta]:

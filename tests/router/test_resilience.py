@@ -15,11 +15,11 @@ from typing import Any
 import grpc
 import pytest
 
-from router.app.protocol import Sampling
-from router.client.events import Finished, TokenChunk, WorkerError, WorkerEvent, WorkerRequest
+from protos import common_pb2
+from router.client.errors import NoUsableWorker, WorkerError
+from router.client.events import Finished, TokenChunk, WorkerEvent, WorkerRequest
 from router.client.resilience import (
     MAX_BACKOFF_S,
-    NoUsableWorker,
     RetryConfig,
     backoff_delay,
     generate,
@@ -151,7 +151,9 @@ async def collect(
     async def sleep(s: float) -> None:
         delays.append(s)
 
-    request = WorkerRequest("r", (1, 2), Sampling(temperature=0, max_tokens=max_tokens))
+    request = WorkerRequest(
+        "r", (1, 2), common_pb2.SamplingParams(temperature=0, max_new_tokens=max_tokens)
+    )
     tokens: list[int] = []
     finished = None
     async for event in generate(
@@ -176,7 +178,7 @@ def test_retry_then_migrate_counts_and_requests() -> None:
     assert (finished.prompt_tokens, finished.completion_tokens) == (2, 5)
     # The migrated attempt carries the tokens so far and a reduced budget, under a new id.
     (seen,) = c.seen
-    assert seen.token_ids == (1, 2, 10, 11) and seen.sampling.max_tokens == 3
+    assert seen.token_ids == (1, 2, 10, 11) and seen.sampling.max_new_tokens == 3
     assert [r.request_id for r in (*a.seen, *b.seen, *c.seen)] == ["r", "r.1", "r.2"]
     assert routes.avoided == [frozenset(), {"a"}, {"a", "b"}]
     assert routes.reports == [("a", unavailable), ("b", unavailable), ("c", None)]
@@ -195,7 +197,7 @@ def test_retry_budget_and_what_is_not_retried() -> None:
     routes = failing(2, grpc.StatusCode.INVALID_ARGUMENT)
     with pytest.raises(WorkerError) as info:
         asyncio.run(collect(routes))
-    assert info.value.status == 400 and len(routes.routes) == 1  # never retried
+    assert info.value.bad_input and len(routes.routes) == 1  # never retried
     # No usable worker left: the last worker error is what the client sees.
     routes = failing(1, grpc.StatusCode.UNAVAILABLE)
     with pytest.raises(WorkerError) as info:
