@@ -15,7 +15,7 @@ from router.client.resilience import RetryConfig
 from router.fleet.health import HealthConfig
 from router.fleet.policy import POLICIES, CacheAwareOptions, PolicySpec
 from router.fleet.registry import RegistryConfig
-from router.fleet.workers import endpoint_of
+from router.fleet.worker import endpoint_of
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20
 

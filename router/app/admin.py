@@ -33,13 +33,9 @@ from protos.contract import ROLES
 from router.app.auth import FailedAttempts, KeyCheck, peer_address
 from router.app.errors import RequestError, invalid
 from router.app.http import Connection, Request, Response, Routes
-from router.fleet.workers import (
-    SOURCE_ADMIN,
-    WorkerPool,
-    WorkerRefused,
-    WorkerUnreachable,
-    endpoint_of,
-)
+from router.fleet.compat import WorkerRefused, WorkerUnreachable
+from router.fleet.pool import WorkerPool
+from router.fleet.worker import SOURCE_ADMIN, endpoint_of
 
 Handler = Callable[[Request, Connection], Awaitable[Response]]
 

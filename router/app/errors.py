@@ -8,11 +8,11 @@ like OpenAI's own API (never 422).
 
 from __future__ import annotations
 
-import reprlib
 from typing import Any
 
 import grpc
 
+from router.brief import short
 from router.client.errors import BAD_INPUT, NoUsableWorker, WorkerError
 
 # OpenAI's error "type" per status; anything else 4xx is an invalid request.
@@ -98,12 +98,4 @@ def unsupported(param: str, value: Any, allowed: str) -> RequestError:
     )
 
 
-_REPR = reprlib.Repr()
-_REPR.maxlevel = 3  # a client's JSON may nest a thousand deep; repr() would recurse that far
-_REPR.maxstring = _REPR.maxother = 80
-
-
-def short(value: Any, limit: int = 60) -> str:
-    """``value`` as Python writes it, cut to ``limit`` characters, for an error message."""
-    text = _REPR.repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+__all__ = ["RequestError", "from_worker", "http_status_for", "invalid", "short", "unsupported"]

@@ -22,21 +22,7 @@ from router.app.protocol import (
     Sampling,
     TokenizeRequest,
 )
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the router knows of the served model, from the workers' GetInfo."""
-
-    name: str
-    context_length: int
-    vocab_size: int  # the model's (possibly padded) vocabulary, as workers validate ids
-
-    def __post_init__(self) -> None:
-        if self.context_length < 2:
-            raise ValueError(f"context_length must be >= 2, got {self.context_length}")
-        if self.vocab_size < 1:
-            raise ValueError(f"vocab_size must be >= 1, got {self.vocab_size}")
+from router.fleet.compat import ModelInfo
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ from router.app.parsers.chat_output import ChatOutputFormat
 from router.app.parsers.reasoning import REASONING_FORMATS
 from router.app.parsers.tool_calls import TOOL_CALL_PARSERS, ToolCallParser
 from router.app.parsers.tool_grammar import reasoning_mode, tool_call_constraint
-from router.app.prompts import ModelInfo, PreparedPrompt, PromptBuilder
+from router.app.prompts import PreparedPrompt, PromptBuilder
 from router.app.protocol import (
     ChatRequest,
     parse_chat,
@@ -61,9 +61,11 @@ from router.app.protocol import (
 from router.client.errors import NoUsableWorker, WorkerError
 from router.client.events import WorkerRequest
 from router.config import RouterConfig
+from router.fleet.compat import ModelInfo
 from router.fleet.policy import make_policy
+from router.fleet.pool import WorkerPool
 from router.fleet.registry import RegistryWatcher
-from router.fleet.workers import WorkerPool, load_of
+from router.fleet.worker import load_of
 from router.metrics import CONTENT_TYPE, RequestTally, RouterMetrics, TokenTimer
 
 log = logging.getLogger(__name__)

@@ -33,14 +33,10 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from protos.contract import ROLES
-from router.app.errors import short
-from router.fleet.workers import (
-    SOURCE_REGISTRY,
-    WorkerPool,
-    WorkerRefused,
-    WorkerUnreachable,
-    endpoint_of,
-)
+from router.brief import short
+from router.fleet.compat import WorkerRefused, WorkerUnreachable
+from router.fleet.pool import WorkerPool
+from router.fleet.worker import SOURCE_REGISTRY, endpoint_of
 
 log = logging.getLogger(__name__)
 

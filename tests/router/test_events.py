@@ -9,7 +9,7 @@ from protos import common_pb2
 from router.app.errors import from_worker, http_status_for
 from router.client.errors import NoUsableWorker, WorkerError, status_code_from_int
 from router.client.events import Finished, TokenChunk, TokenLogprob, event_from_proto
-from router.fleet.workers import endpoint_of
+from router.fleet.worker import endpoint_of
 
 
 def test_every_status_maps_to_400_or_503() -> None:

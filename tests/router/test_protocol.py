@@ -9,7 +9,7 @@ import pytest
 
 from engine.tokenizer import Tokenizer
 from router.app.errors import RequestError
-from router.app.prompts import ModelInfo, PromptBuilder
+from router.app.prompts import PromptBuilder
 from router.app.protocol import (
     UINT64,
     Sampling,
@@ -18,6 +18,7 @@ from router.app.protocol import (
     parse_completion,
     parse_generate,
 )
+from router.fleet.compat import ModelInfo
 
 MSG = [{"role": "user", "content": "hi"}]
 

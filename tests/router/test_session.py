@@ -10,7 +10,7 @@ from protos.contract import ROLE_COLOCATED
 from router.client.errors import WorkerError
 from router.client.events import Finished, event_from_proto
 from router.client.session import RequestStream
-from router.fleet.workers import WorkerClient
+from router.fleet.worker import WorkerClient
 from tests.router.conftest import run
 from tests.router.fake_worker import EOS, Failure, FakeWorker
 from tests.router.test_server import wait_for
