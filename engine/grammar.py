@@ -16,6 +16,7 @@ xgrammar is imported on first use: a worker that never sees a constraint does no
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -44,6 +45,42 @@ _WHAT = {
 # xgrammar's C++ errors start with a time stamp, a source location and the failed check.
 _NOISE = re.compile(r"\[[\d:]+\] \S+:\d+: |Check failed: \(.*?\) is false: ")
 _MAX_ERROR_CHARS = 400
+
+
+# Keywords whose values are data, not schemas.
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+
+
+def _bounded_strings_as_patterns(schema: Any) -> Any:
+    """`schema` with every length-bounded string (`minLength`/`maxLength`, no `pattern`)
+    rewritten as the equivalent `pattern` `^.{min,max}$`. xgrammar 0.2.9 lowers length bounds
+    to a character class that admits raw control characters, which JSON forbids in strings
+    (mlc-ai/xgrammar#800); its pattern path does not. The outputs the rewrite allows are valid
+    under the original schema."""
+    if isinstance(schema, list):
+        return [_bounded_strings_as_patterns(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {
+        k: v if k in _DATA_KEYWORDS else _bounded_strings_as_patterns(v) for k, v in schema.items()
+    }
+    types = out.get("type")
+    is_string = types == "string" or (isinstance(types, list) and "string" in types)
+    lo, hi = out.get("minLength"), out.get("maxLength")
+    bounds_ok = all(isinstance(b, int) and b >= 0 for b in (lo, hi) if b is not None)
+    if is_string and (lo is not None or hi is not None) and "pattern" not in out and bounds_ok:
+        out.pop("minLength", None)
+        out.pop("maxLength", None)
+        out["pattern"] = f"^.{{{lo or 0},{'' if hi is None else hi}}}$"
+    return out
+
+
+def _json_schema_text(spec: str) -> str:
+    try:
+        schema = json.loads(spec)
+    except ValueError:
+        return spec  # xgrammar says what is wrong with it
+    return json.dumps(_bounded_strings_as_patterns(schema))
 
 
 def _error_text(exc: BaseException) -> str:
@@ -144,7 +181,9 @@ class GrammarBackend:
             if c.kind == "json_schema":
                 # No free whitespace: a model (a weak one above all) could otherwise fill its
                 # whole budget with spaces. Strict: no properties or items the schema lacks.
-                return compiler.compile_json_schema(c.spec, any_whitespace=False, strict_mode=True)
+                return compiler.compile_json_schema(
+                    _json_schema_text(c.spec), any_whitespace=False, strict_mode=True
+                )
             if c.kind == "json_object":
                 return compiler.compile_json_schema(
                     '{"type": "object"}', any_whitespace=False, strict_mode=False
