@@ -51,18 +51,18 @@ _MAX_ERROR_CHARS = 400
 _DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
 
 
-def _bounded_strings_as_patterns(schema: Any) -> Any:
+def bounded_strings_as_patterns(schema: Any) -> Any:
     """`schema` with every length-bounded string (`minLength`/`maxLength`, no `pattern`)
     rewritten as the equivalent `pattern` `^.{min,max}$`. xgrammar 0.2.9 lowers length bounds
     to a character class that admits raw control characters, which JSON forbids in strings
     (mlc-ai/xgrammar#800); its pattern path does not. The outputs the rewrite allows are valid
     under the original schema."""
     if isinstance(schema, list):
-        return [_bounded_strings_as_patterns(v) for v in schema]
+        return [bounded_strings_as_patterns(v) for v in schema]
     if not isinstance(schema, dict):
         return schema
     out = {
-        k: v if k in _DATA_KEYWORDS else _bounded_strings_as_patterns(v) for k, v in schema.items()
+        k: v if k in _DATA_KEYWORDS else bounded_strings_as_patterns(v) for k, v in schema.items()
     }
     types = out.get("type")
     is_string = types == "string" or (isinstance(types, list) and "string" in types)
@@ -80,7 +80,38 @@ def _json_schema_text(spec: str) -> str:
         schema = json.loads(spec)
     except ValueError:
         return spec  # xgrammar says what is wrong with it
-    return json.dumps(_bounded_strings_as_patterns(schema))
+    return json.dumps(bounded_strings_as_patterns(schema))
+
+
+def _tight_json_elements(fmt: Any) -> Any:
+    """A structural tag's format with each JSON-schema element (JSON style) replaced by the
+    schema's grammar without free whitespace, as `json_schema` constraints compile: xgrammar's
+    element admits any whitespace between tokens, which a weak model fills until its budget
+    ends (a forced tool call then never closes)."""
+    if isinstance(fmt, list):
+        return [_tight_json_elements(v) for v in fmt]
+    if not isinstance(fmt, dict):
+        return fmt
+    if (
+        fmt.get("type") == "json_schema"
+        and fmt.get("style", "json") == "json"
+        and not fmt.get("any_order", False)
+        and isinstance(fmt.get("json_schema"), (dict, bool))
+    ):
+        import xgrammar as xgr
+
+        schema = json.dumps(bounded_strings_as_patterns(fmt["json_schema"]))
+        grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=True)
+        return {"type": "grammar", "grammar": str(grammar)}
+    return {k: _tight_json_elements(v) for k, v in fmt.items()}
+
+
+def _structural_tag_text(spec: str) -> str:
+    try:
+        tag = json.loads(spec)
+    except ValueError:
+        return spec  # xgrammar says what is wrong with it
+    return json.dumps(_tight_json_elements(tag))
 
 
 def _error_text(exc: BaseException) -> str:
@@ -192,7 +223,7 @@ class GrammarBackend:
                 return compiler.compile_regex(c.spec)
             if c.kind == "ebnf":
                 return compiler.compile_grammar(c.spec)
-            return compiler.compile_structural_tag(c.spec)
+            return compiler.compile_structural_tag(_structural_tag_text(c.spec))
         except Exception as exc:  # xgrammar raises RuntimeError and its own error types
             raise ValueError(f"the {_WHAT[c.kind]} does not compile: {_error_text(exc)}") from None
 

@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from decode_worker.convert import sampling_from_proto
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.engine import Engine, GenerationResult
-from engine.grammar import GrammarBackend, _bounded_strings_as_patterns
+from engine.grammar import GrammarBackend, bounded_strings_as_patterns
 from engine.sampling import Constraint, SamplingParams
 from engine.sequence import FinishReason
 from engine.tokenizer import Tokenizer
@@ -26,6 +25,7 @@ from router.events import sampling_to_proto
 from router.protocol import Constraint as RouterConstraint
 from router.protocol import Sampling
 from tests import grammar_cases as cases
+from worker.convert import sampling_from_proto
 
 FAMILY = "llama"
 
@@ -105,7 +105,7 @@ def test_length_bounds_become_patterns() -> None:
             "d": {"enum": [{"type": "string", "maxLength": 1}]},
         },
     }
-    props = _bounded_strings_as_patterns(schema)["properties"]
+    props = bounded_strings_as_patterns(schema)["properties"]
     assert props["a"] == {"type": "string", "pattern": "^.{0,3}$"}
     assert props["b"] == {"type": ["string", "null"], "pattern": "^.{2,}$"}
     assert props["c"] == schema["properties"]["c"]  # type: ignore[index]
@@ -288,3 +288,26 @@ def test_the_constraint_travels_router_to_worker() -> None:
                        resumed_output_tokens=3)  # fmt: skip
     assert sampling_from_proto(sampling_to_proto(resumed)).resumed_output_tokens == 3
     assert sampling_from_proto(sampling_to_proto(Sampling(max_tokens=5))).constraint is None
+
+
+def test_structural_tag_json_elements_allow_no_free_whitespace(model: Path) -> None:
+    """A structural tag's JSON-schema element compiles as `json_schema` constraints do, with
+    no whitespace between tokens (a weak model would fill its budget with it)."""
+    tokenizer = Tokenizer.from_pretrained(model)
+    backend = GrammarBackend(
+        tokenizer, tokenizer.vocab_size, tokenizer.eos_token_ids, torch.device("cpu")
+    )
+    schema = {"type": "object", "properties": {"a": {"enum": [1, 2]}}, "required": ["a"]}
+    tag = {
+        "type": "structural_tag",
+        "format": {"type": "tag", "begin": "<", "end": ">",
+                   "content": {"type": "json_schema", "json_schema": schema}},
+    }  # fmt: skip
+    state = backend.state(Constraint("structural_tag", json.dumps(tag)))
+    for token in tokenizer.encode("<{", add_special_tokens=False):
+        assert state.accept(token)
+    mask = backend.token_mask([state])
+    assert mask is not None
+    texts = {tokenizer.decode([i]) for i in allowed(mask.bitmask[0], tokenizer.vocab_size)}
+    assert texts and all(not t[:1].isspace() for t in texts), texts
+    assert '"' in texts
