@@ -153,6 +153,14 @@ def sampling_to_proto(s: Sampling) -> common_pb2.SamplingParams:
     )
     if s.seed is not None:
         msg.seed = s.seed
+    c = s.constraint
+    if c is not None:
+        if c.kind == "json_object":
+            msg.json_object = True
+        else:
+            setattr(msg, c.kind, c.spec)
+    if s.resumed_output_tokens:
+        msg.resumed_output_tokens = s.resumed_output_tokens
     return msg
 
 

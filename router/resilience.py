@@ -157,7 +157,12 @@ async def generate(
             attempt_request = WorkerRequest(
                 f"{request.request_id}.{attempt}",
                 (*prompt, *delivered),
-                replace(sampling, max_tokens=max_tokens - len(delivered)),
+                # A constraint's state replays the delivered tokens: they are its output.
+                replace(
+                    sampling,
+                    max_tokens=max_tokens - len(delivered),
+                    resumed_output_tokens=len(delivered),
+                ),
                 request.stream,
                 request.stream_interval,
             )
