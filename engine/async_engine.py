@@ -98,10 +98,18 @@ class AsyncEngine:
         self._rank_of[request_id] = rank
         return rank
 
+    async def prepare(self, sampling: SamplingParams) -> None:
+        """Compile the request's constraint, if any, on the grammar backend's threads: the
+        request waits here, never on the engine loop, which keeps stepping the others. Raises
+        ValueError naming the problem when the constraint does not compile."""
+        if sampling.constraint is not None:
+            await asyncio.wrap_future(self.engine.compile_constraint(sampling.constraint))
+
     async def reserve_transfer(
         self, prompt_ids: Sequence[int], sampling: SamplingParams, request_id: str
     ) -> tuple[int, list[int]]:
         """Pages for a prompt whose KV arrives by transfer: (rank, page ids on that rank)."""
+        await self.prepare(sampling)
         rank = self._pick_rank(request_id)
         try:
             pages = await self._command(
@@ -196,6 +204,7 @@ class AsyncEngine:
     ) -> AsyncIterator[list[StepOutput]]:
         """Yield the request's outputs, in batches, until it finishes; aborts it if the caller
         stops early."""
+        await self.prepare(sampling)
         stream = self.open_stream(request_id)
         finished = False
         try:

@@ -12,21 +12,23 @@ import json
 import logging
 import uuid
 from collections.abc import Sequence as Seq
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 
 from engine.config import EngineConfig, ModelConfig
 from engine.device import resolve_device
+from engine.grammar import GrammarBackend, GrammarState
 from engine.model_runner import ModelRunner
 from engine.page_manager import PageManager
 from engine.page_pool import PagePool
 from engine.parallel import ParallelConfig
 from engine.radix_cache import RadixCache
 from engine.sampler import DeviceSample, TokenLogprobs, sample_on_device
-from engine.sampling import SamplingParams
+from engine.sampling import Constraint, SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import FinishReason, Sequence
 from engine.tokenizer import Tokenizer
@@ -94,6 +96,15 @@ class Engine:
         if self.tokenizer is not None:
             eos |= self.tokenizer.eos_token_ids
         self.eos_token_ids = frozenset(eos)
+        # Constrained decoding: the grammar's vocabulary is the logits' width, the model's.
+        self.grammar: GrammarBackend | None = None
+        if self.tokenizer is not None:
+            self.grammar = GrammarBackend(
+                self.tokenizer,
+                model_config.vocab_size,
+                self.eos_token_ids,
+                self.device.torch_device,
+            )
         self._generator = torch.Generator(device=self.device.torch_device)
         self._generator.manual_seed(config.seed)
         # Overlapped scheduling: while the device runs a decode step, the host prepares and
@@ -159,6 +170,30 @@ class Engine:
     def release_held(self, request_id: str) -> bool:
         return self.scheduler.release_held(request_id)
 
+    def compile_constraint(self, constraint: Constraint) -> Future[Any]:
+        """Start compiling `constraint` on the grammar backend's threads (or find it cached);
+        the future's result raises ValueError naming the problem if it does not compile.
+        Thread-safe: a server awaits it before `add_request`, which then finds it compiled."""
+        return self._grammar_backend().compile(constraint)
+
+    def _grammar_backend(self) -> GrammarBackend:
+        if self.grammar is None:
+            raise ValueError(
+                f"{self.config.model_path} has no tokenizer.json; constrained decoding needs one"
+            )
+        return self.grammar
+
+    def _grammar_state(self, sampling: SamplingParams, ids: list[int]) -> GrammarState | None:
+        if sampling.constraint is None:
+            return None
+        resumed = sampling.resumed_output_tokens
+        if resumed >= len(ids):
+            raise ValueError(
+                f"resumed_output_tokens ({resumed}) must be fewer than the prompt's "
+                f"{len(ids)} tokens"
+            )
+        return self._grammar_backend().state(sampling.constraint, ids[len(ids) - resumed :])
+
     def _new_sequence(
         self, prompt: str | Seq[int], sampling: SamplingParams | None, request_id: str | None
     ) -> Sequence:
@@ -183,6 +218,7 @@ class Engine:
             sampling=sampling,
             eos_token_ids=self.eos_token_ids,
             generator=generator,
+            grammar=self._grammar_state(sampling, ids),
         )
 
     def validate_token_ids(self, ids: list[int], what: str) -> None:
@@ -235,7 +271,10 @@ class Engine:
                 )
             return []
         launched = self._launch(batch)
-        if self.overlap and batch.is_decode:
+        # A constrained request's mask for the next step needs this step's token accepted by
+        # its grammar on the host, which the step ahead would not wait for: a batch with one
+        # runs the plain loop (the step after it is launched only once its tokens are applied).
+        if self.overlap and batch.is_decode and not _constrained(batch):
             self._launched = launched
             return []
         return self._apply(launched)
@@ -251,12 +290,16 @@ class Engine:
             logits = self.runner.forward_decode(batch.seqs, positions, device_ids=device_ids)
         # A prefill chunk that does not reach the prompt's end yields no token: pick greedily
         # there, so that a seeded request draws from its generator once per token exactly.
-        params, generators = [], []
+        params, generators, grammars = [], [], []
         for seq, n in zip(batch.seqs, batch.extend_lens, strict=True):
             yields_token = device_ids is not None or seq.num_computed_tokens + n >= seq.num_tokens
             params.append(seq.sampling if yields_token else _NO_TOKEN)
             generators.append(seq.generator if yields_token else None)
-        return _Launched(batch, sample_on_device(logits, params, generators, self._generator))
+            grammars.append(seq.grammar if yields_token else None)
+        # Filled on the host while the device runs the forward pass, applied on the device.
+        mask = self.grammar.token_mask(grammars) if self.grammar is not None else None
+        sample = sample_on_device(logits, params, generators, self._generator, mask)
+        return _Launched(batch, sample)
 
     def _apply(self, launched: _Launched) -> list[StepOutput]:
         result = launched.sample.result()
@@ -326,6 +369,10 @@ class Engine:
             raise ValueError("cannot flush the prefix cache while requests are live")
         if self.cache is not None:
             self.cache.reset()
+
+
+def _constrained(batch: ScheduledBatch) -> bool:
+    return any(seq.grammar is not None for seq in batch.seqs)
 
 
 def _generation_eos(model_dir: Path) -> set[int]:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.grammar import TokenMask
 
 
 @dataclass(frozen=True)
@@ -75,13 +79,20 @@ def sample_on_device(
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
     default_generator: torch.Generator | None = None,
+    mask: TokenMask | None = None,
 ) -> DeviceSample:
     """Pick one token per row of `logits` `[B, V]` (float32) without waiting for the device:
     the tokens and log-probabilities are copied to the host asynchronously (one copy each).
 
     A row with its own generator (a seeded request) draws from it alone, so its tokens do not
-    depend on what else is in the batch.
+    depend on what else is in the batch. `mask` (constrained rows) sets the logits of tokens
+    their grammars forbid to -inf, in place, before any token is picked; log-probabilities are
+    the model's, from the logits before the mask.
     """
+    wanted = [i for i, p in enumerate(params) if p.wants_logprobs]
+    logp = torch.log_softmax(logits[wanted], dim=-1) if wanted else None
+    if mask is not None:
+        mask.apply(logits)
     tokens = logits.argmax(dim=-1)
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
     if sampled_rows:
@@ -96,9 +107,7 @@ def sample_on_device(
             if gen is not None:
                 tokens[i] = torch.multinomial(probs[j], 1, generator=gen)[0]
     device_parts = [tokens]
-    wanted = [i for i, p in enumerate(params) if p.wants_logprobs]
-    if wanted:
-        logp = torch.log_softmax(logits[wanted], dim=-1)
+    if logp is not None:
         chosen = logp.gather(1, tokens[wanted][:, None])[:, 0]
         max_n = max(params[i].top_logprobs for i in wanted)
         top_vals, top_ids = logp.topk(max_n, dim=-1) if max_n else (logp[:, :0], logp[:, :0])
@@ -117,6 +126,7 @@ def sample(
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
     default_generator: torch.Generator | None = None,
+    mask: TokenMask | None = None,
 ) -> SampleResult:
     """`sample_on_device`, waited for."""
-    return sample_on_device(logits, params, generators, default_generator).result()
+    return sample_on_device(logits, params, generators, default_generator, mask).result()

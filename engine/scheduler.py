@@ -106,8 +106,7 @@ class Scheduler:
         if seq is None:
             raise KeyError(f"request {request_id!r} is not waiting for a KV transfer")
         seq.num_computed_tokens = seq.num_tokens
-        seq.token_ids.append(token_id)
-        seq.output_logprobs.append(logprob)
+        seq.append_token(token_id, logprob)
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
         reason = seq.check_stop(self.context_length)
@@ -272,8 +271,7 @@ class Scheduler:
             if seq.num_computed_tokens < seq.num_tokens:
                 self.pages.cache_unfinished(seq)  # a prefill chunk: its sample is not a token
                 continue
-            seq.token_ids.append(token)
-            seq.output_logprobs.append(logprob)
+            seq.append_token(token, logprob)
             progressed.append(seq)
             reason = seq.check_stop(self.context_length)
             if reason is not None:

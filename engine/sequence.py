@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -12,7 +13,11 @@ from engine.sampling import SamplingParams
 if TYPE_CHECKING:
     import torch
 
+    from engine.grammar import GrammarState
     from engine.radix_cache import RadixNode
+
+
+log = logging.getLogger(__name__)
 
 
 class SeqStatus(enum.Enum):
@@ -26,7 +31,7 @@ class SeqStatus(enum.Enum):
 
 
 class FinishReason(str, enum.Enum):
-    STOP = "stop"  # an EOS or stop token
+    STOP = "stop"  # an EOS or stop token, or the end of the constraint's grammar
     LENGTH = "length"  # max_new_tokens or the context length
     ABORT = "abort"
 
@@ -38,6 +43,8 @@ class Sequence:
     `page_table[i]` backs tokens `[i * page_size, (i + 1) * page_size)`. The first
     `num_cached_pages` pages belong to the radix cache (held by the lock on `cache_node`); the
     rest belong to this sequence. `num_computed_tokens` tokens have their KV in those pages.
+    `grammar` (a constrained request) has accepted every output token so far: it survives
+    preemption, whose recompute changes no token.
     """
 
     request_id: str
@@ -56,6 +63,7 @@ class Sequence:
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
     output_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    grammar: GrammarState | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -73,8 +81,21 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status in (SeqStatus.FINISHED, SeqStatus.HELD)
 
+    def append_token(self, token_id: int, logprobs: TokenLogprobs | None) -> None:
+        """A new output token (which the grammar, if any, accepts)."""
+        self.token_ids.append(token_id)
+        self.output_logprobs.append(logprobs)
+        if self.grammar is not None and not self.grammar.accept(token_id):
+            log.error("request %s: its grammar refused token %d", self.request_id, token_id)
+
     def check_stop(self, context_length: int) -> FinishReason | None:
         """Why the sequence should stop after its newest token, if it should."""
+        if self.grammar is not None:
+            if self.grammar.rejected:
+                # The mask allowed a token the matcher refuses: a bug, never the client's.
+                return FinishReason.ABORT
+            if self.grammar.is_terminated:
+                return FinishReason.STOP
         last = self.token_ids[-1]
         if last in self.sampling.stop_token_ids:
             return FinishReason.STOP

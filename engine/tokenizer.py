@@ -207,6 +207,14 @@ class Tokenizer:
         """Named special tokens (``{"eos_token": "<|im_end|>", ...}``); a copy."""
         return dict(self._special_tokens)
 
+    def vocab(self) -> dict[str, int]:
+        """Every vocabulary entry (added tokens included) and its id; a copy."""
+        return dict(self._backend.get_vocab(with_added_tokens=True))
+
+    def backend_json(self) -> str:
+        """The backend's ``tokenizer.json`` text (model, pre-tokenizer, decoder...)."""
+        return str(self._backend.to_str())
+
     def token_to_id(self, token: str) -> int | None:
         """Id of the vocabulary entry ``token`` (e.g. ``"Ġthe"``), or None if absent."""
         return self._backend.token_to_id(token)

@@ -24,43 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/common.proto\x12\x07pdserve\"\xda\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0emax_new_tokens\x18\x06 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\x05\x42\x07\n\x05_seed\"c\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.pdserve.SamplingParams\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"D\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\"\n\x03top\x18\x02 \x03(\x0b\x32\x15.pdserve.TokenLogprob\"J\n\x0bStreamChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12(\n\x08logprobs\x18\x02 \x03(\x0b\x32\x16.pdserve.TokenLogprobs\"\x81\x01\n\x08\x43omplete\x12,\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x15.pdserve.FinishReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\x12\x15\n\rcached_tokens\x18\x04 \x01(\x05\"4\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04peer\x18\x03 \x01(\t\"\xa1\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x14.pdserve.StreamChunkH\x00\x12%\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x11.pdserve.CompleteH\x00\x12\x1f\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x0e.pdserve.ErrorH\x00\x42\n\n\x08response\"\xb1\x01\n\x08KVLayout\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\x05\x12\x10\n\x08head_dim\x18\x06 \x01(\x05\x12\x13\n\x0b\x66ingerprint\x18\x07 \x01(\t\x12\x12\n\nv_head_dim\x18\x08 \x01(\x05\x12\x0f\n\x07weights\x18\t \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"2\n\rAbortResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\"!\n\x0bLoadRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xaa\x01\n\nLoadReport\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_running\x18\x02 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\x05\x12\x18\n\x10num_transferring\x18\x04 \x01(\x05\x12\x16\n\x0enum_free_pages\x18\x05 \x01(\x05\x12\x17\n\x0fnum_total_pages\x18\x06 \x01(\x05\x12\x13\n\x0binstance_id\x18\x07 \x01(\t\"\'\n\x11WorkerInfoRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xc8\x01\n\nWorkerInfo\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12!\n\x06layout\x18\x06 \x01(\x0b\x32\x11.pdserve.KVLayout\x12\x0f\n\x07\x64p_size\x18\x07 \x01(\x05\x12\x14\n\x0csession_port\x18\x08 \x01(\x05\x12\x13\n\x0binstance_id\x18\t \x01(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/common.proto\x12\x07pdserve\"\xf0\x02\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\x16\n\x0emax_new_tokens\x18\x06 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\x05\x12\x15\n\x0bjson_schema\x18\x0b \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x0c \x01(\x08H\x00\x12\x0f\n\x05regex\x18\r \x01(\tH\x00\x12\x0e\n\x04\x65\x62nf\x18\x0e \x01(\tH\x00\x12\x18\n\x0estructural_tag\x18\x0f \x01(\tH\x00\x12\x1d\n\x15resumed_output_tokens\x18\x10 \x01(\x05\x42\x0c\n\nconstraintB\x07\n\x05_seed\"c\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.pdserve.SamplingParams\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"D\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\"\n\x03top\x18\x02 \x03(\x0b\x32\x15.pdserve.TokenLogprob\"J\n\x0bStreamChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12(\n\x08logprobs\x18\x02 \x03(\x0b\x32\x16.pdserve.TokenLogprobs\"\x81\x01\n\x08\x43omplete\x12,\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x15.pdserve.FinishReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\x12\x15\n\rcached_tokens\x18\x04 \x01(\x05\"4\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04peer\x18\x03 \x01(\t\"\xa1\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x14.pdserve.StreamChunkH\x00\x12%\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x11.pdserve.CompleteH\x00\x12\x1f\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x0e.pdserve.ErrorH\x00\x42\n\n\x08response\"\xb1\x01\n\x08KVLayout\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\x05\x12\x10\n\x08head_dim\x18\x06 \x01(\x05\x12\x13\n\x0b\x66ingerprint\x18\x07 \x01(\t\x12\x12\n\nv_head_dim\x18\x08 \x01(\x05\x12\x0f\n\x07weights\x18\t \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"2\n\rAbortResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\"!\n\x0bLoadRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xaa\x01\n\nLoadReport\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_running\x18\x02 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\x05\x12\x18\n\x10num_transferring\x18\x04 \x01(\x05\x12\x16\n\x0enum_free_pages\x18\x05 \x01(\x05\x12\x17\n\x0fnum_total_pages\x18\x06 \x01(\x05\x12\x13\n\x0binstance_id\x18\x07 \x01(\t\"\'\n\x11WorkerInfoRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xc8\x01\n\nWorkerInfo\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12!\n\x06layout\x18\x06 \x01(\x0b\x32\x11.pdserve.KVLayout\x12\x0f\n\x07\x64p_size\x18\x07 \x01(\x05\x12\x14\n\x0csession_port\x18\x08 \x01(\x05\x12\x13\n\x0binstance_id\x18\t \x01(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1621
-  _globals['_FINISHREASON']._serialized_end=1741
+  _globals['_FINISHREASON']._serialized_start=1771
+  _globals['_FINISHREASON']._serialized_end=1891
   _globals['_SAMPLINGPARAMS']._serialized_start=33
-  _globals['_SAMPLINGPARAMS']._serialized_end=251
-  _globals['_GENERATEREQUEST']._serialized_start=253
-  _globals['_GENERATEREQUEST']._serialized_end=352
-  _globals['_TOKENLOGPROB']._serialized_start=354
-  _globals['_TOKENLOGPROB']._serialized_end=403
-  _globals['_TOKENLOGPROBS']._serialized_start=405
-  _globals['_TOKENLOGPROBS']._serialized_end=473
-  _globals['_STREAMCHUNK']._serialized_start=475
-  _globals['_STREAMCHUNK']._serialized_end=549
-  _globals['_COMPLETE']._serialized_start=552
-  _globals['_COMPLETE']._serialized_end=681
-  _globals['_ERROR']._serialized_start=683
-  _globals['_ERROR']._serialized_end=735
-  _globals['_GENERATERESPONSE']._serialized_start=738
-  _globals['_GENERATERESPONSE']._serialized_end=899
-  _globals['_KVLAYOUT']._serialized_start=902
-  _globals['_KVLAYOUT']._serialized_end=1079
-  _globals['_ABORTREQUEST']._serialized_start=1081
-  _globals['_ABORTREQUEST']._serialized_end=1115
-  _globals['_ABORTRESPONSE']._serialized_start=1117
-  _globals['_ABORTRESPONSE']._serialized_end=1167
-  _globals['_LOADREQUEST']._serialized_start=1169
-  _globals['_LOADREQUEST']._serialized_end=1202
-  _globals['_LOADREPORT']._serialized_start=1205
-  _globals['_LOADREPORT']._serialized_end=1375
-  _globals['_WORKERINFOREQUEST']._serialized_start=1377
-  _globals['_WORKERINFOREQUEST']._serialized_end=1416
-  _globals['_WORKERINFO']._serialized_start=1419
-  _globals['_WORKERINFO']._serialized_end=1619
+  _globals['_SAMPLINGPARAMS']._serialized_end=401
+  _globals['_GENERATEREQUEST']._serialized_start=403
+  _globals['_GENERATEREQUEST']._serialized_end=502
+  _globals['_TOKENLOGPROB']._serialized_start=504
+  _globals['_TOKENLOGPROB']._serialized_end=553
+  _globals['_TOKENLOGPROBS']._serialized_start=555
+  _globals['_TOKENLOGPROBS']._serialized_end=623
+  _globals['_STREAMCHUNK']._serialized_start=625
+  _globals['_STREAMCHUNK']._serialized_end=699
+  _globals['_COMPLETE']._serialized_start=702
+  _globals['_COMPLETE']._serialized_end=831
+  _globals['_ERROR']._serialized_start=833
+  _globals['_ERROR']._serialized_end=885
+  _globals['_GENERATERESPONSE']._serialized_start=888
+  _globals['_GENERATERESPONSE']._serialized_end=1049
+  _globals['_KVLAYOUT']._serialized_start=1052
+  _globals['_KVLAYOUT']._serialized_end=1229
+  _globals['_ABORTREQUEST']._serialized_start=1231
+  _globals['_ABORTREQUEST']._serialized_end=1265
+  _globals['_ABORTRESPONSE']._serialized_start=1267
+  _globals['_ABORTRESPONSE']._serialized_end=1317
+  _globals['_LOADREQUEST']._serialized_start=1319
+  _globals['_LOADREQUEST']._serialized_end=1352
+  _globals['_LOADREPORT']._serialized_start=1355
+  _globals['_LOADREPORT']._serialized_end=1525
+  _globals['_WORKERINFOREQUEST']._serialized_start=1527
+  _globals['_WORKERINFOREQUEST']._serialized_end=1566
+  _globals['_WORKERINFO']._serialized_start=1569
+  _globals['_WORKERINFO']._serialized_end=1769
 # @@protoc_insertion_point(module_scope)

@@ -10,7 +10,7 @@ import grpc
 from engine.async_engine import EngineDeadError
 from engine.engine import Engine
 from engine.sampler import TokenLogprobs
-from engine.sampling import SamplingParams
+from engine.sampling import Constraint, SamplingParams
 from engine.scheduler import OutOfPagesError
 from kv_transfer import KVLayout, LayoutMismatchError, TransferError
 from protos import common_pb2
@@ -26,6 +26,16 @@ class PeerFailure(TransferError):
         self.peer = peer
 
 
+def constraint_from_proto(p: common_pb2.SamplingParams) -> Constraint | None:
+    """The request's constraint (the `constraint` oneof), or None; ValueError if malformed."""
+    kind = p.WhichOneof("constraint")
+    if kind is None:
+        return None
+    if kind == "json_object":
+        return Constraint("json_object") if p.json_object else None
+    return Constraint(kind, getattr(p, kind))
+
+
 def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
     """Raises ValueError naming the bad field."""
     return SamplingParams(
@@ -39,6 +49,8 @@ def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
         ignore_eos=p.ignore_eos,
         logprobs=p.logprobs,
         top_logprobs=p.top_logprobs,
+        constraint=constraint_from_proto(p),
+        resumed_output_tokens=p.resumed_output_tokens,
     )
 
 

@@ -10,6 +10,7 @@ their default value (``echo``, penalties, ``logit_bias``...) are refused when se
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, replace
@@ -31,8 +32,26 @@ INT32_MAX = (1 << 31) - 1  # the largest top_k the workers' protocol carries
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 MAX_TOOLS = 128  # as OpenAI's API
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
+CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "ebnf", "structural_tag")
 
 Prompt = str | tuple[int, ...]  # text to tokenize, or token ids as given
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What a choice's output must match (constrained decoding); mirrors
+    ``pdserve.Constraint``. ``spec``: the JSON schema as JSON text, the regex, the EBNF grammar
+    (start rule ``root``) or the xgrammar structural tag as JSON text; none for json_object.
+    Workers compile it; one that does not compile fails the request with a 400 naming why."""
+
+    kind: str
+    spec: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in CONSTRAINT_KINDS:
+            raise ValueError(
+                f"constraint kind must be one of {CONSTRAINT_KINDS}, got {self.kind!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -41,7 +60,9 @@ class Sampling:
 
     ``max_tokens`` None means "up to the context length" (chat without a limit). ``stop``
     strings are matched by the router; ``stop_token_ids`` by the worker. ``seed`` is already
-    reduced to an unsigned 64-bit value.
+    reduced to an unsigned 64-bit value. ``constraint``: at most one per request.
+    ``resumed_output_tokens``: the prompt's last this many tokens are output an earlier
+    attempt delivered (a migrated request); a constraint replays them.
     """
 
     temperature: float = 1.0
@@ -55,6 +76,8 @@ class Sampling:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    constraint: Constraint | None = None
+    resumed_output_tokens: int = 0
 
     def for_choice(self, index: int) -> Sampling:
         """The parameters of choice ``index`` of n: a seeded request uses seed + index."""
@@ -80,6 +103,14 @@ def sampling_to_proto(s: Sampling) -> common_pb2.SamplingParams:
     )
     if s.seed is not None:
         msg.seed = s.seed
+    c = s.constraint
+    if c is not None:
+        if c.kind == "json_object":
+            msg.json_object = True
+        else:
+            setattr(msg, c.kind, c.spec)
+    if s.resumed_output_tokens:
+        msg.resumed_output_tokens = s.resumed_output_tokens
     return msg
 
 
@@ -335,6 +366,7 @@ def parse_completion(body: Any) -> CompletionRequest:
     sampling = _sampling(f, max_tokens, 16)
     if logprobs is not None:
         sampling = replace(sampling, logprobs=True, top_logprobs=logprobs)
+    sampling = replace(sampling, constraint=_constraint(f))
     stream, include_usage = _stream(f)
     return CompletionRequest(
         model=model,
@@ -397,8 +429,9 @@ def parse_chat(body: Any) -> ChatRequest:
     top_logprobs = f.integer("top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
     if top_logprobs and not logprobs:
         raise invalid("top_logprobs needs logprobs set to true", "top_logprobs")
-    sampling = replace(sampling, logprobs=logprobs, top_logprobs=top_logprobs)
-    _response_format(f.raw("response_format"))
+    sampling = replace(
+        sampling, logprobs=logprobs, top_logprobs=top_logprobs, constraint=_constraint(f)
+    )
     tools = _tools(f.raw("tools"))
     kwargs = f.raw("chat_template_kwargs")
     if kwargs is not None and not isinstance(kwargs, dict):
@@ -420,11 +453,87 @@ def parse_chat(body: Any) -> ChatRequest:
     )
 
 
-def _response_format(value: Any) -> None:
+# ---- constrained decoding -------------------------------------------------------------------
+
+
+def _constraint(f: _Fields) -> Constraint | None:
+    """The output constraint of a completion or chat request: ``response_format`` (OpenAI's
+    json_object and json_schema, SGLang's structural_tag) or SGLang's ``regex`` and ``ebnf``;
+    at most one of them."""
+    found: list[tuple[str, Constraint]] = []
+    fmt = _response_format(f.raw("response_format"))
+    if fmt is not None:
+        found.append(("response_format", fmt))
+    for field in ("regex", "ebnf"):
+        text = f.optional_text(field)
+        if text is not None:
+            found.append((field, _text_constraint(field, text, field)))
+    return _one_constraint(found)
+
+
+def _generate_constraint(sp: _Fields) -> Constraint | None:
+    """``/generate``'s constraint: SGLang's ``sampling_params`` json_schema (JSON text),
+    regex, ebnf or structural_tag (JSON text); at most one of them."""
+    found = [
+        (sp.name(kind), _text_constraint(kind, text, sp.name(kind)))
+        for kind in ("json_schema", "regex", "ebnf", "structural_tag")
+        if (text := sp.optional_text(kind)) is not None
+    ]
+    return _one_constraint(found)
+
+
+def _one_constraint(found: list[tuple[str, Constraint]]) -> Constraint | None:
+    if len(found) > 1:
+        names = " and ".join(name for name, _ in found)
+        raise invalid(f"a request takes at most one output constraint; got {names}", found[1][0])
+    return found[0][1] if found else None
+
+
+def _text_constraint(kind: str, text: str, param: str) -> Constraint:
+    if not text.strip():
+        raise invalid(f"{param} must not be empty", param)
+    if kind in ("json_schema", "structural_tag"):
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise invalid(f"{param} is not valid JSON: {exc}", param) from None
+        if not isinstance(value, dict):
+            raise invalid(f"{param} must be a JSON object, got {_json_type(value)}", param)
+    return Constraint(kind, text)
+
+
+def _response_format(value: Any) -> Constraint | None:
     if value is None:
-        return
-    if not isinstance(value, dict) or value.get("type") != "text":
-        raise unsupported("response_format", value, '{"type": "text"}')
+        return None
+    f = _Fields(value, "response_format.", "response_format")
+    kind = f.text("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Constraint("json_object")
+    if kind == "json_schema":
+        if f.raw("json_schema") is None:
+            raise invalid(
+                'response_format.json_schema is required when type is "json_schema"',
+                "response_format.json_schema",
+                "missing",
+            )
+        js = _Fields(f.raw("json_schema"), f.name("json_schema."), "response_format.json_schema")
+        js.optional_text("name")
+        js.flag("strict", False)  # the grammar is always strict: no keys the schema lacks
+        schema = js.raw("schema")
+        if not isinstance(schema, dict):
+            raise invalid(
+                f"{js.name('schema')} must be a JSON schema object, got {_json_type(schema)} "
+                f"{short(schema)}",
+                js.name("schema"),
+            )
+        return Constraint("json_schema", json.dumps(schema))
+    if kind == "structural_tag":
+        return Constraint("structural_tag", json.dumps(value))
+    raise unsupported(
+        "response_format.type", kind, '"text", "json_object", "json_schema" or "structural_tag"'
+    )
 
 
 def _messages(value: Any) -> tuple[dict[str, Any], ...]:
@@ -581,7 +690,7 @@ def parse_generate(body: Any) -> GenerateRequest:
     return_logprob = f.flag("return_logprob", False)
     return GenerateRequest(
         prompt=prompt,
-        sampling=replace(sampling, logprobs=return_logprob),
+        sampling=replace(sampling, logprobs=return_logprob, constraint=_generate_constraint(sp)),
         n=sp.integer("n", 1, 1, MAX_N),
         stream=f.flag("stream", False),
         return_logprob=return_logprob,

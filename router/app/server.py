@@ -18,7 +18,7 @@ import os
 import time
 import urllib.parse
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 from typing import Any, TypeVar
 
@@ -51,6 +51,7 @@ from router.app.parsers.tool_grammar import reasoning_mode, tool_call_constraint
 from router.app.prompts import PreparedPrompt, PromptBuilder
 from router.app.protocol import (
     ChatRequest,
+    Constraint,
     parse_chat,
     parse_completion,
     parse_detokenize,
@@ -362,7 +363,7 @@ class _Handlers:
         self._check_fanout(1, req.n)
         tool_parser = self._tool_parser(req)
         prompt = await self._prepare(raw, lambda b: b.chat(req))
-        output = self._chat_output(req, tool_parser, prompt)
+        output, prompt = self._chat_output(req, tool_parser, prompt)
         skip = output is None or not self._special_markers(output)
         rid = _new_id("chatcmpl-")
         specs = [_spec(rid, j, prompt, j, req.stream, self.interval, skip) for j in range(req.n)]
@@ -438,12 +439,13 @@ class _Handlers:
 
     def _chat_output(
         self, req: ChatRequest, tool_parser: type[ToolCallParser] | None, prompt: PreparedPrompt
-    ) -> ChatOutputFormat | None:
+    ) -> tuple[ChatOutputFormat | None, PreparedPrompt]:
         """How the reply's text splits into reasoning, content and tool calls (None: it is
-        all content); checks that a forced tool call can be compiled into a grammar."""
+        all content), and the prompt, whose sampling carries the grammar of a forced tool
+        call (tool_choice required or a named function)."""
         reasoning = REASONING_FORMATS.get(self.r.config.reasoning_parser or "")
         if tool_parser is None and reasoning is None:
-            return None
+            return None, prompt
         # The chat template may have opened (or closed) the reasoning at the prompt's end.
         tail = ""
         if reasoning is not None:
@@ -456,13 +458,16 @@ class _Handlers:
                 )  # fmt: skip
             except ValueError as exc:
                 raise invalid(f"tools cannot be made into a grammar: {exc}", "tools") from None
-            # MERGE(issue-21-grammar): the one place where the tool-call grammar joins the
-            # sampling, once Sampling has its constraint field (return the prompt too):
-            #   if constraint is not None:
-            #       prompt = replace(prompt, sampling=replace(
-            #           prompt.sampling, constraint=Constraint(*constraint)))
-            del constraint
-        return ChatOutputFormat(tool_parser, reasoning, tail)
+            if constraint is not None:
+                if prompt.sampling.constraint is not None:
+                    raise invalid(
+                        f"tool_choice={req.tool_choice.openai()!r} constrains the output to a "
+                        "tool call; send no response_format, regex or ebnf with it",
+                        "tool_choice",
+                    )
+                sampling = replace(prompt.sampling, constraint=Constraint(*constraint))
+                prompt = replace(prompt, sampling=sampling)
+        return ChatOutputFormat(tool_parser, reasoning, tail), prompt
 
     async def generate(self, request: Request, conn: Connection) -> Reply:
         timer = TokenTimer(self.r.metrics)

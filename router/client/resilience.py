@@ -149,6 +149,8 @@ async def generate(
             attempt_sampling = common_pb2.SamplingParams()
             attempt_sampling.CopyFrom(sampling)
             attempt_sampling.max_new_tokens = max_tokens - len(delivered)
+            # A constraint's state replays the delivered tokens: they are its output.
+            attempt_sampling.resumed_output_tokens = len(delivered)
             attempt_request = WorkerRequest(
                 f"{request.request_id}.{attempt}",
                 (*prompt, *delivered),

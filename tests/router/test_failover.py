@@ -4,6 +4,7 @@ prefill worker's requests are retried on the other one. Pages balance on the sur
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from contextlib import ExitStack
@@ -21,14 +22,16 @@ MAX_NEW = 400  # long enough (about a second here) to kill its worker after a fe
 PROMPT = "The decode worker reserves pages for the prompt and"
 # Health checks far apart: the router must notice the dead worker from the request itself.
 ROUTER_FLAGS = ("--policy", "round_robin", "--health-check-interval", "30")
+# A grammar that never ends and whose state matters at every token (every fourth character a
+# comma): a migrated request's new worker goes on exactly only if it replays the tokens so far.
+COMMAS = 'root ::= item root\nitem ::= [a-z] [a-z] [a-z] ","'
 
 
-def greedy(stream: bool) -> dict[str, Any]:
-    return {
-        "text": PROMPT,
-        "sampling_params": {"temperature": 0, "max_new_tokens": MAX_NEW, "ignore_eos": True},
-        "stream": stream,
-    }
+def greedy(stream: bool, ebnf: str | None = None) -> dict[str, Any]:
+    sampling: dict[str, Any] = {"temperature": 0, "max_new_tokens": MAX_NEW, "ignore_eos": True}
+    if ebnf is not None:
+        sampling["ebnf"] = ebnf
+    return {"text": PROMPT, "sampling_params": sampling, "stream": stream}
 
 
 @pytest.fixture
@@ -41,11 +44,16 @@ def workers(stack: ExitStack, model_dir: Path, *roles: str) -> list[tuple[Child,
 
 
 def kill_mid_stream(
-    url: str, candidates: list[tuple[Child, str]], role: str, hang: bool = False
+    url: str,
+    candidates: list[tuple[Child, str]],
+    role: str,
+    hang: bool = False,
+    ebnf: str | None = None,
 ) -> tuple[Any, str]:
-    """Stream a long greedy request, SIGKILL the candidate serving it after a few tokens (or
-    SIGSTOP it: ``hang``), and return the stream's last event and that worker's endpoint."""
-    events = sse_events(url + "/generate", greedy(stream=True))
+    """Stream a long greedy request (constrained by `ebnf`), SIGKILL the candidate serving it
+    after a few tokens (or SIGSTOP it: ``hang``), and return the stream's last event and that
+    worker's endpoint."""
+    events = sse_events(url + "/generate", greedy(stream=True, ebnf=ebnf))
     killed = ""
     last: Any = None
     for event in events:
@@ -91,14 +99,16 @@ def test_decode_worker_killed_mid_stream(model_dir: Path) -> None:
 
 
 def test_colocated_worker_killed_mid_stream(model_dir: Path) -> None:
+    """A constrained request: the grammar's state moves with it (the new worker replays)."""
     with ExitStack() as stack:
         w1, w2 = workers(stack, model_dir, "null", "null")
         _, url = stack.enter_context(
             router_process(model_dir, "--worker", w1[1], w2[1], *ROUTER_FLAGS)
         )
-        status, undisturbed = call(url + "/generate", "POST", greedy(stream=False))
+        status, undisturbed = call(url + "/generate", "POST", greedy(False, COMMAS))
         assert status == 200
-        last, killed = kill_mid_stream(url, [w1, w2], "null")
+        assert re.fullmatch(r"([a-z]{3},)*[a-z,]*", undisturbed["text"]), undisturbed["text"]
+        last, killed = kill_mid_stream(url, [w1, w2], "null", ebnf=COMMAS)
         check_complete(last, undisturbed["output_ids"], undisturbed["meta_info"]["prompt_tokens"])
         assert metric(url, "pdserve:router_migrations_total") == 1
         wait_idle(w2[1] if killed == w1[1] else w1[1], "null")

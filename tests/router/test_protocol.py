@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from router.app.errors import RequestError
 from router.app.prompts import PromptBuilder
 from router.app.protocol import (
     UINT64,
+    Constraint,
     Sampling,
     ToolChoice,
     parse_chat,
@@ -326,7 +328,7 @@ def test_chat_rejects(fields: dict[str, Any], param: str, fragments: list[str]) 
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
             "messages[0].content[0].type",
@@ -483,3 +485,79 @@ def _without_template(builder: PromptBuilder, tmp_path: Path) -> Path:
     del config["chat_template"]
     (out / "tokenizer_config.json").write_text(json.dumps(config))
     return out
+
+
+# ---- constrained decoding --------------------------------------------------------------------
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+
+@pytest.mark.parametrize("parse", [parse_chat, parse_completion])
+def test_constraints(parse: Any) -> None:
+    body = chat if parse is parse_chat else completion
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA, "strict": True}}
+    got = parse(body(response_format=fmt)).sampling.constraint
+    assert got == Constraint("json_schema", json.dumps(SCHEMA))
+    assert json.loads(got.spec) == SCHEMA
+    got = parse(body(response_format={"type": "json_object"})).sampling.constraint
+    assert got == Constraint("json_object")
+    assert parse(body(response_format={"type": "text"})).sampling.constraint is None
+    assert parse(body(regex="[0-9]+")).sampling.constraint == Constraint("regex", "[0-9]+")
+    got = parse(body(ebnf='root ::= "a"')).sampling.constraint
+    assert got == Constraint("ebnf", 'root ::= "a"')
+    tag = {"type": "structural_tag", "format": {"type": "const_string", "value": "hi"}}
+    got = parse(body(response_format=tag)).sampling.constraint
+    assert got is not None and got.kind == "structural_tag" and json.loads(got.spec) == tag
+    assert parse(body()).sampling.constraint is None
+
+
+def test_generate_constraints() -> None:
+    def parse(**sp: Any) -> Constraint | None:
+        return parse_generate({"text": "x", "sampling_params": sp}).sampling.constraint
+
+    assert parse(json_schema=json.dumps(SCHEMA)) == Constraint("json_schema", json.dumps(SCHEMA))
+    assert parse(regex="a|b") == Constraint("regex", "a|b")
+    assert parse(ebnf='root ::= "a"') == Constraint("ebnf", 'root ::= "a"')
+    assert parse() is None
+    expect_error(parse_generate, {"text": "x", "sampling_params": {"json_schema": "{"}},
+                 "sampling_params.json_schema", "not valid JSON")  # fmt: skip
+    expect_error(parse_generate, {"text": "x", "sampling_params": {"regex": "a", "ebnf": "b"}},
+                 "sampling_params.ebnf", "at most one")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "fragment"),
+    [
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "required"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format.json_schema.schema",
+            "JSON schema object",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": [1]}}},
+            "response_format.json_schema.schema",
+            "array",
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"schema": {}, "strict": 1},
+                }
+            },
+            "response_format.json_schema.strict",
+            "boolean",
+        ),
+        ({"response_format": "json"}, "response_format", "JSON object"),
+        ({"response_format": {}}, "response_format.type", "required"),
+        ({"regex": 5}, "regex", "string"),
+        ({"regex": " "}, "regex", "empty"),
+        ({"ebnf": ""}, "ebnf", "empty"),
+        ({"regex": "a", "ebnf": 'root ::= "a"'}, "ebnf", "at most one"),
+        ({"response_format": {"type": "json_object"}, "regex": "a"}, "regex", "at most one"),
+    ],
+)
+def test_constraint_rejects(fields: dict[str, Any], param: str, fragment: str) -> None:
+    expect_error(parse_chat, chat(**fields), param, fragment)
+    expect_error(parse_completion, completion(**fields), param, fragment)

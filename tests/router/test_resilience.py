@@ -179,6 +179,9 @@ def test_retry_then_migrate_counts_and_requests() -> None:
     # The migrated attempt carries the tokens so far and a reduced budget, under a new id.
     (seen,) = c.seen
     assert seen.token_ids == (1, 2, 10, 11) and seen.sampling.max_new_tokens == 3
+    # A constraint replays the tokens delivered so far (the earlier attempts' carry none).
+    assert seen.sampling.resumed_output_tokens == 2
+    assert [r.sampling.resumed_output_tokens for r in (*a.seen, *b.seen)] == [0, 0]
     assert [r.request_id for r in (*a.seen, *b.seen, *c.seen)] == ["r", "r.1", "r.2"]
     assert routes.avoided == [frozenset(), {"a"}, {"a", "b"}]
     assert routes.reports == [("a", unavailable), ("b", unavailable), ("c", None)]
