@@ -13,7 +13,7 @@ from router.app.parsers.reasoning import REASONING_FORMATS
 from router.app.parsers.tool_calls import TOOL_CALL_PARSERS
 from router.client.resilience import RetryConfig
 from router.fleet.health import HealthConfig
-from router.fleet.policy import POLICIES, CacheAwareOptions, PolicySpec
+from router.fleet.policies import POLICIES, CacheAwareOptions, PolicySpec
 from router.fleet.registry import RegistryConfig
 from router.fleet.worker import endpoint_of
 

@@ -63,7 +63,7 @@ from router.client.errors import NoUsableWorker, WorkerError
 from router.client.events import WorkerRequest
 from router.config import RouterConfig
 from router.fleet.compat import ModelInfo
-from router.fleet.policy import make_policy
+from router.fleet.policies import make_policy
 from router.fleet.pool import WorkerPool
 from router.fleet.registry import RegistryWatcher
 from router.fleet.worker import load_of

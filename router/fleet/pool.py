@@ -27,7 +27,7 @@ from router.client.resilience import RetryConfig
 from router.fleet.compat import Compatibility, ModelInfo, WorkerInfo, read_info
 from router.fleet.health import BREAKER_FAILURES, HealthConfig
 from router.fleet.monitor import HealthMonitor, record_failure
-from router.fleet.policy import Policy, RoundRobin
+from router.fleet.policies import Policy, RoundRobin
 from router.fleet.worker import SOURCE_STATIC, WorkerClient, endpoint_of
 from router.metrics import RouterMetrics
 

@@ -16,7 +16,7 @@ from router.app.server import serve
 from router.client.resilience import RetryConfig
 from router.config import RouterConfig
 from router.fleet.health import BREAKER_FAILURES, TRANSPORTS, HealthConfig
-from router.fleet.policy import RoundRobin, make_policy
+from router.fleet.policies import RoundRobin, make_policy
 from tests.router.conftest import router_for, run
 from tests.router.fake_worker import EOS, Failure, FakeWorker
 
