@@ -15,8 +15,9 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
+from router.fleet.breaker import CircuitState
 from router.fleet.compat import WorkerRefused, WorkerUnreachable, read_info
-from router.fleet.health import CircuitState, HealthConfig
+from router.fleet.health import HealthConfig
 from router.fleet.worker import WorkerClient
 
 if TYPE_CHECKING:

@@ -24,8 +24,9 @@ from router.client import dispatch, resilience
 from router.client.errors import NoUsableWorker, WorkerError
 from router.client.events import WorkerEvent, WorkerRequest
 from router.client.resilience import RetryConfig
+from router.fleet.breaker import BREAKER_FAILURES
 from router.fleet.compat import Compatibility, ModelInfo, WorkerInfo, read_info
-from router.fleet.health import BREAKER_FAILURES, HealthConfig
+from router.fleet.health import HealthConfig
 from router.fleet.monitor import HealthMonitor, record_failure
 from router.fleet.policies import Policy, RoundRobin
 from router.fleet.worker import SOURCE_STATIC, WorkerClient, endpoint_of

@@ -25,7 +25,8 @@ from protos.contract import DECODE, PREFILL, ROLE_PREFILL, ROLES
 from router.client.errors import WorkerError
 from router.client.grpc_stream import StreamCall
 from router.client.session import Session
-from router.fleet.health import CircuitBreaker, HealthConfig
+from router.fleet.breaker import CircuitBreaker
+from router.fleet.health import HealthConfig
 from router.fleet.load import WorkerLoad
 from router.metrics import WorkerSample
 

@@ -24,7 +24,8 @@ from router.client.resilience import (
     backoff_delay,
     generate,
 )
-from router.fleet.health import CircuitBreaker, CircuitState, HealthConfig
+from router.fleet.breaker import CircuitBreaker, CircuitState
+from router.fleet.health import HealthConfig
 from tests.router.conftest import router_for, run
 from tests.router.fake_worker import EOS, Failure, FakeWorker
 
