@@ -171,7 +171,7 @@ def test_per_key_rate_limits_and_admin_failures(model_dir: Path) -> None:
 
 def test_request_ids_cannot_be_guessed() -> None:
     """Consecutive ids share only the process's prefix; the rest is 96 random bits."""
-    from router.app.server import _new_id
+    from router.app.handlers import _new_id
 
     ids = [_new_id("cmpl-") for _ in range(1000)]
     assert len(set(ids)) == 1000
