@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from engine.tokenizer import Tokenizer
 from router.app.detokenizer import IncrementalDetokenizer
-from router.app.protocol import Sampling
+from router.app.requests import Sampling
 from router.app.stop import StopMatcher
 from router.client.events import TokenChunk, TokenLogprob, WorkerEvent, WorkerRequest
 from router.metrics import TokenTimer

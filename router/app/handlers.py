@@ -39,15 +39,13 @@ from router.app.parsers.tool_calls import TOOL_CALL_PARSERS, ToolCallParser
 from router.app.parsers.tool_grammar import reasoning_mode, tool_call_constraint
 from router.app.prompts import PreparedPrompt, PromptBuilder
 from router.app.protocol import (
-    ChatRequest,
-    Constraint,
     parse_chat,
     parse_completion,
     parse_detokenize,
     parse_generate,
     parse_tokenize,
-    sampling_to_proto,
 )
+from router.app.requests import ChatRequest, Constraint, sampling_to_proto
 from router.client.errors import NoUsableWorker, WorkerError
 from router.client.events import WorkerRequest
 from router.metrics import CONTENT_TYPE, TokenTimer

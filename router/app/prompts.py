@@ -13,7 +13,7 @@ from typing import Any
 
 from engine.tokenizer import Tokenizer
 from router.app.errors import invalid
-from router.app.protocol import (
+from router.app.requests import (
     GENERATE_DEFAULT_MAX_TOKENS,
     ChatRequest,
     CompletionRequest,
