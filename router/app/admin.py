@@ -32,7 +32,8 @@ import orjson
 from protos.contract import ROLES
 from router.app.auth import FailedAttempts, KeyCheck, peer_address
 from router.app.errors import RequestError, invalid
-from router.app.http import Connection, Request, Response, Routes
+from router.app.http import Connection
+from router.app.routes import Request, Response, Routes
 from router.fleet.compat import WorkerRefused, WorkerUnreachable
 from router.fleet.pool import WorkerPool
 from router.fleet.worker import SOURCE_ADMIN, endpoint_of

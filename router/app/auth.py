@@ -31,7 +31,8 @@ from pathlib import Path
 
 from router.app.admission import Overloaded
 from router.app.errors import RequestError
-from router.app.http import Connection, Reply, Request
+from router.app.http import Connection
+from router.app.routes import Reply, Request
 
 Handler = Callable[[Request, Connection], Awaitable[Reply]]
 

@@ -26,13 +26,7 @@ from router.app import responses as R
 from router.app.choice import ChoiceDecoder, ChoiceDelta, ChoiceSpec, merge, run_choice
 from router.app.detokenizer import TokenTexts
 from router.app.errors import RequestError, from_worker, invalid
-from router.app.http import (
-    Connection,
-    EventStream,
-    Reply,
-    Request,
-    Response,
-)
+from router.app.http import Connection
 from router.app.parsers.chat_output import ChatOutputFormat
 from router.app.parsers.reasoning import REASONING_FORMATS
 from router.app.parsers.tool_calls import TOOL_CALL_PARSERS, ToolCallParser
@@ -46,6 +40,7 @@ from router.app.protocol import (
     parse_tokenize,
 )
 from router.app.requests import ChatRequest, Constraint, sampling_to_proto
+from router.app.routes import EventStream, Reply, Request, Response
 from router.client.errors import NoUsableWorker, WorkerError
 from router.client.events import WorkerRequest
 from router.metrics import CONTENT_TYPE, TokenTimer

@@ -24,16 +24,9 @@ from router.app.auth import Authenticator, FailedAttempts, KeyCheck, KeyLimits
 from router.app.busy_poll import BusyPoll
 from router.app.errors import RequestError, from_worker
 from router.app.handlers import Handlers
-from router.app.http import (
-    Connection,
-    HttpServer,
-    NoRoute,
-    Reply,
-    Request,
-    Response,
-    Routes,
-)
+from router.app.http import Connection, HttpServer
 from router.app.prompts import PromptBuilder
+from router.app.routes import NoRoute, Reply, Request, Response, Routes
 from router.client.errors import NoUsableWorker, WorkerError
 from router.config import RouterConfig
 from router.fleet.compat import ModelInfo

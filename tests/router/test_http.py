@@ -7,7 +7,8 @@ from typing import Any
 
 import orjson
 
-from router.app.http import Connection, EventStream, HttpServer, NoRoute, Request, Response, Routes
+from router.app.http import Connection, HttpServer
+from router.app.routes import EventStream, NoRoute, Request, Response, Routes
 from tests.router.conftest import run
 
 
