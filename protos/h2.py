@@ -4,7 +4,7 @@ A session stream is one long-lived gRPC call carrying every request a router pro
 one worker. grpc.aio runs calls through gRPC core's own threads, and each message crossing
 between a polling thread and the event loop costs more CPU than the work the message asks
 for (and about 150 µs of latency per round trip at low load). So the router's session client
-(``router.grpc_stream``) and the workers' session listener (``worker.session_server``)
+(``router.client.grpc_stream``) and the workers' session listener (``worker.session_server``)
 speak the protocol themselves, on the event loop: plaintext HTTP/2 with length-prefixed
 protobuf messages and ``grpc-status`` trailers. Either end still talks to an ordinary gRPC
 peer: grpcio clients call the listener, and the client calls grpcio servers.

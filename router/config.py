@@ -70,14 +70,14 @@ class RouterConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     admin_key: str | None = field(default=None, repr=False)  # None: no admin API
-    # The inference API's keys (router.auth); none: open. Never printed.
+    # The inference API's keys (router.app.auth); none: open. Never printed.
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     rate_limit_rps: float = 0.0  # per key; 0: no limit
     rate_limit_tpm: float = 0.0  # per key; 0: no limit
     auth_failures_per_minute: int = 10  # per client address, inference and admin keys
     stream_interval: int = 1  # streamed requests: tokens per message from the worker
     busy_poll_us: float = 0.0  # poll (never sleep) this long after client traffic; 0: off
-    # The model's output formats (router.parsers): None leaves the output as plain content.
+    # The model's output formats (router.app.parsers): None leaves the output as plain content.
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
     # --processes N: N router processes share the port (see router.processes). A child knows

@@ -3,7 +3,7 @@
 Every route needs ``Authorization: Bearer <admin key>`` (``--admin-key-file``,
 ``PDSERVE_ADMIN_KEY`` or ``--admin-key``); a wrong or missing key is a 401
 (``invalid_api_key``), compared in constant time, and an address that fails too often in a
-minute gets 429s (``router.auth``). A router started without ``--admin-key`` has no admin API: every
+minute gets 429s (``router.app.auth``). A router started without ``--admin-key`` has no admin API: every
 route answers 403 (``admin_disabled``). Errors use OpenAI's error-body shape.
 
 | route | does |

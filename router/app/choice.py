@@ -21,7 +21,7 @@ from router.client.events import TokenChunk, TokenLogprob, WorkerEvent, WorkerRe
 from router.metrics import TokenTimer
 
 
-@dataclass(slots=True)  # not frozen: see router.events.TokenChunk
+@dataclass(slots=True)  # not frozen: see router.client.events.TokenChunk
 class ChoiceDelta:
     """New output of choice ``index``: text, the tokens it came from, and maybe the end."""
 

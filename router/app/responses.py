@@ -190,7 +190,7 @@ class CompletionRenderer(Renderer):
 
 class ChatRenderer(Renderer):
     """Chat replies; with an ``output`` format, each choice's text is split into
-    ``reasoning_content``, ``content`` and ``tool_calls`` (``router.parsers``), and a choice
+    ``reasoning_content``, ``content`` and ``tool_calls`` (``router.app.parsers``), and a choice
     that called a tool and stopped finishes with "tool_calls"."""
 
     def __init__(

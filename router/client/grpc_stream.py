@@ -1,6 +1,6 @@
 """One gRPC bidirectional-streaming call on its own HTTP/2 connection, run by the event loop.
 
-The router's session with a worker (``router.session``) rides this instead of grpc.aio: see
+The router's session with a worker (``router.client.session``) rides this instead of grpc.aio: see
 ``protos.h2`` for why, and for the HTTP/2 it shares with the workers' session listener. The
 peer is a worker's session listener, or any gRPC server (``--worker-transport grpcio`` puts
 the sessions back on grpc.aio). Everything else the router sends a worker (health, GetInfo,
@@ -9,7 +9,7 @@ GetLoad) stays on grpcio.
 On top of ``protos.h2.Connection`` it is one client stream: request headers, PING sent as
 keepalive (no answer within ``keepalive_s`` breaks the call with UNAVAILABLE), GOAWAY and
 RST_STREAM failing the call, and the trailers' ``grpc-status``. Its interface is the part of
-``grpc.aio.StreamStreamCall`` that ``router.session.Session`` uses: ``write``, ``read``
+``grpc.aio.StreamStreamCall`` that ``router.client.session.Session`` uses: ``write``, ``read``
 (``grpc.aio.EOF`` at the end), ``cancel``, ``done``, ``code``; failures are
 ``grpc.aio.AioRpcError``.
 """

@@ -12,8 +12,8 @@ and streams its events. When an attempt fails with a retryable status:
   exactly as it would have, with no token repeated or missing.
 
 The failed attempt's calls are cancelled and aborted by its stream's ``aclose`` (see
-``router.dispatch``), so no KV pages stay reserved. Bad input (INVALID_ARGUMENT, OUT_OF_RANGE)
-is never retried.
+``router.client.dispatch``), so no KV pages stay reserved. Bad input (INVALID_ARGUMENT,
+OUT_OF_RANGE) is never retried.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def backoff_delay(retry: int, backoff_ms: float, rng: random.Random | None = Non
 
 
 class Route(Protocol):
-    """The workers of one attempt; ``stream`` runs it (see ``router.dispatch``)."""
+    """The workers of one attempt; ``stream`` runs it (see ``router.client.dispatch``)."""
 
     @property
     def endpoints(self) -> tuple[str, ...]: ...

@@ -104,7 +104,7 @@ def _parts(submits: list[Submit]) -> Iterable[list[Submit]]:
 
 
 class Session(Generic[Submit, Reply]):
-    """A session call (``stub.Session()``, or a ``router.grpc_stream.StreamCall``) and the
+    """A session call (``stub.Session()``, or a ``router.client.grpc_stream.StreamCall``) and the
     requests it carries. Broken sessions stay broken."""
 
     def __init__(self, call: Any, endpoint: str, kind: SessionMethod[Submit, Reply]) -> None:

@@ -27,7 +27,7 @@ class HealthConfig:
     # closes it, failing its requests over (a worker that hangs keeps its sockets open).
     keepalive_s: float = 10.0
     # --worker-transport: how request sessions reach workers. "native": the router's own
-    # gRPC client on the event loop (router.grpc_stream); "grpcio": grpc.aio.
+    # gRPC client on the event loop (router.client.grpc_stream); "grpcio": grpc.aio.
     session_transport: str = "native"
     # Sent on every call to the workers (protos.cluster_token); None: none. Never printed.
     cluster_token: str | None = field(default=None, repr=False)

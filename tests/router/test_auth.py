@@ -1,4 +1,4 @@
-"""API keys, per-key rate limits and the cap on failed authentications (router.auth)."""
+"""API keys, per-key rate limits and the cap on failed authentications (router.app.auth)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The router's own gRPC stream client (``router.grpc_stream``) against a grpcio server and
+"""The router's own gRPC stream client (``router.client.grpc_stream``) against a grpcio server and
 against the workers' session listener (``worker.session_server``)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The router's HTTP/1.1 server (``router.http``) on a real socket, spoken to byte by byte."""
+"""The router's HTTP/1.1 server (``router.app.http``) on a real socket, spoken to byte by byte."""
 
 from __future__ import annotations
 

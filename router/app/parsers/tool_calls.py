@@ -98,7 +98,7 @@ class ToolCallParser(abc.ABC):
 
     names: ClassVar[tuple[str, ...]]  # --tool-call-parser values
     # xgrammar.get_model_structural_tag's name of the format (the tests check the grammar of
-    # router.parsers.tool_grammar against that one)
+    # router.app.parsers.tool_grammar against that one)
     xgrammar_format: ClassVar[str]
     section_begin: ClassVar[str]  # starts the calls (the first call_begin for Hermes)
     section_end: ClassVar[str | None]  # None: no section, calls run to the end of the text
