@@ -9,11 +9,10 @@ flight, and the last ``GetLoad`` report (``load``, the policies' view; see
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,8 +22,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos import cluster_token, common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from protos.contract import DECODE, PREFILL, ROLE_PREFILL, ROLES
 from router.client.errors import WorkerError
-from router.client.grpc_stream import StreamCall
 from router.client.session import Session
+from router.client.transport import SessionOpener
 from router.fleet.breaker import CircuitBreaker
 from router.fleet.health import HealthConfig
 from router.fleet.load import WorkerLoad
@@ -89,8 +88,12 @@ class WorkerClient:
         self.prefill = prefill_pb2_grpc.PrefillStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self.breaker = CircuitBreaker(health)
-        self._transport = health.session_transport
-        self._keepalive_s = health.keepalive_s
+        kind = PREFILL if role == ROLE_PREFILL else DECODE
+        self._opener = SessionOpener(
+            self.endpoint, kind, health.session_transport, health.keepalive_s, self._token,
+            self._tls, self.prefill.Session if kind is PREFILL else self.decode.Session,
+            self._listener_port,
+        )  # fmt: skip
         self.healthy = True  # the last health check said SERVING (members passed GetInfo)
         self.answered = True  # the last health check got an answer
         # False from a sign that the process at this address may have changed (its session
@@ -104,11 +107,18 @@ class WorkerClient:
         self.in_flight = 0
         self.report: common_pb2.LoadReport | None = None  # the last GetLoad answer
         self.reported_at: float | None = None
-        self.info: WorkerInfo | None = None
+        self._info: WorkerInfo | None = None
         self._session: Session[Any, Any] | None = None
-        self._call: Any = None  # the session's call
-        self._listener_unreachable = False  # open sessions on the main port until GetInfo
-        self._refresh: asyncio.Future[None] | None = None  # that GetInfo
+
+    @property
+    def info(self) -> WorkerInfo | None:
+        """Its GetInfo answer, as last read and checked (None before it joins)."""
+        return self._info
+
+    @info.setter
+    def info(self, info: WorkerInfo | None) -> None:
+        self._info = info
+        self._opener.session_port = info.session_port if info is not None else 0
 
     @property
     def usable(self) -> bool:
@@ -212,13 +222,8 @@ class WorkerClient:
 
     @property
     def session_endpoint(self) -> str:
-        """Where the native transport opens sessions: the worker's session listener, on the
-        host the router knows the worker by; or its main port, which serves sessions too,
-        when it has none or the listener could not be reached."""
-        port = self.info.session_port if self.info is not None else 0
-        if not port or self._listener_unreachable:
-            return self.endpoint
-        return f"{self.endpoint.rpartition(':')[0]}:{port}"
+        """Where the next session opens (``router.client.transport``)."""
+        return self._opener.session_endpoint
 
     def session(self) -> Session[Any, Any]:
         """The session every request to this worker rides (a new one once broken):
@@ -238,43 +243,15 @@ class WorkerClient:
                     self.endpoint,
                 )
         if session is None or session.broken:
-            call = self._call
-            if isinstance(call, StreamCall) and not call.reached and self._refresh is None:
-                # The worker may have restarted with its listener on another port: carry on
-                # over the main port and ask GetInfo where the listener is now.
-                self._listener_unreachable = call.endpoint != self.endpoint
-                self._refresh = asyncio.ensure_future(self._find_listener())
-            kind = PREFILL if self.role == ROLE_PREFILL else DECODE
-            if self._transport == "native":
-                call = StreamCall(
-                    self.session_endpoint, kind.path, kind.parse_reply, self._keepalive_s,
-                    token=self._token, tls=self._tls,
-                )  # fmt: skip
-            elif kind is PREFILL:
-                call = self.prefill.Session()
-            else:
-                call = self.decode.Session()
-            session = Session(call, self.endpoint, kind)
-            self._session, self._call = session, call
+            session = Session(self._opener.open(), self.endpoint, self._opener.kind)
+            self._session = session
         return session
 
-    async def _find_listener(self) -> None:
-        try:
-            info = await self.get_info(timeout_s=5.0)
-        except grpc.aio.AioRpcError as exc:
-            log.debug("GetInfo on %s: %s", self.endpoint, exc.code().name)
-        else:
-            if self.info is not None and info.session_port != self.info.session_port:
-                log.info("worker %s: session listener now on port %d", self.endpoint,
-                         info.session_port)  # fmt: skip
-                self.info = replace(self.info, session_port=info.session_port)
-            self._listener_unreachable = False
-        finally:
-            self._refresh = None
+    async def _listener_port(self, timeout_s: float) -> int:
+        return (await self.get_info(timeout_s)).session_port
 
     async def close(self) -> None:
-        if self._refresh is not None:
-            self._refresh.cancel()
+        self._opener.close()
         if self._session is not None:
             await self._session.close()
         await self.channel.close()
