@@ -124,8 +124,7 @@ class HealthMonitor:
             log.info("worker %s restarted (instance %s); identity re-checked", worker.endpoint,
                      info.instance_id or "?")  # fmt: skip
         self._refusals.pop(worker.endpoint, None)
-        worker.info = info
-        worker.verified = True
+        worker.reverified(info)
 
     async def health(self) -> dict[str, bool]:
         """``{endpoint: serving}`` for every member, checked now, concurrently."""

@@ -220,6 +220,15 @@ class WorkerClient:
             "last_load": last_load,
         }
 
+    def reverified(self, info: WorkerInfo) -> None:
+        """Its identity, read again, passed the pool's checks: it takes requests again. A
+        session that broke before is accounted for by that check (else the first request
+        after it would start another)."""
+        self.info = info
+        self.verified = True
+        if self._session is not None and self._session.broken:
+            self._broken_seen = self._session
+
     @property
     def session_endpoint(self) -> str:
         """Where the next session opens (``router.client.transport``)."""
