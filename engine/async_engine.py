@@ -101,9 +101,21 @@ class AsyncEngine:
     async def prepare(self, sampling: SamplingParams) -> None:
         """Compile the request's constraint, if any, on the grammar backend's threads: the
         request waits here, never on the engine loop, which keeps stepping the others. Raises
-        ValueError naming the problem when the constraint does not compile."""
-        if sampling.constraint is not None:
-            await asyncio.wrap_future(self.engine.compile_constraint(sampling.constraint))
+        ValueError naming the problem when the constraint does not compile, or does not
+        within the engine's `grammar_compile_timeout_s` (the compile goes on, cached, in the
+        background: a later request with the same constraint may find it done)."""
+        if sampling.constraint is None:
+            return
+        timeout_s = self.engine.config.grammar_compile_timeout_s
+        compiled = asyncio.wrap_future(self.engine.compile_constraint(sampling.constraint))
+        compiled.add_done_callback(_retrieve)  # a failure after the timeout is nobody's to read
+        try:
+            await asyncio.wait_for(asyncio.shield(compiled), timeout_s)
+        except TimeoutError:
+            raise ValueError(
+                f"the output constraint did not compile within {timeout_s:g} s "
+                "(--grammar-compile-timeout); simplify it"
+            ) from None
 
     async def reserve_transfer(
         self, prompt_ids: Sequence[int], sampling: SamplingParams, request_id: str
@@ -298,3 +310,8 @@ class AsyncEngine:
 
 def _ends(item: StepOutput | BaseException) -> bool:
     return isinstance(item, BaseException) or item.finished
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -57,6 +57,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--disable-cuda-graph", action="store_true", help="run decode eagerly")
     g.add_argument(
+        "--grammar-compile-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a request's output constraint may take to compile before it fails "
+        "with a 400 (the compile finishes in the background and is cached)",
+    )
+    g.add_argument(
         "--disable-overlap-schedule",
         action="store_true",
         help="apply each step's tokens before launching the next (no CPU/device overlap)",
@@ -94,6 +101,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         disable_overlap_schedule=args.disable_overlap_schedule,
         cuda_graph_max_bs=args.cuda_graph_max_bs,
         moe_backend=args.moe_backend,
+        grammar_compile_timeout_s=args.grammar_compile_timeout,
     )
 
 

@@ -387,8 +387,15 @@ class EngineConfig:
     disable_overlap_schedule: bool = False
     cuda_graph_max_bs: int = 256
     moe_backend: str = "auto"
+    # Constrained decoding (engine/grammar.py): a request whose grammar takes longer than this
+    # to compile fails with a ValueError (a 400); the compile goes on in the background.
+    grammar_compile_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
+        if not self.grammar_compile_timeout_s > 0:
+            raise ValueError(
+                f"grammar_compile_timeout_s must be > 0, got {self.grammar_compile_timeout_s}"
+            )
         if self.moe_backend not in MOE_BACKENDS:
             raise ValueError(f"moe_backend must be one of {MOE_BACKENDS}, got {self.moe_backend!r}")
         if self.load_format not in LOAD_FORMATS:

@@ -28,6 +28,9 @@ download() {  # download DIR SPEC...: binary wheels for CPython 3.12 on manylinu
 # the generated protos accept, so those two travel too).
 download .whl grpcio==1.85.3 grpcio-health-checking==1.85.1 protobuf==7.36.2 hpack==4.2.0 \
   httptools==0.9.0 orjson==3.13.0 redis==8.1.0
+# The router validates tool schemas with jsonschema; constrained decoding needs xgrammar.
+download .whl jsonschema==4.26.0 jsonschema-specifications referencing rpds-py attrs \
+  xgrammar==0.2.9 apache-tvm-ffi pydantic pydantic-core annotated-types typing-inspection
 if [ "${1:-}" = mooncake ]; then
   # Its Python needs (aiohttp, requests, msgpack) are on the image already.
   download .mooncake mooncake-transfer-engine-cuda13==0.3.14

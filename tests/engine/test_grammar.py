@@ -310,3 +310,38 @@ def test_structural_tag_json_elements_allow_no_free_whitespace(model: Path) -> N
     texts = {tokenizer.decode([i]) for i in allowed(mask.bitmask[0], tokenizer.vocab_size)}
     assert texts and all(not t[:1].isspace() for t in texts), texts
     assert '"' in texts
+
+
+def test_a_compile_past_the_timeout_fails_the_request_and_finishes_in_the_background(
+    model: Path,
+) -> None:
+    """--grammar-compile-timeout: the request gets a ValueError (a 400) naming the flag; the
+    compile goes on and is cached, so the same constraint later runs; the engine serves on."""
+    props = {
+        f"k{i}": {"type": "string", "pattern": f"^[a-z]{{{i + 1},{i + 40}}}$"} for i in range(60)
+    }
+    slow = Constraint("json_schema", json.dumps({"type": "object", "properties": props}))
+
+    async def scenario() -> None:
+        config = EngineConfig(
+            model_path=str(model), max_total_tokens=4096, grammar_compile_timeout_s=0.001
+        )
+        serving = AsyncEngine(Engine(config))
+        serving.start()
+        try:
+            sampling = SamplingParams(max_new_tokens=2, constraint=slow)
+            with pytest.raises(ValueError, match="--grammar-compile-timeout"):
+                async for _ in serving.generate("slow", [5, 6, 7], sampling):
+                    pass
+            await asyncio.wrap_future(serving.engine.compile_constraint(slow))  # done by now
+            outs = [
+                o async for batch in serving.generate("again", [5, 6, 7], sampling) for o in batch
+            ]
+            assert outs[-1].finished
+            plain = SamplingParams(temperature=0, max_new_tokens=2)
+            outs = [o async for batch in serving.generate("plain", [5, 6, 7], plain) for o in batch]
+            assert len(outs) == 2
+        finally:
+            serving.stop()
+
+    asyncio.run(scenario())
