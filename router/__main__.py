@@ -15,9 +15,9 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
+from router.app.server import serve
 from router.config import build_parser, config_from_args
 from router.processes import supervise
-from router.server import serve
 
 log = logging.getLogger("router")
 

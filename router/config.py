@@ -7,15 +7,15 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from router.admission import AdmissionConfig
-from router.auth import ENV_ADMIN_KEY, ENV_API_KEY, read_keys
-from router.health import HealthConfig
-from router.parsers.reasoning import REASONING_FORMATS
-from router.parsers.tool_calls import TOOL_CALL_PARSERS
-from router.policy import POLICIES, CacheAwareOptions, PolicySpec
-from router.registry import RegistryConfig
-from router.resilience import RetryConfig
-from router.workers import endpoint_of
+from router.app.admission import AdmissionConfig
+from router.app.auth import ENV_ADMIN_KEY, ENV_API_KEY, read_keys
+from router.app.parsers.reasoning import REASONING_FORMATS
+from router.app.parsers.tool_calls import TOOL_CALL_PARSERS
+from router.client.resilience import RetryConfig
+from router.fleet.health import HealthConfig
+from router.fleet.policies import POLICIES, CacheAwareOptions, PolicySpec
+from router.fleet.registry import RegistryConfig
+from router.fleet.worker import endpoint_of
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20
 
@@ -70,14 +70,14 @@ class RouterConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     admin_key: str | None = field(default=None, repr=False)  # None: no admin API
-    # The inference API's keys (router.auth); none: open. Never printed.
+    # The inference API's keys (router.app.auth); none: open. Never printed.
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     rate_limit_rps: float = 0.0  # per key; 0: no limit
     rate_limit_tpm: float = 0.0  # per key; 0: no limit
     auth_failures_per_minute: int = 10  # per client address, inference and admin keys
     stream_interval: int = 1  # streamed requests: tokens per message from the worker
     busy_poll_us: float = 0.0  # poll (never sleep) this long after client traffic; 0: off
-    # The model's output formats (router.parsers): None leaves the output as plain content.
+    # The model's output formats (router.app.parsers): None leaves the output as plain content.
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
     # --processes N: N router processes share the port (see router.processes). A child knows

@@ -42,7 +42,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from router.admission import AdmissionConfig
+from router.app.admission import AdmissionConfig
 from router.config import RouterConfig
 
 log = logging.getLogger(__name__)

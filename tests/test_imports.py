@@ -178,3 +178,32 @@ def test_the_router_knows_only_protos() -> None:
         if target.split(".")[0] not in ("router", "protos") and target not in ROUTER_EXCEPTIONS
     }
     assert not outside, sorted(outside)
+
+
+# The router's layers (ARCHITECTURE.md): the OpenAI application (router.app) on the fleet
+# (router.fleet) on the worker client (router.client). A lower layer never imports a higher
+# one, nor the modules that put the router together (config, processes, __main__); the
+# modules they share are router.metrics and router.brief.
+ROUTER_LAYERS = {
+    "router.client": ("router.app", "router.fleet", "router.config", "router.processes",
+                      "router.__main__"),
+    "router.fleet": ("router.app", "router.config", "router.processes", "router.__main__"),
+}  # fmt: skip
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_the_router_layers_point_down() -> None:
+    graph = import_graph()
+    assert all(any(_within(m, layer) for m in graph) for layer in ROUTER_LAYERS)
+    wrong = {
+        f"{module} -> {target}"
+        for module, targets in graph.items()
+        for layer, forbidden in ROUTER_LAYERS.items()
+        if _within(module, layer)
+        for target in targets
+        if any(_within(target, f) for f in forbidden)
+    }
+    assert not wrong, sorted(wrong)

@@ -21,9 +21,8 @@ from engine.grammar import GrammarBackend, bounded_strings_as_patterns
 from engine.sampling import Constraint, SamplingParams
 from engine.sequence import FinishReason
 from engine.tokenizer import Tokenizer
-from router.events import sampling_to_proto
-from router.protocol import Constraint as RouterConstraint
-from router.protocol import Sampling
+from router.app.requests import Constraint as RouterConstraint
+from router.app.requests import Sampling, sampling_to_proto
 from tests import grammar_cases as cases
 from worker.convert import sampling_from_proto
 

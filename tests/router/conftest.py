@@ -15,8 +15,8 @@ import pytest
 
 from engine.testing.tiny_models import write_tokenizer
 from engine.tokenizer import Tokenizer
+from router.app.server import RouterServer, serve
 from router.config import RouterConfig
-from router.server import RouterServer, serve
 from tests.router.fake_worker import FakeWorker
 
 T = TypeVar("T")

@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from router.health import HealthConfig
+from router.fleet.health import HealthConfig
 from tests.router.conftest import RouterUnderTest, router_for, run
 from tests.router.fake_worker import FakeWorker
 

@@ -1,4 +1,4 @@
-"""API keys, per-key rate limits and the cap on failed authentications (router.auth)."""
+"""API keys, per-key rate limits and the cap on failed authentications (router.app.auth)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from engine.tokenizer import Tokenizer
-from router.auth import FailedAttempts, KeyCheck, KeyLimits, RateLimited, read_keys
+from router.app.auth import FailedAttempts, KeyCheck, KeyLimits, RateLimited, read_keys
 from router.config import build_parser, config_from_args
 from tests.router.conftest import router_for, run
 from tests.router.fake_worker import FakeWorker
@@ -171,7 +171,7 @@ def test_per_key_rate_limits_and_admin_failures(model_dir: Path) -> None:
 
 def test_request_ids_cannot_be_guessed() -> None:
     """Consecutive ids share only the process's prefix; the rest is 96 random bits."""
-    from router.server import _new_id
+    from router.app.handlers import _new_id
 
     ids = [_new_id("cmpl-") for _ in range(1000)]
     assert len(set(ids)) == 1000

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from engine.tokenizer import Tokenizer
-from router.busy_poll import BusyPoll
+from router.app.busy_poll import BusyPoll
 from router.config import RouterConfig
 from tests.router.conftest import router_for, run
 from tests.router.fake_worker import FakeWorker

@@ -5,16 +5,16 @@ from __future__ import annotations
 import random
 
 from engine.tokenizer import Tokenizer
-from router.choice import ChoiceDecoder, ChoiceDelta, ChoiceSpec
-from router.events import Finished, TokenChunk, TokenLogprob, WorkerEvent, WorkerRequest
-from router.protocol import Sampling
+from router.app.choice import ChoiceDecoder, ChoiceDelta, ChoiceSpec
+from router.app.requests import Sampling, sampling_to_proto
+from router.client.events import Finished, TokenChunk, TokenLogprob, WorkerEvent, WorkerRequest
 
 TEXT = "emoji 🚀🤖 and CJK 批处理, héllo wörld: the KV cache stores keys and values."
 
 
 def _spec(stream: bool, **sampling: object) -> ChoiceSpec:
     s = Sampling(max_tokens=1000, **sampling)  # type: ignore[arg-type]
-    return ChoiceSpec(0, WorkerRequest("r-0", (1, 2, 3), s, stream))
+    return ChoiceSpec(0, WorkerRequest("r-0", (1, 2, 3), sampling_to_proto(s), stream), s)
 
 
 def _feed(decoder: ChoiceDecoder, events: list[WorkerEvent]) -> list[ChoiceDelta]:

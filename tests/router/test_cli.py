@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_router_never_imports_torch() -> None:
     code = (
-        "import sys, router.server, router.__main__\n"
+        "import sys, router.app.server, router.__main__\n"
         "bad = sorted(m for m in ('torch', 'engine.engine', 'transformers') if m in sys.modules)\n"
         "assert not bad, bad\n"
     )

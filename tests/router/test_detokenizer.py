@@ -11,7 +11,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from engine.testing.tiny_models import CORPUS
 from engine.tokenizer import Tokenizer
-from router.detokenizer import IncrementalDetokenizer, TokenTexts
+from router.app.detokenizer import IncrementalDetokenizer, TokenTexts
 
 TEXTS = [
     "emoji 🚀🤖 and CJK 批处理 and Кириллица",

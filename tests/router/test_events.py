@@ -6,16 +6,10 @@ import grpc
 import pytest
 
 from protos import common_pb2
-from router.events import (
-    Finished,
-    TokenChunk,
-    TokenLogprob,
-    WorkerError,
-    event_from_proto,
-    http_status_for,
-    status_code_from_int,
-)
-from router.workers import endpoint_of
+from router.app.errors import from_worker, http_status_for
+from router.client.errors import NoUsableWorker, WorkerError, status_code_from_int
+from router.client.events import Finished, TokenChunk, TokenLogprob, event_from_proto
+from router.fleet.worker import endpoint_of
 
 
 def test_every_status_maps_to_400_or_503() -> None:
@@ -24,18 +18,23 @@ def test_every_status_maps_to_400_or_503() -> None:
             400 if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE) else 503
         )
         assert http_status_for(code) == expected, code
-        err = WorkerError(code, "details", "w:1")
+        err = from_worker(WorkerError(code, "details", "w:1"))
         assert err.status == expected and err.body()["error"]["message"]
         assert err.type == ("invalid_request_error" if expected == 400 else "server_error")
 
 
 def test_worker_error_details() -> None:
     bad = WorkerError(grpc.StatusCode.INVALID_ARGUMENT, "prompt has token 9999", "w:1")
-    assert bad.message == "prompt has token 9999" and not bad.retryable
+    assert from_worker(bad).message == "prompt has token 9999" and not bad.retryable
+    assert bad.bad_input
     full = WorkerError(grpc.StatusCode.RESOURCE_EXHAUSTED, "0 free pages", "w:1")
-    assert full.status == 503 and full.code == "resource_exhausted" and full.retryable
+    reply = from_worker(full)
+    assert reply.status == 503 and reply.code == "resource_exhausted" and full.retryable
     lost = WorkerError(grpc.StatusCode.UNAVAILABLE, "transfer failed", "w:1")
-    assert "w:1" in lost.message and "transfer failed" in lost.message and lost.retryable
+    message = from_worker(lost).message
+    assert "w:1" in message and "transfer failed" in message and lost.retryable
+    none = from_worker(NoUsableWorker("the pool is empty"))
+    assert none.status == 503 and none.code == "no_worker_available"
     assert WorkerError(grpc.StatusCode.INTERNAL, "bug", "w:1").retryable
     assert not WorkerError(grpc.StatusCode.NOT_FOUND, "no such transfer", "w:1").retryable
 
@@ -71,7 +70,7 @@ def test_events_from_proto() -> None:
     error = common_pb2.GenerateResponse(error=common_pb2.Error(code=3, message="bad id"))
     with pytest.raises(WorkerError) as info:
         event_from_proto(error, "w")
-    assert info.value.status == 400 and info.value.message == "bad id"
+    assert info.value.bad_input and info.value.details == "bad id"
     with pytest.raises(WorkerError):
         event_from_proto(common_pb2.GenerateResponse(), "w")
 

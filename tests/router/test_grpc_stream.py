@@ -1,4 +1,4 @@
-"""The router's own gRPC stream client (``router.grpc_stream``) against a grpcio server and
+"""The router's own gRPC stream client (``router.client.grpc_stream``) against a grpcio server and
 against the workers' session listener (``worker.session_server``)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from protos import common_pb2, decode_pb2, h2
-from router.grpc_stream import StreamCall
+from router.client.grpc_stream import StreamCall
 from tests.router.conftest import run
 from worker.session_server import Method, SessionServer
 

@@ -1,4 +1,4 @@
-"""The router's HTTP/1.1 server (``router.http``) on a real socket, spoken to byte by byte."""
+"""The router's HTTP/1.1 server (``router.app.http``) on a real socket, spoken to byte by byte."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Any
 
 import orjson
 
-from router.http import Connection, EventStream, HttpServer, NoRoute, Request, Response, Routes
+from router.app.http import Connection, HttpServer
+from router.app.routes import EventStream, NoRoute, Request, Response, Routes
 from tests.router.conftest import run
 
 

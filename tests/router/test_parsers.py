@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.parsers.chat_output import ChatOutputFormat
-from router.parsers.reasoning import REASONING_FORMATS
-from router.parsers.tool_calls import (
+from router.app.parsers.chat_output import ChatOutputFormat
+from router.app.parsers.reasoning import REASONING_FORMATS
+from router.app.parsers.tool_calls import (
     TOOL_CALL_PARSERS,
     DeepSeekV3Parser,
     HermesParser,

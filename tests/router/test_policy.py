@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from router.config import RouterConfig, build_parser, config_from_args
-from router.load import WorkerLoad, no_load
-from router.policy import (
+from router.fleet.load import WorkerLoad, no_load
+from router.fleet.policies import (
     POLICIES,
     CacheAware,
     CacheAwareOptions,
@@ -21,7 +21,7 @@ from router.policy import (
     RoundRobin,
     make_policy,
 )
-from router.radix_tree import RadixTree
+from router.fleet.policies.radix_tree import RadixTree
 
 WORKERS = ["w0", "w1", "w2", "w3"]
 

@@ -9,17 +9,11 @@ from typing import Any
 import pytest
 
 from engine.tokenizer import Tokenizer
-from router.errors import RequestError
-from router.prompts import ModelInfo, PromptBuilder
-from router.protocol import (
-    UINT64,
-    Constraint,
-    Sampling,
-    ToolChoice,
-    parse_chat,
-    parse_completion,
-    parse_generate,
-)
+from router.app.errors import RequestError
+from router.app.prompts import PromptBuilder
+from router.app.protocol import parse_chat, parse_completion, parse_generate
+from router.app.requests import UINT64, Constraint, Sampling, ToolChoice
+from router.fleet.compat import ModelInfo
 
 MSG = [{"role": "user", "content": "hi"}]
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
+from router.app.server import serve
 from router.config import RouterConfig
-from router.health import HealthConfig
-from router.registry import RegistryConfig, RegistryRecord
-from router.server import serve
+from router.fleet.health import HealthConfig
+from router.fleet.registry import RegistryConfig, RegistryRecord
 from tests.e2e.procs import worker
 from tests.redis_server import RedisServer
 from tests.router.conftest import RouterUnderTest, router_for, run

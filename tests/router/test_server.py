@@ -12,11 +12,12 @@ import openai
 import pytest
 
 from engine.tokenizer import Tokenizer
+from router.app.server import serve
+from router.client.resilience import RetryConfig
 from router.config import RouterConfig
-from router.health import BREAKER_FAILURES, TRANSPORTS, HealthConfig
-from router.policy import RoundRobin, make_policy
-from router.resilience import RetryConfig
-from router.server import serve
+from router.fleet.breaker import BREAKER_FAILURES
+from router.fleet.health import TRANSPORTS, HealthConfig
+from router.fleet.policies import RoundRobin, make_policy
 from tests.router.conftest import router_for, run
 from tests.router.fake_worker import EOS, Failure, FakeWorker
 

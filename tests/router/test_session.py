@@ -7,9 +7,10 @@ import pytest
 
 from protos import common_pb2, decode_pb2
 from protos.contract import ROLE_COLOCATED
-from router.events import Finished, WorkerError, event_from_proto
-from router.session import RequestStream
-from router.workers import WorkerClient
+from router.client.errors import WorkerError
+from router.client.events import Finished, event_from_proto
+from router.client.session import RequestStream
+from router.fleet.worker import WorkerClient
 from tests.router.conftest import run
 from tests.router.fake_worker import EOS, Failure, FakeWorker
 from tests.router.test_server import wait_for
@@ -98,7 +99,7 @@ def test_worker_error_message_ends_only_its_request() -> None:
             w.fail = Failure(grpc.StatusCode.INVALID_ARGUMENT, "bad sampling", after_tokens=-1)
             with pytest.raises(WorkerError) as info:
                 await drain(session.open(submit("bad")))
-            assert info.value.status == 400 and "bad sampling" in info.value.message
+            assert info.value.bad_input and "bad sampling" in info.value.details
             assert not session.broken  # the session carries on
             w.fail = None
             assert await drain(session.open(submit("after"))) == [70, 71, EOS]

@@ -8,7 +8,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from router.admission import Admission, AdmissionConfig, Overloaded
+from router.app.admission import Admission, AdmissionConfig, Overloaded
 from tests.router.conftest import router_for, run
 from tests.router.fake_worker import FakeWorker
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from router.stop import StopMatcher
+from router.app.stop import StopMatcher
 
 
 def reference(text: str, stops: tuple[str, ...]) -> tuple[str, str | None]:

@@ -16,9 +16,14 @@ import torch
 import xgrammar
 
 from engine.testing.tiny_models import VOCAB_SIZE
-from router.parsers.reasoning import REASONING_FORMATS
-from router.parsers.tool_calls import DeepSeekV3Parser, HermesParser, KimiK2Parser, ToolCallParser
-from router.parsers.tool_grammar import reasoning_mode, tool_call_constraint
+from router.app.parsers.reasoning import REASONING_FORMATS
+from router.app.parsers.tool_calls import (
+    DeepSeekV3Parser,
+    HermesParser,
+    KimiK2Parser,
+    ToolCallParser,
+)
+from router.app.parsers.tool_grammar import reasoning_mode, tool_call_constraint
 
 TOOLS: list[dict[str, Any]] = [
     {

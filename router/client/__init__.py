@@ -1,0 +1,2 @@
+"""The worker client: requests on the workers' sessions, their events and errors, retries and
+migration."""
