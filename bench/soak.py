@@ -70,7 +70,9 @@ class Outcome:
     end: float
     status: int  # HTTP status; 0: hung; -1: client disconnected on purpose
     mismatch: bool = False
-    detail: str = ""  # what was asked, and what came instead of the baseline (mismatches)
+    # What was asked, and what came instead of the baseline (mismatches), or the error body
+    # (lost requests).
+    detail: str = ""
 
 
 @dataclass
@@ -89,6 +91,8 @@ class Report:
     disconnected: int = 0
     lost_in_windows: int = 0
     lost_outside_windows: int = 0
+    lost_by_status: dict[str, int] = field(default_factory=dict)
+    lost_examples: list[dict[str, Any]] = field(default_factory=list)  # the first few
     hung: int = 0
     mismatched: int = 0
     mismatches: list[dict[str, Any]] = field(default_factory=list)  # the first few, in detail
@@ -201,7 +205,7 @@ async def _request(
     async def go() -> tuple[int, list[str]]:
         async with http.post(url + path, json=_body(kind, prompt, stream, n)) as resp:
             if resp.status != 200:
-                await resp.read()
+                texts[:] = [(await resp.read()).decode(errors="replace")[:300]]
                 return resp.status, texts
             if not stream:
                 reply = await resp.json()
@@ -214,6 +218,7 @@ async def _request(
                     continue
                 event = json.loads(line[6:])
                 if "error" in event:
+                    texts[:] = [json.dumps(event["error"])[:300]]
                     return 500, texts
                 for c in event["choices"]:
                     piece = c["delta"].get("content") if kind == "chat" else c.get("text")
@@ -260,9 +265,11 @@ async def _load(
                 want = baseline[(kind, prompt)]
                 mismatch = status == 200 and any(t != want for t in texts)
                 detail = ""
+                asked = f"{kind} stream={stream} n={n} prompt={prompt!r}"
                 if mismatch:
-                    asked = f"{kind} stream={stream} n={n} prompt={prompt!r}"
                     detail = f"{asked}: got {texts!r}, baseline {want!r}"
+                elif status not in (200, -1, 0):
+                    detail = f"{asked}: {texts[0] if texts else ''}"
                 outcomes.append(Outcome(start, time.monotonic(), status, mismatch, detail))
 
     await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -377,15 +384,27 @@ def run(
             report.disconnected += 1
         elif o.status == 0:
             report.hung += 1
-        elif any(a <= o.end and o.start <= b for a, b in windows):
-            report.lost_in_windows += 1
         else:
-            report.lost_outside_windows += 1
-    for f in faults:
+            hit = [f.kind for f, (a, b) in zip(faults, windows, strict=True)
+                   if a <= o.end and o.start <= b]  # fmt: skip
+            if hit:
+                report.lost_in_windows += 1
+            else:
+                report.lost_outside_windows += 1
+            key = str(o.status)
+            report.lost_by_status[key] = report.lost_by_status.get(key, 0) + 1
+            if len(report.lost_examples) < 10:
+                report.lost_examples.append(
+                    {"start": round(o.start - start, 1), "end": round(o.end - start, 1),
+                     "status": o.status, "faults": hit, "detail": o.detail}
+                )  # fmt: skip
+    lost = [o for o in outcomes if o.status not in (200, -1, 0)]
+    for f, (a, b) in zip(faults, windows, strict=True):
         after = [o.end for o in outcomes if o.status == 200 and o.start >= f.start]
         f.recovered_s = round(min(after) - f.start, 2) if after else None
         report.faults.append({**asdict(f), "start": round(f.start - start, 1),
-                              "end": round(f.end - start, 1)})  # fmt: skip
+                              "end": round(f.end - start, 1),
+                              "lost": sum(a <= o.end and o.start <= b for o in lost)})  # fmt: skip
     return report
 
 

@@ -26,6 +26,9 @@ a)
   # The kernels compiled (not interpreted) against the torch reference.
   step kernels 240 python3 -m pytest -x -q tests/engine/test_triton_attention.py \
     tests/engine/test_fused_ops.py tests/engine/test_mla_extend.py
+  # The decode split kernel's tiles: 64 keys x 4 warps (the default) spills on sm_90.
+  step decode_tiles 150 python3 -m bench.attention_kernel --shapes 1x2048,64x2048,256x512 \
+    --block-n 32,64 --num-warps 4,8 --num-stages 2,3
   # Overlapped scheduling's gain: the same decode shapes with and without it.
   step llama_overlap 200 python3 -m bench.engine --preset llama3-8b --skip-hf \
     --decode 1x128,64x128,64x2048,256x512 --prefill '' --repeats 2

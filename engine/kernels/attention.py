@@ -20,6 +20,8 @@ Softmax runs in float32 in the log2 domain (scores scaled by `scale * log2(e)`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -264,6 +266,16 @@ def decode_splits(batch_size: int, num_kv_heads: int, max_seq_len: int, block_n:
 DECODE_BLOCK_N = 64
 
 
+@dataclass(frozen=True)
+class DecodeTiles:
+    """The decode split kernel's launch: keys per tile (a power of two, 16 or more; give
+    `decode_splits` the same), warps and software-pipeline stages."""
+
+    block_n: int = DECODE_BLOCK_N
+    num_warps: int = 4
+    num_stages: int = 2
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -275,9 +287,12 @@ def decode_attention(
     scale: float,
     num_splits: int,
     out: torch.Tensor | None = None,
+    tiles: DecodeTiles | None = None,
 ) -> torch.Tensor:
     """One new query per sequence: `q` `[B, Hq, Dk]` over the first `seq_lens[b]` tokens of
-    page-table row `rows[b]`; returns `[B, Hq, Dv]` in `q`'s dtype."""
+    page-table row `rows[b]`; returns `[B, Hq, Dv]` in `q`'s dtype. `tiles`: the split
+    kernel's launch (default `DecodeTiles()`; bench.attention_kernel compares others)."""
+    tiles = tiles or DecodeTiles()
     bsz, num_heads, dk = q.shape
     num_kv_heads, dv = v_cache.shape[1], v_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -317,11 +332,11 @@ def decode_attention(
         BLOCK_DK=block_dk,
         BLOCK_DV=block_dv,
         PAGE_SIZE=page_size,
-        BLOCK_N=DECODE_BLOCK_N,
+        BLOCK_N=tiles.block_n,
         num_splits=num_splits,
         PRECISION=dot_precision(q),
-        num_warps=4,
-        num_stages=2,
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
     )
     _decode_combine_kernel[(bsz, num_heads)](
         part_o,
@@ -337,7 +352,7 @@ def decode_attention(
         out.stride(1),
         DV=dv,
         BLOCK_DV=block_dv,
-        BLOCK_N=DECODE_BLOCK_N,
+        BLOCK_N=tiles.block_n,
         num_splits=num_splits,
         num_warps=4 if block_dv >= 256 else 2,
     )

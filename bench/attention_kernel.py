@@ -1,0 +1,164 @@
+"""Paged decode attention on the GPU (`engine.kernels.attention.decode_attention`): each launch
+configuration of the split kernel against the bytes floor, to pick `DecodeTiles`.
+
+    python -m bench.attention_kernel                      # Llama-3-8B heads, the engine's shapes
+    python -m bench.attention_kernel --shapes 64x2048 --block-n 32,64 --num-warps 4,8
+    TRITON_INTERPRET=1 python -m bench.attention_kernel --device cpu --shapes 2x40 \
+        --heads 4/2/16 --block-n 16 --num-warps 4 --num-stages 2 --layers 1 --reps 1
+
+One layer's decode attention (one query per sequence, bfloat16, pages of `--page-size` tokens
+scattered over the pool) for each shape `BxL` (B sequences of L cached tokens) and each tile
+configuration (keys per tile, warps, stages), the split count chosen as the engine does
+(`decode_splits`). Times are medians of CUDA-graph replays of `--layers` calls cycling as many
+layers' caches (so consecutive calls read different memory), divided by `--layers`. Floor:
+the bytes the step must read (every cached token's K and V once, plus the queries and outputs)
+over the device-to-device copy bandwidth measured in the same run (`bench.ceiling`). Each
+configuration's output is checked against the default's (bf16 max abs difference). The
+default configuration is marked `*`, the fastest per shape `<`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from bench.ceiling import copy_bandwidth
+from bench.moe_kernel import time_graph
+from engine.kernels.attention import DecodeTiles, decode_attention, decode_splits
+
+DEFAULT_SHAPES = "1x128,1x2048,16x128,64x128,64x2048,256x512"
+
+
+@dataclass
+class Case:
+    """`layers` layers' caches and one step's inputs for B sequences of L tokens."""
+
+    q: torch.Tensor  # [B, Hq, D]
+    caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K, V [slots, Hkv, D]
+    table: torch.Tensor  # [B, pages per sequence] int32
+    rows: torch.Tensor  # [B] int32
+    seq_lens: torch.Tensor  # [B] int32
+    page_size: int
+    out: torch.Tensor
+
+    def run(self, tiles: DecodeTiles) -> None:
+        bsz, _, dim = self.q.shape
+        splits = decode_splits(
+            bsz, self.caches[0][0].shape[1], int(self.seq_lens.max()), tiles.block_n
+        )
+        for k, v in self.caches:
+            decode_attention(
+                self.q, k, v, self.table, self.rows, self.seq_lens, self.page_size,
+                dim**-0.5, splits, out=self.out, tiles=tiles,
+            )  # fmt: skip
+
+    def floor_bytes(self) -> int:
+        k = self.caches[0][0]
+        kv_heads, dim = k.shape[1], k.shape[2]
+        tokens = int(self.seq_lens.sum())
+        return 2 * tokens * kv_heads * dim * k.element_size() + 2 * self.q.numel() * 2
+
+
+def make_case(
+    batch: int, context: int, heads: tuple[int, int, int], page_size: int, layers: int, device: str
+) -> Case:
+    q_heads, kv_heads, dim = heads
+    pages_per_seq = -(-context // page_size)
+    num_pages = batch * pages_per_seq + 1
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    # Scattered pages: a permutation of the pool, as a long-running server's would be.
+    order = torch.randperm(num_pages - 1, generator=gen).to(torch.int32) + 1
+    table = order.view(batch, pages_per_seq).to(device)
+    dtype = torch.bfloat16
+    caches = [
+        (
+            torch.randn(num_pages * page_size, kv_heads, dim, dtype=dtype, device=device),
+            torch.randn(num_pages * page_size, kv_heads, dim, dtype=dtype, device=device),
+        )
+        for _ in range(layers)
+    ]
+    q = torch.randn(batch, q_heads, dim, dtype=dtype, device=device)
+    rows = torch.arange(batch, dtype=torch.int32, device=device)
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    return Case(q, caches, table, rows, seq_lens, page_size, torch.empty_like(q))
+
+
+def int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--shapes", default=DEFAULT_SHAPES, help="BxL, comma-separated")
+    p.add_argument("--heads", default="32/8/128", help="query heads / KV heads / head dim")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--block-n", type=int_list, default=[32, 64, 128])
+    p.add_argument("--num-warps", type=int_list, default=[2, 4, 8])
+    p.add_argument("--num-stages", type=int_list, default=[1, 2, 3])
+    p.add_argument("--layers", type=int, default=8, help="layers' caches cycled per replay")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--device", default="cuda")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    q_heads, kv_heads, dim = (int(x) for x in args.heads.split("/"))
+    device = torch.device(args.device)
+    bandwidth = copy_bandwidth(device)
+    default = DecodeTiles()
+    configs = [
+        DecodeTiles(n, w, s)
+        for n, w, s in itertools.product(args.block_n, args.num_warps, args.num_stages)
+    ]
+    if default not in configs:
+        configs.insert(0, default)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(
+        f"## Paged decode attention: {name}, torch {torch.__version__}; copy "
+        f"{bandwidth / 1e12:.2f} TB/s (read + write); bfloat16; heads {q_heads}/{kv_heads}, "
+        f"dim {dim}; page size {args.page_size}; {args.layers} layers' caches cycled\n"
+    )
+    print(
+        "| shape | block_n | warps | stages | splits | µs | floor µs | x floor | diff |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )
+    for shape in args.shapes.split(","):
+        batch, context = (int(x) for x in shape.split("x"))
+        case = make_case(
+            batch, context, (q_heads, kv_heads, dim), args.page_size, args.layers, args.device
+        )
+        floor_us = case.floor_bytes() / bandwidth * 1e6
+        case.run(default)
+        want = case.out.float().clone()
+        rows = []
+        for tiles in configs:
+            try:
+                seconds = time_graph(functools.partial(case.run, tiles), args.reps) / args.layers
+            except Exception as exc:  # a configuration that does not compile or launch
+                print(f"| {shape} | {tiles.block_n} | {tiles.num_warps} | {tiles.num_stages} "
+                      f"| - | failed: {type(exc).__name__} | | | |")  # fmt: skip
+                continue
+            diff = (case.out.float() - want).abs().max().item()
+            splits = decode_splits(batch, kv_heads, context, tiles.block_n)
+            rows.append((seconds * 1e6, tiles, splits, diff))
+        best = min(r[0] for r in rows)
+        for us, tiles, splits, diff in rows:
+            mark = ("*" if tiles == default else "") + ("<" if us == best else "")
+            print(
+                f"| {shape} | {tiles.block_n} | {tiles.num_warps} | {tiles.num_stages} | "
+                f"{splits} | {us:.1f}{mark} | {floor_us:.1f} | {us / floor_us:.2f} | {diff:.1e} |",
+                flush=True,
+            )
+        case.caches.clear()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""bench/attention_kernel.py on the CPU under Triton's interpreter: the table has a row per
+tile configuration with the default marked, and every configuration computes what the default
+does (float32: the same softmax, only the split boundaries move)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench import attention_kernel
+from engine.kernels.attention import DecodeTiles, decode_attention, decode_splits
+
+
+def test_table_rows(capsys: pytest.CaptureFixture[str]) -> None:
+    attention_kernel.main(["--device", "cpu", "--shapes", "2x40", "--heads", "4/2/16",
+                           "--block-n", "16,32", "--num-warps", "4", "--num-stages", "2",
+                           "--layers", "1", "--reps", "1"])  # fmt: skip
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2x40")]
+    assert len(rows) == 3  # the default (64 keys a tile) and the two asked for
+    assert sum("*" in r for r in rows) == 1 and sum("<" in r for r in rows) == 1
+    assert [r.split("|")[2].strip() for r in rows] == ["64", "16", "32"]
+
+
+@pytest.mark.parametrize("tiles", [DecodeTiles(16, 2, 1), DecodeTiles(32, 8, 3)])
+def test_other_tiles_give_the_same_attention(tiles: DecodeTiles) -> None:
+    case = attention_kernel.make_case(3, 45, (4, 2, 16), 16, 1, "cpu")
+    q = case.q.float()
+    k, v = (t.float() for t in case.caches[0])
+    outs = []
+    for t in (DecodeTiles(), tiles):
+        splits = decode_splits(3, 2, 45, t.block_n)
+        outs.append(decode_attention(q, k, v, case.table, case.rows, case.seq_lens, 16, 0.25,
+                                     splits, tiles=t))  # fmt: skip
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
