@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from router.fleet.breaker import CircuitState
 from router.fleet.compat import WorkerRefused, WorkerUnreachable, read_info
 from router.fleet.health import HealthConfig
-from router.fleet.worker import WorkerClient
+from router.fleet.worker import Health, WorkerClient
 
 if TYPE_CHECKING:
     from router.fleet.pool import WorkerPool
@@ -69,22 +69,28 @@ class HealthMonitor:
 
     async def _check(self, worker: WorkerClient) -> None:
         timeout = self.config.check_timeout_s
-        serving = await worker.check_health(timeout)
+        found = await worker.check_health(timeout)
+        serving = found is Health.SERVING
+        answered = found in (Health.SERVING, Health.NOT_SERVING)
         was = worker.healthy
-        answered_before = worker.answered
-        worker.answered = serving is not None
-        worker.healthy = bool(serving)
-        if serving is not None and not answered_before:
-            self.unverified(worker)  # back from silence: perhaps another process
-        if serving is None:
-            record_failure(worker, "health check got no answer")
+        # No answer `failure_threshold` times in a row: gone (the breaker opens alike). One
+        # silent check is not enough: a router that stalls for a moment misses every
+        # worker's answer at once, and must not turn them all away together.
+        gone_before = worker.silent_checks >= self.config.failure_threshold
+        worker.silent_checks = 0 if answered else worker.silent_checks + 1
+        if found is not Health.SILENT or worker.silent_checks >= self.config.failure_threshold:
+            worker.healthy = serving  # an answer counts at once (NOT_SERVING: draining), and
+            # so does a refused connection (nothing listens there any more)
+        if answered and gone_before:
+            self.unverified(worker)  # back after being gone: perhaps another process
+        if not answered:
+            record_failure(worker, f"health check: {found.value}")
         elif serving:
             worker.breaker.record_success(probe=True)
         if was != worker.healthy:
-            state = {None: "no answer", False: "NOT_SERVING", True: "SERVING"}[serving]
-            log.warning("worker %s is now %s (%s)",
-                        worker.endpoint, "healthy" if serving else "unhealthy", state)  # fmt: skip
-        if serving is not None:
+            now = "healthy" if serving else "unhealthy"
+            log.warning("worker %s is now %s (%s)", worker.endpoint, now, found.value)
+        if answered:
             await worker.poll_load(timeout)
             known = worker.info.instance_id if worker.info is not None else ""
             seen = worker.report.instance_id if worker.report is not None else ""
@@ -130,4 +136,4 @@ class HealthMonitor:
         """``{endpoint: serving}`` for every member, checked now, concurrently."""
         workers = self.pool.all_workers
         states = await asyncio.gather(*(w.check_health() for w in workers))
-        return {w.endpoint: bool(s) for w, s in zip(workers, states, strict=True)}
+        return {w.endpoint: s is Health.SERVING for w, s in zip(workers, states, strict=True)}

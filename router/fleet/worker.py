@@ -9,6 +9,7 @@ flight, and the last ``GetLoad`` report (``load``, the policies' view; see
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from collections.abc import Callable
@@ -64,6 +65,15 @@ class WorkerInfo:
     instance_id: str = ""  # random per worker process; "": not stated
 
 
+class Health(enum.Enum):
+    """What one health check found."""
+
+    SERVING = "SERVING"
+    NOT_SERVING = "NOT_SERVING"  # answered, but draining or not ready
+    SILENT = "no answer"  # timed out: the worker, or this router, may be paused
+    UNREACHABLE = "unreachable"  # refused or reset: nothing serves at the address
+
+
 class WorkerClient:
     """One worker: its channel, stubs and routing state. Cheap to share between requests.
 
@@ -95,7 +105,10 @@ class WorkerClient:
             self._listener_port,
         )  # fmt: skip
         self.healthy = True  # the last health check said SERVING (members passed GetInfo)
-        self.answered = True  # the last health check got an answer
+        # Health checks in a row that got no answer. One is not enough to take a worker out:
+        # a router that stalls for a moment (CPU, a pause) misses every worker's answer at
+        # once, and would otherwise turn them all away together.
+        self.silent_checks = 0
         # False from a sign that the process at this address may have changed (its session
         # broke, it came back from no answer, another instance id) until GetInfo and the
         # pool's checks pass again: a restarted worker is not trusted blindly.
@@ -160,15 +173,18 @@ class WorkerClient:
             instance_id=msg.instance_id,
         )
 
-    async def check_health(self, timeout_s: float = 1.0) -> bool | None:
-        """True: SERVING; False: answered, but not SERVING; None: no answer."""
+    async def check_health(self, timeout_s: float = 1.0) -> Health:
         try:
             reply = await self._health.Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
             )
-        except grpc.aio.AioRpcError:
-            return None
-        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+        except grpc.aio.AioRpcError as exc:
+            # Refused or reset: nothing serves there. Timed out: maybe a pause, there or here.
+            silent = exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            return Health.SILENT if silent else Health.UNREACHABLE
+        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+            return Health.SERVING
+        return Health.NOT_SERVING
 
     async def poll_load(self, timeout_s: float = 1.0) -> None:
         """Refresh ``report`` from GetLoad; a worker that cannot answer keeps the old one."""

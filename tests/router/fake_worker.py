@@ -64,6 +64,9 @@ class FakeWorker:
     session_port: int = 0
     _server: grpc.aio.Server | None = None
     _sessions: SessionServer | None = None
+    # Health checks left to answer late (after `late_health_s`), as a paused worker would.
+    late_health_checks: int = 0
+    late_health_s: float = 1.0
     _health: HealthServicer | None = None
 
     async def start(self) -> FakeWorker:
@@ -72,7 +75,7 @@ class FakeWorker:
             prefill_pb2_grpc.add_PrefillServicer_to_server(_Prefill(self), server)
         else:
             decode_pb2_grpc.add_DecodeServicer_to_server(_Decode(self), server)
-        self._health = HealthServicer()
+        self._health = _LateHealth(self)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         port = server.add_insecure_port(f"127.0.0.1:{self.port}")
         await server.start()
@@ -156,6 +159,20 @@ def _logprobs(token: int, s: common_pb2.SamplingParams) -> list[common_pb2.Token
         return []
     top = [common_pb2.TokenLogprob(token_id=token + i, logprob=-0.5 - i) for i in range(20)]
     return [common_pb2.TokenLogprobs(logprob=-0.5, top=top[: s.top_logprobs])]
+
+
+class _LateHealth(HealthServicer):
+    """The standard health service, answering late while the worker has late checks left."""
+
+    def __init__(self, w: FakeWorker) -> None:
+        super().__init__()
+        self.w = w
+
+    async def Check(self, request: Any, context: Any) -> Any:
+        if self.w.late_health_checks > 0:
+            self.w.late_health_checks -= 1
+            await asyncio.sleep(self.w.late_health_s)
+        return await super().Check(request, context)
 
 
 class Injected(Exception):

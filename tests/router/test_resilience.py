@@ -462,6 +462,34 @@ def test_a_worker_restarted_as_something_else_is_kept_out(model_dir: Path) -> No
     run(body())
 
 
+def test_one_unanswered_health_check_does_not_take_a_worker_out(model_dir: Path) -> None:
+    """A check that times out once (a pause, here or there) leaves the worker in the pool:
+    the router would otherwise turn every worker away at once after a stall of its own.
+    Silent `failure_threshold` checks in a row, it is out; answering again, it is back."""
+    a = FakeWorker()
+
+    async def body() -> None:
+        async with router_for(model_dir, workers=(a,), health=FAST_HEALTH, admin_key="k") as r:
+            # Two late checks in a row, one fewer than the threshold: never out meanwhile.
+            a.late_health_checks = 2
+            deadline = time.monotonic() + 3 * FAST_HEALTH.check_timeout_s + 0.5
+            while time.monotonic() < deadline:
+                view = (await admin_workers(r))[a.endpoint]
+                assert view["health"] == "healthy" and view["usable"], view
+                assert (await r.post("/generate", native(3)))[0] == 200
+                await asyncio.sleep(0.02)
+            assert a.late_health_checks == 0
+            a.late_health_checks = 1000
+            await until(r, a.endpoint, "health", "unhealthy")
+            status, reply = await r.post("/generate", native(3))
+            assert status == 503 and reply["error"]["code"] == "no_worker_available"
+            a.late_health_checks = 0
+            await until(r, a.endpoint, "usable", True)
+            assert (await r.post("/generate", native(3)))[0] == 200
+
+    run(body())
+
+
 def test_unhealthy_workers_are_excluded_and_none_left_is_a_quick_503(model_dir: Path) -> None:
     a, b = FakeWorker(), FakeWorker()
 
