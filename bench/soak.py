@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -341,12 +342,17 @@ def run(
     duration_s: float = 60, concurrency: int = 6, fault_interval_s: float = 8,
     stop_s: float = 3, window_s: float = 15, request_timeout_s: float = 60, seed: int = 1,
     transfer_faults: str = "delay_ms=30,drop=0.02", kinds: tuple[str, ...] = FAULTS,
+    log_dir: str | None = None,
 ) -> Report:  # fmt: skip
+    """`log_dir`: keep every process's log (and Redis's files) there; default: a temporary
+    directory, removed at the end."""
     from engine.cli import default_model_dir
 
     rng = random.Random(seed)
     with (
-        tempfile.TemporaryDirectory(prefix="pdserve-soak-") as tmp,
+        contextlib.nullcontext(log_dir)
+        if log_dir
+        else tempfile.TemporaryDirectory(prefix="pdserve-soak-") as tmp,
         _cluster(default_model_dir(), Path(tmp), transfer_faults) as cluster,
     ):
         baseline = asyncio.run(_baseline(cluster.url))
@@ -432,10 +438,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--transfer-faults", default="delay_ms=30,drop=0.02")
     p.add_argument("--seed", type=int, default=secrets.randbelow(1000))
     p.add_argument("--json", help="write the report here too")
+    p.add_argument("--log-dir", help="keep the processes' logs here (default: not kept)")
     args = p.parse_args(argv)
     report = run(
         args.duration, args.concurrency, args.fault_interval, args.stop_s, args.window_s,
-        args.request_timeout_s, args.seed, args.transfer_faults,
+        args.request_timeout_s, args.seed, args.transfer_faults, log_dir=args.log_dir,
     )  # fmt: skip
     text = json.dumps({**asdict(report), "passed": report.passed, "seed": args.seed}, indent=1)
     print(text)
