@@ -8,6 +8,7 @@ free again.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import queue
@@ -89,11 +90,12 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_models(tmp_path_factory.mktemp("e2e-models"), [MODEL])[MODEL]
 
 
-@pytest.fixture(scope="module")
-def worker(model_path: Path) -> Iterator[Process]:
+@contextlib.contextmanager
+def colocated_worker(model_path: Path, max_total_tokens: int = 8192) -> Iterator[Process]:
+    """A colocated worker process, ready."""
     proc = Process(
         ["decode_worker", "--disaggregation-mode", "null", "--model-path", str(model_path),
-         "--host", "127.0.0.1", "--port", "0", "--max-total-tokens", "8192"]
+         "--host", "127.0.0.1", "--port", "0", "--max-total-tokens", str(max_total_tokens)]
     )  # fmt: skip
     try:
         yield proc.wait_ready()
@@ -101,16 +103,29 @@ def worker(model_path: Path) -> Iterator[Process]:
         proc.stop()
 
 
-@pytest.fixture(scope="module")
-def router_url(model_path: Path, worker: Process) -> Iterator[str]:
+@contextlib.contextmanager
+def router_of(model_path: Path, worker: Process, *flags: str) -> Iterator[str]:
+    """A router process in front of ``worker``, started with ``flags``; yields its URL."""
     proc = Process(
         ["router", "--model-path", str(model_path), "--worker", worker.ready["endpoint"],
-         "--port", "0"]
+         "--port", "0", *flags]
     )  # fmt: skip
     try:
         yield proc.wait_ready().ready["url"]
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="module")
+def worker(model_path: Path) -> Iterator[Process]:
+    with colocated_worker(model_path) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def router_url(model_path: Path, worker: Process) -> Iterator[str]:
+    with router_of(model_path, worker) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.router.test_e2e import Process, post, wait_idle
+from tests.router.test_e2e import Process, colocated_worker, post, router_of, wait_idle
 
 MODEL = "qwen3"
 TOOLS: Any = [
@@ -47,26 +47,15 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def worker(model_path: Path) -> Iterator[Process]:
-    proc = Process(
-        ["decode_worker", "--disaggregation-mode", "null", "--model-path", str(model_path),
-         "--host", "127.0.0.1", "--port", "0", "--max-total-tokens", "4096"]
-    )  # fmt: skip
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
+    with colocated_worker(model_path, max_total_tokens=4096) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
 def router_url(model_path: Path, worker: Process) -> Iterator[str]:
-    proc = Process(
-        ["router", "--model-path", str(model_path), "--worker", worker.ready["endpoint"],
-         "--port", "0", "--tool-call-parser", "qwen25", "--reasoning-parser", "qwen3"]
-    )  # fmt: skip
-    try:
-        yield proc.wait_ready().ready["url"]
-    finally:
-        proc.stop()
+    flags = ("--tool-call-parser", "qwen25", "--reasoning-parser", "qwen3")
+    with router_of(model_path, worker, *flags) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
