@@ -227,6 +227,12 @@ class GrammarBackend:
         except Exception as exc:  # xgrammar raises RuntimeError and its own error types
             raise ValueError(f"the {_WHAT[c.kind]} does not compile: {_error_text(exc)}") from None
 
+    def warm_up(self) -> Future[Any]:
+        """Build xgrammar's view of the vocabulary now, on the compile threads, so that the
+        first constrained request does not wait for it (seconds for a 150k vocabulary);
+        returns the compiler's future (its exception if xgrammar cannot load)."""
+        return self._pool.submit(self._compiler_or_build)
+
     def _compiler_or_build(self) -> Any:
         """xgrammar's compiler for this vocabulary, built by the first compile (in the pool:
         reading a large vocabulary takes a while)."""

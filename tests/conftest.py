@@ -13,6 +13,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The many worker processes the tests start skip constrained decoding's background warm-up
+# (importing xgrammar and reading the vocabulary: seconds of CPU each); test_grammar_warmup
+# turns it on.
+os.environ.setdefault("PDSERVE_GRAMMAR_WARMUP", "0")
+
 from engine.testing.tiny_models import write_tiny_models
 
 

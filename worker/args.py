@@ -30,6 +30,9 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+GRAMMAR_WARMUP_ENV = "PDSERVE_GRAMMAR_WARMUP"
+
+
 def _shown(default: object) -> bool:
     return default not in (None, False, argparse.SUPPRESS, [], ())
 
@@ -44,6 +47,13 @@ def build_parser(modes: Sequence[str] = ROLES) -> argparse.ArgumentParser:
     add_engine_args(parser)
     g = parser.add_argument_group("worker")
     g.add_argument("--host", default="127.0.0.1", help="address to bind and advertise")
+    g.add_argument(
+        "--grammar-warmup",
+        action=argparse.BooleanOptionalAction,
+        default=os.environ.get(GRAMMAR_WARMUP_ENV, "1") != "0",
+        help="build constrained decoding's vocabulary view in the background at start, so "
+        f"that the first JSON-schema request does not wait for it ({GRAMMAR_WARMUP_ENV}=0: off)",
+    )
     g.add_argument("--port", type=int, default=0, help="gRPC port (0: pick a free one)")
     g.add_argument(
         "--session-port", type=int, default=0,

@@ -14,8 +14,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -25,6 +28,7 @@ from engine.async_engine import AsyncEngine
 from engine.cli import engine_config_from_args
 from engine.device import resolve_device
 from engine.engine import Engine
+from engine.grammar import GrammarBackend
 from engine.parallel import ParallelConfig, init_process_group
 from kv_transfer import (
     TransferEngine,
@@ -86,6 +90,8 @@ async def serve(worker_role: WorkerRole, args: argparse.Namespace, argv: list[st
         parallel = ParallelConfig(config.ep_size, 0, config.ep_num_redundant_experts)
         init_process_group(parallel, resolve_device(config.device), master)
     engine = Engine(config)
+    if args.grammar_warmup and engine.grammar is not None:
+        _warm_grammar(engine.grammar)
     transfer: TransferEngine | None = None
     if role != ROLE_COLOCATED:
         configure_mooncake(args.transfer_timeout)
@@ -223,3 +229,18 @@ def main(worker_role: WorkerRole, argv: list[str] | None = None) -> int:
         raise SystemExit(f"worker cannot start: {exc}") from None
     asyncio.run(serve(worker_role, args, argv))
     return 0
+
+
+def _warm_grammar(grammar: GrammarBackend) -> None:
+    """Build the vocabulary view in the background; say when it is ready, or why not (then
+    constrained requests fail with that reason, the rest serve)."""
+    started = time.monotonic()
+
+    def done(future: Future[Any]) -> None:
+        exc = future.exception()
+        if exc is not None:
+            log.warning("constrained decoding unavailable: %s", exc)
+        else:
+            log.info("constrained decoding ready (%.1f s)", time.monotonic() - started)
+
+    grammar.warm_up().add_done_callback(done)
