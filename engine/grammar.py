@@ -21,7 +21,7 @@ import logging
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -75,12 +75,14 @@ def bounded_strings_as_patterns(schema: Any) -> Any:
     return out
 
 
-def _json_schema_text(spec: str) -> str:
+def _rewritten_json(spec: str, rewrite: Callable[[Any], Any]) -> str:
+    """`spec` with `rewrite` applied to its JSON; as it is when it is not JSON (xgrammar then
+    says what is wrong with it)."""
     try:
-        schema = json.loads(spec)
+        value = json.loads(spec)
     except ValueError:
-        return spec  # xgrammar says what is wrong with it
-    return json.dumps(bounded_strings_as_patterns(schema))
+        return spec
+    return json.dumps(rewrite(value))
 
 
 def _tight_json_elements(fmt: Any) -> Any:
@@ -104,14 +106,6 @@ def _tight_json_elements(fmt: Any) -> Any:
         grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=True)
         return {"type": "grammar", "grammar": str(grammar)}
     return {k: _tight_json_elements(v) for k, v in fmt.items()}
-
-
-def _structural_tag_text(spec: str) -> str:
-    try:
-        tag = json.loads(spec)
-    except ValueError:
-        return spec  # xgrammar says what is wrong with it
-    return json.dumps(_tight_json_elements(tag))
 
 
 def _error_text(exc: BaseException) -> str:
@@ -213,7 +207,9 @@ class GrammarBackend:
                 # No free whitespace: a model (a weak one above all) could otherwise fill its
                 # whole budget with spaces. Strict: no properties or items the schema lacks.
                 return compiler.compile_json_schema(
-                    _json_schema_text(c.spec), any_whitespace=False, strict_mode=True
+                    _rewritten_json(c.spec, bounded_strings_as_patterns),
+                    any_whitespace=False,
+                    strict_mode=True,
                 )
             if c.kind == "json_object":
                 return compiler.compile_json_schema(
@@ -223,7 +219,7 @@ class GrammarBackend:
                 return compiler.compile_regex(c.spec)
             if c.kind == "ebnf":
                 return compiler.compile_grammar(c.spec)
-            return compiler.compile_structural_tag(_structural_tag_text(c.spec))
+            return compiler.compile_structural_tag(_rewritten_json(c.spec, _tight_json_elements))
         except Exception as exc:  # xgrammar raises RuntimeError and its own error types
             raise ValueError(f"the {_WHAT[c.kind]} does not compile: {_error_text(exc)}") from None
 
