@@ -4,8 +4,8 @@
 # that a step that fails or runs long costs only itself. Fetch the wheels here first
 # (bash bench/gpu/fetch_wheels.sh) and carry .whl:
 #
-#   run(command="bash bench/gpu/session.sh a", carry=[".whl"])   # checks, then dense speed
-#   run(command="bash bench/gpu/session.sh b", carry=[".whl"])   # MoE/MLA kernels and models
+#   run(command="bash bench/gpu/session.sh a", carry=[".whl"])   # what to change: profiles, tunes
+#   run(command="bash bench/gpu/session.sh b", carry=[".whl"])   # the changes checked and timed
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -22,25 +22,26 @@ nvidia-smi -L
 case "${1:-a}" in
 a)
   # Why a CUDA IPC write failed last time: -rA keeps the captured log of every test.
-  step cuda_ipc 120 python3 -m pytest -x -q -rA tests/gpu/test_cuda_ipc.py
-  # The kernels compiled (not interpreted) against the torch reference.
-  step kernels 240 python3 -m pytest -x -q tests/engine/test_triton_attention.py \
-    tests/engine/test_fused_ops.py tests/engine/test_mla_extend.py
+  step cuda_ipc 80 python3 -m pytest -x -q -rA tests/gpu/test_cuda_ipc.py
+  # Where a dense decode step's device time goes, kernel by kernel, against the floor.
+  TAIL=60 step profile_llama 150 python3 -m bench.profile_decode --preset llama3-8b \
+    --decode 1x128,64x128,256x512 --top 15
   # The decode split kernel's tiles: 64 keys x 4 warps (the default) spills on sm_90.
-  step decode_tiles 150 python3 -m bench.attention_kernel --shapes 1x2048,64x2048,256x512 \
+  step decode_tiles 110 python3 -m bench.attention_kernel --shapes 1x2048,64x128,64x2048,256x512 \
     --block-n 32,64 --num-warps 4,8 --num-stages 2,3
-  # Overlapped scheduling's gain: the same decode shapes with and without it.
-  step llama_overlap 200 python3 -m bench.engine --preset llama3-8b --skip-hf \
-    --decode 1x128,64x128,64x2048,256x512 --prefill '' --repeats 2
-  step llama_plain 200 python3 -m bench.engine --preset llama3-8b --skip-hf \
-    --decode 1x128,64x128,64x2048,256x512 --prefill '' --repeats 2 --disable-overlap-schedule
+  # The MoE kernel's block sizes for Qwen3-30B-A3B at decode batches (the table is empty).
+  step moe_tune 200 python3 -m bench.moe_kernel --tune --shape qwen3-30b-a3b \
+    --tokens 1,4,16,64 --reps 10
   ;;
 b)
-  step check_moe 150 python3 -m bench.check_moe_gpu
-  step mla_extend 120 python3 -m bench.mla_kernel --mode extend
-  step moonlight 200 python3 -m bench.engine --preset moonlight-16b-a3b --skip-hf \
-    --decode 1x128,64x128 --prefill 64x128,8x2048 --repeats 2 --decode-steps 16
-  step grammar 60 python3 -m bench.grammar
+  # The kernels compiled (not interpreted) against the torch reference.
+  step kernels 200 python3 -m pytest -x -q tests/engine/test_triton_attention.py \
+    tests/engine/test_fused_ops.py tests/engine/test_mla_extend.py
+  step llama 150 python3 -m bench.engine --preset llama3-8b --skip-hf \
+    --decode 1x128,16x128,64x128,256x128,64x2048,256x512 --prefill '' --repeats 2
+  step check_moe 100 python3 -m bench.check_moe_gpu
+  step qwen3 120 python3 -m bench.engine --preset qwen3-30b-a3b --skip-hf \
+    --decode 1x128,64x128 --prefill '' --repeats 2 --decode-steps 16
   ;;
 *) echo "usage: bench/gpu/session.sh a|b"; exit 2 ;;
 esac

@@ -1,0 +1,152 @@
+"""Where a decode step's device time goes: the kernels of pdserve's decode steps, from the
+profiler, per step and against the step's bytes floor.
+
+    python -m bench.profile_decode --preset llama3-8b --decode 1x128,64x128,256x512
+    python -m bench.profile_decode --preset qwen3-30b-a3b --decode 1x128 --top 30
+
+Same engine, model and shapes as `bench.engine` (its flags), pdserve only. For each decode
+shape, B prompts are prefilled, a few steps warm up, then `--profile-steps` steps run under
+`torch.profiler` (CUDA graph replays included: the profiler sees the kernels inside them).
+Prints, per shape: each kernel's calls and microseconds per step, its share of the device
+time, and the device time beside the floor (the bytes the step must read over the measured
+copy bandwidth), then the same summed by kind (matmul, attention, MoE, norm/rope/act,
+sampling, other). CUDA only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench.engine import (
+    ModelCost,
+    Shape,
+    _submit,
+    decode_floor_ms,
+    engine_config,
+    measure_ceiling,
+    model_cost,
+    parse_args,
+    random_prompts,
+    write_preset,
+)
+from engine.engine import Engine
+
+# Kinds by kernel name, first match wins (cuBLAS/cuBLASLt names vary by version: nvjet, sm90_xmma,
+# cutlass, gemv; the Triton kernels are ours, named after their functions).
+KINDS = (
+    ("attention", r"decode|extend|attention|flash|mla|_combine"),
+    ("MoE", r"moe|expert|grouped_gemm|align|_sort|topk|route"),
+    ("matmul", r"gemm|gemv|nvjet|xmma|cutlass|cublas|splitk|sm90_"),
+    ("norm/rope/act", r"rms|norm|rope|rotary|silu|gelu|act_and_mul|residual"),
+    ("sampling", r"argmax|softmax|sample|multinomial|sort|cumsum|gumbel|penal|logit"),
+    ("copy/fill", r"copy|fill|memset|memcpy|index|gather|scatter|cat"),
+)
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, pattern in KINDS:
+        if re.search(pattern, low):
+            return kind
+    return "other"
+
+
+@dataclass(frozen=True)
+class KernelRow:
+    name: str
+    calls_per_step: float
+    us_per_step: float
+
+
+def profile_shape(engine: Engine, shape: Shape, vocab: int, steps: int) -> list[KernelRow]:
+    """The kernels of `steps` decode steps of `shape`, per step, most time first."""
+    warm = 3
+    ids = _submit(engine, random_prompts(shape, vocab, seed=11), steps + warm + 4)
+    started: set[str] = set()
+    while started != ids:
+        started.update(o.request_id for o in engine.step())
+    for _ in range(warm):
+        engine.step()
+    engine.device.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        engine.device.synchronize()
+    while engine.has_unfinished():
+        engine.step()
+    total_us: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        total_us[event.name] += event.time_range.elapsed_us()
+        calls[event.name] += 1
+    rows = [KernelRow(n, calls[n] / steps, us / steps) for n, us in total_us.items()]
+    return sorted(rows, key=lambda r: -r.us_per_step)
+
+
+def render(shape: Shape, rows: list[KernelRow], floor_ms: float, top: int, steps: int) -> str:
+    device_us = sum(r.us_per_step for r in rows)
+    out = [
+        f"### decode {shape}: {device_us / 1000:.3f} ms of kernels per step, floor "
+        f"{floor_ms:.3f} ms ({device_us / 1000 / floor_ms:.2f}x), "
+        f"{sum(r.calls_per_step for r in rows):.0f} kernels per step, {steps} steps profiled",
+        "",
+        "| kernel | kind | calls/step | µs/step | share |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in rows[:top]:
+        name = r.name if len(r.name) <= 70 else r.name[:67] + "..."
+        out.append(
+            f"| `{name}` | {kind_of(r.name)} | {r.calls_per_step:.1f} | {r.us_per_step:.1f} "
+            f"| {100 * r.us_per_step / device_us:.1f}% |"
+        )
+    by_kind: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for r in rows:
+        by_kind[kind_of(r.name)][0] += r.us_per_step
+        by_kind[kind_of(r.name)][1] += r.calls_per_step
+    out += ["", "| kind | kernels/step | µs/step | share |", "|---|---:|---:|---:|"]
+    for kind, (us, n) in sorted(by_kind.items(), key=lambda kv: -kv[1][0]):
+        out.append(f"| {kind} | {n:.0f} | {us:.1f} | {100 * us / device_us:.1f}% |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--profile-steps", type=int, default=8)
+    extra.add_argument("--top", type=int, default=20, help="kernels listed per shape")
+    ours, rest = extra.parse_known_args(argv)
+    args = parse_args([*rest, "--skip-hf", "--prefill", ""])
+    if not torch.cuda.is_available():
+        sys.exit("bench.profile_decode needs a CUDA GPU (it reads the profiler's kernel times)")
+    with tempfile.TemporaryDirectory(prefix="pdserve-profile-") as tmp:
+        if args.preset:
+            path, load_format = str(write_preset(args.preset, Path(tmp))), "dummy"
+        else:
+            path, load_format = args.model_path, args.load_format
+        engine = Engine(engine_config(args, path, load_format))
+    cost: ModelCost = model_cost(engine)
+    ceiling = measure_ceiling(engine.device, engine.runner.dtype)
+    vocab = engine.model_config.vocab_size
+    print(
+        f"{torch.cuda.get_device_name()}, copy {ceiling.copy_bytes_per_s / 1e9:.0f} GB/s, "
+        f"attention {type(engine.runner.attention).__name__}, graphs "
+        f"{'off' if engine.runner.graphs is None else 'on'}, overlap {engine.overlap}\n"
+    )
+    for shape in args.decode:
+        rows = profile_shape(engine, shape, vocab, ours.profile_steps)
+        floor = decode_floor_ms(cost, ceiling, shape, ours.profile_steps)
+        print(render(shape, rows, floor, ours.top, ours.profile_steps) + "\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()

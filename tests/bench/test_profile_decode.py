@@ -1,0 +1,24 @@
+"""bench.profile_decode's table on hand-made rows (the profiling itself needs CUDA)."""
+
+from __future__ import annotations
+
+from bench.engine import Shape
+from bench.profile_decode import KernelRow, kind_of, render
+
+
+def test_kernels_are_sorted_into_kinds() -> None:
+    assert kind_of("nvjet_tst_64x8_64x16_4x1_v_bz_TNT") == "matmul"
+    assert kind_of("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
+    assert kind_of("_decode_split_kernel") == "attention"
+    assert kind_of("_fused_add_rmsnorm_kernel") == "norm/rope/act"
+    assert kind_of("grouped_gemm_kernel") == "MoE"
+    assert kind_of("something_new") == "other"
+
+
+def test_the_table_sums_to_the_device_time_and_sets_it_against_the_floor() -> None:
+    rows = [KernelRow("nvjet_a", 2.0, 3000.0), KernelRow("_decode_split_kernel", 32.0, 1000.0)]
+    text = render(Shape(1, 128), rows, floor_ms=3.2, top=1, steps=8)
+    assert "4.000 ms of kernels per step" in text and "(1.25x)" in text
+    assert "| `nvjet_a` | matmul | 2.0 | 3000.0 | 75.0% |" in text
+    assert "_decode_split_kernel` |" not in text  # past --top
+    assert "| attention | 32 | 1000.0 | 25.0% |" in text
