@@ -51,6 +51,9 @@ KINDS = (
     ("copy/fill", r"copy|fill|memset|memcpy|index|gather|scatter|cat"),
 )
 
+ACTIVITIES = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+DEVICE = torch.autograd.DeviceType.CUDA  # the events counted
+
 
 def kind_of(name: str) -> str:
     low = name.lower()
@@ -77,7 +80,7 @@ def profile_shape(engine: Engine, shape: Shape, vocab: int, steps: int) -> list[
     for _ in range(warm):
         engine.step()
     engine.device.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=ACTIVITIES) as prof:
         for _ in range(steps):
             engine.step()
         engine.device.synchronize()
@@ -86,7 +89,7 @@ def profile_shape(engine: Engine, shape: Shape, vocab: int, steps: int) -> list[
     total_us: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
     for event in prof.events():
-        if event.device_type != torch.autograd.DeviceType.CUDA:
+        if event.device_type != DEVICE:
             continue
         total_us[event.name] += event.time_range.elapsed_us()
         calls[event.name] += 1
