@@ -45,12 +45,11 @@ class Case:
     seq_lens: torch.Tensor  # [B] int32
     page_size: int
     out: torch.Tensor
+    max_len: int  # seq_lens' largest, known on the host (no device read inside a capture)
 
     def run(self, tiles: DecodeTiles) -> None:
         bsz, _, dim = self.q.shape
-        splits = decode_splits(
-            bsz, self.caches[0][0].shape[1], int(self.seq_lens.max()), tiles.block_n
-        )
+        splits = decode_splits(bsz, self.caches[0][0].shape[1], self.max_len, tiles.block_n)
         for k, v in self.caches:
             decode_attention(
                 self.q, k, v, self.table, self.rows, self.seq_lens, self.page_size,
@@ -85,7 +84,7 @@ def make_case(
     q = torch.randn(batch, q_heads, dim, dtype=dtype, device=device)
     rows = torch.arange(batch, dtype=torch.int32, device=device)
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
-    return Case(q, caches, table, rows, seq_lens, page_size, torch.empty_like(q))
+    return Case(q, caches, table, rows, seq_lens, page_size, torch.empty_like(q), context)
 
 
 def int_list(text: str) -> list[int]:
@@ -141,12 +140,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             try:
                 seconds = time_graph(functools.partial(case.run, tiles), args.reps) / args.layers
             except Exception as exc:  # a configuration that does not compile or launch
+                why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
                 print(f"| {shape} | {tiles.block_n} | {tiles.num_warps} | {tiles.num_stages} "
-                      f"| - | failed: {type(exc).__name__} | | | |")  # fmt: skip
+                      f"| - | failed: {why} | | | |")  # fmt: skip
+                if device.type == "cuda":
+                    torch.cuda.synchronize()  # a sticky error shows here, not in every later row
                 continue
             diff = (case.out.float() - want).abs().max().item()
             splits = decode_splits(batch, kv_heads, context, tiles.block_n)
             rows.append((seconds * 1e6, tiles, splits, diff))
+        if not rows:
+            continue
         best = min(r[0] for r in rows)
         for us, tiles, splits, diff in rows:
             mark = ("*" if tiles == default else "") + ("<" if us == best else "")

@@ -116,7 +116,9 @@ class IpcDriver(Protocol):
 
 
 class _IpcMemHandle(ctypes.Structure):
-    _fields_ = [("reserved", ctypes.c_char * 64)]
+    # Unsigned bytes, not c_char: a c_char array field reads back as bytes cut at its first
+    # NUL, and a handle has NULs anywhere (that cut handles to 4 bytes on the H200).
+    _fields_ = [("reserved", ctypes.c_ubyte * 64)]
 
 
 _CU_POINTER_ATTRIBUTE_MEMORY_TYPE = 2

@@ -34,14 +34,20 @@ a)
     --tokens 1,4,16,64 --reps 10
   ;;
 b)
+  step cuda_ipc 70 python3 -m pytest -x -q -rf tests/gpu/test_cuda_ipc.py
+  step kv_transfer 90 python3 -m bench.kv_transfer_gpu
+  step decode_tiles 90 python3 -m bench.attention_kernel --shapes 1x2048,64x128,64x2048,256x512 \
+    --block-n 32,64 --num-warps 4,8 --num-stages 2,3
+  step llama 120 python3 -m bench.engine --preset llama3-8b --skip-hf --prefill '' --repeats 2
+  step qwen3 100 python3 -m bench.engine --preset qwen3-30b-a3b --skip-hf \
+    --decode 1x128,64x128 --prefill '' --repeats 2 --decode-steps 16
+  step local_cuda 100 python3 -m pytest -x -q -rf tests/gpu/test_local_cuda.py
+  ;;
+c)
   # The kernels compiled (not interpreted) against the torch reference.
   step kernels 200 python3 -m pytest -x -q tests/engine/test_triton_attention.py \
     tests/engine/test_fused_ops.py tests/engine/test_mla_extend.py
-  step llama 150 python3 -m bench.engine --preset llama3-8b --skip-hf \
-    --decode 1x128,16x128,64x128,256x128,64x2048,256x512 --prefill '' --repeats 2
   step check_moe 100 python3 -m bench.check_moe_gpu
-  step qwen3 120 python3 -m bench.engine --preset qwen3-30b-a3b --skip-hf \
-    --decode 1x128,64x128 --prefill '' --repeats 2 --decode-steps 16
   ;;
-*) echo "usage: bench/gpu/session.sh a|b"; exit 2 ;;
+*) echo "usage: bench/gpu/session.sh a|b|c"; exit 2 ;;
 esac

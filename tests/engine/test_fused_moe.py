@@ -24,6 +24,7 @@ from engine.eplb import initial_placement
 from engine.kernels import fused_moe as fused_moe_module
 from engine.kernels.fused_moe import align_block_size, fused_moe
 from engine.kernels.fused_moe_configs import (
+    TUNED,
     MoEKernelConfig,
     default_config,
     kernel_config,
@@ -186,6 +187,10 @@ def test_kernel_config_table():
     assert default_config(1, 128, 8).block_m == 16
     assert default_config(4096, 128, 8).block_m == 64
     assert kernel_config(1, 128, 2048, 768, 8, torch.bfloat16).block_m == 16
+    # A tuned shape takes its rows up to the last one's token count, the rule beyond it.
+    tuned = TUNED[(128, 2048, 768, 8, "bfloat16")]
+    assert kernel_config(2, 128, 2048, 768, 8, torch.bfloat16) == tuned[1][1]
+    assert kernel_config(4096, 128, 2048, 768, 8, torch.bfloat16) == default_config(4096, 128, 8)
     with pytest.raises(ValueError, match="power of two"):
         MoEKernelConfig(24, 64, 64)
 

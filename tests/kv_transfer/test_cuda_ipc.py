@@ -320,3 +320,15 @@ def test_without_a_cuda_driver_the_error_names_the_fix() -> None:
         pass
     with pytest.raises(IpcError, match="use --transfer-backend mooncake"):
         create_transfer_engine("cuda_ipc")
+
+
+def test_an_ipc_handle_keeps_all_its_64_bytes() -> None:
+    """The driver's handle struct round-trips bytes with NULs in them (a c_char field cut
+    them at the first NUL: the H200 run's handles arrived as 4 bytes)."""
+    from kv_transfer.cuda_ipc import _IpcMemHandle
+
+    raw = bytes([7, 1, 2, 3, 0, 0, 9] + [0] * 50 + [255] * 7)
+    handle = _IpcMemHandle()
+    ctypes.memmove(handle.reserved, raw, 64)
+    assert bytes(handle.reserved) == raw
+    assert ctypes.sizeof(_IpcMemHandle) == 64
