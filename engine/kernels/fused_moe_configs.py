@@ -2,8 +2,9 @@
 
 `TUNED` maps a layer shape to rows `(max_tokens, config)` in ascending order: a step of T tokens
 takes the first row with `T <= max_tokens`. Token counts beyond the last row, and shapes not in
-the table, take `default_config`. `python -m bench.moe_kernel --tune` times the candidates of `candidates()` on
-the GPU and prints rows to paste here; entries say which device they were tuned on.
+the table, take `default_config`. `python -m bench.moe_kernel --tune` times the candidates of
+`candidates()` on the GPU and prints rows to paste here; entries say which device they were
+tuned on.
 """
 
 from __future__ import annotations
