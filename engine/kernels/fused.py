@@ -106,6 +106,29 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _rotate_head(src, dst, pos, cos_ptr, sin_ptr, stride_table, HALF, BLOCK, INTERLEAVED):
+    """Rotate one head `src` -> `dst` (contiguous halves): x * cos + rotate_half(x) * sin."""
+    i = tl.arange(0, BLOCK)
+    mask = i < HALF
+    if INTERLEAVED:  # pairs (x0, x1), (x2, x3), ...: de-interleaved into halves on the way
+        x1 = tl.load(src + 2 * i, mask=mask, other=0.0)
+        x2 = tl.load(src + 2 * i + 1, mask=mask, other=0.0)
+    else:
+        x1 = tl.load(src + i, mask=mask, other=0.0)
+        x2 = tl.load(src + HALF + i, mask=mask, other=0.0)
+    dt = x1.dtype
+    # The table is [cos(f), cos(f)] per position (float32), cast to the activations' dtype.
+    c = tl.load(cos_ptr + pos * stride_table + i, mask=mask, other=0.0).to(dt).to(tl.float32)
+    s = tl.load(sin_ptr + pos * stride_table + i, mask=mask, other=0.0).to(dt).to(tl.float32)
+    a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
+    # Each product and the sum rounded as torch rounds them.
+    o1 = ((a1 * c).to(dt).to(tl.float32) + (-a2 * s).to(dt).to(tl.float32)).to(dt)
+    o2 = ((a2 * c).to(dt).to(tl.float32) + (a1 * s).to(dt).to(tl.float32)).to(dt)
+    tl.store(dst + i, o1, mask=mask)
+    tl.store(dst + HALF + i, o2, mask=mask)
+
+
+@triton.jit
 def _rope_kernel(
     x_ptr,
     out_ptr,
@@ -123,27 +146,64 @@ def _rope_kernel(
 ):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
-    i = tl.arange(0, BLOCK)
-    mask = i < HALF
     pos = tl.load(pos_ptr + t).to(tl.int64)
-    base = x_ptr + t * stride_xt + h * stride_xh
-    if INTERLEAVED:  # pairs (x0, x1), (x2, x3), ...: de-interleaved into halves on the way
-        x1 = tl.load(base + 2 * i, mask=mask, other=0.0)
-        x2 = tl.load(base + 2 * i + 1, mask=mask, other=0.0)
+    src = x_ptr + t * stride_xt + h * stride_xh
+    dst = out_ptr + t * stride_ot + h * stride_oh
+    _rotate_head(src, dst, pos, cos_ptr, sin_ptr, stride_table, HALF, BLOCK, INTERLEAVED)
+
+
+@triton.jit
+def _rope_store_kv_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    q_out_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    pos_ptr,
+    slots_ptr,
+    cos_ptr,
+    sin_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_qot,
+    stride_qoh,
+    stride_kcs,
+    stride_kch,
+    stride_vcs,
+    stride_vch,
+    stride_table,
+    HQ: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+):
+    # One program per (token, head) over the query heads, then the KV heads: a query head is
+    # rotated into q_out; a KV head's key is rotated into its cache slot and its value copied
+    # there (a slot < 0, a padded row, writes nothing).
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    if h < HQ:
+        src = q_ptr + t * stride_qt + h * stride_qh
+        dst = q_out_ptr + t * stride_qot + h * stride_qoh
+        _rotate_head(src, dst, pos, cos_ptr, sin_ptr, stride_table, HALF, BLOCK, INTERLEAVED)
     else:
-        x1 = tl.load(base + i, mask=mask, other=0.0)
-        x2 = tl.load(base + HALF + i, mask=mask, other=0.0)
-    dt = x1.dtype
-    # The table is [cos(f), cos(f)] per position (float32), cast to the activations' dtype.
-    c = tl.load(cos_ptr + pos * stride_table + i, mask=mask, other=0.0).to(dt).to(tl.float32)
-    s = tl.load(sin_ptr + pos * stride_table + i, mask=mask, other=0.0).to(dt).to(tl.float32)
-    a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
-    # x * cos + rotate_half(x) * sin, each product and the sum rounded as torch rounds them.
-    o1 = ((a1 * c).to(dt).to(tl.float32) + (-a2 * s).to(dt).to(tl.float32)).to(dt)
-    o2 = ((a2 * c).to(dt).to(tl.float32) + (a1 * s).to(dt).to(tl.float32)).to(dt)
-    obase = out_ptr + t * stride_ot + h * stride_oh
-    tl.store(obase + i, o1, mask=mask)
-    tl.store(obase + HALF + i, o2, mask=mask)
+        hk = h - HQ
+        slot = tl.load(slots_ptr + t).to(tl.int64)
+        if slot >= 0:
+            src = k_ptr + t * stride_kt + hk * stride_kh
+            dst = k_cache_ptr + slot * stride_kcs + hk * stride_kch
+            _rotate_head(src, dst, pos, cos_ptr, sin_ptr, stride_table, HALF, BLOCK, INTERLEAVED)
+            j = tl.arange(0, BLOCK_DV)
+            v = tl.load(v_ptr + t * stride_vt + hk * stride_vh + j, mask=j < DV)
+            tl.store(v_cache_ptr + slot * stride_vcs + hk * stride_vch + j, v, mask=j < DV)
 
 
 def rope(
@@ -168,6 +228,47 @@ def rope(
         x.stride(0), x.stride(1), out.stride(0), out.stride(1), cos.stride(0),
         HALF=half,
         BLOCK=triton.next_power_of_2(half),
+        INTERLEAVED=interleaved,
+        num_warps=1,
+    )  # fmt: skip
+    return out
+
+
+def rope_store_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    interleaved: bool,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+) -> torch.Tensor:
+    """`rope` of q `[T, Hq, D]` and k `[T, Hkv, D]`, and the rotated k with v `[T, Hkv, Dv]`
+    written into cache slots `slots` `[T]` (`[slots, Hkv, D]` caches; a slot < 0 writes
+    nothing), in one launch; returns the rotated q, contiguous. The same values as `rope`
+    twice and `attention.store_kv`."""
+    tokens, num_heads, dim = q.shape
+    num_kv_heads, dv = v.shape[1], v.shape[2]
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    out = torch.empty(tokens, num_heads, dim, dtype=q.dtype, device=q.device)
+    if tokens == 0:
+        return out
+    half = dim // 2
+    _rope_store_kv_kernel[(tokens, num_heads + num_kv_heads)](
+        q, k, v, out, k_cache, v_cache, positions, slots, cos, sin,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
+        v_cache.stride(0), v_cache.stride(1), cos.stride(0),
+        HQ=num_heads,
+        HALF=half,
+        BLOCK=triton.next_power_of_2(half),
+        DV=dv,
+        BLOCK_DV=triton.next_power_of_2(dv),
         INTERLEAVED=interleaved,
         num_warps=1,
     )  # fmt: skip

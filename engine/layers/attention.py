@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.forward_batch import ForwardBatch
+from engine.layers.rotary import RotaryEmbedding
 
 
 class AttentionBackend(ABC):
@@ -19,7 +20,8 @@ class AttentionBackend(ABC):
     metadata to `batch.attn_metadata`. `forward` (grouped-query attention) first writes the
     step's new K/V into layer `layer_id` of `batch.kv_cache` at `batch.out_slots`, then attends
     every new query to its own sequence's context (cached prefix plus new tokens, causal) and
-    returns `[T, Hq, D]`. `forward_mla` is the same for multi-head latent attention, in its
+    returns `[T, Hq, D]`; `forward_rope` is `forward` after rotary embedding of q and k (a
+    backend may fuse the two). `forward_mla` is the same for multi-head latent attention, in its
     weight-absorbed form (see its docstring); a model uses one of the two. An MLA model asks
     `mla_expands(batch)` each step: when True it calls `forward_mla_expanded` (the
     non-absorbed form) instead of `forward_mla`.
@@ -45,6 +47,20 @@ class AttentionBackend(ABC):
         batch: ForwardBatch,
         scale: float,
     ) -> torch.Tensor: ...
+
+    def forward_rope(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rotary: RotaryEmbedding,
+        layer_id: int,
+        batch: ForwardBatch,
+        scale: float,
+    ) -> torch.Tensor:
+        """`forward` of q and k rotated by `rotary` at `batch.positions`."""
+        q, k = rotary(batch.positions, q, k)
+        return self.forward(q, k, v, layer_id, batch, scale)
 
     @abstractmethod
     def forward_mla(

@@ -19,9 +19,11 @@ import torch
 
 from engine.forward_batch import ForwardBatch
 from engine.kernels import attention as kernels
+from engine.kernels import fused
 from engine.kernels import mla_extend
 from engine.kernels.mla_decode import mla_decode
 from engine.layers.attention import AttentionBackend
+from engine.layers.rotary import RotaryEmbedding
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,34 @@ class TritonAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         k_cache, v_cache = batch.kv_cache.slots(layer_id)
         kernels.store_kv(k, v, k_cache, v_cache, batch.out_slots)
-        q = q.contiguous()
+        return self._attend(q.contiguous(), k_cache, v_cache, batch, scale)
+
+    def forward_rope(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rotary: RotaryEmbedding,
+        layer_id: int,
+        batch: ForwardBatch,
+        scale: float,
+    ) -> torch.Tensor:
+        # Rotary embedding of q and k and the KV write in one launch (three before).
+        k_cache, v_cache = batch.kv_cache.slots(layer_id)
+        q = fused.rope_store_kv(
+            q, k, v, batch.positions, rotary.cos, rotary.sin, rotary.interleaved,
+            k_cache, v_cache, batch.out_slots,
+        )  # fmt: skip
+        return self._attend(q, k_cache, v_cache, batch, scale)
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        batch: ForwardBatch,
+        scale: float,
+    ) -> torch.Tensor:
         meta = batch.attn_metadata
         ps = batch.kv_cache.page_size
         if isinstance(meta, _DecodeMetadata):

@@ -54,8 +54,7 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(batch.positions, q, k)
-        out = self.backend.forward(q, k, v, self.layer_id, batch, self.scale)
+        out = self.backend.forward_rope(q, k, v, self.rotary, self.layer_id, batch, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 

@@ -97,3 +97,35 @@ def test_rope_matches_torch(dtype: torch.dtype, interleaved: bool, heads: int, d
     close(got_q.cpu(), want_q)
     close(got_k.cpu(), want_k)
     assert fused.rope(q[:0], positions[:0], rope.cos, rope.sin).shape == (0, heads, dim)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize(("hq", "hkv", "dim"), [(4, 1, 64), (8, 2, 128), (2, 2, 32)])
+def test_rope_and_kv_store_in_one_launch_equal_the_two_steps(
+    dtype: torch.dtype, interleaved: bool, hq: int, hkv: int, dim: int
+) -> None:
+    from engine.kernels import attention
+
+    gen = torch.Generator().manual_seed(hq * dim)
+    rope = RotaryEmbedding(RopeConfig(theta=10000.0), dim, 64, interleaved=interleaved)
+    cos, sin = rope.cos.to(DEVICE), rope.sin.to(DEVICE)
+    tokens = 5
+    qkv = torch.randn(tokens, (hq + 2 * hkv) * dim + 8, generator=gen).to(dtype).to(DEVICE)
+    q = qkv[:, : hq * dim].view(tokens, hq, dim)
+    k = qkv[:, hq * dim : (hq + hkv) * dim].view(tokens, hkv, dim)
+    v = qkv[:, (hq + hkv) * dim : (hq + 2 * hkv) * dim].view(tokens, hkv, dim)
+    positions = torch.tensor([0, 7, 8, 40, 63], device=DEVICE)
+    slots = torch.tensor([3, -1, 0, 9, 5], device=DEVICE)  # -1: a padded row, not written
+    caches = [torch.full((12, hkv, dim), 7.0, dtype=dtype, device=DEVICE) for _ in range(4)]
+    want_q = fused.rope(q, positions, cos, sin, interleaved)
+    want_k = fused.rope(k, positions, cos, sin, interleaved)
+    attention.store_kv(want_k, v, caches[0], caches[1], slots)
+    got_q = fused.rope_store_kv(q, k, v, positions, cos, sin, interleaved, caches[2], caches[3],
+                                slots)  # fmt: skip
+    assert torch.equal(got_q, want_q)
+    assert torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
+    assert torch.equal(caches[2][3], want_k[0]) and (caches[2][[1, 2, 4]] == 7.0).all()
+    empty = fused.rope_store_kv(q[:0], k[:0], v[:0], positions[:0], cos, sin, interleaved,
+                                caches[2], caches[3], slots[:0])  # fmt: skip
+    assert empty.shape == (0, hq, dim)
