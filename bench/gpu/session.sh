@@ -35,19 +35,19 @@ a)
   ;;
 b)
   step cuda_ipc 70 python3 -m pytest -x -q -rf tests/gpu/test_cuda_ipc.py
-  step kv_transfer 90 python3 -m bench.kv_transfer_gpu
-  step decode_tiles 90 python3 -m bench.attention_kernel --shapes 1x2048,64x128,64x2048,256x512 \
-    --block-n 32,64 --num-warps 4,8 --num-stages 2,3
+  # The kernels compiled (not interpreted) against the torch reference, graphs against eager.
+  step kernels 120 python3 -m pytest -x -q -rf tests/engine/test_fused_ops.py \
+    tests/engine/test_triton_attention.py
   step llama 120 python3 -m bench.engine --preset llama3-8b --skip-hf --prefill '' --repeats 2
-  step qwen3 100 python3 -m bench.engine --preset qwen3-30b-a3b --skip-hf \
+  step kv_transfer 80 python3 -m bench.kv_transfer_gpu
+  step decode_tiles 80 python3 -m bench.attention_kernel --shapes 1x2048,64x128,64x2048,256x512 \
+    --block-n 32,64 --num-warps 4,8 --num-stages 2,3
+  step qwen3 90 python3 -m bench.engine --preset qwen3-30b-a3b --skip-hf \
     --decode 1x128,64x128 --prefill '' --repeats 2 --decode-steps 16
-  step local_cuda 100 python3 -m pytest -x -q -rf tests/gpu/test_local_cuda.py
   ;;
 c)
-  # The kernels compiled (not interpreted) against the torch reference.
-  step kernels 200 python3 -m pytest -x -q tests/engine/test_triton_attention.py \
-    tests/engine/test_fused_ops.py tests/engine/test_mla_extend.py
-  step check_moe 100 python3 -m bench.check_moe_gpu
+  step local_cuda 120 python3 -m pytest -x -q -rf tests/gpu/test_local_cuda.py
+  step mla_kernels 100 python3 -m pytest -x -q -rf tests/engine/test_mla_extend.py
   ;;
 *) echo "usage: bench/gpu/session.sh a|b|c"; exit 2 ;;
 esac

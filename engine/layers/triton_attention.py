@@ -19,8 +19,7 @@ import torch
 
 from engine.forward_batch import ForwardBatch
 from engine.kernels import attention as kernels
-from engine.kernels import fused
-from engine.kernels import mla_extend
+from engine.kernels import fused, mla_extend
 from engine.kernels.mla_decode import mla_decode
 from engine.layers.attention import AttentionBackend
 from engine.layers.rotary import RotaryEmbedding
