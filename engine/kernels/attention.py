@@ -127,6 +127,7 @@ def _decode_split_kernel(
     seq_lens_ptr,
     part_o_ptr,
     part_lse_ptr,
+    out_ptr,
     scale,
     stride_qb,
     stride_qh,
@@ -140,6 +141,8 @@ def _decode_split_kernel(
     stride_os,
     stride_lb,
     stride_lh,
+    stride_outb,
+    stride_outh,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     DK: tl.constexpr,
@@ -150,7 +153,9 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     num_splits,
     PRECISION: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):
+    # DIRECT (one split): the output itself, normalised, instead of a partial to combine.
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -191,20 +196,27 @@ def _decode_split_kernel(
             )  # [N, DV]
             m, l_sum, acc = online_softmax_step(s, v, m, l_sum, acc, PRECISION)
         out = acc / l_sum[:, None]
-        tl.store(
-            part_o_ptr
-            + b * stride_ob
-            + heads[:, None] * stride_oh
-            + split * stride_os
-            + dv[None, :],
-            out,
-            mask=head_ok[:, None] & (dv[None, :] < DV),
-        )
-        tl.store(
-            part_lse_ptr + b * stride_lb + heads * stride_lh + split,
-            m + tl.log2(l_sum),
-            mask=head_ok,
-        )
+        if DIRECT:
+            tl.store(
+                out_ptr + b * stride_outb + heads[:, None] * stride_outh + dv[None, :],
+                out.to(out_ptr.dtype.element_ty),
+                mask=head_ok[:, None] & (dv[None, :] < DV),
+            )
+        else:
+            tl.store(
+                part_o_ptr
+                + b * stride_ob
+                + heads[:, None] * stride_oh
+                + split * stride_os
+                + dv[None, :],
+                out,
+                mask=head_ok[:, None] & (dv[None, :] < DV),
+            )
+            tl.store(
+                part_lse_ptr + b * stride_lb + heads * stride_lh + split,
+                m + tl.log2(l_sum),
+                mask=head_ok,
+            )
 
 
 @triton.jit
@@ -300,31 +312,20 @@ def decode_attention(
         out = q.new_empty(bsz, num_heads, dv)
     if bsz == 0:
         return out
-    part_o = torch.empty(bsz, num_heads, num_splits, dv, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(bsz, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    direct = num_splits == 1  # the split kernel writes the output: no combine launch
+    if direct:
+        part_o, part_lse = out.new_empty(0, 1, 1), out.new_empty(0, 1)  # not read
+    else:
+        part_o = torch.empty(bsz, num_heads, num_splits, dv, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(bsz, num_heads, num_splits, dtype=torch.float32, device=q.device)
     block_dk, block_dv = triton.next_power_of_2(dk), triton.next_power_of_2(dv)
     _decode_split_kernel[(bsz, num_kv_heads, num_splits)](
-        q,
-        k_cache,
-        v_cache,
-        page_table,
-        rows,
-        seq_lens,
-        part_o,
-        part_lse,
+        q, k_cache, v_cache, page_table, rows, seq_lens, part_o, part_lse, out,
         scale * LOG2E,
-        q.stride(0),
-        q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        page_table.stride(0),
-        part_o.stride(0),
-        part_o.stride(1),
-        part_o.stride(2),
-        part_lse.stride(0),
-        part_lse.stride(1),
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+        v_cache.stride(0), v_cache.stride(1), page_table.stride(0),
+        part_o.stride(0), part_o.stride(1), part_o.stride(2),
+        part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         DK=dk,
@@ -335,9 +336,12 @@ def decode_attention(
         BLOCK_N=tiles.block_n,
         num_splits=num_splits,
         PRECISION=dot_precision(q),
+        DIRECT=direct,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
-    )
+    )  # fmt: skip
+    if direct:
+        return out
     _decode_combine_kernel[(bsz, num_heads)](
         part_o,
         part_lse,
