@@ -20,7 +20,7 @@ from typing import Any
 
 from cluster.local import SHARED_GPU_MEM_FRACTION, ChildFailed, LocalCluster, LocalClusterSpec
 from cluster.metrics import write_file_sd
-from router.config import DefaultsHelpFormatter
+from protos.cli_help import DefaultsHelpFormatter
 
 
 def local_spec(args: argparse.Namespace, extra: list[str]) -> LocalClusterSpec:

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from protos.cli_help import DefaultsHelpFormatter
 from router.app.admission import AdmissionConfig
 from router.app.auth import ENV_ADMIN_KEY, ENV_API_KEY, read_keys
 from router.app.parsers.reasoning import REASONING_FORMATS
@@ -18,25 +19,6 @@ from router.fleet.registry import RegistryConfig
 from router.fleet.worker import endpoint_of
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20
-
-
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` shows every option's default, options written without help text too."""
-
-    def _format_action(self, action: argparse.Action) -> str:
-        if action.help is None and action.option_strings and _shown(action.default):
-            action.help = "(default: %(default)s)"  # argparse lists only actions with help
-        return super()._format_action(action)
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
-        if "%(default)" in text or not _shown(action.default):
-            return text
-        return f"{text} (default: %(default)s)"
-
-
-def _shown(default: object) -> bool:
-    return default not in (None, False, argparse.SUPPRESS, [], ())
 
 
 @dataclass(frozen=True)

@@ -11,30 +11,11 @@ from pathlib import Path
 from engine.cli import add_engine_args
 from engine.config import EngineConfig
 from protos import cluster_tls, cluster_token
+from protos.cli_help import DefaultsHelpFormatter
 from protos.contract import ROLES
 from worker.registry import DEFAULT_PREFIX
 
-
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` shows every option's default, options written without help text too."""
-
-    def _format_action(self, action: argparse.Action) -> str:
-        if action.help is None and action.option_strings and _shown(action.default):
-            action.help = "(default: %(default)s)"  # argparse lists only actions with help
-        return super()._format_action(action)
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
-        if "%(default)" in text or not _shown(action.default):
-            return text
-        return f"{text} (default: %(default)s)"
-
-
 GRAMMAR_WARMUP_ENV = "PDSERVE_GRAMMAR_WARMUP"
-
-
-def _shown(default: object) -> bool:
-    return default not in (None, False, argparse.SUPPRESS, [], ())
 
 
 def build_parser(modes: Sequence[str] = ROLES) -> argparse.ArgumentParser:
