@@ -44,6 +44,8 @@ b)
     --block-n 32,64 --num-warps 4,8 --num-stages 2,3
   step qwen3 90 python3 -m bench.engine --preset qwen3-30b-a3b --skip-hf \
     --decode 1x128,64x128 --prefill '' --repeats 2 --decode-steps 16
+  TAIL=40 step profile_qwen3 80 python3 -m bench.profile_decode --preset qwen3-30b-a3b \
+    --decode 1x128,64x128 --top 12
   ;;
 c)
   step local_cuda 120 python3 -m pytest -x -q -rf tests/gpu/test_local_cuda.py
