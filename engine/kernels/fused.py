@@ -106,17 +106,28 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rotate_head(src, dst, pos, cos_ptr, sin_ptr, stride_table, HALF, BLOCK, INTERLEAVED):
-    """Rotate one head `src` -> `dst` (contiguous halves): x * cos + rotate_half(x) * sin."""
+def _rotate_head(
+    src, dst, pos, cos_ptr, sin_ptr, stride_table, HALF, BLOCK, INTERLEAVED, w_ptr, eps, NORM
+):
+    """Rotate one head `src` -> `dst` (contiguous halves): x * cos + rotate_half(x) * sin.
+    With NORM, the head is first RMS-normalised with weight `w_ptr` (Qwen3's q/k norm),
+    rounded as `_rms_norm_kernel` rounds."""
     i = tl.arange(0, BLOCK)
     mask = i < HALF
     if INTERLEAVED:  # pairs (x0, x1), (x2, x3), ...: de-interleaved into halves on the way
-        x1 = tl.load(src + 2 * i, mask=mask, other=0.0)
-        x2 = tl.load(src + 2 * i + 1, mask=mask, other=0.0)
+        i1, i2 = 2 * i, 2 * i + 1
     else:
-        x1 = tl.load(src + i, mask=mask, other=0.0)
-        x2 = tl.load(src + HALF + i, mask=mask, other=0.0)
+        i1, i2 = i, HALF + i
+    x1 = tl.load(src + i1, mask=mask, other=0.0)
+    x2 = tl.load(src + i2, mask=mask, other=0.0)
     dt = x1.dtype
+    if NORM:
+        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+        inv = tl.rsqrt((tl.sum(f1 * f1, 0) + tl.sum(f2 * f2, 0)) / (2 * HALF) + eps)
+        w1 = tl.load(w_ptr + i1, mask=mask, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + i2, mask=mask, other=0.0).to(tl.float32)
+        x1 = ((f1 * inv).to(dt).to(tl.float32) * w1).to(dt)
+        x2 = ((f2 * inv).to(dt).to(tl.float32) * w2).to(dt)
     # The table is [cos(f), cos(f)] per position (float32), cast to the activations' dtype.
     c = tl.load(cos_ptr + pos * stride_table + i, mask=mask, other=0.0).to(dt).to(tl.float32)
     s = tl.load(sin_ptr + pos * stride_table + i, mask=mask, other=0.0).to(dt).to(tl.float32)
@@ -149,7 +160,9 @@ def _rope_kernel(
     pos = tl.load(pos_ptr + t).to(tl.int64)
     src = x_ptr + t * stride_xt + h * stride_xh
     dst = out_ptr + t * stride_ot + h * stride_oh
-    _rotate_head(src, dst, pos, cos_ptr, sin_ptr, stride_table, HALF, BLOCK, INTERLEAVED)
+    _rotate_head(
+        src, dst, pos, cos_ptr, sin_ptr, stride_table, HALF, BLOCK, INTERLEAVED, cos_ptr, 0.0, False
+    )
 
 
 @triton.jit
@@ -164,6 +177,9 @@ def _rope_store_kv_kernel(
     slots_ptr,
     cos_ptr,
     sin_ptr,
+    q_norm_ptr,
+    k_norm_ptr,
+    eps,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -183,6 +199,7 @@ def _rope_store_kv_kernel(
     DV: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     INTERLEAVED: tl.constexpr,
+    NORM: tl.constexpr,
 ):
     # One program per (token, head) over the query heads, then the KV heads: a query head is
     # rotated into q_out; a KV head's key is rotated into its cache slot and its value copied
@@ -193,14 +210,20 @@ def _rope_store_kv_kernel(
     if h < HQ:
         src = q_ptr + t * stride_qt + h * stride_qh
         dst = q_out_ptr + t * stride_qot + h * stride_qoh
-        _rotate_head(src, dst, pos, cos_ptr, sin_ptr, stride_table, HALF, BLOCK, INTERLEAVED)
+        _rotate_head(
+            src, dst, pos, cos_ptr, sin_ptr, stride_table, HALF, BLOCK, INTERLEAVED,
+            q_norm_ptr, eps, NORM,
+        )  # fmt: skip
     else:
         hk = h - HQ
         slot = tl.load(slots_ptr + t).to(tl.int64)
         if slot >= 0:
             src = k_ptr + t * stride_kt + hk * stride_kh
             dst = k_cache_ptr + slot * stride_kcs + hk * stride_kch
-            _rotate_head(src, dst, pos, cos_ptr, sin_ptr, stride_table, HALF, BLOCK, INTERLEAVED)
+            _rotate_head(
+                src, dst, pos, cos_ptr, sin_ptr, stride_table, HALF, BLOCK, INTERLEAVED,
+                k_norm_ptr, eps, NORM,
+            )  # fmt: skip
             j = tl.arange(0, BLOCK_DV)
             v = tl.load(v_ptr + t * stride_vt + hk * stride_vh + j, mask=j < DV)
             tl.store(v_cache_ptr + slot * stride_vcs + hk * stride_vch + j, v, mask=j < DV)
@@ -245,11 +268,13 @@ def rope_store_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slots: torch.Tensor,
+    qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """`rope` of q `[T, Hq, D]` and k `[T, Hkv, D]`, and the rotated k with v `[T, Hkv, Dv]`
     written into cache slots `slots` `[T]` (`[slots, Hkv, D]` caches; a slot < 0 writes
     nothing), in one launch; returns the rotated q, contiguous. The same values as `rope`
-    twice and `attention.store_kv`."""
+    twice and `attention.store_kv`. `qk_norm` `(q weight, k weight, eps)`: each head is
+    first RMS-normalised, as `rms_norm` does (Qwen3)."""
     tokens, num_heads, dim = q.shape
     num_kv_heads, dv = v.shape[1], v.shape[2]
     q = q if q.stride(-1) == 1 else q.contiguous()
@@ -259,8 +284,9 @@ def rope_store_kv(
     if tokens == 0:
         return out
     half = dim // 2
+    q_w, k_w, eps = qk_norm if qk_norm is not None else (cos, cos, 0.0)
     _rope_store_kv_kernel[(tokens, num_heads + num_kv_heads)](
-        q, k, v, out, k_cache, v_cache, positions, slots, cos, sin,
+        q, k, v, out, k_cache, v_cache, positions, slots, cos, sin, q_w, k_w, eps,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1), cos.stride(0),
@@ -270,6 +296,7 @@ def rope_store_kv(
         DV=dv,
         BLOCK_DV=triton.next_power_of_2(dv),
         INTERLEAVED=interleaved,
+        NORM=qk_norm is not None,
         num_warps=1,
     )  # fmt: skip
     return out

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.forward_batch import ForwardBatch
+from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 
 
@@ -57,8 +58,12 @@ class AttentionBackend(ABC):
         layer_id: int,
         batch: ForwardBatch,
         scale: float,
+        qk_norm: tuple[RMSNorm, RMSNorm] | None = None,
     ) -> torch.Tensor:
-        """`forward` of q and k rotated by `rotary` at `batch.positions`."""
+        """`forward` of q and k rotated by `rotary` at `batch.positions`; with `qk_norm`,
+        each head of q and k is first normalised by its norm (Qwen3)."""
+        if qk_norm is not None:
+            q, k = qk_norm[0](q), qk_norm[1](k)
         q, k = rotary(batch.positions, q, k)
         return self.forward(q, k, v, layer_id, batch, scale)
 

@@ -22,6 +22,7 @@ from engine.kernels import attention as kernels
 from engine.kernels import fused, mla_extend
 from engine.kernels.mla_decode import mla_decode
 from engine.layers.attention import AttentionBackend
+from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 
 
@@ -128,12 +129,20 @@ class TritonAttentionBackend(AttentionBackend):
         layer_id: int,
         batch: ForwardBatch,
         scale: float,
+        qk_norm: tuple[RMSNorm, RMSNorm] | None = None,
     ) -> torch.Tensor:
-        # Rotary embedding of q and k and the KV write in one launch (three before).
+        # The q/k norms, rotary embedding of q and k and the KV write in one launch (three
+        # before, five with the norms).
         k_cache, v_cache = batch.kv_cache.slots(layer_id)
+        norms = None
+        if qk_norm is not None:
+            q_norm, k_norm = qk_norm
+            if q_norm.eps != k_norm.eps:
+                raise ValueError(f"q and k norms differ in eps: {q_norm.eps} != {k_norm.eps}")
+            norms = (q_norm.weight, k_norm.weight, q_norm.eps)
         q = fused.rope_store_kv(
             q, k, v, batch.positions, rotary.cos, rotary.sin, rotary.interleaved,
-            k_cache, v_cache, batch.out_slots,
+            k_cache, v_cache, batch.out_slots, norms,
         )  # fmt: skip
         return self._attend(q, k_cache, v_cache, batch, scale)
 

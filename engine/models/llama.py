@@ -52,9 +52,12 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        norms = None
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        out = self.backend.forward_rope(q, k, v, self.rotary, self.layer_id, batch, self.scale)
+            norms = (self.q_norm, self.k_norm)
+        out = self.backend.forward_rope(
+            q, k, v, self.rotary, self.layer_id, batch, self.scale, qk_norm=norms
+        )
         return self.o_proj(out.reshape(-1, self.q_size))
 
 

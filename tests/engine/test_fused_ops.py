@@ -129,3 +129,35 @@ def test_rope_and_kv_store_in_one_launch_equal_the_two_steps(
     empty = fused.rope_store_kv(q[:0], k[:0], v[:0], positions[:0], cos, sin, interleaved,
                                 caches[2], caches[3], slots[:0])  # fmt: skip
     assert empty.shape == (0, hq, dim)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_qk_norm_rope_and_kv_store_in_one_launch_match_torch(
+    dtype: torch.dtype, interleaved: bool
+) -> None:
+    """Qwen3's per-head q/k RMSNorm folded into the same launch, against the torch path."""
+    hq, hkv, dim, tokens = 4, 2, 64, 3
+    gen = torch.Generator().manual_seed(5)
+    rope = RotaryEmbedding(RopeConfig(theta=10000.0), dim, 32, interleaved=interleaved)
+    q_norm, k_norm = RMSNorm(dim, 1e-6), RMSNorm(dim, 1e-6)
+    with torch.no_grad():
+        q_norm.weight.copy_(torch.rand(dim, generator=gen) + 0.5)
+        k_norm.weight.copy_(torch.rand(dim, generator=gen) + 0.5)
+    q_norm, k_norm = q_norm.to(dtype), k_norm.to(dtype)
+    qkv = 3 * torch.randn(tokens, (hq + 2 * hkv) * dim, generator=gen).to(dtype)
+    q = qkv[:, : hq * dim].view(tokens, hq, dim)
+    k = qkv[:, hq * dim : (hq + hkv) * dim].view(tokens, hkv, dim)
+    v = qkv[:, (hq + hkv) * dim :].view(tokens, hkv, dim)
+    positions = torch.tensor([0, 5, 31])
+    want_q, want_k = rope(positions, q_norm(q), k_norm(k))  # the torch path, on the CPU
+    slots = torch.tensor([2, 0, -1])
+    dev = [t.to(DEVICE) for t in (q, k, v, positions, slots, rope.cos, rope.sin)]
+    k_cache = torch.zeros(4, hkv, dim, dtype=dtype, device=DEVICE)
+    v_cache = torch.zeros(4, hkv, dim, dtype=dtype, device=DEVICE)
+    norms = (q_norm.weight.to(DEVICE), k_norm.weight.to(DEVICE), 1e-6)
+    got_q = fused.rope_store_kv(*dev[:4], dev[5], dev[6], interleaved, k_cache, v_cache,
+                                dev[4], norms)  # fmt: skip
+    close(got_q.cpu(), want_q)
+    close(k_cache[[2, 0]].cpu(), want_k[:2])
+    assert torch.equal(v_cache[[2, 0]].cpu(), v[:2]) and not k_cache[[1, 3]].any()
