@@ -8,8 +8,8 @@ tables and a comparison (TTFT, ITL, goodput per rate); writes each mode's JSON a
 summary JSON into `--out-dir`.
 
 With `--preset llama3-8b` the model is Llama-3-8B's shape with dummy weights: its config.json
-(bench.engine's preset) beside the embedded tiny model's tokenizer, whose ids all lie inside
-Llama's vocabulary (the generated text is noise; token counts come from the server's usage).
+(bench.engine's preset) beside a generated word tokenizer of the same vocabulary (`w0 w1 ...`:
+every id the dummy model samples decodes to a word; the text is noise).
 
     python -m bench.serving_pd --preset llama3-8b --request-rates 1 2 4 8 16 inf \\
         --num-prompts 200 --random-input-len 1024 --random-output-len 128 \\
@@ -22,28 +22,38 @@ import argparse
 import json
 import math
 import shlex
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Tokenizer, models, pre_tokenizers
+
 from bench import serving
 from bench.engine import PRESETS, write_preset
 from cluster.local import LocalCluster, LocalClusterSpec
-from engine.cli import default_model_dir
 
 
 def model_dir(args: argparse.Namespace, out: Path) -> Path:
-    """The model to serve: `--model-path`, or the preset's config beside the tiny tokenizer."""
+    """The model to serve: `--model-path`, or the preset's config beside a word tokenizer."""
     if args.model_path:
         return Path(args.model_path)
     path = out / f"model-{args.preset}"
     path.mkdir(parents=True, exist_ok=True)
     write_preset(args.preset, path)
-    tiny = default_model_dir()
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tiny / name, path / name)
+    write_word_tokenizer(path, int(PRESETS[args.preset]["vocab_size"]))
     return path
+
+
+def write_word_tokenizer(path: Path, vocab_size: int) -> None:
+    """A tokenizer whose every id is a word (`w0`, `w1`, ...), whitespace-separated: a dummy
+    model samples ids anywhere in its vocabulary, and each must decode to text for the
+    benchmark to see tokens stream (a real tokenizer of another vocabulary would map most of
+    them to nothing)."""
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(path / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 20}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
 
 
 def run_mode(args: argparse.Namespace, model: Path, out: Path, mode: str) -> list[dict[str, Any]]:

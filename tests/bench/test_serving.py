@@ -164,7 +164,7 @@ def test_table_and_plot_from_summaries(tmp_path: Path) -> None:
 
 def test_against_pdserve_local(tmp_path: Path) -> None:
     """A few seconds of real load through router, prefill, KV hand-off and decode."""
-    spec = LocalClusterSpec(model_path=str(default_model_dir()), port=free_port(),
+    spec = LocalClusterSpec(model_path=str(default_model_dir()), port=0,
                             engine_args=WORKER_FLAGS, log_dir=str(tmp_path / "logs"))  # fmt: skip
     out = tmp_path / "serving.json"
     with LocalCluster(spec) as cluster:

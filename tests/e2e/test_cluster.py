@@ -19,7 +19,6 @@ from engine.engine import Engine
 from engine.sampling import SamplingParams
 from tests.e2e.procs import WORKER_FLAGS
 from tests.e2e.test_workers import load, wait_pages_free
-from tests.redis_server import free_port
 
 MODEL = "qwen3-moe"
 MAX_NEW = 12
@@ -65,7 +64,7 @@ def start_cluster(model_dir: Path, colocated: bool, log_dir: Path) -> LocalClust
     spec = LocalClusterSpec(
         model_path=str(model_dir),
         colocated=colocated,
-        port=free_port(),
+        port=0,  # the router picks a free one (a port chosen here can be taken by a worker)
         engine_args=WORKER_FLAGS,
         log_dir=str(log_dir),
     )

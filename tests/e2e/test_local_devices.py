@@ -13,7 +13,6 @@ from cluster import cli
 from cluster.local import LocalCluster, LocalClusterSpec
 from engine.cli import default_model_dir
 from tests.e2e.procs import WORKER_FLAGS
-from tests.redis_server import free_port
 
 
 def placements(**kw: object) -> list[tuple[str, str | None, tuple[str, ...], bool]]:
@@ -140,7 +139,7 @@ def test_each_role_gets_its_own_flags(tmp_path: Path) -> None:
     decode worker's by its own, as their ready lines say."""
     spec = LocalClusterSpec(
         model_path=str(default_model_dir()),
-        port=free_port(),
+        port=0,  # the router picks a free one (a port chosen here can be taken by a worker)
         engine_args=WORKER_FLAGS,  # --max-total-tokens 4096 for both ...
         device="cpu",
         prefill_args=("--max-total-tokens", "1024"),  # ... but this one for the prefill

@@ -19,7 +19,6 @@ from cluster.local import LocalCluster, LocalClusterSpec
 from engine.cli import default_model_dir
 from tests.e2e.procs import WORKER_FLAGS
 from tests.e2e.test_cluster import post
-from tests.redis_server import free_port
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -41,7 +40,7 @@ def start(
 ) -> LocalCluster:
     spec = LocalClusterSpec(
         model_path=str(default_model_dir()),
-        port=free_port(),
+        port=0,  # the router picks a free one (a port chosen here can be taken by a worker)
         engine_args=engine_args,
         log_dir=str(tmp_path / name),
         **kw,  # type: ignore[arg-type]
