@@ -61,5 +61,23 @@ c)
     --decode 1x128,64x128 --prefill 64x128,8x2048 --repeats 2 --decode-steps 16
   step grammar 60 python3 -m bench.grammar
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c"; exit 2 ;;
+d)
+  # The launch fusions and the MoE align checked compiled, then timed; the serving path.
+  step kernels 140 python3 -m pytest -x -q -rf tests/engine/test_fused_ops.py \
+    tests/engine/test_fused_moe.py -k "not transformers" \
+    tests/engine/test_triton_attention.py::test_graph_replay_equals_eager
+  step llama 70 python3 -m bench.engine --preset llama3-8b --skip-hf --prefill '' --repeats 2
+  step qwen3 60 python3 -m bench.engine --preset qwen3-30b-a3b --skip-hf \
+    --decode 1x128,64x128 --prefill '' --repeats 2 --decode-steps 16
+  step moe_layer 50 python3 -m bench.moe_kernel --shape qwen3-30b-a3b --tokens 1,16,64 --reps 10
+  step local_cuda 80 python3 -m pytest -x -q -rf tests/gpu/test_local_cuda.py
+  step serving_pd 200 python3 -m bench.serving_pd --preset llama3-8b --request-rates 4 16 inf \
+    --num-prompts 48 --random-input-len 1024 --random-output-len 64 --slo-ttft-ms 500 \
+    --slo-itl-ms 30 --out-dir /tmp/pd
+  cp /tmp/pd/summary.json "$OUT/serving_pd.json" 2>/dev/null
+  tail -n 15 /tmp/pd/logs-*/*.log >>"$OUT/serving_pd.txt" 2>/dev/null
+  TAIL=30 step profile_llama 40 python3 -m bench.profile_decode --preset llama3-8b \
+    --decode 1x128 --top 12
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d"; exit 2 ;;
 esac
