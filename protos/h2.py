@@ -109,6 +109,14 @@ class StreamError(Exception):
         self.details = details
 
 
+def _cut_short(stream: Stream) -> StreamError:
+    """The peer ended ``stream`` with part of a message unsent: not a clean end."""
+    return StreamError(
+        grpc.StatusCode.INTERNAL,
+        f"the stream ended inside a message ({len(stream.body)} bytes of it received)",
+    )
+
+
 class Stream:
     """One stream's flow-control state and message buffers."""
 
@@ -340,7 +348,10 @@ class Connection(asyncio.Protocol):
             self.on_stream_error(stream, exc)
             return
         if flags & END_STREAM:
-            self.on_end_stream(stream)
+            if stream.body:
+                self.on_stream_error(stream, _cut_short(stream))
+            else:
+                self.on_end_stream(stream)
 
     def _on_headers(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
         if kind == HEADERS:
@@ -360,4 +371,8 @@ class Connection(asyncio.Protocol):
             for k, v in self._decoder.decode(bytes(self._header_block))
         }
         self._header_block = bytearray()
+        stream = self.streams.get(self._header_stream)
+        if self._header_end_stream and stream is not None and stream.body:
+            self.on_stream_error(stream, _cut_short(stream))  # trailers inside a message
+            return
         self.on_headers(self._header_stream, fields, self._header_end_stream)
