@@ -13,8 +13,9 @@ clients that only know the worker's main port.
 
 A call's handler gets the request messages as an async iterator and yields the replies; its
 stream ends with ``grpc-status`` 0 when the handler returns, the status of a
-``protos.h2.StreamError`` it raises, INTERNAL when it raises anything else,
-INVALID_ARGUMENT when a message cannot be parsed, and UNAVAILABLE when the listener stops.
+``protos.h2.StreamError`` it raises, INTERNAL when it raises anything else or the client's
+half ends inside a message, INVALID_ARGUMENT when a message cannot be parsed, and
+UNAVAILABLE when the listener stops.
 A reset stream or a lost connection cancels the handler (the session's requests are then
 aborted in the engine).
 """
@@ -51,7 +52,9 @@ class Method:
 class _Call:
     """One stream being served."""
 
-    __slots__ = ("ended", "failure", "headers_sent", "inbox", "reset", "stream", "task", "waiter")
+    __slots__ = (
+        "begun", "ended", "failure", "headers_sent", "inbox", "reset", "stream", "task", "waiter",
+    )  # fmt: skip
 
     def __init__(self, stream: h2.Stream) -> None:
         self.stream = stream
@@ -62,10 +65,18 @@ class _Call:
         self.failure: h2.StreamError | None = None  # what ends the call, if not its handler
         self.headers_sent = False
         self.task: asyncio.Task[None] | None = None
+        self.begun = False  # the task has taken its first step
 
     def wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
+
+    def cancel(self) -> None:
+        """Cancel the handler. A task cancelled before its first step would skip its own
+        clean-up (the call left behind, no trailers sent); one that has not begun yet finds
+        ``reset`` or ``failure`` set when it does, and ends at once."""
+        if self.task is not None and self.begun:
+            self.task.cancel()
 
 
 class _ServerConnection(h2.Connection):
@@ -89,8 +100,7 @@ class _ServerConnection(h2.Connection):
         self._server.connections.discard(self)
         for call in self._calls.values():
             call.reset = True
-            if call.task is not None:
-                call.task.cancel()
+            call.cancel()
             call.stream.wake_writer()
 
     def data_received(self, data: bytes) -> None:
@@ -165,15 +175,13 @@ class _ServerConnection(h2.Connection):
         call = self._calls.get(stream.id)
         if call is not None and call.failure is None:
             call.failure = error
-            if call.task is not None:
-                call.task.cancel()
+            call.cancel()
 
     def on_reset(self, stream_id: int, code: int) -> None:
         call = self._calls.get(stream_id)
         if call is not None:
             call.reset = True
-            if call.task is not None:
-                call.task.cancel()
+            call.cancel()
             call.stream.wake_writer()
 
     def on_goaway(self, last_stream: int, code: int, debug: str) -> None:
@@ -204,21 +212,28 @@ class _ServerConnection(h2.Connection):
                 finally:
                     call.waiter = None
 
+    async def _serve(self, call: _Call, method: Method) -> None:
+        """The handler's replies sent as they come, until it returns or the call is reset."""
+        stream = call.stream
+        async with contextlib.aclosing(method.serve(self._messages(call, method.parse))) as out:
+            async for reply in out:
+                if not call.headers_sent:
+                    self.send(h2.frame(h2.HEADERS, h2.END_HEADERS, stream.id, _HEADERS))
+                    call.headers_sent = True
+                self.queue(stream, reply.SerializeToString())
+                while stream.outbox and not call.reset:
+                    stream.writable = self._loop.create_future()
+                    await stream.writable
+                if call.reset:
+                    return
+
     async def _run(self, call: _Call, method: Method) -> None:
+        call.begun = True
         stream = call.stream
         status: tuple[grpc.StatusCode, str] = (grpc.StatusCode.OK, "")
         try:
-            async with contextlib.aclosing(method.serve(self._messages(call, method.parse))) as out:
-                async for reply in out:
-                    if not call.headers_sent:
-                        self.send(h2.frame(h2.HEADERS, h2.END_HEADERS, stream.id, _HEADERS))
-                        call.headers_sent = True
-                    self.queue(stream, reply.SerializeToString())
-                    while stream.outbox and not call.reset:
-                        stream.writable = self._loop.create_future()
-                        await stream.writable
-                    if call.reset:
-                        return
+            if not call.reset and call.failure is None:  # else over before the handler began
+                await self._serve(call, method)
         except asyncio.CancelledError:
             if call.reset:
                 return
