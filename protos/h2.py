@@ -85,7 +85,8 @@ def status_fields(code: grpc.StatusCode, details: str) -> bytes:
     """The ``grpc-status`` and ``grpc-message`` (percent-encoded, as gRPC asks) of a call."""
     fields = literal(b"grpc-status", str(code.value[0]).encode())
     if details:
-        message = urllib.parse.quote(details, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
+        # Spaces too: HTTP/2 forbids a value that starts or ends with one (RFC 9113 §8.2.1).
+        message = urllib.parse.quote(details, safe="!\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
         fields += literal(b"grpc-message", message.encode())
     return fields
 
@@ -221,6 +222,20 @@ class Connection(asyncio.Protocol):
     def send(self, data: bytes) -> None:
         if self.transport is not None:
             self.transport.write(data)
+
+    def headers(self, stream_id: int, block: bytes, end_stream: bool = False) -> bytes:
+        """The frames of one header block: HEADERS, then CONTINUATION frames for what passes
+        the peer's frame size (a long ``grpc-message`` does)."""
+        step = self._max_frame
+        flags = END_STREAM if end_stream else 0
+        if len(block) <= step:
+            return frame(HEADERS, flags | END_HEADERS, stream_id, block)
+        pieces = [block[i : i + step] for i in range(0, len(block), step)]
+        last = len(pieces) - 1
+        return frame(HEADERS, flags, stream_id, pieces[0]) + b"".join(
+            frame(CONTINUATION, END_HEADERS if i == last else 0, stream_id, piece)
+            for i, piece in enumerate(pieces[1:], 1)
+        )
 
     def queue(self, stream: Stream, payload: bytes) -> None:
         """Send one message on ``stream`` as far as the windows allow; the rest waits in its

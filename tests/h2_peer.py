@@ -196,6 +196,17 @@ metadata = st.lists(
     ),
     max_size=10,
 )
+# A grpc-message of any few characters, or a long one: past a frame (16 KiB), short of the
+# header list hpack accepts by default (64 KiB).
+status_message = st.text(max_size=300) | st.builds(
+    lambda n, seed: (seed * n)[:n],
+    st.integers(17_000, 30_000),
+    st.text(
+        alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters="%"),
+        min_size=1,
+        max_size=4,
+    ),
+)
 token = st.none() | st.text(
     alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=64
 )

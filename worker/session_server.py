@@ -218,7 +218,7 @@ class _ServerConnection(h2.Connection):
         async with contextlib.aclosing(method.serve(self._messages(call, method.parse))) as out:
             async for reply in out:
                 if not call.headers_sent:
-                    self.send(h2.frame(h2.HEADERS, h2.END_HEADERS, stream.id, _HEADERS))
+                    self.send(self.headers(stream.id, _HEADERS))
                     call.headers_sent = True
                 self.queue(stream, reply.SerializeToString())
                 while stream.outbox and not call.reset:
@@ -252,13 +252,13 @@ class _ServerConnection(h2.Connection):
             return
         fields = h2.status_fields(*status)
         if call.headers_sent:
-            self.send(h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, stream.id, fields))
+            self.send(self.headers(stream.id, fields, end_stream=True))
         else:
             self._trailers_only(stream.id, *status)
 
     def _trailers_only(self, stream_id: int, code: grpc.StatusCode, details: str) -> None:
         block = _HEADERS + h2.status_fields(code, details)
-        self.send(h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, stream_id, block))
+        self.send(self.headers(stream_id, block, end_stream=True))
 
     async def stop(self, grace_s: float | None) -> None:
         """GOAWAY, let the calls end for up to ``grace_s``, then end them and close."""

@@ -156,9 +156,7 @@ class StreamCall(h2.Connection):
         )
         if self._token is not None:
             headers += h2.literal(cluster_token.METADATA_KEY.encode(), self._token.encode())
-        self.send(
-            h2.PREFACE + self.settings() + h2.frame(h2.HEADERS, h2.END_HEADERS, STREAM, headers)
-        )
+        self.send(h2.PREFACE + self.settings() + self.headers(STREAM, headers))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None

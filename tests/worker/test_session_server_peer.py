@@ -249,7 +249,7 @@ def _run(case: Case) -> tuple[Seen, Handler]:
     reply_after=st.integers(min_value=0, max_value=5),
     ping=st.booleans(),
     code=st.sampled_from(list(grpc.StatusCode)),
-    details=st.text(max_size=300),
+    details=h2_peer.status_message,
 )
 def test_every_message_and_the_status_arrive(
     requests: list[bytes],
