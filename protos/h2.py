@@ -1,27 +1,24 @@
-"""gRPC's wire protocol over HTTP/2 (RFC 9113), the part both ends of a session stream need.
+"""gRPC over HTTP/2 (RFC 9113), hand-written: the wire under the router's session streams.
 
-A session stream is one long-lived gRPC call carrying every request a router process sends
-one worker. grpc.aio runs calls through gRPC core's own threads, and each message crossing
-between a polling thread and the event loop costs more CPU than the work the message asks
-for (and about 150 µs of latency per round trip at low load). So the router's session client
-(``router.client.grpc_stream``) and the workers' session listener (``worker.session_server``)
-speak the protocol themselves, on the event loop: plaintext HTTP/2 with length-prefixed
-protobuf messages and ``grpc-status`` trailers. Either end still talks to an ordinary gRPC
-peer: grpcio clients call the listener, and the client calls grpcio servers.
+A session stream is one long-lived gRPC call carrying every request a router process sends one
+worker. grpc.aio runs calls through gRPC core's threads, and each message crossing between a
+polling thread and the event loop costs more CPU than the work it asks for (and about 150 µs
+per round trip at low load). So both ends speak the protocol on the event loop, as two thin
+ends on this module: the router's client (``router.client.grpc_stream``) and the workers'
+listener (``worker.session_server``). Either still talks to any gRPC peer.
 
 Why not a maintained library (issue 22): the router's sessions on ``grpclib`` (asyncio gRPC on
-the ``h2`` library) against the worker's grpcio server, on one port, measured in turns with
-this code on the 2-core development machine (``python -m bench.router --skip-sglang``, five
-5 s rows each): 12% fewer requests/s at 32 connections (median 5,178 against 5,931; router CPU
-138 against 125 µs and stub CPU 24 against 17 µs per request) and about a third fewer at 1
-connection, more than the 10% the issue accepts. So this stays, held to the ``h2`` library
-as its peer by ``tests/router/test_h2_peer.py`` (hypothesis: messages, metadata and
-CONTINUATION, the peer's windows and frame size, reads cut anywhere, PING, trailers).
+the ``h2`` library), measured in turns with this code (README, "Router alone"), did 12.7%
+fewer requests/s at 32 connections (median 5,178 against 5,931; router CPU 138 against 125 µs
+per request) and 34% fewer at 1 connection, past the 10% the issue accepts. So it stays, held
+to the ``h2`` library as its peer with hypothesis: this module by
+``tests/router/test_h2_peer.py``, the client by ``tests/router/test_grpc_stream_peer.py``, the
+listener by ``tests/worker/test_session_server_peer.py``.
 
-``Connection`` is what both ends share: frame parsing, SETTINGS (the peer's frame size and
-initial window honoured), PING, flow control both ways, and header blocks decoded with HPACK
-(``hpack``; the ones it sends are literals). Subclasses handle streams opening, messages,
-resets and GOAWAY.
+Here: frames, gRPC's header blocks, messages and status, and ``Connection``, what both ends
+share: SETTINGS (the peer's frame size and initial window honoured), PING, flow control both
+ways, header blocks decoded with HPACK (``hpack``; the ones it sends are literals). Subclasses
+handle streams opening, messages, resets and GOAWAY.
 """
 
 from __future__ import annotations
@@ -85,7 +82,8 @@ def status_fields(code: grpc.StatusCode, details: str) -> bytes:
     """The ``grpc-status`` and ``grpc-message`` (percent-encoded, as gRPC asks) of a call."""
     fields = literal(b"grpc-status", str(code.value[0]).encode())
     if details:
-        message = urllib.parse.quote(details, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
+        # Spaces too: HTTP/2 forbids a value that starts or ends with one (RFC 9113 §8.2.1).
+        message = urllib.parse.quote(details, safe="!\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
         fields += literal(b"grpc-message", message.encode())
     return fields
 
@@ -93,6 +91,52 @@ def status_fields(code: grpc.StatusCode, details: str) -> bytes:
 def status_of(fields: dict[str, str]) -> tuple[grpc.StatusCode, str]:
     code = CODES.get(int(fields["grpc-status"]), grpc.StatusCode.UNKNOWN)
     return code, urllib.parse.unquote(fields.get("grpc-message", ""))
+
+
+# -- gRPC's header blocks (gRPC over HTTP/2: requests, responses, trailers) ------------------
+
+RESPONSE_HEADERS = b"\x88" + literal(b"content-type", b"application/grpc")  # :status 200
+NO_STATUS = "the stream ended without a grpc-status"
+
+
+def request_headers(path: str, authority: str, metadata: dict[str, str]) -> bytes:
+    """The header block that opens a call to ``path``, with ``metadata`` (ASCII)."""
+    block = b"".join(
+        (
+            b"\x83\x86",  # :method POST, :scheme http (static table entries 3 and 6)
+            literal(b":path", path.encode()),
+            literal(b":authority", authority.encode()),
+            literal(b"content-type", b"application/grpc"),
+            literal(b"te", b"trailers"),
+            literal(b"user-agent", b"pdserve-router"),
+        )
+    )
+    return block + b"".join(literal(k.encode(), v.encode()) for k, v in metadata.items())
+
+
+def is_grpc(fields: dict[str, str]) -> bool:
+    """A request's header block asks for gRPC."""
+    return fields.get("content-type", "").startswith("application/grpc")
+
+
+def trailers(code: grpc.StatusCode, details: str, headers_sent: bool) -> bytes:
+    """The header block that ends a call with ``code``; with the response headers before it
+    when none were sent (gRPC's trailers-only answer)."""
+    fields = status_fields(code, details)
+    return fields if headers_sent else RESPONSE_HEADERS + fields
+
+
+def response_status(fields: dict[str, str], end_stream: bool) -> tuple[grpc.StatusCode, str] | None:
+    """What a header block from the server says of the call: how it ended (an answer that is
+    not HTTP 200 is UNAVAILABLE, trailers carry ``grpc-status``), or None: it goes on."""
+    status = fields.get(":status")
+    if status is not None and status != "200":
+        return grpc.StatusCode.UNAVAILABLE, f"the worker answered HTTP {status}"
+    if "grpc-status" in fields:
+        return status_of(fields)
+    if end_stream:
+        return grpc.StatusCode.INTERNAL, NO_STATUS
+    return None
 
 
 def message(payload: bytes) -> bytes:
@@ -109,10 +153,18 @@ class StreamError(Exception):
         self.details = details
 
 
+def _cut_short(stream: Stream) -> StreamError:
+    """The peer ended ``stream`` with part of a message unsent: not a clean end."""
+    return StreamError(
+        grpc.StatusCode.INTERNAL,
+        f"the stream ended inside a message ({len(stream.body)} bytes of it received)",
+    )
+
+
 class Stream:
     """One stream's flow-control state and message buffers."""
 
-    __slots__ = ("body", "id", "outbox", "unacked", "window", "writable")
+    __slots__ = ("body", "closed", "id", "outbox", "unacked", "window", "writable")
 
     def __init__(self, stream_id: int, window: int) -> None:
         self.id = stream_id
@@ -121,6 +173,7 @@ class Stream:
         self.body = bytearray()  # DATA payloads not yet whole messages
         self.unacked = 0  # bytes received since our last WINDOW_UPDATE for it
         self.writable: asyncio.Future[None] | None = None  # a writer waiting for window
+        self.closed = False  # nothing more goes out on it
 
     def messages(self, payload: bytes) -> Iterator[bytes]:
         """The whole messages ``payload`` completes."""
@@ -149,6 +202,13 @@ class Stream:
     def wake_writer(self) -> None:
         if self.writable is not None and not self.writable.done():
             self.writable.set_result(None)
+
+    def close(self) -> None:
+        """Send nothing more on it (the call is over, or the peer reset it): what waits in
+        the outbox is dropped and a writer waiting for window returns."""
+        self.closed = True
+        del self.outbox[:]
+        self.wake_writer()
 
 
 class Connection(asyncio.Protocol):
@@ -214,11 +274,36 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.write(data)
 
+    def headers(self, stream_id: int, block: bytes, end_stream: bool = False) -> bytes:
+        """The frames of one header block: HEADERS, then CONTINUATION frames for what passes
+        the peer's frame size (a long ``grpc-message`` does)."""
+        step = self._max_frame
+        flags = END_STREAM if end_stream else 0
+        if len(block) <= step:
+            return frame(HEADERS, flags | END_HEADERS, stream_id, block)
+        pieces = [block[i : i + step] for i in range(0, len(block), step)]
+        last = len(pieces) - 1
+        return frame(HEADERS, flags, stream_id, pieces[0]) + b"".join(
+            frame(CONTINUATION, END_HEADERS if i == last else 0, stream_id, piece)
+            for i, piece in enumerate(pieces[1:], 1)
+        )
+
+    def reset(self, stream_id: int, code: int) -> None:
+        self.send(frame(RST_STREAM, 0, stream_id, U32.pack(code)))
+
     def queue(self, stream: Stream, payload: bytes) -> None:
         """Send one message on ``stream`` as far as the windows allow; the rest waits in its
         outbox (``writable`` wakes once it is empty)."""
         stream.outbox += message(payload)
         self.pump(stream)
+
+    async def send_message(self, stream: Stream, payload: bytes) -> None:
+        """Send one message on ``stream``; returns once the windows let it all out, or the
+        stream is closed."""
+        self.queue(stream, payload)
+        while stream.outbox and not stream.closed:
+            stream.writable = asyncio.get_running_loop().create_future()
+            await stream.writable
 
     def pump(self, stream: Stream) -> None:
         """Send what the windows allow of ``stream``'s outbox, in frames the peer accepts."""
@@ -340,7 +425,10 @@ class Connection(asyncio.Protocol):
             self.on_stream_error(stream, exc)
             return
         if flags & END_STREAM:
-            self.on_end_stream(stream)
+            if stream.body:
+                self.on_stream_error(stream, _cut_short(stream))
+            else:
+                self.on_end_stream(stream)
 
     def _on_headers(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
         if kind == HEADERS:
@@ -360,4 +448,8 @@ class Connection(asyncio.Protocol):
             for k, v in self._decoder.decode(bytes(self._header_block))
         }
         self._header_block = bytearray()
+        stream = self.streams.get(self._header_stream)
+        if self._header_end_stream and stream is not None and stream.body:
+            self.on_stream_error(stream, _cut_short(stream))  # trailers inside a message
+            return
         self.on_headers(self._header_stream, fields, self._header_end_stream)

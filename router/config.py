@@ -12,7 +12,7 @@ from router.app.admission import AdmissionConfig
 from router.app.auth import ENV_ADMIN_KEY, ENV_API_KEY, read_keys
 from router.app.parsers.reasoning import REASONING_FORMATS
 from router.app.parsers.tool_calls import TOOL_CALL_PARSERS
-from router.client.resilience import RetryConfig
+from router.client.dispatch import RetryConfig
 from router.fleet.health import HealthConfig
 from router.fleet.policies import POLICIES, CacheAwareOptions, PolicySpec
 from router.fleet.registry import RegistryConfig

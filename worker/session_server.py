@@ -5,18 +5,23 @@ every method.
 A router sends all of its requests to a worker over one session stream, so what each frame
 costs to receive and send is paid per decode step for every request in flight. Served by
 grpc.aio, each message crosses between gRPC core's polling threads and the event loop; here
-the frames are read and written by the loop itself (``protos.h2`` has the protocol), so the
-engine's step loop and the session share the interpreter with less in between. It is plain
-gRPC over HTTP/2: a grpcio client can call it, and the router finds the port in
-``GetInfo`` (``session_port``). The grpcio server keeps serving the same sessions, for
-clients that only know the worker's main port.
+the frames are read and written by the loop itself, so the engine's step loop and the session
+share the interpreter with less in between. It is plain gRPC over HTTP/2: a grpcio client can
+call it, and the router finds the port in ``GetInfo`` (``session_port``). The grpcio server
+keeps serving the same sessions, for clients that only know the worker's main port.
+
+Hand-written, the server end of ``protos.h2`` (which has the protocol), because grpclib
+measured 12-34% slower on the router's hot path (README, "Router alone"; ``protos.h2`` has the
+numbers); ``tests/worker/test_session_server_peer.py`` fuzzes it with an ``h2``-library client.
+What is its own: the client preface, streams opening as calls (the token, the method), each
+call's handler as a task, and stopping.
 
 A call's handler gets the request messages as an async iterator and yields the replies; its
 stream ends with ``grpc-status`` 0 when the handler returns, the status of a
-``protos.h2.StreamError`` it raises, INTERNAL when it raises anything else,
-INVALID_ARGUMENT when a message cannot be parsed, and UNAVAILABLE when the listener stops.
-A reset stream or a lost connection cancels the handler (the session's requests are then
-aborted in the engine).
+``protos.h2.StreamError`` it raises, INTERNAL when it raises anything else or the client's
+half ends inside a message, INVALID_ARGUMENT when a message cannot be parsed, and
+UNAVAILABLE when the listener stops. A reset stream or a lost connection cancels the handler
+(the session's requests are then aborted in the engine).
 """
 
 from __future__ import annotations
@@ -37,7 +42,6 @@ from protos.cluster_tls import ClusterTls
 log = logging.getLogger(__name__)
 
 MAX_STREAMS = 100
-_HEADERS = b"\x88" + h2.literal(b"content-type", b"application/grpc")  # :status 200
 
 
 @dataclass(frozen=True)
@@ -51,21 +55,28 @@ class Method:
 class _Call:
     """One stream being served."""
 
-    __slots__ = ("ended", "failure", "headers_sent", "inbox", "reset", "stream", "task", "waiter")
+    __slots__ = ("begun", "ended", "failure", "headers_sent", "inbox", "stream", "task", "waiter")
 
     def __init__(self, stream: h2.Stream) -> None:
         self.stream = stream
         self.inbox: collections.deque[bytes] = collections.deque()
         self.waiter: asyncio.Future[None] | None = None  # the handler waiting for a message
-        self.ended = False  # the client's half is closed
-        self.reset = False  # the client reset the stream: send nothing more
+        self.ended = False  # the client's half is closed (``stream.closed``: it reset it)
         self.failure: h2.StreamError | None = None  # what ends the call, if not its handler
         self.headers_sent = False
         self.task: asyncio.Task[None] | None = None
+        self.begun = False  # the task has taken its first step
 
     def wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
+
+    def cancel(self) -> None:
+        """Cancel the handler. A task cancelled before its first step would skip its own
+        clean-up (the call left behind, no trailers sent); one that has not begun yet finds
+        the stream closed or ``failure`` set when it does, and ends at once."""
+        if self.task is not None and self.begun:
+            self.task.cancel()
 
 
 class _ServerConnection(h2.Connection):
@@ -88,10 +99,8 @@ class _ServerConnection(h2.Connection):
         self.transport = None
         self._server.connections.discard(self)
         for call in self._calls.values():
-            call.reset = True
-            if call.task is not None:
-                call.task.cancel()
-            call.stream.wake_writer()
+            call.stream.close()
+            call.cancel()
 
     def data_received(self, data: bytes) -> None:
         if not self._greeted:
@@ -130,18 +139,18 @@ class _ServerConnection(h2.Connection):
             raise ValueError(f"stream id {stream_id} does not open a new client stream")
         self._last_stream = stream_id
         if self._closing or len(self._calls) >= MAX_STREAMS:
-            self.send(h2.frame(h2.RST_STREAM, 0, stream_id, h2.U32.pack(h2.REFUSED_STREAM)))
+            self.reset(stream_id, h2.REFUSED_STREAM)
             return
         path = fields.get(":path", "")
         check = self._server.token_check
         if check is not None and not check.ok(fields.get(cluster_token.METADATA_KEY)):
             code = grpc.StatusCode.UNAUTHENTICATED
-            self._trailers_only(stream_id, code, cluster_token.REFUSED)
+            self._end_call(stream_id, code, cluster_token.REFUSED)
             return
         method = self._server.methods.get(path)
-        if method is None or not fields.get("content-type", "").startswith("application/grpc"):
+        if method is None or not h2.is_grpc(fields):
             code = grpc.StatusCode.UNIMPLEMENTED
-            self._trailers_only(stream_id, code, f"method {path!r} is not served on this port")
+            self._end_call(stream_id, code, f"method {path!r} is not served on this port")
             return
         stream = h2.Stream(stream_id, self.peer_window)
         call = _Call(stream)
@@ -165,16 +174,13 @@ class _ServerConnection(h2.Connection):
         call = self._calls.get(stream.id)
         if call is not None and call.failure is None:
             call.failure = error
-            if call.task is not None:
-                call.task.cancel()
+            call.cancel()
 
     def on_reset(self, stream_id: int, code: int) -> None:
         call = self._calls.get(stream_id)
         if call is not None:
-            call.reset = True
-            if call.task is not None:
-                call.task.cancel()
-            call.stream.wake_writer()
+            call.stream.close()
+            call.cancel()
 
     def on_goaway(self, last_stream: int, code: int, debug: str) -> None:
         pass  # the client closes the connection when it is done with it
@@ -204,23 +210,27 @@ class _ServerConnection(h2.Connection):
                 finally:
                     call.waiter = None
 
+    async def _serve(self, call: _Call, method: Method) -> None:
+        """The handler's replies sent as they come, until it returns or the call is reset."""
+        stream = call.stream
+        async with contextlib.aclosing(method.serve(self._messages(call, method.parse))) as out:
+            async for reply in out:
+                if not call.headers_sent:
+                    self.send(self.headers(stream.id, h2.RESPONSE_HEADERS))
+                    call.headers_sent = True
+                await self.send_message(stream, reply.SerializeToString())
+                if stream.closed:
+                    return
+
     async def _run(self, call: _Call, method: Method) -> None:
+        call.begun = True
         stream = call.stream
         status: tuple[grpc.StatusCode, str] = (grpc.StatusCode.OK, "")
         try:
-            async with contextlib.aclosing(method.serve(self._messages(call, method.parse))) as out:
-                async for reply in out:
-                    if not call.headers_sent:
-                        self.send(h2.frame(h2.HEADERS, h2.END_HEADERS, stream.id, _HEADERS))
-                        call.headers_sent = True
-                    self.queue(stream, reply.SerializeToString())
-                    while stream.outbox and not call.reset:
-                        stream.writable = self._loop.create_future()
-                        await stream.writable
-                    if call.reset:
-                        return
+            if not stream.closed and call.failure is None:  # else over before the handler began
+                await self._serve(call, method)
         except asyncio.CancelledError:
-            if call.reset:
+            if stream.closed:
                 return
             status = (grpc.StatusCode.UNAVAILABLE, "the worker's session listener stopped")
         except h2.StreamError as exc:  # the handler's own status, as context.abort gives it
@@ -233,17 +243,15 @@ class _ServerConnection(h2.Connection):
             self.streams.pop(stream.id, None)
         if call.failure is not None:
             status = (call.failure.code, call.failure.details)
-        if call.reset or self.transport is None:
+        if stream.closed or self.transport is None:
             return
-        fields = h2.status_fields(*status)
-        if call.headers_sent:
-            self.send(h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, stream.id, fields))
-        else:
-            self._trailers_only(stream.id, *status)
+        self._end_call(stream.id, *status, headers_sent=call.headers_sent)
 
-    def _trailers_only(self, stream_id: int, code: grpc.StatusCode, details: str) -> None:
-        block = _HEADERS + h2.status_fields(code, details)
-        self.send(h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, stream_id, block))
+    def _end_call(
+        self, stream_id: int, code: grpc.StatusCode, details: str, headers_sent: bool = False
+    ) -> None:
+        block = h2.trailers(code, details, headers_sent)
+        self.send(self.headers(stream_id, block, end_stream=True))
 
     async def stop(self, grace_s: float | None) -> None:
         """GOAWAY, let the calls end for up to ``grace_s``, then end them and close."""

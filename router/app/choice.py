@@ -17,11 +17,11 @@ from engine.tokenizer import Tokenizer
 from router.app.detokenizer import IncrementalDetokenizer
 from router.app.requests import Sampling
 from router.app.stop import StopMatcher
-from router.client.events import TokenChunk, TokenLogprob, WorkerEvent, WorkerRequest
+from router.client.session import TokenChunk, TokenLogprob, WorkerEvent, WorkerRequest
 from router.metrics import TokenTimer
 
 
-@dataclass(slots=True)  # not frozen: see router.client.events.TokenChunk
+@dataclass(slots=True)  # not frozen: see router.client.session.TokenChunk
 class ChoiceDelta:
     """New output of choice ``index``: text, the tokens it came from, and maybe the end."""
 

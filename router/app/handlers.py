@@ -42,7 +42,7 @@ from router.app.protocol import (
 from router.app.requests import ChatRequest, Constraint, sampling_to_proto
 from router.app.routes import EventStream, Reply, Request, Response
 from router.client.errors import NoUsableWorker, WorkerError
-from router.client.events import WorkerRequest
+from router.client.session import WorkerRequest
 from router.metrics import CONTENT_TYPE, TokenTimer
 
 if TYPE_CHECKING:

@@ -19,7 +19,7 @@ import orjson
 from router.app.choice import ChoiceDelta
 from router.app.detokenizer import TokenTexts
 from router.app.parsers.chat_output import ChatOutputFormat, ChatOutputStream, openai_tool_calls
-from router.client.events import TokenLogprob
+from router.client.session import TokenLogprob
 
 DONE = b"data: [DONE]\n\n"
 

@@ -12,7 +12,7 @@ import grpc
 # INVALID_ARGUMENT and OUT_OF_RANGE are the client's fault; the rest is ours. These may go
 # away on another worker or a moment later (RESOURCE_EXHAUSTED: no KV room now; UNAVAILABLE:
 # worker, peer or transfer lost; INTERNAL/UNKNOWN: a worker bug or a broken stream), so
-# ``router.client.resilience`` retries them; the others (NOT_FOUND, UNIMPLEMENTED...) would
+# ``router.client.dispatch`` retries them; the others (NOT_FOUND, UNIMPLEMENTED...) would
 # fail again.
 BAD_INPUT = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE})
 RETRYABLE = frozenset(

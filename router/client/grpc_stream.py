@@ -1,14 +1,17 @@
 """One gRPC bidirectional-streaming call on its own HTTP/2 connection, run by the event loop.
 
-The router's session with a worker (``router.client.session``) rides this instead of grpc.aio: see
-``protos.h2`` for why, and for the HTTP/2 it shares with the workers' session listener. The
-peer is a worker's session listener, or any gRPC server (``--worker-transport grpcio`` puts
+The router's session with a worker (``router.client.session``) rides this instead of grpc.aio.
+The peer is a worker's session listener, or any gRPC server (``--worker-transport grpcio`` puts
 the sessions back on grpc.aio). Everything else the router sends a worker (health, GetInfo,
 GetLoad) stays on grpcio.
 
-On top of ``protos.h2.Connection`` it is one client stream: request headers, PING sent as
-keepalive (no answer within ``keepalive_s`` breaks the call with UNAVAILABLE), GOAWAY and
-RST_STREAM failing the call, and the trailers' ``grpc-status``. Its interface is the part of
+Hand-written, the client end of ``protos.h2`` (which has the protocol), because grpclib
+measured 12-34% slower on the router's hot path (README, "Router alone"; ``protos.h2`` has the
+numbers); ``tests/router/test_grpc_stream_peer.py`` fuzzes it against an ``h2``-library server.
+
+What is its own: connecting (TLS, the cluster token), one client stream, PING sent as keepalive
+(no answer within ``keepalive_s`` breaks the call with UNAVAILABLE), and GOAWAY, RST_STREAM
+and the trailers ending the call. Its interface is the part of
 ``grpc.aio.StreamStreamCall`` that ``router.client.session.Session`` uses: ``write``, ``read``
 (``grpc.aio.EOF`` at the end), ``cancel``, ``done``, ``code``; failures are
 ``grpc.aio.AioRpcError``.
@@ -79,11 +82,7 @@ class StreamCall(h2.Connection):
         if not self._connected.done():
             await asyncio.wait({self._connected})  # never raises: failures set the status
         self._raise_if_over()
-        stream = self._stream
-        self.queue(stream, message.SerializeToString())
-        while stream.outbox and self._status is None:
-            stream.writable = self._loop.create_future()
-            await stream.writable
+        await self.send_message(self._stream, message.SerializeToString())
         self._raise_if_over()
 
     async def read(self) -> Any:
@@ -104,7 +103,7 @@ class StreamCall(h2.Connection):
     def cancel(self) -> bool:
         if self._status is not None:
             return False
-        self.send(h2.frame(h2.RST_STREAM, 0, STREAM, h2.U32.pack(h2.CANCEL)))
+        self.reset(STREAM, h2.CANCEL)
         self._end(grpc.StatusCode.CANCELLED, "cancelled by the router")
         return True
 
@@ -144,21 +143,9 @@ class StreamCall(h2.Connection):
             return
         super().connection_made(transport)
         self.reached = True
-        headers = b"".join(
-            (
-                b"\x83\x86",  # :method POST, :scheme http (static table entries 3 and 6)
-                h2.literal(b":path", self._path.encode()),
-                h2.literal(b":authority", self.endpoint.encode()),
-                h2.literal(b"content-type", b"application/grpc"),
-                h2.literal(b"te", b"trailers"),
-                h2.literal(b"user-agent", b"pdserve-router"),
-            )
-        )
-        if self._token is not None:
-            headers += h2.literal(cluster_token.METADATA_KEY.encode(), self._token.encode())
-        self.send(
-            h2.PREFACE + self.settings() + h2.frame(h2.HEADERS, h2.END_HEADERS, STREAM, headers)
-        )
+        metadata = {} if self._token is None else {cluster_token.METADATA_KEY: self._token}
+        headers = h2.request_headers(self._path, self.endpoint, metadata)
+        self.send(h2.PREFACE + self.settings() + self.headers(STREAM, headers))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -188,7 +175,7 @@ class StreamCall(h2.Connection):
         self._status = (code, details)
         if self._reader is not None and not self._reader.done():
             self._reader.set_result(None)
-        self._stream.wake_writer()
+        self._stream.close()
         if self._keepalive is not None and self._keepalive is not asyncio.current_task():
             self._keepalive.cancel()
         if not self._connected.done():
@@ -208,10 +195,10 @@ class StreamCall(h2.Connection):
         self._messages.append(self._parse(payload))
 
     def on_end_stream(self, stream: h2.Stream) -> None:
-        self._end(grpc.StatusCode.INTERNAL, "the stream ended without a grpc-status")
+        self._end(grpc.StatusCode.INTERNAL, h2.NO_STATUS)
 
     def on_stream_error(self, stream: h2.Stream, error: h2.StreamError) -> None:
-        self.send(h2.frame(h2.RST_STREAM, 0, STREAM, h2.U32.pack(h2.CANCEL)))
+        self.reset(STREAM, h2.CANCEL)
         self._end(error.code, error.details)
 
     def on_protocol_error(self, exc: Exception) -> None:
@@ -229,10 +216,6 @@ class StreamCall(h2.Connection):
         # A graceful GOAWAY that covers this stream lets it finish.
 
     def on_headers(self, stream_id: int, fields: dict[str, str], end_stream: bool) -> None:
-        status = fields.get(":status")
-        if status is not None and status != "200":
-            self._end(grpc.StatusCode.UNAVAILABLE, f"the worker answered HTTP {status}")
-        elif "grpc-status" in fields:
-            self._end(*h2.status_of(fields))
-        elif end_stream:
-            self._end(grpc.StatusCode.INTERNAL, "the stream ended without a grpc-status")
+        status = h2.response_status(fields, end_stream)
+        if status is not None:
+            self._end(*status)

@@ -5,7 +5,7 @@ at run time: static ones from the command line (they stay), ones the Redis regis
 (``router.fleet.registry``), ones the admin API adds. Every member passed ``GetInfo`` and the
 compatibility checks (``router.fleet.compat``). ``route`` picks the workers of one attempt with
 the policies, among usable members only; ``generate`` runs a whole request with retries and
-migration (``router.client.resilience``) over such routes, counting it in flight on each
+migration (``router.client.dispatch``) over such routes, counting it in flight on each
 worker. Health, load and identity checks run in ``router.fleet.monitor``.
 """
 
@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from protos.contract import ROLE_COLOCATED, ROLE_DECODE, ROLE_PREFILL, ROLES
-from router.client import dispatch, resilience
+from router.client import dispatch
+from router.client.dispatch import RetryConfig
 from router.client.errors import NoUsableWorker, WorkerError
-from router.client.events import WorkerEvent, WorkerRequest
-from router.client.resilience import RetryConfig
+from router.client.session import WorkerEvent, WorkerRequest
 from router.fleet.breaker import BREAKER_FAILURES
 from router.fleet.compat import Compatibility, ModelInfo, WorkerInfo, read_info
 from router.fleet.health import HealthConfig
@@ -218,7 +218,7 @@ class WorkerPool:
         Closing the iterator early (``aclose``, or cancelling the task iterating it) cancels
         the gRPC calls and sends ``Abort`` to every worker involved.
         """
-        return resilience.generate(self, request, self.retry, self.eos_token_ids, self.metrics)
+        return dispatch.generate(self, request, self.retry, self.eos_token_ids, self.metrics)
 
     def route(self, token_ids: tuple[int, ...], avoid: Set[str] = frozenset()) -> PoolRoute:
         """A prefill and a decode worker when both roles have a usable member, else a usable
@@ -265,7 +265,7 @@ class WorkerPool:
             states.append(f"{w.role} {w.endpoint}: {', '.join(why) or 'usable'}")
         return "; ".join(states)
 
-    def report(self, route: resilience.Route, error: WorkerError | None) -> None:
+    def report(self, route: dispatch.Route, error: WorkerError | None) -> None:
         """Feed an attempt's outcome to the breakers of its workers."""
         if not isinstance(route, PoolRoute):
             return
@@ -286,7 +286,7 @@ class WorkerPool:
         self, workers: tuple[WorkerClient, ...], request: WorkerRequest
     ) -> AsyncGenerator[WorkerEvent, None]:
         """The attempt's events; the workers count it in flight until its calls end (the
-        stream must be iterated, as ``resilience.generate`` does at once)."""
+        stream must be iterated, as ``dispatch.generate`` does at once)."""
         if len(workers) == 1:
             return dispatch.colocated(workers[0].session(), request, self._track(workers[0]))
         p, d = workers

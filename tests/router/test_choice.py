@@ -7,7 +7,7 @@ import random
 from engine.tokenizer import Tokenizer
 from router.app.choice import ChoiceDecoder, ChoiceDelta, ChoiceSpec
 from router.app.requests import Sampling, sampling_to_proto
-from router.client.events import Finished, TokenChunk, TokenLogprob, WorkerEvent, WorkerRequest
+from router.client.session import Finished, TokenChunk, TokenLogprob, WorkerEvent, WorkerRequest
 
 TEXT = "emoji 🚀🤖 and CJK 批处理, héllo wörld: the KV cache stores keys and values."
 

@@ -8,7 +8,7 @@ import pytest
 from protos import common_pb2
 from router.app.errors import from_worker, http_status_for
 from router.client.errors import NoUsableWorker, WorkerError, status_code_from_int
-from router.client.events import Finished, TokenChunk, TokenLogprob, event_from_proto
+from router.client.session import Finished, TokenChunk, TokenLogprob, event_from_proto
 from router.fleet.worker import endpoint_of
 
 

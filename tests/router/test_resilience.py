@@ -16,14 +16,14 @@ import grpc
 import pytest
 
 from protos import common_pb2
-from router.client.errors import NoUsableWorker, WorkerError
-from router.client.events import Finished, TokenChunk, WorkerEvent, WorkerRequest
-from router.client.resilience import (
+from router.client.dispatch import (
     MAX_BACKOFF_S,
     RetryConfig,
     backoff_delay,
     generate,
 )
+from router.client.errors import NoUsableWorker, WorkerError
+from router.client.session import Finished, TokenChunk, WorkerEvent, WorkerRequest
 from router.fleet.breaker import CircuitBreaker, CircuitState
 from router.fleet.health import HealthConfig
 from tests.router.conftest import router_for, run

@@ -13,7 +13,7 @@ import pytest
 
 from engine.tokenizer import Tokenizer
 from router.app.server import serve
-from router.client.resilience import RetryConfig
+from router.client.dispatch import RetryConfig
 from router.config import RouterConfig
 from router.fleet.breaker import BREAKER_FAILURES
 from router.fleet.health import TRANSPORTS, HealthConfig

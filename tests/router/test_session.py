@@ -8,8 +8,7 @@ import pytest
 from protos import common_pb2, decode_pb2
 from protos.contract import ROLE_COLOCATED
 from router.client.errors import WorkerError
-from router.client.events import Finished, event_from_proto
-from router.client.session import RequestStream
+from router.client.session import Finished, RequestStream, event_from_proto
 from router.fleet.worker import WorkerClient
 from tests.router.conftest import run
 from tests.router.fake_worker import EOS, Failure, FakeWorker
