@@ -19,6 +19,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import h2.settings
 from hypothesis import strategies as st
 
 PATH = "/pdserve.Decode/Session"
@@ -210,3 +211,14 @@ status_message = st.text(max_size=300) | st.builds(
 token = st.none() | st.text(
     alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=64
 )
+
+
+def apply_settings_once(conn: h2.connection.H2Connection, window: int, max_frame: int) -> None:
+    """The peer's window and frame size, sent once its first SETTINGS is acknowledged: h2
+    applies the values of a second SETTINGS still in flight at the first ACK."""
+    conn.update_settings(
+        {
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window,
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: max_frame,
+        }
+    )

@@ -27,7 +27,16 @@ from protos import cluster_token
 from protos import h2 as ours
 from router.client.grpc_stream import StreamCall
 from tests import h2_peer
-from tests.h2_peer import PATH, Peer, Raw, framed, in_steps, inside_a_message, whole_messages
+from tests.h2_peer import (
+    PATH,
+    Peer,
+    Raw,
+    apply_settings_once,
+    framed,
+    in_steps,
+    inside_a_message,
+    whole_messages,
+)
 
 SETTINGS = settings(
     max_examples=200,
@@ -107,14 +116,7 @@ async def _serve(peer: Peer, case: Case, seen: Seen) -> None:
             elif isinstance(event, h2.events.PingAckReceived):
                 seen.ping_acked = True
             elif isinstance(event, h2.events.SettingsAcknowledged) and not settled:
-                # Our window and frame size, once the first SETTINGS is acknowledged: h2
-                # applies the values of a second one still in flight at the first ACK.
-                conn.update_settings(
-                    {
-                        h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: case.window,
-                        h2.settings.SettingCodes.MAX_FRAME_SIZE: case.max_frame,
-                    }
-                )
+                apply_settings_once(conn, case.window, case.max_frame)
                 settled = True
         if sid is None:
             await peer.flush()
