@@ -215,10 +215,15 @@ token = st.none() | st.text(
 
 def apply_settings_once(conn: h2.connection.H2Connection, window: int, max_frame: int) -> None:
     """The peer's window and frame size, sent once its first SETTINGS is acknowledged: h2
-    applies the values of a second SETTINGS still in flight at the first ACK."""
+    applies the values of a second SETTINGS still in flight at the first ACK. The larger
+    frame size is accepted from now on (RFC 9113 §6.5.3: the other end may use it as soon as
+    it has the SETTINGS); h2 waits for the ACK, and under load read the ACK and a frame of
+    the new size in an order that made it refuse the frame."""
     conn.update_settings(
         {
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window,
             h2.settings.SettingCodes.MAX_FRAME_SIZE: max_frame,
         }
     )
+    conn.max_inbound_frame_size = max(conn.max_inbound_frame_size, max_frame)
+    conn.incoming_buffer.max_frame_size = conn.max_inbound_frame_size
