@@ -38,6 +38,7 @@ from kv_transfer import KVLayout, KVPoolDescriptor, PageWriter, WriteBatch, buil
 from kv_transfer.cuda_ipc import (
     COPY_MODES,
     Allocation,
+    Copies,
     CudaIpcTransferEngine,
     IpcError,
     RowCopy,
@@ -84,10 +85,10 @@ class CountingDriver:
     def close(self, mapped_base: int) -> None:
         pass
 
-    def copy(self, device: int, copies: Sequence[tuple[int, int, int]]) -> None:
+    def copy(self, device: int, copies: Copies) -> None:
         self.memcpy_calls += len(copies)
         if self.record:
-            self.recorded.extend(copies)
+            self.recorded.extend(copies.tuples())
 
     def copy_rows(self, device: int, rows: Sequence[RowCopy]) -> None:
         self.row_pairs += len(rows)

@@ -22,6 +22,9 @@ def test_cuda_ipc_host_bench_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert cells[("16", "contiguous", "memcpy")][6] == "4"
     assert cells[("1", "every-other", "memcpy")][6] == "256"
     assert cells[("1", "every-other", "rows")][7] == "4"
+    # auto: memcpy for one write per pair, rows for 64 one-page writes per pair.
+    assert cells[("16", "contiguous", "auto")][6:8] == ["4", "0"]
+    assert cells[("1", "every-other", "auto")][6:8] == ["0", "4"]
 
 
 def test_canonical_merges_runs_and_tells_different_copies_apart() -> None:
