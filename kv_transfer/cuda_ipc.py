@@ -36,7 +36,6 @@ without a GPU.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import ctypes
 import functools
@@ -48,7 +47,7 @@ import socket
 import socketserver
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -104,8 +103,8 @@ class IpcDriver(Protocol):
         """Unmap what `open` returned."""
         ...
 
-    def copy(self, device: int, copies: Sequence[tuple[int, int, int]]) -> None:
-        """Copy each `(dst, src, length)` device to device, on `device`'s context, and return
+    def copy(self, device: int, copies: Copies) -> None:
+        """Copy each write of `copies` device to device, on `device`'s context, and return
         once all have landed."""
         ...
 
@@ -170,7 +169,9 @@ class CudaDriver:
         self._call("cuInit", 0)
 
     def _call(self, name: str, *args: Any) -> None:
-        rc = getattr(self._cu, name)(*args)
+        self._check(name, getattr(self._cu, name)(*args))
+
+    def _check(self, name: str, rc: int) -> None:
         if rc != 0:
             err = ctypes.c_char_p()
             self._cu.cuGetErrorName(rc, ctypes.byref(err))
@@ -265,7 +266,7 @@ class CudaDriver:
             self._bind(key[1])
             self._call("cuIpcCloseMemHandle", mapped_base)
 
-    def copy(self, device: int, copies: Sequence[tuple[int, int, int]]) -> None:
+    def copy(self, device: int, copies: Copies) -> None:
         self._bind(device)
         with self._lock:
             stream = self._streams.get(device)
@@ -273,8 +274,10 @@ class CudaDriver:
                 stream = ctypes.c_void_p()
                 self._call("cuStreamCreate", ctypes.byref(stream), _CU_STREAM_NON_BLOCKING)
                 self._streams[device] = stream
-        for dst, src, length in copies:
-            self._call("cuMemcpyDtoDAsync_v2", dst, src, length, stream)
+        memcpy = self._cu.cuMemcpyDtoDAsync_v2  # looked up once: this loop runs per write
+        for dst, src, length in copies.tuples():
+            if rc := memcpy(dst, src, length, stream):
+                self._check("cuMemcpyDtoDAsync_v2", rc)
         self._call("cuStreamSynchronize", stream)
 
     def tensor(self, addr: int, nbytes: int, device: int) -> Any:
@@ -377,25 +380,102 @@ class PeerTable:
             raise IpcError(f"malformed region table from the peer: {e}") from e
 
 
+_INT64_MIN = np.iinfo(np.int64).min
+# Addresses and lengths stay below this, so that an address plus a length cannot wrap in int64.
+_MAX_VALUE = 1 << 62
+
+
+@dataclass(frozen=True)
+class Copies:
+    """Writes as parallel int64 arrays `[n]`: `length[i]` bytes from `src[i]` to `dst[i]`.
+    A hand-off has up to a few hundred thousand; everything per write is done on the arrays."""
+
+    dst: np.ndarray
+    src: np.ndarray
+    length: np.ndarray
+
+    @staticmethod
+    def of(dsts: Sequence[int], srcs: Sequence[int], lengths: Sequence[int]) -> Copies:
+        """Raises `ValueError` naming the problem for a length below 0 or a value that is not
+        an int below 2**62."""
+        arrays = []
+        for name, values in (("destination", dsts), ("source", srcs), ("length", lengths)):
+            try:
+                a = np.fromiter(values, dtype=np.int64, count=len(values))
+            except (OverflowError, TypeError, ValueError) as e:
+                raise ValueError(f"a write's {name} is not an int of 64 bits: {e}") from e
+            if len(a) and int(a.max()) >= _MAX_VALUE:  # a negative one is found nowhere
+                raise ValueError(f"a write's {name} is out of range: {int(a.max()):#x}")
+            arrays.append(a)
+        if len(arrays[2]) and int(arrays[2].min()) < 0:
+            i = int(np.argmax(arrays[2] < 0))
+            raise ValueError(f"a write length is negative: lengths[{i}] = {int(arrays[2][i])}")
+        return Copies(*arrays)
+
+    def __len__(self) -> int:
+        return len(self.dst)
+
+    def take(self, index: np.ndarray) -> Copies:
+        return Copies(self.dst[index], self.src[index], self.length[index])
+
+    def tuples(self) -> Iterator[tuple[int, int, int]]:
+        """`(dst, src, length)` of each write, in order, as Python ints."""
+        return zip(self.dst.tolist(), self.src.tolist(), self.length.tolist(), strict=True)
+
+
 class RegionIndex:
-    """Finds the region holding an address range, by bisection (a hand-off has thousands of
-    writes). Regions may overlap (one registered twice, or nested)."""
+    """Finds the region holding each of many address ranges at once (`np.searchsorted` over
+    the sorted starts). Regions may overlap (one registered twice, or nested): a range is
+    found in the region that starts closest before it among those holding all of it (ties:
+    the longer).
+
+    `locate` answers with positions: 0 for none, `k + 1` for `regions[k]`; `starts` and
+    `lengths` are indexed by position (0 is a sentinel that holds nothing, so that looking a
+    position up never needs a mask)."""
 
     def __init__(self, regions: Sequence[tuple[int, int]]) -> None:
         self.regions = sorted(regions)  # (addr, length)
-        self._starts = [addr for addr, _ in self.regions]
+        self.starts = np.array([_INT64_MIN] + [a for a, _ in self.regions], dtype=np.int64)
+        self.lengths = np.array([0] + [n for _, n in self.regions], dtype=np.int64)
+        self._ends = self.starts + self.lengths
+        # The furthest end of the regions up to each: a range that ends beyond it is in none
+        # of them, so the walk back in `locate` stops there.
+        self._reach = np.maximum.accumulate(self._ends)
+
+    def __len__(self) -> int:
+        return len(self.regions)
+
+    def locate(self, addrs: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """For each range `[addrs[i], addrs[i] + lengths[i])`, the position of the region
+        holding all of it, or 0: int64 [n]."""
+        ends = addrs + lengths
+        at = np.searchsorted(self.starts, addrs, side="right")
+        at -= 1
+        held = self._ends[at] >= ends
+        if held.all():
+            return at
+        # Missed by the region starting closest before it. If some earlier region reaches far
+        # enough, the range lies in nested or overlapping regions: walk back, all such ranges
+        # a step at a time (rare: a KV pool's regions are disjoint).
+        missed = np.flatnonzero(~held)
+        walk = missed[self._reach[at[missed]] >= ends[missed]]
+        back = at[walk]
+        at[missed] = 0
+        while len(walk):
+            back -= 1
+            found = self._ends[back] >= ends[walk]
+            at[walk[found]] = back[found]
+            walk, back = walk[~found], back[~found]
+        return at
+
+    def find_all(self, addrs: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """For each range, the index in `regions` of the region holding it, or -1."""
+        return self.locate(addrs, lengths) - 1
 
     def find(self, addr: int, length: int) -> tuple[int, int] | None:
-        """The `(addr, length)` of a region that holds all of `[addr, addr + length)`."""
-        i = bisect.bisect_right(self._starts, addr) - 1
-        # Every region before i starts at or before addr too; for a KV pool's disjoint
-        # tensors the first one checked holds it or none does.
-        while i >= 0:
-            start, size = self.regions[i]
-            if addr + length <= start + size:
-                return start, size
-            i -= 1
-        return None
+        """The `(addr, length)` of the region `locate` picks for one range, or None."""
+        i = int(self.find_all(np.array([addr]), np.array([length]))[0])
+        return None if i < 0 else self.regions[i]
 
 
 class MappedPeer:
@@ -415,21 +495,38 @@ class MappedPeer:
         except BaseException:
             self.close()
             raise
+        ours = {r.addr: self.mapped[r.alloc_base] + (r.addr - r.alloc_base)
+                for r in table.regions}  # fmt: skip
         self._theirs = RegionIndex([(r.addr, r.length) for r in table.regions])
-        self._ours = {r.addr: self.mapped[r.alloc_base] + (r.addr - r.alloc_base)
-                      for r in table.regions}  # fmt: skip
-        self.local_regions = RegionIndex([(self._ours[r.addr], r.length) for r in table.regions])
+        self.local_regions = RegionIndex([(ours[r.addr], r.length) for r in table.regions])
+        # By position in `_theirs`: how far our address of the region is from theirs, and
+        # its position in `local_regions`.
+        local_at = {region: k + 1 for k, region in enumerate(self.local_regions.regions)}
+        theirs = self._theirs.regions
+        self._shift = np.array([0] + [ours[a] - a for a, _ in theirs], dtype=np.int64)
+        self._local_at = np.array([0] + [local_at[(ours[a], n)] for a, n in theirs],
+                                  dtype=np.int64)  # fmt: skip
         # Row copies wrap both sides as tensors of one device: only if the mappings are on ours.
         try:
             self.same_device = all(driver.device_of(m) == device for m in self.mapped.values())
         except IpcError:
             self.same_device = False
 
-    def translate(self, dst: int, length: int) -> int | None:
-        """Our address of the receiver's `[dst, dst + length)`, or None unless the range lies
-        inside one registered region."""
-        found = self._theirs.find(dst, length)
-        return None if found is None else self._ours[found[0]] + (dst - found[0])
+    def translate(
+        self, dsts: np.ndarray, lengths: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Our addresses of the receiver's `[dsts[i], dsts[i] + lengths[i])` and the position
+        in `local_regions` of the region holding each; None if any lies in no registered
+        region (`missing` names the first)."""
+        at = self._theirs.locate(dsts, lengths)
+        if not at.all():
+            return None
+        return dsts + self._shift[at], self._local_at[at]
+
+    def missing(self, dsts: np.ndarray, lengths: np.ndarray) -> int:
+        """The index of the first range that lies in no registered region (-1: none)."""
+        outside = np.flatnonzero(self._theirs.locate(dsts, lengths) == 0)
+        return int(outside[0]) if len(outside) else -1
 
     def close(self) -> None:
         for mapped in self.mapped.values():
@@ -463,42 +560,132 @@ class RowCopy:
     dst_rows: np.ndarray  # int64 [n]
 
 
+@dataclass(frozen=True)
+class RegionPairs:
+    """Writes grouped by the (source region, destination region) pair holding them
+    (`group_by_region_pair`)."""
+
+    paired: Copies  # pair after pair (pairs in order of their first write), each in order
+    bounds: np.ndarray  # int64 [pairs + 1]: pair p is paired[bounds[p]:bounds[p + 1]]
+    src_regions: np.ndarray  # int64 [pairs, 2]: (addr, length) of each pair's source region
+    dst_regions: np.ndarray  # int64 [pairs, 2]
+    single: Copies  # non-empty writes whose source or destination lies in no region
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def rows(self, min_row_bytes: int = MIN_ROW_BYTES) -> tuple[list[RowCopy], Copies]:
+        """Each pair's writes as one `RowCopy` whose rows are as wide as every offset and
+        length of the pair allow (their gcd), and the writes left to copy one by one:
+        `single`, then those of the pairs whose rows would be under `min_row_bytes`."""
+        c, bounds = self.paired, self.bounds
+        if not len(c):
+            return [], self.single
+        sizes = np.diff(bounds)
+        src_off = c.src - np.repeat(self.src_regions[:, 0], sizes)
+        dst_off = c.dst - np.repeat(self.dst_regions[:, 0], sizes)
+        starts = bounds[:-1]
+        unit = np.gcd(
+            np.gcd(np.gcd.reduceat(src_off, starts), np.gcd.reduceat(dst_off, starts)),
+            np.gcd.reduceat(c.length, starts),
+        )
+        wide = unit >= min_row_bytes
+        single = self.single
+        if not wide.all():
+            single = _concat([single, c.take(np.repeat(~wide, sizes))])
+            keep = np.repeat(wide, sizes)
+            c, src_off, dst_off = c.take(keep), src_off[keep], dst_off[keep]
+            sizes, unit = sizes[wide], unit[wide]
+        if not len(unit):
+            return [], single
+        # One page size throughout (the usual case): a scalar divides faster than an array.
+        write_unit: int | np.ndarray = int(unit[0])
+        if not (unit == write_unit).all():
+            write_unit = np.repeat(unit, sizes)
+        src_rows, dst_rows = src_off // write_unit, dst_off // write_unit
+        if not (c.length == write_unit).all():  # writes of several rows: one entry per row
+            per_write = c.length // write_unit
+            first = np.cumsum(per_write) - per_write
+            within = np.arange(int(per_write.sum()), dtype=np.int64) - np.repeat(first, per_write)
+            src_rows = np.repeat(src_rows, per_write) + within
+            dst_rows = np.repeat(dst_rows, per_write) + within
+            sizes = np.add.reduceat(per_write, np.cumsum(sizes) - sizes)
+        row_bounds = np.concatenate(([0], np.cumsum(sizes))).tolist()
+        pairs = zip(self.src_regions[wide].tolist(), self.dst_regions[wide].tolist(),
+                    unit.tolist(), row_bounds[:-1], row_bounds[1:], strict=True)  # fmt: skip
+        planned = [
+            RowCopy(s_addr, s_len, d_addr, d_len, u, src_rows[a:b], dst_rows[a:b])
+            for (s_addr, s_len), (d_addr, d_len), u, a, b in pairs
+        ]
+        return planned, single
+
+
+def _concat(parts: Sequence[Copies]) -> Copies:
+    return Copies(
+        np.concatenate([p.dst for p in parts]),
+        np.concatenate([p.src for p in parts]),
+        np.concatenate([p.length for p in parts]),
+    )
+
+
+def _runs(key: np.ndarray) -> np.ndarray:
+    """Where each run of equal values of `key` starts."""
+    if not len(key):
+        return np.zeros(0, dtype=np.int64)
+    change = np.flatnonzero(key[1:] != key[:-1]) + 1
+    return np.concatenate(([0], change))
+
+
+def group_by_region_pair(
+    copies: Copies,
+    src_regions: RegionIndex,
+    dst_regions: RegionIndex,
+    dst_at: np.ndarray | None = None,
+) -> RegionPairs:
+    """Group non-empty writes by the (source region, destination region) pair holding them;
+    a write whose source or destination lies in no region goes to `single`. `dst_at`: the
+    destinations' positions in `dst_regions` (`RegionIndex.locate`), if known already."""
+    s = src_regions.locate(copies.src, copies.length)
+    d = dst_regions.locate(copies.dst, copies.length) if dst_at is None else dst_at
+    span = len(dst_regions) + 1
+    key = s * span + d
+    paired = (copies.length > 0) & (s > 0) & (d > 0)
+    if paired.all():
+        c, single = copies, copies.take(np.zeros(0, dtype=np.int64))
+    else:
+        c, single = copies.take(paired), copies.take((copies.length > 0) & ~paired)
+        key = key[paired]
+    # A hand-off lists its writes layer by layer and K before V, so each pair's writes come
+    # together already: then no sort is needed, only where the pair changes.
+    first = _runs(key)
+    if len(np.unique(key[first])) != len(first):
+        pair_keys, first_seen, inverse = np.unique(key, return_index=True, return_inverse=True)
+        rank = np.empty(len(pair_keys), dtype=np.int64)
+        rank[np.argsort(first_seen)] = np.arange(len(pair_keys))
+        order = np.argsort(rank[inverse.ravel()], kind="stable")
+        c, key = c.take(order), key[order]
+        first = _runs(key)
+    pair_s, pair_d = np.divmod(key[first], span)
+    return RegionPairs(
+        c,
+        np.append(first, len(key)).astype(np.int64),
+        np.column_stack([src_regions.starts[pair_s], src_regions.lengths[pair_s]]),
+        np.column_stack([dst_regions.starts[pair_d], dst_regions.lengths[pair_d]]),
+        single,
+    )
+
+
 def plan_row_copies(
-    copies: Sequence[tuple[int, int, int]],
+    copies: Copies,
     src_regions: RegionIndex,
     dst_regions: RegionIndex,
     min_row_bytes: int = MIN_ROW_BYTES,
-) -> tuple[list[RowCopy], list[tuple[int, int, int]]]:
-    """Split `(dst, src, length)` writes into row copies per (source region, destination
-    region) pair, and the writes left to copy one by one: those whose source lies in no
-    region of `src_regions`, and those of a pair whose common row width (the gcd of every
-    offset and length) is under `min_row_bytes`."""
-    groups: dict[tuple[tuple[int, int], tuple[int, int]], list[tuple[int, int, int]]] = {}
-    single: list[tuple[int, int, int]] = []
-    for dst, src, length in copies:
-        if length == 0:
-            continue
-        s = src_regions.find(src, length)
-        d = dst_regions.find(dst, length)
-        if s is None or d is None:
-            single.append((dst, src, length))
-        else:
-            groups.setdefault((s, d), []).append((dst - d[0], src - s[0], length))
-    planned = []
-    for ((s_addr, s_len), (d_addr, d_len)), writes in groups.items():
-        w = np.asarray(writes, dtype=np.int64)  # [n, 3]: dst offset, src offset, length
-        unit = int(np.gcd.reduce(w.ravel()))
-        if unit < min_row_bytes:
-            single.extend((d_addr + do, s_addr + so, n) for do, so, n in writes)
-            continue
-        counts = w[:, 2] // unit
-        within = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(
-            np.cumsum(counts) - counts, counts
-        )
-        src_rows = np.repeat(w[:, 1] // unit, counts) + within
-        dst_rows = np.repeat(w[:, 0] // unit, counts) + within
-        planned.append(RowCopy(s_addr, s_len, d_addr, d_len, unit, src_rows, dst_rows))
-    return planned, single
+) -> tuple[list[RowCopy], Copies]:
+    """Split writes into row copies per (source region, destination region) pair, and the
+    writes left to copy one by one: those whose source lies in no region of `src_regions`,
+    and those of a pair whose common row width (the gcd of every offset and length) is under
+    `min_row_bytes`."""
+    return group_by_region_pair(copies, src_regions, dst_regions).rows(min_row_bytes)
 
 
 def run_row_copies(rows: Sequence[RowCopy], view: Any, device: str) -> None:
@@ -627,10 +814,27 @@ def _split_session(session_id: str) -> tuple[str, int]:
 # How writes are copied, by `PDSERVE_CUDA_IPC_COPY`: "memcpy", one cuMemcpyDtoDAsync per write;
 # "rows", a gather and a scatter (torch) per source/destination region pair, for the writes
 # whose source lies in memory registered on this engine (the rest one by one); "auto" (the
-# default), rows when they average at least _ROWS_MIN_WRITES_PER_PAIR writes per pair, i.e.
-# when pages are scattered, and memcpy for long runs.
+# default), `rows_pay_off`.
 COPY_MODES = ("auto", "memcpy", "rows")
 _ROWS_MIN_WRITES_PER_PAIR = 4
+_ROWS_MAX_MEAN_WRITE_BYTES = 256 << 10
+
+
+def writes_short_for_rows(writes: int, nbytes: int) -> bool:
+    """Whether `writes` writes of `nbytes` in all are short enough to be worth copying as
+    rows: a long write is copied at memcpy's full rate (722 GB/s on the H200 for 4 MB writes)
+    in about the time its call takes, while a gather and a scatter move its bytes twice
+    (about 150 GB/s there). Known before the writes are grouped: the contiguous hand-off
+    (64 writes of 4 MB) goes straight to memcpy."""
+    return nbytes < _ROWS_MAX_MEAN_WRITE_BYTES * writes
+
+
+def rows_pay_off(writes: int, pairs: int, nbytes: int) -> bool:
+    """Whether `auto` copies `writes` writes of `nbytes` in all, held by `pairs` region pairs,
+    as rows: short writes (`writes_short_for_rows`), several per pair. A row copy costs some
+    tens of µs of torch calls per pair, a memcpy call a few µs per write: rows win with
+    scattered pages, not with a few runs per pair."""
+    return writes >= _ROWS_MIN_WRITES_PER_PAIR * pairs and writes_short_for_rows(writes, nbytes)
 
 
 class CudaIpcTransferEngine(TransferEngine):
@@ -655,6 +859,7 @@ class CudaIpcTransferEngine(TransferEngine):
         self._boot_id = _boot_id()
         self._regions: dict[int, ExportedRegion] = {}
         self._regions_lock = threading.Lock()
+        self._local_index: RegionIndex | None = None  # of `_regions`; None: to build again
         self._server: _ExchangeServer | None = None
         self._host = ""
         self._peers: dict[str, _Peer] = {}
@@ -724,6 +929,7 @@ class CudaIpcTransferEngine(TransferEngine):
             return _FAILED
         with self._regions_lock:
             self._regions[addr] = region
+            self._local_index = None
         return 0
 
     def unregister_memory(self, addr: int) -> int:
@@ -731,6 +937,7 @@ class CudaIpcTransferEngine(TransferEngine):
             if self._regions.pop(addr, None) is None:
                 log.error("cuda_ipc: unregister_memory(%#x): not registered", addr)
                 return _FAILED
+            self._local_index = None
         return 0
 
     def table(self) -> PeerTable:
@@ -781,12 +988,11 @@ class CudaIpcTransferEngine(TransferEngine):
                 peer = self._peers[session_id] = _Peer(session_id)
             return peer
 
-    def _plan(
-        self, peer: _Peer, device: int, srcs: list[int], dsts: list[int], lengths: list[int]
-    ) -> list[tuple[int, int, int]]:
-        """`(our dst, src, length)` per write. A destination missing from the table we hold
-        makes us ask the receiver again once (it may have registered more since); missing
-        from a fresh table too, it raises `IpcError`."""
+    def _plan(self, peer: _Peer, device: int, writes: Copies) -> tuple[Copies, np.ndarray]:
+        """The writes with their destinations in our mapping of the receiver's memory, and
+        the position of each in `local_regions` of the mapping. A destination missing from
+        the table we hold makes us ask the receiver again once (it may have registered more
+        since); missing from a fresh table too, it raises `IpcError`."""
         if peer.connection_closed():
             peer.drop()  # the receiver went away: its mappings are void
         fresh = False
@@ -797,36 +1003,49 @@ class CudaIpcTransferEngine(TransferEngine):
             mapped = peer.mapped
             if mapped is None:  # unreachable: _refresh sets it or raises
                 raise IpcError(f"no mapping of the cuda_ipc session {peer.session_id}")
-            copies = []
-            for src, dst, length in zip(srcs, dsts, lengths, strict=True):
-                local = mapped.translate(dst, length)
-                if local is None:
-                    break
-                copies.append((local, src, length))
-            else:
-                return copies
+            translated = mapped.translate(writes.dst, writes.length)
+            if translated is not None:
+                local, local_at = translated
+                return Copies(local, writes.src, writes.length), local_at
             if fresh:
+                i = mapped.missing(writes.dst, writes.length)
                 raise IpcError(
-                    f"destination [{dst:#x}, +{length}) is not inside memory registered by "
-                    f"the cuda_ipc session {peer.session_id}"
+                    f"destination [{int(writes.dst[i]):#x}, +{int(writes.length[i])}) is not "
+                    f"inside memory registered by the cuda_ipc session {peer.session_id}"
                 )
             self._refresh(peer, device)
             fresh = True
 
-    def _copy(self, device: int, copies: list[tuple[int, int, int]], peer: _Peer) -> None:
+    def _registered(self) -> RegionIndex:
+        """The index of the regions registered here (built again only after a change)."""
+        with self._regions_lock:
+            if self._local_index is None:
+                regions = [(r.addr, r.length) for r in self._regions.values()]
+                self._local_index = RegionIndex(regions)
+            return self._local_index
+
+    def _copy(self, device: int, copies: Copies, dst_at: np.ndarray, peer: _Peer) -> None:
         """Run the writes: as row copies (a gather and a scatter per region pair) where that
-        saves calls, the rest one `cuMemcpyDtoDAsync` each (see `COPY_MODES`)."""
-        mapped = peer.mapped
-        if self._copy_mode == "memcpy" or mapped is None or not mapped.same_device:
+        saves calls, the rest one `cuMemcpyDtoDAsync` each (see `COPY_MODES`). `dst_at`: the
+        destinations' positions in the mapping's `local_regions`."""
+        mapped, auto = peer.mapped, self._copy_mode == "auto"
+        if (
+            self._copy_mode == "memcpy"
+            or mapped is None
+            or not mapped.same_device
+            or (auto and not writes_short_for_rows(len(copies), int(copies.length.sum())))
+        ):
             self._driver.copy(device, copies)
             return
-        with self._regions_lock:
-            local = RegionIndex([(r.addr, r.length) for r in self._regions.values()])
-        rows, single = plan_row_copies(copies, local, mapped.local_regions)
-        if self._copy_mode == "auto" and len(copies) < _ROWS_MIN_WRITES_PER_PAIR * len(rows):
-            self._driver.copy(device, copies)  # a few long writes per region: one call each
+        pairs = group_by_region_pair(copies, self._registered(), mapped.local_regions, dst_at)
+        # Decided before any row is planned: the contiguous hand-off spent 15x memcpy's host
+        # time building row plans it then did not use (123 GB/s on the H200, memcpy 722).
+        paired = pairs.paired
+        if auto and not rows_pay_off(len(paired), len(pairs), int(paired.length.sum())):
+            self._driver.copy(device, copies)
             return
-        if single:
+        rows, single = pairs.rows(MIN_ROW_BYTES)
+        if len(single):
             self._driver.copy(device, single)
         if rows:
             self._driver.copy_rows(device, rows)
@@ -842,8 +1061,10 @@ class CudaIpcTransferEngine(TransferEngine):
                 len(lengths),
             )
             return _FAILED
-        if any(n < 0 for n in lengths):
-            log.error("cuda_ipc: a write length is negative: %s", lengths)
+        try:
+            writes = Copies.of(dsts, srcs, lengths)
+        except ValueError as e:
+            log.error("cuda_ipc: %s", e)
             return _FAILED
         if not srcs:
             return 0
@@ -851,8 +1072,8 @@ class CudaIpcTransferEngine(TransferEngine):
         with peer.lock:
             try:
                 device = self._driver.device_of(srcs[0])
-                copies = self._plan(peer, device, srcs, dsts, lengths)
-                self._copy(device, copies, peer)
+                copies, dst_at = self._plan(peer, device, writes)
+                self._copy(device, copies, dst_at, peer)
             except IpcError as e:
                 log.error("cuda_ipc: write of %d ranges to %s failed: %s", len(srcs), session_id, e)
                 # Whatever failed (a half-read answer, a gone peer, a bad table), the next

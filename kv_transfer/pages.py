@@ -42,6 +42,8 @@ class WriteBatch:
         """This batch cut, in order, into batches of at most `max_writes` entries."""
         if max_writes < 1:
             raise ValueError(f"max_writes must be >= 1, got {max_writes}")
+        if len(self.srcs) <= max_writes:
+            return [self]  # not copied: a 1-token-page hand-off has 131,072 writes
         return [
             WriteBatch(
                 self.srcs[i : i + max_writes],

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from multiprocessing import resource_tracker, shared_memory
 from typing import Any, cast
 
-from kv_transfer.cuda_ipc import Allocation, IpcError, RowCopy, run_row_copies
+from kv_transfer.cuda_ipc import Allocation, Copies, IpcError, RowCopy, run_row_copies
 
 # Segments this process created (and whose unlinking its resource tracker owns).
 _CREATED_HERE: set[str] = set()
@@ -73,8 +73,8 @@ class SharedMemoryDriver:
         self.opened.pop(mapped_base).close()
         self.closes += 1
 
-    def copy(self, device: int, copies: Sequence[tuple[int, int, int]]) -> None:
-        for dst, src, length in copies:
+    def copy(self, device: int, copies: Copies) -> None:
+        for dst, src, length in copies.tuples():
             ctypes.memmove(dst, src, length)
 
     def release(self) -> None:

@@ -13,15 +13,18 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 
 from kv_transfer import KVLayout, KVPoolDescriptor, PageWriter, build_write_batch
 from kv_transfer.cuda_ipc import (
+    Copies,
     CudaIpcTransferEngine,
     IpcError,
     PeerTable,
     RegionIndex,
     plan_row_copies,
+    rows_pay_off,
 )
 from kv_transfer.transfer_engine import TransferError, create_transfer_engine
 from tests.kv_transfer.shm_driver import SharedMemoryDriver, view
@@ -147,30 +150,103 @@ def test_pages_land_byte_for_byte_with_one_mapping_per_allocation(
         sender.close()
 
 
+def copies_of(*writes: tuple[int, int, int]) -> Copies:
+    """`Copies` of `(dst, src, length)` writes."""
+    return Copies.of([w[0] for w in writes], [w[1] for w in writes], [w[2] for w in writes])
+
+
 def test_row_plan_arithmetic() -> None:
     src = RegionIndex([(1000, 4096), (9000, 4096)])
     dst = RegionIndex([(50_000, 8192)])
     page = 512
-    copies = [
+    copies = copies_of(
         (50_000 + 3 * page, 1000 + 0 * page, 2 * page),  # a run of two pages
         (50_000 + 0 * page, 1000 + 5 * page, page),
         (50_000 + 9 * page, 9000 + 1 * page, page),  # another source region: its own pair
         (50_000, 70_000, page),  # a source outside registered memory: copied on its own
-    ]
+    )
     rows, single = plan_row_copies(copies, src, dst)
-    assert single == [(50_000, 70_000, page)]
+    assert list(single.tuples()) == [(50_000, 70_000, page)]
     assert [(r.src_addr, r.dst_addr, r.unit) for r in rows] == [(1000, 50_000, page),
                                                                  (9000, 50_000, page)]  # fmt: skip
+    assert [(r.src_len, r.dst_len) for r in rows] == [(4096, 8192), (4096, 8192)]
     assert rows[0].src_rows.tolist() == [0, 1, 5] and rows[0].dst_rows.tolist() == [3, 4, 0]
     assert rows[1].src_rows.tolist() == [1] and rows[1].dst_rows.tolist() == [9]
     # Rows are as wide as every offset and length allow: two pages here.
-    rows, _ = plan_row_copies([(50_000 + 2 * page, 1000, 2 * page)], src, dst)
+    rows, _ = plan_row_copies(copies_of((50_000 + 2 * page, 1000, 2 * page)), src, dst)
     assert rows[0].unit == 2 * page and rows[0].dst_rows.tolist() == [1]
-    # Rows narrower than MIN_ROW_BYTES: one by one instead.
-    rows, single = plan_row_copies([(50_000 + 8, 1000 + 16, 8)], src, dst)
-    assert rows == [] and single == [(50_000 + 8, 1000 + 16, 8)]
-    assert plan_row_copies([(50_000, 1000, 0)], src, dst) == ([], [])
+    # Rows narrower than MIN_ROW_BYTES: one by one instead, after the unpaired writes.
+    rows, single = plan_row_copies(
+        copies_of((50_000, 70_000, page), (50_000 + 8, 1000 + 16, 8), (50_000, 9000, page)),
+        src,
+        dst,
+    )
+    assert [(r.src_addr, r.src_rows.tolist()) for r in rows] == [(9000, [0])]
+    assert list(single.tuples()) == [(50_000, 70_000, page), (50_000 + 8, 1000 + 16, 8)]
+    rows, single = plan_row_copies(copies_of((50_000, 1000, 0)), src, dst)
+    assert rows == [] and len(single) == 0
     assert src.find(1000 + 4000, 96) == (1000, 4096) and src.find(1000 + 4000, 97) is None
+
+
+def test_pairs_interleaved_are_grouped_in_order_of_first_write() -> None:
+    src = RegionIndex([(1000, 4096), (9000, 4096)])
+    dst = RegionIndex([(50_000, 8192)])
+    page = 256
+    writes = copies_of(
+        (50_000 + 4 * page, 9000, page),
+        (50_000, 1000, page),
+        (50_000 + 5 * page, 9000 + page, page),
+        (50_000 + page, 1000 + 2 * page, page),
+    )
+    rows, single = plan_row_copies(writes, src, dst)
+    assert len(single) == 0
+    assert [(r.src_addr, r.src_rows.tolist(), r.dst_rows.tolist()) for r in rows] == [
+        (9000, [0, 1], [4, 5]),
+        (1000, [0, 2], [0, 1]),
+    ]
+
+
+def test_region_index_matches_a_walk_over_every_region() -> None:
+    """Nested, overlapping and repeated regions: `find_all` picks what a plain scan picks
+    (the holding region that starts last, the longest of those)."""
+    rng = np.random.default_rng(0)
+    starts, lengths = rng.integers(0, 1000, 40).tolist(), rng.integers(1, 300, 40).tolist()
+    regions = list(zip(starts, lengths, strict=True))
+    regions += [(0, 2000), (100, 50), (100, 50), (100, 400)]
+    index = RegionIndex(regions)
+    addrs = rng.integers(-10, 2100, 5000)
+    lengths = rng.integers(0, 200, 5000)
+
+    def scan(addr: int, length: int) -> tuple[int, int] | None:
+        holding = [r for r in regions if r[0] <= addr and addr + length <= r[0] + r[1]]
+        return max(holding) if holding else None
+
+    found = index.find_all(addrs, lengths)
+    for a, n, i in zip(addrs.tolist(), lengths.tolist(), found.tolist(), strict=True):
+        assert (index.regions[i] if i >= 0 else None) == scan(a, n), (a, n)
+    assert RegionIndex([]).find_all(np.array([5]), np.array([1])).tolist() == [-1]
+
+
+def test_auto_takes_rows_for_many_short_writes_per_pair_only() -> None:
+    mb = 1 << 20
+    # The H200 cases: 64 regions a side, a 2,048-token Llama-3-8B prompt (268 MB).
+    assert not rows_pay_off(64, 64, 268 * mb)  # 16-token pages, contiguous: 4 MB writes
+    assert rows_pay_off(8192, 64, 268 * mb)  # 16-token pages scattered: 32 KB writes
+    assert rows_pay_off(131_072, 64, 268 * mb)  # 1-token pages
+    assert rows_pay_off(2048, 64, 268 * mb)  # 64-token pages: 128 KB writes
+    assert not rows_pay_off(3 * 64, 64, 64 * mb)  # three writes a pair
+    assert not rows_pay_off(16 * 64, 64, 1024 * mb)  # many, but 1 MB each
+
+
+def test_bad_writes_are_refused_before_any_peer_is_asked(caplog: pytest.LogCaptureFixture) -> None:
+    engine = CudaIpcTransferEngine(SharedMemoryDriver())
+    with caplog.at_level(logging.ERROR):
+        assert engine.batch_transfer_sync_write("nowhere:1", [1 << 63], [4096], [8]) == -1
+        assert engine.batch_transfer_sync_write("nowhere:1", [4096], [1 << 62], [8]) == -1
+        assert engine.batch_transfer_sync_write("nowhere:1", [1, 2], [3, 4], [8, -2]) == -1
+    assert "source is not an int of 64 bits" in caplog.text
+    assert "destination is out of range" in caplog.text
+    assert "lengths[1] = -2" in caplog.text and "cannot reach" not in caplog.text
 
 
 def receiver_main(inbox: Any, outbox: Any) -> None:
