@@ -152,12 +152,14 @@ def test_qk_norm_rope_and_kv_store_in_one_launch_match_torch(
     positions = torch.tensor([0, 5, 31])
     want_q, want_k = rope(positions, q_norm(q), k_norm(k))  # the torch path, on the CPU
     slots = torch.tensor([2, 0, -1])
-    dev = [t.to(DEVICE) for t in (q, k, v, positions, slots, rope.cos, rope.sin)]
+    dq, dk, dv, dpos, dslots, cos, sin = (
+        t.to(DEVICE) for t in (q, k, v, positions, slots, rope.cos, rope.sin)
+    )
     k_cache = torch.zeros(4, hkv, dim, dtype=dtype, device=DEVICE)
     v_cache = torch.zeros(4, hkv, dim, dtype=dtype, device=DEVICE)
     norms = (q_norm.weight.to(DEVICE), k_norm.weight.to(DEVICE), 1e-6)
-    got_q = fused.rope_store_kv(*dev[:4], dev[5], dev[6], interleaved, k_cache, v_cache,
-                                dev[4], norms)  # fmt: skip
+    got_q = fused.rope_store_kv(dq, dk, dv, dpos, cos, sin, interleaved, k_cache, v_cache,
+                                dslots, norms)  # fmt: skip
     close(got_q.cpu(), want_q)
     close(k_cache[[2, 0]].cpu(), want_k[:2])
     assert torch.equal(v_cache[[2, 0]].cpu(), v[:2]) and not k_cache[[1, 3]].any()
