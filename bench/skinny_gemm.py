@@ -15,9 +15,8 @@ same, as the previous kernel would have left it in L2). Floor: W plus x and y on
 device-to-device copy bandwidth measured in the same run (bytes read + written per second,
 `bench.ceiling`). Tiles (`SkinnyTiles.label`): `dot`/`fma` (tensor or CUDA cores), block_n x
 block_k, K splits, warps, stages; `*` marks `pick_tiles`' choice, `<` the fastest row of the
-shape (cuBLAS included). Configurations whose rows of x do not fit one program (CUDA-core tiles
-above `MAX_BLOCK_M_FMA` rows: W read once per 4 rows) are left out. rel err: max |y - y32| /
-max |y32| against `F.linear` in float32 on the same weights.
+shape (cuBLAS included). CUDA-core tiles (a program per row of x) are left out above 4 rows.
+rel err: max |y - y32| / max |y32| against `F.linear` in float32 on the same weights.
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ import torch.nn.functional as F
 from bench.ceiling import copy_bandwidth
 from bench.moe_kernel import device_name, time_graph
 from engine.kernels.skinny_gemm import (
-    MAX_BLOCK_M_FMA,
     TILE_CONFIGS,
     SkinnyTiles,
     pick_tiles,
@@ -51,6 +49,7 @@ SHAPES = {
     "tiny": (70, 300),
 }
 DEFAULT_SHAPES = "qkv,o,down,gate_up,lm_head"  # the small ones first: what the kernel is for
+FMA_MAX_ROWS = 4  # CUDA-core tiles (a program per row of x) are timed up to this many rows
 Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, W) -> y
 
 
@@ -176,8 +175,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             rule = pick_tiles(m, n, k, dtype)
             rows = [(baseline, *case.measure(F.linear, want, args.reps))]  # (kernel, µs, err)
             for tiles in [*configs, *([rule] if rule not in configs else [])]:
-                if not tiles.dot and m > MAX_BLOCK_M_FMA:
-                    continue  # W read once per MAX_BLOCK_M_FMA rows: not a candidate
+                if not tiles.dot and m > FMA_MAX_ROWS:
+                    continue  # a program per row: not a candidate
                 label = tiles.label() + ("*" if tiles == rule else "")
                 try:
                     linear = functools.partial(skinny_linear, tiles=tiles)

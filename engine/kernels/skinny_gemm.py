@@ -7,15 +7,17 @@ large projections near the copy rate but the 34-50 MB ones (QKV, O) at about 74%
 splits some of them over K with a second reduce launch. This kernel is written for the
 stream:
 
-- Program `(i, s)` owns rows `i * block_n ...` of `W` (output columns of `y`) and the `s`-th
-  of `split_k` equal runs of K; it reads its slab of `W` once, each `[block_n, block_k]` tile
-  coalesced along K, and all M rows of `x` with it (x is tiny: L1/L2 serve its re-reads).
-  More rows than one program holds (`MAX_BLOCK_M`, `MAX_BLOCK_M_FMA`) take more programs
-  along a third grid axis, each reading W again: correct, but not what this kernel is for.
-- Tiles with `dot` multiply on the tensor cores, `acc[n, m] += W_tile @ x_tile.T` (M padded
-  to 16); without, on the CUDA cores (one row: products accumulated unreduced, summed over K
-  once at the end; a few rows: summed per tile), which keep up with the stream at one or two
-  rows and take W straight from global memory into registers.
+- Program `(r, i, s)` owns rows `i * block_n ...` of `W` (output columns of `y`) and the
+  `s`-th of `split_k` equal runs of K; it reads its slab of `W` once, each
+  `[block_n, block_k]` tile coalesced along K, with rows `r * BLOCK_M ...` of `x` (x is tiny:
+  L1/L2 serve its re-reads).
+- Tiles with `dot` multiply on the tensor cores, `acc[n, m] += W_tile @ x_tile.T`, all M rows
+  in one program (padded to 16; up to `MAX_BLOCK_M`), W's tiles pipelined through shared
+  memory (`num_stages`). Without `dot`, on the CUDA cores, one row of x per program: the
+  products are accumulated unreduced and summed over K once at the end, and W goes straight
+  from global memory to registers (the loop is not pipelined; the many resident programs
+  keep the loads in flight). More rows than one program holds take more programs; those on
+  one slab of W are adjacent in the grid, so W comes from memory once and from L2 after.
 - Sums are float32; the output is rounded once to x's dtype after the bias is added.
 - `split_k == 1` (the default rule's choice for the shapes it knows) writes `y` directly.
   With more splits, each writes a float32 partial and a second launch adds them in split
@@ -24,10 +26,11 @@ stream:
   rounding.
 
 The tile rule `pick_tiles` is reasoned, not yet measured: the widest `block_n` that still
-gives two programs per SM of a 132-SM H100/H200 (so every SM streams, with no second wave),
-K tiles of 512 bytes a row, no split unless N is too small to fill the device that way.
-`python -m bench.skinny_gemm` times every entry of `TILE_CONFIGS` against cuBLAS on
-Llama-3-8B's projections on the GPU; the rule is to be set from that.
+gives two programs per SM of a 132-SM H100/H200 (every SM streams, all programs resident),
+K tiles long enough to keep several MB of W in flight (see `TILE_CONFIGS`), no split unless
+N is too small to fill the device that way. The tiles compile for sm_90 without spills
+(`bench.compile_kernels`). `python -m bench.skinny_gemm` times every entry of `TILE_CONFIGS`
+against cuBLAS on Llama-3-8B's projections on the GPU; the rule is to be set from that.
 """
 
 from __future__ import annotations
@@ -42,10 +45,7 @@ import triton.language as tl
 from engine.kernels.attention import dot_precision
 
 SM_COUNT = 132  # H100/H200: the device the rule's program counts are for
-# Rows of x per program, with and without the tensor cores (the CUDA-core products hold
-# rows x block_n x block_k values); more rows take more programs, each reading W again.
-MAX_BLOCK_M = 64
-MAX_BLOCK_M_FMA = 4
+MAX_BLOCK_M = 64  # rows of x per program on the tensor cores (one on the CUDA cores)
 
 
 @triton.jit
@@ -73,48 +73,47 @@ def _skinny_gemm_kernel(
     HAS_BIAS: tl.constexpr,
     DIRECT: tl.constexpr,
 ):
-    # DIRECT (one split): y itself, with the bias; else this split's float32 partial.
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    pid_m = tl.program_id(2)
+    # DIRECT (one split): y itself, with the bias; else this split's float32 partial. Row
+    # blocks of x are the fastest grid axis, so that when M takes several programs (more rows
+    # than BLOCK_M) those on one slab of W run together and read it from L2 after the first.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
     rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] rows of W = columns of y
     rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] rows of x and y
     n_ok = rows_n < N
     m_ok = rows_m < M
     k_start = pid_s * split_len
-    offs_k = tl.arange(0, BLOCK_K)
-    w_ptrs = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn + (k_start + offs_k)[None, :]
-    x_ptrs = x_ptr + rows_m.to(tl.int64)[:, None] * stride_xm + (k_start + offs_k)[None, :]
-    # The tensor cores accumulate y.T [BN, BM]; the CUDA cores y [BM, BN], or for one row the
-    # unreduced products [BN, BK], summed over K once after the loop.
+    offs_k = k_start + tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
     if DOT:
-        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    elif BLOCK_M == 1:
-        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        x_ptrs = x_ptr + rows_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+        x_ok = m_ok[:, None]
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)  # y.T
     else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        # One row of x (BLOCK_M == 1), loaded as W's tile is shaped (every row of it the same
+        # addresses, served by L1) so that it has W's register layout: a [1, BK] load gets its
+        # own, and W's tile went through shared memory to meet it in every step. The products
+        # are accumulated unreduced and summed over K once after the loop.
+        x_row = x_ptr + pid_m.to(tl.int64) * stride_xm + offs_k[None, :]
+        x_ptrs = tl.broadcast_to(x_row, [BLOCK_N, BLOCK_K])
+        x_ok = n_ok[:, None]
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(0, tl.minimum(split_len, K - k_start), BLOCK_K):
         if EVEN_K:  # every tile whole: only the row masks, which do not change along K
             w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)  # [BN, BK]
-            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)  # [BM, BK]
+            x = tl.load(x_ptrs, mask=x_ok, other=0.0)  # [BM, BK], or [BN, BK] of one row
         else:
-            k_ok = (k_start + k0 + offs_k < K)[None, :]
+            k_ok = (offs_k + k0 < K)[None, :]
             w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok, other=0.0)
-            x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok, other=0.0)
+            x = tl.load(x_ptrs, mask=x_ok & k_ok, other=0.0)
         if DOT:
             acc += tl.dot(w, tl.trans(x), input_precision=PRECISION)
-        elif BLOCK_M == 1:
-            acc += w.to(tl.float32) * x.to(tl.float32)
         else:
-            prod = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]  # [BM, BN, BK]
-            acc += tl.sum(prod, 2)
+            acc += w.to(tl.float32) * x.to(tl.float32)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
-    if DOT:
-        acc = tl.trans(acc)
-    elif BLOCK_M == 1:
-        acc = tl.sum(acc, 1)[None, :]
-    # acc: [BM, BN]
+    acc = tl.trans(acc) if DOT else tl.sum(acc, 1)[None, :]  # [BM, BN]
     mask = m_ok[:, None] & n_ok[None, :]
     if DIRECT:
         if HAS_BIAS:
@@ -179,27 +178,35 @@ class SkinnyTiles:
         return f"{kind} {self.block_n}x{self.block_k}{split} w{self.num_warps} s{self.num_stages}"
 
 
-# The configurations bench.skinny_gemm compares, for 16-bit weights (K tiles of 512 bytes a
-# row; the rule halves block_k for float32). The rule picks from the first four.
-GEMV_TILES = SkinnyTiles(16, 256, dot=False)  # one or two rows: CUDA cores, no shared memory
+# The configurations bench.skinny_gemm compares, for 16-bit weights (the rule halves block_k
+# for float32, so that a tile's bytes stay the same). While every program is resident, the
+# bytes of W in flight are about N x block_k x 2 (x the stages less one with `dot`, which
+# pipelines; the CUDA-core loop does not): QKV's 6,144 rows at 512 give 6.3 MB, O's 4,096
+# 4.2 MB, about the H200's bandwidth x latency (4.2 TB/s x ~1 µs). The rule picks from
+# GEMV_TILES and DOT_TILES; the rest are there to test that reasoning on the GPU. Each
+# compiles for sm_90 without spilling (8 warps on the CUDA cores spill a register).
+GEMV_TILES = SkinnyTiles(8, 512, dot=False)  # one row: CUDA cores, 80 registers
 DOT_TILES = (  # widest first: 64 for N of 28k and more, 16 for 4-6k (256-384 programs)
     SkinnyTiles(64, 128),
-    SkinnyTiles(32, 256),
+    SkinnyTiles(32, 256, num_warps=8),  # 4 warps spill two registers
     SkinnyTiles(16, 256),
 )
 TILE_CONFIGS: tuple[SkinnyTiles, ...] = (
     GEMV_TILES,
     *DOT_TILES,
+    SkinnyTiles(16, 256, dot=False),  # half GEMV_TILES' bytes in flight
+    SkinnyTiles(4, 1024, dot=False),  # as many bytes in flight, twice the programs
+    SkinnyTiles(16, 512),  # twice DOT_TILES[-1]'s bytes in flight
     SkinnyTiles(16, 256, split_k=2),  # long K (down: 14,336) over more programs, + a sum
-    SkinnyTiles(32, 256, split_k=2),  # x is re-read per W tile: M / block_n of W's traffic
+    SkinnyTiles(32, 256, split_k=2, num_warps=8),  # x is re-read per W tile: M / block_n of W
 )
 
 
 def pick_tiles(m: int, n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> SkinnyTiles:
-    """The rule: CUDA-core products for one or two rows; else the widest `block_n` of
-    `DOT_TILES` that still gives two programs per SM; K split only when even that leaves SMs
-    idle (into as many splits as make two programs per SM, each of four K tiles or more)."""
-    if m <= 2:
+    """The rule: CUDA-core products for one row; else the widest `block_n` of `DOT_TILES`
+    that still gives two programs per SM; K split only when even that leaves SMs idle (into
+    as many splits as make two programs per SM, each of two K tiles or more)."""
+    if m == 1:
         tiles = GEMV_TILES
     else:
         fills = (t for t in DOT_TILES if triton.cdiv(n, t.block_n) >= 2 * SM_COUNT)
@@ -208,8 +215,16 @@ def pick_tiles(m: int, n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> S
     block_k = tiles.block_k // 2 if dtype == torch.float32 else tiles.block_k
     split_k = 1
     if programs < SM_COUNT:
-        split_k = max(1, min(triton.cdiv(2 * SM_COUNT, programs), k // (4 * block_k)))
+        split_k = max(1, min(triton.cdiv(2 * SM_COUNT, programs), k // (2 * block_k)))
     return replace(tiles, block_k=block_k, split_k=split_k)
+
+
+def rows_per_program(m: int, tiles: SkinnyTiles) -> int:
+    """BLOCK_M of a launch for `m` rows: a power of two of 16 to `MAX_BLOCK_M` on the tensor
+    cores, one on the CUDA cores."""
+    if tiles.dot:
+        return min(MAX_BLOCK_M, max(16, triton.next_power_of_2(m)))
+    return 1
 
 
 def skinny_linear(
@@ -245,10 +260,9 @@ def skinny_linear(
         y.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(y))
         return y.view(*x.shape[:-1], n)
     tiles = tiles or pick_tiles(m, n, k, x.dtype)
-    if tiles.dot:
-        block_m = min(MAX_BLOCK_M, max(16, triton.next_power_of_2(m)))
-    else:
-        block_m = min(MAX_BLOCK_M_FMA, triton.next_power_of_2(m))
+    block_m = rows_per_program(m, tiles)
+    if triton.cdiv(n, tiles.block_n) > 65535:  # CUDA's limit on a grid's second axis
+        raise ValueError(f"N = {n} needs block_n > {tiles.block_n} (65,535 blocks at most)")
     # Splits of whole K tiles, the last one possibly shorter; no split is empty.
     split_len = triton.cdiv(k, tiles.block_k * tiles.split_k) * tiles.block_k
     split_k = triton.cdiv(k, split_len)
@@ -258,7 +272,7 @@ def skinny_linear(
     else:
         part = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
     bias_arg = bias if bias is not None else y  # not read
-    _skinny_gemm_kernel[(triton.cdiv(n, tiles.block_n), split_k, triton.cdiv(m, block_m))](
+    _skinny_gemm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, tiles.block_n), split_k)](
         x2, weight, bias_arg, y, part,
         m, n, k, split_len,
         x2.stride(0), weight.stride(0), y.stride(0), part.stride(0), part.stride(1),

@@ -30,14 +30,15 @@ def table(capsys: pytest.CaptureFixture[str], *extra: str) -> list[list[str]]:
 
 def test_table_rows(capsys: pytest.CaptureFixture[str]) -> None:
     rows = table(capsys)
-    for m, fma in (("1", True), ("3", True), ("16", False)):  # CUDA-core tiles up to 4 rows
+    fma = sum(not t.dot for t in TILE_CONFIGS)
+    for m in ("1", "3", "16"):  # CUDA-core tiles only up to 4 rows
         mine = [r for r in rows if r[2] == m]
         assert mine[0][3].startswith("torch")
-        assert len(mine) == 1 + len(TILE_CONFIGS) - (not fma)
+        assert len(mine) == 1 + len(TILE_CONFIGS) - (fma if m == "16" else 0)
         assert sum(r[3].rstrip("<").endswith("*") for r in mine) == 1
         assert sum(r[3].endswith("<") for r in mine) == 1
         assert all(float(r[8]) < 2e-3 for r in mine), mine  # rel err: float16 rounding
-    assert rows[1][3].startswith("fma 16x256")  # the rule at one row: CUDA cores
+    assert rows[1][3] == "fma 8x512 w4 s3*"  # the rule at one row: CUDA cores
 
 
 def test_tiles_flag_replaces_the_configurations(capsys: pytest.CaptureFixture[str]) -> None:
