@@ -2,7 +2,8 @@
 configuration against cuBLAS (`F.linear`) at decode's few rows, to set `pick_tiles`.
 
     python -m bench.skinny_gemm                                   # Llama-3-8B, M = 1, 4, 16
-    python -m bench.skinny_gemm --shapes qkv,o --rows 1 --tiles fma:16:256,fma:32:512:1:8:4
+    python -m bench.skinny_gemm --shapes qkv,o --rows 1 \
+        --tiles fma:8:512,fma:8:1024,dot:16:256:1:4:4
     TRITON_INTERPRET=1 python -m bench.skinny_gemm --device cpu --shapes tiny --rows 1,3 \
         --copies 1 --reps 1
 
@@ -198,6 +199,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         del weights
         if args.device == "cuda":
             torch.cuda.empty_cache()
+    print(
+        f"\nfloor: W, x and y once over the copy bandwidth above. {baseline} / this > 1: faster "
+        "than F.linear. *: pick_tiles' choice; <: the fastest at that shape and M. kernel: "
+        "dot/fma (tensor/CUDA cores) block_n x block_k, K splits, warps, stages."
+    )
 
 
 if __name__ == "__main__":
