@@ -94,7 +94,7 @@ def test_float16_tensor_cores_and_cuda_cores_agree() -> None:
 
 
 def test_more_rows_than_one_program_holds() -> None:
-    """70 rows: two row blocks of 64 on the tensor cores, eighteen of 4 on the CUDA cores."""
+    """70 rows: two row blocks of 64 on the tensor cores, 70 programs of one on the CUDA cores."""
     x, w, b = make(70, 45, 100, torch.float32, seed=5)
     for tiles in (DOT_TILES[-1], GEMV_TILES):
         close(skinny_linear(x, w, b, tiles), reference(x, w, b), torch.float32)
