@@ -13,6 +13,7 @@ each; `--fail-on-spill` also fails on spills. It must run without `TRITON_INTERP
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -29,7 +30,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from engine.kernels import fused_moe, mla_decode, mla_extend, moe_routing
+from engine.kernels import fused_moe, mla_decode, mla_extend, moe_routing, skinny_gemm
 from engine.kernels.fused_moe_configs import MoEKernelConfig, candidates, default_config
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -55,10 +56,13 @@ def compile_one(
     pointers: dict[str, str],
     constants: dict[str, Any],
     floats: Sequence[str] = (),
+    divisible: Sequence[str] = (),
     **options: int,
 ) -> Usage:
     """Compile `kernel` with pointer arguments typed by `pointers`, `floats` as fp32 scalars,
-    the other runtime arguments as i32, and `constants` as its constexprs."""
+    the other runtime arguments as i32, and `constants` as its constexprs. `divisible`: the
+    arguments a launch passes as multiples of 16 (Triton specializes on that at run time, and
+    vectorizes by it)."""
     signature = {}
     for arg in kernel.arg_names:
         if arg in constants:
@@ -67,7 +71,8 @@ def compile_one(
             signature[arg] = pointers[arg]
         else:
             signature[arg] = "fp32" if arg in floats else "i32"
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
+    attrs = {(kernel.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in divisible}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     registers = stack = 0
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -256,7 +261,59 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
             num_warps=tiles.num_warps,
             num_stages=tiles.num_stages,
         )
+    add_skinny_gemm(add, all_configs)
     return out
+
+
+def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
+    """The skinny GEMM's launches that `pick_tiles` makes for Llama-3-8B's projections (and a
+    narrow one that splits K) at 1 to 64 rows, with every argument a multiple of 16 as there;
+    with `all_configs`, every entry of `TILE_CONFIGS` too (bfloat16)."""
+    shapes = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096))
+    launches = set()
+
+    def launch(dtype: str, m: int, tiles: skinny_gemm.SkinnyTiles) -> None:
+        # The split count is a run-time argument: one kernel for every count above one.
+        tiles = dataclasses.replace(tiles, split_k=min(tiles.split_k, 2))
+        launches.add((dtype, skinny_gemm.rows_per_program(m, tiles), tiles))
+
+    for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        for m in (1, 2, 4, 16, 32, 64):
+            for n, k in (*shapes, (1024, 4096)):
+                launch(dtype, m, skinny_gemm.pick_tiles(m, n, k, torch_dtype))
+        if all_configs and dtype == "bf16":
+            for tiles in skinny_gemm.TILE_CONFIGS:
+                for m in (1, 4, 16) if not tiles.dot else (16,):
+                    launch(dtype, m, tiles)
+    divisible = ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "part_ptr", "K", "N", "split_len",
+                 "stride_xm", "stride_wn", "stride_ym", "stride_ps", "stride_pm")  # fmt: skip
+    for dtype, block_m, tiles in sorted(launches, key=repr):
+        add(
+            f"skinny_gemm {dtype} BLOCK_M={block_m} {tiles.label()}",
+            skinny_gemm._skinny_gemm_kernel,
+            {ptr: f"*{dtype}" for ptr in ("x_ptr", "w_ptr", "bias_ptr", "y_ptr")}
+            | {"part_ptr": "*fp32"},
+            {
+                "BLOCK_M": block_m,
+                "BLOCK_N": tiles.block_n,
+                "BLOCK_K": tiles.block_k,
+                "DOT": tiles.dot,
+                "PRECISION": "ieee" if dtype == "fp32" else "tf32",
+                "EVEN_K": True,
+                "HAS_BIAS": False,
+                "DIRECT": tiles.split_k == 1,
+            },
+            divisible=divisible,
+            num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages,
+        )
+    add(
+        "skinny_gemm split sum",
+        skinny_gemm._split_sum_kernel,
+        {"part_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"},
+        {"SPLIT_K": 4, "BLOCK": 1024, "HAS_BIAS": True},
+        num_warps=4,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,6 +26,9 @@ case "${1:-a}" in
 a)
   # Why a CUDA IPC write failed last time: -rA keeps the captured log of every test.
   step cuda_ipc 80 python3 -m pytest -x -q -rA tests/gpu/test_cuda_ipc.py
+  # The skinny Triton GEMM's tiles against cuBLAS at M = 1, 4, 16 on Llama-3-8B's projections
+  # (QKV and O first: cuBLAS streams them at 74% of the copy rate); rows flush as they come.
+  TAIL=40 step skinny_gemm 60 python3 -m bench.skinny_gemm --reps 10
   # Where a dense decode step's device time goes, kernel by kernel, against the floor.
   TAIL=60 step profile_llama 150 python3 -m bench.profile_decode --preset llama3-8b \
     --decode 1x128,64x128,256x512 --top 15

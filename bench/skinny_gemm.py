@@ -1,0 +1,210 @@
+"""Skinny GEMMs on the GPU: `engine.kernels.skinny_gemm.skinny_linear` with each tile
+configuration against cuBLAS (`F.linear`) at decode's few rows, to set `pick_tiles`.
+
+    python -m bench.skinny_gemm                                   # Llama-3-8B, M = 1, 4, 16
+    python -m bench.skinny_gemm --shapes qkv,o --rows 1 \
+        --tiles fma:8:512,fma:8:1024,dot:16:256:1:4:4
+    TRITON_INTERPRET=1 python -m bench.skinny_gemm --device cpu --shapes tiny --rows 1,3 \
+        --copies 1 --reps 1
+
+`y = x @ W.T` for Llama-3-8B's projections (`W` `[N, K]`: QKV 6144 x 4096, O 4096 x 4096,
+gate-up 28672 x 4096, down 4096 x 14336, LM head 128256 x 4096), no bias, bfloat16 (`--dtype`),
+x of M rows. Times are medians of CUDA-graph replays of one call per weight copy, divided by
+the copies: `--cycle-mib` (default 256 MiB, five times the 50 MB L2) of copies of W are cycled
+so that each call reads its weight from memory, not from L2 (at least 2 copies; x stays the
+same, as the previous kernel would have left it in L2). Floor: W plus x and y once, over the
+device-to-device copy bandwidth measured in the same run (bytes read + written per second,
+`bench.ceiling`). Tiles (`SkinnyTiles.label`): `dot`/`fma` (tensor or CUDA cores), block_n x
+block_k, K splits, warps, stages; `*` marks `pick_tiles`' choice, `<` the fastest row of the
+shape (cuBLAS included). CUDA-core tiles (a program per row of x) are left out above 4 rows.
+rel err: max |y - y32| / max |y32| against `F.linear` in float32 on the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from bench.ceiling import copy_bandwidth
+from bench.moe_kernel import device_name, time_graph
+from engine.kernels.skinny_gemm import (
+    TILE_CONFIGS,
+    SkinnyTiles,
+    pick_tiles,
+    skinny_linear,
+)
+
+# Llama-3-8B's projections, [N, K]; "tiny" for the CPU smoke run under the interpreter.
+SHAPES = {
+    "qkv": (6144, 4096),
+    "o": (4096, 4096),
+    "gate_up": (28672, 4096),
+    "down": (4096, 14336),
+    "lm_head": (128256, 4096),
+    "tiny": (70, 300),
+}
+DEFAULT_SHAPES = "qkv,o,down,gate_up,lm_head"  # the small ones first: what the kernel is for
+FMA_MAX_ROWS = 4  # CUDA-core tiles (a program per row of x) are timed up to this many rows
+Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, W) -> y
+
+
+@dataclass
+class Case:
+    """One projection at M rows: `copies` weights cycled by each timed call sequence."""
+
+    x: torch.Tensor  # [M, K]
+    weights: list[torch.Tensor]  # copies of W [N, K]
+
+    def run(self, linear: Linear) -> torch.Tensor:
+        out = self.x
+        for w in self.weights:
+            out = linear(self.x, w)
+        return out
+
+    def measure(self, linear: Linear, want: torch.Tensor, reps: int) -> tuple[float, float]:
+        """µs per call (graph replays over the copies) and the max error relative to `want`
+        (the float32 product with the last copy)."""
+        run = functools.partial(self.run, linear)
+        seconds = time_graph(run, reps) / len(self.weights)
+        err = (run().float() - want).abs().max() / want.abs().max().clamp_min(1e-6)
+        return seconds * 1e6, float(err)
+
+    def floor_bytes(self) -> int:
+        (m, k), n = self.x.shape, self.weights[0].shape[0]
+        return (n * k + m * k + m * n) * self.x.element_size()
+
+
+def make_weights(
+    n: int, k: int, copies: int, dtype: torch.dtype, device: str
+) -> list[torch.Tensor]:
+    g = torch.Generator(device=device).manual_seed(0)
+    return [
+        torch.randn(n, k, generator=g, device=device, dtype=dtype).mul_(k**-0.5)
+        for _ in range(copies)
+    ]
+
+
+def parse_tiles(text: str) -> list[SkinnyTiles]:
+    """`dot|fma:block_n:block_k[:split_k[:warps[:stages]]]`, comma-separated."""
+    tiles = []
+    for item in text.split(","):
+        kind, *numbers = item.split(":")
+        if kind not in ("dot", "fma") or not 2 <= len(numbers) <= 5:
+            raise argparse.ArgumentTypeError(
+                f"expected dot|fma:block_n:block_k[:split_k[:warps[:stages]]], got {item!r}"
+            )
+        values = [int(v) for v in numbers]
+        names = ("block_n", "block_k", "split_k", "num_warps", "num_stages")
+        try:
+            tiles.append(SkinnyTiles(dot=kind == "dot", **dict(zip(names, values, strict=False))))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+    return tiles
+
+
+def int_list(text: str) -> list[int]:
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,4,16, got {text!r}")
+    return values
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"of {', '.join(SHAPES)}")
+    p.add_argument("--rows", type=int_list, default=[1, 4, 16], help="M values")
+    p.add_argument(
+        "--tiles",
+        type=parse_tiles,
+        default=None,
+        help="configurations instead of TILE_CONFIGS (the rule's is always added)",
+    )
+    p.add_argument("--cycle-mib", type=int, default=256, help="weight copies cycled, MiB")
+    p.add_argument("--copies", type=int, default=0, help="weight copies (0: from --cycle-mib)")
+    p.add_argument("--reps", type=int, default=20, help="timed replays per measurement")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument(
+        "--device",
+        default="cuda",
+        choices=("cuda", "cpu"),
+        help="cpu: a smoke run under TRITON_INTERPRET=1 (no meaningful times)",
+    )
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("no CUDA device here; --device cpu smokes the script under the interpreter")
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        p.error("--device cpu needs TRITON_INTERPRET=1 in the environment")
+    for name in args.shapes.split(","):
+        if name not in SHAPES:
+            p.error(f"unknown shape {name!r}; known: {', '.join(SHAPES)}")
+    if args.reps < 1 or args.copies < 0 or args.cycle_mib < 1:
+        p.error("--reps and --cycle-mib must be >= 1, --copies >= 0")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    bandwidth = copy_bandwidth(args.device) if args.device == "cuda" else 1e12
+    configs = args.tiles or list(TILE_CONFIGS)
+    baseline = "cuBLAS" if args.device == "cuda" else "torch"
+    print(
+        f"## Skinny GEMM: {device_name()}, torch {torch.__version__}; copy "
+        f"{bandwidth / 1e12:.2f} TB/s (read + write"
+        f"{'' if args.device == 'cuda' else ', a placeholder'}); {args.dtype}; "
+        f"{args.cycle_mib} MiB of weight copies cycled; median of {args.reps}\n"
+    )
+    print(
+        f"| proj | N x K | M | kernel | µs | floor µs | x floor | {baseline} / this | rel err |\n"
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"
+    )
+    for name in args.shapes.split(","):
+        n, k = SHAPES[name]
+        wbytes = n * k * dtype.itemsize
+        copies = args.copies or max(2, min(16, -(-(args.cycle_mib << 20) // wbytes)))
+        weights = make_weights(n, k, copies, dtype, args.device)
+        for m in args.rows:
+            case = Case(torch.randn(m, k, device=args.device, dtype=dtype), weights)
+            floor_us = case.floor_bytes() / bandwidth * 1e6
+            want = F.linear(case.x.float(), weights[-1].float())
+            rule = pick_tiles(m, n, k, dtype)
+            rows = [(baseline, *case.measure(F.linear, want, args.reps))]  # (kernel, µs, err)
+            for tiles in [*configs, *([rule] if rule not in configs else [])]:
+                if not tiles.dot and m > FMA_MAX_ROWS:
+                    continue  # a program per row: not a candidate
+                label = tiles.label() + ("*" if tiles == rule else "")
+                try:
+                    linear = functools.partial(skinny_linear, tiles=tiles)
+                    rows.append((label, *case.measure(linear, want, args.reps)))
+                except Exception as exc:  # a configuration that does not compile or launch
+                    why = f"{type(exc).__name__}: {str(exc).splitlines()[:1]}"[:120]
+                    print(f"| {name} | {n} x {k} | {m} | {label} | failed: {why} | | | | |")
+                    if args.device == "cuda":
+                        torch.cuda.synchronize()  # a sticky error shows here, not later
+            baseline_us = rows[0][1]
+            best = min(us for _, us, _ in rows)
+            for label, us, err in rows:
+                mark = "<" if us == best else ""
+                print(
+                    f"| {name} | {n} x {k} | {m} | {label}{mark} | {us:.1f} | {floor_us:.1f} | "
+                    f"{us / floor_us:.2f} | {baseline_us / us:.2f} | {err:.1e} |",
+                    flush=True,
+                )
+        del weights
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    print(
+        f"\nfloor: W, x and y once over the copy bandwidth above. {baseline} / this > 1: faster "
+        "than F.linear. *: pick_tiles' choice; <: the fastest at that shape and M. kernel: "
+        "dot/fma (tensor/CUDA cores) block_n x block_k, K splits, warps, stages."
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""A skinny GEMM in Triton: `y = x @ weight.T (+ bias)` for a few rows of `x`, as in decode.
+
+At decode batch 1-16 a linear layer is a stream of its weight: `W` `[N, K]` is megabytes,
+`x` `[M, K]` and `y` `[M, N]` kilobytes, so its time is W's bytes over the memory bandwidth
+plus what the kernel loses ramping up and draining. On the H200 cuBLAS streams Llama-3-8B's
+large projections near the copy rate but the 34-50 MB ones (QKV, O) at about 74% of it, and
+splits some of them over K with a second reduce launch. This kernel is written for the
+stream:
+
+- Program `(r, i, s)` owns rows `i * block_n ...` of `W` (output columns of `y`) and the
+  `s`-th of `split_k` equal runs of K; it reads its slab of `W` once, each
+  `[block_n, block_k]` tile coalesced along K, with rows `r * BLOCK_M ...` of `x` (x is tiny:
+  L1/L2 serve its re-reads).
+- Tiles with `dot` multiply on the tensor cores, `acc[n, m] += W_tile @ x_tile.T`, all M rows
+  in one program (padded to 16; up to `MAX_BLOCK_M`), W's tiles pipelined through shared
+  memory (`num_stages`). Without `dot`, on the CUDA cores, one row of x per program: the
+  products are accumulated unreduced and summed over K once at the end, and W goes straight
+  from global memory to registers (the loop is not pipelined; the many resident programs
+  keep the loads in flight). More rows than one program holds take more programs; those on
+  one slab of W are adjacent in the grid, so W comes from memory once and from L2 after.
+- Sums are float32; the output is rounded once to x's dtype after the bias is added.
+- `split_k == 1` (the default rule's choice for the shapes it knows) writes `y` directly.
+  With more splits, each writes a float32 partial and a second launch adds them in split
+  order: no atomics, so the result is bitwise the same on every run (greedy decoding stays
+  token-exact run to run). Different tiles sum in different orders and agree only to
+  rounding.
+
+The tile rule `pick_tiles` is reasoned, not yet measured: the widest `block_n` that still
+gives two programs per SM of a 132-SM H100/H200 (every SM streams, all programs resident),
+K tiles long enough to keep several MB of W in flight (see `TILE_CONFIGS`), no split unless
+N is too small to fill the device that way. The tiles compile for sm_90 without spills
+(`bench.compile_kernels`). `python -m bench.skinny_gemm` times every entry of `TILE_CONFIGS`
+against cuBLAS on Llama-3-8B's projections on the GPU; the rule is to be set from that.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.kernels.attention import dot_precision
+
+SM_COUNT = 132  # H100/H200: the device the rule's program counts are for
+MAX_BLOCK_M = 64  # rows of x per program on the tensor cores (one on the CUDA cores)
+
+
+@triton.jit
+def _skinny_gemm_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    y_ptr,
+    part_ptr,
+    M,
+    N,
+    K,
+    split_len,
+    stride_xm,
+    stride_wn,
+    stride_ym,
+    stride_ps,
+    stride_pm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DIRECT: tl.constexpr,
+):
+    # DIRECT (one split): y itself, with the bias; else this split's float32 partial. Row
+    # blocks of x are the fastest grid axis, so that when M takes several programs (more rows
+    # than BLOCK_M) those on one slab of W run together and read it from L2 after the first.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] rows of W = columns of y
+    rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] rows of x and y
+    n_ok = rows_n < N
+    m_ok = rows_m < M
+    k_start = pid_s * split_len
+    offs_k = k_start + tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    if DOT:
+        x_ptrs = x_ptr + rows_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+        x_ok = m_ok[:, None]
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)  # y.T
+    else:
+        # One row of x (BLOCK_M == 1), loaded as W's tile is shaped (every row of it the same
+        # addresses, served by L1) so that it has W's register layout: a [1, BK] load gets its
+        # own, and W's tile went through shared memory to meet it in every step. The products
+        # are accumulated unreduced and summed over K once after the loop.
+        x_row = x_ptr + pid_m.to(tl.int64) * stride_xm + offs_k[None, :]
+        x_ptrs = tl.broadcast_to(x_row, [BLOCK_N, BLOCK_K])
+        x_ok = n_ok[:, None]
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, tl.minimum(split_len, K - k_start), BLOCK_K):
+        if EVEN_K:  # every tile whole: only the row masks, which do not change along K
+            w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)  # [BN, BK]
+            x = tl.load(x_ptrs, mask=x_ok, other=0.0)  # [BM, BK], or [BN, BK] of one row
+        else:
+            k_ok = (offs_k + k0 < K)[None, :]
+            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok, other=0.0)
+            x = tl.load(x_ptrs, mask=x_ok & k_ok, other=0.0)
+        if DOT:
+            acc += tl.dot(w, tl.trans(x), input_precision=PRECISION)
+        else:
+            acc += w.to(tl.float32) * x.to(tl.float32)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    acc = tl.trans(acc) if DOT else tl.sum(acc, 1)[None, :]  # [BM, BN]
+    mask = m_ok[:, None] & n_ok[None, :]
+    if DIRECT:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        out = y_ptr + rows_m.to(tl.int64)[:, None] * stride_ym + rows_n[None, :]
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        part = part_ptr + pid_s * stride_ps + rows_m[:, None] * stride_pm + rows_n[None, :]
+        tl.store(part, acc, mask=mask)
+
+
+@triton.jit
+def _split_sum_kernel(
+    part_ptr,
+    bias_ptr,
+    y_ptr,
+    N,
+    stride_ps,
+    stride_pm,
+    stride_ym,
+    SPLIT_K: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    m = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < N
+    acc = tl.zeros([BLOCK], tl.float32)
+    for s in range(SPLIT_K):  # in split order: the same sum on every run
+        acc += tl.load(part_ptr + s * stride_ps + m * stride_pm + cols, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * stride_ym + cols, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@dataclass(frozen=True)
+class SkinnyTiles:
+    """One launch of the skinny GEMM: `block_n` rows of W per program, `block_k` of K per
+    loop step, `split_k` programs along K (a second launch sums them), tensor-core `dot` or
+    CUDA-core products, warps and software-pipeline stages. Powers of two; with `dot`,
+    `block_n` and `block_k` of 16 or more (the tensor cores' smallest tile)."""
+
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    dot: bool = True
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        smallest = 16 if self.dot else 1
+        for name in ("block_n", "block_k"):
+            value = getattr(self, name)
+            if value < smallest or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= {smallest}, got {value}")
+        if self.split_k < 1 or self.num_warps < 1 or self.num_stages < 1:
+            raise ValueError(f"split_k, num_warps and num_stages must be >= 1 in {self}")
+
+    def label(self) -> str:
+        kind = "dot" if self.dot else "fma"
+        split = f" split {self.split_k}" if self.split_k > 1 else ""
+        return f"{kind} {self.block_n}x{self.block_k}{split} w{self.num_warps} s{self.num_stages}"
+
+
+# The configurations bench.skinny_gemm compares, for 16-bit weights (the rule halves block_k
+# for float32, so that a tile's bytes stay the same). While every program is resident, the
+# bytes of W in flight are about N x block_k x 2 (x the stages less one with `dot`, which
+# pipelines; the CUDA-core loop does not): QKV's 6,144 rows at 512 give 6.3 MB, O's 4,096
+# 4.2 MB, about the H200's bandwidth x latency (4.2 TB/s x ~1 µs). The rule picks from
+# GEMV_TILES and DOT_TILES; the rest are there to test that reasoning on the GPU. Each
+# compiles for sm_90 without spilling (8 warps on the CUDA cores spill a register).
+GEMV_TILES = SkinnyTiles(8, 512, dot=False)  # one row: CUDA cores, 80 registers
+DOT_TILES = (  # widest first: 64 for N of 28k and more, 16 for 4-6k (256-384 programs)
+    SkinnyTiles(64, 128),
+    SkinnyTiles(32, 256, num_warps=8),  # 4 warps spill two registers
+    SkinnyTiles(16, 256),
+)
+TILE_CONFIGS: tuple[SkinnyTiles, ...] = (
+    GEMV_TILES,
+    *DOT_TILES,
+    SkinnyTiles(16, 256, dot=False),  # half GEMV_TILES' bytes in flight
+    SkinnyTiles(4, 1024, dot=False),  # as many bytes in flight, twice the programs
+    SkinnyTiles(16, 512),  # twice DOT_TILES[-1]'s bytes in flight
+    SkinnyTiles(16, 256, split_k=2),  # long K (down: 14,336) over more programs, + a sum
+    SkinnyTiles(32, 256, split_k=2, num_warps=8),  # x is re-read per W tile: M / block_n of W
+)
+
+
+def pick_tiles(m: int, n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> SkinnyTiles:
+    """The rule: CUDA-core products for one row; else the widest `block_n` of `DOT_TILES`
+    that still gives two programs per SM; K split only when even that leaves SMs idle (into
+    as many splits as make two programs per SM, each of two K tiles or more)."""
+    if m == 1:
+        tiles = GEMV_TILES
+    else:
+        fills = (t for t in DOT_TILES if triton.cdiv(n, t.block_n) >= 2 * SM_COUNT)
+        tiles = next(fills, DOT_TILES[-1])
+    programs = triton.cdiv(n, tiles.block_n)
+    block_k = tiles.block_k // 2 if dtype == torch.float32 else tiles.block_k
+    split_k = 1
+    if programs < SM_COUNT:
+        split_k = max(1, min(triton.cdiv(2 * SM_COUNT, programs), k // (2 * block_k)))
+    return replace(tiles, block_k=block_k, split_k=split_k)
+
+
+def rows_per_program(m: int, tiles: SkinnyTiles) -> int:
+    """BLOCK_M of a launch for `m` rows: a power of two of 16 to `MAX_BLOCK_M` on the tensor
+    cores, one on the CUDA cores."""
+    if tiles.dot:
+        return min(MAX_BLOCK_M, max(16, triton.next_power_of_2(m)))
+    return 1
+
+
+def skinny_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    tiles: SkinnyTiles | None = None,
+) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for `x` `[..., K]` of few rows and `weight` `[N, K]` (as
+    nn.Linear stores it), both of one dtype (float32, float16 or bfloat16); `bias` `[N]` of
+    any float dtype. Sums in float32 and returns `[..., N]` in x's dtype. `tiles`: the launch
+    (default `pick_tiles` of the shape); every split count gives the same result on every
+    run."""
+    k = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != k:
+        raise ValueError(f"weight must be [N, {k}] for x of shape {tuple(x.shape)}, "
+                         f"got {tuple(weight.shape)}")  # fmt: skip
+    if weight.dtype != x.dtype:
+        raise ValueError(f"x is {x.dtype} but weight is {weight.dtype}")
+    n = weight.shape[0]
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
+    x2 = x.reshape(math.prod(x.shape[:-1]), k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    m = x2.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y.view(*x.shape[:-1], n)
+    if k == 0:
+        y.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(y))
+        return y.view(*x.shape[:-1], n)
+    tiles = tiles or pick_tiles(m, n, k, x.dtype)
+    block_m = rows_per_program(m, tiles)
+    if triton.cdiv(n, tiles.block_n) > 65535:  # CUDA's limit on a grid's second axis
+        raise ValueError(f"N = {n} needs block_n > {tiles.block_n} (65,535 blocks at most)")
+    # Splits of whole K tiles, the last one possibly shorter; no split is empty.
+    split_len = triton.cdiv(k, tiles.block_k * tiles.split_k) * tiles.block_k
+    split_k = triton.cdiv(k, split_len)
+    direct = split_k == 1
+    if direct:
+        part = y.new_empty(0, 1, 1, dtype=torch.float32)  # not written
+    else:
+        part = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
+    bias_arg = bias if bias is not None else y  # not read
+    _skinny_gemm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, tiles.block_n), split_k)](
+        x2, weight, bias_arg, y, part,
+        m, n, k, split_len,
+        x2.stride(0), weight.stride(0), y.stride(0), part.stride(0), part.stride(1),
+        BLOCK_M=block_m,
+        BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k,
+        DOT=tiles.dot,
+        PRECISION=dot_precision(x),
+        EVEN_K=k % tiles.block_k == 0,
+        HAS_BIAS=bias is not None,
+        DIRECT=direct,
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
+    )  # fmt: skip
+    if not direct:
+        block = min(1024, triton.next_power_of_2(n))
+        _split_sum_kernel[(m, triton.cdiv(n, block))](
+            part, bias_arg, y,
+            n, part.stride(0), part.stride(1), y.stride(0),
+            SPLIT_K=split_k,
+            BLOCK=block,
+            HAS_BIAS=bias is not None,
+            num_warps=4,
+        )  # fmt: skip
+    return y.view(*x.shape[:-1], n)

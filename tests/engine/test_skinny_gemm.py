@@ -1,0 +1,140 @@
+"""The skinny GEMM (`engine.kernels.skinny_gemm`) against torch's `x.float() @ W.float().T`.
+
+On this CPU host the kernel runs under Triton's interpreter (tests/conftest.py); on a GPU
+compiled. Shapes are small and on purpose not multiples of any tile (N = 45, 70; K = 300,
+520) so that every mask is exercised. Outputs are of order 1 (W scaled by K**-0.5, a bias of
+order 1). Tolerances against the float32 reference on the same rounded inputs:
+
+- float32: `rtol = atol = 1e-5` (only the summation order differs).
+- float16: one float16 ulp of the output, `rtol = atol = 2**-10` (float32 sums, one
+  rounding).
+- bfloat16: one bfloat16 ulp, `rtol = atol = 2**-7` relative to the largest output (the
+  interpreter truncates float32 -> bfloat16 instead of rounding; compiled, it rounds). The
+  interpreter's `tl.dot` does not compute in bfloat16 (it returns garbage, silently), so on
+  the CPU bfloat16 runs only the CUDA-core tiles; on a GPU every tile.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from engine.kernels.skinny_gemm import (
+    DOT_TILES,
+    GEMV_TILES,
+    SM_COUNT,
+    TILE_CONFIGS,
+    SkinnyTiles,
+    pick_tiles,
+    skinny_linear,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 2**-10, torch.bfloat16: 2**-7}
+LLAMA3_8B = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)]
+
+
+def make(m: int, n: int, k: int, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) * k**-0.5).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype)
+    return x.to(DEVICE), w.to(DEVICE), b.to(DEVICE)
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    y = x.float().cpu() @ w.float().cpu().T
+    return y if b is None else y + b.float().cpu()
+
+
+def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    tol = TOL[dtype]
+    scale = max(1.0, float(want.abs().max())) if want.numel() else 1.0
+    torch.testing.assert_close(got.float().cpu(), want, rtol=tol, atol=tol * scale)
+
+
+def interpreted_bf16_dot(dtype: torch.dtype, tiles: SkinnyTiles) -> bool:
+    return DEVICE == "cpu" and dtype == torch.bfloat16 and tiles.dot
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 70, 300), (3, 45, 520), (16, 70, 300)])
+def test_matches_torch(m: int, n: int, k: int, with_bias: bool, dtype: torch.dtype) -> None:
+    x, w, b = make(m, n, k, dtype, seed=m)
+    bias = b if with_bias else None
+    tiles = pick_tiles(m, n, k, dtype)
+    if interpreted_bf16_dot(dtype, tiles):
+        tiles = GEMV_TILES
+    got = skinny_linear(x, w, bias, tiles)
+    assert got.dtype == dtype and got.shape == (m, n)
+    close(got, reference(x, w, bias), dtype)
+
+
+@pytest.mark.parametrize("m", [3, 16])
+def test_every_tile_configuration_gives_the_same_result(m: int) -> None:
+    """float32, so that only the summation order differs; splits into 3 and 4 runs of K
+    (the last one short) too. Each configuration twice: bitwise the same (no atomics)."""
+    x, w, b = make(m, 45, 600, torch.float32, seed=10 + m)
+    want = reference(x, w, b)
+    extra = (SkinnyTiles(16, 64, split_k=3), SkinnyTiles(8, 32, split_k=4, dot=False))
+    for tiles in (*TILE_CONFIGS, *extra):
+        got = skinny_linear(x, w, b, tiles)
+        close(got, want, torch.float32)
+        assert torch.equal(skinny_linear(x, w, b, tiles), got), tiles
+
+
+def test_float16_tensor_cores_and_cuda_cores_agree() -> None:
+    x, w, b = make(3, 45, 520, torch.float16, seed=4)
+    want = reference(x, w, b)
+    for tiles in (GEMV_TILES, DOT_TILES[-1], SkinnyTiles(16, 64, split_k=3)):
+        close(skinny_linear(x, w, b, tiles), want, torch.float16)
+
+
+def test_more_rows_than_one_program_holds() -> None:
+    """70 rows: two row blocks of 64 on the tensor cores, 70 programs of one on the CUDA cores."""
+    x, w, b = make(70, 45, 100, torch.float32, seed=5)
+    for tiles in (DOT_TILES[-1], GEMV_TILES):
+        close(skinny_linear(x, w, b, tiles), reference(x, w, b), torch.float32)
+
+
+def test_empty_and_leading_dimensions() -> None:
+    x, w, b = make(6, 45, 100, torch.float32, seed=6)
+    assert skinny_linear(x[:0], w, b).shape == (0, 45)
+    assert skinny_linear(x.view(2, 3, 100)[:, :0], w).shape == (2, 0, 45)
+    got = skinny_linear(x.view(2, 3, 100), w, b)
+    assert got.shape == (2, 3, 45)
+    close(got.view(6, 45), reference(x, w, b), torch.float32)
+    close(skinny_linear(x[:, :0], w[:, :0], b), b.float().cpu().expand(6, 45), torch.float32)
+
+
+def test_bad_input_is_refused() -> None:
+    x, w, b = make(2, 45, 100, torch.float32)
+    with pytest.raises(ValueError, match="weight must be"):
+        skinny_linear(x, w[:, :99])
+    with pytest.raises(ValueError, match="but weight is"):
+        skinny_linear(x, w.half())
+    with pytest.raises(ValueError, match="bias must be"):
+        skinny_linear(x, w, b[:44])
+    with pytest.raises(ValueError, match="needs block_n"):  # 65,536 blocks of one row
+        skinny_linear(
+            x[:, :1], torch.ones(65536, 1, device=DEVICE), None, SkinnyTiles(1, 1, dot=False)
+        )
+    with pytest.raises(ValueError, match="block_n"):
+        SkinnyTiles(8, 256)  # the tensor cores' smallest tile is 16
+    with pytest.raises(ValueError, match="split_k"):
+        SkinnyTiles(16, 256, split_k=0)
+
+
+@pytest.mark.parametrize("m", [1, 4, 16])
+@pytest.mark.parametrize(("n", "k"), [*LLAMA3_8B, (1024, 4096)])
+def test_rule_fills_the_device(m: int, n: int, k: int) -> None:
+    tiles = pick_tiles(m, n, k)
+    assert tiles.dot == (m > 1)
+    assert -(-n // tiles.block_n) * tiles.split_k >= SM_COUNT
+    assert tiles.split_k == 1 or k // tiles.split_k >= 2 * tiles.block_k
+    if (n, k) in LLAMA3_8B:
+        assert tiles.split_k == 1  # one launch: no second pass to sum splits
+    assert pick_tiles(m, n, k, torch.float32).block_k == tiles.block_k // 2
