@@ -24,20 +24,19 @@ step() {  # step NAME SECONDS COMMAND...: run it, keep its output, report its st
 nvidia-smi -L
 case "${1:-a}" in
 a)
-  # Why a CUDA IPC write failed last time: -rA keeps the captured log of every test.
-  step cuda_ipc 80 python3 -m pytest -x -q -rA tests/gpu/test_cuda_ipc.py
   # The skinny Triton GEMM's tiles against cuBLAS at M = 1, 4, 16 on Llama-3-8B's projections
   # (QKV and O first: cuBLAS streams them at 74% of the copy rate); rows flush as they come.
-  TAIL=40 step skinny_gemm 60 python3 -m bench.skinny_gemm --reps 10
-  # Where a dense decode step's device time goes, kernel by kernel, against the floor.
-  TAIL=60 step profile_llama 150 python3 -m bench.profile_decode --preset llama3-8b \
-    --decode 1x128,64x128,256x512 --top 15
-  # The decode split kernel's tiles: 64 keys x 4 warps (the default) spills on sm_90.
-  step decode_tiles 110 python3 -m bench.attention_kernel --shapes 1x2048,64x128,64x2048,256x512 \
-    --block-n 32,64 --num-warps 4,8 --num-stages 2,3
-  # The MoE kernel's block sizes for Qwen3-30B-A3B at decode batches (the table is empty).
-  step moe_tune 200 python3 -m bench.moe_kernel --tune --shape qwen3-30b-a3b \
+  TAIL=40 step skinny_gemm 150 python3 -m bench.skinny_gemm --reps 10
+  # The hand-off after the host path was vectorised (scattered pages were 5-26 GB/s).
+  step cuda_ipc 60 python3 -m pytest -x -q -rf tests/gpu/test_cuda_ipc.py
+  step kv_transfer 60 python3 -m bench.kv_transfer_gpu
+  # Where a batch-1 decode step's device time goes, against the floor.
+  TAIL=40 step profile_llama 50 python3 -m bench.profile_decode --preset llama3-8b \
+    --decode 1x128 --top 15
+  # Moonlight's MoE block sizes (only Qwen3-30B-A3B's are tuned) and the MoE/MLA checks.
+  step moe_tune 150 python3 -m bench.moe_kernel --tune --shape moonlight-16b-a3b \
     --tokens 1,4,16,64 --reps 10
+  step check_moe 80 python3 -m bench.check_moe_gpu
   ;;
 b)
   step cuda_ipc 60 python3 -m pytest -x -q -rf tests/gpu/test_cuda_ipc.py
