@@ -27,6 +27,9 @@ a)
   # The skinny Triton GEMM's tiles against cuBLAS at M = 1, 4, 16 on Llama-3-8B's projections
   # (QKV and O first: cuBLAS streams them at 74% of the copy rate); rows flush as they come.
   TAIL=40 step skinny_gemm 150 python3 -m bench.skinny_gemm --reps 10
+  # Decode attention in one launch (the last split combines) against split + combine.
+  step last_combines 60 python3 -m bench.attention_kernel --shapes 1x128,1x2048,16x128,16x2048 \
+    --block-n 64 --num-warps 4 --num-stages 2 --last-combines 0,1
   # The hand-off after the host path was vectorised (scattered pages were 5-26 GB/s).
   step cuda_ipc 60 python3 -m pytest -x -q -rf tests/gpu/test_cuda_ipc.py
   step kv_transfer 60 python3 -m bench.kv_transfer_gpu
