@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 MOONCAKE_SPEC ?= mooncake-transfer-engine-non-cuda
 STAMP := $(VENV)/.installed
 MODELS ?= models
-PACKAGES := engine kv_transfer protos/__init__.py protos/h2.py protos/cluster_token.py protos/cluster_tls.py protos/contract.py worker prefill_worker decode_worker router cluster
+PACKAGES := engine kv_transfer protos/__init__.py protos/h2.py protos/cluster_token.py protos/cluster_tls.py protos/contract.py protos/cli_help.py worker prefill_worker decode_worker router cluster
 PORT ?= 8000
 # no: skip what only the tests use (Prometheus, kubectl), as deploy/Dockerfile's image does.
 TEST_TOOLS ?= yes
