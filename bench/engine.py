@@ -223,10 +223,23 @@ def model_cost(engine: Engine) -> ModelCost:
 # -- pdserve ----------------------------------------------------------------------------------
 
 
-def _submit(engine: Engine, prompts: torch.Tensor, max_new_tokens: int) -> set[str]:
+def submit(engine: Engine, prompts: torch.Tensor, max_new_tokens: int) -> set[str]:
+    """Greedy requests for `prompts` on an empty prefix cache; their ids."""
     engine.flush_cache()  # every measurement starts from an empty prefix cache
     params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens, ignore_eos=True)
     return {engine.add_request(row, params) for row in prompts.tolist()}
+
+
+def start_decode(engine: Engine, prompts: torch.Tensor, max_new_tokens: int) -> set[str]:
+    """`submit`, then step until every request has its first token (prefilled): from here
+    each step is a decode step of the whole batch. The requests' ids."""
+    ids = submit(engine, prompts, max_new_tokens)
+    started: set[str] = set()
+    while started != ids:
+        outputs = engine.step()
+        _check_no_hits(outputs)
+        started.update(o.request_id for o in outputs)
+    return ids
 
 
 def _check_no_hits(outputs: list[StepOutput]) -> None:
@@ -237,7 +250,7 @@ def _check_no_hits(outputs: list[StepOutput]) -> None:
 
 def pdserve_prefill(engine: Engine, prompts: torch.Tensor) -> float:
     """Seconds to prefill one batch of prompts, each generating one token."""
-    _submit(engine, prompts, max_new_tokens=1)
+    submit(engine, prompts, max_new_tokens=1)
     start = clock(engine.device)
     while engine.has_unfinished():
         _check_no_hits(engine.step())
@@ -276,12 +289,7 @@ def pdserve_decode(engine: Engine, prompts: torch.Tensor, steps: int) -> Decode:
     """Mean milliseconds of a decode step over the whole batch, after its prefill, and of what
     the device waits for the host in it. Overlapped, a step's outputs come one call later: the
     first call launches the first step, and each later call is one step's period."""
-    ids = _submit(engine, prompts, max_new_tokens=steps + 1)
-    started: set[str] = set()
-    while started != ids:
-        outputs = engine.step()
-        _check_no_hits(outputs)
-        started.update(o.request_id for o in outputs)
+    ids = start_decode(engine, prompts, max_new_tokens=steps + 1)
     walls = []
     with decode_device_time(engine) as events:
         for call in range(steps + (1 if engine.overlap else 0)):

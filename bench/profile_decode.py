@@ -29,13 +29,13 @@ from torch.profiler import ProfilerActivity, profile
 from bench.engine import (
     ModelCost,
     Shape,
-    _submit,
     decode_floor_ms,
     engine_config,
     measure_ceiling,
     model_cost,
     parse_args,
     random_prompts,
+    start_decode,
     write_preset,
 )
 from engine.engine import Engine
@@ -73,10 +73,7 @@ class KernelRow:
 def profile_shape(engine: Engine, shape: Shape, vocab: int, steps: int) -> list[KernelRow]:
     """The kernels of `steps` decode steps of `shape`, per step, most time first."""
     warm = 3
-    ids = _submit(engine, random_prompts(shape, vocab, seed=11), steps + warm + 4)
-    started: set[str] = set()
-    while started != ids:
-        started.update(o.request_id for o in engine.step())
+    start_decode(engine, random_prompts(shape, vocab, seed=11), steps + warm + 4)
     for _ in range(warm):
         engine.step()
     engine.device.synchronize()
