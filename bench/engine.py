@@ -427,6 +427,8 @@ def engine_config(args: argparse.Namespace, model_path: str, load_format: str) -
         extra["attention_backend"] = args.attention_backend
     if args.moe_backend:
         extra["moe_backend"] = args.moe_backend
+    if args.gemm_backend:
+        extra["gemm_backend"] = args.gemm_backend
     return EngineConfig(
         model_path=model_path,
         load_format=load_format,
@@ -510,6 +512,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--attention-backend", help="the engine's --attention-backend (default auto)")
     p.add_argument("--moe-backend", help="the engine's --moe-backend (default auto)")
+    p.add_argument("--gemm-backend", help="the engine's --gemm-backend (default auto)")
     p.add_argument("--disable-cuda-graph", action="store_true")
     p.add_argument("--disable-overlap-schedule", action="store_true")
     p.add_argument("--kv-cache-memory-gib", type=float, help="default: just what the runs need")

@@ -9,10 +9,12 @@ configuration against cuBLAS (`F.linear`) at decode's few rows, to set `pick_til
 
 `y = x @ W.T` for Llama-3-8B's projections (`W` `[N, K]`: QKV 6144 x 4096, O 4096 x 4096,
 gate-up 28672 x 4096, down 4096 x 14336, LM head 128256 x 4096), no bias, bfloat16 (`--dtype`),
-x of M rows. Times are medians of CUDA-graph replays of one call per weight copy, divided by
-the copies: `--cycle-mib` (default 256 MiB, five times the 50 MB L2) of copies of W are cycled
-so that each call reads its weight from memory, not from L2 (at least 2 copies; x stays the
-same, as the previous kernel would have left it in L2). Floor: W plus x and y once, over the
+x of M rows. gate_up_silu: the gate-up projection with silu(gate) * up in the kernel's epilogue
+(`skinny_gate_up`, output [M, 14336]) against cuBLAS followed by `fused.silu_and_mul`. Times
+are medians of CUDA-graph replays of one call per weight copy, divided by the copies:
+`--cycle-mib` (default 256 MiB, five times the 50 MB L2) of copies of W are cycled so that each
+call reads its weight from memory, not from L2 (at least 2 copies; x stays the same, as the
+previous kernel would have left it in L2). Floor: W plus x and y once, over the
 device-to-device copy bandwidth measured in the same run (bytes read + written per second,
 `bench.ceiling`). Tiles (`SkinnyTiles.label`): `dot`/`fma` (tensor or CUDA cores), block_n x
 block_k, K splits, warps, stages; `*` marks `pick_tiles`' choice, `<` the fastest row of the
@@ -37,8 +39,26 @@ from engine.kernels.skinny_gemm import (
     TILE_CONFIGS,
     SkinnyTiles,
     pick_tiles,
+    skinny_gate_up,
     skinny_linear,
 )
+
+
+def silu_times(y: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a gate-up output, rounded as the engine's unfused path rounds."""
+    gate, up = y.chunk(2, dim=-1)
+    return (F.silu(gate.float()).to(y.dtype).float() * up.float()).to(y.dtype)
+
+
+def cublas_gate_up(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The engine's unfused path: cuBLAS, then fused.silu_and_mul (torch on the CPU)."""
+    y = F.linear(x, w)
+    if y.is_cuda:
+        from engine.kernels import fused
+
+        return fused.silu_and_mul(y)
+    return silu_times(y)
+
 
 # Llama-3-8B's projections, [N, K]; "tiny" for the CPU smoke run under the interpreter.
 SHAPES = {
@@ -47,9 +67,13 @@ SHAPES = {
     "gate_up": (28672, 4096),
     "down": (4096, 14336),
     "lm_head": (128256, 4096),
+    "gate_up_silu": (28672, 4096),  # gate-up with silu(gate) * up: y is [M, 14336]
     "tiny": (70, 300),
+    "tiny_silu": (70, 300),
 }
-DEFAULT_SHAPES = "qkv,o,down,gate_up,lm_head"  # the small ones first: what the kernel is for
+GATED = {"gate_up_silu", "tiny_silu"}  # against cuBLAS + fused.silu_and_mul
+# The small ones first: what the kernel is for.
+DEFAULT_SHAPES = "qkv,o,down,gate_up,gate_up_silu,lm_head"
 FMA_MAX_ROWS = 4  # CUDA-core tiles (a program per row of x) are timed up to this many rows
 Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, W) -> y
 
@@ -75,9 +99,9 @@ class Case:
         err = (run().float() - want).abs().max() / want.abs().max().clamp_min(1e-6)
         return seconds * 1e6, float(err)
 
-    def floor_bytes(self) -> int:
+    def floor_bytes(self, gated: bool = False) -> int:
         (m, k), n = self.x.shape, self.weights[0].shape[0]
-        return (n * k + m * k + m * n) * self.x.element_size()
+        return (n * k + m * k + m * (n // 2 if gated else n)) * self.x.element_size()
 
 
 def make_weights(
@@ -171,16 +195,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         weights = make_weights(n, k, copies, dtype, args.device)
         for m in args.rows:
             case = Case(torch.randn(m, k, device=args.device, dtype=dtype), weights)
-            floor_us = case.floor_bytes() / bandwidth * 1e6
+            gated = name in GATED
+            floor_us = case.floor_bytes(gated) / bandwidth * 1e6
             want = F.linear(case.x.float(), weights[-1].float())
+            if gated:
+                want = silu_times(want.to(dtype)).float()
             rule = pick_tiles(m, n, k, dtype)
-            rows = [(baseline, *case.measure(F.linear, want, args.reps))]  # (kernel, µs, err)
+            reference = cublas_gate_up if gated else F.linear
+            kernel = skinny_gate_up if gated else skinny_linear
+            rows = [(baseline, *case.measure(reference, want, args.reps))]  # (kernel, µs, err)
             for tiles in [*configs, *([rule] if rule not in configs else [])]:
                 if not tiles.dot and m > FMA_MAX_ROWS:
                     continue  # a program per row: not a candidate
                 label = tiles.label() + ("*" if tiles == rule else "")
                 try:
-                    linear = functools.partial(skinny_linear, tiles=tiles)
+                    linear = functools.partial(kernel, tiles=tiles)
                     rows.append((label, *case.measure(linear, want, args.reps)))
                 except Exception as exc:  # a configuration that does not compile or launch
                     why = f"{type(exc).__name__}: {str(exc).splitlines()[:1]}"[:120]

@@ -15,7 +15,14 @@ import sys
 import time
 from pathlib import Path
 
-from engine.config import ATTENTION_BACKENDS, DTYPES, LOAD_FORMATS, MOE_BACKENDS, EngineConfig
+from engine.config import (
+    ATTENTION_BACKENDS,
+    DTYPES,
+    GEMM_BACKENDS,
+    LOAD_FORMATS,
+    MOE_BACKENDS,
+    EngineConfig,
+)
 from engine.device import DEVICE_KINDS
 from engine.sampling import SamplingParams
 
@@ -72,6 +79,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--cuda-graph-max-bs", type=int, default=256, help="largest decode batch run as a graph"
     )
     g.add_argument("--moe-backend", "--moe-runner-backend", default="auto", choices=MOE_BACKENDS)
+    g.add_argument(
+        "--gemm-backend",
+        default="auto",
+        choices=GEMM_BACKENDS,
+        help="decode-sized linear layers: triton = the skinny Triton GEMM up to 64 rows, "
+        "torch = cuBLAS, auto = the skinny GEMM where it measured faster (Hopper)",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -101,6 +115,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         disable_overlap_schedule=args.disable_overlap_schedule,
         cuda_graph_max_bs=args.cuda_graph_max_bs,
         moe_backend=args.moe_backend,
+        gemm_backend=args.gemm_backend,
         grammar_compile_timeout_s=args.grammar_compile_timeout,
     )
 

@@ -353,6 +353,9 @@ ATTENTION_BACKENDS = ("auto", "torch", "triton")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Routed-expert kernels (engine/layers/moe.py): auto = triton on CUDA, torch elsewhere.
 MOE_BACKENDS = ("auto", "torch", "triton")
+# Decode-sized linear layers (engine/layers/linear.py): auto = the skinny Triton GEMM where it
+# measured faster than cuBLAS (Hopper), torch elsewhere.
+GEMM_BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -387,6 +390,7 @@ class EngineConfig:
     disable_overlap_schedule: bool = False
     cuda_graph_max_bs: int = 256
     moe_backend: str = "auto"
+    gemm_backend: str = "auto"
     # Constrained decoding (engine/grammar.py): a request whose grammar takes longer than this
     # to compile fails with a ValueError (a 400); the compile goes on in the background.
     grammar_compile_timeout_s: float = 30.0
@@ -398,6 +402,10 @@ class EngineConfig:
             )
         if self.moe_backend not in MOE_BACKENDS:
             raise ValueError(f"moe_backend must be one of {MOE_BACKENDS}, got {self.moe_backend!r}")
+        if self.gemm_backend not in GEMM_BACKENDS:
+            raise ValueError(
+                f"gemm_backend must be one of {GEMM_BACKENDS}, got {self.gemm_backend!r}"
+            )
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.dtype not in DTYPES:

@@ -16,6 +16,7 @@ from engine.forward_batch import ForwardBatch
 from engine.kv_cache import KVCache, KVCacheSpec
 from engine.layers.attention import AttentionBackend, make_attention_backend
 from engine.layers.ep_moe import ExpertParallelExperts, expert_parallel_layers, shard_experts
+from engine.layers.linear import gemm_backend_for, set_gemm_backend
 from engine.layers.moe import MoEBackend, moe_backend_for, set_moe_backend
 from engine.loader import (
     WeightTarget,
@@ -59,6 +60,8 @@ class ModelRunner:
                 self.ep_layers = self._shard_experts()
             finally:
                 torch.set_default_dtype(torch_default)
+        self.gemm_backend = gemm_backend_for(config.gemm_backend, device.kind)
+        set_gemm_backend(cast(torch.nn.Module, self.model), self.gemm_backend)
         self.moe_backend: MoEBackend | None = None
         if model_config.is_moe:
             self.moe_backend = moe_backend_for(config.moe_backend, device.kind)
@@ -82,7 +85,8 @@ class ModelRunner:
             config.page_size,
             self.kv_cache.total_bytes / 2**20,
             type(self.attention).__name__,
-            "" if self.moe_backend is None else f", MoE backend {self.moe_backend.name}",
+            ("" if self.moe_backend is None else f", MoE backend {self.moe_backend.name}")
+            + f", GEMM backend {self.gemm_backend.name}",
         )
         context = config.context_length or model_config.max_position_embeddings
         self.max_context = context

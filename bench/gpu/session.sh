@@ -26,7 +26,15 @@ case "${1:-a}" in
 a)
   # The skinny Triton GEMM's tiles against cuBLAS at M = 1, 4, 16 on Llama-3-8B's projections
   # (QKV and O first: cuBLAS streams them at 74% of the copy rate); rows flush as they come.
-  TAIL=40 step skinny_gemm 150 python3 -m bench.skinny_gemm --reps 10
+  step skinny_tests 60 python3 -m pytest -x -q -rf tests/engine/test_skinny_gemm.py
+  TAIL=90 step skinny_gemm 170 python3 -m bench.skinny_gemm --reps 10 --rows 1,4,16,64 \
+    --shapes qkv,o,down,gate_up,gate_up_silu
+  # The whole step with every decode-sized linear layer on the skinny GEMM (its tile rule)
+  # against cuBLAS, in one run.
+  for g in triton torch; do
+    step "llama_gemm_$g" 60 python3 -m bench.engine --preset llama3-8b --skip-hf --prefill '' \
+      --decode 1x128,16x128,64x128 --repeats 2 --gemm-backend "$g"
+  done
   # Decode attention in one launch (the last split combines) against split + combine.
   step last_combines 60 python3 -m bench.attention_kernel --shapes 1x128,1x2048,16x128,16x2048 \
     --block-n 64 --num-warps 4 --num-stages 2 --last-combines 0,1
@@ -34,8 +42,8 @@ a)
   step cuda_ipc 60 python3 -m pytest -x -q -rf tests/gpu/test_cuda_ipc.py
   step kv_transfer 60 python3 -m bench.kv_transfer_gpu
   # Where a batch-1 decode step's device time goes, against the floor.
-  TAIL=40 step profile_llama 50 python3 -m bench.profile_decode --preset llama3-8b \
-    --decode 1x128 --top 15
+  TAIL=60 step profile_llama 80 python3 -m bench.profile_decode --preset llama3-8b \
+    --decode 1x128,64x128,256x512 --top 12
   # Moonlight's MoE block sizes (only Qwen3-30B-A3B's are tuned) and the MoE/MLA checks.
   step moe_tune 150 python3 -m bench.moe_kernel --tune --shape moonlight-16b-a3b \
     --tokens 1,4,16,64 --reps 10

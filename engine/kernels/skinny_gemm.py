@@ -72,7 +72,10 @@ def _skinny_gemm_kernel(
     EVEN_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DIRECT: tl.constexpr,
+    GATED: tl.constexpr,
 ):
+    # GATED: W is [2N, K], gate rows then up rows; the program reads row j of each and
+    # writes silu(gate) * up (DIRECT), or both sums as partials (up at column N + j).
     # DIRECT (one split): y itself, with the bias; else this split's float32 partial. Row
     # blocks of x are the fastest grid axis, so that when M takes several programs (more rows
     # than BLOCK_M) those on one slab of W run together and read it from L2 after the first.
@@ -86,10 +89,12 @@ def _skinny_gemm_kernel(
     k_start = pid_s * split_len
     offs_k = k_start + tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    u_ptrs = w_ptrs + N.to(tl.int64) * stride_wn  # the up rows (read only when GATED)
     if DOT:
         x_ptrs = x_ptr + rows_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
         x_ok = m_ok[:, None]
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)  # y.T
+        acc_u = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     else:
         # One row of x (BLOCK_M == 1), loaded as W's tile is shaped (every row of it the same
         # addresses, served by L1) so that it has W's register layout: a [1, BK] load gets its
@@ -99,30 +104,58 @@ def _skinny_gemm_kernel(
         x_ptrs = tl.broadcast_to(x_row, [BLOCK_N, BLOCK_K])
         x_ok = n_ok[:, None]
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(0, tl.minimum(split_len, K - k_start), BLOCK_K):
         if EVEN_K:  # every tile whole: only the row masks, which do not change along K
-            w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)  # [BN, BK]
-            x = tl.load(x_ptrs, mask=x_ok, other=0.0)  # [BM, BK], or [BN, BK] of one row
+            w_mask = n_ok[:, None]
+            x_mask = x_ok
         else:
             k_ok = (offs_k + k0 < K)[None, :]
-            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok, other=0.0)
-            x = tl.load(x_ptrs, mask=x_ok & k_ok, other=0.0)
+            w_mask = n_ok[:, None] & k_ok
+            x_mask = x_ok & k_ok
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0)  # [BN, BK]
+        x = tl.load(x_ptrs, mask=x_mask, other=0.0)  # [BM, BK], or [BN, BK] of one row
         if DOT:
             acc += tl.dot(w, tl.trans(x), input_precision=PRECISION)
         else:
             acc += w.to(tl.float32) * x.to(tl.float32)
+        if GATED:
+            u = tl.load(u_ptrs, mask=w_mask, other=0.0)
+            if DOT:
+                acc_u += tl.dot(u, tl.trans(x), input_precision=PRECISION)
+            else:
+                acc_u += u.to(tl.float32) * x.to(tl.float32)
+            u_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     acc = tl.trans(acc) if DOT else tl.sum(acc, 1)[None, :]  # [BM, BN]
+    if GATED:
+        acc_u = tl.trans(acc_u) if DOT else tl.sum(acc_u, 1)[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
     if DIRECT:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            if GATED:
+                bias_u = tl.load(bias_ptr + N + rows_n, mask=n_ok, other=0.0)
+                acc_u += bias_u.to(tl.float32)[None, :]
+        if GATED:
+            acc = _silu_times(acc, acc_u, y_ptr.dtype.element_ty)
         out = y_ptr + rows_m.to(tl.int64)[:, None] * stride_ym + rows_n[None, :]
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         part = part_ptr + pid_s * stride_ps + rows_m[:, None] * stride_pm + rows_n[None, :]
         tl.store(part, acc, mask=mask)
+        if GATED:
+            tl.store(part + N, acc_u, mask=mask)
+
+
+@triton.jit
+def _silu_times(gate, up, dtype):
+    """silu(gate) * up from float32 sums, rounded as the unfused path rounds: the GEMM's
+    outputs to `dtype` first, then silu(gate) to `dtype` (fused.silu_and_mul)."""
+    g = gate.to(dtype).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(dtype)
+    return act.to(tl.float32) * up.to(dtype).to(tl.float32)
 
 
 @triton.jit
@@ -137,15 +170,25 @@ def _split_sum_kernel(
     SPLIT_K: tl.constexpr,
     BLOCK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    GATED: tl.constexpr,
 ):
+    # GATED: the partials hold gate sums at columns j and up sums at N + j.
     m = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < N
     acc = tl.zeros([BLOCK], tl.float32)
+    acc_u = tl.zeros([BLOCK], tl.float32)
     for s in range(SPLIT_K):  # in split order: the same sum on every run
         acc += tl.load(part_ptr + s * stride_ps + m * stride_pm + cols, mask=ok, other=0.0)
+        if GATED:
+            acc_u += tl.load(part_ptr + s * stride_ps + m * stride_pm + N + cols, mask=ok,
+                             other=0.0)  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        if GATED:
+            acc_u += tl.load(bias_ptr + N + cols, mask=ok, other=0.0).to(tl.float32)
+    if GATED:
+        acc = _silu_times(acc, acc_u, y_ptr.dtype.element_ty)
     tl.store(y_ptr + m * stride_ym + cols, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
@@ -219,6 +262,22 @@ def pick_tiles(m: int, n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> S
     return replace(tiles, block_k=block_k, split_k=split_k)
 
 
+# Where the skinny GEMM beat cuBLAS on the H200 (`python -m bench.skinny_gemm`), per weight
+# shape: ("linear" or "gate_up", rows N of W, K, dtype) -> ((max_rows, tiles), ...) in
+# ascending order; a product of M rows takes the first row with M <= max_rows, and beyond the
+# last row (or for a shape not here) cuBLAS. `--gemm-backend auto` reads it on Hopper GPUs.
+TunedKey = tuple[str, int, int, str]
+TUNED: dict[TunedKey, tuple[tuple[int, SkinnyTiles], ...]] = {}
+
+
+def tuned_tiles(kind: str, m: int, n: int, k: int, dtype: torch.dtype) -> SkinnyTiles | None:
+    """TUNED's tiles for `m` rows of a `kind` product with a weight `[n, k]`, or None."""
+    for max_rows, tiles in TUNED.get((kind, n, k, str(dtype).removeprefix("torch.")), ()):
+        if m <= max_rows:
+            return tiles
+    return None
+
+
 def rows_per_program(m: int, tiles: SkinnyTiles) -> int:
     """BLOCK_M of a launch for `m` rows: a power of two of 16 to `MAX_BLOCK_M` on the tensor
     cores, one on the CUDA cores."""
@@ -238,15 +297,42 @@ def skinny_linear(
     any float dtype. Sums in float32 and returns `[..., N]` in x's dtype. `tiles`: the launch
     (default `pick_tiles` of the shape); every split count gives the same result on every
     run."""
+    return _launch(x, weight, bias, tiles, gated=False)
+
+
+def skinny_gate_up(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    tiles: SkinnyTiles | None = None,
+) -> torch.Tensor:
+    """`silu(gate) * up` of `F.linear(x, weight, bias)` in one launch (two with K split),
+    for a gate-up projection `weight` `[2N, K]` holding the gate rows then the up rows (as
+    `MLP.gate_up_proj` does); returns `[..., N]`. Rounded as the unfused path rounds (the
+    GEMM's outputs to x's dtype, then silu(gate)); the sums themselves are in float32, in a
+    different order from cuBLAS's."""
+    if weight.dim() == 2 and weight.shape[0] % 2:
+        raise ValueError(f"a gate-up weight has an even number of rows, got {weight.shape[0]}")
+    return _launch(x, weight, bias, tiles, gated=True)
+
+
+def _launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    tiles: SkinnyTiles | None,
+    gated: bool,
+) -> torch.Tensor:
     k = x.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != k:
         raise ValueError(f"weight must be [N, {k}] for x of shape {tuple(x.shape)}, "
                          f"got {tuple(weight.shape)}")  # fmt: skip
     if weight.dtype != x.dtype:
         raise ValueError(f"x is {x.dtype} but weight is {weight.dtype}")
-    n = weight.shape[0]
-    if bias is not None and bias.shape != (n,):
-        raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
+    rows = weight.shape[0]
+    if bias is not None and bias.shape != (rows,):
+        raise ValueError(f"bias must be [{rows}], got {tuple(bias.shape)}")
+    n = rows // 2 if gated else rows  # output columns
     x2 = x.reshape(math.prod(x.shape[:-1]), k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -257,9 +343,14 @@ def skinny_linear(
     if m == 0 or n == 0:
         return y.view(*x.shape[:-1], n)
     if k == 0:
-        y.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(y))
+        full = bias.expand(m, rows).to(x.dtype) if bias is not None else x2.new_zeros(m, rows)
+        if gated:
+            gate, up = full.float().chunk(2, dim=-1)
+            full = (torch.nn.functional.silu(gate).to(x.dtype).float() * up).to(x.dtype)
+        y.copy_(full)
         return y.view(*x.shape[:-1], n)
-    tiles = tiles or pick_tiles(m, n, k, x.dtype)
+    # A gated launch reads two rows of W per output column: the tiles of N = 2n's rule.
+    tiles = tiles or pick_tiles(m, rows, k, x.dtype)
     block_m = rows_per_program(m, tiles)
     if triton.cdiv(n, tiles.block_n) > 65535:  # CUDA's limit on a grid's second axis
         raise ValueError(f"N = {n} needs block_n > {tiles.block_n} (65,535 blocks at most)")
@@ -270,7 +361,7 @@ def skinny_linear(
     if direct:
         part = y.new_empty(0, 1, 1, dtype=torch.float32)  # not written
     else:
-        part = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
+        part = torch.empty(split_k, m, rows, dtype=torch.float32, device=x.device)
     bias_arg = bias if bias is not None else y  # not read
     _skinny_gemm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, tiles.block_n), split_k)](
         x2, weight, bias_arg, y, part,
@@ -284,6 +375,7 @@ def skinny_linear(
         EVEN_K=k % tiles.block_k == 0,
         HAS_BIAS=bias is not None,
         DIRECT=direct,
+        GATED=gated,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
     )  # fmt: skip
@@ -295,6 +387,7 @@ def skinny_linear(
             SPLIT_K=split_k,
             BLOCK=block,
             HAS_BIAS=bias is not None,
+            GATED=gated,
             num_warps=4,
         )  # fmt: skip
     return y.view(*x.shape[:-1], n)

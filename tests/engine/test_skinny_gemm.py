@@ -12,6 +12,9 @@ order 1). Tolerances against the float32 reference on the same rounded inputs:
   interpreter truncates float32 -> bfloat16 instead of rounding; compiled, it rounds). The
   interpreter's `tl.dot` does not compute in bfloat16 (it returns garbage, silently), so on
   the CPU bfloat16 runs only the CUDA-core tiles; on a GPU every tile.
+- The gate-up GEMM with silu(gate) * up in its epilogue rounds four times (gate, up, silu,
+  the product) as the unfused path does; one ulp at each can differ (truncated under the
+  interpreter), so bfloat16 there is checked to four ulps of the largest output.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from engine.kernels.skinny_gemm import (
     TILE_CONFIGS,
     SkinnyTiles,
     pick_tiles,
+    skinny_gate_up,
     skinny_linear,
 )
 
@@ -49,8 +53,8 @@ def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch
     return y if b is None else y + b.float().cpu()
 
 
-def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
-    tol = TOL[dtype]
+def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, ulps: float = 1.0) -> None:
+    tol = TOL[dtype] * ulps
     scale = max(1.0, float(want.abs().max())) if want.numel() else 1.0
     torch.testing.assert_close(got.float().cpu(), want, rtol=tol, atol=tol * scale)
 
@@ -108,6 +112,42 @@ def test_empty_and_leading_dimensions() -> None:
     assert got.shape == (2, 3, 45)
     close(got.view(6, 45), reference(x, w, b), torch.float32)
     close(skinny_linear(x[:, :0], w[:, :0], b), b.float().cpu().expand(6, 45), torch.float32)
+
+
+def gate_up_reference(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """The unfused path: the GEMM rounded to `dtype`, silu(gate) rounded, times up."""
+    gate, up = reference(x, w, b).to(dtype).float().chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate).to(dtype).float() * up
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 70, 300), (3, 90, 520), (16, 70, 300)])
+def test_gate_up_matches_the_unfused_path(m: int, n: int, k: int, dtype: torch.dtype) -> None:
+    """silu(gate) * up in the GEMM's epilogue, with and without a bias, on every tile kind
+    (bfloat16's tensor-core tiles only compiled) and split into 3 runs of K (a second launch
+    applies the activation to the summed partials)."""
+    x, w, b = make(m, n, k, dtype, seed=20 + m)
+    tiles_list = [pick_tiles(m, n, k, dtype), GEMV_TILES, SkinnyTiles(16, 64, split_k=3),
+                  SkinnyTiles(8, 32, split_k=3, dot=False)]  # fmt: skip
+    for bias in (b, None):
+        want = gate_up_reference(x, w, bias, dtype)
+        for tiles in tiles_list:
+            if interpreted_bf16_dot(dtype, tiles):
+                continue
+            got = skinny_gate_up(x, w, bias, tiles)
+            assert got.dtype == dtype and got.shape == (m, n // 2)
+            close(got, want, dtype, ulps=4 if dtype == torch.bfloat16 else 1)
+
+
+def test_gate_up_edges() -> None:
+    x, w, b = make(3, 46, 100, torch.float32, seed=7)
+    assert skinny_gate_up(x[:0], w, b).shape == (0, 23)
+    close(skinny_gate_up(x[:, :0], w[:, :0], b), gate_up_reference(x[:, :0], w[:, :0], b,
+          torch.float32), torch.float32)  # fmt: skip
+    with pytest.raises(ValueError, match="even number of rows"):
+        skinny_gate_up(x, w[:45])
 
 
 def test_bad_input_is_refused() -> None:
