@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import subprocess
 import sys
@@ -30,7 +31,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from engine.kernels import fused_moe, mla_decode, mla_extend, moe_routing, skinny_gemm
+from engine.kernels import fused, fused_moe, mla_decode, mla_extend, moe_routing, skinny_gemm
 from engine.kernels.fused_moe_configs import MoEKernelConfig, candidates, default_config
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -287,9 +288,9 @@ def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
                     launch(dtype, m, tiles)
     divisible = ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "part_ptr", "K", "N", "split_len",
                  "stride_xm", "stride_wn", "stride_ym", "stride_ps", "stride_pm")  # fmt: skip
-    for dtype, block_m, tiles in sorted(launches, key=repr):
+    for (dtype, block_m, tiles), gated in itertools.product(sorted(launches, key=repr), (0, 1)):
         add(
-            f"skinny_gemm {dtype} BLOCK_M={block_m} {tiles.label()}",
+            f"skinny_gemm {dtype} BLOCK_M={block_m} {tiles.label()}{' gated' if gated else ''}",
             skinny_gemm._skinny_gemm_kernel,
             {ptr: f"*{dtype}" for ptr in ("x_ptr", "w_ptr", "bias_ptr", "y_ptr")}
             | {"part_ptr": "*fp32"},
@@ -302,17 +303,30 @@ def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
                 "EVEN_K": True,
                 "HAS_BIAS": False,
                 "DIRECT": tiles.split_k == 1,
+                "GATED": bool(gated),
+                "PDL": True,  # what a launch with PDSERVE_PDL=1 compiles; no other cost
             },
             divisible=divisible,
             num_warps=tiles.num_warps,
             num_stages=tiles.num_stages,
+            launch_pdl=True,
         )
     add(
         "skinny_gemm split sum",
         skinny_gemm._split_sum_kernel,
         {"part_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"},
-        {"SPLIT_K": 4, "BLOCK": 1024, "HAS_BIAS": True},
+        {"SPLIT_K": 4, "BLOCK": 1024, "HAS_BIAS": True, "GATED": True, "PDL": True},
         num_warps=4,
+        launch_pdl=True,
+    )
+    add(
+        "rms_norm (PDL)",
+        fused._rms_norm_kernel,
+        {p: "*bf16" for p in ("x_ptr", "res_ptr", "w_ptr", "out_ptr")},
+        {"HAS_RESIDUAL": True, "BLOCK": 4096, "PDL": True},
+        floats=("eps",),
+        num_warps=16,
+        launch_pdl=True,
     )
 
 

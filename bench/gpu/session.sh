@@ -26,7 +26,10 @@ case "${1:-a}" in
 a)
   # The skinny Triton GEMM's tiles against cuBLAS at M = 1, 4, 16 on Llama-3-8B's projections
   # (QKV and O first: cuBLAS streams them at 74% of the copy rate); rows flush as they come.
-  step skinny_tests 60 python3 -m pytest -x -q -rf tests/engine/test_skinny_gemm.py
+  # Compiled, with programmatic dependent launch on: the skinny GEMM against torch, and
+  # graph replay against eager and transformers.
+  step pdl_tests 90 env PDSERVE_PDL=1 python3 -m pytest -x -q -rf \
+    tests/engine/test_skinny_gemm.py tests/engine/test_triton_attention.py::test_graph_replay_equals_eager
   TAIL=90 step skinny_gemm 170 python3 -m bench.skinny_gemm --reps 10 --rows 1,4,16,64 \
     --shapes qkv,o,down,gate_up,gate_up_silu
   # The whole step with every decode-sized linear layer on the skinny GEMM (its tile rule)
@@ -35,6 +38,9 @@ a)
     step "llama_gemm_$g" 60 python3 -m bench.engine --preset llama3-8b --skip-hf --prefill '' \
       --decode 1x128,16x128,64x128 --repeats 2 --gemm-backend "$g"
   done
+  # And with programmatic dependent launch for the Triton kernels (engine/kernels/pdl.py).
+  step llama_gemm_triton_pdl 60 env PDSERVE_PDL=1 python3 -m bench.engine --preset llama3-8b \
+    --skip-hf --prefill '' --decode 1x128,16x128,64x128 --repeats 2 --gemm-backend triton
   # Decode attention in one launch (the last split combines) against split + combine.
   step last_combines 60 python3 -m bench.attention_kernel --shapes 1x128,1x2048,16x128,16x2048 \
     --block-n 64 --num-warps 4 --num-stages 2 --last-combines 0,1

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels import pdl
+
 LOG2E = 1.4426950408889634
 
 
@@ -156,7 +158,9 @@ def _decode_split_kernel(
     PRECISION: tl.constexpr,
     DIRECT: tl.constexpr,
     LAST_COMBINES: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.start(PDL)
     # DIRECT (one split): the output itself, normalised, instead of a partial to combine.
     # LAST_COMBINES: the last program of a (sequence, KV head) to finish, counted in
     # `counters_ptr` (zero before, reset to zero after), combines the partials itself: no
@@ -297,7 +301,9 @@ def _decode_combine_kernel(
     BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr,
     num_splits,
+    PDL: tl.constexpr,
 ):
+    pdl.start(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)
@@ -416,6 +422,7 @@ def decode_attention(
         LAST_COMBINES=last_combines,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
+        **pdl.launch_args(q),
     )  # fmt: skip
     if direct or last_combines:
         return out
@@ -436,6 +443,7 @@ def decode_attention(
         BLOCK_N=tiles.block_n,
         num_splits=num_splits,
         num_warps=4 if block_dv >= 256 else 2,
+        **pdl.launch_args(q),
     )
     return out
 

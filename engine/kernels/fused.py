@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels import pdl
+
 
 def use_fused(x: torch.Tensor) -> bool:
     """Whether the layers take these kernels for `x`: on CUDA devices."""
@@ -35,7 +37,9 @@ def _rms_norm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.start(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -74,12 +78,15 @@ def rms_norm(
         HAS_RESIDUAL=residual is not None,
         BLOCK=block,
         num_warps=min(16, max(1, block // 256)),
+        **pdl.launch_args(x2),
     )  # fmt: skip
     return out
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):  # fmt: skip
+    pdl.start(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n
@@ -100,8 +107,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return out
     block = min(1024, triton.next_power_of_2(n))
     _silu_mul_kernel[(x.shape[0], triton.cdiv(n, block))](
-        x2, out, x2.stride(0), out.stride(0), n, BLOCK=block, num_warps=4
-    )
+        x2, out, x2.stride(0), out.stride(0), n, BLOCK=block, num_warps=4,
+        **pdl.launch_args(x2),
+    )  # fmt: skip
     return out
 
 
@@ -200,7 +208,9 @@ def _rope_store_kv_kernel(
     BLOCK_DV: tl.constexpr,
     INTERLEAVED: tl.constexpr,
     NORM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.start(PDL)
     # One program per (token, head) over the query heads, then the KV heads: a query head is
     # rotated into q_out; a KV head's key is rotated into its cache slot and its value copied
     # there (a slot < 0, a padded row, writes nothing).
@@ -298,5 +308,6 @@ def rope_store_kv(
         INTERLEAVED=interleaved,
         NORM=qk_norm is not None,
         num_warps=1,
+        **pdl.launch_args(q),
     )  # fmt: skip
     return out

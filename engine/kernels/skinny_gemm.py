@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels import pdl
 from engine.kernels.attention import dot_precision
 
 SM_COUNT = 132  # H100/H200: the device the rule's program counts are for
@@ -73,7 +74,9 @@ def _skinny_gemm_kernel(
     HAS_BIAS: tl.constexpr,
     DIRECT: tl.constexpr,
     GATED: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.start(PDL)
     # GATED: W is [2N, K], gate rows then up rows; the program reads row j of each and
     # writes silu(gate) * up (DIRECT), or both sums as partials (up at column N + j).
     # DIRECT (one split): y itself, with the bias; else this split's float32 partial. Row
@@ -171,7 +174,9 @@ def _split_sum_kernel(
     BLOCK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     GATED: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.start(PDL)
     # GATED: the partials hold gate sums at columns j and up sums at N + j.
     m = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -378,6 +383,7 @@ def _launch(
         GATED=gated,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
+        **pdl.launch_args(x2),
     )  # fmt: skip
     if not direct:
         block = min(1024, triton.next_power_of_2(n))
@@ -389,5 +395,6 @@ def _launch(
             HAS_BIAS=bias is not None,
             GATED=gated,
             num_warps=4,
+            **pdl.launch_args(x2),
         )  # fmt: skip
     return y.view(*x.shape[:-1], n)
