@@ -64,6 +64,10 @@ def compile_one(
     the other runtime arguments as i32, and `constants` as its constexprs. `divisible`: the
     arguments a launch passes as multiples of 16 (Triton specializes on that at run time, and
     vectorizes by it)."""
+    if "PDL" in kernel.arg_names and "PDL" not in constants:
+        # Compiled as a launch with PDSERVE_PDL=1 makes it (engine/kernels/pdl.py).
+        constants = {**constants, "PDL": True}
+        options = {**options, "launch_pdl": True}
     signature = {}
     for arg in kernel.arg_names:
         if arg in constants:

@@ -41,6 +41,8 @@ a)
   # And with programmatic dependent launch for the Triton kernels (engine/kernels/pdl.py).
   step llama_gemm_triton_pdl 60 env PDSERVE_PDL=1 python3 -m bench.engine --preset llama3-8b \
     --skip-hf --prefill '' --decode 1x128,16x128,64x128 --repeats 2 --gemm-backend triton
+  step qwen3_triton_pdl 60 env PDSERVE_PDL=1 python3 -m bench.engine --preset qwen3-30b-a3b \
+    --skip-hf --decode 1x128,64x128 --prefill '' --repeats 2 --decode-steps 16 --gemm-backend triton
   # Decode attention in one launch (the last split combines) against split + combine.
   step last_combines 60 python3 -m bench.attention_kernel --shapes 1x128,1x2048,16x128,16x2048 \
     --block-n 64 --num-warps 4 --num-stages 2 --last-combines 0,1

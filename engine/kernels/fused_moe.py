@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels import pdl
 from engine.kernels.fused_moe_configs import MoEKernelConfig, kernel_config
 
 
@@ -43,7 +44,9 @@ def align_kernel(
     BLOCK_M: tl.constexpr,
     E_POW2: tl.constexpr,  # a power of two > num_experts: bin num_experts holds the strays
     CHUNK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.start(PDL)
     experts = tl.arange(0, E_POW2)
     lanes = tl.arange(0, CHUNK)
     # Pass 1: pairs per expert. A one-hot sum rather than atomics: deterministic, and it runs
@@ -214,7 +217,9 @@ def grouped_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.start(PDL)
     # Programs walk GROUP_M row blocks down one column of tiles before moving right, so the
     # weight tiles of neighbouring blocks (often the same expert) are reused from L2.
     pid = tl.program_id(0)
@@ -280,7 +285,9 @@ def combine_kernel(
     num_experts,
     TOP_K: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.start(PDL)
     t = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     ok = cols < H
@@ -344,6 +351,7 @@ def align_block_size(
             E_POW2=e_pow2,
             CHUNK=align_chunk(e_pow2, num_pairs),
             num_warps=8,
+            **pdl.launch_args(ids),
         )
         return sorted_pairs, block_expert, num_rows
     chunk = PARALLEL_CHUNK
@@ -433,6 +441,7 @@ def _grouped_gemm(
         GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        **pdl.launch_args(a),
     )
 
 
@@ -470,6 +479,7 @@ def fused_moe(
     _grouped_gemm(act, w2, y, aligned, top_k, False, cfg)
     block_h = min(1024, triton.next_power_of_2(hidden))
     combine_kernel[(num_tokens, triton.cdiv(hidden, block_h))](
-        y, topk_weights, topk_ids, out, hidden, num_experts, TOP_K=top_k, BLOCK_H=block_h
-    )
+        y, topk_weights, topk_ids, out, hidden, num_experts, TOP_K=top_k, BLOCK_H=block_h,
+        **pdl.launch_args(y),
+    )  # fmt: skip
     return out

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels import pdl
+
 
 @triton.jit
 def softmax_topk_kernel(
@@ -24,7 +26,9 @@ def softmax_topk_kernel(
     K_POW2: tl.constexpr,
     E_POW2: tl.constexpr,
     RENORMALIZE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.start(PDL)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, E_POW2)
     ok = cols < num_experts
@@ -66,7 +70,9 @@ def grouped_topk_kernel(
     P_POW2: tl.constexpr,
     K_POW2: tl.constexpr,
     RENORMALIZE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.start(PDL)
     t = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, G_POW2)
     c = tl.arange(0, P_POW2)
@@ -127,6 +133,7 @@ def softmax_topk(
             K_POW2=triton.next_power_of_2(top_k),
             E_POW2=triton.next_power_of_2(num_experts),
             RENORMALIZE=renormalize,
+            **pdl.launch_args(logits),
         )
     return weights, ids
 
@@ -163,5 +170,6 @@ def grouped_topk(
             P_POW2=triton.next_power_of_2(per_group),
             K_POW2=triton.next_power_of_2(top_k),
             RENORMALIZE=renormalize,
+            **pdl.launch_args(logits),
         )
     return weights, ids
