@@ -66,7 +66,7 @@ def compile_one(
     vectorizes by it)."""
     if "PDL" in kernel.arg_names and "PDL" not in constants:
         # Compiled as a launch with PDSERVE_PDL=1 makes it (engine/kernels/pdl.py).
-        constants = {**constants, "PDL": True}
+        constants = {**constants, "PDL": 2}
         options = {**options, "launch_pdl": True}
     signature = {}
     for arg in kernel.arg_names:
@@ -308,7 +308,7 @@ def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
                 "HAS_BIAS": False,
                 "DIRECT": tiles.split_k == 1,
                 "GATED": bool(gated),
-                "PDL": True,  # what a launch with PDSERVE_PDL=1 compiles; no other cost
+                "PDL": 2,  # what a launch with PDSERVE_PDL=1 compiles; no other cost
             },
             divisible=divisible,
             num_warps=tiles.num_warps,
@@ -319,7 +319,7 @@ def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
         "skinny_gemm split sum",
         skinny_gemm._split_sum_kernel,
         {"part_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"},
-        {"SPLIT_K": 4, "BLOCK": 1024, "HAS_BIAS": True, "GATED": True, "PDL": True},
+        {"SPLIT_K": 4, "BLOCK": 1024, "HAS_BIAS": True, "GATED": True, "PDL": 2},
         num_warps=4,
         launch_pdl=True,
     )
@@ -327,7 +327,7 @@ def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
         "rms_norm (PDL)",
         fused._rms_norm_kernel,
         {p: "*bf16" for p in ("x_ptr", "res_ptr", "w_ptr", "out_ptr")},
-        {"HAS_RESIDUAL": True, "BLOCK": 4096, "PDL": True},
+        {"HAS_RESIDUAL": True, "BLOCK": 4096, "PDL": 2},
         floats=("eps",),
         num_warps=16,
         launch_pdl=True,

@@ -100,5 +100,18 @@ d)
   TAIL=30 step profile_llama 40 python3 -m bench.profile_decode --preset llama3-8b \
     --decode 1x128 --top 12
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d"; exit 2 ;;
+e)
+  # Where the skinny GEMM wins (per shape and rows), and what PDL does to each kernel.
+  TAIL=120 step skinny_gemm 150 python3 -m bench.skinny_gemm --reps 10 --rows 1,4,16,64 \
+    --shapes qkv,o,down,gate_up,gate_up_silu
+  step pdl_tests 70 env PDSERVE_PDL=1 python3 -m pytest -x -q -rf \
+    tests/engine/test_skinny_gemm.py tests/engine/test_triton_attention.py::test_graph_replay_equals_eager
+  for mode in early wait; do
+    step "llama_torch_pdl_$mode" 50 env PDSERVE_PDL=$mode python3 -m bench.engine \
+      --preset llama3-8b --skip-hf --prefill '' --decode 1x128,16x128,64x128 --repeats 2
+  done
+  TAIL=40 step profile_pdl 60 env PDSERVE_PDL=early python3 -m bench.profile_decode \
+    --preset llama3-8b --decode 1x128,16x128 --top 14 --gemm-backend triton
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e"; exit 2 ;;
 esac

@@ -9,7 +9,9 @@ only the launch and the set-up before the wait overlap, so the results are the s
 
 Each kernel that takes part has a `PDL: tl.constexpr` argument and calls `start(PDL)` before
 its first load or store; `launch_args(x)` gives the launch keywords (`PDL` and Triton's
-`launch_pdl`) for a launch whose tensors are like `x`. Off unless `PDSERVE_PDL=1` is set, and
+`launch_pdl`) for a launch whose tensors are like `x`. `PDSERVE_PDL=1` (or `early`) lets each
+kernel's successor be scheduled as soon as it starts, `wait` only as its programs finish. Off
+unless set, and
 never under Triton's interpreter, off CUDA, before sm_90, or with a Triton that lacks
 `launch_pdl`; `bench.engine` measures it on against off.
 """
@@ -24,30 +26,37 @@ import triton
 import triton.language as tl
 
 
+MODES = {"1": 2, "early": 2, "wait": 1}  # PDSERVE_PDL -> the kernels' PDL argument
+
+
 @functools.cache
-def _available() -> bool:
-    if os.environ.get("PDSERVE_PDL") != "1" or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
+def _mode() -> int:
+    mode = MODES.get(os.environ.get("PDSERVE_PDL", ""), 0)
+    if not mode or os.environ.get("TRITON_INTERPRET") == "1":
+        return 0
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
-        return False
+        return 0
     try:
         from triton.backends.nvidia.compiler import CUDAOptions
     except ImportError:
-        return False
-    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+        return 0
+    return mode if "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {}) else 0
 
 
-def launch_args(x: torch.Tensor) -> dict[str, bool]:
+def launch_args(x: torch.Tensor) -> dict[str, int | bool]:
     """Keywords for a launch of a kernel with a `PDL` argument, on tensors like `x`."""
-    if x.is_cuda and _available():
-        return {"PDL": True, "launch_pdl": True}
-    return {"PDL": False}
+    mode = _mode() if x.is_cuda else 0
+    if mode:
+        return {"PDL": mode, "launch_pdl": True}
+    return {"PDL": 0}
 
 
 @triton.jit
 def start(PDL: tl.constexpr):
-    """Wait for the kernel before this one (a no-op without PDL), then let the next one be
-    scheduled: it too waits before touching memory."""
+    """Wait for the kernel before this one (a no-op without PDL); with PDL 2 then let the next
+    one be scheduled at once (it too waits before touching memory), with 1 only as this
+    kernel's programs finish."""
     if PDL:
         tl.extra.cuda.gdc_wait()
+    if PDL == 2:
         tl.extra.cuda.gdc_launch_dependents()
