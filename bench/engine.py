@@ -317,6 +317,28 @@ def pdserve_decode(engine: Engine, prompts: torch.Tensor, steps: int) -> Decode:
     return Decode(statistics.mean(walls), host)
 
 
+def pdserve_decode_free_running(engine: Engine, prompts: torch.Tensor, steps: int) -> Decode:
+    """Mean milliseconds of a decode step over the whole batch, after its prefill, with the
+    steps run back to back as a server runs them: the device is synchronised before the first
+    step only, and the clock stops when the host holds the last step's tokens. Overlapped,
+    the host's share of a step hides behind the device's work, which the synchronisation
+    around every step in `pdserve_decode` does not let it do."""
+    ids = start_decode(engine, prompts, max_new_tokens=steps + 1)
+    preemptions = engine.scheduler.num_preemptions
+    tokens = 0
+    start = clock(engine.device)
+    while engine.has_unfinished():
+        tokens += len(engine.step())
+    elapsed = time.perf_counter() - start
+    engine.device.synchronize()  # a step launched ahead, past the end, is dropped
+    if tokens != steps * len(ids) or engine.scheduler.num_preemptions != preemptions:
+        raise RuntimeError(
+            f"{len(ids)} requests made {tokens} decode tokens, not {steps * len(ids)}, or were "
+            "preempted (enlarge --kv-cache-memory-gib)"
+        )
+    return Decode(1000 * elapsed / steps)
+
+
 def pdserve_state_as_hf(model: CausalLM) -> dict[str, torch.Tensor]:
     """pdserve's (fused) parameters as views under the Hugging Face checkpoint names."""
     params = dict(model.named_parameters())

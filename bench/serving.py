@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import sys
@@ -99,6 +100,12 @@ class TextSource:
 
     def count(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def counts(self, chunks: Sequence[str]) -> list[int]:
+        """The tokens of each streamed chunk, counted in one batched call: at least 1 (a
+        chunk carries a token, though its text alone may re-encode to none)."""
+        encoded = self.tokenizer.encode_batch(list(chunks), add_special_tokens=False)
+        return [max(1, len(e.ids)) for e in encoded]
 
     def text(self, num_tokens: int) -> str:
         """About `num_tokens` tokens of random text (exactly, where the pieces do not merge)."""
@@ -164,7 +171,9 @@ def shared_prefix_chat_dataset(
 class RequestResult:
     """Timings of one request, in seconds from when it was sent. `itls` are the gaps between
     consecutive content chunks; `output_len` is the server's `usage.completion_tokens` when
-    it sends one, else the tokenizer's count of the text."""
+    it sends one, else the tokenizer's count of the text. `sent` is when it was sent, in
+    seconds from the start of its run; `chunks` the text of each content chunk (a chunk may
+    carry several tokens)."""
 
     ok: bool
     prompt_len: int = 0
@@ -173,6 +182,8 @@ class RequestResult:
     e2e: float = 0.0
     itls: list[float] = field(default_factory=list)
     error: str = ""
+    sent: float = 0.0
+    chunks: list[str] = field(default_factory=list)
 
     @property
     def tpot(self) -> float | None:
@@ -254,6 +265,7 @@ async def send_request(
         result.error = f"{type(exc).__name__}: {exc}"
         return result
     result.e2e = time.perf_counter() - start
+    result.chunks = text
     if not text:
         result.error = "the stream ended without any content"
         return result
@@ -369,13 +381,11 @@ async def run_load(
 
     async def one(req: BenchRequest, at: float) -> RequestResult:
         await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
-        if limit is None:
+        async with limit or contextlib.nullcontext():
+            sent = time.perf_counter() - start
             result = await send_request(session, args.base_url, model, req, source,
                                         not args.disable_ignore_eos)  # fmt: skip
-        else:
-            async with limit:
-                result = await send_request(session, args.base_url, model, req, source,
-                                            not args.disable_ignore_eos)  # fmt: skip
+        result.sent = sent
         bar.update(1)
         return result
 
@@ -385,9 +395,15 @@ async def run_load(
     return list(results), duration
 
 
-def _timings(r: RequestResult) -> dict[str, Any]:
-    return {"prompt_len": r.prompt_len, "output_len": r.output_len, "ttft": r.ttft,
-            "e2e": r.e2e, "tpot": r.tpot, "itls": r.itls}  # fmt: skip
+def _timings(r: RequestResult, source: TextSource | None) -> dict[str, Any]:
+    """A request's figures for the JSON file: `sent` (s from the run's start) and `ttft`
+    plus the running sum of `itls` place every chunk in time; `chunk_tokens` is the
+    tokenizer's count of each chunk's text (at least 1: a chunk carries a token; exact for
+    a word-level tokenizer, close for others: `output_len` is the server's count)."""
+    counts = [1] * len(r.chunks) if source is None else source.counts(r.chunks)
+    return {"prompt_len": r.prompt_len, "output_len": r.output_len, "sent": r.sent,
+            "ttft": r.ttft, "e2e": r.e2e, "tpot": r.tpot, "itls": r.itls,
+            "chunk_tokens": counts}  # fmt: skip
 
 
 async def served_model(session: aiohttp.ClientSession, base_url: str) -> str:
@@ -429,7 +445,7 @@ async def benchmark(
             summary.update(
                 request_rate=rate,
                 max_concurrency=args.max_concurrency,
-                requests=[_timings(r) for r in results if r.ok],
+                requests=[_timings(r, source) for r in results if r.ok],
             )
             runs.append(summary)
     return runs

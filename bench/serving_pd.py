@@ -11,6 +11,10 @@ With `--preset llama3-8b` the model is Llama-3-8B's shape with dummy weights: it
 (bench.engine's preset) beside a generated word tokenizer of the same vocabulary (`w0 w1 ...`:
 every id the dummy model samples decodes to a word; the text is noise).
 
+With `--mps` the disaggregated mode runs under NVIDIA MPS (bench/mps.py: a control daemon of
+its own for the mode's span, its directories in the workers' environment), so that the two
+workers on one GPU run side by side instead of time-slicing it; the summary records it.
+
     python -m bench.serving_pd --preset llama3-8b --request-rates 1 2 4 8 16 inf \\
         --num-prompts 200 --random-input-len 1024 --random-output-len 128 \\
         --slo-ttft-ms 500 --slo-itl-ms 30 --out-dir /tmp/pd
@@ -23,6 +27,7 @@ import json
 import math
 import shlex
 import sys
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from bench import serving
 from bench.engine import PRESETS, write_preset
+from bench.mps import MPSUnavailable, control_binary, mps_daemon
 from cluster.local import LocalCluster, LocalClusterSpec
 
 
@@ -56,7 +62,10 @@ def write_word_tokenizer(path: Path, vocab_size: int) -> None:
     (path / "tokenizer_config.json").write_text(json.dumps(config))
 
 
-def run_mode(args: argparse.Namespace, model: Path, out: Path, mode: str) -> list[dict[str, Any]]:
+def run_mode(
+    args: argparse.Namespace, model: Path, out: Path, mode: str, env: dict[str, str]
+) -> list[dict[str, Any]]:
+    """`mode`'s runs at every rate; `env`: variables for the cluster's processes."""
     colocated = mode == "colocated"
     worker_args = tuple(shlex.split(args.worker_args))
     if not colocated and args.transfer_backend:
@@ -70,6 +79,7 @@ def run_mode(args: argparse.Namespace, model: Path, out: Path, mode: str) -> lis
         log_dir=str(out / f"logs-{mode}"),
         device=args.device,
         gpu_count=args.gpus if args.device == "cuda" else None,
+        env=env,
     )
     argv = [
         "--base-url", f"http://127.0.0.1:{args.port}", "--tokenizer", str(model),
@@ -84,7 +94,7 @@ def run_mode(args: argparse.Namespace, model: Path, out: Path, mode: str) -> lis
     for flag in ("slo_ttft_ms", "slo_itl_ms", "slo_e2e_ms"):
         if getattr(args, flag) is not None:
             argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    print(f"\n== {mode}", flush=True)
+    print(f"\n== {mode}" + (" (MPS)" if env else ""), flush=True)
     with LocalCluster(spec):
         if serving.main(argv) not in (0, 2):
             raise RuntimeError(f"bench.serving failed against the {mode} cluster")
@@ -133,19 +143,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slo-e2e-ms", type=float)
     p.add_argument("--modes", nargs="+", default=["colocated", "disaggregated"],
                    choices=["colocated", "disaggregated"])  # fmt: skip
+    p.add_argument("--mps", action="store_true",
+                   help="run the disaggregated mode under NVIDIA MPS (the two workers' kernels "
+                   "side by side on a shared GPU, not time-sliced)")  # fmt: skip
     p.add_argument("--out-dir", default="serving-pd")
     args = p.parse_args(argv)
     if args.gpus < 1:
         p.error(f"--gpus must be >= 1, got {args.gpus}")
+    if args.mps and not args.device.startswith("cuda"):
+        p.error(f"--mps is for CUDA devices, not --device {args.device}")
+    if args.mps:
+        try:
+            control_binary()  # before the colocated mode's minutes, not after them
+        except MPSUnavailable as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     if args.transfer_backend is None:
         args.transfer_backend = "cuda_ipc" if args.device.startswith("cuda") else "mooncake"
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = model_dir(args, out)
-    results = {mode: run_mode(args, model, out, mode) for mode in args.modes}
+    results = {}
+    mps = {mode: args.mps and mode == "disaggregated" for mode in args.modes}
+    for mode in args.modes:
+        env: AbstractContextManager[dict[str, str]]
+        env = mps_daemon(out / "mps-logs") if mps[mode] else nullcontext({})
+        try:
+            with env as mps_env:
+                results[mode] = run_mode(args, model, out, mode, mps_env)
+        except MPSUnavailable as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     table = compare(results)
     print("\n" + table)
-    summary = {"config": {k: str(v) for k, v in vars(args).items()}, "runs": results}
+    summary = {"config": {k: str(v) for k, v in vars(args).items()}, "mps": mps,
+               "runs": results}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(serving._jsonable(summary), indent=1))
     (out / "summary.md").write_text(table + "\n")
     print(f"\nresults in {out}/", file=sys.stderr)

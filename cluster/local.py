@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,6 +163,8 @@ class LocalClusterSpec:
     decode_args: tuple[str, ...] = ()  # flags for decode workers only (colocated: the worker)
     prefill_mem_fraction_static: float | None = None
     decode_mem_fraction_static: float | None = None
+    # Variables set for every child beyond this process's own (e.g. NVIDIA MPS's directories).
+    env: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("prefill_mem_fraction_static", "decode_mem_fraction_static"):
@@ -172,6 +175,10 @@ class LocalClusterSpec:
             raise ValueError(f"gpu_count must be >= 1, got {self.gpu_count}")
         if self.num_prefill < 1 or self.num_decode < 1:
             raise ValueError("num_prefill and num_decode must be >= 1")
+
+    def child_env(self) -> dict[str, str]:
+        """The environment every child starts with: this process's, plus `env`."""
+        return {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
 
     def placements(self) -> list[WorkerPlacement]:
         """Every worker's device and own flags, in start order (prefill workers first)."""
@@ -251,7 +258,7 @@ class LocalCluster:
 
     def start(self, timeout_s: float = READY_TIMEOUT_S) -> LocalCluster:
         spec = self.spec
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = spec.child_env()
         log_dir = Path(spec.log_dir) if spec.log_dir else None
         if log_dir:
             log_dir.mkdir(parents=True, exist_ok=True)

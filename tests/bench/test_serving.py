@@ -185,6 +185,10 @@ def test_against_pdserve_local(tmp_path: Path) -> None:
         assert run["completed"] == 6 and run["failed"] == 0
         # ignore_eos and the server's usage: exactly the asked-for tokens.
         assert all(r["output_len"] == 5 and len(r["itls"]) <= 4 for r in run["requests"])
+        # Every chunk placed in time (from its request's send) and counted.
+        for r in run["requests"]:
+            assert 0 <= r["sent"] < run["duration_s"]
+            assert len(r["chunk_tokens"]) == len(r["itls"]) + 1 and min(r["chunk_tokens"]) >= 1
         assert run["output_tokens"] == 30 and run["good_requests"] == 6
         assert 0 < run["ttft_ms"]["p50"] <= run["ttft_ms"]["p99"] < run["e2e_ms"]["p99"]
     chat_run = json.loads(chat.read_text())["runs"][0]
