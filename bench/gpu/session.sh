@@ -113,5 +113,26 @@ e)
   TAIL=40 step profile_pdl 60 env PDSERVE_PDL=early python3 -m bench.profile_decode \
     --preset llama3-8b --decode 1x128,16x128 --top 14 --gemm-backend triton
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e"; exit 2 ;;
+f)
+  # The defaults (PDL "wait", the gate-up GEMM with its activation from skinny_gemm.TUNED)
+  # checked compiled, then timed against PDL off and cuBLAS only; the serving stack's cost and
+  # disaggregated serving under MPS.
+  step kernels 100 python3 -m pytest -x -q -rf tests/engine/test_fused_ops.py \
+    tests/engine/test_triton_attention.py::test_graph_replay_equals_eager \
+    tests/engine/test_skinny_gemm.py -k "gate_up or graph_replay or fused"
+  step llama 80 python3 -m bench.engine --preset llama3-8b --skip-hf --prefill '' --repeats 2
+  step llama_off 50 env PDSERVE_PDL=0 python3 -m bench.engine --preset llama3-8b --skip-hf \
+    --prefill '' --repeats 2 --decode 1x128,64x128,256x512 --gemm-backend torch
+  step qwen3 45 python3 -m bench.engine --preset qwen3-30b-a3b --skip-hf \
+    --decode 1x128,64x128 --prefill '' --repeats 2 --decode-steps 16
+  step stack_cost 130 python3 -m bench.stack_cost --preset llama3-8b --batches 16,64 \
+    --input-len 128 --output-len 256 --repeats 2 --out "$OUT/stack_cost.json"
+  step serving_pd_mps 150 python3 -m bench.serving_pd --preset llama3-8b --modes disaggregated \
+    --mps --request-rates 4 16 inf --num-prompts 48 --random-input-len 1024 \
+    --random-output-len 64 --slo-ttft-ms 500 --slo-itl-ms 30 --out-dir /tmp/pd-mps
+  cp /tmp/pd-mps/summary.json "$OUT/serving_pd_mps.json" 2>/dev/null
+  step moonlight 50 python3 -m bench.engine --preset moonlight-16b-a3b --skip-hf \
+    --decode 1x128,64x128 --prefill '' --repeats 2 --decode-steps 16
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f"; exit 2 ;;
 esac

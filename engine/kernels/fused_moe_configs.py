@@ -49,6 +49,14 @@ TUNED: dict[ShapeKey, tuple[tuple[int, MoEKernelConfig], ...]] = {
         (16, MoEKernelConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=3)),  # 201.1 µs
         (64, MoEKernelConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=4)),  # 331.5 µs
     ),
+    # Moonlight-16B-A3B, tuned on an NVIDIA H200 by `python -m bench.moe_kernel --tune --shape
+    # moonlight-16b-a3b --tokens 1,4,16,64 --reps 10`.
+    (64, 2048, 1408, 6, "bfloat16"): (
+        (1, MoEKernelConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=4)),  # 38.9 µs
+        (4, MoEKernelConfig(16, 64, 64, group_m=1, num_warps=4, num_stages=3)),  # 87.2 µs
+        (16, MoEKernelConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=3)),  # 180.0 µs
+        (64, MoEKernelConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=3)),  # 237.4 µs
+    ),
 }
 
 
