@@ -150,6 +150,11 @@ class SmallBatchTiles:
     down_k: int = 256
     num_warps: int = 4
 
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if value < 1 or value & (value - 1):  # tl.arange and the warps need powers of two
+                raise ValueError(f"{name} must be a power of two, got {value}")
+
 
 DEFAULT_TILES = SmallBatchTiles()
 
