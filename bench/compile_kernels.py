@@ -280,35 +280,53 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
 
 
 def add_small_batch_moe(add: Callable[..., None]) -> None:
-    """The small-batch MoE's two kernels at their default tiles, for Qwen3-30B-A3B (H 2048,
-    I 768, top-8) and Moonlight (H 2048, I 1408, top-6): the sizes and strides are multiples of
-    16 there, as a launch specializes them. Moonlight's routing weights are float32."""
+    """The small-batch MoE's two kernels at their default tiles, for Qwen3-30B-A3B (128 experts,
+    H 2048, I 768, top-8; the gate-up kernel also with its routing folded in) and Moonlight
+    (H 2048, I 1408, top-6, float32 routing weights): the sizes and strides are multiples of 16
+    there, as a launch specializes them."""
     tiles = fused_moe_small.DEFAULT_TILES
     sizes = ("hidden", "inter", "stride_we", "stride_wn")
-    for (model, top_k), dtype in itertools.product(
-        (("qwen3-30b-a3b", 8), ("moonlight", 6)), ("bf16", "fp32")
-    ):
-        add(
-            f"small_gate_up_kernel {dtype} {model}",
-            fused_moe_small.small_gate_up_kernel,
-            {"x": f"*{dtype}", "w13": f"*{dtype}", "topk_ids": "*i64", "act": f"*{dtype}"},
-            {"TOP_K": top_k, "BLOCK_N": tiles.gate_up_n, "BLOCK_K": tiles.gate_up_k},
-            divisible=("x", "w13", "act", "stride_xt", *sizes),
-            num_warps=tiles.num_warps,
-        )
+    models = (("qwen3-30b-a3b", 8, (False, True)), ("moonlight", 6, (False,)))
+    for (model, top_k, routes), dtype in itertools.product(models, ("bf16", "fp32")):
+        weights = "*fp32" if model == "moonlight" else f"*{dtype}"
+        k_pow2 = triton.next_power_of_2(top_k)
+        for route in routes:
+            add(
+                f"small_gate_up_kernel {dtype} {model}{' routed' if route else ''}",
+                fused_moe_small.small_gate_up_kernel,
+                {
+                    "x": f"*{dtype}",
+                    "w13": f"*{dtype}",
+                    "topk_ids": "*i64",
+                    "act": f"*{dtype}",
+                    "router_logits": f"*{dtype}",
+                    "topk_weights": weights,
+                },
+                {
+                    "TOP_K": top_k,
+                    "K_POW2": k_pow2,
+                    "E_POW2": 128 if route else 1,
+                    "ROUTE": route,
+                    "RENORMALIZE": True,
+                    "BLOCK_N": tiles.gate_up_n,
+                    "BLOCK_K": tiles.gate_up_k,
+                },
+                divisible=("x", "w13", "act", "router_logits", "stride_xt", "stride_lt", *sizes),
+                num_warps=tiles.num_warps,
+            )
         add(
             f"small_down_combine_kernel {dtype} {model}",
             fused_moe_small.small_down_combine_kernel,
             {
                 "act": f"*{dtype}",
                 "w2": f"*{dtype}",
-                "topk_weights": "*fp32" if model == "moonlight" else f"*{dtype}",
+                "topk_weights": weights,
                 "topk_ids": "*i64",
                 "out": f"*{dtype}",
             },
             {
                 "TOP_K": top_k,
-                "K_POW2": triton.next_power_of_2(top_k),
+                "K_POW2": k_pow2,
                 "BLOCK_N": tiles.down_n,
                 "BLOCK_K": tiles.down_k,
             },

@@ -18,6 +18,8 @@ the reference eagerly (it waits on the host for the per-expert counts: no graph)
 `fused_moe` takes its two-launch small-batch path up to `SMALL_BATCH_PAIRS` (token, expert)
 pairs and the grouped GEMMs beyond; `--path small|grouped` forces one at every token count
 (`--small-tiles` sets the small path's tiles), `--tune` always times the grouped GEMMs.
+`--path routed` times `fused_moe_routed` (softmax routing shapes only), which routes inside the
+small path's first kernel: its time includes the routing, which the other paths' exclude.
 
 Floor: the bytes one call must move, over the device-to-device copy bandwidth measured in the
 same run (bytes read + written per second): the weights of the distinct experts the routing
@@ -39,7 +41,7 @@ from functools import partial
 import torch
 
 from bench.ceiling import copy_bandwidth
-from engine.kernels.fused_moe import fused_moe
+from engine.kernels.fused_moe import fused_moe, fused_moe_routed
 from engine.kernels.fused_moe_configs import MoEKernelConfig, candidates
 from engine.kernels.fused_moe_small import DEFAULT_TILES, SmallBatchTiles, small_batch_moe
 from engine.layers.moe import MoEBackend, TorchMoEBackend, TritonMoEBackend
@@ -158,10 +160,15 @@ class Step:
         tiles: SmallBatchTiles = DEFAULT_TILES,
     ) -> None:
         """Every layer through `fused_moe` ("auto": its choice of path; "grouped": the grouped
-        GEMMs, tiled by `config`) or the small-batch path at `tiles` ("small")."""
+        GEMMs, tiled by `config`), the small-batch path at `tiles` ("small"), or
+        `fused_moe_routed` on the logits ("routed": softmax top-k, renormalized)."""
         outs.clear()
-        for layer, x, (w, ids) in zip(self.layers, self.xs, self.routed, strict=True):
-            if path == "small":
+        for layer, x, lg, (w, ids) in zip(
+            self.layers, self.xs, self.logits, self.routed, strict=True
+        ):
+            if path == "routed":
+                outs.append(fused_moe_routed(x, layer.w13, layer.w2, lg, ids.shape[1], True))
+            elif path == "small":
                 outs.append(small_batch_moe(x, layer.w13, layer.w2, w, ids, tiles))
             else:
                 small = False if path == "grouped" else None
@@ -329,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--path",
         default="auto",
-        choices=("auto", "small", "grouped"),
+        choices=("auto", "small", "grouped", "routed"),
         help="auto: fused_moe's choice (small-batch path up to SMALL_BATCH_PAIRS pairs)",
     )
     parser.add_argument(
@@ -361,6 +368,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     for name in args.shape or DEFAULT_SHAPES:
         shape = SHAPES[name]
+        if args.path == "routed" and shape.grouped:
+            print(
+                f"\n## {name}: skipped (--path routed folds softmax routing; it routes by groups)"
+            )
+            continue
         layers = make_layers(shape, args.layers, device, dtype)
         print(
             f"\n## {name}: {shape.experts} experts, top-{shape.top_k}, hidden {shape.hidden}, "

@@ -7,7 +7,10 @@ row each. Here, over the same `N = T * top_k` pairs (pair `i` is token `i // top
 
 1. `small_gate_up_kernel`, a program per (pair, block of I's columns): the pair's token row
    against the gate and up rows of its expert, products on the CUDA cores (one row: no use for
-   tensor cores), stored as `silu(gate) * up` `[N, I]` in x's dtype.
+   tensor cores), stored as `silu(gate) * up` `[N, I]` in x's dtype. With `ROUTE`
+   (`small_batch_moe_routed`) each program first chooses its token's experts from the router
+   logits by `softmax_topk`'s code (so exactly its choices, ties to the lower id), and the
+   pair's first program stores the choice and its weight for kernel 2: routing costs no launch.
 2. `small_down_combine_kernel`, a program per (token, block of H's columns): the down
    projections of all the token's pairs (one tile of the w2 rows of every pair's expert per
    step), each rounded to x's dtype, then weighted and summed in float32 pair by pair, in
@@ -28,21 +31,29 @@ import triton
 import triton.language as tl
 
 from engine.kernels import pdl
+from engine.kernels.moe_routing import softmax_topk_row
 
 
 @triton.jit
 def small_gate_up_kernel(
     x,  # [T, H]
     w13,  # [E, 2 * INTER, H]
-    topk_ids,  # [N] int, the flattened [T, TOP_K] choices
+    topk_ids,  # [N] int, the flattened [T, TOP_K] choices (int64, written, with ROUTE)
     act,  # [N, INTER] out, x's dtype
+    router_logits,  # [T, E] with ROUTE, else unused
+    topk_weights,  # [N] out with ROUTE (the logits' dtype), else unused
     num_experts,
     hidden,
     inter,
     stride_xt,
+    stride_lt,
     stride_we,
     stride_wn,
     TOP_K: tl.constexpr,
+    K_POW2: tl.constexpr,
+    E_POW2: tl.constexpr,
+    ROUTE: tl.constexpr,  # choose the experts here, as softmax_topk_kernel does
+    RENORMALIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
@@ -51,9 +62,27 @@ def small_gate_up_kernel(
     # Pairs vary fastest: the programs resident together read one column block of their
     # experts, so two tokens' pairs on the same expert read its rows once from memory.
     pair = tl.program_id(0).to(tl.int64)
-    expert = tl.load(topk_ids + pair).to(tl.int64)
-    if (expert < 0) | (expert >= num_experts):
-        return  # another rank's pair: the down kernel skips it too
+    if ROUTE:
+        # Every program routes its token again (a few hundred logits: less than a launch);
+        # the pair's first program writes its choice for the down kernel.
+        chosen_w, chosen_id = softmax_topk_row(
+            router_logits + pair // TOP_K * stride_lt,
+            num_experts,
+            TOP_K,
+            K_POW2,
+            E_POW2,
+            RENORMALIZE,
+        )
+        mine = tl.arange(0, K_POW2) == pair % TOP_K
+        expert = tl.sum(tl.where(mine, chosen_id, 0), axis=0)
+        if tl.program_id(1) == 0:
+            weight = tl.sum(tl.where(mine, chosen_w, 0.0), axis=0)  # exact: the rest are 0
+            tl.store(topk_weights + pair, weight.to(topk_weights.dtype.element_ty))
+            tl.store(topk_ids + pair, expert)
+    else:
+        expert = tl.load(topk_ids + pair).to(tl.int64)
+        if (expert < 0) | (expert >= num_experts):
+            return  # another rank's pair: the down kernel skips it too
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < inter
     ks = tl.arange(0, BLOCK_K)
@@ -169,6 +198,38 @@ def small_batch_moe(
 ) -> torch.Tensor:
     """`fused_moe`'s result `[T, H]` in two launches. Expects what `fused_moe` checks:
     contiguous tensors of matching shapes."""
+    return _launch(x, w13, w2, topk_weights, topk_ids, None, False, tiles)
+
+
+def small_batch_moe_routed(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    router_logits: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    tiles: SmallBatchTiles = DEFAULT_TILES,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`small_batch_moe` on `softmax_topk`'s choices from `router_logits` `[T, E]` (contiguous
+    rows), chosen inside the gate-up kernel: (out `[T, H]`, weights `[T, k]` in the logits'
+    dtype, ids `[T, k]` int64), the choices exactly as `softmax_topk` makes them."""
+    num_tokens = x.shape[0]
+    weights = router_logits.new_empty(num_tokens, top_k)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=x.device)
+    out = _launch(x, w13, w2, weights, ids, router_logits, renormalize, tiles)
+    return out, weights, ids
+
+
+def _launch(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    router_logits: torch.Tensor | None,
+    renormalize: bool,
+    tiles: SmallBatchTiles,
+) -> torch.Tensor:
     out = torch.empty_like(x)
     num_tokens, hidden = x.shape
     if num_tokens == 0:
@@ -178,18 +239,27 @@ def small_batch_moe(
     top_k = topk_ids.shape[1]
     num_pairs = num_tokens * top_k
     act = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)  # [N, I]
+    route = router_logits is not None
+    logits = router_logits if router_logits is not None else x  # x: a placeholder, unread
     small_gate_up_kernel[(num_pairs, triton.cdiv(inter, tiles.gate_up_n))](
         x,
         w13,
         topk_ids,
         act,
+        logits,
+        topk_weights,
         num_experts,
         hidden,
         inter,
         x.stride(0),
+        logits.stride(0),
         w13.stride(0),
         w13.stride(1),
         TOP_K=top_k,
+        K_POW2=triton.next_power_of_2(top_k),
+        E_POW2=triton.next_power_of_2(num_experts) if route else 1,
+        ROUTE=route,
+        RENORMALIZE=renormalize,
         BLOCK_N=tiles.gate_up_n,
         BLOCK_K=tiles.gate_up_k,
         num_warps=tiles.num_warps,

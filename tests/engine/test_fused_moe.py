@@ -26,14 +26,20 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.eplb import initial_placement
 from engine.kernels import fused_moe as fused_moe_module
-from engine.kernels.fused_moe import SMALL_BATCH_PAIRS, align_block_size, fused_moe
+from engine.kernels.fused_moe import (
+    SMALL_BATCH_PAIRS,
+    align_block_size,
+    fused_moe,
+    fused_moe_routed,
+)
 from engine.kernels.fused_moe_configs import (
     TUNED,
     MoEKernelConfig,
     default_config,
     kernel_config,
 )
-from engine.kernels.fused_moe_small import SmallBatchTiles, small_batch_moe
+from engine.kernels.fused_moe_small import SmallBatchTiles, small_batch_moe, small_batch_moe_routed
+from engine.kernels.moe_routing import softmax_topk
 from engine.layers.ep_moe import ExpertParallelExperts
 from engine.layers.moe import (
     FusedExperts,
@@ -185,6 +191,55 @@ def test_small_batch_shared_experts_and_ids_outside():
     ids = torch.tensor([[3, 5, 0, -1], [5, 3, 7, 1], [-1, -1, -1, -1], [7, -1, 16, 3]])
     check_small(4, 4, torch.float32, num_experts=16, ids=ids)
     check_small(4, 4, torch.float16, num_experts=16, ids=ids)
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize(
+    "tokens,num_experts,top_k",
+    [(0, 16, 2), (1, 16, 8), (1, 12, 1), (3, 60, 6), (SMALL_BATCH_PAIRS // 2, 16, 2)],
+)
+def test_small_batch_routing_folded_into_gate_up(tokens, num_experts, top_k, renormalize):
+    """The gate-up kernel's routing makes softmax_topk's choices and weights exactly (the same
+    code), and the experts' output is the small path's on those choices, bit for bit."""
+    experts = make_experts(num_experts, 44, 24, tokens)
+    g = torch.Generator().manual_seed(tokens + 7)
+    x = torch.randn(tokens, 44, generator=g)
+    for dtype in (torch.float32, torch.float16):
+        logits = torch.randn(tokens, num_experts, generator=g).to(dtype)
+        if tokens > 1:
+            logits[1] = logits[1, 0]  # all tied: the lowest ids win
+        w13, w2 = experts.w13.detach().to(dtype), experts.w2.detach().to(dtype)
+        out, weights, ids = small_batch_moe_routed(
+            x.to(dtype), w13, w2, logits, top_k, renormalize, SMALL_TILES
+        )
+        want_w, want_ids = softmax_topk(logits, top_k, renormalize)
+        assert weights.dtype == dtype and torch.equal(ids, want_ids)
+        assert torch.equal(weights, want_w)
+        if tokens > 1:
+            assert ids[1].tolist() == list(range(top_k))
+        # Against the reference routing, where nothing ties (torch breaks ties its own way).
+        ref_w, ref_ids = select_experts(logits, top_k, renormalize)
+        untied = [t for t in range(tokens) if t != 1]
+        assert torch.equal(ids[untied], ref_ids[untied])
+        torch.testing.assert_close(weights, ref_w, rtol=1e-3, atol=1e-6)
+        want = small_batch_moe(x.to(dtype), w13, w2, want_w, want_ids, SMALL_TILES)
+        assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("small_batch", [None, False])
+def test_fused_moe_routed_matches_routing_then_experts(small_batch):
+    """`fused_moe_routed` (what TritonMoEBackend.routed_experts runs) on either path."""
+    experts = make_experts(16, 40, 24, 11)
+    g = torch.Generator().manual_seed(12)
+    for tokens in (1, 3, SMALL_BATCH_PAIRS // 4 + 1):
+        x, logits = torch.randn(tokens, 40, generator=g), torch.randn(tokens, 16, generator=g)
+        w13, w2 = experts.w13.detach(), experts.w2.detach()
+        got = fused_moe_routed(x, w13, w2, logits, 4, True, small_batch=small_batch)
+        weights, ids = select_experts(logits, 4, renormalize=True)
+        want = TorchMoEBackend().experts(x, w13, w2, weights, ids)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="router logits"):
+        fused_moe_routed(x, w13, w2, logits[:, :8], 4, True)
 
 
 def test_fused_moe_takes_the_small_path_up_to_the_threshold(monkeypatch):
