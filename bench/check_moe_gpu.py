@@ -4,8 +4,8 @@
 
 `make test` checks the kernels at small shapes under Triton's interpreter; this runs them
 compiled, in bfloat16, at the published sizes of Qwen3-30B-A3B, Moonlight-16B-A3B and
-DeepSeek-V3 (one layer each), over token counts 0, 1, 7, 64, 257 and 4096; MLA decode and
-extend at 16 and 128 heads.
+DeepSeek-V3 (one layer each), over token counts 0, 1, 4, 7, 64, 257 and 4096 (1 and 4 take the
+small-batch path); MLA decode and extend at 16 and 128 heads.
 
 Tolerances (bfloat16): the fused experts against the torch experts run in float32 on the same
 bfloat16 weights, max abs error <= 2e-2 of the largest reference value (bfloat16 keeps 8 bits:
@@ -28,7 +28,7 @@ from bench.moe_kernel import SHAPES, LayerShape, route
 from engine.kernels.fused_moe import fused_moe
 from engine.layers.moe import TorchMoEBackend, TritonMoEBackend
 
-TOKENS = (0, 1, 7, 64, 257, 4096)
+TOKENS = (0, 1, 4, 7, 64, 257, 4096)
 MOE_TOL = 2e-2
 ROUTING_TOL = 1e-5
 MLA_TOL = 2e-2

@@ -31,7 +31,15 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from engine.kernels import fused, fused_moe, mla_decode, mla_extend, moe_routing, skinny_gemm
+from engine.kernels import (
+    fused,
+    fused_moe,
+    fused_moe_small,
+    mla_decode,
+    mla_extend,
+    moe_routing,
+    skinny_gemm,
+)
 from engine.kernels.fused_moe_configs import MoEKernelConfig, candidates, default_config
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -181,6 +189,7 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
             {"y": "*bf16", "topk_weights": f"*{weights}", "topk_ids": "*i64", "out": "*bf16"},
             {"TOP_K": 8, "BLOCK_H": 1024},
         )
+    add_small_batch_moe(add)
     add(
         "softmax_topk_kernel E=128 k=8",
         moe_routing.softmax_topk_kernel,
@@ -268,6 +277,62 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
         )
     add_skinny_gemm(add, all_configs)
     return out
+
+
+def add_small_batch_moe(add: Callable[..., None]) -> None:
+    """The small-batch MoE's two kernels at their default tiles, for Qwen3-30B-A3B (128 experts,
+    H 2048, I 768, top-8; the gate-up kernel also with its routing folded in) and Moonlight
+    (H 2048, I 1408, top-6, float32 routing weights): the sizes and strides are multiples of 16
+    there, as a launch specializes them."""
+    tiles = fused_moe_small.DEFAULT_TILES
+    sizes = ("hidden", "inter", "stride_we", "stride_wn")
+    models = (("qwen3-30b-a3b", 8, (False, True)), ("moonlight", 6, (False,)))
+    for (model, top_k, routes), dtype in itertools.product(models, ("bf16", "fp32")):
+        weights = "*fp32" if model == "moonlight" else f"*{dtype}"
+        k_pow2 = triton.next_power_of_2(top_k)
+        for route in routes:
+            add(
+                f"small_gate_up_kernel {dtype} {model}{' routed' if route else ''}",
+                fused_moe_small.small_gate_up_kernel,
+                {
+                    "x": f"*{dtype}",
+                    "w13": f"*{dtype}",
+                    "topk_ids": "*i64",
+                    "act": f"*{dtype}",
+                    "router_logits": f"*{dtype}",
+                    "topk_weights": weights,
+                },
+                {
+                    "TOP_K": top_k,
+                    "K_POW2": k_pow2,
+                    "E_POW2": 128 if route else 1,
+                    "ROUTE": route,
+                    "RENORMALIZE": True,
+                    "BLOCK_N": tiles.gate_up_n,
+                    "BLOCK_K": tiles.gate_up_k,
+                },
+                divisible=("x", "w13", "act", "router_logits", "stride_xt", "stride_lt", *sizes),
+                num_warps=tiles.num_warps,
+            )
+        add(
+            f"small_down_combine_kernel {dtype} {model}",
+            fused_moe_small.small_down_combine_kernel,
+            {
+                "act": f"*{dtype}",
+                "w2": f"*{dtype}",
+                "topk_weights": weights,
+                "topk_ids": "*i64",
+                "out": f"*{dtype}",
+            },
+            {
+                "TOP_K": top_k,
+                "K_POW2": k_pow2,
+                "BLOCK_N": tiles.down_n,
+                "BLOCK_K": tiles.down_k,
+            },
+            divisible=("act", "w2", "out", *sizes),
+            num_warps=tiles.num_warps,
+        )
 
 
 def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:

@@ -3,6 +3,7 @@
     python -m bench.moe_kernel                                    # both shapes, T = 1..4096
     python -m bench.moe_kernel --shape qwen3-30b-a3b --tokens 1,64,256
     python -m bench.moe_kernel --tune --shape qwen3-30b-a3b       # block sizes for the table
+    python -m bench.moe_kernel --tokens 1,2,4,8 --path small      # force one path (or grouped)
 
 Each shape's published sizes (bfloat16, random weights scaled to unit-size outputs). Routing
 is the model's own (softmax top-k for Qwen3-MoE, grouped sigmoid with a random correction bias
@@ -13,6 +14,12 @@ consecutive calls read different memory (one layer's experts exceed the 50 MB L2
 only a little, and repeated reads of the same experts would otherwise be served from it).
 The fused path is timed as a CUDA graph of L calls (as the engine replays decode) and eagerly;
 the reference eagerly (it waits on the host for the per-expert counts: no graph).
+
+`fused_moe` takes its two-launch small-batch path up to `SMALL_BATCH_PAIRS` (token, expert)
+pairs and the grouped GEMMs beyond; `--path small|grouped` forces one at every token count
+(`--small-tiles` sets the small path's tiles), `--tune` always times the grouped GEMMs.
+`--path routed` times `fused_moe_routed` (softmax routing shapes only), which routes inside the
+small path's first kernel: its time includes the routing, which the other paths' exclude.
 
 Floor: the bytes one call must move, over the device-to-device copy bandwidth measured in the
 same run (bytes read + written per second): the weights of the distinct experts the routing
@@ -34,8 +41,9 @@ from functools import partial
 import torch
 
 from bench.ceiling import copy_bandwidth
-from engine.kernels.fused_moe import fused_moe
+from engine.kernels.fused_moe import fused_moe, fused_moe_routed
 from engine.kernels.fused_moe_configs import MoEKernelConfig, candidates
+from engine.kernels.fused_moe_small import DEFAULT_TILES, SmallBatchTiles, small_batch_moe
 from engine.layers.moe import MoEBackend, TorchMoEBackend, TritonMoEBackend
 
 
@@ -144,10 +152,27 @@ class Step:
     logits: list[torch.Tensor]  # [T, E] per layer
     routed: list[tuple[torch.Tensor, torch.Tensor]]  # (weights, ids) [T, k] per layer
 
-    def fused(self, outs: list[torch.Tensor], config: MoEKernelConfig | None = None) -> None:
+    def fused(
+        self,
+        outs: list[torch.Tensor],
+        config: MoEKernelConfig | None = None,
+        path: str = "auto",
+        tiles: SmallBatchTiles = DEFAULT_TILES,
+    ) -> None:
+        """Every layer through `fused_moe` ("auto": its choice of path; "grouped": the grouped
+        GEMMs, tiled by `config`), the small-batch path at `tiles` ("small"), or
+        `fused_moe_routed` on the logits ("routed": softmax top-k, renormalized)."""
         outs.clear()
-        for layer, x, (w, ids) in zip(self.layers, self.xs, self.routed, strict=True):
-            outs.append(fused_moe(x, layer.w13, layer.w2, w, ids, config))
+        for layer, x, lg, (w, ids) in zip(
+            self.layers, self.xs, self.logits, self.routed, strict=True
+        ):
+            if path == "routed":
+                outs.append(fused_moe_routed(x, layer.w13, layer.w2, lg, ids.shape[1], True))
+            elif path == "small":
+                outs.append(small_batch_moe(x, layer.w13, layer.w2, w, ids, tiles))
+            else:
+                small = False if path == "grouped" else None
+                outs.append(fused_moe(x, layer.w13, layer.w2, w, ids, config, small_batch=small))
 
     def reference(self) -> None:
         backend = TorchMoEBackend()
@@ -197,7 +222,13 @@ HEADER = (
 
 
 def bench_shape(
-    shape: LayerShape, tokens: Sequence[int], layers: list[Layer], bandwidth: float, reps: int
+    shape: LayerShape,
+    tokens: Sequence[int],
+    layers: list[Layer],
+    bandwidth: float,
+    reps: int,
+    path: str = "auto",
+    tiles: SmallBatchTiles = DEFAULT_TILES,
 ) -> list[Row]:
     bias = torch.randn(shape.experts, device=layers[0].w13.device) * 0.1
     triton_backend = TritonMoEBackend()
@@ -209,8 +240,9 @@ def bench_shape(
         floor_bytes = (distinct * shape.expert_bytes(dtype)) + 2 * t * shape.hidden * dtype.itemsize
         outs: list[torch.Tensor] = []
         n = len(layers)
-        graph_s = time_graph(partial(step.fused, outs), reps) / n
-        eager_s = time_eager(partial(step.fused, outs), reps) / n
+        fused = partial(step.fused, outs, None, path, tiles)
+        graph_s = time_graph(fused, reps) / n
+        eager_s = time_eager(fused, reps) / n
         reference_s = time_eager(step.reference, max(3, reps // 4)) / n
 
         def routing(step: Step = step) -> None:
@@ -218,7 +250,7 @@ def bench_shape(
                 route(shape, lg, bias, triton_backend)
 
         routing_s = time_graph(routing, reps) / n
-        step.fused(outs)
+        fused()
         err = 0.0
         for layer, x, (w, ids), got in zip(layers, step.xs, step.routed, outs, strict=True):
             want = TorchMoEBackend().experts(x.float(), layer.w13.float(), layer.w2.float(), w, ids)
@@ -251,7 +283,8 @@ def tune_shape(shape: LayerShape, tokens: Sequence[int], layers: list[Layer], re
             if cfg.block_m > 16 and t * shape.top_k < cfg.block_m:
                 continue  # every block mostly padding
             try:
-                seconds = time_graph(partial(step.fused, outs, cfg), reps) / len(layers)
+                fused = partial(step.fused, outs, cfg, "grouped")
+                seconds = time_graph(fused, reps) / len(layers)
             except Exception as exc:  # a config the compiler or the device refuses
                 print(f"  skip {cfg}: {type(exc).__name__}", file=sys.stderr)
                 continue
@@ -268,6 +301,16 @@ def tune_shape(shape: LayerShape, tokens: Sequence[int], layers: list[Layer], re
     for t, cfg, seconds in best_rows:
         print(f"        ({t}, {cfg!r}),  # {seconds * 1e6:.1f} µs")
     print("    ),")
+
+
+def small_tiles(text: str) -> SmallBatchTiles:
+    try:
+        gate_up_n, gate_up_k, down_n, down_k, num_warps = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected GATE_UP_N,GATE_UP_K,DOWN_N,DOWN_K,WARPS like 16,256,4,256,4, got {text!r}"
+        ) from None
+    return SmallBatchTiles(gate_up_n, gate_up_k, down_n, down_k, num_warps)
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -290,6 +333,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=4, help="weight copies cycled per call")
     parser.add_argument("--reps", type=int, default=20, help="timed runs per measurement")
     parser.add_argument("--tune", action="store_true", help="print block-size table rows")
+    parser.add_argument(
+        "--path",
+        default="auto",
+        choices=("auto", "small", "grouped", "routed"),
+        help="auto: fused_moe's choice (small-batch path up to SMALL_BATCH_PAIRS pairs)",
+    )
+    parser.add_argument(
+        "--small-tiles",
+        type=small_tiles,
+        default=DEFAULT_TILES,
+        help="the small path's GATE_UP_N,GATE_UP_K,DOWN_N,DOWN_K,WARPS (powers of two)",
+    )
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument(
         "--device",
@@ -313,17 +368,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     for name in args.shape or DEFAULT_SHAPES:
         shape = SHAPES[name]
+        if args.path == "routed" and shape.grouped:
+            print(
+                f"\n## {name}: skipped (--path routed folds softmax routing; it routes by groups)"
+            )
+            continue
         layers = make_layers(shape, args.layers, device, dtype)
         print(
             f"\n## {name}: {shape.experts} experts, top-{shape.top_k}, hidden {shape.hidden}, "
             f"expert intermediate {shape.intermediate} "
-            f"({shape.expert_bytes(dtype) / 2**20:.1f} MiB per expert)\n"
+            f"({shape.expert_bytes(dtype) / 2**20:.1f} MiB per expert); path {args.path}"
+            + (f", {args.small_tiles}" if args.path != "grouped" else "")
+            + "\n"
         )
         if args.tune:
             tune_shape(shape, args.tokens, layers, args.reps)
         else:
             print(HEADER)
-            for row in bench_shape(shape, args.tokens, layers, bandwidth, args.reps):
+            rows = bench_shape(
+                shape, args.tokens, layers, bandwidth, args.reps, args.path, args.small_tiles
+            )
+            for row in rows:
                 print(row.line(), flush=True)
         del layers
         if torch.cuda.is_available():

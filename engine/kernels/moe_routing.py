@@ -16,23 +16,20 @@ from engine.kernels import pdl
 
 
 @triton.jit
-def softmax_topk_kernel(
-    logits,  # [T, E]
-    weights,  # [T, TOP_K] out, logits' dtype
-    ids,  # [T, TOP_K] int64 out
+def softmax_topk_row(
+    logits_row,  # [E] one token's router logits
     num_experts,
-    stride_t,
     TOP_K: tl.constexpr,
     K_POW2: tl.constexpr,
     E_POW2: tl.constexpr,
     RENORMALIZE: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    pdl.start(PDL)
-    t = tl.program_id(0).to(tl.int64)
+    """One token's softmax top-k: (weights `[K_POW2]` float32, ids `[K_POW2]` int64), best
+    first, slots from TOP_K on zero. Shared by `softmax_topk_kernel` and the small-batch MoE's
+    gate-up kernel (`engine.kernels.fused_moe_small`), which must choose alike."""
     cols = tl.arange(0, E_POW2)
     ok = cols < num_experts
-    x = tl.load(logits + t * stride_t + cols, mask=ok, other=-float("inf")).to(tl.float32)
+    x = tl.load(logits_row + cols, mask=ok, other=-float("inf")).to(tl.float32)
     p = tl.exp(x - tl.max(x, axis=0))
     p = tl.where(ok, p, 0.0)
     p = p / tl.sum(p, axis=0)
@@ -49,6 +46,28 @@ def softmax_topk_kernel(
         chosen_id = tl.where(slots == j, idx.to(tl.int64), chosen_id)
     if RENORMALIZE:
         chosen_w = chosen_w / tl.sum(chosen_w, axis=0)
+    return chosen_w, chosen_id
+
+
+@triton.jit
+def softmax_topk_kernel(
+    logits,  # [T, E]
+    weights,  # [T, TOP_K] out, logits' dtype
+    ids,  # [T, TOP_K] int64 out
+    num_experts,
+    stride_t,
+    TOP_K: tl.constexpr,
+    K_POW2: tl.constexpr,
+    E_POW2: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    pdl.start(PDL)
+    t = tl.program_id(0).to(tl.int64)
+    chosen_w, chosen_id = softmax_topk_row(
+        logits + t * stride_t, num_experts, TOP_K, K_POW2, E_POW2, RENORMALIZE
+    )
+    slots = tl.arange(0, K_POW2)
     out = t * TOP_K + slots
     tl.store(weights + out, chosen_w.to(weights.dtype.element_ty), mask=slots < TOP_K)
     tl.store(ids + out, chosen_id, mask=slots < TOP_K)

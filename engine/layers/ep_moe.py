@@ -132,6 +132,13 @@ class ExpertParallelExperts(nn.Module):
         out.index_add_(0, row_token, back)
         return out
 
+    def forward_routed(
+        self, x: torch.Tensor, router_logits: torch.Tensor, top_k: int, renormalize: bool
+    ) -> torch.Tensor:
+        """`FusedExperts.forward_routed`: routed by the backend, then `forward`."""
+        weights, ids = self.backend.select_experts(router_logits, top_k, renormalize)
+        return self(x, weights, ids)
+
     def _compute(
         self, rows: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:

@@ -77,6 +77,8 @@ class MoEBackend(ABC):
 
     `select_experts` and `select_experts_grouped` route as the functions of those names do
     (the same contract; the chosen set may differ only where scores tie exactly).
+    `routed_experts(x, router_logits, w13, w2, top_k, renormalize)` is `experts` on
+    `select_experts`' choices, in one call so that a backend may fuse the two.
     """
 
     name: str
@@ -106,6 +108,18 @@ class MoEBackend(ABC):
             renormalize,
             scaling_factor,
         )
+
+    def routed_experts(
+        self,
+        x: torch.Tensor,
+        router_logits: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        top_k: int,
+        renormalize: bool,
+    ) -> torch.Tensor:
+        weights, ids = self.select_experts(router_logits, top_k, renormalize)
+        return self.experts(x, w13, w2, weights, ids)
 
     @abstractmethod
     def experts(
@@ -159,7 +173,8 @@ class TorchMoEBackend(MoEBackend):
 class TritonMoEBackend(MoEBackend):
     """`engine.kernels.fused_moe`: expert-aligned sort, two grouped GEMMs and the combine on
     the device, no host sync (graph capturable at a fixed T); routing in one kernel each
-    (`engine.kernels.moe_routing`)."""
+    (`engine.kernels.moe_routing`). A few tokens take the two-launch small-batch path, softmax
+    routing folded into its first kernel (`routed_experts`)."""
 
     name = "triton"
 
@@ -203,6 +218,19 @@ class TritonMoEBackend(MoEBackend):
         from engine.kernels.fused_moe import fused_moe
 
         return fused_moe(x, w13, w2, topk_weights, topk_ids)
+
+    def routed_experts(
+        self,
+        x: torch.Tensor,
+        router_logits: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        top_k: int,
+        renormalize: bool,
+    ) -> torch.Tensor:
+        from engine.kernels.fused_moe import fused_moe_routed
+
+        return fused_moe_routed(x, w13, w2, router_logits, top_k, renormalize)
 
 
 def moe_backend_for(name: str, device_kind: str) -> MoEBackend:
@@ -254,6 +282,12 @@ class FusedExperts(nn.Module):
     ) -> torch.Tensor:
         """x `[T, H]`; each token's output is the weighted sum of its top-k experts' outputs."""
         return self.backend.experts(x, self.w13, self.w2, topk_weights, topk_ids)
+
+    def forward_routed(
+        self, x: torch.Tensor, router_logits: torch.Tensor, top_k: int, renormalize: bool
+    ) -> torch.Tensor:
+        """`forward` on the backend's softmax top-k routing of `router_logits` `[T, E]`."""
+        return self.backend.routed_experts(x, router_logits, self.w13, self.w2, top_k, renormalize)
 
 
 def set_moe_backend(model: nn.Module, backend: MoEBackend) -> int:

@@ -85,10 +85,8 @@ class SparseMoeBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Routed by the experts' backend: the fused kernel on the fast path.
-        route = self.experts.backend.select_experts
-        weights, ids = route(self.gate(x), self.top_k, self.renormalize)
-        return self.experts(x, weights, ids)
+        # Routed by the experts' backend, which may fold the routing into its expert kernels.
+        return self.experts.forward_routed(x, self.gate(x), self.top_k, self.renormalize)
 
 
 def decoder_layer(

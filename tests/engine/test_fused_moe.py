@@ -6,6 +6,10 @@ intermediate activation and the per-expert outputs in float16 like the reference
 rounds at different points (float32 accumulation of the SiLU product and of the combine):
 `rtol = atol = 2e-2` against the float32 reference on the same float16 weights. (bfloat16 is
 checked on the GPU by `bench/check_moe_gpu.py`: the interpreter's dot does not support it.)
+
+The small-batch path (`engine.kernels.fused_moe_small`) rounds where the grouped path does, so
+against it float32 agrees to `1e-5` and float16 to about two float16 steps (`2e-3`: a float32
+sum in another order can round the activation or a pair's output the other way).
 """
 
 from __future__ import annotations
@@ -22,13 +26,20 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.eplb import initial_placement
 from engine.kernels import fused_moe as fused_moe_module
-from engine.kernels.fused_moe import align_block_size, fused_moe
+from engine.kernels.fused_moe import (
+    SMALL_BATCH_PAIRS,
+    align_block_size,
+    fused_moe,
+    fused_moe_routed,
+)
 from engine.kernels.fused_moe_configs import (
     TUNED,
     MoEKernelConfig,
     default_config,
     kernel_config,
 )
+from engine.kernels.fused_moe_small import SmallBatchTiles, small_batch_moe, small_batch_moe_routed
+from engine.kernels.moe_routing import softmax_topk
 from engine.layers.ep_moe import ExpertParallelExperts
 from engine.layers.moe import (
     FusedExperts,
@@ -72,11 +83,12 @@ def route(kind: str, tokens: int, num_experts: int, top_k: int, seed: int):
 
 
 def check(tokens, num_experts, top_k, routing, dtype, hidden=40, inter=24, cfg=TINY, seed=0):
+    """The grouped-GEMM path (whatever the token count) against the torch experts."""
     experts = make_experts(num_experts, hidden, inter, seed)
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed + 2))
     weights, ids = route(routing, tokens, num_experts, top_k, seed)
     w13, w2 = experts.w13.detach().to(dtype), experts.w2.detach().to(dtype)
-    got = fused_moe(x.to(dtype), w13, w2, weights, ids, cfg)
+    got = fused_moe(x.to(dtype), w13, w2, weights, ids, cfg, small_batch=False)
     # The reference in float32 on the same (rounded) weights and inputs.
     want = TorchMoEBackend().experts(x.to(dtype).float(), w13.float(), w2.float(), weights, ids)
     assert got.dtype == dtype and got.shape == (tokens, hidden)
@@ -97,7 +109,7 @@ def test_fused_moe_chunked_align(monkeypatch):
     experts that get no pair and strays outside [0, E) included."""
     monkeypatch.setattr(fused_moe_module, "SINGLE_PROGRAM_PAIRS", 0)
     check(45, 16, 6, "qwen", torch.float32)
-    test_fused_moe_skips_ids_outside_the_experts()
+    test_fused_moe_skips_ids_outside_the_experts(small_batch=False)
 
 
 @pytest.mark.parametrize("tokens,top_k", [(1, 8), (19, 2), (19, 8)])
@@ -116,7 +128,8 @@ def test_fused_moe_tile_shapes(cfg):
     check(21, 8, 4, "qwen", torch.float32, hidden=72, inter=40, cfg=cfg)
 
 
-def test_fused_moe_skips_ids_outside_the_experts():
+@pytest.mark.parametrize("small_batch", [False, True])
+def test_fused_moe_skips_ids_outside_the_experts(small_batch):
     """Expert parallelism marks pairs another rank computes with an id outside [0, E)."""
     experts = make_experts(8, 32, 16, 3)
     x = torch.randn(5, 32)
@@ -125,12 +138,120 @@ def test_fused_moe_skips_ids_outside_the_experts():
     masked[::2, 0] = -1
     masked[1, 2] = 8
     keep = (masked >= 0) & (masked < 8)
-    got = fused_moe(x, experts.w13.detach(), experts.w2.detach(), weights, masked, TINY)
+    w13, w2 = experts.w13.detach(), experts.w2.detach()
+    got = fused_moe(x, w13, w2, weights, masked, TINY, small_batch=small_batch)
     # The reference on the kept pairs only: a zero weight on the dropped ones.
-    want = TorchMoEBackend().experts(
-        x, experts.w13.detach(), experts.w2.detach(), weights * keep, ids
-    )
+    want = TorchMoEBackend().experts(x, w13, w2, weights * keep, ids)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# Tiles narrower than the test's sizes, none dividing them: H = 44 and I = 24 take partial
+# column blocks (16 of I, 8 of H) and several reduction steps with a partial last one (16).
+SMALL_TILES = SmallBatchTiles(gate_up_n=16, gate_up_k=16, down_n=8, down_k=16)
+
+
+def check_small(tokens, top_k, dtype, num_experts=16, hidden=44, inter=24, ids=None, seed=0):
+    """The small-batch path against the torch experts and against the grouped path (module
+    docstring: tolerances). `ids` overrides the routing's choices (weights stay)."""
+    experts = make_experts(num_experts, hidden, inter, seed)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed + 2)).to(dtype)
+    weights, routed = route("qwen", tokens, num_experts, top_k, seed)
+    ids = routed if ids is None else ids
+    w13, w2 = experts.w13.detach().to(dtype), experts.w2.detach().to(dtype)
+    got = small_batch_moe(x, w13, w2, weights, ids, SMALL_TILES)
+    assert got.dtype == dtype and got.shape == (tokens, hidden)
+    keep = (ids >= 0) & (ids < num_experts)
+    want = TorchMoEBackend().experts(x.float(), w13.float(), w2.float(), weights * keep, ids)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+    grouped = fused_moe(x, w13, w2, weights, ids, TINY, small_batch=False)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got.float(), grouped.float(), rtol=tol, atol=tol)
+    # The default tiles, through fused_moe's choice of path (one K step of H and I here).
+    if tokens * top_k <= SMALL_BATCH_PAIRS:
+        torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids), got, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 6, 8])
+@pytest.mark.parametrize("tokens", [0, 1, 2, 3, "threshold"])
+def test_small_batch_matches_torch_and_grouped_float32(tokens, top_k):
+    if tokens == "threshold":
+        tokens = SMALL_BATCH_PAIRS // top_k  # the most that fused_moe sends this way
+    check_small(tokens, top_k, torch.float32)
+
+
+@pytest.mark.parametrize("tokens,top_k", [(1, 8), (2, 6), (3, 2), (SMALL_BATCH_PAIRS // 8, 8)])
+def test_small_batch_matches_torch_and_grouped_float16(tokens, top_k):
+    check_small(tokens, top_k, torch.float16)
+
+
+def test_small_batch_shared_experts_and_ids_outside():
+    """Tokens that share experts (each reads them itself), and expert parallelism's -1 (and an
+    id past E) on some pairs, a whole token's pairs included."""
+    ids = torch.tensor([[3, 5, 0, -1], [5, 3, 7, 1], [-1, -1, -1, -1], [7, -1, 16, 3]])
+    check_small(4, 4, torch.float32, num_experts=16, ids=ids)
+    check_small(4, 4, torch.float16, num_experts=16, ids=ids)
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize(
+    "tokens,num_experts,top_k",
+    [(0, 16, 2), (1, 16, 8), (1, 12, 1), (3, 60, 6), (SMALL_BATCH_PAIRS // 2, 16, 2)],
+)
+def test_small_batch_routing_folded_into_gate_up(tokens, num_experts, top_k, renormalize):
+    """The gate-up kernel's routing makes softmax_topk's choices and weights exactly (the same
+    code), and the experts' output is the small path's on those choices, bit for bit."""
+    experts = make_experts(num_experts, 44, 24, tokens)
+    g = torch.Generator().manual_seed(tokens + 7)
+    x = torch.randn(tokens, 44, generator=g)
+    for dtype in (torch.float32, torch.float16):
+        logits = torch.randn(tokens, num_experts, generator=g).to(dtype)
+        if tokens > 1:
+            logits[1] = logits[1, 0]  # all tied: the lowest ids win
+        w13, w2 = experts.w13.detach().to(dtype), experts.w2.detach().to(dtype)
+        out, weights, ids = small_batch_moe_routed(
+            x.to(dtype), w13, w2, logits, top_k, renormalize, SMALL_TILES
+        )
+        want_w, want_ids = softmax_topk(logits, top_k, renormalize)
+        assert weights.dtype == dtype and torch.equal(ids, want_ids)
+        assert torch.equal(weights, want_w)
+        if tokens > 1:
+            assert ids[1].tolist() == list(range(top_k))
+        # Against the reference routing, where nothing ties (torch breaks ties its own way).
+        ref_w, ref_ids = select_experts(logits, top_k, renormalize)
+        untied = [t for t in range(tokens) if t != 1]
+        assert torch.equal(ids[untied], ref_ids[untied])
+        torch.testing.assert_close(weights, ref_w, rtol=1e-3, atol=1e-6)
+        want = small_batch_moe(x.to(dtype), w13, w2, want_w, want_ids, SMALL_TILES)
+        assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("small_batch", [None, False])
+def test_fused_moe_routed_matches_routing_then_experts(small_batch):
+    """`fused_moe_routed` (what TritonMoEBackend.routed_experts runs) on either path."""
+    experts = make_experts(16, 40, 24, 11)
+    g = torch.Generator().manual_seed(12)
+    for tokens in (1, 3, SMALL_BATCH_PAIRS // 4 + 1):
+        x, logits = torch.randn(tokens, 40, generator=g), torch.randn(tokens, 16, generator=g)
+        w13, w2 = experts.w13.detach(), experts.w2.detach()
+        got = fused_moe_routed(x, w13, w2, logits, 4, True, small_batch=small_batch)
+        weights, ids = select_experts(logits, 4, renormalize=True)
+        want = TorchMoEBackend().experts(x, w13, w2, weights, ids)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="router logits"):
+        fused_moe_routed(x, w13, w2, logits[:, :8], 4, True)
+
+
+def test_fused_moe_takes_the_small_path_up_to_the_threshold(monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        fused_moe_module, "small_batch_moe", lambda *args: calls.append(args[0].shape[0])
+    )
+    w13, w2 = torch.zeros(4, 16, 8), torch.zeros(4, 8, 8)
+    for tokens in (SMALL_BATCH_PAIRS // 2, SMALL_BATCH_PAIRS // 2 + 1):
+        weights, ids = torch.ones(tokens, 2), torch.zeros(tokens, 2, dtype=torch.int64)
+        fused_moe(torch.zeros(tokens, 8), w13, w2, weights, ids)
+    assert calls == [SMALL_BATCH_PAIRS // 2]
 
 
 @pytest.mark.parametrize("parallel", [False, True])

@@ -1,0 +1,286 @@
+"""The fused MoE for a few tokens: two launches, no align sort (a decode step at small batch).
+
+At batch 1 each kernel of `engine.kernels.fused_moe`'s path costs a few microseconds of launch
+and ramp for well under that of work, and the 16-row blocks of the grouped GEMMs hold one real
+row each. Here, over the same `N = T * top_k` pairs (pair `i` is token `i // top_k`'s
+`i % top_k`-th choice) and the same weights (w13 `[E, 2I, H]`, w2 `[E, H, I]`):
+
+1. `small_gate_up_kernel`, a program per (pair, block of I's columns): the pair's token row
+   against the gate and up rows of its expert, products on the CUDA cores (one row: no use for
+   tensor cores), stored as `silu(gate) * up` `[N, I]` in x's dtype. With `ROUTE`
+   (`small_batch_moe_routed`) each program first chooses its token's experts from the router
+   logits by `softmax_topk`'s code (so exactly its choices, ties to the lower id), and the
+   pair's first program stores the choice and its weight for kernel 2: routing costs no launch.
+2. `small_down_combine_kernel`, a program per (token, block of H's columns): the down
+   projections of all the token's pairs (one tile of the w2 rows of every pair's expert per
+   step), each rounded to x's dtype, then weighted and summed in float32 pair by pair, in
+   order; stored once.
+
+The roundings are those of the grouped path (activation and per-pair output in x's dtype, the
+weighted sum in float32, one cast at the end), so the two agree up to float32 summation order
+within each dot product. No atomics: deterministic. Ids outside `[0, E)` add nothing. Buffer
+sizes depend only on T, and nothing waits on the host (CUDA-graph capturable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.kernels import pdl
+from engine.kernels.moe_routing import softmax_topk_row
+
+
+@triton.jit
+def small_gate_up_kernel(
+    x,  # [T, H]
+    w13,  # [E, 2 * INTER, H]
+    topk_ids,  # [N] int, the flattened [T, TOP_K] choices (int64, written, with ROUTE)
+    act,  # [N, INTER] out, x's dtype
+    router_logits,  # [T, E] with ROUTE, else unused
+    topk_weights,  # [N] out with ROUTE (the logits' dtype), else unused
+    num_experts,
+    hidden,
+    inter,
+    stride_xt,
+    stride_lt,
+    stride_we,
+    stride_wn,
+    TOP_K: tl.constexpr,
+    K_POW2: tl.constexpr,
+    E_POW2: tl.constexpr,
+    ROUTE: tl.constexpr,  # choose the experts here, as softmax_topk_kernel does
+    RENORMALIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    pdl.start(PDL)
+    # Pairs vary fastest: the programs resident together read one column block of their
+    # experts, so two tokens' pairs on the same expert read its rows once from memory.
+    pair = tl.program_id(0).to(tl.int64)
+    if ROUTE:
+        # Every program routes its token again (a few hundred logits: less than a launch);
+        # the pair's first program writes its choice for the down kernel.
+        chosen_w, chosen_id = softmax_topk_row(
+            router_logits + pair // TOP_K * stride_lt,
+            num_experts,
+            TOP_K,
+            K_POW2,
+            E_POW2,
+            RENORMALIZE,
+        )
+        mine = tl.arange(0, K_POW2) == pair % TOP_K
+        expert = tl.sum(tl.where(mine, chosen_id, 0), axis=0)
+        if tl.program_id(1) == 0:
+            weight = tl.sum(tl.where(mine, chosen_w, 0.0), axis=0)  # exact: the rest are 0
+            tl.store(topk_weights + pair, weight.to(topk_weights.dtype.element_ty))
+            tl.store(topk_ids + pair, expert)
+    else:
+        expert = tl.load(topk_ids + pair).to(tl.int64)
+        if (expert < 0) | (expert >= num_experts):
+            return  # another rank's pair: the down kernel skips it too
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < inter
+    ks = tl.arange(0, BLOCK_K)
+    x_ptr = x + (pair // TOP_K) * stride_xt + ks
+    # [BLOCK_N, BLOCK_K] of the gate rows, contiguous along K; the up rows sit `inter` below.
+    w_ptr = w13 + expert * stride_we + cols[:, None] * stride_wn + ks[None, :]
+    acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        k_ok = ks < hidden - k0
+        row = tl.load(x_ptr, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        w_ok = col_ok[:, None] & k_ok[None, :]
+        gate = tl.load(w_ptr, mask=w_ok, other=0.0).to(tl.float32)
+        up = tl.load(w_ptr + inter * stride_wn, mask=w_ok, other=0.0).to(tl.float32)
+        acc_gate += gate * row
+        acc_up += up * row
+        x_ptr += BLOCK_K
+        w_ptr += BLOCK_K
+    gate_out = tl.sum(acc_gate, axis=1)
+    up_out = tl.sum(acc_up, axis=1)
+    out = gate_out * tl.sigmoid(gate_out) * up_out  # SiLU(gate) * up, as grouped_gemm_kernel
+    tl.store(act + pair * inter + cols, out.to(act.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def small_down_combine_kernel(
+    act,  # [N, INTER]
+    w2,  # [E, H, INTER]
+    topk_weights,  # [T, TOP_K]
+    topk_ids,  # [T, TOP_K]
+    out,  # [T, H] out
+    num_experts,
+    hidden,
+    inter,
+    stride_we,
+    stride_wn,
+    TOP_K: tl.constexpr,
+    K_POW2: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    pdl.start(PDL)
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < hidden
+    ks = tl.arange(0, BLOCK_K)
+    slots = tl.arange(0, K_POW2)
+    pair = token * TOP_K + slots  # [K_POW2]
+    expert = tl.load(topk_ids + pair, mask=slots < TOP_K, other=-1).to(tl.int64)
+    # Another rank's pair adds nothing (and its act row was never written).
+    valid = (expert >= 0) & (expert < num_experts)
+    expert = tl.where(valid, expert, 0)
+    # All the token's pairs at once, [K_POW2, BLOCK_N, BLOCK_K] of w2 per step, so that a
+    # program keeps as many bytes in flight as a gate-up program does.
+    a_ptr = act + pair[:, None] * inter + ks[None, :]
+    w_ptr = (
+        w2 + expert[:, None, None] * stride_we + cols[None, :, None] * stride_wn + ks[None, None, :]
+    )
+    acc = tl.zeros([K_POW2, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, inter, BLOCK_K):
+        k_ok = ks < inter - k0
+        a_ok = valid[:, None] & k_ok[None, :]
+        a = tl.load(a_ptr, mask=a_ok, other=0.0).to(tl.float32)
+        w_ok = a_ok[:, None, :] & col_ok[None, :, None]
+        w = tl.load(w_ptr, mask=w_ok, other=0.0).to(tl.float32)
+        acc += w * a[:, None, :]
+        a_ptr += BLOCK_K
+        w_ptr += BLOCK_K
+    # The grouped path stores each pair's output in x's dtype; the combine sums those.
+    y = tl.sum(acc, axis=2).to(out.dtype.element_ty).to(tl.float32)  # [K_POW2, BLOCK_N]
+    weight = tl.load(topk_weights + pair, mask=valid, other=0.0).to(tl.float32)
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # Summed pair by pair in order, as combine_kernel does (picking a row out of y by a masked
+    # sum is exact: the other terms are zeros).
+    for j in tl.static_range(TOP_K):
+        y_j = tl.sum(tl.where(slots[:, None] == j, y, 0.0), axis=0)
+        weight_j = tl.sum(tl.where(slots == j, weight, 0.0), axis=0)
+        total += weight_j * y_j
+    tl.store(out + token * hidden + cols, total.to(out.dtype.element_ty), mask=col_ok)
+
+
+@dataclass(frozen=True)
+class SmallBatchTiles:
+    """Column and reduction tile of each kernel. A decode step's weights stream from memory, so
+    each SM needs tens of KB of loads in flight: narrow column blocks make enough programs for
+    every SM (Qwen3-30B-A3B at batch 1: 8 pairs x 48 gate-up blocks, 512 down blocks), each
+    loading 16 KB per step in bfloat16 (gate-up: 2 x [16, 256]; down: [8 pairs, 4, 256]) and
+    holding as many float32 partial products (64 registers a thread at 4 warps)."""
+
+    gate_up_n: int = 16
+    gate_up_k: int = 256
+    down_n: int = 4
+    down_k: int = 256
+    num_warps: int = 4
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if value < 1 or value & (value - 1):  # tl.arange and the warps need powers of two
+                raise ValueError(f"{name} must be a power of two, got {value}")
+
+
+DEFAULT_TILES = SmallBatchTiles()
+
+
+def small_batch_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    tiles: SmallBatchTiles = DEFAULT_TILES,
+) -> torch.Tensor:
+    """`fused_moe`'s result `[T, H]` in two launches. Expects what `fused_moe` checks:
+    contiguous tensors of matching shapes."""
+    return _launch(x, w13, w2, topk_weights, topk_ids, None, False, tiles)
+
+
+def small_batch_moe_routed(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    router_logits: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    tiles: SmallBatchTiles = DEFAULT_TILES,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`small_batch_moe` on `softmax_topk`'s choices from `router_logits` `[T, E]` (contiguous
+    rows), chosen inside the gate-up kernel: (out `[T, H]`, weights `[T, k]` in the logits'
+    dtype, ids `[T, k]` int64), the choices exactly as `softmax_topk` makes them."""
+    num_tokens = x.shape[0]
+    weights = router_logits.new_empty(num_tokens, top_k)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=x.device)
+    out = _launch(x, w13, w2, weights, ids, router_logits, renormalize, tiles)
+    return out, weights, ids
+
+
+def _launch(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    router_logits: torch.Tensor | None,
+    renormalize: bool,
+    tiles: SmallBatchTiles,
+) -> torch.Tensor:
+    out = torch.empty_like(x)
+    num_tokens, hidden = x.shape
+    if num_tokens == 0:
+        return out
+    num_experts, two_inter, _ = w13.shape
+    inter = two_inter // 2
+    top_k = topk_ids.shape[1]
+    num_pairs = num_tokens * top_k
+    act = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)  # [N, I]
+    route = router_logits is not None
+    logits = router_logits if router_logits is not None else x  # x: a placeholder, unread
+    small_gate_up_kernel[(num_pairs, triton.cdiv(inter, tiles.gate_up_n))](
+        x,
+        w13,
+        topk_ids,
+        act,
+        logits,
+        topk_weights,
+        num_experts,
+        hidden,
+        inter,
+        x.stride(0),
+        logits.stride(0),
+        w13.stride(0),
+        w13.stride(1),
+        TOP_K=top_k,
+        K_POW2=triton.next_power_of_2(top_k),
+        E_POW2=triton.next_power_of_2(num_experts) if route else 1,
+        ROUTE=route,
+        RENORMALIZE=renormalize,
+        BLOCK_N=tiles.gate_up_n,
+        BLOCK_K=tiles.gate_up_k,
+        num_warps=tiles.num_warps,
+        **pdl.launch_args(x),
+    )
+    small_down_combine_kernel[(num_tokens, triton.cdiv(hidden, tiles.down_n))](
+        act,
+        w2,
+        topk_weights,
+        topk_ids,
+        out,
+        num_experts,
+        hidden,
+        inter,
+        w2.stride(0),
+        w2.stride(1),
+        TOP_K=top_k,
+        K_POW2=triton.next_power_of_2(top_k),
+        BLOCK_N=tiles.down_n,
+        BLOCK_K=tiles.down_k,
+        num_warps=tiles.num_warps,
+        **pdl.launch_args(act),
+    )
+    return out
