@@ -134,5 +134,19 @@ f)
   step moonlight 50 python3 -m bench.engine --preset moonlight-16b-a3b --skip-hf \
     --decode 1x128,64x128 --prefill '' --repeats 2 --decode-steps 16
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f"; exit 2 ;;
+g)
+  # The small-batch MoE path (fused_moe_small) checked and timed against the grouped path,
+  # and colocated against disaggregated-under-MPS TTFT at low load in one run.
+  step check_moe 40 python3 -m bench.check_moe_gpu
+  for path in grouped small routed; do
+    step "moe_$path" 25 python3 -m bench.moe_kernel --shape qwen3-30b-a3b --tokens 1,2,4,8 \
+      --reps 10 --path "$path"
+  done
+  step qwen3 45 python3 -m bench.engine --preset qwen3-30b-a3b --skip-hf \
+    --decode 1x128,64x128 --prefill '' --repeats 2 --decode-steps 16
+  step serving_pd 120 python3 -m bench.serving_pd --preset llama3-8b --mps --request-rates 4 \
+    --num-prompts 24 --random-input-len 1024 --random-output-len 64 --slo-ttft-ms 500 \
+    --slo-itl-ms 30 --out-dir /tmp/pd
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g"; exit 2 ;;
 esac
