@@ -46,7 +46,6 @@ class Case:
     page_size: int
     out: torch.Tensor
     max_len: int  # seq_lens' largest, known on the host (no device read inside a capture)
-    counters: torch.Tensor  # for DecodeTiles.last_combines, zero between launches
 
     def run(self, tiles: DecodeTiles) -> None:
         bsz, _, dim = self.q.shape
@@ -54,7 +53,7 @@ class Case:
         for k, v in self.caches:
             decode_attention(
                 self.q, k, v, self.table, self.rows, self.seq_lens, self.page_size,
-                dim**-0.5, splits, out=self.out, tiles=tiles, counters=self.counters,
+                dim**-0.5, splits, out=self.out, tiles=tiles,
             )  # fmt: skip
 
     def floor_bytes(self) -> int:
@@ -85,8 +84,7 @@ def make_case(
     q = torch.randn(batch, q_heads, dim, dtype=dtype, device=device)
     rows = torch.arange(batch, dtype=torch.int32, device=device)
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
-    counters = torch.zeros(batch * kv_heads, dtype=torch.int32, device=device)
-    return Case(q, caches, table, rows, seq_lens, page_size, torch.empty_like(q), context, counters)
+    return Case(q, caches, table, rows, seq_lens, page_size, torch.empty_like(q), context)
 
 
 def int_list(text: str) -> list[int]:
@@ -101,9 +99,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--block-n", type=int_list, default=[32, 64, 128])
     p.add_argument("--num-warps", type=int_list, default=[2, 4, 8])
     p.add_argument("--num-stages", type=int_list, default=[1, 2, 3])
-    p.add_argument(
-        "--last-combines", type=int_list, default=[0], help="1: the last split combines (0,1: both)"
-    )
     p.add_argument("--layers", type=int, default=8, help="layers' caches cycled per replay")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--device", default="cuda")
@@ -117,10 +112,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     bandwidth = copy_bandwidth(device)
     default = DecodeTiles()
     configs = [
-        DecodeTiles(n, w, s, bool(c))
-        for n, w, s, c in itertools.product(
-            args.block_n, args.num_warps, args.num_stages, args.last_combines
-        )
+        DecodeTiles(n, w, s)
+        for n, w, s in itertools.product(args.block_n, args.num_warps, args.num_stages)
     ]
     if default not in configs:
         configs.insert(0, default)
@@ -131,8 +124,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"dim {dim}; page size {args.page_size}; {args.layers} layers' caches cycled\n"
     )
     print(
-        "| shape | block_n | warps | stages | last combines | splits | µs | floor µs | x floor "
-        "| diff |\n| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"
+        "| shape | block_n | warps | stages | splits | µs | floor µs | x floor | diff |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     )
     for shape in args.shapes.split(","):
         batch, context = (int(x) for x in shape.split("x"))
@@ -149,7 +142,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             except Exception as exc:  # a configuration that does not compile or launch
                 why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
                 print(f"| {shape} | {tiles.block_n} | {tiles.num_warps} | {tiles.num_stages} "
-                      f"| {'yes' if tiles.last_combines else 'no'} "
                       f"| - | failed: {why} | | | |")  # fmt: skip
                 if device.type == "cuda":
                     torch.cuda.synchronize()  # a sticky error shows here, not in every later row
@@ -164,7 +156,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             mark = ("*" if tiles == default else "") + ("<" if us == best else "")
             print(
                 f"| {shape} | {tiles.block_n} | {tiles.num_warps} | {tiles.num_stages} | "
-                f"{'yes' if tiles.last_combines else 'no'} | "
                 f"{splits} | {us:.1f}{mark} | {floor_us:.1f} | {us / floor_us:.2f} | {diff:.1e} |",
                 flush=True,
             )

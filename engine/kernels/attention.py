@@ -130,7 +130,6 @@ def _decode_split_kernel(
     part_o_ptr,
     part_lse_ptr,
     out_ptr,
-    counters_ptr,
     scale,
     stride_qb,
     stride_qh,
@@ -157,14 +156,10 @@ def _decode_split_kernel(
     num_splits,
     PRECISION: tl.constexpr,
     DIRECT: tl.constexpr,
-    LAST_COMBINES: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl.start(PDL)
     # DIRECT (one split): the output itself, normalised, instead of a partial to combine.
-    # LAST_COMBINES: the last program of a (sequence, KV head) to finish, counted in
-    # `counters_ptr` (zero before, reset to zero after), combines the partials itself: no
-    # combine launch.
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -226,62 +221,6 @@ def _decode_split_kernel(
                 m + tl.log2(l_sum),
                 mask=head_ok,
             )
-    if LAST_COMBINES:
-        # Every thread's stores above come before the count (release); the last program's
-        # loads below come after it (acquire) and bypass L1 (.cg).
-        tl.debug_barrier()
-        counter = counters_ptr + b * tl.num_programs(1) + kvh
-        done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-        if done == num_splits - 1:
-            _combine_group(
-                part_o_ptr, part_lse_ptr, out_ptr, b, kvh, seq_len, split_len,
-                stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
-                GROUP, GROUP_PAD, DV, BLOCK_DV, num_splits,
-            )  # fmt: skip
-            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
-
-
-@triton.jit
-def _combine_group(
-    part_o_ptr, part_lse_ptr, out_ptr, b, kvh, seq_len, split_len,
-    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
-    GROUP, GROUP_PAD, DV, BLOCK_DV, num_splits,
-):  # fmt: skip
-    """The combine of `_decode_combine_kernel` for the GROUP query heads of KV head `kvh`,
-    in the same order of operations (so the same values)."""
-    heads = kvh * GROUP + tl.arange(0, GROUP_PAD)
-    head_ok = tl.arange(0, GROUP_PAD) < GROUP
-    dv = tl.arange(0, BLOCK_DV)
-    ok = head_ok[:, None] & (dv[None, :] < DV)
-    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    total = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, BLOCK_DV], tl.float32)
-    for split in range(num_splits):
-        if split * split_len < seq_len:
-            lse = tl.load(
-                part_lse_ptr + b * stride_lb + heads * stride_lh + split,
-                mask=head_ok,
-                other=0.0,
-                cache_modifier=".cg",
-            )
-            o = tl.load(
-                part_o_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os
-                + dv[None, :],
-                mask=ok,
-                other=0.0,
-                cache_modifier=".cg",
-            )  # fmt: skip
-            m_new = tl.maximum(m, lse)
-            alpha = tl.exp2(m - m_new)
-            w = tl.exp2(lse - m_new)
-            acc = acc * alpha[:, None] + o * w[:, None]
-            total = total * alpha + w
-            m = m_new
-    tl.store(
-        out_ptr + b * stride_outb + heads[:, None] * stride_outh + dv[None, :],
-        (acc / total[:, None]).to(out_ptr.dtype.element_ty),
-        mask=ok,
-    )
 
 
 @triton.jit
@@ -353,9 +292,6 @@ class DecodeTiles:
     block_n: int = DECODE_BLOCK_N
     num_warps: int = 4
     num_stages: int = 2
-    # The last split of each (sequence, KV head) combines the partials: one launch, not two
-    # (an atomic count per pair; off until bench.attention_kernel measures it on a GPU).
-    last_combines: bool = False
 
 
 def decode_attention(
@@ -370,15 +306,15 @@ def decode_attention(
     num_splits: int,
     out: torch.Tensor | None = None,
     tiles: DecodeTiles | None = None,
-    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One new query per sequence: `q` `[B, Hq, Dk]` over the first `seq_lens[b]` tokens of
     page-table row `rows[b]`; returns `[B, Hq, Dv]` in `q`'s dtype. `tiles`: the split
     kernel's launch (default `DecodeTiles()`, with 3 stages for one split: 4-5% faster there
     on the H200 at 64 x 128 and 256 x 512, equal at 64 x 2,048, and 2-3% slower for the many
-    short splits of batch 1; bench.attention_kernel compares others). `counters`: int32 zeros
-    of at least `B * Hkv`, for `tiles.last_combines` (left zero after the call; allocated here
-    when not given)."""
+    short splits of batch 1; bench.attention_kernel compares others). The combine is its own
+    launch: the last split combining instead (an atomic count per sequence and KV head)
+    measured no faster on the H200 (equal at 1x128 and 16x128, 41% slower at 1x2,048) and
+    was taken out."""
     tiles = tiles or DecodeTiles(num_stages=3 if num_splits == 1 else 2)
     bsz, num_heads, dk = q.shape
     num_kv_heads, dv = v_cache.shape[1], v_cache.shape[2]
@@ -393,16 +329,9 @@ def decode_attention(
     else:
         part_o = torch.empty(bsz, num_heads, num_splits, dv, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(bsz, num_heads, num_splits, dtype=torch.float32, device=q.device)
-    last_combines = tiles.last_combines and not direct
-    if not last_combines:
-        counters = seq_lens  # not touched
-    elif counters is None:
-        counters = torch.zeros(bsz * num_kv_heads, dtype=torch.int32, device=q.device)
-    elif counters.numel() < bsz * num_kv_heads or counters.dtype != torch.int32:
-        raise ValueError(f"counters must be int32 of >= {bsz * num_kv_heads} elements")
     block_dk, block_dv = triton.next_power_of_2(dk), triton.next_power_of_2(dv)
     _decode_split_kernel[(bsz, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, page_table, rows, seq_lens, part_o, part_lse, out, counters,
+        q, k_cache, v_cache, page_table, rows, seq_lens, part_o, part_lse, out,
         scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1), page_table.stride(0),
@@ -419,12 +348,11 @@ def decode_attention(
         num_splits=num_splits,
         PRECISION=dot_precision(q),
         DIRECT=direct,
-        LAST_COMBINES=last_combines,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
         **pdl.launch_args(q),
     )  # fmt: skip
-    if direct or last_combines:
+    if direct:
         return out
     _decode_combine_kernel[(bsz, num_heads)](
         part_o,

@@ -314,12 +314,15 @@ def combine_kernel(
 SINGLE_PROGRAM_PAIRS = 128
 PARALLEL_CHUNK = 128
 
-# Up to this many pairs (Qwen3-30B-A3B's top-8 at up to 4 tokens, Moonlight's top-6 at up to 5)
-# `fused_moe` takes the two-launch path of `fused_moe_small`. Its launches are what it saves;
-# what it loses grows with the pairs: each pair reads its expert's rows itself (two tokens on
-# one expert read them twice, the second mostly from L2), and its products run on the CUDA
-# cores (about 0.4 µs of issue per Qwen3 pair on an H200 against 2.2 µs of its weights' bytes).
-SMALL_BATCH_PAIRS = 32
+# Up to this many pairs (one token of Qwen3-30B-A3B's top-8 or Moonlight's top-6) `fused_moe`
+# takes the two-launch path of `fused_moe_small`, routing folded into its first kernel. Its
+# launches are what it saves; what it loses grows with the pairs: each pair reads its
+# expert's rows itself and its products run on the CUDA cores. Measured on the H200 at
+# Qwen3-30B-A3B's shape (`bench.moe_kernel --path grouped|small|routed --tokens 1,2,4,8`, µs
+# per layer, routing included: the grouped path's routing launch takes 4.0-4.6 µs):
+# grouped 35.1 / 57.0 / 94.4 / 145.0, routed 32.6 / 63.1 / 106.8 / 145.8 at 1 / 2 / 4 / 8
+# tokens: the small path pays at one token only.
+SMALL_BATCH_PAIRS = 8
 
 
 def align_chunk(e_pow2: int, num_pairs: int | None = None) -> int:

@@ -28,7 +28,6 @@ import torch
 import triton
 import triton.language as tl
 
-
 # PDSERVE_PDL -> the kernels' PDL argument; unset: "wait" (measured faster, below).
 MODES = {"0": 0, "off": 0, "wait": 1, "1": 1, "early": 2}
 

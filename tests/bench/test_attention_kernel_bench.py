@@ -21,15 +21,6 @@ def test_table_rows(capsys: pytest.CaptureFixture[str]) -> None:
     assert [r.split("|")[2].strip() for r in rows] == ["64", "16", "32"]
 
 
-def test_the_last_split_combining_is_a_row_of_its_own(capsys: pytest.CaptureFixture[str]) -> None:
-    attention_kernel.main(["--device", "cpu", "--shapes", "1x40", "--heads", "4/2/16",
-                           "--block-n", "16", "--num-warps", "4", "--num-stages", "2",
-                           "--last-combines", "0,1", "--layers", "1", "--reps", "1"])  # fmt: skip
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1x40")]
-    assert [r.split("|")[5].strip() for r in rows] == ["no", "no", "yes"]
-    assert all(r.split("|")[-2].strip() == "0.0e+00" for r in rows[1:])  # same values
-
-
 @pytest.mark.parametrize("tiles", [DecodeTiles(16, 2, 1), DecodeTiles(32, 8, 3)])
 def test_other_tiles_give_the_same_attention(tiles: DecodeTiles) -> None:
     case = attention_kernel.make_case(3, 45, (4, 2, 16), 16, 1, "cpu")

@@ -144,31 +144,6 @@ def test_decode_matches_reference(
     torch.testing.assert_close(out.double(), ref, atol=TOL, rtol=TOL)
 
 
-@pytest.mark.parametrize(("page_size", "hq", "hkv", "d"), SHAPES)
-@pytest.mark.parametrize("num_splits", [2, 5])
-def test_the_last_split_combining_gives_the_combine_kernels_values(
-    page_size: int, hq: int, hkv: int, d: int, num_splits: int
-) -> None:
-    """`DecodeTiles(last_combines=True)`: one launch, the same output as split + combine, and
-    the counters left at zero for the next launch (a captured graph replays it)."""
-    gen = torch.Generator().manual_seed(page_size + hq + d + num_splits)
-    lens = [1, page_size + 1, 150]
-    pool = make_pool(lens, page_size, hkv, d, gen)
-    q = torch.randn(len(lens), hq, d, generator=gen).to(DEVICE)
-    args = (q, pool.k, pool.v, pool.table, torch.tensor(pool.rows, device=DEVICE),
-            torch.tensor(lens, dtype=torch.int32, device=DEVICE), page_size, d**-0.5,
-            num_splits)  # fmt: skip
-    want = kernels.decode_attention(*args)
-    counters = torch.zeros(len(lens) * hkv, dtype=torch.int32, device=DEVICE)
-    fused = kernels.DecodeTiles(last_combines=True)
-    for _ in range(2):  # a second launch over the same counters
-        got = kernels.decode_attention(*args, tiles=fused, counters=counters)
-        assert torch.equal(got, want)
-        assert not counters.any()
-    with pytest.raises(ValueError, match="counters"):
-        kernels.decode_attention(*args, tiles=fused, counters=counters[:1])
-
-
 def test_empty_batches_launch_nothing() -> None:
     gen = torch.Generator().manual_seed(0)
     pool = make_pool([4], 4, 2, 64, gen)
