@@ -338,26 +338,36 @@ def add_small_batch_moe(add: Callable[..., None]) -> None:
 def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
     """The skinny GEMM's launches that `pick_tiles` makes for Llama-3-8B's projections (and a
     narrow one that splits K) at 1 to 64 rows, with every argument a multiple of 16 as there;
-    with `all_configs`, every entry of `TILE_CONFIGS` too (bfloat16)."""
+    gated (silu(gate) * up in the epilogue) for the gate-up projection's tiles and those of
+    `skinny_gemm.TUNED`; with `all_configs`, every entry of `TILE_CONFIGS` too (bfloat16)."""
     shapes = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096))
+    gate_up = (28672, 4096)
     launches = set()
 
-    def launch(dtype: str, m: int, tiles: skinny_gemm.SkinnyTiles) -> None:
+    def launch(dtype: str, m: int, tiles: skinny_gemm.SkinnyTiles, gated: bool = False) -> None:
         # The split count is a run-time argument: one kernel for every count above one.
         tiles = dataclasses.replace(tiles, split_k=min(tiles.split_k, 2))
-        launches.add((dtype, skinny_gemm.rows_per_program(m, tiles), tiles))
+        launches.add((dtype, skinny_gemm.rows_per_program(m, tiles), tiles, gated))
 
     for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         for m in (1, 2, 4, 16, 32, 64):
             for n, k in (*shapes, (1024, 4096)):
                 launch(dtype, m, skinny_gemm.pick_tiles(m, n, k, torch_dtype))
+                if (n, k) == gate_up:
+                    gated = skinny_gemm.pick_tiles(m, n, k, torch_dtype, gated=True)
+                    launch(dtype, m, gated, gated=True)
         if all_configs and dtype == "bf16":
             for tiles in skinny_gemm.TILE_CONFIGS:
                 for m in (1, 4, 16) if not tiles.dot else (16,):
                     launch(dtype, m, tiles)
+    for (kind, _, _, dtype_name), rows in skinny_gemm.TUNED.items():
+        dtype = {"bfloat16": "bf16", "float32": "fp32"}[dtype_name]
+        for max_rows, tiles in rows:
+            for m in (1, 16, max_rows):
+                launch(dtype, m, tiles, gated=kind == "gate_up")
     divisible = ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "part_ptr", "K", "N", "split_len",
                  "stride_xm", "stride_wn", "stride_ym", "stride_ps", "stride_pm")  # fmt: skip
-    for (dtype, block_m, tiles), gated in itertools.product(sorted(launches, key=repr), (0, 1)):
+    for dtype, block_m, tiles, gated in sorted(launches, key=repr):
         add(
             f"skinny_gemm {dtype} BLOCK_M={block_m} {tiles.label()}{' gated' if gated else ''}",
             skinny_gemm._skinny_gemm_kernel,
@@ -372,8 +382,8 @@ def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
                 "EVEN_K": True,
                 "HAS_BIAS": False,
                 "DIRECT": tiles.split_k == 1,
-                "GATED": bool(gated),
-                "PDL": 2,  # what a launch with PDSERVE_PDL=1 compiles; no other cost
+                "GATED": gated,
+                "PDL": 2,  # what a launch with PDSERVE_PDL=early compiles; no other cost
             },
             divisible=divisible,
             num_warps=tiles.num_warps,

@@ -250,10 +250,14 @@ TILE_CONFIGS: tuple[SkinnyTiles, ...] = (
 )
 
 
-def pick_tiles(m: int, n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> SkinnyTiles:
+def pick_tiles(
+    m: int, n: int, k: int, dtype: torch.dtype = torch.bfloat16, gated: bool = False
+) -> SkinnyTiles:
     """The rule: CUDA-core products for one row; else the widest `block_n` of `DOT_TILES`
     that still gives two programs per SM; K split only when even that leaves SMs idle (into
-    as many splits as make two programs per SM, each of two K tiles or more)."""
+    as many splits as make two programs per SM, each of two K tiles or more). `gated` (two
+    accumulators, `skinny_gate_up`) in float32 halves K tiles once more: 64 rows of the
+    widest tile spill registers otherwise."""
     if m == 1:
         tiles = GEMV_TILES
     else:
@@ -261,6 +265,8 @@ def pick_tiles(m: int, n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> S
         tiles = next(fills, DOT_TILES[-1])
     programs = triton.cdiv(n, tiles.block_n)
     block_k = tiles.block_k // 2 if dtype == torch.float32 else tiles.block_k
+    if gated and dtype == torch.float32 and tiles.dot:
+        block_k = max(16, block_k // 2)
     split_k = 1
     if programs < SM_COUNT:
         split_k = max(1, min(triton.cdiv(2 * SM_COUNT, programs), k // (2 * block_k)))
@@ -361,7 +367,7 @@ def _launch(
         y.copy_(full)
         return y.view(*x.shape[:-1], n)
     # A gated launch reads two rows of W per output column: the tiles of N = 2n's rule.
-    tiles = tiles or pick_tiles(m, rows, k, x.dtype)
+    tiles = tiles or pick_tiles(m, rows, k, x.dtype, gated)
     block_m = rows_per_program(m, tiles)
     if triton.cdiv(n, tiles.block_n) > 65535:  # CUDA's limit on a grid's second axis
         raise ValueError(f"N = {n} needs block_n > {tiles.block_n} (65,535 blocks at most)")

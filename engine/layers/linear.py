@@ -57,7 +57,7 @@ class SkinnyGemmBackend(GemmBackend):
             return None
         if self.tuned:
             return skinny_gemm.tuned_tiles(kind, m, n, k, dtype)
-        return skinny_gemm.pick_tiles(m, n, k, dtype)
+        return skinny_gemm.pick_tiles(m, n, k, dtype, gated=kind == "gate_up")
 
 
 def gemm_backend_for(name: str, device_kind: str) -> GemmBackend:
