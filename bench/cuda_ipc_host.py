@@ -10,9 +10,11 @@ and 64-, 16- and 1-token pages to every other destination page (2,048, 8,192 and
 writes). Each hand-off goes through `PageWriter`, as the prefill worker's do.
 
 What a copy call costs on a GPU is not here: `memcpy` issues one ctypes `cuMemcpyDtoDAsync`
-per counted call (the table's last column prices them at a ctypes call of the same shape
-into libc, timed here: a lower bound, the driver's own work per call is not in it), `rows`
-one gather and one scatter with torch per region pair. After the timed runs, one more
+per counted call (the table's last column prices them, and each batch call, at a ctypes call
+of the same shape into libc, timed here: a lower bound, the driver's own work per call is not
+in it), `batch` one `cuMemcpyBatchAsync` for all writes (the driver here plays one that has
+it, as the H200's CUDA 13 driver does), `rows` one gather and one scatter with torch per
+region pair. After the timed runs, one more
 hand-off is recorded and checked: the copies issued move every byte of the batch once, to
 the mapped address of its destination.
 
@@ -60,6 +62,8 @@ class CountingDriver:
         self._next = _FIRST_ALLOCATION
         self.memcpy_calls = 0
         self.row_pairs = 0
+        self.batch_calls = 0
+        self.can_copy_batch = True  # as on the H200's CUDA 13 driver
         self.record = False
         self.recorded: list[tuple[int, int, int]] = []
 
@@ -87,6 +91,11 @@ class CountingDriver:
 
     def copy(self, device: int, copies: Copies) -> None:
         self.memcpy_calls += len(copies)
+        if self.record:
+            self.recorded.extend(copies.tuples())
+
+    def copy_batch(self, device: int, copies: Copies) -> None:
+        self.batch_calls += 1
         if self.record:
             self.recorded.extend(copies.tuples())
 
@@ -172,6 +181,7 @@ class Row:
     host_ms: float
     memcpy_calls: int
     row_pairs: int
+    batch_calls: int
 
 
 def run_case(
@@ -202,7 +212,7 @@ def run_case(
                 writer = PageWriter(sender)
                 for _ in range(warmup):
                     writer.write(receiver.session_id, batch)
-                driver.memcpy_calls = driver.row_pairs = 0
+                driver.memcpy_calls = driver.row_pairs = driver.batch_calls = 0
                 seconds = []
                 for _ in range(reps):
                     start = time.perf_counter()
@@ -210,7 +220,7 @@ def run_case(
                     seconds.append(time.perf_counter() - start)
                 rows.append(Row(layout.page_size, pattern, len(batch), mode,
                                 statistics.median(seconds) * 1e3, driver.memcpy_calls // reps,
-                                driver.row_pairs // reps))  # fmt: skip
+                                driver.row_pairs // reps, driver.batch_calls // reps))  # fmt: skip
                 driver.record = True
                 writer.write(receiver.session_id, batch)
                 check_coverage(batch, driver.recorded)
@@ -252,15 +262,16 @@ def main(argv: list[str] | None = None) -> int:
         f"call of cuMemcpyDtoDAsync's shape: {call_us:.2f} µs here"
     )
     print("\n| page tokens | dst pages | writes | mode | host ms | µs per write | memcpy calls | "
-          "row-copy pairs | + ctypes ms (est.) |")  # fmt: skip
-    print("|---:|---|---:|---|---:|---:|---:|---:|---:|")
+          "row-copy pairs | batch calls | + ctypes ms (est.) |")  # fmt: skip
+    print("|---:|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for page_tokens, pattern in cases:
         layout = KVLayout("bench", args.dtype, page_tokens, args.layers, args.kv_heads,
                           args.head_dim)  # fmt: skip
         for r in run_case(layout, args.prompt_tokens, pattern, args.modes, args.warmup, args.reps):
             cells = [r.page_tokens, r.pattern, f"{r.writes:,}", r.mode, f"{r.host_ms:.2f}",
                      f"{1e3 * r.host_ms / r.writes:.2f}", f"{r.memcpy_calls:,}",
-                     f"{r.row_pairs:,}", f"{r.memcpy_calls * call_us / 1e3:.2f}"]  # fmt: skip
+                     f"{r.row_pairs:,}", f"{r.batch_calls:,}",
+                     f"{(r.memcpy_calls + r.batch_calls) * call_us / 1e3:.2f}"]  # fmt: skip
             print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
     print("\nevery case checked: the copies issued move each byte of the batch once, to its "
           "destination's mapped address")  # fmt: skip

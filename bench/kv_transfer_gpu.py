@@ -1,6 +1,7 @@
 """KV hand-off between GPU pools of two processes through a transfer backend (`cuda_ipc` in
-each copy mode, or Mooncake's CUDA build), beside a plain device-to-device copy of the same
-pages, checked byte for byte. Needs a CUDA GPU.
+each copy mode: auto, memcpy, rows, and batch where the driver has cuMemcpyBatchAsync; or
+Mooncake's CUDA build), beside a plain device-to-device copy of the same pages, checked byte
+for byte. Needs a CUDA GPU.
 
 A receiver process (the decode side) holds a zeroed KV pool on `--receiver-device` and
 registers it with its engine; this process (the prefill side) holds a pool of random bytes on
@@ -43,7 +44,12 @@ from kv_transfer import (
     create_transfer_engine,
 )
 from kv_transfer import descriptor_from_tensors as describe
-from kv_transfer.cuda_ipc import COPY_MODES, CudaIpcTransferEngine
+from kv_transfer.cuda_ipc import (
+    BATCH_UNAVAILABLE,
+    COPY_MODES,
+    CudaIpcTransferEngine,
+    shared_driver,
+)
 
 PEER_TIMEOUT_S = 120.0
 
@@ -257,7 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| page tokens | pages | dst pattern | sender | writes | MB | GB/s | copy GB/s | "
           "of copy |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
-    modes = COPY_MODES if args.backend == "cuda_ipc" else (None,)
+    modes: Sequence[str | None] = COPY_MODES if args.backend == "cuda_ipc" else (None,)
+    if args.backend == "cuda_ipc" and not shared_driver().can_copy_batch:
+        print(f"\nno batch row: {BATCH_UNAVAILABLE}")
+        modes = [m for m in modes if m != "batch"]
     for page_size in args.page_sizes:
         layout = KVLayout("bench", args.dtype, page_size, args.layers, args.kv_heads, args.head_dim)
         prompt_pages = -(-args.prompt_tokens // page_size)

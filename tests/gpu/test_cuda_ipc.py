@@ -36,16 +36,25 @@ from kv_transfer import (  # noqa: E402
     build_write_batch,
 )
 from kv_transfer import descriptor_from_tensors as describe  # noqa: E402
-from kv_transfer.cuda_ipc import COPY_MODES, CudaIpcTransferEngine  # noqa: E402
+from kv_transfer.cuda_ipc import (  # noqa: E402
+    BATCH_UNAVAILABLE,
+    COPY_MODES,
+    CudaIpcTransferEngine,
+    shared_driver,
+)
 
 PROMPT_TOKENS = 192
 
 
 def engines(
-    pool: KVPoolDescriptor,
+    pool: KVPoolDescriptor, modes: tuple[str, ...] = COPY_MODES
 ) -> Iterator[dict[str, tuple[TransferEngine, PageWriter]]]:
+    """An engine and writer per copy mode of `modes` (batch only where the driver has it:
+    test_batch_mode_scattered_handoff says when it has not)."""
     made: dict[str, tuple[TransferEngine, PageWriter]] = {}
-    for mode in COPY_MODES:
+    for mode in modes:
+        if mode == "batch" and not shared_driver().can_copy_batch:
+            continue
         engine = new_engine("cuda_ipc", mode)
         register(engine, pool)
         made[mode] = (engine, PageWriter(engine))
@@ -72,6 +81,27 @@ def test_pages_land_byte_for_byte(page_size: int, receiver_device: str) -> None:
                 # (SHA-256) or if any other page was written.
                 result = run_case(receiver, made, src, pool, base, src_pages, dst_pages, 0, 1)
                 assert result["bytes"] == prompt_pages * layout.k_page_bytes * 2 * 3
+    finally:
+        receiver.stop()
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_batch_mode_scattered_handoff(page_size: int) -> None:
+    """Every other destination page, all writes in one cuMemcpyBatchAsync: byte for byte."""
+    if not shared_driver().can_copy_batch:
+        pytest.skip(BATCH_UNAVAILABLE)
+    layout = KVLayout("gpu-test", "bfloat16", page_size, 3, 2, 64)
+    prompt_pages = -(-PROMPT_TOKENS // page_size)
+    src = allocate(layout, 2 * prompt_pages, "cuda:0", random=True)
+    base = allocate(layout, 2 * prompt_pages, "cuda:0", random=False)
+    pool = describe(layout, src[:3], src[3:])
+    receiver = Receiver(layout, 2 * prompt_pages, "cuda:0")
+    try:
+        for made in engines(pool, ("batch",)):
+            src_pages, dst_pages = page_patterns(prompt_pages)["every other page"]
+            result = run_case(receiver, made, src, pool, base, src_pages, dst_pages, 0, 1)
+            assert set(result) == {"writes", "bytes", "batch", "baseline"}
+            assert result["writes"] == prompt_pages * 2 * 3  # one per page, layer, K and V
     finally:
         receiver.stop()
 

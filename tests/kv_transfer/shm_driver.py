@@ -3,9 +3,10 @@
 Everything of the backend but the CUDA calls runs for real on it: the exchange listener and
 its connections, the region tables, the address arithmetic, the peer handling and the errors,
 across real processes. An "allocation" is a `SharedMemory` segment (its name is the handle),
-"device" memory is host memory, and a copy is a `memmove`
-(row copies run the backend's own torch code, on the CPU). The byte-for-byte check of the
-CUDA driver itself is tests/gpu/test_cuda_ipc.py, on a GPU host.
+"device" memory is host memory, and a copy is a `memmove` (a batch is too, counted; set
+`can_copy_batch` false to play a driver without the batch call); row copies run the
+backend's own torch code, on the CPU. The byte-for-byte check of the CUDA driver itself is
+tests/gpu/test_cuda_ipc.py, on a GPU host.
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ from collections.abc import Sequence
 from multiprocessing import resource_tracker, shared_memory
 from typing import Any, cast
 
-from kv_transfer.cuda_ipc import Allocation, Copies, IpcError, RowCopy, run_row_copies
+from kv_transfer.cuda_ipc import (
+    BATCH_UNAVAILABLE,
+    Allocation,
+    Copies,
+    IpcError,
+    RowCopy,
+    run_row_copies,
+)
 
 # Segments this process created (and whose unlinking its resource tracker owns).
 _CREATED_HERE: set[str] = set()
@@ -38,6 +46,8 @@ class SharedMemoryDriver:
         self.opens = 0  # handles opened so far, to check one open per allocation
         self.closes = 0
         self.row_copies = 0  # region pairs copied as rows
+        self.batches = 0  # batch calls
+        self.can_copy_batch = True
 
     def own(self, size: int) -> tuple[shared_memory.SharedMemory, int]:
         """A new segment this process exports, and its address."""
@@ -76,6 +86,12 @@ class SharedMemoryDriver:
     def copy(self, device: int, copies: Copies) -> None:
         for dst, src, length in copies.tuples():
             ctypes.memmove(dst, src, length)
+
+    def copy_batch(self, device: int, copies: Copies) -> None:
+        if not self.can_copy_batch:
+            raise IpcError(BATCH_UNAVAILABLE)
+        self.batches += 1
+        self.copy(device, copies)
 
     def release(self) -> None:
         """Unlink the segments this process created."""

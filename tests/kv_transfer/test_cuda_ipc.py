@@ -76,8 +76,9 @@ class Sender:
     """A writing engine and a source pool of distinct bytes, registered with the engine as a
     prefill worker's is (which lets it copy pages as rows)."""
 
-    def __init__(self, copy_mode: str = "auto") -> None:
+    def __init__(self, copy_mode: str = "auto", can_batch: bool = True) -> None:
         self.driver = SharedMemoryDriver()
+        self.driver.can_copy_batch = can_batch
         self.engine = CudaIpcTransferEngine(self.driver, copy_mode)
         assert self.engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
         size = 2 * LAYOUT.num_layers * LAYER
@@ -126,11 +127,22 @@ def check_pages(
                 assert get_dst(which, layer, d) == bytes(PAGE), (which, layer, d)
 
 
-@pytest.mark.parametrize("mode", ["memcpy", "rows", "auto"])
+# (copy mode, whether the driver has the batch call) -> (row copies, batch calls) of the three
+# writes below.
+MODE_CALLS = {
+    ("memcpy", True): (0, 0),
+    ("rows", True): (3 * 2 * LAYOUT.num_layers, 0),
+    ("batch", True): (0, 3),
+    ("auto", True): (0, 3),  # short writes, all of them: one batch each
+    ("auto", False): (2 * LAYOUT.num_layers, 0),
+}
+
+
+@pytest.mark.parametrize(("mode", "can_batch"), list(MODE_CALLS))
 def test_pages_land_byte_for_byte_with_one_mapping_per_allocation(
-    receiver: Receiver, mode: str
+    receiver: Receiver, mode: str, can_batch: bool
 ) -> None:
-    sender = Sender(mode)
+    sender = Sender(mode, can_batch)
     try:
         src, dst = [0, 1, 2, 5, 6, 3], [3, 4, 5, 0, 1, 7]  # three runs
         sender.write(receiver, src, dst)
@@ -143,9 +155,9 @@ def test_pages_land_byte_for_byte_with_one_mapping_per_allocation(
         src, dst = [0, 2, 1, 3, 4, 6, 5, 7], [0, 1, 2, 3, 4, 5, 6, 7]
         sender.write(receiver, src, dst)
         check_pages(receiver.page, sender, src, dst, untouched=[])
-        # 3 and 1 writes per region pair stay memcpy under auto; 8 go as rows.
-        expected = {"memcpy": 0, "rows": 3 * 2 * LAYOUT.num_layers, "auto": 2 * LAYOUT.num_layers}
-        assert sender.driver.row_copies == expected[mode]
+        # Without the batch call, 3 and 1 writes per region pair stay memcpy under auto; 8 go
+        # as rows.
+        assert (sender.driver.row_copies, sender.driver.batches) == MODE_CALLS[(mode, can_batch)]
     finally:
         sender.close()
 
