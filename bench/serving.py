@@ -44,7 +44,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,10 @@ import numpy as np
 from tqdm.asyncio import tqdm
 
 PERCENTILES = (50, 90, 99)
+
+# Called before each rate's run; the function it returns is called after that run, and the dict
+# that returns joins the run's summary (e.g. the server's metrics, scraped around the run).
+RunProbe = Callable[[], Callable[[], dict[str, Any]]]
 
 # ---- datasets ------------------------------------------------------------------------------
 
@@ -424,9 +428,10 @@ async def benchmark(
     warmup: list[BenchRequest],
     datasets: list[list[BenchRequest]],
     source: TextSource | None,
+    probe: RunProbe | None = None,
 ) -> list[dict[str, Any]]:
     """Send `warmup`, then run `datasets[i]` at `args.request_rates[i]`; the summaries, each
-    with its per-request timings."""
+    with its per-request timings (and what `probe` adds)."""
     slo = SLO(*(None if v is None else v / 1000.0 for v in
                 (args.slo_ttft_ms, args.slo_itl_ms, args.slo_e2e_ms)))  # fmt: skip
     timeout = aiohttp.ClientTimeout(total=args.request_timeout)
@@ -440,6 +445,7 @@ async def benchmark(
             raise RuntimeError(f"warm-up request failed: {failed[0]}")
         runs = []
         for rate, requests in zip(args.request_rates, datasets, strict=True):
+            finish = None if probe is None else await asyncio.to_thread(probe)
             results, duration = await run_load(session, args, model, requests, source, rate)
             summary = summarize(results, duration, slo)
             summary.update(
@@ -447,6 +453,8 @@ async def benchmark(
                 max_concurrency=args.max_concurrency,
                 requests=[_timings(r, source) for r in results if r.ok],
             )
+            if finish is not None:
+                summary.update(await asyncio.to_thread(finish))
             runs.append(summary)
     return runs
 
@@ -651,7 +659,8 @@ def build_dataset(args: argparse.Namespace, source: TextSource) -> list[BenchReq
     )  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, probe: RunProbe | None = None) -> int:
+    """The command line; `probe` (from Python) adds to each run's summary."""
     args = parse_args(argv)
     source = TextSource(load_tokenizer(args.tokenizer), np.random.default_rng(args.seed))
     # Fresh prompts for the warm-up and for each rate (all from --seed): a run that repeated
@@ -659,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     warmup = build_dataset(args, source)[: args.warmup_requests] if args.warmup_requests else []
     datasets = [build_dataset(args, source) for _ in args.request_rates]
     try:
-        runs = asyncio.run(benchmark(args, warmup, datasets, source))
+        runs = asyncio.run(benchmark(args, warmup, datasets, source, probe))
     except (RuntimeError, aiohttp.ClientError, OSError) as exc:
         print(f"error: {exc} (is a server at {args.base_url}?)", file=sys.stderr)
         return 1

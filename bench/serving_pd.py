@@ -7,6 +7,11 @@ each at every `--request-rates` value with the same seeded dataset and SLOs. Pri
 tables and a comparison (TTFT, ITL, goodput per rate); writes each mode's JSON and PNG and a
 summary JSON into `--out-dir`.
 
+Around each rate's run it scrapes every process's /metrics and prints, beside TTFT p50, the
+run's mean of each phase of the time to first token that the workers measure
+(`worker.metrics.PHASES`, the KV write) and of the router's TTFT: (sum after - sum before) /
+(count after - count before) of each histogram, over all workers of the mode.
+
 With `--preset llama3-8b` the model is Llama-3-8B's shape with dummy weights: its config.json
 (bench.engine's preset) beside a generated word tokenizer of the same vocabulary (`w0 w1 ...`:
 every id the dummy model samples decodes to a word; the text is noise).
@@ -27,16 +32,30 @@ import json
 import math
 import shlex
 import sys
+import urllib.request
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from bench import serving
 from bench.engine import PRESETS, write_preset
 from bench.mps import MPSUnavailable, control_binary, mps_daemon
 from cluster.local import LocalCluster, LocalClusterSpec
+from worker.metrics import PHASES
+
+# The phases of the time to first token in the order a disaggregated request meets them, each
+# a histogram of some process of the cluster (a colocated worker has the first two only).
+PHASE_HISTOGRAMS = {
+    **{key: PHASES[key][0] for key in ("prefill_queue", "prefill_compute", "handoff_wait")},
+    "kv_write": "pdserve:kv_transfer_latency_seconds",
+    **{key: PHASES[key][0] for key in
+       ("transfer_done", "decode_bootstrap", "decode_kv_wait", "decode_pickup")},
+    "router_ttft": "pdserve:time_to_first_token_seconds",
+}  # fmt: skip
 
 
 def model_dir(args: argparse.Namespace, out: Path) -> Path:
@@ -60,6 +79,71 @@ def write_word_tokenizer(path: Path, vocab_size: int) -> None:
     tok.save(str(path / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 20}
     (path / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def histogram_totals(text: str) -> dict[str, tuple[float, float]]:
+    """Every histogram's (sum, count) in a Prometheus text page, added over its label sets."""
+    totals: dict[str, tuple[float, float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.type != "histogram":
+            continue
+        total, count = totals.get(family.name, (0.0, 0.0))
+        for sample in family.samples:
+            if sample.name == family.name + "_sum":
+                total += sample.value
+            elif sample.name == family.name + "_count":
+                count += sample.value
+        totals[family.name] = (total, count)
+    return totals
+
+
+def scrape_histograms(urls: Iterable[str]) -> dict[str, tuple[float, float]] | None:
+    """`histogram_totals` of every /metrics page at `urls`, added; None (with a warning) when
+    one does not answer: the benchmark goes on without its phases."""
+    totals: dict[str, tuple[float, float]] = {}
+    for url in urls:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                text = resp.read().decode()
+        except OSError as exc:
+            print(f"warning: could not scrape {url}: {exc}", file=sys.stderr)
+            return None
+        for name, (total, count) in histogram_totals(text).items():
+            before = totals.get(name, (0.0, 0.0))
+            totals[name] = (before[0] + total, before[1] + count)
+    return totals
+
+
+def phase_means_ms(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+) -> dict[str, float | None]:
+    """Each phase's mean over what was observed between two scrapes, in ms; None for a phase
+    that observed nothing (not measured in this mode)."""
+    means: dict[str, float | None] = {}
+    for phase, name in PHASE_HISTOGRAMS.items():
+        total_0, count_0 = before.get(name, (0.0, 0.0))
+        total_1, count_1 = after.get(name, (0.0, 0.0))
+        count = count_1 - count_0
+        means[phase] = (total_1 - total_0) / count * 1000 if count > 0 else None
+    return means
+
+
+def phase_probe(urls: list[str]) -> serving.RunProbe:
+    """A `bench.serving.RunProbe`: scrape `urls` before and after each run; the run's summary
+    gets `phases_ms` (`phase_means_ms`, or None when a scrape failed)."""
+
+    def start() -> Callable[[], dict[str, Any]]:
+        before = scrape_histograms(urls)
+
+        def finish() -> dict[str, Any]:
+            after = scrape_histograms(urls)
+            if before is None or after is None:
+                return {"phases_ms": None}
+            return {"phases_ms": phase_means_ms(before, after)}
+
+        return finish
+
+    return start
 
 
 def run_mode(
@@ -95,8 +179,9 @@ def run_mode(
         if getattr(args, flag) is not None:
             argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     print(f"\n== {mode}" + (" (MPS)" if env else ""), flush=True)
-    with LocalCluster(spec):
-        if serving.main(argv) not in (0, 2):
+    with LocalCluster(spec) as cluster:
+        # Every process's /metrics: the workers' phases and the router's TTFT.
+        if serving.main(argv, probe=phase_probe(list(cluster.metrics.values()))) not in (0, 2):
             raise RuntimeError(f"bench.serving failed against the {mode} cluster")
     runs: list[dict[str, Any]] = json.loads((out / f"serving-{mode}.json").read_text())["runs"]
     return runs
@@ -117,6 +202,26 @@ def compare(results: dict[str, list[dict[str, Any]]]) -> str:
                     f"{r['itl_ms']['p50']:.2f}", f"{r['itl_ms']['p99']:.2f}",
                     f"{r['goodput']:.2f}"]  # fmt: skip
         rows.append(row)
+    return "\n".join(
+        "| " + " | ".join(r) + " |" for r in [rows[0], ["---"] * len(header), *rows[1:]]
+    )
+
+
+def phase_table(results: dict[str, list[dict[str, Any]]]) -> str:
+    """One row per mode and rate: the client's TTFT p50 and each phase's mean (ms; "-" where
+    the mode has no such phase)."""
+    header = ["mode", "rate", "TTFT p50", *(f"{p} mean" for p in PHASE_HISTOGRAMS)]
+    rows = [header]
+    for mode, runs in results.items():
+        for r in runs:
+            rate = r["request_rate"]
+            phases = r.get("phases_ms") or {}
+            row = [mode, str(rate) if isinstance(rate, str) else f"{rate:g}",
+                   f"{r['ttft_ms']['p50']:.1f}"]  # fmt: skip
+            for phase in PHASE_HISTOGRAMS:
+                value = phases.get(phase)
+                row.append("-" if value is None else f"{value:.2f}")
+            rows.append(row)
     return "\n".join(
         "| " + " | ".join(r) + " |" for r in [rows[0], ["---"] * len(header), *rows[1:]]
     )
@@ -174,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         except MPSUnavailable as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-    table = compare(results)
+    table = compare(results) + "\n\n" + phase_table(results)
     print("\n" + table)
     summary = {"config": {k: str(v) for k, v in vars(args).items()}, "mps": mps,
                "runs": results}  # fmt: skip

@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import grpc
 
@@ -34,7 +35,7 @@ from worker.convert import (
     sampling_from_proto,
     status_for,
 )
-from worker.metrics import handoff, handoff_failed
+from worker.metrics import handoff, handoff_failed, observe_phases, prefill_phases
 from worker.runtime import WorkerRuntime
 from worker.service import WorkerService
 
@@ -51,6 +52,15 @@ _REFUSED = frozenset(
 )
 _ABORTED = "aborted"
 _AWAITING_KV = frozenset({TransferState.BOOTSTRAPPING, TransferState.WAITING_FOR_INPUT})
+
+
+@dataclass(frozen=True)
+class _KVArrived:
+    """A transfer's completion as its waiter gets it: the message, and when it came
+    (time.monotonic()), for the TTFT phase metrics."""
+
+    message: decode_pb2.TransferDoneRequest
+    at: float
 
 
 def _failure(request_id: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -136,12 +146,14 @@ class DecodeServicer(WorkerService, decode_pb2_grpc.DecodeServicer):
         self, request: decode_pb2.DecodeRequest
     ) -> AsyncIterator[common_pb2.GenerateResponse]:
         """One request's stream messages: chunks, then a Complete. Raises what failed it."""
+        received = time.monotonic()
         req = request.request
         sampling = sampling_from_proto(req.sampling)
+        untimed = request.transfer_id == 0  # a colocated prefill, timed at its first token
         if request.transfer_id == 0:
             outputs = self.rt.engine.generate(req.request_id, list(req.token_ids), sampling)
         else:
-            outputs = self._disaggregated(request, sampling)
+            outputs = self._disaggregated(request, sampling, received)
         # Outputs held back: all of them until the last (deliver_at_end), or until there are
         # stream_interval of them.
         every = 0 if request.deliver_at_end else max(1, request.stream_interval)
@@ -150,6 +162,12 @@ class DecodeServicer(WorkerService, decode_pb2_grpc.DecodeServicer):
             async for outs in outputs:
                 if self.rt.metrics is not None:
                     self.rt.metrics.generated(len(outs))
+                if untimed:
+                    untimed = False
+                    started = outs[0].prefill_started_at
+                    observe_phases(
+                        self.rt.metrics, prefill_phases(received, started, time.monotonic())
+                    )
                 if every != 1:
                     held += outs
                     if not outs[-1].finished and (every == 0 or len(held) < every):
@@ -167,7 +185,7 @@ class DecodeServicer(WorkerService, decode_pb2_grpc.DecodeServicer):
             )
 
     async def _disaggregated(
-        self, request: decode_pb2.DecodeRequest, sampling: SamplingParams
+        self, request: decode_pb2.DecodeRequest, sampling: SamplingParams, received: float
     ) -> AsyncIterator[list[StepOutput]]:
         req, rt = request.request, self.rt
         rid, tid = req.request_id, request.transfer_id
@@ -214,9 +232,10 @@ class DecodeServicer(WorkerService, decode_pb2_grpc.DecodeServicer):
                         f"transfer {tid}: {exc.code().name} {exc.details()}",
                         request.prefill_endpoint,
                     ) from exc
+            attached = time.monotonic()
             handoff(rt.metrics, rid, "transfer")
             try:
-                done = await receiver.wait(rt.settings.transfer_timeout_s)
+                arrived = await receiver.wait(rt.settings.transfer_timeout_s)
             except TransferError as exc:
                 if isinstance(exc, TransferFailed) and exc.reason == _ABORTED:
                     raise
@@ -224,13 +243,23 @@ class DecodeServicer(WorkerService, decode_pb2_grpc.DecodeServicer):
                 # reported one), not ours.
                 raise PeerFailure(str(exc), request.prefill_endpoint) from exc
             handoff(rt.metrics, rid, None)
-            if not isinstance(done, decode_pb2.TransferDoneRequest):
-                raise TypeError(f"transfer {tid} completed with {type(done).__name__}")
+            if not isinstance(arrived, _KVArrived):
+                raise TypeError(f"transfer {tid} completed with {type(arrived).__name__}")
+            done = arrived.message
             first = logprobs_from_proto(done.first_logprobs, done.HasField("first_logprobs"))
             out = await rt.engine.complete_transfer(rid, done.first_token_id, first)
             # The prompt's cache hits happened on the prefill worker: report those.
             cached = done.cached_tokens
             finished = out.finished
+            attached = min(attached, arrived.at)  # TransferDone may beat the acknowledgement
+            observe_phases(
+                rt.metrics,
+                {
+                    "decode_bootstrap": attached - received,
+                    "decode_kv_wait": arrived.at - attached,
+                    "decode_pickup": time.monotonic() - arrived.at,
+                },
+            )
             yield [replace(out, num_cached_tokens=cached)]
             if not finished:
                 async for outs in rt.engine.iterate(stream):
@@ -324,7 +353,7 @@ class DecodeServicer(WorkerService, decode_pb2_grpc.DecodeServicer):
         if request.error:
             receiver.sender_failed(request.error)
         else:
-            receiver.complete(request)
+            receiver.complete(_KVArrived(request, time.monotonic()))
         return decode_pb2.TransferDoneResponse(request_id=request.request_id)
 
     async def Abort(

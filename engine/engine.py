@@ -13,7 +13,7 @@ import logging
 import uuid
 from collections.abc import Sequence as Seq
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -50,6 +50,9 @@ class StepOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int
+    # time.monotonic() (this process) when the request's first prefill step was scheduled;
+    # None for a request whose KV arrived by transfer. Timing only: not part of equality.
+    prefill_started_at: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -316,6 +319,7 @@ class Engine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
             num_cached_tokens=seq.num_prefix_hit_tokens,
+            prefill_started_at=seq.prefill_started_at,
         )
 
     def generate(

@@ -9,6 +9,7 @@ the radix cache) and it is recomputed later from its prompt plus the tokens it h
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -197,6 +198,8 @@ class Scheduler:
             seqs.append(seq)
             lens.append(n)
             budget -= n
+            if seq.prefill_started_at is None:
+                seq.prefill_started_at = time.monotonic()
             if n < remaining:
                 break  # the rest of this prompt comes in later steps
             self.waiting.popleft()

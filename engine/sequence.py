@@ -64,6 +64,9 @@ class Sequence:
     finish_reason: FinishReason | None = None
     output_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
     grammar: GrammarState | None = None
+    # time.monotonic() when its first prefill step was scheduled (its forward follows at once);
+    # a recompute after preemption keeps it. Servers split time to first token with it.
+    prefill_started_at: float | None = None
 
     @property
     def num_tokens(self) -> int:

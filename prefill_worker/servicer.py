@@ -39,7 +39,7 @@ from worker.convert import (
     sampling_from_proto,
     status_for,
 )
-from worker.metrics import handoff, handoff_failed
+from worker.metrics import handoff, handoff_failed, observe_phases, prefill_phases
 from worker.runtime import WorkerRuntime
 from worker.service import WorkerService
 
@@ -138,6 +138,7 @@ class PrefillServicer(WorkerService, prefill_pb2_grpc.PrefillServicer):
 
     async def _prefill(self, request: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillResponse:
         """Prefill, sample the first token, write the pages; raises what failed it."""
+        received = time.monotonic()
         req, tid = request.request, request.transfer_id
         rid = req.request_id
         if self.fence.is_revoked(tid):
@@ -155,24 +156,29 @@ class PrefillServicer(WorkerService, prefill_pb2_grpc.PrefillServicer):
                 first = outs[-1]
             if first is None:
                 raise RuntimeError(f"request {rid} finished without a token")
+            sampled = time.monotonic()
             handoff(self.rt.metrics, rid, "bootstrap")
             dest = await sender.wait_for_destination(self.rt.settings.transfer_timeout_s)
             sender.begin()
             handoff(self.rt.metrics, rid, "inflight")
             src_pages = await self.rt.engine.held_pages(rid)
             batch = self._write_batch(rid, src_pages, dest)
-            start = time.perf_counter()
+            start = time.monotonic()
             # The write runs in a thread that a cancelled coroutine cannot stop: it is awaited
             # again below before the source pages are released.
             write = asyncio.ensure_future(
                 asyncio.to_thread(self.writer.write, dest.session_id, batch, tid)
             )
             await asyncio.shield(write)
+            written = time.monotonic()
             nbytes = batch.total_bytes
             if self.rt.metrics is not None:
-                self.rt.metrics.transferred(nbytes, time.perf_counter() - start)
+                self.rt.metrics.transferred(nbytes, written - start)
             sender.succeed()
             await self._notify(dest, first=first)
+            phases = prefill_phases(received, first.prefill_started_at, sampled)
+            phases.update(handoff_wait=start - sampled, transfer_done=time.monotonic() - written)
+            observe_phases(self.rt.metrics, phases)
             return prefill_pb2.PrefillResponse(
                 request_id=rid,
                 first_token_id=first.token_id,

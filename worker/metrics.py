@@ -7,7 +7,9 @@ a `pdserve:` prefix; counters get prometheus-client's `_total` suffix.
 Gauges of the engine (running, waiting, KV pages, prefix-cache hits, preemptions, generated
 tokens) are refreshed from the engine loop once a second, and so are the hand-off queues, from
 the stage the servicers record for each request (`handoff`); transfer counters are counted
-where transfers end (`handoff_failed`, `transferred`). With
+where transfers end (`handoff_failed`, `transferred`). The time to first token is split into
+phases (`PHASES`), each a histogram that the servicers observe once per request, when its
+first token is out (`observe_phases`). With
 expert parallelism, routing counts per expert and the expected max/mean rank load come from a
 collective every `expert_interval_s`, which is also when EPLB may rebalance.
 """
@@ -18,7 +20,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -37,6 +39,10 @@ from engine.async_engine import AsyncEngine
 log = logging.getLogger(__name__)
 
 _TRANSFER_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# 0.1 ms to 10 s: a phase of the time to first token may be a single event-loop hop.
+_PHASE_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10
+)  # fmt: skip
 
 # The hand-off queues, as SGLang's PD workers report them (a request is in one at a time):
 #   prefill  bootstrap: prefilled requests waiting for their decode worker's destination;
@@ -48,6 +54,31 @@ QUEUES = {
     "inflight": ("pdserve:prefill_inflight_queue_requests", "KV pages being written to decode"),
     "prealloc": ("pdserve:decode_prealloc_queue_requests", "Reserving pages, bootstrapping"),
     "transfer": ("pdserve:decode_transfer_queue_requests", "Pages reserved, waiting for the KV"),
+}  # fmt: skip
+
+# The time to first token, phase by phase (time.monotonic stamps in the servicers; the prefill
+# start from the engine's scheduler). With the KV write (`pdserve:kv_transfer_latency_seconds`,
+# between handoff_wait and transfer_done) the prefill worker's phases follow one another, and
+# so do the decode worker's. A colocated worker observes prefill_queue and prefill_compute.
+# A request that fails or is aborted before its first token is out observes none of them.
+PHASES = {
+    "prefill_queue": ("pdserve:prefill_queue_seconds",
+                      "Request received -> its first prefill step scheduled"),
+    "prefill_compute": ("pdserve:prefill_compute_seconds",
+                        "First prefill step scheduled -> first token out of the engine"),
+    "handoff_wait": ("pdserve:prefill_handoff_wait_seconds",
+                     "First token -> KV write starts (the decode worker's destination, then "
+                     "the engine loop's page lookup)"),
+    "transfer_done": ("pdserve:prefill_transfer_done_seconds",
+                      "KV written -> the decode worker acknowledged TransferDone"),
+    "decode_bootstrap": ("pdserve:decode_bootstrap_seconds",
+                         "Request received -> pages reserved and the destination acknowledged "
+                         "by the prefill worker"),
+    "decode_kv_wait": ("pdserve:decode_kv_wait_seconds",
+                       "Destination acknowledged -> TransferDone arrived (0 if it came first)"),
+    "decode_pickup": ("pdserve:decode_engine_pickup_seconds",
+                      "TransferDone arrived -> first token yielded (complete_transfer in the "
+                      "engine loop)"),
 }  # fmt: skip
 
 
@@ -108,6 +139,12 @@ class WorkerMetrics:
             buckets=_TRANSFER_BUCKETS,
             registry=r,
         ).labels(**self._labels)
+        self.phases = {
+            key: Histogram(name, doc, names, buckets=_PHASE_BUCKETS, registry=r).labels(
+                **self._labels
+            )
+            for key, (name, doc) in PHASES.items()
+        }
         self.transfer_speed = gauge(
             "pdserve:kv_transfer_speed_gb_s", "Speed of the latest KV write, GB/s (1e9 bytes)"
         )
@@ -145,6 +182,16 @@ class WorkerMetrics:
         self.transfer_bytes.inc(nbytes)
         if seconds > 0:
             self.transfer_speed.set(nbytes / seconds / 1e9)
+
+    def observe_phases(self, seconds: Mapping[str, float]) -> None:
+        """One request's phases of the time to first token (keys of PHASES), in seconds; a
+        span below 0 (two stamps that raced, e.g. TransferDone before the destination's
+        acknowledgement) counts as 0."""
+        unknown = set(seconds) - set(PHASES)
+        if unknown:
+            raise ValueError(f"unknown TTFT phases {sorted(unknown)}; known: {sorted(PHASES)}")
+        for key, value in seconds.items():
+            self.phases[key].observe(max(0.0, value))
 
     def handoff(self, request_id: str, queue: str | None) -> None:
         """`request_id` is now in hand-off queue `queue` (a key of QUEUES), or in none."""
@@ -262,3 +309,22 @@ def handoff_failed(metrics: WorkerMetrics | None, request_id: str) -> None:
     """`WorkerMetrics.handoff_failed` when the worker keeps metrics."""
     if metrics is not None:
         metrics.handoff_failed(request_id)
+
+
+def prefill_phases(received: float, started: float | None, sampled: float) -> dict[str, float]:
+    """A prefill's phases from its stamps: request `received`, first prefill step `started`
+    (`StepOutput.prefill_started_at`; None: not known, then no phase), first token `sampled`."""
+    if started is None:
+        return {}
+    return {"prefill_queue": started - received, "prefill_compute": sampled - started}
+
+
+def observe_phases(metrics: WorkerMetrics | None, seconds: Mapping[str, float]) -> None:
+    """`WorkerMetrics.observe_phases` when the worker keeps metrics; never raises (a metric
+    must not fail the request it measures)."""
+    if metrics is None:
+        return
+    try:
+        metrics.observe_phases(seconds)
+    except Exception:
+        log.warning("could not observe TTFT phases %s", dict(seconds), exc_info=True)

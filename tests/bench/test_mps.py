@@ -9,11 +9,12 @@ import json
 import os
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from bench import mps, serving_pd
+from bench import mps, serving, serving_pd
 from cluster.local import LocalClusterSpec
 
 FAKE = """#!/bin/sh
@@ -90,11 +91,14 @@ def test_a_missing_program_is_one_line_naming_the_fix(
     assert not (tmp_path / "out").exists()  # it failed before any work
 
 
-def fake_serving(argv: list[str]) -> int:
-    """bench.serving's stand-in: one run's figures, as compare() reads them."""
+def fake_serving(argv: list[str], probe: serving.RunProbe | None = None) -> int:
+    """bench.serving's stand-in: one run's figures, as compare() reads them, and what the
+    probe around it adds."""
     run: dict[str, Any] = {"request_rate": "inf", "goodput": 1.0}
     for key in ("ttft_ms", "itl_ms"):
         run[key] = {"p50": 1.0, "p99": 2.0}
+    if probe is not None:
+        run.update(probe()())
     Path(argv[argv.index("--output-file") + 1]).write_text(json.dumps({"runs": [run]}))
     return 0
 
@@ -104,9 +108,9 @@ def test_serving_pd_runs_only_the_disaggregated_mode_under_mps(
 ) -> None:
     specs: list[LocalClusterSpec] = []
 
-    def cluster(spec: LocalClusterSpec) -> contextlib.nullcontext[None]:
-        specs.append(spec)  # and start nothing
-        return contextlib.nullcontext()
+    def cluster(spec: LocalClusterSpec) -> contextlib.nullcontext[SimpleNamespace]:
+        specs.append(spec)  # and start nothing: no process to scrape
+        return contextlib.nullcontext(SimpleNamespace(metrics={}))
 
     monkeypatch.setattr(serving_pd, "LocalCluster", cluster)
     monkeypatch.setattr(serving_pd.serving, "main", fake_serving)
@@ -122,6 +126,7 @@ def test_serving_pd_runs_only_the_disaggregated_mode_under_mps(
     assert [c[0] for c in lines(calls)] == ["-d", "get_server_list", "quit"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mps"] == {"colocated": False, "disaggregated": True}
+    assert summary["runs"]["disaggregated"][0]["phases_ms"]["decode_pickup"] is None
 
 
 def test_cluster_children_get_the_spec_environment_over_this_process(

@@ -20,6 +20,7 @@ from engine.sampling import SamplingParams
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from tests.e2e.procs import worker
 from tests.engine.reference import make_prompts
+from worker.metrics import PHASES
 
 MODEL = "qwen3-moe"
 MAX_NEW = 10
@@ -303,9 +304,9 @@ def test_mla_compressed_pages_transfer(tiny_models: dict[str, Path]) -> None:
 
 def test_transfer_metrics(model_dir: Path) -> None:
     """Both workers export the hand-off's metrics on /metrics, labelled by model, role and
-    worker: bytes, latency and speed of the KV write, the generated tokens, hand-off queues
-    back at zero, and a destination the prefill worker never takes counted as a failed
-    bootstrap."""
+    worker: bytes, latency and speed of the KV write, the phases of the time to first token
+    (once per request; none for a failed one), the generated tokens, hand-off queues back at
+    zero, and a destination the prefill worker never takes counted as a failed bootstrap."""
     from tests.e2e.test_expert_parallel_workers import scrape
 
     def value(samples: dict[str, float], name: str) -> float:
@@ -326,6 +327,13 @@ def test_transfer_metrics(model_dir: Path) -> None:
         for name in ("prefill_bootstrap_queue_requests", "prefill_inflight_queue_requests",
                      "kv_transfer_failures_total", "kv_bootstrap_failures_total"):  # fmt: skip
             assert value(samples, "pdserve:" + name) == 0, name
+        prefill_phases = phase_sums(samples, PREFILL_PHASES)
+        decode_phases = phase_sums(scrape(decode_child.ready), DECODE_PHASES)
+        assert all(s > 0 for s in prefill_phases.values()), prefill_phases
+        assert decode_phases["decode_bootstrap"] > 0 and decode_phases["decode_pickup"] > 0
+        # The write lies between the decode worker's arrival and TransferDone's.
+        write = value(samples, "pdserve:kv_transfer_latency_seconds_sum")
+        assert decode_phases["decode_bootstrap"] + decode_phases["decode_kv_wait"] >= write
 
         # A destination handed to a prefill worker that is not there: a failed bootstrap.
         with socket.socket() as s:
@@ -357,6 +365,38 @@ def test_transfer_metrics(model_dir: Path) -> None:
         assert value(decode_samples, "pdserve:decode_prealloc_queue_requests") == 0
         assert value(decode_samples, "pdserve:decode_transfer_queue_requests") == 0
         assert value(decode_samples, "pdserve:num_preemptions_total") == 0
+        assert phase_sums(decode_samples, DECODE_PHASES) == decode_phases  # none for m2
+
+
+PREFILL_PHASES = ("prefill_queue", "prefill_compute", "handoff_wait", "transfer_done")
+DECODE_PHASES = ("decode_bootstrap", "decode_kv_wait", "decode_pickup")
+
+
+def phase_sums(
+    samples: dict[str, float], phases: tuple[str, ...], count: int = 1
+) -> dict[str, float]:
+    """The `_sum` of each TTFT phase histogram in a worker's samples, having checked that each
+    observed `count` requests."""
+
+    def one(suffix: str, phase: str) -> float:
+        name = PHASES[phase][0] + suffix + "{"
+        return next(v for k, v in samples.items() if k.startswith(name))
+
+    for phase in phases:
+        assert one("_count", phase) == count, phase
+    return {phase: one("_sum", phase) for phase in phases}
+
+
+def test_colocated_worker_times_each_prefill(model_dir: Path) -> None:
+    """A colocated worker observes the queue and compute phases once per request, at its
+    first token."""
+    from tests.e2e.test_expert_parallel_workers import scrape
+
+    with worker("null", model_dir) as (child, endpoint):
+        for n in (1, 2):
+            assert asyncio.run(run_colocated(endpoint, request(f"t{n}", [1, 2, 3, 4], max_new=3)))
+            sums = phase_sums(scrape(child.ready), ("prefill_queue", "prefill_compute"), n)
+            assert all(s > 0 for s in sums.values()), sums
 
 
 def test_sigterm_drains_in_flight_requests(model_dir: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from engine.config import EngineConfig
@@ -84,6 +86,22 @@ def test_chunked_prefill_splits_long_prompts() -> None:
     assert a.output_ids == [9]
 
 
+def test_prefill_start_is_stamped_once_at_the_first_chunk() -> None:
+    """The time a request's first prefill step is scheduled (servers split TTFT with it):
+    set by the first chunk, kept by later chunks."""
+    s = make_scheduler(chunked_prefill_size=4)
+    a = seq("a", list(range(1, 11)))
+    s.add(a)
+    assert a.prefill_started_at is None
+    before = time.monotonic()
+    run_step(s)
+    first = a.prefill_started_at
+    assert first is not None and before <= first <= time.monotonic()
+    while s.has_unfinished():
+        run_step(s)
+    assert a.prefill_started_at == first
+
+
 def test_unchunked_long_prompt_runs_alone() -> None:
     s = make_scheduler(chunked_prefill_size=-1, max_prefill_tokens=8)
     s.add(seq("a", list(range(1, 13))))
@@ -122,11 +140,17 @@ def test_preemption_when_pages_run_out() -> None:
     seqs = [seq(f"r{i}", [1, 2, 3], max_new=6) for i in range(3)]
     for x in seqs:
         s.add(x)
+    started: dict[str, float] = {}
     for _ in range(200):
         if not s.has_unfinished():
             break
         run_step(s)
+        for x in seqs:
+            if x.request_id not in started and x.prefill_started_at is not None:
+                started[x.request_id] = x.prefill_started_at
     assert s.num_preemptions > 0
+    # A recompute after preemption keeps the first prefill's start time.
+    assert all(started[x.request_id] == x.prefill_started_at for x in seqs)
     assert all(x.output_ids == [9] * 6 for x in seqs)
     assert s.pages.pool.num_free == 6
 
