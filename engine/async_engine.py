@@ -16,7 +16,7 @@ import threading
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from engine.dp import ALL_RANKS, Command, Iteration, LockstepRank, RankLoad
+from engine.dp import ALL_RANKS, Command, CommandResult, Iteration, LockstepRank, RankLoad
 from engine.engine import Engine, StepOutput
 from engine.sampler import TokenLogprobs
 from engine.sampling import SamplingParams
@@ -251,9 +251,9 @@ class AsyncEngine:
             if outs and outs[-1].finished:
                 return
 
-    def _deliver(self, it: Iteration) -> None:
-        """Event loop: settle command futures and hand outputs to their streams."""
-        for res in it.results:
+    def _settle(self, results: list[CommandResult]) -> None:
+        """Event loop: settle command futures (a result seen before settles nothing)."""
+        for res in results:
             # A command for every rank answers once per rank: the first (rank 0's) settles it.
             future = self._futures.pop(res.cid, None)
             if future is None or future.done():
@@ -262,6 +262,10 @@ class AsyncEngine:
                 future.set_exception(res.error)
             else:
                 future.set_result(res.value)
+
+    def _deliver(self, it: Iteration) -> None:
+        """Event loop: settle command futures and hand outputs to their streams."""
+        self._settle(it.results)
         for _, out in it.outputs:
             stream = self._streams.get(out.request_id)
             if stream is not None:
@@ -277,7 +281,11 @@ class AsyncEngine:
         try:
             while not self._stopping.is_set():
                 commands = self._drain(block=not busy)
-                it = self._lockstep.iterate(commands)
+                # Rank 0's command results go back before the step runs: a hand-off's first
+                # token (complete_transfer) does not wait a decode step to reach its client.
+                it = self._lockstep.iterate(
+                    commands, early=lambda res: loop.call_soon_threadsafe(self._settle, res)
+                )
                 busy = any(load.num_running or load.num_waiting for load in it.loads)
                 loop.call_soon_threadsafe(self._deliver, it)
             if self.world > 1:

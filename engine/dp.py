@@ -141,8 +141,16 @@ class LockstepRank:
         self.rank = engine.parallel.rank
         self.world = engine.parallel.ep_size
 
-    def iterate(self, commands: list[Command] | None = None, stop: bool = False) -> Iteration:
-        """One lockstep iteration (a collective). Rank 0 passes its commands; others None."""
+    def iterate(
+        self,
+        commands: list[Command] | None = None,
+        stop: bool = False,
+        early: Callable[[list[CommandResult]], object] | None = None,
+    ) -> Iteration:
+        """One lockstep iteration (a collective). Rank 0 passes its commands; others None.
+        `early` (rank 0): called with rank 0's command results before the step runs, so that
+        a caller waiting on one (a hand-off's first token, an abort) need not wait for the
+        step; the returned iteration lists them again."""
         message: list[Any] = [(commands or [], stop)] if self.rank == 0 else [None]
         if self.world > 1:
             dist.broadcast_object_list(message, src=0)
@@ -150,6 +158,8 @@ class LockstepRank:
         if stop:
             return Iteration(stop=True)
         results = [self._run(c) for c in cmds if c.rank in (self.rank, ALL_RANKS)]
+        if early is not None and results and self.rank == 0:
+            early(results)
         has_work = torch.tensor([int(self.engine.has_work())])
         if self.world > 1:
             dist.all_reduce(has_work, op=dist.ReduceOp.MAX)

@@ -62,3 +62,49 @@ def test_generate_streams_the_offline_tokens(tiny_models: dict[str, Path]) -> No
             engine.stop()
 
     assert asyncio.run(main()) == expected
+
+
+def test_command_results_return_before_the_step(tiny_models: dict[str, Path]) -> None:
+    """A command's answer (a hand-off's first token, an abort) is settled before the step it
+    ran ahead of: a caller waits for its command, not for a decode step as well. Steps are
+    let through one permit at a time here; the command's answer arrives while the step after
+    it still waits for its permit."""
+    import threading
+
+    config = EngineConfig(model_path=str(tiny_models["llama"]), num_pages=64)
+    params = SamplingParams(temperature=0, max_new_tokens=64, ignore_eos=True)
+    inner = Engine(config)
+    hold, held = threading.Event(), threading.Event()
+    permits = threading.Semaphore(0)
+    real_step = inner.step
+
+    def gated_step(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if hold.is_set():
+            held.set()
+            assert permits.acquire(timeout=10)
+        return real_step(*args, **kwargs)
+
+    inner.step = gated_step  # type: ignore[method-assign]
+
+    async def main() -> bool:
+        engine = AsyncEngine(inner)
+        engine.start()
+        try:
+            stream = engine.generate("busy", [5, 6, 7], params)
+            await stream.__anext__()  # decoding: every iteration steps
+            hold.set()
+            await asyncio.to_thread(held.wait, 10)  # a step waits for its permit
+            found = asyncio.ensure_future(engine.abort("nobody"))
+            permits.release()  # that step runs; the next iteration runs the abort, then waits
+            answered = await asyncio.wait_for(found, 5)  # while the next step is held
+            hold.clear()
+            permits.release()
+            await stream.aclose()
+            return answered
+        finally:
+            hold.clear()
+            for _ in range(4):
+                permits.release()
+            engine.stop()
+
+    assert asyncio.run(main()) is False
