@@ -115,6 +115,21 @@ PD = (
            f"sum by (worker) (rate(pdserve:kv_transfer_latency_seconds_sum{{{M}}}[1m])) / 1e9",
            "mean {{worker}}"), unit="GBs"),
         p("KV transfer latency", *quantiles("pdserve:kv_transfer_latency_seconds"), unit="s"),
+        p("Time to first token by phase (mean)", *(
+            (f"sum(rate(pdserve:{name}_seconds_sum{{{M}}}[5m])) / "
+             f"sum(rate(pdserve:{name}_seconds_count{{{M}}}[5m]))", legend)
+            for name, legend in (
+                ("prefill_queue", "prefill: queue"),
+                ("prefill_compute", "prefill: compute to first token"),
+                ("prefill_handoff_wait", "prefill: wait for the destination"),
+                ("kv_transfer_latency", "prefill: KV write"),
+                ("prefill_transfer_done", "prefill: TransferDone"),
+                ("decode_bootstrap", "decode: bootstrap"),
+                ("decode_kv_wait", "decode: wait for the KV"),
+                ("decode_engine_pickup", "decode: engine pickup"),
+            )), unit="s",
+          description="Where a disaggregated request's time to first token goes, each phase's "
+                      "mean over 5 minutes (the decode side's phases overlap the prefill's)."),
         p("KV bytes written / s", (
             f"sum by (worker) (rate(pdserve:kv_transfer_bytes_total{{{M}}}[1m]))", "{{worker}}"),
           unit="Bps"),
