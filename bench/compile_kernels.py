@@ -354,8 +354,8 @@ def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
             for n, k in (*shapes, (1024, 4096)):
                 launch(dtype, m, skinny_gemm.pick_tiles(m, n, k, torch_dtype))
                 if (n, k) == gate_up:
-                    gated = skinny_gemm.pick_tiles(m, n, k, torch_dtype, gated=True)
-                    launch(dtype, m, gated, gated=True)
+                    gated_tiles = skinny_gemm.pick_tiles(m, n, k, torch_dtype, gated=True)
+                    launch(dtype, m, gated_tiles, gated=True)
         if all_configs and dtype == "bf16":
             for tiles in skinny_gemm.TILE_CONFIGS:
                 for m in (1, 4, 16) if not tiles.dot else (16,):

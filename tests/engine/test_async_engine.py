@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,7 +79,7 @@ def test_command_results_return_before_the_step(tiny_models: dict[str, Path]) ->
     permits = threading.Semaphore(0)
     real_step = inner.step
 
-    def gated_step(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def gated_step(*args: Any, **kwargs: Any) -> list[StepOutput]:
         if hold.is_set():
             held.set()
             assert permits.acquire(timeout=10)
@@ -91,7 +92,7 @@ def test_command_results_return_before_the_step(tiny_models: dict[str, Path]) ->
         engine.start()
         try:
             stream = engine.generate("busy", [5, 6, 7], params)
-            await stream.__anext__()  # decoding: every iteration steps
+            await anext(stream)  # decoding: every iteration steps
             hold.set()
             await asyncio.to_thread(held.wait, 10)  # a step waits for its permit
             found = asyncio.ensure_future(engine.abort("nobody"))
@@ -99,7 +100,7 @@ def test_command_results_return_before_the_step(tiny_models: dict[str, Path]) ->
             answered = await asyncio.wait_for(found, 5)  # while the next step is held
             hold.clear()
             permits.release()
-            await stream.aclose()
+            await engine.abort("busy")
             return answered
         finally:
             hold.clear()
