@@ -518,6 +518,16 @@ def render_prefill(
     return "\n".join(lines)
 
 
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """The engine's own switches, passed through as they are (bench.engine, bench.stack_cost)."""
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--attention-backend", help="the engine's --attention-backend (default auto)")
+    p.add_argument("--moe-backend", help="the engine's --moe-backend (default auto)")
+    p.add_argument("--gemm-backend", help="the engine's --gemm-backend (default auto)")
+    p.add_argument("--disable-cuda-graph", action="store_true")
+    p.add_argument("--disable-overlap-schedule", action="store_true")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -531,12 +541,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill", default=DEFAULT_PREFILL, help="prefill shapes, BxL ('' none)")
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="report the median of this many runs")
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--attention-backend", help="the engine's --attention-backend (default auto)")
-    p.add_argument("--moe-backend", help="the engine's --moe-backend (default auto)")
-    p.add_argument("--gemm-backend", help="the engine's --gemm-backend (default auto)")
-    p.add_argument("--disable-cuda-graph", action="store_true")
-    p.add_argument("--disable-overlap-schedule", action="store_true")
+    add_engine_flags(p)
     p.add_argument("--kv-cache-memory-gib", type=float, help="default: just what the runs need")
     p.add_argument("--skip-hf", action="store_true", help="measure pdserve only")
     p.add_argument("--json", type=Path, help="also write the numbers here")

@@ -47,7 +47,7 @@ import torch
 
 from bench import engine as offline_bench
 from bench import serving
-from bench.engine import PRESETS, Shape
+from bench.engine import PRESETS, Shape, add_engine_flags
 from bench.serving_pd import model_dir
 from cluster.local import LocalCluster, LocalClusterSpec
 from engine.config import EngineConfig
@@ -294,12 +294,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input-len", type=int, default=128, help="prompt tokens (L)")
     p.add_argument("--output-len", type=int, default=256, help="tokens per request")
     p.add_argument("--repeats", type=int, default=2, help="offline runs and served waves")
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--attention-backend", help="the engine's --attention-backend (default auto)")
-    p.add_argument("--moe-backend", help="the engine's --moe-backend (default auto)")
-    p.add_argument("--gemm-backend", help="the engine's --gemm-backend (default auto)")
-    p.add_argument("--disable-cuda-graph", action="store_true")
-    p.add_argument("--disable-overlap-schedule", action="store_true")
+    add_engine_flags(p)
     p.add_argument("--worker-args", default="", help="more flags for the served worker only")
     p.add_argument("--port", type=int, default=0, help="the router's (0: a free one)")
     p.add_argument("--out", type=Path, default=Path("stack_cost.json"), help="the JSON")
