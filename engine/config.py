@@ -10,6 +10,7 @@ after SGLang's flags where the meaning is the same.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -356,6 +357,17 @@ MOE_BACKENDS = ("auto", "torch", "triton")
 # Decode-sized linear layers (engine/layers/linear.py): auto = the skinny Triton GEMM where it
 # measured faster than cuBLAS (Hopper), torch elsewhere.
 GEMM_BACKENDS = ("auto", "torch", "triton")
+# PDSERVE_PDL (engine/kernels/pdl.py): programmatic dependent launch of the Triton kernels on
+# Hopper and later; unset is "wait".
+PDL_MODES = {"0": 0, "off": 0, "wait": 1, "1": 1, "early": 2}
+
+
+def pdl_mode_from_env() -> int:
+    """PDSERVE_PDL's mode (0 off, 1 wait, 2 early); a value not listed is a ValueError."""
+    name = os.environ.get("PDSERVE_PDL", "wait")
+    if name not in PDL_MODES:
+        raise ValueError(f"PDSERVE_PDL must be one of {', '.join(PDL_MODES)}, got {name!r}")
+    return PDL_MODES[name]
 
 
 @dataclass(frozen=True)
@@ -396,6 +408,7 @@ class EngineConfig:
     grammar_compile_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
+        pdl_mode_from_env()  # a bad PDSERVE_PDL fails here, at start, not at the first launch
         if not self.grammar_compile_timeout_s > 0:
             raise ValueError(
                 f"grammar_compile_timeout_s must be > 0, got {self.grammar_compile_timeout_s}"

@@ -89,7 +89,11 @@ async def serve(worker_role: WorkerRole, args: argparse.Namespace, argv: list[st
             children = start_children(worker_role.ranks_module, argv, config.ep_size, master)
         parallel = ParallelConfig(config.ep_size, 0, config.ep_num_redundant_experts)
         init_process_group(parallel, resolve_device(config.device), master)
-    engine = Engine(config)
+    try:
+        engine = Engine(config)
+    except ValueError as exc:  # a backend for another device, a model it cannot read: one line
+        log.debug("engine start failed", exc_info=True)
+        raise SystemExit(f"worker cannot start: {exc}") from None
     if args.grammar_warmup and engine.grammar is not None:
         _warm_grammar(engine.grammar)
     transfer: TransferEngine | None = None
@@ -225,6 +229,9 @@ def main(worker_role: WorkerRole, argv: list[str] | None = None) -> int:
     try:  # a misconfiguration is one line with its fix, not a traceback
         args.cluster_token = cluster_token.load(args.cluster_token_file)
         args.cluster_tls = cluster_tls.ClusterTls.load(args.tls_dir)
+        engine_config_from_args(
+            args
+        )  # engine flags and PDSERVE_PDL, checked before anything starts
     except ValueError as exc:
         raise SystemExit(f"worker cannot start: {exc}") from None
     asyncio.run(serve(worker_role, args, argv))

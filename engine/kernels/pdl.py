@@ -16,7 +16,8 @@ H200 a batch-16 Llama-3-8B step went from 5.2 to 7.0 ms, the RMSNorm kernels wai
 skinny GEMMs); `0` turns it off. Measured with `bench.engine --preset llama3-8b` on the H200,
 PDL off / wait at 1x128, 16x128, 64x128: 4.85 / 4.46, 5.39 / 4.75, 5.56 / 5.40 ms (two
 machines of that kind). Off, whatever the setting, under Triton's interpreter, off CUDA,
-before sm_90, and with a Triton that lacks `launch_pdl`.
+before sm_90, with CUDA before 12.3 (graph capture of such launches), and with a Triton that
+lacks `launch_pdl`.
 """
 
 from __future__ import annotations
@@ -28,19 +29,19 @@ import torch
 import triton
 import triton.language as tl
 
-# PDSERVE_PDL -> the kernels' PDL argument; unset: "wait" (measured faster, below).
-MODES = {"0": 0, "off": 0, "wait": 1, "1": 1, "early": 2}
+from engine.config import pdl_mode_from_env
 
 
 @functools.cache
 def _mode() -> int:
-    name = os.environ.get("PDSERVE_PDL", "wait")
-    if name not in MODES:
-        raise ValueError(f"PDSERVE_PDL must be one of {', '.join(MODES)}, got {name!r}")
-    mode = MODES[name]
+    mode = pdl_mode_from_env()  # unset: "wait" (measured faster, above)
     if not mode or os.environ.get("TRITON_INTERPRET") == "1":
         return 0
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        return 0
+    # CUDA graphs capture programmatic launches as graph edges from CUDA 12.3 on.
+    version = tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
+    if version < (12, 3):
         return 0
     try:
         from triton.backends.nvidia.compiler import CUDAOptions

@@ -1,0 +1,34 @@
+"""A worker started with a bad engine setting says so in one line and exits: no traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "expected"),
+    [
+        (["--page-size", "0"], {}, "page_size must be >= 1"),
+        ([], {"PDSERVE_PDL": "sometimes"}, "PDSERVE_PDL must be one of"),
+    ],
+)
+def test_a_bad_engine_setting_is_one_line(
+    tiny_models: dict[str, Path], flags: list[str], env: dict[str, str], expected: str
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "decode_worker", "--model-path", str(tiny_models["llama"]),
+         "--port", "0", *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert any("worker cannot start" in line and expected in line for line in lines), done.stderr
