@@ -318,7 +318,16 @@ def test_transfer_metrics(model_dir: Path) -> None:
     ):
         tokens = asyncio.run(run_disaggregated(prefill, decode, request("m1", [1, 2, 3, 4])))
         assert tokens
-        samples = scrape(prefill_child.ready)
+        # The decode side may stream its last token before the prefill side has taken the
+        # answer to TransferDone (and left its in-flight queue): wait for that, briefly.
+        deadline = time.monotonic() + 5
+        while True:
+            samples = scrape(prefill_child.ready)
+            if value(samples, "pdserve:prefill_inflight_queue_requests") == 0:
+                break
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         labels = f'model_name="{model_dir.name}",role="prefill",worker="{prefill}"'
         assert f"pdserve:kv_transfer_bytes_total{{{labels}}}" in samples
         assert value(samples, "pdserve:kv_transfer_bytes_total") > 0
