@@ -7,6 +7,8 @@ torch_npu breaks `import torch` itself, so it is an optional extra (`pdserve[npu
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
@@ -82,3 +84,20 @@ def resolve_device(name: str = "auto", index: int = 0) -> Device:
         if not torch.npu.is_available():  # type: ignore[attr-defined]
             raise RuntimeError("device 'npu' was asked for but torch_npu sees no NPU")
     return Device(name, index)
+
+
+def has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def check_triton_backend(flag: str, device_kind: str) -> None:
+    """A `--FLAG triton` backend can run here: Triton installed, and a CUDA device (elsewhere
+    only under Triton's interpreter, `TRITON_INTERPRET=1`: slow, tests only). ValueError
+    naming the fix otherwise."""
+    if not has_triton():
+        raise ValueError(f"--{flag} triton needs Triton: pip install triton")
+    if device_kind != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"--{flag} triton runs on CUDA devices, not {device_kind!r}; "
+            f"use --{flag} torch (or auto)"
+        )

@@ -26,6 +26,7 @@ from grpc_health.v1._async import HealthServicer
 
 from engine.async_engine import AsyncEngine
 from engine.cli import engine_config_from_args
+from engine.config import EngineConfig
 from engine.device import resolve_device
 from engine.engine import Engine
 from engine.grammar import GrammarBackend
@@ -74,9 +75,10 @@ async def drain(engine: AsyncEngine, timeout_s: float) -> None:
         await asyncio.sleep(0.1)
 
 
-async def serve(worker_role: WorkerRole, args: argparse.Namespace, argv: list[str]) -> None:
+async def serve(
+    worker_role: WorkerRole, args: argparse.Namespace, argv: list[str], config: EngineConfig
+) -> None:
     role = args.disaggregation_mode
-    config = engine_config_from_args(args)
     model = model_name(args, config)
     children = []
     if config.ep_size > 1:
@@ -229,12 +231,10 @@ def main(worker_role: WorkerRole, argv: list[str] | None = None) -> int:
     try:  # a misconfiguration is one line with its fix, not a traceback
         args.cluster_token = cluster_token.load(args.cluster_token_file)
         args.cluster_tls = cluster_tls.ClusterTls.load(args.tls_dir)
-        engine_config_from_args(
-            args
-        )  # engine flags and PDSERVE_PDL, checked before anything starts
+        config = engine_config_from_args(args)  # the engine's flags and PDSERVE_PDL
     except ValueError as exc:
         raise SystemExit(f"worker cannot start: {exc}") from None
-    asyncio.run(serve(worker_role, args, argv))
+    asyncio.run(serve(worker_role, args, argv, config))
     return 0
 
 

@@ -18,14 +18,17 @@ steps look it up in a cache keyed by shape.
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from engine.config import GEMM_BACKENDS
+from engine.device import check_triton_backend, has_triton
+
+if TYPE_CHECKING:  # the kernels import Triton: only where the backend is chosen
+    from engine.kernels.skinny_gemm import SkinnyTiles
 
 
 class GemmBackend:
@@ -33,7 +36,7 @@ class GemmBackend:
 
     name = "torch"
 
-    def tiles(self, kind: str, m: int, n: int, k: int, dtype: torch.dtype) -> object | None:
+    def tiles(self, kind: str, m: int, n: int, k: int, dtype: torch.dtype) -> SkinnyTiles | None:
         """The skinny GEMM's launch for `m` rows of a weight `[n, k]` (`kind` "linear" or
         "gate_up"), or None for `F.linear`."""
         return None
@@ -50,7 +53,7 @@ class SkinnyGemmBackend(GemmBackend):
         self.max_rows = max_rows
 
     @functools.lru_cache(maxsize=512)  # noqa: B019 (one backend per engine, lives as long)
-    def tiles(self, kind: str, m: int, n: int, k: int, dtype: torch.dtype) -> object | None:
+    def tiles(self, kind: str, m: int, n: int, k: int, dtype: torch.dtype) -> SkinnyTiles | None:
         from engine.kernels import skinny_gemm
 
         if not 0 < m <= self.max_rows:
@@ -65,19 +68,12 @@ def gemm_backend_for(name: str, device_kind: str) -> GemmBackend:
     off CUDA needs Triton's interpreter (`TRITON_INTERPRET=1`, slow: tests only)."""
     if name not in GEMM_BACKENDS:
         raise ValueError(f"--gemm-backend must be one of {GEMM_BACKENDS}, got {name!r}")
-    has_triton = importlib.util.find_spec("triton") is not None
     if name == "auto":
         hopper = device_kind == "cuda" and torch.cuda.get_device_capability()[0] == 9
-        return SkinnyGemmBackend(tuned=True) if hopper and has_triton else GemmBackend()
+        return SkinnyGemmBackend(tuned=True) if hopper and has_triton() else GemmBackend()
     if name == "torch":
         return GemmBackend()
-    if not has_triton:
-        raise ValueError("--gemm-backend triton needs Triton: pip install triton")
-    if device_kind != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"--gemm-backend triton runs on CUDA devices, not {device_kind!r}; "
-            "use --gemm-backend torch (or auto)"
-        )
+    check_triton_backend("gemm-backend", device_kind)
     return SkinnyGemmBackend(tuned=False)
 
 
@@ -97,7 +93,7 @@ class Linear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         from engine.kernels.skinny_gemm import skinny_linear
 
-        return skinny_linear(x, self.weight, self.bias, tiles)  # type: ignore[arg-type]
+        return skinny_linear(x, self.weight, self.bias, tiles)
 
     def gate_up(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up of this gate-up projection (gate rows, then up rows): one launch
@@ -108,7 +104,7 @@ class Linear(nn.Linear):
         if tiles is not None:
             from engine.kernels.skinny_gemm import skinny_gate_up
 
-            return skinny_gate_up(x, self.weight, self.bias, tiles)  # type: ignore[arg-type]
+            return skinny_gate_up(x, self.weight, self.bias, tiles)
         gate_up = F.linear(x, self.weight, self.bias)
         if gate_up.is_cuda:
             from engine.kernels import fused

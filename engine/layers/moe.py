@@ -3,8 +3,6 @@ reference, or the fused Triton kernels)."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from abc import ABC, abstractmethod
 
 import torch
@@ -12,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import MOE_BACKENDS
+from engine.device import check_triton_backend, has_triton
 
 
 def select_experts(
@@ -239,18 +238,11 @@ def moe_backend_for(name: str, device_kind: str) -> MoEBackend:
     elsewhere needs Triton's interpreter (`TRITON_INTERPRET=1`, slow: tests only)."""
     if name not in MOE_BACKENDS:
         raise ValueError(f"--moe-backend must be one of {MOE_BACKENDS}, got {name!r}")
-    has_triton = importlib.util.find_spec("triton") is not None
     if name == "auto":
-        name = "triton" if device_kind == "cuda" and has_triton else "torch"
+        name = "triton" if device_kind == "cuda" and has_triton() else "torch"
     if name == "torch":
         return TorchMoEBackend()
-    if not has_triton:
-        raise ValueError("--moe-backend triton needs Triton: pip install triton")
-    if device_kind != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"--moe-backend triton runs on CUDA devices, not {device_kind!r}; "
-            "use --moe-backend torch (or auto)"
-        )
+    check_triton_backend("moe-backend", device_kind)
     return TritonMoEBackend()
 
 
