@@ -279,7 +279,7 @@ def tune_shape(shape: LayerShape, tokens: Sequence[int], layers: list[Layer], re
         step = make_step(shape, t, layers, bias, seed=t)
         outs: list[torch.Tensor] = []
         best: tuple[float, MoEKernelConfig] | None = None
-        for cfg in candidates():
+        for cfg in candidates(t * shape.top_k / shape.experts):
             if cfg.block_m > 16 and t * shape.top_k < cfg.block_m:
                 continue  # every block mostly padding
             try:

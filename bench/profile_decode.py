@@ -3,6 +3,7 @@ profiler, per step and against the step's bytes floor.
 
     python -m bench.profile_decode --preset llama3-8b --decode 1x128,64x128,256x512
     python -m bench.profile_decode --preset qwen3-30b-a3b --decode 1x128 --top 30
+    python -m bench.profile_decode --preset moonlight-16b-a3b --decode '' --profile-prefill 64x128
 
 Same engine, model and shapes as `bench.engine` (its flags), pdserve only. For each decode
 shape, B prompts are prefilled, a few steps warm up, then `--profile-steps` steps run under
@@ -10,7 +11,9 @@ shape, B prompts are prefilled, a few steps warm up, then `--profile-steps` step
 Prints, per shape: each kernel's calls and microseconds per step, its share of the device
 time, and the device time beside the floor (the bytes the step must read over the measured
 copy bandwidth), then the same summed by kind (matmul, attention, MoE, norm/rope/act,
-sampling, other). CUDA only.
+sampling, other). `--profile-prefill BxL,...` profiles prefills of B distinct L-token prompts
+the same way (one warm-up prefill first), against the floor of their FLOPs over the measured
+matrix-product rate. CUDA only.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -34,6 +38,7 @@ from bench.engine import (
     measure_ceiling,
     model_cost,
     parse_args,
+    pdserve_prefill,
     random_prompts,
     start_decode,
     write_preset,
@@ -83,6 +88,11 @@ def profile_shape(engine: Engine, shape: Shape, vocab: int, steps: int) -> list[
         engine.device.synchronize()
     while engine.has_unfinished():
         engine.step()
+    return kernel_rows(prof, steps)
+
+
+def kernel_rows(prof: Any, steps: int) -> list[KernelRow]:
+    """The profiled device kernels per step, most time first."""
     total_us: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
     for event in prof.events():
@@ -94,10 +104,27 @@ def profile_shape(engine: Engine, shape: Shape, vocab: int, steps: int) -> list[
     return sorted(rows, key=lambda r: -r.us_per_step)
 
 
-def render(shape: Shape, rows: list[KernelRow], floor_ms: float, top: int, steps: int) -> str:
+def profile_prefill(engine: Engine, shape: Shape, vocab: int) -> list[KernelRow]:
+    """The kernels of one prefill of `shape` (after one warm-up prefill of other prompts)."""
+    pdserve_prefill(engine, random_prompts(shape, vocab, seed=12))
+    engine.device.synchronize()
+    with profile(activities=ACTIVITIES) as prof:
+        pdserve_prefill(engine, random_prompts(shape, vocab, seed=13))
+        engine.device.synchronize()
+    return kernel_rows(prof, 1)
+
+
+def render(
+    shape: Shape,
+    rows: list[KernelRow],
+    floor_ms: float,
+    top: int,
+    steps: int,
+    phase: str = "decode",
+) -> str:
     device_us = sum(r.us_per_step for r in rows)
     out = [
-        f"### decode {shape}: {device_us / 1000:.3f} ms of kernels per step, floor "
+        f"### {phase} {shape}: {device_us / 1000:.3f} ms of kernels per step, floor "
         f"{floor_ms:.3f} ms ({device_us / 1000 / floor_ms:.2f}x), "
         f"{sum(r.calls_per_step for r in rows):.0f} kernels per step, {steps} steps profiled",
         "",
@@ -124,8 +151,16 @@ def main(argv: list[str] | None = None) -> None:
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--profile-steps", type=int, default=8)
     extra.add_argument("--top", type=int, default=20, help="kernels listed per shape")
+    extra.add_argument(
+        "--profile-prefill",
+        type=lambda text: [Shape.parse(t) for t in text.split(",") if t.strip()],
+        default=[],
+        help="BxL,...: prefills to profile (each the floor of its FLOPs at the matmul rate)",
+    )
     ours, rest = extra.parse_known_args(argv)
-    args = parse_args([*rest, "--skip-hf", "--prefill", ""])
+    # The prefills to profile size the KV pool (each is one step) but are not run by bench.engine.
+    shapes = ",".join(str(s) for s in ours.profile_prefill)
+    args = parse_args([*rest, "--skip-hf", "--prefill", shapes])
     if not torch.cuda.is_available():
         sys.exit("bench.profile_decode needs a CUDA GPU (it reads the profiler's kernel times)")
     with tempfile.TemporaryDirectory(prefix="pdserve-profile-") as tmp:
@@ -146,6 +181,11 @@ def main(argv: list[str] | None = None) -> None:
         rows = profile_shape(engine, shape, vocab, ours.profile_steps)
         floor = decode_floor_ms(cost, ceiling, shape, ours.profile_steps)
         print(render(shape, rows, floor, ours.top, ours.profile_steps) + "\n", flush=True)
+    dtype_bytes = torch.empty((), dtype=engine.runner.dtype).element_size()
+    for shape in ours.profile_prefill:
+        rows = profile_prefill(engine, shape, vocab)
+        floor = 1000 * cost.prefill_flops(shape, dtype_bytes) / ceiling.matmul_flop_per_s
+        print(render(shape, rows, floor, ours.top, 1, phase="prefill") + "\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 # call's output, where each step's tail is printed). Fetch the wheels here first
 # (bash bench/gpu/fetch_wheels.sh) and carry .whl:
 #
-#   run(command="bash bench/gpu/session.sh a", carry=[".whl"])   # what to change next
+#   run(command="bash bench/gpu/session.sh a", carry=[".whl", ".mooncake"])  # what next
 #   run(command="bash bench/gpu/session.sh b", carry=[".whl"])   # the README's figures
 #   run(command="bash bench/gpu/session.sh c", carry=[".whl"])   # serving: stack cost, P/D
 set -uo pipefail
@@ -26,15 +26,23 @@ step() {  # step NAME SECONDS COMMAND...: run it, keep its output, report its st
 nvidia-smi -L
 case "${1:-a}" in
 a)
-  # Where the time goes now, and the tiles not swept yet.
-  TAIL=45 step profile_llama 80 python3 -m bench.profile_decode --preset llama3-8b \
-    --decode 1x128,64x128,256x512 --top 12
-  TAIL=30 step profile_qwen3 60 python3 -m bench.profile_decode --preset qwen3-30b-a3b \
-    --decode 1x128 --top 14
-  step kv_transfer 60 python3 -m bench.kv_transfer_gpu
-  step mla_extend 120 python3 -m bench.mla_kernel --mode extend
-  step skinny_gemm 150 python3 -m bench.skinny_gemm --reps 10 --rows 1,16,64 \
-    --shapes qkv,o,down,gate_up_silu
+  # Where the time goes now (decode and prefill), MoE tiles for prefill, MLA extend tiles, the
+  # hand-off's copy modes, and Mooncake's CUDA build (carry .mooncake too: try_mooncake.sh).
+  # Six files at most: the device returns eight.
+  TAIL=40 step profile_llama 60 python3 -m bench.profile_decode --preset llama3-8b \
+    --decode 1x128 --top 24
+  TAIL=70 step profile_qwen3 75 python3 -m bench.profile_decode --preset qwen3-30b-a3b \
+    --decode 1x128 --profile-prefill 64x128 --top 24
+  TAIL=70 step profile_moonlight 75 python3 -m bench.profile_decode \
+    --preset moonlight-16b-a3b --decode 1x128 --profile-prefill 64x128 --top 24
+  TAIL=20 step moe_tune 170 bash -c 'for s in qwen3-30b-a3b moonlight-16b-a3b; do
+    python3 -m bench.moe_kernel --tune --shape $s --tokens 1024,8192,16384 --reps 5; done'
+  TAIL=40 step mla_extend 90 bash -c 'for t in "128 64 8 2" "128 64 4 2" "128 64 8 3" \
+      "128 128 8 2" "64 64 4 2" "128 32 4 2"; do set -- $t; echo "== tiles $t"
+    python3 -m bench.mla_kernel --mode extend --heads 16 --extend-cases 64x128 8x2048 1x8192 \
+      --block-m $1 --block-n $2 --num-warps $3 --num-stages $4 --reps 10 | tail -3; done'
+  TAIL=30 step kv_transfer 90 python3 -m bench.kv_transfer_gpu --page-sizes 16 64 --reps 3
+  [ -d .mooncake ] && TAIL=40 step mooncake 120 bash bench/gpu/try_mooncake.sh
   ;;
 b)
   # The kernels compiled against the torch reference (PDL on, its default), then the tables.

@@ -81,9 +81,20 @@ def default_config(
     return MoEKernelConfig(64, 128, 32, group_m=8, num_warps=8, num_stages=3)
 
 
-def candidates() -> list[MoEKernelConfig]:
-    """The configurations the tuner tries (72: a few minutes per shape on an H200). Narrow
-    column tiles give a decode step's few blocks enough programs to fill the device."""
+def candidates(rows_per_expert: float = 0.0) -> list[MoEKernelConfig]:
+    """The configurations the tuner tries for a step whose experts average `rows_per_expert`
+    rows (72 for decode, 40 for prefill: a few minutes per shape on an H200). Narrow column
+    tiles give a decode step's few blocks enough programs to fill the device; a prefill's
+    hundreds of rows an expert make the matmul the work, which wants large tiles (not 128 x
+    256: the gate-up GEMM's two accumulators would not fit the registers)."""
+    if rows_per_expert > 64:
+        return [
+            MoEKernelConfig(block_m, block_n, block_k, 8, warps, stages)
+            for block_m, block_n in ((64, 64), (64, 128), (64, 256), (128, 64), (128, 128))
+            for block_k in (64, 128)
+            for warps in (4, 8)
+            for stages in (3, 4)
+        ]
     return [
         MoEKernelConfig(block_m, block_n, block_k, 1 if block_m == 16 else 8, warps, stages)
         for block_m in (16, 32, 64)
