@@ -14,7 +14,8 @@ per counted call (the table's last column prices them, and each batch call, at a
 of the same shape into libc, timed here: a lower bound, the driver's own work per call is not
 in it), `batch` one `cuMemcpyBatchAsync` for all writes (the driver here plays one that has
 it, as the H200's CUDA 13 driver does), `rows` one gather and one scatter with torch per
-region pair. After the timed runs, one more
+region pair, `kernel` one Triton launch for all writes (the write table's upload and the
+launch are not in it). After the timed runs, one more
 hand-off is recorded and checked: the copies issued move every byte of the batch once, to
 the mapped address of its destination.
 
@@ -63,7 +64,9 @@ class CountingDriver:
         self.memcpy_calls = 0
         self.row_pairs = 0
         self.batch_calls = 0
+        self.kernel_launches = 0
         self.can_copy_batch = True  # as on the H200's CUDA 13 driver
+        self.can_copy_kernel = True  # Triton, as with torch's CUDA wheels
         self.record = False
         self.recorded: list[tuple[int, int, int]] = []
 
@@ -96,6 +99,11 @@ class CountingDriver:
 
     def copy_batch(self, device: int, copies: Copies) -> None:
         self.batch_calls += 1
+        if self.record:
+            self.recorded.extend(copies.tuples())
+
+    def copy_kernel(self, device: int, copies: Copies) -> None:
+        self.kernel_launches += 1
         if self.record:
             self.recorded.extend(copies.tuples())
 
@@ -182,6 +190,7 @@ class Row:
     memcpy_calls: int
     row_pairs: int
     batch_calls: int
+    kernel_launches: int
 
 
 def run_case(
@@ -213,6 +222,7 @@ def run_case(
                 for _ in range(warmup):
                     writer.write(receiver.session_id, batch)
                 driver.memcpy_calls = driver.row_pairs = driver.batch_calls = 0
+                driver.kernel_launches = 0
                 seconds = []
                 for _ in range(reps):
                     start = time.perf_counter()
@@ -220,7 +230,8 @@ def run_case(
                     seconds.append(time.perf_counter() - start)
                 rows.append(Row(layout.page_size, pattern, len(batch), mode,
                                 statistics.median(seconds) * 1e3, driver.memcpy_calls // reps,
-                                driver.row_pairs // reps, driver.batch_calls // reps))  # fmt: skip
+                                driver.row_pairs // reps, driver.batch_calls // reps,
+                                driver.kernel_launches // reps))  # fmt: skip
                 driver.record = True
                 writer.write(receiver.session_id, batch)
                 check_coverage(batch, driver.recorded)
@@ -262,15 +273,15 @@ def main(argv: list[str] | None = None) -> int:
         f"call of cuMemcpyDtoDAsync's shape: {call_us:.2f} µs here"
     )
     print("\n| page tokens | dst pages | writes | mode | host ms | µs per write | memcpy calls | "
-          "row-copy pairs | batch calls | + ctypes ms (est.) |")  # fmt: skip
-    print("|---:|---|---:|---|---:|---:|---:|---:|---:|---:|")
+          "row-copy pairs | batch calls | kernel launches | + ctypes ms (est.) |")  # fmt: skip
+    print("|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for page_tokens, pattern in cases:
         layout = KVLayout("bench", args.dtype, page_tokens, args.layers, args.kv_heads,
                           args.head_dim)  # fmt: skip
         for r in run_case(layout, args.prompt_tokens, pattern, args.modes, args.warmup, args.reps):
             cells = [r.page_tokens, r.pattern, f"{r.writes:,}", r.mode, f"{r.host_ms:.2f}",
                      f"{1e3 * r.host_ms / r.writes:.2f}", f"{r.memcpy_calls:,}",
-                     f"{r.row_pairs:,}", f"{r.batch_calls:,}",
+                     f"{r.row_pairs:,}", f"{r.batch_calls:,}", f"{r.kernel_launches:,}",
                      f"{(r.memcpy_calls + r.batch_calls) * call_us / 1e3:.2f}"]  # fmt: skip
             print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
     print("\nevery case checked: the copies issued move each byte of the batch once, to its "

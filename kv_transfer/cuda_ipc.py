@@ -3,10 +3,11 @@
 The receiving engine (the decode worker) exports every region it registers as a CUDA IPC
 handle of the device allocation holding it; the writing engine (the prefill worker) asks the
 receiver's session for that table once, opens the handles in its own process, and copies the
-writes device to device on a stream of its own, then waits for the stream: one
-`cuMemcpyDtoDAsync` per write, or, for scattered pages, all writes in one
-`cuMemcpyBatchAsync` (CUDA 12.8+) or one gather and one scatter per source/destination region
-pair (`COPY_MODES`). No host bounce and no network.
+writes device to device on a stream of its own, then waits for the stream: long writes
+(contiguous page runs) one `cuMemcpyDtoDAsync` each or all in one `cuMemcpyBatchAsync` (CUDA
+12.8+); short ones (scattered pages) all in one Triton kernel launch (`copy_kernel.py`), or
+one gather and one scatter per source/destination region pair (`COPY_MODES`). No host bounce
+and no network.
 
 It speaks the same `TransferEngine` API as Mooncake, so the state machines, timeouts, page
 accounting and layout checks above it are the same:
@@ -125,6 +126,18 @@ class IpcDriver(Protocol):
         where `can_copy_batch` is false."""
         ...
 
+    @property
+    def can_copy_kernel(self) -> bool:
+        """Whether `copy_kernel` can run here (Triton imports)."""
+        ...
+
+    def copy_kernel(self, device: int, copies: Copies) -> None:
+        """Copy every write of `copies` in one Triton kernel launch on `device` (both sides
+        this process's addresses on `device`), and return once all have landed. Raises
+        `IpcError` where `can_copy_kernel` is false (`KERNEL_UNAVAILABLE`) or the kernel
+        fails to compile or run."""
+        ...
+
 
 class _IpcMemHandle(ctypes.Structure):
     # Unsigned bytes, not c_char: a c_char array field reads back as bytes cut at its first
@@ -169,7 +182,13 @@ _BATCH_SYMBOLS = (("cuMemcpyBatchAsync_v2", False), ("cuMemcpyBatchAsync", True)
 BATCH_UNAVAILABLE = (
     "the cuda_ipc copy mode 'batch' needs cuMemcpyBatchAsync, which this NVIDIA driver does "
     "not have: install a driver of CUDA 12.8 or newer, or set PDSERVE_CUDA_IPC_COPY to auto, "
-    "memcpy or rows"
+    "memcpy, rows or kernel"
+)
+
+KERNEL_UNAVAILABLE = (
+    "the cuda_ipc copy mode 'kernel' needs Triton, which does not import here (the log says "
+    "why): install triton (torch's CUDA wheels bring it), or set PDSERVE_CUDA_IPC_COPY to auto, "
+    "memcpy, rows or batch"
 )
 
 
@@ -224,6 +243,8 @@ class CudaDriver:
         self._contexts: dict[int, ctypes.c_void_p] = {}
         self._streams: dict[int, ctypes.c_void_p] = {}
         self._torch_streams: dict[int, Any] = {}
+        self._copiers: dict[int, Any] = {}  # device -> copy_kernel.WriteCopier
+        self._kernel_import_error: str | None = None  # None: not tried yet
         self._opened: dict[tuple[bytes, int], tuple[int, int]] = {}  # -> (mapped, open count)
         self._call("cuInit", 0)
 
@@ -413,7 +434,8 @@ class CudaDriver:
             raise IpcError(f"memory at {addr:#x} is not on cuda:{device}; torch copied it")
         return t
 
-    def copy_rows(self, device: int, rows: Sequence[RowCopy]) -> None:
+    def _torch_stream(self, device: int) -> Any:
+        """Bind `device`'s context and return the torch stream of row and kernel copies."""
         import torch
 
         self._bind(device)
@@ -421,9 +443,50 @@ class CudaDriver:
             stream = self._torch_streams.get(device)
             if stream is None:
                 stream = self._torch_streams[device] = torch.cuda.Stream(device=device)
+        return stream
+
+    def copy_rows(self, device: int, rows: Sequence[RowCopy]) -> None:
+        import torch
+
+        stream = self._torch_stream(device)
         with torch.cuda.device(device), torch.cuda.stream(stream):
             run_row_copies(rows, lambda a, n: self.tensor(a, n, device), f"cuda:{device}")
         stream.synchronize()
+
+    @property
+    def can_copy_kernel(self) -> bool:
+        with self._lock:
+            if self._kernel_import_error is None:
+                try:
+                    import kv_transfer.copy_kernel  # noqa: F401 (torch and triton, once)
+
+                    self._kernel_import_error = ""
+                except ImportError as e:
+                    self._kernel_import_error = str(e) or type(e).__name__
+                    log.warning("cuda_ipc: no copy kernel, Triton does not import: %s", e)
+            return not self._kernel_import_error
+
+    def copy_kernel(self, device: int, copies: Copies) -> None:
+        if not self.can_copy_kernel:
+            raise IpcError(f"{KERNEL_UNAVAILABLE} ({self._kernel_import_error})")
+        import torch
+
+        from kv_transfer.copy_kernel import WriteCopier
+
+        stream = self._torch_stream(device)
+        with self._lock:
+            copier = self._copiers.get(device)
+            if copier is None:
+                copier = self._copiers[device] = WriteCopier(torch.device("cuda", device))
+        with copier.lock:  # its pinned table buffer: one hand-off at a time per device
+            try:
+                with torch.cuda.device(device), torch.cuda.stream(stream):
+                    copier.copy(copies.src, copies.dst, copies.length)
+                stream.synchronize()
+            except Exception as e:  # Triton's compile errors, torch's CUDA errors
+                raise IpcError(
+                    f"the copy kernel ({len(copies)} writes) failed: {type(e).__name__}: {e}"
+                ) from e
 
 
 @functools.lru_cache(maxsize=1)
@@ -938,25 +1001,26 @@ def _split_session(session_id: str) -> tuple[str, int]:
 # How writes are copied, by `PDSERVE_CUDA_IPC_COPY`: "memcpy", one cuMemcpyDtoDAsync per write;
 # "rows", a gather and a scatter (torch) per source/destination region pair, for the writes
 # whose source lies in memory registered on this engine (the rest one by one); "batch", all
-# writes in one cuMemcpyBatchAsync (a driver of CUDA 12.8+); "auto" (the default): batch where
-# the driver has it and `batch_pays_off`, else rows where `rows_pay_off`, else memcpy.
-COPY_MODES = ("auto", "memcpy", "rows", "batch")
+# writes in one cuMemcpyBatchAsync (a driver of CUDA 12.8+); "kernel", all writes in one Triton
+# kernel launch (copy_kernel.py); "auto" (the default): `auto_copy_mode`. "rows" and "kernel"
+# copy between tensors of one device: to a peer's memory on another device they are memcpy.
+COPY_MODES = ("auto", "memcpy", "rows", "batch", "kernel")
 _ROWS_MIN_WRITES_PER_PAIR = 4
 _ROWS_MAX_MEAN_WRITE_BYTES = 256 << 10
 
 
 def writes_short_for_rows(writes: int, nbytes: int) -> bool:
-    """Whether `writes` writes of `nbytes` in all are short enough to be worth copying as
-    rows: a long write is copied at memcpy's full rate (722 GB/s on the H200 for 4 MB writes)
-    in about the time its call takes, while a gather and a scatter move its bytes twice
-    (about 150 GB/s there). Known before the writes are grouped: the contiguous hand-off
-    (64 writes of 4 MB) goes straight to memcpy."""
+    """Whether `writes` writes of `nbytes` in all are short (a mean under 256 KiB): scattered
+    pages rather than runs. A long write is copied at the copy engines' full rate by one
+    driver call (550-670 GB/s on the H200 for 4 MB writes) in about the time the call takes,
+    while a gather and a scatter move its bytes twice (60-90 GB/s there). Known before the
+    writes are grouped: the contiguous hand-off (64 writes of 4 MB) is never planned as rows."""
     return nbytes < _ROWS_MAX_MEAN_WRITE_BYTES * writes
 
 
 def rows_pay_off(writes: int, pairs: int, nbytes: int) -> bool:
-    """Whether `auto` copies `writes` writes of `nbytes` in all, held by `pairs` region pairs,
-    as rows: short writes (`writes_short_for_rows`), several per pair. A row copy costs some
+    """Whether `auto`, where it copies short writes as rows, does so for `writes` writes of
+    `nbytes` in all, held by `pairs` region pairs: several per pair. A row copy costs some
     tens of µs of torch calls per pair, a memcpy call a few µs per write: rows win with
     scattered pages, not with a few runs per pair."""
     return writes >= _ROWS_MIN_WRITES_PER_PAIR * pairs and writes_short_for_rows(writes, nbytes)
@@ -964,12 +1028,26 @@ def rows_pay_off(writes: int, pairs: int, nbytes: int) -> bool:
 
 def batch_pays_off(writes: int, nbytes: int) -> bool:
     """Whether `auto` copies `writes` writes of `nbytes` in all as one batch call, where the
-    driver has it: short writes (`writes_short_for_rows`: a mean under 256 KiB), i.e.
-    scattered pages. The batch is one driver call however many writes, with no region pairs,
-    row plan or torch; a memcpy call per write costs some µs of host time each. Long writes
-    stay one memcpy each, as measured (the contiguous hand-off, 64 writes of 4 MB: 722 GB/s
-    on the H200); the batch call is not measured on a GPU yet."""
-    return writes_short_for_rows(writes, nbytes)
+    driver has it: long writes only (not `writes_short_for_rows`). Measured on the H200
+    (`bench.kv_transfer_gpu`, Llama-3-8B's KV, a 2,048-token prompt, 268 MB): 64 writes of
+    4 MB move at 574-667 GB/s in one batch against 547-577 with a memcpy call each; but the
+    driver spends about 4 µs per copy of a batch, so scattered pages crawl: 131,072 writes of
+    2 KB (1-token pages) at 0.5 GB/s (memcpy 0.3, one gather and scatter per region pair 12.5,
+    an in-process `index_copy_` 203)."""
+    return not writes_short_for_rows(writes, nbytes)
+
+
+def auto_copy_mode(
+    writes: int, nbytes: int, can_batch: bool, can_kernel: bool, same_device: bool
+) -> str:
+    """The copy mode `auto` takes for `writes` writes of `nbytes` in all: long writes in one
+    batch call where the driver has it (`batch_pays_off`), else a memcpy call each; short
+    ones (scattered pages) in one kernel launch where Triton imports and the peer's memory is
+    on the writer's device, else "rows" (row copies where `rows_pay_off` for the region
+    pairs, memcpy where not or where the devices differ)."""
+    if batch_pays_off(writes, nbytes):
+        return "batch" if can_batch else "memcpy"
+    return "kernel" if can_kernel and same_device else "rows"
 
 
 class CudaIpcTransferEngine(TransferEngine):
@@ -994,6 +1072,11 @@ class CudaIpcTransferEngine(TransferEngine):
         self._can_batch = self._driver.can_copy_batch
         if mode == "batch" and not self._can_batch:
             raise IpcError(BATCH_UNAVAILABLE)
+        # Whether auto may launch the copy kernel: None until its first short writes (Triton is
+        # imported only then); False once the kernel failed (then it copies as rows).
+        self._kernel_ok: bool | None = None
+        if mode == "kernel" and not self._driver.can_copy_kernel:
+            raise IpcError(KERNEL_UNAVAILABLE)
         self._instance = uuid.uuid4().hex
         self._boot_id = _boot_id()
         self._regions: dict[int, ExportedRegion] = {}
@@ -1163,24 +1246,37 @@ class CudaIpcTransferEngine(TransferEngine):
                 self._local_index = RegionIndex(regions)
             return self._local_index
 
+    def _kernel_usable(self) -> bool:
+        """Whether `auto` may launch the copy kernel (Triton imported on first asking)."""
+        if self._kernel_ok is None:
+            self._kernel_ok = self._driver.can_copy_kernel
+        return self._kernel_ok
+
     def _copy(self, device: int, copies: Copies, dst_at: np.ndarray, peer: _Peer) -> None:
-        """Run the writes: in one batch call, or as row copies (a gather and a scatter per
-        region pair) where that saves calls, the rest one `cuMemcpyDtoDAsync` each (see
-        `COPY_MODES`). `dst_at`: the destinations' positions in the mapping's
-        `local_regions`."""
+        """Run the writes as the copy mode says (see `COPY_MODES`; `auto`: `auto_copy_mode`).
+        `dst_at`: the destinations' positions in the mapping's `local_regions`."""
         mapped, auto = peer.mapped, self._copy_mode == "auto"
-        nbytes = int(copies.length.sum())
-        if self._copy_mode == "batch" or (
-            auto and self._can_batch and batch_pays_off(len(copies), nbytes)
-        ):
+        same_device = mapped is not None and mapped.same_device
+        mode = self._copy_mode
+        if auto:
+            nbytes = int(copies.length.sum())
+            mode = auto_copy_mode(len(copies), nbytes, self._can_batch,
+                                  same_device and self._kernel_usable(), same_device)  # fmt: skip
+        if mode == "batch":
             self._driver.copy_batch(device, copies)
             return
-        if (
-            self._copy_mode == "memcpy"
-            or mapped is None
-            or not mapped.same_device
-            or (auto and not writes_short_for_rows(len(copies), nbytes))
-        ):
+        if mode == "kernel" and same_device:
+            try:
+                self._driver.copy_kernel(device, copies)
+                return
+            except IpcError as e:
+                if not auto:
+                    raise
+                # A kernel that cannot compile or launch here: auto copies as rows from now
+                # on (all of these writes again: the same bytes to the same places).
+                log.warning("cuda_ipc: the copy kernel failed, auto copies as rows: %s", e)
+                self._kernel_ok, mode = False, "rows"
+        if mode != "rows" or mapped is None or not same_device:
             self._driver.copy(device, copies)
             return
         pairs = group_by_region_pair(copies, self._registered(), mapped.local_regions, dst_at)

@@ -13,20 +13,21 @@ def test_cuda_ipc_host_bench_table(capsys: pytest.CaptureFixture[str]) -> None:
                                "--reps", "1"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     rows = [line for line in printed.splitlines() if line.startswith("| ") and "---" not in line]
-    assert len(rows) == 1 + 4 * 4  # the header, then 4 cases x 4 copy modes
+    assert len(rows) == 1 + 4 * 5  # the header, then 4 cases x 5 copy modes
     assert "every case checked" in printed
     cells = {(r.split("|")[1].strip(), r.split("|")[2].strip(), r.split("|")[4].strip()):
              [c.strip() for c in r.split("|")[1:-1]] for r in rows[1:]}  # fmt: skip
     # 2 layers x K and V: 4 writes contiguous, one region pair each; memcpy issues one call
-    # per write, rows one row copy per region pair, batch one call for all.
+    # per write, rows one row copy per region pair, batch one call for all, kernel one launch.
     assert cells[("16", "contiguous", "memcpy")][6] == "4"
     assert cells[("1", "every-other", "memcpy")][6] == "256"
     assert cells[("1", "every-other", "rows")][7] == "4"
-    assert cells[("1", "every-other", "batch")][6:9] == ["0", "0", "1"]
-    # auto, with a driver that has the batch call: one batch for short writes (128 KB
-    # contiguous runs at this size, 2 KB pages).
-    assert cells[("16", "contiguous", "auto")][6:9] == ["0", "0", "1"]
-    assert cells[("1", "every-other", "auto")][6:9] == ["0", "0", "1"]
+    assert cells[("1", "every-other", "batch")][6:10] == ["0", "0", "1", "0"]
+    assert cells[("1", "every-other", "kernel")][6:10] == ["0", "0", "0", "1"]
+    # auto, with a driver that has the batch call and Triton: one launch for short writes
+    # (128 KB contiguous runs at this size, 2 KB pages).
+    assert cells[("16", "contiguous", "auto")][6:10] == ["0", "0", "0", "1"]
+    assert cells[("1", "every-other", "auto")][6:10] == ["0", "0", "0", "1"]
 
 
 def test_canonical_merges_runs_and_tells_different_copies_apart() -> None:

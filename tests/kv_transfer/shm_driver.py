@@ -5,8 +5,10 @@ its connections, the region tables, the address arithmetic, the peer handling an
 across real processes. An "allocation" is a `SharedMemory` segment (its name is the handle),
 "device" memory is host memory, and a copy is a `memmove` (a batch is too, counted; set
 `can_copy_batch` false to play a driver without the batch call); row copies run the
-backend's own torch code, on the CPU. The byte-for-byte check of the CUDA driver itself is
-tests/gpu/test_cuda_ipc.py, on a GPU host.
+backend's own torch code, and kernel copies its Triton kernel (`kv_transfer/copy_kernel.py`)
+under Triton's interpreter (tests/conftest.py sets `TRITON_INTERPRET=1` without CUDA), on
+the CPU (set `can_copy_kernel` false to play a host without Triton). The byte-for-byte
+check of the CUDA driver itself is tests/gpu/test_cuda_ipc.py, on a GPU host.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, cast
 
 from kv_transfer.cuda_ipc import (
     BATCH_UNAVAILABLE,
+    KERNEL_UNAVAILABLE,
     Allocation,
     Copies,
     IpcError,
@@ -47,7 +50,10 @@ class SharedMemoryDriver:
         self.closes = 0
         self.row_copies = 0  # region pairs copied as rows
         self.batches = 0  # batch calls
+        self.kernel_launches = 0
         self.can_copy_batch = True
+        self.can_copy_kernel = True
+        self._copier: Any = None
 
     def own(self, size: int) -> tuple[shared_memory.SharedMemory, int]:
         """A new segment this process exports, and its address."""
@@ -108,3 +114,15 @@ class SharedMemoryDriver:
     def copy_rows(self, device: int, rows: Sequence[RowCopy]) -> None:
         self.row_copies += len(rows)
         run_row_copies(rows, self.tensor, "cpu")
+
+    def copy_kernel(self, device: int, copies: Copies) -> None:
+        if not self.can_copy_kernel:
+            raise IpcError(KERNEL_UNAVAILABLE)
+        import torch
+
+        from kv_transfer.copy_kernel import WriteCopier
+
+        if self._copier is None:
+            self._copier = WriteCopier(torch.device("cpu"))
+        self.kernel_launches += 1
+        self._copier.copy(copies.src, copies.dst, copies.length)

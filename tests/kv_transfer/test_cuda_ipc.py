@@ -76,9 +76,12 @@ class Sender:
     """A writing engine and a source pool of distinct bytes, registered with the engine as a
     prefill worker's is (which lets it copy pages as rows)."""
 
-    def __init__(self, copy_mode: str = "auto", can_batch: bool = True) -> None:
+    def __init__(
+        self, copy_mode: str = "auto", can_batch: bool = True, can_kernel: bool = True
+    ) -> None:
         self.driver = SharedMemoryDriver()
         self.driver.can_copy_batch = can_batch
+        self.driver.can_copy_kernel = can_kernel
         self.engine = CudaIpcTransferEngine(self.driver, copy_mode)
         assert self.engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
         size = 2 * LAYOUT.num_layers * LAYER
@@ -127,22 +130,24 @@ def check_pages(
                 assert get_dst(which, layer, d) == bytes(PAGE), (which, layer, d)
 
 
-# (copy mode, whether the driver has the batch call) -> (row copies, batch calls) of the three
-# writes below.
+# (copy mode, whether the driver has the batch call, whether Triton imports) -> (row copies,
+# batch calls, kernel launches) of the three writes below.
 MODE_CALLS = {
-    ("memcpy", True): (0, 0),
-    ("rows", True): (3 * 2 * LAYOUT.num_layers, 0),
-    ("batch", True): (0, 3),
-    ("auto", True): (0, 3),  # short writes, all of them: one batch each
-    ("auto", False): (2 * LAYOUT.num_layers, 0),
+    ("memcpy", True, True): (0, 0, 0),
+    ("rows", True, True): (3 * 2 * LAYOUT.num_layers, 0, 0),
+    ("batch", True, True): (0, 3, 0),
+    ("kernel", True, True): (0, 0, 3),
+    ("auto", True, True): (0, 0, 3),  # short writes, all of them: one launch each, no batch
+    ("auto", True, False): (2 * LAYOUT.num_layers, 0, 0),  # no Triton: rows where they pay
+    ("auto", False, False): (2 * LAYOUT.num_layers, 0, 0),
 }
 
 
-@pytest.mark.parametrize(("mode", "can_batch"), list(MODE_CALLS))
+@pytest.mark.parametrize(("mode", "can_batch", "can_kernel"), list(MODE_CALLS))
 def test_pages_land_byte_for_byte_with_one_mapping_per_allocation(
-    receiver: Receiver, mode: str, can_batch: bool
+    receiver: Receiver, mode: str, can_batch: bool, can_kernel: bool
 ) -> None:
-    sender = Sender(mode, can_batch)
+    sender = Sender(mode, can_batch, can_kernel)
     try:
         src, dst = [0, 1, 2, 5, 6, 3], [3, 4, 5, 0, 1, 7]  # three runs
         sender.write(receiver, src, dst)
@@ -155,11 +160,48 @@ def test_pages_land_byte_for_byte_with_one_mapping_per_allocation(
         src, dst = [0, 2, 1, 3, 4, 6, 5, 7], [0, 1, 2, 3, 4, 5, 6, 7]
         sender.write(receiver, src, dst)
         check_pages(receiver.page, sender, src, dst, untouched=[])
-        # Without the batch call, 3 and 1 writes per region pair stay memcpy under auto; 8 go
-        # as rows.
-        assert (sender.driver.row_copies, sender.driver.batches) == MODE_CALLS[(mode, can_batch)]
+        # Without the kernel, 3 and 1 writes per region pair stay memcpy under auto; 8 go as
+        # rows.
+        d = sender.driver
+        calls = (d.row_copies, d.batches, d.kernel_launches)
+        assert calls == MODE_CALLS[(mode, can_batch, can_kernel)]
     finally:
         sender.close()
+
+
+def test_a_kernel_that_fails_leaves_auto_on_rows(
+    receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Triton imports but its kernel cannot compile or launch here: `auto` copies that hand-off
+    and every later one as rows; mode `kernel` fails the write, with the reason logged."""
+    attempts = []
+
+    def broken(device: int, copies: Copies) -> None:
+        attempts.append(len(copies))
+        raise IpcError("the copy kernel (8 writes) failed: CompilationError: no C compiler")
+
+    for mode in ("auto", "kernel"):
+        sender = Sender(mode)
+        sender.driver.copy_kernel = broken  # type: ignore[method-assign]
+        attempts.clear()
+        try:
+            src, dst = [0, 2, 4, 6], [1, 3, 5, 7]
+            with caplog.at_level(logging.WARNING):
+                if mode == "kernel":
+                    with pytest.raises(TransferError):
+                        sender.write(receiver, src, dst)
+                    assert "no C compiler" in caplog.text and attempts == [16]
+                    continue
+                sender.write(receiver, src, dst)
+                check_pages(receiver.page, sender, src, dst, untouched=[0, 2, 4, 6])
+                sender.write(receiver, [1, 3], [0, 2])
+                check_pages(receiver.page, sender, [1, 3], [0, 2], untouched=[4, 6])
+            assert "the copy kernel failed, auto copies as rows" in caplog.text
+            assert attempts == [16]  # tried once, not again
+            # The first write's 4 pages per region pair as rows; the second's 2 by memcpy.
+            assert sender.driver.row_copies == 2 * LAYOUT.num_layers
+        finally:
+            sender.close()
 
 
 def copies_of(*writes: tuple[int, int, int]) -> Copies:

@@ -1,11 +1,12 @@
 """The `cuda_ipc` backend's batch copy mode without a GPU: the `CUmemcpyAttributes` layout,
 what `CudaDriver` hands `cuMemcpyBatchAsync` (checked on a stand-in for libcuda whose functions
-record their arguments), the driver without the call, and `auto`'s choice. Byte for byte on
-CUDA memory: tests/gpu/test_cuda_ipc.py."""
+record their arguments), the driver without the call (and without Triton, for the kernel
+mode), and `auto`'s choice. Byte for byte on CUDA memory: tests/gpu/test_cuda_ipc.py."""
 
 from __future__ import annotations
 
 import ctypes
+import sys
 from typing import Any
 
 import numpy as np
@@ -15,12 +16,14 @@ from bench import cuda_ipc_host
 from kv_transfer import KVLayout
 from kv_transfer.cuda_ipc import (
     BATCH_UNAVAILABLE,
+    KERNEL_UNAVAILABLE,
     Copies,
     CudaDriver,
     CudaIpcTransferEngine,
     IpcError,
     _MemcpyAttributes,
     _MemLocation,
+    auto_copy_mode,
     batch_pays_off,
 )
 
@@ -175,29 +178,67 @@ def test_a_driver_without_the_batch_call(monkeypatch: pytest.MonkeyPatch) -> Non
             CudaIpcTransferEngine(driver, mode)
         assert "\n" not in str(err.value)
         assert "CUDA 12.8 or newer" in str(err.value)
-        assert "PDSERVE_CUDA_IPC_COPY to auto, memcpy or rows" in str(err.value)
-    # auto, memcpy and rows still work (auto never picking batch: test_cuda_ipc.py's
-    # MODE_CALLS, on the shared-memory driver).
+        assert "PDSERVE_CUDA_IPC_COPY to auto, memcpy, rows or kernel" in str(err.value)
+    # The other modes still work (auto never picking batch: test_cuda_ipc.py's MODE_CALLS, on
+    # the shared-memory driver).
     monkeypatch.delenv("PDSERVE_CUDA_IPC_COPY")
-    for mode in ("auto", "memcpy", "rows"):
+    for mode in ("auto", "memcpy", "rows", "kernel"):
         CudaIpcTransferEngine(driver, mode)
 
 
-def test_auto_takes_a_batch_for_short_writes_only() -> None:
+def test_a_host_without_triton_has_no_kernel_mode(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delitem(sys.modules, "kv_transfer.copy_kernel", raising=False)
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
+    driver = CudaDriver(FakeLibcuda())
+    assert not driver.can_copy_kernel
+    assert "Triton does not import" in caplog.text
+    with pytest.raises(IpcError) as err:
+        driver.copy_kernel(0, Copies.of([1], [2], [3]))
+    assert str(err.value).startswith(KERNEL_UNAVAILABLE) and "triton" in str(err.value)
+    with pytest.raises(IpcError) as err:
+        CudaIpcTransferEngine(driver, "kernel")
+    assert str(err.value) == KERNEL_UNAVAILABLE
+    assert "PDSERVE_CUDA_IPC_COPY to auto, memcpy, rows or batch" in str(err.value)
+    for mode in ("auto", "memcpy", "rows", "batch"):
+        CudaIpcTransferEngine(driver, mode)
+
+
+def test_auto_takes_a_batch_for_long_writes_only() -> None:
     mb = 1 << 20
-    assert not batch_pays_off(64, 268 * mb)  # 16-token pages, contiguous: 4 MB writes
-    assert batch_pays_off(8192, 268 * mb)  # 16-token pages scattered: 32 KB writes
-    assert batch_pays_off(131_072, 268 * mb)  # 1-token pages
-    assert batch_pays_off(2048, 268 * mb)  # 64-token pages: 128 KB writes
-    assert batch_pays_off(3, 3 * 1024)  # a few short writes too: one call for all
-    assert not batch_pays_off(16 * 64, 1024 * mb)  # many, but 1 MB each
+    # The H200 cases: a 2,048-token Llama-3-8B prompt (268 MB), 64 regions a side.
+    assert batch_pays_off(64, 268 * mb)  # 16-token pages, contiguous: 4 MB writes
+    assert not batch_pays_off(8192, 268 * mb)  # 16-token pages scattered: 32 KB writes
+    assert not batch_pays_off(131_072, 268 * mb)  # 1-token pages
+    assert not batch_pays_off(2048, 268 * mb)  # 64-token pages: 128 KB writes
+    assert not batch_pays_off(3, 3 * 1024)  # a few short writes
+    assert batch_pays_off(16 * 64, 1024 * mb)  # many, but 1 MB each
 
 
-@pytest.mark.parametrize(("pattern", "calls"), [("contiguous", (8, 0, 0)),
-                                                ("every-other", (0, 0, 1))])  # fmt: skip
-def test_auto_through_the_engine(pattern: str, calls: tuple[int, int, int]) -> None:
+@pytest.mark.parametrize(
+    ("writes", "mb", "can_batch", "can_kernel", "same_device", "mode"),
+    [
+        (64, 268, True, True, True, "batch"),  # contiguous runs
+        (64, 268, False, True, True, "memcpy"),  # ... on a driver before CUDA 12.8
+        (64, 268, True, True, False, "batch"),  # ... to another GPU
+        (131_072, 268, True, True, True, "kernel"),  # scattered 1-token pages
+        (8192, 268, True, True, True, "kernel"),  # scattered 16-token pages
+        (8192, 268, True, False, True, "rows"),  # ... without Triton
+        (8192, 268, True, True, False, "rows"),  # ... to another GPU: memcpy (no pairs)
+    ],
+)
+def test_auto_copy_mode(
+    writes: int, mb: int, can_batch: bool, can_kernel: bool, same_device: bool, mode: str
+) -> None:
+    assert auto_copy_mode(writes, mb << 20, can_batch, can_kernel, same_device) == mode
+
+
+@pytest.mark.parametrize(("pattern", "calls"), [("contiguous", (0, 0, 1, 0)),
+                                                ("every-other", (0, 0, 0, 1))])  # fmt: skip
+def test_auto_through_the_engine(pattern: str, calls: tuple[int, int, int, int]) -> None:
     """A hand-off through `PageWriter` and the engine on a counting driver that has the batch
-    call: 512 KB runs go one memcpy each, 32 KB pages in one batch."""
+    call and Triton: 512 KB runs in one batch, 32 KB pages in one kernel launch."""
     layout = KVLayout("m", "bfloat16", 16, 4, 8, 128)  # 32 KB pages, 4 layers
     (row,) = cuda_ipc_host.run_case(layout, 256, pattern, ["auto"], warmup=0, reps=1)
-    assert (row.memcpy_calls, row.row_pairs, row.batch_calls) == calls
+    assert (row.memcpy_calls, row.row_pairs, row.batch_calls, row.kernel_launches) == calls
