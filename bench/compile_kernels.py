@@ -1,4 +1,5 @@
-"""Compile every Triton kernel of the engine for a CUDA target, on any host (no GPU needed).
+"""Compile every Triton kernel of the engine (and the `cuda_ipc` copy kernel) for a CUDA target,
+on any host (no GPU needed).
 
     python -m bench.compile_kernels                 # sm_90 (H100/H200); exits 1 on a failure
     python -m bench.compile_kernels --arch 80 --all-configs
@@ -41,6 +42,7 @@ from engine.kernels import (
     skinny_gemm,
 )
 from engine.kernels.fused_moe_configs import MoEKernelConfig, candidates, default_config
+from kv_transfer import copy_kernel
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
@@ -100,6 +102,20 @@ def compile_one(
         elif token.startswith("STACK:"):
             stack = int(token[6:])
     return Usage(name, registers, stack, int(compiled.metadata.shared))
+
+
+def copy_kernel_ptx(word: int, arch: int = 90) -> str:
+    """The PTX of the `cuda_ipc` copy kernel for writes whose addresses and lengths are
+    multiples of `word` bytes (what a launch of that word compiles)."""
+    elem, elem_bytes = copy_kernel.ELEMENTS[word]
+    constants = {"ELEM": elem, "ELEM_BYTES": elem_bytes, "WORD": word,
+                 "BLOCK": copy_kernel.block_elements(elem_bytes)}  # fmt: skip
+    signature = {"writes": "*i64", "n": "i32", **dict.fromkeys(constants, "constexpr")}
+    source = ASTSource(fn=copy_kernel.copy_writes_kernel, signature=signature,
+                       constexprs=constants)  # fmt: skip
+    options = {"num_warps": copy_kernel.NUM_WARPS}
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    return str(compiled.asm["ptx"])
 
 
 def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
@@ -190,6 +206,15 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
             {"TOP_K": 8, "BLOCK_H": 1024},
         )
     add_small_batch_moe(add)
+    for word, (elem, elem_bytes) in copy_kernel.ELEMENTS.items():
+        block = copy_kernel.block_elements(elem_bytes)
+        add(
+            f"copy_writes_kernel (cuda_ipc) word={word}",
+            copy_kernel.copy_writes_kernel,
+            {"writes": "*i64"},
+            {"ELEM": elem, "ELEM_BYTES": elem_bytes, "WORD": word, "BLOCK": block},
+            num_warps=copy_kernel.NUM_WARPS,
+        )
     add(
         "softmax_topk_kernel E=128 k=8",
         moe_routing.softmax_topk_kernel,

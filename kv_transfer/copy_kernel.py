@@ -32,6 +32,9 @@ import triton.language as tl
 # Bytes a program copies per loop step. With 4 warps and 16-byte words, 16 KB is eight
 # 16-byte loads in flight per thread: enough to cover the latency of a read from HBM.
 BLOCK_BYTES = 16 << 10
+# Elements per step at most: narrower words take smaller blocks (16 elements a thread; with
+# 16 KB of bytes, each thread would hold 128 and spill its registers).
+MAX_BLOCK = 2048
 NUM_WARPS = 4
 # Programs a launch aims for (the H200 has 132 SMs: some tens of resident programs each);
 # long writes are split into up to this many programs in all, short ones take one each.
@@ -40,7 +43,7 @@ TARGET_PROGRAMS = 8192
 _MAX_GRID_Y = 65535
 
 # word bytes -> (element type, element bytes)
-_ELEMENTS = {16: (tl.int64, 8), 8: (tl.int64, 8), 4: (tl.int32, 4), 2: (tl.int16, 2),
+ELEMENTS = {16: (tl.int64, 8), 8: (tl.int64, 8), 4: (tl.int32, 4), 2: (tl.int16, 2),
              1: (tl.uint8, 1)}  # fmt: skip
 
 
@@ -78,10 +81,15 @@ def word_bytes(src: np.ndarray, dst: np.ndarray, length: np.ndarray) -> int:
     return 1
 
 
+def block_elements(elem_bytes: int) -> int:
+    """Elements a program copies per loop step, for elements of `elem_bytes`."""
+    return min(BLOCK_BYTES // elem_bytes, MAX_BLOCK)
+
+
 def launch_shape(length: np.ndarray, elem_bytes: int) -> tuple[int, int]:
     """`(elements per block, programs per write)` for writes of `length` bytes (non-empty)."""
-    block = BLOCK_BYTES // elem_bytes
-    blocks = -(-int(length.max()) // BLOCK_BYTES)
+    block = block_elements(elem_bytes)
+    blocks = -(-int(length.max()) // (block * elem_bytes))
     wanted = -(-TARGET_PROGRAMS // len(length))
     return block, max(1, min(blocks, wanted, _MAX_GRID_Y))
 
@@ -99,18 +107,20 @@ class WriteCopier:
         self._pinned: torch.Tensor | None = None
         self._table: torch.Tensor | None = None
 
-    def _upload(self, packed: np.ndarray) -> torch.Tensor:
-        """`packed` on the device, through the pinned buffer (grown to a power of two)."""
+    def _upload(self, src: np.ndarray, dst: np.ndarray, length: np.ndarray) -> torch.Tensor:
+        """The write table `[3, n]` on the device, written once into the pinned buffer (grown
+        to a power of two) and copied up from there on the current stream."""
+        n = len(length)
         if self.device.type != "cuda":
-            return torch.from_numpy(packed)
-        size = len(packed)
-        if self._pinned is None or self._table is None or len(self._pinned) < size:
-            cap = triton.next_power_of_2(size)
+            return torch.from_numpy(np.concatenate([src, dst, length]).astype(np.int64))
+        if self._pinned is None or self._table is None or len(self._pinned) < 3 * n:
+            cap = triton.next_power_of_2(3 * n)
             self._pinned = torch.empty(cap, dtype=torch.int64, pin_memory=True)
             self._table = torch.empty(cap, dtype=torch.int64, device=self.device)
-        self._pinned[:size].numpy()[:] = packed
-        table = self._table[:size]
-        table.copy_(self._pinned[:size], non_blocking=True)
+        host = self._pinned[: 3 * n].numpy().reshape(3, n)
+        host[0], host[1], host[2] = src, dst, length
+        table = self._table[: 3 * n]
+        table.copy_(self._pinned[: 3 * n], non_blocking=True)
         return table
 
     def copy(self, src: np.ndarray, dst: np.ndarray, length: np.ndarray) -> None:
@@ -124,9 +134,9 @@ class WriteCopier:
         if not n:
             return
         word = word_bytes(src, dst, length)
-        elem, elem_bytes = _ELEMENTS[word]
+        elem, elem_bytes = ELEMENTS[word]
         block, parts = launch_shape(length, elem_bytes)
-        table = self._upload(np.concatenate([src, dst, length]).astype(np.int64, copy=False))
+        table = self._upload(src, dst, length)
         copy_writes_kernel[(n, parts)](
             table, n, ELEM=elem, ELEM_BYTES=elem_bytes, WORD=word, BLOCK=block,
             num_warps=NUM_WARPS,

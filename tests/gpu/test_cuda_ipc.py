@@ -1,6 +1,7 @@
 """The `cuda_ipc` backend on a real GPU: pages written by one process into another's device
 pool land byte for byte, in every copy mode, for pages of 1, 16 and 64 tokens, contiguous
-and scattered; on a second GPU too when there is one. Skipped without CUDA.
+and scattered; on a second GPU too when there is one. The copy kernel alone, compiled: byte
+ranges of every width and alignment. Skipped without CUDA.
 
     PYTHONPATH=. python -m pytest -q tests/gpu/test_cuda_ipc.py
 """
@@ -12,6 +13,7 @@ import logging
 import threading
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 
@@ -39,9 +41,11 @@ from kv_transfer import descriptor_from_tensors as describe  # noqa: E402
 from kv_transfer.cuda_ipc import (  # noqa: E402
     BATCH_UNAVAILABLE,
     COPY_MODES,
+    KERNEL_UNAVAILABLE,
     CudaIpcTransferEngine,
     shared_driver,
 )
+from tests.kv_transfer.test_copy_kernel import ODD, check_writes  # noqa: E402
 
 PROMPT_TOKENS = 192
 
@@ -49,11 +53,14 @@ PROMPT_TOKENS = 192
 def engines(
     pool: KVPoolDescriptor, modes: tuple[str, ...] = COPY_MODES
 ) -> Iterator[dict[str, tuple[TransferEngine, PageWriter]]]:
-    """An engine and writer per copy mode of `modes` (batch only where the driver has it:
-    test_batch_mode_scattered_handoff says when it has not)."""
+    """An engine and writer per copy mode of `modes` (batch only where the driver has it,
+    kernel where Triton imports: test_batch_mode_scattered_handoff and
+    test_kernel_mode_scattered_handoff say when not)."""
     made: dict[str, tuple[TransferEngine, PageWriter]] = {}
     for mode in modes:
         if mode == "batch" and not shared_driver().can_copy_batch:
+            continue
+        if mode == "kernel" and not shared_driver().can_copy_kernel:
             continue
         engine = new_engine("cuda_ipc", mode)
         register(engine, pool)
@@ -104,6 +111,41 @@ def test_batch_mode_scattered_handoff(page_size: int) -> None:
             assert result["writes"] == prompt_pages * 2 * 3  # one per page, layer, K and V
     finally:
         receiver.stop()
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_kernel_mode_scattered_handoff(page_size: int) -> None:
+    """Every other destination page, all writes in one Triton launch: byte for byte."""
+    if not shared_driver().can_copy_kernel:
+        pytest.skip(KERNEL_UNAVAILABLE)
+    layout = KVLayout("gpu-test", "bfloat16", page_size, 3, 2, 64)
+    prompt_pages = -(-PROMPT_TOKENS // page_size)
+    src = allocate(layout, 2 * prompt_pages, "cuda:0", random=True)
+    base = allocate(layout, 2 * prompt_pages, "cuda:0", random=False)
+    pool = describe(layout, src[:3], src[3:])
+    receiver = Receiver(layout, 2 * prompt_pages, "cuda:0")
+    try:
+        for made in engines(pool, ("kernel",)):
+            for src_pages, dst_pages in page_patterns(prompt_pages).values():
+                result = run_case(receiver, made, src, pool, base, src_pages, dst_pages, 0, 1)
+                assert set(result) == {"writes", "bytes", "kernel", "baseline"}
+    finally:
+        receiver.stop()
+
+
+@pytest.mark.parametrize("word", [1, 2, 4, 8, 16])
+def test_copy_kernel_compiled_byte_for_byte(word: int) -> None:
+    """tests/kv_transfer/test_copy_kernel.py's ranges, on device memory, the kernel compiled:
+    odd lengths at misaligned places, each word width, many short writes."""
+    if not shared_driver().can_copy_kernel:
+        pytest.skip(KERNEL_UNAVAILABLE)
+    if word == 1:
+        assert check_writes("cuda:0", ODD, word=1) == 1
+        lengths = np.random.default_rng(2).integers(0, 300, 400).tolist()
+        assert check_writes("cuda:0", lengths, word=1, seed=3) == 1
+        return
+    lengths = [word * k for k in (1, 3, 2048 // word, (32768 + 48) // word, 0, 5)]
+    assert check_writes("cuda:0", lengths, word) == word
 
 
 def test_bad_writes_fail_and_a_gone_receiver_is_noticed(caplog: pytest.LogCaptureFixture) -> None:

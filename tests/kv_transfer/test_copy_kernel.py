@@ -7,6 +7,11 @@ does); tests/gpu/test_cuda_ipc.py runs `check_writes` compiled on the GPU."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -36,18 +41,18 @@ def check_writes(device: str, lengths: list[int], word: int, seed: int = 0) -> i
     # Both buffers start 16-byte aligned (torch allocates at 64 bytes or more).
     s = np.array(src_off, dtype=np.int64) + src.data_ptr()
     d = np.array(dst_off, dtype=np.int64) + dst.data_ptr()
-    n = np.array(lengths, dtype=np.int64)
-    WriteCopier(torch.device(device)).copy(s, d, n)
+    length = np.array(lengths, dtype=np.int64)
+    WriteCopier(torch.device(device)).copy(s, d, length)
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
     want = np.zeros(BUFFER, dtype=np.uint8)
     host_src = src.cpu().numpy()
-    for so, do, length in zip(src_off, dst_off, lengths, strict=True):
-        want[do : do + length] = host_src[so : so + length]
+    for so, do, count in zip(src_off, dst_off, lengths, strict=True):
+        want[do : do + count] = host_src[so : so + count]
     got = dst.cpu().numpy()
     wrong = np.flatnonzero(got != want)
     assert not len(wrong), f"{len(wrong)} bytes differ, the first at {int(wrong[0])}"
-    return word_bytes(s, d, n)
+    return word_bytes(s, d, length)
 
 
 # Lengths the brief of the kernel names: 1, 15, 16, 2 KB, 32 KB + 3 (three blocks, a masked
@@ -98,4 +103,30 @@ def test_launch_shape_for_the_h200_cases() -> None:
     assert launch_shape(np.full(64, 4 << 20), 8) == (block, 128)  # 8,192 programs, 2 blocks
     assert launch_shape(np.full(131_072, 2048), 8) == (block, 1)
     assert launch_shape(np.full(8192, 32 << 10), 8) == (block, 1)  # 2 blocks each
-    assert launch_shape(np.array([1]), 1) == (copy_kernel.BLOCK_BYTES, 1)
+    assert launch_shape(np.array([1]), 1) == (copy_kernel.MAX_BLOCK, 1)
+
+
+# Compiles the kernel for sm_90 and prints the global loads and stores of its PTX, per word.
+_PTX_OPS = r"""
+import re
+from bench.compile_kernels import copy_kernel_ptx
+for word in (16, 1):
+    ptx = copy_kernel_ptx(word)
+    ops = sorted(set(re.findall(r"(?:ld|st)\.global[.\w]*", ptx)))
+    print(word, " ".join(ops))
+"""
+
+
+def test_aligned_writes_move_16_bytes_per_access_compiled() -> None:
+    """The kernel compiled for the H200 (sm_90; Triton ships ptxas, no GPU needed), in a
+    process without the interpreter: with 16-byte words every access of the copy is a
+    16-byte vector (the int64 table reads aside); with 1-byte words, bytes."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", _PTX_OPS], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ops = {int(w): set(rest.split()) for w, _, rest in
+           (line.partition(" ") for line in proc.stdout.splitlines())}  # fmt: skip
+    assert ops[16] == {"ld.global.b64", "ld.global.v2.b64", "st.global.v2.b64"}, ops
+    assert {"ld.global.b8", "st.global.b8"} <= ops[1], ops
