@@ -35,13 +35,14 @@ a)
     --decode 1x128 --profile-prefill 64x128 --top 24
   TAIL=70 step profile_moonlight 75 python3 -m bench.profile_decode \
     --preset moonlight-16b-a3b --decode 1x128 --profile-prefill 64x128 --top 24
-  TAIL=20 step moe_tune 170 bash -c 'for s in qwen3-30b-a3b moonlight-16b-a3b; do
+  TAIL=20 step moe_tune 150 bash -c 'for s in qwen3-30b-a3b moonlight-16b-a3b; do
     python3 -m bench.moe_kernel --tune --shape $s --tokens 1024,8192,16384 --reps 5; done'
-  TAIL=40 step mla_extend 90 bash -c 'for t in "128 64 8 2" "128 64 4 2" "128 64 8 3" \
+  TAIL=40 step mla_extend 80 bash -c 'for t in "128 64 8 2" "128 64 4 2" "128 64 8 3" \
       "128 128 8 2" "64 64 4 2" "128 32 4 2"; do set -- $t; echo "== tiles $t"
     python3 -m bench.mla_kernel --mode extend --heads 16 --extend-cases 64x128 8x2048 1x8192 \
       --block-m $1 --block-n $2 --num-warps $3 --num-stages $4 --reps 10 | tail -3; done'
-  TAIL=30 step kv_transfer 90 python3 -m bench.kv_transfer_gpu --page-sizes 16 64 --reps 3
+  TAIL=45 step kv_transfer 100 bash -c 'python3 -m pytest -x -q -rf tests/gpu/test_cuda_ipc.py \
+    | tail -3; python3 -m bench.kv_transfer_gpu --reps 5' 
   [ -d .mooncake ] && TAIL=40 step mooncake 120 bash bench/gpu/try_mooncake.sh
   ;;
 b)
