@@ -41,7 +41,7 @@ from engine.kernels import (
     moe_routing,
     skinny_gemm,
 )
-from engine.kernels.fused_moe_configs import MoEKernelConfig, candidates, default_config
+from engine.kernels.fused_moe_configs import TUNED, MoEKernelConfig, candidates, default_config
 from kv_transfer import copy_kernel
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -168,15 +168,18 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
     )
     for dtype in ("bf16", "fp32"):
         torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-        configs: list[MoEKernelConfig] = sorted(
-            {default_config(t, 128, 8, torch_dtype) for t in (1, 64, 256, 4096)}, key=repr
-        )
+        defaults = {default_config(t, 128, 8, torch_dtype) for t in (1, 64, 256, 4096)}
+        # Every configuration a tuned table picks is compiled too, and may spill: it was
+        # measured the fastest as it is (reported, not failed).
+        tuned = {c for rows in TUNED.values() for _, c in rows} if dtype == "bf16" else set()
+        configs: list[MoEKernelConfig] = sorted(defaults | tuned, key=repr)
         if all_configs and dtype == "bf16":
-            configs = candidates()
+            configs = candidates() + candidates(rows_per_expert=128)
         for cfg in configs:
             for gate_up in (True, False):
+                label = "tuned " if cfg in tuned and cfg not in defaults else ""
                 add(
-                    f"grouped_gemm {dtype} {'gate-up' if gate_up else 'down'} {cfg}",
+                    f"grouped_gemm {dtype} {label}{'gate-up' if gate_up else 'down'} {cfg}",
                     fused_moe.grouped_gemm_kernel,
                     {
                         "a": f"*{dtype}",
@@ -423,6 +426,26 @@ def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
         num_warps=4,
         launch_pdl=True,
     )
+    for tokens in (1, 16):  # a decode step's one token a program, a prefill's 16
+        add(
+            f"rope {tokens} token(s) a program",
+            fused._rope_kernel,
+            {p: "*bf16" for p in ("x_ptr", "out_ptr")}
+            | {"pos_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32"},
+            {"HALF": 32, "BLOCK": 32, "INTERLEAVED": False, "TOKENS": tokens},
+            num_warps=1,
+        )
+        add(
+            f"rope_store_kv {tokens} token(s) a program",
+            fused._rope_store_kv_kernel,
+            {p: "*bf16" for p in ("q_ptr", "k_ptr", "v_ptr", "q_out_ptr", "k_cache_ptr",
+                                  "v_cache_ptr", "q_norm_ptr", "k_norm_ptr")}
+            | {"pos_ptr": "*i64", "slots_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32"},
+            {"HQ": 32, "HALF": 64, "BLOCK": 64, "DV": 128, "BLOCK_DV": 128,
+             "INTERLEAVED": False, "NORM": True, "TOKENS": tokens},
+            floats=("eps",),
+            num_warps=1,
+        )  # fmt: skip
     add(
         "rms_norm (PDL)",
         fused._rms_norm_kernel,
@@ -432,6 +455,11 @@ def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
         num_warps=16,
         launch_pdl=True,
     )
+
+
+# Kernels whose spills `--fail-on-spill` reports without failing: configurations that a tuner
+# measured fastest on the device, spills and all.
+MEASURED_SPILLS = ("grouped_gemm bf16 tuned ", "mla_extend_kernel bf16")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -453,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         spill = usage.stack > 0
         print(("SPILL " if spill else "ok    ") + usage.line(), flush=True)
-        if spill and args.fail_on_spill:
+        if spill and args.fail_on_spill and not name.startswith(MEASURED_SPILLS):
             failures.append(f"{name}: {usage.stack} B of spill stack")
     print(f"\n{len(failures)} failure(s)" + "".join(f"\n  {f}" for f in failures))
     return 1 if failures else 0

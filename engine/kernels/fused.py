@@ -159,18 +159,24 @@ def _rope_kernel(
     stride_ot,
     stride_oh,
     stride_table,
+    num_tokens,
     HALF: tl.constexpr,
     BLOCK: tl.constexpr,
     INTERLEAVED: tl.constexpr,
+    TOKENS: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)
+    # TOKENS tokens of one head per program (`rope_tokens_per_program`).
     h = tl.program_id(1).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    src = x_ptr + t * stride_xt + h * stride_xh
-    dst = out_ptr + t * stride_ot + h * stride_oh
-    _rotate_head(
-        src, dst, pos, cos_ptr, sin_ptr, stride_table, HALF, BLOCK, INTERLEAVED, cos_ptr, 0.0, False
-    )
+    for i in range(TOKENS):
+        t = tl.program_id(0).to(tl.int64) * TOKENS + i
+        if t < num_tokens:
+            pos = tl.load(pos_ptr + t).to(tl.int64)
+            src = x_ptr + t * stride_xt + h * stride_xh
+            dst = out_ptr + t * stride_ot + h * stride_oh
+            _rotate_head(
+                src, dst, pos, cos_ptr, sin_ptr, stride_table, HALF, BLOCK, INTERLEAVED,
+                cos_ptr, 0.0, False,
+            )  # fmt: skip
 
 
 @triton.jit
@@ -201,6 +207,7 @@ def _rope_store_kv_kernel(
     stride_vcs,
     stride_vch,
     stride_table,
+    num_tokens,
     HQ: tl.constexpr,
     HALF: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -208,35 +215,47 @@ def _rope_store_kv_kernel(
     BLOCK_DV: tl.constexpr,
     INTERLEAVED: tl.constexpr,
     NORM: tl.constexpr,
+    TOKENS: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl.start(PDL)
-    # One program per (token, head) over the query heads, then the KV heads: a query head is
-    # rotated into q_out; a KV head's key is rotated into its cache slot and its value copied
-    # there (a slot < 0, a padded row, writes nothing).
-    t = tl.program_id(0).to(tl.int64)
+    # One program per TOKENS tokens (`rope_tokens_per_program`) of one head, over the query
+    # heads, then the KV heads: a query head is rotated into q_out; a KV head's key is rotated
+    # into its cache slot and its value copied there (a slot < 0, a padded row, writes nothing).
     h = tl.program_id(1).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    if h < HQ:
-        src = q_ptr + t * stride_qt + h * stride_qh
-        dst = q_out_ptr + t * stride_qot + h * stride_qoh
-        _rotate_head(
-            src, dst, pos, cos_ptr, sin_ptr, stride_table, HALF, BLOCK, INTERLEAVED,
-            q_norm_ptr, eps, NORM,
-        )  # fmt: skip
-    else:
-        hk = h - HQ
-        slot = tl.load(slots_ptr + t).to(tl.int64)
-        if slot >= 0:
-            src = k_ptr + t * stride_kt + hk * stride_kh
-            dst = k_cache_ptr + slot * stride_kcs + hk * stride_kch
-            _rotate_head(
-                src, dst, pos, cos_ptr, sin_ptr, stride_table, HALF, BLOCK, INTERLEAVED,
-                k_norm_ptr, eps, NORM,
-            )  # fmt: skip
-            j = tl.arange(0, BLOCK_DV)
-            v = tl.load(v_ptr + t * stride_vt + hk * stride_vh + j, mask=j < DV)
-            tl.store(v_cache_ptr + slot * stride_vcs + hk * stride_vch + j, v, mask=j < DV)
+    for i in range(TOKENS):
+        t = tl.program_id(0).to(tl.int64) * TOKENS + i
+        if t < num_tokens:
+            pos = tl.load(pos_ptr + t).to(tl.int64)
+            if h < HQ:
+                src = q_ptr + t * stride_qt + h * stride_qh
+                dst = q_out_ptr + t * stride_qot + h * stride_qoh
+                _rotate_head(
+                    src, dst, pos, cos_ptr, sin_ptr, stride_table, HALF, BLOCK, INTERLEAVED,
+                    q_norm_ptr, eps, NORM,
+                )  # fmt: skip
+            else:
+                hk = h - HQ
+                slot = tl.load(slots_ptr + t).to(tl.int64)
+                if slot >= 0:
+                    src = k_ptr + t * stride_kt + hk * stride_kh
+                    dst = k_cache_ptr + slot * stride_kcs + hk * stride_kch
+                    _rotate_head(
+                        src, dst, pos, cos_ptr, sin_ptr, stride_table, HALF, BLOCK, INTERLEAVED,
+                        k_norm_ptr, eps, NORM,
+                    )  # fmt: skip
+                    j = tl.arange(0, BLOCK_DV)
+                    v = tl.load(v_ptr + t * stride_vt + hk * stride_vh + j, mask=j < DV)
+                    tl.store(v_cache_ptr + slot * stride_vcs + hk * stride_vch + j, v, mask=j < DV)
+
+
+def rope_tokens_per_program(tokens: int) -> int:
+    """Tokens each RoPE program rotates (of one head). A head of one token is a few hundred
+    bytes: at a prefill's thousands of tokens one program each made the launch
+    block-scheduling-bound (Qwen3-30B-A3B, 8,192 tokens x 36 heads: 180 µs a layer for 75 MB,
+    9x its bytes, on the H200), so long batches take 16 a program; a decode step's few tokens
+    keep one each, for enough programs."""
+    return 1 if tokens <= 512 else 16
 
 
 def rope(
@@ -256,12 +275,14 @@ def rope(
     if tokens == 0 or heads == 0:
         return out
     half = dim // 2
-    _rope_kernel[(tokens, heads)](
+    per_program = rope_tokens_per_program(tokens)
+    _rope_kernel[(triton.cdiv(tokens, per_program), heads)](
         x, out, positions, cos, sin,
-        x.stride(0), x.stride(1), out.stride(0), out.stride(1), cos.stride(0),
+        x.stride(0), x.stride(1), out.stride(0), out.stride(1), cos.stride(0), tokens,
         HALF=half,
         BLOCK=triton.next_power_of_2(half),
         INTERLEAVED=interleaved,
+        TOKENS=per_program,
         num_warps=1,
     )  # fmt: skip
     return out
@@ -295,11 +316,13 @@ def rope_store_kv(
         return out
     half = dim // 2
     q_w, k_w, eps = qk_norm if qk_norm is not None else (cos, cos, 0.0)
-    _rope_store_kv_kernel[(tokens, num_heads + num_kv_heads)](
+    per_program = rope_tokens_per_program(tokens)
+    _rope_store_kv_kernel[(triton.cdiv(tokens, per_program), num_heads + num_kv_heads)](
         q, k, v, out, k_cache, v_cache, positions, slots, cos, sin, q_w, k_w, eps,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
-        v_cache.stride(0), v_cache.stride(1), cos.stride(0),
+        v_cache.stride(0), v_cache.stride(1), cos.stride(0), tokens,
+        TOKENS=per_program,
         HQ=num_heads,
         HALF=half,
         BLOCK=triton.next_power_of_2(half),

@@ -1,8 +1,10 @@
 """Block sizes of the fused MoE kernels, per layer shape, chosen by the number of tokens.
 
-`TUNED` maps a layer shape to rows `(max_tokens, config)` in ascending order: a step of T tokens
-takes the first row with `T <= max_tokens`. Token counts beyond the last row, and shapes not in
-the table, take `default_config`. `python -m bench.moe_kernel --tune` times the candidates of
+`TUNED` maps a layer shape to rows `(max_tokens, config)` in ascending order, each tuned at
+its `max_tokens`: a step of T tokens takes the first row with `T <= max_tokens` if T is within
+4x of it (`max_tokens <= 4 T`), so that a row tuned for a prefill's thousands of tokens is not
+used for a few hundred. Other token counts, and shapes not in the table, take
+`default_config`. `python -m bench.moe_kernel --tune` times the candidates of
 `candidates()` on the GPU and prints rows to paste here; entries say which device they were
 tuned on.
 """
@@ -48,6 +50,11 @@ TUNED: dict[ShapeKey, tuple[tuple[int, MoEKernelConfig], ...]] = {
         (4, MoEKernelConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=3)),  # 87.0 µs
         (16, MoEKernelConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=3)),  # 201.1 µs
         (64, MoEKernelConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=4)),  # 331.5 µs
+        # Prefill, from `--tune --tokens 1024,8192,16384 --reps 5` (the candidates for experts
+        # of over 64 rows): 383.4 / 1,333.9 / 2,468.8 µs.
+        (1024, MoEKernelConfig(64, 64, 64, group_m=8, num_warps=4, num_stages=3)),
+        (8192, MoEKernelConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3)),
+        (16384, MoEKernelConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3)),
     ),
     # Moonlight-16B-A3B, tuned on an NVIDIA H200 by `python -m bench.moe_kernel --tune --shape
     # moonlight-16b-a3b --tokens 1,4,16,64 --reps 10`.
@@ -56,6 +63,10 @@ TUNED: dict[ShapeKey, tuple[tuple[int, MoEKernelConfig], ...]] = {
         (4, MoEKernelConfig(16, 64, 64, group_m=1, num_warps=4, num_stages=3)),  # 87.2 µs
         (16, MoEKernelConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=3)),  # 180.0 µs
         (64, MoEKernelConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=3)),  # 237.4 µs
+        # Prefill (as Qwen3's): 413.5 / 1,623.1 / 3,282.9 µs.
+        (1024, MoEKernelConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=4)),
+        (8192, MoEKernelConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3)),
+        (16384, MoEKernelConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3)),
     ),
 }
 
@@ -116,5 +127,7 @@ def kernel_config(
     rows = TUNED.get((num_experts, hidden, intermediate, top_k, str(dtype).removeprefix("torch.")))
     for max_tokens, config in rows or ():
         if num_tokens <= max_tokens:
-            return config
+            if max_tokens <= 4 * num_tokens or max_tokens == rows[0][0]:
+                return config
+            break
     return default_config(num_tokens, num_experts, top_k, dtype)

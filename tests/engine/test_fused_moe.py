@@ -14,6 +14,8 @@ sum in another order can round the activation or a pair's output the other way).
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -308,10 +310,17 @@ def test_kernel_config_table():
     assert default_config(1, 128, 8).block_m == 16
     assert default_config(4096, 128, 8).block_m == 64
     assert kernel_config(1, 128, 2048, 768, 8, torch.bfloat16).block_m == 16
-    # A tuned shape takes its rows up to the last one's token count, the rule beyond it.
-    tuned = TUNED[(128, 2048, 768, 8, "bfloat16")]
-    assert kernel_config(2, 128, 2048, 768, 8, torch.bfloat16) == tuned[1][1]
-    assert kernel_config(4096, 128, 2048, 768, 8, torch.bfloat16) == default_config(4096, 128, 8)
+    # A tuned shape takes the row above its token count when within 4x of it, else the rule:
+    # the decode rows (1, 4, 16, 64) cover 1 to 64 tokens; 65 to 255 take the rule, not the
+    # row tuned at 1,024 for prefill; beyond the last row the rule again.
+    tuned = dict(TUNED[(128, 2048, 768, 8, "bfloat16")])
+    qwen3 = functools.partial(kernel_config, num_experts=128, hidden=2048, intermediate=768,
+                              top_k=8, dtype=torch.bfloat16)  # fmt: skip
+    assert qwen3(2) == tuned[4] and qwen3(17) == tuned[64] and qwen3(64) == tuned[64]
+    assert qwen3(65) == default_config(65, 128, 8) and qwen3(255) == default_config(255, 128, 8)
+    assert qwen3(256) == tuned[1024] and qwen3(8192) == tuned[8192]
+    assert qwen3(2047) == default_config(2047, 128, 8) and qwen3(2048) == tuned[8192]
+    assert qwen3(16385) == default_config(16385, 128, 8)
     with pytest.raises(ValueError, match="power of two"):
         MoEKernelConfig(24, 64, 64)
 

@@ -163,3 +163,34 @@ def test_qk_norm_rope_and_kv_store_in_one_launch_match_torch(
     close(got_q.cpu(), want_q)
     close(k_cache[[2, 0]].cpu(), want_k[:2])
     assert torch.equal(v_cache[[2, 0]].cpu(), v[:2]) and not k_cache[[1, 3]].any()
+
+
+@pytest.mark.parametrize("per_program", [3, 16])
+def test_rope_with_several_tokens_a_program_equals_one_a_program(
+    monkeypatch: pytest.MonkeyPatch, per_program: int
+) -> None:
+    """A prefill's RoPE programs take several tokens each (`rope_tokens_per_program`), the
+    last program a partial share: the same bytes as one token a program."""
+    from engine.kernels import attention
+
+    hq, hkv, dim, tokens = 3, 2, 32, 37
+    gen = torch.Generator().manual_seed(37)
+    rope = RotaryEmbedding(RopeConfig(theta=10000.0), dim, 64)
+    cos, sin = rope.cos.to(DEVICE), rope.sin.to(DEVICE)
+    qkv = torch.randn(tokens, (hq + 2 * hkv) * dim, generator=gen).to(torch.bfloat16).to(DEVICE)
+    q = qkv[:, : hq * dim].view(tokens, hq, dim)
+    k = qkv[:, hq * dim : (hq + hkv) * dim].view(tokens, hkv, dim)
+    v = qkv[:, (hq + hkv) * dim :].view(tokens, hkv, dim)
+    positions = torch.randint(0, 64, (tokens,), generator=gen).to(DEVICE)
+    slots = torch.randperm(tokens + 3, generator=gen)[:tokens].to(DEVICE)
+    slots[5] = -1  # a padded row
+    caches = [torch.zeros(tokens + 3, hkv, dim, dtype=torch.bfloat16, device=DEVICE)
+              for _ in range(4)]  # fmt: skip
+    want_q = fused.rope(q, positions, cos, sin)
+    want_k = fused.rope(k, positions, cos, sin)
+    attention.store_kv(want_k, v, caches[0], caches[1], slots)
+    monkeypatch.setattr(fused, "rope_tokens_per_program", lambda n: per_program)
+    assert torch.equal(fused.rope(q, positions, cos, sin), want_q)
+    got_q = fused.rope_store_kv(q, k, v, positions, cos, sin, False, caches[2], caches[3], slots)
+    assert torch.equal(got_q, want_q)
+    assert torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
