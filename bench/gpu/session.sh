@@ -8,6 +8,7 @@
 #   run(command="bash bench/gpu/session.sh a", carry=[".whl", ".mooncake"])  # what next
 #   run(command="bash bench/gpu/session.sh b", carry=[".whl"])   # the README's figures
 #   run(command="bash bench/gpu/session.sh c", carry=[".whl"])   # serving: stack cost, P/D
+#   run(command="bash bench/gpu/session.sh d", carry=[".whl"])   # a short call: what changed
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -73,5 +74,19 @@ c)
   cp /tmp/pd/summary.json "$OUT/serving_pd.json" 2>/dev/null
   step grammar 60 python3 -m bench.grammar
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c"; exit 2 ;;
+d)
+  # A short call (about 400 s): the kernels changed since the last tables checked compiled,
+  # every tiny family's greedy tokens, the MoE models' tables, and low-load TTFT.
+  step kernels 70 python3 -m pytest -x -q -rf tests/engine/test_fused_ops.py \
+    tests/engine/test_mla_extend.py tests/engine/test_deepseek.py -k "rope or mla or extend or deepseek"
+  TAIL=30 step greedy 70 python3 -m bench.gpu.greedy_gpu
+  step moonlight 90 python3 -m bench.engine --preset moonlight-16b-a3b --skip-hf \
+    --decode 1x128,64x128 --prefill 64x128,8x2048 --repeats 2 --decode-steps 16
+  step qwen3 75 python3 -m bench.engine --preset qwen3-30b-a3b --skip-hf \
+    --decode 1x128,64x128 --prefill 64x128,8x2048 --repeats 2 --decode-steps 16
+  step serving_pd 110 python3 -m bench.serving_pd --preset llama3-8b --mps --request-rates 4 \
+    --num-prompts 24 --random-input-len 1024 --random-output-len 64 --slo-ttft-ms 500 \
+    --slo-itl-ms 30 --out-dir /tmp/pd
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d"; exit 2 ;;
 esac
