@@ -42,6 +42,12 @@ a)
       "128 128 8 2" "64 64 4 2" "128 32 4 2"; do set -- $t; echo "== tiles $t"
     python3 -m bench.mla_kernel --mode extend --heads 16 --extend-cases 64x128 8x2048 1x8192 \
       --block-m $1 --block-n $2 --num-warps $3 --num-stages $4 --reps 10 | tail -3; done'
+  # The small-batch MoE's down-and-combine ran at 2.2x its bytes at one token (its 512
+  # programs of 4 columns are about 1.3 waves): wider column tiles, fewer programs.
+  TAIL=30 step moe_small 80 bash -c 'for t in 16,256,4,256,4 16,256,8,256,4 16,256,8,128,4 \
+      16,256,16,128,4 16,256,8,256,8 32,128,8,256,4; do echo "== tiles $t"
+    for s in qwen3-30b-a3b moonlight-16b-a3b; do python3 -m bench.moe_kernel --shape $s \
+      --tokens 1 --reps 10 --path small --small-tiles $t | grep "^| *1 "; done; done'
   TAIL=45 step kv_transfer 100 bash -c 'python3 -m pytest -x -q -rf tests/gpu/test_cuda_ipc.py \
     | tail -3; python3 -m bench.kv_transfer_gpu --reps 5' 
   [ -d .mooncake ] && TAIL=40 step mooncake 120 bash bench/gpu/try_mooncake.sh
