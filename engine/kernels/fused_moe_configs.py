@@ -124,8 +124,9 @@ def kernel_config(
     top_k: int,
     dtype: torch.dtype,
 ) -> MoEKernelConfig:
-    rows = TUNED.get((num_experts, hidden, intermediate, top_k, str(dtype).removeprefix("torch.")))
-    for max_tokens, config in rows or ():
+    key = (num_experts, hidden, intermediate, top_k, str(dtype).removeprefix("torch."))
+    rows = TUNED.get(key, ())
+    for max_tokens, config in rows:
         if num_tokens <= max_tokens:
             if max_tokens <= 4 * num_tokens or max_tokens == rows[0][0]:
                 return config
