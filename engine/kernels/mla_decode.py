@@ -31,7 +31,8 @@ def mla_decode_split_kernel(
     q_pe,  # [B, H, P]
     latent_cache,  # [num_pages, page_size, 1, R] (any strides but the last)
     pe_cache,  # [num_pages, page_size, 1, P]
-    page_table,  # [B, max_pages] int
+    page_table,  # [rows, max_pages] int
+    req_rows,  # [B] int: sequence b's row of page_table (with HAS_ROWS; else row b)
     seq_lens,  # [B] int
     mid_out,  # [B, H, S, R] float32 out: each range's normalised output
     mid_lse,  # [B, H, S] float32 out: each range's log-sum-exp (-inf when empty)
@@ -50,6 +51,7 @@ def mla_decode_split_kernel(
     stride_pe_slot,
     stride_table,
     NUM_SPLITS: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
     EXACT_FP32: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -76,6 +78,10 @@ def mla_decode_split_kernel(
     )  # [BLOCK_H, BLOCK_P]
 
     length = tl.load(seq_lens + b)
+    if HAS_ROWS:
+        table_row = page_table + tl.load(req_rows + b).to(tl.int64) * stride_table
+    else:
+        table_row = page_table + b * stride_table
     per_split = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * per_split
     end = tl.minimum(start + per_split, length)
@@ -85,7 +91,7 @@ def mla_decode_split_kernel(
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         ok = pos < end
-        page = tl.load(page_table + b * stride_table + pos // page_size, mask=ok, other=0)
+        page = tl.load(table_row + pos // page_size, mask=ok, other=0)
         page = page.to(tl.int64)
         within = pos % page_size
         latent_row = page * stride_latent_page + within * stride_latent_slot  # [BLOCK_N]
@@ -183,12 +189,15 @@ def mla_decode(
     num_kv_splits: int | None = None,
     block_n: int = 32,
     block_h: int = DEFAULT_BLOCK_H,
+    req_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Absorbed MLA decode over the paged cache; writes and returns `out`.
 
     q_latent `[B, H, R]`, q_pe `[B, H, P]` (one new token per sequence); latent_cache `[pages,
     page_size, 1, R]` and pe_cache `[pages, page_size, 1, P]` (one layer's K and V tensors of
-    the pool, the new token already written); page_table `[B, max_pages]` page ids; seq_lens
+    the pool, the new token already written); page_table `[B, max_pages]` page ids, or with
+    `req_rows` `[B]` any `[rows, max_pages]` table whose row `req_rows[b]` holds sequence b's
+    pages (the engine's whole table: no per-layer gather of the batch's rows); seq_lens
     `[B]` context lengths including the new token (0: the row gets zeros); out `[B, H, R]`.
     Scores are `scale * (q_latent . c + q_pe . k_pe)`; values are the latents `c`.
     `block_h` heads share each read of a latent tile (16, or 32 in 16-bit types: more heads
@@ -227,6 +236,7 @@ def mla_decode(
         latent_cache,
         pe_cache,
         page_table,
+        page_table if req_rows is None else req_rows,
         seq_lens,
         mid_out,
         mid_lse,
@@ -245,6 +255,7 @@ def mla_decode(
         pe_cache.stride(1),
         page_table.stride(0),
         NUM_SPLITS=splits,
+        HAS_ROWS=req_rows is not None,
         EXACT_FP32=q_latent.dtype == torch.float32,
         BLOCK_H=block_h,
         BLOCK_R=block_r,

@@ -194,3 +194,62 @@ def test_rope_with_several_tokens_a_program_equals_one_a_program(
     got_q = fused.rope_store_kv(q, k, v, positions, cos, sin, False, caches[2], caches[3], slots)
     assert torch.equal(got_q, want_q)
     assert torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_mla_latent_in_one_launch_matches_torch(
+    dtype: torch.dtype, interleaved: bool, page_size: int
+) -> None:
+    """MLA's latent side (the latent's RMSNorm, RoPE of the rotary query and key, the cache
+    write) in one launch, against the torch layers and a plain cache write; with
+    `return_kv` also the normed latent and rotated key, for extend."""
+    heads, nope, rope_dim, rank, tokens = 3, 16, 8, 24, 5
+    gen = torch.Generator().manual_seed(page_size + interleaved)
+    rope = RotaryEmbedding(
+        RopeConfig(rope_type="yarn", theta=10000.0, factor=4.0, mscale=1.0, mscale_all_dim=0.8,
+                   original_max_position_embeddings=16),
+        rope_dim, 64, interleaved=interleaved,
+    )  # fmt: skip
+    norm = torch_norm(rank, dtype, gen)
+    # q_pe, c_kv and k_pe as MLA makes them: views into one wider projection.
+    width = heads * (nope + rope_dim)
+    proj = (2 * torch.randn(tokens, width + rank + rope_dim, generator=gen)).to(dtype)
+    q_pe = proj[:, :width].view(tokens, heads, nope + rope_dim)[..., nope:]
+    c_kv = proj[:, width : width + rank][:, None, :]
+    k_pe = proj[:, width + rank :][:, None, :]
+    positions = torch.tensor([0, 3, 17, 40, 63])
+    slots = torch.tensor([5, -1, 0, 2 * page_size + 4, 3])  # -1: a padded row, not written
+    want_q, want_k = rope(positions, q_pe, k_pe)  # the torch path, on the CPU
+    want_c = norm(c_kv)
+    num_slots = 3 * page_size + 6
+    latent = torch.full((num_slots, 1, rank), 7.0, dtype=dtype, device=DEVICE)
+    pe = torch.full((num_slots, 1, rope_dim), 7.0, dtype=dtype, device=DEVICE)
+    dev = proj.to(DEVICE)
+    args = (
+        dev[:, :width].view(tokens, heads, nope + rope_dim)[..., nope:],
+        dev[:, width : width + rank][:, None, :],
+        dev[:, width + rank :][:, None, :],
+        positions.to(DEVICE), rope.cos.to(DEVICE), rope.sin.to(DEVICE), interleaved,
+        norm.weight.to(DEVICE), norm.eps, latent, pe, slots.to(DEVICE),
+    )  # fmt: skip
+    got_q, got_c, got_k = fused.mla_latent_rope_store(*args, return_kv=True)
+    assert got_c is not None and got_k is not None
+    close(got_q.cpu(), want_q)
+    close(got_c.cpu(), want_c)
+    close(got_k.cpu(), want_k)
+    written = [0, 2, 3, 4]
+    close(latent[slots[written]].cpu(), want_c[written])
+    close(pe[slots[written]].cpu(), want_k[written])
+    # The cache holds exactly what the kernel returns; no other slot was touched.
+    assert torch.equal(latent[slots[written]], got_c[written])
+    assert torch.equal(pe[slots[written]], got_k[written])
+    untouched = torch.ones(num_slots, dtype=torch.bool)
+    untouched[slots[written]] = False
+    assert (latent[untouched] == 7.0).all() and (pe[untouched] == 7.0).all()
+    # Decode's form returns only the rotated queries, the same values.
+    again_q, none_c, none_k = fused.mla_latent_rope_store(*args)
+    assert none_c is None and none_k is None and torch.equal(again_q, got_q)
+    empty = fused.mla_latent_rope_store(*(a[:0] for a in args[:4]), *args[4:11], slots[:0])
+    assert empty[0].shape == (0, heads, rope_dim)

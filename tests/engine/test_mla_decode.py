@@ -87,6 +87,24 @@ def test_mla_decode_matches_torch_backend(page_size, heads, splits):
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_mla_decode_reads_the_batch_rows_of_the_whole_table(page_size):
+    """With `req_rows` the kernel reads each sequence's pages from its row of the engine's
+    whole page table (rows of other sequences around it): no gather of the batch's rows."""
+    q_latent, q_pe, cache, table, seq_lens, scale, want = decode_case(
+        [0, page_size, 37], 16, 32, 8, page_size, torch.float32, seed=11
+    )
+    rows = torch.tensor([4, 0, 2])
+    whole = torch.full((6, table.shape[1] + 2), -7, dtype=torch.int32)
+    whole[rows, : table.shape[1]] = table
+    out = torch.empty_like(q_latent)
+    mla_decode(
+        q_latent, q_pe, cache.k[0], cache.v[0], whole, seq_lens, scale, out, 4, 16,
+        req_rows=rows,
+    )  # fmt: skip
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
 def test_mla_decode_wider_head_blocks():
     """32 heads sharing each tile read (DeepSeek-V3's 128 heads in 4 programs per range), in
     16-bit types; float32 keeps 16 (32 spills registers on the GPU)."""
