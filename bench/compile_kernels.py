@@ -251,13 +251,15 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
                     "q_pe": f"*{dtype}",
                     "latent_cache": f"*{dtype}",
                     "pe_cache": f"*{dtype}",
-                    "page_table": "*i64",
+                    "page_table": i32,
+                    "req_rows": "*i64",
                     "seq_lens": i32,
                     "mid_out": "*fp32",
                     "mid_lse": "*fp32",
                 },
                 {
                     "NUM_SPLITS": 8,
+                    "HAS_ROWS": True,
                     "EXACT_FP32": dtype == "fp32",
                     "BLOCK_H": block_h,
                     "BLOCK_R": 512,
@@ -446,6 +448,31 @@ def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
             floats=("eps",),
             num_warps=1,
         )  # fmt: skip
+    for dtype, interleaved in (("bf16", True), ("bf16", False), ("fp32", True)):
+        # DeepSeek-V3/Kimi-K2/Moonlight: latent 512, rotary 64 (interleaved in their configs).
+        for return_kv in (False, True):
+            add(
+                f"mla_latent_rope_store {dtype}{' interleaved' if interleaved else ''}"
+                f"{' return_kv' if return_kv else ''}",
+                fused._mla_latent_kernel,
+                {
+                    **{p: f"*{dtype}" for p in ("q_pe_ptr", "c_kv_ptr", "k_pe_ptr", "q_out_ptr")},
+                    **{p: f"*{dtype}" for p in ("c_out_ptr", "k_out_ptr", "norm_ptr")},
+                    **{p: f"*{dtype}" for p in ("latent_cache_ptr", "pe_cache_ptr")},
+                    **{p: "*i64" for p in ("pos_ptr", "slots_ptr")},
+                    **{p: "*fp32" for p in ("cos_ptr", "sin_ptr")},
+                },
+                {
+                    "HQ": 16,
+                    "HALF": 32,
+                    "BLOCK": 32,
+                    "BLOCK_R": 512,
+                    "INTERLEAVED": interleaved,
+                    "RETURN_KV": return_kv,
+                },
+                floats=("eps",),
+                num_warps=1,
+            )
     add(
         "rms_norm (PDL)",
         fused._rms_norm_kernel,

@@ -14,6 +14,7 @@ read from memory once per step; with more (DeepSeek-V3's 128) the head blocks of
 neighbouring programs, so the repeated reads of a tile mostly come from L2.
 
 Every size depends only on the batch size and `num_kv_splits` (graph capturable); no host sync.
+Both kernels take part in programmatic dependent launch (`engine.kernels.pdl`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from engine.kernels import pdl
 
 DEFAULT_BLOCK_H = 16
 
@@ -57,7 +60,9 @@ def mla_decode_split_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.start(PDL)
     # Head blocks vary fastest in launch order: the programs sharing a range run together.
     head_block, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     heads = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -145,7 +150,9 @@ def mla_decode_combine_kernel(
     stride_oh,
     NUM_SPLITS: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.start(PDL)
     h, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     r = tl.arange(0, BLOCK_R)
     r_ok = r < R
@@ -263,6 +270,7 @@ def mla_decode(
         BLOCK_N=block_n,
         num_warps=8 if block_r >= 512 else 4,
         num_stages=2,
+        **pdl.launch_args(q_latent),
     )
     mla_decode_combine_kernel[(num_heads, batch)](
         mid_out,
@@ -274,5 +282,6 @@ def mla_decode(
         out.stride(1),
         NUM_SPLITS=splits,
         BLOCK_R=block_r,
+        **pdl.launch_args(q_latent),
     )
     return out

@@ -104,8 +104,7 @@ class MLAttention(nn.Module):
             )  # fmt: skip  # [T, H, v]
             return self.o_proj(out.flatten(1))
         # kv_b_proj.weight: [H * (nope + v), R] -> W_UK [H, nope, R], W_UV [H, v, R]
-        # (Detached: bmm's out= form below refuses operands that require grad.)
-        w_kv = self.kv_b_proj.weight.detach().view(self.num_heads, -1, self.kv_lora_rank)
+        w_kv = self.kv_b_proj.weight.view(self.num_heads, -1, self.kv_lora_rank)
         w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
         # Both absorptions are batched over heads on strided views, which cuBLAS reads as they
         # are (unit stride in the last dimension): [H, T, nope] @ [H, nope, R].
@@ -115,9 +114,11 @@ class MLAttention(nn.Module):
             self.scale,
         )  # fmt: skip  # [T, H, R]
         # [H, T, R] @ [H, R, v] written through a transposed view of a [T, H, v] buffer, so
-        # that o_proj reads it flattened without a copy.
+        # that o_proj reads it flattened without a copy (bmm's out= form refuses operands that
+        # require grad, as the weights do outside inference mode).
         attn = out.new_empty(out.shape[0], self.num_heads, self.v_head_dim)
-        torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2), out=attn.transpose(0, 1))
+        with torch.no_grad():
+            torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2), out=attn.transpose(0, 1))
         return self.o_proj(attn.flatten(1))
 
 

@@ -251,5 +251,10 @@ def test_mla_latent_in_one_launch_matches_torch(
     # Decode's form returns only the rotated queries, the same values.
     again_q, none_c, none_k = fused.mla_latent_rope_store(*args)
     assert none_c is None and none_k is None and torch.equal(again_q, got_q)
-    empty = fused.mla_latent_rope_store(*(a[:0] for a in args[:4]), *args[4:11], slots[:0])
-    assert empty[0].shape == (0, heads, rope_dim)
+    d_q, d_c, d_k, d_pos = (a[:0] for a in (args[0], args[1], args[2], positions.to(DEVICE)))
+    empty = fused.mla_latent_rope_store(
+        d_q, d_c, d_k, d_pos, rope.cos.to(DEVICE), rope.sin.to(DEVICE), interleaved,
+        norm.weight.to(DEVICE), norm.eps, latent, pe, slots[:0].to(DEVICE), return_kv=True,
+    )  # fmt: skip
+    assert empty[0].shape == (0, heads, rope_dim) and empty[1] is not None
+    assert empty[1].shape == (0, 1, rank)
