@@ -274,7 +274,8 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
         "mla_decode_combine_kernel",
         mla_decode.mla_decode_combine_kernel,
         {"mid_out": "*fp32", "mid_lse": "*fp32", "out": "*bf16"},
-        {"NUM_SPLITS": 8, "BLOCK_R": 512},
+        {"NUM_SPLITS": 16, "BLOCK_S": 16, "BLOCK_R": 512},
+        num_warps=4,
     )
     starts = ("prefix_lens_ptr", "extend_lens_ptr", "q_starts_ptr", "block_seq_ptr")
     meta = {name: "*i64" for name in starts} | {"block_first_ptr": i32}

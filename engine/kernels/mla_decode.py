@@ -149,6 +149,7 @@ def mla_decode_combine_kernel(
     stride_ob,
     stride_oh,
     NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     BLOCK_R: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -156,20 +157,21 @@ def mla_decode_combine_kernel(
     h, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     r = tl.arange(0, BLOCK_R)
     r_ok = r < R
-    row0 = (b * num_heads + h) * NUM_SPLITS
-    m = -float("inf")
-    denom = 0.0
-    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for split in range(NUM_SPLITS):
-        lse = tl.load(mid_lse + row0 + split)
-        if lse > -float("inf"):
-            part = tl.load(mid_out + (row0 + split) * R + r, mask=r_ok, other=0.0)
-            m_new = tl.maximum(m, lse)
-            alpha = tl.exp(m - m_new)
-            weight = tl.exp(lse - m_new)
-            acc = acc * alpha + weight * part
-            denom = denom * alpha + weight
-            m = m_new
+    # Every range's log-sum-exp and partial output in one round of loads (a loop over the
+    # ranges waited on two dependent loads per range). An empty range (-inf) weighs nothing,
+    # and its never-written output is not read into the sum.
+    split = tl.arange(0, BLOCK_S)
+    s_ok = split < NUM_SPLITS
+    rows = (b * num_heads + h) * NUM_SPLITS + split  # [BLOCK_S] into [B, H, S]
+    lse = tl.load(mid_lse + rows, mask=s_ok, other=-float("inf"))
+    part = tl.load(
+        mid_out + rows[:, None] * R + r[None, :], mask=s_ok[:, None] & r_ok[None, :], other=0.0
+    )  # [BLOCK_S, BLOCK_R]
+    live = lse > -float("inf")
+    m = tl.max(lse, axis=0)
+    weight = tl.where(live, tl.exp(lse - tl.where(live, m, 0.0)), 0.0)
+    denom = tl.sum(weight, axis=0)
+    acc = tl.sum(tl.where(live[:, None], part, 0.0) * weight[:, None], axis=0)
     # A sequence of length 0 (a padding row of a graph-sized batch) gets zeros.
     result = tl.where(denom > 0, acc / tl.maximum(denom, 1e-30), 0.0)
     tl.store(out + b * stride_ob + h * stride_oh + r, result.to(out.dtype.element_ty), mask=r_ok)
@@ -281,7 +283,9 @@ def mla_decode(
         out.stride(0),
         out.stride(1),
         NUM_SPLITS=splits,
+        BLOCK_S=triton.next_power_of_2(splits),
         BLOCK_R=block_r,
+        num_warps=4,
         **pdl.launch_args(q_latent),
     )
     return out
