@@ -450,11 +450,12 @@ def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
             num_warps=1,
         )  # fmt: skip
     for dtype, interleaved in (("bf16", True), ("bf16", False), ("fp32", True)):
-        # DeepSeek-V3/Kimi-K2/Moonlight: latent 512, rotary 64 (interleaved in their configs).
-        for return_kv in (False, True):
+        # DeepSeek-V3/Kimi-K2/Moonlight: latent 512, rotary 64 (interleaved in their configs);
+        # decode (one token a program) and prefill (16, the normed latent returned).
+        for return_kv, tokens in ((False, 1), (True, 1), (True, 16)):
             add(
                 f"mla_latent_rope_store {dtype}{' interleaved' if interleaved else ''}"
-                f"{' return_kv' if return_kv else ''}",
+                f"{' return_kv' if return_kv else ''} {tokens} token(s) a program",
                 fused._mla_latent_kernel,
                 {
                     **{p: f"*{dtype}" for p in ("q_pe_ptr", "c_kv_ptr", "k_pe_ptr", "q_out_ptr")},
@@ -470,6 +471,7 @@ def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
                     "BLOCK_R": 512,
                     "INTERLEAVED": interleaved,
                     "RETURN_KV": return_kv,
+                    "TOKENS": tokens,
                 },
                 floats=("eps",),
                 num_warps=1,

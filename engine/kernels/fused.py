@@ -364,50 +364,56 @@ def _mla_latent_kernel(
     stride_latent,
     stride_pe,
     stride_table,
+    num_tokens,
     HQ: tl.constexpr,
     HALF: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_R: tl.constexpr,
     INTERLEAVED: tl.constexpr,
     RETURN_KV: tl.constexpr,
+    TOKENS: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl.start(PDL)
-    # One program per (token, head) over the query heads, then one per token for the shared
-    # latent: a query head's rotary part is rotated into q_out; the latent is RMS-normalised
-    # and its rotary key rotated, both into the token's cache slot (a slot < 0, a padded row,
-    # writes nothing there) and, with RETURN_KV, into c_out and k_out.
-    t = tl.program_id(0).to(tl.int64)
+    # One program per TOKENS tokens (`rope_tokens_per_program`) of one query head, then of
+    # the shared latent: a query head's rotary part is rotated into q_out; the latent is
+    # RMS-normalised and its rotary key rotated, both into the token's cache slot (a slot < 0,
+    # a padded row, writes nothing there) and, with RETURN_KV, into c_out and k_out.
     h = tl.program_id(1).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    if h < HQ:
-        _rotate_head(
-            q_pe_ptr + t * stride_qt + h * stride_qh, q_out_ptr + t * stride_qot + h * stride_qoh,
-            pos, cos_ptr, sin_ptr, stride_table, HALF, BLOCK, INTERLEAVED, cos_ptr, 0.0, False,
-        )  # fmt: skip
-    else:
-        slot = tl.load(slots_ptr + t).to(tl.int64)
-        r = tl.arange(0, BLOCK_R)
-        r_ok = r < rank
-        # Rounded as `_rms_norm_kernel` rounds; the product is cast once, at each store.
-        x = tl.load(c_kv_ptr + t * stride_ct + r, mask=r_ok, other=0.0)
-        xf = x.to(tl.float32)
-        inv = tl.rsqrt(tl.sum(xf * xf, 0) / rank + eps)
-        w = tl.load(norm_ptr + r, mask=r_ok, other=0.0).to(tl.float32)
-        y = (xf * inv).to(x.dtype).to(tl.float32) * w
-        k_src = k_pe_ptr + t * stride_kt
-        if slot >= 0:
-            tl.store(latent_cache_ptr + slot * stride_latent + r, y, mask=r_ok)
-            _rotate_head(
-                k_src, pe_cache_ptr + slot * stride_pe, pos, cos_ptr, sin_ptr, stride_table,
-                HALF, BLOCK, INTERLEAVED, cos_ptr, 0.0, False,
-            )  # fmt: skip
-        if RETURN_KV:
-            tl.store(c_out_ptr + t * stride_cot + r, y, mask=r_ok)
-            _rotate_head(
-                k_src, k_out_ptr + t * stride_kot, pos, cos_ptr, sin_ptr, stride_table,
-                HALF, BLOCK, INTERLEAVED, cos_ptr, 0.0, False,
-            )  # fmt: skip
+    r = tl.arange(0, BLOCK_R)
+    r_ok = r < rank
+    for i in range(TOKENS):
+        t = tl.program_id(0).to(tl.int64) * TOKENS + i
+        if t < num_tokens:
+            pos = tl.load(pos_ptr + t).to(tl.int64)
+            if h < HQ:
+                _rotate_head(
+                    q_pe_ptr + t * stride_qt + h * stride_qh,
+                    q_out_ptr + t * stride_qot + h * stride_qoh,
+                    pos, cos_ptr, sin_ptr, stride_table, HALF, BLOCK, INTERLEAVED,
+                    cos_ptr, 0.0, False,
+                )  # fmt: skip
+            else:
+                slot = tl.load(slots_ptr + t).to(tl.int64)
+                # Rounded as `_rms_norm_kernel` rounds; the product is cast once, at each store.
+                x = tl.load(c_kv_ptr + t * stride_ct + r, mask=r_ok, other=0.0)
+                xf = x.to(tl.float32)
+                inv = tl.rsqrt(tl.sum(xf * xf, 0) / rank + eps)
+                w = tl.load(norm_ptr + r, mask=r_ok, other=0.0).to(tl.float32)
+                y = (xf * inv).to(x.dtype).to(tl.float32) * w
+                k_src = k_pe_ptr + t * stride_kt
+                if slot >= 0:
+                    tl.store(latent_cache_ptr + slot * stride_latent + r, y, mask=r_ok)
+                    _rotate_head(
+                        k_src, pe_cache_ptr + slot * stride_pe, pos, cos_ptr, sin_ptr,
+                        stride_table, HALF, BLOCK, INTERLEAVED, cos_ptr, 0.0, False,
+                    )  # fmt: skip
+                if RETURN_KV:
+                    tl.store(c_out_ptr + t * stride_cot + r, y, mask=r_ok)
+                    _rotate_head(
+                        k_src, k_out_ptr + t * stride_kot, pos, cos_ptr, sin_ptr, stride_table,
+                        HALF, BLOCK, INTERLEAVED, cos_ptr, 0.0, False,
+                    )  # fmt: skip
 
 
 def mla_latent_rope_store(
@@ -447,20 +453,22 @@ def mla_latent_rope_store(
     if tokens == 0:
         return q_out, c_out, k_out
     half = dim // 2
-    _mla_latent_kernel[(tokens, num_heads + 1)](
+    per_program = rope_tokens_per_program(tokens)
+    _mla_latent_kernel[(triton.cdiv(tokens, per_program), num_heads + 1)](
         q_pe, c_kv, k_pe, q_out,
         q_out if c_out is None else c_out, q_out if k_out is None else k_out,
         latent_cache, pe_cache, positions, slots, cos, sin, norm_weight, eps, rank,
         q_pe.stride(0), q_pe.stride(1), c_kv.stride(0), k_pe.stride(0),
         q_out.stride(0), q_out.stride(1),
         0 if c_out is None else c_out.stride(0), 0 if k_out is None else k_out.stride(0),
-        latent_cache.stride(0), pe_cache.stride(0), cos.stride(0),
+        latent_cache.stride(0), pe_cache.stride(0), cos.stride(0), tokens,
         HQ=num_heads,
         HALF=half,
         BLOCK=triton.next_power_of_2(half),
         BLOCK_R=triton.next_power_of_2(rank),
         INTERLEAVED=interleaved,
         RETURN_KV=return_kv,
+        TOKENS=per_program,
         num_warps=1,
         **pdl.launch_args(q_pe),
     )  # fmt: skip

@@ -258,3 +258,33 @@ def test_mla_latent_in_one_launch_matches_torch(
     )  # fmt: skip
     assert empty[0].shape == (0, heads, rope_dim) and empty[1] is not None
     assert empty[1].shape == (0, 1, rank)
+
+
+@pytest.mark.parametrize("per_program", [3, 16])
+def test_mla_latent_with_several_tokens_a_program_equals_one_a_program(
+    monkeypatch: pytest.MonkeyPatch, per_program: int
+) -> None:
+    """A prefill's programs take several tokens each, the last a partial share: the same
+    bytes as one token a program, in the outputs and the cache."""
+    heads, rope_dim, rank, tokens = 2, 8, 16, 7
+    gen = torch.Generator().manual_seed(per_program)
+    rope = RotaryEmbedding(RopeConfig(theta=10000.0), rope_dim, 32, interleaved=True)
+    proj = torch.randn(tokens, heads * rope_dim + rank + rope_dim, generator=gen).to(DEVICE)
+    q_pe = proj[:, : heads * rope_dim].view(tokens, heads, rope_dim)
+    c_kv = proj[:, heads * rope_dim : -rope_dim][:, None, :]
+    k_pe = proj[:, -rope_dim:][:, None, :]
+    positions = torch.arange(3, 3 + tokens, device=DEVICE)
+    slots = torch.tensor([4, 0, -1, 9, 2, 7, 5], device=DEVICE)
+    weight = (1 + 0.1 * torch.randn(rank, generator=gen)).to(DEVICE)
+    results = []
+    for share in (1, per_program):
+        monkeypatch.setattr(fused, "rope_tokens_per_program", lambda n, share=share: share)
+        latent = torch.zeros(10, 1, rank, device=DEVICE)
+        pe = torch.zeros(10, 1, rope_dim, device=DEVICE)
+        outs = fused.mla_latent_rope_store(
+            q_pe, c_kv, k_pe, positions, rope.cos.to(DEVICE), rope.sin.to(DEVICE), True,
+            weight, 1e-6, latent, pe, slots, return_kv=True,
+        )  # fmt: skip
+        results.append((*outs, latent, pe))
+    for got, want in zip(results[1], results[0], strict=True):
+        assert got is not None and want is not None and torch.equal(got, want)
