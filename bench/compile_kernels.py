@@ -251,13 +251,15 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
                     "q_pe": f"*{dtype}",
                     "latent_cache": f"*{dtype}",
                     "pe_cache": f"*{dtype}",
-                    "page_table": "*i64",
+                    "page_table": i32,
+                    "req_rows": "*i64",
                     "seq_lens": i32,
                     "mid_out": "*fp32",
                     "mid_lse": "*fp32",
                 },
                 {
                     "NUM_SPLITS": 8,
+                    "HAS_ROWS": True,
                     "EXACT_FP32": dtype == "fp32",
                     "BLOCK_H": block_h,
                     "BLOCK_R": 512,
@@ -272,7 +274,8 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
         "mla_decode_combine_kernel",
         mla_decode.mla_decode_combine_kernel,
         {"mid_out": "*fp32", "mid_lse": "*fp32", "out": "*bf16"},
-        {"NUM_SPLITS": 8, "BLOCK_R": 512},
+        {"NUM_SPLITS": 16, "BLOCK_S": 16, "BLOCK_R": 512},
+        num_warps=4,
     )
     starts = ("prefix_lens_ptr", "extend_lens_ptr", "q_starts_ptr", "block_seq_ptr")
     meta = {name: "*i64" for name in starts} | {"block_first_ptr": i32}
@@ -446,6 +449,33 @@ def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
             floats=("eps",),
             num_warps=1,
         )  # fmt: skip
+    for dtype, interleaved in (("bf16", True), ("bf16", False), ("fp32", True)):
+        # DeepSeek-V3/Kimi-K2/Moonlight: latent 512, rotary 64 (interleaved in their configs);
+        # decode (one token a program) and prefill (16, the normed latent returned).
+        for return_kv, tokens in ((False, 1), (True, 1), (True, 16)):
+            add(
+                f"mla_latent_rope_store {dtype}{' interleaved' if interleaved else ''}"
+                f"{' return_kv' if return_kv else ''} {tokens} token(s) a program",
+                fused._mla_latent_kernel,
+                {
+                    **{p: f"*{dtype}" for p in ("q_pe_ptr", "c_kv_ptr", "k_pe_ptr", "q_out_ptr")},
+                    **{p: f"*{dtype}" for p in ("c_out_ptr", "k_out_ptr", "norm_ptr")},
+                    **{p: f"*{dtype}" for p in ("latent_cache_ptr", "pe_cache_ptr")},
+                    **{p: "*i64" for p in ("pos_ptr", "slots_ptr")},
+                    **{p: "*fp32" for p in ("cos_ptr", "sin_ptr")},
+                },
+                {
+                    "HQ": 16,
+                    "HALF": 32,
+                    "BLOCK": 32,
+                    "BLOCK_R": 512,
+                    "INTERLEAVED": interleaved,
+                    "RETURN_KV": return_kv,
+                    "TOKENS": tokens,
+                },
+                floats=("eps",),
+                num_warps=1,
+            )
     add(
         "rms_norm (PDL)",
         fused._rms_norm_kernel,

@@ -334,3 +334,142 @@ def rope_store_kv(
         **pdl.launch_args(q),
     )  # fmt: skip
     return out
+
+
+@triton.jit
+def _mla_latent_kernel(
+    q_pe_ptr,
+    c_kv_ptr,
+    k_pe_ptr,
+    q_out_ptr,
+    c_out_ptr,
+    k_out_ptr,
+    latent_cache_ptr,
+    pe_cache_ptr,
+    pos_ptr,
+    slots_ptr,
+    cos_ptr,
+    sin_ptr,
+    norm_ptr,
+    eps,
+    rank,
+    stride_qt,
+    stride_qh,
+    stride_ct,
+    stride_kt,
+    stride_qot,
+    stride_qoh,
+    stride_cot,
+    stride_kot,
+    stride_latent,
+    stride_pe,
+    stride_table,
+    num_tokens,
+    HQ: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    RETURN_KV: tl.constexpr,
+    TOKENS: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    pdl.start(PDL)
+    # One program per TOKENS tokens (`rope_tokens_per_program`) of one query head, then of
+    # the shared latent: a query head's rotary part is rotated into q_out; the latent is
+    # RMS-normalised and its rotary key rotated, both into the token's cache slot (a slot < 0,
+    # a padded row, writes nothing there) and, with RETURN_KV, into c_out and k_out.
+    h = tl.program_id(1).to(tl.int64)
+    r = tl.arange(0, BLOCK_R)
+    r_ok = r < rank
+    for i in range(TOKENS):
+        t = tl.program_id(0).to(tl.int64) * TOKENS + i
+        if t < num_tokens:
+            pos = tl.load(pos_ptr + t).to(tl.int64)
+            if h < HQ:
+                _rotate_head(
+                    q_pe_ptr + t * stride_qt + h * stride_qh,
+                    q_out_ptr + t * stride_qot + h * stride_qoh,
+                    pos, cos_ptr, sin_ptr, stride_table, HALF, BLOCK, INTERLEAVED,
+                    cos_ptr, 0.0, False,
+                )  # fmt: skip
+            else:
+                slot = tl.load(slots_ptr + t).to(tl.int64)
+                # Rounded as `_rms_norm_kernel` rounds; the product is cast once, at each store.
+                x = tl.load(c_kv_ptr + t * stride_ct + r, mask=r_ok, other=0.0)
+                xf = x.to(tl.float32)
+                inv = tl.rsqrt(tl.sum(xf * xf, 0) / rank + eps)
+                w = tl.load(norm_ptr + r, mask=r_ok, other=0.0).to(tl.float32)
+                y = (xf * inv).to(x.dtype).to(tl.float32) * w
+                k_src = k_pe_ptr + t * stride_kt
+                if slot >= 0:
+                    tl.store(latent_cache_ptr + slot * stride_latent + r, y, mask=r_ok)
+                    _rotate_head(
+                        k_src, pe_cache_ptr + slot * stride_pe, pos, cos_ptr, sin_ptr,
+                        stride_table, HALF, BLOCK, INTERLEAVED, cos_ptr, 0.0, False,
+                    )  # fmt: skip
+                if RETURN_KV:
+                    tl.store(c_out_ptr + t * stride_cot + r, y, mask=r_ok)
+                    _rotate_head(
+                        k_src, k_out_ptr + t * stride_kot, pos, cos_ptr, sin_ptr, stride_table,
+                        HALF, BLOCK, INTERLEAVED, cos_ptr, 0.0, False,
+                    )  # fmt: skip
+
+
+def mla_latent_rope_store(
+    q_pe: torch.Tensor,
+    c_kv: torch.Tensor,
+    k_pe: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    interleaved: bool,
+    norm_weight: torch.Tensor,
+    eps: float,
+    latent_cache: torch.Tensor,
+    pe_cache: torch.Tensor,
+    slots: torch.Tensor,
+    return_kv: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The latent side of an MLA layer in one launch (four before: the latent's RMSNorm, two
+    `rope`s, `attention.store_kv`).
+
+    `q_pe` `[T, H, P]` (the heads' rotary queries), `c_kv` `[T, 1, R]` (the latent, before
+    its norm) and `k_pe` `[T, 1, P]` (the rotary key), any strides but the last, at
+    `positions` `[T]`: writes `rms_norm(c_kv, norm_weight, eps)` into `latent_cache` and the
+    rotated `k_pe` into `pe_cache` (`[slots, 1, R | P]`) at `slots` `[T]` (a slot < 0 writes
+    nothing). Returns `(rope(q_pe), normed c_kv, rope(k_pe))`, the last two only with
+    `return_kv` (else None), all contiguous: the same values as `rms_norm`, `rope` twice and
+    `store_kv`."""
+    tokens, num_heads, dim = q_pe.shape
+    rank = c_kv.shape[-1]
+    q_pe, c_kv, k_pe = (x if x.stride(-1) == 1 else x.contiguous() for x in (q_pe, c_kv, k_pe))
+    q_out = torch.empty(tokens, num_heads, dim, dtype=q_pe.dtype, device=q_pe.device)
+    c_out = k_out = None
+    if return_kv:
+        c_dtype = torch.result_type(norm_weight, c_kv)
+        c_out = torch.empty(tokens, 1, rank, dtype=c_dtype, device=c_kv.device)
+        k_out = torch.empty(tokens, 1, dim, dtype=k_pe.dtype, device=k_pe.device)
+    if tokens == 0:
+        return q_out, c_out, k_out
+    half = dim // 2
+    per_program = rope_tokens_per_program(tokens)
+    _mla_latent_kernel[(triton.cdiv(tokens, per_program), num_heads + 1)](
+        q_pe, c_kv, k_pe, q_out,
+        q_out if c_out is None else c_out, q_out if k_out is None else k_out,
+        latent_cache, pe_cache, positions, slots, cos, sin, norm_weight, eps, rank,
+        q_pe.stride(0), q_pe.stride(1), c_kv.stride(0), k_pe.stride(0),
+        q_out.stride(0), q_out.stride(1),
+        0 if c_out is None else c_out.stride(0), 0 if k_out is None else k_out.stride(0),
+        latent_cache.stride(0), pe_cache.stride(0), cos.stride(0), tokens,
+        HQ=num_heads,
+        HALF=half,
+        BLOCK=triton.next_power_of_2(half),
+        BLOCK_R=triton.next_power_of_2(rank),
+        INTERLEAVED=interleaved,
+        RETURN_KV=return_kv,
+        TOKENS=per_program,
+        num_warps=1,
+        **pdl.launch_args(q_pe),
+    )  # fmt: skip
+    return q_out, c_out, k_out

@@ -14,6 +14,7 @@ read from memory once per step; with more (DeepSeek-V3's 128) the head blocks of
 neighbouring programs, so the repeated reads of a tile mostly come from L2.
 
 Every size depends only on the batch size and `num_kv_splits` (graph capturable); no host sync.
+Both kernels take part in programmatic dependent launch (`engine.kernels.pdl`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from engine.kernels import pdl
 
 DEFAULT_BLOCK_H = 16
 
@@ -31,7 +34,8 @@ def mla_decode_split_kernel(
     q_pe,  # [B, H, P]
     latent_cache,  # [num_pages, page_size, 1, R] (any strides but the last)
     pe_cache,  # [num_pages, page_size, 1, P]
-    page_table,  # [B, max_pages] int
+    page_table,  # [rows, max_pages] int
+    req_rows,  # [B] int: sequence b's row of page_table (with HAS_ROWS; else row b)
     seq_lens,  # [B] int
     mid_out,  # [B, H, S, R] float32 out: each range's normalised output
     mid_lse,  # [B, H, S] float32 out: each range's log-sum-exp (-inf when empty)
@@ -50,12 +54,15 @@ def mla_decode_split_kernel(
     stride_pe_slot,
     stride_table,
     NUM_SPLITS: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
     EXACT_FP32: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.start(PDL)
     # Head blocks vary fastest in launch order: the programs sharing a range run together.
     head_block, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     heads = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -76,6 +83,10 @@ def mla_decode_split_kernel(
     )  # [BLOCK_H, BLOCK_P]
 
     length = tl.load(seq_lens + b)
+    if HAS_ROWS:
+        table_row = page_table + tl.load(req_rows + b).to(tl.int64) * stride_table
+    else:
+        table_row = page_table + b * stride_table
     per_split = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * per_split
     end = tl.minimum(start + per_split, length)
@@ -85,7 +96,7 @@ def mla_decode_split_kernel(
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         ok = pos < end
-        page = tl.load(page_table + b * stride_table + pos // page_size, mask=ok, other=0)
+        page = tl.load(table_row + pos // page_size, mask=ok, other=0)
         page = page.to(tl.int64)
         within = pos % page_size
         latent_row = page * stride_latent_page + within * stride_latent_slot  # [BLOCK_N]
@@ -138,25 +149,29 @@ def mla_decode_combine_kernel(
     stride_ob,
     stride_oh,
     NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.start(PDL)
     h, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     r = tl.arange(0, BLOCK_R)
     r_ok = r < R
-    row0 = (b * num_heads + h) * NUM_SPLITS
-    m = -float("inf")
-    denom = 0.0
-    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for split in range(NUM_SPLITS):
-        lse = tl.load(mid_lse + row0 + split)
-        if lse > -float("inf"):
-            part = tl.load(mid_out + (row0 + split) * R + r, mask=r_ok, other=0.0)
-            m_new = tl.maximum(m, lse)
-            alpha = tl.exp(m - m_new)
-            weight = tl.exp(lse - m_new)
-            acc = acc * alpha + weight * part
-            denom = denom * alpha + weight
-            m = m_new
+    # Every range's log-sum-exp and partial output in one round of loads (a loop over the
+    # ranges waited on two dependent loads per range). An empty range (-inf) weighs nothing,
+    # and its never-written output is not read into the sum.
+    split = tl.arange(0, BLOCK_S)
+    s_ok = split < NUM_SPLITS
+    rows = (b * num_heads + h) * NUM_SPLITS + split  # [BLOCK_S] into [B, H, S]
+    lse = tl.load(mid_lse + rows, mask=s_ok, other=-float("inf"))
+    part = tl.load(
+        mid_out + rows[:, None] * R + r[None, :], mask=s_ok[:, None] & r_ok[None, :], other=0.0
+    )  # [BLOCK_S, BLOCK_R]
+    live = lse > -float("inf")
+    m = tl.max(lse, axis=0)
+    weight = tl.where(live, tl.exp(lse - tl.where(live, m, 0.0)), 0.0)
+    denom = tl.sum(weight, axis=0)
+    acc = tl.sum(tl.where(live[:, None], part, 0.0) * weight[:, None], axis=0)
     # A sequence of length 0 (a padding row of a graph-sized batch) gets zeros.
     result = tl.where(denom > 0, acc / tl.maximum(denom, 1e-30), 0.0)
     tl.store(out + b * stride_ob + h * stride_oh + r, result.to(out.dtype.element_ty), mask=r_ok)
@@ -183,12 +198,15 @@ def mla_decode(
     num_kv_splits: int | None = None,
     block_n: int = 32,
     block_h: int = DEFAULT_BLOCK_H,
+    req_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Absorbed MLA decode over the paged cache; writes and returns `out`.
 
     q_latent `[B, H, R]`, q_pe `[B, H, P]` (one new token per sequence); latent_cache `[pages,
     page_size, 1, R]` and pe_cache `[pages, page_size, 1, P]` (one layer's K and V tensors of
-    the pool, the new token already written); page_table `[B, max_pages]` page ids; seq_lens
+    the pool, the new token already written); page_table `[B, max_pages]` page ids, or with
+    `req_rows` `[B]` any `[rows, max_pages]` table whose row `req_rows[b]` holds sequence b's
+    pages (the engine's whole table: no per-layer gather of the batch's rows); seq_lens
     `[B]` context lengths including the new token (0: the row gets zeros); out `[B, H, R]`.
     Scores are `scale * (q_latent . c + q_pe . k_pe)`; values are the latents `c`.
     `block_h` heads share each read of a latent tile (16, or 32 in 16-bit types: more heads
@@ -227,6 +245,7 @@ def mla_decode(
         latent_cache,
         pe_cache,
         page_table,
+        page_table if req_rows is None else req_rows,
         seq_lens,
         mid_out,
         mid_lse,
@@ -245,6 +264,7 @@ def mla_decode(
         pe_cache.stride(1),
         page_table.stride(0),
         NUM_SPLITS=splits,
+        HAS_ROWS=req_rows is not None,
         EXACT_FP32=q_latent.dtype == torch.float32,
         BLOCK_H=block_h,
         BLOCK_R=block_r,
@@ -252,6 +272,7 @@ def mla_decode(
         BLOCK_N=block_n,
         num_warps=8 if block_r >= 512 else 4,
         num_stages=2,
+        **pdl.launch_args(q_latent),
     )
     mla_decode_combine_kernel[(num_heads, batch)](
         mid_out,
@@ -262,6 +283,9 @@ def mla_decode(
         out.stride(0),
         out.stride(1),
         NUM_SPLITS=splits,
+        BLOCK_S=triton.next_power_of_2(splits),
         BLOCK_R=block_r,
+        num_warps=4,
+        **pdl.launch_args(q_latent),
     )
     return out

@@ -25,7 +25,8 @@ class AttentionBackend(ABC):
     backend may fuse the two). `forward_mla` is the same for multi-head latent attention, in its
     weight-absorbed form (see its docstring); a model uses one of the two. An MLA model asks
     `mla_expands(batch)` each step: when True it calls `forward_mla_expanded` (the
-    non-absorbed form) instead of `forward_mla`.
+    non-absorbed form) instead of `forward_mla`. The `_rope` forms of the two take the
+    latent before its norm and the rotary parts before RoPE, as `forward_rope` does.
 
     `graph_safe`: a decode step through this backend may be captured in a CUDA graph. Such a
     backend's `prepare` of a decode batch runs device operations only, whose shapes depend on
@@ -90,6 +91,23 @@ class AttentionBackend(ABC):
         `[c_kv; k_pe]` and value `c_kv`; the caller up-projects the result per head.
         """
 
+    def forward_mla_rope(
+        self,
+        q_latent: torch.Tensor,
+        q_pe: torch.Tensor,
+        c_kv: torch.Tensor,
+        k_pe: torch.Tensor,
+        kv_norm: RMSNorm,
+        rotary: RotaryEmbedding,
+        layer_id: int,
+        batch: ForwardBatch,
+        scale: float,
+    ) -> torch.Tensor:
+        """`forward_mla` of the latent before `kv_norm` and of `q_pe`, `k_pe` before `rotary`
+        at `batch.positions` (a backend may fuse the norm, the rotations and the cache write)."""
+        q_pe, c_kv, k_pe = mla_latent_torch(q_pe, c_kv, k_pe, kv_norm, rotary, batch)
+        return self.forward_mla(q_latent, q_pe, c_kv, k_pe, layer_id, batch, scale)
+
     def mla_expands(self, batch: ForwardBatch) -> bool:
         """Whether this step's MLA runs in the non-absorbed form (`forward_mla_expanded`)
         rather than the absorbed one (`forward_mla`). The base backend always absorbs."""
@@ -118,6 +136,39 @@ class AttentionBackend(ABC):
         when `mla_expands(batch)`.
         """
         raise NotImplementedError(f"{type(self).__name__} runs MLA in the absorbed form only")
+
+    def forward_mla_expanded_rope(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        c_kv: torch.Tensor,
+        k_pe: torch.Tensor,
+        kv_norm: RMSNorm,
+        rotary: RotaryEmbedding,
+        kv_up_proj: Callable[[torch.Tensor], torch.Tensor],
+        layer_id: int,
+        batch: ForwardBatch,
+        scale: float,
+    ) -> torch.Tensor:
+        """`forward_mla_expanded` of the latent before `kv_norm` and of `q_pe`, `k_pe` before
+        `rotary`, as `forward_mla_rope`."""
+        q_pe, c_kv, k_pe = mla_latent_torch(q_pe, c_kv, k_pe, kv_norm, rotary, batch)
+        return self.forward_mla_expanded(
+            q_nope, q_pe, c_kv, k_pe, kv_up_proj, layer_id, batch, scale
+        )
+
+
+def mla_latent_torch(
+    q_pe: torch.Tensor,
+    c_kv: torch.Tensor,
+    k_pe: torch.Tensor,
+    kv_norm: RMSNorm,
+    rotary: RotaryEmbedding,
+    batch: ForwardBatch,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(rotary(q_pe), kv_norm(c_kv), rotary(k_pe))`: MLA's latent side, one layer at a time."""
+    q_pe, k_pe = rotary(batch.positions, q_pe, k_pe)
+    return q_pe, kv_norm(c_kv), k_pe
 
 
 @dataclass(frozen=True)

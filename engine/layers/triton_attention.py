@@ -176,18 +176,56 @@ class TritonAttentionBackend(AttentionBackend):
         batch: ForwardBatch,
         scale: float,
     ) -> torch.Tensor:
+        self._decode_metadata(batch)
+        latent_slots, pe_slots = batch.kv_cache.slots(layer_id)
+        kernels.store_kv(c_kv, k_pe, latent_slots, pe_slots, batch.out_slots)
+        return self._mla_decode(q_latent, q_pe, layer_id, batch, scale)
+
+    def forward_mla_rope(
+        self,
+        q_latent: torch.Tensor,
+        q_pe: torch.Tensor,
+        c_kv: torch.Tensor,
+        k_pe: torch.Tensor,
+        kv_norm: RMSNorm,
+        rotary: RotaryEmbedding,
+        layer_id: int,
+        batch: ForwardBatch,
+        scale: float,
+    ) -> torch.Tensor:
+        # The latent's norm, both rotations and the cache write in one launch (four before).
+        self._decode_metadata(batch)
+        latent_slots, pe_slots = batch.kv_cache.slots(layer_id)
+        q_pe, _, _ = fused.mla_latent_rope_store(
+            q_pe, c_kv, k_pe, batch.positions, rotary.cos, rotary.sin, rotary.interleaved,
+            kv_norm.weight, kv_norm.eps, latent_slots, pe_slots, batch.out_slots,
+        )  # fmt: skip
+        return self._mla_decode(q_latent, q_pe, layer_id, batch, scale)
+
+    def _decode_metadata(self, batch: ForwardBatch) -> _DecodeMetadata:
         if not self._mla:
             raise RuntimeError("this TritonAttentionBackend was built for per-head attention")
         meta = batch.attn_metadata
         if not isinstance(meta, _DecodeMetadata):
             raise RuntimeError("MLA extend runs in the non-absorbed form: forward_mla_expanded")
+        return meta
+
+    def _mla_decode(
+        self,
+        q_latent: torch.Tensor,
+        q_pe: torch.Tensor,
+        layer_id: int,
+        batch: ForwardBatch,
+        scale: float,
+    ) -> torch.Tensor:
+        meta: _DecodeMetadata = batch.attn_metadata
         cache = batch.kv_cache
-        latent_slots, pe_slots = cache.slots(layer_id)
-        kernels.store_kv(c_kv, k_pe, latent_slots, pe_slots, batch.out_slots)
         out = q_latent.new_empty(q_latent.shape)
+        # The kernel reads each sequence's row of the whole page table through req_rows: no
+        # gather of the batch's rows (a launch per layer before).
         return mla_decode(
-            q_latent, q_pe, cache.k[layer_id], cache.v[layer_id],
-            batch.page_table.index_select(0, batch.req_rows), meta.seq_lens, scale, out,
+            q_latent, q_pe, cache.k[layer_id], cache.v[layer_id], batch.page_table,
+            meta.seq_lens, scale, out, req_rows=batch.req_rows,
         )  # fmt: skip
 
     def mla_expands(self, batch: ForwardBatch) -> bool:
@@ -206,12 +244,60 @@ class TritonAttentionBackend(AttentionBackend):
         batch: ForwardBatch,
         scale: float,
     ) -> torch.Tensor:
+        self._extend_metadata(batch)
+        latent_slots, pe_slots = batch.kv_cache.slots(layer_id)  # [slots, 1, R], [slots, 1, P]
+        kernels.store_kv(c_kv, k_pe, latent_slots, pe_slots, batch.out_slots)
+        return self._mla_extend(q_nope, q_pe, c_kv, k_pe, kv_up_proj, layer_id, batch, scale)
+
+    def forward_mla_expanded_rope(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        c_kv: torch.Tensor,
+        k_pe: torch.Tensor,
+        kv_norm: RMSNorm,
+        rotary: RotaryEmbedding,
+        kv_up_proj: Callable[[torch.Tensor], torch.Tensor],
+        layer_id: int,
+        batch: ForwardBatch,
+        scale: float,
+    ) -> torch.Tensor:
+        meta = self._extend_metadata(batch)
+        latent_slots, pe_slots = batch.kv_cache.slots(layer_id)
+        # The new tokens' normed latents and rotated keys come back only when they are the
+        # whole context; over a cached prefix the context is read from the cache.
+        q_pe, normed, rotated = fused.mla_latent_rope_store(
+            q_pe, c_kv, k_pe, batch.positions, rotary.cos, rotary.sin, rotary.interleaved,
+            kv_norm.weight, kv_norm.eps, latent_slots, pe_slots, batch.out_slots,
+            return_kv=meta.context_slots is None,
+        )  # fmt: skip
+        return self._mla_extend(q_nope, q_pe, normed, rotated, kv_up_proj, layer_id, batch, scale)
+
+    @staticmethod
+    def _extend_metadata(batch: ForwardBatch) -> _MLAExtendMetadata:
         meta = batch.attn_metadata
         if not isinstance(meta, _MLAExtendMetadata):
             raise RuntimeError("forward_mla_expanded runs extend batches of an MLA backend only")
-        latent_slots, pe_slots = batch.kv_cache.slots(layer_id)  # [slots, 1, R], [slots, 1, P]
-        kernels.store_kv(c_kv, k_pe, latent_slots, pe_slots, batch.out_slots)
+        return meta
+
+    def _mla_extend(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        c_kv: torch.Tensor | None,
+        k_pe: torch.Tensor | None,
+        kv_up_proj: Callable[[torch.Tensor], torch.Tensor],
+        layer_id: int,
+        batch: ForwardBatch,
+        scale: float,
+    ) -> torch.Tensor:
+        """Attention of the new tokens over their context, the step's latents already in the
+        cache; `c_kv`, `k_pe` (normed, rotated) are read only when there is no cached prefix."""
+        meta: _MLAExtendMetadata = batch.attn_metadata
+        latent_slots, pe_slots = batch.kv_cache.slots(layer_id)
         if meta.context_slots is None:
+            if c_kv is None or k_pe is None:
+                raise RuntimeError("a batch without cached prefixes attends to its own latents")
             latent, rope_key = c_kv, k_pe
         else:
             latent = latent_slots.index_select(0, meta.context_slots)

@@ -93,23 +93,33 @@ class MLAttention(nn.Module):
         q_nope, q_pe = q.view(
             -1, self.num_heads, self.qk_nope_head_dim + self.qk_rope_head_dim
         ).split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        c_kv = self.kv_a_layernorm(c_kv)[:, None, :]  # [T, 1, R]
-        q_pe, k_pe = self.rotary(batch.positions, q_pe, k_pe[:, None, :])  # [T, H | 1, P]
+        # The latent before its norm, the rotary parts before RoPE: the backend applies both
+        # (the Triton backend in one launch with the cache write).
+        c_kv, k_pe = c_kv[:, None, :], k_pe[:, None, :]  # [T, 1, R], [T, 1, P]
         if self.backend.mla_expands(batch):
             # Prefill/extend: per-head keys and values up-projected from the context latents.
-            out = self.backend.forward_mla_expanded(
-                q_nope, q_pe, c_kv, k_pe, self.kv_b_proj, self.layer_id, batch, self.scale
-            )  # [T, H, v]
+            out = self.backend.forward_mla_expanded_rope(
+                q_nope, q_pe, c_kv, k_pe, self.kv_a_layernorm, self.rotary, self.kv_b_proj,
+                self.layer_id, batch, self.scale,
+            )  # fmt: skip  # [T, H, v]
             return self.o_proj(out.flatten(1))
         # kv_b_proj.weight: [H * (nope + v), R] -> W_UK [H, nope, R], W_UV [H, v, R]
         w_kv = self.kv_b_proj.weight.view(self.num_heads, -1, self.kv_lora_rank)
         w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
-        q_latent = torch.einsum("thn,hnr->thr", q_nope, w_uk)  # [T, H, R]
-        out = self.backend.forward_mla(
-            q_latent, q_pe, c_kv, k_pe, self.layer_id, batch, self.scale
-        )  # [T, H, R]
-        out = torch.einsum("thr,hvr->thv", out, w_uv)  # [T, H, v]
-        return self.o_proj(out.flatten(1))
+        # Both absorptions are batched over heads on strided views, which cuBLAS reads as they
+        # are (unit stride in the last dimension): [H, T, nope] @ [H, nope, R].
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, R]
+        out = self.backend.forward_mla_rope(
+            q_latent, q_pe, c_kv, k_pe, self.kv_a_layernorm, self.rotary, self.layer_id, batch,
+            self.scale,
+        )  # fmt: skip  # [T, H, R]
+        # [H, T, R] @ [H, R, v] written through a transposed view of a [T, H, v] buffer, so
+        # that o_proj reads it flattened without a copy (bmm's out= form refuses operands that
+        # require grad, as the weights do outside inference mode).
+        attn = out.new_empty(out.shape[0], self.num_heads, self.v_head_dim)
+        with torch.no_grad():
+            torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2), out=attn.transpose(0, 1))
+        return self.o_proj(attn.flatten(1))
 
 
 class GroupedTopkRouter(nn.Module):

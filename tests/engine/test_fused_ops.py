@@ -194,3 +194,97 @@ def test_rope_with_several_tokens_a_program_equals_one_a_program(
     got_q = fused.rope_store_kv(q, k, v, positions, cos, sin, False, caches[2], caches[3], slots)
     assert torch.equal(got_q, want_q)
     assert torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_mla_latent_in_one_launch_matches_torch(
+    dtype: torch.dtype, interleaved: bool, page_size: int
+) -> None:
+    """MLA's latent side (the latent's RMSNorm, RoPE of the rotary query and key, the cache
+    write) in one launch, against the torch layers and a plain cache write; with
+    `return_kv` also the normed latent and rotated key, for extend."""
+    heads, nope, rope_dim, rank, tokens = 3, 16, 8, 24, 5
+    gen = torch.Generator().manual_seed(page_size + interleaved)
+    rope = RotaryEmbedding(
+        RopeConfig(rope_type="yarn", theta=10000.0, factor=4.0, mscale=1.0, mscale_all_dim=0.8,
+                   original_max_position_embeddings=16),
+        rope_dim, 64, interleaved=interleaved,
+    )  # fmt: skip
+    norm = torch_norm(rank, dtype, gen)
+    # q_pe, c_kv and k_pe as MLA makes them: views into one wider projection.
+    width = heads * (nope + rope_dim)
+    proj = (2 * torch.randn(tokens, width + rank + rope_dim, generator=gen)).to(dtype)
+    q_pe = proj[:, :width].view(tokens, heads, nope + rope_dim)[..., nope:]
+    c_kv = proj[:, width : width + rank][:, None, :]
+    k_pe = proj[:, width + rank :][:, None, :]
+    positions = torch.tensor([0, 3, 17, 40, 63])
+    slots = torch.tensor([5, -1, 0, 2 * page_size + 4, 3])  # -1: a padded row, not written
+    want_q, want_k = rope(positions, q_pe, k_pe)  # the torch path, on the CPU
+    want_c = norm(c_kv)
+    num_slots = 3 * page_size + 6
+    latent = torch.full((num_slots, 1, rank), 7.0, dtype=dtype, device=DEVICE)
+    pe = torch.full((num_slots, 1, rope_dim), 7.0, dtype=dtype, device=DEVICE)
+    dev = proj.to(DEVICE)
+    args = (
+        dev[:, :width].view(tokens, heads, nope + rope_dim)[..., nope:],
+        dev[:, width : width + rank][:, None, :],
+        dev[:, width + rank :][:, None, :],
+        positions.to(DEVICE), rope.cos.to(DEVICE), rope.sin.to(DEVICE), interleaved,
+        norm.weight.to(DEVICE), norm.eps, latent, pe, slots.to(DEVICE),
+    )  # fmt: skip
+    got_q, got_c, got_k = fused.mla_latent_rope_store(*args, return_kv=True)
+    assert got_c is not None and got_k is not None
+    close(got_q.cpu(), want_q)
+    close(got_c.cpu(), want_c)
+    close(got_k.cpu(), want_k)
+    written = [0, 2, 3, 4]
+    close(latent[slots[written]].cpu(), want_c[written])
+    close(pe[slots[written]].cpu(), want_k[written])
+    # The cache holds exactly what the kernel returns; no other slot was touched.
+    assert torch.equal(latent[slots[written]], got_c[written])
+    assert torch.equal(pe[slots[written]], got_k[written])
+    untouched = torch.ones(num_slots, dtype=torch.bool)
+    untouched[slots[written]] = False
+    assert (latent[untouched] == 7.0).all() and (pe[untouched] == 7.0).all()
+    # Decode's form returns only the rotated queries, the same values.
+    again_q, none_c, none_k = fused.mla_latent_rope_store(*args)
+    assert none_c is None and none_k is None and torch.equal(again_q, got_q)
+    d_q, d_c, d_k, d_pos = (a[:0] for a in (args[0], args[1], args[2], positions.to(DEVICE)))
+    empty = fused.mla_latent_rope_store(
+        d_q, d_c, d_k, d_pos, rope.cos.to(DEVICE), rope.sin.to(DEVICE), interleaved,
+        norm.weight.to(DEVICE), norm.eps, latent, pe, slots[:0].to(DEVICE), return_kv=True,
+    )  # fmt: skip
+    assert empty[0].shape == (0, heads, rope_dim) and empty[1] is not None
+    assert empty[1].shape == (0, 1, rank)
+
+
+@pytest.mark.parametrize("per_program", [3, 16])
+def test_mla_latent_with_several_tokens_a_program_equals_one_a_program(
+    monkeypatch: pytest.MonkeyPatch, per_program: int
+) -> None:
+    """A prefill's programs take several tokens each, the last a partial share: the same
+    bytes as one token a program, in the outputs and the cache."""
+    heads, rope_dim, rank, tokens = 2, 8, 16, 7
+    gen = torch.Generator().manual_seed(per_program)
+    rope = RotaryEmbedding(RopeConfig(theta=10000.0), rope_dim, 32, interleaved=True)
+    proj = torch.randn(tokens, heads * rope_dim + rank + rope_dim, generator=gen).to(DEVICE)
+    q_pe = proj[:, : heads * rope_dim].view(tokens, heads, rope_dim)
+    c_kv = proj[:, heads * rope_dim : -rope_dim][:, None, :]
+    k_pe = proj[:, -rope_dim:][:, None, :]
+    positions = torch.arange(3, 3 + tokens, device=DEVICE)
+    slots = torch.tensor([4, 0, -1, 9, 2, 7, 5], device=DEVICE)
+    weight = (1 + 0.1 * torch.randn(rank, generator=gen)).to(DEVICE)
+    results = []
+    for share in (1, per_program):
+        monkeypatch.setattr(fused, "rope_tokens_per_program", lambda n, share=share: share)
+        latent = torch.zeros(10, 1, rank, device=DEVICE)
+        pe = torch.zeros(10, 1, rope_dim, device=DEVICE)
+        outs = fused.mla_latent_rope_store(
+            q_pe, c_kv, k_pe, positions, rope.cos.to(DEVICE), rope.sin.to(DEVICE), True,
+            weight, 1e-6, latent, pe, slots, return_kv=True,
+        )  # fmt: skip
+        results.append((*outs, latent, pe))
+    for got, want in zip(results[1], results[0], strict=True):
+        assert got is not None and want is not None and torch.equal(got, want)

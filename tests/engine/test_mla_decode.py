@@ -17,20 +17,23 @@ import torch
 # host `python -m bench.check_moe_gpu` checks the kernel compiled, at full model shapes.
 pytest.importorskip("triton", reason="triton is a dev dependency (pip install -e .[dev])")
 
+from engine.config import RopeConfig
 from engine.forward_batch import ForwardBatch
 from engine.kernels.mla_decode import default_num_kv_splits, mla_decode
 from engine.kv_cache import KVCache, KVCacheSpec
 from engine.layers.attention import TorchAttentionBackend
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding
+from engine.layers.triton_attention import TritonAttentionBackend
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available(), reason="CPU interpreter cases; bench.check_moe_gpu on GPUs"
 )
 
 
-def decode_case(lens, heads, rank, rope, page_size, dtype, seed=0):
-    """A decode step over sequences whose contexts (before the new token) are `lens`, their
-    pages scattered over the pool; returns the kernel's inputs and the reference output."""
-    g = torch.Generator().manual_seed(seed)
+def decode_batch(lens, rank, rope, page_size, dtype, g):
+    """A pool of random latents and a decode batch over sequences whose contexts (before the
+    new token) are `lens`, their pages scattered over the pool."""
     batch = len(lens)
     pages_per_seq = [(n + 1 + page_size - 1) // page_size for n in lens]
     num_pages = sum(pages_per_seq) + 2
@@ -60,6 +63,15 @@ def decode_case(lens, heads, rank, rope, page_size, dtype, seed=0):
         kv_cache=cache,
         is_decode=True,
     )
+    return batch_, cache, table, prefix
+
+
+def decode_case(lens, heads, rank, rope, page_size, dtype, seed=0):
+    """A decode step over sequences whose contexts (before the new token) are `lens`, their
+    pages scattered over the pool; returns the kernel's inputs and the reference output."""
+    g = torch.Generator().manual_seed(seed)
+    batch = len(lens)
+    batch_, cache, table, prefix = decode_batch(lens, rank, rope, page_size, dtype, g)
     q_latent = (torch.randn(batch, heads, rank, generator=g) * 0.3).to(dtype)
     q_pe = (torch.randn(batch, heads, rope, generator=g) * 0.3).to(dtype)
     c_kv = torch.randn(batch, 1, rank, generator=g).to(dtype)
@@ -84,6 +96,24 @@ def test_mla_decode_matches_torch_backend(page_size, heads, splits):
     )
     out = torch.empty_like(q_latent)
     mla_decode(q_latent, q_pe, cache.k[0], cache.v[0], table, seq_lens, scale, out, splits, 16)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_mla_decode_reads_the_batch_rows_of_the_whole_table(page_size):
+    """With `req_rows` the kernel reads each sequence's pages from its row of the engine's
+    whole page table (rows of other sequences around it): no gather of the batch's rows."""
+    q_latent, q_pe, cache, table, seq_lens, scale, want = decode_case(
+        [0, page_size, 37], 16, 32, 8, page_size, torch.float32, seed=11
+    )
+    rows = torch.tensor([4, 0, 2])
+    whole = torch.full((6, table.shape[1] + 2), -7, dtype=torch.int32)
+    whole[rows, : table.shape[1]] = table
+    out = torch.empty_like(q_latent)
+    mla_decode(
+        q_latent, q_pe, cache.k[0], cache.v[0], whole, seq_lens, scale, out, 4, 16,
+        req_rows=rows,
+    )  # fmt: skip
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 
@@ -134,3 +164,40 @@ def test_default_splits_fill_the_device_and_are_fixed_per_batch():
     assert default_num_kv_splits(1, 16) == 16
     assert default_num_kv_splits(256, 128) == 1
     assert default_num_kv_splits(8, 16) == default_num_kv_splits(8, 16)
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_backend_fused_latent_side_matches_torch_backend(page_size, interleaved):
+    """The Triton backend's `forward_mla_rope` (the latent's norm, both rotations and the cache
+    write in one launch, then the decode kernel) against the torch backend's, which norms and
+    rotates with the torch layers: the same output and the same cache."""
+    heads, rank, rope = 4, 32, 8
+    g = torch.Generator().manual_seed(page_size + 2 * interleaved)
+    lens = [0, page_size - 1, 2 * page_size + 3]
+    batch, cache, _, _ = decode_batch(lens, rank, rope, page_size, torch.float32, g)
+    rotary = RotaryEmbedding(RopeConfig(theta=10000.0), rope, 64, interleaved=interleaved)
+    norm = RMSNorm(rank, 1e-6)
+    norm.weight.data = 1 + 0.1 * torch.randn(rank, generator=g)
+    # The raw projection's parts: views of one wider tensor, as MLAttention makes them.
+    proj = torch.randn(len(lens), heads * (16 + rope) + rank + rope, generator=g)
+    q_pe = proj[:, : heads * (16 + rope)].view(len(lens), heads, 16 + rope)[..., 16:]
+    c_kv = proj[:, heads * (16 + rope) : -rope][:, None, :]
+    k_pe = proj[:, -rope:][:, None, :]
+    q_latent = torch.randn(len(lens), heads, rank, generator=g) * 0.3
+    scale = (rank + rope) ** -0.5
+    before = cache.k[0].clone(), cache.v[0].clone()
+    outs, caches = [], []
+    for backend in (TorchAttentionBackend(), TritonAttentionBackend(mla=True)):
+        cache.k[0].copy_(before[0])
+        cache.v[0].copy_(before[1])
+        backend.prepare(batch)
+        with torch.no_grad():
+            outs.append(
+                backend.forward_mla_rope(q_latent, q_pe, c_kv, k_pe, norm, rotary, 0, batch, scale)
+            )
+        caches.append((cache.k[0].clone(), cache.v[0].clone()))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    for got, want in zip(caches[1], caches[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(caches[0][0], before[0])  # the new latents were written

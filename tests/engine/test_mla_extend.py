@@ -1,6 +1,6 @@
 """MLA prefill/extend in the non-absorbed form: the Triton kernel against a float64 reference,
-and the Triton backend's `forward_mla_expanded` against the torch backend's absorbed
-`forward_mla` over a paged pool (prefix hits, page sizes 1 and 16).
+and the Triton backend's `forward_mla_expanded` (and its `_rope` form) against the torch
+backend's absorbed `forward_mla` over a paged pool (prefix hits, page sizes 1 and 16).
 
 On this CPU host the kernels run under Triton's interpreter (tests/conftest.py). Tolerances:
 float32 (exact dots, `input_precision="ieee"`) 1e-5; float16 2e-2 absolute on outputs of order
@@ -16,11 +16,14 @@ import torch
 
 pytest.importorskip("triton")
 
+from engine.config import RopeConfig
 from engine.forward_batch import ForwardBatch
 from engine.kernels.attention import extend_blocks
 from engine.kernels.mla_extend import Tiles, mla_extend_attention
 from engine.kv_cache import KVCache, KVCacheSpec
 from engine.layers.attention import TorchAttentionBackend
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding
 from engine.layers.triton_attention import TritonAttentionBackend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -147,7 +150,11 @@ def extend_step(prefix, ext, page_size, heads, rank, rope, d_nope, d_v, dtype, s
     ("prefix", "ext"),
     [([0, 0, 0], [1, 9, 66]), ([0, 7, 16, 3], [12, 1, 5, 40])],  # fresh prompts; prefix hits
 )
-def test_backend_matches_absorbed_reference(page_size, prefix, ext) -> None:
+# The latent normed and rotated by the caller (None), or raw, normed and rotated by the
+# backends' `_rope` forms (the Triton one in one launch with the cache write), pairs
+# interleaved or not.
+@pytest.mark.parametrize("raw_interleaved", [None, False, True])
+def test_backend_matches_absorbed_reference(page_size, prefix, ext, raw_interleaved) -> None:
     heads, rank, rope, d_nope, d_v = 2, 16, 8, 16, 16
     dtype = torch.float32
     batch, q_nope, q_pe, c_kv, k_pe, w_kv = extend_step(
@@ -156,6 +163,9 @@ def test_backend_matches_absorbed_reference(page_size, prefix, ext) -> None:
     scale = (d_nope + rope) ** -0.5
     latent_before = batch.kv_cache.k[0].clone()
     pe_before = batch.kv_cache.v[0].clone()
+    rotary = RotaryEmbedding(RopeConfig(theta=10000.0), rope, 128, bool(raw_interleaved))
+    norm = RMSNorm(rank, 1e-6).to(DEVICE)
+    norm.weight.data.uniform_(0.5, 1.5)
 
     triton_backend = TritonAttentionBackend(mla=True)
     assert triton_backend.mla_expands(batch)
@@ -163,9 +173,14 @@ def test_backend_matches_absorbed_reference(page_size, prefix, ext) -> None:
     up = torch.nn.Linear(rank, heads * (d_nope + d_v), bias=False, device=DEVICE, dtype=dtype)
     up.weight.data.copy_(w_kv)
     with torch.no_grad():
-        out = triton_backend.forward_mla_expanded(
-            q_nope, q_pe, c_kv, k_pe, up, 0, batch, scale
-        )  # [T, H, Dv]
+        if raw_interleaved is None:
+            out = triton_backend.forward_mla_expanded(
+                q_nope, q_pe, c_kv, k_pe, up, 0, batch, scale
+            )  # [T, H, Dv]
+        else:
+            out = triton_backend.forward_mla_expanded_rope(
+                q_nope, q_pe, c_kv, k_pe, norm, rotary.to(DEVICE), up, 0, batch, scale
+            )
     latent_after, pe_after = batch.kv_cache.k[0].clone(), batch.kv_cache.v[0].clone()
 
     # The reference: the torch backend's absorbed form, from the same pool before the step.
@@ -176,12 +191,22 @@ def test_backend_matches_absorbed_reference(page_size, prefix, ext) -> None:
     assert not torch_backend.mla_expands(batch)
     torch_backend.prepare(batch)
     q_latent = torch.einsum("thn,hnr->thr", q_nope, w_uk)
-    want = torch_backend.forward_mla(q_latent, q_pe, c_kv, k_pe, 0, batch, scale)
+    with torch.no_grad():
+        if raw_interleaved is None:
+            want = torch_backend.forward_mla(q_latent, q_pe, c_kv, k_pe, 0, batch, scale)
+        else:
+            want = torch_backend.forward_mla_rope(
+                q_latent, q_pe, c_kv, k_pe, norm, rotary.to(DEVICE), 0, batch, scale
+            )
     want = torch.einsum("thr,hvr->thv", want, w_uv)
 
     # Both wrote the new tokens' latent and rope key into the same slots.
-    assert torch.equal(latent_after, batch.kv_cache.k[0])
-    assert torch.equal(pe_after, batch.kv_cache.v[0])
+    if raw_interleaved is None:
+        assert torch.equal(latent_after, batch.kv_cache.k[0])
+        assert torch.equal(pe_after, batch.kv_cache.v[0])
+    else:  # the Triton norm's sum and torch's mean round apart
+        torch.testing.assert_close(latent_after, batch.kv_cache.k[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(pe_after, batch.kv_cache.v[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out, want, atol=TOL[dtype], rtol=TOL[dtype])
 
 

@@ -268,6 +268,74 @@ def test_triton_backend_runs_mla_like_transformers(tiny_models: dict[str, Path])
     assert engine.num_free_pages == engine.pool.num_pages
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="counts launches under the interpreter")
+def test_mla_decode_layer_launches(tiny_models: dict[str, Path]) -> None:
+    """What a decode step's MLA launches between its projections (the Linears and the
+    q-LoRA norm, counted apart): the W_UK and W_UV products, on strided views with no copy,
+    the fused latent kernel, and the decode kernel's two; no norm, rotary, cache write or
+    page-table gather of their own (four launches more before, and a copy at T > 1)."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime.interpreter import InterpretedFunction
+
+    engine = Engine(
+        EngineConfig(
+            model_path=str(tiny_models["deepseek-v3"]), num_pages=64, page_size=16,
+            attention_backend="triton", dtype="float32",
+        )
+    )  # fmt: skip
+    attn = engine.runner.model.layers[1].self_attn  # type: ignore[attr-defined]
+    launches: collections.Counter[str] = collections.Counter()
+    state = {"on": False, "decode": False, "steps": 0}
+    no_kernel = {"empty", "new_empty", "empty_like", "empty_strided"}
+
+    class CountOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            composite = torch._C._dispatch_has_kernel_for_dispatch_key(
+                func.name(), "CompositeImplicitAutograd"
+            )
+            if state["on"] and not (func.is_view or composite or func._opname in no_kernel):
+                launches[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    def enter(module, args):
+        decode = args[1].is_decode
+        state.update(on=decode, decode=decode, steps=state["steps"] + decode)
+
+    attn.register_forward_pre_hook(enter)
+    attn.register_forward_hook(lambda m, a, o: state.update(on=False, decode=False))
+    for child in attn.children():  # the projections and norms: not this test's business
+        child.register_forward_pre_hook(lambda m, a: state.update(on=False))
+        child.register_forward_hook(lambda m, a, o: state.update(on=state["decode"]))
+    run = InterpretedFunction.run
+
+    def counted_run(self, *args, **kwargs):
+        on = state["on"]
+        if on:
+            launches[f"triton {self.fn.__name__}"] += 1
+        state["on"] = False  # the interpreter's own tensor traffic is no launch
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            state["on"] = on
+
+    params = SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True)
+    with pytest.MonkeyPatch.context() as patch, CountOps():
+        patch.setattr(InterpretedFunction, "run", counted_run)
+        engine.generate([[5, 6, 7, 8, 9]], params)
+    steps = state["steps"]
+    assert steps >= 2  # (overlapped scheduling may run one more)
+    per_step = {name: n / steps for name, n in launches.items()}
+    assert per_step == {
+        "aten.bmm.default": 1,  # W_UK
+        "triton _mla_latent_kernel": 1,
+        "triton mla_decode_split_kernel": 1,
+        "triton mla_decode_combine_kernel": 1,
+        "aten.bmm.out": 1,  # W_UV, into the buffer o_proj reads
+    }
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 @pytest.mark.parametrize("family", ["llama", "qwen3-moe", "deepseek-v3"])
 def test_graph_replay_equals_eager(tiny_models: dict[str, Path], family: str) -> None:
