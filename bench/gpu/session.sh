@@ -81,17 +81,19 @@ c)
   step grammar 60 python3 -m bench.grammar
   ;;
 d)
-  # A short call (about 400 s): the kernels changed since the last tables checked compiled,
+  # A short call (about 450 s): the kernels changed since the last tables checked compiled,
   # every tiny family's greedy tokens, the MoE models' tables, and low-load TTFT.
-  step kernels 70 python3 -m pytest -x -q -rf tests/engine/test_fused_ops.py \
-    tests/engine/test_mla_extend.py tests/engine/test_deepseek.py -k "rope or mla or extend or deepseek"
-  TAIL=30 step greedy 70 python3 -m bench.gpu.greedy_gpu
+  step kernels 80 python3 -m pytest -x -q -rf tests/engine/test_fused_ops.py \
+    tests/engine/test_triton_attention.py tests/engine/test_mla_extend.py \
+    tests/engine/test_mla_decode.py -k "rope or mla or extend or graph_replay or latent"
+  TAIL=30 step greedy 60 python3 -m bench.gpu.greedy_gpu
   step moonlight 90 python3 -m bench.engine --preset moonlight-16b-a3b --skip-hf \
     --decode 1x128,64x128 --prefill 64x128,8x2048 --repeats 2 --decode-steps 16
   step qwen3 75 python3 -m bench.engine --preset qwen3-30b-a3b --skip-hf \
     --decode 1x128,64x128 --prefill 64x128,8x2048 --repeats 2 --decode-steps 16
-  step serving_pd 110 python3 -m bench.serving_pd --preset llama3-8b --mps --request-rates 4 \
-    --num-prompts 24 --random-input-len 1024 --random-output-len 64 --slo-ttft-ms 500 \
+  step check_moe 40 python3 -m bench.check_moe_gpu
+  step serving_pd 90 python3 -m bench.serving_pd --preset llama3-8b --mps --request-rates 4 \
+    --num-prompts 16 --random-input-len 1024 --random-output-len 64 --slo-ttft-ms 500 \
     --slo-itl-ms 30 --out-dir /tmp/pd
   ;;
 *) echo "usage: bench/gpu/session.sh a|b|c|d"; exit 2 ;;
