@@ -8,9 +8,11 @@ row each. Here, over the same `N = T * top_k` pairs (pair `i` is token `i // top
 1. `small_gate_up_kernel`, a program per (pair, block of I's columns): the pair's token row
    against the gate and up rows of its expert, products on the CUDA cores (one row: no use for
    tensor cores), stored as `silu(gate) * up` `[N, I]` in x's dtype. With `ROUTE`
-   (`small_batch_moe_routed`) each program first chooses its token's experts from the router
-   logits by `softmax_topk`'s code (so exactly its choices, ties to the lower id), and the
-   pair's first program stores the choice and its weight for kernel 2: routing costs no launch.
+   (`small_batch_moe_routed`, `small_batch_moe_grouped_routed`) each program first chooses its
+   token's experts from the router logits by `softmax_topk`'s or `grouped_topk`'s code (so
+   exactly their choices, ties to the lower id; grouped routing appends any fused shared
+   experts), and the pair's first program stores the choice and its weight for kernel 2:
+   routing costs no launch.
 2. `small_down_combine_kernel`, a program per (token, block of H's columns): the down
    projections of all the token's pairs (one tile of the w2 rows of every pair's expert per
    step), each rounded to x's dtype, then weighted and summed in float32 pair by pair, in

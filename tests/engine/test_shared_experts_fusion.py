@@ -19,9 +19,11 @@ from bench.moe_shapes import ExpertTouches
 from engine.config import EngineConfig, ModelConfig
 from engine.engine import Engine
 from engine.eplb import initial_placement
+from engine.kernels.fused_moe import fused_moe_grouped_routed
+from engine.kernels.fused_moe_small import small_batch_moe, small_batch_moe_grouped_routed
 from engine.kernels.moe_routing import grouped_topk, router_logits
 from engine.layers.attention import make_attention_backend
-from engine.layers.ep_moe import shard_experts
+from engine.layers.ep_moe import ExpertParallelExperts, shard_experts
 from engine.layers.moe import (
     FusedExperts,
     MoEBackend,
@@ -34,8 +36,6 @@ from engine.loader import WeightTarget, load_dummy_weights, load_weights
 from engine.models.deepseek_v3 import DeepseekMoE, DeepseekV3ForCausalLM
 from engine.parallel import ParallelConfig
 from engine.sampling import SamplingParams
-from tests.engine.ep_driver import run_expert_parallel
-from tests.engine.reference import MAX_NEW_TOKENS, reference
 from tests.engine.test_deepseek import hf_config
 
 pytestmark = pytest.mark.skipif(
@@ -46,7 +46,7 @@ pytestmark = pytest.mark.skipif(
 def model_pair(num_shared: int) -> tuple[DeepseekV3ForCausalLM, DeepseekV3ForCausalLM]:
     """The same random weights in a model with the separate shared MLP and in one with it
     fused, the latter loaded through its weight map from the former's checkpoint tensors."""
-    raw = hf_config(first_k_dense_replace=0, num_hidden_layers=2, n_shared_experts=num_shared)
+    raw = hf_config(first_k_dense_replace=0, num_hidden_layers=1, n_shared_experts=num_shared)
     config = ModelConfig.from_hf(raw)
     attention = make_attention_backend("torch", "cpu", True)
     separate = DeepseekV3ForCausalLM(config, attention)
@@ -70,8 +70,8 @@ def moe_layers(model: DeepseekV3ForCausalLM) -> list[DeepseekMoE]:
 @pytest.mark.parametrize("num_shared", [1, 2])
 def test_fused_shared_experts_equal_the_separate_mlp(backend: MoEBackend, num_shared: int) -> None:
     """float32, random weights: the fused layer equals routed experts + shared MLP to 1e-5, at
-    one token (Triton: the small path, routing in its gate-up kernel) and at 3 and 20 (the
-    grouped path)."""
+    one token (Triton: the small path, routing in its gate-up kernel) and at 12 (the grouped
+    path)."""
     separate, fused = model_pair(num_shared)
     for model in (separate, fused):
         set_moe_backend(model, backend)
@@ -79,7 +79,7 @@ def test_fused_shared_experts_equal_the_separate_mlp(backend: MoEBackend, num_sh
         assert ours.shared_experts is None and ours.experts.num_shared == num_shared
         assert ours.experts.w13.shape[0] == 8 + num_shared
         assert theirs.shared_experts is not None and theirs.experts.num_shared == 0
-        for tokens in (0, 1, 3, 20):
+        for tokens in (0, 1, 12):
             x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(tokens))
             with torch.no_grad():
                 got, want = ours(x), theirs(x)
@@ -98,8 +98,8 @@ def test_fused_checkpoint_maps_back_to_the_same_tensors() -> None:
     for name, tensor in want.items():
         assert torch.equal(got[name], tensor), name
     # The shared MLP's down columns [I, 2I) are the second stacked shared expert.
-    down = want["model.layers.1.mlp.shared_experts.down_proj.weight"]
-    assert torch.equal(moe_layers(fused)[1].experts.w2[9], down[:, 32:])
+    down = want["model.layers.0.mlp.shared_experts.down_proj.weight"]
+    assert torch.equal(moe_layers(fused)[0].experts.w2[9], down[:, 32:])
 
 
 def test_source_slice_outside_the_tensor_is_named() -> None:
@@ -160,21 +160,24 @@ def test_engine_fuses_on_the_triton_backend_only(tiny_models: dict[str, Path]) -
 
 def test_expert_parallelism_refuses_fused_layers() -> None:
     """Sharding stacks only routed experts: a fused layer is refused by name (the runner
-    builds the model unfused when EP > 1; the next test runs that)."""
+    builds the model unfused when EP > 1: the next test)."""
     _, fused = model_pair(1)
     with pytest.raises(ValueError, match=r"layers\.0\.mlp\.experts stacks 1 shared"):
         shard_experts(fused, ParallelConfig(2, 0), initial_placement(8, 2, 0))
 
 
-def test_expert_parallel_on_the_triton_backend_keeps_the_mlp(tiny_models: dict[str, Path]) -> None:
-    """EP 2 with the Triton MoE backend: the shared experts stay a separate MLP on every rank
-    (fusion skipped, not refused), and the tokens equal transformers'."""
-    ref = reference(tiny_models["deepseek-v3"])
-    greedy = SamplingParams(temperature=0, max_new_tokens=MAX_NEW_TOKENS, ignore_eos=True)
-    report = run_expert_parallel(
-        tiny_models["deepseek-v3"], 2, ref.prompts[:2], greedy, num_pages=64, moe_backend="triton"
-    )
-    assert report["tokens"] == ref.tokens[:2]
+def test_expert_parallelism_builds_unfused(tiny_models: dict[str, Path]) -> None:
+    """EP 2 with the Triton MoE backend: every rank keeps the shared experts a separate MLP
+    (fusion skipped, not refused) and shards the routed ones. (Building a rank needs no peer;
+    `test_expert_parallel.py` runs ranks together, and `test_fused_moe.py` the Triton backend's
+    expert-parallel compute.)"""
+    config = EngineConfig(str(tiny_models["deepseek-v3"]), ep_size=2, moe_backend="triton")
+    model = cast(nn.Module, Engine(config, rank=1).runner.model)
+    layers = [m for m in model.modules() if isinstance(m, DeepseekMoE)]
+    assert layers and all(m.shared_experts is not None for m in layers)
+    assert all(isinstance(m.experts, ExpertParallelExperts) for m in layers)
+    assert all(isinstance(m.experts.backend, TritonMoEBackend) for m in layers)
+    assert all(m.num_shared == 0 for m in model.modules() if isinstance(m, FusedExperts))
 
 
 def test_bench_floor_counts_the_shared_experts_once(tiny_models: dict[str, Path]) -> None:
@@ -198,3 +201,23 @@ def test_expert_touches_leave_out_fused_shared_experts(tiny_models: dict[str, Pa
     assert len(touches.calls) == 2 and all(len(layer) >= 2 for layer in touches.calls)
     calls = [ids for layer in touches.calls for ids in layer]  # prefill, then decode steps
     assert all(ids.shape[1] == 2 and ids.min() >= 0 and ids.max() < 8 for ids in calls)
+
+
+@pytest.mark.parametrize("tokens,num_shared", [(1, 2), (3, 0)])
+def test_small_path_routes_as_grouped_topk(tokens: int, num_shared: int) -> None:
+    """The small path's gate-up kernel routes exactly as `grouped_topk` (the same code), shared
+    experts appended; its output is the small path's on those choices, bit for bit."""
+    g = torch.Generator().manual_seed(tokens)
+    experts = 16
+    w13 = torch.randn(experts + num_shared, 48, 40, generator=g) / 40**0.5
+    w2 = torch.randn(experts + num_shared, 40, 24, generator=g) / 24**0.5
+    x, logits = torch.randn(tokens, 40, generator=g), torch.randn(tokens, experts, generator=g)
+    bias = torch.randn(experts, generator=g) * 0.1
+    args = (3, 4, 2, True, 2.5, num_shared)
+    out, weights, ids = small_batch_moe_grouped_routed(x, w13, w2, logits, bias, *args)
+    want_w, want_ids = grouped_topk(logits, bias, *args)
+    assert torch.equal(ids, want_ids) and torch.equal(weights, want_w)
+    assert torch.equal(out, small_batch_moe(x, w13, w2, want_w, want_ids))
+    # fused_moe_grouped_routed's grouped path (routing kernel, then the grouped GEMMs) agrees.
+    got = fused_moe_grouped_routed(x, w13, w2, logits, bias, *args, small_batch=False)
+    torch.testing.assert_close(got, out, rtol=1e-5, atol=1e-5)
