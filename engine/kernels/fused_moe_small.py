@@ -215,6 +215,13 @@ class SmallBatchTiles:
 DEFAULT_TILES = SmallBatchTiles()
 
 
+def down_block_k(tiles: SmallBatchTiles, k_pow2: int) -> int:
+    """The down kernel's K step for `k_pow2` pair slots a token: it holds a [k_pow2, down_n,
+    K step] tile, so past 8 slots (DeepSeek-V3's top-8 and a fused shared expert: 16) a shorter
+    step keeps the same registers."""
+    return max(16, tiles.down_k * 8 // max(8, k_pow2))
+
+
 def small_batch_moe(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -358,9 +365,6 @@ def _launch(
         num_warps=tiles.num_warps,
         **pdl.launch_args(x),
     )
-    # The down kernel holds a [K_POW2, BLOCK_N, BLOCK_K] tile: past 8 pairs a token (DeepSeek-V3's
-    # top-8 and its shared expert) a shorter K step keeps it in the registers.
-    down_k = max(16, tiles.down_k * 8 // max(8, k_pow2))
     small_down_combine_kernel[(num_tokens, triton.cdiv(hidden, tiles.down_n))](
         act,
         w2,
@@ -375,7 +379,7 @@ def _launch(
         TOP_K=top_k,
         K_POW2=k_pow2,
         BLOCK_N=tiles.down_n,
-        BLOCK_K=down_k,
+        BLOCK_K=down_block_k(tiles, k_pow2),
         num_warps=tiles.num_warps,
         **pdl.launch_args(act),
     )
