@@ -335,12 +335,15 @@ def add_small_batch_moe(add: Callable[..., None]) -> None:
         fused_moe_small.ROUTE_SOFTMAX,
         fused_moe_small.ROUTE_GROUPED,
     )
+    # (model, pairs a token, routes, grouped routing's groups, experts per group, best groups
+    # and fused shared experts)
     models = (
-        ("qwen3-30b-a3b", 8, (none, softmax)),
-        ("moonlight", 8, (none, grouped)),
-        ("deepseek-v3", 9, (none,)),
+        ("qwen3-30b-a3b", 8, (none, softmax), (1, 1, 1, 0)),
+        ("moonlight", 8, (none, grouped), (1, 64, 1, 2)),
+        ("deepseek-v3", 9, (none, grouped), (8, 32, 4, 1)),
     )
-    for (model, top_k, routes), dtype in itertools.product(models, ("bf16", "fp32")):
+    for (model, top_k, routes, geometry), dtype in itertools.product(models, ("bf16", "fp32")):
+        groups, per_group, topk_groups, shared = geometry
         weights = "*fp32" if model != "qwen3-30b-a3b" else f"*{dtype}"
         k_pow2 = triton.next_power_of_2(top_k)
         for route in routes:
@@ -363,12 +366,12 @@ def add_small_batch_moe(add: Callable[..., None]) -> None:
                     "E_POW2": 128 if route == softmax else 1,
                     "ROUTE": route,
                     "RENORMALIZE": True,
-                    "NUM_GROUPS": 1,
-                    "PER_GROUP": 64 if is_grouped else 1,
-                    "TOPK_GROUPS": 1,
-                    "NUM_SHARED": 2 if is_grouped else 0,
-                    "G_POW2": 1,
-                    "P_POW2": 64 if is_grouped else 1,
+                    "NUM_GROUPS": groups,
+                    "PER_GROUP": per_group,
+                    "TOPK_GROUPS": topk_groups,
+                    "NUM_SHARED": shared if is_grouped else 0,
+                    "G_POW2": groups,
+                    "P_POW2": per_group,
                     "BLOCK_N": tiles.gate_up_n,
                     "BLOCK_K": tiles.gate_up_k,
                 },
