@@ -20,6 +20,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.engine import Engine
 from engine.eplb import initial_placement
 from engine.kernels.fused_moe import fused_moe_grouped_routed
+from engine.kernels.fused_moe_configs import kernel_config
 from engine.kernels.fused_moe_small import small_batch_moe, small_batch_moe_grouped_routed
 from engine.kernels.moe_routing import grouped_topk, router_logits
 from engine.layers.attention import make_attention_backend
@@ -221,3 +222,9 @@ def test_small_path_routes_as_grouped_topk(tokens: int, num_shared: int) -> None
     # fused_moe_grouped_routed's grouped path (routing kernel, then the grouped GEMMs) agrees.
     got = fused_moe_grouped_routed(x, w13, w2, logits, bias, *args, small_batch=False)
     torch.testing.assert_close(got, out, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_moonlight_keeps_its_tuned_blocks() -> None:
+    for tokens in (1, 4, 16, 64):
+        fused = kernel_config(tokens, 64 + 2, 2048, 1408, 6 + 2, torch.bfloat16)
+        assert fused == kernel_config(tokens, 64, 2048, 1408, 6, torch.bfloat16)
