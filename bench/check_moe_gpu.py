@@ -5,7 +5,11 @@
 `make test` checks the kernels at small shapes under Triton's interpreter; this runs them
 compiled, in bfloat16, at the published sizes of Qwen3-30B-A3B, Moonlight-16B-A3B and
 DeepSeek-V3 (one layer each), over token counts 0, 1, 4, 7, 64, 257 and 4096 (1 and 4 take the
-small-batch path); MLA decode and extend at 16 and 128 heads.
+small-batch path); MLA decode and extend at 16 and 128 heads. For the DeepSeek shapes also
+shared-expert fusion: the router's logits kernel from bfloat16 against float32 logits
+(max abs error <= 1e-5 of the largest), and the fused layer (shared experts stacked after the
+routed ones, one combine) against the float32 reference with MOE_TOL, printing how far it lies
+from routed experts + a separate shared MLP, in bfloat16 steps at the output's RMS.
 
 Tolerances (bfloat16): the fused experts against the torch experts run in float32 on the same
 bfloat16 weights, max abs error <= 2e-2 of the largest reference value (bfloat16 keeps 8 bits:
@@ -23,10 +27,16 @@ import sys
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from bench.moe_kernel import SHAPES, LayerShape, route
 from engine.kernels.fused_moe import fused_moe
-from engine.layers.moe import TorchMoEBackend, TritonMoEBackend
+from engine.layers.moe import (
+    GroupedRouting,
+    TorchMoEBackend,
+    TritonMoEBackend,
+    select_experts_grouped,
+)
 
 TOKENS = (0, 1, 4, 7, 64, 257, 4096)
 MOE_TOL = 2e-2
@@ -185,6 +195,64 @@ def check_mla_extend() -> list[str]:
     return failures
 
 
+# Shared experts per DeepSeek-class shape (the published configs' n_shared_experts).
+SHARED_EXPERTS = {"moonlight-16b-a3b": 2, "deepseek-v3": 1, "tiny": 2}
+SHARED_TOKENS = (1, 4, 64, 257)
+
+
+def check_shared_fusion(
+    shape: LayerShape,
+    tokens: Sequence[int],
+    device: str = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+) -> list[str]:
+    """Shared-expert fusion at `shape` (see the module docstring); [] when it passes."""
+    failures = []
+    shared = SHARED_EXPERTS[shape.name]
+    e, h, i = shape.experts, shape.hidden, shape.intermediate
+    g = torch.Generator(device=device).manual_seed(1)
+
+    def randn(*size: int, std: float) -> torch.Tensor:
+        return (torch.randn(*size, device=device, generator=g) * std).to(dtype)
+
+    w13, w2 = randn(e + shared, 2 * i, h, std=h**-0.5), randn(e + shared, h, i, std=i**-0.5)
+    gate, bias = randn(e, h, std=h**-0.5), torch.randn(e, device=device, generator=g) * 0.1
+    # The same shared experts as one MLP: gate rows, then up rows; down columns side by side.
+    gate_up = torch.cat((w13[e:, :i].reshape(-1, h), w13[e:, i:].reshape(-1, h)))
+    down = w2[e:].permute(1, 0, 2).reshape(h, shared * i)
+    fast, reference = TritonMoEBackend(), TorchMoEBackend()
+    routing = GroupedRouting(shape.top_k, shape.groups, shape.topk_groups, True, shape.scaling)
+    for t in tokens:
+        x = randn(t, h, std=1.0)
+        logits = fast.router_logits(x, gate)
+        want_logits = F.linear(x.float(), gate.float())
+        logit_err = (logits - want_logits).abs().max().item() / want_logits.abs().max().item()
+        fused = fast.routed_experts_grouped(x, logits, bias, w13, w2, routing, shared)
+        routed = fast.routed_experts_grouped(x, logits, bias, w13[:e], w2[:e], routing)
+        gu = F.linear(x, gate_up)
+        separate = routed + F.linear(F.silu(gu[:, : shared * i]) * gu[:, shared * i :], down)
+        r = routing
+        weights, ids = select_experts_grouped(
+            logits, bias, r.top_k, r.num_groups, r.topk_groups, True, r.scaling_factor, shared
+        )
+        want = reference.experts(x.float(), w13.float(), w2.float(), weights, ids)
+        scale = want.abs().max().item()
+        err = (fused.float() - want).abs().max().item()
+        err_separate = (separate.float() - want).abs().max().item()
+        # bfloat16's spacing at the output's RMS (8 significant bits).
+        step = 2.0 ** (math.floor(math.log2(want.pow(2).mean().sqrt().item())) - 7)
+        diff = (fused.float() - separate.float()).abs()
+        print(
+            f"shared fusion {shape.name} T={t}: logits err {logit_err:.1e}; fused max err "
+            f"{err:.2e}, separate {err_separate:.2e} (largest value {scale:.2f}); fused - "
+            f"separate: max {diff.max().item() / step:.1f}, mean {diff.mean().item() / step:.2f} "
+            f"bf16 steps at the RMS"
+        )
+        if logit_err > ROUTING_TOL or err > MOE_TOL * scale or fused.dtype != dtype:
+            failures.append(f"shared fusion {shape.name} T={t}: {err:.2e} of {scale:.2f}")
+    return failures
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", action="append", choices=sorted(SHAPES))
@@ -196,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     failures = []
     for name in args.shape or ("qwen3-30b-a3b", "moonlight-16b-a3b", "deepseek-v3"):
         failures += check_moe(SHAPES[name], TOKENS)
+        if name in SHARED_EXPERTS:
+            failures += check_shared_fusion(SHAPES[name], SHARED_TOKENS)
         torch.cuda.empty_cache()
     if not args.skip_mla:
         failures += check_mla() + check_mla_extend()

@@ -224,9 +224,11 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
         {"logits": "*bf16", "weights": "*bf16", "ids": "*i64"},
         {"TOP_K": 8, "K_POW2": 8, "E_POW2": 128, "RENORMALIZE": True},
     )
-    for groups, per_group, topk_groups, top_k in ((1, 64, 1, 6), (8, 32, 4, 8), (1, 384, 1, 8)):
+    # Moonlight, DeepSeek-V3, Kimi-K2; the first two also with their shared experts fused.
+    grouped = ((1, 64, 1, 6, 0), (1, 64, 1, 6, 2), (8, 32, 4, 8, 0), (8, 32, 4, 8, 1))
+    for groups, per_group, topk_groups, top_k, shared in (*grouped, (1, 384, 1, 8, 0)):
         add(
-            f"grouped_topk_kernel {groups}x{per_group} k={top_k}",
+            f"grouped_topk_kernel {groups}x{per_group} k={top_k} shared={shared}",
             moe_routing.grouped_topk_kernel,
             {"logits": "*fp32", "bias": "*fp32", "weights": "*fp32", "ids": "*i64"},
             {
@@ -234,13 +236,26 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
                 "PER_GROUP": per_group,
                 "TOPK_GROUPS": topk_groups,
                 "TOP_K": top_k,
+                "NUM_SHARED": shared,
                 "G_POW2": triton.next_power_of_2(groups),
                 "P_POW2": triton.next_power_of_2(per_group),
-                "K_POW2": triton.next_power_of_2(top_k),
+                "K_POW2": triton.next_power_of_2(top_k + shared),
                 "RENORMALIZE": True,
             },
             floats=("scaling",),
         )
+    # The gate's logits: a decode step's few tokens (1 and 8 rows), then tiles of dots.
+    for block_t, block_e, block_k, use_dot in ((1, 2, 1024, False), (8, 2, 128, False),
+                                               (16, 16, 32, True), (64, 64, 32, True)):  # fmt: skip
+        for dtype in ("bf16", "fp32"):
+            add(
+                f"router_logits_kernel {dtype} {block_t}x{block_e}x{block_k}",
+                moe_routing.router_logits_kernel,
+                {"x": f"*{dtype}", "w": f"*{dtype}", "out": "*fp32"},
+                {"BLOCK_T": block_t, "BLOCK_E": block_e, "BLOCK_K": block_k, "USE_DOT": use_dot},
+                divisible=("x", "w", "out", "hidden", "stride_xt", "stride_we"),
+                num_warps=4,
+            )
     for dtype, block_hs in (("bf16", (16, 32)), ("fp32", (16,))):
         for block_h in block_hs:
             add(
@@ -312,36 +327,58 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
 
 def add_small_batch_moe(add: Callable[..., None]) -> None:
     """The small-batch MoE's two kernels at their default tiles, for Qwen3-30B-A3B (128 experts,
-    H 2048, I 768, top-8; the gate-up kernel also with its routing folded in) and Moonlight
-    (H 2048, I 1408, top-6, float32 routing weights): the sizes and strides are multiples of 16
-    there, as a launch specializes them."""
+    H 2048, I 768, top-8; the gate-up kernel also with its softmax routing folded in), Moonlight
+    (H 2048, I 1408, top-6 plus 2 fused shared experts, grouped routing folded in, float32
+    routing weights) and DeepSeek-V3 (top-8 plus 1 shared: 16 pair slots): the sizes and
+    strides are multiples of 16 there, as a launch specializes them."""
     tiles = fused_moe_small.DEFAULT_TILES
     sizes = ("hidden", "inter", "stride_we", "stride_wn")
-    models = (("qwen3-30b-a3b", 8, (False, True)), ("moonlight", 6, (False,)))
-    for (model, top_k, routes), dtype in itertools.product(models, ("bf16", "fp32")):
-        weights = "*fp32" if model == "moonlight" else f"*{dtype}"
+    none, softmax, grouped = (
+        fused_moe_small.ROUTE_NONE,
+        fused_moe_small.ROUTE_SOFTMAX,
+        fused_moe_small.ROUTE_GROUPED,
+    )
+    # (model, pairs a token, routes, grouped routing's groups, experts per group, best groups
+    # and fused shared experts)
+    models = (
+        ("qwen3-30b-a3b", 8, (none, softmax), (1, 1, 1, 0)),
+        ("moonlight", 8, (none, grouped), (1, 64, 1, 2)),
+        ("deepseek-v3", 9, (none, grouped), (8, 32, 4, 1)),
+    )
+    for (model, top_k, routes, geometry), dtype in itertools.product(models, ("bf16", "fp32")):
+        groups, per_group, topk_groups, shared = geometry
+        weights = "*fp32" if model != "qwen3-30b-a3b" else f"*{dtype}"
         k_pow2 = triton.next_power_of_2(top_k)
         for route in routes:
+            is_grouped = route == grouped
             add(
-                f"small_gate_up_kernel {dtype} {model}{' routed' if route else ''}",
+                f"small_gate_up_kernel {dtype} {model} route={route}",
                 fused_moe_small.small_gate_up_kernel,
                 {
                     "x": f"*{dtype}",
                     "w13": f"*{dtype}",
                     "topk_ids": "*i64",
                     "act": f"*{dtype}",
-                    "router_logits": f"*{dtype}",
+                    "router_logits": "*fp32" if is_grouped else f"*{dtype}",
                     "topk_weights": weights,
+                    "correction_bias": "*fp32",
                 },
                 {
                     "TOP_K": top_k,
                     "K_POW2": k_pow2,
-                    "E_POW2": 128 if route else 1,
+                    "E_POW2": 128 if route == softmax else 1,
                     "ROUTE": route,
                     "RENORMALIZE": True,
+                    "NUM_GROUPS": groups,
+                    "PER_GROUP": per_group,
+                    "TOPK_GROUPS": topk_groups,
+                    "NUM_SHARED": shared if is_grouped else 0,
+                    "G_POW2": groups,
+                    "P_POW2": per_group,
                     "BLOCK_N": tiles.gate_up_n,
                     "BLOCK_K": tiles.gate_up_k,
                 },
+                floats=("scaling",),
                 divisible=("x", "w13", "act", "router_logits", "stride_xt", "stride_lt", *sizes),
                 num_warps=tiles.num_warps,
             )
@@ -359,7 +396,7 @@ def add_small_batch_moe(add: Callable[..., None]) -> None:
                 "TOP_K": top_k,
                 "K_POW2": k_pow2,
                 "BLOCK_N": tiles.down_n,
-                "BLOCK_K": tiles.down_k,
+                "BLOCK_K": fused_moe_small.down_block_k(tiles, k_pow2),
             },
             divisible=("act", "w2", "out", *sizes),
             num_warps=tiles.num_warps,

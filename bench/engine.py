@@ -190,12 +190,16 @@ def model_cost(engine: Engine) -> ModelCost:
     params = {id(p): p for p in model.parameters()}
     embeds = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     experts = [m for m in model.modules() if hasattr(m, "w13") and hasattr(m, "w2")]
-    expert_ids = {id(p) for m in experts for p in (m.w13, m.w2)}
     head = getattr(model, "lm_head", None)
     head_ids = {id(head.weight)} if isinstance(head, nn.Module) else set()
     total = sum(p.numel() for p in params.values())
     embed = sum(params[i].numel() for i in embeds if i in params)
-    expert = sum(params[i].numel() for i in expert_ids)
+    # Routed experts only: shared experts stacked after them (shared-expert fusion) are read
+    # every step, like the dense weights, whichever way they are stored.
+    expert = 0
+    for m in experts:
+        w13, w2 = cast(torch.Tensor, m.w13), cast(torch.Tensor, m.w2)
+        expert += (w13.numel() + w2.numel()) // w13.shape[0] * cast(int, m.num_experts)
     lm_head = sum(params[i].numel() for i in head_ids) or (embed if cfg.tie_word_embeddings else 0)
     num_experts = cfg.num_experts
     # A tied LM head is the embedding: it is read once per step, as the head.
@@ -343,14 +347,23 @@ def pdserve_state_as_hf(model: CausalLM) -> dict[str, torch.Tensor]:
     """pdserve's (fused) parameters as views under the Hugging Face checkpoint names."""
     params = dict(model.named_parameters())
     state = {}
-    for name, target in model.weight_map().items():
-        tensor = params[target.param].detach()
-        if target.expert is not None:
-            tensor = tensor[target.expert]
-        if target.size is not None or target.offset:
-            size = tensor.shape[0] - target.offset if target.size is None else target.size
-            tensor = tensor.narrow(0, target.offset, size)
-        state[name] = tensor
+    for name, targets in model.weight_map().items():
+        parts = []
+        for target in targets if isinstance(targets, tuple) else (targets,):
+            tensor = params[target.param].detach()
+            if target.expert is not None:
+                tensor = tensor[target.expert]
+            if target.size is not None or target.offset:
+                size = tensor.shape[0] - target.offset if target.size is None else target.size
+                tensor = tensor.narrow(0, target.offset, size)
+            parts.append((target.source_offset, target.source_dim, tensor))
+            if target.source_size is None:
+                break  # the whole tensor (replicas would repeat it)
+        if len(parts) == 1:
+            state[name] = parts[0][2]
+        else:  # slices of one checkpoint tensor (shared experts split into stacked experts)
+            parts.sort(key=lambda part: part[0])
+            state[name] = torch.cat([part[2] for part in parts], dim=parts[0][1])
     return state
 
 
@@ -463,6 +476,7 @@ def engine_config(args: argparse.Namespace, model_path: str, load_format: str) -
         context_length=context,
         disable_cuda_graph=args.disable_cuda_graph,
         disable_overlap_schedule=args.disable_overlap_schedule,
+        disable_shared_experts_fusion=args.disable_shared_experts_fusion,
         **sizing,
         **extra,
     )
@@ -526,6 +540,11 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gemm-backend", help="the engine's --gemm-backend (default auto)")
     p.add_argument("--disable-cuda-graph", action="store_true")
     p.add_argument("--disable-overlap-schedule", action="store_true")
+    p.add_argument(
+        "--disable-shared-experts-fusion",
+        action="store_true",
+        help="the engine's flag: DeepSeek-class shared experts as a separate MLP",
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

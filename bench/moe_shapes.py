@@ -82,12 +82,18 @@ PRESETS = {"qwen3-30b-a3b": QWEN3_30B_A3B, "moonlight-16b-a3b": MOONLIGHT_16B_A3
 
 
 class _Recording(MoEBackend):
-    """Delegates to `inner`, keeping each call's `topk_ids` (on the device, no sync)."""
+    """Delegates to `inner`, keeping each call's routed `topk_ids` (on the device, no sync):
+    without the `num_shared` shared experts a fused layer appends to every token's choices
+    (read every step, they are no routed expert touched)."""
 
-    def __init__(self, inner: MoEBackend, calls: list[torch.Tensor]) -> None:
+    def __init__(self, inner: MoEBackend, calls: list[torch.Tensor], num_shared: int = 0) -> None:
         self.inner = inner
         self.name = inner.name
         self.calls = calls
+        self.num_shared = num_shared
+
+    def router_logits(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self.inner.router_logits(x, weight)
 
     def select_experts(
         self, router_logits: torch.Tensor, top_k: int, renormalize: bool
@@ -103,6 +109,7 @@ class _Recording(MoEBackend):
         topk_groups: int,
         renormalize: bool,
         scaling_factor: float = 1.0,
+        num_shared: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.inner.select_experts_grouped(
             router_logits,
@@ -112,6 +119,7 @@ class _Recording(MoEBackend):
             topk_groups,
             renormalize,
             scaling_factor,
+            num_shared,
         )
 
     def experts(
@@ -122,7 +130,8 @@ class _Recording(MoEBackend):
         topk_weights: torch.Tensor,
         topk_ids: torch.Tensor,
     ) -> torch.Tensor:
-        self.calls.append(topk_ids.detach().clone())
+        routed = topk_ids.shape[1] - self.num_shared  # shared experts come last
+        self.calls.append(topk_ids[:, :routed].detach().clone())
         return self.inner.experts(x, w13, w2, topk_weights, topk_ids)
 
 
@@ -141,7 +150,8 @@ class ExpertTouches:
     def __enter__(self) -> ExpertTouches:
         self._saved = [getattr(layer, "backend") for layer in self.layers]  # noqa: B009
         for layer, backend, calls in zip(self.layers, self._saved, self.calls, strict=True):
-            object.__setattr__(layer, "backend", _Recording(backend, calls))
+            recording = _Recording(backend, calls, getattr(layer, "num_shared", 0))
+            object.__setattr__(layer, "backend", recording)
         return self
 
     def __exit__(self, *exc: object) -> None:

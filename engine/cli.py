@@ -80,6 +80,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--moe-backend", "--moe-runner-backend", default="auto", choices=MOE_BACKENDS)
     g.add_argument(
+        "--disable-shared-experts-fusion",
+        action="store_true",
+        help="keep DeepSeek's shared experts a separate MLP (by default the Triton MoE backend "
+        "computes them as extra experts of the routed kernels when --ep-size is 1)",
+    )
+    g.add_argument(
         "--gemm-backend",
         default="auto",
         choices=GEMM_BACKENDS,
@@ -115,6 +121,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         disable_overlap_schedule=args.disable_overlap_schedule,
         cuda_graph_max_bs=args.cuda_graph_max_bs,
         moe_backend=args.moe_backend,
+        disable_shared_experts_fusion=args.disable_shared_experts_fusion,
         gemm_backend=args.gemm_backend,
         grammar_compile_timeout_s=args.grammar_compile_timeout,
     )

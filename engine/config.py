@@ -402,6 +402,9 @@ class EngineConfig:
     disable_overlap_schedule: bool = False
     cuda_graph_max_bs: int = 256
     moe_backend: str = "auto"
+    # Shared experts stacked into the routed experts' weights where the MoE backend computes
+    # them in its own launches (the Triton backend, expert parallelism off): off keeps the MLP.
+    disable_shared_experts_fusion: bool = False
     gemm_backend: str = "auto"
     # Constrained decoding (engine/grammar.py): a request whose grammar takes longer than this
     # to compile fails with a ValueError (a 400); the compile goes on in the background.

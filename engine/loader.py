@@ -26,13 +26,37 @@ class WeightTarget:
     """Destination of one checkpoint tensor: `param[expert][offset:offset + size]` (dim 0).
 
     `expert` selects a slice of a stacked expert parameter; `size` None means the whole
-    (remaining) first dimension.
+    (remaining) first dimension. `source_size` not None takes only a part of the checkpoint
+    tensor, `source_size` entries from `source_offset` along its dimension `source_dim` (a
+    shared-experts MLP split into several stacked experts: rows of gate/up, columns of down).
     """
 
     param: str
     expert: int | None = None
     offset: int = 0
     size: int | None = None
+    source_dim: int = 0
+    source_offset: int = 0
+    source_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.source_size is not None and (self.source_size < 1 or self.source_offset < 0):
+            raise ValueError(
+                f"{self.param}: a source slice needs size >= 1 and offset >= 0, got "
+                f"{self.source_size} at {self.source_offset}"
+            )
+
+    def source(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The part of checkpoint `tensor` that goes to this target."""
+        if self.source_size is None:
+            return tensor
+        end = self.source_offset + self.source_size
+        if tensor.dim() <= self.source_dim or tensor.shape[self.source_dim] < end:
+            raise ValueError(
+                f"{self.param}: cannot take [{self.source_offset}:{end}] along dim "
+                f"{self.source_dim} of a checkpoint tensor of shape {tuple(tensor.shape)}"
+            )
+        return tensor.narrow(self.source_dim, self.source_offset, self.source_size)
 
 
 class HasParameters(Protocol):
@@ -40,7 +64,7 @@ class HasParameters(Protocol):
 
 
 class LoadableModel(HasParameters, Protocol):
-    def weight_map(self) -> dict[str, WeightTarget]:
+    def weight_map(self) -> WeightTargets:
         """Every checkpoint tensor name the model expects, and where it goes."""
         ...
 
@@ -113,12 +137,14 @@ def load_weights(
             continue
         for one in target if isinstance(target, tuple) else (target,):
             dest = _destination(params, name, one)
-            if tuple(dest.shape) != tuple(tensor.shape):
+            part = one.source(tensor)
+            if tuple(dest.shape) != tuple(part.shape):
+                sliced = "" if part is tensor else f" (its slice {tuple(part.shape)})"
                 raise ValueError(
-                    f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, but the model "
-                    f"expects {tuple(dest.shape)} (config.json and weights disagree)"
+                    f"checkpoint tensor {name} has shape {tuple(tensor.shape)}{sliced}, but the "
+                    f"model expects {tuple(dest.shape)} (config.json and weights disagree)"
                 )
-            dest.copy_(tensor)
+            dest.copy_(part)
         seen.add(name)
     missing = sorted(set(targets) - seen)
     if missing or unexpected:

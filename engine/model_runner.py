@@ -52,19 +52,22 @@ class ModelRunner:
         self.attention: AttentionBackend = make_attention_backend(
             config.attention_backend, device.kind, model_config.mla is not None
         )
+        self.moe_backend: MoEBackend | None = None
+        if model_config.is_moe:
+            self.moe_backend = moe_backend_for(config.moe_backend, device.kind)
         with torch.device(device.torch_device):
             torch_default = torch.get_default_dtype()
             torch.set_default_dtype(self.dtype)
             try:
-                self.model: CausalLM = build_model(model_config, self.attention)
+                self.model: CausalLM = build_model(
+                    model_config, self.attention, self._fuse_shared_experts()
+                )
                 self.ep_layers = self._shard_experts()
             finally:
                 torch.set_default_dtype(torch_default)
         self.gemm_backend = gemm_backend_for(config.gemm_backend, device.kind)
         set_gemm_backend(cast(torch.nn.Module, self.model), self.gemm_backend)
-        self.moe_backend: MoEBackend | None = None
-        if model_config.is_moe:
-            self.moe_backend = moe_backend_for(config.moe_backend, device.kind)
+        if self.moe_backend is not None:
             set_moe_backend(cast(torch.nn.Module, self.model), self.moe_backend)
         # RoPE tables stay float32 whatever the weights' dtype, like the reference.
         self.model.rotary.float()
@@ -106,6 +109,18 @@ class ModelRunner:
             self.graphs.capture()
         elif device.kind == "cuda":
             log.info("decode runs eagerly: %s", reason)
+
+    def _fuse_shared_experts(self) -> bool:
+        """Whether MoE layers stack their shared experts into the routed experts' weights:
+        where the MoE backend computes them in its own launches, and not under expert
+        parallelism (every rank runs the shared experts for its own tokens; only routed
+        experts are sharded)."""
+        return (
+            self.moe_backend is not None
+            and self.moe_backend.fuses_shared_experts
+            and not self.parallel.enabled
+            and not self.config.disable_shared_experts_fusion
+        )
 
     def _graph_blocker(self) -> str | None:
         """Why decode cannot run as CUDA graphs here, or None when it can."""

@@ -16,9 +16,15 @@ captured in a CUDA graph at a fixed batch size):
 3. `grouped_gemm_kernel` without it: `act[pair] @ w2[e].T` `[N, H]`, in the pair's row.
 4. `combine_kernel`: `out[t] = sum_j weight[t, j] * y[t * top_k + j]` in float32.
 
-Up to `SMALL_BATCH_PAIRS` pairs, `engine.kernels.fused_moe_small` computes the same in two
-launches instead (no align, gate-up, then down and combine in one); `fused_moe_routed` also
-folds softmax top-k routing into that path's gate-up kernel.
+Up to `SMALL_BATCH_PAIRS` pairs (or one token), `engine.kernels.fused_moe_small` computes the
+same in two launches instead (no align, gate-up, then down and combine in one);
+`fused_moe_routed` and `fused_moe_grouped_routed` also fold softmax top-k or DeepSeek's grouped
+routing into that path's gate-up kernel.
+
+Shared experts can ride along as extra experts (SGLang's "shared-expert fusion"): stacked after
+the routed ones in `w13`/`w2`, every token choosing each of them with weight 1.0
+(`fused_moe_grouped_routed`'s `num_shared`). Their outputs then join the combine's float32 sum
+and the layer's output is rounded once, where a separate MLP rounds its output and the sum.
 
 The weights are `w13` `[E, 2I, H]` (gate rows, then up rows) and `w2` `[E, H, I]`, the layout
 of `engine.layers.moe.FusedExperts`. Expert ids outside `[0, E)` are not computed and add
@@ -33,8 +39,12 @@ import triton.language as tl
 
 from engine.kernels import pdl
 from engine.kernels.fused_moe_configs import MoEKernelConfig, kernel_config
-from engine.kernels.fused_moe_small import small_batch_moe, small_batch_moe_routed
-from engine.kernels.moe_routing import softmax_topk
+from engine.kernels.fused_moe_small import (
+    small_batch_moe,
+    small_batch_moe_grouped_routed,
+    small_batch_moe_routed,
+)
+from engine.kernels.moe_routing import grouped_topk, softmax_topk
 
 
 @triton.jit
@@ -321,8 +331,14 @@ PARALLEL_CHUNK = 128
 # Qwen3-30B-A3B's shape (`bench.moe_kernel --path grouped|small|routed --tokens 1,2,4,8`, µs
 # per layer, routing included: the grouped path's routing launch takes 4.0-4.6 µs):
 # grouped 35.1 / 57.0 / 94.4 / 145.0, routed 32.6 / 63.1 / 106.8 / 145.8 at 1 / 2 / 4 / 8
-# tokens: the small path pays at one token only.
+# tokens: the small path pays at one token only. One token takes it whatever its pairs
+# (DeepSeek-V3's top-8 plus a fused shared expert: 9).
 SMALL_BATCH_PAIRS = 8
+
+
+def takes_small_path(num_tokens: int, pairs_per_token: int) -> bool:
+    """Whether `fused_moe` computes this many tokens on the two-launch path by default."""
+    return num_tokens * pairs_per_token <= SMALL_BATCH_PAIRS or num_tokens == 1
 
 
 def align_chunk(e_pow2: int, num_pairs: int | None = None) -> int:
@@ -488,7 +504,7 @@ def fused_moe(
     topk_ids, topk_weights = topk_ids.contiguous(), topk_weights.contiguous()
     num_pairs = num_tokens * top_k
     if small_batch is None:
-        small_batch = num_pairs <= SMALL_BATCH_PAIRS
+        small_batch = takes_small_path(num_tokens, top_k)
     if small_batch:
         return small_batch_moe(x, w13, w2, topk_weights, topk_ids)
     cfg = config or kernel_config(num_tokens, num_experts, hidden, inter, top_k, x.dtype)
@@ -525,7 +541,7 @@ def fused_moe_routed(
             f"{w13.shape[0]} experts"
         )
     if small_batch is None:
-        small_batch = num_tokens * top_k <= SMALL_BATCH_PAIRS
+        small_batch = takes_small_path(num_tokens, top_k)
     if not small_batch:
         weights, ids = softmax_topk(router_logits, top_k, renormalize)
         return fused_moe(x, w13, w2, weights, ids, small_batch=False)
@@ -533,6 +549,45 @@ def fused_moe_routed(
     logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
     out, _, _ = small_batch_moe_routed(
         x.contiguous(), w13.contiguous(), w2.contiguous(), logits, top_k, renormalize
+    )
+    return out
+
+
+def fused_moe_grouped_routed(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    router_logits: torch.Tensor,
+    correction_bias: torch.Tensor,
+    top_k: int,
+    num_groups: int,
+    topk_groups: int,
+    renormalize: bool,
+    scaling_factor: float = 1.0,
+    num_shared: int = 0,
+    small_batch: bool | None = None,
+) -> torch.Tensor:
+    """`fused_moe` on DeepSeek-V3's grouped routing of `router_logits` `[T, E]` (the choices
+    and weights of `grouped_topk`), plus `num_shared` shared experts stacked after the E routed
+    ones (w13 `[E + num_shared, 2I, H]`), which every token takes with weight 1.0. On the
+    small-batch path (`small_batch` as in `fused_moe`) its gate-up kernel routes: two launches
+    in all; otherwise `grouped_topk`, then `fused_moe`."""
+    num_tokens, num_routed = router_logits.shape
+    if num_tokens != x.shape[0] or num_routed + num_shared != w13.shape[0]:
+        raise ValueError(
+            f"router logits {tuple(router_logits.shape)} and {num_shared} shared experts do "
+            f"not fit x {tuple(x.shape)} and {w13.shape[0]} experts"
+        )
+    args = (top_k, num_groups, topk_groups, renormalize, scaling_factor, num_shared)
+    if small_batch is None:
+        small_batch = takes_small_path(num_tokens, top_k + num_shared)
+    if not small_batch or num_tokens == 0:
+        weights, ids = grouped_topk(router_logits, correction_bias, *args)
+        return fused_moe(x, w13, w2, weights, ids, small_batch=small_batch)
+    _check_weights(x, w13, w2)
+    logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
+    out, _, _ = small_batch_moe_grouped_routed(
+        x.contiguous(), w13.contiguous(), w2.contiguous(), logits, correction_bias, *args
     )
     return out
 

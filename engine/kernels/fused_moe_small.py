@@ -8,9 +8,11 @@ row each. Here, over the same `N = T * top_k` pairs (pair `i` is token `i // top
 1. `small_gate_up_kernel`, a program per (pair, block of I's columns): the pair's token row
    against the gate and up rows of its expert, products on the CUDA cores (one row: no use for
    tensor cores), stored as `silu(gate) * up` `[N, I]` in x's dtype. With `ROUTE`
-   (`small_batch_moe_routed`) each program first chooses its token's experts from the router
-   logits by `softmax_topk`'s code (so exactly its choices, ties to the lower id), and the
-   pair's first program stores the choice and its weight for kernel 2: routing costs no launch.
+   (`small_batch_moe_routed`, `small_batch_moe_grouped_routed`) each program first chooses its
+   token's experts from the router logits by `softmax_topk`'s or `grouped_topk`'s code (so
+   exactly their choices, ties to the lower id; grouped routing appends any fused shared
+   experts), and the pair's first program stores the choice and its weight for kernel 2:
+   routing costs no launch.
 2. `small_down_combine_kernel`, a program per (token, block of H's columns): the down
    projections of all the token's pairs (one tile of the w2 rows of every pair's expert per
    step), each rounded to x's dtype, then weighted and summed in float32 pair by pair, in
@@ -31,7 +33,10 @@ import triton
 import triton.language as tl
 
 from engine.kernels import pdl
-from engine.kernels.moe_routing import softmax_topk_row
+from engine.kernels.moe_routing import grouped_topk_row, softmax_topk_row
+
+# What `small_gate_up_kernel` routes by (its ROUTE argument).
+ROUTE_NONE, ROUTE_SOFTMAX, ROUTE_GROUPED = 0, 1, 2
 
 
 @triton.jit
@@ -40,20 +45,29 @@ def small_gate_up_kernel(
     w13,  # [E, 2 * INTER, H]
     topk_ids,  # [N] int, the flattened [T, TOP_K] choices (int64, written, with ROUTE)
     act,  # [N, INTER] out, x's dtype
-    router_logits,  # [T, E] with ROUTE, else unused
-    topk_weights,  # [N] out with ROUTE (the logits' dtype), else unused
-    num_experts,
+    router_logits,  # [T, E_ROUTED] with ROUTE, else unused
+    topk_weights,  # [N] out with ROUTE (the logits' dtype; float32 grouped), else unused
+    correction_bias,  # [E_ROUTED] with ROUTE_GROUPED, else unused
+    num_experts,  # E: w13's experts, the routed ones then any shared ones
+    num_routed,  # E_ROUTED: the experts the router chooses from
     hidden,
     inter,
     stride_xt,
     stride_lt,
     stride_we,
     stride_wn,
-    TOP_K: tl.constexpr,
+    scaling,  # ROUTE_GROUPED: the routed weights' scaling factor
+    TOP_K: tl.constexpr,  # pairs per token: the routed choices, then the shared experts
     K_POW2: tl.constexpr,
     E_POW2: tl.constexpr,
-    ROUTE: tl.constexpr,  # choose the experts here, as softmax_topk_kernel does
+    ROUTE: tl.constexpr,  # ROUTE_NONE, or choose the experts here as the routing kernels do
     RENORMALIZE: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,  # ROUTE_GROUPED: grouped_topk_row's settings
+    PER_GROUP: tl.constexpr,
+    TOPK_GROUPS: tl.constexpr,
+    NUM_SHARED: tl.constexpr,
+    G_POW2: tl.constexpr,
+    P_POW2: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
@@ -62,17 +76,30 @@ def small_gate_up_kernel(
     # Pairs vary fastest: the programs resident together read one column block of their
     # experts, so two tokens' pairs on the same expert read its rows once from memory.
     pair = tl.program_id(0).to(tl.int64)
-    if ROUTE:
+    if ROUTE != 0:
         # Every program routes its token again (a few hundred logits: less than a launch);
         # the pair's first program writes its choice for the down kernel.
-        chosen_w, chosen_id = softmax_topk_row(
-            router_logits + pair // TOP_K * stride_lt,
-            num_experts,
-            TOP_K,
-            K_POW2,
-            E_POW2,
-            RENORMALIZE,
-        )
+        logits_row = router_logits + pair // TOP_K * stride_lt
+        if ROUTE == 1:
+            chosen_w, chosen_id = softmax_topk_row(
+                logits_row, num_routed, TOP_K, K_POW2, E_POW2, RENORMALIZE
+            )
+        else:
+            chosen_w, chosen_id = grouped_topk_row(
+                logits_row,
+                correction_bias,
+                num_routed,
+                scaling,
+                NUM_GROUPS,
+                PER_GROUP,
+                TOPK_GROUPS,
+                TOP_K - NUM_SHARED,
+                NUM_SHARED,
+                G_POW2,
+                P_POW2,
+                K_POW2,
+                RENORMALIZE,
+            )
         mine = tl.arange(0, K_POW2) == pair % TOP_K
         expert = tl.sum(tl.where(mine, chosen_id, 0), axis=0)
         if tl.program_id(1) == 0:
@@ -188,6 +215,13 @@ class SmallBatchTiles:
 DEFAULT_TILES = SmallBatchTiles()
 
 
+def down_block_k(tiles: SmallBatchTiles, k_pow2: int) -> int:
+    """The down kernel's K step for `k_pow2` pair slots a token: it holds a [k_pow2, down_n,
+    K step] tile, so past 8 slots (DeepSeek-V3's top-8 and a fused shared expert: 16) a shorter
+    step keeps the same registers."""
+    return max(16, tiles.down_k * 8 // max(8, k_pow2))
+
+
 def small_batch_moe(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -198,7 +232,22 @@ def small_batch_moe(
 ) -> torch.Tensor:
     """`fused_moe`'s result `[T, H]` in two launches. Expects what `fused_moe` checks:
     contiguous tensors of matching shapes."""
-    return _launch(x, w13, w2, topk_weights, topk_ids, None, False, tiles)
+    return _launch(x, w13, w2, topk_weights, topk_ids, None, tiles)
+
+
+@dataclass(frozen=True)
+class _Routing:
+    """What the gate-up kernel routes by: `ROUTE_SOFTMAX` or `ROUTE_GROUPED`, its logits
+    `[T, E_routed]` (contiguous rows) and settings."""
+
+    kind: int
+    logits: torch.Tensor
+    renormalize: bool
+    correction_bias: torch.Tensor | None = None
+    scaling: float = 1.0
+    num_groups: int = 1
+    topk_groups: int = 1
+    num_shared: int = 0
 
 
 def small_batch_moe_routed(
@@ -216,7 +265,44 @@ def small_batch_moe_routed(
     num_tokens = x.shape[0]
     weights = router_logits.new_empty(num_tokens, top_k)
     ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=x.device)
-    out = _launch(x, w13, w2, weights, ids, router_logits, renormalize, tiles)
+    routing = _Routing(ROUTE_SOFTMAX, router_logits, renormalize)
+    out = _launch(x, w13, w2, weights, ids, routing, tiles)
+    return out, weights, ids
+
+
+def small_batch_moe_grouped_routed(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    router_logits: torch.Tensor,
+    correction_bias: torch.Tensor,
+    top_k: int,
+    num_groups: int,
+    topk_groups: int,
+    renormalize: bool,
+    scaling_factor: float = 1.0,
+    num_shared: int = 0,
+    tiles: SmallBatchTiles = DEFAULT_TILES,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`small_batch_moe` on `grouped_topk`'s choices from `router_logits` `[T, E]` (contiguous
+    rows), chosen inside the gate-up kernel, the `num_shared` shared experts (w13's and w2's
+    last ones, ids E, E + 1, ...) appended with weight 1.0: (out `[T, H]`, weights
+    `[T, k + num_shared]` float32, ids `[T, k + num_shared]` int64), exactly `grouped_topk`'s."""
+    num_tokens = x.shape[0]
+    width = top_k + num_shared
+    weights = torch.empty(num_tokens, width, dtype=torch.float32, device=x.device)
+    ids = torch.empty(num_tokens, width, dtype=torch.int64, device=x.device)
+    routing = _Routing(
+        ROUTE_GROUPED,
+        router_logits,
+        renormalize,
+        correction_bias.contiguous(),
+        scaling_factor,
+        num_groups,
+        topk_groups,
+        num_shared,
+    )
+    out = _launch(x, w13, w2, weights, ids, routing, tiles)
     return out, weights, ids
 
 
@@ -226,8 +312,7 @@ def _launch(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
-    router_logits: torch.Tensor | None,
-    renormalize: bool,
+    routing: _Routing | None,
     tiles: SmallBatchTiles,
 ) -> torch.Tensor:
     out = torch.empty_like(x)
@@ -237,10 +322,16 @@ def _launch(
     num_experts, two_inter, _ = w13.shape
     inter = two_inter // 2
     top_k = topk_ids.shape[1]
+    k_pow2 = triton.next_power_of_2(top_k)
     num_pairs = num_tokens * top_k
     act = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)  # [N, I]
-    route = router_logits is not None
-    logits = router_logits if router_logits is not None else x  # x: a placeholder, unread
+    # x, a placeholder for the tensors a kernel without routing never reads.
+    logits = x if routing is None else routing.logits
+    bias = x if routing is None or routing.correction_bias is None else routing.correction_bias
+    num_routed = logits.shape[1] if routing is not None else num_experts
+    grouped = routing is not None and routing.kind == ROUTE_GROUPED
+    num_groups = routing.num_groups if routing is not None and grouped else 1
+    per_group = num_routed // num_groups
     small_gate_up_kernel[(num_pairs, triton.cdiv(inter, tiles.gate_up_n))](
         x,
         w13,
@@ -248,18 +339,27 @@ def _launch(
         act,
         logits,
         topk_weights,
+        bias,
         num_experts,
+        num_routed,
         hidden,
         inter,
         x.stride(0),
         logits.stride(0),
         w13.stride(0),
         w13.stride(1),
+        float(routing.scaling) if routing is not None else 1.0,
         TOP_K=top_k,
-        K_POW2=triton.next_power_of_2(top_k),
-        E_POW2=triton.next_power_of_2(num_experts) if route else 1,
-        ROUTE=route,
-        RENORMALIZE=renormalize,
+        K_POW2=k_pow2,
+        E_POW2=triton.next_power_of_2(num_routed) if routing is not None else 1,
+        ROUTE=ROUTE_NONE if routing is None else routing.kind,
+        RENORMALIZE=routing is not None and routing.renormalize,
+        NUM_GROUPS=num_groups,
+        PER_GROUP=per_group if grouped else 1,
+        TOPK_GROUPS=routing.topk_groups if routing is not None and grouped else 1,
+        NUM_SHARED=routing.num_shared if routing is not None else 0,
+        G_POW2=triton.next_power_of_2(num_groups),
+        P_POW2=triton.next_power_of_2(per_group) if grouped else 1,
         BLOCK_N=tiles.gate_up_n,
         BLOCK_K=tiles.gate_up_k,
         num_warps=tiles.num_warps,
@@ -277,9 +377,9 @@ def _launch(
         w2.stride(0),
         w2.stride(1),
         TOP_K=top_k,
-        K_POW2=triton.next_power_of_2(top_k),
+        K_POW2=k_pow2,
         BLOCK_N=tiles.down_n,
-        BLOCK_K=tiles.down_k,
+        BLOCK_K=down_block_k(tiles, k_pow2),
         num_warps=tiles.num_warps,
         **pdl.launch_args(act),
     )

@@ -4,6 +4,11 @@ The same results as `engine.layers.moe.select_experts` (softmax top-k) and
 `select_experts_grouped` (DeepSeek-V3's grouped sigmoid with the correction bias), which take
 5 and about 15 small kernels each. Ties between equal scores go to the lower expert id (torch's
 `topk` leaves them unspecified); the chosen experts come out best first.
+
+`router_logits` computes DeepSeek's float32 gate logits `x @ W.T` in one kernel from the
+weights' own dtype (bfloat16 upcast as it is loaded, float32 products and sums): the
+reference's `F.linear(x.float(), W.float())` up to summation order, without its two
+conversions per step.
 """
 
 from __future__ import annotations
@@ -74,30 +79,30 @@ def softmax_topk_kernel(
 
 
 @triton.jit
-def grouped_topk_kernel(
-    logits,  # [T, E]
+def grouped_topk_row(
+    logits_row,  # [E] one token's router logits
     bias,  # [E] the correction bias
-    weights,  # [T, TOP_K] float32 out
-    ids,  # [T, TOP_K] int64 out
-    stride_t,
+    num_experts,  # E: the routed experts; shared ones are numbered from E
     scaling,
     NUM_GROUPS: tl.constexpr,
     PER_GROUP: tl.constexpr,
     TOPK_GROUPS: tl.constexpr,
     TOP_K: tl.constexpr,
+    NUM_SHARED: tl.constexpr,
     G_POW2: tl.constexpr,
     P_POW2: tl.constexpr,
-    K_POW2: tl.constexpr,
+    K_POW2: tl.constexpr,  # a power of two >= TOP_K + NUM_SHARED
     RENORMALIZE: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    pdl.start(PDL)
-    t = tl.program_id(0).to(tl.int64)
+    """One token's grouped sigmoid top-k: (weights `[K_POW2]` float32, ids `[K_POW2]` int64),
+    the routed choices best first in slots `[0, TOP_K)`, then the `NUM_SHARED` shared experts
+    (ids E, E + 1, ..., weight 1.0: neither renormalised nor scaled), zeros past them. Shared by
+    `grouped_topk_kernel` and the small-batch MoE's gate-up kernel, which must choose alike."""
     g = tl.arange(0, G_POW2)
     c = tl.arange(0, P_POW2)
     ok = (g[:, None] < NUM_GROUPS) & (c[None, :] < PER_GROUP)
     expert = g[:, None] * PER_GROUP + c[None, :]  # [G_POW2, P_POW2]
-    x = tl.load(logits + t * stride_t + expert, mask=ok, other=0.0).to(tl.float32)
+    x = tl.load(logits_row + expert, mask=ok, other=0.0).to(tl.float32)
     scores = tl.sigmoid(x)
     b = tl.load(bias + expert, mask=ok, other=0.0).to(tl.float32)
     choice = tl.where(ok, scores + b, -float("inf"))
@@ -128,9 +133,152 @@ def grouped_topk_kernel(
     if RENORMALIZE:
         chosen_w = chosen_w / (tl.sum(chosen_w, axis=0) + 1e-20)
     chosen_w = chosen_w * scaling
-    out = t * TOP_K + slots
-    tl.store(weights + out, chosen_w, mask=slots < TOP_K)
-    tl.store(ids + out, chosen_id, mask=slots < TOP_K)
+    shared = (slots >= TOP_K) & (slots < TOP_K + NUM_SHARED)
+    chosen_w = tl.where(shared, 1.0, chosen_w)
+    chosen_id = tl.where(shared, (num_experts + slots - TOP_K).to(tl.int64), chosen_id)
+    return chosen_w, chosen_id
+
+
+@triton.jit
+def grouped_topk_kernel(
+    logits,  # [T, E]
+    bias,  # [E] the correction bias
+    weights,  # [T, TOP_K + NUM_SHARED] float32 out
+    ids,  # [T, TOP_K + NUM_SHARED] int64 out
+    num_experts,
+    stride_t,
+    scaling,
+    NUM_GROUPS: tl.constexpr,
+    PER_GROUP: tl.constexpr,
+    TOPK_GROUPS: tl.constexpr,
+    TOP_K: tl.constexpr,
+    NUM_SHARED: tl.constexpr,
+    G_POW2: tl.constexpr,
+    P_POW2: tl.constexpr,
+    K_POW2: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    pdl.start(PDL)
+    t = tl.program_id(0).to(tl.int64)
+    chosen_w, chosen_id = grouped_topk_row(
+        logits + t * stride_t,
+        bias,
+        num_experts,
+        scaling,
+        NUM_GROUPS,
+        PER_GROUP,
+        TOPK_GROUPS,
+        TOP_K,
+        NUM_SHARED,
+        G_POW2,
+        P_POW2,
+        K_POW2,
+        RENORMALIZE,
+    )
+    slots = tl.arange(0, K_POW2)
+    width = TOP_K + NUM_SHARED
+    out = t * width + slots
+    tl.store(weights + out, chosen_w, mask=slots < width)
+    tl.store(ids + out, chosen_id, mask=slots < width)
+
+
+@triton.jit
+def router_logits_kernel(
+    x,  # [T, H]
+    w,  # [E, H]
+    out,  # [T, E] float32
+    num_tokens,
+    num_experts,
+    hidden,
+    stride_xt,
+    stride_we,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr,  # tiles of >= 16 tokens: float32 dots ("ieee": no TF32 rounding)
+    PDL: tl.constexpr,
+):
+    pdl.start(PDL)
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    experts = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    t_ok = tokens < num_tokens
+    e_ok = experts < num_experts
+    ks = tl.arange(0, BLOCK_K)
+    x_ptr = x + tokens.to(tl.int64)[:, None] * stride_xt + ks[None, :]  # [BLOCK_T, BLOCK_K]
+    if USE_DOT:
+        w_ptr = w + experts[None, :] * stride_we + ks[:, None]  # [BLOCK_K, BLOCK_E]
+        acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            k_ok = ks < hidden - k0
+            a = tl.load(x_ptr, mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            b = tl.load(w_ptr, mask=k_ok[:, None] & e_ok[None, :], other=0.0).to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+            x_ptr += BLOCK_K
+            w_ptr += BLOCK_K
+    else:
+        # A decode step's few tokens: products on the CUDA cores, summed over K at the end.
+        w_ptr = w + experts[:, None] * stride_we + ks[None, :]  # [BLOCK_E, BLOCK_K]
+        partial = tl.zeros([BLOCK_T, BLOCK_E, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            k_ok = ks < hidden - k0
+            a = tl.load(x_ptr, mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            b = tl.load(w_ptr, mask=e_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            partial += a[:, None, :] * b[None, :, :]
+            x_ptr += BLOCK_K
+            w_ptr += BLOCK_K
+        acc = tl.sum(partial, axis=2)
+    o_ptr = out + tokens.to(tl.int64)[:, None] * num_experts + experts[None, :]
+    tl.store(o_ptr, acc, mask=t_ok[:, None] & e_ok[None, :])
+
+
+# Up to this many tokens `router_logits` multiplies on the CUDA cores without dots (a tile of
+# tokens this small would waste most of a 16-row dot).
+ROUTER_SMALL_TOKENS = 8
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Float32 logits `[T, E]` of x `[T, H]` against the gate weight `[E, H]` (any float
+    dtypes, read as they are): `F.linear(x.float(), weight.float())` up to summation order."""
+    num_tokens, hidden = x.shape
+    num_experts = weight.shape[0]
+    if weight.shape[1] != hidden:
+        raise ValueError(
+            f"gate weight {tuple(weight.shape)} does not fit x {tuple(x.shape)}: expected "
+            f"[E, {hidden}]"
+        )
+    out = torch.empty(num_tokens, num_experts, dtype=torch.float32, device=x.device)
+    if num_tokens == 0:
+        return out
+    x = x if x.stride(1) == 1 else x.contiguous()
+    weight = weight if weight.stride(1) == 1 else weight.contiguous()
+    if num_tokens <= ROUTER_SMALL_TOKENS:
+        # Many narrow programs: the weight streams from memory, spread over the SMs.
+        block_t = triton.next_power_of_2(num_tokens)
+        block_e, block_k, use_dot = 2, max(128, 1024 // block_t), False
+    else:
+        # Small tiles while the tokens are few (more programs to stream the weight), the
+        # weight's reuse once they are many (prefill).
+        block_t = block_e = 16 if num_tokens <= 256 else 64
+        block_k, use_dot = 32, True
+    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(num_experts, block_e))
+    router_logits_kernel[grid](
+        x,
+        weight,
+        out,
+        num_tokens,
+        num_experts,
+        hidden,
+        x.stride(0),
+        weight.stride(0),
+        BLOCK_T=block_t,
+        BLOCK_E=block_e,
+        BLOCK_K=block_k,
+        USE_DOT=use_dot,
+        num_warps=4,
+        **pdl.launch_args(x),
+    )
+    return out
 
 
 def softmax_topk(
@@ -165,13 +313,16 @@ def grouped_topk(
     topk_groups: int,
     renormalize: bool,
     scaling_factor: float = 1.0,
+    num_shared: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`select_experts_grouped` in one kernel: (weights `[T, k]` float32, ids `[T, k]`)."""
+    """`select_experts_grouped` in one kernel: (weights `[T, k + num_shared]` float32, ids
+    `[T, k + num_shared]`), the shared experts appended as that function does."""
     num_tokens, num_experts = router_logits.shape
     per_group = num_experts // num_groups
     device = router_logits.device
-    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
-    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=device)
+    width = top_k + num_shared
+    weights = torch.empty(num_tokens, width, dtype=torch.float32, device=device)
+    ids = torch.empty(num_tokens, width, dtype=torch.int64, device=device)
     if num_tokens:
         logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
         grouped_topk_kernel[(num_tokens,)](
@@ -179,15 +330,17 @@ def grouped_topk(
             correction_bias.contiguous(),
             weights,
             ids,
+            num_experts,
             logits.stride(0),
             float(scaling_factor),
             NUM_GROUPS=num_groups,
             PER_GROUP=per_group,
             TOPK_GROUPS=topk_groups,
             TOP_K=top_k,
+            NUM_SHARED=num_shared,
             G_POW2=triton.next_power_of_2(num_groups),
             P_POW2=triton.next_power_of_2(per_group),
-            K_POW2=triton.next_power_of_2(top_k),
+            K_POW2=triton.next_power_of_2(width),
             RENORMALIZE=renormalize,
             **pdl.launch_args(logits),
         )

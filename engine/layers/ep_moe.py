@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from engine.eplb import ExpertPlacement, moves
-from engine.layers.moe import FusedExperts, MoEBackend, TorchMoEBackend
+from engine.layers.moe import FusedExperts, GroupedRouting, MoEBackend, TorchMoEBackend
 from engine.parallel import ParallelConfig
 
 
@@ -139,6 +139,27 @@ class ExpertParallelExperts(nn.Module):
         weights, ids = self.backend.select_experts(router_logits, top_k, renormalize)
         return self(x, weights, ids)
 
+    def forward_routed_grouped(
+        self,
+        x: torch.Tensor,
+        router_logits: torch.Tensor,
+        correction_bias: torch.Tensor,
+        routing: GroupedRouting,
+    ) -> torch.Tensor:
+        """`FusedExperts.forward_routed_grouped` without shared experts (they stay a separate
+        MLP under expert parallelism): routed by the backend, then `forward`."""
+        r = routing
+        weights, ids = self.backend.select_experts_grouped(
+            router_logits,
+            correction_bias,
+            r.top_k,
+            r.num_groups,
+            r.topk_groups,
+            r.renormalize,
+            r.scaling_factor,
+        )
+        return self(x, weights, ids)
+
     def _compute(
         self, rows: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
@@ -191,6 +212,12 @@ def shard_experts(model: nn.Module, parallel: ParallelConfig, placement: ExpertP
         if isinstance(module, FusedExperts) and not name.endswith(".local")
     ]
     for name, module in swaps:
+        if module.num_shared:
+            # The shared experts run on every rank for its own tokens: not shardable experts.
+            raise ValueError(
+                f"{name} stacks {module.num_shared} shared experts; build the model without "
+                "shared-expert fusion for expert parallelism"
+            )
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         hidden = module.w13.shape[2]

@@ -4,6 +4,7 @@ reference, or the fused Triton kernels)."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ def select_experts_grouped(
     topk_groups: int,
     renormalize: bool,
     scaling_factor: float = 1.0,
+    num_shared: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V3 routing (`noaux_tc`): sigmoid scores, top-k within the best expert groups.
 
@@ -47,6 +49,8 @@ def select_experts_grouped(
        then multiplied by `scaling_factor`.
 
     Returns (weights `[T, k]` float32, ids `[T, k]` int64), in no particular order within a row.
+    With `num_shared` > 0 (shared experts fused into the routed ones' weights, numbered from E)
+    each row then gets the shared ids E, E + 1, ... with weight 1.0: `[T, k + num_shared]`.
     """
     num_tokens, num_experts = router_logits.shape
     scores = router_logits.float().sigmoid()
@@ -61,7 +65,31 @@ def select_experts_grouped(
     weights = scores.gather(1, ids)
     if renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * scaling_factor, ids
+    weights = weights * scaling_factor
+    if num_shared:
+        shared = torch.arange(num_experts, num_experts + num_shared, device=ids.device)
+        ids = torch.cat((ids, shared.expand(num_tokens, num_shared)), dim=1)
+        weights = torch.cat((weights, weights.new_ones(num_tokens, num_shared)), dim=1)
+    return weights, ids
+
+
+@dataclass(frozen=True)
+class GroupedRouting:
+    """DeepSeek-V3's routing settings: `select_experts_grouped`'s arguments besides tensors."""
+
+    top_k: int
+    num_groups: int
+    topk_groups: int
+    renormalize: bool
+    scaling_factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1 or self.num_groups < 1 or not 1 <= self.topk_groups <= self.num_groups:
+            raise ValueError(
+                f"grouped routing needs top_k >= 1 and 1 <= topk_groups <= num_groups, got "
+                f"top_k={self.top_k}, topk_groups={self.topk_groups}, "
+                f"num_groups={self.num_groups}"
+            )
 
 
 class MoEBackend(ABC):
@@ -77,11 +105,22 @@ class MoEBackend(ABC):
     `select_experts` and `select_experts_grouped` route as the functions of those names do
     (the same contract; the chosen set may differ only where scores tie exactly).
     `routed_experts(x, router_logits, w13, w2, top_k, renormalize)` is `experts` on
-    `select_experts`' choices, in one call so that a backend may fuse the two.
+    `select_experts`' choices, in one call so that a backend may fuse the two;
+    `routed_experts_grouped` likewise on `select_experts_grouped`'s, `num_shared` shared experts
+    stacked after the routed ones in w13/w2. `router_logits(x, weight)` is DeepSeek's gate:
+    float32 `x @ weight.T` `[T, E]` up to summation order, whatever the inputs' dtype.
+
+    `fuses_shared_experts`: whether a model on this backend should stack its shared experts
+    into the routed experts' weights (SGLang's shared-expert fusion) rather than keep a
+    separate MLP: where the backend's kernels then do both in the same launches.
     """
 
     name: str
     graph_safe = True  # no host sync: a CUDA graph can capture it
+    fuses_shared_experts = False
+
+    def router_logits(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), weight.float())
 
     def select_experts(
         self, router_logits: torch.Tensor, top_k: int, renormalize: bool
@@ -97,6 +136,7 @@ class MoEBackend(ABC):
         topk_groups: int,
         renormalize: bool,
         scaling_factor: float = 1.0,
+        num_shared: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return select_experts_grouped(
             router_logits,
@@ -106,6 +146,7 @@ class MoEBackend(ABC):
             topk_groups,
             renormalize,
             scaling_factor,
+            num_shared,
         )
 
     def routed_experts(
@@ -118,6 +159,29 @@ class MoEBackend(ABC):
         renormalize: bool,
     ) -> torch.Tensor:
         weights, ids = self.select_experts(router_logits, top_k, renormalize)
+        return self.experts(x, w13, w2, weights, ids)
+
+    def routed_experts_grouped(
+        self,
+        x: torch.Tensor,
+        router_logits: torch.Tensor,
+        correction_bias: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        routing: GroupedRouting,
+        num_shared: int = 0,
+    ) -> torch.Tensor:
+        r = routing
+        weights, ids = self.select_experts_grouped(
+            router_logits,
+            correction_bias,
+            r.top_k,
+            r.num_groups,
+            r.topk_groups,
+            r.renormalize,
+            r.scaling_factor,
+            num_shared,
+        )
         return self.experts(x, w13, w2, weights, ids)
 
     @abstractmethod
@@ -173,9 +237,16 @@ class TritonMoEBackend(MoEBackend):
     """`engine.kernels.fused_moe`: expert-aligned sort, two grouped GEMMs and the combine on
     the device, no host sync (graph capturable at a fixed T); routing in one kernel each
     (`engine.kernels.moe_routing`). A few tokens take the two-launch small-batch path, softmax
-    routing folded into its first kernel (`routed_experts`)."""
+    or grouped routing folded into its first kernel (`routed_experts`,
+    `routed_experts_grouped`). Shared experts ride in the same launches as extra experts."""
 
     name = "triton"
+    fuses_shared_experts = True
+
+    def router_logits(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        from engine.kernels.moe_routing import router_logits
+
+        return router_logits(x, weight)
 
     def select_experts(
         self, router_logits: torch.Tensor, top_k: int, renormalize: bool
@@ -193,6 +264,7 @@ class TritonMoEBackend(MoEBackend):
         topk_groups: int,
         renormalize: bool,
         scaling_factor: float = 1.0,
+        num_shared: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         from engine.kernels.moe_routing import grouped_topk
 
@@ -204,6 +276,7 @@ class TritonMoEBackend(MoEBackend):
             topk_groups,
             renormalize,
             scaling_factor,
+            num_shared,
         )
 
     def experts(
@@ -231,6 +304,33 @@ class TritonMoEBackend(MoEBackend):
 
         return fused_moe_routed(x, w13, w2, router_logits, top_k, renormalize)
 
+    def routed_experts_grouped(
+        self,
+        x: torch.Tensor,
+        router_logits: torch.Tensor,
+        correction_bias: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        routing: GroupedRouting,
+        num_shared: int = 0,
+    ) -> torch.Tensor:
+        from engine.kernels.fused_moe import fused_moe_grouped_routed
+
+        r = routing
+        return fused_moe_grouped_routed(
+            x,
+            w13,
+            w2,
+            router_logits,
+            correction_bias,
+            r.top_k,
+            r.num_groups,
+            r.topk_groups,
+            r.renormalize,
+            r.scaling_factor,
+            num_shared,
+        )
+
 
 def moe_backend_for(name: str, device_kind: str) -> MoEBackend:
     """The backend `--moe-backend NAME` selects on a device of kind `device_kind` ("cuda",
@@ -248,7 +348,12 @@ def moe_backend_for(name: str, device_kind: str) -> MoEBackend:
 
 class FusedExperts(nn.Module):
     """`num_experts` SwiGLU experts stored stacked: w13 `[E, 2I, H]` (gate; up), w2 `[E, H, I]`,
-    computed by `backend` (the torch reference unless `set_moe_backend` chose another)."""
+    computed by `backend` (the torch reference unless `set_moe_backend` chose another).
+
+    `num_shared` > 0 stacks that many always-on shared experts after the routed ones (w13
+    `[E + S, 2I, H]`): `forward_routed_grouped` gives every token all of them with weight 1.0,
+    so they need no MLP of their own (a shared MLP of intermediate size S * I, split into S
+    experts by its gate/up rows and down columns: the same sum)."""
 
     def __init__(
         self,
@@ -256,12 +361,17 @@ class FusedExperts(nn.Module):
         hidden_size: int,
         intermediate_size: int,
         backend: MoEBackend | None = None,
+        num_shared: int = 0,
     ) -> None:
         super().__init__()
-        self.num_experts = num_experts
+        if num_shared < 0:
+            raise ValueError(f"num_shared must be >= 0, got {num_shared}")
+        self.num_experts = num_experts  # the routed experts: those the router chooses from
+        self.num_shared = num_shared
         self.intermediate_size = intermediate_size
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        stacked = num_experts + num_shared
+        self.w13 = nn.Parameter(torch.empty(stacked, 2 * intermediate_size, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(stacked, hidden_size, intermediate_size))
         self.backend: MoEBackend = backend or TorchMoEBackend()
 
     @property
@@ -279,7 +389,22 @@ class FusedExperts(nn.Module):
         self, x: torch.Tensor, router_logits: torch.Tensor, top_k: int, renormalize: bool
     ) -> torch.Tensor:
         """`forward` on the backend's softmax top-k routing of `router_logits` `[T, E]`."""
+        if self.num_shared:
+            raise ValueError("softmax routing takes no shared experts")
         return self.backend.routed_experts(x, router_logits, self.w13, self.w2, top_k, renormalize)
+
+    def forward_routed_grouped(
+        self,
+        x: torch.Tensor,
+        router_logits: torch.Tensor,
+        correction_bias: torch.Tensor,
+        routing: GroupedRouting,
+    ) -> torch.Tensor:
+        """`forward` on the backend's grouped routing of `router_logits` `[T, E]`, plus the
+        stacked shared experts (if any) for every token."""
+        return self.backend.routed_experts_grouped(
+            x, router_logits, correction_bias, self.w13, self.w2, routing, self.num_shared
+        )
 
 
 def set_moe_backend(model: nn.Module, backend: MoEBackend) -> int:

@@ -35,12 +35,17 @@ class CausalLM(LoadableModel, Protocol):
         ...
 
 
-def build_model(config: ModelConfig, attention: AttentionBackend) -> CausalLM:
-    """Instantiate the model class for `config.architecture` (weights uninitialised)."""
+def build_model(
+    config: ModelConfig, attention: AttentionBackend, fuse_shared_experts: bool = False
+) -> CausalLM:
+    """Instantiate the model class for `config.architecture` (weights uninitialised).
+
+    `fuse_shared_experts`: stack MoE layers' shared experts into the routed experts' weights
+    (DeepSeek-V3; the other families have no shared experts)."""
     if config.architecture == "DeepseekV3ForCausalLM":
         from engine.models.deepseek_v3 import DeepseekV3ForCausalLM
 
-        return DeepseekV3ForCausalLM(config, attention).eval()
+        return DeepseekV3ForCausalLM(config, attention, fuse_shared_experts).eval()
 
     from engine.models.llama import LlamaForCausalLM
 

@@ -21,14 +21,13 @@ from __future__ import annotations
 import re
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
 from engine.forward_batch import ForwardBatch
 from engine.kv_cache import KVCacheSpec
 from engine.layers.attention import AttentionBackend
-from engine.layers.moe import FusedExperts, MoEBackend
+from engine.layers.moe import FusedExperts, GroupedRouting, MoEBackend
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, softmax_mscale
 from engine.loader import WeightTarget
@@ -123,54 +122,67 @@ class MLAttention(nn.Module):
 
 
 class GroupedTopkRouter(nn.Module):
-    """DeepSeek-V3's gate: float32 logits, then the backend's `select_experts_grouped`."""
+    """DeepSeek-V3's gate: float32 logits (the MoE backend's `router_logits`: the reference
+    upcasts x and the weight, the Triton backend reads them as they are), routed by
+    `routing`."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.config = config
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
         # Kept in float32 whatever the weights' dtype, as in the reference.
         self.e_score_correction_bias = nn.Parameter(
             torch.zeros(config.num_experts, dtype=torch.float32)
         )
-
-    def forward(self, x: torch.Tensor, backend: MoEBackend) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.config
-        logits = F.linear(x.float(), self.weight.float())
-        return backend.select_experts_grouped(
-            logits,
-            self.e_score_correction_bias,
-            c.num_experts_per_tok,
-            c.num_expert_groups,
-            c.topk_groups,
-            c.norm_topk_prob,
-            c.routed_scaling_factor,
+        self.routing = GroupedRouting(
+            config.num_experts_per_tok,
+            config.num_expert_groups,
+            config.topk_groups,
+            config.norm_topk_prob,
+            config.routed_scaling_factor,
         )
+
+    def forward(self, x: torch.Tensor, backend: MoEBackend) -> torch.Tensor:
+        """Router logits `[T, E]` in float32."""
+        return backend.router_logits(x, self.weight)
 
 
 class DeepseekMoE(nn.Module):
-    """Routed experts (grouped top-k) plus always-on shared experts, summed."""
+    """Routed experts (grouped top-k) plus always-on shared experts, summed.
 
-    def __init__(self, config: ModelConfig) -> None:
+    `fuse_shared_experts` stacks the shared experts (an MLP of `num_shared_experts *
+    moe_intermediate_size`) into the routed experts' weights as `num_shared_experts` extra
+    experts that every token takes with weight 1.0 (`FusedExperts.num_shared`): the routed
+    kernels compute both in the same launches, with no MLP and no add. The sum is the same; the
+    rounding differs in reduced precision (one rounding of the float32 combine, where the
+    separate MLP rounds its output, the routed output and their sum each to the dtype)."""
+
+    def __init__(self, config: ModelConfig, fuse_shared_experts: bool = False) -> None:
         super().__init__()
         self.gate = GroupedTopkRouter(config)
+        fused = config.num_shared_experts if fuse_shared_experts else 0
         self.experts = FusedExperts(
-            config.num_experts, config.hidden_size, config.moe_intermediate_size
+            config.num_experts, config.hidden_size, config.moe_intermediate_size, num_shared=fused
         )
-        shared = config.moe_intermediate_size * config.num_shared_experts
+        shared = 0 if fused else config.moe_intermediate_size * config.num_shared_experts
         self.shared_experts = MLP(config.hidden_size, shared, bias=False) if shared else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = self.gate(x, self.experts.backend)
-        out = self.experts(x, weights, ids)
+        logits = self.gate(x, self.experts.backend)
+        out = self.experts.forward_routed_grouped(
+            x, logits, self.gate.e_score_correction_bias, self.gate.routing
+        )
         return out if self.shared_experts is None else out + self.shared_experts(x)
 
 
 def decoder_layer(
-    config: ModelConfig, layer_id: int, rotary: RotaryEmbedding, backend: AttentionBackend
+    config: ModelConfig,
+    layer_id: int,
+    rotary: RotaryEmbedding,
+    backend: AttentionBackend,
+    fuse_shared_experts: bool = False,
 ) -> DecoderLayer:
     mlp: nn.Module = (
-        DeepseekMoE(config)
+        DeepseekMoE(config, fuse_shared_experts)
         if config.is_moe_layer(layer_id)
         else MLP(config.hidden_size, config.intermediate_size, bias=False)
     )
@@ -178,11 +190,17 @@ def decoder_layer(
 
 
 class DeepseekV3ForCausalLM(DecoderOnlyLM):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+    """`fuse_shared_experts`: stack every MoE layer's shared experts into its routed experts'
+    weights (`DeepseekMoE`); the weight map then splits the checkpoint's shared MLP into them."""
+
+    def __init__(
+        self, config: ModelConfig, backend: AttentionBackend, fuse_shared_experts: bool = False
+    ) -> None:
         if config.mla is None:
             raise ValueError(f"{config.architecture} needs MLA settings")
         super().__init__(config)
         self.mla = config.mla
+        self.fuse_shared_experts = fuse_shared_experts and config.num_shared_experts > 0
         # One rotary table, over the rope part of each head only, shared by every layer.
         self.rotary = RotaryEmbedding(
             config.rope,
@@ -191,21 +209,24 @@ class DeepseekV3ForCausalLM(DecoderOnlyLM):
             interleaved=config.mla.rope_interleave,
         )
         self.layers = nn.ModuleList(
-            decoder_layer(config, i, self.rotary, backend) for i in range(config.num_layers)
+            decoder_layer(config, i, self.rotary, backend, self.fuse_shared_experts)
+            for i in range(config.num_layers)
         )
 
     def kv_cache_spec(self) -> KVCacheSpec:
         """One "head" per token: K holds the latent `c_kv`, V the rotary key `k_pe`."""
         return KVCacheSpec(1, self.mla.kv_lora_rank, self.mla.qk_rope_head_dim)
 
-    def weight_map(self) -> dict[str, WeightTarget]:
+    def weight_map(self) -> dict[str, WeightTarget | tuple[WeightTarget, ...]]:
         """Every Hugging Face tensor name this model expects, and where it goes.
 
         Routed experts are read under the per-expert names that published checkpoints use (and
         that transformers 5 `save_pretrained` writes back): `mlp.experts.E.{gate,up,down}_proj`.
+        With shared-expert fusion, the shared MLP's gate/up rows `[s * I, (s + 1) * I)` and its
+        down columns of the same range go to stacked expert `E + s`.
         """
         c, mla = self.config, self.mla
-        targets: dict[str, WeightTarget] = {
+        targets: dict[str, WeightTarget | tuple[WeightTarget, ...]] = {
             "model.embed_tokens.weight": WeightTarget("embed_tokens.weight"),
             "model.norm.weight": WeightTarget("norm.weight"),
         }
@@ -237,7 +258,11 @@ class DeepseekV3ForCausalLM(DecoderOnlyLM):
                     targets[f"{expert}gate_proj.weight"] = WeightTarget(w13, e, 0, inter)
                     targets[f"{expert}up_proj.weight"] = WeightTarget(w13, e, inter, inter)
                     targets[f"{expert}down_proj.weight"] = WeightTarget(w2, e)
-                if c.num_shared_experts:
+                if self.fuse_shared_experts:
+                    shared = f"{mlp}shared_experts."
+                    count = c.num_shared_experts
+                    _fused_shared_targets(targets, shared, w13, w2, c.num_experts, inter, count)
+                elif c.num_shared_experts:
                     _mlp_targets(
                         targets,
                         f"{mlp}shared_experts.",
@@ -262,7 +287,33 @@ class DeepseekV3ForCausalLM(DecoderOnlyLM):
         return match is not None and int(match.group(1)) >= self.config.num_layers
 
 
-def _mlp_targets(targets: dict[str, WeightTarget], hf: str, ours: str, inter: int) -> None:
+def _fused_shared_targets(
+    targets: dict[str, WeightTarget | tuple[WeightTarget, ...]],
+    hf: str,
+    w13: str,
+    w2: str,
+    num_routed: int,
+    inter: int,
+    num_shared: int,
+) -> None:
+    """A shared MLP of `num_shared * inter` split into stacked experts `num_routed + s`: gate
+    and up rows, and down columns, `[s * inter, (s + 1) * inter)` each."""
+    shared = range(num_routed, num_routed + num_shared)
+    rows = [(e, (e - num_routed) * inter) for e in shared]
+    targets[f"{hf}gate_proj.weight"] = tuple(
+        WeightTarget(w13, e, 0, inter, source_offset=at, source_size=inter) for e, at in rows
+    )
+    targets[f"{hf}up_proj.weight"] = tuple(
+        WeightTarget(w13, e, inter, inter, source_offset=at, source_size=inter) for e, at in rows
+    )
+    targets[f"{hf}down_proj.weight"] = tuple(
+        WeightTarget(w2, e, source_dim=1, source_offset=at, source_size=inter) for e, at in rows
+    )
+
+
+def _mlp_targets(
+    targets: dict[str, WeightTarget | tuple[WeightTarget, ...]], hf: str, ours: str, inter: int
+) -> None:
     """gate_proj/up_proj into the fused gate_up_proj, and down_proj, of one `MLP`."""
     gate_up = f"{ours}gate_up_proj.weight"
     targets[f"{hf}gate_proj.weight"] = WeightTarget(gate_up, None, 0, inter)

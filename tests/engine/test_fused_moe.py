@@ -15,6 +15,7 @@ sum in another order can round the activation or a pair's output the other way).
 from __future__ import annotations
 
 import functools
+from typing import cast
 
 import pytest
 import torch
@@ -362,12 +363,19 @@ def test_grouped_routing_kernel(tokens, num_experts, groups, topk_groups, top_k)
 
 @pytest.mark.parametrize("family", ["qwen3-moe", "deepseek-v3"])
 def test_engine_with_triton_moe_matches_transformers(tiny_models, family):
-    """The tiny float32 checkpoints, every MoE layer (routing included) on the Triton backend:
-    greedy tokens equal transformers'. (The runner selects the backend from
-    `EngineConfig.moe_backend`; here it is switched after load so that the CPU runs it.)"""
+    """The tiny float32 checkpoints, every MoE layer (routing included) on the Triton backend,
+    chosen by `EngineConfig.moe_backend` (the interpreter allows it on the CPU): greedy tokens
+    equal transformers'. DeepSeek-V3's shared experts are then fused into the routed experts'
+    weights (loaded from the checkpoint's shared MLP), with no separate MLP."""
     ref = reference(tiny_models[family])
-    engine = Engine(EngineConfig(model_path=str(tiny_models[family]), num_pages=64))
-    assert set_moe_backend(engine.runner.model, TritonMoEBackend()) > 0  # type: ignore[arg-type]
+    config = EngineConfig(model_path=str(tiny_models[family]), num_pages=64, moe_backend="triton")
+    engine = Engine(config)
+    modules = list(cast(torch.nn.Module, engine.runner.model).modules())
+    experts = [m for m in modules if isinstance(m, FusedExperts)]
+    assert experts and all(isinstance(m.backend, TritonMoEBackend) for m in experts)
+    if family == "deepseek-v3":
+        assert all(m.num_shared == 1 and m.w13.shape[0] == 9 for m in experts)
+        assert not any(getattr(m, "shared_experts", None) for m in modules)
     prompts = ref.prompts[:3]
     results = engine.generate(prompts, GREEDY)
     assert [r.output_ids for r in results] == ref.tokens[:3]
