@@ -196,7 +196,6 @@ def router_logits_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    USE_DOT: tl.constexpr,  # tiles of >= 16 tokens: float32 dots ("ieee": no TF32 rounding)
     PDL: tl.constexpr,
 ):
     pdl.start(PDL)
@@ -206,40 +205,33 @@ def router_logits_kernel(
     e_ok = experts < num_experts
     ks = tl.arange(0, BLOCK_K)
     x_ptr = x + tokens.to(tl.int64)[:, None] * stride_xt + ks[None, :]  # [BLOCK_T, BLOCK_K]
-    if USE_DOT:
-        w_ptr = w + experts[None, :] * stride_we + ks[:, None]  # [BLOCK_K, BLOCK_E]
-        acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
-        for k0 in range(0, hidden, BLOCK_K):
-            k_ok = ks < hidden - k0
-            a = tl.load(x_ptr, mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            b = tl.load(w_ptr, mask=k_ok[:, None] & e_ok[None, :], other=0.0).to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-            x_ptr += BLOCK_K
-            w_ptr += BLOCK_K
-    else:
-        # A decode step's few tokens: products on the CUDA cores, summed over K at the end.
-        w_ptr = w + experts[:, None] * stride_we + ks[None, :]  # [BLOCK_E, BLOCK_K]
-        partial = tl.zeros([BLOCK_T, BLOCK_E, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, hidden, BLOCK_K):
-            k_ok = ks < hidden - k0
-            a = tl.load(x_ptr, mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            b = tl.load(w_ptr, mask=e_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            partial += a[:, None, :] * b[None, :, :]
-            x_ptr += BLOCK_K
-            w_ptr += BLOCK_K
-        acc = tl.sum(partial, axis=2)
+    # A decode step's few tokens: products on the CUDA cores, summed over K at the end.
+    w_ptr = w + experts[:, None] * stride_we + ks[None, :]  # [BLOCK_E, BLOCK_K]
+    partial = tl.zeros([BLOCK_T, BLOCK_E, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        k_ok = ks < hidden - k0
+        a = tl.load(x_ptr, mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        b = tl.load(w_ptr, mask=e_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        partial += a[:, None, :] * b[None, :, :]
+        x_ptr += BLOCK_K
+        w_ptr += BLOCK_K
+    acc = tl.sum(partial, axis=2)
     o_ptr = out + tokens.to(tl.int64)[:, None] * num_experts + experts[None, :]
     tl.store(o_ptr, acc, mask=t_ok[:, None] & e_ok[None, :])
 
 
-# Up to this many tokens `router_logits` multiplies on the CUDA cores without dots (a tile of
-# tokens this small would waste most of a 16-row dot).
+# Up to this many tokens `router_logits` runs its kernel (products on the CUDA cores); above,
+# the reference's cuBLAS float32 product. Its float32 dot tiles ("ieee") took 48 µs a layer at
+# 64 tokens on the H200 (16 programs, each a serial loop over the hidden size: Moonlight's
+# batch-64 step 1.25 ms of 10.5), where cuBLAS and the two conversions take a few.
 ROUTER_SMALL_TOKENS = 8
 
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Float32 logits `[T, E]` of x `[T, H]` against the gate weight `[E, H]` (any float
-    dtypes, read as they are): `F.linear(x.float(), weight.float())` up to summation order."""
+    dtypes): `F.linear(x.float(), weight.float())` up to summation order. Up to
+    `ROUTER_SMALL_TOKENS` tokens one kernel reads both as they are (no conversion of the weight
+    each step); more take that product itself."""
     num_tokens, hidden = x.shape
     num_experts = weight.shape[0]
     if weight.shape[1] != hidden:
@@ -247,20 +239,16 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             f"gate weight {tuple(weight.shape)} does not fit x {tuple(x.shape)}: expected "
             f"[E, {hidden}]"
         )
+    if num_tokens > ROUTER_SMALL_TOKENS:
+        return torch.nn.functional.linear(x.float(), weight.float())
     out = torch.empty(num_tokens, num_experts, dtype=torch.float32, device=x.device)
     if num_tokens == 0:
         return out
     x = x if x.stride(1) == 1 else x.contiguous()
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
-    if num_tokens <= ROUTER_SMALL_TOKENS:
-        # Many narrow programs: the weight streams from memory, spread over the SMs.
-        block_t = triton.next_power_of_2(num_tokens)
-        block_e, block_k, use_dot = 2, max(128, 1024 // block_t), False
-    else:
-        # Small tiles while the tokens are few (more programs to stream the weight), the
-        # weight's reuse once they are many (prefill).
-        block_t = block_e = 16 if num_tokens <= 256 else 64
-        block_k, use_dot = 32, True
+    # Many narrow programs: the weight streams from memory, spread over the SMs.
+    block_t = triton.next_power_of_2(num_tokens)
+    block_e, block_k = 2, max(128, 1024 // block_t)
     grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(num_experts, block_e))
     router_logits_kernel[grid](
         x,
@@ -274,7 +262,6 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         BLOCK_T=block_t,
         BLOCK_E=block_e,
         BLOCK_K=block_k,
-        USE_DOT=use_dot,
         num_warps=4,
         **pdl.launch_args(x),
     )

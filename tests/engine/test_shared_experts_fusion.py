@@ -118,12 +118,15 @@ def test_routing_appends_the_shared_experts() -> None:
     after its routed choices (neither renormalised nor scaled); the router's logits kernel
     equals the float32 reference up to summation order, from bfloat16 too."""
     g = torch.Generator().manual_seed(5)
-    x, weight = torch.randn(5, 64, generator=g), torch.randn(16, 64, generator=g)
-    for dtype in (torch.float32, torch.bfloat16):
-        got = router_logits(x.to(dtype), weight.to(dtype))
-        want = torch.nn.functional.linear(x.to(dtype).float(), weight.to(dtype).float())
-        assert got.dtype == torch.float32
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    weight = torch.randn(16, 64, generator=g)
+    # 5 tokens through the kernel, 12 through the reference's cuBLAS product.
+    for x in (torch.randn(5, 64, generator=g), torch.randn(12, 64, generator=g)):
+        for dtype in (torch.float32, torch.bfloat16):
+            got = router_logits(x.to(dtype), weight.to(dtype))
+            want = torch.nn.functional.linear(x.to(dtype).float(), weight.to(dtype).float())
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    x = torch.randn(5, 64, generator=g)
     logits, bias = torch.randn(5, 16, generator=g), torch.randn(16, generator=g) * 0.1
     args = (bias, 3, 4, 2, True, 2.5, 2)
     got_w, got_ids = grouped_topk(logits, *args)
