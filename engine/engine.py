@@ -30,7 +30,7 @@ from engine.radix_cache import RadixCache
 from engine.sampler import DeviceSample, TokenLogprobs, sample_on_device
 from engine.sampling import Constraint, SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
-from engine.sequence import FinishReason, Sequence
+from engine.sequence import FinishReason, SeqStatus, Sequence
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,9 @@ class StepOutput:
     # time.monotonic() (this process) when the request's first prefill step was scheduled;
     # None for a request whose KV arrived by transfer. Timing only: not part of equality.
     prefill_started_at: float | None = field(default=None, compare=False)
+    # Prefill side: the prompt's pages a finished `hold_pages` request holds (`held_pages`), in
+    # its last output, so that a sender needs no second round trip to the engine loop.
+    held_pages: tuple[int, ...] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,9 @@ class Engine:
         seq = self.scheduler.held.get(request_id)
         if seq is None:
             raise KeyError(f"request {request_id!r} holds no pages")
+        return self._prompt_pages(seq)
+
+    def _prompt_pages(self, seq: Sequence) -> list[int]:
         return seq.page_table[: self.pages.pages_for(seq.num_prompt_tokens)]
 
     def release_held(self, request_id: str) -> bool:
@@ -308,8 +314,8 @@ class Engine:
         result = launched.sample.result()
         return [self._output(s) for s in self.scheduler.postprocess(launched.batch, result)]
 
-    @staticmethod
-    def _output(seq: Sequence) -> StepOutput:
+    def _output(self, seq: Sequence) -> StepOutput:
+        held = seq.status is SeqStatus.HELD
         return StepOutput(
             request_id=seq.request_id,
             token_id=seq.token_ids[-1],
@@ -320,6 +326,7 @@ class Engine:
             num_output_tokens=seq.num_output_tokens,
             num_cached_tokens=seq.num_prefix_hit_tokens,
             prefill_started_at=seq.prefill_started_at,
+            held_pages=tuple(self._prompt_pages(seq)) if held else None,
         )
 
     def generate(

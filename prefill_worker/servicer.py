@@ -161,7 +161,12 @@ class PrefillServicer(WorkerService, prefill_pb2_grpc.PrefillServicer):
             dest = await sender.wait_for_destination(self.rt.settings.transfer_timeout_s)
             sender.begin()
             handoff(self.rt.metrics, rid, "inflight")
-            src_pages = await self.rt.engine.held_pages(rid)
+            # The last output names the held pages; asking the engine loop again would wait
+            # for the step it is running (a whole prefill of another request, often).
+            if first.held_pages is not None:
+                src_pages = list(first.held_pages)
+            else:
+                src_pages = await self.rt.engine.held_pages(rid)
             batch = self._write_batch(rid, src_pages, dest)
             start = time.monotonic()
             # The write runs in a thread that a cancelled coroutine cannot stop: it is awaited

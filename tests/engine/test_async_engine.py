@@ -109,3 +109,20 @@ def test_command_results_return_before_the_step(tiny_models: dict[str, Path]) ->
             engine.stop()
 
     assert asyncio.run(main()) is False
+
+
+def test_a_held_requests_last_output_names_its_pages(tiny_models: dict[str, Path]) -> None:
+    """The prefill side's sender reads the held pages from the last output (no second round
+    trip to the engine loop): they are the pages `held_pages` returns, until released."""
+    engine = Engine(EngineConfig(model_path=str(tiny_models["llama"]), num_pages=64,
+                                 page_size=4))  # fmt: skip
+    one = SamplingParams(temperature=0, max_new_tokens=1)
+    held = engine.add_request(list(range(5, 15)), one, hold_pages=True)
+    plain = engine.add_request(list(range(5, 12)), one)
+    last: dict[str, StepOutput] = {}
+    while engine.has_unfinished():
+        last.update((o.request_id, o) for o in engine.step())
+    pages = last[held].held_pages
+    assert pages is not None and list(pages) == engine.held_pages(held) and len(pages) == 3
+    assert last[plain].held_pages is None
+    assert engine.release_held(held)
