@@ -25,6 +25,16 @@ def use_fused(x: torch.Tensor) -> bool:
 
 
 @triton.jit
+def _rms_normalize(x, w, n, eps):
+    """`x` (a row of `n` values, zeros past them) RMS-normalised and times `w`, rounded as the
+    torch path rounds: the normalised row to x's dtype, the product in float32 (the caller
+    casts it once, at its store)."""
+    xf = x.to(tl.float32)
+    inv = tl.rsqrt(tl.sum(xf * xf, 0) / n + eps)
+    return (xf * inv).to(x.dtype).to(tl.float32) * w.to(tl.float32)
+
+
+@triton.jit
 def _rms_norm_kernel(
     x_ptr,
     res_ptr,
@@ -48,11 +58,7 @@ def _rms_norm_kernel(
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # rounded like torch's add
         tl.store(res_ptr + row * stride_r + cols, x, mask=mask)
-    xf = x.to(tl.float32)
-    inv = tl.rsqrt(tl.sum(xf * xf, 0) / n + eps)
-    normed = (xf * inv).to(x.dtype)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    y = normed.to(tl.float32) * w.to(tl.float32)
+    y = _rms_normalize(x, tl.load(w_ptr + cols, mask=mask, other=0.0), n, eps)
     tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -397,10 +403,8 @@ def _mla_latent_kernel(
                 slot = tl.load(slots_ptr + t).to(tl.int64)
                 # Rounded as `_rms_norm_kernel` rounds; the product is cast once, at each store.
                 x = tl.load(c_kv_ptr + t * stride_ct + r, mask=r_ok, other=0.0)
-                xf = x.to(tl.float32)
-                inv = tl.rsqrt(tl.sum(xf * xf, 0) / rank + eps)
-                w = tl.load(norm_ptr + r, mask=r_ok, other=0.0).to(tl.float32)
-                y = (xf * inv).to(x.dtype).to(tl.float32) * w
+                w = tl.load(norm_ptr + r, mask=r_ok, other=0.0)
+                y = _rms_normalize(x, w, rank, eps)
                 k_src = k_pe_ptr + t * stride_kt
                 if slot >= 0:
                     tl.store(latent_cache_ptr + slot * stride_latent + r, y, mask=r_ok)

@@ -5,10 +5,10 @@ The same results as `engine.layers.moe.select_experts` (softmax top-k) and
 5 and about 15 small kernels each. Ties between equal scores go to the lower expert id (torch's
 `topk` leaves them unspecified); the chosen experts come out best first.
 
-`router_logits` computes DeepSeek's float32 gate logits `x @ W.T` in one kernel from the
-weights' own dtype (bfloat16 upcast as it is loaded, float32 products and sums): the
-reference's `F.linear(x.float(), W.float())` up to summation order, without its two
-conversions per step.
+`router_logits` computes DeepSeek's float32 gate logits `x @ W.T` for a decode step's few
+tokens in one kernel from the weights' own dtype (bfloat16 upcast as it is loaded, float32
+products and sums): the reference's `F.linear(x.float(), W.float())` up to summation order,
+without its two conversions per step; more tokens take that product itself.
 """
 
 from __future__ import annotations

@@ -148,16 +148,7 @@ class ExpertParallelExperts(nn.Module):
     ) -> torch.Tensor:
         """`FusedExperts.forward_routed_grouped` without shared experts (they stay a separate
         MLP under expert parallelism): routed by the backend, then `forward`."""
-        r = routing
-        weights, ids = self.backend.select_experts_grouped(
-            router_logits,
-            correction_bias,
-            r.top_k,
-            r.num_groups,
-            r.topk_groups,
-            r.renormalize,
-            r.scaling_factor,
-        )
+        weights, ids = self.backend.route_grouped(router_logits, correction_bias, routing)
         return self(x, weights, ids)
 
     def _compute(

@@ -161,6 +161,26 @@ class MoEBackend(ABC):
         weights, ids = self.select_experts(router_logits, top_k, renormalize)
         return self.experts(x, w13, w2, weights, ids)
 
+    def route_grouped(
+        self,
+        router_logits: torch.Tensor,
+        correction_bias: torch.Tensor,
+        routing: GroupedRouting,
+        num_shared: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`select_experts_grouped` with `routing`'s settings."""
+        r = routing
+        return self.select_experts_grouped(
+            router_logits,
+            correction_bias,
+            r.top_k,
+            r.num_groups,
+            r.topk_groups,
+            r.renormalize,
+            r.scaling_factor,
+            num_shared,
+        )
+
     def routed_experts_grouped(
         self,
         x: torch.Tensor,
@@ -171,17 +191,7 @@ class MoEBackend(ABC):
         routing: GroupedRouting,
         num_shared: int = 0,
     ) -> torch.Tensor:
-        r = routing
-        weights, ids = self.select_experts_grouped(
-            router_logits,
-            correction_bias,
-            r.top_k,
-            r.num_groups,
-            r.topk_groups,
-            r.renormalize,
-            r.scaling_factor,
-            num_shared,
-        )
+        weights, ids = self.route_grouped(router_logits, correction_bias, routing, num_shared)
         return self.experts(x, w13, w2, weights, ids)
 
     @abstractmethod

@@ -176,10 +176,10 @@ class TritonAttentionBackend(AttentionBackend):
         batch: ForwardBatch,
         scale: float,
     ) -> torch.Tensor:
-        self._decode_metadata(batch)
+        meta = self._decode_metadata(batch)
         latent_slots, pe_slots = batch.kv_cache.slots(layer_id)
         kernels.store_kv(c_kv, k_pe, latent_slots, pe_slots, batch.out_slots)
-        return self._mla_decode(q_latent, q_pe, layer_id, batch, scale)
+        return self._mla_decode(meta, q_latent, q_pe, layer_id, batch, scale)
 
     def forward_mla_rope(
         self,
@@ -194,13 +194,13 @@ class TritonAttentionBackend(AttentionBackend):
         scale: float,
     ) -> torch.Tensor:
         # The latent's norm, both rotations and the cache write in one launch (four before).
-        self._decode_metadata(batch)
+        meta = self._decode_metadata(batch)
         latent_slots, pe_slots = batch.kv_cache.slots(layer_id)
         q_pe, _, _ = fused.mla_latent_rope_store(
             q_pe, c_kv, k_pe, batch.positions, rotary.cos, rotary.sin, rotary.interleaved,
             kv_norm.weight, kv_norm.eps, latent_slots, pe_slots, batch.out_slots,
         )  # fmt: skip
-        return self._mla_decode(q_latent, q_pe, layer_id, batch, scale)
+        return self._mla_decode(meta, q_latent, q_pe, layer_id, batch, scale)
 
     def _decode_metadata(self, batch: ForwardBatch) -> _DecodeMetadata:
         if not self._mla:
@@ -212,13 +212,13 @@ class TritonAttentionBackend(AttentionBackend):
 
     def _mla_decode(
         self,
+        meta: _DecodeMetadata,
         q_latent: torch.Tensor,
         q_pe: torch.Tensor,
         layer_id: int,
         batch: ForwardBatch,
         scale: float,
     ) -> torch.Tensor:
-        meta: _DecodeMetadata = batch.attn_metadata
         cache = batch.kv_cache
         out = q_latent.new_empty(q_latent.shape)
         # The kernel reads each sequence's row of the whole page table through req_rows: no
@@ -244,10 +244,10 @@ class TritonAttentionBackend(AttentionBackend):
         batch: ForwardBatch,
         scale: float,
     ) -> torch.Tensor:
-        self._extend_metadata(batch)
+        meta = self._extend_metadata(batch)
         latent_slots, pe_slots = batch.kv_cache.slots(layer_id)  # [slots, 1, R], [slots, 1, P]
         kernels.store_kv(c_kv, k_pe, latent_slots, pe_slots, batch.out_slots)
-        return self._mla_extend(q_nope, q_pe, c_kv, k_pe, kv_up_proj, layer_id, batch, scale)
+        return self._mla_extend(meta, q_nope, q_pe, c_kv, k_pe, kv_up_proj, layer_id, batch, scale)
 
     def forward_mla_expanded_rope(
         self,
@@ -271,7 +271,9 @@ class TritonAttentionBackend(AttentionBackend):
             kv_norm.weight, kv_norm.eps, latent_slots, pe_slots, batch.out_slots,
             return_kv=meta.context_slots is None,
         )  # fmt: skip
-        return self._mla_extend(q_nope, q_pe, normed, rotated, kv_up_proj, layer_id, batch, scale)
+        return self._mla_extend(
+            meta, q_nope, q_pe, normed, rotated, kv_up_proj, layer_id, batch, scale
+        )
 
     @staticmethod
     def _extend_metadata(batch: ForwardBatch) -> _MLAExtendMetadata:
@@ -282,6 +284,7 @@ class TritonAttentionBackend(AttentionBackend):
 
     def _mla_extend(
         self,
+        meta: _MLAExtendMetadata,
         q_nope: torch.Tensor,
         q_pe: torch.Tensor,
         c_kv: torch.Tensor | None,
@@ -293,7 +296,6 @@ class TritonAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         """Attention of the new tokens over their context, the step's latents already in the
         cache; `c_kv`, `k_pe` (normed, rotated) are read only when there is no cached prefix."""
-        meta: _MLAExtendMetadata = batch.attn_metadata
         latent_slots, pe_slots = batch.kv_cache.slots(layer_id)
         if meta.context_slots is None:
             if c_kv is None or k_pe is None:
