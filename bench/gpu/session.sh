@@ -9,6 +9,7 @@
 #   run(command="bash bench/gpu/session.sh b", carry=[".whl"])   # the README's figures
 #   run(command="bash bench/gpu/session.sh c", carry=[".whl"])   # serving: stack cost, P/D
 #   run(command="bash bench/gpu/session.sh d", carry=[".whl"])   # a short call: what changed
+#   run(command="bash bench/gpu/session.sh e", carry=[".whl"])   # decode launches, serving
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -96,5 +97,22 @@ d)
     --num-prompts 16 --random-input-len 1024 --random-output-len 64 --slo-ttft-ms 500 \
     --slo-itl-ms 30 --out-dir /tmp/pd
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d"; exit 2 ;;
+e)
+  # The decode step's launches (about 560 s): the skinny GEMM with the RMSNorm folded in and
+  # the small MoE's tiles checked compiled, where a Llama step's time goes now, the three
+  # models' decode tables, every tiny family's greedy tokens, then colocated against
+  # disaggregated serving at four rates.
+  step kernels 100 python3 -m pytest -x -q -rf tests/engine/test_skinny_gemm.py \
+    tests/engine/test_fused_moe.py -k "folded or gate_up or small or matches"
+  TAIL=30 step profile_llama 70 python3 -m bench.profile_decode --preset llama3-8b \
+    --decode 1x128 --top 16
+  step decode 150 bash -c 'for m in llama3-8b qwen3-30b-a3b moonlight-16b-a3b; do
+    python3 -m bench.engine --preset $m --skip-hf --decode 1x128,64x128 --prefill "" \
+      --repeats 2 --decode-steps 16 | grep -E "^\| [0-9]|^device"; done'
+  TAIL=8 step greedy 60 python3 -m bench.gpu.greedy_gpu
+  TAIL=30 step serving_pd 200 python3 -m bench.serving_pd --preset llama3-8b --mps \
+    --request-rates 2 4 8 16 inf --num-prompts 24 --random-input-len 1024 \
+    --random-output-len 64 --slo-ttft-ms 500 --slo-itl-ms 30 --out-dir /tmp/pd
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e"; exit 2 ;;
 esac

@@ -196,13 +196,18 @@ def small_down_combine_kernel(
 class SmallBatchTiles:
     """Column and reduction tile of each kernel. A decode step's weights stream from memory, so
     each SM needs tens of KB of loads in flight: narrow column blocks make enough programs for
-    every SM (Qwen3-30B-A3B at batch 1: 8 pairs x 48 gate-up blocks, 512 down blocks), each
-    loading 16 KB per step in bfloat16 (gate-up: 2 x [16, 256]; down: [8 pairs, 4, 256]) and
-    holding as many float32 partial products (64 registers a thread at 4 warps)."""
+    every SM (Qwen3-30B-A3B at batch 1: 8 pairs x 48 gate-up blocks, 256 down blocks), each
+    loading 16-32 KB per step in bfloat16 (gate-up: 2 x [16, 256]; down: [8 pairs, 8, 256])
+    and holding as many float32 partial products.
+
+    Swept on the H200 at one token (`bench.moe_kernel --path small --small-tiles`, µs of both
+    kernels, Qwen3-30B-A3B / Moonlight): down_n 4 took 30.0 / 39.7, 8 took 26.8 / 33.1 (1.50x /
+    1.35x their bytes; 512 down programs of 4 columns were 1.3 waves of the 132 SMs), 16 with a
+    K step of 128 28.9 / 37.1, 8 warps 29.2 / 44.5."""
 
     gate_up_n: int = 16
     gate_up_k: int = 256
-    down_n: int = 4
+    down_n: int = 8
     down_k: int = 256
     num_warps: int = 4
 
@@ -215,11 +220,12 @@ class SmallBatchTiles:
 DEFAULT_TILES = SmallBatchTiles()
 
 
-def down_block_k(tiles: SmallBatchTiles, k_pow2: int) -> int:
+def down_block_k(tiles: SmallBatchTiles, k_pow2: int, element_size: int = 2) -> int:
     """The down kernel's K step for `k_pow2` pair slots a token: it holds a [k_pow2, down_n,
     K step] tile, so past 8 slots (DeepSeek-V3's top-8 and a fused shared expert: 16) a shorter
-    step keeps the same registers."""
-    return max(16, tiles.down_k * 8 // max(8, k_pow2))
+    step keeps the same registers, and so do float32 weights (`element_size` 4: half the step,
+    the same bytes a load; 16-bit weights' step spilled 2 KB there)."""
+    return max(16, tiles.down_k * 8 // max(8, k_pow2) * 2 // max(2, element_size))
 
 
 def small_batch_moe(
@@ -379,7 +385,7 @@ def _launch(
         TOP_K=top_k,
         K_POW2=k_pow2,
         BLOCK_N=tiles.down_n,
-        BLOCK_K=down_block_k(tiles, k_pow2),
+        BLOCK_K=down_block_k(tiles, k_pow2, w2.element_size()),
         num_warps=tiles.num_warps,
         **pdl.launch_args(act),
     )

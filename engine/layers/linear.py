@@ -29,6 +29,7 @@ from engine.device import check_triton_backend, has_triton
 
 if TYPE_CHECKING:  # the kernels import Triton: only where the backend is chosen
     from engine.kernels.skinny_gemm import SkinnyTiles
+    from engine.layers.norm import RMSNorm
 
 
 class GemmBackend:
@@ -95,16 +96,25 @@ class Linear(nn.Linear):
 
         return skinny_linear(x, self.weight, self.bias, tiles)
 
-    def gate_up(self, x: torch.Tensor) -> torch.Tensor:
+    def fused_gate_up(self, x: torch.Tensor) -> bool:
+        """Whether `gate_up(x)` runs as one skinny GEMM launch (which can take a norm too)."""
+        n, k = self.weight.shape
+        return self.gemm.tiles("gate_up", _rows(x), n, k, x.dtype) is not None
+
+    def gate_up(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
         """silu(gate) * up of this gate-up projection (gate rows, then up rows): one launch
         where the backend takes it, else the product then `fused.silu_and_mul` (torch's
-        ops off CUDA)."""
+        ops off CUDA). `norm`: of `norm(x)`, the norm folded into that one launch (else
+        applied first)."""
         n, k = self.weight.shape
         tiles = self.gemm.tiles("gate_up", _rows(x), n, k, x.dtype)
         if tiles is not None:
             from engine.kernels.skinny_gemm import skinny_gate_up
 
-            return skinny_gate_up(x, self.weight, self.bias, tiles)
+            folded = (norm.weight, norm.eps) if norm is not None else None
+            return skinny_gate_up(x, self.weight, self.bias, tiles, norm=folded)
+        if norm is not None:
+            x = norm(x)
         gate_up = F.linear(x, self.weight, self.bias)
         if gate_up.is_cuda:
             from engine.kernels import fused
@@ -112,6 +122,15 @@ class Linear(nn.Linear):
             return fused.silu_and_mul(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+    def add_into(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """`residual += x @ W.T (+ bias)` in place, the product and the sum in one GEMM (its
+        beta term; the sum is rounded once); returns `residual`."""
+        residual2 = residual.view(-1, residual.shape[-1])
+        residual2.addmm_(x.reshape(-1, x.shape[-1]), self.weight.t())
+        if self.bias is not None:
+            residual2.add_(self.bias)
+        return residual
 
 
 def set_gemm_backend(model: nn.Module, backend: GemmBackend) -> int:

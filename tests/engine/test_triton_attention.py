@@ -211,7 +211,8 @@ def test_triton_backend_matches_transformers(
 def test_skinny_gemm_backend_matches_transformers(tiny_models: dict[str, Path]) -> None:
     """Every linear layer of up to 64 rows on the skinny Triton GEMM (`--gemm-backend
     triton`: prefill chunks of 8 tokens and the decode steps; the gate-up projection with
-    silu(gate) * up in its epilogue), on Qwen2 (QKV bias): greedy tokens equal
+    silu(gate) * up in its epilogue and the post-attention RMSNorm folded in, the output
+    projection adding into the residual), on Qwen2 (QKV bias): greedy tokens equal
     transformers'. Three prompts, four tokens each: the interpreter runs a program per few
     output columns."""
     ref = reference(tiny_models["qwen2"], device=DEVICE)
@@ -230,6 +231,7 @@ def test_skinny_gemm_backend_matches_transformers(tiny_models: dict[str, Path]) 
         )
     )
     assert engine.runner.gemm_backend.name == "triton"
+    assert all(layer.can_fold_norm for layer in engine.runner.model.layers)
     params = SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
     results = engine.generate(few.prompts, params)
     assert_greedy_matches([r.output_ids for r in results], few, NEAR_TIE)
