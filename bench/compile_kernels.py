@@ -33,6 +33,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from engine.kernels import (
+    argmax,
     fused,
     fused_moe,
     fused_moe_small,
@@ -320,6 +321,22 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
             num_warps=tiles.num_warps,
             num_stages=tiles.num_stages,
         )
+    # Greedy sampling: float32 logits, a 128k vocabulary's 126 partials a row reduced.
+    add(
+        "argmax partials",
+        argmax._argmax_partials_kernel,
+        {"x_ptr": "*fp32", "part_val_ptr": "*fp32", "part_idx_ptr": i32},
+        {"BLOCK": argmax.BLOCK},
+        divisible=("x_ptr", "stride_x", "n", "chunk"),
+        num_warps=4,
+    )
+    add(
+        "argmax combine",
+        argmax._argmax_combine_kernel,
+        {"part_val_ptr": "*fp32", "part_idx_ptr": i32, "out_ptr": "*i64"},
+        {"BLOCK_C": 128},
+        num_warps=1,
+    )
     add_skinny_gemm(add, all_configs)
     return out
 

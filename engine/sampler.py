@@ -93,7 +93,12 @@ def sample_on_device(
     logp = torch.log_softmax(logits[wanted], dim=-1) if wanted else None
     if mask is not None:
         mask.apply(logits)
-    tokens = logits.argmax(dim=-1)
+    if logits.is_cuda:
+        from engine.kernels.argmax import argmax  # Triton, imported where it runs
+
+        tokens = argmax(logits)  # torch's one block a row: 27 µs for a 128k row on the H200
+    else:
+        tokens = logits.argmax(dim=-1)
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
     if sampled_rows:
         rows = torch.tensor(sampled_rows, device=logits.device)
