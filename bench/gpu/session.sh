@@ -103,7 +103,9 @@ e)
   # models' decode tables, every tiny family's greedy tokens, then colocated against
   # disaggregated serving at four rates.
   step kernels 100 python3 -m pytest -x -q -rf tests/engine/test_skinny_gemm.py \
-    tests/engine/test_fused_moe.py -k "folded or gate_up or small or matches"
+    tests/engine/test_fused_moe.py tests/engine/test_argmax.py \
+    -k "folded or gate_up or small or matches or argmax"
+  step argmax 30 python3 -m bench.argmax
   TAIL=30 step profile_llama 70 python3 -m bench.profile_decode --preset llama3-8b \
     --decode 1x128 --top 16
   step decode 150 bash -c 'for m in llama3-8b qwen3-30b-a3b moonlight-16b-a3b; do
