@@ -3,9 +3,11 @@ a float32 logits row of a 128,256-token vocabulary (Llama-3's) at batch 1 to 256
 
     python -m bench.argmax [--vocab 128256] [--batches 1,8,64,256]
 
-Each call is timed alone (synchronized before and after, median of `--reps`), as it runs on
-the critical path between two decode steps; the floor is its bytes (B x vocab x 4) over the
-copy bandwidth measured in the same run. Both results are checked equal first.
+Two times each: "device", a CUDA-graph replay of the call (its kernels alone, as in a decode
+step's timeline); "alone", the call from Python between two synchronizations, launch included
+(what it costs the host; overlapped scheduling hides it behind the step). Medians of `--reps`.
+The floor is its bytes (B x vocab x 4) over the copy bandwidth measured in the same run. Both
+results are checked equal first.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 from bench.ceiling import copy_bandwidth
+from bench.moe_kernel import time_graph
 from engine.kernels.argmax import argmax
 
 
@@ -45,17 +48,20 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("bench.argmax needs a CUDA GPU")
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}, copy {bandwidth / 1e9:.0f} GB/s, vocab {args.vocab}")
-    print("| batch | floor µs | torch µs | triton µs | triton / floor |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| batch | floor µs | torch device µs | triton device µs | triton / floor "
+          "| torch alone µs | triton alone µs |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for b in (int(v) for v in args.batches.split(",")):
         x = torch.randn(b, args.vocab, device="cuda")
         if not torch.equal(argmax(x), x.argmax(-1)):
             raise SystemExit(f"batch {b}: the kernel's argmax differs from torch's")
         floor = b * args.vocab * 4 / bandwidth
-        ours = time_alone(functools.partial(argmax, x), args.reps)
-        theirs = time_alone(functools.partial(torch.argmax, x, -1), args.reps)
-        print(f"| {b} | {floor * 1e6:.1f} | {theirs * 1e6:.1f} | {ours * 1e6:.1f} | "
-              f"{ours / floor:.1f}x |")  # fmt: skip
+        ours, theirs = functools.partial(argmax, x), functools.partial(torch.argmax, x, -1)
+        ours_device, theirs_device = time_graph(ours, args.reps), time_graph(theirs, args.reps)
+        ours_alone, theirs_alone = time_alone(ours, args.reps), time_alone(theirs, args.reps)
+        print(f"| {b} | {floor * 1e6:.1f} | {theirs_device * 1e6:.1f} | "
+              f"{ours_device * 1e6:.1f} | {ours_device / floor:.1f}x | "
+              f"{theirs_alone * 1e6:.1f} | {ours_alone * 1e6:.1f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

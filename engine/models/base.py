@@ -17,11 +17,12 @@ from engine.layers.norm import RMSNorm
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: `x + attn(norm(x))`, then `+ mlp(norm(x))`.
 
-    Where the MLP's gate-up runs on the skinny GEMM (decode-sized steps on CUDA), the
-    post-attention norm is folded into it and the attention's output projection adds itself
-    into the residual stream (cuBLAS's beta term): two launches fewer a layer, the add-and-norm
-    kernel's among them. That needs an attention with `attend` (its output before the
-    projection) and a dense MLP with `forward_normed`; other layers take the plain path."""
+    Where the MLP's gate-up runs on the skinny GEMM's CUDA-core tiles (`Linear.folds_norm`:
+    decode steps of one row), the post-attention norm is folded into it and the attention's
+    output projection adds itself into the residual stream (cuBLAS's beta term): two launches
+    fewer a layer, the add-and-norm kernel's among them. That needs an attention with `attend`
+    (its output before the projection) and a dense MLP with `forward_normed`; other layers
+    take the plain path."""
 
     def __init__(self, config: ModelConfig, self_attn: nn.Module, mlp: nn.Module) -> None:
         super().__init__()
@@ -44,7 +45,7 @@ class DecoderLayer(nn.Module):
             h, residual = self.input_layernorm.forward_residual(x, residual)
         attn: Any = self.self_attn  # llama.Attention and llama.MLP where can_fold_norm
         mlp: Any = self.mlp
-        if self.can_fold_norm and mlp.gate_up_proj.fused_gate_up(h):
+        if self.can_fold_norm and mlp.gate_up_proj.folds_norm(h):
             residual = attn.o_proj.add_into(attn.attend(h, batch), residual)
             return mlp.forward_normed(residual, self.post_attention_layernorm), residual
         h = self.self_attn(h, batch)
