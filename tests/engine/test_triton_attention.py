@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -232,12 +233,13 @@ def test_skinny_gemm_backend_matches_transformers(tiny_models: dict[str, Path]) 
         )
     )
     assert engine.runner.gemm_backend.name == "triton"
-    assert all(layer.can_fold_norm for layer in engine.runner.model.layers)
+    model: Any = engine.runner.model  # a LlamaForCausalLM
+    assert all(layer.can_fold_norm for layer in model.layers)
     params = SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
     results = engine.generate(few.prompts, params)
     assert_greedy_matches([r.output_ids for r in results], few, NEAR_TIE)
-    folds = engine.runner.model.layers[0].mlp.gate_up_proj.folds_norm
-    hidden = engine.runner.model.config.hidden_size
+    folds = model.layers[0].mlp.gate_up_proj.folds_norm
+    hidden = model.config.hidden_size
     assert folds(torch.zeros(1, hidden)) and not folds(torch.zeros(3, hidden))
     alone = engine.generate(few.prompts[:1], params)
     first = Reference(few.prompts[:1], few.tokens[:1], few.logits[:1])
