@@ -423,18 +423,15 @@ def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
     """The skinny GEMM's launches that `pick_tiles` makes for Llama-3-8B's projections (and a
     narrow one that splits K) at 1 to 64 rows, with every argument a multiple of 16 as there;
     gated (silu(gate) * up in the epilogue) for the gate-up projection's tiles and those of
-    `skinny_gemm.TUNED`, those also with the post-attention RMSNorm folded in (as decode runs
-    them); with `all_configs`, every entry of `TILE_CONFIGS` too (bfloat16)."""
+    `skinny_gemm.TUNED`; with `all_configs`, every entry of `TILE_CONFIGS` too (bfloat16)."""
     shapes = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096))
     gate_up = (28672, 4096)
     launches = set()
 
-    def launch(
-        dtype: str, m: int, tiles: skinny_gemm.SkinnyTiles, gated: bool = False, norm: bool = False
-    ) -> None:
+    def launch(dtype: str, m: int, tiles: skinny_gemm.SkinnyTiles, gated: bool = False) -> None:
         # The split count is a run-time argument: one kernel for every count above one.
         tiles = dataclasses.replace(tiles, split_k=min(tiles.split_k, 2))
-        launches.add((dtype, skinny_gemm.rows_per_program(m, tiles), tiles, gated, norm))
+        launches.add((dtype, skinny_gemm.rows_per_program(m, tiles), tiles, gated))
 
     for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         for m in (1, 2, 4, 16, 32, 64):
@@ -451,17 +448,14 @@ def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
         dtype = {"bfloat16": "bf16", "float32": "fp32"}[dtype_name]
         for max_rows, tiles in rows:
             for m in (1, 16, max_rows):
-                for norm in (False, True):
-                    launch(dtype, m, tiles, gated=kind == "gate_up", norm=norm)
-    divisible = ("x_ptr", "w_ptr", "bias_ptr", "norm_ptr", "y_ptr", "part_ptr", "K", "N",
-                 "split_len", "stride_xm", "stride_wn", "stride_ym", "stride_ps",
-                 "stride_pm")  # fmt: skip
-    for dtype, block_m, tiles, gated, norm in sorted(launches, key=repr):
-        kind = (" gated" if gated else "") + (" norm" if norm else "")
+                launch(dtype, m, tiles, gated=kind == "gate_up")
+    divisible = ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "part_ptr", "K", "N", "split_len",
+                 "stride_xm", "stride_wn", "stride_ym", "stride_ps", "stride_pm")  # fmt: skip
+    for dtype, block_m, tiles, gated in sorted(launches, key=repr):
         add(
-            f"skinny_gemm {dtype} BLOCK_M={block_m} {tiles.label()}{kind}",
+            f"skinny_gemm {dtype} BLOCK_M={block_m} {tiles.label()}{' gated' if gated else ''}",
             skinny_gemm._skinny_gemm_kernel,
-            {ptr: f"*{dtype}" for ptr in ("x_ptr", "w_ptr", "bias_ptr", "norm_ptr", "y_ptr")}
+            {ptr: f"*{dtype}" for ptr in ("x_ptr", "w_ptr", "bias_ptr", "y_ptr")}
             | {"part_ptr": "*fp32"},
             {
                 "BLOCK_M": block_m,
@@ -473,10 +467,8 @@ def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
                 "HAS_BIAS": False,
                 "DIRECT": tiles.split_k == 1,
                 "GATED": gated,
-                "NORM": norm,
                 "PDL": 2,  # what a launch with PDSERVE_PDL=early compiles; no other cost
             },
-            floats=("eps",),
             divisible=divisible,
             num_warps=tiles.num_warps,
             num_stages=tiles.num_stages,
@@ -550,13 +542,7 @@ def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
 
 # Kernels whose spills `--fail-on-spill` reports without failing: configurations that a tuner
 # measured fastest on the device, spills and all.
-# (The small MoE's down kernel at 8 columns a program spills 16 B and took 26.8 / 33.1 µs at
-# one token on the H200 against 30.0 / 39.7 at 4 columns without spills.)
-MEASURED_SPILLS = (
-    "grouped_gemm bf16 tuned ",
-    "mla_extend_kernel bf16",
-    "small_down_combine_kernel bf16",
-)
+MEASURED_SPILLS = ("grouped_gemm bf16 tuned ", "mla_extend_kernel bf16")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,9 +10,7 @@ configuration against cuBLAS (`F.linear`) at decode's few rows, to set `pick_til
 `y = x @ W.T` for Llama-3-8B's projections (`W` `[N, K]`: QKV 6144 x 4096, O 4096 x 4096,
 gate-up 28672 x 4096, down 4096 x 14336, LM head 128256 x 4096), no bias, bfloat16 (`--dtype`),
 x of M rows. gate_up_silu: the gate-up projection with silu(gate) * up in the kernel's epilogue
-(`skinny_gate_up`, output [M, 14336]) against cuBLAS followed by `fused.silu_and_mul`;
-gate_up_norm: that with the RMSNorm before it folded in (`norm=`), against the norm's own
-kernel (`fused.rms_norm`) followed by cuBLAS and `fused.silu_and_mul`. Times
+(`skinny_gate_up`, output [M, 14336]) against cuBLAS followed by `fused.silu_and_mul`. Times
 are medians of CUDA-graph replays of one call per weight copy, divided by the copies:
 `--cycle-mib` (default 256 MiB, five times the 50 MB L2) of copies of W are cycled so that each
 call reads its weight from memory, not from L2 (at least 2 copies; x stays the same, as the
@@ -52,21 +50,6 @@ def silu_times(y: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate.float()).to(y.dtype).float() * up.float()).to(y.dtype)
 
 
-def rms_norm(x: torch.Tensor, norm_w: torch.Tensor) -> torch.Tensor:
-    """The engine's RMSNorm: its Triton kernel on CUDA, the layer's torch ops on the CPU."""
-    if x.is_cuda:
-        from engine.kernels import fused
-
-        return fused.rms_norm(x, norm_w, EPS)
-    x32 = x.float()
-    return norm_w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + EPS)).to(x.dtype)
-
-
-def normed_gate_up(x: torch.Tensor, w: torch.Tensor, norm_w: torch.Tensor) -> torch.Tensor:
-    """The engine's path before the fold: the norm's kernel, then `cublas_gate_up`."""
-    return cublas_gate_up(rms_norm(x, norm_w), w)
-
-
 def cublas_gate_up(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """The engine's unfused path: cuBLAS, then fused.silu_and_mul (torch on the CPU)."""
     y = F.linear(x, w)
@@ -85,13 +68,10 @@ SHAPES = {
     "down": (4096, 14336),
     "lm_head": (128256, 4096),
     "gate_up_silu": (28672, 4096),  # gate-up with silu(gate) * up: y is [M, 14336]
-    "gate_up_norm": (28672, 4096),  # and the RMSNorm before it folded in
     "tiny": (70, 300),
     "tiny_silu": (70, 300),
 }
-GATED = {"gate_up_silu", "gate_up_norm", "tiny_silu"}  # against cuBLAS + fused.silu_and_mul
-NORMED = {"gate_up_norm"}  # against the norm's own kernel, then that
-EPS = 1e-5
+GATED = {"gate_up_silu", "tiny_silu"}  # against cuBLAS + fused.silu_and_mul
 # The small ones first: what the kernel is for.
 DEFAULT_SHAPES = "qkv,o,down,gate_up,gate_up_silu,lm_head"
 FMA_MAX_ROWS = 4  # CUDA-core tiles (a program per row of x) are timed up to this many rows
@@ -217,18 +197,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             case = Case(torch.randn(m, k, device=args.device, dtype=dtype), weights)
             gated = name in GATED
             floor_us = case.floor_bytes(gated) / bandwidth * 1e6
-            rule = pick_tiles(m, n, k, dtype)
-            reference: Linear = cublas_gate_up if gated else F.linear
-            kernel: Callable[..., torch.Tensor] = skinny_gate_up if gated else skinny_linear
-            x_in = case.x
-            if name in NORMED:
-                norm_w = (1 + 0.1 * torch.randn(k, device=args.device)).to(dtype)
-                x_in = rms_norm(case.x, norm_w)
-                reference = functools.partial(normed_gate_up, norm_w=norm_w)
-                kernel = functools.partial(skinny_gate_up, norm=(norm_w, EPS))
-            want = F.linear(x_in.float(), weights[-1].float())
+            want = F.linear(case.x.float(), weights[-1].float())
             if gated:
                 want = silu_times(want.to(dtype)).float()
+            rule = pick_tiles(m, n, k, dtype)
+            reference = cublas_gate_up if gated else F.linear
+            kernel = skinny_gate_up if gated else skinny_linear
             rows = [(baseline, *case.measure(reference, want, args.reps))]  # (kernel, µs, err)
             for tiles in [*configs, *([rule] if rule not in configs else [])]:
                 if not tiles.dot and m > FMA_MAX_ROWS:

@@ -98,13 +98,13 @@ d)
     --slo-itl-ms 30 --out-dir /tmp/pd
   ;;
 e)
-  # The decode step's launches (about 560 s): the skinny GEMM with the RMSNorm folded in and
+  # The decode step's launches (about 560 s): the skinny GEMM, the argmax and
   # the small MoE's tiles checked compiled, where a Llama step's time goes now, the three
   # models' decode tables, every tiny family's greedy tokens, then colocated against
-  # disaggregated serving at four rates.
+  # disaggregated serving at five rates.
   step kernels 100 python3 -m pytest -x -q -rf tests/engine/test_skinny_gemm.py \
     tests/engine/test_fused_moe.py tests/engine/test_argmax.py \
-    -k "folded or gate_up or small or matches or argmax"
+    -k "gate_up or small or matches or argmax"
   step argmax 30 python3 -m bench.argmax
   TAIL=30 step profile_llama 70 python3 -m bench.profile_decode --preset llama3-8b \
     --decode 1x128 --top 16

@@ -45,9 +45,6 @@ import triton.language as tl
 from engine.kernels import pdl
 from engine.kernels.attention import dot_precision
 
-# An RMSNorm folded into the product: its weight `[K]` and epsilon.
-RMSNormArgs = tuple[torch.Tensor, float]
-
 SM_COUNT = 132  # H100/H200: the device the rule's program counts are for
 MAX_BLOCK_M = 64  # rows of x per program on the tensor cores (one on the CUDA cores)
 
@@ -57,14 +54,12 @@ def _skinny_gemm_kernel(
     x_ptr,
     w_ptr,
     bias_ptr,
-    norm_ptr,
     y_ptr,
     part_ptr,
     M,
     N,
     K,
     split_len,
-    eps,
     stride_xm,
     stride_wn,
     stride_ym,
@@ -79,14 +74,9 @@ def _skinny_gemm_kernel(
     HAS_BIAS: tl.constexpr,
     DIRECT: tl.constexpr,
     GATED: tl.constexpr,
-    NORM: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl.start(PDL)
-    # NORM (DIRECT only: every program sees all of K): y = rmsnorm(x) * norm_w @ W.T, the
-    # RMSNorm folded in. Each K tile of x is multiplied by its norm weights (rounded to x's
-    # dtype for the product) while its sum of squares accumulates, and the sums are scaled by
-    # 1 / rms(x) after the loop: the same product up to where the rounding falls.
     # GATED: W is [2N, K], gate rows then up rows; the program reads row j of each and
     # writes silu(gate) * up (DIRECT), or both sums as partials (up at column N + j).
     # DIRECT (one split): y itself, with the bias; else this split's float32 partial. Row
@@ -108,7 +98,6 @@ def _skinny_gemm_kernel(
         x_ok = m_ok[:, None]
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)  # y.T
         acc_u = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        squares = tl.zeros([BLOCK_M], tl.float32)
     else:
         # One row of x (BLOCK_M == 1), loaded as W's tile is shaped (every row of it the same
         # addresses, served by L1) so that it has W's register layout: a [1, BK] load gets its
@@ -119,11 +108,6 @@ def _skinny_gemm_kernel(
         x_ok = n_ok[:, None]
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         acc_u = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        # The norm's sum of squares from the row itself, [BK] a step (not W's broadcast
-        # shape, which would square it BLOCK_N times over).
-        x_line = x_ptr + pid_m.to(tl.int64) * stride_xm + offs_k
-        squares = tl.zeros([BLOCK_K], tl.float32)
-    norm_ptrs = norm_ptr + offs_k
     for k0 in range(0, tl.minimum(split_len, K - k_start), BLOCK_K):
         if EVEN_K:  # every tile whole: only the row masks, which do not change along K
             w_mask = n_ok[:, None]
@@ -134,18 +118,6 @@ def _skinny_gemm_kernel(
             x_mask = x_ok & k_ok
         w = tl.load(w_ptrs, mask=w_mask, other=0.0)  # [BN, BK]
         x = tl.load(x_ptrs, mask=x_mask, other=0.0)  # [BM, BK], or [BN, BK] of one row
-        if NORM:
-            k_in = offs_k + k0 < K
-            norm_w = tl.load(norm_ptrs, mask=k_in, other=0.0).to(tl.float32)[None, :]
-            if DOT:
-                xf = x.to(tl.float32)
-                squares += tl.sum(xf * xf, 1)
-            else:
-                line = tl.load(x_line, mask=k_in, other=0.0).to(tl.float32)
-                squares += line * line
-                x_line += BLOCK_K
-            x = (x.to(tl.float32) * norm_w).to(x.dtype)
-            norm_ptrs += BLOCK_K
         if DOT:
             acc += tl.dot(w, tl.trans(x), input_precision=PRECISION)
         else:
@@ -162,13 +134,6 @@ def _skinny_gemm_kernel(
     acc = tl.trans(acc) if DOT else tl.sum(acc, 1)[None, :]  # [BM, BN]
     if GATED:
         acc_u = tl.trans(acc_u) if DOT else tl.sum(acc_u, 1)[None, :]
-    if NORM:
-        mean_square = (squares if DOT else tl.sum(squares, 0)) / K
-        rstd = 1.0 / tl.sqrt(mean_square + eps)
-        scale = rstd[:, None] if DOT else rstd
-        acc = acc * scale
-        if GATED:
-            acc_u = acc_u * scale
     mask = m_ok[:, None] & n_ok[None, :]
     if DIRECT:
         if HAS_BIAS:
@@ -343,15 +308,13 @@ def skinny_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     tiles: SkinnyTiles | None = None,
-    norm: RMSNormArgs | None = None,
 ) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for `x` `[..., K]` of few rows and `weight` `[N, K]` (as
     nn.Linear stores it), both of one dtype (float32, float16 or bfloat16); `bias` `[N]` of
     any float dtype. Sums in float32 and returns `[..., N]` in x's dtype. `tiles`: the launch
     (default `pick_tiles` of the shape); every split count gives the same result on every
-    run. `norm` `(weight [K], eps)`: the product of `weight * rmsnorm(x)` instead, in the
-    same launch (which then does not split K)."""
-    return _launch(x, weight, bias, tiles, gated=False, norm=norm)
+    run."""
+    return _launch(x, weight, bias, tiles, gated=False)
 
 
 def skinny_gate_up(
@@ -359,17 +322,15 @@ def skinny_gate_up(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     tiles: SkinnyTiles | None = None,
-    norm: RMSNormArgs | None = None,
 ) -> torch.Tensor:
     """`silu(gate) * up` of `F.linear(x, weight, bias)` in one launch (two with K split),
     for a gate-up projection `weight` `[2N, K]` holding the gate rows then the up rows (as
     `MLP.gate_up_proj` does); returns `[..., N]`. Rounded as the unfused path rounds (the
     GEMM's outputs to x's dtype, then silu(gate)); the sums themselves are in float32, in a
-    different order from cuBLAS's. `norm`: as `skinny_linear`'s (the post-attention RMSNorm
-    folded into the MLP's first product)."""
+    different order from cuBLAS's."""
     if weight.dim() == 2 and weight.shape[0] % 2:
         raise ValueError(f"a gate-up weight has an even number of rows, got {weight.shape[0]}")
-    return _launch(x, weight, bias, tiles, gated=True, norm=norm)
+    return _launch(x, weight, bias, tiles, gated=True)
 
 
 def _launch(
@@ -378,7 +339,6 @@ def _launch(
     bias: torch.Tensor | None,
     tiles: SkinnyTiles | None,
     gated: bool,
-    norm: RMSNormArgs | None = None,
 ) -> torch.Tensor:
     k = x.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != k:
@@ -389,8 +349,6 @@ def _launch(
     rows = weight.shape[0]
     if bias is not None and bias.shape != (rows,):
         raise ValueError(f"bias must be [{rows}], got {tuple(bias.shape)}")
-    if norm is not None and norm[0].shape != (k,):
-        raise ValueError(f"the norm's weight must be [{k}], got {tuple(norm[0].shape)}")
     n = rows // 2 if gated else rows  # output columns
     x2 = x.reshape(math.prod(x.shape[:-1]), k)
     if x2.stride(-1) != 1:
@@ -401,7 +359,7 @@ def _launch(
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y.view(*x.shape[:-1], n)
-    if k == 0:  # (a norm of nothing multiplies nothing)
+    if k == 0:
         full = bias.expand(m, rows).to(x.dtype) if bias is not None else x2.new_zeros(m, rows)
         if gated:
             gate, up = full.float().chunk(2, dim=-1)
@@ -410,8 +368,6 @@ def _launch(
         return y.view(*x.shape[:-1], n)
     # A gated launch reads two rows of W per output column: the tiles of N = 2n's rule.
     tiles = tiles or pick_tiles(m, rows, k, x.dtype, gated)
-    if norm is not None and tiles.split_k > 1:  # the norm needs all of a row in a program
-        tiles = replace(tiles, split_k=1)
     block_m = rows_per_program(m, tiles)
     if triton.cdiv(n, tiles.block_n) > 65535:  # CUDA's limit on a grid's second axis
         raise ValueError(f"N = {n} needs block_n > {tiles.block_n} (65,535 blocks at most)")
@@ -424,10 +380,9 @@ def _launch(
     else:
         part = torch.empty(split_k, m, rows, dtype=torch.float32, device=x.device)
     bias_arg = bias if bias is not None else y  # not read
-    norm_w, eps = norm if norm is not None else (y, 0.0)  # not read without a norm
     _skinny_gemm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, tiles.block_n), split_k)](
-        x2, weight, bias_arg, norm_w, y, part,
-        m, n, k, split_len, eps,
+        x2, weight, bias_arg, y, part,
+        m, n, k, split_len,
         x2.stride(0), weight.stride(0), y.stride(0), part.stride(0), part.stride(1),
         BLOCK_M=block_m,
         BLOCK_N=tiles.block_n,
@@ -438,7 +393,6 @@ def _launch(
         HAS_BIAS=bias is not None,
         DIRECT=direct,
         GATED=gated,
-        NORM=norm is not None,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
         **pdl.launch_args(x2),

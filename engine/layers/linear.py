@@ -29,7 +29,6 @@ from engine.device import check_triton_backend, has_triton
 
 if TYPE_CHECKING:  # the kernels import Triton: only where the backend is chosen
     from engine.kernels.skinny_gemm import SkinnyTiles
-    from engine.layers.norm import RMSNorm
 
 
 class GemmBackend:
@@ -96,30 +95,16 @@ class Linear(nn.Linear):
 
         return skinny_linear(x, self.weight, self.bias, tiles)
 
-    def folds_norm(self, x: torch.Tensor) -> bool:
-        """Whether `gate_up(x, norm)` folds the norm into its one launch: the skinny GEMM on
-        the CUDA cores. (On the tensor cores x's tiles go from memory to the product through
-        the pipeline without passing registers; scaling them there cost more than the norm's
-        own launch on the H200: gate-up 62.0 against 56.2 µs at one row, and a 64-request
-        Llama-3-8B step 6.62 against 5.51 ms.)"""
-        n, k = self.weight.shape
-        tiles = self.gemm.tiles("gate_up", _rows(x), n, k, x.dtype)
-        return tiles is not None and not tiles.dot
-
-    def gate_up(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+    def gate_up(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up of this gate-up projection (gate rows, then up rows): one launch
         where the backend takes it, else the product then `fused.silu_and_mul` (torch's
-        ops off CUDA). `norm`: of `norm(x)`, the norm folded into that one launch (else
-        applied first)."""
+        ops off CUDA)."""
         n, k = self.weight.shape
         tiles = self.gemm.tiles("gate_up", _rows(x), n, k, x.dtype)
         if tiles is not None:
             from engine.kernels.skinny_gemm import skinny_gate_up
 
-            folded = (norm.weight, norm.eps) if norm is not None else None
-            return skinny_gate_up(x, self.weight, self.bias, tiles, norm=folded)
-        if norm is not None:
-            x = norm(x)
+            return skinny_gate_up(x, self.weight, self.bias, tiles)
         gate_up = F.linear(x, self.weight, self.bias)
         if gate_up.is_cuda:
             from engine.kernels import fused
@@ -127,15 +112,6 @@ class Linear(nn.Linear):
             return fused.silu_and_mul(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
-
-    def add_into(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """`residual += x @ W.T (+ bias)` in place, the product and the sum in one GEMM (its
-        beta term; the sum is rounded once); returns `residual`."""
-        residual2 = residual.view(-1, residual.shape[-1])
-        residual2.addmm_(x.reshape(-1, x.shape[-1]), self.weight.t())
-        if self.bias is not None:
-            residual2.add_(self.bias)
-        return residual
 
 
 def set_gemm_backend(model: nn.Module, backend: GemmBackend) -> int:

@@ -3,8 +3,6 @@ and an LM head that may be tied to the embeddings."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,14 +13,7 @@ from engine.layers.norm import RMSNorm
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block: `x + attn(norm(x))`, then `+ mlp(norm(x))`.
-
-    Where the MLP's gate-up runs on the skinny GEMM's CUDA-core tiles (`Linear.folds_norm`:
-    decode steps of one row), the post-attention norm is folded into it and the attention's
-    output projection adds itself into the residual stream (cuBLAS's beta term): two launches
-    fewer a layer, the add-and-norm kernel's among them. That needs an attention with `attend`
-    (its output before the projection) and a dense MLP with `forward_normed`; other layers
-    take the plain path."""
+    """Pre-norm residual block: `x + attn(norm(x))`, then `+ mlp(norm(x))`."""
 
     def __init__(self, config: ModelConfig, self_attn: nn.Module, mlp: nn.Module) -> None:
         super().__init__()
@@ -30,7 +21,6 @@ class DecoderLayer(nn.Module):
         self.self_attn = self_attn
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = mlp
-        self.can_fold_norm = hasattr(self_attn, "attend") and hasattr(mlp, "forward_normed")
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch
@@ -43,11 +33,6 @@ class DecoderLayer(nn.Module):
             h = self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm.forward_residual(x, residual)
-        attn: Any = self.self_attn  # llama.Attention and llama.MLP where can_fold_norm
-        mlp: Any = self.mlp
-        if self.can_fold_norm and mlp.gate_up_proj.folds_norm(h):
-            residual = attn.o_proj.add_into(attn.attend(h, batch), residual)
-            return mlp.forward_normed(residual, self.post_attention_layernorm), residual
         h = self.self_attn(h, batch)
         h, residual = self.post_attention_layernorm.forward_residual(h, residual)
         return self.mlp(h), residual

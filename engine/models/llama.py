@@ -48,10 +48,6 @@ class Attention(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        return self.o_proj(self.attend(x, batch))
-
-    def attend(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """The attention's output `[T, heads x head_dim]`, before the output projection."""
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -62,7 +58,7 @@ class Attention(nn.Module):
         out = self.backend.forward_rope(
             q, k, v, self.rotary, self.layer_id, batch, self.scale, qk_norm=norms
         )
-        return out.reshape(-1, self.q_size)
+        return self.o_proj(out.reshape(-1, self.q_size))
 
 
 class MLP(nn.Module):
@@ -74,10 +70,6 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.gate_up_proj.gate_up(x))
-
-    def forward_normed(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
-        """`forward(norm(x))`, the norm folded into the gate-up launch where it runs fused."""
-        return self.down_proj(self.gate_up_proj.gate_up(x, norm))
 
 
 class SparseMoeBlock(nn.Module):

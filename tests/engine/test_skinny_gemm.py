@@ -150,46 +150,6 @@ def test_gate_up_edges() -> None:
         skinny_gate_up(x, w[:45])
 
 
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """engine.layers.norm.RMSNorm's torch path: normalised in float32, rounded to x's dtype,
-    times the weight (in x's dtype)."""
-    x32 = x.float().cpu()
-    normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return weight.cpu() * normed
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("m", "n", "k"), [(1, 70, 300), (3, 90, 520), (16, 70, 256)])
-def test_folded_rms_norm_matches_norm_then_product(
-    m: int, n: int, k: int, dtype: torch.dtype
-) -> None:
-    """`norm=(weight, eps)`: the RMSNorm before the product, in the same launch, for the plain
-    and the gated product, on every tile kind (K tiles past K masked: 300 and 520 are no
-    multiple of them) and with splits asked for (the norm takes one program over all of K,
-    so the launch does not split). The rounding moves (x times the norm weight is rounded, 1 /
-    rms is applied to the float32 sums), so bfloat16 is checked to 4 ulps (8 gated) of the
-    largest output; float32 to 1e-5."""
-    x, w, b = make(m, n, k, dtype, seed=40 + m)
-    x = x * 3.0  # rms(x) far from 1: a missing or misplaced 1 / rms shows
-    g = torch.Generator().manual_seed(41)
-    norm_w = (1.0 + 0.5 * torch.randn(k, generator=g)).to(dtype).to(DEVICE)
-    eps = 1e-5
-    normed = rms_norm_reference(x, norm_w, eps).to(DEVICE)
-    tiles_list = [pick_tiles(m, n, k, dtype), GEMV_TILES, SkinnyTiles(16, 64, split_k=3),
-                  SkinnyTiles(8, 32, split_k=3, dot=False)]  # fmt: skip
-    ulps = 4 if dtype == torch.bfloat16 else 1
-    for bias in (b, None):
-        for tiles in tiles_list:
-            if interpreted_bf16_dot(dtype, tiles):
-                continue
-            got = skinny_linear(x, w, bias, tiles, norm=(norm_w, eps))
-            close(got, reference(normed, w, bias), dtype, ulps=ulps)
-            got = skinny_gate_up(x, w, bias, tiles, norm=(norm_w, eps))
-            close(got, gate_up_reference(normed, w, bias, dtype), dtype, ulps=2 * ulps)
-    with pytest.raises(ValueError, match="norm's weight must be"):
-        skinny_linear(x, w, None, None, norm=(norm_w[:-1], eps))
-
-
 def test_bad_input_is_refused() -> None:
     x, w, b = make(2, 45, 100, torch.float32)
     with pytest.raises(ValueError, match="weight must be"):
