@@ -19,6 +19,9 @@ every id the dummy model samples decodes to a word; the text is noise).
 With `--mps` the disaggregated mode runs under NVIDIA MPS (bench/mps.py: a control daemon of
 its own for the mode's span, its directories in the workers' environment), so that the two
 workers on one GPU run side by side instead of time-slicing it; the summary records it.
+`--decode-env` / `--prefill-env NAME=VALUE` give one role's worker a variable of its own, such
+as MPS's client priority (`CUDA_MPS_CLIENT_PRIORITY=1`: below normal) or its share of the SMs
+(`CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`).
 
     python -m bench.serving_pd --preset llama3-8b --request-rates 1 2 4 8 16 inf \\
         --num-prompts 200 --random-input-len 1024 --random-output-len 128 \\
@@ -146,6 +149,13 @@ def phase_probe(urls: list[str]) -> serving.RunProbe:
     return start
 
 
+def env_pair(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
 def run_mode(
     args: argparse.Namespace, model: Path, out: Path, mode: str, env: dict[str, str]
 ) -> list[dict[str, Any]]:
@@ -164,6 +174,8 @@ def run_mode(
         device=args.device,
         gpu_count=args.gpus if args.device == "cuda" else None,
         env=env,
+        prefill_env=dict(args.prefill_env),
+        decode_env=dict(args.decode_env),
     )
     argv = [
         "--base-url", f"http://127.0.0.1:{args.port}", "--tokenizer", str(model),
@@ -251,6 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mps", action="store_true",
                    help="run the disaggregated mode under NVIDIA MPS (the two workers' kernels "
                    "side by side on a shared GPU, not time-sliced)")  # fmt: skip
+    for role in ("prefill", "decode"):
+        p.add_argument(f"--{role}-env", type=env_pair, action="append", default=[],
+                       metavar="NAME=VALUE",
+                       help=f"a variable for the disaggregated {role} worker only (repeatable), "
+                       "e.g. CUDA_MPS_CLIENT_PRIORITY=1 or CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50 "
+                       "under --mps")  # fmt: skip
     p.add_argument("--out-dir", default="serving-pd")
     args = p.parse_args(argv)
     if args.gpus < 1:

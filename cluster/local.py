@@ -165,6 +165,9 @@ class LocalClusterSpec:
     decode_mem_fraction_static: float | None = None
     # Variables set for every child beyond this process's own (e.g. NVIDIA MPS's directories).
     env: Mapping[str, str] = field(default_factory=dict)
+    # And for one role's workers only (e.g. an MPS client priority or SM share for decode).
+    prefill_env: Mapping[str, str] = field(default_factory=dict)
+    decode_env: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("prefill_mem_fraction_static", "decode_mem_fraction_static"):
@@ -176,9 +179,11 @@ class LocalClusterSpec:
         if self.num_prefill < 1 or self.num_decode < 1:
             raise ValueError("num_prefill and num_decode must be >= 1")
 
-    def child_env(self) -> dict[str, str]:
-        """The environment every child starts with: this process's, plus `env`."""
-        return {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+    def child_env(self, kind: str | None = None) -> dict[str, str]:
+        """The environment a child starts with: this process's, plus `env`, plus its role's
+        (`kind` "prefill" or "decode"; the colocated "worker" and the router take none)."""
+        own = {"prefill": self.prefill_env, "decode": self.decode_env}.get(kind or "", {})
+        return {**os.environ, "PYTHONUNBUFFERED": "1", **self.env, **own}
 
     def placements(self) -> list[WorkerPlacement]:
         """Every worker's device and own flags, in start order (prefill workers first)."""
@@ -269,7 +274,7 @@ class LocalCluster:
         try:
             pending = []
             for i, (kind, args) in enumerate(worker_argvs(spec, placements)):
-                child = start_child(f"{kind}-{i}", args, env, log_dir)
+                child = start_child(f"{kind}-{i}", args, spec.child_env(kind), log_dir)
                 self.children.append(child)
                 pending.append((kind, child))
                 if one_by_one:

@@ -116,12 +116,14 @@ def test_serving_pd_runs_only_the_disaggregated_mode_under_mps(
     monkeypatch.setattr(serving_pd.serving, "main", fake_serving)
     out = tmp_path / "out"
     argv = ["--model-path", str(tmp_path), "--mps", "--request-rates", "inf",
-            "--out-dir", str(out)]  # fmt: skip
+            "--out-dir", str(out), "--decode-env", "CUDA_MPS_CLIENT_PRIORITY=1"]  # fmt: skip
     assert serving_pd.main(argv) == 0
     colocated, disaggregated = specs
     assert dict(colocated.env) == {}
     pipe = disaggregated.env["CUDA_MPS_PIPE_DIRECTORY"]
     assert disaggregated.child_env()["CUDA_MPS_PIPE_DIRECTORY"] == pipe  # the workers see it
+    assert disaggregated.child_env("decode")["CUDA_MPS_CLIENT_PRIORITY"] == "1"
+    assert "CUDA_MPS_CLIENT_PRIORITY" not in disaggregated.child_env("prefill")
     assert disaggregated.env["CUDA_MPS_LOG_DIRECTORY"] == str((out / "mps-logs").resolve())
     assert [c[0] for c in lines(calls)] == ["-d", "get_server_list", "quit"]
     summary = json.loads((out / "summary.json").read_text())
@@ -138,3 +140,12 @@ def test_cluster_children_get_the_spec_environment_over_this_process(
     assert env["PDSERVE_TEST_VAR"] == "from-spec" and env["X"] == "1"
     assert env["PYTHONUNBUFFERED"] == "1" and env["PATH"] == os.environ["PATH"]
     assert LocalClusterSpec(model_path="m").child_env()["PDSERVE_TEST_VAR"] == "from-parent"
+    # A role's own variables win over both, for that role's workers only.
+    spec = LocalClusterSpec(model_path="m", env={"X": "1"}, decode_env={"X": "2", "D": "3"},
+                            prefill_env={"P": "4"})  # fmt: skip
+    assert spec.child_env("decode")["X"] == "2" and spec.child_env("decode")["D"] == "3"
+    assert spec.child_env("prefill")["P"] == "4" and "D" not in spec.child_env("prefill")
+    for kind in (None, "worker", "router"):
+        assert spec.child_env(kind)["X"] == "1" and "D" not in spec.child_env(kind)
+    with pytest.raises(SystemExit):  # argparse: not NAME=VALUE
+        serving_pd.main(["--model-path", "m", "--decode-env", "NOVALUE"])
