@@ -8,7 +8,8 @@ configuration against cuBLAS (`F.linear`) at decode's few rows, to set `pick_til
         --copies 1 --reps 1
 
 `y = x @ W.T` for Llama-3-8B's projections (`W` `[N, K]`: QKV 6144 x 4096, O 4096 x 4096,
-gate-up 28672 x 4096, down 4096 x 14336, LM head 128256 x 4096), no bias, bfloat16 (`--dtype`),
+gate-up 28672 x 4096, down 4096 x 14336, LM head 128256 x 4096; and Qwen3-30B-A3B's QKV 5120 x
+2048 and O 2048 x 4096, `qwen3_qkv,qwen3_o`), no bias, bfloat16 (`--dtype`),
 x of M rows. gate_up_silu: the gate-up projection with silu(gate) * up in the kernel's epilogue
 (`skinny_gate_up`, output [M, 14336]) against cuBLAS followed by `fused.silu_and_mul`. Times
 are medians of CUDA-graph replays of one call per weight copy, divided by the copies:
@@ -68,6 +69,8 @@ SHAPES = {
     "down": (4096, 14336),
     "lm_head": (128256, 4096),
     "gate_up_silu": (28672, 4096),  # gate-up with silu(gate) * up: y is [M, 14336]
+    "qwen3_qkv": (5120, 2048),  # Qwen3-30B-A3B's attention (its MoE has its own kernels)
+    "qwen3_o": (2048, 4096),
     "tiny": (70, 300),
     "tiny_silu": (70, 300),
 }
