@@ -247,11 +247,12 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
         )
     # The gate's logits: a decode step's few tokens (1 and 8 rows; more take cuBLAS).
     for block_t, block_e, block_k in ((1, 2, 1024), (8, 2, 128)):
-        for dtype in ("bf16", "fp32"):
+        # float32 logits (DeepSeek's router), or rounded to the weights' (Qwen3-MoE's gate)
+        for dtype, logits in (("bf16", "fp32"), ("fp32", "fp32"), ("bf16", "bf16")):
             add(
-                f"router_logits_kernel {dtype} {block_t}x{block_e}x{block_k}",
+                f"router_logits_kernel {dtype} out {logits} {block_t}x{block_e}x{block_k}",
                 moe_routing.router_logits_kernel,
-                {"x": f"*{dtype}", "w": f"*{dtype}", "out": "*fp32"},
+                {"x": f"*{dtype}", "w": f"*{dtype}", "out": f"*{logits}"},
                 {"BLOCK_T": block_t, "BLOCK_E": block_e, "BLOCK_K": block_k},
                 divisible=("x", "w", "out", "hidden", "stride_xt", "stride_we"),
                 num_warps=4,

@@ -187,7 +187,7 @@ def grouped_topk_kernel(
 def router_logits_kernel(
     x,  # [T, H]
     w,  # [E, H]
-    out,  # [T, E] float32
+    out,  # [T, E] float32, or the sums rounded to its dtype
     num_tokens,
     num_experts,
     hidden,
@@ -217,7 +217,7 @@ def router_logits_kernel(
         w_ptr += BLOCK_K
     acc = tl.sum(partial, axis=2)
     o_ptr = out + tokens.to(tl.int64)[:, None] * num_experts + experts[None, :]
-    tl.store(o_ptr, acc, mask=t_ok[:, None] & e_ok[None, :])
+    tl.store(o_ptr, acc.to(out.dtype.element_ty), mask=t_ok[:, None] & e_ok[None, :])
 
 
 # Up to this many tokens `router_logits` runs its kernel (products on the CUDA cores); above,
@@ -227,11 +227,15 @@ def router_logits_kernel(
 ROUTER_SMALL_TOKENS = 8
 
 
-def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def router_logits(
+    x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Float32 logits `[T, E]` of x `[T, H]` against the gate weight `[E, H]` (any float
     dtypes): `F.linear(x.float(), weight.float())` up to summation order. Up to
     `ROUTER_SMALL_TOKENS` tokens one kernel reads both as they are (no conversion of the weight
-    each step); more take that product itself."""
+    each step); more take that product itself. `out_dtype`: the float32 sums rounded once to
+    it (a bfloat16 gate's `F.linear(x, weight)`, as Qwen3-MoE's reference computes its
+    logits, up to summation order; more tokens then take exactly that product)."""
     num_tokens, hidden = x.shape
     num_experts = weight.shape[0]
     if weight.shape[1] != hidden:
@@ -240,8 +244,10 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             f"[E, {hidden}]"
         )
     if num_tokens > ROUTER_SMALL_TOKENS:
-        return torch.nn.functional.linear(x.float(), weight.float())
-    out = torch.empty(num_tokens, num_experts, dtype=torch.float32, device=x.device)
+        if out_dtype == x.dtype == weight.dtype:
+            return torch.nn.functional.linear(x, weight)
+        return torch.nn.functional.linear(x.float(), weight.float()).to(out_dtype)
+    out = torch.empty(num_tokens, num_experts, dtype=out_dtype, device=x.device)
     if num_tokens == 0:
         return out
     x = x if x.stride(1) == 1 else x.contiguous()

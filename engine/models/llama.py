@@ -85,8 +85,10 @@ class SparseMoeBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Routed by the experts' backend, which may fold the routing into its expert kernels.
-        return self.experts.forward_routed(x, self.gate(x), self.top_k, self.renormalize)
+        # Routed by the experts' backend, which may fold the routing into its expert kernels;
+        # its gate product too (`gate_logits`: `self.gate(x)`, or a kernel for a few tokens).
+        logits = self.experts.backend.gate_logits(x, self.gate.weight)
+        return self.experts.forward_routed(x, logits, self.top_k, self.renormalize)
 
 
 def decoder_layer(

@@ -126,6 +126,18 @@ def test_routing_appends_the_shared_experts() -> None:
             want = torch.nn.functional.linear(x.to(dtype).float(), weight.to(dtype).float())
             assert got.dtype == torch.float32
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+            # Qwen3-MoE's gate (TritonMoEBackend.gate_logits): the sums rounded once to x's
+            # dtype, as F.linear in that dtype rounds them (one bfloat16 step apart at most
+            # where the summation orders round to either side).
+            got = router_logits(x.to(dtype), weight.to(dtype), out_dtype=dtype)
+            assert got.dtype == dtype
+            step = 2**-7 if dtype == torch.bfloat16 else 1e-5
+            torch.testing.assert_close(got.float(), want.to(dtype).float(), rtol=step, atol=step)
+            backend = TritonMoEBackend()
+            got = backend.gate_logits(x.to(dtype), weight.to(dtype))
+            want = torch.nn.functional.linear(x.to(dtype), weight.to(dtype))
+            assert got.dtype == dtype
+            torch.testing.assert_close(got.float(), want.float(), rtol=step, atol=step)
     x = torch.randn(5, 64, generator=g)
     logits, bias = torch.randn(5, 16, generator=g), torch.randn(16, generator=g) * 0.1
     args = (bias, 3, 4, 2, True, 2.5, 2)
