@@ -445,6 +445,10 @@ def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
             for tiles in skinny_gemm.TILE_CONFIGS:
                 for m in (1, 4, 16) if not tiles.dot else (16,):
                     launch(dtype, m, tiles)
+    for tiles in skinny_gemm.TILE_CONFIGS:  # the prefetching CUDA-core tiles, still on trial
+        if tiles.prefetch:
+            for dtype in ("bf16", "fp32"):
+                launch(dtype, 1, tiles)
     for (kind, _, _, dtype_name), rows in skinny_gemm.TUNED.items():
         dtype = {"bfloat16": "bf16", "float32": "fp32"}[dtype_name]
         for max_rows, tiles in rows:
@@ -468,6 +472,7 @@ def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
                 "HAS_BIAS": False,
                 "DIRECT": tiles.split_k == 1,
                 "GATED": gated,
+                "PREFETCH": tiles.prefetch,
                 "PDL": 2,  # what a launch with PDSERVE_PDL=early compiles; no other cost
             },
             divisible=divisible,

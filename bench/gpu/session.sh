@@ -49,9 +49,10 @@ a)
       16,256,16,128,4 16,256,8,256,8 32,128,8,256,4; do echo "== tiles $t"
     for s in qwen3-30b-a3b moonlight-16b-a3b; do python3 -m bench.moe_kernel --shape $s \
       --tokens 1 --reps 10 --path small --small-tiles $t | grep "^| *1 "; done; done'
-  # Llama-3-8B's QKV and O against the CUDA-core 4x1024 tiles (1.3x cuBLAS on Qwen3's O).
-  TAIL=30 step skinny 60 python3 -m bench.skinny_gemm --shapes qkv,o,down --rows 1,4 \
-    --tiles fma:4:1024,fma:8:512,fma:2:2048,dot:16:256
+  # Llama-3-8B's QKV, O and down against the CUDA-core 4x1024 tiles (1.3x cuBLAS on Qwen3's
+  # O), and those tiles with W prefetched a step ahead (pf).
+  TAIL=40 step skinny 70 python3 -m bench.skinny_gemm --shapes qkv,o,down,qwen3_o --rows 1 \
+    --tiles fma:4:1024,pf:4:1024,fma:8:512,pf:8:512,fma:2:2048,pf:2:2048
   TAIL=45 step kv_transfer 100 bash -c 'python3 -m pytest -x -q -rf tests/gpu/test_cuda_ipc.py \
     | tail -3; python3 -m bench.kv_transfer_gpu --reps 5' 
   [ -d .mooncake ] && TAIL=40 step mooncake 120 bash bench/gpu/try_mooncake.sh

@@ -74,9 +74,14 @@ def _skinny_gemm_kernel(
     HAS_BIAS: tl.constexpr,
     DIRECT: tl.constexpr,
     GATED: tl.constexpr,
+    PREFETCH: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl.start(PDL)
+    if not PREFETCH:
+        pdl.start(PDL)
+    # PREFETCH (CUDA cores, not GATED): W's first tile is loaded before waiting on the previous
+    # kernel (W does not depend on it; with PDL the load overlaps that kernel's tail), and each
+    # step loads the next tile before using the current one: two tiles in flight a program.
     # GATED: W is [2N, K], gate rows then up rows; the program reads row j of each and
     # writes silu(gate) * up (DIRECT), or both sums as partials (up at column N + j).
     # DIRECT (one split): y itself, with the bias; else this split's float32 partial. Row
@@ -108,29 +113,43 @@ def _skinny_gemm_kernel(
         x_ok = n_ok[:, None]
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         acc_u = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(0, tl.minimum(split_len, K - k_start), BLOCK_K):
-        if EVEN_K:  # every tile whole: only the row masks, which do not change along K
-            w_mask = n_ok[:, None]
-            x_mask = x_ok
-        else:
-            k_ok = (offs_k + k0 < K)[None, :]
-            w_mask = n_ok[:, None] & k_ok
-            x_mask = x_ok & k_ok
-        w = tl.load(w_ptrs, mask=w_mask, other=0.0)  # [BN, BK]
-        x = tl.load(x_ptrs, mask=x_mask, other=0.0)  # [BM, BK], or [BN, BK] of one row
-        if DOT:
-            acc += tl.dot(w, tl.trans(x), input_precision=PRECISION)
-        else:
+    k_stop = tl.minimum(k_start + split_len, K)
+    if PREFETCH:
+        w_next = tl.load(w_ptrs, mask=n_ok[:, None] & (offs_k < k_stop)[None, :], other=0.0)
+        pdl.start(PDL)
+        for k0 in range(0, k_stop - k_start, BLOCK_K):
+            w = w_next
+            next_ok = (offs_k + (k0 + BLOCK_K) < k_stop)[None, :]
+            w_next = tl.load(w_ptrs + BLOCK_K, mask=n_ok[:, None] & next_ok, other=0.0)
+            x_mask = x_ok if EVEN_K else x_ok & (offs_k + k0 < K)[None, :]
+            x = tl.load(x_ptrs, mask=x_mask, other=0.0)
             acc += w.to(tl.float32) * x.to(tl.float32)
-        if GATED:
-            u = tl.load(u_ptrs, mask=w_mask, other=0.0)
-            if DOT:
-                acc_u += tl.dot(u, tl.trans(x), input_precision=PRECISION)
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+    else:
+        for k0 in range(0, k_stop - k_start, BLOCK_K):
+            if EVEN_K:  # every tile whole: only the row masks, which do not change along K
+                w_mask = n_ok[:, None]
+                x_mask = x_ok
             else:
-                acc_u += u.to(tl.float32) * x.to(tl.float32)
-            u_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
+                k_ok = (offs_k + k0 < K)[None, :]
+                w_mask = n_ok[:, None] & k_ok
+                x_mask = x_ok & k_ok
+            w = tl.load(w_ptrs, mask=w_mask, other=0.0)  # [BN, BK]
+            x = tl.load(x_ptrs, mask=x_mask, other=0.0)  # [BM, BK], or [BN, BK] of one row
+            if DOT:
+                acc += tl.dot(w, tl.trans(x), input_precision=PRECISION)
+            else:
+                acc += w.to(tl.float32) * x.to(tl.float32)
+            if GATED:
+                u = tl.load(u_ptrs, mask=w_mask, other=0.0)
+                if DOT:
+                    acc_u += tl.dot(u, tl.trans(x), input_precision=PRECISION)
+                else:
+                    acc_u += u.to(tl.float32) * x.to(tl.float32)
+                u_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
     acc = tl.trans(acc) if DOT else tl.sum(acc, 1)[None, :]  # [BM, BN]
     if GATED:
         acc_u = tl.trans(acc_u) if DOT else tl.sum(acc_u, 1)[None, :]
@@ -210,8 +229,11 @@ class SkinnyTiles:
     dot: bool = True
     num_warps: int = 4
     num_stages: int = 3
+    prefetch: bool = False  # CUDA cores only: W's tiles one step ahead, the first before PDL's wait
 
     def __post_init__(self) -> None:
+        if self.prefetch and self.dot:
+            raise ValueError("prefetch is for the CUDA-core tiles (dot=False)")
         smallest = 16 if self.dot else 1
         for name in ("block_n", "block_k"):
             value = getattr(self, name)
@@ -221,7 +243,7 @@ class SkinnyTiles:
             raise ValueError(f"split_k, num_warps and num_stages must be >= 1 in {self}")
 
     def label(self) -> str:
-        kind = "dot" if self.dot else "fma"
+        kind = "dot" if self.dot else "pf" if self.prefetch else "fma"
         split = f" split {self.split_k}" if self.split_k > 1 else ""
         return f"{kind} {self.block_n}x{self.block_k}{split} w{self.num_warps} s{self.num_stages}"
 
@@ -247,6 +269,8 @@ TILE_CONFIGS: tuple[SkinnyTiles, ...] = (
     SkinnyTiles(16, 512),  # twice DOT_TILES[-1]'s bytes in flight
     SkinnyTiles(16, 256, split_k=2),  # long K (down: 14,336) over more programs, + a sum
     SkinnyTiles(32, 256, split_k=2, num_warps=8),  # x is re-read per W tile: M / block_n of W
+    SkinnyTiles(4, 1024, dot=False, prefetch=True),  # two tiles in flight, the first early
+    SkinnyTiles(8, 512, dot=False, prefetch=True),
 )
 
 
@@ -335,6 +359,8 @@ def skinny_gate_up(
     different order from cuBLAS's."""
     if weight.dim() == 2 and weight.shape[0] % 2:
         raise ValueError(f"a gate-up weight has an even number of rows, got {weight.shape[0]}")
+    if tiles is not None and tiles.prefetch:
+        raise ValueError("prefetching tiles are for skinny_linear (the gate-up reads two rows)")
     return _launch(x, weight, bias, tiles, gated=True)
 
 
@@ -398,6 +424,7 @@ def _launch(
         HAS_BIAS=bias is not None,
         DIRECT=direct,
         GATED=gated,
+        PREFETCH=tiles.prefetch,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
         **pdl.launch_args(x2),

@@ -83,7 +83,9 @@ def test_every_tile_configuration_gives_the_same_result(m: int) -> None:
     (the last one short) too. Each configuration twice: bitwise the same (no atomics)."""
     x, w, b = make(m, 45, 600, torch.float32, seed=10 + m)
     want = reference(x, w, b)
-    extra = (SkinnyTiles(16, 64, split_k=3), SkinnyTiles(8, 32, split_k=4, dot=False))
+    extra = (SkinnyTiles(16, 64, split_k=3), SkinnyTiles(8, 32, split_k=4, dot=False),
+             SkinnyTiles(8, 32, split_k=4, dot=False, prefetch=True),
+             SkinnyTiles(4, 128, dot=False, prefetch=True))  # fmt: skip
     for tiles in (*TILE_CONFIGS, *extra):
         got = skinny_linear(x, w, b, tiles)
         close(got, want, torch.float32)
@@ -148,6 +150,10 @@ def test_gate_up_edges() -> None:
           torch.float32), torch.float32)  # fmt: skip
     with pytest.raises(ValueError, match="even number of rows"):
         skinny_gate_up(x, w[:45])
+    with pytest.raises(ValueError, match="prefetching tiles are for skinny_linear"):
+        skinny_gate_up(x, w, b, SkinnyTiles(8, 32, dot=False, prefetch=True))
+    with pytest.raises(ValueError, match="prefetch is for the CUDA-core tiles"):
+        SkinnyTiles(16, 64, prefetch=True)
 
 
 def test_bad_input_is_refused() -> None:
