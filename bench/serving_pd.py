@@ -19,6 +19,9 @@ every id the dummy model samples decodes to a word; the text is noise).
 With `--mps` the disaggregated mode runs under NVIDIA MPS (bench/mps.py: a control daemon of
 its own for the mode's span, its directories in the workers' environment), so that the two
 workers on one GPU run side by side instead of time-slicing it; the summary records it.
+With both modes run, a last table sets each rate's disaggregated TTFT p50 against the
+colocated one plus the hand-off (the means of the prefill side's destination wait, KV write
+and TransferDone in that run), plus 10%.
 `--decode-env` / `--prefill-env NAME=VALUE` give one role's worker a variable of its own, such
 as MPS's client priority (`CUDA_MPS_CLIENT_PRIORITY=1`: below normal) or its share of the SMs
 (`CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`).
@@ -239,6 +242,35 @@ def phase_table(results: dict[str, list[dict[str, Any]]]) -> str:
     )
 
 
+HANDOFF_PHASES = ("handoff_wait", "kv_write", "transfer_done")  # the hand-off's own time
+
+
+def ttft_target_table(results: dict[str, list[dict[str, Any]]]) -> str:
+    """Per rate with both modes run: disaggregated TTFT p50 against colocated TTFT p50 plus the
+    hand-off (the prefill side's wait for the destination, the KV write and TransferDone's
+    round trip: their means this run), plus 10% (ms; "" where phases were not scraped)."""
+    if not {"colocated", "disaggregated"} <= results.keys():
+        return ""
+    header = ["rate", "colocated TTFT p50", "hand-off", "target", "disaggregated TTFT p50", "met"]
+    rows = [header]
+    for colo, disagg in zip(results["colocated"], results["disaggregated"], strict=True):
+        rate = colo["request_rate"]
+        phases = disagg.get("phases_ms") or {}
+        if any(phases.get(p) is None for p in HANDOFF_PHASES):
+            continue
+        handoff = sum(phases[p] for p in HANDOFF_PHASES)
+        target = (colo["ttft_ms"]["p50"] + handoff) * 1.1
+        got = disagg["ttft_ms"]["p50"]
+        rows.append([str(rate) if isinstance(rate, str) else f"{rate:g}",
+                     f"{colo['ttft_ms']['p50']:.1f}", f"{handoff:.2f}", f"{target:.1f}",
+                     f"{got:.1f}", "yes" if got <= target else "no"])  # fmt: skip
+    if len(rows) == 1:
+        return ""
+    return "\n".join(
+        "| " + " | ".join(r) + " |" for r in [rows[0], ["---"] * len(header), *rows[1:]]
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
@@ -298,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
     table = compare(results) + "\n\n" + phase_table(results)
+    targets = ttft_target_table(results)
+    if targets:  # the low-load criterion: within colocated plus the hand-off, plus 10%
+        table += "\n\n" + targets
     print("\n" + table)
     summary = {"config": {k: str(v) for k, v in vars(args).items()}, "mps": mps,
                "runs": results}  # fmt: skip

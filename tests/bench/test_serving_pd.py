@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tokenizers import Tokenizer
@@ -16,6 +17,7 @@ from bench.serving_pd import (
     phase_means_ms,
     phase_probe,
     phase_table,
+    ttft_target_table,
     write_word_tokenizer,
 )
 
@@ -100,3 +102,22 @@ def test_phase_probe_scrapes_around_a_run_and_the_table_shows_it() -> None:
     run = {"request_rate": 2.0, "ttft_ms": {"p50": 40.0}, "phases_ms": phases}
     table = phase_table({"disaggregated": [run]})
     assert "| disaggregated | 2 | 40.0 | 25.00 | - | - | 15.00 |" in table
+
+
+def test_ttft_target_table_sets_disaggregated_against_colocated_plus_the_handoff() -> None:
+    """Per rate: colocated TTFT p50 plus the hand-off phases' means, plus 10%, against the
+    disaggregated p50; a rate without scraped phases is left out, one mode alone gives none."""
+
+    def run(rate: float, p50: float, phases: dict[str, float] | None = None) -> dict[str, Any]:
+        return {"request_rate": rate, "ttft_ms": {"p50": p50}, "phases_ms": phases}
+
+    handoff = {"handoff_wait": 0.5, "kv_write": 2.0, "transfer_done": 1.5}  # 4.0 ms
+    results = {
+        "colocated": [run(2.0, 30.0), run(4.0, 36.0), run(8.0, 40.0)],
+        "disaggregated": [run(2.0, 37.4, handoff), run(4.0, 44.1, handoff), run(8.0, 50.0)],
+    }
+    table = ttft_target_table(results)
+    assert "| 2 | 30.0 | 4.00 | 37.4 | 37.4 | yes |" in table  # (30 + 4) x 1.1
+    assert "| 4 | 36.0 | 4.00 | 44.0 | 44.1 | no |" in table
+    assert "| 8 |" not in table  # no phases scraped there
+    assert ttft_target_table({"disaggregated": results["disaggregated"]}) == ""
