@@ -202,6 +202,12 @@ def run_mode(
     return runs
 
 
+def markdown_table(rows: list[list[str]]) -> str:
+    """`rows` (the header first) as a Markdown table."""
+    lines = [rows[0], ["---"] * len(rows[0]), *rows[1:]]
+    return "\n".join("| " + " | ".join(r) + " |" for r in lines)
+
+
 def compare(results: dict[str, list[dict[str, Any]]]) -> str:
     """One row per rate: each mode's TTFT and ITL p50/p99 (ms) and goodput."""
     header = ["rate"]
@@ -217,9 +223,7 @@ def compare(results: dict[str, list[dict[str, Any]]]) -> str:
                     f"{r['itl_ms']['p50']:.2f}", f"{r['itl_ms']['p99']:.2f}",
                     f"{r['goodput']:.2f}"]  # fmt: skip
         rows.append(row)
-    return "\n".join(
-        "| " + " | ".join(r) + " |" for r in [rows[0], ["---"] * len(header), *rows[1:]]
-    )
+    return markdown_table(rows)
 
 
 def phase_table(results: dict[str, list[dict[str, Any]]]) -> str:
@@ -237,9 +241,7 @@ def phase_table(results: dict[str, list[dict[str, Any]]]) -> str:
                 value = phases.get(phase)
                 row.append("-" if value is None else f"{value:.2f}")
             rows.append(row)
-    return "\n".join(
-        "| " + " | ".join(r) + " |" for r in [rows[0], ["---"] * len(header), *rows[1:]]
-    )
+    return markdown_table(rows)
 
 
 HANDOFF_PHASES = ("handoff_wait", "kv_write", "transfer_done")  # the hand-off's own time
@@ -266,9 +268,7 @@ def ttft_target_table(results: dict[str, list[dict[str, Any]]]) -> str:
                      f"{got:.1f}", "yes" if got <= target else "no"])  # fmt: skip
     if len(rows) == 1:
         return ""
-    return "\n".join(
-        "| " + " | ".join(r) + " |" for r in [rows[0], ["---"] * len(header), *rows[1:]]
-    )
+    return markdown_table(rows)
 
 
 def main(argv: list[str] | None = None) -> int:

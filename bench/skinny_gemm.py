@@ -217,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             for tiles in [*configs, *([rule] if rule not in configs else [])]:
                 if not tiles.dot and m > FMA_MAX_ROWS:
                     continue  # a program per row: not a candidate
+                if gated and tiles.prefetch:
+                    continue  # the prefetching tiles read one row of W a column
                 label = tiles.label() + ("*" if tiles == rule else "")
                 try:
                     linear = functools.partial(kernel, tiles=tiles)
