@@ -75,8 +75,75 @@ class KernelRow:
     us_per_step: float
 
 
-def profile_shape(engine: Engine, shape: Shape, vocab: int, steps: int) -> list[KernelRow]:
-    """The kernels of `steps` decode steps of `shape`, per step, most time first."""
+@dataclass(frozen=True)
+class Timeline:
+    """The profiled steps' device timeline, per step: from the first kernel's start to the
+    last one's end (`span_us`), the time some kernel ran (`busy_us`, overlaps counted once),
+    the idle gaps of at most `SMALL_GAP_US` (launch to launch inside a graph) and the longer
+    ones, with the kernels they follow (graph boundaries, host waits)."""
+
+    span_us: float
+    busy_us: float
+    small_gaps_us: float
+    large_gaps_us: float
+    large_gaps: tuple[tuple[str, float], ...]  # (the kernel before, µs per step), longest first
+
+
+SMALL_GAP_US = 4.0
+
+
+def timeline(prof: Any, steps: int) -> Timeline:
+    """The device timeline of the profiled events (``Timeline``), per step."""
+    spans = sorted(
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in prof.events()
+        if e.device_type == DEVICE
+    )
+    return timeline_of(spans, steps)
+
+
+def timeline_of(spans: list[tuple[float, float, str]], steps: int) -> Timeline:
+    """``Timeline`` of kernels given as (start µs, end µs, name), sorted by start."""
+    if not spans:
+        return Timeline(0.0, 0.0, 0.0, 0.0, ())
+    busy = small = large = 0.0
+    after: dict[str, float] = defaultdict(float)
+    run_start, run_end, last = spans[0]
+    for start, end, name in spans[1:]:
+        if start > run_end:
+            gap = start - run_end
+            if gap <= SMALL_GAP_US:
+                small += gap
+            else:
+                large += gap
+                after[last] += gap
+            busy += run_end - run_start
+            run_start = start
+        if end >= run_end:
+            run_end, last = end, name
+    busy += run_end - run_start
+    span = run_end - spans[0][0]
+    gaps = sorted(((n, us / steps) for n, us in after.items()), key=lambda g: -g[1])
+    return Timeline(span / steps, busy / steps, small / steps, large / steps, tuple(gaps))
+
+
+def render_timeline(t: Timeline, top: int = 6) -> str:
+    out = [
+        f"timeline per step: {t.span_us:.1f} µs from first kernel to last, {t.busy_us:.1f} µs "
+        f"busy, idle {t.small_gaps_us:.1f} µs in gaps of <= {SMALL_GAP_US:.0f} µs and "
+        f"{t.large_gaps_us:.1f} µs in longer ones"
+    ]
+    for name, us in t.large_gaps[:top]:
+        short = name if len(name) <= 70 else name[:67] + "..."
+        out.append(f"  {us:8.1f} µs after `{short}`")
+    return "\n".join(out)
+
+
+def profile_shape(
+    engine: Engine, shape: Shape, vocab: int, steps: int
+) -> tuple[list[KernelRow], Timeline]:
+    """The kernels of `steps` decode steps of `shape`, per step, most time first, and the
+    steps' timeline."""
     warm = 3
     start_decode(engine, random_prompts(shape, vocab, seed=11), steps + warm + 4)
     for _ in range(warm):
@@ -88,7 +155,7 @@ def profile_shape(engine: Engine, shape: Shape, vocab: int, steps: int) -> list[
         engine.device.synchronize()
     while engine.has_unfinished():
         engine.step()
-    return kernel_rows(prof, steps)
+    return kernel_rows(prof, steps), timeline(prof, steps)
 
 
 def kernel_rows(prof: Any, steps: int) -> list[KernelRow]:
@@ -178,9 +245,10 @@ def main(argv: list[str] | None = None) -> None:
         f"{'off' if engine.runner.graphs is None else 'on'}, overlap {engine.overlap}\n"
     )
     for shape in args.decode:
-        rows = profile_shape(engine, shape, vocab, ours.profile_steps)
+        rows, line = profile_shape(engine, shape, vocab, ours.profile_steps)
         floor = decode_floor_ms(cost, ceiling, shape, ours.profile_steps)
-        print(render(shape, rows, floor, ours.top, ours.profile_steps) + "\n", flush=True)
+        print(render(shape, rows, floor, ours.top, ours.profile_steps), flush=True)
+        print(render_timeline(line) + "\n", flush=True)
     dtype_bytes = torch.empty((), dtype=engine.runner.dtype).element_size()
     for shape in ours.profile_prefill:
         rows = profile_prefill(engine, shape, vocab)

@@ -10,6 +10,7 @@
 #   run(command="bash bench/gpu/session.sh c", carry=[".whl"])   # serving: stack cost, P/D
 #   run(command="bash bench/gpu/session.sh d", carry=[".whl"])   # a short call: what changed
 #   run(command="bash bench/gpu/session.sh e", carry=[".whl"])   # decode launches, serving
+#   run(command="bash bench/gpu/session.sh f", carry=[".whl"])   # built but untimed
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -121,5 +122,20 @@ e)
     --request-rates 2 4 8 16 inf --num-prompts 24 --random-input-len 1024 \
     --random-output-len 64 --slo-ttft-ms 500 --slo-itl-ms 30 --out-dir /tmp/pd
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e"; exit 2 ;;
+f)
+  # What is built but untimed (about 500 s): the skinny GEMM's prefetching tiles checked and
+  # swept, where the idle time of a Llama step sits (the profile's timeline), the MoE models'
+  # decode with Qwen3's O and gate on our kernels, every tiny family's greedy tokens.
+  step kernels 80 python3 -m pytest -x -q -rf tests/engine/test_skinny_gemm.py
+  TAIL=40 step skinny 70 python3 -m bench.skinny_gemm --shapes qkv,o,down,qwen3_o --rows 1 \
+    --tiles fma:4:1024,pf:4:1024,fma:8:512,pf:8:512,fma:2:2048,pf:2:2048
+  TAIL=60 step profile_llama 80 python3 -m bench.profile_decode --preset llama3-8b \
+    --decode 1x128,64x128 --top 14
+  step decode 150 bash -c 'for m in qwen3-30b-a3b moonlight-16b-a3b; do
+    python3 -m bench.engine --preset $m --skip-hf --decode 1x128,64x128 --prefill 64x128 \
+      --repeats 2 --decode-steps 16 | grep -E "^\| [0-9]|^device"; done'
+  TAIL=8 step greedy 60 python3 -m bench.gpu.greedy_gpu
+  TAIL=10 step check_moe 60 python3 -m bench.check_moe_gpu
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f"; exit 2 ;;
 esac

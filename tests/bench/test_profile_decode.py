@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bench.engine import Shape
-from bench.profile_decode import KernelRow, kind_of, render
+from bench.profile_decode import KernelRow, kind_of, render, render_timeline, timeline_of
 
 
 def test_kernels_are_sorted_into_kinds() -> None:
@@ -22,3 +22,25 @@ def test_the_table_sums_to_the_device_time_and_sets_it_against_the_floor() -> No
     assert "| `nvjet_a` | matmul | 2.0 | 3000.0 | 75.0% |" in text
     assert "_decode_split_kernel` |" not in text  # past --top
     assert "| attention | 32 | 1000.0 | 25.0% |" in text
+
+
+def test_the_timeline_splits_idle_time_into_launch_gaps_and_longer_ones() -> None:
+    # Two steps: kernels a and b overlap (counted once), a 2 µs launch gap, then 20 µs idle
+    # after c (a graph boundary) before the second step's a.
+    spans = [
+        (0.0, 10.0, "a"),
+        (5.0, 12.0, "b"),
+        (14.0, 30.0, "c"),
+        (50.0, 60.0, "a"),
+        (61.0, 70.0, "c"),
+    ]
+    t = timeline_of(spans, steps=2)
+    assert t.span_us == 35.0  # 70 µs over 2 steps
+    assert t.busy_us == (12 + 16 + 10 + 9) / 2
+    assert t.small_gaps_us == (2 + 1) / 2
+    assert t.large_gaps_us == 10.0
+    assert t.large_gaps == (("c", 10.0),)
+    text = render_timeline(t)
+    assert "35.0 µs from first kernel to last, 23.5 µs busy" in text
+    assert "10.0 µs after `c`" in text
+    assert timeline_of([], 1).span_us == 0.0
