@@ -5,7 +5,11 @@
     python -m bench.engine --model-path models/qwen3-moe --decode 1x16,4x16 --prefill 4x16
 
 Decode `BxL`: B prompts of L tokens are prefilled, then `--decode-steps` steps of one token per
-request are timed one by one (device synchronised before each clock read). Prefill `BxL`: B
+request are timed two ways: one by one (the device synchronised before each clock read, so the
+host's launch of each step is exposed: "step ms"), and back to back as a server runs them (the
+host prepares the next step while the device runs this one, the clock stopping when the host
+holds the last step's tokens: "back to back ms", pdserve only). Requests are greedy unless
+`--temperature` is given (then sampled, with `--top-p`). Prefill `BxL`: B
 distinct prompts of L tokens, one output token each, timed from the first step until all
 finish.
 
@@ -75,11 +79,13 @@ forward over [B, L] (logits_to_keep=1); a decode step is a manual greedy loop ov
 DynamicCache (forward [B, 1], argmax, host read of the tokens), i.e. generate()'s step without
 its logits processors and stopping checks. Each figure is the median of --repeats runs on
 fresh prompts, after a warm-up. floor: bytes read (decode) or FLOPs (prefill) over the ceiling
-measured in this run; x floor = pdserve / floor. host ms: a pdserve step's mean wall time
-minus the mean device time of its decode forward (CUDA events), i.e. what the device waits for
-Python per step (overlapped scheduling hides the rest). MoE floors assume uniform routing: a
-step of B tokens reads E(1 - (1 - k/E)^B) experts per layer (dummy weights route about
-uniformly)."""
+measured in this run; x floor = pdserve / floor. step ms: each decode step timed alone, the
+device synchronised around it (its launch exposed); back to back: the steps run as a server
+runs them (the next step prepared while the device runs this one). host ms: a pdserve step's
+mean wall time minus the mean device time of its decode forward (CUDA events), i.e. what the
+device waits for Python per step (overlapped scheduling hides the rest). MoE floors assume
+uniform routing: a step of B tokens reads E(1 - (1 - k/E)^B) experts per layer (dummy weights
+route about uniformly)."""
 
 
 @dataclass(frozen=True)
@@ -150,6 +156,7 @@ class ModelCost:
 class Decode:
     step_ms: float
     host_ms: float | None = None  # pdserve only, on CUDA
+    back_to_back_ms: float | None = None  # pdserve only
 
 
 def random_prompts(shape: Shape, vocab: int, seed: int) -> torch.Tensor:
@@ -227,10 +234,15 @@ def model_cost(engine: Engine) -> ModelCost:
 # -- pdserve ----------------------------------------------------------------------------------
 
 
+# The decode runs' sampling (--temperature, --top-p): greedy unless set.
+SAMPLING = {"temperature": 0.0, "top_p": 1.0}
+
+
 def submit(engine: Engine, prompts: torch.Tensor, max_new_tokens: int) -> set[str]:
-    """Greedy requests for `prompts` on an empty prefix cache; their ids."""
+    """Requests for `prompts` (greedy, or as `SAMPLING` says) on an empty prefix cache; their
+    ids."""
     engine.flush_cache()  # every measurement starts from an empty prefix cache
-    params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, **SAMPLING)
     return {engine.add_request(row, params) for row in prompts.tolist()}
 
 
@@ -440,7 +452,12 @@ def measure(
                 for seed in range(args.repeats)]  # fmt: skip
         step = statistics.median(r.step_ms for r in runs)
         hosts = [r.host_ms for r in runs if r.host_ms is not None]
-        dec[s] = Decode(step, statistics.median(hosts) if hosts else None)
+        backs = [r.back_to_back_ms for r in runs if r.back_to_back_ms is not None]
+        dec[s] = Decode(
+            step,
+            statistics.median(hosts) if hosts else None,
+            statistics.median(backs) if backs else None,
+        )
     return Results(pre, dec)
 
 
@@ -496,15 +513,17 @@ def render_decode(
     ours: Results, hf: Results | None, cost: ModelCost, ceiling: Ceiling, steps: int
 ) -> str:
     lines = [
-        "| decode BxL | pdserve step ms | floor ms | x floor | HF step ms | pdserve tok/s "
-        "| HF tok/s | host ms/step |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| decode BxL | pdserve step ms | floor ms | x floor | back to back ms "
+        "| back to back x floor | HF step ms | pdserve tok/s | HF tok/s | host ms/step |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s, d in ours.decode.items():
         floor = decode_floor_ms(cost, ceiling, s, steps)
         h = hf.decode.get(s) if hf else None
+        back = d.back_to_back_ms
         lines.append(
             f"| {s} | {d.step_ms:.2f} | {floor:.2f} | {d.step_ms / floor:.2f} "
+            f"| {_num(back, '.2f')} | {_num(back / floor if back else None, '.2f')} "
             f"| {_num(h.step_ms if h else None, '.2f')} | {1000 * s.batch / d.step_ms:,.0f} "
             f"| {_num(1000 * s.batch / h.step_ms if h else None, ',.0f')} "
             f"| {_num(d.host_ms, '.2f')} |"
@@ -564,7 +583,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-cache-memory-gib", type=float, help="default: just what the runs need")
     p.add_argument("--skip-hf", action="store_true", help="measure pdserve only")
     p.add_argument("--json", type=Path, help="also write the numbers here")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="pdserve's decode requests sample at this temperature (default 0: greedy)",
+    )
+    p.add_argument("--top-p", type=float, default=1.0, help="with --temperature")
     args = p.parse_args(argv)
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        p.error("--temperature must be >= 0 and --top-p in (0, 1]")
+    SAMPLING.update(temperature=args.temperature, top_p=args.top_p)
     try:
         args.decode = [Shape.parse(t) for t in args.decode.split(",") if t.strip()]
         args.prefill = [Shape.parse(t) for t in args.prefill.split(",") if t.strip()]
@@ -586,9 +615,13 @@ def bench_pdserve(
     engine = Engine(engine_config(args, path, load_format))
     startup = time.perf_counter() - start
     vocab = engine.model_config.vocab_size
-    results = measure(
-        lambda p: pdserve_prefill(engine, p), lambda p, n: pdserve_decode(engine, p, n), args, vocab
-    )
+
+    def decode(prompts: torch.Tensor, steps: int) -> Decode:
+        alone = pdserve_decode(engine, prompts, steps)
+        back = pdserve_decode_free_running(engine, prompts, steps)
+        return Decode(alone.step_ms, alone.host_ms, back.step_ms)
+
+    results = measure(lambda p: pdserve_prefill(engine, p), decode, args, vocab)
     state = pdserve_state_as_hf(engine.runner.model) if hand_over_weights else None
     return results, engine, state, startup
 
@@ -645,6 +678,9 @@ def main(argv: list[str] | None = None) -> None:
         "transformers": transformers.__version__,
         "decode_steps": args.decode_steps,
         "repeats": args.repeats,
+        "sampling": "greedy"
+        if not SAMPLING["temperature"]
+        else f"temperature {SAMPLING['temperature']}, top-p {SAMPLING['top_p']}",
     }
     print(" | ".join(f"{k}: {v}" for k, v in header.items()) + "\n")
     if ours.decode:

@@ -15,13 +15,12 @@ import bisect
 import gc
 import logging
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from engine.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -34,20 +33,59 @@ def graph_buckets(max_bs: int) -> list[int]:
     return [*buckets, max_bs]
 
 
+class GraphInputs:
+    """The graphs' input rows (token ids, positions, page-table rows) in one flat device
+    buffer, laid out per bucket: bucket `bs` reads ids at `[0, bs)`, positions at `[bs, 2bs)`
+    and rows at `[2bs, 3bs)`. A step's inputs are then one contiguous range of a pinned staging
+    buffer copied in one transfer. (Three rows of a `[3, max_bs]` buffer, sliced to a smaller
+    bucket, are not contiguous: torch stages such a copy through pageable memory, and a copy
+    from pageable memory waits for the stream to drain, so the host could not run ahead of
+    the device.) Two staging buffers are used in turn: with overlapped scheduling the next
+    step's inputs are written while the last step's copy may still be queued."""
+
+    def __init__(self, max_bs: int, scratch_row: int, device: torch.device) -> None:
+        self.max_bs = max_bs
+        self.scratch_row = scratch_row
+        self.device_buffer = torch.zeros(3 * max_bs, dtype=torch.int64, device=device)
+        pin = device.type == "cuda"
+        self._stagings = [torch.zeros(3 * max_bs, dtype=torch.int64, pin_memory=pin)
+                          for _ in range(2)]  # fmt: skip
+        self._stagings_np = [t.numpy() for t in self._stagings]
+        self._turn = 0
+
+    def views(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Bucket `bs`'s ids, positions and rows: what its graph is captured reading."""
+        buf = self.device_buffer
+        return buf[:bs], buf[bs : 2 * bs], buf[2 * bs : 3 * bs]
+
+    def fill(
+        self, bs: int, ids: Sequence[int], positions: Sequence[int], rows: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage a batch of `len(ids)` entries into bucket `bs`'s layout, the rest padded to
+        read token 0 at position 0 through the scratch row (results dropped). Returns the
+        pinned host range and the device range it is to be copied into, both contiguous."""
+        n = len(ids)
+        if not n <= bs <= self.max_bs:
+            raise ValueError(f"{n} entries do not fit bucket {bs} (at most {self.max_bs})")
+        self._turn ^= 1
+        staging = self._stagings_np[self._turn]
+        staging[:n] = ids
+        staging[n:bs] = 0
+        staging[bs : bs + n] = positions
+        staging[bs + n : 2 * bs] = 0
+        staging[2 * bs : 2 * bs + n] = rows
+        staging[2 * bs + n : 3 * bs] = self.scratch_row
+        return self._stagings[self._turn][: 3 * bs], self.device_buffer[: 3 * bs]
+
+
 class DecodeGraphs:
     def __init__(self, runner: ModelRunner, max_bs: int) -> None:
         self.runner = runner
         self.buckets = graph_buckets(max_bs)
         self.max_bs = self.buckets[-1]
-        dev = runner.device.torch_device
-        # ids, positions, rows: the graphs' inputs, filled before each replay in one copy.
-        self.inputs = torch.zeros(3, self.max_bs, dtype=torch.int64, device=dev)
-        # Two pinned staging buffers, used in turn: with overlapped scheduling the next
-        # step's inputs are written while the last step's copy may still be queued.
-        self._stagings = [torch.zeros(3, self.max_bs, dtype=torch.int64).pin_memory()
-                          for _ in range(2)]  # fmt: skip
-        self._stagings_np = [t.numpy() for t in self._stagings]
-        self._turn = 0
+        self.inputs = GraphInputs(
+            self.max_bs, runner.page_table.scratch_row, runner.device.torch_device
+        )
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.memory_bytes = 0
@@ -55,12 +93,6 @@ class DecodeGraphs:
 
     def fits(self, batch_size: int) -> bool:
         return batch_size <= self.max_bs
-
-    def _pad(self, staging: np.ndarray, start: int, stop: int) -> None:
-        """Entries `[start, stop)` read token 0 at position 0 through the scratch row."""
-        staging[0, start:stop] = 0
-        staging[1, start:stop] = 0
-        staging[2, start:stop] = self.runner.page_table.scratch_row
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -78,19 +110,15 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         free_before = torch.cuda.mem_get_info()[0]
         start = time.perf_counter()
-        self._pad(self._stagings_np[0], 0, self.max_bs)
-        self.inputs.copy_(self._stagings[0])
         pool = None
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for bs in reversed(self.buckets):
-                fb = runner.decode_batch(
-                    self.inputs[0, :bs],
-                    self.inputs[1, :bs],
-                    self.inputs[2, :bs],
-                    runner.max_context,
-                )
+                # The warm-up and the capture read padding only: the scratch row.
+                host, dev = self.inputs.fill(bs, [], [], [])
+                dev.copy_(host)
+                fb = runner.decode_batch(*self.inputs.views(bs), runner.max_context)
                 runner.run_decode(fb)  # warm-up: kernel compilation, library handles
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
@@ -120,14 +148,9 @@ class DecodeGraphs:
         valid until the next replay). `device_ids` `[B]`, when given, replaces `ids`."""
         n = len(ids)
         bs = self.buckets[bisect.bisect_left(self.buckets, n)]
-        self._turn ^= 1
-        staging = self._stagings_np[self._turn]
-        staging[0, :n] = ids
-        staging[1, :n] = positions
-        staging[2, :n] = rows
-        self._pad(staging, n, bs)
-        self.inputs[:, :bs].copy_(self._stagings[self._turn][:, :bs], non_blocking=True)
+        host, dev = self.inputs.fill(bs, ids, positions, rows)
+        dev.copy_(host, non_blocking=True)
         if device_ids is not None:
-            self.inputs[0, :n].copy_(device_ids)
+            self.inputs.views(bs)[0][:n].copy_(device_ids)
         self.graphs[bs].replay()
         return self.logits[bs][:n]

@@ -30,15 +30,32 @@ class SampleResult:
     logprobs: list[TokenLogprobs | None]
 
 
+def to_device(values: list[list[float]] | list[int], device: torch.device) -> torch.Tensor:
+    """A small host list as a device tensor without waiting for the device: on CUDA through
+    pinned memory, copied asynchronously. (A copy from pageable memory waits for everything
+    queued on the stream, the step's forward pass included, so the host could not prepare
+    the next step meanwhile.) Floats for nested lists, int64 for a flat list of ints."""
+    dtype = torch.int64 if values and isinstance(values[0], int) else torch.float32
+    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
+
+
 def _filter(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """Probabilities `[B, V]` after temperature, top-k, top-p and min-p (rows renormalised)."""
     device = logits.device
-    temps = torch.tensor([p.temperature for p in params], device=device)
-    probs = torch.softmax(logits / temps[:, None], dim=-1)
     vocab = logits.shape[-1]
-    top_ks = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
-    top_ps = torch.tensor([p.top_p for p in params], device=device)
-    min_ps = torch.tensor([p.min_p for p in params], device=device)
+    # One upload for the four per-row settings (top-k is exact in float32 up to 2**24).
+    settings = to_device(
+        [
+            [p.temperature for p in params],
+            [float(p.top_k if p.top_k > 0 else vocab) for p in params],
+            [p.top_p for p in params],
+            [p.min_p for p in params],
+        ],
+        device,
+    )
+    temps, top_ks, top_ps, min_ps = settings
+    probs = torch.softmax(logits / temps[:, None], dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     rank = torch.arange(vocab, device=device)[None, :]
     # Keep a token while the mass strictly before it is below top_p (the first always stays).
@@ -102,27 +119,34 @@ def sample_on_device(
     their grammars forbid to -inf, in place, before any token is picked; log-probabilities are
     the model's, from the logits before the mask.
     """
+    device = logits.device
     wanted = [i for i, p in enumerate(params) if p.wants_logprobs]
-    logp = torch.log_softmax(logits[wanted], dim=-1) if wanted else None
+    # Row lists as device indices, uploaded without waiting (see to_device).
+    wanted_rows = to_device(wanted, device) if wanted else None
+    logp = torch.log_softmax(logits[wanted_rows], dim=-1) if wanted_rows is not None else None
     if mask is not None:
         mask.apply(logits)
     fast_argmax = _triton_argmax() if logits.is_cuda else None
     tokens = fast_argmax(logits) if fast_argmax else logits.argmax(dim=-1)
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
     if sampled_rows:
-        rows = torch.tensor(sampled_rows, device=logits.device)
+        rows = to_device(sampled_rows, device)
         probs = _filter(logits[rows], [params[i] for i in sampled_rows])
         shared = [j for j, i in enumerate(sampled_rows) if generators[i] is None]
-        if shared:
-            picks = torch.multinomial(probs[shared], 1, generator=default_generator)
-            tokens[rows[shared]] = picks[:, 0]
+        if len(shared) == len(sampled_rows):
+            picks = torch.multinomial(probs, 1, generator=default_generator)
+            tokens[rows] = picks[:, 0]
+        elif shared:
+            some = to_device(shared, device)
+            picks = torch.multinomial(probs[some], 1, generator=default_generator)
+            tokens[rows[some]] = picks[:, 0]
         for j, i in enumerate(sampled_rows):
             gen = generators[i]
             if gen is not None:
                 tokens[i] = torch.multinomial(probs[j], 1, generator=gen)[0]
     device_parts = [tokens]
     if logp is not None:
-        chosen = logp.gather(1, tokens[wanted][:, None])[:, 0]
+        chosen = logp.gather(1, tokens[wanted_rows][:, None])[:, 0]
         max_n = max(params[i].top_logprobs for i in wanted)
         top_vals, top_ids = logp.topk(max_n, dim=-1) if max_n else (logp[:, :0], logp[:, :0])
         device_parts += [chosen, top_vals, top_ids]

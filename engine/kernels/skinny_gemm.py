@@ -308,11 +308,16 @@ TUNED: dict[TunedKey, tuple[tuple[int, SkinnyTiles], ...]] = {
     # at 1 / 4 / 16 / 64 rows (floor 55.5-56.1). The plain projections (QKV, O, down, gate-up
     # alone) measured no faster than cuBLAS at any of those rows: not listed.
     ("gate_up", 28672, 4096, "bfloat16"): ((64, SkinnyTiles(64, 128)),),
-    # Qwen3-30B-A3B's O projection (2048 x 4096) at one row: 7.4 µs on the CUDA cores with
-    # 4 x 1024 tiles against cuBLAS's 9.6 (a split-K kernel and its reduce; floor 3.9). At 4
-    # and 16 rows the rule's split tiles measured 9.3-9.4 against 9.7-9.9: too close for a
-    # second launch. Its QKV (5120 x 2048): cuBLAS at every row (8.2 against 8.4 at one).
-    ("linear", 2048, 4096, "bfloat16"): ((1, SkinnyTiles(4, 1024, dot=False)),),
+    # Qwen3-30B-A3B's O projection (2048 x 4096) at one row: 6.9 µs on the CUDA cores with
+    # 4 x 1024 tiles and W prefetched a step ahead (7.3 without), against cuBLAS's 9.7 (a
+    # split-K kernel and its reduce; floor 3.9). At 4 and 16 rows the rule's split tiles
+    # measured 9.3-9.4 against 9.7-9.9: too close for a second launch. Its QKV (5120 x 2048):
+    # cuBLAS at every row (8.2 against 8.4 at one).
+    ("linear", 2048, 4096, "bfloat16"): ((1, SkinnyTiles(4, 1024, dot=False, prefetch=True)),),
+    # Llama-3-8B's O projection (4096 x 4096) at one row: 12.0 µs with 8 x 512 prefetching
+    # tiles against cuBLAS's 13.6 (split-K and its reduce; floor 7.9). Its QKV and down: cuBLAS
+    # (15.9 against 15.9-16.9; 32.7 against 35.3-39.3).
+    ("linear", 4096, 4096, "bfloat16"): ((1, SkinnyTiles(8, 512, dot=False, prefetch=True)),),
 }
 
 

@@ -33,14 +33,29 @@ def test_engine_bench_prints_floors_and_writes_json(
         argv.append("--disable-overlap-schedule")
     bench.main(argv)  # fmt: skip
     text = capsys.readouterr().out
-    assert "| decode BxL | pdserve step ms | floor ms | x floor |" in text
+    assert "| decode BxL | pdserve step ms | floor ms | x floor | back to back ms |" in text
     assert "| 3x8 |" in text and "| 2x8 |" in text
+    assert "sampling: greedy" in text
     numbers = json.loads(out.read_text())
     for shape in ("1x8", "3x8"):
         assert numbers["pdserve"]["decode"][shape]["step_ms"] > 0
+        assert numbers["pdserve"]["decode"][shape]["back_to_back_ms"] > 0
         assert numbers["hf"]["decode"][shape]["step_ms"] > 0
         assert numbers["decode_floor_ms"][shape] > 0
     assert numbers["prefill_flops"]["2x8"] > 0
+
+
+def test_engine_bench_decodes_sampled_requests(
+    tiny_models: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench.main(["--model-path", str(tiny_models["llama"]), "--decode", "2x8", "--prefill", "",
+                "--decode-steps", "3", "--repeats", "1", "--skip-hf", "--temperature", "0.7",
+                "--top-p", "0.9"])  # fmt: skip
+    text = capsys.readouterr().out
+    assert "sampling: temperature 0.7, top-p 0.9" in text
+    assert "| 2x8 |" in text
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--preset", "llama3-8b", "--decode", "1x8", "--top-p", "0"])
 
 
 def test_shapes_and_costs() -> None:

@@ -14,7 +14,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.sampler import _filter, sample
+from engine.sampler import _filter, sample, to_device
 from engine.sampling import SamplingParams
 from engine.sequence import FinishReason
 
@@ -270,3 +270,10 @@ def test_eos_stops_unless_ignored(tiny_models: dict[str, Path], tmp_path: Path) 
     (ignored,) = engine.generate([PROMPTS[1]], GREEDY)
     assert ignored.finish_reason is FinishReason.LENGTH
     assert ignored.output_ids == full.output_ids
+
+
+def test_small_lists_reach_the_device_as_float_rows_or_int_indices() -> None:
+    rows = to_device([[0.5, 1.0], [40.0, 7.0]], torch.device("cpu"))
+    assert rows.dtype == torch.float32 and rows.tolist() == [[0.5, 1.0], [40.0, 7.0]]
+    idx = to_device([3, 1], torch.device("cpu"))
+    assert idx.dtype == torch.int64 and idx.tolist() == [3, 1]
