@@ -242,7 +242,12 @@ def submit(engine: Engine, prompts: torch.Tensor, max_new_tokens: int) -> set[st
     """Requests for `prompts` (greedy, or as `SAMPLING` says) on an empty prefix cache; their
     ids."""
     engine.flush_cache()  # every measurement starts from an empty prefix cache
-    params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, **SAMPLING)
+    params = SamplingParams(
+        temperature=SAMPLING["temperature"],
+        top_p=SAMPLING["top_p"],
+        max_new_tokens=max_new_tokens,
+        ignore_eos=True,
+    )
     return {engine.add_request(row, params) for row in prompts.tolist()}
 
 
