@@ -11,6 +11,7 @@
 #   run(command="bash bench/gpu/session.sh d", carry=[".whl"])   # a short call: what changed
 #   run(command="bash bench/gpu/session.sh e", carry=[".whl"])   # decode launches, serving
 #   run(command="bash bench/gpu/session.sh f", carry=[".whl"])   # built but untimed
+#   run(command="bash bench/gpu/session.sh g", carry=[".whl"])   # host waits, sampled decode
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -137,5 +138,17 @@ f)
   TAIL=8 step greedy 60 python3 -m bench.gpu.greedy_gpu
   TAIL=10 step check_moe 60 python3 -m bench.check_moe_gpu
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f"; exit 2 ;;
+g)
+  # The host waits taken out (about 330 s): a Llama step's timeline again, Llama's decode
+  # table (step alone and back to back), sampled decode, Qwen3 at one token, and every tiny
+  # family's greedy tokens through the graphs' new input layout.
+  TAIL=60 step profile_llama 70 python3 -m bench.profile_decode --preset llama3-8b \
+    --decode 1x128,64x128 --top 8
+  step llama 110 python3 -m bench.engine --preset llama3-8b --skip-hf --prefill '' \
+    --decode 1x128,64x128,64x2048,256x512 --repeats 2 --decode-steps 32
+  step sampled 60 python3 -m bench.engine --preset llama3-8b --skip-hf --prefill '' \
+    --decode 1x128,64x128 --repeats 2 --temperature 0.8 --top-p 0.9
+  TAIL=8 step greedy 60 python3 -m bench.gpu.greedy_gpu
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g"; exit 2 ;;
 esac
