@@ -7,10 +7,10 @@ Two kinds, one per router under test:
   ``--tokens`` tokens, ``--chunk-tokens`` per message (1: a real worker's one per step, a
   step being one event-loop turn) and a ``Complete``; a request that asks ``deliver_at_end``
   gets them all in one message, as the real worker sends them. ``--role prefill`` serves
-  ``Prefill.Prefill`` instead (an answer at once) and ``--role decode`` answers like a
-  colocated one: a pair measures the router's disaggregated path, without the KV transfer
-  that happens between workers. ``GetInfo``, ``GetLoad``,
-  ``Abort`` and ``grpc.health.v1`` answer as a real worker's do.
+  ``Prefill.Prefill`` instead (an answer at once; on a session, after the first token when
+  asked) and ``--role decode`` answers like a colocated one: a pair measures the router's
+  disaggregated path, without the KV transfer that happens between workers. ``GetInfo``,
+  ``GetLoad``, ``Abort`` and ``grpc.health.v1`` answer as a real worker's do.
 - ``http``: an SGLang-style HTTP worker for sglang-router: ``POST /v1/completions`` (and
   ``/generate``) get one fixed non-streamed JSON reply; ``/health``, ``/get_server_info``,
   ``/get_model_info``, ``/v1/models`` and anything else GET get a small JSON ``200``. A raw
@@ -50,6 +50,7 @@ CONTEXT_LENGTH = 4096
 VOCAB_SIZE = 512  # the tiny tokenizer's, which the bench gives the pdserve router
 TOTAL_PAGES = 1024
 TOKEN_ID = 65  # one printable token of the tiny tokenizer
+FIRST = common_pb2.StreamChunk(token_ids=[TOKEN_ID])  # a prefill's early first token
 
 
 def _failure(request_id: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -145,11 +146,11 @@ class StubDecode(WorkerService, decode_pb2_grpc.DecodeServicer):
 
 class StubPrefill(WorkerService, prefill_pb2_grpc.PrefillServicer):
     """A prefill worker that answers at once, as if the pages were written (no transfer: the
-    decode stub's answer does not wait for one)."""
+    decode stub's answer does not wait for one); on a session, with the first token before
+    the answer when the router asks for it, as a real prefill worker sends it."""
 
     def __init__(self, session_port: int = 0) -> None:
-        respond = session.one_reply(self._prefill)
-        super().__init__(StubCommon("prefill", session_port), PREFILL, respond, _failure)
+        super().__init__(StubCommon("prefill", session_port), PREFILL, self._replies, _failure)
 
     async def Prefill(
         self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
@@ -161,6 +162,15 @@ class StubPrefill(WorkerService, prefill_pb2_grpc.PrefillServicer):
         return prefill_pb2.PrefillResponse(
             request_id=request.request.request_id, first_token_id=TOKEN_ID
         )
+
+    @classmethod
+    async def _replies(
+        cls, request: prefill_pb2.PrefillRequest
+    ) -> AsyncIterator[prefill_pb2.PrefillReply]:
+        rid = request.request.request_id
+        if request.stream_first_token:
+            yield prefill_pb2.PrefillReply(request_id=rid, first=FIRST)
+        yield prefill_pb2.PrefillReply(request_id=rid, done=await cls._prefill(request))
 
 
 async def serve_grpc(

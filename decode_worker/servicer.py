@@ -31,9 +31,9 @@ from worker.convert import (
     PeerFailure,
     layout_to_proto,
     logprobs_from_proto,
-    logprobs_to_proto,
     sampling_from_proto,
     status_for,
+    stream_chunk,
 )
 from worker.metrics import handoff, handoff_failed, observe_phases, prefill_phases
 from worker.runtime import WorkerRuntime
@@ -73,14 +73,7 @@ def _failure(request_id: str, exc: BaseException) -> tuple[grpc.StatusCode, str]
 
 def chunk(outs: list[StepOutput]) -> common_pb2.GenerateResponse:
     """One message for the tokens at hand (logprobs parallel to them, when asked for)."""
-    lps = [logprobs_to_proto(o.logprobs) for o in outs]
-    return common_pb2.GenerateResponse(
-        request_id=outs[0].request_id,
-        chunk=common_pb2.StreamChunk(
-            token_ids=[o.token_id for o in outs],
-            logprobs=[lp for lp in lps if lp is not None],
-        ),
-    )
+    return common_pb2.GenerateResponse(request_id=outs[0].request_id, chunk=stream_chunk(outs))
 
 
 def complete(out: StepOutput) -> common_pb2.GenerateResponse:

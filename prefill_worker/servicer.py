@@ -1,6 +1,10 @@
 """The Prefill gRPC service: compute the prompt, sample its first token, write the KV pages
 into the decode worker that attached under the same transfer id, then tell it so.
 
+On a session, a request that asks for it (``stream_first_token``) gets its first token in a
+``first`` reply as soon as it is sampled: the router streams it to the client while the pages
+are still on their way, so the hand-off is not part of the time to the first token.
+
 The prefill request and the decode worker's AttachDestination may arrive in either order;
 a `KVSender` per transfer id meets them, with a timeout on each waiting state.
 """
@@ -8,8 +12,10 @@ a `KVSender` per transfer id meets them, with a timeout on each waiting state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import replace
 
 import grpc
@@ -32,12 +38,12 @@ from kv_transfer import (
 )
 from protos import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from protos.contract import PREFILL
-from worker import session
 from worker.convert import (
     layout_from_proto,
     logprobs_to_proto,
     sampling_from_proto,
     status_for,
+    stream_chunk,
 )
 from worker.metrics import handoff, handoff_failed, observe_phases, prefill_phases
 from worker.runtime import WorkerRuntime
@@ -59,7 +65,7 @@ def _failure(request_id: str, exc: BaseException) -> tuple[grpc.StatusCode, str]
 
 class PrefillServicer(WorkerService, prefill_pb2_grpc.PrefillServicer):
     def __init__(self, runtime: WorkerRuntime) -> None:
-        super().__init__(runtime, PREFILL, session.one_reply(self._prefill), _failure)
+        super().__init__(runtime, PREFILL, self._replies, _failure)
         if runtime.transfer is None or len(runtime.pools) != 1:
             raise ValueError(
                 "a prefill worker needs a transfer engine and one registered KV pool "
@@ -131,13 +137,34 @@ class PrefillServicer(WorkerService, prefill_pb2_grpc.PrefillServicer):
         self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> prefill_pb2.PrefillResponse:
         try:
-            return await self._prefill(request)
+            async with contextlib.aclosing(self._prefill(request)) as outputs:
+                async for out in outputs:
+                    if isinstance(out, prefill_pb2.PrefillResponse):
+                        return out
+            raise RuntimeError(f"prefill of {request.request.request_id} gave no answer")
         except Exception as exc:
             await context.abort(*_failure(request.request.request_id, exc))
             raise  # context.abort raises; this is for type checkers
 
-    async def _prefill(self, request: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillResponse:
-        """Prefill, sample the first token, write the pages; raises what failed it."""
+    async def _replies(
+        self, request: prefill_pb2.PrefillRequest
+    ) -> AsyncIterator[prefill_pb2.PrefillReply]:
+        """A request's replies on a session: its first token when it asked for it, then the
+        answer (``done``); raises what failed it (the session sends that as ``error``)."""
+        rid = request.request.request_id
+        async with contextlib.aclosing(self._prefill(request)) as outputs:
+            async for out in outputs:
+                if isinstance(out, prefill_pb2.PrefillResponse):
+                    yield prefill_pb2.PrefillReply(request_id=rid, done=out)
+                elif request.stream_first_token:
+                    yield prefill_pb2.PrefillReply(request_id=rid, first=stream_chunk([out]))
+
+    async def _prefill(
+        self, request: prefill_pb2.PrefillRequest
+    ) -> AsyncGenerator[StepOutput | prefill_pb2.PrefillResponse, None]:
+        """Prefill and sample the first token (yielded at once, before the hand-off), write
+        the pages, then yield the answer; raises what failed it. The answer comes after the
+        held pages are released, as the last thing."""
         received = time.monotonic()
         req, tid = request.request, request.transfer_id
         rid = req.request_id
@@ -158,6 +185,9 @@ class PrefillServicer(WorkerService, prefill_pb2_grpc.PrefillServicer):
                 raise RuntimeError(f"request {rid} finished without a token")
             sampled = time.monotonic()
             handoff(self.rt.metrics, rid, "bootstrap")
+            # The consumer takes it without waiting (a reply queued, or nothing); closing this
+            # generator here runs the finally below as cancellation would.
+            yield first
             dest = await sender.wait_for_destination(self.rt.settings.transfer_timeout_s)
             sender.begin()
             handoff(self.rt.metrics, rid, "inflight")
@@ -184,7 +214,7 @@ class PrefillServicer(WorkerService, prefill_pb2_grpc.PrefillServicer):
             phases = prefill_phases(received, first.prefill_started_at, sampled)
             phases.update(handoff_wait=start - sampled, transfer_done=time.monotonic() - written)
             observe_phases(self.rt.metrics, phases)
-            return prefill_pb2.PrefillResponse(
+            answer = prefill_pb2.PrefillResponse(
                 request_id=rid,
                 first_token_id=first.token_id,
                 cached_tokens=first.num_cached_tokens,
@@ -207,6 +237,7 @@ class PrefillServicer(WorkerService, prefill_pb2_grpc.PrefillServicer):
                 await asyncio.wait([write])
             if self.rt.engine.alive:
                 await asyncio.shield(self.rt.engine.release_held(rid))
+        yield answer
 
     def _write_batch(self, request_id: str, src_pages: list[int], dest: Destination) -> WriteBatch:
         """The writes of one hand-off. No timeout wraps them: the pages must stay held until

@@ -77,7 +77,7 @@ DECODE: SessionMethod[decode_pb2.DecodeRequest, common_pb2.GenerateResponse] = S
     ends=lambda reply: reply.WhichOneof("response") != "chunk",
     add_servicer=decode_pb2_grpc.add_DecodeServicer_to_server,
 )
-# Prefill.Session: one reply per request, its answer or its error.
+# Prefill.Session: a request's `first` token when it asked for it, then its answer or its error.
 PREFILL: SessionMethod[prefill_pb2.PrefillRequest, prefill_pb2.PrefillReply] = SessionMethod(
     service=PREFILL_SERVICE,
     path=f"/{PREFILL_SERVICE}/Session",
@@ -87,7 +87,7 @@ PREFILL: SessionMethod[prefill_pb2.PrefillRequest, prefill_pb2.PrefillReply] = S
     parse_reply=prefill_pb2.PrefillSessionResponse.FromString,
     replies=lambda frame: frame.replies,
     error=lambda rid, e: prefill_pb2.PrefillReply(request_id=rid, error=e),
-    ends=lambda reply: True,
+    ends=lambda reply: reply.WhichOneof("reply") != "first",
     add_servicer=prefill_pb2_grpc.add_PrefillServicer_to_server,
 )
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos import common_pb2 as protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/prefill.proto\x12\x07pdserve\x1a\x13protos/common.proto\"P\n\x0ePrefillRequest\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.pdserve.GenerateRequest\x12\x13\n\x0btransfer_id\x18\x02 \x01(\x04\"o\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\x12\x19\n\x11transferred_bytes\x18\x04 \x01(\x03\"O\n\x15PrefillSessionRequest\x12\'\n\x06submit\x18\x01 \x03(\x0b\x32\x17.pdserve.PrefillRequest\x12\r\n\x05\x61\x62ort\x18\x02 \x03(\t\"v\n\x0cPrefillReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x04\x64one\x18\x02 \x01(\x0b\x32\x18.pdserve.PrefillResponseH\x00\x12\x1f\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x0e.pdserve.ErrorH\x00\x42\x07\n\x05reply\"@\n\x16PrefillSessionResponse\x12&\n\x07replies\x18\x01 \x03(\x0b\x32\x15.pdserve.PrefillReply\"\xf5\x01\n\x18\x41ttachDestinationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\x04\x12\x17\n\x0f\x64\x65\x63ode_endpoint\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x10\n\x08page_ids\x18\x05 \x03(\x05\x12\x14\n\x0ck_base_addrs\x18\x06 \x03(\x04\x12\x14\n\x0cv_base_addrs\x18\x07 \x03(\x04\x12!\n\x06layout\x18\x08 \x01(\x0b\x32\x11.pdserve.KVLayout\x12\x0f\n\x07\x64p_rank\x18\t \x01(\x05\x12\x11\n\tnum_pages\x18\n \x01(\x05\"/\n\x19\x41ttachDestinationResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"C\n\x18RevokeDestinationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\x04\"=\n\x19RevokeDestinationResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04idle\x18\x02 \x01(\x08\x32\xf9\x03\n\x07Prefill\x12<\n\x07Prefill\x12\x17.pdserve.PrefillRequest\x1a\x18.pdserve.PrefillResponse\x12N\n\x07Session\x12\x1e.pdserve.PrefillSessionRequest\x1a\x1f.pdserve.PrefillSessionResponse(\x01\x30\x01\x12Z\n\x11\x41ttachDestination\x12!.pdserve.AttachDestinationRequest\x1a\".pdserve.AttachDestinationResponse\x12Z\n\x11RevokeDestination\x12!.pdserve.RevokeDestinationRequest\x1a\".pdserve.RevokeDestinationResponse\x12\x36\n\x05\x41\x62ort\x12\x15.pdserve.AbortRequest\x1a\x16.pdserve.AbortResponse\x12\x34\n\x07GetLoad\x12\x14.pdserve.LoadRequest\x1a\x13.pdserve.LoadReport\x12:\n\x07GetInfo\x12\x1a.pdserve.WorkerInfoRequest\x1a\x13.pdserve.WorkerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/prefill.proto\x12\x07pdserve\x1a\x13protos/common.proto\"l\n\x0ePrefillRequest\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.pdserve.GenerateRequest\x12\x13\n\x0btransfer_id\x18\x02 \x01(\x04\x12\x1a\n\x12stream_first_token\x18\x03 \x01(\x08\"o\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\x12\x19\n\x11transferred_bytes\x18\x04 \x01(\x03\"O\n\x15PrefillSessionRequest\x12\'\n\x06submit\x18\x01 \x03(\x0b\x32\x17.pdserve.PrefillRequest\x12\r\n\x05\x61\x62ort\x18\x02 \x03(\t\"\x9d\x01\n\x0cPrefillReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x04\x64one\x18\x02 \x01(\x0b\x32\x18.pdserve.PrefillResponseH\x00\x12\x1f\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x0e.pdserve.ErrorH\x00\x12%\n\x05\x66irst\x18\x04 \x01(\x0b\x32\x14.pdserve.StreamChunkH\x00\x42\x07\n\x05reply\"@\n\x16PrefillSessionResponse\x12&\n\x07replies\x18\x01 \x03(\x0b\x32\x15.pdserve.PrefillReply\"\xf5\x01\n\x18\x41ttachDestinationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\x04\x12\x17\n\x0f\x64\x65\x63ode_endpoint\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x10\n\x08page_ids\x18\x05 \x03(\x05\x12\x14\n\x0ck_base_addrs\x18\x06 \x03(\x04\x12\x14\n\x0cv_base_addrs\x18\x07 \x03(\x04\x12!\n\x06layout\x18\x08 \x01(\x0b\x32\x11.pdserve.KVLayout\x12\x0f\n\x07\x64p_rank\x18\t \x01(\x05\x12\x11\n\tnum_pages\x18\n \x01(\x05\"/\n\x19\x41ttachDestinationResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"C\n\x18RevokeDestinationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\x04\"=\n\x19RevokeDestinationResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04idle\x18\x02 \x01(\x08\x32\xf9\x03\n\x07Prefill\x12<\n\x07Prefill\x12\x17.pdserve.PrefillRequest\x1a\x18.pdserve.PrefillResponse\x12N\n\x07Session\x12\x1e.pdserve.PrefillSessionRequest\x1a\x1f.pdserve.PrefillSessionResponse(\x01\x30\x01\x12Z\n\x11\x41ttachDestination\x12!.pdserve.AttachDestinationRequest\x1a\".pdserve.AttachDestinationResponse\x12Z\n\x11RevokeDestination\x12!.pdserve.RevokeDestinationRequest\x1a\".pdserve.RevokeDestinationResponse\x12\x36\n\x05\x41\x62ort\x12\x15.pdserve.AbortRequest\x1a\x16.pdserve.AbortResponse\x12\x34\n\x07GetLoad\x12\x14.pdserve.LoadRequest\x1a\x13.pdserve.LoadReport\x12:\n\x07GetInfo\x12\x1a.pdserve.WorkerInfoRequest\x1a\x13.pdserve.WorkerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,23 +33,23 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.prefill_pb2', _globa
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREFILLREQUEST']._serialized_start=54
-  _globals['_PREFILLREQUEST']._serialized_end=134
-  _globals['_PREFILLRESPONSE']._serialized_start=136
-  _globals['_PREFILLRESPONSE']._serialized_end=247
-  _globals['_PREFILLSESSIONREQUEST']._serialized_start=249
-  _globals['_PREFILLSESSIONREQUEST']._serialized_end=328
-  _globals['_PREFILLREPLY']._serialized_start=330
-  _globals['_PREFILLREPLY']._serialized_end=448
-  _globals['_PREFILLSESSIONRESPONSE']._serialized_start=450
-  _globals['_PREFILLSESSIONRESPONSE']._serialized_end=514
-  _globals['_ATTACHDESTINATIONREQUEST']._serialized_start=517
-  _globals['_ATTACHDESTINATIONREQUEST']._serialized_end=762
-  _globals['_ATTACHDESTINATIONRESPONSE']._serialized_start=764
-  _globals['_ATTACHDESTINATIONRESPONSE']._serialized_end=811
-  _globals['_REVOKEDESTINATIONREQUEST']._serialized_start=813
-  _globals['_REVOKEDESTINATIONREQUEST']._serialized_end=880
-  _globals['_REVOKEDESTINATIONRESPONSE']._serialized_start=882
-  _globals['_REVOKEDESTINATIONRESPONSE']._serialized_end=943
-  _globals['_PREFILL']._serialized_start=946
-  _globals['_PREFILL']._serialized_end=1451
+  _globals['_PREFILLREQUEST']._serialized_end=162
+  _globals['_PREFILLRESPONSE']._serialized_start=164
+  _globals['_PREFILLRESPONSE']._serialized_end=275
+  _globals['_PREFILLSESSIONREQUEST']._serialized_start=277
+  _globals['_PREFILLSESSIONREQUEST']._serialized_end=356
+  _globals['_PREFILLREPLY']._serialized_start=359
+  _globals['_PREFILLREPLY']._serialized_end=516
+  _globals['_PREFILLSESSIONRESPONSE']._serialized_start=518
+  _globals['_PREFILLSESSIONRESPONSE']._serialized_end=582
+  _globals['_ATTACHDESTINATIONREQUEST']._serialized_start=585
+  _globals['_ATTACHDESTINATIONREQUEST']._serialized_end=830
+  _globals['_ATTACHDESTINATIONRESPONSE']._serialized_start=832
+  _globals['_ATTACHDESTINATIONRESPONSE']._serialized_end=879
+  _globals['_REVOKEDESTINATIONREQUEST']._serialized_start=881
+  _globals['_REVOKEDESTINATIONREQUEST']._serialized_end=948
+  _globals['_REVOKEDESTINATIONRESPONSE']._serialized_start=950
+  _globals['_REVOKEDESTINATIONRESPONSE']._serialized_end=1011
+  _globals['_PREFILL']._serialized_start=1014
+  _globals['_PREFILL']._serialized_end=1519
 # @@protoc_insertion_point(module_scope)

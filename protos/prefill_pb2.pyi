@@ -8,12 +8,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request", "transfer_id")
+    __slots__ = ("request", "transfer_id", "stream_first_token")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     request: _common_pb2.GenerateRequest
     transfer_id: int
-    def __init__(self, request: _Optional[_Union[_common_pb2.GenerateRequest, _Mapping]] = ..., transfer_id: _Optional[int] = ...) -> None: ...
+    stream_first_token: bool
+    def __init__(self, request: _Optional[_Union[_common_pb2.GenerateRequest, _Mapping]] = ..., transfer_id: _Optional[int] = ..., stream_first_token: _Optional[bool] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("request_id", "first_token_id", "cached_tokens", "transferred_bytes")
@@ -36,14 +38,16 @@ class PrefillSessionRequest(_message.Message):
     def __init__(self, submit: _Optional[_Iterable[_Union[PrefillRequest, _Mapping]]] = ..., abort: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PrefillReply(_message.Message):
-    __slots__ = ("request_id", "done", "error")
+    __slots__ = ("request_id", "done", "error", "first")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    FIRST_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     done: PrefillResponse
     error: _common_pb2.Error
-    def __init__(self, request_id: _Optional[str] = ..., done: _Optional[_Union[PrefillResponse, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ...) -> None: ...
+    first: _common_pb2.StreamChunk
+    def __init__(self, request_id: _Optional[str] = ..., done: _Optional[_Union[PrefillResponse, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., first: _Optional[_Union[_common_pb2.StreamChunk, _Mapping]] = ...) -> None: ...
 
 class PrefillSessionResponse(_message.Message):
     __slots__ = ("replies",)

@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 
 from engine.async_engine import EngineDeadError
-from engine.engine import Engine
+from engine.engine import Engine, StepOutput
 from engine.sampler import TokenLogprobs
 from engine.sampling import Constraint, SamplingParams
 from engine.scheduler import OutOfPagesError
@@ -60,6 +60,15 @@ def logprobs_to_proto(lp: TokenLogprobs | None) -> common_pb2.TokenLogprobs | No
     return common_pb2.TokenLogprobs(
         logprob=lp.logprob,
         top=[common_pb2.TokenLogprob(token_id=t, logprob=v) for t, v in lp.top],
+    )
+
+
+def stream_chunk(outs: list[StepOutput]) -> common_pb2.StreamChunk:
+    """The tokens at hand as one chunk (logprobs parallel to them, when asked for): a decode
+    worker's stream message, or the prefill worker's early first token."""
+    lps = [logprobs_to_proto(o.logprobs) for o in outs]
+    return common_pb2.StreamChunk(
+        token_ids=[o.token_id for o in outs], logprobs=[lp for lp in lps if lp is not None]
     )
 
 

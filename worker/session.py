@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, Generic, TypeVar
 
 import grpc
 
-from protos import common_pb2, prefill_pb2
+from protos import common_pb2
 from protos.contract import SessionMethod
 
 log = logging.getLogger(__name__)
@@ -36,21 +36,6 @@ SERVER_OPTIONS = (
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
     ("grpc.http2.max_ping_strikes", 0),
 )
-
-
-def one_reply(
-    prefill: Callable[[prefill_pb2.PrefillRequest], Awaitable[prefill_pb2.PrefillResponse]],
-) -> Callable[[prefill_pb2.PrefillRequest], AsyncIterator[prefill_pb2.PrefillReply]]:
-    """A prefill function as a ``Prefill.Session`` respond: its answer, the request's one
-    reply."""
-
-    async def respond(
-        request: prefill_pb2.PrefillRequest,
-    ) -> AsyncIterator[prefill_pb2.PrefillReply]:
-        done = await prefill(request)
-        yield prefill_pb2.PrefillReply(request_id=done.request_id, done=done)
-
-    return respond
 
 
 class _Outbox(Generic[Item]):

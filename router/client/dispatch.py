@@ -15,9 +15,10 @@ Bad input (INVALID_ARGUMENT, OUT_OF_RANGE) is never retried.
 
 An attempt's calls (``colocated``: the request on the worker's decode session;
 ``disaggregated``: on the decode worker's session and the prefill worker's session at once,
-sharing a transfer id) are async generators of ``WorkerEvent``s that end after ``Finished``.
-Whatever ends them early (an error, ``aclose``, cancellation of the consuming task) aborts the
-request on every session it is still running on, so no KV pages stay reserved.
+sharing a transfer id, a streamed request's first token taken from the prefill worker's reply)
+are async generators of ``WorkerEvent``s that end after ``Finished``. Whatever ends them early
+(an error, ``aclose``, cancellation of the consuming task) aborts the request on every session
+it is still running on, so no KV pages stay reserved.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Set
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+import grpc
+
 from protos import common_pb2
 from protos.common_pb2 import GenerateRequest, GenerateResponse
 from protos.decode_pb2 import DecodeRequest
@@ -44,6 +47,7 @@ from router.client.session import (
     TokenChunk,
     WorkerEvent,
     WorkerRequest,
+    chunk_from_proto,
     event_from_proto,
     request_to_proto,
 )
@@ -286,21 +290,32 @@ async def disaggregated(
     on_prefill_done: Callable[[], None],
     on_decode_done: Callable[[], None],
 ) -> AsyncGenerator[WorkerEvent, None]:
-    """The decode session carries every token, the first included; the prefill reply only
-    reports success (or the error that dooms the request). Once a token arrived the pages are
-    on the decode worker, so a later prefill failure is ignored. ``on_prefill_done`` runs when
-    the prefill side ends and ``on_decode_done`` when the decode side does, however they end.
+    """A streamed request's first token comes from the prefill worker's ``first`` reply, as
+    soon as it is sampled: the KV hand-off is not part of the time to first token. The decode
+    session repeats it (dropped here, after checking it is the same) and carries the rest;
+    it carries every token when no ``first`` came before its own first message (a request not
+    streamed, or a prefill worker that predates ``first``).
+
+    The prefill's last reply reports success, or the error that dooms the attempt while the
+    decode session has sent nothing: an early first token does not change that (``generate``
+    then migrates the request, prompt plus that token). Once a decode message arrived the pages
+    are on the decode worker, so a later prefill failure is ignored. ``on_prefill_done`` runs
+    when the prefill side ends and ``on_decode_done`` when the decode side does, however they
+    end.
     """
     try:
         tid = new_transfer_id()
         msg = request_to_proto(request)
         stream = decode.open(decode_request(request, tid, prefill.endpoint, msg))
-        prefill_stream = prefill.open(PrefillRequest(request=msg, transfer_id=tid))
+        prefill_stream = prefill.open(
+            PrefillRequest(request=msg, transfer_id=tid, stream_first_token=request.stream)
+        )
     except BaseException:
         on_prefill_done()
         on_decode_done()
         raise
-    prefill_done = asyncio.ensure_future(_prefill_reply(prefill_stream))
+    first: asyncio.Future[TokenChunk] = asyncio.get_running_loop().create_future()
+    prefill_done = asyncio.ensure_future(_prefill_reply(prefill_stream, first))
 
     def prefill_ended(_: object) -> None:
         prefill_stream.close()  # aborts the prefill unless its reply came
@@ -308,13 +323,24 @@ async def disaggregated(
 
     prefill_done.add_done_callback(prefill_ended)
     read: asyncio.Future[Any] | None = None  # the next message, while racing the prefill reply
-    finished = decoding = False
+    early: tuple[int, ...] = ()  # tokens sent from the prefill's `first`, not yet repeated
+    finished = decoding = took_first = False
     try:
         while True:
             if not (decoding or prefill_done.done()):
                 if read is None:
                     read = asyncio.ensure_future(stream.next())
-                await asyncio.wait({read, prefill_done}, return_when=asyncio.FIRST_COMPLETED)
+                waiting = {read, prefill_done}
+                if not took_first:
+                    waiting.add(first)
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if not (took_first or decoding) and first.done():
+                took_first = True
+                head = first.result()
+                early = head.token_ids
+                if head.token_ids:
+                    yield head
+                continue
             failure = _exception(prefill_done) if prefill_done.done() and not decoding else None
             if failure is not None:
                 raise failure
@@ -332,6 +358,11 @@ async def disaggregated(
                 raise
             event = event_from_proto(reply, decode.endpoint)
             decoding = True
+            if early and isinstance(event, TokenChunk):
+                rest, early = _drop_repeated(event, early, prefill.endpoint, decode.endpoint)
+                if not rest.token_ids:
+                    continue
+                event = rest
             finished = isinstance(event, Finished)
             if isinstance(event, Finished) and prefill_done.done():
                 event = _with_prefill_cache(event, prefill_done)
@@ -349,13 +380,42 @@ async def disaggregated(
         prefill_done.add_done_callback(_drain)
 
 
-async def _prefill_reply(stream: RequestStream[PrefillReply]) -> PrefillResponse:
-    """The prefill's answer; raises ``WorkerError`` with the status it failed with."""
+async def _prefill_reply(
+    stream: RequestStream[PrefillReply], first: asyncio.Future[TokenChunk]
+) -> PrefillResponse:
+    """The prefill's answer; raises ``WorkerError`` with the status it failed with. A
+    ``first`` reply before it resolves ``first``."""
     reply = await stream.next()
+    if reply.HasField("first"):
+        if not first.done():
+            first.set_result(chunk_from_proto(reply.first))
+        reply = await stream.next()
     if reply.HasField("error"):
         code = status_code_from_int(reply.error.code)
         raise WorkerError(code, reply.error.message, stream.endpoint)
     return reply.done
+
+
+def _drop_repeated(
+    chunk: TokenChunk, early: tuple[int, ...], prefill: str, decode: str
+) -> tuple[TokenChunk, tuple[int, ...]]:
+    """``chunk`` without the tokens already sent from the prefill's reply, which lead the
+    decode stream (a chunk may hold several tokens: ``stream_interval``); and those still to
+    come. Different tokens there mean the decode worker continues something else than what
+    the client got: DATA_LOSS, not retried."""
+    n = min(len(early), len(chunk.token_ids))
+    if chunk.token_ids[:n] != early[:n]:
+        log.error(
+            "decode worker %s repeated %s where prefill worker %s sent %s",
+            decode, list(chunk.token_ids[:n]), prefill, list(early[:n]),
+        )  # fmt: skip
+        raise WorkerError(
+            grpc.StatusCode.DATA_LOSS,
+            f"the decode stream began with tokens {list(chunk.token_ids[:n])}, but prefill "
+            f"worker {prefill} sent {list(early[:n])}",
+            decode,
+        )
+    return TokenChunk(chunk.token_ids[n:], chunk.logprobs[n:]), early[n:]
 
 
 def _with_prefill_cache(event: Finished, prefill: asyncio.Future[PrefillResponse]) -> Finished:

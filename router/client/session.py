@@ -69,22 +69,26 @@ class Finished:
 WorkerEvent = TokenChunk | Finished
 
 
+def chunk_from_proto(chunk: common_pb2.StreamChunk) -> TokenChunk:
+    """A decode worker's chunk, or a prefill worker's early first token."""
+    # Most requests ask for no logprobs: skip building an empty generator per chunk.
+    logprobs = chunk.logprobs
+    return TokenChunk(
+        token_ids=tuple(chunk.token_ids),
+        logprobs=tuple(
+            TokenLogprob(lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top))
+            for lp in logprobs
+        )
+        if logprobs
+        else (),
+    )
+
+
 def event_from_proto(msg: common_pb2.GenerateResponse, endpoint: str) -> WorkerEvent:
     """One stream message as an event; an ``error`` message raises ``WorkerError``."""
     kind = msg.WhichOneof("response")
     if kind == "chunk":
-        chunk = msg.chunk
-        # Most requests ask for no logprobs: skip building an empty generator per chunk.
-        logprobs = chunk.logprobs
-        return TokenChunk(
-            token_ids=tuple(chunk.token_ids),
-            logprobs=tuple(
-                TokenLogprob(lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top))
-                for lp in logprobs
-            )
-            if logprobs
-            else (),
-        )
+        return chunk_from_proto(msg.chunk)
     if kind == "complete":
         c = msg.complete
         return Finished(

@@ -512,7 +512,8 @@ def test_session_carries_many_requests_token_exact(
         assert max(sizes) > 1, f"no frame batched two requests: {sizes}"
 
         # Disaggregated: the request on the decode worker's session and on the prefill
-        # worker's session, as the router sends it.
+        # worker's session, as the router sends a streamed one: the prefill worker's first
+        # reply is the first token, then its answer.
         prefill, decode = pair
         tid = secrets.randbits(63) or 1
         submit = decode_pb2.DecodeRequest(
@@ -524,7 +525,9 @@ def test_session_carries_many_requests_token_exact(
                 prefill_pb2.PrefillSessionRequest(
                     submit=[
                         prefill_pb2.PrefillRequest(
-                            request=request("d0", prompts[0]), transfer_id=tid
+                            request=request("d0", prompts[0]),
+                            transfer_id=tid,
+                            stream_first_token=True,
                         )
                     ]
                 )
@@ -532,9 +535,14 @@ def test_session_carries_many_requests_token_exact(
             by_request, _ = await session_responses(
                 decode, [decode_pb2.SessionRequest(submit=[submit])], 1
             )
-            (reply,) = (await call.read()).replies
-            assert reply.request_id == "d0" and reply.HasField("done")
-            assert reply.done.first_token_id == expected[0][0]
+            replies = list((await call.read()).replies)
+            if len(replies) == 1:  # the answer came in a frame of its own
+                replies += (await call.read()).replies
+            assert [r.request_id for r in replies] == ["d0", "d0"]
+            assert [r.WhichOneof("reply") for r in replies] == ["first", "done"]
+            assert list(replies[0].first.token_ids) == expected[0][:1]
+            assert not replies[0].first.logprobs  # none asked for
+            assert replies[1].done.first_token_id == expected[0][0]
             await call.done_writing()
             assert await call.read() is grpc.aio.EOF
         got = [t for m in by_request["d0"] if m.HasField("chunk") for t in m.chunk.token_ids]

@@ -1,10 +1,13 @@
 """An in-process fake of the worker gRPC contract, for router tests without an engine.
 
 A ``FakeWorker`` serves Decode (roles "null" and "decode") or Prefill ("prefill") plus the
-standard health service on 127.0.0.1, answers each request with a scripted token sequence,
-and records what the router did: the requests it sent, Aborts, and cancelled streams.
-Disaggregated fakes in one process meet through ``TRANSFERS``: decode waits for the prefill
-call of the same transfer id, as the real decode waits for the KV pages.
+standard health service on 127.0.0.1, answers each request with a scripted token sequence
+(``stream_interval`` tokens a chunk, as a real decode worker sends them), and records what the
+router did: the requests it sent, Aborts, and cancelled streams. Disaggregated fakes in one
+process meet through ``TRANSFERS``: decode waits for the prefill call of the same transfer id,
+as the real decode waits for the KV pages. A prefill fake sends its script's first tokens early
+(a ``first`` reply) only when told to (``send_first``): by default it is a prefill worker that
+predates them.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ PAGES = 64  # what GetLoad reports: one page per running request
 @dataclass
 class Failure:
     """Fail a call with ``code`` after ``after_tokens`` tokens (decode; -1: before waiting for
-    the transfer) or at once (prefill)."""
+    the transfer), or (prefill) at once, or with ``after_tokens`` > 0 after its ``first``
+    reply (a hand-off that fails once the first token went out)."""
 
     code: grpc.StatusCode
     message: str = "injected failure"
@@ -43,6 +47,10 @@ class FakeWorker:
     role: str = "null"
     reply: Callable[[list[int]], list[int]] = lambda prompt: [65, 66, 67]
     token_delay_s: float = 0.0  # decode: before each token; prefill: before answering
+    # Prefill: this many of the script's tokens in a `first` reply when the router asks for
+    # it (0: never, as a prefill worker that predates it; a real one sends 1).
+    send_first: int = 0
+    handoff_delay_s: float = 0.0  # prefill: from the `first` reply to the pages "landing"
     transfer_timeout_s: float = 5.0  # decode: how long to wait for the prefill's transfer
     fail: Failure | None = None
     model: str = "tiny"
@@ -54,6 +62,7 @@ class FakeWorker:
     port: int = 0  # the gRPC port to bind (0: pick one); a restart at the same address
     requests: list[common_pb2.GenerateRequest] = field(default_factory=list)
     transfer_ids: list[int] = field(default_factory=list)
+    first_asked: list[bool] = field(default_factory=list)  # prefill: stream_first_token
     prefill_endpoints: list[str] = field(default_factory=list)
     aborts: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
@@ -88,8 +97,10 @@ class FakeWorker:
 
     async def start_listener(self) -> None:
         """Serve sessions on a new port (``session_port``), as a worker does."""
+        kind: SessionMethod[Any, Any]
+        respond: Callable[[Any], AsyncIterator[Any]]
         if self.role == "prefill":
-            kind, respond = PREFILL, session.one_reply(_Prefill(self)._prefill)
+            kind, respond = PREFILL, _Prefill(self)._replies
         else:
             kind, respond = DECODE, _Decode(self)._respond
 
@@ -251,17 +262,18 @@ class _Decode(decode_pb2_grpc.DecodeServicer):
                         grpc.StatusCode.UNAVAILABLE, "transfer timed out", request.prefill_endpoint
                     ) from None
             tokens, reason = w.script(req)
+            every = max(1, request.stream_interval)
+            held = common_pb2.StreamChunk()
             for i, token in enumerate(tokens):
                 if w.fail is not None and i == w.fail.after_tokens:
                     raise Injected(w.fail.code, w.fail.message)
                 if w.token_delay_s:
                     await asyncio.sleep(w.token_delay_s)
-                yield common_pb2.GenerateResponse(
-                    request_id=rid,
-                    chunk=common_pb2.StreamChunk(
-                        token_ids=[token], logprobs=_logprobs(token, req.sampling)
-                    ),
-                )
+                held.token_ids.append(token)
+                held.logprobs.extend(_logprobs(token, req.sampling))
+                if len(held.token_ids) >= every or i == len(tokens) - 1:
+                    yield common_pb2.GenerateResponse(request_id=rid, chunk=held)
+                    held = common_pb2.StreamChunk()
             w.completed.append(rid)
             yield common_pb2.GenerateResponse(
                 request_id=rid,
@@ -313,24 +325,45 @@ class _Prefill(prefill_pb2_grpc.PrefillServicer):
         request_iterator: AsyncIterator[prefill_pb2.PrefillSessionRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[prefill_pb2.PrefillSessionResponse]:
-        respond = session.one_reply(self._prefill)
-        async for out in _recorded(self.w, request_iterator, respond, PREFILL):
+        async for out in _recorded(self.w, request_iterator, self._replies, PREFILL):
             yield out
 
     async def _prefill(self, request: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillResponse:
+        async for reply in self._replies(request, unary=True):
+            if reply.HasField("done"):
+                return reply.done
+        raise AssertionError("the fake prefill gave no answer")
+
+    async def _replies(
+        self, request: prefill_pb2.PrefillRequest, unary: bool = False
+    ) -> AsyncIterator[prefill_pb2.PrefillReply]:
+        """A session's replies to one request (the unary call takes only the answer): the
+        early tokens when asked and ``send_first`` says so, then the answer."""
         w, req = self.w, request.request
+        rid = req.request_id
         w.requests.append(req)
         w.transfer_ids.append(request.transfer_id)
+        w.first_asked.append(request.stream_first_token)
         try:
             if w.token_delay_s:
                 await asyncio.sleep(w.token_delay_s)
-            if w.fail is not None:
+            if w.fail is not None and w.fail.after_tokens <= 0:
+                raise Injected(w.fail.code, w.fail.message)
+            if not unary and request.stream_first_token and w.send_first:
+                early = w.script(req)[0][: w.send_first]
+                lps = [lp for t in early for lp in _logprobs(t, req.sampling)]
+                first = common_pb2.StreamChunk(token_ids=early, logprobs=lps)
+                yield prefill_pb2.PrefillReply(request_id=rid, first=first)
+            if w.handoff_delay_s:
+                await asyncio.sleep(w.handoff_delay_s)
+            if w.fail is not None:  # after_tokens > 0: the hand-off fails after `first`
                 raise Injected(w.fail.code, w.fail.message)
             TRANSFERS.setdefault(request.transfer_id, asyncio.Event()).set()
-            w.completed.append(req.request_id)
-            return prefill_pb2.PrefillResponse(request_id=req.request_id, cached_tokens=4)
+            w.completed.append(rid)
+            done = prefill_pb2.PrefillResponse(request_id=rid, cached_tokens=4)
+            yield prefill_pb2.PrefillReply(request_id=rid, done=done)
         except asyncio.CancelledError:
-            w.cancelled.append(req.request_id)
+            w.cancelled.append(rid)
             raise
 
     async def Abort(
