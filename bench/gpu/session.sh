@@ -12,6 +12,7 @@
 #   run(command="bash bench/gpu/session.sh e", carry=[".whl"])   # decode launches, serving
 #   run(command="bash bench/gpu/session.sh f", carry=[".whl"])   # built but untimed
 #   run(command="bash bench/gpu/session.sh g", carry=[".whl"])   # host waits, sampled decode
+#   run(command="bash bench/gpu/session.sh h", carry=[".whl"])   # first token, MoE profiles
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -150,5 +151,16 @@ g)
     --decode 1x128,64x128 --repeats 2 --temperature 0.8 --top-p 0.9
   TAIL=8 step greedy 60 python3 -m bench.gpu.greedy_gpu
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g"; exit 2 ;;
+h)
+  # The first token from the prefill's reply (about 330 s): low-load TTFT colocated against
+  # disaggregated, then where Moonlight's 64 x 128 decode and prefill and Qwen3's batch 1 go.
+  TAIL=30 step serving_pd 170 python3 -m bench.serving_pd --preset llama3-8b --mps \
+    --request-rates 2 4 --num-prompts 48 --random-input-len 1024 --random-output-len 64 \
+    --slo-ttft-ms 500 --slo-itl-ms 30 --out-dir /tmp/pd
+  TAIL=75 step profile_moonlight 80 python3 -m bench.profile_decode \
+    --preset moonlight-16b-a3b --decode 64x128 --profile-prefill 64x128 --top 20
+  TAIL=35 step profile_qwen3 60 python3 -m bench.profile_decode --preset qwen3-30b-a3b \
+    --decode 1x128 --top 22
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h"; exit 2 ;;
 esac
