@@ -257,9 +257,20 @@ def test_fused_moe_takes_the_small_path_up_to_the_threshold(monkeypatch):
     assert calls == [SMALL_BATCH_PAIRS // 2]
 
 
-@pytest.mark.parametrize("parallel", [False, True])
-@pytest.mark.parametrize("block_m", [16, 32])
-@pytest.mark.parametrize("pairs,num_experts", [(1, 8), (8, 128), (200, 8), (333, 32)])
+@pytest.mark.parametrize(
+    "pairs,num_experts,block_m,parallel",
+    [
+        *(
+            (pairs, e, block_m, parallel)
+            for parallel in (False, True)
+            for block_m in (16, 32)
+            for pairs, e in ((1, 8), (8, 128), (200, 8), (333, 32))
+        ),
+        # Many chunks: the offsets kernel's prefix sums over tiles of 32 and 128 chunks.
+        (128 * 20, 8, 16, True),
+        (128 * 200, 67, 64, True),
+    ],
+)
 def test_align_sorts_pairs_into_expert_blocks(pairs, num_experts, block_m, parallel):
     ids = torch.randint(0, num_experts, (pairs,), generator=torch.Generator().manual_seed(pairs))
     sorted_pairs, block_expert, num_rows = align_block_size(ids, num_experts, block_m, parallel)
