@@ -40,6 +40,7 @@ from engine.kernels import (
     mla_decode,
     mla_extend,
     moe_routing,
+    sampling,
     skinny_gemm,
 )
 from engine.kernels.fused_moe_configs import TUNED, MoEKernelConfig, candidates, default_config
@@ -338,6 +339,18 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
         {"BLOCK_C": 128},
         num_warps=1,
     )
+    # Sampled rows: float32 logits of a 128k vocabulary, the default tiles.
+    add(
+        "sample",
+        sampling._sample_kernel,
+        {"logits_ptr": "*fp32", "rows_ptr": "*i64", "settings_ptr": "*fp32",
+         "uniforms_ptr": "*fp32", "out_ptr": "*i64", "cand_x_ptr": "*fp32",
+         "cand_i_ptr": i32, "stats_ptr": "*fp32"},
+        {"BLOCK": sampling.BLOCK, "CAND": sampling.CANDIDATES, "WRITE_STATS": False,
+         "TILES": triton.next_power_of_2(triton.cdiv(128256, sampling.BLOCK))},
+        divisible=("logits_ptr", "stride", "n", "cand_x_ptr", "cand_i_ptr"),
+        num_warps=sampling.NUM_WARPS,
+    )  # fmt: skip
     add_skinny_gemm(add, all_configs)
     return out
 

@@ -140,9 +140,10 @@ f)
   TAIL=10 step check_moe 60 python3 -m bench.check_moe_gpu
   ;;
 g)
-  # The host waits taken out (about 330 s): a Llama step's timeline again, Llama's decode
-  # table (step alone and back to back), sampled decode, Qwen3 at one token, and every tiny
-  # family's greedy tokens through the graphs' new input layout.
+  # The host waits taken out (about 370 s): a Llama step's timeline again, Llama's decode
+  # table (step alone and back to back), sampled decode, Qwen3 at one token, every tiny
+  # family's greedy tokens through the graphs' new input layout, and the sampling kernel
+  # against the torch path's sort (checked compiled first).
   TAIL=60 step profile_llama 70 python3 -m bench.profile_decode --preset llama3-8b \
     --decode 1x128,64x128 --top 8
   step llama 110 python3 -m bench.engine --preset llama3-8b --skip-hf --prefill '' \
@@ -150,6 +151,8 @@ g)
   step sampled 60 python3 -m bench.engine --preset llama3-8b --skip-hf --prefill '' \
     --decode 1x128,64x128 --repeats 2 --temperature 0.8 --top-p 0.9
   TAIL=8 step greedy 60 python3 -m bench.gpu.greedy_gpu
+  TAIL=8 step sampling_kernel 60 python3 -m pytest -x -q -rf tests/engine/test_sampling_kernel.py
+  TAIL=30 step sampling 40 python3 -m bench.sampling
   ;;
 h)
   # The first token from the prefill's reply (about 330 s): low-load TTFT colocated against

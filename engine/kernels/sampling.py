@@ -1,0 +1,360 @@
+"""Sampling a token from each row's logits after temperature, top-k, top-p and min-p, without
+sorting the vocabulary.
+
+The torch path (`engine.sampler._filter`) sorts every sampled row (128,256 float32 for Llama-3),
+takes a cumsum and scatters back: about 1.4 ms of a batch-64 decode step on the H200. Here one
+program takes a row, and the row (512 KB) stays in L2 between its passes:
+
+1. The row's largest and smallest finite logit.
+2. The filters keep an upper set of the logits: token i is kept iff fewer than `top_k` tokens
+   have a strictly larger logit, their probability mass is below `top_p`, and p_i is at least
+   `min_p` times the top probability (`_keeps` below; every clause holds for all logits above one
+   where it holds). So the kept set is {x > lo} for a `lo` found by bisection: `lo` fails the
+   predicate (or lies below every logit), `hi` passes it. Each full-row pass counts the tokens
+   above a probe halfway between them, and their mass, with p_i = exp((x_i - max) / T) computed
+   on the fly (never stored), and moves `lo` or `hi` to the probe.
+3. Once at most `candidates` tokens lie in (lo, hi] (or above lo), one more pass copies them
+   into a scratch row, and the search finishes in registers over those alone, each probe at a
+   candidate's logit (which decides that candidate at least), until no candidate lies strictly
+   between `lo` and `hi`.
+4. The token: by inverse CDF over the kept tokens' p_i, with two uniforms a row drawn by torch
+   from the row's generator on the device. If every kept token is among the candidates, from
+   the registers; otherwise one more pass sums the kept mass per tile, a tile is picked with
+   the first uniform, and a token within it with the second. (Gumbel-max would need a Philox
+   draw for every token of the row, about as dear as two passes; this needs two numbers.)
+
+Passes over a 128,256-token row (measured under the interpreter, at the defaults): 3 on a
+peaked (LLM-like) row with top-p 0.9 or top-k 50, 4 for top-k 50 on N(0, 1) logits, 10 for
+top-p 0.9 on N(0, 1) at temperature 0.8 (half the vocabulary kept), plus 5 to 13 probes in
+registers; the sort costs far more than any of them.
+
+Exactness. Full-row probes are halfway in value for the first `VALUE_STEPS` steps, then
+halfway in the float32 bit pattern, which halves the floats left each step (at most
+VALUE_STEPS + 32 steps; `MAX_STEPS` only guards the device against a hang); the search in
+registers ends, at most one probe a candidate, when no token lies strictly between `lo` and
+`hi`. So the threshold is exact for the kernel's own float32 arithmetic: no step bound
+truncates it. What differs from `_filter` is rounding and ties: masses are float32 sums in
+another order than torch's cumsum (a token whose mass before it is within ~1e-6 of `top_p`
+may go either way; `_filter` even drops a last token at top-p 1, "off", when its cumsum
+rounds to 1), p_i is exp2((x - max) * log2(e) / T) rather than softmax(x / T) (on the GPU
+ex2.approx, which flushes p_i below 2**-126 of the top to 0: never drawn), and tokens with
+equal logits are all kept or all dropped (`_filter` keeps a prefix of a tie in sort order).
+The draw is exact up to float32: u * (running sum) over the kept tokens, never a token outside
+the kept set or of zero probability.
+
+A row's token depends on its logits, settings and uniforms alone: one program, with reduction
+orders fixed by `block` and `candidates` (not by the batch). NaN logits count as -inf; a row
+of -inf gives token 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 4096  # logits a program loads at once: 16 float32 a thread with 8 warps
+CANDIDATES = 4096  # tokens the bisection finishes on in registers
+NUM_WARPS = 8
+VALUE_STEPS = tl.constexpr(24)  # probes halfway in value, then halfway in bit pattern
+# Full-row probes end within VALUE_STEPS + 32 steps (the bit-pattern halvings of 2**32 floats);
+# the bound also stops the loop outright, as a guard against a device hang.
+MAX_STEPS = tl.constexpr(VALUE_STEPS.value + 33)
+_LOG2E = tl.constexpr(math.log2(math.e))
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    """Per sampled row: the kept set is {logits > threshold}; the passes over the whole row, and
+    the probes over the candidates in registers."""
+
+    threshold: torch.Tensor  # [R] float32
+    passes: torch.Tensor  # [R] float32
+    probes: torch.Tensor  # [R] float32
+
+
+@triton.jit
+def _key(x):
+    """The float32 `x` as an int64 that orders as the floats do, consecutive floats consecutive
+    integers; -0.0 and +0.0 are both 0 (they compare equal)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, (bits ^ 0x7FFFFFFF) + 1, bits).to(tl.int64)
+
+
+@triton.jit
+def _value(key):
+    """The float32 whose `_key` is `key` (+0.0 for 0)."""
+    k = key.to(tl.int32)
+    return tl.where(k < 0, (k - 1) ^ 0x7FFFFFFF, k).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _probe(lo, hi, step):
+    """A float strictly between `lo` and `hi` (there is one): halfway in value for the first
+    VALUE_STEPS steps (fast on a spread of logits) where that is strictly inside, else halfway
+    in bit pattern (halves the floats left: 32 steps end any search)."""
+    mid = lo + (hi - lo) * 0.5
+    k_lo = _key(lo)
+    by_bits = _value(k_lo + (_key(hi) - k_lo) // 2)
+    return tl.where((step < VALUE_STEPS) & (mid > lo) & (mid < hi), mid, by_bits)
+
+
+@triton.jit
+def _keeps(t, count, mass, total, m, scale, top_k, top_p, min_p):
+    """Whether a token of logit `t` is kept, given the `count` and `mass` of the tokens with a
+    larger logit: monotone in `t`, so the kept set is an upper set of the logits."""
+    top_p_ok = (mass < top_p * total) | (top_p >= 1.0)
+    return (count < top_k) & top_p_ok & (tl.exp2((t - m) * scale) >= min_p)
+
+
+@triton.jit
+def _load(row_ptr, pos, n):
+    x = tl.load(row_ptr + pos, mask=pos < n, other=float("-inf")).to(tl.float32)
+    return tl.where(x == x, x, float("-inf"))
+
+
+@triton.jit
+def _above(row_ptr, n, t, m, scale, BLOCK: tl.constexpr):
+    """(count, mass) of the row's tokens with a logit > `t`, and the row's total mass; masses
+    unnormalised (p_i * total). Counts are float32 (exact below 2**24)."""
+    lanes = tl.arange(0, BLOCK)
+    count = tl.zeros([BLOCK], tl.float32)
+    mass = tl.zeros([BLOCK], tl.float32)
+    total = tl.zeros([BLOCK], tl.float32)
+    for off in range(0, n, BLOCK):
+        x = _load(row_ptr, off + lanes, n)
+        e = tl.exp2((x - m) * scale)
+        above = x > t
+        count += above.to(tl.float32)
+        mass += tl.where(above, e, 0.0)
+        total += e
+    return tl.sum(count, 0), tl.sum(mass, 0), tl.sum(total, 0)
+
+
+@triton.jit
+def _pick(w, u, SIZE: tl.constexpr):
+    """An index drawn with probability w[i] / sum(w), `u` uniform in [0, 1): the first positive
+    weight whose running sum exceeds u * sum (the last positive one if rounding leaves none;
+    0 if all are 0). Never an index of weight 0."""
+    idx = tl.arange(0, SIZE)
+    run = tl.cumsum(w, 0)
+    target = u * tl.max(run, 0)
+    first = tl.min(tl.where((run > target) & (w > 0), idx, SIZE), 0)
+    last = tl.max(tl.where(w > 0, idx, 0), 0)
+    return tl.where(first < SIZE, first, last)
+
+
+@triton.jit
+def _sample_kernel(
+    logits_ptr,
+    stride,
+    rows_ptr,
+    settings_ptr,
+    uniforms_ptr,
+    out_ptr,
+    cand_x_ptr,
+    cand_i_ptr,
+    stats_ptr,
+    n,
+    num_rows,
+    BLOCK: tl.constexpr,
+    CAND: tl.constexpr,
+    TILES: tl.constexpr,
+    WRITE_STATS: tl.constexpr,
+):
+    # logits: [B, n], rows `stride` apart; rows: [R] int64; settings: [4, R] (temperature,
+    # top-k (<= 0: off), top-p, min-p); uniforms: [R, 2]; out: [B] int64, row rows[j] written;
+    # cand_x, cand_i: [R, CAND] scratch; stats: [R, 3] (Stats) if WRITE_STATS.
+    j = tl.program_id(0)
+    row = tl.load(rows_ptr + j)
+    row_ptr = logits_ptr + row * stride
+    scale = _LOG2E / tl.load(settings_ptr + j)
+    top_k = tl.load(settings_ptr + num_rows + j)
+    top_p = tl.load(settings_ptr + 2 * num_rows + j)
+    min_p = tl.load(settings_ptr + 3 * num_rows + j)
+    top_k = tl.where(top_k > 0, top_k, n + 1.0)
+    lanes = tl.arange(0, BLOCK)
+
+    # Pass 1: the largest and the smallest finite logit.
+    big = tl.full([BLOCK], float("-inf"), tl.float32)
+    small = tl.full([BLOCK], float("inf"), tl.float32)
+    for off in range(0, n, BLOCK):
+        x = _load(row_ptr, off + lanes, n)
+        big = tl.maximum(big, x)
+        small = tl.minimum(small, tl.where(x > float("-inf"), x, float("inf")))
+    m = tl.max(big, 0)
+    live = m > float("-inf")
+    m = tl.where(live, m, 0.0)
+    lo = _value(_key(tl.where(live, tl.min(small, 0), 0.0)) - 1)  # just below every logit
+    hi = m  # the top token is always kept
+    zero = tl.zeros([], tl.float32)
+    count_lo = zero + n  # tokens above lo (an upper bound until a probe sets lo)
+    count_hi = zero  # tokens above hi, and their mass
+    mass_hi = zero
+    total = zero
+    filtering = live & ((top_k < n) | (top_p < 1.0) | (min_p > 0.0))
+    passes = tl.full([], 1, tl.int32)
+
+    # Pass 2...: bisection over the whole row, until (lo, hi] holds few enough tokens.
+    step = tl.full([], 0, tl.int32)
+    go = filtering & (count_lo - count_hi > CAND) & (_key(hi) - _key(lo) > 1)
+    while go:
+        t = _probe(lo, hi, step)
+        count, mass, total = _above(row_ptr, n, t, m, scale, BLOCK)
+        keep = _keeps(t, count, mass, total, m, scale, top_k, top_p, min_p)
+        lo = tl.where(keep, lo, t)
+        count_lo = tl.where(keep, count_lo, count)
+        hi = tl.where(keep, t, hi)
+        count_hi = tl.where(keep, count, count_hi)
+        mass_hi = tl.where(keep, mass, mass_hi)
+        step += 1
+        go = (count_lo - count_hi > CAND) & (_key(hi) - _key(lo) > 1) & (step < MAX_STEPS)
+    passes += step
+
+    # One pass copies the undecided tokens, (lo, hi], to the scratch row; all above lo when
+    # they fit (then the draw needs no further pass).
+    compact = filtering & (_key(hi) - _key(lo) > 1)
+    whole = count_lo <= CAND
+    top = tl.where(whole, float("inf"), hi)
+    base_count = tl.where(whole, 0.0, count_hi)
+    base_mass = tl.where(whole, 0.0, mass_hi)
+    found = tl.full([], 0, tl.int32)
+    if compact:
+        for off in range(0, n, BLOCK):
+            x = _load(row_ptr, off + lanes, n)
+            sel = (x > lo) & (x <= top)
+            pos = found + tl.cumsum(sel.to(tl.int32), 0) - 1
+            sel &= pos < CAND
+            tl.store(cand_x_ptr + j * CAND + pos, x, mask=sel)
+            tl.store(cand_i_ptr + j * CAND + pos, off + lanes, mask=sel)
+            found += tl.sum(sel.to(tl.int32), 0)
+        passes += 1
+    tl.debug_barrier()  # the scratch row's stores, visible to every thread of the program
+    cands = tl.arange(0, CAND)
+    cx = tl.load(cand_x_ptr + j * CAND + cands, mask=cands < found, other=float("-inf"))
+    ci = tl.load(cand_i_ptr + j * CAND + cands, mask=cands < found, other=0)
+    ce = tl.exp2((cx - m) * scale)
+    if step == 0:  # no full-row probe: every token is a candidate
+        total = tl.sum(ce, 0)
+
+    # The search finished over the candidates, in registers, probing at a candidate's logit
+    # (the one nearest below the midpoint, else the nearest above): each probe decides at
+    # least that candidate, and halves the range the undecided ones span.
+    step = 0 * step
+    undecided = tl.sum(((cx > lo) & (cx < hi)).to(tl.int32), 0)
+    while undecided > 0:
+        inside = (cx > lo) & (cx < hi)
+        mid = lo * 0.5 + hi * 0.5  # hi is finite: never NaN; -inf only below every candidate
+        below = tl.max(tl.where(inside & (cx <= mid), cx, float("-inf")), 0)
+        t = tl.where(below > float("-inf"), below, tl.min(tl.where(inside, cx, float("inf")), 0))
+        above = cx > t
+        count = base_count + tl.sum(above.to(tl.float32), 0)
+        mass = base_mass + tl.sum(tl.where(above, ce, 0.0), 0)
+        keep = _keeps(t, count, mass, total, m, scale, top_k, top_p, min_p)
+        lo = tl.where(keep, lo, t)
+        hi = tl.where(keep, t, hi)
+        undecided = tl.sum(((cx > lo) & (cx < hi)).to(tl.int32), 0)
+        step += 1
+
+    # The draw, over the kept tokens {x > lo}.
+    u_tile = tl.load(uniforms_ptr + 2 * j)
+    u_token = tl.load(uniforms_ptr + 2 * j + 1)
+    if compact & whole:
+        picked = _pick(tl.where(cx > lo, ce, 0.0), u_tile, CAND)
+        token = tl.sum(tl.where(cands == picked, ci, 0), 0)
+    else:
+        tiles = tl.arange(0, TILES)
+        tile_mass = tl.zeros([TILES], tl.float32)
+        for off in range(0, n, BLOCK):
+            x = _load(row_ptr, off + lanes, n)
+            kept = tl.where(x > lo, tl.exp2((x - m) * scale), 0.0)
+            tile_mass = tl.where(tiles == off // BLOCK, tl.sum(kept, 0), tile_mass)
+        passes += 1
+        tile = _pick(tile_mass, u_tile, TILES)
+        x = _load(row_ptr, tile * BLOCK + lanes, n)
+        kept = tl.where(x > lo, tl.exp2((x - m) * scale), 0.0)
+        token = tile * BLOCK + _pick(kept, u_token, BLOCK)
+    tl.store(out_ptr + row, token.to(tl.int64))
+    if WRITE_STATS:
+        tl.store(stats_ptr + 3 * j, lo)
+        tl.store(stats_ptr + 3 * j + 1, passes.to(tl.float32))
+        tl.store(stats_ptr + 3 * j + 2, step.to(tl.float32))
+
+
+def sample(
+    logits: torch.Tensor,
+    rows: torch.Tensor,
+    settings: torch.Tensor,
+    uniforms: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    block: int = BLOCK,
+    candidates: int = CANDIDATES,
+    num_warps: int = NUM_WARPS,
+) -> None:
+    """Write a token drawn from row `rows[j]` of `logits` `[B, V]` to `out[rows[j]]` (int64 `[B]`),
+    for each j, without a host sync (on a CUDA device or, under Triton's interpreter, the CPU).
+
+    `settings` `[4, R]` float32: each row's temperature (> 0), top-k (<= 0: off), top-p (1:
+    off) and min-p (0: off). `uniforms` `[R, 2]` float32 in [0, 1): the row's randomness (drawn
+    from its generator, so a seeded row is reproducible whatever the batch). `block` and
+    `candidates` (powers of two) and `num_warps` tune the kernel; tests pass small ones to take
+    every path at small vocabularies."""
+    _launch(logits, rows, settings, uniforms, out, None, block, candidates, num_warps)
+
+
+def sample_with_stats(
+    logits: torch.Tensor,
+    rows: torch.Tensor,
+    settings: torch.Tensor,
+    uniforms: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    block: int = BLOCK,
+    candidates: int = CANDIDATES,
+    num_warps: int = NUM_WARPS,
+) -> Stats:
+    """`sample`, and each row's threshold and passes (the tests' and the benchmark's view)."""
+    stats = torch.empty(rows.numel(), 3, dtype=torch.float32, device=logits.device)
+    _launch(logits, rows, settings, uniforms, out, stats, block, candidates, num_warps)
+    return Stats(*stats.unbind(1))
+
+
+def _launch(
+    logits: torch.Tensor,
+    rows: torch.Tensor,
+    settings: torch.Tensor,
+    uniforms: torch.Tensor,
+    out: torch.Tensor,
+    stats: torch.Tensor | None,
+    block: int,
+    candidates: int,
+    num_warps: int,
+) -> None:
+    if logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(f"sample takes floating [B, V] logits, got {logits.dtype} {logits.shape}")
+    num_rows, vocab = rows.numel(), logits.shape[1]
+    if settings.shape != (4, num_rows) or uniforms.shape != (num_rows, 2):
+        raise ValueError(
+            f"{num_rows} rows need settings [4, {num_rows}] and uniforms [{num_rows}, 2], "
+            f"got {tuple(settings.shape)} and {tuple(uniforms.shape)}"
+        )
+    for name, size in (("block", block), ("candidates", candidates)):
+        if size <= 0 or size & (size - 1):
+            raise ValueError(f"sample's {name} must be a power of two, got {size}")
+    if not 0 < vocab < 2**24:  # counts are exact float32 below 2**24
+        raise ValueError(f"sample takes 1 to 2**24 - 1 logits a row, got {vocab}")
+    if num_rows == 0:
+        return
+    x = logits if logits.stride(-1) == 1 else logits.contiguous()
+    cand_x = torch.empty(num_rows, candidates, dtype=torch.float32, device=x.device)
+    cand_i = torch.empty(num_rows, candidates, dtype=torch.int32, device=x.device)
+    _sample_kernel[(num_rows,)](
+        x, x.stride(0), rows, settings.contiguous(), uniforms.contiguous(), out, cand_x, cand_i,
+        stats if stats is not None else cand_x, vocab, num_rows,
+        BLOCK=block, CAND=candidates, TILES=triton.next_power_of_2(triton.cdiv(vocab, block)),
+        WRITE_STATS=stats is not None, num_warps=num_warps,
+    )  # fmt: skip
