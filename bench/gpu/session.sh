@@ -13,6 +13,7 @@
 #   run(command="bash bench/gpu/session.sh f", carry=[".whl"])   # built but untimed
 #   run(command="bash bench/gpu/session.sh g", carry=[".whl"])   # host waits, sampled decode
 #   run(command="bash bench/gpu/session.sh h", carry=[".whl"])   # first token, MoE profiles
+#   run(command="bash bench/gpu/session.sh i", carry=[".whl"])   # sampling kernel, router, TTFT
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -165,5 +166,21 @@ h)
   TAIL=35 step profile_qwen3 60 python3 -m bench.profile_decode --preset qwen3-30b-a3b \
     --decode 1x128 --top 22
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h"; exit 2 ;;
+i)
+  # The sampling kernel and the MoE router's half-precision product (about 480 s): greedy
+  # tokens of every tiny family, the kernel's tests compiled, sampled decode and the kernel
+  # against the sort, Moonlight's decode and prefill, the MoE checks, low-load TTFT again.
+  TAIL=8 step greedy 60 python3 -m bench.gpu.greedy_gpu
+  TAIL=8 step sampling_kernel 50 python3 -m pytest -x -q -rf tests/engine/test_sampling_kernel.py
+  step sampled 50 python3 -m bench.engine --preset llama3-8b --skip-hf --prefill '' \
+    --decode 1x128,64x128 --repeats 2 --temperature 0.8 --top-p 0.9
+  TAIL=30 step sampling 35 python3 -m bench.sampling
+  step moonlight 80 python3 -m bench.engine --preset moonlight-16b-a3b --skip-hf \
+    --decode 1x128,64x128 --prefill 64x128,8x2048 --repeats 2 --decode-steps 16
+  TAIL=10 step check_moe 45 python3 -m bench.check_moe_gpu
+  TAIL=30 step serving_pd 150 python3 -m bench.serving_pd --preset llama3-8b --mps \
+    --request-rates 2 4 --num-prompts 48 --random-input-len 1024 --random-output-len 64 \
+    --slo-ttft-ms 500 --slo-itl-ms 30 --out-dir /tmp/pd
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i"; exit 2 ;;
 esac
