@@ -171,14 +171,15 @@ def kernel_rows(prof: Any, steps: int) -> list[KernelRow]:
     return sorted(rows, key=lambda r: -r.us_per_step)
 
 
-def profile_prefill(engine: Engine, shape: Shape, vocab: int) -> list[KernelRow]:
-    """The kernels of one prefill of `shape` (after one warm-up prefill of other prompts)."""
+def profile_prefill(engine: Engine, shape: Shape, vocab: int) -> tuple[list[KernelRow], Timeline]:
+    """The kernels of one prefill of `shape` (after one warm-up prefill of other prompts), and
+    its timeline."""
     pdserve_prefill(engine, random_prompts(shape, vocab, seed=12))
     engine.device.synchronize()
     with profile(activities=ACTIVITIES) as prof:
         pdserve_prefill(engine, random_prompts(shape, vocab, seed=13))
         engine.device.synchronize()
-    return kernel_rows(prof, 1)
+    return kernel_rows(prof, 1), timeline(prof, 1)
 
 
 def render(
@@ -251,9 +252,10 @@ def main(argv: list[str] | None = None) -> None:
         print(render_timeline(line) + "\n", flush=True)
     dtype_bytes = torch.empty((), dtype=engine.runner.dtype).element_size()
     for shape in ours.profile_prefill:
-        rows = profile_prefill(engine, shape, vocab)
+        rows, line = profile_prefill(engine, shape, vocab)
         floor = 1000 * cost.prefill_flops(shape, dtype_bytes) / ceiling.matmul_flop_per_s
-        print(render(shape, rows, floor, ours.top, 1, phase="prefill") + "\n", flush=True)
+        print(render(shape, rows, floor, ours.top, 1, phase="prefill"), flush=True)
+        print(render_timeline(line) + "\n", flush=True)
 
 
 if __name__ == "__main__":
