@@ -101,3 +101,15 @@ def check_triton_backend(flag: str, device_kind: str) -> None:
             f"--{flag} triton runs on CUDA devices, not {device_kind!r}; "
             f"use --{flag} torch (or auto)"
         )
+
+
+def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the device: on CUDA through pinned memory,
+    copied asynchronously. A copy from pageable memory waits for everything queued on the
+    stream (a whole forward pass, when the host runs a step ahead), and torch takes that path
+    for any tensor not pinned, `non_blocking` or not."""
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda" and not host.is_pinned():
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)

@@ -6,11 +6,12 @@ import logging
 from dataclasses import replace
 from typing import cast
 
+import numpy as np
 import torch
 
 from engine.config import EngineConfig, ModelConfig
 from engine.cuda_graph import DecodeGraphs
-from engine.device import Device
+from engine.device import Device, upload
 from engine.eplb import initial_placement
 from engine.forward_batch import ForwardBatch
 from engine.kv_cache import KVCache, KVCacheSpec
@@ -240,25 +241,26 @@ class ModelRunner:
 
     def _upload(self, *rows: list[int]) -> torch.Tensor:
         """Equal-length int lists as one `[len(rows), n]` int64 device tensor (one copy)."""
-        host = torch.tensor(rows, dtype=torch.int64)
-        if self.device.kind != "cpu":
-            host = host.pin_memory()
-        return host.to(self.device.torch_device, non_blocking=True)
+        return upload(torch.tensor(rows, dtype=torch.int64), self.device.torch_device)
 
     def prepare(self, batch: ScheduledBatch) -> ForwardBatch:
         """Turn a scheduled prefill (extend) batch into device tensors."""
         rows = self.page_table.rows_for(batch.seqs)
-        ids: list[int] = []
-        positions: list[int] = []
-        token_rows: list[int] = []
+        # Per token: id, position, page-table row, built with numpy (torch.tensor on Python
+        # lists took 5 ms for 16k tokens, while the device waited for the step).
+        per_seq_cols: list[np.ndarray] = []
         prefix_lens = []
         for seq, n, row in zip(batch.seqs, batch.extend_lens, rows, strict=True):
             start = seq.num_computed_tokens
-            ids.extend(seq.token_ids[start : start + n])
-            positions.extend(range(start, start + n))
-            token_rows.extend([row] * n)
+            cols = np.empty((3, n), dtype=np.int64)
+            cols[0] = seq.token_ids[start : start + n]
+            cols[1] = np.arange(start, start + n)
+            cols[2] = row
+            per_seq_cols.append(cols)
             prefix_lens.append(start)
-        per_token = self._upload(ids, positions, token_rows)
+        per_token = upload(
+            torch.from_numpy(np.concatenate(per_seq_cols, axis=1)), self.device.torch_device
+        )
         per_seq = self._upload(rows, prefix_lens, list(batch.extend_lens))
         extend = per_seq[2]
         seq_lens = [p + n for p, n in zip(prefix_lens, batch.extend_lens, strict=True)]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.device import upload
 from engine.sequence import SeqStatus, Sequence
 
 
@@ -68,8 +69,9 @@ class DevicePageTable:
                 row.pages = list(pages)
             rows.append(row.index)
         if values:
-            update = torch.tensor([flat_index, values], dtype=torch.int64)
-            update = update.to(self.table.device, non_blocking=True)
+            # Through pinned memory: a decode step ahead of the device must not wait here.
+            host = torch.tensor([flat_index, values], dtype=torch.int64)
+            update = upload(host, self.table.device)
             self.table.view(-1)[update[0]] = update[1].to(torch.int32)
         return rows
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine.device import has_triton
+from engine.device import has_triton, upload
 from engine.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -36,8 +36,7 @@ def to_device(values: list[list[float]] | list[int], device: torch.device) -> to
     queued on the stream, the step's forward pass included, so the host could not prepare
     the next step meanwhile.) Floats for nested lists, int64 for a flat list of ints."""
     dtype = torch.int64 if values and isinstance(values[0], int) else torch.float32
-    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
-    return host.to(device, non_blocking=True)
+    return upload(torch.tensor(values, dtype=dtype), device)
 
 
 def _filter(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:

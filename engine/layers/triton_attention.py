@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.device import upload
 from engine.forward_batch import ForwardBatch
 from engine.kernels import attention as kernels
 from engine.kernels import fused, mla_extend
@@ -57,7 +58,7 @@ def _mla_extend_metadata(batch: ForwardBatch) -> _MLAExtendMetadata:
     device = batch.input_ids.device
     block_m = mla_extend.default_tiles(batch.kv_cache.dtype).block_m
     seqs, firsts = kernels.extend_blocks(list(ext), block_m)
-    blocks = torch.tensor([seqs, firsts], dtype=torch.int32).to(device, non_blocking=True)
+    blocks = upload(torch.tensor([seqs, firsts], dtype=torch.int32), device)
     q_starts = torch.cumsum(batch.extend_lens, 0) - batch.extend_lens
     if not any(prefix):
         return _MLAExtendMetadata(q_starts, q_starts, blocks[0], blocks[1], None)
@@ -102,8 +103,7 @@ class TritonAttentionBackend(AttentionBackend):
         seqs, firsts = kernels.extend_blocks(
             list(batch.host_extend_lens), kernels.extend_block_m(cache.k_dim)
         )
-        blocks = torch.tensor([seqs, firsts], dtype=torch.int32)
-        blocks = blocks.to(batch.input_ids.device, non_blocking=True)
+        blocks = upload(torch.tensor([seqs, firsts], dtype=torch.int32), batch.input_ids.device)
         q_starts = torch.cumsum(batch.extend_lens, 0) - batch.extend_lens
         batch.attn_metadata = _ExtendMetadata(q_starts, blocks[0], blocks[1])
 
