@@ -48,8 +48,10 @@ from engine.engine import Engine
 # Kinds by kernel name, first match wins (cuBLAS/cuBLASLt names vary by version: nvjet, sm90_xmma,
 # cutlass, gemv; the Triton kernels are ours, named after their functions).
 KINDS = (
+    # The small MoE path's kernels first: "small_down_combine" is not attention's combine.
+    ("MoE", r"moe|expert|grouped_gemm|align|_sort|topk|route|small_gate_up|small_down"),
+    ("sampling", r"argmax"),  # its combine kernel is not attention's either
     ("attention", r"decode|extend|attention|flash|mla|_combine"),
-    ("MoE", r"moe|expert|grouped_gemm|align|_sort|topk|route"),
     ("matmul", r"gemm|gemv|nvjet|xmma|cutlass|cublas|splitk|sm90_"),
     ("norm/rope/act", r"rms|norm|rope|rotary|silu|gelu|act_and_mul|residual"),
     ("sampling", r"argmax|softmax|sample|multinomial|sort|cumsum|gumbel|penal|logit"),

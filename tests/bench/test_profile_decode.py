@@ -12,6 +12,9 @@ def test_kernels_are_sorted_into_kinds() -> None:
     assert kind_of("_decode_split_kernel") == "attention"
     assert kind_of("_fused_add_rmsnorm_kernel") == "norm/rope/act"
     assert kind_of("grouped_gemm_kernel") == "MoE"
+    assert kind_of("small_gate_up_kernel") == kind_of("small_down_combine_kernel") == "MoE"
+    assert kind_of("_decode_combine_kernel") == "attention"
+    assert kind_of("_argmax_combine_kernel") == "sampling"
     assert kind_of("something_new") == "other"
 
 
