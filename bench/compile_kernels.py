@@ -41,6 +41,7 @@ from engine.kernels import (
     mla_extend,
     moe_routing,
     sampling,
+    sampling_split,
     skinny_gemm,
 )
 from engine.kernels.fused_moe_configs import TUNED, MoEKernelConfig, candidates, default_config
@@ -351,8 +352,48 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
         divisible=("logits_ptr", "stride", "n", "cand_x_ptr", "cand_i_ptr"),
         num_warps=sampling.NUM_WARPS,
     )  # fmt: skip
+    add_split_sampling(add)
     add_skinny_gemm(add, all_configs)
     return out
+
+
+def add_split_sampling(add: Callable[..., None]) -> None:
+    """The sampling kernel's split path (small batches) at its defaults, for a 128k vocabulary:
+    the stats, the probing pass (the first, the later ones, the last: the compaction), the draw."""
+    vocab, block, probes = 128256, sampling.BLOCK, sampling_split.PROBES
+    tiles = triton.cdiv(vocab, block)
+    sizes = {"BLOCK": block, "PW": 2 * probes + 1}
+    rows = {"logits_ptr": "*fp32", "rows_ptr": "*i64", "settings_ptr": "*fp32"}
+    scratch = {"rec_ptr": "*fp32", "part_ptr": "*fp32", "cand_x_ptr": "*fp32", "cand_i_ptr": "*i32"}
+    divisible = ("logits_ptr", "stride", "n")
+    add(
+        "sample split stats",
+        sampling_split._sample_stats_kernel,
+        {"logits_ptr": "*fp32", "rows_ptr": "*i64", "part_ptr": "*fp32"},
+        sizes,
+        divisible=divisible,
+        num_warps=sampling.NUM_WARPS,
+    )
+    for name, first, compact in (("first", True, False), ("", False, False), ("last", False, True)):
+        add(
+            f"sample split pass {name}".rstrip(),
+            sampling_split._sample_pass_kernel,
+            {**rows, **scratch},
+            {**sizes, "SUB": sampling_split.sub_block(block, probes), "PROBES": probes,
+             "TP": triton.next_power_of_2(tiles), "CAND": sampling.CANDIDATES, "FIRST": first,
+             "COMPACT": compact},
+            divisible=divisible,
+            num_warps=sampling.NUM_WARPS,
+        )  # fmt: skip
+    add(
+        "sample split draw",
+        sampling_split._sample_draw_kernel,
+        {**rows, **scratch, "uniforms_ptr": "*fp32", "out_ptr": "*i64", "stats_ptr": "*fp32"},
+        {"BLOCK": block, "TP": triton.next_power_of_2(tiles), "CAND": sampling.CANDIDATES,
+         "SUBC": sampling_split.sub_candidates(sampling.CANDIDATES, tiles), "WRITE_STATS": False},
+        divisible=divisible,
+        num_warps=sampling.NUM_WARPS,
+    )  # fmt: skip
 
 
 def add_small_batch_moe(add: Callable[..., None]) -> None:

@@ -167,14 +167,17 @@ h)
     --decode 1x128 --top 22
   ;;
 i)
-  # The sampling kernel and the MoE router's half-precision product (about 480 s): greedy
-  # tokens of every tiny family, the kernel's tests compiled, sampled decode and the kernel
-  # against the sort, Moonlight's decode and prefill, the MoE checks, low-load TTFT again.
+  # The sampling kernel and the MoE router's half-precision product (about 540 s): greedy
+  # tokens of every tiny family, the kernel's tests compiled (the split path's too: about 25
+  # compilations), sampled decode (batch 1 now on the split path) and the kernel against the
+  # sort with one program a row, 4, 16 and 32 programs a row and the sampler's choice, then
+  # Moonlight's decode and prefill, the MoE checks, low-load TTFT again.
   TAIL=8 step greedy 60 python3 -m bench.gpu.greedy_gpu
-  TAIL=8 step sampling_kernel 50 python3 -m pytest -x -q -rf tests/engine/test_sampling_kernel.py
+  TAIL=8 step sampling_kernel 90 python3 -m pytest -x -q -rf tests/engine/test_sampling_kernel.py
   step sampled 50 python3 -m bench.engine --preset llama3-8b --skip-hf --prefill '' \
     --decode 1x128,64x128 --repeats 2 --temperature 0.8 --top-p 0.9
-  TAIL=30 step sampling 35 python3 -m bench.sampling
+  TAIL=85 step sampling 75 python3 -m bench.sampling --batches 1,4,16,64 --split 1,4,16,32,auto \
+    --reps 20
   step moonlight 80 python3 -m bench.engine --preset moonlight-16b-a3b --skip-hf \
     --decode 1x128,64x128 --prefill 64x128,8x2048 --repeats 2 --decode-steps 16
   TAIL=10 step check_moe 45 python3 -m bench.check_moe_gpu

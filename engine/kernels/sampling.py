@@ -18,10 +18,12 @@ program takes a row, and the row (512 KB) stays in L2 between its passes:
    candidate's logit (which decides that candidate at least), until no candidate lies strictly
    between `lo` and `hi`.
 4. The token: by inverse CDF over the kept tokens' p_i, with two uniforms a row drawn by torch
-   from the row's generator on the device. If every kept token is among the candidates, from
-   the registers; otherwise one more pass sums the kept mass per tile, a tile is picked with
-   the first uniform, and a token within it with the second. (Gumbel-max would need a Philox
-   draw for every token of the row, about as dear as two passes; this needs two numbers.)
+   from the row's generator on the device: a tile of `block` tokens by the first, over the
+   tiles' kept mass, and a token within it by the second. If every kept token is among the
+   candidates, both picks run over the registers (the running mass over the candidates, in
+   index order, crosses u of the total in the same tile as the tiles' running mass does);
+   otherwise one more pass sums the kept mass per tile. (Gumbel-max would need a Philox draw
+   for every token of the row, about as dear as two passes; this needs two numbers.)
 
 Passes over a 128,256-token row (measured under the interpreter, at the defaults): 3 on a
 peaked (LLM-like) row with top-p 0.9 or top-k 50, 4 for top-k 50 on N(0, 1) logits, 10 for
@@ -45,11 +47,18 @@ the kept set or of zero probability.
 A row's token depends on its logits, settings and uniforms alone: one program, with reduction
 orders fixed by `block` and `candidates` (not by the batch). NaN logits count as -inf; a row
 of -inf gives token 0.
+
+Small batches take the split path instead (`engine.kernels.sampling_split`; `split_for`
+decides, `sample`'s `split` overrides): each row over several programs, for one program a row
+leaves most SMs idle at batch 1. It keeps the same set and draws the same way (a tile by the
+first uniform, a token in it by the second), so a seeded row's token changes between the two
+paths only where float32 rounding decides (sums in another order), as between any two orders.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -106,7 +115,9 @@ def _probe(lo, hi, step):
 def _keeps(t, count, mass, total, m, scale, top_k, top_p, min_p):
     """Whether a token of logit `t` is kept, given the `count` and `mass` of the tokens with a
     larger logit: monotone in `t`, so the kept set is an upper set of the logits."""
-    top_p_ok = (mass < top_p * total) | (top_p >= 1.0)
+    # top-p 1 (off) keeps every mass; so written, the clauses are all scalars or all vectors
+    # (vectors of probes in the split path: the interpreter cannot mix them).
+    top_p_ok = mass < tl.where(top_p >= 1.0, float("inf"), top_p * total)
     return (count < top_k) & top_p_ok & (tl.exp2((t - m) * scale) >= min_p)
 
 
@@ -145,6 +156,31 @@ def _pick(w, u, SIZE: tl.constexpr):
     first = tl.min(tl.where((run > target) & (w > 0), idx, SIZE), 0)
     last = tl.max(tl.where(w > 0, idx, 0), 0)
     return tl.where(first < SIZE, first, last)
+
+
+@triton.jit
+def _search(cx, ce, lo, hi, base_count, base_mass, total, m, scale, top_k, top_p, min_p):
+    """The cut-off finished over candidates in registers: `cx` their logits (-inf padding), `ce`
+    their p_i; `base_count` and `base_mass` the tokens above `hi` that are not candidates. Each
+    probe is at a candidate's logit (the one nearest below the midpoint, else the nearest above):
+    it decides at least that candidate, and halves the range the undecided ones span. Returns
+    the new `lo` (every candidate above it kept) and the number of probes."""
+    step = tl.full([], 0, tl.int32)
+    undecided = tl.sum(((cx > lo) & (cx < hi)).to(tl.int32), 0)
+    while undecided > 0:
+        inside = (cx > lo) & (cx < hi)
+        mid = lo * 0.5 + hi * 0.5  # hi is finite: never NaN; -inf only below every candidate
+        below = tl.max(tl.where(inside & (cx <= mid), cx, float("-inf")), 0)
+        t = tl.where(below > float("-inf"), below, tl.min(tl.where(inside, cx, float("inf")), 0))
+        above = cx > t
+        count = base_count + tl.sum(above.to(tl.float32), 0)
+        mass = base_mass + tl.sum(tl.where(above, ce, 0.0), 0)
+        keep = _keeps(t, count, mass, total, m, scale, top_k, top_p, min_p)
+        lo = tl.where(keep, lo, t)
+        hi = tl.where(keep, t, hi)
+        undecided = tl.sum(((cx > lo) & (cx < hi)).to(tl.int32), 0)
+        step += 1
+    return lo, step
 
 
 @triton.jit
@@ -240,30 +276,19 @@ def _sample_kernel(
     if step == 0:  # no full-row probe: every token is a candidate
         total = tl.sum(ce, 0)
 
-    # The search finished over the candidates, in registers, probing at a candidate's logit
-    # (the one nearest below the midpoint, else the nearest above): each probe decides at
-    # least that candidate, and halves the range the undecided ones span.
-    step = 0 * step
-    undecided = tl.sum(((cx > lo) & (cx < hi)).to(tl.int32), 0)
-    while undecided > 0:
-        inside = (cx > lo) & (cx < hi)
-        mid = lo * 0.5 + hi * 0.5  # hi is finite: never NaN; -inf only below every candidate
-        below = tl.max(tl.where(inside & (cx <= mid), cx, float("-inf")), 0)
-        t = tl.where(below > float("-inf"), below, tl.min(tl.where(inside, cx, float("inf")), 0))
-        above = cx > t
-        count = base_count + tl.sum(above.to(tl.float32), 0)
-        mass = base_mass + tl.sum(tl.where(above, ce, 0.0), 0)
-        keep = _keeps(t, count, mass, total, m, scale, top_k, top_p, min_p)
-        lo = tl.where(keep, lo, t)
-        hi = tl.where(keep, t, hi)
-        undecided = tl.sum(((cx > lo) & (cx < hi)).to(tl.int32), 0)
-        step += 1
+    lo, step = _search(cx, ce, lo, hi, base_count, base_mass, total, m, scale, top_k, top_p, min_p)
 
     # The draw, over the kept tokens {x > lo}.
     u_tile = tl.load(uniforms_ptr + 2 * j)
     u_token = tl.load(uniforms_ptr + 2 * j + 1)
     if compact & whole:
-        picked = _pick(tl.where(cx > lo, ce, 0.0), u_tile, CAND)
+        # The tile draw below, from the candidates (in index order): the tile of the first kept
+        # token whose running mass passes u_tile of the total is the tile the tiles' running
+        # mass picks; then the token in it by u_token.
+        weight = tl.where(cx > lo, ce, 0.0)
+        first = _pick(weight, u_tile, CAND)
+        in_tile = ci // BLOCK == tl.sum(tl.where(cands == first, ci, 0), 0) // BLOCK
+        picked = _pick(tl.where(in_tile, weight, 0.0), u_token, CAND)
         token = tl.sum(tl.where(cands == picked, ci, 0), 0)
     else:
         tiles = tl.arange(0, TILES)
@@ -294,6 +319,8 @@ def sample(
     block: int = BLOCK,
     candidates: int = CANDIDATES,
     num_warps: int = NUM_WARPS,
+    split: int | None = None,
+    probes: int | None = None,
 ) -> None:
     """Write a token drawn from row `rows[j]` of `logits` `[B, V]` to `out[rows[j]]` (int64 `[B]`),
     for each j, without a host sync (on a CUDA device or, under Triton's interpreter, the CPU).
@@ -302,8 +329,12 @@ def sample(
     off) and min-p (0: off). `uniforms` `[R, 2]` float32 in [0, 1): the row's randomness (drawn
     from its generator, so a seeded row is reproducible whatever the batch). `block` and
     `candidates` (powers of two) and `num_warps` tune the kernel; tests pass small ones to take
-    every path at small vocabularies."""
-    _launch(logits, rows, settings, uniforms, out, None, block, candidates, num_warps)
+    every path at small vocabularies. `split`: programs a row (1: one program a row; more: the
+    split path, at most one a tile of `block` tokens; None: `split_for`'s choice); `probes`:
+    the split path's probes a pass (a power of two; None: its default)."""
+    _launch(
+        logits, rows, settings, uniforms, out, None, block, candidates, num_warps, split, probes
+    )
 
 
 def sample_with_stats(
@@ -316,11 +347,20 @@ def sample_with_stats(
     block: int = BLOCK,
     candidates: int = CANDIDATES,
     num_warps: int = NUM_WARPS,
+    split: int | None = None,
+    probes: int | None = None,
 ) -> Stats:
     """`sample`, and each row's threshold and passes (the tests' and the benchmark's view)."""
     stats = torch.empty(rows.numel(), 3, dtype=torch.float32, device=logits.device)
-    _launch(logits, rows, settings, uniforms, out, stats, block, candidates, num_warps)
+    _launch(
+        logits, rows, settings, uniforms, out, stats, block, candidates, num_warps, split, probes
+    )
     return Stats(*stats.unbind(1))
+
+
+@functools.cache
+def _sm_count(device: int) -> int:
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 def _launch(
@@ -333,7 +373,12 @@ def _launch(
     block: int,
     candidates: int,
     num_warps: int,
+    split: int | None,
+    probes: int | None,
 ) -> None:
+    # The split path's module imports this one's helpers: imported here, once both are loaded.
+    from engine.kernels import sampling_split
+
     if logits.dim() != 2 or not logits.is_floating_point():
         raise ValueError(f"sample takes floating [B, V] logits, got {logits.dtype} {logits.shape}")
     num_rows, vocab = rows.numel(), logits.shape[1]
@@ -347,9 +392,21 @@ def _launch(
             raise ValueError(f"sample's {name} must be a power of two, got {size}")
     if not 0 < vocab < 2**24:  # counts are exact float32 below 2**24
         raise ValueError(f"sample takes 1 to 2**24 - 1 logits a row, got {vocab}")
+    if split is not None and split < 1:
+        raise ValueError(f"sample's split must be at least 1, got {split}")
     if num_rows == 0:
         return
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
+    if split is None:
+        sms = _sm_count(x.device.index) if x.is_cuda else 0
+        split = sampling_split.split_for(num_rows, vocab, sms, block=block)
+    if split > 1:
+        sampling_split.launch(
+            x, rows, settings.contiguous(), uniforms.contiguous(), out, stats,
+            block=block, candidates=candidates, num_warps=num_warps, split=split,
+            probes=probes if probes is not None else sampling_split.PROBES,
+        )  # fmt: skip
+        return
     cand_x = torch.empty(num_rows, candidates, dtype=torch.float32, device=x.device)
     cand_i = torch.empty(num_rows, candidates, dtype=torch.int32, device=x.device)
     _sample_kernel[(num_rows,)](
