@@ -18,7 +18,8 @@ float32 rounding at the top-p boundary; see the kernel's docstring).
 
 `--split` compares the kernel's paths: 1 is one program a row, N > 1 the split path with N
 programs a row (`engine.kernels.sampling_split`; at most one a 4,096-token tile, 32 for a
-128k row), "auto" what the sampler takes (`split_for`: the split path up to 16 rows). The
+128k row), "auto" `split_for`'s choice (the split path up to 16 rows; the sampler takes it
+once `sampling.SPLIT_BY_DEFAULT` is set, after this comparison). The
 "split" column shows what ran ("auto" resolved); "passes" counts launches that read the whole
 row on the split path (stats, probing passes, compaction); "tokens differ": rows whose token
 differs from one program a row's for the same uniforms (the paths draw alike: only float32
@@ -113,7 +114,7 @@ def measure(
     auto = split_for(batch, vocab, sms, block=sampling.BLOCK)
     out = []
     for setting in splits:
-        split = None if setting == "auto" else int(setting)
+        split = auto if setting == "auto" else int(setting)
         kernel = functools.partial(sampling.sample, split=split)
 
         def ours(kernel: Callable[..., object] = kernel) -> None:

@@ -48,11 +48,12 @@ A row's token depends on its logits, settings and uniforms alone: one program, w
 orders fixed by `block` and `candidates` (not by the batch). NaN logits count as -inf; a row
 of -inf gives token 0.
 
-Small batches take the split path instead (`engine.kernels.sampling_split`; `split_for`
-decides, `sample`'s `split` overrides): each row over several programs, for one program a row
-leaves most SMs idle at batch 1. It keeps the same set and draws the same way (a tile by the
-first uniform, a token in it by the second), so a seeded row's token changes between the two
-paths only where float32 rounding decides (sums in another order), as between any two orders.
+Small batches may take the split path instead (`engine.kernels.sampling_split`; `split_for`
+decides where `SPLIT_BY_DEFAULT` is set, `sample`'s `split` overrides): each row over several
+programs, for one program a row leaves most SMs idle at batch 1. It keeps the same set and
+draws the same way (a tile by the first uniform, a token in it by the second), so a seeded
+row's token changes between the two paths only where float32 rounding decides (sums in
+another order), as between any two orders.
 """
 
 from __future__ import annotations
@@ -64,6 +65,12 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+# Whether `sample(split=None)` takes `split_for`'s choice (the split path up to 16 rows) or
+# one program a row. Off until the split path has been timed on a GPU and checked compiled
+# there (`bench.sampling --split 1,4,16,32,auto`, `bash bench/gpu/session.sh i`): it is tested
+# under the interpreter and compiled for sm_90 only.
+SPLIT_BY_DEFAULT = False
 
 BLOCK = 4096  # logits a program loads at once: 16 float32 a thread with 8 warps
 CANDIDATES = 4096  # tokens the bisection finishes on in registers
@@ -398,7 +405,7 @@ def _launch(
         return
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
     if split is None:
-        sms = _sm_count(x.device.index) if x.is_cuda else 0
+        sms = _sm_count(x.device.index) if x.is_cuda and SPLIT_BY_DEFAULT else 0
         split = sampling_split.split_for(num_rows, vocab, sms, block=block)
     if split > 1:
         sampling_split.launch(

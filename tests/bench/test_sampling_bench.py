@@ -16,13 +16,14 @@ def cells(line: str) -> list[str]:
 
 def test_a_row_fills_the_header() -> None:
     row = sampling.Row(
-        "flat", "top-p 0.9", 64, floor_s=8e-6, torch_s=1.4e-3, kernel_s=1e-4, device_s=8e-5,
-        passes=10.0, kept_differ=0,
+        "flat", "top-p 0.9", 64, "auto (4)", floor_s=8e-6, torch_s=1.4e-3, kernel_s=1e-4,
+        device_s=8e-5, passes=10.0, kept_differ=0, tokens_differ=1,
     )  # fmt: skip
     header, rule = sampling.HEADER.splitlines()
     assert len(cells(row.line())) == len(cells(header)) == len(cells(rule))
     assert cells(row.line()) == [
-        "flat", "top-p 0.9", "64", "8.0", "1400.0", "100.0", "80.0", "10.0x", "14.0x", "10.0", "0",
+        "flat", "top-p 0.9", "64", "auto (4)", "8.0", "1400.0", "100.0", "80.0", "10.0x",
+        "14.0x", "10.0", "0", "1",
     ]  # fmt: skip
 
 
