@@ -60,11 +60,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import torch
 import triton
 import triton.language as tl
+
+from engine.kernels.sampling_common import (
+    _LOG2E,
+    MAX_STEPS,
+    _above,
+    _keeps,
+    _key,
+    _load,
+    _pick,
+    _probe,
+    _search,
+    _value,
+)
 
 # Whether `sample(split=None)` takes `split_for`'s choice (the split path up to 16 rows) or
 # one program a row. Off until the split path has been timed on a GPU and checked compiled
@@ -75,11 +87,6 @@ SPLIT_BY_DEFAULT = False
 BLOCK = 4096  # logits a program loads at once: 16 float32 a thread with 8 warps
 CANDIDATES = 4096  # tokens the bisection finishes on in registers
 NUM_WARPS = 8
-VALUE_STEPS = tl.constexpr(24)  # probes halfway in value, then halfway in bit pattern
-# Full-row probes end within VALUE_STEPS + 32 steps (the bit-pattern halvings of 2**32 floats);
-# the bound also stops the loop outright, as a guard against a device hang.
-MAX_STEPS = tl.constexpr(VALUE_STEPS.value + 33)
-_LOG2E = tl.constexpr(math.log2(math.e))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,104 +97,6 @@ class Stats:
     threshold: torch.Tensor  # [R] float32
     passes: torch.Tensor  # [R] float32
     probes: torch.Tensor  # [R] float32
-
-
-@triton.jit
-def _key(x):
-    """The float32 `x` as an int64 that orders as the floats do, consecutive floats consecutive
-    integers; -0.0 and +0.0 are both 0 (they compare equal)."""
-    bits = x.to(tl.int32, bitcast=True)
-    return tl.where(bits < 0, (bits ^ 0x7FFFFFFF) + 1, bits).to(tl.int64)
-
-
-@triton.jit
-def _value(key):
-    """The float32 whose `_key` is `key` (+0.0 for 0)."""
-    k = key.to(tl.int32)
-    return tl.where(k < 0, (k - 1) ^ 0x7FFFFFFF, k).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _probe(lo, hi, step):
-    """A float strictly between `lo` and `hi` (there is one): halfway in value for the first
-    VALUE_STEPS steps (fast on a spread of logits) where that is strictly inside, else halfway
-    in bit pattern (halves the floats left: 32 steps end any search)."""
-    mid = lo + (hi - lo) * 0.5
-    k_lo = _key(lo)
-    by_bits = _value(k_lo + (_key(hi) - k_lo) // 2)
-    return tl.where((step < VALUE_STEPS) & (mid > lo) & (mid < hi), mid, by_bits)
-
-
-@triton.jit
-def _keeps(t, count, mass, total, m, scale, top_k, top_p, min_p):
-    """Whether a token of logit `t` is kept, given the `count` and `mass` of the tokens with a
-    larger logit: monotone in `t`, so the kept set is an upper set of the logits."""
-    # top-p 1 (off) keeps every mass; so written, the clauses are all scalars or all vectors
-    # (vectors of probes in the split path: the interpreter cannot mix them).
-    top_p_ok = mass < tl.where(top_p >= 1.0, float("inf"), top_p * total)
-    return (count < top_k) & top_p_ok & (tl.exp2((t - m) * scale) >= min_p)
-
-
-@triton.jit
-def _load(row_ptr, pos, n):
-    x = tl.load(row_ptr + pos, mask=pos < n, other=float("-inf")).to(tl.float32)
-    return tl.where(x == x, x, float("-inf"))
-
-
-@triton.jit
-def _above(row_ptr, n, t, m, scale, BLOCK: tl.constexpr):
-    """(count, mass) of the row's tokens with a logit > `t`, and the row's total mass; masses
-    unnormalised (p_i * total). Counts are float32 (exact below 2**24)."""
-    lanes = tl.arange(0, BLOCK)
-    count = tl.zeros([BLOCK], tl.float32)
-    mass = tl.zeros([BLOCK], tl.float32)
-    total = tl.zeros([BLOCK], tl.float32)
-    for off in range(0, n, BLOCK):
-        x = _load(row_ptr, off + lanes, n)
-        e = tl.exp2((x - m) * scale)
-        above = x > t
-        count += above.to(tl.float32)
-        mass += tl.where(above, e, 0.0)
-        total += e
-    return tl.sum(count, 0), tl.sum(mass, 0), tl.sum(total, 0)
-
-
-@triton.jit
-def _pick(w, u, SIZE: tl.constexpr):
-    """An index drawn with probability w[i] / sum(w), `u` uniform in [0, 1): the first positive
-    weight whose running sum exceeds u * sum (the last positive one if rounding leaves none;
-    0 if all are 0). Never an index of weight 0."""
-    idx = tl.arange(0, SIZE)
-    run = tl.cumsum(w, 0)
-    target = u * tl.max(run, 0)
-    first = tl.min(tl.where((run > target) & (w > 0), idx, SIZE), 0)
-    last = tl.max(tl.where(w > 0, idx, 0), 0)
-    return tl.where(first < SIZE, first, last)
-
-
-@triton.jit
-def _search(cx, ce, lo, hi, base_count, base_mass, total, m, scale, top_k, top_p, min_p):
-    """The cut-off finished over candidates in registers: `cx` their logits (-inf padding), `ce`
-    their p_i; `base_count` and `base_mass` the tokens above `hi` that are not candidates. Each
-    probe is at a candidate's logit (the one nearest below the midpoint, else the nearest above):
-    it decides at least that candidate, and halves the range the undecided ones span. Returns
-    the new `lo` (every candidate above it kept) and the number of probes."""
-    step = tl.full([], 0, tl.int32)
-    undecided = tl.sum(((cx > lo) & (cx < hi)).to(tl.int32), 0)
-    while undecided > 0:
-        inside = (cx > lo) & (cx < hi)
-        mid = lo * 0.5 + hi * 0.5  # hi is finite: never NaN; -inf only below every candidate
-        below = tl.max(tl.where(inside & (cx <= mid), cx, float("-inf")), 0)
-        t = tl.where(below > float("-inf"), below, tl.min(tl.where(inside, cx, float("inf")), 0))
-        above = cx > t
-        count = base_count + tl.sum(above.to(tl.float32), 0)
-        mass = base_mass + tl.sum(tl.where(above, ce, 0.0), 0)
-        keep = _keeps(t, count, mass, total, m, scale, top_k, top_p, min_p)
-        lo = tl.where(keep, lo, t)
-        hi = tl.where(keep, t, hi)
-        undecided = tl.sum(((cx > lo) & (cx < hi)).to(tl.int32), 0)
-        step += 1
-    return lo, step
 
 
 @triton.jit

@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.sampling import _LOG2E, _keeps, _key, _load, _pick, _search, _value
+from engine.kernels.sampling_common import _LOG2E, _keeps, _key, _load, _pick, _search, _value
 
 PROBES = 32  # probes a probing pass
 # The split path is taken for at most this many sampled rows (with two or more tiles a row):
