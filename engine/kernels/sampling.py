@@ -66,7 +66,6 @@ import triton
 import triton.language as tl
 
 from engine.kernels.sampling_common import (
-    _LOG2E,
     MAX_STEPS,
     _above,
     _keeps,
@@ -74,6 +73,7 @@ from engine.kernels.sampling_common import (
     _load,
     _pick,
     _probe,
+    _row_settings,
     _search,
     _value,
 )
@@ -123,11 +123,7 @@ def _sample_kernel(
     j = tl.program_id(0)
     row = tl.load(rows_ptr + j)
     row_ptr = logits_ptr + row * stride
-    scale = _LOG2E / tl.load(settings_ptr + j)
-    top_k = tl.load(settings_ptr + num_rows + j)
-    top_p = tl.load(settings_ptr + 2 * num_rows + j)
-    min_p = tl.load(settings_ptr + 3 * num_rows + j)
-    top_k = tl.where(top_k > 0, top_k, n + 1.0)
+    scale, top_k, top_p, min_p = _row_settings(settings_ptr, j, num_rows, n)
     lanes = tl.arange(0, BLOCK)
 
     # Pass 1: the largest and the smallest finite logit.

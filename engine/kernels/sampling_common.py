@@ -19,6 +19,18 @@ _LOG2E = tl.constexpr(math.log2(math.e))
 
 
 @triton.jit
+def _row_settings(settings_ptr, j, num_rows, n):
+    """Sampled row j's settings from `[4, R]` float32 (temperature, top-k, top-p, min-p): the
+    softmax's scale in base 2 (log2(e) / temperature), top-k (off, <= 0: more than the row's
+    `n` tokens), top-p and min-p."""
+    scale = _LOG2E / tl.load(settings_ptr + j)
+    top_k = tl.load(settings_ptr + num_rows + j)
+    top_p = tl.load(settings_ptr + 2 * num_rows + j)
+    min_p = tl.load(settings_ptr + 3 * num_rows + j)
+    return scale, tl.where(top_k > 0, top_k, n + 1.0), top_p, min_p
+
+
+@triton.jit
 def _key(x):
     """The float32 `x` as an int64 that orders as the floats do, consecutive floats consecutive
     integers; -0.0 and +0.0 are both 0 (they compare equal)."""

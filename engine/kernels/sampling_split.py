@@ -49,7 +49,15 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.sampling_common import _LOG2E, _keeps, _key, _load, _pick, _search, _value
+from engine.kernels.sampling_common import (
+    _keeps,
+    _key,
+    _load,
+    _pick,
+    _row_settings,
+    _search,
+    _value,
+)
 
 PROBES = 32  # probes a probing pass
 # The split path is taken for at most this many sampled rows (with two or more tiles a row):
@@ -184,11 +192,7 @@ def _sample_pass_kernel(
     j = tl.program_id(0)
     g = tl.program_id(1)
     row_ptr = logits_ptr + tl.load(rows_ptr + j) * stride
-    scale = _LOG2E / tl.load(settings_ptr + j)
-    top_k = tl.load(settings_ptr + num_rows + j)
-    top_p = tl.load(settings_ptr + 2 * num_rows + j)
-    min_p = tl.load(settings_ptr + 3 * num_rows + j)
-    top_k = tl.where(top_k > 0, top_k, n + 1.0)
+    scale, top_k, top_p, min_p = _row_settings(settings_ptr, j, num_rows, n)
     kk = tl.zeros([], tl.int32) + k
     tv = tl.arange(0, TP)
     valid = tv < tiles
@@ -356,11 +360,7 @@ def _sample_draw_kernel(
     j = tl.program_id(0)
     row = tl.load(rows_ptr + j)
     row_ptr = logits_ptr + row * stride
-    scale = _LOG2E / tl.load(settings_ptr + j)
-    top_k = tl.load(settings_ptr + num_rows + j)
-    top_p = tl.load(settings_ptr + 2 * num_rows + j)
-    min_p = tl.load(settings_ptr + 3 * num_rows + j)
-    top_k = tl.where(top_k > 0, top_k, n + 1.0)
+    scale, top_k, top_p, min_p = _row_settings(settings_ptr, j, num_rows, n)
     rec = rec_ptr + (slot * num_rows + j) * tiles * _REC
     m = tl.load(rec + _M)
     lo = tl.load(rec + _LO)
