@@ -34,6 +34,7 @@ from triton.compiler import ASTSource
 
 from engine.kernels import (
     argmax,
+    attention,
     fused,
     fused_moe,
     fused_moe_small,
@@ -324,6 +325,37 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
             num_warps=tiles.num_warps,
             num_stages=tiles.num_stages,
         )
+    # Per-head extend attention: Llama/Qwen3 (head dim 128) and wider heads, in each dtype's
+    # default tiles (16-bit, head dim 128: long and short extends).
+    for dtype, dk, ext in (("bf16", 128, None), ("bf16", 128, 1), ("bf16", 256, None),
+                           ("fp32", 128, None)):  # fmt: skip
+        tiles = attention.extend_tiles(
+            dk, torch.bfloat16 if dtype == "bf16" else torch.float32, ext
+        )
+        add(
+            f"extend_kernel {dtype} head dim {dk} {tiles.block_m}x{tiles.block_n}",
+            attention._extend_kernel,
+            {
+                **{f"{x}_ptr": f"*{dtype}" for x in ("q", "k", "v", "out")},
+                "table_ptr": i32,
+                "rows_ptr": "*i64",
+                **meta,
+            },
+            {
+                "GROUP": 4,
+                "DK": dk,
+                "DV": dk,
+                "BLOCK_DK": dk,
+                "BLOCK_DV": dk,
+                "PAGE_SIZE": 16,
+                "BLOCK_M": tiles.block_m,
+                "BLOCK_N": tiles.block_n,
+                "PRECISION": "ieee" if dtype == "fp32" else "tf32",
+            },
+            floats=("scale",),
+            num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages,
+        )
     # Greedy sampling: float32 logits, a 128k vocabulary's 126 partials a row reduced.
     add(
         "argmax partials",
@@ -604,10 +636,17 @@ def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
 # measured fastest on the device, spills and all.
 # (The small MoE's down kernel at 8 columns a program spills 16 B and took 26.8 / 33.1 µs at
 # one token on the H200 against 30.0 / 39.7 at 4 columns without spills.)
+# (The extend kernel's bf16 tiles at head dim 128 spill 0.8-1.2 KB and were the fastest of the
+# sweep in `bench.extend_kernel`, 2x the earlier 64 x 64 tiles that spilled 64 B.)
 MEASURED_SPILLS = (
     "grouped_gemm bf16 tuned ",
     "mla_extend_kernel bf16",
+    "extend_kernel bf16 head dim 128",
     "small_down_combine_kernel bf16",
+    # Not tuned, spilling in every tile tried (32 x 32 up): the extend kernel in float32 (the
+    # exact checks only) and at head dim 256 (no benchmarked model has it).
+    "extend_kernel fp32",
+    "extend_kernel bf16 head dim 256",
 )
 
 

@@ -14,6 +14,9 @@
 #   run(command="bash bench/gpu/session.sh g", carry=[".whl"])   # host waits, sampled decode
 #   run(command="bash bench/gpu/session.sh h", carry=[".whl"])   # first token, MoE profiles
 #   run(command="bash bench/gpu/session.sh i", carry=[".whl"])   # sampling kernel, router, TTFT
+#   run(command="bash bench/gpu/session.sh j", carry=[".whl"])   # split sampling, MoE prefill
+#   run(command="bash bench/gpu/session.sh k", carry=[".whl"])   # extend attention tiles
+#   run(command="bash bench/gpu/session.sh l", carry=[".whl"])   # extend tiles by length
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -171,7 +174,8 @@ i)
   # tokens of every tiny family, the kernel's tests compiled (the split path's too: about 25
   # compilations), sampled decode (batch 1 now on the split path) and the kernel against the
   # sort with one program a row, 4, 16 and 32 programs a row and the sampler's choice, then
-  # Moonlight's decode and prefill, the MoE checks, low-load TTFT again.
+  # Moonlight's decode and prefill, the MoE checks, Llama's decode, and Qwen3-30B-A3B's
+  # 8 x 2,048 prefill against transformers (the table has no transformers figure there).
   TAIL=8 step greedy 60 python3 -m bench.gpu.greedy_gpu
   TAIL=8 step sampling_kernel 90 python3 -m pytest -x -q -rf tests/engine/test_sampling_kernel.py
   step sampled 50 python3 -m bench.engine --preset llama3-8b --skip-hf --prefill '' \
@@ -181,9 +185,49 @@ i)
   step moonlight 80 python3 -m bench.engine --preset moonlight-16b-a3b --skip-hf \
     --decode 1x128,64x128 --prefill 64x128,8x2048 --repeats 2 --decode-steps 16
   TAIL=10 step check_moe 45 python3 -m bench.check_moe_gpu
-  TAIL=30 step serving_pd 150 python3 -m bench.serving_pd --preset llama3-8b --mps \
-    --request-rates 2 4 --num-prompts 48 --random-input-len 1024 --random-output-len 64 \
-    --slo-ttft-ms 500 --slo-itl-ms 30 --out-dir /tmp/pd
+  step llama 60 python3 -m bench.engine --preset llama3-8b --skip-hf --prefill 64x128 \
+    --decode 1x128,64x128 --repeats 3
+  step qwen3_hf 150 python3 -m bench.engine --preset qwen3-30b-a3b --decode '' \
+    --prefill 8x2048 --repeats 2
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i"; exit 2 ;;
+j)
+  # The sampler's split path on by default (about 330 s): sampled decode at batch 1, 16 and
+  # 64, then where the MoE prefills' time goes (Qwen3-30B-A3B 8 x 2,048 is 1.83x transformers,
+  # Moonlight's 64 x 128 1.86x; the target is 2x).
+  step sampled 60 python3 -m bench.engine --preset llama3-8b --skip-hf --prefill '' \
+    --decode 1x128,16x128,64x128 --repeats 2 --temperature 0.8 --top-p 0.9
+  TAIL=60 step profile_qwen3 130 python3 -m bench.profile_decode --preset qwen3-30b-a3b \
+    --decode '' --profile-prefill 8x2048 --top 25 --disable-cuda-graph
+  TAIL=60 step profile_moonlight 110 python3 -m bench.profile_decode \
+    --preset moonlight-16b-a3b --decode '' --profile-prefill 64x128 --top 25 --disable-cuda-graph
+  ;;
+k)
+  # The extend (prefill) attention kernel's new tiles and unmasked loop (about 480 s): its tests
+  # compiled, the tiles swept (Llama-3-8B and Qwen3-30B-A3B heads), greedy tokens, then the
+  # prefills it was for (Qwen3-30B-A3B 8 x 2,048: attention was 39% of the step).
+  TAIL=4 step attention_tests 90 python3 -m pytest -x -q -rf tests/engine/test_triton_attention.py
+  TAIL=70 step extend_kernel 120 python3 -m bench.extend_kernel --reps 5
+  TAIL=8 step greedy 60 python3 -m bench.gpu.greedy_gpu
+  step qwen3 70 python3 -m bench.engine --preset qwen3-30b-a3b --skip-hf --decode 1x128 \
+    --prefill 64x128,8x2048 --repeats 2
+  step llama 60 python3 -m bench.engine --preset llama3-8b --skip-hf --decode '' \
+    --prefill 64x128,8x2048,1x8192 --repeats 2
+  step moonlight 70 python3 -m bench.engine --preset moonlight-16b-a3b --skip-hf --decode '' \
+    --prefill 64x128,8x2048 --repeats 2
+  ;;
+l)
+  # The extend kernel's tiles chosen by extend length (about 420 s): its tests compiled, greedy
+  # tokens, the short and long tiles once more, then the prefills.
+  TAIL=4 step attention_tests 150 python3 -m pytest -x -q -rf tests/engine/test_triton_attention.py
+  TAIL=12 step greedy 100 python3 -m bench.gpu.greedy_gpu
+  TAIL=20 step extend_kernel 50 python3 -m bench.extend_kernel --heads 32/4/128 --reps 5 \
+    --cases 64x128,16x512,8x2048 --tiles 128x128x8x3,64x64x4x3,128x128x8x4,128x64x4x3
+  step qwen3 60 python3 -m bench.engine --preset qwen3-30b-a3b --skip-hf --decode '' \
+    --prefill 64x128,8x2048 --repeats 2
+  step moonlight 60 python3 -m bench.engine --preset moonlight-16b-a3b --skip-hf --decode '' \
+    --prefill 64x128,8x2048 --repeats 3
+  step llama 50 python3 -m bench.engine --preset llama3-8b --skip-hf --decode '' \
+    --prefill 64x128,8x2048,1x8192 --repeats 2
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l"; exit 2 ;;
 esac

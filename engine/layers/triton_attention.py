@@ -38,6 +38,7 @@ class _ExtendMetadata:
     q_starts: torch.Tensor  # [B] index into [T] of each sequence's first new token
     block_seq: torch.Tensor  # [blocks] sequence of each query block
     block_first: torch.Tensor  # [blocks] first query (within its sequence) of each block
+    tiles: kernels.ExtendTiles  # the kernel's launch; the blocks are of its block_m queries
 
 
 @dataclass(frozen=True)
@@ -100,12 +101,12 @@ class TritonAttentionBackend(AttentionBackend):
             )
             batch.attn_metadata = _DecodeMetadata(seq_lens, splits)
             return
-        seqs, firsts = kernels.extend_blocks(
-            list(batch.host_extend_lens), kernels.extend_block_m(cache.k_dim)
-        )
+        # The queries come in the cache's dtype (the model's).
+        tiles = kernels.extend_tiles(cache.k_dim, cache.dtype, batch.max_extend_len)
+        seqs, firsts = kernels.extend_blocks(list(batch.host_extend_lens), tiles.block_m)
         blocks = upload(torch.tensor([seqs, firsts], dtype=torch.int32), batch.input_ids.device)
         q_starts = torch.cumsum(batch.extend_lens, 0) - batch.extend_lens
-        batch.attn_metadata = _ExtendMetadata(q_starts, blocks[0], blocks[1])
+        batch.attn_metadata = _ExtendMetadata(q_starts, blocks[0], blocks[1], tiles)
 
     def forward(
         self,
@@ -164,6 +165,7 @@ class TritonAttentionBackend(AttentionBackend):
         return kernels.extend_attention(
             q, k_cache, v_cache, batch.page_table, batch.req_rows, batch.prefix_lens,
             batch.extend_lens, meta.q_starts, meta.block_seq, meta.block_first, ps, scale,
+            tiles=meta.tiles,
         )  # fmt: skip
 
     def forward_mla(

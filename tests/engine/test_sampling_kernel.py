@@ -227,8 +227,8 @@ def test_split_takes_the_widest_bracket_to_one_float() -> None:
 def test_split_for_fills_the_gpu_on_small_batches_only() -> None:
     tiles = 32  # a 128,256-token row in 4,096-token tiles
     assert split_for(1, 128256, 132, block=4096) == tiles  # at most one program a tile
-    assert split_for(8, 128256, 132, block=4096) == 16  # 128 programs
-    assert split_for(16, 128256, 132, block=4096) == 8
+    assert split_for(8, 128256, 132, block=4096) == tiles  # 33 for two an SM: one a tile
+    assert split_for(16, 128256, 132, block=4096) == 16  # two programs an SM
     assert split_for(17, 128256, 132, block=4096) == 1  # one program a row: enough of them
     assert split_for(1, 4096, 132, block=4096) == 1  # one tile: nothing to split
     assert split_for(1, 128256, 0, block=4096) == 1  # not a GPU

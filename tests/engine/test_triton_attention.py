@@ -89,8 +89,22 @@ SHAPES = [  # page size, query heads, KV heads, head dim
 ]
 
 
-@pytest.mark.parametrize(("page_size", "hq", "hkv", "d"), SHAPES)
-def test_extend_matches_reference(page_size: int, hq: int, hkv: int, d: int) -> None:
+# Besides each shape's default tiles: tiles narrower than the keys before a block (the unmasked
+# loop runs), query blocks shorter and longer than key tiles (the causal diagonal crosses one or
+# several key tiles), on three of the shapes.
+TILED = [
+    (*SHAPES[1], kernels.ExtendTiles(16, 16, 4, 1)),
+    (*SHAPES[2], kernels.ExtendTiles(32, 16, 4, 2)),
+    (*SHAPES[3], kernels.ExtendTiles(16, 32, 4, 2)),
+]
+
+
+@pytest.mark.parametrize(
+    ("page_size", "hq", "hkv", "d", "tiles"), [(*s, None) for s in SHAPES] + TILED
+)
+def test_extend_matches_reference(
+    page_size: int, hq: int, hkv: int, d: int, tiles: kernels.ExtendTiles | None
+) -> None:
     gen = torch.Generator().manual_seed(page_size * 1000 + hq * 10 + d)
     # Cases: a fresh prompt, a one-token extend after a prefix (decode-like), a prefix hit
     # ending on a page boundary, and a prompt longer than one query block.
@@ -107,7 +121,8 @@ def test_extend_matches_reference(page_size: int, hq: int, hkv: int, d: int) -> 
     kernels.store_kv(k_new, v_new, pool.k, pool.v, out_slots)
     assert torch.equal(pool.k[out_slots], k_new) and torch.equal(pool.v[out_slots], v_new)
     scale = d**-0.5
-    blocks = kernels.extend_blocks(ext, kernels.extend_block_m(d))
+    block_m = tiles.block_m if tiles else kernels.extend_block_m(d, q.dtype)
+    blocks = kernels.extend_blocks(ext, block_m)
     starts = torch.tensor([sum(ext[:b]) for b in range(len(ext))], device=DEVICE)
 
     def dev(x: list[int]) -> torch.Tensor:
@@ -116,7 +131,7 @@ def test_extend_matches_reference(page_size: int, hq: int, hkv: int, d: int) -> 
     out = torch.full_like(q, float("nan"))
     kernels.extend_attention(
         q, pool.k, pool.v, pool.table, dev(pool.rows), dev(prefix), dev(ext), starts,
-        dev(blocks[0]), dev(blocks[1]), page_size, scale, out=out,
+        dev(blocks[0]), dev(blocks[1]), page_size, scale, out=out, tiles=tiles,
     )  # fmt: skip
     ref = reference_attention(q, pool, prefix, ext, scale)
     assert not out.isnan().any()
