@@ -216,12 +216,17 @@ k)
     --prefill 64x128,8x2048 --repeats 2
   ;;
 l)
-  # The extend kernel's tiles chosen by extend length (about 420 s): its tests compiled, greedy
+  # The extend kernel's tiles chosen by extend length, MLA's unmasked loop (about 480 s): its tests compiled, greedy
   # tokens, the short and long tiles once more, then the prefills.
-  TAIL=4 step attention_tests 150 python3 -m pytest -x -q -rf tests/engine/test_triton_attention.py
+  TAIL=4 step attention_tests 150 python3 -m pytest -x -q -rf tests/engine/test_triton_attention.py \
+    tests/engine/test_mla_extend.py
   TAIL=12 step greedy 100 python3 -m bench.gpu.greedy_gpu
   TAIL=20 step extend_kernel 50 python3 -m bench.extend_kernel --heads 32/4/128 --reps 5 \
     --cases 64x128,16x512,8x2048 --tiles 128x128x8x3,64x64x4x3,128x128x8x4,128x64x4x3
+  TAIL=6 step mla_extend 40 python3 -m bench.mla_kernel --mode extend --heads 16 \
+    --extend-cases 64x128 8x2048
+  TAIL=6 step mla_extend_128 40 python3 -m bench.mla_kernel --mode extend --heads 16 \
+    --extend-cases 64x128 8x2048 --block-m 128 --block-n 128
   step qwen3 60 python3 -m bench.engine --preset qwen3-30b-a3b --skip-hf --decode '' \
     --prefill 64x128,8x2048 --repeats 2
   step moonlight 60 python3 -m bench.engine --preset moonlight-16b-a3b --skip-hf --decode '' \

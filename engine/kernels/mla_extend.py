@@ -73,8 +73,9 @@ def mla_extend_kernel(
     PRECISION: tl.constexpr,
 ):
     # Query blocks vary fastest: the blocks of one sequence and head, which read the same keys
-    # and values, run side by side and share them through L2.
-    blk = tl.program_id(0)
+    # and values, run side by side and share them through L2. Last block first: a block's work
+    # grows with its position (causal), so that no long block is left for the tail.
+    blk = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.load(block_seq_ptr + blk)
     first = tl.load(block_first_ptr + blk)  # index of the block's first query within sequence b
@@ -107,25 +108,37 @@ def mla_extend_kernel(
     k_nope_offs = ni[:, None] * stride_knt + dn[None, :]  # [N, Dn]
     k_pe_offs = ni[:, None] * stride_kpt + dp[None, :]  # [N, P]
     v_offs = ni[:, None] * stride_vt + dv[None, :]  # [N, Dv]
-    kv_end = tl.minimum(prefix + first + BLOCK_M, prefix + ext)  # keys the block can see
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for n0 in range(0, kv_end, BLOCK_N):
+    nope_ok = dn[None, :] < D_NOPE
+    rope_ok = dp[None, :] < D_ROPE
+    dv_ok = dv[None, :] < D_V
+    # Keys before the block's first query are seen by every query of the block: whole tiles of
+    # them need no mask; the loop after masks the rest (the causal diagonal).
+    full_end = (prefix + first) // BLOCK_N * BLOCK_N
+    for _ in range(0, full_end, BLOCK_N):
+        k_nope = tl.load(k_nope_base + k_nope_offs, mask=nope_ok, other=0.0)  # [N, Dn]
+        k_pe = tl.load(k_pe_base + k_pe_offs, mask=rope_ok, other=0.0)  # [N, P]
+        s = tl.dot(q_nope, tl.trans(k_nope), input_precision=PRECISION)
+        s = tl.dot(q_pe, tl.trans(k_pe), s, input_precision=PRECISION) * scale  # [M, N]
+        v = tl.load(v_base + v_offs, mask=dv_ok, other=0.0)
+        m, l_sum, acc = online_softmax_step(s, v, m, l_sum, acc, PRECISION)
+        k_nope_base += BLOCK_N * stride_knt
+        k_pe_base += BLOCK_N * stride_kpt
+        v_base += BLOCK_N * stride_vt
+    kv_end = tl.minimum(prefix + first + BLOCK_M, prefix + ext)  # keys the block can see
+    for n0 in range(full_end, kv_end, BLOCK_N):
         offs = n0 + ni
         n_ok = offs < kv_end
-        k_nope = tl.load(
-            k_nope_base + k_nope_offs, mask=n_ok[:, None] & (dn[None, :] < D_NOPE), other=0.0
-        )  # [N, Dn]
-        k_pe = tl.load(
-            k_pe_base + k_pe_offs, mask=n_ok[:, None] & (dp[None, :] < D_ROPE), other=0.0
-        )  # [N, P]
+        k_nope = tl.load(k_nope_base + k_nope_offs, mask=n_ok[:, None] & nope_ok, other=0.0)
+        k_pe = tl.load(k_pe_base + k_pe_offs, mask=n_ok[:, None] & rope_ok, other=0.0)
         s = tl.dot(q_nope, tl.trans(k_nope), input_precision=PRECISION)
         s = tl.dot(q_pe, tl.trans(k_pe), s, input_precision=PRECISION) * scale  # [M, N]
         # Causal: query at q_pos sees keys 0..q_pos. Key 0 is always visible, so no row is
         # ever fully masked (padded query rows included).
         s = tl.where((offs[None, :] <= q_pos[:, None]) & n_ok[None, :], s, float("-inf"))
-        v = tl.load(v_base + v_offs, mask=n_ok[:, None] & (dv[None, :] < D_V), other=0.0)
+        v = tl.load(v_base + v_offs, mask=n_ok[:, None] & dv_ok, other=0.0)
         m, l_sum, acc = online_softmax_step(s, v, m, l_sum, acc, PRECISION)
         k_nope_base += BLOCK_N * stride_knt
         k_pe_base += BLOCK_N * stride_kpt

@@ -60,10 +60,13 @@ EXT = [7, 1, 19, 70]
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    ("heads", "d_nope", "d_rope", "d_v", "block"),
-    [(2, 16, 8, 16, 64), (3, 32, 16, 24, 16)],  # the tiny model's dims; odd ones, small tiles
+    ("heads", "d_nope", "d_rope", "d_v", "block", "block_n"),
+    # The tiny model's dims; odd ones in small tiles; query blocks longer and shorter than key
+    # tiles (the unmasked loop over the keys before a block, and the diagonal across tiles).
+    [(2, 16, 8, 16, 64, 64), (3, 32, 16, 24, 16, 16), (3, 32, 16, 24, 32, 16),
+     (2, 16, 8, 16, 16, 32)],  # fmt: skip
 )
-def test_kernel_matches_reference(heads, d_nope, d_rope, d_v, block, dtype) -> None:
+def test_kernel_matches_reference(heads, d_nope, d_rope, d_v, block, block_n, dtype) -> None:
     g = torch.Generator().manual_seed(heads + d_v)
     t, ctx = sum(EXT), sum(PREFIX) + sum(EXT)
 
@@ -79,7 +82,7 @@ def test_kernel_matches_reference(heads, d_nope, d_rope, d_v, block, dtype) -> N
     def dev(x: list[int]) -> torch.Tensor:
         return torch.tensor(x, device=DEVICE)
 
-    tiles = Tiles(block, block, 4)
+    tiles = Tiles(block, block_n, 4)
     seqs, firsts = extend_blocks(EXT, block)
     q_starts = dev([sum(EXT[:b]) for b in range(len(EXT))])
     kv_starts = dev([sum(PREFIX[:b]) + sum(EXT[:b]) for b in range(len(EXT))])
