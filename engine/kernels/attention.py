@@ -498,19 +498,19 @@ class ExtendTiles:
 
 # Up to this many new tokens in a step's longest sequence, the extend kernel takes the small
 # tiles (below).
-SHORT_EXTEND = 256
+SHORT_EXTEND = 512
 
 
 def extend_tiles(dk: int, dtype: torch.dtype, max_extend: int | None = None) -> ExtendTiles:
     """The extend kernel's tiles for head dim `dk` in `dtype`, for a step whose longest
     sequence has `max_extend` new tokens (None: long). Swept on the H200 (`python -m
     bench.extend_kernel`, Llama-3-8B's and Qwen3-30B-A3B's heads, page size 16, µs of one
-    layer): 128 queries x 128 keys, 8 warps, 3 stages took 921 / 1,509 / 684 µs at 8 x 2,048,
-    1 x 8,192 and 4 x 1,024 over 3,072 cached (298-364 TFLOP/s; 128 x 64 1,002 / 1,717 / 774,
-    64 x 64 with 4 warps 936 / 1,653 / 741, the earlier 64 x 64 with 8 warps and 2 stages
-    1,798 / 3,237 / 1,451); at 64 x 128, 64 x 64 with 4 warps and 3 stages took 117 µs against
-    153. Wider heads and float32 (the exact checks only) keep the smaller tiles that compile
-    without spills."""
+    layer): 128 queries x 128 keys, 8 warps, 3 stages took 910-921 / 1,509 / 684 µs at
+    8 x 2,048, 1 x 8,192 and 4 x 1,024 over 3,072 cached (298-364 TFLOP/s; 128 x 64 1,002 /
+    1,717 / 774; 64 x 64 with 4 warps 923-936 / 1,653 / 741; the earlier 64 x 64 with 8 warps
+    and 2 stages 1,798 / 3,237 / 1,451). Shorter extends take 64 x 64 with 4 warps and 3
+    stages: 114-117 µs against 150-153 at 64 x 128, 184 against 209 at 16 x 512. Wider heads and
+    float32 (the exact checks only) keep the earlier tiles."""
     if dtype != torch.float32 and dk <= 128:
         if max_extend is not None and max_extend <= SHORT_EXTEND:
             return ExtendTiles(64, 64, 4, 3)

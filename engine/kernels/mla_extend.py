@@ -168,7 +168,10 @@ def default_tiles(dtype: torch.dtype) -> Tiles:
     3 stages took 75 / 551 / 1,004 µs where the earlier default, the largest tiles without
     register spills (64 x 32, 8 warps, 2 stages), took 85 / 1,100 / - (its 64 B of spills
     cost less than the smaller tiles' extra passes; 64 x 64 x 4 warps: 62 / 573 / 1,088;
-    128 x 128: 80 / 604 / 1,099). float32 (exact checks only) needs small ones."""
+    128 x 128: 80 / 604 / 1,099). With the unmasked loop over the keys before each block and
+    the longest blocks first, 128 x 64 took 82 / 449 µs at 64 x 128 and 8 x 2,048 (Moonlight's
+    16 heads); 128 x 128 with 3 stages does not fit the shared memory (288 KB). float32 (exact
+    checks only) needs small ones."""
     if dtype == torch.float32:
         return Tiles(16, 32, 4, 1)
     return Tiles(128, 64, 8, 3)

@@ -373,3 +373,13 @@ def test_graph_replay_equals_eager(tiny_models: dict[str, Path], family: str) ->
         assert engine.num_free_pages == engine.pool.num_pages
     assert outputs[False] == outputs[True]
     assert_greedy_matches(outputs[False], ref, NEAR_TIE)
+
+
+def test_extend_tiles_follow_the_extend_length() -> None:
+    long = kernels.extend_tiles(128, torch.bfloat16)
+    assert long == kernels.extend_tiles(128, torch.bfloat16, kernels.SHORT_EXTEND + 1)
+    short = kernels.extend_tiles(128, torch.bfloat16, kernels.SHORT_EXTEND)
+    assert (long.block_m, long.block_n, short.block_m, short.block_n) == (128, 128, 64, 64)
+    # float32 (exact checks) and wide heads: one choice whatever the length.
+    assert kernels.extend_tiles(128, torch.float32, 1) == kernels.extend_tiles(128, torch.float32)
+    assert kernels.extend_tiles(256, torch.bfloat16, 1).block_m == 32
