@@ -63,8 +63,12 @@ EXT = [7, 1, 19, 70]
     ("heads", "d_nope", "d_rope", "d_v", "block", "block_n"),
     # The tiny model's dims; odd ones in small tiles; query blocks longer and shorter than key
     # tiles (the unmasked loop over the keys before a block, and the diagonal across tiles).
-    [(2, 16, 8, 16, 64, 64), (3, 32, 16, 24, 16, 16), (3, 32, 16, 24, 32, 16),
-     (2, 16, 8, 16, 16, 32)],  # fmt: skip
+    [
+        (2, 16, 8, 16, 64, 64),
+        (3, 32, 16, 24, 16, 16),
+        (3, 32, 16, 24, 32, 16),
+        (2, 16, 8, 16, 16, 32),
+    ],
 )
 def test_kernel_matches_reference(heads, d_nope, d_rope, d_v, block, block_n, dtype) -> None:
     g = torch.Generator().manual_seed(heads + d_v)
