@@ -89,9 +89,12 @@ class Timeline:
     small_gaps_us: float
     large_gaps_us: float
     large_gaps: tuple[tuple[str, float], ...]  # (the kernel before, µs per step), longest first
+    # The longest gaps themselves, (start µs, end µs), longest first (at most LONGEST_GAPS).
+    longest: tuple[tuple[float, float], ...] = ()
 
 
 SMALL_GAP_US = 4.0
+LONGEST_GAPS = 3
 
 
 def timeline(prof: Any, steps: int) -> Timeline:
@@ -110,6 +113,7 @@ def timeline_of(spans: list[tuple[float, float, str]], steps: int) -> Timeline:
         return Timeline(0.0, 0.0, 0.0, 0.0, ())
     busy = small = large = 0.0
     after: dict[str, float] = defaultdict(float)
+    windows: list[tuple[float, float]] = []
     run_start, run_end, last = spans[0]
     for start, end, name in spans[1:]:
         if start > run_end:
@@ -119,6 +123,7 @@ def timeline_of(spans: list[tuple[float, float, str]], steps: int) -> Timeline:
             else:
                 large += gap
                 after[last] += gap
+                windows.append((run_end, start))
             busy += run_end - run_start
             run_start = start
         if end >= run_end:
@@ -126,7 +131,49 @@ def timeline_of(spans: list[tuple[float, float, str]], steps: int) -> Timeline:
     busy += run_end - run_start
     span = run_end - spans[0][0]
     gaps = sorted(((n, us / steps) for n, us in after.items()), key=lambda g: -g[1])
-    return Timeline(span / steps, busy / steps, small / steps, large / steps, tuple(gaps))
+    longest = sorted(windows, key=lambda w: w[0] - w[1])[:LONGEST_GAPS]
+    return Timeline(
+        span / steps, busy / steps, small / steps, large / steps, tuple(gaps), tuple(longest)
+    )
+
+
+def host_during(
+    events: list[tuple[float, float, str, str]], window: tuple[float, float], top: int = 5
+) -> list[tuple[str, str, float]]:
+    """What the host ran while the device idled over `window` (start, end µs): the host events
+    (start µs, end µs, name, call site) overlapping it, as (name, call site, µs of overlap),
+    the longest first. Nested events each count (an op and the ops it calls)."""
+    lo, hi = window
+    overlaps: dict[tuple[str, str], float] = defaultdict(float)
+    for start, end, name, site in events:
+        overlap = min(end, hi) - max(start, lo)
+        if overlap > 0:
+            overlaps[(name, site)] += overlap
+    ranked = sorted(overlaps.items(), key=lambda kv: -kv[1])[:top]
+    return [(name, site, us) for (name, site), us in ranked]
+
+
+def host_events(prof: Any) -> list[tuple[float, float, str, str]]:
+    """The profiled host events as (start µs, end µs, name, innermost pdserve call site)."""
+    out = []
+    for e in prof.events():
+        if e.device_type == DEVICE:
+            continue
+        frames = [f for f in (e.stack or []) if "/site-packages/" not in f and "python3" not in f]
+        out.append((e.time_range.start, e.time_range.end, e.name, frames[0] if frames else ""))
+    return out
+
+
+def render_host_gaps(t: Timeline, events: list[tuple[float, float, str, str]]) -> str:
+    """The host's events during each of the timeline's longest gaps."""
+    out = []
+    for lo, hi in t.longest:
+        out.append(f"  host during the {hi - lo:.0f} µs gap at {lo:.0f} µs:")
+        # Enclosing frames cover the whole gap too: enough rows to reach the innermost ones.
+        for name, site, us in host_during(events, (lo, hi), top=14):
+            short = name if len(name) <= 50 else name[:47] + "..."
+            out.append(f"    {us:8.1f} µs `{short}` {site}")
+    return "\n".join(out)
 
 
 def render_timeline(t: Timeline, top: int = 6) -> str:
@@ -173,15 +220,19 @@ def kernel_rows(prof: Any, steps: int) -> list[KernelRow]:
     return sorted(rows, key=lambda r: -r.us_per_step)
 
 
-def profile_prefill(engine: Engine, shape: Shape, vocab: int) -> tuple[list[KernelRow], Timeline]:
-    """The kernels of one prefill of `shape` (after one warm-up prefill of other prompts), and
-    its timeline."""
+def profile_prefill(
+    engine: Engine, shape: Shape, vocab: int
+) -> tuple[list[KernelRow], Timeline, str]:
+    """The kernels of one prefill of `shape` (after one warm-up prefill of other prompts), its
+    timeline, and what the host ran during the timeline's longest gaps (Python call sites
+    recorded: `with_stack`)."""
     pdserve_prefill(engine, random_prompts(shape, vocab, seed=12))
     engine.device.synchronize()
-    with profile(activities=ACTIVITIES) as prof:
+    with profile(activities=ACTIVITIES, with_stack=True) as prof:
         pdserve_prefill(engine, random_prompts(shape, vocab, seed=13))
         engine.device.synchronize()
-    return kernel_rows(prof, 1), timeline(prof, 1)
+    line = timeline(prof, 1)
+    return kernel_rows(prof, 1), line, render_host_gaps(line, host_events(prof))
 
 
 def render(
@@ -254,10 +305,10 @@ def main(argv: list[str] | None = None) -> None:
         print(render_timeline(line) + "\n", flush=True)
     dtype_bytes = torch.empty((), dtype=engine.runner.dtype).element_size()
     for shape in ours.profile_prefill:
-        rows, line = profile_prefill(engine, shape, vocab)
+        rows, line, host = profile_prefill(engine, shape, vocab)
         floor = 1000 * cost.prefill_flops(shape, dtype_bytes) / ceiling.matmul_flop_per_s
         print(render(shape, rows, floor, ours.top, 1, phase="prefill"), flush=True)
-        print(render_timeline(line) + "\n", flush=True)
+        print(render_timeline(line) + "\n" + host + "\n", flush=True)
 
 
 if __name__ == "__main__":

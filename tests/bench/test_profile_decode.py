@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from bench.engine import Shape
-from bench.profile_decode import KernelRow, kind_of, render, render_timeline, timeline_of
+from bench.profile_decode import (
+    KernelRow,
+    host_during,
+    kind_of,
+    render,
+    render_host_gaps,
+    render_timeline,
+    timeline_of,
+)
 
 
 def test_kernels_are_sorted_into_kinds() -> None:
@@ -43,7 +51,26 @@ def test_the_timeline_splits_idle_time_into_launch_gaps_and_longer_ones() -> Non
     assert t.small_gaps_us == (2 + 1) / 2
     assert t.large_gaps_us == 10.0
     assert t.large_gaps == (("c", 10.0),)
+    assert t.longest == ((30.0, 50.0),)
     text = render_timeline(t)
     assert "35.0 µs from first kernel to last, 23.5 µs busy" in text
     assert "10.0 µs after `c`" in text
     assert timeline_of([], 1).span_us == 0.0
+
+
+def test_the_host_events_in_a_gap_are_ranked_by_overlap() -> None:
+    # Device idle from 30 to 50 µs: a Python-side op covering most of it, a short one inside,
+    # one before it.
+    events = [
+        (25.0, 48.0, "aten::tensor", "engine/model_runner.py(256): prepare"),
+        (40.0, 42.0, "aten::empty", "engine/device.py(114): upload"),
+        (0.0, 20.0, "aten::mm", "engine/layers/linear.py(30): forward"),
+    ]
+    assert host_during(events, (30.0, 50.0)) == [
+        ("aten::tensor", "engine/model_runner.py(256): prepare", 18.0),
+        ("aten::empty", "engine/device.py(114): upload", 2.0),
+    ]
+    t = timeline_of([(0.0, 30.0, "a"), (50.0, 60.0, "b")], steps=1)
+    text = render_host_gaps(t, events)
+    assert "host during the 20 µs gap at 30 µs:" in text
+    assert "18.0 µs `aten::tensor` engine/model_runner.py(256): prepare" in text
