@@ -329,11 +329,11 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
     # default tiles (16-bit, head dim 128: long and short extends).
     for dtype, dk, ext in (("bf16", 128, None), ("bf16", 128, 1), ("bf16", 256, None),
                            ("fp32", 128, None)):  # fmt: skip
-        tiles = attention.extend_tiles(
+        extend = attention.extend_tiles(
             dk, torch.bfloat16 if dtype == "bf16" else torch.float32, ext
         )
         add(
-            f"extend_kernel {dtype} head dim {dk} {tiles.block_m}x{tiles.block_n}",
+            f"extend_kernel {dtype} head dim {dk} {extend.block_m}x{extend.block_n}",
             attention._extend_kernel,
             {
                 **{f"{x}_ptr": f"*{dtype}" for x in ("q", "k", "v", "out")},
@@ -348,13 +348,13 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
                 "BLOCK_DK": dk,
                 "BLOCK_DV": dk,
                 "PAGE_SIZE": 16,
-                "BLOCK_M": tiles.block_m,
-                "BLOCK_N": tiles.block_n,
+                "BLOCK_M": extend.block_m,
+                "BLOCK_N": extend.block_n,
                 "PRECISION": "ieee" if dtype == "fp32" else "tf32",
             },
             floats=("scale",),
-            num_warps=tiles.num_warps,
-            num_stages=tiles.num_stages,
+            num_warps=extend.num_warps,
+            num_stages=extend.num_stages,
         )
     # Greedy sampling: float32 logits, a 128k vocabulary's 126 partials a row reduced.
     add(

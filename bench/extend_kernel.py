@@ -75,11 +75,11 @@ def run_case(
     v_cache = torch.randn(num_pages * ps, hkv, d, generator=gen, device=device, dtype=dtype)
     t = case.batch * case.new
     q = torch.randn(t, hq, d, generator=gen, device=device, dtype=dtype)
-    ints = dict(dtype=torch.int32, device=device)
-    rows = torch.arange(case.batch, **ints)
-    prefix = torch.full((case.batch,), case.prefix, **ints)
-    ext = torch.full((case.batch,), case.new, **ints)
-    starts = torch.arange(case.batch, **ints) * case.new
+    i32 = torch.int32
+    rows = torch.arange(case.batch, dtype=i32, device=device)
+    prefix = torch.full((case.batch,), case.prefix, dtype=i32, device=device)
+    ext = torch.full((case.batch,), case.new, dtype=i32, device=device)
+    starts = torch.arange(case.batch, dtype=i32, device=device) * case.new
     # The reference: each sequence's context gathered in position order, SDPA with the causal
     # offset of its prefix as an explicit mask, in float32.
     pos = torch.arange(ctx, device=device)
@@ -101,7 +101,7 @@ def run_case(
     results = []
     for tile in tiles:
         seqs, firsts = extend_blocks([case.new] * case.batch, tile.block_m)
-        blocks = torch.tensor([seqs, firsts], **ints)
+        blocks = torch.tensor([seqs, firsts], dtype=i32, device=device)
         out = torch.empty_like(q)
 
         def call(tile: ExtendTiles = tile, blocks: torch.Tensor = blocks, out=out) -> None:

@@ -138,9 +138,9 @@ class StagedUpload:
         """A `[rows, cols]` int64 tensor on the device, its values written by `fill` into the
         `[rows, cols]` numpy array it is given."""
         if self.device.type != "cuda":
-            host = np.empty((rows, cols), dtype=np.int64)
-            fill(host)
-            return upload(torch.from_numpy(host), self.device)
+            array = np.empty((rows, cols), dtype=np.int64)
+            fill(array)
+            return upload(torch.from_numpy(array), self.device)
         slot = self._next
         self._next = (slot + 1) % len(self._buffers)
         done = self._done[slot]

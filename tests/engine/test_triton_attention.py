@@ -92,7 +92,7 @@ SHAPES = [  # page size, query heads, KV heads, head dim
 # Besides each shape's default tiles: tiles narrower than the keys before a block (the unmasked
 # loop runs), query blocks shorter and longer than key tiles (the causal diagonal crosses one or
 # several key tiles), on three of the shapes.
-TILED = [
+TILED: list[tuple[int, int, int, int, kernels.ExtendTiles | None]] = [
     (*SHAPES[1], kernels.ExtendTiles(16, 16, 4, 1)),
     (*SHAPES[2], kernels.ExtendTiles(32, 16, 4, 2)),
     (*SHAPES[3], kernels.ExtendTiles(16, 32, 4, 2)),
@@ -100,7 +100,7 @@ TILED = [
 
 
 @pytest.mark.parametrize(
-    ("page_size", "hq", "hkv", "d", "tiles"), [(*s, None) for s in SHAPES] + TILED
+    ("page_size", "hq", "hkv", "d", "tiles"), [*((*s, None) for s in SHAPES), *TILED]
 )
 def test_extend_matches_reference(
     page_size: int, hq: int, hkv: int, d: int, tiles: kernels.ExtendTiles | None
