@@ -7,7 +7,9 @@
 
 Each shape's published sizes (bfloat16, random weights scaled to unit-size outputs). Routing
 is the model's own (softmax top-k for Qwen3-MoE, grouped sigmoid with a random correction bias
-for Moonlight/DeepSeek) on random logits, computed outside the timed call.
+for Moonlight/DeepSeek) on random logits, computed outside the timed call. `-fused` shapes
+stack the shared experts after the routed ones and give every token them too (weight 1.0), as
+the engine's shared-expert fusion does; `--tune` prints their rows under the stacked key.
 
 Times are per layer call. `--layers L` copies of the layer's weights are cycled so that
 consecutive calls read different memory (one layer's experts exceed the 50 MB L2 at batch 1
@@ -58,6 +60,19 @@ class LayerShape:
     groups: int = 1
     topk_groups: int = 1
     scaling: float = 1.0
+    # Shared experts fused into the routed kernels (as the engine stacks them): `shared` more
+    # experts after the routed ones, every token's last `shared` pairs, weight 1.0.
+    shared: int = 0
+
+    @property
+    def stacked(self) -> int:
+        """Experts in the weights: the routed ones, then the fused shared ones."""
+        return self.experts + self.shared
+
+    @property
+    def pairs(self) -> int:
+        """(token, expert) pairs a token: its routed choices and the shared experts."""
+        return self.top_k + self.shared
 
     def expert_bytes(self, dtype: torch.dtype) -> int:
         return 3 * self.hidden * self.intermediate * dtype.itemsize
@@ -68,9 +83,12 @@ SHAPES = {
     for s in (
         LayerShape("qwen3-30b-a3b", 128, 2048, 768, 8, grouped=False),
         LayerShape("moonlight-16b-a3b", 64, 2048, 1408, 6, True, 1, 1, 2.446),
+        # Moonlight as the engine runs it by default: its 2 shared experts fused.
+        LayerShape("moonlight-16b-a3b-fused", 64, 2048, 1408, 6, True, 1, 1, 2.446, 2),
         LayerShape("deepseek-v3", 256, 7168, 2048, 8, True, 8, 4, 2.5),
         # For a smoke run on the CPU under TRITON_INTERPRET=1 (--device cpu --dtype float32).
         LayerShape("tiny", 8, 64, 32, 2, True, 4, 2, 2.5),
+        LayerShape("tiny-fused", 8, 64, 32, 2, True, 4, 2, 2.5, 2),
     )
 }
 DEFAULT_SHAPES = ("qwen3-30b-a3b", "moonlight-16b-a3b")
@@ -87,7 +105,7 @@ def make_layers(
     shape: LayerShape, count: int, device: torch.device, dtype: torch.dtype
 ) -> list[Layer]:
     g = torch.Generator(device=device).manual_seed(0)
-    e, h, i = shape.experts, shape.hidden, shape.intermediate
+    e, h, i = shape.stacked, shape.hidden, shape.intermediate
     layers = []
     for _ in range(count):
         w13 = torch.randn(e, 2 * i, h, device=device, generator=g, dtype=dtype)
@@ -190,8 +208,23 @@ def make_step(
         xs.append(torch.randn(tokens, shape.hidden, device=w.device, generator=g).to(w.dtype))
         lg = torch.randn(tokens, shape.experts, device=w.device, generator=g).to(w.dtype)
         logits.append(lg)
-    routed = [route(shape, lg, bias, TorchMoEBackend()) for lg in logits]
+    routed = [with_shared(shape, *route(shape, lg, bias, TorchMoEBackend())) for lg in logits]
     return Step(layers, xs, logits, routed)
+
+
+def with_shared(
+    shape: LayerShape, weights: torch.Tensor, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routed choices `[T, k]` with the fused shared experts appended (ids E, E + 1, ...,
+    weight 1.0), as the engine's grouped routing appends them."""
+    if not shape.shared:
+        return weights, ids
+    tokens = ids.shape[0]
+    shared_ids = torch.arange(shape.experts, shape.stacked, device=ids.device)
+    return (
+        torch.cat([weights, weights.new_ones(tokens, shape.shared)], dim=1),
+        torch.cat([ids, shared_ids.to(ids.dtype).expand(tokens, -1)], dim=1),
+    )
 
 
 @dataclass(frozen=True)
@@ -279,8 +312,8 @@ def tune_shape(shape: LayerShape, tokens: Sequence[int], layers: list[Layer], re
         step = make_step(shape, t, layers, bias, seed=t)
         outs: list[torch.Tensor] = []
         best: tuple[float, MoEKernelConfig] | None = None
-        for cfg in candidates(t * shape.top_k / shape.experts):
-            if cfg.block_m > 16 and t * shape.top_k < cfg.block_m:
+        for cfg in candidates(t * shape.pairs / shape.stacked):
+            if cfg.block_m > 16 and t * shape.pairs < cfg.block_m:
                 continue  # every block mostly padding
             try:
                 fused = partial(step.fused, outs, cfg, "grouped")
@@ -294,7 +327,7 @@ def tune_shape(shape: LayerShape, tokens: Sequence[int], layers: list[Layer], re
             print(f"  T={t}: {best[0] * 1e6:.1f} µs with {best[1]}", file=sys.stderr)
             best_rows.append((t, best[1], best[0]))
     dtype = str(layers[0].w13.dtype).removeprefix("torch.")
-    key = (shape.experts, shape.hidden, shape.intermediate, shape.top_k, dtype)
+    key = (shape.stacked, shape.hidden, shape.intermediate, shape.pairs, dtype)
     name = device_name()
     print(f"    # {shape.name}, tuned on {name} by `python -m bench.moe_kernel --tune`")
     print(f"    {key}: (")
@@ -368,14 +401,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     for name in args.shape or DEFAULT_SHAPES:
         shape = SHAPES[name]
-        if args.path == "routed" and shape.grouped:
+        if args.path == "routed" and (shape.grouped or shape.shared):
             print(
                 f"\n## {name}: skipped (--path routed folds softmax routing; it routes by groups)"
             )
             continue
         layers = make_layers(shape, args.layers, device, dtype)
         print(
-            f"\n## {name}: {shape.experts} experts, top-{shape.top_k}, hidden {shape.hidden}, "
+            f"\n## {name}: {shape.experts} experts"
+            + (f" and {shape.shared} shared (fused)" if shape.shared else "")
+            + f", top-{shape.top_k}, hidden {shape.hidden}, "
             f"expert intermediate {shape.intermediate} "
             f"({shape.expert_bytes(dtype) / 2**20:.1f} MiB per expert); path {args.path}"
             + (f", {args.small_tiles}" if args.path != "grouped" else "")

@@ -17,6 +17,7 @@
 #   run(command="bash bench/gpu/session.sh j", carry=[".whl"])   # split sampling, MoE prefill
 #   run(command="bash bench/gpu/session.sh k", carry=[".whl"])   # extend attention tiles
 #   run(command="bash bench/gpu/session.sh l", carry=[".whl"])   # extend tiles by length
+#   run(command="bash bench/gpu/session.sh m", carry=[".whl"])   # pinned rows, fused-shape tune
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -234,5 +235,20 @@ l)
   step llama 50 python3 -m bench.engine --preset llama3-8b --skip-hf --decode '' \
     --prefill 64x128,8x2048,1x8192 --repeats 2
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l"; exit 2 ;;
+m)
+  # The pinned per-token rows (StagedUpload) and Moonlight's fused-shared MoE shape (about 470
+  # s): greedy tokens through the new upload, the prefills, the host during the longest gaps,
+  # then the grouped GEMM tuned for the stacked 66-expert shape at prefill token counts (paste
+  # the rows into fused_moe_configs.TUNED under (66, 2048, 1408, 8, "bfloat16")).
+  TAIL=12 step greedy 70 python3 -m bench.gpu.greedy_gpu
+  step moonlight 50 python3 -m bench.engine --preset moonlight-16b-a3b --skip-hf --decode '' \
+    --prefill 64x128,8x2048 --repeats 3
+  step qwen3 45 python3 -m bench.engine --preset qwen3-30b-a3b --skip-hf --decode '' \
+    --prefill 64x128,8x2048 --repeats 2
+  TAIL=30 step profile_moonlight 60 python3 -m bench.profile_decode \
+    --preset moonlight-16b-a3b --decode '' --profile-prefill 8x2048 --top 6 --disable-cuda-graph
+  TAIL=20 step tune_moonlight 240 python3 -m bench.moe_kernel --tune \
+    --shape moonlight-16b-a3b-fused --tokens 1024,8192,16384 --reps 5 --layers 2
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m"; exit 2 ;;
 esac
