@@ -182,12 +182,15 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
         for cfg in configs:
             for gate_up in (True, False):
                 label = "tuned " if cfg in tuned and cfg not in defaults else ""
+                w_desc = f"tensordesc<{dtype}[{cfg.block_n}, {cfg.block_k}]>"
+                a_desc = f"tensordesc<{dtype}[{cfg.block_m}, {cfg.block_k}]>"
                 add(
                     f"grouped_gemm {dtype} {label}{'gate-up' if gate_up else 'down'} {cfg}",
-                    fused_moe.grouped_gemm_kernel,
+                    fused_moe.grouped_gemm_tma_kernel if cfg.tma else fused_moe.grouped_gemm_kernel,
                     {
-                        "a": f"*{dtype}",
+                        "a": f"*{dtype}" if gate_up or not cfg.tma else a_desc,
                         "w": f"*{dtype}",
+                        "w_desc": w_desc,
                         "c": f"*{dtype}",
                         "sorted_pairs": i32,
                         "block_expert": i32,

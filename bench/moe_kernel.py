@@ -312,6 +312,7 @@ def tune_shape(shape: LayerShape, tokens: Sequence[int], layers: list[Layer], re
         step = make_step(shape, t, layers, bias, seed=t)
         outs: list[torch.Tensor] = []
         best: tuple[float, MoEKernelConfig] | None = None
+        best_by_kind: dict[bool, float] = {}  # the fastest without and with TMA loads
         for cfg in candidates(t * shape.pairs / shape.stacked):
             if cfg.block_m > 16 and t * shape.pairs < cfg.block_m:
                 continue  # every block mostly padding
@@ -323,6 +324,13 @@ def tune_shape(shape: LayerShape, tokens: Sequence[int], layers: list[Layer], re
                 continue
             if best is None or seconds < best[0]:
                 best = (seconds, cfg)
+            best_by_kind[cfg.tma] = min(seconds, best_by_kind.get(cfg.tma, seconds))
+        if len(best_by_kind) == 2:
+            print(
+                f"  T={t}: pointer loads {best_by_kind[False] * 1e6:.1f} µs, TMA "
+                f"{best_by_kind[True] * 1e6:.1f} µs",
+                file=sys.stderr,
+            )
         if best is not None:
             print(f"  T={t}: {best[0] * 1e6:.1f} µs with {best[1]}", file=sys.stderr)
             best_rows.append((t, best[1], best[0]))

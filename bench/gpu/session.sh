@@ -18,6 +18,7 @@
 #   run(command="bash bench/gpu/session.sh k", carry=[".whl"])   # extend attention tiles
 #   run(command="bash bench/gpu/session.sh l", carry=[".whl"])   # extend tiles by length
 #   run(command="bash bench/gpu/session.sh m", carry=[".whl"])   # pinned rows, fused-shape tune
+#   run(command="bash bench/gpu/session.sh n", carry=[".whl"])   # grouped GEMMs through TMA
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -250,5 +251,22 @@ m)
   TAIL=20 step tune_moonlight 240 python3 -m bench.moe_kernel --tune \
     --shape moonlight-16b-a3b-fused --tokens 1024,8192,16384 --reps 5 --layers 2
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m"; exit 2 ;;
+n)
+  # The grouped GEMMs through TMA loads (about 480 s): tune both prefill shapes with and
+  # without, merge the rows into this copy's TUNED (apply_tuned.py), check the fused layer
+  # against the reference at a prefill's token count, then time the prefills.
+  TAIL=10 step tune_moonlight 150 python3 -m bench.moe_kernel --tune \
+    --shape moonlight-16b-a3b-fused --tokens 1024,8192,16384 --reps 5 --layers 2
+  TAIL=10 step tune_qwen3 150 python3 -m bench.moe_kernel --tune \
+    --shape qwen3-30b-a3b --tokens 1024,8192,16384 --reps 5 --layers 2
+  TAIL=4 step apply 10 python3 bench/gpu/apply_tuned.py "$OUT/tune_moonlight.txt" \
+    "$OUT/tune_qwen3.txt"
+  TAIL=6 step check 40 python3 -m bench.moe_kernel --shape moonlight-16b-a3b-fused \
+    --shape qwen3-30b-a3b --tokens 8192 --path grouped --reps 3 --layers 2
+  TAIL=8 step moonlight 50 python3 -m bench.engine --preset moonlight-16b-a3b --skip-hf \
+    --decode '' --prefill 64x128,8x2048 --repeats 3
+  TAIL=8 step qwen3 45 python3 -m bench.engine --preset qwen3-30b-a3b --skip-hf --decode '' \
+    --prefill 64x128,8x2048 --repeats 2
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n"; exit 2 ;;
 esac

@@ -14,6 +14,10 @@ captured in a CUDA graph at a fixed batch size):
 2. `grouped_gemm_kernel` with `GATE_UP`: for every block, `x[pair // top_k] @ w13[e].T`, the
    gate and up halves in two accumulators, stored as `silu(gate) * up` `[N, I]`.
 3. `grouped_gemm_kernel` without it: `act[pair] @ w2[e].T` `[N, H]`, in the pair's row.
+   With a configuration's `tma`, `grouped_gemm_tma_kernel` runs both GEMMs instead: the
+   weight tiles come through the tensor-memory accelerator, and the activation is stored in
+   the sorted rows' order (`[max_rows, I]`), so that the down GEMM loads each block's rows
+   as one slab that way too.
 4. `combine_kernel`: `out[t] = sum_j weight[t, j] * y[t * top_k + j]` in float32.
 
 Up to `SMALL_BATCH_PAIRS` pairs (or one token), `engine.kernels.fused_moe_small` computes the
@@ -292,6 +296,92 @@ def grouped_gemm_kernel(
 
 
 @triton.jit
+def grouped_gemm_tma_kernel(
+    a,  # GATE_UP: x [T, K] (pointer loads: its rows are gathered); else its descriptor:
+    # act [max_rows, K] in sorted-row order, [BLOCK_M, BLOCK_K] blocks
+    w_desc,  # [E * W_ROWS, K], [BLOCK_N, BLOCK_K] blocks: w13 or w2 with its experts stacked
+    c,  # GATE_UP: act [max_rows, N_OUT] in sorted-row order; else [N, N_OUT] in pair order
+    sorted_pairs,  # [max_rows] int32
+    block_expert,  # [max_blocks] int32
+    num_rows,  # [1] int32
+    num_pairs,
+    N_OUT,
+    K,
+    stride_am,
+    stride_cm,
+    TOP_K: tl.constexpr,
+    GATE_UP: tl.constexpr,
+    EXACT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """`grouped_gemm_kernel` with the weight tiles (and the down GEMM's activation tiles)
+    loaded by the tensor-memory accelerator. The gate-up GEMM writes its activation in the
+    sorted rows' order, so that each block of the down GEMM reads one contiguous
+    `[BLOCK_M, K]` slab of it; the down GEMM writes each row at its pair, as the other kernel
+    does. Tiles past an expert's last column read the next expert's rows (the 2-D view
+    stacks them): those columns are never stored. Past K the loads fill zeros."""
+    pdl.start(PDL)
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(tl.load(num_rows), BLOCK_M)
+    num_n = tl.cdiv(N_OUT, BLOCK_N)
+    per_group = GROUP_M * num_n
+    group_first = pid // per_group * GROUP_M
+    group_size = tl.minimum(num_m - group_first, GROUP_M)
+    if group_size <= 0:
+        return
+    pid_m = group_first + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+    expert = tl.load(block_expert + pid_m)
+    if expert < 0:
+        return
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_pairs + rows)
+    row_ok = pair < num_pairs
+    pair = pair.to(tl.int64)
+    w_rows = 2 * N_OUT if GATE_UP else N_OUT
+    w_row = expert * w_rows + pid_n * BLOCK_N
+    ks = tl.arange(0, BLOCK_K)
+    if GATE_UP:
+        a_row = tl.where(row_ok, pair // TOP_K, 0)
+        a_ptr = a + a_row[:, None] * stride_am + ks[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if GATE_UP:
+            a_tile = tl.load(a_ptr, mask=row_ok[:, None] & (ks[None, :] < K - k0), other=0.0)
+            a_ptr += BLOCK_K
+        else:
+            a_tile = a.load([pid_m * BLOCK_M, k0])
+        w_tile = w_desc.load([w_row, k0])  # [BLOCK_N, BLOCK_K]
+        if EXACT_FP32:
+            acc = tl.dot(a_tile, tl.trans(w_tile), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a_tile, tl.trans(w_tile), acc)
+        if GATE_UP:
+            u_tile = w_desc.load([w_row + N_OUT, k0])
+            if EXACT_FP32:
+                acc_up = tl.dot(a_tile, tl.trans(u_tile), acc_up, input_precision="ieee")
+            else:
+                acc_up = tl.dot(a_tile, tl.trans(u_tile), acc_up)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N_OUT
+    if GATE_UP:
+        acc = acc * tl.sigmoid(acc) * acc_up  # SiLU(gate) * up
+        # Every row of the block, padding included (zeros: its x rows were masked), so that
+        # the down GEMM's slab is defined throughout.
+        c_ptr = c + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :]
+        tl.store(c_ptr, acc.to(c.dtype.element_ty), mask=col_ok[None, :])
+    else:
+        c_ptr = c + pair[:, None] * stride_cm + cols[None, :]
+        tl.store(c_ptr, acc.to(c.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
 def combine_kernel(
     y,  # [T * TOP_K, H]
     topk_weights,  # [T, TOP_K]
@@ -448,10 +538,41 @@ def _grouped_gemm(
     top_k: int,
     gate_up: bool,
     cfg: MoEKernelConfig,
+    num_pairs: int,
 ) -> None:
     sorted_pairs, block_expert, num_rows = aligned
     n_out = out.shape[1]
     grid = (block_expert.numel() * triton.cdiv(n_out, cfg.block_n),)
+    if cfg.tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        w2d = w.reshape(-1, w.shape[2])  # the experts stacked: [E * rows, K]
+        w_desc = TensorDescriptor.from_tensor(w2d, [cfg.block_n, cfg.block_k])
+        a_arg = a if gate_up else TensorDescriptor.from_tensor(a, [cfg.block_m, cfg.block_k])
+        grouped_gemm_tma_kernel[grid](
+            a_arg,
+            w_desc,
+            out,
+            sorted_pairs,
+            block_expert,
+            num_rows,
+            num_pairs,
+            n_out,
+            a.shape[1],
+            a.stride(0),
+            out.stride(0),
+            TOP_K=top_k if gate_up else 1,
+            GATE_UP=gate_up,
+            EXACT_FP32=a.dtype == torch.float32,
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k,
+            GROUP_M=cfg.group_m,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+            **pdl.launch_args(a),
+        )
+        return
     grouped_gemm_kernel[grid](
         a,
         w,
@@ -459,7 +580,7 @@ def _grouped_gemm(
         sorted_pairs,
         block_expert,
         num_rows,
-        out.shape[0],
+        num_pairs,
         n_out,
         a.shape[1],
         a.stride(0),
@@ -511,10 +632,12 @@ def fused_moe(
         return small_batch_moe(x, w13, w2, topk_weights, topk_ids)
     cfg = config or kernel_config(num_tokens, num_experts, hidden, inter, top_k, x.dtype)
     aligned = align_block_size(topk_ids, num_experts, cfg.block_m)
-    act = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)  # [N, I]
-    _grouped_gemm(x, w13, act, aligned, top_k, True, cfg)
+    # [N, I] in pair order; with `tma`, [max_rows, I] in the sorted rows' order.
+    act_rows = aligned[0].numel() if cfg.tma else num_pairs
+    act = torch.empty(act_rows, inter, dtype=x.dtype, device=x.device)
+    _grouped_gemm(x, w13, act, aligned, top_k, True, cfg, num_pairs)
     y = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)  # [N, H]
-    _grouped_gemm(act, w2, y, aligned, top_k, False, cfg)
+    _grouped_gemm(act, w2, y, aligned, top_k, False, cfg, num_pairs)
     block_h = min(1024, triton.next_power_of_2(hidden))
     combine_kernel[(num_tokens, triton.cdiv(hidden, block_h))](
         y, topk_weights, topk_ids, out, hidden, num_experts, TOP_K=top_k, BLOCK_H=block_h,

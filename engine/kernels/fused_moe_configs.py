@@ -28,6 +28,9 @@ class MoEKernelConfig:
     group_m: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    # `grouped_gemm_tma_kernel`: weight tiles (and the down GEMM's activation) loaded by the
+    # tensor-memory accelerator (Hopper and later; Triton's interpreter runs it on the CPU).
+    tma: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
@@ -50,11 +53,12 @@ TUNED: dict[ShapeKey, tuple[tuple[int, MoEKernelConfig], ...]] = {
         (4, MoEKernelConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=3)),  # 87.0 µs
         (16, MoEKernelConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=3)),  # 201.1 µs
         (64, MoEKernelConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=4)),  # 331.5 µs
-        # Prefill, from `--tune --tokens 1024,8192,16384 --reps 5` (the candidates for experts
-        # of over 64 rows): 383.4 / 1,333.9 / 2,468.8 µs.
-        (1024, MoEKernelConfig(64, 64, 64, group_m=8, num_warps=4, num_stages=3)),
-        (8192, MoEKernelConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3)),
-        (16384, MoEKernelConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3)),
+        # Prefill, from `--tune --tokens 1024,8192,16384 --reps 5 --layers 2` (the candidates
+        # for experts of over 64 rows, with and without TMA loads): 379.6 / 1,296.5 / 2,338.2
+        # µs; the best with pointer loads at 8,192 and 16,384: 1,329.2 / 2,416.0.
+        (1024, MoEKernelConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=4)),
+        (8192, MoEKernelConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3, tma=True)),
+        (16384, MoEKernelConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3, tma=True)),
     ),
     # Moonlight-16B-A3B, tuned on an NVIDIA H200 by `python -m bench.moe_kernel --tune --shape
     # moonlight-16b-a3b --tokens 1,4,16,64 --reps 10`.
@@ -69,9 +73,17 @@ TUNED: dict[ShapeKey, tuple[tuple[int, MoEKernelConfig], ...]] = {
         (16384, MoEKernelConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3)),
     ),
 }
-# Moonlight with its 2 shared experts fused (66 stacked experts, 8 pairs a token): the routed
-# shape's rows, not re-tuned (every token adds one full block on each shared expert).
-TUNED[(66, 2048, 1408, 8, "bfloat16")] = TUNED[(64, 2048, 1408, 6, "bfloat16")]
+# Moonlight with its 2 shared experts fused (66 stacked experts, 8 pairs a token, what the
+# engine runs): the routed shape's decode rows; prefill tuned on an NVIDIA H200 (`--tune --shape
+# moonlight-16b-a3b-fused --tokens 1024,8192,16384 --reps 5 --layers 2`): 458.4 / 1,980.8 /
+# 3,769.3 µs, against 461.9 / 2,025.3 / 3,954.5 with pointer loads.
+_TMA_TILES = MoEKernelConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3, tma=True)
+TUNED[(66, 2048, 1408, 8, "bfloat16")] = (
+    *TUNED[(64, 2048, 1408, 6, "bfloat16")][:4],
+    (1024, _TMA_TILES),
+    (8192, _TMA_TILES),
+    (16384, _TMA_TILES),
+)
 
 
 def default_config(
@@ -100,10 +112,12 @@ def candidates(rows_per_expert: float = 0.0) -> list[MoEKernelConfig]:
     rows (72 for decode, 40 for prefill: a few minutes per shape on an H200). Narrow column
     tiles give a decode step's few blocks enough programs to fill the device; a prefill's
     hundreds of rows an expert make the matmul the work, which wants large tiles (not 128 x
-    256: the gate-up GEMM's two accumulators would not fit the registers)."""
+    256: the gate-up GEMM's two accumulators would not fit the registers), each with and
+    without the tensor-memory accelerator's loads (`tma`)."""
     if rows_per_expert > 64:
         return [
-            MoEKernelConfig(block_m, block_n, block_k, 8, warps, stages)
+            MoEKernelConfig(block_m, block_n, block_k, 8, warps, stages, tma)
+            for tma in (False, True)
             for block_m, block_n in ((64, 64), (64, 128), (64, 256), (128, 64), (128, 128))
             for block_k in (64, 128)
             for warps in (4, 8)

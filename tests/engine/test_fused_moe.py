@@ -125,10 +125,22 @@ def test_fused_moe_matches_torch_float16(tokens, top_k):
     [
         MoEKernelConfig(16, 32, 32, group_m=4),  # tiles wider than I and H's tail
         MoEKernelConfig(32, 16, 16, group_m=2),  # taller blocks: more padding rows
+        # The tensor-memory-accelerator kernel: tiles past an expert's columns read the next
+        # expert's rows (never stored), K's tail zero-filled, the activation in sorted order.
+        MoEKernelConfig(16, 32, 32, group_m=4, tma=True),
+        MoEKernelConfig(32, 16, 16, group_m=2, tma=True),
     ],
 )
 def test_fused_moe_tile_shapes(cfg):
     check(21, 8, 4, "qwen", torch.float32, hidden=72, inter=40, cfg=cfg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tokens,top_k", [(1, 8), (19, 3)])
+def test_fused_moe_tma_kernel(tokens, top_k, dtype):
+    """The TMA kernel on DeepSeek's routing (experts with no pair, a float32 weight dtype)
+    and its chunked align."""
+    check(tokens, 16, top_k, "deepseek", dtype, cfg=MoEKernelConfig(16, 16, 16, tma=True))
 
 
 @pytest.mark.parametrize("small_batch", [False, True])
