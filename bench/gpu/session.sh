@@ -19,6 +19,7 @@
 #   run(command="bash bench/gpu/session.sh l", carry=[".whl"])   # extend tiles by length
 #   run(command="bash bench/gpu/session.sh m", carry=[".whl"])   # pinned rows, fused-shape tune
 #   run(command="bash bench/gpu/session.sh n", carry=[".whl"])   # grouped GEMMs through TMA
+#   run(command="bash bench/gpu/session.sh o", carry=[".whl"])   # decode profiles, batch 256
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -268,5 +269,20 @@ n)
   TAIL=8 step qwen3 45 python3 -m bench.engine --preset qwen3-30b-a3b --skip-hf --decode '' \
     --prefill 64x128,8x2048 --repeats 2
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n"; exit 2 ;;
+o)
+  # Where decode time goes now (about 420 s): Qwen3-30B-A3B at batch 1 and Llama-3-8B at 64
+  # (the open targets), MoE decode at batch 256 (not measured lately), Moonlight's prefill
+  # against transformers in the same run.
+  TAIL=45 step profile_qwen3 70 python3 -m bench.profile_decode --preset qwen3-30b-a3b \
+    --decode 1x128 --top 24
+  TAIL=45 step profile_llama 60 python3 -m bench.profile_decode --preset llama3-8b \
+    --decode 64x128 --top 24
+  TAIL=10 step qwen3_decode 70 python3 -m bench.engine --preset qwen3-30b-a3b --skip-hf \
+    --prefill '' --decode 1x128,64x128,256x128 --repeats 2
+  TAIL=10 step moonlight_decode 70 python3 -m bench.engine --preset moonlight-16b-a3b \
+    --skip-hf --prefill '' --decode 1x128,64x128,256x128 --repeats 2
+  TAIL=10 step moonlight_hf 130 python3 -m bench.engine --preset moonlight-16b-a3b \
+    --decode '' --prefill 64x128,8x2048 --repeats 3
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o"; exit 2 ;;
 esac
