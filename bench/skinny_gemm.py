@@ -118,21 +118,23 @@ def make_weights(
 
 
 def parse_tiles(text: str) -> list[SkinnyTiles]:
-    """`dot|fma|pf:block_n:block_k[:split_k[:warps[:stages]]]`, comma-separated (`pf`: the
-    CUDA cores with W's tiles prefetched one step ahead)."""
+    """`dot|tma|fma|pf:block_n:block_k[:split_k[:warps[:stages]]]`, comma-separated (`tma`:
+    the tensor cores with tiles loaded by the tensor-memory accelerator; `pf`: the CUDA cores
+    with W's tiles prefetched one step ahead)."""
     tiles = []
     for item in text.split(","):
         kind, *numbers = item.split(":")
-        if kind not in ("dot", "fma", "pf") or not 2 <= len(numbers) <= 5:
+        if kind not in ("dot", "tma", "fma", "pf") or not 2 <= len(numbers) <= 5:
             raise argparse.ArgumentTypeError(
-                f"expected dot|fma|pf:block_n:block_k[:split_k[:warps[:stages]]], got {item!r}"
+                f"expected dot|tma|fma|pf:block_n:block_k[:split_k[:warps[:stages]]], got {item!r}"
             )
         values = [int(v) for v in numbers]
         names = ("block_n", "block_k", "split_k", "num_warps", "num_stages")
         try:
             tiles.append(
                 SkinnyTiles(
-                    dot=kind == "dot",
+                    dot=kind in ("dot", "tma"),
+                    tma=kind == "tma",
                     prefetch=kind == "pf",
                     **dict(zip(names, values, strict=False)),
                 )

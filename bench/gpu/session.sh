@@ -20,6 +20,7 @@
 #   run(command="bash bench/gpu/session.sh m", carry=[".whl"])   # pinned rows, fused-shape tune
 #   run(command="bash bench/gpu/session.sh n", carry=[".whl"])   # grouped GEMMs through TMA
 #   run(command="bash bench/gpu/session.sh o", carry=[".whl"])   # decode profiles, batch 256
+#   run(command="bash bench/gpu/session.sh p", carry=[".whl"])   # skinny GEMM through TMA
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -284,5 +285,17 @@ o)
   TAIL=10 step moonlight_hf 130 python3 -m bench.engine --preset moonlight-16b-a3b \
     --decode '' --prefill 64x128,8x2048 --repeats 3
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o"; exit 2 ;;
+p)
+  # The skinny GEMM through TMA loads at a 64-row decode (about 300 s): Llama-3-8B's QKV, O
+  # and down (cuBLAS 1.2-1.6x their bytes there), and the gate-up with its SiLU.
+  TILES=tma:64:64:1:4:8,tma:64:64:2:4:8,tma:32:64:1:4:8,tma:32:64:2:4:10,tma:32:128:1:4:4
+  TILES=$TILES,tma:32:128:2:4:4,tma:16:128:1:4:6,tma:16:256:1:4:4,tma:64:128:1:4:4
+  TILES=$TILES,tma:64:128:2:4:4,tma:128:64:1:4:6,tma:128:64:2:8:6,dot:32:128:1:4:4
+  TAIL=40 step skinny 240 python3 -m bench.skinny_gemm --shapes qkv,o,down --rows 64 \
+    --reps 10 --tiles "$TILES"
+  TAIL=12 step skinny_gate_up 120 python3 -m bench.skinny_gemm --shapes gate_up_silu \
+    --rows 64 --reps 10 \
+    --tiles dot:64:128,tma:64:128:1:4:3,tma:64:64:1:4:6,tma:32:128:1:4:4,tma:128:64:1:8:4
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p"; exit 2 ;;
 esac

@@ -153,9 +153,78 @@ def _skinny_gemm_kernel(
     acc = tl.trans(acc) if DOT else tl.sum(acc, 1)[None, :]  # [BM, BN]
     if GATED:
         acc_u = tl.trans(acc_u) if DOT else tl.sum(acc_u, 1)[None, :]
-    mask = m_ok[:, None] & n_ok[None, :]
+    _store_rows(
+        acc, acc_u, rows_m, rows_n, M, N, bias_ptr, y_ptr, part_ptr, pid_s,
+        stride_ym, stride_ps, stride_pm, HAS_BIAS, DIRECT, GATED,
+    )  # fmt: skip
+
+
+@triton.jit
+def _skinny_gemm_tma_kernel(
+    x_desc,  # [M, K], [BLOCK_M, BLOCK_K] blocks
+    w_desc,  # [N or 2N, K], [BLOCK_N, BLOCK_K] blocks
+    bias_ptr,
+    y_ptr,
+    part_ptr,
+    M,
+    N,
+    K,
+    split_len,
+    stride_ym,
+    stride_ps,
+    stride_pm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DIRECT: tl.constexpr,
+    GATED: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """The tensor-core path of `_skinny_gemm_kernel` with W's and x's tiles loaded by the
+    tensor-memory accelerator: no per-element addresses, and the loads of the software
+    pipeline's stages are each one instruction. Splits are whole K tiles, so a tile never
+    reaches into the next split; past K (and past M's and 2N's rows) the loads fill zeros.
+    A GATED tile past N reads up rows, whose columns are never stored."""
+    pdl.start(PDL)
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    n0 = pid_n * BLOCK_N
+    m0 = pid_m * BLOCK_M
+    k_start = pid_s * split_len
+    k_stop = tl.minimum(k_start + split_len, K)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)  # y.T
+    acc_u = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for k0 in range(k_start, k_stop, BLOCK_K):
+        w = w_desc.load([n0, k0])  # [BN, BK]
+        x = x_desc.load([m0, k0])  # [BM, BK]
+        acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
+        if GATED:
+            u = w_desc.load([N + n0, k0])
+            acc_u = tl.dot(u, tl.trans(x), acc_u, input_precision=PRECISION)
+    rows_n = n0 + tl.arange(0, BLOCK_N)
+    rows_m = m0 + tl.arange(0, BLOCK_M)
+    _store_rows(
+        tl.trans(acc), tl.trans(acc_u), rows_m, rows_n, M, N, bias_ptr, y_ptr, part_ptr, pid_s,
+        stride_ym, stride_ps, stride_pm, HAS_BIAS, DIRECT, GATED,
+    )  # fmt: skip
+
+
+@triton.jit
+def _store_rows(
+    acc, acc_u, rows_m, rows_n, M, N, bias_ptr, y_ptr, part_ptr, pid_s,
+    stride_ym, stride_ps, stride_pm,
+    HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, GATED: tl.constexpr,
+):  # fmt: skip
+    """The epilogue: `acc` (and `acc_u`) `[BM, BN]` float32 sums of rows `rows_m` of y and
+    its columns `rows_n`; DIRECT: y with the bias (and silu(gate) * up), else this split's
+    partial (the up sums at column N + j)."""
+    mask = (rows_m < M)[:, None] & (rows_n < N)[None, :]
     if DIRECT:
         if HAS_BIAS:
+            n_ok = rows_n < N
             acc += tl.load(bias_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             if GATED:
                 bias_u = tl.load(bias_ptr + N + rows_n, mask=n_ok, other=0.0)
@@ -230,10 +299,13 @@ class SkinnyTiles:
     num_warps: int = 4
     num_stages: int = 3
     prefetch: bool = False  # CUDA cores only: W's tiles one step ahead, the first before PDL's wait
+    tma: bool = False  # tensor cores only: W's and x's tiles by the tensor-memory accelerator
 
     def __post_init__(self) -> None:
         if self.prefetch and self.dot:
             raise ValueError("prefetch is for the CUDA-core tiles (dot=False)")
+        if self.tma and not self.dot:
+            raise ValueError("tma is for the tensor-core tiles (dot=True)")
         smallest = 16 if self.dot else 1
         for name in ("block_n", "block_k"):
             value = getattr(self, name)
@@ -243,7 +315,7 @@ class SkinnyTiles:
             raise ValueError(f"split_k, num_warps and num_stages must be >= 1 in {self}")
 
     def label(self) -> str:
-        kind = "dot" if self.dot else "pf" if self.prefetch else "fma"
+        kind = "tma" if self.tma else "dot" if self.dot else "pf" if self.prefetch else "fma"
         split = f" split {self.split_k}" if self.split_k > 1 else ""
         return f"{kind} {self.block_n}x{self.block_k}{split} w{self.num_warps} s{self.num_stages}"
 
@@ -416,24 +488,46 @@ def _launch(
     else:
         part = torch.empty(split_k, m, rows, dtype=torch.float32, device=x.device)
     bias_arg = bias if bias is not None else y  # not read
-    _skinny_gemm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, tiles.block_n), split_k)](
-        x2, weight, bias_arg, y, part,
-        m, n, k, split_len,
-        x2.stride(0), weight.stride(0), y.stride(0), part.stride(0), part.stride(1),
-        BLOCK_M=block_m,
-        BLOCK_N=tiles.block_n,
-        BLOCK_K=tiles.block_k,
-        DOT=tiles.dot,
-        PRECISION=dot_precision(x),
-        EVEN_K=k % tiles.block_k == 0,
-        HAS_BIAS=bias is not None,
-        DIRECT=direct,
-        GATED=gated,
-        PREFETCH=tiles.prefetch,
-        num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
-        **pdl.launch_args(x2),
-    )  # fmt: skip
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, tiles.block_n), split_k)
+    if tiles.tma and _tma_ready(x2, weight):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        _skinny_gemm_tma_kernel[grid](
+            TensorDescriptor.from_tensor(x2, [block_m, tiles.block_k]),
+            TensorDescriptor.from_tensor(weight, [tiles.block_n, tiles.block_k]),
+            bias_arg, y, part,
+            m, n, k, split_len,
+            y.stride(0), part.stride(0), part.stride(1),
+            BLOCK_M=block_m,
+            BLOCK_N=tiles.block_n,
+            BLOCK_K=tiles.block_k,
+            PRECISION=dot_precision(x),
+            HAS_BIAS=bias is not None,
+            DIRECT=direct,
+            GATED=gated,
+            num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages,
+            **pdl.launch_args(x2),
+        )  # fmt: skip
+    else:  # the pointer kernel (also the TMA tiles' fallback)
+        _skinny_gemm_kernel[grid](
+            x2, weight, bias_arg, y, part,
+            m, n, k, split_len,
+            x2.stride(0), weight.stride(0), y.stride(0), part.stride(0), part.stride(1),
+            BLOCK_M=block_m,
+            BLOCK_N=tiles.block_n,
+            BLOCK_K=tiles.block_k,
+            DOT=tiles.dot,
+            PRECISION=dot_precision(x),
+            EVEN_K=k % tiles.block_k == 0,
+            HAS_BIAS=bias is not None,
+            DIRECT=direct,
+            GATED=gated,
+            PREFETCH=tiles.prefetch,
+            num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages,
+            **pdl.launch_args(x2),
+        )  # fmt: skip
     if not direct:
         block = min(1024, triton.next_power_of_2(n))
         _split_sum_kernel[(m, triton.cdiv(n, block))](
@@ -447,3 +541,11 @@ def _launch(
             **pdl.launch_args(x2),
         )  # fmt: skip
     return y.view(*x.shape[:-1], n)
+
+
+def _tma_ready(x2: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the TMA kernel can take these operands: 16-byte aligned bases and row strides
+    (the descriptors' rule); otherwise the pointer kernel runs the same tiles."""
+    return all(
+        t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in (x2, weight)
+    )

@@ -85,7 +85,8 @@ def test_every_tile_configuration_gives_the_same_result(m: int) -> None:
     want = reference(x, w, b)
     extra = (SkinnyTiles(16, 64, split_k=3), SkinnyTiles(8, 32, split_k=4, dot=False),
              SkinnyTiles(8, 32, split_k=4, dot=False, prefetch=True),
-             SkinnyTiles(4, 128, dot=False, prefetch=True))  # fmt: skip
+             SkinnyTiles(4, 128, dot=False, prefetch=True),
+             SkinnyTiles(16, 64, split_k=3, tma=True), SkinnyTiles(32, 64, tma=True))  # fmt: skip
     for tiles in (*TILE_CONFIGS, *extra):
         got = skinny_linear(x, w, b, tiles)
         close(got, want, torch.float32)
@@ -95,15 +96,27 @@ def test_every_tile_configuration_gives_the_same_result(m: int) -> None:
 def test_float16_tensor_cores_and_cuda_cores_agree() -> None:
     x, w, b = make(3, 45, 520, torch.float16, seed=4)
     want = reference(x, w, b)
-    for tiles in (GEMV_TILES, DOT_TILES[-1], SkinnyTiles(16, 64, split_k=3)):
+    for tiles in (GEMV_TILES, DOT_TILES[-1], SkinnyTiles(16, 64, split_k=3),
+                  SkinnyTiles(16, 64, tma=True)):  # fmt: skip
         close(skinny_linear(x, w, b, tiles), want, torch.float16)
 
 
 def test_more_rows_than_one_program_holds() -> None:
     """70 rows: two row blocks of 64 on the tensor cores, 70 programs of one on the CUDA cores."""
     x, w, b = make(70, 45, 100, torch.float32, seed=5)
-    for tiles in (DOT_TILES[-1], GEMV_TILES):
+    for tiles in (DOT_TILES[-1], GEMV_TILES, SkinnyTiles(16, 32, tma=True)):
         close(skinny_linear(x, w, b, tiles), reference(x, w, b), torch.float32)
+
+
+def test_tma_tiles_fall_back_on_unaligned_operands() -> None:
+    """x sliced one column in: its base is not 16-byte aligned, which a TMA descriptor
+    refuses; the pointer kernel runs the same tiles, with the same result."""
+    x, w, b = make(3, 45, 101, torch.float32, seed=8)
+    tiles = SkinnyTiles(16, 32, tma=True)
+    got = skinny_linear(x[:, 1:], w[:, 1:], b, tiles)
+    close(got, reference(x[:, 1:].contiguous(), w[:, 1:].contiguous(), b), torch.float32)
+    with pytest.raises(ValueError, match="tma is for the tensor-core tiles"):
+        SkinnyTiles(16, 64, dot=False, tma=True)
 
 
 def test_empty_and_leading_dimensions() -> None:
@@ -132,7 +145,8 @@ def test_gate_up_matches_the_unfused_path(m: int, n: int, k: int, dtype: torch.d
     applies the activation to the summed partials)."""
     x, w, b = make(m, n, k, dtype, seed=20 + m)
     tiles_list = [pick_tiles(m, n, k, dtype), GEMV_TILES, SkinnyTiles(16, 64, split_k=3),
-                  SkinnyTiles(8, 32, split_k=3, dot=False)]  # fmt: skip
+                  SkinnyTiles(8, 32, split_k=3, dot=False), SkinnyTiles(16, 64, tma=True),
+                  SkinnyTiles(16, 64, split_k=3, tma=True)]  # fmt: skip
     for bias in (b, None):
         want = gate_up_reference(x, w, bias, dtype)
         for tiles in tiles_list:
