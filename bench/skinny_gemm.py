@@ -118,14 +118,13 @@ def make_weights(
 
 
 def parse_tiles(text: str) -> list[SkinnyTiles]:
-    """`dot|tma|tmapf|fma|pf:block_n:block_k[:split_k[:warps[:stages]]]`, comma-separated
-    (`tma`: the tensor cores with tiles loaded by the tensor-memory accelerator, `tmapf` with
-    W's first tile loaded before the wait on the previous kernel; `pf`: the CUDA cores with
-    W's tiles prefetched one step ahead)."""
+    """`dot|tma|fma|pf:block_n:block_k[:split_k[:warps[:stages]]]`, comma-separated (`tma`:
+    the tensor cores with tiles loaded by the tensor-memory accelerator; `pf`: the CUDA cores
+    with W's tiles prefetched one step ahead)."""
     tiles = []
     for item in text.split(","):
         kind, *numbers = item.split(":")
-        if kind not in ("dot", "tma", "tmapf", "fma", "pf") or not 2 <= len(numbers) <= 5:
+        if kind not in ("dot", "tma", "fma", "pf") or not 2 <= len(numbers) <= 5:
             raise argparse.ArgumentTypeError(
                 f"expected dot|tma|fma|pf:block_n:block_k[:split_k[:warps[:stages]]], got {item!r}"
             )
@@ -134,9 +133,9 @@ def parse_tiles(text: str) -> list[SkinnyTiles]:
         try:
             tiles.append(
                 SkinnyTiles(
-                    dot=kind in ("dot", "tma", "tmapf"),
-                    tma=kind in ("tma", "tmapf"),
-                    prefetch=kind in ("pf", "tmapf"),
+                    dot=kind in ("dot", "tma"),
+                    tma=kind == "tma",
+                    prefetch=kind == "pf",
                     **dict(zip(names, values, strict=False)),
                 )
             )
@@ -220,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             for tiles in [*configs, *([rule] if rule not in configs else [])]:
                 if not tiles.dot and m > FMA_MAX_ROWS:
                     continue  # a program per row: not a candidate
-                if gated and tiles.prefetch and not tiles.tma:
+                if gated and tiles.prefetch:
                     continue  # the prefetching tiles read one row of W a column
                 label = tiles.label() + ("*" if tiles == rule else "")
                 try:

@@ -21,7 +21,6 @@
 #   run(command="bash bench/gpu/session.sh n", carry=[".whl"])   # grouped GEMMs through TMA
 #   run(command="bash bench/gpu/session.sh o", carry=[".whl"])   # decode profiles, batch 256
 #   run(command="bash bench/gpu/session.sh p", carry=[".whl"])   # skinny GEMM through TMA
-#   run(command="bash bench/gpu/session.sh q", carry=[".whl"])   # ... with W prefetched
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -298,13 +297,5 @@ p)
     --rows 64 --reps 10 \
     --tiles dot:64:128,tma:64:128:1:4:3,tma:64:64:1:4:6,tma:32:128:1:4:4,tma:128:64:1:8:4
   ;;
-q)
-  # The TMA skinny GEMM with W's first tile before the PDL wait, at 16 and 64 rows (about
-  # 120 s).
-  TILES=tma:64:64:1:4:8,tmapf:64:64:1:4:8,tma:64:128:2:4:4,tmapf:64:128:2:4:4
-  TILES=$TILES,tmapf:64:128:1:4:4,tmapf:32:128:2:4:4,tma:128:64:1:8:4,tmapf:128:64:1:8:4
-  TAIL=60 step skinny 200 python3 -m bench.skinny_gemm --shapes qkv,o,down,gate_up_silu \
-    --rows 16,64 --reps 10 --tiles "$TILES"
-  ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q"; exit 2 ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p"; exit 2 ;;
 esac

@@ -180,15 +180,14 @@ def _skinny_gemm_tma_kernel(
     HAS_BIAS: tl.constexpr,
     DIRECT: tl.constexpr,
     GATED: tl.constexpr,
-    PREFETCH: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """The tensor-core path of `_skinny_gemm_kernel` with W's and x's tiles loaded by the
     tensor-memory accelerator: no per-element addresses, and the loads of the software
     pipeline's stages are each one instruction. Splits are whole K tiles, so a tile never
     reaches into the next split; past K (and past M's and 2N's rows) the loads fill zeros.
-    A GATED tile past N reads up rows, whose columns are never stored. PREFETCH: W's first
-    tile is loaded before waiting on the previous kernel (W does not depend on it)."""
+    A GATED tile past N reads up rows, whose columns are never stored."""
+    pdl.start(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -198,20 +197,7 @@ def _skinny_gemm_tma_kernel(
     k_stop = tl.minimum(k_start + split_len, K)
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)  # y.T
     acc_u = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    k_first = k_start
-    if PREFETCH:
-        w = w_desc.load([n0, k_start])
-        if GATED:
-            u = w_desc.load([N + n0, k_start])
-        pdl.start(PDL)
-        x = x_desc.load([m0, k_start])
-        acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
-        if GATED:
-            acc_u = tl.dot(u, tl.trans(x), acc_u, input_precision=PRECISION)
-        k_first += BLOCK_K
-    else:
-        pdl.start(PDL)
-    for k0 in range(k_first, k_stop, BLOCK_K):
+    for k0 in range(k_start, k_stop, BLOCK_K):
         w = w_desc.load([n0, k0])  # [BN, BK]
         x = x_desc.load([m0, k0])  # [BM, BK]
         acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
@@ -312,14 +298,12 @@ class SkinnyTiles:
     dot: bool = True
     num_warps: int = 4
     num_stages: int = 3
-    # CUDA cores: W's tiles one step ahead, the first before PDL's wait; TMA: W's first tile
-    # before that wait.
-    prefetch: bool = False
+    prefetch: bool = False  # CUDA cores only: W's tiles one step ahead, the first before PDL's wait
     tma: bool = False  # tensor cores only: W's and x's tiles by the tensor-memory accelerator
 
     def __post_init__(self) -> None:
-        if self.prefetch and self.dot and not self.tma:
-            raise ValueError("prefetch is for the CUDA-core tiles (dot=False) or the TMA tiles")
+        if self.prefetch and self.dot:
+            raise ValueError("prefetch is for the CUDA-core tiles (dot=False)")
         if self.tma and not self.dot:
             raise ValueError("tma is for the tensor-core tiles (dot=True)")
         smallest = 16 if self.dot else 1
@@ -332,7 +316,6 @@ class SkinnyTiles:
 
     def label(self) -> str:
         kind = "tma" if self.tma else "dot" if self.dot else "pf" if self.prefetch else "fma"
-        kind += "+pf" if self.tma and self.prefetch else ""
         split = f" split {self.split_k}" if self.split_k > 1 else ""
         return f"{kind} {self.block_n}x{self.block_k}{split} w{self.num_warps} s{self.num_stages}"
 
@@ -453,7 +436,7 @@ def skinny_gate_up(
     different order from cuBLAS's."""
     if weight.dim() == 2 and weight.shape[0] % 2:
         raise ValueError(f"a gate-up weight has an even number of rows, got {weight.shape[0]}")
-    if tiles is not None and tiles.prefetch and not tiles.tma:
+    if tiles is not None and tiles.prefetch:
         raise ValueError("prefetching tiles are for skinny_linear (the gate-up reads two rows)")
     return _launch(x, weight, bias, tiles, gated=True)
 
@@ -522,7 +505,6 @@ def _launch(
             HAS_BIAS=bias is not None,
             DIRECT=direct,
             GATED=gated,
-            PREFETCH=tiles.prefetch,
             num_warps=tiles.num_warps,
             num_stages=tiles.num_stages,
             **pdl.launch_args(x2),
@@ -541,7 +523,7 @@ def _launch(
             HAS_BIAS=bias is not None,
             DIRECT=direct,
             GATED=gated,
-            PREFETCH=tiles.prefetch and not tiles.dot,  # TMA tiles falling back: no prefetch
+            PREFETCH=tiles.prefetch,
             num_warps=tiles.num_warps,
             num_stages=tiles.num_stages,
             **pdl.launch_args(x2),
