@@ -509,6 +509,36 @@ def add_small_batch_moe(add: Callable[..., None]) -> None:
         )
 
 
+def add_skinny_tma(
+    add: Callable[..., None], dtype: str, block_m: int, tiles: Any, gated: bool
+) -> None:
+    """The TMA skinny GEMM at one launch shape (its tiles come through descriptors)."""
+    add(
+        f"skinny_gemm {dtype} BLOCK_M={block_m} {tiles.label()}{' gated' if gated else ''}",
+        skinny_gemm._skinny_gemm_tma_kernel,
+        {
+            "x_desc": f"tensordesc<{dtype}[{block_m}, {tiles.block_k}]>",
+            "w_desc": f"tensordesc<{dtype}[{tiles.block_n}, {tiles.block_k}]>",
+            "bias_ptr": f"*{dtype}",
+            "y_ptr": f"*{dtype}",
+            "part_ptr": "*fp32",
+        },
+        {
+            "BLOCK_M": block_m,
+            "BLOCK_N": tiles.block_n,
+            "BLOCK_K": tiles.block_k,
+            "PRECISION": "ieee" if dtype == "fp32" else "tf32",
+            "HAS_BIAS": False,
+            "DIRECT": tiles.split_k == 1,
+            "GATED": gated,
+            "PDL": 2,
+        },
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
+        launch_pdl=True,
+    )
+
+
 def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
     """The skinny GEMM's launches that `pick_tiles` makes for Llama-3-8B's projections (and a
     narrow one that splits K) at 1 to 64 rows, with every argument a multiple of 16 as there;
@@ -540,12 +570,16 @@ def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
                 launch(dtype, 1, tiles)
     for (kind, _, _, dtype_name), rows in skinny_gemm.TUNED.items():
         dtype = {"bfloat16": "bf16", "float32": "fp32"}[dtype_name]
-        for max_rows, tiles in rows:
+        for max_rows, tuned in rows:
             for m in (1, 16, max_rows):
-                launch(dtype, m, tiles, gated=kind == "gate_up")
+                if tuned is not None:  # None: cuBLAS
+                    launch(dtype, m, tuned, gated=kind == "gate_up")
     divisible = ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "part_ptr", "K", "N", "split_len",
                  "stride_xm", "stride_wn", "stride_ym", "stride_ps", "stride_pm")  # fmt: skip
     for dtype, block_m, tiles, gated in sorted(launches, key=repr):
+        if tiles.tma:
+            add_skinny_tma(add, dtype, block_m, tiles, gated)
+            continue
         add(
             f"skinny_gemm {dtype} BLOCK_M={block_m} {tiles.label()}{' gated' if gated else ''}",
             skinny_gemm._skinny_gemm_kernel,

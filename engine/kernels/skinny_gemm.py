@@ -371,15 +371,27 @@ def pick_tiles(
 
 # Where the skinny GEMM beat cuBLAS on the H200 (`python -m bench.skinny_gemm`), per weight
 # shape: ("linear" or "gate_up", rows N of W, K, dtype) -> ((max_rows, tiles), ...) in
-# ascending order; a product of M rows takes the first row with M <= max_rows, and beyond the
-# last row (or for a shape not here) cuBLAS. `--gemm-backend auto` reads it on Hopper GPUs.
+# ascending order; a product of M rows takes the first row with M <= max_rows (tiles None:
+# cuBLAS), and beyond the last row (or for a shape not here) cuBLAS. `--gemm-backend auto`
+# reads it on Hopper GPUs.
 TunedKey = tuple[str, int, int, str]
-TUNED: dict[TunedKey, tuple[tuple[int, SkinnyTiles], ...]] = {
+TUNED: dict[TunedKey, tuple[tuple[int, SkinnyTiles | None], ...]] = {
     # Llama-3-8B's gate-up with silu(gate) * up in the epilogue, against cuBLAS followed by
     # fused.silu_and_mul: 57.4 / 59.5 / 59.1 / 63.9 µs against 62.9 / 59.1 / 61.4 / 66.1 µs
-    # at 1 / 4 / 16 / 64 rows (floor 55.5-56.1). The plain projections (QKV, O, down, gate-up
-    # alone) measured no faster than cuBLAS at any of those rows: not listed.
-    ("gate_up", 28672, 4096, "bfloat16"): ((64, SkinnyTiles(64, 128)),),
+    # at 1 / 4 / 16 / 64 rows (floor 55.5-56.1). At 64 rows the TMA tiles, 128 x 64 with 8
+    # warps and 4 stages, took 62.4-62.8 µs against 64.2-64.5 (`bench/gpu/session.sh p`;
+    # at 16 rows 60.1 against 59.0).
+    ("gate_up", 28672, 4096, "bfloat16"): (
+        (32, SkinnyTiles(64, 128)),
+        (64, SkinnyTiles(128, 64, num_warps=8, num_stages=4, tma=True)),
+    ),
+    # Llama-3-8B's down (4096 x 14336) at 16 and 64 rows: TMA tiles of 64 x 128, K split in
+    # two (the sum a second launch), 33.7 / 34.9-35.6 µs against cuBLAS's 34.2 / 37.4 (floor
+    # 27.8 / 28.2); at one row cuBLAS (32.7 against 35.3-39.3 for the pointer tiles).
+    ("linear", 4096, 14336, "bfloat16"): (
+        (1, None),
+        (64, SkinnyTiles(64, 128, split_k=2, num_stages=4, tma=True)),
+    ),
     # Qwen3-30B-A3B's O projection (2048 x 4096) at one row: 6.9 µs on the CUDA cores with
     # 4 x 1024 tiles and W prefetched a step ahead (7.3 without), against cuBLAS's 9.7 (a
     # split-K kernel and its reduce; floor 3.9). At 4 and 16 rows the rule's split tiles
@@ -387,9 +399,13 @@ TUNED: dict[TunedKey, tuple[tuple[int, SkinnyTiles], ...]] = {
     # cuBLAS at every row (8.2 against 8.4 at one).
     ("linear", 2048, 4096, "bfloat16"): ((1, SkinnyTiles(4, 1024, dot=False, prefetch=True)),),
     # Llama-3-8B's O projection (4096 x 4096) at one row: 12.0 µs with 8 x 512 prefetching
-    # tiles against cuBLAS's 13.6 (split-K and its reduce; floor 7.9). Its QKV and down: cuBLAS
-    # (15.9 against 15.9-16.9; 32.7 against 35.3-39.3).
-    ("linear", 4096, 4096, "bfloat16"): ((1, SkinnyTiles(8, 512, dot=False, prefetch=True)),),
+    # tiles against cuBLAS's 13.6 (split-K and its reduce; floor 7.9); at 16 and 64 rows the
+    # TMA tiles of 64 x 128, K split in two, 12.2 / 12.6 µs against 14.0 / 13.1. Its QKV:
+    # cuBLAS at every row (16.3-16.7 against 16.0-16.8 for the best TMA tiles).
+    ("linear", 4096, 4096, "bfloat16"): (
+        (1, SkinnyTiles(8, 512, dot=False, prefetch=True)),
+        (64, SkinnyTiles(64, 128, split_k=2, num_stages=4, tma=True)),
+    ),
 }
 
 

@@ -29,10 +29,12 @@ from engine.kernels.skinny_gemm import (
     GEMV_TILES,
     SM_COUNT,
     TILE_CONFIGS,
+    TUNED,
     SkinnyTiles,
     pick_tiles,
     skinny_gate_up,
     skinny_linear,
+    tuned_tiles,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -198,3 +200,16 @@ def test_rule_fills_the_device(m: int, n: int, k: int) -> None:
     if (n, k) in LLAMA3_8B:
         assert tiles.split_k == 1  # one launch: no second pass to sum splits
     assert pick_tiles(m, n, k, torch.float32).block_k == tiles.block_k // 2
+
+
+def test_tuned_table_rows() -> None:
+    """Rows ascend per shape; a None row is cuBLAS, and so is every row count past the last."""
+    for rows in TUNED.values():
+        limits = [max_rows for max_rows, _ in rows]
+        assert limits == sorted(set(limits)), rows
+    bf16 = torch.bfloat16
+    assert tuned_tiles("linear", 1, 4096, 14336, bf16) is None  # cuBLAS at one row
+    down = tuned_tiles("linear", 64, 4096, 14336, bf16)
+    assert down is not None and down.tma and down.split_k == 2
+    assert tuned_tiles("linear", 65, 4096, 14336, bf16) is None
+    assert tuned_tiles("gate_up", 16, 28672, 4096, bf16) == SkinnyTiles(64, 128)
