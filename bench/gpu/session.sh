@@ -21,6 +21,7 @@
 #   run(command="bash bench/gpu/session.sh n", carry=[".whl"])   # grouped GEMMs through TMA
 #   run(command="bash bench/gpu/session.sh o", carry=[".whl"])   # decode profiles, batch 256
 #   run(command="bash bench/gpu/session.sh p", carry=[".whl"])   # skinny GEMM through TMA
+#   run(command="bash bench/gpu/session.sh q", carry=[".whl"])   # TMA tiles in the engine
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -297,5 +298,14 @@ p)
     --rows 64 --reps 10 \
     --tiles dot:64:128,tma:64:128:1:4:3,tma:64:64:1:4:6,tma:32:128:1:4:4,tma:128:64:1:8:4
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p"; exit 2 ;;
+q)
+  # The TMA tiles in the engine (about 420 s): Llama-3-8B decode with the new TUNED rows, the
+  # skinny GEMM's tests compiled, the fused MoE checked at full size (TMA rows), greedy tokens.
+  TAIL=10 step llama 70 python3 -m bench.engine --preset llama3-8b --skip-hf --prefill '' \
+    --decode 1x128,16x128,64x128,64x2048 --repeats 2
+  TAIL=6 step kernels 90 python3 -m pytest -x -q -rf tests/engine/test_skinny_gemm.py
+  TAIL=10 step check_moe 60 python3 -m bench.check_moe_gpu
+  TAIL=14 step greedy 150 python3 -m bench.gpu.greedy_gpu
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q"; exit 2 ;;
 esac
