@@ -147,13 +147,19 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
         {"FILL": 256, "E_POW2": 256, "CHUNK": fused_moe.PARALLEL_CHUNK},
         num_warps=8,
     )
-    add(
-        "align_offsets_kernel",
-        fused_moe.align_offsets_kernel,
-        {"chunk_counts": i32, "expert_start": i32, "expert_end": i32, "num_rows": i32},
-        {"BLOCK_M": 64, "E_POW2": 256, "CHUNK_BLOCK": 16},
-        num_warps=8,
-    )
+    for experts in (64, 128, 256, 384):  # the widest tile a long prefill takes
+        e_pow2 = triton.next_power_of_2(experts + 1)
+        add(
+            f"align_offsets_kernel E={experts}",
+            fused_moe.align_offsets_kernel,
+            {"chunk_counts": i32, "expert_start": i32, "expert_end": i32, "num_rows": i32},
+            {
+                "BLOCK_M": 64,
+                "E_POW2": e_pow2,
+                "CHUNK_BLOCK": fused_moe.offsets_chunk_block(e_pow2, 1 << 20),
+            },
+            num_warps=8,
+        )
     add(
         "align_scatter_kernel",
         fused_moe.align_scatter_kernel,
@@ -687,6 +693,10 @@ MEASURED_SPILLS = (
 )
 
 
+# The most shared memory one program may take, per compute capability (the opt-in limit).
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 90")
@@ -705,9 +715,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"FAIL {name}: {type(exc).__name__}: {exc}", flush=True)
             continue
         spill = usage.stack > 0
-        print(("SPILL " if spill else "ok    ") + usage.line(), flush=True)
+        over = usage.shared > SHARED_LIMIT.get(args.arch, 1 << 30) and not args.all_configs
+        print(("SMEM  " if over else "SPILL " if spill else "ok    ") + usage.line(), flush=True)
         if spill and args.fail_on_spill and not name.startswith(MEASURED_SPILLS):
             failures.append(f"{name}: {usage.stack} B of spill stack")
+        if over:  # it would not launch (the tuner's candidates may: it skips those)
+            failures.append(f"{name}: {usage.shared} B of shared memory, more than an SM has")
     print(f"\n{len(failures)} failure(s)" + "".join(f"\n  {f}" for f in failures))
     return 1 if failures else 0
 

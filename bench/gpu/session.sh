@@ -22,6 +22,7 @@
 #   run(command="bash bench/gpu/session.sh o", carry=[".whl"])   # decode profiles, batch 256
 #   run(command="bash bench/gpu/session.sh p", carry=[".whl"])   # skinny GEMM through TMA
 #   run(command="bash bench/gpu/session.sh q", carry=[".whl"])   # TMA tiles in the engine
+#   run(command="bash bench/gpu/session.sh r", carry=[".whl"])   # align fix, Moonlight vs HF
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -307,5 +308,12 @@ q)
   TAIL=10 step check_moe 60 python3 -m bench.check_moe_gpu
   TAIL=14 step greedy 150 python3 -m bench.gpu.greedy_gpu
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q"; exit 2 ;;
+r)
+  # The align fix at DeepSeek-V3's 256 experts, and Moonlight's prefill against transformers
+  # with the TMA rows (about 230 s).
+  TAIL=6 step check_moe 70 python3 -m bench.check_moe_gpu
+  TAIL=8 step moonlight_hf 140 python3 -m bench.engine --preset moonlight-16b-a3b \
+    --decode '' --prefill 64x128,8x2048 --repeats 3
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r"; exit 2 ;;
 esac

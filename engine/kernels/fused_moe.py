@@ -441,6 +441,20 @@ def align_chunk(e_pow2: int, num_pairs: int | None = None) -> int:
     return max(16, min(widest, triton.next_power_of_2(max(1, num_pairs))))
 
 
+# The most int32 elements in one tile of `align_offsets_kernel`'s prefix sums: its scan goes
+# through shared memory, 128 KiB here (DeepSeek-V3's 256 experts at 128 chunks a tile needed
+# 256 KiB, more than an H200's SM has, and the launch failed).
+OFFSETS_TILE_ELEMENTS = 32768
+
+
+def offsets_chunk_block(e_pow2: int, num_chunks: int) -> int:
+    """Chunks per tile of `align_offsets_kernel`: all of them in a few tiles, since each
+    tile's prefix sums wait on the last's (66 µs a layer at 16 chunks a tile for Moonlight's
+    65k pairs of an 8,192-token prefill), within `OFFSETS_TILE_ELEMENTS`."""
+    widest = max(16, OFFSETS_TILE_ELEMENTS // e_pow2)
+    return max(16, min(128, widest, triton.next_power_of_2(num_chunks)))
+
+
 def align_block_size(
     topk_ids: torch.Tensor, num_experts: int, block_m: int, parallel: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -504,9 +518,7 @@ def align_block_size(
         num_experts,
         BLOCK_M=block_m,
         E_POW2=e_pow2,
-        # All chunks in a few tiles: each tile's prefix sums wait on the last's (66 µs a
-        # layer at 16 chunks a tile for Moonlight's 65k pairs of an 8,192-token prefill).
-        CHUNK_BLOCK=max(16, min(128, triton.next_power_of_2(num_chunks))),
+        CHUNK_BLOCK=offsets_chunk_block(e_pow2, num_chunks),
         num_warps=8,
     )
     align_scatter_kernel[(num_chunks,)](
