@@ -47,9 +47,14 @@ class Case:
     out: torch.Tensor
     max_len: int  # seq_lens' largest, known on the host (no device read inside a capture)
 
-    def run(self, tiles: DecodeTiles) -> None:
-        bsz, _, dim = self.q.shape
-        splits = decode_splits(bsz, self.caches[0][0].shape[1], self.max_len, tiles.block_n)
+    def splits(self, tiles: DecodeTiles, forced: int = 0) -> int:
+        """`forced` splits, or (0) the engine's count (`decode_splits`)."""
+        bsz = self.q.shape[0]
+        return forced or decode_splits(bsz, self.caches[0][0].shape[1], self.max_len, tiles.block_n)
+
+    def run(self, tiles: DecodeTiles, forced_splits: int = 0) -> None:
+        dim = self.q.shape[2]
+        splits = self.splits(tiles, forced_splits)
         for k, v in self.caches:
             decode_attention(
                 self.q, k, v, self.table, self.rows, self.seq_lens, self.page_size,
@@ -101,6 +106,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--num-stages", type=int_list, default=[1, 2, 3])
     p.add_argument("--layers", type=int, default=8, help="layers' caches cycled per replay")
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument(
+        "--splits",
+        type=int_list,
+        default=[0],
+        help="context splits to time (0: the engine's decode_splits)",
+    )
     p.add_argument("--device", default="cuda")
     return p.parse_args(argv)
 
@@ -136,9 +147,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         case.run(default)
         want = case.out.float().clone()
         rows = []
-        for tiles in configs:
+        for tiles, forced in itertools.product(configs, args.splits):
             try:
-                seconds = time_graph(functools.partial(case.run, tiles), args.reps) / args.layers
+                run = functools.partial(case.run, tiles, forced)
+                seconds = time_graph(run, args.reps) / args.layers
             except Exception as exc:  # a configuration that does not compile or launch
                 why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
                 print(f"| {shape} | {tiles.block_n} | {tiles.num_warps} | {tiles.num_stages} "
@@ -147,13 +159,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                     torch.cuda.synchronize()  # a sticky error shows here, not in every later row
                 continue
             diff = (case.out.float() - want).abs().max().item()
-            splits = decode_splits(batch, kv_heads, context, tiles.block_n)
-            rows.append((seconds * 1e6, tiles, splits, diff))
+            rows.append((seconds * 1e6, tiles, case.splits(tiles, forced), diff, forced))
         if not rows:
             continue
         best = min(r[0] for r in rows)
-        for us, tiles, splits, diff in rows:
-            mark = ("*" if tiles == default else "") + ("<" if us == best else "")
+        for us, tiles, splits, diff, forced in rows:
+            engine_choice = tiles == default and not forced
+            mark = ("*" if engine_choice else "") + ("<" if us == best else "")
             print(
                 f"| {shape} | {tiles.block_n} | {tiles.num_warps} | {tiles.num_stages} | "
                 f"{splits} | {us:.1f}{mark} | {floor_us:.1f} | {us / floor_us:.2f} | {diff:.1e} |",

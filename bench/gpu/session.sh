@@ -23,6 +23,7 @@
 #   run(command="bash bench/gpu/session.sh p", carry=[".whl"])   # skinny GEMM through TMA
 #   run(command="bash bench/gpu/session.sh q", carry=[".whl"])   # TMA tiles in the engine
 #   run(command="bash bench/gpu/session.sh r", carry=[".whl"])   # align fix, Moonlight vs HF
+#   run(command="bash bench/gpu/session.sh s", carry=[".whl"])   # decode attention splits
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -315,5 +316,10 @@ r)
   TAIL=8 step moonlight_hf 140 python3 -m bench.engine --preset moonlight-16b-a3b \
     --decode '' --prefill 64x128,8x2048 --repeats 3
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r"; exit 2 ;;
+s)
+  # Decode attention with more context splits than the rule's at short contexts (about 90 s).
+  TAIL=40 step attention 100 python3 -m bench.attention_kernel --shapes 64x128,16x128,64x512 \
+    --block-n 32,64 --num-warps 4 --num-stages 2,3 --splits 0,2,4 --reps 20
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s"; exit 2 ;;
 esac

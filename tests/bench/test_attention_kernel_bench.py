@@ -32,3 +32,16 @@ def test_other_tiles_give_the_same_attention(tiles: DecodeTiles) -> None:
         outs.append(decode_attention(q, k, v, case.table, case.rows, case.seq_lens, 16, 0.25,
                                      splits, tiles=t))  # fmt: skip
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_forced_splits(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--splits`: a row per tile configuration and split count, the engine's count (0) marked
+    `*` on the default tiles only; every split count computes the same attention."""
+    attention_kernel.main(["--device", "cpu", "--shapes", "2x40", "--heads", "4/2/16",
+                           "--block-n", "16", "--num-warps", "4", "--num-stages", "2",
+                           "--layers", "1", "--reps", "1", "--splits", "0,3"])  # fmt: skip
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2x40")]
+    assert len(rows) == 4  # default and 16-key tiles, each at the engine's count and at 3
+    assert sum("*" in r for r in rows) == 1
+    assert [r.split("|")[5].strip() for r in rows][1::2] == ["3", "3"]
+    assert all(float(r.split("|")[-2]) < 0.05 for r in rows)  # bfloat16 against the default
