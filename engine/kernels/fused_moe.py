@@ -555,61 +555,29 @@ def _grouped_gemm(
     sorted_pairs, block_expert, num_rows = aligned
     n_out = out.shape[1]
     grid = (block_expert.numel() * triton.cdiv(n_out, cfg.block_n),)
+    # The launch's compile-time arguments, the same for both kernels.
+    meta = {
+        "TOP_K": top_k if gate_up else 1,
+        "GATE_UP": gate_up,
+        "EXACT_FP32": a.dtype == torch.float32,
+        "BLOCK_M": cfg.block_m,
+        "BLOCK_N": cfg.block_n,
+        "BLOCK_K": cfg.block_k,
+        "GROUP_M": cfg.group_m,
+        "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
+        **pdl.launch_args(a),
+    }
+    rows = (sorted_pairs, block_expert, num_rows, num_pairs, n_out, a.shape[1], a.stride(0))
     if cfg.tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         w2d = w.reshape(-1, w.shape[2])  # the experts stacked: [E * rows, K]
         w_desc = TensorDescriptor.from_tensor(w2d, [cfg.block_n, cfg.block_k])
         a_arg = a if gate_up else TensorDescriptor.from_tensor(a, [cfg.block_m, cfg.block_k])
-        grouped_gemm_tma_kernel[grid](
-            a_arg,
-            w_desc,
-            out,
-            sorted_pairs,
-            block_expert,
-            num_rows,
-            num_pairs,
-            n_out,
-            a.shape[1],
-            a.stride(0),
-            out.stride(0),
-            TOP_K=top_k if gate_up else 1,
-            GATE_UP=gate_up,
-            EXACT_FP32=a.dtype == torch.float32,
-            BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k,
-            GROUP_M=cfg.group_m,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-            **pdl.launch_args(a),
-        )
-        return
-    grouped_gemm_kernel[grid](
-        a,
-        w,
-        out,
-        sorted_pairs,
-        block_expert,
-        num_rows,
-        num_pairs,
-        n_out,
-        a.shape[1],
-        a.stride(0),
-        w.stride(0),
-        w.stride(1),
-        out.stride(0),
-        TOP_K=top_k if gate_up else 1,
-        GATE_UP=gate_up,
-        EXACT_FP32=a.dtype == torch.float32,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-        **pdl.launch_args(a),
-    )
+        grouped_gemm_tma_kernel[grid](a_arg, w_desc, out, *rows, out.stride(0), **meta)
+    else:
+        grouped_gemm_kernel[grid](a, w, out, *rows, w.stride(0), w.stride(1), out.stride(0), **meta)
 
 
 def fused_moe(
