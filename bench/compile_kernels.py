@@ -307,17 +307,24 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
     )
     starts = ("prefix_lens_ptr", "extend_lens_ptr", "q_starts_ptr", "block_seq_ptr")
     meta = {name: "*i64" for name in starts} | {"block_first_ptr": i32}
-    for dtype in ("bf16", "fp32"):
+    for dtype, tma in (("bf16", False), ("fp32", False), ("bf16", True)):
         # DeepSeek-V3/Kimi-K2/Moonlight: no-rope key 128, rope key 64, value 128.
         tiles = mla_extend.default_tiles(torch.bfloat16 if dtype == "bf16" else torch.float32)
+        n = tiles.block_n
+        descriptors = {  # TMA: the context's tiles by descriptor (else the arguments are None)
+            "k_nope_desc": f"tensordesc<{dtype}[{n}, 1, 128]>",
+            "k_pe_desc": f"tensordesc<{dtype}[{n}, 64]>",
+            "v_desc": f"tensordesc<{dtype}[{n}, 1, 128]>",
+        }
         add(
-            f"mla_extend_kernel {dtype}",
+            f"mla_extend_kernel {dtype}{' TMA' if tma else ''}",
             mla_extend.mla_extend_kernel,
             {
                 **{f"{x}_ptr": f"*{dtype}" for x in ("q_nope", "q_pe", "k_nope", "k_pe", "v")},
                 "out_ptr": f"*{dtype}",
                 "kv_starts_ptr": "*i64",
                 **meta,
+                **(descriptors if tma else {}),
             },
             {
                 "D_NOPE": 128,
@@ -329,6 +336,8 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
                 "BLOCK_M": tiles.block_m,
                 "BLOCK_N": tiles.block_n,
                 "PRECISION": "ieee" if dtype == "fp32" else "tf32",
+                "TMA": tma,
+                **({} if tma else dict.fromkeys(descriptors)),
             },
             floats=("scale",),
             num_warps=tiles.num_warps,

@@ -268,6 +268,7 @@ def bench_extend(args: argparse.Namespace, device: torch.device) -> None:
         args.block_n or default.block_n,
         args.num_warps or default.num_warps,
         args.num_stages or default.num_stages,
+        args.tma or default.tma,
     )
     print(
         f"\n## MLA extend (non-absorbed): {device_label(device)}, torch {torch.__version__}; "
@@ -373,6 +374,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--block-n", type=int, default=0, help="extend: keys per tile")
     parser.add_argument("--num-warps", type=int, default=0, help="extend: warps per program")
     parser.add_argument("--num-stages", type=int, default=0, help="extend: software pipeline")
+    parser.add_argument(
+        "--tma", action="store_true", help="extend: the context's tiles by TMA descriptors"
+    )
     parser.add_argument(
         "--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"), help="extend"
     )

@@ -24,6 +24,7 @@
 #   run(command="bash bench/gpu/session.sh q", carry=[".whl"])   # TMA tiles in the engine
 #   run(command="bash bench/gpu/session.sh r", carry=[".whl"])   # align fix, Moonlight vs HF
 #   run(command="bash bench/gpu/session.sh s", carry=[".whl"])   # decode attention splits
+#   run(command="bash bench/gpu/session.sh t", carry=[".whl"])   # MLA extend by TMA, batch 256
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -321,5 +322,17 @@ s)
   TAIL=40 step attention 100 python3 -m bench.attention_kernel --shapes 64x128,16x128,64x512 \
     --block-n 32,64 --num-warps 4 --num-stages 2,3 --splits 0,2,4 --reps 20
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s"; exit 2 ;;
+t)
+  # The MLA extend kernel with the context's tiles by TMA (about 200 s): the kernel alone with
+  # and without, at the default tiles and two others; then Moonlight's batch-256 profile.
+  for tiles in "" "--block-n 128 --num-stages 2" "--block-m 64 --num-warps 4"; do
+    for tma in "" --tma; do
+      TAIL=5 step "mla_extend$tma${tiles// /}" 40 python3 -m bench.mla_kernel --mode extend \
+        --heads 16,128 --extend-cases 64x128 8x2048 $tiles $tma
+    done
+  done
+  TAIL=40 step profile_moonlight_256 70 python3 -m bench.profile_decode \
+    --preset moonlight-16b-a3b --decode 256x128 --top 16
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t"; exit 2 ;;
 esac

@@ -43,6 +43,9 @@ def mla_extend_kernel(
     k_nope_ptr,  # [L, H, Dn]
     k_pe_ptr,  # [L, P]
     v_ptr,  # [L, H, Dv]
+    k_nope_desc,  # TMA: k_nope's descriptor, [BLOCK_N, 1, BLOCK_NOPE] blocks; else None
+    k_pe_desc,  # TMA: [BLOCK_N, BLOCK_ROPE] blocks
+    v_desc,  # TMA: [BLOCK_N, 1, BLOCK_DV] blocks
     out_ptr,  # [T, H, Dv]
     prefix_lens_ptr,
     extend_lens_ptr,
@@ -71,7 +74,11 @@ def mla_extend_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
 ):
+    # TMA: the context's tiles come through the tensor-memory accelerator, rows past L and
+    # columns past D filled with zeros; in the causal diagonal a tile may reach into the next
+    # sequence's rows, which the mask drops (finite values, weighted by zero).
     # Query blocks vary fastest: the blocks of one sequence and head, which read the same keys
     # and values, run side by side and share them through L2. Last block first: a block's work
     # grows with its position (causal), so that no long block is left for the tail.
@@ -114,35 +121,53 @@ def mla_extend_kernel(
     nope_ok = dn[None, :] < D_NOPE
     rope_ok = dp[None, :] < D_ROPE
     dv_ok = dv[None, :] < D_V
+    head = tl.program_id(1)  # 32-bit, for the descriptors' coordinates
+    row = kv_start.to(tl.int32)  # the tile's first context row, for the descriptors
     # Keys before the block's first query are seen by every query of the block: whole tiles of
     # them need no mask; the loop after masks the rest (the causal diagonal).
     full_end = (prefix + first) // BLOCK_N * BLOCK_N
     for _ in range(0, full_end, BLOCK_N):
-        k_nope = tl.load(k_nope_base + k_nope_offs, mask=nope_ok, other=0.0)  # [N, Dn]
-        k_pe = tl.load(k_pe_base + k_pe_offs, mask=rope_ok, other=0.0)  # [N, P]
+        if TMA:
+            k_nope = k_nope_desc.load([row, head, 0]).reshape(BLOCK_N, BLOCK_NOPE)
+            k_pe = k_pe_desc.load([row, 0])
+        else:
+            k_nope = tl.load(k_nope_base + k_nope_offs, mask=nope_ok, other=0.0)  # [N, Dn]
+            k_pe = tl.load(k_pe_base + k_pe_offs, mask=rope_ok, other=0.0)  # [N, P]
         s = tl.dot(q_nope, tl.trans(k_nope), input_precision=PRECISION)
         s = tl.dot(q_pe, tl.trans(k_pe), s, input_precision=PRECISION) * scale  # [M, N]
-        v = tl.load(v_base + v_offs, mask=dv_ok, other=0.0)
+        if TMA:
+            v = v_desc.load([row, head, 0]).reshape(BLOCK_N, BLOCK_DV)
+        else:
+            v = tl.load(v_base + v_offs, mask=dv_ok, other=0.0)
         m, l_sum, acc = online_softmax_step(s, v, m, l_sum, acc, PRECISION)
         k_nope_base += BLOCK_N * stride_knt
         k_pe_base += BLOCK_N * stride_kpt
         v_base += BLOCK_N * stride_vt
+        row += BLOCK_N
     kv_end = tl.minimum(prefix + first + BLOCK_M, prefix + ext)  # keys the block can see
     for n0 in range(full_end, kv_end, BLOCK_N):
         offs = n0 + ni
         n_ok = offs < kv_end
-        k_nope = tl.load(k_nope_base + k_nope_offs, mask=n_ok[:, None] & nope_ok, other=0.0)
-        k_pe = tl.load(k_pe_base + k_pe_offs, mask=n_ok[:, None] & rope_ok, other=0.0)
+        if TMA:
+            k_nope = k_nope_desc.load([row, head, 0]).reshape(BLOCK_N, BLOCK_NOPE)
+            k_pe = k_pe_desc.load([row, 0])
+        else:
+            k_nope = tl.load(k_nope_base + k_nope_offs, mask=n_ok[:, None] & nope_ok, other=0.0)
+            k_pe = tl.load(k_pe_base + k_pe_offs, mask=n_ok[:, None] & rope_ok, other=0.0)
         s = tl.dot(q_nope, tl.trans(k_nope), input_precision=PRECISION)
         s = tl.dot(q_pe, tl.trans(k_pe), s, input_precision=PRECISION) * scale  # [M, N]
         # Causal: query at q_pos sees keys 0..q_pos. Key 0 is always visible, so no row is
         # ever fully masked (padded query rows included).
         s = tl.where((offs[None, :] <= q_pos[:, None]) & n_ok[None, :], s, float("-inf"))
-        v = tl.load(v_base + v_offs, mask=n_ok[:, None] & dv_ok, other=0.0)
+        if TMA:
+            v = v_desc.load([row, head, 0]).reshape(BLOCK_N, BLOCK_DV)
+        else:
+            v = tl.load(v_base + v_offs, mask=n_ok[:, None] & dv_ok, other=0.0)
         m, l_sum, acc = online_softmax_step(s, v, m, l_sum, acc, PRECISION)
         k_nope_base += BLOCK_N * stride_knt
         k_pe_base += BLOCK_N * stride_kpt
         v_base += BLOCK_N * stride_vt
+        row += BLOCK_N
     tl.store(
         out_ptr + q_row * stride_ot + h * stride_oh + (mi[:, None] * stride_ot + dv[None, :]),
         (acc / l_sum[:, None]).to(out_ptr.dtype.element_ty),
@@ -159,6 +184,7 @@ class Tiles:
     block_n: int
     num_warps: int
     num_stages: int = 2
+    tma: bool = False  # the context's tiles through the tensor-memory accelerator
 
 
 def default_tiles(dtype: torch.dtype) -> Tiles:
@@ -232,12 +258,23 @@ def mla_extend_attention(
     block_rope = max(16, triton.next_power_of_2(d_rope))
     block_dv = max(16, triton.next_power_of_2(d_v))
     tiles = tiles or default_tiles(q_nope.dtype)
+    tma = tiles.tma and all(_tma_ready(x) for x in (k_nope, k_pe, v))
+    descriptors: tuple[object, object, object] = (None, None, None)
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        descriptors = (
+            TensorDescriptor.from_tensor(k_nope, [tiles.block_n, 1, block_nope]),
+            TensorDescriptor.from_tensor(k_pe, [tiles.block_n, block_rope]),
+            TensorDescriptor.from_tensor(v, [tiles.block_n, 1, block_dv]),
+        )
     mla_extend_kernel[(nblocks, num_heads)](
         q_nope,
         q_pe,
         k_nope,
         k_pe,
         v,
+        *descriptors,
         out,
         prefix_lens,
         extend_lens,
@@ -266,7 +303,15 @@ def mla_extend_attention(
         BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n,
         PRECISION=dot_precision(q_nope),
+        TMA=tma,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
     )
     return out
+
+
+def _tma_ready(x: torch.Tensor) -> bool:
+    """A TMA descriptor's rule: a 16-byte aligned base and 16-byte multiples for every stride
+    but the last (the pointer loads take any other layout)."""
+    size = x.element_size()
+    return x.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in x.stride()[:-1])

@@ -58,6 +58,7 @@ PREFIX = [0, 5, 16, 9]
 EXT = [7, 1, 19, 70]
 
 
+@pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     ("heads", "d_nope", "d_rope", "d_v", "block", "block_n"),
@@ -70,7 +71,9 @@ EXT = [7, 1, 19, 70]
         (2, 16, 8, 16, 16, 32),
     ],
 )
-def test_kernel_matches_reference(heads, d_nope, d_rope, d_v, block, block_n, dtype) -> None:
+def test_kernel_matches_reference(heads, d_nope, d_rope, d_v, block, block_n, dtype, tma) -> None:
+    """The pointer loads and the TMA descriptors (tiles past L and past an odd head dim
+    zero-filled; the diagonal's tiles reaching into the next sequence's rows masked)."""
     g = torch.Generator().manual_seed(heads + d_v)
     t, ctx = sum(EXT), sum(PREFIX) + sum(EXT)
 
@@ -86,7 +89,7 @@ def test_kernel_matches_reference(heads, d_nope, d_rope, d_v, block, block_n, dt
     def dev(x: list[int]) -> torch.Tensor:
         return torch.tensor(x, device=DEVICE)
 
-    tiles = Tiles(block, block_n, 4)
+    tiles = Tiles(block, block_n, 4, tma=tma)
     seqs, firsts = extend_blocks(EXT, block)
     q_starts = dev([sum(EXT[:b]) for b in range(len(EXT))])
     kv_starts = dev([sum(PREFIX[:b]) + sum(EXT[:b]) for b in range(len(EXT))])
