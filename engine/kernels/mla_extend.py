@@ -22,7 +22,9 @@ context `[L, ...]` (sequence b's `prefix_lens[b] + extend_lens[b]` tokens from r
 `(sequence, first query)` of every query block (`attention.extend_blocks`). The scores are
 two dots (Dn and P wide, each a power of two for the published models), so a 192-wide key
 costs no padding to 256. Softmax in float32, log2 domain, the tile step shared with the other
-attention kernels (`attention.online_softmax_step`).
+attention kernels (`attention.online_softmax_step`). `Tiles(tma=True)` loads the context's
+tiles (k_nope, k_pe, v) by TMA descriptors where their layouts allow (16-byte aligned bases and
+strides), else by pointers; not yet the default (not timed).
 """
 
 from __future__ import annotations

@@ -18,6 +18,10 @@ stream:
   from global memory to registers (the loop is not pipelined; the many resident programs
   keep the loads in flight). More rows than one program holds take more programs; those on
   one slab of W are adjacent in the grid, so W comes from memory once and from L2 after.
+- With `SkinnyTiles(tma=True)` (`_skinny_gemm_tma_kernel`) W's and x's tiles come through the
+  tensor-memory accelerator instead: no per-element addresses, one instruction a stage's load.
+  At 64 rows this wins where the tiles are 64 rows of W or more (x, read whole by every
+  program, would otherwise cost more L2 traffic than W); see `TUNED`.
 - Sums are float32; the output is rounded once to x's dtype after the bias is added.
 - `split_k == 1` (the default rule's choice for the shapes it knows) writes `y` directly.
   With more splits, each writes a float32 partial and a second launch adds them in split
