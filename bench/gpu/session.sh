@@ -24,7 +24,7 @@
 #   run(command="bash bench/gpu/session.sh q", carry=[".whl"])   # TMA tiles in the engine
 #   run(command="bash bench/gpu/session.sh r", carry=[".whl"])   # align fix, Moonlight vs HF
 #   run(command="bash bench/gpu/session.sh s", carry=[".whl"])   # decode attention splits
-#   run(command="bash bench/gpu/session.sh t", carry=[".whl"])   # MLA extend by TMA, batch 256
+#   run(command="bash bench/gpu/session.sh t", carry=[".whl"])   # batch-256 MoE tiles, MLA TMA
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -323,16 +323,24 @@ s)
     --block-n 32,64 --num-warps 4 --num-stages 2,3 --splits 0,2,4 --reps 20
   ;;
 t)
-  # The MLA extend kernel with the context's tiles by TMA (about 200 s): the kernel alone with
-  # and without, at the default tiles and two others; then Moonlight's batch-256 profile.
-  for tiles in "" "--block-n 128 --num-stages 2" "--block-m 64 --num-warps 4"; do
-    for tma in "" --tma; do
-      TAIL=5 step "mla_extend$tma${tiles// /}" 40 python3 -m bench.mla_kernel --mode extend \
-        --heads 16,128 --extend-cases 64x128 8x2048 $tiles $tma
-    done
+  # Batch 128-512 decode's MoE tiles (T=256 took the 1,024-token prefill row: 128-row blocks
+  # of about 31 real rows), then the MLA extend kernel with the context's tiles by TMA (about
+  # 480 s). Paste the tuned rows into fused_moe_configs.TUNED if the decode step gains.
+  TAIL=6 step tune_moonlight 100 python3 -m bench.moe_kernel --tune \
+    --shape moonlight-16b-a3b-fused --tokens 128,256,512 --reps 10 --layers 4
+  TAIL=8 step tune_qwen3 110 bash -c "python3 -m bench.moe_kernel --tune --shape qwen3-30b-a3b \
+    --tokens 128,256,512 --reps 10 --layers 4 && python3 bench/gpu/apply_tuned.py \
+    $OUT/tune_moonlight.txt $OUT/tune_qwen3.txt"
+  TAIL=6 step moonlight 70 python3 -m bench.engine --preset moonlight-16b-a3b --skip-hf \
+    --prefill '' --decode 64x128,256x128 --repeats 2
+  TAIL=6 step qwen3 70 python3 -m bench.engine --preset qwen3-30b-a3b --skip-hf \
+    --prefill '' --decode 64x128,256x128 --repeats 2
+  for variant in "" "--tma" "--tma --block-n 128 --num-stages 2"; do
+    TAIL=5 step "mla_extend${variant// /}" 40 python3 -m bench.mla_kernel --mode extend \
+      --heads 16,128 --extend-cases 64x128 8x2048 $variant
   done
-  TAIL=40 step profile_moonlight_256 70 python3 -m bench.profile_decode \
-    --preset moonlight-16b-a3b --decode 256x128 --top 16
+  TAIL=30 step profile_moonlight_256 60 python3 -m bench.profile_decode \
+    --preset moonlight-16b-a3b --decode 256x128 --top 12
   ;;
 *) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t"; exit 2 ;;
 esac
