@@ -25,6 +25,7 @@
 #   run(command="bash bench/gpu/session.sh r", carry=[".whl"])   # align fix, Moonlight vs HF
 #   run(command="bash bench/gpu/session.sh s", carry=[".whl"])   # decode attention splits
 #   run(command="bash bench/gpu/session.sh t", carry=[".whl"])   # batch-256 MoE tiles, MLA TMA
+#   run(command="bash bench/gpu/session.sh u", carry=[".whl"])   # --l2-prefetch A/B
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -342,5 +343,15 @@ t)
   TAIL=30 step profile_moonlight_256 60 python3 -m bench.profile_decode \
     --preset moonlight-16b-a3b --decode 256x128 --top 12
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t"; exit 2 ;;
+u)
+  # --l2-prefetch (the decode attention asks L2 for the O projection's weight) against
+  # without, in the same call (about 200 s).
+  for flag in "" --l2-prefetch; do
+    TAIL=4 step "qwen3$flag" 50 python3 -m bench.engine --preset qwen3-30b-a3b --skip-hf \
+      --prefill '' --decode 1x128,64x128 --repeats 3 $flag
+    TAIL=4 step "llama$flag" 50 python3 -m bench.engine --preset llama3-8b --skip-hf \
+      --prefill '' --decode 1x128,64x128 --repeats 3 $flag
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u"; exit 2 ;;
 esac

@@ -82,6 +82,13 @@ class TritonAttentionBackend(AttentionBackend):
 
     def __init__(self, mla: bool = False) -> None:
         self._mla = mla
+        # Per layer, a weight that layer's decode attention asks L2 for (`l2_prefetch`).
+        self._prefetch: dict[int, torch.Tensor] = {}
+
+    def prefetch_weights(self, weights: dict[int, torch.Tensor]) -> None:
+        """From now on layer i's decode attention asks L2 for `weights[i]` (the weight of the
+        projection after it) while it runs: `--l2-prefetch`. Per-head attention only."""
+        self._prefetch = dict(weights)
 
     @property
     def mla(self) -> bool:
@@ -119,7 +126,7 @@ class TritonAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         k_cache, v_cache = batch.kv_cache.slots(layer_id)
         kernels.store_kv(k, v, k_cache, v_cache, batch.out_slots)
-        return self._attend(q.contiguous(), k_cache, v_cache, batch, scale)
+        return self._attend(q.contiguous(), k_cache, v_cache, batch, scale, layer_id)
 
     def forward_rope(
         self,
@@ -145,7 +152,7 @@ class TritonAttentionBackend(AttentionBackend):
             q, k, v, batch.positions, rotary.cos, rotary.sin, rotary.interleaved,
             k_cache, v_cache, batch.out_slots, norms,
         )  # fmt: skip
-        return self._attend(q, k_cache, v_cache, batch, scale)
+        return self._attend(q, k_cache, v_cache, batch, scale, layer_id)
 
     def _attend(
         self,
@@ -154,13 +161,14 @@ class TritonAttentionBackend(AttentionBackend):
         v_cache: torch.Tensor,
         batch: ForwardBatch,
         scale: float,
+        layer_id: int,
     ) -> torch.Tensor:
         meta = batch.attn_metadata
         ps = batch.kv_cache.page_size
         if isinstance(meta, _DecodeMetadata):
             return kernels.decode_attention(
                 q, k_cache, v_cache, batch.page_table, batch.req_rows, meta.seq_lens, ps,
-                scale, meta.num_splits,
+                scale, meta.num_splits, prefetch=self._prefetch.get(layer_id),
             )  # fmt: skip
         return kernels.extend_attention(
             q, k_cache, v_cache, batch.page_table, batch.req_rows, batch.prefix_lens,
