@@ -64,16 +64,15 @@ class Usage:
         )
 
 
-def compile_one(
+def compile_kernel(
     arch: int,
-    name: str,
     kernel: Any,
     pointers: dict[str, str],
     constants: dict[str, Any],
     floats: Sequence[str] = (),
     divisible: Sequence[str] = (),
     **options: int,
-) -> Usage:
+) -> Any:
     """Compile `kernel` with pointer arguments typed by `pointers`, `floats` as fp32 scalars,
     the other runtime arguments as i32, and `constants` as its constexprs. `divisible`: the
     arguments a launch passes as multiples of 16 (Triton specializes on that at run time, and
@@ -92,8 +91,12 @@ def compile_one(
             signature[arg] = "fp32" if arg in floats else "i32"
     attrs = {(kernel.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in divisible}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-    return resource_usage(name, compiled)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def compile_one(arch: int, name: str, *args: Any, **kwargs: Any) -> Usage:
+    """`compile_kernel`, then its resource usage under `name`."""
+    return resource_usage(name, compile_kernel(arch, *args, **kwargs))
 
 
 def resource_usage(name: str, compiled: Any) -> Usage:
@@ -119,18 +122,15 @@ def copy_kernel_ptx(word: int, arch: int = 90) -> str:
     elem, elem_bytes = copy_kernel.ELEMENTS[word]
     constants = {"ELEM": elem, "ELEM_BYTES": elem_bytes, "WORD": word,
                  "BLOCK": copy_kernel.block_elements(elem_bytes)}  # fmt: skip
-    signature = {"writes": "*i64", "n": "i32", **dict.fromkeys(constants, "constexpr")}
-    source = ASTSource(fn=copy_kernel.copy_writes_kernel, signature=signature,
-                       constexprs=constants)  # fmt: skip
-    options = {"num_warps": copy_kernel.NUM_WARPS}
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    compiled = compile_kernel(arch, copy_kernel.copy_writes_kernel, {"writes": "*i64"},
+                              constants, num_warps=copy_kernel.NUM_WARPS)  # fmt: skip
     return str(compiled.asm["ptx"])
 
 
-def decode_attention_source(prefetch: bool) -> tuple[ASTSource, dict[str, Any]]:
-    """The per-head decode split kernel at Llama-3-8B's heads (32 / 8, dim 128, pages of 16,
-    one split), with or without the L2 prefetch of the next weight: (source, options)."""
-    kernel = attention._decode_split_kernel
+def decode_attention_launch(prefetch: bool) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """`compile_kernel`'s arguments for the per-head decode split kernel at Llama-3-8B's heads
+    (32 / 8, dim 128, pages of 16, one split), with or without the L2 prefetch of the next
+    weight: (positional, keyword)."""
     pointers = {x: "*bf16" for x in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")} | {
         "table_ptr": "*i32", "rows_ptr": "*i64", "seq_lens_ptr": "*i32",
         "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32",
@@ -138,27 +138,20 @@ def decode_attention_source(prefetch: bool) -> tuple[ASTSource, dict[str, Any]]:
     constants: dict[str, Any] = {
         "GROUP": 4, "GROUP_PAD": 16, "DK": 128, "DV": 128, "BLOCK_DK": 128, "BLOCK_DV": 128,
         "PAGE_SIZE": 16, "BLOCK_N": attention.DECODE_BLOCK_N, "PRECISION": "tf32",
-        "DIRECT": True, "PDL": 2, "PREFETCH": prefetch,
+        "DIRECT": True, "PREFETCH": prefetch,
     }  # fmt: skip
     if prefetch:
         pointers["pf_ptr"] = "*u8"
     else:
         constants["pf_ptr"] = None
-    signature = {}
-    for arg in kernel.arg_names:
-        if arg in constants:
-            signature[arg] = "constexpr"
-        else:
-            signature[arg] = pointers.get(arg, "fp32" if arg == "scale" else "i32")
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
-    return source, {"num_warps": 4, "num_stages": 3, "launch_pdl": True}
+    kwargs = {"floats": ("scale",), "num_warps": 4, "num_stages": 3}
+    return (attention._decode_split_kernel, pointers, constants), kwargs
 
 
 def decode_attention_ptx(prefetch: bool, arch: int = 90) -> str:
-    """The PTX of the decode split kernel (see `decode_attention_source`)."""
-    source, options = decode_attention_source(prefetch)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-    return str(compiled.asm["ptx"])
+    """The PTX of the decode split kernel (see `decode_attention_launch`)."""
+    args, kwargs = decode_attention_launch(prefetch)
+    return str(compile_kernel(arch, *args, **kwargs).asm["ptx"])
 
 
 def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
@@ -169,14 +162,8 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
         out.append((name, lambda arch: compile_one(arch, name, *args, **kwargs)))
 
     for prefetch in (False, True):
-
-        def decode_job(arch: int, prefetch: bool = prefetch) -> Usage:
-            source, options = decode_attention_source(prefetch)
-            target = GPUTarget("cuda", arch, 32)
-            name = f"decode_split_kernel bf16{' L2 prefetch' if prefetch else ''}"
-            return resource_usage(name, triton.compile(source, target=target, options=options))
-
-        out.append((f"decode_split_kernel bf16{' L2 prefetch' if prefetch else ''}", decode_job))
+        args, kwargs = decode_attention_launch(prefetch)
+        add(f"decode_split_kernel bf16{' L2 prefetch' if prefetch else ''}", *args, **kwargs)
     ids = {"topk_ids": "*i64"}
     i32 = "*i32"
     for experts in (64, 128, 256):

@@ -186,10 +186,9 @@ def _decode_split_kernel(
     PREFETCH: tl.constexpr = False,
 ):
     if PREFETCH:  # the weight does not depend on the previous kernel: before PDL's wait
-        part = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(
-            2
-        ) + tl.program_id(2)
-        parts = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
+        grid_h, grid_s = tl.num_programs(1), tl.num_programs(2)
+        part = (tl.program_id(0) * grid_h + tl.program_id(1)) * grid_s + tl.program_id(2)
+        parts = tl.num_programs(0) * grid_h * grid_s
         l2_prefetch(pf_ptr, pf_bytes, part, parts, 64)
     pdl.start(PDL)
     # DIRECT (one split): the output itself, normalised, instead of a partial to combine.
@@ -352,7 +351,10 @@ def decode_attention(
     kernel's programs ask L2 for as they start (`l2_prefetch`; CUDA only, ignored elsewhere and
     under Triton's interpreter). Off unless given: not yet measured to pay."""
     tiles = tiles or DecodeTiles(num_stages=3 if num_splits == 1 else 2)
-    pf = prefetch is not None and q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+    extra: dict[str, object] = {}  # the prefetch's arguments, where it runs
+    if prefetch is not None and q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        nbytes = prefetch.numel() * prefetch.element_size()
+        extra = {"pf_ptr": prefetch.view(torch.uint8), "pf_bytes": nbytes, "PREFETCH": True}
     bsz, num_heads, dk = q.shape
     num_kv_heads, dv = v_cache.shape[1], v_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -388,8 +390,7 @@ def decode_attention(
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
         **pdl.launch_args(q),
-        **({"pf_ptr": prefetch.view(torch.uint8), "pf_bytes": prefetch.numel()
-            * prefetch.element_size(), "PREFETCH": True} if pf and prefetch is not None else {}),
+        **extra,
     )  # fmt: skip
     if direct:
         return out

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels import pdl
+from engine.kernels import pdl, tma
 from engine.kernels.fused_moe_configs import MoEKernelConfig, kernel_config
 from engine.kernels.fused_moe_small import (
     small_batch_moe,
@@ -216,6 +216,39 @@ def align_scatter_kernel(
 
 
 @triton.jit
+def _grouped_block(
+    num_rows,
+    block_expert,
+    N_OUT,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """This program's (row block, column tile, expert) in both grouped GEMMs; expert -1 for a
+    block past the rows in use or one of no expert. Programs walk GROUP_M row blocks down one
+    column of tiles before moving right, so the weight tiles of neighbouring blocks (often the
+    same expert) are reused from L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(tl.load(num_rows), BLOCK_M)
+    num_n = tl.cdiv(N_OUT, BLOCK_N)
+    per_group = GROUP_M * num_n
+    group_first = pid // per_group * GROUP_M
+    group_size = tl.minimum(num_m - group_first, GROUP_M)
+    in_use = group_size > 0
+    size = tl.maximum(group_size, 1)
+    pid_m = group_first + (pid % per_group) % size
+    pid_n = (pid % per_group) // size
+    expert = tl.load(block_expert + pid_m, mask=in_use, other=-1)
+    return pid_m, pid_n, expert
+
+
+@triton.jit
+def _dot(a, b, acc, EXACT_FP32: tl.constexpr):
+    """acc + a @ b: exact in float32 (the reference checks), the tensor cores' own otherwise."""
+    return tl.dot(a, b, acc, input_precision="ieee" if EXACT_FP32 else None)
+
+
+@triton.jit
 def grouped_gemm_kernel(
     a,  # GATE_UP: x [T, K]; else act [N, K]
     w,  # GATE_UP: w13 [E, 2 * N_OUT, K]; else w2 [E, N_OUT, K]
@@ -240,21 +273,9 @@ def grouped_gemm_kernel(
     PDL: tl.constexpr,
 ):
     pdl.start(PDL)
-    # Programs walk GROUP_M row blocks down one column of tiles before moving right, so the
-    # weight tiles of neighbouring blocks (often the same expert) are reused from L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(tl.load(num_rows), BLOCK_M)
-    num_n = tl.cdiv(N_OUT, BLOCK_N)
-    per_group = GROUP_M * num_n
-    group_first = pid // per_group * GROUP_M
-    group_size = tl.minimum(num_m - group_first, GROUP_M)
-    if group_size <= 0:
-        return  # a block past the rows in use (the grid is sized for the worst case)
-    pid_m = group_first + (pid % per_group) % group_size
-    pid_n = (pid % per_group) // group_size
-    expert = tl.load(block_expert + pid_m)
+    pid_m, pid_n, expert = _grouped_block(num_rows, block_expert, N_OUT, BLOCK_M, BLOCK_N, GROUP_M)
     if expert < 0:
-        return
+        return  # a block past the rows in use (the grid is sized for the worst case)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_pairs + rows)  # [BLOCK_M]
@@ -274,19 +295,13 @@ def grouped_gemm_kernel(
         k_ok = ks < K - k0
         a_tile = tl.load(a_ptr, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w_tile = tl.load(w_ptr, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if EXACT_FP32:
-            acc = tl.dot(a_tile, w_tile, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a_tile, w_tile, acc)
+        acc = _dot(a_tile, w_tile, acc, EXACT_FP32)
         if GATE_UP:
             # The up rows sit N_OUT rows below the gate rows.
             u_tile = tl.load(
                 w_ptr + N_OUT * stride_wn, mask=k_ok[:, None] & col_ok[None, :], other=0.0
             )
-            if EXACT_FP32:
-                acc_up = tl.dot(a_tile, u_tile, acc_up, input_precision="ieee")
-            else:
-                acc_up = tl.dot(a_tile, u_tile, acc_up)
+            acc_up = _dot(a_tile, u_tile, acc_up, EXACT_FP32)
         a_ptr += BLOCK_K
         w_ptr += BLOCK_K
     if GATE_UP:
@@ -325,19 +340,9 @@ def grouped_gemm_tma_kernel(
     does. Tiles past an expert's last column read the next expert's rows (the 2-D view
     stacks them): those columns are never stored. Past K the loads fill zeros."""
     pdl.start(PDL)
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(tl.load(num_rows), BLOCK_M)
-    num_n = tl.cdiv(N_OUT, BLOCK_N)
-    per_group = GROUP_M * num_n
-    group_first = pid // per_group * GROUP_M
-    group_size = tl.minimum(num_m - group_first, GROUP_M)
-    if group_size <= 0:
-        return
-    pid_m = group_first + (pid % per_group) % group_size
-    pid_n = (pid % per_group) // group_size
-    expert = tl.load(block_expert + pid_m)
+    pid_m, pid_n, expert = _grouped_block(num_rows, block_expert, N_OUT, BLOCK_M, BLOCK_N, GROUP_M)
     if expert < 0:
-        return
+        return  # a block past the rows in use (the grid is sized for the worst case)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_pairs + rows)
@@ -358,16 +363,10 @@ def grouped_gemm_tma_kernel(
         else:
             a_tile = a.load([pid_m * BLOCK_M, k0])
         w_tile = w_desc.load([w_row, k0])  # [BLOCK_N, BLOCK_K]
-        if EXACT_FP32:
-            acc = tl.dot(a_tile, tl.trans(w_tile), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a_tile, tl.trans(w_tile), acc)
+        acc = _dot(a_tile, tl.trans(w_tile), acc, EXACT_FP32)
         if GATE_UP:
             u_tile = w_desc.load([w_row + N_OUT, k0])
-            if EXACT_FP32:
-                acc_up = tl.dot(a_tile, tl.trans(u_tile), acc_up, input_precision="ieee")
-            else:
-                acc_up = tl.dot(a_tile, tl.trans(u_tile), acc_up)
+            acc_up = _dot(a_tile, tl.trans(u_tile), acc_up, EXACT_FP32)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N_OUT
     if GATE_UP:
@@ -570,11 +569,9 @@ def _grouped_gemm(
     }
     rows = (sorted_pairs, block_expert, num_rows, num_pairs, n_out, a.shape[1], a.stride(0))
     if cfg.tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
         w2d = w.reshape(-1, w.shape[2])  # the experts stacked: [E * rows, K]
-        w_desc = TensorDescriptor.from_tensor(w2d, [cfg.block_n, cfg.block_k])
-        a_arg = a if gate_up else TensorDescriptor.from_tensor(a, [cfg.block_m, cfg.block_k])
+        w_desc = tma.descriptor(w2d, [cfg.block_n, cfg.block_k])
+        a_arg = a if gate_up else tma.descriptor(a, [cfg.block_m, cfg.block_k])
         grouped_gemm_tma_kernel[grid](a_arg, w_desc, out, *rows, out.stride(0), **meta)
     else:
         grouped_gemm_kernel[grid](a, w, out, *rows, w.stride(0), w.stride(1), out.stride(0), **meta)

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels import tma
 from engine.kernels.attention import LOG2E, dot_precision, online_softmax_step
 
 
@@ -260,15 +261,13 @@ def mla_extend_attention(
     block_rope = max(16, triton.next_power_of_2(d_rope))
     block_dv = max(16, triton.next_power_of_2(d_v))
     tiles = tiles or default_tiles(q_nope.dtype)
-    tma = tiles.tma and all(_tma_ready(x) for x in (k_nope, k_pe, v))
+    use_tma = tiles.tma and tma.ready(k_nope, k_pe, v)
     descriptors: tuple[object, object, object] = (None, None, None)
-    if tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
+    if use_tma:
         descriptors = (
-            TensorDescriptor.from_tensor(k_nope, [tiles.block_n, 1, block_nope]),
-            TensorDescriptor.from_tensor(k_pe, [tiles.block_n, block_rope]),
-            TensorDescriptor.from_tensor(v, [tiles.block_n, 1, block_dv]),
+            tma.descriptor(k_nope, [tiles.block_n, 1, block_nope]),
+            tma.descriptor(k_pe, [tiles.block_n, block_rope]),
+            tma.descriptor(v, [tiles.block_n, 1, block_dv]),
         )
     mla_extend_kernel[(nblocks, num_heads)](
         q_nope,
@@ -305,15 +304,8 @@ def mla_extend_attention(
         BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n,
         PRECISION=dot_precision(q_nope),
-        TMA=tma,
+        TMA=use_tma,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
     )
     return out
-
-
-def _tma_ready(x: torch.Tensor) -> bool:
-    """A TMA descriptor's rule: a 16-byte aligned base and 16-byte multiples for every stride
-    but the last (the pointer loads take any other layout)."""
-    size = x.element_size()
-    return x.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in x.stride()[:-1])

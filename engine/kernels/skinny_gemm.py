@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels import pdl
+from engine.kernels import pdl, tma
 from engine.kernels.attention import dot_precision
 
 SM_COUNT = 132  # H100/H200: the device the rule's program counts are for
@@ -509,12 +509,10 @@ def _launch(
         part = torch.empty(split_k, m, rows, dtype=torch.float32, device=x.device)
     bias_arg = bias if bias is not None else y  # not read
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, tiles.block_n), split_k)
-    if tiles.tma and _tma_ready(x2, weight):
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
+    if tiles.tma and tma.ready(x2, weight):
         _skinny_gemm_tma_kernel[grid](
-            TensorDescriptor.from_tensor(x2, [block_m, tiles.block_k]),
-            TensorDescriptor.from_tensor(weight, [tiles.block_n, tiles.block_k]),
+            tma.descriptor(x2, [block_m, tiles.block_k]),
+            tma.descriptor(weight, [tiles.block_n, tiles.block_k]),
             bias_arg, y, part,
             m, n, k, split_len,
             y.stride(0), part.stride(0), part.stride(1),
@@ -561,11 +559,3 @@ def _launch(
             **pdl.launch_args(x2),
         )  # fmt: skip
     return y.view(*x.shape[:-1], n)
-
-
-def _tma_ready(x2: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the TMA kernel can take these operands: 16-byte aligned bases and row strides
-    (the descriptors' rule); otherwise the pointer kernel runs the same tiles."""
-    return all(
-        t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in (x2, weight)
-    )
