@@ -117,19 +117,17 @@ class ModelRunner:
     def _prefetch_o_weights(self) -> None:
         """`--l2-prefetch`: each layer's decode attention asks L2 for its O projection's
         weight (where the backend can: the Triton per-head attention)."""
-        register = getattr(self.attention, "prefetch_weights", None)
-        if register is None or getattr(self.attention, "mla", False):
-            name = type(self.attention).__name__
-            log.info("--l2-prefetch: the %s backend does not prefetch here", name)
-            return
         weights = {}
         for module in cast(torch.nn.Module, self.model).modules():
             o_proj = getattr(module, "o_proj", None)
             layer_id = getattr(module, "layer_id", None)
             if isinstance(o_proj, torch.nn.Linear) and isinstance(layer_id, int):
                 weights[layer_id] = o_proj.weight.detach()
-        register(weights)
-        log.info("--l2-prefetch: %d layers' O weights", len(weights))
+        if self.attention.prefetch_weights(weights):
+            log.info("--l2-prefetch: %d layers' O weights", len(weights))
+        else:
+            name = type(self.attention).__name__
+            log.info("--l2-prefetch: the %s backend does not prefetch here", name)
 
     def _fuse_shared_experts(self) -> bool:
         """Whether MoE layers stack their shared experts into the routed experts' weights:

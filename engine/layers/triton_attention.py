@@ -85,10 +85,12 @@ class TritonAttentionBackend(AttentionBackend):
         # Per layer, a weight that layer's decode attention asks L2 for (`l2_prefetch`).
         self._prefetch: dict[int, torch.Tensor] = {}
 
-    def prefetch_weights(self, weights: dict[int, torch.Tensor]) -> None:
-        """From now on layer i's decode attention asks L2 for `weights[i]` (the weight of the
-        projection after it) while it runs: `--l2-prefetch`. Per-head attention only."""
+    def prefetch_weights(self, weights: dict[int, torch.Tensor]) -> bool:
+        """Per-head decode attention only (`decode_attention`'s `prefetch`); not MLA."""
+        if self._mla:
+            return False
         self._prefetch = dict(weights)
+        return True
 
     @property
     def mla(self) -> bool:
