@@ -127,10 +127,9 @@ def copy_kernel_ptx(word: int, arch: int = 90) -> str:
     return str(compiled.asm["ptx"])
 
 
-def decode_attention_launch(prefetch: bool) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def decode_attention_launch() -> tuple[tuple[Any, ...], dict[str, Any]]:
     """`compile_kernel`'s arguments for the per-head decode split kernel at Llama-3-8B's heads
-    (32 / 8, dim 128, pages of 16, one split), with or without the L2 prefetch of the next
-    weight: (positional, keyword)."""
+    (32 / 8, dim 128, pages of 16, one split): (positional, keyword)."""
     pointers = {x: "*bf16" for x in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")} | {
         "table_ptr": "*i32", "rows_ptr": "*i64", "seq_lens_ptr": "*i32",
         "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32",
@@ -138,20 +137,10 @@ def decode_attention_launch(prefetch: bool) -> tuple[tuple[Any, ...], dict[str, 
     constants: dict[str, Any] = {
         "GROUP": 4, "GROUP_PAD": 16, "DK": 128, "DV": 128, "BLOCK_DK": 128, "BLOCK_DV": 128,
         "PAGE_SIZE": 16, "BLOCK_N": attention.DECODE_BLOCK_N, "PRECISION": "tf32",
-        "DIRECT": True, "PREFETCH": prefetch,
+        "DIRECT": True,
     }  # fmt: skip
-    if prefetch:
-        pointers["pf_ptr"] = "*u8"
-    else:
-        constants["pf_ptr"] = None
     kwargs = {"floats": ("scale",), "num_warps": 4, "num_stages": 3}
     return (attention._decode_split_kernel, pointers, constants), kwargs
-
-
-def decode_attention_ptx(prefetch: bool, arch: int = 90) -> str:
-    """The PTX of the decode split kernel (see `decode_attention_launch`)."""
-    args, kwargs = decode_attention_launch(prefetch)
-    return str(compile_kernel(arch, *args, **kwargs).asm["ptx"])
 
 
 def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
@@ -161,9 +150,8 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
     def add(name: str, *args: Any, **kwargs: Any) -> None:
         out.append((name, lambda arch: compile_one(arch, name, *args, **kwargs)))
 
-    for prefetch in (False, True):
-        args, kwargs = decode_attention_launch(prefetch)
-        add(f"decode_split_kernel bf16{' L2 prefetch' if prefetch else ''}", *args, **kwargs)
+    args, kwargs = decode_attention_launch()
+    add("decode_split_kernel bf16", *args, **kwargs)
     ids = {"topk_ids": "*i64"}
     i32 = "*i32"
     for experts in (64, 128, 256):
@@ -304,35 +292,43 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
                 divisible=("x", "w", "out", "hidden", "stride_xt", "stride_we"),
                 num_warps=4,
             )
-    for dtype, block_hs in (("bf16", (16, 32)), ("fp32", (16,))):
-        for block_h in block_hs:
-            add(
-                f"mla_decode_split_kernel {dtype} block_h={block_h}",
-                mla_decode.mla_decode_split_kernel,
-                {
-                    "q_latent": f"*{dtype}",
-                    "q_pe": f"*{dtype}",
-                    "latent_cache": f"*{dtype}",
-                    "pe_cache": f"*{dtype}",
-                    "page_table": i32,
-                    "req_rows": "*i64",
-                    "seq_lens": i32,
-                    "mid_out": "*fp32",
-                    "mid_lse": "*fp32",
-                },
-                {
-                    "NUM_SPLITS": 8,
-                    "HAS_ROWS": True,
-                    "EXACT_FP32": dtype == "fp32",
-                    "BLOCK_H": block_h,
-                    "BLOCK_R": 512,
-                    "BLOCK_P": 64,
-                    "BLOCK_N": 32,
-                },
-                floats=("scale",),
-                num_warps=8,
-                num_stages=2,
-            )
+    # DIRECT: one context range, the split kernel writes the output (no partials).
+    for dtype, block_h, direct in (
+        ("bf16", 16, False),
+        ("bf16", 32, False),
+        ("fp32", 16, False),
+        ("bf16", 16, True),
+    ):
+        mid = f"*{dtype}" if direct else "*fp32"
+        add(
+            f"mla_decode_split_kernel {dtype} block_h={block_h}" + (" direct" if direct else ""),
+            mla_decode.mla_decode_split_kernel,
+            {
+                "q_latent": f"*{dtype}",
+                "q_pe": f"*{dtype}",
+                "latent_cache": f"*{dtype}",
+                "pe_cache": f"*{dtype}",
+                "page_table": i32,
+                "req_rows": "*i64",
+                "seq_lens": i32,
+                "mid_out": mid,
+                "mid_lse": mid,
+                "out": f"*{dtype}",
+            },
+            {
+                "NUM_SPLITS": 1 if direct else 8,
+                "DIRECT": direct,
+                "HAS_ROWS": True,
+                "EXACT_FP32": dtype == "fp32",
+                "BLOCK_H": block_h,
+                "BLOCK_R": 512,
+                "BLOCK_P": 64,
+                "BLOCK_N": 32,
+            },
+            floats=("scale",),
+            num_warps=8 if dtype == "fp32" else 4,  # default_num_warps from batch 16 up
+            num_stages=2,
+        )
     add(
         "mla_decode_combine_kernel",
         mla_decode.mla_decode_combine_kernel,
@@ -733,6 +729,10 @@ MEASURED_SPILLS = (
     # The per-head decode split kernel at 3 stages (one split): 104 B on this host's Triton,
     # measured 4-5% faster than 2 stages on the H200 (`bench.attention_kernel`).
     "decode_split_kernel bf16",
+    # The MLA decode split kernel at 4 warps (two programs an SM): 32-88 B on this host's
+    # Triton, 1.6-1.8x faster than 8 warps without spills from batch 64 up on the H200
+    # (`bench.mla_kernel --mode decode --tiles 32x8x2,32x4x2`).
+    "mla_decode_split_kernel bf16",
     # Not tuned, spilling in every tile tried (32 x 32 up): the extend kernel in float32 (the
     # exact checks only) and at head dim 256 (no benchmarked model has it).
     "extend_kernel fp32",

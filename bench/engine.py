@@ -498,7 +498,6 @@ def engine_config(args: argparse.Namespace, model_path: str, load_format: str) -
         context_length=context,
         disable_cuda_graph=args.disable_cuda_graph,
         disable_overlap_schedule=args.disable_overlap_schedule,
-        l2_prefetch=args.l2_prefetch,
         disable_shared_experts_fusion=args.disable_shared_experts_fusion,
         **sizing,
         **extra,
@@ -565,7 +564,6 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gemm-backend", help="the engine's --gemm-backend (default auto)")
     p.add_argument("--disable-cuda-graph", action="store_true")
     p.add_argument("--disable-overlap-schedule", action="store_true")
-    p.add_argument("--l2-prefetch", action="store_true", help="the engine's --l2-prefetch")
     p.add_argument(
         "--disable-shared-experts-fusion",
         action="store_true",

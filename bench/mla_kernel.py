@@ -3,6 +3,8 @@ torch backend.
 
     python -m bench.mla_kernel                       # decode and extend, 16 and 128 heads
     python -m bench.mla_kernel --mode decode --heads 16 --batch-sizes 1,64 --contexts 2048
+    python -m bench.mla_kernel --mode decode --splits 0,1,2,4   # the rule's ranges and others
+    python -m bench.mla_kernel --mode decode --tiles 32x8x2,64x8x2  # block_n x warps x stages
     python -m bench.mla_kernel --mode extend --extend-cases 64x128,8x2048 --block-m 128
     TRITON_INTERPRET=1 python -m bench.mla_kernel --mode extend --device cpu --heads 2 \
         --extend-cases 2x16+16                       # a smoke run of the script (no real times)
@@ -13,7 +15,8 @@ calls cycling as many layers' caches, so that consecutive calls read different m
 Floor: the bytes the step must read, every cached token's latent and rope key once (B x
 context x 576 x 2) plus the queries and outputs, over the device-to-device copy bandwidth of
 the same run. The baseline gathers each sequence's context into a padded `[B, L, 576]` tensor
-and runs `scaled_dot_product_attention` (what the torch backend does per layer).
+and runs `scaled_dot_product_attention` (what the torch backend does per layer). `--splits`
+times each case at several context-range counts (0: the kernel's rule, labelled).
 
 Extend: one layer's prefill/extend attention in the non-absorbed form
 (`engine.kernels.mla_extend`), DeepSeek-V3's head dims (no-rope 128, rope 64, value 128),
@@ -32,6 +35,7 @@ pair; up-projection 2 x 512 x H x 256 per context token. Times: medians of CUDA-
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -43,7 +47,7 @@ from bench.ceiling import copy_bandwidth, matmul_rate
 from bench.moe_kernel import int_list, time_graph
 from engine.forward_batch import ForwardBatch
 from engine.kernels.attention import extend_blocks
-from engine.kernels.mla_decode import mla_decode
+from engine.kernels.mla_decode import default_num_kv_splits, default_num_warps, mla_decode
 from engine.kernels.mla_extend import Tiles, default_tiles, mla_extend_attention
 from engine.kv_cache import KVCache, KVCacheSpec
 from engine.layers.attention import TorchAttentionBackend
@@ -66,6 +70,8 @@ class Case:
     q_pe: torch.Tensor  # [B, H, P]
     out: torch.Tensor  # [B, H, R]
     block_h: int  # heads sharing one read of a latent tile
+    splits: int | None = None  # context ranges per sequence (None: the kernel's rule)
+    tiles: tuple[int, int, int] = (32, 0, 2)  # block_n, num_warps (0: default), num_stages
 
     def kernel(self) -> None:
         for latent, pe in self.caches:
@@ -78,7 +84,11 @@ class Case:
                 self.seq_lens,
                 SCALE,
                 self.out,
+                num_kv_splits=self.splits,
+                block_n=self.tiles[0],
                 block_h=self.block_h,
+                num_warps=self.tiles[1] or None,
+                num_stages=self.tiles[2],
             )
 
     def baseline(self) -> torch.Tensor:
@@ -322,27 +332,61 @@ def bench_decode(args: argparse.Namespace) -> None:
         f"{args.layers} layers' caches cycled.\n"
     )
     print(
-        "| heads | batch | context | floor µs | kernel µs | kernel / floor | baseline µs "
-        "| max err |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| heads | batch | context | splits | tiles | floor µs | kernel µs | kernel / floor "
+        "| baseline µs | max err |\n"
+        "| ---: | ---: | ---: | ---: | :--- | ---: | ---: | ---: | ---: | ---: |"
     )
     for heads in args.heads:
         for context in args.contexts:
             for batch in args.batch_sizes:
                 case = make_case(heads, batch, context, args.page_size, args.layers, args.block_h)
-                kernel_s = time_graph(case.kernel, args.reps) / args.layers
                 baseline_s = time_graph(case.baseline, args.reps) / args.layers
                 want = case.baseline().float()
-                case.kernel()
-                err = (case.out.float() - want).abs().max().item()
                 floor_bytes = batch * context * (RANK + ROPE) * 2 + 2 * batch * heads * RANK * 2
                 floor_us = floor_bytes / bandwidth * 1e6
-                print(
-                    f"| {heads} | {batch} | {context} | {floor_us:.1f} | {kernel_s * 1e6:.1f} "
-                    f"| {kernel_s * 1e6 / floor_us:.2f} | {baseline_s * 1e6:.1f} | {err:.1e} |",
-                    flush=True,
-                )
-                del case
+                for splits, tiles in itertools.product(args.splits, args.tiles):
+                    warps = tiles[1] or default_num_warps(
+                        torch.bfloat16, batch, heads, block_h=args.block_h
+                    )
+                    rule = default_num_kv_splits(
+                        batch, heads, block_h=args.block_h, num_warps=warps
+                    )
+                    run = replace(case, splits=splits or None, tiles=tiles)
+                    kernel_s = time_graph(run.kernel, args.reps) / args.layers
+                    run.kernel()
+                    err = (run.out.float() - want).abs().max().item()
+                    label = f"{splits or rule}" + ("" if splits else " (rule)")
+                    n, w, st = tiles
+                    print(
+                        f"| {heads} | {batch} | {context} | {label} | {n}x{w or 'd'}x{st} "
+                        f"| {floor_us:.1f} "
+                        f"| {kernel_s * 1e6:.1f} | {kernel_s * 1e6 / floor_us:.2f} "
+                        f"| {baseline_s * 1e6:.1f} | {err:.1e} |",
+                        flush=True,
+                    )
+                del case, run
                 torch.cuda.empty_cache()
+
+
+def split_list(text: str) -> tuple[int, ...]:
+    values = tuple(int(v) for v in text.split(",") if v.strip())
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected counts >= 0 like 0,1,2,4, got {text!r}")
+    return values
+
+
+def tiles_list(text: str) -> tuple[tuple[int, int, int], ...]:
+    try:
+        values = tuple(
+            tuple(int(v) for v in item.split("x")) for item in text.split(",") if item.strip()
+        )
+    except ValueError:
+        values = ()
+    if not values or any(len(v) != 3 or v[0] < 16 or v[1] < 0 or v[2] < 1 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"expected BLOCK_NxWARPSxSTAGES like 32x8x2,64x4x3 (warps 0: default), got {text!r}"
+        )
+    return values  # type: ignore[return-value]
 
 
 def device_label(device: torch.device) -> str:
@@ -358,6 +402,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument(
+        "--splits",
+        type=split_list,
+        default=(0,),
+        help="decode: context ranges per sequence to time (0: the kernel's rule)",
+    )
+    parser.add_argument(
+        "--tiles",
+        type=tiles_list,
+        default=((32, 0, 2),),
+        help="decode: split-kernel launches to time, BLOCK_NxWARPSxSTAGES (warps 0: default)",
+    )
     parser.add_argument(
         "--block-h", type=int, default=16, choices=(16, 32), help="heads per tile read"
     )

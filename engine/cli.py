@@ -86,12 +86,6 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "computes them as extra experts of the routed kernels when --ep-size is 1)",
     )
     g.add_argument(
-        "--l2-prefetch",
-        action="store_true",
-        help="decode attention asks L2 for the O projection's weight while it runs "
-        "(per-head attention on CUDA; an experiment, off by default)",
-    )
-    g.add_argument(
         "--gemm-backend",
         default="auto",
         choices=GEMM_BACKENDS,
@@ -129,7 +123,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         moe_backend=args.moe_backend,
         disable_shared_experts_fusion=args.disable_shared_experts_fusion,
         gemm_backend=args.gemm_backend,
-        l2_prefetch=args.l2_prefetch,
         grammar_compile_timeout_s=args.grammar_compile_timeout,
     )
 

@@ -406,9 +406,6 @@ class EngineConfig:
     # them in its own launches (the Triton backend, expert parallelism off): off keeps the MLP.
     disable_shared_experts_fusion: bool = False
     gemm_backend: str = "auto"
-    # Decode attention asks L2 for the O projection's weight while it runs (per-head attention
-    # on CUDA; engine/kernels/attention.py::l2_prefetch). An experiment: off until measured.
-    l2_prefetch: bool = False
     # Constrained decoding (engine/grammar.py): a request whose grammar takes longer than this
     # to compile fails with a ValueError (a 400); the compile goes on in the background.
     grammar_compile_timeout_s: float = 30.0

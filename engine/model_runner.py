@@ -73,8 +73,6 @@ class ModelRunner:
         # RoPE tables stay float32 whatever the weights' dtype, like the reference.
         self.model.rotary.float()
         self._load_weights()
-        if config.l2_prefetch:
-            self._prefetch_o_weights()
         # The model says what a token's cache entry is (per-head K/V, or MLA's latent + rope key).
         self.kv_spec: KVCacheSpec = self.model.kv_cache_spec()
         self.kv_cache = KVCache(
@@ -113,21 +111,6 @@ class ModelRunner:
             self.graphs.capture()
         elif device.kind == "cuda":
             log.info("decode runs eagerly: %s", reason)
-
-    def _prefetch_o_weights(self) -> None:
-        """`--l2-prefetch`: each layer's decode attention asks L2 for its O projection's
-        weight (where the backend can: the Triton per-head attention)."""
-        weights = {}
-        for module in cast(torch.nn.Module, self.model).modules():
-            o_proj = getattr(module, "o_proj", None)
-            layer_id = getattr(module, "layer_id", None)
-            if isinstance(o_proj, torch.nn.Linear) and isinstance(layer_id, int):
-                weights[layer_id] = o_proj.weight.detach()
-        if self.attention.prefetch_weights(weights):
-            log.info("--l2-prefetch: %d layers' O weights", len(weights))
-        else:
-            name = type(self.attention).__name__
-            log.info("--l2-prefetch: the %s backend does not prefetch here", name)
 
     def _fuse_shared_experts(self) -> bool:
         """Whether MoE layers stack their shared experts into the routed experts' weights:

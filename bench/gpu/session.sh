@@ -25,7 +25,8 @@
 #   run(command="bash bench/gpu/session.sh r", carry=[".whl"])   # align fix, Moonlight vs HF
 #   run(command="bash bench/gpu/session.sh s", carry=[".whl"])   # decode attention splits
 #   run(command="bash bench/gpu/session.sh t", carry=[".whl"])   # batch-256 MoE tiles, MLA TMA
-#   run(command="bash bench/gpu/session.sh u", carry=[".whl"])   # --l2-prefetch A/B
+#   run(command="bash bench/gpu/session.sh v", carry=[".whl"])   # MLA decode ranges, MoE rows
+#   run(command="bash bench/gpu/session.sh w", carry=[".whl"])   # MLA decode at 4 warps
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -343,15 +344,32 @@ t)
   TAIL=30 step profile_moonlight_256 60 python3 -m bench.profile_decode \
     --preset moonlight-16b-a3b --decode 256x128 --top 12
   ;;
-u)
-  # --l2-prefetch (the decode attention asks L2 for the O projection's weight) against
-  # without, in the same call (about 200 s).
-  for flag in "" --l2-prefetch; do
-    TAIL=4 step "qwen3$flag" 50 python3 -m bench.engine --preset qwen3-30b-a3b --skip-hf \
-      --prefill '' --decode 1x128,64x128 --repeats 3 $flag
-    TAIL=4 step "llama$flag" 50 python3 -m bench.engine --preset llama3-8b --skip-hf \
-      --prefill '' --decode 1x128,64x128 --repeats 3 $flag
-  done
+v)
+  # MLA decode: context ranges (one range now writes the output itself) and split-kernel
+  # launches; the batch 128-512 MoE rows and the MLA change in the engine; the GPU checks of
+  # both (about 420 s).
+  TAIL=45 step mla_splits 80 python3 -m bench.mla_kernel --mode decode --heads 16,128 \
+    --batch-sizes 1,16,64,128,256 --contexts 128,2048 --splits 0,1,2,4,8
+  TAIL=22 step mla_tiles 60 python3 -m bench.mla_kernel --mode decode --heads 16 \
+    --batch-sizes 64,256 --contexts 128,2048 --splits 0,1 \
+    --tiles 32x0x2,32x0x3,64x0x2,32x4x2,16x4x3
+  TAIL=6 step check_moe 90 python3 -m bench.check_moe_gpu
+  TAIL=6 step moonlight 80 python3 -m bench.engine --preset moonlight-16b-a3b --skip-hf \
+    --prefill '' --decode 1x128,64x128,256x128 --repeats 2
+  TAIL=6 step qwen3 70 python3 -m bench.engine --preset qwen3-30b-a3b --skip-hf \
+    --prefill '' --decode 1x128,64x128,256x128 --repeats 2
+  TAIL=30 step profile_moonlight_256 60 python3 -m bench.profile_decode \
+    --preset moonlight-16b-a3b --decode 256x128 --top 16
+  ;;
+w)
+  # The MLA split kernel at 4 warps (two programs an SM) and the one-wave range rule, against
+  # 8 warps; the GPU checks; Moonlight's decode (about 200 s). (It also ran the --l2-prefetch
+  # A/B, since taken out with the flag: slower everywhere.)
+  TAIL=62 step mla_rule 90 python3 -m bench.mla_kernel --mode decode --heads 16,128 \
+    --batch-sizes 1,16,64,128,256 --contexts 128,2048 --splits 0 --tiles 32x8x2,32x4x2,32x4x3
+  TAIL=4 step check_moe 90 python3 -m bench.check_moe_gpu
+  TAIL=6 step moonlight 80 python3 -m bench.engine --preset moonlight-16b-a3b --skip-hf \
+    --prefill '' --decode 1x128,64x128,256x128 --repeats 2
   ;;
 *) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u"; exit 2 ;;
 esac

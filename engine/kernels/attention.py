@@ -20,7 +20,6 @@ Softmax runs in float32 in the log2 domain (scores scaled by `scale * log2(e)`).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -121,29 +120,6 @@ def store_kv(
 
 
 @triton.jit
-def l2_prefetch(ptr, nbytes, part, parts, LINES: tl.constexpr):
-    """Program `part` of `parts` asks the L2 cache for its share of the `nbytes` at `ptr` (a
-    byte pointer), LINES lines of 128 bytes an instruction, without waiting for them: the next
-    kernel (a projection whose weight this is) then streams them from L2 while this one's own
-    reads leave DRAM idle. GPU only (PTX `prefetch.global.L2`)."""
-    lines = tl.cdiv(nbytes, 128)
-    share = tl.cdiv(lines, parts)
-    first = part * share
-    last = tl.minimum(first + share, lines)
-    for start in range(first, last, LINES):
-        idx = start + tl.arange(0, LINES)
-        idx = tl.minimum(idx, last - 1)  # repeats of the last line, not past the end
-        tl.inline_asm_elementwise(
-            asm="prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;",
-            constraints="=r,l",
-            args=[ptr + idx.to(tl.int64) * 128],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=1,
-        )
-
-
-@triton.jit
 def _decode_split_kernel(
     q_ptr,
     k_ptr,
@@ -181,15 +157,7 @@ def _decode_split_kernel(
     PRECISION: tl.constexpr,
     DIRECT: tl.constexpr,
     PDL: tl.constexpr,
-    pf_ptr=None,  # PREFETCH: a weight (bytes) to ask L2 for, spread over the programs
-    pf_bytes=0,
-    PREFETCH: tl.constexpr = False,
 ):
-    if PREFETCH:  # the weight does not depend on the previous kernel: before PDL's wait
-        grid_h, grid_s = tl.num_programs(1), tl.num_programs(2)
-        part = (tl.program_id(0) * grid_h + tl.program_id(1)) * grid_s + tl.program_id(2)
-        parts = tl.num_programs(0) * grid_h * grid_s
-        l2_prefetch(pf_ptr, pf_bytes, part, parts, 64)
     pdl.start(PDL)
     # DIRECT (one split): the output itself, normalised, instead of a partial to combine.
     b = tl.program_id(0)
@@ -338,7 +306,6 @@ def decode_attention(
     num_splits: int,
     out: torch.Tensor | None = None,
     tiles: DecodeTiles | None = None,
-    prefetch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One new query per sequence: `q` `[B, Hq, Dk]` over the first `seq_lens[b]` tokens of
     page-table row `rows[b]`; returns `[B, Hq, Dv]` in `q`'s dtype. `tiles`: the split
@@ -347,14 +314,9 @@ def decode_attention(
     short splits of batch 1; bench.attention_kernel compares others). The combine is its own
     launch: the last split combining instead (an atomic count per sequence and KV head)
     measured no faster on the H200 (equal at 1x128 and 16x128, 41% slower at 1x2,048) and
-    was taken out. `prefetch`: a tensor (the next projection's weight) whose bytes the split
-    kernel's programs ask L2 for as they start (`l2_prefetch`; CUDA only, ignored elsewhere and
-    under Triton's interpreter). Off unless given: not yet measured to pay."""
+    was taken out. (Asking L2 for the O projection's weight from here, before the PDL wait,
+    measured slower on the H200: bench/NOTES.md.)"""
     tiles = tiles or DecodeTiles(num_stages=3 if num_splits == 1 else 2)
-    extra: dict[str, object] = {}  # the prefetch's arguments, where it runs
-    if prefetch is not None and q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        nbytes = prefetch.numel() * prefetch.element_size()
-        extra = {"pf_ptr": prefetch.view(torch.uint8), "pf_bytes": nbytes, "PREFETCH": True}
     bsz, num_heads, dk = q.shape
     num_kv_heads, dv = v_cache.shape[1], v_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -390,7 +352,6 @@ def decode_attention(
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
         **pdl.launch_args(q),
-        **extra,
     )  # fmt: skip
     if direct:
         return out

@@ -9,9 +9,11 @@ sequence's cached latents `c` `[R]` and rotary keys `k_pe` `[P]` (one shared KV 
 Flash-decoding: each sequence's context is cut into `num_kv_splits` ranges; a program takes
 one range for a block of `block_h` heads, reading each latent tile once for all of them and
 using it as both key and value, and writes its partial output with its log-sum-exp. A second
-kernel combines the ranges. With at most `block_h` heads (Moonlight's 16) every latent page is
-read from memory once per step; with more (DeepSeek-V3's 128) the head blocks of one range are
-neighbouring programs, so the repeated reads of a tile mostly come from L2.
+kernel combines the ranges; with one range the split kernel writes the output itself (no
+float32 partials written and read back, no second launch). With at most `block_h` heads
+(Moonlight's 16) every latent page is read from memory once per step; with more
+(DeepSeek-V3's 128) the head blocks of one range are neighbouring programs, so the repeated
+reads of a tile mostly come from L2.
 
 Every size depends only on the batch size and `num_kv_splits` (graph capturable); no host sync.
 Both kernels take part in programmatic dependent launch (`engine.kernels.pdl`).
@@ -39,6 +41,7 @@ def mla_decode_split_kernel(
     seq_lens,  # [B] int
     mid_out,  # [B, H, S, R] float32 out: each range's normalised output
     mid_lse,  # [B, H, S] float32 out: each range's log-sum-exp (-inf when empty)
+    out,  # [B, H, R] out with DIRECT (one range): the output itself, no partials
     scale,
     num_heads,
     R,
@@ -53,7 +56,10 @@ def mla_decode_split_kernel(
     stride_pe_page,
     stride_pe_slot,
     stride_table,
+    stride_ob,
+    stride_oh,
     NUM_SPLITS: tl.constexpr,
+    DIRECT: tl.constexpr,
     HAS_ROWS: tl.constexpr,
     EXACT_FP32: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -127,16 +133,25 @@ def mla_decode_split_kernel(
         else:
             acc = tl.dot(prob.to(c.dtype), c, acc * alpha[:, None])
         m = m_new
-    row = (b * num_heads + heads) * NUM_SPLITS + split  # [BLOCK_H] into [B, H, S]
-    if end > start:
+    if DIRECT:
+        # A sequence of length 0 (a padding row of a graph-sized batch) gets zeros.
+        result = tl.where(denom[:, None] > 0, acc / tl.maximum(denom, 1e-30)[:, None], 0.0)
         tl.store(
-            mid_out + row[:, None] * R + r[None, :],
-            acc / denom[:, None],
+            out + b * stride_ob + heads[:, None] * stride_oh + r[None, :],
+            result.to(out.dtype.element_ty),
             mask=h_ok[:, None] & r_ok[None, :],
         )
-        tl.store(mid_lse + row, m + tl.log(denom), mask=h_ok)
     else:
-        tl.store(mid_lse + row, tl.full([BLOCK_H], -float("inf"), tl.float32), mask=h_ok)
+        row = (b * num_heads + heads) * NUM_SPLITS + split  # [BLOCK_H] into [B, H, S]
+        if end > start:
+            tl.store(
+                mid_out + row[:, None] * R + r[None, :],
+                acc / denom[:, None],
+                mask=h_ok[:, None] & r_ok[None, :],
+            )
+            tl.store(mid_lse + row, m + tl.log(denom), mask=h_ok)
+        else:
+            tl.store(mid_lse + row, tl.full([BLOCK_H], -float("inf"), tl.float32), mask=h_ok)
 
 
 @triton.jit
@@ -177,13 +192,36 @@ def mla_decode_combine_kernel(
     tl.store(out + b * stride_ob + h * stride_oh + r, result.to(out.dtype.element_ty), mask=r_ok)
 
 
-def default_num_kv_splits(
-    batch: int, num_heads: int, num_sms: int = 132, block_h: int = DEFAULT_BLOCK_H
+def default_num_warps(
+    dtype: torch.dtype,
+    batch: int,
+    num_heads: int,
+    num_sms: int = 132,
+    block_h: int = DEFAULT_BLOCK_H,
 ) -> int:
-    """Enough ranges that a small batch still fills the device (about two programs per SM),
-    at most 16; fixed per (batch, heads), so a graph captured at a batch size keeps it."""
+    """The split kernel's warps. 4 in 16-bit types (about 250 registers a thread, so two
+    programs share an SM: on the H200 1.6-1.8x faster than 8 warps from batch 64 up, for 16
+    and 128 heads); 8 where even 16 ranges of every head block fit one program an SM (batch 1:
+    8 warps 9-10% faster), and in float32 (4 would spill)."""
     programs = batch * triton.cdiv(num_heads, block_h)
-    return max(1, min(16, triton.cdiv(2 * num_sms, programs)))
+    return 8 if dtype == torch.float32 or programs * 16 <= num_sms else 4
+
+
+def default_num_kv_splits(
+    batch: int,
+    num_heads: int,
+    num_sms: int = 132,
+    block_h: int = DEFAULT_BLOCK_H,
+    num_warps: int = 4,
+) -> int:
+    """As many ranges as fit the batch's programs into one wave of the device (two programs an
+    SM at 4 warps, one at more), at most 16: the split kernel holds one or two programs an SM,
+    so a second wave costs a whole program's time, and a range that a wave could have split
+    finishes late (batch 64 at 2,048 tokens on the H200: 5 ranges 118 µs, 4 ranges 83).
+    Fixed per (batch, heads), so a graph captured at a batch size keeps it."""
+    programs = batch * triton.cdiv(num_heads, block_h)
+    slots = (2 if num_warps <= 4 else 1) * num_sms
+    return max(1, min(16, slots // programs))
 
 
 def mla_decode(
@@ -199,6 +237,8 @@ def mla_decode(
     block_n: int = 32,
     block_h: int = DEFAULT_BLOCK_H,
     req_rows: torch.Tensor | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """Absorbed MLA decode over the paged cache; writes and returns `out`.
 
@@ -210,7 +250,9 @@ def mla_decode(
     `[B]` context lengths including the new token (0: the row gets zeros); out `[B, H, R]`.
     Scores are `scale * (q_latent . c + q_pe . k_pe)`; values are the latents `c`.
     `block_h` heads share each read of a latent tile (16, or 32 in 16-bit types: more heads
-    per read, more registers per program); `block_n` context positions per tile.
+    per read, more registers per program); `block_n` context positions per tile; `num_warps`
+    (default `default_num_warps`) and `num_stages` the split kernel's launch (`python -m
+    bench.mla_kernel --mode decode --tiles` times others).
     """
     batch, num_heads, rank = q_latent.shape
     rope = q_pe.shape[2]
@@ -230,10 +272,17 @@ def mla_decode(
         )
     if q_latent.dtype == torch.float32 and block_h > 16:
         raise ValueError(f"float32 MLA decode takes block_h=16 (got {block_h}: registers spill)")
-    splits = num_kv_splits or default_num_kv_splits(batch, num_heads, block_h=block_h)
+    num_warps = num_warps or default_num_warps(q_latent.dtype, batch, num_heads, block_h=block_h)
+    splits = num_kv_splits or default_num_kv_splits(
+        batch, num_heads, block_h=block_h, num_warps=num_warps
+    )
     device = q_latent.device
-    mid_out = torch.empty(batch, num_heads, splits, rank, dtype=torch.float32, device=device)
-    mid_lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=device)
+    direct = splits == 1  # the split kernel writes `out`: no partials, no combine launch
+    if direct:
+        mid_out = mid_lse = out  # not read
+    else:
+        mid_out = torch.empty(batch, num_heads, splits, rank, dtype=torch.float32, device=device)
+        mid_lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=device)
     q_latent = q_latent if q_latent.stride(2) == 1 else q_latent.contiguous()
     q_pe = q_pe if q_pe.stride(2) == 1 else q_pe.contiguous()
     # tl.dot needs dimensions of at least 16 on the GPU.
@@ -249,6 +298,7 @@ def mla_decode(
         seq_lens,
         mid_out,
         mid_lse,
+        out,
         float(scale),
         num_heads,
         rank,
@@ -263,17 +313,22 @@ def mla_decode(
         pe_cache.stride(0),
         pe_cache.stride(1),
         page_table.stride(0),
+        out.stride(0),
+        out.stride(1),
         NUM_SPLITS=splits,
+        DIRECT=direct,
         HAS_ROWS=req_rows is not None,
         EXACT_FP32=q_latent.dtype == torch.float32,
         BLOCK_H=block_h,
         BLOCK_R=block_r,
         BLOCK_P=block_p,
         BLOCK_N=block_n,
-        num_warps=8 if block_r >= 512 else 4,
-        num_stages=2,
+        num_warps=num_warps,
+        num_stages=num_stages,
         **pdl.launch_args(q_latent),
     )
+    if direct:
+        return out
     mla_decode_combine_kernel[(num_heads, batch)](
         mid_out,
         mid_lse,

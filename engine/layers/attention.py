@@ -108,12 +108,6 @@ class AttentionBackend(ABC):
         q_pe, c_kv, k_pe = mla_latent_torch(q_pe, c_kv, k_pe, kv_norm, rotary, batch)
         return self.forward_mla(q_latent, q_pe, c_kv, k_pe, layer_id, batch, scale)
 
-    def prefetch_weights(self, weights: dict[int, torch.Tensor]) -> bool:
-        """`--l2-prefetch`: layer i's decode attention asks L2 for `weights[i]` (the weight of
-        the projection after it) while it runs, where the backend can; returns whether it
-        will. The base backend cannot."""
-        return False
-
     def mla_expands(self, batch: ForwardBatch) -> bool:
         """Whether this step's MLA runs in the non-absorbed form (`forward_mla_expanded`)
         rather than the absorbed one (`forward_mla`). The base backend always absorbs."""

@@ -82,15 +82,6 @@ class TritonAttentionBackend(AttentionBackend):
 
     def __init__(self, mla: bool = False) -> None:
         self._mla = mla
-        # Per layer, a weight that layer's decode attention asks L2 for (`l2_prefetch`).
-        self._prefetch: dict[int, torch.Tensor] = {}
-
-    def prefetch_weights(self, weights: dict[int, torch.Tensor]) -> bool:
-        """Per-head decode attention only (`decode_attention`'s `prefetch`); not MLA."""
-        if self._mla:
-            return False
-        self._prefetch = dict(weights)
-        return True
 
     @property
     def mla(self) -> bool:
@@ -170,7 +161,7 @@ class TritonAttentionBackend(AttentionBackend):
         if isinstance(meta, _DecodeMetadata):
             return kernels.decode_attention(
                 q, k_cache, v_cache, batch.page_table, batch.req_rows, meta.seq_lens, ps,
-                scale, meta.num_splits, prefetch=self._prefetch.get(layer_id),
+                scale, meta.num_splits,
             )  # fmt: skip
         return kernels.extend_attention(
             q, k_cache, v_cache, batch.page_table, batch.req_rows, batch.prefix_lens,

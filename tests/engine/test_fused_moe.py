@@ -335,14 +335,14 @@ def test_kernel_config_table():
     assert default_config(4096, 128, 8).block_m == 64
     assert kernel_config(1, 128, 2048, 768, 8, torch.bfloat16).block_m == 16
     # A tuned shape takes the row above its token count when within 4x of it, else the rule:
-    # the decode rows (1, 4, 16, 64) cover 1 to 64 tokens; 65 to 255 take the rule, not the
-    # row tuned at 1,024 for prefill; beyond the last row the rule again.
+    # the decode rows (1, 4, 16, 64, 128, 256, 512) cover 1 to 512 tokens; 513 to 1,024 take
+    # the row tuned at 1,024 for prefill; beyond the last row the rule again.
     tuned = dict(TUNED[(128, 2048, 768, 8, "bfloat16")])
     qwen3 = functools.partial(kernel_config, num_experts=128, hidden=2048, intermediate=768,
                               top_k=8, dtype=torch.bfloat16)  # fmt: skip
     assert qwen3(2) == tuned[4] and qwen3(17) == tuned[64] and qwen3(64) == tuned[64]
-    assert qwen3(65) == default_config(65, 128, 8) and qwen3(255) == default_config(255, 128, 8)
-    assert qwen3(256) == tuned[1024] and qwen3(8192) == tuned[8192]
+    assert qwen3(65) == tuned[128] and qwen3(255) == tuned[256] and qwen3(256) == tuned[256]
+    assert qwen3(513) == tuned[1024] and qwen3(8192) == tuned[8192]
     assert qwen3(2047) == default_config(2047, 128, 8) and qwen3(2048) == tuned[8192]
     assert qwen3(16385) == default_config(16385, 128, 8)
     with pytest.raises(ValueError, match="power of two"):

@@ -19,7 +19,7 @@ pytest.importorskip("triton", reason="triton is a dev dependency (pip install -e
 
 from engine.config import RopeConfig
 from engine.forward_batch import ForwardBatch
-from engine.kernels.mla_decode import default_num_kv_splits, mla_decode
+from engine.kernels.mla_decode import default_num_kv_splits, default_num_warps, mla_decode
 from engine.kv_cache import KVCache, KVCacheSpec
 from engine.layers.attention import TorchAttentionBackend
 from engine.layers.norm import RMSNorm
@@ -143,14 +143,16 @@ def test_mla_decode_float16_and_odd_widths():
     torch.testing.assert_close(out.float(), want.float(), rtol=5e-3, atol=5e-3)
 
 
-def test_mla_decode_padding_rows_and_empty_batch():
-    """A graph-sized batch pads with rows of length 0: they get zeros; real rows are exact."""
+@pytest.mark.parametrize("splits", [1, 2])
+def test_mla_decode_padding_rows_and_empty_batch(splits):
+    """A graph-sized batch pads with rows of length 0: they get zeros; real rows are exact.
+    One range writes the output from the split kernel itself (no combine), so both paths."""
     q_latent, q_pe, cache, table, seq_lens, scale, want = decode_case(
         [5, 12], 4, 32, 8, 4, torch.float32, seed=5
     )
     seq_lens[1] = 0
     out = torch.full_like(q_latent, float("nan"))
-    mla_decode(q_latent, q_pe, cache.k[0], cache.v[0], table, seq_lens, scale, out, 2, 16)
+    mla_decode(q_latent, q_pe, cache.k[0], cache.v[0], table, seq_lens, scale, out, splits, 16)
     torch.testing.assert_close(out[0], want[0], rtol=1e-5, atol=1e-5)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     empty = q_latent[:0]
@@ -160,10 +162,22 @@ def test_mla_decode_padding_rows_and_empty_batch():
     assert result.shape == (0, 4, 32)
 
 
-def test_default_splits_fill_the_device_and_are_fixed_per_batch():
+def test_default_splits_fill_one_wave_and_are_fixed_per_batch():
+    # Two programs an SM at 4 warps (264 on 132 SMs), one at 8; at most 16 ranges.
     assert default_num_kv_splits(1, 16) == 16
     assert default_num_kv_splits(256, 128) == 1
+    assert default_num_kv_splits(64, 16) == 4 and default_num_kv_splits(64, 16, num_warps=8) == 2
+    assert default_num_kv_splits(256, 16) == 1 and default_num_kv_splits(132, 16) == 2
     assert default_num_kv_splits(8, 16) == default_num_kv_splits(8, 16)
+
+
+def test_default_warps():
+    # 8 where every head block's 16 ranges fit one program an SM, and in float32; else 4.
+    assert default_num_warps(torch.bfloat16, 1, 16) == 8
+    assert default_num_warps(torch.bfloat16, 1, 128) == 8  # 8 head blocks x 16 ranges
+    assert default_num_warps(torch.bfloat16, 16, 16) == 4
+    assert default_num_warps(torch.bfloat16, 2, 128) == 4
+    assert default_num_warps(torch.float32, 256, 16) == 8
 
 
 @pytest.mark.parametrize("page_size", [1, 16])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 import pytest
 import torch
@@ -250,38 +249,6 @@ def test_skinny_gemm_backend_matches_transformers(tiny_models: dict[str, Path]) 
     results = engine.generate(few.prompts, params)
     assert_greedy_matches([r.output_ids for r in results], few, NEAR_TIE)
     assert engine.num_free_pages == engine.pool.num_pages
-
-
-def test_l2_prefetch_registers_every_o_weight(tiny_models: dict[str, Path]) -> None:
-    """`--l2-prefetch`: each layer's decode attention gets its O projection's weight (the
-    prefetch itself is GPU-only, off under the interpreter; tokens are unchanged either way),
-    and the reference backend, which cannot prefetch, just runs."""
-    ref = reference(tiny_models["llama"], device=DEVICE)
-    few = Reference(
-        ref.prompts[:2], [t[:3] for t in ref.tokens[:2]], [x[:3] for x in ref.logits[:2]]
-    )
-    for backend in ("triton", "torch"):
-        engine = Engine(
-            EngineConfig(
-                model_path=str(tiny_models["llama"]),
-                num_pages=128,
-                attention_backend=backend,
-                dtype="float32",
-                l2_prefetch=True,
-            )
-        )
-        registered = getattr(engine.runner.attention, "_prefetch", None)
-        if backend == "triton":
-            assert registered is not None
-            layers = engine.model_config.num_layers
-            assert sorted(registered) == list(range(layers))
-            modules = cast(torch.nn.Module, engine.runner.model).modules()
-            o_projs = [m.o_proj for m in modules if hasattr(m, "o_proj")]
-            o_weights = {cast(torch.nn.Linear, o).weight.data_ptr() for o in o_projs}
-            assert {w.data_ptr() for w in registered.values()} == o_weights
-        params = SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True)
-        results = engine.generate(few.prompts, params)
-        assert_greedy_matches([r.output_ids for r in results], few, NEAR_TIE)
 
 
 def test_triton_backend_runs_mla_like_transformers(tiny_models: dict[str, Path]) -> None:
