@@ -326,7 +326,9 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
                 "BLOCK_N": 32,
             },
             floats=("scale",),
-            num_warps=8 if dtype == "fp32" else 4,  # default_num_warps from batch 16 up
+            num_warps=mla_decode.default_num_warps(
+                torch.float32 if dtype == "fp32" else torch.bfloat16, 256, 16, block_h=block_h
+            ),
             num_stages=2,
         )
     add(
@@ -405,15 +407,17 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
             num_warps=extend.num_warps,
             num_stages=extend.num_stages,
         )
-    # Greedy sampling: float32 logits, a 128k vocabulary's 126 partials a row reduced.
-    add(
-        "argmax partials",
-        argmax._argmax_partials_kernel,
-        {"x_ptr": "*fp32", "part_val_ptr": "*fp32", "part_idx_ptr": i32},
-        {"BLOCK": argmax.BLOCK},
-        divisible=("x_ptr", "stride_x", "n", "chunk"),
-        num_warps=4,
-    )
+    # Greedy sampling: the model's logits (bfloat16 as the LM head wrote them, float32 in the
+    # float32 runs), a 128k vocabulary's 126 partials a row reduced.
+    for dtype in ("bf16", "fp32"):
+        add(
+            f"argmax partials {dtype}",
+            argmax._argmax_partials_kernel,
+            {"x_ptr": f"*{dtype}", "part_val_ptr": "*fp32", "part_idx_ptr": i32},
+            {"BLOCK": argmax.BLOCK},
+            divisible=("x_ptr", "stride_x", "n", "chunk"),
+            num_warps=4,
+        )
     add(
         "argmax combine",
         argmax._argmax_combine_kernel,

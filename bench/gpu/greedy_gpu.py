@@ -8,10 +8,12 @@
   ours at that step (a near-tie when tiny).
 
     python3 -m bench.gpu.greedy_gpu          # on the GPU machine, from the repo root
+    python3 -m bench.gpu.greedy_gpu deepseek-v3 qwen3-moe   # only these families
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from engine.config import EngineConfig
@@ -42,9 +44,14 @@ def engine(path: Path, dtype: str, backend: str, graphs: bool) -> Engine:
     )
 
 
-def main() -> None:
+def main(families: list[str]) -> None:
     models = write_tiny_models(Path("/tmp/pdserve-tiny"))
+    unknown = set(families) - set(models)
+    if unknown:
+        raise SystemExit(f"unknown families {sorted(unknown)}; choose from {sorted(models)}")
     for family, path in models.items():
+        if families and family not in families:
+            continue
         refs = {dev: reference(path, device=dev) for dev in ("cpu", "cuda")}
         prompts = refs["cpu"].prompts
         flips = divergences(refs["cuda"].tokens, refs["cpu"])
@@ -75,4 +82,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

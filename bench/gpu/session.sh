@@ -27,6 +27,9 @@
 #   run(command="bash bench/gpu/session.sh t", carry=[".whl"])   # batch-256 MoE tiles, MLA TMA
 #   run(command="bash bench/gpu/session.sh v", carry=[".whl"])   # MLA decode ranges, MoE rows
 #   run(command="bash bench/gpu/session.sh w", carry=[".whl"])   # MLA decode at 4 warps
+#   run(command="bash bench/gpu/session.sh x", carry=[".whl"])   # MLA tiles, README figures
+#   run(command="bash bench/gpu/session.sh y", carry=[".whl"])   # greedy past x's time limit
+#   run(command="bash bench/gpu/session.sh z", carry=[".whl"])   # decode MoE tiles with TMA
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -371,5 +374,43 @@ w)
   TAIL=6 step moonlight 80 python3 -m bench.engine --preset moonlight-16b-a3b --skip-hf \
     --prefill '' --decode 1x128,64x128,256x128 --repeats 2
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u"; exit 2 ;;
+x)
+  # MLA decode: other tiles at 4 warps and the combine reading live ranges only; the checks;
+  # every decode figure of the README's table (about 380 s).
+  TAIL=26 step mla16 60 python3 -m bench.mla_kernel --mode decode --heads 16 \
+    --batch-sizes 1,16,64,256 --contexts 128,2048 --splits 0 --tiles 32x0x2,16x4x2,64x4x2
+  TAIL=6 step mla128 40 python3 -m bench.mla_kernel --mode decode --heads 128 \
+    --batch-sizes 1,16,64,256 --contexts 128 --splits 0
+  TAIL=4 step check_moe 90 python3 -m bench.check_moe_gpu
+  TAIL=12 step greedy 70 python3 -m bench.gpu.greedy_gpu
+  TAIL=8 step llama 80 python3 -m bench.engine --preset llama3-8b --skip-hf --prefill '' \
+    --decode 1x128,16x128,64x128,64x2048,256x512 --repeats 2
+  for model in qwen3-30b-a3b moonlight-16b-a3b; do
+    TAIL=6 step "$model" 60 python3 -m bench.engine --preset "$model" --skip-hf \
+      --prefill '' --decode 1x128,64x128,256x128 --repeats 2
+  done
+  TAIL=34 step profile_moonlight_256 40 python3 -m bench.profile_decode \
+    --preset moonlight-16b-a3b --decode 256x128 --top 20
+  ;;
+y)
+  # The greedy check of the family that mode x's time limit cut (about 60 s).
+  TAIL=12 step greedy 200 python3 -m bench.gpu.greedy_gpu deepseek-v3
+  ;;
+z)
+  # Decode-sized MoE tiles (64 and 256 tokens), merged into the device's copy of the table;
+  # the decode steps with them and with the bfloat16 logits read as they are by the greedy
+  # argmax; the greedy checks of every family (about 330 s). (It ran once with TMA candidates
+  # for decode too: nothing gained, taken back out; see bench/NOTES.md.)
+  TAIL=6 step tune_moonlight 100 python3 -m bench.moe_kernel --tune \
+    --shape moonlight-16b-a3b-fused --tokens 64,256 --reps 10 --layers 4
+  TAIL=8 step tune_qwen3 60 bash -c "python3 -m bench.moe_kernel --tune --shape qwen3-30b-a3b \
+    --tokens 64,256 --reps 10 --layers 4 && python3 bench/gpu/apply_tuned.py \
+    $OUT/tune_moonlight.txt $OUT/tune_qwen3.txt"
+  for model in moonlight-16b-a3b qwen3-30b-a3b; do
+    TAIL=5 step "$model" 50 python3 -m bench.engine --preset "$model" --skip-hf \
+      --prefill '' --decode 64x128,256x128 --repeats 2
+  done
+  TAIL=36 step greedy 140 python3 -m bench.gpu.greedy_gpu
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|v|w|x|y|z"; exit 2 ;;
 esac

@@ -27,7 +27,7 @@ class CausalLM(LoadableModel, Protocol):
         ...
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits `[B, vocab]` in float32 for the given hidden rows."""
+        """Logits `[B, vocab]` in the weights' dtype for the given hidden rows."""
         ...
 
     def kv_cache_spec(self) -> KVCacheSpec:

@@ -66,6 +66,7 @@ class DecoderOnlyLM(nn.Module):
         return self.norm.forward_residual(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits `[B, vocab]` in float32 for the given hidden rows."""
+        """Logits `[B, vocab]` in the weights' dtype for the given hidden rows (the sampler
+        widens them to float32 where a path needs it: greedy picks read them as they are)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return F.linear(hidden, weight)

@@ -172,12 +172,14 @@ def test_default_splits_fill_one_wave_and_are_fixed_per_batch():
 
 
 def test_default_warps():
-    # 8 where every head block's 16 ranges fit one program an SM, and in float32; else 4.
+    # 8 where every head block's 16 ranges fit one program an SM, in float32 and for 32-head
+    # blocks; else 4.
     assert default_num_warps(torch.bfloat16, 1, 16) == 8
     assert default_num_warps(torch.bfloat16, 1, 128) == 8  # 8 head blocks x 16 ranges
     assert default_num_warps(torch.bfloat16, 16, 16) == 4
     assert default_num_warps(torch.bfloat16, 2, 128) == 4
     assert default_num_warps(torch.float32, 256, 16) == 8
+    assert default_num_warps(torch.bfloat16, 256, 128, block_h=32) == 8
 
 
 @pytest.mark.parametrize("page_size", [1, 16])

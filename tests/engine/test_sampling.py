@@ -137,6 +137,29 @@ def test_greedy_rows_take_the_argmax() -> None:
     assert result.logprobs == [None, None, None]
 
 
+def test_bfloat16_logits_sample_as_their_float32_widening() -> None:
+    """The LM head's bfloat16 logits: an all-greedy batch reads them as they are, anything else
+    widens them first; either way tokens and log-probabilities equal those of the float32
+    widening (ties from bfloat16 rounding included: the first maximum wins)."""
+    wide = torch.randn(4, 300, generator=torch.Generator().manual_seed(5)) * 4
+    half = wide.to(torch.bfloat16)
+    half[1, 7] = half[1, 200] = half[1].max() + 1  # an exact tie: index 7 wins
+    widened = half.float()
+    greedy = [SamplingParams(temperature=0)] * 4
+    got = sample(half, greedy, [None] * 4)
+    assert got.token_ids == widened.argmax(dim=-1).tolist() and got.token_ids[1] == 7
+    mixed = [
+        SamplingParams(temperature=0, logprobs=True, top_logprobs=3),
+        SamplingParams(temperature=0.8, top_p=0.9, seed=1),
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=1.2, top_k=5, seed=2),
+    ]
+    gens = [None, torch.Generator().manual_seed(1), None, torch.Generator().manual_seed(2)]
+    want = sample(widened, mixed, gens)
+    gens = [None, torch.Generator().manual_seed(1), None, torch.Generator().manual_seed(2)]
+    assert sample(half, mixed, gens) == want
+
+
 def test_seeded_row_ignores_the_rest_of_the_batch() -> None:
     logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(2))
     params = [SamplingParams(temperature=1.5)] * 4
