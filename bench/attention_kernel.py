@@ -30,6 +30,7 @@ import torch
 from bench.ceiling import copy_bandwidth
 from bench.moe_kernel import time_graph
 from engine.kernels.attention import DecodeTiles, decode_attention, decode_splits
+from engine.kernels.sms import sm_count
 
 DEFAULT_SHAPES = "1x128,1x2048,16x128,64x128,64x2048,256x512"
 
@@ -50,7 +51,9 @@ class Case:
     def splits(self, tiles: DecodeTiles, forced: int = 0) -> int:
         """`forced` splits, or (0) the engine's count (`decode_splits`)."""
         bsz = self.q.shape[0]
-        return forced or decode_splits(bsz, self.caches[0][0].shape[1], self.max_len, tiles.block_n)
+        kv_heads = self.caches[0][0].shape[1]
+        sms = sm_count(self.caches[0][0].device)
+        return forced or decode_splits(bsz, kv_heads, self.max_len, tiles.block_n, sms)
 
     def run(self, tiles: DecodeTiles, forced_splits: int = 0) -> None:
         dim = self.q.shape[2]

@@ -49,6 +49,7 @@ from engine.forward_batch import ForwardBatch
 from engine.kernels.attention import extend_blocks
 from engine.kernels.mla_decode import default_num_kv_splits, default_num_warps, mla_decode
 from engine.kernels.mla_extend import Tiles, default_tiles, mla_extend_attention
+from engine.kernels.sms import sm_count
 from engine.kv_cache import KVCache, KVCacheSpec
 from engine.layers.attention import TorchAttentionBackend
 from engine.layers.triton_attention import TritonAttentionBackend
@@ -345,12 +346,11 @@ def bench_decode(args: argparse.Namespace) -> None:
                 floor_bytes = batch * context * (RANK + ROPE) * 2 + 2 * batch * heads * RANK * 2
                 floor_us = floor_bytes / bandwidth * 1e6
                 for splits, tiles in itertools.product(args.splits, args.tiles):
+                    sms = sm_count(case.out.device)
                     warps = tiles[1] or default_num_warps(
-                        torch.bfloat16, batch, heads, block_h=args.block_h
+                        torch.bfloat16, batch, heads, sms, args.block_h
                     )
-                    rule = default_num_kv_splits(
-                        batch, heads, block_h=args.block_h, num_warps=warps
-                    )
+                    rule = default_num_kv_splits(batch, heads, sms, args.block_h, warps)
                     run = replace(case, splits=splits or None, tiles=tiles)
                     kernel_s = time_graph(run.kernel, args.reps) / args.layers
                     run.kernel()

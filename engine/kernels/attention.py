@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels import pdl
+from engine.kernels.sms import H200_SMS
 
 LOG2E = 1.4426950408889634
 
@@ -272,12 +273,18 @@ def _decode_combine_kernel(
     )
 
 
-def decode_splits(batch_size: int, num_kv_heads: int, max_seq_len: int, block_n: int) -> int:
-    """Context splits per (sequence, KV head): enough programs to fill the device, no split
-    shorter than a block. A pure function of its inputs, so a graph captured with it stays
-    valid for any lengths up to `max_seq_len`."""
+def decode_splits(
+    batch_size: int,
+    num_kv_heads: int,
+    max_seq_len: int,
+    block_n: int,
+    num_sms: int = H200_SMS,
+) -> int:
+    """Context splits per (sequence, KV head): enough programs to fill the device (about two
+    a SM, `num_sms`: `sms.sm_count`), no split shorter than a block. A pure function of its
+    inputs, so a graph captured with it stays valid for any lengths up to `max_seq_len`."""
     programs = batch_size * num_kv_heads
-    want = max(1, -(-264 // programs))  # about two waves on a 132-SM H100/H200
+    want = max(1, -(-2 * num_sms // programs))
     return max(1, min(want, 64, -(-max_seq_len // block_n)))
 
 

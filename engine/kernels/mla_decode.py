@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels import pdl
+from engine.kernels.sms import H200_SMS, sm_count
 
 DEFAULT_BLOCK_H = 16
 
@@ -197,7 +198,7 @@ def default_num_warps(
     dtype: torch.dtype,
     batch: int,
     num_heads: int,
-    num_sms: int = 132,
+    num_sms: int = H200_SMS,
     block_h: int = DEFAULT_BLOCK_H,
 ) -> int:
     """The split kernel's warps. 4 in 16-bit types (about 250 registers a thread, so two
@@ -212,7 +213,7 @@ def default_num_warps(
 def default_num_kv_splits(
     batch: int,
     num_heads: int,
-    num_sms: int = 132,
+    num_sms: int = H200_SMS,
     block_h: int = DEFAULT_BLOCK_H,
     num_warps: int = 4,
 ) -> int:
@@ -274,10 +275,9 @@ def mla_decode(
         )
     if q_latent.dtype == torch.float32 and block_h > 16:
         raise ValueError(f"float32 MLA decode takes block_h=16 (got {block_h}: registers spill)")
-    num_warps = num_warps or default_num_warps(q_latent.dtype, batch, num_heads, block_h=block_h)
-    splits = num_kv_splits or default_num_kv_splits(
-        batch, num_heads, block_h=block_h, num_warps=num_warps
-    )
+    sms = sm_count(q_latent.device)
+    num_warps = num_warps or default_num_warps(q_latent.dtype, batch, num_heads, sms, block_h)
+    splits = num_kv_splits or default_num_kv_splits(batch, num_heads, sms, block_h, num_warps)
     device = q_latent.device
     direct = splits == 1  # the split kernel writes `out`: no partials, no combine launch
     if direct:

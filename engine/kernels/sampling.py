@@ -59,7 +59,6 @@ another order), as between any two orders.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 import triton
@@ -77,6 +76,7 @@ from engine.kernels.sampling_common import (
     _search,
     _value,
 )
+from engine.kernels.sms import sm_count
 
 # Whether `sample(split=None)` takes `split_for`'s choice (the split path up to 16 rows) or
 # one program a row. On: timed on the H200 (`bench.sampling --split 1,4,16,32,auto`, `bash
@@ -270,11 +270,6 @@ def sample_with_stats(
     return Stats(*stats.unbind(1))
 
 
-@functools.cache
-def _sm_count(device: int) -> int:
-    return int(torch.cuda.get_device_properties(device).multi_processor_count)
-
-
 def _launch(
     logits: torch.Tensor,
     rows: torch.Tensor,
@@ -310,7 +305,7 @@ def _launch(
         return
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
     if split is None:
-        sms = _sm_count(x.device.index) if x.is_cuda and SPLIT_BY_DEFAULT else 0
+        sms = sm_count(x.device) if x.is_cuda and SPLIT_BY_DEFAULT else 0
         split = sampling_split.split_for(num_rows, vocab, sms, block=block)
     if split > 1:
         sampling_split.launch(

@@ -22,6 +22,7 @@ from engine.forward_batch import ForwardBatch
 from engine.kernels import attention as kernels
 from engine.kernels import fused, mla_extend
 from engine.kernels.mla_decode import mla_decode
+from engine.kernels.sms import sm_count
 from engine.layers.attention import AttentionBackend
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
@@ -97,8 +98,9 @@ class TritonAttentionBackend(AttentionBackend):
             # Decode: one query per sequence, at position prefix_len; it sees prefix_len + 1 keys.
             seq_lens = (batch.positions + 1).to(torch.int32)
             splits = kernels.decode_splits(
-                batch.batch_size, cache.num_kv_heads, batch.max_seq_len, kernels.DECODE_BLOCK_N
-            )
+                batch.batch_size, cache.num_kv_heads, batch.max_seq_len, kernels.DECODE_BLOCK_N,
+                sm_count(seq_lens.device),
+            )  # fmt: skip
             batch.attn_metadata = _DecodeMetadata(seq_lens, splits)
             return
         # The queries come in the cache's dtype (the model's).

@@ -169,6 +169,8 @@ def test_default_splits_fill_one_wave_and_are_fixed_per_batch():
     assert default_num_kv_splits(64, 16) == 4 and default_num_kv_splits(64, 16, num_warps=8) == 2
     assert default_num_kv_splits(256, 16) == 1 and default_num_kv_splits(132, 16) == 2
     assert default_num_kv_splits(8, 16) == default_num_kv_splits(8, 16)
+    # Another GPU's SM count (an H20's 78): one wave of its 156 slots.
+    assert default_num_kv_splits(64, 16, num_sms=78) == 2
 
 
 def test_default_warps():

@@ -19,6 +19,7 @@ pytest.importorskip("triton")
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.kernels import attention as kernels
+from engine.kernels.sms import sm_count
 from engine.sampling import SamplingParams
 from tests.engine.greedy import assert_greedy_matches
 from tests.engine.reference import MAX_NEW_TOKENS, Reference, reference
@@ -187,6 +188,10 @@ def test_decode_splits_fill_the_device_and_stay_within_the_context() -> None:
     assert kernels.decode_splits(1, 8, 8192, 64) == 33
     assert kernels.decode_splits(1, 8, 100, 64) == 2
     assert kernels.decode_splits(256, 8, 8192, 64) == 1
+    # Another GPU's SM count (an H20's 78): about two programs a SM there too.
+    assert kernels.decode_splits(1, 8, 8192, 64, num_sms=78) == 20
+    # Off CUDA (the interpreter here) the rules take the H200's count they were measured on.
+    assert sm_count(torch.device("cpu")) == 132
 
 
 # -- the backend in the engine: greedy tokens equal transformers' --------------------------
