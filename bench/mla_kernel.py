@@ -339,6 +339,7 @@ def bench_decode(args: argparse.Namespace) -> None:
         "| baseline µs | max err |\n"
         "| ---: | ---: | ---: | ---: | :--- | ---: | ---: | ---: | ---: | ---: |"
     )
+    sms = sm_count(torch.device("cuda"))
     for heads in args.heads:
         for context in args.contexts:
             for batch in args.batch_sizes:
@@ -356,7 +357,6 @@ def bench_decode(args: argparse.Namespace) -> None:
                 floor_bytes = batch * context * (RANK + ROPE) * 2 + 2 * batch * heads * RANK * 2
                 floor_us = floor_bytes / bandwidth * 1e6
                 for splits, tiles in itertools.product(args.splits, args.tiles):
-                    sms = sm_count(case.out.device)
                     warps = tiles[1] or default_num_warps(
                         torch.bfloat16, batch, heads, sms, args.block_h
                     )
@@ -379,10 +379,8 @@ def bench_decode(args: argparse.Namespace) -> None:
 
 
 def split_list(text: str) -> tuple[int, ...]:
-    values = tuple(int(v) for v in text.split(",") if v.strip())
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"expected counts >= 0 like 0,1,2,4, got {text!r}")
-    return values
+    """Context-range counts to time, 0 for the kernel's rule."""
+    return int_list(text, minimum=0)
 
 
 def tiles_list(text: str) -> tuple[tuple[int, int, int], ...]:

@@ -354,10 +354,13 @@ def small_tiles(text: str) -> SmallBatchTiles:
     return SmallBatchTiles(gate_up_n, gate_up_k, down_n, down_k, num_warps)
 
 
-def int_list(text: str) -> tuple[int, ...]:
+def int_list(text: str, minimum: int = 1) -> tuple[int, ...]:
+    """Comma-separated integers of at least `minimum` (an argparse type)."""
     values = tuple(int(v) for v in text.split(",") if v.strip())
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers like 1,64,256, got {text!r}")
+    if not values or min(values) < minimum:
+        raise argparse.ArgumentTypeError(
+            f"expected integers of at least {minimum} like 1,64,256, got {text!r}"
+        )
     return values
 
 

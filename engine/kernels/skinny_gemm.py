@@ -48,8 +48,9 @@ import triton.language as tl
 
 from engine.kernels import pdl, tma
 from engine.kernels.attention import dot_precision
+from engine.kernels.sms import H200_SMS
 
-SM_COUNT = 132  # H100/H200: the device the rule's program counts are for
+SM_COUNT = H200_SMS  # the device the rule's program counts are for (not yet the running one's)
 MAX_BLOCK_M = 64  # rows of x per program on the tensor cores (one on the CUDA cores)
 
 

@@ -121,7 +121,7 @@ class TritonAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         k_cache, v_cache = batch.kv_cache.slots(layer_id)
         kernels.store_kv(k, v, k_cache, v_cache, batch.out_slots)
-        return self._attend(q.contiguous(), k_cache, v_cache, batch, scale, layer_id)
+        return self._attend(q.contiguous(), k_cache, v_cache, batch, scale)
 
     def forward_rope(
         self,
@@ -147,7 +147,7 @@ class TritonAttentionBackend(AttentionBackend):
             q, k, v, batch.positions, rotary.cos, rotary.sin, rotary.interleaved,
             k_cache, v_cache, batch.out_slots, norms,
         )  # fmt: skip
-        return self._attend(q, k_cache, v_cache, batch, scale, layer_id)
+        return self._attend(q, k_cache, v_cache, batch, scale)
 
     def _attend(
         self,
@@ -156,7 +156,6 @@ class TritonAttentionBackend(AttentionBackend):
         v_cache: torch.Tensor,
         batch: ForwardBatch,
         scale: float,
-        layer_id: int,
     ) -> torch.Tensor:
         meta = batch.attn_metadata
         ps = batch.kv_cache.page_size
