@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bench.args import int_list, split_list
 from bench.ceiling import copy_bandwidth
 from bench.moe_kernel import time_graph
 from engine.kernels.attention import DecodeTiles, decode_attention, decode_splits
@@ -95,10 +96,6 @@ def make_case(
     return Case(q, caches, table, rows, seq_lens, page_size, torch.empty_like(q), context)
 
 
-def int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--shapes", default=DEFAULT_SHAPES, help="BxL, comma-separated")
@@ -111,7 +108,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument(
         "--splits",
-        type=int_list,
+        type=split_list,
         default=[0],
         help="context splits to time (0: the engine's decode_splits)",
     )

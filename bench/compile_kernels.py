@@ -199,6 +199,30 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
         {"BLOCK_M": 64, "E_POW2": 256, "CHUNK": fused_moe.PARALLEL_CHUNK, "BLOCKS_PER_CHUNK": 4},
         num_warps=4,
     )
+    for experts in (64, 128, 256):  # each at the widest tile it folds by default
+        e_pow2 = triton.next_power_of_2(experts + 1)
+        add(
+            f"align_scatter_folded_kernel E={experts}",
+            fused_moe.align_scatter_folded_kernel,
+            {
+                **ids,
+                "chunk_counts": i32,
+                "rank_in_chunk": i32,
+                "sorted_pairs": i32,
+                "block_expert": i32,
+                "num_rows": i32,
+            },
+            {
+                "BLOCK_M": 16,
+                "E_POW2": e_pow2,
+                "CHUNK": fused_moe.PARALLEL_CHUNK,
+                "BLOCKS_PER_CHUNK": 32,
+                "CHUNK_BLOCK": fused_moe.folded_chunk_block(
+                    e_pow2, fused_moe.FOLDED_OFFSETS_MAX_CHUNKS
+                ),
+            },
+            num_warps=8,
+        )
     for dtype in ("bf16", "fp32"):
         torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
         defaults = {default_config(t, 128, 8, torch_dtype) for t in (1, 64, 256, 4096)}
@@ -708,15 +732,26 @@ def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
                 floats=("eps",),
                 num_warps=1,
             )
-    add(
-        "rms_norm (PDL)",
-        fused._rms_norm_kernel,
-        {p: "*bf16" for p in ("x_ptr", "res_ptr", "w_ptr", "out_ptr")},
-        {"HAS_RESIDUAL": True, "BLOCK": 4096, "PDL": 2},
-        floats=("eps",),
-        num_warps=16,
-        launch_pdl=True,
-    )
+    plain = {"PENDING": 0, "HAS_PW": False, "HAS_IDS": False}
+    # A pending sum (engine.layers.pending): Llama-3-8B's down split in four (float32
+    # partials), a MoE layer's top-8 expert outputs with their weights and ids.
+    split = {"PENDING": 4, "HAS_PW": False, "HAS_IDS": False}
+    moe = {"PENDING": 8, "HAS_PW": True, "HAS_IDS": True}
+    for label, consts, parts, block in (
+        ("", plain, "*bf16", 4096),
+        (", split-K partials", split, "*fp32", 4096),
+        (", MoE top-8", moe, "*bf16", 2048),
+    ):
+        add(
+            f"rms_norm (PDL){label}",
+            fused._rms_norm_kernel,
+            {p: "*bf16" for p in ("res_ptr", "w_ptr", "out_ptr")}
+            | {"x_ptr": parts, "pw_ptr": "*fp32", "ids_ptr": "*i64"},
+            {"HAS_RESIDUAL": True, "BLOCK": block, "PDL": 2, **consts},
+            floats=("eps",),
+            num_warps=min(16, block // 256),
+            launch_pdl=True,
+        )
 
 
 # Kernels whose spills `--fail-on-spill` reports without failing: configurations that a tuner

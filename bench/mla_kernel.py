@@ -43,8 +43,9 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from bench.args import int_list, split_list
 from bench.ceiling import copy_bandwidth, matmul_rate
-from bench.moe_kernel import int_list, time_graph
+from bench.moe_kernel import time_graph
 from engine.forward_batch import ForwardBatch
 from engine.kernels.attention import extend_blocks
 from engine.kernels.mla_decode import default_num_kv_splits, default_num_warps, mla_decode
@@ -376,11 +377,6 @@ def bench_decode(args: argparse.Namespace) -> None:
                     )
                 del case, run
                 torch.cuda.empty_cache()
-
-
-def split_list(text: str) -> tuple[int, ...]:
-    """Context-range counts to time, 0 for the kernel's rule."""
-    return int_list(text, minimum=0)
 
 
 def tiles_list(text: str) -> tuple[tuple[int, int, int], ...]:

@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from bench.args import int_list
 from engine.device import resolve_device
 from engine.dp import rebalance_experts
 from engine.engine import Engine
@@ -559,13 +560,6 @@ EPLB_HEADER = (
     "| experts run/step: busiest / mean rank | median ms | EP = EP 1 |\n"
     "| ---: | ---: | ---: | --- | --- | ---: | --- | --- | --- | --- | --- | --- |"
 )
-
-
-def int_list(text: str) -> tuple[int, ...]:
-    values = tuple(int(v) for v in text.split(",") if v.strip())
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers like 1,2,4, got {text!r}")
-    return values
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -42,6 +42,7 @@ from functools import partial
 
 import torch
 
+from bench.args import int_list
 from bench.ceiling import copy_bandwidth
 from engine.kernels.fused_moe import fused_moe, fused_moe_routed
 from engine.kernels.fused_moe_configs import MoEKernelConfig, candidates
@@ -352,16 +353,6 @@ def small_tiles(text: str) -> SmallBatchTiles:
             f"expected GATE_UP_N,GATE_UP_K,DOWN_N,DOWN_K,WARPS like 16,256,4,256,4, got {text!r}"
         ) from None
     return SmallBatchTiles(gate_up_n, gate_up_k, down_n, down_k, num_warps)
-
-
-def int_list(text: str, minimum: int = 1) -> tuple[int, ...]:
-    """Comma-separated integers of at least `minimum` (an argparse type)."""
-    values = tuple(int(v) for v in text.split(",") if v.strip())
-    if not values or min(values) < minimum:
-        raise argparse.ArgumentTypeError(
-            f"expected integers of at least {minimum} like 1,64,256, got {text!r}"
-        )
-    return values
 
 
 def device_name() -> str:

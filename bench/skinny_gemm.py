@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from bench.args import int_list
 from bench.ceiling import copy_bandwidth
 from bench.moe_kernel import device_name, time_graph
 from engine.kernels.skinny_gemm import (
@@ -43,6 +44,7 @@ from engine.kernels.skinny_gemm import (
     skinny_gate_up,
     skinny_linear,
 )
+from engine.layers.pending import materialize
 
 
 def silu_times(y: torch.Tensor) -> torch.Tensor:
@@ -94,17 +96,32 @@ class Case:
             out = linear(self.x, w)
         return out
 
-    def measure(self, linear: Linear, want: torch.Tensor, reps: int) -> tuple[float, float]:
-        """µs per call (graph replays over the copies) and the max error relative to `want`
-        (the float32 product with the last copy)."""
-        run = functools.partial(self.run, linear)
-        seconds = time_graph(run, reps) / len(self.weights)
-        err = (run().float() - want).abs().max() / want.abs().max().clamp_min(1e-6)
+    def measure(
+        self, linear: Linear, want: torch.Tensor, reps: int, check: Linear | None = None
+    ) -> tuple[float, float]:
+        """µs per call of `linear` (graph replays over the copies) and the max error of
+        `check` (default `linear`) relative to `want` (the float32 product with the last
+        copy)."""
+        seconds = time_graph(functools.partial(self.run, linear), reps) / len(self.weights)
+        out = self.run(check or linear)
+        err = (out.float() - want).abs().max() / want.abs().max().clamp_min(1e-6)
         return seconds * 1e6, float(err)
 
     def floor_bytes(self, gated: bool = False) -> int:
         (m, k), n = self.x.shape, self.weights[0].shape[0]
         return (n * k + m * k + m * (n // 2 if gated else n)) * self.x.element_size()
+
+
+def split_partials(x: torch.Tensor, w: torch.Tensor, tiles: SkinnyTiles) -> torch.Tensor:
+    """The product without its reduce launch, as the engine runs O and down (the next norm
+    sums the partials, engine.layers.pending): the float32 partials where K is split."""
+    y = skinny_linear(x, w, tiles=tiles, defer=True)
+    return y if isinstance(y, torch.Tensor) else y.parts
+
+
+def split_summed(x: torch.Tensor, w: torch.Tensor, tiles: SkinnyTiles) -> torch.Tensor:
+    """`split_partials`' result summed (its error)."""
+    return materialize(skinny_linear(x, w, tiles=tiles, defer=True))
 
 
 def make_weights(
@@ -144,13 +161,6 @@ def parse_tiles(text: str) -> list[SkinnyTiles]:
     return tiles
 
 
-def int_list(text: str) -> list[int]:
-    values = [int(v) for v in text.split(",") if v.strip()]
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers like 1,4,16, got {text!r}")
-    return values
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"of {', '.join(SHAPES)}")
@@ -165,6 +175,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--copies", type=int, default=0, help="weight copies (0: from --cycle-mib)")
     p.add_argument("--reps", type=int, default=20, help="timed replays per measurement")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument(
+        "--defer",
+        action="store_true",
+        help="also time each split tile without its reduce launch (`defer` in the label): the\n"
+        "engine leaves that sum to the next norm for O and down",
+    )
     p.add_argument(
         "--device",
         default="cuda",
@@ -225,6 +241,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 try:
                     linear = functools.partial(kernel, tiles=tiles)
                     rows.append((label, *case.measure(linear, want, args.reps)))
+                    if args.defer and tiles.split_k > 1 and not gated:
+                        timed = functools.partial(split_partials, tiles=tiles)
+                        check = functools.partial(split_summed, tiles=tiles)
+                        rows.append(
+                            (f"{label} defer", *case.measure(timed, want, args.reps, check))
+                        )
                 except Exception as exc:  # a configuration that does not compile or launch
                     why = f"{type(exc).__name__}: {str(exc).splitlines()[:1]}"[:120]
                     print(f"| {name} | {n} x {k} | {m} | {label} | failed: {why} | | | | |")
@@ -245,7 +267,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(
         f"\nfloor: W, x and y once over the copy bandwidth above. {baseline} / this > 1: faster "
         "than F.linear. *: pick_tiles' choice; <: the fastest at that shape and M. kernel: "
-        "dot/fma (tensor/CUDA cores) block_n x block_k, K splits, warps, stages."
+        "dot/fma (tensor/CUDA cores) block_n x block_k, K splits, warps, stages; defer: "
+        "without the split's reduce launch (--defer)."
     )
 
 

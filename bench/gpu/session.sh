@@ -25,11 +25,15 @@
 #   run(command="bash bench/gpu/session.sh r", carry=[".whl"])   # align fix, Moonlight vs HF
 #   run(command="bash bench/gpu/session.sh s", carry=[".whl"])   # decode attention splits
 #   run(command="bash bench/gpu/session.sh t", carry=[".whl"])   # batch-256 MoE tiles, MLA TMA
+#   run(command="bash bench/gpu/session.sh u", carry=[".whl", ".base"])  # deferred sums, A/B
 #   run(command="bash bench/gpu/session.sh v", carry=[".whl"])   # MLA decode ranges, MoE rows
 #   run(command="bash bench/gpu/session.sh w", carry=[".whl"])   # MLA decode at 4 warps
 #   run(command="bash bench/gpu/session.sh x", carry=[".whl"])   # MLA tiles, README figures
 #   run(command="bash bench/gpu/session.sh y", carry=[".whl"])   # greedy past x's time limit
 #   run(command="bash bench/gpu/session.sh z", carry=[".whl"])   # decode MoE tiles with TMA
+#   run(command="bash bench/gpu/session.sh A", carry=[".whl"])   # split tiles without reduce
+#   run(command="bash bench/gpu/session.sh B", carry=[".whl", ".base"])  # them in the engine
+#   run(command="bash bench/gpu/session.sh C", carry=[".whl"])   # QKV's split tiles alone
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -412,5 +416,62 @@ z)
   done
   TAIL=36 step greedy 140 python3 -m bench.gpu.greedy_gpu
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|v|w|x|y|z"; exit 2 ;;
+u)
+  # Sums left to the next norm (split-K reduce, MoE combine) and the align's offsets folded
+  # into its scatter, against the last commit's tree on the same machine (`.base`, carried:
+  # git archive HEAD | tar -x -C .base); the norm kernel's checks, every family's greedy tokens
+  # (about 560 s).
+  TAIL=6 step kernels 120 python3 -m pytest -x -q -rf tests/engine/test_fused_ops.py \
+    tests/engine/test_skinny_gemm.py -k "pending or deferred or rms"
+  for tree in new base; do
+    dir=$PWD; [ "$tree" = base ] && dir=$PWD/.base
+    for model in llama3-8b qwen3-30b-a3b moonlight-16b-a3b; do
+      shapes=64x128,256x128; [ "$model" = llama3-8b ] && shapes=16x128,64x128
+      TAIL=5 step "${model}_$tree" 60 env PYTHONPATH="$dir:/tmp/site" bash -c "cd $dir && \
+        python3 -m bench.engine --preset $model --skip-hf --prefill '' --decode $shapes \
+        --repeats 2"
+    done
+  done
+  TAIL=36 step greedy 140 python3 -m bench.gpu.greedy_gpu
+  ;;
+A)
+  # Split-K tiles timed with and without their reduce launch (the engine now leaves that sum
+  # to the next norm for O and down) at 1, 16 and 64 rows; Moonlight's batch-256 profile;
+  # Llama's decode table and Moonlight's prefill against transformers, after the sums left
+  # to the norms (about 330 s).
+  TAIL=80 step skinny 120 python3 -m bench.skinny_gemm --shapes qwen3_o,o,down --rows 1,16,64 \
+    --defer --tiles pf:4:1024,pf:8:512,pf:4:1024:2,pf:8:512:2,pf:4:512:4,pf:8:512:4,\
+dot:16:256:2,tma:64:128:2:4:4,tma:32:128:2:4:4,tma:64:128:4:4:4,tma:64:64:4:4:4
+  TAIL=34 step profile_moonlight_256 40 python3 -m bench.profile_decode \
+    --preset moonlight-16b-a3b --decode 256x128 --top 24
+  TAIL=8 step llama 80 python3 -m bench.engine --preset llama3-8b --skip-hf --prefill '' \
+    --decode 1x128,16x128,64x128,64x2048,256x512 --repeats 2
+  TAIL=10 step moonlight_hf 140 python3 -m bench.engine --preset moonlight-16b-a3b \
+    --decode '' --prefill 64x128,8x2048 --repeats 3
+  ;;
+B)
+  # The O and down projections' split tiles (timed without their reduce in A) in the engine,
+  # against the tree before them (`.base`); Moonlight's batch-256 profile and its MLA decode's
+  # launches at 256 x 128 for what comes next (about 330 s).
+  for tree in new base; do
+    dir=$PWD; [ "$tree" = base ] && dir=$PWD/.base
+    for model in llama3-8b qwen3-30b-a3b; do
+      TAIL=5 step "${model}_$tree" 60 env PYTHONPATH="$dir:/tmp/site" bash -c "cd $dir && \
+        python3 -m bench.engine --preset $model --skip-hf --prefill '' \
+        --decode 1x128,16x128,64x128 --repeats 2"
+    done
+  done
+  TAIL=34 step profile_moonlight_256 90 python3 -m bench.profile_decode \
+    --preset moonlight-16b-a3b --decode 256x128 --top 24
+  TAIL=30 step mla16 60 python3 -m bench.mla_kernel --mode decode --heads 16 \
+    --batch-sizes 256 --contexts 128 --splits 0,1,2 --tiles 32x4x2,32x4x3,16x4x2,16x4x3,32x8x2
+  ;;
+C)
+  # QKV's split tiles without their reduce (what leaving its partials to the RoPE kernel
+  # would give), Llama-3-8B's and Qwen3-30B-A3B's, at 1, 16 and 64 rows (about 40 s).
+  TAIL=60 step skinny_qkv 90 python3 -m bench.skinny_gemm --shapes qkv,qwen3_qkv \
+    --rows 1,16,64 --defer --tiles tma:64:128:2:4:4,tma:64:128:4:4:4,tma:32:128:2:4:4,\
+tma:32:128:4:4:4,tma:64:64:4:4:4,pf:8:512:2,pf:4:512:4,pf:4:1024
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C"; exit 2 ;;
 esac

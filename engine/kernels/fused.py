@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels import pdl
+from engine.layers.pending import PendingSum
 
 
 def use_fused(x: torch.Tensor) -> bool:
@@ -45,7 +46,14 @@ def _rms_norm_kernel(
     stride_o,
     n,
     eps,
+    stride_xs,  # PENDING: x_ptr holds parts [rows, S, n], slice s at x_ptr + s * stride_xs
+    pw_ptr,  # PENDING with HAS_PW: the slices' weights [rows, S]
+    ids_ptr,  # PENDING with HAS_IDS: ids [rows, S]; slices outside [0, num_experts) skipped
+    num_experts,
     HAS_RESIDUAL: tl.constexpr,
+    PENDING: tl.constexpr,  # S > 0: x is the sum of S slices (engine.layers.pending)
+    HAS_PW: tl.constexpr,
+    HAS_IDS: tl.constexpr,
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -53,7 +61,25 @@ def _rms_norm_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if PENDING > 0:
+        # The sum that skinny_gemm's split reduce or fused_moe's combine would have stored, in
+        # their order and with their rounding.
+        acc = tl.zeros([BLOCK], tl.float32)
+        for s in tl.static_range(PENDING):
+            keep = True
+            if HAS_IDS:
+                e = tl.load(ids_ptr + row * PENDING + s)
+                keep = (e >= 0) & (e < num_experts)
+            if keep:
+                piece = tl.load(x_ptr + row * stride_x + s * stride_xs + cols, mask=mask, other=0.0)
+                if HAS_PW:
+                    weight = tl.load(pw_ptr + row * PENDING + s).to(tl.float32)
+                    acc += weight * piece.to(tl.float32)
+                else:
+                    acc += piece.to(tl.float32)
+        x = acc.to(out_ptr.dtype.element_ty)
+    else:
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # rounded like torch's add
@@ -63,10 +89,16 @@ def _rms_norm_kernel(
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor | PendingSum,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`weight * rmsnorm(x)` over the last dimension of `x` `[..., n]`. With `residual` (same
-    shape, contiguous), first `residual += x` in place and normalise that sum instead."""
+    shape, contiguous), first `residual += x` in place and normalise that sum instead. `x` may
+    be a `PendingSum` (`[T, n]` once summed): the kernel takes its sum first."""
+    if isinstance(x, PendingSum):
+        return _rms_norm_pending(x, weight, eps, residual)
     n = x.shape[-1]
     x2 = x.reshape(-1, n)
     if x2.stride(-1) != 1:
@@ -80,11 +112,49 @@ def rms_norm(
     _rms_norm_kernel[(rows,)](
         x2, res, weight, out.view(-1, n),
         x2.stride(0), res.stride(0), n,
-        n, eps,
+        n, eps, 0, x2, x2, 0,
         HAS_RESIDUAL=residual is not None,
+        PENDING=0,
+        HAS_PW=False,
+        HAS_IDS=False,
         BLOCK=block,
         num_warps=min(16, max(1, block // 256)),
         **pdl.launch_args(x2),
+    )  # fmt: skip
+    return out
+
+
+def _rms_norm_pending(
+    x: PendingSum, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+) -> torch.Tensor:
+    parts = x.parts
+    if parts.stride(-1) != 1:
+        parts = parts.contiguous()
+    rows, slices, n = parts.shape
+    out_dtype = torch.promote_types(weight.dtype, x.dtype)
+    if out_dtype != x.dtype or (residual is not None and residual.dtype != x.dtype):
+        # The kernel rounds the sum to the output's dtype: where that is not the sum's own,
+        # sum first (not a path the models take: their norms' weights share their dtype).
+        return rms_norm(x.materialize(), weight, eps, residual)
+    out = torch.empty(rows, n, dtype=out_dtype, device=parts.device)
+    if rows == 0:
+        return out
+    res = out if residual is None else residual.view(-1, n)
+    block = triton.next_power_of_2(n)
+    _rms_norm_kernel[(rows,)](
+        parts, res, weight, out,
+        parts.stride(0), res.stride(0), out.stride(0),
+        n, eps, parts.stride(1),
+        x.weights if x.weights is not None else parts,
+        x.ids if x.ids is not None else parts,
+        x.num_experts,
+        HAS_RESIDUAL=residual is not None,
+        PENDING=slices,
+        HAS_PW=x.weights is not None,
+        HAS_IDS=x.ids is not None,
+        BLOCK=block,
+        num_warps=min(16, max(1, block // 256)),
+        **pdl.launch_args(parts),
     )  # fmt: skip
     return out
 

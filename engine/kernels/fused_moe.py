@@ -9,8 +9,10 @@ captured in a CUDA graph at a fixed batch size):
    a single expert, each expert's run padded to a whole block: `sorted_pairs` `[max_rows]`
    (pair index, or N for padding), `block_expert` `[max_blocks]` (the block's expert, -1 past
    the end) and `num_rows` `[1]` (rows in use). One program (`align_kernel`) for a decode
-   step's few pairs; for many, three kernels over chunks of pairs (count per chunk, prefix
-   sums per expert, scatter).
+   step's few pairs; for more, kernels over chunks of pairs: two up to
+   `FOLDED_OFFSETS_MAX_CHUNKS` chunks (count per chunk; then each program sums the counts
+   itself and scatters), three beyond (count, prefix sums per expert in one program,
+   scatter).
 2. `grouped_gemm_kernel` with `GATE_UP`: for every block, `x[pair // top_k] @ w13[e].T`, the
    gate and up halves in two accumulators, stored as `silu(gate) * up` `[N, I]`.
 3. `grouped_gemm_kernel` without it: `act[pair] @ w2[e].T` `[N, H]`, in the pair's row.
@@ -37,6 +39,8 @@ nothing (expert parallelism marks the pairs another rank computes that way).
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import torch
 import triton
 import triton.language as tl
@@ -49,6 +53,7 @@ from engine.kernels.fused_moe_small import (
     small_batch_moe_routed,
 )
 from engine.kernels.moe_routing import grouped_topk, softmax_topk
+from engine.layers.pending import PendingSum
 
 
 @triton.jit
@@ -212,6 +217,66 @@ def align_scatter_kernel(
     ends = tl.load(expert_end + tl.arange(0, E_POW2))
     owner = tl.sum((ends[None, :] <= first[:, None]).to(tl.int32), axis=1)
     owner = tl.where(first < tl.load(num_rows), owner, -1)
+    tl.store(block_expert + b, owner, mask=b < max_blocks)
+
+
+@triton.jit
+def align_scatter_folded_kernel(
+    topk_ids,  # [N] int
+    chunk_counts,  # [num_chunks, E_POW2] int32: pairs per expert in each chunk, only read
+    rank_in_chunk,  # [N] int32
+    sorted_pairs,  # [max_rows] int32 out
+    block_expert,  # [max_blocks] int32 out
+    num_rows,  # [1] int32 out, stored by program 0
+    num_pairs,
+    num_experts,
+    num_chunks,
+    max_blocks,
+    BLOCK_M: tl.constexpr,
+    E_POW2: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCKS_PER_CHUNK: tl.constexpr,
+    CHUNK_BLOCK: tl.constexpr,  # chunks per tile of the counts' sums
+):
+    """`align_offsets_kernel` and `align_scatter_kernel` in one launch, for up to
+    `FOLDED_OFFSETS_MAX_CHUNKS` chunks: every program sums all the chunks' counts itself (the
+    totals give each expert's run, the chunks before its own its first row within them), then
+    scatters its chunk and stores its share of `block_expert` as `align_scatter_kernel` does.
+    The same rows as the three-kernel path; one launch less, the single-program offsets
+    kernel that sat between the others.
+    No program writes what another reads (the counts stay raw, the padding was stored by the
+    launch before), so none waits on another."""
+    chunk = tl.program_id(0)
+    experts = tl.arange(0, E_POW2)
+    seen = tl.zeros([E_POW2], dtype=tl.int32)  # pairs per expert in all the chunks
+    before = tl.zeros([E_POW2], dtype=tl.int32)  # ... in the chunks before this one
+    for c0 in range(0, num_chunks, CHUNK_BLOCK):
+        rows = c0 + tl.arange(0, CHUNK_BLOCK)
+        ptr = chunk_counts + rows[:, None] * E_POW2 + experts[None, :]
+        tile = tl.load(ptr, mask=rows[:, None] < num_chunks, other=0)
+        seen += tl.sum(tile, axis=0)
+        before += tl.sum(tl.where(rows[:, None] < chunk, tile, 0), axis=0)
+    counts = tl.where(experts < num_experts, seen, 0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    total = tl.sum(padded, axis=0)
+    if chunk == 0:
+        tl.store(num_rows, total)
+
+    idx = chunk * CHUNK + tl.arange(0, CHUNK)
+    valid = idx < num_pairs
+    e = tl.load(topk_ids + idx, mask=valid, other=num_experts).to(tl.int32)
+    keep = valid & (e >= 0) & (e < num_experts)
+    e = tl.where(keep, e, 0)
+    # This chunk's first row in each expert's run, picked per pair.
+    row = tl.gather(ends - padded + before, e, axis=0)
+    row += tl.load(rank_in_chunk + idx, mask=valid, other=0)
+    tl.store(sorted_pairs + row, idx.to(tl.int32), mask=keep)
+    # This program's share of the blocks: each block's expert, -1 past the rows in use.
+    b = chunk * BLOCKS_PER_CHUNK + tl.arange(0, BLOCKS_PER_CHUNK)
+    first = b * BLOCK_M
+    owner = tl.sum((ends[None, :] <= first[:, None]).to(tl.int32), axis=1)
+    owner = tl.where(first < total, owner, -1)
     tl.store(block_expert + b, owner, mask=b < max_blocks)
 
 
@@ -407,9 +472,9 @@ def combine_kernel(
 
 
 # Up to this many pairs one program aligns them all (one launch: a small decode batch);
-# beyond, three kernels over chunks of pairs. On the H200 the one program took 7.5 µs for 8
-# pairs and 46 µs for 512 (Qwen3-30B-A3B at batch 64: 12% of the step), walking its chunks
-# one after another.
+# beyond, two or three kernels over chunks of pairs. On the H200 the one program took 7.5 µs
+# for 8 pairs and 46 µs for 512 (Qwen3-30B-A3B at batch 64: 12% of the step), walking its
+# chunks one after another.
 SINGLE_PROGRAM_PAIRS = 128
 PARALLEL_CHUNK = 128
 
@@ -454,12 +519,37 @@ def offsets_chunk_block(e_pow2: int, num_chunks: int) -> int:
     return max(16, min(128, widest, triton.next_power_of_2(num_chunks)))
 
 
+# Up to this many chunks (16,384 pairs: 2,048 tokens at top-8) the offsets fold into the
+# scatter (`align_scatter_folded_kernel`): two launches instead of three. Every program then
+# reads all the chunks' counts, so the reads grow with the square of the chunks. On the H200
+# (graph replay, µs per align, three kernels / folded), at 256 and 128 experts: 12.2 / 10.3
+# and 10.4 / 9.2 at 16 chunks, 22.7 / 14.5 and 19.6 / 11.7 at 128, 40.7 / 31.1 and 34.6 /
+# 25.7 at 256, 76.2 / 92.0 and 64.3 / 74.9 at 512: the fold loses from about 512 chunks on,
+# and 128 keeps a margin (512 experts: 23.8 / 19.3 at 128 chunks).
+FOLDED_OFFSETS_MAX_CHUNKS = 128
+# Counts per tile of the folded kernel's sums, 64 KiB of int32: 128 chunks of Qwen3-30B-A3B's
+# 128 experts (256 bins) in one tile, at 115 registers a thread of its 8 warps.
+FOLDED_TILE_ELEMENTS = 16384
+
+
+def folded_chunk_block(e_pow2: int, num_chunks: int) -> int:
+    """Chunks per tile of `align_scatter_folded_kernel`'s sums: all of them where they fit
+    `FOLDED_TILE_ELEMENTS`."""
+    return min(triton.next_power_of_2(num_chunks), max(1, FOLDED_TILE_ELEMENTS // e_pow2))
+
+
 def align_block_size(
-    topk_ids: torch.Tensor, num_experts: int, block_m: int, parallel: bool | None = None
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    block_m: int,
+    parallel: bool | None = None,
+    fold_offsets: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pairs sorted into expert-aligned blocks; see the module docstring. Sizes depend only on
     `topk_ids.numel()`: rows `N + min(N, E) * (block_m - 1)`, rounded up to whole blocks.
-    `parallel` picks the chunked kernels (default: above `SINGLE_PROGRAM_PAIRS` pairs)."""
+    `parallel` picks the chunked kernels (default: above `SINGLE_PROGRAM_PAIRS` pairs), and
+    among them `fold_offsets` the two-launch form (default: up to `FOLDED_OFFSETS_MAX_CHUNKS`
+    chunks); every choice gives the same result."""
     num_pairs = topk_ids.numel()
     max_rows = num_pairs + min(num_pairs, num_experts) * (block_m - 1)
     max_blocks = triton.cdiv(max_rows, block_m)
@@ -493,8 +583,6 @@ def align_block_size(
     num_chunks = triton.cdiv(num_pairs, chunk)
     chunk_counts = torch.empty(num_chunks, e_pow2, dtype=torch.int32, device=device)
     rank_in_chunk = torch.empty(num_pairs, dtype=torch.int32, device=device)
-    expert_start = torch.empty(e_pow2, dtype=torch.int32, device=device)
-    expert_end = torch.empty(e_pow2, dtype=torch.int32, device=device)
     align_count_kernel[(num_chunks,)](
         ids,
         chunk_counts,
@@ -508,6 +596,31 @@ def align_block_size(
         CHUNK=chunk,
         num_warps=8,
     )
+    blocks_per_chunk = triton.next_power_of_2(triton.cdiv(max_blocks, num_chunks))
+    if fold_offsets is None:
+        fold_offsets = num_chunks <= FOLDED_OFFSETS_MAX_CHUNKS
+    if fold_offsets:
+        align_scatter_folded_kernel[(num_chunks,)](
+            ids,
+            chunk_counts,
+            rank_in_chunk,
+            sorted_pairs,
+            block_expert,
+            num_rows,
+            num_pairs,
+            num_experts,
+            num_chunks,
+            max_blocks,
+            BLOCK_M=block_m,
+            E_POW2=e_pow2,
+            CHUNK=chunk,
+            BLOCKS_PER_CHUNK=blocks_per_chunk,
+            CHUNK_BLOCK=folded_chunk_block(e_pow2, num_chunks),
+            num_warps=8,
+        )
+        return sorted_pairs, block_expert, num_rows
+    expert_start = torch.empty(e_pow2, dtype=torch.int32, device=device)
+    expert_end = torch.empty(e_pow2, dtype=torch.int32, device=device)
     align_offsets_kernel[(1,)](
         chunk_counts,
         expert_start,
@@ -535,7 +648,7 @@ def align_block_size(
         BLOCK_M=block_m,
         E_POW2=e_pow2,
         CHUNK=chunk,
-        BLOCKS_PER_CHUNK=triton.next_power_of_2(triton.cdiv(max_blocks, num_chunks)),
+        BLOCKS_PER_CHUNK=blocks_per_chunk,
         num_warps=4,
     )
     return sorted_pairs, block_expert, num_rows
@@ -577,6 +690,7 @@ def _grouped_gemm(
         grouped_gemm_kernel[grid](a, w, out, *rows, w.stride(0), w.stride(1), out.stride(0), **meta)
 
 
+@overload
 def fused_moe(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -585,13 +699,42 @@ def fused_moe(
     topk_ids: torch.Tensor,
     config: MoEKernelConfig | None = None,
     small_batch: bool | None = None,
-) -> torch.Tensor:
+    defer: Literal[False] = False,
+) -> torch.Tensor: ...
+
+
+@overload
+def fused_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    config: MoEKernelConfig | None = None,
+    small_batch: bool | None = None,
+    *,
+    defer: bool,
+) -> torch.Tensor | PendingSum: ...
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    config: MoEKernelConfig | None = None,
+    small_batch: bool | None = None,
+    defer: bool = False,
+) -> torch.Tensor | PendingSum:
     """The weighted sum of each token's top-k experts: x `[T, H]`, w13 `[E, 2I, H]`, w2 `[E, H,
     I]`, topk_weights `[T, k]` (any float dtype), topk_ids `[T, k]`; returns `[T, H]` in x's
     dtype. Ids outside `[0, E)` contribute nothing. No host sync; T may be 0.
 
     `small_batch` picks the two-launch path (True) or the grouped GEMMs (False, which `config`
-    tiles); by default the former up to `SMALL_BATCH_PAIRS` pairs."""
+    tiles); by default the former up to `SMALL_BATCH_PAIRS` pairs. `defer`: on the grouped
+    path, return the combine's inputs as a `PendingSum` (`[T, k, H]` pieces, the top-k
+    weights and ids) for the next RMSNorm to sum, without the combine launch."""
     num_tokens, hidden = x.shape
     num_experts, two_inter, _ = w13.shape
     inter = two_inter // 2
@@ -615,12 +758,43 @@ def fused_moe(
     _grouped_gemm(x, w13, act, aligned, top_k, True, cfg, num_pairs)
     y = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)  # [N, H]
     _grouped_gemm(act, w2, y, aligned, top_k, False, cfg, num_pairs)
+    if defer:
+        return PendingSum(
+            y.view(num_tokens, top_k, hidden), x.dtype, topk_weights, topk_ids, num_experts
+        )
     block_h = min(1024, triton.next_power_of_2(hidden))
     combine_kernel[(num_tokens, triton.cdiv(hidden, block_h))](
         y, topk_weights, topk_ids, out, hidden, num_experts, TOP_K=top_k, BLOCK_H=block_h,
         **pdl.launch_args(y),
     )  # fmt: skip
     return out
+
+
+@overload
+def fused_moe_routed(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    router_logits: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    small_batch: bool | None = None,
+    defer: Literal[False] = False,
+) -> torch.Tensor: ...
+
+
+@overload
+def fused_moe_routed(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    router_logits: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    small_batch: bool | None = None,
+    *,
+    defer: bool,
+) -> torch.Tensor | PendingSum: ...
 
 
 def fused_moe_routed(
@@ -631,7 +805,8 @@ def fused_moe_routed(
     top_k: int,
     renormalize: bool,
     small_batch: bool | None = None,
-) -> torch.Tensor:
+    defer: bool = False,
+) -> torch.Tensor | PendingSum:
     """`fused_moe` on softmax top-k routing of `router_logits` `[T, E]`: the experts that
     `softmax_topk` chooses, with its weights. On the small-batch path (`small_batch` as in
     `fused_moe`) its gate-up kernel routes, one launch fewer; otherwise `softmax_topk`, then
@@ -646,13 +821,50 @@ def fused_moe_routed(
         small_batch = takes_small_path(num_tokens, top_k)
     if not small_batch:
         weights, ids = softmax_topk(router_logits, top_k, renormalize)
-        return fused_moe(x, w13, w2, weights, ids, small_batch=False)
+        return fused_moe(x, w13, w2, weights, ids, small_batch=False, defer=defer)
     _check_weights(x, w13, w2)
     logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
     out, _, _ = small_batch_moe_routed(
         x.contiguous(), w13.contiguous(), w2.contiguous(), logits, top_k, renormalize
     )
     return out
+
+
+@overload
+def fused_moe_grouped_routed(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    router_logits: torch.Tensor,
+    correction_bias: torch.Tensor,
+    top_k: int,
+    num_groups: int,
+    topk_groups: int,
+    renormalize: bool,
+    scaling_factor: float = 1.0,
+    num_shared: int = 0,
+    small_batch: bool | None = None,
+    defer: Literal[False] = False,
+) -> torch.Tensor: ...
+
+
+@overload
+def fused_moe_grouped_routed(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    router_logits: torch.Tensor,
+    correction_bias: torch.Tensor,
+    top_k: int,
+    num_groups: int,
+    topk_groups: int,
+    renormalize: bool,
+    scaling_factor: float = 1.0,
+    num_shared: int = 0,
+    small_batch: bool | None = None,
+    *,
+    defer: bool,
+) -> torch.Tensor | PendingSum: ...
 
 
 def fused_moe_grouped_routed(
@@ -668,7 +880,8 @@ def fused_moe_grouped_routed(
     scaling_factor: float = 1.0,
     num_shared: int = 0,
     small_batch: bool | None = None,
-) -> torch.Tensor:
+    defer: bool = False,
+) -> torch.Tensor | PendingSum:
     """`fused_moe` on DeepSeek-V3's grouped routing of `router_logits` `[T, E]` (the choices
     and weights of `grouped_topk`), plus `num_shared` shared experts stacked after the E routed
     ones (w13 `[E + num_shared, 2I, H]`), which every token takes with weight 1.0. On the
@@ -685,7 +898,7 @@ def fused_moe_grouped_routed(
         small_batch = takes_small_path(num_tokens, top_k + num_shared)
     if not small_batch or num_tokens == 0:
         weights, ids = grouped_topk(router_logits, correction_bias, *args)
-        return fused_moe(x, w13, w2, weights, ids, small_batch=small_batch)
+        return fused_moe(x, w13, w2, weights, ids, small_batch=small_batch, defer=defer)
     _check_weights(x, w13, w2)
     logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
     out, _, _ = small_batch_moe_grouped_routed(

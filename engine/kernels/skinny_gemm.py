@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Literal, overload
 
 import torch
 import triton
@@ -49,6 +50,7 @@ import triton.language as tl
 from engine.kernels import pdl, tma
 from engine.kernels.attention import dot_precision
 from engine.kernels.sms import H200_SMS
+from engine.layers.pending import PendingSum
 
 SM_COUNT = H200_SMS  # the device the rule's program counts are for (not yet the running one's)
 MAX_BLOCK_M = 64  # rows of x per program on the tensor cores (one on the CUDA cores)
@@ -390,25 +392,31 @@ TUNED: dict[TunedKey, tuple[tuple[int, SkinnyTiles | None], ...]] = {
         (32, SkinnyTiles(64, 128)),
         (64, SkinnyTiles(128, 64, num_warps=8, num_stages=4, tma=True)),
     ),
-    # Llama-3-8B's down (4096 x 14336) at 16 and 64 rows: TMA tiles of 64 x 128, K split in
-    # two (the sum a second launch), 33.7 / 34.9-35.6 µs against cuBLAS's 34.2 / 37.4 (floor
-    # 27.8 / 28.2); at one row cuBLAS (32.7 against 35.3-39.3 for the pointer tiles).
+    # The O and down projections' split sums are left to the next norm
+    # (engine.layers.pending): their rows below are timed without the reduce launch, as the
+    # engine runs them (`python3 -m bench.skinny_gemm --shapes qwen3_o,o,down --rows 1,16,64
+    # --defer --tiles ...`, bench/gpu/session.sh A; a caller that needs the tensor pays about
+    # 1-1.5 µs more for the reduce).
+    # Llama-3-8B's down (4096 x 14336): TMA tiles of 64 x 128 with K split in four, 30.2 / 31.0
+    # µs at 1 / 16 rows against cuBLAS's 32.9 / 33.7 (floor 27.7-27.8); at 64 rows in two,
+    # 33.5 against 37.1 (floor 28.2; in four 35.7).
     ("linear", 4096, 14336, "bfloat16"): (
-        (1, None),
+        (16, SkinnyTiles(64, 128, split_k=4, num_stages=4, tma=True)),
         (64, SkinnyTiles(64, 128, split_k=2, num_stages=4, tma=True)),
     ),
-    # Qwen3-30B-A3B's O projection (2048 x 4096) at one row: 6.9 µs on the CUDA cores with
-    # 4 x 1024 tiles and W prefetched a step ahead (7.3 without), against cuBLAS's 9.7 (a
-    # split-K kernel and its reduce; floor 3.9). At 4 and 16 rows the rule's split tiles
-    # measured 9.3-9.4 against 9.7-9.9: too close for a second launch. Its QKV (5120 x 2048):
-    # cuBLAS at every row (8.2 against 8.4 at one).
-    ("linear", 2048, 4096, "bfloat16"): ((1, SkinnyTiles(4, 1024, dot=False, prefetch=True)),),
-    # Llama-3-8B's O projection (4096 x 4096) at one row: 12.0 µs with 8 x 512 prefetching
-    # tiles against cuBLAS's 13.6 (split-K and its reduce; floor 7.9); at 16 and 64 rows the
-    # TMA tiles of 64 x 128, K split in two, 12.2 / 12.6 µs against 14.0 / 13.1. Its QKV:
-    # cuBLAS at every row (16.3-16.7 against 16.0-16.8 for the best TMA tiles).
+    # Qwen3-30B-A3B's O projection (2048 x 4096): TMA tiles of 64 x 128, K split in four, 6.5
+    # / 6.6 / 7.2 µs at 1 / 16 / 64 rows against cuBLAS's 8.7 / 9.7 / 10.3 (floor 4.0-4.1)
+    # and, at one row, the prefetching CUDA-core 4 x 1024 tiles' 7.1 (the row before). Its QKV
+    # (5120 x 2048): cuBLAS at every row (8.2 against 8.4 at one).
+    ("linear", 2048, 4096, "bfloat16"): (
+        (64, SkinnyTiles(64, 128, split_k=4, num_stages=4, tma=True)),
+    ),
+    # Llama-3-8B's O projection (4096 x 4096): TMA tiles of 64 x 128, K split in four, 10.5 /
+    # 11.1 µs at 1 / 16 rows against cuBLAS's 13.8 / 13.9 and the prefetching 8 x 512 tiles'
+    # 12.2 at one row (floor 7.9-8.0); at 64 rows in two, 12.2 against 13.2 (in four 15.1).
+    # Its QKV: cuBLAS at every row (16.3-16.7 against 16.0-16.8 for the best TMA tiles).
     ("linear", 4096, 4096, "bfloat16"): (
-        (1, SkinnyTiles(8, 512, dot=False, prefetch=True)),
+        (16, SkinnyTiles(64, 128, split_k=4, num_stages=4, tma=True)),
         (64, SkinnyTiles(64, 128, split_k=2, num_stages=4, tma=True)),
     ),
 }
@@ -430,18 +438,42 @@ def rows_per_program(m: int, tiles: SkinnyTiles) -> int:
     return 1
 
 
+@overload
 def skinny_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     tiles: SkinnyTiles | None = None,
-) -> torch.Tensor:
+    defer: Literal[False] = False,
+) -> torch.Tensor: ...
+
+
+@overload
+def skinny_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    tiles: SkinnyTiles | None = None,
+    *,
+    defer: bool,
+) -> torch.Tensor | PendingSum: ...
+
+
+def skinny_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    tiles: SkinnyTiles | None = None,
+    defer: bool = False,
+) -> torch.Tensor | PendingSum:
     """`F.linear(x, weight, bias)` for `x` `[..., K]` of few rows and `weight` `[N, K]` (as
     nn.Linear stores it), both of one dtype (float32, float16 or bfloat16); `bias` `[N]` of
     any float dtype. Sums in float32 and returns `[..., N]` in x's dtype. `tiles`: the launch
     (default `pick_tiles` of the shape); every split count gives the same result on every
-    run."""
-    return _launch(x, weight, bias, tiles, gated=False)
+    run. `defer`: where K is split (and there is no bias, `x` being `[M, K]`), return the
+    float32 partial sums as a `PendingSum` for the next RMSNorm to add, without the reduce
+    launch."""
+    return _launch(x, weight, bias, tiles, gated=False, defer=defer)
 
 
 def skinny_gate_up(
@@ -459,7 +491,9 @@ def skinny_gate_up(
         raise ValueError(f"a gate-up weight has an even number of rows, got {weight.shape[0]}")
     if tiles is not None and tiles.prefetch:
         raise ValueError("prefetching tiles are for skinny_linear (the gate-up reads two rows)")
-    return _launch(x, weight, bias, tiles, gated=True)
+    y = _launch(x, weight, bias, tiles, gated=True)
+    assert isinstance(y, torch.Tensor)  # never deferred
+    return y
 
 
 def _launch(
@@ -468,7 +502,8 @@ def _launch(
     bias: torch.Tensor | None,
     tiles: SkinnyTiles | None,
     gated: bool,
-) -> torch.Tensor:
+    defer: bool = False,
+) -> torch.Tensor | PendingSum:
     k = x.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != k:
         raise ValueError(f"weight must be [N, {k}] for x of shape {tuple(x.shape)}, "
@@ -547,6 +582,9 @@ def _launch(
             num_stages=tiles.num_stages,
             **pdl.launch_args(x2),
         )  # fmt: skip
+    if not direct and defer and bias is None and not gated and x.dim() == 2:
+        # [split, M, N] seen as [M, split, N]: the reduce below, left to the next norm.
+        return PendingSum(part.transpose(0, 1), x.dtype)
     if not direct:
         block = min(1024, triton.next_power_of_2(n))
         _split_sum_kernel[(m, triton.cdiv(n, block))](

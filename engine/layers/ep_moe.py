@@ -133,9 +133,15 @@ class ExpertParallelExperts(nn.Module):
         return out
 
     def forward_routed(
-        self, x: torch.Tensor, router_logits: torch.Tensor, top_k: int, renormalize: bool
+        self,
+        x: torch.Tensor,
+        router_logits: torch.Tensor,
+        top_k: int,
+        renormalize: bool,
+        defer: bool = False,
     ) -> torch.Tensor:
-        """`FusedExperts.forward_routed`: routed by the backend, then `forward`."""
+        """`FusedExperts.forward_routed`: routed by the backend, then `forward` (always a
+        tensor: `defer` is declined, the combine being the exchange's)."""
         weights, ids = self.backend.select_experts(router_logits, top_k, renormalize)
         return self(x, weights, ids)
 
@@ -145,9 +151,11 @@ class ExpertParallelExperts(nn.Module):
         router_logits: torch.Tensor,
         correction_bias: torch.Tensor,
         routing: GroupedRouting,
+        defer: bool = False,
     ) -> torch.Tensor:
         """`FusedExperts.forward_routed_grouped` without shared experts (they stay a separate
-        MLP under expert parallelism): routed by the backend, then `forward`."""
+        MLP under expert parallelism): routed by the backend, then `forward` (`defer`
+        declined, as in `forward_routed`)."""
         weights, ids = self.backend.route_grouped(router_logits, correction_bias, routing)
         return self(x, weights, ids)
 

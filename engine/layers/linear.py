@@ -26,6 +26,7 @@ from torch import nn
 
 from engine.config import GEMM_BACKENDS
 from engine.device import check_triton_backend, has_triton
+from engine.layers.pending import PendingSum
 
 if TYPE_CHECKING:  # the kernels import Triton: only where the backend is chosen
     from engine.kernels.skinny_gemm import SkinnyTiles
@@ -87,13 +88,26 @@ class Linear(nn.Linear):
     gemm: GemmBackend = GemmBackend()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, k = self.weight.shape
-        tiles = self.gemm.tiles("linear", _rows(x), n, k, x.dtype)
+        tiles = self._tiles(x)
         if tiles is None:
             return F.linear(x, self.weight, self.bias)
         from engine.kernels.skinny_gemm import skinny_linear
 
         return skinny_linear(x, self.weight, self.bias, tiles)
+
+    def forward_pending(self, x: torch.Tensor) -> torch.Tensor | PendingSum:
+        """`forward`, or a `PendingSum` where the product would end in a reduce launch (the
+        skinny GEMM with K split): for a caller whose next step is an RMSNorm, which sums it."""
+        tiles = self._tiles(x)
+        if tiles is None:
+            return self(x)
+        from engine.kernels.skinny_gemm import skinny_linear
+
+        return skinny_linear(x, self.weight, self.bias, tiles, defer=True)
+
+    def _tiles(self, x: torch.Tensor) -> SkinnyTiles | None:
+        n, k = self.weight.shape
+        return self.gemm.tiles("linear", _rows(x), n, k, x.dtype)
 
     def gate_up(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up of this gate-up projection (gate rows, then up rows): one launch

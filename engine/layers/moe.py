@@ -12,6 +12,7 @@ from torch import nn
 
 from engine.config import MOE_BACKENDS
 from engine.device import check_triton_backend, has_triton
+from engine.layers.pending import PendingSum
 
 
 def select_experts(
@@ -91,6 +92,10 @@ class GroupedRouting:
                 f"num_groups={self.num_groups}"
             )
 
+    def kernel_args(self) -> tuple[int, int, int, bool, float]:
+        """The settings in `grouped_topk`'s (and `select_experts_grouped`'s) order."""
+        return self.top_k, self.num_groups, self.topk_groups, self.renormalize, self.scaling_factor
+
 
 class MoEBackend(ABC):
     """Computes routed experts: the contract every MoE backend keeps.
@@ -165,6 +170,19 @@ class MoEBackend(ABC):
         weights, ids = self.select_experts(router_logits, top_k, renormalize)
         return self.experts(x, w13, w2, weights, ids)
 
+    def routed_experts_pending(
+        self,
+        x: torch.Tensor,
+        router_logits: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        top_k: int,
+        renormalize: bool,
+    ) -> torch.Tensor | PendingSum:
+        """`routed_experts`, or where this backend can, its combine left to the next norm
+        (engine.layers.pending); here always the tensor."""
+        return self.routed_experts(x, router_logits, w13, w2, top_k, renormalize)
+
     def route_grouped(
         self,
         router_logits: torch.Tensor,
@@ -173,16 +191,8 @@ class MoEBackend(ABC):
         num_shared: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`select_experts_grouped` with `routing`'s settings."""
-        r = routing
         return self.select_experts_grouped(
-            router_logits,
-            correction_bias,
-            r.top_k,
-            r.num_groups,
-            r.topk_groups,
-            r.renormalize,
-            r.scaling_factor,
-            num_shared,
+            router_logits, correction_bias, *routing.kernel_args(), num_shared
         )
 
     def routed_experts_grouped(
@@ -197,6 +207,21 @@ class MoEBackend(ABC):
     ) -> torch.Tensor:
         weights, ids = self.route_grouped(router_logits, correction_bias, routing, num_shared)
         return self.experts(x, w13, w2, weights, ids)
+
+    def routed_experts_grouped_pending(
+        self,
+        x: torch.Tensor,
+        router_logits: torch.Tensor,
+        correction_bias: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        routing: GroupedRouting,
+        num_shared: int = 0,
+    ) -> torch.Tensor | PendingSum:
+        """`routed_experts_grouped`, or a `PendingSum` as `routed_experts_pending`."""
+        return self.routed_experts_grouped(
+            x, router_logits, correction_bias, w13, w2, routing, num_shared
+        )
 
     @abstractmethod
     def experts(
@@ -327,6 +352,19 @@ class TritonMoEBackend(MoEBackend):
 
         return fused_moe_routed(x, w13, w2, router_logits, top_k, renormalize)
 
+    def routed_experts_pending(
+        self,
+        x: torch.Tensor,
+        router_logits: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        top_k: int,
+        renormalize: bool,
+    ) -> torch.Tensor | PendingSum:
+        from engine.kernels.fused_moe import fused_moe_routed
+
+        return fused_moe_routed(x, w13, w2, router_logits, top_k, renormalize, defer=True)
+
     def routed_experts_grouped(
         self,
         x: torch.Tensor,
@@ -339,20 +377,23 @@ class TritonMoEBackend(MoEBackend):
     ) -> torch.Tensor:
         from engine.kernels.fused_moe import fused_moe_grouped_routed
 
-        r = routing
-        return fused_moe_grouped_routed(
-            x,
-            w13,
-            w2,
-            router_logits,
-            correction_bias,
-            r.top_k,
-            r.num_groups,
-            r.topk_groups,
-            r.renormalize,
-            r.scaling_factor,
-            num_shared,
-        )
+        args = (router_logits, correction_bias, *routing.kernel_args(), num_shared)
+        return fused_moe_grouped_routed(x, w13, w2, *args)
+
+    def routed_experts_grouped_pending(
+        self,
+        x: torch.Tensor,
+        router_logits: torch.Tensor,
+        correction_bias: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        routing: GroupedRouting,
+        num_shared: int = 0,
+    ) -> torch.Tensor | PendingSum:
+        from engine.kernels.fused_moe import fused_moe_grouped_routed
+
+        args = (router_logits, correction_bias, *routing.kernel_args(), num_shared)
+        return fused_moe_grouped_routed(x, w13, w2, *args, defer=True)
 
 
 def moe_backend_for(name: str, device_kind: str) -> MoEBackend:
@@ -409,12 +450,19 @@ class FusedExperts(nn.Module):
         return self.backend.experts(x, self.w13, self.w2, topk_weights, topk_ids)
 
     def forward_routed(
-        self, x: torch.Tensor, router_logits: torch.Tensor, top_k: int, renormalize: bool
-    ) -> torch.Tensor:
-        """`forward` on the backend's softmax top-k routing of `router_logits` `[T, E]`."""
+        self,
+        x: torch.Tensor,
+        router_logits: torch.Tensor,
+        top_k: int,
+        renormalize: bool,
+        defer: bool = False,
+    ) -> torch.Tensor | PendingSum:
+        """`forward` on the backend's softmax top-k routing of `router_logits` `[T, E]`.
+        `defer`: the backend may return its combine as a `PendingSum` for the next norm."""
         if self.num_shared:
             raise ValueError("softmax routing takes no shared experts")
-        return self.backend.routed_experts(x, router_logits, self.w13, self.w2, top_k, renormalize)
+        routed = self.backend.routed_experts_pending if defer else self.backend.routed_experts
+        return routed(x, router_logits, self.w13, self.w2, top_k, renormalize)
 
     def forward_routed_grouped(
         self,
@@ -422,10 +470,16 @@ class FusedExperts(nn.Module):
         router_logits: torch.Tensor,
         correction_bias: torch.Tensor,
         routing: GroupedRouting,
-    ) -> torch.Tensor:
+        defer: bool = False,
+    ) -> torch.Tensor | PendingSum:
         """`forward` on the backend's grouped routing of `router_logits` `[T, E]`, plus the
-        stacked shared experts (if any) for every token."""
-        return self.backend.routed_experts_grouped(
+        stacked shared experts (if any) for every token. `defer` as in `forward_routed`."""
+        routed = (
+            self.backend.routed_experts_grouped_pending
+            if defer
+            else self.backend.routed_experts_grouped
+        )
+        return routed(
             x, router_logits, correction_bias, self.w13, self.w2, routing, self.num_shared
         )
 

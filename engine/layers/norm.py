@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.layers.pending import PendingSum, materialize
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -23,13 +25,14 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
     def forward_residual(
-        self, x: torch.Tensor, residual: torch.Tensor
+        self, x: torch.Tensor | PendingSum, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`(norm(x + residual), x + residual)`. On CUDA one kernel, which updates `residual`
-        in place (it must be contiguous and not needed elsewhere)."""
+        in place (it must be contiguous and not needed elsewhere) and takes the sum of a
+        `PendingSum` `x` itself."""
         if x.is_cuda:
             from engine.kernels import fused
 
             return fused.rms_norm(x, self.weight, self.eps, residual=residual), residual
-        residual = x + residual
+        residual = materialize(x) + residual
         return self(residual), residual

@@ -10,6 +10,7 @@ from torch import nn
 from engine.config import ModelConfig
 from engine.forward_batch import ForwardBatch
 from engine.layers.norm import RMSNorm
+from engine.layers.pending import PendingSum
 
 
 class DecoderLayer(nn.Module):
@@ -23,19 +24,25 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, x: torch.Tensor | PendingSum, residual: torch.Tensor | None, batch: ForwardBatch
+    ) -> tuple[torch.Tensor | PendingSum, torch.Tensor]:
         """`(mlp output, residual stream)`: the stream is the sum of everything before the MLP
-        output; the next norm adds that output in (fused on CUDA). `residual` None: `x` is the
-        embedding, the stream's start."""
+        output; the next norm adds that output in (fused on CUDA). The output may be a
+        `PendingSum` (engine.layers.pending), which only a norm's `forward_residual` reads.
+        Every attention and MLP module takes `defer`, and may decline it.
+        `residual` None: `x` is the embedding, the stream's start."""
         if residual is None:
+            if isinstance(x, PendingSum):
+                raise TypeError("the first layer takes the embeddings, a tensor")
             residual = x
             h = self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm.forward_residual(x, residual)
-        h = self.self_attn(h, batch)
+        # The attention's and the MLP's last sums (a split-K reduce, a MoE combine) may be
+        # left to the norm that reads each next.
+        h = self.self_attn(h, batch, defer=True)
         h, residual = self.post_attention_layernorm.forward_residual(h, residual)
-        return self.mlp(h), residual
+        return self.mlp(h, defer=True), residual
 
 
 class DecoderOnlyLM(nn.Module):

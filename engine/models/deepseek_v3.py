@@ -29,6 +29,7 @@ from engine.kv_cache import KVCacheSpec
 from engine.layers.attention import AttentionBackend
 from engine.layers.moe import FusedExperts, GroupedRouting, MoEBackend
 from engine.layers.norm import RMSNorm
+from engine.layers.pending import PendingSum
 from engine.layers.rotary import RotaryEmbedding, softmax_mscale
 from engine.loader import WeightTarget
 from engine.models.base import DecoderLayer, DecoderOnlyLM
@@ -83,7 +84,8 @@ class MLAttention(nn.Module):
         self.rotary = rotary
         self.backend = backend
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, defer: bool = False) -> torch.Tensor:
+        """`defer` is declined (its projections are cuBLAS's): always a tensor."""
         q, c_kv, k_pe = self.fused_qkv_a_proj(x).split(
             [self.q_a_size, self.kv_lora_rank, self.qk_rope_head_dim], dim=-1
         )
@@ -166,10 +168,16 @@ class DeepseekMoE(nn.Module):
         shared = 0 if fused else config.moe_intermediate_size * config.num_shared_experts
         self.shared_experts = MLP(config.hidden_size, shared, bias=False) if shared else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, defer: bool = False) -> torch.Tensor | PendingSum:
+        """`defer`: the experts' combine may be left to the next norm (not with a separate
+        shared MLP, whose output is added here)."""
         logits = self.gate(x, self.experts.backend)
         out = self.experts.forward_routed_grouped(
-            x, logits, self.gate.e_score_correction_bias, self.gate.routing
+            x,
+            logits,
+            self.gate.e_score_correction_bias,
+            self.gate.routing,
+            defer=defer and self.shared_experts is None,
         )
         return out if self.shared_experts is None else out + self.shared_experts(x)
 

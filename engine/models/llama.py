@@ -17,6 +17,7 @@ from engine.layers.attention import AttentionBackend
 from engine.layers.linear import Linear
 from engine.layers.moe import FusedExperts
 from engine.layers.norm import RMSNorm
+from engine.layers.pending import PendingSum
 from engine.layers.rotary import RotaryEmbedding
 from engine.loader import WeightTarget
 from engine.models.base import DecoderLayer, DecoderOnlyLM
@@ -47,7 +48,10 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.backend = backend
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, batch: ForwardBatch, defer: bool = False
+    ) -> torch.Tensor | PendingSum:
+        """`defer`: the O projection's split-K sum may be left to the next norm."""
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -58,7 +62,8 @@ class Attention(nn.Module):
         out = self.backend.forward_rope(
             q, k, v, self.rotary, self.layer_id, batch, self.scale, qk_norm=norms
         )
-        return self.o_proj(out.reshape(-1, self.q_size))
+        out = out.reshape(-1, self.q_size)
+        return self.o_proj.forward_pending(out) if defer else self.o_proj(out)
 
 
 class MLP(nn.Module):
@@ -68,8 +73,10 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=bias)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.gate_up_proj.gate_up(x))
+    def forward(self, x: torch.Tensor, defer: bool = False) -> torch.Tensor | PendingSum:
+        """`defer`: the down projection's split-K sum may be left to the next norm."""
+        h = self.gate_up_proj.gate_up(x)
+        return self.down_proj.forward_pending(h) if defer else self.down_proj(h)
 
 
 class SparseMoeBlock(nn.Module):
@@ -84,11 +91,12 @@ class SparseMoeBlock(nn.Module):
             config.num_experts, config.hidden_size, config.moe_intermediate_size
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, defer: bool = False) -> torch.Tensor | PendingSum:
         # Routed by the experts' backend, which may fold the routing into its expert kernels;
         # its gate product too (`gate_logits`: `self.gate(x)`, or a kernel for a few tokens).
+        # `defer`: the experts' combine may be left to the next norm.
         logits = self.experts.backend.gate_logits(x, self.gate.weight)
-        return self.experts.forward_routed(x, logits, self.top_k, self.renormalize)
+        return self.experts.forward_routed(x, logits, self.top_k, self.renormalize, defer=defer)
 
 
 def decoder_layer(

@@ -10,7 +10,8 @@ import argparse
 import pytest
 import torch
 
-from bench.mla_kernel import RANK, ROPE, Case, split_list, tiles_list
+from bench.args import split_list
+from bench.mla_kernel import RANK, ROPE, Case, tiles_list
 
 
 def test_splits_and_tiles_parse() -> None:

@@ -57,3 +57,14 @@ def test_parse_tiles() -> None:
     for bad in ("mma:16:256", "dot:16", "dot:8:256"):
         with pytest.raises(argparse.ArgumentTypeError):
             skinny_gemm.parse_tiles(bad)
+
+
+def test_deferred_rows(capsys: pytest.CaptureFixture[str]) -> None:
+    """--defer adds a row without the reduce launch for each split tile, its error that of
+    the partials' sum."""
+    rows = table(capsys, "--tiles", "dot:16:64:3,dot:16:64", "--defer")
+    for m in ("1", "3", "16"):
+        labels = [r[3].rstrip("<") for r in rows if r[2] == m]
+        deferred = [label for label in labels if label.endswith("defer")]
+        assert len(deferred) == 1 and "split 3" in deferred[0], labels
+    assert all(float(r[8]) < 2e-3 for r in rows), rows

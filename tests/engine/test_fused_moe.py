@@ -30,6 +30,8 @@ from engine.engine import Engine
 from engine.eplb import initial_placement
 from engine.kernels import fused_moe as fused_moe_module
 from engine.kernels.fused_moe import (
+    FOLDED_OFFSETS_MAX_CHUNKS,
+    PARALLEL_CHUNK,
     SMALL_BATCH_PAIRS,
     align_block_size,
     fused_moe,
@@ -304,6 +306,92 @@ def test_align_sorts_pairs_into_expert_blocks(pairs, num_experts, block_m, paral
     # Every pair appears exactly once.
     placed = sorted_pairs[sorted_pairs < pairs].tolist()
     assert sorted(placed) == list(range(pairs))
+
+
+def align_reference(ids: torch.Tensor, num_experts: int, block_m: int):
+    """What every align path returns, in pure torch: each expert's pairs in pair order, its run
+    padded to whole blocks; padding rows hold N, blocks past the rows in use -1."""
+    pairs = ids.numel()
+    max_rows = pairs + min(pairs, num_experts) * (block_m - 1)
+    max_blocks = -(-max_rows // block_m)
+    sorted_pairs = torch.full((max_blocks * block_m,), pairs, dtype=torch.int32)
+    block_expert = torch.full((max_blocks,), -1, dtype=torch.int32)
+    row = 0
+    for expert in range(num_experts):
+        mine = torch.nonzero(ids == expert).flatten()
+        sorted_pairs[row : row + mine.numel()] = mine.to(torch.int32)
+        padded = -(-mine.numel() // block_m) * block_m
+        block_expert[row // block_m : (row + padded) // block_m] = expert
+        row += padded
+    return sorted_pairs, block_expert, torch.tensor([row], dtype=torch.int32)
+
+
+def align_ids(pairs: int, num_experts: int, seed: int) -> torch.Tensor:
+    """Random choices with every third expert left without a pair and some ids outside [0, E)
+    (negative and past the last expert, as expert parallelism marks them)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, num_experts, (pairs,), generator=g)
+    ids = torch.where(ids % 3 == 1, (ids + 1) % num_experts, ids)
+    ids[::7] = -1
+    ids[3::11] = num_experts
+    ids[5::13] = num_experts + 5
+    return ids
+
+
+ALIGN_OUTPUTS = ("sorted_pairs", "block_expert", "num_rows")
+# Every align path: one program, the three chunked kernels, the offsets folded into the scatter.
+ALIGN_PATHS = {
+    "single": {"parallel": False},
+    "three": {"parallel": True, "fold_offsets": False},
+    "folded": {"parallel": True, "fold_offsets": True},
+}
+
+
+@pytest.mark.parametrize("num_experts", [8, 64, 66, 128, 256])
+@pytest.mark.parametrize("pairs", [1, 127, 128, 129, 1000, 2048, 7999])
+def test_align_paths_match_the_reference(pairs, num_experts):
+    """Bit for bit on every path: the same rows, pair order within each expert, the same
+    padding (N) and -1 past the end; across block sizes (the largest exercising a run of many
+    padding rows) and with tiles of the folded sums that hold some of the chunks only."""
+    ids = align_ids(pairs, num_experts, seed=pairs * 1000 + num_experts)
+    for block_m in (16, 32, 64, 128):
+        want = align_reference(ids, num_experts, block_m)
+        for path, choice in ALIGN_PATHS.items():
+            if path == "single" and pairs > 2048:
+                continue  # one program walks the chunks one by one: slow in the interpreter
+            got = align_block_size(ids, num_experts, block_m, **choice)
+            for name, g, w in zip(ALIGN_OUTPUTS, got, want, strict=True):
+                assert torch.equal(g, w), f"{path} {name} at block_m={block_m}"
+
+
+class LaunchCounter:
+    """A kernel stand-in that counts its launches and runs the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_align_folds_offsets_up_to_the_threshold(monkeypatch, extra):
+    """By default the offsets fold into the scatter up to FOLDED_OFFSETS_MAX_CHUNKS chunks and
+    take their own kernel past it; both ways (and the other one forced) give the reference's
+    result. At one chunk past, the folded sums take two tiles."""
+    offsets = LaunchCounter(fused_moe_module.align_offsets_kernel)
+    folded = LaunchCounter(fused_moe_module.align_scatter_folded_kernel)
+    monkeypatch.setattr(fused_moe_module, "align_offsets_kernel", offsets)
+    monkeypatch.setattr(fused_moe_module, "align_scatter_folded_kernel", folded)
+    chunks = FOLDED_OFFSETS_MAX_CHUNKS + extra
+    pairs = (chunks - 1) * PARALLEL_CHUNK + 1  # the last chunk holds one pair
+    ids = align_ids(pairs, 66, seed=chunks)
+    want = align_reference(ids, 66, 32)
+    for fold in (None, not extra, bool(extra)):
+        got = align_block_size(ids, 66, 32, fold_offsets=fold)
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    assert (offsets.launches, folded.launches) == ((2, 1) if extra else (1, 2))
 
 
 def test_backend_selection_and_module_path():

@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 from engine.config import RopeConfig
 from engine.kernels import fused
 from engine.layers.norm import RMSNorm
+from engine.layers.pending import PendingSum
 from engine.layers.rotary import RotaryEmbedding
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -288,3 +289,50 @@ def test_mla_latent_with_several_tokens_a_program_equals_one_a_program(
         results.append((*outs, latent, pe))
     for got, want in zip(results[1], results[0], strict=True):
         assert got is not None and want is not None and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_takes_a_pending_sum(
+    dtype: torch.dtype, weighted: bool, with_residual: bool
+) -> None:
+    """A `PendingSum` (a split-K product's float32 partials, or a MoE layer's weighted expert
+    outputs with ids outside [0, E) skipped) normalised by the kernel as its sum is; the torch
+    path (CPU, NPU) sums it first."""
+    gen = torch.Generator().manual_seed(7 + weighted + 2 * with_residual)
+    rows, slices, dim, experts = 5, 3, 96, 4
+    norm = torch_norm(dim, dtype, gen)
+    if weighted:  # MoE: expert outputs in the model's dtype, one slot marked for another rank
+        parts = (2 * torch.randn(rows, slices, dim, generator=gen)).to(dtype)
+        weights = torch.rand(rows, slices, generator=gen)
+        ids = torch.randint(0, experts, (rows, slices), generator=gen)
+        ids[1, 2], ids[3, 0] = -1, experts
+        parts[1, 2] = float("nan")  # a skipped slot is never read
+        host = PendingSum(parts, dtype, weights, ids, experts)
+        pending = PendingSum(parts.to(DEVICE), dtype, weights.to(DEVICE), ids.to(DEVICE), experts)
+    else:  # split-K: float32 partials [split, M, N] seen as [M, split, N]
+        parts = torch.randn(slices, rows, dim, generator=gen)
+        host = PendingSum(parts.transpose(0, 1), dtype)
+        pending = PendingSum(parts.to(DEVICE).transpose(0, 1), dtype)
+    summed = pending.materialize()
+    assert not summed.isnan().any()
+    weight = norm.weight.to(DEVICE)
+    if not with_residual:
+        want = fused.rms_norm(summed, weight, norm.eps)
+        close(fused.rms_norm(pending, weight, norm.eps).cpu(), want.cpu())
+        return
+    res = torch.randn(rows, dim, generator=gen).to(dtype)
+    res_got, res_want = res.clone().to(DEVICE), res.clone().to(DEVICE)
+    got = fused.rms_norm(pending, weight, norm.eps, residual=res_got)
+    want = fused.rms_norm(summed, weight, norm.eps, residual=res_want)
+    close(got.cpu(), want.cpu())
+    close(res_got.cpu(), res_want.cpu())
+    got_torch, got_res = norm.forward_residual(host, res.clone())
+    want_torch, want_res = norm.forward_residual(host.materialize(), res.clone())
+    assert torch.equal(got_torch, want_torch) and torch.equal(got_res, want_res)
+
+
+def test_pending_sum_refuses_misfit_weights() -> None:
+    with pytest.raises(ValueError, match="weights"):
+        PendingSum(torch.zeros(2, 3, 4), torch.float32, torch.zeros(2, 2))

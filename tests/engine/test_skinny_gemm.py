@@ -24,6 +24,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from engine.kernels import fused
 from engine.kernels.skinny_gemm import (
     DOT_TILES,
     GEMV_TILES,
@@ -36,6 +37,7 @@ from engine.kernels.skinny_gemm import (
     skinny_linear,
     tuned_tiles,
 )
+from engine.layers.pending import PendingSum
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2**-10, torch.bfloat16: 2**-7}
@@ -119,6 +121,32 @@ def test_tma_tiles_fall_back_on_unaligned_operands() -> None:
     close(got, reference(x[:, 1:].contiguous(), w[:, 1:].contiguous(), b), torch.float32)
     with pytest.raises(ValueError, match="tma is for the tensor-core tiles"):
         SkinnyTiles(16, 64, dot=False, tma=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deferred_split_sum_normalises_as_the_reduce(dtype: torch.dtype) -> None:
+    """`defer=True` with K split: the float32 partials as a `PendingSum`, which the next
+    RMSNorm's kernel sums; the same bits as the reduce launch then the norm. Without a split,
+    with a bias or a gate it is the tensor as before."""
+    x, w, b = make(5, 48, 600, dtype, seed=21)
+    tiles = SkinnyTiles(16, 64, split_k=3, dot=dtype == torch.float32)
+    pending = skinny_linear(x, w, None, tiles, defer=True)
+    assert isinstance(pending, PendingSum) and tuple(pending.parts.shape) == (5, 3, 48)
+    assert pending.shape == (5, 48)
+    norm_w = (1 + 0.1 * torch.randn(48, generator=torch.Generator().manual_seed(2))).to(dtype)
+    norm_w = norm_w.to(DEVICE)
+    res = torch.randn(5, 48, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEVICE)
+    res_got, res_want = res.clone(), res.clone()
+    got = fused.rms_norm(pending, norm_w, 1e-6, residual=res_got)
+    want = fused.rms_norm(skinny_linear(x, w, None, tiles), norm_w, 1e-6, residual=res_want)
+    assert torch.equal(got, want) and torch.equal(res_got, res_want)
+    for args, kw in (((x, w, None, SkinnyTiles(16, 64, dot=dtype == torch.float32)), {}),
+                     ((x, w, b, tiles), {})):  # fmt: skip
+        assert isinstance(skinny_linear(*args, **kw, defer=True), torch.Tensor)
+    gated = skinny_gate_up(
+        x, torch.cat([w, w]), None, SkinnyTiles(16, 64, split_k=3, dot=dtype == torch.float32)
+    )
+    assert isinstance(gated, torch.Tensor)
 
 
 def test_empty_and_leading_dimensions() -> None:
@@ -208,7 +236,9 @@ def test_tuned_table_rows() -> None:
         limits = [max_rows for max_rows, _ in rows]
         assert limits == sorted(set(limits)), rows
     bf16 = torch.bfloat16
-    assert tuned_tiles("linear", 1, 4096, 14336, bf16) is None  # cuBLAS at one row
+    assert tuned_tiles("linear", 1, 4096, 14336, bf16) == tuned_tiles(
+        "linear", 16, 4096, 14336, bf16
+    )
     down = tuned_tiles("linear", 64, 4096, 14336, bf16)
     assert down is not None and down.tma and down.split_k == 2
     assert tuned_tiles("linear", 65, 4096, 14336, bf16) is None

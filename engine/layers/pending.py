@@ -1,0 +1,73 @@
+"""A layer output whose last sum is left to the RMSNorm that reads it next.
+
+A decoder layer's attention and MLP outputs may end in a sum of pieces that is a launch of
+its own: a split-K product's float32 partial sums (`engine.kernels.skinny_gemm`'s reduce: the
+O and down projections of Llama-3-8B at 16 to 64 rows) or a MoE layer's weighted sum of each
+token's expert outputs (`engine.kernels.fused_moe`'s combine). What reads each output next is
+always a norm, which adds it to the residual stream (`RMSNorm.forward_residual`, one kernel on
+CUDA). Asked with `defer=True`, those layers return a `PendingSum` instead, and the norm's
+kernel sums the pieces itself, in the same order and with the same rounding: one launch and
+one round trip of the output fewer each, the result bit for bit the same.
+
+Only `DecoderLayer` asks for it, for the outputs that go straight to a norm; every other
+caller gets tensors as before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PendingSum:
+    """Row t of the output is `sum over s of weights[t, s] * parts[t, s]`, taken in float32 in
+    the order of s over the s whose `ids[t, s]` lies in `[0, num_experts)` (all of them
+    without `ids`; weight 1 without `weights`), then rounded to `dtype`.
+
+    parts `[T, S, H]` (any strides, the last one 1), weights and ids `[T, S]` contiguous."""
+
+    parts: torch.Tensor
+    dtype: torch.dtype
+    weights: torch.Tensor | None = None
+    ids: torch.Tensor | None = None
+    num_experts: int = 0
+
+    def __post_init__(self) -> None:
+        t, s, _ = self.parts.shape
+        for name, extra in (("weights", self.weights), ("ids", self.ids)):
+            if extra is not None and tuple(extra.shape) != (t, s):
+                raise ValueError(f"{name} {tuple(extra.shape)} do not fit parts {(t, s)}")
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.parts.shape[0], self.parts.shape[2]))
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts.device
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.parts.is_cuda
+
+    def materialize(self) -> torch.Tensor:
+        """The sum as a tensor, in torch (the reference for the kernels that take it)."""
+        t, s, h = self.parts.shape
+        acc = torch.zeros(t, h, dtype=torch.float32, device=self.parts.device)
+        for j in range(s):
+            piece = self.parts[:, j].float()
+            if self.weights is not None:
+                piece = self.weights[:, j : j + 1].float() * piece
+            if self.ids is not None:
+                keep = (self.ids[:, j] >= 0) & (self.ids[:, j] < self.num_experts)
+                acc = torch.where(keep[:, None], acc + piece, acc)  # the rest not even read
+            else:
+                acc = acc + piece
+        return acc.to(self.dtype)
+
+
+def materialize(x: torch.Tensor | PendingSum) -> torch.Tensor:
+    """`x` itself, or its sum."""
+    return x.materialize() if isinstance(x, PendingSum) else x
