@@ -34,6 +34,7 @@
 #   run(command="bash bench/gpu/session.sh A", carry=[".whl"])   # split tiles without reduce
 #   run(command="bash bench/gpu/session.sh B", carry=[".whl", ".base"])  # them in the engine
 #   run(command="bash bench/gpu/session.sh C", carry=[".whl"])   # QKV's split tiles alone
+#   run(command="bash bench/gpu/session.sh D", carry=[".whl"])   # Moonlight 256's step gap
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -473,5 +474,14 @@ C)
     --rows 1,16,64 --defer --tiles tma:64:128:2:4:4,tma:64:128:4:4:4,tma:32:128:2:4:4,\
 tma:32:128:4:4:4,tma:64:64:4:4:4,pf:8:512:2,pf:4:512:4,pf:4:1024
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C"; exit 2 ;;
+D)
+  # Moonlight 256 x 128 on one machine: the step back to back, the step alone with its
+  # forward's device time (CUDA events), and the profile's kernel time, to place the 0.45 ms
+  # between the back-to-back step and its kernels (about 110 s).
+  TAIL=5 step moonlight_256 60 python3 -m bench.engine --preset moonlight-16b-a3b --skip-hf \
+    --prefill '' --decode 256x128 --repeats 3
+  TAIL=14 step profile_moonlight_256 60 python3 -m bench.profile_decode \
+    --preset moonlight-16b-a3b --decode 256x128 --top 4
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D"; exit 2 ;;
 esac
