@@ -35,6 +35,7 @@
 #   run(command="bash bench/gpu/session.sh B", carry=[".whl", ".base"])  # them in the engine
 #   run(command="bash bench/gpu/session.sh C", carry=[".whl"])   # QKV's split tiles alone
 #   run(command="bash bench/gpu/session.sh D", carry=[".whl"])   # Moonlight 256's step gap
+#   run(command="bash bench/gpu/session.sh E", carry=[".whl"])   # what that gap waits for
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -483,5 +484,11 @@ D)
   TAIL=14 step profile_moonlight_256 60 python3 -m bench.profile_decode \
     --preset moonlight-16b-a3b --decode 256x128 --top 4
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D"; exit 2 ;;
+E)
+  # What the device waits for in Moonlight 256 x 128's back-to-back steps: each step() call's
+  # host time, and the first synchronizing call under torch's sync debug mode (about 90 s).
+  TAIL=30 step sync_probe 120 python3 -m bench.gpu.sync_probe --preset moonlight-16b-a3b \
+    --decode 256x128
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E"; exit 2 ;;
 esac
