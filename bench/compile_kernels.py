@@ -343,7 +343,7 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
                 "NUM_SPLITS": 1 if direct else 8,
                 "DIRECT": direct,
                 "HAS_ROWS": True,
-                "EXACT_FP32": dtype == "fp32",
+                "PRECISION": "ieee" if dtype == "fp32" else "tf32",
                 "BLOCK_H": block_h,
                 "BLOCK_R": 512,
                 "BLOCK_P": 64,

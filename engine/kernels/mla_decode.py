@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels import pdl
+from engine.kernels.attention import dot_precision
 from engine.kernels.sms import H200_SMS, sm_count
 
 DEFAULT_BLOCK_H = 16
@@ -62,7 +63,7 @@ def mla_decode_split_kernel(
     NUM_SPLITS: tl.constexpr,
     DIRECT: tl.constexpr,
     HAS_ROWS: tl.constexpr,
-    EXACT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,  # tl.dot's input precision: attention.dot_precision
     BLOCK_H: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -118,21 +119,14 @@ def mla_decode_split_kernel(
             mask=ok[:, None] & p_ok[None, :],
             other=0.0,
         )  # [BLOCK_N, BLOCK_P]
-        if EXACT_FP32:
-            s = tl.dot(ql, tl.trans(c), input_precision="ieee")
-            s = tl.dot(qp, tl.trans(kp), s, input_precision="ieee")
-        else:
-            s = tl.dot(ql, tl.trans(c))
-            s = tl.dot(qp, tl.trans(kp), s)
+        s = tl.dot(ql, tl.trans(c), input_precision=PRECISION)
+        s = tl.dot(qp, tl.trans(kp), s, input_precision=PRECISION)
         s = tl.where(ok[None, :], s * scale, -float("inf"))  # [BLOCK_H, BLOCK_N]
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp(m - m_new)
         prob = tl.exp(s - m_new[:, None])
         denom = denom * alpha + tl.sum(prob, axis=1)
-        if EXACT_FP32:
-            acc = tl.dot(prob.to(c.dtype), c, acc * alpha[:, None], input_precision="ieee")
-        else:
-            acc = tl.dot(prob.to(c.dtype), c, acc * alpha[:, None])
+        acc = tl.dot(prob.to(c.dtype), c, acc * alpha[:, None], input_precision=PRECISION)
         m = m_new
     if DIRECT:
         # A sequence of length 0 (a padding row of a graph-sized batch) gets zeros.
@@ -320,7 +314,7 @@ def mla_decode(
         NUM_SPLITS=splits,
         DIRECT=direct,
         HAS_ROWS=req_rows is not None,
-        EXACT_FP32=q_latent.dtype == torch.float32,
+        PRECISION=dot_precision(q_latent),
         BLOCK_H=block_h,
         BLOCK_R=block_r,
         BLOCK_P=block_p,
