@@ -107,20 +107,7 @@ def rms_norm(
     out = torch.empty(x.shape, dtype=torch.result_type(weight, x), device=x.device)
     if rows == 0:
         return out
-    res = x2 if residual is None else residual.view(-1, n)
-    block = triton.next_power_of_2(n)
-    _rms_norm_kernel[(rows,)](
-        x2, res, weight, out.view(-1, n),
-        x2.stride(0), res.stride(0), n,
-        n, eps, 0, x2, x2, 0,
-        HAS_RESIDUAL=residual is not None,
-        PENDING=0,
-        HAS_PW=False,
-        HAS_IDS=False,
-        BLOCK=block,
-        num_warps=min(16, max(1, block // 256)),
-        **pdl.launch_args(x2),
-    )  # fmt: skip
+    _launch_rms_norm(x2, x2.stride(0), out.view(-1, n), weight, eps, residual)
     return out
 
 
@@ -130,7 +117,7 @@ def _rms_norm_pending(
     parts = x.parts
     if parts.stride(-1) != 1:
         parts = parts.contiguous()
-    rows, slices, n = parts.shape
+    rows, _, n = parts.shape
     out_dtype = torch.promote_types(weight.dtype, x.dtype)
     if out_dtype != x.dtype or (residual is not None and residual.dtype != x.dtype):
         # The kernel rounds the sum to the output's dtype: where that is not the sum's own,
@@ -139,24 +126,42 @@ def _rms_norm_pending(
     out = torch.empty(rows, n, dtype=out_dtype, device=parts.device)
     if rows == 0:
         return out
-    res = out if residual is None else residual.view(-1, n)
+    _launch_rms_norm(parts, parts.stride(0), out, weight, eps, residual, x, parts.stride(1))
+    return out
+
+
+def _launch_rms_norm(
+    x: torch.Tensor,
+    stride_x: int,
+    out: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None,
+    pending: PendingSum | None = None,
+    stride_xs: int = 0,
+) -> None:
+    """`_rms_norm_kernel` over `out`'s `[rows, n]`, reading rows of `x` (with `pending`, its
+    slices `stride_xs` apart)."""
+    n = out.shape[1]
+    res = out if residual is None else residual.view(-1, n)  # not read without a residual
+    pw = pending.weights if pending is not None else None
+    ids = pending.ids if pending is not None else None
     block = triton.next_power_of_2(n)
-    _rms_norm_kernel[(rows,)](
-        parts, res, weight, out,
-        parts.stride(0), res.stride(0), out.stride(0),
-        n, eps, parts.stride(1),
-        x.weights if x.weights is not None else parts,
-        x.ids if x.ids is not None else parts,
-        x.num_experts,
+    _rms_norm_kernel[(out.shape[0],)](
+        x, res, weight, out,
+        stride_x, res.stride(0), out.stride(0),
+        n, eps, stride_xs,
+        pw if pw is not None else x,
+        ids if ids is not None else x,
+        pending.num_experts if pending is not None else 0,
         HAS_RESIDUAL=residual is not None,
-        PENDING=slices,
-        HAS_PW=x.weights is not None,
-        HAS_IDS=x.ids is not None,
+        PENDING=pending.parts.shape[1] if pending is not None else 0,
+        HAS_PW=pw is not None,
+        HAS_IDS=ids is not None,
         BLOCK=block,
         num_warps=min(16, max(1, block // 256)),
-        **pdl.launch_args(parts),
+        **pdl.launch_args(x),
     )  # fmt: skip
-    return out
 
 
 @triton.jit

@@ -1,13 +1,14 @@
 """A layer output whose last sum is left to the RMSNorm that reads it next.
 
 A decoder layer's attention and MLP outputs may end in a sum of pieces that is a launch of
-its own: a split-K product's float32 partial sums (`engine.kernels.skinny_gemm`'s reduce: the
-O and down projections of Llama-3-8B at 16 to 64 rows) or a MoE layer's weighted sum of each
-token's expert outputs (`engine.kernels.fused_moe`'s combine). What reads each output next is
-always a norm, which adds it to the residual stream (`RMSNorm.forward_residual`, one kernel on
-CUDA). Asked with `defer=True`, those layers return a `PendingSum` instead, and the norm's
-kernel sums the pieces itself, in the same order and with the same rounding: one launch and
-one round trip of the output fewer each, the result bit for bit the same.
+its own: a split-K product's float32 partial sums (`engine.kernels.skinny_gemm`'s reduce,
+where `skinny_gemm.TUNED` splits K: Llama-3-8B's O and down and Qwen3-30B-A3B's O at 1 to 64
+rows) or a MoE layer's weighted sum of each token's expert outputs
+(`engine.kernels.fused_moe`'s combine). What reads each output next is always a norm, which
+adds it to the residual stream (`RMSNorm.forward_residual`, one kernel on CUDA). Asked with
+`defer=True`, those layers return a `PendingSum` instead, and the norm's kernel sums the
+pieces itself, in the same order and with the same rounding: one launch and one round trip of
+the output fewer each, the result bit for bit the same.
 
 Only `DecoderLayer` asks for it, for the outputs that go straight to a norm; every other
 caller gets tensors as before.
