@@ -22,6 +22,7 @@ against the torch backend's formula in float32, and MLA extend (non-absorbed, he
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 from collections.abc import Sequence
@@ -135,12 +136,18 @@ def check_mla() -> list[str]:
             scale = 192**-0.5
             want = mla_reference(q_latent, q_pe, latent, pe, table, seq_lens, scale)
             largest = want.abs().max().item()
-            # The rule's ranges, and one range (the split kernel writes the output itself).
-            for splits in (None, 1):
+            # The rule's ranges, and one range, through both kernels.
+            for splits, quarters in itertools.product((None, 1), (True, False)):
                 out = torch.empty(batch, heads, 512, dtype=torch.bfloat16, device="cuda")
-                mla_decode(q_latent, q_pe, latent, pe, table, seq_lens, scale, out, splits)
+                mla_decode(
+                    q_latent, q_pe, latent, pe, table, seq_lens, scale, out, splits,
+                    quarters=quarters,
+                )  # fmt: skip
                 err = (out.float() - want).abs().max().item()
-                name = f"MLA decode heads={heads} page={page_size} splits={splits or 'rule'}"
+                kind = "quarters" if quarters else "one chain"
+                name = (
+                    f"MLA decode ({kind}) heads={heads} page={page_size} splits={splits or 'rule'}"
+                )
                 print(f"{name}: max err {err:.2e} of {largest:.2f}")
                 if err > MLA_TOL * largest:
                     failures.append(f"{name}: {err:.2e}")

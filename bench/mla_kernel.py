@@ -35,6 +35,7 @@ pair; up-projection 2 x 512 x H x 256 per context token. Times: medians of CUDA-
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import os
 from collections.abc import Sequence
@@ -58,6 +59,7 @@ from engine.layers.triton_attention import TritonAttentionBackend
 RANK, ROPE = 512, 64
 NOPE, V_DIM = 128, 128  # DeepSeek-V3's per-head no-rope key and value widths
 SCALE = 192**-0.5  # (qk_nope 128 + rope 64) ** -0.5, DeepSeek-V3's
+QUARTERS_LABEL = {None: "", 0: " 1c", 1: " q"}
 DEFAULT_EXTEND_CASES = ("64x128", "8x2048", "1x8192", "4x1024+3072", "16x1+2048")
 
 
@@ -74,6 +76,7 @@ class Case:
     block_h: int  # heads sharing one read of a latent tile
     splits: int | None = None  # context ranges per sequence (None: the kernel's rule)
     tiles: tuple[int, int, int] = (32, 0, 2)  # block_n, num_warps (0: default), num_stages
+    quarters: bool | None = None  # the latent in four column quarters (None: the rule)
 
     def kernel(self) -> None:
         for latent, pe in self.caches:
@@ -91,6 +94,7 @@ class Case:
                 block_h=self.block_h,
                 num_warps=self.tiles[1] or None,
                 num_stages=self.tiles[2],
+                quarters=self.quarters,
             )
 
     def baseline(self, rows: slice = slice(None)) -> torch.Tensor:
@@ -357,19 +361,27 @@ def bench_decode(args: argparse.Namespace) -> None:
                 want = torch.cat([case.baseline(rows).float() for rows in chunks])
                 floor_bytes = batch * context * (RANK + ROPE) * 2 + 2 * batch * heads * RANK * 2
                 floor_us = floor_bytes / bandwidth * 1e6
-                for splits, tiles in itertools.product(args.splits, args.tiles):
+                for splits, tiles, quarters in itertools.product(
+                    args.splits, args.tiles, args.quarters or (None,)
+                ):
                     warps = tiles[1] or default_num_warps(
                         torch.bfloat16, batch, heads, sms, args.block_h
                     )
                     rule = default_num_kv_splits(batch, heads, sms, args.block_h, warps)
-                    run = replace(case, splits=splits or None, tiles=tiles)
+                    run = replace(
+                        case,
+                        splits=splits or None,
+                        tiles=tiles,
+                        quarters=None if quarters is None else bool(quarters),
+                    )
                     kernel_s = time_graph(run.kernel, args.reps) / args.layers
                     run.kernel()
                     err = (run.out.float() - want).abs().max().item()
                     label = f"{splits or rule}" + ("" if splits else " (rule)")
                     n, w, st = tiles
                     print(
-                        f"| {heads} | {batch} | {context} | {label} | {n}x{w or 'd'}x{st} "
+                        f"| {heads} | {batch} | {context} | {label} "
+                        f"| {n}x{w or 'd'}x{st}{QUARTERS_LABEL[quarters]} "
                         f"| {floor_us:.1f} "
                         f"| {kernel_s * 1e6:.1f} | {kernel_s * 1e6 / floor_us:.2f} "
                         f"| {baseline} | {err:.1e} |",
@@ -420,6 +432,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument(
         "--block-h", type=int, default=16, choices=(16, 32), help="heads per tile read"
+    )
+    parser.add_argument(
+        "--quarters",
+        type=functools.partial(int_list, minimum=0),
+        default=(),
+        help="decode: 0 the one-chain kernel ('1c'), 1 the latent in four quarters ('q'), "
+        "e.g. 0,1 (default: the kernel's rule, unmarked)",
     )
     parser.add_argument(
         "--extend-cases",

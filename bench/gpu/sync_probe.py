@@ -22,11 +22,35 @@ import traceback
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import torch
 
 from bench import engine as bench_engine
+
+
+def wrap_parts(engine: bench_engine.Engine, parts: dict[str, float]) -> None:
+    """Add each part's host milliseconds within a `step()` call to `parts` (the scheduler's
+    look-ahead, the launch, the wait for the earlier step's tokens, the postprocess); the
+    wrappers live on the instances."""
+
+    def timed(owner: Any, name: str, label: str) -> None:
+        inner = getattr(owner, name)
+
+        def run(*a: Any, **k: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return inner(*a, **k)
+            finally:
+                parts[label] = parts.get(label, 0.0) + 1e3 * (time.perf_counter() - start)
+
+        setattr(owner, name, run)
+
+    timed(engine.scheduler, "schedule", "schedule")
+    timed(engine.scheduler, "schedule_lookahead", "lookahead")
+    timed(engine.scheduler, "postprocess", "postprocess")
+    timed(engine, "_launch", "launch")
+    timed(engine, "_apply", "apply")
 
 
 def main() -> None:
@@ -53,15 +77,56 @@ def main() -> None:
             bench_engine.start_decode(engine, prompts(), max_new_tokens=args.steps + 1)
             torch.cuda.synchronize()
             calls = []
-            while engine.has_unfinished():
-                start = time.perf_counter()
-                engine.step()
-                calls.append(1e3 * (time.perf_counter() - start))
+            split: list[dict[str, float]] = []
+            with bench_engine.decode_device_time(engine) as events:
+                while engine.has_unfinished():
+                    parts: dict[str, float] = {}
+                    if round_ == "timed":
+                        wrap_parts(engine, parts)
+                    start = time.perf_counter()
+                    engine.step()
+                    calls.append(1e3 * (time.perf_counter() - start))
+                    split.append(parts)
+                    for obj in (engine.scheduler, engine):
+                        for name in ("schedule", "schedule_lookahead", "postprocess",
+                                     "_launch", "_apply"):  # fmt: skip
+                            vars(obj).pop(name, None)
+            torch.cuda.synchronize()
+            device = [s.elapsed_time(e) for s, e in events]
             print(
                 f"{round_}: {len(calls)} step() calls, ms min / median / max "
-                f"{min(calls):.2f} / {statistics.median(calls):.2f} / {max(calls):.2f}",
+                f"{min(calls):.2f} / {statistics.median(calls):.2f} / {max(calls):.2f}; "
+                f"forward device ms min / median / max {min(device):.2f} / "
+                f"{statistics.median(device):.2f} / {max(device):.2f}",
                 flush=True,
             )
+            print("  step() ms: " + " ".join(f"{c:.2f}" for c in calls))
+            print("  forward device ms: " + " ".join(f"{d:.2f}" for d in device))
+            # Between one forward's end and the next one's start: device idle plus the
+            # sampling, copies and uploads between graphs.
+            gaps = [
+                events[i + 1][0].elapsed_time(events[i][1]) * -1 for i in range(len(events) - 1)
+            ]
+            print("  between forwards ms: " + " ".join(f"{g:.3f}" for g in gaps))
+            for i in (0, 1, 2, len(split) - 2, len(split) - 1):
+                if split[i]:
+                    line = ", ".join(f"{k} {v:.2f}" for k, v in split[i].items())
+                    print(f"  call {i + 1} ({calls[i]:.2f} ms): {line}")
+        graphs = engine.runner.graphs
+        if graphs is not None and shape.batch in graphs.graphs:
+            # The captured graph alone, replayed back to back: its own period.
+            graph = graphs.graphs[shape.batch]
+            for _ in range(3):
+                graph.replay()
+            start_ev = torch.cuda.Event(enable_timing=True)
+            end_ev = torch.cuda.Event(enable_timing=True)
+            start_ev.record()
+            for _ in range(20):
+                graph.replay()
+            end_ev.record()
+            torch.cuda.synchronize()
+            period = start_ev.elapsed_time(end_ev) / 20
+            print(f"bare replay of the {shape.batch} graph: {period:.3f} ms")
         bench_engine.start_decode(engine, prompts(), max_new_tokens=args.steps + 1)
         sites: Counter[str] = Counter()
 

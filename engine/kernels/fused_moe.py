@@ -135,7 +135,9 @@ def align_count_kernel(
     FILL: tl.constexpr,  # rows of sorted_pairs each program pads
     E_POW2: tl.constexpr,
     CHUNK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.start(PDL)
     chunk = tl.program_id(0)
     lanes = tl.arange(0, CHUNK)
     idx = chunk * CHUNK + lanes
@@ -161,7 +163,9 @@ def align_offsets_kernel(
     BLOCK_M: tl.constexpr,
     E_POW2: tl.constexpr,
     CHUNK_BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.start(PDL)
     experts = tl.arange(0, E_POW2)
     seen = tl.zeros([E_POW2], dtype=tl.int32)
     # Exclusive prefix sums down the chunks, per expert, CHUNK_BLOCK chunks at a time.
@@ -198,7 +202,9 @@ def align_scatter_kernel(
     E_POW2: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCKS_PER_CHUNK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.start(PDL)
     chunk = tl.program_id(0)
     idx = chunk * CHUNK + tl.arange(0, CHUNK)
     valid = idx < num_pairs
@@ -237,6 +243,7 @@ def align_scatter_folded_kernel(
     CHUNK: tl.constexpr,
     BLOCKS_PER_CHUNK: tl.constexpr,
     CHUNK_BLOCK: tl.constexpr,  # chunks per tile of the counts' sums
+    PDL: tl.constexpr,
 ):
     """`align_offsets_kernel` and `align_scatter_kernel` in one launch, for up to
     `FOLDED_OFFSETS_MAX_CHUNKS` chunks: every program sums all the chunks' counts itself (the
@@ -246,6 +253,7 @@ def align_scatter_folded_kernel(
     kernel that sat between the others.
     No program writes what another reads (the counts stay raw, the padding was stored by the
     launch before), so none waits on another."""
+    pdl.start(PDL)
     chunk = tl.program_id(0)
     experts = tl.arange(0, E_POW2)
     seen = tl.zeros([E_POW2], dtype=tl.int32)  # pairs per expert in all the chunks
@@ -595,6 +603,7 @@ def align_block_size(
         E_POW2=e_pow2,
         CHUNK=chunk,
         num_warps=8,
+        **pdl.launch_args(ids),
     )
     blocks_per_chunk = triton.next_power_of_2(triton.cdiv(max_blocks, num_chunks))
     if fold_offsets is None:
@@ -617,6 +626,7 @@ def align_block_size(
             BLOCKS_PER_CHUNK=blocks_per_chunk,
             CHUNK_BLOCK=folded_chunk_block(e_pow2, num_chunks),
             num_warps=8,
+            **pdl.launch_args(ids),
         )
         return sorted_pairs, block_expert, num_rows
     expert_start = torch.empty(e_pow2, dtype=torch.int32, device=device)
@@ -632,6 +642,7 @@ def align_block_size(
         E_POW2=e_pow2,
         CHUNK_BLOCK=offsets_chunk_block(e_pow2, num_chunks),
         num_warps=8,
+        **pdl.launch_args(chunk_counts),
     )
     align_scatter_kernel[(num_chunks,)](
         ids,
@@ -650,6 +661,7 @@ def align_block_size(
         CHUNK=chunk,
         BLOCKS_PER_CHUNK=blocks_per_chunk,
         num_warps=4,
+        **pdl.launch_args(ids),
     )
     return sorted_pairs, block_expert, num_rows
 

@@ -108,6 +108,23 @@ class AttentionBackend(ABC):
         q_pe, c_kv, k_pe = mla_latent_torch(q_pe, c_kv, k_pe, kv_norm, rotary, batch)
         return self.forward_mla(q_latent, q_pe, c_kv, k_pe, layer_id, batch, scale)
 
+    def mla_absorb_query(self, q_nope: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:
+        """The absorbed form's latent queries `[T, H, R]`: each head's no-rope query `q_nope`
+        `[T, H, nope]` times its W_UK `w_uk` `[H, nope, R]` (a view of `kv_b_proj`'s weight).
+        Here cuBLAS's batched product over heads, on the strided views as they are."""
+        return torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)
+
+    def mla_absorb_output(self, out: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
+        """The absorbed form's per-head values `[T, H, v]`, contiguous (o_proj reads them
+        flattened): the latent attention output `out` `[T, H, R]` times each head's W_UV
+        transposed (`w_uv` `[H, v, R]`, a view of `kv_b_proj`'s weight). Here cuBLAS's batched
+        product over heads, written through a transposed view of the result (bmm's out= form
+        refuses operands that require grad, as the weights do outside inference mode)."""
+        attn = out.new_empty(out.shape[0], w_uv.shape[0], w_uv.shape[1])
+        with torch.no_grad():
+            torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2), out=attn.transpose(0, 1))
+        return attn
+
     def mla_expands(self, batch: ForwardBatch) -> bool:
         """Whether this step's MLA runs in the non-absorbed form (`forward_mla_expanded`)
         rather than the absorbed one (`forward_mla`). The base backend always absorbs."""

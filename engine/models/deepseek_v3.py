@@ -107,19 +107,13 @@ class MLAttention(nn.Module):
         # kv_b_proj.weight: [H * (nope + v), R] -> W_UK [H, nope, R], W_UV [H, v, R]
         w_kv = self.kv_b_proj.weight.view(self.num_heads, -1, self.kv_lora_rank)
         w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
-        # Both absorptions are batched over heads on strided views, which cuBLAS reads as they
-        # are (unit stride in the last dimension): [H, T, nope] @ [H, nope, R].
-        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, R]
+        # Both absorptions are products batched over heads, on the weight's views as they are.
+        q_latent = self.backend.mla_absorb_query(q_nope, w_uk)  # [T, H, R]
         out = self.backend.forward_mla_rope(
             q_latent, q_pe, c_kv, k_pe, self.kv_a_layernorm, self.rotary, self.layer_id, batch,
             self.scale,
         )  # fmt: skip  # [T, H, R]
-        # [H, T, R] @ [H, R, v] written through a transposed view of a [T, H, v] buffer, so
-        # that o_proj reads it flattened without a copy (bmm's out= form refuses operands that
-        # require grad, as the weights do outside inference mode).
-        attn = out.new_empty(out.shape[0], self.num_heads, self.v_head_dim)
-        with torch.no_grad():
-            torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2), out=attn.transpose(0, 1))
+        attn = self.backend.mla_absorb_output(out, w_uv)  # [T, H, v], contiguous
         return self.o_proj(attn.flatten(1))
 
 

@@ -50,3 +50,38 @@ def test_chunked_reference_equals_the_whole_batch() -> None:
     chunked = torch.cat([case.baseline(slice(i, i + 16)) for i in range(0, batch, 16)])
     assert whole.shape == (batch, 4, RANK)
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_quarters_option_parses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--quarters 0,1` reaches the decode table (0 was refused once, on the GPU)."""
+    import bench.mla_kernel as mla_kernel
+
+    seen: list[argparse.Namespace] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(mla_kernel, "bench_decode", seen.append)
+    mla_kernel.main(["--mode", "decode", "--quarters", "0,1", "--tiles", "64x0x2"])
+    mla_kernel.main(["--mode", "decode"])
+    assert [a.quarters for a in seen] == [(0, 1), ()]
+    assert mla_kernel.QUARTERS_LABEL == {None: "", 0: " 1c", 1: " q"}
+
+
+def test_mla_absorb_products_match_the_reference() -> None:
+    """bench/mla_absorb.py's two products through both backends (the Triton one under the
+    interpreter) against its float32 reference, on the model's views of one weight."""
+    from bench.mla_absorb import NOPE, RANK, V, absorb, reference
+    from engine.layers.attention import TorchAttentionBackend
+    from engine.layers.triton_attention import TritonAttentionBackend
+
+    g = torch.Generator().manual_seed(0)
+    heads, rows = 2, 3
+    w_uk, w_uv = (
+        (torch.randn(heads * (NOPE + V), RANK, generator=g) * RANK**-0.5)
+        .view(heads, NOPE + V, RANK)
+        .split([NOPE, V], dim=1)
+    )
+    q = torch.randn(rows, heads, NOPE + 64, generator=g)
+    latent = torch.randn(rows, heads, RANK, generator=g)
+    for backend in (TorchAttentionBackend(), TritonAttentionBackend()):
+        for kind, a in (("query", q[:, :, :NOPE]), ("output", latent)):
+            got = absorb(backend, kind, a, (w_uk, w_uv))
+            torch.testing.assert_close(got, reference(kind, a, (w_uk, w_uv)), rtol=1e-5, atol=1e-5)

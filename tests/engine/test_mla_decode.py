@@ -219,3 +219,27 @@ def test_backend_fused_latent_side_matches_torch_backend(page_size, interleaved)
     for got, want in zip(caches[1], caches[0], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert not torch.equal(caches[0][0], before[0])  # the new latents were written
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("heads", [1, 16, 20])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_mla_decode_quarters_match_torch_backend(page_size, heads, splits):
+    """The kernel with the latent in four column quarters (independent score products): the
+    same results as the one-chain kernel's reference, at rank 64 (quarters of 16)."""
+    lens = [0, page_size - 1, page_size, 45]
+    q_latent, q_pe, cache, table, seq_lens, scale, want = decode_case(
+        lens, heads, 64, 8, page_size, torch.float32
+    )
+    out = torch.empty_like(q_latent)
+    mla_decode(
+        q_latent, q_pe, cache.k[0], cache.v[0], table, seq_lens, scale, out, splits, 16,
+        quarters=True,
+    )  # fmt: skip
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="quarters"):
+        q32, pe32, cache32, table32, lens32, _, _ = decode_case(lens, 1, 32, 8, 1, torch.float32)
+        mla_decode(
+            q32, pe32, cache32.k[0], cache32.v[0], table32, lens32, scale, q32.clone(), 1, 16,
+            quarters=True,
+        )  # fmt: skip

@@ -5,12 +5,14 @@ rest of the suite runs through it too; on the H200 the GPU greedy checks run wit
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from engine.config import EngineConfig
 from engine.engine import Engine, StepOutput
 from engine.sampling import SamplingParams
+from engine.sequence import Sequence
 
 
 def run(engine: Engine, script: list[tuple[int, str, list[int], SamplingParams]],
@@ -96,3 +98,50 @@ def test_overlap_reports_a_decode_step_one_call_later(tiny_models: dict[str, Pat
     assert [(o.num_output_tokens, o.finished) for o in last] == [(4, True)]
     assert not engine.has_unfinished() and engine.step() == []
     assert engine.num_free_pages == engine.pool.num_pages
+
+
+def test_look_ahead_leaves_out_requests_ending_by_length(tiny_models: dict[str, Path]) -> None:
+    """The step launched ahead holds only the requests the step before does not end by length
+    (their last token, or the context's end): a request's last token launches no step of its
+    own, and a batch whose requests all end together launches none after their last token.
+    Tokens equal the plain loop's (the others' input ids gathered on the device)."""
+    results = {}
+    for overlap in (True, False):
+        engine = Engine(
+            EngineConfig(
+                model_path=str(tiny_models["llama"]),
+                num_pages=64,
+                context_length=24,
+                disable_overlap_schedule=not overlap,
+            )
+        )
+        sizes: list[int] = []
+        inner = engine.runner.forward_decode
+
+        def counted(
+            seqs: list[Sequence], *args: Any, _inner: Any = inner, _sizes: list[int] = sizes,
+            **kwargs: Any,
+        ) -> Any:  # fmt: skip
+            _sizes.append(len(seqs))
+            return _inner(seqs, *args, **kwargs)
+
+        engine.runner.forward_decode = counted  # type: ignore[method-assign]
+        for rid, prompt, max_new in (
+            ("a", [5, 6, 7], 3),
+            ("b", [3, 4, 5, 6], 6),
+            ("c", [8] * 19, 9),
+        ):
+            params = SamplingParams(temperature=0, max_new_tokens=max_new, ignore_eos=True)
+            engine.add_request(prompt, params, request_id=rid)
+        seen: dict[str, list[int]] = {}
+        while engine.has_unfinished():
+            for o in engine.step():
+                seen.setdefault(o.request_id, []).append(o.token_id)
+        results[overlap] = seen
+        # c ends at the context's end (19 + 5 = 24 tokens), a after 3 tokens, b after 6: the
+        # prefill makes each one's first token, then decode steps of 3, 3 (a's last), 2, 2
+        # (c's last), 1 (b's last), and nothing after b's last token.
+        assert sizes == [3, 3, 2, 2, 1], (overlap, sizes)
+        assert {k: len(v) for k, v in seen.items()} == {"a": 3, "b": 6, "c": 5}
+        assert engine.num_free_pages == engine.pool.num_pages
+    assert results[True] == results[False]

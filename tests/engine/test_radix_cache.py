@@ -408,3 +408,33 @@ def test_randomized_against_reference(page_size: int, seed: int) -> None:
     cache.reset()
     assert pool.num_free == pool.num_pages
     check_invariants(cache, pool)
+
+
+def _common_prefix_len_reference(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def test_common_prefix_len_matches_a_token_by_token_compare() -> None:
+    """The slice-bisection compare against the plain loop: every position of a first
+    difference, equal sequences, one a prefix of the other, empty ones (fuzzed)."""
+    from engine.radix_cache import _common_prefix_len
+
+    rng = random.Random(0)
+    cases: list[tuple[tuple[int, ...], tuple[int, ...]]] = [((), ()), ((), (1,)), ((1,), ())]
+    for n in (1, 2, 3, 7, 16, 128, 129):
+        base = tuple(rng.randrange(4) for _ in range(n))
+        cases += [(base, base), (base, base[: n // 2]), (base[: n // 2], base)]
+        for i in range(n):  # a difference at every position, the tails differing or not
+            changed = (*base[:i], base[i] + 1, *base[i + 1 :])
+            cases += [(base, changed), (changed, base), (base, changed[: i + 1])]
+    for _ in range(2000):  # small alphabets: long shared runs and differences at random
+        a = tuple(rng.randrange(2) for _ in range(rng.randrange(40)))
+        b = tuple(rng.randrange(2) for _ in range(rng.randrange(40)))
+        cases.append((a, b))
+    for a, b in cases:
+        assert _common_prefix_len(a, b) == _common_prefix_len_reference(a, b), (a, b)
