@@ -49,7 +49,12 @@ from bench.ceiling import copy_bandwidth, matmul_rate
 from bench.moe_kernel import time_graph
 from engine.forward_batch import ForwardBatch
 from engine.kernels.attention import extend_blocks
-from engine.kernels.mla_decode import default_num_kv_splits, default_num_warps, mla_decode
+from engine.kernels.mla_decode import (
+    default_block_h,
+    default_num_kv_splits,
+    default_num_warps,
+    mla_decode,
+)
 from engine.kernels.mla_extend import Tiles, default_tiles, mla_extend_attention
 from engine.kernels.sms import sm_count
 from engine.kv_cache import KVCache, KVCacheSpec
@@ -73,7 +78,7 @@ class Case:
     q_latent: torch.Tensor  # [B, H, R]
     q_pe: torch.Tensor  # [B, H, P]
     out: torch.Tensor  # [B, H, R]
-    block_h: int  # heads sharing one read of a latent tile
+    block_h: int | None  # heads sharing one read of a latent tile (None: the kernel's rule)
     splits: int | None = None  # context ranges per sequence (None: the kernel's rule)
     tiles: tuple[int, int, int] = (32, 0, 2)  # block_n, num_warps (0: default), num_stages
     quarters: bool | None = None  # the latent in four column quarters (None: the rule)
@@ -113,7 +118,7 @@ class Case:
 
 
 def make_case(
-    heads: int, batch: int, context: int, page_size: int, layers: int, block_h: int
+    heads: int, batch: int, context: int, page_size: int, layers: int, block_h: int | None
 ) -> Case:
     pages_per_seq = context // page_size
     num_pages = batch * pages_per_seq
@@ -348,7 +353,9 @@ def bench_decode(args: argparse.Namespace) -> None:
     for heads in args.heads:
         for context in args.contexts:
             for batch in args.batch_sizes:
-                case = make_case(heads, batch, context, args.page_size, args.layers, args.block_h)
+                case = make_case(
+                    heads, batch, context, args.page_size, args.layers, args.block_h or None
+                )
                 # The baseline expands the shared latent to every head: 128 heads x 256 x 2,048
                 # tokens would take 77 GB. Its time is then left out ("-"), and the reference
                 # for the error column comes in chunks of 16 sequences.
@@ -364,10 +371,15 @@ def bench_decode(args: argparse.Namespace) -> None:
                 for splits, tiles, quarters in itertools.product(
                     args.splits, args.tiles, args.quarters or (None,)
                 ):
-                    warps = tiles[1] or default_num_warps(
-                        torch.bfloat16, batch, heads, sms, args.block_h
+                    # The rule's heads a program, as the kernel resolves them (rank 512 takes
+                    # the quartered kernel unless --quarters 0).
+                    block_h = args.block_h or (
+                        16 if quarters == 0 else default_block_h(torch.bfloat16, batch, heads, sms)
                     )
-                    rule = default_num_kv_splits(batch, heads, sms, args.block_h, warps)
+                    warps = tiles[1] or default_num_warps(
+                        torch.bfloat16, batch, heads, sms, block_h
+                    )
+                    rule = default_num_kv_splits(batch, heads, sms, block_h, warps)
                     run = replace(
                         case,
                         splits=splits or None,
@@ -431,7 +443,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="decode: split-kernel launches to time, BLOCK_NxWARPSxSTAGES (warps 0: default)",
     )
     parser.add_argument(
-        "--block-h", type=int, default=16, choices=(16, 32), help="heads per tile read"
+        "--block-h",
+        type=int,
+        default=0,
+        choices=(0, 16, 32, 64),
+        help="heads per tile read (0: the kernel's rule, default_block_h)",
     )
     parser.add_argument(
         "--quarters",

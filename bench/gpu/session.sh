@@ -43,6 +43,8 @@
 #   run(command="bash bench/gpu/session.sh J", carry=[".whl", ".base"])  # MLA absorptions, A/B
 #   run(command="bash bench/gpu/session.sh K", carry=[".whl"])   # README tables, profile
 #   run(command="bash bench/gpu/session.sh L", carry=[".whl", ".base"])  # align in PDL, A/B
+#   run(command="bash bench/gpu/session.sh M", carry=[".whl"])   # MLA decode, 128 heads
+#   run(command="bash bench/gpu/session.sh N", carry=[".whl"])   # its heads-a-program rule
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -595,5 +597,22 @@ L)
     done
   done
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L"; exit 2 ;;
+M)
+  # MLA decode at DeepSeek-V3's 128 heads with 64- and 32-head tiles (the quartered kernel;
+  # 16-head tiles were 8.4 / 32.9 / 15.7 / 414 µs at 1 x 128 / 64 x 128 / 1 x 2,048 / 64 x
+  # 2,048 in `I`): fewer re-reads of each latent tile, larger tensor-core products (about 90 s).
+  for bh in 64 32; do
+    TAIL=16 step "mla_heads128_bh$bh" 60 python3 -m bench.mla_kernel --mode decode \
+      --heads 128 --batch-sizes 1,64 --contexts 128,2048 --block-h $bh \
+      --tiles 64x0x2,32x0x2,64x0x1,32x0x3
+  done
+  ;;
+N)
+  # The MLA decode's heads-a-program rule (`default_block_h`) checked compiled against the
+  # reference (16 and 128 heads, bf16) and timed at 128 heads (about 80 s).
+  TAIL=12 step check_mla 60 python3 -m bench.check_moe_gpu --shape moonlight-16b-a3b
+  TAIL=6 step mla_rule 40 python3 -m bench.mla_kernel --mode decode --heads 128 \
+    --batch-sizes 1,64 --contexts 128,2048
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N"; exit 2 ;;
 esac

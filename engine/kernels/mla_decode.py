@@ -334,6 +334,23 @@ def mla_decode_combine_kernel(
     tl.store(out + b * stride_ob + h * stride_oh + r, result.to(out.dtype.element_ty), mask=r_ok)
 
 
+def default_block_h(dtype: torch.dtype, batch: int, num_heads: int, num_sms: int = H200_SMS) -> int:
+    """Heads per program for the quartered kernel: the largest of 64, 32 and 16 (not past the
+    head count) whose programs, with up to 16 ranges each, still fill the device; 16 in
+    float32 (more would spill). Each tile of latents is then read once for that many heads,
+    in larger tensor-core products. On the H200 at DeepSeek-V3's 128 heads (`bench.mla_kernel
+    --heads 128 --block-h 16/32/64`): batch 64 at 2,048 tokens 414 µs at 16 heads a program,
+    291 at 32, 187 at 64; at 128 tokens 32.9 / 25.7 / 18.3; batch 1 (two or four programs a
+    range at 64 or 32) 15.7 / 15.3 / 19.1 at 2,048 tokens and 8.4 / 11.0 / 13.4 at 128, where
+    this picks 16. Moonlight's 16 heads always take 16."""
+    if dtype == torch.float32:
+        return DEFAULT_BLOCK_H
+    for block_h in (64, 32):
+        if block_h <= num_heads and batch * triton.cdiv(num_heads, block_h) * 16 >= num_sms:
+            return block_h
+    return DEFAULT_BLOCK_H
+
+
 def default_num_warps(
     dtype: torch.dtype,
     batch: int,
@@ -378,7 +395,7 @@ def mla_decode(
     out: torch.Tensor,
     num_kv_splits: int | None = None,
     block_n: int | None = None,
-    block_h: int = DEFAULT_BLOCK_H,
+    block_h: int | None = None,
     req_rows: torch.Tensor | None = None,
     num_warps: int | None = None,
     num_stages: int = 2,
@@ -393,8 +410,9 @@ def mla_decode(
     pages (the engine's whole table: no per-layer gather of the batch's rows); seq_lens
     `[B]` context lengths including the new token (0: the row gets zeros); out `[B, H, R]`.
     Scores are `scale * (q_latent . c + q_pe . k_pe)`; values are the latents `c`.
-    `block_h` heads share each read of a latent tile (16, or 32 in 16-bit types: more heads
-    per read, more registers per program); `block_n` context positions per tile (default 64
+    `block_h` heads share each read of a latent tile (16, or 32 or 64 in 16-bit types: more
+    heads per read, more registers per program; default `default_block_h` with quarters, else
+    16); `block_n` context positions per tile (default 64
     with quarters, else 32); `num_warps` (default `default_num_warps`) and `num_stages` the
     split kernel's launch (`python -m bench.mla_kernel --mode decode --tiles` times others).
     `quarters` (default: where the rank is a power of two of at least 64, as every MLA
@@ -416,6 +434,7 @@ def mla_decode(
     if latent_cache.stride(-1) != 1 or pe_cache.stride(-1) != 1:
         raise ValueError("the latent and rope-key caches must be contiguous in their last dim")
     page_size = latent_cache.shape[1]
+    sms = sm_count(q_latent.device)
     # tl.dot needs dimensions of at least 16 on the GPU.
     block_r = max(16, triton.next_power_of_2(rank))
     block_p = max(16, triton.next_power_of_2(rope))
@@ -425,13 +444,14 @@ def mla_decode(
         raise ValueError(f"quarters need a latent rank that is a power of two >= 64, got {rank}")
     if block_n is None:
         block_n = 64 if quarters else 32
+    if block_h is None:
+        block_h = default_block_h(q_latent.dtype, batch, num_heads, sms) if quarters else 16
     if block_h < 16 or block_h & (block_h - 1) or block_n < 16 or block_n & (block_n - 1):
         raise ValueError(
             f"block_h and block_n must be powers of two >= 16, got {block_h}, {block_n}"
         )
     if q_latent.dtype == torch.float32 and block_h > 16:
         raise ValueError(f"float32 MLA decode takes block_h=16 (got {block_h}: registers spill)")
-    sms = sm_count(q_latent.device)
     num_warps = num_warps or default_num_warps(q_latent.dtype, batch, num_heads, sms, block_h)
     splits = num_kv_splits or default_num_kv_splits(batch, num_heads, sms, block_h, num_warps)
     device = q_latent.device

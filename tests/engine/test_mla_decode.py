@@ -243,3 +243,29 @@ def test_mla_decode_quarters_match_torch_backend(page_size, heads, splits):
             q32, pe32, cache32.k[0], cache32.v[0], table32, lens32, scale, q32.clone(), 1, 16,
             quarters=True,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("heads", [64, 80])
+def test_mla_decode_quarters_wide_head_blocks(heads):
+    """64 heads a program (what `default_block_h` picks for DeepSeek-V3's 128 heads from batch
+    8 up), over a head count that leaves the last block part-empty, in float16."""
+    lens = [0, 15, 16, 45]
+    q_latent, q_pe, cache, table, seq_lens, scale, want = decode_case(
+        lens, heads, 64, 8, 16, torch.float16
+    )
+    out = torch.empty_like(q_latent)
+    mla_decode(q_latent, q_pe, cache.k[0], cache.v[0], table, seq_lens, scale, out, 2, 16, 64)
+    torch.testing.assert_close(out, want, rtol=5e-3, atol=5e-3)
+
+
+def test_default_block_h():
+    from engine.kernels.mla_decode import default_block_h
+
+    # DeepSeek-V3's 128 heads: 16 a program at batch 1 (64 would leave two programs a range),
+    # 64 from batch 8; Kimi-K2's 64 heads likewise; Moonlight's 16 always 16; float32 16.
+    assert [default_block_h(torch.bfloat16, b, 128, 132) for b in (1, 2, 4, 8, 64, 256)] == [
+        16, 16, 32, 64, 64, 64,
+    ]  # fmt: skip
+    assert [default_block_h(torch.bfloat16, b, 64, 132) for b in (1, 8, 16)] == [16, 32, 64]
+    assert {default_block_h(torch.bfloat16, b, 16, 132) for b in (1, 64, 256)} == {16}
+    assert default_block_h(torch.float32, 64, 128, 132) == 16
