@@ -37,15 +37,15 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
 
 from bench.args import int_list
 from bench.ceiling import copy_bandwidth
-from engine.kernels.fused_moe import fused_moe, fused_moe_routed
-from engine.kernels.fused_moe_configs import MoEKernelConfig, candidates
+from engine.kernels.fused_moe import _grouped_gemm, align_block_size, fused_moe, fused_moe_routed
+from engine.kernels.fused_moe_configs import MoEKernelConfig, candidates, kernel_config
 from engine.kernels.fused_moe_small import DEFAULT_TILES, SmallBatchTiles, small_batch_moe
 from engine.layers.moe import MoEBackend, TorchMoEBackend, TritonMoEBackend
 
@@ -355,6 +355,123 @@ def small_tiles(text: str) -> SmallBatchTiles:
     return SmallBatchTiles(gate_up_n, gate_up_k, down_n, down_k, num_warps)
 
 
+@dataclass(frozen=True)
+class GemmInputs:
+    """One layer's inputs to the grouped path's launches, aligned for `config`."""
+
+    x: torch.Tensor
+    layer: Layer
+    ids: torch.Tensor
+    aligned: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    act: torch.Tensor
+    y: torch.Tensor
+
+
+def gemm_inputs(step: Step, shape: LayerShape, config: MoEKernelConfig) -> list[GemmInputs]:
+    out = []
+    for layer, x, (_, ids) in zip(step.layers, step.xs, step.routed, strict=True):
+        ids = ids.contiguous()
+        aligned = align_block_size(ids, shape.stacked, config.block_m)
+        act_rows = aligned[0].numel() if config.tma else ids.numel()
+        act = x.new_empty(act_rows, shape.intermediate)
+        out.append(GemmInputs(x, layer, ids, aligned, act, x.new_empty(ids.numel(), shape.hidden)))
+    return out
+
+
+def run_gemm(inputs: list[GemmInputs], shape: LayerShape, cfg: MoEKernelConfig, which: str) -> None:
+    """Every layer's "align", "gate_up" or "down" launch(es) at `cfg`."""
+    for g in inputs:
+        if which == "align":
+            align_block_size(g.ids, shape.stacked, cfg.block_m)
+        elif which == "gate_up":
+            _grouped_gemm(g.x, g.layer.w13, g.act, g.aligned, shape.pairs, True, cfg, g.ids.numel())
+        else:
+            _grouped_gemm(g.act, g.layer.w2, g.y, g.aligned, shape.pairs, False, cfg, g.ids.numel())
+
+
+def gemm_floors_us(step: Step, shape: LayerShape, bandwidth: float) -> tuple[float, float]:
+    """The gate-up and down GEMMs' floors: the distinct experts' weights over the bandwidth."""
+    distinct = statistics.mean(ids.unique().numel() for _, ids in step.routed)
+    size = step.layers[0].w13.dtype.itemsize * shape.hidden * shape.intermediate * distinct
+    return 2 * size / bandwidth * 1e6, size / bandwidth * 1e6
+
+
+def split_times(
+    shape: LayerShape, tokens: Sequence[int], layers: list[Layer], bandwidth: float, reps: int
+) -> None:
+    """The grouped path's launches timed apart at the table's config (`kernel_config`): the
+    align, the gate-up GEMM and the down GEMM, each GEMM against its weights' floor."""
+    bias = torch.randn(shape.experts, device=layers[0].w13.device) * 0.1
+    dtype = layers[0].w13.dtype
+    print(
+        "| tokens | config | align µs | gate-up µs | floor µs | x floor | down µs | floor µs "
+        "| x floor |\n| ---: | :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )
+    for t in tokens:
+        step = make_step(shape, t, layers, bias, seed=t)
+        cfg = kernel_config(t, shape.stacked, shape.hidden, shape.intermediate, shape.pairs, dtype)
+        inputs = gemm_inputs(step, shape, cfg)
+        n = len(layers)
+        us = {
+            which: time_graph(partial(run_gemm, inputs, shape, cfg, which), reps) / n * 1e6
+            for which in ("align", "gate_up", "down")
+        }
+        gate_floor, down_floor = gemm_floors_us(step, shape, bandwidth)
+        print(
+            f"| {t} | {cfg!r} | {us['align']:.1f} | {us['gate_up']:.1f} | {gate_floor:.1f} "
+            f"| {us['gate_up'] / gate_floor:.2f} | {us['down']:.1f} | {down_floor:.1f} "
+            f"| {us['down'] / down_floor:.2f} |",
+            flush=True,
+        )
+
+
+def gemm_candidates(base: MoEKernelConfig, which: str) -> list[MoEKernelConfig]:
+    """`base` with one GEMM's launch varied (block_n, block_k, warps, stages; block_m, group_m
+    and tma kept: the alignment and the activation's layout stay): for "down" as `base.down`,
+    for "gate_up" as the top level (the down GEMM keeping its launch)."""
+    down = base.down_config
+    out = []
+    for block_n in (64, 128, 256):
+        for block_k in (64, 128):
+            for warps in (4, 8):
+                for stages in (3, 4, 5):
+                    if which == "down":
+                        tiles = replace(down, block_n=block_n, block_k=block_k,
+                                        num_warps=warps, num_stages=stages)  # fmt: skip
+                        out.append(replace(base, down=tiles))
+                    else:
+                        out.append(replace(base, block_n=block_n, block_k=block_k,
+                                           num_warps=warps, num_stages=stages,
+                                           down=replace(down, down=None)))  # fmt: skip
+    return out
+
+
+def tune_gemm(
+    shape: LayerShape, tokens: Sequence[int], layers: list[Layer], reps: int, which: str
+) -> None:
+    """One GEMM's launches (`gemm_candidates`) timed alone from the table's config; prints
+    the best for each token count as a table row."""
+    bias = torch.randn(shape.experts, device=layers[0].w13.device) * 0.1
+    dtype = layers[0].w13.dtype
+    for t in tokens:
+        step = make_step(shape, t, layers, bias, seed=t)
+        base = kernel_config(t, shape.stacked, shape.hidden, shape.intermediate, shape.pairs, dtype)
+        inputs = gemm_inputs(step, shape, base)
+        n = len(layers)
+        base_us = time_graph(partial(run_gemm, inputs, shape, base, which), reps) / n * 1e6
+        best = (base_us, base)
+        for cfg in gemm_candidates(base, which):
+            try:
+                us = time_graph(partial(run_gemm, inputs, shape, cfg, which), reps) / n * 1e6
+            except Exception as exc:  # a launch the compiler or the device refuses
+                print(f"  skip {cfg}: {type(exc).__name__}", file=sys.stderr)
+                continue
+            if us < best[0]:
+                best = (us, cfg)
+        print(f"  T={t} {which}: table's {base_us:.1f} µs, best {best[0]:.1f} µs")
+        print(f"        ({t}, {best[1]!r}),")
+
+
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (interpreter)"
 
@@ -368,6 +485,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=4, help="weight copies cycled per call")
     parser.add_argument("--reps", type=int, default=20, help="timed runs per measurement")
     parser.add_argument("--tune", action="store_true", help="print block-size table rows")
+    parser.add_argument(
+        "--split-times",
+        action="store_true",
+        help="the grouped path's align, gate-up and down launches timed apart, with floors",
+    )
+    parser.add_argument(
+        "--tune-gemm",
+        choices=("gate_up", "down"),
+        help="vary one GEMM's launch from the table's config, timed alone",
+    )
     parser.add_argument(
         "--path",
         default="auto",
@@ -420,6 +547,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         if args.tune:
             tune_shape(shape, args.tokens, layers, args.reps)
+        elif args.split_times:
+            split_times(shape, args.tokens, layers, bandwidth, args.reps)
+        elif args.tune_gemm:
+            tune_gemm(shape, args.tokens, layers, args.reps, args.tune_gemm)
         else:
             print(HEADER)
             rows = bench_shape(

@@ -45,6 +45,7 @@
 #   run(command="bash bench/gpu/session.sh L", carry=[".whl", ".base"])  # align in PDL, A/B
 #   run(command="bash bench/gpu/session.sh M", carry=[".whl"])   # MLA decode, 128 heads
 #   run(command="bash bench/gpu/session.sh N", carry=[".whl"])   # its heads-a-program rule
+#   run(command="bash bench/gpu/session.sh O", carry=[".whl"])   # MoE GEMMs apart, down tune
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -614,5 +615,17 @@ N)
   TAIL=6 step mla_rule 40 python3 -m bench.mla_kernel --mode decode --heads 128 \
     --batch-sizes 1,64 --contexts 128,2048
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N"; exit 2 ;;
+O)
+  # The grouped MoE path's launches apart (align, gate-up, down, each GEMM against its
+  # weights' floor) at decode sizes, then each GEMM's launch varied alone from the table's
+  # config at 256 tokens, Moonlight as the engine runs it (shared experts fused), for a
+  # `down=` entry in fused_moe_configs.TUNED (about 400 s: run it alone).
+  TAIL=10 step moe_split 100 python3 -m bench.moe_kernel --shape moonlight-16b-a3b-fused \
+    --shape qwen3-30b-a3b --tokens 1,64,256 --split-times
+  TAIL=6 step tune_down 140 python3 -m bench.moe_kernel --shape moonlight-16b-a3b-fused \
+    --tokens 256 --tune-gemm down
+  TAIL=6 step tune_gate_up 140 python3 -m bench.moe_kernel --shape moonlight-16b-a3b-fused \
+    --tokens 256 --tune-gemm gate_up
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O"; exit 2 ;;
 esac

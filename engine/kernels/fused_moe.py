@@ -677,6 +677,8 @@ def _grouped_gemm(
     num_pairs: int,
 ) -> None:
     sorted_pairs, block_expert, num_rows = aligned
+    if not gate_up:
+        cfg = cfg.down_config
     n_out = out.shape[1]
     grid = (block_expert.numel() * triton.cdiv(n_out, cfg.block_n),)
     # The launch's compile-time arguments, the same for both kernels.

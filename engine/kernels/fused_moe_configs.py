@@ -6,7 +6,9 @@ its `max_tokens`: a step of T tokens takes the first row with `T <= max_tokens` 
 used for a few hundred. Other token counts, and shapes not in the table, take
 `default_config`. `python -m bench.moe_kernel --tune` times the candidates of
 `candidates()` on the GPU and prints rows to paste here; entries say which device they were
-tuned on.
+tuned on. A row's config may give the down GEMM its own launch (`down=`), which `python -m
+bench.moe_kernel --tune-gemm down` searches from the table's config (`--split-times` times
+the align and the two GEMMs apart, against their weights' floors).
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ class MoEKernelConfig:
     # `grouped_gemm_tma_kernel`: weight tiles (and the down GEMM's activation) loaded by the
     # tensor-memory accelerator (Hopper and later; Triton's interpreter runs it on the CPU).
     tma: bool = False
+    # The down GEMM's own launch (its N is the hidden size and its K the expert's intermediate
+    # size, the gate-up's the other way round), or None for this one. It shares `block_m` (the
+    # pairs' alignment) and `tma` (the activation's layout between the two).
+    down: MoEKernelConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
@@ -40,6 +46,18 @@ class MoEKernelConfig:
                 raise ValueError(f"{name} must be a power of two >= 16, got {value}")
         if self.group_m < 1 or self.num_warps < 1 or self.num_stages < 1:
             raise ValueError(f"group_m, num_warps and num_stages must be >= 1 in {self}")
+        down = self.down
+        if down is not None and (
+            down.block_m != self.block_m or down.tma != self.tma or down.down is not None
+        ):
+            raise ValueError(
+                f"the down GEMM's config must share block_m and tma and have no down: {self}"
+            )
+
+    @property
+    def down_config(self) -> MoEKernelConfig:
+        """The down GEMM's launch: `down`, or this one."""
+        return self.down or self
 
 
 # (num_experts, hidden, moe_intermediate, top_k, dtype) -> ((max_tokens, config), ...)

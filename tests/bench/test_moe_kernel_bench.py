@@ -3,6 +3,9 @@ ones and every token gets them with weight 1.0, as the engine's shared-expert fu
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import pytest
 import torch
 
 from bench.moe_kernel import SHAPES, make_layers, make_step, with_shared
@@ -29,3 +32,33 @@ def test_a_fused_step_routes_over_the_stacked_weights() -> None:
     assert ids.shape == weights.shape == (5, shape.pairs)
     assert (ids[:, : shape.top_k] < shape.experts).all()
     assert (ids[:, shape.top_k :] >= shape.experts).all()
+
+
+def test_split_times_and_one_gemm_tuning_run_on_the_interpreter(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--split-times` and `--tune-gemm` smoke runs on the tiny shape (CPU, interpreter: no
+    meaningful times), with the candidates cut to two so that the run stays short."""
+    import bench.moe_kernel as moe_kernel
+
+    every = moe_kernel.gemm_candidates
+    monkeypatch.setattr(moe_kernel, "gemm_candidates", lambda base, which: every(base, which)[:2])
+    args = ["--device", "cpu", "--dtype", "float32", "--shape", "tiny-fused", "--tokens", "9"]
+    moe_kernel.main([*args, "--reps", "1", "--layers", "1", "--split-times"])
+    moe_kernel.main([*args, "--reps", "1", "--layers", "1", "--tune-gemm", "down"])
+    out = capsys.readouterr().out
+    assert "| 9 | MoEKernelConfig(" in out  # the split row, with its config
+    assert "T=9 down: table's" in out and "(9, MoEKernelConfig(" in out
+
+
+def test_gemm_candidates_vary_one_gemm() -> None:
+    from bench.moe_kernel import gemm_candidates
+    from engine.kernels.fused_moe_configs import MoEKernelConfig
+
+    base = MoEKernelConfig(64, 64, 64, group_m=8)
+    downs = gemm_candidates(base, "down")
+    assert all(c.block_n == 64 and c.down is not None for c in downs)
+    assert {(c.down_config.block_n, c.down_config.num_stages) for c in downs} >= {(256, 5)}
+    gate_ups = gemm_candidates(base, "gate_up")
+    assert all(c.down_config == replace(base, down=None) for c in gate_ups)
+    assert len({c.block_n for c in gate_ups}) == 3

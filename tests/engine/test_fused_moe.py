@@ -131,10 +131,28 @@ def test_fused_moe_matches_torch_float16(tokens, top_k):
         # expert's rows (never stored), K's tail zero-filled, the activation in sorted order.
         MoEKernelConfig(16, 32, 32, group_m=4, tma=True),
         MoEKernelConfig(32, 16, 16, group_m=2, tma=True),
+        # The down GEMM on its own launch (same rows, other columns, K tiles and warps).
+        MoEKernelConfig(16, 16, 16, down=MoEKernelConfig(16, 32, 32, group_m=4, num_warps=8)),
+        MoEKernelConfig(16, 16, 16, tma=True, down=MoEKernelConfig(16, 64, 16, tma=True)),
     ],
 )
 def test_fused_moe_tile_shapes(cfg):
     check(21, 8, 4, "qwen", torch.float32, hidden=72, inter=40, cfg=cfg)
+
+
+def test_down_config_shares_the_alignment_and_layout():
+    """A down config must keep block_m (the pairs' alignment) and tma (the activation's layout
+    between the GEMMs), and cannot nest."""
+    inner = MoEKernelConfig(16, 32, 32)
+    assert MoEKernelConfig(16, 16, 16, down=inner).down_config is inner
+    assert MoEKernelConfig(16, 16, 16).down_config == MoEKernelConfig(16, 16, 16)
+    for bad in (
+        MoEKernelConfig(32, 32, 32),
+        MoEKernelConfig(16, 32, 32, tma=True),
+        MoEKernelConfig(16, 32, 32, down=inner),
+    ):
+        with pytest.raises(ValueError, match="down GEMM"):
+            MoEKernelConfig(16, 16, 16, down=bad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
