@@ -5,7 +5,7 @@ configuration against cuBLAS (`F.linear`) at decode's few rows, to set `pick_til
     python -m bench.skinny_gemm --shapes qkv,o --rows 1 \
         --tiles fma:8:512,fma:8:1024,dot:16:256:1:4:4
     TRITON_INTERPRET=1 python -m bench.skinny_gemm --device cpu --shapes tiny --rows 1,3 \
-        --copies 1 --reps 1
+        --copies 1 --reps 1 --dtype float32
 
 `y = x @ W.T` for Llama-3-8B's projections (`W` `[N, K]`: QKV 6144 x 4096, O 4096 x 4096,
 gate-up 28672 x 4096, down 4096 x 14336, LM head 128256 x 4096; and Qwen3-30B-A3B's QKV 5120 x
@@ -73,6 +73,9 @@ SHAPES = {
     "gate_up_silu": (28672, 4096),  # gate-up with silu(gate) * up: y is [M, 14336]
     "qwen3_qkv": (5120, 2048),  # Qwen3-30B-A3B's attention (its MoE has its own kernels)
     "qwen3_o": (2048, 4096),
+    # Moonlight-16B-A3B's MLA (no q-LoRA): the fused query and latent projection, the output.
+    "moonlight_qkv_a": (3648, 2048),
+    "moonlight_o": (2048, 2048),
     "tiny": (70, 300),
     "tiny_silu": (70, 300),
 }
@@ -192,6 +195,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("no CUDA device here; --device cpu smokes the script under the interpreter")
     if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         p.error("--device cpu needs TRITON_INTERPRET=1 in the environment")
+    if args.device == "cpu" and args.dtype == "bfloat16":
+        p.error("--device cpu: the interpreter's dot takes no bfloat16; add --dtype float32")
     for name in args.shapes.split(","):
         if name not in SHAPES:
             p.error(f"unknown shape {name!r}; known: {', '.join(SHAPES)}")

@@ -619,9 +619,17 @@ O)
   # The grouped MoE path's launches apart (align, gate-up, down, each GEMM against its
   # weights' floor) at decode sizes, then each GEMM's launch varied alone from the table's
   # config at 256 tokens, Moonlight as the engine runs it (shared experts fused), for a
-  # `down=` entry in fused_moe_configs.TUNED (about 400 s: run it alone).
+  # `down=` entry in fused_moe_configs.TUNED; and the router's two paths (about 430 s: run it
+  # alone).
   TAIL=10 step moe_split 100 python3 -m bench.moe_kernel --shape moonlight-16b-a3b-fused \
     --shape qwen3-30b-a3b --tokens 1,64,256 --split-times
+  # DeepSeek's float32 gate logits past 8 tokens: cuBLAS against the tensor-core kernel
+  # (moe_routing.ROUTER_DOT_MAX_TOKENS is 0 until this says where the kernel wins).
+  TAIL=12 step router 40 python3 -m bench.moe_kernel --shape moonlight-16b-a3b \
+    --shape deepseek-v3 --tokens 16,64,256,1024 --router
+  # MLA's projections (now `Linear`: the skinny GEMM where TUNED records a win) at 1-256 rows.
+  TAIL=30 step skinny_mla 60 python3 -m bench.skinny_gemm --shapes moonlight_qkv_a,moonlight_o \
+    --rows 1,64,256 --tiles tma:64:128:1:4:4,tma:64:128:2:4:4,tma:64:128:4:4:4,tma:128:64:1:4:4
   TAIL=6 step tune_down 140 python3 -m bench.moe_kernel --shape moonlight-16b-a3b-fused \
     --tokens 256 --tune-gemm down
   TAIL=6 step tune_gate_up 140 python3 -m bench.moe_kernel --shape moonlight-16b-a3b-fused \

@@ -220,6 +220,51 @@ def router_logits_kernel(
     tl.store(o_ptr, acc.to(out.dtype.element_ty), mask=t_ok[:, None] & e_ok[None, :])
 
 
+@triton.jit
+def router_logits_dot_kernel(
+    x,  # [T, H] 16-bit
+    w,  # [E, H] same dtype
+    out,  # [T, E] float32
+    num_tokens,
+    num_experts,
+    hidden,
+    stride_xt,
+    stride_we,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """The float32 logits of 16-bit x and weight on the tensor cores: each product of two
+    16-bit values is exact in float32 and the sums are float32, as in the reference's float32
+    product of the widened operands, up to summation order."""
+    pdl.start(PDL)
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    experts = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    t_ok = tokens < num_tokens
+    e_ok = experts < num_experts
+    ks = tl.arange(0, BLOCK_K)
+    x_ptr = x + tokens.to(tl.int64)[:, None] * stride_xt + ks[None, :]  # [BLOCK_T, BLOCK_K]
+    w_ptr = w + experts[None, :] * stride_we + ks[:, None]  # [BLOCK_K, BLOCK_E]
+    acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        k_ok = ks < hidden - k0
+        a = tl.load(x_ptr, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptr, mask=k_ok[:, None] & e_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc)
+        x_ptr += BLOCK_K
+        w_ptr += BLOCK_K
+    o_ptr = out + tokens.to(tl.int64)[:, None] * num_experts + experts[None, :]
+    tl.store(o_ptr, acc, mask=t_ok[:, None] & e_ok[None, :])
+
+
+# Above ROUTER_SMALL_TOKENS and up to this many tokens, float32 logits of 16-bit operands may
+# take `router_logits_dot_kernel` (one launch in PDL) instead of cuBLAS's product. 0: off, until
+# `python -m bench.moe_kernel --router` has timed the two on the GPU (cuBLAS took 5.4 µs a layer
+# for Moonlight's gate at 256 tokens on the H200, in the profile of a decode step).
+ROUTER_DOT_MAX_TOKENS = 0
+
+
 # Up to this many tokens `router_logits` runs its kernel (products on the CUDA cores); above,
 # the reference's cuBLAS float32 product. Its float32 dot tiles ("ieee") took 48 µs a layer at
 # 64 tokens on the H200 (16 programs, each a serial loop over the hidden size: Moonlight's
@@ -229,14 +274,19 @@ _HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def router_logits(
-    x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype = torch.float32
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    out_dtype: torch.dtype = torch.float32,
+    dot: bool | None = None,
 ) -> torch.Tensor:
     """Float32 logits `[T, E]` of x `[T, H]` against the gate weight `[E, H]` (any float
     dtypes): `F.linear(x.float(), weight.float())` up to summation order. Up to
     `ROUTER_SMALL_TOKENS` tokens one kernel reads both as they are (no conversion of the weight
     each step); more take that product itself. `out_dtype`: the float32 sums rounded once to
     it (a bfloat16 gate's `F.linear(x, weight)`, as Qwen3-MoE's reference computes its
-    logits, up to summation order; more tokens then take exactly that product)."""
+    logits, up to summation order; more tokens then take exactly that product). `dot`: float32
+    logits of more tokens from 16-bit operands through `router_logits_dot_kernel` (default:
+    up to `ROUTER_DOT_MAX_TOKENS`)."""
     num_tokens, hidden = x.shape
     num_experts = weight.shape[0]
     if weight.shape[1] != hidden:
@@ -245,6 +295,11 @@ def router_logits(
             f"[E, {hidden}]"
         )
     if num_tokens > ROUTER_SMALL_TOKENS:
+        half = x.dtype == weight.dtype and x.dtype in _HALF_DTYPES
+        if dot is None:
+            dot = num_tokens <= ROUTER_DOT_MAX_TOKENS
+        if dot and half and out_dtype == torch.float32:
+            return _router_logits_dot(x, weight)
         if out_dtype == x.dtype == weight.dtype:
             return torch.nn.functional.linear(x, weight)
         if x.is_cuda and x.dtype == weight.dtype and x.dtype in _HALF_DTYPES:
@@ -345,3 +400,29 @@ def grouped_topk(
             **pdl.launch_args(logits),
         )
     return weights, ids
+
+
+def _router_logits_dot(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    num_tokens, hidden = x.shape
+    num_experts = weight.shape[0]
+    out = torch.empty(num_tokens, num_experts, dtype=torch.float32, device=x.device)
+    x = x if x.stride(1) == 1 else x.contiguous()
+    weight = weight if weight.stride(1) == 1 else weight.contiguous()
+    grid = (triton.cdiv(num_tokens, 16), triton.cdiv(num_experts, 16))
+    router_logits_dot_kernel[grid](
+        x,
+        weight,
+        out,
+        num_tokens,
+        num_experts,
+        hidden,
+        x.stride(0),
+        weight.stride(0),
+        BLOCK_T=16,
+        BLOCK_E=16,
+        BLOCK_K=128,
+        num_warps=4,
+        num_stages=3,
+        **pdl.launch_args(x),
+    )
+    return out

@@ -27,6 +27,7 @@ from engine.config import ModelConfig
 from engine.forward_batch import ForwardBatch
 from engine.kv_cache import KVCacheSpec
 from engine.layers.attention import AttentionBackend
+from engine.layers.linear import Linear
 from engine.layers.moe import FusedExperts, GroupedRouting, MoEBackend
 from engine.layers.norm import RMSNorm
 from engine.layers.pending import PendingSum
@@ -66,21 +67,23 @@ class MLAttention(nn.Module):
         self.scale = mla.qk_head_dim**-0.5 * softmax_mscale(config.rope)
         q_full = config.num_heads * mla.qk_head_dim
         self.q_a_size = q_full if mla.q_lora_rank is None else mla.q_lora_rank
-        self.fused_qkv_a_proj = nn.Linear(
+        # The projections on the GEMM backend's choice (`Linear`: cuBLAS unless
+        # `skinny_gemm.TUNED` records a shape and row count where the skinny GEMM wins).
+        self.fused_qkv_a_proj = Linear(
             config.hidden_size,
             self.q_a_size + mla.kv_lora_rank + mla.qk_rope_head_dim,
             bias=False,
         )
         self.q_a_layernorm: RMSNorm | None = None
-        self.q_b_proj: nn.Linear | None = None
+        self.q_b_proj: Linear | None = None
         if mla.q_lora_rank is not None:
             self.q_a_layernorm = RMSNorm(mla.q_lora_rank, LATENT_NORM_EPS)
-            self.q_b_proj = nn.Linear(mla.q_lora_rank, q_full, bias=False)
+            self.q_b_proj = Linear(mla.q_lora_rank, q_full, bias=False)
         self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(
             mla.kv_lora_rank, config.num_heads * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False
         )
-        self.o_proj = nn.Linear(config.num_heads * mla.v_head_dim, config.hidden_size, bias=False)
+        self.o_proj = Linear(config.num_heads * mla.v_head_dim, config.hidden_size, bias=False)
         self.rotary = rotary
         self.backend = backend
 

@@ -228,20 +228,23 @@ def test_triton_backend_matches_transformers(
     assert engine.num_free_pages == engine.pool.num_pages
 
 
-def test_skinny_gemm_backend_matches_transformers(tiny_models: dict[str, Path]) -> None:
+@pytest.mark.parametrize("family", ["qwen2", "deepseek-v3"])
+def test_skinny_gemm_backend_matches_transformers(
+    tiny_models: dict[str, Path], family: str
+) -> None:
     """Every linear layer of up to 64 rows on the skinny Triton GEMM (`--gemm-backend
     triton`: prefill chunks of 8 tokens and the decode steps; the gate-up projection with
-    silu(gate) * up in its epilogue), on Qwen2 (QKV bias): greedy tokens equal
-    transformers'. Three prompts, four tokens each: the interpreter runs a program per few
-    output columns."""
-    ref = reference(tiny_models["qwen2"], device=DEVICE)
+    silu(gate) * up in its epilogue), on Qwen2 (QKV bias) and DeepSeek-V3 (MLA's query,
+    latent and output projections): greedy tokens equal transformers'. Three prompts, four
+    tokens each: the interpreter runs a program per few output columns."""
+    ref = reference(tiny_models[family], device=DEVICE)
     n = 4
     few = Reference(
         ref.prompts[:3], [t[:n] for t in ref.tokens[:3]], [x[:n] for x in ref.logits[:3]]
     )
     engine = Engine(
         EngineConfig(
-            model_path=str(tiny_models["qwen2"]),
+            model_path=str(tiny_models[family]),
             num_pages=256,
             chunked_prefill_size=8,
             attention_backend="triton",
@@ -250,6 +253,9 @@ def test_skinny_gemm_backend_matches_transformers(tiny_models: dict[str, Path]) 
         )
     )
     assert engine.runner.gemm_backend.name == "triton"
+    if family == "deepseek-v3":  # MLA's projections are the backend's too
+        attn = engine.runner.model.layers[0].self_attn  # type: ignore[attr-defined]
+        assert attn.fused_qkv_a_proj.gemm is attn.o_proj.gemm is engine.runner.gemm_backend
     params = SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
     results = engine.generate(few.prompts, params)
     assert_greedy_matches([r.output_ids for r in results], few, NEAR_TIE)
