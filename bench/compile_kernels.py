@@ -38,6 +38,7 @@ from engine.kernels import (
     fused,
     fused_moe,
     fused_moe_small,
+    head_bmm,
     mla_decode,
     mla_extend,
     moe_routing,
@@ -304,7 +305,8 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
             },
             floats=("scaling",),
         )
-    # The gate's logits: a decode step's few tokens (1 and 8 rows; more take cuBLAS).
+    # The gate's logits: a decode step's few tokens (1 and 8 rows) on the CUDA cores, more on
+    # the tensor cores (DOT: 16-bit operands, float32 logits; off by default, see the module).
     for block_t, block_e, block_k in ((1, 2, 1024), (8, 2, 128)):
         # float32 logits (DeepSeek's router), or rounded to the weights' (Qwen3-MoE's gate)
         for dtype, logits in (("bf16", "fp32"), ("fp32", "fp32"), ("bf16", "bf16")):
@@ -312,10 +314,19 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
                 f"router_logits_kernel {dtype} out {logits} {block_t}x{block_e}x{block_k}",
                 moe_routing.router_logits_kernel,
                 {"x": f"*{dtype}", "w": f"*{dtype}", "out": f"*{logits}"},
-                {"BLOCK_T": block_t, "BLOCK_E": block_e, "BLOCK_K": block_k},
+                {"DOT": False, "BLOCK_T": block_t, "BLOCK_E": block_e, "BLOCK_K": block_k},
                 divisible=("x", "w", "out", "hidden", "stride_xt", "stride_we"),
                 num_warps=4,
             )
+    add(
+        "router_logits_kernel bf16 out fp32 dot 16x16x128",
+        moe_routing.router_logits_kernel,
+        {"x": "*bf16", "w": "*bf16", "out": "*fp32"},
+        {"DOT": True, "BLOCK_T": 16, "BLOCK_E": 16, "BLOCK_K": 128},
+        divisible=("x", "w", "out", "hidden", "stride_xt", "stride_we"),
+        num_warps=4,
+        num_stages=3,
+    )
     # DIRECT: one context range, the split kernel writes the output (no partials).
     for dtype, block_h, direct in (
         ("bf16", 16, False),
@@ -354,6 +365,57 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
                 torch.float32 if dtype == "fp32" else torch.bfloat16, 256, 16, block_h=block_h
             ),
             num_stages=2,
+        )
+    # The quartered kernel (the default at rank 512 in 16-bit types), 64-key tiles, 16 to 64
+    # heads a program.
+    for dtype, block_h, direct in (
+        ("bf16", 16, False),
+        ("bf16", 16, True),
+        ("bf16", 32, False),
+        ("bf16", 64, True),
+    ):
+        mid = f"*{dtype}" if direct else "*fp32"
+        add(
+            f"mla_decode_quarters_kernel {dtype} block_h={block_h}" + (" direct" if direct else ""),
+            mla_decode.mla_decode_quarters_kernel,
+            {
+                "q_latent": f"*{dtype}",
+                "q_pe": f"*{dtype}",
+                "latent_cache": f"*{dtype}",
+                "pe_cache": f"*{dtype}",
+                "page_table": i32,
+                "req_rows": "*i64",
+                "seq_lens": i32,
+                "mid_out": mid,
+                "mid_lse": mid,
+                "out": f"*{dtype}",
+            },
+            {
+                "NUM_SPLITS": 1 if direct else 8,
+                "DIRECT": direct,
+                "HAS_ROWS": True,
+                "PRECISION": "ieee" if dtype == "fp32" else "tf32",
+                "BLOCK_H": block_h,
+                "BLOCK_R": 512,
+                "BLOCK_P": 64,
+                "BLOCK_N": 64,
+            },
+            floats=("scale",),
+            num_warps=mla_decode.default_num_warps(
+                torch.float32 if dtype == "fp32" else torch.bfloat16, 256, 16, block_h=block_h
+            ),
+            num_stages=2,
+        )
+    # MLA's query absorption, at one row and at 64 (the tile rule's two ends at 16 heads).
+    for block_m, block_n in ((16, 32), (64, 64)):
+        add(
+            f"head_bmm_kernel bf16 {block_m}x{block_n}",
+            head_bmm.head_bmm_kernel,
+            {"a": "*bf16", "w": "*bf16", "out": "*bf16"},
+            {"PRECISION": "tf32", "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 64},
+            divisible=("a", "w", "out", "K", "N", "stride_ah", "stride_wh", "stride_wk"),
+            num_warps=4,
+            num_stages=3,
         )
     add(
         "mla_decode_combine_kernel",
@@ -772,6 +834,10 @@ MEASURED_SPILLS = (
     # Triton, 1.6-1.8x faster than 8 warps without spills from batch 64 up on the H200
     # (`bench.mla_kernel --mode decode --tiles 32x8x2,32x4x2`).
     "mla_decode_split_kernel bf16",
+    # The quartered MLA decode kernel (its four accumulators): 300 B-1 KB on this host's
+    # Triton, measured faster than the one-chain kernel at every shape tried on the H200 (16
+    # heads, 256 x 128 23.4 -> 19.8 µs; 128 heads at 64 a program, 64 x 2,048 414 -> 187).
+    "mla_decode_quarters_kernel bf16",
     # Not tuned, spilling in every tile tried (32 x 32 up): the extend kernel in float32 (the
     # exact checks only) and at head dim 256 (no benchmarked model has it).
     "extend_kernel fp32",

@@ -412,14 +412,14 @@ def mla_decode(
     Scores are `scale * (q_latent . c + q_pe . k_pe)`; values are the latents `c`.
     `block_h` heads share each read of a latent tile (16, or 32 or 64 in 16-bit types: more
     heads per read, more registers per program; default `default_block_h` with quarters, else
-    16); `block_n` context positions per tile (default 64
-    with quarters, else 32); `num_warps` (default `default_num_warps`) and `num_stages` the
-    split kernel's launch (`python -m bench.mla_kernel --mode decode --tiles` times others).
-    `quarters` (default: where the rank is a power of two of at least 64, as every MLA
-    model's 512 is) takes the kernel that splits the latent's columns in four. On the H200 at
-    16 heads (`bench.mla_kernel --quarters 0,1`, then its `--tiles`), the one-chain kernel's
-    32-key tiles against the quarters' 64-key tiles: 256 x 128 23.4 -> 19.8 µs, 256 x 2,048
-    243 -> 162, 64 x 2,048 80.0 -> 54.1, 1 x 2,048 16.9 -> 12.5; 64 x 128 14.2 -> 12.7 (the
+    16); `block_n` context positions per tile (default 64 with quarters, else 32); `num_warps`
+    (default `default_num_warps`) and `num_stages` the split kernel's launch (`python -m
+    bench.mla_kernel --mode decode --tiles` times others). `quarters` (default: in 16-bit
+    types where the rank is a power of two of at least 64, as every MLA model's 512 is) takes
+    the kernel that splits the latent's columns in four. On the H200 at 16 heads
+    (`bench.mla_kernel --quarters 0,1`, then its `--tiles`), the one-chain kernel's 32-key
+    tiles against the quarters' 64-key tiles: 256 x 128 23.4 -> 19.8 µs, 256 x 2,048 243 ->
+    162, 64 x 2,048 80.0 -> 54.1, 1 x 2,048 16.9 -> 12.5; 64 x 128 14.2 -> 12.7 (the
     quarters' 32-key tiles 11.7 there).
     """
     batch, num_heads, rank = q_latent.shape
@@ -439,7 +439,9 @@ def mla_decode(
     block_r = max(16, triton.next_power_of_2(rank))
     block_p = max(16, triton.next_power_of_2(rope))
     if quarters is None:
-        quarters = rank == block_r and rank % 64 == 0
+        # Not in float32 (the exact checks): its four accumulators spill there (7 KB on
+        # sm_90, `bench.compile_kernels`), and nothing measured it.
+        quarters = rank == block_r and rank % 64 == 0 and q_latent.dtype != torch.float32
     if quarters and (rank != block_r or rank % 64):
         raise ValueError(f"quarters need a latent rank that is a power of two >= 64, got {rank}")
     if block_n is None:

@@ -193,6 +193,7 @@ def router_logits_kernel(
     hidden,
     stride_xt,
     stride_we,
+    DOT: tl.constexpr,  # the tensor cores (16-bit x and w, float32 out), else the CUDA cores
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -205,63 +206,38 @@ def router_logits_kernel(
     e_ok = experts < num_experts
     ks = tl.arange(0, BLOCK_K)
     x_ptr = x + tokens.to(tl.int64)[:, None] * stride_xt + ks[None, :]  # [BLOCK_T, BLOCK_K]
-    # A decode step's few tokens: products on the CUDA cores, summed over K at the end.
     w_ptr = w + experts[:, None] * stride_we + ks[None, :]  # [BLOCK_E, BLOCK_K]
-    partial = tl.zeros([BLOCK_T, BLOCK_E, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
-        k_ok = ks < hidden - k0
-        a = tl.load(x_ptr, mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        b = tl.load(w_ptr, mask=e_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        partial += a[:, None, :] * b[None, :, :]
-        x_ptr += BLOCK_K
-        w_ptr += BLOCK_K
-    acc = tl.sum(partial, axis=2)
+    if DOT:
+        # More tokens: each product of two 16-bit values is exact in float32 and the sums are
+        # float32, as in the reference's float32 product of the widened operands.
+        acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            k_ok = ks < hidden - k0
+            a = tl.load(x_ptr, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptr, mask=e_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = tl.dot(a, tl.trans(b), acc)
+            x_ptr += BLOCK_K
+            w_ptr += BLOCK_K
+    else:
+        # A decode step's few tokens: products on the CUDA cores, summed over K at the end.
+        partial = tl.zeros([BLOCK_T, BLOCK_E, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            k_ok = ks < hidden - k0
+            a = tl.load(x_ptr, mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            b = tl.load(w_ptr, mask=e_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            partial += a[:, None, :] * b[None, :, :]
+            x_ptr += BLOCK_K
+            w_ptr += BLOCK_K
+        acc = tl.sum(partial, axis=2)
     o_ptr = out + tokens.to(tl.int64)[:, None] * num_experts + experts[None, :]
     tl.store(o_ptr, acc.to(out.dtype.element_ty), mask=t_ok[:, None] & e_ok[None, :])
 
 
-@triton.jit
-def router_logits_dot_kernel(
-    x,  # [T, H] 16-bit
-    w,  # [E, H] same dtype
-    out,  # [T, E] float32
-    num_tokens,
-    num_experts,
-    hidden,
-    stride_xt,
-    stride_we,
-    BLOCK_T: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    """The float32 logits of 16-bit x and weight on the tensor cores: each product of two
-    16-bit values is exact in float32 and the sums are float32, as in the reference's float32
-    product of the widened operands, up to summation order."""
-    pdl.start(PDL)
-    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    experts = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
-    t_ok = tokens < num_tokens
-    e_ok = experts < num_experts
-    ks = tl.arange(0, BLOCK_K)
-    x_ptr = x + tokens.to(tl.int64)[:, None] * stride_xt + ks[None, :]  # [BLOCK_T, BLOCK_K]
-    w_ptr = w + experts[None, :] * stride_we + ks[:, None]  # [BLOCK_K, BLOCK_E]
-    acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
-        k_ok = ks < hidden - k0
-        a = tl.load(x_ptr, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptr, mask=k_ok[:, None] & e_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc)
-        x_ptr += BLOCK_K
-        w_ptr += BLOCK_K
-    o_ptr = out + tokens.to(tl.int64)[:, None] * num_experts + experts[None, :]
-    tl.store(o_ptr, acc, mask=t_ok[:, None] & e_ok[None, :])
-
-
 # Above ROUTER_SMALL_TOKENS and up to this many tokens, float32 logits of 16-bit operands may
-# take `router_logits_dot_kernel` (one launch in PDL) instead of cuBLAS's product. 0: off, until
-# `python -m bench.moe_kernel --router` has timed the two on the GPU (cuBLAS took 5.4 µs a layer
-# for Moonlight's gate at 256 tokens on the H200, in the profile of a decode step).
+# take `router_logits_kernel` on the tensor cores (DOT; one launch in PDL) instead of cuBLAS's
+# product. 0: off, until `python -m bench.moe_kernel --router` has timed the two on the GPU
+# (cuBLAS took 5.4 µs a layer for Moonlight's gate at 256 tokens on the H200, in the profile
+# of a decode step).
 ROUTER_DOT_MAX_TOKENS = 0
 
 
@@ -285,8 +261,8 @@ def router_logits(
     each step); more take that product itself. `out_dtype`: the float32 sums rounded once to
     it (a bfloat16 gate's `F.linear(x, weight)`, as Qwen3-MoE's reference computes its
     logits, up to summation order; more tokens then take exactly that product). `dot`: float32
-    logits of more tokens from 16-bit operands through `router_logits_dot_kernel` (default:
-    up to `ROUTER_DOT_MAX_TOKENS`)."""
+    logits of more tokens from 16-bit operands on the tensor cores (`router_logits_kernel`'s
+    DOT; default: up to `ROUTER_DOT_MAX_TOKENS`)."""
     num_tokens, hidden = x.shape
     num_experts = weight.shape[0]
     if weight.shape[1] != hidden:
@@ -327,6 +303,7 @@ def router_logits(
         hidden,
         x.stride(0),
         weight.stride(0),
+        DOT=False,
         BLOCK_T=block_t,
         BLOCK_E=block_e,
         BLOCK_K=block_k,
@@ -409,7 +386,7 @@ def _router_logits_dot(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     x = x if x.stride(1) == 1 else x.contiguous()
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
     grid = (triton.cdiv(num_tokens, 16), triton.cdiv(num_experts, 16))
-    router_logits_dot_kernel[grid](
+    router_logits_kernel[grid](
         x,
         weight,
         out,
@@ -418,6 +395,7 @@ def _router_logits_dot(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         hidden,
         x.stride(0),
         weight.stride(0),
+        DOT=True,
         BLOCK_T=16,
         BLOCK_E=16,
         BLOCK_K=128,
