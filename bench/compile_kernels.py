@@ -327,17 +327,25 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
         num_warps=4,
         num_stages=3,
     )
-    # DIRECT: one context range, the split kernel writes the output (no partials).
-    for dtype, block_h, direct in (
-        ("bf16", 16, False),
-        ("bf16", 32, False),
-        ("fp32", 16, False),
-        ("bf16", 16, True),
+    # DIRECT: one context range, the split kernel writes the output (no partials). The
+    # one-chain kernel at 32-key tiles; the quartered one (the default at rank 512 in 16-bit
+    # types) at 64-key tiles and 16 to 64 heads a program.
+    one_chain, quarters = mla_decode.mla_decode_split_kernel, mla_decode.mla_decode_quarters_kernel
+    for kernel, dtype, block_h, direct in (
+        (one_chain, "bf16", 16, False),
+        (one_chain, "bf16", 32, False),
+        (one_chain, "fp32", 16, False),
+        (one_chain, "bf16", 16, True),
+        (quarters, "bf16", 16, False),
+        (quarters, "bf16", 16, True),
+        (quarters, "bf16", 32, False),
+        (quarters, "bf16", 64, True),
     ):
         mid = f"*{dtype}" if direct else "*fp32"
+        name = "mla_decode_quarters_kernel" if kernel is quarters else "mla_decode_split_kernel"
         add(
-            f"mla_decode_split_kernel {dtype} block_h={block_h}" + (" direct" if direct else ""),
-            mla_decode.mla_decode_split_kernel,
+            f"{name} {dtype} block_h={block_h}" + (" direct" if direct else ""),
+            kernel,
             {
                 "q_latent": f"*{dtype}",
                 "q_pe": f"*{dtype}",
@@ -358,47 +366,7 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
                 "BLOCK_H": block_h,
                 "BLOCK_R": 512,
                 "BLOCK_P": 64,
-                "BLOCK_N": 32,
-            },
-            floats=("scale",),
-            num_warps=mla_decode.default_num_warps(
-                torch.float32 if dtype == "fp32" else torch.bfloat16, 256, 16, block_h=block_h
-            ),
-            num_stages=2,
-        )
-    # The quartered kernel (the default at rank 512 in 16-bit types), 64-key tiles, 16 to 64
-    # heads a program.
-    for dtype, block_h, direct in (
-        ("bf16", 16, False),
-        ("bf16", 16, True),
-        ("bf16", 32, False),
-        ("bf16", 64, True),
-    ):
-        mid = f"*{dtype}" if direct else "*fp32"
-        add(
-            f"mla_decode_quarters_kernel {dtype} block_h={block_h}" + (" direct" if direct else ""),
-            mla_decode.mla_decode_quarters_kernel,
-            {
-                "q_latent": f"*{dtype}",
-                "q_pe": f"*{dtype}",
-                "latent_cache": f"*{dtype}",
-                "pe_cache": f"*{dtype}",
-                "page_table": i32,
-                "req_rows": "*i64",
-                "seq_lens": i32,
-                "mid_out": mid,
-                "mid_lse": mid,
-                "out": f"*{dtype}",
-            },
-            {
-                "NUM_SPLITS": 1 if direct else 8,
-                "DIRECT": direct,
-                "HAS_ROWS": True,
-                "PRECISION": "ieee" if dtype == "fp32" else "tf32",
-                "BLOCK_H": block_h,
-                "BLOCK_R": 512,
-                "BLOCK_P": 64,
-                "BLOCK_N": 64,
+                "BLOCK_N": 64 if kernel is quarters else 32,
             },
             floats=("scale",),
             num_warps=mla_decode.default_num_warps(
