@@ -264,7 +264,6 @@ def router_logits(
     logits of more tokens from 16-bit operands on the tensor cores (`router_logits_kernel`'s
     DOT; default: up to `ROUTER_DOT_MAX_TOKENS`)."""
     num_tokens, hidden = x.shape
-    num_experts = weight.shape[0]
     if weight.shape[1] != hidden:
         raise ValueError(
             f"gate weight {tuple(weight.shape)} does not fit x {tuple(x.shape)}: expected "
@@ -275,42 +274,17 @@ def router_logits(
         if dot is None:
             dot = num_tokens <= ROUTER_DOT_MAX_TOKENS
         if dot and half and out_dtype == torch.float32:
-            return _router_logits_dot(x, weight)
+            return _router_logits_launch(x, weight, torch.float32, dot=True)
         if out_dtype == x.dtype == weight.dtype:
             return torch.nn.functional.linear(x, weight)
-        if x.is_cuda and x.dtype == weight.dtype and x.dtype in _HALF_DTYPES:
+        if x.is_cuda and half:
             # cuBLAS on the half-precision inputs, float32 out: their products are exact in
             # float32 and summed in it, as the reference's float32 product sums them, without
             # converting x (8,192 tokens: a 33 MB write and a SIMT float32 GEMM, 90 µs a
             # layer of a Moonlight prefill).
             return torch.mm(x, weight.t(), out_dtype=torch.float32).to(out_dtype)
         return torch.nn.functional.linear(x.float(), weight.float()).to(out_dtype)
-    out = torch.empty(num_tokens, num_experts, dtype=out_dtype, device=x.device)
-    if num_tokens == 0:
-        return out
-    x = x if x.stride(1) == 1 else x.contiguous()
-    weight = weight if weight.stride(1) == 1 else weight.contiguous()
-    # Many narrow programs: the weight streams from memory, spread over the SMs.
-    block_t = triton.next_power_of_2(num_tokens)
-    block_e, block_k = 2, max(128, 1024 // block_t)
-    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(num_experts, block_e))
-    router_logits_kernel[grid](
-        x,
-        weight,
-        out,
-        num_tokens,
-        num_experts,
-        hidden,
-        x.stride(0),
-        weight.stride(0),
-        DOT=False,
-        BLOCK_T=block_t,
-        BLOCK_E=block_e,
-        BLOCK_K=block_k,
-        num_warps=4,
-        **pdl.launch_args(x),
-    )
-    return out
+    return _router_logits_launch(x, weight, out_dtype, dot=False)
 
 
 def softmax_topk(
@@ -379,13 +353,25 @@ def grouped_topk(
     return weights, ids
 
 
-def _router_logits_dot(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _router_logits_launch(
+    x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype, dot: bool
+) -> torch.Tensor:
+    """`router_logits_kernel`'s launch: on the tensor cores (`dot`, more tokens: 16 x 16
+    tiles), or a decode step's few tokens in many narrow programs (the weight streams from
+    memory, spread over the SMs)."""
     num_tokens, hidden = x.shape
     num_experts = weight.shape[0]
-    out = torch.empty(num_tokens, num_experts, dtype=torch.float32, device=x.device)
+    out = torch.empty(num_tokens, num_experts, dtype=out_dtype, device=x.device)
+    if num_tokens == 0:
+        return out
     x = x if x.stride(1) == 1 else x.contiguous()
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
-    grid = (triton.cdiv(num_tokens, 16), triton.cdiv(num_experts, 16))
+    if dot:
+        block_t, block_e, block_k, stages = 16, 16, 128, {"num_stages": 3}
+    else:
+        block_t = triton.next_power_of_2(num_tokens)
+        block_e, block_k, stages = 2, max(128, 1024 // block_t), {}
+    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(num_experts, block_e))
     router_logits_kernel[grid](
         x,
         weight,
@@ -395,12 +381,12 @@ def _router_logits_dot(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         hidden,
         x.stride(0),
         weight.stride(0),
-        DOT=True,
-        BLOCK_T=16,
-        BLOCK_E=16,
-        BLOCK_K=128,
+        DOT=dot,
+        BLOCK_T=block_t,
+        BLOCK_E=block_e,
+        BLOCK_K=block_k,
         num_warps=4,
-        num_stages=3,
+        **stages,
         **pdl.launch_args(x),
     )
     return out

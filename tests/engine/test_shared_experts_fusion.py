@@ -255,14 +255,16 @@ def test_router_logits_dot_kernel_matches_the_float32_product(
     experts (66) and a hidden size with a tail (200); other dtypes keep cuBLAS's product."""
     from engine.kernels import moe_routing
 
-    calls: list[int] = []
-    inner = moe_routing._router_logits_dot
+    calls: list[int] = []  # one per launch on the tensor cores
+    inner = moe_routing._router_logits_launch
 
-    def counted(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        calls.append(1)
-        return inner(x, w)
+    def counted(
+        x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, dot: bool
+    ) -> torch.Tensor:
+        calls.extend([1] if dot else [])
+        return inner(x, w, out_dtype, dot)
 
-    monkeypatch.setattr(moe_routing, "_router_logits_dot", counted)
+    monkeypatch.setattr(moe_routing, "_router_logits_launch", counted)
     g = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, 200, generator=g).half()
     weight = torch.randn(66, 200, generator=g).half()
