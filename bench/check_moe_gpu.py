@@ -39,7 +39,7 @@ from engine.layers.moe import (
     select_experts_grouped,
 )
 
-TOKENS = (0, 1, 4, 7, 64, 257, 4096)
+TOKENS = (0, 1, 4, 7, 64, 256, 257, 4096)
 MOE_TOL = 2e-2
 ROUTING_TOL = 1e-5
 MLA_TOL = 2e-2
@@ -207,7 +207,7 @@ def check_mla_extend() -> list[str]:
 
 # Shared experts per DeepSeek-class shape (the published configs' n_shared_experts).
 SHARED_EXPERTS = {"moonlight-16b-a3b": 2, "deepseek-v3": 1, "tiny": 2}
-SHARED_TOKENS = (1, 4, 64, 257)
+SHARED_TOKENS = (1, 4, 64, 128, 256, 257)
 
 
 def check_shared_fusion(

@@ -32,6 +32,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from bench import l2_prefetch as bench_l2_prefetch
 from engine.kernels import (
     argmax,
     attention,
@@ -39,6 +40,7 @@ from engine.kernels import (
     fused_moe,
     fused_moe_small,
     head_bmm,
+    l2_prefetch,
     mla_decode,
     mla_extend,
     moe_routing,
@@ -233,9 +235,10 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
         configs: list[MoEKernelConfig] = sorted(defaults | tuned, key=repr)
         if all_configs and dtype == "bf16":
             configs = candidates() + candidates(rows_per_expert=128)
-        for cfg in configs:
+        for row in configs:
             for gate_up in (True, False):
-                label = "tuned " if cfg in tuned and cfg not in defaults else ""
+                label = "tuned " if row in tuned and row not in defaults else ""
+                cfg = row if gate_up else row.down_config  # the down GEMM's own launch, if any
                 w_desc = f"tensordesc<{dtype}[{cfg.block_n}, {cfg.block_k}]>"
                 a_desc = f"tensordesc<{dtype}[{cfg.block_m}, {cfg.block_k}]>"
                 add(
@@ -305,8 +308,7 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
             },
             floats=("scaling",),
         )
-    # The gate's logits: a decode step's few tokens (1 and 8 rows) on the CUDA cores, more on
-    # the tensor cores (DOT: 16-bit operands, float32 logits; off by default, see the module).
+    # The gate's logits: a decode step's few tokens (1 and 8 rows; more take cuBLAS).
     for block_t, block_e, block_k in ((1, 2, 1024), (8, 2, 128)):
         # float32 logits (DeepSeek's router), or rounded to the weights' (Qwen3-MoE's gate)
         for dtype, logits in (("bf16", "fp32"), ("fp32", "fp32"), ("bf16", "bf16")):
@@ -314,19 +316,10 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
                 f"router_logits_kernel {dtype} out {logits} {block_t}x{block_e}x{block_k}",
                 moe_routing.router_logits_kernel,
                 {"x": f"*{dtype}", "w": f"*{dtype}", "out": f"*{logits}"},
-                {"DOT": False, "BLOCK_T": block_t, "BLOCK_E": block_e, "BLOCK_K": block_k},
+                {"BLOCK_T": block_t, "BLOCK_E": block_e, "BLOCK_K": block_k},
                 divisible=("x", "w", "out", "hidden", "stride_xt", "stride_we"),
                 num_warps=4,
             )
-    add(
-        "router_logits_kernel bf16 out fp32 dot 16x16x128",
-        moe_routing.router_logits_kernel,
-        {"x": "*bf16", "w": "*bf16", "out": "*fp32"},
-        {"DOT": True, "BLOCK_T": 16, "BLOCK_E": 16, "BLOCK_K": 128},
-        divisible=("x", "w", "out", "hidden", "stride_xt", "stride_we"),
-        num_warps=4,
-        num_stages=3,
-    )
     # DIRECT: one context range, the split kernel writes the output (no partials). The
     # one-chain kernel at 32-key tiles; the quartered one (the default at rank 512 in 16-bit
     # types) at 64-key tiles and 16 to 64 heads a program.
@@ -493,6 +486,13 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
     )  # fmt: skip
     add_split_sampling(add)
     add_skinny_gemm(add, all_configs)
+    # The L2 prefetches (inline PTX: ptxas checks the instructions here), the engine's and
+    # bench.l2_prefetch's per-line one.
+    add("l2_prefetch_kernel (PDL)", l2_prefetch.l2_prefetch_kernel, {"base": "*bf16"},
+        {"CHUNK": l2_prefetch.CHUNK, "SLOTS": l2_prefetch.SLOTS}, divisible=("base",),
+        num_warps=4)  # fmt: skip
+    add("line_prefetch_kernel (bench.l2_prefetch)", bench_l2_prefetch.line_prefetch_kernel,
+        {"base": "*bf16"}, {"BLOCK": 1024}, num_warps=4)  # fmt: skip
     return out
 
 
@@ -559,10 +559,15 @@ def add_small_batch_moe(add: Callable[..., None]) -> None:
         groups, per_group, topk_groups, shared = geometry
         weights = "*fp32" if model != "qwen3-30b-a3b" else f"*{dtype}"
         k_pow2 = triton.next_power_of_2(top_k)
-        for route in routes:
+        # PREFETCH_DOWN (PDSERVE_L2_PREFETCH=down) where a decode step would take it.
+        prefetches = [(r, False) for r in routes]
+        if dtype == "bf16":
+            prefetches.append((routes[-1], True))
+        for route, prefetch in prefetches:
             is_grouped = route == grouped
             add(
-                f"small_gate_up_kernel {dtype} {model} route={route}",
+                f"small_gate_up_kernel {dtype} {model} route={route}"
+                + (" prefetching w2" if prefetch else ""),
                 fused_moe_small.small_gate_up_kernel,
                 {
                     "x": f"*{dtype}",
@@ -572,6 +577,7 @@ def add_small_batch_moe(add: Callable[..., None]) -> None:
                     "router_logits": "*fp32" if is_grouped else f"*{dtype}",
                     "topk_weights": weights,
                     "correction_bias": "*fp32",
+                    "w2": f"*{dtype}",
                 },
                 {
                     "TOP_K": top_k,
@@ -587,9 +593,13 @@ def add_small_batch_moe(add: Callable[..., None]) -> None:
                     "P_POW2": per_group,
                     "BLOCK_N": tiles.gate_up_n,
                     "BLOCK_K": tiles.gate_up_k,
+                    "PREFETCH_DOWN": prefetch,
                 },
                 floats=("scaling",),
-                divisible=("x", "w13", "act", "router_logits", "stride_xt", "stride_lt", *sizes),
+                divisible=(
+                    *("x", "w13", "act", "router_logits", "stride_xt", "stride_lt", *sizes),
+                    *("w2", "stride_w2e", "down_bytes"),
+                ),
                 num_warps=tiles.num_warps,
             )
         add(

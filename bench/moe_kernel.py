@@ -47,7 +47,6 @@ from bench.ceiling import copy_bandwidth
 from engine.kernels.fused_moe import _grouped_gemm, align_block_size, fused_moe, fused_moe_routed
 from engine.kernels.fused_moe_configs import MoEKernelConfig, candidates, kernel_config
 from engine.kernels.fused_moe_small import DEFAULT_TILES, SmallBatchTiles, small_batch_moe
-from engine.kernels.moe_routing import router_logits
 from engine.layers.moe import MoEBackend, TorchMoEBackend, TritonMoEBackend
 
 
@@ -473,42 +472,6 @@ def tune_gemm(
         print(f"        ({t}, {best[1]!r}),")
 
 
-def router_times(
-    shape: LayerShape, tokens: Sequence[int], device: torch.device, dtype: torch.dtype,
-    bandwidth: float, reps: int, layers: int,
-) -> None:  # fmt: skip
-    """DeepSeek's float32 gate logits from 16-bit operands (`router_logits`): cuBLAS's product
-    against the tensor-core kernel (`dot=True`), `layers` gate weights cycled, against the
-    bytes (x, the weight, the logits) over the bandwidth."""
-    g = torch.Generator(device=device).manual_seed(0)
-    weights = [
-        torch.randn(shape.experts, shape.hidden, device=device, generator=g).to(dtype)
-        for _ in range(layers)
-    ]
-    print(
-        "| tokens | floor µs | cuBLAS µs | dot kernel µs | dot / cuBLAS | max abs diff |\n"
-        "| ---: | ---: | ---: | ---: | ---: | ---: |"
-    )
-    for t in tokens:
-        x = torch.randn(t, shape.hidden, device=device, generator=g).to(dtype)
-        nbytes = dtype.itemsize * (t * shape.hidden + shape.experts * shape.hidden)
-        floor_us = (nbytes + 4 * t * shape.experts) / bandwidth * 1e6
-        us = []
-        for dot in (False, True):
-
-            def run(dot: bool = dot, x: torch.Tensor = x) -> None:
-                for w in weights:
-                    router_logits(x, w, dot=dot)
-
-            us.append(time_graph(run, reps) / layers * 1e6)
-        diff = router_logits(x, weights[0], dot=True) - router_logits(x, weights[0], dot=False)
-        print(
-            f"| {t} | {floor_us:.1f} | {us[0]:.1f} | {us[1]:.1f} | {us[1] / us[0]:.2f} "
-            f"| {diff.abs().max().item():.1e} |",
-            flush=True,
-        )
-
-
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (interpreter)"
 
@@ -526,11 +489,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--split-times",
         action="store_true",
         help="the grouped path's align, gate-up and down launches timed apart, with floors",
-    )
-    parser.add_argument(
-        "--router",
-        action="store_true",
-        help="the float32 gate logits: cuBLAS's product against the tensor-core kernel",
     )
     parser.add_argument(
         "--tune-gemm",
@@ -572,10 +530,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     for name in args.shape or DEFAULT_SHAPES:
         shape = SHAPES[name]
-        if args.router:
-            print(f"\n## {name}: gate {shape.experts} x {shape.hidden}, float32 logits\n")
-            router_times(shape, args.tokens, device, dtype, bandwidth, args.reps, args.layers)
-            continue
         if args.path == "routed" and (shape.grouped or shape.shared):
             print(
                 f"\n## {name}: skipped (--path routed folds softmax routing; it routes by groups)"

@@ -248,21 +248,14 @@ class Scheduler:
             or any(a is not b for a, b in zip(running, prev.seqs, strict=True))
         ):
             return None
-        ahead = [seq for seq in running if not self._ends_by_length_next(seq)]
+        # Leave out what the step in flight ends by length, whatever its token.
+        ahead = [seq for seq in running if not seq.ends_by_length(self.context_length, ahead=1)]
         for seq in ahead:
             if not self.pages.reserve(seq, seq.num_tokens + 1):
                 return None
         if not ahead:
             return None
         return ScheduledBatch(ahead, [1] * len(ahead), is_decode=True)
-
-    def _ends_by_length_next(self, seq: Sequence) -> bool:
-        """Whether the token being computed for `seq` now ends it by length (`check_stop` after
-        it is appended), whatever the token is."""
-        return (
-            seq.num_output_tokens + 1 >= seq.sampling.max_new_tokens
-            or seq.num_tokens + 1 >= self.context_length
-        )
 
     def _preempt(self, seq: Sequence) -> None:
         self.pages.release(seq)

@@ -104,8 +104,13 @@ class Sequence:
             return FinishReason.STOP
         if not self.sampling.ignore_eos and last in self.eos_token_ids:
             return FinishReason.STOP
-        if self.num_output_tokens >= self.sampling.max_new_tokens:
-            return FinishReason.LENGTH
-        if self.num_tokens >= context_length:
-            return FinishReason.LENGTH
-        return None
+        return FinishReason.LENGTH if self.ends_by_length(context_length) else None
+
+    def ends_by_length(self, context_length: int, ahead: int = 0) -> bool:
+        """Whether the sequence has reached its token limit or the context's end, or will
+        have after `ahead` more tokens whatever they are (the overlapped scheduler's look-ahead
+        asks with 1 about the token being computed now)."""
+        return (
+            self.num_output_tokens + ahead >= self.sampling.max_new_tokens
+            or self.num_tokens + ahead >= context_length
+        )

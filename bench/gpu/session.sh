@@ -46,6 +46,8 @@
 #   run(command="bash bench/gpu/session.sh M", carry=[".whl"])   # MLA decode, 128 heads
 #   run(command="bash bench/gpu/session.sh N", carry=[".whl"])   # its heads-a-program rule
 #   run(command="bash bench/gpu/session.sh O", carry=[".whl"])   # MoE GEMMs apart, down tune
+#   run(command="bash bench/gpu/session.sh P", carry=[".whl", ".base"])  # O's rows, L2 prefetch
+#   run(command="bash bench/gpu/session.sh Q", carry=[".whl"])   # L2 prefetches in the engine
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -635,5 +637,45 @@ O)
   TAIL=6 step tune_gate_up 140 python3 -m bench.moe_kernel --shape moonlight-16b-a3b-fused \
     --tokens 256 --tune-gemm gate_up
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O"; exit 2 ;;
+P)
+  # Moonlight's batch-256 MoE row with O's tuned launches (gate-up 128-wide, 5 stages; down
+  # 128-wide) and its MLA output projection on the skinny GEMM (split sum left to the norm),
+  # checked compiled and timed in the engine against the tree before (`.base`); the
+  # same search at the other decode rows; and whether an L2 prefetch of a projection's weight
+  # beside a latency-bound kernel shortens the projection (about 400 s).
+  TAIL=4 step check_moe 80 python3 -m bench.check_moe_gpu --shape moonlight-16b-a3b \
+    --shape qwen3-30b-a3b --skip-mla
+  TAIL=14 step l2_prefetch 60 python3 -m bench.l2_prefetch --chunks 65536,8192
+  TAIL=8 step skinny_o 40 python3 -m bench.skinny_gemm --shapes moonlight_o --rows 1,64 \
+    --defer --tiles tma:64:128:4:4:4,tma:64:128:2:4:4
+  for tree in new base; do
+    dir=$PWD; [ "$tree" = base ] && dir=$PWD/.base
+    TAIL=4 step "moonlight_$tree" 60 env PYTHONPATH="$dir:/tmp/site" bash -c "cd $dir && \
+      python3 -m bench.engine --preset moonlight-16b-a3b --skip-hf --prefill '' \
+      --decode 64x128,256x128 --repeats 3"
+  done
+  TAIL=12 step tune_more 150 bash -c 'for g in down gate_up; do
+    python3 -m bench.moe_kernel --shape moonlight-16b-a3b-fused --tokens 64,128 --tune-gemm $g
+    python3 -m bench.moe_kernel --shape qwen3-30b-a3b --tokens 128,256 --tune-gemm $g
+    done 2>&1 | grep -v "^  skip\|^floor\|^$\|^NVIDIA"'
+  ;;
+Q)
+  # The L2 prefetches in the engine (PDSERVE_L2_PREFETCH: O's weight after QKV, the routed
+  # experts' down weights from the small MoE's gate-up), each against off on the same machine,
+  # after every tiny family's greedy tokens with both on (about 450 s).
+  TAIL=6 step greedy_prefetch 90 env PDSERVE_L2_PREFETCH=o,down python3 -m bench.gpu.greedy_gpu
+  for l2 in off o down o,down; do
+    TAIL=4 step "qwen3_l2_${l2/,/_}" 50 env PDSERVE_L2_PREFETCH=$l2 python3 -m bench.engine \
+      --preset qwen3-30b-a3b --skip-hf --prefill '' --decode 1x128,64x128 --repeats 3
+  done
+  for l2 in off o; do
+    TAIL=4 step "llama_l2_$l2" 60 env PDSERVE_L2_PREFETCH=$l2 python3 -m bench.engine \
+      --preset llama3-8b --skip-hf --prefill '' --decode 1x128,64x128 --repeats 3
+  done
+  for l2 in off o,down; do
+    TAIL=4 step "moonlight_l2_${l2/,/_}" 45 env PDSERVE_L2_PREFETCH=$l2 python3 -m bench.engine \
+      --preset moonlight-16b-a3b --skip-hf --prefill '' --decode 1x128 --repeats 3
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|Q"; exit 2 ;;
 esac

@@ -101,12 +101,16 @@ TUNED: dict[ShapeKey, tuple[tuple[int, MoEKernelConfig], ...]] = {
 # moonlight-16b-a3b-fused --tokens 1024,8192,16384 --reps 5 --layers 2`): 458.4 / 1,980.8 /
 # 3,769.3 µs, against 461.9 / 2,025.3 / 3,954.5 with pointer loads.
 _TMA_TILES = MoEKernelConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3, tma=True)
+_DOWN_256 = MoEKernelConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=3)
 TUNED[(66, 2048, 1408, 8, "bfloat16")] = (
     *TUNED[(64, 2048, 1408, 6, "bfloat16")][:4],
     # Batch 128-512 decode (`--tune --shape moonlight-16b-a3b-fused --tokens 128,256,512 --reps
     # 10 --layers 4`): 276.1 / 285.6 / 354.7 µs. Batch 256 decode went from 12.67 to 10.92 ms.
     (128, MoEKernelConfig(64, 64, 64, group_m=8, num_warps=4, num_stages=3)),
-    (256, MoEKernelConfig(64, 64, 64, group_m=8, num_warps=4, num_stages=3)),
+    # At 256 each GEMM's launch then searched alone from that row (`--tune-gemm gate_up`,
+    # `--tune-gemm down`, `--tokens 256`, H200, `session.sh O`): gate-up 210.0 -> 202.8 µs
+    # (128-wide tiles, 5 stages), down 105.2 -> 96.7 (128-wide tiles; 80.2 µs of bytes).
+    (256, MoEKernelConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=5, down=_DOWN_256)),
     (512, MoEKernelConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=4)),
     (1024, _TMA_TILES),
     (8192, _TMA_TILES),

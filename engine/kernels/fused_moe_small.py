@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels import pdl
+from engine.kernels import l2_prefetch, pdl
+from engine.kernels.l2_prefetch import prefetch_bytes
 from engine.kernels.moe_routing import grouped_topk_row, softmax_topk_row
 
 # What `small_gate_up_kernel` routes by (its ROUTE argument).
@@ -57,6 +58,9 @@ def small_gate_up_kernel(
     stride_we,
     stride_wn,
     scaling,  # ROUTE_GROUPED: the routed weights' scaling factor
+    w2,  # [E, H, INTER] with PREFETCH_DOWN (each expert's contiguous), else unused
+    stride_w2e,  # PREFETCH_DOWN: w2's expert stride, in elements
+    down_bytes,  # PREFETCH_DOWN: bytes of one expert's w2
     TOP_K: tl.constexpr,  # pairs per token: the routed choices, then the shared experts
     K_POW2: tl.constexpr,
     E_POW2: tl.constexpr,
@@ -70,6 +74,7 @@ def small_gate_up_kernel(
     P_POW2: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PREFETCH_DOWN: tl.constexpr,  # ask L2 for each pair's w2 (engine.kernels.l2_prefetch)
     PDL: tl.constexpr,
 ):
     pdl.start(PDL)
@@ -110,6 +115,11 @@ def small_gate_up_kernel(
         expert = tl.load(topk_ids + pair).to(tl.int64)
         if (expert < 0) | (expert >= num_experts):
             return  # another rank's pair: the down kernel skips it too
+    if PREFETCH_DOWN:  # noqa: SIM102 (a constexpr: compiled out when off)
+        if tl.program_id(1) == 0:
+            # The down kernel's weights stream beside this kernel's own reads: 64 KB an
+            # instruction, 128 at a time (l2_prefetch.CHUNK and SLOTS).
+            prefetch_bytes(w2 + expert * stride_w2e, down_bytes, 65536, 128)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < inter
     ks = tl.arange(0, BLOCK_K)
@@ -338,6 +348,13 @@ def _launch(
     grouped = routing is not None and routing.kind == ROUTE_GROUPED
     num_groups = routing.num_groups if routing is not None and grouped else 1
     per_group = num_routed // num_groups
+    down_bytes = w2.stride(0) * w2.element_size()
+    prefetch_down = (
+        l2_prefetch.enabled("down", x)
+        and l2_prefetch.prefetchable(w2[0])
+        and (down_bytes == w2[0].numel() * w2.element_size())
+        and down_bytes % 16 == 0
+    )
     small_gate_up_kernel[(num_pairs, triton.cdiv(inter, tiles.gate_up_n))](
         x,
         w13,
@@ -355,6 +372,9 @@ def _launch(
         w13.stride(0),
         w13.stride(1),
         float(routing.scaling) if routing is not None else 1.0,
+        w2,
+        w2.stride(0),
+        down_bytes,
         TOP_K=top_k,
         K_POW2=k_pow2,
         E_POW2=triton.next_power_of_2(num_routed) if routing is not None else 1,
@@ -368,6 +388,7 @@ def _launch(
         P_POW2=triton.next_power_of_2(per_group) if grouped else 1,
         BLOCK_N=tiles.gate_up_n,
         BLOCK_K=tiles.gate_up_k,
+        PREFETCH_DOWN=prefetch_down,
         num_warps=tiles.num_warps,
         **pdl.launch_args(x),
     )

@@ -193,7 +193,6 @@ def router_logits_kernel(
     hidden,
     stride_xt,
     stride_we,
-    DOT: tl.constexpr,  # the tensor cores (16-bit x and w, float32 out), else the CUDA cores
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -206,39 +205,19 @@ def router_logits_kernel(
     e_ok = experts < num_experts
     ks = tl.arange(0, BLOCK_K)
     x_ptr = x + tokens.to(tl.int64)[:, None] * stride_xt + ks[None, :]  # [BLOCK_T, BLOCK_K]
+    # A decode step's few tokens: products on the CUDA cores, summed over K at the end.
     w_ptr = w + experts[:, None] * stride_we + ks[None, :]  # [BLOCK_E, BLOCK_K]
-    if DOT:
-        # More tokens: each product of two 16-bit values is exact in float32 and the sums are
-        # float32, as in the reference's float32 product of the widened operands.
-        acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
-        for k0 in range(0, hidden, BLOCK_K):
-            k_ok = ks < hidden - k0
-            a = tl.load(x_ptr, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(w_ptr, mask=e_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = tl.dot(a, tl.trans(b), acc)
-            x_ptr += BLOCK_K
-            w_ptr += BLOCK_K
-    else:
-        # A decode step's few tokens: products on the CUDA cores, summed over K at the end.
-        partial = tl.zeros([BLOCK_T, BLOCK_E, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, hidden, BLOCK_K):
-            k_ok = ks < hidden - k0
-            a = tl.load(x_ptr, mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            b = tl.load(w_ptr, mask=e_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            partial += a[:, None, :] * b[None, :, :]
-            x_ptr += BLOCK_K
-            w_ptr += BLOCK_K
-        acc = tl.sum(partial, axis=2)
+    partial = tl.zeros([BLOCK_T, BLOCK_E, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        k_ok = ks < hidden - k0
+        a = tl.load(x_ptr, mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        b = tl.load(w_ptr, mask=e_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        partial += a[:, None, :] * b[None, :, :]
+        x_ptr += BLOCK_K
+        w_ptr += BLOCK_K
+    acc = tl.sum(partial, axis=2)
     o_ptr = out + tokens.to(tl.int64)[:, None] * num_experts + experts[None, :]
     tl.store(o_ptr, acc.to(out.dtype.element_ty), mask=t_ok[:, None] & e_ok[None, :])
-
-
-# Above ROUTER_SMALL_TOKENS and up to this many tokens, float32 logits of 16-bit operands may
-# take `router_logits_kernel` on the tensor cores (DOT; one launch in PDL) instead of cuBLAS's
-# product. 0: off, until `python -m bench.moe_kernel --router` has timed the two on the GPU
-# (cuBLAS took 5.4 µs a layer for Moonlight's gate at 256 tokens on the H200, in the profile
-# of a decode step).
-ROUTER_DOT_MAX_TOKENS = 0
 
 
 # Up to this many tokens `router_logits` runs its kernel (products on the CUDA cores); above,
@@ -250,41 +229,58 @@ _HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def router_logits(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    out_dtype: torch.dtype = torch.float32,
-    dot: bool | None = None,
+    x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Float32 logits `[T, E]` of x `[T, H]` against the gate weight `[E, H]` (any float
     dtypes): `F.linear(x.float(), weight.float())` up to summation order. Up to
     `ROUTER_SMALL_TOKENS` tokens one kernel reads both as they are (no conversion of the weight
     each step); more take that product itself. `out_dtype`: the float32 sums rounded once to
     it (a bfloat16 gate's `F.linear(x, weight)`, as Qwen3-MoE's reference computes its
-    logits, up to summation order; more tokens then take exactly that product). `dot`: float32
-    logits of more tokens from 16-bit operands on the tensor cores (`router_logits_kernel`'s
-    DOT; default: up to `ROUTER_DOT_MAX_TOKENS`)."""
+    logits, up to summation order; more tokens then take exactly that product). More tokens'
+    float32 logits stay with cuBLAS: a tensor-core kernel for them measured 1.0-1.2x cuBLAS's
+    time on Moonlight's gate and 2.0-5.2x on DeepSeek-V3's (H200, 16 to 1,024 tokens)."""
     num_tokens, hidden = x.shape
+    num_experts = weight.shape[0]
     if weight.shape[1] != hidden:
         raise ValueError(
             f"gate weight {tuple(weight.shape)} does not fit x {tuple(x.shape)}: expected "
             f"[E, {hidden}]"
         )
     if num_tokens > ROUTER_SMALL_TOKENS:
-        half = x.dtype == weight.dtype and x.dtype in _HALF_DTYPES
-        if dot is None:
-            dot = num_tokens <= ROUTER_DOT_MAX_TOKENS
-        if dot and half and out_dtype == torch.float32:
-            return _router_logits_launch(x, weight, torch.float32, dot=True)
         if out_dtype == x.dtype == weight.dtype:
             return torch.nn.functional.linear(x, weight)
-        if x.is_cuda and half:
+        if x.is_cuda and x.dtype == weight.dtype and x.dtype in _HALF_DTYPES:
             # cuBLAS on the half-precision inputs, float32 out: their products are exact in
             # float32 and summed in it, as the reference's float32 product sums them, without
             # converting x (8,192 tokens: a 33 MB write and a SIMT float32 GEMM, 90 µs a
             # layer of a Moonlight prefill).
             return torch.mm(x, weight.t(), out_dtype=torch.float32).to(out_dtype)
         return torch.nn.functional.linear(x.float(), weight.float()).to(out_dtype)
-    return _router_logits_launch(x, weight, out_dtype, dot=False)
+    out = torch.empty(num_tokens, num_experts, dtype=out_dtype, device=x.device)
+    if num_tokens == 0:
+        return out
+    x = x if x.stride(1) == 1 else x.contiguous()
+    weight = weight if weight.stride(1) == 1 else weight.contiguous()
+    # Many narrow programs: the weight streams from memory, spread over the SMs.
+    block_t = triton.next_power_of_2(num_tokens)
+    block_e, block_k = 2, max(128, 1024 // block_t)
+    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(num_experts, block_e))
+    router_logits_kernel[grid](
+        x,
+        weight,
+        out,
+        num_tokens,
+        num_experts,
+        hidden,
+        x.stride(0),
+        weight.stride(0),
+        BLOCK_T=block_t,
+        BLOCK_E=block_e,
+        BLOCK_K=block_k,
+        num_warps=4,
+        **pdl.launch_args(x),
+    )
+    return out
 
 
 def softmax_topk(
@@ -351,42 +347,3 @@ def grouped_topk(
             **pdl.launch_args(logits),
         )
     return weights, ids
-
-
-def _router_logits_launch(
-    x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype, dot: bool
-) -> torch.Tensor:
-    """`router_logits_kernel`'s launch: on the tensor cores (`dot`, more tokens: 16 x 16
-    tiles), or a decode step's few tokens in many narrow programs (the weight streams from
-    memory, spread over the SMs)."""
-    num_tokens, hidden = x.shape
-    num_experts = weight.shape[0]
-    out = torch.empty(num_tokens, num_experts, dtype=out_dtype, device=x.device)
-    if num_tokens == 0:
-        return out
-    x = x if x.stride(1) == 1 else x.contiguous()
-    weight = weight if weight.stride(1) == 1 else weight.contiguous()
-    if dot:
-        block_t, block_e, block_k, stages = 16, 16, 128, {"num_stages": 3}
-    else:
-        block_t = triton.next_power_of_2(num_tokens)
-        block_e, block_k, stages = 2, max(128, 1024 // block_t), {}
-    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(num_experts, block_e))
-    router_logits_kernel[grid](
-        x,
-        weight,
-        out,
-        num_tokens,
-        num_experts,
-        hidden,
-        x.stride(0),
-        weight.stride(0),
-        DOT=dot,
-        BLOCK_T=block_t,
-        BLOCK_E=block_e,
-        BLOCK_K=block_k,
-        num_warps=4,
-        **stages,
-        **pdl.launch_args(x),
-    )
-    return out

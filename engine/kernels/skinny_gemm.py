@@ -411,6 +411,14 @@ TUNED: dict[TunedKey, tuple[tuple[int, SkinnyTiles | None], ...]] = {
     ("linear", 2048, 4096, "bfloat16"): (
         (64, SkinnyTiles(64, 128, split_k=4, num_stages=4, tma=True)),
     ),
+    # Moonlight-16B-A3B's MLA output projection (2048 x 2048): TMA tiles of 64 x 128, K split
+    # in four, 5.7 / 6.4 µs at 1 / 64 rows with the reduce launch against cuBLAS's 6.2 / 6.5
+    # (floor 2.0-2.1; `bench.skinny_gemm --shapes moonlight_o`, session.sh O). Its fused
+    # query-and-latent projection (3648 x 2048): cuBLAS at 1, 64 and 256 rows (7.0 / 7.3 / 9.6
+    # against 7.3 / 8.0 / 12.3 at best).
+    ("linear", 2048, 2048, "bfloat16"): (
+        (64, SkinnyTiles(64, 128, split_k=4, num_stages=4, tma=True)),
+    ),
     # Llama-3-8B's O projection (4096 x 4096): TMA tiles of 64 x 128, K split in four, 10.5 /
     # 11.1 µs at 1 / 16 rows against cuBLAS's 13.8 / 13.9 and the prefetching 8 x 512 tiles'
     # 12.2 at one row (floor 7.9-8.0); at 64 rows in two, 12.2 against 13.2 (in four 15.1).

@@ -87,13 +87,16 @@ class MLAttention(nn.Module):
         self.rotary = rotary
         self.backend = backend
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, defer: bool = False) -> torch.Tensor:
-        """`defer` is declined (its projections are cuBLAS's): always a tensor."""
+    def forward(
+        self, x: torch.Tensor, batch: ForwardBatch, defer: bool = False
+    ) -> torch.Tensor | PendingSum:
+        """`defer`: the O projection's split-K sum may be left to the next norm."""
         q, c_kv, k_pe = self.fused_qkv_a_proj(x).split(
             [self.q_a_size, self.kv_lora_rank, self.qk_rope_head_dim], dim=-1
         )
         if self.q_a_layernorm is not None and self.q_b_proj is not None:
             q = self.q_b_proj(self.q_a_layernorm(q))
+        self.o_proj.prefetch_weight(x, "o")  # streams beside RoPE and attention, if asked
         q_nope, q_pe = q.view(
             -1, self.num_heads, self.qk_nope_head_dim + self.qk_rope_head_dim
         ).split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
@@ -106,7 +109,7 @@ class MLAttention(nn.Module):
                 q_nope, q_pe, c_kv, k_pe, self.kv_a_layernorm, self.rotary, self.kv_b_proj,
                 self.layer_id, batch, self.scale,
             )  # fmt: skip  # [T, H, v]
-            return self.o_proj(out.flatten(1))
+            return self._output(out.flatten(1), defer)
         # kv_b_proj.weight: [H * (nope + v), R] -> W_UK [H, nope, R], W_UV [H, v, R]
         w_kv = self.kv_b_proj.weight.view(self.num_heads, -1, self.kv_lora_rank)
         w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
@@ -117,7 +120,10 @@ class MLAttention(nn.Module):
             self.scale,
         )  # fmt: skip  # [T, H, R]
         attn = self.backend.mla_absorb_output(out, w_uv)  # [T, H, v], contiguous
-        return self.o_proj(attn.flatten(1))
+        return self._output(attn.flatten(1), defer)
+
+    def _output(self, x: torch.Tensor, defer: bool) -> torch.Tensor | PendingSum:
+        return self.o_proj.forward_pending(x) if defer else self.o_proj(x)
 
 
 class GroupedTopkRouter(nn.Module):

@@ -53,6 +53,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor | PendingSum:
         """`defer`: the O projection's split-K sum may be left to the next norm."""
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        self.o_proj.prefetch_weight(x, "o")  # streams beside RoPE and attention, if asked
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)

@@ -243,37 +243,3 @@ def test_fused_moonlight_keeps_its_tuned_blocks() -> None:
     for tokens in (1, 4, 16, 64):
         fused = kernel_config(tokens, 64 + 2, 2048, 1408, 6 + 2, torch.bfloat16)
         assert fused == kernel_config(tokens, 64, 2048, 1408, 6, torch.bfloat16)
-
-
-@pytest.mark.parametrize("tokens", [9, 16, 33, 300])
-def test_router_logits_dot_kernel_matches_the_float32_product(
-    tokens: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The tensor-core router kernel for more than a few tokens (16-bit operands, float32
-    sums: float16 here, since the interpreter's dot takes no bfloat16) against the float32
-    product of the widened operands, up to summation order; 16-bit gates wider than a tile of
-    experts (66) and a hidden size with a tail (200); other dtypes keep cuBLAS's product."""
-    from engine.kernels import moe_routing
-
-    calls: list[int] = []  # one per launch on the tensor cores
-    inner = moe_routing._router_logits_launch
-
-    def counted(
-        x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, dot: bool
-    ) -> torch.Tensor:
-        calls.extend([1] if dot else [])
-        return inner(x, w, out_dtype, dot)
-
-    monkeypatch.setattr(moe_routing, "_router_logits_launch", counted)
-    g = torch.Generator().manual_seed(tokens)
-    x = torch.randn(tokens, 200, generator=g).half()
-    weight = torch.randn(66, 200, generator=g).half()
-    got = router_logits(x, weight, dot=True)
-    assert calls == [1]
-    want = torch.nn.functional.linear(x.float(), weight.float())
-    assert got.dtype == torch.float32 and got.shape == (tokens, 66)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
-    # float32 operands, or 16-bit logits: not the dot kernel's (the reference's products).
-    torch.testing.assert_close(router_logits(x.float(), weight.float(), dot=True), want)
-    assert router_logits(x, weight, out_dtype=torch.float16, dot=True).dtype == torch.float16
-    assert calls == [1]

@@ -334,6 +334,16 @@ def test_mla_decode_layer_launches(tiny_models: dict[str, Path]) -> None:
     for child in attn.children():  # the projections and norms: not this test's business
         child.register_forward_pre_hook(lambda m, a: state.update(on=False))
         child.register_forward_hook(lambda m, a, o: state.update(on=state["decode"]))
+    inner_pending = attn.o_proj.forward_pending  # O's product when its sum may be deferred
+
+    def pending(x: torch.Tensor) -> object:
+        state.update(on=False)
+        try:
+            return inner_pending(x)
+        finally:
+            state.update(on=state["decode"])
+
+    attn.o_proj.forward_pending = pending
     run = InterpretedFunction.run
 
     def counted_run(self, *args, **kwargs):
