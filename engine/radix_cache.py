@@ -147,6 +147,15 @@ class RadixCache:
             tree_pages.extend(new_pages)
         return InsertResult(num_existing_pages=num_existing, node=node, pages=tuple(tree_pages))
 
+    def touch(self, node: RadixNode) -> None:
+        """Refresh the LRU time of `node` and its ancestors, as a walk to it would (an insert
+        that adds nothing past a locked node, without walking the tokens again)."""
+        self._check_attached(node)
+        self._clock += 1
+        while node.parent is not None:
+            node.last_access = self._clock
+            node = node.parent
+
     def lock(self, node: RadixNode) -> None:
         """Protect `node` and its ancestors from eviction; the root needs no lock (no-op)."""
         self._check_attached(node)

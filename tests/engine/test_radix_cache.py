@@ -438,3 +438,17 @@ def test_common_prefix_len_matches_a_token_by_token_compare() -> None:
         cases.append((a, b))
     for a, b in cases:
         assert _common_prefix_len(a, b) == _common_prefix_len_reference(a, b), (a, b)
+
+
+def test_touch_refreshes_a_path_and_refuses_a_stale_handle(
+    cache: RadixCache, pool: PagePool
+) -> None:
+    x = put(cache, pool, [1, 2])
+    put(cache, pool, [3])
+    cache.touch(x.node)  # x's path is now the most recent: [3] goes first
+    assert cache.evict(1) == 1
+    assert cache.match_prefix(toks(cache.page_size, [3])).pages == ()
+    assert cache.evict(1) == 2
+    with pytest.raises(ValueError, match="no longer in the tree"):
+        cache.touch(x.node)
+    check_invariants(cache, pool)

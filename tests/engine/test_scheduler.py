@@ -211,3 +211,43 @@ def test_quarantined_transfer_keeps_its_pages_until_released() -> None:
     assert s.release_quarantined(77) and not s.release_quarantined(77)
     assert s.pages.pool.num_free == 32
     assert not s.quarantine("unknown", key=1)
+
+
+@pytest.mark.parametrize("max_new", [1, 2, 6])
+def test_finishing_frees_its_own_pages_and_caches_full_ones(max_new: int) -> None:
+    """A request finishing within the page its prompt was cached to (1 or 2 new tokens after
+    an 8-token prompt, pages of 4) takes the release path that inserts nothing; one that
+    filled a page more (6) inserts it. Either way its own partial pages go back to the pool
+    exactly once, its lock is gone, and the cached pages are the full computed ones."""
+    s = make_scheduler(num_pages=32, page_size=4)
+    a = seq("a", list(range(1, 9)), max_new=max_new)
+    s.add(a)
+    while s.has_unfinished():
+        run_step(s)
+    cache = s.pages.cache
+    assert cache is not None
+    full = (8 + max_new - 1) // 4  # the last token is never computed
+    assert (cache.total_pages, cache.protected_pages) == (full, 0)
+    assert s.pages.pool.num_free == 32 - full
+    again = s.pages.cache.match_prefix([*range(1, 9), *[9] * max_new])  # type: ignore[union-attr]
+    assert len(again.pages) == full
+
+
+def test_a_finished_prefix_is_the_most_recently_used() -> None:
+    """Finishing refreshes the LRU time of the request's cached prefix, on the release path
+    that inserts nothing too: `a`, cached first at its prefill, finishes last (its second
+    token, within its cached page), so `b`'s prefix, cached when `b` finished at its first
+    token, is now the older one and is evicted first."""
+    s = make_scheduler(num_pages=32, page_size=4)
+    a, b = seq("a", [*range(1, 9)], max_new=2), seq("b", [*range(20, 28)], max_new=1)
+    s.add(a)
+    s.add(b)
+    run_step(s)  # both prefilled: a's prompt cached, then b finishes and caches its own
+    assert b.is_finished and not a.is_finished
+    run_step(s)
+    assert a.is_finished and a.num_cached_pages == 0
+    cache = s.pages.cache
+    assert cache is not None and cache.total_pages == 4
+    assert cache.evict(1) == 2
+    assert cache.match_prefix(list(range(20, 28))).pages == ()
+    assert len(cache.match_prefix(list(range(1, 9))).pages) == 2
