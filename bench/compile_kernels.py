@@ -792,6 +792,24 @@ def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
             num_warps=min(16, block // 256),
             launch_pdl=True,
         )
+    # The norm with the gate's logits (`fused.rms_norm_gate`): Qwen3-30B-A3B's (O's split-K
+    # partials in, bfloat16 logits), DeepSeek-V3's (hidden 7168, float32 logits) and
+    # Moonlight's (float32 logits, its O from cuBLAS).
+    for label, consts, parts, block, logits in (
+        ("Qwen3-30B-A3B, split-K partials", split, "*fp32", 2048, "*bf16"),
+        ("DeepSeek-V3", plain, "*bf16", 8192, "*fp32"),
+        ("Moonlight, split-K partials", split, "*fp32", 2048, "*fp32"),
+    ):
+        add(
+            f"rms_norm_gate (PDL), {label}",
+            fused._rms_norm_gate_kernel,
+            {p: "*bf16" for p in ("res_ptr", "res_out_ptr", "w_ptr", "out_ptr", "gate_ptr")}
+            | {"x_ptr": parts, "pw_ptr": "*fp32", "ids_ptr": "*i64", "logits_ptr": logits},
+            {"BLOCK": block, "BLOCK_E": fused.GATE_BLOCK_E, "PDL": 2, **consts},
+            floats=("eps",),
+            num_warps=min(16, block // 256),
+            launch_pdl=True,
+        )
 
 
 # Kernels whose spills `--fail-on-spill` reports without failing: configurations that a tuner

@@ -46,8 +46,9 @@
 #   run(command="bash bench/gpu/session.sh M", carry=[".whl"])   # MLA decode, 128 heads
 #   run(command="bash bench/gpu/session.sh N", carry=[".whl"])   # its heads-a-program rule
 #   run(command="bash bench/gpu/session.sh O", carry=[".whl"])   # MoE GEMMs apart, down tune
-#   run(command="bash bench/gpu/session.sh P", carry=[".whl", ".base"])  # O's rows, L2 prefetch
+#   run(command="bash bench/gpu/session.sh P", carry=[".whl", ".base"])  # 13th session, A/B
 #   run(command="bash bench/gpu/session.sh Q", carry=[".whl"])   # L2 prefetches in the engine
+#   run(command="bash bench/gpu/session.sh R", carry=[".whl"])   # more GEMM rows, Moonlight L2
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -638,44 +639,59 @@ O)
     --tokens 256 --tune-gemm gate_up
   ;;
 P)
-  # Moonlight's batch-256 MoE row with O's tuned launches (gate-up 128-wide, 5 stages; down
-  # 128-wide) and its MLA output projection on the skinny GEMM (split sum left to the norm),
-  # checked compiled and timed in the engine against the tree before (`.base`); the
-  # same search at the other decode rows; and whether an L2 prefetch of a projection's weight
-  # beside a latency-bound kernel shortens the projection (about 400 s).
+  # This session's engine changes against the tree before them, on the same machine (`.base`:
+  # `rm -rf .base && mkdir .base && git archive 0c6849b | tar -x -C .base`): Moonlight's
+  # batch-256 MoE row from O's search (gate-up 128-wide, 5 stages; down 128-wide on its own
+  # launch), its MLA output projection on the skinny GEMM (split sum left to the norm), and
+  # the post-attention norm with the gate's logits in one launch at a decode step's few
+  # tokens; checked compiled first (about 420 s).
   TAIL=4 step check_moe 80 python3 -m bench.check_moe_gpu --shape moonlight-16b-a3b \
     --shape qwen3-30b-a3b --skip-mla
-  TAIL=14 step l2_prefetch 60 python3 -m bench.l2_prefetch --chunks 65536,8192
+  TAIL=4 step norm_gate 60 python3 -m pytest -x -q -rf tests/engine/test_fused_ops.py -k gate
   TAIL=8 step skinny_o 40 python3 -m bench.skinny_gemm --shapes moonlight_o --rows 1,64 \
     --defer --tiles tma:64:128:4:4:4,tma:64:128:2:4:4
   for tree in new base; do
     dir=$PWD; [ "$tree" = base ] && dir=$PWD/.base
-    TAIL=4 step "moonlight_$tree" 60 env PYTHONPATH="$dir:/tmp/site" bash -c "cd $dir && \
+    TAIL=5 step "moonlight_$tree" 75 env PYTHONPATH="$dir:/tmp/site" bash -c "cd $dir && \
       python3 -m bench.engine --preset moonlight-16b-a3b --skip-hf --prefill '' \
-      --decode 64x128,256x128 --repeats 3"
+      --decode 1x128,64x128,256x128 --repeats 3"
+    TAIL=4 step "qwen3_$tree" 55 env PYTHONPATH="$dir:/tmp/site" bash -c "cd $dir && \
+      python3 -m bench.engine --preset qwen3-30b-a3b --skip-hf --prefill '' \
+      --decode 1x128,64x128 --repeats 3"
   done
-  TAIL=12 step tune_more 150 bash -c 'for g in down gate_up; do
-    python3 -m bench.moe_kernel --shape moonlight-16b-a3b-fused --tokens 64,128 --tune-gemm $g
-    python3 -m bench.moe_kernel --shape qwen3-30b-a3b --tokens 128,256 --tune-gemm $g
-    done 2>&1 | grep -v "^  skip\|^floor\|^$\|^NVIDIA"'
   ;;
 Q)
-  # The L2 prefetches in the engine (PDSERVE_L2_PREFETCH: O's weight after QKV, the routed
-  # experts' down weights from the small MoE's gate-up), each against off on the same machine,
-  # after every tiny family's greedy tokens with both on (about 450 s).
+  # The L2 prefetches (PDSERVE_L2_PREFETCH): the mechanism alone (a spin, then a projection,
+  # with and without asking L2 for its weight first), every tiny family's greedy tokens with
+  # both targets on, then the engine with each target against off on the same machine: O's
+  # weight after QKV, the routed experts' down weights from the small MoE's gate-up (about
+  # 470 s).
+  TAIL=14 step l2_prefetch 60 python3 -m bench.l2_prefetch --chunks 65536,8192
   TAIL=6 step greedy_prefetch 90 env PDSERVE_L2_PREFETCH=o,down python3 -m bench.gpu.greedy_gpu
   for l2 in off o down o,down; do
-    TAIL=4 step "qwen3_l2_${l2/,/_}" 50 env PDSERVE_L2_PREFETCH=$l2 python3 -m bench.engine \
+    TAIL=4 step "qwen3_l2_${l2/,/_}" 45 env PDSERVE_L2_PREFETCH=$l2 python3 -m bench.engine \
       --preset qwen3-30b-a3b --skip-hf --prefill '' --decode 1x128,64x128 --repeats 3
   done
   for l2 in off o; do
-    TAIL=4 step "llama_l2_$l2" 60 env PDSERVE_L2_PREFETCH=$l2 python3 -m bench.engine \
+    TAIL=4 step "llama_l2_$l2" 55 env PDSERVE_L2_PREFETCH=$l2 python3 -m bench.engine \
       --preset llama3-8b --skip-hf --prefill '' --decode 1x128,64x128 --repeats 3
   done
+  ;;
+R)
+  # The grouped GEMMs' launches searched at the other decode rows (Moonlight 64 and 128,
+  # Qwen3-30B-A3B 128 and 256, as O did at Moonlight 256), and Moonlight batch 1 with both
+  # L2 prefetches against off, then Qwen3-30B-A3B's batch-1 profile (about 330 s).
+  TAIL=12 step tune_more 160 bash -c 'for g in down gate_up; do
+    python3 -m bench.moe_kernel --shape moonlight-16b-a3b-fused --tokens 64,128 --tune-gemm $g
+    python3 -m bench.moe_kernel --shape qwen3-30b-a3b --tokens 128,256 --tune-gemm $g
+    done 2>&1 | grep -v "^  skip\|^floor\|^$\|^NVIDIA"'
   for l2 in off o,down; do
     TAIL=4 step "moonlight_l2_${l2/,/_}" 45 env PDSERVE_L2_PREFETCH=$l2 python3 -m bench.engine \
       --preset moonlight-16b-a3b --skip-hf --prefill '' --decode 1x128 --repeats 3
   done
+  # Where Qwen3-30B-A3B's batch-1 step goes now (its kernels a layer, against their bytes).
+  TAIL=30 step profile_qwen3_1 70 python3 -m bench.profile_decode --preset qwen3-30b-a3b \
+    --decode 1x128 --top 16
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|Q"; exit 2 ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|Q|R"; exit 2 ;;
 esac

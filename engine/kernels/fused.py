@@ -61,10 +61,28 @@ def _rms_norm_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
+    x = _row_in(
+        x_ptr, out_ptr, row, cols, mask, stride_x, stride_xs, pw_ptr, ids_ptr, num_experts,
+        PENDING, HAS_PW, HAS_IDS,
+    )  # fmt: skip
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # rounded like torch's add
+        tl.store(res_ptr + row * stride_r + cols, x, mask=mask)
+    y = _rms_normalize(x, tl.load(w_ptr + cols, mask=mask, other=0.0), n, eps)
+    tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _row_in(
+    x_ptr, out_ptr, row, cols, mask, stride_x, stride_xs, pw_ptr, ids_ptr, num_experts,
+    PENDING: tl.constexpr, HAS_PW: tl.constexpr, HAS_IDS: tl.constexpr,
+):  # fmt: skip
+    """Row `row` of the norm's input: x's, or with PENDING the sum that skinny_gemm's split
+    reduce or fused_moe's combine would have stored, in their order and with their rounding
+    (to the output's dtype)."""
     if PENDING > 0:
-        # The sum that skinny_gemm's split reduce or fused_moe's combine would have stored, in
-        # their order and with their rounding.
-        acc = tl.zeros([BLOCK], tl.float32)
+        acc = tl.zeros(cols.shape, tl.float32)
         for s in tl.static_range(PENDING):
             keep = True
             if HAS_IDS:
@@ -80,12 +98,69 @@ def _rms_norm_kernel(
         x = acc.to(out_ptr.dtype.element_ty)
     else:
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # rounded like torch's add
-        tl.store(res_ptr + row * stride_r + cols, x, mask=mask)
+    return x
+
+
+@triton.jit
+def _rms_norm_gate_kernel(
+    x_ptr,
+    res_ptr,
+    res_out_ptr,  # the new residual stream (not res_ptr: every program reads that one)
+    w_ptr,
+    out_ptr,
+    gate_ptr,  # [num_gate, n], contiguous along n
+    logits_ptr,  # [rows, num_gate]
+    stride_x,
+    stride_r,
+    stride_o,
+    n,
+    eps,
+    stride_xs,
+    pw_ptr,
+    ids_ptr,
+    num_experts,
+    num_gate,
+    stride_g,
+    PENDING: tl.constexpr,
+    HAS_PW: tl.constexpr,
+    HAS_IDS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """`_rms_norm_kernel` and the MoE gate's logits of its output in one launch: program
+    (row, j) normalises the row (every program of a row the same way) and takes the logits of
+    experts `[j * BLOCK_E, (j + 1) * BLOCK_E)`; program (row, 0) stores the row's output and
+    new residual."""
+    pdl.start(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    block_e = tl.program_id(1)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
+    x = _row_in(
+        x_ptr, out_ptr, row, cols, mask, stride_x, stride_xs, pw_ptr, ids_ptr, num_experts,
+        PENDING, HAS_PW, HAS_IDS,
+    )  # fmt: skip
+    r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+    x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # rounded like torch's add
+    if block_e == 0:
+        tl.store(res_out_ptr + row * stride_r + cols, x, mask=mask)
     y = _rms_normalize(x, tl.load(w_ptr + cols, mask=mask, other=0.0), n, eps)
-    tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+    y = y.to(out_ptr.dtype.element_ty)  # what the gate reads: the stored output
+    if block_e == 0:
+        tl.store(out_ptr + row * stride_o + cols, y, mask=mask)
+    experts = block_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_ok = experts < num_gate
+    g = tl.load(
+        gate_ptr + experts[:, None] * stride_g + cols[None, :],
+        mask=e_ok[:, None] & mask[None, :],
+        other=0.0,
+    )
+    # Products and sums in float32, as router_logits_kernel's (up to summation order).
+    logits = tl.sum(g.to(tl.float32) * y.to(tl.float32)[None, :], axis=1)
+    tl.store(
+        logits_ptr + row * num_gate + experts, logits.to(logits_ptr.dtype.element_ty), mask=e_ok
+    )
 
 
 def rms_norm(
@@ -128,6 +203,68 @@ def _rms_norm_pending(
         return out
     _launch_rms_norm(parts, parts.stride(0), out, weight, eps, residual, x, parts.stride(1))
     return out
+
+
+# Gate rows a program of `_rms_norm_gate_kernel` takes: the gate's weight spread over many
+# programs, as `router_logits_kernel` spreads it.
+GATE_BLOCK_E = 2
+
+
+def rms_norm_gate(
+    x: torch.Tensor | PendingSum,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor,
+    gate: torch.Tensor,
+    logits_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """`(rms_norm(x + residual), x + residual, gate logits of that output)` in one launch: the
+    norm of `rms_norm(..., residual=residual)` (the new residual stream a new tensor, not
+    `residual` updated) and `router_logits(out, gate, out_dtype=logits_dtype)` of its output,
+    up to the logits' summation order. None where it does not apply (more rows than
+    `ROUTER_SMALL_TOKENS`, whose logits take cuBLAS's product, or dtypes that would round
+    differently): the caller then runs the two as before."""
+    from engine.kernels.moe_routing import ROUTER_SMALL_TOKENS
+
+    parts = x.parts if isinstance(x, PendingSum) else x
+    n = parts.shape[-1]
+    rows = parts.shape[0]
+    out_dtype = torch.promote_types(weight.dtype, x.dtype)
+    if (
+        not 0 < rows <= ROUTER_SMALL_TOKENS
+        or out_dtype != x.dtype
+        or residual.dtype != x.dtype
+        or gate.shape[1] != n
+        or gate.stride(1) != 1
+        or (isinstance(x, torch.Tensor) and (x.dim() != 2 or x.stride(-1) != 1))
+        or (isinstance(x, PendingSum) and parts.stride(-1) != 1)
+        or not residual.is_contiguous()
+    ):
+        return None
+    out = torch.empty(rows, n, dtype=out_dtype, device=parts.device)
+    new_residual = torch.empty_like(residual)
+    num_gate = gate.shape[0]
+    logits = torch.empty(rows, num_gate, dtype=logits_dtype, device=parts.device)
+    pending = x if isinstance(x, PendingSum) else None
+    res = residual.view(-1, n)
+    block = triton.next_power_of_2(n)
+    _rms_norm_gate_kernel[(rows, triton.cdiv(num_gate, GATE_BLOCK_E))](
+        parts, res, new_residual.view(-1, n), weight, out, gate, logits,
+        parts.stride(0), res.stride(0), out.stride(0),
+        n, eps, parts.stride(1) if pending is not None else 0,
+        pending.weights if pending is not None and pending.weights is not None else parts,
+        pending.ids if pending is not None and pending.ids is not None else parts,
+        pending.num_experts if pending is not None else 0,
+        num_gate, gate.stride(0),
+        PENDING=parts.shape[1] if pending is not None else 0,
+        HAS_PW=pending is not None and pending.weights is not None,
+        HAS_IDS=pending is not None and pending.ids is not None,
+        BLOCK=block,
+        BLOCK_E=GATE_BLOCK_E,
+        num_warps=min(16, max(1, block // 256)),
+        **pdl.launch_args(parts),
+    )  # fmt: skip
+    return out, new_residual, logits
 
 
 def _launch_rms_norm(

@@ -12,6 +12,7 @@ from torch import nn
 
 from engine.config import MOE_BACKENDS
 from engine.device import check_triton_backend, has_triton
+from engine.layers.norm import RMSNorm
 from engine.layers.pending import PendingSum
 
 
@@ -130,6 +131,19 @@ class MoEBackend(ABC):
 
     def gate_logits(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight)
+
+    def norm_and_gate(
+        self,
+        norm: RMSNorm,
+        x: torch.Tensor | PendingSum,
+        residual: torch.Tensor,
+        gate: torch.Tensor,
+        logits_dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """`(h, residual, logits)`: `norm.forward_residual(x, residual)` and the gate's logits
+        of h (in `logits_dtype`, as `router_logits` or `gate_logits` give them) in one launch,
+        where this backend has one for these rows; else None (the caller runs the two)."""
+        return None
 
     def select_experts(
         self, router_logits: torch.Tensor, top_k: int, renormalize: bool
@@ -286,6 +300,23 @@ class TritonMoEBackend(MoEBackend):
         from engine.kernels.moe_routing import router_logits
 
         return router_logits(x, weight)
+
+    def norm_and_gate(
+        self,
+        norm: RMSNorm,
+        x: torch.Tensor | PendingSum,
+        residual: torch.Tensor,
+        gate: torch.Tensor,
+        logits_dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        # A decode step's few tokens: the router kernel's logits folded into the norm's
+        # launch (`fused.rms_norm_gate`), on CUDA.
+        parts = x.parts if isinstance(x, PendingSum) else x
+        if not parts.is_cuda:
+            return None
+        from engine.kernels import fused
+
+        return fused.rms_norm_gate(x, norm.weight, norm.eps, residual, gate, logits_dtype)
 
     def gate_logits(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # A decode step's few tokens on the router kernel (a bfloat16 gate's cuBLAS product

@@ -41,6 +41,12 @@ class DecoderLayer(nn.Module):
         # The attention's and the MLP's last sums (a split-K reduce, a MoE combine) may be
         # left to the norm that reads each next.
         h = self.self_attn(h, batch, defer=True)
+        # A MoE block may take its gate's logits from the norm's own launch.
+        route = getattr(self.mlp, "norm_and_route", None)
+        routed = route(self.post_attention_layernorm, h, residual) if route is not None else None
+        if routed is not None:
+            h, residual, logits = routed
+            return self.mlp(h, defer=True, logits=logits), residual
         h, residual = self.post_attention_layernorm.forward_residual(h, residual)
         return self.mlp(h, defer=True), residual
 

@@ -171,10 +171,22 @@ class DeepseekMoE(nn.Module):
         shared = 0 if fused else config.moe_intermediate_size * config.num_shared_experts
         self.shared_experts = MLP(config.hidden_size, shared, bias=False) if shared else None
 
-    def forward(self, x: torch.Tensor, defer: bool = False) -> torch.Tensor | PendingSum:
+    def norm_and_route(
+        self, norm: RMSNorm, x: torch.Tensor | PendingSum, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """As `SparseMoeBlock.norm_and_route`, with the gate's float32 logits."""
+        return self.experts.backend.norm_and_gate(
+            norm, x, residual, self.gate.weight, torch.float32
+        )
+
+    def forward(
+        self, x: torch.Tensor, defer: bool = False, logits: torch.Tensor | None = None
+    ) -> torch.Tensor | PendingSum:
         """`defer`: the experts' combine may be left to the next norm (not with a separate
-        shared MLP, whose output is added here)."""
-        logits = self.gate(x, self.experts.backend)
+        shared MLP, whose output is added here). `logits`: the gate's, from
+        `norm_and_route`."""
+        if logits is None:
+            logits = self.gate(x, self.experts.backend)
         out = self.experts.forward_routed_grouped(
             x,
             logits,

@@ -92,11 +92,26 @@ class SparseMoeBlock(nn.Module):
             config.num_experts, config.hidden_size, config.moe_intermediate_size
         )
 
-    def forward(self, x: torch.Tensor, defer: bool = False) -> torch.Tensor | PendingSum:
+    def norm_and_route(
+        self, norm: RMSNorm, x: torch.Tensor | PendingSum, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The norm before this block and the gate's logits of its output in one launch, where
+        the experts' backend has one (`MoEBackend.norm_and_gate`): `(h, residual, logits)`
+        for `forward(h, logits=logits)`; else None."""
+        gate = self.gate.weight
+        if gate.dtype != torch.promote_types(norm.weight.dtype, x.dtype):
+            return None  # `gate_logits` takes F.linear's product there
+        return self.experts.backend.norm_and_gate(norm, x, residual, gate, gate.dtype)
+
+    def forward(
+        self, x: torch.Tensor, defer: bool = False, logits: torch.Tensor | None = None
+    ) -> torch.Tensor | PendingSum:
         # Routed by the experts' backend, which may fold the routing into its expert kernels;
-        # its gate product too (`gate_logits`: `self.gate(x)`, or a kernel for a few tokens).
-        # `defer`: the experts' combine may be left to the next norm.
-        logits = self.experts.backend.gate_logits(x, self.gate.weight)
+        # its gate product too (`gate_logits`: `self.gate(x)`, or a kernel for a few tokens),
+        # unless `norm_and_route` gave the logits. `defer`: the experts' combine may be left
+        # to the next norm.
+        if logits is None:
+            logits = self.experts.backend.gate_logits(x, self.gate.weight)
         return self.experts.forward_routed(x, logits, self.top_k, self.renormalize, defer=defer)
 
 

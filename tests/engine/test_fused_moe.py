@@ -510,6 +510,29 @@ def test_engine_with_triton_moe_matches_transformers(tiny_models, family):
     assert [r.output_ids for r in results] == ref.tokens[:3]
 
 
+@pytest.mark.parametrize("family", ["qwen3-moe", "deepseek-v3"])
+def test_norm_and_gate_in_one_launch_keeps_transformers_tokens(tiny_models, family, monkeypatch):
+    """The post-attention norm with the gate's logits in its launch (`norm_and_gate`, which
+    the Triton backend takes on CUDA at a decode step's few tokens), forced on the CPU's
+    interpreter here: the decode steps take it, and greedy tokens still equal
+    transformers'."""
+    from engine.kernels import fused
+
+    calls = []
+
+    def on_cpu_too(self, norm, x, residual, gate, logits_dtype):
+        out = fused.rms_norm_gate(x, norm.weight, norm.eps, residual, gate, logits_dtype)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(TritonMoEBackend, "norm_and_gate", on_cpu_too)
+    ref = reference(tiny_models[family])
+    config = EngineConfig(model_path=str(tiny_models[family]), num_pages=64, moe_backend="triton")
+    results = Engine(config).generate(ref.prompts[:3], GREEDY)
+    assert [r.output_ids for r in results] == ref.tokens[:3]
+    assert any(calls) and not all(calls)  # decode steps fused, prefills (more rows) not
+
+
 def test_expert_parallel_local_compute_on_the_triton_backend():
     """An expert-parallel rank computes its received rows (slots -1 where a choice lives on
     another rank) through its backend: the Triton one matches the torch one."""

@@ -336,3 +336,61 @@ def test_rms_norm_takes_a_pending_sum(
 def test_pending_sum_refuses_misfit_weights() -> None:
     with pytest.raises(ValueError, match="weights"):
         PendingSum(torch.zeros(2, 3, 4), torch.float32, torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "logits_dtype"),
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, None)],
+)
+@pytest.mark.parametrize(("rows", "pending"), [(1, False), (1, True), (8, True), (3, False)])
+def test_rms_norm_gate_equals_the_norm_then_the_router_kernel(
+    dtype: torch.dtype, logits_dtype: torch.dtype | None, rows: int, pending: bool
+) -> None:
+    """The norm with its residual add and the gate's logits in one launch
+    (`fused.rms_norm_gate`): the output and the new residual bit for bit the norm kernel's,
+    the logits the router kernel's on that output up to summation order (float32 logits,
+    DeepSeek's, to 1e-5; logits in x's dtype, Qwen3-MoE's, to a bf16 ulp); the residual
+    passed in is left as it was. 7 gate rows (a tail past 2-row programs), a hidden size
+    past a power of two."""
+    from engine.kernels.moe_routing import router_logits
+
+    gen = torch.Generator().manual_seed(rows + 10 * pending)
+    dim, experts = 96, 7
+    logits_dtype = logits_dtype or dtype
+    norm = torch_norm(dim, dtype, gen)
+    if pending:  # a split-K product's float32 partials
+        parts = torch.randn(3, rows, dim, generator=gen).to(DEVICE)
+        x: torch.Tensor | PendingSum = PendingSum(parts.transpose(0, 1), dtype)
+    else:
+        x = (3 * torch.randn(rows, dim, generator=gen)).to(dtype).to(DEVICE)
+    res = torch.randn(rows, dim, generator=gen).to(dtype).to(DEVICE)
+    gate = (torch.randn(experts, dim, generator=gen) / dim**0.5).to(dtype).to(DEVICE)
+    weight = norm.weight.to(DEVICE)
+    before = res.clone()
+    fused_out = fused.rms_norm_gate(x, weight, norm.eps, res, gate, logits_dtype)
+    assert fused_out is not None
+    got, got_res, got_logits = fused_out
+    assert torch.equal(res, before)
+    want_res = res.clone()
+    want = fused.rms_norm(x, weight, norm.eps, residual=want_res)
+    assert torch.equal(got, want) and torch.equal(got_res, want_res)
+    want_logits = router_logits(want, gate, out_dtype=logits_dtype)
+    assert got_logits.dtype == logits_dtype and got_logits.shape == (rows, experts)
+    if logits_dtype == torch.float32:
+        torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+    else:
+        ulp = 2**-7 if DEVICE == "cuda" else 2**-5
+        torch.testing.assert_close(got_logits.float(), want_logits.float(), rtol=ulp, atol=ulp)
+
+
+def test_rms_norm_gate_declines_what_it_does_not_fuse() -> None:
+    """More rows than the router kernel takes (cuBLAS's product there), or a norm whose
+    output dtype is not x's: None, and the residual untouched."""
+    dim = 32
+    res = torch.zeros(9, dim).to(DEVICE)
+    w, gate = torch.ones(dim).to(DEVICE), torch.ones(4, dim).to(DEVICE)
+    x = torch.ones(9, dim).to(DEVICE)
+    assert fused.rms_norm_gate(x, w, 1e-6, res, gate, torch.float32) is None
+    half = x[:2].bfloat16()
+    assert fused.rms_norm_gate(half, w, 1e-6, res[:2].bfloat16(), gate, torch.float32) is None
+    assert torch.equal(res, torch.zeros(9, dim).to(DEVICE))
