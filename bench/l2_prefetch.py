@@ -90,12 +90,15 @@ def run(
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--shapes", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
     p.add_argument("--idle-us", type=int_list, default=(0, 3, 6))
     p.add_argument("--chunks", type=int_list, default=(65536,))
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--reps", type=int, default=20)
     args = p.parse_args()
+    unknown = sorted(set(args.shapes.split(",")) - set(SHAPES))
+    if unknown:
+        p.error(f"--shapes takes {', '.join(SHAPES)}; got {', '.join(unknown)}")
     if not torch.cuda.is_available():
         p.error("needs a CUDA device (the prefetch is sm_90 PTX)")
     bandwidth = copy_bandwidth()
