@@ -1,6 +1,6 @@
 """Cache-aware routing against round robin, measured on real workers: 2 prefill + 1 decode.
 
-A bounded multi-turn workload (8 conversations of 4 turns, run concurrently with random
+A bounded multi-turn workload (7 conversations of 4 turns, run concurrently with random
 pauses between turns; each turn's prompt is the previous prompt + the reply + new user
 tokens) goes through the router once per prefill policy, on freshly started workers. Each
 reply's ``usage`` says how many prompt tokens the prefill worker found in its radix cache
@@ -27,7 +27,12 @@ from tests.e2e.procs import worker
 from tests.router.test_e2e import Process
 
 MODEL = "qwen3"
-CONVERSATIONS = 8
+# Odd, so that round robin cannot look cache-aware by timing: with an even count and the
+# conversations in near lock step (their turns take about as long), round robin sends every
+# turn of a conversation to the same one of the 2 workers. With an odd count, lock step sends
+# consecutive turns to alternate workers, and shuffled turns land at random: either way round
+# robin misses about half its conversations' prefixes or more.
+CONVERSATIONS = 7
 TURNS = 4
 SYSTEM_TOKENS = 16  # shared by every conversation
 FIRST_USER_TOKENS = 256  # a document to discuss, say
@@ -85,9 +90,7 @@ async def conversation(
 ) -> None:
     prompt = system + [rng.randrange(10, 500) for _ in range(FIRST_USER_TOKENS)]
     for turn in range(TURNS):
-        # Random pauses shuffle the order in which turns reach the router, as users do;
-        # in lock step, round robin would send every turn of a conversation to one worker
-        # (8 conversations per round, 2 workers) and look like cache-aware routing.
+        # Random pauses shuffle the order in which turns reach the router, as users do.
         await asyncio.sleep(rng.uniform(0, THINK_S))
         body = {
             "model": MODEL,
