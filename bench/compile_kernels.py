@@ -559,7 +559,8 @@ def add_small_batch_moe(add: Callable[..., None]) -> None:
         groups, per_group, topk_groups, shared = geometry
         weights = "*fp32" if model != "qwen3-30b-a3b" else f"*{dtype}"
         k_pow2 = triton.next_power_of_2(top_k)
-        # PREFETCH_DOWN (PDSERVE_L2_PREFETCH=down) where a decode step would take it.
+        # PREFETCH_DOWN (PDSERVE_L2_PREFETCH=down) where a decode step would take it, with the
+        # weights' evict-first loads that come with it.
         prefetches = [(r, False) for r in routes]
         if dtype == "bf16":
             prefetches.append((routes[-1], True))
@@ -594,6 +595,7 @@ def add_small_batch_moe(add: Callable[..., None]) -> None:
                     "BLOCK_N": tiles.gate_up_n,
                     "BLOCK_K": tiles.gate_up_k,
                     "PREFETCH_DOWN": prefetch,
+                    "EVICT": "evict_first" if prefetch else "",
                 },
                 floats=("scaling",),
                 divisible=(
@@ -602,25 +604,29 @@ def add_small_batch_moe(add: Callable[..., None]) -> None:
                 ),
                 num_warps=tiles.num_warps,
             )
-        add(
-            f"small_down_combine_kernel {dtype} {model}",
-            fused_moe_small.small_down_combine_kernel,
-            {
-                "act": f"*{dtype}",
-                "w2": f"*{dtype}",
-                "topk_weights": weights,
-                "topk_ids": "*i64",
-                "out": f"*{dtype}",
-            },
-            {
-                "TOP_K": top_k,
-                "K_POW2": k_pow2,
-                "BLOCK_N": tiles.down_n,
-                "BLOCK_K": fused_moe_small.down_block_k(tiles, k_pow2, 4 if dtype == "fp32" else 2),
-            },
-            divisible=("act", "w2", "out", *sizes),
-            num_warps=tiles.num_warps,
-        )
+        for evict in ("", "evict_first") if dtype == "bf16" else ("",):
+            add(
+                f"small_down_combine_kernel {dtype} {model}" + (f" {evict}" if evict else ""),
+                fused_moe_small.small_down_combine_kernel,
+                {
+                    "act": f"*{dtype}",
+                    "w2": f"*{dtype}",
+                    "topk_weights": weights,
+                    "topk_ids": "*i64",
+                    "out": f"*{dtype}",
+                },
+                {
+                    "TOP_K": top_k,
+                    "K_POW2": k_pow2,
+                    "BLOCK_N": tiles.down_n,
+                    "BLOCK_K": fused_moe_small.down_block_k(
+                        tiles, k_pow2, 4 if dtype == "fp32" else 2
+                    ),
+                    "EVICT": evict,
+                },
+                divisible=("act", "w2", "out", *sizes),
+                num_warps=tiles.num_warps,
+            )
 
 
 def add_skinny_tma(

@@ -364,7 +364,7 @@ PDL_MODES = {"0": 0, "off": 0, "wait": 1, "1": 1, "early": 2}
 
 # PDSERVE_L2_PREFETCH (engine/kernels/l2_prefetch.py): which weights a decode step asks L2 for
 # ahead of the kernel that reads them, comma-separated; unset or empty: none (unmeasured yet).
-L2_PREFETCH_TARGETS = ("o", "down")
+L2_PREFETCH_TARGETS = ("o", "down", "qkv")
 
 
 def l2_prefetch_targets_from_env() -> frozenset[str]:

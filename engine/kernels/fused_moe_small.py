@@ -75,6 +75,7 @@ def small_gate_up_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PREFETCH_DOWN: tl.constexpr,  # ask L2 for each pair's w2 (engine.kernels.l2_prefetch)
+    EVICT: tl.constexpr,  # the weights' loads: "" or "evict_first" (`_eviction`)
     PDL: tl.constexpr,
 ):
     pdl.start(PDL)
@@ -132,8 +133,10 @@ def small_gate_up_kernel(
         k_ok = ks < hidden - k0
         row = tl.load(x_ptr, mask=k_ok, other=0.0).to(tl.float32)[None, :]
         w_ok = col_ok[:, None] & k_ok[None, :]
-        gate = tl.load(w_ptr, mask=w_ok, other=0.0).to(tl.float32)
-        up = tl.load(w_ptr + inter * stride_wn, mask=w_ok, other=0.0).to(tl.float32)
+        gate = tl.load(w_ptr, mask=w_ok, other=0.0, eviction_policy=EVICT).to(tl.float32)
+        up = tl.load(w_ptr + inter * stride_wn, mask=w_ok, other=0.0, eviction_policy=EVICT).to(
+            tl.float32
+        )
         acc_gate += gate * row
         acc_up += up * row
         x_ptr += BLOCK_K
@@ -160,6 +163,7 @@ def small_down_combine_kernel(
     K_POW2: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    EVICT: tl.constexpr,  # as small_gate_up_kernel's
     PDL: tl.constexpr,
 ):
     pdl.start(PDL)
@@ -185,7 +189,7 @@ def small_down_combine_kernel(
         a_ok = valid[:, None] & k_ok[None, :]
         a = tl.load(a_ptr, mask=a_ok, other=0.0).to(tl.float32)
         w_ok = a_ok[:, None, :] & col_ok[None, :, None]
-        w = tl.load(w_ptr, mask=w_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr, mask=w_ok, other=0.0, eviction_policy=EVICT).to(tl.float32)
         acc += w * a[:, None, :]
         a_ptr += BLOCK_K
         w_ptr += BLOCK_K
@@ -322,6 +326,13 @@ def small_batch_moe_grouped_routed(
     return out, weights, ids
 
 
+def _eviction(x: torch.Tensor) -> str:
+    """The experts' weights are read once a step: with a weight asked of L2 to outlive them
+    (`PDSERVE_L2_PREFETCH`'s `down`, `qkv`), they are loaded evict-first."""
+    keep = l2_prefetch.enabled("down", x) or l2_prefetch.enabled("qkv", x)
+    return "evict_first" if keep else ""
+
+
 def _launch(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -389,6 +400,7 @@ def _launch(
         BLOCK_N=tiles.gate_up_n,
         BLOCK_K=tiles.gate_up_k,
         PREFETCH_DOWN=prefetch_down,
+        EVICT=_eviction(x),
         num_warps=tiles.num_warps,
         **pdl.launch_args(x),
     )
@@ -407,6 +419,7 @@ def _launch(
         K_POW2=k_pow2,
         BLOCK_N=tiles.down_n,
         BLOCK_K=down_block_k(tiles, k_pow2, w2.element_size()),
+        EVICT=_eviction(x),
         num_warps=tiles.num_warps,
         **pdl.launch_args(act),
     )

@@ -14,7 +14,13 @@ measured (`python -m bench.l2_prefetch` for the mechanism; engine A/Bs in bench/
   RoPE, the KV store and attention run);
 - `down`: the routed experts' down weights, asked by the small-batch MoE's gate-up kernel
   once it has routed (`engine.kernels.fused_moe_small`), so they stream beside the gate-up's
-  own reads.
+  own reads;
+- `qkv`: the next layer's first projection (QKV; MLA's fused query-and-latent), asked just
+  before a MoE layer's experts run on the small-batch path (`MoEBackend.prefetch_ahead`), so
+  that it streams beside them, which leave about a third of the bus unused at batch 1.
+
+With `down` or `qkv` the small-batch MoE's kernels read the experts' weights with an
+evict-first hint: each is read once, and a weight asked ahead should outlive them in L2.
 
 The prefetch reads only weights, which no kernel of the step writes, so it is issued before
 the PDL wait; the kernel then waits as every kernel in the chain does, so the ordering of the

@@ -9,6 +9,7 @@ from torch import nn
 
 from engine.config import ModelConfig
 from engine.forward_batch import ForwardBatch
+from engine.layers.linear import Linear
 from engine.layers.norm import RMSNorm
 from engine.layers.pending import PendingSum
 
@@ -24,13 +25,19 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp
 
     def forward(
-        self, x: torch.Tensor | PendingSum, residual: torch.Tensor | None, batch: ForwardBatch
+        self,
+        x: torch.Tensor | PendingSum,
+        residual: torch.Tensor | None,
+        batch: ForwardBatch,
+        ahead: Linear | None = None,
     ) -> tuple[torch.Tensor | PendingSum, torch.Tensor]:
         """`(mlp output, residual stream)`: the stream is the sum of everything before the MLP
         output; the next norm adds that output in (fused on CUDA). The output may be a
         `PendingSum` (engine.layers.pending), which only a norm's `forward_residual` reads.
         Every attention and MLP module takes `defer`, and may decline it.
-        `residual` None: `x` is the embedding, the stream's start."""
+        `residual` None: `x` is the embedding, the stream's start. `ahead`: the next layer's
+        first projection, whose weight a MoE block may ask L2 for before its experts run
+        (`prefetch_ahead`)."""
         if residual is None:
             if isinstance(x, PendingSum):
                 raise TypeError("the first layer takes the embeddings, a tensor")
@@ -44,10 +51,16 @@ class DecoderLayer(nn.Module):
         # A MoE block may take its gate's logits from the norm's own launch.
         route = getattr(self.mlp, "norm_and_route", None)
         routed = route(self.post_attention_layernorm, h, residual) if route is not None else None
+        logits = None
         if routed is not None:
             h, residual, logits = routed
+        else:
+            h, residual = self.post_attention_layernorm.forward_residual(h, residual)
+        prefetch = getattr(self.mlp, "prefetch_ahead", None)
+        if ahead is not None and prefetch is not None:
+            prefetch(ahead, h)
+        if logits is not None:
             return self.mlp(h, defer=True, logits=logits), residual
-        h, residual = self.post_attention_layernorm.forward_residual(h, residual)
         return self.mlp(h, defer=True), residual
 
 
@@ -72,8 +85,10 @@ class DecoderOnlyLM(nn.Module):
         """Final hidden states `[T, hidden]` of the step's new tokens."""
         x = self.embed_tokens(batch.input_ids)
         residual: torch.Tensor | None = None
-        for layer in self.layers:
-            x, residual = layer(x, residual, batch)
+        layers = list(self.layers)
+        for layer, after in zip(layers, [*layers[1:], None], strict=True):
+            ahead = getattr(after.self_attn, "first_projection", None) if after else None
+            x, residual = layer(x, residual, batch, ahead)
         if residual is None:
             return self.norm(x)
         return self.norm.forward_residual(x, residual)[0]

@@ -87,6 +87,11 @@ class MLAttention(nn.Module):
         self.rotary = rotary
         self.backend = backend
 
+    @property
+    def first_projection(self) -> Linear:
+        """The layer's first product, whose weight the layer before may ask L2 for."""
+        return self.fused_qkv_a_proj
+
     def forward(
         self, x: torch.Tensor, batch: ForwardBatch, defer: bool = False
     ) -> torch.Tensor | PendingSum:
@@ -178,6 +183,13 @@ class DeepseekMoE(nn.Module):
         return self.experts.backend.norm_and_gate(
             norm, x, residual, self.gate.weight, torch.float32
         )
+
+    def prefetch_ahead(self, ahead: Linear, x: torch.Tensor) -> None:
+        """As `SparseMoeBlock.prefetch_ahead`; each token's pairs include the fused shared
+        experts."""
+        if isinstance(self.experts, FusedExperts):
+            pairs = self.gate.routing.top_k + self.experts.num_shared
+            self.experts.backend.prefetch_ahead(ahead, x, pairs)
 
     def forward(
         self, x: torch.Tensor, defer: bool = False, logits: torch.Tensor | None = None

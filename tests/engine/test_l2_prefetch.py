@@ -14,11 +14,19 @@ pytest.importorskip("triton", reason="triton is a dev dependency (pip install -e
 from engine.config import EngineConfig, l2_prefetch_targets_from_env
 from engine.kernels import l2_prefetch
 from engine.layers.linear import Linear
+from engine.layers.moe import TritonMoEBackend
 
 
 @pytest.mark.parametrize(
     ("value", "targets"),
-    [("", set()), ("off", set()), ("o", {"o"}), ("o, down", {"o", "down"}), ("down,", {"down"})],
+    [
+        ("", set()),
+        ("off", set()),
+        ("o", {"o"}),
+        ("o, down", {"o", "down"}),
+        ("down,", {"down"}),
+        ("o,down,qkv", {"o", "down", "qkv"}),
+    ],
 )
 def test_targets_parse(monkeypatch: pytest.MonkeyPatch, value: str, targets: set[str]) -> None:
     monkeypatch.setenv("PDSERVE_L2_PREFETCH", value)
@@ -28,8 +36,8 @@ def test_targets_parse(monkeypatch: pytest.MonkeyPatch, value: str, targets: set
 def test_an_unknown_target_fails_at_start_naming_the_choices(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("PDSERVE_L2_PREFETCH", "o,qkv")
-    with pytest.raises(ValueError, match=r"of o, down \(or off\), got qkv$"):
+    monkeypatch.setenv("PDSERVE_L2_PREFETCH", "o,gate")
+    with pytest.raises(ValueError, match=r"of o, down, qkv \(or off\), got gate$"):
         EngineConfig(model_path="unused")
 
 
@@ -43,8 +51,9 @@ def test_prefetchable_ranges() -> None:
 
 
 def test_nothing_is_launched_off_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With every target named, a CPU product asks nothing of L2 (and computes the same)."""
-    monkeypatch.setenv("PDSERVE_L2_PREFETCH", "o,down")
+    """With every target named, a CPU product and a CPU MoE layer ask nothing of L2 (and the
+    product computes the same)."""
+    monkeypatch.setenv("PDSERVE_L2_PREFETCH", "o,down,qkv")
     l2_prefetch.targets.cache_clear()
     launched: list[torch.Tensor] = []
     monkeypatch.setattr(l2_prefetch, "prefetch", launched.append)
@@ -53,6 +62,7 @@ def test_nothing_is_launched_off_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
         x = torch.randn(2, 32)
         assert not l2_prefetch.enabled("o", x)
         layer.prefetch_weight(x, "o")
+        TritonMoEBackend().prefetch_ahead(layer, x, pairs_per_token=1)  # the `qkv` target
         assert launched == []
         torch.testing.assert_close(layer(x), x @ layer.weight.t())
     finally:
