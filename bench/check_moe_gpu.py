@@ -83,6 +83,19 @@ def check_moe(shape: LayerShape, tokens: Sequence[int]) -> list[str]:
         print(f"fused MoE {shape.name} T={t}: max err {err:.2e} (largest value {scale:.2f})")
         if not ok:
             failures.append(f"fused MoE {shape.name} T={t}: {err:.2e} of {scale:.2f}")
+        # The routed entry (routing folded into the small path's gate-up, or past one align
+        # program into the align's count), against the reference on the reference's routing.
+        if shape.grouped:
+            routing = GroupedRouting(
+                shape.top_k, shape.groups, shape.topk_groups, True, shape.scaling
+            )
+            routed = fast.routed_experts_grouped(x, logits, bias, w13, w2, routing)
+        else:
+            routed = fast.routed_experts(x, logits, w13, w2, shape.top_k, True)
+        err = (routed.float() - want).abs().max().item() if t else 0.0
+        print(f"routed MoE {shape.name} T={t}: max err {err:.2e}")
+        if routed.shape != (t, h) or err > MOE_TOL * scale:
+            failures.append(f"routed MoE {shape.name} T={t}: {err:.2e} of {scale:.2f}")
     return failures
 
 

@@ -173,6 +173,48 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
         {"FILL": 256, "E_POW2": 256, "CHUNK": fused_moe.PARALLEL_CHUNK},
         num_warps=8,
     )
+    # Routing with the align's count: Qwen3-30B-A3B's softmax top-8 of 128 (bf16 logits),
+    # Moonlight's grouped top-6 of 64 with 2 fused shared experts and DeepSeek-V3's top-8 of
+    # 8 x 32 with 1 (float32 logits).
+    for name, route, width, routed, stacked, geometry, logits in (
+        ("qwen3-30b-a3b", 1, 8, 128, 128, (1, 1, 1, 0), "*bf16"),
+        ("moonlight", 2, 8, 64, 66, (1, 64, 1, 2), "*fp32"),
+        ("deepseek-v3", 2, 9, 256, 257, (8, 32, 4, 1), "*fp32"),
+    ):
+        groups, per_group, topk_groups, shared = geometry
+        k_pow2 = triton.next_power_of_2(width)
+        add(
+            f"route_count_kernel {name}",
+            fused_moe.route_count_kernel,
+            {
+                "router_logits": logits,
+                "correction_bias": "*fp32",
+                "topk_weights": "*fp32" if route == 2 else logits,
+                "topk_ids": "*i64",
+                "chunk_counts": i32,
+                "rank_in_chunk": i32,
+                "sorted_pairs": i32,
+            },
+            {
+                "WIDTH": width,
+                "K_POW2": k_pow2,
+                "L_POW2": triton.next_power_of_2(routed),
+                "E_POW2": triton.next_power_of_2(stacked + 1),
+                "BLOCK_T": fused_moe.ROUTE_COUNT_LANES // k_pow2,
+                "FILL": 256,
+                "ROUTE": route,
+                "RENORMALIZE": True,
+                "NUM_GROUPS": groups,
+                "PER_GROUP": per_group,
+                "TOPK_GROUPS": topk_groups,
+                "NUM_SHARED": shared,
+                "G_POW2": groups,
+                "P_POW2": per_group,
+            },
+            floats=("scaling",),
+            divisible=("router_logits", "stride_lt"),
+            num_warps=8,
+        )
     for experts in (64, 128, 256, 384):  # the widest tile a long prefill takes
         e_pow2 = triton.next_power_of_2(experts + 1)
         add(

@@ -50,6 +50,7 @@
 #   run(command="bash bench/gpu/session.sh Q", carry=[".whl"])   # L2 prefetches in the engine
 #   run(command="bash bench/gpu/session.sh R", carry=[".whl"])   # GEMM rows, L2 on Moonlight, Llama
 #   run(command="bash bench/gpu/session.sh S", carry=[".whl", ".base"])  # one call: P and Q's core
+#   run(command="bash bench/gpu/session.sh T", carry=[".whl", ".base"])  # routing + count, A/B
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -720,5 +721,25 @@ S)
       --preset qwen3-30b-a3b --skip-hf --prefill '' --decode 1x128 --repeats 3
   done
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|Q|R|S"; exit 2 ;;
+T)
+  # Routing with the align's count in one launch (`route_count_kernel`: the grouped MoE path
+  # past 128 pairs, one launch fewer a MoE layer) against the commit before it (`.base`:
+  # `rm -rf .base && mkdir .base && git archive e6c4569 | tar -x -C .base`): the routed
+  # entries checked at full shapes, then `fused_moe_routed` alone and the engine at 64 and
+  # 256 tokens (about 420 s).
+  TAIL=4 step check_moe 80 python3 -m bench.check_moe_gpu --shape moonlight-16b-a3b \
+    --shape qwen3-30b-a3b --skip-mla
+  for tree in new base; do
+    dir=$PWD; [ "$tree" = base ] && dir=$PWD/.base
+    TAIL=6 step "routed_$tree" 40 env PYTHONPATH="$dir:/tmp/site" bash -c "cd $dir && \
+      python3 -m bench.moe_kernel --shape qwen3-30b-a3b --tokens 64,256 --path routed"
+    TAIL=4 step "qwen3_$tree" 60 env PYTHONPATH="$dir:/tmp/site" bash -c "cd $dir && \
+      python3 -m bench.engine --preset qwen3-30b-a3b --skip-hf --prefill '' \
+      --decode 64x128,256x128 --repeats 3"
+    TAIL=4 step "moonlight_$tree" 65 env PYTHONPATH="$dir:/tmp/site" bash -c "cd $dir && \
+      python3 -m bench.engine --preset moonlight-16b-a3b --skip-hf --prefill '' \
+      --decode 64x128,256x128 --repeats 3"
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|Q|R|S|T"; exit 2 ;;
 esac

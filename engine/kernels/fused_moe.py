@@ -12,7 +12,8 @@ captured in a CUDA graph at a fixed batch size):
    step's few pairs; for more, kernels over chunks of pairs: two up to
    `FOLDED_OFFSETS_MAX_CHUNKS` chunks (count per chunk; then each program sums the counts
    itself and scatters), three beyond (count, prefix sums per expert in one program,
-   scatter).
+   scatter). Where this module also routes (`fused_moe_routed`, `fused_moe_grouped_routed`),
+   the routing kernel counts its chunk too (`route_count_kernel`): one launch fewer.
 2. `grouped_gemm_kernel` with `GATE_UP`: for every block, `x[pair // top_k] @ w13[e].T`, the
    gate and up halves in two accumulators, stored as `silu(gate) * up` `[N, I]`.
 3. `grouped_gemm_kernel` without it: `act[pair] @ w2[e].T` `[N, H]`, in the pair's row.
@@ -39,6 +40,7 @@ nothing (expert parallelism marks the pairs another rank computes that way).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, overload
 
 import torch
@@ -48,11 +50,14 @@ import triton.language as tl
 from engine.kernels import pdl, tma
 from engine.kernels.fused_moe_configs import MoEKernelConfig, kernel_config
 from engine.kernels.fused_moe_small import (
+    ROUTE_GROUPED,
+    ROUTE_SOFTMAX,
+    Routing,
     small_batch_moe,
     small_batch_moe_grouped_routed,
     small_batch_moe_routed,
 )
-from engine.kernels.moe_routing import grouped_topk, softmax_topk
+from engine.kernels.moe_routing import grouped_topk, route_rows, softmax_topk
 from engine.layers.pending import PendingSum
 
 
@@ -153,6 +158,89 @@ def align_count_kernel(
 
 
 @triton.jit
+def route_count_kernel(
+    router_logits,  # [T, E_ROUTED]
+    correction_bias,  # [E_ROUTED] with ROUTE_GROUPED, else unused
+    topk_weights,  # [T, WIDTH] out (float32 grouped, else the logits' dtype)
+    topk_ids,  # [T, WIDTH] int64 out
+    chunk_counts,  # [num_chunks, E_POW2] int32 out: pairs per expert in each chunk
+    rank_in_chunk,  # [N] int32 out: a pair's rank among its expert's pairs in its chunk
+    sorted_pairs,  # [max_rows] int32 out: filled with padding (N) here, scattered later
+    num_tokens,
+    num_routed,  # E_ROUTED: the experts the router chooses from
+    num_experts,  # E: the stacked experts (the routed ones, then any shared ones)
+    stride_lt,
+    scaling,  # ROUTE_GROUPED: the routed weights' scaling factor
+    max_rows,
+    WIDTH: tl.constexpr,  # pairs a token: the routed choices, then the shared experts
+    K_POW2: tl.constexpr,
+    L_POW2: tl.constexpr,  # ROUTE_SOFTMAX: a power of two >= E_ROUTED
+    E_POW2: tl.constexpr,  # a power of two > E: bin E holds the strays
+    BLOCK_T: tl.constexpr,  # tokens a program (a chunk: BLOCK_T * WIDTH pairs)
+    FILL: tl.constexpr,  # rows of sorted_pairs each program pads
+    ROUTE: tl.constexpr,  # fused_moe_small.ROUTE_SOFTMAX or ROUTE_GROUPED
+    RENORMALIZE: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    PER_GROUP: tl.constexpr,
+    TOPK_GROUPS: tl.constexpr,
+    NUM_SHARED: tl.constexpr,
+    G_POW2: tl.constexpr,
+    P_POW2: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """The routing kernel (`softmax_topk_kernel` or `grouped_topk_kernel`, by the same row
+    functions) and `align_count_kernel` in one launch: each program routes BLOCK_T tokens,
+    stores their choices, and counts its chunk of pairs (theirs) as the count kernel does.
+    The align's scatter follows (`chunk_pairs` = BLOCK_T * WIDTH)."""
+    pdl.start(PDL)
+    chunk = tl.program_id(0)
+    tokens = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
+    # Rows past the last token route it again (their results are not stored).
+    rows = tl.minimum(tokens, num_tokens - 1)
+    chosen_w, chosen_id = route_rows(
+        router_logits,
+        rows,
+        stride_lt,
+        correction_bias,
+        num_routed,
+        scaling,
+        ROUTE,
+        WIDTH,
+        K_POW2,
+        L_POW2,
+        RENORMALIZE,
+        NUM_GROUPS,
+        PER_GROUP,
+        TOPK_GROUPS,
+        NUM_SHARED,
+        G_POW2,
+        P_POW2,
+    )
+    slots = tl.arange(0, K_POW2)[None, :]
+    keep = (tokens[:, None] < num_tokens) & (slots < WIDTH)  # [BLOCK_T, K_POW2]
+    pair = tokens.to(tl.int64)[:, None] * WIDTH + slots
+    tl.store(topk_weights + pair, chosen_w.to(topk_weights.dtype.element_ty), mask=keep)
+    tl.store(topk_ids + pair, chosen_id, mask=keep)
+    # The count, lanes in pair order (token-major, as `pair` is).
+    ok = keep & (chosen_id >= 0) & (chosen_id < num_experts)
+    e = tl.reshape(tl.where(ok, chosen_id, num_experts).to(tl.int32), [BLOCK_T * K_POW2])
+    experts = tl.arange(0, E_POW2)
+    counts = tl.sum((e[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    tl.store(chunk_counts + chunk * E_POW2 + experts, counts)
+    lanes = tl.arange(0, BLOCK_T * K_POW2)
+    same = (e[:, None] == e[None, :]) & (lanes[None, :] < lanes[:, None])
+    rank = tl.sum(same.to(tl.int32), axis=1)
+    tl.store(
+        rank_in_chunk + tl.reshape(pair, [BLOCK_T * K_POW2]),
+        rank,
+        mask=tl.reshape(keep, [BLOCK_T * K_POW2]),
+    )
+    fill = chunk * FILL + tl.arange(0, FILL)
+    num_pairs = num_tokens * WIDTH
+    tl.store(sorted_pairs + fill, tl.full([FILL], 0, tl.int32) + num_pairs, mask=fill < max_rows)
+
+
+@triton.jit
 def align_offsets_kernel(
     chunk_counts,  # [num_chunks, E_POW2] int32; overwritten by each chunk's first row per expert
     expert_start,  # [E_POW2] int32 out: first row of each expert's run
@@ -198,6 +286,7 @@ def align_scatter_kernel(
     num_pairs,
     num_experts,
     max_blocks,
+    chunk_pairs,  # pairs a chunk: CHUNK, or fewer (the routing-and-count kernel's chunks)
     BLOCK_M: tl.constexpr,
     E_POW2: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -206,8 +295,9 @@ def align_scatter_kernel(
 ):
     pdl.start(PDL)
     chunk = tl.program_id(0)
-    idx = chunk * CHUNK + tl.arange(0, CHUNK)
-    valid = idx < num_pairs
+    lanes = tl.arange(0, CHUNK)
+    idx = chunk * chunk_pairs + lanes
+    valid = (lanes < chunk_pairs) & (idx < num_pairs)
     e = tl.load(topk_ids + idx, mask=valid, other=num_experts).to(tl.int32)
     keep = valid & (e >= 0) & (e < num_experts)
     e = tl.where(keep, e, 0)
@@ -238,6 +328,7 @@ def align_scatter_folded_kernel(
     num_experts,
     num_chunks,
     max_blocks,
+    chunk_pairs,  # as align_scatter_kernel's
     BLOCK_M: tl.constexpr,
     E_POW2: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -271,8 +362,9 @@ def align_scatter_folded_kernel(
     if chunk == 0:
         tl.store(num_rows, total)
 
-    idx = chunk * CHUNK + tl.arange(0, CHUNK)
-    valid = idx < num_pairs
+    lanes = tl.arange(0, CHUNK)
+    idx = chunk * chunk_pairs + lanes
+    valid = (lanes < chunk_pairs) & (idx < num_pairs)
     e = tl.load(topk_ids + idx, mask=valid, other=num_experts).to(tl.int32)
     keep = valid & (e >= 0) & (e < num_experts)
     e = tl.where(keep, e, 0)
@@ -546,6 +638,14 @@ def folded_chunk_block(e_pow2: int, num_chunks: int) -> int:
     return min(triton.next_power_of_2(num_chunks), max(1, FOLDED_TILE_ELEMENTS // e_pow2))
 
 
+def aligned_sizes(num_pairs: int, num_experts: int, block_m: int) -> tuple[int, int]:
+    """(rows, blocks) of the align's output for `num_pairs` pairs: `N + min(N, E) *
+    (block_m - 1)` rows, rounded up to whole blocks."""
+    max_rows = num_pairs + min(num_pairs, num_experts) * (block_m - 1)
+    max_blocks = triton.cdiv(max_rows, block_m)
+    return max_blocks * block_m, max_blocks
+
+
 def align_block_size(
     topk_ids: torch.Tensor,
     num_experts: int,
@@ -554,23 +654,20 @@ def align_block_size(
     fold_offsets: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pairs sorted into expert-aligned blocks; see the module docstring. Sizes depend only on
-    `topk_ids.numel()`: rows `N + min(N, E) * (block_m - 1)`, rounded up to whole blocks.
-    `parallel` picks the chunked kernels (default: above `SINGLE_PROGRAM_PAIRS` pairs), and
-    among them `fold_offsets` the two-launch form (default: up to `FOLDED_OFFSETS_MAX_CHUNKS`
-    chunks); every choice gives the same result."""
+    `topk_ids.numel()` (`aligned_sizes`). `parallel` picks the chunked kernels (default: above
+    `SINGLE_PROGRAM_PAIRS` pairs), and among them `fold_offsets` the two-launch form (default:
+    up to `FOLDED_OFFSETS_MAX_CHUNKS` chunks); every choice gives the same result."""
     num_pairs = topk_ids.numel()
-    max_rows = num_pairs + min(num_pairs, num_experts) * (block_m - 1)
-    max_blocks = triton.cdiv(max_rows, block_m)
-    max_rows = max_blocks * block_m
+    max_rows, max_blocks = aligned_sizes(num_pairs, num_experts, block_m)
     device = topk_ids.device
     ids = topk_ids.reshape(-1)
     sorted_pairs = torch.empty(max_rows, dtype=torch.int32, device=device)
-    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=device)
-    num_rows = torch.empty(1, dtype=torch.int32, device=device)
     e_pow2 = triton.next_power_of_2(num_experts + 1)  # bin num_experts holds the strays
     if parallel is None:
         parallel = num_pairs > SINGLE_PROGRAM_PAIRS
     if not parallel:
+        block_expert = torch.empty(max_blocks, dtype=torch.int32, device=device)
+        num_rows = torch.empty(1, dtype=torch.int32, device=device)
         align_kernel[(1,)](
             ids,
             sorted_pairs,
@@ -605,6 +702,39 @@ def align_block_size(
         num_warps=8,
         **pdl.launch_args(ids),
     )
+    counted = _Counted(chunk_counts, rank_in_chunk, sorted_pairs, chunk)
+    return _scatter_counted(ids, counted, num_experts, block_m, fold_offsets)
+
+
+@dataclass(frozen=True)
+class _Counted:
+    """What the chunked align's first stage leaves for its scatter: pairs per expert in each
+    chunk of `chunk_pairs` consecutive pairs, each pair's rank among its expert's pairs in its
+    chunk, and the output rows filled with padding."""
+
+    chunk_counts: torch.Tensor  # [num_chunks, E_POW2] int32
+    rank_in_chunk: torch.Tensor  # [N] int32
+    sorted_pairs: torch.Tensor  # [max_rows] int32
+    chunk_pairs: int
+
+
+def _scatter_counted(
+    ids: torch.Tensor,
+    counted: _Counted,
+    num_experts: int,
+    block_m: int,
+    fold_offsets: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The chunked align's second stage: each expert's run from the counts, then every pair
+    scattered to its row and every block given its expert (`align_block_size`'s result)."""
+    num_pairs = ids.numel()
+    device = ids.device
+    sorted_pairs, chunk_counts = counted.sorted_pairs, counted.chunk_counts
+    max_blocks = sorted_pairs.numel() // block_m
+    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=device)
+    num_rows = torch.empty(1, dtype=torch.int32, device=device)
+    num_chunks, e_pow2 = chunk_counts.shape
+    lanes = triton.next_power_of_2(counted.chunk_pairs)
     blocks_per_chunk = triton.next_power_of_2(triton.cdiv(max_blocks, num_chunks))
     if fold_offsets is None:
         fold_offsets = num_chunks <= FOLDED_OFFSETS_MAX_CHUNKS
@@ -612,7 +742,7 @@ def align_block_size(
         align_scatter_folded_kernel[(num_chunks,)](
             ids,
             chunk_counts,
-            rank_in_chunk,
+            counted.rank_in_chunk,
             sorted_pairs,
             block_expert,
             num_rows,
@@ -620,9 +750,10 @@ def align_block_size(
             num_experts,
             num_chunks,
             max_blocks,
+            counted.chunk_pairs,
             BLOCK_M=block_m,
             E_POW2=e_pow2,
-            CHUNK=chunk,
+            CHUNK=lanes,
             BLOCKS_PER_CHUNK=blocks_per_chunk,
             CHUNK_BLOCK=folded_chunk_block(e_pow2, num_chunks),
             num_warps=8,
@@ -647,7 +778,7 @@ def align_block_size(
     align_scatter_kernel[(num_chunks,)](
         ids,
         chunk_counts,
-        rank_in_chunk,
+        counted.rank_in_chunk,
         expert_start,
         expert_end,
         num_rows,
@@ -656,14 +787,81 @@ def align_block_size(
         num_pairs,
         num_experts,
         max_blocks,
+        counted.chunk_pairs,
         BLOCK_M=block_m,
         E_POW2=e_pow2,
-        CHUNK=chunk,
+        CHUNK=lanes,
         BLOCKS_PER_CHUNK=blocks_per_chunk,
         num_warps=4,
         **pdl.launch_args(ids),
     )
     return sorted_pairs, block_expert, num_rows
+
+
+# Pair slots a routing-and-count program holds (`route_count_kernel`: BLOCK_T tokens of
+# K_POW2 slots), as the count kernel's chunk of pairs.
+ROUTE_COUNT_LANES = PARALLEL_CHUNK
+
+
+def route_and_count(
+    routing: Routing, width: int, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor, _Counted]:
+    """`routing`'s choices for its logits' T tokens (weights `[T, width]`, ids `[T, width]`
+    int64: `softmax_topk`'s or `grouped_topk`'s, shared experts appended) and the chunked
+    align's first stage over their pairs, in one launch (`route_count_kernel`); the chunks
+    are whole tokens, `ROUTE_COUNT_LANES // K_POW2` of them."""
+    logits = routing.logits
+    num_tokens, num_routed = logits.shape
+    device = logits.device
+    grouped = routing.kind == ROUTE_GROUPED
+    weights = torch.empty(
+        num_tokens, width, dtype=torch.float32 if grouped else logits.dtype, device=device
+    )
+    ids = torch.empty(num_tokens, width, dtype=torch.int64, device=device)
+    k_pow2 = triton.next_power_of_2(width)
+    block_t = max(1, ROUTE_COUNT_LANES // k_pow2)
+    num_chunks = triton.cdiv(num_tokens, block_t)
+    num_pairs = num_tokens * width
+    max_rows, _ = aligned_sizes(num_pairs, num_experts, block_m)
+    e_pow2 = triton.next_power_of_2(num_experts + 1)
+    chunk_counts = torch.empty(num_chunks, e_pow2, dtype=torch.int32, device=device)
+    rank_in_chunk = torch.empty(num_pairs, dtype=torch.int32, device=device)
+    sorted_pairs = torch.empty(max_rows, dtype=torch.int32, device=device)
+    num_groups = routing.num_groups if grouped else 1
+    per_group = num_routed // num_groups
+    bias = routing.correction_bias if routing.correction_bias is not None else logits
+    route_count_kernel[(num_chunks,)](
+        logits,
+        bias,
+        weights,
+        ids,
+        chunk_counts,
+        rank_in_chunk,
+        sorted_pairs,
+        num_tokens,
+        num_routed,
+        num_experts,
+        logits.stride(0),
+        float(routing.scaling),
+        max_rows,
+        WIDTH=width,
+        K_POW2=k_pow2,
+        L_POW2=triton.next_power_of_2(num_routed),
+        E_POW2=e_pow2,
+        BLOCK_T=block_t,
+        FILL=triton.next_power_of_2(triton.cdiv(max_rows, num_chunks)),
+        ROUTE=routing.kind,
+        RENORMALIZE=routing.renormalize,
+        NUM_GROUPS=num_groups,
+        PER_GROUP=per_group if grouped else 1,
+        TOPK_GROUPS=routing.topk_groups if grouped else 1,
+        NUM_SHARED=routing.num_shared,
+        G_POW2=triton.next_power_of_2(num_groups),
+        P_POW2=triton.next_power_of_2(per_group) if grouped else 1,
+        num_warps=8,
+        **pdl.launch_args(logits),
+    )
+    return weights, ids, _Counted(chunk_counts, rank_in_chunk, sorted_pairs, block_t * width)
 
 
 def _grouped_gemm(
@@ -759,13 +957,33 @@ def fused_moe(
     _check_weights(x, w13, w2)
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
     topk_ids, topk_weights = topk_ids.contiguous(), topk_weights.contiguous()
-    num_pairs = num_tokens * top_k
     if small_batch is None:
         small_batch = takes_small_path(num_tokens, top_k)
     if small_batch:
         return small_batch_moe(x, w13, w2, topk_weights, topk_ids)
     cfg = config or kernel_config(num_tokens, num_experts, hidden, inter, top_k, x.dtype)
     aligned = align_block_size(topk_ids, num_experts, cfg.block_m)
+    return _grouped_moe(x, w13, w2, topk_weights, topk_ids, aligned, cfg, defer)
+
+
+def _grouped_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    aligned: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    cfg: MoEKernelConfig,
+    defer: bool,
+) -> torch.Tensor | PendingSum:
+    """`fused_moe`'s grouped path after the align: the two grouped GEMMs and the combine (or,
+    with `defer`, its inputs as a `PendingSum`). Contiguous inputs of at least one token."""
+    num_tokens, hidden = x.shape
+    num_experts, two_inter, _ = w13.shape
+    inter = two_inter // 2
+    top_k = topk_ids.shape[1]
+    num_pairs = num_tokens * top_k
+    out = torch.empty_like(x)
     # [N, I] in pair order; with `tma`, [max_rows, I] in the sorted rows' order.
     act_rows = aligned[0].numel() if cfg.tma else num_pairs
     act = torch.empty(act_rows, inter, dtype=x.dtype, device=x.device)
@@ -823,8 +1041,9 @@ def fused_moe_routed(
 ) -> torch.Tensor | PendingSum:
     """`fused_moe` on softmax top-k routing of `router_logits` `[T, E]`: the experts that
     `softmax_topk` chooses, with its weights. On the small-batch path (`small_batch` as in
-    `fused_moe`) its gate-up kernel routes, one launch fewer; otherwise `softmax_topk`, then
-    `fused_moe`."""
+    `fused_moe`) its gate-up kernel routes, one launch fewer; on the grouped path past
+    `SINGLE_PROGRAM_PAIRS` pairs the align's count does (`route_and_count`), one launch fewer;
+    otherwise `softmax_topk`, then `fused_moe`."""
     num_tokens = x.shape[0]
     if router_logits.shape != (num_tokens, w13.shape[0]):
         raise ValueError(
@@ -833,11 +1052,14 @@ def fused_moe_routed(
         )
     if small_batch is None:
         small_batch = takes_small_path(num_tokens, top_k)
+    logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
     if not small_batch:
+        if num_tokens * top_k > SINGLE_PROGRAM_PAIRS:
+            routing = Routing(ROUTE_SOFTMAX, logits, renormalize)
+            return _routed_grouped_moe(x, w13, w2, routing, top_k, defer)
         weights, ids = softmax_topk(router_logits, top_k, renormalize)
         return fused_moe(x, w13, w2, weights, ids, small_batch=False, defer=defer)
     _check_weights(x, w13, w2)
-    logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
     out, _, _ = small_batch_moe_routed(
         x.contiguous(), w13.contiguous(), w2.contiguous(), logits, top_k, renormalize
     )
@@ -900,7 +1122,8 @@ def fused_moe_grouped_routed(
     and weights of `grouped_topk`), plus `num_shared` shared experts stacked after the E routed
     ones (w13 `[E + num_shared, 2I, H]`), which every token takes with weight 1.0. On the
     small-batch path (`small_batch` as in `fused_moe`) its gate-up kernel routes: two launches
-    in all; otherwise `grouped_topk`, then `fused_moe`."""
+    in all; past `SINGLE_PROGRAM_PAIRS` pairs the align's count does, as in
+    `fused_moe_routed`; otherwise `grouped_topk`, then `fused_moe`."""
     num_tokens, num_routed = router_logits.shape
     if num_tokens != x.shape[0] or num_routed + num_shared != w13.shape[0]:
         raise ValueError(
@@ -908,17 +1131,52 @@ def fused_moe_grouped_routed(
             f"not fit x {tuple(x.shape)} and {w13.shape[0]} experts"
         )
     args = (top_k, num_groups, topk_groups, renormalize, scaling_factor, num_shared)
+    width = top_k + num_shared
     if small_batch is None:
-        small_batch = takes_small_path(num_tokens, top_k + num_shared)
+        small_batch = takes_small_path(num_tokens, width)
+    logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
+    if (not small_batch or num_tokens == 0) and num_tokens * width > SINGLE_PROGRAM_PAIRS:
+        routing = Routing(
+            ROUTE_GROUPED,
+            logits,
+            renormalize,
+            correction_bias.contiguous(),
+            scaling_factor,
+            num_groups,
+            topk_groups,
+            num_shared,
+        )
+        return _routed_grouped_moe(x, w13, w2, routing, width, defer)
     if not small_batch or num_tokens == 0:
         weights, ids = grouped_topk(router_logits, correction_bias, *args)
         return fused_moe(x, w13, w2, weights, ids, small_batch=small_batch, defer=defer)
     _check_weights(x, w13, w2)
-    logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
     out, _, _ = small_batch_moe_grouped_routed(
         x.contiguous(), w13.contiguous(), w2.contiguous(), logits, correction_bias, *args
     )
     return out
+
+
+def _routed_grouped_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    routing: Routing,
+    width: int,
+    defer: bool,
+) -> torch.Tensor | PendingSum:
+    """The grouped path for more pairs than one align program takes: routing and the align's
+    count in one launch (`route_and_count`), then the align's scatter, the GEMMs and the
+    combine. One launch fewer than `softmax_topk`/`grouped_topk`, then `fused_moe`; the same
+    choices and rows."""
+    _check_weights(x, w13, w2)
+    x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
+    num_tokens, hidden = x.shape
+    num_experts, two_inter, _ = w13.shape
+    cfg = kernel_config(num_tokens, num_experts, hidden, two_inter // 2, width, x.dtype)
+    weights, ids, counted = route_and_count(routing, width, num_experts, cfg.block_m)
+    aligned = _scatter_counted(ids.view(-1), counted, num_experts, cfg.block_m)
+    return _grouped_moe(x, w13, w2, weights, ids, aligned, cfg, defer)
 
 
 def _check_weights(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> None:

@@ -34,10 +34,7 @@ import triton.language as tl
 
 from engine.kernels import l2_prefetch, pdl
 from engine.kernels.l2_prefetch import prefetch_bytes
-from engine.kernels.moe_routing import grouped_topk_row, softmax_topk_row
-
-# What `small_gate_up_kernel` routes by (its ROUTE argument).
-ROUTE_NONE, ROUTE_SOFTMAX, ROUTE_GROUPED = 0, 1, 2
+from engine.kernels.moe_routing import ROUTE_GROUPED, ROUTE_NONE, ROUTE_SOFTMAX, route_rows
 
 
 @triton.jit
@@ -66,7 +63,7 @@ def small_gate_up_kernel(
     E_POW2: tl.constexpr,
     ROUTE: tl.constexpr,  # ROUTE_NONE, or choose the experts here as the routing kernels do
     RENORMALIZE: tl.constexpr,
-    NUM_GROUPS: tl.constexpr,  # ROUTE_GROUPED: grouped_topk_row's settings
+    NUM_GROUPS: tl.constexpr,  # ROUTE_GROUPED: grouped_topk_rows' settings
     PER_GROUP: tl.constexpr,
     TOPK_GROUPS: tl.constexpr,
     NUM_SHARED: tl.constexpr,
@@ -85,31 +82,31 @@ def small_gate_up_kernel(
     if ROUTE != 0:
         # Every program routes its token again (a few hundred logits: less than a launch);
         # the pair's first program writes its choice for the down kernel.
-        logits_row = router_logits + pair // TOP_K * stride_lt
-        if ROUTE == 1:
-            chosen_w, chosen_id = softmax_topk_row(
-                logits_row, num_routed, TOP_K, K_POW2, E_POW2, RENORMALIZE
-            )
-        else:
-            chosen_w, chosen_id = grouped_topk_row(
-                logits_row,
-                correction_bias,
-                num_routed,
-                scaling,
-                NUM_GROUPS,
-                PER_GROUP,
-                TOPK_GROUPS,
-                TOP_K - NUM_SHARED,
-                NUM_SHARED,
-                G_POW2,
-                P_POW2,
-                K_POW2,
-                RENORMALIZE,
-            )
-        mine = tl.arange(0, K_POW2) == pair % TOP_K
-        expert = tl.sum(tl.where(mine, chosen_id, 0), axis=0)
+        rows = pair // TOP_K + tl.zeros([1], dtype=tl.int64)  # the pair's token
+        chosen_w, chosen_id = route_rows(
+            router_logits,
+            rows,
+            stride_lt,
+            correction_bias,
+            num_routed,
+            scaling,
+            ROUTE,
+            TOP_K,
+            K_POW2,
+            E_POW2,
+            RENORMALIZE,
+            NUM_GROUPS,
+            PER_GROUP,
+            TOPK_GROUPS,
+            NUM_SHARED,
+            G_POW2,
+            P_POW2,
+        )
+        mine = tl.arange(0, K_POW2)[None, :] == pair % TOP_K
+        expert = tl.sum(tl.sum(tl.where(mine, chosen_id, 0), axis=1), axis=0)
         if tl.program_id(1) == 0:
-            weight = tl.sum(tl.where(mine, chosen_w, 0.0), axis=0)  # exact: the rest are 0
+            # Exact: the other slots are 0.
+            weight = tl.sum(tl.sum(tl.where(mine, chosen_w, 0.0), axis=1), axis=0)
             tl.store(topk_weights + pair, weight.to(topk_weights.dtype.element_ty))
             tl.store(topk_ids + pair, expert)
     else:
@@ -256,7 +253,7 @@ def small_batch_moe(
 
 
 @dataclass(frozen=True)
-class _Routing:
+class Routing:
     """What the gate-up kernel routes by: `ROUTE_SOFTMAX` or `ROUTE_GROUPED`, its logits
     `[T, E_routed]` (contiguous rows) and settings."""
 
@@ -285,7 +282,7 @@ def small_batch_moe_routed(
     num_tokens = x.shape[0]
     weights = router_logits.new_empty(num_tokens, top_k)
     ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=x.device)
-    routing = _Routing(ROUTE_SOFTMAX, router_logits, renormalize)
+    routing = Routing(ROUTE_SOFTMAX, router_logits, renormalize)
     out = _launch(x, w13, w2, weights, ids, routing, tiles)
     return out, weights, ids
 
@@ -312,7 +309,7 @@ def small_batch_moe_grouped_routed(
     width = top_k + num_shared
     weights = torch.empty(num_tokens, width, dtype=torch.float32, device=x.device)
     ids = torch.empty(num_tokens, width, dtype=torch.int64, device=x.device)
-    routing = _Routing(
+    routing = Routing(
         ROUTE_GROUPED,
         router_logits,
         renormalize,
@@ -339,7 +336,7 @@ def _launch(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
-    routing: _Routing | None,
+    routing: Routing | None,
     tiles: SmallBatchTiles,
 ) -> torch.Tensor:
     out = torch.empty_like(x)

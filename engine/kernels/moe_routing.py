@@ -21,36 +21,41 @@ from engine.kernels import pdl
 
 
 @triton.jit
-def softmax_topk_row(
-    logits_row,  # [E] one token's router logits
+def softmax_topk_rows(
+    logits,  # [T, E] router logits, rows `stride_t` apart
+    rows,  # [BLOCK_T] the tokens to route (in range: callers clamp)
+    stride_t,
     num_experts,
     TOP_K: tl.constexpr,
     K_POW2: tl.constexpr,
     E_POW2: tl.constexpr,
     RENORMALIZE: tl.constexpr,
 ):
-    """One token's softmax top-k: (weights `[K_POW2]` float32, ids `[K_POW2]` int64), best
-    first, slots from TOP_K on zero. Shared by `softmax_topk_kernel` and the small-batch MoE's
-    gate-up kernel (`engine.kernels.fused_moe_small`), which must choose alike."""
+    """Softmax top-k of each of `rows`' tokens: (weights `[BLOCK_T, K_POW2]` float32, ids
+    `[BLOCK_T, K_POW2]` int64), best first, slots from TOP_K on zero. Shared by
+    `softmax_topk_kernel`, the grouped MoE path's routing-and-count kernel and the small-batch
+    MoE's gate-up kernel (`engine.kernels.fused_moe`, `fused_moe_small`), which must choose
+    alike."""
     cols = tl.arange(0, E_POW2)
     ok = cols < num_experts
-    x = tl.load(logits_row + cols, mask=ok, other=-float("inf")).to(tl.float32)
-    p = tl.exp(x - tl.max(x, axis=0))
-    p = tl.where(ok, p, 0.0)
-    p = p / tl.sum(p, axis=0)
+    ptr = logits + rows.to(tl.int64)[:, None] * stride_t + cols[None, :]
+    x = tl.load(ptr, mask=ok[None, :], other=-float("inf")).to(tl.float32)
+    p = tl.exp(x - tl.max(x, axis=1)[:, None])
+    p = tl.where(ok[None, :], p, 0.0)
+    p = p / tl.sum(p, axis=1)[:, None]
     # Probabilities are >= 0: -1 marks an expert already taken (or past E).
-    left = tl.where(ok, p, -1.0)
-    slots = tl.arange(0, K_POW2)
-    chosen_w = tl.zeros([K_POW2], dtype=tl.float32)
-    chosen_id = tl.zeros([K_POW2], dtype=tl.int64)
+    left = tl.where(ok[None, :], p, -1.0)
+    slots = tl.arange(0, K_POW2)[None, :]
+    chosen_w = tl.zeros([rows.shape[0], K_POW2], dtype=tl.float32)
+    chosen_id = tl.zeros([rows.shape[0], K_POW2], dtype=tl.int64)
     for j in tl.static_range(TOP_K):
-        best = tl.max(left, axis=0)
-        idx = tl.min(tl.where(left == best, cols, E_POW2), axis=0)
-        left = tl.where(cols == idx, -1.0, left)
+        best = tl.max(left, axis=1)[:, None]
+        idx = tl.min(tl.where(left == best, cols[None, :], E_POW2), axis=1)[:, None]
+        left = tl.where(cols[None, :] == idx, -1.0, left)
         chosen_w = tl.where(slots == j, best, chosen_w)
         chosen_id = tl.where(slots == j, idx.to(tl.int64), chosen_id)
     if RENORMALIZE:
-        chosen_w = chosen_w / tl.sum(chosen_w, axis=0)
+        chosen_w = chosen_w / tl.sum(chosen_w, axis=1)[:, None]
     return chosen_w, chosen_id
 
 
@@ -69,18 +74,21 @@ def softmax_topk_kernel(
 ):
     pdl.start(PDL)
     t = tl.program_id(0).to(tl.int64)
-    chosen_w, chosen_id = softmax_topk_row(
-        logits + t * stride_t, num_experts, TOP_K, K_POW2, E_POW2, RENORMALIZE
+    rows = t + tl.zeros([1], dtype=tl.int64)
+    chosen_w, chosen_id = softmax_topk_rows(
+        logits, rows, stride_t, num_experts, TOP_K, K_POW2, E_POW2, RENORMALIZE
     )
-    slots = tl.arange(0, K_POW2)
-    out = t * TOP_K + slots
+    slots = tl.arange(0, K_POW2)[None, :]
+    out = rows[:, None] * TOP_K + slots
     tl.store(weights + out, chosen_w.to(weights.dtype.element_ty), mask=slots < TOP_K)
     tl.store(ids + out, chosen_id, mask=slots < TOP_K)
 
 
 @triton.jit
-def grouped_topk_row(
-    logits_row,  # [E] one token's router logits
+def grouped_topk_rows(
+    logits,  # [T, E] router logits, rows `stride_t` apart
+    rows,  # [BLOCK_T] the tokens to route (in range: callers clamp)
+    stride_t,
     bias,  # [E] the correction bias
     num_experts,  # E: the routed experts; shared ones are numbered from E
     scaling,
@@ -94,48 +102,105 @@ def grouped_topk_row(
     K_POW2: tl.constexpr,  # a power of two >= TOP_K + NUM_SHARED
     RENORMALIZE: tl.constexpr,
 ):
-    """One token's grouped sigmoid top-k: (weights `[K_POW2]` float32, ids `[K_POW2]` int64),
-    the routed choices best first in slots `[0, TOP_K)`, then the `NUM_SHARED` shared experts
-    (ids E, E + 1, ..., weight 1.0: neither renormalised nor scaled), zeros past them. Shared by
-    `grouped_topk_kernel` and the small-batch MoE's gate-up kernel, which must choose alike."""
+    """Grouped sigmoid top-k of each of `rows`' tokens: (weights `[BLOCK_T, K_POW2]` float32,
+    ids `[BLOCK_T, K_POW2]` int64), the routed choices best first in slots `[0, TOP_K)`, then
+    the `NUM_SHARED` shared experts (ids E, E + 1, ..., weight 1.0: neither renormalised nor
+    scaled), zeros past them. Shared as `softmax_topk_rows` is, by `grouped_topk_kernel` and
+    the MoE kernels that route."""
     g = tl.arange(0, G_POW2)
     c = tl.arange(0, P_POW2)
     ok = (g[:, None] < NUM_GROUPS) & (c[None, :] < PER_GROUP)
     expert = g[:, None] * PER_GROUP + c[None, :]  # [G_POW2, P_POW2]
-    x = tl.load(logits_row + expert, mask=ok, other=0.0).to(tl.float32)
+    ptr = logits + rows.to(tl.int64)[:, None, None] * stride_t + expert[None, :, :]
+    x = tl.load(ptr, mask=ok[None, :, :], other=0.0).to(tl.float32)  # [BLOCK_T, G, P]
     scores = tl.sigmoid(x)
     b = tl.load(bias + expert, mask=ok, other=0.0).to(tl.float32)
-    choice = tl.where(ok, scores + b, -float("inf"))
+    choice = tl.where(ok[None, :, :], scores + b[None, :, :], -float("inf"))
     # A group's score: its two best `choice` values.
-    first = tl.max(choice, axis=1)
-    first_at = tl.min(tl.where(choice == first[:, None], c[None, :], P_POW2), axis=1)
-    second = tl.max(tl.where(c[None, :] == first_at[:, None], -float("inf"), choice), axis=1)
-    group_score = tl.where(g < NUM_GROUPS, first + second, -float("inf"))
-    eligible = g < 0  # all False
+    first = tl.max(choice, axis=2)
+    first_at = tl.min(tl.where(choice == first[:, :, None], c[None, None, :], P_POW2), axis=2)
+    second = tl.max(
+        tl.where(c[None, None, :] == first_at[:, :, None], -float("inf"), choice), axis=2
+    )
+    group_score = tl.where(g[None, :] < NUM_GROUPS, first + second, -float("inf"))  # [T, G]
+    eligible = (g[None, :] < 0) & (rows[:, None] >= 0)  # [BLOCK_T, G_POW2], all False
     for _ in tl.static_range(TOPK_GROUPS):
-        best = tl.max(group_score, axis=0)
-        pick = tl.min(tl.where(group_score == best, g, G_POW2), axis=0)
-        eligible = eligible | (g == pick)
-        group_score = tl.where(g == pick, -float("inf"), group_score)
-    choice = tl.where(eligible[:, None], choice, -float("inf"))
-    slots = tl.arange(0, K_POW2)
-    chosen_w = tl.zeros([K_POW2], dtype=tl.float32)
-    chosen_id = tl.zeros([K_POW2], dtype=tl.int64)
+        best = tl.max(group_score, axis=1)[:, None]
+        pick = tl.min(tl.where(group_score == best, g[None, :], G_POW2), axis=1)[:, None]
+        eligible = eligible | (g[None, :] == pick)
+        group_score = tl.where(g[None, :] == pick, -float("inf"), group_score)
+    choice = tl.where(eligible[:, :, None], choice, -float("inf"))
+    slots = tl.arange(0, K_POW2)[None, :]
+    chosen_w = tl.zeros([rows.shape[0], K_POW2], dtype=tl.float32)
+    chosen_id = tl.zeros([rows.shape[0], K_POW2], dtype=tl.int64)
     big = NUM_GROUPS * PER_GROUP
     for j in tl.static_range(TOP_K):
-        best = tl.max(tl.max(choice, axis=1), axis=0)
-        idx = tl.min(tl.min(tl.where(choice == best, expert, big), axis=1), axis=0)
-        here = expert == idx
-        w = tl.sum(tl.sum(tl.where(here, scores, 0.0), axis=1), axis=0)
+        best = tl.max(tl.max(choice, axis=2), axis=1)
+        at = tl.where(choice == best[:, None, None], expert[None, :, :], big)
+        idx = tl.min(tl.min(at, axis=2), axis=1)  # [BLOCK_T]
+        here = expert[None, :, :] == idx[:, None, None]
+        w = tl.sum(tl.sum(tl.where(here, scores, 0.0), axis=2), axis=1)
         choice = tl.where(here, -float("inf"), choice)
-        chosen_w = tl.where(slots == j, w, chosen_w)
-        chosen_id = tl.where(slots == j, idx.to(tl.int64), chosen_id)
+        chosen_w = tl.where(slots == j, w[:, None], chosen_w)
+        chosen_id = tl.where(slots == j, idx[:, None].to(tl.int64), chosen_id)
     if RENORMALIZE:
-        chosen_w = chosen_w / (tl.sum(chosen_w, axis=0) + 1e-20)
+        chosen_w = chosen_w / (tl.sum(chosen_w, axis=1)[:, None] + 1e-20)
     chosen_w = chosen_w * scaling
     shared = (slots >= TOP_K) & (slots < TOP_K + NUM_SHARED)
     chosen_w = tl.where(shared, 1.0, chosen_w)
     chosen_id = tl.where(shared, (num_experts + slots - TOP_K).to(tl.int64), chosen_id)
+    return chosen_w, chosen_id
+
+
+# What a kernel that routes routes by (its ROUTE argument): nothing (the choices are given),
+# softmax top-k, or DeepSeek-V3's grouped top-k.
+ROUTE_NONE, ROUTE_SOFTMAX, ROUTE_GROUPED = 0, 1, 2
+
+
+@triton.jit
+def route_rows(
+    logits,  # [T, E] router logits, rows `stride_t` apart
+    rows,  # [BLOCK_T] the tokens to route (in range)
+    stride_t,
+    bias,  # [E] ROUTE_GROUPED's correction bias, else unused
+    num_routed,  # E
+    scaling,  # ROUTE_GROUPED's scaling factor
+    ROUTE: tl.constexpr,  # ROUTE_SOFTMAX or ROUTE_GROUPED
+    WIDTH: tl.constexpr,  # slots a token: the routed choices, then NUM_SHARED shared experts
+    K_POW2: tl.constexpr,
+    E_POW2: tl.constexpr,  # ROUTE_SOFTMAX: a power of two >= E
+    RENORMALIZE: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,  # ROUTE_GROUPED: `grouped_topk_rows`' settings
+    PER_GROUP: tl.constexpr,
+    TOPK_GROUPS: tl.constexpr,
+    NUM_SHARED: tl.constexpr,
+    G_POW2: tl.constexpr,
+    P_POW2: tl.constexpr,
+):
+    """`softmax_topk_rows` (WIDTH choices) or `grouped_topk_rows` (WIDTH - NUM_SHARED choices,
+    then the shared experts) by ROUTE: for the MoE kernels that route as they go."""
+    if ROUTE == 1:
+        chosen_w, chosen_id = softmax_topk_rows(
+            logits, rows, stride_t, num_routed, WIDTH, K_POW2, E_POW2, RENORMALIZE
+        )
+    else:
+        chosen_w, chosen_id = grouped_topk_rows(
+            logits,
+            rows,
+            stride_t,
+            bias,
+            num_routed,
+            scaling,
+            NUM_GROUPS,
+            PER_GROUP,
+            TOPK_GROUPS,
+            WIDTH - NUM_SHARED,
+            NUM_SHARED,
+            G_POW2,
+            P_POW2,
+            K_POW2,
+            RENORMALIZE,
+        )
     return chosen_w, chosen_id
 
 
@@ -161,8 +226,11 @@ def grouped_topk_kernel(
 ):
     pdl.start(PDL)
     t = tl.program_id(0).to(tl.int64)
-    chosen_w, chosen_id = grouped_topk_row(
-        logits + t * stride_t,
+    rows = t + tl.zeros([1], dtype=tl.int64)
+    chosen_w, chosen_id = grouped_topk_rows(
+        logits,
+        rows,
+        stride_t,
         bias,
         num_experts,
         scaling,
@@ -176,9 +244,9 @@ def grouped_topk_kernel(
         K_POW2,
         RENORMALIZE,
     )
-    slots = tl.arange(0, K_POW2)
+    slots = tl.arange(0, K_POW2)[None, :]
     width = TOP_K + NUM_SHARED
-    out = t * width + slots
+    out = rows[:, None] * width + slots
     tl.store(weights + out, chosen_w, mask=slots < width)
     tl.store(ids + out, chosen_id, mask=slots < width)
 

@@ -32,10 +32,13 @@ from engine.kernels import fused_moe as fused_moe_module
 from engine.kernels.fused_moe import (
     FOLDED_OFFSETS_MAX_CHUNKS,
     PARALLEL_CHUNK,
+    SINGLE_PROGRAM_PAIRS,
     SMALL_BATCH_PAIRS,
     align_block_size,
     fused_moe,
+    fused_moe_grouped_routed,
     fused_moe_routed,
+    route_and_count,
 )
 from engine.kernels.fused_moe_configs import (
     TUNED,
@@ -43,8 +46,15 @@ from engine.kernels.fused_moe_configs import (
     default_config,
     kernel_config,
 )
-from engine.kernels.fused_moe_small import SmallBatchTiles, small_batch_moe, small_batch_moe_routed
-from engine.kernels.moe_routing import softmax_topk
+from engine.kernels.fused_moe_small import (
+    ROUTE_GROUPED,
+    ROUTE_SOFTMAX,
+    Routing,
+    SmallBatchTiles,
+    small_batch_moe,
+    small_batch_moe_routed,
+)
+from engine.kernels.moe_routing import grouped_topk, softmax_topk
 from engine.layers.ep_moe import ExpertParallelExperts
 from engine.layers.moe import (
     FusedExperts,
@@ -266,7 +276,8 @@ def test_fused_moe_routed_matches_routing_then_experts(small_batch):
     """`fused_moe_routed` (what TritonMoEBackend.routed_experts runs) on either path."""
     experts = make_experts(16, 40, 24, 11)
     g = torch.Generator().manual_seed(12)
-    for tokens in (1, 3, SMALL_BATCH_PAIRS // 4 + 1):
+    # Past SINGLE_PROGRAM_PAIRS pairs (40 x 4) the routing kernel counts the align's chunks.
+    for tokens in (1, 3, SMALL_BATCH_PAIRS // 4 + 1, 40):
         x, logits = torch.randn(tokens, 40, generator=g), torch.randn(tokens, 16, generator=g)
         w13, w2 = experts.w13.detach(), experts.w2.detach()
         got = fused_moe_routed(x, w13, w2, logits, 4, True, small_batch=small_batch)
@@ -380,6 +391,71 @@ def test_align_paths_match_the_reference(pairs, num_experts):
             got = align_block_size(ids, num_experts, block_m, **choice)
             for name, g, w in zip(ALIGN_OUTPUTS, got, want, strict=True):
                 assert torch.equal(g, w), f"{path} {name} at block_m={block_m}"
+
+
+# (routing, tokens, routed experts, top-k, groups, best groups, shared experts): softmax at
+# Qwen3-30B-A3B's top-8 and at top-6 (chunks of 96 pairs); grouped as Moonlight (top-6 and 2
+# fused shared experts, one group) and DeepSeek-V3 (top-8 of 8 groups and 1 shared: chunks of
+# 8 tokens, 72 pairs) and without shared experts; 17 and 33 tokens end in a part chunk.
+ROUTE_COUNT_CASES = [
+    ("softmax", 17, 64, 8, 1, 1, 0),
+    ("softmax", 200, 128, 8, 1, 1, 0),
+    ("softmax", 33, 60, 6, 1, 1, 0),
+    ("grouped", 40, 64, 6, 1, 1, 2),
+    ("grouped", 33, 64, 8, 8, 3, 1),
+    ("grouped", 70, 24, 4, 3, 1, 0),
+]
+
+
+@pytest.mark.parametrize("case", ROUTE_COUNT_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_route_and_count_equals_routing_then_align(case, dtype):
+    """Routing with the align's count in one launch (`route_and_count`, then its scatter, both
+    fold choices): the routing kernels' choices and weights, and the reference's aligned rows,
+    bit for bit."""
+    kind, tokens, routed, top_k, groups, topk_groups, shared = case
+    g = torch.Generator().manual_seed(tokens + routed)
+    logits = torch.randn(tokens, routed, generator=g).to(dtype)
+    bias = torch.randn(routed, generator=g) * 0.5
+    width, num_experts = top_k + shared, routed + shared
+    if kind == "softmax":
+        routing = Routing(ROUTE_SOFTMAX, logits, True)
+        want_w, want_ids = softmax_topk(logits, top_k, True)
+    else:
+        routing = Routing(ROUTE_GROUPED, logits, True, bias, 2.5, groups, topk_groups, shared)
+        want_w, want_ids = grouped_topk(logits, bias, top_k, groups, topk_groups, True, 2.5, shared)
+    for block_m in (16, 64):
+        weights, ids, counted = route_and_count(routing, width, num_experts, block_m)
+        assert torch.equal(ids, want_ids) and torch.equal(weights, want_w)
+        k_pow2 = 1 << (width - 1).bit_length()
+        assert counted.chunk_pairs == PARALLEL_CHUNK // k_pow2 * width  # whole tokens
+        want = align_reference(ids.view(-1), num_experts, block_m)
+        for fold in (True, False):
+            _, _, again = route_and_count(routing, width, num_experts, block_m)
+            got = fused_moe_module._scatter_counted(
+                ids.view(-1), again, num_experts, block_m, fold_offsets=fold
+            )
+            for name, got_t, want_t in zip(ALIGN_OUTPUTS, got, want, strict=True):
+                assert torch.equal(got_t, want_t), f"{name}, block_m={block_m}, fold={fold}"
+
+
+@pytest.mark.parametrize("shared", [0, 2])
+def test_grouped_routed_past_one_align_program_matches_routing_then_experts(shared):
+    """`fused_moe_grouped_routed` where its routing kernel counts the align's chunks (more
+    than SINGLE_PROGRAM_PAIRS pairs), shared experts fused or not: the torch experts on
+    `select_experts_grouped`'s choices, shared experts with weight 1.0."""
+    routed, top_k, tokens = 16, 4, 48
+    assert tokens * (top_k + shared) > SINGLE_PROGRAM_PAIRS
+    experts = make_experts(routed + shared, 40, 24, 13)
+    w13, w2 = experts.w13.detach(), experts.w2.detach()
+    g = torch.Generator().manual_seed(14)
+    x, logits = torch.randn(tokens, 40, generator=g), torch.randn(tokens, routed, generator=g)
+    bias = torch.randn(routed, generator=g) * 0.5
+    args = (top_k, 4, 2, True, 2.5, shared)
+    got = fused_moe_grouped_routed(x, w13, w2, logits, bias, *args)
+    weights, ids = select_experts_grouped(logits, bias, *args)
+    want = TorchMoEBackend().experts(x, w13, w2, weights, ids)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 class LaunchCounter:
