@@ -87,7 +87,7 @@ class DecoderOnlyLM(nn.Module):
         residual: torch.Tensor | None = None
         layers = list(self.layers)
         for layer, after in zip(layers, [*layers[1:], None], strict=True):
-            ahead = getattr(after.self_attn, "first_projection", None) if after else None
+            ahead = None if after is None else getattr(after.self_attn, "first_projection", None)
             x, residual = layer(x, residual, batch, ahead)
         if residual is None:
             return self.norm(x)
