@@ -66,11 +66,18 @@ def _rms_norm_kernel(
         PENDING, HAS_PW, HAS_IDS,
     )  # fmt: skip
     if HAS_RESIDUAL:
-        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # rounded like torch's add
+        x = _plus_residual(x, res_ptr + row * stride_r, cols, mask)
         tl.store(res_ptr + row * stride_r + cols, x, mask=mask)
     y = _rms_normalize(x, tl.load(w_ptr + cols, mask=mask, other=0.0), n, eps)
     tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _plus_residual(x, res_row, cols, mask):
+    """x plus the residual stream's row at `res_row`, rounded to x's dtype as torch's add
+    rounds."""
+    r = tl.load(res_row + cols, mask=mask, other=0.0)
+    return (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
 
 
 @triton.jit
@@ -141,8 +148,7 @@ def _rms_norm_gate_kernel(
         x_ptr, out_ptr, row, cols, mask, stride_x, stride_xs, pw_ptr, ids_ptr, num_experts,
         PENDING, HAS_PW, HAS_IDS,
     )  # fmt: skip
-    r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
-    x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # rounded like torch's add
+    x = _plus_residual(x, res_ptr + row * stride_r, cols, mask)
     if block_e == 0:
         tl.store(res_out_ptr + row * stride_r + cols, x, mask=mask)
     y = _rms_normalize(x, tl.load(w_ptr + cols, mask=mask, other=0.0), n, eps)

@@ -148,11 +148,36 @@ def align_count_kernel(
     idx = chunk * CHUNK + lanes
     e = tl.load(topk_ids + idx, mask=idx < num_pairs, other=num_experts).to(tl.int32)
     e = tl.where((e >= 0) & (e < num_experts), e, num_experts)
+    _count_chunk(
+        e, idx, idx < num_pairs, chunk, chunk_counts, rank_in_chunk, sorted_pairs, num_pairs,
+        max_rows, E_POW2, FILL,
+    )  # fmt: skip
+
+
+@triton.jit
+def _count_chunk(
+    e,  # [LANES] int32: each lane's expert in pair order, E for a stray or an empty lane
+    pair,  # [LANES] each lane's pair index
+    keep,  # [LANES] the lanes that hold a pair
+    chunk,
+    chunk_counts,
+    rank_in_chunk,
+    sorted_pairs,
+    num_pairs,
+    max_rows,
+    E_POW2: tl.constexpr,
+    FILL: tl.constexpr,
+):
+    """A chunk's part of the chunked align's first stage (`align_count_kernel`,
+    `route_count_kernel`): its pairs per expert into `chunk_counts`' row `chunk`, each kept
+    pair's rank among the earlier lanes of its expert into `rank_in_chunk`, and this program's
+    FILL rows of `sorted_pairs` padded with N."""
     experts = tl.arange(0, E_POW2)
     counts = tl.sum((e[:, None] == experts[None, :]).to(tl.int32), axis=0)
     tl.store(chunk_counts + chunk * E_POW2 + experts, counts)
+    lanes = tl.arange(0, e.shape[0])
     same = (e[:, None] == e[None, :]) & (lanes[None, :] < lanes[:, None])
-    tl.store(rank_in_chunk + idx, tl.sum(same.to(tl.int32), axis=1), mask=idx < num_pairs)
+    tl.store(rank_in_chunk + pair, tl.sum(same.to(tl.int32), axis=1), mask=keep)
     rows = chunk * FILL + tl.arange(0, FILL)
     tl.store(sorted_pairs + rows, tl.full([FILL], 0, tl.int32) + num_pairs, mask=rows < max_rows)
 
@@ -223,21 +248,13 @@ def route_count_kernel(
     tl.store(topk_ids + pair, chosen_id, mask=keep)
     # The count, lanes in pair order (token-major, as `pair` is).
     ok = keep & (chosen_id >= 0) & (chosen_id < num_experts)
-    e = tl.reshape(tl.where(ok, chosen_id, num_experts).to(tl.int32), [BLOCK_T * K_POW2])
-    experts = tl.arange(0, E_POW2)
-    counts = tl.sum((e[:, None] == experts[None, :]).to(tl.int32), axis=0)
-    tl.store(chunk_counts + chunk * E_POW2 + experts, counts)
-    lanes = tl.arange(0, BLOCK_T * K_POW2)
-    same = (e[:, None] == e[None, :]) & (lanes[None, :] < lanes[:, None])
-    rank = tl.sum(same.to(tl.int32), axis=1)
-    tl.store(
-        rank_in_chunk + tl.reshape(pair, [BLOCK_T * K_POW2]),
-        rank,
-        mask=tl.reshape(keep, [BLOCK_T * K_POW2]),
-    )
-    fill = chunk * FILL + tl.arange(0, FILL)
-    num_pairs = num_tokens * WIDTH
-    tl.store(sorted_pairs + fill, tl.full([FILL], 0, tl.int32) + num_pairs, mask=fill < max_rows)
+    _count_chunk(
+        tl.reshape(tl.where(ok, chosen_id, num_experts).to(tl.int32), [BLOCK_T * K_POW2]),
+        tl.reshape(pair, [BLOCK_T * K_POW2]),
+        tl.reshape(keep, [BLOCK_T * K_POW2]),
+        chunk, chunk_counts, rank_in_chunk, sorted_pairs, num_tokens * WIDTH, max_rows,
+        E_POW2, FILL,
+    )  # fmt: skip
 
 
 @triton.jit

@@ -254,8 +254,9 @@ def small_batch_moe(
 
 @dataclass(frozen=True)
 class Routing:
-    """What the gate-up kernel routes by: `ROUTE_SOFTMAX` or `ROUTE_GROUPED`, its logits
-    `[T, E_routed]` (contiguous rows) and settings."""
+    """What a kernel that routes routes by (the small path's gate-up, `fused_moe`'s
+    routing-and-count): `ROUTE_SOFTMAX` or `ROUTE_GROUPED`, its logits `[T, E_routed]`
+    (contiguous rows) and settings."""
 
     kind: int
     logits: torch.Tensor
@@ -363,6 +364,7 @@ def _launch(
         and (down_bytes == w2[0].numel() * w2.element_size())
         and down_bytes % 16 == 0
     )
+    evict = _eviction(x)
     small_gate_up_kernel[(num_pairs, triton.cdiv(inter, tiles.gate_up_n))](
         x,
         w13,
@@ -397,7 +399,7 @@ def _launch(
         BLOCK_N=tiles.gate_up_n,
         BLOCK_K=tiles.gate_up_k,
         PREFETCH_DOWN=prefetch_down,
-        EVICT=_eviction(x),
+        EVICT=evict,
         num_warps=tiles.num_warps,
         **pdl.launch_args(x),
     )
@@ -416,7 +418,7 @@ def _launch(
         K_POW2=k_pow2,
         BLOCK_N=tiles.down_n,
         BLOCK_K=down_block_k(tiles, k_pow2, w2.element_size()),
-        EVICT=_eviction(x),
+        EVICT=evict,
         num_warps=tiles.num_warps,
         **pdl.launch_args(act),
     )
