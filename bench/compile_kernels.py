@@ -32,7 +32,6 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from bench import l2_prefetch as bench_l2_prefetch
 from engine.kernels import (
     argmax,
     attention,
@@ -40,7 +39,6 @@ from engine.kernels import (
     fused_moe,
     fused_moe_small,
     head_bmm,
-    l2_prefetch,
     mla_decode,
     mla_extend,
     moe_routing,
@@ -528,13 +526,6 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
     )  # fmt: skip
     add_split_sampling(add)
     add_skinny_gemm(add, all_configs)
-    # The L2 prefetches (inline PTX: ptxas checks the instructions here), the engine's and
-    # bench.l2_prefetch's per-line one.
-    add("l2_prefetch_kernel (PDL)", l2_prefetch.l2_prefetch_kernel, {"base": "*bf16"},
-        {"CHUNK": l2_prefetch.CHUNK, "SLOTS": l2_prefetch.SLOTS}, divisible=("base",),
-        num_warps=4)  # fmt: skip
-    add("line_prefetch_kernel (bench.l2_prefetch)", bench_l2_prefetch.line_prefetch_kernel,
-        {"base": "*bf16"}, {"BLOCK": 1024}, num_warps=4)  # fmt: skip
     return out
 
 
@@ -601,16 +592,10 @@ def add_small_batch_moe(add: Callable[..., None]) -> None:
         groups, per_group, topk_groups, shared = geometry
         weights = "*fp32" if model != "qwen3-30b-a3b" else f"*{dtype}"
         k_pow2 = triton.next_power_of_2(top_k)
-        # PREFETCH_DOWN (PDSERVE_L2_PREFETCH=down) where a decode step would take it, with the
-        # weights' evict-first loads that come with it.
-        prefetches = [(r, False) for r in routes]
-        if dtype == "bf16":
-            prefetches.append((routes[-1], True))
-        for route, prefetch in prefetches:
+        for route in routes:
             is_grouped = route == grouped
             add(
-                f"small_gate_up_kernel {dtype} {model} route={route}"
-                + (" prefetching w2" if prefetch else ""),
+                f"small_gate_up_kernel {dtype} {model} route={route}",
                 fused_moe_small.small_gate_up_kernel,
                 {
                     "x": f"*{dtype}",
@@ -620,7 +605,6 @@ def add_small_batch_moe(add: Callable[..., None]) -> None:
                     "router_logits": "*fp32" if is_grouped else f"*{dtype}",
                     "topk_weights": weights,
                     "correction_bias": "*fp32",
-                    "w2": f"*{dtype}",
                 },
                 {
                     "TOP_K": top_k,
@@ -636,39 +620,30 @@ def add_small_batch_moe(add: Callable[..., None]) -> None:
                     "P_POW2": per_group,
                     "BLOCK_N": tiles.gate_up_n,
                     "BLOCK_K": tiles.gate_up_k,
-                    "PREFETCH_DOWN": prefetch,
-                    "EVICT": "evict_first" if prefetch else "",
                 },
                 floats=("scaling",),
-                divisible=(
-                    *("x", "w13", "act", "router_logits", "stride_xt", "stride_lt", *sizes),
-                    *("w2", "stride_w2e", "down_bytes"),
-                ),
+                divisible=("x", "w13", "act", "router_logits", "stride_xt", "stride_lt", *sizes),
                 num_warps=tiles.num_warps,
             )
-        for evict in ("", "evict_first") if dtype == "bf16" else ("",):
-            add(
-                f"small_down_combine_kernel {dtype} {model}" + (f" {evict}" if evict else ""),
-                fused_moe_small.small_down_combine_kernel,
-                {
-                    "act": f"*{dtype}",
-                    "w2": f"*{dtype}",
-                    "topk_weights": weights,
-                    "topk_ids": "*i64",
-                    "out": f"*{dtype}",
-                },
-                {
-                    "TOP_K": top_k,
-                    "K_POW2": k_pow2,
-                    "BLOCK_N": tiles.down_n,
-                    "BLOCK_K": fused_moe_small.down_block_k(
-                        tiles, k_pow2, 4 if dtype == "fp32" else 2
-                    ),
-                    "EVICT": evict,
-                },
-                divisible=("act", "w2", "out", *sizes),
-                num_warps=tiles.num_warps,
-            )
+        add(
+            f"small_down_combine_kernel {dtype} {model}",
+            fused_moe_small.small_down_combine_kernel,
+            {
+                "act": f"*{dtype}",
+                "w2": f"*{dtype}",
+                "topk_weights": weights,
+                "topk_ids": "*i64",
+                "out": f"*{dtype}",
+            },
+            {
+                "TOP_K": top_k,
+                "K_POW2": k_pow2,
+                "BLOCK_N": tiles.down_n,
+                "BLOCK_K": fused_moe_small.down_block_k(tiles, k_pow2, 4 if dtype == "fp32" else 2),
+            },
+            divisible=("act", "w2", "out", *sizes),
+            num_warps=tiles.num_warps,
+        )
 
 
 def add_skinny_tma(

@@ -362,24 +362,6 @@ GEMM_BACKENDS = ("auto", "torch", "triton")
 PDL_MODES = {"0": 0, "off": 0, "wait": 1, "1": 1, "early": 2}
 
 
-# PDSERVE_L2_PREFETCH (engine/kernels/l2_prefetch.py): which weights a decode step asks L2 for
-# ahead of the kernel that reads them, comma-separated; unset or empty: none (unmeasured yet).
-L2_PREFETCH_TARGETS = ("o", "down", "qkv")
-
-
-def l2_prefetch_targets_from_env() -> frozenset[str]:
-    """PDSERVE_L2_PREFETCH's targets; a name not in `L2_PREFETCH_TARGETS` is a ValueError."""
-    names = frozenset(n.strip() for n in os.environ.get("PDSERVE_L2_PREFETCH", "").split(","))
-    names -= {"", "off"}
-    unknown = sorted(names - set(L2_PREFETCH_TARGETS))
-    if unknown:
-        raise ValueError(
-            f"PDSERVE_L2_PREFETCH takes a comma-separated list of {', '.join(L2_PREFETCH_TARGETS)}"
-            f" (or off), got {', '.join(unknown)}"
-        )
-    return names
-
-
 def pdl_mode_from_env() -> int:
     """PDSERVE_PDL's mode (0 off, 1 wait, 2 early); a value not listed is a ValueError."""
     name = os.environ.get("PDSERVE_PDL", "wait")
@@ -430,7 +412,6 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         pdl_mode_from_env()  # a bad PDSERVE_PDL fails here, at start, not at the first launch
-        l2_prefetch_targets_from_env()  # likewise PDSERVE_L2_PREFETCH
         if not self.grammar_compile_timeout_s > 0:
             raise ValueError(
                 f"grammar_compile_timeout_s must be > 0, got {self.grammar_compile_timeout_s}"

@@ -47,9 +47,7 @@
 #   run(command="bash bench/gpu/session.sh N", carry=[".whl"])   # its heads-a-program rule
 #   run(command="bash bench/gpu/session.sh O", carry=[".whl"])   # MoE GEMMs apart, down tune
 #   run(command="bash bench/gpu/session.sh P", carry=[".whl", ".base"])  # 13th session, A/B
-#   run(command="bash bench/gpu/session.sh Q", carry=[".whl"])   # L2 prefetches in the engine
-#   run(command="bash bench/gpu/session.sh R", carry=[".whl"])   # GEMM rows, L2 on Moonlight, Llama
-#   run(command="bash bench/gpu/session.sh S", carry=[".whl", ".base"])  # one call: P and Q's core
+#   run(command="bash bench/gpu/session.sh R", carry=[".whl"])   # GEMM rows, Llama, profile
 #   run(command="bash bench/gpu/session.sh T", carry=[".whl", ".base"])  # routing + count, A/B
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
@@ -662,64 +660,19 @@ P)
       --decode 1x128,64x128 --repeats 3"
   done
   ;;
-Q)
-  # The L2 prefetches (PDSERVE_L2_PREFETCH): the mechanism alone (a spin, then a projection,
-  # with and without asking L2 for its weight first), every tiny family's greedy tokens with
-  # every target on, then Qwen3-30B-A3B with each target against off on the same machine:
-  # O's weight after QKV, the routed experts' down weights from the small MoE's gate-up (with
-  # the experts' evict-first loads), and the next layer's QKV asked before the experts
-  # (about 400 s; Llama's and Moonlight's A/Bs are in R).
-  TAIL=14 step l2_prefetch 60 python3 -m bench.l2_prefetch --chunks 65536,8192
-  TAIL=6 step greedy_prefetch 90 env PDSERVE_L2_PREFETCH=o,down,qkv \
-    python3 -m bench.gpu.greedy_gpu
-  for l2 in off o down o,down o,down,qkv; do
-    TAIL=4 step "qwen3_l2_${l2//,/_}" 45 env PDSERVE_L2_PREFETCH=$l2 python3 -m bench.engine \
-      --preset qwen3-30b-a3b --skip-hf --prefill '' --decode 1x128,64x128 --repeats 3
-  done
-  ;;
 R)
   # The grouped GEMMs' launches searched at the other decode rows (Moonlight 64 and 128,
-  # Qwen3-30B-A3B 128 and 256, as O did at Moonlight 256), Moonlight batch 1 and Llama-3-8B
-  # with the L2 prefetches against off, then Qwen3-30B-A3B's batch-1 profile (about 480 s).
+  # Qwen3-30B-A3B 128 and 256, as O did at Moonlight 256), Llama-3-8B's figures, then
+  # Qwen3-30B-A3B's batch-1 profile (about 400 s).
   TAIL=12 step tune_more 160 bash -c 'for g in down gate_up; do
     python3 -m bench.moe_kernel --shape moonlight-16b-a3b-fused --tokens 64,128 --tune-gemm $g
     python3 -m bench.moe_kernel --shape qwen3-30b-a3b --tokens 128,256 --tune-gemm $g
     done 2>&1 | grep -v "^  skip\|^floor\|^$\|^NVIDIA"'
-  for l2 in off o,down o,down,qkv; do
-    TAIL=4 step "moonlight_l2_${l2//,/_}" 45 env PDSERVE_L2_PREFETCH=$l2 python3 -m bench.engine \
-      --preset moonlight-16b-a3b --skip-hf --prefill '' --decode 1x128 --repeats 3
-  done
-  for l2 in off o; do
-    TAIL=4 step "llama_l2_$l2" 55 env PDSERVE_L2_PREFETCH=$l2 python3 -m bench.engine \
-      --preset llama3-8b --skip-hf --prefill '' --decode 1x128,64x128 --repeats 3
-  done
+  TAIL=4 step llama 55 python3 -m bench.engine --preset llama3-8b --skip-hf --prefill '' \
+    --decode 1x128,64x128 --repeats 3
   # Where Qwen3-30B-A3B's batch-1 step goes now (its kernels a layer, against their bytes).
   TAIL=30 step profile_qwen3_1 70 python3 -m bench.profile_decode --preset qwen3-30b-a3b \
     --decode 1x128 --top 16
-  ;;
-S)
-  # If a session gets one call only (as the thirteenth did), this one: the most important
-  # parts of P and Q together. The GPU kernels' check with every L2 target on (the
-  # evict-first MoE kernels), the prefetch mechanism alone, Moonlight 1 and 256 x 128 against
-  # the tree before the thirteenth session (`.base`, as P builds it: Moonlight 256's tuned MoE
-  # row, MLA's O on the skinny GEMM, the norm with the gate's logits), and Qwen3-30B-A3B at
-  # batch 1 against it, then with the L2 targets (about 450 s).
-  TAIL=4 step check_moe 80 env PDSERVE_L2_PREFETCH=o,down,qkv python3 -m bench.check_moe_gpu \
-    --shape moonlight-16b-a3b --shape qwen3-30b-a3b --skip-mla
-  TAIL=14 step l2_prefetch 60 python3 -m bench.l2_prefetch --chunks 65536
-  for tree in new base; do
-    dir=$PWD; [ "$tree" = base ] && dir=$PWD/.base
-    TAIL=4 step "moonlight_$tree" 65 env PYTHONPATH="$dir:/tmp/site" bash -c "cd $dir && \
-      python3 -m bench.engine --preset moonlight-16b-a3b --skip-hf --prefill '' \
-      --decode 1x128,256x128 --repeats 3"
-    TAIL=3 step "qwen3_$tree" 45 env PYTHONPATH="$dir:/tmp/site" bash -c "cd $dir && \
-      python3 -m bench.engine --preset qwen3-30b-a3b --skip-hf --prefill '' \
-      --decode 1x128 --repeats 3"
-  done
-  for l2 in o,down o,down,qkv; do
-    TAIL=3 step "qwen3_l2_${l2//,/_}" 45 env PDSERVE_L2_PREFETCH=$l2 python3 -m bench.engine \
-      --preset qwen3-30b-a3b --skip-hf --prefill '' --decode 1x128 --repeats 3
-  done
   ;;
 T)
   # Routing with the align's count in one launch (`route_count_kernel`: the grouped MoE path
@@ -741,5 +694,5 @@ T)
       --decode 64x128,256x128 --repeats 3"
   done
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|Q|R|S|T"; exit 2 ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T"; exit 2 ;;
 esac

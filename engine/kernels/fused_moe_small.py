@@ -32,8 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels import l2_prefetch, pdl
-from engine.kernels.l2_prefetch import prefetch_bytes
+from engine.kernels import pdl
 from engine.kernels.moe_routing import ROUTE_GROUPED, ROUTE_NONE, ROUTE_SOFTMAX, route_rows
 
 
@@ -55,9 +54,6 @@ def small_gate_up_kernel(
     stride_we,
     stride_wn,
     scaling,  # ROUTE_GROUPED: the routed weights' scaling factor
-    w2,  # [E, H, INTER] with PREFETCH_DOWN (each expert's contiguous), else unused
-    stride_w2e,  # PREFETCH_DOWN: w2's expert stride, in elements
-    down_bytes,  # PREFETCH_DOWN: bytes of one expert's w2
     TOP_K: tl.constexpr,  # pairs per token: the routed choices, then the shared experts
     K_POW2: tl.constexpr,
     E_POW2: tl.constexpr,
@@ -71,8 +67,6 @@ def small_gate_up_kernel(
     P_POW2: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    PREFETCH_DOWN: tl.constexpr,  # ask L2 for each pair's w2 (engine.kernels.l2_prefetch)
-    EVICT: tl.constexpr,  # the weights' loads: "" or "evict_first" (`_eviction`)
     PDL: tl.constexpr,
 ):
     pdl.start(PDL)
@@ -113,11 +107,6 @@ def small_gate_up_kernel(
         expert = tl.load(topk_ids + pair).to(tl.int64)
         if (expert < 0) | (expert >= num_experts):
             return  # another rank's pair: the down kernel skips it too
-    if PREFETCH_DOWN:  # noqa: SIM102 (a constexpr: compiled out when off)
-        if tl.program_id(1) == 0:
-            # The down kernel's weights stream beside this kernel's own reads: 64 KB an
-            # instruction, 128 at a time (l2_prefetch.CHUNK and SLOTS).
-            prefetch_bytes(w2 + expert * stride_w2e, down_bytes, 65536, 128)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < inter
     ks = tl.arange(0, BLOCK_K)
@@ -130,10 +119,8 @@ def small_gate_up_kernel(
         k_ok = ks < hidden - k0
         row = tl.load(x_ptr, mask=k_ok, other=0.0).to(tl.float32)[None, :]
         w_ok = col_ok[:, None] & k_ok[None, :]
-        gate = tl.load(w_ptr, mask=w_ok, other=0.0, eviction_policy=EVICT).to(tl.float32)
-        up = tl.load(w_ptr + inter * stride_wn, mask=w_ok, other=0.0, eviction_policy=EVICT).to(
-            tl.float32
-        )
+        gate = tl.load(w_ptr, mask=w_ok, other=0.0).to(tl.float32)
+        up = tl.load(w_ptr + inter * stride_wn, mask=w_ok, other=0.0).to(tl.float32)
         acc_gate += gate * row
         acc_up += up * row
         x_ptr += BLOCK_K
@@ -160,7 +147,6 @@ def small_down_combine_kernel(
     K_POW2: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    EVICT: tl.constexpr,  # as small_gate_up_kernel's
     PDL: tl.constexpr,
 ):
     pdl.start(PDL)
@@ -186,7 +172,7 @@ def small_down_combine_kernel(
         a_ok = valid[:, None] & k_ok[None, :]
         a = tl.load(a_ptr, mask=a_ok, other=0.0).to(tl.float32)
         w_ok = a_ok[:, None, :] & col_ok[None, :, None]
-        w = tl.load(w_ptr, mask=w_ok, other=0.0, eviction_policy=EVICT).to(tl.float32)
+        w = tl.load(w_ptr, mask=w_ok, other=0.0).to(tl.float32)
         acc += w * a[:, None, :]
         a_ptr += BLOCK_K
         w_ptr += BLOCK_K
@@ -324,13 +310,6 @@ def small_batch_moe_grouped_routed(
     return out, weights, ids
 
 
-def _eviction(x: torch.Tensor) -> str:
-    """The experts' weights are read once a step: with a weight asked of L2 to outlive them
-    (`PDSERVE_L2_PREFETCH`'s `down`, `qkv`), they are loaded evict-first."""
-    keep = l2_prefetch.enabled("down", x) or l2_prefetch.enabled("qkv", x)
-    return "evict_first" if keep else ""
-
-
 def _launch(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -357,14 +336,6 @@ def _launch(
     grouped = routing is not None and routing.kind == ROUTE_GROUPED
     num_groups = routing.num_groups if routing is not None and grouped else 1
     per_group = num_routed // num_groups
-    down_bytes = w2.stride(0) * w2.element_size()
-    prefetch_down = (
-        l2_prefetch.enabled("down", x)
-        and l2_prefetch.prefetchable(w2[0])
-        and (down_bytes == w2[0].numel() * w2.element_size())
-        and down_bytes % 16 == 0
-    )
-    evict = _eviction(x)
     small_gate_up_kernel[(num_pairs, triton.cdiv(inter, tiles.gate_up_n))](
         x,
         w13,
@@ -382,9 +353,6 @@ def _launch(
         w13.stride(0),
         w13.stride(1),
         float(routing.scaling) if routing is not None else 1.0,
-        w2,
-        w2.stride(0),
-        down_bytes,
         TOP_K=top_k,
         K_POW2=k_pow2,
         E_POW2=triton.next_power_of_2(num_routed) if routing is not None else 1,
@@ -398,8 +366,6 @@ def _launch(
         P_POW2=triton.next_power_of_2(per_group) if grouped else 1,
         BLOCK_N=tiles.gate_up_n,
         BLOCK_K=tiles.gate_up_k,
-        PREFETCH_DOWN=prefetch_down,
-        EVICT=evict,
         num_warps=tiles.num_warps,
         **pdl.launch_args(x),
     )
@@ -418,7 +384,6 @@ def _launch(
         K_POW2=k_pow2,
         BLOCK_N=tiles.down_n,
         BLOCK_K=down_block_k(tiles, k_pow2, w2.element_size()),
-        EVICT=evict,
         num_warps=tiles.num_warps,
         **pdl.launch_args(act),
     )

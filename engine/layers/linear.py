@@ -82,10 +82,6 @@ def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
 
-# Products of up to this many rows may have their weight asked of L2 ahead (`prefetch_weight`).
-PREFETCH_MAX_ROWS = 64
-
-
 class Linear(nn.Linear):
     """`nn.Linear` whose product runs on its GEMM backend's choice."""
 
@@ -98,18 +94,6 @@ class Linear(nn.Linear):
         from engine.kernels.skinny_gemm import skinny_linear
 
         return skinny_linear(x, self.weight, self.bias, tiles)
-
-    def prefetch_weight(self, x: torch.Tensor, target: str) -> None:
-        """Ask L2 for the weight now, ahead of this layer's product with rows like `x`'s, if
-        `PDSERVE_L2_PREFETCH` names `target` and the product is decode-sized (at most
-        `PREFETCH_MAX_ROWS` rows: the weight's bytes are the product's cost);
-        engine.kernels.l2_prefetch."""
-        if not x.is_cuda or _rows(x) > PREFETCH_MAX_ROWS:
-            return
-        from engine.kernels import l2_prefetch
-
-        if l2_prefetch.enabled(target, x):
-            l2_prefetch.prefetch(self.weight)
 
     def forward_pending(self, x: torch.Tensor) -> torch.Tensor | PendingSum:
         """`forward`, or a `PendingSum` where the product would end in a reduce launch (the

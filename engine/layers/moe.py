@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -15,9 +14,6 @@ from engine.config import MOE_BACKENDS
 from engine.device import check_triton_backend, has_triton
 from engine.layers.norm import RMSNorm
 from engine.layers.pending import PendingSum
-
-if TYPE_CHECKING:
-    from engine.layers.linear import Linear
 
 
 def select_experts(
@@ -147,12 +143,6 @@ class MoEBackend(ABC):
         """`(h, residual, logits)`: `norm.forward_residual(x, residual)` and the gate's logits
         of h (in `logits_dtype`, as `router_logits` or `gate_logits` give them) in one launch,
         where this backend has one for these rows; else None (the caller runs the two)."""
-        return None
-
-    def prefetch_ahead(self, ahead: Linear, x: torch.Tensor, pairs_per_token: int) -> None:
-        """Ask L2 for `ahead`'s weight (the next layer's first projection) before this
-        backend's experts run on `x`, where its kernels keep it there while they stream
-        (`PDSERVE_L2_PREFETCH=qkv`, engine.kernels.l2_prefetch); here nothing."""
         return None
 
     def select_experts(
@@ -327,14 +317,6 @@ class TritonMoEBackend(MoEBackend):
         from engine.kernels import fused
 
         return fused.rms_norm_gate(x, norm.weight, norm.eps, residual, gate, logits_dtype)
-
-    def prefetch_ahead(self, ahead: Linear, x: torch.Tensor, pairs_per_token: int) -> None:
-        # The small-batch path only: it reads each expert's weights once with an evict-first
-        # hint, where the grouped path's GB a layer would flush the weight out of L2 anyway.
-        from engine.kernels.fused_moe import takes_small_path
-
-        if x.is_cuda and x.shape[0] and takes_small_path(x.shape[0], pairs_per_token):
-            ahead.prefetch_weight(x, "qkv")
 
     def gate_logits(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # A decode step's few tokens on the router kernel (a bfloat16 gate's cuBLAS product

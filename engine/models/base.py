@@ -9,7 +9,6 @@ from torch import nn
 
 from engine.config import ModelConfig
 from engine.forward_batch import ForwardBatch
-from engine.layers.linear import Linear
 from engine.layers.norm import RMSNorm
 from engine.layers.pending import PendingSum
 
@@ -29,15 +28,12 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor | PendingSum,
         residual: torch.Tensor | None,
         batch: ForwardBatch,
-        ahead: Linear | None = None,
     ) -> tuple[torch.Tensor | PendingSum, torch.Tensor]:
         """`(mlp output, residual stream)`: the stream is the sum of everything before the MLP
         output; the next norm adds that output in (fused on CUDA). The output may be a
         `PendingSum` (engine.layers.pending), which only a norm's `forward_residual` reads.
         Every attention and MLP module takes `defer`, and may decline it.
-        `residual` None: `x` is the embedding, the stream's start. `ahead`: the next layer's
-        first projection, whose weight a MoE block may ask L2 for before its experts run
-        (`prefetch_ahead`)."""
+        `residual` None: `x` is the embedding, the stream's start."""
         if residual is None:
             if isinstance(x, PendingSum):
                 raise TypeError("the first layer takes the embeddings, a tensor")
@@ -56,9 +52,6 @@ class DecoderLayer(nn.Module):
             h, residual, logits = routed
         else:
             h, residual = self.post_attention_layernorm.forward_residual(h, residual)
-        prefetch = getattr(self.mlp, "prefetch_ahead", None)
-        if ahead is not None and prefetch is not None:
-            prefetch(ahead, h)
         if logits is not None:
             return self.mlp(h, defer=True, logits=logits), residual
         return self.mlp(h, defer=True), residual
@@ -85,10 +78,8 @@ class DecoderOnlyLM(nn.Module):
         """Final hidden states `[T, hidden]` of the step's new tokens."""
         x = self.embed_tokens(batch.input_ids)
         residual: torch.Tensor | None = None
-        layers = list(self.layers)
-        for layer, after in zip(layers, [*layers[1:], None], strict=True):
-            ahead = None if after is None else getattr(after.self_attn, "first_projection", None)
-            x, residual = layer(x, residual, batch, ahead)
+        for layer in self.layers:
+            x, residual = layer(x, residual, batch)
         if residual is None:
             return self.norm(x)
         return self.norm.forward_residual(x, residual)[0]

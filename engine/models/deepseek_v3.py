@@ -87,11 +87,6 @@ class MLAttention(nn.Module):
         self.rotary = rotary
         self.backend = backend
 
-    @property
-    def first_projection(self) -> Linear:
-        """The layer's first product, whose weight the layer before may ask L2 for."""
-        return self.fused_qkv_a_proj
-
     def forward(
         self, x: torch.Tensor, batch: ForwardBatch, defer: bool = False
     ) -> torch.Tensor | PendingSum:
@@ -101,7 +96,6 @@ class MLAttention(nn.Module):
         )
         if self.q_a_layernorm is not None and self.q_b_proj is not None:
             q = self.q_b_proj(self.q_a_layernorm(q))
-        self.o_proj.prefetch_weight(x, "o")  # streams beside RoPE and attention, if asked
         q_nope, q_pe = q.view(
             -1, self.num_heads, self.qk_nope_head_dim + self.qk_rope_head_dim
         ).split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
@@ -183,13 +177,6 @@ class DeepseekMoE(nn.Module):
         return self.experts.backend.norm_and_gate(
             norm, x, residual, self.gate.weight, torch.float32
         )
-
-    def prefetch_ahead(self, ahead: Linear, x: torch.Tensor) -> None:
-        """As `SparseMoeBlock.prefetch_ahead`; each token's pairs include the fused shared
-        experts."""
-        if isinstance(self.experts, FusedExperts):
-            pairs = self.gate.routing.top_k + self.experts.num_shared
-            self.experts.backend.prefetch_ahead(ahead, x, pairs)
 
     def forward(
         self, x: torch.Tensor, defer: bool = False, logits: torch.Tensor | None = None

@@ -48,17 +48,11 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.backend = backend
 
-    @property
-    def first_projection(self) -> Linear:
-        """The layer's first product, whose weight the layer before may ask L2 for."""
-        return self.qkv_proj
-
     def forward(
         self, x: torch.Tensor, batch: ForwardBatch, defer: bool = False
     ) -> torch.Tensor | PendingSum:
         """`defer`: the O projection's split-K sum may be left to the next norm."""
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        self.o_proj.prefetch_weight(x, "o")  # streams beside RoPE and attention, if asked
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -107,12 +101,6 @@ class SparseMoeBlock(nn.Module):
         if gate.dtype != torch.promote_types(norm.weight.dtype, x.dtype):
             return None  # `gate_logits` takes F.linear's product there
         return self.experts.backend.norm_and_gate(norm, x, residual, gate, gate.dtype)
-
-    def prefetch_ahead(self, ahead: Linear, x: torch.Tensor) -> None:
-        """Ask L2 for `ahead`'s weight before the experts run on `x`, where the backend keeps it
-        there (`MoEBackend.prefetch_ahead`); not for expert-parallel experts."""
-        if isinstance(self.experts, FusedExperts):
-            self.experts.backend.prefetch_ahead(ahead, x, self.top_k)
 
     def forward(
         self, x: torch.Tensor, defer: bool = False, logits: torch.Tensor | None = None

@@ -15,7 +15,7 @@ sum in another order can round the activation or a pair's output the other way).
 from __future__ import annotations
 
 import functools
-from typing import Any, cast
+from typing import cast
 
 import pytest
 import torch
@@ -607,40 +607,6 @@ def test_norm_and_gate_in_one_launch_keeps_transformers_tokens(tiny_models, fami
     results = Engine(config).generate(ref.prompts[:3], GREEDY)
     assert [r.output_ids for r in results] == ref.tokens[:3]
     assert any(calls) and not all(calls)  # decode steps fused, prefills (more rows) not
-
-
-@pytest.mark.parametrize("family", ["qwen3-moe", "deepseek-v3"])
-def test_next_layers_projection_is_asked_ahead_and_evict_first_keeps_tokens(
-    tiny_models, family, monkeypatch
-):
-    """`PDSERVE_L2_PREFETCH=qkv`'s plumbing: each MoE layer is handed the next layer's first
-    projection (the last layer none) with its pairs a token, and the small path's kernels with
-    their evict-first loads (forced here: on the CPU nothing is asked of L2) keep
-    transformers' greedy tokens under the interpreter."""
-    from engine.kernels import fused_moe_small
-
-    asked = []
-
-    def record(self, ahead, x, pairs_per_token):
-        asked.append((ahead, x.shape[0], pairs_per_token))
-
-    monkeypatch.setattr(TritonMoEBackend, "prefetch_ahead", record)
-    monkeypatch.setattr(fused_moe_small, "_eviction", lambda x: "evict_first")
-    ref = reference(tiny_models[family])
-    config = EngineConfig(model_path=str(tiny_models[family]), num_pages=64, moe_backend="triton")
-    engine = Engine(config)
-    results = engine.generate(ref.prompts[:3], GREEDY)
-    assert [r.output_ids for r in results] == ref.tokens[:3]
-    model = cast(torch.nn.Module, engine.runner.model)
-    layers: list[Any] = list(cast(torch.nn.ModuleList, model.layers))
-    moe = [i for i, layer in enumerate(layers) if hasattr(layer.mlp, "prefetch_ahead")]
-    # Every MoE layer but the last hands on the next layer's first projection.
-    want = {id(layers[i + 1].self_attn.first_projection) for i in moe if i + 1 < len(layers)}
-    assert want and {id(ahead) for ahead, _, _ in asked} == want
-    shared = 1 if family == "deepseek-v3" else 0
-    assert {pairs for _, _, pairs in asked} == {engine.model_config.num_experts_per_tok + shared}
-    rows = {rows for _, rows, _ in asked}
-    assert 3 in rows and max(rows) > 3  # the decode steps' 3 rows, and the prefill's tokens
 
 
 def test_expert_parallel_local_compute_on_the_triton_backend():

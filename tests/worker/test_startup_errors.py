@@ -15,7 +15,6 @@ import pytest
     [
         (["--page-size", "0"], {}, "page_size must be >= 1"),
         ([], {"PDSERVE_PDL": "sometimes"}, "PDSERVE_PDL must be one of"),
-        ([], {"PDSERVE_L2_PREFETCH": "o,gate"}, "PDSERVE_L2_PREFETCH takes a comma-separated"),
     ],
 )
 def test_a_bad_engine_setting_is_one_line(
