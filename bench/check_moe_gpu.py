@@ -5,9 +5,7 @@
 `make test` checks the kernels at small shapes under Triton's interpreter; this runs them
 compiled, in bfloat16, at the published sizes of Qwen3-30B-A3B, Moonlight-16B-A3B and
 DeepSeek-V3 (one layer each), over token counts 0, 1, 4, 7, 64, 257 and 4096 (1 and 4 take the
-small-batch path; its one-launch form is also checked against its two launches, 50 launches
-in a row at 1, 2 and 4 programs an SM); MLA decode and extend at 16 and 128 heads. For the
-DeepSeek shapes also
+small-batch path); MLA decode and extend at 16 and 128 heads. For the DeepSeek shapes also
 shared-expert fusion: the router's logits kernel from bfloat16 against float32 logits
 (max abs error <= 1e-5 of the largest), and the fused layer (shared experts stacked after the
 routed ones, one combine) against the float32 reference with MOE_TOL, printing how far it lies
@@ -24,7 +22,6 @@ against the torch backend's formula in float32, and MLA extend (non-absorbed, he
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import math
 import sys
@@ -35,7 +32,6 @@ import torch.nn.functional as F
 
 from bench.moe_kernel import SHAPES, LayerShape, route
 from engine.kernels.fused_moe import fused_moe
-from engine.kernels.fused_moe_small import DEFAULT_TILES, small_batch_moe
 from engine.layers.moe import (
     GroupedRouting,
     TorchMoEBackend,
@@ -100,40 +96,6 @@ def check_moe(shape: LayerShape, tokens: Sequence[int]) -> list[str]:
         print(f"routed MoE {shape.name} T={t}: max err {err:.2e}")
         if routed.shape != (t, h) or err > MOE_TOL * scale:
             failures.append(f"routed MoE {shape.name} T={t}: {err:.2e} of {scale:.2f}")
-    return failures
-
-
-def check_one_launch(shape: LayerShape, tokens: Sequence[int] = (1, 2)) -> list[str]:
-    """The small path in one launch (`small_moe_kernel`, whose down items wait on counters for
-    the gate-up items' tiles) against its two launches, at 1, 2 and 4 programs an SM, each
-    launched 50 times in a row: the same output every time (a race would show as a changed
-    output or a hang), and within the MoE tolerance of the two launches (bit for bit
-    expected: the same code in each item)."""
-    failures = []
-    g = torch.Generator(device="cuda").manual_seed(1)
-    e, h, i = shape.experts, shape.hidden, shape.intermediate
-    w13 = (torch.randn(e, 2 * i, h, device="cuda", generator=g) * h**-0.5).bfloat16()
-    w2 = (torch.randn(e, h, i, device="cuda", generator=g) * i**-0.5).bfloat16()
-    bias = torch.randn(e, device="cuda", generator=g) * 0.1
-    two = dataclasses.replace(DEFAULT_TILES, programs_per_sm=0)
-    for t in tokens:
-        x = torch.randn(t, h, device="cuda", generator=g).bfloat16()
-        logits = torch.randn(t, e, device="cuda", generator=g)
-        w, ids = route(shape, logits, bias, TorchMoEBackend())
-        want = small_batch_moe(x, w13, w2, w, ids, two)
-        scale = want.float().abs().max().item()
-        for per_sm in (1, 2, 4):
-            tiles = dataclasses.replace(DEFAULT_TILES, programs_per_sm=per_sm)
-            outs = [small_batch_moe(x, w13, w2, w, ids, tiles) for _ in range(50)]
-            steady = all(torch.equal(o, outs[0]) for o in outs)
-            err = (outs[0].float() - want.float()).abs().max().item()
-            print(
-                f"one launch {shape.name} T={t}, {per_sm} an SM: same output in 50 launches "
-                f"{steady}, bit for bit with two launches {torch.equal(outs[0], want)}, "
-                f"max err {err:.2e}"
-            )
-            if not steady or err > MOE_TOL * scale:
-                failures.append(f"one launch {shape.name} T={t} {per_sm} an SM")
     return failures
 
 
@@ -325,7 +287,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     failures = []
     for name in args.shape or ("qwen3-30b-a3b", "moonlight-16b-a3b", "deepseek-v3"):
         failures += check_moe(SHAPES[name], TOKENS)
-        failures += check_one_launch(SHAPES[name])
         if name in SHARED_EXPERTS:
             failures += check_shared_fusion(SHAPES[name], SHARED_TOKENS)
         torch.cuda.empty_cache()

@@ -644,49 +644,6 @@ def add_small_batch_moe(add: Callable[..., None]) -> None:
             divisible=("act", "w2", "out", *sizes),
             num_warps=tiles.num_warps,
         )
-        # The one-launch form (`SmallBatchTiles.programs_per_sm`), routing where the engine
-        # routes.
-        route = routes[-1]
-        is_grouped = route == grouped
-        add(
-            f"small_moe_kernel {dtype} {model} route={route}",
-            fused_moe_small.small_moe_kernel,
-            {
-                "x": f"*{dtype}",
-                "w13": f"*{dtype}",
-                "w2": f"*{dtype}",
-                "topk_ids": "*i64",
-                "topk_weights": weights,
-                "act": f"*{dtype}",
-                "out": f"*{dtype}",
-                "router_logits": "*fp32" if is_grouped else f"*{dtype}",
-                "correction_bias": "*fp32",
-                "scratch": "*i32",
-            },
-            {
-                "TOP_K": top_k,
-                "K_POW2": k_pow2,
-                "E_POW2": 128 if route == softmax else 1,
-                "ROUTE": route,
-                "RENORMALIZE": True,
-                "NUM_GROUPS": groups,
-                "PER_GROUP": per_group,
-                "TOPK_GROUPS": topk_groups,
-                "NUM_SHARED": shared if is_grouped else 0,
-                "G_POW2": groups,
-                "P_POW2": per_group,
-                "GATE_UP_N": tiles.gate_up_n,
-                "GATE_UP_K": tiles.gate_up_k,
-                "DOWN_N": tiles.down_n,
-                "DOWN_K": fused_moe_small.down_block_k(tiles, k_pow2, 4 if dtype == "fp32" else 2),
-            },
-            floats=("scaling",),
-            divisible=(
-                *("x", "w13", "w2", "act", "out", "router_logits", "stride_xt", "stride_lt"),
-                *("hidden", "inter", "stride_w13e", "stride_w13n", "stride_w2e", "stride_w2n"),
-            ),
-            num_warps=tiles.num_warps,
-        )
 
 
 def add_skinny_tma(

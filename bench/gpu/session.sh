@@ -49,7 +49,6 @@
 #   run(command="bash bench/gpu/session.sh P", carry=[".whl", ".base"])  # 13th session, A/B
 #   run(command="bash bench/gpu/session.sh R", carry=[".whl"])   # GEMM rows, Llama, profile
 #   run(command="bash bench/gpu/session.sh T", carry=[".whl", ".base"])  # routing + count, A/B
-#   run(command="bash bench/gpu/session.sh U", carry=[".whl", ".base"])  # small MoE in one launch
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -695,31 +694,5 @@ T)
       --decode 64x128,256x128 --repeats 3"
   done
   ;;
-U)
-  # The small MoE path in one launch (`small_moe_kernel`, `SmallBatchTiles.programs_per_sm`):
-  # checked against its two launches (50 launches in a row at 1, 2, 4 programs an SM), then
-  # one layer at one token, two launches against one at several programs an SM and down
-  # tiles, then the engine at batch 1 against the commit before (`.base`: `rm -rf .base &&
-  # mkdir .base && git archive d516d1b | tar -x -C .base`), every tiny family's greedy tokens,
-  # and where Qwen3-30B-A3B's batch-1 step goes now (about 420 s).
-  TAIL=8 step check_moe 90 python3 -m bench.check_moe_gpu --shape moonlight-16b-a3b \
-    --shape qwen3-30b-a3b --skip-mla
-  TAIL=30 step small_tiles 150 bash -c 'for t in 16,256,8,256,4,0 16,256,8,256,4,1 \
-    16,256,8,256,4,2 16,256,8,256,4,3 16,256,8,256,4,4 16,256,4,256,4,2 16,256,4,256,4,3; do
-    python3 -m bench.moe_kernel --shape qwen3-30b-a3b --shape moonlight-16b-a3b-fused \
-      --tokens 1 --path small --small-tiles $t --reps 20; done 2>&1 | grep "^## \|^| 1 "'
-  for tree in new base; do
-    dir=$PWD; [ "$tree" = base ] && dir=$PWD/.base
-    TAIL=3 step "qwen3_$tree" 45 env PYTHONPATH="$dir:/tmp/site" bash -c "cd $dir && \
-      python3 -m bench.engine --preset qwen3-30b-a3b --skip-hf --prefill '' \
-      --decode 1x128 --repeats 3"
-    TAIL=3 step "moonlight_$tree" 45 env PYTHONPATH="$dir:/tmp/site" bash -c "cd $dir && \
-      python3 -m bench.engine --preset moonlight-16b-a3b --skip-hf --prefill '' \
-      --decode 1x128 --repeats 3"
-  done
-  TAIL=8 step greedy 90 python3 -m bench.gpu.greedy_gpu
-  TAIL=30 step profile_qwen3_1 60 python3 -m bench.profile_decode --preset qwen3-30b-a3b \
-    --decode 1x128 --top 16
-  ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|U"; exit 2 ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T"; exit 2 ;;
 esac

@@ -1,44 +1,31 @@
-"""The fused MoE for a few tokens: no align sort, one launch (a decode step at small batch).
+"""The fused MoE for a few tokens: two launches, no align sort (a decode step at small batch).
 
 At batch 1 each kernel of `engine.kernels.fused_moe`'s path costs a few microseconds of launch
 and ramp for well under that of work, and the 16-row blocks of the grouped GEMMs hold one real
 row each. Here, over the same `N = T * top_k` pairs (pair `i` is token `i // top_k`'s
-`i % top_k`-th choice) and the same weights (w13 `[E, 2I, H]`, w2 `[E, H, I]`), two kinds of
-work:
+`i % top_k`-th choice) and the same weights (w13 `[E, 2I, H]`, w2 `[E, H, I]`):
 
-1. gate-up blocks (`small_gate_up_kernel`'s programs), one per (pair, block of I's columns):
-   the pair's token row against the gate and up rows of its expert, products on the CUDA cores
-   (one row: no use for tensor cores), stored as `silu(gate) * up` `[N, I]` in x's dtype.
-   With `ROUTE` (`small_batch_moe_routed`, `small_batch_moe_grouped_routed`) each first
-   chooses its token's experts from the router logits by `softmax_topk`'s or
-   `grouped_topk`'s code (so exactly their choices, ties to the lower id; grouped routing
-   appends any fused shared experts), and the pair's first block stores the choice and its
-   weight: routing costs no launch.
-2. down blocks (`small_down_combine_kernel`'s programs), one per (token, block of H's
-   columns): the down projections of all the token's pairs (one tile of the w2 rows of every
-   pair's expert per step), each rounded to x's dtype, then weighted and summed in float32
-   pair by pair, in order; stored once.
-
-`small_moe_kernel` runs both in one launch (`SmallBatchTiles.programs_per_sm`):
-its programs take items from a counter, the gate-up blocks first, then the down blocks, which
-route their token again, put each tile of their weights in flight and then wait for the
-gate-up blocks of that tile of I (a count per tile, released after their stores). So the
-down weights stream while the last gate-up blocks run, with no second launch, ramp or tail;
-an item waits only on lower-numbered items, which running programs hold, so it cannot
-deadlock whatever the programs resident. With `programs_per_sm` 0 the two kinds run as two
-launches.
+1. `small_gate_up_kernel`, a program per (pair, block of I's columns): the pair's token row
+   against the gate and up rows of its expert, products on the CUDA cores (one row: no use for
+   tensor cores), stored as `silu(gate) * up` `[N, I]` in x's dtype. With `ROUTE`
+   (`small_batch_moe_routed`, `small_batch_moe_grouped_routed`) each program first chooses its
+   token's experts from the router logits by `softmax_topk`'s or `grouped_topk`'s code (so
+   exactly their choices, ties to the lower id; grouped routing appends any fused shared
+   experts), and the pair's first program stores the choice and its weight for kernel 2:
+   routing costs no launch.
+2. `small_down_combine_kernel`, a program per (token, block of H's columns): the down
+   projections of all the token's pairs (one tile of the w2 rows of every pair's expert per
+   step), each rounded to x's dtype, then weighted and summed in float32 pair by pair, in
+   order; stored once.
 
 The roundings are those of the grouped path (activation and per-pair output in x's dtype, the
 weighted sum in float32, one cast at the end), so the two agree up to float32 summation order
-within each dot product; the one launch gives the two launches' result bit for bit (the same
-code in each item). Deterministic: the counters order work, never sums. Ids outside `[0, E)`
-add nothing. Buffer sizes depend only on T, and nothing waits on the host (CUDA-graph
-capturable).
+within each dot product. No atomics: deterministic. Ids outside `[0, E)` add nothing. Buffer
+sizes depend only on T, and nothing waits on the host (CUDA-graph capturable).
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -47,166 +34,6 @@ import triton.language as tl
 
 from engine.kernels import pdl
 from engine.kernels.moe_routing import ROUTE_GROUPED, ROUTE_NONE, ROUTE_SOFTMAX, route_rows
-
-
-@triton.jit
-def _route_token(
-    router_logits,
-    token,
-    stride_lt,
-    correction_bias,
-    num_routed,
-    scaling,
-    ROUTE: tl.constexpr,
-    TOP_K: tl.constexpr,
-    K_POW2: tl.constexpr,
-    E_POW2: tl.constexpr,
-    RENORMALIZE: tl.constexpr,
-    NUM_GROUPS: tl.constexpr,
-    PER_GROUP: tl.constexpr,
-    TOPK_GROUPS: tl.constexpr,
-    NUM_SHARED: tl.constexpr,
-    G_POW2: tl.constexpr,
-    P_POW2: tl.constexpr,
-):
-    """`route_rows` for one token: its `[1, K_POW2]` weights and ids."""
-    return route_rows(
-        router_logits,
-        token + tl.zeros([1], dtype=tl.int64),
-        stride_lt,
-        correction_bias,
-        num_routed,
-        scaling,
-        ROUTE,
-        TOP_K,
-        K_POW2,
-        E_POW2,
-        RENORMALIZE,
-        NUM_GROUPS,
-        PER_GROUP,
-        TOPK_GROUPS,
-        NUM_SHARED,
-        G_POW2,
-        P_POW2,
-    )
-
-
-@triton.jit
-def _gate_up_block(
-    x,
-    w13,
-    act,
-    pair,
-    expert,
-    col_block,
-    hidden,
-    inter,
-    stride_xt,
-    stride_we,
-    stride_wn,
-    TOP_K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """`silu(gate) * up` of one pair's token row for one block of I's columns, into act."""
-    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < inter
-    ks = tl.arange(0, BLOCK_K)
-    x_ptr = x + (pair // TOP_K) * stride_xt + ks
-    # [BLOCK_N, BLOCK_K] of the gate rows, contiguous along K; the up rows sit `inter` below.
-    w_ptr = w13 + expert * stride_we + cols[:, None] * stride_wn + ks[None, :]
-    acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
-        k_ok = ks < hidden - k0
-        row = tl.load(x_ptr, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        w_ok = col_ok[:, None] & k_ok[None, :]
-        gate = tl.load(w_ptr, mask=w_ok, other=0.0).to(tl.float32)
-        up = tl.load(w_ptr + inter * stride_wn, mask=w_ok, other=0.0).to(tl.float32)
-        acc_gate += gate * row
-        acc_up += up * row
-        x_ptr += BLOCK_K
-        w_ptr += BLOCK_K
-    gate_out = tl.sum(acc_gate, axis=1)
-    up_out = tl.sum(acc_up, axis=1)
-    out = gate_out * tl.sigmoid(gate_out) * up_out  # SiLU(gate) * up, as grouped_gemm_kernel
-    tl.store(act + pair * inter + cols, out.to(act.dtype.element_ty), mask=col_ok)
-
-
-@triton.jit
-def _wait_for(counter, need):
-    """Spin until the int32 at `counter` reaches `need` (acquire: the writes released before
-    each increment are visible after)."""
-    seen = tl.atomic_add(counter, 0, sem="acquire")
-    while seen < need:
-        seen = tl.atomic_add(counter, 0, sem="acquire")
-
-
-@triton.jit
-def _down_block(
-    act,
-    w2,
-    out,
-    token,
-    col_block,
-    expert,  # [K_POW2] the token's experts (any value where not valid)
-    valid,  # [K_POW2] the slots that count
-    weight,  # [K_POW2] float32, the top-k weights (0 where not valid)
-    hidden,
-    inter,
-    stride_we,
-    stride_wn,
-    tiles_ready,  # WAIT: int32 per BLOCK_K tile of I, the gate-up blocks finished in it
-    num_pairs,  # WAIT: pairs in the launch
-    GATE_UP_N: tl.constexpr,  # WAIT: the gate-up blocks' width
-    TOP_K: tl.constexpr,
-    K_POW2: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    WAIT: tl.constexpr,  # act is written by the same launch: wait for each tile of it
-):
-    """The down projections of a token's pairs for one block of H's columns, each rounded to
-    out's dtype, weighted and summed in float32 pair by pair, in order, stored once."""
-    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < hidden
-    ks = tl.arange(0, BLOCK_K)
-    slots = tl.arange(0, K_POW2)
-    pair = token * TOP_K + slots  # [K_POW2]
-    expert = tl.where(valid, expert, 0)
-    # All the token's pairs at once, [K_POW2, BLOCK_N, BLOCK_K] of w2 per step, so that a
-    # program keeps as many bytes in flight as a gate-up program does.
-    a_ptr = act + pair[:, None] * inter + ks[None, :]
-    w_ptr = (
-        w2 + expert[:, None, None] * stride_we + cols[None, :, None] * stride_wn + ks[None, None, :]
-    )
-    acc = tl.zeros([K_POW2, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, inter, BLOCK_K):
-        k_ok = ks < inter - k0
-        a_ok = valid[:, None] & k_ok[None, :]
-        w_ok = a_ok[:, None, :] & col_ok[None, :, None]
-        # The weights first: they stream while this program waits for the tile of act.
-        w = tl.load(w_ptr, mask=w_ok, other=0.0)
-        if WAIT:
-            width = tl.minimum(inter - k0, BLOCK_K)
-            ready = tiles_ready + k0 // BLOCK_K
-            _wait_for(ready, num_pairs * tl.cdiv(width, GATE_UP_N))
-            # Past L1 (it may hold an older launch's rows at these addresses).
-            a = tl.load(a_ptr, mask=a_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
-        else:
-            a = tl.load(a_ptr, mask=a_ok, other=0.0).to(tl.float32)
-        acc += w.to(tl.float32) * a[:, None, :]
-        a_ptr += BLOCK_K
-        w_ptr += BLOCK_K
-    # The grouped path stores each pair's output in x's dtype; the combine sums those.
-    y = tl.sum(acc, axis=2).to(out.dtype.element_ty).to(tl.float32)  # [K_POW2, BLOCK_N]
-    total = tl.zeros([BLOCK_N], dtype=tl.float32)
-    # Summed pair by pair in order, as combine_kernel does (picking a row out of y by a masked
-    # sum is exact: the other terms are zeros).
-    for j in tl.static_range(TOP_K):
-        y_j = tl.sum(tl.where(slots[:, None] == j, y, 0.0), axis=0)
-        weight_j = tl.sum(tl.where(slots == j, weight, 0.0), axis=0)
-        total += weight_j * y_j
-    tl.store(out + token * hidden + cols, total.to(out.dtype.element_ty), mask=col_ok)
 
 
 @triton.jit
@@ -249,9 +76,10 @@ def small_gate_up_kernel(
     if ROUTE != 0:
         # Every program routes its token again (a few hundred logits: less than a launch);
         # the pair's first program writes its choice for the down kernel.
-        chosen_w, chosen_id = _route_token(
+        rows = pair // TOP_K + tl.zeros([1], dtype=tl.int64)  # the pair's token
+        chosen_w, chosen_id = route_rows(
             router_logits,
-            pair // TOP_K,
+            rows,
             stride_lt,
             correction_bias,
             num_routed,
@@ -279,22 +107,28 @@ def small_gate_up_kernel(
         expert = tl.load(topk_ids + pair).to(tl.int64)
         if (expert < 0) | (expert >= num_experts):
             return  # another rank's pair: the down kernel skips it too
-    _gate_up_block(
-        x,
-        w13,
-        act,
-        pair,
-        expert,
-        tl.program_id(1),
-        hidden,
-        inter,
-        stride_xt,
-        stride_we,
-        stride_wn,
-        TOP_K,
-        BLOCK_N,
-        BLOCK_K,
-    )
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < inter
+    ks = tl.arange(0, BLOCK_K)
+    x_ptr = x + (pair // TOP_K) * stride_xt + ks
+    # [BLOCK_N, BLOCK_K] of the gate rows, contiguous along K; the up rows sit `inter` below.
+    w_ptr = w13 + expert * stride_we + cols[:, None] * stride_wn + ks[None, :]
+    acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        k_ok = ks < hidden - k0
+        row = tl.load(x_ptr, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        w_ok = col_ok[:, None] & k_ok[None, :]
+        gate = tl.load(w_ptr, mask=w_ok, other=0.0).to(tl.float32)
+        up = tl.load(w_ptr + inter * stride_wn, mask=w_ok, other=0.0).to(tl.float32)
+        acc_gate += gate * row
+        acc_up += up * row
+        x_ptr += BLOCK_K
+        w_ptr += BLOCK_K
+    gate_out = tl.sum(acc_gate, axis=1)
+    up_out = tl.sum(acc_up, axis=1)
+    out = gate_out * tl.sigmoid(gate_out) * up_out  # SiLU(gate) * up, as grouped_gemm_kernel
+    tl.store(act + pair * inter + cols, out.to(act.dtype.element_ty), mask=col_ok)
 
 
 @triton.jit
@@ -317,359 +151,42 @@ def small_down_combine_kernel(
 ):
     pdl.start(PDL)
     token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < hidden
+    ks = tl.arange(0, BLOCK_K)
     slots = tl.arange(0, K_POW2)
-    pair = token * TOP_K + slots
+    pair = token * TOP_K + slots  # [K_POW2]
     expert = tl.load(topk_ids + pair, mask=slots < TOP_K, other=-1).to(tl.int64)
     # Another rank's pair adds nothing (and its act row was never written).
     valid = (expert >= 0) & (expert < num_experts)
+    expert = tl.where(valid, expert, 0)
+    # All the token's pairs at once, [K_POW2, BLOCK_N, BLOCK_K] of w2 per step, so that a
+    # program keeps as many bytes in flight as a gate-up program does.
+    a_ptr = act + pair[:, None] * inter + ks[None, :]
+    w_ptr = (
+        w2 + expert[:, None, None] * stride_we + cols[None, :, None] * stride_wn + ks[None, None, :]
+    )
+    acc = tl.zeros([K_POW2, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, inter, BLOCK_K):
+        k_ok = ks < inter - k0
+        a_ok = valid[:, None] & k_ok[None, :]
+        a = tl.load(a_ptr, mask=a_ok, other=0.0).to(tl.float32)
+        w_ok = a_ok[:, None, :] & col_ok[None, :, None]
+        w = tl.load(w_ptr, mask=w_ok, other=0.0).to(tl.float32)
+        acc += w * a[:, None, :]
+        a_ptr += BLOCK_K
+        w_ptr += BLOCK_K
+    # The grouped path stores each pair's output in x's dtype; the combine sums those.
+    y = tl.sum(acc, axis=2).to(out.dtype.element_ty).to(tl.float32)  # [K_POW2, BLOCK_N]
     weight = tl.load(topk_weights + pair, mask=valid, other=0.0).to(tl.float32)
-    _down_block(
-        act,
-        w2,
-        out,
-        token,
-        tl.program_id(1),
-        expert,
-        valid,
-        weight,
-        hidden,
-        inter,
-        stride_we,
-        stride_wn,
-        act,  # unused without WAIT
-        0,
-        1,
-        TOP_K,
-        K_POW2,
-        BLOCK_N,
-        BLOCK_K,
-        False,
-    )
-
-
-# `small_moe_kernel`'s int32 scratch: the next work item, the programs finished, then one
-# count a tile of I (`down_block_k` wide) of the gate-up blocks finished in it.
-SCRATCH_TICKET = tl.constexpr(0)
-SCRATCH_FINISHED = tl.constexpr(1)
-SCRATCH_TILES = tl.constexpr(2)
-SCRATCH_SLOTS = tl.constexpr(64)
-
-
-@triton.jit
-def _gate_up_item(
-    x,
-    w13,
-    topk_ids,
-    topk_weights,
-    act,
-    router_logits,
-    correction_bias,
-    scratch,
-    item,
-    num_experts,
-    num_routed,
-    num_pairs,
-    hidden,
-    inter,
-    stride_xt,
-    stride_lt,
-    stride_w13e,
-    stride_w13n,
-    scaling,
-    TOP_K: tl.constexpr,
-    K_POW2: tl.constexpr,
-    E_POW2: tl.constexpr,
-    ROUTE: tl.constexpr,
-    RENORMALIZE: tl.constexpr,
-    NUM_GROUPS: tl.constexpr,
-    PER_GROUP: tl.constexpr,
-    TOPK_GROUPS: tl.constexpr,
-    NUM_SHARED: tl.constexpr,
-    G_POW2: tl.constexpr,
-    P_POW2: tl.constexpr,
-    GATE_UP_N: tl.constexpr,
-    GATE_UP_K: tl.constexpr,
-    DOWN_K: tl.constexpr,
-):
-    """`small_moe_kernel`'s gate-up item: as a `small_gate_up_kernel` program (pairs fastest),
-    then the count of its tile of I, released after every thread's stores."""
-    pair = (item % num_pairs).to(tl.int64)
-    col_block = item // num_pairs
-    if ROUTE != 0:
-        chosen_w, chosen_id = _route_token(
-            router_logits,
-            pair // TOP_K,
-            stride_lt,
-            correction_bias,
-            num_routed,
-            scaling,
-            ROUTE,
-            TOP_K,
-            K_POW2,
-            E_POW2,
-            RENORMALIZE,
-            NUM_GROUPS,
-            PER_GROUP,
-            TOPK_GROUPS,
-            NUM_SHARED,
-            G_POW2,
-            P_POW2,
-        )
-        mine = tl.arange(0, K_POW2)[None, :] == pair % TOP_K
-        expert = tl.sum(tl.sum(tl.where(mine, chosen_id, 0), axis=1), axis=0)
-        if col_block == 0:
-            weight = tl.sum(tl.sum(tl.where(mine, chosen_w, 0.0), axis=1), axis=0)
-            tl.store(topk_weights + pair, weight.to(topk_weights.dtype.element_ty))
-            tl.store(topk_ids + pair, expert)
-    else:
-        expert = tl.load(topk_ids + pair).to(tl.int64)
-    if (expert >= 0) & (expert < num_experts):  # else another rank's pair
-        _gate_up_block(
-            x,
-            w13,
-            act,
-            pair,
-            expert,
-            col_block,
-            hidden,
-            inter,
-            stride_xt,
-            stride_w13e,
-            stride_w13n,
-            TOP_K,
-            GATE_UP_N,
-            GATE_UP_K,
-        )
-    tl.debug_barrier()
-    tile = col_block * GATE_UP_N // DOWN_K
-    tl.atomic_add(scratch + SCRATCH_TILES + tile, 1, sem="release")
-
-
-@triton.jit
-def _down_item(
-    w2,
-    topk_ids,
-    topk_weights,
-    act,
-    out,
-    router_logits,
-    correction_bias,
-    scratch,
-    down_item,
-    down_blocks,
-    num_experts,
-    num_routed,
-    num_pairs,
-    hidden,
-    inter,
-    stride_lt,
-    stride_w2e,
-    stride_w2n,
-    scaling,
-    TOP_K: tl.constexpr,
-    K_POW2: tl.constexpr,
-    E_POW2: tl.constexpr,
-    ROUTE: tl.constexpr,
-    RENORMALIZE: tl.constexpr,
-    NUM_GROUPS: tl.constexpr,
-    PER_GROUP: tl.constexpr,
-    TOPK_GROUPS: tl.constexpr,
-    NUM_SHARED: tl.constexpr,
-    G_POW2: tl.constexpr,
-    P_POW2: tl.constexpr,
-    GATE_UP_N: tl.constexpr,
-    DOWN_N: tl.constexpr,
-    DOWN_K: tl.constexpr,
-):
-    """`small_moe_kernel`'s down item: as a `small_down_combine_kernel` program, its token's
-    choices routed again (not read from the gate-up items' stores, which may not have run)."""
-    token = (down_item // down_blocks).to(tl.int64)
-    slots = tl.arange(0, K_POW2)
-    if ROUTE != 0:
-        chosen_w, chosen_id = _route_token(
-            router_logits,
-            token,
-            stride_lt,
-            correction_bias,
-            num_routed,
-            scaling,
-            ROUTE,
-            TOP_K,
-            K_POW2,
-            E_POW2,
-            RENORMALIZE,
-            NUM_GROUPS,
-            PER_GROUP,
-            TOPK_GROUPS,
-            NUM_SHARED,
-            G_POW2,
-            P_POW2,
-        )
-        expert = tl.sum(chosen_id, axis=0).to(tl.int64)  # one row: exact
-        valid = slots < TOP_K
-        # The weight as the gate-up items store it, in topk_weights' dtype.
-        weight = tl.sum(chosen_w, axis=0).to(topk_weights.dtype.element_ty)
-        weight = tl.where(valid, weight.to(tl.float32), 0.0)
-    else:
-        pair = token * TOP_K + slots
-        expert = tl.load(topk_ids + pair, mask=slots < TOP_K, other=-1).to(tl.int64)
-        valid = (expert >= 0) & (expert < num_experts)
-        weight = tl.load(topk_weights + pair, mask=valid, other=0.0).to(tl.float32)
-    _down_block(
-        act,
-        w2,
-        out,
-        token,
-        down_item % down_blocks,
-        expert,
-        valid,
-        weight,
-        hidden,
-        inter,
-        stride_w2e,
-        stride_w2n,
-        scratch + SCRATCH_TILES,
-        num_pairs,
-        GATE_UP_N,
-        TOP_K,
-        K_POW2,
-        DOWN_N,
-        DOWN_K,
-        True,
-    )
-
-
-@triton.jit
-def small_moe_kernel(
-    x,  # [T, H]
-    w13,  # [E, 2 * INTER, H]
-    w2,  # [E, H, INTER]
-    topk_ids,  # [N] as small_gate_up_kernel's
-    topk_weights,  # [N] as small_gate_up_kernel's
-    act,  # [N, INTER] scratch, x's dtype
-    out,  # [T, H] out
-    router_logits,  # [T, E_ROUTED] with ROUTE, else unused
-    correction_bias,  # [E_ROUTED] with ROUTE_GROUPED, else unused
-    scratch,  # [SCRATCH_SLOTS] int32, zero before the launch and after it
-    num_experts,
-    num_routed,
-    num_pairs,
-    hidden,
-    inter,
-    stride_xt,
-    stride_lt,
-    stride_w13e,
-    stride_w13n,
-    stride_w2e,
-    stride_w2n,
-    scaling,
-    gate_up_items,  # num_pairs * the gate-up blocks a pair
-    down_blocks,  # the down blocks a token
-    num_items,  # gate_up_items + T * down_blocks
-    TOP_K: tl.constexpr,
-    K_POW2: tl.constexpr,
-    E_POW2: tl.constexpr,
-    ROUTE: tl.constexpr,
-    RENORMALIZE: tl.constexpr,
-    NUM_GROUPS: tl.constexpr,
-    PER_GROUP: tl.constexpr,
-    TOPK_GROUPS: tl.constexpr,
-    NUM_SHARED: tl.constexpr,
-    G_POW2: tl.constexpr,
-    P_POW2: tl.constexpr,
-    GATE_UP_N: tl.constexpr,
-    GATE_UP_K: tl.constexpr,
-    DOWN_N: tl.constexpr,
-    DOWN_K: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    """Both kernels' work in one launch: a program takes work items from a counter, the
-    gate-up blocks first (tile of I by tile, pairs fastest), then the down blocks, which wait
-    for each tile of act as they reach it, their weights already in flight. An item only
-    waits for items with lower numbers, which programs already running hold, so it needs no
-    more programs resident than there are. The last program to finish zeroes the scratch."""
-    pdl.start(PDL)
-    item = tl.atomic_add(scratch + SCRATCH_TICKET, 1)
-    while item < num_items:
-        following = tl.atomic_add(scratch + SCRATCH_TICKET, 1)  # in flight while this runs
-        if item < gate_up_items:
-            _gate_up_item(
-                x,
-                w13,
-                topk_ids,
-                topk_weights,
-                act,
-                router_logits,
-                correction_bias,
-                scratch,
-                item,
-                num_experts,
-                num_routed,
-                num_pairs,
-                hidden,
-                inter,
-                stride_xt,
-                stride_lt,
-                stride_w13e,
-                stride_w13n,
-                scaling,
-                TOP_K,
-                K_POW2,
-                E_POW2,
-                ROUTE,
-                RENORMALIZE,
-                NUM_GROUPS,
-                PER_GROUP,
-                TOPK_GROUPS,
-                NUM_SHARED,
-                G_POW2,
-                P_POW2,
-                GATE_UP_N,
-                GATE_UP_K,
-                DOWN_K,
-            )
-        else:
-            _down_item(
-                w2,
-                topk_ids,
-                topk_weights,
-                act,
-                out,
-                router_logits,
-                correction_bias,
-                scratch,
-                item - gate_up_items,
-                down_blocks,
-                num_experts,
-                num_routed,
-                num_pairs,
-                hidden,
-                inter,
-                stride_lt,
-                stride_w2e,
-                stride_w2n,
-                scaling,
-                TOP_K,
-                K_POW2,
-                E_POW2,
-                ROUTE,
-                RENORMALIZE,
-                NUM_GROUPS,
-                PER_GROUP,
-                TOPK_GROUPS,
-                NUM_SHARED,
-                G_POW2,
-                P_POW2,
-                GATE_UP_N,
-                DOWN_N,
-                DOWN_K,
-            )
-        item = following
-    finished = tl.atomic_add(scratch + SCRATCH_FINISHED, 1, sem="acq_rel")
-    if finished == tl.num_programs(0) - 1:
-        # Every item is done and every program has taken its last number: ready for the next.
-        slots = tl.arange(0, SCRATCH_SLOTS)
-        tl.store(scratch + slots, tl.zeros([SCRATCH_SLOTS], dtype=tl.int32))
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # Summed pair by pair in order, as combine_kernel does (picking a row out of y by a masked
+    # sum is exact: the other terms are zeros).
+    for j in tl.static_range(TOP_K):
+        y_j = tl.sum(tl.where(slots[:, None] == j, y, 0.0), axis=0)
+        weight_j = tl.sum(tl.where(slots == j, weight, 0.0), axis=0)
+        total += weight_j * y_j
+    tl.store(out + token * hidden + cols, total.to(out.dtype.element_ty), mask=col_ok)
 
 
 @dataclass(frozen=True)
@@ -690,16 +207,9 @@ class SmallBatchTiles:
     down_n: int = 8
     down_k: int = 256
     num_warps: int = 4
-    # One launch (`small_moe_kernel`) of this many programs an SM instead of two launches; 0:
-    # two launches (the default until the one launch is timed on the GPU: `session.sh U`).
-    programs_per_sm: int = 0
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
-            if name == "programs_per_sm":
-                if value < 0:
-                    raise ValueError(f"programs_per_sm must be >= 0, got {value}")
-                continue
             if value < 1 or value & (value - 1):  # tl.arange and the warps need powers of two
                 raise ValueError(f"{name} must be a power of two, got {value}")
 
@@ -723,8 +233,8 @@ def small_batch_moe(
     topk_ids: torch.Tensor,
     tiles: SmallBatchTiles = DEFAULT_TILES,
 ) -> torch.Tensor:
-    """`fused_moe`'s result `[T, H]` in one launch or two (`tiles`). Expects what `fused_moe`
-    checks: contiguous tensors of matching shapes."""
+    """`fused_moe`'s result `[T, H]` in two launches. Expects what `fused_moe` checks:
+    contiguous tensors of matching shapes."""
     return _launch(x, w13, w2, topk_weights, topk_ids, None, tiles)
 
 
@@ -800,28 +310,6 @@ def small_batch_moe_grouped_routed(
     return out, weights, ids
 
 
-def _scratch(w13: torch.Tensor) -> torch.Tensor:
-    """`small_moe_kernel`'s counters for the layer whose weights are `w13`: each launch leaves
-    them zero, and one layer's launches never overlap (one stream runs a model's forward), so
-    each layer keeps its own, made once (zero) and kept with its weights' storage."""
-    key = (w13.device, w13.data_ptr())
-    scratch = _SCRATCH.get(key)
-    if scratch is None:
-        scratch = torch.zeros(SCRATCH_SLOTS.value, dtype=torch.int32, device=w13.device)
-        _SCRATCH[key] = scratch
-    return scratch
-
-
-_SCRATCH: dict[tuple[torch.device, int], torch.Tensor] = {}
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: a few programs, each taking several items
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _launch(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -848,66 +336,6 @@ def _launch(
     grouped = routing is not None and routing.kind == ROUTE_GROUPED
     num_groups = routing.num_groups if routing is not None and grouped else 1
     per_group = num_routed // num_groups
-    route_args = {
-        "TOP_K": top_k,
-        "K_POW2": k_pow2,
-        "E_POW2": triton.next_power_of_2(num_routed) if routing is not None else 1,
-        "ROUTE": ROUTE_NONE if routing is None else routing.kind,
-        "RENORMALIZE": routing is not None and routing.renormalize,
-        "NUM_GROUPS": num_groups,
-        "PER_GROUP": per_group if grouped else 1,
-        "TOPK_GROUPS": routing.topk_groups if routing is not None and grouped else 1,
-        "NUM_SHARED": routing.num_shared if routing is not None else 0,
-        "G_POW2": triton.next_power_of_2(num_groups),
-        "P_POW2": triton.next_power_of_2(per_group) if grouped else 1,
-    }
-    scaling = float(routing.scaling) if routing is not None else 1.0
-    down_k = down_block_k(tiles, k_pow2, w2.element_size())
-    if tiles.programs_per_sm:
-        if down_k % tiles.gate_up_n or triton.cdiv(inter, down_k) > SCRATCH_SLOTS.value - 2:
-            raise ValueError(
-                f"one launch needs gate_up_n ({tiles.gate_up_n}) to divide the down step "
-                f"({down_k}) and at most {SCRATCH_SLOTS.value - 2} steps of I ({inter})"
-            )
-        gate_up_items = num_pairs * triton.cdiv(inter, tiles.gate_up_n)
-        down_blocks = triton.cdiv(hidden, tiles.down_n)
-        num_items = gate_up_items + num_tokens * down_blocks
-        programs = min(num_items, _sm_count(x.device) * tiles.programs_per_sm)
-        small_moe_kernel[(programs,)](
-            x,
-            w13,
-            w2,
-            topk_ids,
-            topk_weights,
-            act,
-            out,
-            logits,
-            bias,
-            _scratch(w13),
-            num_experts,
-            num_routed,
-            num_pairs,
-            hidden,
-            inter,
-            x.stride(0),
-            logits.stride(0),
-            w13.stride(0),
-            w13.stride(1),
-            w2.stride(0),
-            w2.stride(1),
-            scaling,
-            gate_up_items,
-            down_blocks,
-            num_items,
-            **route_args,
-            GATE_UP_N=tiles.gate_up_n,
-            GATE_UP_K=tiles.gate_up_k,
-            DOWN_N=tiles.down_n,
-            DOWN_K=down_k,
-            num_warps=tiles.num_warps,
-            **pdl.launch_args(x),
-        )
-        return out
     small_gate_up_kernel[(num_pairs, triton.cdiv(inter, tiles.gate_up_n))](
         x,
         w13,
@@ -924,8 +352,18 @@ def _launch(
         logits.stride(0),
         w13.stride(0),
         w13.stride(1),
-        scaling,
-        **route_args,
+        float(routing.scaling) if routing is not None else 1.0,
+        TOP_K=top_k,
+        K_POW2=k_pow2,
+        E_POW2=triton.next_power_of_2(num_routed) if routing is not None else 1,
+        ROUTE=ROUTE_NONE if routing is None else routing.kind,
+        RENORMALIZE=routing is not None and routing.renormalize,
+        NUM_GROUPS=num_groups,
+        PER_GROUP=per_group if grouped else 1,
+        TOPK_GROUPS=routing.topk_groups if routing is not None and grouped else 1,
+        NUM_SHARED=routing.num_shared if routing is not None else 0,
+        G_POW2=triton.next_power_of_2(num_groups),
+        P_POW2=triton.next_power_of_2(per_group) if grouped else 1,
         BLOCK_N=tiles.gate_up_n,
         BLOCK_K=tiles.gate_up_k,
         num_warps=tiles.num_warps,
@@ -945,7 +383,7 @@ def _launch(
         TOP_K=top_k,
         K_POW2=k_pow2,
         BLOCK_N=tiles.down_n,
-        BLOCK_K=down_k,
+        BLOCK_K=down_block_k(tiles, k_pow2, w2.element_size()),
         num_warps=tiles.num_warps,
         **pdl.launch_args(act),
     )

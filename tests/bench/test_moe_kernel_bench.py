@@ -62,18 +62,3 @@ def test_gemm_candidates_vary_one_gemm() -> None:
     gate_ups = gemm_candidates(base, "gate_up")
     assert all(c.down_config == replace(base, down=None) for c in gate_ups)
     assert len({c.block_n for c in gate_ups}) == 3
-
-
-def test_small_path_tiles_take_the_one_launch_form(capsys: pytest.CaptureFixture[str]) -> None:
-    """`--small-tiles` with a sixth value runs the small path in one launch (a smoke run on the
-    interpreter); a bad value is a usage error naming the form."""
-    import bench.moe_kernel as moe_kernel
-
-    args = ["--device", "cpu", "--dtype", "float32", "--shape", "tiny-fused", "--tokens", "1"]
-    moe_kernel.main([*args, "--reps", "1", "--layers", "1", "--path", "small",
-                     "--small-tiles", "16,16,8,16,4,2"])  # fmt: skip
-    out = capsys.readouterr().out
-    assert "programs_per_sm=2" in out and "\n| 1 | " in out
-    with pytest.raises(SystemExit):
-        moe_kernel.main([*args, "--small-tiles", "16,256,8,256,4,-1"])
-    assert "PROGRAMS_PER_SM" in capsys.readouterr().err

@@ -14,7 +14,6 @@ sum in another order can round the activation or a pair's output the other way).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import cast
 
@@ -53,7 +52,6 @@ from engine.kernels.fused_moe_small import (
     Routing,
     SmallBatchTiles,
     small_batch_moe,
-    small_batch_moe_grouped_routed,
     small_batch_moe_routed,
 )
 from engine.kernels.moe_routing import grouped_topk, softmax_topk
@@ -271,56 +269,6 @@ def test_small_batch_routing_folded_into_gate_up(tokens, num_experts, top_k, ren
         torch.testing.assert_close(weights, ref_w, rtol=1e-3, atol=1e-6)
         want = small_batch_moe(x.to(dtype), w13, w2, want_w, want_ids, SMALL_TILES)
         assert torch.equal(out, want)
-
-
-ONE_LAUNCH = dataclasses.replace(SMALL_TILES, programs_per_sm=2)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("tokens,top_k,inter", [(1, 8, 24), (2, 3, 40), (3, 2, 16), (1, 1, 72)])
-def test_one_launch_equals_two_launches(tokens, top_k, inter, dtype):
-    """`small_moe_kernel` (gate-up and down items from one counter, the down items waiting for
-    each tile of act) gives the two launches' output, weights and ids bit for bit: the ids
-    given (an expert-parallel -1 among them) and routed in the kernel, softmax and grouped
-    with shared experts; its counters are back to zero after each launch. Under the
-    interpreter the programs run one after another, so the waits only ever find their tiles
-    ready: `bench.check_moe_gpu` checks them on the GPU, where they run at once."""
-    from engine.kernels import fused_moe_small
-
-    g = torch.Generator().manual_seed(tokens * 10 + top_k)
-    experts, hidden = 12, 44
-    w13 = (torch.randn(experts + 2, 2 * inter, hidden, generator=g) / hidden**0.5).to(dtype)
-    w2 = (torch.randn(experts + 2, hidden, inter, generator=g) / inter**0.5).to(dtype)
-    x = torch.randn(tokens, hidden, generator=g).to(dtype)
-    logits = torch.randn(tokens, experts, generator=g).to(dtype)
-
-    def scratch_is_zero():
-        return not fused_moe_small._scratch(w13).any()
-
-    pairs = small_batch_moe_routed(x, w13, w2, logits, top_k, True, SMALL_TILES)
-    one = small_batch_moe_routed(x, w13, w2, logits, top_k, True, ONE_LAUNCH)
-    assert all(torch.equal(a, b) for a, b in zip(pairs, one, strict=True)) and scratch_is_zero()
-    weights, ids = pairs[1], pairs[2].clone()
-    ids[0, 0] = -1  # another rank's pair
-    want = small_batch_moe(x, w13, w2, weights, ids, SMALL_TILES)
-    assert torch.equal(small_batch_moe(x, w13, w2, weights, ids, ONE_LAUNCH), want)
-    assert scratch_is_zero()
-    bias = torch.randn(experts, generator=g) * 0.1
-    args = (min(top_k, 4), 4, 2, True, 2.5, 2)  # 3 of 4 groups' 3 experts, 2 shared
-    two = small_batch_moe_grouped_routed(x, w13, w2, logits.float(), bias, *args, SMALL_TILES)
-    got = small_batch_moe_grouped_routed(x, w13, w2, logits.float(), bias, *args, ONE_LAUNCH)
-    assert all(torch.equal(a, b) for a, b in zip(two, got, strict=True)) and scratch_is_zero()
-
-
-def test_one_launch_refuses_tiles_it_cannot_count():
-    """Each gate-up block must fall in one tile of I that the down items wait for."""
-    x, w13, w2 = torch.zeros(1, 32), torch.zeros(4, 64, 32), torch.zeros(4, 32, 32)
-    weights, ids = torch.ones(1, 2), torch.zeros(1, 2, dtype=torch.int64)
-    tiles = SmallBatchTiles(gate_up_n=32, gate_up_k=16, down_n=8, down_k=16, programs_per_sm=1)
-    with pytest.raises(ValueError, match="one launch needs gate_up_n"):
-        small_batch_moe(x, w13, w2, weights, ids, tiles)
-    with pytest.raises(ValueError, match="programs_per_sm must be >= 0"):
-        SmallBatchTiles(programs_per_sm=-1)
 
 
 @pytest.mark.parametrize("small_batch", [None, False])
