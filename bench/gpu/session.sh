@@ -49,6 +49,7 @@
 #   run(command="bash bench/gpu/session.sh P", carry=[".whl", ".base"])  # 13th session, A/B
 #   run(command="bash bench/gpu/session.sh R", carry=[".whl"])   # GEMM rows, Llama, profile
 #   run(command="bash bench/gpu/session.sh T", carry=[".whl", ".base"])  # routing + count, A/B
+#   run(command="bash bench/gpu/session.sh W", carry=[".whl"])   # R without its profile
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -694,5 +695,16 @@ T)
       --decode 64x128,256x128 --repeats 3"
   done
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T"; exit 2 ;;
+W)
+  # R without its profile, for a call of under 300 s: Llama-3-8B's figures, then the grouped
+  # GEMMs' launches searched at the other decode rows (Moonlight 64 and 128, Qwen3-30B-A3B 128
+  # and 256, as O did at Moonlight 256).
+  TAIL=4 step llama 60 python3 -m bench.engine --preset llama3-8b --skip-hf --prefill '' \
+    --decode 1x128,64x128 --repeats 3
+  TAIL=12 step tune_more 170 bash -c 'for g in down gate_up; do
+    python3 -m bench.moe_kernel --shape moonlight-16b-a3b-fused --tokens 64,128 --tune-gemm $g
+    python3 -m bench.moe_kernel --shape qwen3-30b-a3b --tokens 128,256 --tune-gemm $g
+    done 2>&1 | grep -v "^  skip\|^floor\|^$\|^NVIDIA"'
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W"; exit 2 ;;
 esac
