@@ -347,16 +347,12 @@ def tune_shape(shape: LayerShape, tokens: Sequence[int], layers: list[Layer], re
 
 def small_tiles(text: str) -> SmallBatchTiles:
     try:
-        values = [int(v) for v in text.split(",")]
-        if len(values) not in (5, 6) or (len(values) == 6 and values[5] not in (0, 1)):
-            raise ValueError
-        *sizes, prefetch = values if len(values) == 6 else (*values, 0)
-        return SmallBatchTiles(*sizes, prefetch=bool(prefetch))
-    except ValueError as e:
+        gate_up_n, gate_up_k, down_n, down_k, num_warps = (int(v) for v in text.split(","))
+    except ValueError:
         raise argparse.ArgumentTypeError(
-            "expected GATE_UP_N,GATE_UP_K,DOWN_N,DOWN_K,WARPS[,PREFETCH] like 16,256,8,256,4 "
-            f"or 16,256,8,128,4,1, got {text!r}" + (f": {e}" if str(e) else "")
+            f"expected GATE_UP_N,GATE_UP_K,DOWN_N,DOWN_K,WARPS like 16,256,4,256,4, got {text!r}"
         ) from None
+    return SmallBatchTiles(gate_up_n, gate_up_k, down_n, down_k, num_warps)
 
 
 @dataclass(frozen=True)
@@ -509,8 +505,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--small-tiles",
         type=small_tiles,
         default=DEFAULT_TILES,
-        help="the small path's GATE_UP_N,GATE_UP_K,DOWN_N,DOWN_K,WARPS (powers of two), and "
-        "PREFETCH (1: the next K step's weights kept in flight)",
+        help="the small path's GATE_UP_N,GATE_UP_K,DOWN_N,DOWN_K,WARPS (powers of two)",
     )
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument(

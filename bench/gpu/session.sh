@@ -50,7 +50,6 @@
 #   run(command="bash bench/gpu/session.sh R", carry=[".whl"])   # GEMM rows, Llama, profile
 #   run(command="bash bench/gpu/session.sh T", carry=[".whl", ".base"])  # routing + count, A/B
 #   run(command="bash bench/gpu/session.sh W", carry=[".whl"])   # R without its profile
-#   run(command="bash bench/gpu/session.sh X", carry=[".whl"])   # small MoE weights a step ahead
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -707,27 +706,5 @@ W)
     python3 -m bench.moe_kernel --shape qwen3-30b-a3b --tokens 128,256 --tune-gemm $g
     done 2>&1 | grep -v "^  skip\|^floor\|^$\|^NVIDIA"'
   ;;
-X)
-  # The small MoE path with the next K step's weights kept in flight (SmallBatchTiles.prefetch;
-  # the down kernel also at K steps of 128, where its prefetch does not spill): one layer at
-  # one token against the default tiles, then the engine at batch 1 through a wrapper that
-  # hands the small path those tiles (about 150 s).
-  TAIL=10 step small_tiles 60 bash -c 'for t in 16,256,8,256,4 16,256,8,256,4,1 \
-    16,256,8,128,4 16,256,8,128,4,1; do
-    python3 -m bench.moe_kernel --shape qwen3-30b-a3b --shape moonlight-16b-a3b-fused \
-      --tokens 1 --path small --small-tiles $t --reps 20; done 2>&1 | grep "^## \|^| 1 "'
-  for t in 16,256,8,256,4,0 16,256,8,128,4,1; do
-    for preset in qwen3-30b-a3b moonlight-16b-a3b; do
-      TAIL=3 step "${preset%%-*}_${t//,/_}" 40 python3 -c "
-import sys
-import engine.kernels.fused_moe_small as f
-from bench.engine import main
-launch, tiles = f._launch, f.SmallBatchTiles(*[$t][:5], prefetch=bool([$t][5]))
-f._launch = lambda *a: launch(*a[:-1], tiles)
-sys.exit(main(['--preset', '$preset', '--skip-hf', '--prefill', '', '--decode', '1x128',
-               '--repeats', '3']))"
-    done
-  done
-  ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|X"; exit 2 ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W"; exit 2 ;;
 esac

@@ -67,7 +67,6 @@ def small_gate_up_kernel(
     P_POW2: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    PREFETCH: tl.constexpr,  # keep the next step's weights in flight (`SmallBatchTiles`)
     PDL: tl.constexpr,
 ):
     pdl.start(PDL)
@@ -116,26 +115,12 @@ def small_gate_up_kernel(
     w_ptr = w13 + expert * stride_we + cols[:, None] * stride_wn + ks[None, :]
     acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    if PREFETCH:  # the first step's weights
-        w_ok = col_ok[:, None] & (ks < hidden)[None, :]
-        gate_next = tl.load(w_ptr, mask=w_ok, other=0.0)
-        up_next = tl.load(w_ptr + inter * stride_wn, mask=w_ok, other=0.0)
     for k0 in range(0, hidden, BLOCK_K):
         k_ok = ks < hidden - k0
-        if PREFETCH:
-            # This step's weights were asked for a step ago; ask for the next step's now
-            # (masked off past the end), so that two steps' loads are in flight.
-            gate_now, up_now = gate_next, up_next
-            w_ok = col_ok[:, None] & (ks < hidden - k0 - BLOCK_K)[None, :]
-            gate_next = tl.load(w_ptr + BLOCK_K, mask=w_ok, other=0.0)
-            up_next = tl.load(w_ptr + BLOCK_K + inter * stride_wn, mask=w_ok, other=0.0)
-            gate = gate_now.to(tl.float32)
-            up = up_now.to(tl.float32)
-        else:
-            w_ok = col_ok[:, None] & k_ok[None, :]
-            gate = tl.load(w_ptr, mask=w_ok, other=0.0).to(tl.float32)
-            up = tl.load(w_ptr + inter * stride_wn, mask=w_ok, other=0.0).to(tl.float32)
         row = tl.load(x_ptr, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        w_ok = col_ok[:, None] & k_ok[None, :]
+        gate = tl.load(w_ptr, mask=w_ok, other=0.0).to(tl.float32)
+        up = tl.load(w_ptr + inter * stride_wn, mask=w_ok, other=0.0).to(tl.float32)
         acc_gate += gate * row
         acc_up += up * row
         x_ptr += BLOCK_K
@@ -162,7 +147,6 @@ def small_down_combine_kernel(
     K_POW2: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    PREFETCH: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl.start(PDL)
@@ -183,23 +167,12 @@ def small_down_combine_kernel(
         w2 + expert[:, None, None] * stride_we + cols[None, :, None] * stride_wn + ks[None, None, :]
     )
     acc = tl.zeros([K_POW2, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    if PREFETCH:  # the first step's weights
-        w_ok = (valid[:, None] & (ks < inter)[None, :])[:, None, :] & col_ok[None, :, None]
-        w_next = tl.load(w_ptr, mask=w_ok, other=0.0)
     for k0 in range(0, inter, BLOCK_K):
         k_ok = ks < inter - k0
         a_ok = valid[:, None] & k_ok[None, :]
-        if PREFETCH:  # as the gate-up kernel's
-            w_now = w_next
-            next_ok = valid[:, None] & (ks < inter - k0 - BLOCK_K)[None, :]
-            w_next = tl.load(
-                w_ptr + BLOCK_K, mask=next_ok[:, None, :] & col_ok[None, :, None], other=0.0
-            )
-            w = w_now.to(tl.float32)
-        else:
-            w_ok = a_ok[:, None, :] & col_ok[None, :, None]
-            w = tl.load(w_ptr, mask=w_ok, other=0.0).to(tl.float32)
         a = tl.load(a_ptr, mask=a_ok, other=0.0).to(tl.float32)
+        w_ok = a_ok[:, None, :] & col_ok[None, :, None]
+        w = tl.load(w_ptr, mask=w_ok, other=0.0).to(tl.float32)
         acc += w * a[:, None, :]
         a_ptr += BLOCK_K
         w_ptr += BLOCK_K
@@ -234,14 +207,9 @@ class SmallBatchTiles:
     down_n: int = 8
     down_k: int = 256
     num_warps: int = 4
-    # Each kernel keeps the next K step's weights in flight while it computes this one's
-    # (their loads carry no dot, so Triton's pipelining leaves them one step at a time).
-    prefetch: bool = False
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
-            if name == "prefetch":
-                continue
             if value < 1 or value & (value - 1):  # tl.arange and the warps need powers of two
                 raise ValueError(f"{name} must be a power of two, got {value}")
 
@@ -398,7 +366,6 @@ def _launch(
         P_POW2=triton.next_power_of_2(per_group) if grouped else 1,
         BLOCK_N=tiles.gate_up_n,
         BLOCK_K=tiles.gate_up_k,
-        PREFETCH=tiles.prefetch,
         num_warps=tiles.num_warps,
         **pdl.launch_args(x),
     )
@@ -417,7 +384,6 @@ def _launch(
         K_POW2=k_pow2,
         BLOCK_N=tiles.down_n,
         BLOCK_K=down_block_k(tiles, k_pow2, w2.element_size()),
-        PREFETCH=tiles.prefetch,
         num_warps=tiles.num_warps,
         **pdl.launch_args(act),
     )

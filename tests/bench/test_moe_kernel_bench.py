@@ -62,18 +62,3 @@ def test_gemm_candidates_vary_one_gemm() -> None:
     gate_ups = gemm_candidates(base, "gate_up")
     assert all(c.down_config == replace(base, down=None) for c in gate_ups)
     assert len({c.block_n for c in gate_ups}) == 3
-
-
-def test_small_path_tiles_take_the_prefetch_flag(capsys: pytest.CaptureFixture[str]) -> None:
-    """`--small-tiles` with a sixth value 1 keeps the next K step's weights in flight (a smoke
-    run on the interpreter); a bad value is a usage error naming the form."""
-    import bench.moe_kernel as moe_kernel
-
-    args = ["--device", "cpu", "--dtype", "float32", "--shape", "tiny-fused", "--tokens", "1"]
-    moe_kernel.main([*args, "--reps", "1", "--layers", "1", "--path", "small",
-                     "--small-tiles", "16,16,8,16,4,1"])  # fmt: skip
-    out = capsys.readouterr().out
-    assert "prefetch=True" in out and "\n| 1 | " in out
-    with pytest.raises(SystemExit):
-        moe_kernel.main([*args, "--small-tiles", "16,256,8,256,4,2"])
-    assert "PREFETCH" in capsys.readouterr().err
