@@ -620,6 +620,8 @@ def add_small_batch_moe(add: Callable[..., None]) -> None:
                     "P_POW2": per_group,
                     "BLOCK_N": tiles.gate_up_n,
                     "BLOCK_K": tiles.gate_up_k,
+                    "DOT": tiles.gate_up_dot,
+                    "PRECISION": "ieee" if dtype == "fp32" else "tf32",
                 },
                 floats=("scaling",),
                 divisible=("x", "w13", "act", "router_logits", "stride_xt", "stride_lt", *sizes),
@@ -644,6 +646,27 @@ def add_small_batch_moe(add: Callable[..., None]) -> None:
             divisible=("act", "w2", "out", *sizes),
             num_warps=tiles.num_warps,
         )
+    # The gate-up on the tensor cores (`SmallBatchTiles.gate_up_dot`, on trial), at the tiles
+    # `session.sh Y` times first.
+    add(
+        "small_gate_up_kernel bf16 qwen3-30b-a3b route=1 dot 64x128 s4",
+        fused_moe_small.small_gate_up_kernel,
+        {
+            **{name: "*bf16" for name in ("x", "w13", "act", "router_logits", "topk_weights")},
+            "topk_ids": "*i64",
+            "correction_bias": "*fp32",
+        },
+        {
+            **{"TOP_K": 8, "K_POW2": 8, "E_POW2": 128, "ROUTE": softmax, "RENORMALIZE": True},
+            **{"NUM_GROUPS": 1, "PER_GROUP": 1, "TOPK_GROUPS": 1, "NUM_SHARED": 0},
+            **{"G_POW2": 1, "P_POW2": 1, "BLOCK_N": 64, "BLOCK_K": 128, "DOT": True},
+            "PRECISION": "tf32",
+        },
+        floats=("scaling",),
+        divisible=("x", "w13", "act", "router_logits", "stride_xt", "stride_lt", *sizes),
+        num_warps=4,
+        num_stages=4,
+    )
 
 
 def add_skinny_tma(

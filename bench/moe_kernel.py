@@ -346,13 +346,21 @@ def tune_shape(shape: LayerShape, tokens: Sequence[int], layers: list[Layer], re
 
 
 def small_tiles(text: str) -> SmallBatchTiles:
+    """GATE_UP_N,GATE_UP_K,DOWN_N,DOWN_K,WARPS[,DOT_STAGES]: DOT_STAGES > 0 puts the gate-up
+    products on the tensor cores with that many pipeline stages."""
     try:
-        gate_up_n, gate_up_k, down_n, down_k, num_warps = (int(v) for v in text.split(","))
-    except ValueError:
+        values = [int(v) for v in text.split(",")]
+        if len(values) not in (5, 6):
+            raise ValueError
+        stages = values[5] if len(values) == 6 else 0
+        return SmallBatchTiles(
+            *values[:5], gate_up_dot=stages > 0, gate_up_stages=stages if stages > 0 else 4
+        )
+    except ValueError as e:
         raise argparse.ArgumentTypeError(
-            f"expected GATE_UP_N,GATE_UP_K,DOWN_N,DOWN_K,WARPS like 16,256,4,256,4, got {text!r}"
+            "expected GATE_UP_N,GATE_UP_K,DOWN_N,DOWN_K,WARPS[,DOT_STAGES] like 16,256,8,256,4 "
+            f"or 64,128,8,256,4,4, got {text!r}" + (f": {e}" if str(e) else "")
         ) from None
-    return SmallBatchTiles(gate_up_n, gate_up_k, down_n, down_k, num_warps)
 
 
 @dataclass(frozen=True)
@@ -505,7 +513,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--small-tiles",
         type=small_tiles,
         default=DEFAULT_TILES,
-        help="the small path's GATE_UP_N,GATE_UP_K,DOWN_N,DOWN_K,WARPS (powers of two)",
+        help="the small path's GATE_UP_N,GATE_UP_K,DOWN_N,DOWN_K,WARPS (powers of two), and "
+        "DOT_STAGES (> 0: the gate-up products on the tensor cores, pipelined that deep)",
     )
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument(

@@ -50,6 +50,7 @@
 #   run(command="bash bench/gpu/session.sh R", carry=[".whl"])   # GEMM rows, Llama, profile
 #   run(command="bash bench/gpu/session.sh T", carry=[".whl", ".base"])  # routing + count, A/B
 #   run(command="bash bench/gpu/session.sh W", carry=[".whl"])   # R without its profile
+#   run(command="bash bench/gpu/session.sh Y", carry=[".whl"])   # small MoE gate-up on tensor cores
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -706,5 +707,30 @@ W)
     python3 -m bench.moe_kernel --shape qwen3-30b-a3b --tokens 128,256 --tune-gemm $g
     done 2>&1 | grep -v "^  skip\|^floor\|^$\|^NVIDIA"'
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W"; exit 2 ;;
+Y)
+  # The small MoE path's gate-up on the tensor cores (SmallBatchTiles.gate_up_dot: the token
+  # as row 0 of a 16-row tile, the weight loads pipelined by Triton; the grouped path's dot
+  # gate-up took 16.4 µs a layer at one token against the small path's CUDA-core 19.0): one
+  # layer at one token for several tiles (the sixth value is the pipeline's stages), checked
+  # against the reference in the same table, then the engine at batch 1 with the first dot
+  # tiles through a wrapper, against the default (about 200 s).
+  TAIL=12 step small_tiles 90 bash -c 'for t in 16,256,8,256,4 64,128,8,256,4,4 \
+    32,128,8,256,4,4 32,256,8,256,4,3 64,64,8,256,4,4 16,256,8,256,4,4; do
+    python3 -m bench.moe_kernel --shape qwen3-30b-a3b --shape moonlight-16b-a3b-fused \
+      --tokens 1 --path small --small-tiles $t --reps 20; done 2>&1 | grep "^## \|^| 1 "'
+  for dot in 0 1; do
+    for preset in qwen3-30b-a3b moonlight-16b-a3b; do
+      TAIL=3 step "${preset%%-*}_dot$dot" 50 python3 -c "
+import sys
+import engine.kernels.fused_moe_small as f
+from bench.engine import main
+if $dot:
+    launch, tiles = f._launch, f.SmallBatchTiles(64, 128, 8, 256, 4, gate_up_dot=True)
+    f._launch = lambda *a: launch(*a[:-1], tiles)
+sys.exit(main(['--preset', '$preset', '--skip-hf', '--prefill', '', '--decode', '1x128',
+               '--repeats', '3']))"
+    done
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y"; exit 2 ;;
 esac

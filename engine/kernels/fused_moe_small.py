@@ -67,6 +67,8 @@ def small_gate_up_kernel(
     P_POW2: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    DOT: tl.constexpr,  # the products on the tensor cores (`SmallBatchTiles.gate_up_dot`)
+    PRECISION: tl.constexpr,  # DOT: tl.dot's input precision
     PDL: tl.constexpr,
 ):
     pdl.start(PDL)
@@ -111,22 +113,43 @@ def small_gate_up_kernel(
     col_ok = cols < inter
     ks = tl.arange(0, BLOCK_K)
     x_ptr = x + (pair // TOP_K) * stride_xt + ks
-    # [BLOCK_N, BLOCK_K] of the gate rows, contiguous along K; the up rows sit `inter` below.
-    w_ptr = w13 + expert * stride_we + cols[:, None] * stride_wn + ks[None, :]
-    acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
-        k_ok = ks < hidden - k0
-        row = tl.load(x_ptr, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        w_ok = col_ok[:, None] & k_ok[None, :]
-        gate = tl.load(w_ptr, mask=w_ok, other=0.0).to(tl.float32)
-        up = tl.load(w_ptr + inter * stride_wn, mask=w_ok, other=0.0).to(tl.float32)
-        acc_gate += gate * row
-        acc_up += up * row
-        x_ptr += BLOCK_K
-        w_ptr += BLOCK_K
-    gate_out = tl.sum(acc_gate, axis=1)
-    up_out = tl.sum(acc_up, axis=1)
+    if DOT:
+        # The token row as row 0 of a 16-row tile (the others masked: never loaded) against
+        # [BLOCK_K, BLOCK_N] tiles of the gate and up rows, on the tensor cores: loads that
+        # feed a dot, which Triton pipelines `num_stages` deep through shared memory.
+        first = tl.arange(0, 16)[:, None] == 0
+        w_ptr = w13 + expert * stride_we + cols[None, :] * stride_wn + ks[:, None]
+        dot_gate = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+        dot_up = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            k_ok = ks < hidden - k0
+            x_tile = tl.load(x_ptr[None, :], mask=first & k_ok[None, :], other=0.0)
+            w_ok = k_ok[:, None] & col_ok[None, :]
+            gate = tl.load(w_ptr, mask=w_ok, other=0.0)
+            up = tl.load(w_ptr + inter * stride_wn, mask=w_ok, other=0.0)
+            dot_gate = tl.dot(x_tile, gate, dot_gate, input_precision=PRECISION)
+            dot_up = tl.dot(x_tile, up, dot_up, input_precision=PRECISION)
+            x_ptr += BLOCK_K
+            w_ptr += BLOCK_K
+        gate_out = tl.sum(dot_gate, axis=0)  # row 0 plus zeros: exact
+        up_out = tl.sum(dot_up, axis=0)
+    else:
+        # [BLOCK_N, BLOCK_K] of the gate rows, contiguous along K; the up rows `inter` below.
+        w_ptr = w13 + expert * stride_we + cols[:, None] * stride_wn + ks[None, :]
+        acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            k_ok = ks < hidden - k0
+            row = tl.load(x_ptr, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            w_ok = col_ok[:, None] & k_ok[None, :]
+            gate = tl.load(w_ptr, mask=w_ok, other=0.0).to(tl.float32)
+            up = tl.load(w_ptr + inter * stride_wn, mask=w_ok, other=0.0).to(tl.float32)
+            acc_gate += gate * row
+            acc_up += up * row
+            x_ptr += BLOCK_K
+            w_ptr += BLOCK_K
+        gate_out = tl.sum(acc_gate, axis=1)
+        up_out = tl.sum(acc_up, axis=1)
     out = gate_out * tl.sigmoid(gate_out) * up_out  # SiLU(gate) * up, as grouped_gemm_kernel
     tl.store(act + pair * inter + cols, out.to(act.dtype.element_ty), mask=col_ok)
 
@@ -207,9 +230,20 @@ class SmallBatchTiles:
     down_n: int = 8
     down_k: int = 256
     num_warps: int = 4
+    # The gate-up kernel's products on the tensor cores (the token as row 0 of 16), its weight
+    # loads pipelined `gate_up_stages` deep (Triton pipelines the loads that feed a dot; the
+    # CUDA-core loop keeps one step in flight).
+    gate_up_dot: bool = False
+    gate_up_stages: int = 4
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
+            if name == "gate_up_dot":
+                continue
+            if name == "gate_up_stages":
+                if value < 1:
+                    raise ValueError(f"gate_up_stages must be >= 1, got {value}")
+                continue
             if value < 1 or value & (value - 1):  # tl.arange and the warps need powers of two
                 raise ValueError(f"{name} must be a power of two, got {value}")
 
@@ -366,7 +400,10 @@ def _launch(
         P_POW2=triton.next_power_of_2(per_group) if grouped else 1,
         BLOCK_N=tiles.gate_up_n,
         BLOCK_K=tiles.gate_up_k,
+        DOT=tiles.gate_up_dot,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=tiles.num_warps,
+        num_stages=tiles.gate_up_stages if tiles.gate_up_dot else 3,
         **pdl.launch_args(x),
     )
     small_down_combine_kernel[(num_tokens, triton.cdiv(hidden, tiles.down_n))](

@@ -62,3 +62,20 @@ def test_gemm_candidates_vary_one_gemm() -> None:
     gate_ups = gemm_candidates(base, "gate_up")
     assert all(c.down_config == replace(base, down=None) for c in gate_ups)
     assert len({c.block_n for c in gate_ups}) == 3
+
+
+def test_small_path_tiles_take_the_gate_up_on_the_tensor_cores(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`--small-tiles` with a sixth value > 0 puts the gate-up products on the tensor cores,
+    pipelined that deep (a smoke run on the interpreter); a bad value is a usage error."""
+    import bench.moe_kernel as moe_kernel
+
+    args = ["--device", "cpu", "--dtype", "float32", "--shape", "tiny-fused", "--tokens", "1"]
+    moe_kernel.main([*args, "--reps", "1", "--layers", "1", "--path", "small",
+                     "--small-tiles", "16,16,8,16,4,3"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "gate_up_dot=True, gate_up_stages=3" in out and "\n| 1 | " in out
+    with pytest.raises(SystemExit):
+        moe_kernel.main([*args, "--small-tiles", "16,256,8,256"])
+    assert "DOT_STAGES" in capsys.readouterr().err

@@ -14,6 +14,7 @@ sum in another order can round the activation or a pair's output the other way).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import cast
 
@@ -269,6 +270,34 @@ def test_small_batch_routing_folded_into_gate_up(tokens, num_experts, top_k, ren
         torch.testing.assert_close(weights, ref_w, rtol=1e-3, atol=1e-6)
         want = small_batch_moe(x.to(dtype), w13, w2, want_w, want_ids, SMALL_TILES)
         assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tokens,top_k,inter", [(1, 8, 24), (2, 3, 40), (1, 1, 72)])
+def test_small_path_gate_up_on_the_tensor_cores(tokens, top_k, inter, dtype):
+    """`SmallBatchTiles.gate_up_dot` (the token as row 0 of a 16-row tile, the products on the
+    tensor cores) makes the same routing choices and weights, and the output agrees with the
+    CUDA-core loop up to float32 summation order (float32: exact products, 1e-5; float16:
+    the same rounding of each pair's activation, 2e-3), with routing in the kernel and with
+    the ids given (an expert-parallel -1 among them)."""
+    g = torch.Generator().manual_seed(tokens * 10 + top_k)
+    experts, hidden = 12, 44
+    w13 = (torch.randn(experts, 2 * inter, hidden, generator=g) / hidden**0.5).to(dtype)
+    w2 = (torch.randn(experts, hidden, inter, generator=g) / inter**0.5).to(dtype)
+    x = torch.randn(tokens, hidden, generator=g).to(dtype)
+    logits = torch.randn(tokens, experts, generator=g).to(dtype)
+    dot = dataclasses.replace(SMALL_TILES, gate_up_dot=True, gate_up_stages=2)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    want = small_batch_moe_routed(x, w13, w2, logits, top_k, True, SMALL_TILES)
+    got = small_batch_moe_routed(x, w13, w2, logits, top_k, True, dot)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    torch.testing.assert_close(got[0], want[0], rtol=tol, atol=tol)
+    ids = want[2].clone()
+    ids[0, 0] = -1  # another rank's pair
+    plain = small_batch_moe(x, w13, w2, want[1], ids, SMALL_TILES)
+    torch.testing.assert_close(
+        small_batch_moe(x, w13, w2, want[1], ids, dot), plain, rtol=tol, atol=tol
+    )
 
 
 @pytest.mark.parametrize("small_batch", [None, False])
