@@ -352,9 +352,16 @@ def small_tiles(text: str) -> SmallBatchTiles:
         values = [int(v) for v in text.split(",")]
         if len(values) not in (5, 6):
             raise ValueError
+        gate_up_n, gate_up_k, down_n, down_k, num_warps = values[:5]
         stages = values[5] if len(values) == 6 else 0
         return SmallBatchTiles(
-            *values[:5], gate_up_dot=stages > 0, gate_up_stages=stages if stages > 0 else 4
+            gate_up_n,
+            gate_up_k,
+            down_n,
+            down_k,
+            num_warps,
+            gate_up_dot=stages > 0,
+            gate_up_stages=stages if stages > 0 else 4,
         )
     except ValueError as e:
         raise argparse.ArgumentTypeError(
