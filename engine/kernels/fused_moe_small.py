@@ -6,13 +6,14 @@ row each. Here, over the same `N = T * top_k` pairs (pair `i` is token `i // top
 `i % top_k`-th choice) and the same weights (w13 `[E, 2I, H]`, w2 `[E, H, I]`):
 
 1. `small_gate_up_kernel`, a program per (pair, block of I's columns): the pair's token row
-   against the gate and up rows of its expert, products on the CUDA cores (one row: no use for
-   tensor cores), stored as `silu(gate) * up` `[N, I]` in x's dtype. With `ROUTE`
-   (`small_batch_moe_routed`, `small_batch_moe_grouped_routed`) each program first chooses its
-   token's experts from the router logits by `softmax_topk`'s or `grouped_topk`'s code (so
-   exactly their choices, ties to the lower id; grouped routing appends any fused shared
-   experts), and the pair's first program stores the choice and its weight for kernel 2:
-   routing costs no launch.
+   against the gate and up rows of its expert, products on the CUDA cores (one row; or, with
+   `SmallBatchTiles.gate_up_dot`, on the tensor cores as row 0 of a 16-row tile, so that
+   Triton pipelines the weight loads), stored as `silu(gate) * up` `[N, I]` in x's dtype.
+   With `ROUTE` (`small_batch_moe_routed`, `small_batch_moe_grouped_routed`) each program
+   first chooses its token's experts from the router logits by `softmax_topk`'s or
+   `grouped_topk`'s code (so exactly their choices, ties to the lower id; grouped routing
+   appends any fused shared experts), and the pair's first program stores the choice and its
+   weight for kernel 2: routing costs no launch.
 2. `small_down_combine_kernel`, a program per (token, block of H's columns): the down
    projections of all the token's pairs (one tile of the w2 rows of every pair's expert per
    step), each rounded to x's dtype, then weighted and summed in float32 pair by pair, in
@@ -246,6 +247,11 @@ class SmallBatchTiles:
                 continue
             if value < 1 or value & (value - 1):  # tl.arange and the warps need powers of two
                 raise ValueError(f"{name} must be a power of two, got {value}")
+        if self.gate_up_dot and min(self.gate_up_n, self.gate_up_k) < 16:
+            raise ValueError(
+                f"gate_up_dot needs gate_up_n and gate_up_k of 16 or more (tl.dot), got "
+                f"{self.gate_up_n} and {self.gate_up_k}"
+            )
 
 
 DEFAULT_TILES = SmallBatchTiles()

@@ -298,6 +298,8 @@ def test_small_path_gate_up_on_the_tensor_cores(tokens, top_k, inter, dtype):
     torch.testing.assert_close(
         small_batch_moe(x, w13, w2, want[1], ids, dot), plain, rtol=tol, atol=tol
     )
+    with pytest.raises(ValueError, match="gate_up_dot needs gate_up_n"):
+        dataclasses.replace(SMALL_TILES, gate_up_n=8, gate_up_dot=True)
 
 
 @pytest.mark.parametrize("small_batch", [None, False])
