@@ -519,9 +519,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--small-tiles",
         type=small_tiles,
-        default=DEFAULT_TILES,
+        action="append",
         help="the small path's GATE_UP_N,GATE_UP_K,DOWN_N,DOWN_K,WARPS (powers of two), and "
-        "DOT_STAGES (> 0: the gate-up products on the tensor cores, pipelined that deep)",
+        "DOT_STAGES (> 0: the gate-up products on the tensor cores, pipelined that deep); "
+        "repeat it to time several on the same layers (default: the default tiles)",
     )
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument(
@@ -557,9 +558,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             + (f" and {shape.shared} shared (fused)" if shape.shared else "")
             + f", top-{shape.top_k}, hidden {shape.hidden}, "
             f"expert intermediate {shape.intermediate} "
-            f"({shape.expert_bytes(dtype) / 2**20:.1f} MiB per expert); path {args.path}"
-            + (f", {args.small_tiles}" if args.path != "grouped" else "")
-            + "\n"
+            f"({shape.expert_bytes(dtype) / 2**20:.1f} MiB per expert); path {args.path}" + "\n"
         )
         if args.tune:
             tune_shape(shape, args.tokens, layers, args.reps)
@@ -568,12 +567,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.tune_gemm:
             tune_gemm(shape, args.tokens, layers, args.reps, args.tune_gemm)
         else:
-            print(HEADER)
-            rows = bench_shape(
-                shape, args.tokens, layers, bandwidth, args.reps, args.path, args.small_tiles
-            )
-            for row in rows:
-                print(row.line(), flush=True)
+            for tiles in args.small_tiles or [DEFAULT_TILES]:
+                if args.path != "grouped":
+                    print(f"### {tiles}\n")
+                print(HEADER)
+                rows = bench_shape(
+                    shape, args.tokens, layers, bandwidth, args.reps, args.path, tiles
+                )
+                for row in rows:
+                    print(row.line(), flush=True)
+                print()
         del layers
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -714,10 +714,11 @@ Y)
   # layer at one token for several tiles (the sixth value is the pipeline's stages), checked
   # against the reference in the same table, then the engine at batch 1 with the first dot
   # tiles through a wrapper, against the default (about 200 s).
-  TAIL=12 step small_tiles 90 bash -c 'for t in 16,256,8,256,4 64,128,8,256,4,4 \
-    32,128,8,256,4,4 32,256,8,256,4,3 64,64,8,256,4,4 16,256,8,256,4,4; do
-    python3 -m bench.moe_kernel --shape qwen3-30b-a3b --shape moonlight-16b-a3b-fused \
-      --tokens 1 --path small --small-tiles $t --reps 20; done 2>&1 | grep "^## \|^| 1 "'
+  TAIL=24 step small_tiles 90 bash -c 'python3 -m bench.moe_kernel --shape qwen3-30b-a3b \
+    --shape moonlight-16b-a3b-fused --tokens 1 --path small --reps 20 \
+    --small-tiles 16,256,8,256,4 --small-tiles 64,128,8,256,4,4 \
+    --small-tiles 32,128,8,256,4,4 --small-tiles 32,256,8,256,4,3 \
+    --small-tiles 64,64,8,256,4,4 --small-tiles 16,256,8,256,4,4 2>&1 | grep "^## \|^### \|^| 1 "'
   for dot in 0 1; do
     for preset in qwen3-30b-a3b moonlight-16b-a3b; do
       TAIL=3 step "${preset%%-*}_dot$dot" 50 python3 -c "

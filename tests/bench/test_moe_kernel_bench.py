@@ -68,14 +68,16 @@ def test_small_path_tiles_take_the_gate_up_on_the_tensor_cores(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """`--small-tiles` with a sixth value > 0 puts the gate-up products on the tensor cores,
-    pipelined that deep (a smoke run on the interpreter); a bad value is a usage error."""
+    pipelined that deep; repeated, each is timed on the same layers (a smoke run on the
+    interpreter); a bad value is a usage error."""
     import bench.moe_kernel as moe_kernel
 
     args = ["--device", "cpu", "--dtype", "float32", "--shape", "tiny-fused", "--tokens", "1"]
-    moe_kernel.main([*args, "--reps", "1", "--layers", "1", "--path", "small",
-                     "--small-tiles", "16,16,8,16,4,3"])  # fmt: skip
+    tiles = ["--small-tiles", "16,16,8,16,4", "--small-tiles", "16,16,8,16,4,3"]
+    moe_kernel.main([*args, "--reps", "1", "--layers", "1", "--path", "small", *tiles])
     out = capsys.readouterr().out
-    assert "gate_up_dot=True, gate_up_stages=3" in out and "\n| 1 | " in out
+    assert out.count("\n| 1 | ") == 2 and out.count("### SmallBatchTiles(") == 2
+    assert "gate_up_dot=False" in out and "gate_up_dot=True, gate_up_stages=3" in out
     with pytest.raises(SystemExit):
         moe_kernel.main([*args, "--small-tiles", "16,256,8,256"])
     assert "DOT_STAGES" in capsys.readouterr().err
