@@ -128,18 +128,29 @@ def copy_kernel_ptx(word: int, arch: int = 90) -> str:
     return str(compiled.asm["ptx"])
 
 
-def decode_attention_launch() -> tuple[tuple[Any, ...], dict[str, Any]]:
+def decode_attention_launch(rope: bool = False) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """`compile_kernel`'s arguments for the per-head decode split kernel at Llama-3-8B's heads
-    (32 / 8, dim 128, pages of 16, one split): (positional, keyword)."""
+    (32 / 8, dim 128, pages of 16, one split): (positional, keyword). `rope`: with RoPE, the
+    q/k norms and the KV write folded in (`attention.decode_attention_rope`)."""
     pointers = {x: "*bf16" for x in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")} | {
         "table_ptr": "*i32", "rows_ptr": "*i64", "seq_lens_ptr": "*i32",
         "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32",
     }  # fmt: skip
+    if rope:
+        pointers |= {x: "*bf16" for x in ("rope_q_ptr", "rope_k_ptr", "rope_v_ptr")}
+        pointers |= {x: "*fp32" for x in ("cos_ptr", "sin_ptr")}
+        pointers |= {x: "*bf16" for x in ("q_norm_ptr", "k_norm_ptr")}
+        pointers |= {"pos_ptr": "*i64", "slots_ptr": "*i64"}
     constants: dict[str, Any] = {
         "GROUP": 4, "GROUP_PAD": 16, "DK": 128, "DV": 128, "BLOCK_DK": 128, "BLOCK_DV": 128,
         "PAGE_SIZE": 16, "BLOCK_N": attention.DECODE_BLOCK_N, "PRECISION": "tf32",
-        "DIRECT": True,
+        "DIRECT": True, "ROPE": rope, "HALF": 64 if rope else 1,
+        "BLOCK_HALF": 64 if rope else 1, "INTERLEAVED": False, "NORM": rope,
     }  # fmt: skip
+    if rope:
+        return (attention._decode_split_kernel, pointers, constants), {
+            "floats": ("scale", "eps"), "num_warps": 4, "num_stages": 3,
+        }  # fmt: skip
     kwargs = {"floats": ("scale",), "num_warps": 4, "num_stages": 3}
     return (attention._decode_split_kernel, pointers, constants), kwargs
 
@@ -153,6 +164,8 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
 
     args, kwargs = decode_attention_launch()
     add("decode_split_kernel bf16", *args, **kwargs)
+    args, kwargs = decode_attention_launch(rope=True)
+    add("decode_split_kernel bf16, RoPE, q/k norms and the KV write folded in", *args, **kwargs)
     ids = {"topk_ids": "*i64"}
     i32 = "*i32"
     for experts in (64, 128, 256):

@@ -51,6 +51,7 @@
 #   run(command="bash bench/gpu/session.sh T", carry=[".whl", ".base"])  # routing + count, A/B
 #   run(command="bash bench/gpu/session.sh W", carry=[".whl"])   # R without its profile
 #   run(command="bash bench/gpu/session.sh Y", carry=[".whl"])   # small MoE gate-up on tensor cores
+#   run(command="bash bench/gpu/session.sh Z", carry=[".whl"])   # RoPE folded into decode attention
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -733,5 +734,25 @@ sys.exit(main(['--preset', '$preset', '--skip-hf', '--prefill', '', '--decode', 
     done
   done
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y"; exit 2 ;;
+Z)
+  # RoPE, the q/k norms and the KV write folded into the decode attention's launch
+  # (`attention.decode_attention_rope`, triton_attention.DECODE_ROPE_IN_ATTENTION, off): its
+  # tests compiled on the GPU (bit for bit against the two launches, real concurrency among
+  # the splits' programs; the tiny families' greedy tokens with it on), then Llama-3-8B and
+  # Qwen3-30B-A3B with it off and on through a wrapper (about 300 s).
+  TAIL=6 step rope_tests 120 python3 -m pytest -x -q -rf tests/engine/test_triton_attention.py \
+    -k rope_folded
+  for on in 0 1; do
+    for preset in llama3-8b qwen3-30b-a3b; do
+      TAIL=3 step "${preset%%-*}_rope$on" 55 python3 -c "
+import sys
+import engine.layers.triton_attention as t
+from bench.engine import main
+t.DECODE_ROPE_IN_ATTENTION = bool($on)
+sys.exit(main(['--preset', '$preset', '--skip-hf', '--prefill', '', '--decode',
+               '1x128,64x128', '--repeats', '3']))"
+    done
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z"; exit 2 ;;
 esac

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels import pdl
+from engine.kernels.fused import _rotate_head
 from engine.kernels.sms import H200_SMS
 
 LOG2E = 1.4426950408889634
@@ -155,8 +156,30 @@ def _decode_split_kernel(
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     num_splits,
+    rope_q_ptr,  # ROPE: the new tokens' q [B, Hq, DK] before RoPE (any strides but the last)
+    rope_k_ptr,  # ROPE: their k [B, Hkv, DK] before RoPE
+    rope_v_ptr,  # ROPE: their v [B, Hkv, DV]
+    pos_ptr,  # ROPE: their positions [B]
+    slots_ptr,  # ROPE: their cache slots [B] (< 0: a padded entry, nothing written)
+    cos_ptr,  # ROPE: float32 tables [max_position, DK]
+    sin_ptr,
+    q_norm_ptr,  # ROPE with NORM: the q and k heads' RMSNorm weights (Qwen3)
+    k_norm_ptr,
+    eps,
+    stride_rqb,
+    stride_rqh,
+    stride_rkb,
+    stride_rkh,
+    stride_rvb,
+    stride_rvh,
+    stride_rope,
     PRECISION: tl.constexpr,
     DIRECT: tl.constexpr,
+    ROPE: tl.constexpr,  # `decode_attention_rope`: RoPE and the KV write folded in
+    HALF: tl.constexpr,  # ROPE: DK // 2, and a power of two >= it
+    BLOCK_HALF: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    NORM: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl.start(PDL)
@@ -170,6 +193,33 @@ def _decode_split_kernel(
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
     if start < end:
+        if ROPE:
+            # What `fused.rope_store_kv` would have done for this KV group, by its own code:
+            # every split's program rotates the group's query heads into q_ptr (the same
+            # bytes from each, which each then reads back), and the program whose split ends
+            # the context writes the new key and value into their slot, which its own loop
+            # then reads. The barrier makes this program's stores visible to its threads.
+            pos = tl.load(pos_ptr + b).to(tl.int64)
+            for g in tl.static_range(GROUP):
+                head = kvh * GROUP + g
+                _rotate_head(
+                    rope_q_ptr + b * stride_rqb + head * stride_rqh,
+                    q_ptr + b * stride_qb + head * stride_qh,
+                    pos, cos_ptr, sin_ptr, stride_rope, HALF, BLOCK_HALF, INTERLEAVED,
+                    q_norm_ptr, eps, NORM,
+                )  # fmt: skip
+            new_slot = tl.load(slots_ptr + b).to(tl.int64)
+            if (end == seq_len) & (new_slot >= 0):
+                _rotate_head(
+                    rope_k_ptr + b * stride_rkb + kvh * stride_rkh,
+                    k_ptr + new_slot * stride_ks + kvh * stride_kh,
+                    pos, cos_ptr, sin_ptr, stride_rope, HALF, BLOCK_HALF, INTERLEAVED,
+                    k_norm_ptr, eps, NORM,
+                )  # fmt: skip
+                j = tl.arange(0, BLOCK_DV)
+                v_new = tl.load(rope_v_ptr + b * stride_rvb + kvh * stride_rvh + j, mask=j < DV)
+                tl.store(v_ptr + new_slot * stride_vs + kvh * stride_vh + j, v_new, mask=j < DV)
+            tl.debug_barrier()
         heads = kvh * GROUP + tl.arange(0, GROUP_PAD)  # [G]
         head_ok = tl.arange(0, GROUP_PAD) < GROUP
         dk = tl.arange(0, BLOCK_DK)
@@ -301,6 +351,73 @@ class DecodeTiles:
     num_stages: int = 2
 
 
+@dataclass(frozen=True)
+class DecodeRope:
+    """A decode step's new tokens before RoPE, for `decode_attention_rope`: q `[B, Hq, DK]`,
+    k `[B, Hkv, DK]`, v `[B, Hkv, DV]` (any strides but the last), their positions and cache
+    slots `[B]`, the float32 tables `[max_position, DK]`, and `qk_norm` `(q weight, k weight,
+    eps)` where each head is RMS-normalised first (Qwen3): `fused.rope_store_kv`'s inputs."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
+    slots: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    interleaved: bool
+    qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None
+
+
+_ROPE_TENSORS = ("rope_q_ptr", "rope_k_ptr", "rope_v_ptr", "pos_ptr", "slots_ptr", "cos_ptr",
+                 "sin_ptr", "q_norm_ptr", "k_norm_ptr")  # fmt: skip
+_ROPE_STRIDES = ("stride_rqb", "stride_rqh", "stride_rkb", "stride_rkh", "stride_rvb",
+                 "stride_rvh", "stride_rope")  # fmt: skip
+
+
+def _rope_args(rope: DecodeRope | None, q: torch.Tensor) -> dict[str, object]:
+    """The split kernel's ROPE arguments by name (placeholders without it)."""
+    if rope is None:
+        return {**dict.fromkeys(_ROPE_TENSORS, q), **dict.fromkeys(_ROPE_STRIDES, 0), "eps": 0.0}
+    q_w, k_w, eps = rope.qk_norm if rope.qk_norm is not None else (rope.cos, rope.cos, 0.0)
+    tensors = (rope.q, rope.k, rope.v, rope.positions, rope.slots, rope.cos, rope.sin, q_w, k_w)
+    strides = (rope.q.stride(0), rope.q.stride(1), rope.k.stride(0), rope.k.stride(1),
+               rope.v.stride(0), rope.v.stride(1), rope.cos.stride(0))  # fmt: skip
+    return {
+        **dict(zip(_ROPE_TENSORS, tensors, strict=True)),
+        **dict(zip(_ROPE_STRIDES, strides, strict=True)),
+        "eps": eps,
+    }
+
+
+def decode_attention_rope(
+    rope: DecodeRope,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    rows: torch.Tensor,
+    seq_lens: torch.Tensor,
+    page_size: int,
+    scale: float,
+    num_splits: int,
+    tiles: DecodeTiles | None = None,
+) -> torch.Tensor:
+    """`fused.rope_store_kv` then `decode_attention`, in the decode kernel's launches: each
+    program rotates its group's query heads (its own copy of the same bytes), and the program
+    whose split ends a sequence's context writes the new key and value into their slot before
+    it reads them; one launch a layer fewer. The same results bit for bit: the same code
+    rotates, and the attention reads the same values."""
+    for name in ("q", "k", "v"):
+        t = getattr(rope, name)
+        if t.stride(-1) != 1:
+            object.__setattr__(rope, name, t.contiguous())
+    q = torch.empty(rope.q.shape, dtype=rope.q.dtype, device=rope.q.device)  # rotated here
+    return decode_attention(
+        q, k_cache, v_cache, page_table, rows, seq_lens, page_size, scale, num_splits,
+        tiles=tiles, rope=rope,
+    )  # fmt: skip
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -313,6 +430,7 @@ def decode_attention(
     num_splits: int,
     out: torch.Tensor | None = None,
     tiles: DecodeTiles | None = None,
+    rope: DecodeRope | None = None,
 ) -> torch.Tensor:
     """One new query per sequence: `q` `[B, Hq, Dk]` over the first `seq_lens[b]` tokens of
     page-table row `rows[b]`; returns `[B, Hq, Dv]` in `q`'s dtype. `tiles`: the split
@@ -354,8 +472,14 @@ def decode_attention(
         PAGE_SIZE=page_size,
         BLOCK_N=tiles.block_n,
         num_splits=num_splits,
+        **_rope_args(rope, q),
         PRECISION=dot_precision(q),
         DIRECT=direct,
+        ROPE=rope is not None,
+        HALF=dk // 2 if rope is not None else 1,
+        BLOCK_HALF=triton.next_power_of_2(dk // 2) if rope is not None else 1,
+        INTERLEAVED=rope is not None and rope.interleaved,
+        NORM=rope is not None and rope.qk_norm is not None,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
         **pdl.launch_args(q),

@@ -31,6 +31,12 @@ from engine.layers.rotary import RotaryEmbedding
 HEAD_BMM_MAX_ROWS = 64  # MLA's query absorption on the Triton kernel up to this many rows
 
 
+# Decode steps fold RoPE (with any q/k norms) and the KV write into the decode attention's
+# launch (`kernels.decode_attention_rope`: one launch a layer fewer, the same results bit for
+# bit). Off until timed on the GPU (`bash bench/gpu/session.sh Z`).
+DECODE_ROPE_IN_ATTENTION = False
+
+
 @dataclass(frozen=True)
 class _DecodeMetadata:
     seq_lens: torch.Tensor  # [B] int32: context length including the new token
@@ -146,6 +152,16 @@ class TritonAttentionBackend(AttentionBackend):
             if q_norm.eps != k_norm.eps:
                 raise ValueError(f"q and k norms differ in eps: {q_norm.eps} != {k_norm.eps}")
             norms = (q_norm.weight, k_norm.weight, q_norm.eps)
+        meta = batch.attn_metadata
+        if DECODE_ROPE_IN_ATTENTION and isinstance(meta, _DecodeMetadata):
+            rope = kernels.DecodeRope(
+                q, k, v, batch.positions, batch.out_slots, rotary.cos, rotary.sin,
+                rotary.interleaved, norms,
+            )  # fmt: skip
+            return kernels.decode_attention_rope(
+                rope, k_cache, v_cache, batch.page_table, batch.req_rows, meta.seq_lens,
+                batch.kv_cache.page_size, scale, meta.num_splits,
+            )  # fmt: skip
         q = fused.rope_store_kv(
             q, k, v, batch.positions, rotary.cos, rotary.sin, rotary.interleaved,
             k_cache, v_cache, batch.out_slots, norms,

@@ -160,6 +160,56 @@ def test_decode_matches_reference(
     torch.testing.assert_close(out.double(), ref, atol=TOL, rtol=TOL)
 
 
+@pytest.mark.parametrize(("page_size", "hq", "hkv", "d"), SHAPES[:4])
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("variant", ["plain", "norm", "interleaved"])
+def test_decode_with_rope_folded_in_equals_rope_then_decode(
+    page_size: int, hq: int, hkv: int, d: int, num_splits: int, variant: str
+) -> None:
+    """`decode_attention_rope` (RoPE, the q/k norms and the KV write in the decode kernel)
+    against `fused.rope_store_kv` then `decode_attention`: the output and both caches bit for
+    bit, a padded entry (slot -1) writing nothing; lengths of 1, a page and one, and longer
+    than a decode block."""
+    from engine.kernels import fused
+
+    gen = torch.Generator().manual_seed(page_size + hq * 3 + d + num_splits)
+    lens = [1, page_size + 1, 150, 7]
+    pool = make_pool(lens, page_size, hkv, d, gen)
+    bsz = len(lens)
+    q, k = torch.randn(bsz, hq, d, generator=gen), torch.randn(bsz, hkv, d, generator=gen)
+    v = torch.randn(bsz, hkv, d, generator=gen)
+    q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
+    positions = torch.tensor([n - 1 for n in lens], device=DEVICE)
+    slots = torch.cat([slots_of(pool, pool.rows[b], range(n - 1, n)) for b, n in enumerate(lens)])
+    slots[3] = -1  # a graph's padded entry
+    angles = torch.arange(256)[:, None] * torch.rand(d // 2, generator=gen)[None, :]
+    cos = torch.cat([angles.cos(), angles.cos()], -1).to(DEVICE)
+    sin = torch.cat([angles.sin(), angles.sin()], -1).to(DEVICE)
+    norms = None
+    if variant == "norm":
+        weights = torch.rand(2, d, generator=gen).to(DEVICE) + 0.5
+        norms = (weights[0], weights[1], 1e-6)
+    interleaved = variant == "interleaved"
+    rows = torch.tensor(pool.rows, device=DEVICE)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    scale = d**-0.5
+    k_want, v_want = pool.k.clone(), pool.v.clone()
+    q_rot = fused.rope_store_kv(
+        q, k, v, positions, cos, sin, interleaved, k_want, v_want, slots, norms
+    )
+    want = kernels.decode_attention(
+        q_rot, k_want, v_want, pool.table, rows, seq_lens, page_size, scale, num_splits
+    )
+    k_got, v_got = pool.k.clone(), pool.v.clone()
+    rope = kernels.DecodeRope(q, k, v, positions, slots, cos, sin, interleaved, norms)
+    got = kernels.decode_attention_rope(
+        rope, k_got, v_got, pool.table, rows, seq_lens, page_size, scale, num_splits
+    )
+    assert torch.equal(k_got, k_want) and torch.equal(v_got, v_want)
+    assert not torch.equal(k_got, pool.k)  # the new keys were written
+    assert torch.equal(got, want)
+
+
 def test_empty_batches_launch_nothing() -> None:
     gen = torch.Generator().manual_seed(0)
     pool = make_pool([4], 4, 2, 64, gen)
@@ -226,6 +276,33 @@ def test_triton_backend_matches_transformers(
     assert_greedy_matches([r.output_ids for r in again], ref, NEAR_TIE)
     assert sum(r.num_cached_tokens for r in again) > 0
     assert engine.num_free_pages == engine.pool.num_pages
+
+
+@pytest.mark.parametrize(("family", "page_size"), [("llama", 16), ("qwen3", 1)])
+def test_rope_folded_into_decode_keeps_transformers_tokens(
+    tiny_models: dict[str, Path], family: str, page_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`DECODE_ROPE_IN_ATTENTION` on (RoPE, Qwen3's q/k norms and the KV write in the decode
+    kernel's launch): every decode step takes it, and the greedy tokens stay transformers'."""
+    from engine.layers import triton_attention
+
+    calls: list[int] = []
+    folded = kernels.decode_attention_rope
+
+    def counted(rope: kernels.DecodeRope, *args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(rope.q.shape[0])
+        return folded(rope, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(triton_attention, "DECODE_ROPE_IN_ATTENTION", True)
+    monkeypatch.setattr(kernels, "decode_attention_rope", counted)
+    ref = reference(tiny_models[family], device=DEVICE)
+    config = EngineConfig(
+        model_path=str(tiny_models[family]), num_pages=256, page_size=page_size,
+        attention_backend="triton", dtype="float32",
+    )  # fmt: skip
+    results = Engine(config).generate(ref.prompts, GREEDY)
+    assert_greedy_matches([r.output_ids for r in results], ref, NEAR_TIE)
+    assert calls  # the decode steps went through it
 
 
 @pytest.mark.parametrize("family", ["qwen2", "deepseek-v3"])
