@@ -20,7 +20,7 @@ Softmax runs in float32 in the log2 domain (scores scaled by `scale * log2(e)`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -407,10 +407,8 @@ def decode_attention_rope(
     whose split ends a sequence's context writes the new key and value into their slot before
     it reads them; one launch a layer fewer. The same results bit for bit: the same code
     rotates, and the attention reads the same values."""
-    for name in ("q", "k", "v"):
-        t = getattr(rope, name)
-        if t.stride(-1) != 1:
-            object.__setattr__(rope, name, t.contiguous())
+    if any(t.stride(-1) != 1 for t in (rope.q, rope.k, rope.v)):
+        rope = replace(rope, q=rope.q.contiguous(), k=rope.k.contiguous(), v=rope.v.contiguous())
     q = torch.empty(rope.q.shape, dtype=rope.q.dtype, device=rope.q.device)  # rotated here
     return decode_attention(
         q, k_cache, v_cache, page_table, rows, seq_lens, page_size, scale, num_splits,
