@@ -131,7 +131,7 @@ def copy_kernel_ptx(word: int, arch: int = 90) -> str:
 def decode_attention_launch(rope: bool = False) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """`compile_kernel`'s arguments for the per-head decode split kernel at Llama-3-8B's heads
     (32 / 8, dim 128, pages of 16, one split): (positional, keyword). `rope`: with RoPE, the
-    q/k norms and the KV write folded in (`attention.decode_attention_rope`)."""
+    q/k norms and the KV write folded in (`attention.decode_attention` of a `DecodeRope`)."""
     pointers = {x: "*bf16" for x in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")} | {
         "table_ptr": "*i32", "rows_ptr": "*i64", "seq_lens_ptr": "*i32",
         "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32",

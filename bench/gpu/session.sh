@@ -736,7 +736,7 @@ sys.exit(main(['--preset', '$preset', '--skip-hf', '--prefill', '', '--decode', 
   ;;
 Z)
   # RoPE, the q/k norms and the KV write folded into the decode attention's launch
-  # (`attention.decode_attention_rope`, triton_attention.DECODE_ROPE_IN_ATTENTION, off): its
+  # (`attention.decode_attention` of a DecodeRope, DECODE_ROPE_IN_ATTENTION, off): its
   # tests compiled on the GPU (bit for bit against the two launches, real concurrency among
   # the splits' programs; the tiny families' greedy tokens with it on), then Llama-3-8B and
   # Qwen3-30B-A3B with it off and on through a wrapper (about 300 s).

@@ -175,7 +175,7 @@ def _decode_split_kernel(
     stride_rope,
     PRECISION: tl.constexpr,
     DIRECT: tl.constexpr,
-    ROPE: tl.constexpr,  # `decode_attention_rope`: RoPE and the KV write folded in
+    ROPE: tl.constexpr,  # `decode_attention` of a `DecodeRope`: RoPE and the KV write in
     HALF: tl.constexpr,  # ROPE: DK // 2, and a power of two >= it
     BLOCK_HALF: tl.constexpr,
     INTERLEAVED: tl.constexpr,
@@ -353,7 +353,7 @@ class DecodeTiles:
 
 @dataclass(frozen=True)
 class DecodeRope:
-    """A decode step's new tokens before RoPE, for `decode_attention_rope`: q `[B, Hq, DK]`,
+    """A decode step's new tokens before RoPE, for `decode_attention`: q `[B, Hq, DK]`,
     k `[B, Hkv, DK]`, v `[B, Hkv, DV]` (any strides but the last), their positions and cache
     slots `[B]`, the float32 tables `[max_position, DK]`, and `qk_norm` `(q weight, k weight,
     eps)` where each head is RMS-normalised first (Qwen3): `fused.rope_store_kv`'s inputs."""
@@ -390,34 +390,8 @@ def _rope_args(rope: DecodeRope | None, q: torch.Tensor) -> dict[str, object]:
     }
 
 
-def decode_attention_rope(
-    rope: DecodeRope,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    page_table: torch.Tensor,
-    rows: torch.Tensor,
-    seq_lens: torch.Tensor,
-    page_size: int,
-    scale: float,
-    num_splits: int,
-    tiles: DecodeTiles | None = None,
-) -> torch.Tensor:
-    """`fused.rope_store_kv` then `decode_attention`, in the decode kernel's launches: each
-    program rotates its group's query heads (its own copy of the same bytes), and the program
-    whose split ends a sequence's context writes the new key and value into their slot before
-    it reads them; one launch a layer fewer. The same results bit for bit: the same code
-    rotates, and the attention reads the same values."""
-    if any(t.stride(-1) != 1 for t in (rope.q, rope.k, rope.v)):
-        rope = replace(rope, q=rope.q.contiguous(), k=rope.k.contiguous(), v=rope.v.contiguous())
-    q = torch.empty(rope.q.shape, dtype=rope.q.dtype, device=rope.q.device)  # rotated here
-    return decode_attention(
-        q, k_cache, v_cache, page_table, rows, seq_lens, page_size, scale, num_splits,
-        tiles=tiles, rope=rope,
-    )  # fmt: skip
-
-
 def decode_attention(
-    q: torch.Tensor,
+    q: torch.Tensor | DecodeRope,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     page_table: torch.Tensor,
@@ -428,10 +402,12 @@ def decode_attention(
     num_splits: int,
     out: torch.Tensor | None = None,
     tiles: DecodeTiles | None = None,
-    rope: DecodeRope | None = None,
 ) -> torch.Tensor:
     """One new query per sequence: `q` `[B, Hq, Dk]` over the first `seq_lens[b]` tokens of
-    page-table row `rows[b]`; returns `[B, Hq, Dv]` in `q`'s dtype. `tiles`: the split
+    page-table row `rows[b]`; returns `[B, Hq, Dv]` in `q`'s dtype. `q` may instead be a
+    `DecodeRope` of the new tokens before RoPE: then the kernel does what `fused.rope_store_kv`
+    would first have done (the same code: the same results bit for bit), one launch fewer;
+    `seq_lens` count the new token. `tiles`: the split
     kernel's launch (default `DecodeTiles()`, with 3 stages for one split: 4-5% faster there
     on the H200 at 64 x 128 and 256 x 512, equal at 64 x 2,048, and 2-3% slower for the many
     short splits of batch 1; bench.attention_kernel compares others). The combine is its own
@@ -439,6 +415,17 @@ def decode_attention(
     measured no faster on the H200 (equal at 1x128 and 16x128, 41% slower at 1x2,048) and
     was taken out. (Asking L2 for the O projection's weight from here, before the PDL wait,
     measured slower on the H200: bench/NOTES.md.)"""
+    rope = None
+    if isinstance(q, DecodeRope):
+        # RoPE and the KV write folded in: each program rotates its group's query heads into
+        # `q` (its own copy of the same bytes), and the program whose split ends a sequence's
+        # context writes the new key and value into their slot before it reads them.
+        rope = q
+        if any(t.stride(-1) != 1 for t in (rope.q, rope.k, rope.v)):
+            rope = replace(
+                rope, q=rope.q.contiguous(), k=rope.k.contiguous(), v=rope.v.contiguous()
+            )
+        q = torch.empty(rope.q.shape, dtype=rope.q.dtype, device=rope.q.device)
     tiles = tiles or DecodeTiles(num_stages=3 if num_splits == 1 else 2)
     bsz, num_heads, dk = q.shape
     num_kv_heads, dv = v_cache.shape[1], v_cache.shape[2]

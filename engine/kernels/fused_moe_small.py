@@ -238,15 +238,12 @@ class SmallBatchTiles:
     gate_up_stages: int = 4
 
     def __post_init__(self) -> None:
-        for name, value in vars(self).items():
-            if name == "gate_up_dot":
-                continue
-            if name == "gate_up_stages":
-                if value < 1:
-                    raise ValueError(f"gate_up_stages must be >= 1, got {value}")
-                continue
+        for name in ("gate_up_n", "gate_up_k", "down_n", "down_k", "num_warps"):
+            value = getattr(self, name)
             if value < 1 or value & (value - 1):  # tl.arange and the warps need powers of two
                 raise ValueError(f"{name} must be a power of two, got {value}")
+        if self.gate_up_stages < 1:
+            raise ValueError(f"gate_up_stages must be >= 1, got {self.gate_up_stages}")
         if self.gate_up_dot and min(self.gate_up_n, self.gate_up_k) < 16:
             raise ValueError(
                 f"gate_up_dot needs gate_up_n and gate_up_k of 16 or more (tl.dot), got "

@@ -32,8 +32,8 @@ HEAD_BMM_MAX_ROWS = 64  # MLA's query absorption on the Triton kernel up to this
 
 
 # Decode steps fold RoPE (with any q/k norms) and the KV write into the decode attention's
-# launch (`kernels.decode_attention_rope`: one launch a layer fewer, the same results bit for
-# bit). Off until timed on the GPU (`bash bench/gpu/session.sh Z`).
+# launch (`kernels.decode_attention` of a `DecodeRope`: one launch a layer fewer, the same
+# results bit for bit). Off until timed on the GPU (`bash bench/gpu/session.sh Z`).
 DECODE_ROPE_IN_ATTENTION = False
 
 
@@ -158,7 +158,7 @@ class TritonAttentionBackend(AttentionBackend):
                 q, k, v, batch.positions, batch.out_slots, rotary.cos, rotary.sin,
                 rotary.interleaved, norms,
             )  # fmt: skip
-            return kernels.decode_attention_rope(
+            return kernels.decode_attention(
                 rope, k_cache, v_cache, batch.page_table, batch.req_rows, meta.seq_lens,
                 batch.kv_cache.page_size, scale, meta.num_splits,
             )  # fmt: skip

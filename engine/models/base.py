@@ -47,13 +47,10 @@ class DecoderLayer(nn.Module):
         # A MoE block may take its gate's logits from the norm's own launch.
         route = getattr(self.mlp, "norm_and_route", None)
         routed = route(self.post_attention_layernorm, h, residual) if route is not None else None
-        logits = None
         if routed is not None:
             h, residual, logits = routed
-        else:
-            h, residual = self.post_attention_layernorm.forward_residual(h, residual)
-        if logits is not None:
             return self.mlp(h, defer=True, logits=logits), residual
+        h, residual = self.post_attention_layernorm.forward_residual(h, residual)
         return self.mlp(h, defer=True), residual
 
 

@@ -166,7 +166,7 @@ def test_decode_matches_reference(
 def test_decode_with_rope_folded_in_equals_rope_then_decode(
     page_size: int, hq: int, hkv: int, d: int, num_splits: int, variant: str
 ) -> None:
-    """`decode_attention_rope` (RoPE, the q/k norms and the KV write in the decode kernel)
+    """`decode_attention` of a `DecodeRope` (RoPE, the q/k norms and the KV write in its kernel)
     against `fused.rope_store_kv` then `decode_attention`: the output and both caches bit for
     bit, a padded entry (slot -1) writing nothing; lengths of 1, a page and one, and longer
     than a decode block."""
@@ -202,7 +202,7 @@ def test_decode_with_rope_folded_in_equals_rope_then_decode(
     )
     k_got, v_got = pool.k.clone(), pool.v.clone()
     rope = kernels.DecodeRope(q, k, v, positions, slots, cos, sin, interleaved, norms)
-    got = kernels.decode_attention_rope(
+    got = kernels.decode_attention(
         rope, k_got, v_got, pool.table, rows, seq_lens, page_size, scale, num_splits
     )
     assert torch.equal(k_got, k_want) and torch.equal(v_got, v_want)
@@ -286,15 +286,15 @@ def test_rope_folded_into_decode_keeps_transformers_tokens(
     kernel's launch): every decode step takes it, and the greedy tokens stay transformers'."""
     from engine.layers import triton_attention
 
-    calls: list[int] = []
-    folded = kernels.decode_attention_rope
+    calls: list[bool] = []  # per decode-attention launch: whether RoPE was folded in
+    decode = kernels.decode_attention
 
-    def counted(rope: kernels.DecodeRope, *args: object, **kwargs: object) -> torch.Tensor:
-        calls.append(rope.q.shape[0])
-        return folded(rope, *args, **kwargs)  # type: ignore[arg-type]
+    def counted(q: torch.Tensor | kernels.DecodeRope, *args: object, **kwargs: object) -> object:
+        calls.append(isinstance(q, kernels.DecodeRope))
+        return decode(q, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(triton_attention, "DECODE_ROPE_IN_ATTENTION", True)
-    monkeypatch.setattr(kernels, "decode_attention_rope", counted)
+    monkeypatch.setattr(kernels, "decode_attention", counted)
     ref = reference(tiny_models[family], device=DEVICE)
     config = EngineConfig(
         model_path=str(tiny_models[family]), num_pages=256, page_size=page_size,
@@ -302,7 +302,7 @@ def test_rope_folded_into_decode_keeps_transformers_tokens(
     )  # fmt: skip
     results = Engine(config).generate(ref.prompts, GREEDY)
     assert_greedy_matches([r.output_ids for r in results], ref, NEAR_TIE)
-    assert calls  # the decode steps went through it
+    assert calls and all(calls)  # every decode step went through it
 
 
 @pytest.mark.parametrize("family", ["qwen2", "deepseek-v3"])
