@@ -84,7 +84,9 @@ def test_matches_torch(m: int, n: int, k: int, with_bias: bool, dtype: torch.dty
 @pytest.mark.parametrize("m", [3, 16])
 def test_every_tile_configuration_gives_the_same_result(m: int) -> None:
     """float32, so that only the summation order differs; splits into 3 and 4 runs of K
-    (the last one short) too. Each configuration twice: bitwise the same (no atomics)."""
+    (the last one short) too. Each configuration twice: bitwise the same (no atomics). The
+    CUDA-core tiles run a program per row whatever M is: at 16 rows only the tensor-core
+    tiles, whose programs hold all the rows, are new (the interpreter's time, halved)."""
     x, w, b = make(m, 45, 600, torch.float32, seed=10 + m)
     want = reference(x, w, b)
     extra = (SkinnyTiles(16, 64, split_k=3), SkinnyTiles(8, 32, split_k=4, dot=False),
@@ -92,6 +94,8 @@ def test_every_tile_configuration_gives_the_same_result(m: int) -> None:
              SkinnyTiles(4, 128, dot=False, prefetch=True),
              SkinnyTiles(16, 64, split_k=3, tma=True), SkinnyTiles(32, 64, tma=True))  # fmt: skip
     for tiles in (*TILE_CONFIGS, *extra):
+        if m > 3 and not tiles.dot:
+            continue
         got = skinny_linear(x, w, b, tiles)
         close(got, want, torch.float32)
         assert torch.equal(skinny_linear(x, w, b, tiles), got), tiles
