@@ -52,6 +52,7 @@
 #   run(command="bash bench/gpu/session.sh W", carry=[".whl"])   # R without its profile
 #   run(command="bash bench/gpu/session.sh Y", carry=[".whl"])   # small MoE gate-up on tensor cores
 #   run(command="bash bench/gpu/session.sh Z", carry=[".whl"])   # RoPE folded into decode attention
+#   run(command="bash bench/gpu/session.sh b1", carry=[".whl"])  # batch 1: MLA profile, one range
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -754,5 +755,35 @@ sys.exit(main(['--preset', '$preset', '--skip-hf', '--prefill', '', '--decode',
     done
   done
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z"; exit 2 ;;
+b1)
+  # Batch 1's launches. Moonlight's 1 x 128 profile first: its MLA side (about 35 µs a layer
+  # against 7 of bytes, by subtraction) has never been broken down by kernel. Then one context
+  # range per sequence (the split kernel writing the output itself: no combine launch) against
+  # the rules' at one sequence of 128 tokens, the kernels alone (Qwen3-30B-A3B's heads,
+  # Llama-3-8B's, Moonlight's MLA), then the engine with a wrapper forcing one range at batch
+  # 1 (about 430 s).
+  TAIL=30 step profile_moonlight_1 80 python3 -m bench.profile_decode \
+    --preset moonlight-16b-a3b --decode 1x128 --top 20
+  TAIL=10 step attn_splits 60 bash -c 'python3 -m bench.attention_kernel --shapes 1x128 \
+    --heads 32/4/128 --splits 0,1,2; python3 -m bench.attention_kernel --shapes 1x128 \
+    --splits 0,1,2'
+  TAIL=8 step mla_splits 40 python3 -m bench.mla_kernel --mode decode --heads 16 \
+    --batch-sizes 1 --contexts 128 --splits 0,1,2,4
+  for one in 0 1; do
+    for preset in qwen3-30b-a3b moonlight-16b-a3b; do
+      TAIL=3 step "${preset%%-*}_one$one" 55 python3 -c "
+import sys
+import engine.kernels.attention as a
+import engine.layers.triton_attention as t
+from bench.engine import main
+if $one:
+    splits, mla = a.decode_splits, t.mla_decode
+    a.decode_splits = lambda b, *r: 1 if b == 1 else splits(b, *r)
+    t.mla_decode = lambda q, *r, **k: mla(q, *r, **(dict(k, num_kv_splits=1) if len(q) == 1 else k))
+sys.exit(main(['--preset', '$preset', '--skip-hf', '--prefill', '', '--decode', '1x128',
+               '--repeats', '3']))"
+    done
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1"; exit 2 ;;
 esac
