@@ -431,6 +431,29 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
             num_warps=4,
             num_stages=3,
         )
+    # The same at one row with MLA's latent side in its launch (MLA_ABSORB_WITH_LATENT):
+    # Moonlight's 16 heads, latent 512, rotary 64 interleaved, one token a program.
+    add(
+        "mla_absorb_latent_kernel bf16 16x32, the latent side of 16 heads",
+        head_bmm.mla_absorb_latent_kernel,
+        {
+            "a": "*bf16", "w": "*bf16", "out": "*bf16",
+            **{p: "*bf16" for p in ("q_pe_ptr", "c_kv_ptr", "k_pe_ptr", "q_out_ptr")},
+            **{p: "*bf16" for p in ("c_out_ptr", "k_out_ptr", "norm_ptr")},
+            **{p: "*bf16" for p in ("latent_cache_ptr", "pe_cache_ptr")},
+            **{p: "*i64" for p in ("pos_ptr", "slots_ptr")},
+            **{p: "*fp32" for p in ("cos_ptr", "sin_ptr")},
+        },
+        {
+            "PRECISION": "tf32", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64,
+            "HQ": 16, "HALF": 32, "BLOCK": 32, "BLOCK_R": 512, "INTERLEAVED": True,
+            "RETURN_KV": False, "TOKENS": 1,
+        },
+        floats=("eps",),
+        divisible=("a", "w", "out", "K", "N", "stride_ah", "stride_wh", "stride_wk"),
+        num_warps=4,
+        num_stages=3,
+    )  # fmt: skip
     add(
         "mla_decode_combine_kernel",
         mla_decode.mla_decode_combine_kernel,

@@ -53,6 +53,7 @@
 #   run(command="bash bench/gpu/session.sh Y", carry=[".whl"])   # small MoE gate-up on tensor cores
 #   run(command="bash bench/gpu/session.sh Z", carry=[".whl"])   # RoPE folded into decode attention
 #   run(command="bash bench/gpu/session.sh b1", carry=[".whl"])  # batch 1: MLA profile, one range
+#   run(command="bash bench/gpu/session.sh b2", carry=[".whl"])  # MLA W_UK with the latent side
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -785,5 +786,24 @@ sys.exit(main(['--preset', '$preset', '--skip-hf', '--prefill', '', '--decode', 
     done
   done
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1"; exit 2 ;;
+b2)
+  # MLA's query absorption and latent side in one launch (head_bmm.absorb_query_and_latent,
+  # triton_attention.MLA_ABSORB_WITH_LATENT, off): the greedy test compiled on the GPU, the
+  # two forms alone (the table's "same": outputs and caches bit for bit), then Moonlight with
+  # it off and on through a wrapper (about 260 s).
+  TAIL=6 step absorb_latent_test 90 python3 -m pytest -x -q -rf \
+    tests/engine/test_triton_attention.py -k absorption_with_latent
+  TAIL=8 step absorb_latent 40 python3 -m bench.mla_absorb --heads 16,128 --rows 1,16,64 \
+    --with-latent
+  for on in 0 1; do
+    TAIL=3 step "moonlight_latent$on" 60 python3 -c "
+import sys
+import engine.layers.triton_attention as t
+from bench.engine import main
+t.MLA_ABSORB_WITH_LATENT = bool($on)
+sys.exit(main(['--preset', 'moonlight-16b-a3b', '--skip-hf', '--prefill', '', '--decode',
+               '1x128,64x128', '--repeats', '3']))"
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2"; exit 2 ;;
 esac

@@ -12,6 +12,9 @@ path to float32 rounding and in bfloat16 to one bf16 ulp where a reduction's ord
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -599,15 +602,66 @@ def _mla_latent_kernel(
     PDL: tl.constexpr,
 ):
     pdl.start(PDL)
+    mla_latent_program(
+        tl.program_id(0), tl.program_id(1),
+        q_pe_ptr, c_kv_ptr, k_pe_ptr, q_out_ptr, c_out_ptr, k_out_ptr, latent_cache_ptr,
+        pe_cache_ptr, pos_ptr, slots_ptr, cos_ptr, sin_ptr, norm_ptr, eps, rank,
+        stride_qt, stride_qh, stride_ct, stride_kt, stride_qot, stride_qoh, stride_cot,
+        stride_kot, stride_latent, stride_pe, stride_table, num_tokens,
+        HQ, HALF, BLOCK, BLOCK_R, INTERLEAVED, RETURN_KV, TOKENS,
+    )  # fmt: skip
+
+
+@triton.jit
+def mla_latent_program(
+    pid_t,
+    pid_h,
+    q_pe_ptr,
+    c_kv_ptr,
+    k_pe_ptr,
+    q_out_ptr,
+    c_out_ptr,
+    k_out_ptr,
+    latent_cache_ptr,
+    pe_cache_ptr,
+    pos_ptr,
+    slots_ptr,
+    cos_ptr,
+    sin_ptr,
+    norm_ptr,
+    eps,
+    rank,
+    stride_qt,
+    stride_qh,
+    stride_ct,
+    stride_kt,
+    stride_qot,
+    stride_qoh,
+    stride_cot,
+    stride_kot,
+    stride_latent,
+    stride_pe,
+    stride_table,
+    num_tokens,
+    HQ: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    RETURN_KV: tl.constexpr,
+    TOKENS: tl.constexpr,
+):
+    """Program `(pid_t, pid_h)` of `mla_latent_rope_store`'s launch (also run by
+    `head_bmm.mla_absorb_latent_kernel`'s programs past the product's)."""
     # One program per TOKENS tokens (`rope_tokens_per_program`) of one query head, then of
     # the shared latent: a query head's rotary part is rotated into q_out; the latent is
     # RMS-normalised and its rotary key rotated, both into the token's cache slot (a slot < 0,
     # a padded row, writes nothing there) and, with RETURN_KV, into c_out and k_out.
-    h = tl.program_id(1).to(tl.int64)
+    h = pid_h.to(tl.int64)
     r = tl.arange(0, BLOCK_R)
     r_ok = r < rank
     for i in range(TOKENS):
-        t = tl.program_id(0).to(tl.int64) * TOKENS + i
+        t = pid_t.to(tl.int64) * TOKENS + i
         if t < num_tokens:
             pos = tl.load(pos_ptr + t).to(tl.int64)
             if h < HQ:
@@ -663,35 +717,74 @@ def mla_latent_rope_store(
     nothing). Returns `(rope(q_pe), normed c_kv, rope(k_pe))`, the last two only with
     `return_kv` (else None), all contiguous: the same values as `rms_norm`, `rope` twice and
     `store_kv`."""
-    tokens, num_heads, dim = q_pe.shape
-    rank = c_kv.shape[-1]
-    q_pe, c_kv, k_pe = (x if x.stride(-1) == 1 else x.contiguous() for x in (q_pe, c_kv, k_pe))
-    q_out = torch.empty(tokens, num_heads, dim, dtype=q_pe.dtype, device=q_pe.device)
-    c_out = k_out = None
-    if return_kv:
-        c_dtype = torch.result_type(norm_weight, c_kv)
-        c_out = torch.empty(tokens, 1, rank, dtype=c_dtype, device=c_kv.device)
-        k_out = torch.empty(tokens, 1, dim, dtype=k_pe.dtype, device=k_pe.device)
-    if tokens == 0:
-        return q_out, c_out, k_out
-    half = dim // 2
-    per_program = rope_tokens_per_program(tokens)
-    _mla_latent_kernel[(triton.cdiv(tokens, per_program), num_heads + 1)](
-        q_pe, c_kv, k_pe, q_out,
-        q_out if c_out is None else c_out, q_out if k_out is None else k_out,
-        latent_cache, pe_cache, positions, slots, cos, sin, norm_weight, eps, rank,
-        q_pe.stride(0), q_pe.stride(1), c_kv.stride(0), k_pe.stride(0),
-        q_out.stride(0), q_out.stride(1),
-        0 if c_out is None else c_out.stride(0), 0 if k_out is None else k_out.stride(0),
-        latent_cache.stride(0), pe_cache.stride(0), cos.stride(0), tokens,
-        HQ=num_heads,
-        HALF=half,
-        BLOCK=triton.next_power_of_2(half),
-        BLOCK_R=triton.next_power_of_2(rank),
-        INTERLEAVED=interleaved,
-        RETURN_KV=return_kv,
-        TOKENS=per_program,
-        num_warps=1,
-        **pdl.launch_args(q_pe),
+    launch = MLALatentLaunch.of(
+        q_pe, c_kv, k_pe, positions, cos, sin, interleaved, norm_weight, eps, latent_cache,
+        pe_cache, slots, return_kv,
     )  # fmt: skip
-    return q_out, c_out, k_out
+    if launch.grid[0]:
+        _mla_latent_kernel[launch.grid](
+            *launch.args, **launch.constexprs, num_warps=1, **pdl.launch_args(q_pe)
+        )
+    return launch.q_out, launch.c_out, launch.k_out
+
+
+@dataclass(frozen=True)
+class MLALatentLaunch:
+    """`mla_latent_rope_store`'s launch: its outputs, its grid `(token blocks, heads + 1)` and
+    the arguments `mla_latent_program` takes after the program's two ids, for the kernels
+    that run its programs (`_mla_latent_kernel`, `head_bmm.mla_absorb_latent_kernel`)."""
+
+    q_out: torch.Tensor
+    c_out: torch.Tensor | None
+    k_out: torch.Tensor | None
+    grid: tuple[int, int]
+    args: tuple[Any, ...]
+    constexprs: dict[str, Any]
+
+    @staticmethod
+    def of(
+        q_pe: torch.Tensor,
+        c_kv: torch.Tensor,
+        k_pe: torch.Tensor,
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        interleaved: bool,
+        norm_weight: torch.Tensor,
+        eps: float,
+        latent_cache: torch.Tensor,
+        pe_cache: torch.Tensor,
+        slots: torch.Tensor,
+        return_kv: bool = False,
+    ) -> MLALatentLaunch:
+        tokens, num_heads, dim = q_pe.shape
+        rank = c_kv.shape[-1]
+        q_pe, c_kv, k_pe = (x if x.stride(-1) == 1 else x.contiguous() for x in (q_pe, c_kv, k_pe))
+        q_out = torch.empty(tokens, num_heads, dim, dtype=q_pe.dtype, device=q_pe.device)
+        c_out = k_out = None
+        if return_kv:
+            c_dtype = torch.result_type(norm_weight, c_kv)
+            c_out = torch.empty(tokens, 1, rank, dtype=c_dtype, device=c_kv.device)
+            k_out = torch.empty(tokens, 1, dim, dtype=k_pe.dtype, device=k_pe.device)
+        half = dim // 2
+        per_program = rope_tokens_per_program(tokens)
+        args = (
+            q_pe, c_kv, k_pe, q_out,
+            q_out if c_out is None else c_out, q_out if k_out is None else k_out,
+            latent_cache, pe_cache, positions, slots, cos, sin, norm_weight, eps, rank,
+            q_pe.stride(0), q_pe.stride(1), c_kv.stride(0), k_pe.stride(0),
+            q_out.stride(0), q_out.stride(1),
+            0 if c_out is None else c_out.stride(0), 0 if k_out is None else k_out.stride(0),
+            latent_cache.stride(0), pe_cache.stride(0), cos.stride(0), tokens,
+        )  # fmt: skip
+        constexprs = {
+            "HQ": num_heads,
+            "HALF": half,
+            "BLOCK": triton.next_power_of_2(half),
+            "BLOCK_R": triton.next_power_of_2(rank),
+            "INTERLEAVED": interleaved,
+            "RETURN_KV": return_kv,
+            "TOKENS": per_program,
+        }
+        grid = (triton.cdiv(tokens, per_program), num_heads + 1)
+        return MLALatentLaunch(q_out, c_out, k_out, grid, args, constexprs)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels import pdl
+from engine.kernels import fused, pdl
 from engine.kernels.attention import dot_precision
 from engine.kernels.sms import sm_count
 
@@ -49,7 +49,37 @@ def head_bmm_kernel(
 ):
     pdl.start(PDL)
     # Column blocks vary fastest: the programs sharing a tile of rows run together.
-    pid_n, h, pid_m = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+    _head_bmm_tile(
+        tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2),
+        a, w, out, T, N, K, stride_at, stride_ah, stride_wh, stride_wk, stride_wn, stride_ot,
+        stride_oh, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
+
+
+@triton.jit
+def _head_bmm_tile(
+    pid_n,
+    h,
+    pid_m,
+    a,
+    w,
+    out,
+    T,
+    N,
+    K,
+    stride_at,
+    stride_ah,
+    stride_wh,
+    stride_wk,
+    stride_wn,
+    stride_ot,
+    stride_oh,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Rows `pid_m * BLOCK_M ...` and columns `pid_n * BLOCK_N ...` of head `h` (int64)."""
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
@@ -69,6 +99,88 @@ def head_bmm_kernel(
     tl.store(o_ptrs, acc.to(out.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def mla_absorb_latent_kernel(
+    a,
+    w,
+    out,
+    T,
+    N,
+    K,
+    stride_at,
+    stride_ah,
+    stride_wh,
+    stride_wk,
+    stride_wn,
+    stride_ot,
+    stride_oh,
+    HEADS,
+    q_pe_ptr,
+    c_kv_ptr,
+    k_pe_ptr,
+    q_out_ptr,
+    c_out_ptr,
+    k_out_ptr,
+    latent_cache_ptr,
+    pe_cache_ptr,
+    pos_ptr,
+    slots_ptr,
+    cos_ptr,
+    sin_ptr,
+    norm_ptr,
+    eps,
+    rank,
+    stride_qt,
+    stride_qh,
+    stride_ct,
+    stride_kt,
+    stride_qot,
+    stride_qoh,
+    stride_cot,
+    stride_kot,
+    stride_latent,
+    stride_pe,
+    stride_table,
+    num_tokens,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HQ: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    RETURN_KV: tl.constexpr,
+    TOKENS: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """`head_bmm_kernel`'s programs, then `fused.mla_latent_rope_store`'s, in one launch of
+    one axis: the query's absorption and the latent side of an MLA decode step read only the
+    fused query-and-latent product, so neither waits for the other."""
+    pdl.start(PDL)
+    pid = tl.program_id(0)
+    col_blocks = tl.cdiv(N, BLOCK_N)
+    products = col_blocks * HEADS * tl.cdiv(T, BLOCK_M)
+    if pid < products:
+        _head_bmm_tile(
+            pid % col_blocks, ((pid // col_blocks) % HEADS).to(tl.int64),
+            pid // (col_blocks * HEADS),
+            a, w, out, T, N, K, stride_at, stride_ah, stride_wh, stride_wk, stride_wn,
+            stride_ot, stride_oh, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+    else:
+        j = pid - products
+        fused.mla_latent_program(
+            j // (HQ + 1), j % (HQ + 1),
+            q_pe_ptr, c_kv_ptr, k_pe_ptr, q_out_ptr, c_out_ptr, k_out_ptr, latent_cache_ptr,
+            pe_cache_ptr, pos_ptr, slots_ptr, cos_ptr, sin_ptr, norm_ptr, eps, rank,
+            stride_qt, stride_qh, stride_ct, stride_kt, stride_qot, stride_qoh, stride_cot,
+            stride_kot, stride_latent, stride_pe, stride_table, num_tokens,
+            HQ, HALF, BLOCK, BLOCK_R, INTERLEAVED, RETURN_KV, TOKENS,
+        )  # fmt: skip
+
+
 def head_bmm_tiles(t: int, heads: int, n: int, num_sms: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N): row tiles of 16 to 64 (the rows a decode step has), and column
     blocks narrowed from 128 until the launch has about two programs an SM (at one row
@@ -83,36 +195,58 @@ def head_bmm_tiles(t: int, heads: int, n: int, num_sms: int) -> tuple[int, int]:
 def head_bmm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """`out[t, h] = a[t, h] @ w[h]` for a `[T, H, K]` (unit stride in K), w `[H, K, N]` (any
     strides) and out `[T, H, N]` (unit stride in N); writes and returns `out`."""
+    args, constexprs, grid = _product_launch(a, w, out)
+    if a.shape[0] == 0:
+        return out
+    head_bmm_kernel[grid](*args, **constexprs, num_warps=4, num_stages=3, **pdl.launch_args(a))
+    return out
+
+
+def absorb_query_and_latent(
+    q_nope: torch.Tensor,
+    w_uk: torch.Tensor,
+    latent: fused.MLALatentLaunch,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`head_bmm(q_nope, w_uk)` (MLA's latent queries) and the latent side `latent` (a
+    `fused.MLALatentLaunch` of a decode step, without `return_kv`) in one launch, the same
+    values bit for bit as the two launches: `(q_latent [T, H, R], rope(q_pe))`."""
+    t, heads, _ = q_nope.shape
+    if latent.c_out is not None:
+        raise ValueError("the absorbed launch is for decode: return_kv is extend's")
+    if latent.q_out.shape[0] != t:
+        raise ValueError(f"{t} query rows but a latent launch of {latent.q_out.shape[0]}")
+    out = q_nope.new_empty(t, heads, w_uk.shape[2])
+    args, constexprs, grid = _product_launch(q_nope, w_uk, out)
+    if t == 0:
+        return out, latent.q_out
+    programs = grid[0] * grid[1] * grid[2] + latent.grid[0] * latent.grid[1]
+    mla_absorb_latent_kernel[(programs,)](
+        *args, heads, *latent.args, **constexprs, **latent.constexprs,
+        num_warps=4, num_stages=3, **pdl.launch_args(q_nope),
+    )  # fmt: skip
+    return out, latent.q_out
+
+
+def _product_launch(
+    a: torch.Tensor, w: torch.Tensor, out: torch.Tensor
+) -> tuple[tuple[object, ...], dict[str, object], tuple[int, int, int]]:
+    """`head_bmm_kernel`'s arguments, constexprs and grid for these operands, checked."""
     t, heads, k = a.shape
     n = w.shape[2]
     if w.shape[:2] != (heads, k) or out.shape != (t, heads, n):
         raise ValueError(f"head_bmm shapes do not match: a {a.shape}, w {w.shape}, out {out.shape}")
     if a.stride(2) != 1 or out.stride(2) != 1:
         raise ValueError("head_bmm needs unit stride in the last dim of a and out")
-    if t == 0:
-        return out
-    block_m, block_n = head_bmm_tiles(t, heads, n, sm_count(a.device))
+    block_m, block_n = head_bmm_tiles(max(t, 1), heads, n, sm_count(a.device))
     grid = (triton.cdiv(n, block_n), heads, triton.cdiv(t, block_m))
-    head_bmm_kernel[grid](
-        a,
-        w,
-        out,
-        t,
-        n,
-        k,
-        a.stride(0),
-        a.stride(1),
-        w.stride(0),
-        w.stride(1),
-        w.stride(2),
-        out.stride(0),
-        out.stride(1),
-        PRECISION=dot_precision(a),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=64 if k >= 64 else max(16, triton.next_power_of_2(k)),
-        num_warps=4,
-        num_stages=3,
-        **pdl.launch_args(a),
-    )
-    return out
+    args = (
+        a, w, out, t, n, k, a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
+        out.stride(0), out.stride(1),
+    )  # fmt: skip
+    constexprs = {
+        "PRECISION": dot_precision(a),
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+        "BLOCK_K": 64 if k >= 64 else max(16, triton.next_power_of_2(k)),
+    }
+    return args, constexprs, grid

@@ -108,6 +108,27 @@ class AttentionBackend(ABC):
         q_pe, c_kv, k_pe = mla_latent_torch(q_pe, c_kv, k_pe, kv_norm, rotary, batch)
         return self.forward_mla(q_latent, q_pe, c_kv, k_pe, layer_id, batch, scale)
 
+    def forward_mla_absorbed_rope(
+        self,
+        q_nope: torch.Tensor,
+        w_uk: torch.Tensor,
+        q_pe: torch.Tensor,
+        c_kv: torch.Tensor,
+        k_pe: torch.Tensor,
+        kv_norm: RMSNorm,
+        rotary: RotaryEmbedding,
+        layer_id: int,
+        batch: ForwardBatch,
+        scale: float,
+    ) -> torch.Tensor:
+        """`forward_mla_rope` of the latent queries `mla_absorb_query(q_nope, w_uk)`: the
+        absorbed form's whole attention before its output absorption (a backend may compute
+        the queries' absorption and the latent side in one launch)."""
+        q_latent = self.mla_absorb_query(q_nope, w_uk)
+        return self.forward_mla_rope(
+            q_latent, q_pe, c_kv, k_pe, kv_norm, rotary, layer_id, batch, scale
+        )
+
     def mla_absorb_query(self, q_nope: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:
         """The absorbed form's latent queries `[T, H, R]`: each head's no-rope query `q_nope`
         `[T, H, nope]` times its W_UK `w_uk` `[H, nope, R]` (a view of `kv_b_proj`'s weight).

@@ -21,7 +21,7 @@ from engine.device import upload
 from engine.forward_batch import ForwardBatch
 from engine.kernels import attention as kernels
 from engine.kernels import fused, mla_extend
-from engine.kernels.head_bmm import head_bmm
+from engine.kernels.head_bmm import absorb_query_and_latent, head_bmm
 from engine.kernels.mla_decode import mla_decode
 from engine.kernels.sms import sm_count
 from engine.layers.attention import AttentionBackend
@@ -35,6 +35,12 @@ HEAD_BMM_MAX_ROWS = 64  # MLA's query absorption on the Triton kernel up to this
 # launch (`kernels.decode_attention` of a `DecodeRope`: one launch a layer fewer, the same
 # results bit for bit). Off until timed on the GPU (`bash bench/gpu/session.sh Z`).
 DECODE_ROPE_IN_ATTENTION = False
+
+# MLA decode steps of up to HEAD_BMM_MAX_ROWS rows run the query's absorption (W_UK) and the
+# latent side (its norm, the rotations, the cache write) in one launch
+# (`head_bmm.absorb_query_and_latent`: one launch a layer fewer, the same results bit for bit).
+# Off until timed on the GPU (`bash bench/gpu/session.sh b2`).
+MLA_ABSORB_WITH_LATENT = False
 
 
 @dataclass(frozen=True)
@@ -223,6 +229,32 @@ class TritonAttentionBackend(AttentionBackend):
             q_pe, c_kv, k_pe, batch.positions, rotary.cos, rotary.sin, rotary.interleaved,
             kv_norm.weight, kv_norm.eps, latent_slots, pe_slots, batch.out_slots,
         )  # fmt: skip
+        return self._mla_decode(meta, q_latent, q_pe, layer_id, batch, scale)
+
+    def forward_mla_absorbed_rope(
+        self,
+        q_nope: torch.Tensor,
+        w_uk: torch.Tensor,
+        q_pe: torch.Tensor,
+        c_kv: torch.Tensor,
+        k_pe: torch.Tensor,
+        kv_norm: RMSNorm,
+        rotary: RotaryEmbedding,
+        layer_id: int,
+        batch: ForwardBatch,
+        scale: float,
+    ) -> torch.Tensor:
+        if not MLA_ABSORB_WITH_LATENT or q_nope.shape[0] > HEAD_BMM_MAX_ROWS:
+            return super().forward_mla_absorbed_rope(
+                q_nope, w_uk, q_pe, c_kv, k_pe, kv_norm, rotary, layer_id, batch, scale
+            )
+        meta = self._decode_metadata(batch)
+        latent_slots, pe_slots = batch.kv_cache.slots(layer_id)
+        latent = fused.MLALatentLaunch.of(
+            q_pe, c_kv, k_pe, batch.positions, rotary.cos, rotary.sin, rotary.interleaved,
+            kv_norm.weight, kv_norm.eps, latent_slots, pe_slots, batch.out_slots,
+        )  # fmt: skip
+        q_latent, q_pe = absorb_query_and_latent(q_nope, w_uk, latent)
         return self._mla_decode(meta, q_latent, q_pe, layer_id, batch, scale)
 
     def _decode_metadata(self, batch: ForwardBatch) -> _DecodeMetadata:

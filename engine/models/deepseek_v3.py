@@ -112,11 +112,12 @@ class MLAttention(nn.Module):
         # kv_b_proj.weight: [H * (nope + v), R] -> W_UK [H, nope, R], W_UV [H, v, R]
         w_kv = self.kv_b_proj.weight.view(self.num_heads, -1, self.kv_lora_rank)
         w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
-        # Both absorptions are products batched over heads, on the weight's views as they are.
-        q_latent = self.backend.mla_absorb_query(q_nope, w_uk)  # [T, H, R]
-        out = self.backend.forward_mla_rope(
-            q_latent, q_pe, c_kv, k_pe, self.kv_a_layernorm, self.rotary, self.layer_id, batch,
-            self.scale,
+        # Both absorptions are products batched over heads, on the weight's views as they are
+        # (the query's W_UK inside the backend's call, which may share its launch with the
+        # latent's norm, the rotations and the cache write).
+        out = self.backend.forward_mla_absorbed_rope(
+            q_nope, w_uk, q_pe, c_kv, k_pe, self.kv_a_layernorm, self.rotary, self.layer_id,
+            batch, self.scale,
         )  # fmt: skip  # [T, H, R]
         attn = self.backend.mla_absorb_output(out, w_uv)  # [T, H, v], contiguous
         return self._output(attn.flatten(1), defer)

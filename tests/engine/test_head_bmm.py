@@ -7,12 +7,17 @@ weight), row counts around the tiles, empty batches. float32 is exact to roundin
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
 pytest.importorskip("triton", reason="triton is a dev dependency (pip install -e .[dev])")
 
-from engine.kernels.head_bmm import head_bmm, head_bmm_tiles
+from engine.config import RopeConfig
+from engine.kernels import fused
+from engine.kernels.head_bmm import absorb_query_and_latent, head_bmm, head_bmm_tiles
+from engine.layers.rotary import RotaryEmbedding
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available(), reason="CPU interpreter cases; bench.mla_absorb on GPUs"
@@ -61,3 +66,82 @@ def test_head_bmm_tiles_fill_the_device_at_one_row():
     assert head_bmm_tiles(1, 16, 128, 132) == (16, 32)
     assert head_bmm_tiles(256, 16, 512, 132) == (64, 64)  # 4 x 16 x 4 = 256 < 264 programs
     assert head_bmm_tiles(64, 128, 512, 132) == (64, 128)
+
+
+def latent_side(
+    t: int, heads: int, nope: int, rope: int, rank: int, dtype, interleaved, seed
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], tuple[torch.Tensor, torch.Tensor], Any]:
+    """A decode step's MLA operands as the model makes them (views of one projection), the
+    latent's norm and the rotary tables, and a cache of 2 x t + 3 slots (filled with 7) with
+    the tokens' slots, the second a padded row (-1)."""
+    g = torch.Generator().manual_seed(seed)
+    width = heads * (nope + rope)
+    proj = (2 * torch.randn(t, width + rank + rope, generator=g)).to(dtype)
+    q = proj[:, :width].view(t, heads, nope + rope)
+    weight = (torch.randn(heads * (nope + 16), rank, generator=g) * rank**-0.5).to(dtype)
+    w_uk = weight.view(heads, nope + 16, rank)[:, :nope]
+    rotary = RotaryEmbedding(RopeConfig(theta=10000.0), rope, 128, interleaved=interleaved)
+    norm_weight = (1 + 0.1 * torch.randn(rank, generator=g)).to(dtype)
+    slots = torch.arange(t) * 2 + 1
+    if t > 1:
+        slots[1] = -1
+    positions = torch.randint(0, 100, (t,), generator=g)
+    latent_args = {
+        "q_pe": q[..., nope:],
+        "c_kv": proj[:, width : width + rank][:, None, :],
+        "k_pe": proj[:, width + rank :][:, None],
+        "positions": positions,
+        "cos": rotary.cos,
+        "sin": rotary.sin,
+        "interleaved": interleaved,
+        "norm_weight": norm_weight,
+        "eps": 1e-6,
+    }
+    caches = (
+        torch.full((2 * t + 3, 1, rank), 7.0, dtype=dtype),
+        torch.full((2 * t + 3, 1, rope), 7.0, dtype=dtype),
+    )
+    return q[..., :nope], w_uk, latent_args, caches, slots
+
+
+@pytest.mark.parametrize("t", [0, 1, 5, 17, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_absorption_and_latent_side_in_one_launch_are_the_two_launches(t, dtype, interleaved):
+    """`absorb_query_and_latent` runs head_bmm's programs and mla_latent_rope_store's in one
+    launch: the same latent queries, rotated rotary queries and cache bytes, bit for bit, and
+    nothing written at a padded row's slot or any other."""
+    heads, nope, rope, rank = 3, 32, 8, 64
+    q_nope, w_uk, latent_args, caches, slots = latent_side(
+        t, heads, nope, rope, rank, dtype, interleaved, seed=t + 7 * interleaved
+    )
+    want_caches = tuple(c.clone() for c in caches)
+    want_q = head_bmm(q_nope, w_uk, torch.empty(t, heads, rank, dtype=dtype))
+    want_pe, _, _ = fused.mla_latent_rope_store(
+        **latent_args, latent_cache=want_caches[0], pe_cache=want_caches[1], slots=slots
+    )
+    launch = fused.MLALatentLaunch.of(
+        **latent_args, latent_cache=caches[0], pe_cache=caches[1], slots=slots
+    )
+    got_q, got_pe = absorb_query_and_latent(q_nope, w_uk, launch)
+    assert torch.equal(got_q, want_q) and torch.equal(got_pe, want_pe)
+    for got, want in zip(caches, want_caches, strict=True):
+        assert torch.equal(got, want)
+    # Token i's slot is 2i + 1; the even slots, and the padded row's 3, are nobody's.
+    assert (caches[0][0::2] == 7.0).all() and (caches[1][0::2] == 7.0).all()
+    if t > 1:
+        assert (caches[0][3] == 7.0).all() and (caches[1][3] == 7.0).all()
+
+
+def test_absorption_with_latent_refuses_an_extend_launch_and_other_rows():
+    q_nope, w_uk, latent_args, caches, slots = latent_side(4, 2, 32, 8, 64, torch.float32, False, 1)
+    extend = fused.MLALatentLaunch.of(
+        **latent_args, latent_cache=caches[0], pe_cache=caches[1], slots=slots, return_kv=True
+    )
+    with pytest.raises(ValueError, match="return_kv"):
+        absorb_query_and_latent(q_nope, w_uk, extend)
+    decode = fused.MLALatentLaunch.of(
+        **latent_args, latent_cache=caches[0], pe_cache=caches[1], slots=slots
+    )
+    with pytest.raises(ValueError, match="3 query rows"):
+        absorb_query_and_latent(q_nope[:3], w_uk, decode)

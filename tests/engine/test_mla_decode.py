@@ -222,6 +222,63 @@ def test_backend_fused_latent_side_matches_torch_backend(page_size, interleaved)
 
 
 @pytest.mark.parametrize("page_size", [1, 16])
+def test_absorption_with_the_latent_side_is_the_backend_unfused(page_size, monkeypatch):
+    """`forward_mla_absorbed_rope` with `MLA_ABSORB_WITH_LATENT` (the query's W_UK product and
+    the latent side in one launch) against the same backend with it off, bit for bit, and
+    against the torch backend; past `HEAD_BMM_MAX_ROWS` rows it takes the two launches."""
+    from engine.kernels import head_bmm as head_bmm_module
+    from engine.layers import triton_attention
+
+    heads, nope, rank, rope = 4, 16, 32, 8
+    g = torch.Generator().manual_seed(page_size)
+    lens = [0, page_size - 1, 2 * page_size + 3]
+    batch, cache, _, _ = decode_batch(lens, rank, rope, page_size, torch.float32, g)
+    rotary = RotaryEmbedding(RopeConfig(theta=10000.0), rope, 64)
+    norm = RMSNorm(rank, 1e-6)
+    norm.weight.data = 1 + 0.1 * torch.randn(rank, generator=g)
+    proj = torch.randn(len(lens), heads * (nope + rope) + rank + rope, generator=g)
+    q = proj[:, : heads * (nope + rope)].view(len(lens), heads, nope + rope)
+    c_kv = proj[:, heads * (nope + rope) : -rope][:, None, :]
+    k_pe = proj[:, -rope:][:, None, :]
+    w_uk = (torch.randn(heads, nope + 16, rank, generator=g) * 0.2)[:, :nope]
+    scale = (rank + rope) ** -0.5
+    fused_calls: list[int] = []
+    launch = head_bmm_module.absorb_query_and_latent
+
+    def counted(*args, **kwargs):
+        fused_calls.append(1)
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(triton_attention, "absorb_query_and_latent", counted)
+    before = cache.k[0].clone(), cache.v[0].clone()
+    results = []
+    for backend, on, max_rows in (
+        (TorchAttentionBackend(), False, 64),
+        (TritonAttentionBackend(mla=True), False, 64),
+        (TritonAttentionBackend(mla=True), True, 64),
+        (TritonAttentionBackend(mla=True), True, 2),  # 3 rows: the two launches
+    ):
+        monkeypatch.setattr(triton_attention, "MLA_ABSORB_WITH_LATENT", on)
+        monkeypatch.setattr(triton_attention, "HEAD_BMM_MAX_ROWS", max_rows)
+        cache.k[0].copy_(before[0])
+        cache.v[0].copy_(before[1])
+        backend.prepare(batch)
+        with torch.no_grad():
+            out = backend.forward_mla_absorbed_rope(
+                q[..., :nope], w_uk, q[..., nope:], c_kv, k_pe, norm, rotary, 0, batch, scale
+            )
+        results.append((out, cache.k[0].clone(), cache.v[0].clone()))
+    assert len(fused_calls) == 1  # only the third took the one launch
+    for got, want in zip(results[2], results[1], strict=True):
+        assert torch.equal(got, want)
+    # The torch backend, and past the row limit cuBLAS's W_UK product: another summation order.
+    for other in (results[0], results[3]):
+        for got, want in zip(other, results[1], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(results[2][1], before[0])  # the new latents were written
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
 @pytest.mark.parametrize("heads", [1, 16, 20])
 @pytest.mark.parametrize("splits", [1, 3])
 def test_mla_decode_quarters_match_torch_backend(page_size, heads, splits):

@@ -312,6 +312,43 @@ def test_rope_folded_into_decode_keeps_transformers_tokens(
     assert len(calls) >= n - 1 and all(calls)  # every decode step went through it
 
 
+def test_mla_absorption_with_latent_keeps_transformers_tokens(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`MLA_ABSORB_WITH_LATENT` on (the query's W_UK product and the latent side of every MLA
+    decode step in one launch): every decode layer takes it, and DeepSeek-V3's greedy tokens
+    stay transformers'. Three prompts, six tokens: the kernel is checked bit for bit in
+    test_head_bmm and test_mla_decode."""
+    from engine.kernels import head_bmm
+    from engine.layers import triton_attention
+
+    calls: list[int] = []
+    launch = head_bmm.absorb_query_and_latent
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return launch(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(triton_attention, "MLA_ABSORB_WITH_LATENT", True)
+    monkeypatch.setattr(triton_attention, "absorb_query_and_latent", counted)
+    ref = reference(tiny_models["deepseek-v3"], device=DEVICE)
+    n = 6
+    few = Reference(
+        ref.prompts[:3], [t[:n] for t in ref.tokens[:3]], [x[:n] for x in ref.logits[:3]]
+    )
+    config = EngineConfig(
+        model_path=str(tiny_models["deepseek-v3"]), num_pages=256, page_size=16,
+        attention_backend="triton", dtype="float32",
+    )  # fmt: skip
+    engine = Engine(config)
+    params = SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
+    results = engine.generate(few.prompts, params)
+    assert_greedy_matches([r.output_ids for r in results], few, NEAR_TIE)
+    layers = engine.model_config.num_layers
+    assert len(calls) >= (n - 1) * layers  # every decode step's every layer
+    assert engine.num_free_pages == engine.pool.num_pages
+
+
 @pytest.mark.parametrize("family", ["qwen2", "deepseek-v3"])
 def test_skinny_gemm_backend_matches_transformers(
     tiny_models: dict[str, Path], family: str
@@ -379,15 +416,23 @@ def test_triton_backend_runs_mla_like_transformers(tiny_models: dict[str, Path])
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="counts launches under the interpreter")
-def test_mla_decode_layer_launches(tiny_models: dict[str, Path]) -> None:
+@pytest.mark.parametrize("absorb_with_latent", [False, True])
+def test_mla_decode_layer_launches(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, absorb_with_latent: bool
+) -> None:
     """What a decode step's MLA launches between its projections (the Linears and the
     q-LoRA norm, counted apart): the W_UK and W_UV products, on strided views with no copy,
     the fused latent kernel, and the decode kernel's two; no norm, rotary, cache write or
-    page-table gather of their own (four launches more before, and a copy at T > 1)."""
+    page-table gather of their own (four launches more before, and a copy at T > 1). With
+    `MLA_ABSORB_WITH_LATENT` the W_UK product and the latent kernel are one launch."""
     import collections
 
     from torch.utils._python_dispatch import TorchDispatchMode
     from triton.runtime.interpreter import InterpretedFunction
+
+    from engine.layers import triton_attention
+
+    monkeypatch.setattr(triton_attention, "MLA_ABSORB_WITH_LATENT", absorb_with_latent)
 
     engine = Engine(
         EngineConfig(
@@ -447,9 +492,13 @@ def test_mla_decode_layer_launches(tiny_models: dict[str, Path]) -> None:
     steps = state["steps"]
     assert steps >= 2  # (overlapped scheduling may run one more)
     per_step = {name: n / steps for name, n in launches.items()}
+    before_decode = (
+        {"triton mla_absorb_latent_kernel": 1}
+        if absorb_with_latent
+        else {"triton head_bmm_kernel": 1, "triton _mla_latent_kernel": 1}  # W_UK, latent
+    )
     assert per_step == {
-        "triton head_bmm_kernel": 1,  # W_UK
-        "triton _mla_latent_kernel": 1,
+        **before_decode,
         "triton mla_decode_split_kernel": 1,  # the tiny model's rank 16: no quarters
         "triton mla_decode_combine_kernel": 1,
         "aten.bmm.out": 1,  # W_UV, into the buffer o_proj reads
