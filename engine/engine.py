@@ -254,18 +254,28 @@ class Engine:
         rank with nothing to run still runs the model on no tokens, to join the collectives.
 
         With overlapped scheduling a decode step's outputs come from the next call: that call
-        launches the following decode step first, then applies the earlier step's tokens."""
+        launches the following decode step first, then applies the earlier step's tokens. A
+        step ahead with constrained requests launches its forward pass only, and samples once
+        the earlier step's tokens have advanced the grammars that mask it: the host fills the
+        mask while the device runs the forward pass."""
         prev = self._launched
         if prev is not None:
             self._launched = None
             ahead = self.scheduler.schedule_lookahead(prev.batch)
+            outputs = None
             if ahead is not None:
                 ids = prev.sample.tokens
                 if len(ahead.seqs) != len(prev.batch.seqs):  # those ending by length left out
                     row = {id(seq): i for i, seq in enumerate(prev.batch.seqs)}
                     ids = ids[to_device([row[id(seq)] for seq in ahead.seqs], ids.device)]
-                self._launched = self._launch(ahead, device_ids=ids)
-            outputs = self._apply(prev)
+                if _constrained(ahead):
+                    logits = self._forward(ahead, device_ids=ids)
+                    outputs = self._apply(prev)
+                    self._launched = self._sample(ahead, logits, ahead_of_host=True)
+                else:
+                    self._launched = self._launch(ahead, device_ids=ids)
+            if outputs is None:
+                outputs = self._apply(prev)
             if self._launched is not None and all(
                 seq.is_finished for seq in self._launched.batch.seqs
             ):
@@ -284,10 +294,7 @@ class Engine:
                 )
             return []
         launched = self._launch(batch)
-        # A constrained request's mask for the next step needs this step's token accepted by
-        # its grammar on the host, which the step ahead would not wait for: a batch with one
-        # runs the plain loop (the step after it is launched only once its tokens are applied).
-        if self.overlap and batch.is_decode and not _constrained(batch):
+        if self.overlap and batch.is_decode:
             self._launched = launched
             return []
         return self._apply(launched)
@@ -296,16 +303,29 @@ class Engine:
         """Run `batch` and sample, without waiting for the device. `device_ids`: a decode
         step's input tokens, still on the device (the step before it is not applied yet, so
         every sequence is one position further than the host has recorded)."""
+        logits = self._forward(batch, device_ids)
+        return self._sample(batch, logits, ahead_of_host=device_ids is not None)
+
+    def _forward(self, batch: ScheduledBatch, device_ids: torch.Tensor | None) -> torch.Tensor:
         if device_ids is None:
-            logits = self.runner.forward(batch)
-        else:
-            positions = [seq.num_computed_tokens + 1 for seq in batch.seqs]
-            logits = self.runner.forward_decode(batch.seqs, positions, device_ids=device_ids)
+            return self.runner.forward(batch)
+        positions = [seq.num_computed_tokens + 1 for seq in batch.seqs]
+        return self.runner.forward_decode(batch.seqs, positions, device_ids=device_ids)
+
+    def _sample(
+        self, batch: ScheduledBatch, logits: torch.Tensor, ahead_of_host: bool
+    ) -> _Launched:
+        """Sample `batch`'s logits, masked by its constrained requests' grammars as they stand.
+        `ahead_of_host`: a decode step launched before the step it follows was applied (its
+        sequences are one token further than the host has recorded). A request that has ended
+        meanwhile (its token is thrown away) takes a greedy pick, with no mask."""
         # A prefill chunk that does not reach the prompt's end yields no token: pick greedily
         # there, so that a seeded request draws from its generator once per token exactly.
         params, generators, grammars = [], [], []
         for seq, n in zip(batch.seqs, batch.extend_lens, strict=True):
-            yields_token = device_ids is not None or seq.num_computed_tokens + n >= seq.num_tokens
+            yields_token = ahead_of_host or seq.num_computed_tokens + n >= seq.num_tokens
+            if seq.is_finished:
+                yields_token = False
             params.append(seq.sampling if yields_token else _NO_TOKEN)
             generators.append(seq.generator if yields_token else None)
             grammars.append(seq.grammar if yields_token else None)

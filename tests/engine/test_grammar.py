@@ -202,6 +202,69 @@ def test_overlap_and_preemption_keep_the_grammar_state(model: Path) -> None:
     assert outputs["big"][0] == outputs["big"][3]  # the same prompt: a prefix-cache hit
 
 
+def test_constrained_decode_steps_run_overlapped(model: Path) -> None:
+    """Overlapped scheduling with constrained requests: each decode step after the first is
+    launched before the step it follows is applied, and its mask is filled after that step's
+    tokens advanced the grammars (forward, then apply, then mask); the tokens are the plain
+    loop's."""
+    schema = Constraint("json_schema", json.dumps(cases.SCHEMAS["const"]))
+    params = [
+        SamplingParams(temperature=0, max_new_tokens=40, constraint=schema),
+        SamplingParams(temperature=0.8, seed=3, max_new_tokens=25, ignore_eos=True),
+    ]
+    prompts = [list(range(10, 30)), [40, 41, 42]]
+    outputs = []
+    for overlap in (True, False):
+        engine = Engine(
+            EngineConfig(model_path=str(model), num_pages=100, page_size=8,
+                         disable_overlap_schedule=not overlap)
+        )  # fmt: skip
+        events = trace_steps(engine)
+        results = engine.generate(prompts, params)
+        outputs.append([r.output_ids for r in results])
+        cases.check_schema("const", results[0].text or "")
+        assert engine.num_free_pages == engine.pool.num_pages
+        trace = " ".join(events)
+        if overlap:
+            # Steps ahead of the host, each masked only after the step before it applied.
+            assert trace.count("ahead apply mask") >= 10, trace
+        else:
+            assert "ahead" not in trace
+    assert outputs[0] == outputs[1]
+
+
+def trace_steps(engine: Engine) -> list[str]:
+    """A list that records, in order, the engine's decode forward passes ("forward", or
+    "ahead" for a step launched before the one it follows was applied), its tokens' apply
+    ("apply") and each mask fill with a constrained row ("mask")."""
+    events: list[str] = []
+    runner, grammar, scheduler = engine.runner, engine.grammar, engine.scheduler
+    assert grammar is not None
+    forward_decode, token_mask, postprocess = (
+        runner.forward_decode,
+        grammar.token_mask,
+        scheduler.postprocess,
+    )
+
+    def traced_forward(*args, **kwargs):
+        events.append("ahead" if kwargs.get("device_ids") is not None else "forward")
+        return forward_decode(*args, **kwargs)
+
+    def traced_mask(states):
+        if any(s is not None for s in states):
+            events.append("mask")
+        return token_mask(states)
+
+    def traced_apply(*args):
+        events.append("apply")
+        return postprocess(*args)
+
+    runner.forward_decode = traced_forward  # type: ignore[method-assign]
+    grammar.token_mask = traced_mask  # type: ignore[method-assign]
+    scheduler.postprocess = traced_apply  # type: ignore[method-assign]
+    return events
+
+
 def test_a_migrated_request_replays_its_tokens(engine: Engine) -> None:
     """A request resumed with its first k output tokens in the prompt goes on exactly as the
     uninterrupted one (the grammar state replays them); tokens the grammar refuses are bad
