@@ -406,7 +406,9 @@ def decode_attention(
     """One new query per sequence: `q` `[B, Hq, Dk]` over the first `seq_lens[b]` tokens of
     page-table row `rows[b]`; returns `[B, Hq, Dv]` in `q`'s dtype. `q` may instead be a
     `DecodeRope` of the new tokens before RoPE: then the kernel does what `fused.rope_store_kv`
-    would first have done (the same code: the same results bit for bit), one launch fewer;
+    would first have done (the same code: the same results bit for bit, but for Qwen3's q/k
+    norms' sums of squares, which this kernel's warps reduce in another order than
+    `rope_store_kv`'s one warp on the GPU), one launch fewer;
     `seq_lens` count the new token. `tiles`: the split
     kernel's launch (default `DecodeTiles()`, with 3 stages for one split: 4-5% faster there
     on the H200 at 64 x 128 and 256 x 512, equal at 64 x 2,048, and 2-3% slower for the many

@@ -208,8 +208,10 @@ def absorb_query_and_latent(
     latent: fused.MLALatentLaunch,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`head_bmm(q_nope, w_uk)` (MLA's latent queries) and the latent side `latent` (a
-    `fused.MLALatentLaunch` of a decode step, without `return_kv`) in one launch, the same
-    values bit for bit as the two launches: `(q_latent [T, H, R], rope(q_pe))`."""
+    `fused.MLALatentLaunch` of a decode step, without `return_kv`) in one launch: `(q_latent
+    [T, H, R], rope(q_pe))`. The same code as the two launches, so the same values bit for
+    bit, but for the latent's RMS sum: the launch's 4 warps reduce it in another order than
+    `mla_latent_rope_store`'s 1 warp on the GPU (the interpreter's sum is the same)."""
     t, heads, _ = q_nope.shape
     if latent.c_out is not None:
         raise ValueError("the absorbed launch is for decode: return_kv is extend's")

@@ -33,12 +33,14 @@ HEAD_BMM_MAX_ROWS = 64  # MLA's query absorption on the Triton kernel up to this
 
 # Decode steps fold RoPE (with any q/k norms) and the KV write into the decode attention's
 # launch (`kernels.decode_attention` of a `DecodeRope`: one launch a layer fewer, the same
-# results bit for bit). Off until timed on the GPU (`bash bench/gpu/session.sh Z`).
+# results bit for bit but for Qwen3's q/k norms, whose sums of squares its warps reduce in
+# another order). Off until timed on the GPU (`bash bench/gpu/session.sh Z`).
 DECODE_ROPE_IN_ATTENTION = False
 
 # MLA decode steps of up to HEAD_BMM_MAX_ROWS rows run the query's absorption (W_UK) and the
 # latent side (its norm, the rotations, the cache write) in one launch
-# (`head_bmm.absorb_query_and_latent`: one launch a layer fewer, the same results bit for bit).
+# (`head_bmm.absorb_query_and_latent`: one launch a layer fewer, the same code, so the same
+# results bit for bit but for the latent's RMS sum, reduced over 4 warps instead of 1).
 # Off until timed on the GPU (`bash bench/gpu/session.sh b2`).
 MLA_ABSORB_WITH_LATENT = False
 

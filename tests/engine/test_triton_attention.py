@@ -168,7 +168,8 @@ def test_decode_with_rope_folded_in_equals_rope_then_decode(
 ) -> None:
     """`decode_attention` of a `DecodeRope` (RoPE, the q/k norms and the KV write in its kernel)
     against `fused.rope_store_kv` then `decode_attention`: the output and both caches bit for
-    bit, a padded entry (slot -1) writing nothing; lengths of 1, a page and one, and longer
+    bit (compiled with the norms, to float32 rounding: the sums of squares reduce over other
+    warps), a padded entry (slot -1) writing nothing; lengths of 1, a page and one, and longer
     than a decode block."""
     from engine.kernels import fused
 
@@ -205,8 +206,14 @@ def test_decode_with_rope_folded_in_equals_rope_then_decode(
     got = kernels.decode_attention(
         rope, k_got, v_got, pool.table, rows, seq_lens, page_size, scale, num_splits
     )
-    assert torch.equal(k_got, k_want) and torch.equal(v_got, v_want)
     assert not torch.equal(k_got, pool.k)  # the new keys were written
+    if DEVICE == "cuda" and variant == "norm":
+        # Compiled, the decode kernel's 4 warps reduce the q/k norms' sums of squares in
+        # another order than rope_store_kv's 1 warp: float32 rounding apart.
+        for got_t, want_t in ((k_got, k_want), (v_got, v_want), (got, want)):
+            torch.testing.assert_close(got_t, want_t, rtol=1e-6, atol=1e-6)
+        return
+    assert torch.equal(k_got, k_want) and torch.equal(v_got, v_want)
     assert torch.equal(got, want)
 
 
