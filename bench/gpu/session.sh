@@ -54,6 +54,7 @@
 #   run(command="bash bench/gpu/session.sh Z", carry=[".whl"])   # RoPE folded into decode attention
 #   run(command="bash bench/gpu/session.sh b1", carry=[".whl"])  # batch 1: MLA profile, one range
 #   run(command="bash bench/gpu/session.sh b2", carry=[".whl"])  # MLA W_UK with the latent side
+#   run(command="bash bench/gpu/session.sh b3", carry=[".whl"])  # a persistent GEMV chain
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -805,5 +806,14 @@ sys.exit(main(['--preset', 'moonlight-16b-a3b', '--skip-hf', '--prefill', '', '-
                '1x128,64x128', '--repeats', '3']))"
   done
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2"; exit 2 ;;
+b3)
+  # Whether a persistent decode step is worth building (bench/persistent_chain.py): a chain of
+  # dependent GEMVs as one launch each (with and without PDL), as cuBLAS's, and as one
+  # persistent launch whose tiles load their weights before waiting for the product before;
+  # Qwen3-30B-A3B's QKV-sized products, then one expert's gate-up and down sizes (about 60 s).
+  TAIL=12 step persistent_chain 50 python3 -m bench.persistent_chain
+  TAIL=12 step persistent_chain_small 40 python3 -m bench.persistent_chain \
+    --shapes 1536x2048,2048x1536 --layers 96
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3"; exit 2 ;;
 esac
