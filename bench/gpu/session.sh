@@ -769,6 +769,11 @@ b1)
   TAIL=10 step attn_splits 60 bash -c 'python3 -m bench.attention_kernel --shapes 1x128 \
     --heads 32/4/128 --splits 0,1,2; python3 -m bench.attention_kernel --shapes 1x128 \
     --splits 0,1,2'
+  # Llama-3-8B's decode attention at 64 x 128 (15.4 µs a layer against 8 of KV bytes; the
+  # 64 x 128 target's margin): tiles, warps, stages and splits around the rule's.
+  TAIL=14 step attn_64x128 60 bash -c 'python3 -m bench.attention_kernel --shapes 64x128 \
+    --block-n 16,32,64 --num-warps 2,4,8 --num-stages 2,3,4 --splits 0,2 2>&1 \
+    | sort -t"|" -k7 -n | head -16'
   TAIL=8 step mla_splits 40 python3 -m bench.mla_kernel --mode decode --heads 16 \
     --batch-sizes 1 --contexts 128 --splits 0,1,2,4
   for one in 0 1; do
