@@ -739,7 +739,8 @@ def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
     """The skinny GEMM's launches that `pick_tiles` makes for Llama-3-8B's projections (and a
     narrow one that splits K) at 1 to 64 rows, with every argument a multiple of 16 as there;
     gated (silu(gate) * up in the epilogue) for the gate-up projection's tiles and those of
-    `skinny_gemm.TUNED`; with `all_configs`, every entry of `TILE_CONFIGS` too (bfloat16)."""
+    `skinny_gemm.TUNED`; with `all_configs`, every entry of `TILE_CONFIGS` and `WIDE_TILES`
+    too (bfloat16)."""
     shapes = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096))
     gate_up = (28672, 4096)
     launches = set()
@@ -760,6 +761,8 @@ def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
             for tiles in skinny_gemm.TILE_CONFIGS:
                 for m in (1, 4, 16) if not tiles.dot else (16,):
                     launch(dtype, m, tiles)
+            for tiles in skinny_gemm.WIDE_TILES:  # the 128-256 row candidates
+                launch(dtype, 256, tiles)
     for tiles in skinny_gemm.TILE_CONFIGS:  # the prefetching CUDA-core tiles, still on trial
         if tiles.prefetch:
             for dtype in ("bf16", "fp32"):

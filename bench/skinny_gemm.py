@@ -4,6 +4,7 @@ configuration against cuBLAS (`F.linear`) at decode's few rows, to set `pick_til
     python -m bench.skinny_gemm                                   # Llama-3-8B, M = 1, 4, 16
     python -m bench.skinny_gemm --shapes qkv,o --rows 1 \
         --tiles fma:8:512,fma:8:1024,dot:16:256:1:4:4
+    python -m bench.skinny_gemm --shapes moonlight_qkv_a,qkv --rows 256 --tiles wide
     TRITON_INTERPRET=1 python -m bench.skinny_gemm --device cpu --shapes tiny --rows 1,3 \
         --copies 1 --reps 1 --dtype float32
 
@@ -39,6 +40,7 @@ from bench.ceiling import copy_bandwidth
 from bench.moe_kernel import device_name, time_graph
 from engine.kernels.skinny_gemm import (
     TILE_CONFIGS,
+    WIDE_TILES,
     SkinnyTiles,
     pick_tiles,
     skinny_gate_up,
@@ -138,18 +140,24 @@ def make_weights(
 
 
 def parse_tiles(text: str) -> list[SkinnyTiles]:
-    """`dot|tma|fma|pf:block_n:block_k[:split_k[:warps[:stages]]]`, comma-separated (`tma`:
-    the tensor cores with tiles loaded by the tensor-memory accelerator; `pf`: the CUDA cores
-    with W's tiles prefetched one step ahead)."""
-    tiles = []
+    """`dot|tma|fma|pf:block_n:block_k[:split_k[:warps[:stages[:block_m]]]]`, comma-separated
+    (`tma`: the tensor cores with tiles loaded by the tensor-memory accelerator; `pf`: the CUDA
+    cores with W's tiles prefetched one step ahead; `block_m`: rows of x a program, 16-256,
+    tensor cores only, else the rule's); `wide` adds `WIDE_TILES`, the candidates for 128-256
+    rows."""
+    tiles: list[SkinnyTiles] = []
     for item in text.split(","):
+        if item == "wide":
+            tiles.extend(WIDE_TILES)
+            continue
         kind, *numbers = item.split(":")
-        if kind not in ("dot", "tma", "fma", "pf") or not 2 <= len(numbers) <= 5:
+        if kind not in ("dot", "tma", "fma", "pf") or not 2 <= len(numbers) <= 6:
             raise argparse.ArgumentTypeError(
-                f"expected dot|tma|fma|pf:block_n:block_k[:split_k[:warps[:stages]]], got {item!r}"
+                "expected dot|tma|fma|pf:block_n:block_k[:split_k[:warps[:stages[:block_m]]]], "
+                f"got {item!r}"
             )
         values = [int(v) for v in numbers]
-        names = ("block_n", "block_k", "split_k", "num_warps", "num_stages")
+        names = ("block_n", "block_k", "split_k", "num_warps", "num_stages", "block_m")
         try:
             tiles.append(
                 SkinnyTiles(

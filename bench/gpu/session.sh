@@ -55,6 +55,7 @@
 #   run(command="bash bench/gpu/session.sh b1", carry=[".whl"])  # batch 1: MLA profile, one range
 #   run(command="bash bench/gpu/session.sh b2", carry=[".whl"])  # MLA W_UK with the latent side
 #   run(command="bash bench/gpu/session.sh b3", carry=[".whl"])  # a persistent GEMV chain
+#   run(command="bash bench/gpu/session.sh b4", carry=[".whl"])  # skinny GEMM, 128-256 rows
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -820,5 +821,15 @@ b3)
   TAIL=12 step persistent_chain_small 40 python3 -m bench.persistent_chain \
     --shapes 1536x2048,2048x1536 --layers 96
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3"; exit 2 ;;
+b4)
+  # The skinny GEMM at 128 and 256 rows with row blocks past 64 (skinny_gemm.WIDE_TILES: W read
+  # once or twice, not four times) against cuBLAS on the projections those batches run:
+  # Moonlight's fused query-and-latent (9.4 µs a layer in the 256 x 128 step, about 5 of
+  # FLOPs) and O, Qwen3-30B-A3B's and Llama-3-8B's QKV and O. cuBLAS's row and the fastest of
+  # each shape and row count (about 90 s). A winner becomes a TUNED row at that count.
+  TAIL=30 step wide_gemm 120 bash -c 'python3 -m bench.skinny_gemm --rows 128,256 \
+    --shapes moonlight_qkv_a,moonlight_o,qwen3_qkv,qwen3_o,qkv,o --tiles wide 2>&1 \
+    | grep -E "^\| [a-z0-9_]+ \| [0-9]+ x [0-9]+ \| [0-9]+ \| (torch|.*<)"'
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4"; exit 2 ;;
 esac

@@ -307,12 +307,21 @@ class SkinnyTiles:
     num_stages: int = 3
     prefetch: bool = False  # CUDA cores only: W's tiles one step ahead, the first before PDL's wait
     tma: bool = False  # tensor cores only: W's and x's tiles by the tensor-memory accelerator
+    # Tensor cores only: rows of x a program, 16 to 256 (0: `rows_per_program`'s rule, up to
+    # MAX_BLOCK_M). Wider blocks read W fewer times at a batch of 128-256 rows.
+    block_m: int = 0
 
     def __post_init__(self) -> None:
         if self.prefetch and self.dot:
             raise ValueError("prefetch is for the CUDA-core tiles (dot=False)")
         if self.tma and not self.dot:
             raise ValueError("tma is for the tensor-core tiles (dot=True)")
+        if self.block_m and (
+            not self.dot or not 16 <= self.block_m <= 256 or self.block_m & (self.block_m - 1)
+        ):
+            raise ValueError(
+                f"block_m is a power of two of 16 to 256 on the tensor cores, got {self.block_m}"
+            )
         smallest = 16 if self.dot else 1
         for name in ("block_n", "block_k"):
             value = getattr(self, name)
@@ -324,7 +333,11 @@ class SkinnyTiles:
     def label(self) -> str:
         kind = "tma" if self.tma else "dot" if self.dot else "pf" if self.prefetch else "fma"
         split = f" split {self.split_k}" if self.split_k > 1 else ""
-        return f"{kind} {self.block_n}x{self.block_k}{split} w{self.num_warps} s{self.num_stages}"
+        rows = f" m{self.block_m}" if self.block_m else ""
+        return (
+            f"{kind} {self.block_n}x{self.block_k}{split} w{self.num_warps} s{self.num_stages}"
+            f"{rows}"
+        )
 
 
 # The configurations bench.skinny_gemm compares, for 16-bit weights (the rule halves block_k
@@ -350,6 +363,23 @@ TILE_CONFIGS: tuple[SkinnyTiles, ...] = (
     SkinnyTiles(32, 256, split_k=2, num_warps=8),  # x is re-read per W tile: M / block_n of W
     SkinnyTiles(4, 1024, dot=False, prefetch=True),  # two tiles in flight, the first early
     SkinnyTiles(8, 512, dot=False, prefetch=True),
+)
+
+
+# Candidates for a batch of 128-256 rows (`block_m` past the rule's 64, so that W is read once
+# or twice rather than four times: at 256 rows with 64-row blocks the skinny GEMM lost to cuBLAS
+# on Moonlight's fused query-and-latent projection, 12.3 against 9.6 µs). Timed by
+# `python -m bench.skinny_gemm --rows 256 --tiles wide` (`session.sh b4`); each compiles for
+# sm_90 without spilling.
+WIDE_TILES = (
+    SkinnyTiles(64, 64, block_m=128),
+    SkinnyTiles(128, 64, num_warps=8, block_m=128),
+    SkinnyTiles(64, 64, num_stages=4, tma=True, block_m=128),
+    SkinnyTiles(128, 64, num_warps=8, num_stages=4, tma=True, block_m=128),
+    SkinnyTiles(64, 128, tma=True, block_m=128),
+    SkinnyTiles(64, 64, num_warps=8, num_stages=4, tma=True, block_m=256),
+    SkinnyTiles(128, 64, num_warps=8, tma=True, block_m=256),
+    SkinnyTiles(64, 64, split_k=2, num_stages=4, tma=True, block_m=128),
 )
 
 
@@ -439,8 +469,10 @@ def tuned_tiles(kind: str, m: int, n: int, k: int, dtype: torch.dtype) -> Skinny
 
 
 def rows_per_program(m: int, tiles: SkinnyTiles) -> int:
-    """BLOCK_M of a launch for `m` rows: a power of two of 16 to `MAX_BLOCK_M` on the tensor
-    cores, one on the CUDA cores."""
+    """BLOCK_M of a launch for `m` rows: the tiles' own `block_m` where they give one, else a
+    power of two of 16 to `MAX_BLOCK_M` on the tensor cores, one on the CUDA cores."""
+    if tiles.block_m:
+        return tiles.block_m
     if tiles.dot:
         return min(MAX_BLOCK_M, max(16, triton.next_power_of_2(m)))
     return 1

@@ -71,7 +71,12 @@ def gemm_backend_for(name: str, device_kind: str) -> GemmBackend:
         raise ValueError(f"--gemm-backend must be one of {GEMM_BACKENDS}, got {name!r}")
     if name == "auto":
         hopper = device_kind == "cuda" and torch.cuda.get_device_capability()[0] == 9
-        return SkinnyGemmBackend(tuned=True) if hopper and has_triton() else GemmBackend()
+        # Tuned: up to 256 rows, where `skinny_gemm.TUNED` records a shape's row counts.
+        return (
+            SkinnyGemmBackend(tuned=True, max_rows=256)
+            if hopper and has_triton()
+            else GemmBackend()
+        )
     if name == "torch":
         return GemmBackend()
     check_triton_backend("gemm-backend", device_kind)

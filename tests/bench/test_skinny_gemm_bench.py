@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("triton")
 
 from bench import skinny_gemm
-from engine.kernels.skinny_gemm import TILE_CONFIGS, SkinnyTiles
+from engine.kernels.skinny_gemm import TILE_CONFIGS, WIDE_TILES, SkinnyTiles
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available(), reason="the interpreter smoke run; on a GPU run the bench itself"
@@ -54,7 +54,11 @@ def test_parse_tiles() -> None:
         SkinnyTiles(8, 128, dot=False),
         SkinnyTiles(16, 256, split_k=2),
     ]
-    for bad in ("mma:16:256", "dot:16", "dot:8:256"):
+    assert skinny_gemm.parse_tiles("tma:64:64:1:4:4:128") == [
+        SkinnyTiles(64, 64, num_stages=4, tma=True, block_m=128)
+    ]
+    assert skinny_gemm.parse_tiles("wide,dot:16:256") == [*WIDE_TILES, SkinnyTiles(16, 256)]
+    for bad in ("mma:16:256", "dot:16", "dot:8:256", "fma:8:256:1:4:3:128"):
         with pytest.raises(argparse.ArgumentTypeError):
             skinny_gemm.parse_tiles(bad)
 

@@ -33,10 +33,12 @@ from engine.kernels.skinny_gemm import (
     TUNED,
     SkinnyTiles,
     pick_tiles,
+    rows_per_program,
     skinny_gate_up,
     skinny_linear,
     tuned_tiles,
 )
+from engine.layers.linear import SkinnyGemmBackend
 from engine.layers.pending import PendingSum
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -107,6 +109,24 @@ def test_float16_tensor_cores_and_cuda_cores_agree() -> None:
     for tiles in (GEMV_TILES, DOT_TILES[-1], SkinnyTiles(16, 64, split_k=3),
                   SkinnyTiles(16, 64, tma=True)):  # fmt: skip
         close(skinny_linear(x, w, b, tiles), want, torch.float16)
+
+
+def test_wide_row_blocks() -> None:
+    """`block_m` past the rule's 64 (a batch of 128-256 rows reading W once or twice): 130
+    rows as blocks of 128 (the second ragged) and one of 256, pointer and TMA tiles, the
+    gated form too; an invalid block_m is refused."""
+    x, w, b = make(130, 45, 100, torch.float32, seed=6)
+    want = reference(x, w, b)
+    for tiles in (SkinnyTiles(16, 32, block_m=128), SkinnyTiles(16, 32, block_m=256, tma=True)):
+        assert rows_per_program(130, tiles) == tiles.block_m
+        close(skinny_linear(x, w, b, tiles), want, torch.float32)
+    _, w2, _ = make(130, 40, 100, torch.float32, seed=7)
+    gate_up = skinny_gate_up(x, w2, None, SkinnyTiles(16, 32, block_m=128))
+    gate, up = reference(x, w2, None).chunk(2, dim=-1)
+    close(gate_up, torch.nn.functional.silu(gate) * up, torch.float32)
+    for bad in ({"block_m": 48}, {"block_m": 512}, {"block_m": 128, "dot": False}):
+        with pytest.raises(ValueError, match="block_m"):
+            SkinnyTiles(16, 32, **bad)  # type: ignore[arg-type]
 
 
 def test_more_rows_than_one_program_holds() -> None:
@@ -246,4 +266,9 @@ def test_tuned_table_rows() -> None:
     down = tuned_tiles("linear", 64, 4096, 14336, bf16)
     assert down is not None and down.tma and down.split_k == 2
     assert tuned_tiles("linear", 65, 4096, 14336, bf16) is None
+    # `auto`'s backend asks the table up to 256 rows; past a shape's last row it is cuBLAS.
+    backend = SkinnyGemmBackend(tuned=True, max_rows=256)
+    assert backend.tiles("linear", 64, 4096, 14336, bf16) == down
+    assert backend.tiles("linear", 256, 4096, 14336, bf16) is None
+    assert backend.tiles("linear", 257, 4096, 14336, bf16) is None
     assert tuned_tiles("gate_up", 16, 28672, 4096, bf16) == SkinnyTiles(64, 128)
