@@ -29,7 +29,7 @@ from engine.parallel import ParallelConfig
 from engine.radix_cache import RadixCache
 from engine.sampler import DeviceSample, TokenLogprobs, sample_on_device, to_device
 from engine.sampling import Constraint, SamplingParams
-from engine.scheduler import ScheduledBatch, Scheduler
+from engine.scheduler import OutOfPagesError, ScheduledBatch, Scheduler
 from engine.sequence import FinishReason, SeqStatus, Sequence
 from engine.tokenizer import Tokenizer
 
@@ -60,10 +60,12 @@ class StepOutput:
 
 @dataclass(frozen=True)
 class _Launched:
-    """A step on the device whose sampled tokens are not applied yet."""
+    """A step on the device whose sampled tokens are not applied yet; `gen`: the engine's
+    count of forward passes launched, this one's."""
 
     batch: ScheduledBatch
     sample: DeviceSample
+    gen: int
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,15 @@ class Engine:
         # before applying the first step's tokens. Not with expert parallelism (lockstep).
         self.overlap = not config.disable_overlap_schedule and not self.parallel.enabled
         self._launched: _Launched | None = None
+        # Pages freed while a forward pass that may still write them runs (a request that ended
+        # as the step ahead was launched: that step writes its next slot): page -> the count
+        # of forward passes launched then. Local users of such a page write it after that pass,
+        # in stream order; a KV transfer's writer is another process, so `reserve_transfer`
+        # avoids them until the pass is known done (`_synced`).
+        self._launches = 0
+        self._synced = 0
+        self._unsettled: dict[int, int] = {}
+        self.pool.on_free = self._note_freed
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -149,7 +160,30 @@ class Engine:
         input and OutOfPagesError when the pool cannot take the request now.
         """
         seq = self._new_sequence(list(prompt_ids), sampling, request_id)
+        unsettled = self._unsettled_pages()
+        if unsettled:
+            try:
+                return self.scheduler.add_transferring(seq, avoid=unsettled)
+            except OutOfPagesError:
+                self._wait_for_launched()  # then every page is settled
         return self.scheduler.add_transferring(seq)
+
+    def _note_freed(self, pages: list[int]) -> None:
+        if self._launches > self._synced:  # a forward pass launched since may write them
+            for page in pages:
+                self._unsettled[page] = self._launches
+
+    def _unsettled_pages(self) -> set[int]:
+        """Free pages a forward pass not known done may still write (dropping the rest)."""
+        if self._unsettled:
+            self._unsettled = {p: g for p, g in self._unsettled.items() if g > self._synced}
+        return set(self._unsettled)
+
+    def _wait_for_launched(self) -> None:
+        if self._launched is not None:
+            self._launched.sample.wait()
+            self._synced = max(self._synced, self._launched.gen)
+        self._unsettled.clear()
 
     def complete_transfer(
         self, request_id: str, token_id: int, logprobs: TokenLogprobs | None
@@ -307,6 +341,7 @@ class Engine:
         return self._sample(batch, logits, ahead_of_host=device_ids is not None)
 
     def _forward(self, batch: ScheduledBatch, device_ids: torch.Tensor | None) -> torch.Tensor:
+        self._launches += 1
         if device_ids is None:
             return self.runner.forward(batch)
         positions = [seq.num_computed_tokens + 1 for seq in batch.seqs]
@@ -332,10 +367,13 @@ class Engine:
         # Filled on the host while the device runs the forward pass, applied on the device.
         mask = self.grammar.token_mask(grammars) if self.grammar is not None else None
         sample = sample_on_device(logits, params, generators, self._generator, mask)
-        return _Launched(batch, sample)
+        return _Launched(batch, sample, self._launches)
 
     def _apply(self, launched: _Launched) -> list[StepOutput]:
         result = launched.sample.result()
+        self._synced = max(self._synced, launched.gen)  # it and every pass before it are done
+        if self._unsettled:
+            self._unsettled_pages()  # drop what that settled
         return [self._output(s) for s in self.scheduler.postprocess(launched.batch, result)]
 
     def _output(self, seq: Sequence) -> StepOutput:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from engine.page_pool import PagePool
 from engine.radix_cache import RadixCache
 from engine.sequence import Sequence
@@ -47,15 +49,19 @@ class PageManager:
         seq.num_computed_tokens = match.num_tokens
         seq.num_prefix_hit_tokens = max(seq.num_prefix_hit_tokens, match.num_tokens)
 
-    def reserve(self, seq: Sequence, num_tokens: int) -> bool:
-        """Grow the sequence's pages to hold `num_tokens` tokens; False (and no change) if full."""
+    def reserve(self, seq: Sequence, num_tokens: int, avoid: Collection[int] = ()) -> bool:
+        """Grow the sequence's pages to hold `num_tokens` tokens, none of them in `avoid`; False
+        (and no change) if full."""
         need = self.pages_for(num_tokens) - len(seq.page_table)
         if need <= 0:
             return True
-        pages = self.pool.alloc(need)
+        pages = self.pool.alloc(need, avoid)
         if pages is None and self.cache is not None:
-            self.cache.evict(need - self.pool.num_free)
-            pages = self.pool.alloc(need)
+            # Evicted pages are not in `avoid` (cached pages are never the ones it names), but
+            # free pages in it do not count.
+            usable = self.pool.num_free - sum(1 for p in avoid if self.pool.is_free(p))
+            self.cache.evict(need - usable)
+            pages = self.pool.alloc(need, avoid)
         if pages is None:
             return False
         seq.page_table.extend(pages)

@@ -78,9 +78,13 @@ class DeviceSample:
     _wanted: list[int]
     _event: torch.cuda.Event | None
 
-    def result(self) -> SampleResult:
+    def wait(self) -> None:
+        """Until the step is done on the device (its copy to the host comes last)."""
         if self._event is not None:
             self._event.synchronize()
+
+    def result(self) -> SampleResult:
+        self.wait()
         token_list = self._host[0].tolist()
         logprobs: list[TokenLogprobs | None] = [None] * len(self.params)
         if self._wanted:

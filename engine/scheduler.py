@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from engine.config import EngineConfig
@@ -70,8 +71,9 @@ class Scheduler:
         self.requests[seq.request_id] = seq
         self.waiting.append(seq)
 
-    def add_transferring(self, seq: Sequence) -> list[int]:
-        """Reserve pages for a prompt whose KV another worker computes; returns the page ids.
+    def add_transferring(self, seq: Sequence, avoid: Collection[int] = ()) -> list[int]:
+        """Reserve pages for a prompt whose KV another worker computes; returns the page ids,
+        none of them in `avoid`.
 
         Admits only if the pool can hold the prompt plus a page of new tokens, with a page of
         headroom per running request; raises OutOfPagesError otherwise.
@@ -87,7 +89,7 @@ class Scheduler:
         need = self.pages.pages_for(seq.num_tokens + 1)
         headroom = live  # a page held back per live request
         if self.pages.num_available < need + headroom or not self.pages.reserve(
-            seq, seq.num_tokens
+            seq, seq.num_tokens, avoid
         ):
             raise OutOfPagesError(
                 f"no room for request {seq.request_id}: needs {need} pages, "

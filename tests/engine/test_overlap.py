@@ -145,3 +145,41 @@ def test_look_ahead_leaves_out_requests_ending_by_length(tiny_models: dict[str, 
         assert {k: len(v) for k, v in seen.items()} == {"a": 3, "b": 6, "c": 5}
         assert engine.num_free_pages == engine.pool.num_pages
     assert results[True] == results[False]
+
+
+def test_pages_freed_under_a_step_in_flight_go_to_transfers_last(
+    tiny_models: dict[str, Path],
+) -> None:
+    """A request that ends while the step ahead is in flight frees its pages at once; a local
+    request may take them (its writes follow that step on the device), but a KV transfer,
+    written by another process, gets other pages until that step is done; with no others
+    free, the engine waits for the step and then gives them."""
+    engine = Engine(EngineConfig(model_path=str(tiny_models["llama"]), num_pages=40, page_size=4))
+    assert engine.overlap
+    short = SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True)
+    long = SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True)
+    engine.add_request(list(range(3, 12)), short, request_id="short")  # a part page at its end
+    engine.add_request(list(range(20, 27)), long, request_id="long")
+    held: list[int] = []
+    ended = False
+    while not ended:
+        seq = engine.scheduler.requests.get("short")
+        held = list(seq.page_table) if seq is not None else held
+        ended = any(o.request_id == "short" and o.finished for o in engine.step())
+    assert engine._launched is not None  # the long request's step ahead
+    unsettled = engine._unsettled_pages()
+    assert unsettled and unsettled <= set(held)
+    assert all(engine.pool.is_free(p) for p in unsettled)
+    pages = engine.reserve_transfer(list(range(40, 46)), long, "transfer-1")
+    assert unsettled.isdisjoint(pages)
+    # Every free page unsettled: the engine waits for the step in flight, then takes any.
+    engine._unsettled = {p: engine._launches for p in range(engine.pool.num_pages)}
+    more = engine.reserve_transfer(list(range(50, 56)), long, "transfer-2")
+    assert more and not engine._unsettled
+    assert engine._synced == engine._launches
+    for rid in ("transfer-1", "transfer-2", "long"):
+        engine.abort(rid)
+    while engine.has_unfinished() or engine._launched is not None:
+        engine.step()
+    engine.flush_cache()
+    assert engine.num_free_pages == engine.pool.num_pages

@@ -104,3 +104,30 @@ def test_free_is_all_or_nothing(batch: list[int]) -> None:
     assert pool.num_free == 1
     assert all(pool.is_allocated(p) for p in range(3))
     assert pool.alloc(1) == [3]
+
+
+def test_alloc_avoiding_pages_skips_them_and_keeps_them_in_place() -> None:
+    pool = PagePool(8)
+    taken = pool.alloc(8)
+    assert taken is not None
+    pool.free(taken)  # the free list, last out first: 7, 6, ..., 0
+    assert pool.alloc(2, avoid={7, 5}) == [6, 4]
+    assert pool.alloc(1) == [7]  # the skipped page, still where it was
+    assert pool.alloc(6, avoid={5}) is None  # 5 free pages outside {5}: nothing taken
+    assert pool.num_free == 5 and pool.is_free(5)
+    assert pool.alloc(5, avoid={99, 0}) is None
+    assert pool.alloc(4, avoid={5, 99}) == [3, 2, 1, 0]
+    assert pool.alloc(1, avoid={5}) is None and pool.alloc(1) == [5]
+
+
+def test_on_free_hears_every_batch_taken_back() -> None:
+    pool = PagePool(4)
+    heard: list[list[int]] = []
+    pool.on_free = heard.append
+    pages = pool.alloc(3)
+    assert pages is not None
+    pool.free(pages[:2])
+    pool.free([])
+    with pytest.raises(ValueError, match="double free"):
+        pool.free([pages[0]])
+    assert heard == [pages[:2]]  # nothing for an empty batch or a refused one
