@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from bench.moe_kernel import time_graph
 from engine.kernels import pdl
 
 # Scratch slots: the tile counter, the programs done, then each product's finished tiles.
@@ -267,27 +267,6 @@ def reference(chain: Chain, x0: torch.Tensor) -> torch.Tensor:
     for p in range(len(chain.shapes)):
         x = chain.weight(p).float() @ x
     return x
-
-
-def time_graph(fn: Callable[[], object], reps: int) -> float:
-    """Median seconds of one replay of a CUDA graph of `fn`."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
