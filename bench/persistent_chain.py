@@ -46,11 +46,18 @@ _DONE: tl.constexpr = tl.constexpr(2)
 
 
 @triton.jit
-def _wait_for(counter, need):
+def _wait_for(counter, need, SPIN_NS: tl.constexpr):
     """Spin until the int32 at `counter` reaches `need`, reading past L1, then read it once
-    with acquire semantics: the writes released before each increment are visible after."""
+    with acquire semantics: the writes released before each increment are visible after.
+    SPIN_NS > 0: sleep that long between reads (`nanosleep`), so that hundreds of waiting
+    programs do not keep one L2 line busy under the other programs' weight streams."""
     seen = tl.load(counter, volatile=True)
     while seen < need:
+        if SPIN_NS > 0:
+            seen = tl.inline_asm_elementwise(
+                f"nanosleep.u32 {SPIN_NS}; mov.u32 $0, $1;", "=r,r", [seen], dtype=tl.int32,
+                is_pure=False, pack=1,
+            )  # fmt: skip
         seen = tl.load(counter, volatile=True)
     tl.atomic_add(counter, 0, sem="acquire")
 
@@ -69,6 +76,7 @@ def _gemv_tile(
     BLOCK_K: tl.constexpr,
     PERSISTENT: tl.constexpr,
     PDL: tl.constexpr,
+    SPIN_NS: tl.constexpr = 0,
 ):
     """Rows `tile * BLOCK_N ...` of `y = w @ x` (w `[n, k]` contiguous): the first K step's
     weights are loaded before waiting for x, and each step loads the next one's before using
@@ -79,7 +87,7 @@ def _gemv_tile(
     w_ptrs = w + rows.to(tl.int64)[:, None] * k + ks[None, :]
     w_next = tl.load(w_ptrs, mask=row_ok[:, None] & (ks < k)[None, :], other=0.0)
     if PERSISTENT:
-        _wait_for(ready, need)
+        _wait_for(ready, need, SPIN_NS)
     else:
         pdl.start(PDL)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -117,6 +125,7 @@ def chain_kernel(
     SCRATCH_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPIN_NS: tl.constexpr,
 ):
     """The whole chain in one launch: programs take tiles from a counter in chain order; a
     tile waits for every tile of the product before its own (lower numbers: no deadlock)."""
@@ -135,7 +144,7 @@ def chain_kernel(
         y = bufs + ((p + 1) % 2) * width
         _gemv_tile(
             weights + offset, x, y, tl.load(item_tile + item), n, k,
-            scratch + _DONE + before, need, BLOCK_N, BLOCK_K, True, 0,
+            scratch + _DONE + before, need, BLOCK_N, BLOCK_K, True, 0, SPIN_NS,
         )  # fmt: skip
         tl.debug_barrier()  # every thread's stores before the release
         tl.atomic_add(scratch + _DONE + p, 1, sem="release")
@@ -228,9 +237,10 @@ class Persistent:
     tables: dict[str, torch.Tensor]
     scratch: torch.Tensor
     num_items: int
+    spin_ns: int = 0  # sleep between a waiting program's reads (0: none; the GPU only)
 
     @staticmethod
-    def build(chain: Chain, programs: int) -> Persistent:
+    def build(chain: Chain, programs: int, spin_ns: int = 0) -> Persistent:
         device = chain.bufs.device
         tiles = [triton.cdiv(n, chain.block_n) for n, _ in chain.shapes]
         item_product = [p for p, t in enumerate(tiles) for _ in range(t)]
@@ -249,7 +259,7 @@ class Persistent:
         }
         scratch_size = triton.next_power_of_2(int(_DONE) + len(tiles))
         scratch = torch.zeros(scratch_size, dtype=torch.int32, device=device)
-        return Persistent(chain, programs, tables, scratch, len(item_product))
+        return Persistent(chain, programs, tables, scratch, len(item_product), spin_ns)
 
     def run(self) -> None:
         c, t = self.chain, self.tables
@@ -257,7 +267,7 @@ class Persistent:
             c.weights, c.bufs, c.bufs.shape[1], t["w_offsets"], t["ns"], t["ks"], t["tiles"],
             t["item_product"], t["item_tile"], self.scratch, self.num_items,
             SCRATCH_BLOCK=self.scratch.numel(), BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-            num_warps=4,
+            SPIN_NS=self.spin_ns, num_warps=4,
         )  # fmt: skip
 
 
@@ -285,6 +295,9 @@ def main() -> None:
     p.add_argument("--block-n", type=int, default=8)
     p.add_argument("--block-k", type=int, default=512)
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument(
+        "--spin-ns", type=int, default=200, help="also time waits that sleep this long (0: no)"
+    )
     args = p.parse_args()
     if not torch.cuda.is_available():
         p.error("needs a CUDA device (tests/bench/test_persistent_chain.py runs it on the CPU)")
@@ -331,8 +344,10 @@ def main() -> None:
         row("one launch each, PDL", lambda: run_launches(chain, pdl_mode=1))
     row("cuBLAS, one each", lambda: cublas_chain(chain))
     for per_sm in (int(v) for v in args.programs_per_sm.split(",")):
-        persistent = Persistent.build(chain, per_sm * sms)
-        row(f"persistent, {per_sm} a SM", persistent.run)
+        for spin_ns in (0, args.spin_ns) if args.spin_ns else (0,):
+            persistent = Persistent.build(chain, per_sm * sms, spin_ns)
+            sleep = f", {spin_ns} ns sleeps" if spin_ns else ""
+            row(f"persistent, {per_sm} a SM{sleep}", persistent.run)
 
 
 def cublas_chain(chain: Chain) -> None:
