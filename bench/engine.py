@@ -9,9 +9,13 @@ request are timed two ways: one by one (the device synchronised before each cloc
 host's launch of each step is exposed: "step ms"), and back to back as a server runs them (the
 host prepares the next step while the device runs this one, the clock stopping when the host
 holds the last step's tokens: "back to back ms", pdserve only). Requests are greedy unless
-`--temperature` is given (then sampled, with `--top-p`). Prefill `BxL`: B
-distinct prompts of L tokens, one output token each, timed from the first step until all
-finish.
+`--temperature` is given (then sampled, with `--top-p`), and unconstrained unless `--regex`
+is given: then every request is constrained by it (structured output: the host fills each
+step's grammar mask; with overlapped scheduling while the device runs the step's forward
+pass), pdserve only, and a `--preset` gets a synthetic tokenizer of its vocabulary's size
+(`bench.grammar.synthetic_tokenizer`). The default pattern cannot end within the timed steps.
+Prefill `BxL`: B distinct prompts of L tokens, one output token each, timed from the first step
+until all finish.
 
 The floor of a decode step is the bytes it must read (the weights it touches, plus the KV of
 every running token) over the device-to-device copy bandwidth measured in the same run; the
@@ -40,12 +44,13 @@ import transformers
 from torch import nn
 
 from bench.ceiling import copy_bandwidth, matmul_rate
+from bench.grammar import write_synthetic_tokenizer
 from bench.moe_shapes import PRESETS as MOE_PRESETS
 from engine.config import EngineConfig
 from engine.device import Device
 from engine.engine import Engine, StepOutput
 from engine.models import CausalLM
-from engine.sampling import SamplingParams
+from engine.sampling import Constraint, SamplingParams
 
 LLAMA3_8B: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],
@@ -234,19 +239,24 @@ def model_cost(engine: Engine) -> ModelCost:
 # -- pdserve ----------------------------------------------------------------------------------
 
 
-# The decode runs' sampling (--temperature, --top-p): greedy unless set.
-SAMPLING = {"temperature": 0.0, "top_p": 1.0}
+# The decode runs' sampling (--temperature, --top-p): greedy unless set; --regex: the constraint.
+SAMPLING: dict[str, Any] = {"temperature": 0.0, "top_p": 1.0, "regex": None}
+# A constraint no request can finish within the timed steps (tokens of at most a few dozen
+# characters, so 2,000 of them are far past any --decode-steps run's reach).
+LONG_REGEX = "[a-z]{2000}"
 
 
 def submit(engine: Engine, prompts: torch.Tensor, max_new_tokens: int) -> set[str]:
     """Requests for `prompts` (greedy, or as `SAMPLING` says) on an empty prefix cache; their
     ids."""
     engine.flush_cache()  # every measurement starts from an empty prefix cache
+    regex = SAMPLING["regex"]
     params = SamplingParams(
         temperature=SAMPLING["temperature"],
         top_p=SAMPLING["top_p"],
         max_new_tokens=max_new_tokens,
         ignore_eos=True,
+        constraint=Constraint("regex", regex) if regex else None,
     )
     return {engine.add_request(row, params) for row in prompts.tolist()}
 
@@ -595,10 +605,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="pdserve's decode requests sample at this temperature (default 0: greedy)",
     )
     p.add_argument("--top-p", type=float, default=1.0, help="with --temperature")
+    p.add_argument(
+        "--regex",
+        nargs="?",
+        const=LONG_REGEX,
+        help=f"constrain every request by this pattern (no value: {LONG_REGEX!r}); pdserve only",
+    )
     args = p.parse_args(argv)
+    if args.regex and not args.skip_hf:
+        p.error("--regex needs --skip-hf: transformers' loop here is unconstrained")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         p.error("--temperature must be >= 0 and --top-p in (0, 1]")
-    SAMPLING.update(temperature=args.temperature, top_p=args.top_p)
+    SAMPLING.update(temperature=args.temperature, top_p=args.top_p, regex=args.regex)
     try:
         args.decode = [Shape.parse(t) for t in args.decode.split(",") if t.strip()]
         args.prefill = [Shape.parse(t) for t in args.prefill.split(",") if t.strip()]
@@ -637,6 +655,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.preset:
             path = str(write_preset(args.preset, Path(tmp), args.preset_layers))
             load_format, model_name = "dummy", args.preset
+            if args.regex:
+                vocab_size = int(PRESETS[args.preset]["vocab_size"])
+                write_synthetic_tokenizer(Path(tmp), vocab_size)
             if args.preset_layers is not None:
                 model_name += f" cut to {args.preset_layers} layers"
         else:
@@ -683,9 +704,12 @@ def main(argv: list[str] | None = None) -> None:
         "transformers": transformers.__version__,
         "decode_steps": args.decode_steps,
         "repeats": args.repeats,
-        "sampling": "greedy"
-        if not SAMPLING["temperature"]
-        else f"temperature {SAMPLING['temperature']}, top-p {SAMPLING['top_p']}",
+        "sampling": (
+            "greedy"
+            if not SAMPLING["temperature"]
+            else f"temperature {SAMPLING['temperature']}, top-p {SAMPLING['top_p']}"
+        )
+        + (f", constrained by regex {SAMPLING['regex']!r}" if SAMPLING["regex"] else ""),
     }
     print(" | ".join(f"{k}: {v}" for k, v in header.items()) + "\n")
     if ours.decode:

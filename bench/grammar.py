@@ -73,6 +73,15 @@ def synthetic_tokenizer(vocab_size: int, seed: int = 0) -> Tokenizer:
     return Tokenizer(backend, special_tokens={"eos_token": "<|eos|>"})
 
 
+def write_synthetic_tokenizer(out_dir: Path, vocab_size: int) -> None:
+    """`synthetic_tokenizer(vocab_size)` as a checkpoint's `tokenizer.json` and
+    `tokenizer_config.json` (EOS `<|eos|>`), for a model directory with dummy weights."""
+    tokenizer = synthetic_tokenizer(vocab_size)
+    (out_dir / "tokenizer.json").write_text(tokenizer.backend_json(), encoding="utf-8")
+    config = {"eos_token": "<|eos|>", "tokenizer_class": "PreTrainedTokenizerFast"}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+
+
 def timed(fn: Callable[[int], object], steps: int, warmup: int, cuda: bool = False) -> float:
     """Mean milliseconds of `fn(call_number)` over `steps` calls after `warmup`."""
     for i in range(warmup):

@@ -56,6 +56,7 @@
 #   run(command="bash bench/gpu/session.sh b2", carry=[".whl"])  # MLA W_UK with the latent side
 #   run(command="bash bench/gpu/session.sh b3", carry=[".whl"])  # a persistent GEMV chain
 #   run(command="bash bench/gpu/session.sh b4", carry=[".whl"])  # skinny GEMM, 128-256 rows
+#   run(command="bash bench/gpu/session.sh b5", carry=[".whl"])  # constrained decode, overlap
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -831,5 +832,16 @@ b4)
     --shapes moonlight_qkv_a,moonlight_o,qwen3_qkv,qwen3_o,qkv,o --tiles wide 2>&1 \
     | grep -E "^\| [a-z0-9_]+ \| [0-9]+ x [0-9]+ \| [0-9]+ \| (torch|.*<)"'
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4"; exit 2 ;;
+b5)
+  # Constrained decoding's step (every request under one regex that cannot end in the run;
+  # a synthetic tokenizer of the preset's 128k vocabulary) with overlapped scheduling, which
+  # constrained batches take since the sixteenth session (the mask filled while the forward
+  # pass runs), and without it, as they ran before (about 150 s).
+  for overlap in on off; do
+    flag=""; [ "$overlap" = off ] && flag="--disable-overlap-schedule"
+    TAIL=4 step "constrained_$overlap" 75 python3 -m bench.engine --preset llama3-8b \
+      --skip-hf --prefill '' --decode 1x128,64x128 --repeats 2 --regex $flag
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5"; exit 2 ;;
 esac

@@ -58,6 +58,47 @@ def test_engine_bench_decodes_sampled_requests(
         bench.parse_args(["--preset", "llama3-8b", "--decode", "1x8", "--top-p", "0"])
 
 
+def test_engine_bench_decodes_constrained_requests(
+    tiny_models: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`--regex`: every request constrained (the tiny model's own tokenizer here; a preset
+    gets a synthetic one), each decode step masked, every timed step's tokens matching it."""
+    from engine.engine import Engine
+
+    tokens: list[int] = []
+    step = Engine.step
+
+    def recorded(self: Engine, *args: object, **kwargs: object) -> object:
+        outs = step(self, *args, **kwargs)  # type: ignore[arg-type]
+        tokens.extend(o.token_id for o in outs)
+        return outs
+
+    monkeypatch.setattr(Engine, "step", recorded)
+    bench.main(["--model-path", str(tiny_models["llama"]), "--decode", "2x8", "--prefill", "",
+                "--decode-steps", "3", "--repeats", "1", "--skip-hf",
+                "--regex", "[ab]{50}"])  # fmt: skip
+    text = capsys.readouterr().out
+    assert "sampling: greedy, constrained by regex '[ab]{50}'" in text
+    assert "| 2x8 |" in text
+    from engine.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_pretrained(tiny_models["llama"])
+    assert tokens and all(set(tokenizer.decode([t])) <= {"a", "b"} for t in tokens)
+    with pytest.raises(SystemExit):  # transformers' loop is not constrained
+        bench.parse_args(["--preset", "llama3-8b", "--decode", "1x8", "--regex"])
+
+
+def test_synthetic_tokenizer_files_load_as_a_checkpoints(tmp_path: Path) -> None:
+    from bench.grammar import write_synthetic_tokenizer
+    from engine.tokenizer import Tokenizer
+
+    write_synthetic_tokenizer(tmp_path, 1000)
+    tokenizer = Tokenizer.from_pretrained(tmp_path)
+    assert len(tokenizer.vocab()) == 1000 and tokenizer.eos_token_ids
+
+
 def test_shapes_and_costs() -> None:
     assert bench.Shape.parse("64x2048") == bench.Shape(64, 2048)
     with pytest.raises(ValueError):
