@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels import pdl
+from engine.kernels.attention import dot_precision
 from engine.kernels.moe_routing import ROUTE_GROUPED, ROUTE_NONE, ROUTE_SOFTMAX, route_rows
 
 
@@ -404,7 +405,7 @@ def _launch(
         BLOCK_N=tiles.gate_up_n,
         BLOCK_K=tiles.gate_up_k,
         DOT=tiles.gate_up_dot,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        PRECISION=dot_precision(x),
         num_warps=tiles.num_warps,
         num_stages=tiles.gate_up_stages if tiles.gate_up_dot else 3,
         **pdl.launch_args(x),
