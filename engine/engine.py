@@ -174,10 +174,13 @@ class Engine:
                 self._unsettled[page] = self._launches
 
     def _unsettled_pages(self) -> set[int]:
-        """Free pages a forward pass not known done may still write (dropping the rest)."""
+        """Free pages a forward pass not known done may still write."""
+        self._drop_settled()
+        return set(self._unsettled)
+
+    def _drop_settled(self) -> None:
         if self._unsettled:
             self._unsettled = {p: g for p, g in self._unsettled.items() if g > self._synced}
-        return set(self._unsettled)
 
     def _wait_for_launched(self) -> None:
         if self._launched is not None:
@@ -372,8 +375,7 @@ class Engine:
     def _apply(self, launched: _Launched) -> list[StepOutput]:
         result = launched.sample.result()
         self._synced = max(self._synced, launched.gen)  # it and every pass before it are done
-        if self._unsettled:
-            self._unsettled_pages()  # drop what that settled
+        self._drop_settled()
         return [self._output(s) for s in self.scheduler.postprocess(launched.batch, result)]
 
     def _output(self, seq: Sequence) -> StepOutput:
