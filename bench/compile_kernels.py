@@ -562,7 +562,45 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
     )  # fmt: skip
     add_split_sampling(add)
     add_skinny_gemm(add, all_configs)
+    add_persistent_layer(add)
     return out
+
+
+def add_persistent_layer(add: Callable[..., None]) -> None:
+    """bench.persistent_layer's kernel (an experiment, not an engine path yet) at Qwen3-30B-A3B's
+    and Llama-3-8B's attention, one split and several, with its launch's stages (one)."""
+    from bench import persistent_layer
+
+    bf16 = ("x_ptr", "res_ptr", "norm_w", "h_ptr", "qkv_w", "qkv_ptr", "q_rot_ptr", "k_cache",
+            "v_cache", "attn_ptr", "q_norm_ptr", "k_norm_ptr", "o_w", "out_ptr")  # fmt: skip
+    pointers = {x: "*bf16" for x in bf16} | {
+        "table_ptr": "*i32", "rows_ptr": "*i32", "seq_lens_ptr": "*i32", "part_o": "*fp32",
+        "part_lse": "*fp32", "pos_ptr": "*i64", "slots_ptr": "*i64", "cos_ptr": "*fp32",
+        "sin_ptr": "*fp32", "scratch": "*i32",
+    }  # fmt: skip
+    # What a launch's multiples of 16 specialise (pointers, the hidden sizes, the strides).
+    divisible = (*pointers, "hidden", "n_qkv", "stride_ks", "stride_kh", "stride_vs",
+                 "stride_vh", "stride_table", "stride_ob", "stride_oh", "stride_os",
+                 "stride_lb", "stride_lh", "stride_rope")  # fmt: skip
+    for name, hidden, heads, kv_heads, qk_norm in (
+        ("qwen3-30b-a3b", 2048, 32, 4, True),
+        ("llama3-8b", 4096, 32, 8, False),
+    ):
+        for direct in (True, False):
+            add(
+                f"persistent attention half {name}{' one split' if direct else ''}",
+                persistent_layer.attention_half_kernel,
+                pointers,
+                {"HQ": heads, "HKV": kv_heads, "GROUP_PAD": 16, "DK": 128, "DV": 128,
+                 "BLOCK_DK": 128, "BLOCK_DV": 128, "BLOCK_HALF": 64, "PAGE_SIZE": 64,
+                 "SPLIT_BLOCK_N": attention.DECODE_BLOCK_N, "NORM_BLOCK": hidden, "BLOCK_N": 8,
+                 "BLOCK_K": 512, "PRECISION": "tf32", "INTERLEAVED": False, "QK_NORM": qk_norm,
+                 "DIRECT": direct, "SPIN_NS": 0},
+                floats=("eps", "scale", "qk_eps"),
+                divisible=divisible,
+                num_warps=4,
+                num_stages=persistent_layer.Persistent.num_stages,
+            )  # fmt: skip
 
 
 def add_split_sampling(add: Callable[..., None]) -> None:

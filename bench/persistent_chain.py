@@ -86,10 +86,9 @@ def _gemv_tile(
     ks = tl.arange(0, BLOCK_K)
     w_ptrs = w + rows.to(tl.int64)[:, None] * k + ks[None, :]
     w_next = tl.load(w_ptrs, mask=row_ok[:, None] & (ks < k)[None, :], other=0.0)
+    pdl.start(PDL)  # the launch before (a persistent kernel's too, in bench.persistent_layer)
     if PERSISTENT:
         _wait_for(ready, need, SPIN_NS)
-    else:
-        pdl.start(PDL)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, k, BLOCK_K):
         w_cur = w_next

@@ -54,7 +54,7 @@
 #   run(command="bash bench/gpu/session.sh Z", carry=[".whl"])   # RoPE folded into decode attention
 #   run(command="bash bench/gpu/session.sh b1", carry=[".whl"])  # batch 1: MLA profile, one range
 #   run(command="bash bench/gpu/session.sh b2", carry=[".whl"])  # MLA W_UK with the latent side
-#   run(command="bash bench/gpu/session.sh b3", carry=[".whl"])  # a persistent GEMV chain
+#   run(command="bash bench/gpu/session.sh b3", carry=[".whl"])  # persistent chain, layer
 #   run(command="bash bench/gpu/session.sh b4", carry=[".whl"])  # skinny GEMM, 128-256 rows
 #   run(command="bash bench/gpu/session.sh b5", carry=[".whl"])  # constrained decode, overlap
 set -uo pipefail
@@ -821,6 +821,14 @@ b3)
   TAIL=12 step persistent_chain 50 python3 -m bench.persistent_chain
   TAIL=12 step persistent_chain_small 40 python3 -m bench.persistent_chain \
     --shapes 1536x2048,2048x1536 --layers 96
+  # Then the real thing's first half (bench/persistent_layer.py): a layer's attention half
+  # (norm, QKV, RoPE with the KV write, the decode splits, their combine, O) as the engine's
+  # launches and as one persistent launch a layer, Qwen3-30B-A3B at 128 and 2,048 tokens of
+  # context, Llama-3-8B at 128; the error column against float32 (about 120 s).
+  TAIL=16 step persistent_layer 90 python3 -m bench.persistent_layer --context 128,2048 \
+    --programs-per-sm 1,2,3 --stages 1,3
+  TAIL=8 step persistent_layer_llama 60 python3 -m bench.persistent_layer --preset llama3-8b \
+    --layers 32 --programs-per-sm 1,2,3
   ;;
 b4)
   # The skinny GEMM at 128 and 256 rows with row blocks past 64 (skinny_gemm.WIDE_TILES: W read

@@ -156,6 +156,83 @@ def _decode_split_kernel(
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     num_splits,
+    rope_q_ptr,
+    rope_k_ptr,
+    rope_v_ptr,
+    pos_ptr,
+    slots_ptr,
+    cos_ptr,
+    sin_ptr,
+    q_norm_ptr,
+    k_norm_ptr,
+    eps,
+    stride_rqb,
+    stride_rqh,
+    stride_rkb,
+    stride_rkh,
+    stride_rvb,
+    stride_rvh,
+    stride_rope,
+    PRECISION: tl.constexpr,
+    DIRECT: tl.constexpr,
+    ROPE: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    NORM: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    pdl.start(PDL)
+    decode_split_program(
+        tl.program_id(0), tl.program_id(1), tl.program_id(2),
+        q_ptr, k_ptr, v_ptr, table_ptr, rows_ptr, seq_lens_ptr, part_o_ptr, part_lse_ptr, out_ptr,
+        scale, stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_table,
+        stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh, GROUP,
+        GROUP_PAD, DK, DV, BLOCK_DK, BLOCK_DV, PAGE_SIZE, BLOCK_N, num_splits, rope_q_ptr,
+        rope_k_ptr, rope_v_ptr, pos_ptr, slots_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, eps,
+        stride_rqb, stride_rqh, stride_rkb, stride_rkh, stride_rvb, stride_rvh, stride_rope,
+        PRECISION, DIRECT, ROPE, HALF, BLOCK_HALF, INTERLEAVED, NORM,
+    )  # fmt: skip
+
+
+@triton.jit
+def decode_split_program(
+    b,
+    kvh,
+    split,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    table_ptr,
+    rows_ptr,
+    seq_lens_ptr,
+    part_o_ptr,
+    part_lse_ptr,
+    out_ptr,
+    scale,
+    stride_qb,
+    stride_qh,
+    stride_ks,
+    stride_kh,
+    stride_vs,
+    stride_vh,
+    stride_table,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_lb,
+    stride_lh,
+    stride_outb,
+    stride_outh,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    num_splits,
     rope_q_ptr,  # ROPE: the new tokens' q [B, Hq, DK] before RoPE (any strides but the last)
     rope_k_ptr,  # ROPE: their k [B, Hkv, DK] before RoPE
     rope_v_ptr,  # ROPE: their v [B, Hkv, DV]
@@ -180,13 +257,10 @@ def _decode_split_kernel(
     BLOCK_HALF: tl.constexpr,
     INTERLEAVED: tl.constexpr,
     NORM: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    pdl.start(PDL)
+    """Program `(b, kvh, split)` of `decode_attention`'s split launch (also run by the
+    persistent decode layer's items in bench.persistent_layer)."""
     # DIRECT (one split): the output itself, normalised, instead of a partial to combine.
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
     row = tl.load(rows_ptr + b).to(tl.int64)
     split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
@@ -294,8 +368,21 @@ def _decode_combine_kernel(
     PDL: tl.constexpr,
 ):
     pdl.start(PDL)
-    b = tl.program_id(0)
-    h = tl.program_id(1)
+    decode_combine_program(
+        tl.program_id(0), tl.program_id(1), part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr,
+        stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
+        DV, BLOCK_DV, BLOCK_N, num_splits,
+    )  # fmt: skip
+
+
+@triton.jit
+def decode_combine_program(
+    b, h, part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, stride_ob, stride_oh, stride_os,
+    stride_lb, stride_lh, stride_outb, stride_outh, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, num_splits,
+):  # fmt: skip
+    """Program `(b, h)` of `decode_attention`'s combine launch: head h of sequence b's output
+    from its splits' partials."""
     seq_len = tl.load(seq_lens_ptr + b)
     split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     dv = tl.arange(0, BLOCK_DV)

@@ -61,7 +61,20 @@ def _rms_norm_kernel(
     PDL: tl.constexpr,
 ):
     pdl.start(PDL)
-    row = tl.program_id(0).to(tl.int64)
+    rms_norm_row(
+        tl.program_id(0), x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, n, eps,
+        stride_xs, pw_ptr, ids_ptr, num_experts, HAS_RESIDUAL, PENDING, HAS_PW, HAS_IDS, BLOCK,
+    )  # fmt: skip
+
+
+@triton.jit
+def rms_norm_row(
+    row, x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, n, eps, stride_xs,
+    pw_ptr, ids_ptr, num_experts, HAS_RESIDUAL: tl.constexpr, PENDING: tl.constexpr,
+    HAS_PW: tl.constexpr, HAS_IDS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Program `row` of `rms_norm`'s launch (also an item of bench.persistent_layer's)."""
+    row = row.to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
     x = _row_in(
