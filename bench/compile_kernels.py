@@ -42,6 +42,7 @@ from engine.kernels import (
     mla_decode,
     mla_extend,
     moe_routing,
+    persistent_layer,
     sampling,
     sampling_split,
     skinny_gemm,
@@ -567,39 +568,51 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
 
 
 def add_persistent_layer(add: Callable[..., None]) -> None:
-    """bench.persistent_layer's kernel (an experiment, not an engine path yet) at Qwen3-30B-A3B's
-    and Llama-3-8B's attention, one split and several, with its launch's stages (one)."""
-    from bench import persistent_layer
+    """The persistent decode layer (`persistent_layer`, off by default) at Qwen3-30B-A3B's and
+    Llama-3-8B's attention, one split and several, and Qwen3-30B-A3B's whole layer, with its
+    launch's stages and tiles."""
+    from engine.kernels.fused_moe_small import down_block_k
 
     bf16 = ("x_ptr", "res_ptr", "norm_w", "h_ptr", "qkv_w", "qkv_ptr", "q_rot_ptr", "k_cache",
-            "v_cache", "attn_ptr", "q_norm_ptr", "k_norm_ptr", "o_w", "out_ptr")  # fmt: skip
+            "v_cache", "attn_ptr", "q_norm_ptr", "k_norm_ptr", "o_w", "out_ptr", "post_norm_w",
+            "res_out_ptr", "h2_ptr", "gate_w", "logits_ptr", "w13", "w2", "act_ptr", "topk_w",
+            "moe_out_ptr")  # fmt: skip
     pointers = {x: "*bf16" for x in bf16} | {
         "table_ptr": "*i32", "rows_ptr": "*i32", "seq_lens_ptr": "*i32", "part_o": "*fp32",
         "part_lse": "*fp32", "pos_ptr": "*i64", "slots_ptr": "*i64", "cos_ptr": "*fp32",
-        "sin_ptr": "*fp32", "scratch": "*i32",
+        "sin_ptr": "*fp32", "topk_ids": "*i64", "scratch": "*i32",
     }  # fmt: skip
-    # What a launch's multiples of 16 specialise (pointers, the hidden sizes, the strides).
+    # What a launch's multiples of 16 specialise (pointers, the sizes, the strides).
     divisible = (*pointers, "hidden", "n_qkv", "stride_ks", "stride_kh", "stride_vs",
                  "stride_vh", "stride_table", "stride_ob", "stride_oh", "stride_os",
-                 "stride_lb", "stride_lh", "stride_rope")  # fmt: skip
-    for name, hidden, heads, kv_heads, qk_norm in (
-        ("qwen3-30b-a3b", 2048, 32, 4, True),
-        ("llama3-8b", 4096, 32, 8, False),
+                 "stride_lb", "stride_lh", "stride_rope", "num_experts", "inter",
+                 "stride_we13", "stride_wn13", "stride_we2", "stride_wn2")  # fmt: skip
+    tiles = persistent_layer.MOE_TILES
+    for name, hidden, heads, kv_heads, qk_norm, moe in (
+        ("qwen3-30b-a3b", 2048, 32, 4, True, False),
+        ("llama3-8b", 4096, 32, 8, False, False),
+        ("qwen3-30b-a3b", 2048, 32, 4, True, True),
     ):
         for direct in (True, False):
+            what = "whole layer" if moe else "attention half"
             add(
-                f"persistent attention half {name}{' one split' if direct else ''}",
-                persistent_layer.attention_half_kernel,
+                f"persistent {what} {name}{' one split' if direct else ''}",
+                persistent_layer.decode_layer_kernel,
                 pointers,
                 {"HQ": heads, "HKV": kv_heads, "GROUP_PAD": 16, "DK": 128, "DV": 128,
                  "BLOCK_DK": 128, "BLOCK_DV": 128, "BLOCK_HALF": 64, "PAGE_SIZE": 64,
-                 "SPLIT_BLOCK_N": attention.DECODE_BLOCK_N, "NORM_BLOCK": hidden, "BLOCK_N": 8,
-                 "BLOCK_K": 512, "PRECISION": "tf32", "INTERLEAVED": False, "QK_NORM": qk_norm,
-                 "DIRECT": direct, "SPIN_NS": 0},
+                 "SPLIT_BLOCK_N": attention.DECODE_BLOCK_N, "NORM_BLOCK": hidden,
+                 "BLOCK_N": persistent_layer.BLOCK_N, "BLOCK_K": persistent_layer.BLOCK_K,
+                 "PRECISION": "tf32", "INTERLEAVED": False, "QK_NORM": qk_norm,
+                 "DIRECT": direct, "MOE": moe, "GATE_BLOCK": fused.GATE_BLOCK_E, "TOP_K": 8,
+                 "K_POW2": 8, "E_POW2": 128, "ROUTE": moe_routing.ROUTE_SOFTMAX,
+                 "RENORMALIZE": True, "UP_BLOCK_N": tiles.gate_up_n,
+                 "UP_BLOCK_K": tiles.gate_up_k, "DOWN_BLOCK_N": tiles.down_n,
+                 "DOWN_BLOCK_K": down_block_k(tiles, 8), "SPIN_NS": 0},
                 floats=("eps", "scale", "qk_eps"),
                 divisible=divisible,
-                num_warps=4,
-                num_stages=persistent_layer.Persistent.num_stages,
+                num_warps=persistent_layer.WARPS,
+                num_stages=persistent_layer.NUM_STAGES,
             )  # fmt: skip
 
 

@@ -38,68 +38,7 @@ import triton.language as tl
 
 from bench.moe_kernel import time_graph
 from engine.kernels import pdl
-
-# Scratch slots: the tile counter, the programs done, then each product's finished tiles.
-_TICKET: tl.constexpr = tl.constexpr(0)
-_FINISHED: tl.constexpr = tl.constexpr(1)
-_DONE: tl.constexpr = tl.constexpr(2)
-
-
-@triton.jit
-def _wait_for(counter, need, SPIN_NS: tl.constexpr):
-    """Spin until the int32 at `counter` reaches `need`, reading past L1, then read it once
-    with acquire semantics: the writes released before each increment are visible after.
-    SPIN_NS > 0: sleep that long between reads (`nanosleep`), so that hundreds of waiting
-    programs do not keep one L2 line busy under the other programs' weight streams."""
-    seen = tl.load(counter, volatile=True)
-    while seen < need:
-        if SPIN_NS > 0:
-            seen = tl.inline_asm_elementwise(
-                f"nanosleep.u32 {SPIN_NS}; mov.u32 $0, $1;", "=r,r", [seen], dtype=tl.int32,
-                is_pure=False, pack=1,
-            )  # fmt: skip
-        seen = tl.load(counter, volatile=True)
-    tl.atomic_add(counter, 0, sem="acquire")
-
-
-@triton.jit
-def _gemv_tile(
-    w,
-    x,
-    y,
-    tile,
-    n,
-    k,
-    ready,  # PERSISTENT: the counter of finished tiles of the product x comes from
-    need,  # PERSISTENT: that product's tile count (0: x is the chain's input)
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    PERSISTENT: tl.constexpr,
-    PDL: tl.constexpr,
-    SPIN_NS: tl.constexpr = 0,
-):
-    """Rows `tile * BLOCK_N ...` of `y = w @ x` (w `[n, k]` contiguous): the first K step's
-    weights are loaded before waiting for x, and each step loads the next one's before using
-    its own (two steps in flight); float32 sums, rounded once to y's dtype."""
-    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n
-    ks = tl.arange(0, BLOCK_K)
-    w_ptrs = w + rows.to(tl.int64)[:, None] * k + ks[None, :]
-    w_next = tl.load(w_ptrs, mask=row_ok[:, None] & (ks < k)[None, :], other=0.0)
-    pdl.start(PDL)  # the launch before (a persistent kernel's too, in bench.persistent_layer)
-    if PERSISTENT:
-        _wait_for(ready, need, SPIN_NS)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, k, BLOCK_K):
-        w_cur = w_next
-        following = k0 + BLOCK_K + ks
-        w_next = tl.load(
-            w_ptrs + k0 + BLOCK_K, mask=row_ok[:, None] & (following < k)[None, :], other=0.0
-        )
-        # Past L1: in the persistent kernel x was written by other SMs in this launch.
-        x_k = tl.load(x + k0 + ks, mask=k0 + ks < k, other=0.0, cache_modifier=".cg")
-        acc += w_cur.to(tl.float32) * x_k.to(tl.float32)[None, :]
-    tl.store(y + rows, tl.sum(acc, 1).to(y.dtype.element_ty), mask=row_ok)
+from engine.kernels.persistent_layer import _DONE, _FINISHED, _TICKET, _gemv_tile
 
 
 @triton.jit

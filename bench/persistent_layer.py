@@ -1,29 +1,37 @@
-"""The attention half of a decode layer at batch 1 in one persistent launch, against the
-engine's launches of the same work.
+"""A decode layer at batch 1 in one persistent launch, against the engine's launches of the
+same work.
 
-    python -m bench.persistent_layer                          # Qwen3-30B-A3B's shape, 48 layers
+    python -m bench.persistent_layer                          # Qwen3-30B-A3B, attention half
+    python -m bench.persistent_layer --moe --layers 16        # and its MoE half: whole layers
     python -m bench.persistent_layer --preset llama3-8b --context 128,2048 --programs-per-sm 1,2
 
-At batch 1 a Qwen3-30B-A3B layer's attention half is six launches (the input norm, QKV, RoPE
-with the KV write, the decode splits, their combine, O): about 27 µs a layer on the H200
-against about 9 µs of bytes (session U's profile in bench/NOTES.md), each launch paying its
-ramp and tail. Here the same work is one launch a layer: its programs take items from a
-counter in the layer's order (the norm; QKV's tiles; the decode splits, each rotating its
-group's queries and the last writing the new key and value, as `attention.DecodeRope` does;
-the combine of each head; O's tiles), and an item waits for the count of finished items of the
-phase before it, after loading the weights it can (a product's tile loads its first weights
-before it waits). Each item runs the code of the kernel it replaces (`fused.rms_norm_row`,
-`attention.decode_split_program` and `decode_combine_program`, `bench.persistent_chain`'s
-GEMV tile), so the launch gives the same bytes as those kernels launched one after another
-(`run_launches`; checked under the interpreter in tests/bench/test_persistent_layer.py).
+At batch 1 a Qwen3-30B-A3B layer is nine launches: the input norm, QKV, RoPE with the KV write,
+the decode splits, their combine, O (about 27 µs on the H200 against about 9 µs of bytes,
+session U's profile in bench/NOTES.md), then the norm with the router's logits, the experts'
+gate-up with the routing in it, and their down projections with the combine (about 31 µs
+against about 18). Each launch pays its ramp and tail. Here the same work is one launch a
+layer: its programs take items from a counter in the layer's order (the norm; QKV's tiles; the
+decode splits, each rotating its group's queries and the last writing the new key and value,
+as `attention.DecodeRope` does; the combine of each head; O's tiles; with `--moe`, the norm
+with the router's logits over blocks of experts; the gate-up blocks of each chosen expert,
+each routing its token again as `fused_moe_small`'s kernel does; the down blocks), and an item
+waits for the count of finished items of the phase before it, after loading the weights it can
+(a dense product's tile loads its first weights before it waits; an expert's weights wait for
+the routing). Each item runs the code of the kernel it replaces (`fused.rms_norm_row`,
+`attention.decode_split_program` and `decode_combine_program`, `fused.rms_norm_gate_program`,
+`fused_moe_small.small_gate_up_program` and `small_down_combine_program`,
+`bench.persistent_chain`'s GEMV tile), so the launch gives the same bytes as those kernels
+launched one after another with the same warps (`run_launches`; checked under the interpreter
+in tests/bench/test_persistent_layer.py, and by the table's output column on the GPU).
 
 The benchmark times, over `--layers` layers each with its own weights and KV cache (from
 memory, not the L2) in a CUDA graph: the engine's launches (`fused.rms_norm`, QKV and O on the
-GEMM backend `auto` picks on Hopper, `fused.rope_store_kv`, `attention.decode_attention`), the
-same launches with this module's GEMV tiles, and the persistent launch at several programs an
-SM; against the floor of the layers' weights and KV bytes at the copy bandwidth measured in the
-same run. A persistent layer near the floor where the launches are not is batch 1's way to
-1.5x (bench/NOTES.md); it is an experiment until then, not an engine path.
+GEMM backend `auto` picks on Hopper, `fused.rope_store_kv`, `attention.decode_attention`,
+`fused.rms_norm_gate`, `fused_moe.fused_moe_routed`), the same launches with this module's
+GEMV tiles, and the persistent launch at several programs an SM; against the floor of the
+bytes a step reads (the layers' weights, the chosen experts' and the KV) at the copy bandwidth
+measured in the same run. A persistent layer near the floor where the launches are not is
+batch 1's way to 1.5x (bench/NOTES.md); it is an experiment until then, not an engine path.
 """
 
 from __future__ import annotations
@@ -34,174 +42,19 @@ from dataclasses import dataclass
 
 import torch
 import triton
-import triton.language as tl
 
-from bench.persistent_chain import _DONE, _FINISHED, _TICKET, _gemv_tile, _wait_for, gemv_kernel
+from bench.persistent_chain import gemv_kernel
 from engine.kernels import pdl
-from engine.kernels.attention import (
-    DECODE_BLOCK_N,
-    LOG2E,
-    decode_combine_program,
-    decode_split_program,
-    dot_precision,
-)
-from engine.kernels.fused import rms_norm_row
+from engine.kernels import persistent_layer as kernel
+from engine.kernels.attention import DECODE_BLOCK_N
+from engine.kernels.fused_moe_small import SmallBatchTiles
 from engine.layers.pending import PendingSum
-
-# Phases of a layer, in order (OUT: O's tiles); each one's finished items count at `_DONE + phase`.
-NORM: tl.constexpr = tl.constexpr(0)
-QKV: tl.constexpr = tl.constexpr(1)
-SPLITS: tl.constexpr = tl.constexpr(2)
-COMBINE: tl.constexpr = tl.constexpr(3)
-OUT: tl.constexpr = tl.constexpr(4)
-# Counters a launch takes: _TICKET, _FINISHED, then the five phases' (a power of two).
-SCRATCH: tl.constexpr = tl.constexpr(8)
-
-
-@triton.jit
-def _release(counter):
-    """One more item of a phase done: every thread's stores before the count."""
-    tl.debug_barrier()
-    tl.atomic_add(counter, 1, sem="release")
-
-
-@triton.jit
-def attention_half_kernel(
-    x_ptr,  # [H]: the layer's input
-    res_ptr,  # [H]: the residual stream, += x in place
-    norm_w,
-    h_ptr,  # [H]: the normalised input
-    eps,
-    hidden,
-    qkv_w,  # [n_qkv, H]
-    qkv_ptr,  # [n_qkv]: q heads, then k heads, then v heads
-    n_qkv,
-    q_rot_ptr,  # [Hq, DK]: the rotated queries (each split writes its group's)
-    k_cache,
-    v_cache,
-    table_ptr,
-    rows_ptr,
-    seq_lens_ptr,
-    part_o,
-    part_lse,
-    attn_ptr,  # [Hq, DV]: the attention's output
-    scale,
-    stride_ks,
-    stride_kh,
-    stride_vs,
-    stride_vh,
-    stride_table,
-    stride_ob,
-    stride_oh,
-    stride_os,
-    stride_lb,
-    stride_lh,
-    pos_ptr,
-    slots_ptr,
-    cos_ptr,
-    sin_ptr,
-    q_norm_ptr,
-    k_norm_ptr,
-    qk_eps,
-    stride_rope,
-    num_splits,
-    o_w,  # [H, Hq * DV]
-    out_ptr,  # [H]
-    scratch,  # [SCRATCH] int32, zero at launch and left zero
-    HQ: tl.constexpr,
-    HKV: tl.constexpr,
-    GROUP_PAD: tl.constexpr,  # the splits' query rows: a power of two, 16 or more
-    DK: tl.constexpr,
-    DV: tl.constexpr,
-    BLOCK_DK: tl.constexpr,  # powers of two >= DK, DV, DK // 2
-    BLOCK_DV: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
-    SPLIT_BLOCK_N: tl.constexpr,
-    NORM_BLOCK: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
-    INTERLEAVED: tl.constexpr,
-    QK_NORM: tl.constexpr,
-    DIRECT: tl.constexpr,  # one split: the splits write the output, no combine items
-    SPIN_NS: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    """One layer's attention half at batch 1, items taken in order (a lower number never
-    waits for a higher one: no deadlock, whatever is resident)."""
-    qkv_tiles = tl.cdiv(n_qkv, BLOCK_N)
-    o_tiles = tl.cdiv(hidden, BLOCK_N)
-    split_items = HKV * num_splits
-    combine_items = 0 if DIRECT else HQ
-    end_qkv = 1 + qkv_tiles
-    end_splits = end_qkv + split_items
-    end_combine = end_splits + combine_items
-    num_items = end_combine + o_tiles
-    item = tl.atomic_add(scratch + _TICKET, 1)
-    while item < num_items:
-        following = tl.atomic_add(scratch + _TICKET, 1)  # in flight while this item runs
-        if item == 0:
-            pdl.start(PDL)
-            rms_norm_row(
-                item, x_ptr, res_ptr, norm_w, h_ptr, 0, 0, 0, hidden, eps, 0, x_ptr, x_ptr, 0,
-                True, 0, False, False, NORM_BLOCK,
-            )  # fmt: skip
-            _release(scratch + _DONE + NORM)
-        elif item < end_qkv:
-            _gemv_tile(
-                qkv_w, h_ptr, qkv_ptr, item - 1, n_qkv, hidden, scratch + _DONE + NORM, 1,
-                BLOCK_N, BLOCK_K, True, PDL, SPIN_NS,
-            )  # fmt: skip
-            _release(scratch + _DONE + QKV)
-        elif item < end_splits:
-            pdl.start(PDL)
-            _wait_for(scratch + _DONE + QKV, qkv_tiles, SPIN_NS)
-            kvh = (item - end_qkv) // num_splits
-            split = (item - end_qkv) % num_splits
-            decode_split_program(
-                0, kvh, split, q_rot_ptr, k_cache, v_cache, table_ptr, rows_ptr, seq_lens_ptr,
-                part_o, part_lse, attn_ptr, scale, HQ * DK, DK, stride_ks, stride_kh, stride_vs,
-                stride_vh, stride_table, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                HQ * DV, DV, HQ // HKV, GROUP_PAD, DK, DV, BLOCK_DK, BLOCK_DV, PAGE_SIZE,
-                SPLIT_BLOCK_N, num_splits,
-                qkv_ptr, qkv_ptr + HQ * DK, qkv_ptr + (HQ + HKV) * DK, pos_ptr, slots_ptr,
-                cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, qk_eps, n_qkv, DK, n_qkv, DK, n_qkv,
-                DV, stride_rope, PRECISION, DIRECT, True, DK // 2, BLOCK_HALF, INTERLEAVED,
-                QK_NORM,
-            )  # fmt: skip
-            _release(scratch + _DONE + SPLITS)
-        elif item < end_combine:
-            pdl.start(PDL)
-            _wait_for(scratch + _DONE + SPLITS, split_items, SPIN_NS)
-            decode_combine_program(
-                0, item - end_splits, part_o, part_lse, seq_lens_ptr, attn_ptr, stride_ob,
-                stride_oh, stride_os, stride_lb, stride_lh, HQ * DV, DV, DV, BLOCK_DV,
-                SPLIT_BLOCK_N, num_splits,
-            )  # fmt: skip
-            _release(scratch + _DONE + COMBINE)
-        else:
-            if DIRECT:
-                before = scratch + _DONE + SPLITS
-                need = split_items
-            else:
-                before = scratch + _DONE + COMBINE
-                need = combine_items
-            _gemv_tile(
-                o_w, attn_ptr, out_ptr, item - end_combine, hidden, HQ * DV, before, need,
-                BLOCK_N, BLOCK_K, True, PDL, SPIN_NS,
-            )  # fmt: skip
-            _release(scratch + _DONE + OUT)
-        item = following
-    finished = tl.atomic_add(scratch + _FINISHED, 1, sem="acq_rel")
-    if finished == tl.num_programs(0) - 1:
-        slots = tl.arange(0, SCRATCH)
-        tl.store(scratch + slots, tl.zeros([SCRATCH], dtype=tl.int32))
 
 
 @dataclass(frozen=True)
 class Shape:
-    """A layer's attention half: sizes, and whether q and k heads are RMS-normalised (Qwen3)."""
+    """A layer: sizes, whether q and k heads are RMS-normalised (Qwen3), and with `experts`
+    a MoE half of softmax top-k routing (Qwen3-MoE's; 0: the attention half alone)."""
 
     hidden: int
     heads: int
@@ -210,17 +63,23 @@ class Shape:
     qk_norm: bool
     eps: float = 1e-6
     rope_theta: float = 1e6
+    experts: int = 0
+    top_k: int = 0
+    inter: int = 0
+    renormalize: bool = True
 
     @property
     def n_qkv(self) -> int:
         return (self.heads + 2 * self.kv_heads) * self.head_dim
 
     @staticmethod
-    def of_preset(name: str) -> Shape:
+    def of_preset(name: str, moe: bool = False) -> Shape:
         from bench.engine import PRESETS
 
         c = PRESETS[name]
         heads = int(c["num_attention_heads"])
+        if moe and "num_experts" not in c:
+            raise SystemExit(f"--moe needs a softmax-routed MoE preset (qwen3-30b-a3b), not {name}")
         return Shape(
             hidden=int(c["hidden_size"]),
             heads=heads,
@@ -229,12 +88,17 @@ class Shape:
             qk_norm=str(c.get("model_type", "")).startswith("qwen3"),
             eps=float(c.get("rms_norm_eps", 1e-6)),
             rope_theta=float(c.get("rope_theta", 1e6)),
+            experts=int(c["num_experts"]) if moe else 0,
+            top_k=int(c["num_experts_per_tok"]) if moe else 0,
+            inter=int(c["moe_intermediate_size"]) if moe else 0,
+            renormalize=bool(c.get("norm_topk_prob", True)),
         )
 
 
 @dataclass
 class Layer:
-    """One layer's weights and KV cache (one sequence's pages, in a scrambled order)."""
+    """One layer's weights and KV cache (one sequence's pages, in a scrambled order); the MoE
+    half's weights where the shape has experts."""
 
     norm_w: torch.Tensor
     qkv_w: torch.Tensor
@@ -243,6 +107,10 @@ class Layer:
     k_norm: torch.Tensor
     k_cache: torch.Tensor
     v_cache: torch.Tensor
+    post_norm_w: torch.Tensor | None = None
+    gate_w: torch.Tensor | None = None  # [E, H]
+    w13: torch.Tensor | None = None  # [E, 2 * inter, H]
+    w2: torch.Tensor | None = None  # [E, H, inter]
 
 
 @dataclass
@@ -265,15 +133,14 @@ class Stack:
     x0: torch.Tensor  # [1, H]: the first layer's input
     res0: torch.Tensor
     xs: list[torch.Tensor]  # layer l reads xs[l] and writes xs[l + 1]
-    res: torch.Tensor
+    res: list[torch.Tensor]  # two: with MoE, layer l's norms read res[l % 2], write the other
     h: torch.Tensor
     qkv: torch.Tensor
-    q_rot: torch.Tensor
-    part_o: torch.Tensor
-    part_lse: torch.Tensor
     attn: torch.Tensor
+    o_out: torch.Tensor  # with MoE, O's output (without, xs[l + 1])
     block_n: int = 8
     block_k: int = 512
+    moe_tiles: SmallBatchTiles | None = None  # None: MOE_TILES
 
     @staticmethod
     def build(
@@ -287,6 +154,7 @@ class Stack:
         block_n: int = 8,
         block_k: int = 512,
         seed: int = 0,
+        moe_tiles: SmallBatchTiles | None = None,
     ) -> Stack:
         g = torch.Generator(device=device).manual_seed(seed)
         s = shape
@@ -294,6 +162,17 @@ class Stack:
 
         def randn(*size: int, scale: float = 1.0) -> torch.Tensor:
             return (torch.randn(*size, device=device, generator=g) * scale).to(dtype)
+
+        def moe_weights() -> dict[str, torch.Tensor]:
+            if not s.experts:
+                return {}
+            e, i = s.experts, s.inter
+            return {
+                "post_norm_w": 1 + randn(s.hidden, scale=0.1),
+                "gate_w": randn(e, s.hidden, scale=s.hidden**-0.5),
+                "w13": randn(e, 2 * i, s.hidden, scale=s.hidden**-0.5),
+                "w2": randn(e, s.hidden, i, scale=i**-0.5),
+            }
 
         pages = -(-context // page_size)
         num_pages = pages + 2  # page 0 unused, and one spare
@@ -308,6 +187,7 @@ class Stack:
                 k_norm=1 + randn(d, scale=0.1),
                 k_cache=randn(num_pages * page_size, hkv, d),
                 v_cache=randn(num_pages * page_size, hkv, d),
+                **moe_weights(),
             )
             for _ in range(layers)
         ]
@@ -338,21 +218,24 @@ class Stack:
             x0=randn(1, s.hidden),
             res0=randn(1, s.hidden),
             xs=[empty(1, s.hidden) for _ in range(layers + 1)],
-            res=empty(1, s.hidden),
+            res=[empty(1, s.hidden), empty(1, s.hidden)],
             h=empty(1, s.hidden),
             qkv=empty(1, s.n_qkv),
-            q_rot=empty(1, hq, d),
-            part_o=empty(1, hq, num_splits, d, float32=True),
-            part_lse=empty(1, hq, num_splits, float32=True),
             attn=empty(1, hq, d),
+            o_out=empty(1, s.hidden),
             block_n=block_n,
             block_k=block_k,
+            moe_tiles=moe_tiles,
         )
+
+    @property
+    def tiles(self) -> SmallBatchTiles:
+        return self.moe_tiles or MOE_TILES
 
     def reset(self) -> None:
         """The step's inputs as built, and every cache's new slot zero (each form writes it)."""
         self.xs[0].copy_(self.x0)
-        self.res.copy_(self.res0)
+        self.res[0].copy_(self.res0)
         slot = int(self.slots[0])
         for layer in self.layers:
             layer.k_cache[slot].zero_()
@@ -362,31 +245,47 @@ class Stack:
         return self.xs[-1]
 
     def bytes_read(self) -> int:
-        """Weights and the KV the step reads (the floor's numerator)."""
+        """Weights, the chosen experts' (top-k distinct ones at batch 1) and the KV the step
+        reads: the floor's numerator."""
+        s = self.shape
         total = 0
         for layer in self.layers:
-            for t in (layer.norm_w, layer.qkv_w, layer.o_w):
-                total += t.numel() * t.element_size()
-        kv_row = 2 * self.shape.kv_heads * self.shape.head_dim * self.xs[0].element_size()
+            for t in (layer.norm_w, layer.qkv_w, layer.o_w, layer.post_norm_w, layer.gate_w):
+                total += t.numel() * t.element_size() if t is not None else 0
+            for t in (layer.w13, layer.w2):
+                total += t[0].numel() * t.element_size() * s.top_k if t is not None else 0
+        kv_row = 2 * s.kv_heads * s.head_dim * self.xs[0].element_size()
         return total + len(self.layers) * self.context * kv_row
 
 
+# Our form's launches at the persistent kernel's warps and experts' tiles: on the GPU the warps
+# set a reduction's order (the norms' sums of squares), so the two give the same bytes only so.
+WARPS = kernel.WARPS
+MOE_TILES = kernel.MOE_TILES
+
+
 def run_launches(stack: Stack, engine_gemm: bool = False) -> None:
-    """The attention half as the engine launches it (its kernels one after another): the norm,
-    QKV, the decode attention with RoPE and the KV write folded in (`DecodeRope`), O. The
-    products on this module's GEMV tiles (the persistent kernel's code), or with
-    `engine_gemm` as the engine runs them: on `auto`'s backend for Hopper (cuBLAS, or the
-    skinny GEMM where `skinny_gemm.TUNED` says, O's split-K sum left to the next norm), RoPE
-    with the KV write in its own launch (the engine's default)."""
+    """The layers as the engine launches them (their kernels one after another): the norm,
+    QKV, the decode attention with RoPE and the KV write folded in (`DecodeRope`), O; with
+    experts, the norm with the router's logits and the small MoE path's two launches. The
+    products on this module's GEMV tiles and the norms at `WARPS` (the persistent kernel's
+    code, bytes and warps), or with `engine_gemm` as the engine runs them: on `auto`'s backend
+    for Hopper (cuBLAS, or the skinny GEMM where `skinny_gemm.TUNED` says, O's split-K sum
+    left to the next norm), RoPE with the KV write in its own launch (the engine's default),
+    the norms at their own warps, and `fused_moe_routed` (the small path's default tiles)."""
     from engine.kernels import fused
     from engine.kernels.attention import DecodeRope, decode_attention
+    from engine.kernels.fused_moe import fused_moe_routed
+    from engine.kernels.fused_moe_small import small_batch_moe_routed
     from engine.layers.pending import materialize
 
     s = stack.shape
     hq, hkv, d = s.heads, s.kv_heads, s.head_dim
+    warps = None if engine_gemm else WARPS
     x: torch.Tensor | PendingSum = stack.xs[0]
+    res = stack.res[0]
     for i, layer in enumerate(stack.layers):
-        h = fused.rms_norm(x, layer.norm_w, s.eps, residual=stack.res)
+        h = fused.rms_norm(x, layer.norm_w, s.eps, residual=res, num_warps=warps)
         qkv = _product(h, layer.qkv_w, stack, engine_gemm, stack.qkv)
         assert isinstance(qkv, torch.Tensor)
         q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
@@ -406,8 +305,24 @@ def run_launches(stack: Stack, engine_gemm: bool = False) -> None:
             query, layer.k_cache, layer.v_cache, stack.table, stack.rows, stack.seq_lens,
             stack.page_size, d**-0.5, stack.num_splits, out=stack.attn,
         )  # fmt: skip
-        x = _product(attn.view(1, hq * d), layer.o_w, stack, engine_gemm, stack.xs[i + 1])
-    if isinstance(x, PendingSum):
+        o_out = stack.o_out if s.experts else stack.xs[i + 1]
+        x = _product(attn.view(1, hq * d), layer.o_w, stack, engine_gemm, o_out)
+        if s.experts:
+            assert layer.gate_w is not None and layer.w13 is not None and layer.w2 is not None
+            assert layer.post_norm_w is not None
+            normed = fused.rms_norm_gate(
+                x, layer.post_norm_w, s.eps, res, layer.gate_w, layer.gate_w.dtype,
+                num_warps=warps,
+            )  # fmt: skip
+            assert normed is not None, "one row: the norm with the logits applies"
+            h2, res, logits = normed
+            if engine_gemm:
+                x = fused_moe_routed(h2, layer.w13, layer.w2, logits, s.top_k, s.renormalize)
+            else:
+                x, _, _ = small_batch_moe_routed(
+                    h2, layer.w13, layer.w2, logits, s.top_k, s.renormalize, stack.tiles
+                )
+    if x is not stack.xs[-1]:
         stack.xs[-1].copy_(materialize(x))
 
 
@@ -426,7 +341,7 @@ def _product(
             return torch.mm(x, w.t(), out=out)
         return skinny_linear(x, w, None, tiles, defer=True)
     gemv_kernel[(triton.cdiv(n, stack.block_n),)](
-        w, x, out, n, k, BLOCK_N=stack.block_n, BLOCK_K=stack.block_k, num_warps=4,
+        w, x, out, n, k, BLOCK_N=stack.block_n, BLOCK_K=stack.block_k, num_warps=WARPS,
         **pdl.launch_args(x),
     )  # fmt: skip
     return out
@@ -434,53 +349,52 @@ def _product(
 
 @dataclass
 class Persistent:
-    """`attention_half_kernel` over a stack: one launch a layer, each with its own scratch
+    """`kernel.decode_layer` over a stack: one launch a layer, each with its own counters
     (a launch's programs take their first number before waiting for the launch before)."""
 
     stack: Stack
     programs: int
-    scratch: torch.Tensor  # [layers, SCRATCH]
+    scratch: torch.Tensor  # [layers, SCRATCH_SIZE]
     spin_ns: int = 0
-    # Software-pipeline stages of the split items' loop: on sm_90 one keeps the kernel at 162
-    # registers (three programs an SM), three takes 184 and 39 KB of shared memory (two).
-    num_stages: int = 1
+    num_stages: int = kernel.NUM_STAGES
 
     @staticmethod
-    def build(stack: Stack, programs: int, spin_ns: int = 0, num_stages: int = 1) -> Persistent:
+    def build(
+        stack: Stack, programs: int, spin_ns: int = 0, num_stages: int = kernel.NUM_STAGES
+    ) -> Persistent:
         scratch = torch.zeros(
-            len(stack.layers), int(SCRATCH), dtype=torch.int32, device=stack.h.device
+            len(stack.layers), kernel.SCRATCH_SIZE, dtype=torch.int32, device=stack.h.device
         )
         return Persistent(stack, programs, scratch, spin_ns, num_stages)
 
     def run(self) -> None:
         st, s = self.stack, self.stack.shape
+        step = kernel.Step(
+            st.table, st.rows, st.seq_lens, st.positions, st.slots, st.cos, st.sin, False,
+            st.page_size, st.num_splits,
+        )  # fmt: skip
+        x = st.xs[0]
         for i, layer in enumerate(st.layers):
-            norms = (layer.q_norm, layer.k_norm) if s.qk_norm else (st.cos, st.cos)
-            attention_half_kernel[(self.programs,)](
-                st.xs[i], st.res, layer.norm_w, st.h, s.eps, s.hidden,
-                layer.qkv_w, st.qkv, s.n_qkv,
-                st.q_rot, layer.k_cache, layer.v_cache, st.table, st.rows, st.seq_lens,
-                st.part_o, st.part_lse, st.attn, s.head_dim**-0.5 * LOG2E,
-                layer.k_cache.stride(0), layer.k_cache.stride(1),
-                layer.v_cache.stride(0), layer.v_cache.stride(1), st.table.stride(0),
-                st.part_o.stride(0), st.part_o.stride(1), st.part_o.stride(2),
-                st.part_lse.stride(0), st.part_lse.stride(1),
-                st.positions, st.slots, st.cos, st.sin, norms[0], norms[1],
-                s.eps if s.qk_norm else 0.0, st.cos.stride(0), st.num_splits,
-                layer.o_w, st.xs[i + 1], self.scratch[i],
-                HQ=s.heads, HKV=s.kv_heads,
-                GROUP_PAD=max(16, triton.next_power_of_2(s.heads // s.kv_heads)),
-                DK=s.head_dim, DV=s.head_dim, BLOCK_DK=triton.next_power_of_2(s.head_dim),
-                BLOCK_DV=triton.next_power_of_2(s.head_dim),
-                BLOCK_HALF=triton.next_power_of_2(s.head_dim // 2),
-                PAGE_SIZE=st.page_size, SPLIT_BLOCK_N=DECODE_BLOCK_N,
-                NORM_BLOCK=triton.next_power_of_2(s.hidden),
-                BLOCK_N=st.block_n, BLOCK_K=st.block_k,
-                PRECISION=dot_precision(st.h), INTERLEAVED=False, QK_NORM=s.qk_norm,
-                DIRECT=st.num_splits == 1, SPIN_NS=self.spin_ns, num_warps=4,
-                num_stages=self.num_stages,
-                **pdl.launch_args(st.h),
+            attn = kernel.Attention(
+                layer.norm_w, layer.qkv_w, layer.o_w, layer.k_cache, layer.v_cache, s.heads,
+                s.eps, layer.q_norm if s.qk_norm else None,
+                layer.k_norm if s.qk_norm else None, s.eps if s.qk_norm else 0.0,
             )  # fmt: skip
+            experts = None
+            if s.experts:
+                assert layer.post_norm_w is not None and layer.gate_w is not None
+                assert layer.w13 is not None and layer.w2 is not None
+                experts = kernel.Experts(
+                    layer.post_norm_w, layer.gate_w, layer.w13, layer.w2, s.top_k,
+                    s.renormalize,
+                )  # fmt: skip
+            residual = st.res[i % 2] if experts is not None else st.res[0]
+            x = kernel.decode_layer(
+                x, residual, attn, step, self.scratch[i], self.programs, experts,
+                st.res[(i + 1) % 2], self.spin_ns, self.num_stages, st.tiles, st.block_n,
+                st.block_k,
+            )  # fmt: skip
+        st.xs[-1].copy_(x)
 
 
 def reference(stack: Stack) -> torch.Tensor:
@@ -520,6 +434,20 @@ def reference(stack: Stack) -> torch.Tensor:
         scores = torch.einsum("hd,nhd->hn", q, keys) * d**-0.5
         attn = torch.einsum("hn,nhd->hd", scores.softmax(-1), values)
         x = attn.reshape(1, hq * d) @ layer.o_w.float().t()
+        if s.experts:
+            assert layer.gate_w is not None and layer.w13 is not None and layer.w2 is not None
+            assert layer.post_norm_w is not None
+            res = res + x
+            h2 = rms(res, layer.post_norm_w)
+            probs = (h2 @ layer.gate_w.float().t()).softmax(-1)[0]
+            weights, ids = probs.topk(s.top_k)
+            if s.renormalize:
+                weights = weights / weights.sum()
+            out = torch.zeros_like(h2)
+            for w, e in zip(weights.tolist(), ids.tolist(), strict=True):
+                gate, up = (h2 @ layer.w13[e].float().t()).chunk(2, -1)
+                out = out + w * ((torch.nn.functional.silu(gate) * up) @ layer.w2[e].float().t())
+            x = out
     return x
 
 
@@ -587,6 +515,7 @@ def table_rows(
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="qwen3-30b-a3b")
+    p.add_argument("--moe", action="store_true", help="whole layers: the MoE half too")
     p.add_argument("--layers", type=int, default=48)
     p.add_argument("--context", default="128", help="tokens in the cache, comma-separated")
     p.add_argument("--programs-per-sm", default="1,2,3")
@@ -601,10 +530,11 @@ def main() -> None:
     from bench.ceiling import copy_bandwidth
     from engine.kernels.sms import sm_count
 
-    shape = Shape.of_preset(args.preset)
+    shape = Shape.of_preset(args.preset, args.moe)
     bandwidth = copy_bandwidth()
+    half = "whole layers" if args.moe else "attention half"
     print(
-        f"\n## {args.preset}'s attention half at batch 1, {args.layers} layers: "
+        f"\n## {args.preset}'s {half} at batch 1, {args.layers} layers: "
         f"{torch.cuda.get_device_name()}, copy {bandwidth / 1e12:.2f} TB/s; GEMV tiles "
         f"{args.block_n} x {args.block_k}.\n\n"
         "| context | form | µs a layer | floor µs | x floor | output |\n"

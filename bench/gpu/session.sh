@@ -57,6 +57,7 @@
 #   run(command="bash bench/gpu/session.sh b3", carry=[".whl"])  # persistent chain, layer
 #   run(command="bash bench/gpu/session.sh b4", carry=[".whl"])  # skinny GEMM, 128-256 rows
 #   run(command="bash bench/gpu/session.sh b5", carry=[".whl"])  # constrained decode, overlap
+#   run(command="bash bench/gpu/session.sh b6", carry=[".whl"])  # persistent layers, engine
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -821,14 +822,18 @@ b3)
   TAIL=12 step persistent_chain 50 python3 -m bench.persistent_chain
   TAIL=12 step persistent_chain_small 40 python3 -m bench.persistent_chain \
     --shapes 1536x2048,2048x1536 --layers 96
-  # Then the real thing's first half (bench/persistent_layer.py): a layer's attention half
-  # (norm, QKV, RoPE with the KV write, the decode splits, their combine, O) as the engine's
-  # launches and as one persistent launch a layer, Qwen3-30B-A3B at 128 and 2,048 tokens of
-  # context, Llama-3-8B at 128; the error column against float32 (about 120 s).
+  # Then the real thing (bench/persistent_layer.py): a layer's attention half (norm, QKV,
+  # RoPE with the KV write, the decode splits, their combine, O) as the engine's launches and
+  # as one persistent launch a layer, Qwen3-30B-A3B at 128 and 2,048 tokens of context,
+  # Llama-3-8B at 128; then Qwen3-30B-A3B's whole layers (the MoE half too: 16 layers of 1.2 GB
+  # of experts each). "same bytes as ours" checks the persistent launch against the same
+  # kernels launched one by one; err is against float32 (about 180 s).
   TAIL=16 step persistent_layer 90 python3 -m bench.persistent_layer --context 128,2048 \
     --programs-per-sm 1,2,3 --stages 1,3
   TAIL=8 step persistent_layer_llama 60 python3 -m bench.persistent_layer --preset llama3-8b \
     --layers 32 --programs-per-sm 1,2,3
+  TAIL=8 step persistent_layer_moe 90 python3 -m bench.persistent_layer --moe --layers 16 \
+    --programs-per-sm 1,2
   ;;
 b4)
   # The skinny GEMM at 128 and 256 rows with row blocks past 64 (skinny_gemm.WIDE_TILES: W read
@@ -851,5 +856,23 @@ b5)
       --skip-hf --prefill '' --decode 1x128,64x128 --repeats 2 --regex $flag
   done
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5"; exit 2 ;;
+b6)
+  # The persistent decode path in the engine (engine/layers/persistent.py, off by default): its
+  # greedy test compiled on the GPU (tiny Qwen3 and Qwen3-MoE in float32, CUDA graphs and
+  # overlap on), then batch-1 decode with it off and on through a wrapper, Qwen3-30B-A3B (whole
+  # layers in the launch) and Llama-3-8B (the attention half; its MLP after), about 300 s.
+  TAIL=6 step persistent_test 90 python3 -m pytest -x -q -rf tests/engine/test_persistent_decode.py
+  for preset in qwen3-30b-a3b llama3-8b; do
+    for on in 0 1; do
+      TAIL=3 step "persistent_${preset}_$on" 80 python3 -c "
+import sys
+import engine.layers.persistent as p
+from bench.engine import main
+p.PERSISTENT_DECODE = bool($on)
+sys.exit(main(['--preset', '$preset', '--skip-hf', '--prefill', '', '--decode', '1x128,1x2048',
+               '--repeats', '3']))"
+    done
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6"; exit 2 ;;
 esac

@@ -156,8 +156,23 @@ def _rms_norm_gate_kernel(
     experts `[j * BLOCK_E, (j + 1) * BLOCK_E)`; program (row, 0) stores the row's output and
     new residual."""
     pdl.start(PDL)
-    row = tl.program_id(0).to(tl.int64)
-    block_e = tl.program_id(1)
+    rms_norm_gate_program(
+        tl.program_id(0), tl.program_id(1), x_ptr, res_ptr, res_out_ptr, w_ptr, out_ptr,
+        gate_ptr, logits_ptr, stride_x, stride_r, stride_o, n, eps, stride_xs, pw_ptr, ids_ptr,
+        num_experts, num_gate, stride_g, PENDING, HAS_PW, HAS_IDS, BLOCK, BLOCK_E,
+    )  # fmt: skip
+
+
+@triton.jit
+def rms_norm_gate_program(
+    row, block_e, x_ptr, res_ptr, res_out_ptr, w_ptr, out_ptr, gate_ptr, logits_ptr, stride_x,
+    stride_r, stride_o, n, eps, stride_xs, pw_ptr, ids_ptr, num_experts, num_gate, stride_g,
+    PENDING: tl.constexpr, HAS_PW: tl.constexpr, HAS_IDS: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    """Program `(row, block_e)` of `rms_norm_gate`'s launch (also an item of
+    bench.persistent_layer's)."""
+    row = row.to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
     x = _row_in(
@@ -190,12 +205,14 @@ def rms_norm(
     weight: torch.Tensor,
     eps: float,
     residual: torch.Tensor | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """`weight * rmsnorm(x)` over the last dimension of `x` `[..., n]`. With `residual` (same
     shape, contiguous), first `residual += x` in place and normalise that sum instead. `x` may
-    be a `PendingSum` (`[T, n]` once summed): the kernel takes its sum first."""
+    be a `PendingSum` (`[T, n]` once summed): the kernel takes its sum first. `num_warps`: the
+    launch's (default by n; the warps set the order of the sum of squares on the GPU)."""
     if isinstance(x, PendingSum):
-        return _rms_norm_pending(x, weight, eps, residual)
+        return _rms_norm_pending(x, weight, eps, residual, num_warps)
     n = x.shape[-1]
     x2 = x.reshape(-1, n)
     if x2.stride(-1) != 1:
@@ -204,12 +221,16 @@ def rms_norm(
     out = torch.empty(x.shape, dtype=torch.result_type(weight, x), device=x.device)
     if rows == 0:
         return out
-    _launch_rms_norm(x2, x2.stride(0), out.view(-1, n), weight, eps, residual)
+    _launch_rms_norm(x2, x2.stride(0), out.view(-1, n), weight, eps, residual, num_warps=num_warps)
     return out
 
 
 def _rms_norm_pending(
-    x: PendingSum, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+    x: PendingSum,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     parts = x.parts
     if parts.stride(-1) != 1:
@@ -219,11 +240,13 @@ def _rms_norm_pending(
     if out_dtype != x.dtype or (residual is not None and residual.dtype != x.dtype):
         # The kernel rounds the sum to the output's dtype: where that is not the sum's own,
         # sum first (not a path the models take: their norms' weights share their dtype).
-        return rms_norm(x.materialize(), weight, eps, residual)
+        return rms_norm(x.materialize(), weight, eps, residual, num_warps)
     out = torch.empty(rows, n, dtype=out_dtype, device=parts.device)
     if rows == 0:
         return out
-    _launch_rms_norm(parts, parts.stride(0), out, weight, eps, residual, x, parts.stride(1))
+    _launch_rms_norm(
+        parts, parts.stride(0), out, weight, eps, residual, x, parts.stride(1), num_warps
+    )
     return out
 
 
@@ -239,13 +262,14 @@ def rms_norm_gate(
     residual: torch.Tensor,
     gate: torch.Tensor,
     logits_dtype: torch.dtype,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """`(rms_norm(x + residual), x + residual, gate logits of that output)` in one launch: the
     norm of `rms_norm(..., residual=residual)` (the new residual stream a new tensor, not
     `residual` updated) and `router_logits(out, gate, out_dtype=logits_dtype)` of its output,
     up to the logits' summation order. None where it does not apply (more rows than
     `ROUTER_SMALL_TOKENS`, whose logits take cuBLAS's product, or dtypes that would round
-    differently): the caller then runs the two as before."""
+    differently): the caller then runs the two as before. `num_warps` as `rms_norm`'s."""
     from engine.kernels.moe_routing import ROUTER_SMALL_TOKENS
 
     parts = x.parts if isinstance(x, PendingSum) else x
@@ -283,7 +307,7 @@ def rms_norm_gate(
         HAS_IDS=pending is not None and pending.ids is not None,
         BLOCK=block,
         BLOCK_E=GATE_BLOCK_E,
-        num_warps=min(16, max(1, block // 256)),
+        num_warps=num_warps or norm_warps(block),
         **pdl.launch_args(parts),
     )  # fmt: skip
     return out, new_residual, logits
@@ -298,6 +322,7 @@ def _launch_rms_norm(
     residual: torch.Tensor | None,
     pending: PendingSum | None = None,
     stride_xs: int = 0,
+    num_warps: int | None = None,
 ) -> None:
     """`_rms_norm_kernel` over `out`'s `[rows, n]`, reading rows of `x` (with `pending`, its
     slices `stride_xs` apart)."""
@@ -318,9 +343,14 @@ def _launch_rms_norm(
         HAS_PW=pw is not None,
         HAS_IDS=ids is not None,
         BLOCK=block,
-        num_warps=min(16, max(1, block // 256)),
+        num_warps=num_warps or norm_warps(block),
         **pdl.launch_args(x),
     )  # fmt: skip
+
+
+def norm_warps(block: int) -> int:
+    """The norm kernels' warps for a row of `block` (a power of two) values."""
+    return min(16, max(1, block // 256))
 
 
 @triton.jit

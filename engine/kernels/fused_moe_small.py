@@ -40,6 +40,55 @@ from engine.kernels.moe_routing import ROUTE_GROUPED, ROUTE_NONE, ROUTE_SOFTMAX,
 
 @triton.jit
 def small_gate_up_kernel(
+    x,
+    w13,
+    topk_ids,
+    act,
+    router_logits,
+    topk_weights,
+    correction_bias,
+    num_experts,
+    num_routed,
+    hidden,
+    inter,
+    stride_xt,
+    stride_lt,
+    stride_we,
+    stride_wn,
+    scaling,
+    TOP_K: tl.constexpr,
+    K_POW2: tl.constexpr,
+    E_POW2: tl.constexpr,
+    ROUTE: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    PER_GROUP: tl.constexpr,
+    TOPK_GROUPS: tl.constexpr,
+    NUM_SHARED: tl.constexpr,
+    G_POW2: tl.constexpr,
+    P_POW2: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    pdl.start(PDL)
+    # Pairs vary fastest: the programs resident together read one column block of their
+    # experts, so two tokens' pairs on the same expert read its rows once from memory.
+    small_gate_up_program(
+        tl.program_id(0), tl.program_id(1),
+        x, w13, topk_ids, act, router_logits, topk_weights, correction_bias, num_experts,
+        num_routed, hidden, inter, stride_xt, stride_lt, stride_we, stride_wn, scaling, TOP_K,
+        K_POW2, E_POW2, ROUTE, RENORMALIZE, NUM_GROUPS, PER_GROUP, TOPK_GROUPS, NUM_SHARED, G_POW2,
+        P_POW2, BLOCK_N, BLOCK_K, DOT, PRECISION,
+    )  # fmt: skip
+
+
+@triton.jit
+def small_gate_up_program(
+    pair,
+    col_block,
     x,  # [T, H]
     w13,  # [E, 2 * INTER, H]
     topk_ids,  # [N] int, the flattened [T, TOP_K] choices (int64, written, with ROUTE)
@@ -71,12 +120,10 @@ def small_gate_up_kernel(
     BLOCK_K: tl.constexpr,
     DOT: tl.constexpr,  # the products on the tensor cores (`SmallBatchTiles.gate_up_dot`)
     PRECISION: tl.constexpr,  # DOT: tl.dot's input precision
-    PDL: tl.constexpr,
 ):
-    pdl.start(PDL)
-    # Pairs vary fastest: the programs resident together read one column block of their
-    # experts, so two tokens' pairs on the same expert read its rows once from memory.
-    pair = tl.program_id(0).to(tl.int64)
+    """Program `(pair, col_block)` of the gate-up launch (also an item of
+    bench.persistent_layer's)."""
+    pair = pair.to(tl.int64)
     if ROUTE != 0:
         # Every program routes its token again (a few hundred logits: less than a launch);
         # the pair's first program writes its choice for the down kernel.
@@ -102,7 +149,7 @@ def small_gate_up_kernel(
         )
         mine = tl.arange(0, K_POW2)[None, :] == pair % TOP_K
         expert = tl.sum(tl.sum(tl.where(mine, chosen_id, 0), axis=1), axis=0)
-        if tl.program_id(1) == 0:
+        if col_block == 0:
             # Exact: the other slots are 0.
             weight = tl.sum(tl.sum(tl.where(mine, chosen_w, 0.0), axis=1), axis=0)
             tl.store(topk_weights + pair, weight.to(topk_weights.dtype.element_ty))
@@ -111,7 +158,7 @@ def small_gate_up_kernel(
         expert = tl.load(topk_ids + pair).to(tl.int64)
         if (expert < 0) | (expert >= num_experts):
             return  # another rank's pair: the down kernel skips it too
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < inter
     ks = tl.arange(0, BLOCK_K)
     x_ptr = x + (pair // TOP_K) * stride_xt + ks
@@ -175,8 +222,22 @@ def small_down_combine_kernel(
     PDL: tl.constexpr,
 ):
     pdl.start(PDL)
-    token = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    small_down_combine_program(
+        tl.program_id(0), tl.program_id(1), act, w2, topk_weights, topk_ids, out, num_experts,
+        hidden, inter, stride_we, stride_wn, TOP_K, K_POW2, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
+
+
+@triton.jit
+def small_down_combine_program(
+    token, col_block, act, w2, topk_weights, topk_ids, out, num_experts, hidden, inter,
+    stride_we, stride_wn, TOP_K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Program `(token, col_block)` of the down launch (also an item of
+    bench.persistent_layer's)."""
+    token = token.to(tl.int64)
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < hidden
     ks = tl.arange(0, BLOCK_K)
     slots = tl.arange(0, K_POW2)
