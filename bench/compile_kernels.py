@@ -42,7 +42,6 @@ from engine.kernels import (
     mla_decode,
     mla_extend,
     moe_routing,
-    persistent_layer,
     sampling,
     sampling_split,
     skinny_gemm,
@@ -563,57 +562,7 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
     )  # fmt: skip
     add_split_sampling(add)
     add_skinny_gemm(add, all_configs)
-    add_persistent_layer(add)
     return out
-
-
-def add_persistent_layer(add: Callable[..., None]) -> None:
-    """The persistent decode layer (`persistent_layer`, off by default) at Qwen3-30B-A3B's and
-    Llama-3-8B's attention, one split and several, and Qwen3-30B-A3B's whole layer, with its
-    launch's stages and tiles."""
-    from engine.kernels.fused_moe_small import down_block_k
-
-    bf16 = ("x_ptr", "res_ptr", "norm_w", "h_ptr", "qkv_w", "qkv_ptr", "q_rot_ptr", "k_cache",
-            "v_cache", "attn_ptr", "q_norm_ptr", "k_norm_ptr", "o_w", "out_ptr", "post_norm_w",
-            "res_out_ptr", "h2_ptr", "gate_w", "logits_ptr", "w13", "w2", "act_ptr", "topk_w",
-            "moe_out_ptr")  # fmt: skip
-    pointers = {x: "*bf16" for x in bf16} | {
-        "table_ptr": "*i32", "rows_ptr": "*i32", "seq_lens_ptr": "*i32", "part_o": "*fp32",
-        "part_lse": "*fp32", "pos_ptr": "*i64", "slots_ptr": "*i64", "cos_ptr": "*fp32",
-        "sin_ptr": "*fp32", "topk_ids": "*i64", "scratch": "*i32",
-    }  # fmt: skip
-    # What a launch's multiples of 16 specialise (pointers, the sizes, the strides).
-    divisible = (*pointers, "hidden", "n_qkv", "stride_ks", "stride_kh", "stride_vs",
-                 "stride_vh", "stride_table", "stride_ob", "stride_oh", "stride_os",
-                 "stride_lb", "stride_lh", "stride_rope", "num_experts", "inter",
-                 "stride_we13", "stride_wn13", "stride_we2", "stride_wn2")  # fmt: skip
-    tiles = persistent_layer.MOE_TILES
-    for name, hidden, heads, kv_heads, qk_norm, moe in (
-        ("qwen3-30b-a3b", 2048, 32, 4, True, False),
-        ("llama3-8b", 4096, 32, 8, False, False),
-        ("qwen3-30b-a3b", 2048, 32, 4, True, True),
-    ):
-        for direct in (True, False):
-            what = "whole layer" if moe else "attention half"
-            add(
-                f"persistent {what} {name}{' one split' if direct else ''}",
-                persistent_layer.decode_layer_kernel,
-                pointers,
-                {"HQ": heads, "HKV": kv_heads, "GROUP_PAD": 16, "DK": 128, "DV": 128,
-                 "BLOCK_DK": 128, "BLOCK_DV": 128, "BLOCK_HALF": 64, "PAGE_SIZE": 64,
-                 "SPLIT_BLOCK_N": attention.DECODE_BLOCK_N, "NORM_BLOCK": hidden,
-                 "BLOCK_N": persistent_layer.BLOCK_N, "BLOCK_K": persistent_layer.BLOCK_K,
-                 "PRECISION": "tf32", "INTERLEAVED": False, "QK_NORM": qk_norm,
-                 "DIRECT": direct, "MOE": moe, "GATE_BLOCK": fused.GATE_BLOCK_E, "TOP_K": 8,
-                 "K_POW2": 8, "E_POW2": 128, "ROUTE": moe_routing.ROUTE_SOFTMAX,
-                 "RENORMALIZE": True, "UP_BLOCK_N": tiles.gate_up_n,
-                 "UP_BLOCK_K": tiles.gate_up_k, "DOWN_BLOCK_N": tiles.down_n,
-                 "DOWN_BLOCK_K": down_block_k(tiles, 8), "SPIN_NS": 0},
-                floats=("eps", "scale", "qk_eps"),
-                divisible=divisible,
-                num_warps=persistent_layer.WARPS,
-                num_stages=persistent_layer.NUM_STAGES,
-            )  # fmt: skip
 
 
 def add_split_sampling(add: Callable[..., None]) -> None:
@@ -733,8 +682,28 @@ def add_small_batch_moe(add: Callable[..., None]) -> None:
             divisible=("act", "w2", "out", *sizes),
             num_warps=tiles.num_warps,
         )
-    # The gate-up on the tensor cores (`SmallBatchTiles.gate_up_dot`, on trial), at the tiles
-    # `session.sh Y` times first.
+    # The gate-up on the tensor cores (`fused_moe_small.DOT_TILES`, the default for experts of
+    # 1,024 columns or more): Moonlight's, with its grouped routing.
+    dot = fused_moe_small.DOT_TILES
+    add(
+        "small_gate_up_kernel bf16 moonlight route=2 dot tiles",
+        fused_moe_small.small_gate_up_kernel,
+        {
+            **{name: "*bf16" for name in ("x", "w13", "act")},
+            **{name: "*fp32" for name in ("router_logits", "topk_weights", "correction_bias")},
+            "topk_ids": "*i64",
+        },
+        {
+            **{"TOP_K": 8, "K_POW2": 8, "E_POW2": 1, "ROUTE": grouped, "RENORMALIZE": True},
+            **{"NUM_GROUPS": 1, "PER_GROUP": 64, "TOPK_GROUPS": 1, "NUM_SHARED": 2},
+            **{"G_POW2": 1, "P_POW2": 64, "BLOCK_N": dot.gate_up_n, "BLOCK_K": dot.gate_up_k},
+            **{"DOT": True, "PRECISION": "tf32"},
+        },
+        floats=("scaling",),
+        divisible=("x", "w13", "act", "router_logits", "stride_xt", "stride_lt", *sizes),
+        num_warps=dot.num_warps,
+        num_stages=dot.gate_up_stages,
+    )
     add(
         "small_gate_up_kernel bf16 qwen3-30b-a3b route=1 dot 64x128 s4",
         fused_moe_small.small_gate_up_kernel,

@@ -46,7 +46,7 @@ from bench.args import int_list
 from bench.ceiling import copy_bandwidth
 from engine.kernels.fused_moe import _grouped_gemm, align_block_size, fused_moe, fused_moe_routed
 from engine.kernels.fused_moe_configs import MoEKernelConfig, candidates, kernel_config
-from engine.kernels.fused_moe_small import DEFAULT_TILES, SmallBatchTiles, small_batch_moe
+from engine.kernels.fused_moe_small import SmallBatchTiles, small_batch_moe
 from engine.layers.moe import MoEBackend, TorchMoEBackend, TritonMoEBackend
 
 
@@ -176,7 +176,7 @@ class Step:
         outs: list[torch.Tensor],
         config: MoEKernelConfig | None = None,
         path: str = "auto",
-        tiles: SmallBatchTiles = DEFAULT_TILES,
+        tiles: SmallBatchTiles | None = None,
     ) -> None:
         """Every layer through `fused_moe` ("auto": its choice of path; "grouped": the grouped
         GEMMs, tiled by `config`), the small-batch path at `tiles` ("small"), or
@@ -262,7 +262,7 @@ def bench_shape(
     bandwidth: float,
     reps: int,
     path: str = "auto",
-    tiles: SmallBatchTiles = DEFAULT_TILES,
+    tiles: SmallBatchTiles | None = None,
 ) -> list[Row]:
     bias = torch.randn(shape.experts, device=layers[0].w13.device) * 0.1
     triton_backend = TritonMoEBackend()
@@ -522,7 +522,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="append",
         help="the small path's GATE_UP_N,GATE_UP_K,DOWN_N,DOWN_K,WARPS (powers of two), and "
         "DOT_STAGES (> 0: the gate-up products on the tensor cores, pipelined that deep); "
-        "repeat it to time several on the same layers (default: the default tiles)",
+        "repeat it to time several on the same layers (default: the engine's, default_tiles)",
     )
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument(
@@ -567,9 +567,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.tune_gemm:
             tune_gemm(shape, args.tokens, layers, args.reps, args.tune_gemm)
         else:
-            for tiles in args.small_tiles or [DEFAULT_TILES]:
+            for tiles in args.small_tiles or [None]:
                 if args.path != "grouped":
-                    print(f"### {tiles}\n")
+                    print(f"### {tiles or 'the default tiles (fused_moe_small.default_tiles)'}\n")
                 print(HEADER)
                 rows = bench_shape(
                     shape, args.tokens, layers, bandwidth, args.reps, args.path, tiles

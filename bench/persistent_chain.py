@@ -18,11 +18,15 @@ with its own weight (gigabytes: from memory, not the L2), against the floor of t
 bytes at the copy bandwidth measured in the same run. If the persistent chain runs near the
 floor where the launches do not, a persistent decode step is the way to batch 1's 1.5x.
 
-The kernels are this experiment's own: the persistent one's counters follow the reverted
-one-launch small MoE path's (a tile waits only for tiles with lower numbers, which running
-programs hold, so no deadlock whatever is resident; the last program zeroes the counters).
-Both forms run the same tile code, so their outputs are equal bit for bit (checked here, and
-under the interpreter in tests/bench/test_persistent_chain.py).
+The kernels are this experiment's own (the GEMV tile and the counter wait are
+`bench.persistent_kernel`'s): the persistent one's counters follow the reverted one-launch
+small MoE path's (a tile waits only for tiles with lower numbers, which running programs hold,
+so no deadlock whatever is resident; the last program zeroes the counters). Both forms run the
+same tile code, so their outputs are equal bit for bit (checked here, and under the
+interpreter in tests/bench/test_persistent_chain.py).
+
+On an H100 the persistent chain lost: 1,428-1,656 µs (2.07-2.40x the bytes) at 1-4 programs
+an SM against 931-954 µs (1.35-1.38x) for one launch each, and cuBLAS's 1,067 (bench/NOTES.md).
 """
 
 from __future__ import annotations
@@ -37,8 +41,8 @@ import triton
 import triton.language as tl
 
 from bench.moe_kernel import time_graph
+from bench.persistent_kernel import _DONE, _FINISHED, _TICKET, _gemv_tile
 from engine.kernels import pdl
-from engine.kernels.persistent_layer import _DONE, _FINISHED, _TICKET, _gemv_tile
 
 
 @triton.jit

@@ -31,7 +31,7 @@ GEMM backend `auto` picks on Hopper, `fused.rope_store_kv`, `attention.decode_at
 GEMV tiles, and the persistent launch at several programs an SM; against the floor of the
 bytes a step reads (the layers' weights, the chosen experts' and the KV) at the copy bandwidth
 measured in the same run. A persistent layer near the floor where the launches are not is
-batch 1's way to 1.5x (bench/NOTES.md); it is an experiment until then, not an engine path.
+batch 1's way to 1.5x (bench/NOTES.md). On an H100 they were not: see bench.persistent_kernel.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from bench import persistent_kernel as kernel
 from bench.persistent_chain import gemv_kernel
 from engine.kernels import pdl
-from engine.kernels import persistent_layer as kernel
 from engine.kernels.attention import DECODE_BLOCK_N
 from engine.kernels.fused_moe_small import SmallBatchTiles
 from engine.layers.pending import PendingSum

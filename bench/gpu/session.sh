@@ -57,7 +57,6 @@
 #   run(command="bash bench/gpu/session.sh b3", carry=[".whl"])  # persistent chain, layer
 #   run(command="bash bench/gpu/session.sh b4", carry=[".whl"])  # skinny GEMM, 128-256 rows
 #   run(command="bash bench/gpu/session.sh b5", carry=[".whl"])  # constrained decode, overlap
-#   run(command="bash bench/gpu/session.sh b6", carry=[".whl"])  # persistent layers, engine
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -856,23 +855,5 @@ b5)
       --skip-hf --prefill '' --decode 1x128,64x128 --repeats 2 --regex $flag
   done
   ;;
-b6)
-  # The persistent decode path in the engine (engine/layers/persistent.py, off by default): its
-  # greedy test compiled on the GPU (tiny Qwen3 and Qwen3-MoE in float32, CUDA graphs and
-  # overlap on), then batch-1 decode with it off and on through a wrapper, Qwen3-30B-A3B (whole
-  # layers in the launch) and Llama-3-8B (the attention half; its MLP after), about 300 s.
-  TAIL=6 step persistent_test 90 python3 -m pytest -x -q -rf tests/engine/test_persistent_decode.py
-  for preset in qwen3-30b-a3b llama3-8b; do
-    for on in 0 1; do
-      TAIL=3 step "persistent_${preset}_$on" 80 python3 -c "
-import sys
-import engine.layers.persistent as p
-from bench.engine import main
-p.PERSISTENT_DECODE = bool($on)
-sys.exit(main(['--preset', '$preset', '--skip-hf', '--prefill', '', '--decode', '1x128,1x2048',
-               '--repeats', '3']))"
-    done
-  done
-  ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6"; exit 2 ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5"; exit 2 ;;
 esac

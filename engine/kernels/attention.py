@@ -259,7 +259,7 @@ def decode_split_program(
     NORM: tl.constexpr,
 ):
     """Program `(b, kvh, split)` of `decode_attention`'s split launch (also run by the
-    persistent decode layer's items in bench.persistent_layer)."""
+    persistent decode layer's items in bench.persistent_kernel)."""
     # DIRECT (one split): the output itself, normalised, instead of a partial to combine.
     seq_len = tl.load(seq_lens_ptr + b)
     row = tl.load(rows_ptr + b).to(tl.int64)

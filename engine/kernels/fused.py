@@ -73,7 +73,7 @@ def rms_norm_row(
     pw_ptr, ids_ptr, num_experts, HAS_RESIDUAL: tl.constexpr, PENDING: tl.constexpr,
     HAS_PW: tl.constexpr, HAS_IDS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Program `row` of `rms_norm`'s launch (also an item of bench.persistent_layer's)."""
+    """Program `row` of `rms_norm`'s launch (also an item of bench.persistent_kernel's)."""
     row = row.to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -171,7 +171,7 @@ def rms_norm_gate_program(
     BLOCK_E: tl.constexpr,
 ):  # fmt: skip
     """Program `(row, block_e)` of `rms_norm_gate`'s launch (also an item of
-    bench.persistent_layer's)."""
+    bench.persistent_kernel's)."""
     row = row.to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n

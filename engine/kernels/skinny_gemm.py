@@ -369,8 +369,10 @@ TILE_CONFIGS: tuple[SkinnyTiles, ...] = (
 # Candidates for a batch of 128-256 rows (`block_m` past the rule's 64, so that W is read once
 # or twice rather than four times: at 256 rows with 64-row blocks the skinny GEMM lost to cuBLAS
 # on Moonlight's fused query-and-latent projection, 12.3 against 9.6 µs). Timed by
-# `python -m bench.skinny_gemm --rows 256 --tiles wide` (`session.sh b4`); each compiles for
-# sm_90 without spilling.
+# `python -m bench.skinny_gemm --rows 128,256 --tiles wide` (`session.sh b4`); each compiles
+# for sm_90 without spilling. On an H100 cuBLAS was faster than all of them at every shape timed
+# (Moonlight's fused query-and-latent 9.2 / 11.3 µs at 128 / 256 rows, its O, Qwen3-30B-A3B's
+# and Llama-3-8B's QKV and O): no `TUNED` row uses them; kept as candidates for other GPUs.
 WIDE_TILES = (
     SkinnyTiles(64, 64, block_m=128),
     SkinnyTiles(128, 64, num_warps=8, block_m=128),

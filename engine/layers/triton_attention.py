@@ -34,15 +34,21 @@ HEAD_BMM_MAX_ROWS = 64  # MLA's query absorption on the Triton kernel up to this
 # Decode steps fold RoPE (with any q/k norms) and the KV write into the decode attention's
 # launch (`kernels.decode_attention` of a `DecodeRope`: one launch a layer fewer, the same
 # results bit for bit but for Qwen3's q/k norms, whose sums of squares its warps reduce in
-# another order). Off until timed on the GPU (`bash bench/gpu/session.sh Z`).
+# another order). Off: on an H100 (`bash bench/gpu/session.sh Z`) Llama-3-8B's decode was level
+# with it (1 x 128 5.74 ms both, 64 x 128 6.69 -> 6.67) and Qwen3-30B-A3B's batch 1 slower (3.28
+# -> 3.43 ms: each split's program rotates its group's queries before its loop).
 DECODE_ROPE_IN_ATTENTION = False
 
-# MLA decode steps of up to HEAD_BMM_MAX_ROWS rows run the query's absorption (W_UK) and the
-# latent side (its norm, the rotations, the cache write) in one launch
+# MLA decode steps of up to ABSORB_WITH_LATENT_MAX rows x heads run the query's absorption
+# (W_UK) and the latent side (its norm, the rotations, the cache write) in one launch
 # (`head_bmm.absorb_query_and_latent`: one launch a layer fewer, the same code, so the same
 # results bit for bit but for the latent's RMS sum, reduced over 4 warps instead of 1).
-# Off until timed on the GPU (`bash bench/gpu/session.sh b2`).
-MLA_ABSORB_WITH_LATENT = False
+# Measured on an H100 (`bench.mla_absorb --with-latent`, µs, two launches -> one): 16 heads
+# at 1, 16 and 64 rows 3.9 -> 2.8, 4.8 -> 3.3, 5.5 -> 4.1; 128 heads at 1 and 16 rows 9.7 ->
+# 8.3, 11.6 -> 9.9, but at 64 rows 17.6 -> 25.1 (past 2,048 rows x heads the two launches
+# stay). Moonlight's batch-1 step 2.78 -> 2.75 ms back to back, 64 x 128 12.23 -> 12.21.
+MLA_ABSORB_WITH_LATENT = True
+ABSORB_WITH_LATENT_MAX = 2048
 
 
 @dataclass(frozen=True)
@@ -246,7 +252,12 @@ class TritonAttentionBackend(AttentionBackend):
         batch: ForwardBatch,
         scale: float,
     ) -> torch.Tensor:
-        if not MLA_ABSORB_WITH_LATENT or q_nope.shape[0] > HEAD_BMM_MAX_ROWS:
+        rows, heads = q_nope.shape[0], q_nope.shape[1]
+        if (
+            not MLA_ABSORB_WITH_LATENT
+            or rows > HEAD_BMM_MAX_ROWS
+            or rows * heads > ABSORB_WITH_LATENT_MAX
+        ):
             return super().forward_mla_absorbed_rope(
                 q_nope, w_uk, q_pe, c_kv, k_pe, kv_norm, rotary, layer_id, batch, scale
             )

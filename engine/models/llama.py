@@ -13,7 +13,6 @@ from torch import nn
 from engine.config import ModelConfig
 from engine.forward_batch import ForwardBatch
 from engine.kv_cache import KVCacheSpec
-from engine.layers import persistent
 from engine.layers.attention import AttentionBackend
 from engine.layers.linear import Linear
 from engine.layers.moe import FusedExperts
@@ -135,12 +134,6 @@ class LlamaForCausalLM(DecoderOnlyLM):
         self.layers = nn.ModuleList(
             decoder_layer(config, i, rotary, backend) for i in range(config.num_layers)
         )
-
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        # A decode step of one sequence may run one persistent launch a layer.
-        if persistent.applies(self, batch):
-            return persistent.forward(self, batch)
-        return super().forward(batch)
 
     def kv_cache_spec(self) -> KVCacheSpec:
         """Per-head K and V of `head_dim` for each of the `num_kv_heads` heads."""

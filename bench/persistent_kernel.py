@@ -1,18 +1,18 @@
-"""One decode layer at batch 1 in one persistent launch (experimental: off by default).
+"""One decode layer at batch 1 in one persistent launch: an experiment that lost.
 
 At batch 1 a decode layer is a chain of small launches, each streaming one weight and paying
 its own ramp (the first loads in flight) and tail (the last programs finishing alone): a
 Qwen3-30B-A3B layer is nine (the input norm, QKV, RoPE with the KV write, the decode splits,
-their combine, O, the norm with the router's logits, the experts' gate-up and down), about 58
-µs on the H200 against about 27 of bytes. `decode_layer_kernel` runs a layer in one launch:
-its programs take items from a counter in the layer's order (the input norm; QKV's tiles; the
-decode splits, each rotating its group's queries and the last writing the new key and value,
-as `attention.DecodeRope` does; the combine of each head; O's tiles; with MOE, the norm with
-the router's logits over blocks of experts, the chosen experts' gate-up blocks each routing
-its token again, the down blocks), and an item waits for the count of finished items of the
-phase before it, after loading the weights it can (a dense product's tile loads its first
-weights before it waits). An item never waits for a higher-numbered one, and every number
-taken is held by a running program, so it cannot deadlock whatever is resident.
+their combine, O, the norm with the router's logits, the experts' gate-up and down).
+`decode_layer_kernel` runs a layer in one launch: its programs take items from a counter in the
+layer's order (the input norm; QKV's tiles; the decode splits, each rotating its group's
+queries and the last writing the new key and value, as `attention.DecodeRope` does; the
+combine of each head; O's tiles; with MOE, the norm with the router's logits over blocks of
+experts, the chosen experts' gate-up blocks each routing its token again, the down blocks),
+and an item waits for the count of finished items of the phase before it, after loading the
+weights it can (a dense product's tile loads its first weights before it waits). An item never
+waits for a higher-numbered one, and every number taken is held by a running program, so it
+cannot deadlock whatever is resident.
 
 Each item runs the code of the kernel it replaces (`fused.rms_norm_row` and
 `rms_norm_gate_program`, `attention.decode_split_program` and `decode_combine_program`,
@@ -23,9 +23,11 @@ starts; its last program zeroes them again, so a CUDA graph replays it as it is.
 needs counters of its own: its programs take their first number before the programmatic-launch
 wait on the launch before.
 
-`bench.persistent_layer` times it against the engine's launches (`session.sh b3`);
-`engine.layers.persistent` runs a model's batch-1 decode steps through it where
-`PERSISTENT_DECODE` is on.
+Timed on an H100 (`bench.persistent_layer`, `session.sh b3`; bench/NOTES.md) it ran far slower
+than the launches it replaces: Qwen3-30B-A3B's attention half 44 µs a layer against 28-29,
+whole layers 107 against 67, and a chain of QKV-sized GEMVs at 2.1x their bytes against 1.35x
+for one launch each. An engine path that took batch-1 steps through it was built and taken out
+with that result (commit c4f6922).
 """
 
 from __future__ import annotations
@@ -74,6 +76,9 @@ def _wait_for(counter, need, SPIN_NS: tl.constexpr):
             )  # fmt: skip
         seen = tl.load(counter, volatile=True)
     tl.atomic_add(counter, 0, sem="acquire")
+    # The acquire is one thread's: the CTA's other threads are ordered after it only through a
+    # barrier. (Before it, two programs an SM gave wrong whole-layer outputs on the H100.)
+    tl.debug_barrier()
 
 
 @triton.jit
