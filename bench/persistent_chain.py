@@ -46,9 +46,14 @@ from engine.kernels import pdl
 
 
 @triton.jit
-def gemv_kernel(w, x, y, n, k, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+def gemv_kernel(
+    w, x, y, n, k, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    DOT: tl.constexpr = False, PRECISION: tl.constexpr = "tf32",
+):  # fmt: skip
     """One product of the chain, one program a tile."""
-    _gemv_tile(w, x, y, tl.program_id(0), n, k, y, 0, BLOCK_N, BLOCK_K, False, PDL)
+    _gemv_tile(
+        w, x, y, tl.program_id(0), n, k, y, 0, BLOCK_N, BLOCK_K, False, PDL, 0, DOT, PRECISION
+    )
 
 
 @triton.jit
@@ -68,6 +73,8 @@ def chain_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPIN_NS: tl.constexpr,
+    DOT: tl.constexpr = False,
+    PRECISION: tl.constexpr = "tf32",
 ):
     """The whole chain in one launch: programs take tiles from a counter in chain order; a
     tile waits for every tile of the product before its own (lower numbers: no deadlock)."""
@@ -86,7 +93,7 @@ def chain_kernel(
         y = bufs + ((p + 1) % 2) * width
         _gemv_tile(
             weights + offset, x, y, tl.load(item_tile + item), n, k,
-            scratch + _DONE + before, need, BLOCK_N, BLOCK_K, True, 0, SPIN_NS,
+            scratch + _DONE + before, need, BLOCK_N, BLOCK_K, True, 0, SPIN_NS, DOT, PRECISION,
         )  # fmt: skip
         tl.debug_barrier()  # every thread's stores before the release
         tl.atomic_add(scratch + _DONE + p, 1, sem="release")
@@ -109,6 +116,9 @@ class Chain:
     bufs: torch.Tensor
     block_n: int
     block_k: int
+    # > 0: the tiles' products on the tensor cores, their weight loads pipelined this deep
+    # (`_gemv_tile`'s DOT; block_n >= 16); 0: on the CUDA cores, two K steps in registers.
+    dot_stages: int = 0
 
     @staticmethod
     def build(
@@ -118,7 +128,10 @@ class Chain:
         block_n: int = 8,
         block_k: int = 512,
         seed: int = 0,
+        dot_stages: int = 0,
     ) -> Chain:
+        if dot_stages and min(block_n, block_k) < 16:
+            raise ValueError(f"tensor-core tiles need 16 or more rows and columns: {block_n}")
         for (n, _), (_, k_next) in itertools.pairwise(shapes):
             if n != k_next:
                 raise ValueError(f"each product's N must be the next one's K: {shapes}")
@@ -136,7 +149,16 @@ class Chain:
         width = max(max(n, k) for n, k in shapes)
         bufs = torch.zeros(2, width, dtype=dtype, device=device)
         bufs[0, : shapes[0][1]] = torch.randn(shapes[0][1], device=device, generator=g).to(dtype)
-        return Chain(shapes, weights, offsets, bufs, block_n, block_k)
+        return Chain(shapes, weights, offsets, bufs, block_n, block_k, dot_stages)
+
+    def tile_args(self) -> dict[str, object]:
+        """The tile's launch keywords: its sizes, the products' form and the pipeline depth."""
+        from engine.kernels.attention import dot_precision
+
+        return {
+            "BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "DOT": self.dot_stages > 0,
+            "PRECISION": dot_precision(self.bufs), "num_stages": max(1, self.dot_stages),
+        }  # fmt: skip
 
     def weight(self, p: int) -> torch.Tensor:
         n, k = self.shapes[p]
@@ -165,9 +187,8 @@ def run_launches(chain: Chain, pdl_mode: int = 0) -> None:
         x = flat[(p % 2) * width :]
         y = flat[((p + 1) % 2) * width :]
         gemv_kernel[(triton.cdiv(n, chain.block_n),)](
-            chain.weight(p), x, y, n, k, BLOCK_N=chain.block_n, BLOCK_K=chain.block_k,
-            num_warps=4, **extra,
-        )  # fmt: skip
+            chain.weight(p), x, y, n, k, num_warps=4, **chain.tile_args(), **extra
+        )
 
 
 @dataclass
@@ -208,8 +229,8 @@ class Persistent:
         chain_kernel[(self.programs,)](
             c.weights, c.bufs, c.bufs.shape[1], t["w_offsets"], t["ns"], t["ks"], t["tiles"],
             t["item_product"], t["item_tile"], self.scratch, self.num_items,
-            SCRATCH_BLOCK=self.scratch.numel(), BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-            SPIN_NS=self.spin_ns, num_warps=4,
+            SCRATCH_BLOCK=self.scratch.numel(), SPIN_NS=self.spin_ns, num_warps=4,
+            **c.tile_args(),
         )  # fmt: skip
 
 
@@ -236,6 +257,10 @@ def main() -> None:
     p.add_argument("--programs-per-sm", default="1,2,4")
     p.add_argument("--block-n", type=int, default=8)
     p.add_argument("--block-k", type=int, default=512)
+    p.add_argument(
+        "--dot-stages", type=int, default=0,
+        help="> 0: the tiles on the tensor cores, weight loads pipelined this deep (block-n 16+)",
+    )  # fmt: skip
     p.add_argument("--reps", type=int, default=20)
     p.add_argument(
         "--spin-ns", type=int, default=200, help="also time waits that sleep this long (0: no)"
@@ -247,7 +272,9 @@ def main() -> None:
 
     bandwidth = copy_bandwidth()
     shapes = args.shapes * args.layers
-    chain = Chain.build(shapes, torch.bfloat16, "cuda", args.block_n, args.block_k)
+    chain = Chain.build(
+        shapes, torch.bfloat16, "cuda", args.block_n, args.block_k, dot_stages=args.dot_stages
+    )
     x0 = chain.bufs[0, : shapes[0][1]].clone()
     floor_us = chain.weight_bytes() / bandwidth * 1e6
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -256,7 +283,9 @@ def main() -> None:
         f"{','.join(f'{n}x{k}' for n, k in args.shapes)}, "
         f"{chain.weight_bytes() / 1e9:.2f} GB of bfloat16 weights): "
         f"{torch.cuda.get_device_name()}, copy {bandwidth / 1e12:.2f} TB/s, floor "
-        f"{floor_us:.0f} µs; tiles {args.block_n} x {args.block_k}.\n\n"
+        f"{floor_us:.0f} µs; tiles {args.block_n} x {args.block_k}"
+        + (f" on the tensor cores, {args.dot_stages} stages" if args.dot_stages else "")
+        + ".\n\n"
         "| form | chain µs | µs a product | TB/s | x floor | output |\n"
         "| :--- | ---: | ---: | ---: | ---: | :--- |"
     )

@@ -96,29 +96,51 @@ def _gemv_tile(
     PERSISTENT: tl.constexpr,
     PDL: tl.constexpr,
     SPIN_NS: tl.constexpr = 0,
+    DOT: tl.constexpr = False,
+    PRECISION: tl.constexpr = "tf32",
 ):
-    """Rows `tile * BLOCK_N ...` of `y = w @ x` (w `[n, k]` contiguous): the first K step's
-    weights are loaded before waiting for x, and each step loads the next one's before using
-    its own (two steps in flight); float32 sums, rounded once to y's dtype."""
+    """Rows `tile * BLOCK_N ...` of `y = w @ x` (w `[n, k]` contiguous), float32 sums rounded
+    once to y's dtype. On the CUDA cores: the first K step's weights are loaded before waiting
+    for x, and each step loads the next one's before using its own (two steps in flight). With
+    DOT, on the tensor cores: x as row 0 of a 16-row tile against `[BLOCK_K, BLOCK_N]` tiles of
+    w, loads that feed a dot, which Triton pipelines `num_stages` deep through shared memory
+    (more bytes in flight a program than two steps in registers; BLOCK_N >= 16)."""
     rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n
     ks = tl.arange(0, BLOCK_K)
-    w_ptrs = w + rows.to(tl.int64)[:, None] * k + ks[None, :]
-    w_next = tl.load(w_ptrs, mask=row_ok[:, None] & (ks < k)[None, :], other=0.0)
-    pdl.start(PDL)  # the launch before (a persistent kernel's too)
-    if PERSISTENT:
-        _wait_for(ready, need, SPIN_NS)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, k, BLOCK_K):
-        w_cur = w_next
-        following = k0 + BLOCK_K + ks
-        w_next = tl.load(
-            w_ptrs + k0 + BLOCK_K, mask=row_ok[:, None] & (following < k)[None, :], other=0.0
-        )
-        # Past L1: in the persistent kernel x was written by other SMs in this launch.
-        x_k = tl.load(x + k0 + ks, mask=k0 + ks < k, other=0.0, cache_modifier=".cg")
-        acc += w_cur.to(tl.float32) * x_k.to(tl.float32)[None, :]
-    tl.store(y + rows, tl.sum(acc, 1).to(y.dtype.element_ty), mask=row_ok)
+    if DOT:
+        pdl.start(PDL)
+        if PERSISTENT:
+            _wait_for(ready, need, SPIN_NS)
+        first = tl.arange(0, 16)[:, None] == 0
+        w_t = w + rows.to(tl.int64)[None, :] * k + ks[:, None]  # [BLOCK_K, BLOCK_N]
+        dot_acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, k, BLOCK_K):
+            k_ok = k0 + ks < k
+            x_t = tl.load(
+                x + k0 + ks[None, :], mask=first & k_ok[None, :], other=0.0, cache_modifier=".cg"
+            )
+            w_k = tl.load(w_t + k0, mask=k_ok[:, None] & row_ok[None, :], other=0.0)
+            dot_acc = tl.dot(x_t, w_k, dot_acc, input_precision=PRECISION)
+        out = tl.sum(dot_acc, 0)  # row 0 plus zeros: exact
+    else:
+        w_ptrs = w + rows.to(tl.int64)[:, None] * k + ks[None, :]
+        w_next = tl.load(w_ptrs, mask=row_ok[:, None] & (ks < k)[None, :], other=0.0)
+        pdl.start(PDL)  # the launch before (a persistent kernel's too)
+        if PERSISTENT:
+            _wait_for(ready, need, SPIN_NS)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, k, BLOCK_K):
+            w_cur = w_next
+            following = k0 + BLOCK_K + ks
+            w_next = tl.load(
+                w_ptrs + k0 + BLOCK_K, mask=row_ok[:, None] & (following < k)[None, :], other=0.0
+            )
+            # Past L1: in the persistent kernel x was written by other SMs in this launch.
+            x_k = tl.load(x + k0 + ks, mask=k0 + ks < k, other=0.0, cache_modifier=".cg")
+            acc += w_cur.to(tl.float32) * x_k.to(tl.float32)[None, :]
+        out = tl.sum(acc, 1)
+    tl.store(y + rows, out.to(y.dtype.element_ty), mask=row_ok)
 
 
 # Phases of a layer, in order (OUT: O's tiles; GATE: the norm with the router's logits; UP and
@@ -232,6 +254,7 @@ def decode_layer_kernel(
     DOWN_BLOCK_K: tl.constexpr,
     SPIN_NS: tl.constexpr,
     PDL: tl.constexpr,
+    GEMV_DOT: tl.constexpr = False,  # the dense products' tiles on the tensor cores
 ):
     """One layer at batch 1 (its attention half, with MOE its MoE half too), items taken in
     order (a lower number never waits for a higher one: no deadlock, whatever is resident)."""
@@ -262,7 +285,7 @@ def decode_layer_kernel(
         elif item < end_qkv:
             _gemv_tile(
                 qkv_w, h_ptr, qkv_ptr, item - 1, n_qkv, hidden, scratch + _DONE + NORM, 1,
-                BLOCK_N, BLOCK_K, True, PDL, SPIN_NS,
+                BLOCK_N, BLOCK_K, True, PDL, SPIN_NS, GEMV_DOT, PRECISION,
             )  # fmt: skip
             _release(scratch + _DONE + QKV)
         elif item < end_splits:
@@ -300,7 +323,7 @@ def decode_layer_kernel(
                 need = combine_items
             _gemv_tile(
                 o_w, attn_ptr, out_ptr, item - end_combine, hidden, HQ * DV, before, need,
-                BLOCK_N, BLOCK_K, True, PDL, SPIN_NS,
+                BLOCK_N, BLOCK_K, True, PDL, SPIN_NS, GEMV_DOT, PRECISION,
             )  # fmt: skip
             _release(scratch + _DONE + OUT)
         elif item < end_gate:
@@ -440,6 +463,7 @@ def decode_layer(
     tiles: SmallBatchTiles = MOE_TILES,
     block_n: int = BLOCK_N,
     block_k: int = BLOCK_K,
+    gemv_dot: bool = False,
 ) -> torch.Tensor:
     """One layer of a batch-1 decode step in one launch: `residual += x` in place (`[1, H]`
     each), the attention half on its norm; with `experts` the MoE half too, on the norm of
@@ -448,7 +472,8 @@ def decode_layer(
     `experts`, else the experts' weighted sum. `scratch` (`[SCRATCH_SIZE]` int32, zero, left
     zero) must not be shared with the launch before; `programs` is the grid. `tiles`: the
     experts' (the small path's tiles, as `fused_moe_small` launches them); `block_n`,
-    `block_k`: the dense products' GEMV tiles."""
+    `block_k`: the dense products' GEMV tiles, on the tensor cores with `gemv_dot` (their loads
+    pipelined `num_stages` deep, as the split items' are)."""
     hidden = x.shape[-1]
     n_qkv, _ = attn.qkv_w.shape
     heads, kv_heads, dim = attn.num_heads, attn.k_cache.shape[1], attn.k_cache.shape[2]
@@ -515,7 +540,7 @@ def decode_layer(
         RENORMALIZE=experts is not None and experts.renormalize,
         UP_BLOCK_N=tiles.gate_up_n, UP_BLOCK_K=tiles.gate_up_k, DOWN_BLOCK_N=tiles.down_n,
         DOWN_BLOCK_K=down_block_k(tiles, k_pow2, x.element_size()),
-        SPIN_NS=spin_ns, num_warps=WARPS, num_stages=num_stages,
+        SPIN_NS=spin_ns, GEMV_DOT=gemv_dot, num_warps=WARPS, num_stages=num_stages,
         **pdl.launch_args(x),
     )  # fmt: skip
     return moe_out if experts is not None else o_out

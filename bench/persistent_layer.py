@@ -46,7 +46,7 @@ import triton
 from bench import persistent_kernel as kernel
 from bench.persistent_chain import gemv_kernel
 from engine.kernels import pdl
-from engine.kernels.attention import DECODE_BLOCK_N
+from engine.kernels.attention import DECODE_BLOCK_N, dot_precision
 from engine.kernels.fused_moe_small import SmallBatchTiles
 from engine.layers.pending import PendingSum
 
@@ -141,6 +141,7 @@ class Stack:
     block_n: int = 8
     block_k: int = 512
     moe_tiles: SmallBatchTiles | None = None  # None: MOE_TILES
+    gemv_dot: bool = False  # the dense products' tiles on the tensor cores (block_n >= 16)
 
     @staticmethod
     def build(
@@ -155,6 +156,7 @@ class Stack:
         block_k: int = 512,
         seed: int = 0,
         moe_tiles: SmallBatchTiles | None = None,
+        gemv_dot: bool = False,
     ) -> Stack:
         g = torch.Generator(device=device).manual_seed(seed)
         s = shape
@@ -226,6 +228,7 @@ class Stack:
             block_n=block_n,
             block_k=block_k,
             moe_tiles=moe_tiles,
+            gemv_dot=gemv_dot,
         )
 
     @property
@@ -342,6 +345,7 @@ def _product(
         return skinny_linear(x, w, None, tiles, defer=True)
     gemv_kernel[(triton.cdiv(n, stack.block_n),)](
         w, x, out, n, k, BLOCK_N=stack.block_n, BLOCK_K=stack.block_k, num_warps=WARPS,
+        DOT=stack.gemv_dot, PRECISION=dot_precision(x), num_stages=3,
         **pdl.launch_args(x),
     )  # fmt: skip
     return out
@@ -392,7 +396,7 @@ class Persistent:
             x = kernel.decode_layer(
                 x, residual, attn, step, self.scratch[i], self.programs, experts,
                 st.res[(i + 1) % 2], self.spin_ns, self.num_stages, st.tiles, st.block_n,
-                st.block_k,
+                st.block_k, st.gemv_dot,
             )  # fmt: skip
         st.xs[-1].copy_(x)
 
@@ -465,6 +469,7 @@ def table_rows(
     reps: int = 20,
     block_n: int = 8,
     block_k: int = 512,
+    gemv_dot: bool = False,
 ) -> list[str]:
     """The table's rows for one context: each form timed (CUDA graphs on a GPU, eager
     elsewhere), its µs a layer against the floor, and its output against the float32
@@ -475,7 +480,7 @@ def table_rows(
     splits = decode_splits(1, shape.kv_heads, context, DECODE_BLOCK_N, sms)
     stack = Stack.build(
         shape, layers, context, dtype, device, num_splits=splits, block_n=block_n,
-        block_k=block_k,
+        block_k=block_k, gemv_dot=gemv_dot,
     )  # fmt: skip
     floor_us = stack.bytes_read() / bandwidth * 1e6 / layers
     stack.reset()
@@ -524,6 +529,11 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--spin-ns", type=int, default=0, help="also time waits that sleep this long")
     p.add_argument("--stages", default="1", help="the split items' pipeline stages to time")
+    p.add_argument(
+        "--gemv-dot", action="store_true",
+        help="the dense products' tiles on the tensor cores, pipelined --stages deep "
+        "(both forms; --block-n 16 or more)",
+    )  # fmt: skip
     args = p.parse_args()
     if not torch.cuda.is_available():
         p.error("needs a CUDA device (tests/bench/test_persistent_layer.py runs it on the CPU)")
@@ -536,7 +546,7 @@ def main() -> None:
     print(
         f"\n## {args.preset}'s {half} at batch 1, {args.layers} layers: "
         f"{torch.cuda.get_device_name()}, copy {bandwidth / 1e12:.2f} TB/s; GEMV tiles "
-        f"{args.block_n} x {args.block_k}.\n\n"
+        f"{args.block_n} x {args.block_k}{' on the tensor cores' if args.gemv_dot else ''}.\n\n"
         "| context | form | µs a layer | floor µs | x floor | output |\n"
         "| ---: | :--- | ---: | ---: | ---: | :--- |"
     )
@@ -546,7 +556,7 @@ def main() -> None:
             sm_count(torch.device("cuda")), bandwidth,
             [int(v) for v in args.programs_per_sm.split(",")],
             [int(v) for v in args.stages.split(",")],
-            args.spin_ns, args.reps, args.block_n, args.block_k,
+            args.spin_ns, args.reps, args.block_n, args.block_k, args.gemv_dot,
         )  # fmt: skip
 
 

@@ -57,6 +57,7 @@
 #   run(command="bash bench/gpu/session.sh b3", carry=[".whl"])  # persistent chain, layer
 #   run(command="bash bench/gpu/session.sh b4", carry=[".whl"])  # skinny GEMM, 128-256 rows
 #   run(command="bash bench/gpu/session.sh b5", carry=[".whl"])  # constrained decode, overlap
+#   run(command="bash bench/gpu/session.sh b6", carry=[".whl"])  # persistent, tensor-core tiles
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -855,5 +856,24 @@ b5)
       --skip-hf --prefill '' --decode 1x128,64x128 --repeats 2 --regex $flag
   done
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5"; exit 2 ;;
+b6)
+  # The persistent experiment's last question (bench/NOTES.md): does it lose because each
+  # program keeps only two K steps of registers in flight? The GEMV tiles on the tensor cores
+  # (the vector as row 0 of 16) let Triton pipeline their weight loads through shared memory,
+  # in both forms alike. The chain first, then Qwen3-30B-A3B's attention half and whole layers
+  # (which also checks the barrier after the counter's acquire: two programs an SM gave a wrong
+  # whole-layer output before it), about 150 s.
+  for tiles in "16 256 4" "16 512 3"; do
+    set -- $tiles
+    TAIL=8 step "chain_dot_$1x$2" 40 python3 -m bench.persistent_chain --block-n "$1" \
+      --block-k "$2" --dot-stages "$3" --programs-per-sm 1,2 --spin-ns 0
+  done
+  TAIL=8 step layer_dot 50 python3 -m bench.persistent_layer --block-n 16 --block-k 256 \
+    --gemv-dot --stages 3 --programs-per-sm 1,2
+  TAIL=8 step layer_moe 50 python3 -m bench.persistent_layer --moe --layers 16 \
+    --programs-per-sm 1,2
+  TAIL=8 step layer_moe_dot 50 python3 -m bench.persistent_layer --moe --layers 16 \
+    --block-n 16 --block-k 256 --gemv-dot --stages 3 --programs-per-sm 1,2
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6"; exit 2 ;;
 esac

@@ -17,10 +17,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.mark.parametrize("programs", [1, 3])
-def test_persistent_chain_equals_one_launch_each(programs: int) -> None:
-    # Tiles of 32 rows and 32 columns: ragged last tiles in N (48) and K (48).
-    chain = Chain.build(parse_shapes("48x32,32x48,48x32"), torch.float32, "cpu", 32, 32, seed=3)
+@pytest.mark.parametrize(("programs", "dot_stages"), [(1, 0), (3, 0), (2, 3)])
+def test_persistent_chain_equals_one_launch_each(programs: int, dot_stages: int) -> None:
+    # Tiles of 32 rows and 32 columns: ragged last tiles in N (48) and K (48); on the CUDA
+    # cores, and on the tensor cores (the vector as row 0 of 16, pipelined 3 deep).
+    chain = Chain.build(
+        parse_shapes("48x32,32x48,48x32"), torch.float32, "cpu", 32, 32, seed=3,
+        dot_stages=dot_stages,
+    )  # fmt: skip
     x0 = chain.bufs[0, :32].clone()
     want = reference(chain, x0)
     run_launches(chain)

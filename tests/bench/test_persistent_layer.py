@@ -27,6 +27,7 @@ pytestmark = pytest.mark.skipif(
         (4, 4, False, 2, 9, 3, 0),  # no GQA, no q/k norms, the new token first in its page
         (4, 2, True, 1, 10, 2, 8),  # whole layers: 8 experts, top-2
         (4, 2, True, 3, 10, 3, 6),  # 6 experts (a gate item of one), top-3
+        (4, 2, True, 2, 10, 2, -8),  # whole layers, the dense products on the tensor cores
     ],
 )
 def test_persistent_layer_equals_the_launches(
@@ -38,6 +39,8 @@ def test_persistent_layer_equals_the_launches(
     programs: int,
     experts: int,
 ) -> None:
+    gemv_dot = experts < 0
+    experts = abs(experts)
     top_k = {0: 0, 8: 2, 6: 3}[experts]
     shape = Shape(
         hidden=48, heads=heads, kv_heads=kv_heads, head_dim=16, qk_norm=qk_norm,
@@ -49,6 +52,7 @@ def test_persistent_layer_equals_the_launches(
         shape, 2, context, torch.float32, "cpu", page_size=4, num_splits=splits,
         block_n=16, block_k=32, seed=heads + splits,
         moe_tiles=SmallBatchTiles(gate_up_k=16, down_n=16, down_k=16),  # K in steps
+        gemv_dot=gemv_dot,
     )  # fmt: skip
     stack.reset()
     want = reference(stack)
