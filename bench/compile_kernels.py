@@ -685,25 +685,30 @@ def add_small_batch_moe(add: Callable[..., None]) -> None:
     # The gate-up on the tensor cores (`fused_moe_small.DOT_TILES`, the default for experts of
     # 1,024 columns or more): Moonlight's, with its grouped routing.
     dot = fused_moe_small.DOT_TILES
-    add(
-        "small_gate_up_kernel bf16 moonlight route=2 dot tiles",
-        fused_moe_small.small_gate_up_kernel,
-        {
-            **{name: "*bf16" for name in ("x", "w13", "act")},
-            **{name: "*fp32" for name in ("router_logits", "topk_weights", "correction_bias")},
-            "topk_ids": "*i64",
-        },
-        {
-            **{"TOP_K": 8, "K_POW2": 8, "E_POW2": 1, "ROUTE": grouped, "RENORMALIZE": True},
-            **{"NUM_GROUPS": 1, "PER_GROUP": 64, "TOPK_GROUPS": 1, "NUM_SHARED": 2},
-            **{"G_POW2": 1, "P_POW2": 64, "BLOCK_N": dot.gate_up_n, "BLOCK_K": dot.gate_up_k},
-            **{"DOT": True, "PRECISION": "tf32"},
-        },
-        floats=("scaling",),
-        divisible=("x", "w13", "act", "router_logits", "stride_xt", "stride_lt", *sizes),
-        num_warps=dot.num_warps,
-        num_stages=dot.gate_up_stages,
-    )
+    for model, top_k, k_pow2, (groups, per_group, topk_groups, shared) in (
+        ("moonlight", 8, 8, (1, 64, 1, 2)),
+        ("deepseek-v3", 9, 16, (8, 32, 4, 1)),
+    ):
+        add(
+            f"small_gate_up_kernel bf16 {model} route=2 dot tiles",
+            fused_moe_small.small_gate_up_kernel,
+            {
+                **{name: "*bf16" for name in ("x", "w13", "act")},
+                **{n: "*fp32" for n in ("router_logits", "topk_weights", "correction_bias")},
+                "topk_ids": "*i64",
+            },
+            {
+                **{"TOP_K": top_k, "K_POW2": k_pow2, "E_POW2": 1, "ROUTE": grouped},
+                **{"RENORMALIZE": True, "NUM_GROUPS": groups, "PER_GROUP": per_group},
+                **{"TOPK_GROUPS": topk_groups, "NUM_SHARED": shared, "G_POW2": groups},
+                **{"P_POW2": per_group, "BLOCK_N": dot.gate_up_n, "BLOCK_K": dot.gate_up_k},
+                **{"DOT": True, "PRECISION": "tf32"},
+            },
+            floats=("scaling",),
+            divisible=("x", "w13", "act", "router_logits", "stride_xt", "stride_lt", *sizes),
+            num_warps=dot.num_warps,
+            num_stages=dot.gate_up_stages,
+        )
     add(
         "small_gate_up_kernel bf16 qwen3-30b-a3b route=1 dot 64x128 s4",
         fused_moe_small.small_gate_up_kernel,

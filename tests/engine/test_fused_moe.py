@@ -302,6 +302,38 @@ def test_small_path_gate_up_on_the_tensor_cores(tokens, top_k, inter, dtype):
         dataclasses.replace(SMALL_TILES, gate_up_n=8, gate_up_dot=True)
 
 
+def test_the_small_path_takes_the_tensor_cores_for_wide_16_bit_experts(monkeypatch):
+    """Without tiles given, 16-bit experts of `DOT_MIN_INTER` columns or more take
+    `DOT_TILES` (measured faster for Moonlight's 1,408 on an H100), narrower ones (Qwen3-30B-
+    A3B's 768) and float32 weights the CUDA-core tiles."""
+    from engine.kernels import fused_moe_small
+
+    assert fused_moe_small.default_tiles(1408, 2) is fused_moe_small.DOT_TILES
+    assert fused_moe_small.default_tiles(768, 2) is fused_moe_small.DEFAULT_TILES
+    assert fused_moe_small.default_tiles(2048, 4) is fused_moe_small.DEFAULT_TILES
+    # A narrow intermediate here (the interpreter's time) with the threshold lowered to it:
+    # a launch without tiles is the launch with DOT_TILES.
+    monkeypatch.setattr(fused_moe_small, "DOT_MIN_INTER", 32)
+    picked = []
+    rule = fused_moe_small.default_tiles
+
+    def recorded(inter: int, element_size: int) -> SmallBatchTiles:
+        picked.append(rule(inter, element_size))
+        return picked[-1]
+
+    monkeypatch.setattr(fused_moe_small, "default_tiles", recorded)
+    g = torch.Generator().manual_seed(5)
+    experts, hidden, inter = 6, 40, 32
+    w13 = (torch.randn(experts, 2 * inter, hidden, generator=g) / hidden**0.5).half()
+    w2 = (torch.randn(experts, hidden, inter, generator=g) / inter**0.5).half()
+    x = torch.randn(1, hidden, generator=g).half()
+    logits = torch.randn(1, experts, generator=g).half()
+    chosen = small_batch_moe_routed(x, w13, w2, logits, 2, True)
+    dot = small_batch_moe_routed(x, w13, w2, logits, 2, True, fused_moe_small.DOT_TILES)
+    assert picked == [fused_moe_small.DOT_TILES]  # asked once, for the launch without tiles
+    assert all(torch.equal(a, b) for a, b in zip(chosen, dot, strict=True))
+
+
 @pytest.mark.parametrize("small_batch", [None, False])
 def test_fused_moe_routed_matches_routing_then_experts(small_batch):
     """`fused_moe_routed` (what TritonMoEBackend.routed_experts runs) on either path."""
