@@ -678,6 +678,8 @@ def add_small_batch_moe(add: Callable[..., None]) -> None:
                 "K_POW2": k_pow2,
                 "BLOCK_N": tiles.down_n,
                 "BLOCK_K": fused_moe_small.down_block_k(tiles, k_pow2, 4 if dtype == "fp32" else 2),
+                "DOT": False,
+                "PRECISION": "ieee" if dtype == "fp32" else "tf32",
             },
             divisible=("act", "w2", "out", *sizes),
             num_warps=tiles.num_warps,
@@ -708,6 +710,28 @@ def add_small_batch_moe(add: Callable[..., None]) -> None:
             divisible=("x", "w13", "act", "router_logits", "stride_xt", "stride_lt", *sizes),
             num_warps=dot.num_warps,
             num_stages=dot.gate_up_stages,
+        )
+    # The down kernel on the tensor cores (`SmallBatchTiles.down_dot`, on trial), 16 and 32
+    # columns a program, Qwen3-30B-A3B's top-8 and DeepSeek-V3's 9 slots.
+    for model, top_k, k_pow2, down_n in (
+        ("qwen3-30b-a3b", 8, 8, 16),
+        ("qwen3-30b-a3b", 8, 8, 32),
+        ("deepseek-v3", 9, 16, 16),
+    ):
+        add(
+            f"small_down_combine_kernel bf16 {model} dot {down_n}x256 s3",
+            fused_moe_small.small_down_combine_kernel,
+            {
+                **{name: "*bf16" for name in ("act", "w2", "out", "topk_weights")},
+                "topk_ids": "*i64",
+            },
+            {
+                **{"TOP_K": top_k, "K_POW2": k_pow2, "BLOCK_N": down_n, "BLOCK_K": 256},
+                **{"DOT": True, "PRECISION": "tf32"},
+            },
+            divisible=("act", "w2", "out", *sizes),
+            num_warps=4,
+            num_stages=3,
         )
     add(
         "small_gate_up_kernel bf16 qwen3-30b-a3b route=1 dot 64x128 s4",

@@ -346,14 +346,16 @@ def tune_shape(shape: LayerShape, tokens: Sequence[int], layers: list[Layer], re
 
 
 def small_tiles(text: str) -> SmallBatchTiles:
-    """GATE_UP_N,GATE_UP_K,DOWN_N,DOWN_K,WARPS[,DOT_STAGES]: DOT_STAGES > 0 puts the gate-up
-    products on the tensor cores with that many pipeline stages."""
+    """GATE_UP_N,GATE_UP_K,DOWN_N,DOWN_K,WARPS[,DOT_STAGES[,DOWN_DOT_STAGES]]: DOT_STAGES > 0
+    puts the gate-up products on the tensor cores with that many pipeline stages,
+    DOWN_DOT_STAGES > 0 the down products."""
     try:
         values = [int(v) for v in text.split(",")]
-        if len(values) not in (5, 6):
+        if len(values) not in (5, 6, 7):
             raise ValueError
         gate_up_n, gate_up_k, down_n, down_k, num_warps = values[:5]
-        stages = values[5] if len(values) == 6 else 0
+        stages = values[5] if len(values) > 5 else 0
+        down_stages = values[6] if len(values) > 6 else 0
         return SmallBatchTiles(
             gate_up_n,
             gate_up_k,
@@ -362,11 +364,14 @@ def small_tiles(text: str) -> SmallBatchTiles:
             num_warps,
             gate_up_dot=stages > 0,
             gate_up_stages=stages if stages > 0 else 4,
+            down_dot=down_stages > 0,
+            down_stages=down_stages if down_stages > 0 else 3,
         )
     except ValueError as e:
         raise argparse.ArgumentTypeError(
-            "expected GATE_UP_N,GATE_UP_K,DOWN_N,DOWN_K,WARPS[,DOT_STAGES] like 16,256,8,256,4 "
-            f"or 64,128,8,256,4,4, got {text!r}" + (f": {e}" if str(e) else "")
+            "expected GATE_UP_N,GATE_UP_K,DOWN_N,DOWN_K,WARPS[,DOT_STAGES[,DOWN_DOT_STAGES]] like "
+            f"16,256,8,256,4 or 64,128,8,256,4,4 or 16,256,16,256,4,0,3, got {text!r}"
+            + (f": {e}" if str(e) else "")
         ) from None
 
 
@@ -521,7 +526,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         type=small_tiles,
         action="append",
         help="the small path's GATE_UP_N,GATE_UP_K,DOWN_N,DOWN_K,WARPS (powers of two), and "
-        "DOT_STAGES (> 0: the gate-up products on the tensor cores, pipelined that deep); "
+        "DOT_STAGES (> 0: the gate-up products on the tensor cores, pipelined that deep), "
+        "DOWN_DOT_STAGES (the same for the down products); "
         "repeat it to time several on the same layers (default: the engine's, default_tiles)",
     )
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))

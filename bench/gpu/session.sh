@@ -862,7 +862,7 @@ b6)
   # (the vector as row 0 of 16) let Triton pipeline their weight loads through shared memory,
   # in both forms alike. The chain first, then Qwen3-30B-A3B's attention half and whole layers
   # (which also checks the barrier after the counter's acquire: two programs an SM gave a wrong
-  # whole-layer output before it), about 150 s.
+  # whole-layer output before it), about 150 s; then the down kernel's tiles below.
   for tiles in "16 256 4" "16 512 3"; do
     set -- $tiles
     TAIL=8 step "chain_dot_$1x$2" 40 python3 -m bench.persistent_chain --block-n "$1" \
@@ -874,6 +874,16 @@ b6)
     --programs-per-sm 1,2
   TAIL=8 step layer_moe_dot 50 python3 -m bench.persistent_layer --moe --layers 16 \
     --block-n 16 --block-k 256 --gemv-dot --stages 3 --programs-per-sm 1,2
+  # Then the small MoE path's down kernel on the tensor cores (SmallBatchTiles.down_dot, the
+  # seventh value: its stages) against the CUDA-core down, one layer at one token, each model
+  # with its default gate-up (Qwen3-30B-A3B's CUDA-core tiles, Moonlight's dot tiles), 30 s.
+  TAIL=24 step small_down_dot 40 bash -c 'python3 -m bench.moe_kernel --shape qwen3-30b-a3b \
+    --tokens 1 --path small --reps 20 --small-tiles 16,256,8,256,4 \
+    --small-tiles 16,256,16,256,4,0,3 --small-tiles 16,256,16,128,4,0,4 \
+    --small-tiles 16,256,32,256,4,0,3 2>&1 | grep "^## \|^### \|^| 1 "; \
+    python3 -m bench.moe_kernel --shape moonlight-16b-a3b-fused --tokens 1 --path small \
+    --reps 20 --small-tiles 32,256,8,256,4,3 --small-tiles 32,256,16,256,4,3,3 \
+    --small-tiles 32,256,16,128,4,3,4 2>&1 | grep "^## \|^### \|^| 1 "'
   ;;
 *) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6"; exit 2 ;;
 esac

@@ -220,11 +220,13 @@ def small_down_combine_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
+    DOT: tl.constexpr = False,  # the products on the tensor cores (`SmallBatchTiles.down_dot`)
+    PRECISION: tl.constexpr = "tf32",
 ):
     pdl.start(PDL)
     small_down_combine_program(
         tl.program_id(0), tl.program_id(1), act, w2, topk_weights, topk_ids, out, num_experts,
-        hidden, inter, stride_we, stride_wn, TOP_K, K_POW2, BLOCK_N, BLOCK_K,
+        hidden, inter, stride_we, stride_wn, TOP_K, K_POW2, BLOCK_N, BLOCK_K, DOT, PRECISION,
     )  # fmt: skip
 
 
@@ -232,47 +234,73 @@ def small_down_combine_kernel(
 def small_down_combine_program(
     token, col_block, act, w2, topk_weights, topk_ids, out, num_experts, hidden, inter,
     stride_we, stride_wn, TOP_K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT: tl.constexpr = False, PRECISION: tl.constexpr = "tf32",
 ):  # fmt: skip
     """Program `(token, col_block)` of the down launch (also an item of
     bench.persistent_kernel's)."""
     token = token.to(tl.int64)
     cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < hidden
-    ks = tl.arange(0, BLOCK_K)
-    slots = tl.arange(0, K_POW2)
-    pair = token * TOP_K + slots  # [K_POW2]
-    expert = tl.load(topk_ids + pair, mask=slots < TOP_K, other=-1).to(tl.int64)
-    # Another rank's pair adds nothing (and its act row was never written).
-    valid = (expert >= 0) & (expert < num_experts)
-    expert = tl.where(valid, expert, 0)
-    # All the token's pairs at once, [K_POW2, BLOCK_N, BLOCK_K] of w2 per step, so that a
-    # program keeps as many bytes in flight as a gate-up program does.
-    a_ptr = act + pair[:, None] * inter + ks[None, :]
-    w_ptr = (
-        w2 + expert[:, None, None] * stride_we + cols[None, :, None] * stride_wn + ks[None, None, :]
-    )
-    acc = tl.zeros([K_POW2, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, inter, BLOCK_K):
-        k_ok = ks < inter - k0
-        a_ok = valid[:, None] & k_ok[None, :]
-        a = tl.load(a_ptr, mask=a_ok, other=0.0).to(tl.float32)
-        w_ok = a_ok[:, None, :] & col_ok[None, :, None]
-        w = tl.load(w_ptr, mask=w_ok, other=0.0).to(tl.float32)
-        acc += w * a[:, None, :]
-        a_ptr += BLOCK_K
-        w_ptr += BLOCK_K
-    # The grouped path stores each pair's output in x's dtype; the combine sums those.
-    y = tl.sum(acc, axis=2).to(out.dtype.element_ty).to(tl.float32)  # [K_POW2, BLOCK_N]
-    weight = tl.load(topk_weights + pair, mask=valid, other=0.0).to(tl.float32)
-    total = tl.zeros([BLOCK_N], dtype=tl.float32)
-    # Summed pair by pair in order, as combine_kernel does (picking a row out of y by a masked
-    # sum is exact: the other terms are zeros).
-    for j in tl.static_range(TOP_K):
-        y_j = tl.sum(tl.where(slots[:, None] == j, y, 0.0), axis=0)
-        weight_j = tl.sum(tl.where(slots == j, weight, 0.0), axis=0)
-        total += weight_j * y_j
-    tl.store(out + token * hidden + cols, total.to(out.dtype.element_ty), mask=col_ok)
+    if DOT:
+        # Pair by pair, in order: the pair's activation row as row 0 of a 16-row tile against
+        # [BLOCK_K, BLOCK_N] tiles of its expert's w2 rows, on the tensor cores (loads that feed
+        # a dot: Triton pipelines them `num_stages` deep); each pair's output rounded to x's
+        # dtype, then weighted and summed in float32, as below.
+        first = tl.arange(0, 16)[:, None] == 0
+        kk = tl.arange(0, BLOCK_K)
+        total = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for j in tl.static_range(TOP_K):
+            pair_j = token * TOP_K + j
+            e = tl.load(topk_ids + pair_j).to(tl.int64)
+            ok = (e >= 0) & (e < num_experts)  # another rank's pair adds nothing
+            e = tl.where(ok, e, 0)
+            limit = tl.where(ok, inter, 0)  # a skipped pair loads nothing
+            a_ptr = act + pair_j * inter + kk[None, :]
+            w_ptr = w2 + e * stride_we + cols[None, :] * stride_wn + kk[:, None]
+            acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, inter, BLOCK_K):
+                k_ok = kk < limit - k0
+                a = tl.load(a_ptr + k0, mask=first & k_ok[None, :], other=0.0)
+                w = tl.load(w_ptr + k0, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                acc = tl.dot(a, w, acc, input_precision=PRECISION)
+            y_j = tl.sum(acc, axis=0).to(out.dtype.element_ty).to(tl.float32)  # row 0: exact
+            weight_j = tl.load(topk_weights + pair_j, mask=ok, other=0.0).to(tl.float32)
+            total += weight_j * y_j
+        tl.store(out + token * hidden + cols, total.to(out.dtype.element_ty), mask=col_ok)
+    else:
+        ks = tl.arange(0, BLOCK_K)
+        slots = tl.arange(0, K_POW2)
+        pair = token * TOP_K + slots  # [K_POW2]
+        expert = tl.load(topk_ids + pair, mask=slots < TOP_K, other=-1).to(tl.int64)
+        # Another rank's pair adds nothing (and its act row was never written).
+        valid = (expert >= 0) & (expert < num_experts)
+        expert = tl.where(valid, expert, 0)
+        # All the token's pairs at once, [K_POW2, BLOCK_N, BLOCK_K] of w2 per step, so that a
+        # program keeps as many bytes in flight as a gate-up program does.
+        a_ptr = act + pair[:, None] * inter + ks[None, :]
+        w_ptr = w2 + expert[:, None, None] * stride_we + cols[None, :, None] * stride_wn
+        w_ptr += ks[None, None, :]
+        acc = tl.zeros([K_POW2, BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, inter, BLOCK_K):
+            k_ok = ks < inter - k0
+            a_ok = valid[:, None] & k_ok[None, :]
+            a = tl.load(a_ptr, mask=a_ok, other=0.0).to(tl.float32)
+            w_ok = a_ok[:, None, :] & col_ok[None, :, None]
+            w = tl.load(w_ptr, mask=w_ok, other=0.0).to(tl.float32)
+            acc += w * a[:, None, :]
+            a_ptr += BLOCK_K
+            w_ptr += BLOCK_K
+        # The grouped path stores each pair's output in x's dtype; the combine sums those.
+        y = tl.sum(acc, axis=2).to(out.dtype.element_ty).to(tl.float32)  # [K_POW2, BLOCK_N]
+        weight = tl.load(topk_weights + pair, mask=valid, other=0.0).to(tl.float32)
+        total = tl.zeros([BLOCK_N], dtype=tl.float32)
+        # Summed pair by pair in order, as combine_kernel does (picking a row out of y by a masked
+        # sum is exact: the other terms are zeros).
+        for j in tl.static_range(TOP_K):
+            y_j = tl.sum(tl.where(slots[:, None] == j, y, 0.0), axis=0)
+            weight_j = tl.sum(tl.where(slots == j, weight, 0.0), axis=0)
+            total += weight_j * y_j
+        tl.store(out + token * hidden + cols, total.to(out.dtype.element_ty), mask=col_ok)
 
 
 @dataclass(frozen=True)
@@ -298,14 +326,25 @@ class SmallBatchTiles:
     # CUDA-core loop keeps one step in flight).
     gate_up_dot: bool = False
     gate_up_stages: int = 4
+    # The down kernel's products on the tensor cores too (each pair's activation as row 0 of
+    # 16), its weight loads pipelined `down_stages` deep, pair after pair.
+    down_dot: bool = False
+    down_stages: int = 3
 
     def __post_init__(self) -> None:
         for name in ("gate_up_n", "gate_up_k", "down_n", "down_k", "num_warps"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):  # tl.arange and the warps need powers of two
                 raise ValueError(f"{name} must be a power of two, got {value}")
-        if self.gate_up_stages < 1:
-            raise ValueError(f"gate_up_stages must be >= 1, got {self.gate_up_stages}")
+        if self.gate_up_stages < 1 or self.down_stages < 1:
+            raise ValueError(
+                f"stages must be >= 1, got {self.gate_up_stages} and {self.down_stages}"
+            )
+        if self.down_dot and min(self.down_n, self.down_k) < 16:
+            raise ValueError(
+                f"down_dot needs down_n and down_k of 16 or more (tl.dot), got {self.down_n} "
+                f"and {self.down_k}"
+            )
         if self.gate_up_dot and min(self.gate_up_n, self.gate_up_k) < 16:
             raise ValueError(
                 f"gate_up_dot needs gate_up_n and gate_up_k of 16 or more (tl.dot), got "
@@ -336,6 +375,8 @@ def down_block_k(tiles: SmallBatchTiles, k_pow2: int, element_size: int = 2) -> 
     K step] tile, so past 8 slots (DeepSeek-V3's top-8 and a fused shared expert: 16) a shorter
     step keeps the same registers, and so do float32 weights (`element_size` 4: half the step,
     the same bytes a load; 16-bit weights' step spilled 2 KB there)."""
+    if tiles.down_dot:  # a [16, down_n] accumulator a pair: no [k_pow2, ...] tile to hold
+        return tiles.down_k
     return max(16, tiles.down_k * 8 // max(8, k_pow2) * 2 // max(2, element_size))
 
 
@@ -502,7 +543,10 @@ def _launch(
         K_POW2=k_pow2,
         BLOCK_N=tiles.down_n,
         BLOCK_K=down_block_k(tiles, k_pow2, w2.element_size()),
+        DOT=tiles.down_dot,
+        PRECISION=dot_precision(x),
         num_warps=tiles.num_warps,
+        num_stages=tiles.down_stages if tiles.down_dot else 3,
         **pdl.launch_args(act),
     )
     return out

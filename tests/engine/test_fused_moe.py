@@ -302,6 +302,39 @@ def test_small_path_gate_up_on_the_tensor_cores(tokens, top_k, inter, dtype):
         dataclasses.replace(SMALL_TILES, gate_up_n=8, gate_up_dot=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tokens,top_k,inter", [(1, 8, 40), (2, 3, 24)])
+def test_small_path_down_on_the_tensor_cores(tokens, top_k, inter, dtype):
+    """`SmallBatchTiles.down_dot` (each pair's activation as row 0 of a 16-row tile against its
+    expert's w2 tiles, on the tensor cores): the output agrees with the CUDA-core down up to
+    float32 summation order within each pair's product (the same per-pair rounding and
+    weighted sum in pair order), with the K step ragged (40 in steps of 16) and an
+    expert-parallel -1 among the ids."""
+    g = torch.Generator().manual_seed(tokens * 7 + top_k)
+    experts, hidden = 10, 36
+    w13 = (torch.randn(experts, 2 * inter, hidden, generator=g) / hidden**0.5).to(dtype)
+    w2 = (torch.randn(experts, hidden, inter, generator=g) / inter**0.5).to(dtype)
+    x = torch.randn(tokens, hidden, generator=g).to(dtype)
+    logits = torch.randn(tokens, experts, generator=g).to(dtype)
+    tiles = SmallBatchTiles(16, 16, 16, 16, 4)
+    dot = dataclasses.replace(tiles, down_dot=True, down_stages=2)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    want = small_batch_moe_routed(x, w13, w2, logits, top_k, True, tiles)
+    got = small_batch_moe_routed(x, w13, w2, logits, top_k, True, dot)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    torch.testing.assert_close(got[0], want[0], rtol=tol, atol=tol)
+    ids = want[2].clone()
+    ids[-1, 0] = -1  # another rank's pair
+    torch.testing.assert_close(
+        small_batch_moe(x, w13, w2, want[1], ids, dot),
+        small_batch_moe(x, w13, w2, want[1], ids, tiles),
+        rtol=tol,
+        atol=tol,
+    )
+    with pytest.raises(ValueError, match="down_dot needs down_n"):
+        dataclasses.replace(tiles, down_n=8, down_dot=True)
+
+
 def test_the_small_path_takes_the_tensor_cores_for_wide_16_bit_experts(monkeypatch):
     """Without tiles given, 16-bit experts of `DOT_MIN_INTER` columns or more take
     `DOT_TILES` (measured faster for Moonlight's 1,408 on an H100), narrower ones (Qwen3-30B-
