@@ -923,7 +923,7 @@ def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
             | {"x_ptr": parts, "pw_ptr": "*fp32", "ids_ptr": "*i64"},
             {"HAS_RESIDUAL": True, "BLOCK": block, "PDL": 2, **consts},
             floats=("eps",),
-            num_warps=min(16, block // 256),
+            num_warps=fused.norm_warps(block),
             launch_pdl=True,
         )
     # The norm with the gate's logits (`fused.rms_norm_gate`): Qwen3-30B-A3B's (O's split-K
@@ -941,7 +941,7 @@ def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
             | {"x_ptr": parts, "pw_ptr": "*fp32", "ids_ptr": "*i64", "logits_ptr": logits},
             {"BLOCK": block, "BLOCK_E": fused.GATE_BLOCK_E, "PDL": 2, **consts},
             floats=("eps",),
-            num_warps=min(16, block // 256),
+            num_warps=fused.norm_warps(block),
             launch_pdl=True,
         )
 

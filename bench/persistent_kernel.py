@@ -375,7 +375,7 @@ NUM_STAGES = 1
 # Dense products' tiles: rows a tile, and the K step (bench.persistent_chain's GEMV tile).
 BLOCK_N = 8
 BLOCK_K = 512
-SCRATCH_SIZE = 16  # a launch's counters (int(SCRATCH))
+SCRATCH_SIZE = int(SCRATCH)  # a launch's counters, for the host
 
 
 @dataclass(frozen=True)
@@ -426,27 +426,6 @@ class Step:
     interleaved: bool
     page_size: int
     num_splits: int
-
-
-def item_count(
-    hidden: int,
-    n_qkv: int,
-    heads: int,
-    kv_heads: int,
-    num_splits: int,
-    experts: Experts | None,
-    tiles: SmallBatchTiles = MOE_TILES,
-    block_n: int = BLOCK_N,
-) -> int:
-    """The items of one layer's launch (more programs than these would take none)."""
-    items = 1 + triton.cdiv(n_qkv, block_n) + kv_heads * num_splits
-    items += (heads if num_splits > 1 else 0) + triton.cdiv(hidden, block_n)
-    if experts is not None:
-        inter = experts.w13.shape[1] // 2
-        items += triton.cdiv(experts.gate_w.shape[0], GATE_BLOCK_E)
-        items += experts.top_k * triton.cdiv(inter, tiles.gate_up_n)
-        items += triton.cdiv(hidden, tiles.down_n)
-    return items
 
 
 def decode_layer(

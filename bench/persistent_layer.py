@@ -121,20 +121,11 @@ class Stack:
     shape: Shape
     layers: list[Layer]
     context: int  # tokens in the cache, the new one included
-    page_size: int
-    num_splits: int
-    table: torch.Tensor  # [1, pages]
-    rows: torch.Tensor
-    seq_lens: torch.Tensor
-    positions: torch.Tensor
-    slots: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
+    step: kernel.Step  # the page table (one row, pages scrambled), positions, slots, tables
     x0: torch.Tensor  # [1, H]: the first layer's input
     res0: torch.Tensor
     xs: list[torch.Tensor]  # layer l reads xs[l] and writes xs[l + 1]
     res: list[torch.Tensor]  # two: with MoE, layer l's norms read res[l % 2], write the other
-    h: torch.Tensor
     qkv: torch.Tensor
     attn: torch.Tensor
     o_out: torch.Tensor  # with MoE, O's output (without, xs[l + 1])
@@ -208,20 +199,22 @@ class Stack:
             shape=shape,
             layers=stack_layers,
             context=context,
-            page_size=page_size,
-            num_splits=num_splits,
-            table=table,
-            rows=torch.zeros(1, dtype=torch.int32, device=device),
-            seq_lens=torch.tensor([context], dtype=torch.int32, device=device),
-            positions=torch.tensor([last], dtype=torch.int64, device=device),
-            slots=torch.tensor([slot], dtype=torch.int64, device=device),
-            cos=cos,
-            sin=sin,
+            step=kernel.Step(
+                page_table=table,
+                rows=torch.zeros(1, dtype=torch.int32, device=device),
+                seq_lens=torch.tensor([context], dtype=torch.int32, device=device),
+                positions=torch.tensor([last], dtype=torch.int64, device=device),
+                slots=torch.tensor([slot], dtype=torch.int64, device=device),
+                cos=cos,
+                sin=sin,
+                interleaved=False,
+                page_size=page_size,
+                num_splits=num_splits,
+            ),
             x0=randn(1, s.hidden),
             res0=randn(1, s.hidden),
             xs=[empty(1, s.hidden) for _ in range(layers + 1)],
             res=[empty(1, s.hidden), empty(1, s.hidden)],
-            h=empty(1, s.hidden),
             qkv=empty(1, s.n_qkv),
             attn=empty(1, hq, d),
             o_out=empty(1, s.hidden),
@@ -239,7 +232,7 @@ class Stack:
         """The step's inputs as built, and every cache's new slot zero (each form writes it)."""
         self.xs[0].copy_(self.x0)
         self.res[0].copy_(self.res0)
-        slot = int(self.slots[0])
+        slot = int(self.step.slots[0])
         for layer in self.layers:
             layer.k_cache[slot].zero_()
             layer.v_cache[slot].zero_()
@@ -282,7 +275,7 @@ def run_launches(stack: Stack, engine_gemm: bool = False) -> None:
     from engine.kernels.fused_moe_small import small_batch_moe_routed
     from engine.layers.pending import materialize
 
-    s = stack.shape
+    s, step = stack.shape, stack.step
     hq, hkv, d = s.heads, s.kv_heads, s.head_dim
     warps = None if engine_gemm else WARPS
     x: torch.Tensor | PendingSum = stack.xs[0]
@@ -297,16 +290,17 @@ def run_launches(stack: Stack, engine_gemm: bool = False) -> None:
         query: torch.Tensor | DecodeRope
         if engine_gemm:
             query = fused.rope_store_kv(
-                q, k, v, stack.positions, stack.cos, stack.sin, False, layer.k_cache,
-                layer.v_cache, stack.slots, qk_norm=qk_norm,
+                q, k, v, step.positions, step.cos, step.sin, step.interleaved, layer.k_cache,
+                layer.v_cache, step.slots, qk_norm=qk_norm,
             )  # fmt: skip
         else:
             query = DecodeRope(
-                q, k, v, stack.positions, stack.slots, stack.cos, stack.sin, False, qk_norm
-            )
+                q, k, v, step.positions, step.slots, step.cos, step.sin, step.interleaved,
+                qk_norm,
+            )  # fmt: skip
         attn = decode_attention(
-            query, layer.k_cache, layer.v_cache, stack.table, stack.rows, stack.seq_lens,
-            stack.page_size, d**-0.5, stack.num_splits, out=stack.attn,
+            query, layer.k_cache, layer.v_cache, step.page_table, step.rows, step.seq_lens,
+            step.page_size, d**-0.5, step.num_splits, out=stack.attn,
         )  # fmt: skip
         o_out = stack.o_out if s.experts else stack.xs[i + 1]
         x = _product(attn.view(1, hq * d), layer.o_w, stack, engine_gemm, o_out)
@@ -367,16 +361,12 @@ class Persistent:
         stack: Stack, programs: int, spin_ns: int = 0, num_stages: int = kernel.NUM_STAGES
     ) -> Persistent:
         scratch = torch.zeros(
-            len(stack.layers), kernel.SCRATCH_SIZE, dtype=torch.int32, device=stack.h.device
+            len(stack.layers), kernel.SCRATCH_SIZE, dtype=torch.int32, device=stack.x0.device
         )
         return Persistent(stack, programs, scratch, spin_ns, num_stages)
 
     def run(self) -> None:
         st, s = self.stack, self.stack.shape
-        step = kernel.Step(
-            st.table, st.rows, st.seq_lens, st.positions, st.slots, st.cos, st.sin, False,
-            st.page_size, st.num_splits,
-        )  # fmt: skip
         x = st.xs[0]
         for i, layer in enumerate(st.layers):
             attn = kernel.Attention(
@@ -394,7 +384,7 @@ class Persistent:
                 )  # fmt: skip
             residual = st.res[i % 2] if experts is not None else st.res[0]
             x = kernel.decode_layer(
-                x, residual, attn, step, self.scratch[i], self.programs, experts,
+                x, residual, attn, st.step, self.scratch[i], self.programs, experts,
                 st.res[(i + 1) % 2], self.spin_ns, self.num_stages, st.tiles, st.block_n,
                 st.block_k, st.gemv_dot,
             )  # fmt: skip
@@ -407,10 +397,11 @@ def reference(stack: Stack) -> torch.Tensor:
     s = stack.shape
     hq, hkv, d = s.heads, s.kv_heads, s.head_dim
     x, res = stack.x0.float(), stack.res0.float()
-    pos = int(stack.positions[0])
-    c, sn = stack.cos[pos].float(), stack.sin[pos].float()
-    pages = stack.table[0].long()
-    slots = pages[:, None] * stack.page_size + torch.arange(stack.page_size, device=x.device)
+    step = stack.step
+    pos = int(step.positions[0])
+    c, sn = step.cos[pos].float(), step.sin[pos].float()
+    pages = step.page_table[0].long()
+    slots = pages[:, None] * step.page_size + torch.arange(step.page_size, device=x.device)
     slots = slots.flatten()[: stack.context]
 
     def rms(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -492,7 +483,7 @@ def table_rows(
         seconds = time_graph(fn, reps)
         stack.reset()
         fn()
-        if stack.h.is_cuda:
+        if stack.x0.is_cuda:
             torch.cuda.synchronize()
         got = stack.output().clone()
         if not baseline:
