@@ -784,6 +784,44 @@ def add_skinny_tma(
     )
 
 
+# The pointer kernels' arguments a launch passes as multiples of 16.
+SKINNY_DIVISIBLE = ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "part_ptr", "K", "N", "split_len",
+                    "stride_xm", "stride_wn", "stride_ym", "stride_ps", "stride_pm")  # fmt: skip
+
+# The preloading tiles `session.sh` times (a program's whole tile held in registers: 64 KB at
+# 8 warps, 128 KB at 16; 80-82 registers a thread at one row), before any is in `TUNED`.
+PRELOAD_TRIALS = (
+    skinny_gemm.SkinnyTiles(16, 4096, dot=False, num_warps=16, preload=True),
+    skinny_gemm.SkinnyTiles(16, 2048, dot=False, num_warps=8, preload=True),
+    skinny_gemm.SkinnyTiles(8, 4096, dot=False, num_warps=8, preload=True),
+    skinny_gemm.SkinnyTiles(8, 2048, dot=False, num_warps=4, preload=True),
+)
+
+
+def add_skinny_preload(
+    add: Callable[..., None], dtype: str, tiles: skinny_gemm.SkinnyTiles
+) -> None:
+    """`skinny_gemm._preload_gemv_kernel` with `tiles`."""
+    add(
+        f"skinny_gemm {dtype} {tiles.label()}",
+        skinny_gemm._preload_gemv_kernel,
+        {ptr: f"*{dtype}" for ptr in ("x_ptr", "w_ptr", "bias_ptr", "y_ptr")}
+        | {"part_ptr": "*fp32"},
+        {
+            "BLOCK_N": tiles.block_n,
+            "BLOCK_K": tiles.block_k,
+            "HAS_BIAS": False,
+            "DIRECT": tiles.split_k == 1,
+            "ONE_ROW": True,
+            "PDL": 1,
+        },
+        divisible=SKINNY_DIVISIBLE,
+        num_warps=tiles.num_warps,
+        num_stages=1,
+        launch_pdl=True,
+    )
+
+
 def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
     """The skinny GEMM's launches that `pick_tiles` makes for Llama-3-8B's projections (and a
     narrow one that splits K) at 1 to 64 rows, with every argument a multiple of 16 as there;
@@ -822,11 +860,14 @@ def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
             for m in (1, 16, max_rows):
                 if tuned is not None:  # None: cuBLAS
                     launch(dtype, m, tuned, gated=kind == "gate_up")
-    divisible = ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "part_ptr", "K", "N", "split_len",
-                 "stride_xm", "stride_wn", "stride_ym", "stride_ps", "stride_pm")  # fmt: skip
+    for tiles in PRELOAD_TRIALS:  # the preloading CUDA-core tiles, on trial
+        launch("bf16", 1, tiles)
     for dtype, block_m, tiles, gated in sorted(launches, key=repr):
         if tiles.tma:
             add_skinny_tma(add, dtype, block_m, tiles, gated)
+            continue
+        if tiles.preload:
+            add_skinny_preload(add, dtype, tiles)
             continue
         add(
             f"skinny_gemm {dtype} BLOCK_M={block_m} {tiles.label()}{' gated' if gated else ''}",
@@ -846,7 +887,7 @@ def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
                 "PREFETCH": tiles.prefetch,
                 "PDL": 2,  # what a launch with PDSERVE_PDL=early compiles; no other cost
             },
-            divisible=divisible,
+            divisible=SKINNY_DIVISIBLE,
             num_warps=tiles.num_warps,
             num_stages=tiles.num_stages,
             launch_pdl=True,

@@ -140,9 +140,10 @@ def make_weights(
 
 
 def parse_tiles(text: str) -> list[SkinnyTiles]:
-    """`dot|tma|fma|pf:block_n:block_k[:split_k[:warps[:stages[:block_m]]]]`, comma-separated
-    (`tma`: the tensor cores with tiles loaded by the tensor-memory accelerator; `pf`: the CUDA
-    cores with W's tiles prefetched one step ahead; `block_m`: rows of x a program, 16-256,
+    """`dot|tma|fma|pf|pre:block_n:block_k[:split_k[:warps[:stages[:block_m]]]]`,
+    comma-separated (`tma`: the tensor cores with tiles loaded by the tensor-memory accelerator;
+    `pf`: the CUDA cores with W's tiles prefetched one step ahead; `pre`: the CUDA cores with
+    the program's whole tile loaded before the PDL wait; `block_m`: rows of x a program, 16-256,
     tensor cores only, else the rule's); `wide` adds `WIDE_TILES`, the candidates for 128-256
     rows."""
     tiles: list[SkinnyTiles] = []
@@ -151,9 +152,9 @@ def parse_tiles(text: str) -> list[SkinnyTiles]:
             tiles.extend(WIDE_TILES)
             continue
         kind, *numbers = item.split(":")
-        if kind not in ("dot", "tma", "fma", "pf") or not 2 <= len(numbers) <= 6:
+        if kind not in ("dot", "tma", "fma", "pf", "pre") or not 2 <= len(numbers) <= 6:
             raise argparse.ArgumentTypeError(
-                "expected dot|tma|fma|pf:block_n:block_k[:split_k[:warps[:stages[:block_m]]]], "
+                "expected dot|tma|fma|pf|pre:block_n:block_k[:split_k[:warps[:stages[:block_m]]]], "
                 f"got {item!r}"
             )
         values = [int(v) for v in numbers]
@@ -164,6 +165,7 @@ def parse_tiles(text: str) -> list[SkinnyTiles]:
                     dot=kind in ("dot", "tma"),
                     tma=kind == "tma",
                     prefetch=kind == "pf",
+                    preload=kind == "pre",
                     **dict(zip(names, values, strict=False)),
                 )
             )
@@ -248,8 +250,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             for tiles in [*configs, *([rule] if rule not in configs else [])]:
                 if not tiles.dot and m > FMA_MAX_ROWS:
                     continue  # a program per row: not a candidate
-                if gated and tiles.prefetch:
+                if gated and (tiles.prefetch or tiles.preload):
                     continue  # the prefetching tiles read one row of W a column
+                if tiles.preload and tiles.block_k * tiles.split_k < k:
+                    continue  # a preloading program holds its whole split
                 label = tiles.label() + ("*" if tiles == rule else "")
                 try:
                     linear = functools.partial(kernel, tiles=tiles)

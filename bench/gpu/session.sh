@@ -58,6 +58,9 @@
 #   run(command="bash bench/gpu/session.sh b4", carry=[".whl"])  # skinny GEMM, 128-256 rows
 #   run(command="bash bench/gpu/session.sh b5", carry=[".whl"])  # constrained decode, overlap
 #   run(command="bash bench/gpu/session.sh b6", carry=[".whl"])  # persistent, tensor-core tiles
+#   run(command="bash bench/gpu/session.sh b7", carry=[".whl"])  # batch 1: profile, GEMV tiles
+#   run(command="bash bench/gpu/session.sh b8", carry=[".whl"])  # O preloaded during attention
+#   run(command="bash bench/gpu/session.sh b9", carry=[".whl"])  # the same, Moonlight, Llama
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -885,5 +888,59 @@ b6)
     --reps 20 --small-tiles 32,256,8,256,4,3 --small-tiles 32,256,16,256,4,3,3 \
     --small-tiles 32,256,16,128,4,3,4 2>&1 | grep "^## \|^### \|^| 1 "'
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6"; exit 2 ;;
+b7)
+  # Batch 1 now: Qwen3-30B-A3B's step by kernel (its last profile predates Y, b2 and the
+  # norm with the gate's logits), the one-row projections that cuBLAS runs (Qwen3-30B-A3B's
+  # and Llama-3-8B's QKV, Moonlight's fused query-and-latent) against our tiles with more
+  # K steps in flight (tensor-core row-0-of-16 tiles pipelined 4-6 deep, the prefetching
+  # CUDA-core tiles, split K), then both MoE models' batch-1 figures (about 250 s).
+  TAIL=40 step profile_qwen3_1 70 python3 -m bench.profile_decode --preset qwen3-30b-a3b \
+    --decode 1x128 --top 24
+  TAIL=40 step gemv_rows1 80 bash -c 'python3 -m bench.skinny_gemm --rows 1 \
+    --shapes qwen3_qkv,qkv,moonlight_qkv_a --tiles fma:8:512,pf:8:512,pf:4:1024,\
+dot:16:256:1:4:4,dot:16:256:1:4:6,dot:16:128:1:4:8,dot:32:256:1:4:4,dot:16:256:2:4:4,\
+tma:16:256:1:4:4,tma:16:256:1:4:6,tma:32:128:1:4:6,pf:4:1024:2 2>&1 | grep -E "^\|"'
+  for preset in qwen3-30b-a3b moonlight-16b-a3b; do
+    TAIL=4 step "${preset%%-*}_1" 60 python3 -m bench.engine --preset "$preset" --skip-hf \
+      --prefill '' --decode 1x128,64x128 --repeats 3
+  done
+  ;;
+b8)
+  # The O projection at batch 1 with its weight streamed into registers while the decode
+  # attention runs (skinny_gemm's preloading tiles, `pre`; the split and combine launches let
+  # it be scheduled first: pdl.TRIGGER_FIRST_MAX_ROWS): its tests compiled, the tiles alone
+  # (no attention before them: only the launch overlaps), then Qwen3-30B-A3B 1 x 128 through
+  # bench/gpu/preload_ab.py: today's launches, the preloading tiles with and without the
+  # trigger, and tiles of half the registers in two splits (about 420 s).
+  TAIL=6 step preload_tests 90 python3 -m pytest -x -q -rf tests/engine/test_skinny_gemm.py \
+    -k "preload or matches_torch"
+  TAIL=24 step preload_alone 60 bash -c 'python3 -m bench.skinny_gemm --rows 1 \
+    --shapes qwen3_o,moonlight_o,o --tiles tma:64:128:4:4:4,pre:16:4096:1:16,pre:16:2048:2:8,\
+pre:8:4096:1:8,pre:16:2048:1:8,pre:8:2048:1:4,pre:8:2048:2:4 2>&1 | grep "^|"'
+  for cfg in ":0" "pre:16:4096:1:16:1" "pre:16:4096:1:16:0" "pre:16:2048:2:8:1" \
+      "pre:8:4096:1:8:1"; do
+    tiles=${cfg%:*}; first=${cfg##*:}
+    TAIL=3 step "qwen3_${tiles//:/_}_tf$first" 60 python3 bench/gpu/preload_ab.py \
+      --tiles "$tiles" --trigger-first "$first" -- --preset qwen3-30b-a3b --skip-hf \
+      --prefill '' --decode 1x128 --repeats 3
+  done
+  ;;
+b9)
+  # b8 for Moonlight (MLA's decode, combine and output absorption trigger first; O is 2048 x
+  # 2048, 64 KB a program at 16 rows) and Llama-3-8B (O 4096 x 4096: 32 MB, more than the
+  # registers hold: three 64 KB programs an SM, the rest after them), about 360 s.
+  for cfg in ":0" "pre:16:2048:1:8:1" "pre:8:2048:1:4:1" "pre:16:2048:1:8:0"; do
+    tiles=${cfg%:*}; first=${cfg##*:}
+    TAIL=3 step "moonlight_${tiles//:/_}_tf$first" 65 python3 bench/gpu/preload_ab.py \
+      --tiles "$tiles" --trigger-first "$first" -- --preset moonlight-16b-a3b --skip-hf \
+      --prefill '' --decode 1x128 --repeats 3
+  done
+  for cfg in ":0" "pre:16:2048:2:8:1" "pre:8:4096:1:8:1"; do
+    tiles=${cfg%:*}; first=${cfg##*:}
+    TAIL=3 step "llama_${tiles//:/_}_tf$first" 50 python3 bench/gpu/preload_ab.py \
+      --tiles "$tiles" --trigger-first "$first" -- --preset llama3-8b --skip-hf \
+      --prefill '' --decode 1x128 --repeats 3
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9"; exit 2 ;;
 esac

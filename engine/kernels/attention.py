@@ -524,6 +524,7 @@ def decode_attention(
     if bsz == 0:
         return out
     direct = num_splits == 1  # the split kernel writes the output: no combine launch
+    early = pdl.trigger_first(bsz)  # the O projection's weight streams in while these run
     if direct:
         part_o, part_lse = out.new_empty(0, 1, 1), out.new_empty(0, 1)  # not read
     else:
@@ -556,7 +557,7 @@ def decode_attention(
         NORM=rope is not None and rope.qk_norm is not None,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
-        **pdl.launch_args(q),
+        **pdl.launch_args(q, trigger_first=early),
     )  # fmt: skip
     if direct:
         return out
@@ -577,7 +578,7 @@ def decode_attention(
         BLOCK_N=tiles.block_n,
         num_splits=num_splits,
         num_warps=4 if block_dv >= 256 else 2,
-        **pdl.launch_args(q),
+        **pdl.launch_args(q, trigger_first=early),
     )
     return out
 

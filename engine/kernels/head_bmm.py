@@ -198,7 +198,10 @@ def head_bmm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tenso
     args, constexprs, grid = _product_launch(a, w, out)
     if a.shape[0] == 0:
         return out
-    head_bmm_kernel[grid](*args, **constexprs, num_warps=4, num_stages=3, **pdl.launch_args(a))
+    early = pdl.trigger_first(a.shape[0])  # at batch 1 MLA's O loads its weight meanwhile
+    head_bmm_kernel[grid](
+        *args, **constexprs, num_warps=4, num_stages=3, **pdl.launch_args(a, trigger_first=early)
+    )
     return out
 
 

@@ -458,6 +458,7 @@ def mla_decode(
     splits = num_kv_splits or default_num_kv_splits(batch, num_heads, sms, block_h, num_warps)
     device = q_latent.device
     direct = splits == 1  # the split kernel writes `out`: no partials, no combine launch
+    early = pdl.trigger_first(batch)  # the output's absorption and O load while these run
     if direct:
         mid_out = mid_lse = out  # not read
     else:
@@ -503,7 +504,7 @@ def mla_decode(
         BLOCK_N=block_n,
         num_warps=num_warps,
         num_stages=num_stages,
-        **pdl.launch_args(q_latent),
+        **pdl.launch_args(q_latent, trigger_first=early),
     )
     if direct:
         return out
@@ -519,6 +520,6 @@ def mla_decode(
         BLOCK_S=triton.next_power_of_2(splits),
         BLOCK_R=block_r,
         num_warps=4,
-        **pdl.launch_args(q_latent),
+        **pdl.launch_args(q_latent, trigger_first=early),
     )
     return out

@@ -50,11 +50,31 @@ def _mode() -> int:
     return mode if "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {}) else 0
 
 
-def launch_args(x: torch.Tensor) -> dict[str, int | bool]:
-    """Keywords for a launch of a kernel with a `PDL` argument, on tensors like `x`."""
+# `launch_args(trigger_first=True)`: the kernel lets its successor be scheduled before it waits
+# on its own predecessor, so that a chain of such kernels (the decode attention's split and
+# combine launches at batch 1, MLA's decode, combine and output absorption) has the kernel
+# after it resident from the chain's start; that one (`skinny_gemm`'s preloading tiles: the O
+# projection) loads its weights before its own wait, while the chain runs with the memory bus
+# idle. Each kernel still waits for its predecessor before touching memory, and each
+# predecessor for its own, so what every kernel reads is the same.
+TRIGGER_FIRST = 3
+# The decode rows at or under which those launches trigger first: at batch 1 their programs are
+# few and leave the SMs free for the preloading product's.
+TRIGGER_FIRST_MAX_ROWS = 1
+
+
+def trigger_first(rows: int) -> bool:
+    """Whether a decode-attention launch of `rows` rows lets its successor be scheduled first."""
+    return rows <= TRIGGER_FIRST_MAX_ROWS
+
+
+def launch_args(x: torch.Tensor, trigger_first: bool = False) -> dict[str, int | bool]:
+    """Keywords for a launch of a kernel with a `PDL` argument, on tensors like `x`;
+    `trigger_first`: its successor is scheduled as this kernel's programs start, before they
+    wait (whatever the mode, where PDL is on)."""
     mode = _mode() if x.is_cuda else 0
     if mode:
-        return {"PDL": mode, "launch_pdl": True}
+        return {"PDL": TRIGGER_FIRST if trigger_first else mode, "launch_pdl": True}
     return {"PDL": 0}
 
 
@@ -62,7 +82,10 @@ def launch_args(x: torch.Tensor) -> dict[str, int | bool]:
 def start(PDL: tl.constexpr):
     """Wait for the kernel before this one (a no-op without PDL); with PDL 2 then let the next
     one be scheduled at once (it too waits before touching memory), with 1 only as this
-    kernel's programs finish."""
+    kernel's programs finish; with 3 (TRIGGER_FIRST) let the next one be scheduled first,
+    then wait."""
+    if PDL == 3:
+        tl.extra.cuda.gdc_launch_dependents()
     if PDL:
         tl.extra.cuda.gdc_wait()
     if PDL == 2:

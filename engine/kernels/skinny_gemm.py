@@ -167,6 +167,74 @@ def _skinny_gemm_kernel(
 
 
 @triton.jit
+def _preload_gemv_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    y_ptr,
+    part_ptr,
+    M,
+    N,
+    K,
+    split_len,
+    stride_xm,
+    stride_wn,
+    stride_ym,
+    stride_ps,
+    stride_pm,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DIRECT: tl.constexpr,
+    ONE_ROW: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """The CUDA-core product for a few rows of x with the program's whole `[BLOCK_N,
+    BLOCK_K]` tile of W (its split: `split_len <= BLOCK_K`) loaded into registers before the
+    PDL wait: where the kernels before this one let it be scheduled as they start
+    (`pdl.launch_args(trigger_first=True)`), the tile streams in while they run (the decode
+    attention at batch 1 leaves the memory bus idle for several µs). After the wait each row
+    of x, read in the tile's column layout, is multiplied by the tile and summed."""
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rows_n < N
+    k_start = pid_s * split_len
+    k_ok = k_start + tl.arange(0, BLOCK_K) < tl.minimum(k_start + split_len, K)
+    offs_k = k_start + tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    held = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+    pdl.start(PDL)
+    # One row without a loop: the tile's conversion to float32 would be hoisted out of one
+    # (invariant in m), all of it live at once (165 registers against 80 at 16 x 2,048).
+    if ONE_ROW:
+        _preload_row(
+            held, x_ptr, 0, offs_k, k_ok, rows_n, M, N, bias_ptr, y_ptr, part_ptr, pid_s,
+            stride_xm, stride_ym, stride_ps, stride_pm, HAS_BIAS, DIRECT,
+        )  # fmt: skip
+    else:
+        for m in range(M):
+            _preload_row(
+                held, x_ptr, m, offs_k, k_ok, rows_n, M, N, bias_ptr, y_ptr, part_ptr, pid_s,
+                stride_xm, stride_ym, stride_ps, stride_pm, HAS_BIAS, DIRECT,
+            )  # fmt: skip
+
+
+@triton.jit
+def _preload_row(
+    held, x_ptr, m, offs_k, k_ok, rows_n, M, N, bias_ptr, y_ptr, part_ptr, pid_s,
+    stride_xm, stride_ym, stride_ps, stride_pm, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr,
+):  # fmt: skip
+    """Row `m` of x against the tile held: its sums stored as `_store_rows` stores them."""
+    x = tl.load(x_ptr + m * stride_xm + offs_k, mask=k_ok, other=0.0)  # a few rows: no overflow
+    acc = tl.sum(held.to(tl.float32) * x.to(tl.float32)[None, :], 1)  # [BN]
+    _store_rows(
+        acc[None, :], acc[None, :], m + tl.arange(0, 1), rows_n, M, N, bias_ptr, y_ptr,
+        part_ptr, pid_s, stride_ym, stride_ps, stride_pm, HAS_BIAS, DIRECT, False,
+    )  # fmt: skip
+
+
+@triton.jit
 def _skinny_gemm_tma_kernel(
     x_desc,  # [M, K], [BLOCK_M, BLOCK_K] blocks
     w_desc,  # [N or 2N, K], [BLOCK_N, BLOCK_K] blocks
@@ -306,6 +374,9 @@ class SkinnyTiles:
     num_warps: int = 4
     num_stages: int = 3
     prefetch: bool = False  # CUDA cores only: W's tiles one step ahead, the first before PDL's wait
+    # CUDA cores only: the program's whole [block_n, block_k] tile of W (block_k x split_k
+    # covering K) held in registers from before the PDL wait (`_preload_gemv_kernel`).
+    preload: bool = False
     tma: bool = False  # tensor cores only: W's and x's tiles by the tensor-memory accelerator
     # Tensor cores only: rows of x a program, 16 to 256 (0: `rows_per_program`'s rule, up to
     # MAX_BLOCK_M). Wider blocks read W fewer times at a batch of 128-256 rows.
@@ -314,6 +385,8 @@ class SkinnyTiles:
     def __post_init__(self) -> None:
         if self.prefetch and self.dot:
             raise ValueError("prefetch is for the CUDA-core tiles (dot=False)")
+        if self.preload and (self.dot or self.prefetch):
+            raise ValueError("preload is for the CUDA-core tiles (dot=False, prefetch=False)")
         if self.tma and not self.dot:
             raise ValueError("tma is for the tensor-core tiles (dot=True)")
         if self.block_m and (
@@ -331,7 +404,10 @@ class SkinnyTiles:
             raise ValueError(f"split_k, num_warps and num_stages must be >= 1 in {self}")
 
     def label(self) -> str:
-        kind = "tma" if self.tma else "dot" if self.dot else "pf" if self.prefetch else "fma"
+        kind = (
+            "tma" if self.tma else "dot" if self.dot else "pf" if self.prefetch
+            else "pre" if self.preload else "fma"
+        )  # fmt: skip
         split = f" split {self.split_k}" if self.split_k > 1 else ""
         rows = f" m{self.block_m}" if self.block_m else ""
         return (
@@ -531,8 +607,10 @@ def skinny_gate_up(
     different order from cuBLAS's."""
     if weight.dim() == 2 and weight.shape[0] % 2:
         raise ValueError(f"a gate-up weight has an even number of rows, got {weight.shape[0]}")
-    if tiles is not None and tiles.prefetch:
-        raise ValueError("prefetching tiles are for skinny_linear (the gate-up reads two rows)")
+    if tiles is not None and (tiles.prefetch or tiles.preload):
+        raise ValueError(
+            "prefetching and preloading tiles are for skinny_linear (the gate-up reads two rows)"
+        )
     y = _launch(x, weight, bias, tiles, gated=True)
     assert isinstance(y, torch.Tensor)  # never deferred
     return y
@@ -574,12 +652,18 @@ def _launch(
         return y.view(*x.shape[:-1], n)
     # A gated launch reads two rows of W per output column: the tiles of N = 2n's rule.
     tiles = tiles or pick_tiles(m, rows, k, x.dtype, gated)
-    block_m = rows_per_program(m, tiles)
+    # The preloading kernel's one program along M multiplies every row by the tile it holds.
+    block_m = m if tiles.preload else rows_per_program(m, tiles)
     if triton.cdiv(n, tiles.block_n) > 65535:  # CUDA's limit on a grid's second axis
         raise ValueError(f"N = {n} needs block_n > {tiles.block_n} (65,535 blocks at most)")
     # Splits of whole K tiles, the last one possibly shorter; no split is empty.
     split_len = triton.cdiv(k, tiles.block_k * tiles.split_k) * tiles.block_k
     split_k = triton.cdiv(k, split_len)
+    if tiles.preload and split_len > tiles.block_k:
+        raise ValueError(
+            f"preloading tiles hold a whole split: block_k x split_k must cover K = {k}, "
+            f"got {tiles.block_k} x {tiles.split_k}"
+        )
     direct = split_k == 1
     if direct:
         part = y.new_empty(0, 1, 1, dtype=torch.float32)  # not written
@@ -603,6 +687,20 @@ def _launch(
             GATED=gated,
             num_warps=tiles.num_warps,
             num_stages=tiles.num_stages,
+            **pdl.launch_args(x2),
+        )  # fmt: skip
+    elif tiles.preload:
+        _preload_gemv_kernel[grid](
+            x2, weight, bias_arg, y, part,
+            m, n, k, split_len,
+            x2.stride(0), weight.stride(0), y.stride(0), part.stride(0), part.stride(1),
+            BLOCK_N=tiles.block_n,
+            BLOCK_K=tiles.block_k,
+            HAS_BIAS=bias is not None,
+            DIRECT=direct,
+            ONE_ROW=m == 1,
+            num_warps=tiles.num_warps,
+            num_stages=1,
             **pdl.launch_args(x2),
         )  # fmt: skip
     else:  # the pointer kernel (also the TMA tiles' fallback)

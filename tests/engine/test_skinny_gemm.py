@@ -103,6 +103,32 @@ def test_every_tile_configuration_gives_the_same_result(m: int) -> None:
         assert torch.equal(skinny_linear(x, w, b, tiles), got), tiles
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_preloading_tiles(dtype: torch.dtype) -> None:
+    """The preloading kernel (each program's whole tile of W loaded before the PDL wait, then
+    every row of x against it): 1 and 3 rows, K held by one program (block_k past K: masked)
+    or split in two and three (the last split short), with and without the bias, the split
+    partials left to the next norm; each twice, bitwise the same. A tile that does not cover
+    its split, and preload with the tensor cores, are refused."""
+    for m in (1, 3):
+        x, w, b = make(m, 45, 300, dtype, seed=30 + m)
+        for tiles in (SkinnyTiles(16, 512, dot=False, preload=True),
+                      SkinnyTiles(8, 256, split_k=2, dot=False, num_warps=2, preload=True),
+                      SkinnyTiles(4, 128, split_k=3, dot=False, preload=True)):  # fmt: skip
+            for bias in (b, None):
+                got = skinny_linear(x, w, bias, tiles)
+                close(got, reference(x, w, bias), dtype)
+                assert torch.equal(skinny_linear(x, w, bias, tiles), got), tiles
+            pending = skinny_linear(x, w, None, tiles, defer=True)
+            if tiles.split_k > 1:
+                assert isinstance(pending, PendingSum)
+                close(pending.parts.sum(1), reference(x, w, None), dtype)
+    with pytest.raises(ValueError, match="preloading tiles hold a whole split"):
+        skinny_linear(x, w, b, SkinnyTiles(16, 128, split_k=2, dot=False, preload=True))
+    with pytest.raises(ValueError, match="preload is for the CUDA-core tiles"):
+        SkinnyTiles(16, 64, preload=True)
+
+
 def test_float16_tensor_cores_and_cuda_cores_agree() -> None:
     x, w, b = make(3, 45, 520, torch.float16, seed=4)
     want = reference(x, w, b)
@@ -218,8 +244,10 @@ def test_gate_up_edges() -> None:
           torch.float32), torch.float32)  # fmt: skip
     with pytest.raises(ValueError, match="even number of rows"):
         skinny_gate_up(x, w[:45])
-    with pytest.raises(ValueError, match="prefetching tiles are for skinny_linear"):
+    with pytest.raises(ValueError, match="preloading tiles are for skinny_linear"):
         skinny_gate_up(x, w, b, SkinnyTiles(8, 32, dot=False, prefetch=True))
+    with pytest.raises(ValueError, match="preloading tiles are for skinny_linear"):
+        skinny_gate_up(x, w, b, SkinnyTiles(8, 128, dot=False, preload=True))
     with pytest.raises(ValueError, match="prefetch is for the CUDA-core tiles"):
         SkinnyTiles(16, 64, prefetch=True)
 
