@@ -911,17 +911,22 @@ b8)
   # it be scheduled first: pdl.TRIGGER_FIRST_MAX_ROWS): its tests compiled, the tiles alone
   # (no attention before them: only the launch overlaps), then Qwen3-30B-A3B 1 x 128 through
   # bench/gpu/preload_ab.py: today's launches, the preloading tiles with and without the
-  # trigger, and tiles of half the registers in two splits (about 420 s).
+  # trigger, tiles of half the registers in two splits, then QKV preloaded too (about 540 s).
   TAIL=6 step preload_tests 90 python3 -m pytest -x -q -rf tests/engine/test_skinny_gemm.py \
     -k "preload or matches_torch"
   TAIL=24 step preload_alone 60 bash -c 'python3 -m bench.skinny_gemm --rows 1 \
     --shapes qwen3_o,moonlight_o,o --tiles tma:64:128:4:4:4,pre:16:4096:1:16,pre:16:2048:2:8,\
 pre:8:4096:1:8,pre:16:2048:1:8,pre:8:2048:1:4,pre:8:2048:2:4 2>&1 | grep "^|"'
-  for cfg in ":0" "pre:16:4096:1:16:1" "pre:16:4096:1:16:0" "pre:16:2048:2:8:1" \
-      "pre:8:4096:1:8:1"; do
+  for cfg in ":0" "pre:16:4096:1:16:1" "pre:16:4096:1:16:0" "pre:16:2048:2:8:1"; do
     tiles=${cfg%:*}; first=${cfg##*:}
     TAIL=3 step "qwen3_${tiles//:/_}_tf$first" 60 python3 bench/gpu/preload_ab.py \
       --tiles "$tiles" --trigger-first "$first" -- --preset qwen3-30b-a3b --skip-hf \
+      --prefill '' --decode 1x128 --repeats 3
+  done
+  # QKV preloaded beside the MoE's down launch (which, with the norm after it, triggers first).
+  for qkv in pre:8:2048:1:4 pre:16:2048:1:8; do
+    TAIL=3 step "qwen3_qkv_${qkv//:/_}" 60 python3 bench/gpu/preload_ab.py \
+      --tiles pre:16:4096:1:16 --qkv-tiles "$qkv" -- --preset qwen3-30b-a3b --skip-hf \
       --prefill '' --decode 1x128 --repeats 3
   done
   ;;

@@ -344,7 +344,8 @@ def _launch_rms_norm(
         HAS_IDS=ids is not None,
         BLOCK=block,
         num_warps=num_warps or norm_warps(block),
-        **pdl.launch_args(x),
+        # At one row the projection after the norm (on preloading tiles) loads meanwhile.
+        **pdl.launch_args(x, trigger_first=pdl.trigger_first(out.shape[0])),
     )  # fmt: skip
 
 

@@ -547,6 +547,8 @@ def _launch(
         PRECISION=dot_precision(x),
         num_warps=tiles.num_warps,
         num_stages=tiles.down_stages if tiles.down_dot else 3,
-        **pdl.launch_args(act),
+        # At batch 1 the next layer's norm, and after it its first projection on preloading
+        # tiles, are scheduled at once: that projection's weight streams in beside this one's.
+        **pdl.launch_args(act, trigger_first=pdl.trigger_first(num_tokens)),
     )
     return out

@@ -51,20 +51,22 @@ def _mode() -> int:
 
 
 # `launch_args(trigger_first=True)`: the kernel lets its successor be scheduled before it waits
-# on its own predecessor, so that a chain of such kernels (the decode attention's split and
-# combine launches at batch 1, MLA's decode, combine and output absorption) has the kernel
-# after it resident from the chain's start; that one (`skinny_gemm`'s preloading tiles: the O
-# projection) loads its weights before its own wait, while the chain runs with the memory bus
-# idle. Each kernel still waits for its predecessor before touching memory, and each
-# predecessor for its own, so what every kernel reads is the same.
+# on its own predecessor, so that a chain of such kernels has the kernel after it resident from
+# the chain's start; that one (`skinny_gemm`'s preloading tiles) loads its weights before its
+# own wait. At batch 1: the decode attention's split and combine launches (MLA's decode,
+# combine and output absorption) before the O projection, while they leave the memory bus
+# idle; the small MoE path's down launch and the RMSNorm after it before the next layer's
+# first projection, beside the down's own loads. Each kernel still waits for its predecessor
+# before touching memory, and each predecessor for its own, so what every kernel reads is the
+# same.
 TRIGGER_FIRST = 3
-# The decode rows at or under which those launches trigger first: at batch 1 their programs are
-# few and leave the SMs free for the preloading product's.
+# The decode rows at or under which those launches trigger first: at batch 1 the attention's
+# programs are few and leave the SMs free for the preloading product's.
 TRIGGER_FIRST_MAX_ROWS = 1
 
 
 def trigger_first(rows: int) -> bool:
-    """Whether a decode-attention launch of `rows` rows lets its successor be scheduled first."""
+    """Whether a launch of `rows` decode rows lets its successor be scheduled first."""
     return rows <= TRIGGER_FIRST_MAX_ROWS
 
 
