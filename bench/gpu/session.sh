@@ -940,6 +940,9 @@ b9)
       --tiles "$tiles" --trigger-first "$first" -- --preset moonlight-16b-a3b --skip-hf \
       --prefill '' --decode 1x128 --repeats 3
   done
+  TAIL=3 step moonlight_qkv 65 python3 bench/gpu/preload_ab.py --tiles pre:16:2048:1:8 \
+    --qkv-tiles pre:8:2048:1:4 -- --preset moonlight-16b-a3b --skip-hf --prefill '' \
+    --decode 1x128 --repeats 3
   for cfg in ":0" "pre:16:2048:2:8:1" "pre:8:4096:1:8:1"; do
     tiles=${cfg%:*}; first=${cfg##*:}
     TAIL=3 step "llama_${tiles//:/_}_tf$first" 50 python3 bench/gpu/preload_ab.py \
