@@ -61,8 +61,9 @@ def _mode() -> int:
 # same.
 TRIGGER_FIRST = 3
 # The decode rows at or under which those launches trigger first: at batch 1 the attention's
-# programs are few and leave the SMs free for the preloading product's.
-TRIGGER_FIRST_MAX_ROWS = 1
+# programs are few and leave the SMs free for the preloading product's. 0 (off) until timed on
+# the GPU with `TUNED` rows on the preloading tiles (`session.sh b8`, `b9`).
+TRIGGER_FIRST_MAX_ROWS = 0
 
 
 def trigger_first(rows: int) -> bool:

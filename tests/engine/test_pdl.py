@@ -33,7 +33,8 @@ def test_launch_keywords_off_cuda() -> None:
     x = torch.zeros(1)
     assert pdl.launch_args(x) == {"PDL": 0}
     assert pdl.launch_args(x, trigger_first=True) == {"PDL": 0}
-    assert pdl.trigger_first(1) and not pdl.trigger_first(2)
+    assert pdl.trigger_first(pdl.TRIGGER_FIRST_MAX_ROWS)
+    assert not pdl.trigger_first(pdl.TRIGGER_FIRST_MAX_ROWS + 1)
 
 
 def test_trigger_first_schedules_the_successor_before_the_wait() -> None:
