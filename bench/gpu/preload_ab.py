@@ -2,10 +2,12 @@
 (`--tiles pre:BLOCK_N:BLOCK_K[:split[:warps]]`, as `bench.skinny_gemm` spells them; none: the
 TUNED default), the first projection of a layer likewise (`--qkv-tiles`), and the launches
 before them triggering their successors first or not (`--trigger-first 0|1`), for
-`session.sh`'s A/B:
+`session.sh`'s A/B. `--greedy`: the tiny checkpoints' greedy tokens instead, each prompt alone,
+against transformers (with `--every-one-row`, every one-row product on preloading tiles):
 
     python3 bench/gpu/preload_ab.py --tiles pre:16:4096:1:16 --trigger-first 1 -- \
         --preset qwen3-30b-a3b --skip-hf --prefill '' --decode 1x128 --repeats 3
+    python3 bench/gpu/preload_ab.py --every-one-row --greedy -- qwen3-moe deepseek-v3
 """
 
 from __future__ import annotations
@@ -13,39 +15,103 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench.engine import main as engine_main
+import torch
+import triton
+
 from bench.skinny_gemm import parse_tiles
 from engine.kernels import pdl, skinny_gemm
+
+# The O projections (Qwen3-30B-A3B's, Moonlight's, Llama-3-8B's) and the first projections
+# (Qwen3-30B-A3B's QKV, Moonlight's fused query-and-latent, Llama-3-8B's QKV), [N, K].
+O_SHAPES = ((2048, 4096), (2048, 2048), (4096, 4096))
+QKV_SHAPES = ((5120, 2048), (3648, 2048), (6144, 4096))
+
+
+def tune_one_row(text: str, shapes: tuple[tuple[int, int], ...]) -> None:
+    """`TUNED`'s tiles at one row for the shapes whose K the tiles hold whole."""
+    (tiles,) = parse_tiles(text)
+    span = tiles.block_k * tiles.split_k
+    for n, k in shapes:
+        if k <= span < 2 * k:
+            key = ("linear", n, k, "bfloat16")
+            skinny_gemm.TUNED[key] = ((1, tiles), *skinny_gemm.TUNED.get(key, ()))
+
+
+def every_one_row() -> None:
+    """Every one-row product on preloading tiles (8 rows of W a program, K whole), whichever
+    of the skinny GEMM backend's lookups asks (`tuned_tiles` for `auto`, `pick_tiles`)."""
+    tuned, rule = skinny_gemm.tuned_tiles, skinny_gemm.pick_tiles
+
+    def preload(k: int) -> skinny_gemm.SkinnyTiles:
+        return skinny_gemm.SkinnyTiles(
+            8, triton.next_power_of_2(k), dot=False, num_warps=4, preload=True
+        )
+
+    def tiles(
+        kind: str, m: int, n: int, k: int, dtype: torch.dtype
+    ) -> skinny_gemm.SkinnyTiles | None:
+        return preload(k) if m == 1 and kind == "linear" else tuned(kind, m, n, k, dtype)
+
+    def picked(
+        m: int, n: int, k: int, dtype: torch.dtype = torch.bfloat16, gated: bool = False
+    ) -> skinny_gemm.SkinnyTiles:
+        return preload(k) if m == 1 and not gated else rule(m, n, k, dtype, gated)
+
+    skinny_gemm.tuned_tiles = tiles
+    skinny_gemm.pick_tiles = picked
+
+
+def greedy_one_by_one(families: list[str]) -> None:
+    """`bench.gpu.greedy_gpu`'s float32 check with each prompt alone (a decode batch of one,
+    where the preloading tiles and the early triggers run), CUDA graphs on and off, against
+    transformers on the CPU."""
+    from pathlib import Path
+
+    from bench.gpu.greedy_gpu import GREEDY, engine
+    from engine.testing.tiny_models import write_tiny_models
+    from tests.engine.greedy import divergences
+    from tests.engine.reference import reference
+
+    for family, path in write_tiny_models(Path("/tmp/pdserve-tiny")).items():
+        if families and family not in families:
+            continue
+        ref = reference(path, device="cpu")
+        for graphs in (True, False):
+            eng = engine(path, "float32", "triton", graphs)
+            outs = [eng.generate([p], GREEDY)[0].output_ids for p in ref.prompts]
+            del eng
+            found = [(d.prompt, d.step, f"{d.gap:.2e}") for d in divergences(outs, ref)]
+            print(
+                f"{family}: float32 triton graphs={graphs!s:5} one by one vs transformers: {found}"
+            )
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiles", default="", help="the O projection's tiles at one row")
     parser.add_argument("--qkv-tiles", default="", help="the first projection's, at one row")
+    parser.add_argument("--every-one-row", action="store_true")
     parser.add_argument("--trigger-first", type=int, default=1)
+    parser.add_argument("--greedy", action="store_true")
     args, rest = parser.parse_known_args(argv)
+    rest = [a for a in rest if a != "--"]
     pdl.TRIGGER_FIRST_MAX_ROWS = 1 if args.trigger_first else 0
     if args.tiles:
-        (tiles,) = parse_tiles(args.tiles)
-        for key in (("linear", 2048, 4096, "bfloat16"), ("linear", 2048, 2048, "bfloat16"),
-                    ("linear", 4096, 4096, "bfloat16")):  # fmt: skip
-            span = tiles.block_k * tiles.split_k
-            if key[2] <= span < 2 * key[2]:  # the O projections these tiles hold whole
-                rows = skinny_gemm.TUNED.get(key, ())
-                skinny_gemm.TUNED[key] = ((1, tiles), *rows)
+        tune_one_row(args.tiles, O_SHAPES)
     if args.qkv_tiles:
-        (tiles,) = parse_tiles(args.qkv_tiles)
-        # Qwen3-30B-A3B's QKV, Moonlight's fused query-and-latent, Llama-3-8B's QKV.
-        for key in (("linear", 5120, 2048, "bfloat16"), ("linear", 3648, 2048, "bfloat16"),
-                    ("linear", 6144, 4096, "bfloat16")):  # fmt: skip
-            span = tiles.block_k * tiles.split_k
-            if key[2] <= span < 2 * key[2]:
-                skinny_gemm.TUNED[key] = ((1, tiles), *skinny_gemm.TUNED.get(key, ()))
+        tune_one_row(args.qkv_tiles, QKV_SHAPES)
+    if args.every_one_row:
+        every_one_row()
     print(
-        f"O at one row: {args.tiles or 'TUNED'}, QKV: {args.qkv_tiles or 'TUNED'}, "
-        f"trigger first: {args.trigger_first}"
+        f"O at one row: {args.tiles or 'TUNED'}, QKV: {args.qkv_tiles or 'TUNED'}, every "
+        f"one-row product preloaded: {args.every_one_row}, trigger first: {args.trigger_first}"
     )
-    engine_main([a for a in rest if a != "--"])
+    if args.greedy:
+        greedy_one_by_one(rest)
+    else:
+        from bench.engine import main as engine_main
+
+        engine_main(rest)
     return 0
 
 

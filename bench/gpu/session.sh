@@ -933,7 +933,10 @@ pre:8:4096:1:8,pre:16:2048:1:8,pre:8:2048:1:4,pre:8:2048:2:4 2>&1 | grep "^|"'
 b9)
   # b8 for Moonlight (MLA's decode, combine and output absorption trigger first; O is 2048 x
   # 2048, 64 KB a program at 16 rows) and Llama-3-8B (O 4096 x 4096: 32 MB, more than the
-  # registers hold: three 64 KB programs an SM, the rest after them), about 360 s.
+  # registers hold: three 64 KB programs an SM, the rest after them), about 450 s; first the
+  # tiny checkpoints' greedy tokens with every one-row product preloaded and the triggers on,
+  # each prompt alone (a decode batch of one), against transformers.
+  TAIL=10 step greedy_preload 90 python3 bench/gpu/preload_ab.py --every-one-row --greedy
   for cfg in ":0" "pre:16:2048:1:8:1" "pre:8:2048:1:4:1" "pre:16:2048:1:8:0"; do
     tiles=${cfg%:*}; first=${cfg##*:}
     TAIL=3 step "moonlight_${tiles//:/_}_tf$first" 65 python3 bench/gpu/preload_ab.py \
