@@ -955,13 +955,11 @@ b9)
   done
   ;;
 b10)
-  # b8 and b9's essentials in one call, for a session short of device time (about 480 s): the
-  # kernel's tests compiled, the greedy tokens with every one-row product preloaded, then each
-  # MoE model at batch 1 as today, with O preloaded, and with its first projection too.
+  # b8 and b9's essentials in one call, for a session short of device time (about 420 s): the
+  # kernel's tests compiled, each MoE model at batch 1 as today, with O preloaded, and with its
+  # first projection too, then the greedy tokens with every one-row product preloaded.
   TAIL=4 step preload_tests 60 python3 -m pytest -x -q -rf tests/engine/test_skinny_gemm.py \
     -k preload
-  TAIL=10 step greedy_preload 90 python3 bench/gpu/preload_ab.py --every-one-row --greedy \
-    -- qwen3-moe deepseek-v3 llama
   for cfg in "||0" "pre:16:4096:1:16||1" "pre:16:4096:1:16|pre:8:2048:1:4|1"; do
     IFS='|' read -r o q first <<<"$cfg"
     TAIL=3 step "qwen3_${o//:/_}_${q//:/_}_tf$first" 60 python3 bench/gpu/preload_ab.py \
@@ -974,6 +972,8 @@ b10)
       --qkv-tiles "$q" --trigger-first "$first" -- --preset moonlight-16b-a3b --skip-hf \
       --prefill '' --decode 1x128 --repeats 3
   done
+  TAIL=10 step greedy_preload 90 python3 bench/gpu/preload_ab.py --every-one-row --greedy \
+    -- qwen3-moe deepseek-v3 llama
   ;;
 *) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10"; exit 2 ;;
 esac
