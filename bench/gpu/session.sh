@@ -62,6 +62,7 @@
 #   run(command="bash bench/gpu/session.sh b8", carry=[".whl"])  # O preloaded during attention
 #   run(command="bash bench/gpu/session.sh b9", carry=[".whl"])  # the same, Moonlight, Llama
 #   run(command="bash bench/gpu/session.sh b10", carry=[".whl"]) # b8 and b9's essentials
+#   run(command="bash bench/gpu/session.sh b11", carry=[".whl"]) # b10's A/B alone, 260 s
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -975,5 +976,19 @@ b10)
   TAIL=10 step greedy_preload 90 python3 bench/gpu/preload_ab.py --every-one-row --greedy \
     -- qwen3-moe deepseek-v3 llama
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10"; exit 2 ;;
+b11)
+  # b10's A/B alone (about 260 s): each MoE model at batch 1 as today and with O and the first
+  # projection preloaded, the triggers on, back to back.
+  for first in 0 1; do
+    for preset in qwen3-30b-a3b moonlight-16b-a3b; do
+      o=""; q=""
+      [ "$first" = 1 ] && q=pre:8:2048:1:4 && o=pre:16:4096:1:16
+      [ "$first" = 1 ] && [ "$preset" = moonlight-16b-a3b ] && o=pre:16:2048:1:8
+      TAIL=3 step "${preset%%-*}_tf$first" 70 python3 bench/gpu/preload_ab.py --tiles "$o" \
+        --qkv-tiles "$q" --trigger-first "$first" -- --preset "$preset" --skip-hf \
+        --prefill '' --decode 1x128 --repeats 3
+    done
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11"; exit 2 ;;
 esac
