@@ -979,8 +979,8 @@ b10)
 b11)
   # b10's A/B alone (about 260 s): each MoE model at batch 1 as today and with O and the first
   # projection preloaded, the triggers on, back to back.
-  for first in 0 1; do
-    for preset in qwen3-30b-a3b moonlight-16b-a3b; do
+  for preset in qwen3-30b-a3b moonlight-16b-a3b; do
+    for first in 0 1; do
       o=""; q=""
       [ "$first" = 1 ] && q=pre:8:2048:1:4 && o=pre:16:4096:1:16
       [ "$first" = 1 ] && [ "$preset" = moonlight-16b-a3b ] && o=pre:16:2048:1:8
