@@ -200,8 +200,8 @@ def _preload_gemv_kernel(
     rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rows_n < N
     k_start = pid_s * split_len
-    k_ok = k_start + tl.arange(0, BLOCK_K) < tl.minimum(k_start + split_len, K)
     offs_k = k_start + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < tl.minimum(k_start + split_len, K)
     w_ptrs = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
     held = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
     pdl.start(PDL)
