@@ -3,11 +3,14 @@
 TUNED default), the first projection of a layer likewise (`--qkv-tiles`), and the launches
 before them triggering their successors first or not (`--trigger-first 0|1`), for
 `session.sh`'s A/B. `--greedy`: the tiny checkpoints' greedy tokens instead, each prompt alone,
-against transformers (with `--every-one-row`, every one-row product on preloading tiles):
+against transformers (with `--every-one-row`, every one-row product on preloading tiles);
+`--profile`: `bench.profile_decode`'s kernel table instead:
 
     python3 bench/gpu/preload_ab.py --tiles pre:16:4096:1:16 --trigger-first 1 -- \
         --preset qwen3-30b-a3b --skip-hf --prefill '' --decode 1x128 --repeats 3
     python3 bench/gpu/preload_ab.py --every-one-row --greedy -- qwen3-moe deepseek-v3
+    python3 bench/gpu/preload_ab.py --tiles pre:16:4096:1:16 --profile -- \
+        --preset qwen3-30b-a3b --decode 1x128 --top 24
 """
 
 from __future__ import annotations
@@ -93,6 +96,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--every-one-row", action="store_true")
     parser.add_argument("--trigger-first", type=int, default=1)
     parser.add_argument("--greedy", action="store_true")
+    parser.add_argument(
+        "--profile", action="store_true", help="bench.profile_decode's kernel table instead"
+    )
     args, rest = parser.parse_known_args(argv)
     rest = [a for a in rest if a != "--"]
     pdl.TRIGGER_FIRST_MAX_ROWS = 1 if args.trigger_first else 0
@@ -108,6 +114,10 @@ def main(argv: list[str]) -> int:
     )
     if args.greedy:
         greedy_one_by_one(rest)
+    elif args.profile:
+        from bench.profile_decode import main as profile_main
+
+        profile_main(rest)
     else:
         from bench.engine import main as engine_main
 

@@ -63,6 +63,7 @@
 #   run(command="bash bench/gpu/session.sh b9", carry=[".whl"])  # the same, Moonlight, Llama
 #   run(command="bash bench/gpu/session.sh b10", carry=[".whl"]) # b8 and b9's essentials
 #   run(command="bash bench/gpu/session.sh b11", carry=[".whl"]) # b10's A/B alone, 260 s
+#   run(command="bash bench/gpu/session.sh b12", carry=[".whl"]) # b10's A/B profiled, 260 s
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -990,5 +991,19 @@ b11)
     done
   done
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11"; exit 2 ;;
+b12)
+  # Where batch 1's time goes with O and the first projection preloaded (the profile's kernel
+  # table, about 260 s): Qwen3-30B-A3B and Moonlight as today, then preloaded.
+  for preset in qwen3-30b-a3b moonlight-16b-a3b; do
+    for first in 0 1; do
+      o=""; q=""
+      [ "$first" = 1 ] && q=pre:8:2048:1:4 && o=pre:16:4096:1:16
+      [ "$first" = 1 ] && [ "$preset" = moonlight-16b-a3b ] && o=pre:16:2048:1:8
+      TAIL=34 step "profile_${preset%%-*}_tf$first" 70 python3 bench/gpu/preload_ab.py \
+        --tiles "$o" --qkv-tiles "$q" --trigger-first "$first" --profile -- --preset "$preset" \
+        --decode 1x128 --top 24
+    done
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12"; exit 2 ;;
 esac
