@@ -788,8 +788,9 @@ def add_skinny_tma(
 SKINNY_DIVISIBLE = ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "part_ptr", "K", "N", "split_len",
                     "stride_xm", "stride_wn", "stride_ym", "stride_ps", "stride_pm")  # fmt: skip
 
-# The preloading tiles `session.sh` times (a program's whole tile held in registers: 64 KB at
-# 8 warps, 128 KB at 16; 80-82 registers a thread at one row), before any is in `TUNED`.
+# The other preloading tiles `session.sh` times (a program's whole tile held in registers: 64
+# KB at 8 warps, 128 KB at 16; 80-82 registers a thread at one row); `TUNED`'s own are
+# compiled with its rows.
 PRELOAD_TRIALS = (
     skinny_gemm.SkinnyTiles(16, 4096, dot=False, num_warps=16, preload=True),
     skinny_gemm.SkinnyTiles(16, 2048, dot=False, num_warps=8, preload=True),

@@ -1,7 +1,8 @@
 """One `bench.engine` run with the O projection at batch 1 on `skinny_gemm`'s preloading tiles
 (`--tiles pre:BLOCK_N:BLOCK_K[:split[:warps]]`, as `bench.skinny_gemm` spells them; none: the
 TUNED default), the first projection of a layer likewise (`--qkv-tiles`), and the launches
-before them triggering their successors first or not (`--trigger-first 0|1`), for
+before them triggering their successors first or not (`--trigger-first 0|1`;
+`--without-preload --trigger-first 0`: the engine before the preloading rows), for
 `session.sh`'s A/B. `--greedy`: the tiny checkpoints' greedy tokens instead, each prompt alone,
 against transformers (with `--every-one-row`, every one-row product on preloading tiles);
 `--profile`: `bench.profile_decode`'s kernel table instead:
@@ -38,6 +39,16 @@ def tune_one_row(text: str, shapes: tuple[tuple[int, int], ...]) -> None:
         if k <= span < 2 * k:
             key = ("linear", n, k, "bfloat16")
             skinny_gemm.TUNED[key] = ((1, tiles), *skinny_gemm.TUNED.get(key, ()))
+
+
+def without_preload() -> None:
+    """`TUNED` without its preloading rows: the products they took go as before them."""
+    for key, rows in list(skinny_gemm.TUNED.items()):
+        kept = tuple((m, t) for m, t in rows if t is None or not t.preload)
+        if kept:
+            skinny_gemm.TUNED[key] = kept
+        else:
+            del skinny_gemm.TUNED[key]
 
 
 def every_one_row() -> None:
@@ -93,6 +104,11 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiles", default="", help="the O projection's tiles at one row")
     parser.add_argument("--qkv-tiles", default="", help="the first projection's, at one row")
+    parser.add_argument(
+        "--without-preload",
+        action="store_true",
+        help="TUNED's one-row preloading rows left out (cuBLAS or TMA tiles there, as before)",
+    )
     parser.add_argument("--every-one-row", action="store_true")
     parser.add_argument("--trigger-first", type=int, default=1)
     parser.add_argument("--greedy", action="store_true")
@@ -102,6 +118,8 @@ def main(argv: list[str]) -> int:
     args, rest = parser.parse_known_args(argv)
     rest = [a for a in rest if a != "--"]
     pdl.TRIGGER_FIRST_MAX_ROWS = 1 if args.trigger_first else 0
+    if args.without_preload:
+        without_preload()
     if args.tiles:
         tune_one_row(args.tiles, O_SHAPES)
     if args.qkv_tiles:
@@ -109,8 +127,9 @@ def main(argv: list[str]) -> int:
     if args.every_one_row:
         every_one_row()
     print(
-        f"O at one row: {args.tiles or 'TUNED'}, QKV: {args.qkv_tiles or 'TUNED'}, every "
-        f"one-row product preloaded: {args.every_one_row}, trigger first: {args.trigger_first}"
+        f"O at one row: {args.tiles or 'TUNED'}, QKV: {args.qkv_tiles or 'TUNED'}, TUNED's "
+        f"preloading rows: {not args.without_preload}, every one-row product preloaded: "
+        f"{args.every_one_row}, trigger first: {args.trigger_first}"
     )
     if args.greedy:
         greedy_one_by_one(rest)

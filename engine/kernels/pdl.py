@@ -61,9 +61,10 @@ def _mode() -> int:
 # same.
 TRIGGER_FIRST = 3
 # The decode rows at or under which those launches trigger first: at batch 1 the attention's
-# programs are few and leave the SMs free for the preloading product's. 0 (off) until timed on
-# the GPU with `TUNED` rows on the preloading tiles (`session.sh b8`, `b9`).
-TRIGGER_FIRST_MAX_ROWS = 0
+# programs are few and leave the SMs free for the preloading product's (`skinny_gemm.TUNED`'s
+# one-row rows). On an H100, back to back, Qwen3-30B-A3B 1 x 128 3.28 -> 3.08 ms and Moonlight
+# 2.65 -> 2.54 with both; Llama-3-8B (whose O does not fit the registers) 5.70 -> 5.69.
+TRIGGER_FIRST_MAX_ROWS = 1
 
 
 def trigger_first(rows: int) -> bool:

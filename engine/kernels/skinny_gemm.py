@@ -410,10 +410,8 @@ class SkinnyTiles:
         )  # fmt: skip
         split = f" split {self.split_k}" if self.split_k > 1 else ""
         rows = f" m{self.block_m}" if self.block_m else ""
-        return (
-            f"{kind} {self.block_n}x{self.block_k}{split} w{self.num_warps} s{self.num_stages}"
-            f"{rows}"
-        )
+        stages = "" if self.preload else f" s{self.num_stages}"  # a preload runs one stage
+        return f"{kind} {self.block_n}x{self.block_k}{split} w{self.num_warps}{stages}{rows}"
 
 
 # The configurations bench.skinny_gemm compares, for 16-bit weights (the rule halves block_k
@@ -490,6 +488,10 @@ def pick_tiles(
 # cuBLAS), and beyond the last row (or for a shape not here) cuBLAS. `--gemm-backend auto`
 # reads it on Hopper GPUs.
 TunedKey = tuple[str, int, int, str]
+# One row's preloading tiles (`TUNED`): a program's `[block_n, K]` slab of W, 16 KB a program
+# at 4 warps (32 KB for 8 x 2,048), 80-82 registers a thread.
+PRELOAD_O_4096 = SkinnyTiles(4, 4096, dot=False, num_warps=4, preload=True)
+PRELOAD_2048 = SkinnyTiles(8, 2048, dot=False, num_warps=4, preload=True)
 TUNED: dict[TunedKey, tuple[tuple[int, SkinnyTiles | None], ...]] = {
     # Llama-3-8B's gate-up with silu(gate) * up in the epilogue, against cuBLAS followed by
     # fused.silu_and_mul: 57.4 / 59.5 / 59.1 / 63.9 µs against 62.9 / 59.1 / 61.4 / 66.1 µs
@@ -515,18 +517,30 @@ TUNED: dict[TunedKey, tuple[tuple[int, SkinnyTiles | None], ...]] = {
     # Qwen3-30B-A3B's O projection (2048 x 4096): TMA tiles of 64 x 128, K split in four, 6.5
     # / 6.6 / 7.2 µs at 1 / 16 / 64 rows against cuBLAS's 8.7 / 9.7 / 10.3 (floor 4.0-4.1)
     # and, at one row, the prefetching CUDA-core 4 x 1024 tiles' 7.1 (the row before). Its QKV
-    # (5120 x 2048): cuBLAS at every row (8.2 against 8.4 at one).
+    # (5120 x 2048): cuBLAS past one row (8.2 against 8.4 at one alone).
+    # At one row both take the preloading tiles (`SkinnyTiles.preload`): each program's whole
+    # slab of W loaded into registers while the kernels before it run (they trigger first at
+    # batch 1: `pdl.TRIGGER_FIRST_MAX_ROWS`). Their gain is the overlap, so they are timed in
+    # the engine, not alone: Qwen3-30B-A3B 1 x 128 on an H100 (`bench/gpu/preload_ab.py`,
+    # back to back, same machine) 3.28-3.29 ms -> 3.08 with O on 4 x 4,096 tiles and QKV on 8 x
+    # 2,048 (8 x 4,096 for O: 3.12; 16 x 4,096 at 16 warps: 3.15-3.18; O alone: 3.24).
     ("linear", 2048, 4096, "bfloat16"): (
+        (1, PRELOAD_O_4096),
         (64, SkinnyTiles(64, 128, split_k=4, num_stages=4, tma=True)),
     ),
+    ("linear", 5120, 2048, "bfloat16"): ((1, PRELOAD_2048),),
     # Moonlight-16B-A3B's MLA output projection (2048 x 2048): TMA tiles of 64 x 128, K split
     # in four, 5.7 / 6.4 µs at 1 / 64 rows with the reduce launch against cuBLAS's 6.2 / 6.5
     # (floor 2.0-2.1; `bench.skinny_gemm --shapes moonlight_o`, session.sh O). Its fused
     # query-and-latent projection (3648 x 2048): cuBLAS at 1, 64 and 256 rows (7.0 / 7.3 / 9.6
-    # against 7.3 / 8.0 / 12.3 at best).
+    # against 7.3 / 8.0 / 12.3 at best). At one row both take the preloading 8 x 2,048 tiles:
+    # Moonlight 1 x 128 on an H100, back to back, 2.64-2.65 ms -> 2.54 (step alone 2.78-2.82
+    # -> 2.55-2.64; O on 4 x 2,048 tiles 2.55, 16 x 2,048 at 8 warps 2.57).
     ("linear", 2048, 2048, "bfloat16"): (
+        (1, PRELOAD_2048),
         (64, SkinnyTiles(64, 128, split_k=4, num_stages=4, tma=True)),
     ),
+    ("linear", 3648, 2048, "bfloat16"): ((1, PRELOAD_2048),),
     # Llama-3-8B's O projection (4096 x 4096): TMA tiles of 64 x 128, K split in four, 10.5 /
     # 11.1 µs at 1 / 16 rows against cuBLAS's 13.8 / 13.9 and the prefetching 8 x 512 tiles'
     # 12.2 at one row (floor 7.9-8.0); at 64 rows in two, 12.2 against 13.2 (in four 15.1).
