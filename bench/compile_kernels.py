@@ -861,7 +861,7 @@ def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
             for m in (1, 16, max_rows):
                 if tuned is not None:  # None: cuBLAS
                     launch(dtype, m, tuned, gated=kind == "gate_up")
-    for tiles in PRELOAD_TRIALS:  # the preloading CUDA-core tiles, on trial
+    for tiles in PRELOAD_TRIALS:  # the other preloading tiles timed
         launch("bf16", 1, tiles)
     for dtype, block_m, tiles, gated in sorted(launches, key=repr):
         if tiles.tma:

@@ -62,7 +62,7 @@
 #   run(command="bash bench/gpu/session.sh b8", carry=[".whl"])  # O preloaded during attention
 #   run(command="bash bench/gpu/session.sh b9", carry=[".whl"])  # the same, Moonlight, Llama
 #   run(command="bash bench/gpu/session.sh b10", carry=[".whl"]) # b8 and b9's essentials
-#   run(command="bash bench/gpu/session.sh b11", carry=[".whl"]) # b10's A/B alone, 260 s
+#   run(command="bash bench/gpu/session.sh b11", carry=[".whl"]) # preload A/B (default), 260 s
 #   run(command="bash bench/gpu/session.sh b12", carry=[".whl"]) # b10's A/B profiled, 260 s
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
@@ -978,30 +978,27 @@ b10)
     -- qwen3-moe deepseek-v3 llama
   ;;
 b11)
-  # b10's A/B alone (about 260 s): each MoE model at batch 1 as today and with O and the first
-  # projection preloaded, the triggers on, back to back.
+  # The preloading projections' A/B (about 260 s, now the default: the H100's figures in
+  # bench/NOTES.md, the nineteenth session): each MoE model at batch 1 as before them
+  # (--without-preload, no early triggers) and as the default, back to back.
   for preset in qwen3-30b-a3b moonlight-16b-a3b; do
     for first in 0 1; do
-      o=""; q=""
-      [ "$first" = 1 ] && q=pre:8:2048:1:4 && o=pre:16:4096:1:16
-      [ "$first" = 1 ] && [ "$preset" = moonlight-16b-a3b ] && o=pre:16:2048:1:8
-      TAIL=3 step "${preset%%-*}_tf$first" 70 python3 bench/gpu/preload_ab.py --tiles "$o" \
-        --qkv-tiles "$q" --trigger-first "$first" -- --preset "$preset" --skip-hf \
+      before=""; [ "$first" = 0 ] && before=--without-preload
+      TAIL=3 step "${preset%%-*}_tf$first" 70 python3 bench/gpu/preload_ab.py $before \
+        --trigger-first "$first" -- --preset "$preset" --skip-hf \
         --prefill '' --decode 1x128 --repeats 3
     done
   done
   ;;
 b12)
   # Where batch 1's time goes with O and the first projection preloaded (the profile's kernel
-  # table, about 260 s): Qwen3-30B-A3B and Moonlight as today, then preloaded.
+  # table, about 260 s): Qwen3-30B-A3B and Moonlight before the preloading rows, then as the
+  # default.
   for preset in qwen3-30b-a3b moonlight-16b-a3b; do
     for first in 0 1; do
-      o=""; q=""
-      [ "$first" = 1 ] && q=pre:8:2048:1:4 && o=pre:16:4096:1:16
-      [ "$first" = 1 ] && [ "$preset" = moonlight-16b-a3b ] && o=pre:16:2048:1:8
+      before=""; [ "$first" = 0 ] && before=--without-preload
       TAIL=34 step "profile_${preset%%-*}_tf$first" 70 python3 bench/gpu/preload_ab.py \
-        --tiles "$o" --qkv-tiles "$q" --trigger-first "$first" --profile -- --preset "$preset" \
-        --decode 1x128 --top 24
+        $before --trigger-first "$first" --profile -- --preset "$preset" --decode 1x128 --top 24
     done
   done
   ;;
