@@ -109,6 +109,12 @@ def main(argv: list[str]) -> int:
         action="store_true",
         help="TUNED's one-row preloading rows left out (cuBLAS or TMA tiles there, as before)",
     )
+    parser.add_argument(
+        "--preload-trigger",
+        type=int,
+        help="1 or 0: preloading launches let their successor be scheduled first or not "
+        "(default: skinny_gemm.PRELOAD_TRIGGERS_FIRST)",
+    )
     parser.add_argument("--every-one-row", action="store_true")
     parser.add_argument("--trigger-first", type=int, default=1)
     parser.add_argument("--greedy", action="store_true")
@@ -118,6 +124,8 @@ def main(argv: list[str]) -> int:
     args, rest = parser.parse_known_args(argv)
     rest = [a for a in rest if a != "--"]
     pdl.TRIGGER_FIRST_MAX_ROWS = 1 if args.trigger_first else 0
+    if args.preload_trigger is not None:
+        skinny_gemm.PRELOAD_TRIGGERS_FIRST = bool(args.preload_trigger)
     if args.without_preload:
         without_preload()
     if args.tiles:
@@ -129,7 +137,8 @@ def main(argv: list[str]) -> int:
     print(
         f"O at one row: {args.tiles or 'TUNED'}, QKV: {args.qkv_tiles or 'TUNED'}, TUNED's "
         f"preloading rows: {not args.without_preload}, every one-row product preloaded: "
-        f"{args.every_one_row}, trigger first: {args.trigger_first}"
+        f"{args.every_one_row}, trigger first: {args.trigger_first}, preloading launches "
+        f"trigger first: {skinny_gemm.PRELOAD_TRIGGERS_FIRST}"
     )
     if args.greedy:
         greedy_one_by_one(rest)

@@ -154,13 +154,30 @@ def _rms_norm_gate_kernel(
     """`_rms_norm_kernel` and the MoE gate's logits of its output in one launch: program
     (row, j) normalises the row (every program of a row the same way) and takes the logits of
     experts `[j * BLOCK_E, (j + 1) * BLOCK_E)`; program (row, 0) stores the row's output and
-    new residual."""
+    new residual. The gate's rows, a weight no kernel writes, are loaded before the PDL wait:
+    where the launch before it lets it be scheduled first (the O projection's preloading tiles
+    at batch 1, `skinny_gemm.PRELOAD_TRIGGERS_FIRST`), they arrive while that kernel runs."""
+    block_e = tl.program_id(1)
+    g = _gate_rows(gate_ptr, block_e, n, num_gate, stride_g, BLOCK, BLOCK_E)
     pdl.start(PDL)
-    rms_norm_gate_program(
-        tl.program_id(0), tl.program_id(1), x_ptr, res_ptr, res_out_ptr, w_ptr, out_ptr,
-        gate_ptr, logits_ptr, stride_x, stride_r, stride_o, n, eps, stride_xs, pw_ptr, ids_ptr,
-        num_experts, num_gate, stride_g, PENDING, HAS_PW, HAS_IDS, BLOCK, BLOCK_E,
+    _rms_norm_gate_rows(
+        tl.program_id(0), block_e, g, x_ptr, res_ptr, res_out_ptr, w_ptr, out_ptr, logits_ptr,
+        stride_x, stride_r, stride_o, n, eps, stride_xs, pw_ptr, ids_ptr, num_experts, num_gate,
+        PENDING, HAS_PW, HAS_IDS, BLOCK, BLOCK_E,
     )  # fmt: skip
+
+
+@triton.jit
+def _gate_rows(gate_ptr, block_e, n, num_gate, stride_g, BLOCK: tl.constexpr,
+               BLOCK_E: tl.constexpr):  # fmt: skip
+    """The gate's rows of experts `[block_e * BLOCK_E, ...)`, `[BLOCK_E, BLOCK]`."""
+    cols = tl.arange(0, BLOCK)
+    experts = block_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    return tl.load(
+        gate_ptr + experts[:, None] * stride_g + cols[None, :],
+        mask=(experts < num_gate)[:, None] & (cols < n)[None, :],
+        other=0.0,
+    )
 
 
 @triton.jit
@@ -172,6 +189,21 @@ def rms_norm_gate_program(
 ):  # fmt: skip
     """Program `(row, block_e)` of `rms_norm_gate`'s launch (also an item of
     bench.persistent_kernel's)."""
+    g = _gate_rows(gate_ptr, block_e, n, num_gate, stride_g, BLOCK, BLOCK_E)
+    _rms_norm_gate_rows(
+        row, block_e, g, x_ptr, res_ptr, res_out_ptr, w_ptr, out_ptr, logits_ptr, stride_x,
+        stride_r, stride_o, n, eps, stride_xs, pw_ptr, ids_ptr, num_experts, num_gate, PENDING,
+        HAS_PW, HAS_IDS, BLOCK, BLOCK_E,
+    )  # fmt: skip
+
+
+@triton.jit
+def _rms_norm_gate_rows(
+    row, block_e, g, x_ptr, res_ptr, res_out_ptr, w_ptr, out_ptr, logits_ptr, stride_x, stride_r,
+    stride_o, n, eps, stride_xs, pw_ptr, ids_ptr, num_experts, num_gate, PENDING: tl.constexpr,
+    HAS_PW: tl.constexpr, HAS_IDS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    """`rms_norm_gate_program` with the gate's rows `g` (`_gate_rows`) already loaded."""
     row = row.to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -188,11 +220,6 @@ def rms_norm_gate_program(
         tl.store(out_ptr + row * stride_o + cols, y, mask=mask)
     experts = block_e * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = experts < num_gate
-    g = tl.load(
-        gate_ptr + experts[:, None] * stride_g + cols[None, :],
-        mask=e_ok[:, None] & mask[None, :],
-        other=0.0,
-    )
     # Products and sums in float32, as router_logits_kernel's (up to summation order).
     logits = tl.sum(g.to(tl.float32) * y.to(tl.float32)[None, :], axis=1)
     tl.store(

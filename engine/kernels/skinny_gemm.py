@@ -490,6 +490,10 @@ def pick_tiles(
 TunedKey = tuple[str, int, int, str]
 # One row's preloading tiles (`TUNED`): a program's `[block_n, K]` slab of W, 32 KB at 4 warps
 # (80 registers a thread for 8 x 2,048, 96 for 4 x 4,096 on sm_90, no spills).
+# Whether a preloading launch at batch 1 lets the kernel after it be scheduled as it starts (the
+# norm with the gate's logits after O then loads its gate rows meanwhile). Built in the
+# nineteenth session after its device time was spent: off until timed (`session.sh b13`).
+PRELOAD_TRIGGERS_FIRST = False
 PRELOAD_O_4096 = SkinnyTiles(4, 4096, dot=False, num_warps=4, preload=True)
 PRELOAD_2048 = SkinnyTiles(8, 2048, dot=False, num_warps=4, preload=True)
 TUNED: dict[TunedKey, tuple[tuple[int, SkinnyTiles | None], ...]] = {
@@ -715,7 +719,7 @@ def _launch(
             ONE_ROW=m == 1,
             num_warps=tiles.num_warps,
             num_stages=1,
-            **pdl.launch_args(x2),
+            **pdl.launch_args(x2, trigger_first=PRELOAD_TRIGGERS_FIRST and pdl.trigger_first(m)),
         )  # fmt: skip
     else:  # the pointer kernel (also the TMA tiles' fallback)
         _skinny_gemm_kernel[grid](
