@@ -65,6 +65,7 @@
 #   run(command="bash bench/gpu/session.sh b11", carry=[".whl"]) # preload A/B (default), 260 s
 #   run(command="bash bench/gpu/session.sh b12", carry=[".whl"]) # b10's A/B profiled, 260 s
 #   run(command="bash bench/gpu/session.sh b13", carry=[".whl"]) # gate rows early; MoE K steps
+#   run(command="bash bench/gpu/session.sh b14", carry=[".whl"]) # Llama-3-8B's O, QKV preloaded
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -1022,5 +1023,15 @@ b13)
     --small-tiles 2,2048,8,256,4 --small-tiles 8,512,8,256,4 --small-tiles 16,256,2,1024,4 \
     --small-tiles 4,1024,2,1024,4 2>&1 | grep "^## \|^### \|^| 1 "'
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13"; exit 2 ;;
+b14)
+  # Llama-3-8B at batch 1 with its O (4,096 x 4,096: 32 MB, more than the registers hold
+  # beside the attention) and its QKV (6,144 x 4,096) on preloading tiles of 4-8 rows, the
+  # sizes that did best on Qwen3-30B-A3B's O (about 200 s): the default, then each.
+  for cfg in "||" "pre:4:4096:1:4||" "pre:8:4096:1:8||" "pre:4:4096:1:4|pre:4:4096:1:4|"; do
+    IFS='|' read -r o q _ <<<"$cfg"
+    TAIL=3 step "llama_${o//:/_}_${q//:/_}" 50 python3 bench/gpu/preload_ab.py --tiles "$o" \
+      --qkv-tiles "$q" -- --preset llama3-8b --skip-hf --prefill '' --decode 1x128 --repeats 3
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14"; exit 2 ;;
 esac
