@@ -488,12 +488,12 @@ def pick_tiles(
 # cuBLAS), and beyond the last row (or for a shape not here) cuBLAS. `--gemm-backend auto`
 # reads it on Hopper GPUs.
 TunedKey = tuple[str, int, int, str]
-# One row's preloading tiles (`TUNED`): a program's `[block_n, K]` slab of W, 32 KB at 4 warps
-# (80 registers a thread for 8 x 2,048, 96 for 4 x 4,096 on sm_90, no spills).
 # Whether a preloading launch at batch 1 lets the kernel after it be scheduled as it starts (the
 # norm with the gate's logits after O then loads its gate rows meanwhile). Built in the
 # nineteenth session after its device time was spent: off until timed (`session.sh b13`).
 PRELOAD_TRIGGERS_FIRST = False
+# One row's preloading tiles (`TUNED`): a program's `[block_n, K]` slab of W, 32 KB at 4 warps
+# (80 registers a thread for 8 x 2,048, 96 for 4 x 4,096 on sm_90, no spills).
 PRELOAD_O_4096 = SkinnyTiles(4, 4096, dot=False, num_warps=4, preload=True)
 PRELOAD_2048 = SkinnyTiles(8, 2048, dot=False, num_warps=4, preload=True)
 TUNED: dict[TunedKey, tuple[tuple[int, SkinnyTiles | None], ...]] = {
@@ -521,7 +521,7 @@ TUNED: dict[TunedKey, tuple[tuple[int, SkinnyTiles | None], ...]] = {
     # Qwen3-30B-A3B's O projection (2048 x 4096): TMA tiles of 64 x 128, K split in four, 6.5
     # / 6.6 / 7.2 µs at 1 / 16 / 64 rows against cuBLAS's 8.7 / 9.7 / 10.3 (floor 4.0-4.1)
     # and, at one row, the prefetching CUDA-core 4 x 1024 tiles' 7.1 (the row before). Its QKV
-    # (5120 x 2048): cuBLAS past one row (8.2 against 8.4 at one alone).
+    # (5120 x 2048): cuBLAS past one row (at one row, timed alone, cuBLAS's 8.2 against 8.4).
     # At one row both take the preloading tiles (`SkinnyTiles.preload`): each program's whole
     # slab of W loaded into registers while the kernels before it run (they trigger first at
     # batch 1: `pdl.TRIGGER_FIRST_MAX_ROWS`). Their gain is the overlap, so they are timed in

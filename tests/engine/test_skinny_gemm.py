@@ -298,12 +298,13 @@ def test_tuned_table_rows() -> None:
     backend = SkinnyGemmBackend(tuned=True, max_rows=256)
     assert backend.tiles("linear", 64, 4096, 14336, bf16) == down
     assert backend.tiles("linear", 256, 4096, 14336, bf16) is None
-    # Preloading tiles: one row only (a loop over rows holds the tile twice), and each holds
+    assert backend.tiles("linear", 257, 4096, 14336, bf16) is None
+    assert tuned_tiles("gate_up", 16, 28672, 4096, bf16) == SkinnyTiles(64, 128)
+    # Preloading tiles: one row only (over more rows the compiler hoists a float32 copy of the
+    # tile out of the row loop: twice the registers), and each holds
     # its whole split of K (else the launch refuses them).
     for (kind, n, k, _), rows in TUNED.items():
         for max_rows, tiles in rows:
             if tiles is not None and tiles.preload:
                 assert kind == "linear" and max_rows == 1, (n, k, tiles)
                 assert tiles.block_k * tiles.split_k >= k, (n, k, tiles)
-    assert backend.tiles("linear", 257, 4096, 14336, bf16) is None
-    assert tuned_tiles("gate_up", 16, 28672, 4096, bf16) == SkinnyTiles(64, 128)
