@@ -301,8 +301,8 @@ def test_tuned_table_rows() -> None:
     assert backend.tiles("linear", 257, 4096, 14336, bf16) is None
     assert tuned_tiles("gate_up", 16, 28672, 4096, bf16) == SkinnyTiles(64, 128)
     # Preloading tiles: one row only (over more rows the compiler hoists a float32 copy of the
-    # tile out of the row loop: twice the registers), and each holds
-    # its whole split of K (else the launch refuses them).
+    # tile out of the row loop: twice the registers), each holding its whole split of K (else
+    # the launch refuses them).
     for (kind, n, k, _), rows in TUNED.items():
         for max_rows, tiles in rows:
             if tiles is not None and tiles.preload:
