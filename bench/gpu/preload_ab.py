@@ -115,6 +115,12 @@ def main(argv: list[str]) -> int:
         help="1 or 0: preloading launches let their successor be scheduled first or not "
         "(default: skinny_gemm.PRELOAD_TRIGGERS_FIRST)",
     )
+    parser.add_argument(
+        "--output-absorb-rows",
+        type=int,
+        help="triton_attention.HEAD_BMM_OUTPUT_MAX_ROWS: MLA's W_UV product on head_bmm up to "
+        "these rows (in the PDL chain before O)",
+    )
     parser.add_argument("--every-one-row", action="store_true")
     parser.add_argument("--trigger-first", type=int, default=1)
     parser.add_argument("--greedy", action="store_true")
@@ -126,6 +132,10 @@ def main(argv: list[str]) -> int:
     pdl.TRIGGER_FIRST_MAX_ROWS = 1 if args.trigger_first else 0
     if args.preload_trigger is not None:
         skinny_gemm.PRELOAD_TRIGGERS_FIRST = bool(args.preload_trigger)
+    if args.output_absorb_rows is not None:
+        from engine.layers import triton_attention
+
+        triton_attention.HEAD_BMM_OUTPUT_MAX_ROWS = args.output_absorb_rows
     if args.without_preload:
         without_preload()
     if args.tiles:

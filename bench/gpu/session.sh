@@ -1005,17 +1005,23 @@ b12)
   done
   ;;
 b13)
-  # The nineteenth session's untimed changes (about 330 s): the norm with the gate's logits
+  # The nineteenth session's untimed changes (about 400 s): the norm with the gate's logits
   # loading its gate rows before its wait while the O projection's preloading launch lets it
   # be scheduled first (skinny_gemm.PRELOAD_TRIGGERS_FIRST, off), its tests compiled, then
   # each MoE model at batch 1 off and on, alternating; then the small MoE path at one token
   # with K steps of whole rows (the gate-up's 16 x 256 tiles read each row in 512-byte pieces).
-  TAIL=4 step gate_tests 60 python3 -m pytest -x -q -rf tests/engine/test_fused_ops.py -k gate
-  for preset in qwen3-30b-a3b moonlight-16b-a3b; do
-    for t in 0 1 0 1; do
-      TAIL=3 step "${preset%%-*}_pt$t" 60 python3 bench/gpu/preload_ab.py --preload-trigger "$t" \
-        -- --preset "$preset" --skip-hf --prefill '' --decode 1x128 --repeats 3
-    done
+  # Moonlight also with MLA's W_UV product on head_bmm at one row (HEAD_BMM_OUTPUT_MAX_ROWS,
+  # off: cuBLAS's launch ends the chain of early triggers before its O's preloading tiles).
+  TAIL=4 step gate_tests 90 python3 -m pytest -x -q -rf tests/engine/test_fused_ops.py \
+    tests/engine/test_triton_attention.py -k "gate or output_absorption"
+  for t in 0 1 0 1; do
+    TAIL=3 step "qwen3_pt$t" 60 python3 bench/gpu/preload_ab.py --preload-trigger "$t" \
+      -- --preset qwen3-30b-a3b --skip-hf --prefill '' --decode 1x128 --repeats 3
+  done
+  for cfg in 0:0 0:1 1:1 0:0 0:1 1:1; do
+    TAIL=3 step "moonlight_pt${cfg%:*}_uv${cfg#*:}" 65 python3 bench/gpu/preload_ab.py \
+      --preload-trigger "${cfg%:*}" --output-absorb-rows "${cfg#*:}" -- \
+      --preset moonlight-16b-a3b --skip-hf --prefill '' --decode 1x128 --repeats 3
   done
   TAIL=30 step small_long_k 100 bash -c 'python3 -m bench.moe_kernel --shape qwen3-30b-a3b \
     --shape moonlight-16b-a3b-fused --tokens 1 --path small --reps 20 \

@@ -29,6 +29,13 @@ from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 
 HEAD_BMM_MAX_ROWS = 64  # MLA's query absorption on the Triton kernel up to this many rows
+# MLA's output absorption (W_UV: K 512, N 128) on the Triton kernel up to this many rows.
+# Alone cuBLAS's is faster (3.9-4.2 against 4.4-5.0 µs on the H200), but it is outside
+# programmatic dependent launch: at batch 1 its launch ends the chain of early triggers
+# (`pdl.TRIGGER_FIRST_MAX_ROWS`) that lets Moonlight's O projection, on preloading tiles, load
+# its weight while the MLA decode runs; `head_bmm` keeps the chain. Built in the nineteenth
+# session after its device time was spent: 0 (off) until timed (`bash bench/gpu/session.sh b13`).
+HEAD_BMM_OUTPUT_MAX_ROWS = 0
 
 
 # Decode steps fold RoPE (with any q/k norms) and the KV write into the decode attention's
@@ -306,6 +313,14 @@ class TritonAttentionBackend(AttentionBackend):
             return super().mla_absorb_query(q_nope, w_uk)
         out = q_nope.new_empty(q_nope.shape[0], w_uk.shape[0], w_uk.shape[2])
         return head_bmm(q_nope, w_uk, out)
+
+    def mla_absorb_output(self, out: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
+        """Up to `HEAD_BMM_OUTPUT_MAX_ROWS` rows `engine.kernels.head_bmm` (in the PDL chain
+        between the MLA decode and O), beyond them cuBLAS's."""
+        if out.shape[0] > HEAD_BMM_OUTPUT_MAX_ROWS:
+            return super().mla_absorb_output(out, w_uv)
+        attn = out.new_empty(out.shape[0], w_uv.shape[0], w_uv.shape[1])
+        return head_bmm(out if out.stride(2) == 1 else out.contiguous(), w_uv.transpose(1, 2), attn)
 
     def mla_expands(self, batch: ForwardBatch) -> bool:
         """Prefill/extend in the non-absorbed form (fewer FLOPs over many new tokens); decode

@@ -356,6 +356,66 @@ def test_mla_absorption_with_latent_keeps_transformers_tokens(
     assert engine.num_free_pages == engine.pool.num_pages
 
 
+@pytest.mark.parametrize("rows", [1, 5])
+def test_mla_output_absorption_on_head_bmm(monkeypatch: pytest.MonkeyPatch, rows: int) -> None:
+    """`HEAD_BMM_OUTPUT_MAX_ROWS` on: the W_UV product (a strided view of `kv_b_proj`'s weight,
+    as the model passes it) is `head_bmm`'s, equal to cuBLAS's up to float32 summation order,
+    contiguous; past the limit, the torch backend's itself."""
+    from engine.layers import triton_attention
+    from engine.layers.attention import AttentionBackend
+
+    torch.manual_seed(rows)
+    heads, nope, v_dim, rank = 4, 24, 16, 64
+    kv_b = torch.randn(heads * (nope + v_dim), rank, device=DEVICE)
+    w_uv = kv_b.view(heads, nope + v_dim, rank)[:, nope:]  # [H, v, R], strided
+    out = torch.randn(rows, heads, rank, device=DEVICE)
+    backend = triton_attention.TritonAttentionBackend.__new__(
+        triton_attention.TritonAttentionBackend
+    )
+    want = AttentionBackend.mla_absorb_output(backend, out, w_uv)
+    monkeypatch.setattr(triton_attention, "HEAD_BMM_OUTPUT_MAX_ROWS", 4)
+    got = backend.mla_absorb_output(out, w_uv)
+    assert got.is_contiguous() and got.shape == (rows, heads, v_dim)
+    if rows <= 4:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(got, want)
+
+
+def test_mla_output_absorption_on_head_bmm_keeps_transformers_tokens(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the W_UV product on `head_bmm` at every decode batch of the test (a batch of three
+    and, as prompts end, fewer), DeepSeek-V3's greedy tokens stay transformers'."""
+    from engine.kernels import head_bmm
+    from engine.layers import triton_attention
+
+    calls: list[int] = []
+    launch = head_bmm.head_bmm
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return launch(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(triton_attention, "HEAD_BMM_OUTPUT_MAX_ROWS", 64)
+    monkeypatch.setattr(triton_attention, "head_bmm", counted)
+    ref = reference(tiny_models["deepseek-v3"], device=DEVICE)
+    n = 6
+    few = Reference(
+        ref.prompts[:3], [t[:n] for t in ref.tokens[:3]], [x[:n] for x in ref.logits[:3]]
+    )
+    config = EngineConfig(
+        model_path=str(tiny_models["deepseek-v3"]), num_pages=256, page_size=16,
+        attention_backend="triton", dtype="float32",
+    )  # fmt: skip
+    engine = Engine(config)
+    params = SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
+    results = engine.generate(few.prompts, params)
+    assert_greedy_matches([r.output_ids for r in results], few, NEAR_TIE)
+    assert len(calls) >= (n - 1) * engine.model_config.num_layers
+    assert engine.num_free_pages == engine.pool.num_pages
+
+
 @pytest.mark.parametrize("family", ["qwen2", "deepseek-v3"])
 def test_skinny_gemm_backend_matches_transformers(
     tiny_models: dict[str, Path], family: str
