@@ -326,18 +326,28 @@ def test_mla_absorption_with_latent_keeps_transformers_tokens(
     decode step in one launch): every decode layer takes it, and DeepSeek-V3's greedy tokens
     stay transformers'. Three prompts, six tokens: the kernel is checked bit for bit in
     test_head_bmm and test_mla_decode."""
-    from engine.kernels import head_bmm
+    from engine.layers import triton_attention
+
+    monkeypatch.setattr(triton_attention, "MLA_ABSORB_WITH_LATENT", True)
+    _deepseek_greedy_through(tiny_models, monkeypatch, "absorb_query_and_latent")
+
+
+def _deepseek_greedy_through(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, launch_name: str
+) -> None:
+    """The tiny DeepSeek-V3's greedy tokens (three prompts, six tokens) through the Triton
+    backend equal transformers', with `triton_attention.<launch_name>` run by every decode
+    step's every layer; every page freed after."""
     from engine.layers import triton_attention
 
     calls: list[int] = []
-    launch = head_bmm.absorb_query_and_latent
+    launch = getattr(triton_attention, launch_name)
 
     def counted(*args: object, **kwargs: object) -> object:
         calls.append(1)
-        return launch(*args, **kwargs)  # type: ignore[arg-type]
+        return launch(*args, **kwargs)
 
-    monkeypatch.setattr(triton_attention, "MLA_ABSORB_WITH_LATENT", True)
-    monkeypatch.setattr(triton_attention, "absorb_query_and_latent", counted)
+    monkeypatch.setattr(triton_attention, launch_name, counted)
     ref = reference(tiny_models["deepseek-v3"], device=DEVICE)
     n = 6
     few = Reference(
@@ -351,8 +361,7 @@ def test_mla_absorption_with_latent_keeps_transformers_tokens(
     params = SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
     results = engine.generate(few.prompts, params)
     assert_greedy_matches([r.output_ids for r in results], few, NEAR_TIE)
-    layers = engine.model_config.num_layers
-    assert len(calls) >= (n - 1) * layers  # every decode step's every layer
+    assert len(calls) >= (n - 1) * engine.model_config.num_layers
     assert engine.num_free_pages == engine.pool.num_pages
 
 
@@ -387,33 +396,10 @@ def test_mla_output_absorption_on_head_bmm_keeps_transformers_tokens(
 ) -> None:
     """With the W_UV product on `head_bmm` at every decode batch of the test (a batch of three
     and, as prompts end, fewer), DeepSeek-V3's greedy tokens stay transformers'."""
-    from engine.kernels import head_bmm
     from engine.layers import triton_attention
 
-    calls: list[int] = []
-    launch = head_bmm.head_bmm
-
-    def counted(*args: object, **kwargs: object) -> object:
-        calls.append(1)
-        return launch(*args, **kwargs)  # type: ignore[arg-type]
-
     monkeypatch.setattr(triton_attention, "HEAD_BMM_OUTPUT_MAX_ROWS", 64)
-    monkeypatch.setattr(triton_attention, "head_bmm", counted)
-    ref = reference(tiny_models["deepseek-v3"], device=DEVICE)
-    n = 6
-    few = Reference(
-        ref.prompts[:3], [t[:n] for t in ref.tokens[:3]], [x[:n] for x in ref.logits[:3]]
-    )
-    config = EngineConfig(
-        model_path=str(tiny_models["deepseek-v3"]), num_pages=256, page_size=16,
-        attention_backend="triton", dtype="float32",
-    )  # fmt: skip
-    engine = Engine(config)
-    params = SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
-    results = engine.generate(few.prompts, params)
-    assert_greedy_matches([r.output_ids for r in results], few, NEAR_TIE)
-    assert len(calls) >= (n - 1) * engine.model_config.num_layers
-    assert engine.num_free_pages == engine.pool.num_pages
+    _deepseek_greedy_through(tiny_models, monkeypatch, "head_bmm")
 
 
 @pytest.mark.parametrize("family", ["qwen2", "deepseek-v3"])
