@@ -538,8 +538,8 @@ TUNED: dict[TunedKey, tuple[tuple[int, SkinnyTiles | None], ...]] = {
     # (floor 2.0-2.1; `bench.skinny_gemm --shapes moonlight_o`, session.sh O). Its fused
     # query-and-latent projection (3648 x 2048): cuBLAS at 1, 64 and 256 rows (7.0 / 7.3 / 9.6
     # against 7.3 / 8.0 / 12.3 at best). At one row both take the preloading 8 x 2,048 tiles:
-    # Moonlight 1 x 128 on an H100, back to back, 2.64-2.65 ms -> 2.54 (step alone 2.78-2.82
-    # -> 2.55-2.64; O on 4 x 2,048 tiles 2.55, 16 x 2,048 at 8 warps 2.57).
+    # Moonlight 1 x 128 on an H100, back to back, 2.64-2.65 ms -> 2.53-2.54 (step alone 2.66-2.82
+    # -> 2.55-2.67; O on 4 x 2,048 tiles 2.55, 16 x 2,048 at 8 warps 2.57).
     ("linear", 2048, 2048, "bfloat16"): (
         (1, PRELOAD_2048),
         (64, SkinnyTiles(64, 128, split_k=4, num_stages=4, tma=True)),

@@ -320,7 +320,7 @@ class TritonAttentionBackend(AttentionBackend):
         if out.shape[0] > HEAD_BMM_OUTPUT_MAX_ROWS:
             return super().mla_absorb_output(out, w_uv)
         attn = out.new_empty(out.shape[0], w_uv.shape[0], w_uv.shape[1])
-        return head_bmm(out if out.stride(2) == 1 else out.contiguous(), w_uv.transpose(1, 2), attn)
+        return head_bmm(out, w_uv.transpose(1, 2), attn)
 
     def mla_expands(self, batch: ForwardBatch) -> bool:
         """Prefill/extend in the non-absorbed form (fewer FLOPs over many new tokens); decode
