@@ -96,7 +96,27 @@ def check_moe(shape: LayerShape, tokens: Sequence[int]) -> list[str]:
         print(f"routed MoE {shape.name} T={t}: max err {err:.2e}")
         if routed.shape != (t, h) or err > MOE_TOL * scale:
             failures.append(f"routed MoE {shape.name} T={t}: {err:.2e} of {scale:.2f}")
+        if 0 < t <= 4 and not shape.grouped:
+            failures += check_down_preload(shape, x, logits.bfloat16(), w13, w2)
     return failures
+
+
+def check_down_preload(
+    shape: LayerShape, x: torch.Tensor, logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
+) -> list[str]:
+    """The small path's down preloading its first K step before its PDL wait
+    (`fused_moe_small.ROUTED_TILES`) against the down that reads the gate-up's ids
+    (`DEFAULT_TILES` at ROUTED_TILES' down tiles), compiled: bit for bit."""
+    import dataclasses
+
+    from engine.kernels.fused_moe_small import ROUTED_TILES, small_batch_moe_routed
+
+    plain = dataclasses.replace(ROUTED_TILES, down_preload=False)
+    want = small_batch_moe_routed(x, w13, w2, logits, shape.top_k, True, plain)
+    got = small_batch_moe_routed(x, w13, w2, logits, shape.top_k, True, ROUTED_TILES)
+    same = all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    print(f"down preloaded {shape.name} T={x.shape[0]}: bit for bit {same}")
+    return [] if same else [f"down preloaded {shape.name} T={x.shape[0]}"]
 
 
 def mla_reference(

@@ -733,6 +733,37 @@ def add_small_batch_moe(add: Callable[..., None]) -> None:
             num_warps=4,
             num_stages=3,
         )
+    # The down launch that routes again and preloads its first K step (`ROUTED_TILES`, the
+    # default where the kernels route for experts under `DOT_MIN_INTER` columns): softmax
+    # routing (Qwen3-30B-A3B) and grouped (a narrow DeepSeek-style model, shared experts fused).
+    routed_tiles = fused_moe_small.ROUTED_TILES
+    down_n, down_k = routed_tiles.down_n, routed_tiles.down_k
+    for model, top_k, route, (groups, per_group, topk_groups, shared) in (
+        ("qwen3-30b-a3b", 8, softmax, (1, 1, 1, 0)),
+        ("moonlight", 8, grouped, (1, 64, 1, 2)),
+    ):
+        is_grouped = route == grouped
+        add(
+            f"small_down_preload_kernel bf16 {model} {down_n}x{down_k}",
+            fused_moe_small.small_down_preload_kernel,
+            {
+                **{name: "*bf16" for name in ("act", "w2", "out")},
+                "topk_weights": "*fp32" if is_grouped else "*bf16",
+                "router_logits": "*fp32" if is_grouped else "*bf16",
+                "correction_bias": "*fp32",
+            },
+            {
+                **{"TOP_K": top_k, "K_POW2": 8, "E_POW2": 1 if is_grouped else 128},
+                **{"ROUTE": route, "RENORMALIZE": True, "NUM_GROUPS": groups},
+                **{"PER_GROUP": per_group, "TOPK_GROUPS": topk_groups},
+                **{"NUM_SHARED": shared if is_grouped else 0, "G_POW2": groups},
+                **{"P_POW2": per_group if is_grouped else 1, "BLOCK_N": down_n},
+                "BLOCK_K": down_k,
+            },
+            floats=("scaling",),
+            divisible=("act", "w2", "out", "router_logits", "stride_lt", *sizes),
+            num_warps=routed_tiles.num_warps,
+        )
     add(
         "small_gate_up_kernel bf16 qwen3-30b-a3b route=1 dot 64x128 s4",
         fused_moe_small.small_gate_up_kernel,

@@ -46,7 +46,12 @@ from bench.args import int_list
 from bench.ceiling import copy_bandwidth
 from engine.kernels.fused_moe import _grouped_gemm, align_block_size, fused_moe, fused_moe_routed
 from engine.kernels.fused_moe_configs import MoEKernelConfig, candidates, kernel_config
-from engine.kernels.fused_moe_small import SmallBatchTiles, small_batch_moe
+from engine.kernels.fused_moe_small import (
+    SmallBatchTiles,
+    small_batch_moe,
+    small_batch_moe_grouped_routed,
+    small_batch_moe_routed,
+)
 from engine.layers.moe import MoEBackend, TorchMoEBackend, TritonMoEBackend
 
 
@@ -170,6 +175,8 @@ class Step:
     xs: list[torch.Tensor]  # [T, H] per layer
     logits: list[torch.Tensor]  # [T, E] per layer
     routed: list[tuple[torch.Tensor, torch.Tensor]]  # (weights, ids) [T, k] per layer
+    shape: LayerShape
+    bias: torch.Tensor  # grouped routing's correction bias
 
     def fused(
         self,
@@ -179,7 +186,8 @@ class Step:
         tiles: SmallBatchTiles | None = None,
     ) -> None:
         """Every layer through `fused_moe` ("auto": its choice of path; "grouped": the grouped
-        GEMMs, tiled by `config`), the small-batch path at `tiles` ("small"), or
+        GEMMs, tiled by `config`), the small-batch path at `tiles` ("small"; "small-routed":
+        routing from the logits in its kernels, as a decode step runs it), or
         `fused_moe_routed` on the logits ("routed": softmax top-k, renormalized)."""
         outs.clear()
         for layer, x, lg, (w, ids) in zip(
@@ -189,9 +197,24 @@ class Step:
                 outs.append(fused_moe_routed(x, layer.w13, layer.w2, lg, ids.shape[1], True))
             elif path == "small":
                 outs.append(small_batch_moe(x, layer.w13, layer.w2, w, ids, tiles))
+            elif path == "small-routed":
+                outs.append(self.small_routed(layer, x, lg, tiles))
             else:
                 small = False if path == "grouped" else None
                 outs.append(fused_moe(x, layer.w13, layer.w2, w, ids, config, small_batch=small))
+
+    def small_routed(
+        self, layer: Layer, x: torch.Tensor, logits: torch.Tensor, tiles: SmallBatchTiles | None
+    ) -> torch.Tensor:
+        """The small-batch path with the routing in its kernels (the reference's choices: the
+        same routing rule, ties aside)."""
+        s = self.shape
+        if not s.grouped:
+            return small_batch_moe_routed(x, layer.w13, layer.w2, logits, s.top_k, True, tiles)[0]
+        return small_batch_moe_grouped_routed(
+            x, layer.w13, layer.w2, logits.float(), self.bias, s.top_k, s.groups,
+            s.topk_groups, True, s.scaling, s.shared, tiles,
+        )[0]  # fmt: skip
 
     def reference(self) -> None:
         backend = TorchMoEBackend()
@@ -210,7 +233,7 @@ def make_step(
         lg = torch.randn(tokens, shape.experts, device=w.device, generator=g).to(w.dtype)
         logits.append(lg)
     routed = [with_shared(shape, *route(shape, lg, bias, TorchMoEBackend())) for lg in logits]
-    return Step(layers, xs, logits, routed)
+    return Step(layers, xs, logits, routed, shape, bias)
 
 
 def with_shared(
@@ -518,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--path",
         default="auto",
-        choices=("auto", "small", "grouped", "routed"),
+        choices=("auto", "small", "small-routed", "grouped", "routed"),
         help="auto: fused_moe's choice (small-batch path up to SMALL_BATCH_PAIRS pairs)",
     )
     parser.add_argument(

@@ -5,7 +5,8 @@ before them triggering their successors first or not (`--trigger-first 0|1`;
 `--without-preload --trigger-first 0`: the engine before the preloading rows), for
 `session.sh`'s A/B. `--greedy`: the tiny checkpoints' greedy tokens instead, each prompt alone,
 against transformers (with `--every-one-row`, every one-row product on preloading tiles);
-`--profile`: `bench.profile_decode`'s kernel table instead:
+`--profile`: `bench.profile_decode`'s kernel table instead. `--down-preload N,K`: the small MoE
+path's down routing again and loading its first K step before its PDL wait:
 
     python3 bench/gpu/preload_ab.py --tiles pre:16:4096:1:16 --trigger-first 1 -- \
         --preset qwen3-30b-a3b --skip-hf --prefill '' --decode 1x128 --repeats 3
@@ -75,6 +76,23 @@ def every_one_row() -> None:
     skinny_gemm.pick_tiles = picked
 
 
+def down_preload(text: str) -> None:
+    """The small MoE path's down on `fused_moe_small.small_down_preload_kernel` for every
+    model (`SmallBatchTiles.down_preload`), at `DOWN_N,DOWN_K` columns and K step ("": each
+    default tiles' own)."""
+    import dataclasses
+
+    from engine.kernels import fused_moe_small
+
+    sizes = {}
+    if text:
+        down_n, down_k = (int(v) for v in text.split(","))
+        sizes = {"down_n": down_n, "down_k": down_k}
+    for name in ("DEFAULT_TILES", "DOT_TILES"):
+        tiles = getattr(fused_moe_small, name)
+        setattr(fused_moe_small, name, dataclasses.replace(tiles, down_preload=True, **sizes))
+
+
 def greedy_one_by_one(families: list[str]) -> None:
     """`bench.gpu.greedy_gpu`'s float32 check with each prompt alone (a decode batch of one,
     where the preloading tiles and the early triggers run), CUDA graphs on and off, against
@@ -121,6 +139,12 @@ def main(argv: list[str]) -> int:
         help="triton_attention.HEAD_BMM_OUTPUT_MAX_ROWS: MLA's W_UV product on head_bmm up to "
         "these rows (in the PDL chain before O)",
     )
+    parser.add_argument(
+        "--down-preload",
+        metavar="DOWN_N,DOWN_K",
+        help="the small MoE path's down routing again and preloading its first K step, at "
+        "these tiles ('': the defaults')",
+    )
     parser.add_argument("--every-one-row", action="store_true")
     parser.add_argument("--trigger-first", type=int, default=1)
     parser.add_argument("--greedy", action="store_true")
@@ -144,11 +168,14 @@ def main(argv: list[str]) -> int:
         tune_one_row(args.qkv_tiles, QKV_SHAPES)
     if args.every_one_row:
         every_one_row()
+    if args.down_preload is not None:
+        down_preload(args.down_preload)
     print(
         f"O at one row: {args.tiles or 'TUNED'}, QKV: {args.qkv_tiles or 'TUNED'}, TUNED's "
         f"preloading rows: {not args.without_preload}, every one-row product preloaded: "
         f"{args.every_one_row}, trigger first: {args.trigger_first}, preloading launches "
-        f"trigger first: {skinny_gemm.PRELOAD_TRIGGERS_FIRST}"
+        f"trigger first: {skinny_gemm.PRELOAD_TRIGGERS_FIRST}, MoE down preloaded: "
+        f"{args.down_preload}"
     )
     if args.greedy:
         greedy_one_by_one(rest)

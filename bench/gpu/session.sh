@@ -66,6 +66,13 @@
 #   run(command="bash bench/gpu/session.sh b12", carry=[".whl"]) # b10's A/B profiled, 260 s
 #   run(command="bash bench/gpu/session.sh b13", carry=[".whl"]) # gate rows early; MoE K steps
 #   run(command="bash bench/gpu/session.sh b14", carry=[".whl"]) # Llama-3-8B's O, QKV preloaded
+#   run(command="bash bench/gpu/session.sh b15", carry=[".whl"]) # b11 on an H200, rows at the line
+#   run(command="bash bench/gpu/session.sh b16", carry=[".whl"]) # W_UV on head_bmm x3; b14
+#   run(command="bash bench/gpu/session.sh b17", carry=[".whl"]) # Llama O+QKV preloaded x3
+#   run(command="bash bench/gpu/session.sh b18", carry=[".whl"]) # batch-1 profiles, down on dot
+#   run(command="bash bench/gpu/session.sh b19", carry=[".whl"]) # MoE down preloaded, A/B
+#   run(command="bash bench/gpu/session.sh b20", carry=[".whl"]) # the defaults: checks, rows
+#   run(command="bash bench/gpu/session.sh b21", carry=[".whl"]) # preloading down's tiles
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -79,7 +86,7 @@ step() {  # step NAME SECONDS COMMAND...: run it, keep its output, report its st
   timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
   local rc=$?
   echo "== $name: rc=$rc, $((SECONDS - t0)) s"
-  tail -n "${TAIL:-25}" "$OUT/$name.txt"
+  if [ -n "${ROWS:-}" ]; then grep -E "$ROWS" "$OUT/$name.txt"; else tail -n "${TAIL:-25}" "$OUT/$name.txt"; fi
 }
 nvidia-smi -L
 case "${1:-a}" in
@@ -979,10 +986,11 @@ b10)
   TAIL=10 step greedy_preload 90 python3 bench/gpu/preload_ab.py --every-one-row --greedy \
     -- qwen3-moe deepseek-v3 llama
   ;;
-b11)
+b11|b15)
   # The preloading projections' A/B (about 260 s, now the default: the H100's figures in
   # bench/NOTES.md, the nineteenth session): each MoE model at batch 1 as before them
-  # (--without-preload, no early triggers) and as the default, back to back.
+  # (--without-preload, no early triggers) and as the default, back to back. b15 (about 400 s)
+  # then runs the two rows at their targets' line, Moonlight 256 x 128 and Llama-3-8B 64 x 128.
   for preset in qwen3-30b-a3b moonlight-16b-a3b; do
     for first in 0 1; do
       before=""; [ "$first" = 0 ] && before=--without-preload
@@ -991,6 +999,12 @@ b11)
         --prefill '' --decode 1x128 --repeats 3
     done
   done
+  if [ "$1" = b15 ]; then
+    TAIL=3 step moonlight_256 70 python3 -m bench.engine --preset moonlight-16b-a3b --skip-hf \
+      --prefill '' --decode 256x128 --repeats 3
+    TAIL=3 step llama_64 60 python3 -m bench.engine --preset llama3-8b --skip-hf \
+      --prefill '' --decode 1x128,64x128 --repeats 3
+  fi
   ;;
 b12)
   # Where batch 1's time goes with O and the first projection preloaded (the profile's kernel
@@ -1039,5 +1053,92 @@ b14)
       --qkv-tiles "$q" -- --preset llama3-8b --skip-hf --prefill '' --decode 1x128 --repeats 3
   done
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14"; exit 2 ;;
+b16)
+  # Moonlight at batch 1 with MLA's W_UV product on head_bmm (HEAD_BMM_OUTPUT_MAX_ROWS 1) and
+  # without, alternating three times (about 90 s; b13's second pair: 2.48 against 2.52 ms on
+  # an H100), then b14's Llama-3-8B preloading tiles. Each run's decode row is printed.
+  for i in 1 2 3; do
+    for uv in 0 1; do
+      ROWS='^\| 1x128' step "moonlight_uv${uv}_$i" 65 python3 bench/gpu/preload_ab.py \
+        --output-absorb-rows "$uv" -- --preset moonlight-16b-a3b --skip-hf --prefill '' \
+        --decode 1x128 --repeats 3
+    done
+  done
+  for cfg in "||" "pre:4:4096:1:4||" "pre:8:4096:1:8||" "pre:4:4096:1:4|pre:4:4096:1:4|"; do
+    IFS='|' read -r o q _ <<<"$cfg"
+    ROWS='^\| 1x128' step "llama_${o//:/_}_${q//:/_}" 50 python3 bench/gpu/preload_ab.py \
+      --tiles "$o" --qkv-tiles "$q" -- --preset llama3-8b --skip-hf --prefill '' \
+      --decode 1x128 --repeats 3
+  done
+  ;;
+b17)
+  # Llama-3-8B at batch 1 with O and QKV on 4-row preloading tiles and without, alternating
+  # three times (about 100 s; b16's one pair: 5.62 against 5.70 ms on an H100).
+  for i in 1 2 3; do
+    for cfg in "||" "pre:4:4096:1:4|pre:4:4096:1:4|"; do
+      IFS='|' read -r o q _ <<<"$cfg"
+      ROWS='^\| 1x128' step "llama_${o//:/_}_$i" 50 python3 bench/gpu/preload_ab.py \
+        --tiles "$o" --qkv-tiles "$q" -- --preset llama3-8b --skip-hf --prefill '' \
+        --decode 1x128 --repeats 3
+    done
+  done
+  ;;
+b18)
+  # Batch 1 by kernel as the twentieth session left it (every preloading row, W_UV on
+  # head_bmm; about 200 s): Qwen3-30B-A3B's and Moonlight's profiles, then the small MoE
+  # path's down kernel on the tensor cores against the CUDA-core down (b6's last step).
+  for preset in qwen3-30b-a3b moonlight-16b-a3b; do
+    TAIL=34 step "profile_${preset%%-*}" 70 python3 -m bench.profile_decode --preset "$preset" \
+      --decode 1x128 --top 24
+  done
+  TAIL=24 step small_down_dot 40 bash -c 'python3 -m bench.moe_kernel --shape qwen3-30b-a3b \
+    --tokens 1 --path small --reps 20 --small-tiles 16,256,8,256,4 \
+    --small-tiles 16,256,16,256,4,0,3 --small-tiles 16,256,16,128,4,0,4 \
+    --small-tiles 16,256,32,256,4,0,3 2>&1 | grep "^## \|^### \|^| 1 "; \
+    python3 -m bench.moe_kernel --shape moonlight-16b-a3b-fused --tokens 1 --path small \
+    --reps 20 --small-tiles 32,256,8,256,4,3 --small-tiles 32,256,16,256,4,3,3 \
+    --small-tiles 32,256,16,128,4,3,4 2>&1 | grep "^## \|^### \|^| 1 "'
+  ;;
+b19)
+  # The small MoE path's down routing again and loading its first K step before its PDL wait,
+  # scheduled while the gate-up runs (SmallBatchTiles.down_preload, off; about 300 s): its
+  # tests compiled, then each MoE model at batch 1, the default against 4 x 128 and 8 x 128
+  # down tiles with the preload (100 and 167-168 registers: only the first beside three
+  # gate-up programs an SM), alternating twice; then the tiny checkpoints' greedy tokens with it.
+  TAIL=3 step down_preload_tests 80 python3 -m pytest -x -q -rf tests/engine/test_fused_moe.py \
+    -k "preloaded or small_batch_routing or small_path"
+  for preset in qwen3-30b-a3b moonlight-16b-a3b; do
+    for i in 1 2; do
+      for tiles in none 4,128 8,128; do
+        opt=""; [ "$tiles" != none ] && opt="--down-preload $tiles"
+        ROWS='^\| 1x128' step "${preset%%-*}_dp${tiles/,/x}_$i" 60 python3 \
+          bench/gpu/preload_ab.py $opt -- --preset "$preset" --skip-hf --prefill '' \
+          --decode 1x128 --repeats 3
+      done
+    done
+  done
+  TAIL=6 step greedy_down_preload 90 python3 bench/gpu/preload_ab.py --greedy \
+    --down-preload 4,128 -- qwen3-moe deepseek-v3
+  ;;
+b20)
+  # The twentieth session's defaults (about 250 s): the small path's preloading down compiled
+  # against the plain down (bit for bit) and the routed MoE against torch, then each model's
+  # decode rows for the README.
+  ROWS='down preloaded|routed MoE qwen3-30b-a3b T=(1|4):|checks passed|FAILED' \
+    step check_moe 60 python3 -m bench.check_moe_gpu --shape qwen3-30b-a3b --skip-mla
+  for preset in qwen3-30b-a3b moonlight-16b-a3b llama3-8b; do
+    ROWS='^device|^\| [0-9]+x' step "final_${preset%%-*}" 75 python3 -m bench.engine \
+      --preset "$preset" --skip-hf --prefill '' --decode 1x128,64x128,256x128 --repeats 3
+  done
+  ;;
+b21)
+  # The preloading down's tiles for Qwen3-30B-A3B at batch 1 (about 130 s): the default 4 x 128
+  # (100 registers) against 8 x 64 and 2 x 256 (106) and 4 x 64 (61: two beside the gate-up).
+  for tiles in 4,128 8,64 2,256 4,64 4,128 8,64; do
+    ROWS='^\| 1x128' step "qwen3_dp${tiles/,/x}" 50 python3 bench/gpu/preload_ab.py \
+      --down-preload "$tiles" -- --preset qwen3-30b-a3b --skip-hf --prefill '' \
+      --decode 1x128 --repeats 3
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21"; exit 2 ;;
 esac

@@ -27,6 +27,7 @@ sizes depend only on T, and nothing waits on the host (CUDA-graph capturable).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -290,17 +291,113 @@ def small_down_combine_program(
             acc += w * a[:, None, :]
             a_ptr += BLOCK_K
             w_ptr += BLOCK_K
-        # The grouped path stores each pair's output in x's dtype; the combine sums those.
-        y = tl.sum(acc, axis=2).to(out.dtype.element_ty).to(tl.float32)  # [K_POW2, BLOCK_N]
         weight = tl.load(topk_weights + pair, mask=valid, other=0.0).to(tl.float32)
-        total = tl.zeros([BLOCK_N], dtype=tl.float32)
-        # Summed pair by pair in order, as combine_kernel does (picking a row out of y by a masked
-        # sum is exact: the other terms are zeros).
-        for j in tl.static_range(TOP_K):
-            y_j = tl.sum(tl.where(slots[:, None] == j, y, 0.0), axis=0)
-            weight_j = tl.sum(tl.where(slots == j, weight, 0.0), axis=0)
-            total += weight_j * y_j
-        tl.store(out + token * hidden + cols, total.to(out.dtype.element_ty), mask=col_ok)
+        _combine_store(acc, weight, out, token, hidden, cols, col_ok, TOP_K, K_POW2)
+
+
+@triton.jit
+def _combine_store(
+    acc, weight, out, token, hidden, cols, col_ok, TOP_K: tl.constexpr, K_POW2: tl.constexpr
+):
+    """The token's output from its pairs' `[K_POW2, BLOCK_N, BLOCK_K]` partial products and
+    float32 weights `[K_POW2]`: each pair's product rounded to x's dtype, as the grouped path
+    stores it, then weighted and summed in float32 pair by pair, in order, as combine_kernel
+    does (picking a row out by a masked sum is exact: the other terms are zeros); stored once."""
+    y = tl.sum(acc, axis=2).to(out.dtype.element_ty).to(tl.float32)  # [K_POW2, BLOCK_N]
+    slots = tl.arange(0, K_POW2)
+    total = tl.zeros([acc.shape[1]], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        y_j = tl.sum(tl.where(slots[:, None] == j, y, 0.0), axis=0)
+        weight_j = tl.sum(tl.where(slots == j, weight, 0.0), axis=0)
+        total += weight_j * y_j
+    tl.store(out + token * hidden + cols, total.to(out.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def small_down_preload_kernel(
+    act,  # [N, INTER]
+    w2,  # [E, H, INTER]
+    topk_weights,  # [T, TOP_K]: only its dtype is read (the weights are routed here again)
+    out,  # [T, H] out
+    router_logits,  # [T, E_ROUTED]
+    correction_bias,  # [E_ROUTED] with ROUTE_GROUPED, else unused
+    num_experts,
+    num_routed,
+    hidden,
+    inter,
+    stride_lt,
+    stride_we,
+    stride_wn,
+    scaling,
+    TOP_K: tl.constexpr,
+    K_POW2: tl.constexpr,
+    E_POW2: tl.constexpr,
+    ROUTE: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    PER_GROUP: tl.constexpr,
+    TOPK_GROUPS: tl.constexpr,
+    NUM_SHARED: tl.constexpr,
+    G_POW2: tl.constexpr,
+    P_POW2: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """The CUDA-core down-and-combine with its first K step of weights loaded before the PDL
+    wait (`SmallBatchTiles.down_preload`). The program routes its token again from the router
+    logits, as the gate-up's programs do, so it knows its experts without reading anything
+    the gate-up writes; the gate-up lets it be scheduled once all its programs have passed
+    their own wait (`pdl.launch_args(trigger_after_wait=True)`), when the logits' writer has
+    finished, so these loads run while the gate-up does. After the wait it reads the
+    activations and runs `small_down_combine_program`'s loop, product for product and sum for
+    sum: the same output bit for bit."""
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < hidden
+    chosen_w, chosen_id = route_rows(
+        router_logits,
+        token + tl.zeros([1], dtype=tl.int64),
+        stride_lt,
+        correction_bias,
+        num_routed,
+        scaling,
+        ROUTE,
+        TOP_K,
+        K_POW2,
+        E_POW2,
+        RENORMALIZE,
+        NUM_GROUPS,
+        PER_GROUP,
+        TOPK_GROUPS,
+        NUM_SHARED,
+        G_POW2,
+        P_POW2,
+    )
+    slots = tl.arange(0, K_POW2)
+    valid = slots < TOP_K
+    expert = tl.where(valid, tl.sum(chosen_id, axis=0), 0)  # [K_POW2]: the one row
+    # Rounded as the gate-up stores it for the other down kernels.
+    weight = tl.sum(chosen_w, axis=0).to(topk_weights.dtype.element_ty).to(tl.float32)
+    weight = tl.where(valid, weight, 0.0)
+    pair = token * TOP_K + slots
+    ks = tl.arange(0, BLOCK_K)
+    w_ptr = w2 + expert[:, None, None] * stride_we + cols[None, :, None] * stride_wn
+    w_ptr += ks[None, None, :]
+    w_ok = valid[:, None, None] & col_ok[None, :, None]
+    w = tl.load(w_ptr, mask=w_ok & (ks < inter)[None, None, :], other=0.0)
+    pdl.start(PDL)
+    a_ptr = act + pair[:, None] * inter + ks[None, :]
+    acc = tl.zeros([K_POW2, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, inter, BLOCK_K):
+        a_ok = valid[:, None] & (ks < inter - k0)[None, :]
+        a = tl.load(a_ptr, mask=a_ok, other=0.0).to(tl.float32)
+        acc += w.to(tl.float32) * a[:, None, :]
+        a_ptr += BLOCK_K
+        w_ptr += BLOCK_K
+        # The next step's weights (none past the last: masked, nothing read).
+        w = tl.load(w_ptr, mask=w_ok & (ks < inter - k0 - BLOCK_K)[None, None, :], other=0.0)
+    _combine_store(acc, weight, out, token, hidden, cols, col_ok, TOP_K, K_POW2)
 
 
 @dataclass(frozen=True)
@@ -330,6 +427,10 @@ class SmallBatchTiles:
     # 16), its weight loads pipelined `down_stages` deep, pair after pair.
     down_dot: bool = False
     down_stages: int = 3
+    # With routing in the kernels (`small_batch_moe_routed`, `..._grouped_routed`), the down
+    # launch routes again and loads its first K step of weights before its PDL wait, scheduled
+    # while the gate-up runs (`small_down_preload_kernel`); the CUDA-core down only.
+    down_preload: bool = False
 
     def __post_init__(self) -> None:
         for name in ("gate_up_n", "gate_up_k", "down_n", "down_k", "num_warps"):
@@ -340,6 +441,8 @@ class SmallBatchTiles:
             raise ValueError(
                 f"stages must be >= 1, got {self.gate_up_stages} and {self.down_stages}"
             )
+        if self.down_preload and self.down_dot:
+            raise ValueError("down_preload is for the CUDA-core down (down_dot=False)")
         if self.down_dot and min(self.down_n, self.down_k) < 16:
             raise ValueError(
                 f"down_dot needs down_n and down_k of 16 or more (tl.dot), got {self.down_n} "
@@ -362,12 +465,23 @@ DEFAULT_TILES = SmallBatchTiles()
 # tried: the CUDA-core tiles stay there.
 DOT_TILES = SmallBatchTiles(gate_up_n=32, gate_up_k=256, gate_up_dot=True, gate_up_stages=3)
 DOT_MIN_INTER = 1024
+# The CUDA-core tiles where the kernels route (the decode step's path): the down routes again
+# and loads its first K step while the gate-up runs, on 4 x 128 tiles (100 registers on sm_90,
+# so one program fits beside three gate-up programs an SM; 8 x 128 took 167 with a spill).
+# Qwen3-30B-A3B 1 x 128 on an H100, back to back, alternating (`bash bench/gpu/session.sh
+# b19`, the twentieth session): 3.07 and 3.06 ms with DEFAULT_TILES, 3.03 and 3.04 with these
+# (8 x 128: 3.04 and 3.04). Moonlight's, with DOT_TILES, did not gain (2.51 / 2.48 against
+# 2.50 / 2.50 and 2.49 / 2.48): it stays without.
+ROUTED_TILES = dataclasses.replace(DEFAULT_TILES, down_n=4, down_k=128, down_preload=True)
 
 
-def default_tiles(inter: int, element_size: int) -> SmallBatchTiles:
+def default_tiles(inter: int, element_size: int, routed: bool = False) -> SmallBatchTiles:
     """The tiles for experts of `inter` intermediate columns in weights of `element_size`
-    bytes: `DOT_TILES` for 16-bit weights from `DOT_MIN_INTER` columns, else `DEFAULT_TILES`."""
-    return DOT_TILES if inter >= DOT_MIN_INTER and element_size == 2 else DEFAULT_TILES
+    bytes: `DOT_TILES` for 16-bit weights from `DOT_MIN_INTER` columns, else `ROUTED_TILES` for
+    16-bit weights in a launch that routes (`routed`), else `DEFAULT_TILES`."""
+    if element_size == 2 and inter >= DOT_MIN_INTER:
+        return DOT_TILES
+    return ROUTED_TILES if routed and element_size == 2 else DEFAULT_TILES
 
 
 def down_block_k(tiles: SmallBatchTiles, k_pow2: int, element_size: int = 2) -> int:
@@ -480,7 +594,7 @@ def _launch(
         return out
     num_experts, two_inter, _ = w13.shape
     inter = two_inter // 2
-    tiles = tiles or default_tiles(inter, x.element_size())
+    tiles = tiles or default_tiles(inter, x.element_size(), routing is not None)
     top_k = topk_ids.shape[1]
     k_pow2 = triton.next_power_of_2(top_k)
     num_pairs = num_tokens * top_k
@@ -492,6 +606,22 @@ def _launch(
     grouped = routing is not None and routing.kind == ROUTE_GROUPED
     num_groups = routing.num_groups if routing is not None and grouped else 1
     per_group = num_routed // num_groups
+    # The routing's settings, for the gate-up (and a preloading down, which routes again).
+    routed = {
+        "TOP_K": top_k,
+        "K_POW2": k_pow2,
+        "E_POW2": triton.next_power_of_2(num_routed) if routing is not None else 1,
+        "ROUTE": ROUTE_NONE if routing is None else routing.kind,
+        "RENORMALIZE": routing is not None and routing.renormalize,
+        "NUM_GROUPS": num_groups,
+        "PER_GROUP": per_group if grouped else 1,
+        "TOPK_GROUPS": routing.topk_groups if routing is not None and grouped else 1,
+        "NUM_SHARED": routing.num_shared if routing is not None else 0,
+        "G_POW2": triton.next_power_of_2(num_groups),
+        "P_POW2": triton.next_power_of_2(per_group) if grouped else 1,
+    }
+    # Only a launch that routes can preload its down (the ids given are the gate-up's to read).
+    preload = tiles.down_preload and routing is not None
     small_gate_up_kernel[(num_pairs, triton.cdiv(inter, tiles.gate_up_n))](
         x,
         w13,
@@ -509,26 +639,29 @@ def _launch(
         w13.stride(0),
         w13.stride(1),
         float(routing.scaling) if routing is not None else 1.0,
-        TOP_K=top_k,
-        K_POW2=k_pow2,
-        E_POW2=triton.next_power_of_2(num_routed) if routing is not None else 1,
-        ROUTE=ROUTE_NONE if routing is None else routing.kind,
-        RENORMALIZE=routing is not None and routing.renormalize,
-        NUM_GROUPS=num_groups,
-        PER_GROUP=per_group if grouped else 1,
-        TOPK_GROUPS=routing.topk_groups if routing is not None and grouped else 1,
-        NUM_SHARED=routing.num_shared if routing is not None else 0,
-        G_POW2=triton.next_power_of_2(num_groups),
-        P_POW2=triton.next_power_of_2(per_group) if grouped else 1,
+        **routed,
         BLOCK_N=tiles.gate_up_n,
         BLOCK_K=tiles.gate_up_k,
         DOT=tiles.gate_up_dot,
         PRECISION=dot_precision(x),
         num_warps=tiles.num_warps,
         num_stages=tiles.gate_up_stages if tiles.gate_up_dot else 3,
-        **pdl.launch_args(x),
+        **pdl.launch_args(x, trigger_after_wait=preload),
     )
-    small_down_combine_kernel[(num_tokens, triton.cdiv(hidden, tiles.down_n))](
+    # At batch 1 the next layer's norm, and after it its first projection on preloading
+    # tiles, are scheduled at once: that projection's weight streams in beside this one's.
+    down_pdl = pdl.launch_args(act, trigger_first=pdl.trigger_first(num_tokens))
+    grid = (num_tokens, triton.cdiv(hidden, tiles.down_n))
+    if preload:
+        assert routing is not None
+        small_down_preload_kernel[grid](
+            act, w2, topk_weights, out, logits, bias, num_experts, num_routed, hidden, inter,
+            logits.stride(0), w2.stride(0), w2.stride(1), float(routing.scaling), **routed,
+            BLOCK_N=tiles.down_n, BLOCK_K=down_block_k(tiles, k_pow2, w2.element_size()),
+            num_warps=tiles.num_warps, num_stages=3, **down_pdl,
+        )  # fmt: skip
+        return out
+    small_down_combine_kernel[grid](
         act,
         w2,
         topk_weights,
@@ -547,8 +680,6 @@ def _launch(
         PRECISION=dot_precision(x),
         num_warps=tiles.num_warps,
         num_stages=tiles.down_stages if tiles.down_dot else 3,
-        # At batch 1 the next layer's norm, and after it its first projection on preloading
-        # tiles, are scheduled at once: that projection's weight streams in beside this one's.
-        **pdl.launch_args(act, trigger_first=pdl.trigger_first(num_tokens)),
+        **down_pdl,
     )
     return out

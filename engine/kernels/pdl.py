@@ -72,13 +72,21 @@ def trigger_first(rows: int) -> bool:
     return rows <= TRIGGER_FIRST_MAX_ROWS
 
 
-def launch_args(x: torch.Tensor, trigger_first: bool = False) -> dict[str, int | bool]:
+def launch_args(
+    x: torch.Tensor, trigger_first: bool = False, trigger_after_wait: bool = False
+) -> dict[str, int | bool]:
     """Keywords for a launch of a kernel with a `PDL` argument, on tensors like `x`;
     `trigger_first`: its successor is scheduled as this kernel's programs start, before they
-    wait (whatever the mode, where PDL is on)."""
+    wait; `trigger_after_wait`: as they pass their wait (mode 2: the successor may then read,
+    before its own wait, what this kernel's predecessor wrote); either whatever the mode, where
+    PDL is on."""
     mode = _mode() if x.is_cuda else 0
     if mode:
-        return {"PDL": TRIGGER_FIRST if trigger_first else mode, "launch_pdl": True}
+        if trigger_first:
+            mode = TRIGGER_FIRST
+        elif trigger_after_wait:
+            mode = 2
+        return {"PDL": mode, "launch_pdl": True}
     return {"PDL": 0}
 
 

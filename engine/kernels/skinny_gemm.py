@@ -489,12 +489,13 @@ def pick_tiles(
 # reads it on Hopper GPUs.
 TunedKey = tuple[str, int, int, str]
 # Whether a preloading launch at batch 1 lets the kernel after it be scheduled as it starts (the
-# norm with the gate's logits after O then loads its gate rows meanwhile). Built in the
-# nineteenth session after its device time was spent: off until timed (`session.sh b13`).
+# norm with the gate's logits after O then loads its gate rows meanwhile). Off: Qwen3-30B-A3B 1
+# x 128 on an H100 (`bash bench/gpu/session.sh b13`, the twentieth session) 3.07 ms off against
+# 3.13 on, back to back.
 PRELOAD_TRIGGERS_FIRST = False
 # One row's preloading tiles (`TUNED`): a program's `[block_n, K]` slab of W, 32 KB at 4 warps
 # (80 registers a thread for 8 x 2,048, 96 for 4 x 4,096 on sm_90, no spills).
-PRELOAD_O_4096 = SkinnyTiles(4, 4096, dot=False, num_warps=4, preload=True)
+PRELOAD_4096 = SkinnyTiles(4, 4096, dot=False, num_warps=4, preload=True)
 PRELOAD_2048 = SkinnyTiles(8, 2048, dot=False, num_warps=4, preload=True)
 TUNED: dict[TunedKey, tuple[tuple[int, SkinnyTiles | None], ...]] = {
     # Llama-3-8B's gate-up with silu(gate) * up in the epilogue, against cuBLAS followed by
@@ -529,7 +530,7 @@ TUNED: dict[TunedKey, tuple[tuple[int, SkinnyTiles | None], ...]] = {
     # back to back, same machine) 3.28-3.29 ms -> 3.08 with O on 4 x 4,096 tiles and QKV on 8 x
     # 2,048 (8 x 4,096 for O: 3.12; 16 x 4,096 at 16 warps: 3.15-3.18; O alone: 3.24).
     ("linear", 2048, 4096, "bfloat16"): (
-        (1, PRELOAD_O_4096),
+        (1, PRELOAD_4096),
         (64, SkinnyTiles(64, 128, split_k=4, num_stages=4, tma=True)),
     ),
     ("linear", 5120, 2048, "bfloat16"): ((1, PRELOAD_2048),),
@@ -548,11 +549,16 @@ TUNED: dict[TunedKey, tuple[tuple[int, SkinnyTiles | None], ...]] = {
     # Llama-3-8B's O projection (4096 x 4096): TMA tiles of 64 x 128, K split in four, 10.5 /
     # 11.1 µs at 1 / 16 rows against cuBLAS's 13.8 / 13.9 and the prefetching 8 x 512 tiles'
     # 12.2 at one row (floor 7.9-8.0); at 64 rows in two, 12.2 against 13.2 (in four 15.1).
-    # Its QKV: cuBLAS at every row (16.3-16.7 against 16.0-16.8 for the best TMA tiles).
+    # Its QKV (6144 x 4096): cuBLAS past one row (16.3-16.7 against 16.0-16.8 for the best TMA
+    # tiles). At one row both preload 4 x 4,096 slabs: Llama-3-8B 1 x 128 on an H100, back to
+    # back, alternating (`bash bench/gpu/session.sh b17`, the twentieth session) 5.69-5.70 ms
+    # -> 5.61-5.62 (O alone on them 5.70, O on 8 x 4,096 5.73: b16).
     ("linear", 4096, 4096, "bfloat16"): (
+        (1, PRELOAD_4096),
         (16, SkinnyTiles(64, 128, split_k=4, num_stages=4, tma=True)),
         (64, SkinnyTiles(64, 128, split_k=2, num_stages=4, tma=True)),
     ),
+    ("linear", 6144, 4096, "bfloat16"): ((1, PRELOAD_4096),),
 }
 
 

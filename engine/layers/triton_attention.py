@@ -33,9 +33,10 @@ HEAD_BMM_MAX_ROWS = 64  # MLA's query absorption on the Triton kernel up to this
 # Alone cuBLAS's is faster (3.9-4.2 against 4.4-5.0 µs on the H200), but it is outside
 # programmatic dependent launch: at batch 1 its launch ends the chain of early triggers
 # (`pdl.TRIGGER_FIRST_MAX_ROWS`) that lets Moonlight's O projection, on preloading tiles, load
-# its weight while the MLA decode runs; `head_bmm` keeps the chain. Built in the nineteenth
-# session after its device time was spent: 0 (off) until timed (`bash bench/gpu/session.sh b13`).
-HEAD_BMM_OUTPUT_MAX_ROWS = 0
+# its weight while the MLA decode runs; `head_bmm` keeps the chain. Moonlight 1 x 128 on an
+# H100, back to back, alternating (`bash bench/gpu/session.sh b16`, the twentieth session):
+# 2.52 / 2.52 / 2.52 ms on cuBLAS against 2.49 / 2.48 / 2.47 on head_bmm (b13: 2.52 / 2.48).
+HEAD_BMM_OUTPUT_MAX_ROWS = 1
 
 
 # Decode steps fold RoPE (with any q/k norms) and the KV write into the decode attention's
@@ -308,7 +309,8 @@ class TritonAttentionBackend(AttentionBackend):
         PDL), beyond them cuBLAS's. On the H200 (`bench.mla_absorb`, µs per layer, 16 / 128
         heads): 2.7-3.0 against 3.5-3.7 at 1-64 rows at 16 heads, level at 128 heads, slower
         at 256 rows with 128 heads (24.8 against 20.5). The output's absorption (K 512, N 128)
-        stays with cuBLAS, which was faster at every size (3.9-4.2 against 4.4-5.0 µs)."""
+        goes to cuBLAS past `HEAD_BMM_OUTPUT_MAX_ROWS` (alone, cuBLAS was faster at every size:
+        3.9-4.2 against 4.4-5.0 µs)."""
         if q_nope.shape[0] > HEAD_BMM_MAX_ROWS:
             return super().mla_absorb_query(q_nope, w_uk)
         out = q_nope.new_empty(q_nope.shape[0], w_uk.shape[0], w_uk.shape[2])

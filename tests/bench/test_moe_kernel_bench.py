@@ -81,3 +81,20 @@ def test_small_path_tiles_take_the_gate_up_on_the_tensor_cores(
     with pytest.raises(SystemExit):
         moe_kernel.main([*args, "--small-tiles", "16,256,8,256"])
     assert "DOT_STAGES" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-fused", "qwen-tiny"])
+def test_the_small_path_routed_in_its_kernels_matches_the_ids_given(name: str) -> None:
+    """`--path small-routed` (routing in the kernels, as a decode step runs it; grouped routing
+    with fused shared experts too) gives what the small path gives on the reference's choices."""
+    shape = SHAPES.get(name) or replace(SHAPES["qwen3-30b-a3b"], name=name, hidden=64,
+                                         intermediate=32, experts=16, top_k=4)  # fmt: skip
+    layers = make_layers(shape, 2, torch.device("cpu"), torch.float32)
+    step = make_step(shape, 2, layers, torch.randn(shape.experts) * 0.1, seed=3)
+    given: list[torch.Tensor] = []
+    routed: list[torch.Tensor] = []
+    step.fused(given, None, "small")
+    step.fused(routed, None, "small-routed")
+    assert len(routed) == len(given) == 2
+    for a, b in zip(routed, given, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -335,23 +335,67 @@ def test_small_path_down_on_the_tensor_cores(tokens, top_k, inter, dtype):
         dataclasses.replace(tiles, down_n=8, down_dot=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "tokens,top_k,inter,grouped", [(1, 8, 40, False), (3, 2, 24, False), (1, 6, 40, True)]
+)
+def test_small_path_down_preloaded_is_bit_for_bit(tokens, top_k, inter, grouped, dtype):
+    """`SmallBatchTiles.down_preload` (the down launch routes again and loads its first K
+    step before its wait): the same choices, weights and output bit for bit as the down that
+    reads the gate-up's ids, with softmax and grouped routing (two fused shared experts, the
+    weights in float32), the K step ragged (40 in steps of 16) and narrower than a step (24 in
+    one of 32)."""
+    from engine.kernels.fused_moe_small import small_batch_moe_grouped_routed
+
+    g = torch.Generator().manual_seed(tokens * 11 + top_k)
+    routed_experts, shared, hidden = 12, 2 if grouped else 0, 36
+    experts = routed_experts + shared
+    w13 = (torch.randn(experts, 2 * inter, hidden, generator=g) / hidden**0.5).to(dtype)
+    w2 = (torch.randn(experts, hidden, inter, generator=g) / inter**0.5).to(dtype)
+    x = torch.randn(tokens, hidden, generator=g).to(dtype)
+    logits = torch.randn(tokens, routed_experts, generator=g)
+    bias = torch.randn(routed_experts, generator=g) * 0.1
+    step = 16 if inter == 40 else 32
+    tiles = SmallBatchTiles(16, 16, 8, step, 4)
+    preload = dataclasses.replace(tiles, down_preload=True)
+    for chosen in (tiles, preload):
+        if grouped:
+            got = small_batch_moe_grouped_routed(
+                x, w13, w2, logits, bias, top_k, 4, 2, True, 2.5, shared, chosen
+            )
+        else:
+            got = small_batch_moe_routed(x, w13, w2, logits.to(dtype), top_k, True, chosen)
+        if chosen is tiles:
+            want = got
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="down_preload is for the CUDA-core down"):
+        SmallBatchTiles(16, 16, 16, 16, 4, down_dot=True, down_preload=True)
+
+
 def test_the_small_path_takes_the_tensor_cores_for_wide_16_bit_experts(monkeypatch):
     """Without tiles given, 16-bit experts of `DOT_MIN_INTER` columns or more take
     `DOT_TILES` (measured faster for Moonlight's 1,408 on an H100), narrower ones (Qwen3-30B-
-    A3B's 768) and float32 weights the CUDA-core tiles."""
+    A3B's 768) and float32 weights the CUDA-core tiles, with the down preloaded
+    (`ROUTED_TILES`) for 16-bit weights where the kernels route."""
     from engine.kernels import fused_moe_small
 
     assert fused_moe_small.default_tiles(1408, 2) is fused_moe_small.DOT_TILES
+    assert fused_moe_small.default_tiles(1408, 2, routed=True) is fused_moe_small.DOT_TILES
     assert fused_moe_small.default_tiles(768, 2) is fused_moe_small.DEFAULT_TILES
+    # Routing in the kernels: the down preloads (narrower 16-bit experts only).
+    routed = fused_moe_small.default_tiles(768, 2, routed=True)
+    assert routed is fused_moe_small.ROUTED_TILES and routed.down_preload
     assert fused_moe_small.default_tiles(2048, 4) is fused_moe_small.DEFAULT_TILES
+    assert fused_moe_small.default_tiles(2048, 4, routed=True) is fused_moe_small.DEFAULT_TILES
     # A narrow intermediate here (the interpreter's time) with the threshold lowered to it:
     # a launch without tiles is the launch with DOT_TILES.
     monkeypatch.setattr(fused_moe_small, "DOT_MIN_INTER", 32)
     picked = []
     rule = fused_moe_small.default_tiles
 
-    def recorded(inter: int, element_size: int) -> SmallBatchTiles:
-        picked.append(rule(inter, element_size))
+    def recorded(inter: int, element_size: int, routed: bool = False) -> SmallBatchTiles:
+        picked.append(rule(inter, element_size, routed))
         return picked[-1]
 
     monkeypatch.setattr(fused_moe_small, "default_tiles", recorded)
@@ -639,6 +683,44 @@ def test_softmax_routing_kernel(tokens, num_experts, top_k, renormalize):
         # Both come out best first (random logits have no ties).
         assert torch.equal(got_ids, want_ids)
         torch.testing.assert_close(got_w, want_w, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_experts,top_k", [(60, 8), (128, 8), (16, 6)])
+def test_softmax_routing_ties_go_to_the_lower_id(num_experts, top_k):
+    """Logits of a few distinct values, so most experts tie: the kernel (one packed
+    probability-and-id reduction a choice) takes the largest probability, then the lowest id
+    among its ties, slot after slot: a stable descending sort's order."""
+    g = torch.Generator().manual_seed(num_experts)
+    logits = torch.randint(0, 4, (6, num_experts), generator=g).float()
+    logits[0] = 1.0  # all tied
+    weights, ids = softmax_topk(logits, top_k, False)
+    want_ids = torch.sort(logits, dim=1, descending=True, stable=True).indices[:, :top_k]
+    assert torch.equal(ids, want_ids)
+    want_w = torch.softmax(logits, dim=1).gather(1, want_ids)
+    torch.testing.assert_close(weights, want_w, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("num_experts,groups,topk_groups,top_k", [(64, 1, 1, 6), (32, 8, 3, 6)])
+def test_grouped_routing_ties_go_to_the_lower_id(num_experts, groups, topk_groups, top_k):
+    """Grouped routing over logits of three values (most choices and group scores tie): the
+    kernel's choices are those of stable descending sorts, group by group and expert by
+    expert (ties to the lower id), and its weights the chosen sigmoid scores, renormalised."""
+    g = torch.Generator().manual_seed(num_experts + groups)
+    logits = torch.randint(0, 3, (5, num_experts), generator=g).float()
+    logits[0] = 0.0  # all tied
+    bias = torch.zeros(num_experts)
+    weights, ids = grouped_topk(logits, bias, top_k, groups, topk_groups, True, 1.0, 0)
+    scores = torch.sigmoid(logits)
+    per_group = num_experts // groups
+    by_group = scores.view(-1, groups, per_group).sort(dim=2, descending=True, stable=True)
+    group_score = by_group.values[:, :, 0] + by_group.values[:, :, 1]
+    picked = group_score.sort(dim=1, descending=True, stable=True).indices[:, :topk_groups]
+    eligible = torch.zeros(5, groups, dtype=torch.bool).scatter_(1, picked, True)
+    choice = scores.masked_fill(~eligible.repeat_interleave(per_group, dim=1), -float("inf"))
+    want_ids = choice.sort(dim=1, descending=True, stable=True).indices[:, :top_k]
+    assert torch.equal(ids, want_ids)
+    want_w = scores.gather(1, want_ids)
+    torch.testing.assert_close(weights, want_w / want_w.sum(1, keepdim=True), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize(
