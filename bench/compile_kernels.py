@@ -854,6 +854,28 @@ def add_skinny_preload(
     )
 
 
+NORM_DIVISIBLE = ("x_ptr", "res_ptr", "res_out_ptr", "norm_w_ptr", "w_ptr", "y_ptr", "K", "N",
+                  "stride_wn")  # fmt: skip
+
+
+def add_skinny_preload_norm(add: Callable[..., None]) -> None:
+    """`skinny_gemm._preload_norm_gemv_kernel` (the input norm in the first projection's
+    launch, `NORM_IN_PRELOAD`, on trial) on the one-row preloading tiles that hold K whole."""
+    for tiles in (skinny_gemm.PRELOAD_2048, skinny_gemm.PRELOAD_4096):
+        add(
+            f"skinny_gemm norm bf16 {tiles.label()}",
+            skinny_gemm._preload_norm_gemv_kernel,
+            {p: "*bf16" for p in ("x_ptr", "res_ptr", "res_out_ptr", "norm_w_ptr", "w_ptr")}
+            | {"bias_ptr": "*bf16", "y_ptr": "*bf16"},
+            {"BLOCK_N": tiles.block_n, "BLOCK_K": tiles.block_k, "HAS_BIAS": False, "PDL": 1},
+            floats=("eps",),
+            divisible=NORM_DIVISIBLE,
+            num_warps=tiles.num_warps,
+            num_stages=1,
+            launch_pdl=True,
+        )
+
+
 def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
     """The skinny GEMM's launches that `pick_tiles` makes for Llama-3-8B's projections (and a
     narrow one that splits K) at 1 to 64 rows, with every argument a multiple of 16 as there;
@@ -894,6 +916,7 @@ def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
                     launch(dtype, m, tuned, gated=kind == "gate_up")
     for tiles in PRELOAD_TRIALS:  # the other preloading tiles timed
         launch("bf16", 1, tiles)
+    add_skinny_preload_norm(add)
     for dtype, block_m, tiles, gated in sorted(launches, key=repr):
         if tiles.tma:
             add_skinny_tma(add, dtype, block_m, tiles, gated)

@@ -6,7 +6,8 @@ before them triggering their successors first or not (`--trigger-first 0|1`;
 `session.sh`'s A/B. `--greedy`: the tiny checkpoints' greedy tokens instead, each prompt alone,
 against transformers (with `--every-one-row`, every one-row product on preloading tiles);
 `--profile`: `bench.profile_decode`'s kernel table instead. `--down-preload N,K`: the small MoE
-path's down routing again and loading its first K step before its PDL wait:
+path's down routing again and loading its first K step before its PDL wait; `--norm-in-qkv 1`:
+the input norm inside the first projection's preloading launch:
 
     python3 bench/gpu/preload_ab.py --tiles pre:16:4096:1:16 --trigger-first 1 -- \
         --preset qwen3-30b-a3b --skip-hf --prefill '' --decode 1x128 --repeats 3
@@ -145,6 +146,12 @@ def main(argv: list[str]) -> int:
         help="the small MoE path's down routing again and preloading its first K step, at "
         "these tiles ('': the defaults')",
     )
+    parser.add_argument(
+        "--norm-in-qkv",
+        type=int,
+        help="1 or 0: the input norm inside the first projection's preloading launch at one "
+        "row (default: skinny_gemm.NORM_IN_PRELOAD)",
+    )
     parser.add_argument("--every-one-row", action="store_true")
     parser.add_argument("--trigger-first", type=int, default=1)
     parser.add_argument("--greedy", action="store_true")
@@ -170,12 +177,14 @@ def main(argv: list[str]) -> int:
         every_one_row()
     if args.down_preload is not None:
         down_preload(args.down_preload)
+    if args.norm_in_qkv is not None:
+        skinny_gemm.NORM_IN_PRELOAD = bool(args.norm_in_qkv)
     print(
         f"O at one row: {args.tiles or 'TUNED'}, QKV: {args.qkv_tiles or 'TUNED'}, TUNED's "
         f"preloading rows: {not args.without_preload}, every one-row product preloaded: "
         f"{args.every_one_row}, trigger first: {args.trigger_first}, preloading launches "
         f"trigger first: {skinny_gemm.PRELOAD_TRIGGERS_FIRST}, MoE down preloaded: "
-        f"{args.down_preload}"
+        f"{args.down_preload}, norm in the first projection: {skinny_gemm.NORM_IN_PRELOAD}"
     )
     if args.greedy:
         greedy_one_by_one(rest)

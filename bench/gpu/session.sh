@@ -73,6 +73,8 @@
 #   run(command="bash bench/gpu/session.sh b19", carry=[".whl"]) # MoE down preloaded, A/B
 #   run(command="bash bench/gpu/session.sh b20", carry=[".whl"]) # the defaults: checks, rows
 #   run(command="bash bench/gpu/session.sh b21", carry=[".whl"]) # preloading down's tiles
+#   run(command="bash bench/gpu/session.sh b22", carry=[".whl", ".base"]) # packed routing, A/B
+#   run(command="bash bench/gpu/session.sh b23", carry=[".whl"]) # the input norm in QKV, A/B
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -1140,5 +1142,52 @@ b21)
       --decode 1x128 --repeats 3
   done
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21"; exit 2 ;;
+b22)
+  # The routing's packed keys (one block-wide reduction a choice instead of two: the gate-up's
+  # weight loads wait on its routing) against the tree before them (`.base`: rm -rf .base &&
+  # mkdir .base && git archive eef2525 | tar -x -C .base), on one machine (about 330 s): the
+  # routing checked compiled at full shapes, then one layer at one token with the routing in
+  # the kernels and with the ids given (what the routing costs), each tree; then each MoE
+  # model at batch 1, alternating trees.
+  ROWS='^routing .*T=(1|4|257):|routed MoE .*T=1:|checks passed|FAILED' step check_routing 80 \
+    python3 -m bench.check_moe_gpu --shape qwen3-30b-a3b --shape moonlight-16b-a3b --skip-mla
+  for tree in new base; do
+    dir=$PWD; [ "$tree" = base ] && dir=$PWD/.base
+    ROWS='^## |^\| 1 ' step "routing_cost_$tree" 60 env PYTHONPATH="$dir:/tmp/site" bash -c \
+      "cd $dir && for p in small small-routed; do echo \"## \$p\"; for s in qwen3-30b-a3b \
+      moonlight-16b-a3b-fused; do python3 -m bench.moe_kernel --shape \$s --tokens 1 \
+      --path \$p --reps 20 | grep '^| 1 '; done; done"
+  done
+  for i in 1 2; do
+    for tree in new base; do
+      dir=$PWD; [ "$tree" = base ] && dir=$PWD/.base
+      for preset in qwen3-30b-a3b moonlight-16b-a3b; do
+        ROWS='^\| 1x128' step "${preset%%-*}_${tree}_$i" 55 env PYTHONPATH="$dir:/tmp/site" \
+          bash -c "cd $dir && python3 -m bench.engine --preset $preset --skip-hf \
+          --prefill '' --decode 1x128 --repeats 3"
+      done
+    done
+  done
+  ;;
+b23)
+  # The input norm inside the first projection's preloading launch at one row
+  # (skinny_gemm.NORM_IN_PRELOAD, off; about 290 s), after what one link of the chain costs
+  # (bench.pdl_chain): its tests compiled, the tiny checkpoints' greedy tokens a prompt at a
+  # time with it on, then each MoE model at batch 1 off and on, alternating twice.
+  ROWS='^NVIDIA|^\| ' step pdl_chain 40 python3 -m bench.pdl_chain  # what one link costs
+  TAIL=3 step norm_in_qkv_tests 90 python3 -m pytest -x -q -rf \
+    tests/engine/test_skinny_gemm.py -k "norm_folded or preloading"
+  TAIL=6 step greedy_norm_in_qkv 90 python3 bench/gpu/preload_ab.py --greedy --norm-in-qkv 1 \
+    -- qwen3-moe deepseek-v3
+  for i in 1 2; do
+    for on in 0 1; do
+      for preset in qwen3-30b-a3b moonlight-16b-a3b; do
+        ROWS='^\| 1x128' step "${preset%%-*}_norm${on}_$i" 55 python3 bench/gpu/preload_ab.py \
+          --norm-in-qkv "$on" -- --preset "$preset" --skip-hf --prefill '' --decode 1x128 \
+          --repeats 3
+      done
+    done
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23"; exit 2 ;;
 esac

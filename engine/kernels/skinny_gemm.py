@@ -49,6 +49,7 @@ import triton.language as tl
 
 from engine.kernels import pdl, tma
 from engine.kernels.attention import dot_precision
+from engine.kernels.fused import _plus_residual, _rms_normalize
 from engine.kernels.sms import H200_SMS
 from engine.layers.pending import PendingSum
 
@@ -231,6 +232,54 @@ def _preload_row(
     _store_rows(
         acc[None, :], acc[None, :], m + tl.arange(0, 1), rows_n, M, N, bias_ptr, y_ptr,
         part_ptr, pid_s, stride_ym, stride_ps, stride_pm, HAS_BIAS, DIRECT, False,
+    )  # fmt: skip
+
+
+@triton.jit
+def _preload_norm_gemv_kernel(
+    x_ptr,  # [K]: the layer's input row, before the norm
+    res_ptr,  # [K]: the residual stream's row
+    res_out_ptr,  # [K] out: x + residual (a new tensor: every program reads res_ptr)
+    norm_w_ptr,  # [K]: the RMSNorm's weight
+    w_ptr,
+    bias_ptr,
+    y_ptr,
+    N,
+    K,
+    eps,
+    stride_wn,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """`_preload_gemv_kernel` at one row with the RMSNorm before the product folded in
+    (`preload_norm_linear`): each program holds its whole `[BLOCK_N, K]` tile of W and the
+    norm's weight from before its PDL wait, then adds the residual to the row, normalises it
+    as `fused.rms_norm(x, w, eps, residual=...)` does (its rounding; the sum of squares in
+    this launch's order) and multiplies; program 0 stores the new residual stream. One
+    launch, and one wait on the chain, fewer than the norm's kernel and then the product."""
+    pid_n = tl.program_id(1)
+    rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rows_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    k_ok = offs_k < K
+    w_ptrs = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    held = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+    pdl.start(PDL)
+    # The norm on a row of its own layout (not the tile's columns'), then handed over.
+    cols = tl.arange(0, BLOCK_K)
+    c_ok = cols < K
+    x = tl.load(x_ptr + cols, mask=c_ok, other=0.0)
+    h = _plus_residual(x, res_ptr, cols, c_ok)
+    if pid_n == 0:
+        tl.store(res_out_ptr + cols, h, mask=c_ok)
+    norm_w = tl.load(norm_w_ptr + cols, mask=c_ok, other=0.0)
+    xn = _rms_normalize(h, norm_w, K, eps).to(x_ptr.dtype.element_ty)  # the norm's output
+    acc = tl.sum(held.to(tl.float32) * xn.to(tl.float32)[None, :], 1)  # [BN]
+    _store_rows(
+        acc[None, :], acc[None, :], tl.arange(0, 1), rows_n, 1, N, bias_ptr, y_ptr, y_ptr, 0,
+        0, 0, 0, HAS_BIAS, True, False,
     )  # fmt: skip
 
 
@@ -493,6 +542,12 @@ TunedKey = tuple[str, int, int, str]
 # x 128 on an H100 (`bash bench/gpu/session.sh b13`, the twentieth session) 3.07 ms off against
 # 3.13 on, back to back.
 PRELOAD_TRIGGERS_FIRST = False
+# Where a layer's first projection at one row takes preloading tiles, whether the RMSNorm before
+# it runs inside its launch (`preload_norm_linear`, `Linear.forward_normed`): each program
+# normalises the row itself, one launch and one PDL wait fewer on each layer's chain. Built in
+# the twentieth session after its device time was spent: off until timed (`bash
+# bench/gpu/session.sh b23`).
+NORM_IN_PRELOAD = False
 # One row's preloading tiles (`TUNED`): a program's `[block_n, K]` slab of W, 32 KB at 4 warps
 # (80 registers a thread for 8 x 2,048, 96 for 4 x 4,096 on sm_90, no spills).
 PRELOAD_4096 = SkinnyTiles(4, 4096, dot=False, num_warps=4, preload=True)
@@ -616,6 +671,54 @@ def skinny_linear(
     float32 partial sums as a `PendingSum` for the next RMSNorm to add, without the reduce
     launch."""
     return _launch(x, weight, bias, tiles, gated=False, defer=defer)
+
+
+def preload_norm_linear(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    tiles: SkinnyTiles,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`(rms_norm(x + residual) @ weight.T + bias, x + residual)` for one row `x` `[1, K]` in
+    one launch on preloading `tiles` holding K whole (`_preload_norm_gemv_kernel`); the new
+    residual stream is a new tensor. The norm's output equals `fused.rms_norm(x, norm_weight,
+    eps, residual=...)`'s up to the float32 order of its sum of squares. None where it does
+    not apply (more rows, tiles that are not preloading or split K, dtypes the norm would
+    round differently): the caller then runs the norm and the product apart."""
+    k = x.shape[-1]
+    if (
+        x.dim() != 2
+        or x.shape[0] != 1
+        or not tiles.preload
+        or tiles.block_k < k
+        or weight.dim() != 2
+        or weight.shape[1] != k
+        or weight.stride(-1) != 1
+        or x.stride(-1) != 1
+        or residual.shape != x.shape
+        or not residual.is_contiguous()
+        or len({x.dtype, weight.dtype, residual.dtype}) != 1
+        or torch.promote_types(norm_weight.dtype, x.dtype) != x.dtype
+        or (bias is not None and bias.shape != (weight.shape[0],))
+    ):
+        return None
+    n = weight.shape[0]
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    new_residual = torch.empty_like(residual)
+    _preload_norm_gemv_kernel[(1, triton.cdiv(n, tiles.block_n))](
+        x, residual, new_residual, norm_weight, weight, bias if bias is not None else y, y,
+        n, k, eps, weight.stride(0),
+        BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k,
+        HAS_BIAS=bias is not None,
+        num_warps=tiles.num_warps,
+        num_stages=1,
+        **pdl.launch_args(x, trigger_first=PRELOAD_TRIGGERS_FIRST and pdl.trigger_first(1)),
+    )  # fmt: skip
+    return y, new_residual
 
 
 def skinny_gate_up(

@@ -110,6 +110,30 @@ class Linear(nn.Linear):
 
         return skinny_linear(x, self.weight, self.bias, tiles, defer=True)
 
+    def forward_normed(
+        self,
+        norm_weight: torch.Tensor,
+        eps: float,
+        x: torch.Tensor | PendingSum,
+        residual: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`(self(rms_norm(x + residual)), x + residual)` in one launch where this product of
+        one row takes preloading tiles and `skinny_gemm.NORM_IN_PRELOAD` is on
+        (`skinny_gemm.preload_norm_linear`; the new residual stream a new tensor); else None,
+        and the caller runs the norm and then the product."""
+        if not isinstance(x, torch.Tensor) or _rows(x) != 1:
+            return None
+        tiles = self._tiles(x)
+        if tiles is None or not tiles.preload:
+            return None
+        from engine.kernels import skinny_gemm
+
+        if not skinny_gemm.NORM_IN_PRELOAD:
+            return None
+        return skinny_gemm.preload_norm_linear(
+            x, residual, norm_weight, eps, self.weight, self.bias, tiles
+        )
+
     def _tiles(self, x: torch.Tensor) -> SkinnyTiles | None:
         n, k = self.weight.shape
         return self.gemm.tiles("linear", _rows(x), n, k, x.dtype)

@@ -34,16 +34,23 @@ class DecoderLayer(nn.Module):
         `PendingSum` (engine.layers.pending), which only a norm's `forward_residual` reads.
         Every attention and MLP module takes `defer`, and may decline it.
         `residual` None: `x` is the embedding, the stream's start."""
+        # The attention's and the MLP's last sums (a split-K reduce, a MoE combine) may be
+        # left to the norm that reads each next.
         if residual is None:
             if isinstance(x, PendingSum):
                 raise TypeError("the first layer takes the embeddings, a tensor")
             residual = x
-            h = self.input_layernorm(x)
+            h = self.self_attn(self.input_layernorm(x), batch, defer=True)
         else:
-            h, residual = self.input_layernorm.forward_residual(x, residual)
-        # The attention's and the MLP's last sums (a split-K reduce, a MoE combine) may be
-        # left to the norm that reads each next.
-        h = self.self_attn(h, batch, defer=True)
+            # An attention block may run the norm inside its first projection's launch.
+            fold = getattr(self.self_attn, "norm_and_project", None)
+            projected = fold(self.input_layernorm, x, residual) if fold is not None else None
+            if projected is not None:
+                qkv, residual = projected
+                h = self.self_attn(None, batch, defer=True, qkv=qkv)
+            else:
+                h, residual = self.input_layernorm.forward_residual(x, residual)
+                h = self.self_attn(h, batch, defer=True)
         # A MoE block may take its gate's logits from the norm's own launch.
         route = getattr(self.mlp, "norm_and_route", None)
         routed = route(self.post_attention_layernorm, h, residual) if route is not None else None

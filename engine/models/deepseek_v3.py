@@ -87,13 +87,26 @@ class MLAttention(nn.Module):
         self.rotary = rotary
         self.backend = backend
 
+    def norm_and_project(
+        self, norm: RMSNorm, x: torch.Tensor | PendingSum, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The norm before this block inside the fused query-and-latent product's launch, as
+        `llama.Attention.norm_and_project`: `(its output, residual)` or None."""
+        return self.fused_qkv_a_proj.forward_normed(norm.weight, norm.eps, x, residual)
+
     def forward(
-        self, x: torch.Tensor, batch: ForwardBatch, defer: bool = False
+        self,
+        x: torch.Tensor | None,
+        batch: ForwardBatch,
+        defer: bool = False,
+        qkv: torch.Tensor | None = None,
     ) -> torch.Tensor | PendingSum:
-        """`defer`: the O projection's split-K sum may be left to the next norm."""
-        q, c_kv, k_pe = self.fused_qkv_a_proj(x).split(
-            [self.q_a_size, self.kv_lora_rank, self.qk_rope_head_dim], dim=-1
-        )
+        """`defer`: the O projection's split-K sum may be left to the next norm. `qkv`: the
+        fused query-and-latent product's output, from `norm_and_project` (x then None)."""
+        if qkv is None:
+            assert x is not None
+            qkv = self.fused_qkv_a_proj(x)
+        q, c_kv, k_pe = qkv.split([self.q_a_size, self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         if self.q_a_layernorm is not None and self.q_b_proj is not None:
             q = self.q_b_proj(self.q_a_layernorm(q))
         q_nope, q_pe = q.view(

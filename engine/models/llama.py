@@ -48,11 +48,27 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.backend = backend
 
+    def norm_and_project(
+        self, norm: RMSNorm, x: torch.Tensor | PendingSum, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The norm before this block inside the QKV projection's launch, where that launch
+        takes it (`Linear.forward_normed`): `(qkv, residual)` for `forward(None, batch,
+        qkv=qkv)`; else None."""
+        return self.qkv_proj.forward_normed(norm.weight, norm.eps, x, residual)
+
     def forward(
-        self, x: torch.Tensor, batch: ForwardBatch, defer: bool = False
+        self,
+        x: torch.Tensor | None,
+        batch: ForwardBatch,
+        defer: bool = False,
+        qkv: torch.Tensor | None = None,
     ) -> torch.Tensor | PendingSum:
-        """`defer`: the O projection's split-K sum may be left to the next norm."""
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        """`defer`: the O projection's split-K sum may be left to the next norm. `qkv`: the
+        QKV projection's output, from `norm_and_project` (x then None)."""
+        if qkv is None:
+            assert x is not None
+            qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)

@@ -129,6 +129,39 @@ def test_preloading_tiles(dtype: torch.dtype) -> None:
         SkinnyTiles(16, 64, preload=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_folded_into_preloading_tiles(dtype: torch.dtype) -> None:
+    """`preload_norm_linear` (the RMSNorm with the residual add in the preloading product's
+    launch): the new residual stream bit for bit the norm kernel's sum, a new tensor (the old
+    one untouched); the output the norm-then-product's up to the float32 order of the norm's
+    sum of squares (float32: 1e-5; bfloat16: an element of the normalised row may round one
+    ulp the other way, so 2 ulps), with and without the bias, K ragged under the tile (45
+    rows, K 300 in a 512 tile). Not for more rows, split K or tiles that do not preload."""
+    from engine.kernels.skinny_gemm import preload_norm_linear
+
+    x, w, b = make(1, 45, 300, dtype, seed=41)
+    g = torch.Generator().manual_seed(42)
+    residual = torch.randn(1, 300, generator=g).to(dtype).to(DEVICE)
+    norm_w = (1 + 0.1 * torch.randn(300, generator=g)).to(dtype).to(DEVICE)
+    tiles = SkinnyTiles(8, 512, dot=False, num_warps=4, preload=True)
+    for bias in (b, None):
+        kept = residual.clone()
+        got = preload_norm_linear(x, residual, norm_w, 1e-6, w, bias, tiles)
+        assert got is not None
+        y, new_residual = got
+        assert torch.equal(residual, kept) and new_residual.data_ptr() != residual.data_ptr()
+        stream = residual.clone()
+        normed = fused.rms_norm(x, norm_w, 1e-6, residual=stream)
+        assert torch.equal(new_residual, stream)
+        want = skinny_linear(normed, w, bias, tiles)
+        close(y, want.float().cpu(), dtype, ulps=1 if dtype == torch.float32 else 2)
+    x3, w3, _ = make(3, 45, 300, dtype, seed=43)
+    split = SkinnyTiles(8, 256, split_k=2, dot=False, preload=True)
+    assert preload_norm_linear(x3, residual.expand(3, -1), norm_w, 1e-6, w3, None, tiles) is None
+    assert preload_norm_linear(x, residual, norm_w, 1e-6, w, None, split) is None
+    assert preload_norm_linear(x, residual, norm_w, 1e-6, w, None, GEMV_TILES) is None
+
+
 def test_float16_tensor_cores_and_cuda_cores_agree() -> None:
     x, w, b = make(3, 45, 520, torch.float16, seed=4)
     want = reference(x, w, b)

@@ -436,6 +436,53 @@ def test_skinny_gemm_backend_matches_transformers(
     assert engine.num_free_pages == engine.pool.num_pages
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3-moe", "deepseek-v3"])
+def test_norm_folded_into_the_qkv_projection_keeps_transformers_tokens(
+    tiny_models: dict[str, Path], family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`skinny_gemm.NORM_IN_PRELOAD` on, every one-row product on preloading tiles: each
+    decode step (a prompt at a time: one row) runs every layer's input norm but the first
+    inside its QKV projection's launch (MLA's fused query-and-latent product), and the greedy
+    tokens stay transformers'."""
+    from engine.kernels import skinny_gemm
+
+    ref = reference(tiny_models[family], device=DEVICE)
+    n = 4
+    rule, folded = skinny_gemm.pick_tiles, skinny_gemm.preload_norm_linear
+    calls = []
+
+    def preloading(m: int, rows: int, k: int, dtype: torch.dtype, gated: bool = False):
+        if m == 1 and not gated:
+            return skinny_gemm.SkinnyTiles(8, 1 << (k - 1).bit_length(), dot=False,
+                                           num_warps=4, preload=True)  # fmt: skip
+        return rule(m, rows, k, dtype, gated)
+
+    def counted(*args, **kwargs):
+        out = folded(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(skinny_gemm, "pick_tiles", preloading)
+    monkeypatch.setattr(skinny_gemm, "preload_norm_linear", counted)
+    monkeypatch.setattr(skinny_gemm, "NORM_IN_PRELOAD", True)
+    engine = Engine(
+        EngineConfig(
+            model_path=str(tiny_models[family]), num_pages=128, attention_backend="triton",
+            gemm_backend="triton", dtype="float32",
+        )
+    )  # fmt: skip
+    params = SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
+    outs = [engine.generate([p], params)[0].output_ids for p in ref.prompts[:2]]
+    few = Reference(
+        ref.prompts[:2], [t[:n] for t in ref.tokens[:2]], [x[:n] for x in ref.logits[:2]]
+    )
+    assert_greedy_matches(outs, few, NEAR_TIE)
+    layers = engine.model_config.num_layers
+    # Every decode step's layers but the first (prefill's rows are more than one: never asked).
+    assert all(calls) and len(calls) >= 2 * (n - 1) * (layers - 1)
+    assert engine.num_free_pages == engine.pool.num_pages
+
+
 def test_triton_backend_runs_mla_like_transformers(tiny_models: dict[str, Path]) -> None:
     """DeepSeek-V3's MLA: decode through the Triton MLA kernel (absorbed), prefill and extend
     through the non-absorbed extend kernel, in chunks of 8 tokens (chunked prefill), then
