@@ -152,6 +152,12 @@ def main(argv: list[str]) -> int:
         help="1 or 0: the input norm inside the first projection's preloading launch at one "
         "row (default: skinny_gemm.NORM_IN_PRELOAD)",
     )
+    parser.add_argument(
+        "--more-trigger-first",
+        type=int,
+        help="1 or 0: RoPE with the KV write and the norm with the gate's logits trigger first "
+        "at one row too (default: pdl.MORE_TRIGGER_FIRST)",
+    )
     parser.add_argument("--every-one-row", action="store_true")
     parser.add_argument("--trigger-first", type=int, default=1)
     parser.add_argument("--greedy", action="store_true")
@@ -179,12 +185,15 @@ def main(argv: list[str]) -> int:
         down_preload(args.down_preload)
     if args.norm_in_qkv is not None:
         skinny_gemm.NORM_IN_PRELOAD = bool(args.norm_in_qkv)
+    if args.more_trigger_first is not None:
+        pdl.MORE_TRIGGER_FIRST = bool(args.more_trigger_first)
     print(
         f"O at one row: {args.tiles or 'TUNED'}, QKV: {args.qkv_tiles or 'TUNED'}, TUNED's "
         f"preloading rows: {not args.without_preload}, every one-row product preloaded: "
         f"{args.every_one_row}, trigger first: {args.trigger_first}, preloading launches "
         f"trigger first: {skinny_gemm.PRELOAD_TRIGGERS_FIRST}, MoE down preloaded: "
-        f"{args.down_preload}, norm in the first projection: {skinny_gemm.NORM_IN_PRELOAD}"
+        f"{args.down_preload}, norm in the first projection: {skinny_gemm.NORM_IN_PRELOAD}, more "
+        f"trigger first: {pdl.MORE_TRIGGER_FIRST}"
     )
     if args.greedy:
         greedy_one_by_one(rest)

@@ -75,6 +75,7 @@
 #   run(command="bash bench/gpu/session.sh b21", carry=[".whl"]) # preloading down's tiles
 #   run(command="bash bench/gpu/session.sh b22", carry=[".whl", ".base"]) # packed routing, A/B
 #   run(command="bash bench/gpu/session.sh b23", carry=[".whl"]) # the input norm in QKV, A/B
+#   run(command="bash bench/gpu/session.sh b24", carry=[".whl"]) # more early triggers, A/B
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -1189,5 +1190,21 @@ b23)
     done
   done
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23"; exit 2 ;;
+b24)
+  # RoPE with the KV write and the norm with the gate's logits triggering first at one row too
+  # (pdl.MORE_TRIGGER_FIRST, off; about 220 s): the tiny checkpoints' greedy tokens a prompt at
+  # a time with it on, then each MoE model at batch 1 off and on, alternating twice.
+  TAIL=6 step greedy_more_tf 90 python3 bench/gpu/preload_ab.py --greedy \
+    --more-trigger-first 1 -- qwen3-moe deepseek-v3 llama
+  for i in 1 2; do
+    for on in 0 1; do
+      for preset in qwen3-30b-a3b moonlight-16b-a3b; do
+        ROWS='^\| 1x128' step "${preset%%-*}_mtf${on}_$i" 55 python3 bench/gpu/preload_ab.py \
+          --more-trigger-first "$on" -- --preset "$preset" --skip-hf --prefill '' \
+          --decode 1x128 --repeats 3
+      done
+    done
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24"; exit 2 ;;
 esac

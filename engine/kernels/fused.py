@@ -335,7 +335,7 @@ def rms_norm_gate(
         BLOCK=block,
         BLOCK_E=GATE_BLOCK_E,
         num_warps=num_warps or norm_warps(block),
-        **pdl.launch_args(parts),
+        **pdl.launch_args(parts, trigger_first=pdl.more_trigger_first(rows)),
     )  # fmt: skip
     return out, new_residual, logits
 
@@ -629,7 +629,7 @@ def rope_store_kv(
         INTERLEAVED=interleaved,
         NORM=qk_norm is not None,
         num_warps=1,
-        **pdl.launch_args(q),
+        **pdl.launch_args(q, trigger_first=pdl.more_trigger_first(tokens)),
     )  # fmt: skip
     return out
 

@@ -65,11 +65,22 @@ TRIGGER_FIRST = 3
 # one-row rows). On an H100, back to back, Qwen3-30B-A3B 1 x 128 3.28 -> 3.08 ms and Moonlight
 # 2.65 -> 2.54 with both; Llama-3-8B (whose O does not fit the registers) 5.70 -> 5.69.
 TRIGGER_FIRST_MAX_ROWS = 1
+# Whether, at those rows, two more launches trigger first: RoPE with the KV write (its successor
+# the decode attention's split, a few programs) and the norm with the gate's logits (the small
+# MoE path's gate-up, so that its programs are resident when the logits land). Built in the
+# twentieth session after its device time was spent: off until timed (`bash
+# bench/gpu/session.sh b23`). Safe either way: each successor still waits before it reads.
+MORE_TRIGGER_FIRST = False
 
 
 def trigger_first(rows: int) -> bool:
     """Whether a launch of `rows` decode rows lets its successor be scheduled first."""
     return rows <= TRIGGER_FIRST_MAX_ROWS
+
+
+def more_trigger_first(rows: int) -> bool:
+    """`trigger_first` for the launches `MORE_TRIGGER_FIRST` adds."""
+    return MORE_TRIGGER_FIRST and trigger_first(rows)
 
 
 def launch_args(

@@ -33,8 +33,19 @@ def test_launch_keywords_off_cuda() -> None:
     x = torch.zeros(1)
     assert pdl.launch_args(x) == {"PDL": 0}
     assert pdl.launch_args(x, trigger_first=True) == {"PDL": 0}
+    assert pdl.launch_args(x, trigger_after_wait=True) == {"PDL": 0}
     assert pdl.trigger_first(pdl.TRIGGER_FIRST_MAX_ROWS)
     assert not pdl.trigger_first(pdl.TRIGGER_FIRST_MAX_ROWS + 1)
+
+
+def test_more_trigger_first_is_a_switch_on_the_batch_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`MORE_TRIGGER_FIRST` (RoPE with the KV write and the norm with the gate's logits) adds
+    early triggers only where the batch rule has them, and none while off."""
+    monkeypatch.setattr(pdl, "MORE_TRIGGER_FIRST", False)
+    assert not pdl.more_trigger_first(1)
+    monkeypatch.setattr(pdl, "MORE_TRIGGER_FIRST", True)
+    assert pdl.more_trigger_first(pdl.TRIGGER_FIRST_MAX_ROWS)
+    assert not pdl.more_trigger_first(pdl.TRIGGER_FIRST_MAX_ROWS + 1)
 
 
 def test_trigger_first_schedules_the_successor_before_the_wait() -> None:
