@@ -17,7 +17,10 @@ row each. Here, over the same `N = T * top_k` pairs (pair `i` is token `i // top
 2. `small_down_combine_kernel`, a program per (token, block of H's columns): the down
    projections of all the token's pairs (one tile of the w2 rows of every pair's expert per
    step), each rounded to x's dtype, then weighted and summed in float32 pair by pair, in
-   order; stored once.
+   order; stored once. Where the gate-up routes and the tiles say `down_preload`
+   (`ROUTED_TILES`, the default for the CUDA-core tiles), `small_down_preload_kernel` instead:
+   each program routes its token again and loads its first K step of weights before its PDL
+   wait, while the gate-up runs (the same output bit for bit).
 
 The roundings are those of the grouped path (activation and per-pair output in x's dtype, the
 weighted sum in float32, one cast at the end), so the two agree up to float32 summation order
