@@ -91,6 +91,15 @@ step() {  # step NAME SECONDS COMMAND...: run it, keep its output, report its st
   echo "== $name: rc=$rc, $((SECONDS - t0)) s"
   if [ -n "${ROWS:-}" ]; then grep -E "$ROWS" "$OUT/$name.txt"; else tail -n "${TAIL:-25}" "$OUT/$name.txt"; fi
 }
+small_down_dot() {  # the small MoE path's down on the tensor cores against the CUDA-core down
+  TAIL=24 step small_down_dot 40 bash -c 'python3 -m bench.moe_kernel --shape qwen3-30b-a3b \
+    --tokens 1 --path small --reps 20 --small-tiles 16,256,8,256,4 \
+    --small-tiles 16,256,16,256,4,0,3 --small-tiles 16,256,16,128,4,0,4 \
+    --small-tiles 16,256,32,256,4,0,3 2>&1 | grep "^## \|^### \|^| 1 "; \
+    python3 -m bench.moe_kernel --shape moonlight-16b-a3b-fused --tokens 1 --path small \
+    --reps 20 --small-tiles 32,256,8,256,4,3 --small-tiles 32,256,16,256,4,3,3 \
+    --small-tiles 32,256,16,128,4,3,4 2>&1 | grep "^## \|^### \|^| 1 "'
+}
 nvidia-smi -L
 case "${1:-a}" in
 a)
@@ -895,13 +904,7 @@ b6)
   # Then the small MoE path's down kernel on the tensor cores (SmallBatchTiles.down_dot, the
   # seventh value: its stages) against the CUDA-core down, one layer at one token, each model
   # with its default gate-up (Qwen3-30B-A3B's CUDA-core tiles, Moonlight's dot tiles), 30 s.
-  TAIL=24 step small_down_dot 40 bash -c 'python3 -m bench.moe_kernel --shape qwen3-30b-a3b \
-    --tokens 1 --path small --reps 20 --small-tiles 16,256,8,256,4 \
-    --small-tiles 16,256,16,256,4,0,3 --small-tiles 16,256,16,128,4,0,4 \
-    --small-tiles 16,256,32,256,4,0,3 2>&1 | grep "^## \|^### \|^| 1 "; \
-    python3 -m bench.moe_kernel --shape moonlight-16b-a3b-fused --tokens 1 --path small \
-    --reps 20 --small-tiles 32,256,8,256,4,3 --small-tiles 32,256,16,256,4,3,3 \
-    --small-tiles 32,256,16,128,4,3,4 2>&1 | grep "^## \|^### \|^| 1 "'
+  small_down_dot
   ;;
 b7)
   # Batch 1 now: Qwen3-30B-A3B's step by kernel (its last profile predates Y, b2 and the
@@ -1094,13 +1097,7 @@ b18)
     TAIL=34 step "profile_${preset%%-*}" 70 python3 -m bench.profile_decode --preset "$preset" \
       --decode 1x128 --top 24
   done
-  TAIL=24 step small_down_dot 40 bash -c 'python3 -m bench.moe_kernel --shape qwen3-30b-a3b \
-    --tokens 1 --path small --reps 20 --small-tiles 16,256,8,256,4 \
-    --small-tiles 16,256,16,256,4,0,3 --small-tiles 16,256,16,128,4,0,4 \
-    --small-tiles 16,256,32,256,4,0,3 2>&1 | grep "^## \|^### \|^| 1 "; \
-    python3 -m bench.moe_kernel --shape moonlight-16b-a3b-fused --tokens 1 --path small \
-    --reps 20 --small-tiles 32,256,8,256,4,3 --small-tiles 32,256,16,256,4,3,3 \
-    --small-tiles 32,256,16,128,4,3,4 2>&1 | grep "^## \|^### \|^| 1 "'
+  small_down_dot
   ;;
 b19)
   # The small MoE path's down routing again and loading its first K step before its PDL wait,
