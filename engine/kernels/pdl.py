@@ -69,7 +69,7 @@ TRIGGER_FIRST_MAX_ROWS = 1
 # the decode attention's split, a few programs) and the norm with the gate's logits (the small
 # MoE path's gate-up, so that its programs are resident when the logits land). Built in the
 # twentieth session after its device time was spent: off until timed (`bash
-# bench/gpu/session.sh b23`). Safe either way: each successor still waits before it reads.
+# bench/gpu/session.sh b24`). Safe either way: each successor still waits before it reads.
 MORE_TRIGGER_FIRST = False
 
 

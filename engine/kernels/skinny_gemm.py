@@ -254,8 +254,8 @@ def _preload_norm_gemv_kernel(
     PDL: tl.constexpr,
 ):
     """`_preload_gemv_kernel` at one row with the RMSNorm before the product folded in
-    (`preload_norm_linear`): each program holds its whole `[BLOCK_N, K]` tile of W and the
-    norm's weight from before its PDL wait, then adds the residual to the row, normalises it
+    (`preload_norm_linear`): each program holds its whole `[BLOCK_N, K]` tile of W from
+    before its PDL wait, then adds the residual to the row, normalises it
     as `fused.rms_norm(x, w, eps, residual=...)` does (its rounding; the sum of squares in
     this launch's order) and multiplies; program 0 stores the new residual stream. One
     launch, and one wait on the chain, fewer than the norm's kernel and then the product."""
@@ -701,6 +701,8 @@ def preload_norm_linear(
         or residual.shape != x.shape
         or not residual.is_contiguous()
         or len({x.dtype, weight.dtype, residual.dtype}) != 1
+        or norm_weight.shape != (k,)
+        or norm_weight.stride(0) != 1
         or torch.promote_types(norm_weight.dtype, x.dtype) != x.dtype
         or (bias is not None and bias.shape != (weight.shape[0],))
     ):
