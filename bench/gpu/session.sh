@@ -73,7 +73,7 @@
 #   run(command="bash bench/gpu/session.sh b19", carry=[".whl"]) # MoE down preloaded, A/B
 #   run(command="bash bench/gpu/session.sh b20", carry=[".whl"]) # the defaults: checks, rows
 #   run(command="bash bench/gpu/session.sh b21", carry=[".whl"]) # preloading down's tiles
-#   run(command="bash bench/gpu/session.sh b22", carry=[".whl", ".base"]) # packed routing, A/B
+#   run(command="bash bench/gpu/session.sh b22", carry=[".whl"]) # packed routing, A/B
 #   run(command="bash bench/gpu/session.sh b23", carry=[".whl"]) # the input norm in QKV, A/B
 #   run(command="bash bench/gpu/session.sh b24", carry=[".whl"]) # more early triggers, A/B
 set -uo pipefail
@@ -1141,28 +1141,27 @@ b21)
   done
   ;;
 b22)
-  # The routing's packed keys (one block-wide reduction a choice instead of two: the gate-up's
-  # weight loads wait on its routing) against the tree before them (`.base`: rm -rf .base &&
-  # mkdir .base && git archive eef2525 | tar -x -C .base), on one machine (about 330 s): the
-  # routing checked compiled at full shapes, then one layer at one token with the routing in
-  # the kernels and with the ids given (what the routing costs), each tree; then each MoE
-  # model at batch 1, alternating trees.
+  # The routing's packed keys (moe_routing.PACKED_TOPK: one block-wide reduction a choice
+  # instead of two; the gate-up's weight loads wait on its routing), off by default until this
+  # has run: on (PDSERVE_PACKED_TOPK=1) and off on one machine (about 330 s). The routing
+  # checked compiled at full shapes with it on, then one layer at one token with the routing
+  # in the kernels and with the ids given (what the routing costs), each way; then each MoE
+  # model at batch 1, alternating.
   ROWS='^routing .*T=(1|4|257):|routed MoE .*T=1:|checks passed|FAILED' step check_routing 80 \
-    python3 -m bench.check_moe_gpu --shape qwen3-30b-a3b --shape moonlight-16b-a3b --skip-mla
-  for tree in new base; do
-    dir=$PWD; [ "$tree" = base ] && dir=$PWD/.base
-    ROWS='^## |^\| 1 ' step "routing_cost_$tree" 60 env PYTHONPATH="$dir:/tmp/site" bash -c \
-      "cd $dir && for p in small small-routed; do echo \"## \$p\"; for s in qwen3-30b-a3b \
+    env PDSERVE_PACKED_TOPK=1 python3 -m bench.check_moe_gpu --shape qwen3-30b-a3b \
+    --shape moonlight-16b-a3b --skip-mla
+  for packed in 1 0; do
+    ROWS='^## |^\| 1 ' step "routing_cost_packed$packed" 60 env PDSERVE_PACKED_TOPK=$packed \
+      bash -c "for p in small small-routed; do echo \"## \$p\"; for s in qwen3-30b-a3b \
       moonlight-16b-a3b-fused; do python3 -m bench.moe_kernel --shape \$s --tokens 1 \
       --path \$p --reps 20 | grep '^| 1 '; done; done"
   done
   for i in 1 2; do
-    for tree in new base; do
-      dir=$PWD; [ "$tree" = base ] && dir=$PWD/.base
+    for packed in 1 0; do
       for preset in qwen3-30b-a3b moonlight-16b-a3b; do
-        ROWS='^\| 1x128' step "${preset%%-*}_${tree}_$i" 55 env PYTHONPATH="$dir:/tmp/site" \
-          bash -c "cd $dir && python3 -m bench.engine --preset $preset --skip-hf \
-          --prefill '' --decode 1x128 --repeats 3"
+        ROWS='^\| 1x128' step "${preset%%-*}_packed${packed}_$i" 55 \
+          env PDSERVE_PACKED_TOPK=$packed python3 -m bench.engine --preset "$preset" \
+          --skip-hf --prefill '' --decode 1x128 --repeats 3
       done
     done
   done

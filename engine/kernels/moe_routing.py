@@ -13,11 +13,23 @@ without its two conversions per step; more tokens take that product itself.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from engine.kernels import pdl
+
+# The routing's top-k with one block-wide reduction a choice (a 64-bit key: the value's bits,
+# ordered as an integer, over the complement of the id) instead of a max and then a min over
+# the ids tied at it: the same choices and weights (tests with most logits tied check both
+# against stable sorts), 45 -> 29 barriers in the small path's gate-up (Qwen3-30B-A3B), whose
+# weight loads wait on its routing. Built in the twentieth session after its device time was
+# spent and not yet run on a GPU: off until `bash bench/gpu/session.sh b22` has checked it
+# compiled (`bench.check_moe_gpu`) and timed it; `PDSERVE_PACKED_TOPK=1` turns it on for that.
+# Read when a kernel compiles.
+PACKED_TOPK = tl.constexpr(os.environ.get("PDSERVE_PACKED_TOPK") == "1")
 
 
 @triton.jit
@@ -43,28 +55,38 @@ def softmax_topk_rows(
     p = tl.exp(x - tl.max(x, axis=1)[:, None])
     p = tl.where(ok[None, :], p, 0.0)
     p = p / tl.sum(p, axis=1)[:, None]
-    # One reduction a choice (a block-wide reduction is a chain of shuffles and a barrier, and
-    # the gate-up's loads wait on the routing): each expert's key holds its probability in the
-    # high word (>= 0, so the bits order as the values do) and the complement of its id in the
-    # low word (of equal probabilities the lower id has the larger key). The choices and
-    # weights are those of taking the largest probability and then the lowest id among its
-    # ties.
-    low = (E_POW2 - 1 - cols).to(tl.int64)[None, :]
-    key = (p.to(tl.int32, bitcast=True).to(tl.int64) << 32) | low
-    # Taken or past E: a high word of -1, below every probability's, the id kept (those tie
-    # among themselves, as the -1.0 probabilities of a plain comparison would).
-    gone = ((tl.zeros_like(low) - 1) << 32) | low
-    key = tl.where(ok[None, :], key, gone)
     slots = tl.arange(0, K_POW2)[None, :]
     chosen_w = tl.zeros([rows.shape[0], K_POW2], dtype=tl.float32)
     chosen_id = tl.zeros([rows.shape[0], K_POW2], dtype=tl.int64)
-    for j in tl.static_range(TOP_K):
-        best = tl.max(key, axis=1)[:, None]
-        key = tl.where(key == best, gone, key)
-        high = best >> 32
-        w = high.to(tl.int32).to(tl.float32, bitcast=True)
-        chosen_w = tl.where(slots == j, w, chosen_w)
-        chosen_id = tl.where(slots == j, E_POW2 - 1 - (best - (high << 32)), chosen_id)
+    if PACKED_TOPK:
+        # One reduction a choice (a block-wide reduction is a chain of shuffles and a barrier, and
+        # the gate-up's loads wait on the routing): each expert's key holds its probability in the
+        # high word (>= 0, so the bits order as the values do) and the complement of its id in the
+        # low word (of equal probabilities the lower id has the larger key). The choices and
+        # weights are those of taking the largest probability and then the lowest id among its
+        # ties.
+        low = (E_POW2 - 1 - cols).to(tl.int64)[None, :]
+        key = (p.to(tl.int32, bitcast=True).to(tl.int64) << 32) | low
+        # Taken or past E: a high word of -1, below every probability's, the id kept (those tie
+        # among themselves, as the -1.0 probabilities of a plain comparison would).
+        gone = ((tl.zeros_like(low) - 1) << 32) | low
+        key = tl.where(ok[None, :], key, gone)
+        for j in tl.static_range(TOP_K):
+            best = tl.max(key, axis=1)[:, None]
+            key = tl.where(key == best, gone, key)
+            high = best >> 32
+            w = high.to(tl.int32).to(tl.float32, bitcast=True)
+            chosen_w = tl.where(slots == j, w, chosen_w)
+            chosen_id = tl.where(slots == j, E_POW2 - 1 - (best - (high << 32)), chosen_id)
+    else:
+        # Probabilities are >= 0: -1 marks an expert already taken (or past E).
+        left = tl.where(ok[None, :], p, -1.0)
+        for j in tl.static_range(TOP_K):
+            best = tl.max(left, axis=1)[:, None]
+            idx = tl.min(tl.where(left == best, cols[None, :], E_POW2), axis=1)[:, None]
+            left = tl.where(cols[None, :] == idx, -1.0, left)
+            chosen_w = tl.where(slots == j, best, chosen_w)
+            chosen_id = tl.where(slots == j, idx.to(tl.int64), chosen_id)
     if RENORMALIZE:
         chosen_w = chosen_w / tl.sum(chosen_w, axis=1)[:, None]
     return chosen_w, chosen_id
@@ -144,24 +166,36 @@ def grouped_topk_rows(
     slots = tl.arange(0, K_POW2)[None, :]
     chosen_w = tl.zeros([rows.shape[0], K_POW2], dtype=tl.float32)
     chosen_id = tl.zeros([rows.shape[0], K_POW2], dtype=tl.int64)
-    # The choice and the id in one key, as `softmax_topk_rows` packs them (one reduction to find
-    # a choice instead of two): the choice's bits made to order as the values do (-0.0 counted
-    # as +0.0, as the comparison of values does) in the high word, the complement of the id in
-    # the low word, so that ties go to the lower id. A choice taken becomes -inf's key, as the
-    # comparison of values had it.
-    span = G_POW2 * P_POW2
-    low = (span - 1 - expert).to(tl.int64)[None, :, :]
-    bits = (choice + 0.0).to(tl.int32, bitcast=True)
-    key = (tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) << 32) | low
-    gone = ((tl.zeros_like(low) - 2139095041) << 32) | low  # -inf's high word
-    for j in tl.static_range(TOP_K):
-        best = tl.max(tl.max(key, axis=2), axis=1)[:, None, None]
-        here = key == best
-        w = tl.sum(tl.sum(tl.where(here, scores, 0.0), axis=2), axis=1)
-        key = tl.where(here, gone, key)
-        idx = span - 1 - (best - ((best >> 32) << 32))  # [BLOCK_T, 1, 1]
-        chosen_w = tl.where(slots == j, w[:, None], chosen_w)
-        chosen_id = tl.where(slots == j, tl.reshape(idx, [rows.shape[0], 1]), chosen_id)
+    if PACKED_TOPK:
+        # The choice and the id in one key, as `softmax_topk_rows` packs them (one reduction to find
+        # a choice instead of two): the choice's bits made to order as the values do (-0.0 counted
+        # as +0.0, as the comparison of values does) in the high word, the complement of the id in
+        # the low word, so that ties go to the lower id. A choice taken becomes -inf's key, as the
+        # comparison of values had it.
+        span = G_POW2 * P_POW2
+        low = (span - 1 - expert).to(tl.int64)[None, :, :]
+        bits = (choice + 0.0).to(tl.int32, bitcast=True)
+        key = (tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) << 32) | low
+        gone = ((tl.zeros_like(low) - 2139095041) << 32) | low  # -inf's high word
+        for j in tl.static_range(TOP_K):
+            best = tl.max(tl.max(key, axis=2), axis=1)[:, None, None]
+            here = key == best
+            w = tl.sum(tl.sum(tl.where(here, scores, 0.0), axis=2), axis=1)
+            key = tl.where(here, gone, key)
+            idx = span - 1 - (best - ((best >> 32) << 32))  # [BLOCK_T, 1, 1]
+            chosen_w = tl.where(slots == j, w[:, None], chosen_w)
+            chosen_id = tl.where(slots == j, tl.reshape(idx, [rows.shape[0], 1]), chosen_id)
+    else:
+        big = NUM_GROUPS * PER_GROUP
+        for j in tl.static_range(TOP_K):
+            best = tl.max(tl.max(choice, axis=2), axis=1)
+            at = tl.where(choice == best[:, None, None], expert[None, :, :], big)
+            idx = tl.min(tl.min(at, axis=2), axis=1)  # [BLOCK_T]
+            here = expert[None, :, :] == idx[:, None, None]
+            w = tl.sum(tl.sum(tl.where(here, scores, 0.0), axis=2), axis=1)
+            choice = tl.where(here, -float("inf"), choice)
+            chosen_w = tl.where(slots == j, w[:, None], chosen_w)
+            chosen_id = tl.where(slots == j, idx[:, None].to(tl.int64), chosen_id)
     if RENORMALIZE:
         chosen_w = chosen_w / (tl.sum(chosen_w, axis=1)[:, None] + 1e-20)
     chosen_w = chosen_w * scaling

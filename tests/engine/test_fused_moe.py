@@ -26,10 +26,13 @@ import torch
 # `python -m bench.check_moe_gpu` checks the kernels compiled, at full model shapes.
 pytest.importorskip("triton", reason="triton is a dev dependency (pip install -e .[dev])")
 
+import triton.language as tl
+
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.eplb import initial_placement
 from engine.kernels import fused_moe as fused_moe_module
+from engine.kernels import moe_routing
 from engine.kernels.fused_moe import (
     FOLDED_OFFSETS_MAX_CHUNKS,
     PARALLEL_CHUNK,
@@ -685,11 +688,14 @@ def test_softmax_routing_kernel(tokens, num_experts, top_k, renormalize):
         torch.testing.assert_close(got_w, want_w, rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("num_experts,top_k", [(60, 8), (128, 8), (16, 6)])
-def test_softmax_routing_ties_go_to_the_lower_id(num_experts, top_k):
-    """Logits of a few distinct values, so most experts tie: the kernel (one packed
-    probability-and-id reduction a choice) takes the largest probability, then the lowest id
-    among its ties, slot after slot: a stable descending sort's order."""
+def test_softmax_routing_ties_go_to_the_lower_id(num_experts, top_k, packed, monkeypatch):
+    """Logits of a few distinct values, so most experts tie: the kernel (a max and then a min
+    over the ids tied at it, or with `PACKED_TOPK` one packed probability-and-id reduction a
+    choice) takes the largest probability, then the lowest id among its ties, slot after slot:
+    a stable descending sort's order."""
+    monkeypatch.setattr(moe_routing, "PACKED_TOPK", tl.constexpr(packed))
     g = torch.Generator().manual_seed(num_experts)
     logits = torch.randint(0, 4, (6, num_experts), generator=g).float()
     logits[0] = 1.0  # all tied
@@ -700,11 +706,16 @@ def test_softmax_routing_ties_go_to_the_lower_id(num_experts, top_k):
     torch.testing.assert_close(weights, want_w, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("num_experts,groups,topk_groups,top_k", [(64, 1, 1, 6), (32, 8, 3, 6)])
-def test_grouped_routing_ties_go_to_the_lower_id(num_experts, groups, topk_groups, top_k):
+def test_grouped_routing_ties_go_to_the_lower_id(
+    num_experts, groups, topk_groups, top_k, packed, monkeypatch
+):
     """Grouped routing over logits of three values (most choices and group scores tie): the
-    kernel's choices are those of stable descending sorts, group by group and expert by
-    expert (ties to the lower id), and its weights the chosen sigmoid scores, renormalised."""
+    kernel's choices (either top-k, `PACKED_TOPK` or not) are those of stable descending
+    sorts, group by group and expert by expert (ties to the lower id), and its weights the
+    chosen sigmoid scores, renormalised."""
+    monkeypatch.setattr(moe_routing, "PACKED_TOPK", tl.constexpr(packed))
     g = torch.Generator().manual_seed(num_experts + groups)
     logits = torch.randint(0, 3, (5, num_experts), generator=g).float()
     logits[0] = 0.0  # all tied
