@@ -98,7 +98,43 @@ def check_moe(shape: LayerShape, tokens: Sequence[int]) -> list[str]:
             failures.append(f"routed MoE {shape.name} T={t}: {err:.2e} of {scale:.2f}")
         if 0 < t <= 4 and not shape.grouped:
             failures += check_down_preload(shape, x, logits.bfloat16(), w13, w2)
+        if 0 < t <= 8:
+            failures += check_small_routing(shape, x, logits, bias, w13, w2, got_w, got_ids)
     return failures
+
+
+def check_small_routing(
+    shape: LayerShape,
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    bias: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    want_w: torch.Tensor,
+    want_ids: torch.Tensor,
+) -> list[str]:
+    """The small path's routing (each gate-up program routes its token: `moe_routing.
+    route_token`, inside a warp up to 128 experts) against the routing kernel's, compiled: the
+    same experts in the same order, weights within ROUTING_TOL."""
+    from engine.kernels.fused_moe_small import (
+        small_batch_moe_grouped_routed,
+        small_batch_moe_routed,
+    )
+
+    if shape.grouped:
+        _, got_w, got_ids = small_batch_moe_grouped_routed(
+            x, w13, w2, logits.float(), bias, shape.top_k, shape.groups, shape.topk_groups,
+            True, shape.scaling,
+        )  # fmt: skip
+    else:
+        _, got_w, got_ids = small_batch_moe_routed(x, w13, w2, logits, shape.top_k, True)
+    same = torch.equal(got_ids, want_ids)
+    err = (got_w.float() - want_w.float()).abs().max().item() if same else float("inf")
+    print(
+        f"small-path routing {shape.name} T={x.shape[0]}: same experts {same}, weight err {err:.1e}"
+    )
+    ok = same and err <= ROUTING_TOL
+    return [] if ok else [f"small-path routing {shape.name} T={x.shape[0]}"]
 
 
 def check_down_preload(

@@ -76,6 +76,7 @@
 #   run(command="bash bench/gpu/session.sh b22", carry=[".whl"]) # packed routing, A/B
 #   run(command="bash bench/gpu/session.sh b23", carry=[".whl"]) # the input norm in QKV, A/B
 #   run(command="bash bench/gpu/session.sh b24", carry=[".whl"]) # more early triggers, A/B
+#   run(command="bash bench/gpu/session.sh b25", carry=[".whl"]) # routing inside a warp, A/B
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -1202,5 +1203,32 @@ b24)
     done
   done
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24"; exit 2 ;;
+b25)
+  # One token's routing inside a warp (moe_routing.route_token, PDSERVE_WARP_ROUTE=1; off, it
+  # takes route_rows; about 250 s): the small path's routing checked compiled against the routing
+  # kernel's at full shapes, what the routing costs one layer each way (the ids given against
+  # routing in the kernels), the tiny checkpoints' greedy tokens a prompt at a time, then each
+  # MoE model at batch 1 on and off, alternating twice.
+  ROWS='^small-path routing|routed MoE .*T=1:|checks passed|FAILED' step check_warp_route 90 \
+    env PDSERVE_WARP_ROUTE=1 python3 -m bench.check_moe_gpu --shape qwen3-30b-a3b \
+    --shape moonlight-16b-a3b --skip-mla
+  for warp in 1 0; do
+    ROWS='^## |^\| 1 ' step "routing_cost_warp$warp" 60 env PDSERVE_WARP_ROUTE=$warp \
+      bash -c "for p in small small-routed; do echo \"## \$p\"; for s in qwen3-30b-a3b \
+      moonlight-16b-a3b-fused; do python3 -m bench.moe_kernel --shape \$s --tokens 1 \
+      --path \$p --reps 20 | grep '^| 1 '; done; done"
+  done
+  TAIL=6 step greedy_warp_route 90 env PDSERVE_WARP_ROUTE=1 python3 bench/gpu/preload_ab.py \
+    --greedy -- qwen3-moe deepseek-v3
+  for i in 1 2; do
+    for warp in 1 0; do
+      for preset in qwen3-30b-a3b moonlight-16b-a3b; do
+        ROWS='^\| 1x128' step "${preset%%-*}_warp${warp}_$i" 55 \
+          env PDSERVE_WARP_ROUTE=$warp python3 -m bench.engine --preset "$preset" \
+          --skip-hf --prefill '' --decode 1x128 --repeats 3
+      done
+    done
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25"; exit 2 ;;
 esac

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from engine.kernels import pdl
 from engine.kernels.attention import dot_precision
-from engine.kernels.moe_routing import ROUTE_GROUPED, ROUTE_NONE, ROUTE_SOFTMAX, route_rows
+from engine.kernels.moe_routing import ROUTE_GROUPED, ROUTE_NONE, ROUTE_SOFTMAX, route_token
 
 
 @triton.jit
@@ -131,10 +131,9 @@ def small_gate_up_program(
     if ROUTE != 0:
         # Every program routes its token again (a few hundred logits: less than a launch);
         # the pair's first program writes its choice for the down kernel.
-        rows = pair // TOP_K + tl.zeros([1], dtype=tl.int64)  # the pair's token
-        chosen_w, chosen_id = route_rows(
+        chosen_w, chosen_id = route_token(
             router_logits,
-            rows,
+            pair // TOP_K,  # the pair's token
             stride_lt,
             correction_bias,
             num_routed,
@@ -151,11 +150,11 @@ def small_gate_up_program(
             G_POW2,
             P_POW2,
         )
-        mine = tl.arange(0, K_POW2)[None, :] == pair % TOP_K
-        expert = tl.sum(tl.sum(tl.where(mine, chosen_id, 0), axis=1), axis=0)
+        mine = tl.arange(0, K_POW2) == pair % TOP_K
+        expert = tl.sum(tl.where(mine, chosen_id, 0), axis=0)
         if col_block == 0:
             # Exact: the other slots are 0.
-            weight = tl.sum(tl.sum(tl.where(mine, chosen_w, 0.0), axis=1), axis=0)
+            weight = tl.sum(tl.where(mine, chosen_w, 0.0), axis=0)
             tl.store(topk_weights + pair, weight.to(topk_weights.dtype.element_ty))
             tl.store(topk_ids + pair, expert)
     else:
@@ -358,9 +357,9 @@ def small_down_preload_kernel(
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < hidden
-    chosen_w, chosen_id = route_rows(
+    chosen_w, chosen_id = route_token(
         router_logits,
-        token + tl.zeros([1], dtype=tl.int64),
+        token,
         stride_lt,
         correction_bias,
         num_routed,
@@ -379,9 +378,9 @@ def small_down_preload_kernel(
     )
     slots = tl.arange(0, K_POW2)
     valid = slots < TOP_K
-    expert = tl.where(valid, tl.sum(chosen_id, axis=0), 0)  # [K_POW2]: the one row
+    expert = tl.where(valid, chosen_id, 0)
     # Rounded as the gate-up stores it for the other down kernels.
-    weight = tl.sum(chosen_w, axis=0).to(topk_weights.dtype.element_ty).to(tl.float32)
+    weight = chosen_w.to(topk_weights.dtype.element_ty).to(tl.float32)
     weight = tl.where(valid, weight, 0.0)
     pair = token * TOP_K + slots
     ks = tl.arange(0, BLOCK_K)

@@ -25,11 +25,11 @@ from engine.kernels import pdl
 # ordered as an integer, over the complement of the id) instead of a max and then a min over
 # the ids tied at it: the same choices and weights (tests with most logits tied check both
 # against stable sorts), 45 -> 29 barriers in the small path's gate-up (Qwen3-30B-A3B), whose
-# weight loads wait on its routing. Built in the twentieth session after its device time was
-# spent and not yet run on a GPU: off until `bash bench/gpu/session.sh b22` has checked it
-# compiled (`bench.check_moe_gpu`) and timed it; `PDSERVE_PACKED_TOPK=1` turns it on for that.
-# Read when a kernel compiles.
-PACKED_TOPK = tl.constexpr(os.environ.get("PDSERVE_PACKED_TOPK") == "1")
+# weight loads wait on its routing. Checked compiled at full shapes (`bench.check_moe_gpu`)
+# and timed on an H100 in the twenty-first session (`bash bench/gpu/session.sh b22`):
+# Qwen3-30B-A3B 1 x 128 2.91 / 2.91 ms against 2.94 / 2.95 without, Moonlight level. On by
+# default; `PDSERVE_PACKED_TOPK=0` gives the two-reduction form. Read when a kernel compiles.
+PACKED_TOPK = tl.constexpr(os.environ.get("PDSERVE_PACKED_TOPK", "1") != "0")
 
 
 @triton.jit
@@ -254,6 +254,181 @@ def route_rows(
             K_POW2,
             RENORMALIZE,
         )
+    return chosen_w, chosen_id
+
+
+# One token's routing inside one warp (`route_token`): up to this many routed experts, as four
+# 32-lane chunks. Each warp of the program holds every chunk (a 32-element tensor is replicated
+# across the warps), so every reduction is a warp's own: shuffles or one `redux.sync`, no
+# shared memory and no barrier (0 `bar.sync` against 19 for `softmax_topk_rows` at one row).
+WARP_ROUTE_EXPERTS = tl.constexpr(128)
+# Whether `route_token` routes inside a warp (else `route_rows` always). Built in the
+# twenty-first session; off until `bash bench/gpu/session.sh b25` has checked it compiled and
+# timed it (`PDSERVE_WARP_ROUTE=1` turns it on). Read when a kernel compiles.
+WARP_ROUTE = tl.constexpr(os.environ.get("PDSERVE_WARP_ROUTE") == "1")
+
+
+@triton.jit
+def _chunk_logits(row_ptr, chunk: tl.constexpr, num_routed, SPAN: tl.constexpr):
+    """Experts `[32 * chunk, 32 * chunk + 32)` of a token's logits as float32 (-inf past
+    `num_routed`; a chunk past SPAN, a power of two >= num_routed, loads nothing)."""
+    expert = chunk * 32 + tl.arange(0, 32)
+    if chunk * 32 < SPAN:
+        x = tl.load(row_ptr + expert, mask=expert < num_routed, other=-float("inf"))
+        x = x.to(tl.float32)
+    else:
+        x = tl.full([32], -float("inf"), dtype=tl.float32)
+    return x
+
+
+@triton.jit
+def _warp_key(value, chunk: tl.constexpr, ok, ORDERED: tl.constexpr):
+    """Each expert's top-k key: the value's bits, made to order as an integer (ORDERED: any
+    sign; else the value is >= 0 and its bits order already), in the high word, the complement
+    of the expert's id (within 128) in the low word; `ok` False: a high word below every value's
+    (-inf's, as a plain comparison of values would have it)."""
+    low = ((chunk * 32 + tl.arange(0, 32)) ^ (WARP_ROUTE_EXPERTS - 1)).to(tl.int64)
+    bits = value.to(tl.int32, bitcast=True)
+    if ORDERED:
+        bits = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+        gone = -2139095041  # -inf's ordered bits
+    else:
+        gone = -1
+    bits = tl.where(ok, bits, gone)
+    return (bits.to(tl.int64) << 32) | low
+
+
+@triton.jit
+def route_token(
+    logits,  # [T, E] router logits, rows `stride_t` apart
+    row,  # the token (scalar, in range)
+    stride_t,
+    bias,  # [E] ROUTE_GROUPED's correction bias, else unused
+    num_routed,  # E
+    scaling,  # ROUTE_GROUPED's scaling factor
+    ROUTE: tl.constexpr,
+    WIDTH: tl.constexpr,  # slots: the routed choices, then NUM_SHARED shared experts
+    K_POW2: tl.constexpr,
+    E_POW2: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    PER_GROUP: tl.constexpr,
+    TOPK_GROUPS: tl.constexpr,
+    NUM_SHARED: tl.constexpr,
+    G_POW2: tl.constexpr,
+    P_POW2: tl.constexpr,
+):
+    """`route_rows` for one token, as 1-D `[K_POW2]` weights (float32) and ids (int64): the
+    same choices (the largest value first, ties to the lower id) and weights up to float32
+    summation order. Up to `WARP_ROUTE_EXPERTS` routed experts, and for the grouped routing
+    where every group is eligible (`TOPK_GROUPS == NUM_GROUPS`: Moonlight's one group), inside
+    each warp with no barrier; otherwise `route_rows` on the one row. For the small MoE path,
+    whose every program routes its token before its first weight load."""
+    SPAN: tl.constexpr = E_POW2 if ROUTE == 1 else G_POW2 * P_POW2
+    WARP: tl.constexpr = (
+        WARP_ROUTE and SPAN <= WARP_ROUTE_EXPERTS and (ROUTE == 1 or TOPK_GROUPS == NUM_GROUPS)
+    )
+    CHOICES: tl.constexpr = WIDTH if ROUTE == 1 else WIDTH - NUM_SHARED
+    slots = tl.arange(0, K_POW2)
+    if WARP:
+        row_ptr = logits + row.to(tl.int64) * stride_t
+        x0 = _chunk_logits(row_ptr, 0, num_routed, SPAN)
+        x1 = _chunk_logits(row_ptr, 1, num_routed, SPAN)
+        x2 = _chunk_logits(row_ptr, 2, num_routed, SPAN)
+        x3 = _chunk_logits(row_ptr, 3, num_routed, SPAN)
+        lane = tl.arange(0, 32)
+        ok0 = lane < num_routed
+        ok1 = lane + 32 < num_routed
+        ok2 = lane + 64 < num_routed
+        ok3 = lane + 96 < num_routed
+        if ROUTE == 1:
+            # Softmax: probabilities >= 0, so their bits order as they do.
+            m = tl.max(tl.maximum(tl.maximum(x0, x1), tl.maximum(x2, x3)), axis=0)
+            p0 = tl.where(ok0, tl.exp(x0 - m), 0.0)
+            p1 = tl.where(ok1, tl.exp(x1 - m), 0.0)
+            p2 = tl.where(ok2, tl.exp(x2 - m), 0.0)
+            p3 = tl.where(ok3, tl.exp(x3 - m), 0.0)
+            total = tl.sum((p0 + p1) + (p2 + p3), axis=0)
+            k0 = _warp_key(p0 / total, 0, ok0, False)
+            k1 = _warp_key(p1 / total, 1, ok1, False)
+            k2 = _warp_key(p2 / total, 2, ok2, False)
+            k3 = _warp_key(p3 / total, 3, ok3, False)
+            gone = -1
+        else:
+            # Grouped sigmoid, every group eligible: choose by score + bias, weigh by score.
+            s0 = tl.sigmoid(x0)
+            s1 = tl.sigmoid(x1)
+            s2 = tl.sigmoid(x2)
+            s3 = tl.sigmoid(x3)
+            b0 = tl.load(bias + lane, mask=ok0, other=0.0).to(tl.float32)
+            b1 = tl.load(bias + 32 + lane, mask=ok1, other=0.0).to(tl.float32)
+            b2 = tl.load(bias + 64 + lane, mask=ok2, other=0.0).to(tl.float32)
+            b3 = tl.load(bias + 96 + lane, mask=ok3, other=0.0).to(tl.float32)
+            # + 0.0: -0.0 counts as +0.0, as the comparison of values does.
+            k0 = _warp_key(s0 + b0 + 0.0, 0, ok0, True)
+            k1 = _warp_key(s1 + b1 + 0.0, 1, ok1, True)
+            k2 = _warp_key(s2 + b2 + 0.0, 2, ok2, True)
+            k3 = _warp_key(s3 + b3 + 0.0, 3, ok3, True)
+            gone = -2139095041
+        chosen_w = tl.zeros([K_POW2], dtype=tl.float32)
+        chosen_id = tl.zeros([K_POW2], dtype=tl.int64)
+        for j in tl.static_range(CHOICES):
+            best = tl.max(tl.maximum(tl.maximum(k0, k1), tl.maximum(k2, k3)), axis=0)
+            high = best >> 32
+            expert = (best - (high << 32)) ^ (WARP_ROUTE_EXPERTS - 1)
+            if ROUTE == 1:
+                w = high.to(tl.int32).to(tl.float32, bitcast=True)
+            else:
+                # The chosen expert's score (> 0, so its bits order: one integer max).
+                here0 = k0 == best
+                here1 = k1 == best
+                here2 = k2 == best
+                here3 = k3 == best
+                sb = tl.where(here0, s0.to(tl.int32, bitcast=True), 0)
+                sb = tl.maximum(sb, tl.where(here1, s1.to(tl.int32, bitcast=True), 0))
+                sb = tl.maximum(sb, tl.where(here2, s2.to(tl.int32, bitcast=True), 0))
+                sb = tl.maximum(sb, tl.where(here3, s3.to(tl.int32, bitcast=True), 0))
+                w = tl.max(sb, axis=0).to(tl.float32, bitcast=True)
+            removed = (tl.zeros([32], dtype=tl.int64) + gone) << 32
+            k0 = tl.where(k0 == best, removed | (k0 & 0xFFFFFFFF), k0)
+            k1 = tl.where(k1 == best, removed | (k1 & 0xFFFFFFFF), k1)
+            k2 = tl.where(k2 == best, removed | (k2 & 0xFFFFFFFF), k2)
+            k3 = tl.where(k3 == best, removed | (k3 & 0xFFFFFFFF), k3)
+            chosen_w = tl.where(slots == j, w, chosen_w)
+            chosen_id = tl.where(slots == j, expert, chosen_id)
+        if ROUTE == 1:
+            if RENORMALIZE:
+                chosen_w = chosen_w / tl.sum(chosen_w, axis=0)
+        else:
+            if RENORMALIZE:
+                chosen_w = chosen_w / (tl.sum(chosen_w, axis=0) + 1e-20)
+            chosen_w = chosen_w * scaling
+            shared = (slots >= CHOICES) & (slots < WIDTH)
+            chosen_w = tl.where(shared, 1.0, chosen_w)
+            chosen_id = tl.where(shared, (num_routed + slots - CHOICES).to(tl.int64), chosen_id)
+    else:
+        chosen_w, chosen_id = route_rows(
+            logits,
+            row.to(tl.int64) + tl.zeros([1], dtype=tl.int64),
+            stride_t,
+            bias,
+            num_routed,
+            scaling,
+            ROUTE,
+            WIDTH,
+            K_POW2,
+            E_POW2,
+            RENORMALIZE,
+            NUM_GROUPS,
+            PER_GROUP,
+            TOPK_GROUPS,
+            NUM_SHARED,
+            G_POW2,
+            P_POW2,
+        )
+        # The one row (the sum of one value: exact).
+        chosen_w = tl.sum(chosen_w, axis=0)
+        chosen_id = tl.sum(chosen_id, axis=0)
     return chosen_w, chosen_id
 
 

@@ -67,9 +67,10 @@ TRIGGER_FIRST = 3
 TRIGGER_FIRST_MAX_ROWS = 1
 # Whether, at those rows, two more launches trigger first: RoPE with the KV write (its successor
 # the decode attention's split, a few programs) and the norm with the gate's logits (the small
-# MoE path's gate-up, so that its programs are resident when the logits land). Built in the
-# twentieth session after its device time was spent: off until timed (`bash
-# bench/gpu/session.sh b24`). Safe either way: each successor still waits before it reads.
+# MoE path's gate-up, so that its programs are resident when the logits land). Off: on an H100
+# (`bash bench/gpu/session.sh b24`, the twenty-first session, alternating) Qwen3-30B-A3B 1 x
+# 128 2.94 / 2.95 ms off against 2.96 / 2.97 on, Moonlight level (2.41 / 2.40 against 2.40 /
+# 2.39). Safe either way: each successor still waits before it reads.
 MORE_TRIGGER_FIRST = False
 
 

@@ -544,9 +544,10 @@ TunedKey = tuple[str, int, int, str]
 PRELOAD_TRIGGERS_FIRST = False
 # Where a layer's first projection at one row takes preloading tiles, whether the RMSNorm before
 # it runs inside its launch (`preload_norm_linear`, `Linear.forward_normed`): each program
-# normalises the row itself, one launch and one PDL wait fewer on each layer's chain. Built in
-# the twentieth session after its device time was spent: off until timed (`bash
-# bench/gpu/session.sh b23`).
+# normalises the row itself, one launch and one PDL wait fewer on each layer's chain. Off: on an
+# H100 (`bash bench/gpu/session.sh b23`, the twenty-first session, alternating) Qwen3-30B-A3B 1
+# x 128 2.94 / 2.95 ms off against 2.95 / 2.95 on, Moonlight 2.40 / 2.39 against 2.38 / 2.42:
+# what 640 programs' own norm costs takes back the link it saves. Greedy tokens equal either way.
 NORM_IN_PRELOAD = False
 # One row's preloading tiles (`TUNED`): a program's `[block_n, K]` slab of W, 32 KB at 4 warps
 # (80 registers a thread for 8 x 2,048, 96 for 4 x 4,096 on sm_90, no spills).

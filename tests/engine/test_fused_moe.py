@@ -26,6 +26,7 @@ import torch
 # `python -m bench.check_moe_gpu` checks the kernels compiled, at full model shapes.
 pytest.importorskip("triton", reason="triton is a dev dependency (pip install -e .[dev])")
 
+import triton
 import triton.language as tl
 
 from engine.config import EngineConfig
@@ -247,9 +248,14 @@ def test_small_batch_shared_experts_and_ids_outside():
     "tokens,num_experts,top_k",
     [(0, 16, 2), (1, 16, 8), (1, 12, 1), (3, 60, 6), (SMALL_BATCH_PAIRS // 2, 16, 2)],
 )
-def test_small_batch_routing_folded_into_gate_up(tokens, num_experts, top_k, renormalize):
+@pytest.mark.parametrize("warp", [False, True])
+def test_small_batch_routing_folded_into_gate_up(
+    tokens, num_experts, top_k, renormalize, warp, monkeypatch
+):
     """The gate-up kernel's routing makes softmax_topk's choices and weights exactly (the same
-    code), and the experts' output is the small path's on those choices, bit for bit."""
+    code; `warp`, `moe_routing.WARP_ROUTE`: the choices, the weights to float32 rounding), and
+    the experts' output is the small path's on those choices, bit for bit."""
+    monkeypatch.setattr(moe_routing, "WARP_ROUTE", tl.constexpr(warp))
     experts = make_experts(num_experts, 44, 24, tokens)
     g = torch.Generator().manual_seed(tokens + 7)
     x = torch.randn(tokens, 44, generator=g)
@@ -263,7 +269,11 @@ def test_small_batch_routing_folded_into_gate_up(tokens, num_experts, top_k, ren
         )
         want_w, want_ids = softmax_topk(logits, top_k, renormalize)
         assert weights.dtype == dtype and torch.equal(ids, want_ids)
-        assert torch.equal(weights, want_w)
+        if warp:
+            torch.testing.assert_close(weights, want_w, rtol=1e-6 if tokens else 0, atol=0)
+            want_w = weights  # the output on the kernel's own weights, below
+        else:
+            assert torch.equal(weights, want_w)
         if tokens > 1:
             assert ids[1].tolist() == list(range(top_k))
         # Against the reference routing, where nothing ties (torch breaks ties its own way).
@@ -342,12 +352,16 @@ def test_small_path_down_on_the_tensor_cores(tokens, top_k, inter, dtype):
 @pytest.mark.parametrize(
     "tokens,top_k,inter,grouped", [(1, 8, 40, False), (3, 2, 24, False), (1, 6, 40, True)]
 )
-def test_small_path_down_preloaded_is_bit_for_bit(tokens, top_k, inter, grouped, dtype):
+@pytest.mark.parametrize("warp", [False, True])
+def test_small_path_down_preloaded_is_bit_for_bit(
+    tokens, top_k, inter, grouped, dtype, warp, monkeypatch
+):
     """`SmallBatchTiles.down_preload` (the down launch routes again and loads its first K
     step before its wait): the same choices, weights and output bit for bit as the down that
     reads the gate-up's ids, with softmax and grouped routing (two fused shared experts, the
     weights in float32), the K step ragged (40 in steps of 16) and narrower than a step (24 in
-    one of 32)."""
+    one of 32); `warp`: both kernels routing inside a warp (`moe_routing.WARP_ROUTE`)."""
+    monkeypatch.setattr(moe_routing, "WARP_ROUTE", tl.constexpr(warp))
     from engine.kernels.fused_moe_small import small_batch_moe_grouped_routed
 
     g = torch.Generator().manual_seed(tokens * 11 + top_k)
@@ -363,8 +377,10 @@ def test_small_path_down_preloaded_is_bit_for_bit(tokens, top_k, inter, grouped,
     preload = dataclasses.replace(tiles, down_preload=True)
     for chosen in (tiles, preload):
         if grouped:
+            # Four groups, two chosen; with `warp` one group (every group eligible).
+            groups = (1, 1) if warp else (4, 2)
             got = small_batch_moe_grouped_routed(
-                x, w13, w2, logits, bias, top_k, 4, 2, True, 2.5, shared, chosen
+                x, w13, w2, logits, bias, top_k, *groups, True, 2.5, shared, chosen
             )
         else:
             got = small_batch_moe_routed(x, w13, w2, logits.to(dtype), top_k, True, chosen)
@@ -732,6 +748,96 @@ def test_grouped_routing_ties_go_to_the_lower_id(
     assert torch.equal(ids, want_ids)
     want_w = scores.gather(1, want_ids)
     torch.testing.assert_close(weights, want_w / want_w.sum(1, keepdim=True), rtol=1e-6, atol=0)
+
+
+@triton.jit
+def _route_token_kernel(
+    logits, bias, weights, ids, stride_t, num_routed, scaling,
+    ROUTE: tl.constexpr, WIDTH: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr,
+    RENORMALIZE: tl.constexpr, NUM_GROUPS: tl.constexpr, PER_GROUP: tl.constexpr,
+    TOPK_GROUPS: tl.constexpr, NUM_SHARED: tl.constexpr, G_POW2: tl.constexpr,
+    P_POW2: tl.constexpr,
+):  # fmt: skip
+    """`moe_routing.route_token` for program `t`'s token, stored as the routing kernels do."""
+    t = tl.program_id(0)
+    w, i = moe_routing.route_token(
+        logits, t, stride_t, bias, num_routed, scaling, ROUTE, WIDTH, K_POW2, E_POW2,
+        RENORMALIZE, NUM_GROUPS, PER_GROUP, TOPK_GROUPS, NUM_SHARED, G_POW2, P_POW2,
+    )  # fmt: skip
+    slots = tl.arange(0, K_POW2)
+    tl.store(weights + t * WIDTH + slots, w, mask=slots < WIDTH)
+    tl.store(ids + t * WIDTH + slots, i, mask=slots < WIDTH)
+
+
+def route_token(logits, bias, top_k, groups=0, topk_groups=0, num_shared=0, scaling=1.0):
+    """`route_token` over each row of `logits`: softmax top-k (groups 0), else grouped."""
+    tokens, experts = logits.shape
+    width = top_k + num_shared
+    weights = torch.empty(tokens, width)
+    ids = torch.empty(tokens, width, dtype=torch.int64)
+    per_group = experts // max(groups, 1)
+    _route_token_kernel[(tokens,)](
+        logits, bias, weights, ids, logits.stride(0), experts, scaling,
+        ROUTE=ROUTE_GROUPED if groups else ROUTE_SOFTMAX, WIDTH=width,
+        K_POW2=triton.next_power_of_2(width), E_POW2=triton.next_power_of_2(experts),
+        RENORMALIZE=True, NUM_GROUPS=max(groups, 1), PER_GROUP=per_group,
+        TOPK_GROUPS=max(topk_groups, 1), NUM_SHARED=num_shared,
+        G_POW2=triton.next_power_of_2(max(groups, 1)), P_POW2=triton.next_power_of_2(per_group),
+    )  # fmt: skip
+    return weights, ids
+
+
+@pytest.mark.parametrize("warp", [True, False])
+@pytest.mark.parametrize("num_experts,top_k", [(128, 8), (60, 8), (8, 2), (100, 4), (256, 8)])
+def test_route_token_softmax_equals_the_routing_kernel(num_experts, top_k, warp, monkeypatch):
+    """One token's softmax routing as the small MoE path's programs do it (inside a warp up to
+    128 experts, else `route_rows`; `warp` False: always `route_rows`): the routing kernel's
+    choices, ties to the lower id (rows of few distinct logits, one all tied), and its
+    weights to float32 rounding."""
+    monkeypatch.setattr(moe_routing, "WARP_ROUTE", tl.constexpr(warp))
+    g = torch.Generator().manual_seed(num_experts + top_k)
+    logits = torch.cat(
+        [
+            torch.randn(3, num_experts, generator=g),
+            torch.randint(0, 4, (3, num_experts), generator=g),
+        ]
+    ).float()
+    logits[3] = 1.0
+    weights, ids = route_token(logits, logits, top_k)
+    want_w, want_ids = softmax_topk(logits, top_k, True)
+    assert torch.equal(ids, want_ids)
+    stable = torch.sort(torch.softmax(logits, 1), dim=1, descending=True, stable=True)
+    assert torch.equal(ids[3:], stable.indices[3:, :top_k])
+    torch.testing.assert_close(weights, want_w, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("warp", [True, False])
+@pytest.mark.parametrize(
+    "num_experts,groups,topk_groups,top_k,shared",
+    [(64, 1, 1, 6, 2), (32, 4, 4, 6, 0), (100, 1, 1, 8, 1), (32, 8, 3, 6, 1), (256, 8, 4, 8, 1)],
+)
+def test_route_token_grouped_equals_the_routing_kernel(
+    num_experts, groups, topk_groups, top_k, shared, warp, monkeypatch
+):
+    """One token's grouped routing as the small MoE path's programs do it (inside a warp where
+    every group is eligible and there are at most 128 experts, else `route_rows`): the grouped
+    routing kernel's choices (ties to the lower id, negative choices from the bias included),
+    its scaled weights to float32 rounding, and the shared experts after them."""
+    monkeypatch.setattr(moe_routing, "WARP_ROUTE", tl.constexpr(warp))
+    g = torch.Generator().manual_seed(num_experts + groups)
+    logits = torch.cat(
+        [
+            torch.randn(3, num_experts, generator=g),
+            torch.randint(0, 3, (3, num_experts), generator=g),
+        ]
+    ).float()
+    logits[3] = 0.0
+    bias = torch.randn(num_experts, generator=g) - 0.5
+    bias[::3] = 0.0
+    weights, ids = route_token(logits, bias, top_k, groups, topk_groups, shared, 2.5)
+    want_w, want_ids = grouped_topk(logits, bias, top_k, groups, topk_groups, True, 2.5, shared)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(weights, want_w, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize(
