@@ -76,7 +76,7 @@
 #   run(command="bash bench/gpu/session.sh b22", carry=[".whl"]) # packed routing, A/B
 #   run(command="bash bench/gpu/session.sh b23", carry=[".whl"]) # the input norm in QKV, A/B
 #   run(command="bash bench/gpu/session.sh b24", carry=[".whl"]) # more early triggers, A/B
-#   run(command="bash bench/gpu/session.sh b25", carry=[".whl"]) # routing inside a warp, A/B
+#   run(command="bash bench/gpu/session.sh b25", carry=[".whl"]) # warp routing, one-sum combine
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -1205,12 +1205,16 @@ b24)
   ;;
 b25)
   # One token's routing inside a warp (moe_routing.route_token, PDSERVE_WARP_ROUTE=1; off, it
-  # takes route_rows; about 250 s): the small path's routing checked compiled against the routing
-  # kernel's at full shapes, what the routing costs one layer each way (the ids given against
-  # routing in the kernels), the tiny checkpoints' greedy tokens a prompt at a time, then each
-  # MoE model at batch 1 on and off, alternating twice.
-  ROWS='^small-path routing|routed MoE .*T=1:|checks passed|FAILED' step check_warp_route 90 \
-    env PDSERVE_WARP_ROUTE=1 python3 -m bench.check_moe_gpu --shape qwen3-30b-a3b \
+  # takes route_rows) and the small down's pairs summed in one reduction
+  # (fused_moe_small.COMBINE_ONE_SUM, PDSERVE_COMBINE_ONE_SUM=1), both off by default (about
+  # 300 s): checked compiled with both on (the small path's routing against the routing
+  # kernel's, the preloading down bit for bit against the plain one, the routed MoE against
+  # torch), what the routing costs one layer each way (the ids given against routing in the
+  # kernels), the tiny checkpoints' greedy tokens a prompt at a time with both on, then each MoE
+  # model at batch 1: neither, the warp routing, both; alternating twice.
+  both="env PDSERVE_WARP_ROUTE=1 PDSERVE_COMBINE_ONE_SUM=1"
+  ROWS='^small-path routing|down preloaded|routed MoE .*T=1:|checks passed|FAILED' \
+    step check_warp_route 90 $both python3 -m bench.check_moe_gpu --shape qwen3-30b-a3b \
     --shape moonlight-16b-a3b --skip-mla
   for warp in 1 0; do
     ROWS='^## |^\| 1 ' step "routing_cost_warp$warp" 60 env PDSERVE_WARP_ROUTE=$warp \
@@ -1218,14 +1222,15 @@ b25)
       moonlight-16b-a3b-fused; do python3 -m bench.moe_kernel --shape \$s --tokens 1 \
       --path \$p --reps 20 | grep '^| 1 '; done; done"
   done
-  TAIL=6 step greedy_warp_route 90 env PDSERVE_WARP_ROUTE=1 python3 bench/gpu/preload_ab.py \
-    --greedy -- qwen3-moe deepseek-v3
+  TAIL=6 step greedy_warp_route 90 $both python3 bench/gpu/preload_ab.py --greedy -- \
+    qwen3-moe deepseek-v3
   for i in 1 2; do
-    for warp in 1 0; do
+    for flags in 00 10 11; do
       for preset in qwen3-30b-a3b moonlight-16b-a3b; do
-        ROWS='^\| 1x128' step "${preset%%-*}_warp${warp}_$i" 55 \
-          env PDSERVE_WARP_ROUTE=$warp python3 -m bench.engine --preset "$preset" \
-          --skip-hf --prefill '' --decode 1x128 --repeats 3
+        ROWS='^\| 1x128' step "${preset%%-*}_wc${flags}_$i" 55 env \
+          PDSERVE_WARP_ROUTE=${flags:0:1} PDSERVE_COMBINE_ONE_SUM=${flags:1:1} \
+          python3 -m bench.engine --preset "$preset" --skip-hf --prefill '' --decode 1x128 \
+          --repeats 3
       done
     done
   done

@@ -30,6 +30,8 @@ sizes depend only on T, and nothing waits on the host (CUDA-graph capturable).
 
 from __future__ import annotations
 
+import os
+
 import dataclasses
 from dataclasses import dataclass
 
@@ -40,6 +42,13 @@ import triton.language as tl
 from engine.kernels import pdl
 from engine.kernels.attention import dot_precision
 from engine.kernels.moe_routing import ROUTE_GROUPED, ROUTE_NONE, ROUTE_SOFTMAX, route_token
+
+# Whether the CUDA-core down's programs sum their token's weighted pairs in one reduction
+# (`_combine_store`) instead of pair by pair (two block-wide reductions a pair, 43 -> 22
+# `bar.sync` in the preloading down's PTX at Qwen3-30B-A3B's tiles). Built in the twenty-first
+# session with no device left to it: off until `bash bench/gpu/session.sh b25` times it
+# (`PDSERVE_COMBINE_ONE_SUM=1`). Read when a kernel compiles.
+COMBINE_ONE_SUM = tl.constexpr(os.environ.get("PDSERVE_COMBINE_ONE_SUM") == "1")
 
 
 @triton.jit
@@ -303,15 +312,21 @@ def _combine_store(
 ):
     """The token's output from its pairs' `[K_POW2, BLOCK_N, BLOCK_K]` partial products and
     float32 weights `[K_POW2]`: each pair's product rounded to x's dtype, as the grouped path
-    stores it, then weighted and summed in float32 pair by pair, in order, as combine_kernel
-    does (picking a row out by a masked sum is exact: the other terms are zeros); stored once."""
+    stores it, then weighted and summed in float32 (slots past TOP_K weigh 0); stored once."""
     y = tl.sum(acc, axis=2).to(out.dtype.element_ty).to(tl.float32)  # [K_POW2, BLOCK_N]
-    slots = tl.arange(0, K_POW2)
-    total = tl.zeros([acc.shape[1]], dtype=tl.float32)
-    for j in tl.static_range(TOP_K):
-        y_j = tl.sum(tl.where(slots[:, None] == j, y, 0.0), axis=0)
-        weight_j = tl.sum(tl.where(slots == j, weight, 0.0), axis=0)
-        total += weight_j * y_j
+    if COMBINE_ONE_SUM:
+        # One reduction over the pairs (a tree, not pair after pair): it ends every down program,
+        # so its barriers sit between the layer's last weight bytes and the next launch.
+        total = tl.sum(y * weight[:, None], axis=0)
+    else:
+        # Pair by pair, in order, as combine_kernel does (picking a row out by a masked sum is
+        # exact: the other terms are zeros): two block-wide reductions a pair.
+        slots = tl.arange(0, K_POW2)
+        total = tl.zeros([acc.shape[1]], dtype=tl.float32)
+        for j in tl.static_range(TOP_K):
+            y_j = tl.sum(tl.where(slots[:, None] == j, y, 0.0), axis=0)
+            weight_j = tl.sum(tl.where(slots == j, weight, 0.0), axis=0)
+            total += weight_j * y_j
     tl.store(out + token * hidden + cols, total.to(out.dtype.element_ty), mask=col_ok)
 
 

@@ -33,7 +33,7 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.eplb import initial_placement
 from engine.kernels import fused_moe as fused_moe_module
-from engine.kernels import moe_routing
+from engine.kernels import fused_moe_small, moe_routing
 from engine.kernels.fused_moe import (
     FOLDED_OFFSETS_MAX_CHUNKS,
     PARALLEL_CHUNK,
@@ -235,6 +235,14 @@ def test_small_batch_matches_torch_and_grouped_float16(tokens, top_k):
     check_small(tokens, top_k, torch.float16)
 
 
+@pytest.mark.parametrize("tokens,top_k,dtype", [(1, 8, torch.float32), (3, 6, torch.float16)])
+def test_small_batch_combine_in_one_sum(tokens, top_k, dtype, monkeypatch):
+    """`fused_moe_small.COMBINE_ONE_SUM` (the down's weighted pairs summed in one reduction, not
+    pair by pair): the reference and the grouped path within the same tolerances."""
+    monkeypatch.setattr(fused_moe_small, "COMBINE_ONE_SUM", tl.constexpr(True))
+    check_small(tokens, top_k, dtype)
+
+
 def test_small_batch_shared_experts_and_ids_outside():
     """Tokens that share experts (each reads them itself), and expert parallelism's -1 (and an
     id past E) on some pairs, a whole token's pairs included."""
@@ -360,8 +368,10 @@ def test_small_path_down_preloaded_is_bit_for_bit(
     step before its wait): the same choices, weights and output bit for bit as the down that
     reads the gate-up's ids, with softmax and grouped routing (two fused shared experts, the
     weights in float32), the K step ragged (40 in steps of 16) and narrower than a step (24 in
-    one of 32); `warp`: both kernels routing inside a warp (`moe_routing.WARP_ROUTE`)."""
+    one of 32); `warp`: both kernels routing inside a warp (`moe_routing.WARP_ROUTE`) and
+    both downs summing their pairs in one reduction (`fused_moe_small.COMBINE_ONE_SUM`)."""
     monkeypatch.setattr(moe_routing, "WARP_ROUTE", tl.constexpr(warp))
+    monkeypatch.setattr(fused_moe_small, "COMBINE_ONE_SUM", tl.constexpr(warp))
     from engine.kernels.fused_moe_small import small_batch_moe_grouped_routed
 
     g = torch.Generator().manual_seed(tokens * 11 + top_k)
