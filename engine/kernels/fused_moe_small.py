@@ -30,9 +30,8 @@ sizes depend only on T, and nothing waits on the host (CUDA-graph capturable).
 
 from __future__ import annotations
 
-import os
-
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
