@@ -47,8 +47,12 @@ $(STAMP): pyproject.toml
 proto: install
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protos/*.proto
 
+# Test processes (pytest-xdist): `auto` is one a core, at most 4; each file runs whole in one
+# process, so a module's fixtures are built once. TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= auto
+
 test: install
-	$(PY) -m pytest -q tests --ignore=tests/ray
+	$(PY) -m pytest -q tests --ignore=tests/ray -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile
 	$(MAKE) --no-print-directory test-ray
 
 # Ray refuses a loopback node address, and test traffic must stay on loopback: the Ray
