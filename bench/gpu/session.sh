@@ -101,6 +101,11 @@ small_down_dot() {  # the small MoE path's down on the tensor cores against the 
     --reps 20 --small-tiles 32,256,8,256,4,3 --small-tiles 32,256,16,256,4,3,3 \
     --small-tiles 32,256,16,128,4,3,4 2>&1 | grep "^## \|^### \|^| 1 "'
 }
+routing_cost() {  # NAME VAR=VALUE: one MoE layer at one token, the ids given against routing
+  ROWS='^## |^\| 1 ' step "routing_cost_$1" 60 env "$2" bash -c "for p in small small-routed; \
+    do echo \"## \$p\"; for s in qwen3-30b-a3b moonlight-16b-a3b-fused; do python3 -m \
+    bench.moe_kernel --shape \$s --tokens 1 --path \$p --reps 20 | grep '^| 1 '; done; done"
+}
 nvidia-smi -L
 case "${1:-a}" in
 a)
@@ -1151,12 +1156,7 @@ b22)
   ROWS='^routing .*T=(1|4|257):|routed MoE .*T=1:|checks passed|FAILED' step check_routing 80 \
     env PDSERVE_PACKED_TOPK=1 python3 -m bench.check_moe_gpu --shape qwen3-30b-a3b \
     --shape moonlight-16b-a3b --skip-mla
-  for packed in 1 0; do
-    ROWS='^## |^\| 1 ' step "routing_cost_packed$packed" 60 env PDSERVE_PACKED_TOPK=$packed \
-      bash -c "for p in small small-routed; do echo \"## \$p\"; for s in qwen3-30b-a3b \
-      moonlight-16b-a3b-fused; do python3 -m bench.moe_kernel --shape \$s --tokens 1 \
-      --path \$p --reps 20 | grep '^| 1 '; done; done"
-  done
+  for packed in 1 0; do routing_cost "packed$packed" PDSERVE_PACKED_TOPK=$packed; done
   for i in 1 2; do
     for packed in 1 0; do
       for preset in qwen3-30b-a3b moonlight-16b-a3b; do
@@ -1216,12 +1216,7 @@ b25)
   ROWS='^small-path routing|down preloaded|routed MoE .*T=1:|checks passed|FAILED' \
     step check_warp_route 90 $both python3 -m bench.check_moe_gpu --shape qwen3-30b-a3b \
     --shape moonlight-16b-a3b --skip-mla
-  for warp in 1 0; do
-    ROWS='^## |^\| 1 ' step "routing_cost_warp$warp" 60 env PDSERVE_WARP_ROUTE=$warp \
-      bash -c "for p in small small-routed; do echo \"## \$p\"; for s in qwen3-30b-a3b \
-      moonlight-16b-a3b-fused; do python3 -m bench.moe_kernel --shape \$s --tokens 1 \
-      --path \$p --reps 20 | grep '^| 1 '; done; done"
-  done
+  for warp in 1 0; do routing_cost "warp$warp" PDSERVE_WARP_ROUTE=$warp; done
   TAIL=6 step greedy_warp_route 90 $both python3 bench/gpu/preload_ab.py --greedy -- \
     qwen3-moe deepseek-v3
   for i in 1 2; do

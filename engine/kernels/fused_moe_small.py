@@ -140,24 +140,10 @@ def small_gate_up_program(
         # Every program routes its token again (a few hundred logits: less than a launch);
         # the pair's first program writes its choice for the down kernel.
         chosen_w, chosen_id = route_token(
-            router_logits,
-            pair // TOP_K,  # the pair's token
-            stride_lt,
-            correction_bias,
-            num_routed,
-            scaling,
-            ROUTE,
-            TOP_K,
-            K_POW2,
-            E_POW2,
-            RENORMALIZE,
-            NUM_GROUPS,
-            PER_GROUP,
-            TOPK_GROUPS,
-            NUM_SHARED,
-            G_POW2,
-            P_POW2,
-        )
+            router_logits, pair // TOP_K, stride_lt, correction_bias, num_routed, scaling, ROUTE,
+            TOP_K, K_POW2, E_POW2, RENORMALIZE, NUM_GROUPS, PER_GROUP, TOPK_GROUPS, NUM_SHARED,
+            G_POW2, P_POW2,
+        )  # fmt: skip
         mine = tl.arange(0, K_POW2) == pair % TOP_K
         expert = tl.sum(tl.where(mine, chosen_id, 0), axis=0)
         if col_block == 0:
@@ -372,24 +358,10 @@ def small_down_preload_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < hidden
     chosen_w, chosen_id = route_token(
-        router_logits,
-        token,
-        stride_lt,
-        correction_bias,
-        num_routed,
-        scaling,
-        ROUTE,
-        TOP_K,
-        K_POW2,
-        E_POW2,
-        RENORMALIZE,
-        NUM_GROUPS,
-        PER_GROUP,
-        TOPK_GROUPS,
-        NUM_SHARED,
-        G_POW2,
+        router_logits, token, stride_lt, correction_bias, num_routed, scaling, ROUTE, TOP_K,
+        K_POW2, E_POW2, RENORMALIZE, NUM_GROUPS, PER_GROUP, TOPK_GROUPS, NUM_SHARED, G_POW2,
         P_POW2,
-    )
+    )  # fmt: skip
     slots = tl.arange(0, K_POW2)
     valid = slots < TOP_K
     expert = tl.where(valid, chosen_id, 0)

@@ -408,24 +408,10 @@ def route_token(
             chosen_id = tl.where(shared, (num_routed + slots - CHOICES).to(tl.int64), chosen_id)
     else:
         chosen_w, chosen_id = route_rows(
-            logits,
-            row.to(tl.int64) + tl.zeros([1], dtype=tl.int64),
-            stride_t,
-            bias,
-            num_routed,
-            scaling,
-            ROUTE,
-            WIDTH,
-            K_POW2,
-            E_POW2,
-            RENORMALIZE,
-            NUM_GROUPS,
-            PER_GROUP,
-            TOPK_GROUPS,
-            NUM_SHARED,
-            G_POW2,
-            P_POW2,
-        )
+            logits, row.to(tl.int64) + tl.zeros([1], dtype=tl.int64), stride_t, bias, num_routed,
+            scaling, ROUTE, WIDTH, K_POW2, E_POW2, RENORMALIZE, NUM_GROUPS, PER_GROUP,
+            TOPK_GROUPS, NUM_SHARED, G_POW2, P_POW2,
+        )  # fmt: skip
         # The one row (the sum of one value: exact).
         chosen_w = tl.sum(chosen_w, axis=0)
         chosen_id = tl.sum(chosen_id, axis=0)

@@ -495,11 +495,10 @@ def test_session_carries_many_requests_token_exact(
         )
         for i, p in enumerate(prompts)
     ]
+    # The duplicate in the same frame, after s0: refused whatever the timing (in a frame of its
+    # own it could arrive after s0 has ended, when its id is free again and it would run).
     duplicate = decode_pb2.DecodeRequest(request=request("s0", prompts[0]))
-    frames = [
-        decode_pb2.SessionRequest(submit=submits),
-        decode_pb2.SessionRequest(submit=[duplicate]),
-    ]
+    frames = [decode_pb2.SessionRequest(submit=[*submits, duplicate])]
 
     async def main() -> None:
         by_request, sizes = await session_responses(colocated, frames, len(prompts))

@@ -797,6 +797,14 @@ def route_token(logits, bias, top_k, groups=0, topk_groups=0, num_shared=0, scal
     return weights, ids
 
 
+def random_and_tied_logits(num_experts: int, levels: int, g: torch.Generator) -> torch.Tensor:
+    """Six rows of router logits: three random, then three of `levels` distinct values (most
+    experts tie), the first of those all tied."""
+    tied = torch.randint(0, levels, (3, num_experts), generator=g).float()
+    tied[0] = 1.0
+    return torch.cat([torch.randn(3, num_experts, generator=g), tied])
+
+
 @pytest.mark.parametrize("warp", [True, False])
 @pytest.mark.parametrize("num_experts,top_k", [(128, 8), (60, 8), (8, 2), (100, 4), (256, 8)])
 def test_route_token_softmax_equals_the_routing_kernel(num_experts, top_k, warp, monkeypatch):
@@ -806,13 +814,7 @@ def test_route_token_softmax_equals_the_routing_kernel(num_experts, top_k, warp,
     weights to float32 rounding."""
     monkeypatch.setattr(moe_routing, "WARP_ROUTE", tl.constexpr(warp))
     g = torch.Generator().manual_seed(num_experts + top_k)
-    logits = torch.cat(
-        [
-            torch.randn(3, num_experts, generator=g),
-            torch.randint(0, 4, (3, num_experts), generator=g),
-        ]
-    ).float()
-    logits[3] = 1.0
+    logits = random_and_tied_logits(num_experts, 4, g)
     weights, ids = route_token(logits, logits, top_k)
     want_w, want_ids = softmax_topk(logits, top_k, True)
     assert torch.equal(ids, want_ids)
@@ -835,13 +837,7 @@ def test_route_token_grouped_equals_the_routing_kernel(
     its scaled weights to float32 rounding, and the shared experts after them."""
     monkeypatch.setattr(moe_routing, "WARP_ROUTE", tl.constexpr(warp))
     g = torch.Generator().manual_seed(num_experts + groups)
-    logits = torch.cat(
-        [
-            torch.randn(3, num_experts, generator=g),
-            torch.randint(0, 3, (3, num_experts), generator=g),
-        ]
-    ).float()
-    logits[3] = 0.0
+    logits = random_and_tied_logits(num_experts, 3, g)
     bias = torch.randn(num_experts, generator=g) - 0.5
     bias[::3] = 0.0
     weights, ids = route_token(logits, bias, top_k, groups, topk_groups, shared, 2.5)
