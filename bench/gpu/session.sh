@@ -76,7 +76,7 @@
 #   run(command="bash bench/gpu/session.sh b22", carry=[".whl"]) # packed routing, A/B
 #   run(command="bash bench/gpu/session.sh b23", carry=[".whl"]) # the input norm in QKV, A/B
 #   run(command="bash bench/gpu/session.sh b24", carry=[".whl"]) # more early triggers, A/B
-#   run(command="bash bench/gpu/session.sh b25", carry=[".whl"]) # warp routing, one-sum combine
+#   run(command="bash bench/gpu/session.sh b25", carry=[".whl"]) # three MoE switches, A/B
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -1204,28 +1204,30 @@ b24)
   done
   ;;
 b25)
-  # One token's routing inside a warp (moe_routing.route_token, PDSERVE_WARP_ROUTE=1; off, it
-  # takes route_rows) and the small down's pairs summed in one reduction
-  # (fused_moe_small.COMBINE_ONE_SUM, PDSERVE_COMBINE_ONE_SUM=1), both off by default (about
-  # 300 s): checked compiled with both on (the small path's routing against the routing
-  # kernel's, the preloading down bit for bit against the plain one, the routed MoE against
-  # torch), what the routing costs one layer each way (the ids given against routing in the
-  # kernels), the tiny checkpoints' greedy tokens a prompt at a time with both on, then each MoE
-  # model at batch 1: neither, the warp routing, both; alternating twice.
-  both="env PDSERVE_WARP_ROUTE=1 PDSERVE_COMBINE_ONE_SUM=1"
+  # Three switches of the small MoE path, off by default (about 330 s): one token's routing
+  # inside a warp (moe_routing.route_token, PDSERVE_WARP_ROUTE=1; off, route_rows), the down's
+  # pairs summed in one reduction (fused_moe_small.COMBINE_ONE_SUM, PDSERVE_COMBINE_ONE_SUM=1)
+  # and the token row and activations loaded in their weight tile's layout (TILE_LOADS,
+  # PDSERVE_TILE_LOADS=1). Checked compiled with all three on (the small path's routing against
+  # the routing kernel's, the preloading down bit for bit against the plain one, the routed MoE
+  # against torch), what the routing costs one layer each way (the ids given against routing
+  # in the kernels), the tiny checkpoints' greedy tokens a prompt at a time with all three on,
+  # then each MoE model at batch 1 with none, the first, the first two and all three;
+  # alternating twice.
+  all3="env PDSERVE_WARP_ROUTE=1 PDSERVE_COMBINE_ONE_SUM=1 PDSERVE_TILE_LOADS=1"
   ROWS='^small-path routing|down preloaded|routed MoE .*T=1:|checks passed|FAILED' \
-    step check_warp_route 90 $both python3 -m bench.check_moe_gpu --shape qwen3-30b-a3b \
+    step check_warp_route 90 $all3 python3 -m bench.check_moe_gpu --shape qwen3-30b-a3b \
     --shape moonlight-16b-a3b --skip-mla
   for warp in 1 0; do routing_cost "warp$warp" PDSERVE_WARP_ROUTE=$warp; done
-  TAIL=6 step greedy_warp_route 90 $both python3 bench/gpu/preload_ab.py --greedy -- \
+  TAIL=6 step greedy_warp_route 90 $all3 python3 bench/gpu/preload_ab.py --greedy -- \
     qwen3-moe deepseek-v3
   for i in 1 2; do
-    for flags in 00 10 11; do
+    for flags in 000 100 110 111; do
       for preset in qwen3-30b-a3b moonlight-16b-a3b; do
-        ROWS='^\| 1x128' step "${preset%%-*}_wc${flags}_$i" 55 env \
+        ROWS='^\| 1x128' step "${preset%%-*}_s${flags}_$i" 55 env \
           PDSERVE_WARP_ROUTE=${flags:0:1} PDSERVE_COMBINE_ONE_SUM=${flags:1:1} \
-          python3 -m bench.engine --preset "$preset" --skip-hf --prefill '' --decode 1x128 \
-          --repeats 3
+          PDSERVE_TILE_LOADS=${flags:2:1} python3 -m bench.engine --preset "$preset" \
+          --skip-hf --prefill '' --decode 1x128 --repeats 3
       done
     done
   done

@@ -48,6 +48,17 @@ from engine.kernels.moe_routing import ROUTE_GROUPED, ROUTE_NONE, ROUTE_SOFTMAX,
 # session with no device left to it: off until `bash bench/gpu/session.sh b25` times it
 # (`PDSERVE_COMBINE_ONE_SUM=1`). Read when a kernel compiles.
 COMBINE_ONE_SUM = tl.constexpr(os.environ.get("PDSERVE_COMBINE_ONE_SUM") == "1")
+# Whether the CUDA-core gate-up and the preloading down load the token row and the activations in
+# their weight tile's shape (a stride-0 axis over the tile's columns), so that the load takes the
+# tile's layout: Triton's coalescing gives a smaller load a layout of its own (spread over all
+# the threads), converted to the tile's through shared memory every K step, four barriers a
+# step. The same values multiplied: bit for bit the same output. PTX on sm_90 with the warp
+# routing: the gate-up 6 -> 1 `bar.sync` (127 -> 134 registers: three programs an SM, which
+# still hold Qwen3-30B-A3B's 384 at one token), the preloading down with the one-sum combine
+# 8 -> 3 (96 -> 84 registers). Not the plain CUDA-core down, whose default tiles (Moonlight's at
+# one token) already spill: more so this way. Built in the twenty-first session with no device
+# left to it: off until `bash bench/gpu/session.sh b25` times it (`PDSERVE_TILE_LOADS=1`).
+TILE_LOADS = tl.constexpr(os.environ.get("PDSERVE_TILE_LOADS") == "1")
 
 
 @triton.jit
@@ -186,7 +197,14 @@ def small_gate_up_program(
         acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, hidden, BLOCK_K):
             k_ok = ks < hidden - k0
-            row = tl.load(x_ptr, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            if TILE_LOADS:
+                row = tl.load(
+                    x_ptr[None, :] + 0 * cols[:, None],
+                    mask=col_ok[:, None] & k_ok[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+            else:
+                row = tl.load(x_ptr, mask=k_ok, other=0.0).to(tl.float32)[None, :]
             w_ok = col_ok[:, None] & k_ok[None, :]
             gate = tl.load(w_ptr, mask=w_ok, other=0.0).to(tl.float32)
             up = tl.load(w_ptr + inter * stride_wn, mask=w_ok, other=0.0).to(tl.float32)
@@ -378,9 +396,14 @@ def small_down_preload_kernel(
     a_ptr = act + pair[:, None] * inter + ks[None, :]
     acc = tl.zeros([K_POW2, BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, inter, BLOCK_K):
-        a_ok = valid[:, None] & (ks < inter - k0)[None, :]
-        a = tl.load(a_ptr, mask=a_ok, other=0.0).to(tl.float32)
-        acc += w.to(tl.float32) * a[:, None, :]
+        if TILE_LOADS:
+            a_tile = a_ptr[:, None, :] + 0 * cols[None, :, None]
+            a_ok = w_ok & (ks < inter - k0)[None, None, :]
+            a = tl.load(a_tile, mask=a_ok, other=0.0).to(tl.float32)
+        else:
+            a_ok = valid[:, None] & (ks < inter - k0)[None, :]
+            a = tl.load(a_ptr, mask=a_ok, other=0.0).to(tl.float32)[:, None, :]
+        acc += w.to(tl.float32) * a
         a_ptr += BLOCK_K
         w_ptr += BLOCK_K
         # The next step's weights (none past the last: masked, nothing read).

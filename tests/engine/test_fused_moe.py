@@ -235,6 +235,28 @@ def test_small_batch_matches_torch_and_grouped_float16(tokens, top_k):
     check_small(tokens, top_k, torch.float16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tokens,top_k,inter", [(1, 8, 40), (3, 2, 24)])
+def test_tile_loads_change_nothing(tokens, top_k, inter, dtype, monkeypatch):
+    """`fused_moe_small.TILE_LOADS` (the gate-up's token row and the preloading down's
+    activations loaded in their weight tile's shape): the same routing, weights and output bit
+    for bit, the K steps ragged (40 in steps of 16) and narrower than a step (24 in one of 32)."""
+    g = torch.Generator().manual_seed(tokens * 5 + inter)
+    experts, hidden = 12, 36
+    w13 = (torch.randn(experts, 2 * inter, hidden, generator=g) / hidden**0.5).to(dtype)
+    w2 = (torch.randn(experts, hidden, inter, generator=g) / inter**0.5).to(dtype)
+    x = torch.randn(tokens, hidden, generator=g).to(dtype)
+    logits = torch.randn(tokens, experts, generator=g).to(dtype)
+    step = 16 if inter == 40 else 32
+    tiles = SmallBatchTiles(16, 16, 8, step, 4, down_preload=True)
+    got = {}
+    for on in (False, True):
+        monkeypatch.setattr(fused_moe_small, "TILE_LOADS", tl.constexpr(on))
+        got[on] = small_batch_moe_routed(x, w13, w2, logits, top_k, True, tiles)
+    for a, b in zip(got[True], got[False], strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("tokens,top_k,dtype", [(1, 8, torch.float32), (3, 6, torch.float16)])
 def test_small_batch_combine_in_one_sum(tokens, top_k, dtype, monkeypatch):
     """`fused_moe_small.COMBINE_ONE_SUM` (the down's weighted pairs summed in one reduction, not
