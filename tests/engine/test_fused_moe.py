@@ -235,6 +235,16 @@ def test_small_batch_matches_torch_and_grouped_float16(tokens, top_k):
     check_small(tokens, top_k, torch.float16)
 
 
+def random_layer(
+    experts: int, hidden: int, inter: int, tokens: int, dtype: torch.dtype, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random expert weights (w13, w2, scaled by their fan-in), tokens and router logits."""
+    w13 = (torch.randn(experts, 2 * inter, hidden, generator=g) / hidden**0.5).to(dtype)
+    w2 = (torch.randn(experts, hidden, inter, generator=g) / inter**0.5).to(dtype)
+    x = torch.randn(tokens, hidden, generator=g).to(dtype)
+    return w13, w2, x, torch.randn(tokens, experts, generator=g).to(dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("tokens,top_k,inter", [(1, 8, 40), (3, 2, 24)])
 def test_tile_loads_change_nothing(tokens, top_k, inter, dtype, monkeypatch):
@@ -243,10 +253,7 @@ def test_tile_loads_change_nothing(tokens, top_k, inter, dtype, monkeypatch):
     for bit, the K steps ragged (40 in steps of 16) and narrower than a step (24 in one of 32)."""
     g = torch.Generator().manual_seed(tokens * 5 + inter)
     experts, hidden = 12, 36
-    w13 = (torch.randn(experts, 2 * inter, hidden, generator=g) / hidden**0.5).to(dtype)
-    w2 = (torch.randn(experts, hidden, inter, generator=g) / inter**0.5).to(dtype)
-    x = torch.randn(tokens, hidden, generator=g).to(dtype)
-    logits = torch.randn(tokens, experts, generator=g).to(dtype)
+    w13, w2, x, logits = random_layer(experts, hidden, inter, tokens, dtype, g)
     step = 16 if inter == 40 else 32
     tiles = SmallBatchTiles(16, 16, 8, step, 4, down_preload=True)
     got = {}
@@ -325,10 +332,7 @@ def test_small_path_gate_up_on_the_tensor_cores(tokens, top_k, inter, dtype):
     the ids given (an expert-parallel -1 among them)."""
     g = torch.Generator().manual_seed(tokens * 10 + top_k)
     experts, hidden = 12, 44
-    w13 = (torch.randn(experts, 2 * inter, hidden, generator=g) / hidden**0.5).to(dtype)
-    w2 = (torch.randn(experts, hidden, inter, generator=g) / inter**0.5).to(dtype)
-    x = torch.randn(tokens, hidden, generator=g).to(dtype)
-    logits = torch.randn(tokens, experts, generator=g).to(dtype)
+    w13, w2, x, logits = random_layer(experts, hidden, inter, tokens, dtype, g)
     dot = dataclasses.replace(SMALL_TILES, gate_up_dot=True, gate_up_stages=2)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     want = small_batch_moe_routed(x, w13, w2, logits, top_k, True, SMALL_TILES)
@@ -355,10 +359,7 @@ def test_small_path_down_on_the_tensor_cores(tokens, top_k, inter, dtype):
     expert-parallel -1 among the ids."""
     g = torch.Generator().manual_seed(tokens * 7 + top_k)
     experts, hidden = 10, 36
-    w13 = (torch.randn(experts, 2 * inter, hidden, generator=g) / hidden**0.5).to(dtype)
-    w2 = (torch.randn(experts, hidden, inter, generator=g) / inter**0.5).to(dtype)
-    x = torch.randn(tokens, hidden, generator=g).to(dtype)
-    logits = torch.randn(tokens, experts, generator=g).to(dtype)
+    w13, w2, x, logits = random_layer(experts, hidden, inter, tokens, dtype, g)
     tiles = SmallBatchTiles(16, 16, 16, 16, 4)
     dot = dataclasses.replace(tiles, down_dot=True, down_stages=2)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
