@@ -197,15 +197,12 @@ def small_gate_up_program(
         acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, hidden, BLOCK_K):
             k_ok = ks < hidden - k0
+            w_ok = col_ok[:, None] & k_ok[None, :]
             if TILE_LOADS:
-                row = tl.load(
-                    x_ptr[None, :] + 0 * cols[:, None],
-                    mask=col_ok[:, None] & k_ok[None, :],
-                    other=0.0,
-                ).to(tl.float32)
+                row_tile = x_ptr[None, :] + 0 * cols[:, None]
+                row = tl.load(row_tile, mask=w_ok, other=0.0).to(tl.float32)
             else:
                 row = tl.load(x_ptr, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-            w_ok = col_ok[:, None] & k_ok[None, :]
             gate = tl.load(w_ptr, mask=w_ok, other=0.0).to(tl.float32)
             up = tl.load(w_ptr + inter * stride_wn, mask=w_ok, other=0.0).to(tl.float32)
             acc_gate += gate * row

@@ -269,16 +269,17 @@ WARP_ROUTE = tl.constexpr(os.environ.get("PDSERVE_WARP_ROUTE") == "1")
 
 
 @triton.jit
-def _chunk_logits(row_ptr, chunk: tl.constexpr, num_routed, SPAN: tl.constexpr):
-    """Experts `[32 * chunk, 32 * chunk + 32)` of a token's logits as float32 (-inf past
-    `num_routed`; a chunk past SPAN, a power of two >= num_routed, loads nothing)."""
+def _chunk(ptr, chunk: tl.constexpr, num_routed, SPAN: tl.constexpr, OTHER: tl.constexpr):
+    """Experts `[32 * chunk, 32 * chunk + 32)` of a per-expert vector (a token's logits, the
+    correction bias) as float32, OTHER past `num_routed`, and which of them are experts; a
+    chunk past SPAN (a power of two >= num_routed) loads nothing."""
     expert = chunk * 32 + tl.arange(0, 32)
+    ok = expert < num_routed
     if chunk * 32 < SPAN:
-        x = tl.load(row_ptr + expert, mask=expert < num_routed, other=-float("inf"))
-        x = x.to(tl.float32)
+        x = tl.load(ptr + expert, mask=ok, other=OTHER).to(tl.float32)
     else:
-        x = tl.full([32], -float("inf"), dtype=tl.float32)
-    return x
+        x = tl.full([32], OTHER, dtype=tl.float32)
+    return x, ok
 
 
 @triton.jit
@@ -332,15 +333,10 @@ def route_token(
     slots = tl.arange(0, K_POW2)
     if WARP:
         row_ptr = logits + row.to(tl.int64) * stride_t
-        x0 = _chunk_logits(row_ptr, 0, num_routed, SPAN)
-        x1 = _chunk_logits(row_ptr, 1, num_routed, SPAN)
-        x2 = _chunk_logits(row_ptr, 2, num_routed, SPAN)
-        x3 = _chunk_logits(row_ptr, 3, num_routed, SPAN)
-        lane = tl.arange(0, 32)
-        ok0 = lane < num_routed
-        ok1 = lane + 32 < num_routed
-        ok2 = lane + 64 < num_routed
-        ok3 = lane + 96 < num_routed
+        x0, ok0 = _chunk(row_ptr, 0, num_routed, SPAN, -float("inf"))
+        x1, ok1 = _chunk(row_ptr, 1, num_routed, SPAN, -float("inf"))
+        x2, ok2 = _chunk(row_ptr, 2, num_routed, SPAN, -float("inf"))
+        x3, ok3 = _chunk(row_ptr, 3, num_routed, SPAN, -float("inf"))
         if ROUTE == 1:
             # Softmax: probabilities >= 0, so their bits order as they do.
             m = tl.max(tl.maximum(tl.maximum(x0, x1), tl.maximum(x2, x3)), axis=0)
@@ -360,10 +356,10 @@ def route_token(
             s1 = tl.sigmoid(x1)
             s2 = tl.sigmoid(x2)
             s3 = tl.sigmoid(x3)
-            b0 = tl.load(bias + lane, mask=ok0, other=0.0).to(tl.float32)
-            b1 = tl.load(bias + 32 + lane, mask=ok1, other=0.0).to(tl.float32)
-            b2 = tl.load(bias + 64 + lane, mask=ok2, other=0.0).to(tl.float32)
-            b3 = tl.load(bias + 96 + lane, mask=ok3, other=0.0).to(tl.float32)
+            b0, _ = _chunk(bias, 0, num_routed, SPAN, 0.0)
+            b1, _ = _chunk(bias, 1, num_routed, SPAN, 0.0)
+            b2, _ = _chunk(bias, 2, num_routed, SPAN, 0.0)
+            b3, _ = _chunk(bias, 3, num_routed, SPAN, 0.0)
             # + 0.0: -0.0 counts as +0.0, as the comparison of values does.
             k0 = _warp_key(s0 + b0 + 0.0, 0, ok0, True)
             k1 = _warp_key(s1 + b1 + 0.0, 1, ok1, True)
@@ -372,28 +368,29 @@ def route_token(
             gone = -2139095041
         chosen_w = tl.zeros([K_POW2], dtype=tl.float32)
         chosen_id = tl.zeros([K_POW2], dtype=tl.int64)
+        # A key taken: its high word below every value's, its id kept.
+        removed = (tl.zeros([32], dtype=tl.int64) + gone) << 32
         for j in tl.static_range(CHOICES):
             best = tl.max(tl.maximum(tl.maximum(k0, k1), tl.maximum(k2, k3)), axis=0)
             high = best >> 32
             expert = (best - (high << 32)) ^ (WARP_ROUTE_EXPERTS - 1)
+            here0 = k0 == best
+            here1 = k1 == best
+            here2 = k2 == best
+            here3 = k3 == best
             if ROUTE == 1:
                 w = high.to(tl.int32).to(tl.float32, bitcast=True)
             else:
                 # The chosen expert's score (> 0, so its bits order: one integer max).
-                here0 = k0 == best
-                here1 = k1 == best
-                here2 = k2 == best
-                here3 = k3 == best
                 sb = tl.where(here0, s0.to(tl.int32, bitcast=True), 0)
                 sb = tl.maximum(sb, tl.where(here1, s1.to(tl.int32, bitcast=True), 0))
                 sb = tl.maximum(sb, tl.where(here2, s2.to(tl.int32, bitcast=True), 0))
                 sb = tl.maximum(sb, tl.where(here3, s3.to(tl.int32, bitcast=True), 0))
                 w = tl.max(sb, axis=0).to(tl.float32, bitcast=True)
-            removed = (tl.zeros([32], dtype=tl.int64) + gone) << 32
-            k0 = tl.where(k0 == best, removed | (k0 & 0xFFFFFFFF), k0)
-            k1 = tl.where(k1 == best, removed | (k1 & 0xFFFFFFFF), k1)
-            k2 = tl.where(k2 == best, removed | (k2 & 0xFFFFFFFF), k2)
-            k3 = tl.where(k3 == best, removed | (k3 & 0xFFFFFFFF), k3)
+            k0 = tl.where(here0, removed | (k0 & 0xFFFFFFFF), k0)
+            k1 = tl.where(here1, removed | (k1 & 0xFFFFFFFF), k1)
+            k2 = tl.where(here2, removed | (k2 & 0xFFFFFFFF), k2)
+            k3 = tl.where(here3, removed | (k3 & 0xFFFFFFFF), k3)
             chosen_w = tl.where(slots == j, w, chosen_w)
             chosen_id = tl.where(slots == j, expert, chosen_id)
         if ROUTE == 1:
