@@ -22,6 +22,7 @@ against the torch backend's formula in float32, and MLA extend (non-absorbed, he
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import math
 import sys
@@ -135,6 +136,25 @@ def check_small_routing(
     )
     ok = same and err <= ROUTING_TOL
     return [] if ok else [f"small-path routing {shape.name} T={x.shape[0]}"]
+
+
+def check_routing_geometry(shape: LayerShape, tokens: Sequence[int]) -> list[str]:
+    """`check_small_routing` alone at `shape`'s experts, groups and top-k, on experts of 512 x
+    256 (the routing reads the logits only; DeepSeek-V3's and Kimi-K2's full layers would need
+    their whole 256 and 384 experts' weights), against the routing kernel."""
+    narrow = dataclasses.replace(shape, hidden=512, intermediate=256)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    e = narrow.experts
+    w13 = (torch.randn(e, 512, 512, device="cuda", generator=g) * 512**-0.5).bfloat16()
+    w2 = (torch.randn(e, 512, 256, device="cuda", generator=g) * 256**-0.5).bfloat16()
+    bias = torch.randn(e, device="cuda", generator=g) * 0.1
+    failures = []
+    for t in tokens:
+        x = torch.randn(t, 512, device="cuda", generator=g).bfloat16()
+        logits = torch.randn(t, e, device="cuda", generator=g)
+        want_w, want_ids = route(narrow, logits, bias, TritonMoEBackend())
+        failures += check_small_routing(narrow, x, logits, bias, w13, w2, want_w, want_ids)
+    return failures
 
 
 def check_down_preload(
@@ -336,12 +356,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", action="append", choices=sorted(SHAPES))
     parser.add_argument("--skip-mla", action="store_true")
+    parser.add_argument(
+        "--routing-shape",
+        action="append",
+        default=[],
+        choices=sorted(SHAPES),
+        help="the small path's routing alone at this shape's experts and groups (repeatable)",
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("bench.check_moe_gpu needs a CUDA device")
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     failures = []
-    for name in args.shape or ("qwen3-30b-a3b", "moonlight-16b-a3b", "deepseek-v3"):
+    for name in args.routing_shape:
+        failures += check_routing_geometry(SHAPES[name], (1, 2, 8))
+    shapes = args.shape or (
+        () if args.routing_shape else ("qwen3-30b-a3b", "moonlight-16b-a3b", "deepseek-v3")
+    )
+    for name in shapes:
         failures += check_moe(SHAPES[name], TOKENS)
         if name in SHARED_EXPERTS:
             failures += check_shared_fusion(SHAPES[name], SHARED_TOKENS)

@@ -608,7 +608,8 @@ def add_small_batch_moe(add: Callable[..., None]) -> None:
     """The small-batch MoE's two kernels at their default tiles, for Qwen3-30B-A3B (128 experts,
     H 2048, I 768, top-8; the gate-up kernel also with its softmax routing folded in), Moonlight
     (H 2048, I 1408, top-6 plus 2 fused shared experts, grouped routing folded in, float32
-    routing weights) and DeepSeek-V3 (top-8 plus 1 shared: 16 pair slots): the sizes and
+    routing weights), DeepSeek-V3 (top-8 plus 1 shared: 16 pair slots) and Kimi-K2's routing (384
+    experts, one group): the sizes and
     strides are multiples of 16 there, as a launch specializes them."""
     tiles = fused_moe_small.DEFAULT_TILES
     sizes = ("hidden", "inter", "stride_we", "stride_wn")
@@ -623,6 +624,7 @@ def add_small_batch_moe(add: Callable[..., None]) -> None:
         ("qwen3-30b-a3b", 8, (none, softmax), (1, 1, 1, 0)),
         ("moonlight", 8, (none, grouped), (1, 64, 1, 2)),
         ("deepseek-v3", 9, (none, grouped), (8, 32, 4, 1)),
+        ("kimi-k2", 9, (grouped,), (1, 384, 1, 1)),
     )
     for (model, top_k, routes, geometry), dtype in itertools.product(models, ("bf16", "fp32")):
         groups, per_group, topk_groups, shared = geometry
@@ -653,7 +655,7 @@ def add_small_batch_moe(add: Callable[..., None]) -> None:
                     "TOPK_GROUPS": topk_groups,
                     "NUM_SHARED": shared if is_grouped else 0,
                     "G_POW2": groups,
-                    "P_POW2": per_group,
+                    "P_POW2": triton.next_power_of_2(per_group),
                     "BLOCK_N": tiles.gate_up_n,
                     "BLOCK_K": tiles.gate_up_k,
                     "DOT": tiles.gate_up_dot,

@@ -92,6 +92,7 @@ SHAPES = {
         # Moonlight as the engine runs it by default: its 2 shared experts fused.
         LayerShape("moonlight-16b-a3b-fused", 64, 2048, 1408, 6, True, 1, 1, 2.446, 2),
         LayerShape("deepseek-v3", 256, 7168, 2048, 8, True, 8, 4, 2.5),
+        LayerShape("kimi-k2", 384, 7168, 2048, 8, True, 1, 1, 2.827),
         # For a smoke run on the CPU under TRITON_INTERPRET=1 (--device cpu --dtype float32).
         LayerShape("tiny", 8, 64, 32, 2, True, 4, 2, 2.5),
         LayerShape("tiny-fused", 8, 64, 32, 2, True, 4, 2, 2.5, 2),

@@ -1209,15 +1209,15 @@ b25)
   # pairs summed in one reduction (fused_moe_small.COMBINE_ONE_SUM, PDSERVE_COMBINE_ONE_SUM=1)
   # and the token row and activations loaded in their weight tile's layout (TILE_LOADS,
   # PDSERVE_TILE_LOADS=1). Checked compiled with all three on (the small path's routing against
-  # the routing kernel's, the preloading down bit for bit against the plain one, the routed MoE
-  # against torch), what the routing costs one layer each way (the ids given against routing
-  # in the kernels), the tiny checkpoints' greedy tokens a prompt at a time with all three on,
+  # the routing kernel's, also at DeepSeek-V3's and Kimi-K2's experts and groups, the
+  # preloading down bit for bit against the plain one, the routed MoE against torch), what the
+  # routing costs one layer each way (the ids given against routing in the kernels), the tiny checkpoints' greedy tokens a prompt at a time with all three on,
   # then each MoE model at batch 1 with none, the first, the first two and all three;
   # alternating twice.
   all3="env PDSERVE_WARP_ROUTE=1 PDSERVE_COMBINE_ONE_SUM=1 PDSERVE_TILE_LOADS=1"
   ROWS='^small-path routing|down preloaded|routed MoE .*T=1:|checks passed|FAILED' \
-    step check_warp_route 90 $all3 python3 -m bench.check_moe_gpu --shape qwen3-30b-a3b \
-    --shape moonlight-16b-a3b --skip-mla
+    step check_warp_route 100 $all3 python3 -m bench.check_moe_gpu --shape qwen3-30b-a3b \
+    --shape moonlight-16b-a3b --routing-shape deepseek-v3 --routing-shape kimi-k2 --skip-mla
   for warp in 1 0; do routing_cost "warp$warp" PDSERVE_WARP_ROUTE=$warp; done
   TAIL=6 step greedy_warp_route 90 $all3 python3 bench/gpu/preload_ab.py --greedy -- \
     qwen3-moe deepseek-v3

@@ -257,11 +257,12 @@ def route_rows(
     return chosen_w, chosen_id
 
 
-# One token's routing inside one warp (`route_token`): up to this many routed experts, as four
-# 32-lane chunks. Each warp of the program holds every chunk (a 32-element tensor is replicated
-# across the warps), so every reduction is a warp's own: shuffles or one `redux.sync`, no
-# shared memory and no barrier (0 `bar.sync` against 19 for `softmax_topk_rows` at one row).
-WARP_ROUTE_EXPERTS = tl.constexpr(128)
+# One token's routing inside one warp (`route_token`): up to this many routed experts, as
+# 32-lane chunks (Kimi-K2's 384 experts: 12). Each warp of the program holds every chunk (a
+# 32-element tensor is replicated across the warps), so every reduction is a warp's own:
+# shuffles or one `redux.sync`, no shared memory and no barrier (0 `bar.sync` against 19 for
+# `softmax_topk_rows` at one row).
+WARP_ROUTE_EXPERTS = tl.constexpr(512)
 # Whether `route_token` routes inside a warp (else `route_rows` always). Built in the
 # twenty-first session; off until `bash bench/gpu/session.sh b25` has checked it compiled and
 # timed it (`PDSERVE_WARP_ROUTE=1` turns it on). Read when a kernel compiles.
@@ -283,20 +284,73 @@ def _chunk(ptr, chunk: tl.constexpr, num_routed, SPAN: tl.constexpr, OTHER: tl.c
 
 
 @triton.jit
+def _ordered(bits):
+    """A float's int32 bits made to order as the values do (its own inverse)."""
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+@triton.jit
 def _warp_key(value, chunk: tl.constexpr, ok, ORDERED: tl.constexpr):
     """Each expert's top-k key: the value's bits, made to order as an integer (ORDERED: any
     sign; else the value is >= 0 and its bits order already), in the high word, the complement
-    of the expert's id (within 128) in the low word; `ok` False: a high word below every value's
-    (-inf's, as a plain comparison of values would have it)."""
+    of the expert's id (within WARP_ROUTE_EXPERTS) in the low word; `ok` False: a high word
+    below every value's (-inf's, as a plain comparison of values would have it)."""
     low = ((chunk * 32 + tl.arange(0, 32)) ^ (WARP_ROUTE_EXPERTS - 1)).to(tl.int64)
     bits = value.to(tl.int32, bitcast=True)
     if ORDERED:
-        bits = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+        bits = _ordered(bits)
         gone = -2139095041  # -inf's ordered bits
     else:
         gone = -1
     bits = tl.where(ok, bits, gone)
     return (bits.to(tl.int64) << 32) | low
+
+
+@triton.jit
+def _max_key(keys, FIRST: tl.constexpr, COUNT: tl.constexpr):
+    """The largest key of chunks `[FIRST, FIRST + COUNT)` (a scalar: one warp reduction)."""
+    m = keys[FIRST]
+    for c in tl.static_range(FIRST + 1, FIRST + COUNT):
+        m = tl.maximum(m, keys[c])
+    return tl.max(m, axis=0)
+
+
+@triton.jit
+def _remove(keys, taken, removed):
+    """`keys` with those equal to `taken` (a chunk's keys or a scalar) made `removed`'s high word
+    over their own id."""
+    out = ()
+    for c in tl.static_range(len(keys)):
+        out = out + (tl.where(keys[c] == taken, removed | (keys[c] & 0xFFFFFFFF), keys[c]),)
+    return out
+
+
+@triton.jit
+def _eligible_groups(keys, removed, NUM_GROUPS: tl.constexpr, GROUP_CHUNKS: tl.constexpr,
+                     TOPK_GROUPS: tl.constexpr):  # fmt: skip
+    """The grouped routing's group choice for groups of whole chunks (`GROUP_CHUNKS` each):
+    `keys` with every expert of a group outside the TOPK_GROUPS best removed. A group's score
+    is its two best choices' sum (`grouped_topk_rows`'s), the best groups taken first, ties to
+    the lower group: a group is eligible when fewer than TOPK_GROUPS groups come before it."""
+    scores = ()
+    for g in tl.static_range(NUM_GROUPS):
+        first = _max_key(keys, g * GROUP_CHUNKS, GROUP_CHUNKS)
+        second = _max_key(_remove(keys, first, removed), g * GROUP_CHUNKS, GROUP_CHUNKS)
+        a = _ordered((first >> 32).to(tl.int32)).to(tl.float32, bitcast=True)
+        b = _ordered((second >> 32).to(tl.int32)).to(tl.float32, bitcast=True)
+        scores = scores + (a + b,)
+    out = ()
+    for g in tl.static_range(NUM_GROUPS):
+        ahead = 0
+        for h in tl.static_range(NUM_GROUPS):
+            if h < g:
+                ahead += (scores[h] >= scores[g]).to(tl.int32)
+            elif h > g:
+                ahead += (scores[h] > scores[g]).to(tl.int32)
+        for c in tl.static_range(g * GROUP_CHUNKS, (g + 1) * GROUP_CHUNKS):
+            k = keys[c]
+            out = out + (tl.where(ahead < TOPK_GROUPS, k, removed | (k & 0xFFFFFFFF)),)
+    return out
 
 
 @triton.jit
@@ -321,76 +375,73 @@ def route_token(
 ):
     """`route_rows` for one token, as 1-D `[K_POW2]` weights (float32) and ids (int64): the
     same choices (the largest value first, ties to the lower id) and weights up to float32
-    summation order. Up to `WARP_ROUTE_EXPERTS` routed experts, and for the grouped routing
-    where every group is eligible (`TOPK_GROUPS == NUM_GROUPS`: Moonlight's one group), inside
-    each warp with no barrier; otherwise `route_rows` on the one row. For the small MoE path,
+    summation order. Up to `WARP_ROUTE_EXPERTS` routed experts inside each warp with no
+    barrier: softmax, and the grouped routing where every group is eligible (`TOPK_GROUPS ==
+    NUM_GROUPS`: Moonlight's and Kimi-K2's one group) or its groups are whole 32-expert chunks
+    (DeepSeek-V3's 8 of 32); otherwise `route_rows` on the one row. For the small MoE path,
     whose every program routes its token before its first weight load."""
-    SPAN: tl.constexpr = E_POW2 if ROUTE == 1 else G_POW2 * P_POW2
+    ALL_GROUPS: tl.constexpr = ROUTE == 1 or TOPK_GROUPS == NUM_GROUPS
+    # The experts the chunks cover: a power of two for softmax (E_POW2 >= E), else E itself.
+    SPAN: tl.constexpr = E_POW2 if ROUTE == 1 else NUM_GROUPS * PER_GROUP
     WARP: tl.constexpr = (
-        WARP_ROUTE and SPAN <= WARP_ROUTE_EXPERTS and (ROUTE == 1 or TOPK_GROUPS == NUM_GROUPS)
+        WARP_ROUTE and SPAN <= WARP_ROUTE_EXPERTS and (ALL_GROUPS or PER_GROUP % 32 == 0)
     )
+    CHUNKS: tl.constexpr = (SPAN + 31) // 32
     CHOICES: tl.constexpr = WIDTH if ROUTE == 1 else WIDTH - NUM_SHARED
     slots = tl.arange(0, K_POW2)
     if WARP:
         row_ptr = logits + row.to(tl.int64) * stride_t
-        x0, ok0 = _chunk(row_ptr, 0, num_routed, SPAN, -float("inf"))
-        x1, ok1 = _chunk(row_ptr, 1, num_routed, SPAN, -float("inf"))
-        x2, ok2 = _chunk(row_ptr, 2, num_routed, SPAN, -float("inf"))
-        x3, ok3 = _chunk(row_ptr, 3, num_routed, SPAN, -float("inf"))
+        xs = ()
+        oks = ()
+        for c in tl.static_range(CHUNKS):
+            x, ok = _chunk(row_ptr, c, num_routed, SPAN, -float("inf"))
+            xs = xs + (x,)
+            oks = oks + (ok,)
+        keys = ()
         if ROUTE == 1:
             # Softmax: probabilities >= 0, so their bits order as they do.
-            m = tl.max(tl.maximum(tl.maximum(x0, x1), tl.maximum(x2, x3)), axis=0)
-            p0 = tl.where(ok0, tl.exp(x0 - m), 0.0)
-            p1 = tl.where(ok1, tl.exp(x1 - m), 0.0)
-            p2 = tl.where(ok2, tl.exp(x2 - m), 0.0)
-            p3 = tl.where(ok3, tl.exp(x3 - m), 0.0)
-            total = tl.sum((p0 + p1) + (p2 + p3), axis=0)
-            k0 = _warp_key(p0 / total, 0, ok0, False)
-            k1 = _warp_key(p1 / total, 1, ok1, False)
-            k2 = _warp_key(p2 / total, 2, ok2, False)
-            k3 = _warp_key(p3 / total, 3, ok3, False)
+            m = xs[0]
+            for c in tl.static_range(1, CHUNKS):
+                m = tl.maximum(m, xs[c])
+            m = tl.max(m, axis=0)
+            ps = ()
+            for c in tl.static_range(CHUNKS):
+                ps = ps + (tl.where(oks[c], tl.exp(xs[c] - m), 0.0),)
+            total = _tree_sum(ps)
+            for c in tl.static_range(CHUNKS):
+                keys = keys + (_warp_key(ps[c] / total, c, oks[c], False),)
             gone = -1
         else:
-            # Grouped sigmoid, every group eligible: choose by score + bias, weigh by score.
-            s0 = tl.sigmoid(x0)
-            s1 = tl.sigmoid(x1)
-            s2 = tl.sigmoid(x2)
-            s3 = tl.sigmoid(x3)
-            b0, _ = _chunk(bias, 0, num_routed, SPAN, 0.0)
-            b1, _ = _chunk(bias, 1, num_routed, SPAN, 0.0)
-            b2, _ = _chunk(bias, 2, num_routed, SPAN, 0.0)
-            b3, _ = _chunk(bias, 3, num_routed, SPAN, 0.0)
-            # + 0.0: -0.0 counts as +0.0, as the comparison of values does.
-            k0 = _warp_key(s0 + b0 + 0.0, 0, ok0, True)
-            k1 = _warp_key(s1 + b1 + 0.0, 1, ok1, True)
-            k2 = _warp_key(s2 + b2 + 0.0, 2, ok2, True)
-            k3 = _warp_key(s3 + b3 + 0.0, 3, ok3, True)
+            # Grouped sigmoid: choose by score + bias, weigh by score.
+            scores = ()
+            for c in tl.static_range(CHUNKS):
+                s = tl.sigmoid(xs[c])
+                b, _ = _chunk(bias, c, num_routed, SPAN, 0.0)
+                scores = scores + (s,)
+                # + 0.0: -0.0 counts as +0.0, as the comparison of values does.
+                keys = keys + (_warp_key(s + b + 0.0, c, oks[c], True),)
             gone = -2139095041
-        chosen_w = tl.zeros([K_POW2], dtype=tl.float32)
-        chosen_id = tl.zeros([K_POW2], dtype=tl.int64)
         # A key taken: its high word below every value's, its id kept.
         removed = (tl.zeros([32], dtype=tl.int64) + gone) << 32
+        if not ALL_GROUPS:
+            keys = _eligible_groups(keys, removed, NUM_GROUPS, PER_GROUP // 32, TOPK_GROUPS)
+        chosen_w = tl.zeros([K_POW2], dtype=tl.float32)
+        chosen_id = tl.zeros([K_POW2], dtype=tl.int64)
         for j in tl.static_range(CHOICES):
-            best = tl.max(tl.maximum(tl.maximum(k0, k1), tl.maximum(k2, k3)), axis=0)
+            best = _max_key(keys, 0, CHUNKS)
             high = best >> 32
             expert = (best - (high << 32)) ^ (WARP_ROUTE_EXPERTS - 1)
-            here0 = k0 == best
-            here1 = k1 == best
-            here2 = k2 == best
-            here3 = k3 == best
             if ROUTE == 1:
                 w = high.to(tl.int32).to(tl.float32, bitcast=True)
             else:
                 # The chosen expert's score (> 0, so its bits order: one integer max).
-                sb = tl.where(here0, s0.to(tl.int32, bitcast=True), 0)
-                sb = tl.maximum(sb, tl.where(here1, s1.to(tl.int32, bitcast=True), 0))
-                sb = tl.maximum(sb, tl.where(here2, s2.to(tl.int32, bitcast=True), 0))
-                sb = tl.maximum(sb, tl.where(here3, s3.to(tl.int32, bitcast=True), 0))
+                sb = tl.where(keys[0] == best, scores[0].to(tl.int32, bitcast=True), 0)
+                for c in tl.static_range(1, CHUNKS):
+                    sb = tl.maximum(
+                        sb, tl.where(keys[c] == best, scores[c].to(tl.int32, bitcast=True), 0)
+                    )
                 w = tl.max(sb, axis=0).to(tl.float32, bitcast=True)
-            k0 = tl.where(here0, removed | (k0 & 0xFFFFFFFF), k0)
-            k1 = tl.where(here1, removed | (k1 & 0xFFFFFFFF), k1)
-            k2 = tl.where(here2, removed | (k2 & 0xFFFFFFFF), k2)
-            k3 = tl.where(here3, removed | (k3 & 0xFFFFFFFF), k3)
+            keys = _remove(keys, best, removed)
             chosen_w = tl.where(slots == j, w, chosen_w)
             chosen_id = tl.where(slots == j, expert, chosen_id)
         if ROUTE == 1:
@@ -413,6 +464,27 @@ def route_token(
         chosen_w = tl.sum(chosen_w, axis=0)
         chosen_id = tl.sum(chosen_id, axis=0)
     return chosen_w, chosen_id
+
+
+@triton.jit
+def _pairs(values):
+    """Neighbouring chunks summed: `(v0 + v1, v2 + v3, ...)`, an odd last one kept."""
+    out = ()
+    for i in tl.static_range(len(values) // 2):
+        out = out + (values[2 * i] + values[2 * i + 1],)
+    if len(values) % 2 == 1:
+        out = out + (values[len(values) - 1],)
+    return out
+
+
+@triton.jit
+def _tree_sum(values):
+    """The sum over every lane of up to 16 chunks: pairwise over the chunks (four:
+    `(p0 + p1) + (p2 + p3)`), then one warp reduction."""
+    for _ in tl.static_range(4):
+        if len(values) > 1:
+            values = _pairs(values)
+    return tl.sum(values[0], axis=0)
 
 
 @triton.jit

@@ -829,10 +829,12 @@ def random_and_tied_logits(num_experts: int, levels: int, g: torch.Generator) ->
 
 
 @pytest.mark.parametrize("warp", [True, False])
-@pytest.mark.parametrize("num_experts,top_k", [(128, 8), (60, 8), (8, 2), (100, 4), (256, 8)])
+@pytest.mark.parametrize(
+    "num_experts,top_k", [(128, 8), (60, 8), (8, 2), (100, 4), (256, 8), (384, 8), (600, 4)]
+)
 def test_route_token_softmax_equals_the_routing_kernel(num_experts, top_k, warp, monkeypatch):
     """One token's softmax routing as the small MoE path's programs do it (inside a warp up to
-    128 experts, else `route_rows`; `warp` False: always `route_rows`): the routing kernel's
+    512 experts, else `route_rows`; `warp` False: always `route_rows`): the routing kernel's
     choices, ties to the lower id (rows of few distinct logits, one all tied), and its
     weights to float32 rounding."""
     monkeypatch.setattr(moe_routing, "WARP_ROUTE", tl.constexpr(warp))
@@ -849,14 +851,25 @@ def test_route_token_softmax_equals_the_routing_kernel(num_experts, top_k, warp,
 @pytest.mark.parametrize("warp", [True, False])
 @pytest.mark.parametrize(
     "num_experts,groups,topk_groups,top_k,shared",
-    [(64, 1, 1, 6, 2), (32, 4, 4, 6, 0), (100, 1, 1, 8, 1), (32, 8, 3, 6, 1), (256, 8, 4, 8, 1)],
+    [
+        (64, 1, 1, 6, 2),  # Moonlight
+        (32, 4, 4, 6, 0),
+        (100, 1, 1, 8, 1),
+        (32, 8, 3, 6, 1),  # groups of 4 experts: route_rows
+        (256, 8, 4, 8, 1),  # DeepSeek-V3: groups of one chunk
+        (384, 1, 1, 8, 1),  # Kimi-K2
+        (256, 4, 2, 8, 0),  # groups of two chunks
+        (192, 6, 1, 4, 2),
+        (640, 10, 3, 8, 1),  # past WARP_ROUTE_EXPERTS: route_rows
+    ],
 )
 def test_route_token_grouped_equals_the_routing_kernel(
     num_experts, groups, topk_groups, top_k, shared, warp, monkeypatch
 ):
-    """One token's grouped routing as the small MoE path's programs do it (inside a warp where
-    every group is eligible and there are at most 128 experts, else `route_rows`): the grouped
-    routing kernel's choices (ties to the lower id, negative choices from the bias included),
+    """One token's grouped routing as the small MoE path's programs do it (inside a warp up to
+    512 experts where every group is eligible or the groups are whole 32-expert chunks, else
+    `route_rows`): the grouped routing kernel's choices (ties to the lower id, and between
+    groups to the lower group; negative choices from the bias included),
     its scaled weights to float32 rounding, and the shared experts after them."""
     monkeypatch.setattr(moe_routing, "WARP_ROUTE", tl.constexpr(warp))
     g = torch.Generator().manual_seed(num_experts + groups)
@@ -865,6 +878,31 @@ def test_route_token_grouped_equals_the_routing_kernel(
     bias[::3] = 0.0
     weights, ids = route_token(logits, bias, top_k, groups, topk_groups, shared, 2.5)
     want_w, want_ids = grouped_topk(logits, bias, top_k, groups, topk_groups, True, 2.5, shared)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(weights, want_w, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("warp", [True, False])
+@pytest.mark.parametrize("num_experts,groups,topk_groups", [(256, 8, 4), (256, 4, 2), (192, 6, 5)])
+def test_route_token_tied_groups_go_to_the_lower_group(
+    num_experts, groups, topk_groups, warp, monkeypatch
+):
+    """Groups whose scores (their two best choices' sum) all tie while their best experts
+    differ: the lower groups are the eligible ones, as `grouped_topk_rows` takes them, so the
+    choices are the best experts of those groups only (inside a warp: groups of whole chunks)."""
+    monkeypatch.setattr(moe_routing, "WARP_ROUTE", tl.constexpr(warp))
+    per_group = num_experts // groups
+    # Sigmoid about 2e-35: each choice is its bias, exactly.
+    logits = torch.full((2, num_experts), -80.0)
+    bias = torch.zeros(num_experts)
+    for g in range(groups):  # 1 +- g / 8: every group's two best sum to 2 exactly
+        bias[g * per_group + 3] = 1.0 + g / 8
+        bias[g * per_group + 7] = 1.0 - g / 8
+    logits[1] = torch.linspace(-1.0, 1.0, num_experts)  # and a row with no ties
+    want_w, want_ids = grouped_topk(logits, bias, 8, groups, topk_groups, True, 1.0, 0)
+    best = max(range(topk_groups), key=lambda g: 1.0 + g / 8)
+    assert want_ids[0, 0] == best * per_group + 3  # the reference breaks the tie as stated
+    weights, ids = route_token(logits, bias, 8, groups, topk_groups)
     assert torch.equal(ids, want_ids)
     torch.testing.assert_close(weights, want_w, rtol=1e-6, atol=0)
 
