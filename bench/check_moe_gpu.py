@@ -115,7 +115,7 @@ def check_small_routing(
     want_ids: torch.Tensor,
 ) -> list[str]:
     """The small path's routing (each gate-up program routes its token: `moe_routing.
-    route_token`, inside a warp up to 128 experts) against the routing kernel's, compiled: the
+    route_token`, inside a warp up to 512 experts) against the routing kernel's, compiled: the
     same experts in the same order, weights within ROUTING_TOL."""
     from engine.kernels.fused_moe_small import (
         small_batch_moe_grouped_routed,
