@@ -144,13 +144,13 @@ def check_routing_geometry(shape: LayerShape, tokens: Sequence[int]) -> list[str
     their whole 256 and 384 experts' weights), against the routing kernel."""
     narrow = dataclasses.replace(shape, hidden=512, intermediate=256)
     g = torch.Generator(device="cuda").manual_seed(1)
-    e = narrow.experts
-    w13 = (torch.randn(e, 512, 512, device="cuda", generator=g) * 512**-0.5).bfloat16()
-    w2 = (torch.randn(e, 512, 256, device="cuda", generator=g) * 256**-0.5).bfloat16()
+    e, h, i = narrow.experts, narrow.hidden, narrow.intermediate
+    w13 = (torch.randn(e, 2 * i, h, device="cuda", generator=g) * h**-0.5).bfloat16()
+    w2 = (torch.randn(e, h, i, device="cuda", generator=g) * i**-0.5).bfloat16()
     bias = torch.randn(e, device="cuda", generator=g) * 0.1
     failures = []
     for t in tokens:
-        x = torch.randn(t, 512, device="cuda", generator=g).bfloat16()
+        x = torch.randn(t, h, device="cuda", generator=g).bfloat16()
         logits = torch.randn(t, e, device="cuda", generator=g)
         want_w, want_ids = route(narrow, logits, bias, TritonMoEBackend())
         failures += check_small_routing(narrow, x, logits, bias, w13, w2, want_w, want_ids)

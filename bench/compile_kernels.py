@@ -608,9 +608,9 @@ def add_small_batch_moe(add: Callable[..., None]) -> None:
     """The small-batch MoE's two kernels at their default tiles, for Qwen3-30B-A3B (128 experts,
     H 2048, I 768, top-8; the gate-up kernel also with its softmax routing folded in), Moonlight
     (H 2048, I 1408, top-6 plus 2 fused shared experts, grouped routing folded in, float32
-    routing weights), DeepSeek-V3 (top-8 plus 1 shared: 16 pair slots) and Kimi-K2's routing (384
-    experts, one group): the sizes and
-    strides are multiples of 16 there, as a launch specializes them."""
+    routing weights), DeepSeek-V3 (top-8 plus 1 shared: 16 pair slots) and Kimi-K2's routing
+    (384 experts, one group): the sizes and strides are multiples of 16 there, as a launch
+    specializes them."""
     tiles = fused_moe_small.DEFAULT_TILES
     sizes = ("hidden", "inter", "stride_we", "stride_wn")
     none, softmax, grouped = (

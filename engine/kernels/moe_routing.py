@@ -273,7 +273,7 @@ WARP_ROUTE = tl.constexpr(os.environ.get("PDSERVE_WARP_ROUTE") == "1")
 def _chunk(ptr, chunk: tl.constexpr, num_routed, SPAN: tl.constexpr, OTHER: tl.constexpr):
     """Experts `[32 * chunk, 32 * chunk + 32)` of a per-expert vector (a token's logits, the
     correction bias) as float32, OTHER past `num_routed`, and which of them are experts; a
-    chunk past SPAN (a power of two >= num_routed) loads nothing."""
+    chunk past SPAN (the experts the chunks cover, >= num_routed) loads nothing."""
     expert = chunk * 32 + tl.arange(0, 32)
     ok = expert < num_routed
     if chunk * 32 < SPAN:
@@ -316,12 +316,17 @@ def _max_key(keys, FIRST: tl.constexpr, COUNT: tl.constexpr):
 
 
 @triton.jit
+def _removed(key, removed):
+    """A chunk's keys taken out of the choice: `removed`'s high word over their own ids."""
+    return removed | (key & 0xFFFFFFFF)
+
+
+@triton.jit
 def _remove(keys, taken, removed):
-    """`keys` with those equal to `taken` (a chunk's keys or a scalar) made `removed`'s high word
-    over their own id."""
+    """`keys` with those equal to `taken` (a chunk's keys or a scalar) `_removed`."""
     out = ()
     for c in tl.static_range(len(keys)):
-        out = out + (tl.where(keys[c] == taken, removed | (keys[c] & 0xFFFFFFFF), keys[c]),)
+        out = out + (tl.where(keys[c] == taken, _removed(keys[c], removed), keys[c]),)
     return out
 
 
@@ -349,7 +354,7 @@ def _eligible_groups(keys, removed, NUM_GROUPS: tl.constexpr, GROUP_CHUNKS: tl.c
                 ahead += (scores[h] > scores[g]).to(tl.int32)
         for c in tl.static_range(g * GROUP_CHUNKS, (g + 1) * GROUP_CHUNKS):
             k = keys[c]
-            out = out + (tl.where(ahead < TOPK_GROUPS, k, removed | (k & 0xFFFFFFFF)),)
+            out = out + (tl.where(ahead < TOPK_GROUPS, k, _removed(k, removed)),)
     return out
 
 
