@@ -44,10 +44,11 @@ from engine.kernels.moe_routing import ROUTE_GROUPED, ROUTE_NONE, ROUTE_SOFTMAX,
 
 # Whether the CUDA-core down's programs sum their token's weighted pairs in one reduction
 # (`_combine_store`) instead of pair by pair (two block-wide reductions a pair, 43 -> 22
-# `bar.sync` in the preloading down's PTX at Qwen3-30B-A3B's tiles). Built in the twenty-first
-# session with no device left to it: off until `bash bench/gpu/session.sh b25` times it
-# (`PDSERVE_COMBINE_ONE_SUM=1`). Read when a kernel compiles.
-COMBINE_ONE_SUM = tl.constexpr(os.environ.get("PDSERVE_COMBINE_ONE_SUM") == "1")
+# `bar.sync` in the preloading down's PTX at Qwen3-30B-A3B's tiles). On: `bash
+# bench/gpu/session.sh b25` (H100, decode 1 x 128, two alternations each) timed Qwen3-30B-A3B
+# 2.98 -> 2.90-2.91 ms with the warp routing on, Moonlight 2.41-2.42 -> 2.40-2.41.
+# `PDSERVE_COMBINE_ONE_SUM=0` turns it off. Read when a kernel compiles.
+COMBINE_ONE_SUM = tl.constexpr(os.environ.get("PDSERVE_COMBINE_ONE_SUM", "1") != "0")
 # Whether the CUDA-core gate-up and the preloading down load the token row and the activations in
 # their weight tile's shape (a stride-0 axis over the tile's columns), so that the load takes the
 # tile's layout: Triton's coalescing gives a smaller load a layout of its own (spread over all
@@ -56,8 +57,10 @@ COMBINE_ONE_SUM = tl.constexpr(os.environ.get("PDSERVE_COMBINE_ONE_SUM") == "1")
 # routing: the gate-up 6 -> 1 `bar.sync` (127 -> 134 registers: three programs an SM, which
 # still hold Qwen3-30B-A3B's 384 at one token), the preloading down with the one-sum combine
 # 8 -> 3 (96 -> 84 registers). Not the plain CUDA-core down, whose default tiles (Moonlight's at
-# one token) already spill: more so this way. Built in the twenty-first session with no device
-# left to it: off until `bash bench/gpu/session.sh b25` times it (`PDSERVE_TILE_LOADS=1`).
+# one token) already spill: more so this way. Off: `bash bench/gpu/session.sh b25` (H100, decode
+# 1 x 128, with the warp routing and the one-sum combine) timed Qwen3-30B-A3B 2.90-2.91 ->
+# 3.12 ms with it on (the gate-up's extra registers), Moonlight 2.40-2.41 -> 2.40 (level).
+# `PDSERVE_TILE_LOADS=1` turns it on.
 TILE_LOADS = tl.constexpr(os.environ.get("PDSERVE_TILE_LOADS") == "1")
 
 

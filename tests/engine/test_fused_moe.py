@@ -264,11 +264,13 @@ def test_tile_loads_change_nothing(tokens, top_k, inter, dtype, monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("one_sum", [False, True])
 @pytest.mark.parametrize("tokens,top_k,dtype", [(1, 8, torch.float32), (3, 6, torch.float16)])
-def test_small_batch_combine_in_one_sum(tokens, top_k, dtype, monkeypatch):
-    """`fused_moe_small.COMBINE_ONE_SUM` (the down's weighted pairs summed in one reduction, not
-    pair by pair): the reference and the grouped path within the same tolerances."""
-    monkeypatch.setattr(fused_moe_small, "COMBINE_ONE_SUM", tl.constexpr(True))
+def test_small_batch_combine_in_one_sum(tokens, top_k, dtype, one_sum, monkeypatch):
+    """`fused_moe_small.COMBINE_ONE_SUM` each way (the down's weighted pairs summed in one
+    reduction, or pair by pair): the reference and the grouped path within the same
+    tolerances."""
+    monkeypatch.setattr(fused_moe_small, "COMBINE_ONE_SUM", tl.constexpr(one_sum))
     check_small(tokens, top_k, dtype)
 
 
