@@ -20,6 +20,13 @@ bench.serving records. The ramp (prefills, admission) and the tail (the last fra
 requests ending) fall outside it. Both sides decode over contexts L to L + output-len, so
 their steps read about the same KV. The served figure is the median over the waves.
 
+The span is seen from the client: a stall of the client, the router or the host (a loaded
+machine) holds the chunks back, and they arrive in a burst when it ends; a stall as long as the
+wave's decode leaves no span (or one under a step) to count. Such a wave is skipped, and up to
+`--retries` more waves run in its place (on fresh prompts); a batch errs when fewer than
+`--repeats` waves could be counted (as it does every time when its requests are not admitted
+together).
+
     python -m bench.stack_cost --preset llama3-8b --batches 16,64 --input-len 128 \\
         --output-len 256 --out stack_cost.json
     python -m bench.stack_cost --device cpu --batches 2,4 --input-len 16 --output-len 32
@@ -82,8 +89,9 @@ def steady_window(requests: Sequence[Mapping[str, Any]]) -> Window:
 
     A chunk's token count is its text re-encoded: exact for a word tokenizer, off by a little
     for others, so each request's counts are scaled to the server's `output_len`. Raises
-    ValueError when no span had every request decoding (they were not admitted together, or
-    the outputs are too short for the ramp)."""
+    ValueError when no span had every request decoding (they were not admitted together, the
+    outputs are too short for the ramp, or their chunks arrived in one burst), or when the span
+    holds less than a step (a token a request)."""
     if not requests:
         raise ValueError("no requests: nothing to count")
     streams = []
@@ -104,7 +112,26 @@ def steady_window(requests: Sequence[Mapping[str, Any]]) -> Window:
         )
     tokens = sum(c for times, counts in streams for t, c in zip(times, counts, strict=True)
                  if start < t <= end)  # fmt: skip
+    if tokens < len(requests):
+        raise ValueError(
+            f"the span with all {len(requests)} requests decoding ({1000 * (end - start):.1f} ms) "
+            f"holds {tokens:.1f} tokens, less than a step (their chunks arrived in bursts?)"
+        )
     return Window(start, end, tokens)
+
+
+def count_waves(waves: Sequence[Mapping[str, Any]]) -> tuple[list[Window], list[float], list[str]]:
+    """bench.serving's runs (`waves`): the windows and whole-wave rates of those with a steady
+    window, and why each of the others has none."""
+    windows, rates, skipped = [], [], []
+    for w in waves:
+        try:
+            windows.append(steady_window(w["requests"]))
+        except ValueError as exc:
+            skipped.append(str(exc))
+            continue
+        rates.append(w["output_throughput"])
+    return windows, rates, skipped
 
 
 def worker_flags(config: EngineConfig) -> tuple[str, ...]:
@@ -186,6 +213,7 @@ def _decode_steps(
 class Served:
     windows: list[Window]  # one per measured wave
     wave_tok_s: list[float]  # each wave's output tokens over its whole wall time (with ramp)
+    skipped: list[str]  # why each wave left out had no steady window
 
     @property
     def tok_s(self) -> float:
@@ -196,7 +224,8 @@ def measure_served(
     args: argparse.Namespace, model: Path, load_format: str, flags: Sequence[str], work: Path
 ) -> dict[int, Served]:
     """`pdserve local` colocated on `model` with `flags`, a warm-up wave and `--repeats`
-    waves of B requests at concurrency B for every batch B."""
+    waves of B requests at concurrency B for every batch B (and up to `--retries` more in
+    place of waves without a steady window)."""
     spec = LocalClusterSpec(
         model_path=str(model),
         colocated=True,
@@ -210,21 +239,37 @@ def measure_served(
     served = {}
     with LocalCluster(spec) as cluster:
         for b in args.batches:
-            out = work / f"serving-b{b}.json"
-            argv = ["--base-url", cluster.url, "--tokenizer", str(model), "--seed", str(b),
-                    "--num-prompts", str(b), "--random-input-len", str(args.input_len),
-                    "--random-output-len", str(args.output_len), "--random-range-ratio", "1",
-                    "--max-concurrency", str(b), "--warmup-requests", "1", "--request-rates",
-                    *["inf"] * (1 + args.repeats), "--disable-tqdm", "--output-file",
-                    str(out)]  # fmt: skip
             print(f"\n== served, batch {b}", flush=True)
-            if serving.main(argv) != 0:
-                raise RuntimeError(f"bench.serving failed at batch {b}: see {out}, {work}/logs")
-            waves = json.loads(out.read_text())["runs"][1:]  # the first wave warmed up
-            served[b] = Served(
-                [steady_window(w["requests"]) for w in waves],
-                [w["output_throughput"] for w in waves],
-            )
+            windows: list[Window] = []
+            rates: list[float] = []
+            skipped: list[str] = []
+            for attempt in range(1 + args.retries):
+                need = args.repeats - len(windows)
+                if need <= 0:
+                    break
+                warm = attempt == 0  # a warm-up request and wave first; retries find it warm
+                out = work / (f"serving-b{b}.json" if warm else f"serving-b{b}-retry{attempt}.json")
+                argv = ["--base-url", cluster.url, "--tokenizer", str(model),
+                        "--seed", str(b + 1_000_000 * attempt), "--num-prompts", str(b),
+                        "--random-input-len", str(args.input_len),
+                        "--random-output-len", str(args.output_len), "--random-range-ratio", "1",
+                        "--max-concurrency", str(b), "--warmup-requests", str(int(warm)),
+                        "--request-rates", *["inf"] * (int(warm) + need), "--disable-tqdm",
+                        "--output-file", str(out)]  # fmt: skip
+                if serving.main(argv) != 0:
+                    raise RuntimeError(f"bench.serving failed at batch {b}: see {out}, {work}/logs")
+                w, r, s = count_waves(json.loads(out.read_text())["runs"][int(warm) :])
+                windows += w
+                rates += r
+                skipped += s
+                for why in s:
+                    print(f"wave skipped: {why}", flush=True)
+            if len(windows) < args.repeats:
+                raise ValueError(
+                    f"batch {b}: {len(skipped)} of {len(skipped) + len(windows)} waves had no "
+                    f"steady span to count; the last: {skipped[-1]}"
+                )
+            served[b] = Served(windows, rates, skipped)
     return served
 
 
@@ -294,6 +339,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input-len", type=int, default=128, help="prompt tokens (L)")
     p.add_argument("--output-len", type=int, default=256, help="tokens per request")
     p.add_argument("--repeats", type=int, default=2, help="offline runs and served waves")
+    p.add_argument(
+        "--retries", type=int, default=2, help="served waves run for those without a steady span"
+    )
     add_engine_flags(p)
     p.add_argument("--worker-args", default="", help="more flags for the served worker only")
     p.add_argument("--port", type=int, default=0, help="the router's (0: a free one)")
@@ -305,6 +353,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("input_len", "output_len", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.retries < 0:
+        p.error(f"--retries must be >= 0, got {args.retries}")
     if args.output_len < 8:
         p.error(f"--output-len must be >= 8 for a steady span to count, got {args.output_len}")
     if args.work_dir is None:
@@ -346,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             str(b): {
                 "windows": [asdict(w) | {"tokens_per_s": w.tokens_per_s} for w in s.windows],
                 "whole_wave_tok_s": s.wave_tok_s,
+                "skipped": s.skipped,
             }
             for b, s in served.items()
         },
