@@ -18,7 +18,13 @@ if not torch.cuda.is_available():
 # turns it on.
 os.environ.setdefault("PDSERVE_GRAMMAR_WARMUP", "0")
 
+from engine.testing.interpreter import skip_helper_repatching
 from engine.testing.tiny_models import write_tiny_models
+
+# The interpreter re-patches the language at every `@triton.jit` helper's call (a third of a
+# tiny model's interpreted forward pass): once a launch is enough.
+if os.environ.get("TRITON_INTERPRET") == "1":
+    skip_helper_repatching()
 
 
 @pytest.fixture(scope="session")
