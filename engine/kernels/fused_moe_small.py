@@ -59,7 +59,8 @@ COMBINE_ONE_SUM = tl.constexpr(os.environ.get("PDSERVE_COMBINE_ONE_SUM", "1") !=
 # 8 -> 3 (96 -> 84 registers). Not the plain CUDA-core down, whose default tiles (Moonlight's at
 # one token) already spill: more so this way. Off: `bash bench/gpu/session.sh b25` (H100, decode
 # 1 x 128, with the warp routing and the one-sum combine) timed Qwen3-30B-A3B 2.90-2.91 ->
-# 3.12 ms with it on (the gate-up's extra registers), Moonlight 2.40-2.41 -> 2.40 (level).
+# 3.12 ms with it on (the gate-up's 134 registers, or each thread's own copy of the row, a
+# third load a K step: not separated), Moonlight 2.40-2.41 -> 2.40 (level).
 # `PDSERVE_TILE_LOADS=1` turns it on.
 TILE_LOADS = tl.constexpr(os.environ.get("PDSERVE_TILE_LOADS") == "1")
 
