@@ -77,6 +77,7 @@
 #   run(command="bash bench/gpu/session.sh b23", carry=[".whl"]) # the input norm in QKV, A/B
 #   run(command="bash bench/gpu/session.sh b24", carry=[".whl"]) # more early triggers, A/B
 #   run(command="bash bench/gpu/session.sh b25", carry=[".whl"]) # three MoE switches, A/B
+#   run(command="bash bench/gpu/session.sh b26", carry=[".whl"]) # tile loads split; the rows
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -1232,5 +1233,27 @@ b25)
     done
   done
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25"; exit 2 ;;
+b26)
+  # The tile-shaped loads in one kernel at a time (b25 timed both at once: Qwen3-30B-A3B 2.90 ->
+  # 3.12 ms), then b20's README rows with the twenty-third session's defaults (about 400 s).
+  # The preloading down compiled with its activations in the tile's shape against the plain
+  # down (bit for bit); Qwen3-30B-A3B at batch 1 with neither, the down's only and the
+  # gate-up's only (PDSERVE_TILE_LOADS_DOWN / _GATE_UP), alternating twice; then each model's
+  # decode rows.
+  ROWS='down preloaded|routed MoE qwen3-30b-a3b T=(1|4):|checks passed|FAILED' \
+    step check_tile_down 60 env PDSERVE_TILE_LOADS_DOWN=1 python3 -m bench.check_moe_gpu \
+    --shape qwen3-30b-a3b --skip-mla
+  for i in 1 2; do
+    for flags in 00 01 10; do
+      ROWS='^\| 1x128' step "qwen3_t${flags}_$i" 55 env PDSERVE_TILE_LOADS_GATE_UP=${flags:0:1} \
+        PDSERVE_TILE_LOADS_DOWN=${flags:1:1} python3 -m bench.engine --preset qwen3-30b-a3b \
+        --skip-hf --prefill '' --decode 1x128 --repeats 3
+    done
+  done
+  for preset in qwen3-30b-a3b moonlight-16b-a3b llama3-8b; do
+    ROWS='^device|^\| [0-9]+x' step "final_${preset%%-*}" 75 python3 -m bench.engine \
+      --preset "$preset" --skip-hf --prefill '' --decode 1x128,64x128,256x128 --repeats 3
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26"; exit 2 ;;
 esac

@@ -61,8 +61,11 @@ COMBINE_ONE_SUM = tl.constexpr(os.environ.get("PDSERVE_COMBINE_ONE_SUM", "1") !=
 # 1 x 128, with the warp routing and the one-sum combine) timed Qwen3-30B-A3B 2.90-2.91 ->
 # 3.12 ms with it on (the gate-up's 134 registers, or each thread's own copy of the row, a
 # third load a K step: not separated), Moonlight 2.40-2.41 -> 2.40 (level).
-# `PDSERVE_TILE_LOADS=1` turns it on.
-TILE_LOADS = tl.constexpr(os.environ.get("PDSERVE_TILE_LOADS") == "1")
+# `PDSERVE_TILE_LOADS=1` turns it on in both kernels; `PDSERVE_TILE_LOADS_GATE_UP` and
+# `PDSERVE_TILE_LOADS_DOWN` (1 or 0) in one each, to separate the two (`session.sh b26`).
+_TILE_LOADS = os.environ.get("PDSERVE_TILE_LOADS", "0")
+TILE_LOADS_GATE_UP = tl.constexpr(os.environ.get("PDSERVE_TILE_LOADS_GATE_UP", _TILE_LOADS) == "1")
+TILE_LOADS_DOWN = tl.constexpr(os.environ.get("PDSERVE_TILE_LOADS_DOWN", _TILE_LOADS) == "1")
 
 
 @triton.jit
@@ -202,7 +205,7 @@ def small_gate_up_program(
         for k0 in range(0, hidden, BLOCK_K):
             k_ok = ks < hidden - k0
             w_ok = col_ok[:, None] & k_ok[None, :]
-            if TILE_LOADS:
+            if TILE_LOADS_GATE_UP:
                 row_tile = x_ptr[None, :] + 0 * cols[:, None]
                 row = tl.load(row_tile, mask=w_ok, other=0.0).to(tl.float32)
             else:
@@ -397,7 +400,7 @@ def small_down_preload_kernel(
     a_ptr = act + pair[:, None] * inter + ks[None, :]
     acc = tl.zeros([K_POW2, BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, inter, BLOCK_K):
-        if TILE_LOADS:
+        if TILE_LOADS_DOWN:
             a_tile = a_ptr[:, None, :] + 0 * cols[None, :, None]
             a_ok = w_ok & (ks < inter - k0)[None, None, :]
             a = tl.load(a_tile, mask=a_ok, other=0.0).to(tl.float32)

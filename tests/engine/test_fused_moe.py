@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from typing import cast
 
 import pytest
@@ -248,20 +249,23 @@ def random_layer(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("tokens,top_k,inter", [(1, 8, 40), (3, 2, 24)])
 def test_tile_loads_change_nothing(tokens, top_k, inter, dtype, monkeypatch):
-    """`fused_moe_small.TILE_LOADS` (the gate-up's token row and the preloading down's
-    activations loaded in their weight tile's shape): the same routing, weights and output bit
-    for bit, the K steps ragged (40 in steps of 16) and narrower than a step (24 in one of 32)."""
+    """`fused_moe_small.TILE_LOADS_GATE_UP` and `TILE_LOADS_DOWN`, each and both (the gate-up's
+    token row and the preloading down's activations loaded in their weight tile's shape): the
+    same routing, weights and output bit for bit, the K steps ragged (40 in steps of 16) and
+    narrower than a step (24 in one of 32)."""
     g = torch.Generator().manual_seed(tokens * 5 + inter)
     experts, hidden = 12, 36
     w13, w2, x, logits = random_layer(experts, hidden, inter, tokens, dtype, g)
     step = 16 if inter == 40 else 32
     tiles = SmallBatchTiles(16, 16, 8, step, 4, down_preload=True)
     got = {}
-    for on in (False, True):
-        monkeypatch.setattr(fused_moe_small, "TILE_LOADS", tl.constexpr(on))
-        got[on] = small_batch_moe_routed(x, w13, w2, logits, top_k, True, tiles)
-    for a, b in zip(got[True], got[False], strict=True):
-        assert torch.equal(a, b)
+    for gate_up, down in itertools.product((False, True), repeat=2):
+        monkeypatch.setattr(fused_moe_small, "TILE_LOADS_GATE_UP", tl.constexpr(gate_up))
+        monkeypatch.setattr(fused_moe_small, "TILE_LOADS_DOWN", tl.constexpr(down))
+        got[gate_up, down] = small_batch_moe_routed(x, w13, w2, logits, top_k, True, tiles)
+    for on in ((False, True), (True, False), (True, True)):
+        for a, b in zip(got[on], got[False, False], strict=True):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("one_sum", [False, True])
