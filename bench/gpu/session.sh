@@ -1219,6 +1219,7 @@ b25)
   ROWS='^small-path routing|down preloaded|routed MoE .*T=1:|checks passed|FAILED' \
     step check_warp_route 100 $all3 python3 -m bench.check_moe_gpu --shape qwen3-30b-a3b \
     --shape moonlight-16b-a3b --routing-shape deepseek-v3 --routing-shape kimi-k2 --skip-mla
+  # SKIP_COST=1 leaves out the routing cost (the twenty-third session, for its 570 s).
   [ -n "${SKIP_COST:-}" ] || for warp in 1 0; do routing_cost "warp$warp" PDSERVE_WARP_ROUTE=$warp; done
   TAIL=6 step greedy_warp_route 90 $all3 python3 bench/gpu/preload_ab.py --greedy -- \
     qwen3-moe deepseek-v3
