@@ -1236,7 +1236,8 @@ b25)
   ;;
 b26)
   # The tile-shaped loads in one kernel at a time (b25 timed both at once: Qwen3-30B-A3B 2.90 ->
-  # 3.12 ms), then b20's README rows with the twenty-third session's defaults (about 400 s).
+  # 3.12 ms), then b20's README rows with the twenty-third session's defaults and a batch-1
+  # profile (about 450 s).
   # The preloading down compiled with its activations in the tile's shape against the plain
   # down (bit for bit); Qwen3-30B-A3B at batch 1 with neither, the down's only and the
   # gate-up's only (PDSERVE_TILE_LOADS_DOWN / _GATE_UP), alternating twice; then each model's
@@ -1255,6 +1256,9 @@ b26)
     ROWS='^device|^\| [0-9]+x' step "final_${preset%%-*}" 75 python3 -m bench.engine \
       --preset "$preset" --skip-hf --prefill '' --decode 1x128,64x128,256x128 --repeats 3
   done
+  # Where Qwen3-30B-A3B's batch-1 step goes now, on this machine.
+  TAIL=45 step profile_qwen3 75 python3 -m bench.profile_decode --preset qwen3-30b-a3b \
+    --decode 1x128 --top 16
   ;;
 *) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26"; exit 2 ;;
 esac
