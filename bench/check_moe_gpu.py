@@ -240,7 +240,43 @@ def check_mla() -> list[str]:
                 print(f"{name}: max err {err:.2e} of {largest:.2f}")
                 if err > MLA_TOL * largest:
                     failures.append(f"{name}: {err:.2e}")
+            if page_size == 16:
+                failures += check_combine_in_output(
+                    q_latent, q_pe, latent, pe, table, seq_lens, scale, g
+                )
     return failures
+
+
+def check_combine_in_output(
+    q_latent: torch.Tensor,
+    q_pe: torch.Tensor,
+    latent: torch.Tensor,
+    pe: torch.Tensor,
+    table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    g: torch.Generator,
+) -> list[str]:
+    """The MLA decode's combine in the W_UV product (`head_bmm.combine_head_bmm`) against the
+    combine launch then `head_bmm`, compiled: within a bfloat16 rounding of the output (the
+    combined values are the same; the product sums in another order)."""
+    from engine.kernels.head_bmm import combine_head_bmm, head_bmm
+    from engine.kernels.mla_decode import mla_decode
+    from engine.layers.pending import PendingCombine
+
+    heads = q_latent.shape[1]
+    w_uv = (torch.randn(heads, 128, 512, device="cuda", generator=g) * 512**-0.5).bfloat16()
+    args = (q_latent, q_pe, latent, pe, table, seq_lens, scale)
+    combined = mla_decode(*args, torch.empty_like(q_latent))
+    want = head_bmm(combined, w_uv.transpose(1, 2), q_latent.new_empty(len(seq_lens), heads, 128))
+    pending = mla_decode(*args, torch.empty_like(q_latent), defer_combine=True)
+    assert isinstance(pending, PendingCombine)
+    got = combine_head_bmm(pending, w_uv.transpose(1, 2), torch.empty_like(want))
+    err = (got.float() - want.float()).abs().max().item()
+    largest = want.float().abs().max().item()
+    name = f"MLA combine in the W_UV product heads={heads}"
+    print(f"{name}: max err {err:.2e} of {largest:.2f} (bf16 rounding {largest / 128:.2e})")
+    return [f"{name}: {err:.2e}"] if err > largest / 128 else []
 
 
 def check_mla_extend() -> list[str]:
@@ -356,6 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", action="append", choices=sorted(SHAPES))
     parser.add_argument("--skip-mla", action="store_true")
+    parser.add_argument("--mla-only", action="store_true", help="only the MLA kernels' checks")
     parser.add_argument(
         "--routing-shape",
         action="append",
@@ -371,7 +408,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in args.routing_shape:
         failures += check_routing_geometry(SHAPES[name], (1, 2, 8))
     shapes = args.shape or (
-        () if args.routing_shape else ("qwen3-30b-a3b", "moonlight-16b-a3b", "deepseek-v3")
+        ()
+        if args.routing_shape or args.mla_only
+        else ("qwen3-30b-a3b", "moonlight-16b-a3b", "deepseek-v3")
     )
     for name in shapes:
         failures += check_moe(SHAPES[name], TOKENS)

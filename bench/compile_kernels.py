@@ -461,6 +461,16 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
         {"NUM_SPLITS": 16, "BLOCK_S": 16, "BLOCK_R": 512},
         num_warps=4,
     )
+    # The combine in the output's absorption (MLA_COMBINE_IN_OUTPUT): Moonlight at one row,
+    # 16 ranges, W_UV's 16-column slabs of 512.
+    add(
+        "combine_head_bmm_kernel bf16 16 ranges, 16 x 512",
+        head_bmm.combine_head_bmm_kernel,
+        {"mid_out": "*fp32", "mid_lse": "*fp32", "w": "*bf16", "out": "*bf16"},
+        {"NUM_SPLITS": 16, "BLOCK_S": 16, "BLOCK_N": 16, "BLOCK_K": 512},
+        divisible=("w", "out", "K", "N", "stride_wh", "stride_wn"),
+        num_warps=4,
+    )
     starts = ("prefix_lens_ptr", "extend_lens_ptr", "q_starts_ptr", "block_seq_ptr")
     meta = {name: "*i64" for name in starts} | {"block_first_ptr": i32}
     for dtype, tma in (("bf16", False), ("fp32", False), ("bf16", True)):

@@ -78,6 +78,7 @@
 #   run(command="bash bench/gpu/session.sh b24", carry=[".whl"]) # more early triggers, A/B
 #   run(command="bash bench/gpu/session.sh b25", carry=[".whl"]) # three MoE switches, A/B
 #   run(command="bash bench/gpu/session.sh b26", carry=[".whl"]) # tile loads split; the rows
+#   run(command="bash bench/gpu/session.sh b27", carry=[".whl"]) # MLA combine in W_UV, A/B
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -1260,5 +1261,22 @@ b26)
   TAIL=45 step profile_qwen3 75 python3 -m bench.profile_decode --preset qwen3-30b-a3b \
     --decode 1x128 --top 16
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26"; exit 2 ;;
+b27)
+  # The MLA decode's combine in the W_UV product at batch 1 (PDSERVE_MLA_COMBINE_IN_OUTPUT=1,
+  # off by default; about 250 s): checked compiled against the combine launch then head_bmm
+  # (16 and 128 heads), the tiny DeepSeek-V3's greedy tokens a prompt at a time with it on,
+  # then Moonlight 1 x 128 off / on, alternating three times.
+  ROWS='MLA combine in|checks passed|FAILED' step check_mla_combine 90 \
+    python3 -m bench.check_moe_gpu --mla-only
+  TAIL=6 step greedy_mla_combine 90 env PDSERVE_MLA_COMBINE_IN_OUTPUT=1 \
+    python3 bench/gpu/preload_ab.py --greedy -- deepseek-v3
+  for i in 1 2 3; do
+    for on in 0 1; do
+      ROWS='^\| 1x128' step "moonlight_c${on}_$i" 55 env PDSERVE_MLA_COMBINE_IN_OUTPUT=$on \
+        python3 -m bench.engine --preset moonlight-16b-a3b --skip-hf --prefill '' \
+        --decode 1x128 --repeats 3
+    done
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27"; exit 2 ;;
 esac

@@ -23,7 +23,9 @@ import triton.language as tl
 
 from engine.kernels import fused, pdl
 from engine.kernels.attention import dot_precision
+from engine.kernels.mla_decode import combine_columns
 from engine.kernels.sms import sm_count
+from engine.layers.pending import PendingCombine
 
 
 @triton.jit
@@ -179,6 +181,83 @@ def mla_absorb_latent_kernel(
             stride_kot, stride_latent, stride_pe, stride_table, num_tokens,
             HQ, HALF, BLOCK, BLOCK_R, INTERLEAVED, RETURN_KV, TOKENS,
         )  # fmt: skip
+
+
+@triton.jit
+def combine_head_bmm_kernel(
+    mid_out,  # [T, H, S, K] float32: the MLA decode's ranges' partials
+    mid_lse,  # [T, H, S] float32
+    w,  # [H, K, N], unit stride in K (W_UV transposed, as a view of kv_b_proj's weight)
+    out,  # [T, H, N], unit stride in N
+    N,
+    K,
+    num_heads,
+    stride_wh,
+    stride_wn,
+    stride_ot,
+    stride_oh,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """Columns `pid_n * BLOCK_N ...` of head h's output for row t: the program's `[BLOCK_N,
+    K]` slab of W loaded before the PDL wait (it streams in while the MLA decode runs), then
+    head h's combined latent output (`mla_decode.combine_columns`, rounded to the output's
+    dtype as the combine launch's store rounds it) multiplied by it on the CUDA cores."""
+    pid_n, h, t = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    col_ok = cols < N
+    k_ok = ks < K
+    held = tl.load(
+        w + h * stride_wh + cols[:, None] * stride_wn + ks[None, :],
+        mask=col_ok[:, None] & k_ok[None, :],
+        other=0.0,
+    )  # [BLOCK_N, BLOCK_K]
+    pdl.start(PDL)
+    latent = combine_columns(mid_out, mid_lse, t, h, num_heads, K, ks, k_ok, NUM_SPLITS, BLOCK_S)
+    latent = latent.to(out.dtype.element_ty).to(tl.float32)
+    acc = tl.sum(held.to(tl.float32) * latent[None, :], axis=1)  # [BLOCK_N]
+    tl.store(out + t * stride_ot + h * stride_oh + cols, acc.to(out.dtype.element_ty), mask=col_ok)
+
+
+# Output columns a program of `combine_head_bmm_kernel` takes: Moonlight's W_UV (16 heads x 128
+# columns x 512) in 128 programs of 16 KB.
+COMBINE_BLOCK_N = 16
+
+
+def combine_head_bmm(pending: PendingCombine, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`head_bmm(latent, w, out)` where `latent` is what the MLA decode's combine launch would
+    have written from `pending` (`mla_decode(..., defer_combine=True)`): one launch instead of
+    two. w `[H, K, N]` with unit stride in K (W_UV transposed), out `[T, H, N]` (unit stride in
+    N); writes and returns `out`. The combined values are the combine launch's, rounded to
+    `pending.dtype` as it stores them; the product sums in float32 in another order than
+    `head_bmm`'s tiles (the last bit of the output may differ)."""
+    t, heads, k = pending.shape
+    splits = pending.mid_out.shape[2]
+    n = w.shape[2]
+    if w.shape[:2] != (heads, k) or out.shape != (t, heads, n):
+        raise ValueError(
+            f"combine_head_bmm shapes do not match: partials {tuple(pending.mid_out.shape)}, "
+            f"w {tuple(w.shape)}, out {tuple(out.shape)}"
+        )
+    if w.stride(1) != 1 or out.stride(2) != 1:
+        raise ValueError("combine_head_bmm needs unit stride in w's K and out's last dim")
+    if out.dtype != pending.dtype:
+        raise ValueError(f"out is {out.dtype} but the decode's output is {pending.dtype}")
+    if t == 0:
+        return out
+    block_n = min(COMBINE_BLOCK_N, triton.next_power_of_2(n))
+    combine_head_bmm_kernel[(triton.cdiv(n, block_n), heads, t)](
+        pending.mid_out, pending.mid_lse, w, out, n, k, heads, w.stride(0), w.stride(2),
+        out.stride(0), out.stride(1), NUM_SPLITS=splits,
+        BLOCK_S=triton.next_power_of_2(splits), BLOCK_N=block_n,
+        BLOCK_K=triton.next_power_of_2(k), num_warps=4,
+        **pdl.launch_args(pending.mid_out, trigger_first=pdl.trigger_first(t)),
+    )  # fmt: skip
+    return out
 
 
 def head_bmm_tiles(t: int, heads: int, n: int, num_sms: int) -> tuple[int, int]:

@@ -21,6 +21,8 @@ Both kernels take part in programmatic dependent launch (`engine.kernels.pdl`).
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import torch
 import triton
 import triton.language as tl
@@ -28,6 +30,7 @@ import triton.language as tl
 from engine.kernels import pdl
 from engine.kernels.attention import dot_precision
 from engine.kernels.sms import H200_SMS, sm_count
+from engine.layers.pending import PendingCombine
 
 DEFAULT_BLOCK_H = 16
 
@@ -313,6 +316,17 @@ def mla_decode_combine_kernel(
     h, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     r = tl.arange(0, BLOCK_R)
     r_ok = r < R
+    result = combine_columns(mid_out, mid_lse, b, h, num_heads, R, r, r_ok, NUM_SPLITS, BLOCK_S)
+    tl.store(out + b * stride_ob + h * stride_oh + r, result.to(out.dtype.element_ty), mask=r_ok)
+
+
+@triton.jit
+def combine_columns(
+    mid_out, mid_lse, b, h, num_heads, R, r, r_ok, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr
+):  # fmt: skip
+    """Head h of sequence b (int64), columns `r` (masked by `r_ok`) of its output, in float32,
+    from the ranges' partials: the combine launch's body, also run by the output's absorption
+    where it reads the partials itself (`head_bmm.combine_head_bmm`)."""
     # Every range's log-sum-exp, then the live ranges' partial outputs, in two rounds of loads
     # (a loop over the ranges waited on two dependent loads per range). An empty range (-inf:
     # past a short context, whose split kernel exited) weighs nothing and its never-written
@@ -330,8 +344,7 @@ def mla_decode_combine_kernel(
     denom = tl.sum(weight, axis=0)
     acc = tl.sum(part * weight[:, None], axis=0)  # empty ranges loaded as zeros
     # A sequence of length 0 (a padding row of a graph-sized batch) gets zeros.
-    result = tl.where(denom > 0, acc / tl.maximum(denom, 1e-30), 0.0)
-    tl.store(out + b * stride_ob + h * stride_oh + r, result.to(out.dtype.element_ty), mask=r_ok)
+    return tl.where(denom > 0, acc / tl.maximum(denom, 1e-30), 0.0)
 
 
 def default_block_h(dtype: torch.dtype, batch: int, num_heads: int, num_sms: int = H200_SMS) -> int:
@@ -384,6 +397,7 @@ def default_num_kv_splits(
     return max(1, min(16, slots // programs))
 
 
+@overload
 def mla_decode(
     q_latent: torch.Tensor,
     q_pe: torch.Tensor,
@@ -400,8 +414,52 @@ def mla_decode(
     num_warps: int | None = None,
     num_stages: int = 2,
     quarters: bool | None = None,
-) -> torch.Tensor:
-    """Absorbed MLA decode over the paged cache; writes and returns `out`.
+    defer_combine: Literal[False] = False,
+) -> torch.Tensor: ...
+
+
+@overload
+def mla_decode(
+    q_latent: torch.Tensor,
+    q_pe: torch.Tensor,
+    latent_cache: torch.Tensor,
+    pe_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    num_kv_splits: int | None = None,
+    block_n: int | None = None,
+    block_h: int | None = None,
+    req_rows: torch.Tensor | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 2,
+    quarters: bool | None = None,
+    defer_combine: bool = False,
+) -> torch.Tensor | PendingCombine: ...
+
+
+def mla_decode(
+    q_latent: torch.Tensor,
+    q_pe: torch.Tensor,
+    latent_cache: torch.Tensor,
+    pe_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    num_kv_splits: int | None = None,
+    block_n: int | None = None,
+    block_h: int | None = None,
+    req_rows: torch.Tensor | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 2,
+    quarters: bool | None = None,
+    defer_combine: bool = False,
+) -> torch.Tensor | PendingCombine:
+    """Absorbed MLA decode over the paged cache; writes and returns `out`, or with
+    `defer_combine` and more than one range the ranges' partials, uncombined (a
+    `PendingCombine`: no combine launch; `out` is then not written).
 
     q_latent `[B, H, R]`, q_pe `[B, H, P]` (one new token per sequence); latent_cache `[pages,
     page_size, 1, R]` and pe_cache `[pages, page_size, 1, P]` (one layer's K and V tensors of
@@ -508,6 +566,8 @@ def mla_decode(
     )
     if direct:
         return out
+    if defer_combine:
+        return PendingCombine(mid_out, mid_lse, out.dtype)
     mla_decode_combine_kernel[(num_heads, batch)](
         mid_out,
         mid_lse,

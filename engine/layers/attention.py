@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from engine.forward_batch import ForwardBatch
 from engine.layers.norm import RMSNorm
+from engine.layers.pending import PendingCombine
 from engine.layers.rotary import RotaryEmbedding
 
 
@@ -120,10 +121,11 @@ class AttentionBackend(ABC):
         layer_id: int,
         batch: ForwardBatch,
         scale: float,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | PendingCombine:
         """`forward_mla_rope` of the latent queries `mla_absorb_query(q_nope, w_uk)`: the
         absorbed form's whole attention before its output absorption (a backend may compute
-        the queries' absorption and the latent side in one launch)."""
+        the queries' absorption and the latent side in one launch, and may leave the decode's
+        ranges uncombined for its `mla_absorb_output`: a `PendingCombine`)."""
         q_latent = self.mla_absorb_query(q_nope, w_uk)
         return self.forward_mla_rope(
             q_latent, q_pe, c_kv, k_pe, kv_norm, rotary, layer_id, batch, scale
@@ -135,12 +137,17 @@ class AttentionBackend(ABC):
         Here cuBLAS's batched product over heads, on the strided views as they are."""
         return torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)
 
-    def mla_absorb_output(self, out: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
+    def mla_absorb_output(
+        self, out: torch.Tensor | PendingCombine, w_uv: torch.Tensor
+    ) -> torch.Tensor:
         """The absorbed form's per-head values `[T, H, v]`, contiguous (o_proj reads them
-        flattened): the latent attention output `out` `[T, H, R]` times each head's W_UV
-        transposed (`w_uv` `[H, v, R]`, a view of `kv_b_proj`'s weight). Here cuBLAS's batched
-        product over heads, written through a transposed view of the result (bmm's out= form
-        refuses operands that require grad, as the weights do outside inference mode)."""
+        flattened): the latent attention output `out` `[T, H, R]` (or its uncombined ranges)
+        times each head's W_UV transposed (`w_uv` `[H, v, R]`, a view of `kv_b_proj`'s
+        weight). Here cuBLAS's batched product over heads, written through a transposed view
+        of the result (bmm's out= form refuses operands that require grad, as the weights do
+        outside inference mode)."""
+        if isinstance(out, PendingCombine):
+            out = out.materialize()
         attn = out.new_empty(out.shape[0], w_uv.shape[0], w_uv.shape[1])
         with torch.no_grad():
             torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2), out=attn.transpose(0, 1))

@@ -12,6 +12,9 @@ the output fewer each, the result bit for bit the same.
 
 Only `DecoderLayer` asks for it, for the outputs that go straight to a norm; every other
 caller gets tensors as before.
+
+`PendingCombine` is the same idea inside MLA's attention: a decode's ranges left uncombined
+for the W_UV product that reads them next (`engine.kernels.head_bmm.combine_head_bmm`).
 """
 
 from __future__ import annotations
@@ -67,6 +70,34 @@ class PendingSum:
             else:
                 acc = acc + piece
         return acc.to(self.dtype)
+
+
+@dataclass(frozen=True)
+class PendingCombine:
+    """An MLA decode's output `[B, H, R]` before its ranges are combined
+    (`engine.kernels.mla_decode.mla_decode(..., defer_combine=True)`): each range's normalised
+    partial `mid_out` `[B, H, S, R]` and log-sum-exp `mid_lse` `[B, H, S]` (float32, -inf for
+    an empty range, whose partial is never written), to be combined and rounded to `dtype`."""
+
+    mid_out: torch.Tensor
+    mid_lse: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        b, h, _, r = self.mid_out.shape
+        return torch.Size((b, h, r))
+
+    def materialize(self) -> torch.Tensor:
+        """The combined output, in torch: each range weighted by exp(lse - max), over their
+        sum; a row with no live range (a padding row) zeros."""
+        live = self.mid_lse > float("-inf")
+        top = torch.where(live, self.mid_lse, 0.0).amax(dim=-1, keepdim=True)
+        weight = torch.where(live, torch.exp(self.mid_lse - top), 0.0)
+        parts = torch.where(live[..., None], self.mid_out, 0.0)  # never-written ranges
+        acc = (parts * weight[..., None]).sum(dim=2)
+        denom = weight.sum(dim=-1, keepdim=True)
+        return torch.where(denom > 0, acc / denom.clamp_min(1e-30), 0.0).to(self.dtype)
 
 
 def materialize(x: torch.Tensor | PendingSum) -> torch.Tensor:

@@ -12,6 +12,7 @@ up-projected to per-head keys and values and `engine.kernels.mla_extend` attends
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,11 +22,12 @@ from engine.device import upload
 from engine.forward_batch import ForwardBatch
 from engine.kernels import attention as kernels
 from engine.kernels import fused, mla_extend
-from engine.kernels.head_bmm import absorb_query_and_latent, head_bmm
+from engine.kernels.head_bmm import absorb_query_and_latent, combine_head_bmm, head_bmm
 from engine.kernels.mla_decode import mla_decode
 from engine.kernels.sms import sm_count
 from engine.layers.attention import AttentionBackend
 from engine.layers.norm import RMSNorm
+from engine.layers.pending import PendingCombine
 from engine.layers.rotary import RotaryEmbedding
 
 HEAD_BMM_MAX_ROWS = 64  # MLA's query absorption on the Triton kernel up to this many rows
@@ -37,6 +39,17 @@ HEAD_BMM_MAX_ROWS = 64  # MLA's query absorption on the Triton kernel up to this
 # H100, back to back, alternating (`bash bench/gpu/session.sh b16`, the twentieth session):
 # 2.52 / 2.52 / 2.52 ms on cuBLAS against 2.49 / 2.48 / 2.47 on head_bmm (b13: 2.52 / 2.48).
 HEAD_BMM_OUTPUT_MAX_ROWS = 1
+# At those rows, the MLA decode's combine in the output absorption's launch
+# (`head_bmm.combine_head_bmm`: each program combines its head's ranges as it reads them, its
+# slab of W_UV loaded before its wait): one launch a layer fewer in the batch-1 chain, the same
+# combined values, the product summed in another order (within a bf16 rounding of head_bmm's
+# output: `bench.check_moe_gpu`). Expected a link and the combine's own run, about 2 µs a
+# layer; got about 1.5: Moonlight 1 x 128 on an H100, alternating four times (the twenty-
+# fourth session, `--repeats 5`), back to back 2.44 / 2.42 / 2.42 / 2.38 ms off against 2.41 /
+# 2.39 / 2.36 / 2.34 on, the step alone 2.36-2.37 against 2.32-2.33. The tiny DeepSeek-V3's
+# greedy tokens stay transformers' (float32, a prompt at a time, graphs on and off).
+# `PDSERVE_MLA_COMBINE_IN_OUTPUT=0` turns it off.
+MLA_COMBINE_IN_OUTPUT = os.environ.get("PDSERVE_MLA_COMBINE_IN_OUTPUT", "1") != "0"
 
 
 # Decode steps fold RoPE (with any q/k norms) and the KV write into the decode attention's
@@ -259,7 +272,7 @@ class TritonAttentionBackend(AttentionBackend):
         layer_id: int,
         batch: ForwardBatch,
         scale: float,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | PendingCombine:
         rows, heads = q_nope.shape[0], q_nope.shape[1]
         if (
             not MLA_ABSORB_WITH_LATENT
@@ -276,7 +289,8 @@ class TritonAttentionBackend(AttentionBackend):
             kv_norm.weight, kv_norm.eps, latent_slots, pe_slots, batch.out_slots,
         )  # fmt: skip
         q_latent, q_pe = absorb_query_and_latent(q_nope, w_uk, latent)
-        return self._mla_decode(meta, q_latent, q_pe, layer_id, batch, scale)
+        defer = MLA_COMBINE_IN_OUTPUT and rows <= HEAD_BMM_OUTPUT_MAX_ROWS
+        return self._mla_decode_ranges(meta, q_latent, q_pe, layer_id, batch, scale, defer)
 
     def _decode_metadata(self, batch: ForwardBatch) -> _DecodeMetadata:
         if not self._mla:
@@ -295,13 +309,29 @@ class TritonAttentionBackend(AttentionBackend):
         batch: ForwardBatch,
         scale: float,
     ) -> torch.Tensor:
+        result = self._mla_decode_ranges(meta, q_latent, q_pe, layer_id, batch, scale, False)
+        assert isinstance(result, torch.Tensor)
+        return result
+
+    def _mla_decode_ranges(
+        self,
+        meta: _DecodeMetadata,
+        q_latent: torch.Tensor,
+        q_pe: torch.Tensor,
+        layer_id: int,
+        batch: ForwardBatch,
+        scale: float,
+        defer_combine: bool,
+    ) -> torch.Tensor | PendingCombine:
+        """`_mla_decode`, with `defer_combine` the ranges' partials for `mla_absorb_output`
+        to combine (`MLA_COMBINE_IN_OUTPUT`)."""
         cache = batch.kv_cache
         out = q_latent.new_empty(q_latent.shape)
         # The kernel reads each sequence's row of the whole page table through req_rows: no
         # gather of the batch's rows (a launch per layer before).
         return mla_decode(
             q_latent, q_pe, cache.k[layer_id], cache.v[layer_id], batch.page_table,
-            meta.seq_lens, scale, out, req_rows=batch.req_rows,
+            meta.seq_lens, scale, out, req_rows=batch.req_rows, defer_combine=defer_combine,
         )  # fmt: skip
 
     def mla_absorb_query(self, q_nope: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:
@@ -316,9 +346,18 @@ class TritonAttentionBackend(AttentionBackend):
         out = q_nope.new_empty(q_nope.shape[0], w_uk.shape[0], w_uk.shape[2])
         return head_bmm(q_nope, w_uk, out)
 
-    def mla_absorb_output(self, out: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
+    def mla_absorb_output(
+        self, out: torch.Tensor | PendingCombine, w_uv: torch.Tensor
+    ) -> torch.Tensor:
         """Up to `HEAD_BMM_OUTPUT_MAX_ROWS` rows `engine.kernels.head_bmm` (in the PDL chain
-        between the MLA decode and O), beyond them cuBLAS's."""
+        between the MLA decode and O), beyond them cuBLAS's; a decode's uncombined partials
+        (`MLA_COMBINE_IN_OUTPUT`) through `head_bmm.combine_head_bmm`."""
+        if isinstance(out, PendingCombine):
+            attn = torch.empty(
+                out.shape[0], w_uv.shape[0], w_uv.shape[1], dtype=out.dtype,
+                device=out.mid_out.device,
+            )  # fmt: skip
+            return combine_head_bmm(out, w_uv.transpose(1, 2), attn)
         if out.shape[0] > HEAD_BMM_OUTPUT_MAX_ROWS:
             return super().mla_absorb_output(out, w_uv)
         attn = out.new_empty(out.shape[0], w_uv.shape[0], w_uv.shape[1])

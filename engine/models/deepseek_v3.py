@@ -128,11 +128,12 @@ class MLAttention(nn.Module):
         # Both absorptions are products batched over heads, on the weight's views as they are
         # (the query's W_UK inside the backend's call, which may share its launch with the
         # latent's norm, the rotations and the cache write).
-        out = self.backend.forward_mla_absorbed_rope(
+        # [T, H, R], or the decode's ranges uncombined for the W_UV product to combine
+        latent = self.backend.forward_mla_absorbed_rope(
             q_nope, w_uk, q_pe, c_kv, k_pe, self.kv_a_layernorm, self.rotary, self.layer_id,
             batch, self.scale,
-        )  # fmt: skip  # [T, H, R]
-        attn = self.backend.mla_absorb_output(out, w_uv)  # [T, H, v], contiguous
+        )  # fmt: skip
+        attn = self.backend.mla_absorb_output(latent, w_uv)  # [T, H, v], contiguous
         return self._output(attn.flatten(1), defer)
 
     def _output(self, x: torch.Tensor, defer: bool) -> torch.Tensor | PendingSum:

@@ -326,3 +326,52 @@ def test_default_block_h():
     assert [default_block_h(torch.bfloat16, b, 64, 132) for b in (1, 8, 16)] == [16, 32, 64]
     assert {default_block_h(torch.bfloat16, b, 16, 132) for b in (1, 64, 256)} == {16}
     assert default_block_h(torch.float32, 64, 128, 132) == 16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("splits", [1, 3, 16])
+def test_combine_in_the_output_absorption_is_the_combine_then_the_product(dtype, splits):
+    """`mla_decode(..., defer_combine=True)` leaves the ranges uncombined (`PendingCombine`,
+    whose torch `materialize` is the combine launch's output) and
+    `head_bmm.combine_head_bmm` combines them as it multiplies by W_UV (a strided view of
+    `kv_b_proj`'s weight, transposed, as the model passes it): the combine launch's values,
+    then `head_bmm`'s product up to float32 summation order (float16: the output rounds once,
+    2e-3). A padding row of length 0 gets zeros; one range has no partials, so the decode
+    returns its output as before."""
+    from engine.kernels.head_bmm import combine_head_bmm, head_bmm
+    from engine.layers.pending import PendingCombine
+
+    heads, rank, nope, v_dim = 3, 64, 16, 24
+    q_latent, q_pe, cache, table, seq_lens, scale, _ = decode_case(
+        [0, 7, 45, 20], heads, rank, 8, 4, dtype, seed=splits
+    )
+    seq_lens[3] = 0  # a graph's padding row
+    g = torch.Generator().manual_seed(5)
+    kv_b = (torch.randn(heads * (nope + v_dim), rank, generator=g) * rank**-0.5).to(dtype)
+    w_uv_t = kv_b.view(heads, nope + v_dim, rank)[:, nope:].transpose(1, 2)  # [H, R, v]
+    args = (q_latent, q_pe, cache.k[0], cache.v[0], table, seq_lens, scale)
+    latent = mla_decode(*args, torch.empty_like(q_latent), splits, 16)
+    want = head_bmm(latent, w_uv_t, torch.empty(4, heads, v_dim, dtype=dtype))
+    pending = mla_decode(*args, torch.empty_like(q_latent), splits, 16, defer_combine=True)
+    if splits == 1:
+        assert isinstance(pending, torch.Tensor) and torch.equal(pending, latent)
+        return
+    assert isinstance(pending, PendingCombine) and pending.shape == latent.shape
+    # The torch form of the combine (what the torch backend's W_UV product takes it as).
+    tol = 1e-6 if dtype == torch.float32 else 1e-3
+    torch.testing.assert_close(pending.materialize(), latent, rtol=tol, atol=tol)
+    got = combine_head_bmm(pending, w_uv_t, torch.full((4, heads, v_dim), 7.0, dtype=dtype))
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    assert torch.equal(got[3], torch.zeros_like(got[3]))
+    with pytest.raises(ValueError, match="do not match"):
+        combine_head_bmm(pending, w_uv_t[:2], torch.empty(4, 2, v_dim, dtype=dtype))
+    with pytest.raises(ValueError, match="unit stride"):
+        combine_head_bmm(pending, w_uv_t.contiguous(), torch.empty(4, heads, v_dim, dtype=dtype))
+    other = torch.float16 if dtype == torch.float32 else torch.float32
+    with pytest.raises(ValueError, match="decode's output"):
+        combine_head_bmm(pending, w_uv_t, torch.empty(4, heads, v_dim, dtype=other))
+    assert combine_head_bmm(
+        PendingCombine(pending.mid_out[:0], pending.mid_lse[:0], dtype), w_uv_t,
+        torch.empty(0, heads, v_dim, dtype=dtype),
+    ).shape == (0, heads, v_dim)  # fmt: skip

@@ -395,11 +395,26 @@ def test_mla_output_absorption_on_head_bmm_keeps_transformers_tokens(
     tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With the W_UV product on `head_bmm` at every decode batch of the test (a batch of three
-    and, as prompts end, fewer), DeepSeek-V3's greedy tokens stay transformers'."""
+    and, as prompts end, fewer; the combine its own launch), DeepSeek-V3's greedy tokens stay
+    transformers'."""
     from engine.layers import triton_attention
 
     monkeypatch.setattr(triton_attention, "HEAD_BMM_OUTPUT_MAX_ROWS", 64)
+    monkeypatch.setattr(triton_attention, "MLA_COMBINE_IN_OUTPUT", False)
     _deepseek_greedy_through(tiny_models, monkeypatch, "head_bmm")
+
+
+def test_mla_combine_in_the_output_absorption_keeps_transformers_tokens(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`MLA_COMBINE_IN_OUTPUT` on at every decode batch of the test: each MLA decode leaves
+    its ranges uncombined and the W_UV product combines them (`combine_head_bmm`, every
+    decode step's every layer); DeepSeek-V3's greedy tokens stay transformers'."""
+    from engine.layers import triton_attention
+
+    monkeypatch.setattr(triton_attention, "MLA_COMBINE_IN_OUTPUT", True)
+    monkeypatch.setattr(triton_attention, "HEAD_BMM_OUTPUT_MAX_ROWS", 64)
+    _deepseek_greedy_through(tiny_models, monkeypatch, "combine_head_bmm")
 
 
 @pytest.mark.parametrize("family", ["qwen2", "deepseek-v3"])
@@ -524,8 +539,9 @@ def test_mla_decode_layer_launches(
     q-LoRA norm, counted apart): the W_UK and W_UV products, on strided views with no copy,
     the fused latent kernel, and the decode kernel's two; no norm, rotary, cache write or
     page-table gather of their own (four launches more before, and a copy at T > 1). With
-    `MLA_ABSORB_WITH_LATENT` the W_UK product and the latent kernel are one launch. A batch of
-    one: the W_UV product on head_bmm (past `HEAD_BMM_OUTPUT_MAX_ROWS`, cuBLAS's bmm)."""
+    `MLA_ABSORB_WITH_LATENT` the W_UK product and the latent kernel are one launch, and the
+    decode's combine is in the W_UV product's (`MLA_COMBINE_IN_OUTPUT`). A batch of one: the
+    W_UV product on head_bmm (past `HEAD_BMM_OUTPUT_MAX_ROWS`, cuBLAS's bmm)."""
     import collections
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -593,17 +609,19 @@ def test_mla_decode_layer_launches(
     steps = state["steps"]
     assert steps >= 2  # (overlapped scheduling may run one more)
     per_step = {name: n / steps for name, n in launches.items()}
-    # W_UV at one row (`HEAD_BMM_OUTPUT_MAX_ROWS`): head_bmm, into the buffer o_proj reads.
-    expected = collections.Counter({"triton head_bmm_kernel": 1})
+    # W_UV at one row (`HEAD_BMM_OUTPUT_MAX_ROWS`), into the buffer o_proj reads: with the
+    # latent side in one launch, the decode's combine in it (`MLA_COMBINE_IN_OUTPUT`); else
+    # head_bmm after the combine launch.
+    expected = collections.Counter({"triton mla_decode_split_kernel": 1})  # rank 16: no quarters
     expected.update(
-        {"triton mla_absorb_latent_kernel": 1}
+        {"triton mla_absorb_latent_kernel": 1, "triton combine_head_bmm_kernel": 1}
         if absorb_with_latent
-        else {"triton head_bmm_kernel": 1, "triton _mla_latent_kernel": 1}  # W_UK, latent
+        else {
+            "triton head_bmm_kernel": 2,  # W_UK, W_UV
+            "triton _mla_latent_kernel": 1,
+            "triton mla_decode_combine_kernel": 1,
+        }
     )
-    expected.update({
-        "triton mla_decode_split_kernel": 1,  # the tiny model's rank 16: no quarters
-        "triton mla_decode_combine_kernel": 1,
-    })  # fmt: skip
     assert per_step == expected
 
 
