@@ -166,17 +166,6 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
     add("decode_split_kernel bf16", *args, **kwargs)
     args, kwargs = decode_attention_launch(rope=True)
     add("decode_split_kernel bf16, RoPE, q/k norms and the KV write folded in", *args, **kwargs)
-    # The GQA combine at batch 1's 64 splits, split by split and in two rounds
-    # (attention.COMBINE_ROUNDS, 8 warps there).
-    for block_s, warps in ((0, 2), (64, 8)):
-        add(
-            f"decode_combine_kernel bf16 head 128, {'two rounds of 64' if block_s else 'a loop'}",
-            attention._decode_combine_kernel,
-            {"part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "seq_lens_ptr": "*i32",
-             "out_ptr": "*bf16"},
-            {"DV": 128, "BLOCK_DV": 128, "BLOCK_N": 64, "BLOCK_S": block_s},
-            num_warps=warps,
-        )  # fmt: skip
     ids = {"topk_ids": "*i64"}
     i32 = "*i32"
     for experts in (64, 128, 256):

@@ -20,7 +20,6 @@ Softmax runs in float32 in the log2 domain (scores scaled by `scale * log2(e)`).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -366,22 +365,14 @@ def _decode_combine_kernel(
     BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr,
     num_splits,
-    BLOCK_S: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl.start(PDL)
-    if BLOCK_S:
-        decode_combine_rounds(
-            tl.program_id(0), tl.program_id(1), part_o_ptr, part_lse_ptr, seq_lens_ptr,
-            out_ptr, stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb,
-            stride_outh, DV, BLOCK_DV, BLOCK_N, num_splits, BLOCK_S,
-        )  # fmt: skip
-    else:
-        decode_combine_program(
-            tl.program_id(0), tl.program_id(1), part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr,
-            stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
-            DV, BLOCK_DV, BLOCK_N, num_splits,
-        )  # fmt: skip
+    decode_combine_program(
+        tl.program_id(0), tl.program_id(1), part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr,
+        stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
+        DV, BLOCK_DV, BLOCK_N, num_splits,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -391,7 +382,7 @@ def decode_combine_program(
     BLOCK_N: tl.constexpr, num_splits,
 ):  # fmt: skip
     """Program `(b, h)` of `decode_attention`'s combine launch: head h of sequence b's output
-    from its splits' partials, split after split (two dependent loads each)."""
+    from its splits' partials."""
     seq_len = tl.load(seq_lens_ptr + b)
     split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     dv = tl.arange(0, BLOCK_DV)
@@ -417,56 +408,6 @@ def decode_combine_program(
         (acc / total).to(out_ptr.dtype.element_ty),
         mask=dv < DV,
     )
-
-
-@triton.jit
-def decode_combine_rounds(
-    b, h, part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, stride_ob, stride_oh, stride_os,
-    stride_lb, stride_lh, stride_outb, stride_outh, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr, num_splits, BLOCK_S: tl.constexpr,
-):  # fmt: skip
-    """`decode_combine_program` in two rounds of loads: the context length, then every live
-    split's log-sum-exp and partial output at once (`BLOCK_S >= num_splits`), weighed by one
-    maximum instead of rescaled split after split. A sequence of length 0 (a padding row of a
-    graph-sized batch) gets zeros."""
-    seq_len = tl.load(seq_lens_ptr + b)
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    dv = tl.arange(0, BLOCK_DV)
-    split = tl.arange(0, BLOCK_S)
-    live = (split < num_splits) & (split * split_len < seq_len)
-    lse = tl.load(
-        part_lse_ptr + b * stride_lb + h * stride_lh + split, mask=live, other=float("-inf")
-    )
-    o = tl.load(
-        part_o_ptr + b * stride_ob + h * stride_oh + split[:, None] * stride_os + dv[None, :],
-        mask=live[:, None] & (dv[None, :] < DV),
-        other=0.0,
-    )  # [BLOCK_S, BLOCK_DV]
-    m = tl.max(lse, axis=0)
-    w = tl.where(live, tl.exp2(lse - tl.where(live, m, 0.0)), 0.0)
-    total = tl.sum(w, axis=0)
-    acc = tl.sum(o * w[:, None], axis=0)
-    result = tl.where(total > 0, acc / tl.maximum(total, 1e-30), 0.0)
-    tl.store(
-        out_ptr + b * stride_outb + h * stride_outh + dv,
-        result.to(out_ptr.dtype.element_ty),
-        mask=dv < DV,
-    )
-
-
-# The decode combine in two rounds of loads (`decode_combine_rounds`) instead of a loop over
-# the splits with two dependent loads each: at batch 1 Qwen3-30B-A3B's and Llama-3-8B's heads
-# have up to 64 splits, 2-4 of them live at 128-256 tokens. Off until `bash
-# bench/gpu/session.sh b28` times it; `PDSERVE_COMBINE_ROUNDS=1` turns it on.
-COMBINE_ROUNDS = os.environ.get("PDSERVE_COMBINE_ROUNDS", "0") == "1"
-
-
-def _combine_warps(num_splits: int, block_dv: int) -> int:
-    """The combine launch's warps: two rounds hold every split's partial at once (`[BLOCK_S,
-    BLOCK_DV]` float32, about 32 a thread at most); the loop one row at a time."""
-    if COMBINE_ROUNDS:
-        return min(8, max(2, num_splits * block_dv // 1024))
-    return 4 if block_dv >= 256 else 2
 
 
 def decode_splits(
@@ -636,8 +577,7 @@ def decode_attention(
         BLOCK_DV=block_dv,
         BLOCK_N=tiles.block_n,
         num_splits=num_splits,
-        BLOCK_S=triton.next_power_of_2(num_splits) if COMBINE_ROUNDS else 0,
-        num_warps=_combine_warps(num_splits, block_dv),
+        num_warps=4 if block_dv >= 256 else 2,
         **pdl.launch_args(q, trigger_first=early),
     )
     return out

@@ -161,36 +161,6 @@ def test_decode_matches_reference(
 
 
 @pytest.mark.parametrize(("page_size", "hq", "hkv", "d"), SHAPES[:4])
-@pytest.mark.parametrize("num_splits", [3, 8, 64])
-def test_decode_combine_in_two_rounds(
-    monkeypatch: pytest.MonkeyPatch, page_size: int, hq: int, hkv: int, d: int, num_splits: int
-) -> None:
-    """`COMBINE_ROUNDS`: the combine loads every live split at once and weighs them by one
-    maximum: the reference's output (and the split-by-split combine's within float32
-    rounding, 1e-6), most of 64 splits empty at these lengths; a padding row of length 0
-    gets zeros."""
-    gen = torch.Generator().manual_seed(page_size * 5 + hq + d + num_splits)
-    lens = [1, page_size + 1, 150, 0]
-    pool = make_pool(lens, page_size, hkv, d, gen)
-    q = torch.randn(len(lens), hq, d, generator=gen).to(DEVICE)
-    scale = d**-0.5
-    outs = []
-    for rounds in (False, True):
-        monkeypatch.setattr(kernels, "COMBINE_ROUNDS", rounds)
-        out = torch.full_like(q, float("nan"))
-        kernels.decode_attention(
-            q, pool.k, pool.v, pool.table, torch.tensor(pool.rows, device=DEVICE),
-            torch.tensor(lens, dtype=torch.int32, device=DEVICE), page_size, scale, num_splits,
-            out=out,
-        )  # fmt: skip
-        outs.append(out)
-    ref = reference_attention(q[:3], pool, [n - 1 for n in lens[:3]], [1] * 3, scale)
-    torch.testing.assert_close(outs[1][:3].double(), ref, atol=TOL, rtol=TOL)
-    torch.testing.assert_close(outs[1][:3], outs[0][:3], atol=1e-6, rtol=1e-6)
-    assert torch.equal(outs[1][3], torch.zeros_like(outs[1][3]))
-
-
-@pytest.mark.parametrize(("page_size", "hq", "hkv", "d"), SHAPES[:4])
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("variant", ["plain", "norm", "interleaved"])
 def test_decode_with_rope_folded_in_equals_rope_then_decode(
