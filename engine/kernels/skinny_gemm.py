@@ -51,7 +51,7 @@ from engine.kernels import pdl, tma
 from engine.kernels.attention import dot_precision
 from engine.kernels.fused import _plus_residual, _rms_normalize
 from engine.kernels.sms import H200_SMS
-from engine.layers.pending import PendingSum
+from engine.layers.pending import PendingDecode, PendingSum
 
 SM_COUNT = H200_SMS  # the device the rule's program counts are for (not yet the running one's)
 MAX_BLOCK_M = 64  # rows of x per program on the tensor cores (one on the CUDA cores)
@@ -333,6 +333,85 @@ def _skinny_gemm_tma_kernel(
     _store_rows(
         tl.trans(acc), tl.trans(acc_u), rows_m, rows_n, M, N, bias_ptr, y_ptr, part_ptr, pid_s,
         stride_ym, stride_ps, stride_pm, HAS_BIAS, DIRECT, GATED,
+    )  # fmt: skip
+
+
+@triton.jit
+def _preload_combine_gemv_kernel(
+    part_o_ptr,  # [1, H, S, D] float32: the decode's splits' normalised outputs
+    part_lse_ptr,  # [1, H, S] float32: their log2-sum-exp2s
+    seq_lens_ptr,  # [1]: the context length
+    w_ptr,  # [N, K = H * D]
+    y_ptr,  # [1, N] out (one split of K)
+    part_ptr,  # [split, 1, N] float32 out (more)
+    N,
+    K,
+    num_splits,
+    stride_wn,
+    stride_oh,
+    stride_os,
+    stride_lh,
+    stride_ps,
+    D: tl.constexpr,
+    HEADS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ATTN_BLOCK_N: tl.constexpr,
+    CHUNK_S: tl.constexpr,
+    DIRECT: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """`_preload_gemv_kernel` at one row whose x is a decode attention's output still in
+    splits (`preload_combine_linear`): the program's `[BLOCK_N, D]` tiles of W for its HEADS
+    heads of x loaded before the PDL wait, then head after head combined as
+    `attention.decode_combine_program` combines them (live splits only, CHUNK_S at a time),
+    rounded to W's dtype as that launch stores them, and multiplied."""
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rows_n < N
+    dim = tl.arange(0, D)
+    first = pid_s * HEADS
+    held = ()  # HEADS tiles (Triton builds tuples by concatenation, not starred)
+    for j in tl.static_range(HEADS):
+        ok = n_ok[:, None] & ((first + j) * D + dim < K)[None, :]
+        w_ptrs = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn + (first + j) * D + dim[None, :]
+        held = held + (tl.load(w_ptrs, mask=ok, other=0.0),)  # type: ignore[assignment]  # noqa: RUF005
+    pdl.start(PDL)
+    seq_len = tl.load(seq_lens_ptr)
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), ATTN_BLOCK_N) * ATTN_BLOCK_N
+    live = tl.where(seq_len > 0, tl.cdiv(seq_len, tl.maximum(split_len, 1)), 0)
+    live = tl.minimum(live, num_splits)
+    chunk = tl.arange(0, CHUNK_S)
+    sums = tl.zeros([BLOCK_N], tl.float32)
+    for j in tl.static_range(HEADS):
+        head = first + j
+        live_h = tl.where(head * D < K, live, 0)  # none past the last head
+        m = tl.full([], float("-inf"), tl.float32)
+        total = tl.zeros([], tl.float32)
+        acc = tl.zeros([D], tl.float32)
+        for s0 in range(0, live_h, CHUNK_S):
+            s_ok = s0 + chunk < live_h  # [CHUNK_S]
+            lse = tl.load(
+                part_lse_ptr + head * stride_lh + s0 + chunk, mask=s_ok, other=float("-inf")
+            )
+            o = tl.load(
+                part_o_ptr + head * stride_oh + (s0 + chunk)[:, None] * stride_os + dim[None, :],
+                mask=s_ok[:, None],
+                other=0.0,
+            )  # [CHUNK_S, D]
+            m_new = tl.maximum(m, tl.max(lse, axis=0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m - m_safe)
+            w = tl.exp2(lse - m_safe)  # [CHUNK_S]; the same for every column
+            acc = acc * alpha + tl.sum(o * w[:, None], axis=0)
+            total = total * alpha + tl.sum(w, axis=0)
+            m = m_new
+        x = tl.where(total > 0, acc / tl.maximum(total, 1e-30), 0.0)
+        x = x.to(w_ptr.dtype.element_ty).to(tl.float32)
+        sums += tl.sum(held[j].to(tl.float32) * x[None, :], 1)
+    _store_rows(
+        sums[None, :], sums[None, :], tl.arange(0, 1), rows_n, 1, N, y_ptr, y_ptr, part_ptr,
+        pid_s, 0, stride_ps, 0, False, DIRECT, False,
     )  # fmt: skip
 
 
@@ -722,6 +801,78 @@ def preload_norm_linear(
         **pdl.launch_args(x, trigger_first=PRELOAD_TRIGGERS_FIRST and pdl.trigger_first(1)),
     )  # fmt: skip
     return y, new_residual
+
+
+# The O projection's tiles where it combines a decode attention's splits itself
+# (`preload_combine_linear`): BLOCK_N rows of W by whole heads of x up to COMBINE_K columns a
+# program (Qwen3-30B-A3B's O, 2,048 x 4,096 of 128-wide heads: 512 programs of 32 x 512, the
+# 32 KB of `PRELOAD_4096`'s programs), K split over heads, the partial sums left to the next
+# norm. Compiled for sm_90 at 128-wide heads: 64 registers at 8 warps with one split a step
+# of the combine's loop (four programs an SM: Qwen3-30B-A3B's 512 in one wave), 143-161 with
+# two or four splits a step or at 4 warps.
+COMBINE_BLOCK_N = 32
+COMBINE_K = 512
+COMBINE_WARPS = 8
+
+
+def preload_combine_linear(
+    x: PendingDecode, weight: torch.Tensor, defer: bool = True
+) -> torch.Tensor | PendingSum | None:
+    """`F.linear(x.materialize().reshape(1, -1), weight)` for one decode row whose attention
+    output is still in splits, in one launch (`_preload_combine_gemv_kernel`): no combine
+    launch before it. Programs of `COMBINE_BLOCK_N` rows of W by whole heads (up to
+    `COMBINE_K` columns); with K split, the float32 partial sums as a `PendingSum` (`defer`)
+    or reduced by `_split_sum_kernel`. None where it does not apply (more rows, another dtype,
+    heads wider than COMBINE_K or not a power of two): the caller materializes x."""
+    b, heads, d = x.shape
+    k = heads * d
+    if (
+        b != 1
+        or weight.dim() != 2
+        or weight.shape[1] != k
+        or weight.stride(-1) != 1
+        or weight.dtype != x.dtype
+        or d & (d - 1)
+        or d > COMBINE_K
+        or x.part_o.stride(-1) != 1
+        or x.part_lse.stride(-1) != 1
+    ):
+        return None
+    n = weight.shape[0]
+    block_k = d * min(heads, COMBINE_K // d)
+    split_k = triton.cdiv(k, block_k)
+    direct = split_k == 1
+    y = torch.empty(1, n, dtype=x.dtype, device=weight.device)
+    part = (
+        y.new_empty(0, 1, 1, dtype=torch.float32)
+        if direct
+        else torch.empty(split_k, 1, n, dtype=torch.float32, device=weight.device)
+    )
+    _preload_combine_gemv_kernel[(1, triton.cdiv(n, COMBINE_BLOCK_N), split_k)](
+        x.part_o, x.part_lse, x.seq_lens, weight, y, part,
+        n, k, x.part_o.shape[2], weight.stride(0),
+        x.part_o.stride(1), x.part_o.stride(2), x.part_lse.stride(1), part.stride(0),
+        D=d,
+        HEADS=block_k // d,
+        BLOCK_N=COMBINE_BLOCK_N,
+        ATTN_BLOCK_N=x.block_n,
+        CHUNK_S=1,
+        DIRECT=direct,
+        num_warps=COMBINE_WARPS,
+        num_stages=1,
+        **pdl.launch_args(weight),
+    )  # fmt: skip
+    if direct:
+        return y
+    if defer:
+        return PendingSum(part.transpose(0, 1), x.dtype)
+    block = min(1024, triton.next_power_of_2(n))
+    _split_sum_kernel[(1, triton.cdiv(n, block))](
+        part, y, y, n, part.stride(0), part.stride(1), y.stride(0),
+        SPLIT_K=split_k, BLOCK=block, HAS_BIAS=False, GATED=False, num_warps=4,
+        **pdl.launch_args(weight),
+    )  # fmt: skip
+    return y
 
 
 def skinny_gate_up(

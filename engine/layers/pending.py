@@ -14,7 +14,9 @@ Only `DecoderLayer` asks for it, for the outputs that go straight to a norm; eve
 caller gets tensors as before.
 
 `PendingCombine` is the same idea inside MLA's attention: a decode's ranges left uncombined
-for the W_UV product that reads them next (`engine.kernels.head_bmm.combine_head_bmm`).
+for the W_UV product that reads them next (`engine.kernels.head_bmm.combine_head_bmm`);
+`PendingDecode` the per-head decode attention's splits left for the O projection
+(`engine.kernels.skinny_gemm.preload_combine_linear`).
 """
 
 from __future__ import annotations
@@ -95,6 +97,43 @@ class PendingCombine:
         top = torch.where(live, self.mid_lse, 0.0).amax(dim=-1, keepdim=True)
         weight = torch.where(live, torch.exp(self.mid_lse - top), 0.0)
         parts = torch.where(live[..., None], self.mid_out, 0.0)  # never-written ranges
+        acc = (parts * weight[..., None]).sum(dim=2)
+        denom = weight.sum(dim=-1, keepdim=True)
+        return torch.where(denom > 0, acc / denom.clamp_min(1e-30), 0.0).to(self.dtype)
+
+
+@dataclass(frozen=True)
+class PendingDecode:
+    """A per-head decode attention's output `[B, Hq, Dv]` before its splits are combined
+    (`engine.kernels.attention.decode_attention(..., defer_combine=True)`): each split's
+    normalised partial `part_o` `[B, Hq, S, Dv]` and its log-sum-exp in base 2 `part_lse` `[B,
+    Hq, S]` (float32). Split s of sequence b covers `[s * L, (s + 1) * L)` with `L =
+    ceil(ceil(seq_lens[b] / S) / block_n) * block_n`; one that starts past the context was
+    never written. Combined and rounded to `dtype`."""
+
+    part_o: torch.Tensor
+    part_lse: torch.Tensor
+    seq_lens: torch.Tensor
+    block_n: int
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        b, h, _, d = self.part_o.shape
+        return torch.Size((b, h, d))
+
+    def materialize(self) -> torch.Tensor:
+        """The combined output, in torch; a sequence of length 0 gets zeros."""
+        splits = self.part_o.shape[2]
+        lens = self.seq_lens.long()
+        per_split = (lens + splits - 1) // splits
+        split_len = (per_split + self.block_n - 1) // self.block_n * self.block_n  # [B]
+        starts = torch.arange(splits, device=lens.device)[None, :] * split_len[:, None]
+        live = (starts < lens[:, None])[:, None, :]  # [B, 1, S]
+        top = torch.where(live, self.part_lse, float("-inf")).amax(dim=-1, keepdim=True)
+        top = torch.where(top == float("-inf"), 0.0, top)
+        weight = torch.where(live, torch.exp2(self.part_lse - top), 0.0)
+        parts = torch.where(live[..., None], self.part_o, 0.0)  # never-written splits
         acc = (parts * weight[..., None]).sum(dim=2)
         denom = weight.sum(dim=-1, keepdim=True)
         return torch.where(denom > 0, acc / denom.clamp_min(1e-30), 0.0).to(self.dtype)
