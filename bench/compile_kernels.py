@@ -166,15 +166,16 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
     add("decode_split_kernel bf16", *args, **kwargs)
     args, kwargs = decode_attention_launch(rope=True)
     add("decode_split_kernel bf16, RoPE, q/k norms and the KV write folded in", *args, **kwargs)
-    # O with the decode's combine in its launch (triton_attention.COMBINE_IN_O): 128-wide heads,
-    # 32 rows of W by 4 heads a program.
+    # O with the decode's combine in its launch (triton_attention.COMBINE_IN_O) at its tiles
+    # (skinny_gemm.COMBINE_*), 128-wide heads.
     add(
-        "preload_combine_gemv_kernel bf16 32 x 512, heads of 128",
+        f"preload_combine_gemv_kernel bf16 {skinny_gemm.COMBINE_BLOCK_N} x "
+        f"{skinny_gemm.COMBINE_K}, heads of 128",
         skinny_gemm._preload_combine_gemv_kernel,
         {"part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "seq_lens_ptr": "*i32",
          "w_ptr": "*bf16", "y_ptr": "*bf16", "part_ptr": "*fp32"},
-        {"D": 128, "HEADS": 4, "BLOCK_N": 32, "ATTN_BLOCK_N": 64, "CHUNK_S": 1,
-         "DIRECT": False},
+        {"D": 128, "HEADS": skinny_gemm.COMBINE_K // 128, "BLOCK_N": skinny_gemm.COMBINE_BLOCK_N,
+         "ATTN_BLOCK_N": 64, "CHUNK_S": skinny_gemm.COMBINE_CHUNK, "DIRECT": False},
         divisible=("w_ptr", "K", "stride_wn"),
         num_warps=skinny_gemm.COMBINE_WARPS,
     )  # fmt: skip

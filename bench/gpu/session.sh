@@ -1281,19 +1281,21 @@ b27)
   ;;
 b29)
   # The per-head decode's combine in the O projection at batch 1 (PDSERVE_COMBINE_IN_O=1, off
-  # by default; about 230 s): its kernel test compiled, the tiny Llama's, Qwen3's and
+  # by default; about 330 s): its kernel test compiled, the tiny Llama's, Qwen3's and
   # Qwen3-MoE's greedy tokens a prompt at a time with it on, then Qwen3-30B-A3B and
-  # Llama-3-8B 1 x 128 off / on, alternating twice.
+  # Llama-3-8B 1 x 128 off and on at three of its tiles (PDSERVE_COMBINE_O_TILES: rows of W,
+  # columns of K, warps, splits a step), alternating twice.
   TAIL=4 step test_combine_in_o 60 python3 -m pytest -x -q -rf \
     tests/engine/test_triton_attention.py -k 'combine_in_the_o_projection and not keeps'
   TAIL=8 step greedy_combine_in_o 70 env PDSERVE_COMBINE_IN_O=1 \
     python3 bench/gpu/preload_ab.py --greedy -- llama qwen3 qwen3-moe
   for i in 1 2; do
-    for on in 0 1; do
+    for tiles in off 32,512,8,4 32,256,4,4 32,512,8,1; do
+      on=1; [ "$tiles" = off ] && on=0 && tiles=32,512,8,4
       for preset in qwen3-30b-a3b llama3-8b; do
-        ROWS='^\| 1x128' step "${preset%%-*}_o${on}_$i" 45 env PDSERVE_COMBINE_IN_O=$on \
-          python3 -m bench.engine --preset "$preset" --skip-hf --prefill '' --decode 1x128 \
-          --repeats 5
+        ROWS='^\| 1x128' step "${preset%%-*}_o${on}_${tiles//,/x}_$i" 45 env \
+          PDSERVE_COMBINE_IN_O=$on PDSERVE_COMBINE_O_TILES=$tiles python3 -m bench.engine \
+          --preset "$preset" --skip-hf --prefill '' --decode 1x128 --repeats 5
       done
     done
   done

@@ -40,6 +40,7 @@ against cuBLAS on Llama-3-8B's projections on the GPU; the rule is to be set fro
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 from typing import Literal, overload
 
@@ -361,54 +362,53 @@ def _preload_combine_gemv_kernel(
     PDL: tl.constexpr,
 ):
     """`_preload_gemv_kernel` at one row whose x is a decode attention's output still in
-    splits (`preload_combine_linear`): the program's `[BLOCK_N, D]` tiles of W for its HEADS
-    heads of x loaded before the PDL wait, then head after head combined as
-    `attention.decode_combine_program` combines them (live splits only, CHUNK_S at a time),
-    rounded to W's dtype as that launch stores them, and multiplied."""
+    splits (`preload_combine_linear`): the program's `[BLOCK_N, HEADS * D]` tile of W loaded
+    before the PDL wait, then its heads combined as `attention.decode_combine_program`
+    combines them, rounded to W's dtype as that launch stores them, and multiplied. The
+    combine takes CHUNK_S live splits of every head a step, all loaded at once (at 128-256
+    tokens one step: one round of loads after the context length)."""
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
     rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rows_n < N
-    dim = tl.arange(0, D)
-    first = pid_s * HEADS
-    held = ()  # HEADS tiles (Triton builds tuples by concatenation, not starred)
-    for j in tl.static_range(HEADS):
-        ok = n_ok[:, None] & ((first + j) * D + dim < K)[None, :]
-        w_ptrs = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn + (first + j) * D + dim[None, :]
-        held = held + (tl.load(w_ptrs, mask=ok, other=0.0),)  # type: ignore[assignment]  # noqa: RUF005
+    offs_k = pid_s * (HEADS * D) + tl.arange(0, HEADS * D)
+    w_ptrs = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    held = tl.load(w_ptrs, mask=n_ok[:, None] & (offs_k < K)[None, :], other=0.0)
     pdl.start(PDL)
     seq_len = tl.load(seq_lens_ptr)
     split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), ATTN_BLOCK_N) * ATTN_BLOCK_N
     live = tl.where(seq_len > 0, tl.cdiv(seq_len, tl.maximum(split_len, 1)), 0)
     live = tl.minimum(live, num_splits)
+    heads = pid_s * HEADS + tl.arange(0, HEADS)  # [HEADS]
+    h_ok = heads * D < K
     chunk = tl.arange(0, CHUNK_S)
-    sums = tl.zeros([BLOCK_N], tl.float32)
-    for j in tl.static_range(HEADS):
-        head = first + j
-        live_h = tl.where(head * D < K, live, 0)  # none past the last head
-        m = tl.full([], float("-inf"), tl.float32)
-        total = tl.zeros([], tl.float32)
-        acc = tl.zeros([D], tl.float32)
-        for s0 in range(0, live_h, CHUNK_S):
-            s_ok = s0 + chunk < live_h  # [CHUNK_S]
-            lse = tl.load(
-                part_lse_ptr + head * stride_lh + s0 + chunk, mask=s_ok, other=float("-inf")
-            )
-            o = tl.load(
-                part_o_ptr + head * stride_oh + (s0 + chunk)[:, None] * stride_os + dim[None, :],
-                mask=s_ok[:, None],
-                other=0.0,
-            )  # [CHUNK_S, D]
-            m_new = tl.maximum(m, tl.max(lse, axis=0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m - m_safe)
-            w = tl.exp2(lse - m_safe)  # [CHUNK_S]; the same for every column
-            acc = acc * alpha + tl.sum(o * w[:, None], axis=0)
-            total = total * alpha + tl.sum(w, axis=0)
-            m = m_new
-        x = tl.where(total > 0, acc / tl.maximum(total, 1e-30), 0.0)
-        x = x.to(w_ptr.dtype.element_ty).to(tl.float32)
-        sums += tl.sum(held[j].to(tl.float32) * x[None, :], 1)
+    dim = tl.arange(0, D)
+    m = tl.full([HEADS], float("-inf"), tl.float32)
+    total = tl.zeros([HEADS], tl.float32)
+    acc = tl.zeros([HEADS, D], tl.float32)
+    for s0 in range(0, live, CHUNK_S):
+        ok = h_ok[:, None] & (s0 + chunk < live)[None, :]  # [HEADS, CHUNK_S]
+        lse = tl.load(
+            part_lse_ptr + heads[:, None] * stride_lh + (s0 + chunk)[None, :],
+            mask=ok,
+            other=float("-inf"),
+        )
+        o = tl.load(
+            part_o_ptr + heads[:, None, None] * stride_oh + (s0 + chunk)[None, :, None] * stride_os
+            + dim[None, None, :],
+            mask=ok[:, :, None],
+            other=0.0,
+        )  # [HEADS, CHUNK_S, D]  # fmt: skip
+        m_new = tl.maximum(m, tl.max(lse, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        w = tl.exp2(lse - m_safe[:, None])  # [HEADS, CHUNK_S]
+        acc = acc * alpha[:, None] + tl.sum(o * w[:, :, None], axis=1)
+        total = total * alpha + tl.sum(w, axis=1)
+        m = m_new
+    x = tl.where(total[:, None] > 0, acc / tl.maximum(total, 1e-30)[:, None], 0.0)
+    x = tl.reshape(x.to(w_ptr.dtype.element_ty).to(tl.float32), [HEADS * D])
+    sums = tl.sum(held.to(tl.float32) * x[None, :], 1)  # [BLOCK_N]
     _store_rows(
         sums[None, :], sums[None, :], tl.arange(0, 1), rows_n, 1, N, y_ptr, y_ptr, part_ptr,
         pid_s, 0, stride_ps, 0, False, DIRECT, False,
@@ -804,15 +804,20 @@ def preload_norm_linear(
 
 
 # The O projection's tiles where it combines a decode attention's splits itself
-# (`preload_combine_linear`): BLOCK_N rows of W by whole heads of x up to COMBINE_K columns a
-# program (Qwen3-30B-A3B's O, 2,048 x 4,096 of 128-wide heads: 512 programs of 32 x 512, the
-# 32 KB of `PRELOAD_4096`'s programs), K split over heads, the partial sums left to the next
-# norm. Compiled for sm_90 at 128-wide heads: 64 registers at 8 warps with one split a step
-# of the combine's loop (four programs an SM: Qwen3-30B-A3B's 512 in one wave), 143-161 with
-# two or four splits a step or at 4 warps.
-COMBINE_BLOCK_N = 32
-COMBINE_K = 512
-COMBINE_WARPS = 8
+# (`preload_combine_linear`): COMBINE_BLOCK_N rows of W by whole heads of x up to COMBINE_K
+# columns a program, K split over heads (the partial sums left to the next norm), COMBINE_WARPS
+# warps, the combine taking COMBINE_CHUNK live splits of every head a step.
+# `PDSERVE_COMBINE_O_TILES=BLOCK_N,K,WARPS,CHUNK` sets them (for `session.sh b29`'s sweep).
+# Timed once, on an H100 (the twenty-fourth session, `b29`), in a first form that combined
+# head after head and split after split (one dependent round of loads each, 64 registers at
+# 32 x 512 and 8 warps): Qwen3-30B-A3B 1 x 128 2.88 -> 3.08 ms, Llama-3-8B 5.47 -> 5.66. This
+# form loads every head's live splits at once (one round at 128-256 tokens). Compiled for
+# sm_90 at 128-wide heads: 32 x 512 at 8 warps 124 registers (two programs an SM, so
+# Qwen3-30B-A3B's 512 in two waves), one split a step 80; 32 x 256 at 4 warps 80 (six an SM,
+# 1,024 programs).
+COMBINE_BLOCK_N, COMBINE_K, COMBINE_WARPS, COMBINE_CHUNK = (
+    int(v) for v in os.environ.get("PDSERVE_COMBINE_O_TILES", "32,512,8,4").split(",")
+)
 
 
 def preload_combine_linear(
@@ -856,7 +861,7 @@ def preload_combine_linear(
         HEADS=block_k // d,
         BLOCK_N=COMBINE_BLOCK_N,
         ATTN_BLOCK_N=x.block_n,
-        CHUNK_S=1,
+        CHUNK_S=COMBINE_CHUNK,
         DIRECT=direct,
         num_warps=COMBINE_WARPS,
         num_stages=1,
