@@ -21,6 +21,7 @@ for the W_UV product that reads them next (`engine.kernels.head_bmm.combine_head
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -94,12 +95,7 @@ class PendingCombine:
         """The combined output, in torch: each range weighted by exp(lse - max), over their
         sum; a row with no live range (a padding row) zeros."""
         live = self.mid_lse > float("-inf")
-        top = torch.where(live, self.mid_lse, 0.0).amax(dim=-1, keepdim=True)
-        weight = torch.where(live, torch.exp(self.mid_lse - top), 0.0)
-        parts = torch.where(live[..., None], self.mid_out, 0.0)  # never-written ranges
-        acc = (parts * weight[..., None]).sum(dim=2)
-        denom = weight.sum(dim=-1, keepdim=True)
-        return torch.where(denom > 0, acc / denom.clamp_min(1e-30), 0.0).to(self.dtype)
+        return _combine(self.mid_out, self.mid_lse, live, torch.exp).to(self.dtype)
 
 
 @dataclass(frozen=True)
@@ -130,13 +126,24 @@ class PendingDecode:
         split_len = (per_split + self.block_n - 1) // self.block_n * self.block_n  # [B]
         starts = torch.arange(splits, device=lens.device)[None, :] * split_len[:, None]
         live = (starts < lens[:, None])[:, None, :]  # [B, 1, S]
-        top = torch.where(live, self.part_lse, float("-inf")).amax(dim=-1, keepdim=True)
-        top = torch.where(top == float("-inf"), 0.0, top)
-        weight = torch.where(live, torch.exp2(self.part_lse - top), 0.0)
-        parts = torch.where(live[..., None], self.part_o, 0.0)  # never-written splits
-        acc = (parts * weight[..., None]).sum(dim=2)
-        denom = weight.sum(dim=-1, keepdim=True)
-        return torch.where(denom > 0, acc / denom.clamp_min(1e-30), 0.0).to(self.dtype)
+        return _combine(self.part_o, self.part_lse, live, torch.exp2).to(self.dtype)
+
+
+def _combine(
+    parts: torch.Tensor,
+    lse: torch.Tensor,
+    live: torch.Tensor,
+    exp: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Flash-decoding's combine in torch, float32: `parts` `[..., S, D]` weighed by `exp(lse -
+    max)` over the live entries of S (`live` broadcast to `lse`'s `[..., S]`; the others never
+    written), over the weights' sum; zeros where none is live."""
+    top = torch.where(live, lse, float("-inf")).amax(dim=-1, keepdim=True)
+    top = torch.where(top == float("-inf"), 0.0, top)
+    weight = torch.where(live, exp(lse - top), 0.0)
+    acc = (torch.where(live[..., None], parts, 0.0) * weight[..., None]).sum(dim=-2)
+    denom = weight.sum(dim=-1, keepdim=True)
+    return torch.where(denom > 0, acc / denom.clamp_min(1e-30), 0.0)
 
 
 def materialize(x: torch.Tensor | PendingSum) -> torch.Tensor:
