@@ -80,6 +80,7 @@
 #   run(command="bash bench/gpu/session.sh b26", carry=[".whl"]) # tile loads split; the rows
 #   run(command="bash bench/gpu/session.sh b27", carry=[".whl"]) # MLA combine in W_UV, A/B
 #   run(command="bash bench/gpu/session.sh b29", carry=[".whl"]) # GQA combine in O, A/B
+#   run(command="bash bench/gpu/session.sh b30", carry=[".whl"]) # RoPE in the decode, A/B
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -1300,5 +1301,25 @@ b29)
     done
   done
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b29"; exit 2 ;;
+b30)
+  # RoPE, the q/k norms and the KV write in the decode attention's launch
+  # (PDSERVE_DECODE_ROPE_IN_ATTENTION=1, off), now with the group's rotated queries in
+  # registers (about 200 s): its tests compiled, the tiny Llama's, Qwen3's and Qwen3-MoE's
+  # greedy tokens a prompt at a time with it on, then Qwen3-30B-A3B and Llama-3-8B 1 x 128 off
+  # / on, alternating twice.
+  TAIL=4 step test_rope_in_decode 60 python3 -m pytest -x -q -rf \
+    tests/engine/test_triton_attention.py -k 'rope_folded_in_equals'
+  TAIL=8 step greedy_rope_in_decode 70 env PDSERVE_DECODE_ROPE_IN_ATTENTION=1 \
+    python3 bench/gpu/preload_ab.py --greedy -- llama qwen3 qwen3-moe
+  for i in 1 2; do
+    for on in 0 1; do
+      for preset in qwen3-30b-a3b llama3-8b; do
+        ROWS='^\| 1x128' step "${preset%%-*}_rope${on}_$i" 45 env \
+          PDSERVE_DECODE_ROPE_IN_ATTENTION=$on python3 -m bench.engine --preset "$preset" \
+          --skip-hf --prefill '' --decode 1x128 --repeats 5
+      done
+    done
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b29|b30"; exit 2 ;;
 esac

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels import pdl
-from engine.kernels.fused import _rotate_head
+from engine.kernels.fused import _rotate_head, rotate_group
 from engine.kernels.sms import H200_SMS
 from engine.layers.pending import PendingDecode
 
@@ -268,22 +268,28 @@ def decode_split_program(
     split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
+    # With ROPE and a head of two power-of-two halves, the group's rotated queries stay in
+    # registers (`fused.rotate_group`: one round of loads for the group); otherwise they go
+    # through q_ptr.
+    QUERY_IN_REGS: tl.constexpr = ROPE and HALF == BLOCK_HALF and BLOCK_DK == 2 * HALF
     if start < end:
         if ROPE:
             # What `fused.rope_store_kv` would have done for this KV group, by its own code:
-            # every split's program rotates the group's query heads into q_ptr (the same
-            # bytes from each, which each then reads back), and the program whose split ends
-            # the context writes the new key and value into their slot, which its own loop
-            # then reads. The barrier makes this program's stores visible to its threads.
+            # every split's program rotates the group's query heads (into q_ptr, the same
+            # bytes from each, which each then reads back, or in registers), and the program
+            # whose split ends the context writes the new key and value into their slot,
+            # which its own loop then reads. The barrier makes this program's stores visible
+            # to its threads.
             pos = tl.load(pos_ptr + b).to(tl.int64)
-            for g in tl.static_range(GROUP):
-                head = kvh * GROUP + g
-                _rotate_head(
-                    rope_q_ptr + b * stride_rqb + head * stride_rqh,
-                    q_ptr + b * stride_qb + head * stride_qh,
-                    pos, cos_ptr, sin_ptr, stride_rope, HALF, BLOCK_HALF, INTERLEAVED,
-                    q_norm_ptr, eps, NORM,
-                )  # fmt: skip
+            if not QUERY_IN_REGS:
+                for g in tl.static_range(GROUP):
+                    head = kvh * GROUP + g
+                    _rotate_head(
+                        rope_q_ptr + b * stride_rqb + head * stride_rqh,
+                        q_ptr + b * stride_qb + head * stride_qh,
+                        pos, cos_ptr, sin_ptr, stride_rope, HALF, BLOCK_HALF, INTERLEAVED,
+                        q_norm_ptr, eps, NORM,
+                    )  # fmt: skip
             new_slot = tl.load(slots_ptr + b).to(tl.int64)
             if (end == seq_len) & (new_slot >= 0):
                 _rotate_head(
@@ -300,11 +306,18 @@ def decode_split_program(
         head_ok = tl.arange(0, GROUP_PAD) < GROUP
         dk = tl.arange(0, BLOCK_DK)
         dv = tl.arange(0, BLOCK_DV)
-        q = tl.load(
-            q_ptr + b * stride_qb + heads[:, None] * stride_qh + dk[None, :],
-            mask=head_ok[:, None] & (dk[None, :] < DK),
-            other=0.0,
-        )  # [G, DK]
+        if QUERY_IN_REGS:
+            q = rotate_group(
+                rope_q_ptr + b * stride_rqb + kvh * GROUP * stride_rqh, stride_rqh, GROUP,
+                GROUP_PAD, pos, cos_ptr, sin_ptr, stride_rope, HALF, INTERLEAVED, q_norm_ptr,
+                eps, NORM,
+            )  # fmt: skip  # [G, DK]
+        else:
+            q = tl.load(
+                q_ptr + b * stride_qb + heads[:, None] * stride_qh + dk[None, :],
+                mask=head_ok[:, None] & (dk[None, :] < DK),
+                other=0.0,
+            )  # [G, DK]
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_sum = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, BLOCK_DV], tl.float32)

@@ -446,6 +446,41 @@ def _rotate_head(
 
 
 @triton.jit
+def rotate_group(
+    src, stride_h, GROUP, GROUP_PAD, pos, cos_ptr, sin_ptr, stride_table, HALF, INTERLEAVED,
+    w_ptr, eps, NORM,
+):  # fmt: skip
+    """`_rotate_head` of GROUP consecutive heads from `src` (head g at `src + g * stride_h`)
+    at once, returned rather than stored: `[GROUP_PAD, 2 * HALF]` in the heads' dtype (rows
+    past GROUP zeros), halves contiguous as `_rotate_head` stores them, every value rounded
+    as it rounds it. HALF a power of two."""
+    g = tl.arange(0, GROUP_PAD)
+    i = tl.arange(0, HALF)
+    g_ok = (g < GROUP)[:, None]
+    if INTERLEAVED:
+        i1, i2 = 2 * i, 2 * i + 1
+    else:
+        i1, i2 = i, HALF + i
+    rows = src + g[:, None] * stride_h
+    x1 = tl.load(rows + i1[None, :], mask=g_ok, other=0.0)  # [G, HALF]
+    x2 = tl.load(rows + i2[None, :], mask=g_ok, other=0.0)
+    dt = x1.dtype
+    if NORM:
+        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+        inv = tl.rsqrt((tl.sum(f1 * f1, 1) + tl.sum(f2 * f2, 1)) / (2 * HALF) + eps)[:, None]
+        w1 = tl.load(w_ptr + i1).to(tl.float32)[None, :]
+        w2 = tl.load(w_ptr + i2).to(tl.float32)[None, :]
+        x1 = ((f1 * inv).to(dt).to(tl.float32) * w1).to(dt)
+        x2 = ((f2 * inv).to(dt).to(tl.float32) * w2).to(dt)
+    c = tl.load(cos_ptr + pos * stride_table + i).to(dt).to(tl.float32)[None, :]
+    s = tl.load(sin_ptr + pos * stride_table + i).to(dt).to(tl.float32)[None, :]
+    a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
+    o1 = ((a1 * c).to(dt).to(tl.float32) + (-a2 * s).to(dt).to(tl.float32)).to(dt)
+    o2 = ((a2 * c).to(dt).to(tl.float32) + (a1 * s).to(dt).to(tl.float32)).to(dt)
+    return tl.reshape(tl.permute(tl.join(o1, o2), (0, 2, 1)), (GROUP_PAD, 2 * HALF))
+
+
+@triton.jit
 def _rope_kernel(
     x_ptr,
     out_ptr,

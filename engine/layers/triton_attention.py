@@ -67,8 +67,12 @@ COMBINE_IN_O_MAX_ROWS = 1
 # results bit for bit but for Qwen3's q/k norms, whose sums of squares its warps reduce in
 # another order). Off: on an H100 (`bash bench/gpu/session.sh Z`) Llama-3-8B's decode was level
 # with it (1 x 128 5.74 ms both, 64 x 128 6.69 -> 6.67) and Qwen3-30B-A3B's batch 1 slower (3.28
-# -> 3.43 ms: each split's program rotates its group's queries before its loop).
-DECODE_ROPE_IN_ATTENTION = False
+# -> 3.43 ms: each split's program rotated its group's queries head after head into memory,
+# then read them back). Since the twenty-fourth session a head of power-of-two halves keeps
+# the group's rotated queries in registers (`fused.rotate_group`, one round of loads; the
+# same values), untimed: `bash bench/gpu/session.sh b30`. `PDSERVE_DECODE_ROPE_IN_ATTENTION=1`
+# turns it on.
+DECODE_ROPE_IN_ATTENTION = os.environ.get("PDSERVE_DECODE_ROPE_IN_ATTENTION", "0") == "1"
 
 # MLA decode steps of up to ABSORB_WITH_LATENT_MAX rows x heads run the query's absorption
 # (W_UK) and the latent side (its norm, the rotations, the cache write) in one launch
