@@ -81,6 +81,7 @@
 #   run(command="bash bench/gpu/session.sh b27", carry=[".whl"]) # MLA combine in W_UV, A/B
 #   run(command="bash bench/gpu/session.sh b29", carry=[".whl"]) # GQA combine in O, A/B
 #   run(command="bash bench/gpu/session.sh b30", carry=[".whl"]) # RoPE in the decode, A/B
+#   run(command="bash bench/gpu/session.sh b31", carry=[".whl"]) # the README's rows (H200)
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -1321,5 +1322,17 @@ b30)
     done
   done
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b29|b30"; exit 2 ;;
+b31)
+  # The README's decode rows with the defaults, for an H200 (b26 without its decided A/B;
+  # about 250 s), and where Qwen3-30B-A3B's batch-1 step goes on that machine.
+  for preset in qwen3-30b-a3b moonlight-16b-a3b llama3-8b; do
+    ROWS='^device|^\| [0-9]+x' step "rows_${preset%%-*}" 90 python3 -m bench.engine \
+      --preset "$preset" --skip-hf --prefill '' --decode 1x128,64x128,256x128 --repeats 3
+  done
+  ROWS='^\| [0-9]+x' step rows_llama_long 75 python3 -m bench.engine --preset llama3-8b \
+    --skip-hf --prefill '' --decode 64x2048,256x512 --repeats 2
+  TAIL=45 step profile_qwen3 75 python3 -m bench.profile_decode --preset qwen3-30b-a3b \
+    --decode 1x128 --top 16
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b29|b30|b31"; exit 2 ;;
 esac
