@@ -176,7 +176,8 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
          "w_ptr": "*bf16", "y_ptr": "*bf16", "part_ptr": "*fp32"},
         {"D": 128, "HEADS": skinny_gemm.COMBINE_K // 128, "BLOCK_N": skinny_gemm.COMBINE_BLOCK_N,
          "ATTN_BLOCK_N": 64, "CHUNK_S": skinny_gemm.COMBINE_CHUNK, "DIRECT": False},
-        divisible=("w_ptr", "K", "stride_wn"),
+        divisible=("w_ptr", "part_o_ptr", "part_ptr", "N", "K", "stride_wn", "stride_oh",
+                   "stride_os", "stride_ps"),
         num_warps=skinny_gemm.COMBINE_WARPS,
     )  # fmt: skip
     ids = {"topk_ids": "*i64"}

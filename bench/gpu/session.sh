@@ -1292,7 +1292,7 @@ b29)
   TAIL=8 step greedy_combine_in_o 70 env PDSERVE_COMBINE_IN_O=1 \
     python3 bench/gpu/preload_ab.py --greedy -- llama qwen3 qwen3-moe
   for i in 1 2; do
-    for tiles in off 32,512,8,4 32,256,4,4 32,512,8,1; do
+    for tiles in off 32,512,8,4 32,512,8,2 32,256,8,4; do
       on=1; [ "$tiles" = off ] && on=0 && tiles=32,512,8,4
       for preset in qwen3-30b-a3b llama3-8b; do
         ROWS='^\| 1x128' step "${preset%%-*}_o${on}_${tiles//,/x}_$i" 45 env \

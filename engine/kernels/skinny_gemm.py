@@ -812,9 +812,10 @@ def preload_norm_linear(
 # head after head and split after split (one dependent round of loads each, 64 registers at
 # 32 x 512 and 8 warps): Qwen3-30B-A3B 1 x 128 2.88 -> 3.08 ms, Llama-3-8B 5.47 -> 5.66. This
 # form loads every head's live splits at once (one round at 128-256 tokens). Compiled for
-# sm_90 at 128-wide heads: 32 x 512 at 8 warps 124 registers (two programs an SM, so
-# Qwen3-30B-A3B's 512 in two waves), one split a step 80; 32 x 256 at 4 warps 80 (six an SM,
-# 1,024 programs).
+# sm_90 at 128-wide heads (`bench.compile_kernels`, strides divisible by 16 as the launch
+# specializes them): 32 x 512 at 8 warps 99 registers (two programs an SM: Qwen3-30B-A3B's 512
+# in two waves), two splits a step 80 (three an SM); 32 x 256 at 8 warps 64 (four an SM, 1,024
+# programs).
 COMBINE_BLOCK_N, COMBINE_K, COMBINE_WARPS, COMBINE_CHUNK = (
     int(v) for v in os.environ.get("PDSERVE_COMBINE_O_TILES", "32,512,8,4").split(",")
 )
