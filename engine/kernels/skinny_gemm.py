@@ -872,12 +872,7 @@ def preload_combine_linear(
         return y
     if defer:
         return PendingSum(part.transpose(0, 1), x.dtype)
-    block = min(1024, triton.next_power_of_2(n))
-    _split_sum_kernel[(1, triton.cdiv(n, block))](
-        part, y, y, n, part.stride(0), part.stride(1), y.stride(0),
-        SPLIT_K=split_k, BLOCK=block, HAS_BIAS=False, GATED=False, num_warps=4,
-        **pdl.launch_args(weight),
-    )  # fmt: skip
+    _sum_splits(part, None, y, gated=False)
     return y
 
 
@@ -1013,15 +1008,25 @@ def _launch(
         # [split, M, N] seen as [M, split, N]: the reduce below, left to the next norm.
         return PendingSum(part.transpose(0, 1), x.dtype)
     if not direct:
-        block = min(1024, triton.next_power_of_2(n))
-        _split_sum_kernel[(m, triton.cdiv(n, block))](
-            part, bias_arg, y,
-            n, part.stride(0), part.stride(1), y.stride(0),
-            SPLIT_K=split_k,
-            BLOCK=block,
-            HAS_BIAS=bias is not None,
-            GATED=gated,
-            num_warps=4,
-            **pdl.launch_args(x2),
-        )  # fmt: skip
+        _sum_splits(part, bias, y, gated)
     return y.view(*x.shape[:-1], n)
+
+
+def _sum_splits(
+    part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, gated: bool
+) -> None:
+    """y `[M, N]` from the split-K partial sums `part` `[split, M, rows]` (float32; rows = 2N
+    gated), with the bias and silu(gate) * up as `_store_rows` applies them at one split."""
+    split_k, m, _ = part.shape
+    n = y.shape[1]
+    block = min(1024, triton.next_power_of_2(n))
+    _split_sum_kernel[(m, triton.cdiv(n, block))](
+        part, bias if bias is not None else y, y,
+        n, part.stride(0), part.stride(1), y.stride(0),
+        SPLIT_K=split_k,
+        BLOCK=block,
+        HAS_BIAS=bias is not None,
+        GATED=gated,
+        num_warps=4,
+        **pdl.launch_args(y),
+    )  # fmt: skip
