@@ -208,7 +208,8 @@ def test_combine_in_the_o_projection(
         else:
             assert got is not None and (heads_a_program >= hq or not defer)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    # Two rows, or heads wider than a program's columns: the caller's torch combine.
+    # Another dtype than the partials', or heads wider than a program's columns: None, the
+    # caller's torch combine.
     assert skinny_gemm.preload_combine_linear(pending, weight.half()) is None
     monkeypatch.setattr(skinny_gemm, "COMBINE_K", d // 2)
     assert skinny_gemm.preload_combine_linear(pending, weight) is None
