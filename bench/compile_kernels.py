@@ -166,20 +166,6 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
     add("decode_split_kernel bf16", *args, **kwargs)
     args, kwargs = decode_attention_launch(rope=True)
     add("decode_split_kernel bf16, RoPE, q/k norms and the KV write folded in", *args, **kwargs)
-    # O with the decode's combine in its launch (triton_attention.COMBINE_IN_O) at its tiles
-    # (skinny_gemm.COMBINE_*), 128-wide heads.
-    add(
-        f"preload_combine_gemv_kernel bf16 {skinny_gemm.COMBINE_BLOCK_N} x "
-        f"{skinny_gemm.COMBINE_K}, heads of 128",
-        skinny_gemm._preload_combine_gemv_kernel,
-        {"part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "seq_lens_ptr": "*i32",
-         "w_ptr": "*bf16", "y_ptr": "*bf16", "part_ptr": "*fp32"},
-        {"D": 128, "HEADS": skinny_gemm.COMBINE_K // 128, "BLOCK_N": skinny_gemm.COMBINE_BLOCK_N,
-         "ATTN_BLOCK_N": 64, "CHUNK_S": skinny_gemm.COMBINE_CHUNK, "DIRECT": False},
-        divisible=("w_ptr", "part_o_ptr", "part_ptr", "N", "K", "stride_wn", "stride_oh",
-                   "stride_os", "stride_ps"),
-        num_warps=skinny_gemm.COMBINE_WARPS,
-    )  # fmt: skip
     ids = {"topk_ids": "*i64"}
     i32 = "*i32"
     for experts in (64, 128, 256):

@@ -79,7 +79,6 @@
 #   run(command="bash bench/gpu/session.sh b25", carry=[".whl"]) # three MoE switches, A/B
 #   run(command="bash bench/gpu/session.sh b26", carry=[".whl"]) # tile loads split; the rows
 #   run(command="bash bench/gpu/session.sh b27", carry=[".whl"]) # MLA combine in W_UV, A/B
-#   run(command="bash bench/gpu/session.sh b29", carry=[".whl"]) # GQA combine in O, A/B
 #   run(command="bash bench/gpu/session.sh b30", carry=[".whl"]) # RoPE in the decode, A/B
 #   run(command="bash bench/gpu/session.sh b31", carry=[".whl"]) # the README's rows (H200)
 set -uo pipefail
@@ -1281,27 +1280,6 @@ b27)
     done
   done
   ;;
-b29)
-  # The per-head decode's combine in the O projection at batch 1 (PDSERVE_COMBINE_IN_O=1, off
-  # by default; about 330 s): its kernel test compiled, the tiny Llama's, Qwen3's and
-  # Qwen3-MoE's greedy tokens a prompt at a time with it on, then Qwen3-30B-A3B and
-  # Llama-3-8B 1 x 128 off and on at three of its tiles (PDSERVE_COMBINE_O_TILES: rows of W,
-  # columns of K, warps, splits a step), alternating twice.
-  TAIL=4 step test_combine_in_o 60 python3 -m pytest -x -q -rf \
-    tests/engine/test_triton_attention.py -k 'combine_in_the_o_projection and not keeps'
-  TAIL=8 step greedy_combine_in_o 70 env PDSERVE_COMBINE_IN_O=1 \
-    python3 bench/gpu/preload_ab.py --greedy -- llama qwen3 qwen3-moe
-  for i in 1 2; do
-    for tiles in off 32,512,8,4 32,512,8,2 32,256,8,4; do
-      on=1; [ "$tiles" = off ] && on=0 && tiles=32,512,8,4
-      for preset in qwen3-30b-a3b llama3-8b; do
-        ROWS='^\| 1x128' step "${preset%%-*}_o${on}_${tiles//,/x}_$i" 45 env \
-          PDSERVE_COMBINE_IN_O=$on PDSERVE_COMBINE_O_TILES=$tiles python3 -m bench.engine \
-          --preset "$preset" --skip-hf --prefill '' --decode 1x128 --repeats 5
-      done
-    done
-  done
-  ;;
 b30)
   # RoPE, the q/k norms and the KV write in the decode attention's launch
   # (PDSERVE_DECODE_ROPE_IN_ATTENTION=1, off), now with the group's rotated queries in
@@ -1334,5 +1312,5 @@ b31)
   TAIL=45 step profile_qwen3 75 python3 -m bench.profile_decode --preset qwen3-30b-a3b \
     --decode 1x128 --top 16
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b29|b30|b31"; exit 2 ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31"; exit 2 ;;
 esac

@@ -21,7 +21,6 @@ Softmax runs in float32 in the log2 domain (scores scaled by `scale * log2(e)`).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal, overload
 
 import torch
 import triton
@@ -30,7 +29,6 @@ import triton.language as tl
 from engine.kernels import pdl
 from engine.kernels.fused import _rotate_head, rotate_group
 from engine.kernels.sms import H200_SMS
-from engine.layers.pending import PendingDecode
 
 LOG2E = 1.4426950408889634
 
@@ -492,7 +490,6 @@ def _rope_args(rope: DecodeRope | None, q: torch.Tensor) -> dict[str, object]:
     }
 
 
-@overload
 def decode_attention(
     q: torch.Tensor | DecodeRope,
     k_cache: torch.Tensor,
@@ -505,41 +502,7 @@ def decode_attention(
     num_splits: int,
     out: torch.Tensor | None = None,
     tiles: DecodeTiles | None = None,
-    defer_combine: Literal[False] = False,
-) -> torch.Tensor: ...
-
-
-@overload
-def decode_attention(
-    q: torch.Tensor | DecodeRope,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    page_table: torch.Tensor,
-    rows: torch.Tensor,
-    seq_lens: torch.Tensor,
-    page_size: int,
-    scale: float,
-    num_splits: int,
-    out: torch.Tensor | None = None,
-    tiles: DecodeTiles | None = None,
-    defer_combine: bool = False,
-) -> torch.Tensor | PendingDecode: ...
-
-
-def decode_attention(
-    q: torch.Tensor | DecodeRope,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    page_table: torch.Tensor,
-    rows: torch.Tensor,
-    seq_lens: torch.Tensor,
-    page_size: int,
-    scale: float,
-    num_splits: int,
-    out: torch.Tensor | None = None,
-    tiles: DecodeTiles | None = None,
-    defer_combine: bool = False,
-) -> torch.Tensor | PendingDecode:
+) -> torch.Tensor:
     """One new query per sequence: `q` `[B, Hq, Dk]` over the first `seq_lens[b]` tokens of
     page-table row `rows[b]`; returns `[B, Hq, Dv]` in `q`'s dtype. `q` may instead be a
     `DecodeRope` of the new tokens before RoPE: then the kernel does what `fused.rope_store_kv`
@@ -553,10 +516,7 @@ def decode_attention(
     launch: the last split combining instead (an atomic count per sequence and KV head)
     measured no faster on the H200 (equal at 1x128 and 16x128, 41% slower at 1x2,048) and
     was taken out. (Asking L2 for the O projection's weight from here, before the PDL wait,
-    measured slower on the H200: bench/NOTES.md.) `defer_combine`: with more than one split,
-    return the splits' partials uncombined (a `PendingDecode`: no combine launch, `out` not
-    written) for the O projection to combine as it reads them
-    (`skinny_gemm.preload_combine_linear`)."""
+    measured slower on the H200: bench/NOTES.md.)"""
     rope = None
     if isinstance(q, DecodeRope):
         # RoPE and the KV write folded in: each program rotates its group's query heads into
@@ -614,8 +574,6 @@ def decode_attention(
     )  # fmt: skip
     if direct:
         return out
-    if defer_combine:
-        return PendingDecode(part_o, part_lse, seq_lens, tiles.block_n, out.dtype)
     _decode_combine_kernel[(bsz, num_heads)](
         part_o,
         part_lse,

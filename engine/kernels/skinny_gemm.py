@@ -40,7 +40,6 @@ against cuBLAS on Llama-3-8B's projections on the GPU; the rule is to be set fro
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, replace
 from typing import Literal, overload
 
@@ -52,7 +51,7 @@ from engine.kernels import pdl, tma
 from engine.kernels.attention import dot_precision
 from engine.kernels.fused import _plus_residual, _rms_normalize
 from engine.kernels.sms import H200_SMS
-from engine.layers.pending import PendingDecode, PendingSum
+from engine.layers.pending import PendingSum
 
 SM_COUNT = H200_SMS  # the device the rule's program counts are for (not yet the running one's)
 MAX_BLOCK_M = 64  # rows of x per program on the tensor cores (one on the CUDA cores)
@@ -334,84 +333,6 @@ def _skinny_gemm_tma_kernel(
     _store_rows(
         tl.trans(acc), tl.trans(acc_u), rows_m, rows_n, M, N, bias_ptr, y_ptr, part_ptr, pid_s,
         stride_ym, stride_ps, stride_pm, HAS_BIAS, DIRECT, GATED,
-    )  # fmt: skip
-
-
-@triton.jit
-def _preload_combine_gemv_kernel(
-    part_o_ptr,  # [1, H, S, D] float32: the decode's splits' normalised outputs
-    part_lse_ptr,  # [1, H, S] float32: their log2-sum-exp2s
-    seq_lens_ptr,  # [1]: the context length
-    w_ptr,  # [N, K = H * D]
-    y_ptr,  # [1, N] out (one split of K)
-    part_ptr,  # [split, 1, N] float32 out (more)
-    N,
-    K,
-    num_splits,
-    stride_wn,
-    stride_oh,
-    stride_os,
-    stride_lh,
-    stride_ps,
-    D: tl.constexpr,
-    HEADS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    ATTN_BLOCK_N: tl.constexpr,
-    CHUNK_S: tl.constexpr,
-    DIRECT: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    """`_preload_gemv_kernel` at one row whose x is a decode attention's output still in
-    splits (`preload_combine_linear`): the program's `[BLOCK_N, HEADS * D]` tile of W loaded
-    before the PDL wait, then its heads combined as `attention.decode_combine_program`
-    combines them, rounded to W's dtype as that launch stores them, and multiplied. The
-    combine takes CHUNK_S live splits of every head a step, all loaded at once (at 128-256
-    tokens one step: one round of loads after the context length)."""
-    pid_n = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rows_n < N
-    offs_k = pid_s * (HEADS * D) + tl.arange(0, HEADS * D)
-    w_ptrs = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
-    held = tl.load(w_ptrs, mask=n_ok[:, None] & (offs_k < K)[None, :], other=0.0)
-    pdl.start(PDL)
-    seq_len = tl.load(seq_lens_ptr)
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), ATTN_BLOCK_N) * ATTN_BLOCK_N
-    live = tl.where(seq_len > 0, tl.cdiv(seq_len, tl.maximum(split_len, 1)), 0)
-    live = tl.minimum(live, num_splits)
-    heads = pid_s * HEADS + tl.arange(0, HEADS)  # [HEADS]
-    h_ok = heads * D < K
-    chunk = tl.arange(0, CHUNK_S)
-    dim = tl.arange(0, D)
-    m = tl.full([HEADS], float("-inf"), tl.float32)
-    total = tl.zeros([HEADS], tl.float32)
-    acc = tl.zeros([HEADS, D], tl.float32)
-    for s0 in range(0, live, CHUNK_S):
-        ok = h_ok[:, None] & (s0 + chunk < live)[None, :]  # [HEADS, CHUNK_S]
-        lse = tl.load(
-            part_lse_ptr + heads[:, None] * stride_lh + (s0 + chunk)[None, :],
-            mask=ok,
-            other=float("-inf"),
-        )
-        o = tl.load(
-            part_o_ptr + heads[:, None, None] * stride_oh + (s0 + chunk)[None, :, None] * stride_os
-            + dim[None, None, :],
-            mask=ok[:, :, None],
-            other=0.0,
-        )  # [HEADS, CHUNK_S, D]  # fmt: skip
-        m_new = tl.maximum(m, tl.max(lse, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_safe)
-        w = tl.exp2(lse - m_safe[:, None])  # [HEADS, CHUNK_S]
-        acc = acc * alpha[:, None] + tl.sum(o * w[:, :, None], axis=1)
-        total = total * alpha + tl.sum(w, axis=1)
-        m = m_new
-    x = tl.where(total[:, None] > 0, acc / tl.maximum(total, 1e-30)[:, None], 0.0)
-    x = tl.reshape(x.to(w_ptr.dtype.element_ty).to(tl.float32), [HEADS * D])
-    sums = tl.sum(held.to(tl.float32) * x[None, :], 1)  # [BLOCK_N]
-    _store_rows(
-        sums[None, :], sums[None, :], tl.arange(0, 1), rows_n, 1, N, y_ptr, y_ptr, part_ptr,
-        pid_s, 0, stride_ps, 0, False, DIRECT, False,
     )  # fmt: skip
 
 
@@ -801,79 +722,6 @@ def preload_norm_linear(
         **pdl.launch_args(x, trigger_first=PRELOAD_TRIGGERS_FIRST and pdl.trigger_first(1)),
     )  # fmt: skip
     return y, new_residual
-
-
-# The O projection's tiles where it combines a decode attention's splits itself
-# (`preload_combine_linear`): COMBINE_BLOCK_N rows of W by whole heads of x up to COMBINE_K
-# columns a program, K split over heads (the partial sums left to the next norm), COMBINE_WARPS
-# warps, the combine taking COMBINE_CHUNK live splits of every head a step.
-# `PDSERVE_COMBINE_O_TILES=BLOCK_N,K,WARPS,CHUNK` sets them (for `session.sh b29`'s sweep).
-# Timed once, on an H100 (the twenty-fourth session, `b29`), in a first form that combined
-# head after head and split after split (one dependent round of loads each, 64 registers at
-# 32 x 512 and 8 warps): Qwen3-30B-A3B 1 x 128 2.88 -> 3.08 ms, Llama-3-8B 5.47 -> 5.66. This
-# form loads every head's live splits at once (one round at 128-256 tokens). Compiled for
-# sm_90 at 128-wide heads (`bench.compile_kernels`, strides divisible by 16 as the launch
-# specializes them): 32 x 512 at 8 warps 99 registers (two programs an SM: Qwen3-30B-A3B's 512
-# in two waves), two splits a step 80 (three an SM); 32 x 256 at 8 warps 64 (four an SM, 1,024
-# programs).
-COMBINE_BLOCK_N, COMBINE_K, COMBINE_WARPS, COMBINE_CHUNK = (
-    int(v) for v in os.environ.get("PDSERVE_COMBINE_O_TILES", "32,512,8,4").split(",")
-)
-
-
-def preload_combine_linear(
-    x: PendingDecode, weight: torch.Tensor, defer: bool = True
-) -> torch.Tensor | PendingSum | None:
-    """`F.linear(x.materialize().reshape(1, -1), weight)` for one decode row whose attention
-    output is still in splits, in one launch (`_preload_combine_gemv_kernel`): no combine
-    launch before it. Programs of `COMBINE_BLOCK_N` rows of W by whole heads (up to
-    `COMBINE_K` columns); with K split, the float32 partial sums as a `PendingSum` (`defer`)
-    or reduced by `_split_sum_kernel`. None where it does not apply (more rows, another dtype,
-    heads wider than COMBINE_K or not a power of two): the caller materializes x."""
-    b, heads, d = x.shape
-    k = heads * d
-    if (
-        b != 1
-        or weight.dim() != 2
-        or weight.shape[1] != k
-        or weight.stride(-1) != 1
-        or weight.dtype != x.dtype
-        or d & (d - 1)
-        or d > COMBINE_K
-        or x.part_o.stride(-1) != 1
-        or x.part_lse.stride(-1) != 1
-    ):
-        return None
-    n = weight.shape[0]
-    block_k = d * min(heads, COMBINE_K // d)
-    split_k = triton.cdiv(k, block_k)
-    direct = split_k == 1
-    y = torch.empty(1, n, dtype=x.dtype, device=weight.device)
-    part = (
-        y.new_empty(0, 1, 1, dtype=torch.float32)
-        if direct
-        else torch.empty(split_k, 1, n, dtype=torch.float32, device=weight.device)
-    )
-    _preload_combine_gemv_kernel[(1, triton.cdiv(n, COMBINE_BLOCK_N), split_k)](
-        x.part_o, x.part_lse, x.seq_lens, weight, y, part,
-        n, k, x.part_o.shape[2], weight.stride(0),
-        x.part_o.stride(1), x.part_o.stride(2), x.part_lse.stride(1), part.stride(0),
-        D=d,
-        HEADS=block_k // d,
-        BLOCK_N=COMBINE_BLOCK_N,
-        ATTN_BLOCK_N=x.block_n,
-        CHUNK_S=COMBINE_CHUNK,
-        DIRECT=direct,
-        num_warps=COMBINE_WARPS,
-        num_stages=1,
-        **pdl.launch_args(weight),
-    )  # fmt: skip
-    if direct:
-        return y
-    if defer:
-        return PendingSum(part.transpose(0, 1), x.dtype)
-    _sum_splits(part, None, y, gated=False)
-    return y
 
 
 def skinny_gate_up(

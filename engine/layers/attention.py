@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from engine.forward_batch import ForwardBatch
 from engine.layers.norm import RMSNorm
-from engine.layers.pending import PendingCombine, PendingDecode
+from engine.layers.pending import PendingCombine
 from engine.layers.rotary import RotaryEmbedding
 
 
@@ -61,12 +61,9 @@ class AttentionBackend(ABC):
         batch: ForwardBatch,
         scale: float,
         qk_norm: tuple[RMSNorm, RMSNorm] | None = None,
-        defer_combine: bool = False,
-    ) -> torch.Tensor | PendingDecode:
+    ) -> torch.Tensor:
         """`forward` of q and k rotated by `rotary` at `batch.positions`; with `qk_norm`,
-        each head of q and k is first normalised by its norm (Qwen3). `defer_combine`: a
-        backend may return a decode step's splits uncombined (a `PendingDecode`), for the O
-        projection to combine (`Linear.forward_pending_decode`); this one never does."""
+        each head of q and k is first normalised by its norm (Qwen3)."""
         if qk_norm is not None:
             q, k = qk_norm[0](q), qk_norm[1](k)
         q, k = rotary(batch.positions, q, k)

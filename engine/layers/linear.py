@@ -26,7 +26,7 @@ from torch import nn
 
 from engine.config import GEMM_BACKENDS
 from engine.device import check_triton_backend, has_triton
-from engine.layers.pending import PendingDecode, PendingSum
+from engine.layers.pending import PendingSum
 
 if TYPE_CHECKING:  # the kernels import Triton: only where the backend is chosen
     from engine.kernels.skinny_gemm import SkinnyTiles
@@ -109,22 +109,6 @@ class Linear(nn.Linear):
         from engine.kernels.skinny_gemm import skinny_linear
 
         return skinny_linear(x, self.weight, self.bias, tiles, defer=True)
-
-    def forward_pending_decode(
-        self, x: PendingDecode, defer: bool = True
-    ) -> torch.Tensor | PendingSum:
-        """This product of a decode attention's output still in splits (one row,
-        `AttentionBackend.forward_rope(..., defer_combine=True)`), the combine done by the
-        product's own launch (`skinny_gemm.preload_combine_linear`) where it applies (no bias);
-        else the combine in torch, then `forward_pending` (`defer`) or `forward`."""
-        if self.bias is None:
-            from engine.kernels.skinny_gemm import preload_combine_linear
-
-            y = preload_combine_linear(x, self.weight, defer)
-            if y is not None:
-                return y
-        flat = x.materialize().reshape(x.shape[0], -1)
-        return self.forward_pending(flat) if defer else self.forward(flat)
 
     def forward_normed(
         self,

@@ -14,9 +14,7 @@ Only `DecoderLayer` asks for it, for the outputs that go straight to a norm; eve
 caller gets tensors as before.
 
 `PendingCombine` is the same idea inside MLA's attention: a decode's ranges left uncombined
-for the W_UV product that reads them next (`engine.kernels.head_bmm.combine_head_bmm`);
-`PendingDecode` the per-head decode attention's splits left for the O projection
-(`engine.kernels.skinny_gemm.preload_combine_linear`).
+for the W_UV product that reads them next (`engine.kernels.head_bmm.combine_head_bmm`).
 """
 
 from __future__ import annotations
@@ -96,37 +94,6 @@ class PendingCombine:
         sum; a row with no live range (a padding row) zeros."""
         live = self.mid_lse > float("-inf")
         return _combine(self.mid_out, self.mid_lse, live, torch.exp).to(self.dtype)
-
-
-@dataclass(frozen=True)
-class PendingDecode:
-    """A per-head decode attention's output `[B, Hq, Dv]` before its splits are combined
-    (`engine.kernels.attention.decode_attention(..., defer_combine=True)`): each split's
-    normalised partial `part_o` `[B, Hq, S, Dv]` and its log-sum-exp in base 2 `part_lse` `[B,
-    Hq, S]` (float32). Split s of sequence b covers `[s * L, (s + 1) * L)` with `L =
-    ceil(ceil(seq_lens[b] / S) / block_n) * block_n`; one that starts past the context was
-    never written. Combined and rounded to `dtype`."""
-
-    part_o: torch.Tensor
-    part_lse: torch.Tensor
-    seq_lens: torch.Tensor
-    block_n: int
-    dtype: torch.dtype
-
-    @property
-    def shape(self) -> torch.Size:
-        b, h, _, d = self.part_o.shape
-        return torch.Size((b, h, d))
-
-    def materialize(self) -> torch.Tensor:
-        """The combined output, in torch; a sequence of length 0 gets zeros."""
-        splits = self.part_o.shape[2]
-        lens = self.seq_lens.long()
-        per_split = (lens + splits - 1) // splits
-        split_len = (per_split + self.block_n - 1) // self.block_n * self.block_n  # [B]
-        starts = torch.arange(splits, device=lens.device)[None, :] * split_len[:, None]
-        live = (starts < lens[:, None])[:, None, :]  # [B, 1, S]
-        return _combine(self.part_o, self.part_lse, live, torch.exp2).to(self.dtype)
 
 
 def _combine(

@@ -27,7 +27,7 @@ from engine.kernels.mla_decode import mla_decode
 from engine.kernels.sms import sm_count
 from engine.layers.attention import AttentionBackend
 from engine.layers.norm import RMSNorm
-from engine.layers.pending import PendingCombine, PendingDecode
+from engine.layers.pending import PendingCombine
 from engine.layers.rotary import RotaryEmbedding
 
 HEAD_BMM_MAX_ROWS = 64  # MLA's query absorption on the Triton kernel up to this many rows
@@ -50,16 +50,6 @@ HEAD_BMM_OUTPUT_MAX_ROWS = 1
 # greedy tokens stay transformers' (float32, a prompt at a time, graphs on and off).
 # `PDSERVE_MLA_COMBINE_IN_OUTPUT=0` turns it off.
 MLA_COMBINE_IN_OUTPUT = os.environ.get("PDSERVE_MLA_COMBINE_IN_OUTPUT", "1") != "0"
-
-# At one decode row, the per-head decode attention's combine in the O projection's launch
-# (`skinny_gemm.preload_combine_linear`, through `Linear.forward_pending_decode`): O's
-# programs take whole heads of K (the product split over K by heads, its partial sums left to
-# the norm after it) and combine those heads' splits as they read them, with their slab of O
-# loaded before the PDL wait as the preloading tiles do. One launch a layer fewer in the
-# batch-1 chain, as the MLA combine in the W_UV product (about 1.5 µs a layer there).
-# Off until `bash bench/gpu/session.sh b29` times it; `PDSERVE_COMBINE_IN_O=1` turns it on.
-COMBINE_IN_O = os.environ.get("PDSERVE_COMBINE_IN_O", "0") == "1"
-COMBINE_IN_O_MAX_ROWS = 1
 
 
 # Decode steps fold RoPE (with any q/k norms) and the KV write into the decode attention's
@@ -191,8 +181,7 @@ class TritonAttentionBackend(AttentionBackend):
         batch: ForwardBatch,
         scale: float,
         qk_norm: tuple[RMSNorm, RMSNorm] | None = None,
-        defer_combine: bool = False,
-    ) -> torch.Tensor | PendingDecode:
+    ) -> torch.Tensor:
         # The q/k norms, rotary embedding of q and k and the KV write in one launch (three
         # before, five with the norms).
         k_cache, v_cache = batch.kv_cache.slots(layer_id)
@@ -216,16 +205,6 @@ class TritonAttentionBackend(AttentionBackend):
             q, k, v, batch.positions, rotary.cos, rotary.sin, rotary.interleaved,
             k_cache, v_cache, batch.out_slots, norms,
         )  # fmt: skip
-        if (
-            COMBINE_IN_O
-            and defer_combine
-            and isinstance(meta, _DecodeMetadata)
-            and q.shape[0] <= COMBINE_IN_O_MAX_ROWS
-        ):
-            return kernels.decode_attention(
-                q, k_cache, v_cache, batch.page_table, batch.req_rows, meta.seq_lens,
-                batch.kv_cache.page_size, scale, meta.num_splits, defer_combine=True,
-            )  # fmt: skip
         return self._attend(q, k_cache, v_cache, batch, scale)
 
     def _attend(

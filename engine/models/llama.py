@@ -17,7 +17,7 @@ from engine.layers.attention import AttentionBackend
 from engine.layers.linear import Linear
 from engine.layers.moe import FusedExperts
 from engine.layers.norm import RMSNorm
-from engine.layers.pending import PendingDecode, PendingSum
+from engine.layers.pending import PendingSum
 from engine.layers.rotary import RotaryEmbedding
 from engine.loader import WeightTarget
 from engine.models.base import DecoderLayer, DecoderOnlyLM
@@ -75,14 +75,9 @@ class Attention(nn.Module):
         norms = None
         if self.q_norm is not None and self.k_norm is not None:
             norms = (self.q_norm, self.k_norm)
-        # With `defer`, a decode step's attention may come back with its splits uncombined,
-        # for O's launch to combine (`Linear.forward_pending_decode`).
         out = self.backend.forward_rope(
-            q, k, v, self.rotary, self.layer_id, batch, self.scale, qk_norm=norms,
-            defer_combine=defer,
-        )  # fmt: skip
-        if isinstance(out, PendingDecode):
-            return self.o_proj.forward_pending_decode(out)
+            q, k, v, self.rotary, self.layer_id, batch, self.scale, qk_norm=norms
+        )
         out = out.reshape(-1, self.q_size)
         return self.o_proj.forward_pending(out) if defer else self.o_proj(out)
 

@@ -8,7 +8,6 @@ outputs match the float32 reference within 2e-2 absolute (bf16 inputs, float32 s
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,60 +160,6 @@ def test_decode_matches_reference(
     torch.testing.assert_close(out.double(), ref, atol=TOL, rtol=TOL)
 
 
-@pytest.mark.parametrize(("page_size", "hq", "hkv", "d"), [SHAPES[0], SHAPES[1], SHAPES[2]])
-@pytest.mark.parametrize("length", [1, 70, 150, 0])
-@pytest.mark.parametrize("heads_a_program", [1, 2, 8])
-def test_combine_in_the_o_projection(
-    monkeypatch: pytest.MonkeyPatch,
-    page_size: int,
-    hq: int,
-    hkv: int,
-    d: int,
-    length: int,
-    heads_a_program: int,
-) -> None:
-    """`decode_attention(..., defer_combine=True)` leaves the splits uncombined (a
-    `PendingDecode`, whose torch `materialize` is the combine launch's output) and
-    `skinny_gemm.preload_combine_linear` combines them in O's launch: the product of the
-    combined output within float32 summation order (1e-5), K whole or split over heads (the
-    partial sums a `PendingSum` for the next norm, or reduced); a context of length 0 (a
-    padding row) multiplies zeros."""
-    from engine.kernels import skinny_gemm
-    from engine.layers.pending import PendingDecode, PendingSum
-
-    monkeypatch.setattr(skinny_gemm, "COMBINE_K", heads_a_program * d)
-    gen = torch.Generator().manual_seed(page_size + hq + d + length)
-    pool = make_pool([max(length, 1)], page_size, hkv, d, gen)
-    q = torch.randn(1, hq, d, generator=gen).to(DEVICE)
-    weight = (torch.randn(40, hq * d, generator=gen) * (hq * d) ** -0.5).to(DEVICE)
-    args = (
-        q, pool.k, pool.v, pool.table, torch.tensor(pool.rows, device=DEVICE),
-        torch.tensor([length], dtype=torch.int32, device=DEVICE), page_size, d**-0.5, 8,
-    )  # fmt: skip
-    combined = kernels.decode_attention(*args)
-    pending = kernels.decode_attention(*args, defer_combine=True)
-    assert isinstance(pending, PendingDecode) and pending.shape == combined.shape
-    if length:
-        torch.testing.assert_close(pending.materialize(), combined, rtol=1e-6, atol=1e-6)
-    else:  # the combine launch divides 0 by 0 there; the deferred forms give zeros
-        assert torch.equal(pending.materialize(), torch.zeros_like(combined))
-        combined = torch.zeros_like(combined)
-    want = combined.reshape(1, -1) @ weight.t()
-    for defer in (True, False):
-        got = skinny_gemm.preload_combine_linear(pending, weight, defer)
-        if isinstance(got, PendingSum):
-            assert heads_a_program < hq and got.parts.shape[:2] == (1, hq // heads_a_program)
-            got = got.materialize()
-        else:
-            assert got is not None and (heads_a_program >= hq or not defer)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    # Another dtype than the partials', or heads wider than a program's columns: None, the
-    # caller's torch combine.
-    assert skinny_gemm.preload_combine_linear(pending, weight.half()) is None
-    monkeypatch.setattr(skinny_gemm, "COMBINE_K", d // 2)
-    assert skinny_gemm.preload_combine_linear(pending, weight) is None
-
-
 @pytest.mark.parametrize(("page_size", "hq", "hkv", "d"), SHAPES[:4])
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("variant", ["plain", "norm", "interleaved"])
@@ -340,50 +285,6 @@ def test_triton_backend_matches_transformers(
     assert engine.num_free_pages == engine.pool.num_pages
 
 
-@pytest.mark.parametrize(("family", "page_size"), [("llama", 16), ("qwen3-moe", 1)])
-def test_combine_in_the_o_projection_keeps_transformers_tokens(
-    tiny_models: dict[str, Path], family: str, page_size: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """`COMBINE_IN_O` on: each prompt alone, so that every decode step is one row and its
-    every layer's O projection combines the attention's splits (`preload_combine_linear`,
-    16-key splits, K split over two heads a program, the partial sums left to the next
-    norm); the greedy tokens stay transformers'."""
-    from engine.kernels import skinny_gemm
-    from engine.layers import triton_attention
-
-    calls: list[bool] = []  # per O launch: whether its sums were left to the norm
-    launch = skinny_gemm.preload_combine_linear
-
-    def counted(*args: object, **kwargs: object) -> object:
-        y = launch(*args, **kwargs)  # type: ignore[arg-type]
-        calls.append(not isinstance(y, torch.Tensor))
-        return y
-
-    monkeypatch.setattr(triton_attention, "COMBINE_IN_O", True)
-    monkeypatch.setattr(skinny_gemm, "preload_combine_linear", counted)
-    # 16-key splits, so that the tiny prompts' contexts span several.
-    monkeypatch.setattr(kernels, "DECODE_BLOCK_N", 16)
-    monkeypatch.setattr(kernels, "DecodeTiles", functools.partial(kernels.DecodeTiles, 16))
-    engine = Engine(
-        EngineConfig(
-            model_path=str(tiny_models[family]), num_pages=256, page_size=page_size,
-            attention_backend="triton", dtype="float32",
-        )
-    )  # fmt: skip
-    config = engine.model_config
-    monkeypatch.setattr(skinny_gemm, "COMBINE_K", 2 * config.head_dim)
-    ref = reference(tiny_models[family], device=DEVICE)
-    n = 6
-    few = Reference(  # the 17- and 40-token prompts: contexts of two to three splits
-        ref.prompts[2:4], [t[:n] for t in ref.tokens[2:4]], [x[:n] for x in ref.logits[2:4]]
-    )
-    params = SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
-    results = [engine.generate([p], params)[0] for p in few.prompts]
-    assert_greedy_matches([r.output_ids for r in results], few, NEAR_TIE)
-    assert len(calls) >= 2 * (n - 1) * config.num_layers and all(calls)
-    assert engine.num_free_pages == engine.pool.num_pages
-
-
 @pytest.mark.parametrize(("family", "page_size"), [("llama", 16), ("qwen3", 1)])
 def test_rope_folded_into_decode_keeps_transformers_tokens(
     tiny_models: dict[str, Path], family: str, page_size: int, monkeypatch: pytest.MonkeyPatch
@@ -397,7 +298,7 @@ def test_rope_folded_into_decode_keeps_transformers_tokens(
 
     def counted(q: torch.Tensor | kernels.DecodeRope, *args: object, **kwargs: object) -> object:
         calls.append(isinstance(q, kernels.DecodeRope))
-        return decode(q, *args, **kwargs)  # type: ignore[call-overload]
+        return decode(q, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(triton_attention, "DECODE_ROPE_IN_ATTENTION", True)
     monkeypatch.setattr(kernels, "decode_attention", counted)
