@@ -81,6 +81,7 @@
 #   run(command="bash bench/gpu/session.sh b27", carry=[".whl"]) # MLA combine in W_UV, A/B
 #   run(command="bash bench/gpu/session.sh b30", carry=[".whl"]) # RoPE in the decode, A/B
 #   run(command="bash bench/gpu/session.sh b31", carry=[".whl"]) # the README's rows (H200)
+#   run(command="bash bench/gpu/session.sh b34", carry=[".whl"]) # read ceiling, MoE by ncu
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -1312,5 +1313,23 @@ b31)
   TAIL=45 step profile_qwen3 75 python3 -m bench.profile_decode --preset qwen3-30b-a3b \
     --decode 1x128 --top 16
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31"; exit 2 ;;
+b34)
+  # How close a launch that only reads comes to the copy rate at a decode layer's sizes, and
+  # what a boundary between two such launches costs (`bench.read_kernel`, about 150 s), then
+  # where the small MoE path's two kernels stand against that (one layer at one token) and
+  # where their warps wait (ncu, if its counters are readable on this machine).
+  TAIL=12 step read_ceiling 90 bash -c 'python3 -m bench.read_kernel --sizes-mb 17,25,50,75 \
+    --programs-per-sm 2,3,4 --num-warps 4,8 --block 1024,2048 --unroll 1,2,4 | grep -v "^| "
+    python3 -m bench.read_kernel --sizes-mb 75 --programs-per-sm 3 --num-warps 4 \
+    --block 1024 --unroll 2 --chain 50,25 | grep "^chain"'
+  ROWS='^## |^\| 1 ' step layer_small 40 bash -c 'for s in qwen3-30b-a3b \
+    moonlight-16b-a3b-fused; do echo "## $s"; python3 -m bench.moe_kernel --shape $s \
+    --tokens 1 --path small-routed --reps 20 | grep "^| 1 "; done'
+  TAIL=60 step ncu_small_moe 90 bash -c 'ncu --clock-control none \
+    -k regex:"small_gate_up|small_down_preload" --launch-count 4 --section SpeedOfLight \
+    --section Occupancy --metrics regex:smsp__warp_issue_stalled_.*_per_warp_active.pct \
+    python3 -m bench.moe_kernel --shape qwen3-30b-a3b --tokens 1 --path small-routed \
+    --reps 1 --layers 1 | grep -v "^    ---\|^ *$\|^          \|WRN\|INF" | cut -c1-110'
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34"; exit 2 ;;
 esac
