@@ -82,6 +82,7 @@
 #   run(command="bash bench/gpu/session.sh b30", carry=[".whl"]) # RoPE in the decode, A/B
 #   run(command="bash bench/gpu/session.sh b31", carry=[".whl"]) # the README's rows (H200)
 #   run(command="bash bench/gpu/session.sh b34", carry=[".whl"]) # read ceiling, MoE by ncu
+#   run(command="bash bench/gpu/session.sh b35", carry=[".whl"]) # metadata before the wait
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -1331,5 +1332,26 @@ b34)
     python3 -m bench.moe_kernel --shape qwen3-30b-a3b --tokens 1 --path small-routed \
     --reps 1 --layers 1 | grep -v "^    ---\|^ *$\|^          \|WRN\|INF" | cut -c1-110'
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34"; exit 2 ;;
+b35)
+  # The decode attention kernels reading the length and page-table row before their PDL wait
+  # (PDSERVE_METADATA_BEFORE_WAIT=1, off by default; about 420 s): the per-head kernel's tests
+  # compiled with it on, the tiny Llama's, Qwen3's, Qwen3-MoE's and DeepSeek-V3's greedy tokens a prompt
+  # at a time with it on, then Qwen3-30B-A3B, Moonlight and Llama-3-8B at 1 x 128 and
+  # Llama-3-8B at 64 x 128, off and on, alternating twice.
+  TAIL=4 step test_metadata 90 env PDSERVE_METADATA_BEFORE_WAIT=1 python3 -m pytest -x -q \
+    -rf tests/engine/test_triton_attention.py -k 'decode_matches or decode_with_rope'
+  TAIL=8 step greedy_metadata 100 env PDSERVE_METADATA_BEFORE_WAIT=1 \
+    python3 bench/gpu/preload_ab.py --greedy -- llama qwen3 qwen3-moe deepseek-v3
+  for i in 1 2; do
+    for on in 0 1; do
+      for preset in qwen3-30b-a3b moonlight-16b-a3b llama3-8b; do
+        shapes=1x128; [ "$preset" = llama3-8b ] && shapes=1x128,64x128
+        ROWS='^\| [0-9]+x128' step "${preset%%-*}_meta${on}_$i" 45 env \
+          PDSERVE_METADATA_BEFORE_WAIT=$on python3 -m bench.engine --preset "$preset" \
+          --skip-hf --prefill '' --decode $shapes --repeats 5
+      done
+    done
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35"; exit 2 ;;
 esac

@@ -20,6 +20,7 @@ Softmax runs in float32 in the log2 domain (scores scaled by `scale * log2(e)`).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -182,7 +183,6 @@ def _decode_split_kernel(
     NORM: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl.start(PDL)
     decode_split_program(
         tl.program_id(0), tl.program_id(1), tl.program_id(2),
         q_ptr, k_ptr, v_ptr, table_ptr, rows_ptr, seq_lens_ptr, part_o_ptr, part_lse_ptr, out_ptr,
@@ -191,8 +191,41 @@ def _decode_split_kernel(
         GROUP_PAD, DK, DV, BLOCK_DK, BLOCK_DV, PAGE_SIZE, BLOCK_N, num_splits, rope_q_ptr,
         rope_k_ptr, rope_v_ptr, pos_ptr, slots_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, eps,
         stride_rqb, stride_rqh, stride_rkb, stride_rkh, stride_rvb, stride_rvh, stride_rope,
-        PRECISION, DIRECT, ROPE, HALF, BLOCK_HALF, INTERLEAVED, NORM,
+        PRECISION, DIRECT, ROPE, HALF, BLOCK_HALF, INTERLEAVED, NORM, PDL,
     )  # fmt: skip
+
+
+# Whether the decode attention kernels (per-head and MLA) read their step's metadata, the
+# sequence's length and page-table row, before their PDL wait: a round of loads that otherwise
+# opens every program after the wait, before the one of the page table's entries. (The first
+# key tile's pages loaded before the wait too, one more round, held [BLOCK_N] int32 a thread
+# across it in the layout Triton gave them: 104 -> 240 B of spills on sm_90; not done.)
+# Nothing in a decode step's kernels writes them: the lengths are computed before the
+# embedding (`AttentionBackend.prepare`, torch's kernels, outside PDL), the rows come with the
+# step's inputs and the page table is updated before the step (`DevicePageTable`), so a
+# kernel scheduled early, however early, reads what it would after its wait. The keys and
+# values (the kernel before writes the new token's) are still read after it.
+# `PDSERVE_METADATA_BEFORE_WAIT=1` turns it on; off until timed (`session.sh b35`). Kernels
+# read it by its bare name only: Triton's cache key takes in the values of the globals a
+# kernel names, not of a module's attributes (`pdl.X`), so a switch read through a module
+# would compile once for both settings.
+METADATA_BEFORE_WAIT = tl.constexpr(os.environ.get("PDSERVE_METADATA_BEFORE_WAIT", "0") == "1")
+
+
+@triton.jit
+def wait_before_metadata(PDL: tl.constexpr):
+    """A decode attention program's first step: `pdl.trigger_early`, then its PDL wait unless
+    `METADATA_BEFORE_WAIT` (then `wait_after_metadata` waits)."""
+    pdl.trigger_early(PDL)
+    if not METADATA_BEFORE_WAIT:
+        pdl.wait(PDL)
+
+
+@triton.jit
+def wait_after_metadata(PDL: tl.constexpr):
+    """The PDL wait after the metadata's loads, where `METADATA_BEFORE_WAIT`."""
+    if METADATA_BEFORE_WAIT:
+        pdl.wait(PDL)
 
 
 @triton.jit
@@ -257,15 +290,21 @@ def decode_split_program(
     BLOCK_HALF: tl.constexpr,
     INTERLEAVED: tl.constexpr,
     NORM: tl.constexpr,
+    PDL: tl.constexpr = 0,
 ):
     """Program `(b, kvh, split)` of `decode_attention`'s split launch (also run by the
-    persistent decode layer's items in bench.persistent_kernel)."""
+    persistent decode layer's items in bench.persistent_kernel). It waits for the kernel
+    before it before its first load, or after reading its metadata where
+    `METADATA_BEFORE_WAIT`."""
+    wait_before_metadata(PDL)
     # DIRECT (one split): the output itself, normalised, instead of a partial to combine.
     seq_len = tl.load(seq_lens_ptr + b)
     row = tl.load(rows_ptr + b).to(tl.int64)
     split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
+    table_row = table_ptr + row * stride_table
+    wait_after_metadata(PDL)
     # With ROPE and a head of two power-of-two halves, the group's rotated queries stay in
     # registers (`fused.rotate_group`: one round of loads for the group); otherwise they go
     # through q_ptr.
@@ -322,7 +361,7 @@ def decode_split_program(
         for n0 in range(start, end, BLOCK_N):
             offs = n0 + tl.arange(0, BLOCK_N)
             ok = offs < end
-            page = tl.load(table_ptr + row * stride_table + offs // PAGE_SIZE, mask=ok, other=0)
+            page = tl.load(table_row + offs // PAGE_SIZE, mask=ok, other=0)
             slot = page.to(tl.int64) * PAGE_SIZE + offs % PAGE_SIZE  # [N]
             k = tl.load(
                 k_ptr + slot[:, None] * stride_ks + kvh * stride_kh + dk[None, :],

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels import pdl
-from engine.kernels.attention import dot_precision
+from engine.kernels.attention import dot_precision, wait_after_metadata, wait_before_metadata
 from engine.kernels.sms import H200_SMS, sm_count
 from engine.layers.pending import PendingCombine
 
@@ -73,9 +73,12 @@ def mla_decode_split_kernel(
     BLOCK_N: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl.start(PDL)
     # Head blocks vary fastest in launch order: the programs sharing a range run together.
     head_block, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    table_row, start, end = _range_metadata(
+        page_table, req_rows, seq_lens, b, split, stride_table, NUM_SPLITS, HAS_ROWS, BLOCK_N,
+        PDL,
+    )  # fmt: skip
     heads = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = heads < num_heads
     r = tl.arange(0, BLOCK_R)
@@ -92,23 +95,13 @@ def mla_decode_split_kernel(
         mask=h_ok[:, None] & p_ok[None, :],
         other=0.0,
     )  # [BLOCK_H, BLOCK_P]
-
-    length = tl.load(seq_lens + b)
-    if HAS_ROWS:
-        table_row = page_table + tl.load(req_rows + b).to(tl.int64) * stride_table
-    else:
-        table_row = page_table + b * stride_table
-    per_split = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * per_split
-    end = tl.minimum(start + per_split, length)
     m = tl.full([BLOCK_H], -float("inf"), dtype=tl.float32)
     denom = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         ok = pos < end
-        page = tl.load(table_row + pos // page_size, mask=ok, other=0)
-        page = page.to(tl.int64)
+        page = tl.load(table_row + pos // page_size, mask=ok, other=0).to(tl.int64)
         within = pos % page_size
         latent_row = page * stride_latent_page + within * stride_latent_slot  # [BLOCK_N]
         pe_row = page * stride_pe_page + within * stride_pe_slot
@@ -150,6 +143,27 @@ def mla_decode_split_kernel(
             tl.store(mid_lse + row, m + tl.log(denom), mask=h_ok)
         else:
             tl.store(mid_lse + row, tl.full([BLOCK_H], -float("inf"), tl.float32), mask=h_ok)
+
+
+@triton.jit
+def _range_metadata(
+    page_table, req_rows, seq_lens, b, split, stride_table, NUM_SPLITS: tl.constexpr,
+    HAS_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """`(table_row, start, end)` of sequence `b`'s range `split`, and the PDL wait: before
+    these loads, or after them where `attention.METADATA_BEFORE_WAIT` (nothing in the step's
+    kernels writes them)."""
+    wait_before_metadata(PDL)
+    length = tl.load(seq_lens + b)
+    if HAS_ROWS:
+        table_row = page_table + tl.load(req_rows + b).to(tl.int64) * stride_table
+    else:
+        table_row = page_table + b * stride_table
+    per_split = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, length)
+    wait_after_metadata(PDL)
+    return table_row, start, end
 
 
 @triton.jit
@@ -202,8 +216,11 @@ def mla_decode_quarters_kernel(
     independent products of 128 columns (at R 512) summed, not one chain over all 576, so the
     tensor-core steps of one tile overlap instead of waiting on each other; the output is four
     accumulators. Same loads, same bytes."""
-    pdl.start(PDL)
     head_block, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    table_row, start, end = _range_metadata(
+        page_table, req_rows, seq_lens, b, split, stride_table, NUM_SPLITS, HAS_ROWS, BLOCK_N,
+        PDL,
+    )  # fmt: skip
     R4: tl.constexpr = BLOCK_R // 4
     heads = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = heads < num_heads
@@ -220,14 +237,6 @@ def mla_decode_quarters_kernel(
         mask=h_ok[:, None] & p_ok[None, :],
         other=0.0,
     )
-    length = tl.load(seq_lens + b)
-    if HAS_ROWS:
-        table_row = page_table + tl.load(req_rows + b).to(tl.int64) * stride_table
-    else:
-        table_row = page_table + b * stride_table
-    per_split = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * per_split
-    end = tl.minimum(start + per_split, length)
     m = tl.full([BLOCK_H], -float("inf"), dtype=tl.float32)
     denom = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc0 = tl.zeros([BLOCK_H, R4], dtype=tl.float32)

@@ -108,8 +108,21 @@ def start(PDL: tl.constexpr):
     one be scheduled at once (it too waits before touching memory), with 1 only as this
     kernel's programs finish; with 3 (TRIGGER_FIRST) let the next one be scheduled first,
     then wait."""
+    trigger_early(PDL)
+    wait(PDL)
+
+
+@triton.jit
+def trigger_early(PDL: tl.constexpr):
+    """`start`'s first half: with PDL 3 let the next kernel be scheduled now."""
     if PDL == 3:
         tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def wait(PDL: tl.constexpr):
+    """`start`'s second half, for a kernel that loads what no kernel writes in between
+    (`trigger_early` first): the wait, then with PDL 2 the next kernel's scheduling."""
     if PDL:
         tl.extra.cuda.gdc_wait()
     if PDL == 2:

@@ -302,6 +302,37 @@ def test_mla_decode_quarters_match_torch_backend(page_size, heads, splits):
         )  # fmt: skip
 
 
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("splits", [1, 3, 8])
+@pytest.mark.parametrize("quarters", [False, True])
+def test_mla_decode_metadata_before_the_wait_changes_nothing(
+    page_size, splits, quarters, monkeypatch
+):
+    """`attention.METADATA_BEFORE_WAIT` (the length and page-table row read before the PDL
+    wait, `mla_decode._range_metadata`): both kernels' output bit for bit the plain ones',
+    with empty ranges (8 splits of short contexts) and a padding row (length 0, zeros)."""
+    from engine.kernels import attention
+
+    lens = [0, page_size - 1, page_size, 45]
+    q_latent, q_pe, cache, table, seq_lens, scale, want = decode_case(
+        lens, 16, 64, 8, page_size, torch.float32
+    )
+    seq_lens = torch.cat([seq_lens, torch.zeros(1, dtype=seq_lens.dtype)])
+    q_latent, q_pe = (torch.cat([t, t[:1]]) for t in (q_latent, q_pe))
+    outs = []
+    for early in (False, True):
+        monkeypatch.setattr(attention, "METADATA_BEFORE_WAIT", early)
+        out = torch.full_like(q_latent, float("nan"))
+        mla_decode(
+            q_latent, q_pe, cache.k[0], cache.v[0], torch.cat([table, table[:1]]), seq_lens,
+            scale, out, splits, 16, quarters=quarters,
+        )  # fmt: skip
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[1][:-1], want, rtol=1e-5, atol=1e-5)
+    assert not outs[1][-1].any()
+
+
 @pytest.mark.parametrize("heads", [64, 80])
 def test_mla_decode_quarters_wide_head_blocks(heads):
     """64 heads a program (what `default_block_h` picks for DeepSeek-V3's 128 heads from batch
