@@ -1333,13 +1333,15 @@ b34)
     --reps 1 --layers 1 | grep -v "^    ---\|^ *$\|^          \|WRN\|INF" | cut -c1-110'
   ;;
 b35)
-  # The decode attention kernels reading the length and page-table row before their PDL wait
-  # (PDSERVE_METADATA_BEFORE_WAIT=1, off by default; about 420 s): the per-head kernel's tests
-  # compiled with it on, the tiny Llama's, Qwen3's, Qwen3-MoE's and DeepSeek-V3's greedy tokens a prompt
+  # The decode attention kernels reading the length and page-table row, and RoPE with the KV
+  # store its token's position, slot and cos/sin rows, before their PDL wait
+  # (PDSERVE_METADATA_BEFORE_WAIT=1, off by default; about 420 s): their tests compiled with
+  # it on, the tiny Llama's, Qwen3's, Qwen3-MoE's and DeepSeek-V3's greedy tokens a prompt
   # at a time with it on, then Qwen3-30B-A3B, Moonlight and Llama-3-8B at 1 x 128 and
   # Llama-3-8B at 64 x 128, off and on, alternating twice.
   TAIL=4 step test_metadata 90 env PDSERVE_METADATA_BEFORE_WAIT=1 python3 -m pytest -x -q \
-    -rf tests/engine/test_triton_attention.py -k 'decode_matches or decode_with_rope'
+    -rf tests/engine/test_triton_attention.py tests/engine/test_fused_ops.py \
+    -k 'decode_matches or decode_with_rope or rope_and_kv_store or qk_norm_rope'
   TAIL=8 step greedy_metadata 100 env PDSERVE_METADATA_BEFORE_WAIT=1 \
     python3 bench/gpu/preload_ab.py --greedy -- llama qwen3 qwen3-moe deepseek-v3
   for i in 1 2; do

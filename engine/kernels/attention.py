@@ -20,7 +20,6 @@ Softmax runs in float32 in the log2 domain (scores scaled by `scale * log2(e)`).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -28,7 +27,10 @@ import triton
 import triton.language as tl
 
 from engine.kernels import pdl
-from engine.kernels.fused import _rotate_head, rotate_group
+
+# The sequence's length and page-table row before the PDL wait where METADATA_BEFORE_WAIT
+# (`fused`'s switch; read here by its bare name, as Triton's cache key needs).
+from engine.kernels.fused import METADATA_BEFORE_WAIT, _rotate_head, rotate_group
 from engine.kernels.sms import H200_SMS
 
 LOG2E = 1.4426950408889634
@@ -193,23 +195,6 @@ def _decode_split_kernel(
         stride_rqb, stride_rqh, stride_rkb, stride_rkh, stride_rvb, stride_rvh, stride_rope,
         PRECISION, DIRECT, ROPE, HALF, BLOCK_HALF, INTERLEAVED, NORM, PDL,
     )  # fmt: skip
-
-
-# Whether the decode attention kernels (per-head and MLA) read their step's metadata, the
-# sequence's length and page-table row, before their PDL wait: a round of loads that otherwise
-# opens every program after the wait, before the one of the page table's entries. (The first
-# key tile's pages loaded before the wait too, one more round, held [BLOCK_N] int32 a thread
-# across it in the layout Triton gave them: 104 -> 240 B of spills on sm_90; not done.)
-# Nothing in a decode step's kernels writes them: the lengths are computed before the
-# embedding (`AttentionBackend.prepare`, torch's kernels, outside PDL), the rows come with the
-# step's inputs and the page table is updated before the step (`DevicePageTable`), so a
-# kernel scheduled early, however early, reads what it would after its wait. The keys and
-# values (the kernel before writes the new token's) are still read after it.
-# `PDSERVE_METADATA_BEFORE_WAIT=1` turns it on; off until timed (`session.sh b35`). Kernels
-# read it by its bare name only: Triton's cache key takes in the values of the globals a
-# kernel names, not of a module's attributes (`pdl.X`), so a switch read through a module
-# would compile once for both settings.
-METADATA_BEFORE_WAIT = tl.constexpr(os.environ.get("PDSERVE_METADATA_BEFORE_WAIT", "0") == "1")
 
 
 @triton.jit

@@ -12,6 +12,7 @@ path to float32 rounding and in bfloat16 to one bf16 ulp where a reduction's ord
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -411,6 +412,17 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# Whether the decode step's launches that read the step's metadata (positions, cache slots,
+# sequence lengths, page-table rows: its inputs, which no kernel of the step writes) read it,
+# and what depends only on it (RoPE's cos/sin rows), before their PDL wait: a round of loads
+# fewer after it. RoPE with the KV store here (one token a program); the decode attention
+# kernels (`attention.METADATA_BEFORE_WAIT`, the same switch). Kernels read it by its bare
+# name only: Triton's cache key takes in the values of the globals a kernel names, not of a
+# module's attributes (`pdl.X`), so a switch read through a module would compile once for both
+# settings. `PDSERVE_METADATA_BEFORE_WAIT=1` turns it on; off until timed (`session.sh b35`).
+METADATA_BEFORE_WAIT = tl.constexpr(os.environ.get("PDSERVE_METADATA_BEFORE_WAIT", "0") == "1")
+
+
 @triton.jit
 def _rotate_head(
     src, dst, pos, cos_ptr, sin_ptr, stride_table, HALF, BLOCK, INTERLEAVED, w_ptr, eps, NORM
@@ -418,6 +430,25 @@ def _rotate_head(
     """Rotate one head `src` -> `dst` (contiguous halves): x * cos + rotate_half(x) * sin.
     With NORM, the head is first RMS-normalised with weight `w_ptr` (Qwen3's q/k norm),
     rounded as `_rms_norm_kernel` rounds."""
+    c, s = rope_tables(pos, cos_ptr, sin_ptr, stride_table, HALF, BLOCK, src.dtype.element_ty)
+    _rotate_head_by(src, dst, c, s, HALF, BLOCK, INTERLEAVED, w_ptr, eps, NORM)
+
+
+@triton.jit
+def rope_tables(pos, cos_ptr, sin_ptr, stride_table, HALF, BLOCK: tl.constexpr,
+                DT: tl.constexpr):  # fmt: skip
+    """Position `pos`'s cos and sin `[BLOCK]` for `_rotate_head_by`: the table is [cos(f),
+    cos(f)] per position (float32), cast to the activations' dtype `DT` (then float32)."""
+    i = tl.arange(0, BLOCK)
+    mask = i < HALF
+    c = tl.load(cos_ptr + pos * stride_table + i, mask=mask, other=0.0).to(DT).to(tl.float32)
+    s = tl.load(sin_ptr + pos * stride_table + i, mask=mask, other=0.0).to(DT).to(tl.float32)
+    return c, s
+
+
+@triton.jit
+def _rotate_head_by(src, dst, c, s, HALF, BLOCK, INTERLEAVED, w_ptr, eps, NORM):
+    """`_rotate_head` with its position's `rope_tables` given."""
     i = tl.arange(0, BLOCK)
     mask = i < HALF
     if INTERLEAVED:  # pairs (x0, x1), (x2, x3), ...: de-interleaved into halves on the way
@@ -434,9 +465,6 @@ def _rotate_head(
         w2 = tl.load(w_ptr + i2, mask=mask, other=0.0).to(tl.float32)
         x1 = ((f1 * inv).to(dt).to(tl.float32) * w1).to(dt)
         x2 = ((f2 * inv).to(dt).to(tl.float32) * w2).to(dt)
-    # The table is [cos(f), cos(f)] per position (float32), cast to the activations' dtype.
-    c = tl.load(cos_ptr + pos * stride_table + i, mask=mask, other=0.0).to(dt).to(tl.float32)
-    s = tl.load(sin_ptr + pos * stride_table + i, mask=mask, other=0.0).to(dt).to(tl.float32)
     a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
     # Each product and the sum rounded as torch rounds them.
     o1 = ((a1 * c).to(dt).to(tl.float32) + (-a2 * s).to(dt).to(tl.float32)).to(dt)
@@ -551,11 +579,37 @@ def _rope_store_kv_kernel(
     TOKENS: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl.start(PDL)
     # One program per TOKENS tokens (`rope_tokens_per_program`) of one head, over the query
     # heads, then the KV heads: a query head is rotated into q_out; a KV head's key is rotated
     # into its cache slot and its value copied there (a slot < 0, a padded row, writes nothing).
     h = tl.program_id(1).to(tl.int64)
+    if METADATA_BEFORE_WAIT and TOKENS == 1:
+        # The token's position, slot and cos/sin rows before the PDL wait (the positions and
+        # slots are the step's inputs, the tables constants: nothing in the step writes them),
+        # its head after it.
+        pdl.trigger_early(PDL)
+        t = tl.program_id(0).to(tl.int64)
+        here = t < num_tokens
+        pos = tl.load(pos_ptr + t, mask=here, other=0).to(tl.int64)
+        slot = tl.load(slots_ptr + t, mask=here & (h >= HQ), other=-1).to(tl.int64)
+        c, s = rope_tables(pos, cos_ptr, sin_ptr, stride_table, HALF, BLOCK,
+                           q_ptr.dtype.element_ty)  # fmt: skip
+        pdl.wait(PDL)
+        if here:
+            if h < HQ:
+                src = q_ptr + t * stride_qt + h * stride_qh
+                dst = q_out_ptr + t * stride_qot + h * stride_qoh
+                _rotate_head_by(src, dst, c, s, HALF, BLOCK, INTERLEAVED, q_norm_ptr, eps, NORM)
+            elif slot >= 0:
+                hk = h - HQ
+                src = k_ptr + t * stride_kt + hk * stride_kh
+                dst = k_cache_ptr + slot * stride_kcs + hk * stride_kch
+                _rotate_head_by(src, dst, c, s, HALF, BLOCK, INTERLEAVED, k_norm_ptr, eps, NORM)
+                j = tl.arange(0, BLOCK_DV)
+                v = tl.load(v_ptr + t * stride_vt + hk * stride_vh + j, mask=j < DV)
+                tl.store(v_cache_ptr + slot * stride_vcs + hk * stride_vch + j, v, mask=j < DV)
+        return
+    pdl.start(PDL)
     for i in range(TOKENS):
         t = tl.program_id(0).to(tl.int64) * TOKENS + i
         if t < num_tokens:

@@ -166,6 +166,37 @@ def test_qk_norm_rope_and_kv_store_in_one_launch_match_torch(
     assert torch.equal(v_cache[[2, 0]].cpu(), v[:2]) and not k_cache[[1, 3]].any()
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="flips a compiled kernel's switch: interpreter only")
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("norm", [False, True])
+def test_rope_and_kv_store_with_metadata_before_the_wait(
+    monkeypatch: pytest.MonkeyPatch, interleaved: bool, norm: bool
+) -> None:
+    """`fused.METADATA_BEFORE_WAIT` (a decode token's position, slot and cos/sin rows read
+    before the PDL wait): the rotated queries and both caches bit for bit as without it, a
+    padded row (slot -1) writing nothing, with and without Qwen3's q/k norms."""
+    hq, hkv, dim, tokens = 4, 2, 64, 4
+    gen = torch.Generator().manual_seed(11)
+    rope = RotaryEmbedding(RopeConfig(theta=10000.0), dim, 32, interleaved=interleaved)
+    qkv = torch.randn(tokens, (hq + 2 * hkv) * dim, generator=gen).to(torch.bfloat16)
+    q = qkv[:, : hq * dim].view(tokens, hq, dim)
+    k = qkv[:, hq * dim : (hq + hkv) * dim].view(tokens, hkv, dim)
+    v = qkv[:, (hq + hkv) * dim :].view(tokens, hkv, dim)
+    positions, slots = torch.tensor([0, 5, 31, 9]), torch.tensor([2, 0, -1, 5])
+    weights = (torch.rand(dim, generator=gen) + 0.5).to(torch.bfloat16)
+    norms = (weights, weights.flip(0), 1e-6) if norm else None
+    results = []
+    for early in (False, True):
+        monkeypatch.setattr(fused, "METADATA_BEFORE_WAIT", early)
+        caches = [torch.full((6, hkv, dim), 7.0, dtype=torch.bfloat16) for _ in range(2)]
+        got_q = fused.rope_store_kv(q, k, v, positions, rope.cos, rope.sin, interleaved,
+                                    caches[0], caches[1], slots, norms)  # fmt: skip
+        results.append((got_q, *caches))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    assert (results[1][1][[1, 3, 4]] == 7.0).all()  # only slots 2, 0 and 5 written
+
+
 @pytest.mark.parametrize("per_program", [3, 16])
 def test_rope_with_several_tokens_a_program_equals_one_a_program(
     monkeypatch: pytest.MonkeyPatch, per_program: int
