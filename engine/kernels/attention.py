@@ -404,11 +404,10 @@ def _decode_combine_kernel(
     num_splits,
     PDL: tl.constexpr,
 ):
-    pdl.start(PDL)
     decode_combine_program(
         tl.program_id(0), tl.program_id(1), part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr,
         stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
-        DV, BLOCK_DV, BLOCK_N, num_splits,
+        DV, BLOCK_DV, BLOCK_N, num_splits, PDL,
     )  # fmt: skip
 
 
@@ -416,11 +415,15 @@ def _decode_combine_kernel(
 def decode_combine_program(
     b, h, part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh, stride_outb, stride_outh, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr, num_splits,
+    BLOCK_N: tl.constexpr, num_splits, PDL: tl.constexpr = 0,
 ):  # fmt: skip
     """Program `(b, h)` of `decode_attention`'s combine launch: head h of sequence b's output
-    from its splits' partials."""
+    from its splits' partials. Its PDL wait comes before the length's load, or after it where
+    `METADATA_BEFORE_WAIT` (the partials, which the split launch writes, after it either
+    way)."""
+    wait_before_metadata(PDL)
     seq_len = tl.load(seq_lens_ptr + b)
+    wait_after_metadata(PDL)
     split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     dv = tl.arange(0, BLOCK_DV)
     m = float("-inf")
