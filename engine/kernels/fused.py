@@ -590,50 +590,71 @@ def _rope_store_kv_kernel(
         pdl.trigger_early(PDL)
         t = tl.program_id(0).to(tl.int64)
         here = t < num_tokens
-        pos = tl.load(pos_ptr + t, mask=here, other=0).to(tl.int64)
-        slot = tl.load(slots_ptr + t, mask=here & (h >= HQ), other=-1).to(tl.int64)
-        c, s = rope_tables(pos, cos_ptr, sin_ptr, stride_table, HALF, BLOCK,
-                           q_ptr.dtype.element_ty)  # fmt: skip
+        slot, c, s = _rope_token_inputs(
+            t, h, here, pos_ptr, slots_ptr, cos_ptr, sin_ptr, stride_table, HQ, HALF, BLOCK,
+            q_ptr.dtype.element_ty,
+        )  # fmt: skip
         pdl.wait(PDL)
         if here:
-            if h < HQ:
-                src = q_ptr + t * stride_qt + h * stride_qh
-                dst = q_out_ptr + t * stride_qot + h * stride_qoh
-                _rotate_head_by(src, dst, c, s, HALF, BLOCK, INTERLEAVED, q_norm_ptr, eps, NORM)
-            elif slot >= 0:
-                hk = h - HQ
-                src = k_ptr + t * stride_kt + hk * stride_kh
-                dst = k_cache_ptr + slot * stride_kcs + hk * stride_kch
-                _rotate_head_by(src, dst, c, s, HALF, BLOCK, INTERLEAVED, k_norm_ptr, eps, NORM)
-                j = tl.arange(0, BLOCK_DV)
-                v = tl.load(v_ptr + t * stride_vt + hk * stride_vh + j, mask=j < DV)
-                tl.store(v_cache_ptr + slot * stride_vcs + hk * stride_vch + j, v, mask=j < DV)
+            _rope_store_head(
+                t, h, slot, c, s, q_ptr, k_ptr, v_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
+                q_norm_ptr, k_norm_ptr, eps, stride_qt, stride_qh, stride_kt, stride_kh,
+                stride_vt, stride_vh, stride_qot, stride_qoh, stride_kcs, stride_kch, stride_vcs,
+                stride_vch, HQ, HALF, BLOCK, DV, BLOCK_DV, INTERLEAVED, NORM,
+            )  # fmt: skip
         return
     pdl.start(PDL)
     for i in range(TOKENS):
         t = tl.program_id(0).to(tl.int64) * TOKENS + i
         if t < num_tokens:
-            pos = tl.load(pos_ptr + t).to(tl.int64)
-            if h < HQ:
-                src = q_ptr + t * stride_qt + h * stride_qh
-                dst = q_out_ptr + t * stride_qot + h * stride_qoh
-                _rotate_head(
-                    src, dst, pos, cos_ptr, sin_ptr, stride_table, HALF, BLOCK, INTERLEAVED,
-                    q_norm_ptr, eps, NORM,
-                )  # fmt: skip
-            else:
-                hk = h - HQ
-                slot = tl.load(slots_ptr + t).to(tl.int64)
-                if slot >= 0:
-                    src = k_ptr + t * stride_kt + hk * stride_kh
-                    dst = k_cache_ptr + slot * stride_kcs + hk * stride_kch
-                    _rotate_head(
-                        src, dst, pos, cos_ptr, sin_ptr, stride_table, HALF, BLOCK, INTERLEAVED,
-                        k_norm_ptr, eps, NORM,
-                    )  # fmt: skip
-                    j = tl.arange(0, BLOCK_DV)
-                    v = tl.load(v_ptr + t * stride_vt + hk * stride_vh + j, mask=j < DV)
-                    tl.store(v_cache_ptr + slot * stride_vcs + hk * stride_vch + j, v, mask=j < DV)
+            slot, c, s = _rope_token_inputs(
+                t, h, True, pos_ptr, slots_ptr, cos_ptr, sin_ptr, stride_table, HQ, HALF, BLOCK,
+                q_ptr.dtype.element_ty,
+            )  # fmt: skip
+            _rope_store_head(
+                t, h, slot, c, s, q_ptr, k_ptr, v_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
+                q_norm_ptr, k_norm_ptr, eps, stride_qt, stride_qh, stride_kt, stride_kh,
+                stride_vt, stride_vh, stride_qot, stride_qoh, stride_kcs, stride_kch, stride_vcs,
+                stride_vch, HQ, HALF, BLOCK, DV, BLOCK_DV, INTERLEAVED, NORM,
+            )  # fmt: skip
+
+
+@triton.jit
+def _rope_token_inputs(
+    t, h, here, pos_ptr, slots_ptr, cos_ptr, sin_ptr, stride_table, HQ: tl.constexpr,
+    HALF: tl.constexpr, BLOCK: tl.constexpr, DT: tl.constexpr,
+):  # fmt: skip
+    """Token t's cache slot (for a KV head `h >= HQ`; -1 otherwise or where not `here`) and
+    its position's `rope_tables`."""
+    pos = tl.load(pos_ptr + t, mask=here, other=0).to(tl.int64)
+    slot = tl.load(slots_ptr + t, mask=here & (h >= HQ), other=-1).to(tl.int64)
+    c, s = rope_tables(pos, cos_ptr, sin_ptr, stride_table, HALF, BLOCK, DT)
+    return slot, c, s
+
+
+@triton.jit
+def _rope_store_head(
+    t, h, slot, c, s, q_ptr, k_ptr, v_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, q_norm_ptr,
+    k_norm_ptr, eps, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_qot, stride_qoh, stride_kcs, stride_kch, stride_vcs, stride_vch, HQ: tl.constexpr,
+    HALF: tl.constexpr, BLOCK: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    INTERLEAVED: tl.constexpr, NORM: tl.constexpr,
+):  # fmt: skip
+    """Head h of token t by its position's tables `c`, `s`: a query head rotated into q_out,
+    a KV head's key rotated into cache slot `slot` and its value copied there (nothing where
+    the slot is < 0)."""
+    if h < HQ:
+        src = q_ptr + t * stride_qt + h * stride_qh
+        dst = q_out_ptr + t * stride_qot + h * stride_qoh
+        _rotate_head_by(src, dst, c, s, HALF, BLOCK, INTERLEAVED, q_norm_ptr, eps, NORM)
+    elif slot >= 0:
+        hk = h - HQ
+        src = k_ptr + t * stride_kt + hk * stride_kh
+        dst = k_cache_ptr + slot * stride_kcs + hk * stride_kch
+        _rotate_head_by(src, dst, c, s, HALF, BLOCK, INTERLEAVED, k_norm_ptr, eps, NORM)
+        j = tl.arange(0, BLOCK_DV)
+        v = tl.load(v_ptr + t * stride_vt + hk * stride_vh + j, mask=j < DV)
+        tl.store(v_cache_ptr + slot * stride_vcs + hk * stride_vch + j, v, mask=j < DV)
 
 
 def rope_tokens_per_program(tokens: int) -> int:
