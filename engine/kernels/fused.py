@@ -782,14 +782,14 @@ def _mla_latent_kernel(
     TOKENS: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl.start(PDL)
+    pdl.trigger_early(PDL)
     mla_latent_program(
         tl.program_id(0), tl.program_id(1),
         q_pe_ptr, c_kv_ptr, k_pe_ptr, q_out_ptr, c_out_ptr, k_out_ptr, latent_cache_ptr,
         pe_cache_ptr, pos_ptr, slots_ptr, cos_ptr, sin_ptr, norm_ptr, eps, rank,
         stride_qt, stride_qh, stride_ct, stride_kt, stride_qot, stride_qoh, stride_cot,
         stride_kot, stride_latent, stride_pe, stride_table, num_tokens,
-        HQ, HALF, BLOCK, BLOCK_R, INTERLEAVED, RETURN_KV, TOKENS,
+        HQ, HALF, BLOCK, BLOCK_R, INTERLEAVED, RETURN_KV, TOKENS, PDL,
     )  # fmt: skip
 
 
@@ -831,46 +831,89 @@ def mla_latent_program(
     INTERLEAVED: tl.constexpr,
     RETURN_KV: tl.constexpr,
     TOKENS: tl.constexpr,
+    PDL: tl.constexpr = 0,
 ):
     """Program `(pid_t, pid_h)` of `mla_latent_rope_store`'s launch (also run by
-    `head_bmm.mla_absorb_latent_kernel`'s programs past the product's)."""
+    `head_bmm.mla_absorb_latent_kernel`'s programs past the product's). The caller has run
+    `pdl.trigger_early(PDL)`; the program waits (`pdl.wait`) before its first load, or after
+    its token's metadata where `METADATA_BEFORE_WAIT`."""
     # One program per TOKENS tokens (`rope_tokens_per_program`) of one query head, then of
     # the shared latent: a query head's rotary part is rotated into q_out; the latent is
     # RMS-normalised and its rotary key rotated, both into the token's cache slot (a slot < 0,
     # a padded row, writes nothing there) and, with RETURN_KV, into c_out and k_out.
     h = pid_h.to(tl.int64)
-    r = tl.arange(0, BLOCK_R)
-    r_ok = r < rank
-    for i in range(TOKENS):
-        t = pid_t.to(tl.int64) * TOKENS + i
-        if t < num_tokens:
-            pos = tl.load(pos_ptr + t).to(tl.int64)
-            if h < HQ:
-                _rotate_head(
-                    q_pe_ptr + t * stride_qt + h * stride_qh,
-                    q_out_ptr + t * stride_qot + h * stride_qoh,
-                    pos, cos_ptr, sin_ptr, stride_table, HALF, BLOCK, INTERLEAVED,
-                    cos_ptr, 0.0, False,
+    DT: tl.constexpr = q_pe_ptr.dtype.element_ty
+    if METADATA_BEFORE_WAIT and TOKENS == 1:
+        # The token's position, slot and cos/sin rows before the PDL wait (as RoPE with the
+        # KV store reads them), its head or latent after it.
+        t = pid_t.to(tl.int64)
+        here = t < num_tokens
+        slot, c, s = _rope_token_inputs(
+            t, h, here, pos_ptr, slots_ptr, cos_ptr, sin_ptr, stride_table, HQ, HALF, BLOCK, DT
+        )
+        pdl.wait(PDL)
+        if here:
+            _mla_latent_head(
+                t, h, slot, c, s, q_pe_ptr, c_kv_ptr, k_pe_ptr, q_out_ptr, c_out_ptr, k_out_ptr,
+                latent_cache_ptr, pe_cache_ptr, norm_ptr, eps, rank, stride_qt, stride_qh,
+                stride_ct, stride_kt, stride_qot, stride_qoh, stride_cot, stride_kot,
+                stride_latent, stride_pe, HQ, HALF, BLOCK, BLOCK_R, INTERLEAVED, RETURN_KV,
+            )  # fmt: skip
+    else:
+        pdl.wait(PDL)
+        for i in range(TOKENS):
+            t = pid_t.to(tl.int64) * TOKENS + i
+            if t < num_tokens:
+                slot, c, s = _rope_token_inputs(
+                    t, h, True, pos_ptr, slots_ptr, cos_ptr, sin_ptr, stride_table, HQ, HALF,
+                    BLOCK, DT,
                 )  # fmt: skip
-            else:
-                slot = tl.load(slots_ptr + t).to(tl.int64)
-                # Rounded as `_rms_norm_kernel` rounds; the product is cast once, at each store.
-                x = tl.load(c_kv_ptr + t * stride_ct + r, mask=r_ok, other=0.0)
-                w = tl.load(norm_ptr + r, mask=r_ok, other=0.0)
-                y = _rms_normalize(x, w, rank, eps)
-                k_src = k_pe_ptr + t * stride_kt
-                if slot >= 0:
-                    tl.store(latent_cache_ptr + slot * stride_latent + r, y, mask=r_ok)
-                    _rotate_head(
-                        k_src, pe_cache_ptr + slot * stride_pe, pos, cos_ptr, sin_ptr,
-                        stride_table, HALF, BLOCK, INTERLEAVED, cos_ptr, 0.0, False,
-                    )  # fmt: skip
-                if RETURN_KV:
-                    tl.store(c_out_ptr + t * stride_cot + r, y, mask=r_ok)
-                    _rotate_head(
-                        k_src, k_out_ptr + t * stride_kot, pos, cos_ptr, sin_ptr, stride_table,
-                        HALF, BLOCK, INTERLEAVED, cos_ptr, 0.0, False,
-                    )  # fmt: skip
+                _mla_latent_head(
+                    t, h, slot, c, s, q_pe_ptr, c_kv_ptr, k_pe_ptr, q_out_ptr, c_out_ptr,
+                    k_out_ptr, latent_cache_ptr, pe_cache_ptr, norm_ptr, eps, rank, stride_qt,
+                    stride_qh, stride_ct, stride_kt, stride_qot, stride_qoh, stride_cot,
+                    stride_kot, stride_latent, stride_pe, HQ, HALF, BLOCK, BLOCK_R, INTERLEAVED,
+                    RETURN_KV,
+                )  # fmt: skip
+
+
+@triton.jit
+def _mla_latent_head(
+    t, h, slot, c, s, q_pe_ptr, c_kv_ptr, k_pe_ptr, q_out_ptr, c_out_ptr, k_out_ptr,
+    latent_cache_ptr, pe_cache_ptr, norm_ptr, eps, rank, stride_qt, stride_qh, stride_ct,
+    stride_kt, stride_qot, stride_qoh, stride_cot, stride_kot, stride_latent, stride_pe,
+    HQ: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
+    INTERLEAVED: tl.constexpr, RETURN_KV: tl.constexpr,
+):  # fmt: skip
+    """Head h of token t by its position's tables `c`, `s`: a query head's rotary part rotated
+    into q_out; the latent (h == HQ) normalised and its rotary key rotated into cache slot
+    `slot` (nothing where it is < 0) and, with RETURN_KV, into c_out and k_out."""
+    if h < HQ:
+        _rotate_head_by(
+            q_pe_ptr + t * stride_qt + h * stride_qh,
+            q_out_ptr + t * stride_qot + h * stride_qoh,
+            c, s, HALF, BLOCK, INTERLEAVED, norm_ptr, 0.0, False,
+        )  # fmt: skip
+    else:
+        r = tl.arange(0, BLOCK_R)
+        r_ok = r < rank
+        # Rounded as `_rms_norm_kernel` rounds; the product is cast once, at each store.
+        x = tl.load(c_kv_ptr + t * stride_ct + r, mask=r_ok, other=0.0)
+        w = tl.load(norm_ptr + r, mask=r_ok, other=0.0)
+        y = _rms_normalize(x, w, rank, eps)
+        k_src = k_pe_ptr + t * stride_kt
+        if slot >= 0:
+            tl.store(latent_cache_ptr + slot * stride_latent + r, y, mask=r_ok)
+            _rotate_head_by(
+                k_src, pe_cache_ptr + slot * stride_pe, c, s, HALF, BLOCK, INTERLEAVED,
+                norm_ptr, 0.0, False,
+            )  # fmt: skip
+        if RETURN_KV:
+            tl.store(c_out_ptr + t * stride_cot + r, y, mask=r_ok)
+            _rotate_head_by(
+                k_src, k_out_ptr + t * stride_kot, c, s, HALF, BLOCK, INTERLEAVED, norm_ptr,
+                0.0, False,
+            )  # fmt: skip
 
 
 def mla_latent_rope_store(

@@ -160,11 +160,12 @@ def mla_absorb_latent_kernel(
     """`head_bmm_kernel`'s programs, then `fused.mla_latent_rope_store`'s, in one launch of
     one axis: the query's absorption and the latent side of an MLA decode step read only the
     fused query-and-latent product, so neither waits for the other."""
-    pdl.start(PDL)
+    pdl.trigger_early(PDL)
     pid = tl.program_id(0)
     col_blocks = tl.cdiv(N, BLOCK_N)
     products = col_blocks * HEADS * tl.cdiv(T, BLOCK_M)
     if pid < products:
+        pdl.wait(PDL)
         _head_bmm_tile(
             pid % col_blocks, ((pid // col_blocks) % HEADS).to(tl.int64),
             pid // (col_blocks * HEADS),
@@ -179,7 +180,7 @@ def mla_absorb_latent_kernel(
             pe_cache_ptr, pos_ptr, slots_ptr, cos_ptr, sin_ptr, norm_ptr, eps, rank,
             stride_qt, stride_qh, stride_ct, stride_kt, stride_qot, stride_qoh, stride_cot,
             stride_kot, stride_latent, stride_pe, stride_table, num_tokens,
-            HQ, HALF, BLOCK, BLOCK_R, INTERLEAVED, RETURN_KV, TOKENS,
+            HQ, HALF, BLOCK, BLOCK_R, INTERLEAVED, RETURN_KV, TOKENS, PDL,
         )  # fmt: skip
 
 

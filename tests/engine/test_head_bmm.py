@@ -133,6 +133,30 @@ def test_absorption_and_latent_side_in_one_launch_are_the_two_launches(t, dtype,
         assert (caches[0][3] == 7.0).all() and (caches[1][3] == 7.0).all()
 
 
+@pytest.mark.parametrize("t", [1, 5])
+def test_absorption_and_latent_side_with_metadata_before_the_wait(t, monkeypatch):
+    """`fused.METADATA_BEFORE_WAIT` (the latent programs read their token's position, slot
+    and cos/sin rows before the PDL wait): the same latent queries, rotated rotary queries and
+    cache bytes, bit for bit, in the one launch and in `mla_latent_rope_store`'s."""
+    results = []
+    for early in (False, True):
+        monkeypatch.setattr(fused, "METADATA_BEFORE_WAIT", early)
+        q_nope, w_uk, latent_args, caches, slots = latent_side(
+            t, 3, 32, 8, 64, torch.bfloat16, True, seed=t
+        )
+        launch = fused.MLALatentLaunch.of(
+            **latent_args, latent_cache=caches[0], pe_cache=caches[1], slots=slots
+        )
+        got_q, got_pe = absorb_query_and_latent(q_nope, w_uk, launch)
+        alone = tuple(c.clone().fill_(7.0) for c in caches)
+        alone_pe, _, _ = fused.mla_latent_rope_store(
+            **latent_args, latent_cache=alone[0], pe_cache=alone[1], slots=slots
+        )
+        results.append((got_q, got_pe, *caches, alone_pe, *alone))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_absorption_with_latent_refuses_an_extend_launch_and_other_rows():
     q_nope, w_uk, latent_args, caches, slots = latent_side(4, 2, 32, 8, 64, torch.float32, False, 1)
     extend = fused.MLALatentLaunch.of(
