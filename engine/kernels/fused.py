@@ -583,34 +583,23 @@ def _rope_store_kv_kernel(
     # heads, then the KV heads: a query head is rotated into q_out; a KV head's key is rotated
     # into its cache slot and its value copied there (a slot < 0, a padded row, writes nothing).
     h = tl.program_id(1).to(tl.int64)
-    if METADATA_BEFORE_WAIT and TOKENS == 1:
-        # The token's position, slot and cos/sin rows before the PDL wait (the positions and
-        # slots are the step's inputs, the tables constants: nothing in the step writes them),
-        # its head after it.
-        pdl.trigger_early(PDL)
-        t = tl.program_id(0).to(tl.int64)
+    # With METADATA_BEFORE_WAIT, one token a program reads its position, slot and cos/sin rows
+    # (the positions and slots are the step's inputs, the tables constants: nothing in the
+    # step writes them) before the PDL wait, its head after it.
+    EARLY: tl.constexpr = METADATA_BEFORE_WAIT and TOKENS == 1
+    pdl.trigger_early(PDL)
+    if not EARLY:
+        pdl.wait(PDL)
+    for i in range(TOKENS):
+        t = tl.program_id(0).to(tl.int64) * TOKENS + i
         here = t < num_tokens
         slot, c, s = _rope_token_inputs(
             t, h, here, pos_ptr, slots_ptr, cos_ptr, sin_ptr, stride_table, HQ, HALF, BLOCK,
             q_ptr.dtype.element_ty,
         )  # fmt: skip
-        pdl.wait(PDL)
+        if EARLY:
+            pdl.wait(PDL)
         if here:
-            _rope_store_head(
-                t, h, slot, c, s, q_ptr, k_ptr, v_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
-                q_norm_ptr, k_norm_ptr, eps, stride_qt, stride_qh, stride_kt, stride_kh,
-                stride_vt, stride_vh, stride_qot, stride_qoh, stride_kcs, stride_kch, stride_vcs,
-                stride_vch, HQ, HALF, BLOCK, DV, BLOCK_DV, INTERLEAVED, NORM,
-            )  # fmt: skip
-        return
-    pdl.start(PDL)
-    for i in range(TOKENS):
-        t = tl.program_id(0).to(tl.int64) * TOKENS + i
-        if t < num_tokens:
-            slot, c, s = _rope_token_inputs(
-                t, h, True, pos_ptr, slots_ptr, cos_ptr, sin_ptr, stride_table, HQ, HALF, BLOCK,
-                q_ptr.dtype.element_ty,
-            )  # fmt: skip
             _rope_store_head(
                 t, h, slot, c, s, q_ptr, k_ptr, v_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
                 q_norm_ptr, k_norm_ptr, eps, stride_qt, stride_qh, stride_kt, stride_kh,
@@ -842,16 +831,20 @@ def mla_latent_program(
     # RMS-normalised and its rotary key rotated, both into the token's cache slot (a slot < 0,
     # a padded row, writes nothing there) and, with RETURN_KV, into c_out and k_out.
     h = pid_h.to(tl.int64)
-    DT: tl.constexpr = q_pe_ptr.dtype.element_ty
-    if METADATA_BEFORE_WAIT and TOKENS == 1:
-        # The token's position, slot and cos/sin rows before the PDL wait (as RoPE with the
-        # KV store reads them), its head or latent after it.
-        t = pid_t.to(tl.int64)
+    # With METADATA_BEFORE_WAIT, one token a program reads its position, slot and cos/sin rows
+    # before the PDL wait (as RoPE with the KV store does), its head or latent after it.
+    EARLY: tl.constexpr = METADATA_BEFORE_WAIT and TOKENS == 1
+    if not EARLY:
+        pdl.wait(PDL)
+    for i in range(TOKENS):
+        t = pid_t.to(tl.int64) * TOKENS + i
         here = t < num_tokens
         slot, c, s = _rope_token_inputs(
-            t, h, here, pos_ptr, slots_ptr, cos_ptr, sin_ptr, stride_table, HQ, HALF, BLOCK, DT
-        )
-        pdl.wait(PDL)
+            t, h, here, pos_ptr, slots_ptr, cos_ptr, sin_ptr, stride_table, HQ, HALF, BLOCK,
+            q_pe_ptr.dtype.element_ty,
+        )  # fmt: skip
+        if EARLY:
+            pdl.wait(PDL)
         if here:
             _mla_latent_head(
                 t, h, slot, c, s, q_pe_ptr, c_kv_ptr, k_pe_ptr, q_out_ptr, c_out_ptr, k_out_ptr,
@@ -859,22 +852,6 @@ def mla_latent_program(
                 stride_ct, stride_kt, stride_qot, stride_qoh, stride_cot, stride_kot,
                 stride_latent, stride_pe, HQ, HALF, BLOCK, BLOCK_R, INTERLEAVED, RETURN_KV,
             )  # fmt: skip
-    else:
-        pdl.wait(PDL)
-        for i in range(TOKENS):
-            t = pid_t.to(tl.int64) * TOKENS + i
-            if t < num_tokens:
-                slot, c, s = _rope_token_inputs(
-                    t, h, True, pos_ptr, slots_ptr, cos_ptr, sin_ptr, stride_table, HQ, HALF,
-                    BLOCK, DT,
-                )  # fmt: skip
-                _mla_latent_head(
-                    t, h, slot, c, s, q_pe_ptr, c_kv_ptr, k_pe_ptr, q_out_ptr, c_out_ptr,
-                    k_out_ptr, latent_cache_ptr, pe_cache_ptr, norm_ptr, eps, rank, stride_qt,
-                    stride_qh, stride_ct, stride_kt, stride_qot, stride_qoh, stride_cot,
-                    stride_kot, stride_latent, stride_pe, HQ, HALF, BLOCK, BLOCK_R, INTERLEAVED,
-                    RETURN_KV,
-                )  # fmt: skip
 
 
 @triton.jit
