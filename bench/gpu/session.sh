@@ -1335,7 +1335,7 @@ b34)
 b35)
   # The decode attention kernels reading the length and page-table row, and RoPE with the KV
   # store its token's position, slot and cos/sin rows, before their PDL wait
-  # (PDSERVE_METADATA_BEFORE_WAIT=1, off by default; about 420 s): their tests compiled with
+  # (PDSERVE_METADATA_BEFORE_WAIT; on by default since this ran, taken; about 420 s): their tests compiled with
   # it on, the tiny Llama's, Qwen3's, Qwen3-MoE's and DeepSeek-V3's greedy tokens a prompt
   # at a time with it on, then Qwen3-30B-A3B, Moonlight and Llama-3-8B at 1 x 128 and
   # Llama-3-8B at 64 x 128, off and on, alternating twice.

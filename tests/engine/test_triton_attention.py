@@ -244,6 +244,13 @@ def test_decode_with_rope_folded_in_equals_rope_then_decode(
             torch.testing.assert_close(got_t, want_t, rtol=1e-6, atol=1e-6)
         return
     assert torch.equal(k_got, k_want) and torch.equal(v_got, v_want)
+    if DEVICE == "cuda":
+        # Compiled, the rotated query stays in registers and the compiler contracts its
+        # rotation and the scores into other FMAs than rope_store_kv's store then load: the
+        # output a float32 rounding apart (measured on an H100: the last digit of a few
+        # elements), the caches still bit for bit.
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        return
     assert torch.equal(got, want)
 
 
