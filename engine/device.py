@@ -88,6 +88,47 @@ def resolve_device(name: str = "auto", index: int = 0) -> Device:
     return Device(name, index)
 
 
+def device_count(kind: str) -> int:
+    """How many devices of `kind` this process sees (after CUDA_VISIBLE_DEVICES and the like)."""
+    if kind == "cuda":
+        return torch.cuda.device_count()
+    if kind == "npu":
+        return torch.npu.device_count()  # type: ignore[attr-defined]
+    return 1
+
+
+def rank_index(rank: int, visible: int) -> int:
+    """The device index of expert-parallel rank `rank` in a process that sees `visible`
+    devices: 0 where the process was given one device of its own (Ray sets an actor's
+    CUDA_VISIBLE_DEVICES to its GPU, and the rank's process inherits it), else the rank's own
+    (ranks started by one worker on a host whose devices they share)."""
+    if rank < 0 or visible < 1:
+        raise ValueError(f"rank must be >= 0 and visible >= 1, got {rank} and {visible}")
+    if visible == 1:
+        return 0
+    if rank < visible:
+        return rank
+    raise ValueError(
+        f"expert-parallel rank {rank} has no device: this host shows {visible}; run at most "
+        f"{visible} ranks a host, or give each rank's process one (CUDA_VISIBLE_DEVICES)"
+    )
+
+
+def rank_device(name: str, rank: int) -> Device:
+    """`resolve_device(name)` for expert-parallel rank `rank`: each rank on its own device
+    (`rank_index`). An explicit index (`cuda:1`) puts every rank on that one device, which
+    only rank 0 may use: the others get a ValueError naming the fix."""
+    device = resolve_device(name)
+    if device.kind == "cpu" or rank == 0:
+        return device
+    if ":" in name:
+        raise ValueError(
+            f"--device {name} names one device for every expert-parallel rank; pass "
+            f"--device {device.kind} (rank r takes device r, or the one device its process sees)"
+        )
+    return Device(device.kind, rank_index(rank, device_count(device.kind)))
+
+
 def has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 

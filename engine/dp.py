@@ -162,6 +162,9 @@ class LockstepRank:
             early(results)
         has_work = torch.tensor([int(self.engine.has_work())])
         if self.world > 1:
+            # gloo reduces host tensors; NCCL and HCCL only their device's.
+            if dist.get_backend() != "gloo":
+                has_work = has_work.to(self.engine.device.torch_device)
             dist.all_reduce(has_work, op=dist.ReduceOp.MAX)
         outputs = self.engine.step(idle_forward=self.world > 1) if has_work.item() else []
         mine = (results, [(self.rank, o) for o in outputs], _load(self.engine))

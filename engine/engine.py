@@ -20,7 +20,7 @@ from typing import Any, cast
 import torch
 
 from engine.config import EngineConfig, ModelConfig
-from engine.device import resolve_device
+from engine.device import rank_device
 from engine.grammar import GrammarBackend, GrammarState
 from engine.model_runner import ModelRunner
 from engine.page_manager import PageManager
@@ -90,7 +90,7 @@ class Engine:
                 f"context_length {self.context_length} exceeds the model's "
                 f"max_position_embeddings {model_config.max_position_embeddings}"
             )
-        self.device = resolve_device(config.device, index=rank)
+        self.device = rank_device(config.device, rank)
         self.parallel = ParallelConfig(config.ep_size, rank, config.ep_num_redundant_experts)
         self.runner = ModelRunner(model_config, config, self.device, self.parallel)
         self.pool = PagePool(self.runner.kv_cache.num_pages)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 
 from engine.device import Device
@@ -47,6 +48,12 @@ def init_process_group(
     """
     if dist.is_initialized():
         raise RuntimeError("the process group is already initialised")
+    # NCCL and HCCL run the object collectives (the lockstep's broadcast and gather) on the
+    # current device: each rank's own, not device 0 for all.
+    if device.kind == "cuda":
+        torch.cuda.set_device(device.index)
+    elif device.kind == "npu":
+        torch.npu.set_device(device.index)  # type: ignore[attr-defined]
     dist.init_process_group(
         backend=device.dist_backend,
         init_method=f"tcp://{master}",

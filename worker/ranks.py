@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from engine.cli import engine_config_from_args
-from engine.device import resolve_device
+from engine.device import rank_device
 from engine.dp import LockstepRank
 from engine.engine import Engine
 from engine.parallel import ParallelConfig, init_process_group
@@ -106,7 +106,7 @@ def main(modes: Sequence[str], argv: list[str] | None = None) -> int:
     parser.add_argument("--master", required=True, help="host:port of rank 0's rendezvous")
     args = parser.parse_args(argv)
     config = engine_config_from_args(args)
-    device = resolve_device(config.device, index=args.rank)
+    device = rank_device(config.device, args.rank)
     parallel = ParallelConfig(config.ep_size, args.rank, config.ep_num_redundant_experts)
     init_process_group(parallel, device, args.master)
     engine = Engine(config, rank=args.rank)

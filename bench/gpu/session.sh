@@ -83,6 +83,8 @@
 #   run(command="bash bench/gpu/session.sh b31", carry=[".whl"]) # the README's rows (H200)
 #   run(command="bash bench/gpu/session.sh b34", carry=[".whl"]) # read ceiling, MoE by ncu
 #   run(command="bash bench/gpu/session.sh b35", carry=[".whl"]) # metadata before the wait
+#   run(command="bash bench/gpu/session.sh b36", carry=[".whl"], kind="nvidia-h100-x4")
+#                                                      # EP over NCCL, one GPU a rank
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -1355,5 +1357,13 @@ b35)
     done
   done
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35"; exit 2 ;;
+b36)
+  # Expert parallelism over NCCL on a multi-GPU kind (about 120 s): the tiny Qwen3-MoE's and
+  # DeepSeek-V3's greedy tokens at EP 2 (and 4 on four GPUs) against EP 1 and transformers,
+  # every page back; then the gloo driver's CPU tests, to show both backends pass.
+  nvidia-smi -L | wc -l
+  TAIL=6 step ep_nccl 240 python3 -m pytest -q -rs tests/gpu/test_expert_parallel_nccl.py
+  TAIL=3 step ep_gloo 120 python3 -m pytest -q tests/engine/test_expert_parallel.py
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36"; exit 2 ;;
 esac

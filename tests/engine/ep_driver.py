@@ -1,4 +1,5 @@
-"""Runs an expert-parallel instance as N local processes (gloo) for tests and benchmarks."""
+"""Runs an expert-parallel instance as N local processes for tests and benchmarks: gloo on the
+CPU, NCCL with one GPU a rank (`device="cuda"`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 import torch.multiprocessing as mp
 
 from engine.config import EngineConfig
-from engine.device import resolve_device
+from engine.device import rank_device
 from engine.dp import ALL_RANKS, Command, Iteration, LockstepRank
 from engine.engine import Engine
 from engine.parallel import ParallelConfig, init_process_group
@@ -30,7 +31,7 @@ def _rank_main(
 ) -> None:
     try:
         parallel = ParallelConfig(world, rank, config.ep_num_redundant_experts)
-        init_process_group(parallel, resolve_device("cpu"), f"127.0.0.1:{port}", timeout_s=60)
+        init_process_group(parallel, rank_device(config.device, rank), f"127.0.0.1:{port}", 60)
         engine = Engine(config, rank=rank)
         loop = LockstepRank(engine)
         if rank != 0:
@@ -89,15 +90,18 @@ def run_expert_parallel(
     num_redundant: int = 0,
     rebalance_after: int | None = None,
     timeout_s: float = 120,
+    device: str = "cpu",
     **engine_kwargs: Any,
 ) -> dict[str, Any]:
-    """Generate `prompts` on a `world`-rank instance; returns tokens per prompt and loads."""
+    """Generate `prompts` on a `world`-rank instance on `device` (rank r on device r past
+    the CPU); returns tokens per prompt and loads."""
     from tests.redis_server import free_port
 
     config = EngineConfig(
         model_path=str(model_dir),
         ep_size=world,
         ep_num_redundant_experts=num_redundant,
+        device=device,
         **engine_kwargs,
     )
     ctx = mp.get_context("spawn")
