@@ -459,8 +459,11 @@ def decode_splits(
 ) -> int:
     """Context splits per (sequence, KV head): enough programs to fill the device (about two
     a SM, `num_sms`: `sms.sm_count`), no split shorter than a block. A pure function of its
-    inputs, so a graph captured with it stays valid for any lengths up to `max_seq_len`."""
+    inputs, so a graph captured with it stays valid for any lengths up to `max_seq_len`. An
+    empty batch (an idle expert-parallel rank's step) launches nothing: one."""
     programs = batch_size * num_kv_heads
+    if programs == 0:
+        return 1
     want = max(1, -(-2 * num_sms // programs))
     return max(1, min(want, 64, -(-max_seq_len // block_n)))
 

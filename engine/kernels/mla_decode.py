@@ -400,8 +400,11 @@ def default_num_kv_splits(
     SM at 4 warps, one at more), at most 16: the split kernel holds one or two programs an SM,
     so a second wave costs a whole program's time, and a range that a wave could have split
     finishes late (batch 64 at 2,048 tokens on the H200: 5 ranges 118 µs, 4 ranges 83).
-    Fixed per (batch, heads), so a graph captured at a batch size keeps it."""
+    Fixed per (batch, heads), so a graph captured at a batch size keeps it; one for an empty
+    batch (an idle expert-parallel rank's step)."""
     programs = batch * triton.cdiv(num_heads, block_h)
+    if programs == 0:
+        return 1
     slots = (2 if num_warps <= 4 else 1) * num_sms
     return max(1, min(16, slots // programs))
 

@@ -286,6 +286,36 @@ def test_decode_splits_fill_the_device_and_stay_within_the_context() -> None:
     assert kernels.decode_splits(1, 8, 8192, 64, num_sms=78) == 20
     # Off CUDA (the interpreter here) the rules take the H200's count they were measured on.
     assert sm_count(torch.device("cpu")) == 132
+    # An idle expert-parallel rank's step has no sequences: one split, no division by zero.
+    assert kernels.decode_splits(0, 8, 8192, 64) == 1
+    from engine.kernels.mla_decode import default_num_kv_splits
+
+    assert default_num_kv_splits(0, 16) == 1
+
+
+@pytest.mark.parametrize("family", ["qwen3-moe", "deepseek-v3"])
+def test_a_step_on_no_tokens_through_the_triton_backends(
+    tiny_models: dict[str, Path], family: str
+) -> None:
+    """What an idle expert-parallel rank runs to join its MoE collectives
+    (`ModelRunner.forward_idle`) through the Triton attention, MoE and GEMM backends: it runs,
+    and the tokens and pages after it are as they were. (On a GPU with its graphs:
+    tests/gpu/test_expert_parallel_nccl.py.)"""
+    ref = reference(tiny_models[family], device=DEVICE)
+    engine = Engine(
+        EngineConfig(
+            model_path=str(tiny_models[family]), num_pages=64, attention_backend="triton",
+            moe_backend="triton", gemm_backend="triton", dtype="float32",
+        )
+    )  # fmt: skip
+    engine.runner.forward_idle()
+    n = 3
+    params = SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
+    out = engine.generate([ref.prompts[2]], params)[0].output_ids
+    engine.runner.forward_idle()
+    few = Reference([ref.prompts[2]], [ref.tokens[2][:n]], [ref.logits[2][:n]])
+    assert_greedy_matches([out], few, NEAR_TIE)
+    assert engine.num_free_pages == engine.pool.num_pages
 
 
 # -- the backend in the engine: greedy tokens equal transformers' --------------------------

@@ -48,3 +48,21 @@ def test_expert_parallel_over_nccl_matches_one_rank(
     assert many["tokens"] == one["tokens"]
     assert one["tokens"] == ref.tokens
     assert_pages_balance(many)
+
+
+@pytest.mark.parametrize("family", ["qwen3-moe", "deepseek-v3"])
+def test_a_step_on_no_tokens_runs_on_the_gpu(tiny_models: dict[str, Path], family: str) -> None:
+    """What an idle rank runs to join its MoE collectives (`ModelRunner.forward_idle`): the
+    GPU's kernels (Triton attention and MoE, graphs) on no tokens, before and between real
+    steps, leave the tokens and the pages as they were."""
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+
+    ref = reference(tiny_models[family])
+    engine = Engine(EngineConfig(model_path=str(tiny_models[family]), **CUDA))
+    engine.runner.forward_idle()
+    first = engine.generate(ref.prompts[:3], GREEDY)
+    engine.runner.forward_idle()
+    rest = engine.generate(ref.prompts[3:], GREEDY)
+    assert [r.output_ids for r in first + rest] == ref.tokens
+    assert engine.num_free_pages == engine.pool.num_pages
