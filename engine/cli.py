@@ -150,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as exc:
         parser.error(str(exc))
-    engine = Engine(config)
+    try:
+        engine = Engine(config)
+    except (ValueError, FileNotFoundError) as exc:  # no such device, no model at the path
+        parser.error(str(exc))
     tokenizer = engine.tokenizer
     prompts = args.prompt or ["The page pool"]
     if args.chat:

@@ -80,11 +80,17 @@ def resolve_device(name: str = "auto", index: int = 0) -> Device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
+        raise ValueError(
+            "--device cuda was asked for but torch sees no CUDA device (check nvidia-smi and "
+            "CUDA_VISIBLE_DEVICES, or pass --device cpu)"
+        )
     if name == "npu":
         _import_torch_npu()
         if not torch.npu.is_available():  # type: ignore[attr-defined]
-            raise RuntimeError("device 'npu' was asked for but torch_npu sees no NPU")
+            raise ValueError(
+                "--device npu was asked for but torch_npu sees no NPU (check npu-smi and "
+                "ASCEND_RT_VISIBLE_DEVICES, or pass --device cpu)"
+            )
     return Device(name, index)
 
 

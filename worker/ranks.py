@@ -106,10 +106,13 @@ def main(modes: Sequence[str], argv: list[str] | None = None) -> int:
     parser.add_argument("--master", required=True, help="host:port of rank 0's rendezvous")
     args = parser.parse_args(argv)
     config = engine_config_from_args(args)
-    device = rank_device(config.device, args.rank)
-    parallel = ParallelConfig(config.ep_size, args.rank, config.ep_num_redundant_experts)
-    init_process_group(parallel, device, args.master)
-    engine = Engine(config, rank=args.rank)
+    try:
+        device = rank_device(config.device, args.rank)
+        parallel = ParallelConfig(config.ep_size, args.rank, config.ep_num_redundant_experts)
+        init_process_group(parallel, device, args.master)
+        engine = Engine(config, rank=args.rank)
+    except (ValueError, FileNotFoundError) as exc:  # as the rank-0 worker reports them
+        raise SystemExit(f"rank {args.rank} cannot start: {exc}") from None
     transfer = None
     if args.disaggregation_mode != "null":
         configure_mooncake(args.transfer_timeout)

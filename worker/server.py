@@ -89,11 +89,14 @@ async def serve(
         else:
             master = f"{args.host}:{free_port(args.host)}"
             children = start_children(worker_role.ranks_module, argv, config.ep_size, master)
-        parallel = ParallelConfig(config.ep_size, 0, config.ep_num_redundant_experts)
-        init_process_group(parallel, resolve_device(config.device), master)
     try:
+        if config.ep_size > 1:
+            parallel = ParallelConfig(config.ep_size, 0, config.ep_num_redundant_experts)
+            init_process_group(parallel, resolve_device(config.device), master)
         engine = Engine(config)
-    except ValueError as exc:  # a backend for another device, a model it cannot read: one line
+    except (ValueError, FileNotFoundError) as exc:
+        # A device that is not there, a backend for another device, a model path without a
+        # model, a model it cannot read: one line naming it.
         log.debug("engine start failed", exc_info=True)
         raise SystemExit(f"worker cannot start: {exc}") from None
     if args.grammar_warmup and engine.grammar is not None:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.mark.parametrize(
@@ -15,6 +16,13 @@ import pytest
     [
         (["--page-size", "0"], {}, "page_size must be >= 1"),
         ([], {"PDSERVE_PDL": "sometimes"}, "PDSERVE_PDL must be one of"),
+        (["--model-path", "/nonexistent"], {}, "no config.json in /nonexistent"),
+        pytest.param(
+            ["--device", "cuda"],
+            {},
+            "or pass --device cpu",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this host has CUDA"),
+        ),
     ],
 )
 def test_a_bad_engine_setting_is_one_line(
