@@ -104,7 +104,14 @@ async def serve(
     transfer: TransferEngine | None = None
     if role != ROLE_COLOCATED:
         configure_mooncake(args.transfer_timeout)
-        transfer = create_transfer_engine(args.transfer_backend, hostname=args.host)
+        try:
+            transfer = create_transfer_engine(args.transfer_backend, hostname=args.host)
+        except (ValueError, RuntimeError, ImportError, OSError) as exc:
+            # Mooncake not installed, its engine refusing the host name: one line.
+            log.debug("transfer engine start failed", exc_info=True)
+            raise SystemExit(
+                f"worker cannot start: the {args.transfer_backend} transfer engine: {exc}"
+            ) from None
         faults = os.environ.get(transfer_faults.ENV)
         if faults:
             log.warning("%s=%s: KV writes are delayed and dropped on purpose (chaos testing)",
@@ -119,12 +126,20 @@ async def serve(
         options=session.SERVER_OPTIONS, interceptors=cluster_token.server_interceptors(token)
     )
     address = f"{args.host}:{args.port}"
-    if tls is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, tls.server_credentials())
     sessions = SessionServer(token, tls)
-    session_port = 0 if args.session_port < 0 else await sessions.bind(args.host, args.session_port)
+    try:
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, tls.server_credentials())
+        session_port = (
+            0 if args.session_port < 0 else await sessions.bind(args.host, args.session_port)
+        )
+    except (RuntimeError, OSError) as exc:
+        raise SystemExit(
+            f"worker cannot start: cannot listen on {args.host} ({exc}); --host must be an "
+            f"address of this machine and --port / --session-port free"
+        ) from None
     settings = WorkerSettings(
         role=role,
         model_name=model,

@@ -17,6 +17,8 @@ import torch
         (["--page-size", "0"], {}, "page_size must be >= 1"),
         ([], {"PDSERVE_PDL": "sometimes"}, "PDSERVE_PDL must be one of"),
         (["--model-path", "/nonexistent"], {}, "no config.json in /nonexistent"),
+        # TEST-NET-1: never an address of this machine.
+        (["--host", "192.0.2.1"], {}, "cannot listen on 192.0.2.1"),
         pytest.param(
             ["--device", "cuda"],
             {},
