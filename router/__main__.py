@@ -29,7 +29,7 @@ async def _main(argv: list[str] | None) -> int:
         if config.processes > 1 and config.process_index is None:
             return await supervise(config, sys.argv[1:] if argv is None else argv)
         server, url = await serve(config)
-    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+    except (ValueError, RuntimeError, OSError) as exc:  # OSError: a --host/--port it cannot bind
         log.error("router cannot start: %s", exc)
         return 2
     # Every request allocates many short-lived objects; with CPython's default threshold (700)
