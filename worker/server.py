@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -250,10 +251,28 @@ def main(worker_role: WorkerRole, argv: list[str] | None = None) -> int:
         args.cluster_token = cluster_token.load(args.cluster_token_file)
         args.cluster_tls = cluster_tls.ClusterTls.load(args.tls_dir)
         config = engine_config_from_args(args)  # the engine's flags and PDSERVE_PDL
+        check_listen(args.host, args.port)  # before the model loads, not minutes after
     except ValueError as exc:
         raise SystemExit(f"worker cannot start: {exc}") from None
     asyncio.run(serve(worker_role, args, argv, config))
     return 0
+
+
+def check_listen(host: str, port: int) -> None:
+    """ValueError naming the fix unless this machine can listen on `host:port` now (an address
+    of its own, a free port); the listener itself binds later, after the model loads."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(addr)
+    except OSError as exc:
+        raise ValueError(
+            f"cannot listen on {host}:{port} ({exc}); --host must be an address of this "
+            f"machine and --port free"
+        ) from None
 
 
 def _warm_grammar(grammar: GrammarBackend) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -42,3 +43,22 @@ def test_a_bad_engine_setting_is_one_line(
     assert "Traceback" not in done.stderr, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert any("worker cannot start" in line and expected in line for line in lines), done.stderr
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(tiny_models: dict[str, Path]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "decode_worker", "--model-path", str(tiny_models["llama"]),
+             "--host", "127.0.0.1", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )  # fmt: skip
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert f"cannot listen on 127.0.0.1:{port}" in last and "--port free" in last, last
+    assert "KV pool" not in done.stderr  # the engine never started
