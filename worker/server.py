@@ -251,11 +251,29 @@ def main(worker_role: WorkerRole, argv: list[str] | None = None) -> int:
         args.cluster_token = cluster_token.load(args.cluster_token_file)
         args.cluster_tls = cluster_tls.ClusterTls.load(args.tls_dir)
         config = engine_config_from_args(args)  # the engine's flags and PDSERVE_PDL
-        check_listen(args.host, args.port)  # before the model loads, not minutes after
+        check_worker_args(args)  # before the model loads, not minutes after
+        check_listen(args.host, args.port)
     except ValueError as exc:
         raise SystemExit(f"worker cannot start: {exc}") from None
     asyncio.run(serve(worker_role, args, argv, config))
     return 0
+
+
+def check_worker_args(args: argparse.Namespace) -> None:
+    """ValueError naming the flag for a worker setting out of its range (ports, timeouts)."""
+    for flag, value, low in (
+        ("--port", args.port, 0),
+        ("--session-port", args.session_port, -1),
+        ("--metrics-port", args.metrics_port, 0),
+    ):
+        if not low <= value <= 65535:
+            raise ValueError(f"{flag} must be in [{low}, 65535], got {value}")
+    for flag, seconds in (
+        ("--transfer-timeout", args.transfer_timeout),
+        ("--kv-quarantine-timeout", args.kv_quarantine_timeout),
+    ):
+        if not seconds > 0:
+            raise ValueError(f"{flag} must be a positive number of seconds, got {seconds}")
 
 
 def check_listen(host: str, port: int) -> None:

@@ -18,6 +18,8 @@ import torch
         (["--page-size", "0"], {}, "page_size must be >= 1"),
         ([], {"PDSERVE_PDL": "sometimes"}, "PDSERVE_PDL must be one of"),
         (["--model-path", "/nonexistent"], {}, "no config.json in /nonexistent"),
+        (["--session-port", "70000"], {}, "--session-port must be in [-1, 65535]"),
+        (["--transfer-timeout", "-1"], {}, "--transfer-timeout must be a positive number"),
         # TEST-NET-1: never an address of this machine.
         (["--host", "192.0.2.1"], {}, "cannot listen on 192.0.2.1"),
         pytest.param(
