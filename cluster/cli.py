@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from cluster.local import SHARED_GPU_MEM_FRACTION, ChildFailed, LocalCluster, LocalClusterSpec
@@ -57,10 +59,29 @@ def local_spec(args: argparse.Namespace, extra: list[str]) -> LocalClusterSpec:
     )
 
 
+def _check_writable(log_dir: str, targets: str | None) -> None:
+    """ValueError, before anything starts, unless the log directory can be made and written
+    and the Prometheus targets file's directory exists and can be written."""
+    try:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--log-dir {log_dir}: {exc.strerror or exc}") from None
+    if not os.access(log_dir, os.W_OK):
+        raise ValueError(f"--log-dir {log_dir} is not writable")
+    if targets:
+        parent = os.path.dirname(os.path.abspath(targets))
+        if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
+            raise ValueError(
+                f"--metrics-targets {targets}: its directory {parent} does not exist or is not "
+                "writable"
+            )
+
+
 def _local(args: argparse.Namespace, extra: list[str]) -> int:
     try:
         spec = local_spec(args, extra)
         placements = spec.placements()
+        _check_writable(args.log_dir, args.metrics_targets)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -82,7 +103,12 @@ def _local(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"  {kind}: {', '.join(endpoints)}")
     print("metrics:\n" + "".join(f"  {n}: {url}\n" for n, url in cluster.metrics.items()), end="")
     if args.metrics_targets:
-        write_file_sd(cluster.metrics, args.metrics_targets)
+        try:
+            write_file_sd(cluster.metrics, args.metrics_targets)
+        except OSError as exc:
+            print(f"error: --metrics-targets {args.metrics_targets}: {exc}", file=sys.stderr)
+            cluster.stop()
+            return 1
         print(f"Prometheus file_sd targets in {args.metrics_targets}")
     print(
         f"\ntry:\n  curl {cluster.url}/v1/completions -H 'Content-Type: application/json' "

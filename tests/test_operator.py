@@ -72,3 +72,24 @@ def test_local_passes_flags_to_one_role_only() -> None:
     assert argvs["decode"][-4:] == ["--page-size", "1", "--ep-size", "2"]
     colocated = worker_argvs(LocalClusterSpec(model_path="m", colocated=True, decode_args=("x",)))
     assert colocated[0][0] == "worker" and colocated[0][1][-1] == "x"
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--log-dir", "/proc/pdserve-logs"], "error: --log-dir /proc/pdserve-logs: "),
+        (["--metrics-targets", "/proc/nowhere/t.json"], "error: --metrics-targets /proc/nowhere/t"),
+    ],
+)
+def test_local_with_paths_it_cannot_write_is_one_line(flags: list[str], expected: str) -> None:
+    """Checked before any process starts: one line and exit code 2, no traceback."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "local", *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, (flags, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), lines
+    assert "starting pdserve" not in proc.stdout
