@@ -54,10 +54,22 @@ def init_process_group(
         torch.cuda.set_device(device.index)
     elif device.kind == "npu":
         torch.npu.set_device(device.index)  # type: ignore[attr-defined]
-    dist.init_process_group(
-        backend=device.dist_backend,
-        init_method=f"tcp://{master}",
-        rank=parallel.rank,
-        world_size=parallel.ep_size,
-        timeout=timedelta(seconds=timeout_s),
-    )
+    try:
+        dist.init_process_group(
+            backend=device.dist_backend,
+            init_method=f"tcp://{master}",
+            rank=parallel.rank,
+            world_size=parallel.ep_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
+    except dist.DistError as exc:  # torch's, with its C++ frames: the first line is the news
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GroupJoinError(
+            f"rank {parallel.rank} of {parallel.ep_size} could not join the group at {master} "
+            f"({first}); check --dist-init-addr and that every rank starts"
+        ) from None
+
+
+class GroupJoinError(ConnectionError):
+    """A rank could not join its instance's group: the rendezvous address, or a rank that
+    never came."""

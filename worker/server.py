@@ -31,7 +31,7 @@ from engine.config import EngineConfig
 from engine.device import resolve_device
 from engine.engine import Engine
 from engine.grammar import GrammarBackend
-from engine.parallel import ParallelConfig, init_process_group
+from engine.parallel import GroupJoinError, ParallelConfig, init_process_group
 from kv_transfer import (
     TransferEngine,
     create_transfer_engine,
@@ -95,9 +95,9 @@ async def serve(
             parallel = ParallelConfig(config.ep_size, 0, config.ep_num_redundant_experts)
             init_process_group(parallel, resolve_device(config.device), master)
         engine = Engine(config)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, GroupJoinError) as exc:
         # A device that is not there, a backend for another device, a model path without a
-        # model, a model it cannot read: one line naming it.
+        # model, a model it cannot read, a group it cannot join: one line naming it.
         log.debug("engine start failed", exc_info=True)
         raise SystemExit(f"worker cannot start: {exc}") from None
     if args.grammar_warmup and engine.grammar is not None:

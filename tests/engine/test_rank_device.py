@@ -25,3 +25,23 @@ def test_more_ranks_than_devices_names_the_fix() -> None:
 
 def test_cpu_ranks_share_the_cpu() -> None:
     assert rank_device("cpu", 0) == rank_device("cpu", 3) == Device("cpu", 0)
+
+
+def test_a_group_it_cannot_join_is_one_line() -> None:
+    """A rank whose rendezvous never answers (a wrong --dist-init-addr, rank 0 gone): one line
+    naming the address and the flag, not torch's C++ frames."""
+    import socket
+
+    import torch.distributed as dist
+
+    from engine.parallel import GroupJoinError, ParallelConfig, init_process_group
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    master = f"127.0.0.1:{port}"
+    with pytest.raises(GroupJoinError) as info:
+        init_process_group(ParallelConfig(2, 1), rank_device("cpu", 1), master, timeout_s=2)
+    message = str(info.value)
+    assert "\n" not in message and master in message and "--dist-init-addr" in message, message
+    assert not dist.is_initialized()
