@@ -21,6 +21,7 @@ from kv_transfer.state import (
     TransferTimeout,
 )
 from kv_transfer.transfer_engine import (
+    TRANSFER_BACKENDS,
     MooncakeTransferEngine,
     TransferEngine,
     TransferError,
@@ -32,6 +33,7 @@ from kv_transfer.writer import MAX_WRITES_PER_CALL, PageWriter, write_batch
 __all__ = [
     "DTYPE_ITEMSIZE",
     "MAX_WRITES_PER_CALL",
+    "TRANSFER_BACKENDS",
     "Destination",
     "KVLayout",
     "KVPoolDescriptor",

@@ -176,6 +176,7 @@ _BACKENDS: dict[str, Callable[[], TransferEngine]] = {
     "mooncake": MooncakeTransferEngine,
     "cuda_ipc": _cuda_ipc,
 }
+TRANSFER_BACKENDS = tuple(_BACKENDS)  # the names `create_transfer_engine` takes
 
 
 def create_transfer_engine(

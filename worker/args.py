@@ -10,6 +10,7 @@ from pathlib import Path
 
 from engine.cli import add_engine_args
 from engine.config import EngineConfig
+from kv_transfer import TRANSFER_BACKENDS
 from protos import cluster_tls, cluster_token
 from protos.cli_help import DefaultsHelpFormatter
 from protos.contract import ROLES
@@ -43,7 +44,7 @@ def build_parser(modes: Sequence[str] = ROLES) -> argparse.ArgumentParser:
     )  # fmt: skip
     g.add_argument("--disaggregation-mode", default=modes[0], choices=tuple(modes))
     g.add_argument("--served-model-name", help="model name clients use (default: dir name)")
-    g.add_argument("--transfer-backend", default="mooncake", choices=("mooncake", "cuda_ipc"))
+    g.add_argument("--transfer-backend", default="mooncake", choices=TRANSFER_BACKENDS)
     g.add_argument("--transfer-timeout", type=float, default=30.0, help="seconds")
     g.add_argument(
         "--kv-quarantine-timeout", type=float, default=300.0,
