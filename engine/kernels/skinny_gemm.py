@@ -558,10 +558,14 @@ TUNED: dict[TunedKey, tuple[tuple[int, SkinnyTiles | None], ...]] = {
     # fused.silu_and_mul: 57.4 / 59.5 / 59.1 / 63.9 µs against 62.9 / 59.1 / 61.4 / 66.1 µs
     # at 1 / 4 / 16 / 64 rows (floor 55.5-56.1). At 64 rows the TMA tiles, 128 x 64 with 8
     # warps and 4 stages, took 62.4-62.8 µs against 64.2-64.5 (`bench/gpu/session.sh p`;
-    # at 16 rows 60.1 against 59.0).
+    # at 16 rows 60.1 against 59.0). At 256 rows the same tiles over 128 rows of x a program:
+    # 103.9-105.3 µs against cuBLAS's 110.9-112.6 with the activation's launch on an H100
+    # (floor 80.5-81.0; the twenty-seventh session: Llama-3-8B 256 x 512 back to back 14.40
+    # -> 14.24 ms); cuBLAS kept O, down and QKV at 256 rows against every wide tile.
     ("gate_up", 28672, 4096, "bfloat16"): (
         (32, SkinnyTiles(64, 128)),
         (64, SkinnyTiles(128, 64, num_warps=8, num_stages=4, tma=True)),
+        (256, SkinnyTiles(128, 64, num_warps=8, num_stages=4, tma=True, block_m=128)),
     ),
     # The O and down projections' split sums are left to the next norm
     # (engine.layers.pending): their rows below are timed without the reduce launch, as the

@@ -180,9 +180,11 @@ def test_wide_row_blocks() -> None:
         assert rows_per_program(130, tiles) == tiles.block_m
         close(skinny_linear(x, w, b, tiles), want, torch.float32)
     _, w2, _ = make(130, 40, 100, torch.float32, seed=7)
-    gate_up = skinny_gate_up(x, w2, None, SkinnyTiles(16, 32, block_m=128))
     gate, up = reference(x, w2, None).chunk(2, dim=-1)
-    close(gate_up, torch.nn.functional.silu(gate) * up, torch.float32)
+    # The TMA form is what `TUNED` gives Llama-3-8B's gate-up past 64 rows.
+    for tiles in (SkinnyTiles(16, 32, block_m=128), SkinnyTiles(16, 32, block_m=128, tma=True)):
+        gate_up = skinny_gate_up(x, w2, None, tiles)
+        close(gate_up, torch.nn.functional.silu(gate) * up, torch.float32)
     for bad in ({"block_m": 48}, {"block_m": 512}, {"block_m": 128, "dot": False}):
         with pytest.raises(ValueError, match="block_m"):
             SkinnyTiles(16, 32, **bad)  # type: ignore[arg-type]
@@ -333,6 +335,10 @@ def test_tuned_table_rows() -> None:
     assert backend.tiles("linear", 256, 4096, 14336, bf16) is None
     assert backend.tiles("linear", 257, 4096, 14336, bf16) is None
     assert tuned_tiles("gate_up", 16, 28672, 4096, bf16) == SkinnyTiles(64, 128)
+    # Llama-3-8B's gate-up past 64 rows: 128 rows of x a program, up to the largest graph.
+    wide = backend.tiles("gate_up", 256, 28672, 4096, bf16)
+    assert wide is not None and wide.tma and wide.block_m == 128
+    assert backend.tiles("gate_up", 257, 28672, 4096, bf16) is None
     # Preloading tiles: one row only (over more rows the compiler hoists a float32 copy of the
     # tile out of the row loop: twice the registers), each holding its whole split of K (else
     # the launch refuses them).
