@@ -7,7 +7,8 @@ before them triggering their successors first or not (`--trigger-first 0|1`;
 against transformers (with `--every-one-row`, every one-row product on preloading tiles);
 `--profile`: `bench.profile_decode`'s kernel table instead. `--down-preload N,K`: the small MoE
 path's down routing again and loading its first K step before its PDL wait; `--norm-in-qkv 1`:
-the input norm inside the first projection's preloading launch:
+the input norm inside the first projection's preloading launch; `--tuned-row
+gate_up:28672:4096:256=cublas`: a `TUNED` row replaced:
 
     python3 bench/gpu/preload_ab.py --tiles pre:16:4096:1:16 --trigger-first 1 -- \
         --preset qwen3-30b-a3b --skip-hf --prefill '' --decode 1x128 --repeats 3
@@ -75,6 +76,18 @@ def every_one_row() -> None:
 
     skinny_gemm.tuned_tiles = tiles
     skinny_gemm.pick_tiles = picked
+
+
+def tuned_row(text: str) -> None:
+    """`KIND:N:K:ROWS=TILES` (TILES as `bench.skinny_gemm --tiles` spells one, or `cublas`):
+    `TUNED`'s rows for that weight from ROWS up replaced by one, so that the row counts after
+    the last row kept up to ROWS take TILES."""
+    key_text, spec = text.split("=")
+    kind, n, k, rows = key_text.split(":")
+    tiles = None if spec == "cublas" else parse_tiles(spec)[0]
+    key = (kind, int(n), int(k), "bfloat16")
+    kept = tuple(row for row in skinny_gemm.TUNED.get(key, ()) if row[0] < int(rows))
+    skinny_gemm.TUNED[key] = (*kept, (int(rows), tiles))
 
 
 def down_preload(text: str) -> None:
@@ -158,6 +171,13 @@ def main(argv: list[str]) -> int:
         help="1 or 0: RoPE with the KV write and the norm with the gate's logits trigger first "
         "at one row too (default: pdl.MORE_TRIGGER_FIRST)",
     )
+    parser.add_argument(
+        "--tuned-row",
+        action="append",
+        default=[],
+        metavar="KIND:N:K:ROWS=TILES",
+        help="TUNED's rows for a weight from ROWS up replaced by TILES (or cublas), repeatable",
+    )
     parser.add_argument("--every-one-row", action="store_true")
     parser.add_argument("--trigger-first", type=int, default=1)
     parser.add_argument("--greedy", action="store_true")
@@ -179,6 +199,8 @@ def main(argv: list[str]) -> int:
         tune_one_row(args.tiles, O_SHAPES)
     if args.qkv_tiles:
         tune_one_row(args.qkv_tiles, QKV_SHAPES)
+    for row in args.tuned_row:
+        tuned_row(row)
     if args.every_one_row:
         every_one_row()
     if args.down_preload is not None:
@@ -193,7 +215,7 @@ def main(argv: list[str]) -> int:
         f"{args.every_one_row}, trigger first: {args.trigger_first}, preloading launches "
         f"trigger first: {skinny_gemm.PRELOAD_TRIGGERS_FIRST}, MoE down preloaded: "
         f"{args.down_preload}, norm in the first projection: {skinny_gemm.NORM_IN_PRELOAD}, more "
-        f"trigger first: {pdl.MORE_TRIGGER_FIRST}"
+        f"trigger first: {pdl.MORE_TRIGGER_FIRST}, TUNED rows replaced: {args.tuned_row or '-'}"
     )
     if args.greedy:
         greedy_one_by_one(rest)

@@ -85,6 +85,7 @@
 #   run(command="bash bench/gpu/session.sh b35", carry=[".whl"]) # metadata before the wait
 #   run(command="bash bench/gpu/session.sh b36", carry=[".whl"], kind="nvidia-h100-x4")
 #                                                      # EP over NCCL, one GPU a rank
+#   run(command="bash bench/gpu/session.sh b37", carry=[".whl"]) # wide gate-up rows, A/B
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -1365,5 +1366,21 @@ b36)
   TAIL=6 step ep_nccl 240 python3 -m pytest -q -rs tests/gpu/test_expert_parallel_nccl.py
   TAIL=3 step ep_gloo 120 python3 -m pytest -q tests/engine/test_expert_parallel.py
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36"; exit 2 ;;
+b37)
+  # Llama-3-8B's gate-up with its activation on TMA tiles over 128 rows of x (TUNED in the
+  # 256-row graph since the twenty-seventh session) against cuBLAS + the activation at the
+  # graphs' other row counts past 64, then the engine at 256 x 512 and 256 x 128 with the
+  # row against cuBLAS, alternating twice (about 400 s). Where the tiles win at 72-248 rows,
+  # TUNED's (248, None) row goes.
+  ROWS='^\| gate' step gate_up_rows 120 python3 -m bench.skinny_gemm --shapes gate_up_silu \
+    --rows 72,96,128,160,192,224,248,256 --tiles tma:128:64:1:8:4:128
+  for i in 1 2; do
+    for row in cublas tma:128:64:1:8:4:128; do
+      ROWS='^\| [0-9]+x' step "gate_up_${row%%:*}_$i" 80 python3 bench/gpu/preload_ab.py \
+        --tuned-row "gate_up:28672:4096:256=$row" -- --preset llama3-8b --skip-hf \
+        --prefill '' --decode 256x128,256x512 --repeats 1
+    done
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37"; exit 2 ;;
 esac

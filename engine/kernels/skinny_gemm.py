@@ -561,10 +561,12 @@ TUNED: dict[TunedKey, tuple[tuple[int, SkinnyTiles | None], ...]] = {
     # at 16 rows 60.1 against 59.0). At 256 rows the same tiles over 128 rows of x a program:
     # 103.9-105.3 µs against cuBLAS's 110.9-112.6 with the activation's launch on an H100
     # (floor 80.5-81.0; the twenty-seventh session: Llama-3-8B 256 x 512 back to back 14.40
-    # -> 14.24 ms); cuBLAS kept O, down and QKV at 256 rows against every wide tile.
+    # -> 14.24 ms); cuBLAS kept O, down and QKV at 256 rows against every wide tile. Only the
+    # 256-row graph (249-256 rows) takes them until 65-248 rows are timed (`session.sh b37`).
     ("gate_up", 28672, 4096, "bfloat16"): (
         (32, SkinnyTiles(64, 128)),
         (64, SkinnyTiles(128, 64, num_warps=8, num_stages=4, tma=True)),
+        (248, None),
         (256, SkinnyTiles(128, 64, num_warps=8, num_stages=4, tma=True, block_m=128)),
     ),
     # The O and down projections' split sums are left to the next norm
