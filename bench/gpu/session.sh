@@ -86,6 +86,7 @@
 #   run(command="bash bench/gpu/session.sh b36", carry=[".whl"], kind="nvidia-h100-x4")
 #                                                      # EP over NCCL, one GPU a rank
 #   run(command="bash bench/gpu/session.sh b37", carry=[".whl"]) # wide gate-up rows, A/B
+#   run(command="bash bench/gpu/session.sh b38", carry=[".whl"]) # H200: rows + b37 in one
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -1382,5 +1383,22 @@ b37)
     done
   done
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37"; exit 2 ;;
+b38)
+  # One call for an H200 (about 520 s): the README's rows (b31's engine runs, without its
+  # profile), then b37's gate-up rows and one alternation of its engine A/B.
+  for preset in qwen3-30b-a3b moonlight-16b-a3b llama3-8b; do
+    ROWS='^device|^\| [0-9]+x' step "rows_${preset%%-*}" 90 python3 -m bench.engine \
+      --preset "$preset" --skip-hf --prefill '' --decode 1x128,64x128,256x128 --repeats 3
+  done
+  ROWS='^\| [0-9]+x' step rows_llama_long 75 python3 -m bench.engine --preset llama3-8b \
+    --skip-hf --prefill '' --decode 64x2048,256x512 --repeats 2
+  ROWS='^\| gate' step gate_up_rows 60 python3 -m bench.skinny_gemm --shapes gate_up_silu \
+    --rows 72,128,192,248,256 --reps 10 --tiles tma:128:64:1:8:4:128
+  for row in cublas tma:128:64:1:8:4:128; do
+    ROWS='^\| [0-9]+x' step "gate_up_${row%%:*}" 70 python3 bench/gpu/preload_ab.py \
+      --tuned-row "gate_up:28672:4096:256=$row" -- --preset llama3-8b --skip-hf \
+      --prefill '' --decode 256x512 --repeats 1
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38"; exit 2 ;;
 esac
