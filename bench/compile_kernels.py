@@ -82,6 +82,10 @@ def compile_kernel(
         # Compiled as a launch with PDSERVE_PDL=1 makes it (engine/kernels/pdl.py).
         constants = {**constants, "PDL": 2}
         options = {**options, "launch_pdl": True}
+    if arch < 90 and "PDL" in constants:
+        # Before sm_90 the engine launches without PDL (`pdl.enabled`): PDL=0, no griddepcontrol.
+        constants = {**constants, "PDL": 0}
+        options = {k: v for k, v in options.items() if k != "launch_pdl"}
     signature = {}
     for arg in kernel.arg_names:
         if arg in constants:

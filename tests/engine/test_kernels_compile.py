@@ -1,4 +1,5 @@
-"""The Triton kernels compile for the GPU (sm_90) without register spills, on this CPU host.
+"""The Triton kernels compile for the GPU (sm_90) without register spills, and for the A100
+(sm_80, without PDL, spills allowed: untuned there), on this CPU host.
 
 The interpreter tests check what the kernels compute, not that Triton's compiler accepts them:
 this runs `bench/compile_kernels.py` (Triton ships `ptxas`) in a process without the
@@ -32,3 +33,20 @@ def test_kernels_compile_for_sm90_without_spills() -> None:
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "0 failure(s)" in proc.stdout
     assert proc.stdout.count("\nok ") >= 25, proc.stdout
+
+
+def test_kernels_compile_for_sm80() -> None:
+    """The A100 runs the same kernels without PDL (`pdl._mode` is 0 before sm_90): each
+    compiles and fits its shared memory (164 KB a block)."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.compile_kernels", "--arch", "80"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "0 failure(s)" in proc.stdout
+    assert "griddepcontrol" not in proc.stdout + proc.stderr
