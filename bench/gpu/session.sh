@@ -116,6 +116,14 @@ routing_cost() {  # NAME VAR=VALUE: one MoE layer at one token, the ids given ag
     do echo \"## \$p\"; for s in qwen3-30b-a3b moonlight-16b-a3b-fused; do python3 -m \
     bench.moe_kernel --shape \$s --tokens 1 --path \$p --reps 20 | grep '^| 1 '; done; done"
 }
+readme_rows() {  # the README's decode rows with the defaults (b31, b38; about 345 s at most)
+  for preset in qwen3-30b-a3b moonlight-16b-a3b llama3-8b; do
+    ROWS='^device|^\| [0-9]+x' step "rows_${preset%%-*}" 90 python3 -m bench.engine \
+      --preset "$preset" --skip-hf --prefill '' --decode 1x128,64x128,256x128 --repeats 3
+  done
+  ROWS='^\| [0-9]+x' step rows_llama_long 75 python3 -m bench.engine --preset llama3-8b \
+    --skip-hf --prefill '' --decode 64x2048,256x512 --repeats 2
+}
 nvidia-smi -L
 case "${1:-a}" in
 a)
@@ -1309,12 +1317,7 @@ b30)
 b31)
   # The README's decode rows with the defaults, for an H200 (b26 without its decided A/B;
   # about 250 s), and where Qwen3-30B-A3B's batch-1 step goes on that machine.
-  for preset in qwen3-30b-a3b moonlight-16b-a3b llama3-8b; do
-    ROWS='^device|^\| [0-9]+x' step "rows_${preset%%-*}" 90 python3 -m bench.engine \
-      --preset "$preset" --skip-hf --prefill '' --decode 1x128,64x128,256x128 --repeats 3
-  done
-  ROWS='^\| [0-9]+x' step rows_llama_long 75 python3 -m bench.engine --preset llama3-8b \
-    --skip-hf --prefill '' --decode 64x2048,256x512 --repeats 2
+  readme_rows
   TAIL=45 step profile_qwen3 75 python3 -m bench.profile_decode --preset qwen3-30b-a3b \
     --decode 1x128 --top 16
   ;;
@@ -1386,12 +1389,7 @@ b37)
 b38)
   # One call for an H200 (about 520 s): the README's rows (b31's engine runs, without its
   # profile), then b37's gate-up rows and one alternation of its engine A/B.
-  for preset in qwen3-30b-a3b moonlight-16b-a3b llama3-8b; do
-    ROWS='^device|^\| [0-9]+x' step "rows_${preset%%-*}" 90 python3 -m bench.engine \
-      --preset "$preset" --skip-hf --prefill '' --decode 1x128,64x128,256x128 --repeats 3
-  done
-  ROWS='^\| [0-9]+x' step rows_llama_long 75 python3 -m bench.engine --preset llama3-8b \
-    --skip-hf --prefill '' --decode 64x2048,256x512 --repeats 2
+  readme_rows
   ROWS='^\| gate' step gate_up_rows 60 python3 -m bench.skinny_gemm --shapes gate_up_silu \
     --rows 72,128,192,248,256 --reps 10 --tiles tma:128:64:1:8:4:128
   for row in cublas tma:128:64:1:8:4:128; do

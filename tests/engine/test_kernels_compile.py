@@ -20,16 +20,20 @@ pytest.importorskip("triton", reason="triton is a dev dependency (pip install -e
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_kernels_compile_for_sm90_without_spills() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.compile_kernels", "--fail-on-spill"],
+def compile_kernels(*args: str) -> subprocess.CompletedProcess[str]:
+    """`bench.compile_kernels ARGS` in a process without the interpreter."""
+    return subprocess.run(
+        [sys.executable, "-m", "bench.compile_kernels", *args],
         cwd=ROOT,
-        env=env,
+        env={**os.environ, "TRITON_INTERPRET": "0"},
         capture_output=True,
         text=True,
         timeout=900,
     )
+
+
+def test_kernels_compile_for_sm90_without_spills() -> None:
+    proc = compile_kernels("--fail-on-spill")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "0 failure(s)" in proc.stdout
     assert proc.stdout.count("\nok ") >= 25, proc.stdout
@@ -38,15 +42,7 @@ def test_kernels_compile_for_sm90_without_spills() -> None:
 def test_kernels_compile_for_sm80() -> None:
     """The A100 runs the same kernels without PDL (`pdl._mode` is 0 before sm_90): each
     compiles and fits its shared memory (164 KB a block)."""
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.compile_kernels", "--arch", "80"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = compile_kernels("--arch", "80")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "0 failure(s)" in proc.stdout
     assert "griddepcontrol" not in proc.stdout + proc.stderr
