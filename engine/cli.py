@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int)
     args = parser.parse_args(argv)
 
-    from engine.engine import Engine
+    from engine.engine import START_ERRORS, Engine
 
     try:
         config = engine_config_from_args(args)
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     try:
         engine = Engine(config)
-    except (ValueError, FileNotFoundError) as exc:  # no such device, no model at the path
+    except START_ERRORS as exc:  # no such device, no model at the path
         parser.error(str(exc))
     tokenizer = engine.tokenizer
     prompts = args.prompt or ["The page pool"]

@@ -52,6 +52,14 @@ class Device:
         elif self.kind == "npu":
             torch.npu.synchronize(self.index)  # type: ignore[attr-defined]
 
+    def make_current(self) -> None:
+        """Make this the process's current device (collectives on NCCL and HCCL, and kernels
+        launched without an explicit device, run there)."""
+        if self.kind == "cuda":
+            torch.cuda.set_device(self.index)
+        elif self.kind == "npu":
+            torch.npu.set_device(self.index)  # type: ignore[attr-defined]
+
     def memory_info(self) -> tuple[int, int]:
         """(free, total) bytes of device memory; raises on CPU, whose budget is explicit."""
         if self.kind == "cuda":

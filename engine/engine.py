@@ -25,13 +25,17 @@ from engine.grammar import GrammarBackend, GrammarState
 from engine.model_runner import ModelRunner
 from engine.page_manager import PageManager
 from engine.page_pool import PagePool
-from engine.parallel import ParallelConfig
+from engine.parallel import GroupJoinError, ParallelConfig
 from engine.radix_cache import RadixCache
 from engine.sampler import DeviceSample, TokenLogprobs, sample_on_device, to_device
 from engine.sampling import Constraint, SamplingParams
 from engine.scheduler import OutOfPagesError, ScheduledBatch, Scheduler
 from engine.sequence import FinishReason, SeqStatus, Sequence
 from engine.tokenizer import Tokenizer
+
+# What starting an engine raises for a setting an operator can fix (a device that is not there,
+# a model path without a model, a group it cannot join): the command lines print it in one line.
+START_ERRORS = (ValueError, FileNotFoundError, GroupJoinError)
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-import torch
 import torch.distributed as dist
 
 from engine.device import Device
@@ -50,10 +49,7 @@ def init_process_group(
         raise RuntimeError("the process group is already initialised")
     # NCCL and HCCL run the object collectives (the lockstep's broadcast and gather) on the
     # current device: each rank's own, not device 0 for all.
-    if device.kind == "cuda":
-        torch.cuda.set_device(device.index)
-    elif device.kind == "npu":
-        torch.npu.set_device(device.index)  # type: ignore[attr-defined]
+    device.make_current()
     try:
         dist.init_process_group(
             backend=device.dist_backend,

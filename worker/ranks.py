@@ -18,8 +18,8 @@ import torch.distributed as dist
 from engine.cli import engine_config_from_args
 from engine.device import rank_device
 from engine.dp import LockstepRank
-from engine.engine import Engine
-from engine.parallel import GroupJoinError, ParallelConfig, init_process_group
+from engine.engine import START_ERRORS, Engine
+from engine.parallel import ParallelConfig, init_process_group
 from kv_transfer import (
     KVPoolDescriptor,
     TransferEngine,
@@ -111,7 +111,7 @@ def main(modes: Sequence[str], argv: list[str] | None = None) -> int:
         parallel = ParallelConfig(config.ep_size, args.rank, config.ep_num_redundant_experts)
         init_process_group(parallel, device, args.master)
         engine = Engine(config, rank=args.rank)
-    except (ValueError, FileNotFoundError, GroupJoinError) as exc:  # as rank 0 reports them
+    except START_ERRORS as exc:  # as rank 0 reports them
         raise SystemExit(f"rank {args.rank} cannot start: {exc}") from None
     transfer = None
     if args.disaggregation_mode != "null":

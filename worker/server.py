@@ -29,9 +29,9 @@ from engine.async_engine import AsyncEngine
 from engine.cli import engine_config_from_args
 from engine.config import EngineConfig
 from engine.device import resolve_device
-from engine.engine import Engine
+from engine.engine import START_ERRORS, Engine
 from engine.grammar import GrammarBackend
-from engine.parallel import GroupJoinError, ParallelConfig, init_process_group
+from engine.parallel import ParallelConfig, init_process_group
 from kv_transfer import (
     TransferEngine,
     create_transfer_engine,
@@ -95,7 +95,7 @@ async def serve(
             parallel = ParallelConfig(config.ep_size, 0, config.ep_num_redundant_experts)
             init_process_group(parallel, resolve_device(config.device), master)
         engine = Engine(config)
-    except (ValueError, FileNotFoundError, GroupJoinError) as exc:
+    except START_ERRORS as exc:
         # A device that is not there, a backend for another device, a model path without a
         # model, a model it cannot read, a group it cannot join: one line naming it.
         log.debug("engine start failed", exc_info=True)
