@@ -46,7 +46,13 @@ from engine.kernels import (
     sampling_split,
     skinny_gemm,
 )
-from engine.kernels.fused_moe_configs import TUNED, MoEKernelConfig, candidates, default_config
+from engine.kernels.fused_moe_configs import (
+    TUNED,
+    MoEKernelConfig,
+    candidates,
+    default_config,
+    fit_shared,
+)
 from kv_transfer import copy_kernel
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -159,9 +165,15 @@ def decode_attention_launch(rope: bool = False) -> tuple[tuple[Any, ...], dict[s
     return (attention._decode_split_kernel, pointers, constants), kwargs
 
 
-def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
-    """(name, compile at an arch) for every kernel at the engine's shapes."""
+# The most shared memory one program may take, per compute capability (the opt-in limit).
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
+def jobs(all_configs: bool, arch: int = 90) -> list[tuple[str, Callable[[int], Usage]]]:
+    """(name, compile at an arch) for every kernel at the engine's shapes, in the tiles its
+    rules choose for `arch`'s shared memory."""
     out: list[tuple[str, Callable[[int], Usage]]] = []
+    smem = SHARED_LIMIT.get(arch, SHARED_LIMIT[90])
 
     def add(name: str, *args: Any, **kwargs: Any) -> None:
         out.append((name, lambda arch: compile_one(arch, name, *args, **kwargs)))
@@ -285,10 +297,16 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
         )
     for dtype in ("bf16", "fp32"):
         torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-        defaults = {default_config(t, 128, 8, torch_dtype) for t in (1, 64, 256, 4096)}
+        size = torch_dtype.itemsize
+        defaults = {
+            fit_shared(default_config(t, 128, 8, torch_dtype), size, smem)
+            for t in (1, 64, 256, 4096)
+        }
         # Every configuration a tuned table picks is compiled too, and may spill: it was
         # measured the fastest as it is (reported, not failed).
-        tuned = {c for rows in TUNED.values() for _, c in rows} if dtype == "bf16" else set()
+        tuned = set()
+        if dtype == "bf16":
+            tuned = {fit_shared(c, size, smem) for rows in TUNED.values() for _, c in rows}
         configs: list[MoEKernelConfig] = sorted(defaults | tuned, key=repr)
         if all_configs and dtype == "bf16":
             configs = candidates() + candidates(rows_per_expert=128)
@@ -329,7 +347,7 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
             {"y": "*bf16", "topk_weights": f"*{weights}", "topk_ids": "*i64", "out": "*bf16"},
             {"TOP_K": 8, "BLOCK_H": 1024},
         )
-    add_small_batch_moe(add)
+    add_small_batch_moe(add, arch)
     for word, (elem, elem_bytes) in copy_kernel.ELEMENTS.items():
         block = copy_kernel.block_elements(elem_bytes)
         add(
@@ -391,10 +409,14 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
         (quarters, "bf16", 32, False),
         (quarters, "bf16", 64, True),
     ):
+        size = 4 if dtype == "fp32" else 2
+        if kernel is quarters and mla_decode.shared_bytes(block_h, 64, 576, size) > smem:
+            continue  # `default_block_h` does not take it there
+        block_n = mla_decode.default_block_n(kernel is quarters, block_h, 576, size, smem)
         mid = f"*{dtype}" if direct else "*fp32"
         name = "mla_decode_quarters_kernel" if kernel is quarters else "mla_decode_split_kernel"
         add(
-            f"{name} {dtype} block_h={block_h}" + (" direct" if direct else ""),
+            f"{name} {dtype} block_h={block_h} block_n={block_n}" + (" direct" if direct else ""),
             kernel,
             {
                 "q_latent": f"*{dtype}",
@@ -416,7 +438,7 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
                 "BLOCK_H": block_h,
                 "BLOCK_R": 512,
                 "BLOCK_P": 64,
-                "BLOCK_N": 64 if kernel is quarters else 32,
+                "BLOCK_N": block_n,
             },
             floats=("scale",),
             num_warps=mla_decode.default_num_warps(
@@ -518,7 +540,7 @@ def jobs(all_configs: bool) -> list[tuple[str, Callable[[int], Usage]]]:
     for dtype, dk, ext in (("bf16", 128, None), ("bf16", 128, 1), ("bf16", 256, None),
                            ("fp32", 128, None)):  # fmt: skip
         extend = attention.extend_tiles(
-            dk, torch.bfloat16 if dtype == "bf16" else torch.float32, ext
+            dk, torch.bfloat16 if dtype == "bf16" else torch.float32, ext, smem
         )
         add(
             f"extend_kernel {dtype} head dim {dk} {extend.block_m}x{extend.block_n}",
@@ -618,7 +640,7 @@ def add_split_sampling(add: Callable[..., None]) -> None:
     )  # fmt: skip
 
 
-def add_small_batch_moe(add: Callable[..., None]) -> None:
+def add_small_batch_moe(add: Callable[..., None], arch: int) -> None:
     """The small-batch MoE's two kernels at their default tiles, for Qwen3-30B-A3B (128 experts,
     H 2048, I 768, top-8; the gate-up kernel also with its softmax routing folded in), Moonlight
     (H 2048, I 1408, top-6 plus 2 fused shared experts, grouped routing folded in, float32
@@ -780,6 +802,8 @@ def add_small_batch_moe(add: Callable[..., None]) -> None:
             divisible=("act", "w2", "out", "router_logits", "stride_lt", *sizes),
             num_warps=routed_tiles.num_warps,
         )
+    if arch < 90:
+        return  # the trial below was an H200 one
     add(
         "small_gate_up_kernel bf16 qwen3-30b-a3b route=1 dot 64x128 s4",
         fused_moe_small.small_gate_up_kernel,
@@ -1087,10 +1111,6 @@ MEASURED_SPILLS = (
 )
 
 
-# The most shared memory one program may take, per compute capability (the opt-in limit).
-SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 90")
@@ -1099,7 +1119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", help="compile only kernels whose name contains this")
     args = parser.parse_args(argv)
     failures = []
-    for name, job in jobs(args.all_configs):
+    for name, job in jobs(args.all_configs, args.arch):
         if args.only and args.only not in name:
             continue
         try:

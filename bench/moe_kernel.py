@@ -52,6 +52,7 @@ from engine.kernels.fused_moe_small import (
     small_batch_moe_grouped_routed,
     small_batch_moe_routed,
 )
+from engine.kernels.sms import shared_memory
 from engine.layers.moe import MoEBackend, TorchMoEBackend, TritonMoEBackend
 
 
@@ -221,6 +222,13 @@ class Step:
         backend = TorchMoEBackend()
         for layer, x, (w, ids) in zip(self.layers, self.xs, self.routed, strict=True):
             backend.experts(x, layer.w13, layer.w2, w, ids)
+
+
+def table_config(shape: LayerShape, tokens: int, layers: list[Layer]) -> MoEKernelConfig:
+    """The engine's config at `tokens` (`kernel_config` on the layers' device)."""
+    w13 = layers[0].w13
+    args = (shape.stacked, shape.hidden, shape.intermediate, shape.pairs, w13.dtype)
+    return kernel_config(tokens, *args, shared_memory(w13.device))
 
 
 def make_step(
@@ -446,14 +454,13 @@ def split_times(
     """The grouped path's launches timed apart at the table's config (`kernel_config`): the
     align, the gate-up GEMM and the down GEMM, each GEMM against its weights' floor."""
     bias = torch.randn(shape.experts, device=layers[0].w13.device) * 0.1
-    dtype = layers[0].w13.dtype
     print(
         "| tokens | config | align µs | gate-up µs | floor µs | x floor | down µs | floor µs "
         "| x floor |\n| ---: | :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     )
     for t in tokens:
         step = make_step(shape, t, layers, bias, seed=t)
-        cfg = kernel_config(t, shape.stacked, shape.hidden, shape.intermediate, shape.pairs, dtype)
+        cfg = table_config(shape, t, layers)
         inputs = gemm_inputs(step, shape, cfg)
         n = len(layers)
         us = {
@@ -496,10 +503,9 @@ def tune_gemm(
     """One GEMM's launches (`gemm_candidates`) timed alone from the table's config; prints
     the best for each token count as a table row."""
     bias = torch.randn(shape.experts, device=layers[0].w13.device) * 0.1
-    dtype = layers[0].w13.dtype
     for t in tokens:
         step = make_step(shape, t, layers, bias, seed=t)
-        base = kernel_config(t, shape.stacked, shape.hidden, shape.intermediate, shape.pairs, dtype)
+        base = table_config(shape, t, layers)
         inputs = gemm_inputs(step, shape, base)
         n = len(layers)
         base_us = time_graph(partial(run_gemm, inputs, shape, base, which), reps) / n * 1e6

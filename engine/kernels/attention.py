@@ -31,7 +31,7 @@ from engine.kernels import pdl
 # The sequence's length and page-table row before the PDL wait where METADATA_BEFORE_WAIT
 # (`fused`'s switch; read here by its bare name, as Triton's cache key needs).
 from engine.kernels.fused import METADATA_BEFORE_WAIT, _rotate_head, rotate_group
-from engine.kernels.sms import H200_SMS
+from engine.kernels.sms import H200_SHARED_MEMORY, H200_SMS, shared_memory
 
 LOG2E = 1.4426950408889634
 
@@ -751,7 +751,17 @@ class ExtendTiles:
 SHORT_EXTEND = 512
 
 
-def extend_tiles(dk: int, dtype: torch.dtype, max_extend: int | None = None) -> ExtendTiles:
+# Float32's 64 x 64 tiles at head dim 128 take 112 KB of shared memory a program (sm_89 and
+# sm_90 compiles, `bench.compile_kernels`); 32 x 64 take 88 KB.
+EXTEND_FP32_SHARED = 114944
+
+
+def extend_tiles(
+    dk: int,
+    dtype: torch.dtype,
+    max_extend: int | None = None,
+    shared: int = H200_SHARED_MEMORY,
+) -> ExtendTiles:
     """The extend kernel's tiles for head dim `dk` in `dtype`, for a step whose longest
     sequence has `max_extend` new tokens (None: long). Swept on the H200 (`python -m
     bench.extend_kernel`, Llama-3-8B's and Qwen3-30B-A3B's heads, page size 16, µs of one
@@ -760,19 +770,23 @@ def extend_tiles(dk: int, dtype: torch.dtype, max_extend: int | None = None) -> 
     1,717 / 774; 64 x 64 with 4 warps 923-936 / 1,653 / 741; the earlier 64 x 64 with 8 warps
     and 2 stages 1,798 / 3,237 / 1,451). Shorter extends take 64 x 64 with 4 warps and 3
     stages: 114-117 µs against 150-153 at 64 x 128, 184 against 209 at 16 x 512. Wider heads and
-    float32 (the exact checks only) keep the earlier tiles."""
+    float32 (the exact checks only) keep the earlier tiles, float32 with half the queries where
+    the device's `shared` memory a program is smaller (an L40S's 99 KB)."""
     if dtype != torch.float32 and dk <= 128:
         if max_extend is not None and max_extend <= SHORT_EXTEND:
             return ExtendTiles(64, 64, 4, 3)
         return ExtendTiles(128, 128, 8, 3)
     if dk <= 128:
-        return ExtendTiles(64, 64, 4 if dk <= 64 else 8, 2)
+        narrow = dtype == torch.float32 and shared < EXTEND_FP32_SHARED
+        return ExtendTiles(32 if narrow else 64, 64, 4 if dk <= 64 else 8, 2)
     return ExtendTiles(32, 32, 8, 2)
 
 
-def extend_block_m(dk: int, dtype: torch.dtype, max_extend: int | None = None) -> int:
+def extend_block_m(
+    dk: int, dtype: torch.dtype, max_extend: int | None = None, shared: int = H200_SHARED_MEMORY
+) -> int:
     """Queries a block of the extend kernel's default tiles (`extend_blocks`' block size)."""
-    return extend_tiles(dk, dtype, max_extend).block_m
+    return extend_tiles(dk, dtype, max_extend, shared).block_m
 
 
 def extend_blocks(extend_lens: list[int], block_m: int) -> tuple[list[int], list[int]]:
@@ -805,7 +819,7 @@ def extend_attention(
     """New-token queries `q` `[T, Hq, Dk]` (sequence b's at rows `q_starts[b]` onwards) over
     their sequences' cached context, causal; the new tokens' K/V must already be in the cache.
     `block_seq`/`block_first` come from `extend_blocks` with `tiles.block_m` (`tiles` default
-    `extend_tiles(Dk, q.dtype)`). Returns `[T, Hq, Dv]`."""
+    `extend_tiles` for Dk, q's dtype and device). Returns `[T, Hq, Dv]`."""
     t, num_heads, dk = q.shape
     num_kv_heads, dv = v_cache.shape[1], v_cache.shape[2]
     if out is None:
@@ -814,7 +828,7 @@ def extend_attention(
     if t == 0 or nblocks == 0:
         return out
     block_dk, block_dv = triton.next_power_of_2(dk), triton.next_power_of_2(dv)
-    tiles = tiles or extend_tiles(dk, q.dtype)
+    tiles = tiles or extend_tiles(dk, q.dtype, shared=shared_memory(q.device))
     _extend_kernel[(nblocks, num_heads)](
         q,
         k_cache,

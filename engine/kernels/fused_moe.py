@@ -58,6 +58,7 @@ from engine.kernels.fused_moe_small import (
     small_batch_moe_routed,
 )
 from engine.kernels.moe_routing import grouped_topk, route_rows, softmax_topk
+from engine.kernels.sms import shared_memory
 from engine.layers.pending import PendingSum
 
 
@@ -978,7 +979,9 @@ def fused_moe(
         small_batch = takes_small_path(num_tokens, top_k)
     if small_batch:
         return small_batch_moe(x, w13, w2, topk_weights, topk_ids)
-    cfg = config or kernel_config(num_tokens, num_experts, hidden, inter, top_k, x.dtype)
+    cfg = config or kernel_config(
+        num_tokens, num_experts, hidden, inter, top_k, x.dtype, shared_memory(x.device)
+    )
     aligned = align_block_size(topk_ids, num_experts, cfg.block_m)
     return _grouped_moe(x, w13, w2, topk_weights, topk_ids, aligned, cfg, defer)
 
@@ -1190,7 +1193,8 @@ def _routed_grouped_moe(
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
     num_tokens, hidden = x.shape
     num_experts, two_inter, _ = w13.shape
-    cfg = kernel_config(num_tokens, num_experts, hidden, two_inter // 2, width, x.dtype)
+    shared = shared_memory(x.device)
+    cfg = kernel_config(num_tokens, num_experts, hidden, two_inter // 2, width, x.dtype, shared)
     weights, ids, counted = route_and_count(routing, width, num_experts, cfg.block_m)
     aligned = _scatter_counted(ids.view(-1), counted, num_experts, cfg.block_m)
     return _grouped_moe(x, w13, w2, weights, ids, aligned, cfg, defer)

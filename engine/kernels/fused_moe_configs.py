@@ -13,9 +13,12 @@ the align and the two GEMMs apart, against their weights' floors).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
+
+from engine.kernels.sms import H200_SHARED_MEMORY
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,30 @@ def candidates(rows_per_expert: float = 0.0) -> list[MoEKernelConfig]:
     ]
 
 
+def shared_bytes(config: MoEKernelConfig, element_size: int) -> int:
+    """The shared memory a gate-up program takes, at most: the tiles of x and of both weights
+    that its `num_stages - 1` loads in flight hold (the down holds one weight tile). Float32
+    tiles compiled for sm_89 and sm_90 take exactly this; 16-bit ones take less."""
+    tile = config.block_k * (config.block_m + 2 * config.block_n) * element_size
+    return (config.num_stages - 1) * tile
+
+
+def fit_shared(config: MoEKernelConfig, element_size: int, shared: int) -> MoEKernelConfig:
+    """`config` with fewer stages (two at least) where a program would take more than `shared`
+    bytes (`shared_bytes`; the device's limit): the tables' H200 tiles on an A10 or L40S (99
+    KB), float32's defaults there. Its down launch likewise."""
+    stages = config.num_stages
+    while (
+        stages > 2
+        and shared_bytes(dataclasses.replace(config, num_stages=stages), element_size) > shared
+    ):
+        stages -= 1
+    down = config.down and fit_shared(config.down, element_size, shared)
+    if stages == config.num_stages and down == config.down:
+        return config
+    return dataclasses.replace(config, num_stages=stages, down=down)
+
+
 def kernel_config(
     num_tokens: int,
     num_experts: int,
@@ -172,12 +199,17 @@ def kernel_config(
     intermediate: int,
     top_k: int,
     dtype: torch.dtype,
+    shared: int = H200_SHARED_MEMORY,
 ) -> MoEKernelConfig:
+    """The table's row for `num_tokens` (see the module's note), else `default_config`, with
+    no more stages than the device's `shared` memory a program holds (`fit_shared`)."""
     key = (num_experts, hidden, intermediate, top_k, str(dtype).removeprefix("torch."))
     rows = TUNED.get(key, ())
-    for max_tokens, config in rows:
+    config = None
+    for max_tokens, row in rows:
         if num_tokens <= max_tokens:
             if max_tokens <= 4 * num_tokens or max_tokens == rows[0][0]:
-                return config
+                config = row
             break
-    return default_config(num_tokens, num_experts, top_k, dtype)
+    config = config or default_config(num_tokens, num_experts, top_k, dtype)
+    return fit_shared(config, dtype.itemsize, shared)

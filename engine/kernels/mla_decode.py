@@ -29,7 +29,7 @@ import triton.language as tl
 
 from engine.kernels import pdl
 from engine.kernels.attention import dot_precision, wait_after_metadata, wait_before_metadata
-from engine.kernels.sms import H200_SMS, sm_count
+from engine.kernels.sms import H200_SHARED_MEMORY, H200_SMS, shared_memory, sm_count
 from engine.layers.pending import PendingCombine
 
 DEFAULT_BLOCK_H = 16
@@ -356,7 +356,23 @@ def combine_columns(
     return tl.where(denom > 0, acc / tl.maximum(denom, 1e-30), 0.0)
 
 
-def default_block_h(dtype: torch.dtype, batch: int, num_heads: int, num_sms: int = H200_SMS) -> int:
+def shared_bytes(block_h: int, block_n: int, width: int, element_size: int) -> int:
+    """The shared memory a split-kernel program takes, at most: its `block_h` heads' queries
+    and one `block_n`-key tile, each `width` (latent rank + rotary dim) wide, and 8 KB of the
+    compiler's scratch. Rank 512 + 64 compiled for sm_89 (`bench.compile_kernels`): quartered
+    at 64 keys 90 / 116 / 152 KB for 16 / 32 / 64 heads; one chain at 32 keys 58 KB in
+    bfloat16 and 110 KB in float32 (73 KB at 16 keys)."""
+    return (block_h + block_n) * width * element_size + 8192
+
+
+def default_block_h(
+    dtype: torch.dtype,
+    batch: int,
+    num_heads: int,
+    num_sms: int = H200_SMS,
+    shared: int = H200_SHARED_MEMORY,
+    width: int = 576,
+) -> int:
     """Heads per program for the quartered kernel: the largest of 64, 32 and 16 (not past the
     head count) whose programs, with up to 16 ranges each, still fill the device; 16 in
     float32 (more would spill). Each tile of latents is then read once for that many heads,
@@ -364,13 +380,32 @@ def default_block_h(dtype: torch.dtype, batch: int, num_heads: int, num_sms: int
     --heads 128 --block-h 16/32/64`): batch 64 at 2,048 tokens 414 µs at 16 heads a program,
     291 at 32, 187 at 64; at 128 tokens 32.9 / 25.7 / 18.3; batch 1 (two or four programs a
     range at 64 or 32) 15.7 / 15.3 / 19.1 at 2,048 tokens and 8.4 / 11.0 / 13.4 at 128, where
-    this picks 16. Moonlight's 16 heads always take 16."""
+    this picks 16. Moonlight's 16 heads always take 16. Not past the device's `shared`
+    memory a program (`shared_bytes` at 64-key tiles, `width` wide: 16 on an L40S)."""
     if dtype == torch.float32:
         return DEFAULT_BLOCK_H
     for block_h in (64, 32):
-        if block_h <= num_heads and batch * triton.cdiv(num_heads, block_h) * 16 >= num_sms:
+        fills = batch * triton.cdiv(num_heads, block_h) * 16 >= num_sms
+        fits = shared_bytes(block_h, 64, width, dtype.itemsize) <= shared
+        if block_h <= num_heads and fills and fits:
             return block_h
     return DEFAULT_BLOCK_H
+
+
+def default_block_n(
+    quarters: bool,
+    block_h: int,
+    width: int = 576,
+    element_size: int = 2,
+    shared: int = H200_SHARED_MEMORY,
+) -> int:
+    """Keys a tile: 64 for the quartered kernel, 32 for one chain, halved (to 16 at least)
+    while a program would take more than the device's `shared` memory (`shared_bytes`; float32
+    on an L40S takes 16)."""
+    block_n = 64 if quarters else 32
+    while block_n > 16 and shared_bytes(block_h, block_n, width, element_size) > shared:
+        block_n //= 2
+    return block_n
 
 
 def default_num_warps(
@@ -482,7 +517,7 @@ def mla_decode(
     Scores are `scale * (q_latent . c + q_pe . k_pe)`; values are the latents `c`.
     `block_h` heads share each read of a latent tile (16, or 32 or 64 in 16-bit types: more
     heads per read, more registers per program; default `default_block_h` with quarters, else
-    16); `block_n` context positions per tile (default 64 with quarters, else 32); `num_warps`
+    16); `block_n` context positions per tile (default `default_block_n`); `num_warps`
     (default `default_num_warps`) and `num_stages` the split kernel's launch (`python -m
     bench.mla_kernel --mode decode --tiles` times others). `quarters` (default: in 16-bit
     types where the rank is a power of two of at least 64, as every MLA model's 512 is) takes
@@ -504,7 +539,7 @@ def mla_decode(
     if latent_cache.stride(-1) != 1 or pe_cache.stride(-1) != 1:
         raise ValueError("the latent and rope-key caches must be contiguous in their last dim")
     page_size = latent_cache.shape[1]
-    sms = sm_count(q_latent.device)
+    sms, shared = sm_count(q_latent.device), shared_memory(q_latent.device)
     # tl.dot needs dimensions of at least 16 on the GPU.
     block_r = max(16, triton.next_power_of_2(rank))
     block_p = max(16, triton.next_power_of_2(rope))
@@ -514,10 +549,13 @@ def mla_decode(
         quarters = rank == block_r and rank % 64 == 0 and q_latent.dtype != torch.float32
     if quarters and (rank != block_r or rank % 64):
         raise ValueError(f"quarters need a latent rank that is a power of two >= 64, got {rank}")
-    if block_n is None:
-        block_n = 64 if quarters else 32
+    width = block_r + block_p
     if block_h is None:
-        block_h = default_block_h(q_latent.dtype, batch, num_heads, sms) if quarters else 16
+        block_h = DEFAULT_BLOCK_H
+        if quarters:
+            block_h = default_block_h(q_latent.dtype, batch, num_heads, sms, shared, width)
+    if block_n is None:
+        block_n = default_block_n(quarters, block_h, width, q_latent.element_size(), shared)
     if block_h < 16 or block_h & (block_h - 1) or block_n < 16 or block_n & (block_n - 1):
         raise ValueError(
             f"block_h and block_n must be powers of two >= 16, got {block_h}, {block_n}"

@@ -24,7 +24,7 @@ from engine.kernels import attention as kernels
 from engine.kernels import fused, mla_extend
 from engine.kernels.head_bmm import absorb_query_and_latent, combine_head_bmm, head_bmm
 from engine.kernels.mla_decode import mla_decode
-from engine.kernels.sms import sm_count
+from engine.kernels.sms import shared_memory, sm_count
 from engine.layers.attention import AttentionBackend
 from engine.layers.norm import RMSNorm
 from engine.layers.pending import PendingCombine
@@ -152,7 +152,8 @@ class TritonAttentionBackend(AttentionBackend):
             batch.attn_metadata = _DecodeMetadata(seq_lens, splits)
             return
         # The queries come in the cache's dtype (the model's).
-        tiles = kernels.extend_tiles(cache.k_dim, cache.dtype, batch.max_extend_len)
+        shared = shared_memory(batch.input_ids.device)
+        tiles = kernels.extend_tiles(cache.k_dim, cache.dtype, batch.max_extend_len, shared)
         seqs, firsts = kernels.extend_blocks(list(batch.host_extend_lens), tiles.block_m)
         blocks = upload(torch.tensor([seqs, firsts], dtype=torch.int32), batch.input_ids.device)
         q_starts = torch.cumsum(batch.extend_lens, 0) - batch.extend_lens

@@ -729,6 +729,30 @@ def test_kernel_config_table():
         MoEKernelConfig(24, 64, 64)
 
 
+def test_configs_fit_the_shared_memory():
+    """On the H200 (227 KB a program) and the A100 (163 KB) every table row and default is as
+    written; where a program holds less (an L40S's 99 KB) the stages drop until
+    `shared_bytes` fits, or to two (`bench.compile_kernels --arch 89` compiles them)."""
+    from engine.kernels.fused_moe_configs import fit_shared, shared_bytes
+
+    rows = [c for table in TUNED.values() for _, c in table]
+    defaults = [default_config(t, 128, 8, torch.float32) for t in (1, 64, 256, 4096)]
+    for config, size in [(c, 2) for c in rows] + [(c, 4) for c in defaults]:
+        assert fit_shared(config, size, 232448) is config
+        if size == 2:
+            assert fit_shared(config, size, 166912) is config
+        small = fit_shared(config, size, 101376)
+        assert shared_bytes(small, size) <= 101376 or small.num_stages == 2
+        assert small == dataclasses.replace(config, num_stages=small.num_stages, down=small.down)
+        if small.down is not None:
+            assert shared_bytes(small.down, size) <= 101376
+    # float32's one-row default: 4 stages take 120 KB, 3 take 80 KB.
+    assert fit_shared(defaults[0], 4, 101376).num_stages == 3
+    moonlight_256 = dict(TUNED[(66, 2048, 1408, 8, "bfloat16")])[256]
+    assert kernel_config(256, 66, 2048, 1408, 8, torch.bfloat16, 101376).num_stages == 3
+    assert kernel_config(256, 66, 2048, 1408, 8, torch.bfloat16) is moonlight_256
+
+
 @pytest.mark.parametrize("renormalize", [True, False])
 @pytest.mark.parametrize("tokens,num_experts,top_k", [(0, 8, 2), (1, 8, 1), (9, 60, 8)])
 def test_softmax_routing_kernel(tokens, num_experts, top_k, renormalize):

@@ -357,6 +357,23 @@ def test_default_block_h():
     assert [default_block_h(torch.bfloat16, b, 64, 132) for b in (1, 8, 16)] == [16, 32, 64]
     assert {default_block_h(torch.bfloat16, b, 16, 132) for b in (1, 64, 256)} == {16}
     assert default_block_h(torch.float32, 64, 128, 132) == 16
+    # An A100's 163 KB of shared memory a program holds 64 heads at 64-key tiles, an L40S's 99
+    # KB only 16 (`shared_bytes`; `bench.compile_kernels --arch 89` compiles what they choose).
+    assert default_block_h(torch.bfloat16, 256, 128, 108, shared=166912) == 64
+    assert default_block_h(torch.bfloat16, 256, 128, 142, shared=101376) == 16
+
+
+def test_default_block_n_fits_the_shared_memory():
+    from engine.kernels.mla_decode import H200_SHARED_MEMORY, default_block_n, shared_bytes
+
+    assert default_block_n(True, 64) == 64 and default_block_n(False, 16) == 32
+    assert default_block_n(False, 16, 576, 4) == 32  # float32 on the H200
+    l40s = 101376
+    assert default_block_n(True, 16, 576, 2, l40s) == 64
+    assert default_block_n(False, 16, 576, 4, l40s) == 16  # float32: 110 KB at 32 keys
+    for quarters, block_h, size in ((True, 16, 2), (False, 16, 2), (False, 16, 4)):
+        block_n = default_block_n(quarters, block_h, 576, size, l40s)
+        assert shared_bytes(block_h, block_n, 576, size) <= l40s < H200_SHARED_MEMORY
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

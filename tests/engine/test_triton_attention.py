@@ -724,3 +724,8 @@ def test_extend_tiles_follow_the_extend_length() -> None:
     # float32 (exact checks) and wide heads: one choice whatever the length.
     assert kernels.extend_tiles(128, torch.float32, 1) == kernels.extend_tiles(128, torch.float32)
     assert kernels.extend_tiles(256, torch.bfloat16, 1).block_m == 32
+    # Float32's 64 x 64 tiles take 112 KB of shared memory a program: half the queries where a
+    # program has less (an L40S's 99 KB); 16-bit tiles stay.
+    assert kernels.extend_tiles(128, torch.float32).block_m == 64
+    assert kernels.extend_tiles(128, torch.float32, None, 101376).block_m == 32
+    assert kernels.extend_tiles(128, torch.bfloat16, None, 101376) == long
