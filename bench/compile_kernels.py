@@ -166,7 +166,7 @@ def decode_attention_launch(rope: bool = False) -> tuple[tuple[Any, ...], dict[s
 
 
 # The most shared memory one program may take, per compute capability (the opt-in limit).
-SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 
 
 def jobs(all_configs: bool, arch: int = 90) -> list[tuple[str, Callable[[int], Usage]]]:
@@ -499,7 +499,8 @@ def jobs(all_configs: bool, arch: int = 90) -> list[tuple[str, Callable[[int], U
     )
     starts = ("prefix_lens_ptr", "extend_lens_ptr", "q_starts_ptr", "block_seq_ptr")
     meta = {name: "*i64" for name in starts} | {"block_first_ptr": i32}
-    for dtype, tma in (("bf16", False), ("fp32", False), ("bf16", True)):
+    # With TMA: a trial of the H200's (the default tiles load by pointer).
+    for dtype, tma in (("bf16", False), ("fp32", False), ("bf16", True))[: 3 if arch == 90 else 2]:
         # DeepSeek-V3/Kimi-K2/Moonlight: no-rope key 128, rope key 64, value 128.
         tiles = mla_extend.default_tiles(torch.bfloat16 if dtype == "bf16" else torch.float32)
         n = tiles.block_n
@@ -597,7 +598,7 @@ def jobs(all_configs: bool, arch: int = 90) -> list[tuple[str, Callable[[int], U
         num_warps=sampling.NUM_WARPS,
     )  # fmt: skip
     add_split_sampling(add)
-    add_skinny_gemm(add, all_configs)
+    add_skinny_gemm(add, all_configs, hopper=arch == 90)
     return out
 
 
@@ -802,7 +803,7 @@ def add_small_batch_moe(add: Callable[..., None], arch: int) -> None:
             divisible=("act", "w2", "out", "router_logits", "stride_lt", *sizes),
             num_warps=routed_tiles.num_warps,
         )
-    if arch < 90:
+    if arch != 90:
         return  # the trial below was an H200 one
     add(
         "small_gate_up_kernel bf16 qwen3-30b-a3b route=1 dot 64x128 s4",
@@ -916,12 +917,13 @@ def add_skinny_preload_norm(add: Callable[..., None]) -> None:
         )
 
 
-def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
+def add_skinny_gemm(add: Callable[..., None], all_configs: bool, hopper: bool = True) -> None:
     """The skinny GEMM's launches that `pick_tiles` makes for Llama-3-8B's projections (and a
     narrow one that splits K) at 1 to 64 rows, with every argument a multiple of 16 as there;
-    gated (silu(gate) * up in the epilogue) for the gate-up projection's tiles and those of
-    `skinny_gemm.TUNED`; with `all_configs`, every entry of `TILE_CONFIGS` and `WIDE_TILES`
-    too (bfloat16)."""
+    gated (silu(gate) * up in the epilogue) for the gate-up projection's tiles and, on
+    `hopper` (where `--gemm-backend auto` takes them), those of `skinny_gemm.TUNED` and the
+    trials; with `all_configs`, every entry of `TILE_CONFIGS` and `WIDE_TILES` too
+    (bfloat16)."""
     shapes = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096))
     gate_up = (28672, 4096)
     launches = set()
@@ -945,16 +947,16 @@ def add_skinny_gemm(add: Callable[..., None], all_configs: bool) -> None:
             for tiles in skinny_gemm.WIDE_TILES:  # the 128-256 row candidates
                 launch(dtype, 256, tiles)
     for tiles in skinny_gemm.TILE_CONFIGS:  # the prefetching CUDA-core tiles, still on trial
-        if tiles.prefetch:
+        if tiles.prefetch and hopper:
             for dtype in ("bf16", "fp32"):
                 launch(dtype, 1, tiles)
-    for (kind, _, _, dtype_name), rows in skinny_gemm.TUNED.items():
+    for (kind, _, _, dtype_name), rows in skinny_gemm.TUNED.items() if hopper else ():
         dtype = {"bfloat16": "bf16", "float32": "fp32"}[dtype_name]
         for max_rows, tuned in rows:
             for m in (1, 16, max_rows):
                 if tuned is not None:  # None: cuBLAS
                     launch(dtype, m, tuned, gated=kind == "gate_up")
-    for tiles in PRELOAD_TRIALS:  # the other preloading tiles timed
+    for tiles in PRELOAD_TRIALS if hopper else ():  # the other preloading tiles timed
         launch("bf16", 1, tiles)
     add_skinny_preload_norm(add)
     for dtype, block_m, tiles, gated in sorted(launches, key=repr):

@@ -1,6 +1,6 @@
 """The Triton kernels compile for the GPU (sm_90) without register spills, and for the A100
-(sm_80, without PDL, spills allowed: untuned there) and the L40S (sm_89, in the tiles that fit
-its shared memory), on this CPU host.
+(sm_80, without PDL, spills allowed: untuned there), the L40S and the RTX Blackwell cards
+(sm_89, sm_120: in the tiles that fit their shared memory), on this CPU host.
 
 The interpreter tests check what the kernels compute, not that Triton's compiler accepts them:
 this runs `bench/compile_kernels.py` (Triton ships `ptxas`) in a process without the
@@ -49,11 +49,13 @@ def test_kernels_compile_for_sm80() -> None:
     assert "griddepcontrol" not in proc.stdout + proc.stderr
 
 
-def test_kernels_compile_for_sm89() -> None:
-    """The L40S, L4 and A10 (sm_86/89) give a program 99 KB of shared memory: the tile rules
-    that read the device's (float32's MoE stages and extend tiles, the MLA decode's keys and
-    head blocks) choose tiles that fit, and every launch compiles."""
-    proc = compile_kernels("--arch", "89")
+@pytest.mark.parametrize("arch", ["89", "120"])
+def test_kernels_compile_for_99_kb_of_shared_memory(arch: str) -> None:
+    """The L40S, L4 and A10 (sm_86/89) and the RTX Blackwell cards (sm_120) give a program 99
+    KB of shared memory: the tile rules that read the device's (float32's MoE stages and
+    extend tiles, the MLA decode's keys and head blocks) choose tiles that fit, and every
+    launch compiles."""
+    proc = compile_kernels("--arch", arch)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "0 failure(s)" in proc.stdout
     assert "extend_kernel fp32 head dim 128 32x64" in proc.stdout
