@@ -6,14 +6,18 @@ torch_npu breaks `import torch` itself, so it is an optional extra (`pdserve[npu
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 DEVICE_KINDS = ("auto", "cpu", "cuda", "npu")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -147,16 +151,58 @@ def has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+# The GPUs the Triton kernels are written and checked for: NVIDIA's from Ampere (`python -m
+# bench.compile_kernels --arch 80`, 89, 90, 100 and 120 compile every launch, in tiles that fit
+# each one's shared memory). Older ones (a T4's or V100's 64-96 KB) and AMD's take the torch
+# backends.
+TRITON_MIN_CAPABILITY = (8, 0)
+
+
+def triton_gpu_problem(name: str, capability: tuple[int, int], hip: bool) -> str | None:
+    """Why the CUDA device `name` of compute `capability` (`hip`: an AMD GPU under ROCm) cannot
+    run the Triton kernels, or None."""
+    if hip:
+        return f"{name} is an AMD GPU (ROCm), and the kernels are written for NVIDIA's"
+    if capability < TRITON_MIN_CAPABILITY:
+        major, minor = capability
+        return f"{name} is sm_{major}{minor}, and the kernels need sm_80 (Ampere) or later"
+    return None
+
+
+@functools.cache
+def cuda_triton_problem() -> str | None:
+    """`triton_gpu_problem` for this process's current CUDA device (a host's GPUs are one
+    model)."""
+    index = torch.cuda.current_device()
+    name = torch.cuda.get_device_name(index)
+    problem = triton_gpu_problem(
+        name, torch.cuda.get_device_capability(index), torch.version.hip is not None
+    )
+    if problem:
+        log.warning("the Triton kernels are off: %s; the torch backends serve (slower)", problem)
+    return problem
+
+
+def triton_runs(device_kind: str) -> bool:
+    """Whether `auto` takes the Triton kernels on a device of `device_kind`: a CUDA device they
+    run on (`cuda_triton_problem`), with Triton installed."""
+    return device_kind == "cuda" and has_triton() and cuda_triton_problem() is None
+
+
 def check_triton_backend(flag: str, device_kind: str) -> None:
-    """A `--FLAG triton` backend can run here: Triton installed, and a CUDA device (elsewhere
-    only under Triton's interpreter, `TRITON_INTERPRET=1`: slow, tests only). ValueError
-    naming the fix otherwise."""
+    """A `--FLAG triton` backend can run here: Triton installed, and a CUDA device of sm_80 or
+    later (elsewhere only under Triton's interpreter, `TRITON_INTERPRET=1`: slow, tests only).
+    ValueError naming the fix otherwise."""
     if not has_triton():
         raise ValueError(f"--{flag} triton needs Triton: pip install triton")
     if device_kind != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             f"--{flag} triton runs on CUDA devices, not {device_kind!r}; "
             f"use --{flag} torch (or auto)"
+        )
+    if device_kind == "cuda" and (problem := cuda_triton_problem()):
+        raise ValueError(
+            f"--{flag} triton cannot run here: {problem}; use --{flag} torch (or auto)"
         )
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine.device import has_triton, upload
+from engine.device import triton_runs, upload
 from engine.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -98,9 +98,10 @@ class DeviceSample:
 
 @functools.cache
 def _triton_argmax() -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The Triton argmax for CUDA logits where Triton is installed (torch's runs one block a
-    row: 27 µs for a 128k row on the H200), else None: torch's. Imported on first use only."""
-    if not has_triton():
+    """The Triton argmax for CUDA logits where the kernels run (`triton_runs`; torch's runs one
+    block a row: 27 µs for a 128k row on the H200), else None: torch's. Imported on first use
+    only."""
+    if not triton_runs("cuda"):
         return None
     from engine.kernels.argmax import argmax
 
@@ -109,10 +110,10 @@ def _triton_argmax() -> Callable[[torch.Tensor], torch.Tensor] | None:
 
 @functools.cache
 def _triton_sampling() -> Callable[..., object] | None:
-    """The Triton sampling kernel for CUDA logits where Triton is installed (`_filter` sorts
-    every sampled row: about 1.4 ms of a batch-64 Llama-3 step on the H200), else None: the
-    torch path. Imported on first use only."""
-    if not has_triton():
+    """The Triton sampling kernel for CUDA logits where the kernels run (`triton_runs`;
+    `_filter` sorts every sampled row: about 1.4 ms of a batch-64 Llama-3 step on the H200),
+    else None: the torch path. Imported on first use only."""
+    if not triton_runs("cuda"):
         return None
     from engine.kernels.sampling import sample
 

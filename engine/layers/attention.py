@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.device import check_triton_backend, triton_runs
 from engine.forward_batch import ForwardBatch
 from engine.layers.norm import RMSNorm
 from engine.layers.pending import PendingCombine
@@ -302,14 +303,16 @@ def _attend(
 
 
 def make_attention_backend(name: str, device_kind: str, is_mla: bool) -> AttentionBackend:
-    """The backend `name` (`auto`: Triton on CUDA, else torch).
+    """The backend `name` (`auto`: Triton on a CUDA device it runs on, `triton_runs`, else
+    torch).
 
     Triton is imported only here and only when chosen, so hosts without it run the torch path.
     """
     if name == "auto":
-        name = "triton" if device_kind == "cuda" else "torch"
+        name = "triton" if triton_runs(device_kind) else "torch"
     if name == "torch":
         return TorchAttentionBackend()
+    check_triton_backend("attention-backend", device_kind)
     from engine.layers.triton_attention import TritonAttentionBackend
 
     return TritonAttentionBackend(mla=is_mla)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import GEMM_BACKENDS
-from engine.device import check_triton_backend, has_triton
+from engine.device import check_triton_backend, triton_runs
 from engine.layers.pending import PendingSum
 
 if TYPE_CHECKING:  # the kernels import Triton: only where the backend is chosen
@@ -70,13 +70,9 @@ def gemm_backend_for(name: str, device_kind: str) -> GemmBackend:
     if name not in GEMM_BACKENDS:
         raise ValueError(f"--gemm-backend must be one of {GEMM_BACKENDS}, got {name!r}")
     if name == "auto":
-        hopper = device_kind == "cuda" and torch.cuda.get_device_capability()[0] == 9
+        hopper = triton_runs(device_kind) and torch.cuda.get_device_capability()[0] == 9
         # Tuned: up to 256 rows, where `skinny_gemm.TUNED` records a shape's row counts.
-        return (
-            SkinnyGemmBackend(tuned=True, max_rows=256)
-            if hopper and has_triton()
-            else GemmBackend()
-        )
+        return SkinnyGemmBackend(tuned=True, max_rows=256) if hopper else GemmBackend()
     if name == "torch":
         return GemmBackend()
     check_triton_backend("gemm-backend", device_kind)

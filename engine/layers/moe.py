@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import MOE_BACKENDS
-from engine.device import check_triton_backend, has_triton
+from engine.device import check_triton_backend, triton_runs
 from engine.layers.norm import RMSNorm
 from engine.layers.pending import PendingSum
 
@@ -429,12 +429,13 @@ class TritonMoEBackend(MoEBackend):
 
 def moe_backend_for(name: str, device_kind: str) -> MoEBackend:
     """The backend `--moe-backend NAME` selects on a device of kind `device_kind` ("cuda",
-    "npu", "cpu"). "auto" is triton on CUDA when Triton is installed, torch elsewhere; "triton"
-    elsewhere needs Triton's interpreter (`TRITON_INTERPRET=1`, slow: tests only)."""
+    "npu", "cpu"). "auto" is triton on a CUDA device it runs on (`triton_runs`), torch
+    elsewhere; "triton" elsewhere needs Triton's interpreter (`TRITON_INTERPRET=1`, slow:
+    tests only)."""
     if name not in MOE_BACKENDS:
         raise ValueError(f"--moe-backend must be one of {MOE_BACKENDS}, got {name!r}")
     if name == "auto":
-        name = "triton" if device_kind == "cuda" and has_triton() else "torch"
+        name = "triton" if triton_runs(device_kind) else "torch"
     if name == "torch":
         return TorchMoEBackend()
     check_triton_backend("moe-backend", device_kind)
