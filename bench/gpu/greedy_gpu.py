@@ -5,7 +5,9 @@
   there (none is expected);
 - bfloat16: the Triton backend with graphs against the torch backend run eagerly in bfloat16;
   a first divergence is printed with the torch run's log-probability gap between its token and
-  ours at that step (a near-tie when tiny).
+  ours at that step (a near-tie when tiny), with how many of its tokens tie its own there;
+  where ours is not among its best `MAX_TOP_LOGPROBS`, the gap is at least that to the last
+  of them (printed as ">=").
 
     python3 -m bench.gpu.greedy_gpu          # on the GPU machine, from the repo root
     python3 -m bench.gpu.greedy_gpu deepseek-v3 qwen3-moe   # only these families
@@ -18,14 +20,19 @@ from pathlib import Path
 
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.sampling import SamplingParams
+from engine.sampler import TokenLogprobs
+from engine.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from engine.testing.tiny_models import write_tiny_models
 from tests.engine.greedy import divergences
 from tests.engine.reference import MAX_NEW_TOKENS, reference
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=MAX_NEW_TOKENS, ignore_eos=True)
 WITH_LOGPROBS = SamplingParams(
-    temperature=0, max_new_tokens=MAX_NEW_TOKENS, ignore_eos=True, logprobs=True, top_logprobs=5
+    temperature=0,
+    max_new_tokens=MAX_NEW_TOKENS,
+    ignore_eos=True,
+    logprobs=True,
+    top_logprobs=MAX_TOP_LOGPROBS,
 )
 
 
@@ -73,12 +80,22 @@ def main(families: list[str]) -> None:
         for p, (b, o) in enumerate(zip(base, ours, strict=True)):
             for step, (x, y) in enumerate(zip(b.output_ids, o, strict=True)):
                 if x != y:
-                    lp = b.logprobs[step]
-                    alts = dict(lp.top) if lp is not None else {}
-                    gap = (lp.logprob - alts[y]) if lp is not None and y in alts else float("nan")
-                    report.append((p, step, f"{gap:.2e}"))
+                    report.append((p, step, *near_tie(b.logprobs[step], y)))
                     break
         print(f"  bfloat16 triton+graphs vs torch eager: {report}")
+
+
+def near_tie(lp: TokenLogprobs | None, ours: int) -> tuple[str, str]:
+    """The torch run's log-probability gap at a divergence between its token and `ours`
+    (">=" the gap to its last listed alternative where ours is not listed), and how many of
+    its listed tokens tie its own exactly."""
+    if lp is None or not lp.top:
+        return "no log-probabilities", ""
+    alts = dict(lp.top)
+    ties = sum(1 for value in alts.values() if value == lp.logprob)
+    if ours in alts:
+        return f"{lp.logprob - alts[ours]:.2e}", f"{ties} tied"
+    return f">={lp.logprob - min(alts.values()):.2e}", f"{ties} tied"
 
 
 if __name__ == "__main__":

@@ -561,12 +561,15 @@ TUNED: dict[TunedKey, tuple[tuple[int, SkinnyTiles | None], ...]] = {
     # at 16 rows 60.1 against 59.0). At 256 rows the same tiles over 128 rows of x a program:
     # 103.9-105.3 µs against cuBLAS's 110.9-112.6 with the activation's launch on an H100
     # (floor 80.5-81.0; the twenty-seventh session: Llama-3-8B 256 x 512 back to back 14.40
-    # -> 14.24 ms); cuBLAS kept O, down and QKV at 256 rows against every wide tile. Only the
-    # 256-row graph (249-256 rows) takes them until 65-248 rows are timed (`session.sh b37`).
+    # -> 14.24 ms); cuBLAS kept O, down and QKV at 256 rows against every wide tile. Between
+    # (`session.sh b37`, H100, twenty-eighth session): 72 / 96 / 128 / 160 / 192 / 224 / 248
+    # rows 96.4 / 94.3 / 94.4 / 118.6 / 111.3 / 104.5 / 104.3 µs against cuBLAS's 93.3 / 96.1 /
+    # 95.6 / 101.2 / 103.3 / 108.5 / 111.9: taken from 224 rows (the 65-128 gains are 1-2%,
+    # within a run's noise); engine 256 x 128 10.29 / 10.14 -> 9.94 / 9.94 ms a step.
     ("gate_up", 28672, 4096, "bfloat16"): (
         (32, SkinnyTiles(64, 128)),
         (64, SkinnyTiles(128, 64, num_warps=8, num_stages=4, tma=True)),
-        (248, None),
+        (223, None),
         (256, SkinnyTiles(128, 64, num_warps=8, num_stages=4, tma=True, block_m=128)),
     ),
     # The O and down projections' split sums are left to the next norm
