@@ -88,6 +88,7 @@
 #   run(command="bash bench/gpu/session.sh b37", carry=[".whl"]) # wide gate-up rows, A/B
 #   run(command="bash bench/gpu/session.sh b38", carry=[".whl"]) # H200: rows + b37 in one
 #   run(command="bash bench/gpu/session.sh b39", carry=[".whl"]) # bf16 divergences' ties
+#   run(command="bash bench/gpu/session.sh b40", carry=[".whl"]) # H200: rows, then b39
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -1404,5 +1405,10 @@ b39)
   # run's top 5, Qwen3's an exact tie), with the top 20 and the ties (about 60 s).
   TAIL=12 step greedy 120 python3 -m bench.gpu.greedy_gpu deepseek-v3 qwen3
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39"; exit 2 ;;
+b40)
+  # One call for an H200 (about 420 s): the README's rows, then b39's greedy check.
+  readme_rows
+  TAIL=12 step greedy 100 python3 -m bench.gpu.greedy_gpu deepseek-v3 qwen3
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40"; exit 2 ;;
 esac
