@@ -206,6 +206,19 @@ def check_triton_backend(flag: str, device_kind: str) -> None:
         )
 
 
+def check_interpreted_dtype(dtype: torch.dtype, device_kind: str, backends: dict[str, str]) -> None:
+    """Off CUDA a `triton` backend runs under Triton's interpreter, whose `tl.dot` multiplies
+    bfloat16 wrongly (silently: numpy has no bfloat16): ValueError naming the fix for
+    `backends` (flag -> name) chosen so with bfloat16 there."""
+    chosen = [flag for flag, name in backends.items() if name == "triton"]
+    if device_kind != "cuda" and dtype == torch.bfloat16 and chosen:
+        raise ValueError(
+            f"--{chosen[0]} triton on {device_kind!r} runs under Triton's interpreter, whose "
+            f"products are wrong in bfloat16: use --dtype float32 (or float16) there, or "
+            f"--{chosen[0]} torch"
+        )
+
+
 def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on `device` without waiting for the device: on CUDA through pinned memory,
     copied asynchronously. A copy from pageable memory waits for everything queued on the

@@ -11,7 +11,7 @@ import torch
 
 from engine.config import EngineConfig, ModelConfig
 from engine.cuda_graph import DecodeGraphs
-from engine.device import Device, StagedUpload, upload
+from engine.device import Device, StagedUpload, check_interpreted_dtype, upload
 from engine.eplb import initial_placement
 from engine.forward_batch import ForwardBatch
 from engine.kv_cache import KVCache, KVCacheSpec
@@ -50,6 +50,12 @@ class ModelRunner:
         self.device = device
         self.parallel = parallel or ParallelConfig()
         self.dtype = device.resolve_dtype(config.dtype)
+        backends = {
+            "attention-backend": config.attention_backend,
+            "moe-backend": config.moe_backend,
+            "gemm-backend": config.gemm_backend,
+        }
+        check_interpreted_dtype(self.dtype, device.kind, backends)
         self.attention: AttentionBackend = make_attention_backend(
             config.attention_backend, device.kind, model_config.mla is not None
         )

@@ -5,8 +5,14 @@ backends under `auto`, and `--X-backend triton` there is refused with the fix in
 from __future__ import annotations
 
 import pytest
+import torch
 
-from engine.device import TRITON_MIN_CAPABILITY, check_triton_backend, triton_gpu_problem
+from engine.device import (
+    TRITON_MIN_CAPABILITY,
+    check_interpreted_dtype,
+    check_triton_backend,
+    triton_gpu_problem,
+)
 from engine.layers.attention import TorchAttentionBackend, make_attention_backend
 from engine.layers.linear import GemmBackend, gemm_backend_for
 
@@ -40,3 +46,15 @@ def test_auto_is_torch_off_cuda_and_triton_there_is_refused_without_the_interpre
         make_attention_backend("triton", "npu", False)
     with pytest.raises(ValueError, match="use --gemm-backend torch"):
         check_triton_backend("gemm-backend", "cpu")
+
+
+def test_bfloat16_triton_runs_under_the_interpreter_are_refused() -> None:
+    """Triton's interpreter computes `tl.dot` on bfloat16 wrongly (silently): an engine asked
+    for a triton backend off CUDA in bfloat16 stops with the fix instead of wrong tokens."""
+    backends = {"attention-backend": "triton", "moe-backend": "auto", "gemm-backend": "torch"}
+    with pytest.raises(ValueError, match=r"float32 \(or float16\) there, or --attention-backend"):
+        check_interpreted_dtype(torch.bfloat16, "cpu", backends)
+    check_interpreted_dtype(torch.float32, "cpu", backends)
+    check_interpreted_dtype(torch.float16, "cpu", backends)
+    check_interpreted_dtype(torch.bfloat16, "cuda", backends)
+    check_interpreted_dtype(torch.bfloat16, "cpu", {"attention-backend": "auto"})
