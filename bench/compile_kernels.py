@@ -53,6 +53,7 @@ from engine.kernels.fused_moe_configs import (
     default_config,
     fit_shared,
 )
+from engine.kernels.sms import H200_SHARED_MEMORY
 from kv_transfer import copy_kernel
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -166,7 +167,14 @@ def decode_attention_launch(rope: bool = False) -> tuple[tuple[Any, ...], dict[s
 
 
 # The most shared memory one program may take, per compute capability (the opt-in limit).
-SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+SHARED_LIMIT = {
+    80: 166912,
+    86: 101376,
+    89: 101376,
+    90: H200_SHARED_MEMORY,
+    100: H200_SHARED_MEMORY,
+    120: 101376,
+}
 
 
 def jobs(all_configs: bool, arch: int = 90) -> list[tuple[str, Callable[[int], Usage]]]:
@@ -410,7 +418,7 @@ def jobs(all_configs: bool, arch: int = 90) -> list[tuple[str, Callable[[int], U
         (quarters, "bf16", 64, True),
     ):
         size = 4 if dtype == "fp32" else 2
-        if kernel is quarters and mla_decode.shared_bytes(block_h, 64, 576, size) > smem:
+        if kernel is quarters and not mla_decode.fits(block_h, 64, 576, size, smem):
             continue  # `default_block_h` does not take it there
         block_n = mla_decode.default_block_n(kernel is quarters, block_h, 576, size, smem)
         mid = f"*{dtype}" if direct else "*fp32"

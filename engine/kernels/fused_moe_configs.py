@@ -168,23 +168,24 @@ def candidates(rows_per_expert: float = 0.0) -> list[MoEKernelConfig]:
     ]
 
 
+def _stage_bytes(config: MoEKernelConfig, element_size: int) -> int:
+    """One pipeline stage of a gate-up program: a tile of x and one of each weight."""
+    return config.block_k * (config.block_m + 2 * config.block_n) * element_size
+
+
 def shared_bytes(config: MoEKernelConfig, element_size: int) -> int:
     """The shared memory a gate-up program takes, at most: the tiles of x and of both weights
     that its `num_stages - 1` loads in flight hold (the down holds one weight tile). Float32
     tiles compiled for sm_89 and sm_90 take exactly this; 16-bit ones take less."""
-    tile = config.block_k * (config.block_m + 2 * config.block_n) * element_size
-    return (config.num_stages - 1) * tile
+    return (config.num_stages - 1) * _stage_bytes(config, element_size)
 
 
 def fit_shared(config: MoEKernelConfig, element_size: int, shared: int) -> MoEKernelConfig:
     """`config` with fewer stages (two at least) where a program would take more than `shared`
     bytes (`shared_bytes`; the device's limit): the tables' H200 tiles on an A10 or L40S (99
     KB), float32's defaults there. Its down launch likewise."""
-    stages = config.num_stages
-    while (
-        stages > 2
-        and shared_bytes(dataclasses.replace(config, num_stages=stages), element_size) > shared
-    ):
+    stages, stage = config.num_stages, _stage_bytes(config, element_size)
+    while stages > 2 and (stages - 1) * stage > shared:
         stages -= 1
     down = config.down and fit_shared(config.down, element_size, shared)
     if stages == config.num_stages and down == config.down:

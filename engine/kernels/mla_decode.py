@@ -365,6 +365,11 @@ def shared_bytes(block_h: int, block_n: int, width: int, element_size: int) -> i
     return (block_h + block_n) * width * element_size + 8192
 
 
+def fits(block_h: int, block_n: int, width: int, element_size: int, shared: int) -> bool:
+    """Whether a split-kernel program of these tiles fits `shared` bytes (`shared_bytes`)."""
+    return shared_bytes(block_h, block_n, width, element_size) <= shared
+
+
 def default_block_h(
     dtype: torch.dtype,
     batch: int,
@@ -386,8 +391,7 @@ def default_block_h(
         return DEFAULT_BLOCK_H
     for block_h in (64, 32):
         fills = batch * triton.cdiv(num_heads, block_h) * 16 >= num_sms
-        fits = shared_bytes(block_h, 64, width, dtype.itemsize) <= shared
-        if block_h <= num_heads and fills and fits:
+        if block_h <= num_heads and fills and fits(block_h, 64, width, dtype.itemsize, shared):
             return block_h
     return DEFAULT_BLOCK_H
 
@@ -403,7 +407,7 @@ def default_block_n(
     while a program would take more than the device's `shared` memory (`shared_bytes`; float32
     on an L40S takes 16)."""
     block_n = 64 if quarters else 32
-    while block_n > 16 and shared_bytes(block_h, block_n, width, element_size) > shared:
+    while block_n > 16 and not fits(block_h, block_n, width, element_size, shared):
         block_n //= 2
     return block_n
 
