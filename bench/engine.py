@@ -86,9 +86,12 @@ its logits processors and stopping checks. Each figure is the median of --repeat
 fresh prompts, after a warm-up. floor: bytes read (decode) or FLOPs (prefill) over the ceiling
 measured in this run; x floor = pdserve / floor. step ms: each decode step timed alone, the
 device synchronised around it (its launch exposed); back to back: the steps run as a server
-runs them (the next step prepared while the device runs this one). host ms: a pdserve step's
-mean wall time minus the mean device time of its decode forward (CUDA events), i.e. what the
-device waits for Python per step (overlapped scheduling hides the rest). MoE floors assume
+runs them (the next step prepared while the device runs this one); steady: the same run
+without its first step (prepared with nothing to hide behind) and its last (every request
+finishing at once), as a server's batch runs between arrivals and departures. host ms: a
+pdserve step's mean wall time minus the mean device time of its decode forward (CUDA
+events), i.e. what the device waits for Python per step (overlapped scheduling hides the
+rest). MoE floors assume
 uniform routing: a step of B tokens reads E(1 - (1 - k/E)^B) experts per layer (dummy weights
 route about uniformly)."""
 
@@ -162,6 +165,7 @@ class Decode:
     step_ms: float
     host_ms: float | None = None  # pdserve only, on CUDA
     back_to_back_ms: float | None = None  # pdserve only
+    steady_ms: float | None = None  # pdserve only: back to back, the first and last steps out
 
 
 def random_prompts(shape: Shape, vocab: int, seed: int) -> torch.Tensor:
@@ -353,13 +357,20 @@ def pdserve_decode_free_running(engine: Engine, prompts: torch.Tensor, steps: in
     steps run back to back as a server runs them: the device is synchronised before the first
     step only, and the clock stops when the host holds the last step's tokens. Overlapped,
     the host's share of a step hides behind the device's work, which the synchronisation
-    around every step in `pdserve_decode` does not let it do."""
+    around every step in `pdserve_decode` does not let it do. `steady_ms`: the same run from
+    the host's receipt of the first step's tokens to that of the last step but one, i.e.
+    without the first step's exposed preparation and the last step's finishing of every
+    request (a server's batch in its steady state; None under three steps)."""
     ids = start_decode(engine, prompts, max_new_tokens=steps + 1)
     preemptions = engine.scheduler.num_preemptions
     tokens = 0
+    arrivals: list[float] = []  # when each step's tokens reached the host
     start = clock(engine.device)
     while engine.has_unfinished():
-        tokens += len(engine.step())
+        made = len(engine.step())
+        if made:
+            arrivals.append(time.perf_counter())
+        tokens += made
     elapsed = time.perf_counter() - start
     engine.device.synchronize()  # a step launched ahead, past the end, is dropped
     if tokens != steps * len(ids) or engine.scheduler.num_preemptions != preemptions:
@@ -367,7 +378,10 @@ def pdserve_decode_free_running(engine: Engine, prompts: torch.Tensor, steps: in
             f"{len(ids)} requests made {tokens} decode tokens, not {steps * len(ids)}, or were "
             "preempted (enlarge --kv-cache-memory-gib)"
         )
-    return Decode(1000 * elapsed / steps)
+    steady = None
+    if len(arrivals) >= 3:
+        steady = 1000 * (arrivals[-2] - arrivals[0]) / (len(arrivals) - 2)
+    return Decode(1000 * elapsed / steps, steady_ms=steady)
 
 
 def pdserve_state_as_hf(model: CausalLM) -> dict[str, torch.Tensor]:
@@ -468,10 +482,12 @@ def measure(
         step = statistics.median(r.step_ms for r in runs)
         hosts = [r.host_ms for r in runs if r.host_ms is not None]
         backs = [r.back_to_back_ms for r in runs if r.back_to_back_ms is not None]
+        steadies = [r.steady_ms for r in runs if r.steady_ms is not None]
         dec[s] = Decode(
             step,
             statistics.median(hosts) if hosts else None,
             statistics.median(backs) if backs else None,
+            statistics.median(steadies) if steadies else None,
         )
     return Results(pre, dec)
 
@@ -529,16 +545,18 @@ def render_decode(
 ) -> str:
     lines = [
         "| decode BxL | pdserve step ms | floor ms | x floor | back to back ms "
-        "| back to back x floor | HF step ms | pdserve tok/s | HF tok/s | host ms/step |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| back to back x floor | steady ms | steady x floor | HF step ms | pdserve tok/s "
+        "| HF tok/s | host ms/step |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s, d in ours.decode.items():
         floor = decode_floor_ms(cost, ceiling, s, steps)
         h = hf.decode.get(s) if hf else None
-        back = d.back_to_back_ms
+        back, steady = d.back_to_back_ms, d.steady_ms
         lines.append(
             f"| {s} | {d.step_ms:.2f} | {floor:.2f} | {d.step_ms / floor:.2f} "
             f"| {_num(back, '.2f')} | {_num(back / floor if back else None, '.2f')} "
+            f"| {_num(steady, '.2f')} | {_num(steady / floor if steady else None, '.2f')} "
             f"| {_num(h.step_ms if h else None, '.2f')} | {1000 * s.batch / d.step_ms:,.0f} "
             f"| {_num(1000 * s.batch / h.step_ms if h else None, ',.0f')} "
             f"| {_num(d.host_ms, '.2f')} |"
@@ -614,6 +632,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.regex and not args.skip_hf:
         p.error("--regex needs --skip-hf: transformers' loop here is unconstrained")
+    if args.model_path and not (Path(args.model_path) / "config.json").is_file():
+        p.error(f"no config.json in {args.model_path}: give a Hugging Face model directory "
+                "or --preset NAME")  # fmt: skip
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         p.error("--temperature must be >= 0 and --top-p in (0, 1]")
     SAMPLING.update(temperature=args.temperature, top_p=args.top_p, regex=args.regex)
@@ -642,7 +663,7 @@ def bench_pdserve(
     def decode(prompts: torch.Tensor, steps: int) -> Decode:
         alone = pdserve_decode(engine, prompts, steps)
         back = pdserve_decode_free_running(engine, prompts, steps)
-        return Decode(alone.step_ms, alone.host_ms, back.step_ms)
+        return Decode(alone.step_ms, alone.host_ms, back.step_ms, back.steady_ms)
 
     results = measure(lambda p: pdserve_prefill(engine, p), decode, args, vocab)
     state = pdserve_state_as_hf(engine.runner.model) if hand_over_weights else None

@@ -33,13 +33,15 @@ def test_engine_bench_prints_floors_and_writes_json(
         argv.append("--disable-overlap-schedule")
     bench.main(argv)  # fmt: skip
     text = capsys.readouterr().out
-    assert "| decode BxL | pdserve step ms | floor ms | x floor | back to back ms |" in text
+    assert "| decode BxL | pdserve step ms | floor ms | x floor | back to back ms " in text
+    assert "| steady ms | steady x floor |" in text
     assert "| 3x8 |" in text and "| 2x8 |" in text
     assert "sampling: greedy" in text
     numbers = json.loads(out.read_text())
     for shape in ("1x8", "3x8"):
         assert numbers["pdserve"]["decode"][shape]["step_ms"] > 0
         assert numbers["pdserve"]["decode"][shape]["back_to_back_ms"] > 0
+        assert numbers["pdserve"]["decode"][shape]["steady_ms"] > 0  # 3 steps: the middle one
         assert numbers["hf"]["decode"][shape]["step_ms"] > 0
         assert numbers["decode_floor_ms"][shape] > 0
     assert numbers["prefill_flops"]["2x8"] > 0
