@@ -91,6 +91,7 @@
 #   run(command="bash bench/gpu/session.sh b40", carry=[".whl"]) # H200: rows, then b39
 #   run(command="bash bench/gpu/session.sh b41", carry=[".whl"]) # H200: the rows alone
 #   run(command="bash bench/gpu/session.sh b42", carry=[".whl"]) # Moonlight 8x2048 prefill
+#   run(command="bash bench/gpu/session.sh b43", carry=[".whl"]) # H200: the MoE rows alone
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -1415,6 +1416,13 @@ b40)
 b41)
   readme_rows  # the README's decode rows alone (about 345 s), for a call that must be short
   ;;
+b43)
+  # The MoE models' README rows alone (about 180 s), for a call with little device time left.
+  for preset in qwen3-30b-a3b moonlight-16b-a3b; do
+    ROWS='^device|^\| [0-9]+x' step "rows_${preset%%-*}" 90 python3 -m bench.engine \
+      --preset "$preset" --skip-hf --prefill '' --decode 1x128,64x128,256x128 --repeats 3
+  done
+  ;;
 b42)
   # Moonlight's 8 x 2,048 prefill (2x transformers at the line): where its kernels' time goes,
   # then the same-run pair with transformers (about 300 s). Compute-bound, so an H100's ratio
@@ -1424,5 +1432,5 @@ b42)
   ROWS='^device|^\| [0-9]+x' step prefill_pair 200 python3 -m bench.engine \
     --preset moonlight-16b-a3b --decode '' --prefill 8x2048 --repeats 2
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42"; exit 2 ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43"; exit 2 ;;
 esac
