@@ -46,7 +46,7 @@ from torch import nn
 from bench.ceiling import copy_bandwidth, matmul_rate
 from bench.grammar import write_synthetic_tokenizer
 from bench.moe_shapes import PRESETS as MOE_PRESETS
-from engine.config import EngineConfig
+from engine.config import EngineConfig, ModelConfig
 from engine.device import Device
 from engine.engine import Engine, StepOutput
 from engine.models import CausalLM
@@ -632,9 +632,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.regex and not args.skip_hf:
         p.error("--regex needs --skip-hf: transformers' loop here is unconstrained")
-    if args.model_path and not (Path(args.model_path) / "config.json").is_file():
-        p.error(f"no config.json in {args.model_path}: give a Hugging Face model directory "
-                "or --preset NAME")  # fmt: skip
+    if args.model_path:
+        try:
+            ModelConfig.from_pretrained(args.model_path)  # the engine's own check, before it starts
+        except FileNotFoundError as exc:
+            p.error(f"{exc}: give a Hugging Face model directory or --preset NAME")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         p.error("--temperature must be >= 0 and --top-p in (0, 1]")
     SAMPLING.update(temperature=args.temperature, top_p=args.top_p, regex=args.regex)

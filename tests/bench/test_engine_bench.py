@@ -115,3 +115,12 @@ def test_shapes_and_costs() -> None:
     # Many tokens touch every expert.
     many = cost.decode_bytes(bench.Shape(1000, 4), steps=2)
     assert many == pytest.approx(100 + 2 * 4 * 10 + 5000)
+
+
+def test_engine_bench_names_a_model_path_without_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--model-path", str(tmp_path), "--decode", "1x8"])
+    err = capsys.readouterr().err
+    assert f"no config.json in {tmp_path}: give a Hugging Face model directory" in err
