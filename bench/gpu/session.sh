@@ -126,6 +126,7 @@ readme_rows() {  # the README's decode rows with the defaults (b31, b38; about 3
     ROWS='^device|^\| [0-9]+x' step "rows_${preset%%-*}" 90 python3 -m bench.engine \
       --preset "$preset" --skip-hf --prefill '' --decode 1x128,64x128,256x128 --repeats 3
   done
+  step staged_upload 40 python3 -m pytest -q -rf tests/engine/test_staged_upload.py
   ROWS='^\| [0-9]+x' step rows_llama_long 75 python3 -m bench.engine --preset llama3-8b \
     --skip-hf --prefill '' --decode 64x2048,256x512 --repeats 2
 }
@@ -1159,6 +1160,7 @@ b20)
     ROWS='^device|^\| [0-9]+x' step "final_${preset%%-*}" 75 python3 -m bench.engine \
       --preset "$preset" --skip-hf --prefill '' --decode 1x128,64x128,256x128 --repeats 3
   done
+  step staged_upload 40 python3 -m pytest -q -rf tests/engine/test_staged_upload.py
   ;;
 b21)
   # The preloading down's tiles for Qwen3-30B-A3B at batch 1 (about 130 s): the default 4 x 128
@@ -1278,6 +1280,7 @@ b26)
     ROWS='^device|^\| [0-9]+x' step "final_${preset%%-*}" 75 python3 -m bench.engine \
       --preset "$preset" --skip-hf --prefill '' --decode 1x128,64x128,256x128 --repeats 3
   done
+  step staged_upload 40 python3 -m pytest -q -rf tests/engine/test_staged_upload.py
   # Where Qwen3-30B-A3B's batch-1 step goes now, on this machine.
   TAIL=45 step profile_qwen3 75 python3 -m bench.profile_decode --preset qwen3-30b-a3b \
     --decode 1x128 --top 16
@@ -1415,6 +1418,7 @@ b40)
   ;;
 b41)
   readme_rows  # the README's decode rows alone (about 345 s), for a call that must be short
+  step staged_upload 40 python3 -m pytest -q -rf tests/engine/test_staged_upload.py
   ;;
 b43)
   # The MoE models' README rows alone (about 180 s), for a call with little device time left.
@@ -1422,6 +1426,7 @@ b43)
     ROWS='^device|^\| [0-9]+x' step "rows_${preset%%-*}" 90 python3 -m bench.engine \
       --preset "$preset" --skip-hf --prefill '' --decode 1x128,64x128,256x128 --repeats 3
   done
+  step staged_upload 40 python3 -m pytest -q -rf tests/engine/test_staged_upload.py
   ;;
 b42)
   # Moonlight's 8 x 2,048 prefill (2x transformers at the line): where its kernels' time goes,

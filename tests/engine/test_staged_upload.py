@@ -5,6 +5,7 @@ are pinned and reused; here, on the CPU, each array is fresh."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from engine.device import StagedUpload
@@ -27,3 +28,29 @@ def test_uploads_carry_what_was_written_and_stay_independent() -> None:
     assert torch.equal(second, 100 + torch.arange(15).view(3, 5))
     assert torch.equal(third, 200 + torch.arange(6).view(3, 2))
     assert staging.upload(3, 0, rows_of(0)).shape == (3, 0)  # an empty step
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_slots_grow_together_and_keep_each_upload() -> None:
+    """On CUDA: the values arrive through the pinned slots, an upload that outgrows them grows
+    every slot from one allocation (the next uploads of that size allocate nothing), and an
+    upload still copying when the slots grow keeps its values."""
+    staging = StagedUpload(torch.device("cuda"))
+    sent: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for rows, cols in [(3, 4), (3, 5000), (3, 4999), (3, 5000), (3, 20000), (3, 7)]:
+        expected = torch.randint(0, 1 << 40, (rows, cols), dtype=torch.int64)
+
+        def fill(out: np.ndarray, values: torch.Tensor = expected) -> None:
+            out[:] = values.numpy()
+
+        sent.append((staging.upload(rows, cols, fill), expected))
+        buffers = [b for b in staging._buffers if b is not None]
+        assert len(buffers) == 2 and buffers[0].numel() == buffers[1].numel() >= rows * cols
+        assert buffers[0].untyped_storage().data_ptr() == buffers[1].untyped_storage().data_ptr()
+        if (rows, cols) == (3, 5000):
+            grown_at = buffers[0].data_ptr()
+        if (rows, cols) == (3, 4999):
+            assert buffers[0].data_ptr() == grown_at  # reused, not allocated again
+    torch.cuda.synchronize()
+    for on_device, expected in sent:
+        assert torch.equal(on_device.cpu(), expected)
