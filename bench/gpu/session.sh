@@ -1437,5 +1437,13 @@ b42)
   ROWS='^device|^\| [0-9]+x' step prefill_pair 200 python3 -m bench.engine \
     --preset moonlight-16b-a3b --decode '' --prefill 8x2048 --repeats 2
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43"; exit 2 ;;
+b44)
+  # For an H100 (about 230 s): the staged upload's CUDA test, then Moonlight's 8 x 2,048 pair
+  # with every pinned slot grown in the warm-up (b42's profile found the second slot's first
+  # allocation in a timed step).
+  step staged_upload 40 python3 -m pytest -q -rf tests/engine/test_staged_upload.py
+  ROWS='^device|^\| [0-9]+x' step prefill_pair 200 python3 -m bench.engine \
+    --preset moonlight-16b-a3b --decode '' --prefill 8x2048 --repeats 3
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44"; exit 2 ;;
 esac
