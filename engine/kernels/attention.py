@@ -782,13 +782,6 @@ def extend_tiles(
     return ExtendTiles(32, 32, 8, 2)
 
 
-def extend_block_m(
-    dk: int, dtype: torch.dtype, max_extend: int | None = None, shared: int = H200_SHARED_MEMORY
-) -> int:
-    """Queries a block of the extend kernel's default tiles (`extend_blocks`' block size)."""
-    return extend_tiles(dk, dtype, max_extend, shared).block_m
-
-
 def extend_blocks(extend_lens: list[int], block_m: int) -> tuple[list[int], list[int]]:
     """`(sequence, first query)` of every `block_m`-query block of a step's new tokens."""
     seqs: list[int] = []

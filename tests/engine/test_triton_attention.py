@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.kernels import attention as kernels
-from engine.kernels.sms import sm_count
+from engine.kernels.sms import shared_memory, sm_count
 from engine.sampling import SamplingParams
 from tests.engine.greedy import assert_greedy_matches
 from tests.engine.reference import MAX_NEW_TOKENS, Reference, reference
@@ -122,7 +122,9 @@ def test_extend_matches_reference(
     kernels.store_kv(k_new, v_new, pool.k, pool.v, out_slots)
     assert torch.equal(pool.k[out_slots], k_new) and torch.equal(pool.v[out_slots], v_new)
     scale = d**-0.5
-    block_m = tiles.block_m if tiles else kernels.extend_block_m(d, q.dtype)
+    # The kernel's default tiles are chosen for the device's shared memory: so are the blocks.
+    tiles = tiles or kernels.extend_tiles(d, q.dtype, shared=shared_memory(q.device))
+    block_m = tiles.block_m
     blocks = kernels.extend_blocks(ext, block_m)
     starts = torch.tensor([sum(ext[:b]) for b in range(len(ext))], device=DEVICE)
 
