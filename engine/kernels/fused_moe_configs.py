@@ -63,6 +63,17 @@ class MoEKernelConfig:
         return self.down or self
 
 
+# Prefills of thousands of tokens (Qwen3-30B-A3B's and fused Moonlight's 8,192 and 16,384
+# rows), from `--tune-gemm down` then `--tune-gemm gate_up` (`--tokens 1024,8192,16384 --reps 5
+# --layers 2`) on an H100 80GB (the H200's SM count and matrix rate): the down on 128 x 256
+# tiles with 4 stages, µs at 8,192 / 16,384 tokens, Moonlight 743 / 1,421 -> 573 / 1,054 and
+# Qwen3-30B-A3B 450 / 805 -> 391 / 689; the gate-up with 4 stages Moonlight 1,253 / 2,444 ->
+# 1,253 / 2,351 and Qwen3-30B-A3B 777 / 1,366 -> 735 / 1,337.
+_PREFILL_TILES = MoEKernelConfig(
+    128, 128, 64, group_m=8, num_warps=8, num_stages=4, tma=True,
+    down=MoEKernelConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=4, tma=True),
+)  # fmt: skip
+
 # (num_experts, hidden, moe_intermediate, top_k, dtype) -> ((max_tokens, config), ...)
 ShapeKey = tuple[int, int, int, int, str]
 TUNED: dict[ShapeKey, tuple[tuple[int, MoEKernelConfig], ...]] = {
@@ -83,8 +94,8 @@ TUNED: dict[ShapeKey, tuple[tuple[int, MoEKernelConfig], ...]] = {
         # for experts of over 64 rows, with and without TMA loads): 379.6 / 1,296.5 / 2,338.2
         # µs; the best with pointer loads at 8,192 and 16,384: 1,329.2 / 2,416.0.
         (1024, MoEKernelConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=4)),
-        (8192, MoEKernelConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3, tma=True)),
-        (16384, MoEKernelConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3, tma=True)),
+        (8192, _PREFILL_TILES),
+        (16384, _PREFILL_TILES),
     ),
     # Moonlight-16B-A3B, tuned on an NVIDIA H200 by `python -m bench.moe_kernel --tune --shape
     # moonlight-16b-a3b --tokens 1,4,16,64 --reps 10`.
@@ -116,8 +127,8 @@ TUNED[(66, 2048, 1408, 8, "bfloat16")] = (
     (256, MoEKernelConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=5, down=_DOWN_256)),
     (512, MoEKernelConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=4)),
     (1024, _TMA_TILES),
-    (8192, _TMA_TILES),
-    (16384, _TMA_TILES),
+    (8192, _PREFILL_TILES),
+    (16384, _PREFILL_TILES),
 )
 
 
@@ -168,26 +179,29 @@ def candidates(rows_per_expert: float = 0.0) -> list[MoEKernelConfig]:
     ]
 
 
-def _stage_bytes(config: MoEKernelConfig, element_size: int) -> int:
-    """One pipeline stage of a gate-up program: a tile of x and one of each weight."""
-    return config.block_k * (config.block_m + 2 * config.block_n) * element_size
+def _stage_bytes(config: MoEKernelConfig, element_size: int, weights: int = 2) -> int:
+    """One pipeline stage of a program: a tile of x and one of each of its `weights` (the
+    gate-up's two, the down's one)."""
+    return config.block_k * (config.block_m + weights * config.block_n) * element_size
 
 
-def shared_bytes(config: MoEKernelConfig, element_size: int) -> int:
-    """The shared memory a gate-up program takes, at most: the tiles of x and of both weights
-    that its `num_stages - 1` loads in flight hold (the down holds one weight tile). Float32
-    tiles compiled for sm_89 and sm_90 take exactly this; 16-bit ones take less."""
-    return (config.num_stages - 1) * _stage_bytes(config, element_size)
+def shared_bytes(config: MoEKernelConfig, element_size: int, weights: int = 2) -> int:
+    """The shared memory a program takes, at most: the tiles of x and of its weights (the
+    gate-up's two, `weights=1` for a down launch) that its `num_stages - 1` loads in flight
+    hold. Float32 tiles compiled for sm_89 and sm_90 take exactly this; 16-bit ones take less."""
+    return (config.num_stages - 1) * _stage_bytes(config, element_size, weights)
 
 
-def fit_shared(config: MoEKernelConfig, element_size: int, shared: int) -> MoEKernelConfig:
+def fit_shared(
+    config: MoEKernelConfig, element_size: int, shared: int, weights: int = 2
+) -> MoEKernelConfig:
     """`config` with fewer stages (two at least) where a program would take more than `shared`
     bytes (`shared_bytes`; the device's limit): the tables' H200 tiles on an A10 or L40S (99
-    KB), float32's defaults there. Its down launch likewise."""
-    stages, stage = config.num_stages, _stage_bytes(config, element_size)
+    KB), float32's defaults there. Its own down launch likewise, as one weight's tiles."""
+    stages, stage = config.num_stages, _stage_bytes(config, element_size, weights)
     while stages > 2 and (stages - 1) * stage > shared:
         stages -= 1
-    down = config.down and fit_shared(config.down, element_size, shared)
+    down = config.down and fit_shared(config.down, element_size, shared, weights=1)
     if stages == config.num_stages and down == config.down:
         return config
     return dataclasses.replace(config, num_stages=stages, down=down)
