@@ -1445,5 +1445,14 @@ b44)
   ROWS='^device|^\| [0-9]+x' step prefill_pair 200 python3 -m bench.engine \
     --preset moonlight-16b-a3b --decode '' --prefill 8x2048 --repeats 3
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44"; exit 2 ;;
+b45)
+  # The MoE prefill pairs with the 8,192/16,384-token tiles of the thirtieth session (a 4-stage
+  # gate-up, a 128 x 256 down): Moonlight and Qwen3-30B-A3B at 8 x 2,048 against transformers
+  # in the same run (about 250 s; compute-bound, so an H100's ratio stands for the H200's).
+  for preset in moonlight-16b-a3b qwen3-30b-a3b; do
+    ROWS='^device|^\| [0-9]+x' step "prefill_${preset%%-*}" 150 python3 -m bench.engine \
+      --preset "$preset" --decode '' --prefill 64x128,8x2048 --repeats 3 --disable-cuda-graph
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45"; exit 2 ;;
 esac
