@@ -98,3 +98,22 @@ def test_the_small_path_routed_in_its_kernels_matches_the_ids_given(name: str) -
     assert len(routed) == len(given) == 2
     for a, b in zip(routed, given, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_tune_searches_a_prefills_gemms_apart(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--tune` at a prefill's rows an expert (the threshold lowered to the tiny shape's) follows
+    its whole-layer pick with the down's and then the gate-up's own searches, and prints the
+    row it ends with (CPU, interpreter, candidates cut to two)."""
+    import bench.moe_kernel as moe_kernel
+
+    every, every_gemm = moe_kernel.candidates, moe_kernel.gemm_candidates
+    monkeypatch.setattr(moe_kernel, "candidates", lambda rows=0.0: every(rows)[:2])
+    monkeypatch.setattr(moe_kernel, "gemm_candidates", lambda b, w: every_gemm(b, w)[:2])
+    monkeypatch.setattr(moe_kernel, "PREFILL_ROWS_PER_EXPERT", 0)
+    args = ["--device", "cpu", "--dtype", "float32", "--shape", "tiny-fused", "--tokens", "9"]
+    moe_kernel.main([*args, "--reps", "1", "--layers", "1", "--tune"])
+    captured = capsys.readouterr()
+    assert "T=9 down alone:" in captured.err and "T=9 gate_up alone:" in captured.err
+    assert "(9, MoEKernelConfig(" in captured.out
