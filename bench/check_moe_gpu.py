@@ -332,7 +332,8 @@ def check_mla_extend() -> list[str]:
 
 # Shared experts per DeepSeek-class shape (the published configs' n_shared_experts).
 SHARED_EXPERTS = {"moonlight-16b-a3b": 2, "deepseek-v3": 1, "tiny": 2}
-SHARED_TOKENS = (1, 4, 64, 128, 256, 257)
+# 4,096 tokens take the fused tables' prefill row (its 128 x 256 down).
+SHARED_TOKENS = (1, 4, 64, 128, 256, 257, 4096)
 
 
 def check_shared_fusion(

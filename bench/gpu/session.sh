@@ -1448,7 +1448,10 @@ b44)
 b45)
   # The MoE prefill pairs with the 8,192/16,384-token tiles of the thirtieth session (a 4-stage
   # gate-up, a 128 x 256 down): Moonlight and Qwen3-30B-A3B at 8 x 2,048 against transformers
-  # in the same run (about 250 s; compute-bound, so an H100's ratio stands for the H200's).
+  # in the same run (about 250 s; compute-bound, so an H100's ratio stands for the H200's),
+  # after the kernels' check at full size (4,096 tokens take the new rows).
+  TAIL=8 step check_moe 150 python3 -m bench.check_moe_gpu --shape qwen3-30b-a3b \
+    --shape moonlight-16b-a3b --skip-mla
   for preset in moonlight-16b-a3b qwen3-30b-a3b; do
     ROWS='^device|^\| [0-9]+x' step "prefill_${preset%%-*}" 150 python3 -m bench.engine \
       --preset "$preset" --decode '' --prefill 64x128,8x2048 --repeats 3 --disable-cuda-graph

@@ -150,6 +150,8 @@ def test_fused_moe_matches_torch_float16(tokens, top_k):
         # The down GEMM on its own launch (same rows, other columns, K tiles and warps).
         MoEKernelConfig(16, 16, 16, down=MoEKernelConfig(16, 32, 32, group_m=4, num_warps=8)),
         MoEKernelConfig(16, 16, 16, tma=True, down=MoEKernelConfig(16, 64, 16, tma=True)),
+        # The prefill rows' form: a down tile twice the gate-up's width, past H's end here.
+        MoEKernelConfig(16, 64, 16, tma=True, down=MoEKernelConfig(16, 128, 16, tma=True)),
     ],
 )
 def test_fused_moe_tile_shapes(cfg):
