@@ -92,7 +92,8 @@ TUNED: dict[ShapeKey, tuple[tuple[int, MoEKernelConfig], ...]] = {
         (512, MoEKernelConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=4)),  # 321.4 µs
         # Prefill, from `--tune --tokens 1024,8192,16384 --reps 5 --layers 2` (the candidates
         # for experts of over 64 rows, with and without TMA loads): 379.6 / 1,296.5 / 2,338.2
-        # µs; the best with pointer loads at 8,192 and 16,384: 1,329.2 / 2,416.0.
+        # µs; the best with pointer loads at 8,192 and 16,384: 1,329.2 / 2,416.0. Those two
+        # rows have since had each GEMM searched apart (`_PREFILL_TILES`).
         (1024, MoEKernelConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=4)),
         (8192, _PREFILL_TILES),
         (16384, _PREFILL_TILES),
@@ -113,7 +114,8 @@ TUNED: dict[ShapeKey, tuple[tuple[int, MoEKernelConfig], ...]] = {
 # Moonlight with its 2 shared experts fused (66 stacked experts, 8 pairs a token, what the
 # engine runs): the routed shape's decode rows; prefill tuned on an NVIDIA H200 (`--tune --shape
 # moonlight-16b-a3b-fused --tokens 1024,8192,16384 --reps 5 --layers 2`): 458.4 / 1,980.8 /
-# 3,769.3 µs, against 461.9 / 2,025.3 / 3,954.5 with pointer loads.
+# 3,769.3 µs, against 461.9 / 2,025.3 / 3,954.5 with pointer loads; the 8,192 and 16,384 rows
+# since searched GEMM by GEMM (`_PREFILL_TILES`).
 _TMA_TILES = MoEKernelConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3, tma=True)
 _DOWN_256 = MoEKernelConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=3)
 TUNED[(66, 2048, 1408, 8, "bfloat16")] = (
