@@ -92,6 +92,9 @@
 #   run(command="bash bench/gpu/session.sh b41", carry=[".whl"]) # H200: the rows alone
 #   run(command="bash bench/gpu/session.sh b42", carry=[".whl"]) # Moonlight 8x2048 prefill
 #   run(command="bash bench/gpu/session.sh b43", carry=[".whl"]) # H200: the MoE rows alone
+#   run(command="bash bench/gpu/session.sh b44", carry=[".whl"]) # staged upload, 8x2048 pair
+#   run(command="bash bench/gpu/session.sh b45", carry=[".whl"]) # MoE prefill tiles: check, pairs
+#   run(command="bash bench/gpu/session.sh b46", carry=[".whl"]) # DeepSeek/Kimi prefill tiles
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -126,7 +129,6 @@ readme_rows() {  # the README's decode rows with the defaults (b31, b38; about 3
     ROWS='^device|^\| [0-9]+x' step "rows_${preset%%-*}" 90 python3 -m bench.engine \
       --preset "$preset" --skip-hf --prefill '' --decode 1x128,64x128,256x128 --repeats 3
   done
-  step staged_upload 40 python3 -m pytest -q -rf tests/engine/test_staged_upload.py
   ROWS='^\| [0-9]+x' step rows_llama_long 75 python3 -m bench.engine --preset llama3-8b \
     --skip-hf --prefill '' --decode 64x2048,256x512 --repeats 2
 }
@@ -1160,7 +1162,6 @@ b20)
     ROWS='^device|^\| [0-9]+x' step "final_${preset%%-*}" 75 python3 -m bench.engine \
       --preset "$preset" --skip-hf --prefill '' --decode 1x128,64x128,256x128 --repeats 3
   done
-  step staged_upload 40 python3 -m pytest -q -rf tests/engine/test_staged_upload.py
   ;;
 b21)
   # The preloading down's tiles for Qwen3-30B-A3B at batch 1 (about 130 s): the default 4 x 128
@@ -1280,7 +1281,6 @@ b26)
     ROWS='^device|^\| [0-9]+x' step "final_${preset%%-*}" 75 python3 -m bench.engine \
       --preset "$preset" --skip-hf --prefill '' --decode 1x128,64x128,256x128 --repeats 3
   done
-  step staged_upload 40 python3 -m pytest -q -rf tests/engine/test_staged_upload.py
   # Where Qwen3-30B-A3B's batch-1 step goes now, on this machine.
   TAIL=45 step profile_qwen3 75 python3 -m bench.profile_decode --preset qwen3-30b-a3b \
     --decode 1x128 --top 16
