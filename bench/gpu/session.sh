@@ -95,6 +95,7 @@
 #   run(command="bash bench/gpu/session.sh b44", carry=[".whl"]) # staged upload, 8x2048 pair
 #   run(command="bash bench/gpu/session.sh b45", carry=[".whl"]) # MoE prefill tiles: check, pairs
 #   run(command="bash bench/gpu/session.sh b46", carry=[".whl"]) # DeepSeek/Kimi prefill tiles
+#   run(command="bash bench/gpu/session.sh b47", carry=[".whl"]) # H200: MoE rows, then b45
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -125,12 +126,29 @@ routing_cost() {  # NAME VAR=VALUE: one MoE layer at one token, the ids given ag
     bench.moe_kernel --shape \$s --tokens 1 --path \$p --reps 20 | grep '^| 1 '; done; done"
 }
 readme_rows() {  # the README's decode rows with the defaults (b31, b38; about 345 s at most)
-  for preset in qwen3-30b-a3b moonlight-16b-a3b llama3-8b; do
+  moe_rows
+  ROWS='^device|^\| [0-9]+x' step rows_llama 90 python3 -m bench.engine --preset llama3-8b \
+    --skip-hf --prefill '' --decode 1x128,64x128,256x128 --repeats 3
+  ROWS='^\| [0-9]+x' step rows_llama_long 75 python3 -m bench.engine --preset llama3-8b \
+    --skip-hf --prefill '' --decode 64x2048,256x512 --repeats 2
+}
+moe_rows() {  # the MoE models' README rows (about 180 s)
+  for preset in qwen3-30b-a3b moonlight-16b-a3b; do
     ROWS='^device|^\| [0-9]+x' step "rows_${preset%%-*}" 90 python3 -m bench.engine \
       --preset "$preset" --skip-hf --prefill '' --decode 1x128,64x128,256x128 --repeats 3
   done
-  ROWS='^\| [0-9]+x' step rows_llama_long 75 python3 -m bench.engine --preset llama3-8b \
-    --skip-hf --prefill '' --decode 64x2048,256x512 --repeats 2
+}
+prefill_tiles() {
+  # The MoE prefill pairs with the 8,192/16,384-token tiles of the thirtieth session (a 4-stage
+  # gate-up, a 128 x 256 down): Moonlight and Qwen3-30B-A3B at 8 x 2,048 against transformers
+  # in the same run (about 250 s; compute-bound, so an H100's ratio stands for the H200's),
+  # after the kernels' check at full size (4,096 tokens take the new rows).
+  TAIL=8 step check_moe 150 python3 -m bench.check_moe_gpu --shape qwen3-30b-a3b \
+    --shape moonlight-16b-a3b --skip-mla
+  for preset in moonlight-16b-a3b qwen3-30b-a3b; do
+    ROWS='^device|^\| [0-9]+x' step "prefill_${preset%%-*}" 150 python3 -m bench.engine \
+      --preset "$preset" --decode '' --prefill 64x128,8x2048 --repeats 3 --disable-cuda-graph
+  done
 }
 nvidia-smi -L
 case "${1:-a}" in
@@ -1421,11 +1439,7 @@ b41)
   step staged_upload 40 python3 -m pytest -q -rf tests/engine/test_staged_upload.py
   ;;
 b43)
-  # The MoE models' README rows alone (about 180 s), for a call with little device time left.
-  for preset in qwen3-30b-a3b moonlight-16b-a3b; do
-    ROWS='^device|^\| [0-9]+x' step "rows_${preset%%-*}" 90 python3 -m bench.engine \
-      --preset "$preset" --skip-hf --prefill '' --decode 1x128,64x128,256x128 --repeats 3
-  done
+  moe_rows  # the MoE models' README rows alone (about 180 s), for a call with little time left
   step staged_upload 40 python3 -m pytest -q -rf tests/engine/test_staged_upload.py
   ;;
 b42)
@@ -1446,16 +1460,7 @@ b44)
     --preset moonlight-16b-a3b --decode '' --prefill 8x2048 --repeats 3
   ;;
 b45)
-  # The MoE prefill pairs with the 8,192/16,384-token tiles of the thirtieth session (a 4-stage
-  # gate-up, a 128 x 256 down): Moonlight and Qwen3-30B-A3B at 8 x 2,048 against transformers
-  # in the same run (about 250 s; compute-bound, so an H100's ratio stands for the H200's),
-  # after the kernels' check at full size (4,096 tokens take the new rows).
-  TAIL=8 step check_moe 150 python3 -m bench.check_moe_gpu --shape qwen3-30b-a3b \
-    --shape moonlight-16b-a3b --skip-mla
-  for preset in moonlight-16b-a3b qwen3-30b-a3b; do
-    ROWS='^device|^\| [0-9]+x' step "prefill_${preset%%-*}" 150 python3 -m bench.engine \
-      --preset "$preset" --decode '' --prefill 64x128,8x2048 --repeats 3 --disable-cuda-graph
-  done
+  prefill_tiles
   ;;
 b46)
   # DeepSeek-V3's and Kimi-K2's MoE prefill tiles (no tuned rows: default_config's 64 x 128 x 32
@@ -1466,5 +1471,11 @@ b46)
       --tokens 8192,16384 --reps 5 --layers 1 --tune
   done
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46"; exit 2 ;;
+b47)
+  # One call for either kind (about 430 s on an H200, 250 on an H100): on an H200 the MoE
+  # models' README rows first (not taken on an H200 since the fifteenth session), then b45.
+  nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && moe_rows
+  prefill_tiles
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47"; exit 2 ;;
 esac
