@@ -351,6 +351,10 @@ def tune_shape(shape: LayerShape, tokens: Sequence[int], layers: list[Layer], re
         outs: list[torch.Tensor] = []
         best: tuple[float, MoEKernelConfig] | None = None
         best_by_kind: dict[bool, float] = {}  # the fastest without and with TMA loads
+        # The engine's config now (its table's row, else `default_config`), for the gain.
+        table = table_config(shape, t, layers)
+        table_us = time_graph(partial(step.fused, outs, table, "grouped"), reps) / len(layers)
+        print(f"  T={t}: the table's {table_us * 1e6:.1f} µs with {table}", file=sys.stderr)
         for cfg in candidates(t * shape.pairs / shape.stacked):
             if cfg.block_m > 16 and t * shape.pairs < cfg.block_m:
                 continue  # every block mostly padding

@@ -151,7 +151,7 @@ prefill_tiles() {
   done
 }
 tune_prefill() {  # SHAPE: its MoE prefill tiles, whole layer then GEMM by GEMM (about 220 s)
-  TAIL=12 step "tune_$1" 220 python3 -m bench.moe_kernel --shape "$1" --tokens 8192,16384 \
+  TAIL=24 step "tune_$1" 220 python3 -m bench.moe_kernel --shape "$1" --tokens 8192,16384 \
     --reps 5 --layers 1 --tune
 }
 nvidia-smi -L

@@ -105,7 +105,8 @@ def test_tune_searches_a_prefills_gemms_apart(
 ) -> None:
     """`--tune` at a prefill's rows an expert (the threshold lowered to the tiny shape's) follows
     its whole-layer pick with the down's and then the gate-up's own searches, and prints the
-    row it ends with (CPU, interpreter, candidates cut to two)."""
+    row it ends with, after the engine's own config's time (CPU, interpreter, candidates cut to
+    two)."""
     import bench.moe_kernel as moe_kernel
 
     every, every_gemm = moe_kernel.candidates, moe_kernel.gemm_candidates
@@ -115,5 +116,6 @@ def test_tune_searches_a_prefills_gemms_apart(
     args = ["--device", "cpu", "--dtype", "float32", "--shape", "tiny-fused", "--tokens", "9"]
     moe_kernel.main([*args, "--reps", "1", "--layers", "1", "--tune"])
     captured = capsys.readouterr()
+    assert "T=9: the table's" in captured.err  # the engine's config now, for the gain
     assert "T=9 down alone:" in captured.err and "T=9 gate_up alone:" in captured.err
     assert "(9, MoEKernelConfig(" in captured.out
