@@ -94,6 +94,9 @@ SHAPES = {
         LayerShape("moonlight-16b-a3b-fused", 64, 2048, 1408, 6, True, 1, 1, 2.446, 2),
         LayerShape("deepseek-v3", 256, 7168, 2048, 8, True, 8, 4, 2.5),
         LayerShape("kimi-k2", 384, 7168, 2048, 8, True, 1, 1, 2.827),
+        # Both as the engine runs them by default: the one shared expert fused.
+        LayerShape("deepseek-v3-fused", 256, 7168, 2048, 8, True, 8, 4, 2.5, 1),
+        LayerShape("kimi-k2-fused", 384, 7168, 2048, 8, True, 1, 1, 2.827, 1),
         # For a smoke run on the CPU under TRITON_INTERPRET=1 (--device cpu --dtype float32).
         LayerShape("tiny", 8, 64, 32, 2, True, 4, 2, 2.5),
         LayerShape("tiny-fused", 8, 64, 32, 2, True, 4, 2, 2.5, 2),
@@ -342,8 +345,17 @@ def bench_shape(
 PREFILL_ROWS_PER_EXPERT = 64
 
 
-def tune_shape(shape: LayerShape, tokens: Sequence[int], layers: list[Layer], reps: int) -> None:
-    """Time every candidate config per token count (as a graph); print the table rows."""
+def tune_shape(
+    shape: LayerShape,
+    tokens: Sequence[int],
+    layers: list[Layer],
+    reps: int,
+    extra: Sequence[MoEKernelConfig] = (),
+    search: bool = True,
+) -> None:
+    """Time every candidate config per token count (as a graph); print the table rows. The
+    engine's config now and the `extra` ones are timed first, for comparison (alone without
+    `search`)."""
     bias = torch.randn(shape.experts, device=layers[0].w13.device) * 0.1
     best_rows: list[tuple[int, MoEKernelConfig, float]] = []
     for t in tokens:
@@ -352,9 +364,13 @@ def tune_shape(shape: LayerShape, tokens: Sequence[int], layers: list[Layer], re
         best: tuple[float, MoEKernelConfig] | None = None
         best_by_kind: dict[bool, float] = {}  # the fastest without and with TMA loads
         # The engine's config now (its table's row, else `default_config`), for the gain.
-        table = table_config(shape, t, layers)
-        table_us = time_graph(partial(step.fused, outs, table, "grouped"), reps) / len(layers)
-        print(f"  T={t}: the table's {table_us * 1e6:.1f} µs with {table}", file=sys.stderr)
+        for label, cfg in [("the table's", table_config(shape, t, layers))] + [
+            ("given", c) for c in extra
+        ]:
+            us = time_graph(partial(step.fused, outs, cfg, "grouped"), reps) / len(layers) * 1e6
+            print(f"  T={t}: {label} {us:.1f} µs with {cfg}", file=sys.stderr)
+        if not search:
+            continue
         for cfg in candidates(t * shape.pairs / shape.stacked):
             if cfg.block_m > 16 and t * shape.pairs < cfg.block_m:
                 continue  # every block mostly padding
@@ -386,6 +402,8 @@ def tune_shape(shape: LayerShape, tokens: Sequence[int], layers: list[Layer], re
         if best is not None:
             print(f"  T={t}: {best[0] * 1e6:.1f} µs with {best[1]}", file=sys.stderr)
             best_rows.append((t, best[1], best[0]))
+    if not search:
+        return
     dtype = str(layers[0].w13.dtype).removeprefix("torch.")
     key = (shape.stacked, shape.hidden, shape.intermediate, shape.pairs, dtype)
     name = device_name()
@@ -394,6 +412,23 @@ def tune_shape(shape: LayerShape, tokens: Sequence[int], layers: list[Layer], re
     for t, cfg, seconds in best_rows:
         print(f"        ({t}, {cfg!r}),  # {seconds * 1e6:.1f} µs")
     print("    ),")
+
+
+def kernel_tiles(text: str) -> MoEKernelConfig:
+    """BLOCK_M,BLOCK_N,BLOCK_K,GROUP_M,WARPS,STAGES[,tma]: one grouped-GEMM config."""
+    *numbers, last = text.split(",")
+    try:
+        tma = last == "tma"
+        values = [int(v) for v in (numbers if tma else [*numbers, last])]
+        if len(values) != 6:
+            raise ValueError
+        m, n, k, group_m, warps, stages = values
+        return MoEKernelConfig(m, n, k, group_m, warps, stages, tma)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            f"expected BLOCK_M,BLOCK_N,BLOCK_K,GROUP_M,WARPS,STAGES[,tma] like 64,128,32,8,8,3, "
+            f"got {text!r}"
+        ) from e
 
 
 def small_tiles(text: str) -> SmallBatchTiles:
@@ -564,6 +599,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=20, help="timed runs per measurement")
     parser.add_argument("--tune", action="store_true", help="print block-size table rows")
     parser.add_argument(
+        "--config",
+        type=kernel_tiles,
+        action="append",
+        default=[],
+        help="time BLOCK_M,BLOCK_N,BLOCK_K,GROUP_M,WARPS,STAGES[,tma] on the grouped path beside "
+        "the engine's config (repeatable); with --tune, before its search",
+    )
+    parser.add_argument(
         "--split-times",
         action="store_true",
         help="the grouped path's align, gate-up and down launches timed apart, with floors",
@@ -624,8 +667,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"expert intermediate {shape.intermediate} "
             f"({shape.expert_bytes(dtype) / 2**20:.1f} MiB per expert); path {args.path}" + "\n"
         )
-        if args.tune:
-            tune_shape(shape, args.tokens, layers, args.reps)
+        if args.tune or args.config:
+            tune_shape(shape, args.tokens, layers, args.reps, args.config, search=args.tune)
         elif args.split_times:
             split_times(shape, args.tokens, layers, bandwidth, args.reps)
         elif args.tune_gemm:

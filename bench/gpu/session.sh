@@ -150,6 +150,13 @@ prefill_tiles() {
       --preset "$preset" --decode '' --prefill 64x128,8x2048 --repeats 3 --disable-cuda-graph
   done
 }
+defaults_ab() {  # the MoE rule's new tiles against the old rule's four (about 120 s)
+  for shape in deepseek-v3-fused kimi-k2-fused; do
+    TAIL=30 step "defaults_${shape%%-*}" 90 python3 -m bench.moe_kernel --shape "$shape" \
+      --tokens 16,64,256,1024,8192 --layers 1 --reps 10 --config 16,32,128,1,8,4 \
+      --config 16,64,64,1,8,4 --config 32,64,128,4,8,3 --config 64,128,32,8,8,3
+  done
+}
 tune_prefill() {  # SHAPE: its MoE prefill tiles, whole layer then GEMM by GEMM (about 220 s)
   TAIL=24 step "tune_$1" 220 python3 -m bench.moe_kernel --shape "$1" --tokens 8192,16384 \
     --reps 5 --layers 1 --tune
@@ -1467,21 +1474,21 @@ b45)
   prefill_tiles
   ;;
 b46)
-  # DeepSeek-V3's and Kimi-K2's MoE prefill tiles (no tuned rows: default_config's 64 x 128 x 32
-  # pointer tiles), with the prefill GEMMs then searched apart (about 450 s; one layer's
-  # weights, 11 and 17 GB).
-  for shape in deepseek-v3 kimi-k2; do tune_prefill "$shape"; done
+  # DeepSeek-V3's and Kimi-K2's MoE prefill tiles as the engine runs them (the shared expert
+  # fused; no tuned rows: `default_config`), with the prefill GEMMs then searched apart (about
+  # 450 s; one layer's weights, 23 and 34 GB).
+  for shape in deepseek-v3-fused kimi-k2-fused; do tune_prefill "$shape"; done
   ;;
 b47)
-  # One call for either kind (about 430 s on an H200, 470 on an H100): on an H200 the MoE
-  # models' README rows first (not taken on an H200 since the fifteenth session), then b45;
-  # on an H100, b45 and then b46's DeepSeek-V3 half (compute-bound, so an H100 stands for it).
-  if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
-    moe_rows
-    prefill_tiles
-  else
-    prefill_tiles
-    tune_prefill deepseek-v3
+  # One call for either kind (about 550 s on an H200, 500 on an H100): on an H200 the MoE
+  # models' README rows first (not taken on an H200 since the fifteenth session); then b45;
+  # then the MoE tile rule's A/B on DeepSeek-V3's and Kimi-K2's shapes (they have no tuned
+  # rows), and on an H100 b46's DeepSeek-V3 half if time is left.
+  if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then moe_rows; fi
+  prefill_tiles
+  defaults_ab
+  if ! nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+    tune_prefill deepseek-v3-fused
   fi
   ;;
 *) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47"; exit 2 ;;

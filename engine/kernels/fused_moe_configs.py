@@ -138,22 +138,37 @@ TUNED[(66, 2048, 1408, 8, "bfloat16")] = (
 def default_config(
     num_tokens: int, num_experts: int, top_k: int, dtype: torch.dtype = torch.bfloat16
 ) -> MoEKernelConfig:
-    """A rule that is never far off: small row blocks while the average expert gets few rows
-    (decode: the weights are the traffic, so the tiles only need to keep enough programs
-    streaming them), larger tiles once experts get many rows (prefill: the matmul is the work).
-    Each compiles for sm_90 without register spills in the gate-up GEMM, which holds two
-    accumulators and two weight tiles (`python -m bench.compile_kernels` shows the usage)."""
+    """The rule for shapes and token counts without a tuned row (DeepSeek-V3 and Kimi-K2, any
+    shape under expert parallelism, whose ranks hold a share of the experts), by the rows a
+    step's average expert gets. In 16 bits it is what the tuned tables below picked at those
+    rows for both tuned shapes (Qwen3-30B-A3B's 128 x 2,048 x 768 experts, Moonlight's 64 and
+    66 x 2,048 x 1,408), µs a layer on an H200 or H100 in their comments:
+    - up to 8 rows: 16-row blocks of 64 columns by 128 of K, 4 warps (Qwen3-30B-A3B at 1-128
+      tokens, Moonlight at 1-64);
+    - up to 16: 32-row blocks (Qwen3-30B-A3B at 256 tokens; fused Moonlight's 128 took
+      64 x 64 x 64);
+    - up to 64: 64 x 128 x 64, 4 warps, 4 stages (both at 256-1,024 tokens);
+    - more (a prefill): `_PREFILL_TILES`, whose gate-up and down were each searched at 1,024 to
+      16,384 tokens on both shapes and came out the same.
+    Before, the rule ran 8 warps on the 16-row blocks, which no tuned row chose, and 64 x 128
+    x 32 pointer tiles for prefills. float32 (the exact checks) keeps narrower tiles: twice the
+    bytes a tile would spill the registers."""
     rows_per_expert = num_tokens * top_k / max(num_experts, 1)
-    if rows_per_expert <= 1:
-        # A block per touched expert and little else: narrow columns make enough programs.
-        return MoEKernelConfig(16, 32, 128, group_m=1, num_warps=8, num_stages=4)
-    if rows_per_expert <= 16:
-        return MoEKernelConfig(16, 64, 64, group_m=1, num_warps=8, num_stages=4)
-    if rows_per_expert <= 64:
-        return MoEKernelConfig(32, 64, 128, group_m=4, num_warps=8, num_stages=3)
-    if dtype == torch.float32:  # twice the bytes per tile: narrower, or the registers spill
+    if dtype == torch.float32:
+        if rows_per_expert <= 1:
+            return MoEKernelConfig(16, 32, 128, group_m=1, num_warps=8, num_stages=4)
+        if rows_per_expert <= 16:
+            return MoEKernelConfig(16, 64, 64, group_m=1, num_warps=8, num_stages=4)
+        if rows_per_expert <= 64:
+            return MoEKernelConfig(32, 64, 128, group_m=4, num_warps=8, num_stages=3)
         return MoEKernelConfig(64, 64, 32, group_m=8, num_warps=8, num_stages=3)
-    return MoEKernelConfig(64, 128, 32, group_m=8, num_warps=8, num_stages=3)
+    if rows_per_expert <= 8:
+        return MoEKernelConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=3)
+    if rows_per_expert <= 16:
+        return MoEKernelConfig(32, 64, 128, group_m=8, num_warps=4, num_stages=3)
+    if rows_per_expert <= 64:
+        return MoEKernelConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=4)
+    return _PREFILL_TILES
 
 
 def candidates(rows_per_expert: float = 0.0) -> list[MoEKernelConfig]:

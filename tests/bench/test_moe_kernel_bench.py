@@ -3,6 +3,7 @@ ones and every token gets them with weight 1.0, as the engine's shared-expert fu
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import replace
 
 import pytest
@@ -49,6 +50,17 @@ def test_split_times_and_one_gemm_tuning_run_on_the_interpreter(
     out = capsys.readouterr().out
     assert "| 9 | MoEKernelConfig(" in out  # the split row, with its config
     assert "T=9 down: table's" in out and "(9, MoEKernelConfig(" in out
+
+
+def test_config_argument() -> None:
+    from bench.moe_kernel import kernel_tiles
+    from engine.kernels.fused_moe_configs import MoEKernelConfig
+
+    assert kernel_tiles("64,128,32,8,8,3") == MoEKernelConfig(64, 128, 32, 8, 8, 3)
+    assert kernel_tiles("128,128,64,8,8,4,tma").tma
+    for bad in ("64,128,32,8,8", "64,128,32,8,8,3,x", "48,128,32,8,8,3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="BLOCK_M,BLOCK_N"):
+            kernel_tiles(bad)
 
 
 def test_gemm_candidates_vary_one_gemm() -> None:
@@ -114,8 +126,15 @@ def test_tune_searches_a_prefills_gemms_apart(
     monkeypatch.setattr(moe_kernel, "gemm_candidates", lambda b, w: every_gemm(b, w)[:2])
     monkeypatch.setattr(moe_kernel, "PREFILL_ROWS_PER_EXPERT", 0)
     args = ["--device", "cpu", "--dtype", "float32", "--shape", "tiny-fused", "--tokens", "9"]
-    moe_kernel.main([*args, "--reps", "1", "--layers", "1", "--tune"])
+    given = "16,16,16,1,4,2,tma"
+    moe_kernel.main([*args, "--reps", "1", "--layers", "1", "--tune", "--config", given])
     captured = capsys.readouterr()
     assert "T=9: the table's" in captured.err  # the engine's config now, for the gain
+    assert "T=9: given" in captured.err and "tma=True" in captured.err
     assert "T=9 down alone:" in captured.err and "T=9 gate_up alone:" in captured.err
     assert "(9, MoEKernelConfig(" in captured.out
+    # --config alone: the engine's and the given configs, no search, no table rows.
+    moe_kernel.main([*args, "--reps", "1", "--layers", "1", "--config", given])
+    captured = capsys.readouterr()
+    assert "T=9: the table's" in captured.err and "T=9: given" in captured.err
+    assert "alone:" not in captured.err and "MoEKernelConfig(" not in captured.out

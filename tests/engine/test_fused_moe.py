@@ -714,7 +714,8 @@ def test_triton_backend_is_refused_on_cpu_without_the_interpreter(monkeypatch):
 def test_kernel_config_table():
     # Decode-sized steps take small row blocks; large ones larger.
     assert default_config(1, 128, 8).block_m == 16
-    assert default_config(4096, 128, 8).block_m == 64
+    assert default_config(4096, 128, 8).block_m == 128  # a prefill: the tuned shapes' tiles
+    assert default_config(4096, 128, 8, torch.float32).block_m == 64
     assert kernel_config(1, 128, 2048, 768, 8, torch.bfloat16).block_m == 16
     # A tuned shape takes the row above its token count when within 4x of it, else the rule:
     # the decode rows (1, 4, 16, 64, 128, 256, 512) cover 1 to 512 tokens; 513 to 1,024 take
@@ -739,6 +740,7 @@ def test_configs_fit_the_shared_memory():
     from engine.kernels.fused_moe_configs import fit_shared, shared_bytes
 
     rows = [c for table in TUNED.values() for _, c in table]
+    rows += [default_config(t, 128, 8) for t in (1, 128, 256, 1024, 4096)]
     defaults = [default_config(t, 128, 8, torch.float32) for t in (1, 64, 256, 4096)]
     for config, size in [(c, 2) for c in rows] + [(c, 4) for c in defaults]:
         assert fit_shared(config, size, 232448) is config
