@@ -138,21 +138,31 @@ TUNED[(66, 2048, 1408, 8, "bfloat16")] = (
 def default_config(
     num_tokens: int, num_experts: int, top_k: int, dtype: torch.dtype = torch.bfloat16
 ) -> MoEKernelConfig:
-    """The rule for shapes and token counts without a tuned row (DeepSeek-V3 and Kimi-K2, any
-    shape under expert parallelism, whose ranks hold a share of the experts), by the rows a
-    step's average expert gets. In 16 bits it is what the tuned tables below picked at those
-    rows for both tuned shapes (Qwen3-30B-A3B's 128 x 2,048 x 768 experts, Moonlight's 64 and
-    66 x 2,048 x 1,408), µs a layer on an H200 or H100 in their comments:
-    - up to 8 rows: 16-row blocks of 64 columns by 128 of K, 4 warps (Qwen3-30B-A3B at 1-128
-      tokens, Moonlight at 1-64);
-    - up to 16: 32-row blocks (Qwen3-30B-A3B at 256 tokens; fused Moonlight's 128 took
-      64 x 64 x 64);
+    """The rule for shapes and token counts without a tuned row (DeepSeek-V3 and Kimi-K2 at
+    decode sizes, any shape under expert parallelism, whose ranks hold a share of the
+    experts), by the rows a step's average expert gets. In 16 bits, what the tuned tables
+    below picked at those rows (Qwen3-30B-A3B's 128 x 2,048 x 768 experts, Moonlight's 64 and
+    66 x 2,048 x 1,408):
+    - up to 4 rows: 16-row blocks of 64 columns by 128 of K, 4 warps (Qwen3-30B-A3B at 1-64
+      tokens, Moonlight at 1-16);
+    - up to 16: 32-row blocks (Qwen3-30B-A3B at 256 tokens; at 128, 8 rows, it kept 16-row
+      blocks, but Kimi-K2's wider experts at 6 rows ran 32-row blocks 8% faster);
     - up to 64: 64 x 128 x 64, 4 warps, 4 stages (both at 256-1,024 tokens);
     - more (a prefill): `_PREFILL_TILES`, whose gate-up and down were each searched at 1,024 to
       16,384 tokens on both shapes and came out the same.
-    Before, the rule ran 8 warps on the 16-row blocks, which no tuned row chose, and 64 x 128
-    x 32 pointer tiles for prefills. float32 (the exact checks) keeps narrower tiles: twice the
-    bytes a tile would spill the registers."""
+    Against the earlier rule (8 warps on 16-row blocks, which no tuned row chose, and 64 x 128
+    x 32 pointer tiles for prefills), one layer of DeepSeek-V3 (the shared expert fused) on an
+    H100, µs at 16 / 64 / 256 / 1,024 / 8,192 tokens: 1,987 / 4,298 / 6,759 / 8,101 / 23,682
+    -> 1,992 / 3,978 / 5,282 / 6,771 / 14,378 (`python -m bench.moe_kernel --shape
+    deepseek-v3-fused --tokens 16,64,256,1024,8192 --layers 1 --reps 10 --config ...` with the
+    earlier rule's four tiles); Kimi-K2's 2,163 / 4,405 / 7,383 / 8,797 / 26,077 -> 2,147 /
+    4,104 / 6,556 / 7,934 / 16,554, where 6,556 is the 16-row blocks that the rule then took at
+    256 tokens: 32-row blocks ran 6,056 (8 warps, group 4; DeepSeek-V3's 5,343 against 5,282
+    for the rule's 4 warps, group 8). DeepSeek-V3's own search at 8,192 / 16,384 tokens
+    (`--tune`) found 3 stages 4% / 2% faster than these prefill tiles' 4: left to the rule, as
+    a table row keyed by all 257 experts would serve only an unsharded DeepSeek-V3. float32
+    (the exact checks) keeps narrower tiles: twice the bytes a tile would spill the
+    registers."""
     rows_per_expert = num_tokens * top_k / max(num_experts, 1)
     if dtype == torch.float32:
         if rows_per_expert <= 1:
@@ -162,7 +172,7 @@ def default_config(
         if rows_per_expert <= 64:
             return MoEKernelConfig(32, 64, 128, group_m=4, num_warps=8, num_stages=3)
         return MoEKernelConfig(64, 64, 32, group_m=8, num_warps=8, num_stages=3)
-    if rows_per_expert <= 8:
+    if rows_per_expert <= 4:
         return MoEKernelConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=3)
     if rows_per_expert <= 16:
         return MoEKernelConfig(32, 64, 128, group_m=8, num_warps=4, num_stages=3)
