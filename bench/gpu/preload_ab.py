@@ -8,7 +8,8 @@ against transformers (with `--every-one-row`, every one-row product on preloadin
 `--profile`: `bench.profile_decode`'s kernel table instead. `--down-preload N,K`: the small MoE
 path's down routing again and loading its first K step before its PDL wait; `--norm-in-qkv 1`:
 the input norm inside the first projection's preloading launch; `--tuned-row
-gate_up:28672:4096:256=cublas`: a `TUNED` row replaced:
+gate_up:28672:4096:256=cublas`: a `TUNED` row replaced; `--moe-prefill-before`: the MoE
+tables' prefill rows as before the thirtieth session:
 
     python3 bench/gpu/preload_ab.py --tiles pre:16:4096:1:16 --trigger-first 1 -- \
         --preset qwen3-30b-a3b --skip-hf --prefill '' --decode 1x128 --repeats 3
@@ -42,6 +43,18 @@ def tune_one_row(text: str, shapes: tuple[tuple[int, int], ...]) -> None:
         if k <= span < 2 * k:
             key = ("linear", n, k, "bfloat16")
             skinny_gemm.TUNED[key] = ((1, tiles), *skinny_gemm.TUNED.get(key, ()))
+
+
+def moe_prefill_before() -> None:
+    """The MoE tables' `_PREFILL_TILES` rows (a 4-stage gate-up, a 128 x 256 down) back to
+    the one config they replaced, for an engine A/B."""
+    from engine.kernels import fused_moe_configs as configs
+
+    before = configs.MoEKernelConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3, tma=True)
+    for key, rows in configs.TUNED.items():
+        configs.TUNED[key] = tuple(
+            (t, before if c is configs._PREFILL_TILES else c) for t, c in rows
+        )
 
 
 def without_preload() -> None:
@@ -178,6 +191,12 @@ def main(argv: list[str]) -> int:
         metavar="KIND:N:K:ROWS=TILES",
         help="TUNED's rows for a weight from ROWS up replaced by TILES (or cublas), repeatable",
     )
+    parser.add_argument(
+        "--moe-prefill-before",
+        action="store_true",
+        help="the MoE tables' prefill rows as before the thirtieth session (one 128 x 128 x 64 "
+        "TMA config, 3 stages, for both GEMMs)",
+    )
     parser.add_argument("--every-one-row", action="store_true")
     parser.add_argument("--trigger-first", type=int, default=1)
     parser.add_argument("--greedy", action="store_true")
@@ -203,6 +222,8 @@ def main(argv: list[str]) -> int:
         tuned_row(row)
     if args.every_one_row:
         every_one_row()
+    if args.moe_prefill_before:
+        moe_prefill_before()
     if args.down_preload is not None:
         down_preload(args.down_preload)
     if args.norm_in_qkv is not None:
@@ -215,7 +236,8 @@ def main(argv: list[str]) -> int:
         f"{args.every_one_row}, trigger first: {args.trigger_first}, preloading launches "
         f"trigger first: {skinny_gemm.PRELOAD_TRIGGERS_FIRST}, MoE down preloaded: "
         f"{args.down_preload}, norm in the first projection: {skinny_gemm.NORM_IN_PRELOAD}, more "
-        f"trigger first: {pdl.MORE_TRIGGER_FIRST}, TUNED rows replaced: {args.tuned_row or '-'}"
+        f"trigger first: {pdl.MORE_TRIGGER_FIRST}, TUNED rows replaced: {args.tuned_row or '-'}, "
+        f"MoE prefill rows as before: {args.moe_prefill_before}"
     )
     if args.greedy:
         greedy_one_by_one(rest)
