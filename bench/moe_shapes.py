@@ -129,10 +129,11 @@ class _Recording(MoEBackend):
         w2: torch.Tensor,
         topk_weights: torch.Tensor,
         topk_ids: torch.Tensor,
+        pairs: int | None = None,
     ) -> torch.Tensor:
         routed = topk_ids.shape[1] - self.num_shared  # shared experts come last
         self.calls.append(topk_ids[:, :routed].detach().clone())
-        return self.inner.experts(x, w13, w2, topk_weights, topk_ids)
+        return self.inner.experts(x, w13, w2, topk_weights, topk_ids, pairs)
 
 
 class ExpertTouches:

@@ -108,11 +108,18 @@ class ExpertParallelExperts(nn.Module):
         mine = dest[row_token] == row_rank[:, None]  # [R, k]: the row's choices on its rank
         row_slots = torch.where(mine, local[row_token], -1).to(torch.int32)
         row_weights = torch.where(mine, topk_weights[row_token], 0)
-        send_counts = goes.sum(dim=0)
+        # Per destination rank: the rows, and the (token, expert) pairs among them, which
+        # size the rank's kernels (its rows carry every choice's column, -1 where elsewhere).
+        send_counts = torch.stack(
+            [goes.sum(dim=0), torch.bincount(dest.flatten(), minlength=world)], 1
+        )
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts)
-        send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
+        counts = torch.cat([send_counts, recv_counts]).tolist()  # one read on the host
+        send_splits = [rows for rows, _ in counts[:world]]
+        recv_splits = [rows for rows, _ in counts[world:]]
         num_recv = sum(recv_splits)
+        recv_pairs = sum(pairs for _, pairs in counts[world:])
 
         def exchange(
             t: torch.Tensor, out_rows: int, out_splits: list[int], in_splits: list[int]
@@ -125,7 +132,7 @@ class ExpertParallelExperts(nn.Module):
         rows = exchange(x[row_token], num_recv, recv_splits, send_splits)
         rows_slots = exchange(row_slots, num_recv, recv_splits, send_splits)
         rows_weights = exchange(row_weights, num_recv, recv_splits, send_splits)
-        y = self._compute(rows, rows_slots, rows_weights)
+        y = self._compute(rows, rows_slots, rows_weights, recv_pairs)
         # Combine: the per-rank partial sums go back in the order they came.
         back = exchange(y, len(row_token), send_splits, recv_splits)
         out = torch.zeros_like(x)
@@ -160,11 +167,16 @@ class ExpertParallelExperts(nn.Module):
         return self(x, weights, ids)
 
     def _compute(
-        self, rows: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor
+        self,
+        rows: torch.Tensor,
+        slots: torch.Tensor,
+        weights: torch.Tensor,
+        pairs: int | None = None,
     ) -> torch.Tensor:
         """Received rows `[R, H]`, their local slots `[R, k]` (-1: not here) and weights `[R,
-        k]`: each row's weighted sum of its local experts' outputs, `[R, H]`, by the backend."""
-        return self.backend.experts(rows, self.local.w13, self.local.w2, weights, slots)
+        k]`: each row's weighted sum of its local experts' outputs, `[R, H]`, by the backend.
+        `pairs`: the slots that are here, known from the exchange's counts."""
+        return self.backend.experts(rows, self.local.w13, self.local.w2, weights, slots, pairs)
 
     @torch.no_grad()
     def apply_placement(self, new: ExpertPlacement) -> None:

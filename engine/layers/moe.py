@@ -245,7 +245,12 @@ class MoEBackend(ABC):
         w2: torch.Tensor,
         topk_weights: torch.Tensor,
         topk_ids: torch.Tensor,
-    ) -> torch.Tensor: ...
+        pairs: int | None = None,
+    ) -> torch.Tensor:
+        """Each row's weighted sum of its experts (ids outside `[0, E)` count for nothing).
+        `pairs`: how many ids are in range, where the caller knows it on the host (an
+        expert-parallel rank, whose rows carry -1 for the choices held elsewhere); a backend
+        may size its work by it."""
 
 
 class TorchMoEBackend(MoEBackend):
@@ -263,6 +268,7 @@ class TorchMoEBackend(MoEBackend):
         w2: torch.Tensor,
         topk_weights: torch.Tensor,
         topk_ids: torch.Tensor,
+        pairs: int | None = None,
     ) -> torch.Tensor:
         out = torch.zeros_like(x)
         num_experts = w13.shape[0]
@@ -365,10 +371,14 @@ class TritonMoEBackend(MoEBackend):
         w2: torch.Tensor,
         topk_weights: torch.Tensor,
         topk_ids: torch.Tensor,
+        pairs: int | None = None,
     ) -> torch.Tensor:
-        from engine.kernels.fused_moe import fused_moe
+        """`fused_moe`; with `pairs`, its tiles are those of a step with that many pairs
+        (`fused_moe.pairs_config`), not of every row's full top-k."""
+        from engine.kernels.fused_moe import fused_moe, pairs_config
 
-        return fused_moe(x, w13, w2, topk_weights, topk_ids)
+        config = None if pairs is None else pairs_config(pairs, x, w13, topk_ids.shape[1])
+        return fused_moe(x, w13, w2, topk_weights, topk_ids, config=config)
 
     def routed_experts(
         self,

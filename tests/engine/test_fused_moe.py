@@ -1023,4 +1023,22 @@ def test_expert_parallel_local_compute_on_the_triton_backend():
         want = layer._compute(rows, slots, weights)
         assert set_moe_backend(layer, TritonMoEBackend()) == 2  # the layer and its .local
         got = layer._compute(rows, slots, weights)
+        # Told how many slots are here (as the exchange's counts tell a rank), the same sums.
+        sized = layer._compute(rows, slots, weights, int((slots >= 0).sum()))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sized, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_ranks_tiles_follow_its_pairs_not_its_rows_width():
+    """An expert-parallel rank's rows carry every choice's column (-1 where it lives
+    elsewhere): its tiles are those of the pairs that are here. DeepSeek-V3 at EP 8 (32 local
+    experts, top-8): 600 received rows of which 800 pairs are local are 25 rows an expert (64 x
+    128 tiles), where the rows' width would say 150 (the prefill tiles)."""
+    from engine.kernels.fused_moe import pairs_config
+
+    x = torch.empty(1, dtype=torch.bfloat16).expand(600, 7168)  # shapes only, no memory
+    w13 = torch.empty(1, dtype=torch.bfloat16).expand(32, 4096, 7168)
+    assert pairs_config(800, x, w13, 8) == default_config(100, 32, 8)
+    assert pairs_config(800, x, w13, 8).block_m == 64
+    assert default_config(600, 32, 8).block_m == 128
+    assert pairs_config(0, x, w13, 8) == default_config(1, 32, 8)
