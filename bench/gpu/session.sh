@@ -1494,17 +1494,19 @@ b47)
   ;;
 b48)
   # For an H100 (about 300 s): the engine A/B of the thirtieth session's MoE prefill tiles
-  # (kernel-level 8%, b47's pair about 3%), Moonlight 8 x 2,048 alternating twice; then the
-  # rule's 32-row tile at Kimi-K2's 256 tokens, measured with 8 warps only.
-  for round in 1 2; do
+  # (kernel-level 8%, b47's pair about 3%), Moonlight 8 x 2,048 alternating twice; between the
+  # rounds, the rule's 32-row tile at Kimi-K2's 256 tokens (measured with 8 warps only).
+  moe_prefill_ab() {
     for before in --moe-prefill-before ""; do
-      ROWS='^\| [0-9]+x|MoE prefill' step "moe_prefill_${round}${before:+_before}" 70 \
+      ROWS='^\| [0-9]+x|MoE prefill' step "moe_prefill_$1${before:+_before}" 70 \
         python3 bench/gpu/preload_ab.py $before -- --preset moonlight-16b-a3b --skip-hf \
         --decode '' --prefill 8x2048 --repeats 3
     done
-  done
+  }
+  moe_prefill_ab 1
   TAIL=6 step kimi_256 60 python3 -m bench.moe_kernel --shape kimi-k2-fused --tokens 256 \
     --layers 1 --reps 10 --config 16,64,128,1,4,3 --config 32,64,128,4,8,3
+  moe_prefill_ab 2
   ;;
 *) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48"; exit 2 ;;
 esac
