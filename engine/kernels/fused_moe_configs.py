@@ -145,8 +145,9 @@ def default_config(
     66 x 2,048 x 1,408):
     - up to 4 rows: 16-row blocks of 64 columns by 128 of K, 4 warps (Qwen3-30B-A3B at 1-64
       tokens, Moonlight at 1-16);
-    - up to 16: 32-row blocks (Qwen3-30B-A3B at 256 tokens; at 128, 8 rows, it kept 16-row
-      blocks, but Kimi-K2's wider experts at 6 rows ran 32-row blocks 8% faster);
+    - up to 16: 32-row blocks (Qwen3-30B-A3B at 256 tokens; its tables kept 16-row blocks at
+      8 rows, Moonlight's at 6, but Kimi-K2's wider experts at 6 rows ran 32-row blocks 8%
+      faster);
     - up to 64: 64 x 128 x 64, 4 warps, 4 stages (both at 256-1,024 tokens);
     - more (a prefill): `_PREFILL_TILES`, whose gate-up and down were each searched at 1,024 to
       16,384 tokens on both shapes and came out the same.
