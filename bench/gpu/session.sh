@@ -1493,7 +1493,7 @@ b47)
   fi
   ;;
 b48)
-  # For an H100 (about 300 s): the engine A/B of the thirtieth session's MoE prefill tiles
+  # For an H100 (about 380 s): the engine A/B of the thirtieth session's MoE prefill tiles
   # (kernel-level 8%, b47's pair about 3%), Moonlight 8 x 2,048 alternating twice; between the
   # rounds, the rule's 32-row tile at Kimi-K2's 256 tokens (measured with 8 warps only).
   moe_prefill_ab() {
@@ -1503,6 +1503,10 @@ b48)
         --decode '' --prefill 8x2048 --repeats 3
     done
   }
+  # The tile rule's new tiles at full size on DeepSeek-V3's shape first (64 / 256 / 4,096 tokens
+  # take its 16-row, 32-row and prefill tiles).
+  TAIL=4 step check_moe_deepseek 120 python3 -m bench.check_moe_gpu --shape deepseek-v3 \
+    --skip-mla
   moe_prefill_ab 1
   TAIL=6 step kimi_256 60 python3 -m bench.moe_kernel --shape kimi-k2-fused --tokens 256 \
     --layers 1 --reps 10 --config 16,64,128,1,4,3 --config 32,64,128,4,8,3
