@@ -412,15 +412,25 @@ def pdserve_state_as_hf(model: CausalLM) -> dict[str, torch.Tensor]:
 
 
 def load_hf(
-    path: str, dtype: torch.dtype, device: Device, state: dict[str, torch.Tensor] | None
+    path: str,
+    dtype: torch.dtype,
+    device: Device,
+    state: dict[str, torch.Tensor] | None,
+    own: bool = False,
 ) -> Any:
-    """The transformers model of `path`: its checkpoint, or `state` (checkpoint-named tensors).
+    """The transformers model of `path`: its checkpoint, `state` (checkpoint-named tensors),
+    or (`own`) its config with transformers' own random weights, made on the device.
 
     Loaded, then moved (device_map would need accelerate). Passing `state` through
     `from_pretrained` lets transformers apply its own checkpoint conversions (fused experts);
     where none applies it keeps the given tensors, so dense weights are shared, not copied.
     """
     model: Any
+    if own:
+        config = transformers.AutoConfig.from_pretrained(path)
+        with torch.device(device.torch_device):
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return model.eval()
     if state is None:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     else:
@@ -615,6 +625,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_engine_flags(p)
     p.add_argument("--kv-cache-memory-gib", type=float, help="default: just what the runs need")
     p.add_argument("--skip-hf", action="store_true", help="measure pdserve only")
+    p.add_argument(
+        "--hf-weights",
+        choices=("auto", "engine", "own"),
+        default="auto",
+        help="with dummy weights, transformers' weights: the engine's, handed over (the same "
+        "model, but both copies on the device while transformers converts them), or its own "
+        "random draws of the same law (normal, std 0.02; for a model whose two copies do not "
+        "fit); auto: the engine's where two copies fit the device",
+    )
     p.add_argument("--json", type=Path, help="also write the numbers here")
     p.add_argument(
         "--temperature",
@@ -652,10 +671,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def hands_over(engine: Engine, choice: str) -> bool:
+    """Whether transformers takes the engine's dummy weights (`--hf-weights`): under `auto`,
+    where the device holds two copies of them (transformers converts some, such as the MoE
+    experts it stacks, while the engine's still live), with a tenth to spare."""
+    if choice != "auto":
+        return choice == "engine"
+    if engine.device.kind != "cuda":
+        return True
+    model = cast(nn.Module, engine.runner.model)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    total = torch.cuda.get_device_properties(engine.device.torch_device).total_memory
+    return 2 * weights <= 0.9 * total
+
+
 def bench_pdserve(
-    args: argparse.Namespace, path: str, load_format: str, hand_over_weights: bool
+    args: argparse.Namespace, path: str, load_format: str, hf_weights: str | None
 ) -> tuple[Results, Engine, dict[str, torch.Tensor] | None, float]:
-    """pdserve's figures, its engine, (if asked) its weights under checkpoint names, and its
+    """pdserve's figures, its engine, its weights under checkpoint names where transformers is
+    to take them (`hf_weights`: `--hf-weights` for dummy weights, None for none), and its
     start-up seconds."""
     start = time.perf_counter()
     engine = Engine(engine_config(args, path, load_format))
@@ -668,7 +702,8 @@ def bench_pdserve(
         return Decode(alone.step_ms, alone.host_ms, back.step_ms, back.steady_ms)
 
     results = measure(lambda p: pdserve_prefill(engine, p), decode, args, vocab)
-    state = pdserve_state_as_hf(engine.runner.model) if hand_over_weights else None
+    hand_over = hf_weights is not None and hands_over(engine, hf_weights)
+    state = pdserve_state_as_hf(engine.runner.model) if hand_over else None
     return results, engine, state, startup
 
 
@@ -685,9 +720,19 @@ def main(argv: list[str] | None = None) -> None:
                 model_name += f" cut to {args.preset_layers} layers"
         else:
             path, load_format, model_name = args.model_path, args.load_format, args.model_path
-        # Dummy weights exist only in the engine, so they are handed over to transformers.
-        hand_over = load_format == "dummy" and not args.skip_hf
-        ours, engine, state, startup = bench_pdserve(args, path, load_format, hand_over)
+        # Dummy weights exist only in the engine: handed over to transformers, or drawn again.
+        dummy = load_format == "dummy" and not args.skip_hf
+        hf_weights = args.hf_weights if dummy else None
+        ours, engine, state, startup = bench_pdserve(args, path, load_format, hf_weights)
+        hf_source = (
+            "-"
+            if args.skip_hf
+            else "checkpoint"
+            if not dummy
+            else "the engine's"
+            if state is not None
+            else "its own draws (--hf-weights)"
+        )
         device, dtype, vocab = engine.device, engine.runner.dtype, engine.model_config.vocab_size
         cost = model_cost(engine)
         graphs = engine.runner.graphs
@@ -702,7 +747,7 @@ def main(argv: list[str] | None = None) -> None:
         ceiling = measure_ceiling(device, dtype)
         hf: Results | None = None
         if not args.skip_hf:
-            model = load_hf(path, dtype, device, state)
+            model = load_hf(path, dtype, device, state, own=dummy and state is None)
             del state
             hf = measure(
                 lambda p: hf_prefill(model, p, device),
@@ -725,6 +770,7 @@ def main(argv: list[str] | None = None) -> None:
         "matmul TFLOP/s": round(ceiling.matmul_flop_per_s / 1e12, 1),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "transformers weights": hf_source,
         "decode_steps": args.decode_steps,
         "repeats": args.repeats,
         "sampling": (

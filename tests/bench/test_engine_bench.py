@@ -124,3 +124,19 @@ def test_engine_bench_names_a_model_path_without_config(
         bench.parse_args(["--model-path", str(tmp_path), "--decode", "1x8"])
     err = capsys.readouterr().err
     assert f"no config.json in {tmp_path}: give a Hugging Face model directory" in err
+
+
+def test_engine_bench_transformers_draws_its_own_dummy_weights(
+    tiny_models: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--hf-weights own`: transformers builds the dummy model from its config with its own
+    random weights (for models whose two copies would not fit the device), and is timed."""
+    argv = ["--model-path", str(tiny_models["qwen3-moe"]), "--load-format", "dummy"]
+    argv += ["--decode", "1x8", "--prefill", "2x8", "--decode-steps", "2", "--repeats", "1"]
+    bench.main([*argv, "--hf-weights", "own"])
+    text = capsys.readouterr().out
+    assert "transformers weights: its own draws (--hf-weights)" in text
+    row = next(line for line in text.splitlines() if line.startswith("| 2x8 |"))
+    assert float(row.split("|")[3].replace(",", "")) > 0  # transformers' tok/s
+    bench.main(argv)  # auto on the CPU: the engine's weights, handed over
+    assert "transformers weights: the engine's" in capsys.readouterr().out
