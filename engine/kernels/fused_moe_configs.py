@@ -165,21 +165,23 @@ def default_config(
     (the exact checks) keeps narrower tiles: twice the bytes a tile would spill the
     registers."""
     rows_per_expert = num_tokens * top_k / max(num_experts, 1)
-    if dtype == torch.float32:
-        if rows_per_expert <= 1:
-            return MoEKernelConfig(16, 32, 128, group_m=1, num_warps=8, num_stages=4)
-        if rows_per_expert <= 16:
-            return MoEKernelConfig(16, 64, 64, group_m=1, num_warps=8, num_stages=4)
-        if rows_per_expert <= 64:
-            return MoEKernelConfig(32, 64, 128, group_m=4, num_warps=8, num_stages=3)
-        return MoEKernelConfig(64, 64, 32, group_m=8, num_warps=8, num_stages=3)
-    if rows_per_expert <= 4:
-        return MoEKernelConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=3)
-    if rows_per_expert <= 16:
-        return MoEKernelConfig(32, 64, 128, group_m=8, num_warps=4, num_stages=3)
-    if rows_per_expert <= 64:
-        return MoEKernelConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=4)
-    return _PREFILL_TILES
+    rule = _RULE_FP32 if dtype == torch.float32 else _RULE_16BIT
+    return next(config for most, config in rule if rows_per_expert <= most)
+
+
+# `default_config`'s tiles by the most rows an expert each serves.
+_RULE_16BIT = (
+    (4, MoEKernelConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=3)),
+    (16, MoEKernelConfig(32, 64, 128, group_m=8, num_warps=4, num_stages=3)),
+    (64, MoEKernelConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=4)),
+    (float("inf"), _PREFILL_TILES),
+)
+_RULE_FP32 = (
+    (1, MoEKernelConfig(16, 32, 128, group_m=1, num_warps=8, num_stages=4)),
+    (16, MoEKernelConfig(16, 64, 64, group_m=1, num_warps=8, num_stages=4)),
+    (64, MoEKernelConfig(32, 64, 128, group_m=4, num_warps=8, num_stages=3)),
+    (float("inf"), MoEKernelConfig(64, 64, 32, group_m=8, num_warps=8, num_stages=3)),
+)
 
 
 def candidates(rows_per_expert: float = 0.0) -> list[MoEKernelConfig]:
