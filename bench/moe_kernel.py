@@ -367,8 +367,12 @@ def tune_shape(
         for label, cfg in [("the table's", table_config(shape, t, layers))] + [
             ("given", c) for c in extra
         ]:
-            us = time_graph(partial(step.fused, outs, cfg, "grouped"), reps) / len(layers) * 1e6
-            print(f"  T={t}: {label} {us:.1f} µs with {cfg}", file=sys.stderr)
+            try:
+                us = time_graph(partial(step.fused, outs, cfg, "grouped"), reps) / len(layers)
+            except Exception as exc:  # a config the compiler or the device refuses
+                print(f"  T={t}: {label} {cfg}: {type(exc).__name__}", file=sys.stderr)
+                continue
+            print(f"  T={t}: {label} {us * 1e6:.1f} µs with {cfg}", file=sys.stderr)
         if not search:
             continue
         for cfg in candidates(t * shape.pairs / shape.stacked):
@@ -645,6 +649,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--device cpu needs TRITON_INTERPRET=1 in the environment")
     if args.layers < 1 or args.reps < 1:
         parser.error("--layers and --reps must be >= 1")
+    if args.config and (args.split_times or args.tune_gemm):
+        parser.error("--config is timed alone or with --tune, not with --split-times/--tune-gemm")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     bandwidth = copy_bandwidth() if args.device == "cuda" else 1e12
     print(
