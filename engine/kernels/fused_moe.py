@@ -965,9 +965,8 @@ def fused_moe(
     tiles); by default the former up to `SMALL_BATCH_PAIRS` pairs. `defer`: on the grouped
     path, return the combine's inputs as a `PendingSum` (`[T, k, H]` pieces, the top-k
     weights and ids) for the next RMSNorm to sum, without the combine launch."""
-    num_tokens, hidden = x.shape
-    num_experts, two_inter, _ = w13.shape
-    inter = two_inter // 2
+    num_tokens = x.shape[0]
+    num_experts = w13.shape[0]
     top_k = topk_ids.shape[1]
     out = torch.empty_like(x)
     if num_tokens == 0:
@@ -979,9 +978,7 @@ def fused_moe(
         small_batch = takes_small_path(num_tokens, top_k)
     if small_batch:
         return small_batch_moe(x, w13, w2, topk_weights, topk_ids)
-    cfg = config or kernel_config(
-        num_tokens, num_experts, hidden, inter, top_k, x.dtype, shared_memory(x.device)
-    )
+    cfg = config or tiles_for(num_tokens, x, w13, top_k)
     aligned = align_block_size(topk_ids, num_experts, cfg.block_m)
     return _grouped_moe(x, w13, w2, topk_weights, topk_ids, aligned, cfg, defer)
 
@@ -1177,16 +1174,22 @@ def fused_moe_grouped_routed(
     return out
 
 
+def tiles_for(num_tokens: int, x: torch.Tensor, w13: torch.Tensor, top_k: int) -> MoEKernelConfig:
+    """The grouped GEMMs' tiles (`kernel_config`) for `num_tokens` tokens of `top_k` pairs
+    each over the experts `w13` `[E, 2I, H]`, in x's dtype on x's device."""
+    num_experts, two_inter, hidden = w13.shape
+    shared = shared_memory(x.device)
+    return kernel_config(num_tokens, num_experts, hidden, two_inter // 2, top_k, x.dtype, shared)
+
+
 def pairs_config(pairs: int, x: torch.Tensor, w13: torch.Tensor, top_k: int) -> MoEKernelConfig:
     """The grouped GEMMs' tiles for rows `x` of `top_k` ids each of which only `pairs` are in
     range (an expert-parallel rank's received rows, -1 where a choice lives on another rank):
     those of a step with as many rows an expert as it really has. By the rows' full width the
     rule would see several times as many (about 5x at EP 8 with top-8) and pick a prefill's
     128-row blocks for a decode step's handful."""
-    num_experts, two_inter, hidden = w13.shape
     tokens = max(1, -(-pairs // max(top_k, 1)))  # ceil: the same rows an expert as `pairs`
-    shared = shared_memory(x.device)
-    return kernel_config(tokens, num_experts, hidden, two_inter // 2, top_k, x.dtype, shared)
+    return tiles_for(tokens, x, w13, top_k)
 
 
 def _routed_grouped_moe(
@@ -1203,10 +1206,8 @@ def _routed_grouped_moe(
     choices and rows."""
     _check_weights(x, w13, w2)
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
-    num_tokens, hidden = x.shape
-    num_experts, two_inter, _ = w13.shape
-    shared = shared_memory(x.device)
-    cfg = kernel_config(num_tokens, num_experts, hidden, two_inter // 2, width, x.dtype, shared)
+    num_experts = w13.shape[0]
+    cfg = tiles_for(x.shape[0], x, w13, width)
     weights, ids, counted = route_and_count(routing, width, num_experts, cfg.block_m)
     aligned = _scatter_counted(ids.view(-1), counted, num_experts, cfg.block_m)
     return _grouped_moe(x, w13, w2, weights, ids, aligned, cfg, defer)
