@@ -363,24 +363,30 @@ def tune_shape(
         outs: list[torch.Tensor] = []
         best: tuple[float, MoEKernelConfig] | None = None
         best_by_kind: dict[bool, float] = {}  # the fastest without and with TMA loads
+
+        def layer_seconds(
+            cfg: MoEKernelConfig, step: Step = step, outs: list[torch.Tensor] = outs
+        ) -> float:
+            """One layer's grouped path on `cfg`, as a graph."""
+            return time_graph(partial(step.fused, outs, cfg, "grouped"), reps) / len(layers)
+
         # The engine's config now (its table's row, else `default_config`), for the gain.
         for label, cfg in [("the table's", table_config(shape, t, layers))] + [
             ("given", c) for c in extra
         ]:
             try:
-                us = time_graph(partial(step.fused, outs, cfg, "grouped"), reps) / len(layers)
+                seconds = layer_seconds(cfg)
             except Exception as exc:  # a config the compiler or the device refuses
                 print(f"  T={t}: {label} {cfg}: {type(exc).__name__}", file=sys.stderr)
                 continue
-            print(f"  T={t}: {label} {us * 1e6:.1f} µs with {cfg}", file=sys.stderr)
+            print(f"  T={t}: {label} {seconds * 1e6:.1f} µs with {cfg}", file=sys.stderr)
         if not search:
             continue
         for cfg in candidates(t * shape.pairs / shape.stacked):
             if cfg.block_m > 16 and t * shape.pairs < cfg.block_m:
                 continue  # every block mostly padding
             try:
-                fused = partial(step.fused, outs, cfg, "grouped")
-                seconds = time_graph(fused, reps) / len(layers)
+                seconds = layer_seconds(cfg)
             except Exception as exc:  # a config the compiler or the device refuses
                 print(f"  skip {cfg}: {type(exc).__name__}", file=sys.stderr)
                 continue
@@ -401,8 +407,7 @@ def tune_shape(
             for which in ("down", "gate_up"):
                 base_us, best_us, cfg = refine_gemm(step, shape, cfg, reps, which)
                 print(f"  T={t} {which} alone: {base_us:.1f} -> {best_us:.1f} µs", file=sys.stderr)
-            fused = partial(step.fused, outs, cfg, "grouped")
-            best = (time_graph(fused, reps) / len(layers), cfg)
+            best = (layer_seconds(cfg), cfg)
         if best is not None:
             print(f"  T={t}: {best[0] * 1e6:.1f} µs with {best[1]}", file=sys.stderr)
             best_rows.append((t, best[1], best[0]))
