@@ -97,6 +97,7 @@
 #   run(command="bash bench/gpu/session.sh b46", carry=[".whl"]) # DeepSeek/Kimi prefill tiles
 #   run(command="bash bench/gpu/session.sh b47", carry=[".whl"]) # H200: MoE rows, then b45
 #   run(command="bash bench/gpu/session.sh b48", carry=[".whl"]) # MoE prefill tiles engine A/B
+#   run(command="bash bench/gpu/session.sh b49", carry=[".whl"]) # H200 README rows, else b48
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -161,6 +162,26 @@ defaults_ab() {  # the MoE rule's new tiles against the old rule's four (about 1
 tune_prefill() {  # SHAPE: its MoE prefill tiles, whole layer then GEMM by GEMM (about 220 s)
   TAIL=24 step "tune_$1" 220 python3 -m bench.moe_kernel --shape "$1" --tokens 8192,16384 \
     --reps 5 --layers 1 --tune
+}
+prefill_engine_ab() {
+  # For an H100 (about 380 s): the engine A/B of the thirtieth session's MoE prefill tiles
+  # (kernel-level 8%, b47's pair about 3%), Moonlight 8 x 2,048 alternating twice; between the
+  # rounds, the rule's 32-row tile at Kimi-K2's 256 tokens (measured with 8 warps only).
+  moe_prefill_ab() {
+    for before in --moe-prefill-before ""; do
+      ROWS='^\| [0-9]+x|MoE prefill' step "moe_prefill_$1${before:+_before}" 70 \
+        python3 bench/gpu/preload_ab.py $before -- --preset moonlight-16b-a3b --skip-hf \
+        --decode '' --prefill 8x2048 --repeats 3
+    done
+  }
+  # The tile rule's new tiles at full size on DeepSeek-V3's shape first (64 / 256 / 4,096 tokens
+  # take its 16-row, 32-row and prefill tiles).
+  TAIL=4 step check_moe_deepseek 120 python3 -m bench.check_moe_gpu --shape deepseek-v3 \
+    --skip-mla
+  moe_prefill_ab 1
+  TAIL=6 step kimi_256 60 python3 -m bench.moe_kernel --shape kimi-k2-fused --tokens 256 \
+    --layers 1 --reps 10 --config 16,64,128,1,4,3 --config 32,64,128,4,8,3
+  moe_prefill_ab 2
 }
 nvidia-smi -L
 case "${1:-a}" in
@@ -1493,24 +1514,18 @@ b47)
   fi
   ;;
 b48)
-  # For an H100 (about 380 s): the engine A/B of the thirtieth session's MoE prefill tiles
-  # (kernel-level 8%, b47's pair about 3%), Moonlight 8 x 2,048 alternating twice; between the
-  # rounds, the rule's 32-row tile at Kimi-K2's 256 tokens (measured with 8 warps only).
-  moe_prefill_ab() {
-    for before in --moe-prefill-before ""; do
-      ROWS='^\| [0-9]+x|MoE prefill' step "moe_prefill_$1${before:+_before}" 70 \
-        python3 bench/gpu/preload_ab.py $before -- --preset moonlight-16b-a3b --skip-hf \
-        --decode '' --prefill 8x2048 --repeats 3
-    done
-  }
-  # The tile rule's new tiles at full size on DeepSeek-V3's shape first (64 / 256 / 4,096 tokens
-  # take its 16-row, 32-row and prefill tiles).
-  TAIL=4 step check_moe_deepseek 120 python3 -m bench.check_moe_gpu --shape deepseek-v3 \
-    --skip-mla
-  moe_prefill_ab 1
-  TAIL=6 step kimi_256 60 python3 -m bench.moe_kernel --shape kimi-k2-fused --tokens 256 \
-    --layers 1 --reps 10 --config 16,64,128,1,4,3 --config 32,64,128,4,8,3
-  moe_prefill_ab 2
+  prefill_engine_ab
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48"; exit 2 ;;
+b49)
+  # One call for either kind: on an H200 the README's decode rows (MoE first, about 345 s),
+  # then Moonlight's 8 x 2,048 pair with transformers (about 150 s); on an H100, b48.
+  if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+    readme_rows
+    ROWS='^device|^\| [0-9]+x' step prefill_moonlight 150 python3 -m bench.engine \
+      --preset moonlight-16b-a3b --decode '' --prefill 8x2048 --repeats 2
+  else
+    prefill_engine_ab
+  fi
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b49"; exit 2 ;;
 esac
