@@ -79,12 +79,16 @@ def compile_kernel(
     constants: dict[str, Any],
     floats: Sequence[str] = (),
     divisible: Sequence[str] = (),
+    unaligned: Sequence[str] = (),
     **options: int,
 ) -> Any:
     """Compile `kernel` with pointer arguments typed by `pointers`, `floats` as fp32 scalars,
     the other runtime arguments as i32, and `constants` as its constexprs. `divisible`: the
-    arguments a launch passes as multiples of 16 (Triton specializes on that at run time, and
-    vectorizes by it)."""
+    integer arguments a launch passes as multiples of 16 (Triton specializes on that at run
+    time, and vectorizes by it). Every pointer but those in `unaligned` is taken as 16-byte
+    aligned, as a launch specializes a tensor at the start of its allocation (without that,
+    Triton 3.9 compiled the decode split kernel's K and V loads to one 2-byte load an element
+    and 255 registers, where a launch takes 16-byte loads and about 90)."""
     if "PDL" in kernel.arg_names and "PDL" not in constants:
         # Compiled as a launch with PDSERVE_PDL=1 makes it (engine/kernels/pdl.py).
         constants = {**constants, "PDL": 2}
@@ -101,9 +105,22 @@ def compile_kernel(
             signature[arg] = pointers[arg]
         else:
             signature[arg] = "fp32" if arg in floats else "i32"
-    attrs = {(kernel.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in divisible}
+    aligned = [
+        arg
+        for arg in pointers
+        if arg in kernel.arg_names and arg not in unaligned and arg not in constants
+    ]
+    attrs = {
+        (kernel.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in (*divisible, *aligned)
+    }
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def strides(kernel: Any, *other: str) -> tuple[str, ...]:
+    """`kernel`'s `stride_*` arguments but `other`: those a launch at the benchmarked models'
+    shapes passes as multiples of 16 (heads of 64-576 elements), for `divisible`."""
+    return tuple(a for a in kernel.arg_names if a.startswith("stride_") and a not in other)
 
 
 def compile_one(arch: int, name: str, *args: Any, **kwargs: Any) -> Usage:
@@ -158,11 +175,14 @@ def decode_attention_launch(rope: bool = False) -> tuple[tuple[Any, ...], dict[s
         "DIRECT": True, "ROPE": rope, "HALF": 64 if rope else 1,
         "BLOCK_HALF": 64 if rope else 1, "INTERLEAVED": False, "NORM": rope,
     }  # fmt: skip
-    if rope:
-        return (attention._decode_split_kernel, pointers, constants), {
-            "floats": ("scale", "eps"), "num_warps": 4, "num_stages": 3,
-        }  # fmt: skip
-    kwargs = {"floats": ("scale",), "num_warps": 4, "num_stages": 3}
+    # The page table's width and the log-sum-exps' split count vary; the rest are heads.
+    divisible = strides(attention._decode_split_kernel, "stride_table", "stride_lb", "stride_lh")
+    kwargs = {
+        "floats": ("scale", "eps") if rope else ("scale",),
+        "divisible": divisible,
+        "num_warps": 4,
+        "num_stages": 3,
+    }
     return (attention._decode_split_kernel, pointers, constants), kwargs
 
 
@@ -259,7 +279,7 @@ def jobs(all_configs: bool, arch: int = 90) -> list[tuple[str, Callable[[int], U
             {
                 "BLOCK_M": 64,
                 "E_POW2": e_pow2,
-                "CHUNK_BLOCK": fused_moe.offsets_chunk_block(e_pow2, 1 << 20),
+                "CHUNK_BLOCK": fused_moe.offsets_chunk_block(e_pow2, 1 << 20, smem),
             },
             num_warps=8,
         )
@@ -325,9 +345,12 @@ def jobs(all_configs: bool, arch: int = 90) -> list[tuple[str, Callable[[int], U
                 cfg = row if gate_up else row.down_config  # the down GEMM's own launch, if any
                 w_desc = f"tensordesc<{dtype}[{cfg.block_n}, {cfg.block_k}]>"
                 a_desc = f"tensordesc<{dtype}[{cfg.block_m}, {cfg.block_k}]>"
+                kernel = (
+                    fused_moe.grouped_gemm_tma_kernel if cfg.tma else fused_moe.grouped_gemm_kernel
+                )
                 add(
                     f"grouped_gemm {dtype} {label}{'gate-up' if gate_up else 'down'} {cfg}",
-                    fused_moe.grouped_gemm_tma_kernel if cfg.tma else fused_moe.grouped_gemm_kernel,
+                    kernel,
                     {
                         "a": f"*{dtype}" if gate_up or not cfg.tma else a_desc,
                         "w": f"*{dtype}",
@@ -346,6 +369,8 @@ def jobs(all_configs: bool, arch: int = 90) -> list[tuple[str, Callable[[int], U
                         "BLOCK_K": cfg.block_k,
                         "GROUP_M": cfg.group_m,
                     },
+                    # The models' widths (768-7,168) are multiples of 16, as are their strides.
+                    divisible=("N_OUT", "K", *strides(kernel)),
                     num_warps=cfg.num_warps,
                     num_stages=cfg.num_stages,
                 )
@@ -422,6 +447,8 @@ def jobs(all_configs: bool, arch: int = 90) -> list[tuple[str, Callable[[int], U
         if kernel is quarters and not mla_decode.fits(block_h, 64, 576, size, smem):
             continue  # `default_block_h` does not take it there
         block_n = mla_decode.default_block_n(kernel is quarters, block_h, 576, size, smem)
+        if not mla_decode.fits(block_h, block_n, 576, size, smem, kernel is quarters):
+            continue  # nor does any tile fit
         mid = f"*{dtype}" if direct else "*fp32"
         name = "mla_decode_quarters_kernel" if kernel is quarters else "mla_decode_split_kernel"
         add(
@@ -450,6 +477,7 @@ def jobs(all_configs: bool, arch: int = 90) -> list[tuple[str, Callable[[int], U
                 "BLOCK_N": block_n,
             },
             floats=("scale",),
+            divisible=strides(kernel, "stride_table"),
             num_warps=mla_decode.default_num_warps(
                 torch.float32 if dtype == "fp32" else torch.bfloat16, 256, 16, block_h=block_h
             ),
@@ -511,7 +539,7 @@ def jobs(all_configs: bool, arch: int = 90) -> list[tuple[str, Callable[[int], U
     # With TMA: a trial of the H200's (the default tiles load by pointer).
     for dtype, tma in (("bf16", False), ("fp32", False), ("bf16", True))[: 3 if arch == 90 else 2]:
         # DeepSeek-V3/Kimi-K2/Moonlight: no-rope key 128, rope key 64, value 128.
-        tiles = mla_extend.default_tiles(torch.bfloat16 if dtype == "bf16" else torch.float32)
+        tiles = mla_extend.default_tiles(torch.bfloat16 if dtype == "bf16" else torch.float32, smem)
         n = tiles.block_n
         descriptors = {  # TMA: the context's tiles by descriptor (else the arguments are None)
             "k_nope_desc": f"tensordesc<{dtype}[{n}, 1, 128]>",
@@ -542,6 +570,7 @@ def jobs(all_configs: bool, arch: int = 90) -> list[tuple[str, Callable[[int], U
                 **({} if tma else dict.fromkeys(descriptors)),
             },
             floats=("scale",),
+            divisible=strides(mla_extend.mla_extend_kernel),
             num_warps=tiles.num_warps,
             num_stages=tiles.num_stages,
         )
@@ -573,6 +602,7 @@ def jobs(all_configs: bool, arch: int = 90) -> list[tuple[str, Callable[[int], U
                 "PRECISION": "ieee" if dtype == "fp32" else "tf32",
             },
             floats=("scale",),
+            divisible=strides(attention._extend_kernel, "stride_table"),
             num_warps=extend.num_warps,
             num_stages=extend.num_stages,
         )
@@ -1093,32 +1123,32 @@ def add_skinny_gemm(add: Callable[..., None], all_configs: bool, hopper: bool = 
         )
 
 
-# Kernels whose spills `--fail-on-spill` reports without failing: configurations that a tuner
-# measured fastest on the device, spills and all.
-# (The small MoE's down kernel at 8 columns a program spills 16 B and took 26.8 / 33.1 µs at
-# one token on the H200 against 30.0 / 39.7 at 4 columns without spills.)
-# (The extend kernel's bf16 tiles at head dim 128 spill 0.8-1.2 KB and were the fastest of the
-# sweep in `bench.extend_kernel`, 2x the earlier 64 x 64 tiles that spilled 64 B.)
+# Kernels whose spills `--fail-on-spill` reports without failing: configurations measured
+# fastest on the device, spills and all. (Until the thirty-second session this compile took
+# every pointer and stride as unaligned, which a launch does not: the K/V loads of the decode
+# and extend kernels came out as one 2-byte load an element, and the tuned grouped GEMMs, the
+# per-head and one-chain MLA decode kernels and the MLA extend kernel reported spills that the
+# launches do not have. Those entries are gone.)
 MEASURED_SPILLS = (
-    "grouped_gemm bf16 tuned ",
-    "mla_extend_kernel bf16",
-    "extend_kernel bf16 head dim 128",
+    # The small MoE's down with its combine at 4 columns a program: 8 B. (At 8 columns the
+    # earlier compile reported 16 B; it took 26.8 / 33.1 µs at one token on the H200 against
+    # 30.0 / 39.7.)
     "small_down_combine_kernel bf16",
-    # The per-head decode split kernel at 3 stages (one split): 104 B on this host's Triton,
-    # measured 4-5% faster than 2 stages on the H200 (`bench.attention_kernel`).
-    "decode_split_kernel bf16",
-    # The MLA decode split kernel at 4 warps (two programs an SM): 32-88 B on this host's
-    # Triton, 1.6-1.8x faster than 8 warps without spills from batch 64 up on the H200
-    # (`bench.mla_kernel --mode decode --tiles 32x8x2,32x4x2`).
-    "mla_decode_split_kernel bf16",
-    # The quartered MLA decode kernel (its four accumulators): 300 B-1 KB on this host's
-    # Triton, measured faster than the one-chain kernel at every shape tried on the H200 (16
-    # heads, 256 x 128 23.4 -> 19.8 µs; 128 heads at 64 a program, 64 x 2,048 414 -> 187).
+    # The quartered MLA decode kernel (its four accumulators): 32-288 B here, measured faster
+    # than the one-chain kernel at every shape tried on the H200 (16 heads, 256 x 128 23.4 ->
+    # 19.8 µs; 128 heads at 64 a program, 64 x 2,048 414 -> 187).
     "mla_decode_quarters_kernel bf16",
-    # Not tuned, spilling in every tile tried (32 x 32 up): the extend kernel in float32 (the
-    # exact checks only) and at head dim 256 (no benchmarked model has it).
+    # The extend kernel's 128 x 128 bf16 tiles at head dim 128: 40 B here, the fastest of the
+    # sweep in `bench.extend_kernel` (2x the 64 x 64 tiles).
+    "extend_kernel bf16 head dim 128",
+    # The MoE align's prefix sums at the widest tile (32,768 counts, 8 warps): 256-744 B here.
+    # Half the tile would not spill, but doubles the chain of tiles a long prefill waits on;
+    # wide tiles measured faster than 16 chunks a tile on the H200 (`offsets_chunk_block`);
+    # half this one was not timed.
+    "align_offsets_kernel",
+    # Not tuned, spilling in every tile tried: the extend kernel in float32 (the exact checks
+    # only).
     "extend_kernel fp32",
-    "extend_kernel bf16 head dim 256",
 )
 
 

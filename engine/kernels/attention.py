@@ -481,6 +481,12 @@ class DecodeTiles:
     num_stages: int = 2
 
 
+def default_tiles(num_splits: int) -> DecodeTiles:
+    """The engine's split-kernel launch for `num_splits` ranges: 3 stages for one (4-5% faster
+    there on the H200 at 64 x 128 and 256 x 512), 2 for several."""
+    return DecodeTiles(num_stages=3 if num_splits == 1 else 2)
+
+
 @dataclass(frozen=True)
 class DecodeRope:
     """A decode step's new tokens before RoPE, for `decode_attention`: q `[B, Hq, DK]`,
@@ -540,9 +546,9 @@ def decode_attention(
     norms' sums of squares, which this kernel's warps reduce in another order than
     `rope_store_kv`'s one warp on the GPU), one launch fewer;
     `seq_lens` count the new token. `tiles`: the split
-    kernel's launch (default `DecodeTiles()`, with 3 stages for one split: 4-5% faster there
-    on the H200 at 64 x 128 and 256 x 512, equal at 64 x 2,048, and 2-3% slower for the many
-    short splits of batch 1; bench.attention_kernel compares others). The combine is its own
+    kernel's launch (default `default_tiles(num_splits)`: 3 stages for one split, 4-5% faster
+    there on the H200 at 64 x 128 and 256 x 512, equal at 64 x 2,048, and 2-3% slower for the
+    many short splits of batch 1; bench.attention_kernel compares others). The combine is its own
     launch: the last split combining instead (an atomic count per sequence and KV head)
     measured no faster on the H200 (equal at 1x128 and 16x128, 41% slower at 1x2,048) and
     was taken out. (Asking L2 for the O projection's weight from here, before the PDL wait,
@@ -558,7 +564,7 @@ def decode_attention(
                 rope, q=rope.q.contiguous(), k=rope.k.contiguous(), v=rope.v.contiguous()
             )
         q = torch.empty(rope.q.shape, dtype=rope.q.dtype, device=rope.q.device)
-    tiles = tiles or DecodeTiles(num_stages=3 if num_splits == 1 else 2)
+    tiles = tiles or default_tiles(num_splits)
     bsz, num_heads, dk = q.shape
     num_kv_heads, dv = v_cache.shape[1], v_cache.shape[2]
     group = num_heads // num_kv_heads

@@ -58,7 +58,7 @@ from engine.kernels.fused_moe_small import (
     small_batch_moe_routed,
 )
 from engine.kernels.moe_routing import grouped_topk, route_rows, softmax_topk
-from engine.kernels.sms import shared_memory
+from engine.kernels.sms import H200_SHARED_MEMORY, shared_memory
 from engine.layers.pending import PendingSum
 
 
@@ -629,11 +629,20 @@ def align_chunk(e_pow2: int, num_pairs: int | None = None) -> int:
 OFFSETS_TILE_ELEMENTS = 32768
 
 
-def offsets_chunk_block(e_pow2: int, num_chunks: int) -> int:
+def offsets_tile_elements(shared: int) -> int:
+    """The most int32 counts in one tile of `align_offsets_kernel` on a device with `shared`
+    bytes of shared memory a program: `OFFSETS_TILE_ELEMENTS`, or the largest power of two
+    whose scan (4 bytes a count, compiled with the launch's aligned pointers) leaves 4 KB
+    spare (16,384 on an L40S's or A10's 99 KB)."""
+    fits = max(1, (shared - 4096) // 4)
+    return min(OFFSETS_TILE_ELEMENTS, 1 << (fits.bit_length() - 1))
+
+
+def offsets_chunk_block(e_pow2: int, num_chunks: int, shared: int = H200_SHARED_MEMORY) -> int:
     """Chunks per tile of `align_offsets_kernel`: all of them in a few tiles, since each
     tile's prefix sums wait on the last's (66 µs a layer at 16 chunks a tile for Moonlight's
-    65k pairs of an 8,192-token prefill), within `OFFSETS_TILE_ELEMENTS`."""
-    widest = max(16, OFFSETS_TILE_ELEMENTS // e_pow2)
+    65k pairs of an 8,192-token prefill), within `offsets_tile_elements(shared)`."""
+    widest = max(16, offsets_tile_elements(shared) // e_pow2)
     return max(16, min(128, widest, triton.next_power_of_2(num_chunks)))
 
 
@@ -789,7 +798,7 @@ def _scatter_counted(
         num_experts,
         BLOCK_M=block_m,
         E_POW2=e_pow2,
-        CHUNK_BLOCK=offsets_chunk_block(e_pow2, num_chunks),
+        CHUNK_BLOCK=offsets_chunk_block(e_pow2, num_chunks, shared_memory(device)),
         num_warps=8,
         **pdl.launch_args(chunk_counts),
     )

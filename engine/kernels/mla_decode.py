@@ -356,18 +356,25 @@ def combine_columns(
     return tl.where(denom > 0, acc / tl.maximum(denom, 1e-30), 0.0)
 
 
-def shared_bytes(block_h: int, block_n: int, width: int, element_size: int) -> int:
+def shared_bytes(
+    block_h: int, block_n: int, width: int, element_size: int, quarters: bool = True
+) -> int:
     """The shared memory a split-kernel program takes, at most: its `block_h` heads' queries
     and one `block_n`-key tile, each `width` (latent rank + rotary dim) wide, and 8 KB of the
-    compiler's scratch. Rank 512 + 64 compiled for sm_89 (`bench.compile_kernels`): quartered
-    at 64 keys 90 / 116 / 152 KB for 16 / 32 / 64 heads; one chain at 32 keys 58 KB in
-    bfloat16 and 110 KB in float32 (73 KB at 16 keys)."""
-    return (block_h + block_n) * width * element_size + 8192
+    compiler's scratch; the one-chain kernel in a 16-bit type (not `quarters`) holds two key
+    tiles (its loads pipelined in two stages). Rank 512 + 64 compiled for sm_89 with the
+    launch's aligned pointers and strides (`bench.compile_kernels`), KB: quartered at 64 keys
+    86 / 108 / 144 for 16 / 32 / 64 heads; one chain at 32 keys 82 / 100 for 16 / 32 heads in
+    bfloat16, 110 for 16 in float32 (73 at 16 keys)."""
+    tiles = 2 if element_size < 4 and not quarters else 1
+    return (block_h + tiles * block_n) * width * element_size + 8192
 
 
-def fits(block_h: int, block_n: int, width: int, element_size: int, shared: int) -> bool:
+def fits(
+    block_h: int, block_n: int, width: int, element_size: int, shared: int, quarters: bool = True
+) -> bool:
     """Whether a split-kernel program of these tiles fits `shared` bytes (`shared_bytes`)."""
-    return shared_bytes(block_h, block_n, width, element_size) <= shared
+    return shared_bytes(block_h, block_n, width, element_size, quarters) <= shared
 
 
 def default_block_h(
@@ -407,7 +414,7 @@ def default_block_n(
     while a program would take more than the device's `shared` memory (`shared_bytes`; float32
     on an L40S takes 16)."""
     block_n = 64 if quarters else 32
-    while block_n > 16 and not fits(block_h, block_n, width, element_size, shared):
+    while block_n > 16 and not fits(block_h, block_n, width, element_size, shared, quarters):
         block_n //= 2
     return block_n
 

@@ -37,6 +37,7 @@ import triton.language as tl
 
 from engine.kernels import tma
 from engine.kernels.attention import LOG2E, dot_precision, online_softmax_step
+from engine.kernels.sms import H200_SHARED_MEMORY, shared_memory
 
 
 @triton.jit
@@ -190,7 +191,17 @@ class Tiles:
     tma: bool = False  # the context's tiles through the tensor-memory accelerator
 
 
-def default_tiles(dtype: torch.dtype) -> Tiles:
+# The shared memory a program needs for the 16-bit default tiles, with margin: 172 KB compiled
+# for sm_90 and 128 KB for sm_89 (`bench.compile_kernels`, the launch's aligned pointers).
+# Devices with less (an L40S's, A10's or RTX card's 99 KB) take `SMALL_SHARED_TILES`.
+DEFAULT_TILES_SHARED = 135168
+# 128 queries x 32 keys, 8 warps, 3 stages: 88 KB on sm_89 without spills (128 x 64 in two
+# stages spills; 64 x 64 spills in two and three). Chosen by the compile, not timed: no such
+# device is lent here.
+SMALL_SHARED_TILES = Tiles(128, 32, 8, 3)
+
+
+def default_tiles(dtype: torch.dtype, shared: int = H200_SHARED_MEMORY) -> Tiles:
     """The tiles measured fastest on the H200 at DeepSeek-V3's head dims, 16 heads
     (`python -m bench.mla_kernel --mode extend --extend-cases 64x128 8x2048 1x8192 --block-m M
     --block-n N --num-warps W --num-stages S`, µs of the kernel alone): 128 x 64 keys, 8 warps,
@@ -200,9 +211,12 @@ def default_tiles(dtype: torch.dtype) -> Tiles:
     128 x 128: 80 / 604 / 1,099). With the unmasked loop over the keys before each block and
     the longest blocks first, 128 x 64 took 82 / 449 µs at 64 x 128 and 8 x 2,048 (Moonlight's
     16 heads); 128 x 128 with 3 stages does not fit the shared memory (288 KB). float32 (exact
-    checks only) needs small ones."""
+    checks only) needs small ones. A device with less than `DEFAULT_TILES_SHARED` of `shared`
+    memory a program takes `SMALL_SHARED_TILES` (the same 128 queries a block)."""
     if dtype == torch.float32:
         return Tiles(16, 32, 4, 1)
+    if shared < DEFAULT_TILES_SHARED:
+        return SMALL_SHARED_TILES
     return Tiles(128, 64, 8, 3)
 
 
@@ -260,7 +274,7 @@ def mla_extend_attention(
     block_nope = max(16, triton.next_power_of_2(d_nope))
     block_rope = max(16, triton.next_power_of_2(d_rope))
     block_dv = max(16, triton.next_power_of_2(d_v))
-    tiles = tiles or default_tiles(q_nope.dtype)
+    tiles = tiles or default_tiles(q_nope.dtype, shared_memory(q_nope.device))
     use_tma = tiles.tma and tma.ready(k_nope, k_pe, v)
     descriptors: tuple[object, object, object] = (None, None, None)
     if use_tma:

@@ -106,7 +106,7 @@ def _mla_extend_metadata(batch: ForwardBatch) -> _MLAExtendMetadata:
     # Built by the model runner with the host's prefix lengths; a hand-built batch pays a sync.
     prefix = batch.host_prefix_lens or tuple(batch.prefix_lens.tolist())
     device = batch.input_ids.device
-    block_m = mla_extend.default_tiles(batch.kv_cache.dtype).block_m
+    block_m = mla_extend.default_tiles(batch.kv_cache.dtype, shared_memory(device)).block_m
     seqs, firsts = kernels.extend_blocks(list(ext), block_m)
     blocks = upload(torch.tensor([seqs, firsts], dtype=torch.int32), device)
     q_starts = torch.cumsum(batch.extend_lens, 0) - batch.extend_lens

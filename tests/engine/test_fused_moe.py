@@ -1042,3 +1042,23 @@ def test_a_ranks_tiles_follow_its_pairs_not_its_rows_width():
     assert pairs_config(800, x, w13, 8).block_m == 64
     assert default_config(600, 32, 8).block_m == 128
     assert pairs_config(0, x, w13, 8) == default_config(1, 32, 8)
+
+
+def test_align_offsets_tile_fits_the_shared_memory():
+    """The align's prefix-sum tile (4 bytes a count in shared memory, as the launch compiles
+    with its aligned pointers) is `OFFSETS_TILE_ELEMENTS` on the H200 and halves on a device
+    of 99 KB a program, where 128 KB would not launch (`bench.compile_kernels --arch 89`)."""
+    from engine.kernels.fused_moe import (
+        OFFSETS_TILE_ELEMENTS,
+        offsets_chunk_block,
+        offsets_tile_elements,
+    )
+    from engine.kernels.sms import H200_SHARED_MEMORY
+
+    assert offsets_tile_elements(H200_SHARED_MEMORY) == OFFSETS_TILE_ELEMENTS == 32768
+    assert offsets_tile_elements(166912) == 32768  # an A100
+    assert offsets_tile_elements(101376) == 16384  # an L40S or A10
+    for e_pow2 in (128, 256, 512):
+        block = offsets_chunk_block(e_pow2, 1 << 20, 101376)
+        assert block * e_pow2 * 4 <= 101376 - 4096
+        assert offsets_chunk_block(e_pow2, 1 << 20) >= block

@@ -373,7 +373,9 @@ def test_default_block_n_fits_the_shared_memory():
     assert default_block_n(False, 16, 576, 4, l40s) == 16  # float32: 110 KB at 32 keys
     for quarters, block_h, size in ((True, 16, 2), (False, 16, 2), (False, 16, 4)):
         block_n = default_block_n(quarters, block_h, 576, size, l40s)
-        assert shared_bytes(block_h, block_n, 576, size) <= l40s < H200_SHARED_MEMORY
+        assert shared_bytes(block_h, block_n, 576, size, quarters) <= l40s < H200_SHARED_MEMORY
+    # The 16-bit one-chain kernel pipelines two key tiles: 32 heads take 16-key tiles there.
+    assert default_block_n(False, 32, 576, 2, l40s) == 16
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

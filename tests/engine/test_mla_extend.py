@@ -227,3 +227,18 @@ def test_empty_extend_launches_nothing() -> None:
         q, q[..., :8], q, q[:, 0, :8], q, empty, empty, empty, empty, empty, empty, 1.0
     )
     assert out.shape == (0, 2, 16)
+
+
+def test_default_tiles_fit_the_shared_memory():
+    """The 16-bit default tiles need 172 KB a program on sm_90 and 128 KB on sm_89 (as the
+    launch compiles, `bench.compile_kernels`): a device of 99 KB a program takes 128 x 32 keys
+    in three stages (88 KB there), keeping the 128-query blocks the step's block list uses."""
+    from engine.kernels.mla_extend import SMALL_SHARED_TILES, default_tiles
+    from engine.kernels.sms import H200_SHARED_MEMORY
+
+    big = default_tiles(torch.bfloat16)
+    assert big == default_tiles(torch.bfloat16, H200_SHARED_MEMORY) == Tiles(128, 64, 8, 3)
+    assert default_tiles(torch.bfloat16, 166912) == big  # an A100
+    small = default_tiles(torch.float16, 101376)  # an L40S, A10 or RTX card
+    assert small == SMALL_SHARED_TILES and small.block_m == big.block_m
+    assert default_tiles(torch.float32, 101376) == default_tiles(torch.float32)
