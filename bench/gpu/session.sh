@@ -1518,12 +1518,13 @@ b48)
   ;;
 b49)
   # One call for either kind: the decode split kernel's deeper pipelines first (about 80 s:
-  # Triton 3.9 double-buffers its K and V tiles only from 5 stages, and 3 gives one buffer, so
-  # each tile's load waits on the last's products; the device's Triton 3.6 may differ); then on
-  # an H200 the README's decode rows (MoE first, about 345 s) and Moonlight's 8 x 2,048 pair
-  # with transformers (about 150 s, if time is left); on an H100, b48.
+  # the device's Triton 3.6, compiled here, keeps one buffer each for K and V at 3 stages, so
+  # each tile's copy waits on the last tile's products; 5 stages double-buffer them, 7 triple:
+  # 32-key tiles at 5 stages take 90 registers and 38 KB, five programs an SM); then on an
+  # H200 the README's decode rows (MoE first, about 345 s) and Moonlight's 8 x 2,048 pair with
+  # transformers (about 150 s, if time is left); on an H100, b48.
   TAIL=40 step decode_stages 100 python3 -m bench.attention_kernel \
-    --shapes 64x128,64x2048,256x512 --block-n 32,64 --num-warps 4 --num-stages 2,3,4,5
+    --shapes 64x128,64x2048,256x512 --block-n 32,64 --num-warps 4 --num-stages 2,3,5,7
   if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
     readme_rows
     ROWS='^device|^\| [0-9]+x' step prefill_moonlight 150 python3 -m bench.engine \
