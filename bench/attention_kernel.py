@@ -3,14 +3,12 @@ configuration of the split kernel against the bytes floor, to pick `DecodeTiles`
 
     python -m bench.attention_kernel                      # Llama-3-8B heads, the engine's shapes
     python -m bench.attention_kernel --shapes 64x2048 --block-n 32,64 --num-warps 4,8
-    python -m bench.attention_kernel --shapes 64x128 --block-n 32 --num-stages 3 --pages-ahead 0,1
     TRITON_INTERPRET=1 python -m bench.attention_kernel --device cpu --shapes 2x40 \
         --heads 4/2/16 --block-n 16 --num-warps 4 --num-stages 2 --layers 1 --reps 1
 
 One layer's decode attention (one query per sequence, bfloat16, pages of `--page-size` tokens
 scattered over the pool) for each shape `BxL` (B sequences of L cached tokens) and each tile
-configuration (keys per tile, warps, stages, pages read a tile ahead or not), the split count
-chosen as the engine does
+configuration (keys per tile, warps, stages), the split count chosen as the engine does
 (`decode_splits`). Times are medians of CUDA-graph replays of `--layers` calls cycling as many
 layers' caches (so consecutive calls read different memory), divided by `--layers`. Floor:
 the bytes the step must read (every cached token's K and V once, plus the queries and outputs)
@@ -75,11 +73,6 @@ class Case:
         return 2 * tokens * kv_heads * dim * k.element_size() + 2 * self.q.numel() * 2
 
 
-def ahead(tiles: DecodeTiles) -> str:
-    """The table's "ahead" column: whether the tiles read their pages a tile ahead."""
-    return "yes" if tiles.pages_ahead else "-"
-
-
 def make_case(
     batch: int, context: int, heads: tuple[int, int, int], page_size: int, layers: int, device: str
 ) -> Case:
@@ -112,12 +105,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--block-n", type=int_list, default=[32, 64, 128])
     p.add_argument("--num-warps", type=int_list, default=[2, 4, 8])
     p.add_argument("--num-stages", type=int_list, default=[1, 2, 3])
-    p.add_argument(
-        "--pages-ahead",
-        type=functools.partial(int_list, minimum=0),
-        default=[0],
-        help="0 and/or 1: each tile's pages read one tile ahead (DecodeTiles.pages_ahead)",
-    )
     p.add_argument("--layers", type=int, default=8, help="layers' caches cycled per replay")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument(
@@ -136,10 +123,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = torch.device(args.device)
     bandwidth = copy_bandwidth(device)
     configs = [
-        DecodeTiles(n, w, s, bool(a))
-        for n, w, s, a in itertools.product(
-            args.block_n, args.num_warps, args.num_stages, args.pages_ahead
-        )
+        DecodeTiles(n, w, s)
+        for n, w, s in itertools.product(args.block_n, args.num_warps, args.num_stages)
     ]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
@@ -148,8 +133,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"dim {dim}; page size {args.page_size}; {args.layers} layers' caches cycled\n"
     )
     print(
-        "| shape | block_n | warps | stages | ahead | splits | µs | floor µs | x floor | diff |\n"
-        "| --- | ---: | ---: | ---: | :---: | ---: | ---: | ---: | ---: | ---: |"
+        "| shape | block_n | warps | stages | splits | µs | floor µs | x floor | diff |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     )
     for shape in args.shapes.split(","):
         batch, context = (int(x) for x in shape.split("x"))
@@ -171,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             except Exception as exc:  # a configuration that does not compile or launch
                 why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
                 print(f"| {shape} | {tiles.block_n} | {tiles.num_warps} | {tiles.num_stages} "
-                      f"| {ahead(tiles)} | - | failed: {why} | | | |")  # fmt: skip
+                      f"| - | failed: {why} | | | |")  # fmt: skip
                 if device.type == "cuda":
                     torch.cuda.synchronize()  # a sticky error shows here, not in every later row
                 continue
@@ -185,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             mark = ("*" if engine_choice else "") + ("<" if us == best else "")
             print(
                 f"| {shape} | {tiles.block_n} | {tiles.num_warps} | {tiles.num_stages} | "
-                f"{ahead(tiles)} | {splits} | {us:.1f}{mark} | {floor_us:.1f} | "
+                f"{splits} | {us:.1f}{mark} | {floor_us:.1f} | "
                 f"{us / floor_us:.2f} | {diff:.1e} |",
                 flush=True,
             )

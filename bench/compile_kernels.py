@@ -173,7 +173,7 @@ def decode_attention_launch(rope: bool = False) -> tuple[tuple[Any, ...], dict[s
         "GROUP": 4, "GROUP_PAD": 16, "DK": 128, "DV": 128, "BLOCK_DK": 128, "BLOCK_DV": 128,
         "PAGE_SIZE": 16, "BLOCK_N": attention.DECODE_BLOCK_N, "PRECISION": "tf32",
         "DIRECT": True, "ROPE": rope, "HALF": 64 if rope else 1,
-        "BLOCK_HALF": 64 if rope else 1, "INTERLEAVED": False, "NORM": rope, "PAGES_AHEAD": False,
+        "BLOCK_HALF": 64 if rope else 1, "INTERLEAVED": False, "NORM": rope,
     }  # fmt: skip
     # The page table's width and the log-sum-exps' split count vary; the rest are heads.
     divisible = strides(attention._decode_split_kernel, "stride_table", "stride_lb", "stride_lh")
@@ -208,13 +208,6 @@ def jobs(all_configs: bool, arch: int = 90) -> list[tuple[str, Callable[[int], U
 
     args, kwargs = decode_attention_launch()
     add("decode_split_kernel bf16", *args, **kwargs)
-    kernel, pointers, constants = args
-    for block_n, stages in ((32, 3), (32, 4), (64, 3)):  # `DecodeTiles.pages_ahead`'s trials
-        add(
-            f"decode_split_kernel bf16 pages ahead {block_n} keys {stages} stages",
-            kernel, pointers, {**constants, "BLOCK_N": block_n, "PAGES_AHEAD": True},
-            **{**kwargs, "num_stages": stages},
-        )  # fmt: skip
     args, kwargs = decode_attention_launch(rope=True)
     add("decode_split_kernel bf16, RoPE, q/k norms and the KV write folded in", *args, **kwargs)
     ids = {"topk_ids": "*i64"}

@@ -185,7 +185,6 @@ def _decode_split_kernel(
     INTERLEAVED: tl.constexpr,
     NORM: tl.constexpr,
     PDL: tl.constexpr,
-    PAGES_AHEAD: tl.constexpr,
 ):
     decode_split_program(
         tl.program_id(0), tl.program_id(1), tl.program_id(2),
@@ -195,7 +194,7 @@ def _decode_split_kernel(
         GROUP_PAD, DK, DV, BLOCK_DK, BLOCK_DV, PAGE_SIZE, BLOCK_N, num_splits, rope_q_ptr,
         rope_k_ptr, rope_v_ptr, pos_ptr, slots_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, eps,
         stride_rqb, stride_rqh, stride_rkb, stride_rkh, stride_rvb, stride_rvh, stride_rope,
-        PRECISION, DIRECT, ROPE, HALF, BLOCK_HALF, INTERLEAVED, NORM, PDL, PAGES_AHEAD,
+        PRECISION, DIRECT, ROPE, HALF, BLOCK_HALF, INTERLEAVED, NORM, PDL,
     )  # fmt: skip
 
 
@@ -278,7 +277,6 @@ def decode_split_program(
     INTERLEAVED: tl.constexpr,
     NORM: tl.constexpr,
     PDL: tl.constexpr = 0,
-    PAGES_AHEAD: tl.constexpr = False,
 ):
     """Program `(b, kvh, split)` of `decode_attention`'s split launch (also run by the
     persistent decode layer's items in bench.persistent_kernel). It waits for the kernel
@@ -346,23 +344,15 @@ def decode_split_program(
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_sum = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, BLOCK_DV], tl.float32)
-        if PAGES_AHEAD:
-            # Each tile's pages read one tile ahead: the K and V copies' addresses then come
-            # from the loop's carried values instead of a load of the same iteration, and
-            # Triton's pipeliner gives them `num_stages - 1` buffers instead of one (Triton
-            # 3.6 and 3.9 alike: `bench.compile_kernels`).
-            first = start + tl.arange(0, BLOCK_N)
-            page = tl.load(table_row + first // PAGE_SIZE, mask=first < end, other=0)
+        # (Reading each tile's pages a tile ahead lets Triton buffer the K and V copies
+        # `num_stages - 1` deep instead of once. On the H100 it lost at 64 x 128 and 256 x 512
+        # with every tile tried (16.3 against 15.3 µs at 64 x 128 with 32-key tiles) and at 64
+        # x 2,048 with four of six: bench/NOTES.md, the thirty-second session.)
         for n0 in range(start, end, BLOCK_N):
             offs = n0 + tl.arange(0, BLOCK_N)
             ok = offs < end
-            if PAGES_AHEAD:
-                slot = page.to(tl.int64) * PAGE_SIZE + offs % PAGE_SIZE  # [N]
-                after = offs + BLOCK_N
-                page = tl.load(table_row + after // PAGE_SIZE, mask=after < end, other=0)
-            else:
-                page = tl.load(table_row + offs // PAGE_SIZE, mask=ok, other=0)
-                slot = page.to(tl.int64) * PAGE_SIZE + offs % PAGE_SIZE  # [N]
+            page = tl.load(table_row + offs // PAGE_SIZE, mask=ok, other=0)
+            slot = page.to(tl.int64) * PAGE_SIZE + offs % PAGE_SIZE  # [N]
             k = tl.load(
                 k_ptr + slot[:, None] * stride_ks + kvh * stride_kh + dk[None, :],
                 mask=ok[:, None] & (dk[None, :] < DK),
@@ -489,34 +479,33 @@ DECODE_BLOCK_N = 64
 @dataclass(frozen=True)
 class DecodeTiles:
     """The decode split kernel's launch: keys per tile (a power of two, 16 or more; give
-    `decode_splits` the same), warps, software-pipeline stages, and `pages_ahead`: each tile's
-    page-table entries read one tile ahead, so that Triton's pipeliner buffers the K and V
-    copies `num_stages - 1` deep (without, it keeps one buffer each up to 4 stages: each
-    tile's copy waits on the last tile's products). Not the default until timed."""
+    `decode_splits` the same), warps and software-pipeline stages."""
 
     block_n: int = DECODE_BLOCK_N
     num_warps: int = 4
     num_stages: int = 2
-    pages_ahead: bool = False
 
 
 def _one_split_tiles(value: str) -> DecodeTiles | None:
-    """`PDSERVE_DECODE_TILES=KEYS,WARPS,STAGES,AHEAD` (e.g. `32,4,3,1`): the split kernel's
-    launch where a step takes one split (batches of 33 sequences and more at Llama-3-8B's
-    heads), for an engine A/B of `DecodeTiles`; unset: the default."""
+    """`PDSERVE_DECODE_TILES=KEYS,WARPS,STAGES` (e.g. `32,4,3`): the split kernel's launch
+    where a step takes one split (batches of 33 sequences and more at Llama-3-8B's heads), for
+    an engine A/B of `DecodeTiles`; unset: the default. (On the H100, 32-key tiles took 15.3
+    against 17.8 µs at 64 x 128 alone, and in the engine 0.03-0.08 ms off steps at 128-token
+    contexts and 0.05 ms onto 64 x 2,048: a graph serves every context, so the default
+    stays.)"""
     if not value:
         return None
     try:
-        block_n, warps, stages, ahead = (int(x) for x in value.split(","))
+        block_n, warps, stages = (int(x) for x in value.split(","))
     except ValueError:
         raise ValueError(
-            f"PDSERVE_DECODE_TILES={value!r}: give KEYS,WARPS,STAGES,AHEAD, e.g. 32,4,3,1"
+            f"PDSERVE_DECODE_TILES={value!r}: give KEYS,WARPS,STAGES, e.g. 32,4,3"
         ) from None
     if block_n < 16 or block_n & (block_n - 1) or warps not in (1, 2, 4, 8) or stages < 1:
         raise ValueError(
             f"PDSERVE_DECODE_TILES={value!r}: keys a power of two >= 16, warps 1-8, stages >= 1"
         )
-    return DecodeTiles(block_n, warps, stages, bool(ahead))
+    return DecodeTiles(block_n, warps, stages)
 
 
 ONE_SPLIT_TILES = _one_split_tiles(os.environ.get("PDSERVE_DECODE_TILES", ""))
@@ -648,7 +637,6 @@ def decode_attention(
         BLOCK_HALF=triton.next_power_of_2(dk // 2) if rope is not None else 1,
         INTERLEAVED=rope is not None and rope.interleaved,
         NORM=rope is not None and rope.qk_norm is not None,
-        PAGES_AHEAD=tiles.pages_ahead,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
         **pdl.launch_args(q, trigger_first=early),

@@ -21,25 +21,7 @@ def test_table_rows(capsys: pytest.CaptureFixture[str]) -> None:
     assert [r.split("|")[2].strip() for r in rows] == ["64", "16", "32"]
 
 
-def test_pages_ahead_rows(capsys: pytest.CaptureFixture[str]) -> None:
-    """`--pages-ahead 0,1`: a row each way, the same attention (bf16, against the default)."""
-    attention_kernel.main(["--device", "cpu", "--shapes", "3x70", "--heads", "4/2/16",
-                           "--block-n", "16", "--num-warps", "4", "--num-stages", "3",
-                           "--pages-ahead", "0,1", "--layers", "1", "--reps", "1"])  # fmt: skip
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 3x70")]
-    assert [r.split("|")[5].strip() for r in rows] == ["-", "-", "yes"]
-    assert all(float(r.split("|")[-2]) < 0.05 for r in rows)
-
-
-@pytest.mark.parametrize(
-    "tiles",
-    [
-        DecodeTiles(16, 2, 1),
-        DecodeTiles(32, 8, 3),
-        DecodeTiles(16, 4, 3, pages_ahead=True),
-        DecodeTiles(64, 4, 3, pages_ahead=True),
-    ],
-)
+@pytest.mark.parametrize("tiles", [DecodeTiles(16, 2, 1), DecodeTiles(32, 8, 3)])
 def test_other_tiles_give_the_same_attention(tiles: DecodeTiles) -> None:
     case = attention_kernel.make_case(3, 45, (4, 2, 16), 16, 1, "cpu")
     q = case.q.float()
@@ -61,7 +43,7 @@ def test_forced_splits(capsys: pytest.CaptureFixture[str]) -> None:
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2x40")]
     assert len(rows) == 4  # default and 16-key tiles, each at the engine's count and at 3
     assert sum("*" in r for r in rows) == 1
-    assert [r.split("|")[6].strip() for r in rows][1::2] == ["3", "3"]
+    assert [r.split("|")[5].strip() for r in rows][1::2] == ["3", "3"]
     assert all(float(r.split("|")[-2]) < 0.05 for r in rows)  # bfloat16 against the default
 
 
@@ -70,10 +52,10 @@ def test_one_split_tiles_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     from engine.kernels import attention
 
     assert attention._one_split_tiles("") is None
-    assert attention._one_split_tiles("32,4,3,1") == DecodeTiles(32, 4, 3, True)
-    monkeypatch.setattr(attention, "ONE_SPLIT_TILES", DecodeTiles(32, 4, 3, True))
-    assert attention.default_tiles(1) == DecodeTiles(32, 4, 3, True)
+    assert attention._one_split_tiles("32,4,3") == DecodeTiles(32, 4, 3)
+    monkeypatch.setattr(attention, "ONE_SPLIT_TILES", DecodeTiles(32, 4, 3))
+    assert attention.default_tiles(1) == DecodeTiles(32, 4, 3)
     assert attention.default_tiles(4) == DecodeTiles(num_stages=2)
-    for bad in ("32,4,3", "48,4,3,1", "a,b,c,d"):
+    for bad in ("32,4", "48,4,3", "a,b,c"):
         with pytest.raises(ValueError, match="PDSERVE_DECODE_TILES"):
             attention._one_split_tiles(bad)

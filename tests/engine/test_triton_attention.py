@@ -192,32 +192,6 @@ def test_decode_metadata_before_the_wait_changes_nothing(
     assert not outs[1][:-1].isnan().any()
 
 
-@pytest.mark.parametrize(("page_size", "hq", "hkv", "d"), SHAPES)
-@pytest.mark.parametrize("num_splits", [1, 3, 8])
-@pytest.mark.parametrize("block_n", [16, 64])
-def test_decode_pages_ahead_changes_nothing(
-    page_size: int, hq: int, hkv: int, d: int, num_splits: int, block_n: int
-) -> None:
-    """`DecodeTiles.pages_ahead` (each tile's page-table entries read a tile ahead): the output
-    bit for bit the plain kernel's, at lengths of 1, a page, a page and one and several tiles,
-    ranges that are empty (8 splits of a 1-token context), and a padding row (length 0)."""
-    gen = torch.Generator().manual_seed(page_size + hq + num_splits + block_n)
-    lens = [1, page_size, page_size + 1, 150, 0]
-    pool = make_pool([max(n, 1) for n in lens], page_size, hkv, d, gen)
-    q = torch.randn(len(lens), hq, d, generator=gen).to(DEVICE)
-    outs = []
-    for ahead in (False, True):
-        out = torch.full_like(q, float("nan"))
-        kernels.decode_attention(
-            q, pool.k, pool.v, pool.table, torch.tensor(pool.rows, device=DEVICE),
-            torch.tensor(lens, dtype=torch.int32, device=DEVICE), page_size, d**-0.5,
-            num_splits, out=out, tiles=kernels.DecodeTiles(block_n, 4, 3, pages_ahead=ahead),
-        )  # fmt: skip
-        outs.append(out)
-    assert torch.equal(outs[0][:-1], outs[1][:-1])  # the padding row's output is undefined
-    assert not outs[1][:-1].isnan().any()
-
-
 @pytest.mark.parametrize(("page_size", "hq", "hkv", "d"), SHAPES[:4])
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("variant", ["plain", "norm", "interleaved"])
