@@ -79,13 +79,12 @@ def compile_kernel(
     constants: dict[str, Any],
     floats: Sequence[str] = (),
     divisible: Sequence[str] = (),
-    unaligned: Sequence[str] = (),
     **options: int,
 ) -> Any:
     """Compile `kernel` with pointer arguments typed by `pointers`, `floats` as fp32 scalars,
     the other runtime arguments as i32, and `constants` as its constexprs. `divisible`: the
     integer arguments a launch passes as multiples of 16 (Triton specializes on that at run
-    time, and vectorizes by it). Every pointer but those in `unaligned` is taken as 16-byte
+    time, and vectorizes by it). Every pointer (not a TMA descriptor) is taken as 16-byte
     aligned, as a launch specializes a tensor at the start of its allocation (without that,
     Triton 3.9 compiled the decode split kernel's K and V loads to one 2-byte load an element
     and 255 registers, where a launch takes 16-byte loads and about 90)."""
@@ -107,8 +106,8 @@ def compile_kernel(
             signature[arg] = "fp32" if arg in floats else "i32"
     aligned = [
         arg
-        for arg in pointers
-        if arg in kernel.arg_names and arg not in unaligned and arg not in constants
+        for arg, kind in pointers.items()
+        if kind.startswith("*") and arg in kernel.arg_names and arg not in constants
     ]
     attrs = {
         (kernel.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in (*divisible, *aligned)
