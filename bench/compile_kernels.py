@@ -1140,7 +1140,8 @@ MEASURED_SPILLS = (
     # The extend kernel's 128 x 128 bf16 tiles at head dim 128: 40 B here, the fastest of the
     # sweep in `bench.extend_kernel` (2x the 64 x 64 tiles).
     "extend_kernel bf16 head dim 128",
-    # The MoE align's prefix sums at the widest tile (32,768 counts, 8 warps): 256-744 B here.
+    # The MoE align's prefix sums at the widest tile (32,768 counts, 8 warps): 256-744 B here,
+    # 152-768 B with Triton 3.6 (the device's).
     # Half the tile would not spill, but doubles the chain of tiles a long prefill waits on;
     # wide tiles measured faster than 16 chunks a tile on the H200 (`offsets_chunk_block`);
     # half this one was not timed.
