@@ -21,16 +21,21 @@ pytest.importorskip("triton", reason="triton is a dev dependency (pip install -e
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def compile_kernels(*args: str) -> subprocess.CompletedProcess[str]:
-    """`bench.compile_kernels ARGS` in a process without the interpreter."""
+def uninterpreted(*argv: str) -> subprocess.CompletedProcess[str]:
+    """`python ARGV` in a process without the interpreter."""
     return subprocess.run(
-        [sys.executable, "-m", "bench.compile_kernels", *args],
+        [sys.executable, *argv],
         cwd=ROOT,
         env={**os.environ, "TRITON_INTERPRET": "0"},
         capture_output=True,
         text=True,
         timeout=900,
     )
+
+
+def compile_kernels(*args: str) -> subprocess.CompletedProcess[str]:
+    """`bench.compile_kernels ARGS` in a process without the interpreter."""
+    return uninterpreted("-m", "bench.compile_kernels", *args)
 
 
 def test_kernels_compile_for_sm90_without_spills() -> None:
@@ -78,14 +83,7 @@ def test_compile_specializes_as_a_launch() -> None:
     tensors, strides divisible by 16): the decode split kernel's K and V tiles are copied
     asynchronously in 16-byte pieces, not loaded 2 bytes an element at 255 registers as an
     unaligned compile makes them (which the report showed until the thirty-second session)."""
-    proc = subprocess.run(
-        [sys.executable, "-c", ALIGNED],
-        cwd=ROOT,
-        env={**os.environ, "TRITON_INTERPRET": "0"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = uninterpreted("-c", ALIGNED)
     assert proc.returncode == 0, proc.stderr[-4000:]
     registers, async_copies, scalar_loads = (int(x) for x in proc.stdout.split()[-3:])
     assert registers < 160 and async_copies > 0 and scalar_loads == 0, proc.stdout
