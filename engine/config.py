@@ -370,6 +370,27 @@ def pdl_mode_from_env() -> int:
     return PDL_MODES[name]
 
 
+def decode_tiles_from_env() -> tuple[int, int, int] | None:
+    """PDSERVE_DECODE_TILES=KEYS,WARPS,STAGES (e.g. `32,4,3`): the decode split kernel's
+    launch where a step takes one split (`attention.default_tiles`), for an engine A/B; unset
+    is None (the default tiles). A bad value is a ValueError that names the form."""
+    value = os.environ.get("PDSERVE_DECODE_TILES", "")
+    if not value:
+        return None
+    try:
+        block_n, warps, stages = (int(x) for x in value.split(","))
+    except ValueError:
+        raise ValueError(
+            f"PDSERVE_DECODE_TILES must be KEYS,WARPS,STAGES, e.g. 32,4,3, got {value!r}"
+        ) from None
+    if block_n < 16 or block_n & (block_n - 1) or warps not in (1, 2, 4, 8) or stages < 1:
+        raise ValueError(
+            f"PDSERVE_DECODE_TILES needs keys a power of two >= 16, warps 1-8 and stages >= 1, "
+            f"got {value!r}"
+        )
+    return block_n, warps, stages
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Runtime settings of one engine instance.
@@ -412,6 +433,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         pdl_mode_from_env()  # a bad PDSERVE_PDL fails here, at start, not at the first launch
+        decode_tiles_from_env()  # and so does a bad PDSERVE_DECODE_TILES
         if not self.grammar_compile_timeout_s > 0:
             raise ValueError(
                 f"grammar_compile_timeout_s must be > 0, got {self.grammar_compile_timeout_s}"

@@ -20,13 +20,14 @@ Softmax runs in float32 in the log2 domain (scores scaled by `scale * log2(e)`).
 
 from __future__ import annotations
 
-import os
+import functools
 from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
+from engine.config import decode_tiles_from_env
 from engine.kernels import pdl
 
 # The sequence's length and page-table row before the PDL wait where METADATA_BEFORE_WAIT
@@ -486,37 +487,22 @@ class DecodeTiles:
     num_stages: int = 2
 
 
-def _one_split_tiles(value: str) -> DecodeTiles | None:
-    """`PDSERVE_DECODE_TILES=KEYS,WARPS,STAGES` (e.g. `32,4,3`): the split kernel's launch
-    where a step takes one split (batches of 33 sequences and more at Llama-3-8B's heads), for
-    an engine A/B of `DecodeTiles`; unset: the default. (On the H100, 32-key tiles took 15.3
-    against 17.8 µs at 64 x 128 alone, and in the engine 0.03-0.08 ms off steps at 128-token
-    contexts and 0.05 ms onto 64 x 2,048: a graph serves every context, so the default
-    stays.)"""
-    if not value:
-        return None
-    try:
-        block_n, warps, stages = (int(x) for x in value.split(","))
-    except ValueError:
-        raise ValueError(
-            f"PDSERVE_DECODE_TILES={value!r}: give KEYS,WARPS,STAGES, e.g. 32,4,3"
-        ) from None
-    if block_n < 16 or block_n & (block_n - 1) or warps not in (1, 2, 4, 8) or stages < 1:
-        raise ValueError(
-            f"PDSERVE_DECODE_TILES={value!r}: keys a power of two >= 16, warps 1-8, stages >= 1"
-        )
-    return DecodeTiles(block_n, warps, stages)
-
-
-ONE_SPLIT_TILES = _one_split_tiles(os.environ.get("PDSERVE_DECODE_TILES", ""))
+@functools.cache
+def one_split_tiles() -> DecodeTiles | None:
+    """`PDSERVE_DECODE_TILES`'s tiles (`config.decode_tiles_from_env`) for a step that takes
+    one split, read once; None: the default. (On the H100, 32-key tiles took 15.3 against 17.8
+    µs at 64 x 128 alone, and in the engine 0.03-0.08 ms off steps at 128-token contexts and
+    0.05 ms onto 64 x 2,048: a graph serves every context, so the default stays.)"""
+    tiles = decode_tiles_from_env()
+    return None if tiles is None else DecodeTiles(*tiles)
 
 
 def default_tiles(num_splits: int) -> DecodeTiles:
     """The engine's split-kernel launch for `num_splits` ranges: 3 stages for one (4-5% faster
-    there on the H200 at 64 x 128 and 256 x 512), 2 for several; `ONE_SPLIT_TILES` where set
-    for one. (The split count, `decode_splits`, is the default tiles' either way.)"""
+    there on the H200 at 64 x 128 and 256 x 512), 2 for several; `one_split_tiles()` where
+    set for one. (The split count, `decode_splits`, is the default tiles' either way.)"""
     if num_splits == 1:
-        return ONE_SPLIT_TILES or DecodeTiles(num_stages=3)
+        return one_split_tiles() or DecodeTiles(num_stages=3)
     return DecodeTiles(num_stages=2)
 
 

@@ -48,14 +48,23 @@ def test_forced_splits(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_one_split_tiles_switch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`PDSERVE_DECODE_TILES` gives the one-split launch's tiles; a bad value names the fix."""
+    """`PDSERVE_DECODE_TILES` gives the one-split launch's tiles; a bad value names the form."""
+    from engine.config import decode_tiles_from_env
     from engine.kernels import attention
 
-    assert attention._one_split_tiles("") is None
-    assert attention._one_split_tiles("32,4,3") == DecodeTiles(32, 4, 3)
-    monkeypatch.setattr(attention, "ONE_SPLIT_TILES", DecodeTiles(32, 4, 3))
-    assert attention.default_tiles(1) == DecodeTiles(32, 4, 3)
-    assert attention.default_tiles(4) == DecodeTiles(num_stages=2)
+    monkeypatch.delenv("PDSERVE_DECODE_TILES", raising=False)
+    assert decode_tiles_from_env() is None
+    monkeypatch.setenv("PDSERVE_DECODE_TILES", "32,4,3")
+    assert decode_tiles_from_env() == (32, 4, 3)
+    attention.one_split_tiles.cache_clear()
+    try:
+        assert attention.default_tiles(1) == DecodeTiles(32, 4, 3)
+        assert attention.default_tiles(4) == DecodeTiles(num_stages=2)
+    finally:
+        monkeypatch.delenv("PDSERVE_DECODE_TILES")
+        attention.one_split_tiles.cache_clear()
+    assert attention.default_tiles(1) == DecodeTiles(num_stages=3)
     for bad in ("32,4", "48,4,3", "a,b,c"):
+        monkeypatch.setenv("PDSERVE_DECODE_TILES", bad)
         with pytest.raises(ValueError, match="PDSERVE_DECODE_TILES"):
-            attention._one_split_tiles(bad)
+            decode_tiles_from_env()
