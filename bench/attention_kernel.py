@@ -3,12 +3,15 @@ configuration of the split kernel against the bytes floor, to pick `DecodeTiles`
 
     python -m bench.attention_kernel                      # Llama-3-8B heads, the engine's shapes
     python -m bench.attention_kernel --shapes 64x2048 --block-n 32,64 --num-warps 4,8
+    python -m bench.attention_kernel --shapes 64x129,64x2048 --block-n 64 --num-warps 4 \
+        --num-stages 3 --short 0,32:256
     TRITON_INTERPRET=1 python -m bench.attention_kernel --device cpu --shapes 2x40 \
         --heads 4/2/16 --block-n 16 --num-warps 4 --num-stages 2 --layers 1 --reps 1
 
 One layer's decode attention (one query per sequence, bfloat16, pages of `--page-size` tokens
 scattered over the pool) for each shape `BxL` (B sequences of L cached tokens) and each tile
-configuration (keys per tile, warps, stages), the split count chosen as the engine does
+configuration (keys per tile, warps, stages, and `--short`'s second loop for short ranges:
+`DecodeTiles.short_n`), the split count chosen as the engine does
 (`decode_splits`). Times are medians of CUDA-graph replays of `--layers` calls cycling as many
 layers' caches (so consecutive calls read different memory), divided by `--layers`. Floor:
 the bytes the step must read (every cached token's K and V once, plus the queries and outputs)
@@ -97,6 +100,20 @@ def make_case(
     return Case(q, caches, table, rows, seq_lens, page_size, torch.empty_like(q), context)
 
 
+def short_list(text: str) -> list[tuple[int, int]]:
+    """`0,32:256` -> [(0, 0), (32, 256)]."""
+    out = []
+    for item in text.split(","):
+        keys, _, most = item.partition(":")
+        out.append((int(keys), int(most or 0)) if int(keys) else (0, 0))
+    return out
+
+
+def short_text(tiles: DecodeTiles) -> str:
+    """The table's `short` cell: `KEYS:MAX`, or - for none."""
+    return f"{tiles.short_n}:{tiles.short_max}" if tiles.short_n else "-"
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--shapes", default=DEFAULT_SHAPES, help="BxL, comma-separated")
@@ -113,6 +130,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=[0],
         help="context splits to time (0: the engine's decode_splits)",
     )
+    p.add_argument(
+        "--short",
+        type=short_list,
+        default=[(0, 0)],
+        help="KEYS:MAX, comma-separated: ranges of at most MAX keys in tiles of KEYS "
+        "(`DecodeTiles.short_n`); 0: none",
+    )
     p.add_argument("--device", default="cuda")
     return p.parse_args(argv)
 
@@ -123,8 +147,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = torch.device(args.device)
     bandwidth = copy_bandwidth(device)
     configs = [
-        DecodeTiles(n, w, s)
-        for n, w, s in itertools.product(args.block_n, args.num_warps, args.num_stages)
+        DecodeTiles(n, w, s, *short)
+        for n, w, s, short in itertools.product(
+            args.block_n, args.num_warps, args.num_stages, args.short
+        )
+        if not short[0] or short[0] < n
     ]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
@@ -133,8 +160,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"dim {dim}; page size {args.page_size}; {args.layers} layers' caches cycled\n"
     )
     print(
-        "| shape | block_n | warps | stages | splits | µs | floor µs | x floor | diff |\n"
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| shape | block_n | warps | stages | short | splits | µs | floor µs | x floor | diff |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     )
     for shape in args.shapes.split(","):
         batch, context = (int(x) for x in shape.split("x"))
@@ -156,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             except Exception as exc:  # a configuration that does not compile or launch
                 why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
                 print(f"| {shape} | {tiles.block_n} | {tiles.num_warps} | {tiles.num_stages} "
-                      f"| - | failed: {why} | | | |")  # fmt: skip
+                      f"| {short_text(tiles)} | - | failed: {why} | | | |")  # fmt: skip
                 if device.type == "cuda":
                     torch.cuda.synchronize()  # a sticky error shows here, not in every later row
                 continue
@@ -170,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             mark = ("*" if engine_choice else "") + ("<" if us == best else "")
             print(
                 f"| {shape} | {tiles.block_n} | {tiles.num_warps} | {tiles.num_stages} | "
-                f"{splits} | {us:.1f}{mark} | {floor_us:.1f} | "
+                f"{short_text(tiles)} | {splits} | {us:.1f}{mark} | {floor_us:.1f} | "
                 f"{us / floor_us:.2f} | {diff:.1e} |",
                 flush=True,
             )

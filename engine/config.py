@@ -370,25 +370,39 @@ def pdl_mode_from_env() -> int:
     return PDL_MODES[name]
 
 
-def decode_tiles_from_env() -> tuple[int, int, int] | None:
-    """PDSERVE_DECODE_TILES=KEYS,WARPS,STAGES (e.g. `32,4,3`): the decode split kernel's
-    launch where a step takes one split (`attention.default_tiles`), for an engine A/B; unset
-    is None (the default tiles). A bad value is a ValueError that names the form."""
+def decode_tiles_from_env() -> tuple[int, ...] | None:
+    """PDSERVE_DECODE_TILES=KEYS,WARPS,STAGES[,SHORT_KEYS,SHORT_MAX] (e.g. `32,4,3` or
+    `64,4,3,32,256`): the decode split kernel's launch where a step takes one split
+    (`attention.default_tiles`), for an engine A/B; the two optional values give a range of at
+    most SHORT_MAX keys tiles of SHORT_KEYS instead (`attention.DecodeTiles`). Unset is None
+    (the default tiles). A bad value is a ValueError that names the form."""
     value = os.environ.get("PDSERVE_DECODE_TILES", "")
     if not value:
         return None
+    form = "KEYS,WARPS,STAGES[,SHORT_KEYS,SHORT_MAX], e.g. 32,4,3 or 64,4,3,32,256"
     try:
-        block_n, warps, stages = (int(x) for x in value.split(","))
+        values = tuple(int(x) for x in value.split(","))
     except ValueError:
-        raise ValueError(
-            f"PDSERVE_DECODE_TILES must be KEYS,WARPS,STAGES, e.g. 32,4,3, got {value!r}"
-        ) from None
-    if block_n < 16 or block_n & (block_n - 1) or warps not in (1, 2, 4, 8) or stages < 1:
+        values = ()
+    if len(values) not in (3, 5):
+        raise ValueError(f"PDSERVE_DECODE_TILES must be {form}, got {value!r}")
+    block_n, warps, stages = values[:3]
+    short_n, short_max = values[3:] or (0, 0)
+
+    def tile(n: int) -> bool:
+        return n >= 16 and not n & (n - 1)
+
+    if not tile(block_n) or warps not in (1, 2, 4, 8) or stages < 1:
         raise ValueError(
             f"PDSERVE_DECODE_TILES needs keys a power of two >= 16, warps 1-8 and stages >= 1, "
             f"got {value!r}"
         )
-    return block_n, warps, stages
+    if len(values) == 5 and (not tile(short_n) or short_n >= block_n or short_max < 1):
+        raise ValueError(
+            f"PDSERVE_DECODE_TILES needs SHORT_KEYS a power of two >= 16 below KEYS and "
+            f"SHORT_MAX >= 1, got {value!r}"
+        )
+    return values
 
 
 @dataclass(frozen=True)

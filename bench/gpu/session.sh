@@ -97,7 +97,7 @@
 #   run(command="bash bench/gpu/session.sh b46", carry=[".whl"]) # DeepSeek/Kimi prefill tiles
 #   run(command="bash bench/gpu/session.sh b47", carry=[".whl"]) # H200: MoE rows, then b45
 #   run(command="bash bench/gpu/session.sh b48", carry=[".whl"]) # MoE prefill tiles engine A/B
-#   run(command="bash bench/gpu/session.sh b49", carry=[".whl"]) # H200 README rows, else b48
+#   run(command="bash bench/gpu/session.sh b50", carry=[".whl"]) # decode short loop, A/B
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -1516,23 +1516,27 @@ b47)
 b48)
   prefill_engine_ab
   ;;
-b49)
-  # One call for either kind. The decode split kernel's tiles and stages (about 40 s), then
-  # Llama-3-8B's one-split rows with the fastest tiles at 64 x 128 (`PDSERVE_DECODE_TILES`)
-  # against the default, back to back; on an H200 the README's decode rows too (the MoE
-  # models' first). (The thirty-second session's H100: 32-key tiles 15.3 against 17.8 µs at 64
-  # x 128, and 0.03-0.08 ms off the engine's 128-token rows, 0.05 onto 64 x 2,048.)
-  TAIL=40 step decode_stages 110 python3 -m bench.attention_kernel \
-    --shapes 64x128,64x2048,256x512 --block-n 32,64 --num-warps 4 --num-stages 3,4
-  best=$(python3 - "$OUT/decode_stages.txt" <<'PY'
+b50)
+  # One call for either kind. The decode split kernel with a second loop for short ranges
+  # (`DecodeTiles.short_n`: per sequence, in the same launch) against 32- and 64-key tiles
+  # (about 60 s), then Llama-3-8B's one-split rows with the fastest at 64 x 144 (through
+  # `PDSERVE_DECODE_TILES`) against the default, twice, back to back; on an H200 the MoE
+  # models' README rows and Llama's batch 1 too. (The thirty-second session's H100: plain
+  # 32-key tiles 15.3 against 17.8 µs at 64 x 128, 0.03-0.08 ms off the engine's 128-token
+  # rows but 0.05 onto 64 x 2,048, which the second loop is to keep.)
+  TAIL=40 step decode_short 120 python3 -m bench.attention_kernel \
+    --shapes 64x144,64x512,64x2048,256x512 --block-n 32,64 --num-warps 4 --num-stages 3 \
+    --short 0,32:160,32:256,32:512
+  best=$(python3 - "$OUT/decode_short.txt" <<'PY'
 import sys
 for line in open(sys.argv[1]):
     cells = [c.strip() for c in line.split("|")]
-    if len(cells) > 6 and cells[1] == "64x128" and cells[6].endswith("<") and "*" not in cells[6]:
-        print(f"{cells[2]},{cells[3]},{cells[4]}")
+    if len(cells) > 7 and cells[1] == "64x144" and cells[7].endswith("<") and "*" not in cells[7]:
+        short = cells[5].replace(":", ",")
+        print(",".join(cells[2:5]) + ("" if short == "-" else "," + short))
 PY
 )
-  echo "== fastest one-split tiles at 64 x 128 (other than the default): ${best:-none}"
+  echo "== fastest one-split tiles at 64 x 144 (other than the default): ${best:-none}"
   llama_rows() {  # NAME [TILES]: Llama-3-8B's one-split rows, with PDSERVE_DECODE_TILES=TILES
     ROWS='^device|^\| [0-9]+x' step "$1" 90 env PDSERVE_DECODE_TILES="${2:-}" python3 -m \
       bench.engine --preset llama3-8b --skip-hf --prefill '' --decode 64x128,64x2048,256x512 \
@@ -1547,5 +1551,5 @@ PY
     --preset llama3-8b --skip-hf --prefill '' --decode 1x128 --repeats 3
   true
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b49"; exit 2 ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50"; exit 2 ;;
 esac

@@ -186,6 +186,8 @@ def _decode_split_kernel(
     INTERLEAVED: tl.constexpr,
     NORM: tl.constexpr,
     PDL: tl.constexpr,
+    SHORT_N: tl.constexpr,
+    SHORT_MAX: tl.constexpr,
 ):
     decode_split_program(
         tl.program_id(0), tl.program_id(1), tl.program_id(2),
@@ -195,7 +197,7 @@ def _decode_split_kernel(
         GROUP_PAD, DK, DV, BLOCK_DK, BLOCK_DV, PAGE_SIZE, BLOCK_N, num_splits, rope_q_ptr,
         rope_k_ptr, rope_v_ptr, pos_ptr, slots_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, eps,
         stride_rqb, stride_rqh, stride_rkb, stride_rkh, stride_rvb, stride_rvh, stride_rope,
-        PRECISION, DIRECT, ROPE, HALF, BLOCK_HALF, INTERLEAVED, NORM, PDL,
+        PRECISION, DIRECT, ROPE, HALF, BLOCK_HALF, INTERLEAVED, NORM, PDL, SHORT_N, SHORT_MAX,
     )  # fmt: skip
 
 
@@ -213,6 +215,43 @@ def wait_after_metadata(PDL: tl.constexpr):
     """The PDL wait after the metadata's loads, where `METADATA_BEFORE_WAIT`."""
     if METADATA_BEFORE_WAIT:
         pdl.wait(PDL)
+
+
+@triton.jit
+def _attend_keys(
+    q, start, end, table_row, k_ptr, v_ptr, kvh, stride_ks, stride_kh, stride_vs, stride_vh,
+    scale, dk, dv, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    GROUP_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Keys `[start, end)` of one page-table row for a KV group's queries `q` `[G, DK]`, in
+    tiles of `BLOCK_N`: the online softmax's `(m, l_sum, acc)`."""
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_sum = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_DV], tl.float32)
+    # (Reading each tile's pages a tile ahead lets Triton buffer the K and V copies
+    # `num_stages - 1` deep instead of once. On the H100 it lost at 64 x 128 and 256 x 512
+    # with every tile tried (16.3 against 15.3 µs at 64 x 128 with 32-key tiles) and at 64
+    # x 2,048 with four of six: bench/NOTES.md, the thirty-second session.)
+    for n0 in range(start, end, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        ok = offs < end
+        page = tl.load(table_row + offs // PAGE_SIZE, mask=ok, other=0)
+        slot = page.to(tl.int64) * PAGE_SIZE + offs % PAGE_SIZE  # [N]
+        k = tl.load(
+            k_ptr + slot[:, None] * stride_ks + kvh * stride_kh + dk[None, :],
+            mask=ok[:, None] & (dk[None, :] < DK),
+            other=0.0,
+        )  # [N, DK]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [G, N]
+        s = tl.where(ok[None, :], s, float("-inf"))
+        v = tl.load(
+            v_ptr + slot[:, None] * stride_vs + kvh * stride_vh + dv[None, :],
+            mask=ok[:, None] & (dv[None, :] < DV),
+            other=0.0,
+        )  # [N, DV]
+        m, l_sum, acc = online_softmax_step(s, v, m, l_sum, acc, PRECISION)
+    return m, l_sum, acc
 
 
 @triton.jit
@@ -278,6 +317,8 @@ def decode_split_program(
     INTERLEAVED: tl.constexpr,
     NORM: tl.constexpr,
     PDL: tl.constexpr = 0,
+    SHORT_N: tl.constexpr = 0,
+    SHORT_MAX: tl.constexpr = 0,
 ):
     """Program `(b, kvh, split)` of `decode_attention`'s split launch (also run by the
     persistent decode layer's items in bench.persistent_kernel). It waits for the kernel
@@ -342,31 +383,25 @@ def decode_split_program(
                 mask=head_ok[:, None] & (dk[None, :] < DK),
                 other=0.0,
             )  # [G, DK]
-        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        l_sum = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, BLOCK_DV], tl.float32)
-        # (Reading each tile's pages a tile ahead lets Triton buffer the K and V copies
-        # `num_stages - 1` deep instead of once. On the H100 it lost at 64 x 128 and 256 x 512
-        # with every tile tried (16.3 against 15.3 µs at 64 x 128 with 32-key tiles) and at 64
-        # x 2,048 with four of six: bench/NOTES.md, the thirty-second session.)
-        for n0 in range(start, end, BLOCK_N):
-            offs = n0 + tl.arange(0, BLOCK_N)
-            ok = offs < end
-            page = tl.load(table_row + offs // PAGE_SIZE, mask=ok, other=0)
-            slot = page.to(tl.int64) * PAGE_SIZE + offs % PAGE_SIZE  # [N]
-            k = tl.load(
-                k_ptr + slot[:, None] * stride_ks + kvh * stride_kh + dk[None, :],
-                mask=ok[:, None] & (dk[None, :] < DK),
-                other=0.0,
-            )  # [N, DK]
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [G, N]
-            s = tl.where(ok[None, :], s, float("-inf"))
-            v = tl.load(
-                v_ptr + slot[:, None] * stride_vs + kvh * stride_vh + dv[None, :],
-                mask=ok[:, None] & (dv[None, :] < DV),
-                other=0.0,
-            )  # [N, DV]
-            m, l_sum, acc = online_softmax_step(s, v, m, l_sum, acc, PRECISION)
+        if SHORT_N > 0:
+            if end - start <= SHORT_MAX:
+                m, l_sum, acc = _attend_keys(
+                    q, start, end, table_row, k_ptr, v_ptr, kvh, stride_ks, stride_kh,
+                    stride_vs, stride_vh, scale, dk, dv, DK, DV, BLOCK_DV, GROUP_PAD, PAGE_SIZE,
+                    SHORT_N, PRECISION,
+                )  # fmt: skip
+            else:
+                m, l_sum, acc = _attend_keys(
+                    q, start, end, table_row, k_ptr, v_ptr, kvh, stride_ks, stride_kh,
+                    stride_vs, stride_vh, scale, dk, dv, DK, DV, BLOCK_DV, GROUP_PAD, PAGE_SIZE,
+                    BLOCK_N, PRECISION,
+                )  # fmt: skip
+        else:
+            m, l_sum, acc = _attend_keys(
+                q, start, end, table_row, k_ptr, v_ptr, kvh, stride_ks, stride_kh, stride_vs,
+                stride_vh, scale, dk, dv, DK, DV, BLOCK_DV, GROUP_PAD, PAGE_SIZE, BLOCK_N,
+                PRECISION,
+            )  # fmt: skip
         out = acc / l_sum[:, None]
         if DIRECT:
             tl.store(
@@ -480,11 +515,21 @@ DECODE_BLOCK_N = 64
 @dataclass(frozen=True)
 class DecodeTiles:
     """The decode split kernel's launch: keys per tile (a power of two, 16 or more; give
-    `decode_splits` the same), warps and software-pipeline stages."""
+    `decode_splits` the same), warps and software-pipeline stages; and, where `short_n` is
+    set, a second loop in the same program that takes a range of at most `short_max` keys in
+    tiles of `short_n` (fewer keys than `block_n`), chosen per sequence on the device. The two
+    loops share their shared memory: the kernel's registers and shared memory are the long
+    loop's (sm_90, Triton 3.9: 91 against 93 registers, 39 KB either way)."""
 
     block_n: int = DECODE_BLOCK_N
     num_warps: int = 4
     num_stages: int = 2
+    short_n: int = 0
+    short_max: int = 0
+
+    def __post_init__(self) -> None:
+        if self.short_n and not (16 <= self.short_n < self.block_n and self.short_max > 0):
+            raise ValueError(f"short tiles need 16 <= short_n < block_n and short_max > 0: {self}")
 
 
 @functools.cache
@@ -625,6 +670,8 @@ def decode_attention(
         NORM=rope is not None and rope.qk_norm is not None,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
+        SHORT_N=tiles.short_n,
+        SHORT_MAX=tiles.short_max,
         **pdl.launch_args(q, trigger_first=early),
     )  # fmt: skip
     if direct:

@@ -21,17 +21,24 @@ def test_table_rows(capsys: pytest.CaptureFixture[str]) -> None:
     assert [r.split("|")[2].strip() for r in rows] == ["64", "16", "32"]
 
 
-@pytest.mark.parametrize("tiles", [DecodeTiles(16, 2, 1), DecodeTiles(32, 8, 3)])
+@pytest.mark.parametrize(
+    "tiles", [DecodeTiles(16, 2, 1), DecodeTiles(32, 8, 3), DecodeTiles(32, 4, 3, 16, 32)]
+)
 def test_other_tiles_give_the_same_attention(tiles: DecodeTiles) -> None:
+    """Every tile configuration computes the same attention, at the engine's split count and
+    at one split; with short tiles (the last case) at one split the 20-token sequence takes
+    the short loop and the 33- and 45-token ones the 32-key loop, in one launch."""
     case = attention_kernel.make_case(3, 45, (4, 2, 16), 16, 1, "cpu")
+    case.seq_lens.copy_(torch.tensor([45, 20, 33]))
     q = case.q.float()
     k, v = (t.float() for t in case.caches[0])
-    outs = []
-    for t in (DecodeTiles(), tiles):
-        splits = decode_splits(3, 2, 45, t.block_n)
-        outs.append(decode_attention(q, k, v, case.table, case.rows, case.seq_lens, 16, 0.25,
-                                     splits, tiles=t))  # fmt: skip
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    for one_split in (False, True):
+        outs = []
+        for t in (DecodeTiles(), tiles):
+            splits = 1 if one_split else decode_splits(3, 2, 45, t.block_n)
+            outs.append(decode_attention(q, k, v, case.table, case.rows, case.seq_lens, 16,
+                                         0.25, splits, tiles=t))  # fmt: skip
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
 
 
 def test_forced_splits(capsys: pytest.CaptureFixture[str]) -> None:
@@ -43,7 +50,7 @@ def test_forced_splits(capsys: pytest.CaptureFixture[str]) -> None:
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2x40")]
     assert len(rows) == 4  # default and 16-key tiles, each at the engine's count and at 3
     assert sum("*" in r for r in rows) == 1
-    assert [r.split("|")[5].strip() for r in rows][1::2] == ["3", "3"]
+    assert [r.split("|")[6].strip() for r in rows][1::2] == ["3", "3"]
     assert all(float(r.split("|")[-2]) < 0.05 for r in rows)  # bfloat16 against the default
 
 
@@ -64,7 +71,21 @@ def test_one_split_tiles_switch(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv("PDSERVE_DECODE_TILES")
         attention.one_split_tiles.cache_clear()
     assert attention.default_tiles(1) == DecodeTiles(num_stages=3)
-    for bad in ("32,4", "48,4,3", "a,b,c"):
+    monkeypatch.setenv("PDSERVE_DECODE_TILES", "64,4,3,32,256")
+    assert decode_tiles_from_env() == (64, 4, 3, 32, 256)
+    for bad in ("32,4", "48,4,3", "a,b,c", "64,4,3,32", "64,4,3,64,256", "64,4,3,24,256"):
         monkeypatch.setenv("PDSERVE_DECODE_TILES", bad)
         with pytest.raises(ValueError, match="PDSERVE_DECODE_TILES"):
             decode_tiles_from_env()
+
+
+def test_short_tiles_rows(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--short`: a row per second-loop setting, named in its column; none at or above the
+    tile's own keys."""
+    attention_kernel.main(["--device", "cpu", "--shapes", "2x40", "--heads", "4/2/16",
+                           "--block-n", "16,32", "--num-warps", "4", "--num-stages", "2",
+                           "--layers", "1", "--reps", "1", "--short", "0,16:32"])  # fmt: skip
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2x40")]
+    cells = [(r.split("|")[2].strip(), r.split("|")[5].strip()) for r in rows]
+    assert cells == [("64", "-"), ("16", "-"), ("32", "-"), ("32", "16:32")]
+    assert all(float(r.split("|")[-2]) < 0.05 for r in rows)  # bfloat16 against the default
