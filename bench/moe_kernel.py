@@ -322,7 +322,7 @@ def bench_shape(
         fused()
         err = 0.0
         for layer, x, (w, ids), got in zip(layers, step.xs, step.routed, outs, strict=True):
-            want = TorchMoEBackend().experts(x.float(), layer.w13.float(), layer.w2.float(), w, ids)
+            want = TorchMoEBackend().experts(x.float(), layer.w13, layer.w2, w, ids)
             scale = want.abs().max().clamp_min(1e-6)
             err = max(err, float((got.float() - want).abs().max() / scale))
         rows.append(

@@ -98,6 +98,7 @@
 #   run(command="bash bench/gpu/session.sh b47", carry=[".whl"]) # H200: MoE rows, then b45
 #   run(command="bash bench/gpu/session.sh b48", carry=[".whl"]) # MoE prefill tiles engine A/B
 #   run(command="bash bench/gpu/session.sh b50", carry=[".whl"]) # decode short loop, A/B
+#   run(command="bash bench/gpu/session.sh b51", carry=[".whl"]) # DeepSeek/Kimi full MoE check
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -1551,5 +1552,14 @@ PY
     --preset llama3-8b --skip-hf --prefill '' --decode 1x128 --repeats 3
   true
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50"; exit 2 ;;
+b51)
+  # For either kind (about 300 s): DeepSeek-V3's and Kimi-K2's full-size MoE layers against the
+  # reference, with their shared experts fused. (The thirty-second session's H100 ran out of
+  # memory in the float32 reference of DeepSeek-V3's layer; the reference now widens one
+  # expert's weights at a time and the weights are drawn in bfloat16: 23 and 34 GB a layer.)
+  TAIL=30 step check_moe_deepseek 200 python3 -m bench.check_moe_gpu --shape deepseek-v3 \
+    --skip-mla
+  TAIL=30 step check_moe_kimi 200 python3 -m bench.check_moe_gpu --shape kimi-k2 --skip-mla
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51"; exit 2 ;;
 esac

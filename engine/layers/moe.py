@@ -284,8 +284,10 @@ class TorchMoEBackend(MoEBackend):
             if count == 0:
                 continue
             tokens = token_of[start : start + count]
-            gate, up = F.linear(x[tokens], w13[expert]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, w2[expert])
+            # In x's dtype: float32 activations over bfloat16 weights (a full-size check's
+            # reference) widen one expert's weights at a time, not the whole layer's.
+            gate, up = F.linear(x[tokens], w13[expert].to(x.dtype)).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, w2[expert].to(x.dtype))
             # Router weights may be float32 (DeepSeek); weigh first, then cast, as the reference.
             out.index_add_(0, tokens, (y * weight_of[start : start + count, None]).to(x.dtype))
             start += count
