@@ -2,21 +2,22 @@
 
     python -m bench.check_moe_gpu            # exits 1 on any mismatch, printing each check
 
-`make test` checks the kernels at small shapes under Triton's interpreter; this runs them
-compiled, in bfloat16, at the published sizes of Qwen3-30B-A3B, Moonlight-16B-A3B and
-DeepSeek-V3 (one layer each; Kimi-K2 with `--shape kimi-k2`), over token counts 0, 1, 4, 7, 64, 257 and 4096 (1 and 4 take the
-small-batch path); MLA decode and extend at 16 and 128 heads. For the DeepSeek shapes also
-shared-expert fusion: the router's logits kernel from bfloat16 against float32 logits
-(max abs error <= 1e-5 of the largest), and the fused layer (shared experts stacked after the
-routed ones, one combine) against the float32 reference with MOE_TOL, printing how far it lies
-from routed experts + a separate shared MLP, in bfloat16 steps at the output's RMS.
+`make test` checks the kernels at small shapes under Triton's interpreter; this runs them compiled,
+in bfloat16, at the published sizes of Qwen3-30B-A3B, Moonlight-16B-A3B and DeepSeek-V3 (one layer
+each; Kimi-K2 with `--shape kimi-k2`), over token counts 0, 1, 4, 7, 64, 257 and 4096 (1 and 4 take
+the small-batch path); MLA decode and extend at 16 and 128 heads. For the DeepSeek shapes also
+shared-expert fusion: the router's logits kernel from bfloat16 against float32 logits (max abs error
+<= 1e-5 of the largest), and the fused layer (shared experts stacked after the routed ones, one
+combine) against the float32 reference with MOE_TOL, printing how far it lies from routed experts +
+a separate shared MLP, in bfloat16 steps at the output's RMS.
 
 Tolerances (bfloat16): the fused experts against the torch experts run in float32 on the same
-bfloat16 weights (widened an expert at a time: a layer fits an 80 GB card), max abs error <= 2e-2 of the largest reference value (bfloat16 keeps 8 bits:
-the output and the intermediate activation each round by up to 2^-9 relative). Routing from
-float32 logits: the same experts per token (ties aside), weights within 1e-5. MLA decode
-against the torch backend's formula in float32, and MLA extend (non-absorbed, head dims 128 +
-64 and 128) against causal attention in float32: max abs error <= 2e-2 of the largest value.
+bfloat16 weights (widened an expert at a time: a layer fits an 80 GB card), max abs error <= 2e-2 of
+the largest reference value (bfloat16 keeps 8 bits: the output and the intermediate activation each
+round by up to 2^-9 relative). Routing from float32 logits: the same experts per token (ties aside),
+weights within 1e-5. MLA decode against the torch backend's formula in float32, and MLA extend
+(non-absorbed, head dims 128 + 64 and 128) against causal attention in float32: max abs error <= 2e-2 of
+the largest value.
 """
 
 from __future__ import annotations
