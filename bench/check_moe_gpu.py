@@ -16,8 +16,8 @@ bfloat16 weights (widened an expert at a time: a layer fits an 80 GB card), max 
 the largest reference value (bfloat16 keeps 8 bits: the output and the intermediate activation each
 round by up to 2^-9 relative). Routing from float32 logits: the same experts per token (ties aside),
 weights within 1e-5. MLA decode against the torch backend's formula in float32, and MLA extend
-(non-absorbed, head dims 128 + 64 and 128) against causal attention in float32: max abs error <= 2e-2 of
-the largest value.
+(non-absorbed, head dims 128 + 64 and 128) against causal attention in float32: max abs error <=
+2e-2 of the largest value.
 """
 
 from __future__ import annotations
