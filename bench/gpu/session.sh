@@ -1520,7 +1520,7 @@ b48)
 b50)
   # One call for either kind. The decode split kernel with a second loop for short ranges
   # (`DecodeTiles.short_n`: per sequence, in the same launch) against 32- and 64-key tiles
-  # (about 60 s), then Llama-3-8B's one-split rows with the fastest at 64 x 144 (through
+  # (about 60 s), then Llama-3-8B's one-split rows with the fastest of those at 64 x 144 (through
   # `PDSERVE_DECODE_TILES`) against the default, twice, back to back; on an H200 the MoE
   # models' README rows and Llama's batch 1 too. (The thirty-second session's H100: plain
   # 32-key tiles 15.3 against 17.8 µs at 64 x 128, 0.03-0.08 ms off the engine's 128-token
@@ -1530,14 +1530,18 @@ b50)
     --short 0,32:160,32:256,32:512
   best=$(python3 - "$OUT/decode_short.txt" <<'PY'
 import sys
+rows = []  # (µs, tiles) of the rows with a short loop at 64 x 144
 for line in open(sys.argv[1]):
     cells = [c.strip() for c in line.split("|")]
-    if len(cells) > 7 and cells[1] == "64x144" and cells[7].endswith("<") and "*" not in cells[7]:
-        short = cells[5].replace(":", ",")
-        print(",".join(cells[2:5]) + ("" if short == "-" else "," + short))
+    if len(cells) > 7 and cells[1] == "64x144" and cells[5] != "-":
+        try:
+            rows.append((float(cells[7].rstrip("*<")), ",".join(cells[2:5] + cells[5].split(":"))))
+        except ValueError:
+            pass  # a failed configuration
+print(min(rows)[1] if rows else "")
 PY
 )
-  echo "== fastest one-split tiles at 64 x 144 (other than the default): ${best:-none}"
+  echo "== fastest one-split tiles with a short loop at 64 x 144: ${best:-none}"
   llama_rows() {  # NAME [TILES]: Llama-3-8B's one-split rows, with PDSERVE_DECODE_TILES=TILES
     ROWS='^device|^\| [0-9]+x' step "$1" 90 env PDSERVE_DECODE_TILES="${2:-}" python3 -m \
       bench.engine --preset llama3-8b --skip-hf --prefill '' --decode 64x128,64x2048,256x512 \
