@@ -11,14 +11,14 @@ configuration of the split kernel against the bytes floor, to pick `DecodeTiles`
 One layer's decode attention (one query per sequence, bfloat16, pages of `--page-size` tokens
 scattered over the pool) for each shape `BxL` (B sequences of L cached tokens) and each tile
 configuration (keys per tile, warps, stages, and `--short`'s second loop for short ranges:
-`DecodeTiles.short_n`), the split count chosen as the engine does
-(`decode_splits`). Times are medians of CUDA-graph replays of `--layers` calls cycling as many
-layers' caches (so consecutive calls read different memory), divided by `--layers`. Floor:
-the bytes the step must read (every cached token's K and V once, plus the queries and outputs)
-over the device-to-device copy bandwidth measured in the same run (`bench.ceiling`). Each
-configuration's output is checked against the default's (bf16 max abs difference). The
-engine's configuration for the shape's split count (`default_tiles`) is marked `*`, the fastest
-per shape `<`.
+`DecodeTiles.short_n`), the split count chosen as the engine does (`decode_splits`, for the shape's
+context or `--graph-context`'s, as a decode graph captured for that longest context launches it).
+Times are medians of CUDA-graph replays of `--layers` calls cycling as many layers' caches (so
+consecutive calls read different memory), divided by `--layers`. Floor: the bytes the step must read
+(every cached token's K and V once, plus the queries and outputs) over the device-to-device copy
+bandwidth measured in the same run (`bench.ceiling`). Each configuration's output is checked against
+the default's (bf16 max abs difference). The engine's configuration for the shape's split count
+(`default_tiles`) is marked `*`, the fastest per shape `<`.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class Case:
     seq_lens: torch.Tensor  # [B] int32
     page_size: int
     out: torch.Tensor
-    max_len: int  # seq_lens' largest, known on the host (no device read inside a capture)
+    max_len: int  # the bound the split count is chosen for: seq_lens' largest, or a graph's
 
     def splits(self, tiles: DecodeTiles, forced: int = 0) -> int:
         """`forced` splits, or (0) the engine's count (`decode_splits`)."""
@@ -119,6 +119,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--shapes", default=DEFAULT_SHAPES, help="BxL, comma-separated")
     p.add_argument("--heads", default="32/8/128", help="query heads / KV heads / head dim")
     p.add_argument("--page-size", type=int, default=16)
+    p.add_argument(
+        "--graph-context",
+        type=int,
+        default=0,
+        help="choose the split count for this longest context, as the engine's decode graphs "
+        "do for theirs (e.g. 8192); 0: each shape's own context",
+    )
     p.add_argument("--block-n", type=int_list, default=[32, 64, 128])
     p.add_argument("--num-warps", type=int_list, default=[2, 4, 8])
     p.add_argument("--num-stages", type=int_list, default=[1, 2, 3])
@@ -168,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         case = make_case(
             batch, context, (q_heads, kv_heads, dim), args.page_size, args.layers, args.device
         )
+        case.max_len = max(context, args.graph_context)
         floor_us = case.floor_bytes() / bandwidth * 1e6
         # The engine's launch for this shape (its split count's stages), timed first.
         default = default_tiles(case.splits(DecodeTiles()))

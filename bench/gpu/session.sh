@@ -1554,6 +1554,13 @@ PY
   if [ -n "$best" ]; then llama_rows tiles_default_2; llama_rows tiles_best_2 "$best"; fi
   [ "$h200" -gt 0 ] && ROWS='^device|^\| [0-9]+x' step rows_llama_1 60 python3 -m bench.engine \
     --preset llama3-8b --skip-hf --prefill '' --decode 1x128 --repeats 3
+  # Batch 1's split count as its graph launches it (for 8,192 tokens) against fewer, at a
+  # short context and a long one (Llama-3-8B's and Qwen3-30B-A3B's heads).
+  for heads in 32/8/128 32/4/128; do
+    TAIL=14 step "decode_batch1_${heads//\//_}" 60 python3 -m bench.attention_kernel \
+      --shapes 1x144,1x2048 --heads "$heads" --graph-context 8192 --block-n 64 --num-warps 4 \
+      --num-stages 2 --splits 0,1,4,16
+  done
   true
   ;;
 b51)

@@ -89,3 +89,17 @@ def test_short_tiles_rows(capsys: pytest.CaptureFixture[str]) -> None:
     cells = [(r.split("|")[2].strip(), r.split("|")[5].strip()) for r in rows]
     assert cells == [("64", "-"), ("16", "-"), ("32", "-"), ("32", "16:32")]
     assert all(float(r.split("|")[-2]) < 0.05 for r in rows)  # bfloat16 against the default
+
+
+def test_graph_context_sets_the_split_count(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--graph-context`: the split count a graph captured for that context launches (more
+    splits than the shape's own 40 tokens take), the same attention."""
+    attention_kernel.main(["--device", "cpu", "--shapes", "2x40", "--heads", "4/2/16",
+                           "--block-n", "16", "--num-warps", "4", "--num-stages", "2",
+                           "--layers", "1", "--reps", "1", "--graph-context", "512"])  # fmt: skip
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2x40")]
+    want = decode_splits(2, 2, 512, 64), decode_splits(2, 2, 512, 16)
+    assert tuple(int(r.split("|")[6]) for r in rows) == want and want[0] > decode_splits(
+        2, 2, 40, 64
+    )
+    assert all(float(r.split("|")[-2]) < 0.05 for r in rows)
