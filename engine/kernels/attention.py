@@ -537,7 +537,8 @@ def one_split_tiles() -> DecodeTiles | None:
     """`PDSERVE_DECODE_TILES`'s tiles (`config.decode_tiles_from_env`) for a step that takes
     one split, read once; None: the default. (On the H100, 32-key tiles took 15.3 against 17.8
     µs at 64 x 128 alone, and in the engine 0.03-0.08 ms off steps at 128-token contexts and
-    0.05 ms onto 64 x 2,048: a graph serves every context, so the default stays.)"""
+    0.05 ms onto 64 x 2,048: a graph serves every context. `DecodeTiles.short_n`, e.g.
+    `64,4,3,32,256`, takes the smaller tiles for short ranges only: `session.sh b50`.)"""
     tiles = decode_tiles_from_env()
     return None if tiles is None else DecodeTiles(*tiles)
 
