@@ -156,12 +156,12 @@ def copy_kernel_ptx(word: int, arch: int = 90) -> str:
 
 
 def decode_attention_launch(
-    rope: bool = False, short: tuple[int, int] = (0, 0)
+    rope: bool = False, tiles: attention.DecodeTiles = attention.ONE_SPLIT_TILES
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """`compile_kernel`'s arguments for the per-head decode split kernel at Llama-3-8B's heads
-    (32 / 8, dim 128, pages of 16, one split): (positional, keyword). `rope`: with RoPE, the
-    q/k norms and the KV write folded in (`attention.decode_attention` of a `DecodeRope`);
-    `short`: `DecodeTiles`' (short_n, short_max), its second loop for short ranges."""
+    (32 / 8, dim 128, pages of 16, one split, the engine's `tiles` for it): (positional,
+    keyword). `rope`: with RoPE, the q/k norms and the KV write folded in
+    (`attention.decode_attention` of a `DecodeRope`)."""
     pointers = {x: "*bf16" for x in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")} | {
         "table_ptr": "*i32", "rows_ptr": "*i64", "seq_lens_ptr": "*i32",
         "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32",
@@ -173,18 +173,18 @@ def decode_attention_launch(
         pointers |= {"pos_ptr": "*i64", "slots_ptr": "*i64"}
     constants: dict[str, Any] = {
         "GROUP": 4, "GROUP_PAD": 16, "DK": 128, "DV": 128, "BLOCK_DK": 128, "BLOCK_DV": 128,
-        "PAGE_SIZE": 16, "BLOCK_N": attention.DECODE_BLOCK_N, "PRECISION": "tf32",
+        "PAGE_SIZE": 16, "BLOCK_N": tiles.block_n, "PRECISION": "tf32",
         "DIRECT": True, "ROPE": rope, "HALF": 64 if rope else 1,
         "BLOCK_HALF": 64 if rope else 1, "INTERLEAVED": False, "NORM": rope,
-        "SHORT_N": short[0], "SHORT_MAX": short[1],
+        "SHORT_N": tiles.short_n, "SHORT_MAX": tiles.short_max,
     }  # fmt: skip
     # The page table's width and the log-sum-exps' split count vary; the rest are heads.
     divisible = strides(attention._decode_split_kernel, "stride_table", "stride_lb", "stride_lh")
     kwargs = {
         "floats": ("scale", "eps") if rope else ("scale",),
         "divisible": divisible,
-        "num_warps": 4,
-        "num_stages": 3,
+        "num_warps": tiles.num_warps,
+        "num_stages": tiles.num_stages,
     }
     return (attention._decode_split_kernel, pointers, constants), kwargs
 
@@ -213,8 +213,6 @@ def jobs(all_configs: bool, arch: int = 90) -> list[tuple[str, Callable[[int], U
     add("decode_split_kernel bf16", *args, **kwargs)
     args, kwargs = decode_attention_launch(rope=True)
     add("decode_split_kernel bf16, RoPE, q/k norms and the KV write folded in", *args, **kwargs)
-    args, kwargs = decode_attention_launch(short=(32, 256))
-    add("decode_split_kernel bf16, ranges of <= 256 keys in 32-key tiles", *args, **kwargs)
     ids = {"topk_ids": "*i64"}
     i32 = "*i32"
     for experts in (64, 128, 256):

@@ -537,18 +537,27 @@ def one_split_tiles() -> DecodeTiles | None:
     """`PDSERVE_DECODE_TILES`'s tiles (`config.decode_tiles_from_env`) for a step that takes
     one split, read once; None: the default. (On the H100, 32-key tiles took 15.3 against 17.8
     µs at 64 x 128 alone, and in the engine 0.03-0.08 ms off steps at 128-token contexts and
-    0.05 ms onto 64 x 2,048: a graph serves every context. `DecodeTiles.short_n`, e.g.
-    `64,4,3,32,256`, takes the smaller tiles for short ranges only: `session.sh b50`.)"""
+    0.05 ms onto 64 x 2,048: a graph serves every context. The default, `ONE_SPLIT_TILES`,
+    takes the smaller tiles for short ranges only.)"""
     tiles = decode_tiles_from_env()
     return None if tiles is None else DecodeTiles(*tiles)
 
 
+# One split's launch: 64-key tiles at 3 stages (4-5% faster than 2 on the H200 at 64 x 128 and
+# 256 x 512), and ranges of at most 256 keys in 32-key tiles. On the thirty-third session's H100
+# (`session.sh b50`): 64 x 144 17.4 against 20.8 µs, 64 x 2,048 and 256 x 512 level with 64-key
+# tiles alone (within 1 µs of 176 and 181), and in the engine Llama-3-8B's 64 x 128 6.36 / 6.35
+# against 6.40 / 6.42 ms, 64 x 2,048 and 256 x 512 level. (32-key tiles throughout gained as much
+# at short contexts and lost 0.05 ms at 64 x 2,048.)
+ONE_SPLIT_TILES = DecodeTiles(num_stages=3, short_n=32, short_max=256)
+
+
 def default_tiles(num_splits: int) -> DecodeTiles:
-    """The engine's split-kernel launch for `num_splits` ranges: 3 stages for one (4-5% faster
-    there on the H200 at 64 x 128 and 256 x 512), 2 for several; `one_split_tiles()` where
-    set for one. (The split count, `decode_splits`, is the default tiles' either way.)"""
+    """The engine's split-kernel launch for `num_splits` ranges: `ONE_SPLIT_TILES` for one (or
+    `one_split_tiles()` where set), 64-key tiles at 2 stages for several. (The split count,
+    `decode_splits`, is the 64-key tiles' either way.)"""
     if num_splits == 1:
-        return one_split_tiles() or DecodeTiles(num_stages=3)
+        return one_split_tiles() or ONE_SPLIT_TILES
     return DecodeTiles(num_stages=2)
 
 
@@ -611,9 +620,9 @@ def decode_attention(
     norms' sums of squares, which this kernel's warps reduce in another order than
     `rope_store_kv`'s one warp on the GPU), one launch fewer;
     `seq_lens` count the new token. `tiles`: the split
-    kernel's launch (default `default_tiles(num_splits)`: 3 stages for one split, 4-5% faster
-    there on the H200 at 64 x 128 and 256 x 512, equal at 64 x 2,048, and 2-3% slower for the
-    many short splits of batch 1; bench.attention_kernel compares others). The combine is its own
+    kernel's launch (default `default_tiles(num_splits)`: for one split 3 stages and short
+    ranges in 32-key tiles, `ONE_SPLIT_TILES`; 2 stages for the many short splits of batch 1,
+    where 3 were 2-3% slower; bench.attention_kernel compares others). The combine is its own
     launch: the last split combining instead (an atomic count per sequence and KV head)
     measured no faster on the H200 (equal at 1x128 and 16x128, 41% slower at 1x2,048) and
     was taken out. (Asking L2 for the O projection's weight from here, before the PDL wait,

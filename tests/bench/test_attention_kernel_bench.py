@@ -70,7 +70,7 @@ def test_one_split_tiles_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     finally:
         monkeypatch.delenv("PDSERVE_DECODE_TILES")
         attention.one_split_tiles.cache_clear()
-    assert attention.default_tiles(1) == DecodeTiles(num_stages=3)
+    assert attention.default_tiles(1) == attention.ONE_SPLIT_TILES == DecodeTiles(64, 4, 3, 32, 256)
     monkeypatch.setenv("PDSERVE_DECODE_TILES", "64,4,3,32,256")
     assert decode_tiles_from_env() == (64, 4, 3, 32, 256)
     for bad in ("32,4", "48,4,3", "a,b,c", "64,4,3,32", "64,4,3,64,256", "64,4,3,24,256"):
@@ -87,7 +87,12 @@ def test_short_tiles_rows(capsys: pytest.CaptureFixture[str]) -> None:
                            "--layers", "1", "--reps", "1", "--short", "0,16:32"])  # fmt: skip
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2x40")]
     cells = [(r.split("|")[2].strip(), r.split("|")[5].strip()) for r in rows]
-    assert cells == [("64", "-"), ("16", "-"), ("32", "-"), ("32", "16:32")]
+    assert cells == [
+        ("64", "32:256"),
+        ("16", "-"),
+        ("32", "-"),
+        ("32", "16:32"),
+    ]  # the engine's first
     assert all(float(r.split("|")[-2]) < 0.05 for r in rows)  # bfloat16 against the default
 
 
@@ -103,3 +108,20 @@ def test_graph_context_sets_the_split_count(capsys: pytest.CaptureFixture[str]) 
         2, 2, 40, 64
     )
     assert all(float(r.split("|")[-2]) < 0.05 for r in rows)
+
+
+def test_engine_one_split_tiles_take_both_loops() -> None:
+    """The engine's one-split launch (`ONE_SPLIT_TILES`) over sequences of 100 (the 32-key
+    loop), 256 (its last) and 300 tokens (the 64-key loop) in one launch: the attention of
+    64-key tiles alone, float32."""
+    from engine.kernels.attention import ONE_SPLIT_TILES
+
+    case = attention_kernel.make_case(3, 300, (4, 2, 16), 16, 1, "cpu")
+    case.seq_lens.copy_(torch.tensor([100, 256, 300]))
+    q = case.q.float()
+    k, v = (t.float() for t in case.caches[0])
+    outs = [
+        decode_attention(q, k, v, case.table, case.rows, case.seq_lens, 16, 0.25, 1, tiles=t)
+        for t in (DecodeTiles(num_stages=3), ONE_SPLIT_TILES)
+    ]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
