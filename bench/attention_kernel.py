@@ -114,6 +114,12 @@ def short_text(tiles: DecodeTiles) -> str:
     return f"{tiles.short_n}:{tiles.short_max}" if tiles.short_n else "-"
 
 
+def splits_text(splits: int, tiles: DecodeTiles) -> str:
+    """The table's `splits` cell: the count, and each split's least tiles where more than one."""
+    least = tiles.min_split_tiles
+    return f"{splits}" if least == 1 or splits == 1 else f"{splits} (>= {least} tiles)"
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--shapes", default=DEFAULT_SHAPES, help="BxL, comma-separated")
@@ -144,6 +150,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="KEYS:MAX, comma-separated: ranges of at most MAX keys in tiles of KEYS "
         "(`DecodeTiles.short_n`); 0: none",
     )
+    p.add_argument(
+        "--min-split-tiles",
+        type=int_list,
+        default=[1],
+        help="each of several splits at least this many tiles (`DecodeTiles.min_split_tiles`)",
+    )
     p.add_argument("--device", default="cuda")
     return p.parse_args(argv)
 
@@ -154,9 +166,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = torch.device(args.device)
     bandwidth = copy_bandwidth(device)
     configs = [
-        DecodeTiles(n, w, s, *short)
-        for n, w, s, short in itertools.product(
-            args.block_n, args.num_warps, args.num_stages, args.short
+        DecodeTiles(n, w, s, short[0], short[1], min_split_tiles=least)
+        for n, w, s, short, least in itertools.product(
+            args.block_n, args.num_warps, args.num_stages, args.short, args.min_split_tiles
         )
         if not short[0] or short[0] < n
     ]
@@ -205,7 +217,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             mark = ("*" if engine_choice else "") + ("<" if us == best else "")
             print(
                 f"| {shape} | {tiles.block_n} | {tiles.num_warps} | {tiles.num_stages} | "
-                f"{short_text(tiles)} | {splits} | {us:.1f}{mark} | {floor_us:.1f} | "
+                f"{short_text(tiles)} | {splits_text(splits, tiles)} | {us:.1f}{mark} | "
+                f"{floor_us:.1f} | "
                 f"{us / floor_us:.2f} | {diff:.1e} |",
                 flush=True,
             )

@@ -40,10 +40,10 @@ import triton.language as tl
 
 from engine.kernels import pdl
 from engine.kernels.attention import (
-    DECODE_BLOCK_N,
     LOG2E,
     decode_combine_program,
     decode_split_program,
+    default_tiles,
     dot_precision,
 )
 from engine.kernels.fused import GATE_BLOCK_E, rms_norm_gate_program, rms_norm_row
@@ -255,6 +255,9 @@ def decode_layer_kernel(
     SPIN_NS: tl.constexpr,
     PDL: tl.constexpr,
     GEMV_DOT: tl.constexpr = False,  # the dense products' tiles on the tensor cores
+    SPLIT_SHORT_N: tl.constexpr = 0,  # the splits' launch as the engine's (`default_tiles`)
+    SPLIT_SHORT_MAX: tl.constexpr = 0,
+    SPLIT_MIN_TILES: tl.constexpr = 1,
 ):
     """One layer at batch 1 (its attention half, with MOE its MoE half too), items taken in
     order (a lower number never waits for a higher one: no deadlock, whatever is resident)."""
@@ -302,7 +305,7 @@ def decode_layer_kernel(
                 qkv_ptr, qkv_ptr + HQ * DK, qkv_ptr + (HQ + HKV) * DK, pos_ptr, slots_ptr,
                 cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, qk_eps, n_qkv, DK, n_qkv, DK, n_qkv,
                 DV, stride_rope, PRECISION, DIRECT, True, DK // 2, BLOCK_HALF, INTERLEAVED,
-                QK_NORM,
+                QK_NORM, 0, SPLIT_SHORT_N, SPLIT_SHORT_MAX, SPLIT_MIN_TILES,
             )  # fmt: skip
             _release(scratch + _DONE + SPLITS)
         elif item < end_combine:
@@ -311,7 +314,7 @@ def decode_layer_kernel(
             decode_combine_program(
                 0, item - end_splits, part_o, part_lse, seq_lens_ptr, attn_ptr, stride_ob,
                 stride_oh, stride_os, stride_lb, stride_lh, HQ * DV, DV, DV, BLOCK_DV,
-                SPLIT_BLOCK_N, num_splits,
+                SPLIT_BLOCK_N, num_splits, 0, SPLIT_MIN_TILES,
             )  # fmt: skip
             _release(scratch + _DONE + COMBINE)
         elif item < end_o:
@@ -463,6 +466,7 @@ def decode_layer(
         raise ValueError("the MoE half writes the residual stream to residual_out")
     dev, dt = x.device, x.dtype
     splits = step.num_splits
+    split_tiles = default_tiles(splits)
     h = torch.empty(1, hidden, dtype=dt, device=dev)
     qkv = torch.empty(1, n_qkv, dtype=dt, device=dev)
     q_rot = torch.empty(1, heads, dim, dtype=dt, device=dev)
@@ -510,7 +514,7 @@ def decode_layer(
         GROUP_PAD=max(16, triton.next_power_of_2(heads // kv_heads)),
         DK=dim, DV=dim, BLOCK_DK=triton.next_power_of_2(dim),
         BLOCK_DV=triton.next_power_of_2(dim), BLOCK_HALF=triton.next_power_of_2(dim // 2),
-        PAGE_SIZE=step.page_size, SPLIT_BLOCK_N=DECODE_BLOCK_N,
+        PAGE_SIZE=step.page_size, SPLIT_BLOCK_N=split_tiles.block_n,
         NORM_BLOCK=triton.next_power_of_2(hidden), BLOCK_N=block_n, BLOCK_K=block_k,
         PRECISION=dot_precision(x), INTERLEAVED=step.interleaved,
         QK_NORM=attn.q_norm is not None, DIRECT=splits == 1, MOE=experts is not None,
@@ -520,6 +524,8 @@ def decode_layer(
         UP_BLOCK_N=tiles.gate_up_n, UP_BLOCK_K=tiles.gate_up_k, DOWN_BLOCK_N=tiles.down_n,
         DOWN_BLOCK_K=down_block_k(tiles, k_pow2, x.element_size()),
         SPIN_NS=spin_ns, GEMV_DOT=gemv_dot, num_warps=WARPS, num_stages=num_stages,
+        SPLIT_SHORT_N=split_tiles.short_n, SPLIT_SHORT_MAX=split_tiles.short_max,
+        SPLIT_MIN_TILES=split_tiles.min_split_tiles,
         **pdl.launch_args(x),
     )  # fmt: skip
     return moe_out if experts is not None else o_out

@@ -405,6 +405,26 @@ def decode_tiles_from_env() -> tuple[int, ...] | None:
     return values
 
 
+def decode_splits_from_env() -> tuple[int, int] | None:
+    """PDSERVE_DECODE_SPLITS=MAX[,MIN_TILES] (e.g. `16` or `64,2`): the decode attention's
+    split rule for an engine A/B, at most MAX context splits a (sequence, KV head) and, where a
+    step takes several, each split at least MIN_TILES key tiles (`attention.split_rule`); unset
+    is None (64 and 1). A bad value is a ValueError that names the form."""
+    value = os.environ.get("PDSERVE_DECODE_SPLITS", "")
+    if not value:
+        return None
+    try:
+        values = tuple(int(x) for x in value.split(","))
+    except ValueError:
+        values = ()
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise ValueError(
+            f"PDSERVE_DECODE_SPLITS must be MAX[,MIN_TILES], both >= 1, e.g. 16 or 64,2, "
+            f"got {value!r}"
+        )
+    return values[0], (values[1] if len(values) == 2 else 1)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Runtime settings of one engine instance.
@@ -448,6 +468,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         pdl_mode_from_env()  # a bad PDSERVE_PDL fails here, at start, not at the first launch
         decode_tiles_from_env()  # and so does a bad PDSERVE_DECODE_TILES
+        decode_splits_from_env()  # or PDSERVE_DECODE_SPLITS
         if not self.grammar_compile_timeout_s > 0:
             raise ValueError(
                 f"grammar_compile_timeout_s must be > 0, got {self.grammar_compile_timeout_s}"

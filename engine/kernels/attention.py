@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.config import decode_tiles_from_env
+from engine.config import decode_splits_from_env, decode_tiles_from_env
 from engine.kernels import pdl
 
 # The sequence's length and page-table row before the PDL wait where METADATA_BEFORE_WAIT
@@ -188,6 +188,7 @@ def _decode_split_kernel(
     PDL: tl.constexpr,
     SHORT_N: tl.constexpr,
     SHORT_MAX: tl.constexpr,
+    MIN_TILES: tl.constexpr,
 ):
     decode_split_program(
         tl.program_id(0), tl.program_id(1), tl.program_id(2),
@@ -198,6 +199,7 @@ def _decode_split_kernel(
         rope_k_ptr, rope_v_ptr, pos_ptr, slots_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, eps,
         stride_rqb, stride_rqh, stride_rkb, stride_rkh, stride_rvb, stride_rvh, stride_rope,
         PRECISION, DIRECT, ROPE, HALF, BLOCK_HALF, INTERLEAVED, NORM, PDL, SHORT_N, SHORT_MAX,
+        MIN_TILES,
     )  # fmt: skip
 
 
@@ -319,6 +321,7 @@ def decode_split_program(
     PDL: tl.constexpr = 0,
     SHORT_N: tl.constexpr = 0,
     SHORT_MAX: tl.constexpr = 0,
+    MIN_TILES: tl.constexpr = 1,
 ):
     """Program `(b, kvh, split)` of `decode_attention`'s split launch (also run by the
     persistent decode layer's items in bench.persistent_kernel). It waits for the kernel
@@ -328,7 +331,7 @@ def decode_split_program(
     # DIRECT (one split): the output itself, normalised, instead of a partial to combine.
     seq_len = tl.load(seq_lens_ptr + b)
     row = tl.load(rows_ptr + b).to(tl.int64)
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N), MIN_TILES) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
     table_row = table_ptr + row * stride_table
@@ -444,11 +447,12 @@ def _decode_combine_kernel(
     BLOCK_N: tl.constexpr,
     num_splits,
     PDL: tl.constexpr,
+    MIN_TILES: tl.constexpr,
 ):
     decode_combine_program(
         tl.program_id(0), tl.program_id(1), part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr,
         stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
-        DV, BLOCK_DV, BLOCK_N, num_splits, PDL,
+        DV, BLOCK_DV, BLOCK_N, num_splits, PDL, MIN_TILES,
     )  # fmt: skip
 
 
@@ -456,7 +460,7 @@ def _decode_combine_kernel(
 def decode_combine_program(
     b, h, part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh, stride_outb, stride_outh, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr, num_splits, PDL: tl.constexpr = 0,
+    BLOCK_N: tl.constexpr, num_splits, PDL: tl.constexpr = 0, MIN_TILES: tl.constexpr = 1,
 ):  # fmt: skip
     """Program `(b, h)` of `decode_attention`'s combine launch: head h of sequence b's output
     from its splits' partials. Its PDL wait comes before the length's load, or after it where
@@ -465,7 +469,7 @@ def decode_combine_program(
     wait_before_metadata(PDL)
     seq_len = tl.load(seq_lens_ptr + b)
     wait_after_metadata(PDL)
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N), MIN_TILES) * BLOCK_N
     dv = tl.arange(0, BLOCK_DV)
     m = float("-inf")
     total = 0.0
@@ -497,6 +501,7 @@ def decode_splits(
     max_seq_len: int,
     block_n: int,
     num_sms: int = H200_SMS,
+    max_splits: int = 64,
 ) -> int:
     """Context splits per (sequence, KV head): enough programs to fill the device (about two
     a SM, `num_sms`: `sms.sm_count`), no split shorter than a block. A pure function of its
@@ -506,7 +511,7 @@ def decode_splits(
     if programs == 0:
         return 1
     want = max(1, -(-2 * num_sms // programs))
-    return max(1, min(want, 64, -(-max_seq_len // block_n)))
+    return max(1, min(want, max_splits, -(-max_seq_len // block_n)))
 
 
 DECODE_BLOCK_N = 64
@@ -526,6 +531,7 @@ class DecodeTiles:
     num_stages: int = 2
     short_n: int = 0
     short_max: int = 0
+    min_split_tiles: int = 1  # each of several splits at least this many tiles (`split_rule`)
 
     def __post_init__(self) -> None:
         if self.short_n and not (16 <= self.short_n < self.block_n and self.short_max > 0):
@@ -552,13 +558,24 @@ def one_split_tiles() -> DecodeTiles | None:
 ONE_SPLIT_TILES = DecodeTiles(num_stages=3, short_n=32, short_max=256)
 
 
+@functools.cache
+def split_rule() -> tuple[int, int]:
+    """The engine's split rule: at most this many splits a (sequence, KV head)
+    (`decode_splits`'s `max_splits`) and, where a step takes several, each at least this many
+    key tiles (`DecodeTiles.min_split_tiles`, applied on the device to each sequence's own
+    length). 64 and 1 unless `PDSERVE_DECODE_SPLITS` sets them (`config.decode_splits_from_env`),
+    for an A/B: at batch 1 the graphs' count (33 for 8 KV heads, 64 for 4) timed slower than 16
+    at 144 and 2,048 tokens on an H100 (bench/NOTES.md, the thirty-third session)."""
+    return decode_splits_from_env() or (64, 1)
+
+
 def default_tiles(num_splits: int) -> DecodeTiles:
     """The engine's split-kernel launch for `num_splits` ranges: `ONE_SPLIT_TILES` for one (or
     `one_split_tiles()` where set), 64-key tiles at 2 stages for several. (The split count,
     `decode_splits`, is the 64-key tiles' either way.)"""
     if num_splits == 1:
         return one_split_tiles() or ONE_SPLIT_TILES
-    return DecodeTiles(num_stages=2)
+    return DecodeTiles(num_stages=2, min_split_tiles=split_rule()[1])
 
 
 @dataclass(frozen=True)
@@ -682,6 +699,7 @@ def decode_attention(
         num_stages=tiles.num_stages,
         SHORT_N=tiles.short_n,
         SHORT_MAX=tiles.short_max,
+        MIN_TILES=tiles.min_split_tiles,
         **pdl.launch_args(q, trigger_first=early),
     )  # fmt: skip
     if direct:
@@ -702,6 +720,7 @@ def decode_attention(
         BLOCK_DV=block_dv,
         BLOCK_N=tiles.block_n,
         num_splits=num_splits,
+        MIN_TILES=tiles.min_split_tiles,
         num_warps=4 if block_dv >= 256 else 2,
         **pdl.launch_args(q, trigger_first=early),
     )

@@ -147,7 +147,7 @@ class TritonAttentionBackend(AttentionBackend):
             seq_lens = (batch.positions + 1).to(torch.int32)
             splits = kernels.decode_splits(
                 batch.batch_size, cache.num_kv_heads, batch.max_seq_len, kernels.DECODE_BLOCK_N,
-                sm_count(seq_lens.device),
+                sm_count(seq_lens.device), kernels.split_rule()[0],
             )  # fmt: skip
             batch.attn_metadata = _DecodeMetadata(seq_lens, splits)
             return

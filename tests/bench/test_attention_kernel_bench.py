@@ -125,3 +125,35 @@ def test_engine_one_split_tiles_take_both_loops() -> None:
         for t in (DecodeTiles(num_stages=3), ONE_SPLIT_TILES)
     ]
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_min_split_tiles(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--min-split-tiles`: splits of at least that many tiles (fewer of them hold keys), named
+    in the splits cell, the same attention; `PDSERVE_DECODE_SPLITS` sets the engine's rule and
+    a bad value names the form."""
+    from engine.config import decode_splits_from_env
+    from engine.kernels import attention
+
+    attention_kernel.main(["--device", "cpu", "--shapes", "2x100", "--heads", "4/2/16",
+                           "--block-n", "16", "--num-warps", "4", "--num-stages", "2",
+                           "--layers", "1", "--reps", "1", "--splits", "4",
+                           "--min-split-tiles", "1,3"])  # fmt: skip
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2x100")]
+    assert [r.split("|")[6].strip() for r in rows[1:]] == ["4", "4 (>= 3 tiles)"]
+    assert all(float(r.split("|")[-2]) < 0.05 for r in rows)
+    monkeypatch.setenv("PDSERVE_DECODE_SPLITS", "16,2")
+    attention.split_rule.cache_clear()
+    try:
+        assert attention.split_rule() == (16, 2)
+        assert attention.default_tiles(4).min_split_tiles == 2
+        assert attention.decode_splits(1, 8, 8192, 64, max_splits=16) == 16
+    finally:
+        monkeypatch.delenv("PDSERVE_DECODE_SPLITS")
+        attention.split_rule.cache_clear()
+    assert attention.split_rule() == (64, 1)
+    for bad in ("0", "16,0", "a", "1,2,3"):
+        monkeypatch.setenv("PDSERVE_DECODE_SPLITS", bad)
+        with pytest.raises(ValueError, match="PDSERVE_DECODE_SPLITS"):
+            decode_splits_from_env()
