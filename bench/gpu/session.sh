@@ -99,6 +99,7 @@
 #   run(command="bash bench/gpu/session.sh b48", carry=[".whl"]) # MoE prefill tiles engine A/B
 #   run(command="bash bench/gpu/session.sh b50", carry=[".whl"]) # decode short loop, A/B
 #   run(command="bash bench/gpu/session.sh b51", carry=[".whl"]) # DeepSeek/Kimi full MoE check
+#   run(command="bash bench/gpu/session.sh b52", carry=[".whl"]) # batch 1's split rule, A/B
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -1572,5 +1573,24 @@ b51)
     --skip-mla
   TAIL=30 step check_moe_kimi 200 python3 -m bench.check_moe_gpu --shape kimi-k2 --skip-mla
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51"; exit 2 ;;
+b52)
+  # For either kind (about 520 s): batch 1's decode split rule. The thirty-third session's
+  # H100 timed the graphs' split count (33 at 8 KV heads, 64 at 4) slower than 16 at 144 and
+  # 2,048 tokens (1.3-2.5 µs a layer). First the kernel at 144, 2,048 and 8,192 tokens with
+  # the count capped and each split held to two tiles or more, then Llama-3-8B's and
+  # Qwen3-30B-A3B's batch-1 rows with each rule (`PDSERVE_DECODE_SPLITS`), back to back.
+  for heads in 32/8/128 32/4/128; do
+    TAIL=22 step "splits_${heads//\//_}" 70 python3 -m bench.attention_kernel \
+      --shapes 1x144,1x2048,1x8192 --heads "$heads" --graph-context 8192 --block-n 64 \
+      --num-warps 4 --num-stages 2 --splits 0,16,32 --min-split-tiles 1,2
+  done
+  for rule in "" 16 64,2; do  # "" (unset): the default
+    for preset in llama3-8b qwen3-30b-a3b; do
+      ROWS='^device|^\| [0-9]+x' step "rule_${preset%%-*}_${rule//,/_}" 80 \
+        env PDSERVE_DECODE_SPLITS="$rule" python3 -m bench.engine --preset "$preset" --skip-hf \
+        --prefill '' --decode 1x128,1x2048 --repeats 2
+    done
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52"; exit 2 ;;
 esac
