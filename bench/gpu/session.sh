@@ -1531,10 +1531,10 @@ b50)
     --short 0,32:160,32:256,32:512
   best=$(python3 - "$OUT/decode_short.txt" <<'PY'
 import sys
-rows = []  # (µs, tiles) of the rows with a short loop at 64 x 144
+rows = []  # (µs, tiles) of the rows with a short loop at 64 x 144 but the engine's own
 for line in open(sys.argv[1]):
     cells = [c.strip() for c in line.split("|")]
-    if len(cells) > 7 and cells[1] == "64x144" and cells[5] != "-":
+    if len(cells) > 7 and cells[1] == "64x144" and cells[5] != "-" and "*" not in cells[7]:
         try:
             rows.append((float(cells[7].rstrip("*<")), ",".join(cells[2:5] + cells[5].split(":"))))
         except ValueError:
