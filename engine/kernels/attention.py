@@ -536,6 +536,8 @@ class DecodeTiles:
     def __post_init__(self) -> None:
         if self.short_n and not (16 <= self.short_n < self.block_n and self.short_max > 0):
             raise ValueError(f"short tiles need 16 <= short_n < block_n and short_max > 0: {self}")
+        if self.min_split_tiles < 1:
+            raise ValueError(f"min_split_tiles must be 1 or more: {self}")
 
 
 @functools.cache

@@ -153,6 +153,8 @@ def test_min_split_tiles(
         monkeypatch.delenv("PDSERVE_DECODE_SPLITS")
         attention.split_rule.cache_clear()
     assert attention.split_rule() == (64, 1)
+    with pytest.raises(ValueError, match="min_split_tiles"):
+        DecodeTiles(min_split_tiles=0)
     for bad in ("0", "16,0", "a", "1,2,3"):
         monkeypatch.setenv("PDSERVE_DECODE_SPLITS", bad)
         with pytest.raises(ValueError, match="PDSERVE_DECODE_SPLITS"):
