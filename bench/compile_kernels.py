@@ -177,6 +177,7 @@ def decode_attention_launch(
         "DIRECT": True, "ROPE": rope, "HALF": 64 if rope else 1,
         "BLOCK_HALF": 64 if rope else 1, "INTERLEAVED": False, "NORM": rope,
         "SHORT_N": tiles.short_n, "SHORT_MAX": tiles.short_max,
+        "MIN_TILES": tiles.min_split_tiles,
     }  # fmt: skip
     # The page table's width and the log-sum-exps' split count vary; the rest are heads.
     divisible = strides(attention._decode_split_kernel, "stride_table", "stride_lb", "stride_lh")
