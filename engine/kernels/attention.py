@@ -220,6 +220,13 @@ def wait_after_metadata(PDL: tl.constexpr):
 
 
 @triton.jit
+def split_length(seq_len, num_splits, BLOCK_N: tl.constexpr, MIN_TILES: tl.constexpr):
+    """Keys in each of a sequence's `num_splits` ranges (the last takes the rest): whole tiles
+    of `BLOCK_N`, at least `MIN_TILES` of them. The split and combine programs both read it."""
+    return tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N), MIN_TILES) * BLOCK_N
+
+
+@triton.jit
 def _attend_keys(
     q, start, end, table_row, k_ptr, v_ptr, kvh, stride_ks, stride_kh, stride_vs, stride_vh,
     scale, dk, dv, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -331,7 +338,7 @@ def decode_split_program(
     # DIRECT (one split): the output itself, normalised, instead of a partial to combine.
     seq_len = tl.load(seq_lens_ptr + b)
     row = tl.load(rows_ptr + b).to(tl.int64)
-    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N), MIN_TILES) * BLOCK_N
+    split_len = split_length(seq_len, num_splits, BLOCK_N, MIN_TILES)
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
     table_row = table_ptr + row * stride_table
@@ -469,7 +476,7 @@ def decode_combine_program(
     wait_before_metadata(PDL)
     seq_len = tl.load(seq_lens_ptr + b)
     wait_after_metadata(PDL)
-    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N), MIN_TILES) * BLOCK_N
+    split_len = split_length(seq_len, num_splits, BLOCK_N, MIN_TILES)
     dv = tl.arange(0, BLOCK_DV)
     m = float("-inf")
     total = 0.0
