@@ -370,20 +370,26 @@ def pdl_mode_from_env() -> int:
     return PDL_MODES[name]
 
 
+def _ints_from_env(name: str) -> tuple[str, tuple[int, ...]]:
+    """Environment variable `name`'s text and its comma-separated integers (empty where any
+    is not one: the caller's length check then names the form)."""
+    value = os.environ.get(name, "")
+    try:
+        return value, tuple(int(x) for x in value.split(","))
+    except ValueError:
+        return value, ()
+
+
 def decode_tiles_from_env() -> tuple[int, ...] | None:
     """PDSERVE_DECODE_TILES=KEYS,WARPS,STAGES[,SHORT_KEYS,SHORT_MAX] (e.g. `32,4,3` or
     `64,4,3,32,256`): the decode split kernel's launch where a step takes one split
     (`attention.default_tiles`), for an engine A/B; the two optional values give a range of at
     most SHORT_MAX keys tiles of SHORT_KEYS instead (`attention.DecodeTiles`). Unset is None
     (the default tiles). A bad value is a ValueError that names the form."""
-    value = os.environ.get("PDSERVE_DECODE_TILES", "")
+    value, values = _ints_from_env("PDSERVE_DECODE_TILES")
     if not value:
         return None
     form = "KEYS,WARPS,STAGES[,SHORT_KEYS,SHORT_MAX], e.g. 32,4,3 or 64,4,3,32,256"
-    try:
-        values = tuple(int(x) for x in value.split(","))
-    except ValueError:
-        values = ()
     if len(values) not in (3, 5):
         raise ValueError(f"PDSERVE_DECODE_TILES must be {form}, got {value!r}")
     block_n, warps, stages = values[:3]
@@ -410,13 +416,9 @@ def decode_splits_from_env() -> tuple[int, int] | None:
     split rule for an engine A/B, at most MAX context splits a (sequence, KV head) and, where a
     step takes several, each split at least MIN_TILES key tiles (`attention.split_rule`); unset
     is None (64 and 1). A bad value is a ValueError that names the form."""
-    value = os.environ.get("PDSERVE_DECODE_SPLITS", "")
+    value, values = _ints_from_env("PDSERVE_DECODE_SPLITS")
     if not value:
         return None
-    try:
-        values = tuple(int(x) for x in value.split(","))
-    except ValueError:
-        values = ()
     if len(values) not in (1, 2) or min(values) < 1:
         raise ValueError(
             f"PDSERVE_DECODE_SPLITS must be MAX[,MIN_TILES], both >= 1, e.g. 16 or 64,2, "
