@@ -435,28 +435,33 @@ def jobs(all_configs: bool, arch: int = 90) -> list[tuple[str, Callable[[int], U
             )
     # DIRECT: one context range, the split kernel writes the output (no partials). The
     # one-chain kernel at 32-key tiles; the quartered one (the default at rank 512 in 16-bit
-    # types) at 64-key tiles and 16 to 64 heads a program.
+    # types) at 64-key tiles and 16 to 64 heads a program, and at 16 heads with the page ids
+    # read a tile ahead (`pages_ahead`, untimed: 32-key tiles in 3 stages, two buffers).
     one_chain, quarters = mla_decode.mla_decode_split_kernel, mla_decode.mla_decode_quarters_kernel
-    for kernel, dtype, block_h, direct in (
-        (one_chain, "bf16", 16, False),
-        (one_chain, "bf16", 32, False),
-        (one_chain, "fp32", 16, False),
-        (one_chain, "bf16", 16, True),
-        (quarters, "bf16", 16, False),
-        (quarters, "bf16", 16, True),
-        (quarters, "bf16", 32, False),
-        (quarters, "bf16", 64, True),
+    for kernel, dtype, block_h, direct, ahead in (
+        (one_chain, "bf16", 16, False, False),
+        (one_chain, "bf16", 32, False, False),
+        (one_chain, "fp32", 16, False, False),
+        (one_chain, "bf16", 16, True, False),
+        (quarters, "bf16", 16, False, False),
+        (quarters, "bf16", 16, True, False),
+        (quarters, "bf16", 32, False, False),
+        (quarters, "bf16", 64, True, False),
+        (quarters, "bf16", 16, True, True),
     ):
         size = 4 if dtype == "fp32" else 2
         if kernel is quarters and not mla_decode.fits(block_h, 64, 576, size, smem):
             continue  # `default_block_h` does not take it there
         block_n = mla_decode.default_block_n(kernel is quarters, block_h, 576, size, smem)
+        block_n = 32 if ahead else block_n
         if not mla_decode.fits(block_h, block_n, 576, size, smem, kernel is quarters):
             continue  # nor does any tile fit
         mid = f"*{dtype}" if direct else "*fp32"
         name = "mla_decode_quarters_kernel" if kernel is quarters else "mla_decode_split_kernel"
         add(
-            f"{name} {dtype} block_h={block_h} block_n={block_n}" + (" direct" if direct else ""),
+            f"{name} {dtype} block_h={block_h} block_n={block_n}"
+            + (" direct" if direct else "")
+            + (" pages ahead, 3 stages" if ahead else ""),
             kernel,
             {
                 "q_latent": f"*{dtype}",
@@ -479,13 +484,14 @@ def jobs(all_configs: bool, arch: int = 90) -> list[tuple[str, Callable[[int], U
                 "BLOCK_R": 512,
                 "BLOCK_P": 64,
                 "BLOCK_N": block_n,
+                **({"AHEAD": ahead} if kernel is quarters else {}),
             },
             floats=("scale",),
             divisible=strides(kernel, "stride_table"),
             num_warps=mla_decode.default_num_warps(
                 torch.float32 if dtype == "fp32" else torch.bfloat16, 256, 16, block_h=block_h
             ),
-            num_stages=2,
+            num_stages=3 if ahead else 2,
         )
     # MLA's query absorption, at one row and at 64 (the tile rule's two ends at 16 heads).
     for block_m, block_n in ((16, 32), (64, 64)):

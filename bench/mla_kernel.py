@@ -4,7 +4,7 @@ torch backend.
     python -m bench.mla_kernel                       # decode and extend, 16 and 128 heads
     python -m bench.mla_kernel --mode decode --heads 16 --batch-sizes 1,64 --contexts 2048
     python -m bench.mla_kernel --mode decode --splits 0,1,2,4   # the rule's ranges and others
-    python -m bench.mla_kernel --mode decode --tiles 32x8x2,64x8x2  # block_n x warps x stages
+    python -m bench.mla_kernel --mode decode --tiles 32x8x2,32x4x3a  # keys x warps x stages[a]
     python -m bench.mla_kernel --mode extend --extend-cases 64x128,8x2048 --block-m 128
     TRITON_INTERPRET=1 python -m bench.mla_kernel --mode extend --device cpu --heads 2 \
         --extend-cases 2x16+16                       # a smoke run of the script (no real times)
@@ -80,7 +80,8 @@ class Case:
     out: torch.Tensor  # [B, H, R]
     block_h: int | None  # heads sharing one read of a latent tile (None: the kernel's rule)
     splits: int | None = None  # context ranges per sequence (None: the kernel's rule)
-    tiles: tuple[int, int, int] = (32, 0, 2)  # block_n, num_warps (0: default), num_stages
+    # block_n, num_warps (0: default), num_stages, pages read a tile ahead
+    tiles: tuple[int, int, int, bool] = (32, 0, 2, False)
     quarters: bool | None = None  # the latent in four column quarters (None: the rule)
 
     def kernel(self) -> None:
@@ -99,6 +100,7 @@ class Case:
                 block_h=self.block_h,
                 num_warps=self.tiles[1] or None,
                 num_stages=self.tiles[2],
+                pages_ahead=self.tiles[3],
                 quarters=self.quarters,
             )
 
@@ -390,10 +392,10 @@ def bench_decode(args: argparse.Namespace) -> None:
                     run.kernel()
                     err = (run.out.float() - want).abs().max().item()
                     label = f"{splits or rule}" + ("" if splits else " (rule)")
-                    n, w, st = tiles
+                    n, w, st, ahead = tiles
                     print(
                         f"| {heads} | {batch} | {context} | {label} "
-                        f"| {n}x{w or 'd'}x{st}{QUARTERS_LABEL[quarters]} "
+                        f"| {n}x{w or 'd'}x{st}{'a' if ahead else ''}{QUARTERS_LABEL[quarters]} "
                         f"| {floor_us:.1f} "
                         f"| {kernel_s * 1e6:.1f} | {kernel_s * 1e6 / floor_us:.2f} "
                         f"| {baseline} | {err:.1e} |",
@@ -403,18 +405,23 @@ def bench_decode(args: argparse.Namespace) -> None:
                 torch.cuda.empty_cache()
 
 
-def tiles_list(text: str) -> tuple[tuple[int, int, int], ...]:
-    try:
-        values = tuple(
-            tuple(int(v) for v in item.split("x")) for item in text.split(",") if item.strip()
-        )
-    except ValueError:
-        values = ()
-    if not values or any(len(v) != 3 or v[0] < 16 or v[1] < 0 or v[2] < 1 for v in values):
-        raise argparse.ArgumentTypeError(
-            f"expected BLOCK_NxWARPSxSTAGES like 32x8x2,64x4x3 (warps 0: default), got {text!r}"
-        )
-    return values  # type: ignore[return-value]
+def tiles_list(text: str) -> tuple[tuple[int, int, int, bool], ...]:
+    """`BLOCK_NxWARPSxSTAGES[a]` items, comma-separated: `a` reads each tile's page ids a step
+    ahead (`mla_decode(..., pages_ahead=True)`, the quartered kernel's)."""
+    values = []
+    for item in (i.strip() for i in text.split(",")):
+        ahead = item.endswith("a")
+        try:
+            numbers = tuple(int(v) for v in item.removesuffix("a").split("x"))
+        except ValueError:
+            numbers = ()
+        if len(numbers) != 3 or numbers[0] < 16 or numbers[1] < 0 or numbers[2] < 1:
+            raise argparse.ArgumentTypeError(
+                f"expected BLOCK_NxWARPSxSTAGES[a] like 32x8x2,32x4x3a (warps 0: default; a: "
+                f"pages read a tile ahead), got {text!r}"
+            )
+        values.append((*numbers, ahead))
+    return tuple(values)
 
 
 def device_label(device: torch.device) -> str:
@@ -439,8 +446,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--tiles",
         type=tiles_list,
-        default=((32, 0, 2),),
-        help="decode: split-kernel launches to time, BLOCK_NxWARPSxSTAGES (warps 0: default)",
+        default=((32, 0, 2, False),),
+        help="decode: split-kernel launches to time, BLOCK_NxWARPSxSTAGES[a] (warps 0: default; "
+        "a: the quartered kernel's page ids read a tile ahead)",
     )
     parser.add_argument(
         "--block-h",

@@ -411,6 +411,31 @@ def decode_tiles_from_env() -> tuple[int, ...] | None:
     return values
 
 
+def mla_decode_tiles_from_env() -> tuple[int, int, int, bool] | None:
+    """PDSERVE_MLA_DECODE_TILES=KEYS,WARPS,STAGES,AHEAD (e.g. `32,4,3,1`): the quartered MLA
+    decode kernel's launch in 16-bit types, for an engine A/B (`mla_decode.env_launch`): keys
+    a tile, warps (0: the rule), pipeline stages, and 1 to read each tile's page ids a step
+    ahead (`mla_decode(..., pages_ahead=True)`). Unset is None (the rule: 64 keys, 2 stages,
+    not ahead). A bad value is a ValueError that names the form."""
+    value, values = _ints_from_env("PDSERVE_MLA_DECODE_TILES")
+    if not value:
+        return None
+    if len(values) != 4:
+        raise ValueError(
+            f"PDSERVE_MLA_DECODE_TILES must be KEYS,WARPS,STAGES,AHEAD, e.g. 32,4,3,1, "
+            f"got {value!r}"
+        )
+    keys, warps, stages, ahead = values
+    if keys < 16 or keys & (keys - 1) or warps not in (0, 1, 2, 4, 8) or stages < 1:
+        raise ValueError(
+            f"PDSERVE_MLA_DECODE_TILES needs keys a power of two >= 16, warps 0 (the rule), "
+            f"1, 2, 4 or 8 and stages >= 1, got {value!r}"
+        )
+    if ahead not in (0, 1):
+        raise ValueError(f"PDSERVE_MLA_DECODE_TILES's AHEAD is 0 or 1, got {value!r}")
+    return keys, warps, stages, bool(ahead)
+
+
 def decode_splits_from_env() -> tuple[int, int] | None:
     """PDSERVE_DECODE_SPLITS=MAX[,MIN_TILES] (e.g. `16` or `64,2`): the decode attention's
     split rule for an engine A/B, at most MAX context splits a (sequence, KV head) and, where a
@@ -471,6 +496,7 @@ class EngineConfig:
         pdl_mode_from_env()  # a bad PDSERVE_PDL fails here, at start, not at the first launch
         decode_tiles_from_env()  # and so does a bad PDSERVE_DECODE_TILES
         decode_splits_from_env()  # or PDSERVE_DECODE_SPLITS
+        mla_decode_tiles_from_env()  # or PDSERVE_MLA_DECODE_TILES
         if not self.grammar_compile_timeout_s > 0:
             raise ValueError(
                 f"grammar_compile_timeout_s must be > 0, got {self.grammar_compile_timeout_s}"

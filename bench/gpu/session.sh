@@ -1609,5 +1609,20 @@ b53)
     done
   done
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b53"; exit 2 ;;
+b54)
+  # For either kind (about 450 s): the quartered MLA decode with each tile's page ids read a
+  # step ahead (`pages_ahead`: the tiles then copied into shared memory ahead of their
+  # products, 32-key tiles in 3 stages, two buffers, two programs an SM), against the default
+  # (64-key tiles through registers, one buffer): the kernel at Moonlight's 16 heads, then
+  # Moonlight's decode rows with each launch (`PDSERVE_MLA_DECODE_TILES`), alternating.
+  TAIL=30 step mla_ahead 110 python3 -m bench.mla_kernel --mode decode --heads 16 \
+    --batch-sizes 1,64,256 --contexts 128,2048 --block-h 16 \
+    --tiles 64x0x2,32x0x3a,32x0x2,64x0x3a,16x4x4a
+  for tiles in "" 32,0,3,1 "" 32,0,3,1; do  # "" (unset): the default
+    ROWS='^device|^\| [0-9]+x' step "mla_rows_${tiles:-default}" 80 \
+      env PDSERVE_MLA_DECODE_TILES="$tiles" python3 -m bench.engine \
+      --preset moonlight-16b-a3b --skip-hf --prefill '' --decode 1x128,64x128,256x128 --repeats 2
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b53|b54"; exit 2 ;;
 esac

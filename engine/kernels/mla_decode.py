@@ -21,12 +21,14 @@ Both kernels take part in programmatic dependent launch (`engine.kernels.pdl`).
 
 from __future__ import annotations
 
-from typing import Literal, overload
+import functools
+from typing import Any, Literal, overload
 
 import torch
 import triton
 import triton.language as tl
 
+from engine.config import mla_decode_tiles_from_env
 from engine.kernels import pdl
 from engine.kernels.attention import dot_precision, wait_after_metadata, wait_before_metadata
 from engine.kernels.sms import H200_SHARED_MEMORY, H200_SMS, shared_memory, sm_count
@@ -99,12 +101,10 @@ def mla_decode_split_kernel(
     denom = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
     for n0 in range(start, end, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        ok = pos < end
-        page = tl.load(table_row + pos // page_size, mask=ok, other=0).to(tl.int64)
-        within = pos % page_size
-        latent_row = page * stride_latent_page + within * stride_latent_slot  # [BLOCK_N]
-        pe_row = page * stride_pe_page + within * stride_pe_slot
+        latent_row, pe_row, ok = _tile_rows(
+            table_row, n0, end, page_size, stride_latent_page, stride_latent_slot,
+            stride_pe_page, stride_pe_slot, BLOCK_N,
+        )  # fmt: skip
         c = tl.load(
             latent_cache + latent_row[:, None] + r[None, :],
             mask=ok[:, None] & r_ok[None, :],
@@ -175,6 +175,54 @@ def _latent_quarter(latent_cache, latent_row, r4, ok, Q: tl.constexpr, R4: tl.co
 
 
 @triton.jit
+def _tile_rows(
+    table_row, n0, end, page_size, stride_latent_page, stride_latent_slot, stride_pe_page,
+    stride_pe_slot, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The latent and rope-key cache rows of the tile of positions from `n0` (`[BLOCK_N]`,
+    int64) and which positions are before `end`."""
+    pos = n0 + tl.arange(0, BLOCK_N)
+    ok = pos < end
+    page = tl.load(table_row + pos // page_size, mask=ok, other=0).to(tl.int64)
+    within = pos % page_size
+    latent_row = page * stride_latent_page + within * stride_latent_slot
+    return latent_row, page * stride_pe_page + within * stride_pe_slot, ok
+
+
+@triton.jit
+def _quarters_tile(
+    latent_cache, pe_cache, latent_row, pe_row, ok, r4, p, p_ok, q0, q1, q2, q3, qp, m, denom,
+    acc0, acc1, acc2, acc3, scale, R4: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One key tile of `mla_decode_quarters_kernel`: its four quarters' and rope part's scores,
+    the online softmax, and the four accumulators. Returns `(m, denom, acc0..acc3)`."""
+    c0 = _latent_quarter(latent_cache, latent_row, r4, ok, 0, R4)
+    c1 = _latent_quarter(latent_cache, latent_row, r4, ok, 1, R4)
+    c2 = _latent_quarter(latent_cache, latent_row, r4, ok, 2, R4)
+    c3 = _latent_quarter(latent_cache, latent_row, r4, ok, 3, R4)
+    kp = tl.load(
+        pe_cache + pe_row[:, None] + p[None, :], mask=ok[:, None] & p_ok[None, :], other=0.0
+    )
+    s0 = tl.dot(q0, tl.trans(c0), input_precision=PRECISION)
+    s1 = tl.dot(q1, tl.trans(c1), input_precision=PRECISION)
+    s2 = tl.dot(q2, tl.trans(c2), input_precision=PRECISION)
+    s3 = tl.dot(q3, tl.trans(c3), input_precision=PRECISION)
+    sp = tl.dot(qp, tl.trans(kp), input_precision=PRECISION)
+    s = ((s0 + s1) + (s2 + s3)) + sp
+    s = tl.where(ok[None, :], s * scale, -float("inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    alpha = tl.exp(m - m_new)
+    prob = tl.exp(s - m_new[:, None])
+    denom = denom * alpha + tl.sum(prob, axis=1)
+    pb = prob.to(c0.dtype)
+    acc0 = tl.dot(pb, c0, acc0 * alpha[:, None], input_precision=PRECISION)
+    acc1 = tl.dot(pb, c1, acc1 * alpha[:, None], input_precision=PRECISION)
+    acc2 = tl.dot(pb, c2, acc2 * alpha[:, None], input_precision=PRECISION)
+    acc3 = tl.dot(pb, c3, acc3 * alpha[:, None], input_precision=PRECISION)
+    return m_new, denom, acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def mla_decode_quarters_kernel(
     q_latent,  # [B, H, R]
     q_pe,  # [B, H, P]
@@ -211,11 +259,16 @@ def mla_decode_quarters_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PDL: tl.constexpr,
+    AHEAD: tl.constexpr = False,
 ):
     """`mla_decode_split_kernel` with the latent in four column quarters: the scores are four
     independent products of 128 columns (at R 512) summed, not one chain over all 576, so the
     tensor-core steps of one tile overlap instead of waiting on each other; the output is four
-    accumulators. Same loads, same bytes."""
+    accumulators. Same loads, same bytes. `AHEAD`: each step reads the next tile's page ids,
+    so that the tile's addresses are known a step early and Triton's pipeliner copies the
+    tiles into shared memory `num_stages - 1` deep (sm_90, 32-key tiles at 3 stages: 88 KB,
+    two buffers; without it one, at any stage count: the tile goes through registers after
+    the last tile's products)."""
     head_block, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     table_row, start, end = _range_metadata(
         page_table, req_rows, seq_lens, b, split, stride_table, NUM_SPLITS, HAS_ROWS, BLOCK_N,
@@ -243,37 +296,31 @@ def mla_decode_quarters_kernel(
     acc1 = tl.zeros([BLOCK_H, R4], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_H, R4], dtype=tl.float32)
     acc3 = tl.zeros([BLOCK_H, R4], dtype=tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        ok = pos < end
-        page = tl.load(table_row + pos // page_size, mask=ok, other=0).to(tl.int64)
-        within = pos % page_size
-        latent_row = page * stride_latent_page + within * stride_latent_slot
-        pe_row = page * stride_pe_page + within * stride_pe_slot
-        c0 = _latent_quarter(latent_cache, latent_row, r4, ok, 0, R4)
-        c1 = _latent_quarter(latent_cache, latent_row, r4, ok, 1, R4)
-        c2 = _latent_quarter(latent_cache, latent_row, r4, ok, 2, R4)
-        c3 = _latent_quarter(latent_cache, latent_row, r4, ok, 3, R4)
-        kp = tl.load(
-            pe_cache + pe_row[:, None] + p[None, :], mask=ok[:, None] & p_ok[None, :], other=0.0
-        )
-        s0 = tl.dot(q0, tl.trans(c0), input_precision=PRECISION)
-        s1 = tl.dot(q1, tl.trans(c1), input_precision=PRECISION)
-        s2 = tl.dot(q2, tl.trans(c2), input_precision=PRECISION)
-        s3 = tl.dot(q3, tl.trans(c3), input_precision=PRECISION)
-        sp = tl.dot(qp, tl.trans(kp), input_precision=PRECISION)
-        s = ((s0 + s1) + (s2 + s3)) + sp
-        s = tl.where(ok[None, :], s * scale, -float("inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp(m - m_new)
-        prob = tl.exp(s - m_new[:, None])
-        denom = denom * alpha + tl.sum(prob, axis=1)
-        pb = prob.to(c0.dtype)
-        acc0 = tl.dot(pb, c0, acc0 * alpha[:, None], input_precision=PRECISION)
-        acc1 = tl.dot(pb, c1, acc1 * alpha[:, None], input_precision=PRECISION)
-        acc2 = tl.dot(pb, c2, acc2 * alpha[:, None], input_precision=PRECISION)
-        acc3 = tl.dot(pb, c3, acc3 * alpha[:, None], input_precision=PRECISION)
-        m = m_new
+    if AHEAD:
+        latent_next, pe_next, ok_next = _tile_rows(
+            table_row, start, end, page_size, stride_latent_page, stride_latent_slot,
+            stride_pe_page, stride_pe_slot, BLOCK_N,
+        )  # fmt: skip
+        for n0 in range(start, end, BLOCK_N):
+            latent_row, pe_row, ok = latent_next, pe_next, ok_next
+            latent_next, pe_next, ok_next = _tile_rows(
+                table_row, n0 + BLOCK_N, end, page_size, stride_latent_page,
+                stride_latent_slot, stride_pe_page, stride_pe_slot, BLOCK_N,
+            )  # fmt: skip
+            m, denom, acc0, acc1, acc2, acc3 = _quarters_tile(
+                latent_cache, pe_cache, latent_row, pe_row, ok, r4, p, p_ok, q0, q1, q2, q3, qp,
+                m, denom, acc0, acc1, acc2, acc3, scale, R4, PRECISION,
+            )  # fmt: skip
+    else:
+        for n0 in range(start, end, BLOCK_N):
+            latent_row, pe_row, ok = _tile_rows(
+                table_row, n0, end, page_size, stride_latent_page, stride_latent_slot,
+                stride_pe_page, stride_pe_slot, BLOCK_N,
+            )  # fmt: skip
+            m, denom, acc0, acc1, acc2, acc3 = _quarters_tile(
+                latent_cache, pe_cache, latent_row, pe_row, ok, r4, p, p_ok, q0, q1, q2, q3, qp,
+                m, denom, acc0, acc1, acc2, acc3, scale, R4, PRECISION,
+            )  # fmt: skip
     if DIRECT:
         live = denom[:, None] > 0
         inv = 1.0 / tl.maximum(denom, 1e-30)[:, None]
@@ -455,6 +502,37 @@ def default_num_kv_splits(
     return max(1, min(16, slots // programs))
 
 
+def takes_quarters(q_latent: torch.Tensor) -> bool:
+    """Whether `mla_decode` takes the quartered kernel by default for these queries: in 16-bit
+    types where the latent rank is a power of two of at least 64 (every MLA model's 512). Not
+    in float32 (the exact checks): its four accumulators spill there (7 KB on sm_90,
+    `bench.compile_kernels`), and nothing measured it."""
+    rank = q_latent.shape[-1]
+    return rank >= 64 and rank & (rank - 1) == 0 and q_latent.dtype != torch.float32
+
+
+@functools.cache
+def _env_tiles() -> tuple[int, int, int, bool] | None:
+    return mla_decode_tiles_from_env()
+
+
+def env_launch(q_latent: torch.Tensor) -> dict[str, Any]:
+    """`mla_decode`'s launch keywords from `PDSERVE_MLA_DECODE_TILES`
+    (`config.mla_decode_tiles_from_env`, read once) for an engine A/B of the quartered
+    kernel's tiles, where these queries take that kernel (`takes_quarters`); else, and where
+    unset, empty (the rule's)."""
+    tiles = _env_tiles()
+    if tiles is None or not takes_quarters(q_latent):
+        return {}
+    block_n, warps, stages, ahead = tiles
+    return {
+        "block_n": block_n,
+        "num_warps": warps or None,
+        "num_stages": stages,
+        "pages_ahead": ahead,
+    }
+
+
 @overload
 def mla_decode(
     q_latent: torch.Tensor,
@@ -472,6 +550,7 @@ def mla_decode(
     num_warps: int | None = None,
     num_stages: int = 2,
     quarters: bool | None = None,
+    pages_ahead: bool = False,
     defer_combine: Literal[False] = False,
 ) -> torch.Tensor: ...
 
@@ -493,6 +572,7 @@ def mla_decode(
     num_warps: int | None = None,
     num_stages: int = 2,
     quarters: bool | None = None,
+    pages_ahead: bool = False,
     defer_combine: bool = False,
 ) -> torch.Tensor | PendingCombine: ...
 
@@ -513,6 +593,7 @@ def mla_decode(
     num_warps: int | None = None,
     num_stages: int = 2,
     quarters: bool | None = None,
+    pages_ahead: bool = False,
     defer_combine: bool = False,
 ) -> torch.Tensor | PendingCombine:
     """Absorbed MLA decode over the paged cache; writes and returns `out`, or with
@@ -536,7 +617,10 @@ def mla_decode(
     (`bench.mla_kernel --quarters 0,1`, then its `--tiles`), the one-chain kernel's 32-key
     tiles against the quarters' 64-key tiles: 256 x 128 23.4 -> 19.8 µs, 256 x 2,048 243 ->
     162, 64 x 2,048 80.0 -> 54.1, 1 x 2,048 16.9 -> 12.5; 64 x 128 14.2 -> 12.7 (the
-    quarters' 32-key tiles 11.7 there).
+    quarters' 32-key tiles 11.7 there). `pages_ahead` (the quartered kernel only) reads each
+    tile's page ids a step early, so that Triton copies the tiles into shared memory ahead of
+    their products (`num_stages - 1` buffers: 32-key tiles at 3 stages fit two programs an
+    SM); untimed, off by default (`PDSERVE_MLA_DECODE_TILES` for an engine A/B).
     """
     batch, num_heads, rank = q_latent.shape
     rope = q_pe.shape[2]
@@ -555,11 +639,11 @@ def mla_decode(
     block_r = max(16, triton.next_power_of_2(rank))
     block_p = max(16, triton.next_power_of_2(rope))
     if quarters is None:
-        # Not in float32 (the exact checks): its four accumulators spill there (7 KB on
-        # sm_90, `bench.compile_kernels`), and nothing measured it.
-        quarters = rank == block_r and rank % 64 == 0 and q_latent.dtype != torch.float32
+        quarters = takes_quarters(q_latent)
     if quarters and (rank != block_r or rank % 64):
         raise ValueError(f"quarters need a latent rank that is a power of two >= 64, got {rank}")
+    if pages_ahead and not quarters:
+        raise ValueError("pages_ahead is the quartered kernel's (quarters=True)")
     width = block_r + block_p
     if block_h is None:
         block_h = DEFAULT_BLOCK_H
@@ -623,6 +707,7 @@ def mla_decode(
         BLOCK_N=block_n,
         num_warps=num_warps,
         num_stages=num_stages,
+        **({"AHEAD": pages_ahead} if quarters else {}),
         **pdl.launch_args(q_latent, trigger_first=early),
     )
     if direct:

@@ -23,7 +23,7 @@ from engine.forward_batch import ForwardBatch
 from engine.kernels import attention as kernels
 from engine.kernels import fused, mla_extend
 from engine.kernels.head_bmm import absorb_query_and_latent, combine_head_bmm, head_bmm
-from engine.kernels.mla_decode import mla_decode
+from engine.kernels.mla_decode import env_launch, mla_decode
 from engine.kernels.sms import shared_memory, sm_count
 from engine.layers.attention import AttentionBackend
 from engine.layers.norm import RMSNorm
@@ -337,6 +337,7 @@ class TritonAttentionBackend(AttentionBackend):
         return mla_decode(
             q_latent, q_pe, cache.k[layer_id], cache.v[layer_id], batch.page_table,
             meta.seq_lens, scale, out, req_rows=batch.req_rows, defer_combine=defer_combine,
+            **env_launch(q_latent),  # PDSERVE_MLA_DECODE_TILES: an A/B of the kernel's tiles
         )  # fmt: skip
 
     def mla_absorb_query(self, q_nope: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:

@@ -281,9 +281,12 @@ def test_absorption_with_the_latent_side_is_the_backend_unfused(page_size, monke
 @pytest.mark.parametrize("page_size", [1, 16])
 @pytest.mark.parametrize("heads", [1, 16, 20])
 @pytest.mark.parametrize("splits", [1, 3])
-def test_mla_decode_quarters_match_torch_backend(page_size, heads, splits):
+@pytest.mark.parametrize("pages_ahead", [False, True])
+def test_mla_decode_quarters_match_torch_backend(page_size, heads, splits, pages_ahead):
     """The kernel with the latent in four column quarters (independent score products): the
-    same results as the one-chain kernel's reference, at rank 64 (quarters of 16)."""
+    same results as the one-chain kernel's reference, at rank 64 (quarters of 16); with each
+    tile's page ids read a step ahead too (the last step's read of the page ids past the range
+    masked off)."""
     lens = [0, page_size - 1, page_size, 45]
     q_latent, q_pe, cache, table, seq_lens, scale, want = decode_case(
         lens, heads, 64, 8, page_size, torch.float32
@@ -291,9 +294,15 @@ def test_mla_decode_quarters_match_torch_backend(page_size, heads, splits):
     out = torch.empty_like(q_latent)
     mla_decode(
         q_latent, q_pe, cache.k[0], cache.v[0], table, seq_lens, scale, out, splits, 16,
-        quarters=True,
+        quarters=True, pages_ahead=pages_ahead,
     )  # fmt: skip
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    if pages_ahead:
+        with pytest.raises(ValueError, match="pages_ahead"):
+            mla_decode(
+                q_latent, q_pe, cache.k[0], cache.v[0], table, seq_lens, scale, out, splits, 16,
+                quarters=False, pages_ahead=True,
+            )  # fmt: skip
     with pytest.raises(ValueError, match="quarters"):
         q32, pe32, cache32, table32, lens32, _, _ = decode_case(lens, 1, 32, 8, 1, torch.float32)
         mla_decode(
@@ -425,3 +434,29 @@ def test_combine_in_the_output_absorption_is_the_combine_then_the_product(dtype,
         PendingCombine(pending.mid_out[:0], pending.mid_lse[:0], dtype), w_uv_t,
         torch.empty(0, heads, v_dim, dtype=dtype),
     ).shape == (0, heads, v_dim)  # fmt: skip
+
+
+def test_mla_decode_tiles_from_the_environment(monkeypatch):
+    """`PDSERVE_MLA_DECODE_TILES` (an engine A/B of the quartered kernel's launch): parsed into
+    `mla_decode`'s keywords where the queries take the quartered kernel (16-bit, rank a power
+    of two >= 64), none in float32 or at rank 16; a bad value names the form."""
+    from engine.config import mla_decode_tiles_from_env
+    from engine.kernels import mla_decode as module
+
+    bf16 = torch.zeros(1, 16, 512, dtype=torch.bfloat16)
+    monkeypatch.setenv("PDSERVE_MLA_DECODE_TILES", "32,0,3,1")
+    module._env_tiles.cache_clear()
+    try:
+        assert module.env_launch(bf16) == {
+            "block_n": 32, "num_warps": None, "num_stages": 3, "pages_ahead": True,
+        }  # fmt: skip
+        assert module.env_launch(bf16.float()) == {}
+        assert module.env_launch(bf16[..., :16]) == {}
+    finally:
+        monkeypatch.delenv("PDSERVE_MLA_DECODE_TILES")
+        module._env_tiles.cache_clear()
+    assert module.env_launch(bf16) == {}
+    for bad in ("32,4,3", "48,4,3,1", "32,3,3,1", "32,4,0,1", "32,4,3,2", "a"):
+        monkeypatch.setenv("PDSERVE_MLA_DECODE_TILES", bad)
+        with pytest.raises(ValueError, match="PDSERVE_MLA_DECODE_TILES"):
+            mla_decode_tiles_from_env()

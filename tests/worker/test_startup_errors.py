@@ -19,6 +19,7 @@ import torch
         ([], {"PDSERVE_PDL": "sometimes"}, "PDSERVE_PDL must be one of"),
         ([], {"PDSERVE_DECODE_TILES": "48,4,3"}, "PDSERVE_DECODE_TILES needs keys"),
         ([], {"PDSERVE_DECODE_SPLITS": "16,0"}, "PDSERVE_DECODE_SPLITS must be MAX[,MIN_TILES]"),
+        ([], {"PDSERVE_MLA_DECODE_TILES": "32,4,3"}, "PDSERVE_MLA_DECODE_TILES must be KEYS"),
         (["--model-path", "/nonexistent"], {}, "no config.json in /nonexistent"),
         (["--session-port", "70000"], {}, "--session-port must be in [-1, 65535]"),
         (["--transfer-timeout", "-1"], {}, "--transfer-timeout must be a positive number"),
