@@ -1592,23 +1592,6 @@ b52)
     done
   done
   ;;
-b53)
-  # For either kind (about 400 s): `b52` cut to what the thirty-third session had not timed:
-  # the kernel at 8,192 tokens with the count capped at 16 or each split held to two tiles,
-  # then Qwen3-30B-A3B's and Llama-3-8B's batch-1 rows with the default and with 16.
-  for heads in 32/8/128 32/4/128; do
-    TAIL=12 step "splits8k_${heads//\//_}" 50 python3 -m bench.attention_kernel \
-      --shapes 1x8192 --heads "$heads" --graph-context 8192 --block-n 64 \
-      --num-warps 4 --num-stages 2 --splits 0,16 --min-split-tiles 1,2
-  done
-  for rule in "" 16; do  # "" (unset): the default
-    for preset in qwen3-30b-a3b llama3-8b; do
-      ROWS='^device|^\| [0-9]+x' step "rule_${preset%%-*}_${rule:-default}" 80 \
-        env PDSERVE_DECODE_SPLITS="$rule" python3 -m bench.engine --preset "$preset" --skip-hf \
-        --prefill '' --decode 1x128,1x2048 --repeats 2
-    done
-  done
-  ;;
 b54)
   # For either kind (about 450 s): the quartered MLA decode with each tile's page ids read a
   # step ahead (`pages_ahead`: the tiles then copied into shared memory ahead of their
@@ -1626,9 +1609,9 @@ b54)
   ;;
 b55)
   # For either kind, a short budget (about 330 s), in order of worth: Qwen3-30B-A3B's batch-1
-  # rows with the split count capped at 16 against the default (`b53`'s engine half), the
+  # rows with the split count capped at 16 against the default (`b52`'s engine half), the
   # quartered MLA decode with its page ids read ahead against the default (`b54`'s kernel
-  # half, cut), then batch 1's split kernel at 8,192 tokens (`b53`'s first half).
+  # half, cut), then batch 1's split kernel at 8,192 tokens (`b52`'s first half).
   for rule in "" 16; do
     ROWS='^device|^\| [0-9]+x' step "rule_qwen3_${rule:-default}" 80 \
       env PDSERVE_DECODE_SPLITS="$rule" python3 -m bench.engine --preset qwen3-30b-a3b \
@@ -1642,5 +1625,5 @@ b55)
       --num-warps 4 --num-stages 2 --splits 0,16 --min-split-tiles 1
   done
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b53|b54|b55"; exit 2 ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55"; exit 2 ;;
 esac
