@@ -435,33 +435,37 @@ def jobs(all_configs: bool, arch: int = 90) -> list[tuple[str, Callable[[int], U
             )
     # DIRECT: one context range, the split kernel writes the output (no partials). The
     # one-chain kernel at 32-key tiles; the quartered one (the default at rank 512 in 16-bit
-    # types) at 64-key tiles and 16 to 64 heads a program, and at 16 heads with the page ids
-    # read a tile ahead (`pages_ahead`, untimed: 32-key tiles in 3 stages, two buffers).
+    # types) at 16 to 64 heads a program: at 16 heads and 4 warps (batch 256) with its page
+    # ids read a tile ahead (`default_pages_ahead`: 32-key tiles in 3 stages), at batch 1's 8
+    # warps and wider head blocks in 64-key tiles through registers.
     one_chain, quarters = mla_decode.mla_decode_split_kernel, mla_decode.mla_decode_quarters_kernel
-    for kernel, dtype, block_h, direct, ahead in (
-        (one_chain, "bf16", 16, False, False),
-        (one_chain, "bf16", 32, False, False),
-        (one_chain, "fp32", 16, False, False),
-        (one_chain, "bf16", 16, True, False),
-        (quarters, "bf16", 16, False, False),
-        (quarters, "bf16", 16, True, False),
-        (quarters, "bf16", 32, False, False),
-        (quarters, "bf16", 64, True, False),
-        (quarters, "bf16", 16, True, True),
+    for kernel, dtype, block_h, direct, batch in (
+        (one_chain, "bf16", 16, False, 256),
+        (one_chain, "bf16", 32, False, 256),
+        (one_chain, "fp32", 16, False, 256),
+        (one_chain, "bf16", 16, True, 256),
+        (quarters, "bf16", 16, False, 256),
+        (quarters, "bf16", 16, True, 256),
+        (quarters, "bf16", 16, False, 1),
+        (quarters, "bf16", 32, False, 256),
+        (quarters, "bf16", 64, True, 256),
     ):
         size = 4 if dtype == "fp32" else 2
         if kernel is quarters and not mla_decode.fits(block_h, 64, 576, size, smem):
             continue  # `default_block_h` does not take it there
+        torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+        warps = mla_decode.default_num_warps(torch_dtype, batch, 16, block_h=block_h)
+        ahead = mla_decode.default_pages_ahead(kernel is quarters, block_h, warps)
         block_n = mla_decode.default_block_n(kernel is quarters, block_h, 576, size, smem)
-        block_n = 32 if ahead else block_n
+        block_n = mla_decode.AHEAD_BLOCK_N if ahead else block_n
         if not mla_decode.fits(block_h, block_n, 576, size, smem, kernel is quarters):
             continue  # nor does any tile fit
         mid = f"*{dtype}" if direct else "*fp32"
         name = "mla_decode_quarters_kernel" if kernel is quarters else "mla_decode_split_kernel"
         add(
-            f"{name} {dtype} block_h={block_h} block_n={block_n}"
+            f"{name} {dtype} block_h={block_h} block_n={block_n} {warps} warps"
             + (" direct" if direct else "")
-            + (" pages ahead, 3 stages" if ahead else ""),
+            + (" pages ahead" if ahead else ""),
             kernel,
             {
                 "q_latent": f"*{dtype}",
@@ -488,10 +492,8 @@ def jobs(all_configs: bool, arch: int = 90) -> list[tuple[str, Callable[[int], U
             },
             floats=("scale",),
             divisible=strides(kernel, "stride_table"),
-            num_warps=mla_decode.default_num_warps(
-                torch.float32 if dtype == "fp32" else torch.bfloat16, 256, 16, block_h=block_h
-            ),
-            num_stages=3 if ahead else 2,
+            num_warps=warps,
+            num_stages=mla_decode.AHEAD_STAGES if ahead else 2,
         )
     # MLA's query absorption, at one row and at 64 (the tile rule's two ends at 16 heads).
     for block_m, block_n in ((16, 32), (64, 64)):

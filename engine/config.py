@@ -415,8 +415,9 @@ def mla_decode_tiles_from_env() -> tuple[int, int, int, bool] | None:
     """PDSERVE_MLA_DECODE_TILES=KEYS,WARPS,STAGES,AHEAD (e.g. `32,4,3,1`): the quartered MLA
     decode kernel's launch in 16-bit types, for an engine A/B (`mla_decode.env_launch`): keys
     a tile, warps (0: the rule), pipeline stages, and 1 to read each tile's page ids a step
-    ahead (`mla_decode(..., pages_ahead=True)`). Unset is None (the rule: 64 keys, 2 stages,
-    not ahead). A bad value is a ValueError that names the form."""
+    ahead (`mla_decode(..., pages_ahead=True)`); `64,0,2,0` is the launch before the
+    thirty-fourth session. Unset is None (the rule: `mla_decode.default_pages_ahead`). A bad
+    value is a ValueError that names the form."""
     value, values = _ints_from_env("PDSERVE_MLA_DECODE_TILES")
     if not value:
         return None

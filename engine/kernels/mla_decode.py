@@ -482,6 +482,24 @@ def default_num_warps(
     return 8 if wide or programs * 16 <= num_sms else 4
 
 
+# The quartered kernel's launch where it reads each tile's page ids a step ahead by default
+# (`default_pages_ahead`): 32-key tiles in 3 stages, two buffers (88 KB and 214 registers at 16
+# heads and 4 warps on sm_90: two programs an SM, as the 64-key tiles through registers).
+AHEAD_BLOCK_N, AHEAD_STAGES = 32, 3
+
+
+def default_pages_ahead(quarters: bool, block_h: int, num_warps: int) -> bool:
+    """Whether `mla_decode` reads the quartered kernel's page ids a tile ahead by default (in
+    `AHEAD_BLOCK_N`-key tiles, `AHEAD_STAGES` stages): at 16 heads a program and 4 warps (two
+    programs an SM: Moonlight from batch 16 up), where it was timed. On an H100 (the
+    thirty-fourth session, `bench.mla_kernel --heads 16 --tiles 64x0x2,32x0x3a`, µs): 256 x
+    128 25.1 -> 22.7, 64 x 2,048 76.4 -> 68.7, 64 x 128 14.1 both, 256 x 2,048 213.3 -> 214.0;
+    Moonlight's engine steps, steady, alternating twice: 256 x 128 13.60 / 13.59 -> 13.48 /
+    13.50 ms, 64 x 128 12.15 / 12.15 -> 12.14 / 12.14. Not at batch 1's 8 warps, nor for the
+    32- and 64-head programs of DeepSeek-V3 and Kimi-K2 (untimed)."""
+    return quarters and block_h == DEFAULT_BLOCK_H and num_warps == 4
+
+
 def default_num_kv_splits(
     batch: int,
     num_heads: int,
@@ -548,9 +566,9 @@ def mla_decode(
     block_h: int | None = None,
     req_rows: torch.Tensor | None = None,
     num_warps: int | None = None,
-    num_stages: int = 2,
+    num_stages: int | None = None,
     quarters: bool | None = None,
-    pages_ahead: bool = False,
+    pages_ahead: bool | None = None,
     defer_combine: Literal[False] = False,
 ) -> torch.Tensor: ...
 
@@ -570,9 +588,9 @@ def mla_decode(
     block_h: int | None = None,
     req_rows: torch.Tensor | None = None,
     num_warps: int | None = None,
-    num_stages: int = 2,
+    num_stages: int | None = None,
     quarters: bool | None = None,
-    pages_ahead: bool = False,
+    pages_ahead: bool | None = None,
     defer_combine: bool = False,
 ) -> torch.Tensor | PendingCombine: ...
 
@@ -591,9 +609,9 @@ def mla_decode(
     block_h: int | None = None,
     req_rows: torch.Tensor | None = None,
     num_warps: int | None = None,
-    num_stages: int = 2,
+    num_stages: int | None = None,
     quarters: bool | None = None,
-    pages_ahead: bool = False,
+    pages_ahead: bool | None = None,
     defer_combine: bool = False,
 ) -> torch.Tensor | PendingCombine:
     """Absorbed MLA decode over the paged cache; writes and returns `out`, or with
@@ -620,7 +638,8 @@ def mla_decode(
     quarters' 32-key tiles 11.7 there). `pages_ahead` (the quartered kernel only) reads each
     tile's page ids a step early, so that Triton copies the tiles into shared memory ahead of
     their products (`num_stages - 1` buffers: 32-key tiles at 3 stages fit two programs an
-    SM); untimed, off by default (`PDSERVE_MLA_DECODE_TILES` for an engine A/B).
+    SM); None (with `block_n` and `num_stages` None) is `default_pages_ahead`'s rule
+    (`PDSERVE_MLA_DECODE_TILES` sets a launch for an engine A/B).
     """
     batch, num_heads, rank = q_latent.shape
     rope = q_pe.shape[2]
@@ -642,13 +661,20 @@ def mla_decode(
         quarters = takes_quarters(q_latent)
     if quarters and (rank != block_r or rank % 64):
         raise ValueError(f"quarters need a latent rank that is a power of two >= 64, got {rank}")
-    if pages_ahead and not quarters:
-        raise ValueError("pages_ahead is the quartered kernel's (quarters=True)")
     width = block_r + block_p
     if block_h is None:
         block_h = DEFAULT_BLOCK_H
         if quarters:
             block_h = default_block_h(q_latent.dtype, batch, num_heads, sms, shared, width)
+    num_warps = num_warps or default_num_warps(q_latent.dtype, batch, num_heads, sms, block_h)
+    if pages_ahead is None:
+        rule = block_n is None and num_stages is None
+        pages_ahead = rule and default_pages_ahead(quarters, block_h, num_warps)
+        if pages_ahead:
+            block_n, num_stages = AHEAD_BLOCK_N, AHEAD_STAGES
+    if pages_ahead and not quarters:
+        raise ValueError("pages_ahead is the quartered kernel's (quarters=True)")
+    num_stages = num_stages or 2
     if block_n is None:
         block_n = default_block_n(quarters, block_h, width, q_latent.element_size(), shared)
     if block_h < 16 or block_h & (block_h - 1) or block_n < 16 or block_n & (block_n - 1):
@@ -657,7 +683,6 @@ def mla_decode(
         )
     if q_latent.dtype == torch.float32 and block_h > 16:
         raise ValueError(f"float32 MLA decode takes block_h=16 (got {block_h}: registers spill)")
-    num_warps = num_warps or default_num_warps(q_latent.dtype, batch, num_heads, sms, block_h)
     splits = num_kv_splits or default_num_kv_splits(batch, num_heads, sms, block_h, num_warps)
     device = q_latent.device
     direct = splits == 1  # the split kernel writes `out`: no partials, no combine launch

@@ -460,3 +460,58 @@ def test_mla_decode_tiles_from_the_environment(monkeypatch):
         monkeypatch.setenv("PDSERVE_MLA_DECODE_TILES", bad)
         with pytest.raises(ValueError, match="PDSERVE_MLA_DECODE_TILES"):
             mla_decode_tiles_from_env()
+
+
+def test_default_pages_ahead():
+    """The quartered kernel reads its page ids a tile ahead by default at 16 heads a program and
+    4 warps (where it was timed), in 32-key tiles at 3 stages; not at 8 warps (batch 1), wider
+    head blocks, or the one-chain kernel. An explicit launch (`block_n` or `num_stages`) keeps
+    the plain loop unless asked."""
+    from engine.kernels.mla_decode import (
+        AHEAD_BLOCK_N,
+        AHEAD_STAGES,
+        default_num_warps,
+        default_pages_ahead,
+    )
+
+    assert (AHEAD_BLOCK_N, AHEAD_STAGES) == (32, 3)
+    warps = [default_num_warps(torch.bfloat16, b, 16, 132) for b in (1, 16, 64, 256)]
+    assert warps == [8, 4, 4, 4]
+    assert [default_pages_ahead(True, 16, w) for w in warps] == [False, True, True, True]
+    assert not default_pages_ahead(True, 64, 4) and not default_pages_ahead(False, 16, 4)
+
+
+def test_mla_decode_rule_takes_pages_ahead_in_16_bit(monkeypatch):
+    """The rule's launch at rank 64 in a 16-bit type, 16 heads over 9 sequences (4 warps on a
+    132-SM device: two programs an SM), is the pages-ahead one, and its output matches the
+    reference and the plain loop's within the type's rounding. float16: Triton's interpreter
+    gets bfloat16 wrong in every form of this kernel (numpy has no bfloat16)."""
+    dtype = torch.float16
+    from engine.kernels import mla_decode as module
+
+    launches: list[dict] = []
+    kernel = module.mla_decode_quarters_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs)
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(module, "mla_decode_quarters_kernel", Spy())
+    lens = [0, 15, 16, 45, 3, 70, 1, 33, 64]
+    q_latent, q_pe, cache, table, seq_lens, scale, want = decode_case(lens, 16, 64, 8, 16, dtype)
+    out = torch.empty_like(q_latent)
+    mla_decode(q_latent, q_pe, cache.k[0], cache.v[0], table, seq_lens, scale, out)
+    plain = torch.empty_like(q_latent)
+    mla_decode(
+        q_latent, q_pe, cache.k[0], cache.v[0], table, seq_lens, scale, plain, block_n=64,
+        num_stages=2,
+    )  # fmt: skip
+    assert [(k["AHEAD"], k["BLOCK_N"], k["num_stages"], k["num_warps"]) for k in launches] == [
+        (True, 32, 3, 4), (False, 64, 2, 4),
+    ]  # fmt: skip
+    torch.testing.assert_close(out, want, rtol=5e-3, atol=5e-3)
+    torch.testing.assert_close(out, plain, rtol=5e-3, atol=5e-3)
