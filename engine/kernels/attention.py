@@ -573,8 +573,10 @@ def split_rule() -> tuple[int, int]:
     (`decode_splits`'s `max_splits`) and, where a step takes several, each at least this many
     key tiles (`DecodeTiles.min_split_tiles`, applied on the device to each sequence's own
     length). 64 and 1 unless `PDSERVE_DECODE_SPLITS` sets them (`config.decode_splits_from_env`),
-    for an A/B: at batch 1 the graphs' count (33 for 8 KV heads, 64 for 4) timed slower than 16
-    at 144 and 2,048 tokens on an H100 (bench/NOTES.md, the thirty-third session)."""
+    for an A/B. At batch 1 the graphs' count (33 for 8 KV heads, 64 for 4) timed slower than 16
+    at 144 and 2,048 tokens on an H100, kernel alone (the thirty-third session), but faster at
+    8,192 (19.4 against 21.0 µs), and a Qwen3-30B-A3B step with 16 took 2.91 against 2.93 ms at
+    128 tokens and 3.26 against 3.17 at 2,048 (the thirty-fourth; bench/NOTES.md): kept."""
     return decode_splits_from_env() or (64, 1)
 
 
