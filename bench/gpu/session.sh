@@ -1593,15 +1593,21 @@ b52)
   done
   ;;
 b54)
-  # For either kind (about 450 s): the quartered MLA decode with each tile's page ids read a
+  # For either kind (about 500 s): the quartered MLA decode with each tile's page ids read a
   # step ahead (`pages_ahead`: the tiles then copied into shared memory ahead of their
-  # products, 32-key tiles in 3 stages, two buffers, two programs an SM), against the default
-  # (64-key tiles through registers, one buffer): the kernel at Moonlight's 16 heads, then
-  # Moonlight's decode rows with each launch (`PDSERVE_MLA_DECODE_TILES`), alternating.
+  # products, 32-key tiles in 3 stages, two buffers, two programs an SM; the default at 16
+  # heads and 4 warps since the thirty-fourth session) against the plain loop (64-key tiles
+  # through registers, one buffer): the kernel at Moonlight's 16 heads, batch 1 included, then
+  # Moonlight's decode rows with the default and the plain loop (`PDSERVE_MLA_DECODE_TILES`).
   TAIL=30 step mla_ahead 110 python3 -m bench.mla_kernel --mode decode --heads 16 \
     --batch-sizes 1,64,256 --contexts 128,2048 --block-h 16 \
     --tiles 64x0x2,32x0x3a,32x0x2,64x0x3a,16x4x4a
-  for tiles in "" 32,0,3,1 "" 32,0,3,1; do  # "" (unset): the default
+  # DeepSeek-V3's 128 heads at 64 a program (8 warps, one program an SM): the plain loop's
+  # 64-key tiles against pages ahead in 16- and 32-key tiles (125 and 176 KB, 80 and 200 B of
+  # spills on sm_90).
+  TAIL=12 step mla_ahead_128 60 python3 -m bench.mla_kernel --mode decode --heads 128 \
+    --batch-sizes 64 --contexts 128,2048 --block-h 64 --tiles 64x0x2,16x0x3a,32x0x3a
+  for tiles in "" 64,0,2,0 "" 64,0,2,0; do  # "" (unset): the default
     ROWS='^device|^\| [0-9]+x' step "mla_rows_${tiles:-default}" 80 \
       env PDSERVE_MLA_DECODE_TILES="$tiles" python3 -m bench.engine \
       --preset moonlight-16b-a3b --skip-hf --prefill '' --decode 1x128,64x128,256x128 --repeats 2
