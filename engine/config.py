@@ -380,6 +380,11 @@ def _ints_from_env(name: str) -> tuple[str, tuple[int, ...]]:
         return value, ()
 
 
+def _is_tile(keys: int) -> bool:
+    """Whether `keys` can be a kernel's key tile: a power of two of at least 16."""
+    return keys >= 16 and not keys & (keys - 1)
+
+
 def decode_tiles_from_env() -> tuple[int, ...] | None:
     """PDSERVE_DECODE_TILES=KEYS,WARPS,STAGES[,SHORT_KEYS,SHORT_MAX] (e.g. `32,4,3` or
     `64,4,3,32,256`): the decode split kernel's launch where a step takes one split
@@ -394,16 +399,12 @@ def decode_tiles_from_env() -> tuple[int, ...] | None:
         raise ValueError(f"PDSERVE_DECODE_TILES must be {form}, got {value!r}")
     block_n, warps, stages = values[:3]
     short_n, short_max = values[3:] or (0, 0)
-
-    def tile(n: int) -> bool:
-        return n >= 16 and not n & (n - 1)
-
-    if not tile(block_n) or warps not in (1, 2, 4, 8) or stages < 1:
+    if not _is_tile(block_n) or warps not in (1, 2, 4, 8) or stages < 1:
         raise ValueError(
             f"PDSERVE_DECODE_TILES needs keys a power of two >= 16, warps 1-8 and stages >= 1, "
             f"got {value!r}"
         )
-    if len(values) == 5 and (not tile(short_n) or short_n >= block_n or short_max < 1):
+    if len(values) == 5 and (not _is_tile(short_n) or short_n >= block_n or short_max < 1):
         raise ValueError(
             f"PDSERVE_DECODE_TILES needs SHORT_KEYS a power of two >= 16 below KEYS and "
             f"SHORT_MAX >= 1, got {value!r}"
@@ -427,7 +428,7 @@ def mla_decode_tiles_from_env() -> tuple[int, int, int, bool] | None:
             f"got {value!r}"
         )
     keys, warps, stages, ahead = values
-    if keys < 16 or keys & (keys - 1) or warps not in (0, 1, 2, 4, 8) or stages < 1:
+    if not _is_tile(keys) or warps not in (0, 1, 2, 4, 8) or stages < 1:
         raise ValueError(
             f"PDSERVE_MLA_DECODE_TILES needs keys a power of two >= 16, warps 0 (the rule), "
             f"1, 2, 4 or 8 and stages >= 1, got {value!r}"
