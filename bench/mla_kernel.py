@@ -395,8 +395,7 @@ def bench_decode(args: argparse.Namespace) -> None:
                     err = (run.out.float() - want).abs().max().item()
                     label = f"{splits or rule}" + ("" if splits else " (rule)")
                     n, w, st, ahead, grain = tiles
-                    launch = f"{n}x{w or 'd'}x{st}{'a' if ahead else ''}"
-                    launch += f"s{grain}" if grain else ""
+                    launch = f"{n}x{w or 'd'}x{st}{'a' if ahead else ''}{f's{grain}' if grain else ''}"
                     print(
                         f"| {heads} | {batch} | {context} | {label} "
                         f"| {launch}{QUARTERS_LABEL[quarters]} "
