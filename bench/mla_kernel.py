@@ -5,7 +5,6 @@ torch backend.
     python -m bench.mla_kernel --mode decode --heads 16 --batch-sizes 1,64 --contexts 2048
     python -m bench.mla_kernel --mode decode --splits 0,1,2,4   # the rule's ranges and others
     python -m bench.mla_kernel --mode decode --tiles 32x8x2,32x4x3a  # keys x warps x stages[a]
-    python -m bench.mla_kernel --mode decode --batch-sizes 1 --tiles 64x0x2,64x0x2s16  # [sKEYS]
     python -m bench.mla_kernel --mode extend --extend-cases 64x128,8x2048 --block-m 128
     TRITON_INTERPRET=1 python -m bench.mla_kernel --mode extend --device cpu --heads 2 \
         --extend-cases 2x16+16                       # a smoke run of the script (no real times)
@@ -81,8 +80,8 @@ class Case:
     out: torch.Tensor  # [B, H, R]
     block_h: int | None  # heads sharing one read of a latent tile (None: the kernel's rule)
     splits: int | None = None  # context ranges per sequence (None: the kernel's rule)
-    # block_n, num_warps (0: default), num_stages, pages read a tile ahead, range grain (0: a tile)
-    tiles: tuple[int, int, int, bool, int] = (32, 0, 2, False, 0)
+    # block_n, num_warps (0: default), num_stages, pages read a tile ahead
+    tiles: tuple[int, int, int, bool] = (32, 0, 2, False)
     quarters: bool | None = None  # the latent in four column quarters (None: the rule)
 
     def kernel(self) -> None:
@@ -102,7 +101,6 @@ class Case:
                 num_warps=self.tiles[1] or None,
                 num_stages=self.tiles[2],
                 pages_ahead=self.tiles[3],
-                split_keys=self.tiles[4] or None,
                 quarters=self.quarters,
             )
 
@@ -394,11 +392,10 @@ def bench_decode(args: argparse.Namespace) -> None:
                     run.kernel()
                     err = (run.out.float() - want).abs().max().item()
                     label = f"{splits or rule}" + ("" if splits else " (rule)")
-                    n, w, st, ahead, grain = tiles
-                    launch = f"{n}x{w or 'd'}x{st}{'a' if ahead else ''}{f's{grain}' if grain else ''}"
+                    n, w, st, ahead = tiles
                     print(
                         f"| {heads} | {batch} | {context} | {label} "
-                        f"| {launch}{QUARTERS_LABEL[quarters]} "
+                        f"| {n}x{w or 'd'}x{st}{'a' if ahead else ''}{QUARTERS_LABEL[quarters]} "
                         f"| {floor_us:.1f} "
                         f"| {kernel_s * 1e6:.1f} | {kernel_s * 1e6 / floor_us:.2f} "
                         f"| {baseline} | {err:.1e} |",
@@ -408,34 +405,22 @@ def bench_decode(args: argparse.Namespace) -> None:
                 torch.cuda.empty_cache()
 
 
-def tiles_list(text: str) -> tuple[tuple[int, int, int, bool, int], ...]:
-    """`BLOCK_NxWARPSxSTAGES[a][sKEYS]` items, comma-separated: `a` reads each tile's page ids a
-    step ahead (`mla_decode(..., pages_ahead=True)`, the quartered kernel's); `sKEYS` makes each
-    context range a multiple of KEYS keys (1 to BLOCK_N) instead of a tile
-    (`mla_decode(..., split_keys=KEYS)`)."""
+def tiles_list(text: str) -> tuple[tuple[int, int, int, bool], ...]:
+    """`BLOCK_NxWARPSxSTAGES[a]` items, comma-separated: `a` reads each tile's page ids a step
+    ahead (`mla_decode(..., pages_ahead=True)`, the quartered kernel's)."""
     values = []
     for item in (i.strip() for i in text.split(",")):
-        launch, sep, grain = item.partition("s")
-        ahead = launch.endswith("a")
+        ahead = item.endswith("a")
         try:
-            numbers = tuple(int(v) for v in launch.removesuffix("a").split("x"))
-            split_keys = int(grain) if sep else 0
+            numbers = tuple(int(v) for v in item.removesuffix("a").split("x"))
         except ValueError:
-            numbers, split_keys = (), 0
-        if (
-            len(numbers) != 3
-            or numbers[0] < 16
-            or numbers[1] < 0
-            or numbers[2] < 1
-            or not 0 <= split_keys <= numbers[0]
-            or (sep and split_keys < 1)
-        ):
+            numbers = ()
+        if len(numbers) != 3 or numbers[0] < 16 or numbers[1] < 0 or numbers[2] < 1:
             raise argparse.ArgumentTypeError(
-                f"expected BLOCK_NxWARPSxSTAGES[a][sKEYS] like 32x8x2,32x4x3a,64x0x2s16 (warps "
-                f"0: default; a: pages read a tile ahead; s: ranges a multiple of KEYS keys, 1 to "
-                f"BLOCK_N), got {text!r}"
+                f"expected BLOCK_NxWARPSxSTAGES[a] like 32x8x2,32x4x3a (warps 0: default; a: "
+                f"pages read a tile ahead), got {text!r}"
             )
-        values.append((*numbers, ahead, split_keys))
+        values.append((*numbers, ahead))
     return tuple(values)
 
 

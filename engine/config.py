@@ -412,24 +412,22 @@ def decode_tiles_from_env() -> tuple[int, ...] | None:
     return values
 
 
-def mla_decode_tiles_from_env() -> tuple[int, int, int, bool, int] | None:
-    """PDSERVE_MLA_DECODE_TILES=KEYS,WARPS,STAGES,AHEAD[,SPLIT_KEYS] (e.g. `32,4,3,1` or
-    `64,0,2,0,16`): the quartered MLA decode kernel's launch in 16-bit types, for an engine A/B
-    (`mla_decode.env_launch`): keys a tile, warps (0: the rule), pipeline stages, 1 to read
-    each tile's page ids a step ahead (`mla_decode(..., pages_ahead=True)`), and the grain of
-    the context ranges in keys (`mla_decode(..., split_keys=...)`, 1 to KEYS; absent or 0: a
-    tile); `64,0,2,0` is the launch before the thirty-fourth session. Unset is None (the rule:
-    `mla_decode.default_pages_ahead`). A bad value is a ValueError that names the form."""
+def mla_decode_tiles_from_env() -> tuple[int, int, int, bool] | None:
+    """PDSERVE_MLA_DECODE_TILES=KEYS,WARPS,STAGES,AHEAD (e.g. `32,4,3,1`): the quartered MLA
+    decode kernel's launch in 16-bit types, for an engine A/B (`mla_decode.env_launch`): keys
+    a tile, warps (0: the rule), pipeline stages, and 1 to read each tile's page ids a step
+    ahead (`mla_decode(..., pages_ahead=True)`); `64,0,2,0` is the launch before the
+    thirty-fourth session. Unset is None (the rule: `mla_decode.default_pages_ahead`). A bad
+    value is a ValueError that names the form."""
     value, values = _ints_from_env("PDSERVE_MLA_DECODE_TILES")
     if not value:
         return None
-    if len(values) not in (4, 5):
+    if len(values) != 4:
         raise ValueError(
-            f"PDSERVE_MLA_DECODE_TILES must be KEYS,WARPS,STAGES,AHEAD[,SPLIT_KEYS], e.g. "
-            f"32,4,3,1, got {value!r}"
+            f"PDSERVE_MLA_DECODE_TILES must be KEYS,WARPS,STAGES,AHEAD, e.g. 32,4,3,1, "
+            f"got {value!r}"
         )
-    keys, warps, stages, ahead = values[:4]
-    split_keys = values[4] if len(values) == 5 else 0
+    keys, warps, stages, ahead = values
     if not _is_tile(keys) or warps not in (0, 1, 2, 4, 8) or stages < 1:
         raise ValueError(
             f"PDSERVE_MLA_DECODE_TILES needs keys a power of two >= 16, warps 0 (the rule), "
@@ -437,9 +435,7 @@ def mla_decode_tiles_from_env() -> tuple[int, int, int, bool, int] | None:
         )
     if ahead not in (0, 1):
         raise ValueError(f"PDSERVE_MLA_DECODE_TILES's AHEAD is 0 or 1, got {value!r}")
-    if not 0 <= split_keys <= keys:
-        raise ValueError(f"PDSERVE_MLA_DECODE_TILES's SPLIT_KEYS is 0 to KEYS, got {value!r}")
-    return keys, warps, stages, bool(ahead), split_keys
+    return keys, warps, stages, bool(ahead)
 
 
 def decode_splits_from_env() -> tuple[int, int] | None:

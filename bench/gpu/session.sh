@@ -100,7 +100,6 @@
 #   run(command="bash bench/gpu/session.sh b50", carry=[".whl"]) # decode short loop, A/B
 #   run(command="bash bench/gpu/session.sh b51", carry=[".whl"]) # DeepSeek/Kimi full MoE check
 #   run(command="bash bench/gpu/session.sh b52", carry=[".whl"]) # batch 1's split rule, A/B
-#   run(command="bash bench/gpu/session.sh b56", carry=[".whl"]) # MLA ranges' grain, batch 1
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -1632,26 +1631,5 @@ b55)
       --num-warps 4 --num-stages 2 --splits 0,16 --min-split-tiles 1
   done
   ;;
-b56)
-  # For either kind (about 250 s; on an H200 the MoE models' README rows first, about 180 s
-  # more): MLA decode ranges of 16 or 32 keys instead of a whole tile (`split_keys`) at batch
-  # 1, where 16 ranges over a 160-token context in 64-key tiles leave 13 empty (the
-  # thirty-fifth session's H100: 16-key tiles 6.5 µs against 8.2 at 1 x 128, but 16.5 against
-  # 11.7 at 1 x 2,048), then Moonlight's batch-1 rows with the grain at 16
-  # (`PDSERVE_MLA_DECODE_TILES=64,0,2,0,16`, batch 1's launch otherwise) against the default,
-  # alternating twice.
-  h200=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -c H200)
-  [ "$h200" -gt 0 ] && moe_rows
-  TAIL=24 step mla_grain 90 python3 -m bench.mla_kernel --mode decode --heads 16 \
-    --batch-sizes 1,2 --contexts 128,160,512,2048 --block-h 16 \
-    --tiles 64x0x2,64x0x2s16,64x0x2s32,32x0x2s16
-  TAIL=6 step mla_grain_128 40 python3 -m bench.mla_kernel --mode decode --heads 128 \
-    --batch-sizes 1 --contexts 160,2048 --tiles 64x0x2,64x0x2s16
-  for tiles in "" 64,0,2,0,16 "" 64,0,2,0,16; do  # "" (unset): the default
-    ROWS='^device|^\| [0-9]+x' step "grain_rows_${tiles:+16}" 60 \
-      env PDSERVE_MLA_DECODE_TILES="$tiles" python3 -m bench.engine \
-      --preset moonlight-16b-a3b --skip-hf --prefill '' --decode 1x128,1x2048 --repeats 2
-  done
-  ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55|b56"; exit 2 ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55"; exit 2 ;;
 esac

@@ -74,13 +74,12 @@ def mla_decode_split_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PDL: tl.constexpr,
-    SPLIT_KEYS: tl.constexpr = 0,  # each range a multiple of this many keys (0: BLOCK_N)
 ):
     # Head blocks vary fastest in launch order: the programs sharing a range run together.
     head_block, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     table_row, start, end = _range_metadata(
         page_table, req_rows, seq_lens, b, split, stride_table, NUM_SPLITS, HAS_ROWS, BLOCK_N,
-        PDL, SPLIT_KEYS,
+        PDL,
     )  # fmt: skip
     heads = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = heads < num_heads
@@ -150,23 +149,17 @@ def mla_decode_split_kernel(
 def _range_metadata(
     page_table, req_rows, seq_lens, b, split, stride_table, NUM_SPLITS: tl.constexpr,
     HAS_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
-    SPLIT_KEYS: tl.constexpr = 0,
 ):  # fmt: skip
     """`(table_row, start, end)` of sequence `b`'s range `split`, and the PDL wait: before
     these loads, or after them where `attention.METADATA_BEFORE_WAIT` (nothing in the step's
-    kernels writes them). Ranges are whole multiples of `SPLIT_KEYS` keys (0: of `BLOCK_N`, a
-    tile): a smaller grain spreads a short context over more ranges (the last tile of each
-    masked), where whole tiles would leave most of them empty."""
+    kernels writes them)."""
     wait_before_metadata(PDL)
     length = tl.load(seq_lens + b)
     if HAS_ROWS:
         table_row = page_table + tl.load(req_rows + b).to(tl.int64) * stride_table
     else:
         table_row = page_table + b * stride_table
-    if SPLIT_KEYS > 0:
-        per_split = tl.cdiv(tl.cdiv(length, NUM_SPLITS), SPLIT_KEYS) * SPLIT_KEYS
-    else:
-        per_split = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    per_split = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * per_split
     end = tl.minimum(start + per_split, length)
     wait_after_metadata(PDL)
@@ -267,7 +260,6 @@ def mla_decode_quarters_kernel(
     BLOCK_N: tl.constexpr,
     PDL: tl.constexpr,
     AHEAD: tl.constexpr = False,
-    SPLIT_KEYS: tl.constexpr = 0,  # each range a multiple of this many keys (0: BLOCK_N)
 ):
     """`mla_decode_split_kernel` with the latent in four column quarters: the scores are four
     independent products of 128 columns (at R 512) summed, not one chain over all 576, so the
@@ -280,7 +272,7 @@ def mla_decode_quarters_kernel(
     head_block, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     table_row, start, end = _range_metadata(
         page_table, req_rows, seq_lens, b, split, stride_table, NUM_SPLITS, HAS_ROWS, BLOCK_N,
-        PDL, SPLIT_KEYS,
+        PDL,
     )  # fmt: skip
     R4: tl.constexpr = BLOCK_R // 4
     heads = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -538,7 +530,7 @@ def takes_quarters(q_latent: torch.Tensor) -> bool:
 
 
 @functools.cache
-def _env_tiles() -> tuple[int, int, int, bool, int] | None:
+def _env_tiles() -> tuple[int, int, int, bool] | None:
     return mla_decode_tiles_from_env()
 
 
@@ -550,13 +542,12 @@ def env_launch(q_latent: torch.Tensor) -> dict[str, Any]:
     tiles = _env_tiles()
     if tiles is None or not takes_quarters(q_latent):
         return {}
-    block_n, warps, stages, ahead, split_keys = tiles
+    block_n, warps, stages, ahead = tiles
     return {
         "block_n": block_n,
         "num_warps": warps or None,
         "num_stages": stages,
         "pages_ahead": ahead,
-        "split_keys": split_keys or None,
     }
 
 
@@ -578,7 +569,6 @@ def mla_decode(
     num_stages: int | None = None,
     quarters: bool | None = None,
     pages_ahead: bool | None = None,
-    split_keys: int | None = None,
     defer_combine: Literal[False] = False,
 ) -> torch.Tensor: ...
 
@@ -601,7 +591,6 @@ def mla_decode(
     num_stages: int | None = None,
     quarters: bool | None = None,
     pages_ahead: bool | None = None,
-    split_keys: int | None = None,
     defer_combine: bool = False,
 ) -> torch.Tensor | PendingCombine: ...
 
@@ -623,7 +612,6 @@ def mla_decode(
     num_stages: int | None = None,
     quarters: bool | None = None,
     pages_ahead: bool | None = None,
-    split_keys: int | None = None,
     defer_combine: bool = False,
 ) -> torch.Tensor | PendingCombine:
     """Absorbed MLA decode over the paged cache; writes and returns `out`, or with
@@ -651,10 +639,7 @@ def mla_decode(
     tile's page ids a step early, so that Triton copies the tiles into shared memory ahead of
     their products (`num_stages - 1` buffers: 32-key tiles at 3 stages fit two programs an
     SM); None (with `block_n` and `num_stages` None) is `default_pages_ahead`'s rule
-    (`PDSERVE_MLA_DECODE_TILES` sets a launch for an engine A/B). `split_keys` (1 to
-    `block_n`) makes each range a multiple of that many keys instead of a whole tile, so that a
-    short context spreads over more ranges (at 16 ranges over 160 tokens, 64-key tiles leave 13
-    of them empty; 16 keys, 6); None is the tile.
+    (`PDSERVE_MLA_DECODE_TILES` sets a launch for an engine A/B).
     """
     batch, num_heads, rank = q_latent.shape
     rope = q_pe.shape[2]
@@ -699,9 +684,6 @@ def mla_decode(
     if q_latent.dtype == torch.float32 and block_h > 16:
         raise ValueError(f"float32 MLA decode takes block_h=16 (got {block_h}: registers spill)")
     splits = num_kv_splits or default_num_kv_splits(batch, num_heads, sms, block_h, num_warps)
-    if split_keys is not None and not 1 <= split_keys <= block_n:
-        raise ValueError(f"split_keys must be 1 to block_n ({block_n}), got {split_keys}")
-    grain = 0 if split_keys in (None, block_n) else split_keys  # 0: the kernel's own tile
     device = q_latent.device
     direct = splits == 1  # the split kernel writes `out`: no partials, no combine launch
     early = pdl.trigger_first(batch)  # the output's absorption and O load while these run
@@ -751,7 +733,6 @@ def mla_decode(
         num_warps=num_warps,
         num_stages=num_stages,
         **({"AHEAD": pages_ahead} if quarters else {}),
-        **({"SPLIT_KEYS": grain} if grain else {}),
         **pdl.launch_args(q_latent, trigger_first=early),
     )
     if direct:

@@ -312,35 +312,6 @@ def test_mla_decode_quarters_match_torch_backend(page_size, heads, splits, pages
 
 
 @pytest.mark.parametrize("page_size", [1, 16])
-@pytest.mark.parametrize("split_keys", [1, 5, 16])
-@pytest.mark.parametrize(("quarters", "pages_ahead"), [(False, False), (True, False), (True, True)])
-def test_mla_decode_ranges_of_fewer_keys_than_a_tile(page_size, split_keys, quarters, pages_ahead):
-    """`split_keys`: ranges a multiple of fewer keys than a 32-key tile, so that a short
-    context spreads over more of its 8 ranges (ranges starting inside a page and a tile, the
-    last tile of each masked, trailing ranges empty, a padding row of length 0): the reference's
-    output in both kernels, with the page ids read ahead too; a grain past the tile is refused."""
-    lens = [0, page_size - 1, page_size, 45, 70]
-    q_latent, q_pe, cache, table, seq_lens, scale, want = decode_case(
-        lens, 16, 64, 8, page_size, torch.float32
-    )
-    seq_lens = torch.cat([seq_lens, torch.zeros(1, dtype=seq_lens.dtype)])
-    q_latent, q_pe = (torch.cat([t, t[:1]]) for t in (q_latent, q_pe))
-    table = torch.cat([table, table[:1]])
-    out = torch.full_like(q_latent, float("nan"))
-    mla_decode(
-        q_latent, q_pe, cache.k[0], cache.v[0], table, seq_lens, scale, out, 8, 32,
-        quarters=quarters, pages_ahead=pages_ahead, split_keys=split_keys,
-    )  # fmt: skip
-    torch.testing.assert_close(out[:-1], want, rtol=1e-5, atol=1e-5)
-    assert not out[-1].any()
-    with pytest.raises(ValueError, match="split_keys"):
-        mla_decode(
-            q_latent, q_pe, cache.k[0], cache.v[0], table, seq_lens, scale, out, 8, 32,
-            quarters=quarters, split_keys=64,
-        )  # fmt: skip
-
-
-@pytest.mark.parametrize("page_size", [1, 16])
 @pytest.mark.parametrize("splits", [1, 3, 8])
 @pytest.mark.parametrize("quarters", [False, True])
 def test_mla_decode_metadata_before_the_wait_changes_nothing(
@@ -478,21 +449,14 @@ def test_mla_decode_tiles_from_the_environment(monkeypatch):
     try:
         assert module.env_launch(bf16) == {
             "block_n": 32, "num_warps": None, "num_stages": 3, "pages_ahead": True,
-            "split_keys": None,
         }  # fmt: skip
         assert module.env_launch(bf16.float()) == {}
         assert module.env_launch(bf16[..., :16]) == {}
-        monkeypatch.setenv("PDSERVE_MLA_DECODE_TILES", "64,0,2,0,16")
-        module._env_tiles.cache_clear()
-        assert module.env_launch(bf16) == {
-            "block_n": 64, "num_warps": None, "num_stages": 2, "pages_ahead": False,
-            "split_keys": 16,
-        }  # fmt: skip
     finally:
         monkeypatch.delenv("PDSERVE_MLA_DECODE_TILES")
         module._env_tiles.cache_clear()
     assert module.env_launch(bf16) == {}
-    for bad in ("32,4,3", "48,4,3,1", "32,3,3,1", "32,4,0,1", "32,4,3,2", "32,4,3,1,64", "a"):
+    for bad in ("32,4,3", "48,4,3,1", "32,3,3,1", "32,4,0,1", "32,4,3,2", "a"):
         monkeypatch.setenv("PDSERVE_MLA_DECODE_TILES", bad)
         with pytest.raises(ValueError, match="PDSERVE_MLA_DECODE_TILES"):
             mla_decode_tiles_from_env()
