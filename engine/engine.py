@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import torch
 
 from engine.config import EngineConfig, ModelConfig
@@ -269,6 +270,7 @@ class Engine:
             eos_token_ids=self.eos_token_ids,
             generator=generator,
             grammar=self._grammar_state(sampling, ids),
+            prompt_array=np.asarray(ids, dtype=np.int64),  # ids checked in range above
         )
 
     def validate_token_ids(self, ids: list[int], what: str) -> None:

@@ -263,7 +263,11 @@ class ModelRunner:
             for seq, start, n, row in zip(
                 batch.seqs, prefix_lens, batch.extend_lens, rows, strict=True
             ):
-                out[0, at : at + n] = seq.token_ids[start : start + n]
+                prompt = seq.prompt_array
+                if prompt is not None and start + n <= len(prompt):
+                    out[0, at : at + n] = prompt[start : start + n]
+                else:  # past the prompt (a recompute after preemption), or no array
+                    out[0, at : at + n] = seq.token_ids[start : start + n]
                 out[1, at : at + n] = np.arange(start, start + n)
                 out[2, at : at + n] = row
                 at += n

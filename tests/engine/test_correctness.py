@@ -113,3 +113,29 @@ def test_logits_match_transformers(tiny_models: dict[str, Path], family: str) ->
     torch.testing.assert_close(logits, ref.logits[3][0], atol=1e-4, rtol=0)
     engine.abort(batch.seqs[0].request_id)
     assert_pages_balance(engine)
+
+
+def test_prefill_rows_come_from_the_prompt_array(tiny_models: dict[str, Path]) -> None:
+    """A prefill step's input ids come from the prompt's int64 array (made when the request
+    arrives), chunk by chunk, and equal the list's; a sequence without one (None) takes the
+    list. Positions follow the chunk."""
+    prompt = [(7 * i + 3) % 500 for i in range(21)]
+    engine = make_engine(tiny_models["llama"], page_size=4, chunked_prefill_size=8)
+    engine.add_request(prompt, SamplingParams(temperature=0, max_new_tokens=1))
+    seen: list[int] = []
+    while len(seen) < len(prompt):
+        batch = engine.scheduler.schedule()
+        assert batch is not None
+        (seq,) = batch.seqs
+        assert seq.prompt_array is not None and seq.prompt_array.tolist() == prompt
+        start = seq.num_computed_tokens
+        fb = engine.runner.prepare(batch)
+        ids = fb.input_ids.tolist()
+        assert fb.positions.tolist() == list(range(start, start + len(ids)))
+        array, seq.prompt_array = seq.prompt_array, None
+        assert engine.runner.prepare(batch).input_ids.tolist() == ids  # the list's
+        seq.prompt_array = array
+        seen += ids
+        engine.scheduler.postprocess(batch, engine._launch(batch).sample.result())
+    assert seen == prompt
+    assert_pages_balance(engine)
