@@ -232,7 +232,8 @@ def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class StagedUpload:
-    """Uploads of `[rows, cols]` int64 host arrays through reusable pinned buffers (CUDA).
+    """Uploads of `[rows, cols]` host arrays (int64, or `dtype`) through reusable pinned buffers
+    (CUDA).
 
     `upload` pins a fresh copy each call: for a prefill's per-token rows (3 x 16k int64) that
     took 0.4-0.5 ms of host time on the H200's host (`aten::pin_memory`, in
@@ -242,17 +243,20 @@ class StagedUpload:
     two slots, the copy of two uploads ago, long done); all of them grow together to a power of
     two when one is too small. Off CUDA the array is a fresh one, handed to `upload`."""
 
-    def __init__(self, device: torch.device, slots: int = 2) -> None:
+    def __init__(
+        self, device: torch.device, slots: int = 2, dtype: torch.dtype = torch.int64
+    ) -> None:
         self.device = device
+        self.dtype = dtype
         self._buffers: list[torch.Tensor | None] = [None] * slots
         self._done: list[torch.cuda.Event | None] = [None] * slots
         self._next = 0
 
     def upload(self, rows: int, cols: int, fill: Callable[[np.ndarray], None]) -> torch.Tensor:
-        """A `[rows, cols]` int64 tensor on the device, its values written by `fill` into the
-        `[rows, cols]` numpy array it is given."""
+        """A `[rows, cols]` tensor (`self.dtype`) on the device, its values written by `fill`
+        into the `[rows, cols]` numpy array it is given."""
         if self.device.type != "cuda":
-            array = np.empty((rows, cols), dtype=np.int64)
+            array = torch.empty((rows, cols), dtype=self.dtype).numpy()
             fill(array)
             return upload(torch.from_numpy(array), self.device)
         slot = self._next
@@ -270,7 +274,7 @@ class StagedUpload:
             # only after the copies recorded on it have finished.
             capacity = 1 << max(size - 1, 1).bit_length()
             slots = len(self._buffers)
-            block = torch.empty(slots * capacity, dtype=torch.int64, pin_memory=True)
+            block = torch.empty(slots * capacity, dtype=self.dtype, pin_memory=True)
             grown = block.view(slots, capacity).unbind(0)
             self._buffers = list(grown)
             buffer = grown[slot]

@@ -54,3 +54,19 @@ def test_cuda_slots_grow_together_and_keep_each_upload() -> None:
     torch.cuda.synchronize()
     for on_device, expected in sent:
         assert torch.equal(on_device.cpu(), expected)
+
+
+def test_another_dtype() -> None:
+    """`dtype` (the extend kernel's int32 query blocks): the array `fill` gets and the tensor
+    that arrives are of it."""
+    staging = StagedUpload(torch.device("cpu"), dtype=torch.int32)
+    dtypes = []
+
+    def fill(out: np.ndarray) -> None:
+        dtypes.append(out.dtype)
+        out[0] = [1, 2, 3]
+        out[1] = [4, 5, 6]
+
+    got = staging.upload(2, 3, fill)
+    assert dtypes == [np.int32] and got.dtype == torch.int32
+    assert got.tolist() == [[1, 2, 3], [4, 5, 6]]
