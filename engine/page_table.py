@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from engine.device import upload
+from engine.device import StagedUpload
 from engine.sequence import SeqStatus, Sequence
 
 
@@ -36,6 +37,7 @@ class DevicePageTable:
         self.table[self.scratch_row] = scratch_page
         self._free = list(range(num_rows - 1, -1, -1))
         self._rows: dict[Sequence, _Row] = {}
+        self._staging = StagedUpload(self.table.device)  # the updates, through pinned buffers
 
     @property
     def num_free_rows(self) -> int:
@@ -69,9 +71,13 @@ class DevicePageTable:
                 row.pages = list(pages)
             rows.append(row.index)
         if values:
-            # Through pinned memory: a decode step ahead of the device must not wait here.
-            host = torch.tensor([flat_index, values], dtype=torch.int64)
-            update = upload(host, self.table.device)
+            # Through reused pinned buffers: a decode step ahead of the device must not wait
+            # here (a pageable copy waits for the stream), nor pin a fresh copy each time.
+            def fill(out: np.ndarray) -> None:
+                out[0] = flat_index
+                out[1] = values
+
+            update = self._staging.upload(2, len(values), fill)
             self.table.view(-1)[update[0]] = update[1].to(torch.int32)
         return rows
 
