@@ -102,6 +102,7 @@
 #   run(command="bash bench/gpu/session.sh b52", carry=[".whl"]) # batch 1's split rule, A/B
 #   run(command="bash bench/gpu/session.sh b57", carry=[".whl"]) # H200 only: the MoE rows
 #   run(command="bash bench/gpu/session.sh b58", carry=[".whl"]) # H200 only: batch-1 switches
+#   run(command="bash bench/gpu/session.sh b59", carry=[".whl"]) # prefill host gaps, after
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -1668,5 +1669,14 @@ b58)
     done
   done
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55|b57|b58"; exit 2 ;;
+b59)
+  # For either kind (about 90 s): Moonlight's prefill timelines after the thirty-fifth
+  # session's host changes (each prompt's ids kept as an array, the per-sequence rows, the
+  # page table's updates and the extend blocks through reused pinned buffers). Before them,
+  # on that session's H100: 8 x 2,048 idle 3.6-5.3 ms a step in gaps over 4 µs, 1.5-2.5 ms of
+  # it at the step's start with `aten::pin_memory` and list conversions in the host's view.
+  TAIL=40 step prefill_timeline 90 python3 -m bench.profile_decode --preset moonlight-16b-a3b \
+    --decode '' --profile-prefill 8x2048,64x128 --disable-cuda-graph --top 6
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55|b57|b58|b59"; exit 2 ;;
 esac
