@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -251,6 +251,14 @@ class StagedUpload:
         self._buffers: list[torch.Tensor | None] = [None] * slots
         self._done: list[torch.cuda.Event | None] = [None] * slots
         self._next = 0
+
+    def upload_lists(self, *rows: Sequence[int]) -> torch.Tensor:
+        """Equal-length int lists as the rows of one `[len(rows), n]` device tensor (`upload`)."""
+
+        def fill(out: np.ndarray) -> None:
+            out[:] = rows
+
+        return self.upload(len(rows), len(rows[0]), fill)
 
     def upload(self, rows: int, cols: int, fill: Callable[[np.ndarray], None]) -> torch.Tensor:
         """A `[rows, cols]` tensor (`self.dtype`) on the device, its values written by `fill`

@@ -252,11 +252,7 @@ class ModelRunner:
         written into a reused pinned buffer: pinning a fresh tensor each step cost about 0.1
         ms of host time while a prefill's device waited (`bench.profile_decode`'s host gaps:
         `aten::pin_memory`, `aten::is_pinned`)."""
-
-        def fill(out: np.ndarray) -> None:
-            out[:] = rows
-
-        return self._seq_staging.upload(len(rows), len(rows[0]), fill)
+        return self._seq_staging.upload_lists(*rows)
 
     def prepare(self, batch: ScheduledBatch) -> ForwardBatch:
         """Turn a scheduled prefill (extend) batch into device tensors."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from engine.device import StagedUpload
@@ -73,11 +72,7 @@ class DevicePageTable:
         if values:
             # Through reused pinned buffers: a decode step ahead of the device must not wait
             # here (a pageable copy waits for the stream), nor pin a fresh copy each time.
-            def fill(out: np.ndarray) -> None:
-                out[0] = flat_index
-                out[1] = values
-
-            update = self._staging.upload(2, len(values), fill)
+            update = self._staging.upload_lists(flat_index, values)
             self.table.view(-1)[update[0]] = update[1].to(torch.int32)
         return rows
 

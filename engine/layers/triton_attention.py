@@ -16,7 +16,6 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from engine.device import StagedUpload
@@ -102,18 +101,6 @@ class _MLAExtendMetadata:
     context_slots: torch.Tensor | None
 
 
-def _upload_blocks(staging: StagedUpload, seqs: list[int], firsts: list[int]) -> torch.Tensor:
-    """The extend kernel's query blocks (`kernels.extend_blocks`) as one `[2, blocks]` int32
-    device tensor, through `staging`'s reused pinned buffers (a fresh pinned copy each step
-    was about 0.1 ms of a prefill's host time while its device waited)."""
-
-    def fill(out: np.ndarray) -> None:
-        out[0] = seqs
-        out[1] = firsts
-
-    return staging.upload(2, len(seqs), fill)
-
-
 def _mla_extend_metadata(batch: ForwardBatch, staging: StagedUpload) -> _MLAExtendMetadata:
     ext = batch.host_extend_lens
     # Built by the model runner with the host's prefix lengths; a hand-built batch pays a sync.
@@ -121,7 +108,7 @@ def _mla_extend_metadata(batch: ForwardBatch, staging: StagedUpload) -> _MLAExte
     device = batch.input_ids.device
     block_m = mla_extend.default_tiles(batch.kv_cache.dtype, shared_memory(device)).block_m
     seqs, firsts = kernels.extend_blocks(list(ext), block_m)
-    blocks = _upload_blocks(staging, seqs, firsts)
+    blocks = staging.upload_lists(seqs, firsts)
     q_starts = torch.cumsum(batch.extend_lens, 0) - batch.extend_lens
     if not any(prefix):
         return _MLAExtendMetadata(q_starts, q_starts, blocks[0], blocks[1], None)
@@ -147,6 +134,9 @@ class TritonAttentionBackend(AttentionBackend):
         self._staging: StagedUpload | None = None  # the extend blocks' uploads, on first use
 
     def _blocks_staging(self, device: torch.device) -> StagedUpload:
+        """The extend kernel's query blocks (`kernels.extend_blocks`, int32) go up through
+        reused pinned buffers: a fresh pinned copy each step was about 0.1 ms of a prefill's
+        host time while its device waited."""
         if self._staging is None or self._staging.device != device:
             self._staging = StagedUpload(device, dtype=torch.int32)
         return self._staging
@@ -176,7 +166,7 @@ class TritonAttentionBackend(AttentionBackend):
         shared = shared_memory(batch.input_ids.device)
         tiles = kernels.extend_tiles(cache.k_dim, cache.dtype, batch.max_extend_len, shared)
         seqs, firsts = kernels.extend_blocks(list(batch.host_extend_lens), tiles.block_m)
-        blocks = _upload_blocks(self._blocks_staging(batch.input_ids.device), seqs, firsts)
+        blocks = self._blocks_staging(batch.input_ids.device).upload_lists(seqs, firsts)
         q_starts = torch.cumsum(batch.extend_lens, 0) - batch.extend_lens
         batch.attn_metadata = _ExtendMetadata(q_starts, blocks[0], blocks[1], tiles)
 

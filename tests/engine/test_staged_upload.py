@@ -70,3 +70,10 @@ def test_another_dtype() -> None:
     got = staging.upload(2, 3, fill)
     assert dtypes == [np.int32] and got.dtype == torch.int32
     assert got.tolist() == [[1, 2, 3], [4, 5, 6]]
+
+
+def test_upload_lists() -> None:
+    """`upload_lists`: equal-length int lists as the rows of one tensor, in the dtype."""
+    got = StagedUpload(torch.device("cpu"), dtype=torch.int32).upload_lists([1, 2], [3, 4])
+    assert got.dtype == torch.int32 and got.tolist() == [[1, 2], [3, 4]]
+    assert StagedUpload(torch.device("cpu")).upload_lists([5], [6], [7]).tolist() == [[5], [6], [7]]
