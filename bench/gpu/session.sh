@@ -103,6 +103,7 @@
 #   run(command="bash bench/gpu/session.sh b57", carry=[".whl"]) # H200 only: the MoE rows
 #   run(command="bash bench/gpu/session.sh b58", carry=[".whl"]) # H200 only: batch-1 switches
 #   run(command="bash bench/gpu/session.sh b59", carry=[".whl"]) # prefill host gaps, after
+#   run(command="bash bench/gpu/session.sh b60", carry=[".whl"]) # a prefill's host phases
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -1678,5 +1679,16 @@ b59)
   TAIL=40 step prefill_timeline 90 python3 -m bench.profile_decode --preset moonlight-16b-a3b \
     --decode '' --profile-prefill 8x2048,64x128 --disable-cuda-graph --top 6
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55|b57|b58|b59"; exit 2 ;;
+b60)
+  # For either kind (about 150 s): where a prefill's wall time goes (`bench.prefill_phases`:
+  # the host's phases of each step beside the device's, then the host's top functions). On the
+  # thirty-first session's H100 Moonlight's prefills took 79.8 / 157.8 ms (64 x 128 / 8 x 2,048)
+  # against 68.3 / 145.5 ms of kernels in this session's profile: 12 ms a prefill not on the
+  # device.
+  for preset in moonlight-16b-a3b qwen3-30b-a3b; do
+    TAIL=80 step "phases_${preset%%-*}" 120 python3 -m bench.prefill_phases --preset "$preset" \
+      --prefill 64x128,8x2048 --repeats 3 --disable-cuda-graph --host-profile 22
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55|b57|b58|b59|b60"; exit 2 ;;
 esac
