@@ -15,7 +15,9 @@ host (`time.perf_counter`) and, on CUDA, CUDA events recorded between them:
 Where the model's launches take the host as long as the model takes the device, the host
 bounds the step; the device is idle for the host's time before the forward pass starts
 (`schedule`, `prepare`) and after it ends (`postprocess`). Printed per shape: medians over the
-repeats, in ms per prefill (a prefill of several steps sums them). `--host-profile N`
+repeats, in ms per prefill (a prefill of several steps sums them; `--step-tokens N` splits it
+into steps of N prompt tokens, as a server's default chunked prefill size does, and then
+overlapped scheduling launches each step before the one before it is applied). `--host-profile N`
 also prints the N functions with the most host time of one more prefill of each shape, under
 `cProfile` (which slows the host: its times are for ranking, not the table's).
 """
@@ -33,6 +35,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +63,7 @@ class Phases:
         self.cuda = cuda
         self.host: dict[str, float] = defaultdict(float)
         self.marks: list[dict[str, Any]] = []  # per forward pass: event name -> CUDA event
+        self.forwards = 0
 
     def mark(self, name: str) -> None:
         if self.cuda:
@@ -97,6 +101,7 @@ def instrumented(engine: Engine, phases: Phases) -> Iterator[None]:
 
     def timed_forward(batch: Any) -> Any:
         phases.marks.append({})
+        phases.forwards += 1
         phases.mark("start")
         start = time.perf_counter()
         out = forward(batch)
@@ -152,16 +157,19 @@ def measure_prefill(
         "wait": h["apply"] - h["postprocess"],
         "postprocess": h["postprocess"],
     }
-    return 1000 * wall, {k: 1000 * v for k, v in host.items()}, phases.device_ms()
+    host_ms = {k: 1000 * v for k, v in host.items()}
+    host_ms["steps"] = phases.forwards
+    return 1000 * wall, host_ms, phases.device_ms()
 
 
 def render(rows: list[tuple[str, float, dict[str, float], dict[str, float]]]) -> str:
-    head = ["prefill BxL", "wall ms"]
+    head = ["prefill BxL", "steps", "wall ms"]
     head += [f"host {k}" for k in HOST] + ["host other"] + [f"device {k}" for k in DEVICE]
     out = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for shape, wall, host, device in rows:
-        other = wall - sum(host.values())
-        cells = [shape, f"{wall:.2f}"] + [f"{host[k]:.2f}" for k in HOST] + [f"{other:.2f}"]
+        other = wall - sum(host[k] for k in HOST)
+        cells = [shape, f"{host.get('steps', 1):.0f}", f"{wall:.2f}"]
+        cells += [f"{host[k]:.2f}" for k in HOST] + [f"{other:.2f}"]
         cells += [f"{device[k]:.2f}" if k in device else "-" for k in DEVICE]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
@@ -172,7 +180,7 @@ def median_run(
 ) -> tuple[float, dict[str, float], dict[str, float]]:
     """Each figure's median over the runs."""
     wall = statistics.median(r[0] for r in runs)
-    host = {k: statistics.median(r[1][k] for r in runs) for k in HOST}
+    host = {k: statistics.median(r[1][k] for r in runs) for k in (*HOST, "steps")}
     device = {k: statistics.median(r[2][k] for r in runs) for k in DEVICE if k in runs[0][2]}
     return wall, host, device
 
@@ -195,6 +203,13 @@ def host_profile(engine: Engine, prompts: torch.Tensor, top: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--host-profile", type=int, default=0, metavar="N")
+    extra.add_argument(
+        "--step-tokens",
+        type=int,
+        help="prompt tokens a prefill step takes (the engine's chunked prefill size; the "
+        "server's default is 8192): a prefill of more runs as several steps back to back "
+        "(default: the whole prefill in one step, as bench.engine)",
+    )
     ours, rest = extra.parse_known_args(argv if argv is not None else sys.argv[1:])
     args = parse_args([*rest, "--skip-hf", "--decode", ""])
     if not args.prefill:
@@ -207,7 +222,11 @@ def main(argv: list[str] | None = None) -> None:
             )
         else:
             path, load_format = args.model_path, args.load_format
-        engine = Engine(engine_config(args, path, load_format))
+        config = engine_config(args, path, load_format)
+        if ours.step_tokens:
+            step = ours.step_tokens
+            config = replace(config, chunked_prefill_size=step, max_prefill_tokens=step)
+        engine = Engine(config)
     vocab = engine.model_config.vocab_size
     rows = []
     for i, shape in enumerate(args.prefill):

@@ -300,8 +300,16 @@ class Engine:
         launches the following decode step first, then applies the earlier step's tokens. A
         step ahead with constrained requests launches its forward pass only, and samples once
         the earlier step's tokens have advanced the grammars that mask it: the host fills the
-        mask while the device runs the forward pass."""
+        mask while the device runs the forward pass. A prefill step's outputs come from the
+        same call, as in the plain loop; while more requests wait, that call first launches
+        the prefill the plain loop would run next (`_launch_prefill_ahead`), so that the host's
+        work between two prefills runs beside the device's."""
         prev = self._launched
+        if prev is not None and not prev.batch.is_decode:
+            # A prefill launched ahead: the next one goes out before its tokens are applied.
+            self._launched = None
+            self._launch_prefill_ahead(prev.batch)
+            return self._apply(prev)
         if prev is not None:
             self._launched = None
             ahead = self.scheduler.schedule_lookahead(prev.batch)
@@ -340,7 +348,19 @@ class Engine:
         if self.overlap and batch.is_decode:
             self._launched = launched
             return []
+        if self.overlap:
+            self._launch_prefill_ahead(batch)
         return self._apply(launched)
+
+    def _launch_prefill_ahead(self, prev: ScheduledBatch) -> None:
+        """Overlapped scheduling of back-to-back prefills: while the device runs prefill
+        `prev`, schedule, prepare and launch the prefill the plain loop would run after it
+        (`Scheduler.schedule_prefill_lookahead`), if there is one, before `prev`'s tokens are
+        applied; its own are applied by the next call. The outputs of each call are the plain
+        loop's: one prefill step's."""
+        ahead = self.scheduler.schedule_prefill_lookahead(prev)
+        if ahead is not None:
+            self._launched = self._launch(ahead)
 
     def _launch(self, batch: ScheduledBatch, device_ids: torch.Tensor | None = None) -> _Launched:
         """Run `batch` and sample, without waiting for the device. `device_ids`: a decode

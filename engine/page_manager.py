@@ -49,6 +49,12 @@ class PageManager:
         seq.num_computed_tokens = match.num_tokens
         seq.num_prefix_hit_tokens = max(seq.num_prefix_hit_tokens, match.num_tokens)
 
+    def peek_prefix(self, seq: Sequence) -> int:
+        """The prompt tokens `match_prefix(seq)` would find cached now, changing nothing."""
+        if self.cache is None:
+            return 0
+        return self.cache.peek_prefix_len(seq.token_ids[: seq.num_tokens - 1])
+
     def reserve(self, seq: Sequence, num_tokens: int, avoid: Collection[int] = ()) -> bool:
         """Grow the sequence's pages to hold `num_tokens` tokens, none of them in `avoid`; False
         (and no change) if full."""

@@ -123,6 +123,23 @@ class RadixCache:
         self._hit_tokens += len(pages) * self._page_size
         return MatchResult(pages=tuple(pages), node=node, page_size=self._page_size)
 
+    def peek_prefix_len(self, tokens: Sequence[int]) -> int:
+        """The tokens `match_prefix(tokens)` would match now (whole pages), without its effects:
+        no split, no LRU refresh, no count in the hit counters."""
+        ps = self._page_size
+        key = tuple(tokens[: len(tokens) // ps * ps])
+        node, pos = self._root, 0
+        while pos < len(key):
+            child = node.children.get(key[pos : pos + ps])
+            if child is None:
+                break
+            common = _common_prefix_len(child.key, key[pos:]) // ps * ps
+            pos += common
+            if common < len(child.key):
+                break
+            node = child
+        return pos
+
     def insert(self, tokens: Sequence[int], pages: Sequence[int]) -> InsertResult:
         """Add `tokens`, backed by `pages`, and return the node ending exactly at `tokens`.
 

@@ -183,3 +183,187 @@ def test_pages_freed_under_a_step_in_flight_go_to_transfers_last(
         engine.step()
     engine.flush_cache()
     assert engine.num_free_pages == engine.pool.num_pages
+
+
+def _traced(engine: Engine) -> list[tuple[str, tuple[tuple[str, int], ...]]]:
+    """Record the engine's prefill launches and applies in order, each with its batch as
+    (request id, tokens) pairs."""
+    trace: list[tuple[str, tuple[tuple[str, int], ...]]] = []
+    launch, apply = engine._launch, engine._apply
+
+    def key(batch: Any) -> tuple[tuple[str, int], ...]:
+        return tuple((s.request_id, n) for s, n in zip(batch.seqs, batch.extend_lens, strict=True))
+
+    def traced_launch(batch: Any, device_ids: Any = None) -> Any:
+        if not batch.is_decode:
+            trace.append(("launch", key(batch)))
+        return launch(batch, device_ids)
+
+    def traced_apply(launched: Any) -> Any:
+        if not launched.batch.is_decode:
+            trace.append(("apply", key(launched.batch)))
+        return apply(launched)
+
+    engine._launch = traced_launch  # type: ignore[method-assign]
+    engine._apply = traced_apply  # type: ignore[method-assign]
+    return trace
+
+
+def _prefill_run(
+    tiny_models: dict[str, Path],
+    overlap: bool,
+    prompts: dict[str, list[int]],
+    aborts: dict[int, str] | None = None,
+    **config: Any,
+) -> tuple[list[list[tuple[str, int]]], list[tuple[str, tuple[tuple[str, int], ...]]], Engine]:
+    """Every prompt queued at once, greedy, 3 tokens each: each call's outputs as (request id,
+    token), the prefill trace, and the engine (its pages checked back)."""
+    engine = Engine(
+        EngineConfig(
+            model_path=str(tiny_models[config.pop("family", "llama")]),
+            disable_overlap_schedule=not overlap,
+            **config,
+        )
+    )
+    trace = _traced(engine)
+    params = SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True)
+    for rid, prompt in prompts.items():
+        engine.add_request(prompt, params, request_id=rid)
+    calls: list[list[tuple[str, int]]] = []
+    while engine.has_unfinished() or engine._launched is not None:
+        if aborts and len(calls) in aborts:
+            engine.abort(aborts[len(calls)])
+        calls.append([(o.request_id, o.token_id) for o in engine.step()])
+        assert len(calls) < 200
+    engine.flush_cache()
+    assert engine.num_free_pages == engine.pool.num_pages
+    return calls, trace, engine
+
+
+def _launched_ahead(trace: list[tuple[str, tuple[tuple[str, int], ...]]]) -> int:
+    """How many prefills were launched while an earlier one's tokens were not yet applied."""
+    pending, ahead = 0, 0
+    for kind, _ in trace:
+        if kind == "launch":
+            ahead += pending > 0
+            pending += 1
+        else:
+            pending -= 1
+    return ahead
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3-moe", "deepseek-v3"])
+def test_back_to_back_prefills_launch_ahead_with_the_plain_loops_batches(
+    tiny_models: dict[str, Path], family: str
+) -> None:
+    """Requests queued together and prefilled over several steps (whole prompts, up to 12
+    tokens a step): overlapped, each prefill after the first is launched before the one
+    before it is applied, with the plain loop's batches, and each call returns what the
+    plain loop's returns (the same tokens, at the same call)."""
+    prompts = {
+        f"r{i}": [3 + i, 40 + 2 * i, 9, 17 + i, 5, 30 - i, 11][: 4 + i % 4] for i in range(9)
+    }
+    runs = {
+        overlap: _prefill_run(
+            tiny_models,
+            overlap,
+            prompts,
+            family=family,
+            num_pages=200,
+            page_size=4,
+            chunked_prefill_size=-1,
+            max_prefill_tokens=12,
+        )
+        for overlap in (True, False)
+    }
+    calls, trace, _ = runs[True]
+    plain_calls, plain_trace, _ = runs[False]
+    assert _launched_ahead(plain_trace) == 0
+    assert _launched_ahead(trace) >= 2
+    launches = [b for kind, b in trace if kind == "launch"]
+    assert launches == [b for kind, b in plain_trace if kind == "launch"]
+    # The prefills' calls match one for one (the decode steps after them come a call later,
+    # as overlapped decode does); every request's tokens match.
+    assert calls[: len(launches)] == plain_calls[: len(launches)]
+    assert _tokens(calls) == _tokens(plain_calls)
+
+
+def _tokens(calls: list[list[tuple[str, int]]]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for call in calls:
+        for rid, token in call:
+            out.setdefault(rid, []).append(token)
+    return out
+
+
+def test_prefill_lookahead_waits_for_a_prefix_in_flight(tiny_models: dict[str, Path]) -> None:
+    """A queued prompt that shares whole pages with a prompt of the prefill in flight waits for
+    it to be applied: it then finds those pages cached, as in the plain loop."""
+    shared = [7, 8, 9, 10, 11, 12, 13, 14]
+    prompts = {"a": [*shared, 1, 2, 3], "b": [*shared, 4, 5], "c": [20, 21, 22]}
+    hits = {}
+    for overlap in (True, False):
+        calls, trace, _ = _prefill_run(
+            tiny_models, overlap, prompts, num_pages=100, page_size=4, chunked_prefill_size=11
+        )
+        launches = [b for kind, b in trace if kind == "launch"]
+        assert launches[0] == (("a", 11),)
+        assert launches[1] == (("b", 2), ("c", 3))  # b's 8 shared tokens came from the cache
+        assert _launched_ahead(trace) == 0
+        hits[overlap] = _tokens(calls)
+    assert hits[True] == hits[False]
+
+
+def test_prefill_lookahead_waits_for_a_chunked_prompt(tiny_models: dict[str, Path]) -> None:
+    """The rest of a prompt the prefill in flight chunked is not launched ahead; requests
+    behind it are, once it has been."""
+    prompts = {"long": list(range(3, 30)), "x": [5, 6, 7], "y": [8, 9, 10], "z": [11, 12]}
+    runs = {
+        overlap: _prefill_run(
+            tiny_models, overlap, prompts, num_pages=100, page_size=4, chunked_prefill_size=10
+        )
+        for overlap in (True, False)
+    }
+    calls, trace, _ = runs[True]
+    launches = [b for kind, b in trace if kind == "launch"]
+    assert launches == [b for kind, b in runs[False][1] if kind == "launch"]
+    assert launches[:3] == [(("long", 10),), (("long", 10),), (("long", 7), ("x", 3))]
+    # Only y and z's prefill went out ahead: each chunk of "long" waited for the one before.
+    assert _launched_ahead(trace) == 1
+    assert _tokens(calls) == _tokens(runs[False][0])
+
+
+def test_prefill_lookahead_waits_when_free_pages_are_short(tiny_models: dict[str, Path]) -> None:
+    """With too few free pages for the next batch beside the one in flight, the next prefill
+    waits for the first's results (which may free pages), as in the plain loop."""
+    prompts = {f"r{i}": [3 + i] * 8 + [40 + i] for i in range(4)}
+    runs = {
+        overlap: _prefill_run(
+            tiny_models,
+            overlap,
+            prompts,
+            num_pages=8,
+            page_size=4,
+            chunked_prefill_size=9,
+            max_running_requests=2,
+        )
+        for overlap in (True, False)
+    }
+    assert _launched_ahead(runs[True][1]) == 0
+    assert _tokens(runs[True][0]) == _tokens(runs[False][0])
+
+
+def test_an_abort_under_a_prefill_launched_ahead_frees_its_pages_once(
+    tiny_models: dict[str, Path],
+) -> None:
+    """A request aborted while its prefill runs ahead: its output never comes, its pages go
+    back once (checked at the end), and the other requests' tokens are the plain loop's."""
+    prompts = {f"r{i}": [3 + i, 9, 10 + i, 4, 5 + i] for i in range(6)}
+    config: dict[str, Any] = {"num_pages": 100, "page_size": 4, "chunked_prefill_size": 10}
+    calls, trace, _ = _prefill_run(tiny_models, True, prompts, aborts={1: "r3"}, **config)
+    plain_calls, _, _ = _prefill_run(tiny_models, False, prompts, **config)
+    assert _launched_ahead(trace) >= 1
+    assert ("launch", (("r2", 5), ("r3", 5))) in trace  # launched ahead at the first call
+    tokens = _tokens(calls)
+    assert "r3" not in tokens
+    assert tokens == {k: v for k, v in _tokens(plain_calls).items() if k != "r3"}

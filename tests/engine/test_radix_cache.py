@@ -120,6 +120,26 @@ def test_partial_match_splits_at_page_boundary(cache: RadixCache, pool: PagePool
     check_invariants(cache, pool)
 
 
+def test_peek_matches_what_match_would_and_changes_nothing(
+    cache: RadixCache, pool: PagePool
+) -> None:
+    ps = cache.page_size
+    put(cache, pool, [1, 2, 3, 4])
+    put(cache, pool, [1, 2, 5])
+    diverging = toks(ps, [1, 2, 3, 4])
+    diverging[3 * ps - 1] = -1  # inside the third page
+    queries = [toks(ps, [1, 2, 3, 4, 6]), toks(ps, [1, 2, 5]), diverging, toks(ps, [7]), []]
+    queries.append(toks(ps, [1, 2, 3])[: 3 * ps - 1])  # a part page at the end
+    before = [(n.key, n.pages, n.last_access) for n in tree_nodes(cache)]
+    counters = (cache.hit_tokens, cache.query_tokens, cache._clock)
+    peeked = [cache.peek_prefix_len(q) for q in queries]
+    assert [(n.key, n.pages, n.last_access) for n in tree_nodes(cache)] == before
+    assert (cache.hit_tokens, cache.query_tokens, cache._clock) == counters
+    assert peeked == [4 * ps, 3 * ps, 2 * ps, 0, 0, 2 * ps]
+    assert peeked == [cache.match_prefix(q).num_tokens for q in queries]
+    check_invariants(cache, pool)
+
+
 def test_short_query_splits_node(cache: RadixCache, pool: PagePool) -> None:
     ins = put(cache, pool, [1, 2, 3])
     m = cache.match_prefix(toks(cache.page_size, [1]))
