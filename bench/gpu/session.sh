@@ -104,6 +104,7 @@
 #   run(command="bash bench/gpu/session.sh b58", carry=[".whl"]) # H200 only: batch-1 switches
 #   run(command="bash bench/gpu/session.sh b59", carry=[".whl"]) # prefill host gaps, after
 #   run(command="bash bench/gpu/session.sh b60", carry=[".whl"]) # a prefill's host phases
+#   run(command="bash bench/gpu/session.sh b61", carry=[".whl"]) # back-to-back prefills, A/B
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -1690,5 +1691,23 @@ b60)
       --prefill 64x128,8x2048 --repeats 3 --disable-cuda-graph --host-profile 22
   done
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55|b57|b58|b59|b60"; exit 2 ;;
+b61)
+  # For either kind (about 220 s): back-to-back prefills with overlapped scheduling (each
+  # launched before the one before it is applied) against the plain loop
+  # (`--disable-overlap-schedule`), alternating twice: Moonlight's and Llama-3-8B's 256 x 128 and
+  # 8 x 2,048 in steps of 8,192 prompt tokens (the server's default chunked prefill size: 4 and
+  # 2 steps). Expected from b60's phases: the host's 1.5-3 ms between two prefills (applying
+  # one, scheduling and preparing the next) off each step after the first.
+  for i in 1 2; do
+    for ab in overlap plain; do
+      flag=(); [ $ab = plain ] && flag=(--disable-overlap-schedule)
+      for preset in moonlight-16b-a3b llama3-8b; do
+        ROWS='^\| [0-9]+x' step "steps_${preset%%-*}_${ab}_$i" 90 python3 -m bench.prefill_phases \
+          --preset "$preset" --prefill 256x128,8x2048 --repeats 3 --disable-cuda-graph \
+          --step-tokens 8192 "${flag[@]}"
+      done
+    done
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55|b57|b58|b59|b60|b61"; exit 2 ;;
 esac
