@@ -301,9 +301,10 @@ class Engine:
         step ahead with constrained requests launches its forward pass only, and samples once
         the earlier step's tokens have advanced the grammars that mask it: the host fills the
         mask while the device runs the forward pass. A prefill step's outputs come from the
-        same call, as in the plain loop; while more requests wait, that call first launches
-        the prefill the plain loop would run next (`_launch_prefill_ahead`), so that the host's
-        work between two prefills runs beside the device's."""
+        same call, as in the plain loop. While requests wait, a call applying a prefill or a
+        decode step first launches the prefill the plain loop would run next
+        (`_launch_prefill_ahead`), so that the host's work between the two runs beside the
+        device's; that prefill's outputs come from the next call, as the plain loop's would."""
         prev = self._launched
         if prev is not None and not prev.batch.is_decode:
             # A prefill launched ahead: the next one goes out before its tokens are applied.
@@ -325,6 +326,8 @@ class Engine:
                     self._launched = self._sample(ahead, logits, ahead_of_host=True)
                 else:
                     self._launched = self._launch(ahead, device_ids=ids)
+            else:
+                self._launch_prefill_ahead(prev.batch)  # requests wait: their prefill, if it can
             if outputs is None:
                 outputs = self._apply(prev)
             if self._launched is not None and all(
@@ -353,11 +356,11 @@ class Engine:
         return self._apply(launched)
 
     def _launch_prefill_ahead(self, prev: ScheduledBatch) -> None:
-        """Overlapped scheduling of back-to-back prefills: while the device runs prefill
-        `prev`, schedule, prepare and launch the prefill the plain loop would run after it
-        (`Scheduler.schedule_prefill_lookahead`), if there is one, before `prev`'s tokens are
-        applied; its own are applied by the next call. The outputs of each call are the plain
-        loop's: one prefill step's."""
+        """Overlapped scheduling of prefills: while the device runs step `prev` (a prefill, or
+        a decode step when requests wait), schedule, prepare and launch the prefill the plain
+        loop would run after it (`Scheduler.schedule_prefill_lookahead`), if there is one,
+        before `prev`'s tokens are applied; its own are applied by the next call. Each call's
+        outputs are the plain loop's: one step's."""
         ahead = self.scheduler.schedule_prefill_lookahead(prev)
         if ahead is not None:
             self._launched = self._launch(ahead)

@@ -260,28 +260,28 @@ class Scheduler:
         return ScheduledBatch(ahead, [1] * len(ahead), is_decode=True)
 
     def schedule_prefill_lookahead(self, prev: ScheduledBatch) -> ScheduledBatch | None:
-        """Overlapped scheduling of prefills: the prefill step after `prev`, a prefill step
-        whose tokens are not applied yet, when it is the batch the plain loop would schedule
-        once `prev` is applied; None otherwise (the plain order follows: apply, then schedule).
+        """Overlapped scheduling of prefills: the prefill step after `prev` (a prefill or
+        decode step whose tokens are not applied yet), when it is the batch the plain loop
+        would schedule once `prev` is applied; None otherwise (the plain order follows: apply,
+        then schedule).
 
         Applying `prev` could change that batch in three ways, each ruled out first, by
         `_schedule_prefill`'s walk over the queue without its effects:
         - a prompt that `prev` chunked continues: every request walked must be new (no pages,
           nothing computed);
-        - `prev`'s prompts enter the prefix cache: no request walked may have, at the page
-          after its cached prefix, the same tokens as a prompt of `prev` at that page (a
-          cheaper test than a whole shared prefix, and never looser);
+        - `prev`'s sequences publish pages to the prefix cache (a prefill's prompt pages; a
+          finishing request's computed ones): no request walked may find, at the page after
+          its cached prefix, the tokens of such a page at the same place (`_could_share`);
         - `prev`'s requests finish and give back running slots and pages: the batch must fit
           the slots and the free pages as they stand, with `_admit`'s headroom (no eviction,
           so the cache's order is untouched too).
         Then `_schedule_prefill` runs: the batch the plain loop would have run. (Requests that
         arrive while `prev` runs join the step after, which the plain loop could have taken.)"""
-        if prev.is_decode or not self.waiting:
+        if not self.waiting:
             return None
         cfg = self.config
         ps = self.pages.page_size
         budget = cfg.prefill_token_budget
-        in_flight: set[tuple[int, tuple[int, ...]]] | None = None
         need = count = 0
         for seq in self.waiting:
             if budget <= 0:
@@ -289,12 +289,8 @@ class Scheduler:
             if seq.page_table or seq.num_computed_tokens:
                 return None
             hit = self.pages.peek_prefix(seq)
-            page = hit // ps
-            if self.pages.cache is not None and (page + 1) * ps <= seq.num_tokens - 1:
-                if in_flight is None:
-                    in_flight = _full_pages(prev.seqs, ps)
-                if (page, tuple(seq.token_ids[page * ps : (page + 1) * ps])) in in_flight:
-                    return None
+            if self.pages.cache is not None and _could_share(seq, hit // ps, prev, ps):
+                return None
             remaining = seq.num_tokens - hit
             if cfg.chunked_prefill_enabled:
                 n = min(remaining, budget)
@@ -302,7 +298,7 @@ class Scheduler:
                 break
             else:
                 n = remaining
-            need += self.pages.pages_for(hit + n) - page
+            need += self.pages.pages_for(hit + n) - hit // ps
             count += 1
             budget -= n
             if n < remaining:
@@ -375,11 +371,20 @@ class Scheduler:
         seq.status = SeqStatus.FINISHED
 
 
-def _full_pages(seqs: list[Sequence], page_size: int) -> set[tuple[int, tuple[int, ...]]]:
-    """Every full page of the sequences' tokens, as (page index, its tokens)."""
-    out = set()
-    for seq in seqs:
-        ids = seq.token_ids
-        for k in range(len(ids) // page_size):
-            out.add((k, tuple(ids[k * page_size : (k + 1) * page_size])))
-    return out
+
+def _could_share(seq: Sequence, page: int, prev: ScheduledBatch, page_size: int) -> bool:
+    """Whether applying `prev` could lengthen `seq`'s cached prefix of `page` pages: some
+    sequence of `prev` publishes its page `page` then (past the pages it has in the cache
+    now, up to those its computed tokens will fill) with the tokens `seq` has there. A
+    necessary condition for a longer match (its earlier pages are not compared)."""
+    end = (page + 1) * page_size
+    if end > seq.num_tokens - 1:  # `match_prefix` leaves the last token out
+        return False
+    mine: tuple[int, ...] | None = None
+    for other, n in zip(prev.seqs, prev.extend_lens, strict=True):
+        if other.num_cached_pages <= page < (other.num_computed_tokens + n) // page_size:
+            if mine is None:
+                mine = tuple(seq.token_ids[end - page_size : end])
+            if tuple(other.token_ids[end - page_size : end]) == mine:
+                return True
+    return False

@@ -200,8 +200,8 @@ def _traced(engine: Engine) -> list[tuple[str, tuple[tuple[str, int], ...]]]:
         return launch(batch, device_ids)
 
     def traced_apply(launched: Any) -> Any:
-        if not launched.batch.is_decode:
-            trace.append(("apply", key(launched.batch)))
+        kind = "apply-decode" if launched.batch.is_decode else "apply"
+        trace.append((kind, key(launched.batch)))
         return apply(launched)
 
     engine._launch = traced_launch  # type: ignore[method-assign]
@@ -247,7 +247,7 @@ def _launched_ahead(trace: list[tuple[str, tuple[tuple[str, int], ...]]]) -> int
         if kind == "launch":
             ahead += pending > 0
             pending += 1
-        else:
+        elif kind == "apply":
             pending -= 1
     return ahead
 
@@ -367,3 +367,68 @@ def test_an_abort_under_a_prefill_launched_ahead_frees_its_pages_once(
     tokens = _tokens(calls)
     assert "r3" not in tokens
     assert tokens == {k: v for k, v in _tokens(plain_calls).items() if k != "r3"}
+
+
+def _arrivals_run(
+    tiny_models: dict[str, Path], overlap: bool, arrivals: dict[int, dict[str, list[int]]],
+    max_new: dict[str, int],
+) -> tuple[dict[str, list[StepOutput]], list[tuple[str, tuple[tuple[str, int], ...]]]]:  # fmt: skip
+    """Requests added before the calls that `arrivals` names, greedy: each request's outputs,
+    and the trace."""
+    engine = Engine(
+        EngineConfig(
+            model_path=str(tiny_models["llama"]),
+            num_pages=100,
+            page_size=4,
+            disable_overlap_schedule=not overlap,
+        )  # fmt: skip
+    )
+    trace = _traced(engine)
+    seen: dict[str, list[StepOutput]] = {}
+    call = 0
+    while call <= max(arrivals) or engine.has_unfinished() or engine._launched is not None:
+        for rid, prompt in arrivals.get(call, {}).items():
+            params = SamplingParams(temperature=0, max_new_tokens=max_new[rid], ignore_eos=True)
+            engine.add_request(prompt, params, request_id=rid)
+        for o in engine.step():
+            seen.setdefault(o.request_id, []).append(o)
+        call += 1
+        assert call < 100
+    engine.flush_cache()
+    assert engine.num_free_pages == engine.pool.num_pages
+    return seen, trace
+
+
+def test_a_prefill_goes_out_before_the_decode_step_in_flight_is_applied(
+    tiny_models: dict[str, Path],
+) -> None:
+    """Requests arriving while a decode step runs: their prefill is launched before that step
+    is applied (the plain loop's next batch), and every request's tokens are the plain loop's."""
+    arrivals = {0: {"a": [5, 6, 7, 8, 9], "b": [3, 4]}, 4: {"c": [20, 21, 22], "d": [30, 31]}}
+    max_new = {"a": 8, "b": 8, "c": 4, "d": 4}
+    runs = {overlap: _arrivals_run(tiny_models, overlap, arrivals, max_new) for overlap in (1, 0)}
+    trace = runs[1][1]
+    launch = trace.index(("launch", (("c", 3), ("d", 2))))
+    assert trace[launch + 1][0] == "apply-decode"  # the step in flight, applied after it
+    assert ("launch", (("c", 3), ("d", 2))) in runs[0][1]
+    tokens = {v: {k: [o.token_id for o in outs] for k, outs in runs[v][0].items()} for v in runs}
+    assert tokens[1] == tokens[0]
+
+
+def test_a_prefill_waits_for_pages_a_finishing_request_publishes(
+    tiny_models: dict[str, Path],
+) -> None:
+    """A request arriving while the step that ends another runs, with a prompt that continues
+    the other's prompt and first token: the step's end publishes the page holding that token,
+    so the new prefill waits for it and finds it cached, as in the plain loop."""
+    first = _arrivals_run(tiny_models, False, {0: {"a": list(range(10, 17))}}, {"a": 2})[0]
+    t1 = first["a"][0].token_id
+    arrivals = {0: {"a": list(range(10, 17))}, 2: {"b": [*range(10, 17), t1, 50, 51]}}
+    max_new = {"a": 2, "b": 3}
+    runs = {overlap: _arrivals_run(tiny_models, overlap, arrivals, max_new) for overlap in (1, 0)}
+    for overlap, (seen, trace) in runs.items():
+        assert seen["b"][0].num_cached_tokens == 8, overlap  # a's two pages, t1 in the second
+        assert [o.token_id for o in seen["b"]] == [o.token_id for o in runs[0][0]["b"]]
+        launch = trace.index(("launch", (("b", 2),)))
+        assert trace[launch - 1][0] == "apply-decode"  # a's last step, applied before it
+        assert trace[launch + 1] == ("apply", (("b", 2),))
