@@ -381,7 +381,7 @@ def _arrivals_run(
             num_pages=100,
             page_size=4,
             disable_overlap_schedule=not overlap,
-        )  # fmt: skip
+        )
     )
     trace = _traced(engine)
     seen: dict[str, list[StepOutput]] = {}
