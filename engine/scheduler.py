@@ -371,7 +371,6 @@ class Scheduler:
         seq.status = SeqStatus.FINISHED
 
 
-
 def _could_share(seq: Sequence, page: int, prev: ScheduledBatch, page_size: int) -> bool:
     """Whether applying `prev` could lengthen `seq`'s cached prefix of `page` pages: some
     sequence of `prev` publishes its page `page` then (past the pages it has in the cache
