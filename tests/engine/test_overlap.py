@@ -406,13 +406,13 @@ def test_a_prefill_goes_out_before_the_decode_step_in_flight_is_applied(
     is applied (the plain loop's next batch), and every request's tokens are the plain loop's."""
     arrivals = {0: {"a": [5, 6, 7, 8, 9], "b": [3, 4]}, 4: {"c": [20, 21, 22], "d": [30, 31]}}
     max_new = {"a": 8, "b": 8, "c": 4, "d": 4}
-    runs = {overlap: _arrivals_run(tiny_models, overlap, arrivals, max_new) for overlap in (1, 0)}
-    trace = runs[1][1]
+    runs = {o: _arrivals_run(tiny_models, o, arrivals, max_new) for o in (True, False)}
+    trace = runs[True][1]
     launch = trace.index(("launch", (("c", 3), ("d", 2))))
     assert trace[launch + 1][0] == "apply-decode"  # the step in flight, applied after it
-    assert ("launch", (("c", 3), ("d", 2))) in runs[0][1]
+    assert ("launch", (("c", 3), ("d", 2))) in runs[False][1]
     tokens = {v: {k: [o.token_id for o in outs] for k, outs in runs[v][0].items()} for v in runs}
-    assert tokens[1] == tokens[0]
+    assert tokens[True] == tokens[False]
 
 
 def test_a_prefill_waits_for_pages_a_finishing_request_publishes(
@@ -425,10 +425,10 @@ def test_a_prefill_waits_for_pages_a_finishing_request_publishes(
     t1 = first["a"][0].token_id
     arrivals = {0: {"a": list(range(10, 17))}, 2: {"b": [*range(10, 17), t1, 50, 51]}}
     max_new = {"a": 2, "b": 3}
-    runs = {overlap: _arrivals_run(tiny_models, overlap, arrivals, max_new) for overlap in (1, 0)}
+    runs = {o: _arrivals_run(tiny_models, o, arrivals, max_new) for o in (True, False)}
     for overlap, (seen, trace) in runs.items():
         assert seen["b"][0].num_cached_tokens == 8, overlap  # a's two pages, t1 in the second
-        assert [o.token_id for o in seen["b"]] == [o.token_id for o in runs[0][0]["b"]]
+        assert [o.token_id for o in seen["b"]] == [o.token_id for o in runs[False][0]["b"]]
         launch = trace.index(("launch", (("b", 2),)))
         assert trace[launch - 1][0] == "apply-decode"  # a's last step, applied before it
         assert trace[launch + 1] == ("apply", (("b", 2),))
