@@ -389,8 +389,9 @@ class Engine:
         # A prefill chunk that does not reach the prompt's end yields no token: pick greedily
         # there, so that a seeded request draws from its generator once per token exactly.
         params, generators, grammars = [], [], []
-        for seq, n in zip(batch.seqs, batch.extend_lens, strict=True):
-            yields_token = ahead_of_host or seq.num_computed_tokens + n >= seq.num_tokens
+        starts = [0] * len(batch.seqs) if ahead_of_host else batch.prefix_lens
+        for seq, n, start in zip(batch.seqs, batch.extend_lens, starts, strict=True):
+            yields_token = ahead_of_host or start + n >= seq.num_tokens
             if seq.is_finished:
                 yields_token = False
             params.append(seq.sampling if yields_token else _NO_TOKEN)

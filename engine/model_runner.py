@@ -257,7 +257,7 @@ class ModelRunner:
     def prepare(self, batch: ScheduledBatch) -> ForwardBatch:
         """Turn a scheduled prefill (extend) batch into device tensors."""
         rows = self.page_table.rows_for(batch.seqs)
-        prefix_lens = [seq.num_computed_tokens for seq in batch.seqs]
+        prefix_lens = batch.prefix_lens
 
         def per_token_rows(out: np.ndarray) -> None:
             # Per token: id, position, page-table row, written with numpy into the upload's

@@ -26,11 +26,21 @@ class OutOfPagesError(RuntimeError):
 
 @dataclass(frozen=True)
 class ScheduledBatch:
-    """Sequence `seqs[i]` computes `extend_lens[i]` tokens from its `num_computed_tokens`."""
+    """Sequence `seqs[i]` computes `extend_lens[i]` tokens from its `num_computed_tokens`, or
+    from `starts[i]` where given: a prompt's chunk scheduled while the chunk before it is in
+    flight (not yet applied to `num_computed_tokens`)."""
 
     seqs: list[Sequence]
     extend_lens: list[int]
     is_decode: bool
+    starts: list[int] | None = None
+
+    @property
+    def prefix_lens(self) -> list[int]:
+        """Each sequence's first position in this step."""
+        if self.starts is not None:
+            return list(self.starts)
+        return [seq.num_computed_tokens for seq in self.seqs]
 
     @property
     def num_tokens(self) -> int:
@@ -173,17 +183,25 @@ class Scheduler:
         """The next step's batch, or None when there is nothing to run."""
         return self._schedule_prefill() or self._schedule_decode()
 
-    def _schedule_prefill(self) -> ScheduledBatch | None:
+    def _schedule_prefill(
+        self, in_flight: tuple[Sequence, int] | None = None
+    ) -> ScheduledBatch | None:
+        """The next prefill step. `in_flight`: the queue's head and the position its prompt
+        reaches once the chunk of it in flight is applied (`schedule_prefill_lookahead`)."""
         budget = self.config.prefill_token_budget
         seqs: list[Sequence] = []
         lens: list[int] = []
+        starts: list[int] = []
         while self.waiting and budget > 0:
             seq = self.waiting[0]
             if len(self.running) >= self.config.max_running_requests:
                 break
             if not seq.page_table:
                 self.pages.match_prefix(seq)
-            remaining = seq.num_tokens - seq.num_computed_tokens
+            start = seq.num_computed_tokens
+            if in_flight is not None and seq is in_flight[0]:
+                start = in_flight[1]
+            remaining = seq.num_tokens - start
             if self.config.chunked_prefill_enabled:
                 n = min(remaining, budget)
             elif remaining > budget and seqs:
@@ -191,7 +209,7 @@ class Scheduler:
             else:
                 n = remaining
             started = len(seq.page_table) > seq.num_cached_pages
-            if not self._admit(seq, seq.num_computed_tokens + n, started, len(seqs)):
+            if not self._admit(seq, start + n, started, len(seqs)):
                 if not started:
                     # Only the head of the queue, mid-prefill, may hold pages while waiting.
                     self.pages.release(seq)
@@ -199,6 +217,7 @@ class Scheduler:
                 break
             seqs.append(seq)
             lens.append(n)
+            starts.append(start)
             budget -= n
             if seq.prefill_started_at is None:
                 seq.prefill_started_at = time.monotonic()
@@ -207,7 +226,9 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-        return ScheduledBatch(seqs, lens, is_decode=False) if seqs else None
+        if not seqs:
+            return None
+        return ScheduledBatch(seqs, lens, is_decode=False, starts=starts if in_flight else None)
 
     def _admit(self, seq: Sequence, num_tokens: int, started: bool, num_admitted: int) -> bool:
         """Reserve pages for a prefill step, keeping a page of headroom per running request
@@ -265,10 +286,13 @@ class Scheduler:
         would schedule once `prev` is applied; None otherwise (the plain order follows: apply,
         then schedule).
 
-        Applying `prev` could change that batch in three ways, each ruled out first, by
-        `_schedule_prefill`'s walk over the queue without its effects:
-        - a prompt that `prev` chunked continues: every request walked must be new (no pages,
-          nothing computed);
+        A prompt that `prev` chunked continues from the end of its chunk in flight (its KV
+        written before, in the device's order). Applying `prev` could change the batch in
+        three ways, each ruled out first, by `_schedule_prefill`'s walk over the queue without
+        its effects:
+        - a request under way that `prev` does not continue (preempted, or mid-prompt without
+          a chunk in flight) waits for the plain order: every other request walked is new (no
+          pages, nothing computed);
         - `prev`'s sequences publish pages to the prefix cache (a prefill's prompt pages; a
           finishing request's computed ones): no request walked may find, at the page after
           its cached prefix, the tokens of such a page at the same place (`_could_share`);
@@ -283,22 +307,30 @@ class Scheduler:
         ps = self.pages.page_size
         budget = cfg.prefill_token_budget
         need = count = 0
+        in_flight: tuple[Sequence, int] | None = None
         for seq in self.waiting:
             if budget <= 0:
                 break
             if seq.page_table or seq.num_computed_tokens:
-                return None
-            hit = self.pages.peek_prefix(seq)
-            if self.pages.cache is not None and _could_share(seq, hit // ps, prev, ps):
-                return None
-            remaining = seq.num_tokens - hit
+                end = _chunk_in_flight(seq, prev)
+                if count or end is None:
+                    return None
+                start = end  # the head, continuing
+                in_flight = (seq, start)
+                held = len(seq.page_table)
+            else:
+                start = self.pages.peek_prefix(seq)
+                if self.pages.cache is not None and _could_share(seq, start // ps, prev, ps):
+                    return None
+                held = start // ps
+            remaining = seq.num_tokens - start
             if cfg.chunked_prefill_enabled:
                 n = min(remaining, budget)
             elif remaining > budget and count:
                 break
             else:
                 n = remaining
-            need += self.pages.pages_for(hit + n) - hit // ps
+            need += max(0, self.pages.pages_for(start + n) - held)
             count += 1
             budget -= n
             if n < remaining:
@@ -308,7 +340,7 @@ class Scheduler:
         # `_admit`'s headroom counts each admitted request twice (running, and admitted).
         if self.pages.pool.num_free < need + len(self.running) + 2 * count:
             return None
-        return self._schedule_prefill()
+        return self._schedule_prefill(in_flight)
 
     def _preempt(self, seq: Sequence) -> None:
         self.pages.release(seq)
@@ -369,6 +401,17 @@ class Scheduler:
             return
         self.pages.release(seq)
         seq.status = SeqStatus.FINISHED
+
+
+def _chunk_in_flight(seq: Sequence, prev: ScheduledBatch) -> int | None:
+    """Where prefill `prev`'s chunk of `seq`'s prompt ends, when it stops short of the
+    prompt's end (the rest waits at the queue's head); None otherwise."""
+    if prev.is_decode:
+        return None
+    for other, n, start in zip(prev.seqs, prev.extend_lens, prev.prefix_lens, strict=True):
+        if other is seq:
+            return start + n if start + n < seq.num_tokens else None
+    return None
 
 
 def _could_share(seq: Sequence, page: int, prev: ScheduledBatch, page_size: int) -> bool:

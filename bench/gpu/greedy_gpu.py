@@ -2,7 +2,9 @@
 
 - float32: the Triton backend, with CUDA graphs and without, against transformers on the same
   GPU (and on the CPU); each prompt's first divergence is printed with the reference logit gap
-  there (none is expected);
+  there (none is expected); then with graphs again, the prompts arriving two at a time every
+  other call in prefill steps of 16 tokens (`staggered`: prefills launched ahead of the step in
+  flight, a prefill's or a decode step's, and chunked prompts);
 - bfloat16: the Triton backend with graphs against the torch backend run eagerly in bfloat16;
   a first divergence is printed with the torch run's log-probability gap between its token and
   ours at that step (a near-tie when tiny), with how many of its tokens tie its own there;
@@ -36,9 +38,13 @@ WITH_LOGPROBS = SamplingParams(
 )
 
 
-def engine(path: Path, dtype: str, backend: str, graphs: bool) -> Engine:
+def engine(
+    path: Path, dtype: str, backend: str, graphs: bool, step_tokens: int | None = None
+) -> Engine:
+    chunks = {} if step_tokens is None else {"chunked_prefill_size": step_tokens}
     return Engine(
         EngineConfig(
+            **chunks,  # type: ignore[arg-type]
             model_path=str(path),
             num_pages=256,
             page_size=16,
@@ -49,6 +55,24 @@ def engine(path: Path, dtype: str, backend: str, graphs: bool) -> Engine:
             cuda_graph_max_bs=8,
         )
     )
+
+
+def staggered(eng: Engine, prompts: list[list[int]], every: int = 2) -> list[list[int]]:
+    """Greedy tokens of `prompts`, two of them added every `every` calls (the later ones
+    arriving while earlier prefills and decode steps run), in prompt order."""
+    rids: list[str] = []
+    outs: dict[str, list[int]] = {}
+    pending = list(prompts)
+    call = 0
+    while pending or eng.has_unfinished():
+        if call % every == 0:
+            for prompt in pending[:2]:
+                rids.append(eng.add_request(prompt, GREEDY))
+            del pending[:2]
+        for o in eng.step():
+            outs.setdefault(o.request_id, []).append(o.token_id)
+        call += 1
+    return [outs[rid] for rid in rids]
 
 
 def main(families: list[str]) -> None:
@@ -70,6 +94,11 @@ def main(families: list[str]) -> None:
             for dev, ref in refs.items():
                 found = [(d.prompt, d.step, f"{d.gap:.2e}") for d in divergences(outs, ref)]
                 print(f"  float32 triton graphs={graphs!s:5} vs transformers {dev}: {found}")
+        eng = engine(path, "float32", "triton", graphs=True, step_tokens=16)
+        outs = staggered(eng, prompts)
+        del eng
+        found = [(d.prompt, d.step, f"{d.gap:.2e}") for d in divergences(outs, refs["cuda"])]
+        print(f"  float32 triton graphs, staggered in 16-token steps vs transformers cuda: {found}")
         eng = engine(path, "bfloat16", "torch", graphs=False)
         base = eng.generate(prompts, WITH_LOGPROBS)
         del eng

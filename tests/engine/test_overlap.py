@@ -314,9 +314,10 @@ def test_prefill_lookahead_waits_for_a_prefix_in_flight(tiny_models: dict[str, P
     assert hits[True] == hits[False]
 
 
-def test_prefill_lookahead_waits_for_a_chunked_prompt(tiny_models: dict[str, Path]) -> None:
-    """The rest of a prompt the prefill in flight chunked is not launched ahead; requests
-    behind it are, once it has been."""
+def test_the_rest_of_a_chunked_prompt_goes_out_ahead(tiny_models: dict[str, Path]) -> None:
+    """Each chunk of a long prompt is launched while the chunk before it runs, from where that
+    one ends (its tokens not yet applied), and the requests behind it follow the same way;
+    the batches, tokens and page accounting are the plain loop's."""
     prompts = {"long": list(range(3, 30)), "x": [5, 6, 7], "y": [8, 9, 10], "z": [11, 12]}
     runs = {
         overlap: _prefill_run(
@@ -327,10 +328,27 @@ def test_prefill_lookahead_waits_for_a_chunked_prompt(tiny_models: dict[str, Pat
     calls, trace, _ = runs[True]
     launches = [b for kind, b in trace if kind == "launch"]
     assert launches == [b for kind, b in runs[False][1] if kind == "launch"]
-    assert launches[:3] == [(("long", 10),), (("long", 10),), (("long", 7), ("x", 3))]
-    # Only y and z's prefill went out ahead: each chunk of "long" waited for the one before.
-    assert _launched_ahead(trace) == 1
+    assert launches == [
+        (("long", 10),), (("long", 10),), (("long", 7), ("x", 3)), (("y", 3), ("z", 2))
+    ]  # fmt: skip
+    assert _launched_ahead(trace) == 3
+    assert calls[:4] == runs[False][0][:4]
     assert _tokens(calls) == _tokens(runs[False][0])
+
+
+@pytest.mark.parametrize("family", ["llama", "deepseek-v3"])
+def test_chunks_launched_ahead_give_the_one_step_tokens(
+    tiny_models: dict[str, Path], family: str
+) -> None:
+    """Prompts prefilled in chunks of 5 tokens, each launched ahead of the one before (MLA's
+    extend included), against the same prompts prefilled whole in one step: the same tokens."""
+    prompts = {f"p{i}": [(7 * i + 3 * j) % 90 + 5 for j in range(9 + 4 * i)] for i in range(4)}
+    chunked, trace, _ = _prefill_run(tiny_models, True, prompts, family=family, num_pages=200,
+                                     page_size=4, chunked_prefill_size=5)  # fmt: skip
+    whole, _, _ = _prefill_run(tiny_models, True, prompts, family=family, num_pages=200,
+                               page_size=4, chunked_prefill_size=4096)  # fmt: skip
+    assert _launched_ahead(trace) >= 10
+    assert _tokens(chunked) == _tokens(whole)
 
 
 def test_prefill_lookahead_waits_when_free_pages_are_short(tiny_models: dict[str, Path]) -> None:
