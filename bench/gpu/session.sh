@@ -105,6 +105,7 @@
 #   run(command="bash bench/gpu/session.sh b59", carry=[".whl"]) # prefill host gaps, after
 #   run(command="bash bench/gpu/session.sh b60", carry=[".whl"]) # a prefill's host phases
 #   run(command="bash bench/gpu/session.sh b61", carry=[".whl"]) # back-to-back prefills, A/B
+#   run(command="bash bench/gpu/session.sh b62", carry=[".whl"]) # greedy, chunks ahead, A/B
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -1709,5 +1710,24 @@ b61)
     done
   done
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55|b57|b58|b59|b60|b61"; exit 2 ;;
+b62)
+  # For either kind (about 260 s): every tiny family's greedy tokens, now also with prompts
+  # arriving two at a time in 16-token prefill steps (prefills launched ahead of the step in
+  # flight, chunks of a prompt ahead of the chunk before); then prefills in steps of 3,000
+  # prompt tokens, which end mid-prompt (the rest launched ahead), overlapped against the
+  # plain loop, alternating twice: Moonlight's and Llama-3-8B's 64 x 128 (3 steps) and 8 x 2,048
+  # (6 steps).
+  TAIL=40 step greedy 150 python3 -m bench.gpu.greedy_gpu
+  for i in 1 2; do
+    for ab in overlap plain; do
+      flag=(); [ $ab = plain ] && flag=(--disable-overlap-schedule)
+      for preset in moonlight-16b-a3b llama3-8b; do
+        ROWS='^\| [0-9]+x' step "chunks_${preset%%-*}_${ab}_$i" 60 python3 -m bench.prefill_phases \
+          --preset "$preset" --prefill 64x128,8x2048 --repeats 3 --disable-cuda-graph \
+          --step-tokens 3000 "${flag[@]}"
+      done
+    done
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55|b57|b58|b59|b60|b61|b62"; exit 2 ;;
 esac
