@@ -107,6 +107,7 @@
 #   run(command="bash bench/gpu/session.sh b61", carry=[".whl"]) # back-to-back prefills, A/B
 #   run(command="bash bench/gpu/session.sh b62", carry=[".whl"]) # greedy, chunks ahead, A/B
 #   run(command="bash bench/gpu/session.sh b63", carry=[".whl"]) # H200: prefill pair, rows
+#   run(command="bash bench/gpu/session.sh b64", carry=[".whl"]) # short prefills' host
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -1745,5 +1746,15 @@ b63)
     --skip-hf --prefill '' --decode 1x128,64x128,256x128 --repeats 3
   TAIL=40 step greedy 120 python3 -m bench.gpu.greedy_gpu
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55|b57|b58|b59|b60|b61|b62|b63"; exit 2 ;;
+b64)
+  # For either kind (about 80 s): short prefills' phases (`bench.prefill_phases`), where the
+  # host's launches may bound the step (b60: 26 ms of host for Moonlight's 27 layers whatever
+  # the tokens, against about 10 ms of weights at 128 tokens): first-token latency at low load.
+  for preset in moonlight-16b-a3b qwen3-30b-a3b llama3-8b; do
+    hp=(); [ $preset = moonlight-16b-a3b ] && hp=(--host-profile 30)
+    TAIL=60 step "short_${preset%%-*}" 60 python3 -m bench.prefill_phases --preset "$preset" \
+      --prefill 1x128,1x1024,4x256 --repeats 5 --disable-cuda-graph "${hp[@]}"
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55|b57|b58|b59|b60|b61|b62|b63|b64"; exit 2 ;;
 esac
