@@ -533,6 +533,7 @@ def engine_config(args: argparse.Namespace, model_path: str, load_format: str) -
         max_running_requests=max(256, biggest),
         context_length=context,
         disable_cuda_graph=args.disable_cuda_graph,
+        short_prefill_tokens=args.short_prefill_tokens,
         disable_overlap_schedule=args.disable_overlap_schedule,
         disable_shared_experts_fusion=args.disable_shared_experts_fusion,
         **sizing,
@@ -601,6 +602,13 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--moe-backend", help="the engine's --moe-backend (default auto)")
     p.add_argument("--gemm-backend", help="the engine's --gemm-backend (default auto)")
     p.add_argument("--disable-cuda-graph", action="store_true")
+    p.add_argument(
+        "--short-prefill-tokens",
+        type=int,
+        default=-1,
+        help="the engine's flag: prefills of up to this many tokens run as decode rows "
+        "through the decode graphs (-1 auto, 0 off)",
+    )
     p.add_argument("--disable-overlap-schedule", action="store_true")
     p.add_argument(
         "--disable-shared-experts-fusion",

@@ -145,6 +145,7 @@ def worker_flags(config: EngineConfig) -> tuple[str, ...]:
         "--max-prefill-tokens", str(config.max_prefill_tokens),
         "--max-running-requests", str(config.max_running_requests),
         "--cuda-graph-max-bs", str(config.cuda_graph_max_bs),
+        "--short-prefill-tokens", str(config.short_prefill_tokens),
         "--attention-backend", config.attention_backend,
         "--moe-backend", config.moe_backend,
         "--gemm-backend", config.gemm_backend,
@@ -170,7 +171,8 @@ def measure_offline(args: argparse.Namespace, model: Path, load_format: str) -> 
     argv = ["--model-path", str(model), "--load-format", load_format, "--device", args.device,
             "--dtype", args.dtype, "--decode", shapes, "--prefill", "", "--decode-steps",
             str(args.output_len), "--repeats", str(args.repeats), "--page-size",
-            str(args.page_size), "--skip-hf"]  # fmt: skip
+            str(args.page_size), "--skip-hf", "--short-prefill-tokens",
+            str(args.short_prefill_tokens)]  # fmt: skip
     for flag in ("attention_backend", "moe_backend", "gemm_backend"):
         if getattr(args, flag):
             argv += ["--" + flag.replace("_", "-"), getattr(args, flag)]

@@ -78,6 +78,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--cuda-graph-max-bs", type=int, default=256, help="largest decode batch run as a graph"
     )
+    g.add_argument(
+        "--short-prefill-tokens",
+        type=int,
+        default=-1,
+        help="prefills of up to this many tokens run as decode rows through the decode graphs "
+        "(no per-kernel launches from Python: first-token latency of short prompts); -1 auto "
+        "(the graphs' largest batch), 0 off",
+    )
     g.add_argument("--moe-backend", "--moe-runner-backend", default="auto", choices=MOE_BACKENDS)
     g.add_argument(
         "--disable-shared-experts-fusion",
@@ -120,6 +128,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         disable_cuda_graph=args.disable_cuda_graph,
         disable_overlap_schedule=args.disable_overlap_schedule,
         cuda_graph_max_bs=args.cuda_graph_max_bs,
+        short_prefill_tokens=args.short_prefill_tokens,
         moe_backend=args.moe_backend,
         disable_shared_experts_fusion=args.disable_shared_experts_fusion,
         gemm_backend=args.gemm_backend,

@@ -485,6 +485,10 @@ class EngineConfig:
     disable_cuda_graph: bool = False
     disable_overlap_schedule: bool = False
     cuda_graph_max_bs: int = 256
+    # Prefills of up to this many tokens run as decode rows, through the decode graphs where
+    # they fit (engine/model_runner.py, `ModelRunner.runs_as_decode`): -1 auto (the graphs'
+    # largest batch where graphs are captured, else off), 0 off.
+    short_prefill_tokens: int = -1
     moe_backend: str = "auto"
     # Shared experts stacked into the routed experts' weights where the MoE backend computes
     # them in its own launches (the Triton backend, expert parallelism off): off keeps the MLP.
@@ -539,6 +543,11 @@ class EngineConfig:
             )
         if self.cuda_graph_max_bs < 1:
             raise ValueError(f"cuda_graph_max_bs must be >= 1, got {self.cuda_graph_max_bs}")
+        if self.short_prefill_tokens < -1:
+            raise ValueError(
+                f"short_prefill_tokens must be -1 (auto), 0 (off) or a token count, "
+                f"got {self.short_prefill_tokens}"
+            )
         if self.ep_size < 1 or self.ep_num_redundant_experts < 0:
             raise ValueError(
                 f"ep_size must be >= 1 and ep_num_redundant_experts >= 0, got "

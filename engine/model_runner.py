@@ -34,6 +34,10 @@ from engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
+# The most context tokens a prefill run as decode rows may read in all (`runs_as_decode`): 128
+# tokens from scratch read 8,256; 256 read 32,896.
+SHORT_PREFILL_MAX_READS = 32_896
+
 CPU_DEFAULT_KV_BYTES = 256 << 20
 
 
@@ -118,6 +122,18 @@ class ModelRunner:
             self.graphs.capture()
         elif device.kind == "cuda":
             log.info("decode runs eagerly: %s", reason)
+        self.short_prefill_tokens = self._short_prefill_tokens()
+
+    def _short_prefill_tokens(self) -> int:
+        """The most tokens a prefill may have to run as decode rows (`runs_as_decode`); 0 when
+        none may: under expert parallelism (ranks step in lockstep through one path), or where
+        the attention backend's decode lets a row attend before the others' KV is written."""
+        limit = self.config.short_prefill_tokens
+        if self.parallel.enabled or not self.attention.decode_writes_kv_first():
+            return 0
+        if limit < 0:
+            return self.graphs.max_bs if self.graphs is not None else 0
+        return limit
 
     def _fuse_shared_experts(self) -> bool:
         """Whether MoE layers stack their shared experts into the routed experts' weights:
@@ -328,9 +344,45 @@ class ModelRunner:
             seqs = batch.seqs
             ids = [seq.token_ids[-1] for seq in seqs]
             return self.forward_decode(seqs, [seq.num_computed_tokens for seq in seqs], ids)
+        if self.runs_as_decode(batch):
+            return self._forward_as_decode(batch)
         fb = self.prepare(batch)
         hidden = self.model(fb)
         return self.model.compute_logits(hidden[fb.logits_indices])
+
+    def runs_as_decode(self, batch: ScheduledBatch) -> bool:
+        """Whether prefill `batch` runs as decode rows, one per new token: its sequence's
+        page-table row, its position, its id; each row attends to its context up to itself,
+        the rows before it in the same step included (the decode step writes every row's KV
+        first), which is the prefill's causal attention. Through the decode graphs, a short
+        prefill launches no kernel from Python: Moonlight's 1 x 128 took 29.6 ms of host
+        launches against about 11 ms of device work on an H100 (`bench.prefill_phases`).
+        Taken up to `short_prefill_tokens` tokens, while the rows' context reads (each row
+        reads its whole context; the extend kernel reads a prefix once per block of queries)
+        stay within `SHORT_PREFILL_MAX_READS` tokens."""
+        tokens = batch.num_tokens
+        if not 0 < tokens <= self.short_prefill_tokens:
+            return False
+        reads = 0
+        for start, n in zip(batch.prefix_lens, batch.extend_lens, strict=True):
+            reads += n * start + n * (n + 1) // 2
+        return reads <= SHORT_PREFILL_MAX_READS
+
+    def _forward_as_decode(self, batch: ScheduledBatch) -> torch.Tensor:
+        rows = self.page_table.rows_for(batch.seqs)
+        ids: list[int] = []
+        positions: list[int] = []
+        token_rows: list[int] = []
+        last: list[int] = []
+        for seq, start, n, row in zip(
+            batch.seqs, batch.prefix_lens, batch.extend_lens, rows, strict=True
+        ):
+            ids += seq.token_ids[start : start + n]
+            positions += range(start, start + n)
+            token_rows += [row] * n
+            last.append(len(ids) - 1)
+        logits = self._decode_rows(ids, positions, token_rows)
+        return logits[self._upload(last)[0]]
 
     def forward_decode(
         self,
@@ -344,9 +396,20 @@ class ModelRunner:
         read back, for overlapped scheduling). Logits `[B, vocab]`, float32."""
         rows = self.page_table.rows_for(seqs)
         host_ids = ids if ids is not None else [0] * len(seqs)
-        if self.graphs is not None and self.graphs.fits(len(seqs)):
-            return self.graphs.replay(host_ids, positions, rows, device_ids)
-        inputs = self._upload(host_ids, positions, rows)
+        return self._decode_rows(host_ids, positions, rows, device_ids)
+
+    def _decode_rows(
+        self,
+        ids: list[int],
+        positions: list[int],
+        rows: list[int],
+        device_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits `[N, vocab]` of N decode rows (id, position, page-table row each), through
+        the decode graphs where they fit."""
+        if self.graphs is not None and self.graphs.fits(len(ids)):
+            return self.graphs.replay(ids, positions, rows, device_ids)
+        inputs = self._upload(ids, positions, rows)
         input_ids = inputs[0] if device_ids is None else device_ids
         fb = self.decode_batch(input_ids, inputs[1], inputs[2], max(positions) + 1)
         return self.run_decode(fb)

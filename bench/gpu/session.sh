@@ -108,6 +108,7 @@
 #   run(command="bash bench/gpu/session.sh b62", carry=[".whl"]) # greedy, chunks ahead, A/B
 #   run(command="bash bench/gpu/session.sh b63", carry=[".whl"]) # H200: prefill pair, rows
 #   run(command="bash bench/gpu/session.sh b64", carry=[".whl"]) # short prefills' host
+#   run(command="bash bench/gpu/session.sh b65", carry=[".whl"]) # short prefills as decode
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -1756,5 +1757,22 @@ b64)
       --prefill 1x128,1x1024,4x256 --repeats 5 --disable-cuda-graph "${hp[@]}"
   done
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55|b57|b58|b59|b60|b61|b62|b63|b64"; exit 2 ;;
+b65)
+  # For either kind (about 260 s): short prefills run as decode rows through the decode graphs
+  # (`--short-prefill-tokens`, on by default with graphs): every tiny family's greedy tokens
+  # (all their prompts are short, so every prefill takes the graphs), then short prefills'
+  # phases against the extend path (`--short-prefill-tokens 0`), twice. Expected from b64:
+  # Moonlight's 1 x 128 from 31 ms (host-bound: 29.6 ms of launches) toward its device work
+  # (about a 128-row decode step, 11-12 ms), Llama-3-8B's from 12.4 toward 6.
+  TAIL=40 step greedy 150 python3 -m bench.gpu.greedy_gpu
+  for i in 1 2; do
+    for spt in -1 0; do
+      for preset in moonlight-16b-a3b qwen3-30b-a3b llama3-8b; do
+        ROWS='^\| [0-9]+x' step "short_${preset%%-*}_${spt}_$i" 60 python3 -m bench.prefill_phases \
+          --preset "$preset" --prefill 1x32,1x128,1x256,4x64 --repeats 5 --short-prefill-tokens "$spt"
+      done
+    done
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55|b57|b58|b59|b60|b61|b62|b63|b64|b65"; exit 2 ;;
 esac

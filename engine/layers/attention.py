@@ -34,9 +34,16 @@ class AttentionBackend(ABC):
     backend's `prepare` of a decode batch runs device operations only, whose shapes depend on
     nothing but the batch size and `batch.max_seq_len` (the capture's bound), so the runner
     captures `prepare` and the forward pass together and replays them with new inputs.
+
     """
 
     graph_safe: bool = False
+
+    def decode_writes_kv_first(self) -> bool:
+        """Whether a decode step writes every row's new KV before any row attends (in stream
+        order), so that rows of one sequence at consecutive positions attend causally to each
+        other: a short prefill may then run as decode rows (`ModelRunner.runs_as_decode`)."""
+        return True
 
     @abstractmethod
     def prepare(self, batch: ForwardBatch) -> None: ...

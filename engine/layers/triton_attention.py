@@ -129,6 +129,10 @@ def _mla_extend_metadata(batch: ForwardBatch, staging: StagedUpload) -> _MLAExte
 class TritonAttentionBackend(AttentionBackend):
     graph_safe = True
 
+    def decode_writes_kv_first(self) -> bool:
+        # With RoPE in the decode attention, each row writes its own KV in the attention launch.
+        return not DECODE_ROPE_IN_ATTENTION
+
     def __init__(self, mla: bool = False) -> None:
         self._mla = mla
         self._staging: StagedUpload | None = None  # the extend blocks' uploads, on first use

@@ -33,25 +33,57 @@ def assert_pages_balance(engine: Engine) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("page_size", [1, 16])
 @pytest.mark.parametrize("chunked_prefill_size", [-1, 8])
+@pytest.mark.parametrize("short_prefill_tokens", [0, 256])
 def test_batch_matches_transformers(
-    tiny_models: dict[str, Path], family: str, page_size: int, chunked_prefill_size: int
+    tiny_models: dict[str, Path],
+    family: str,
+    page_size: int,
+    chunked_prefill_size: int,
+    short_prefill_tokens: int,
 ) -> None:
+    """Greedy tokens of the whole batch; with `short_prefill_tokens` every prefill (all the
+    prompts at once, or chunks of 8 from where the last one ended) runs as decode rows."""
     ref = reference(tiny_models[family])
     engine = make_engine(
-        tiny_models[family], page_size=page_size, chunked_prefill_size=chunked_prefill_size
+        tiny_models[family],
+        page_size=page_size,
+        chunked_prefill_size=chunked_prefill_size,
+        short_prefill_tokens=short_prefill_tokens,
     )
+    as_decode = _count_as_decode(engine)
     results = engine.generate(ref.prompts, GREEDY)
+    assert (as_decode[0] > 0) == (short_prefill_tokens > 0)
     assert [r.output_ids for r in results] == ref.tokens
     assert_pages_balance(engine)
 
 
+def _count_as_decode(engine: Engine) -> list[int]:
+    """A one-item list counting the engine's prefills run as decode rows."""
+    count = [0]
+    inner = engine.runner.runs_as_decode
+
+    def counted(batch: object) -> bool:
+        taken = inner(batch)  # type: ignore[arg-type]
+        count[0] += taken
+        return taken
+
+    engine.runner.runs_as_decode = counted  # type: ignore[method-assign]
+    return count
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("short_prefill_tokens", [0, 256])
 def test_prefix_cache_hits_one_after_another(
-    tiny_models: dict[str, Path], family: str, page_size: int
+    tiny_models: dict[str, Path], family: str, page_size: int, short_prefill_tokens: int
 ) -> None:
     ref = reference(tiny_models[family])
-    engine = make_engine(tiny_models[family], page_size=page_size, chunked_prefill_size=8)
+    engine = make_engine(
+        tiny_models[family],
+        page_size=page_size,
+        chunked_prefill_size=8,
+        short_prefill_tokens=short_prefill_tokens,
+    )
     cached = []
     for prompt, expected in zip(ref.prompts, ref.tokens, strict=True):
         (result,) = engine.generate([prompt], GREEDY)
@@ -139,3 +171,26 @@ def test_prefill_rows_come_from_the_prompt_array(tiny_models: dict[str, Path]) -
         engine.scheduler.postprocess(batch, engine._launch(batch).sample.result())
     assert seen == prompt
     assert_pages_balance(engine)
+
+
+def test_which_prefills_run_as_decode_rows(tiny_models: dict[str, Path]) -> None:
+    """Up to `short_prefill_tokens` tokens while the rows' context reads stay within the
+    budget; off by default without decode graphs (the CPU), and a bad setting is refused."""
+    from engine.model_runner import SHORT_PREFILL_MAX_READS
+    from engine.scheduler import ScheduledBatch
+
+    assert make_engine(tiny_models["llama"]).runner.short_prefill_tokens == 0
+    runner = make_engine(tiny_models["llama"], short_prefill_tokens=300).runner
+
+    def runs(*spans: tuple[int, int]) -> bool:  # (first position, tokens) per sequence
+        starts, lens = [s for s, _ in spans], [n for _, n in spans]
+        batch = ScheduledBatch([None] * len(spans), lens, is_decode=False, starts=starts)  # type: ignore[list-item]
+        return runner.runs_as_decode(batch)
+
+    assert SHORT_PREFILL_MAX_READS == 256 * 257 // 2
+    assert runs((0, 1)) and runs((0, 128)) and runs((0, 128), (0, 128)) and runs((0, 256))
+    assert not runs((0, 257))  # 33,153 reads
+    assert runs((4096, 8)) and not runs((4096, 9))  # a long cached prefix: 8 rows of it
+    assert not runs((0, 100), (0, 100), (0, 101))  # 301 tokens
+    with pytest.raises(ValueError, match="short_prefill_tokens"):
+        EngineConfig(model_path=str(tiny_models["llama"]), short_prefill_tokens=-2)

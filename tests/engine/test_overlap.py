@@ -337,14 +337,17 @@ def test_the_rest_of_a_chunked_prompt_goes_out_ahead(tiny_models: dict[str, Path
 
 
 @pytest.mark.parametrize("family", ["llama", "deepseek-v3"])
+@pytest.mark.parametrize("short_prefill_tokens", [0, 256])
 def test_chunks_launched_ahead_give_the_one_step_tokens(
-    tiny_models: dict[str, Path], family: str
+    tiny_models: dict[str, Path], family: str, short_prefill_tokens: int
 ) -> None:
     """Prompts prefilled in chunks of 5 tokens, each launched ahead of the one before (MLA's
-    extend included), against the same prompts prefilled whole in one step: the same tokens."""
+    extend included, or run as decode rows), against the same prompts prefilled whole in one
+    step: the same tokens."""
     prompts = {f"p{i}": [(7 * i + 3 * j) % 90 + 5 for j in range(9 + 4 * i)] for i in range(4)}
     chunked, trace, _ = _prefill_run(tiny_models, True, prompts, family=family, num_pages=200,
-                                     page_size=4, chunked_prefill_size=5)  # fmt: skip
+                                     page_size=4, chunked_prefill_size=5,
+                                     short_prefill_tokens=short_prefill_tokens)  # fmt: skip
     whole, _, _ = _prefill_run(tiny_models, True, prompts, family=family, num_pages=200,
                                page_size=4, chunked_prefill_size=4096)  # fmt: skip
     assert _launched_ahead(trace) >= 10

@@ -354,6 +354,46 @@ def test_triton_backend_matches_transformers(
     assert engine.num_free_pages == engine.pool.num_pages
 
 
+@pytest.mark.parametrize(("family", "page_size"), [("qwen3-moe", 16), ("deepseek-v3", 4)])
+def test_prefills_as_decode_rows_keep_transformers_tokens(
+    tiny_models: dict[str, Path], family: str, page_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prefills run as decode rows (`short_prefill_tokens`, what the decode graphs replay on a
+    GPU): the Triton decode kernels (MLA's absorbed form for DeepSeek-V3) attend causally
+    within a step, chunks of 8 from where the one before ended included; the greedy tokens
+    stay transformers'. With RoPE in the decode attention (each row writing its own KV in the
+    attention's launch) prefills take the extend path."""
+    from engine.layers import triton_attention
+
+    ref = reference(tiny_models[family], device=DEVICE)
+    n = 4
+    few = Reference(
+        ref.prompts[1:5], [t[:n] for t in ref.tokens[1:5]], [x[:n] for x in ref.logits[1:5]]
+    )
+    config = EngineConfig(
+        model_path=str(tiny_models[family]), num_pages=256, page_size=page_size,
+        chunked_prefill_size=8, attention_backend="triton", dtype="float32",
+        short_prefill_tokens=256,
+    )  # fmt: skip
+    engine = Engine(config)
+    assert engine.runner.short_prefill_tokens == 256
+    extends: list[object] = []  # the extend path's inputs, prepared (none expected)
+    prepare = engine.runner.prepare
+
+    def counted(batch: object) -> object:
+        extends.append(batch)
+        return prepare(batch)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine.runner, "prepare", counted)
+    params = SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
+    results = engine.generate(few.prompts, params)
+    assert_greedy_matches([r.output_ids for r in results], few, NEAR_TIE)
+    assert not extends  # every prefill went through the decode kernels
+    assert engine.num_free_pages == engine.pool.num_pages
+    monkeypatch.setattr(triton_attention, "DECODE_ROPE_IN_ATTENTION", True)
+    assert Engine(config).runner.short_prefill_tokens == 0
+
+
 @pytest.mark.parametrize(("family", "page_size"), [("llama", 16), ("qwen3", 1)])
 def test_rope_folded_into_decode_keeps_transformers_tokens(
     tiny_models: dict[str, Path], family: str, page_size: int, monkeypatch: pytest.MonkeyPatch
