@@ -301,40 +301,14 @@ class Engine:
         step ahead with constrained requests launches its forward pass only, and samples once
         the earlier step's tokens have advanced the grammars that mask it: the host fills the
         mask while the device runs the forward pass. A prefill step's outputs come from the
-        same call, as in the plain loop. While requests wait, a call applying a prefill or a
-        decode step first launches the prefill the plain loop would run next
-        (`_launch_prefill_ahead`), so that the host's work between the two runs beside the
-        device's; that prefill's outputs come from the next call, as the plain loop's would."""
+        same call, as in the plain loop; that call first launches the step after it. Every
+        call applying a step launches the step the plain loop would run next before it
+        applies (`_launch_ahead`): the prefill of waiting requests, or the running requests'
+        decode step, so that the host's work between two steps runs beside the device's."""
         prev = self._launched
-        if prev is not None and not prev.batch.is_decode:
-            # A prefill launched ahead: the next one goes out before its tokens are applied.
-            self._launched = None
-            self._launch_prefill_ahead(prev.batch)
-            return self._apply(prev)
         if prev is not None:
             self._launched = None
-            ahead = self.scheduler.schedule_lookahead(prev.batch)
-            outputs = None
-            if ahead is not None:
-                ids = prev.sample.tokens
-                if len(ahead.seqs) != len(prev.batch.seqs):  # those ending by length left out
-                    row = {id(seq): i for i, seq in enumerate(prev.batch.seqs)}
-                    ids = ids[to_device([row[id(seq)] for seq in ahead.seqs], ids.device)]
-                if _constrained(ahead):
-                    logits = self._forward(ahead, device_ids=ids)
-                    outputs = self._apply(prev)
-                    self._launched = self._sample(ahead, logits, ahead_of_host=True)
-                else:
-                    self._launched = self._launch(ahead, device_ids=ids)
-            else:
-                self._launch_prefill_ahead(prev.batch)  # requests wait: their prefill, if it can
-            if outputs is None:
-                outputs = self._apply(prev)
-            if self._launched is not None and all(
-                seq.is_finished for seq in self._launched.batch.seqs
-            ):
-                self._launched = None  # every request of the step ahead has ended
-            return outputs
+            return self._apply_after_ahead(prev)
         batch = self.scheduler.schedule()
         if batch is None and idle_forward:
             self.runner.forward_idle()
@@ -352,15 +326,65 @@ class Engine:
             self._launched = launched
             return []
         if self.overlap:
-            self._launch_prefill_ahead(batch)
+            return self._apply_after_ahead(launched)
         return self._apply(launched)
 
+    def _apply_after_ahead(self, prev: _Launched) -> list[StepOutput]:
+        """Launch the step after `prev` (overlapped scheduling: `_launch_ahead`), then apply
+        `prev`'s tokens; the step launched ahead is applied by the next call."""
+        outputs = self._launch_ahead(prev)
+        if outputs is None:
+            outputs = self._apply(prev)
+        if self._launched is not None and all(seq.is_finished for seq in self._launched.batch.seqs):
+            self._launched = None  # every request of the step ahead has ended
+        return outputs
+
+    def _launch_ahead(self, prev: _Launched) -> list[StepOutput] | None:
+        """While the device runs step `prev`, launch the step the plain loop would run after
+        it: with requests waiting, their prefill (`_launch_prefill_ahead`); else the decode
+        step of the running requests (`Scheduler.schedule_lookahead`), whose inputs are
+        `prev`'s samples, still on the device, for `prev`'s requests and the host's last
+        tokens for the others. A decode step ahead with constrained requests launches its
+        forward pass only, and samples once `prev`'s tokens have advanced the grammars that
+        mask it (the host fills the mask while the device runs the forward pass): then
+        `prev` is applied here, and its outputs returned; else None."""
+        if self.scheduler.num_waiting:
+            self._launch_prefill_ahead(prev.batch)
+            return None
+        ahead = self.scheduler.schedule_lookahead(prev.batch)
+        if ahead is None:
+            return None
+        ids = self._ahead_ids(prev, ahead)
+        if _constrained(ahead):
+            logits = self._forward(ahead, device_ids=ids)
+            outputs = self._apply(prev)
+            self._launched = self._sample(ahead, logits, ahead_of_host=True)
+            return outputs
+        self._launched = self._launch(ahead, device_ids=ids)
+        return None
+
+    def _ahead_ids(self, prev: _Launched, ahead: ScheduledBatch) -> torch.Tensor:
+        """The input ids `[B]` of decode step `ahead` on the device: `prev`'s samples for its
+        requests, the host's last token for the others."""
+        tokens = prev.sample.tokens
+        row = {id(seq): i for i, seq in enumerate(prev.batch.seqs)}
+        picks = [row.get(id(seq), -1) for seq in ahead.seqs]
+        if picks == list(range(len(prev.batch.seqs))):
+            return tokens
+        if min(picks) >= 0:
+            return tokens[to_device(picks, tokens.device)]
+        host = [
+            -1 if i >= 0 else seq.token_ids[-1] for seq, i in zip(ahead.seqs, picks, strict=True)
+        ]
+        sampled = tokens[to_device([max(i, 0) for i in picks], tokens.device)]
+        given = to_device(host, tokens.device)
+        return torch.where(given >= 0, given, sampled)
+
     def _launch_prefill_ahead(self, prev: ScheduledBatch) -> None:
-        """Overlapped scheduling of prefills: while the device runs step `prev` (a prefill, or
-        a decode step when requests wait), schedule, prepare and launch the prefill the plain
-        loop would run after it (`Scheduler.schedule_prefill_lookahead`), if there is one,
-        before `prev`'s tokens are applied; its own are applied by the next call. Each call's
-        outputs are the plain loop's: one step's."""
+        """Overlapped scheduling of prefills: while the device runs step `prev` and requests
+        wait, schedule, prepare and launch the prefill the plain loop would run after it
+        (`Scheduler.schedule_prefill_lookahead`), if there is one, before `prev`'s tokens are
+        applied; its own are applied by the next call."""
         ahead = self.scheduler.schedule_prefill_lookahead(prev)
         if ahead is not None:
             self._launched = self._launch(ahead)
@@ -376,7 +400,7 @@ class Engine:
         self._launches += 1
         if device_ids is None:
             return self.runner.forward(batch)
-        positions = [seq.num_computed_tokens + 1 for seq in batch.seqs]
+        positions = batch.prefix_lens  # the look-ahead's starts
         return self.runner.forward_decode(batch.seqs, positions, device_ids=device_ids)
 
     def _sample(

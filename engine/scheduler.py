@@ -254,31 +254,47 @@ class Scheduler:
         return ScheduledBatch(list(self.running), [1] * len(self.running), is_decode=True)
 
     def schedule_lookahead(self, prev: ScheduledBatch) -> ScheduledBatch | None:
-        """Overlapped scheduling: the decode step after `prev`, a decode step whose tokens are
-        not applied yet, with pages reserved for the position after it; None when that step
-        cannot be known without them (requests are waiting, the running set changed, or pages
-        ran short: the plain path then admits, preempts or finishes) or has no sequence.
+        """Overlapped scheduling: the decode step after `prev` (a decode or prefill step whose
+        tokens are not applied yet), with pages reserved for it; None when that step cannot be
+        known without them (requests are waiting, a running request is not ready to decode,
+        or pages ran short: the plain path then admits, preempts or finishes) or has no
+        sequence.
 
-        A sequence that `prev`'s token ends by length (its last allowed token, or the end of
-        the context) is left out, as the plain loop would have finished it: a step launched
-        for it would compute a token that is thrown away (at the end of a batch of requests of
-        one length, a whole step of device time the host then waits behind)."""
-        running = self.running
-        if (
-            self.waiting
-            or not prev.is_decode
-            or len(running) != len(prev.seqs)
-            or any(a is not b for a, b in zip(running, prev.seqs, strict=True))
-        ):
+        Its sequences are the running ones in their order, each with its first position
+        (`starts`): one of `prev`'s decodes the position after `prev`'s token (its input, the
+        token `prev` samples, read on the device); any other, ready on the host (a request
+        that joined since: a KV transfer's, or one whose prefill was applied), its own last
+        token. A sequence that `prev`'s token ends by length (its last allowed token, or the
+        end of the context) is left out, as the plain loop would have finished it: a step
+        launched for it would compute a token that is thrown away (at the end of a batch of
+        requests of one length, a whole step of device time the host then waits behind)."""
+        if self.waiting:
             return None
-        # Leave out what the step in flight ends by length, whatever its token.
-        ahead = [seq for seq in running if not seq.ends_by_length(self.context_length, ahead=1)]
-        for seq in ahead:
-            if not self.pages.reserve(seq, seq.num_tokens + 1):
+        ends = {
+            id(seq): start + n
+            for seq, n, start in zip(prev.seqs, prev.extend_lens, prev.prefix_lens, strict=True)
+        }
+        seqs: list[Sequence] = []
+        starts: list[int] = []
+        for seq in self.running:
+            end = ends.get(id(seq))
+            if end is not None:
+                # Leave out what the step in flight ends by length, whatever its token.
+                if seq.ends_by_length(self.context_length, ahead=1):
+                    continue
+                start = end
+            elif seq.num_computed_tokens == seq.num_tokens - 1:
+                start = seq.num_computed_tokens
+            else:
                 return None
-        if not ahead:
+            seqs.append(seq)
+            starts.append(start)
+        for seq, start in zip(seqs, starts, strict=True):
+            if not self.pages.reserve(seq, start + 1):
+                return None
+        if not seqs:
             return None
-        return ScheduledBatch(ahead, [1] * len(ahead), is_decode=True)
+        return ScheduledBatch(seqs, [1] * len(seqs), is_decode=True, starts=starts)
 
     def schedule_prefill_lookahead(self, prev: ScheduledBatch) -> ScheduledBatch | None:
         """Overlapped scheduling of prefills: the prefill step after `prev` (a prefill or

@@ -82,7 +82,12 @@ def test_overlap_equals_the_plain_loop(
     assert results[True]["a"][-1] == (results[True]["a"][-1][0], True)
 
 
-def test_overlap_reports_a_decode_step_one_call_later(tiny_models: dict[str, Path]) -> None:
+def test_overlap_launches_each_step_before_applying_the_one_before(
+    tiny_models: dict[str, Path],
+) -> None:
+    """The prefill's token comes from its call, after decode step 1 was launched (its input
+    the prefill's sample, on the device); each later call launches the next step, then
+    applies one: one token a call, none lost to a call that only launches."""
     engine = Engine(
         EngineConfig(
             model_path=str(tiny_models["llama"]), num_pages=64, disable_overlap_schedule=False
@@ -91,7 +96,7 @@ def test_overlap_reports_a_decode_step_one_call_later(tiny_models: dict[str, Pat
     engine.add_request([1, 2, 3], SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True))
     first = engine.step()  # the prefill, applied at once: its token
     assert [o.num_output_tokens for o in first] == [1]
-    assert engine.step() == []  # decode step 1 launched, not applied
+    assert engine._launched is not None and engine._launched.batch.is_decode  # step 1
     assert [o.num_output_tokens for o in engine.step()] == [2]  # step 2 launched, 1 applied
     assert [o.num_output_tokens for o in engine.step()] == [3]
     last = engine.step()
@@ -418,6 +423,60 @@ def _arrivals_run(
     engine.flush_cache()
     assert engine.num_free_pages == engine.pool.num_pages
     return seen, trace
+
+
+def test_a_decode_step_ahead_takes_each_input_from_where_it_is(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a prefill launched ahead of a decode step (requests arriving while others
+    decode), the next decode step goes out before that prefill is applied: the new requests'
+    inputs are the prefill's samples on the device, the others' their last tokens from the
+    host. Tokens equal the plain loop's."""
+    kinds: list[tuple[bool, ...]] = []  # per decode step ahead: each row's input from `prev`
+    inner = Engine._ahead_ids
+
+    def recorded(self: Engine, prev: Any, ahead: Any) -> Any:
+        row = {id(seq) for seq in prev.batch.seqs}
+        kinds.append(tuple(id(seq) in row for seq in ahead.seqs))
+        return inner(self, prev, ahead)
+
+    monkeypatch.setattr(Engine, "_ahead_ids", recorded)
+    arrivals = {0: {"a": [5, 6, 7, 8, 9], "b": [3, 4]}, 4: {"c": [20, 21, 22]}}
+    max_new = {"a": 8, "b": 8, "c": 4}
+    runs = {o: _arrivals_run(tiny_models, o, arrivals, max_new) for o in (True, False)}
+    assert (False, False, True) in kinds  # a and b from the host, c from the prefill
+    assert (True, True) in kinds  # the first decode step, ahead of a and b's prefill
+    tokens = {v: {k: [o.token_id for o in outs] for k, outs in runs[v][0].items()} for v in runs}
+    assert tokens[True] == tokens[False]
+
+
+def test_a_request_joining_by_transfer_keeps_the_step_ahead(tiny_models: dict[str, Path]) -> None:
+    """A running request ready on the host (a KV transfer's, joined since the step in flight
+    was launched) rides in the next decode step ahead at its own position; one not ready
+    stops the look-ahead."""
+    engine = Engine(EngineConfig(model_path=str(tiny_models["llama"]), num_pages=64))
+    params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+    engine.add_request([5, 6, 7], params, request_id="a")
+    engine.step()  # a's prefill; its first decode step launched ahead
+    prev = engine._launched
+    assert prev is not None and prev.batch.is_decode
+    pages = engine.reserve_transfer([9, 10, 11, 12], params, "t")
+    assert pages
+    engine.complete_transfer("t", 13, None)  # t's KV "arrived": it is ready to decode
+    t = engine.scheduler.requests["t"]
+    a = engine.scheduler.requests["a"]
+    ahead = engine.scheduler.schedule_lookahead(prev.batch)
+    assert ahead is not None and ahead.seqs == [a, t]
+    assert ahead.starts == [a.num_computed_tokens + 1, 4]  # a one past the step in flight
+    t.num_computed_tokens -= 1  # not ready: the plain order
+    assert engine.scheduler.schedule_lookahead(prev.batch) is None
+    t.num_computed_tokens += 1
+    for rid in ("a", "t"):
+        engine.abort(rid)
+    while engine._launched is not None:
+        engine.step()
+    engine.flush_cache()
+    assert engine.num_free_pages == engine.pool.num_pages
 
 
 def test_a_prefill_goes_out_before_the_decode_step_in_flight_is_applied(
