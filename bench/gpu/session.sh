@@ -109,6 +109,7 @@
 #   run(command="bash bench/gpu/session.sh b63", carry=[".whl"]) # H200: prefill pair, rows
 #   run(command="bash bench/gpu/session.sh b64", carry=[".whl"]) # short prefills' host
 #   run(command="bash bench/gpu/session.sh b65", carry=[".whl"]) # short prefills as decode
+#   run(command="bash bench/gpu/session.sh b66", carry=[".whl"]) # greedy, decode ahead mixed
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -1774,5 +1775,11 @@ b65)
     done
   done
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55|b57|b58|b59|b60|b61|b62|b63|b64|b65"; exit 2 ;;
+b66)
+  # For either kind (about 100 s): every tiny family's greedy tokens after the decode step
+  # after a prefill went out before the prefill is applied (its new rows' inputs the
+  # prefill's samples on the device, the others' the host's; the staggered run mixes both).
+  TAIL=40 step greedy 150 python3 -m bench.gpu.greedy_gpu
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55|b57|b58|b59|b60|b61|b62|b63|b64|b65|b66"; exit 2 ;;
 esac
