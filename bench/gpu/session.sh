@@ -139,6 +139,18 @@ routing_cost() {  # NAME VAR=VALUE: one MoE layer at one token, the ids given ag
     do echo \"## \$p\"; for s in qwen3-30b-a3b moonlight-16b-a3b-fused; do python3 -m \
     bench.moe_kernel --shape \$s --tokens 1 --path \$p --reps 20 | grep '^| 1 '; done; done"
 }
+prefill_steps_ab() {  # NAME SECONDS SHAPES STEP_TOKENS: prefills in steps, overlapped vs plain
+  for i in 1 2; do
+    for ab in overlap plain; do
+      local flag=(); [ $ab = plain ] && flag=(--disable-overlap-schedule)
+      for preset in moonlight-16b-a3b llama3-8b; do
+        ROWS='^\| [0-9]+x' step "$1_${preset%%-*}_${ab}_$i" "$2" python3 -m bench.prefill_phases \
+          --preset "$preset" --prefill "$3" --repeats 3 --disable-cuda-graph --step-tokens "$4" \
+          "${flag[@]}"
+      done
+    done
+  done
+}
 readme_rows() {  # the README's decode rows with the defaults (b31, b38; about 345 s at most)
   moe_rows
   ROWS='^device|^\| [0-9]+x' step rows_llama 90 python3 -m bench.engine --preset llama3-8b \
@@ -1703,16 +1715,7 @@ b61)
   # 8 x 2,048 in steps of 8,192 prompt tokens (the server's default chunked prefill size: 4 and
   # 2 steps). Expected from b60's phases: the host's 1.5-3 ms between two prefills (applying
   # one, scheduling and preparing the next) off each step after the first.
-  for i in 1 2; do
-    for ab in overlap plain; do
-      flag=(); [ $ab = plain ] && flag=(--disable-overlap-schedule)
-      for preset in moonlight-16b-a3b llama3-8b; do
-        ROWS='^\| [0-9]+x' step "steps_${preset%%-*}_${ab}_$i" 90 python3 -m bench.prefill_phases \
-          --preset "$preset" --prefill 256x128,8x2048 --repeats 3 --disable-cuda-graph \
-          --step-tokens 8192 "${flag[@]}"
-      done
-    done
-  done
+  prefill_steps_ab steps 90 256x128,8x2048 8192
   ;;
 b62)
   # For either kind (about 260 s): every tiny family's greedy tokens, now also with prompts
@@ -1722,16 +1725,7 @@ b62)
   # plain loop, alternating twice: Moonlight's and Llama-3-8B's 64 x 128 (3 steps) and 8 x 2,048
   # (6 steps).
   TAIL=40 step greedy 150 python3 -m bench.gpu.greedy_gpu
-  for i in 1 2; do
-    for ab in overlap plain; do
-      flag=(); [ $ab = plain ] && flag=(--disable-overlap-schedule)
-      for preset in moonlight-16b-a3b llama3-8b; do
-        ROWS='^\| [0-9]+x' step "chunks_${preset%%-*}_${ab}_$i" 60 python3 -m bench.prefill_phases \
-          --preset "$preset" --prefill 64x128,8x2048 --repeats 3 --disable-cuda-graph \
-          --step-tokens 3000 "${flag[@]}"
-      done
-    done
-  done
+  prefill_steps_ab chunks 60 64x128,8x2048 3000
   ;;
 b63)
   # An H200 (about 560 s; on another card it runs b62 instead): Moonlight's prefill pairs with
