@@ -322,16 +322,18 @@ def decode_device_time(engine: Engine) -> Iterator[list[tuple[Any, Any]]]:
 
 def pdserve_decode(engine: Engine, prompts: torch.Tensor, steps: int) -> Decode:
     """Mean milliseconds of a decode step over the whole batch, after its prefill, and of what
-    the device waits for the host in it. Overlapped, a step's outputs come one call later: the
-    first call launches the first step, and each later call is one step's period."""
+    the device waits for the host in it. Overlapped, a step's outputs come one call later, and
+    the prefill's call already launched the first decode step: each call is then one step's
+    period (were none in flight, a first call would launch one, untimed)."""
     ids = start_decode(engine, prompts, max_new_tokens=steps + 1)
+    priming = engine.overlap and not engine.step_in_flight
     walls = []
     with decode_device_time(engine) as events:
-        for call in range(steps + (1 if engine.overlap else 0)):
+        for call in range(steps + (1 if priming else 0)):
             start = clock(engine.device)
             outputs = engine.step()
             wall = 1000 * (clock(engine.device) - start)
-            if engine.overlap and call == 0:
+            if priming and call == 0:
                 if outputs:
                     raise RuntimeError("an overlapped decode step reported at once")
                 continue

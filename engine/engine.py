@@ -286,6 +286,11 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    @property
+    def step_in_flight(self) -> bool:
+        """Whether a step launched ahead (overlapped scheduling) awaits the next call."""
+        return self._launched is not None
+
     def has_work(self) -> bool:
         """Whether `step` would run anything (requests arriving by transfer do not count)."""
         return bool(self.scheduler.num_waiting or self.scheduler.num_running)
