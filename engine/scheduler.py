@@ -27,8 +27,9 @@ class OutOfPagesError(RuntimeError):
 @dataclass(frozen=True)
 class ScheduledBatch:
     """Sequence `seqs[i]` computes `extend_lens[i]` tokens from its `num_computed_tokens`, or
-    from `starts[i]` where given: a prompt's chunk scheduled while the chunk before it is in
-    flight (not yet applied to `num_computed_tokens`)."""
+    from `starts[i]` where given: a step scheduled while the step before it is in flight (not
+    yet applied to `num_computed_tokens`), such as a prompt's next chunk or a decode step
+    ahead."""
 
     seqs: list[Sequence]
     extend_lens: list[int]
@@ -439,8 +440,8 @@ def _could_share(seq: Sequence, page: int, prev: ScheduledBatch, page_size: int)
     if end > seq.num_tokens - 1:  # `match_prefix` leaves the last token out
         return False
     mine: tuple[int, ...] | None = None
-    for other, n in zip(prev.seqs, prev.extend_lens, strict=True):
-        if other.num_cached_pages <= page < (other.num_computed_tokens + n) // page_size:
+    for other, n, start in zip(prev.seqs, prev.extend_lens, prev.prefix_lens, strict=True):
+        if other.num_cached_pages <= page < (start + n) // page_size:
             if mine is None:
                 mine = tuple(seq.token_ids[end - page_size : end])
             if tuple(other.token_ids[end - page_size : end]) == mine:
