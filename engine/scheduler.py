@@ -9,6 +9,7 @@ the radix cache) and it is recomputed later from its prompt plus the tokens it h
 
 from __future__ import annotations
 
+import operator
 import time
 from collections import deque
 from collections.abc import Collection
@@ -271,14 +272,22 @@ class Scheduler:
         requests of one length, a whole step of device time the host then waits behind)."""
         if self.waiting:
             return None
-        ends = {
-            id(seq): start + n
-            for seq, n, start in zip(prev.seqs, prev.extend_lens, prev.prefix_lens, strict=True)
-        }
+        running = self.running
+        k = len(prev.seqs)
+        if prev.is_decode and len(running) >= k and all(map(operator.is_, running, prev.seqs)):
+            # The common case, `prev`'s requests first and in order: no map to build.
+            ends: dict[int, int] = {}
+            prev_ends = [start + 1 for start in prev.prefix_lens]
+        else:
+            ends = {
+                id(seq): start + n
+                for seq, n, start in zip(prev.seqs, prev.extend_lens, prev.prefix_lens, strict=True)
+            }
+            k, prev_ends = 0, []
         seqs: list[Sequence] = []
         starts: list[int] = []
-        for seq in self.running:
-            end = ends.get(id(seq))
+        for i, seq in enumerate(running):
+            end = prev_ends[i] if i < k else ends.get(id(seq))
             if end is not None:
                 # Leave out what the step in flight ends by length, whatever its token.
                 if seq.ends_by_length(self.context_length, ahead=1):
