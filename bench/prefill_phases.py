@@ -43,9 +43,9 @@ import torch
 
 from bench.engine import (
     _check_no_hits,
-    clock,
     engine_config,
     parse_args,
+    pdserve_prefill,
     random_prompts,
     submit,
     write_preset,
@@ -142,12 +142,8 @@ def measure_prefill(
     """One prefill of `prompts` (one token each): its wall ms, the host's ms by phase (`HOST`)
     and the device's (`DEVICE`, empty off CUDA)."""
     phases = Phases(engine.device.kind == "cuda")
-    submit(engine, prompts, max_new_tokens=1)
     with instrumented(engine, phases):
-        start = clock(engine.device)
-        while engine.has_unfinished():
-            _check_no_hits(engine.step())
-        wall = clock(engine.device) - start
+        wall = pdserve_prefill(engine, prompts)  # bench.engine's own prefill measurement
     h = phases.host
     host = {
         "schedule": h["schedule"],

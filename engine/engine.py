@@ -418,8 +418,7 @@ class Engine:
         # A prefill chunk that does not reach the prompt's end yields no token: pick greedily
         # there, so that a seeded request draws from its generator once per token exactly.
         params, generators, grammars = [], [], []
-        starts = [0] * len(batch.seqs) if ahead_of_host else batch.prefix_lens
-        for seq, n, start in zip(batch.seqs, batch.extend_lens, starts, strict=True):
+        for seq, n, start in zip(batch.seqs, batch.extend_lens, batch.prefix_lens, strict=True):
             yields_token = ahead_of_host or start + n >= seq.num_tokens
             if seq.is_finished:
                 yields_token = False

@@ -127,18 +127,7 @@ class RadixCache:
         """The tokens `match_prefix(tokens)` would match now (whole pages), without its effects:
         no split, no LRU refresh, no count in the hit counters."""
         ps = self._page_size
-        key = tuple(tokens[: len(tokens) // ps * ps])
-        node, pos = self._root, 0
-        while pos < len(key):
-            child = node.children.get(key[pos : pos + ps])
-            if child is None:
-                break
-            common = _common_prefix_len(child.key, key[pos:]) // ps * ps
-            pos += common
-            if common < len(child.key):
-                break
-            node = child
-        return pos
+        return self._walk(tuple(tokens[: len(tokens) // ps * ps]), read_only=True)[2]
 
     def insert(self, tokens: Sequence[int], pages: Sequence[int]) -> InsertResult:
         """Add `tokens`, backed by `pages`, and return the node ending exactly at `tokens`.
@@ -246,14 +235,18 @@ class RadixCache:
         if freed:
             self._free_pages(freed)
 
-    def _walk(self, key: tuple[int, ...]) -> tuple[RadixNode, list[int], int]:
+    def _walk(
+        self, key: tuple[int, ...], read_only: bool = False
+    ) -> tuple[RadixNode, list[int], int]:
         """Follow `key` (whole pages) from the root, splitting the last node if the match ends
         inside it and refreshing LRU time along the path.
 
         Returns the deepest matched node, its path's pages and the number of tokens matched.
+        `read_only`: no split and no refresh; only the tokens matched are then meaningful.
         """
         ps = self._page_size
-        self._clock += 1
+        if not read_only:
+            self._clock += 1
         node, pos = self._root, 0
         pages: list[int] = []
         while pos < len(key):
@@ -261,6 +254,12 @@ class RadixCache:
             if child is None:
                 break
             common = _common_prefix_len(child.key, key[pos:]) // ps * ps
+            if read_only:
+                pos += common
+                if common < len(child.key):
+                    break
+                node = child
+                continue
             if common < len(child.key):
                 child = self._split(child, common // ps)
             child.last_access = self._clock

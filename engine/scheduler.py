@@ -204,12 +204,9 @@ class Scheduler:
             if in_flight is not None and seq is in_flight[0]:
                 start = in_flight[1]
             remaining = seq.num_tokens - start
-            if self.config.chunked_prefill_enabled:
-                n = min(remaining, budget)
-            elif remaining > budget and seqs:
-                break  # unchunked: a long prompt runs alone in its own step
-            else:
-                n = remaining
+            n = self._chunk(remaining, budget, bool(seqs))
+            if n is None:
+                break
             started = len(seq.page_table) > seq.num_cached_pages
             if not self._admit(seq, start + n, started, len(seqs)):
                 if not started:
@@ -231,6 +228,16 @@ class Scheduler:
         if not seqs:
             return None
         return ScheduledBatch(seqs, lens, is_decode=False, starts=starts if in_flight else None)
+
+    def _chunk(self, remaining: int, budget: int, others: bool) -> int | None:
+        """The tokens of a prompt with `remaining` to compute that a prefill step with `budget`
+        tokens left takes; None when it waits for a later step (unchunked, a long prompt runs
+        alone in its own step, so not beside `others`)."""
+        if self.config.chunked_prefill_enabled:
+            return min(remaining, budget)
+        if remaining > budget and others:
+            return None
+        return remaining
 
     def _admit(self, seq: Sequence, num_tokens: int, started: bool, num_admitted: int) -> bool:
         """Reserve pages for a prefill step, keeping a page of headroom per running request
@@ -350,12 +357,9 @@ class Scheduler:
                     return None
                 held = start // ps
             remaining = seq.num_tokens - start
-            if cfg.chunked_prefill_enabled:
-                n = min(remaining, budget)
-            elif remaining > budget and count:
+            n = self._chunk(remaining, budget, bool(count))
+            if n is None:
                 break
-            else:
-                n = remaining
             need += max(0, self.pages.pages_for(start + n) - held)
             count += 1
             budget -= n

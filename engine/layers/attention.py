@@ -34,7 +34,6 @@ class AttentionBackend(ABC):
     backend's `prepare` of a decode batch runs device operations only, whose shapes depend on
     nothing but the batch size and `batch.max_seq_len` (the capture's bound), so the runner
     captures `prepare` and the forward pass together and replays them with new inputs.
-
     """
 
     graph_safe: bool = False
