@@ -536,6 +536,8 @@ def engine_config(args: argparse.Namespace, model_path: str, load_format: str) -
         context_length=context,
         disable_cuda_graph=args.disable_cuda_graph,
         short_prefill_tokens=args.short_prefill_tokens,
+        disable_piecewise_cuda_graph=args.disable_piecewise_cuda_graph,
+        piecewise_cuda_graph_max_tokens=args.piecewise_cuda_graph_max_tokens,
         disable_overlap_schedule=args.disable_overlap_schedule,
         disable_shared_experts_fusion=args.disable_shared_experts_fusion,
         **sizing,
@@ -610,6 +612,14 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         default=-1,
         help="the engine's flag: prefills of up to this many tokens run as decode rows "
         "through the decode graphs (-1 auto, 0 off)",
+    )
+    p.add_argument("--disable-piecewise-cuda-graph", action="store_true")
+    p.add_argument(
+        "--piecewise-cuda-graph-max-tokens",
+        type=int,
+        default=1024,
+        help="the engine's flag: prefills of up to this many tokens replay graphs captured in "
+        "pieces between attention calls (0 off)",
     )
     p.add_argument("--disable-overlap-schedule", action="store_true")
     p.add_argument(

@@ -182,7 +182,8 @@ def median_run(
 
 
 def host_profile(engine: Engine, prompts: torch.Tensor, top: int) -> str:
-    """The `top` functions by their own host time over one prefill of `prompts`."""
+    """The `top` functions by their own host time over one prefill of `prompts`, then the
+    `top` by their cumulative time (what each of the model's calls costs with its callees)."""
     submit(engine, prompts, max_new_tokens=1)
     engine.device.synchronize()
     prof = cProfile.Profile()
@@ -193,6 +194,7 @@ def host_profile(engine: Engine, prompts: torch.Tensor, top: int) -> str:
     prof.disable()
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(top)
     return text.getvalue()
 
 
@@ -238,7 +240,15 @@ def main(argv: list[str] | None = None) -> None:
             text = host_profile(engine, prompts, ours.host_profile)
             print(f"### host profile, prefill {shape}\n{text}")
     name = torch.cuda.get_device_name() if engine.device.kind == "cuda" else engine.device.kind
-    print(f"{name}, overlap {engine.overlap}; medians of {args.repeats} runs, ms a prefill\n")
+    print(f"{name}, overlap {engine.overlap}; medians of {args.repeats} runs, ms a prefill")
+    pieces = engine.runner.pieces
+    if pieces is not None:
+        print(
+            f"prefills of up to {pieces.max_tokens} tokens through piecewise graphs "
+            f"({len(pieces.buckets)} buckets captured in {pieces.capture_seconds:.1f} s, "
+            f"{pieces.memory_bytes / 2**20:.0f} MiB; {pieces.runs} prefills ran in pieces)"
+        )
+    print()
     print(render(rows))
 
 

@@ -146,13 +146,15 @@ def worker_flags(config: EngineConfig) -> tuple[str, ...]:
         "--max-running-requests", str(config.max_running_requests),
         "--cuda-graph-max-bs", str(config.cuda_graph_max_bs),
         "--short-prefill-tokens", str(config.short_prefill_tokens),
+        "--piecewise-cuda-graph-max-tokens", str(config.piecewise_cuda_graph_max_tokens),
         "--attention-backend", config.attention_backend,
         "--moe-backend", config.moe_backend,
         "--gemm-backend", config.gemm_backend,
     ]  # fmt: skip
     if config.context_length is not None:
         flags += ["--context-length", str(config.context_length)]
-    for name in ("disable_cuda_graph", "disable_overlap_schedule", "disable_radix_cache"):
+    for name in ("disable_cuda_graph", "disable_piecewise_cuda_graph",
+                 "disable_overlap_schedule", "disable_radix_cache"):  # fmt: skip
         if getattr(config, name):
             flags.append("--" + name.replace("_", "-"))
     return tuple(flags)

@@ -86,6 +86,19 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "(no per-kernel launches from Python: first-token latency of short prompts); -1 auto "
         "(the graphs' largest batch), 0 off",
     )
+    g.add_argument(
+        "--disable-piecewise-cuda-graph",
+        action="store_true",
+        help="launch longer prefills' kernels from Python instead of replaying graphs "
+        "captured between attention calls",
+    )
+    g.add_argument(
+        "--piecewise-cuda-graph-max-tokens",
+        type=int,
+        default=1024,
+        help="prefills of up to this many tokens replay graphs captured in pieces between "
+        "attention calls (0 off)",
+    )
     g.add_argument("--moe-backend", "--moe-runner-backend", default="auto", choices=MOE_BACKENDS)
     g.add_argument(
         "--disable-shared-experts-fusion",
@@ -129,6 +142,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         disable_overlap_schedule=args.disable_overlap_schedule,
         cuda_graph_max_bs=args.cuda_graph_max_bs,
         short_prefill_tokens=args.short_prefill_tokens,
+        disable_piecewise_cuda_graph=args.disable_piecewise_cuda_graph,
+        piecewise_cuda_graph_max_tokens=args.piecewise_cuda_graph_max_tokens,
         moe_backend=args.moe_backend,
         disable_shared_experts_fusion=args.disable_shared_experts_fusion,
         gemm_backend=args.gemm_backend,

@@ -489,6 +489,14 @@ class EngineConfig:
     # they fit (engine/model_runner.py, `ModelRunner.runs_as_decode`): -1 auto (the graphs'
     # largest batch where graphs are captured, else off), 0 off.
     short_prefill_tokens: int = -1
+    # Prefills of up to this many tokens (not run as decode rows) replay CUDA graphs captured
+    # in pieces between attention calls (engine/piecewise_graph.py); 0 or
+    # `disable_piecewise_cuda_graph` off, as `disable_cuda_graph` turns off all graphs. 1,024:
+    # past it the device's work bounds a prefill either way (on an H100 Moonlight's 1 x 2,048
+    # 27.1 ms in pieces against 26.7 eagerly), while the pieces' memory grows with the
+    # largest bucket (788 MiB for Moonlight's buckets up to 2,048).
+    disable_piecewise_cuda_graph: bool = False
+    piecewise_cuda_graph_max_tokens: int = 1024
     moe_backend: str = "auto"
     # Shared experts stacked into the routed experts' weights where the MoE backend computes
     # them in its own launches (the Triton backend, expert parallelism off): off keeps the MLP.
@@ -543,6 +551,11 @@ class EngineConfig:
             )
         if self.cuda_graph_max_bs < 1:
             raise ValueError(f"cuda_graph_max_bs must be >= 1, got {self.cuda_graph_max_bs}")
+        if self.piecewise_cuda_graph_max_tokens < 0:
+            raise ValueError(
+                "piecewise_cuda_graph_max_tokens must be >= 0 (0: off), got "
+                f"{self.piecewise_cuda_graph_max_tokens}"
+            )
         if self.short_prefill_tokens < -1:
             raise ValueError(
                 f"short_prefill_tokens must be -1 (auto), 0 (off) or a token count, "

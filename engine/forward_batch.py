@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,9 @@ class ForwardBatch:
     host_extend_lens: tuple[int, ...] = ()
     host_prefix_lens: tuple[int, ...] = ()
     attn_metadata: Any = field(default=None)
+    # While a prefill's pieces are captured (engine/piecewise_graph.py): what `attend` hands
+    # each attention call to, so that the capture splits there.
+    pieces: Any = field(default=None)
 
     @property
     def batch_size(self) -> int:
@@ -49,3 +53,11 @@ class ForwardBatch:
     def sequence_pages(self) -> torch.Tensor:
         """`[B, W]` page ids of the batch's sequences (a gather: reference paths only)."""
         return self.page_table[self.req_rows].long()
+
+    def attend(self, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+        """`fn(self, *inputs)`: a model's attention call, whose token-major `inputs` `[T, ...]`
+        are all the step's tensors it reads (everything else it uses depends on no step),
+        returning `[T, ...]`. A piecewise capture runs it between its graphs."""
+        if self.pieces is not None:
+            return self.pieces.attend(fn, self, inputs)
+        return fn(self, *inputs)

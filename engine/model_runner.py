@@ -29,6 +29,7 @@ from engine.loader import (
 from engine.models import CausalLM, build_model
 from engine.page_table import DevicePageTable
 from engine.parallel import ParallelConfig
+from engine.piecewise_graph import PiecewiseGraphs
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 
@@ -123,6 +124,14 @@ class ModelRunner:
         elif device.kind == "cuda":
             log.info("decode runs eagerly: %s", reason)
         self.short_prefill_tokens = self._short_prefill_tokens()
+        self.pieces: PiecewiseGraphs | None = None
+        if (
+            reason is None
+            and not config.disable_piecewise_cuda_graph
+            and config.piecewise_cuda_graph_max_tokens > 0
+        ):
+            self.pieces = PiecewiseGraphs(self, config.piecewise_cuda_graph_max_tokens)
+            self.pieces.capture()
 
     def _short_prefill_tokens(self) -> int:
         """The most tokens a prefill may have to run as decode rows (`runs_as_decode`); 0 when
@@ -347,7 +356,10 @@ class ModelRunner:
         if self.runs_as_decode(batch):
             return self._forward_as_decode(batch)
         fb = self.prepare(batch)
-        hidden = self.model(fb)
+        if self.pieces is not None and self.pieces.fits(batch.num_tokens):
+            hidden = self.pieces.run(fb)
+        else:
+            hidden = self.model(fb)
         return self.model.compute_logits(hidden[fb.logits_indices])
 
     def runs_as_decode(self, batch: ScheduledBatch) -> bool:

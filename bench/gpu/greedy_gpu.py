@@ -1,10 +1,12 @@
 """Greedy tokens of the engine on a GPU, on the tiny checkpoints, per family:
 
 - float32: the Triton backend, with CUDA graphs and without, against transformers on the same
-  GPU (and on the CPU); each prompt's first divergence is printed with the reference logit gap
-  there (none is expected); then with graphs again, the prompts arriving two at a time every
-  other call in prefill steps of 16 tokens (`staggered`: prefills launched ahead of the step in
-  flight, a prefill's or a decode step's, and chunked prompts);
+  GPU (and on the CPU); each prompt's first divergence is printed with the reference logit
+  gap there (none is expected; with graphs, prompts over 8 tokens prefill through the
+  piecewise graphs, and how many did is printed); then with graphs again, the prompts
+  arriving two at a time every other call in prefill steps of 16 tokens (`staggered`:
+  prefills launched ahead of the step in flight, a prefill's or a decode step's, and chunked
+  prompts);
 - bfloat16: the Triton backend with graphs against the torch backend run eagerly in bfloat16;
   a first divergence is printed with the torch run's log-probability gap between its token and
   ours at that step (a near-tie when tiny), with how many of its tokens tie its own there;
@@ -90,10 +92,12 @@ def main(families: list[str]) -> None:
         for graphs in (True, False):
             eng = engine(path, "float32", "triton", graphs)
             outs = [r.output_ids for r in eng.generate(prompts, GREEDY)]
+            pieces = eng.runner.pieces.runs if eng.runner.pieces is not None else 0
             del eng
             for dev, ref in refs.items():
                 found = [(d.prompt, d.step, f"{d.gap:.2e}") for d in divergences(outs, ref)]
-                print(f"  float32 triton graphs={graphs!s:5} vs transformers {dev}: {found}")
+                print(f"  float32 triton graphs={graphs!s:5} vs transformers {dev}: {found}"
+                      f"{f' ({pieces} prefills in pieces)' if pieces else ''}")  # fmt: skip
         eng = engine(path, "float32", "triton", graphs=True, step_tokens=16)
         outs = staggered(eng, prompts)
         del eng

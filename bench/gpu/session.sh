@@ -110,6 +110,8 @@
 #   run(command="bash bench/gpu/session.sh b64", carry=[".whl"]) # short prefills' host
 #   run(command="bash bench/gpu/session.sh b65", carry=[".whl"]) # short prefills as decode
 #   run(command="bash bench/gpu/session.sh b66", carry=[".whl"]) # greedy, decode ahead mixed
+#   run(command="bash bench/gpu/session.sh b67", carry=[".whl"]) # b66, medium prefills' host
+#   run(command="bash bench/gpu/session.sh b68", carry=[".whl"]) # piecewise prefill graphs
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -1775,5 +1777,34 @@ b66)
   # prefill's samples on the device, the others' the host's; the staggered run mixes both).
   TAIL=40 step greedy 150 python3 -m bench.gpu.greedy_gpu
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55|b57|b58|b59|b60|b61|b62|b63|b64|b65|b66"; exit 2 ;;
+b67)
+  # For either kind (about 200 s): b66's greedy check, then where the host's time goes in
+  # prefills too long for the decode graphs (over 256 tokens: Moonlight 1 x 1,024 launched
+  # 20.4 ms of host in b64, 350-1,100 µs a layer): each function's own time and its
+  # cumulative time under cProfile, for Moonlight and Llama-3-8B.
+  TAIL=40 step greedy 150 python3 -m bench.gpu.greedy_gpu
+  for preset in moonlight-16b-a3b llama3-8b; do
+    TAIL=12 step "host_${preset%%-*}" 60 python3 -m bench.prefill_phases --preset "$preset" \
+      --prefill 1x512,1x1024 --repeats 3 --host-profile 45
+  done
+  ;;
+b68)
+  # For either kind (about 450 s): prefills through CUDA graphs captured in pieces between
+  # attention calls (engine/piecewise_graph.py): their tokens and log-probabilities against
+  # the eager prefill's for every tiny family (tests/gpu/test_piecewise_graph.py), the greedy
+  # check, then medium prefills' phases with the pieces against without
+  # (`--disable-piecewise-cuda-graph`). Expected from b67 (Moonlight 1 x 512 31.4 ms wall,
+  # 30.0 of host launches; Llama-3-8B 21.6 / 19.9): the host's share to about an attention
+  # call and a replay a layer, the wall to the device's work.
+  TAIL=15 step pieces_test 200 python3 -m pytest -q -x tests/gpu/test_piecewise_graph.py
+  TAIL=40 step greedy 150 python3 -m bench.gpu.greedy_gpu
+  for preset in moonlight-16b-a3b llama3-8b; do
+    for flag in "" --disable-piecewise-cuda-graph; do
+      ROWS='^\| [0-9]+x|^prefills of' step "medium_${preset%%-*}${flag:+_eager}" 90 \
+        python3 -m bench.prefill_phases --preset "$preset" --prefill 1x300,1x512,1x1024,1x2048,4x256 \
+        --repeats 3 $flag
+    done
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55|b57|b58|b59|b60|b61|b62|b63|b64|b65|b66|b67|b68"; exit 2 ;;
 esac

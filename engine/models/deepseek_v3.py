@@ -117,10 +117,7 @@ class MLAttention(nn.Module):
         c_kv, k_pe = c_kv[:, None, :], k_pe[:, None, :]  # [T, 1, R], [T, 1, P]
         if self.backend.mla_expands(batch):
             # Prefill/extend: per-head keys and values up-projected from the context latents.
-            out = self.backend.forward_mla_expanded_rope(
-                q_nope, q_pe, c_kv, k_pe, self.kv_a_layernorm, self.rotary, self.kv_b_proj,
-                self.layer_id, batch, self.scale,
-            )  # fmt: skip  # [T, H, v]
+            out = batch.attend(self._attend_expanded, q_nope, q_pe, c_kv, k_pe)  # [T, H, v]
             return self._output(out.flatten(1), defer)
         # kv_b_proj.weight: [H * (nope + v), R] -> W_UK [H, nope, R], W_UV [H, v, R]
         w_kv = self.kv_b_proj.weight.view(self.num_heads, -1, self.kv_lora_rank)
@@ -135,6 +132,20 @@ class MLAttention(nn.Module):
         )  # fmt: skip
         attn = self.backend.mla_absorb_output(latent, w_uv)  # [T, H, v], contiguous
         return self._output(attn.flatten(1), defer)
+
+    def _attend_expanded(
+        self,
+        batch: ForwardBatch,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        c_kv: torch.Tensor,
+        k_pe: torch.Tensor,
+    ) -> torch.Tensor:
+        """The non-absorbed attention from the projected parts: `ForwardBatch.attend`'s call."""
+        return self.backend.forward_mla_expanded_rope(
+            q_nope, q_pe, c_kv, k_pe, self.kv_a_layernorm, self.rotary, self.kv_b_proj,
+            self.layer_id, batch, self.scale,
+        )  # fmt: skip
 
     def _output(self, x: torch.Tensor, defer: bool) -> torch.Tensor | PendingSum:
         return self.o_proj.forward_pending(x) if defer else self.o_proj(x)

@@ -72,14 +72,20 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        out = batch.attend(self._attend, q, k, v).reshape(-1, self.q_size)
+        return self.o_proj.forward_pending(out) if defer else self.o_proj(out)
+
+    def _attend(
+        self, batch: ForwardBatch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """The step's attention from the projected q, k, v (RoPE, any q/k norms, the KV
+        write): `ForwardBatch.attend`'s call."""
         norms = None
         if self.q_norm is not None and self.k_norm is not None:
             norms = (self.q_norm, self.k_norm)
-        out = self.backend.forward_rope(
+        return self.backend.forward_rope(
             q, k, v, self.rotary, self.layer_id, batch, self.scale, qk_norm=norms
         )
-        out = out.reshape(-1, self.q_size)
-        return self.o_proj.forward_pending(out) if defer else self.o_proj(out)
 
 
 class MLP(nn.Module):

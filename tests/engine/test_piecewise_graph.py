@@ -1,0 +1,61 @@
+"""Prefills through CUDA graphs captured in pieces (engine/piecewise_graph.py): the buckets and
+the settings here; the captured pieces themselves on a GPU (tests/gpu/test_piecewise_graph.py)."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from pathlib import Path
+
+import pytest
+
+from engine.cli import add_engine_args, engine_config_from_args
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.piecewise_graph import piecewise_buckets
+
+
+def test_buckets_pad_little() -> None:
+    buckets = piecewise_buckets(2048)
+    assert buckets[:6] == [8, 16, 32, 64, 96, 128]
+    assert buckets[-3:] == [1792, 1920, 2048]
+    assert buckets == sorted(set(buckets))
+    # The most a batch pads: 31 tokens up to 256, 127 beyond.
+    steps = list(itertools.pairwise(buckets))
+    assert max(b - a for a, b in steps if a < 256) <= 32
+    assert max(b - a for a, b in steps) == 128
+
+
+@pytest.mark.parametrize(
+    ("limit", "last"), [(1, [1]), (8, [8]), (100, [64, 96, 100]), (300, [256, 300])]
+)
+def test_buckets_end_at_the_limit(limit: int, last: list[int]) -> None:
+    assert piecewise_buckets(limit)[-len(last) :] == last
+
+
+def test_no_buckets_when_off() -> None:
+    assert piecewise_buckets(0) == []
+
+
+def test_the_limit_is_checked() -> None:
+    with pytest.raises(ValueError, match="piecewise_cuda_graph_max_tokens must be >= 0"):
+        EngineConfig(model_path="m", piecewise_cuda_graph_max_tokens=-1)
+
+
+def test_flags_reach_the_engine_config() -> None:
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    args = parser.parse_args(
+        ["--disable-piecewise-cuda-graph", "--piecewise-cuda-graph-max-tokens", "512"]
+    )
+    config = engine_config_from_args(args)
+    assert config.disable_piecewise_cuda_graph
+    assert config.piecewise_cuda_graph_max_tokens == 512
+    default = engine_config_from_args(parser.parse_args([]))
+    assert not default.disable_piecewise_cuda_graph
+    assert default.piecewise_cuda_graph_max_tokens == 1024
+
+
+def test_cpu_prefills_run_eagerly(tiny_models: dict[str, Path]) -> None:
+    engine = Engine(EngineConfig(model_path=str(tiny_models["llama"]), num_pages=64))
+    assert engine.runner.pieces is None
