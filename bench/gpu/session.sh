@@ -112,6 +112,7 @@
 #   run(command="bash bench/gpu/session.sh b66", carry=[".whl"]) # greedy, decode ahead mixed
 #   run(command="bash bench/gpu/session.sh b67", carry=[".whl"]) # b66, medium prefills' host
 #   run(command="bash bench/gpu/session.sh b68", carry=[".whl"]) # piecewise prefill graphs
+#   run(command="bash bench/gpu/session.sh b69", carry=[".whl"]) # low-load TTFT, graphs or not
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -1806,5 +1807,26 @@ b68)
     done
   done
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55|b57|b58|b59|b60|b61|b62|b63|b64|b65|b66|b67|b68"; exit 2 ;;
+b69)
+  # For either kind (about 300 s): low-load serving through the router, Moonlight colocated,
+  # prompts of 256-512 tokens at 2 requests/s: the graphs (short prefills as decode rows,
+  # longer ones in pieces) against every prefill launched from Python. Expected from b65 and
+  # b68: TTFT p50 about 4-6 ms lower, the eager prefill's host launches off the path. First,
+  # short prefills as decode rows (the default up to 256 tokens) against in pieces
+  # (`--short-prefill-tokens 0`), which was the faster at which sizes.
+  for preset in moonlight-16b-a3b; do
+    for spt in -1 0; do
+      ROWS='^\| [0-9]+x' step "short_${preset%%-*}_$spt" 40 python3 -m bench.prefill_phases \
+        --preset "$preset" --prefill 1x32,1x128,1x256,4x64,8x32 --repeats 3 --short-prefill-tokens "$spt"
+    done
+  done
+  for run in graphs eager; do
+    wargs=""; [ $run = eager ] && wargs="--disable-piecewise-cuda-graph --short-prefill-tokens 0"
+    TAIL=14 step "serving_$run" 140 python3 -m bench.serving_pd --preset moonlight-16b-a3b \
+      --modes colocated --request-rates 2 --num-prompts 24 --random-input-len 512 \
+      --random-output-len 32 --random-range-ratio 0.5 --slo-ttft-ms 100 --slo-itl-ms 30 \
+      --out-dir "/tmp/pd_$run" --worker-args "$wargs"
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55|b57|b58|b59|b60|b61|b62|b63|b64|b65|b66|b67|b68|b69"; exit 2 ;;
 esac
