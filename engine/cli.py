@@ -62,7 +62,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         choices=ATTENTION_BACKENDS,
         help="auto: triton on CUDA, torch (the reference) elsewhere",
     )
-    g.add_argument("--disable-cuda-graph", action="store_true", help="run decode eagerly")
+    g.add_argument(
+        "--disable-cuda-graph",
+        action="store_true",
+        help="run every step eagerly: no decode graphs, no prefill graphs in pieces",
+    )
     g.add_argument(
         "--grammar-compile-timeout",
         type=float,
