@@ -785,10 +785,7 @@ def main(argv: list[str] | None = None) -> None:
         if graphs is None
         else f"{len(graphs.graphs)} (bs <= {graphs.max_bs},"
         f" {graphs.capture_seconds:.1f} s, {graphs.memory_bytes / 2**20:.0f} MiB)",
-        "prefill graphs in pieces": "off"
-        if pieces is None
-        else f"{len(pieces.buckets)} buckets (tokens <= {pieces.max_tokens},"
-        f" {pieces.capture_seconds:.1f} s, {pieces.memory_bytes / 2**20:.0f} MiB)",
+        "prefill graphs in pieces": "off" if pieces is None else pieces.describe(),
         "engine start s": round(startup, 1),
         "copy GB/s": round(ceiling.copy_bytes_per_s / 1e9),
         "matmul TFLOP/s": round(ceiling.matmul_flop_per_s / 1e12, 1),

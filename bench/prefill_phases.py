@@ -243,11 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{name}, overlap {engine.overlap}; medians of {args.repeats} runs, ms a prefill")
     pieces = engine.runner.pieces
     if pieces is not None:
-        print(
-            f"prefills of up to {pieces.max_tokens} tokens through piecewise graphs "
-            f"({len(pieces.buckets)} buckets captured in {pieces.capture_seconds:.1f} s, "
-            f"{pieces.memory_bytes / 2**20:.0f} MiB; {pieces.runs} prefills ran in pieces)"
-        )
+        print(f"prefills of up to {pieces.max_tokens} tokens through piecewise graphs: "
+              f"{pieces.describe()}, {pieces.runs} prefills ran in pieces")  # fmt: skip
     print()
     print(render(rows))
 

@@ -15,7 +15,9 @@ import bisect
 import gc
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,6 +26,39 @@ if TYPE_CHECKING:
     from engine.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class CaptureCost:
+    """What a capture took: wall time and device memory (the free memory it used up)."""
+
+    seconds: float = 0.0
+    memory_bytes: int = 0
+
+
+@contextmanager
+def capturing() -> Iterator[tuple[torch.cuda.Stream, CaptureCost]]:
+    """The setting every capture here runs in: no garbage collection (a collection during
+    capture could destroy another engine's graphs, a CUDA call that invalidates the capture),
+    a side stream made current (capture cannot run on the default stream), and the cost
+    measured after the device is drained; the cost is filled in when the block ends."""
+    gc.collect()
+    gc.disable()
+    try:
+        torch.cuda.synchronize()
+        free_before = torch.cuda.mem_get_info()[0]
+        start = time.perf_counter()
+        cost = CaptureCost()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            yield stream, cost
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        cost.seconds = time.perf_counter() - start
+        cost.memory_bytes = free_before - torch.cuda.mem_get_info()[0]
+    finally:
+        gc.enable()
 
 
 def graph_buckets(max_bs: int) -> list[int]:
@@ -97,23 +132,8 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         runner = self.runner
-        # A collection during capture could destroy another engine's graphs (a CUDA call that
-        # invalidates the capture): collect now, and not at all until the capture ends.
-        gc.collect()
-        gc.disable()
-        try:
-            self._capture_all(runner)
-        finally:
-            gc.enable()
-
-    def _capture_all(self, runner: ModelRunner) -> None:
-        torch.cuda.synchronize()
-        free_before = torch.cuda.mem_get_info()[0]
-        start = time.perf_counter()
-        pool = None
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        with capturing() as (stream, cost):
+            pool = None
             for bs in reversed(self.buckets):
                 # The warm-up and the capture read padding only: the scratch row.
                 host, dev = self.inputs.fill(bs, [], [], [])
@@ -125,10 +145,7 @@ class DecodeGraphs:
                     self.logits[bs] = runner.run_decode(fb)
                 pool = graph.pool()
                 self.graphs[bs] = graph
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
-        self.capture_seconds = time.perf_counter() - start
-        self.memory_bytes = free_before - torch.cuda.mem_get_info()[0]
+        self.capture_seconds, self.memory_bytes = cost.seconds, cost.memory_bytes
         log.info(
             "captured %d decode graphs (batch 1..%d) in %.1f s, %.0f MiB",
             len(self.graphs),

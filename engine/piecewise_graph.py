@@ -26,15 +26,14 @@ down; a bucket's replay never interleaves with another's.
 from __future__ import annotations
 
 import bisect
-import gc
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from engine.cuda_graph import capturing
 from engine.forward_batch import ForwardBatch
 
 if TYPE_CHECKING:
@@ -90,9 +89,8 @@ class _Recorder:
     """Set on the capture's batch (`ForwardBatch.pieces`): splits the capture at each
     attention call."""
 
-    def __init__(self, owner: PiecewiseGraphs, tokens: int, pool: Any) -> None:
+    def __init__(self, owner: PiecewiseGraphs, pool: Any) -> None:
         self.owner = owner
-        self.tokens = tokens
         self.pool = pool
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.calls: list[_Call] = []
@@ -182,11 +180,9 @@ class PiecewiseGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        # As the decode graphs: no collection during the capture.
-        gc.collect()
-        gc.disable()
         try:
-            self._capture_all()
+            with capturing() as (_, cost):
+                self._capture_all()
         except torch.OutOfMemoryError as e:
             # ValueError: the engine's start errors, which the CLIs print as one line.
             raise ValueError(
@@ -199,44 +195,32 @@ class PiecewiseGraphs:
                 f"capturing prefill graphs in pieces failed ({e}); start with "
                 "--disable-piecewise-cuda-graph to run prefills eagerly"
             ) from e
-        finally:
-            gc.enable()
+        self.capture_seconds, self.memory_bytes = cost.seconds, cost.memory_bytes
+        log.info("captured prefill graphs in pieces: %s", self.describe())
 
     def _capture_all(self) -> None:
+        """Every bucket's pieces, largest first, on `capturing`'s stream."""
         model = self.runner.model
-        torch.cuda.synchronize()
-        free_before = torch.cuda.mem_get_info()[0]
-        start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for tokens in reversed(self.buckets):
-                fb = self._padding_batch(tokens)
-                model(fb)  # warm-up: kernel compilation, library handles
-                recorder = _Recorder(self, tokens, pool)
-                fb.pieces = recorder
-                try:
-                    hidden = model(fb)
-                finally:
-                    recorder.end()
-                    fb.pieces = None
-                self.graphs[tokens] = recorder.graphs
-                self.calls[tokens] = recorder.calls
-                self.hidden[tokens] = hidden
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
-        self.capture_seconds = time.perf_counter() - start
-        self.memory_bytes = free_before - torch.cuda.mem_get_info()[0]
-        pieces = sum(len(g) for g in self.graphs.values())
-        log.info(
-            "captured %d prefill graphs in pieces (%d pieces, tokens %d..%d) in %.1f s, %.0f MiB",
-            len(self.graphs),
-            pieces,
-            self.buckets[0],
-            self.max_tokens,
-            self.capture_seconds,
-            self.memory_bytes / 2**20,
+        for tokens in reversed(self.buckets):
+            fb = self._padding_batch(tokens)
+            model(fb)  # warm-up: kernel compilation, library handles
+            recorder = _Recorder(self, pool)
+            fb.pieces = recorder
+            try:
+                hidden = model(fb)
+            finally:
+                recorder.end()
+                fb.pieces = None
+            self.graphs[tokens] = recorder.graphs
+            self.calls[tokens] = recorder.calls
+            self.hidden[tokens] = hidden
+
+    def describe(self) -> str:
+        """The buckets and what capturing them took, for logs and benchmark headers."""
+        return (
+            f"{len(self.buckets)} buckets (tokens <= {self.max_tokens}, "
+            f"{self.capture_seconds:.1f} s, {self.memory_bytes / 2**20:.0f} MiB)"
         )
 
     def run(self, fb: ForwardBatch) -> torch.Tensor:
