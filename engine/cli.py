@@ -27,6 +27,7 @@ from engine.device import DEVICE_KINDS
 from engine.sampling import SamplingParams
 
 DEFAULT_MODEL_FAMILY = "qwen3-moe"
+PIECEWISE_DEFAULT_TOKENS = 1024  # --piecewise-cuda-graph-max-tokens' default
 
 
 def default_model_dir() -> Path:
@@ -99,9 +100,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--piecewise-cuda-graph-max-tokens",
         type=int,
-        default=1024,
+        default=None,
         help="prefills of up to this many tokens replay graphs captured in pieces between "
-        "attention calls (0 off)",
+        f"attention calls (0 off; default {PIECEWISE_DEFAULT_TOKENS}, and 0 on a decode "
+        "worker of a disaggregated pair, which prefills only to recompute a preempted request)",
     )
     g.add_argument("--moe-backend", "--moe-runner-backend", default="auto", choices=MOE_BACKENDS)
     g.add_argument(
@@ -119,7 +121,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+def engine_config_from_args(
+    args: argparse.Namespace, *, recompute_only_prefills: bool = False
+) -> EngineConfig:
+    """The engine's settings from its flags. ``recompute_only_prefills``: this engine prefills
+    only to recompute a preempted request (a disaggregated decode worker), so the prefill
+    graphs are off unless their flag asks (their capture's start-up seconds and memory, which
+    the KV cache gets instead, for prefills that rare)."""
     if args.dp_size is not None and args.dp_size != args.ep_size:
         # Attention is data-parallel over exactly the expert-parallel ranks.
         raise ValueError(f"--dp-size ({args.dp_size}) must equal --ep-size ({args.ep_size})")
@@ -147,7 +155,13 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         cuda_graph_max_bs=args.cuda_graph_max_bs,
         short_prefill_tokens=args.short_prefill_tokens,
         disable_piecewise_cuda_graph=args.disable_piecewise_cuda_graph,
-        piecewise_cuda_graph_max_tokens=args.piecewise_cuda_graph_max_tokens,
+        piecewise_cuda_graph_max_tokens=(
+            args.piecewise_cuda_graph_max_tokens
+            if args.piecewise_cuda_graph_max_tokens is not None
+            else 0
+            if recompute_only_prefills
+            else PIECEWISE_DEFAULT_TOKENS
+        ),
         moe_backend=args.moe_backend,
         disable_shared_experts_fusion=args.disable_shared_experts_fusion,
         gemm_backend=args.gemm_backend,

@@ -494,7 +494,8 @@ class EngineConfig:
     # `disable_piecewise_cuda_graph` off, as `disable_cuda_graph` turns off all graphs. 1,024:
     # past it the device's work bounds a prefill either way (on an H100 Moonlight's 1 x 2,048
     # 27.1 ms in pieces against 26.7 eagerly), while the pieces' memory grows with the
-    # largest bucket (788 MiB for Moonlight's buckets up to 2,048).
+    # largest bucket (788 MiB for Moonlight's buckets up to 2,048). A disaggregated decode
+    # worker's flags default it to 0 (`worker.args.worker_engine_config`).
     disable_piecewise_cuda_graph: bool = False
     piecewise_cuda_graph_max_tokens: int = 1024
     moe_backend: str = "auto"

@@ -8,15 +8,24 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from engine.cli import add_engine_args
+from engine.cli import add_engine_args, engine_config_from_args
 from engine.config import EngineConfig
 from kv_transfer import TRANSFER_BACKENDS
 from protos import cluster_tls, cluster_token
 from protos.cli_help import DefaultsHelpFormatter
-from protos.contract import ROLES
+from protos.contract import ROLE_DECODE, ROLES
 from worker.registry import DEFAULT_PREFIX
 
 GRAMMAR_WARMUP_ENV = "PDSERVE_GRAMMAR_WARMUP"
+
+
+def worker_engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The engine's settings for a worker of ``args.disaggregation_mode``: a decode worker of a
+    disaggregated pair prefills only to recompute preempted requests (no prefill graphs by
+    default)."""
+    return engine_config_from_args(
+        args, recompute_only_prefills=args.disaggregation_mode == ROLE_DECODE
+    )
 
 
 def build_parser(modes: Sequence[str] = ROLES) -> argparse.ArgumentParser:

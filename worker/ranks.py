@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from engine.cli import engine_config_from_args
 from engine.device import rank_device
 from engine.dp import LockstepRank
 from engine.engine import START_ERRORS, Engine
@@ -26,7 +25,7 @@ from kv_transfer import (
     create_transfer_engine,
     descriptor_from_tensors,
 )
-from worker.args import build_parser, configure_mooncake, model_name
+from worker.args import build_parser, configure_mooncake, model_name, worker_engine_config
 from worker.convert import engine_layout
 
 log = logging.getLogger(__name__)
@@ -105,7 +104,7 @@ def main(modes: Sequence[str], argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--master", required=True, help="host:port of rank 0's rendezvous")
     args = parser.parse_args(argv)
-    config = engine_config_from_args(args)
+    config = worker_engine_config(args)
     try:
         device = rank_device(config.device, args.rank)
         parallel = ParallelConfig(config.ep_size, args.rank, config.ep_num_redundant_experts)

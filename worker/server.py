@@ -26,7 +26,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from engine.async_engine import AsyncEngine
-from engine.cli import engine_config_from_args
 from engine.config import EngineConfig
 from engine.device import resolve_device
 from engine.engine import START_ERRORS, Engine
@@ -40,7 +39,7 @@ from kv_transfer import faults as transfer_faults
 from protos import cluster_tls, cluster_token
 from protos.contract import ROLE_COLOCATED
 from worker import session
-from worker.args import build_parser, configure_mooncake, model_name
+from worker.args import build_parser, configure_mooncake, model_name, worker_engine_config
 from worker.convert import engine_layout
 from worker.metrics import WorkerMetrics
 from worker.ranks import free_port, join_instance, start_children
@@ -250,7 +249,7 @@ def main(worker_role: WorkerRole, argv: list[str] | None = None) -> int:
     try:  # a misconfiguration is one line with its fix, not a traceback
         args.cluster_token = cluster_token.load(args.cluster_token_file)
         args.cluster_tls = cluster_tls.ClusterTls.load(args.tls_dir)
-        config = engine_config_from_args(args)  # the engine's flags and PDSERVE_PDL
+        config = worker_engine_config(args)  # the engine's flags and PDSERVE_PDL
         check_worker_args(args)  # before the model loads, not minutes after
         check_listen(args.host, args.port)
     except ValueError as exc:

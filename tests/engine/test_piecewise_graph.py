@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from decode_worker import MODES
 from engine.cli import add_engine_args, engine_config_from_args
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.piecewise_graph import piecewise_buckets
+from worker.args import build_parser, worker_engine_config
 
 
 def test_buckets_pad_little() -> None:
@@ -54,6 +56,21 @@ def test_flags_reach_the_engine_config() -> None:
     default = engine_config_from_args(parser.parse_args([]))
     assert not default.disable_piecewise_cuda_graph
     assert default.piecewise_cuda_graph_max_tokens == 1024
+
+
+@pytest.mark.parametrize(
+    ("mode", "flags", "tokens"),
+    [
+        ("decode", [], 0),  # prefills only to recompute: no capture unless asked
+        ("decode", ["--piecewise-cuda-graph-max-tokens", "256"], 256),
+        ("null", [], 1024),
+    ],
+)
+def test_a_decode_worker_captures_no_prefill_graphs_by_default(
+    mode: str, flags: list[str], tokens: int
+) -> None:
+    args = build_parser(MODES).parse_args(["--disaggregation-mode", mode, *flags])
+    assert worker_engine_config(args).piecewise_cuda_graph_max_tokens == tokens
 
 
 def test_cpu_prefills_run_eagerly(tiny_models: dict[str, Path]) -> None:
