@@ -113,6 +113,7 @@
 #   run(command="bash bench/gpu/session.sh b67", carry=[".whl"]) # b66, medium prefills' host
 #   run(command="bash bench/gpu/session.sh b68", carry=[".whl"]) # piecewise prefill graphs
 #   run(command="bash bench/gpu/session.sh b69", carry=[".whl"]) # low-load TTFT, graphs or not
+#   run(command="bash bench/gpu/session.sh b70", carry=[".whl"]) # pieces' tests; H200 rows or b69
 set -uo pipefail
 source bench/gpu/setup.sh || { echo "setup failed"; exit 1; }
 OUT=${OUT:-/tmp/out}
@@ -1828,5 +1829,21 @@ b69)
       --out-dir "/tmp/pd_$run" --worker-args "$wargs"
   done
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55|b57|b58|b59|b60|b61|b62|b63|b64|b65|b66|b67|b68|b69"; exit 2 ;;
+b70)
+  # For either kind (about 570 s): the prefill pieces' GPU tests first (both captures in the
+  # shared `capturing` block since 16ebd89, run on the CPU only before), then on an H200 the
+  # issues' target rows (b63's, the MoE rows first), elsewhere the greedy check and b69.
+  TAIL=15 step pieces_test 150 python3 -m pytest -q -x tests/gpu/test_piecewise_graph.py
+  if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+    moe_rows
+    ROWS='^device|^\| [0-9]+x' step rows_llama 90 python3 -m bench.engine --preset llama3-8b \
+      --skip-hf --prefill '' --decode 1x128,64x128,256x128,64x2048,256x512 --repeats 3
+    ROWS='^device|^\| [0-9]+x' step prefill_pair 170 python3 -m bench.engine \
+      --preset moonlight-16b-a3b --decode '' --prefill 8x2048,64x128 --repeats 3
+  else
+    TAIL=40 step greedy 150 python3 -m bench.gpu.greedy_gpu
+    DEADLINE=$((DEADLINE - SECONDS)) bash bench/gpu/session.sh b69
+  fi
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55|b57|b58|b59|b60|b61|b62|b63|b64|b65|b66|b67|b68|b69|b70"; exit 2 ;;
 esac
