@@ -30,6 +30,14 @@ class Reference:
     tokens: list[list[int]]
     logits: list[torch.Tensor]  # [max_new_tokens, vocab] per prompt
 
+    def first(self, n: int, rows: slice = slice(None)) -> Reference:
+        """The prompts of `rows`, each with its first `n` reference tokens."""
+        return Reference(
+            self.prompts[rows],
+            [t[:n] for t in self.tokens[rows]],
+            [x[:n] for x in self.logits[rows]],
+        )
+
 
 @cache
 def reference(

@@ -99,8 +99,7 @@ def test_prefix_cache_hits_one_after_another(
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3-moe", "deepseek-v3"])
-@pytest.mark.parametrize("page_size", [1, 16])
-@pytest.mark.parametrize("radix_cache", [True, False])
+@pytest.mark.parametrize(("page_size", "radix_cache"), [(1, True), (16, True), (16, False)])
 def test_preemption_recomputes_exactly(
     tiny_models: dict[str, Path], family: str, page_size: int, radix_cache: bool
 ) -> None:
