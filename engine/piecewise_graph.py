@@ -153,27 +153,33 @@ class PiecewiseGraphs:
         return buf[: like.shape[0]]
 
     def _padding_batch(self, tokens: int) -> ForwardBatch:
-        """A prefill of `tokens` tokens of one sequence through the page table's scratch row
-        (every slot on the scratch page), reading `ids[:tokens]`."""
+        """A prefill of `tokens` tokens through the page table's scratch row (every slot on the
+        scratch page), reading `ids[:tokens]`: sequences of at most the tokens a row maps (a
+        bucket may be longer than the context length; only the attention, run eagerly between
+        the pieces, sees the sequences)."""
         runner = self.runner
         device = self.ids.device
-        positions = torch.arange(tokens, device=device)
-        row = torch.tensor([runner.page_table.scratch_row], device=device)
+        row_tokens = runner.page_table.width * runner.config.page_size
+        full, rest = divmod(tokens, row_tokens)
+        lens = [row_tokens] * full + ([rest] if rest else [])
+        extend_lens = torch.tensor(lens, device=device)
+        positions = torch.cat([torch.arange(n, device=device) for n in lens])
+        rows = torch.full((len(lens),), runner.page_table.scratch_row, device=device)
         fb = ForwardBatch(
             input_ids=self.ids[:tokens],
             positions=positions,
-            out_slots=runner._slots(row.expand(tokens), positions),
+            out_slots=runner._slots(rows.repeat_interleave(extend_lens), positions),
             page_table=runner.page_table.table,
-            req_rows=row,
-            prefix_lens=torch.zeros(1, dtype=torch.int64, device=device),
-            extend_lens=torch.tensor([tokens], device=device),
-            logits_indices=torch.tensor([tokens - 1], device=device),
-            max_extend_len=tokens,
-            max_seq_len=tokens,
+            req_rows=rows,
+            prefix_lens=torch.zeros(len(lens), dtype=torch.int64, device=device),
+            extend_lens=extend_lens,
+            logits_indices=extend_lens.cumsum(0) - 1,
+            max_extend_len=max(lens),
+            max_seq_len=max(lens),
             kv_cache=runner.kv_cache,
             is_decode=False,
-            host_extend_lens=(tokens,),
-            host_prefix_lens=(0,),
+            host_extend_lens=tuple(lens),
+            host_prefix_lens=(0,) * len(lens),
         )
         runner.attention.prepare(fb)
         return fb

@@ -8,12 +8,13 @@ import itertools
 from pathlib import Path
 
 import pytest
+import torch
 
 from decode_worker import MODES
 from engine.cli import add_engine_args, engine_config_from_args
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.piecewise_graph import piecewise_buckets
+from engine.piecewise_graph import PiecewiseGraphs, piecewise_buckets
 from worker.args import build_parser, worker_engine_config
 
 
@@ -76,3 +77,30 @@ def test_a_decode_worker_captures_no_prefill_graphs_by_default(
 def test_cpu_prefills_run_eagerly(tiny_models: dict[str, Path]) -> None:
     engine = Engine(EngineConfig(model_path=str(tiny_models["llama"]), num_pages=64))
     assert engine.runner.pieces is None
+
+
+@pytest.mark.parametrize("family", ["llama", "deepseek-v3"])
+def test_a_bucket_longer_than_the_context_captures_as_several_sequences(
+    tiny_models: dict[str, Path], family: str
+) -> None:
+    """The capture's padding batch of a bucket longer than a page-table row maps (a small
+    `--context-length`, or a batch of several prompts) is several sequences on the scratch
+    row, every slot on the scratch page; the model runs on it (before, one sequence of the
+    bucket's length indexed past the row: a device-side assert at start on a GPU)."""
+    engine = Engine(
+        EngineConfig(
+            model_path=str(tiny_models[family]), num_pages=64, page_size=4, context_length=40
+        )
+    )
+    runner = engine.runner
+    row_tokens = runner.page_table.width * 4
+    assert row_tokens < 100
+    fb = PiecewiseGraphs(runner, 128)._padding_batch(100)
+    lens = list(fb.host_extend_lens)
+    assert sum(lens) == 100 and max(lens) == row_tokens and len(lens) == -(-100 // row_tokens)
+    scratch = int(runner.page_table.table[runner.page_table.scratch_row, 0])
+    assert torch.equal(fb.out_slots // 4, torch.full((100,), scratch))
+    with torch.inference_mode():
+        hidden = runner.model(fb)
+    assert hidden.shape[0] == 100 and bool(hidden.isfinite().all())
+    assert engine.num_free_pages == engine.pool.num_pages

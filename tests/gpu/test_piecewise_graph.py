@@ -93,6 +93,23 @@ def test_pieces_match_eager(tiny_models: dict[str, Path], family: str, chunk: in
     assert engine.pool.num_free == engine.pool.num_pages
 
 
+@pytest.mark.parametrize("family", ["llama", "deepseek-v3"])
+def test_a_context_shorter_than_the_buckets(tiny_models: dict[str, Path], family: str) -> None:
+    """`--context-length` below the largest bucket (the capture's padding batch is several
+    sequences then): the start captures every bucket, and a batch of prompts longer together
+    than one context runs in pieces with the eager prefill's tokens."""
+    path = tiny_models[family]
+    eager = make_engine(path, pieces=False, context_length=64)
+    batch = make_prompts(eager.model_config.vocab_size)
+    expected = run(eager, batch, False)
+    del eager
+    engine = make_engine(path, pieces=True, context_length=64)
+    pieces = engine.runner.pieces
+    assert pieces is not None and pieces.max_tokens == 512
+    assert_same(run(engine, batch, False), expected)
+    assert pieces.runs > 0
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int64])
 def test_unowned_views_alias(dtype: torch.dtype) -> None:
     base = torch.zeros(6, 10, dtype=dtype, device="cuda")
