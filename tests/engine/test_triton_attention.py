@@ -636,7 +636,9 @@ def test_triton_backend_runs_mla_like_transformers(tiny_models: dict[str, Path])
         )
     )
     assert engine.runner.attention.mla  # type: ignore[attr-defined]
-    first = ref.first(STEPS)
+    # Under the interpreter, two prompts (17 tokens, and 33 that seed the shared prefix): its
+    # chunks of 8 through the extend kernel are most of the case's time.
+    first = ref.first(STEPS, slice(2, 5, 2) if INTERPRETED else slice(None))
     results = engine.generate(first.prompts, greedy(STEPS))
     assert_greedy_matches([r.output_ids for r in results], first, NEAR_TIE)
     # The prompts sharing a prefix again, one by one, their prefixes from the cache (a few
