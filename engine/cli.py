@@ -27,7 +27,8 @@ from engine.device import DEVICE_KINDS
 from engine.sampling import SamplingParams
 
 DEFAULT_MODEL_FAMILY = "qwen3-moe"
-PIECEWISE_DEFAULT_TOKENS = 1024  # --piecewise-cuda-graph-max-tokens' default
+# --piecewise-cuda-graph-max-tokens' default where the engine prefills (EngineConfig's).
+PIECEWISE_DEFAULT_TOKENS = EngineConfig.piecewise_cuda_graph_max_tokens
 
 
 def default_model_dir() -> Path:

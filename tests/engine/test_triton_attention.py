@@ -22,7 +22,7 @@ from engine.kernels import attention as kernels
 from engine.kernels.sms import shared_memory, sm_count
 from engine.sampling import SamplingParams
 from tests.engine.greedy import assert_greedy_matches
-from tests.engine.reference import MAX_NEW_TOKENS, Reference, reference
+from tests.engine.reference import MAX_NEW_TOKENS, reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Greedy tokens equal transformers' exactly on the CPU. On a GPU, where cuBLAS reduces in other
@@ -315,7 +315,7 @@ def test_a_step_on_no_tokens_through_the_triton_backends(
     params = SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
     out = engine.generate([ref.prompts[2]], params)[0].output_ids
     engine.runner.forward_idle()
-    few = Reference([ref.prompts[2]], [ref.tokens[2][:n]], [ref.logits[2][:n]])
+    few = ref.first(n, slice(2, 3))
     assert_greedy_matches([out], few, NEAR_TIE)
     assert engine.num_free_pages == engine.pool.num_pages
 
@@ -331,8 +331,8 @@ GREEDY = greedy(MAX_NEW_TOKENS)
 # Under the interpreter a model-level case pays for every program of every launch, one after
 # another: there, fewer decode steps (still past a 16-token page boundary for the prompts of
 # 27 and 44 tokens) and fewer prompts, which keep the cases' shapes (chunks, shared prefixes).
-STEPS = MAX_NEW_TOKENS if DEVICE == "cuda" else 6
 INTERPRETED = DEVICE != "cuda"
+STEPS = 6 if INTERPRETED else MAX_NEW_TOKENS
 
 
 # Each family once, page sizes split between them: under the interpreter each case takes ~20 s.
@@ -427,9 +427,7 @@ def test_rope_folded_into_decode_keeps_transformers_tokens(
     # Three prompts, six tokens each: the kernel itself is checked bit for bit above, and the
     # interpreter takes about 2 s a decode step here.
     n = 6
-    few = Reference(
-        ref.prompts[:3], [t[:n] for t in ref.tokens[:3]], [x[:n] for x in ref.logits[:3]]
-    )
+    few = ref.first(n, slice(None, 3))
     config = EngineConfig(
         model_path=str(tiny_models[family]), num_pages=256, page_size=page_size,
         attention_backend="triton", dtype="float32",
@@ -471,9 +469,7 @@ def _deepseek_greedy_through(
     monkeypatch.setattr(triton_attention, launch_name, counted)
     ref = reference(tiny_models["deepseek-v3"], device=DEVICE)
     n = 6
-    few = Reference(
-        ref.prompts[:3], [t[:n] for t in ref.tokens[:3]], [x[:n] for x in ref.logits[:3]]
-    )
+    few = ref.first(n, slice(None, 3))
     config = EngineConfig(
         model_path=str(tiny_models["deepseek-v3"]), num_pages=256, page_size=16,
         attention_backend="triton", dtype="float32",
@@ -549,9 +545,7 @@ def test_skinny_gemm_backend_matches_transformers(
     tokens each: the interpreter runs a program per few output columns."""
     ref = reference(tiny_models[family], device=DEVICE)
     n = 4
-    few = Reference(
-        ref.prompts[:3], [t[:n] for t in ref.tokens[:3]], [x[:n] for x in ref.logits[:3]]
-    )
+    few = ref.first(n, slice(None, 3))
     engine = Engine(
         EngineConfig(
             model_path=str(tiny_models[family]),
@@ -609,9 +603,7 @@ def test_norm_folded_into_the_qkv_projection_keeps_transformers_tokens(
     )  # fmt: skip
     params = SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
     outs = [engine.generate([p], params)[0].output_ids for p in ref.prompts[:2]]
-    few = Reference(
-        ref.prompts[:2], [t[:n] for t in ref.tokens[:2]], [x[:n] for x in ref.logits[:2]]
-    )
+    few = ref.first(n, slice(None, 2))
     assert_greedy_matches(outs, few, NEAR_TIE)
     layers = engine.model_config.num_layers
     # Every decode step's layers but the first (prefill's rows are more than one: never asked).
@@ -644,9 +636,7 @@ def test_triton_backend_runs_mla_like_transformers(tiny_models: dict[str, Path])
     # The prompts sharing a prefix again, one by one, their prefixes from the cache (a few
     # tokens each: the interpreter is slow, and the extend over a cached prefix is the point).
     n = 3
-    shared = Reference(
-        ref.prompts[-3:], [t[:n] for t in ref.tokens[-3:]], [x[:n] for x in ref.logits[-3:]]
-    )
+    shared = ref.first(n, slice(-3, None))
     few = SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
     again = [engine.generate([p], few)[0] for p in shared.prompts]
     assert_greedy_matches([r.output_ids for r in again], shared, NEAR_TIE)
