@@ -17,31 +17,34 @@ TEST_TOOLS ?= yes
 
 install: $(STAMP)
 
+# The system packages (one apt-get, run beside pip: they do not depend on each other):
+# Mooncake's transfer engine links libibverbs even when it speaks TCP; the registry tests start
+# their own Redis server; promtool checks deploy/prometheus and the integration test runs a real
+# Prometheus server; the deploy tests render deploy/k8s with `kubectl kustomize`; the Ray tests
+# need `ip`. torch first and pinned: an unpinned requirement pulls the CUDA build.
 $(STAMP): pyproject.toml
-	# Mooncake's transfer engine links libibverbs even when it speaks TCP.
-	@ldconfig -p | grep -q libibverbs.so.1 || { \
-	  echo "installing libibverbs1 (needed by Mooncake)"; \
-	  (apt-get install -y -q libibverbs1 || (apt-get update -q && apt-get install -y -q libibverbs1)) >/dev/null; }
-	# The registry tests start their own Redis server on loopback.
-	@command -v redis-server >/dev/null || { \
-	  echo "installing redis-server"; \
-	  (apt-get install -y -q redis-server || (apt-get update -q && apt-get install -y -q redis-server)) >/dev/null; }
-	# promtool checks deploy/prometheus; the integration test runs a real Prometheus server.
-	@[ "$(TEST_TOOLS)" != yes ] || command -v promtool >/dev/null || { \
-	  echo "installing prometheus (promtool and the server, for the deploy tests)"; \
-	  (apt-get install -y -q --no-install-recommends prometheus || (apt-get update -q && \
-	   apt-get install -y -q --no-install-recommends prometheus)) >/dev/null; }
-	# The deploy tests render deploy/k8s with `kubectl kustomize` (Debian's kubectl where none is).
-	@[ "$(TEST_TOOLS)" != yes ] || command -v kubectl >/dev/null || { \
-	  echo "installing kubernetes-client (kubectl kustomize, for the deploy tests)"; \
-	  (apt-get install -y -q --no-install-recommends kubernetes-client || (apt-get update -q && \
-	   apt-get install -y -q --no-install-recommends kubernetes-client)) >/dev/null; }
-	@command -v openssl >/dev/null || (apt-get install -y -q openssl || (apt-get update -q && apt-get install -y -q openssl)) >/dev/null
-	@command -v ip >/dev/null || (apt-get install -y -q iproute2 || (apt-get update -q && apt-get install -y -q iproute2)) >/dev/null
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# torch first and pinned: an unpinned requirement pulls the CUDA build.
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,bench]" "$(MOONCAKE_SPEC)"
+	@want=""; lean=""; \
+	ldconfig -p | grep -q libibverbs.so.1 || want="$$want libibverbs1"; \
+	command -v redis-server >/dev/null || want="$$want redis-server"; \
+	command -v openssl >/dev/null || want="$$want openssl"; \
+	command -v ip >/dev/null || want="$$want iproute2"; \
+	[ "$(TEST_TOOLS)" != yes ] || command -v promtool >/dev/null || lean="$$lean prometheus"; \
+	[ "$(TEST_TOOLS)" != yes ] || command -v kubectl >/dev/null || lean="$$lean kubernetes-client"; \
+	apt_install() { \
+	  { [ -z "$$want" ] || apt-get install -y -q $$want; } && \
+	  { [ -z "$$lean" ] || apt-get install -y -q --no-install-recommends $$lean; }; }; \
+	apt_pid=; \
+	if [ -n "$$want$$lean" ]; then \
+	  echo "installing$$want$$lean (apt, beside pip)"; \
+	  { apt_install || { apt-get update -q && apt_install; }; } >/dev/null 2>&1 & apt_pid=$$!; \
+	fi; \
+	{ test -x $(PY) || $(PYTHON) -m venv $(VENV); } && \
+	$(PY) -m pip install -q "$(TORCH_SPEC)" && \
+	$(PY) -m pip install -q -e ".[dev,bench]" "$(MOONCAKE_SPEC)"; \
+	pip_rc=$$?; \
+	apt_rc=0; [ -z "$$apt_pid" ] || wait $$apt_pid || apt_rc=$$?; \
+	[ $$apt_rc = 0 ] || echo "apt-get install$$want$$lean failed: install them by hand (see the Makefile)"; \
+	[ $$pip_rc = 0 ] && [ $$apt_rc = 0 ]
 	touch $@
 
 proto: install
@@ -51,9 +54,12 @@ proto: install
 # process, so a module's fixtures are built once. TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= auto
 
+# The Ray tests first: they mostly wait (clusters starting, actors restarting: about 70
+# CPU-seconds in 200), which leaves a core to whatever runs beside `make test` (CI's lint).
+# Beside the suite they starved and their daemons burned CPU for the suite's whole run.
 test: install
-	$(PY) -m pytest -q tests --ignore=tests/ray -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile
 	$(MAKE) --no-print-directory test-ray
+	$(PY) -m pytest -q tests --ignore=tests/ray -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile
 
 # Ray refuses a loopback node address, and test traffic must stay on loopback: the Ray
 # tests run in a private network namespace that has only `lo` (needs root, as CI is).

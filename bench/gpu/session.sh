@@ -1858,5 +1858,31 @@ b71)
       --short-prefill-tokens "$spt"
   done
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55|b57|b58|b59|b60|b61|b62|b63|b64|b65|b66|b67|b68|b69|b70|b71"; exit 2 ;;
+b72)
+  # For either kind (about 250 s): disaggregated against colocated Llama-3-8B serving on one
+  # GPU (MPS), refreshed since the decode and prefill graphs (the README's table predates them).
+  TAIL=30 step serving_pd 240 python3 -m bench.serving_pd --preset llama3-8b --mps \
+    --request-rates 4 8 16 --num-prompts 24 --random-input-len 1024 \
+    --random-output-len 64 --slo-ttft-ms 500 --slo-itl-ms 30 --out-dir /tmp/pd
+  ;;
+b73)
+  # For either kind (about 150 s): b72's comparison for Moonlight (MLA and MoE), up to rate inf.
+  TAIL=30 step serving_pd 200 python3 -m bench.serving_pd --preset moonlight-16b-a3b --mps \
+    --request-rates 4 8 16 inf --num-prompts 24 --random-input-len 1024 \
+    --random-output-len 64 --slo-ttft-ms 500 --slo-itl-ms 30 --out-dir /tmp/pd
+  ;;
+b74)
+  # On an H200 only (about 400 s): b70's target rows without the pieces' tests; elsewhere it
+  # stops at once, so that a call that gets another card costs nothing more.
+  if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+    moe_rows
+    ROWS='^device|^\| [0-9]+x' step rows_llama 90 python3 -m bench.engine --preset llama3-8b \
+      --skip-hf --prefill '' --decode 1x128,64x128,256x128,64x2048,256x512 --repeats 3
+    ROWS='^device|^\| [0-9]+x' step prefill_pair 170 python3 -m bench.engine \
+      --preset moonlight-16b-a3b --decode '' --prefill 8x2048,64x128 --repeats 3
+  else
+    echo "not an H200: b74 runs nothing"
+  fi
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55|b57|b58|b59|b60|b61|b62|b63|b64|b65|b66|b67|b68|b69|b70|b71|b72|b73|b74"; exit 2 ;;
 esac

@@ -10,9 +10,9 @@ from bench.soak import run
 
 def test_short_chaos_soak(tiny_models: dict[str, Path]) -> None:
     report = run(
-        duration_s=30,
+        duration_s=20,
         concurrency=4,
-        fault_interval_s=5,
+        fault_interval_s=4,
         stop_s=2,
         kinds=("stop_prefill", "kill_redis", "kill_decode", "stop_decode"),
         seed=5,

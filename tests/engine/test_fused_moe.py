@@ -290,11 +290,13 @@ def test_small_batch_shared_experts_and_ids_outside():
     check_small(4, 4, torch.float16, num_experts=16, ids=ids)
 
 
-@pytest.mark.parametrize("renormalize", [True, False])
+# Renormalized and not, each on shapes of its own (the 3-token top-6 of 60 is both): under the
+# interpreter each case costs seconds.
 @pytest.mark.parametrize(
-    "tokens,num_experts,top_k",
-    [(0, 16, 2), (1, 16, 8), (1, 12, 1), (3, 60, 6), (SMALL_BATCH_PAIRS // 2, 16, 2)],
-)
+    "tokens,num_experts,top_k,renormalize",
+    [(0, 16, 2, False), (1, 16, 8, True), (1, 12, 1, False), (3, 60, 6, True), (3, 60, 6, False),
+     (SMALL_BATCH_PAIRS // 2, 16, 2, True)],
+)  # fmt: skip
 @pytest.mark.parametrize("warp", [False, True])
 def test_small_batch_routing_folded_into_gate_up(
     tokens, num_experts, top_k, renormalize, warp, monkeypatch
@@ -389,10 +391,12 @@ def test_small_path_down_on_the_tensor_cores(tokens, top_k, inter, dtype):
         dataclasses.replace(tiles, down_n=8, down_dot=True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+# Each dtype on the top-8 shape, the others on one dtype each.
 @pytest.mark.parametrize(
-    "tokens,top_k,inter,grouped", [(1, 8, 40, False), (3, 2, 24, False), (1, 6, 40, True)]
-)
+    "tokens,top_k,inter,grouped,dtype",
+    [(1, 8, 40, False, torch.float32), (1, 8, 40, False, torch.float16),
+     (3, 2, 24, False, torch.float32), (1, 6, 40, True, torch.float16)],
+)  # fmt: skip
 @pytest.mark.parametrize("warp", [False, True])
 def test_small_path_down_preloaded_is_bit_for_bit(
     tokens, top_k, inter, grouped, dtype, warp, monkeypatch
@@ -618,8 +622,12 @@ ROUTE_COUNT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", ROUTE_COUNT_CASES, ids=lambda c: "-".join(map(str, c)))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+# Each routing on both dtypes, each case on one (alternating).
+@pytest.mark.parametrize(
+    ("case", "dtype"),
+    [(c, (torch.float32, torch.float16)[i % 2]) for i, c in enumerate(ROUTE_COUNT_CASES)],
+    ids=lambda c: "-".join(map(str, c)) if isinstance(c, tuple) else str(c).split(".")[-1],
+)
 def test_route_and_count_equals_routing_then_align(case, dtype):
     """Routing with the align's count in one launch (`route_and_count`, then its scatter, both
     fold choices): the routing kernels' choices and weights, and the reference's aligned rows,

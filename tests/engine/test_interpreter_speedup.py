@@ -66,3 +66,36 @@ def test_helpers_see_the_patched_language_and_a_launch_restores_it() -> None:
     assert helpers == patches(lambda: without_helpers[(5,)](x, copy, N=16))
     assert torch.equal(copy, x)
     assert {name: getattr(tl.core, name) for name in builtins} == builtins
+
+
+@triton.jit
+def int32_arithmetic(x_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    x = tl.load(x_ptr + offs)
+    tl.store(out_ptr + offs, x * 3 + 7 - x)
+
+
+def test_dead_work_skipped_keeps_results_and_dtypes() -> None:
+    """Without the overflow checks that the interpreter never asserts, int32 arithmetic wraps
+    as before (the sanitizer was computed and dropped: its `device_assert` needs `debug`);
+    the cached dtype lookup answers as the interpreter's own for scalars, blocks and
+    pointers."""
+    from triton.runtime import interpreter
+
+    from engine.testing.interpreter import skip_dead_interpreter_work
+
+    assert skip_dead_interpreter_work()
+    assert skip_dead_interpreter_work()  # once is enough: a second call changes nothing
+    assert not interpreter.interpreter_builder.options.debug
+    x = torch.tensor([0, 1, -5, 2**30, 2**31 - 1, -(2**31)] + [9] * 10, dtype=torch.int32)
+    out = torch.empty_like(x)
+    int32_arithmetic[(1,)](x, out, N=16)
+    want = ((x.long() * 3 + 7 - x.long() + 2**31) % 2**32 - 2**31).int()  # two's complement
+    assert torch.equal(out, want)
+    lookup, original = interpreter._get_np_dtype, interpreter._get_np_dtype.__wrapped__
+    names = "int1 int8 uint8 int16 int32 uint32 int64 uint64 float16 bfloat16 float32 float64"
+    scalars = [getattr(tl, name) for name in [*names.split(), "float8e4nv", "float8e5"]]
+    for ty in [*scalars, tl.pointer_type(tl.float32), tl.pointer_type(tl.int8)]:
+        for t in (ty, tl.block_type(ty, [4, 8])):
+            assert lookup(t) == original(t), t
+            assert lookup(t) == original(t), t  # from the cache

@@ -253,7 +253,7 @@ def gate_up_reference(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("m", "n", "k"), [(1, 70, 300), (3, 90, 520), (16, 70, 300)])
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 70, 300), (3, 90, 520), (16, 70, 200)])
 def test_gate_up_matches_the_unfused_path(m: int, n: int, k: int, dtype: torch.dtype) -> None:
     """silu(gate) * up in the GEMM's epilogue, with and without a bias, on every tile kind
     (bfloat16's tensor-core tiles only compiled) and split into 3 runs of K (a second launch
