@@ -169,6 +169,13 @@ moe_rows() {  # the MoE models' README rows (about 180 s)
       --preset "$preset" --skip-hf --prefill '' --decode 1x128,64x128,256x128 --repeats 3
   done
 }
+target_rows() {  # the issues' unmet target rows on an H200 (about 400 s): MoE, Llama, prefill
+  moe_rows
+  ROWS='^device|^\| [0-9]+x' step rows_llama 90 python3 -m bench.engine --preset llama3-8b \
+    --skip-hf --prefill '' --decode 1x128,64x128,256x128,64x2048,256x512 --repeats 3
+  ROWS='^device|^\| [0-9]+x' step prefill_pair 170 python3 -m bench.engine \
+    --preset moonlight-16b-a3b --decode '' --prefill 8x2048,64x128 --repeats 3
+}
 prefill_tiles() {
   # The MoE prefill pairs with the 8,192/16,384-token tiles of the thirtieth session (a 4-stage
   # gate-up, a 128 x 256 down): Moonlight and Qwen3-30B-A3B at 8 x 2,048 against transformers
@@ -1836,11 +1843,7 @@ b70)
   # issues' target rows (b63's, the MoE rows first), elsewhere the greedy check and b69.
   TAIL=15 step pieces_test 150 python3 -m pytest -q -x tests/gpu/test_piecewise_graph.py
   if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
-    moe_rows
-    ROWS='^device|^\| [0-9]+x' step rows_llama 90 python3 -m bench.engine --preset llama3-8b \
-      --skip-hf --prefill '' --decode 1x128,64x128,256x128,64x2048,256x512 --repeats 3
-    ROWS='^device|^\| [0-9]+x' step prefill_pair 170 python3 -m bench.engine \
-      --preset moonlight-16b-a3b --decode '' --prefill 8x2048,64x128 --repeats 3
+    target_rows
   else
     TAIL=40 step greedy 150 python3 -m bench.gpu.greedy_gpu
     DEADLINE=$((DEADLINE - SECONDS)) bash bench/gpu/session.sh b69
@@ -1875,11 +1878,7 @@ b74)
   # On an H200 only (about 400 s): b70's target rows without the pieces' tests; elsewhere it
   # stops at once, so that a call that gets another card costs nothing more.
   if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
-    moe_rows
-    ROWS='^device|^\| [0-9]+x' step rows_llama 90 python3 -m bench.engine --preset llama3-8b \
-      --skip-hf --prefill '' --decode 1x128,64x128,256x128,64x2048,256x512 --repeats 3
-    ROWS='^device|^\| [0-9]+x' step prefill_pair 170 python3 -m bench.engine \
-      --preset moonlight-16b-a3b --decode '' --prefill 8x2048,64x128 --repeats 3
+    target_rows
   else
     echo "not an H200: b74 runs nothing"
   fi
