@@ -539,6 +539,7 @@ def engine_config(args: argparse.Namespace, model_path: str, load_format: str) -
         disable_piecewise_cuda_graph=args.disable_piecewise_cuda_graph,
         piecewise_cuda_graph_max_tokens=args.piecewise_cuda_graph_max_tokens,
         disable_overlap_schedule=args.disable_overlap_schedule,
+        disable_prefill_warmup=args.disable_prefill_warmup,
         disable_shared_experts_fusion=args.disable_shared_experts_fusion,
         **sizing,
         **extra,
@@ -622,6 +623,12 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         "pieces between attention calls (0 off)",
     )
     p.add_argument("--disable-overlap-schedule", action="store_true")
+    p.add_argument(
+        "--disable-prefill-warmup",
+        action="store_true",
+        help="the engine's flag: no prefill of each kind at start (its compilations then wait "
+        "for the first request of each kind; bench.first_use measures them)",
+    )
     p.add_argument(
         "--disable-shared-experts-fusion",
         action="store_true",

@@ -154,7 +154,8 @@ def worker_flags(config: EngineConfig) -> tuple[str, ...]:
     if config.context_length is not None:
         flags += ["--context-length", str(config.context_length)]
     for name in ("disable_cuda_graph", "disable_piecewise_cuda_graph",
-                 "disable_overlap_schedule", "disable_radix_cache"):  # fmt: skip
+                 "disable_overlap_schedule", "disable_radix_cache",
+                 "disable_prefill_warmup"):  # fmt: skip
         if getattr(config, name):
             flags.append("--" + name.replace("_", "-"))
     return tuple(flags)

@@ -106,6 +106,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         f"attention calls (0 off; default {PIECEWISE_DEFAULT_TOKENS}, and 0 on a decode "
         "worker of a disaggregated pair, which prefills only to recompute a preempted request)",
     )
+    g.add_argument(
+        "--disable-prefill-warmup",
+        action="store_true",
+        help="skip running one prefill of each kind at start (which compiles the kernels a "
+        "first request of that kind would otherwise wait for; GPU only, off under --ep-size "
+        "> 1 and on a decode worker of a disaggregated pair)",
+    )
     g.add_argument("--moe-backend", "--moe-runner-backend", default="auto", choices=MOE_BACKENDS)
     g.add_argument(
         "--disable-shared-experts-fusion",
@@ -163,6 +170,7 @@ def engine_config_from_args(
             if recompute_only_prefills
             else PIECEWISE_DEFAULT_TOKENS
         ),
+        disable_prefill_warmup=args.disable_prefill_warmup or recompute_only_prefills,
         moe_backend=args.moe_backend,
         disable_shared_experts_fusion=args.disable_shared_experts_fusion,
         gemm_backend=args.gemm_backend,

@@ -498,6 +498,11 @@ class EngineConfig:
     # worker's flags default it to 0 (`worker.args.worker_engine_config`).
     disable_piecewise_cuda_graph: bool = False
     piecewise_cuda_graph_max_tokens: int = 1024
+    # One prefill of each kind run at start on CUDA (engine/prefill_warmup.py), so that no
+    # request waits for its kernels to compile; not under expert parallelism (its ranks'
+    # collectives), nor on a disaggregated decode worker (`engine.cli`: it prefills only to
+    # recompute a preempted request).
+    disable_prefill_warmup: bool = False
     moe_backend: str = "auto"
     # Shared experts stacked into the routed experts' weights where the MoE backend computes
     # them in its own launches (the Triton backend, expert parallelism off): off keeps the MLP.

@@ -30,6 +30,7 @@ from engine.models import CausalLM, build_model
 from engine.page_table import DevicePageTable
 from engine.parallel import ParallelConfig
 from engine.piecewise_graph import PiecewiseGraphs
+from engine.prefill_warmup import warm_up_prefill
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 
@@ -132,6 +133,10 @@ class ModelRunner:
         ):
             self.pieces = PiecewiseGraphs(self, config.piecewise_cuda_graph_max_tokens)
             self.pieces.capture()
+        self.warmup_prefills, self.warmup_seconds = 0, 0.0
+        warm = device.kind == "cuda" and not config.disable_prefill_warmup
+        if warm and not self.parallel.enabled:
+            self.warmup_prefills, self.warmup_seconds = warm_up_prefill(self)
 
     def _short_prefill_tokens(self) -> int:
         """The most tokens a prefill may have to run as decode rows (`runs_as_decode`); 0 when

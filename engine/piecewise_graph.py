@@ -35,6 +35,7 @@ import torch
 
 from engine.cuda_graph import capturing
 from engine.forward_batch import ForwardBatch
+from engine.prefill_warmup import scratch_prefill, split_tokens
 
 if TYPE_CHECKING:
     from engine.model_runner import ModelRunner
@@ -158,31 +159,8 @@ class PiecewiseGraphs:
         bucket may be longer than the context length; only the attention, run eagerly between
         the pieces, sees the sequences)."""
         runner = self.runner
-        device = self.ids.device
         row_tokens = runner.page_table.width * runner.config.page_size
-        full, rest = divmod(tokens, row_tokens)
-        lens = [row_tokens] * full + ([rest] if rest else [])
-        extend_lens = torch.tensor(lens, device=device)
-        positions = torch.cat([torch.arange(n, device=device) for n in lens])
-        rows = torch.full((len(lens),), runner.page_table.scratch_row, device=device)
-        fb = ForwardBatch(
-            input_ids=self.ids[:tokens],
-            positions=positions,
-            out_slots=runner._slots(rows.repeat_interleave(extend_lens), positions),
-            page_table=runner.page_table.table,
-            req_rows=rows,
-            prefix_lens=torch.zeros(len(lens), dtype=torch.int64, device=device),
-            extend_lens=extend_lens,
-            logits_indices=extend_lens.cumsum(0) - 1,
-            max_extend_len=max(lens),
-            max_seq_len=max(lens),
-            kv_cache=runner.kv_cache,
-            is_decode=False,
-            host_extend_lens=tuple(lens),
-            host_prefix_lens=(0,) * len(lens),
-        )
-        runner.attention.prepare(fb)
-        return fb
+        return scratch_prefill(runner, self.ids[:tokens], split_tokens(tokens, row_tokens))
 
     @torch.inference_mode()
     def capture(self) -> None:

@@ -1883,5 +1883,17 @@ b74)
     echo "not an H200: b74 runs nothing"
   fi
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55|b57|b58|b59|b60|b61|b62|b63|b64|b65|b66|b67|b68|b69|b70|b71|b72|b73|b74"; exit 2 ;;
+b75)
+  # For either kind (about 520 s): the prefill warm-up at start. Its GPU test (no request of
+  # any kind compiles a kernel after it; greedy tokens as without it), then bench.first_use on
+  # Moonlight and Llama-3-8B without and with it (a fresh Triton cache each run).
+  TAIL=12 step warmup_test 200 python3 -m pytest -q -x tests/gpu/test_prefill_warmup.py
+  for preset in moonlight-16b-a3b llama3-8b; do
+    for flag in --disable-prefill-warmup ""; do
+      TAIL=18 step "first_use_${preset%%-*}${flag:+_cold}" 110 python3 -m bench.first_use \
+        --preset "$preset" --mix 12 $flag
+    done
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55|b57|b58|b59|b60|b61|b62|b63|b64|b65|b66|b67|b68|b69|b70|b71|b72|b73|b74|b75"; exit 2 ;;
 esac
