@@ -171,15 +171,18 @@ def warm_up_prefill(runner: ModelRunner) -> tuple[int, float]:
 
 @torch.inference_mode()
 def warm_up_sampling(runner: ModelRunner) -> None:
-    """Pick tokens from `[B, vocab]` logits for every B a step may have (1 to the running
-    requests' limit), greedy on the model's dtype and sampled in float32 (with its argmax), as
-    `sample_on_device` does for a step's requests."""
+    """For every number of sequences B a prefill step may end with (1 to the running requests'
+    limit): the LM head on B rows (a prefill's logits, not in the decode graphs; the skinny
+    GEMM's tiles go by rows) and a token picked from them greedy (on the model's dtype) and
+    sampled (in float32, with its argmax), as `sample_on_device` does for a step's requests;
+    the argmax and the sampling kernel cut their launches by the number of rows."""
     from engine.sampler import sample_on_device
 
     most = runner.config.max_running_requests
-    vocab = runner.model_config.vocab_size
-    logits = torch.zeros(most, vocab, dtype=runner.dtype, device=runner.device.torch_device)
+    hidden = torch.zeros(most, runner.model_config.hidden_size, dtype=runner.dtype,
+                         device=runner.device.torch_device)  # fmt: skip
     greedy, sampled = SamplingParams(temperature=0.0), SamplingParams(top_p=0.9)
     for b in range(1, most + 1):
+        logits = runner.model.compute_logits(hidden[:b])
         for params in (greedy, sampled):
-            sample_on_device(logits[:b], [params] * b, [None] * b)
+            sample_on_device(logits, [params] * b, [None] * b)
