@@ -1884,16 +1884,22 @@ b74)
   fi
   ;;
 b75)
-  # For either kind (about 520 s): the prefill warm-up at start. Its GPU test (no request of
-  # any kind compiles a kernel after it; greedy tokens as without it), then bench.first_use on
-  # Moonlight and Llama-3-8B without and with it (a fresh Triton cache each run).
+  # For either kind (about 560 s): the prefill warm-up at start. Its GPU test (no request of
+  # any kind compiles a kernel after it; greedy tokens as without it), bench.first_use on
+  # Moonlight without and with it (a fresh Triton cache each run), b73's colocated Moonlight
+  # at rate 4 again (its first rate had the slow prefills), then Llama-3-8B's first_use.
   TAIL=12 step warmup_test 200 python3 -m pytest -q -x tests/gpu/test_prefill_warmup.py
-  for preset in moonlight-16b-a3b llama3-8b; do
-    for flag in --disable-prefill-warmup ""; do
-      TAIL=18 step "first_use_${preset%%-*}${flag:+_cold}" 110 python3 -m bench.first_use \
-        --preset "$preset" --mix 12 $flag
-    done
-  done
+  first_use() {  # PRESET FLAG
+    TAIL=18 step "first_use_${1%%-*}${2:+_cold}" 110 python3 -m bench.first_use \
+      --preset "$1" --mix 12 $2
+  }
+  first_use moonlight-16b-a3b --disable-prefill-warmup
+  first_use moonlight-16b-a3b ""
+  TAIL=12 step serving_moonlight 120 python3 -m bench.serving_pd --preset moonlight-16b-a3b \
+    --mps --modes colocated --request-rates 4 --num-prompts 24 --random-input-len 1024 \
+    --random-output-len 64 --slo-ttft-ms 500 --slo-itl-ms 30 --out-dir /tmp/pd
+  first_use llama3-8b --disable-prefill-warmup
+  first_use llama3-8b ""
   ;;
 *) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55|b57|b58|b59|b60|b61|b62|b63|b64|b65|b66|b67|b68|b69|b70|b71|b72|b73|b74|b75"; exit 2 ;;
 esac
