@@ -138,7 +138,8 @@ def warm_up_prefill(runner: ModelRunner) -> tuple[int, float]:
     config = runner.config
     pieces = runner.pieces
     row_tokens = runner.page_table.width * config.page_size
-    budget = config.prefill_token_budget
+    # A step's new tokens take pages of the pool: no step holds more than it has.
+    budget = min(config.prefill_token_budget, runner.kv_cache.num_pages * config.page_size)
     batches = warmup_batches(
         runner.short_prefill_tokens + 1,
         budget,
