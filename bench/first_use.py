@@ -24,6 +24,7 @@ first, outside the timing, so that the batch's prompts hit it in the prefix cach
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 import sys
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DEFAULT_BATCHES = "1500;1100,900;8x128;40x33;2048+1024;3000;4096;8192;1,1"
+DEFAULT_BATCHES = "1500;1100,900;8x128;40x33;2048+1024;3000;4096;2x4096;1,1"
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,9 @@ def run_batch(engine: Any, prompts: list[Prompt], rng: random.Random) -> float:
 def random_batch(rng: random.Random, max_len: int) -> list[Prompt]:
     prompts = []
     for _ in range(rng.randint(1, 8)):
-        prefix = rng.randint(64, max(64, max_len // 2)) if rng.random() < 1 / 3 else 0
+        prefix = (
+            rng.randint(max(1, max_len // 4), max(1, max_len // 2)) if rng.random() < 1 / 3 else 0
+        )
         prompts.append(Prompt(rng.randint(1, max_len), prefix))
     return prompts
 
@@ -173,27 +176,29 @@ def main(argv: list[str] | None = None) -> None:
         batches = [(t.strip(), parse_batch(t)) for t in ours.batches.split(";") if t.strip()]
     except ValueError as exc:
         sys.exit(f"bench.first_use: --batches: {exc}")
-    longest = max(
-        [p.new + p.prefix for _, b in batches for p in b]
-        + [ours.mix_max_len + ours.mix_max_len // 2]
-    )
-    widest = max([len(b) for _, b in batches] + [8])
+    mix_longest = ours.mix_max_len + ours.mix_max_len // 2
+    longest = max([p.new + p.prefix for _, b in batches for p in b] + [mix_longest])
+    # Pages for the largest batch with its prefixes cached beside it (a mix batch: at most 8
+    # prompts of the longest), and a page of headroom a request.
+    most = max([sum(p.new + 2 * p.prefix + 32 for p in b) for _, b in batches]
+               + [8 * (2 * mix_longest + 32)])  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="pdserve-first-use-") as tmp:
         if not ours.keep_triton_cache:
             os.environ["TRITON_CACHE_DIR"] = str(Path(tmp) / "triton")
         from bench.engine import engine_config, parse_args, write_preset
         from engine.engine import Engine
 
-        # Sized by bench.engine's rules for the widest batch of the longest prompts, twice
-        # over (the prefixes and the prompts that extend them are both cached).
-        args = parse_args([*rest, "--skip-hf", "--decode", "", "--prefill",
-                           f"{2 * widest}x{longest}"])  # fmt: skip
+        args = parse_args([*rest, "--skip-hf", "--decode", "", "--prefill", f"1x{longest}",
+                           "--decode-steps", "1"])  # fmt: skip
         if args.preset:
             path = str(write_preset(args.preset, Path(tmp), args.preset_layers))
             load_format = "dummy"
         else:
             path, load_format = args.model_path, args.load_format
         config = engine_config(args, path, load_format)
+        if args.kv_cache_memory_gib is None:
+            pages = -(-most // args.page_size) + 2 * 64
+            config = dataclasses.replace(config, num_pages=pages)
         start = time.perf_counter()
         engine = Engine(config)
         startup = time.perf_counter() - start

@@ -1901,5 +1901,17 @@ b75)
   first_use llama3-8b --disable-prefill-warmup
   first_use llama3-8b ""
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55|b57|b58|b59|b60|b61|b62|b63|b64|b65|b66|b67|b68|b69|b70|b71|b72|b73|b74|b75"; exit 2 ;;
+b76)
+  # For either kind (about 480 s): b75 again less its serving rate (run: TTFT p99 60 ms), with
+  # its two mends (the GPU test's prompts within the tiny models' context, first_use's pool
+  # sized by tokens rather than by the widest batch of the longest prompts).
+  TAIL=12 step warmup_test 150 python3 -m pytest -q -x tests/gpu/test_prefill_warmup.py
+  for preset in moonlight-16b-a3b llama3-8b; do
+    for flag in --disable-prefill-warmup ""; do
+      TAIL=18 step "first_use_${preset%%-*}${flag:+_cold}" 100 python3 -m bench.first_use \
+        --preset "$preset" --mix 12 $flag
+    done
+  done
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55|b57|b58|b59|b60|b61|b62|b63|b64|b65|b66|b67|b68|b69|b70|b71|b72|b73|b74|b75|b76"; exit 2 ;;
 esac

@@ -32,7 +32,7 @@ def make_engine(path: Path, warm: bool) -> Engine:
             attention_backend="triton",
             cuda_graph_max_bs=16,
             max_running_requests=24,
-            chunked_prefill_size=1536,
+            chunked_prefill_size=1536,  # the tiny models' context: 2,048
             piecewise_cuda_graph_max_tokens=384,
             disable_prefill_warmup=not warm,
         )
@@ -52,7 +52,7 @@ def batches(vocab: int) -> list[tuple[list[list[int]], SamplingParams]]:
         ([prompt(300)], greedy),  # through the pieces
         ([prompt(1000)], greedy),  # eagerly
         ([prompt(n) for n in (37, 61, 90, 130, 251, 77, 19)], greedy),  # short sequences
-        ([prompt(4000)], greedy),  # chunked: later chunks over a cached prefix
+        ([prompt(1900)], greedy),  # chunked: its second chunk over a cached prefix
         ([shared], greedy),
         ([shared + prompt(n) for n in (29, 450, 1100)], sampled),  # prefix-cache hits
         ([prompt(n) for n in range(5, 21)], sampled),  # as decode rows, 16 requests decoding
