@@ -1905,7 +1905,7 @@ b76)
   # For either kind (about 480 s): b75 again less its serving rate (run: TTFT p99 60 ms), with
   # its two mends (the GPU test's prompts within the tiny models' context, first_use's pool
   # sized by tokens rather than by the widest batch of the longest prompts).
-  TAIL=12 step warmup_test 150 python3 -m pytest -q -x tests/gpu/test_prefill_warmup.py
+  TAIL=12 step warmup_test 150 python3 -m pytest -q tests/gpu/test_prefill_warmup.py
   for preset in moonlight-16b-a3b llama3-8b; do
     for flag in --disable-prefill-warmup ""; do
       TAIL=18 step "first_use_${preset%%-*}${flag:+_cold}" 100 python3 -m bench.first_use \
