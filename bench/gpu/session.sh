@@ -1913,5 +1913,14 @@ b76)
     done
   done
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55|b57|b58|b59|b60|b61|b62|b63|b64|b65|b66|b67|b68|b69|b70|b71|b72|b73|b74|b75|b76"; exit 2 ;;
+b77)
+  # For either kind (about 220 s): b76 cut to what a short lease holds: the GPU test, then
+  # Moonlight's first_use with the warm-up (the compilations left to requests), then without.
+  TAIL=12 step warmup_test 120 python3 -m pytest -q tests/gpu/test_prefill_warmup.py
+  TAIL=18 step first_use_moonlight 90 python3 -m bench.first_use --preset moonlight-16b-a3b \
+    --mix 12
+  TAIL=18 step first_use_moonlight_cold 90 python3 -m bench.first_use \
+    --preset moonlight-16b-a3b --mix 12 --disable-prefill-warmup
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55|b57|b58|b59|b60|b61|b62|b63|b64|b65|b66|b67|b68|b69|b70|b71|b72|b73|b74|b75|b76|b77"; exit 2 ;;
 esac
