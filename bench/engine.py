@@ -763,6 +763,11 @@ def main(argv: list[str] | None = None) -> None:
         device, dtype, vocab = engine.device, engine.runner.dtype, engine.model_config.vocab_size
         cost = model_cost(engine)
         graphs, pieces = engine.runner.graphs, engine.runner.pieces
+        warmup = (
+            f"{engine.runner.warmup_prefills} prefills, {engine.runner.warmup_seconds:.1f} s"
+            if engine.runner.warmup_prefills
+            else "off"
+        )
         backends = type(engine.runner.attention).__name__
         moe = getattr(engine.runner, "moe_backend", None)
         if moe is not None:
@@ -793,6 +798,7 @@ def main(argv: list[str] | None = None) -> None:
         else f"{len(graphs.graphs)} (bs <= {graphs.max_bs},"
         f" {graphs.capture_seconds:.1f} s, {graphs.memory_bytes / 2**20:.0f} MiB)",
         "prefill graphs in pieces": "off" if pieces is None else pieces.describe(),
+        "prefill warm-up": warmup,
         "engine start s": round(startup, 1),
         "copy GB/s": round(ceiling.copy_bytes_per_s / 1e9),
         "matmul TFLOP/s": round(ceiling.matmul_flop_per_s / 1e12, 1),
