@@ -161,6 +161,13 @@ def warm_up_prefill(runner: ModelRunner) -> tuple[int, float]:
                 f"lower --chunked-prefill-size (now {config.chunked_prefill_size}) or "
                 "--mem-fraction-static"
             ) from e
+        except Exception as e:  # a kernel that does not compile or launch on this device
+            raise ValueError(
+                f"the prefill warm-up failed on {len(batch.extend_lens)} sequences of "
+                f"{n} tokens ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                "requests of that kind would fail the same way; --disable-prefill-warmup "
+                "starts without it"
+            ) from e
     warm_up_sampling(runner)
     runner.device.synchronize()
     seconds = time.perf_counter() - start

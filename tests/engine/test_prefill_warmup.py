@@ -138,3 +138,32 @@ def test_the_switch(mode: str, flags: list[str], off: bool) -> None:
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
     assert engine_config_from_args(parser.parse_args(flags)).disable_prefill_warmup == bool(flags)
+
+
+def test_a_failing_prefill_stops_the_start_in_one_line(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel that fails in the warm-up (one that does not compile on the device) is a start
+    error naming the switch; running out of memory names the flags to lower."""
+    runner = small_engine(tiny_models["llama"], "torch").runner
+
+    class Failing:
+        def __init__(self, error: Exception) -> None:
+            self.error = error
+
+        def __call__(self, batch: object) -> None:
+            raise self.error
+
+    def fails(error: Exception) -> None:
+        monkeypatch.setattr(runner, "model", Failing(error))
+
+    fails(RuntimeError("PTX compile failed\nmore detail"))
+    with pytest.raises(
+        ValueError, match=r"RuntimeError: PTX compile failed\);.*--disable-prefill-warmup"
+    ):
+        warm_up_prefill(runner)
+    fails(torch.OutOfMemoryError("no memory"))
+    with pytest.raises(
+        ValueError, match=r"lower --chunked-prefill-size \(now 40\) or --mem-fraction"
+    ):
+        warm_up_prefill(runner)
