@@ -61,10 +61,10 @@ def parse_batch(text: str) -> list[Prompt]:
 
 @dataclass
 class Compiles:
-    """Specializations met while active: kernel name -> seconds to compile (or load)."""
+    """Specializations met while active: (kernel name, seconds to compile or load) each."""
 
     kernels: list[tuple[str, float]] = field(default_factory=list)
-    _started: dict[Any, tuple[str, float]] = field(default_factory=dict)
+    _started: dict[tuple[str, Any], float] = field(default_factory=dict)  # (name, key) -> start
 
     @property
     def seconds(self) -> float:
@@ -89,13 +89,13 @@ def counting_compiles() -> Iterator[list[Compiles]]:
         return str(getattr(kw.get("fn"), "name", kw.get("fn")))  # a JitFunctionInfo
 
     def before(**kw: Any) -> bool:
-        counts[-1]._started[name(kw), kw["key"]] = (name(kw), time.perf_counter())
+        counts[-1]._started[name(kw), kw["key"]] = time.perf_counter()
         return False  # compile as usual
 
     def after(**kw: Any) -> bool:
         started = counts[-1]._started.pop((name(kw), kw["key"]), None)
         if started is not None:
-            counts[-1].kernels.append((started[0], time.perf_counter() - started[1]))
+            counts[-1].kernels.append((name(kw), time.perf_counter() - started))
         return False
 
     old = knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="pdserve-first-use-") as tmp:
         if not ours.keep_triton_cache:
             os.environ["TRITON_CACHE_DIR"] = str(Path(tmp) / "triton")
-        from bench.engine import engine_config, parse_args, write_preset
+        from bench.engine import device_name, engine_config, parse_args, write_preset
         from engine.engine import Engine
 
         args = parse_args([*rest, "--skip-hf", "--decode", "", "--prefill", f"1x{longest}",
@@ -216,13 +216,8 @@ def main(argv: list[str] | None = None) -> None:
             mix_ms = [run_batch(engine, random_batch(rng, ours.mix_max_len), rng)
                       for _ in range(ours.mix)]  # fmt: skip
             mixed = counts[-1]
-    device = engine.device
-    import torch
-
-    name = torch.cuda.get_device_name() if device.kind == "cuda" else device.kind
-    runner = engine.runner
-    print(f"{name}; engine start {startup:.1f} s (prefill warm-up "
-          f"{getattr(runner, 'warmup_seconds', 0.0):.1f} s); Triton cache "
+    print(f"{device_name(engine.device)}; engine start {startup:.1f} s (prefill warm-up "
+          f"{engine.runner.warmup_seconds:.1f} s); Triton cache "
           f"{'kept' if ours.keep_triton_cache else 'fresh'}")  # fmt: skip
     print()
     print(render(rows))

@@ -147,9 +147,9 @@ def warm_up_prefill(runner: ModelRunner) -> tuple[int, float]:
         min(row_tokens, runner.max_context),
         SHORT_EXTEND,
     )
+    sizes = [b.num_tokens for b in batches] or [0]
     start = time.perf_counter()
-    ids = torch.zeros(max((b.num_tokens for b in batches), default=0), dtype=torch.int64,
-                      device=runner.device.torch_device)  # fmt: skip
+    ids = torch.zeros(max(sizes), dtype=torch.int64, device=runner.device.torch_device)
     for batch in batches:
         n = batch.num_tokens
         try:
@@ -172,8 +172,7 @@ def warm_up_prefill(runner: ModelRunner) -> tuple[int, float]:
     runner.device.synchronize()
     seconds = time.perf_counter() - start
     log.info("prefill warm-up: %d prefills of %d to %d tokens, sampling, in %.1f s", len(batches),
-             min((b.num_tokens for b in batches), default=0),
-             max((b.num_tokens for b in batches), default=0), seconds)  # fmt: skip
+             min(sizes), max(sizes), seconds)  # fmt: skip
     return len(batches), seconds
 
 
