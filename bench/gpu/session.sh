@@ -169,6 +169,15 @@ moe_rows() {  # the MoE models' README rows (about 180 s)
       --preset "$preset" --skip-hf --prefill '' --decode 1x128,64x128,256x128 --repeats 3
   done
 }
+warmup_checks() {  # b76: the warm-up's GPU test, then first_use cold and warm for two presets
+  TAIL=12 step warmup_test 150 python3 -m pytest -q tests/gpu/test_prefill_warmup.py
+  for preset in moonlight-16b-a3b llama3-8b; do
+    for flag in --disable-prefill-warmup ""; do
+      TAIL=18 step "first_use_${preset%%-*}${flag:+_cold}" 100 python3 -m bench.first_use \
+        --preset "$preset" --mix 12 $flag
+    done
+  done
+}
 target_rows() {  # the issues' unmet target rows on an H200 (about 400 s): MoE, Llama, prefill
   moe_rows
   ROWS='^device|^\| [0-9]+x' step rows_llama 90 python3 -m bench.engine --preset llama3-8b \
@@ -1905,13 +1914,7 @@ b76)
   # For either kind (about 480 s): b75 again less its serving rate (run: TTFT p99 60 ms), with
   # its two mends (the GPU test's prompts within the tiny models' context, first_use's pool
   # sized by tokens rather than by the widest batch of the longest prompts).
-  TAIL=12 step warmup_test 150 python3 -m pytest -q tests/gpu/test_prefill_warmup.py
-  for preset in moonlight-16b-a3b llama3-8b; do
-    for flag in --disable-prefill-warmup ""; do
-      TAIL=18 step "first_use_${preset%%-*}${flag:+_cold}" 100 python3 -m bench.first_use \
-        --preset "$preset" --mix 12 $flag
-    done
-  done
+  warmup_checks
   ;;
 b77)
   # For either kind (about 220 s): b76 cut to what a short lease holds: the GPU test, then
@@ -1922,5 +1925,13 @@ b77)
   TAIL=18 step first_use_moonlight_cold 90 python3 -m bench.first_use \
     --preset moonlight-16b-a3b --mix 12 --disable-prefill-warmup
   ;;
-*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55|b57|b58|b59|b60|b61|b62|b63|b64|b65|b66|b67|b68|b69|b70|b71|b72|b73|b74|b75|b76|b77"; exit 2 ;;
+b78)
+  # For either kind: on an H200 b74's target rows (about 400 s); elsewhere b76 (about 480 s).
+  if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+    target_rows
+  else
+    warmup_checks
+  fi
+  ;;
+*) echo "usage: bench/gpu/session.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G|H|I|J|K|L|M|N|O|P|R|T|W|Y|Z|b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15|b16|b17|b18|b19|b20|b21|b22|b23|b24|b25|b26|b27|b30|b31|b34|b35|b36|b37|b38|b39|b40|b41|b42|b43|b44|b45|b46|b47|b48|b50|b51|b52|b54|b55|b57|b58|b59|b60|b61|b62|b63|b64|b65|b66|b67|b68|b69|b70|b71|b72|b73|b74|b75|b76|b77|b78"; exit 2 ;;
 esac
