@@ -308,8 +308,7 @@ class Controller:
             if want < (0 if role == "prefill" else 1):
                 raise ValueError(f"cannot scale {role} to {want}")
             await asyncio.gather(*(self._add(role) for _ in range(want - len(live))))
-            for group in live[want:][::-1] if want < len(live) else []:
-                await self._drain(group)
+            await asyncio.gather(*(self._drain(g) for g in live[want:]))
         return await self.status()
 
     async def _drain(self, group: Group) -> None:
@@ -327,11 +326,14 @@ class Controller:
             self._supervisor.cancel()
         if self._metrics is not None:
             await self._metrics.cleanup()
-        order = [g for g in self.groups.values() if g.role == "router"]
-        order += [g for g in self.groups.values() if g.role not in ("router", "redis")]
-        order += [g for g in self.groups.values() if g.role == "redis"]
-        for group in order:
-            await self._drain(group)
+        # The router first (no new requests), then every worker group at once (each drains
+        # its own requests), Redis last (the workers deregister on the way out).
+        groups = list(self.groups.values())
+        for tier in (["router"], None, ["redis"]):
+            await asyncio.gather(*(
+                self._drain(g) for g in groups
+                if (g.role in tier if tier else g.role not in ("router", "redis"))
+            ))  # fmt: skip
 
 
 async def _serving(endpoint: str, tls: ClusterTls | None) -> bool:

@@ -62,16 +62,27 @@ class WorkerRole:
     ranks_module: str | None = None
 
 
-async def drain(engine: AsyncEngine, timeout_s: float) -> None:
-    """Wait until no request is in flight on any rank (or the timeout passes)."""
+# After the drain, the listeners' calls get this long to end before they are ended UNAVAILABLE:
+# the whole grace when requests are still in flight (the drain timed out), a flush's worth when
+# none is (what is left open then is idle: a router's session streams and health watches, which
+# would otherwise hold every stop for the whole grace).
+STOP_GRACE_S = 5.0
+IDLE_STOP_GRACE_S = 0.5
+
+
+async def drain(engine: AsyncEngine, timeout_s: float) -> bool:
+    """Wait until no request is in flight on any rank (or the timeout passes, or the engine
+    dies); True when none is left."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    while engine.alive and loop.time() < deadline:
+    while True:
         busy = engine.has_streams() or any(
             x.num_running or x.num_waiting or x.num_transferring for x in engine.loads
         )
         if not busy:
-            return
+            return True
+        if not engine.alive or loop.time() >= deadline:
+            return False
         await asyncio.sleep(0.1)
 
 
@@ -223,8 +234,15 @@ async def serve(
     if registration is not None:
         await registration.set_draining()
     await health.enter_graceful_shutdown()
-    await drain(async_engine, args.drain_timeout)
-    await asyncio.gather(server.stop(grace=5.0), sessions.stop(grace_s=5.0))
+    started = loop.time()
+    idle = await drain(async_engine, args.drain_timeout)
+    drained = loop.time()
+    grace = IDLE_STOP_GRACE_S if idle else STOP_GRACE_S
+    await asyncio.gather(server.stop(grace=grace), sessions.stop(grace_s=grace))
+    log.info(
+        "drained in %.1f s%s; listeners closed in %.1f s", drained - started,
+        "" if idle else " (timed out with requests in flight)", loop.time() - drained,
+    )  # fmt: skip
     watcher.cancel()
     reporter.cancel()
     async_engine.stop()

@@ -439,6 +439,58 @@ def test_sigterm_drains_in_flight_requests(model_dir: Path) -> None:
         assert child.proc.wait(timeout=30) == 0
 
 
+def test_sigterm_with_idle_streams_open_ends_them_without_the_grace(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """With nothing in flight, what a router leaves open on a worker (its session streams on
+    both listeners, a health watch) is idle: the stop ends those calls after a flush's grace,
+    not the grace that in-flight requests get (it held every worker's stop for 5 s)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from worker.server import IDLE_STOP_GRACE_S, STOP_GRACE_S
+
+    with worker("null", model_dir, log_dir=tmp_path) as (child, endpoint):
+
+        async def main() -> list[grpc.StatusCode]:
+            async with grpc.aio.insecure_channel(endpoint) as ch:
+                stub = decode_pb2_grpc.DecodeStub(ch)
+                info = await stub.GetInfo(common_pb2.WorkerInfoRequest(request_id="i"))
+                assert info.session_port
+                host = endpoint.rpartition(":")[0]
+                async with grpc.aio.insecure_channel(f"{host}:{info.session_port}") as lch:
+                    calls = [
+                        stub.Session(),
+                        decode_pb2_grpc.DecodeStub(lch).Session(),
+                        health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest()),
+                    ]
+                    # A request ended on each session: the streams are open, and idle now.
+                    for i, call in enumerate(calls[:2]):
+                        r = decode_pb2.DecodeRequest(request=request(f"idle{i}", [5, 6], 2))
+                        await call.write(decode_pb2.SessionRequest(submit=[r]))
+                        done = False
+                        while not done:
+                            frame = await call.read()
+                            done = any(x.HasField("complete") for x in frame.responses)
+                    child.proc.send_signal(signal.SIGTERM)
+                    codes = []
+                    for call in calls:
+                        with pytest.raises(grpc.aio.AioRpcError) as err:
+                            while True:
+                                if await call.read() is grpc.aio.EOF:
+                                    raise AssertionError("an idle call ended with OK")
+                        codes.append(err.value.code())
+                    return codes
+
+        codes = asyncio.run(main())
+        assert child.proc.wait(timeout=30) == 0
+    assert set(codes) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}, codes
+    assert child.log_path is not None
+    [line] = [x for x in child.log_path.read_text().splitlines() if "listeners closed" in x]
+    assert "timed out" not in line, line
+    closed_s = float(line.rsplit("listeners closed in ", 1)[1].split()[0])
+    assert IDLE_STOP_GRACE_S - 0.05 <= closed_s < STOP_GRACE_S, line
+
+
 def test_decode_stream_reports_prefill_cache_hits(pair: tuple[str, str]) -> None:
     """The prompt's prefix-cache hits happen on the prefill worker; the decode worker's
     Complete message carries them to the router."""
