@@ -6,9 +6,10 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 # CPU hosts take Mooncake's non-CUDA build (same `mooncake` module); GPU hosts the default one.
 MOONCAKE_SPEC ?= mooncake-transfer-engine-non-cuda
-# uv installs the rest (about 15 s where pip takes about 170), into the venv that pip put torch
+# uv installs the rest (about 25 s where pip takes about 170), into the venv that pip put torch
 # in (uv would not take the local CPU wheel pip's configuration points at); the index is pip's
-# configured one, and pip installs it all if uv fails.
+# configured one, and pip installs it all if uv fails. Compiled to bytecode as pip does:
+# without it the Ray tests' many processes compile the same modules at once (290 s against 150).
 UV_SPEC ?= uv==0.13.*
 STAMP := $(VENV)/.installed
 MODELS ?= models
@@ -45,7 +46,7 @@ $(STAMP): pyproject.toml
 	{ test -x $(PY) || $(PYTHON) -m venv $(VENV); } && \
 	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(UV_SPEC)" && \
 	{ idx=$$($(PY) -m pip config get global.index-url 2>/dev/null); \
-	  UV_DEFAULT_INDEX="$${idx:-https://pypi.org/simple}" $(VENV)/bin/uv pip install -q \
+	  UV_DEFAULT_INDEX="$${idx:-https://pypi.org/simple}" $(VENV)/bin/uv pip install -q --compile-bytecode \
 	    --python $(PY) -e ".[dev,bench]" "$(MOONCAKE_SPEC)" || \
 	  { echo "uv pip install failed: installing with pip"; \
 	    $(PY) -m pip install -q -e ".[dev,bench]" "$(MOONCAKE_SPEC)"; }; }; \
