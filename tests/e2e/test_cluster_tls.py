@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import cluster_token
 from protos.cluster_tls import SERVER_NAME, ClusterTls
-from tests.e2e.procs import worker
+from tests.e2e.procs import workers
 from tests.router.procs import call, router_process
 
 CERTS = Path(__file__).resolve().parents[2] / "deploy" / "certs.sh"
@@ -44,10 +44,8 @@ def cluster(
     """(decode worker's ready line, prefill endpoint, decode endpoint), both over TLS."""
     model_dir = tiny_models["qwen3-moe"]
     flags = ("--tls-dir", str(certs[0]))
-    with (
-        worker("prefill", model_dir, *flags) as (_, prefill),
-        worker("decode", model_dir, *flags) as (decode_child, decode),
-    ):
+    with workers(model_dir, ("prefill", *flags), ("decode", *flags)) as started:
+        [(_, prefill), (decode_child, decode)] = started
         yield decode_child.ready, prefill, decode
 
 

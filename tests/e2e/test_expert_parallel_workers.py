@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.sampling import SamplingParams
-from tests.e2e.procs import worker
+from tests.e2e.procs import worker, workers
 from tests.e2e.test_workers import (
     MAX_NEW,
     request,
@@ -37,11 +37,8 @@ def test_prefill_ep1_to_decode_ep2_equals_offline(tiny_models: dict[str, Path]) 
     model_dir = tiny_models[MODEL]
     prompts = make_prompts(vocab_size=512)
     expected = offline(model_dir, prompts)
-    with (
-        worker("prefill", model_dir) as (_, prefill),
-        worker("decode", model_dir, "--ep-size", "2") as (_, decode),
-        worker("null", model_dir, "--ep-size", "2") as (_, colocated),
-    ):
+    specs = [("prefill",), ("decode", "--ep-size", "2"), ("null", "--ep-size", "2")]
+    with workers(model_dir, *specs) as [(_, prefill), (_, decode), (_, colocated)]:
 
         async def main() -> tuple[list[list[int]], list[list[int]]]:
             reqs = [request(f"ep{i}", p) for i, p in enumerate(prompts)]

@@ -18,7 +18,7 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.sampling import SamplingParams
 from protos import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
-from tests.e2e.procs import worker
+from tests.e2e.procs import workers
 from tests.e2e.test_expert_parallel_workers import scrape
 from tests.e2e.test_workers import load, request, wait_pages_free
 
@@ -36,10 +36,8 @@ def pair(
 ) -> Iterator[tuple[Child, str, str]]:
     """(prefill child, prefill endpoint, decode endpoint)."""
     logs = tmp_path_factory.mktemp("logs")
-    with (
-        worker("prefill", model_dir, log_dir=logs) as (prefill_child, prefill),
-        worker("decode", model_dir, log_dir=logs) as (_, decode),
-    ):
+    with workers(model_dir, ("prefill",), ("decode",), log_dir=logs) as started:
+        [(prefill_child, prefill), (_, decode)] = started
         yield prefill_child, prefill, decode
 
 

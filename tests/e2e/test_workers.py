@@ -18,7 +18,7 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.sampling import SamplingParams
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
-from tests.e2e.procs import worker
+from tests.e2e.procs import worker, workers
 from tests.engine.reference import make_prompts
 from worker.metrics import PHASES
 
@@ -34,11 +34,8 @@ def model_dir(tiny_models: dict[str, Path]) -> Path:
 @pytest.fixture(scope="module")
 def pair(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     logs = tmp_path_factory.mktemp("logs")
-    with (
-        worker("prefill", model_dir, log_dir=logs) as (_, prefill),
-        worker("decode", model_dir, log_dir=logs) as (_, decode),
-    ):
-        yield prefill, decode
+    with workers(model_dir, ("prefill",), ("decode",), log_dir=logs) as [(_, p), (_, d)]:
+        yield p, d
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.e2e.procs import worker
+from tests.e2e.procs import workers
 from tests.router.test_e2e import Process
 
 MODEL = "qwen3"
@@ -71,11 +71,10 @@ def cluster(model_dir: Path, policy: str, log_dir: Path) -> Iterator[str]:
     """Fresh workers (empty prefix caches) and a router routing prefill by ``policy``."""
     room = ("--max-total-tokens", "16384")  # every conversation fits in every pool
     with contextlib.ExitStack() as stack:
-        prefill = [
-            stack.enter_context(worker("prefill", model_dir, *room, log_dir=log_dir))[1]
-            for _ in range(2)
+        specs = [("prefill", *room), ("prefill", *room), ("decode", *room)]
+        *prefill, decode = [
+            e for _, e in stack.enter_context(workers(model_dir, *specs, log_dir=log_dir))
         ]
-        _, decode = stack.enter_context(worker("decode", model_dir, *room, log_dir=log_dir))
         router = Process(
             ["router", "--model-path", str(model_dir), "--prefill", *prefill,
              "--decode", decode, "--prefill-policy", policy, "--decode-policy", "round_robin",

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from cluster.local import Child
-from tests.e2e.procs import worker
+from tests.e2e.procs import workers as started
 from tests.router.procs import call, load, metric, router_process, sse_events, wait_idle
 
 MODEL = "qwen3-moe"
@@ -40,7 +40,7 @@ def model_dir(tiny_models: dict[str, Path]) -> Path:
 
 
 def workers(stack: ExitStack, model_dir: Path, *roles: str) -> list[tuple[Child, str]]:
-    return [stack.enter_context(worker(role, model_dir)) for role in roles]
+    return stack.enter_context(started(model_dir, *((role,) for role in roles)))
 
 
 def kill_mid_stream(

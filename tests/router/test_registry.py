@@ -23,7 +23,7 @@ from router.app.server import serve
 from router.config import RouterConfig
 from router.fleet.health import HealthConfig
 from router.fleet.registry import RegistryConfig, RegistryRecord
-from tests.e2e.procs import worker
+from tests.e2e.procs import worker, workers
 from tests.redis_server import RedisServer
 from tests.router.conftest import RouterUnderTest, router_for, run
 from tests.router.fake_worker import FakeWorker
@@ -327,8 +327,9 @@ def test_redis_restart_under_load(tiny_models: dict[str, Path], redis_server: Re
     model_dir = tiny_models[MODEL]
     registry = ("--registry", redis_server.url, "--registry-ttl", "3")  # refresh every 1 s
     with ExitStack() as stack:
-        _, w1 = stack.enter_context(worker("null", model_dir, *registry))
-        child2, w2 = stack.enter_context(worker("null", model_dir, *registry))
+        [(_, w1), (child2, w2)] = stack.enter_context(
+            workers(model_dir, ("null", *registry), ("null", *registry))
+        )
         _, url = stack.enter_context(
             router_process(model_dir, "--registry", redis_server.url, "--admin-key", KEY,
                            "--registry-poll-interval", "0.2", "--registry-resync-grace", "2",
