@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,6 +124,17 @@ def stop_child(child: Child, timeout_s: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         child.proc.kill()
         child.proc.wait(timeout=5)
+
+
+def stop_children(children: Sequence[Child], timeout_s: float = 10.0) -> None:
+    """SIGTERM every child at once, in the order given (each drains meanwhile), then SIGKILL
+    what outlives `timeout_s`."""
+    for c in children:
+        if c.proc.poll() is None:
+            c.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for c in children:
+        stop_child(c, max(0.1, deadline - time.monotonic()))
 
 
 # When workers share one GPU: each role's --mem-fraction-static unless given. The engine sizes
@@ -308,12 +319,7 @@ class LocalCluster:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM every child (router first), then SIGKILL what is still alive."""
-        for c in reversed(self.children):
-            if c.proc.poll() is None:
-                c.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for c in self.children:
-            stop_child(c, max(0.1, deadline - time.monotonic()))
+        stop_children(self.children[::-1], timeout_s)
         self.children.clear()
 
     def __enter__(self) -> LocalCluster:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import signal
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from cluster.local import Child, start_child, stop_child, wait_ready
+from cluster.local import Child, start_child, stop_children, wait_ready
 
 WORKER_FLAGS = ("--max-total-tokens", "4096", "--transfer-timeout", "3")
 
@@ -49,8 +48,4 @@ def workers(
         ready = [wait_ready(child, timeout_s=120) for child in children]
         yield [(c, str(r["endpoint"])) for c, r in zip(children, ready, strict=True)]
     finally:
-        for child in children:
-            if child.proc.poll() is None:
-                child.proc.send_signal(signal.SIGTERM)
-        for child in children:
-            stop_child(child)
+        stop_children(children)
