@@ -328,12 +328,10 @@ class Controller:
             await self._metrics.cleanup()
         # The router first (no new requests), then every worker group at once (each drains
         # its own requests), Redis last (the workers deregister on the way out).
+        tier = {"router": 0, "redis": 2}
         groups = list(self.groups.values())
-        for tier in (["router"], None, ["redis"]):
-            await asyncio.gather(*(
-                self._drain(g) for g in groups
-                if (g.role in tier if tier else g.role not in ("router", "redis"))
-            ))  # fmt: skip
+        for t in range(3):
+            await asyncio.gather(*(self._drain(g) for g in groups if tier.get(g.role, 1) == t))
 
 
 async def _serving(endpoint: str, tls: ClusterTls | None) -> bool:
